@@ -1,0 +1,76 @@
+"""Tiny offline building blocks shared by the tests: a byte-level tokenizer and random causal LMs."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+# A ChatML template like SmolLM2's, so the chat-template code path is exercised without a real model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: every byte is one token (vocab 256 + specials)."""
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(byte_alphabet):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+TINY_VOCAB = 272  # 256 bytes + 5 specials, rounded up
+
+
+def tiny_config(family: str = "llama", vocab_size: int = TINY_VOCAB) -> PretrainedConfig:
+    """A two-layer random config of a model family; big enough to have every projection type."""
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "mistral":
+        return MistralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                          bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    return model.eval()
