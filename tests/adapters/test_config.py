@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from malora_lightning.adapters import AdapterConfig
+
+
+def test_defaults_are_the_papers_malora_setting():
+    config = AdapterConfig()
+    assert (config.method, config.num_experts, config.top_k, config.rank, config.shared_rank) == ("malora", 8, 2, 12, 32)
+    assert config.scaling == 2.0  # alpha = 24 for r-bar = 12 (paper Table 8)
+    assert config.aux_loss_coef == 0.01 and config.router_z_loss_coef == 0 and config.renormalize_top_k
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_scaling_is_alpha_over_rank():
+    assert AdapterConfig(method="lora", rank=64, alpha=128).scaling == 2.0
+    assert AdapterConfig(method="lora", rank=8, alpha=4).scaling == 0.5
+
+
+def test_json_round_trip(tmp_path):
+    config = AdapterConfig(method="molora", rank=8, alpha=16, num_experts=4, top_k=1, exclude_modules="lm_head",
+                           layers_to_transform=[0, 3], train_A=False, adapter_dtype="bfloat16", kernel="sparse")
+    assert AdapterConfig.from_json(config.to_json()) == config
+    path = tmp_path / "adapter_config.json"
+    path.write_text(config.to_json())
+    assert AdapterConfig.from_file(path) == config
+    assert json.loads(config.to_json())["method"] == "molora"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "hint"),
+    [
+        ({"method": "dora"}, "method", "one of ('lora', 'molora', 'malora')"),
+        ({"rank": 0}, "rank", ">= 1"),
+        ({"rank": -3}, "rank", ">= 1"),
+        ({"rank": 2.5}, "rank", "integer"),
+        ({"top_k": 9}, "top_k", "[1, num_experts=8]"),
+        ({"top_k": 0}, "top_k", "[1, num_experts=8]"),
+        ({"num_experts": 0, "top_k": 1}, "num_experts", ">= 1"),
+        ({"rank": 40}, "rank", "[1, shared_rank=32]"),
+        ({"shared_rank": None}, "shared_rank", ">= 1"),
+        ({"beta": 0.0}, "beta", "> 0"),
+        ({"dropout": 1.0}, "dropout", "[0, 1)"),
+        ({"alpha": -1.0}, "alpha", "> 0"),
+        ({"aux_loss_coef": -0.1}, "aux_loss_coef", ">= 0"),
+        ({"adapter_dtype": "int8"}, "adapter_dtype", "float32"),
+        ({"kernel": "triton"}, "kernel", "dense"),
+        ({"target_modules": []}, "target_modules", "non-empty"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform", ">= 0"),
+    ],
+)
+def test_invalid_values_name_the_field_value_and_range(kwargs, field, hint):
+    with pytest.raises(ValueError) as error:
+        AdapterConfig(**kwargs)
+    message = str(error.value)
+    assert f"AdapterConfig.{field}=" in message
+    assert repr(next(iter(kwargs.values()))) in message or field != next(iter(kwargs))
+    assert hint in message
+
+
+def test_mixture_fields_are_not_checked_for_lora():
+    # LoRA has no experts or shared subspace: values that would be invalid for a mixture are irrelevant here.
+    config = AdapterConfig(method="lora", rank=64, shared_rank=None, top_k=9)
+    assert config.rank == 64
+
+
+def test_unknown_json_field_is_named():
+    with pytest.raises(ValueError, match="unknown field.*'experts'"):
+        AdapterConfig.from_dict({"method": "malora", "experts": 8})
+
+
+def test_invalid_json_file_names_the_file(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        AdapterConfig.from_file(path)

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from malora_lightning.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    aux_loss,
+    find_target_modules,
+    inject_adapters,
+)
+from malora_lightning.adapters.layers import LoRALinear, MALoRALinear, MoLoRALinear
+from tests.helpers import tiny_model
+
+FAMILY_TARGETS = {
+    "llama": None,  # the paper's default module set
+    "mistral": None,
+    "qwen2": None,
+    "gpt_neox": ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_fc", "mlp.c_proj"],
+}
+METHODS = ["lora", "molora", "malora"]
+
+
+def config_for(family: str, method: str, **overrides) -> AdapterConfig:
+    targets = FAMILY_TARGETS[family]
+    settings = dict(method=method, rank=2, shared_rank=4, num_experts=4, top_k=2)
+    if targets is not None:
+        settings["target_modules"] = targets
+    settings.update(overrides)
+    return AdapterConfig(**settings)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+@pytest.mark.parametrize("method", METHODS)
+def test_logits_unchanged_at_init_on_every_family(family, method):
+    model = tiny_model(family)
+    ids = torch.randint(3, 200, (2, 7))
+    before = model(ids).logits
+    inject_adapters(model, config_for(family, method))
+    after = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(before, after)
+    layers = adapter_layers(model)
+    assert len(layers) == 2 * (6 if FAMILY_TARGETS[family] is None else 3)
+    expected_class = {"lora": LoRALinear, "molora": MoLoRALinear, "malora": MALoRALinear}[method]
+    assert all(type(layer) is expected_class for layer in layers.values())
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+def test_only_adapters_are_trainable(family):
+    model = inject_adapters(tiny_model(family), config_for(family, "malora"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    for name in trainable:
+        assert name.rsplit(".", 1)[-1] in {"shared_A", "lora_P", "lora_B"} or name.endswith("router.weight"), name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".base_layer." in n)
+
+
+def test_target_selection_by_suffix_regex_exclusion_and_layer():
+    model = tiny_model("llama")
+    assert find_target_modules(model, AdapterConfig(method="lora", target_modules=["q_proj"])) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    regex = AdapterConfig(method="lora", target_modules=r".*\.1\.mlp\.(up|down)_proj")
+    assert find_target_modules(model, regex) == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    excluded = AdapterConfig(method="lora", target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj"])
+    assert all(name.endswith("q_proj") for name in find_target_modules(model, excluded))
+    one_layer = AdapterConfig(method="lora", layers_to_transform=[1])
+    names = find_target_modules(model, one_layer)
+    assert len(names) == 6 and all(".layers.1." in name for name in names)
+    all_linear = find_target_modules(model, AdapterConfig(method="lora", target_modules="all-linear"))
+    assert len(all_linear) == 14 and "lm_head" not in all_linear  # 7 projections x 2 layers, no output head
+    assert find_target_modules(model, AdapterConfig(method="lora", target_modules=["lm_head"])) == ["lm_head"]
+
+
+def test_no_match_lists_the_models_linear_modules():
+    with pytest.raises(ValueError) as error:
+        inject_adapters(tiny_model("gpt2"), AdapterConfig(method="lora", target_modules=["q_proj"]))
+    message = str(error.value)
+    assert "target_modules=['q_proj']" in message and "matched no module" in message
+    assert "c_attn (x2)" in message and "c_fc (x2)" in message and "lm_head (x1)" in message
+
+
+def test_injecting_twice_raises():
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
+    with pytest.raises(ValueError, match="already has 12 lora adapter layers"):
+        inject_adapters(model, AdapterConfig(method="malora", rank=2, shared_rank=4))
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("method", "switches", "frozen_adapter_tensors"),
+    [
+        ("lora", {}, set()),
+        ("lora", {"train_A": False}, {"lora_A"}),  # AsyLoRA
+        ("molora", {}, set()),
+        ("molora", {"train_A": False}, {"lora_A"}),  # MoAsyLoRA
+        ("malora", {}, set()),
+        ("malora", {"train_shared_A": False}, {"shared_A"}),
+        ("malora", {"train_P": False}, {"lora_P"}),
+    ],
+)
+def test_optimizer_steps_change_exactly_the_trainable_tensors(method, switches, frozen_adapter_tensors):
+    torch.manual_seed(0)
+    model = inject_adapters(tiny_model("llama"), config_for("llama", method, dropout=0.0, **switches))
+    model.train()
+    before = snapshot(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(3, 200, (4, 12))
+    for _ in range(2):  # B starts at zero, so A/P/S_A first receive a gradient on the second step
+        output = model(ids, attention_mask=torch.ones_like(ids), labels=ids)
+        (output.loss + aux_loss(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        tensor_name = name.rsplit(".", 1)[-1]
+        is_adapter = ".base_layer." not in name and any(
+            key in name for key in ("lora_A", "lora_B", "lora_P", "shared_A", "router."))
+        should_change = is_adapter and tensor_name not in frozen_adapter_tensors
+        assert changed == should_change, f"{name}: changed={changed}, expected {should_change}"
+        assert param.requires_grad == should_change, name

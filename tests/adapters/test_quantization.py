@@ -1,0 +1,160 @@
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from malora_lightning.adapters import (
+    AdapterConfig,
+    aux_loss,
+    count_parameters,
+    disable_bnb_cpu_weight_packing,
+    inject_adapters,
+    load_base_model,
+)
+from malora_lightning.adapters.layers import MALoRALinear
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_4bit_forward_and_backward_on_cpu(tiny_llama_dir, quantization, compute_dtype):
+    model = load_base_model(str(tiny_llama_dir), quantization=quantization, compute_dtype=compute_dtype)
+    linear4bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4bit) == 14  # every projection; the head stays unquantized
+    assert all(not m.support_avx512bf16_for_cpu for m in linear4bit)
+    unquantized = [p for p in model.parameters() if not isinstance(p, bnb.nn.Params4bit)]
+    assert unquantized and all(p.dtype == torch.float32 for p in unquantized)  # as PEFT's k-bit preparation does
+    assert not any(p.requires_grad for p in model.parameters())
+
+    ids = torch.randint(3, 200, (2, 8))
+    before = model(ids).logits
+    inject_adapters(model, AdapterConfig(rank=2, shared_rank=8, num_experts=4, dropout=0.0))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, MALoRALinear) and isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert layer.lora_B.dtype == torch.float32
+    model.train()
+    output = model(ids, attention_mask=torch.ones_like(ids), labels=ids)
+    torch.testing.assert_close(output.logits, before)  # zero-initialised B: the base function is unchanged
+    (output.loss + aux_loss(model)).backward()
+    first = model.model.layers[0].self_attn.q_proj
+    assert first.lora_B.grad is not None and first.lora_B.grad.abs().sum() > 0
+    assert first.router.weight.grad is not None  # from the aux loss at step 0
+
+
+def test_4bit_parameter_count_equals_the_unquantized_count(tiny_llama_dir):
+    plain = count_parameters(load_base_model(str(tiny_llama_dir)))
+    quantized = count_parameters(load_base_model(str(tiny_llama_dir), quantization="nf4"))
+    assert quantized.total == plain.total == count_parameters(tiny_model("llama")).total
+
+
+def test_int8_base_trains_adapters(tiny_llama_dir):
+    model = load_base_model(str(tiny_llama_dir), quantization="int8")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    inject_adapters(model, AdapterConfig(method="lora", rank=2))
+    model.train()
+    ids = torch.randint(3, 200, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    grads = [m.lora_B.grad for m in model.modules() if hasattr(m, "lora_B")]
+    assert len(grads) == 12 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_bad_quantization_mode_and_missing_model_are_explained(tmp_path):
+    with pytest.raises(ValueError, match=r"quantization='nf8' is invalid: expected None or one of \('nf4', 'fp4', 'int8'\)"):
+        load_base_model("anything", quantization="nf8")
+    with pytest.raises(ValueError, match="compute_dtype='float8' is invalid"):
+        load_base_model("anything", quantization="nf4", compute_dtype="float8")
+    with pytest.raises(OSError, match="could not load model .*no-such-model"):
+        load_base_model(str(tmp_path / "no-such-model"))
+
+
+class FirstLayerThenFrozen4bit(L.LightningModule):
+    """Linear -> frozen 4-bit Linear -> head: the first layer's gradient must cross the 4-bit layer."""
+
+    def __init__(self, apply_fix: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(64, 64)
+        dense = nn.Linear(64, 64, bias=False)
+        self.frozen = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        self.frozen.load_state_dict(dense.state_dict())
+        self.frozen = self.frozen.to("cpu")  # quantizes
+        self.frozen.weight.requires_grad_(False)
+        self.head = nn.Linear(64, 1)
+        if apply_fix:
+            disable_bnb_cpu_weight_packing(self)
+        self.missing_gradients = 0
+
+    def forward(self, x):
+        return self.head(self.frozen(self.first(x)))
+
+    def training_step(self, batch, batch_index):
+        return self(batch[0]).square().mean()
+
+    def on_after_backward(self):
+        self.missing_gradients += self.first.weight.grad is None
+
+    def validation_step(self, batch, batch_index):
+        self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+def fit(module: L.LightningModule) -> None:
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 64)), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, num_sanity_val_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data, data)
+
+
+HAS_AVX512_BF16 = bool(bnb.functional.has_avx512bf16())
+
+
+def test_fixed_model_keeps_gradients_after_the_sanity_check():
+    fixed = FirstLayerThenFrozen4bit(apply_fix=True)
+    fit(fixed)
+    assert fixed.missing_gradients == 0
+    assert not getattr(fixed.frozen.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.skipif(not HAS_AVX512_BF16, reason="the trap needs a CPU with AVX512-BF16 (bitsandbytes packs only there)")
+def test_regression_without_the_fix_the_sanity_check_kills_gradients():
+    unfixed = FirstLayerThenFrozen4bit(apply_fix=False)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        fit(unfixed)
+    assert unfixed.missing_gradients == 4  # every step lost its gradient after the sanity check
+
+
+def test_fix_stops_eval_forwards_from_packing_even_where_packing_is_supported():
+    """Hardware-independent: force the flag bitsandbytes sets on AVX512-BF16 CPUs, then check the fix disarms it."""
+    layer = FirstLayerThenFrozen4bit(apply_fix=False).frozen
+    layer.support_avx512bf16_for_cpu = True
+    disable_bnb_cpu_weight_packing(layer)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.skipif(not HAS_AVX512_BF16, reason="the packed kernel is only correct on AVX512-BF16 CPUs")
+def test_fix_unpacks_a_layer_that_was_already_packed():
+    layer = FirstLayerThenFrozen4bit(apply_fix=False).frozen.eval()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = layer(x)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    disable_bnb_cpu_weight_packing(layer)
+    layer.train()
+    inputs = x.clone().requires_grad_(True)
+    out = layer(inputs)
+    out.sum().backward()
+    assert inputs.grad is not None
+    torch.testing.assert_close(out, before, atol=0.05, rtol=0.05)

@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+from malora_lightning.adapters import (
+    AdapterConfig,
+    add_routing_observer,
+    aux_loss,
+    inject_adapters,
+    load_balance_loss,
+    router_losses,
+    router_z_loss,
+)
+from tests.helpers import tiny_model
+
+
+def test_load_balance_is_one_for_perfectly_balanced_routing():
+    num_experts = 4
+    probs = torch.full((8, num_experts), 1 / num_experts)
+    experts = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3], [2, 0], [3, 1]])
+    assert load_balance_loss(probs, experts).item() == pytest.approx(1.0)
+
+
+def test_load_balance_is_n_for_total_collapse_with_top_1():
+    probs = torch.zeros(10, 8)
+    probs[:, 3] = 1.0
+    experts = torch.full((10, 1), 3)
+    assert load_balance_loss(probs, experts).item() == pytest.approx(8.0)
+
+
+def test_load_balance_hand_computed_top_2_collapse():
+    # every token sends both slots to experts {0, 1}, with probabilities 0.9 and 0.1:
+    # f = [0.5, 0.5, 0, 0], P = [0.9, 0.1, 0, 0] -> 4 * (0.45 + 0.05) = 2
+    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0]]).repeat(6, 1)
+    experts = torch.tensor([[0, 1]]).repeat(6, 1)
+    assert load_balance_loss(probs, experts).item() == pytest.approx(2.0)
+
+
+def test_load_balance_ignores_masked_tokens():
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    experts = torch.tensor([[0], [1], [0]])
+    mask = torch.tensor([True, True, False])
+    assert load_balance_loss(probs, experts, mask).item() == pytest.approx(1.0)
+    # unmasked, the third token tilts the balance: f = [2/3, 1/3], P = [2/3, 1/3] -> 2 * (4/9 + 1/9)
+    assert load_balance_loss(probs, experts).item() == pytest.approx(10 / 9)
+
+
+def test_load_balance_gradient_flows_through_probabilities_only():
+    logits = torch.randn(5, 3, requires_grad=True)
+    experts = torch.tensor([[0], [0], [1], [2], [0]])
+    load_balance_loss(logits.softmax(-1), experts).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_router_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, -5.0]])
+    lse = torch.log(torch.tensor([2.0, 2 * torch.e, torch.exp(torch.tensor(5.0)) + torch.exp(torch.tensor(-5.0))]))
+    assert router_z_loss(logits).item() == pytest.approx((lse[:2] ** 2).mean().item() * 2 / 3 + lse[2].item() ** 2 / 3)
+    mask = torch.tensor([True, True, False])
+    assert router_z_loss(logits, mask).item() == pytest.approx((lse[:2] ** 2).mean().item())
+
+
+def routed_model(method="malora", **overrides):
+    config = AdapterConfig(method=method, rank=2, shared_rank=4, num_experts=4, top_k=2, **overrides)
+    return inject_adapters(tiny_model("llama"), config)
+
+
+def test_aux_loss_is_the_coefficient_times_the_mean_over_layers():
+    model = routed_model(aux_loss_coef=0.5)
+    ids = torch.randint(0, 200, (2, 9))
+    model(ids)
+    layers = [m for m in model.modules() if hasattr(m, "last_router_losses")]
+    assert len(layers) == 2 * 6  # two decoder layers x six target projections
+    mean_load_balance = torch.stack([layer.last_router_losses.load_balance for layer in layers]).mean()
+    torch.testing.assert_close(aux_loss(model), 0.5 * mean_load_balance)
+
+
+def test_uniform_routing_gives_exactly_the_coefficient():
+    model = routed_model(aux_loss_coef=0.01)
+    for layer in (m for m in model.modules() if hasattr(m, "router")):
+        torch.nn.init.zeros_(layer.router.weight)  # every token: uniform probabilities
+    # with equal probabilities top-k picks the same experts for every token, yet P_e is uniform: N * sum f_e / N = 1
+    model(torch.randint(0, 200, (2, 9)))
+    assert aux_loss(model).item() == pytest.approx(0.01)
+
+
+def test_z_loss_enters_the_aux_loss_when_enabled():
+    model = routed_model(aux_loss_coef=0.0, router_z_loss_coef=2.0)
+    model(torch.randint(0, 200, (2, 9)))
+    summary = router_losses(model)
+    assert summary is not None and summary.z_loss is not None and summary.num_layers == 12
+    torch.testing.assert_close(aux_loss(model), 2.0 * summary.z_loss)
+
+
+def test_padding_tokens_do_not_count_in_the_aux_loss():
+    model = routed_model()
+    ids = torch.randint(0, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in row 1
+    model(ids, attention_mask=mask)
+    masked = [m.last_router_losses.load_balance for m in model.modules() if hasattr(m, "last_router_losses")]
+    # recompute each layer's loss from its recorded routing on the real tokens only
+    records = []
+    with add_routing_observer(model, records.append):
+        model(ids, attention_mask=mask)
+    assert len(records) == 12
+    for record, value in zip(records, masked):
+        expected = load_balance_loss(record.probs[mask.reshape(-1).bool()], record.experts[mask.reshape(-1).bool()])
+        torch.testing.assert_close(value, expected)
+        assert record.token_mask is not None and record.token_mask.sum().item() == 14
+    unmasked = torch.stack([load_balance_loss(r.probs, r.experts) for r in records])
+    assert not torch.allclose(unmasked, torch.stack(masked))
+
+
+def test_positional_attention_mask_is_seen_too():
+    model = routed_model()
+    ids = torch.randint(0, 200, (1, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    records = []
+    with add_routing_observer(model, records.append):
+        model(ids, mask)
+    assert records[0].token_mask.tolist() == [False, False, True, True, True, True]
+
+
+def test_stale_losses_are_not_reused():
+    model = routed_model()
+    model(torch.randint(0, 200, (1, 5)))
+    assert router_losses(model) is not None
+    model.malora_routing_context.forward_count += 1  # as if another forward ran without the routed layers
+    assert router_losses(model) is None
+    assert aux_loss(model).item() == 0.0
+
+
+def test_lora_has_no_aux_loss_and_nothing_to_observe():
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
+    model(torch.randint(0, 200, (1, 5)))
+    assert aux_loss(model).item() == 0.0
+    with pytest.raises(ValueError, match="no routed adapters"):
+        add_routing_observer(model, print)
+
+
+def test_observer_records_only_while_attached():
+    model = routed_model()
+    records = []
+    handle = add_routing_observer(model, records.append)
+    model(torch.randint(0, 200, (2, 3)))
+    assert len(records) == 12
+    first = records[0]
+    assert first.probs.shape == (6, 4) and first.experts.shape == (6, 2) and first.batch_shape == (2, 3)
+    assert not first.probs.requires_grad
+    assert first.layer_name == "model.layers.0.self_attn.q_proj"
+    handle.remove()
+    model(torch.randint(0, 200, (2, 3)))
+    assert len(records) == 12
+
+
+def test_generation_with_cache_masks_only_the_new_tokens():
+    model = routed_model()
+    records = []
+    ids = torch.randint(3, 200, (2, 4))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with add_routing_observer(model, records.append):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    decode_step = [r for r in records if r.batch_shape == (2, 1)]
+    assert decode_step and all(r.token_mask.tolist() == [True, True] for r in decode_step)
+    prefill = [r for r in records if r.batch_shape == (2, 4)]
+    assert prefill[0].token_mask.tolist() == [False, True, True, True, True, True, True, True]
