@@ -1,0 +1,208 @@
+"""Tokenisation and batching: examples become token ids once (``PromptEncoder``), batches are padded per batch
+(``MultiTaskCollator``).
+
+Batch contract (what the LightningModule reads):
+
+* every batch: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B, L] long (-100 on prompt and
+  padding, so the loss covers only the target and its end-of-turn token), ``task_id`` [B] long, ``task_name``
+  list[str]. Right padding.
+* evaluation batches also carry ``targets`` (list[str], the reference answers) and, for generative tasks,
+  ``prompt_input_ids`` / ``prompt_attention_mask`` [B, P]: the prompts LEFT-padded, ending where the answer starts
+  (after the assistant header with a chat template), ready for greedy ``generate``;
+* for multiple-choice tasks, one row per (example, choice): ``choice_input_ids`` / ``choice_attention_mask`` /
+  ``choice_labels`` [R, L'] (right-padded; labels -100 except on the choice's tokens), ``choice_example_index`` [R]
+  (row -> example), ``gold`` [B] and ``num_choices`` [B].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from malora_lightning.data.tasks import Example, TaskDataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """An example in token ids: ``input_ids = prompt + answer``, ``labels`` masked on the prompt."""
+
+    task_id: int
+    task_name: str
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    target: str
+    choice_input_ids: tuple[list[int], ...] | None = None
+    choice_labels: tuple[list[int], ...] | None = None
+    gold: int | None = None
+
+
+@dataclass
+class TruncationStats:
+    """How many examples of a task's split had their prompt cut from the left, and how many tokens were dropped."""
+
+    examples: int = 0
+    truncated: int = 0
+    tokens_dropped: int = 0
+
+
+class PromptEncoder:
+    """Tokenises examples the way the model will see them.
+
+    With the tokenizer's chat template, the prompt is the user turn and the target the assistant turn; the labels
+    cover the target and the template's end-of-turn token, so the model learns to stop. Without one, a plain
+    ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``render`` for another format.
+    Prompts that do not fit ``max_length`` lose tokens from the left (counted in the returned stats); a target that
+    does not fit by itself is an error, because cutting it would train on a wrong answer.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool | None = None):
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (got {max_length})")
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        if not self.use_chat_template and tokenizer.eos_token is None:
+            raise ValueError("the plain prompt format ends targets with the EOS token, but the tokenizer has none")
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
+        self.pad_token_id: int = pad_token_id
+
+    def render(self, prompt: str, target: str) -> tuple[str, str, str]:
+        """``(opening, body, closing)``: the text before the answer, the answer up to and including ``target``, and
+        what closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after ``opening``."""
+        if not self.use_chat_template:
+            return f"{prompt}\nAnswer:", f" {target}", self.tokenizer.eos_token
+        user = {"role": "user", "content": prompt}
+        opening = self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template([user, {"role": "assistant", "content": target}], tokenize=False)
+        end = full.find(target, len(opening))
+        if not full.startswith(opening) or end < 0:
+            raise ValueError("the chat template does not render '<prompt turn><assistant header><target>' as a plain "
+                             "continuation of the prompt turn, so the target cannot be separated from the prompt; "
+                             "pass use_chat_template=False or override PromptEncoder.render")
+        end += len(target)
+        closing = full[end:]
+        eos = self.tokenizer.eos_token
+        if eos and eos in closing:  # drop what the template adds after the end-of-turn token (e.g. a newline)
+            closing = closing[: closing.index(eos) + len(eos)]
+        return opening, full[len(opening):end], closing
+
+    def _ids(self, texts: list[str], *, opening: bool) -> list[list[int]]:
+        # The plain format lets the tokenizer add its usual specials (e.g. BOS) to the prompt; chat templates
+        # already write theirs into the text.
+        add_special = opening and not self.use_chat_template
+        return self.tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
+
+    def _fit(self, prompt_ids: list[int], answer_length: int, where: str) -> tuple[list[int], int]:
+        room = self.max_length - answer_length
+        if room < 1:
+            raise TaskDataError(f"{where}: the target takes {answer_length} tokens but max_length is "
+                                f"{self.max_length}; the whole target and at least one prompt token must fit, so "
+                                f"raise max_length or shorten the target")
+        dropped = max(0, len(prompt_ids) - room)
+        return prompt_ids[dropped:], dropped
+
+    def encode(self, examples: Sequence[Example], task_id: int, task_name: str, split: str, *,
+               with_eval_fields: bool = False) -> tuple[list[EncodedExample], TruncationStats]:
+        """Token ids for every example of one task's split; with ``with_eval_fields``, also the choice rows."""
+        texts = [self.render(example.prompt, example.target) for example in examples]
+        openings = self._ids([text[0] for text in texts], opening=True)
+        bodies = self._ids([text[1] for text in texts], opening=False)
+        closings = self._ids([text[2] for text in texts], opening=False)
+        stats = TruncationStats(examples=len(examples))
+        encoded = []
+        for example, opening, body, closing in zip(examples, openings, bodies, closings):
+            where = f"task {task_name!r}, {split} row {example.row}"
+            answer = body + closing
+            prompt, dropped = self._fit(opening, len(answer), where)
+            choice_inputs = choice_labels = None
+            if with_eval_fields and example.choices is not None:
+                choice_inputs, choice_labels, choice_dropped = self._choice_rows(example, opening, where)
+                dropped = max(dropped, choice_dropped)
+            stats.truncated += dropped > 0
+            stats.tokens_dropped += dropped
+            encoded.append(EncodedExample(
+                task_id=task_id, task_name=task_name, input_ids=prompt + answer,
+                labels=[IGNORE_INDEX] * len(prompt) + answer, prompt_length=len(prompt), target=example.target,
+                choice_input_ids=choice_inputs, choice_labels=choice_labels, gold=example.gold))
+        return encoded, stats
+
+    def _choice_rows(self, example: Example, opening: list[int], where: str
+                     ) -> tuple[tuple[list[int], ...], tuple[list[int], ...], int]:
+        """One row per choice: the same (cut) prompt followed by the choice's tokens, labelled on the choice only.
+        The end-of-turn token is left out: it is the same for every choice and would only add noise."""
+        bodies = self._ids([self.render(example.prompt, choice)[1] for choice in example.choices], opening=False)
+        prompt, dropped = self._fit(opening, max(len(body) for body in bodies), where)
+        rows = tuple(prompt + body for body in bodies)
+        labels = tuple([IGNORE_INDEX] * len(prompt) + body for body in bodies)
+        return rows, labels, dropped
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(padded [N, longest], attention mask)``; padding goes on the left for generation prompts."""
+    longest = max(len(sequence) for sequence in sequences)
+    padded = torch.full((len(sequences), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(longest - len(sequence), longest) if left else slice(0, len(sequence))
+        padded[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return padded, mask
+
+
+class MultiTaskCollator:
+    """Pads a list of ``EncodedExample`` into a batch (see the module docstring for the fields)."""
+
+    def __init__(self, pad_token_id: int, *, eval_fields: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.eval_fields = eval_fields
+
+    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:
+        input_ids, attention_mask = pad([example.input_ids for example in examples], self.pad_token_id)
+        labels, _ = pad([example.labels for example in examples], IGNORE_INDEX)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "task_id": torch.tensor([example.task_id for example in examples], dtype=torch.long),
+            "task_name": [example.task_name for example in examples],
+        }
+        if not self.eval_fields:
+            return batch
+        batch["targets"] = [example.target for example in examples]
+        multiple_choice = {example.choice_input_ids is not None for example in examples}
+        if len(multiple_choice) > 1:
+            raise ValueError("an evaluation batch mixes multiple-choice and generative examples; evaluate each task "
+                             "with its own dataloader")
+        batch.update(self._choice_fields(examples) if multiple_choice.pop() else self._prompt_fields(examples))
+        return batch
+
+    def _prompt_fields(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+        prompts = [example.input_ids[: example.prompt_length] for example in examples]
+        prompt_input_ids, prompt_attention_mask = pad(prompts, self.pad_token_id, left=True)
+        return {"prompt_input_ids": prompt_input_ids, "prompt_attention_mask": prompt_attention_mask}
+
+    def _choice_fields(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+        rows = [row for example in examples for row in example.choice_input_ids]
+        choice_input_ids, choice_attention_mask = pad(rows, self.pad_token_id)
+        choice_labels, _ = pad([labels for example in examples for labels in example.choice_labels], IGNORE_INDEX)
+        counts = [len(example.choice_input_ids) for example in examples]
+        return {
+            "choice_input_ids": choice_input_ids,
+            "choice_attention_mask": choice_attention_mask,
+            "choice_labels": choice_labels,
+            "choice_example_index": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(counts)),
+            "gold": torch.tensor([example.gold for example in examples], dtype=torch.long),
+            "num_choices": torch.tensor(counts, dtype=torch.long),
+        }

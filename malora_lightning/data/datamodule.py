@@ -1,0 +1,280 @@
+"""``MultiTaskDataModule``: tasks in, task-balanced training batches and per-task evaluation loaders out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
+from malora_lightning.data.builtin import BUILTIN_TASKS
+from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
+from malora_lightning.data.sampling import SAMPLING_STRATEGIES, TaskBalancedSampler, mixing_weights
+from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, task_from_spec
+
+logger = logging.getLogger(__name__)
+
+_STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Multi-task data for causal-LM fine-tuning.
+
+    Training draws tasks with the chosen mixing strategy (``sampling``: proportional, capped, temperature, uniform,
+    unimax or weights; see ``malora_lightning.data.sampling``). Validation and test give one dataloader per task,
+    keyed by task name, so every metric is per task. ``task_id`` is a task's position in ``tasks``: the training
+    tasks in the given order, then ``eval_tasks`` (evaluated, never trained on).
+
+    Args:
+        tasks: Registered task names to train and evaluate on (default: the built-in offline suite).
+        eval_tasks: Task names only evaluated, e.g. ``gsm8k`` after training on ``metamathqa``.
+        task_specs: Extra tasks defined inline (see ``task_from_spec``); list their names in ``tasks``/``eval_tasks``.
+        tokenizer: Tokenizer name or path (usually the model's); loaded in ``setup`` by ``load_tokenizer``.
+        max_length: Longest sequence in tokens; prompts are cut from the left to fit, targets never.
+        use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
+        batch_size: Training batch size per device.
+        eval_batch_size: Evaluation batch size per device (default: ``batch_size``).
+        sampling: Task mixing strategy.
+        temperature: T of the ``temperature`` strategy.
+        cap: K of ``capped`` (required) and ``temperature`` (optional): task sizes are clipped to K first.
+        task_weights: Task name -> weight, for ``sampling: weights``.
+        unimax_max_epochs: UniMax's limit on passes over a task per sampler epoch.
+        samples_per_epoch: Training examples per epoch over all devices (default: the sum of the task sizes).
+        max_train_examples_per_task: Keep a random subset of at most this many training examples per task.
+        max_eval_examples_per_task: Keep a random subset of at most this many validation/test examples per task.
+        seed: Seed of the training order.
+        data_seed: Seed of generated tasks' data and of the example subsets; keep it fixed to compare runs on the
+            same items.
+        num_workers: DataLoader worker processes.
+
+    Overridable hooks: ``load_tokenizer()`` (or set ``tokenizer_object`` before ``setup``), ``build_encoder(tokenizer)``
+    (the prompt format), ``build_collator(eval_fields)`` and ``build_sampler(sizes)``.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = list(BUILTIN_TASKS),
+        eval_tasks: list[str] | None = None,
+        task_specs: list[dict[str, Any]] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        use_chat_template: bool | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        sampling: str = "temperature",
+        temperature: float = 2.0,
+        cap: int | None = None,
+        task_weights: dict[str, float] | None = None,
+        unimax_max_epochs: float = 1.0,
+        samples_per_epoch: int | None = None,
+        max_train_examples_per_task: int | None = None,
+        max_eval_examples_per_task: int | None = None,
+        seed: int = 0,
+        data_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if sampling not in SAMPLING_STRATEGIES:
+            raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
+        if (task_weights is not None) != (sampling == "weights"):
+            raise ValueError("task_weights goes with sampling='weights', and only with it")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
+                            ("max_train_examples_per_task", max_train_examples_per_task or 1),
+                            ("max_eval_examples_per_task", max_eval_examples_per_task or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value})")
+        self.tokenizer_name = tokenizer
+        self.tokenizer_object: PreTrainedTokenizerBase | None = None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self._declared_tasks = _resolve_tasks(tasks, eval_tasks or [], task_specs or [])
+        self._tasks = list(self._declared_tasks)
+        self._num_train_tasks = len(tasks)
+        if task_weights is not None:
+            unknown = sorted(set(task_weights) - set(tasks))
+            if unknown:
+                raise ValueError(f"task_weights names {unknown}, which are not training tasks ({', '.join(tasks)})")
+        self.truncation: dict[str, dict[str, TruncationStats]] = {}
+        self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
+        self._encoder: PromptEncoder | None = None
+        self._train_sampler: TaskBalancedSampler | None = None
+
+    # ------------------------------------------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[Task]:
+        """All tasks in ``task_id`` order. After ``setup``, ``max_new_tokens`` is set from the longest target seen."""
+        return list(self._tasks)
+
+    @property
+    def train_tasks(self) -> list[Task]:
+        return self._tasks[: self._num_train_tasks]
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        """Training probability of each task (available once the training split is loaded)."""
+        if "train" not in self._encoded:
+            raise RuntimeError("the mixture is known once setup('fit') has loaded the training data")
+        examples = self._encoded["train"]
+        return dict(zip(examples, self._mixing_weights([len(task_examples) for task_examples in examples.values()])))
+
+    # ------------------------------------------------------------------------------------------------ hooks
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: ``tokenizer_object`` if set, else ``AutoTokenizer.from_pretrained(tokenizer)``."""
+        if self.tokenizer_object is not None:
+            return self.tokenizer_object
+        if self.tokenizer_name is None:
+            raise ValueError("MultiTaskDataModule needs a tokenizer: pass tokenizer=<name or path> (the CLI links it "
+                             "to the model) or set tokenizer_object before setup")
+        return AutoTokenizer.from_pretrained(self.tokenizer_name)
+
+    def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
+        return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template)
+
+    def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
+        return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
+
+    def build_sampler(self, sizes: Sequence[int]) -> TaskBalancedSampler:
+        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), num_samples=self.hparams.samples_per_epoch,
+                                   seed=self.hparams.seed)
+
+    def _mixing_weights(self, sizes: Sequence[int]) -> list[float]:
+        hparams = self.hparams
+        weights = None
+        if hparams.task_weights is not None:
+            weights = [hparams.task_weights.get(task.name, 0.0) for task in self.train_tasks]
+        return mixing_weights(sizes, hparams.sampling, cap=hparams.cap, temperature=hparams.temperature,
+                              weights=weights, budget=hparams.samples_per_epoch, max_epochs=hparams.unimax_max_epochs)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def prepare_data(self) -> None:
+        """Fetch hub datasets once per node (Lightning calls this on one process before ``setup`` on all)."""
+        for task in self._tasks:
+            if isinstance(task.source, HubSource):
+                for split in task.source.splits:
+                    task.source.load(split, self.hparams.data_seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._encoder is None:
+            self._encoder = self.build_encoder(self.load_tokenizer())
+        for split in _STAGE_SPLITS[stage or "fit"]:
+            if split not in self._encoded:
+                self._encoded[split] = self._encode_split(split)
+        self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
+
+    def _split_tasks(self, split: str) -> list[tuple[int, Task]]:
+        if split == "train":
+            missing = [task.name for task in self.train_tasks if not task.has_split("train")]
+            if missing:
+                raise TaskDataError(f"tasks {missing} have no train split; list them under eval_tasks")
+            return list(enumerate(self.train_tasks))
+        evaluated = [(task_id, task) for task_id, task in enumerate(self._tasks) if task.has_split(split)]
+        skipped = [task.name for task in self._tasks if not task.has_split(split)]
+        if skipped:
+            logger.warning("Tasks %s have no %s split and are not evaluated on it.", skipped, split)
+        return evaluated
+
+    def _encode_split(self, split: str) -> dict[str, list[EncodedExample]]:
+        hparams = self.hparams
+        limit = hparams.max_train_examples_per_task if split == "train" else hparams.max_eval_examples_per_task
+        encoded, self.truncation[split] = {}, {}
+        for task_id, task in self._split_tasks(split):
+            examples = task.examples(split, seed=hparams.data_seed, limit=limit)
+            encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
+                                                             with_eval_fields=split != "train")
+            self.truncation[split][task.name] = stats
+            if stats.truncated:
+                logger.warning("Task %r %s: %d of %d prompts were cut from the left to fit max_length=%d "
+                               "(%d tokens dropped).", task.name, split, stats.truncated, stats.examples,
+                               hparams.max_length, stats.tokens_dropped)
+        return encoded
+
+    def _with_generation_length(self, task: Task) -> Task:
+        """A registered length wins; otherwise the longest target (with its end-of-turn token) seen so far."""
+        if task.max_new_tokens is not None:
+            return task
+        lengths = [len(example.input_ids) - example.prompt_length
+                   for split in self._encoded.values() for example in split.get(task.name, [])]
+        return dataclasses.replace(task, max_new_tokens=max(lengths)) if lengths else task
+
+    # ------------------------------------------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        per_task = list(self._loaded("train").values())
+        self._train_sampler = self.build_sampler([len(examples) for examples in per_task])
+        return ResumableDataLoader([example for examples in per_task for example in examples],
+                                   batch_size=self.batch_size, sampler=self._train_sampler,
+                                   collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch)
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return self._eval_loaders("validation")
+
+    def test_dataloader(self) -> dict[str, DataLoader]:
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> dict[str, DataLoader]:
+        return self._eval_loaders("test")
+
+    def _eval_loaders(self, split: str) -> dict[str, DataLoader]:
+        collator = self.build_collator(eval_fields=True)
+        return {name: DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collator,
+                                 num_workers=self.num_workers)
+                for name, examples in self._loaded(split).items()}
+
+    def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:
+        if split not in self._encoded:
+            raise RuntimeError(f"the {split} split is not loaded: call setup() with a stage that uses it first")
+        return self._encoded[split]
+
+    def _consumed_this_epoch(self) -> int | None:
+        """Examples this rank has trained on in the current epoch, from the fit loop's batch progress; ``None``
+        outside a fit (then the sampler's own count is all there is)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if progress.processed >= trainer.num_training_batches:
+            return len(self._train_sampler)  # the epoch is over (possibly cut short by limit_train_batches)
+        return progress.processed * self.batch_size
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, which Lightning checkpoints and restores (before iterating) because it has
+    ``state_dict``/``load_state_dict``. Its state is the sampler's position counted in batches trained on, given by
+    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early."""
+
+    def __init__(self, *args: Any, consumed: Callable[[], int | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict(consumed=self.consumed())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state_dict)
+
+
+def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:
+    """The named tasks, looked up among the inline specs first, then the registry."""
+    if not tasks:
+        raise ValueError("MultiTaskDataModule needs at least one training task")
+    inline = {}
+    for spec in specs:
+        task = task_from_spec(spec)
+        inline[task.name] = task
+    names = list(tasks) + list(eval_tasks)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"tasks listed more than once (in tasks or eval_tasks): {repeated}")
+    return [inline[name] if name in inline else get_task(name) for name in names]

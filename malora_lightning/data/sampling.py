@@ -1,0 +1,232 @@
+"""Task-balanced sampling: how often each task is seen, and a resumable, distributed sampler that applies it.
+
+Mixing strategies (n_t = number of training examples of task t, K = cap, T = temperature):
+
+* ``proportional``: p_t ∝ n_t (plain concatenation).
+* ``capped``: p_t ∝ min(n_t, K), T5's examples-proportional mixing with an artificial size limit.
+* ``temperature``: p_t ∝ min(n_t, K)^(1/T), seqio's ``mixing_rate_num_examples``: the cap applies before the
+  temperature; T = 1 is (capped) proportional, T → ∞ uniform; K is optional here.
+* ``uniform``: p_t = 1 / #tasks.
+* ``unimax``: UniMax (Chung et al., 2023): spread a budget of examples uniformly over the tasks, never giving a task
+  more than ``max_epochs`` passes over its data, and hand what small tasks cannot use to the larger ones.
+* ``weights``: explicit, user-given weights (normalised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_STRATEGIES = ("proportional", "capped", "temperature", "uniform", "unimax", "weights")
+
+
+def mixing_weights(
+    sizes: Sequence[int],
+    strategy: str = "proportional",
+    *,
+    cap: int | None = None,
+    temperature: float | None = None,
+    weights: Sequence[float] | None = None,
+    budget: int | None = None,
+    max_epochs: float = 1.0,
+) -> list[float]:
+    """Sampling probability of each task (same order as ``sizes``; sums to 1).
+
+    ``cap`` is K for ``capped`` (required) and ``temperature`` (optional); ``temperature`` is T for ``temperature``;
+    ``weights`` are the explicit weights for ``weights``; ``budget`` (default: the sum of sizes) and ``max_epochs``
+    are UniMax's total number of examples and its limit on passes over one task.
+    """
+    if not sizes:
+        raise ValueError("mixing_weights needs at least one task size")
+    for position, size in enumerate(sizes):
+        if size < 1:
+            raise ValueError(f"task at position {position} has {size} examples; every task needs at least one")
+    if strategy == "proportional":
+        raw = [float(size) for size in sizes]
+    elif strategy == "capped":
+        if cap is None or cap < 1:
+            raise ValueError(f"strategy 'capped' needs cap >= 1 (got {cap})")
+        raw = [float(min(size, cap)) for size in sizes]
+    elif strategy == "temperature":
+        if temperature is None or temperature <= 0:
+            raise ValueError(f"strategy 'temperature' needs temperature > 0 (got {temperature})")
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap must be >= 1 or None (got {cap})")
+        limit = cap if cap is not None else max(sizes)
+        raw = [min(size, limit) ** (1.0 / temperature) for size in sizes]
+    elif strategy == "uniform":
+        raw = [1.0] * len(sizes)
+    elif strategy == "unimax":
+        raw = _unimax_allocation(sizes, budget if budget is not None else sum(sizes), max_epochs)
+    elif strategy == "weights":
+        raw = _checked_weights(weights, len(sizes))
+    else:
+        raise ValueError(f"unknown sampling strategy {strategy!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
+    total = sum(raw)
+    return [value / total for value in raw]
+
+
+def _unimax_allocation(sizes: Sequence[int], budget: int, max_epochs: float) -> list[float]:
+    """UniMax's Algorithm 1: smallest task first, each takes its uniform share of what is left, capped by its epochs."""
+    if budget < 1:
+        raise ValueError(f"unimax budget must be >= 1 (got {budget})")
+    if max_epochs <= 0:
+        raise ValueError(f"unimax max_epochs must be > 0 (got {max_epochs})")
+    allocation = [0.0] * len(sizes)
+    remaining = float(budget)
+    order = sorted(range(len(sizes)), key=lambda position: sizes[position])
+    for done, position in enumerate(order):
+        share = remaining / (len(sizes) - done)
+        allocation[position] = min(share, max_epochs * sizes[position])
+        remaining -= allocation[position]
+    return allocation
+
+
+def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        raise ValueError("strategy 'weights' needs weights (one per task)")
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} tasks")
+    if any(weight < 0 or not math.isfinite(weight) for weight in weights):
+        raise ValueError(f"weights must be finite and >= 0 (got {list(weights)})")
+    if sum(weights) <= 0:
+        raise ValueError("at least one weight must be > 0")
+    return [float(weight) for weight in weights]
+
+
+def epoch_counts(weights: Sequence[float], total: int) -> list[int]:
+    """How many of ``total`` draws each task gets: largest-remainder rounding of ``weights × total`` (ties: first)."""
+    scale = total / sum(weights)
+    exact = [weight * scale for weight in weights]
+    counts = [math.floor(value) for value in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda position: counts[position] - exact[position])
+    for position in by_remainder[: total - sum(counts)]:
+        counts[position] += 1
+    return counts
+
+
+def _generator(*parts: object) -> torch.Generator:
+    """A generator seeded from a tuple, so every (seed, purpose, ...) stream is independent and reproducible."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class TaskBalancedSampler(DistributedSampler):
+    """Yields global indices into the concatenation of the task datasets (task 0's examples first, then task 1's...).
+
+    Each epoch holds ``num_samples`` draws (default: the sum of the task sizes) split between tasks by ``weights``
+    with largest-remainder rounding, so the task frequencies are exact rather than noisy. Within a task, examples
+    come from an endless stream of reshuffled passes over its data, continued across epochs: a down-weighted task
+    sees new examples each epoch and an up-weighted one repeats only after a full pass. The epoch's draws are then
+    shuffled together. Everything is a function of (seed, epoch), so any epoch can be rebuilt exactly.
+
+    It is a ``DistributedSampler`` so that Lightning (``use_distributed_sampler=True``) keeps it instead of wrapping it
+    again; rank r takes every ``num_replicas``-th draw, and the epoch is padded by repeating its first draws (or cut,
+    with ``drop_last``) so that all ranks get the same number. ``state_dict`` stores how far the epoch has gone, in
+    draws across all ranks, so a resumed run (even with another world size) continues the same sequence.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        *,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if len(sizes) != len(weights):
+            raise ValueError(f"got {len(weights)} weights for {len(sizes)} task sizes")
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"every task needs at least one example (sizes: {list(sizes)})")
+        self.sizes = [int(size) for size in sizes]
+        self.weights = [float(weight) for weight in weights]
+        self.epoch_length = int(num_samples) if num_samples is not None else sum(self.sizes)
+        if self.epoch_length < 1:
+            raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(range(self.epoch_length), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=drop_last)
+        self.counts = epoch_counts(self.weights, self.epoch_length)
+        self._offsets = [sum(self.sizes[:position]) for position in range(len(self.sizes))]
+        self._resume_at = 0  # draw (across ranks) where the next iteration starts; set by load_state_dict
+        self._position = 0  # draws (across ranks) handed out so far in this epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning; setting the current epoch again keeps a restored position."""
+        if epoch != self.epoch:
+            self._resume_at = 0
+            self._position = 0
+        super().set_epoch(epoch)
+
+    def epoch_sequence(self, epoch: int) -> list[int]:
+        """All draws of ``epoch`` for all ranks, before padding and sharding."""
+        parts = [self._task_stream(task, epoch) + offset for task, offset in enumerate(self._offsets)]
+        draws = torch.cat(parts)
+        order = torch.randperm(len(draws), generator=_generator(self.seed, "epoch", epoch))
+        return draws[order].tolist()
+
+    def _task_stream(self, task: int, epoch: int) -> torch.Tensor:
+        """Task-local indices at positions [epoch·count, (epoch+1)·count) of the task's stream of reshuffled passes."""
+        size, count = self.sizes[task], self.counts[task]
+        start = epoch * count
+        first_pass, last_pass = start // size, (start + count - 1) // size
+        passes = [torch.randperm(size, generator=_generator(self.seed, "task", task, cycle))
+                  for cycle in range(first_pass, last_pass + 1)]
+        stream = torch.cat(passes) if passes else torch.empty(0, dtype=torch.long)
+        return stream[start - first_pass * size: start - first_pass * size + count]
+
+    def __iter__(self) -> Iterator[int]:
+        sequence = self.epoch_sequence(self.epoch)
+        if self.drop_last:
+            sequence = sequence[: self.total_size]
+        start, self._resume_at = self._resume_at, 0
+        rest = sequence[start:]
+        rest += sequence[: (-len(rest)) % self.num_replicas]  # pad like DistributedSampler: repeat the first draws
+        self._position = start
+        return self._advance(rest[self.rank:: self.num_replicas])
+
+    def _advance(self, share: list[int]) -> Iterator[int]:
+        for index in share:
+            self._position += self.num_replicas
+            yield index
+
+    def __len__(self) -> int:
+        # The full per-rank length, also when resuming mid-epoch: Lightning counts the batches already done.
+        return self.num_samples
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Where this epoch stands. ``consumed``: draws this rank has really used since the epoch began (default: how
+        many it has yielded, which runs ahead of training when a DataLoader prefetches)."""
+        position = self._position if consumed is None else consumed * self.num_replicas
+        epoch = self.epoch
+        if position >= self.total_size:
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "seed": self.seed, "epoch_length": self.epoch_length,
+                "sizes": list(self.sizes), "weights": list(self.weights)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration starts where the saved run stopped."""
+        saved = {key: state[key] for key in ("seed", "epoch_length", "sizes", "weights")}
+        current = {"seed": self.seed, "epoch_length": self.epoch_length, "sizes": self.sizes, "weights": self.weights}
+        if saved != current:
+            logger.warning("Restoring a task sampler built for %s into one built for %s: the resumed order will not "
+                           "repeat the saved run's sequence.", saved, current)
+        super().set_epoch(int(state["epoch"]))
+        self._resume_at = min(int(state["position"]), self.total_size)
+        self._position = self._resume_at

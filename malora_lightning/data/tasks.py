@@ -1,0 +1,376 @@
+"""Tasks: where rows come from, how a row becomes a prompt and a target, how answers are compared, and the registry.
+
+A task is data (a source), a formatter (row -> ``Example``) and how it is scored. Sources are a Hugging Face Hub
+dataset (fetched only when a task using it is loaded), local JSONL/JSON/CSV/Parquet files, or a Python generator.
+Users add tasks from Python (``register_task(Task(...))``) or from a plain dict / YAML file (``task_from_spec``,
+``tasks_from_yaml``) without writing a class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+SPLITS = ("train", "validation", "test")
+TASK_KINDS = ("generative", "multiple_choice")
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class TaskDataError(ValueError):
+    """A task's data cannot be used; the message names the task, the split and, where it applies, the row."""
+
+
+# ----------------------------------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One formatted row. For multiple choice the target is ``choices[gold]``, so that what the model is trained to
+    write and what log-likelihood scoring compares are the same strings."""
+
+    prompt: str
+    target: str
+    choices: tuple[str, ...] | None = None
+    gold: int | None = None
+    row: int | None = None  # index of the source row it came from (set by ``Task.examples``)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.target, str):
+            raise ValueError(f"prompt and target must be strings (got {type(self.prompt).__name__} and "
+                             f"{type(self.target).__name__})")
+        if not self.target.strip():
+            raise ValueError("the target is empty")
+        if self.choices is None:
+            if self.gold is not None:
+                raise ValueError("gold is set but there are no choices")
+            return
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if len(self.choices) < 2:
+            raise ValueError(f"a multiple-choice example needs at least two choices (got {list(self.choices)})")
+        if self.gold is None or not 0 <= self.gold < len(self.choices):
+            raise ValueError(f"gold index {self.gold!r} is not in 0..{len(self.choices) - 1}")
+        if self.target != self.choices[self.gold]:
+            raise ValueError(f"target {self.target!r} differs from the gold choice {self.choices[self.gold]!r}")
+
+    @classmethod
+    def multiple_choice(cls, prompt: str, choices: Sequence[str], gold: int) -> Example:
+        """A multiple-choice example whose target is the gold choice."""
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"gold index {gold} is not in 0..{len(choices) - 1}")
+        return cls(prompt=prompt, target=choices[gold], choices=tuple(choices), gold=gold)
+
+
+# ------------------------------------------------------------------------------------------------ answer checks
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line with whitespace collapsed: generations often continue past the answer."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return " ".join(line.split())
+    return ""
+
+
+_FINAL_MARKERS = ("####", "The answer is:", "The answer is")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_answer(text: str) -> str:
+    """The final answer of a worked solution: what follows GSM8K's ``####`` or MetaMathQA's ``The answer is:``,
+    else the last number; commas, ``$`` and a trailing period are dropped so ``1,000.`` matches ``1000``."""
+    for marker in _FINAL_MARKERS:
+        if marker in text:
+            answer = first_line(text.rsplit(marker, 1)[1])
+            break
+    else:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else first_line(text)
+    return answer.replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {"first_line": first_line, "final_answer": final_answer}
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+class Source(Protocol):
+    """Where a task's rows come from. ``splits`` are the roles it provides (a subset of ``SPLITS``)."""
+
+    @property
+    def splits(self) -> tuple[str, ...]: ...
+
+    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A Hugging Face Hub dataset. ``split_map`` maps our roles to the dataset's split names, which may use the
+    datasets slicing syntax (``"train[:500]"``); datasets without a labelled test split map ``test`` to their
+    validation split."""
+
+    path: str
+    name: str | None = None
+    split_map: Mapping[str, str] = field(default_factory=lambda: {split: split for split in SPLITS})
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.split_map)
+
+    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
+        from datasets import load_dataset  # imported here: only tasks that name a hub dataset pay for it
+
+        return load_dataset(self.path, self.name, split=self.split_map[split])
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Local files, one per split, read with Hugging Face datasets (JSON lines, JSON, CSV or Parquet)."""
+
+    files: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        for split, path in self.files.items():
+            if split not in SPLITS:
+                raise ValueError(f"unknown split {split!r} for file {path}; valid splits: {', '.join(SPLITS)}")
+            if Path(path).suffix.lower() not in FILE_FORMATS:
+                raise ValueError(f"cannot read {path}: supported file types are {', '.join(FILE_FORMATS)}")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
+        from datasets import load_dataset
+
+        path = Path(self.files[split])
+        if not path.is_file():
+            raise FileNotFoundError(f"{split} file {path} does not exist")
+        return load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+
+
+@dataclass(frozen=True)
+class GeneratorSource:
+    """Rows from a Python function ``generate(split, seed)``; the seed lets generated data be reproducible."""
+
+    generate: Callable[[str, int], Iterable[Mapping[str, Any]]]
+    splits: tuple[str, ...] = SPLITS
+
+    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
+        return list(self.generate(split, seed))
+
+
+# --------------------------------------------------------------------------------------------------------- task
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: its data, its formatter, and how its answers are scored.
+
+    ``kind`` is ``generative`` (scored by exact match of ``answer(prediction)`` against ``answer(target)``) or
+    ``multiple_choice`` (scored by log-likelihood accuracy over the choices). ``chance_rate`` is the score of
+    guessing, or of always giving the most common answer, to read scores against. ``max_new_tokens`` is the
+    generation length; ``None`` means "the longest target in tokens plus the end token", which the datamodule
+    measures with the model's tokenizer.
+    """
+
+    name: str
+    source: Source
+    formatter: Callable[[Mapping[str, Any]], Example]
+    kind: str = "generative"
+    chance_rate: float | None = None
+    max_new_tokens: int | None = None
+    answer: Callable[[str], str] = first_line
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _TASK_NAME.match(self.name):
+            raise ValueError(f"task name {self.name!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if self.chance_rate is not None and not 0.0 <= self.chance_rate <= 1.0:
+            raise ValueError(f"task {self.name!r}: chance_rate {self.chance_rate} is not in [0, 1]")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "multiple_choice" else "exact_match"
+
+    def has_split(self, split: str) -> bool:
+        return split in self.source.splits
+
+    def is_correct(self, prediction: str, target: str) -> bool:
+        """Exact match after this task's answer extraction (first line, or a worked solution's final answer)."""
+        return self.answer(prediction) == self.answer(target)
+
+    def examples(self, split: str, *, seed: int = 0, limit: int | None = None) -> list[Example]:
+        """The formatted examples of ``split``; with ``limit``, a random subset (fixed by ``seed``) in source order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        if not self.has_split(split):
+            raise TaskDataError(f"task {self.name!r} has no {split!r} split; it provides: "
+                                f"{', '.join(self.source.splits) or 'none'}")
+        rows = self.source.load(split, seed)
+        if len(rows) == 0:
+            raise TaskDataError(f"task {self.name!r}: the {split!r} split is empty ({self.source})")
+        indices = range(len(rows))
+        if limit is not None and limit < len(rows):
+            indices = sorted(random.Random(f"{seed}:{self.name}:{split}").sample(indices, limit))
+        return [self._format(rows[index], split, index) for index in indices]
+
+    def _format(self, row: Mapping[str, Any], split: str, index: int) -> Example:
+        where = f"task {self.name!r}, {split} row {index}"
+        try:
+            example = self.formatter(row)
+        except KeyError as error:
+            raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: {', '.join(row)})") from error
+        except (ValueError, TypeError, IndexError) as error:
+            raise TaskDataError(f"{where}: {error}") from error
+        if (example.choices is not None) != (self.kind == "multiple_choice"):
+            raise TaskDataError(f"{where}: a {self.kind} task's formatter returned "
+                                f"{'choices' if example.choices else 'no choices'}")
+        return dataclasses.replace(example, row=index)
+
+
+# ----------------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task, *, overwrite: bool = False) -> Task:
+    """Make ``task`` available by name (``get_task``, the datamodule's ``tasks`` list)."""
+    if task.name in _REGISTRY and not overwrite:
+        raise ValueError(f"a task named {task.name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}") from None
+
+
+def registered_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ------------------------------------------------------------------------------------------- tasks from a spec
+
+
+@dataclass(frozen=True)
+class TemplateFormatter:
+    """Formats a row with ``str.format`` templates over its fields; ``fields`` renames template names to columns.
+
+    Generative: ``prompt`` and ``target`` templates. Multiple choice: ``prompt`` plus the column holding the list of
+    choice strings (``choices``) and the column holding the gold index (``gold``, an int or a digit string).
+    """
+
+    prompt: str
+    target: str | None = None
+    choices: str | None = None
+    gold: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.choices is None) != (self.gold is None):
+            raise ValueError("multiple choice needs both 'choices' and 'gold'")
+        if self.choices is None and self.target is None:
+            raise ValueError("a generative task needs a 'target' template")
+
+    def __call__(self, row: Mapping[str, Any]) -> Example:
+        view = _FieldView(row, self.fields)
+        prompt = self.prompt.format_map(view)
+        if self.choices is None:
+            return Example(prompt=prompt, target=self.target.format_map(view))
+        choices = [str(choice) for choice in view[self.choices]]
+        gold = view[self.gold]
+        if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
+            gold = int(gold)
+        if not isinstance(gold, int):
+            raise ValueError(f"gold field {self.gold!r} must hold an integer index (got {gold!r})")
+        return Example.multiple_choice(prompt, choices, gold)
+
+
+class _FieldView(Mapping[str, Any]):
+    """A row seen through a renaming: ``view[name]`` reads column ``fields.get(name, name)``; a missing column
+    raises ``KeyError(column)`` so the error names the field the row lacks."""
+
+    def __init__(self, row: Mapping[str, Any], fields: Mapping[str, str]) -> None:
+        self._row, self._fields = row, fields
+
+    def __getitem__(self, name: str) -> Any:
+        return self._row[self._fields.get(name, name)]
+
+    def __iter__(self):
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+
+SPEC_KEYS = ("name", "path", "hub", "config", "splits", "prompt", "target", "choices", "gold", "fields", "kind",
+             "chance_rate", "max_new_tokens", "answer", "description")
+
+
+def task_from_spec(spec: Mapping[str, Any]) -> Task:
+    """A task from a plain mapping (one YAML entry), e.g.::
+
+        name: capitals
+        path: {train: data/capitals_train.jsonl, test: data/capitals_test.jsonl}   # or one file: its train split
+        prompt: "What is the capital of {country}?"
+        target: "{capital}"
+
+    Multiple choice: ``choices: <column with the list of options>`` and ``gold: <column with the gold index>``.
+    A hub dataset instead of files: ``hub: org/name``, optional ``config`` and ``splits: {train: train, ...}``.
+    Optional: ``fields`` (template name -> column), ``kind``, ``chance_rate``, ``max_new_tokens``,
+    ``answer`` (``first_line`` or ``final_answer``), ``description``.
+    """
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"task spec {spec.get('name', '?')!r}: unknown keys {unknown}; valid keys: "
+                         f"{', '.join(SPEC_KEYS)}")
+    for key in ("name", "prompt"):
+        if key not in spec:
+            raise ValueError(f"task spec {spec.get('name', '?')!r} needs {key!r}")
+    answer = spec.get("answer", "first_line")
+    try:
+        if answer not in ANSWER_EXTRACTORS:
+            raise ValueError(f"answer {answer!r} is not one of {', '.join(ANSWER_EXTRACTORS)}")
+        formatter = TemplateFormatter(prompt=spec["prompt"], target=spec.get("target"), choices=spec.get("choices"),
+                                      gold=spec.get("gold"), fields=dict(spec.get("fields") or {}))
+        kind = spec.get("kind", "generative" if formatter.choices is None else "multiple_choice")
+        return Task(name=spec["name"], source=_source_from_spec(spec), formatter=formatter, kind=kind,
+                    chance_rate=spec.get("chance_rate"), max_new_tokens=spec.get("max_new_tokens"),
+                    answer=ANSWER_EXTRACTORS[answer], description=spec.get("description", ""))
+    except ValueError as error:
+        raise ValueError(f"task spec {spec['name']!r}: {error}") from error
+
+
+def _source_from_spec(spec: Mapping[str, Any]) -> Source:
+    if ("path" in spec) == ("hub" in spec):
+        raise ValueError("needs exactly one of 'path' (local files) and 'hub' (a hub dataset)")
+    if "hub" in spec:
+        splits = spec.get("splits") or {split: split for split in SPLITS}
+        return HubSource(path=spec["hub"], name=spec.get("config"), split_map=dict(splits))
+    path = spec["path"]
+    return FileSource(files={"train": str(path)} if isinstance(path, (str, Path)) else dict(path))
+
+
+def tasks_from_yaml(path: str | Path) -> list[Task]:
+    """Tasks from a YAML file holding a list of specs (or ``{tasks: [...]}``); register them with ``register_task``."""
+    content = yaml.safe_load(Path(path).read_text())
+    specs = content.get("tasks") if isinstance(content, dict) else content
+    if not isinstance(specs, list):
+        raise ValueError(f"{path}: expected a list of task specs (or a 'tasks:' list)")
+    return [task_from_spec(spec) for spec in specs]

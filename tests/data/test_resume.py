@@ -1,0 +1,75 @@
+"""A resumed ``lightning.Trainer`` fit must train on exactly the examples the uninterrupted fit trained on next.
+
+Lightning fetches a batch ahead and DataLoader workers prefetch more, so a sampler that saved "what it has yielded"
+would skip batches on resume; these tests run real fits and compare the examples seen.
+"""
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from malora_lightning.data import MultiTaskDataModule
+from tests.helpers import tiny_tokenizer
+
+BATCH = 4
+BATCHES_PER_EPOCH = 6  # 3 tasks x 8 examples, uniform mixing
+
+
+class Recorder(LightningModule):
+    """Trains nothing useful; records every example that reaches training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, ...]] = []
+
+    def training_step(self, batch, batch_idx):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            self.seen.append(tuple(ids[mask.bool()].tolist()))
+        return (self.weight - 1.0).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def datamodule(num_workers: int) -> MultiTaskDataModule:
+    data = MultiTaskDataModule(tasks=["add_2digit", "reverse_words", "parity"], max_length=64, batch_size=BATCH,
+                               sampling="uniform", max_train_examples_per_task=8, max_eval_examples_per_task=2,
+                               num_workers=num_workers, seed=11)
+    data.tokenizer_object = tiny_tokenizer()
+    return data
+
+
+def fit(num_workers: int, checkpoint_dir=None, ckpt_path=None, on_validation: bool = False) -> list[tuple[int, ...]]:
+    """Two epochs; with ``checkpoint_dir``, a checkpoint every 3 steps, taken after the training batch or, with
+    ``on_validation``, after a validation run every 3 batches."""
+    callbacks = []
+    if checkpoint_dir is not None:
+        every = {"save_on_train_epoch_end": False} if on_validation else {"every_n_train_steps": 3}
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", save_top_k=-1, **every))
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=3,
+                      limit_val_batches=1 if on_validation else 0, enable_checkpointing=bool(callbacks),
+                      callbacks=callbacks)
+    module = Recorder()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
+        trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
+    return module.seen
+
+
+@pytest.mark.parametrize(("num_workers", "on_validation"), [(0, False), (2, False), (0, True)])
+def test_resumed_fit_sees_exactly_what_the_uninterrupted_fit_saw(tmp_path, num_workers, on_validation):
+    uninterrupted = fit(num_workers, checkpoint_dir=tmp_path, on_validation=on_validation)
+    assert len(uninterrupted) == 2 * BATCHES_PER_EPOCH * BATCH
+    assert uninterrupted[:24] != uninterrupted[24:]  # the second epoch is reshuffled
+    # step 3: mid first epoch; step 6: end of the first epoch; step 9: mid second epoch
+    for step in (3, 6, 9):
+        resumed = fit(num_workers, ckpt_path=tmp_path / f"step={step}.ckpt", on_validation=on_validation)
+        assert resumed == uninterrupted[step * BATCH:], f"resume from step {step}"

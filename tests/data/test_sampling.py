@@ -1,0 +1,164 @@
+import math
+from collections import Counter
+
+import pytest
+
+from malora_lightning.data.sampling import TaskBalancedSampler, epoch_counts, mixing_weights
+
+SIZES = [10000, 1000, 100]
+OFFSETS = [0, 10000, 11000]
+
+
+def task_of(index: int) -> int:
+    return max(task for task, offset in enumerate(OFFSETS) if index >= offset)
+
+
+# Hand-computed probabilities for SIZES, one case per strategy.
+EXPECTED = {
+    ("proportional", ()): [10000 / 11100, 1000 / 11100, 100 / 11100],
+    ("capped", (("cap", 1000),)): [1000 / 2100, 1000 / 2100, 100 / 2100],
+    # sqrt sizes: 100, 31.6228, 10
+    ("temperature", (("temperature", 2.0),)): [100 / 141.6228, 31.6228 / 141.6228, 10 / 141.6228],
+    # cap first, then temperature: sqrt(1000), sqrt(1000), sqrt(100)
+    ("temperature", (("temperature", 2.0), ("cap", 1000))): [31.6228 / 73.2456, 31.6228 / 73.2456, 10 / 73.2456],
+    ("uniform", ()): [1 / 3, 1 / 3, 1 / 3],
+    # budget 3000, 1 epoch: task 2 takes min(1000, 100) = 100; task 1 min(1450, 1000) = 1000; task 0 the rest, 1900
+    ("unimax", (("budget", 3000),)): [1900 / 3000, 1000 / 3000, 100 / 3000],
+    # budget 3000, 5 epochs: task 2 min(1000, 500) = 500; task 1 min(1250, 5000) = 1250; task 0 the rest, 1250
+    ("unimax", (("budget", 3000), ("max_epochs", 5.0))): [1250 / 3000, 1250 / 3000, 500 / 3000],
+    ("weights", (("weights", (1.0, 2.0, 1.0)),)): [0.25, 0.5, 0.25],
+}
+
+
+@pytest.mark.parametrize(("strategy", "options"), list(EXPECTED))
+def test_mixing_weights_match_hand_computed_values(strategy, options):
+    weights = mixing_weights(SIZES, strategy, **dict(options))
+    assert weights == pytest.approx(EXPECTED[strategy, options], abs=1e-5)
+    assert math.fsum(weights) == pytest.approx(1.0)
+
+
+def test_temperature_one_is_proportional_and_unimax_with_a_large_budget_is_too():
+    proportional = mixing_weights(SIZES, "proportional")
+    assert mixing_weights(SIZES, "temperature", temperature=1.0) == pytest.approx(proportional)
+    assert mixing_weights(SIZES, "unimax") == pytest.approx(proportional)  # default budget: every example once
+
+
+@pytest.mark.parametrize(("strategy", "options"), list(EXPECTED))
+def test_empirical_task_frequencies_over_20k_draws_match_the_weights(strategy, options):
+    weights = mixing_weights(SIZES, strategy, **dict(options))
+    sampler = TaskBalancedSampler(SIZES, weights, num_samples=20000, seed=3)
+    draws = list(sampler)
+    assert len(draws) == 20000
+    counts = Counter(task_of(index) for index in draws)
+    for task, weight in enumerate(weights):
+        assert counts[task] / 20000 == pytest.approx(weight, abs=0.02)
+
+
+def test_epoch_counts_use_largest_remainders():
+    assert epoch_counts([0.5, 0.3, 0.2], 7) == [4, 2, 1]  # exact 3.5, 2.1, 1.4: the 0.5 remainder wins the spare
+    assert epoch_counts([1 / 3, 1 / 3, 1 / 3], 20000) == [6667, 6667, 6666]
+
+
+def test_examples_within_a_task_are_drawn_without_replacement_then_reshuffled():
+    sampler = TaskBalancedSampler(SIZES, [1 / 3] * 3, num_samples=20000, seed=0)
+    epoch0, epoch1 = sampler.epoch_sequence(0), sampler.epoch_sequence(1)
+    big = [index for index in epoch0 if task_of(index) == 0]
+    assert len(big) == len(set(big)) == 6667  # fewer draws than examples: no repeats
+    small = Counter(index for index in epoch0 if task_of(index) == 2)
+    assert set(small) == set(range(11000, 11100)) and set(small.values()) <= {66, 67}  # 6666 draws over 100 items
+    # the big task's stream continues across epochs: two epochs (13334 draws) visit all 10000 examples
+    big_next = {index for index in epoch1 if task_of(index) == 0}
+    assert set(big) | big_next == set(range(10000))
+
+
+def test_sequence_is_deterministic_for_a_seed_and_reshuffled_per_epoch():
+    weights = mixing_weights(SIZES, "uniform")
+    first, again = TaskBalancedSampler(SIZES, weights, seed=1), TaskBalancedSampler(SIZES, weights, seed=1)
+    assert list(first) == list(again)
+    other_seed = TaskBalancedSampler(SIZES, weights, seed=2)
+    assert list(other_seed) != list(first)
+    epoch0 = list(first)
+    first.set_epoch(1)
+    epoch1 = list(first)
+    assert epoch1 != epoch0 and len(epoch1) == len(epoch0)
+
+
+def test_two_ranks_get_disjoint_shares_that_cover_the_epoch():
+    sizes = [6, 4, 2]
+    weights = mixing_weights(sizes, "proportional")
+    single = list(TaskBalancedSampler(sizes, weights, seed=5, num_replicas=1, rank=0))
+    assert sorted(single) == list(range(12))  # proportional with the default length: a permutation of everything
+    ranks = [list(TaskBalancedSampler(sizes, weights, seed=5, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert set(ranks[0]).isdisjoint(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == list(range(12))
+    assert ranks == [single[0::2], single[1::2]]
+
+
+def test_uneven_epochs_are_padded_so_ranks_have_equal_length():
+    sizes = [5, 4, 2]
+    weights = mixing_weights(sizes, "proportional")
+    single = list(TaskBalancedSampler(sizes, weights, seed=5))
+    ranks = [TaskBalancedSampler(sizes, weights, seed=5, num_replicas=2, rank=rank) for rank in (0, 1)]
+    shares = [list(sampler) for sampler in ranks]
+    assert [len(share) for share in shares] == [len(sampler) for sampler in ranks] == [6, 6]
+    assert set(shares[0]) | set(shares[1]) == set(range(11))
+    assert shares[1][-1] == single[0]  # the padding repeats the epoch's first draw
+
+
+@pytest.mark.parametrize("stop", [0, 7, 33])
+def test_save_and_restore_mid_epoch_continues_the_identical_sequence(stop):
+    weights = mixing_weights(SIZES, "temperature", temperature=2.0)
+    sampler = TaskBalancedSampler(SIZES, weights, num_samples=60, seed=4)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    iterator = iter(sampler)
+    head = [next(iterator) for _ in range(stop)]
+    state = sampler.state_dict()
+    assert state["epoch"] == 2 and state["position"] == stop
+
+    restored = TaskBalancedSampler(SIZES, weights, num_samples=60, seed=4)
+    restored.load_state_dict(state)
+    restored.set_epoch(2)  # Lightning sets the (same) epoch again after restoring: the position must survive
+    assert head + list(restored) == full
+    restored.set_epoch(3)  # the next epoch starts from its beginning
+    sampler.set_epoch(3)
+    assert list(restored) == list(sampler)
+
+
+def test_restore_with_another_world_size_continues_the_global_sequence():
+    sizes = [6, 4, 2]
+    weights = mixing_weights(sizes, "uniform")
+    one = TaskBalancedSampler(sizes, weights, seed=8, num_replicas=1, rank=0)
+    full = list(one)
+    state = one.state_dict(consumed=4)  # one rank trained on 4 draws
+    shares = []
+    for rank in (0, 1):
+        sampler = TaskBalancedSampler(sizes, weights, seed=8, num_replicas=2, rank=rank)
+        sampler.load_state_dict(state)
+        shares.append(list(sampler))
+    assert shares == [full[4::2], full[5::2]]
+
+
+def test_state_after_a_finished_epoch_points_at_the_next_one():
+    sampler = TaskBalancedSampler([3, 3], [0.5, 0.5], seed=0, num_replicas=2, rank=1)
+    list(sampler)
+    assert (sampler.state_dict()["epoch"], sampler.state_dict()["position"]) == (1, 0)
+    assert sampler.state_dict(consumed=2)["position"] == 4  # 2 draws on each of 2 ranks
+
+
+def test_zero_weight_tasks_are_never_drawn():
+    sampler = TaskBalancedSampler([4, 4], mixing_weights([4, 4], "weights", weights=[1.0, 0.0]), seed=0)
+    assert sorted(sampler) == [0, 0, 1, 1, 2, 2, 3, 3]  # epoch of 8 draws, all from task 0
+
+
+@pytest.mark.parametrize(("sizes", "strategy", "options", "message"), [
+    ([10, 0], "proportional", {}, "position 1 has 0 examples"),
+    ([10], "capped", {}, "needs cap"),
+    ([10], "temperature", {"temperature": 0.0}, "temperature > 0"),
+    ([10, 5], "weights", {"weights": [1.0]}, "1 weights for 2 tasks"),
+    ([10, 5], "weights", {"weights": [1.0, -1.0]}, ">= 0"),
+    ([10], "balanced", {}, "valid: proportional, capped, temperature, uniform, unimax, weights"),
+])
+def test_bad_mixing_arguments_say_what_is_wrong(sizes, strategy, options, message):
+    with pytest.raises(ValueError, match=message):
+        mixing_weights(sizes, strategy, **options)
