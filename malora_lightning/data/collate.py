@@ -6,10 +6,10 @@ Batch contract (what the LightningModule reads):
 * every batch: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B, L] long (-100 on prompt and
   padding, so the loss covers only the target and its end-of-turn token), ``task_id`` [B] long, ``task_name``
   list[str]. Right padding.
-* evaluation batches also carry ``targets`` (list[str], the reference answers) and, for generative tasks,
-  ``prompt_input_ids`` / ``prompt_attention_mask`` [B, P]: the prompts LEFT-padded, ending where the answer starts
-  (after the assistant header with a chat template), ready for greedy ``generate``;
-* for multiple-choice tasks, one row per (example, choice): ``choice_input_ids`` / ``choice_attention_mask`` /
+* evaluation batches also carry ``targets`` (list[str], the reference answers) and ``prompt_input_ids`` /
+  ``prompt_attention_mask`` [B, P]: the prompts LEFT-padded, ending where the answer starts (after the assistant
+  header with a chat template), ready for greedy ``generate`` (for every task, so predictions work for all);
+* multiple-choice tasks' evaluation batches also have one row per (example, choice): ``choice_input_ids`` / ``choice_attention_mask`` /
   ``choice_labels`` [R, L'] (right-padded; labels -100 except on the choice's tokens), ``choice_example_index`` [R]
   (row -> example), ``gold`` [B] and ``num_choices`` [B].
 """
@@ -181,11 +181,13 @@ class MultiTaskCollator:
         if not self.eval_fields:
             return batch
         batch["targets"] = [example.target for example in examples]
+        batch.update(self._prompt_fields(examples))
         multiple_choice = {example.choice_input_ids is not None for example in examples}
         if len(multiple_choice) > 1:
             raise ValueError("an evaluation batch mixes multiple-choice and generative examples; evaluate each task "
                              "with its own dataloader")
-        batch.update(self._choice_fields(examples) if multiple_choice.pop() else self._prompt_fields(examples))
+        if multiple_choice.pop():
+            batch.update(self._choice_fields(examples))
         return batch
 
     def _prompt_fields(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:

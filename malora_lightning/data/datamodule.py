@@ -17,6 +17,7 @@ from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
 from malora_lightning.data.sampling import SAMPLING_STRATEGIES, TaskBalancedSampler, mixing_weights
 from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, task_from_spec
+from malora_lightning.offline_models import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class MultiTaskDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be >= 1 (got {value})")
         self.tokenizer_name = tokenizer
         self.tokenizer_object: PreTrainedTokenizerBase | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None  # the loaded tokenizer, after setup
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -129,13 +131,14 @@ class MultiTaskDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------------------ hooks
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer: ``tokenizer_object`` if set, else ``AutoTokenizer.from_pretrained(tokenizer)``."""
+        """The tokenizer: ``tokenizer_object`` if set, else ``tokenizer`` loaded with ``AutoTokenizer`` (an
+        ``offline:<model>`` name is resolved like the model's)."""
         if self.tokenizer_object is not None:
             return self.tokenizer_object
         if self.tokenizer_name is None:
             raise ValueError("MultiTaskDataModule needs a tokenizer: pass tokenizer=<name or path> (the CLI links it "
                              "to the model) or set tokenizer_object before setup")
-        return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
 
     def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
         return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template)
@@ -166,7 +169,8 @@ class MultiTaskDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._encoder is None:
-            self._encoder = self.build_encoder(self.load_tokenizer())
+            self.tokenizer = self.load_tokenizer()
+            self._encoder = self.build_encoder(self.tokenizer)
         for split in _STAGE_SPLITS[stage or "fit"]:
             if split not in self._encoded:
                 self._encoded[split] = self._encode_split(split)

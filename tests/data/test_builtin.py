@@ -1,0 +1,104 @@
+"""The offline suite: every answer re-derived from its prompt, splits disjoint, deterministic for a seed."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from malora_lightning.data import BUILTIN_TASKS, SPLITS, build_builtin_tasks, get_task
+from malora_lightning.data.builtin import CATEGORIES
+
+STRING_TASKS = {"reverse_words", "sort_words", "first_letters"}
+ARITHMETIC_TASKS = {"add_2digit", "subtract_2digit", "next_term"}
+CHOICE_TASKS = {"compare_numbers", "parity", "odd_one_out"}
+SMALL = {"train": 300, "validation": 40, "test": 60}
+
+
+def numbers(text: str) -> list[int]:
+    return [int(number) for number in re.findall(r"\d+", text)]
+
+
+def options(prompt: str) -> list[str]:
+    return re.findall(r"^[A-D]\. (.+)$", prompt, flags=re.MULTILINE)
+
+
+def solve(task: str, prompt: str) -> str:
+    """The right answer, worked out from the prompt text alone."""
+    words = prompt.split(": ", 1)[-1].split()
+    if task == "reverse_words":
+        return " ".join(words[::-1])
+    if task == "sort_words":
+        return " ".join(sorted(words))
+    if task == "first_letters":
+        return " ".join(word[0] for word in words)
+    if task == "add_2digit":
+        return str(sum(numbers(prompt)))
+    if task == "subtract_2digit":
+        a, b = numbers(prompt)
+        return str(a - b)
+    if task == "next_term":
+        terms = numbers(prompt)
+        return str(terms[-1] + terms[1] - terms[0])
+    if task == "compare_numbers":
+        a, b = (int(option) for option in options(prompt))
+        return "A" if a > b else "B"
+    if task == "parity":
+        return "odd" if numbers(prompt)[0] % 2 else "even"
+    if task == "odd_one_out":
+        words = options(prompt)
+        categories = [next(name for name, members in CATEGORIES.items() if word in members) for word in words]
+        (odd,) = [position for position, category in enumerate(categories) if categories.count(category) == 1]
+        return "ABCD"[odd]
+    raise AssertionError(task)
+
+
+@pytest.fixture(scope="module")
+def small_suite():
+    return {task.name: task for task in build_builtin_tasks(SMALL)}
+
+
+def test_suite_has_at_least_eight_tasks_of_three_kinds():
+    assert set(BUILTIN_TASKS) == STRING_TASKS | ARITHMETIC_TASKS | CHOICE_TASKS
+    assert {get_task(name).kind for name in CHOICE_TASKS} == {"multiple_choice"}
+    assert {get_task(name).kind for name in STRING_TASKS | ARITHMETIC_TASKS} == {"generative"}
+    assert {get_task(name).metric for name in BUILTIN_TASKS} == {"accuracy", "exact_match"}
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_every_target_is_the_right_answer_to_its_prompt(small_suite, name):
+    examples = small_suite[name].examples("train", seed=3)
+    assert len(examples) == SMALL["train"]
+    for example in examples:
+        assert example.target == solve(name, example.prompt), example.prompt
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_splits_are_disjoint_whatever_the_seed(small_suite, name):
+    prompts = {split: {example.prompt for seed in (0, 1)
+                       for example in small_suite[name].examples(split, seed=seed)} for split in SPLITS}
+    assert prompts["train"].isdisjoint(prompts["validation"])
+    assert prompts["train"].isdisjoint(prompts["test"])
+    assert prompts["validation"].isdisjoint(prompts["test"])
+    assert all(len(small_suite[name].examples(split)) == SMALL[split] for split in SPLITS)
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_generation_is_deterministic_for_a_seed(small_suite, name):
+    task = small_suite[name]
+    first = task.examples("validation", seed=5)
+    assert first == build_builtin_tasks(SMALL)[BUILTIN_TASKS.index(name)].examples("validation", seed=5)
+    assert first != task.examples("validation", seed=6)
+    assert len({example.prompt for example in first}) == len(first)  # no duplicates within a split
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_chance_rate_is_the_majority_answer_rate_of_the_test_split(name):
+    task = get_task(name)
+    targets = [example.target for example in task.examples("test", seed=0)]
+    assert len(targets) == 200
+    assert task.chance_rate == max(Counter(targets).values()) / 200
+    if name in CHOICE_TASKS:  # gold answers are balanced: the majority rate is near 1/#choices
+        choices = len(task.examples("test")[0].choices)
+        assert task.chance_rate == pytest.approx(1 / choices, abs=0.07)
+    else:
+        assert task.chance_rate < 0.06

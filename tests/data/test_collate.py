@@ -1,0 +1,124 @@
+"""Tokenisation and batching with the byte-level test tokenizer: one token per byte, so every expected position can be
+counted by hand. Specials: <pad>=0, <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4."""
+
+import pytest
+import torch
+
+from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
+from tests.helpers import tiny_tokenizer
+
+PAD, EOS, IM_START, IM_END = 0, 2, 3, 4
+
+
+def encode(tokenizer, examples, max_length=64, eval_fields=False, **kwargs):
+    encoder = PromptEncoder(tokenizer, max_length, **kwargs)
+    encoded, stats = encoder.encode(examples, task_id=3, task_name="toy", split="train", with_eval_fields=eval_fields)
+    return encoder, encoded, stats
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_format_masks_exactly_the_prompt_and_the_padding(tokenizer):
+    examples = [Example(prompt="ab", target="cd", row=0), Example(prompt="hello", target="world", row=1)]
+    encoder, encoded, _ = encode(tokenizer, examples)
+    batch = MultiTaskCollator(encoder.pad_token_id)(encoded)
+    # "ab\nAnswer:" is 10 bytes, then " cd" and </s>: 14 tokens; "hello\nAnswer:" 13 + " world" 6 + </s> = 20
+    assert batch["input_ids"].shape == (2, 20)
+    expected_labels = [[IGNORE_INDEX] * 10 + ids(tokenizer, " cd") + [EOS] + [IGNORE_INDEX] * 6,
+                       [IGNORE_INDEX] * 13 + ids(tokenizer, " world") + [EOS]]
+    assert batch["labels"].tolist() == expected_labels
+    assert batch["attention_mask"].tolist() == [[1] * 14 + [0] * 6, [1] * 20]
+    assert batch["input_ids"][0, 14:].tolist() == [PAD] * 6
+    assert batch["input_ids"][0, :14].tolist() == ids(tokenizer, "ab\nAnswer: cd") + [EOS]
+    assert batch["task_id"].tolist() == [3, 3] and batch["task_id"].dtype == torch.long
+    assert batch["task_name"] == ["toy", "toy"]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_id", "task_name"}
+
+
+def test_chat_template_labels_only_the_assistant_answer_and_end_of_turn(chat_tokenizer):
+    encoder, (example,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])
+    opening = [IM_START] + ids(chat_tokenizer, "user\nab") + [IM_END] + ids(chat_tokenizer, "\n") + [IM_START] + \
+        ids(chat_tokenizer, "assistant\n")
+    assert example.input_ids == opening + ids(chat_tokenizer, "cd") + [IM_END]  # the template's trailing "\n" dropped
+    assert example.labels == [IGNORE_INDEX] * len(opening) + ids(chat_tokenizer, "cd") + [IM_END]
+    assert example.prompt_length == len(opening) == 21
+
+
+def test_use_chat_template_can_be_forced_either_way(tokenizer, chat_tokenizer):
+    _, (plain,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)], use_chat_template=False)
+    assert plain.input_ids == ids(chat_tokenizer, "ab\nAnswer: cd") + [chat_tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="use_chat_template=True but the tokenizer has no chat template"):
+        PromptEncoder(tokenizer, 64, use_chat_template=True)
+
+
+def test_long_prompts_are_cut_from_the_left_and_counted(tokenizer):
+    examples = [Example(prompt="abcdefghij", target="xy", row=0), Example(prompt="a", target="b", row=1)]
+    _, encoded, stats = encode(tokenizer, examples, max_length=12)
+    # "abcdefghij\nAnswer:" (18) + " xy</s>" (4) > 12: keep the last 8 prompt tokens
+    assert encoded[0].input_ids == ids(tokenizer, "\nAnswer: xy") + [EOS]
+    assert encoded[0].labels == [IGNORE_INDEX] * 8 + ids(tokenizer, " xy") + [EOS]
+    assert encoded[1].input_ids == ids(tokenizer, "a\nAnswer: b") + [EOS]  # exactly 12: untouched
+    assert (stats.examples, stats.truncated, stats.tokens_dropped) == (2, 1, 10)
+
+
+def test_a_target_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
+    examples = [Example(prompt="q", target="ok", row=0), Example(prompt="q", target="x" * 20, row=7)]
+    with pytest.raises(TaskDataError, match=r"task 'toy', train row 7: the target takes 22 tokens but max_length is "
+                                            r"16; the whole target and at least one prompt token must fit"):
+        encode(tokenizer, examples, max_length=16)
+
+
+def test_generation_prompts_are_left_padded_and_end_where_the_answer_starts(chat_tokenizer):
+    examples = [Example(prompt="a", target="1", row=0), Example(prompt="abcd", target="22", row=1)]
+    encoder, encoded, _ = encode(chat_tokenizer, examples, eval_fields=True)
+    batch = MultiTaskCollator(encoder.pad_token_id, eval_fields=True)(encoded)
+    header = ids(chat_tokenizer, "\n") + [IM_START] + ids(chat_tokenizer, "assistant\n")
+    prompts, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    assert prompts.shape == (2, 21 + 2)  # "user\nabcd" is 2 bytes longer than "user\na"
+    assert prompts[0, :3].tolist() == [PAD] * 3 and mask[0].tolist() == [0] * 3 + [1] * 20
+    assert prompts[0, -len(header):].tolist() == header and prompts[1, -len(header):].tolist() == header
+    assert batch["targets"] == ["1", "22"]
+    assert "choice_input_ids" not in batch
+
+
+def test_multiple_choice_rows_label_only_each_choice(tokenizer):
+    examples = [Example(prompt="pick", target="B", choices=("A", "B"), gold=1, row=0),
+                Example(prompt="q", target="no", choices=("no", "yes", "x"), gold=0, row=1)]
+    encoder, encoded, _ = encode(tokenizer, examples, eval_fields=True)
+    batch = MultiTaskCollator(encoder.pad_token_id, eval_fields=True)(encoded)
+    assert batch["choice_example_index"].tolist() == [0, 0, 1, 1, 1]
+    assert batch["gold"].tolist() == [1, 0] and batch["num_choices"].tolist() == [2, 3]
+    rows, labels = batch["choice_input_ids"], batch["choice_labels"]
+    assert rows.shape == (5, len("pick\nAnswer: A"))  # the longest row; "q\nAnswer: yes" is one byte shorter
+    for row, (prompt, choice) in enumerate([("pick", "A"), ("pick", "B"), ("q", "no"), ("q", "yes"), ("q", "x")]):
+        length = len(f"{prompt}\nAnswer: {choice}")
+        assert rows[row, :length].tolist() == ids(tokenizer, f"{prompt}\nAnswer: {choice}")
+        choice_span = len(f" {choice}")
+        assert labels[row].tolist() == [IGNORE_INDEX] * (length - choice_span) + ids(tokenizer, f" {choice}") + \
+            [IGNORE_INDEX] * (rows.shape[1] - length)  # no end-of-turn token, padding masked
+        assert batch["choice_attention_mask"][row].sum().item() == length
+    assert batch["targets"] == ["B", "no"]
+    assert batch["labels"][0].tolist()[-3:] == ids(tokenizer, " B") + [EOS]  # the gold answer still gives a loss
+
+
+def test_chat_template_that_rewrites_the_answer_is_rejected(chat_tokenizer):
+    chat_tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}"
+                                    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                                    "{% endif %}")
+    with pytest.raises(ValueError, match="the target cannot be separated from the prompt"):
+        encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])
+
+
+def test_mixed_evaluation_batches_are_refused(tokenizer):
+    encoder, encoded, _ = encode(tokenizer, [Example(prompt="a", target="b", row=0),
+                                             Example(prompt="c", target="A", choices=("A", "B"), gold=0, row=1)],
+                                 eval_fields=True)
+    with pytest.raises(ValueError, match="mixes multiple-choice and generative examples"):
+        MultiTaskCollator(encoder.pad_token_id, eval_fields=True)(encoded)
+
+
+def test_eos_pads_when_the_tokenizer_has_no_pad_token(tokenizer):
+    tokenizer.pad_token = None
+    assert PromptEncoder(tokenizer, 16).pad_token_id == EOS

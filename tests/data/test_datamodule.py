@@ -1,0 +1,213 @@
+import json
+import logging
+import re
+from collections import Counter
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, get_task
+from malora_lightning.data.datamodule import ResumableDataLoader
+from tests.helpers import tiny_tokenizer
+
+TASKS = ["add_2digit", "reverse_words", "parity"]
+
+
+def make(tokenizer=None, **kwargs) -> MultiTaskDataModule:
+    options = {"tasks": TASKS, "max_length": 64, "batch_size": 4, "max_train_examples_per_task": 12,
+               "max_eval_examples_per_task": 5} | kwargs
+    data = MultiTaskDataModule(**options)
+    data.tokenizer_object = tokenizer or tiny_tokenizer()
+    return data
+
+
+def task_counts(loader) -> Counter:
+    return Counter(name for batch in loader for name in batch["task_name"])
+
+
+def test_defaults_are_the_builtin_suite():
+    data = MultiTaskDataModule()
+    assert [task.name for task in data.tasks] == list(BUILTIN_TASKS)
+    assert (data.hparams.sampling, data.hparams.temperature) == ("temperature", 2.0)
+
+
+def test_one_evaluation_loader_per_task_named_by_task():
+    data = make()
+    data.setup("fit")
+    loaders = data.val_dataloader()
+    assert list(loaders) == TASKS
+    for task_id, name in enumerate(TASKS):
+        batches = list(loaders[name])
+        assert sum(len(batch["task_name"]) for batch in batches) == 5  # the eval cap
+        for batch in batches:
+            assert batch["task_name"] == [name] * len(batch["task_name"])
+            assert batch["task_id"].tolist() == [task_id] * len(batch["task_name"])
+            assert ("choice_input_ids" in batch) == (name == "parity")  # choices kept for log-likelihood scoring
+            assert "prompt_input_ids" in batch and "targets" in batch
+    data.setup("test")
+    assert list(data.test_dataloader()) == TASKS and list(data.predict_dataloader()) == TASKS
+
+
+def test_training_batches_mix_tasks_with_consistent_ids():
+    data = make(sampling="uniform")
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader) and len(loader.dataset) == 3 * 12  # the train cap
+    seen = task_counts(loader)
+    assert seen == {name: 12 for name in TASKS}  # uniform over equal sizes: every example once per epoch
+    for batch in loader:
+        assert [TASKS[task_id] for task_id in batch["task_id"].tolist()] == batch["task_name"]
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "task_id", "task_name"}
+
+
+def test_mixture_follows_the_strategy_and_explicit_weights():
+    data = make(sampling="weights", task_weights={"add_2digit": 2.0, "parity": 2.0})  # reverse_words omitted: 0
+    data.setup("fit")
+    assert data.mixture == pytest.approx({"add_2digit": 0.5, "reverse_words": 0.0, "parity": 0.5})
+    counts = task_counts(data.train_dataloader())
+    assert counts == {"add_2digit": 18, "parity": 18}
+    capped = make(sampling="capped", cap=6, max_train_examples_per_task=None, tasks=["add_2digit", "parity"])
+    capped.setup("fit")
+    assert capped.mixture == pytest.approx({"add_2digit": 0.5, "parity": 0.5})
+
+
+def test_eval_tasks_are_evaluated_but_never_trained(tmp_path):
+    data = make(tasks=["add_2digit", "parity"], eval_tasks=["next_term"], sampling="uniform")
+    data.setup("fit")
+    assert [task.name for task in data.tasks] == ["add_2digit", "parity", "next_term"]
+    assert [task.name for task in data.train_tasks] == ["add_2digit", "parity"]
+    assert set(task_counts(data.train_dataloader())) == {"add_2digit", "parity"}
+    batch = next(iter(data.val_dataloader()["next_term"]))
+    assert batch["task_id"].tolist() == [2] * len(batch["task_name"])
+
+
+def test_max_new_tokens_is_measured_from_the_longest_target():
+    data = make()
+    assert data.tasks[0].max_new_tokens is None  # unknown before the tokenizer is loaded
+    data.setup("fit")
+    lengths = {}
+    for split in ("train", "validation"):
+        for name in TASKS:  # byte tokenizer, plain format: " <target>" then </s>
+            targets = [example.target for example in get_task(name).examples(
+                split, limit=12 if split == "train" else 5)]
+            lengths[name] = max(lengths.get(name, 0), max(len(target) + 2 for target in targets))
+    assert {task.name: task.max_new_tokens for task in data.tasks} == lengths
+
+
+def test_user_tasks_from_specs(tmp_path):
+    rows = [{"country": "France", "capital": "Paris"}, {"country": "Peru", "capital": "Lima"}]
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    spec = {"name": "capitals", "path": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation")},
+            "prompt": "Capital of {country}?", "target": "{capital}"}
+    data = make(tasks=["capitals", "parity"], task_specs=[spec])
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()["capitals"]))
+    assert batch["targets"] == ["Paris", "Lima"]
+    tokenizer = data.tokenizer
+    assert tokenizer.decode(batch["prompt_input_ids"][1], skip_special_tokens=True) == "Capital of Peru?\nAnswer:"
+
+
+def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
+    data = make(max_length=40)  # "Reverse the order of the words: ..." never fits; the others always do
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        data.setup("fit")
+    stats = data.truncation["train"]
+    assert stats["reverse_words"].truncated == 12 and stats["add_2digit"].truncated == 0
+    assert stats["reverse_words"].tokens_dropped > 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Task 'reverse_words' train: 12 of 12 prompts were cut from the left to fit max_length=40" in message
+               for message in messages)
+    assert not any("add_2digit" in message for message in messages)
+
+
+def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
+    data = make(max_length=8)
+    with pytest.raises(ValueError, match=r"task 'reverse_words', train row \d+: the target takes \d+ tokens but "
+                                         r"max_length is 8"):
+        data.setup("fit")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tasks": ["add_2digit", "nope"]}, r"unknown task 'nope'; registered tasks: .*parity"),
+    ({"tasks": ["parity"], "eval_tasks": ["parity"]}, r"listed more than once .*\['parity'\]"),
+    ({"sampling": "balanced"}, "unknown sampling 'balanced'; valid: proportional, capped"),
+    ({"task_weights": {"parity": 1.0}}, "task_weights goes with sampling='weights'"),
+    ({"sampling": "weights", "task_weights": {"gsm8k": 1.0}}, r"task_weights names \['gsm8k'\], which are not"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"tasks": []}, "at least one training task"),
+])
+def test_bad_arguments_are_rejected_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiTaskDataModule(**({"tasks": TASKS} | kwargs))
+
+
+def test_training_a_task_without_a_train_split_is_an_error():
+    data = make(tasks=["eval_only"], task_specs=[{"name": "eval_only", "path": {"test": "x.jsonl"}, "prompt": "{q}",
+                                                  "target": "{a}"}])
+    with pytest.raises(ValueError, match=r"tasks \['eval_only'\] have no train split; list them under eval_tasks"):
+        data.setup("fit")
+
+
+def test_no_tokenizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a tokenizer: pass tokenizer=<name or path>"):
+        MultiTaskDataModule(tasks=TASKS).setup("fit")
+
+
+class Bracketed(PromptEncoder):
+    def render(self, prompt, target):
+        return f"[{prompt}] =>", f" {target}", self.tokenizer.eos_token
+
+
+class BracketedData(MultiTaskDataModule):
+    """A subclass changing the tokenizer source and the prompt format through the documented hooks."""
+
+    def load_tokenizer(self):
+        return tiny_tokenizer()
+
+    def build_encoder(self, tokenizer):
+        return Bracketed(tokenizer, self.hparams.max_length)
+
+
+def test_subclass_hooks_change_tokenizer_and_format():
+    data = BracketedData(tasks=["add_2digit"], max_train_examples_per_task=2, max_eval_examples_per_task=2)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()["add_2digit"]))
+    text = data.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert re.fullmatch(r"\[What is \d+ \+ \d+\?\] => \d+", text)
+
+
+class TinyModel(LightningModule):
+    def __init__(self, learning_rate: float = 0.1) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_lightning_cli_builds_the_datamodule_from_plain_arguments():
+    cli = LightningCLI(TinyModel, MultiTaskDataModule, run=False, save_config_callback=None, args=[
+        "--data.tasks=[add_2digit, parity]", "--data.eval_tasks=[next_term]", "--data.sampling=weights",
+        '--data.task_weights={"add_2digit": 3, "parity": 1}', "--data.batch_size=2", "--data.tokenizer=some/tokenizer",
+        "--data.max_train_examples_per_task=10"])
+    data = cli.datamodule
+    assert [task.name for task in data.tasks] == ["add_2digit", "parity", "next_term"]
+    assert (data.batch_size, data.tokenizer_name, data.hparams.task_weights) == (
+        2, "some/tokenizer", {"add_2digit": 3, "parity": 1})
+
+
+def test_train_loader_state_outside_a_trainer_is_the_sampler_position():
+    data = make(sampling="uniform")
+    data.setup("fit")
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 8)
+    fresh = make(sampling="uniform")
+    fresh.setup("fit")
+    resumed = fresh.train_dataloader()
+    resumed.load_state_dict(state)
+    expected = [batch["input_ids"].tolist() for batch in iterator]
+    assert [batch["input_ids"].tolist() for batch in resumed] == expected
+

@@ -1,0 +1,206 @@
+import json
+
+import pandas as pd
+import pytest
+
+from malora_lightning.data import (
+    Example,
+    FileSource,
+    GeneratorSource,
+    Task,
+    TaskDataError,
+    final_answer,
+    first_line,
+    get_task,
+    register_task,
+    registered_tasks,
+    task_from_spec,
+    tasks_from_yaml,
+)
+from malora_lightning.data import tasks as tasks_module
+
+ROWS = [{"question": "2+2", "answer": "4"}, {"question": "3+3", "answer": "6"}, {"question": "1+5", "answer": "6"}]
+
+
+def qa_formatter(row):
+    return Example(prompt=f"Q: {row['question']}", target=str(row["answer"]))  # CSV reads "4" as a number
+
+
+def generated(rows, splits=("train", "validation", "test")) -> GeneratorSource:
+    return GeneratorSource(lambda split, seed: rows, splits=splits)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry, so tests can register freely."""
+    monkeypatch.setattr(tasks_module, "_REGISTRY", dict(tasks_module._REGISTRY))
+
+
+def test_register_and_get_a_python_task(registry):
+    task = register_task(Task(name="qa", source=generated(ROWS), formatter=qa_formatter))
+    assert get_task("qa") is task and "qa" in registered_tasks()
+    with pytest.raises(ValueError, match="already registered; pass overwrite=True"):
+        register_task(Task(name="qa", source=generated(ROWS), formatter=qa_formatter))
+    replacement = register_task(Task(name="qa", source=generated(ROWS[:1]), formatter=qa_formatter), overwrite=True)
+    assert get_task("qa") is replacement
+
+
+def test_unknown_task_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown task 'no_such_task'; registered tasks: .*add_2digit.*arc_easy") as error:
+        get_task("no_such_task")
+    assert all(name in str(error.value) for name in registered_tasks())
+
+
+def test_missing_field_names_task_split_row_and_field():
+    rows = [ROWS[0], ROWS[1], {"question": "9+1"}]
+    task = Task(name="qa", source=generated(rows), formatter=qa_formatter)
+    with pytest.raises(TaskDataError, match=r"task 'qa', validation row 2: missing field 'answer' \(the row has: "
+                                            r"question\)"):
+        task.examples("validation")
+
+
+@pytest.mark.parametrize(("rows", "splits", "split", "message"), [
+    ([], ("train",), "train", r"task 'qa': the 'train' split is empty"),
+    (ROWS, ("train",), "test", r"task 'qa' has no 'test' split; it provides: train"),
+    (ROWS, ("train",), "dev", r"unknown split 'dev'; valid splits: train, validation, test"),
+])
+def test_empty_or_missing_splits_say_which(rows, splits, split, message):
+    task = Task(name="qa", source=generated(rows, splits), formatter=qa_formatter)
+    with pytest.raises((TaskDataError, ValueError), match=message):
+        task.examples(split)
+
+
+def test_a_formatter_returning_the_wrong_kind_is_reported():
+    mc = Task(name="mc", source=generated(ROWS), formatter=qa_formatter, kind="multiple_choice")
+    with pytest.raises(TaskDataError, match="task 'mc', train row 0: a multiple_choice task's formatter returned no "
+                                            "choices"):
+        mc.examples("train")
+
+
+def test_limit_takes_a_seeded_random_subset_in_source_order():
+    rows = [{"question": str(index), "answer": str(index)} for index in range(50)]
+    task = Task(name="qa", source=generated(rows), formatter=qa_formatter)
+    subset = task.examples("train", seed=1, limit=10)
+    assert len(subset) == 10 and [example.row for example in subset] == sorted(example.row for example in subset)
+    assert all(example.target == str(example.row) for example in subset)  # rows keep their source index
+    assert subset == task.examples("train", seed=1, limit=10)
+    assert subset != task.examples("train", seed=2, limit=10)
+    assert len(task.examples("train", limit=500)) == 50
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target": " "}, "the target is empty"),
+    ({"choices": ("A", "B"), "gold": 2}, r"gold index 2 is not in 0..1"),
+    ({"choices": ("A", "B"), "gold": 0}, "target 'x' differs from the gold choice 'A'"),
+    ({"choices": ("A",), "gold": 0}, "at least two choices"),
+    ({"gold": 0}, "gold is set but there are no choices"),
+])
+def test_example_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Example(prompt="p", **({"target": "x"} | kwargs))
+
+
+def test_invalid_task_definitions_are_rejected():
+    with pytest.raises(ValueError, match="kind 'ranking' is not one of generative, multiple_choice"):
+        Task(name="t", source=generated(ROWS), formatter=qa_formatter, kind="ranking")
+    with pytest.raises(ValueError, match="task name 'a b' must"):
+        Task(name="a b", source=generated(ROWS), formatter=qa_formatter)
+
+
+@pytest.mark.parametrize(("prediction", "target", "expected"), [
+    ("  paris\nThe capital of France.", "paris", True),
+    ("sun  dog cat", "sun dog cat", True),
+    ("Sun dog cat", "sun dog cat", False),
+    ("", "x", False),
+])
+def test_first_line_exact_match(prediction, target, expected):
+    task = Task(name="t", source=generated(ROWS), formatter=qa_formatter)
+    assert task.is_correct(prediction, target) is expected
+    assert first_line("\n\n  a   b \nc") == "a b"
+
+
+@pytest.mark.parametrize(("text", "answer"), [
+    ("Natalia sold 24.\n#### 72", "72"),
+    ("so the total is $1,000.\nThe answer is: 1,000.", "1000"),
+    ("The answer is 18", "18"),
+    ("We get 3 then 7 apples", "7"),
+    ("The answer is: \\frac{3}{4}", "\\frac{3}{4}"),
+])
+def test_final_answer_extraction(text, answer):
+    assert final_answer(text) == answer
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_file_sources_read_jsonl_csv_and_parquet(tmp_path, suffix):
+    path = tmp_path / f"train{suffix}"
+    frame = pd.DataFrame(ROWS)
+    if suffix == ".jsonl":
+        write_rows(path, ROWS)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    task = Task(name="qa", source=FileSource({"train": str(path)}), formatter=qa_formatter)
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [
+        ("Q: 2+2", "4"), ("Q: 3+3", "6"), ("Q: 1+5", "6")]
+
+
+def test_file_source_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot read data.txt: supported file types are .jsonl, .json, .csv, "
+                                         r"\.parquet"):
+        FileSource({"train": "data.txt"})
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        FileSource({"dev": "data.jsonl"})
+    task = Task(name="qa", source=FileSource({"train": str(tmp_path / "missing.jsonl")}), formatter=qa_formatter)
+    with pytest.raises(FileNotFoundError, match="train file .*missing.jsonl does not exist"):
+        task.examples("train")
+
+
+def test_generative_task_from_a_spec_with_a_field_mapping(tmp_path):
+    train = write_rows(tmp_path / "train.jsonl", [{"country": "France", "city": "Paris"}])
+    test = write_rows(tmp_path / "test.jsonl", [{"country": "Italy", "city": "Rome"}])
+    task = task_from_spec({"name": "capitals", "path": {"train": str(train), "test": str(test)},
+                           "prompt": "Capital of {place}?", "target": "{city}", "fields": {"place": "country"},
+                           "chance_rate": 0.0})
+    assert (task.kind, task.metric, task.chance_rate, task.source.splits) == ("generative", "exact_match", 0.0,
+                                                                             ("train", "test"))
+    assert task.examples("test")[0] == Example(prompt="Capital of Italy?", target="Rome", row=0)
+
+
+def test_multiple_choice_task_from_yaml(tmp_path):
+    data = write_rows(tmp_path / "mc.jsonl", [{"q": "Sky colour?", "options": ["green", "blue"], "answer": "1"},
+                                              {"q": "Grass colour?", "options": ["green", "blue"], "answer": 0}])
+    (tmp_path / "tasks.yaml").write_text(f"tasks:\n  - name: colours\n    path: {data}\n    prompt: '{{q}}'\n"
+                                         f"    choices: options\n    gold: answer\n")
+    (task,) = tasks_from_yaml(tmp_path / "tasks.yaml")
+    assert (task.name, task.kind, task.metric) == ("colours", "multiple_choice", "accuracy")
+    examples = task.examples("train")  # a single path is the train split
+    assert [(example.target, example.choices, example.gold) for example in examples] == [
+        ("blue", ("green", "blue"), 1), ("green", ("green", "blue"), 0)]
+
+
+def test_spec_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"task spec 'x': unknown keys \['promt'\]; valid keys: name, path"):
+        task_from_spec({"name": "x", "path": "a.jsonl", "promt": "{q}", "target": "{a}"})
+    with pytest.raises(ValueError, match="task spec 'x': a generative task needs a 'target' template"):
+        task_from_spec({"name": "x", "path": "a.jsonl", "prompt": "{q}"})
+    with pytest.raises(ValueError, match="task spec 'x': multiple choice needs both 'choices' and 'gold'"):
+        task_from_spec({"name": "x", "path": "a.jsonl", "prompt": "{q}", "choices": "options"})
+    with pytest.raises(ValueError, match="task spec 'x': needs exactly one of 'path'"):
+        task_from_spec({"name": "x", "prompt": "{q}", "target": "{a}"})
+    bad = write_rows(tmp_path / "bad.jsonl", [{"q": "?", "options": ["a", "b"], "answer": "first"}])
+    task = task_from_spec({"name": "x", "path": str(bad), "prompt": "{q}", "choices": "options", "gold": "answer"})
+    with pytest.raises(TaskDataError, match="task 'x', train row 0: gold field 'answer' must hold an integer index"):
+        task.examples("train")
+
+
+def test_spec_from_the_hub_is_not_loaded_until_used():
+    task = task_from_spec({"name": "boolq_copy", "hub": "google/boolq", "splits": {"train": "train[:100]"},
+                           "prompt": "{question}", "target": "{answer}"})
+    assert (task.source.path, task.source.split_map, task.source.splits) == ("google/boolq",
+                                                                             {"train": "train[:100]"}, ("train",))
