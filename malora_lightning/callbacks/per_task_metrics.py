@@ -1,0 +1,143 @@
+"""`PerTaskMetrics`: per-task loss and accuracy on validation/test, synchronised across ranks, with a history.
+
+It consumes the per-example outputs of `MALoRAModule.validation_step`/`test_step` (`task_name`, `loss`, `correct`).
+With `num_sanity_val_steps=-1` the sanity check is a full validation before training; its scores are recorded (not
+logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import MeanMetric, SumMetric
+
+
+@dataclass
+class TaskScore:
+    loss: float
+    accuracy: float | None  # None for tasks without an accuracy (no choices, no generation target)
+    count: int
+
+
+@dataclass
+class Evaluation:
+    """Scores of one full evaluation pass."""
+
+    stage: str  # "val" or "test"
+    step: int
+    sanity_check: bool
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+
+    @property
+    def macro_accuracy(self) -> float | None:
+        values = [score.accuracy for score in self.tasks.values() if score.accuracy is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def macro_loss(self) -> float:
+        return sum(score.loss for score in self.tasks.values()) / max(1, len(self.tasks))
+
+
+class _TaskMeters(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss = MeanMetric()
+        self.accuracy = MeanMetric()
+        self.count = SumMetric()
+
+
+class PerTaskMetrics(Callback):
+    """Log `<stage>/<task>/loss`, `<stage>/<task>/acc` and `<stage>/macro_acc`, `<stage>/macro_loss` per evaluation."""
+
+    def __init__(self) -> None:
+        self.history: list[Evaluation] = []
+        self._meters: dict[str, _TaskMeters] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _task_names(self, trainer: L.Trainer) -> list[str]:
+        datamodule = trainer.datamodule
+        return [task.name for task in datamodule.tasks] if datamodule is not None and hasattr(datamodule, "tasks") \
+            else list(self._meters)
+
+    def _reset(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank creates the same meters in the same order, so their synchronisation cannot deadlock.
+        for name in self._task_names(trainer):
+            if name not in self._meters:
+                self._meters[name] = _TaskMeters()
+        for meters in self._meters.values():
+            meters.to(pl_module.device)
+            for metric in (meters.loss, meters.accuracy, meters.count):
+                metric.reset()
+
+    def _update(self, outputs: dict[str, Any] | None) -> None:
+        if not outputs or "task_name" not in outputs:
+            return
+        losses = outputs["loss"].detach().float()
+        correct = outputs.get("correct")
+        for index, name in enumerate(outputs["task_name"]):
+            if name not in self._meters:
+                self._meters[name] = _TaskMeters().to(losses.device)
+            meters = self._meters[name]
+            meters.loss.update(losses[index])
+            meters.count.update(1.0)
+            if correct is not None:
+                meters.accuracy.update(correct[index].float())
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        evaluation = Evaluation(stage=stage, step=trainer.global_step, sanity_check=trainer.sanity_checking)
+        for name, meters in self._meters.items():
+            # compute() synchronises across ranks, so every rank computes every meter, even an empty one
+            loss, accuracy = meters.loss.compute().item(), meters.accuracy.compute().item()
+            count = int(meters.count.compute().item())
+            if count == 0:
+                continue  # no examples of this task in this pass
+            evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
+                                               count=count)
+        self.history.append(evaluation)
+        if trainer.sanity_checking:
+            return
+        for name, score in evaluation.tasks.items():
+            pl_module.log(f"{stage}/{name}/loss", score.loss)
+            if score.accuracy is not None:
+                pl_module.log(f"{stage}/{name}/acc", score.accuracy)
+        if evaluation.macro_accuracy is not None:
+            pl_module.log(f"{stage}/macro_acc", evaluation.macro_accuracy, prog_bar=True)
+        pl_module.log(f"{stage}/macro_loss", evaluation.macro_loss)
+
+    # ------------------------------------------------------------------ queries
+    def evaluations(self, stage: str = "val") -> list[Evaluation]:
+        return [evaluation for evaluation in self.history if evaluation.stage == stage]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [
+            {"stage": e.stage, "step": e.step, "sanity_check": e.sanity_check,
+             "tasks": {name: vars(score) for name, score in e.tasks.items()}} for e in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [Evaluation(stage=e["stage"], step=e["step"], sanity_check=e["sanity_check"],
+                                   tasks={name: TaskScore(**score) for name, score in e["tasks"].items()})
+                        for e in state_dict["history"]]

@@ -1,0 +1,95 @@
+"""`RunReport`: a Markdown summary of a run, printed to the terminal and saved as `report.md` next to the checkpoints.
+
+It tabulates `PerTaskMetrics`' history (each task's chance rate, score before training, best and final) and appends
+the sections of every other callback that implements `report_sections(trainer) -> list[str]` (seesaw figures,
+routing health).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from malora_lightning.atomic import atomic_write_text
+from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics
+from malora_lightning.run_paths import run_directory
+
+REPORT_NAME = "report.md"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None]) -> str:
+    """Per task: chance, first evaluation (before training when it ran at step 0), best, final, and final - first."""
+    first, final = evaluations[0], evaluations[-1]
+    tasks = list(final.tasks)
+    lines = [f"| task | chance | first (step {first.step}) | best | final (step {final.step}) | change | final loss |",
+             "|---|---|---|---|---|---|---|"]
+    columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": []}
+    for name in tasks:
+        history = [e.tasks[name].accuracy for e in evaluations if name in e.tasks]
+        present = [value for value in history if value is not None]
+        best = max(present) if present else None
+        start = first.tasks[name].accuracy if name in first.tasks else None
+        end = final.tasks[name].accuracy
+        change = None if start is None or end is None else end - start
+        for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end)):
+            columns[key].append(value)
+        lines.append(f"| {name} | {_percent(chance.get(name))} | {_percent(start)} | {_percent(best)} | "
+                     f"{_percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | "
+                     f"{final.tasks[name].loss:.3f} |")
+    means = {key: _mean(values) for key, values in columns.items()}
+    lines.append(f"| **mean** | {_percent(means['chance'])} | {_percent(means['first'])} | {_percent(means['best'])} | "
+                 f"{_percent(means['final'])} | | {final.macro_loss:.3f} |")
+    return "\n".join(lines)
+
+
+class RunReport(Callback):
+    """Write the run report at the end of fit and of test (rank zero only)."""
+
+    def __init__(self, filename: str = REPORT_NAME) -> None:
+        self.filename = filename
+
+    @staticmethod
+    def _chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
+        datamodule = trainer.datamodule
+        tasks = getattr(datamodule, "tasks", []) if datamodule is not None else []
+        return {task.name: getattr(task, "chance_rate", None) for task in tasks}
+
+    def build(self, trainer: L.Trainer) -> str:
+        metrics = next((c for c in trainer.callbacks if isinstance(c, PerTaskMetrics)), None)
+        sections = ["# Run report"]
+        if metrics is None:
+            sections.append("Per-task scores need the `PerTaskMetrics` callback, which is not attached.")
+        else:
+            chance = self._chance_rates(trainer)
+            for stage, title in (("val", "Validation accuracy (%) per task"), ("test", "Test accuracy (%) per task")):
+                evaluations = metrics.evaluations(stage)
+                if evaluations:
+                    sections.append(f"## {title}\n\n{scores_table(evaluations, chance)}")
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "report_sections"):
+                sections.extend(callback.report_sections(trainer))
+        return "\n\n".join(sections) + "\n"
+
+    def write(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        report = self.build(trainer)
+        path = run_directory(trainer) / self.filename
+        atomic_write_text(path, report)
+        rank_zero_info(f"\n{report}\nReport saved to {path}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)

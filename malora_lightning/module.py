@@ -1,0 +1,296 @@
+"""`MALoRAModule`: a LightningModule that fine-tunes a (4-bit) Hugging Face causal LM with LoRA, MoLoRA or MALoRA.
+
+Extension points (small methods to override in a subclass): `build_model`, `compute_lm_loss`, `score_choices`,
+`generate_predictions`, `trainable_parameter_groups`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import AutoTokenizer, GenerationConfig
+
+from malora_lightning.adapters import (
+    AdapterConfig,
+    adapter_state_dict,
+    aux_loss,
+    inject_adapters,
+    load_base_model,
+    router_losses,
+    save_adapters,
+)
+from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.run_paths import run_directory
+from malora_lightning.scoring import choose_choices, target_log_likelihoods
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
+    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class LMLoss:
+    """Token-mean LM loss of a batch and its per-task parts (for logging)."""
+
+    loss: torch.Tensor
+    per_task: dict[str, torch.Tensor]
+
+
+class MALoRAModule(L.LightningModule):
+    """Fine-tune a causal LM's adapters on a multi-task mixture.
+
+    Args:
+        model_name_or_path: local folder, hub id, or offline model ("offline:SmolLM2-135M-Instruct").
+        quantization: bitsandbytes quantization of the frozen base: "nf4", "fp4", "int8" or None.
+        compute_dtype: dtype the 4-bit layers compute in.
+        adapter: which adapters to inject (LoRA, MoLoRA, MALoRA) and their hyperparameters.
+        learning_rate: AdamW learning rate of the adapters.
+        weight_decay: AdamW weight decay of the adapters.
+        router_learning_rate: learning rate of the routers; None uses `learning_rate`.
+        router_weight_decay: weight decay of the routers; None uses `weight_decay`.
+        warmup_ratio: fraction of the training steps spent in linear warm-up.
+        lr_schedule: decay after warm-up: "linear", "cosine" or "constant".
+        gradient_checkpointing: recompute activations in backward (non-reentrant, so router losses keep gradients).
+        attn_implementation: attention kernel for transformers ("sdpa", "eager"); None lets it choose.
+        trust_remote_code: allow model code from the hub; only for code you trust.
+        max_new_tokens: cap on generated tokens per answer; None uses each task's own length.
+        export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        quantization: Literal["nf4", "fp4", "int8"] | None = "nf4",
+        compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        adapter: AdapterConfig | None = None,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.01,
+        router_learning_rate: float | None = None,
+        router_weight_decay: float | None = None,
+        warmup_ratio: float = 0.1,
+        lr_schedule: Schedule = "cosine",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        max_new_tokens: int | None = None,
+        export_adapters: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
+            adapter = AdapterConfig.from_dict(adapter)
+        self.adapter_config = adapter if adapter is not None else AdapterConfig()
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={warmup_ratio!r} is invalid: expected a float in [0, 1)")
+        # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = self.adapter_config.to_dict()
+        self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
+        self.model: nn.Module | None = None
+        self._tokenizer = None
+        self._rng_state_to_restore: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
+
+    def build_model(self) -> nn.Module:
+        """Load the (quantized) base, inject the adapters; override to customise either step."""
+        hparams = self.hparams
+        device_map = None
+        if hparams.quantization is not None and self._trainer is not None:
+            device = self.trainer.strategy.root_device
+            device_map = {"": device} if device.type != "cpu" else None
+        model = load_base_model(hparams.model_name_or_path, quantization=hparams.quantization,
+                                compute_dtype=hparams.compute_dtype, device_map=device_map,
+                                attn_implementation=hparams.attn_implementation,
+                                trust_remote_code=hparams.trust_remote_code)
+        inject_adapters(model, self.adapter_config)
+        if hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    @property
+    def tokenizer(self):
+        """The data module's tokenizer when there is one (same vocabulary by construction), else the model's own."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            return datamodule.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
+        return self._tokenizer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # ------------------------------------------------------------------ training
+    def compute_lm_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> LMLoss:
+        """Token-mean cross-entropy over target tokens, plus the same per task present in the batch."""
+        row_log_likelihood, row_tokens = target_log_likelihoods(logits, batch["labels"])
+        loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
+        per_task = {}
+        for name in sorted(set(batch["task_name"])):
+            rows = torch.tensor([task == name for task in batch["task_name"]], device=logits.device)
+            per_task[name] = -row_log_likelihood[rows].sum() / row_tokens[rows].sum().clamp(min=1)
+        return LMLoss(loss=loss, per_task=per_task)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        lm = self.compute_lm_loss(logits, batch)
+        router = aux_loss(self.model).to(lm.loss.device)
+        loss = lm.loss + router
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "
+                "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lm_loss", lm.loss, batch_size=batch_size)
+        self.log("train/aux_loss", router, batch_size=batch_size)
+        summary = router_losses(self.model)
+        if summary is not None:
+            self.log("train/load_balance", summary.load_balance, batch_size=batch_size)
+        for name, value in lm.per_task.items():
+            self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
+        return loss
+
+    def trainable_parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: adapters, and routers with their own learning rate and weight decay."""
+        hparams = self.hparams
+        adapters, routers = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (routers if ".router." in name else adapters).append(param)
+        groups = [{"params": adapters, "lr": hparams.learning_rate, "weight_decay": hparams.weight_decay}]
+        if routers:
+            groups.append({
+                "params": routers,
+                "lr": hparams.learning_rate if hparams.router_learning_rate is None
+                else hparams.router_learning_rate,
+                "weight_decay": hparams.weight_decay if hparams.router_weight_decay is None
+                else hparams.router_weight_decay,
+            })
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.trainable_parameter_groups())
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
+        schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     schedule=self.hparams.lr_schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def task(self, name: str):
+        """The data module's task of that name (its generation length and answer checker)."""
+        return {task.name: task for task in self.trainer.datamodule.tasks}[name]
+
+    def score_choices(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Chosen option per example: the highest length-normalised log-likelihood of the choice tokens."""
+        logits = self(batch["choice_input_ids"], batch["choice_attention_mask"])
+        log_likelihood, tokens = target_log_likelihoods(logits, batch["choice_labels"])
+        return choose_choices(log_likelihood / tokens.clamp(min=1), batch["choice_example_index"],
+                              batch["input_ids"].shape[0])
+
+    def generate_predictions(self, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+        """Greedy answers to the left-padded prompts, decoded without special tokens."""
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
+                                  eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
+        prompt = batch["prompt_input_ids"]
+        generated = self.model.generate(input_ids=prompt, attention_mask=batch["prompt_attention_mask"],
+                                        generation_config=config)
+        return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
+
+    def evaluate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Per-example loss and correctness, the raw material of `PerTaskMetrics` and the run report."""
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        log_likelihood, tokens = target_log_likelihoods(logits, batch["labels"])
+        output: dict[str, Any] = {"task_name": batch["task_name"], "loss": -log_likelihood / tokens.clamp(min=1)}
+        if "choice_input_ids" in batch:
+            chosen = self.score_choices(batch)
+            output["correct"] = chosen == batch["gold"]
+            output["predictions"] = chosen.tolist()
+        elif "prompt_input_ids" in batch:
+            task = self.task(batch["task_name"][0])
+            max_new = task.max_new_tokens if self.hparams.max_new_tokens is None \
+                else min(task.max_new_tokens, self.hparams.max_new_tokens)
+            predictions = self.generate_predictions(batch, max_new)
+            output["correct"] = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch["targets"])],
+                                             device=logits.device)
+            output["predictions"] = predictions
+        return output
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
+        return self.evaluate_batch(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self.evaluate_batch(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        max_new = self.hparams.max_new_tokens or max(self.task(name).max_new_tokens for name in batch["task_name"])
+        predictions = self.generate_predictions(batch, max_new)
+        return [{"task_name": name, "prediction": prediction}
+                for name, prediction in zip(batch["task_name"], predictions)]
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def adapter_checkpoint_keys(self) -> set[str]:
+        return {f"model.{key}" for key in adapter_state_dict(self.model)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied."""
+        keys = self.adapter_checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(self.adapter_checkpoint_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was saved "
+                             "with a different adapter config or base model")
+        # Dropout draws from the global RNG; restore it right before the next training batch so that a resumed run
+        # continues the identical random sequence (creating the dataloader iterator also consumes the RNG).
+        self._rng_state_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_state_to_restore is not None:
+            torch.set_rng_state(self._rng_state_to_restore["torch"])
+            if "cuda" in self._rng_state_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_state_to_restore["cuda"])
+            self._rng_state_to_restore = None
+
+    def adapter_export_dir(self) -> Path:
+        return run_directory(self.trainer) / "adapter"
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_adapters and self.trainer.is_global_zero:
+            path = save_adapters(self.model, self.adapter_export_dir())
+            logger.info("Exported adapters to %s", path)

