@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
-from tests.helpers import tiny_tokenizer
 
 PAD, EOS, IM_START, IM_END = 0, 2, 3, 4
 
