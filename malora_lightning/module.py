@@ -127,6 +127,7 @@ class MALoRAModule(L.LightningModule):
                                 attn_implementation=hparams.attn_implementation,
                                 trust_remote_code=hparams.trust_remote_code)
         inject_adapters(model, self.adapter_config)
+        model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
         if hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

@@ -1,0 +1,238 @@
+"""MALoRAModule on a tiny random Llama: training, evaluation, checkpoints, resume, export, precision, subclassing."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_adapters, load_base_model
+from malora_lightning.callbacks import PerTaskMetrics, RunReport
+from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.data.collate import PromptEncoder
+from malora_lightning.module import MALoRAModule, lr_multiplier
+
+TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
+
+
+def make_module(model_dir, **overrides) -> MALoRAModule:
+    settings = dict(model_name_or_path=str(model_dir), quantization=None,
+                    adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.1),
+                    learning_rate=1e-2, warmup_ratio=0.2)
+    settings.update(overrides)
+    return MALoRAModule(**settings)
+
+
+def make_data(model_dir, **overrides) -> MultiTaskDataModule:
+    settings = dict(tasks=TASKS, tokenizer=str(model_dir), max_length=64, batch_size=4, eval_batch_size=4,
+                    max_train_examples_per_task=24, max_eval_examples_per_task=4, sampling="uniform", seed=3)
+    settings.update(overrides)
+    return MultiTaskDataModule(**settings)
+
+
+def make_trainer(root, **overrides) -> L.Trainer:
+    settings = dict(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, default_root_dir=str(root))
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    assert lr_multiplier(0, 4, 20, "linear") == pytest.approx(0.25)
+    assert lr_multiplier(3, 4, 20, "linear") == pytest.approx(1.0)
+    assert lr_multiplier(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(8, 4, 20, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_multiplier(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(15, 4, 20, "constant") == 1.0
+
+
+def test_training_lowers_the_loss_and_logs_per_task(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, adapter=AdapterConfig(rank=4, shared_rank=8, num_experts=4, dropout=0.0),
+                         learning_rate=3e-2, warmup_ratio=0.0, lr_schedule="constant")
+    recorder = LossRecorder()
+    trainer = make_trainer(tmp_path, max_steps=30, callbacks=[recorder], log_every_n_steps=1)
+    trainer.fit(module, make_data(tiny_model_dir, tasks=["parity"], max_train_examples_per_task=8))
+    losses = list(recorder.losses.values())
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "train/lm_loss", "train/aux_loss", "train/load_balance", "train/parity/lm_loss"} <= set(metrics)
+    assert metrics["train/loss"].item() == pytest.approx(metrics["train/lm_loss"].item()
+                                                         + metrics["train/aux_loss"].item(), rel=1e-5)
+
+
+def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, router_learning_rate=1e-4, router_weight_decay=0.0, weight_decay=0.05)
+    module.configure_model()
+    groups = module.trainable_parameter_groups()
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    router_ids = {id(p) for n, p in module.model.named_parameters() if ".router." in n}
+    assert {id(p) for p in groups[1]["params"]} == router_ids and len(router_ids) == 12
+    assert not router_ids & {id(p) for p in groups[0]["params"]}
+
+
+def test_evaluation_scores_every_task_and_the_report_is_written(tiny_model_dir, tmp_path):
+    metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=None, num_sanity_val_steps=-1,
+                           val_check_interval=2, callbacks=[metrics, RunReport()], enable_checkpointing=True)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    before, after = metrics.evaluations("val")
+    assert before.sanity_check and before.step == 0 and not after.sanity_check and after.step == 2
+    assert set(after.tasks) == set(TASKS)
+    for score in after.tasks.values():
+        assert score.count == 4 and 0.0 <= score.accuracy <= 1.0 and score.loss > 0
+    assert {f"val/{task}/acc" for task in TASKS} | {"val/macro_acc"} <= set(trainer.callback_metrics)
+    report = (tmp_path / "checkpoints" / "report.md").read_text()
+    assert "| parity |" in report and "| **mean** |" in report
+    assert (tmp_path / "checkpoints" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_model_dir, tmp_path):
+    """Recompute the parity decisions by scoring each choice's tokens by hand."""
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"])
+    make_trainer(tmp_path).validate(module, data, verbose=False)  # builds the model and loads the data
+    batch = next(iter(data.val_dataloader()["parity"]))
+    module.eval()
+    with torch.no_grad():
+        output = module.evaluate_batch(batch)
+        logits = module(batch["choice_input_ids"], batch["choice_attention_mask"])
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    expected = []
+    for example in range(batch["gold"].shape[0]):
+        scores = []
+        for row in (batch["choice_example_index"] == example).nonzero().flatten().tolist():
+            labels = batch["choice_labels"][row]
+            positions = [t for t in range(1, labels.shape[0]) if labels[t] != -100]
+            total = sum(log_probs[row, t - 1, labels[t]].item() for t in positions)
+            scores.append(total / len(positions))
+        expected.append(max(range(len(scores)), key=scores.__getitem__))
+    assert output["predictions"] == expected
+    assert output["correct"].tolist() == [p == g for p, g in zip(expected, batch["gold"].tolist())]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trains_under_each_precision_and_with_gradient_checkpointing(tiny_model_dir, tmp_path, precision,
+                                                                     checkpointing):
+    module = make_module(tiny_model_dir, gradient_checkpointing=checkpointing)
+    trainer = make_trainer(tmp_path, max_steps=2, precision=precision)
+    trainer.fit(module, make_data(tiny_model_dir))
+    assert trainer.global_step == 2
+    trained = [p for n, p in module.model.named_parameters() if n.endswith("lora_B")]
+    assert trained and all(p.abs().sum() > 0 for p in trained)  # B left zero means no update reached it
+    routers = [m for m in module.model.modules() if hasattr(m, "last_router_losses")]
+    assert all(m.router.weight.grad is None or m.router.weight.grad.abs().sum() > 0 for m in routers)
+
+
+def test_checkpoint_holds_adapters_only_and_resume_is_exact(tiny_model_dir, tmp_path):
+    full = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", max_steps=6, callbacks=[full, checkpoints], enable_checkpointing=True)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+
+    path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # plain data: safe to load
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    expected_keys = {f"model.{key}" for key in adapter_state_dict(module.model)}
+    assert set(checkpoint["state_dict"]) == expected_keys
+    base_bytes = sum(p.numel() * p.element_size() for n, p in module.model.named_parameters() if not p.requires_grad)
+    stored_bytes = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values())
+    assert stored_bytes < base_bytes
+
+    resumed = LossRecorder()
+    trainer = make_trainer(tmp_path / "b", max_steps=6, callbacks=[resumed])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_checkpoint_missing_adapter_tensors_is_rejected(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    checkpoint = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    key = "model.model.layers.0.mlp.up_proj.lora_P"
+    del checkpoint["state_dict"][key]
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=f"checkpoint lacks adapter tensor '{key}'"):
+        MALoRAModule.load_from_checkpoint(tmp_path / "bad.ckpt", weights_only=True)
+
+
+def test_exported_adapters_reload_in_plain_transformers_with_identical_logits(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir)
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, make_data(tiny_model_dir))
+    exported = tmp_path / "adapter"
+    assert (exported / "adapter_config.json").is_file()
+    plain = load_adapters(load_base_model(str(tiny_model_dir)), exported).eval()
+    module.model.eval()
+    ids = torch.randint(3, 200, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, module.model(ids).logits)
+
+
+def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    class PoisonAtStep(MALoRAModule):
+        def compute_lm_loss(self, logits, batch):
+            result = super().compute_lm_loss(logits, batch)
+            if self.global_step == 3:
+                result.loss = result.loss * float("nan")
+            return result
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
+    module = PoisonAtStep(**{k: v for k, v in make_module(tiny_model_dir).hparams.items() if k != "adapter"},
+                          adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[checkpoints], enable_checkpointing=True)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at global step 3"):
+        trainer.fit(module, make_data(tiny_model_dir))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+class ScaledLossModule(MALoRAModule):
+    """A user subclass: weights the LM loss (an extension point) and records that it was used."""
+
+    def compute_lm_loss(self, logits, batch):
+        result = super().compute_lm_loss(logits, batch)
+        result.loss = 0.5 * result.loss
+        self.scaled = True
+        return result
+
+
+class ShoutingEncoder(PromptEncoder):
+    def render(self, prompt, target):
+        return super().render(prompt.upper(), target)
+
+
+class ShoutingData(MultiTaskDataModule):
+    """A user subclass: changes the prompt format through the encoder hook."""
+
+    def build_encoder(self, tokenizer):
+        return ShoutingEncoder(tokenizer, self.hparams.max_length)
+
+
+def test_subclassing_the_module_and_the_data_module(tiny_model_dir, tmp_path):
+    module = ScaledLossModule(**{k: v for k, v in make_module(tiny_model_dir).hparams.items() if k != "adapter"},
+                              adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
+    data = ShoutingData(**make_data(tiny_model_dir).hparams)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, data)
+    assert module.scaled
+    batch = next(iter(data.train_dataloader()))
+    prompt_ids = batch["input_ids"][0][(batch["labels"][0] == -100) & batch["attention_mask"][0].bool()]
+    prompt = data.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    user_text = prompt.replace("user", "").replace("assistant", "")
+    assert user_text == user_text.upper() and any(c.isupper() for c in user_text)
