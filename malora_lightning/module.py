@@ -64,6 +64,8 @@ class MALoRAModule(L.LightningModule):
         model_name_or_path: local folder, hub id, or offline model ("offline:SmolLM2-135M-Instruct").
         quantization: bitsandbytes quantization of the frozen base: "nf4", "fp4", "int8" or None.
         compute_dtype: dtype the 4-bit layers compute in.
+        dtype: dtype of the base weights that are not quantized (None: compute_dtype when quantized, else float32).
+        quant_storage: storage dtype of packed 4-bit weights; set it to `dtype` for FSDP with a 4-bit base.
         adapter: which adapters to inject (LoRA, MoLoRA, MALoRA) and their hyperparameters.
         learning_rate: AdamW learning rate of the adapters.
         weight_decay: AdamW weight decay of the adapters.
@@ -83,6 +85,8 @@ class MALoRAModule(L.LightningModule):
         model_name_or_path: str = DEFAULT_MODEL,
         quantization: Literal["nf4", "fp4", "int8"] | None = "nf4",
         compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] | None = None,
         adapter: AdapterConfig | None = None,
         learning_rate: float = 5e-4,
         weight_decay: float = 0.01,
@@ -123,7 +127,8 @@ class MALoRAModule(L.LightningModule):
             device = self.trainer.strategy.root_device
             device_map = {"": device} if device.type != "cpu" else None
         model = load_base_model(hparams.model_name_or_path, quantization=hparams.quantization,
-                                compute_dtype=hparams.compute_dtype, device_map=device_map,
+                                compute_dtype=hparams.compute_dtype, dtype=hparams.dtype,
+                                quant_storage=hparams.quant_storage, device_map=device_map,
                                 attn_implementation=hparams.attn_implementation,
                                 trust_remote_code=hparams.trust_remote_code)
         inject_adapters(model, self.adapter_config)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
@@ -107,8 +107,8 @@ def load_base_model(
         device_map: passed to `from_pretrained` (e.g. "cpu", {"": 0}).
         attn_implementation: e.g. "sdpa" or "eager"; None lets transformers choose.
         trust_remote_code: only set it for code you trust.
-        prepare_for_training: freeze, upcast unquantized weights to float32 and enable input gradients
-            (`prepare_for_adapter_training`).
+        prepare_for_training: freeze, enable input gradients and, for quantized models, upcast the unquantized
+            weights to float32 (`prepare_for_adapter_training`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +132,8 @@ def load_base_model(
                       "with config.json and weights, a cached hub id, or an offline model like "
                       "'offline:SmolLM2-135M-Instruct'") from error
     if prepare_for_training:
-        prepare_for_adapter_training(model)
+        # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
+        prepare_for_adapter_training(model, upcast=quantization is not None)
     else:
         disable_bnb_cpu_weight_packing(model)
     return model

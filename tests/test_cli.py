@@ -1,0 +1,128 @@
+"""The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import malora_lightning.module as module_file
+from malora_lightning.cli import MALoRACLI, main
+from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.module import MALoRAModule
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+
+
+class ParseOnlyCLI(MALoRACLI):
+    """Validates a config exactly as `malora fit` would, without building the trainer, model or data."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(args: list[str]) -> ParseOnlyCLI:
+    return ParseOnlyCLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False, args=args)
+
+
+def test_there_are_recipes_for_the_default_job_and_the_paper():
+    names = {path.relative_to(RECIPES[0].parents[0 if path.parent.name == "recipes" else 1]).as_posix()
+             for path in RECIPES}
+    assert "default.yaml" in names
+    for setting in ("commonsense", "inter-domain"):
+        for method in ("malora", "molora", "lora"):
+            assert any(f"{setting}-{method}.yaml" in name for name in names), (setting, method)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
+def test_every_recipe_parses(recipe):
+    cli = parse(["--config", str(recipe)])
+    config = cli.config
+    assert config.model.model_name_or_path
+    assert config.model.adapter.method in ("lora", "molora", "malora")
+    assert config.data.tokenizer == config.model.model_name_or_path  # linked: the recipe names the model once
+
+
+def test_default_recipe_is_the_embedded_offline_job():
+    config = parse(["--config", "recipes/default.yaml"]).config
+    assert config.model.model_name_or_path == "offline:SmolLM2-135M-Instruct"
+    assert config.model.quantization == "nf4" and config.model.adapter.method == "malora"
+    assert config.trainer.accelerator == "cpu" and config.trainer.num_sanity_val_steps == -1
+    callbacks = {c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks}
+    assert {"PerTaskMetrics", "RunReport"} <= callbacks
+
+
+def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
+    main([
+        "fit", "--config", "recipes/default.yaml",
+        f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null",
+        "--model.adapter.rank=2", "--model.adapter.shared_rank=4", "--model.adapter.num_experts=4",
+        "--data.tasks=[parity, add_2digit]", "--data.max_train_examples_per_task=16",
+        "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])
+    version = next((tmp_path / "lightning_logs").iterdir())
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["model"]["model_name_or_path"] == str(tiny_model_dir)  # data.tokenizer follows it via the link
+    checkpoints = version / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert (checkpoints / "adapter" / "adapter_config.json").is_file()
+    report = (checkpoints / "report.md").read_text()
+    assert "| parity |" in report and "| add_2digit |" in report
+    metrics = (version / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in metrics and "val/parity/acc" in metrics
+
+
+def test_module_entry_point_and_print_config():
+    result = subprocess.run([sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml",
+                             "--print_config"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["adapter"]["shared_rank"] == 32 and printed["data"]["batch_size"] == 8
+
+
+@pytest.fixture
+def model_loading_forbidden(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the config is invalid")
+
+    monkeypatch.setattr(module_file, "load_base_model", forbidden)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--model.adapter.experts=8", "experts"),  # unknown key
+        ("--model.learning_rate=fast", "learning_rate"),  # wrong type
+        ("--model.adapter.method=dora", "method"),  # not an allowed value
+        ("--data.batch_size=[8]", "batch_size"),
+    ],
+)
+def test_bad_overrides_fail_before_any_model_loads_naming_the_key(override, named, capsys, model_loading_forbidden):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "recipes/default.yaml", override])
+    assert exit_info.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_recipe_file_is_named(tmp_path, capsys, model_loading_forbidden):
+    recipe = yaml.safe_load(Path("recipes/default.yaml").read_text())
+    recipe["model"]["adapter"]["shard_rank"] = 16  # typo of shared_rank
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path)])
+    assert "shard_rank" in capsys.readouterr().err
+
+
+def test_invalid_adapter_values_are_explained_before_loading(model_loading_forbidden):
+    with pytest.raises(ValueError, match=r"AdapterConfig.top_k=9 is invalid: expected an integer in \[1, num_experts=8\]"):
+        main(["fit", "--config", "recipes/default.yaml", "--model.adapter.top_k=9"])
+
+
+def test_missing_model_path_says_what_is_expected(tmp_path):
+    module = MALoRAModule(model_name_or_path=str(tmp_path / "missing-model"), quantization=None)
+    with pytest.raises(OSError, match="could not load model .*missing-model.*local folder with config.json"):
+        module.configure_model()
