@@ -1,0 +1,237 @@
+"""Helpers shared by the benchmark scripts: process environment, machine description, timing, memory, reports.
+
+Benchmarks on a shared machine are noisy, so every script times its methods round-robin (each method once per
+round, the order rotated between rounds) and reports medians and ratios taken from the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# glibc reads these at process start. They keep freed memory in the heap instead of returning every large buffer to
+# the kernel, so kernels that allocate fresh [T*K, m] buffers do not pay page faults on every step.
+TUNED_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+# libgomp reads this at process start: idle OpenMP workers spin instead of sleeping, so a small parallel op does not
+# wait for a sleeping worker to be woken (about 16 ms per op on the 2-vCPU VM these benchmarks were written on).
+OMP_ACTIVE_ENV = {"OMP_WAIT_POLICY": "ACTIVE"}
+REPORTED_ENV_PREFIXES = ("MALLOC_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "CUDA_VISIBLE_DEVICES")
+
+
+def restart_with_env(env: dict[str, str]) -> None:
+    """Re-execute the current command with `env` added unless it is already set (allocator/OpenMP read it at start)."""
+    if all(os.environ.get(name) == value for name, value in env.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
+
+
+def env_tag(env_groups: dict[str, dict[str, str]]) -> str:
+    """Name of the active environment variant, e.g. "tuned-malloc+omp-active" or "default"."""
+    active = [name for name, env in env_groups.items() if all(os.environ.get(k) == v for k, v in env.items())]
+    return "+".join(active) or "default"
+
+
+def command_line() -> str:
+    """The command as typed, with the environment variables that matter for the numbers in front of it."""
+    env = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith(REPORTED_ENV_PREFIXES)]
+    return shlex.join([*env, "python", *sys.orig_argv[1:]])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    """The vector-extension flags that decide fp32/bf16 GEMM speed on x86."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware: any CUDA GPU, or an x86 CPU with AVX512-BF16 or AMX-BF16.
+
+    Elsewhere torch falls back to slow scalar bf16 GEMMs (a frozen 2048->5504 bf16 linear's dX at 512 tokens took
+    44 s on an AVX2-only CPU), so bf16 timings there measure the fallback, not the adapters.
+    """
+    return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers depend on: hardware, library versions, threads, environment and code revision."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bitsandbytes": _package_version("bitsandbytes"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(REPORTED_ENV_PREFIXES)},
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty_paths": (_git("status", "--porcelain", "--", "benchmarks", "malora_lightning") or "").splitlines(),
+        "command": command_line(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return info
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info["gpu"] else ", no GPU"
+    lines = [
+        f"- Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']}, "
+        f"torch CPU capability {info['torch_cpu_capability']}{gpu}",
+        f"- CPU flags: {' '.join(info['cpu_flags']) or 'unknown'}",
+        f"- Versions: python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}",
+        f"- Environment: {' '.join(f'{k}={v}' for k, v in info['environment'].items()) or '(none of the tuning variables set)'}",
+        f"- Code: git {info['git_commit']}{' (uncommitted changes)' if info['git_dirty_paths'] else ''}, "
+        f"run {info['date_utc']} UTC",
+        f"- Command: `{info['command']}`",
+    ]
+    return "\n".join(lines)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(steps: dict[str, Callable[[], None]], warmup: int, rounds: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each step, every step once per round, the order rotated each round.
+
+    Interleaving means a slow phase of a shared machine slows every method alike, so ratios stay meaningful.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+
+def geomean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created while active and still alive (a tracemalloc for CPU tensors).
+
+    Storages that existed before (parameters, inputs) are not counted; gradients and activations are. This is the
+    CPU counterpart of `torch.cuda.max_memory_allocated` minus the memory in use before the step, without the
+    allocator's caching and rounding.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self._live.items()):
+            if ref.expired():
+                self.current -= nbytes
+                del self._live[key]
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                storage = item.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self._live and storage.nbytes() > 0:
+                    self._live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def saved_tensor_bytes(run_forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd saves for backward during `run_forward`, not counting `exclude`."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run_forward()
+    return sum(saved.values())
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(stem: str, payload: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> list[Path]:
+    """Write `<stem>.json` and `<stem>.md` into `directory`; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return [json_path, md_path]

@@ -1,0 +1,137 @@
+"""Before/after timing of the adapter kernels: a git revision's layers.py against the working tree, interleaved.
+
+The revision's `malora_lightning/adapters/layers.py` and `routing.py` are loaded from git under private module names
+(the rest of the package is shared), and both versions of every method run round-robin in one process, so a noisy
+machine slows both alike. `--scope adapter` times the adapter path alone (adapter output added to a fixed base
+result); `--scope layer` includes the frozen base layer.
+
+    python -m benchmarks.kernel_ab --rev b772aa4 --scope adapter
+    python -m benchmarks.kernel_ab --rev b772aa4 --scope layer --shapes 4096x11008 --tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import types
+from dataclasses import asdict
+
+import torch
+
+from benchmarks.common import (
+    OMP_ACTIVE_ENV,
+    REPO_ROOT,
+    TUNED_MALLOC_ENV,
+    env_tag,
+    geomean,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    median,
+    restart_with_env,
+    round_robin,
+    write_report,
+)
+from benchmarks.layer_speed import DTYPES, LIBRARY_CLASSES, Setting, make_inputs, prepare, training_step
+
+METHODS = ("lora", "molora_dense", "molora_sparse", "malora_dense", "malora_sparse")
+
+
+def _import_source(name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up while the class body runs
+    exec(compile(source, f"<{name}>", "exec"), module.__dict__)
+    return module
+
+
+def revision_classes(rev: str) -> dict[str, type[torch.nn.Module]]:
+    """LoRA/MoLoRA/MALoRA layer classes as of git revision `rev` (its layers.py with its own routing.py)."""
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout
+
+    tag = "".join(c if c.isalnum() else "_" for c in rev)
+    routing = _import_source(f"_kernel_ab_{tag}_routing", show("malora_lightning/adapters/routing.py"))
+    layers_source = show("malora_lightning/adapters/layers.py").replace(
+        "malora_lightning.adapters.routing", routing.__name__)
+    layers = _import_source(f"_kernel_ab_{tag}_layers", layers_source)
+    return {"lora": layers.LoRALinear, "molora": layers.MoLoRALinear, "malora": layers.MALoRALinear}
+
+
+def run_setting(setting: Setting, methods: list[str], old_classes: dict, args: argparse.Namespace,
+                device: torch.device) -> dict:
+    inputs = make_inputs(setting, device)
+    fixed_result = None
+    if args.scope == "adapter":
+        fixed_result = torch.randn(setting.tokens, setting.out_features, dtype=DTYPES[setting.dtype], device=device)
+    steps = {}
+    for method in methods:
+        for version, classes in (("old", old_classes), ("new", LIBRARY_CLASSES)):
+            prepared = prepare(method, inputs, args.dropout, args.aux_loss_coef, classes, fixed_result)
+            steps[f"{version}:{method}"] = training_step(prepared, inputs.x, inputs.upstream, inputs.autocast)
+    times = round_robin(steps, args.warmup, args.rounds, device)
+    median_ms = {name: 1e3 * median(values) for name, values in times.items()}
+    return {"setting": asdict(setting), "median_ms": median_ms,
+            "new_over_old": {m: median_ms[f"new:{m}"] / median_ms[f"old:{m}"] for m in methods},
+            "times_ms": {name: [1e3 * v for v in values] for name, values in times.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rev", default="HEAD", help="git revision whose kernels are the 'old' side")
+    parser.add_argument("--scope", choices=("adapter", "layer"), default="adapter")
+    parser.add_argument("--shapes", default="2048x5504,5504x2048")
+    parser.add_argument("--tokens", default="512")
+    parser.add_argument("--dtypes", default="fp32")
+    parser.add_argument("--x-grad", default="yes")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tuned-malloc", action="store_true")
+    parser.add_argument("--omp-active", action="store_true")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    if args.tuned_malloc:
+        restart_with_env(TUNED_MALLOC_ENV)
+    if args.omp_active:
+        restart_with_env(OMP_ACTIVE_ENV)
+    device = torch.device(args.device)
+    methods = args.methods.split(",")
+    old_classes = revision_classes(args.rev)
+    settings = [Setting(int(n), int(m), int(t), dtype, {"no": False, "yes": True}[g])
+                for n, m in (shape.split("x") for shape in args.shapes.split(","))
+                for dtype in args.dtypes.split(",") for t in args.tokens.split(",") for g in args.x_grad.split(",")]
+    results = []
+    for setting in settings:
+        result = run_setting(setting, methods, old_classes, args, device)
+        results.append(result)
+        print(setting.label, "  ".join(f"{m} {result['median_ms'][f'old:{m}']:.1f}->{result['median_ms'][f'new:{m}']:.1f}"
+                                       for m in methods), flush=True)
+    env = env_tag({"tuned-malloc": TUNED_MALLOC_ENV, "omp-active": OMP_ACTIVE_ENV})
+    info = machine_info()
+    rows = [[Setting(**r["setting"]).label,
+             *(f"{r['median_ms'][f'old:{m}']:.1f} → {r['median_ms'][f'new:{m}']:.1f} ({r['new_over_old'][m]:.2f})"
+               for m in methods)] for r in results]
+    summary = [[m, f"{geomean(r['new_over_old'][m] for r in results):.2f}"] for m in methods]
+    markdown = "\n\n".join([
+        f"# Kernel before/after: {args.rev} → working tree ({args.scope} scope, {env})",
+        machine_markdown(info),
+        f"- {args.warmup} warm-up + {args.rounds} rounds, old and new of every method interleaved round-robin; "
+        "median ms, old → new (new/old).",
+        markdown_table(["setting", *methods], rows),
+        markdown_table(["method", "geomean new/old"], summary),
+    ])
+    print(markdown)
+    payload = {"rev": args.rev, "scope": args.scope, "env": env, "args": vars(args), "machine": info,
+               "results": results}
+    stem = f"kernel_ab_{args.scope}_{env}{'_' + args.tag if args.tag else ''}"
+    for path in write_report(stem, payload, markdown):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
