@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -118,6 +120,24 @@ class MALoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+            if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+                self.shard_model()
+
+    def shard_model(self) -> None:
+        """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.
+
+        The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad).
+        """
+        if self.hparams.quantization is not None:
+            raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4/8-bit layers; use "
+                             "quantization=null with dtype=bfloat16, or FSDPStrategy with quant_storage for FSDP-QLoRA")
+        mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names \
+            else self.device_mesh
+        layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     def build_model(self) -> nn.Module:
         """Load the (quantized) base, inject the adapters; override to customise either step."""
@@ -297,6 +317,8 @@ class MALoRAModule(L.LightningModule):
         return run_directory(self.trainer) / "adapter"
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_adapters and self.trainer.is_global_zero:
-            path = save_adapters(self.model, self.adapter_export_dir())
-            logger.info("Exported adapters to %s", path)
+        if self.hparams.export_adapters:
+            # every rank takes part (gathering sharded adapters is collective); rank zero writes
+            path = save_adapters(self.model, self.adapter_export_dir(), write=self.trainer.is_global_zero)
+            if self.trainer.is_global_zero:
+                logger.info("Exported adapters to %s", path)

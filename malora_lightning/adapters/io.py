@@ -26,10 +26,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for tensor_name, param in layer.adapter_parameters().items()}
 
 
-def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapters of `model` to the folder `path`, atomically (a crash never leaves half an adapter)."""
+def save_adapters(model: nn.Module, path: str | Path, write: bool = True) -> Path:
+    """Write the adapters of `model` to the folder `path`, atomically (a crash never leaves half an adapter).
+
+    With sharded (FSDP2) adapters every rank must call this, since gathering the shards is collective; pass
+    `write=False` on all ranks but one.
+    """
     config = get_adapter_config(model)
     tensors = {key: _full_tensor(value).detach().cpu().contiguous() for key, value in adapter_state_dict(model).items()}
+    if not write:
+        return Path(path)
     with atomic_directory(path) as staging:
         (staging / CONFIG_NAME).write_text(config.to_json())
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT, "method": config.method})
