@@ -3,13 +3,15 @@
 It consumes the per-example outputs of `MALoRAModule.validation_step`/`test_step` (`task_name`, `loss`, `correct`).
 With `num_sanity_val_steps=-1` the sanity check is a full validation before training; its scores are recorded (not
 logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0.
+Other callbacks that derive figures from the scores (`SeesawTracker`) register with `add_listener`: they are called
+right after each evaluation is recorded, from the same hook, so they may still log, whatever the callback order.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -43,6 +45,9 @@ class Evaluation:
         return sum(score.loss for score in self.tasks.values()) / max(1, len(self.tasks))
 
 
+EvaluationListener = Callable[[L.Trainer, L.LightningModule, Evaluation], None]
+
+
 class _TaskMeters(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -57,6 +62,12 @@ class PerTaskMetrics(Callback):
     def __init__(self) -> None:
         self.history: list[Evaluation] = []
         self._meters: dict[str, _TaskMeters] = {}
+        self._listeners: list[EvaluationListener] = []
+
+    def add_listener(self, listener: EvaluationListener) -> None:
+        """Call `listener(trainer, pl_module, evaluation)` on every rank after each evaluation (sanity check too)."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
 
     # ------------------------------------------------------------------ bookkeeping
     def _task_names(self, trainer: L.Trainer) -> list[str]:
@@ -99,8 +110,14 @@ class PerTaskMetrics(Callback):
             evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
                                                count=count)
         self.history.append(evaluation)
-        if trainer.sanity_checking:
-            return
+        if not trainer.sanity_checking:
+            self._log(pl_module, evaluation)
+        for listener in self._listeners:
+            listener(trainer, pl_module, evaluation)
+
+    @staticmethod
+    def _log(pl_module: L.LightningModule, evaluation: Evaluation) -> None:
+        stage = evaluation.stage
         for name, score in evaluation.tasks.items():
             pl_module.log(f"{stage}/{name}/loss", score.loss)
             if score.accuracy is not None:
@@ -112,6 +129,11 @@ class PerTaskMetrics(Callback):
     # ------------------------------------------------------------------ queries
     def evaluations(self, stage: str = "val") -> list[Evaluation]:
         return [evaluation for evaluation in self.history if evaluation.stage == stage]
+
+    @staticmethod
+    def attached(trainer: L.Trainer) -> PerTaskMetrics | None:
+        """The `PerTaskMetrics` among the trainer's callbacks, if any."""
+        return next((callback for callback in trainer.callbacks if isinstance(callback, PerTaskMetrics)), None)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -52,25 +52,26 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
     return "\n".join(lines)
 
 
+def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
+    """Each task's chance rate, from the data module's tasks (empty without them)."""
+    datamodule = trainer.datamodule
+    tasks = getattr(datamodule, "tasks", []) if datamodule is not None else []
+    return {task.name: getattr(task, "chance_rate", None) for task in tasks}
+
+
 class RunReport(Callback):
     """Write the run report at the end of fit and of test (rank zero only)."""
 
     def __init__(self, filename: str = REPORT_NAME) -> None:
         self.filename = filename
 
-    @staticmethod
-    def _chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
-        datamodule = trainer.datamodule
-        tasks = getattr(datamodule, "tasks", []) if datamodule is not None else []
-        return {task.name: getattr(task, "chance_rate", None) for task in tasks}
-
     def build(self, trainer: L.Trainer) -> str:
-        metrics = next((c for c in trainer.callbacks if isinstance(c, PerTaskMetrics)), None)
+        metrics = PerTaskMetrics.attached(trainer)
         sections = ["# Run report"]
         if metrics is None:
             sections.append("Per-task scores need the `PerTaskMetrics` callback, which is not attached.")
         else:
-            chance = self._chance_rates(trainer)
+            chance = chance_rates(trainer)
             for stage, title in (("val", "Validation accuracy (%) per task"), ("test", "Test accuracy (%) per task")):
                 evaluations = metrics.evaluations(stage)
                 if evaluations:
@@ -81,10 +82,11 @@ class RunReport(Callback):
         return "\n\n".join(sections) + "\n"
 
     def write(self, trainer: L.Trainer) -> None:
+        # every rank resolves the folder: without a checkpoint folder it comes from trainer.log_dir, a collective call
+        path = run_directory(trainer) / self.filename
         if not trainer.is_global_zero:
             return
         report = self.build(trainer)
-        path = run_directory(trainer) / self.filename
         atomic_write_text(path, report)
         rank_zero_info(f"\n{report}\nReport saved to {path}")
 
