@@ -1,6 +1,21 @@
-"""Callbacks that show what multi-task training does: per-task metrics and the run report."""
+"""Callbacks that show what multi-task training does: per-task metrics, the seesaw effect, routing telemetry, plots
+and the run report."""
 
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, TaskScore
 from malora_lightning.callbacks.report import RunReport
+from malora_lightning.callbacks.routing_stats import LayerRouting, RoutingStats, RoutingSummary
+from malora_lightning.callbacks.seesaw import SeesawPoint, SeesawTracker, TaskMovement, load_baseline_scores
 
-__all__ = ["Evaluation", "PerTaskMetrics", "RunReport", "TaskScore"]
+__all__ = [
+    "Evaluation",
+    "LayerRouting",
+    "PerTaskMetrics",
+    "RoutingStats",
+    "RoutingSummary",
+    "RunReport",
+    "SeesawPoint",
+    "SeesawTracker",
+    "TaskMovement",
+    "TaskScore",
+    "load_baseline_scores",
+]

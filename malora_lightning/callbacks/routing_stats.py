@@ -1,0 +1,412 @@
+"""`RoutingStats`: what the routers do on the validation and test sets, per routed layer and per task.
+
+What is counted: the top-k expert assignments of real tokens (padding excluded through the attention mask) in the
+first forward of each evaluation batch over its `input_ids`: the teacher-forced prompt + answer pass that the
+validation loss comes from. The step's other forwards (multiple-choice option scoring, generation prefill and decode)
+are not counted: they re-read the same prompts, so counting them would weigh tasks by how they are scored.
+
+Per layer with N experts and top-k (the sums are kept on the device and summed across ranks at the end):
+
+* load: assignments per expert ("tokens per expert"; each token makes k); its share is load_e / sum(load).
+* CV of the load: population standard deviation / mean over the N experts. 0 when balanced, sqrt(N/k - 1) when k
+  experts take every token.
+* router entropy: mean over tokens of H(p) = -sum_e p_e ln p_e over all N probabilities, in nats; normalised by ln N
+  it is 1 for a uniform router and 0 for a one-hot one.
+* dead experts: load share below `dead_threshold` times the even share 1/N.
+* task x expert matrix: assignments per (task, expert). Specialisation: mutual information I(task; expert) over the
+  assignments divided by H(task) (0: the router ignores the task; 1: the expert identifies the task), and per task
+  the KL divergence of its expert distribution from the layer's overall one (I = sum_t P(t) KL_t).
+
+Expert e of one layer has nothing to do with expert e of another, so matrices stay per layer and only the scalar
+figures are averaged over layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_warn
+
+from malora_lightning.adapters.model import add_routing_observer, routed_layers, routing_context
+from malora_lightning.adapters.routing import ObserverHandle, RoutingContext, RoutingRecord
+from malora_lightning.atomic import atomic_write_text
+from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
+from malora_lightning.run_paths import run_directory
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def load_cv(load: torch.Tensor) -> float | None:
+    """Population std / mean of the per-expert load; None when nothing was routed."""
+    load = load.double()
+    mean = load.mean()
+    return None if mean == 0 else (load.std(correction=0) / mean).item()
+
+
+def dead_experts(load: torch.Tensor, threshold: float) -> list[int]:
+    """Experts whose load share is below `threshold` x 1/N; none when nothing was routed."""
+    total = load.sum()
+    if total == 0:
+        return []
+    share = load.double() / total
+    return (share < threshold / load.numel()).nonzero().flatten().tolist()
+
+
+def task_divergences(task_load: torch.Tensor) -> torch.Tensor:
+    """[tasks] KL(P(expert | task) || P(expert)) in nats; 0 for tasks without tokens."""
+    joint = task_load.double()
+    expert_marginal = joint.sum(0) / joint.sum().clamp(min=1)
+    task_totals = joint.sum(1, keepdim=True)
+    conditional = joint / task_totals.clamp(min=1)
+    # where P(e | t) > 0, P(e) > 0 too; the other entries (0/0) are discarded by the where
+    return torch.where(conditional > 0, conditional * (conditional / expert_marginal).log(), 0.0).sum(1)
+
+
+def task_expert_nmi(task_load: torch.Tensor) -> float | None:
+    """I(task; expert) / H(task) over the assignments; None with fewer than two tasks that have tokens."""
+    joint = task_load.double()
+    total = joint.sum()
+    if total == 0:
+        return None
+    task_share = joint.sum(1) / total
+    task_entropy = torch.special.entr(task_share).sum()
+    if task_entropy <= 0:
+        return None
+    return ((task_share * task_divergences(task_load)).sum() / task_entropy).item()
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+@dataclass
+class LayerRouting:
+    """One routed layer over an evaluation pass."""
+
+    task_load: torch.Tensor  # [tasks, N] top-k assignments of real tokens, int64 on the CPU
+    entropy_sum: float  # sum over real tokens of the router entropy, nats
+    top_k: int
+
+    @property
+    def load(self) -> torch.Tensor:
+        return self.task_load.sum(0)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.task_load.sum()) // self.top_k
+
+    @property
+    def load_cv(self) -> float | None:
+        return load_cv(self.load)
+
+    @property
+    def max_over_mean(self) -> float | None:
+        load = self.load.double()
+        return None if load.sum() == 0 else (load.max() / load.mean()).item()
+
+    @property
+    def entropy(self) -> float | None:
+        return self.entropy_sum / self.tokens if self.tokens else None
+
+    @property
+    def normalized_entropy(self) -> float | None:
+        num_experts = self.task_load.shape[1]
+        if self.entropy is None or num_experts < 2:
+            return None
+        return self.entropy / math.log(num_experts)
+
+    def to_dict(self, dead_threshold: float) -> dict[str, Any]:
+        load = self.load
+        total = max(1, int(load.sum()))
+        return {"tokens": self.tokens, "load": load.tolist(), "load_share": [value / total for value in load.tolist()],
+                "load_cv": self.load_cv, "max_over_mean": self.max_over_mean, "entropy": self.entropy,
+                "normalized_entropy": self.normalized_entropy, "dead_experts": dead_experts(load, dead_threshold),
+                "task_expert_nmi": task_expert_nmi(self.task_load), "task_load": self.task_load.tolist()}
+
+
+@dataclass
+class RoutingSummary:
+    """Routing of one evaluation pass: every routed layer, and figures averaged over the layers."""
+
+    stage: str
+    step: int
+    tasks: list[str]  # by task id, the rows of every task_load
+    layers: dict[str, LayerRouting]
+    dead_threshold: float
+
+    def health(self) -> dict[str, Any]:
+        """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts, task NMI."""
+        cvs = {name: layer.load_cv for name, layer in self.layers.items() if layer.load_cv is not None}
+        worst = max(cvs, key=cvs.get) if cvs else None
+        return {
+            "layers": len(self.layers),
+            "experts": sum(layer.task_load.shape[1] for layer in self.layers.values()),
+            "tokens": max((layer.tokens for layer in self.layers.values()), default=0),
+            "load_cv_mean": _mean(list(cvs.values())),
+            "load_cv_min": min(cvs.values()) if cvs else None,
+            "load_cv_max": cvs[worst] if worst else None,
+            "load_cv_max_layer": worst,
+            "normalized_entropy_mean": _mean([layer.normalized_entropy for layer in self.layers.values()]),
+            "dead_experts": sum(len(dead_experts(layer.load, self.dead_threshold)) for layer in self.layers.values()),
+            "task_expert_nmi_mean": _mean([task_expert_nmi(layer.task_load) for layer in self.layers.values()]),
+        }
+
+    def task_rows(self) -> list[int]:
+        """Task ids that had tokens in this pass."""
+        first = next(iter(self.layers.values()))
+        return [task for task in range(len(self.tasks)) if first.task_load[task].sum() > 0]
+
+    def task_divergence(self) -> dict[str, float]:
+        """Per task with tokens, KL of its expert distribution from the overall one, averaged over layers (nats)."""
+        divergences = torch.stack([task_divergences(layer.task_load) for layer in self.layers.values()]).mean(0)
+        return {self.tasks[task]: divergences[task].item() for task in self.task_rows()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "step": self.step, "tasks": self.tasks, "dead_threshold": self.dead_threshold,
+                "health": self.health(), "task_divergence": self.task_divergence(),
+                "layers": {name: layer.to_dict(self.dead_threshold) for name, layer in self.layers.items()}}
+
+
+class RoutingAccumulator:
+    """Running sums of one evaluation pass, on the model's device: no host synchronisation per batch."""
+
+    def __init__(self, layer_names: Sequence[str], num_experts: int, num_tasks: int, device: torch.device) -> None:
+        self.rows = {name: row for row, name in enumerate(layer_names)}
+        self.num_experts = num_experts
+        self.num_tasks = num_tasks
+        self.padding_bin = num_tasks * num_experts  # padding tokens' assignments land here and are dropped
+        self.counts = torch.zeros(len(layer_names), self.padding_bin + 1, dtype=torch.long, device=device)
+        self.entropy = torch.zeros(len(layer_names), dtype=torch.float32, device=device)
+
+    def add(self, record: RoutingRecord, token_tasks: torch.Tensor) -> None:
+        """Count one layer forward; `token_tasks` [T] is each token's task id, batch-major like the record's rows."""
+        row = self.rows[record.layer_name]
+        bins = token_tasks.unsqueeze(1) * self.num_experts + record.experts
+        entropy = torch.special.entr(record.probs).sum(dim=-1)
+        if record.token_mask is not None:
+            bins = bins.masked_fill(~record.token_mask.unsqueeze(1), self.padding_bin)
+            entropy = entropy.masked_fill(~record.token_mask, 0.0)
+        bins = bins.reshape(-1)
+        self.counts[row].index_add_(0, bins, torch.ones_like(bins))
+        self.entropy[row] += entropy.sum().to(self.entropy.dtype)
+
+    def reduce(self, strategy: Strategy) -> None:
+        """Sum over all ranks (a no-op with one process)."""
+        self.counts = strategy.reduce(self.counts, reduce_op="sum")
+        self.entropy = strategy.reduce(self.entropy, reduce_op="sum")
+
+    def layers(self, top_k: int) -> dict[str, LayerRouting]:
+        counts, entropy = self.counts.cpu(), self.entropy.cpu()
+        return {name: LayerRouting(task_load=counts[row, :self.padding_bin].view(self.num_tasks, self.num_experts),
+                                   entropy_sum=entropy[row].item(), top_k=top_k)
+                for name, row in self.rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- callback
+class RoutingStats(Callback):
+    """Router telemetry over every validation and test pass; nothing is observed during training.
+
+    Logs `<stage>/routing/load_cv` (mean over layers), `<stage>/routing/load_cv_max`, `<stage>/routing/entropy`
+    (mean normalised entropy), `<stage>/routing/dead_experts` (count over all layers) and `<stage>/routing/task_nmi`
+    (mean task-expert NMI). Writes every layer's figures to `routing_<stage>.json` and the heatmaps
+    `plots/expert_load_<stage>.png` and `plots/task_expert_<stage>.png`, next to the checkpoints (rank zero).
+
+    Args:
+        dead_threshold: an expert whose load share is below this fraction of the even share 1/N is dead.
+        plots: draw the heatmaps (needs matplotlib).
+        report_layers: how many of the most unbalanced layers the run report lists.
+    """
+
+    def __init__(self, dead_threshold: float = 0.01, plots: bool = True, report_layers: int = 10) -> None:
+        if not (isinstance(dead_threshold, (int, float)) and 0.0 <= dead_threshold <= 1.0):
+            raise ValueError(f"dead_threshold={dead_threshold!r} is invalid: expected a fraction of the even share "
+                             "in [0, 1]")
+        self.dead_threshold = float(dead_threshold)
+        self.plots = plots
+        self.report_layers = report_layers
+        self.results: dict[str, RoutingSummary] = {}
+        self.plots_written: dict[str, list[str]] = {}
+        self._accumulator: RoutingAccumulator | None = None
+        self._handle: ObserverHandle | None = None
+        self._context: RoutingContext | None = None
+        self._top_k = 0
+        self._input_shape: tuple[int, ...] = ()
+        self._token_tasks: torch.Tensor | None = None
+        self._forward_id: int | None = None
+        self._warned = False
+
+    # ------------------------------------------------------------------ collection
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        layers = routed_layers(model) if isinstance(model, torch.nn.Module) else {}
+        if not layers:
+            if not self._warned:
+                rank_zero_warn("RoutingStats: the model has no routed adapter layers (method 'lora'?); "
+                               "there is no routing to report")
+                self._warned = True
+            return
+        tasks = getattr(trainer.datamodule, "tasks", None)
+        if tasks is None:
+            raise ValueError("RoutingStats needs the data module's `tasks` (names in task_id order) to label the "
+                             "task x expert matrix; use MultiTaskDataModule or give yours a `tasks` list")
+        experts = {layer.num_experts for layer in layers.values()}
+        if len(experts) != 1:
+            raise ValueError(f"RoutingStats expects one expert count for every routed layer, found {sorted(experts)}")
+        self._top_k = next(iter(layers.values())).top_k
+        self._accumulator = RoutingAccumulator(list(layers), experts.pop(), len(tasks), pl_module.device)
+        self._context = routing_context(model)
+        self._handle = add_routing_observer(model, self._observe)
+
+    def _batch_start(self, batch: dict[str, Any]) -> None:
+        if self._accumulator is None:
+            return
+        input_ids = batch["input_ids"]
+        self._input_shape = tuple(input_ids.shape)
+        self._token_tasks = batch["task_id"].to(input_ids.device).repeat_interleave(input_ids.shape[1])
+        self._forward_id = None
+
+    def _observe(self, record: RoutingRecord) -> None:
+        """Count the layers of the batch's first forward over its `input_ids` (see the module docstring)."""
+        if self._forward_id is None:
+            if record.batch_shape != self._input_shape:
+                return
+            self._forward_id = self._context.forward_count
+        elif self._context.forward_count != self._forward_id:
+            return
+        self._accumulator.add(record, self._token_tasks)
+
+    def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self._context = None
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._detach()
+        accumulator, self._accumulator = self._accumulator, None
+        if accumulator is None:
+            return
+        accumulator.reduce(trainer.strategy)
+        summary = RoutingSummary(stage=stage, step=trainer.global_step,
+                                 tasks=[task.name for task in trainer.datamodule.tasks],
+                                 layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold)
+        self.results[stage] = summary
+        health = summary.health()
+        if health["tokens"] == 0:
+            rank_zero_warn(f"RoutingStats: no routed forward over the {stage} batches' input_ids was seen")
+        if not trainer.sanity_checking:
+            self._log(pl_module, stage, health)
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        if trainer.is_global_zero:
+            atomic_write_text(directory / f"routing_{stage}.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+            if self.plots and health["tokens"] > 0:
+                self.plots_written[stage] = self._plot(summary, directory / PLOTS_FOLDER)
+
+    @staticmethod
+    def _log(pl_module: L.LightningModule, stage: str, health: dict[str, Any]) -> None:
+        for key, name in (("load_cv_mean", "load_cv"), ("load_cv_max", "load_cv_max"),
+                          ("normalized_entropy_mean", "entropy"), ("dead_experts", "dead_experts"),
+                          ("task_expert_nmi_mean", "task_nmi")):
+            if health[key] is not None:
+                pl_module.log(f"{stage}/routing/{name}", float(health[key]))
+
+    @staticmethod
+    def _plot(summary: RoutingSummary, folder: Path) -> list[str]:
+        """Expert load per layer (share x N, 1 = even) and, per task, P(expert | task) x N per layer."""
+        names = list(summary.layers)
+        num_experts = next(iter(summary.layers.values())).task_load.shape[1]
+        load = [(layer.load.double() / layer.load.sum().clamp(min=1) * num_experts).tolist()
+                for layer in summary.layers.values()]
+        rows = summary.task_rows()
+        by_task = []
+        for layer in summary.layers.values():
+            task_load = layer.task_load[rows].double()
+            by_task.append((task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).flatten().tolist())
+        stage = summary.stage
+        files = [f"expert_load_{stage}.png", f"task_expert_{stage}.png"]
+        plot_layer_heatmap(load, names, ["all tasks"], num_experts,
+                           f"Expert load per layer ({stage}, step {summary.step})", "load / even share",
+                           folder / files[0])
+        plot_layer_heatmap(by_task, names, [summary.tasks[task] for task in rows], num_experts,
+                           f"Expert use per task ({stage}, step {summary.step})", "share / even share",
+                           folder / files[1])
+        return files
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start(batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start(batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._detach()
+        self._accumulator = None
+
+    # ------------------------------------------------------------------ run report
+    def report_sections(self, trainer: L.Trainer) -> list[str]:
+        sections = []
+        for stage, title in (("val", "Routing health (validation)"), ("test", "Routing health (test)")):
+            summary = self.results.get(stage)
+            if summary is not None:
+                sections.append(f"## {title}\n\n{self._report(summary)}")
+        return sections
+
+    def _report(self, summary: RoutingSummary) -> str:
+        health = summary.health()
+
+        def number(value: float | None, digits: int = 2) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        lines = [
+            f"Step {summary.step}: {health['layers']} routed layers, {health['tokens']} tokens each "
+            f"(padding excluded). Dead expert: load below {summary.dead_threshold:g} x the even share.", "",
+            "| load CV mean | CV min | CV max (layer) | router entropy / ln N | dead experts | task-expert NMI |",
+            "|---|---|---|---|---|---|",
+            f"| {number(health['load_cv_mean'])} | {number(health['load_cv_min'])} | "
+            f"{number(health['load_cv_max'])} ({health['load_cv_max_layer'] or '-'}) | "
+            f"{number(health['normalized_entropy_mean'])} | {health['dead_experts']} of {health['experts']} | "
+            f"{number(health['task_expert_nmi_mean'], 3)} |",
+        ]
+        divergence = summary.task_divergence()
+        if divergence:
+            lines += ["", "How differently each task is routed: KL from the layer's overall expert use, mean over "
+                          "layers (nats; 0 = like every other task).", "", "| task | KL |", "|---|---|"]
+            lines += [f"| {name} | {value:.4f} |" for name, value in divergence.items()]
+        ranked = sorted(((layer.load_cv, name) for name, layer in summary.layers.items() if layer.load_cv is not None),
+                        reverse=True)[:self.report_layers]
+        if ranked:
+            lines += ["", f"Most unbalanced layers (top {len(ranked)} of {health['layers']}):", "",
+                      "| layer | assignments per expert (k per token) | load CV | max / mean | entropy / ln N | dead |",
+                      "|---|---|---|---|---|---|"]
+            for cv, name in ranked:
+                layer = summary.layers[name]
+                dead = dead_experts(layer.load, summary.dead_threshold)
+                lines.append(f"| {name} | {' '.join(str(count) for count in layer.load.tolist())} | {cv:.2f} | "
+                             f"{number(layer.max_over_mean)} | {number(layer.normalized_entropy)} | "
+                             f"{', '.join(map(str, dead)) or '-'} |")
+        for title, file in zip(("Expert load per layer", "Expert use per task"),
+                               self.plots_written.get(summary.stage, [])):
+            lines += ["", f"![{title}]({PLOTS_FOLDER}/{file})"]
+        return "\n".join(lines)

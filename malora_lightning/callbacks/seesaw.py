@@ -1,0 +1,268 @@
+"""`SeesawTracker`: does one task improve while another degrades (the seesaw effect), and does multi-task training beat
+single-task training (negative transfer)?
+
+Definitions, over the evaluations of one stage in order (with `num_sanity_val_steps=-1` the first validation is the
+sanity check, "before training", at step 0); a_t(k) is task t's accuracy at evaluation k, and only tasks with an
+accuracy take part:
+
+* change: a_t(k) - a_t(k'), k' the task's previous evaluation (None at its first).
+* best: max over j <= k of a_t(j), and the step where it was first reached. gap to best: best - a_t(k) >= 0; at the
+  last evaluation it is the best-versus-final gap (seesaw shows up as tasks peaking at different steps).
+* seesaw index: among the n tasks with a change, the fraction of the n(n-1)/2 pairs in which one task rose by more
+  than `tolerance` while the other fell by more than `tolerance`, i.e. up * down / (n(n-1)/2). 0 when no pair moved in
+  opposite directions; None with fewer than two tasks or before a second evaluation.
+* relative gain against a single-task baseline M_t: (a_t - M_t) / M_t (accuracy: higher is better); negative transfer
+  is the number of tasks with a relative gain below 0, and Delta-MTL the mean relative gain over the tasks that have a
+  baseline (Maninis et al. 2019; LibMTL `count_improvement`).
+
+Baseline file: JSON `{"task": accuracy}`, accuracies in (0, 1], measured on the split it is compared with (the
+relative gains are computed for every stage, validation and test).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from malora_lightning.atomic import atomic_write_text
+from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics
+from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
+from malora_lightning.callbacks.report import chance_rates
+from malora_lightning.run_paths import run_directory
+
+SEESAW_NAME = "seesaw.json"
+CURVES_NAME = "task_accuracy.png"
+
+
+@dataclass
+class TaskMovement:
+    """One task at one evaluation."""
+
+    accuracy: float
+    change: float | None
+    best: float
+    best_step: int
+    gap_to_best: float
+    relative_gain: float | None
+
+
+@dataclass
+class SeesawPoint:
+    """The seesaw figures of one evaluation."""
+
+    stage: str
+    step: int
+    sanity_check: bool
+    tasks: dict[str, TaskMovement]
+    seesaw_index: float | None
+    improved: list[str]
+    degraded: list[str]
+    delta_mtl: float | None
+    negative_transfer: int | None
+    worst_relative_gain: float | None
+
+
+def seesaw_index(changes: Mapping[str, float], tolerance: float) -> float | None:
+    """Fraction of task pairs that moved in opposite directions by more than `tolerance` each."""
+    count = len(changes)
+    if count < 2:
+        return None
+    up = sum(change > tolerance for change in changes.values())
+    down = sum(change < -tolerance for change in changes.values())
+    return up * down / (count * (count - 1) / 2)
+
+
+def relative_gains(scores: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+    """(score - baseline) / baseline for every task that has both."""
+    return {name: (score - baseline[name]) / baseline[name] for name, score in scores.items() if name in baseline}
+
+
+def track(evaluations: Sequence[Evaluation], tolerance: float,
+          baseline: Mapping[str, float] | None = None) -> list[SeesawPoint]:
+    """The seesaw figures of every evaluation of one stage, in order."""
+    points: list[SeesawPoint] = []
+    previous: dict[str, float] = {}
+    best: dict[str, tuple[float, int]] = {}
+    for evaluation in evaluations:
+        scores = {name: score.accuracy for name, score in evaluation.tasks.items() if score.accuracy is not None}
+        changes = {name: value - previous[name] for name, value in scores.items() if name in previous}
+        for name, value in scores.items():
+            if name not in best or value > best[name][0]:
+                best[name] = (value, evaluation.step)
+        gains = relative_gains(scores, baseline or {})
+        tasks = {name: TaskMovement(accuracy=value, change=changes.get(name), best=best[name][0],
+                                    best_step=best[name][1], gap_to_best=best[name][0] - value,
+                                    relative_gain=gains.get(name))
+                 for name, value in scores.items()}
+        points.append(SeesawPoint(
+            stage=evaluation.stage, step=evaluation.step, sanity_check=evaluation.sanity_check, tasks=tasks,
+            seesaw_index=seesaw_index(changes, tolerance),
+            improved=[name for name, change in changes.items() if change > tolerance],
+            degraded=[name for name, change in changes.items() if change < -tolerance],
+            delta_mtl=sum(gains.values()) / len(gains) if gains else None,
+            negative_transfer=sum(gain < 0 for gain in gains.values()) if gains else None,
+            worst_relative_gain=min(gains.values()) if gains else None,
+        ))
+        previous.update(scores)
+    return points
+
+
+def load_baseline_scores(path: str | Path) -> dict[str, float]:
+    """Read `{"task": accuracy}` single-task scores; every error names the file and the task."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"baseline scores file {path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"baseline scores file {path} must hold a non-empty JSON object {{task: accuracy}}, "
+                         f"not {json.dumps(data)[:80]}")
+    for name, score in data.items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 < score <= 1.0:
+            raise ValueError(f"baseline scores file {path}: task {name!r} has score {score!r}; expected an accuracy "
+                             "in (0, 1] (relative gains divide by it)")
+    return {name: float(score) for name, score in data.items()}
+
+
+def _percent(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+class SeesawTracker(Callback):
+    """Per-task movement, seesaw index, best-vs-final gaps and transfer against single-task baselines.
+
+    Reads the scores of the attached `PerTaskMetrics` after each evaluation (whatever the callback order). Logs
+    `<stage>/seesaw_index`, `<stage>/<task>/acc_change` and `<stage>/<task>/gap_to_best` (from the second
+    evaluation on), and with baselines `<stage>/<task>/rel_gain`, `<stage>/delta_mtl`, `<stage>/negative_transfer`.
+    Writes every evaluation's figures to `seesaw.json` and the validation accuracy curves to
+    `plots/task_accuracy.png`, next to the checkpoints (rank zero).
+
+    Args:
+        tolerance: accuracy change (0.01 = one point) a task must exceed to count as moving in the seesaw index.
+            Raise it when evaluation sets are small: one example of 64 is already 1.6 points.
+        baseline_scores: JSON file of single-task accuracies `{"task": accuracy}`, for relative gains and Delta-MTL.
+        filename: name of the JSON file.
+        plots: draw the accuracy curves (needs matplotlib).
+    """
+
+    def __init__(self, tolerance: float = 0.01, baseline_scores: str | None = None, filename: str = SEESAW_NAME,
+                 plots: bool = True) -> None:
+        if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0):
+            raise ValueError(f"tolerance={tolerance!r} is invalid: expected an accuracy change in [0, 1)")
+        self.tolerance = float(tolerance)
+        self.baseline_file = baseline_scores
+        self.baseline = load_baseline_scores(baseline_scores) if baseline_scores is not None else None
+        self.filename = filename
+        self.plots = plots
+        self.points: dict[str, list[SeesawPoint]] = {}
+        self.curves_written = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        metrics = PerTaskMetrics.attached(trainer)
+        if metrics is None:
+            raise ValueError("SeesawTracker reads the scores of PerTaskMetrics: add "
+                             "malora_lightning.callbacks.PerTaskMetrics to the trainer's callbacks")
+        known = [task.name for task in getattr(trainer.datamodule, "tasks", [])]
+        unknown = sorted(set(self.baseline or {}) - set(known)) if known else []
+        if unknown:
+            raise ValueError(f"baseline scores file {self.baseline_file} names task(s) {unknown} that this run does "
+                             f"not have (tasks: {', '.join(known)})")
+        metrics.add_listener(self.on_evaluation)
+
+    def on_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, evaluation: Evaluation) -> None:
+        """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation."""
+        evaluations = PerTaskMetrics.attached(trainer).evaluations(evaluation.stage)
+        points = track(evaluations, self.tolerance, self.baseline)
+        self.points[evaluation.stage] = points
+        if not trainer.sanity_checking:
+            self._log(pl_module, points[-1])
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        if not trainer.is_global_zero:
+            return
+        atomic_write_text(directory / self.filename, json.dumps(self.to_dict(), indent=2) + "\n")
+        if self.plots and evaluation.stage == "val":
+            plot_task_curves(evaluations, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
+                             self.baseline)
+            self.curves_written = True
+
+    @staticmethod
+    def _log(pl_module: L.LightningModule, point: SeesawPoint) -> None:
+        stage = point.stage
+        if point.seesaw_index is not None:
+            pl_module.log(f"{stage}/seesaw_index", point.seesaw_index)
+        for name, task in point.tasks.items():
+            if task.change is not None:  # a task's first evaluation has neither a change nor a gap to show
+                pl_module.log(f"{stage}/{name}/acc_change", task.change)
+                pl_module.log(f"{stage}/{name}/gap_to_best", task.gap_to_best)
+            if task.relative_gain is not None:
+                pl_module.log(f"{stage}/{name}/rel_gain", task.relative_gain)
+        if point.delta_mtl is not None:
+            pl_module.log(f"{stage}/delta_mtl", point.delta_mtl)
+            pl_module.log(f"{stage}/negative_transfer", float(point.negative_transfer))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tolerance": self.tolerance, "baseline_file": self.baseline_file, "baseline": self.baseline,
+                "stages": {stage: [asdict(point) for point in points] for stage, points in self.points.items()}}
+
+    # ------------------------------------------------------------------ run report
+    def report_sections(self, trainer: L.Trainer) -> list[str]:
+        sections = []
+        for stage, title in (("val", "Seesaw over training (validation)"), ("test", "Transfer (test)")):
+            points = self.points.get(stage)
+            if points and (stage == "val" or self.baseline is not None):  # RunReport already lists test scores
+                body = [self._task_table(points[-1], movement=len(points) > 1)]
+                if len(points) > 1:
+                    body.append(self._evaluations_table(points))
+                if stage == "val" and self.curves_written:
+                    body.append(f"![Validation accuracy per task]({PLOTS_FOLDER}/{CURVES_NAME})")
+                sections.append(f"## {title}\n\n" + "\n\n".join(body))
+        return sections
+
+    def _task_table(self, point: SeesawPoint, movement: bool) -> str:
+        """Each task at the last evaluation: how far below its best and its last move (`movement`, when there were
+        earlier evaluations), and its gain over the single-task baseline."""
+        with_baseline = self.baseline is not None
+        header, rule = "| task | accuracy |", "|---|---|"
+        if movement:
+            header += " best (step) | best - final | last change |"
+            rule += "---|---|---|"
+        if with_baseline:
+            header += " single-task | relative gain |"
+            rule += "---|---|"
+        lines = [f"Accuracies in %, at step {point.step}; changes in points, relative gains in %.", "", header, rule]
+        for name, task in point.tasks.items():
+            line = f"| {name} | {_percent(task.accuracy)} |"
+            if movement:
+                line += (f" {_percent(task.best)} ({task.best_step}) | {_percent(task.gap_to_best)} | "
+                         f"{_percent(task.change, signed=True)} |")
+            if with_baseline:
+                line += f" {_percent(self.baseline.get(name))} | {_percent(task.relative_gain, signed=True)} |"
+            lines.append(line)
+        if point.delta_mtl is not None:
+            lines += ["", f"Delta-MTL (mean relative gain): **{_percent(point.delta_mtl, signed=True)} %**; "
+                          f"negative transfer on {point.negative_transfer} of {len(point.tasks)} tasks "
+                          f"(worst {_percent(point.worst_relative_gain, signed=True)} %)."]
+        return "\n".join(lines)
+
+    def _evaluations_table(self, points: list[SeesawPoint]) -> str:
+        """The seesaw index of each evaluation against the one before, with the tasks that rose and fell."""
+        lines = [f"Seesaw index: fraction of task pairs where one rose and the other fell by more than "
+                 f"{100 * self.tolerance:g} accuracy point(s) since the previous evaluation.", "",
+                 "| step | seesaw index | improved | degraded | Delta-MTL (%) |", "|---|---|---|---|---|"]
+        for point in points[1:]:
+            index = "-" if point.seesaw_index is None else f"{point.seesaw_index:.2f}"
+            lines.append(f"| {point.step} | {index} | {', '.join(point.improved) or '-'} | "
+                         f"{', '.join(point.degraded) or '-'} | {_percent(point.delta_mtl, signed=True)} |")
+        indices = [point.seesaw_index for point in points if point.seesaw_index is not None]
+        if indices:
+            lines += ["", f"Mean seesaw index over {len(indices)} interval(s): **{sum(indices) / len(indices):.2f}**"
+                          f" (max {max(indices):.2f})."]
+        return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""One process and two (ddp_spawn, gloo) give the same per-task metrics and routing statistics.
+
+Sizes are chosen so that Lightning's DistributedSampler pads nothing: every task has 4 evaluation examples, 2 per rank,
+one batch of 2. With a count not divisible by the number of ranks the sampler would repeat examples on some ranks, and
+those duplicates would be counted twice.
+"""
+
+import json
+
+import pytest
+import torch
+
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
+from malora_lightning.module import MALoRAModule
+from tests.callbacks.test_per_task_metrics import HandBuiltPredictions, expected_metrics, trainer_for
+from tests.test_module import TASKS, make_data, make_trainer
+
+pytestmark = pytest.mark.slow
+
+
+class SeededAdapters(MALoRAModule):
+    """Adapters (routers included) drawn from a fixed generator, so every process builds the same model."""
+
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        generator = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+        return model
+
+
+def validate(model_dir, root, devices: int) -> tuple[dict[str, float], dict]:
+    module = SeededAdapters(model_name_or_path=str(model_dir), quantization=None,
+                            adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0))
+    trainer = make_trainer(root, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                           limit_val_batches=None, callbacks=[PerTaskMetrics(), RoutingStats(plots=False)])
+    trainer.validate(module, make_data(model_dir, max_eval_examples_per_task=4, eval_batch_size=2), verbose=False)
+    metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    return metrics, json.loads((root / "routing_val.json").read_text())
+
+
+def test_metrics_and_routing_agree_between_one_and_two_processes(tiny_model_dir, tmp_path):
+    single, single_routing = validate(tiny_model_dir, tmp_path / "one", devices=1)
+    double, double_routing = validate(tiny_model_dir, tmp_path / "two", devices=2)
+    assert {f"val/{task}/loss" for task in TASKS} | {"val/macro_acc", "val/routing/load_cv"} <= set(single)
+    assert double.keys() == single.keys()
+    assert double == pytest.approx(single, rel=1e-5)
+    assert double_routing["health"]["tokens"] == single_routing["health"]["tokens"] > 0
+    for name, layer in single_routing["layers"].items():
+        other = double_routing["layers"][name]
+        assert other["task_load"] == layer["task_load"], name  # every token counted once, on one of the ranks
+        assert other["entropy"] == pytest.approx(layer["entropy"], rel=1e-5), name
+
+
+def test_hand_built_metrics_are_synchronised_across_two_processes(tmp_path):
+    trainer = trainer_for(tmp_path, strategy="ddp_spawn", devices=2, callbacks=[PerTaskMetrics()])
+    trainer.validate(HandBuiltPredictions(batch_size=2), verbose=False)
+    logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    assert logged == pytest.approx(expected_metrics())

@@ -1,0 +1,66 @@
+"""PerTaskMetrics on hand-built per-example predictions: per-task means, macro averages, listeners."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from malora_lightning.callbacks import PerTaskMetrics
+
+# Per-example loss and correctness of every evaluation example, by task; "lm" has no accuracy (no `correct`).
+LOSSES = {"alpha": [0.5, 1.5, 2.0, 4.0, 0.25, 0.75, 3.0, 1.0], "beta": [2.0, 2.0, 3.0, 5.0], "lm": [1.0, 3.0]}
+CORRECT = {"alpha": [True, False, True, True, False, False, True, True], "beta": [False, False, True, False]}
+
+
+class HandBuiltPredictions(L.LightningModule):
+    """Returns the tabled loss and correctness of each example instead of running a model."""
+
+    def __init__(self, batch_size: int = 2) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.unused = torch.nn.Linear(1, 1)
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return {task: DataLoader([{"index": index, "task": task} for index in range(len(losses))],
+                                 batch_size=self.batch_size) for task, losses in LOSSES.items()}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        task = batch["task"][0]
+        indices = batch["index"].tolist()
+        output = {"task_name": batch["task"], "loss": torch.tensor([LOSSES[task][i] for i in indices])}
+        if task in CORRECT:
+            output["correct"] = torch.tensor([CORRECT[task][i] for i in indices])
+        return output
+
+
+def expected_metrics() -> dict[str, float]:
+    """The same figures computed from the tables with plain Python."""
+    expected = {}
+    for task, losses in LOSSES.items():
+        expected[f"val/{task}/loss"] = sum(losses) / len(losses)
+    for task, correct in CORRECT.items():
+        expected[f"val/{task}/acc"] = sum(correct) / len(correct)
+    expected["val/macro_acc"] = (5 / 8 + 1 / 4) / 2  # tasks without an accuracy do not count
+    expected["val/macro_loss"] = (13.0 / 8 + 12.0 / 4 + 4.0 / 2) / 3
+    return expected
+
+
+def trainer_for(root, **overrides) -> L.Trainer:
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root))
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+def test_hand_built_predictions_give_per_task_means_and_macro_averages(tmp_path):
+    metrics = PerTaskMetrics()
+    heard = []
+    metrics.add_listener(lambda trainer, module, evaluation: heard.append(evaluation))
+    trainer = trainer_for(tmp_path, callbacks=[metrics])
+    trainer.validate(HandBuiltPredictions(), verbose=False)
+    logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    assert logged == pytest.approx(expected_metrics())
+    evaluation = metrics.history[-1]
+    assert heard == [evaluation]
+    assert {task: score.count for task, score in evaluation.tasks.items()} == {"alpha": 8, "beta": 4, "lm": 2}
+    assert evaluation.tasks["lm"].accuracy is None and "val/lm/acc" not in logged

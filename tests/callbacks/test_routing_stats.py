@@ -1,0 +1,122 @@
+"""Routing statistics on hand-built records and on a MALoRA layer whose routing is forced through its router."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from malora_lightning.adapters import AdapterConfig, MALoRALinear
+from malora_lightning.adapters.routing import RoutingRecord
+from malora_lightning.callbacks import LayerRouting
+from malora_lightning.callbacks.routing_stats import RoutingAccumulator, dead_experts, task_expert_nmi
+
+EXPERTS = 4
+
+
+def forced_layer(router_weight: torch.Tensor, top_k: int) -> MALoRALinear:
+    """A MALoRA layer over a 4-wide linear whose router weight is set, so one-hot inputs pick known experts."""
+    config = AdapterConfig(method="malora", rank=2, shared_rank=2, num_experts=EXPERTS, top_k=top_k, dropout=0.0)
+    layer = MALoRALinear(nn.Linear(EXPERTS, 3), config, name="probe")
+    with torch.no_grad():
+        layer.router.weight.copy_(router_weight)
+    return layer.eval()
+
+
+def route_tokens(layer: MALoRALinear, inputs: torch.Tensor, token_tasks: torch.Tensor, num_tasks: int = 2,
+                 attention_mask: torch.Tensor | None = None) -> LayerRouting:
+    """Run the layer on [batch, seq, 4] inputs with an accumulator observing it, as RoutingStats does."""
+    accumulator = RoutingAccumulator(["probe"], EXPERTS, num_tasks, torch.device("cpu"))
+    context = layer.routing_context
+    context.attention_mask = attention_mask
+    context.observers.append(lambda record: accumulator.add(record, token_tasks))
+    with torch.no_grad():
+        layer(inputs)
+    return accumulator.layers(layer.top_k)["probe"]
+
+
+def one_hot_tokens(indices: list[list[int]]) -> torch.Tensor:
+    return nn.functional.one_hot(torch.tensor(indices), EXPERTS).float()
+
+
+def softmax_entropy(logits: list[float]) -> float:
+    weights = [math.exp(value) for value in logits]
+    total = sum(weights)
+    return -sum(w / total * math.log(w / total) for w in weights)
+
+
+def test_balanced_routing_has_zero_cv_and_no_dead_expert():
+    layer = forced_layer(3.0 * torch.eye(EXPERTS), top_k=1)  # token e_i -> expert i
+    inputs = one_hot_tokens([[0, 1, 2, 3], [3, 2, 1, 0]])
+    routing = route_tokens(layer, inputs, token_tasks=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert routing.load.tolist() == [2, 2, 2, 2] and routing.tokens == 8
+    assert routing.load_cv == 0.0 and routing.max_over_mean == 1.0
+    assert dead_experts(routing.load, 0.01) == []
+    assert routing.entropy == pytest.approx(softmax_entropy([3.0, 0.0, 0.0, 0.0]), rel=1e-5)
+    assert routing.normalized_entropy == pytest.approx(routing.entropy / math.log(4))
+    assert task_expert_nmi(routing.task_load) == pytest.approx(0.0, abs=1e-12)  # both tasks use every expert alike
+
+
+def test_collapsed_routing_leaves_one_live_expert():
+    weight = torch.zeros(EXPERTS, EXPERTS)
+    weight[2] = 3.0  # every (non-negative, non-zero) input prefers expert 2
+    layer = forced_layer(weight, top_k=1)
+    inputs = one_hot_tokens([[0, 1, 2, 3], [1, 1, 0, 3]])
+    routing = route_tokens(layer, inputs, token_tasks=torch.tensor([0] * 4 + [1] * 4))
+    assert routing.load.tolist() == [0, 0, 8, 0]
+    assert dead_experts(routing.load, 0.01) == [0, 1, 3]
+    # load [0, 0, 8, 0]: mean 2, population variance (4 + 4 + 36 + 4) / 4 = 12, so CV = sqrt(12) / 2 = sqrt(3)
+    assert routing.load_cv == pytest.approx(math.sqrt(3))
+    assert routing.max_over_mean == pytest.approx(4.0)
+    assert routing.entropy == pytest.approx(softmax_entropy([0.0, 0.0, 3.0, 0.0]), rel=1e-5)
+
+
+def test_task_specialised_routing_has_normalised_mutual_information_one():
+    weight = torch.tensor([[10.0, 0, 0, 0], [9.0, 0, 0, 0], [0, 0, 10.0, 0], [0, 0, 9.0, 0]])
+    layer = forced_layer(weight, top_k=2)  # e_0 -> experts {0, 1}; e_2 -> experts {2, 3}
+    inputs = one_hot_tokens([[0, 0, 0], [2, 2, 2]])
+    routing = route_tokens(layer, inputs, token_tasks=torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert routing.task_load.tolist() == [[3, 3, 0, 0], [0, 0, 3, 3]]
+    assert routing.load_cv == 0.0  # balanced overall, yet every expert serves one task only
+    assert task_expert_nmi(routing.task_load) == pytest.approx(1.0)
+
+
+def test_padding_tokens_are_not_counted():
+    layer = forced_layer(3.0 * torch.eye(EXPERTS), top_k=1)
+    inputs = one_hot_tokens([[0, 1, 3], [2, 2, 3]])  # last column is padding in row 0 only
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    routing = route_tokens(layer, inputs, torch.tensor([0, 0, 0, 1, 1, 1]), attention_mask=mask)
+    assert routing.task_load.tolist() == [[1, 1, 0, 0], [0, 0, 2, 1]]
+    assert routing.tokens == 5
+    assert routing.entropy_sum == pytest.approx(5 * softmax_entropy([3.0, 0.0, 0.0, 0.0]), rel=1e-5)
+
+
+def test_hand_built_records_accumulate_per_task_and_layer():
+    accumulator = RoutingAccumulator(["first", "second"], num_experts=3, num_tasks=2, device=torch.device("cpu"))
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5], [0.2, 0.3, 0.5]])
+    experts = torch.tensor([[0, 1], [0, 2], [2, 0], [2, 1]])
+    mask = torch.tensor([True, True, True, False])
+    tasks = torch.tensor([1, 1, 0, 0])
+    accumulator.add(RoutingRecord("second", probs, experts, mask, (2, 2)), tasks)
+    accumulator.add(RoutingRecord("second", probs[:1], experts[:1], None, (1, 1)), torch.tensor([0]))
+    layers = accumulator.layers(top_k=2)
+    assert layers["first"].tokens == 0 and layers["first"].load_cv is None and layers["first"].entropy is None
+    second = layers["second"]
+    # task 0: token 2 -> experts 2, 0 and the unmasked single token -> 0, 1; task 1: tokens 0, 1 -> 0, 1 and 0, 2
+    assert second.task_load.tolist() == [[2, 1, 1], [2, 1, 1]]
+    assert second.tokens == 4
+    expected_entropy = math.log(2) + 0.0 + (2 * 0.25 * math.log(4) + 0.5 * math.log(2)) + math.log(2)
+    assert second.entropy_sum == pytest.approx(expected_entropy)
+    assert second.entropy == pytest.approx(expected_entropy / 4)
+
+
+def test_dead_threshold_is_a_fraction_of_the_even_share():
+    load = torch.tensor([1000, 1000, 995, 5])  # expert 3 gets 5/3000 = 0.17 % of assignments; even share is 25 %
+    assert dead_experts(load, 0.01) == [3]  # 0.17 % < 1 % of 25 %
+    assert dead_experts(load, 0.005) == []  # 0.17 % >= 0.5 % of 25 %
+    assert dead_experts(torch.zeros(4, dtype=torch.long), 0.01) == []
+
+
+def test_nmi_is_undefined_with_one_task():
+    assert task_expert_nmi(torch.tensor([[3, 1, 0, 0], [0, 0, 0, 0]])) is None
+    assert task_expert_nmi(torch.tensor([[0, 0], [0, 0]])) is None

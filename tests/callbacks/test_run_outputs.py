@@ -1,0 +1,164 @@
+"""The callbacks together on a tiny random Llama: what is logged, the JSON files, the PNGs and the run report."""
+
+import csv
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.adapters.model import routing_context
+from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
+from malora_lightning.callbacks.seesaw import track
+from tests.test_module import TASKS, make_data, make_module, make_trainer
+
+BASELINE = {"add_2digit": 0.5, "parity": 0.5, "reverse_words": 0.25}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ObserversDuringTraining(Callback):
+    """Records how many routing observers are attached at every training batch (training must pay nothing)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.counts.append(len(routing_context(pl_module.model).observers))
+
+
+def real_tokens_per_task(data) -> dict[str, int]:
+    """Non-padding tokens of every validation batch's input_ids, counted from the data itself."""
+    return {name: sum(int(batch["attention_mask"].sum()) for batch in loader)
+            for name, loader in data.val_dataloader().items()}
+
+
+def assert_png(path) -> None:
+    content = path.read_bytes()
+    assert content.startswith(PNG_SIGNATURE) and len(content) > 2000, path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    """Fit for 2 steps with a validation after each (plus the sanity check), then test; shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    baseline_file = root / "single_task.json"
+    baseline_file.write_text(json.dumps(BASELINE))
+    # SeesawTracker comes before PerTaskMetrics on purpose: it must not depend on the callback order
+    seesaw, metrics, routing = SeesawTracker(baseline_scores=str(baseline_file)), PerTaskMetrics(), RoutingStats()
+    observers = ObserversDuringTraining()
+    trainer = make_trainer(root, max_steps=2, limit_val_batches=None, num_sanity_val_steps=-1, val_check_interval=1,
+                           enable_checkpointing=True, logger=CSVLogger(root), log_every_n_steps=1,
+                           callbacks=[seesaw, metrics, routing, RunReport(), observers])
+    data = make_data(tiny_model_dir)
+    module = make_module(tiny_model_dir)
+    trainer.fit(module, data)
+    validation_metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    trainer.test(module, data, verbose=False)
+    return dict(trainer=trainer, data=data, module=module, seesaw=seesaw, metrics=metrics, routing=routing,
+                observers=observers, validation_metrics=validation_metrics,
+                run_dir=root / "lightning_logs" / "version_0" / "checkpoints")
+
+
+def test_routing_counts_every_real_scoring_token_once_per_layer(finished_run):
+    summary = finished_run["routing"].results["val"]
+    tokens = real_tokens_per_task(finished_run["data"])
+    top_k = finished_run["module"].adapter_config.top_k
+    assert summary.tasks == TASKS and len(summary.layers) == 12  # 2 layers x 6 projections
+    for name, layer in summary.layers.items():
+        # prompt + answer tokens of the scoring forward only: choice scoring and generation are not counted
+        assert {task: int(layer.task_load[i].sum()) for i, task in enumerate(TASKS)} == \
+            {task: top_k * tokens[task] for task in TASKS}, name
+        assert 0.0 < layer.normalized_entropy <= 1.0
+
+
+def test_no_observer_is_attached_outside_evaluation(finished_run):
+    assert finished_run["observers"].counts == [0, 0]
+    assert routing_context(finished_run["module"].model).observers == []
+
+
+def test_json_files_hold_the_seesaw_and_routing_figures(finished_run):
+    run_dir, metrics = finished_run["run_dir"], finished_run["metrics"]
+    saved = json.loads((run_dir / "seesaw.json").read_text())
+    expected = [asdict(point) for point in track(metrics.evaluations("val"), 0.01, BASELINE)]
+    assert len(expected) == 3 and saved["stages"]["val"] == expected
+    assert saved["baseline"] == BASELINE and len(saved["stages"]["test"]) == 1
+
+    routing = json.loads((run_dir / "routing_val.json").read_text())
+    summary = finished_run["routing"].results["val"]
+    assert routing["step"] == 2 and set(routing["layers"]) == set(summary.layers)
+    first = next(iter(summary.layers))
+    assert routing["layers"][first]["task_load"] == summary.layers[first].task_load.tolist()
+    assert routing["health"]["load_cv_mean"] == pytest.approx(
+        sum(layer.load_cv for layer in summary.layers.values()) / len(summary.layers))
+    assert (run_dir / "routing_test.json").is_file()
+
+
+def test_scalars_reach_the_logger(finished_run):
+    logged = finished_run["validation_metrics"]
+    for task, baseline in BASELINE.items():
+        assert logged[f"val/{task}/rel_gain"] == pytest.approx((logged[f"val/{task}/acc"] - baseline) / baseline)
+    assert logged["val/delta_mtl"] == pytest.approx(sum(logged[f"val/{task}/rel_gain"] for task in TASKS) / 3)
+    assert logged["val/routing/dead_experts"] == sum(
+        len(layer["dead_experts"]) for layer in json.loads(
+            (finished_run["run_dir"] / "routing_val.json").read_text())["layers"].values())
+    log_dir = finished_run["run_dir"].parent
+    with open(log_dir / "metrics.csv") as handle:
+        columns = set(next(csv.reader(handle)))
+    assert {"val/seesaw_index", "val/delta_mtl", "val/parity/acc_change", "val/routing/load_cv",
+            "val/routing/task_nmi", "test/routing/load_cv", "test/delta_mtl"} <= columns
+
+
+def test_pngs_and_report_are_written(finished_run):
+    run_dir = finished_run["run_dir"]
+    for name in ("task_accuracy.png", "expert_load_val.png", "task_expert_val.png", "expert_load_test.png",
+                 "task_expert_test.png"):
+        assert_png(run_dir / "plots" / name)
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Seesaw over training (validation)", "## Transfer (test)", "## Routing health (validation)",
+                    "## Routing health (test)"):
+        assert heading in report
+    assert "![Validation accuracy per task](plots/task_accuracy.png)" in report
+    assert "(plots/expert_load_val.png)" in report and "Delta-MTL" in report
+    final = finished_run["seesaw"].points["val"][-1]
+    assert f"{100 * final.delta_mtl:+.1f} %" in report
+
+
+def test_seesaw_needs_per_task_metrics(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=[SeesawTracker()])
+    with pytest.raises(ValueError, match="add malora_lightning.callbacks.PerTaskMetrics"):
+        trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir), verbose=False)
+
+
+def test_a_baseline_for_an_unknown_task_is_refused(tiny_model_dir, tmp_path):
+    path = tmp_path / "single_task.json"
+    path.write_text(json.dumps({"parity": 0.5, "parrity": 0.6}))
+    trainer = make_trainer(tmp_path, callbacks=[PerTaskMetrics(), SeesawTracker(baseline_scores=str(path))])
+    with pytest.raises(ValueError, match=r"names task\(s\) \['parrity'\]"):
+        trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir), verbose=False)
+
+
+def test_lora_has_no_routing_to_report(tiny_model_dir, tmp_path):
+    routing = RoutingStats()
+    trainer = make_trainer(tmp_path, callbacks=[routing], limit_val_batches=None)
+    module = make_module(tiny_model_dir, adapter=AdapterConfig(method="lora", rank=2))
+    with pytest.warns(UserWarning, match="no routed adapter layers"):
+        trainer.validate(module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    assert routing.results == {} and routing.report_sections(trainer) == []
+
+
+def test_routing_figures_do_not_depend_on_the_eval_batch_size(tiny_model_dir, tmp_path):
+    """Padding differs with the batch composition; the counts over real tokens must not."""
+    results = []
+    for batch_size in (1, 4):
+        routing = RoutingStats(plots=False)
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / str(batch_size), callbacks=[routing], limit_val_batches=None)
+        trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir, eval_batch_size=batch_size,
+                                                                tasks=["add_2digit"]), verbose=False)
+        results.append(routing.results["val"])
+    for name, layer in results[0].layers.items():
+        assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
+        assert layer.entropy_sum == pytest.approx(results[1].layers[name].entropy_sum, rel=1e-4)

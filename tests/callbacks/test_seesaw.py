@@ -1,0 +1,91 @@
+"""SeesawTracker figures on hand-built score sequences, and the baseline file's checks."""
+
+import json
+
+import pytest
+
+from malora_lightning.callbacks import Evaluation, SeesawTracker, TaskScore, load_baseline_scores
+from malora_lightning.callbacks.seesaw import seesaw_index, track
+
+
+def evaluation(step: int, accuracies: dict[str, float | None], sanity: bool = False) -> Evaluation:
+    return Evaluation(stage="val", step=step, sanity_check=sanity,
+                      tasks={name: TaskScore(loss=1.0, accuracy=value, count=10) for name, value in accuracies.items()})
+
+
+# "lm" has no accuracy and never takes part.
+SEQUENCE = [
+    evaluation(0, {"a": 0.50, "b": 0.50, "c": 0.50, "d": 0.50, "lm": None}, sanity=True),
+    evaluation(10, {"a": 0.60, "b": 0.40, "c": 0.505, "d": 0.70, "lm": None}),
+    evaluation(20, {"a": 0.55, "b": 0.45, "c": 0.52, "d": 0.70, "lm": None}),
+]
+
+
+def test_seesaw_index_counts_pairs_that_moved_in_opposite_directions():
+    first, second, third = track(SEQUENCE, tolerance=0.01)
+    assert first.seesaw_index is None and first.improved == first.degraded == []
+    assert all(task.change is None for task in first.tasks.values()) and "lm" not in first.tasks
+    # step 10: a +10, b -10, c +0.5 (inside the tolerance), d +20 points; of the 6 pairs, (a, b) and (b, d) see-saw
+    assert second.seesaw_index == pytest.approx(2 / 6)
+    assert (second.improved, second.degraded) == (["a", "d"], ["b"])
+    assert second.tasks["c"].change == pytest.approx(0.005)
+    # step 20: a -5, b +5, c +1.5, d 0 points; (a, b) and (a, c) see-saw
+    assert third.seesaw_index == pytest.approx(2 / 6)
+    assert (third.improved, third.degraded) == (["b", "c"], ["a"])
+
+
+def test_best_and_gap_to_best_per_task():
+    final = track(SEQUENCE, tolerance=0.01)[-1]
+    expected = {"a": (0.60, 10, 0.05), "b": (0.50, 0, 0.05), "c": (0.52, 20, 0.0), "d": (0.70, 10, 0.0)}
+    for name, (best, step, gap) in expected.items():
+        task = final.tasks[name]
+        assert (task.best, task.best_step) == (pytest.approx(best), step), name
+        assert task.gap_to_best == pytest.approx(gap), name
+
+
+def test_seesaw_index_extremes_and_a_strict_tolerance():
+    assert seesaw_index({"a": 0.1, "b": -0.1}, 0.01) == 1.0
+    assert seesaw_index({"a": 0.1, "b": 0.2, "c": 0.3}, 0.01) == 0.0  # all rose together
+    assert seesaw_index({"a": 0.02, "b": -0.02}, 0.02) == 0.0  # a change equal to the tolerance does not count
+    assert seesaw_index({"a": 0.3}, 0.01) is None
+
+
+def test_relative_gain_negative_transfer_and_delta_mtl():
+    baseline = {"a": 0.5, "b": 0.6, "c": 0.4}  # no baseline for d: it stays out of Delta-MTL
+    final = track(SEQUENCE, tolerance=0.01, baseline=baseline)[-1]
+    gains = {"a": (0.55 - 0.5) / 0.5, "b": (0.45 - 0.6) / 0.6, "c": (0.52 - 0.4) / 0.4}  # +10 %, -25 %, +30 %
+    assert {name: final.tasks[name].relative_gain for name in gains} == pytest.approx(gains)
+    assert final.tasks["d"].relative_gain is None
+    assert final.delta_mtl == pytest.approx((0.10 - 0.25 + 0.30) / 3)
+    assert final.negative_transfer == 1
+    assert final.worst_relative_gain == pytest.approx(-0.25)
+    assert track(SEQUENCE, tolerance=0.01)[-1].delta_mtl is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ('["a", 0.5]', "non-empty JSON object"),
+    ("{}", "non-empty JSON object"),
+    ('{"a": 0.5, "b": 1.5}', "task 'b' has score 1.5"),
+    ('{"a": 0}', "task 'a' has score 0"),
+    ('{"a": true}', "task 'a' has score True"),
+    ('{"a": "0.5"}', "task 'a' has score '0.5'"),
+])
+def test_bad_baseline_files_are_refused_naming_the_file_and_task(tmp_path, content, message):
+    path = tmp_path / "single_task.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        SeesawTracker(baseline_scores=str(path))
+    assert str(path) in str(error.value)
+
+
+def test_baseline_scores_load_as_floats(tmp_path):
+    path = tmp_path / "single_task.json"
+    path.write_text(json.dumps({"a": 1, "b": 0.25}))
+    assert load_baseline_scores(path) == {"a": 1.0, "b": 0.25}
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, 1.0, "0.1"])
+def test_tolerance_must_be_an_accuracy_change(tolerance):
+    with pytest.raises(ValueError, match="tolerance"):
+        SeesawTracker(tolerance=tolerance)
