@@ -49,8 +49,24 @@ def test_default_recipe_is_the_embedded_offline_job():
     assert config.model.model_name_or_path == "offline:SmolLM2-135M-Instruct"
     assert config.model.quantization == "nf4" and config.model.adapter.method == "malora"
     assert config.trainer.accelerator == "cpu" and config.trainer.num_sanity_val_steps == -1
-    callbacks = {c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks}
-    assert {"PerTaskMetrics", "RunReport"} <= callbacks
+    for key in ("per_task_metrics", "seesaw", "routing_stats", "run_report"):
+        assert config[key] is not None and config[key].class_path.startswith("malora_lightning.callbacks.")
+
+
+def callback_types(args: list[str]) -> set[str]:
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    args=["--config", "recipes/default.yaml", *args])
+    return {type(callback).__name__ for callback in cli.trainer.callbacks}
+
+
+def test_default_callbacks_are_on_and_each_can_be_switched_off_or_tuned():
+    assert {"PerTaskMetrics", "SeesawTracker", "RoutingStats", "RunReport", "ModelCheckpoint"} <= callback_types([])
+    remaining = callback_types(["--routing_stats", "null", "--seesaw", "null"])
+    assert "RoutingStats" not in remaining and "SeesawTracker" not in remaining and "PerTaskMetrics" in remaining
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    args=["--config", "recipes/default.yaml", "--seesaw.tolerance", "0.05"])
+    seesaw = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SeesawTracker")
+    assert seesaw.tolerance == 0.05
 
 
 def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
