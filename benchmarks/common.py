@@ -6,6 +6,7 @@ round, the order rotated between rounds) and reports medians and ratios taken fr
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -48,10 +49,33 @@ def restart_with_env(env: dict[str, str]) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
 
 
-def env_tag(env_groups: dict[str, dict[str, str]]) -> str:
-    """Name of the active environment variant, e.g. "tuned-malloc+omp-active" or "default"."""
-    active = [name for name, env in env_groups.items() if all(os.environ.get(k) == v for k, v in env.items())]
-    return "+".join(active) or "default"
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark script shares: device, threads, process environment, result-file tag."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--tuned-malloc", action="store_true", help="re-execute with glibc malloc tuned: "
+                        + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items()))
+    parser.add_argument("--omp-active", action="store_true",
+                        help="re-execute with OMP_WAIT_POLICY=ACTIVE (OpenMP workers spin instead of sleeping)")
+    parser.add_argument("--tag", default="", help="appended to the result file names")
+
+
+def start_run(args: argparse.Namespace) -> tuple[torch.device, tuple[float, float, float]]:
+    """Apply the shared options (re-executing with the chosen environment); returns the device and the load average."""
+    if args.tuned_malloc:
+        restart_with_env(TUNED_MALLOC_ENV)
+    if args.omp_active:
+        restart_with_env(OMP_ACTIVE_ENV)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device), os.getloadavg()
+
+
+def run_env_tag() -> str:
+    """Name of the process environment, e.g. "tuned-malloc+omp-active-2threads" or "default-2threads"."""
+    groups = {"tuned-malloc": TUNED_MALLOC_ENV, "omp-active": OMP_ACTIVE_ENV}
+    active = [name for name, env in groups.items() if all(os.environ.get(k) == v for k, v in env.items())]
+    return f"{'+'.join(active) or 'default'}-{torch.get_num_threads()}threads"
 
 
 def command_line() -> str:
@@ -103,9 +127,15 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers depend on: hardware, library versions, threads, environment and code revision."""
+def machine_info(load_at_start: tuple[float, float, float]) -> dict[str, Any]:
+    """What the numbers depend on: hardware, library versions, threads, environment, code revision, machine load.
+
+    `load_at_start` is `os.getloadavg()` from before the measurements; with the load at the end it shows whether
+    other work shared the machine (above the benchmark's own threads, the timings are inflated and noisier).
+    """
     info: dict[str, Any] = {
+        "load_average_start": list(load_at_start),
+        "load_average_end": list(os.getloadavg()),
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
@@ -135,6 +165,9 @@ def machine_markdown(info: dict[str, Any]) -> str:
         f"- Code: git {info['git_commit']}{' (uncommitted changes)' if info['git_dirty_paths'] else ''}, "
         f"run {info['date_utc']} UTC",
         f"- Command: `{info['command']}`",
+        f"- Load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in info['load_average_start'])}, "
+        f"at end {'/'.join(f'{v:.1f}' for v in info['load_average_end'])} (the benchmark itself adds up to "
+        f"{info['torch_threads']})",
     ]
     return "\n".join(lines)
 

@@ -20,20 +20,31 @@ from dataclasses import asdict
 import torch
 
 from benchmarks.common import (
-    OMP_ACTIVE_ENV,
     REPO_ROOT,
-    TUNED_MALLOC_ENV,
-    env_tag,
+    add_run_arguments,
     geomean,
     machine_info,
     machine_markdown,
     markdown_table,
     median,
-    restart_with_env,
     round_robin,
+    run_env_tag,
+    start_run,
     write_report,
 )
-from benchmarks.layer_speed import DTYPES, LIBRARY_CLASSES, Setting, make_inputs, prepare, training_step
+from benchmarks.layer_speed import (
+    DTYPES,
+    LIBRARY_CLASSES,
+    Setting,
+    add_setting_arguments,
+    fmt_pct,
+    fmt_ratio,
+    make_inputs,
+    parse_settings,
+    prepare,
+    ratios,
+    training_step,
+)
 
 METHODS = ("lora", "molora_dense", "molora_sparse", "malora_dense", "malora_sparse")
 
@@ -66,57 +77,57 @@ def run_setting(setting: Setting, methods: list[str], old_classes: dict, args: a
     if args.scope == "adapter":
         fixed_result = torch.randn(setting.tokens, setting.out_features, dtype=DTYPES[setting.dtype], device=device)
     steps = {}
+    if args.scope == "layer":  # the frozen base alone, the floor both versions' overheads are measured against
+        steps["base"] = training_step(prepare("base", inputs, args.dropout, args.aux_loss_coef), inputs.x,
+                                      inputs.upstream, inputs.autocast)
     for method in methods:
         for version, classes in (("old", old_classes), ("new", LIBRARY_CLASSES)):
             prepared = prepare(method, inputs, args.dropout, args.aux_loss_coef, classes, fixed_result)
             steps[f"{version}:{method}"] = training_step(prepared, inputs.x, inputs.upstream, inputs.autocast)
     times = round_robin(steps, args.warmup, args.rounds, device)
     median_ms = {name: 1e3 * median(values) for name, values in times.items()}
+    by_version = {version: {m: median_ms[f"{version}:{m}"] for m in methods} for version in ("old", "new")}
+    if "base" in median_ms:
+        for version_ms in by_version.values():
+            version_ms["base"] = median_ms["base"]
     return {"setting": asdict(setting), "median_ms": median_ms,
             "new_over_old": {m: median_ms[f"new:{m}"] / median_ms[f"old:{m}"] for m in methods},
+            "ratios": {version: ratios(version_ms) for version, version_ms in by_version.items()},
             "times_ms": {name: [1e3 * v for v in values] for name, values in times.items()}}
+
+
+def fmt(ratio_name: str, value: float) -> str:
+    return fmt_pct(value) if ratio_name.startswith("overhead") else fmt_ratio(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", default="HEAD", help="git revision whose kernels are the 'old' side")
     parser.add_argument("--scope", choices=("adapter", "layer"), default="adapter")
-    parser.add_argument("--shapes", default="2048x5504,5504x2048")
-    parser.add_argument("--tokens", default="512")
-    parser.add_argument("--dtypes", default="fp32")
-    parser.add_argument("--x-grad", default="yes")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tuned-malloc", action="store_true")
-    parser.add_argument("--omp-active", action="store_true")
-    parser.add_argument("--tag", default="")
+    add_setting_arguments(parser, {"shapes": "2048x5504,5504x2048", "tokens": "512", "dtypes": "fp32",
+                                   "x_grad": "yes", "warmup": 2, "rounds": 15})
+    add_run_arguments(parser)
     args = parser.parse_args()
-    if args.tuned_malloc:
-        restart_with_env(TUNED_MALLOC_ENV)
-    if args.omp_active:
-        restart_with_env(OMP_ACTIVE_ENV)
-    device = torch.device(args.device)
+    device, load_at_start = start_run(args)
     methods = args.methods.split(",")
     old_classes = revision_classes(args.rev)
-    settings = [Setting(int(n), int(m), int(t), dtype, {"no": False, "yes": True}[g])
-                for n, m in (shape.split("x") for shape in args.shapes.split(","))
-                for dtype in args.dtypes.split(",") for t in args.tokens.split(",") for g in args.x_grad.split(",")]
+    settings = parse_settings(args)
     results = []
     for setting in settings:
         result = run_setting(setting, methods, old_classes, args, device)
         results.append(result)
         print(setting.label, "  ".join(f"{m} {result['median_ms'][f'old:{m}']:.1f}->{result['median_ms'][f'new:{m}']:.1f}"
                                        for m in methods), flush=True)
-    env = env_tag({"tuned-malloc": TUNED_MALLOC_ENV, "omp-active": OMP_ACTIVE_ENV})
-    info = machine_info()
+    env = run_env_tag()
+    info = machine_info(load_at_start)
     rows = [[Setting(**r["setting"]).label,
              *(f"{r['median_ms'][f'old:{m}']:.1f} → {r['median_ms'][f'new:{m}']:.1f} ({r['new_over_old'][m]:.2f})"
                for m in methods)] for r in results]
     summary = [[m, f"{geomean(r['new_over_old'][m] for r in results):.2f}"] for m in methods]
+    ratio_names = [name for name in results[0]["ratios"]["new"]]
+    ratio_rows = [[Setting(**r["setting"]).label, *(f"{fmt(k, r['ratios']['old'][k])} → {fmt(k, r['ratios']['new'][k])}"
+                                                    for k in ratio_names)] for r in results]
     markdown = "\n\n".join([
         f"# Kernel before/after: {args.rev} → working tree ({args.scope} scope, {env})",
         machine_markdown(info),
@@ -124,6 +135,8 @@ def main() -> None:
         "median ms, old → new (new/old).",
         markdown_table(["setting", *methods], rows),
         markdown_table(["method", "geomean new/old"], summary),
+        "Side-by-side ratios of each version (old → new), from the same rounds:",
+        markdown_table(["setting", *ratio_names], ratio_rows),
     ])
     print(markdown)
     payload = {"rev": args.rev, "scope": args.scope, "env": env, "args": vars(args), "machine": info,

@@ -26,19 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (
-    OMP_ACTIVE_ENV,
-    TUNED_MALLOC_ENV,
     PeakTensorMemory,
-    env_tag,
-    has_native_bf16,
+    add_run_arguments,
     geomean,
+    has_native_bf16,
     machine_info,
     machine_markdown,
     markdown_table,
     median,
-    restart_with_env,
     round_robin,
+    run_env_tag,
     saved_tensor_bytes,
+    start_run,
     synchronize,
     write_report,
 )
@@ -442,25 +441,34 @@ def markdown_report(payload: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def add_setting_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """What to time: shapes, token counts, dtypes, x.grad, rounds, dropout and aux-loss weight (shared with kernel_ab)."""
+    parser.add_argument("--shapes", default=defaults.get("shapes"),
+                        help="comma-separated INxOUT, e.g. 4096x11008,11008x4096")
+    parser.add_argument("--tokens", default=defaults.get("tokens"), help="comma-separated token counts, e.g. 512,2048")
+    parser.add_argument("--dtypes", default=defaults.get("dtypes"), help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--x-grad", default=defaults.get("x_grad"),
+                        help="comma-separated subset of no,yes: whether the layer input needs a gradient")
+    parser.add_argument("--warmup", type=int, default=defaults.get("warmup"))
+    parser.add_argument("--rounds", type=int, default=defaults.get("rounds"))
+    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (the paper's configs use 0.05)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
+
+
+def parse_settings(args: argparse.Namespace) -> list[Setting]:
+    return [Setting(int(n), int(m), int(tokens), dtype, {"no": False, "yes": True}[x_grad])
+            for n, m in (shape.split("x") for shape in args.shapes.split(","))
+            for dtype in args.dtypes.split(",") for tokens in args.tokens.split(",")
+            for x_grad in args.x_grad.split(",")]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="2048<->5504 shapes, T=512, x.grad=yes, 1+7 rounds (< 2 minutes on 2 CPU cores)")
-    parser.add_argument("--shapes", help="comma-separated INxOUT, e.g. 4096x11008,11008x4096")
-    parser.add_argument("--tokens", help="comma-separated token counts, e.g. 512,2048")
-    parser.add_argument("--dtypes", help="comma-separated subset of fp32,bf16")
-    parser.add_argument("--x-grad", help="comma-separated subset of no,yes: whether the layer input needs a gradient")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (the paper's configs use 0.05)")
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tuned-malloc", action="store_true",
-                        help="re-execute with glibc malloc tuned: " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items()))
-    parser.add_argument("--omp-active", action="store_true",
-                        help="re-execute with OMP_WAIT_POLICY=ACTIVE (OpenMP workers spin instead of sleeping)")
-    parser.add_argument("--tag", default="", help="appended to the result file names")
+    add_setting_arguments(parser, {})
+    add_run_arguments(parser)
     args = parser.parse_args()
     default_dtypes = "fp32,bf16" if has_native_bf16(torch.device(args.device)) else "fp32"
     preset = {"shapes": "2048x5504,5504x2048", "tokens": "512", "dtypes": default_dtypes, "x_grad": "yes",
@@ -482,22 +490,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.tuned_malloc:
-        restart_with_env(TUNED_MALLOC_ENV)
-    if args.omp_active:
-        restart_with_env(OMP_ACTIVE_ENV)
-    device = torch.device(args.device)
+    device, load_at_start = start_run(args)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
-    tokens = [int(t) for t in args.tokens.split(",")]
-    dtypes = args.dtypes.split(",")
-    x_grads = [{"no": False, "yes": True}[v] for v in args.x_grad.split(",")]
-    settings = [Setting(n, m, t, dtype, x_grad) for (n, m) in shapes for dtype in dtypes for t in tokens
-                for x_grad in x_grads]
-    env = env_tag({"tuned-malloc": TUNED_MALLOC_ENV, "omp-active": OMP_ACTIVE_ENV})
+    settings = parse_settings(args)
+    shapes = list(dict.fromkeys((s.in_features, s.out_features) for s in settings))
+    tokens = list(dict.fromkeys(s.tokens for s in settings))
+    x_grads = list(dict.fromkeys(s.x_grad for s in settings))
+    env = run_env_tag()
     bandwidth = measure_bandwidth(device)
     started = time.perf_counter()
     results = []
@@ -513,7 +515,7 @@ def main() -> None:
                                                         if not k.startswith("overhead")), flush=True)
     table, cost_records = cost_table(shapes, tokens, x_grads)
     payload = {"preset": args.preset, "env": env, "device": device.type, "args": vars(args) | {"methods": methods},
-               "machine": machine_info(), "bandwidth_gbs": bandwidth / 1e9, "cost_table": table,
+               "machine": machine_info(load_at_start), "bandwidth_gbs": bandwidth / 1e9, "cost_table": table,
                "costs": cost_records, "results": results, "wall_seconds": time.perf_counter() - started}
     markdown = markdown_report(payload)
     print(markdown)

@@ -7,9 +7,11 @@ Shapes (n = in_features, m = out_features, N experts, r expert rank, d shared ra
 * `MALoRALinear`: shared_A [d, n], lora_P [N, r, d], lora_B [N, m, r], router [N, n]
 
 MALoRA is MoLoRA run on the shared projection S_A x (computed once for all tokens and experts) with P_t in place of
-A_t, so both mixtures share one expert kernel. The dense kernel computes every expert and zeroes the unselected ones
-through the gates (N*r is small, so this beats token dispatch on CPU; see BENCHMARKS.md); the sparse kernel dispatches
-each token to its top-k experts, moving d-dimensional rows for MALoRA and n-dimensional rows for MoLoRA.
+A_t, so both mixtures share one expert kernel. The router reads the same x as the first projection (S_A, or every A_t
+in MoLoRA's dense kernel), so both come from one GEMM unless dropout is active. The dense kernel computes every expert
+and zeroes the unselected ones through the gates in rank space, then runs all up-projections as one GEMM
+(`GatedUpProjection`); N*r is small, so this beats token dispatch on CPU (see BENCHMARKS.md). The sparse kernel
+dispatches each token to its top-k experts, moving d-dimensional rows for MALoRA and n-dimensional rows for MoLoRA.
 `reference_forward` materialises each expert's Delta W_t and sums the gated outputs, as the paper's Eqs. 5 and 7 are
 written; tests compare both kernels against it.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters.config import AdapterConfig
@@ -52,6 +55,53 @@ def add_matmul(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor)
     if result.dtype == hidden.dtype or torch.is_autocast_enabled(result.device.type):
         return torch.addmm(result, hidden, weight.t()).to(result.dtype)
     return result + (hidden @ weight.t()).to(result.dtype)
+
+
+def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM.
+
+    One copy does both the reordering and the cast (e.g. to the autocast dtype).
+    """
+    num_experts, out_features, rank = lora_B.shape
+    stacked = lora_B.permute(1, 0, 2)
+    if dtype != stacked.dtype:
+        stacked = stacked.to(dtype, memory_format=torch.contiguous_format)
+    return stacked.reshape(out_features, num_experts * rank)
+
+
+class GatedUpProjection(torch.autograd.Function):
+    """result + sum_t gates[:, t] * Z_t B_t^T for all N experts in one GEMM, keeping only Z, gates and B for backward.
+
+    Inputs: result [T, m], expert_hidden Z [T, N, r], gates [T, N] (zero for unselected experts, in Z's dtype),
+    lora_B [N, m, r]. Autograd on the plain ops would also keep the gated copy of Z and the [m, N*r] stacked copy of
+    B alive until backward (about 4 MB per layer at m = 11008, N*r = 96, float32); both are cheap to recompute,
+    and the backward applies the gates to dZ and reduces dgates in rank space without further graph nodes.
+    """
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, expert_hidden: torch.Tensor, gates: torch.Tensor,
+                lora_B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(expert_hidden, gates, lora_B)
+        gated = (expert_hidden * gates.unsqueeze(-1)).flatten(1)
+        return add_matmul(result, gated, stacked_up_weight(lora_B, gated.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        expert_hidden, gates, lora_B = ctx.saved_tensors
+        needs_result, needs_hidden, needs_gates, needs_B = ctx.needs_input_grad
+        grad_out = grad.to(expert_hidden.dtype)
+        grad_hidden = grad_gates = grad_B = None
+        if needs_hidden or needs_gates:
+            grad_gated = (grad_out @ stacked_up_weight(lora_B, grad_out.dtype)).view_as(expert_hidden)
+            grad_hidden = grad_gated * gates.unsqueeze(-1) if needs_hidden else None
+            grad_gates = (grad_gated * expert_hidden).sum(-1) if needs_gates else None
+        if needs_B:
+            gated = (expert_hidden * gates.unsqueeze(-1)).flatten(1)
+            num_experts, out_features, rank = lora_B.shape
+            grad_stacked = grad_out.t() @ gated  # [m, N*r]
+            grad_B = grad_stacked.view(out_features, num_experts, rank).permute(1, 0, 2).to(lora_B.dtype)
+        return grad if needs_result else None, grad_hidden, grad_gates, grad_B
 
 
 class AdapterLayer(nn.Module):
@@ -133,10 +183,11 @@ class RouterLosses:
 
 
 class RoutedAdapterLayer(AdapterLayer):
-    """A mixture of N low-rank experts applied to `expert_input(x)`, top-k routed per token.
+    """A mixture of N low-rank experts, top-k routed per token.
 
-    Subclasses define the per-expert down-projection `expert_down` [N, r, k] acting on `expert_input(x)` [T, k];
-    every expert's up-projection is `lora_B` [N, m, r].
+    Subclasses say how a token reaches the experts: `shared_down` is the [k, n] projection every token goes through
+    first (MALoRA's S_A; None for MoLoRA, whose experts read x itself), and `expert_down` [N, r, k] the per-expert
+    down-projection of that input. Every expert's up-projection is `lora_B` [N, m, r].
     """
 
     lora_B: nn.Parameter
@@ -156,10 +207,11 @@ class RoutedAdapterLayer(AdapterLayer):
 
     # ------------------------------------------------------------------ to be defined by each mixture
     @property
-    def expert_down(self) -> torch.Tensor:
+    def shared_down(self) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def expert_down(self) -> torch.Tensor:
         raise NotImplementedError
 
     def expert_down_weight(self, expert: int) -> torch.Tensor:
@@ -167,8 +219,9 @@ class RoutedAdapterLayer(AdapterLayer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ routing
-    def compute_routing(self, x: torch.Tensor, leading_shape: torch.Size) -> Routing:
-        routing = route(self.router(x), self.top_k, self.renormalize_top_k)
+    def compute_routing(self, logits: torch.Tensor, leading_shape: torch.Size) -> Routing:
+        """Top-k routing from router logits; records the router losses and notifies routing observers."""
+        routing = route(logits, self.top_k, self.renormalize_top_k)
         context = self.routing_context
         token_mask = context.token_mask(leading_shape)
         self.last_router_losses = RouterLosses(
@@ -185,42 +238,63 @@ class RoutedAdapterLayer(AdapterLayer):
         ))
         return routing
 
-    # ------------------------------------------------------------------ kernels
-    def stacked_up_weight(self) -> torch.Tensor:
-        """[m, N*r]: every expert's B side by side, so the up-projection of all experts is one GEMM."""
-        return self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.rank)
+    def router_and_projection(self, x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, N] and dropout(x) @ weight.T ([T, k]; dropout(x) itself when weight is None).
 
+        Without active dropout the router and the projection read the same x, so one GEMM on the stacked weights
+        [router; weight] reads x once instead of twice, and its backward gives their dX in one GEMM instead of two
+        GEMMs plus an add over [T, n].
+        """
+        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
+        if weight is None or dropout_active:
+            dropped = self.dropout(x)
+            return self.router(x), dropped if weight is None else F.linear(dropped, weight)
+        logits, projected = F.linear(x, torch.cat([self.router.weight, weight])).split(
+            [self.num_experts, weight.shape[0]], dim=-1)
+        return logits, projected
+
+    # ------------------------------------------------------------------ kernels
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
-        routing = self.compute_routing(x, leading_shape)
-        hidden = self.expert_input(self.dropout(x))
-        if hidden.shape[0] == 0:
+        all_experts_down = self.expert_down.flatten(0, 1)  # [N*r, k]
+        if self.shared_down is not None:
+            first_weight = self.shared_down
+        else:  # MoLoRA: the dense kernel applies every A_t to every token; the sparse one only after dispatch
+            first_weight = all_experts_down if self.kernel == "dense" else None
+        logits, projected = self.router_and_projection(x, first_weight)
+        routing = self.compute_routing(logits, leading_shape)
+        if x.shape[0] == 0:
             return result
         if self.kernel == "sparse":
-            return self._sparse_experts(result, hidden, routing)
-        return self._dense_experts(result, hidden, routing)
+            return self._sparse_experts(result, projected, routing)
+        expert_hidden = projected if self.shared_down is None else F.linear(projected, all_experts_down)
+        return self._dense_experts(result, expert_hidden, routing)
 
-    def _dense_experts(self, result: torch.Tensor, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        down = self.expert_down.reshape(self.num_experts * self.rank, -1)
-        expert_hidden = F.linear(hidden, down).view(num_tokens, self.num_experts, self.rank)
-        gates = dense_gates(routing).to(expert_hidden.dtype) * self.scaling
-        gated = (expert_hidden * gates.unsqueeze(-1)).view(num_tokens, self.num_experts * self.rank)
-        return add_matmul(result, gated, self.stacked_up_weight())
+    def _dense_experts(self, result: torch.Tensor, expert_hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Every expert on every token, unselected experts zeroed by the gates in rank space, one up GEMM."""
+        num_tokens = expert_hidden.shape[0]
+        gates = dense_gates(routing, self.scaling).to(expert_hidden.dtype)
+        return GatedUpProjection.apply(result, expert_hidden.view(num_tokens, self.num_experts, self.rank), gates,
+                                       self.lora_B)
 
-    def _sparse_experts(self, result: torch.Tensor, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _sparse_experts(self, result: torch.Tensor, projected: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each token's rows dispatched to its top-k experts only (d-dim rows for MALoRA, n-dim for MoLoRA).
+
+        Assignments are sorted by expert, so every expert works on one contiguous block, and each expert's output is
+        added straight into the result (no [T*K, m] concatenation). `unbind` splits the expert weights with one
+        backward op, where indexing them expert by expert would build a zero-filled [N, ...] gradient per expert.
+        """
         flat_experts = routing.experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // self.top_k
-        gates = routing.gates.reshape(-1)[order].to(hidden.dtype) * self.scaling
+        gates = routing.gates.reshape(-1)[order].to(projected.dtype) * self.scaling
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        rows = hidden[token_index]
-        down, up = self.expert_down, self.lora_B
-        outputs = []
-        for expert, (expert_rows, expert_gates) in enumerate(zip(rows.split(counts), gates.split(counts))):
-            if expert_rows.shape[0]:
-                expert_hidden = F.linear(expert_rows, down[expert]) * expert_gates.unsqueeze(-1)
-                outputs.append(F.linear(expert_hidden, up[expert]))
-        return result.index_add(0, token_index, torch.cat(outputs).to(result.dtype))
+        blocks = zip(self.expert_down.unbind(), self.lora_B.unbind(), projected[token_index].split(counts),
+                     gates.split(counts), token_index.split(counts))
+        output = result.clone()
+        for down, up, rows, expert_gates, tokens in blocks:
+            expert_hidden = F.linear(rows, down) * expert_gates.unsqueeze(-1)
+            output.index_add_(0, tokens, F.linear(expert_hidden, up).to(output.dtype))
+        return output
 
     def reference_delta(self, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
         routing = route(self.router(x), self.top_k, self.renormalize_top_k)
@@ -247,11 +321,12 @@ class MoLoRALinear(RoutedAdapterLayer):
         init_lora_(self.lora_A, self.lora_B)
 
     @property
+    def shared_down(self) -> None:
+        return None
+
+    @property
     def expert_down(self) -> torch.Tensor:
         return self.lora_A
-
-    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     def expert_down_weight(self, expert: int) -> torch.Tensor:
         return self.lora_A[expert]
@@ -278,11 +353,12 @@ class MALoRALinear(RoutedAdapterLayer):
         init_malora_(self.shared_A, self.lora_P, self.lora_B, config.beta, config.reuse_first_kaiming)
 
     @property
+    def shared_down(self) -> torch.Tensor:
+        return self.shared_A
+
+    @property
     def expert_down(self) -> torch.Tensor:
         return self.lora_P
-
-    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.shared_A)
 
     def expert_down_weight(self, expert: int) -> torch.Tensor:
         return self.lora_P[expert] @ self.shared_A

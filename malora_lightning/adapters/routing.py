@@ -62,9 +62,10 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def dense_gates(routing: Routing) -> torch.Tensor:
-    """[T, N] gate matrix with zeros for the experts a token did not select (used by the dense kernels)."""
-    return torch.zeros_like(routing.probs).scatter(1, routing.experts, routing.gates)
+def dense_gates(routing: Routing, scale: float = 1.0) -> torch.Tensor:
+    """[T, N] gate matrix times `scale`, zero for the experts a token did not select (used by the dense kernels)."""
+    gates = routing.gates if scale == 1.0 else routing.gates * scale
+    return torch.zeros_like(routing.probs).scatter(1, routing.experts, gates)
 
 
 @dataclass

@@ -227,3 +227,64 @@ def test_dropout_applies_only_in_training():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_kernels_match_the_reference_with_active_dropout(method, kernel):
+    """With dropout active the router reads x and the experts read dropout(x), so the router is not fused."""
+    layer = make_layer(method, kernel, dropout=0.5)
+    layer.train()
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+
+    def seeded(forward):
+        def run(inputs):
+            torch.manual_seed(7)  # both paths draw one dropout mask of the same shape
+            return forward(inputs)
+        return run
+
+    fast = grads(layer, x, seeded(layer))
+    reference = grads(layer, x, seeded(layer.reference_forward))
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_sparse_kernel_with_idle_experts_matches_the_reference(method):
+    layer = make_layer(method, "sparse", top_k=1)
+    x = torch.randn(3, IN, dtype=torch.float64)  # 3 tokens, top-1: at least 2 of the 5 experts get no token
+    fast = grads(layer, x, layer)
+    reference = grads(layer, x, layer.reference_forward)
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
+    idle = [e for e in range(5) if torch.count_nonzero(fast["lora_B"][e]) == 0]
+    assert len(idle) >= 2
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_no_tokens_gives_the_base_output(method, kernel):
+    layer = make_layer(method, kernel)
+    x = torch.randn(0, IN, dtype=torch.float64)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert layer.last_router_losses.load_balance.item() == 0.0
+
+
+@pytest.mark.parametrize(("method", "frozen"), [("molora", {"train_A": False}),
+                                                ("malora", {"train_P": False, "train_shared_A": False})])
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_frozen_down_projections_and_an_input_without_grad_match_the_reference(method, frozen, kernel):
+    """The expert hidden states then need no gradient; only B and the router do."""
+    layer = make_layer(method, kernel, **frozen)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+    upstream = torch.linspace(-1, 1, TOKENS * OUT, dtype=torch.float64).reshape(TOKENS, OUT)
+    results = []
+    for forward in (layer, layer.reference_forward):
+        layer.zero_grad(set_to_none=True)
+        (forward(x) * upstream).sum().backward()
+        results.append({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
+    fast, reference = results
+    assert fast.keys() == reference.keys() == {"lora_B", "router.weight"}
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
