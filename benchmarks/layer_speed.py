@@ -465,14 +465,14 @@ def parse_settings(args: argparse.Namespace) -> list[Setting]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="2048<->5504 shapes, T=512, x.grad=yes, 1+7 rounds (< 2 minutes on 2 CPU cores)")
+                        help="2048<->5504 shapes, T=512, x.grad=yes, 1+5 rounds (< 2 minutes on 2 idle CPU cores)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     add_setting_arguments(parser, {})
     add_run_arguments(parser)
     args = parser.parse_args()
     default_dtypes = "fp32,bf16" if has_native_bf16(torch.device(args.device)) else "fp32"
     preset = {"shapes": "2048x5504,5504x2048", "tokens": "512", "dtypes": default_dtypes, "x_grad": "yes",
-              "warmup": 1, "rounds": 7} if args.quick else \
+              "warmup": 1, "rounds": 5} if args.quick else \
              {"shapes": "4096x11008,11008x4096", "tokens": "512,2048", "dtypes": default_dtypes, "x_grad": "no,yes",
               "warmup": 2, "rounds": 9}
     custom = any(getattr(args, key) is not None for key in preset)
