@@ -228,11 +228,14 @@ class PeakTensorMemory(TorchDispatchMode):
             if ref.expired():
                 self.current -= nbytes
                 del self._live[key]
+        # views and in-place results share an input's storage: nothing new was allocated for them
+        inputs = {item.untyped_storage().data_ptr() for item in tree_flatten((args, kwargs))[0]
+                  if isinstance(item, torch.Tensor)}
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 storage = item.untyped_storage()
                 key = storage.data_ptr()
-                if key not in self._live and storage.nbytes() > 0:
+                if key not in self._live and key not in inputs and storage.nbytes() > 0:
                     self._live[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
