@@ -107,7 +107,7 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
         output = module.evaluate_batch(batch)
         logits = module(batch["choice_input_ids"], batch["choice_attention_mask"])
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    expected = []
+    expected, gold_scores = [], []
     for example in range(batch["gold"].shape[0]):
         scores = []
         for row in (batch["choice_example_index"] == example).nonzero().flatten().tolist():
@@ -116,8 +116,11 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
             total = sum(log_probs[row, t - 1, labels[t]].item() for t in positions)
             scores.append(total / len(positions))
         expected.append(max(range(len(scores)), key=scores.__getitem__))
+        gold_scores.append(scores)
     assert output["predictions"] == expected
     assert output["correct"].tolist() == [p == g for p, g in zip(expected, batch["gold"].tolist())]
+    for example, gold in enumerate(batch["gold"].tolist()):  # the loss is the gold choice's mean token NLL
+        torch.testing.assert_close(output["loss"][example], -torch.tensor(gold_scores[example][gold]))
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
@@ -185,8 +188,8 @@ def test_exported_adapters_reload_in_plain_transformers_with_identical_logits(ti
 
 def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     class PoisonAtStep(MALoRAModule):
-        def compute_lm_loss(self, logits, batch):
-            result = super().compute_lm_loss(logits, batch)
+        def compute_lm_loss(self, batch):
+            result = super().compute_lm_loss(batch)
             if self.global_step == 3:
                 result.loss = result.loss * float("nan")
             return result
@@ -205,8 +208,8 @@ def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_
 class ScaledLossModule(MALoRAModule):
     """A user subclass: weights the LM loss (an extension point) and records that it was used."""
 
-    def compute_lm_loss(self, logits, batch):
-        result = super().compute_lm_loss(logits, batch)
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
         result.loss = 0.5 * result.loss
         self.scaled = True
         return result

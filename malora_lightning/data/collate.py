@@ -62,7 +62,8 @@ class PromptEncoder:
     does not fit by itself is an error, because cutting it would train on a wrong answer.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool | None = None,
+                 system_prompt: str | None = None):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (got {max_length})")
         has_template = getattr(tokenizer, "chat_template", None) is not None
@@ -71,6 +72,7 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        self.system_prompt = system_prompt
         if not self.use_chat_template and tokenizer.eos_token is None:
             raise ValueError("the plain prompt format ends targets with the EOS token, but the tokenizer has none")
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -83,9 +85,11 @@ class PromptEncoder:
         what closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after ``opening``."""
         if not self.use_chat_template:
             return f"{prompt}\nAnswer:", f" {target}", self.tokenizer.eos_token
-        user = {"role": "user", "content": prompt}
-        opening = self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template([user, {"role": "assistant", "content": target}], tokenize=False)
+        turns = [{"role": "user", "content": prompt}]
+        if self.system_prompt is not None:
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        opening = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": target}], tokenize=False)
         end = full.find(target, len(opening))
         if not full.startswith(opening) or end < 0:
             raise ValueError("the chat template does not render '<prompt turn><assistant header><target>' as a plain "

@@ -39,6 +39,8 @@ class MultiTaskDataModule(LightningDataModule):
         tokenizer: Tokenizer name or path (usually the model's); loaded in ``setup`` by ``load_tokenizer``.
         max_length: Longest sequence in tokens; prompts are cut from the left to fit, targets never.
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
+        system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
+            20-token one to every example), ``""`` an empty system turn.
         batch_size: Training batch size per device.
         eval_batch_size: Evaluation batch size per device (default: ``batch_size``).
         sampling: Task mixing strategy.
@@ -66,6 +68,7 @@ class MultiTaskDataModule(LightningDataModule):
         tokenizer: str | None = None,
         max_length: int = 256,
         use_chat_template: bool | None = None,
+        system_prompt: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         sampling: str = "temperature",
@@ -141,7 +144,8 @@ class MultiTaskDataModule(LightningDataModule):
         return AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
 
     def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
-        return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template)
+        return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template,
+                             self.hparams.system_prompt)
 
     def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)

@@ -45,6 +45,15 @@ def test_chat_template_labels_only_the_assistant_answer_and_end_of_turn(chat_tok
     assert example.prompt_length == len(opening) == 21
 
 
+def test_system_prompt_becomes_the_first_turn(chat_tokenizer):
+    _, (example,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)], system_prompt="be brief")
+    system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
+    user = [IM_START] + ids(chat_tokenizer, "user\nab") + [IM_END] + ids(chat_tokenizer, "\n")
+    opening = system + user + [IM_START] + ids(chat_tokenizer, "assistant\n")
+    assert example.input_ids == opening + ids(chat_tokenizer, "cd") + [IM_END]
+    assert example.labels == [IGNORE_INDEX] * len(opening) + ids(chat_tokenizer, "cd") + [IM_END]
+
+
 def test_use_chat_template_can_be_forced_either_way(tokenizer, chat_tokenizer):
     _, (plain,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)], use_chat_template=False)
     assert plain.input_ids == ids(chat_tokenizer, "ab\nAnswer: cd") + [chat_tokenizer.eos_token_id]

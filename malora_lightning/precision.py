@@ -1,0 +1,38 @@
+"""`AutoMixedPrecision`: bf16 autocast where the hardware runs bf16 fast, plain float32 elsewhere.
+
+Use it in a recipe instead of `precision: bf16-mixed` when the same recipe must run well on any CPU:
+
+    trainer:
+      plugins:
+        - class_path: malora_lightning.precision.AutoMixedPrecision
+          init_args: {device: cpu}
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from typing import Literal
+
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_info
+
+from malora_lightning.hardware import fast_bf16_available
+
+
+class AutoMixedPrecision(MixedPrecision):
+    """`bf16-mixed` if `device` runs bf16 fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else `32-true`."""
+
+    def __init__(self, device: Literal["cpu", "cuda"] = "cpu") -> None:
+        super().__init__(precision="bf16-mixed", device=device)
+        self.enabled = fast_bf16_available(device)
+        rank_zero_info(f"AutoMixedPrecision: {'bf16 autocast' if self.enabled else 'float32'} on {device} "
+                       f"({'fast' if self.enabled else 'no fast'} bf16 on this {device})")
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        if self.enabled:
+            with super().forward_context():
+                yield
+        else:
+            yield

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+import malora_lightning.hardware as hardware
+import malora_lightning.precision as precision
+from malora_lightning.hardware import cpuinfo_has_bf16, resolve_compute_dtype
+from malora_lightning.precision import AutoMixedPrecision
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_bf16_units_are_read_from_cpuinfo():
+    assert not cpuinfo_has_bf16(AVX2_ONLY)
+    assert cpuinfo_has_bf16(SAPPHIRE_RAPIDS)
+    assert cpuinfo_has_bf16(GRAVITON3)
+    assert not cpuinfo_has_bf16("")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_choices_follow_the_hardware(monkeypatch, fast):
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(precision, "fast_bf16_available", hardware.fast_bf16_available)
+    assert resolve_compute_dtype("auto", "cpu") == ("bfloat16" if fast else "float32")
+    assert resolve_compute_dtype("float16", "cpu") == "float16"
+    plugin = AutoMixedPrecision("cpu")
+    with plugin.forward_context():
+        out = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+    assert out.dtype == (torch.bfloat16 if fast else torch.float32)
