@@ -107,6 +107,8 @@ class GatedUpProjection(torch.autograd.Function):
 class AdapterLayer(nn.Module):
     """A frozen `base_layer` plus a trainable adapter path computed in the adapter dtype and cast back."""
 
+    lora_B: nn.Parameter  # every method has an up-projection B
+
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, name: str = "") -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -115,14 +117,20 @@ class AdapterLayer(nn.Module):
         self.method = config.method
         self.rank = config.rank
         self.scaling = config.scaling
-        self.adapter_dtype = config.torch_dtype
+        self.parameter_dtype = config.torch_dtype  # for creating parameters; `adapter_dtype` follows later casts
         self.kernel = config.kernel
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.train(base_layer.training)
 
     def _new_parameter(self, *shape: int, trainable: bool = True) -> nn.Parameter:
         device = self.base_layer.weight.device
-        return nn.Parameter(torch.empty(shape, dtype=self.adapter_dtype, device=device), requires_grad=trainable)
+        return nn.Parameter(torch.empty(shape, dtype=self.parameter_dtype, device=device), requires_grad=trainable)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapter path runs in: its parameters' own, so that casts such as Lightning's bf16-true
+        conversion of the whole module are followed."""
+        return self.lora_B.dtype
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor (trainable or frozen by an ablation switch), keyed by its name inside this layer."""
@@ -199,7 +207,7 @@ class RoutedAdapterLayer(AdapterLayer):
         self.top_k = config.top_k
         self.renormalize_top_k = config.renormalize_top_k
         self.compute_z_loss = config.router_z_loss_coef > 0
-        self.router = nn.Linear(self.in_features, self.num_experts, bias=False, dtype=self.adapter_dtype,
+        self.router = nn.Linear(self.in_features, self.num_experts, bias=False, dtype=self.parameter_dtype,
                                 device=self.base_layer.weight.device)
         init_router_(self.router.weight, config.router_init_std)
         self.routing_context = context if context is not None else RoutingContext()
