@@ -40,13 +40,13 @@ class DumpRankState(Callback):
 def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     trainer = make_trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=[PerTaskMetrics(), DumpRankState(str(tmp_path))])
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=8))
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas identical
     assert ranks[0]["tasks"] == ranks[1]["tasks"]  # metrics were synchronised, not per-rank
     assert set(ranks[0]["tasks"]) == set(TASKS)
-    # each rank scored half of the 8 examples per task; the synchronised count covers all of them
-    assert all(score["count"] == 8 for score in ranks[0]["tasks"].values())
+    # the ranks scored 4 and 3 of the 7 examples per task: synchronised, every example counts exactly once
+    assert all(score["count"] == 7 for score in ranks[0]["tasks"].values())
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):

@@ -15,7 +15,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
-from malora_lightning.data.sampling import SAMPLING_STRATEGIES, TaskBalancedSampler, mixing_weights
+from malora_lightning.data.sampling import (
+    SAMPLING_STRATEGIES,
+    EvaluationShardSampler,
+    TaskBalancedSampler,
+    mixing_weights,
+)
 from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, task_from_spec
 from malora_lightning.offline_models import resolve_model_path
 
@@ -236,8 +241,8 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _eval_loaders(self, split: str) -> dict[str, DataLoader]:
         collator = self.build_collator(eval_fields=True)
-        return {name: DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collator,
-                                 num_workers=self.num_workers)
+        return {name: DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collator,
+                                 sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers)
                 for name, examples in self._loaded(split).items()}
 
     def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:

@@ -230,3 +230,27 @@ class TaskBalancedSampler(DistributedSampler):
         super().set_epoch(int(state["epoch"]))
         self._resume_at = min(int(state["position"]), self.total_size)
         self._position = self._resume_at
+
+
+class EvaluationShardSampler(DistributedSampler):
+    """Rank r evaluates examples r, r + world, r + 2*world, ... in order, without padding.
+
+    Lightning's default evaluation sampler pads every rank to the same count by repeating examples, which counts those
+    examples twice in per-task metrics; this one shards exactly (ranks may get one example fewer). Being a
+    ``DistributedSampler``, Lightning keeps it as it is.
+    """
+
+    def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.size = size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.num_replicas))

@@ -162,3 +162,12 @@ def test_zero_weight_tasks_are_never_drawn():
 def test_bad_mixing_arguments_say_what_is_wrong(sizes, strategy, options, message):
     with pytest.raises(ValueError, match=message):
         mixing_weights(sizes, strategy, **options)
+
+
+def test_evaluation_shards_cover_every_example_exactly_once():
+    from malora_lightning.data.sampling import EvaluationShardSampler
+
+    shards = [list(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]  # no padding: 7 examples, 7 evaluations
+    assert [len(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)] == [3, 2, 2]
+    assert list(EvaluationShardSampler(4)) == [0, 1, 2, 3]
