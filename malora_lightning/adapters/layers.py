@@ -288,8 +288,10 @@ class RoutedAdapterLayer(AdapterLayer):
         """Each token's rows dispatched to its top-k experts only (d-dim rows for MALoRA, n-dim for MoLoRA).
 
         Assignments are sorted by expert, so every expert works on one contiguous block, and each expert's output is
-        added straight into the result (no [T*K, m] concatenation). `unbind` splits the expert weights with one
-        backward op, where indexing them expert by expert would build a zero-filled [N, ...] gradient per expert.
+        added straight into the result (no [T*K, m] concatenation) with `scatter_add_` on a broadcast row index:
+        autograd keeps `index_add_`'s whole source alive for backward (only for its shape), [T*K, m] per layer.
+        `unbind` splits the expert weights with one backward op, where indexing them expert by expert would build a
+        zero-filled [N, ...] gradient per expert.
         """
         flat_experts = routing.experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
@@ -301,7 +303,8 @@ class RoutedAdapterLayer(AdapterLayer):
         output = result.clone()
         for down, up, rows, expert_gates, tokens in blocks:
             expert_hidden = F.linear(rows, down) * expert_gates.unsqueeze(-1)
-            output.index_add_(0, tokens, F.linear(expert_hidden, up).to(output.dtype))
+            expert_output = F.linear(expert_hidden, up).to(output.dtype)
+            output.scatter_add_(0, tokens.unsqueeze(-1).expand_as(expert_output), expert_output)
         return output
 
     def reference_delta(self, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
