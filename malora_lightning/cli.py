@@ -33,7 +33,10 @@ class MALoRACLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRAModule,
-         datamodule_class: type[MultiTaskDataModule] = MultiTaskDataModule) -> MALoRACLI:
-    """Entry point of `malora` and `python -m malora_lightning`; user projects pass their subclasses."""
-    return MALoRACLI(model_class, datamodule_class, save_config_kwargs={"overwrite": True},
-                     auto_configure_optimizers=False, args=args)
+         datamodule_class: type[MultiTaskDataModule] = MultiTaskDataModule) -> None:
+    """Entry point of `malora` and `python -m malora_lightning`; user projects pass their subclasses.
+
+    Returns None: a console script exits with `sys.exit(main())`, and any other value would be an error exit.
+    """
+    MALoRACLI(model_class, datamodule_class, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+              args=args)

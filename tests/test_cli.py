@@ -142,3 +142,10 @@ def test_missing_model_path_says_what_is_expected(tmp_path):
     module = MALoRAModule(model_name_or_path=str(tmp_path / "missing-model"), quantization=None)
     with pytest.raises(OSError, match="could not load model .*missing-model.*local folder with config.json"):
         module.configure_model()
+
+
+def test_console_script_exits_zero(tmp_path):
+    script = Path(sys.executable).parent / "malora"  # installed by pip install -e . (pyproject [project.scripts])
+    result = subprocess.run([str(script), "fit", "--config", "recipes/default.yaml", "--print_config"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
