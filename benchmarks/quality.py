@@ -1,0 +1,161 @@
+"""Multi-task quality of LoRA, MoLoRA and MALoRA (and MALoRA's Table 3 ablations) on the built-in offline suite.
+
+Each (configuration, seed) is one run of the default job (`recipes/default.yaml`: SmolLM2-135M in nf4, the nine
+built-in tasks) in its own process, with only the adapter and the seed changed. The data items are the same for
+every run (the data seed is fixed); the seed changes the adapter initialisation, dropout and the training order.
+Reported per configuration: trainable parameters, per-task final accuracy (mean and standard deviation over seeds),
+the macro average, the seesaw index, and the wall time.
+
+    python -m benchmarks.quality            # 6 configurations x 3 seeds (hours on 2 CPU cores)
+    python -m benchmarks.quality --quick    # 2 configurations, 1 seed, a few steps: checks the pipeline (< 2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from benchmarks.common import RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_report
+from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
+from malora_lightning.offline_models import resolve_model_path
+
+MODEL = "offline:SmolLM2-135M-Instruct"
+
+# The paper's configurations (scale 2 throughout); on SmolLM2 the three main ones have 17-19 M trainable parameters.
+CONFIGURATIONS: dict[str, dict[str, object]] = {
+    "lora_r64": {"method": "lora", "rank": 64, "alpha": 128},
+    "molora_r8": {"method": "molora", "rank": 8, "alpha": 16, "num_experts": 8, "top_k": 2},
+    "malora": {"method": "malora", "rank": 12, "shared_rank": 32, "alpha": 24, "num_experts": 8, "top_k": 2},
+    "malora_frozen_SA_r16": {"method": "malora", "rank": 16, "shared_rank": 32, "alpha": 32, "num_experts": 8,
+                             "top_k": 2, "train_shared_A": False},
+    "malora_frozen_P": {"method": "malora", "rank": 12, "shared_rank": 32, "alpha": 24, "num_experts": 8, "top_k": 2,
+                        "train_P": False},
+    "malora_symmetric_r8_d64": {"method": "malora", "rank": 8, "shared_rank": 64, "alpha": 16, "num_experts": 8,
+                                "top_k": 2},
+}
+QUICK_CONFIGURATIONS = ("lora_r64", "malora")
+
+
+def trainable_parameters(adapter: dict[str, object]) -> int:
+    """Exact trainable count on SmolLM2, from shapes only (model built on the meta device)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(MODEL))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inject_adapters(model, AdapterConfig(**adapter))
+    return count_parameters(model).trainable
+
+
+def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
+    """One default-job run in a fresh process; returns its final per-task accuracies, seesaw index and wall time."""
+    overrides = [f"--model.adapter.{key}={json.dumps(value) if isinstance(value, bool) else value}"
+                 for key, value in CONFIGURATIONS[name].items()]
+    command = [sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml", *overrides,
+               f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.max_steps={args.steps}",
+               f"--trainer.val_check_interval={args.val_every}", f"--data.max_eval_examples_per_task={args.eval_examples}",
+               f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false"]
+    if args.tasks:
+        command.append(f"--data.tasks=[{', '.join(args.tasks)}]")
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"run {name} seed {seed} failed:\n{result.stderr[-4000:]}")
+    seesaw = json.loads(next(run_dir.rglob("seesaw.json")).read_text())["stages"]["val"]
+    final = seesaw[-1]
+    intervals = [point["seesaw_index"] for point in seesaw[1:] if point["seesaw_index"] is not None]
+    return {
+        "seed": seed,
+        "accuracy": {task: score["accuracy"] for task, score in final["tasks"].items()},
+        "before": {task: score["accuracy"] for task, score in seesaw[0]["tasks"].items()},
+        "seesaw_index": statistics.mean(intervals) if intervals else None,
+        "seconds": seconds,
+    }
+
+
+def summarise(name: str, runs: list[dict[str, object]], trainable: int) -> dict[str, object]:
+    tasks = list(runs[0]["accuracy"])
+    per_task = {task: [run["accuracy"][task] for run in runs] for task in tasks}
+    averages = [statistics.mean(run["accuracy"].values()) for run in runs]
+    seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
+    return {
+        "configuration": name,
+        "adapter": CONFIGURATIONS[name],
+        "trainable_parameters": trainable,
+        "per_task_mean": {task: statistics.mean(values) for task, values in per_task.items()},
+        "per_task_std": {task: statistics.pstdev(values) for task, values in per_task.items()},
+        "average_mean": statistics.mean(averages),
+        "average_std": statistics.pstdev(averages),
+        "seesaw_index_mean": statistics.mean(seesaw) if seesaw else None,
+        "minutes_per_run": statistics.mean(run["seconds"] for run in runs) / 60,
+        "runs": runs,
+    }
+
+
+def markdown(summaries: list[dict[str, object]], info: dict[str, object], args: argparse.Namespace,
+             total_minutes: float) -> str:
+    tasks = list(summaries[0]["per_task_mean"])
+    headers = ["configuration", "trainable", *tasks, "average", "seesaw index", "min/run"]
+    rows = []
+    for summary in summaries:
+        cells = [f"{100 * summary['per_task_mean'][t]:.1f} ± {100 * summary['per_task_std'][t]:.1f}" for t in tasks]
+        seesaw = summary["seesaw_index_mean"]
+        rows.append([summary["configuration"], f"{summary['trainable_parameters'] / 1e6:.2f} M", *cells,
+                     f"**{100 * summary['average_mean']:.1f} ± {100 * summary['average_std']:.1f}**",
+                     "-" if seesaw is None else f"{seesaw:.2f}", f"{summary['minutes_per_run']:.1f}"])
+    return "\n\n".join([
+        "# Multi-task quality on the built-in offline suite",
+        f"{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}) per configuration, {args.steps} steps, "
+        f"{args.eval_examples} validation examples per task; accuracy in % (mean ± std over seeds) at the last "
+        f"evaluation; seesaw index averaged over the evaluation intervals. Total wall time {total_minutes:.0f} min.",
+        markdown_table(headers, rows),
+        machine_markdown(info),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 6 steps, 2 tasks")
+    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--val-every", type=int, default=150)
+    parser.add_argument("--eval-examples", type=int, default=32)
+    parser.add_argument("--tasks", nargs="+", help="default: the built-in suite of the default recipe")
+    parser.add_argument("--tag", default="", help="appended to the result file names")
+    args = parser.parse_args()
+    if args.quick:
+        args.configurations, args.seeds, args.steps, args.val_every = list(QUICK_CONFIGURATIONS), [0], 6, 6
+        args.eval_examples, args.tasks = 4, args.tasks or ["add_2digit", "parity"]
+    load_at_start = os.getloadavg()
+    stem = f"quality{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
+    work_dir = RESULTS_DIR / "tmp" / stem
+    start = time.perf_counter()
+    summaries = []
+    for name in args.configurations:
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_once(name, seed, args, work_dir / f"{name}-seed{seed}"))
+            print(f"{name} seed {seed}: average {100 * statistics.mean(runs[-1]['accuracy'].values()):.1f}% "
+                  f"in {runs[-1]['seconds'] / 60:.1f} min", flush=True)
+        summaries.append(summarise(name, runs, trainable_parameters(CONFIGURATIONS[name])))
+    total_minutes = (time.perf_counter() - start) / 60
+    info = machine_info(load_at_start)
+    report = markdown(summaries, info, args, total_minutes)
+    paths = write_report(stem, {"machine": info, "settings": vars(args), "total_minutes": total_minutes,
+                                "configurations": summaries}, report)
+    print(report)
+    print("written:", *paths)
+
+
+if __name__ == "__main__":
+    main()
