@@ -1,9 +1,10 @@
 """`RoutingStats`: what the routers do on the validation and test sets, per routed layer and per task.
 
-What is counted: the top-k expert assignments of real tokens (padding excluded through the attention mask) in the
-first forward of each evaluation batch over its `input_ids`: the teacher-forced prompt + answer pass that the
-validation loss comes from. The step's other forwards (multiple-choice option scoring, generation prefill and decode)
-are not counted: they re-read the same prompts, so counting them would weigh tasks by how they are scored.
+What is counted: the top-k expert assignments of the real prompt + answer tokens (padding excluded through the
+attention mask) of each evaluation batch's scoring forward, the pass that the validation loss comes from: for
+generative tasks the teacher-forced forward over `input_ids`, for multiple-choice tasks the gold choice's rows of the
+single forward over all (example, choice) rows. The other choices' rows and the generation forwards (prefill and
+decode) are not counted: they re-read the same prompts, so counting them would weigh tasks by how they are scored.
 
 Per layer with N experts and top-k (the sums are kept on the device and summed across ranks at the end):
 
@@ -41,6 +42,7 @@ from malora_lightning.adapters.routing import ObserverHandle, RoutingContext, Ro
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
 from malora_lightning.run_paths import run_directory
+from malora_lightning.scoring import first_rows
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -187,14 +189,18 @@ class RoutingAccumulator:
         self.counts = torch.zeros(len(layer_names), self.padding_bin + 1, dtype=torch.long, device=device)
         self.entropy = torch.zeros(len(layer_names), dtype=torch.float32, device=device)
 
-    def add(self, record: RoutingRecord, token_tasks: torch.Tensor) -> None:
-        """Count one layer forward; `token_tasks` [T] is each token's task id, batch-major like the record's rows."""
+    def add(self, record: RoutingRecord, token_tasks: torch.Tensor, token_keep: torch.Tensor | None = None) -> None:
+        """Count one layer forward; `token_tasks` [T] is each token's task id, batch-major like the record's rows,
+        and `token_keep` [T] (optional) drops tokens outside the counted rows."""
         row = self.rows[record.layer_name]
         bins = token_tasks.unsqueeze(1) * self.num_experts + record.experts
         entropy = torch.special.entr(record.probs).sum(dim=-1)
-        if record.token_mask is not None:
-            bins = bins.masked_fill(~record.token_mask.unsqueeze(1), self.padding_bin)
-            entropy = entropy.masked_fill(~record.token_mask, 0.0)
+        mask = record.token_mask
+        if token_keep is not None:
+            mask = token_keep if mask is None else mask & token_keep
+        if mask is not None:
+            bins = bins.masked_fill(~mask.unsqueeze(1), self.padding_bin)
+            entropy = entropy.masked_fill(~mask, 0.0)
         bins = bins.reshape(-1)
         self.counts[row].index_add_(0, bins, torch.ones_like(bins))
         self.entropy[row] += entropy.sum().to(self.entropy.dtype)
@@ -241,6 +247,7 @@ class RoutingStats(Callback):
         self._top_k = 0
         self._input_shape: tuple[int, ...] = ()
         self._token_tasks: torch.Tensor | None = None
+        self._token_keep: torch.Tensor | None = None
         self._forward_id: int | None = None
         self._warned = False
 
@@ -269,9 +276,20 @@ class RoutingStats(Callback):
     def _batch_start(self, batch: dict[str, Any]) -> None:
         if self._accumulator is None:
             return
-        input_ids = batch["input_ids"]
+        task_ids = batch["task_id"]
+        if "choice_input_ids" in batch:
+            input_ids, example_index = batch["choice_input_ids"], batch["choice_example_index"]
+            row_tasks = task_ids.to(input_ids.device)[example_index.to(input_ids.device)]
+            gold_rows = first_rows(example_index, task_ids.shape[0]) + batch["gold"]
+            row_keep = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            row_keep[gold_rows.to(input_ids.device)] = True
+            self._token_keep = row_keep.repeat_interleave(input_ids.shape[1])
+        else:
+            input_ids = batch["input_ids"]
+            row_tasks = task_ids.to(input_ids.device)
+            self._token_keep = None
         self._input_shape = tuple(input_ids.shape)
-        self._token_tasks = batch["task_id"].to(input_ids.device).repeat_interleave(input_ids.shape[1])
+        self._token_tasks = row_tasks.repeat_interleave(input_ids.shape[1])
         self._forward_id = None
 
     def _observe(self, record: RoutingRecord) -> None:
@@ -282,7 +300,7 @@ class RoutingStats(Callback):
             self._forward_id = self._context.forward_count
         elif self._context.forward_count != self._forward_id:
             return
-        self._accumulator.add(record, self._token_tasks)
+        self._accumulator.add(record, self._token_tasks, self._token_keep)
 
     def _detach(self) -> None:
         if self._handle is not None:

@@ -29,10 +29,18 @@ class ObserversDuringTraining(Callback):
         self.counts.append(len(routing_context(pl_module.model).observers))
 
 
+def scoring_tokens(batch) -> int:
+    """Non-padding tokens of the rows the loss comes from: input_ids, or each multiple-choice example's gold row."""
+    if "choice_input_ids" not in batch:
+        return int(batch["attention_mask"].sum())
+    gold_rows = [int((batch["choice_example_index"] < example).sum()) + int(gold)
+                 for example, gold in enumerate(batch["gold"])]
+    return int(batch["choice_attention_mask"][gold_rows].sum())
+
+
 def real_tokens_per_task(data) -> dict[str, int]:
-    """Non-padding tokens of every validation batch's input_ids, counted from the data itself."""
-    return {name: sum(int(batch["attention_mask"].sum()) for batch in loader)
-            for name, loader in data.val_dataloader().items()}
+    """Scoring tokens of every validation batch, counted from the data itself."""
+    return {name: sum(scoring_tokens(batch) for batch in loader) for name, loader in data.val_dataloader().items()}
 
 
 def assert_png(path) -> None:
