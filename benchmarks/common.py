@@ -104,15 +104,6 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware: any CUDA GPU, or an x86 CPU with AVX512-BF16 or AMX-BF16.
-
-    Elsewhere torch falls back to slow scalar bf16 GEMMs (a frozen 2048->5504 bf16 linear's dX at 512 tokens took
-    44 s on an AVX2-only CPU), so bf16 timings there measure the fallback, not the adapters.
-    """
-    return device.type == "cuda" or bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
-
-
 def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)

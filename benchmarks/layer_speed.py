@@ -29,7 +29,6 @@ from benchmarks.common import (
     PeakTensorMemory,
     add_run_arguments,
     geomean,
-    has_native_bf16,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -43,6 +42,7 @@ from benchmarks.common import (
 )
 from malora_lightning.adapters import AdapterConfig, AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear
 from malora_lightning.adapters.routing import load_balance_loss, route
+from malora_lightning.hardware import fast_bf16_available
 
 LORA_RANK = 64
 NUM_EXPERTS, TOP_K = 8, 2
@@ -470,7 +470,7 @@ def parse_args() -> argparse.Namespace:
     add_setting_arguments(parser, {})
     add_run_arguments(parser)
     args = parser.parse_args()
-    default_dtypes = "fp32,bf16" if has_native_bf16(torch.device(args.device)) else "fp32"
+    default_dtypes = "fp32,bf16" if fast_bf16_available(torch.device(args.device).type) else "fp32"
     preset = {"shapes": "2048x5504,5504x2048", "tokens": "512", "dtypes": default_dtypes, "x_grad": "yes",
               "warmup": 1, "rounds": 5} if args.quick else \
              {"shapes": "4096x11008,11008x4096", "tokens": "512,2048", "dtypes": default_dtypes, "x_grad": "no,yes",

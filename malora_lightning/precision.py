@@ -26,6 +26,8 @@ class AutoMixedPrecision(MixedPrecision):
     def __init__(self, device: Literal["cpu", "cuda"] = "cpu") -> None:
         super().__init__(precision="bf16-mixed", device=device)
         self.enabled = fast_bf16_available(device)
+        if not self.enabled:
+            self.precision = "32-true"  # what runs; Lightning's model summary and logs read it
         rank_zero_info(f"AutoMixedPrecision: {'bf16 autocast' if self.enabled else 'float32'} on {device} "
                        f"({'fast' if self.enabled else 'no fast'} bf16 on this {device})")
 

@@ -28,3 +28,4 @@ def test_auto_choices_follow_the_hardware(monkeypatch, fast):
     with plugin.forward_context():
         out = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert out.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert plugin.precision == ("bf16-mixed" if fast else "32-true")
