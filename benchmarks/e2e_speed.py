@@ -17,7 +17,7 @@ bf16-mixed on a bf16 base); "nf4-bf16" = NF4 computing in bf16 under bf16 autoca
 (no AVX512-BF16/AMX) torch emulates bf16 matmuls about 50x slower than float32, so the bf16 bases run few rounds
 on a small batch there and measure that emulation, not the adapters.
 
-Peers (`pip install peft mixlora`): PEFT `LoraConfig(r=64, lora_alpha=128)` via `get_peft_model`; MixLoRA 0.2.3 (the
+Peers (`pip install -e '.[bench]'`): PEFT `LoraConfig(r=64, lora_alpha=128)` via `get_peft_model`; MixLoRA 0.2.3 (the
 inference package of TUDB-Labs/MixLoRA) injected with `inject_adapter_in_model` and freshly initialised weights.
 """
 
