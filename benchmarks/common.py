@@ -249,6 +249,30 @@ def saved_tensor_bytes(run_forward: Callable[[], object], exclude: Iterable[torc
     return sum(saved.values())
 
 
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during one call of `step` beyond what was allocated before it (CUDA: the allocator's
+    peak; CPU: `PeakTensorMemory`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    tracker = PeakTensorMemory()
+    with tracker:
+        step()
+    return tracker.peak
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def fmt_pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.0f}%"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

@@ -36,12 +36,13 @@ import torch
 from torch import nn
 
 from benchmarks.common import (
-    PeakTensorMemory,
     add_run_arguments,
+    fmt_ratio,
     machine_info,
     machine_markdown,
     markdown_table,
     median,
+    peak_step_bytes,
     round_robin,
     run_env_tag,
     saved_tensor_bytes,
@@ -279,21 +280,6 @@ def training_step(prepared: Prepared, optimizer: torch.optim.Optimizer | None, b
     return step
 
 
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one call of `step` beyond what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    tracker = PeakTensorMemory()
-    with tracker:
-        step()
-    return tracker.peak
-
-
 def memory_of(prepared: Prepared, optimizer: torch.optim.Optimizer | None, step: Callable[[], None], batch: Batch,
               autocast: Callable[[], Any], device: torch.device) -> dict[str, float]:
     """MiB saved for backward by the forward, peak during a whole step, and the standing optimiser state."""
@@ -500,10 +486,6 @@ def profile_markdown(profile: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
-
-
 def setting_table(result: dict[str, Any], methods: list[str], trainable: dict[str, int]) -> str:
     medians, r, memory = result["median"], result["ratios"], result.get("memory", {})
     rows = []

@@ -22,6 +22,8 @@ import torch
 from benchmarks.common import (
     REPO_ROOT,
     add_run_arguments,
+    fmt_pct,
+    fmt_ratio,
     geomean,
     machine_info,
     machine_markdown,
@@ -37,8 +39,6 @@ from benchmarks.layer_speed import (
     LIBRARY_CLASSES,
     Setting,
     add_setting_arguments,
-    fmt_pct,
-    fmt_ratio,
     make_inputs,
     parse_settings,
     prepare,

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (
-    PeakTensorMemory,
     add_run_arguments,
+    fmt_pct,
+    fmt_ratio,
     geomean,
     machine_info,
     machine_markdown,
     markdown_table,
     median,
+    peak_step_bytes,
     round_robin,
     run_env_tag,
     saved_tensor_bytes,
@@ -247,19 +249,7 @@ def memory_of(step: Callable[[], None], prepared: Prepared, x: torch.Tensor, aut
     excluded = [*prepared.layer.parameters(), x]
     saved = saved_tensor_bytes(lambda: _forward_only(prepared, x, autocast), excluded)
     step()  # grads exist now; drop them so the measured step starts from the training-loop state
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        tracker = PeakTensorMemory()
-        with tracker:
-            step()
-        peak = tracker.peak
-    return {"saved_mib": saved / MIB, "peak_mib": peak / MIB}
+    return {"saved_mib": saved / MIB, "peak_mib": peak_step_bytes(step, device) / MIB}
 
 
 def _forward_only(prepared: Prepared, x: torch.Tensor, autocast: Callable[[], Any]) -> None:
@@ -341,14 +331,6 @@ def floor_overheads(setting: Setting, base_ms: float, bandwidth: float) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
-
-
-def fmt_pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:+.0f}%"
-
-
 def cost_table(shapes: list[tuple[int, int]], tokens: list[int], x_grads: list[bool]) -> tuple[str, list[dict]]:
     rows, records = [], []
     methods = ("lora", "molora_dense", "molora_sparse", "malora_dense", "malora_sparse")

@@ -32,7 +32,7 @@ from malora_lightning.adapters import (
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.run_paths import run_directory
-from malora_lightning.scoring import choose_choices, first_rows, target_positions, token_log_likelihoods
+from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
 
 logger = logging.getLogger(__name__)
 
@@ -278,8 +278,8 @@ class MALoRAModule(L.LightningModule):
                 batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
             chosen = choose_choices(self.score_choices(log_likelihood, tokens), batch["choice_example_index"],
                                     num_examples)
-            gold_rows = first_rows(batch["choice_example_index"], num_examples) + batch["gold"]
-            return {"task_name": batch["task_name"], "loss": -log_likelihood[gold_rows] / tokens[gold_rows].clamp(min=1),
+            gold = gold_rows(batch["choice_example_index"], batch["gold"])
+            return {"task_name": batch["task_name"], "loss": -log_likelihood[gold] / tokens[gold].clamp(min=1),
                     "correct": chosen == batch["gold"], "predictions": chosen.tolist()}
         log_likelihood, tokens = self.target_log_likelihoods(batch["input_ids"], batch["attention_mask"],
                                                              batch["labels"])

@@ -30,6 +30,11 @@ def first_rows(example_index: torch.Tensor, num_examples: int) -> torch.Tensor:
     return first.scatter_reduce(0, example_index, rows, reduce="amin")
 
 
+def gold_rows(example_index: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Index of each example's gold (example, choice) row: the rows its loss and routing statistics come from."""
+    return first_rows(example_index, gold.shape[0]) + gold.to(example_index.device)
+
+
 def choose_choices(row_scores: torch.Tensor, example_index: torch.Tensor, num_examples: int) -> torch.Tensor:
     """Index (within its example) of the best-scoring choice row for every example; the first row wins ties."""
     best = torch.full((num_examples,), float("-inf"), dtype=row_scores.dtype, device=row_scores.device)

@@ -1,6 +1,6 @@
 import torch
 
-from malora_lightning.scoring import choose_choices, target_positions, token_log_likelihoods
+from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
 
 
 def test_log_likelihood_on_kept_positions_equals_the_full_sequence_computation():
@@ -25,3 +25,8 @@ def test_choose_choices_picks_the_best_row_per_example_and_the_first_on_ties():
     scores = torch.tensor([-1.0, -0.5, -3.0, -2.0, -2.0, -0.1])
     example = torch.tensor([0, 0, 0, 1, 1, 2])
     assert choose_choices(scores, example, 3).tolist() == [1, 0, 0]
+
+
+def test_gold_rows_index_each_examples_gold_choice_among_all_rows():
+    example_index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # 3, 2 and 4 choices
+    assert gold_rows(example_index, torch.tensor([2, 0, 3])).tolist() == [2, 3, 8]

@@ -42,7 +42,7 @@ from malora_lightning.adapters.routing import ObserverHandle, RoutingContext, Ro
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
 from malora_lightning.run_paths import run_directory
-from malora_lightning.scoring import first_rows
+from malora_lightning.scoring import gold_rows
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -280,9 +280,8 @@ class RoutingStats(Callback):
         if "choice_input_ids" in batch:
             input_ids, example_index = batch["choice_input_ids"], batch["choice_example_index"]
             row_tasks = task_ids.to(input_ids.device)[example_index.to(input_ids.device)]
-            gold_rows = first_rows(example_index, task_ids.shape[0]) + batch["gold"]
             row_keep = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            row_keep[gold_rows.to(input_ids.device)] = True
+            row_keep[gold_rows(example_index, batch["gold"]).to(input_ids.device)] = True
             self._token_keep = row_keep.repeat_interleave(input_ids.shape[1])
         else:
             input_ids = batch["input_ids"]
