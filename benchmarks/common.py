@@ -25,6 +25,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from malora_lightning.atomic import atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -280,9 +282,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
 
 
 def write_report(stem: str, payload: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> list[Path]:
-    """Write `<stem>.json` and `<stem>.md` into `directory`; returns their paths."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `<stem>.json` and `<stem>.md` into `directory`, each atomically; returns their paths."""
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(markdown.rstrip() + "\n")
+    atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(md_path, markdown.rstrip() + "\n")
     return [json_path, md_path]
