@@ -17,11 +17,11 @@ import shlex
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -206,31 +206,32 @@ class PeakTensorMemory(TorchDispatchMode):
 
     Storages that existed before (parameters, inputs) are not counted; gradients and activations are. This is the
     CPU counterpart of `torch.cuda.max_memory_allocated` minus the memory in use before the step, without the
-    allocator's caching and rounding.
+    allocator's caching and rounding. Frees are seen through a `weakref.finalize` on each new storage's Python object,
+    which torch keeps alive exactly as long as the storage itself, so every op costs O(its outputs), not O(live).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._live: dict[int, int] = {}  # data_ptr -> bytes of the storages created and not yet freed
         self.current = 0
         self.peak = 0
 
+    def _freed(self, key: int) -> None:
+        self.current -= self._live.pop(key)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key, (ref, nbytes) in list(self._live.items()):
-            if ref.expired():
-                self.current -= nbytes
-                del self._live[key]
         # views and in-place results share an input's storage: nothing new was allocated for them
         inputs = {item.untyped_storage().data_ptr() for item in tree_flatten((args, kwargs))[0]
                   if isinstance(item, torch.Tensor)}
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 storage = item.untyped_storage()
-                key = storage.data_ptr()
-                if key not in self._live and key not in inputs and storage.nbytes() > 0:
-                    self._live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key not in self._live and key not in inputs and nbytes > 0:
+                    self._live[key] = nbytes
+                    self.current += nbytes
+                    weakref.finalize(storage, self._freed, key)
         self.peak = max(self.peak, self.current)
         return out
 

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters.config import AdapterConfig
+from malora_lightning.adapters.dropout import LaneDropout
 from malora_lightning.adapters.init import init_lora_, init_malora_, init_router_
 from malora_lightning.adapters.routing import (
     Routing,
@@ -119,7 +120,7 @@ class AdapterLayer(nn.Module):
         self.scaling = config.scaling
         self.parameter_dtype = config.torch_dtype  # for creating parameters; `adapter_dtype` follows later casts
         self.kernel = config.kernel
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = LaneDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.train(base_layer.training)
 
     def _new_parameter(self, *shape: int, trainable: bool = True) -> nn.Parameter:
