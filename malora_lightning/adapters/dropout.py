@@ -35,14 +35,23 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 class LaneDropout(nn.Dropout):
-    """`nn.Dropout` with a CPU keep mask from 16-bit random lanes (see the module docstring); same semantics."""
+    """`nn.Dropout` with a CPU keep mask from 16-bit random lanes (see the module docstring); same semantics.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    `masked` returns the two factors of the output separately, so that a caller about to project x to a few
+    dimensions can apply the 1/(1-p) rescale there, on the small projection, instead of in another pass over x.
+    """
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with the dropped elements zeroed, the rescale); their product is `self(x)`."""
         if not self.training or self.p == 0.0:
-            return x
+            return x, 1.0
         if x.device.type != "cpu" or self.inplace:
-            return F.dropout(x, self.p, True, self.inplace)
+            return F.dropout(x, self.p, True, self.inplace), 1.0
         kept = 1.0 - quantized_drop_rate(self.p)
         if kept == 0.0:
-            return torch.zeros_like(x)
-        return torch.where(keep_mask(x.shape, self.p, x.device), x, 0.0) * (1.0 / kept)
+            return torch.zeros_like(x), 1.0
+        return torch.where(keep_mask(x.shape, self.p, x.device), x, 0.0), 1.0 / kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped, rescale = self.masked(x)
+        return dropped if rescale == 1.0 else dropped * rescale

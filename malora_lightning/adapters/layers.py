@@ -123,6 +123,13 @@ class AdapterLayer(nn.Module):
         self.dropout: nn.Module = LaneDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.train(base_layer.training)
 
+    def dropout_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """dropout(x) as (masked x, rescale): the kernels fold the 1/(1-p) rescale into the scaling of their rank-space
+        hidden, which saves a pass over the [T, n] input in forward and one over its gradient in backward."""
+        if isinstance(self.dropout, LaneDropout):
+            return self.dropout.masked(x)
+        return self.dropout(x), 1.0
+
     def _new_parameter(self, *shape: int, trainable: bool = True) -> nn.Parameter:
         device = self.base_layer.weight.device
         return nn.Parameter(torch.empty(shape, dtype=self.parameter_dtype, device=device), requires_grad=trainable)
@@ -174,7 +181,8 @@ class LoRALinear(AdapterLayer):
         init_lora_(self.lora_A, self.lora_B)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
-        hidden = F.linear(self.dropout(x), self.lora_A) * self.scaling
+        dropped, rescale = self.dropout_factors(x)
+        hidden = F.linear(dropped, self.lora_A) * (self.scaling * rescale)
         return add_matmul(result, hidden, self.lora_B)
 
     def reference_delta(self, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
@@ -247,8 +255,10 @@ class RoutedAdapterLayer(AdapterLayer):
         ))
         return routing
 
-    def router_and_projection(self, x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits [T, N] and dropout(x) @ weight.T ([T, k]; dropout(x) itself when weight is None).
+    def router_and_projection(self, x: torch.Tensor,
+                              weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Router logits [T, N], masked(x) @ weight.T ([T, k]; masked x itself when weight is None) and the dropout
+        rescale that the expert kernels still have to apply (see `dropout_factors`).
 
         Without active dropout the router and the projection read the same x, so one GEMM on the stacked weights
         [router; weight] reads x once instead of twice, and its backward gives their dX in one GEMM instead of two
@@ -256,11 +266,11 @@ class RoutedAdapterLayer(AdapterLayer):
         """
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         if weight is None or dropout_active:
-            dropped = self.dropout(x)
-            return self.router(x), dropped if weight is None else F.linear(dropped, weight)
+            dropped, rescale = self.dropout_factors(x)
+            return self.router(x), dropped if weight is None else F.linear(dropped, weight), rescale
         logits, projected = F.linear(x, torch.cat([self.router.weight, weight])).split(
             [self.num_experts, weight.shape[0]], dim=-1)
-        return logits, projected
+        return logits, projected, 1.0
 
     # ------------------------------------------------------------------ kernels
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
@@ -269,23 +279,25 @@ class RoutedAdapterLayer(AdapterLayer):
             first_weight = self.shared_down
         else:  # MoLoRA: the dense kernel applies every A_t to every token; the sparse one only after dispatch
             first_weight = all_experts_down if self.kernel == "dense" else None
-        logits, projected = self.router_and_projection(x, first_weight)
+        logits, projected, rescale = self.router_and_projection(x, first_weight)
         routing = self.compute_routing(logits, leading_shape)
         if x.shape[0] == 0:
             return result
         if self.kernel == "sparse":
-            return self._sparse_experts(result, projected, routing)
+            return self._sparse_experts(result, projected, routing, self.scaling * rescale)
         expert_hidden = projected if self.shared_down is None else F.linear(projected, all_experts_down)
-        return self._dense_experts(result, expert_hidden, routing)
+        return self._dense_experts(result, expert_hidden, routing, self.scaling * rescale)
 
-    def _dense_experts(self, result: torch.Tensor, expert_hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _dense_experts(self, result: torch.Tensor, expert_hidden: torch.Tensor, routing: Routing,
+                       scale: float) -> torch.Tensor:
         """Every expert on every token, unselected experts zeroed by the gates in rank space, one up GEMM."""
         num_tokens = expert_hidden.shape[0]
-        gates = dense_gates(routing, self.scaling).to(expert_hidden.dtype)
+        gates = dense_gates(routing, scale).to(expert_hidden.dtype)
         return GatedUpProjection.apply(result, expert_hidden.view(num_tokens, self.num_experts, self.rank), gates,
                                        self.lora_B)
 
-    def _sparse_experts(self, result: torch.Tensor, projected: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _sparse_experts(self, result: torch.Tensor, projected: torch.Tensor, routing: Routing,
+                        scale: float) -> torch.Tensor:
         """Each token's rows dispatched to its top-k experts only (d-dim rows for MALoRA, n-dim for MoLoRA).
 
         Assignments are sorted by expert, so every expert works on one contiguous block, and each expert's output is
@@ -297,7 +309,7 @@ class RoutedAdapterLayer(AdapterLayer):
         flat_experts = routing.experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // self.top_k
-        gates = routing.gates.reshape(-1)[order].to(projected.dtype) * self.scaling
+        gates = routing.gates.reshape(-1)[order].to(projected.dtype) * scale
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         blocks = zip(self.expert_down.unbind(), self.lora_B.unbind(), projected[token_index].split(counts),
                      gates.split(counts), token_index.split(counts))
