@@ -7,8 +7,9 @@ frozen base (one load, deep-copied), the same batch of random token ids and the 
 (q, k, v, gate, up, down; not o_proj). The frozen base without adapters (forward + backward to the input embeddings,
 no optimiser) is the floor.
 
-    python -m benchmarks.e2e_speed --quick     # nf4 base, 4 x 64 tokens, 1 + 2 rounds, no memory (< 2 min, 2 cores)
+    python -m benchmarks.e2e_speed --quick     # the default job's base here, 4 x 64 tokens, 1 + 2 rounds (< 2 min)
     python -m benchmarks.e2e_speed             # nf4 and fp32 bases at 8 x 64 and 8 x 256 tokens, plus bf16 cases
+                                               # (nf4-bf16 and bf16 at both sizes where the CPU has native bf16)
     python -m benchmarks.e2e_speed --profile malora --settings nf4:8x256   # where MALoRA's step time goes
 
 Bases: "nf4" = bitsandbytes 4-bit NF4 (double quant) computing in float32, other weights float32; "fp32" =
@@ -550,8 +551,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="nf4 base, 4x64 tokens, 1 + 2 rounds, no memory "
-                        "measurement (its per-op tracking takes minutes) (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the default job's base on this hardware (nf4-bf16 "
+                        "with native bf16, else nf4), 4x64 tokens, 1 + 2 rounds (< 2 minutes)")
     parser.add_argument("--settings", help="comma-separated BASE:BATCHxSEQ, BASE in " + ",".join(BASES))
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--warmup", type=int)
@@ -567,10 +568,9 @@ def parse_args() -> argparse.Namespace:
     add_run_arguments(parser)
     args = parser.parse_args()
     bf16_fast = fast_bf16_available(torch.device(args.device).type)
-    bf16_settings = "bf16:8x64,bf16:8x256" if bf16_fast else "bf16:1x64,nf4-bf16:1x64"
-    if args.quick:
-        args.no_memory = True
-    preset = {"settings": "nf4:4x64", "warmup": 1, "rounds": 2} if args.quick else \
+    bf16_settings = "nf4-bf16:8x64,nf4-bf16:8x256,bf16:8x64,bf16:8x256" if bf16_fast else "bf16:1x64,nf4-bf16:1x64"
+    quick_base = "nf4-bf16" if bf16_fast else "nf4"  # what `compute_dtype: auto` picks for the default job
+    preset = {"settings": f"{quick_base}:4x64", "warmup": 1, "rounds": 2} if args.quick else \
              {"settings": f"nf4:8x64,nf4:8x256,fp32:8x64,fp32:8x256,{bf16_settings}", "warmup": 1, "rounds": 5}
     custom = any(getattr(args, key) is not None for key in preset)
     for key, value in preset.items():
