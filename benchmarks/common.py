@@ -245,7 +245,9 @@ def saved_tensor_bytes(run_forward: Callable[[], object], exclude: Iterable[torc
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # not the tensor itself: a node saving its own output would then hold a Python reference to that output,
+        # whose grad_fn is the node, a cycle through C++ that Python's gc cannot see, leaking the whole graph
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         run_forward()

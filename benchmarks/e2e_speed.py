@@ -61,6 +61,7 @@ from malora_lightning.adapters import (
     count_parameters,
     inject_adapters,
     load_base_model,
+    release_router_losses,
 )
 from malora_lightning.hardware import fast_bf16_available
 
@@ -288,6 +289,7 @@ def memory_of(prepared: Prepared, optimizer: torch.optim.Optimizer | None, step:
     def forward_only() -> None:
         with autocast():
             forward_loss(prepared, batch)
+        release_router_losses(prepared.model)  # else the stashed router losses keep this whole graph alive
 
     saved = saved_tensor_bytes(forward_only, prepared.all_parameters)
     peak = peak_step_bytes(step, device)

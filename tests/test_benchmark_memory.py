@@ -1,8 +1,11 @@
 """The benchmarks' CPU memory tracker against hand-counted allocations (no timing: benchmarks are never timed tests)."""
 
+import gc
+import weakref
+
 import torch
 
-from benchmarks.common import PeakTensorMemory, peak_step_bytes
+from benchmarks.common import PeakTensorMemory, peak_step_bytes, saved_tensor_bytes
 
 
 def test_peak_counts_live_new_storages_and_sees_frees():
@@ -49,3 +52,19 @@ def test_tensors_saved_for_backward_stay_counted_until_the_graph_is_freed():
         step()
     assert tracker.peak == peak
     assert tracker.current == x.grad.untyped_storage().nbytes() == 4000  # only the gradient outlives the step
+
+
+def test_saved_tensor_bytes_counts_what_backward_keeps_and_leaks_nothing():
+    x = torch.randn(1000, requires_grad=True)
+    freed = []
+
+    def forward() -> None:
+        hidden = x * 2  # multiplying by a Python scalar saves nothing
+        out = hidden.exp()  # exp saves its own output: 4000 bytes
+        (out * hidden).sum()  # the product saves both factors, out again (same storage) and hidden: 4000 more
+        for tensor in (hidden, out):
+            weakref.finalize(tensor.untyped_storage(), freed.append, True)
+
+    assert saved_tensor_bytes(forward, exclude=[x]) == 8000
+    gc.collect()
+    assert freed == [True, True]  # the graph, saved outputs included, is gone once the forward returns

@@ -10,6 +10,7 @@ from malora_lightning.adapters.model import (
     adapter_layers,
     aux_loss,
     get_adapter_config,
+    release_router_losses,
     routed_layers,
     router_losses,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "load_balance_loss",
     "load_base_model",
     "prepare_for_adapter_training",
+    "release_router_losses",
     "route",
     "routed_layers",
     "router_losses",

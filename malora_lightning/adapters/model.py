@@ -76,6 +76,17 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def release_router_losses(model: nn.Module) -> None:
+    """Drop the router losses the routed layers keep from their latest forward.
+
+    Under grad mode each kept loss references the autograd graph of that forward. A backward frees the graph's saved
+    activations, so training steps keep almost nothing; after a forward that no backward follows (a benchmark, a
+    scoring pass under grad mode), the whole graph would stay alive until the next forward has run every layer.
+    """
+    for layer in routed_layers(model).values():
+        layer.last_router_losses = None
+
+
 def add_routing_observer(model: nn.Module, observer: RoutingObserver) -> ObserverHandle:
     """Call `observer(record)` for every routed layer's forward until the handle is removed.
 

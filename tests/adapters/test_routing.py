@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ from malora_lightning.adapters import (
     aux_loss,
     inject_adapters,
     load_balance_loss,
+    release_router_losses,
     router_losses,
     router_z_loss,
 )
@@ -164,3 +168,26 @@ def test_generation_with_cache_masks_only_the_new_tokens():
     assert decode_step and all(r.token_mask.tolist() == [True, True] for r in decode_step)
     prefill = [r for r in records if r.batch_shape == (2, 4)]
     assert prefill[0].token_mask.tolist() == [False, True, True, True, True, True, True, True]
+
+
+def test_release_router_losses_frees_the_graph_of_a_forward_without_backward():
+    model = routed_model()
+    standing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    freed: list[bool] = []
+
+    def watch(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() in standing:
+            return tensor  # weights live on with the model
+        flag = len(freed)
+        freed.append(False)
+        weakref.finalize(tensor.untyped_storage(), freed.__setitem__, flag, True)
+        return tensor.detach()  # returning `tensor` itself would tie saved outputs to their node in a cycle
+
+    with torch.autograd.graph.saved_tensors_hooks(watch, lambda tensor: tensor):
+        model(input_ids=torch.randint(0, 100, (2, 5))).logits.sum()  # output dropped, no backward
+    gc.collect()
+    assert freed and not all(freed)  # the stashed router losses still hold saved activations
+    release_router_losses(model)
+    gc.collect()
+    assert all(freed)
+    assert router_losses(model) is None
