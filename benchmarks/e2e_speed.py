@@ -64,6 +64,7 @@ from malora_lightning.adapters import (
     release_router_losses,
 )
 from malora_lightning.hardware import fast_bf16_available
+from malora_lightning.module import adamw_options
 
 METHODS = ("base", "lora", "molora", "malora", "peft_lora", "mixlora")
 COLUMN_NAMES = {"base": "base (frozen, no adapter)", "lora": "LoRA r=64 (ours)", "molora": "MoLoRA 8x r8 top-2 (ours)",
@@ -250,10 +251,11 @@ def forward_loss(prepared: Prepared, batch: Batch) -> torch.Tensor:
 
 
 def make_optimizer(prepared: Prepared, kind: str) -> torch.optim.Optimizer | None:
-    """AdamW over the trainable parameters; "default" is torch's choice, as `LightningModule.configure_optimizers`."""
+    """AdamW over the trainable parameters; "default" is what `MALoRAModule.configure_optimizers` picks."""
     if not prepared.trainable:
         return None
-    options = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+    options = {"default": adamw_options(prepared.trainable), "foreach": {"foreach": True}, "fused": {"fused": True},
+               "loop": {"foreach": False}}[kind]
     return torch.optim.AdamW(prepared.trainable, lr=LEARNING_RATE, **options)
 
 
@@ -561,8 +563,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--bf16-rounds", type=int, default=2,
                         help="timed rounds of bf16 settings where bf16 is emulated (one warm-up round)")
-    parser.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
-                        help="AdamW implementation (default: torch's choice, as the library's training uses)")
+    parser.add_argument("--adamw", choices=("default", "foreach", "fused", "loop"), default="default",
+                        help="AdamW implementation (default: the library's choice, `module.adamw_options`; loop: "
+                        "torch's per-tensor loop, its own default for CPU tensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--profile", help="instead of timing, profile these methods (comma-separated) at the first "
                         "setting with torch.profiler")

@@ -11,7 +11,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_ad
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.module import MALoRAModule, lr_multiplier
+from malora_lightning.module import MALoRAModule, adamw_options, lr_multiplier
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
 
@@ -79,6 +79,37 @@ def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_mod
     router_ids = {id(p) for n, p in module.model.named_parameters() if ".router." in n}
     assert {id(p) for p in groups[1]["params"]} == router_ids and len(router_ids) == 12
     assert not router_ids & {id(p) for p in groups[0]["params"]}
+
+
+def test_adamw_is_fused_for_cpu_parameters_and_left_to_torch_elsewhere():
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert adamw_options(cpu) == {"fused": True}
+    assert adamw_options([torch.nn.Parameter(torch.zeros(3, device="meta"))]) == {}
+
+
+def test_the_fused_optimizer_steps_like_torchs_default_one(tiny_model_dir, tmp_path):
+    """The fused CPU AdamW that configure_optimizers picks updates the adapters as the per-tensor loop does."""
+    updated = {}
+    for options in ({}, {"fused": True}):
+        torch.manual_seed(0)  # the same adapter init and gradients for both
+        module = make_module(tiny_model_dir)
+        module.configure_model()
+        params = [p for group in module.trainable_parameter_groups() for p in group["params"]]
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer = torch.optim.AdamW(module.trainable_parameter_groups(), **options)
+        for _ in range(3):
+            optimizer.step()
+        updated[bool(options)] = [p.detach().clone() for p in params]
+    for loop, fused in zip(updated[False], updated[True]):
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-7)
+
+
+def test_configure_optimizers_uses_the_fused_adamw_on_cpu(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, make_data(tiny_model_dir))
+    assert trainer.optimizers[0].defaults["fused"] is True
 
 
 def test_evaluation_scores_every_task_and_the_report_is_written(tiny_model_dir, tmp_path):
