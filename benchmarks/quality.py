@@ -173,7 +173,8 @@ def markdown(summaries: list[dict[str, object]], info: dict[str, object], args: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 6 steps, 2 tasks")
+    parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 6 steps, 2 tasks, always "
+                        "rerun (< 2 minutes)")
     parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     # the defaults are the default job's budget (recipes/default.yaml)
@@ -190,6 +191,7 @@ def main() -> None:
     if args.quick:
         args.configurations, args.seeds, args.steps, args.val_every = list(QUICK_CONFIGURATIONS), [0], 6, 6
         args.eval_examples, args.tasks = 4, args.tasks or ["add_2digit", "parity"]
+        args.fresh = True  # a check of the pipeline as it is now, never of kept results
     load_at_start = os.getloadavg()
     stem = f"quality{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
     work_dir = RESULTS_DIR / "tmp" / stem
