@@ -15,6 +15,7 @@ from typing import Any, Iterable, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -32,6 +33,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.run_paths import run_directory
 from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
 
@@ -53,15 +55,20 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw_options(parameters: Iterable[torch.Tensor]) -> dict[str, bool]:
-    """`fused=True` when every parameter is a plain CPU tensor, else torch's defaults (foreach on CUDA).
+def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None = None) -> dict[str, bool]:
+    """`fused=True` when every parameter is a plain CPU tensor and `trainer` can clip a fused optimizer, else torch's
+    defaults (foreach on CUDA).
 
     For CPU tensors torch defaults to its per-tensor loop, which costs ~2.4x the fused kernel for MALoRA's 720
-    adapter tensors on SmolLM2 (BENCHMARKS.md). Fused stays off elsewhere: Lightning refuses gradient clipping for
-    fused optimizers under fp16 loss scaling, and sharded (DTensor) parameters are left to torch's choice.
+    adapter tensors on SmolLM2 (BENCHMARKS.md). Lightning's `MixedPrecision` refuses to clip the gradients of a fused
+    optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is scaled;
+    `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
     """
     on_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in parameters)
-    return {"fused": True} if on_cpu else {}
+    clipping_refused = (trainer is not None and bool(trainer.gradient_clip_val)
+                        and isinstance(trainer.precision_plugin, MixedPrecision)
+                        and not isinstance(trainer.precision_plugin, AutoMixedPrecision))
+    return {"fused": True} if on_cpu and not clipping_refused else {}
 
 
 @dataclass
@@ -250,7 +257,8 @@ class MALoRAModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.trainable_parameter_groups()
-        optimizer = torch.optim.AdamW(groups, **adamw_options(p for group in groups for p in group["params"]))
+        options = adamw_options((p for group in groups for p in group["params"]), self.trainer)
+        optimizer = torch.optim.AdamW(groups, **options)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
         schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,

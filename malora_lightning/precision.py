@@ -14,8 +14,9 @@ import contextlib
 from collections.abc import Generator
 from typing import Literal
 
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.fabric.utilities.types import Optimizable
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 
 from malora_lightning.hardware import fast_bf16_available
 
@@ -30,6 +31,12 @@ class AutoMixedPrecision(MixedPrecision):
             self.precision = "32-true"  # what runs; Lightning's model summary and logs read it
         rank_zero_info(f"AutoMixedPrecision: {'bf16 autocast' if self.enabled else 'float32'} on {device} "
                        f"({'fast' if self.enabled else 'no fast'} bf16 on this {device})")
+
+    def clip_gradients(self, optimizer: Optimizable, clip_val: int | float = 0.0,
+                       gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM) -> None:
+        """Clip as `Precision` does. `MixedPrecision` refuses optimizers that unscale gradients in their own step
+        (fused AdamW), a concern of fp16 loss scaling only: in bf16 there is no scaler and nothing to unscale."""
+        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
 
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:

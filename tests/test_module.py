@@ -12,6 +12,7 @@ from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.module import MALoRAModule, adamw_options, lr_multiplier
+from malora_lightning.precision import AutoMixedPrecision
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
 
@@ -105,11 +106,26 @@ def test_the_fused_optimizer_steps_like_torchs_default_one(tiny_model_dir, tmp_p
         torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-7)
 
 
-def test_configure_optimizers_uses_the_fused_adamw_on_cpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("precision", "fused"), [("auto", True), ("32-true", True), ("bf16-mixed", False)])
+def test_configure_optimizers_fuses_adamw_where_the_trainer_can_clip_it(tiny_model_dir, tmp_path, precision, fused):
+    """With gradient clipping, as in the default recipe: Lightning's MixedPrecision refuses fused optimizers, so only
+    AutoMixedPrecision (the default recipe's plugin) and plain float32 get one, and every run trains."""
     module = make_module(tiny_model_dir)
-    trainer = make_trainer(tmp_path, max_steps=1)
+    settings = {"plugins": [AutoMixedPrecision("cpu")]} if precision == "auto" else {"precision": precision}
+    trainer = make_trainer(tmp_path, max_steps=2, gradient_clip_val=1.0, **settings)
     trainer.fit(module, make_data(tiny_model_dir))
-    assert trainer.optimizers[0].defaults["fused"] is True
+    assert bool(trainer.optimizers[0].defaults["fused"]) is fused
+    assert trainer.global_step == 2
+
+
+def test_auto_mixed_precision_clips_the_gradients_of_a_fused_optimizer():
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+    for param in params:
+        param.grad = torch.full_like(param, 10.0)
+    optimizer = torch.optim.AdamW(params, fused=True)
+    AutoMixedPrecision("cpu").clip_gradients(optimizer, clip_val=1.0)
+    total = torch.cat([p.grad for p in params]).norm().item()
+    assert total == pytest.approx(1.0, rel=1e-5)
 
 
 def test_evaluation_scores_every_task_and_the_report_is_written(tiny_model_dir, tmp_path):
