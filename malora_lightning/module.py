@@ -59,8 +59,8 @@ def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None 
     """`fused=True` when every parameter is a plain CPU tensor and `trainer` can clip a fused optimizer, else torch's
     defaults (foreach on CUDA).
 
-    For CPU tensors torch defaults to its per-tensor loop, which costs ~2.4x the fused kernel for MALoRA's 720
-    adapter tensors on SmolLM2 (BENCHMARKS.md). Lightning's `MixedPrecision` refuses to clip the gradients of a fused
+    For CPU tensors torch defaults to its per-tensor loop, which costs 2-3x the fused kernel for MALoRA's 720
+    adapter tensors on SmolLM2 (benchmarks/cpu_micro.py). Lightning's `MixedPrecision` refuses to clip the gradients of a fused
     optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is scaled;
     `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
     """

@@ -4,10 +4,11 @@ On CPU, `torch.nn.functional.dropout` draws one Bernoulli sample per element thr
 (about 4 ns an element, 1.5 ms for a [512, 576] input): with the paper's dropout 0.05 on six adapted modules per
 decoder layer, that was about a tenth of a SmolLM2 training step (BENCHMARKS.md). `LaneDropout` instead fills
 int64 words with 64 random bits each from torch's generator and reads every word as four 16-bit lanes, one per
-element; an element is dropped when its lane falls below `p * 2**16`. The mask costs 3-6x less, and it is a bool
-tensor, as `F.dropout` saves. The drop rate is `p` rounded to a multiple of 2**-16 (0.05
-becomes 0.0500031); the scale uses that rounded rate, so the expected output is still exactly x. Other devices use
-`F.dropout`, whose fused kernels are already fast.
+element; an element is dropped when its lane falls below `p * 2**16`. Its forward costs about a third of
+`F.dropout`'s, forward + backward about half (benchmarks/cpu_micro.py), and the mask it keeps for backward is a bool
+tensor, as `F.dropout`'s is. The drop rate is `p` rounded to a multiple of 2**-16 (0.05 becomes 0.0500031); the scale
+uses that rounded rate, so the expected output is still exactly x. Other devices use `F.dropout`, whose fused
+kernels are already fast.
 """
 
 from __future__ import annotations
