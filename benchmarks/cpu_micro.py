@@ -16,11 +16,9 @@ on a noisy machine:
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     add_run_arguments,
@@ -28,30 +26,14 @@ from benchmarks.common import (
     machine_markdown,
     markdown_table,
     median,
+    round_robin,
     run_env_tag,
     start_run,
     write_report,
 )
+from benchmarks.quality import CONFIGURATIONS, adapted_model_on_meta
 from malora_lightning.adapters.dropout import LaneDropout
 from malora_lightning.adapters.routing import dense_gates, load_balance_loss, route
-
-# SmolLM2-135M: 30 decoder layers; (in, out) of q, k, v, gate, up, down
-SMOLLM2_LAYERS = 30
-SMOLLM2_MODULES = ((576, 576), (576, 192), (576, 192), (576, 1536), (576, 1536), (1536, 576))
-
-
-def interleaved(variants: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, float]:
-    """Median microseconds of each variant, all run once per round (order rotated)."""
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(warmup + rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name]()
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e6 * median(values) for name, values in times.items()}
 
 
 def dropout_group(tokens: int, features: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -70,24 +52,15 @@ def dropout_group(tokens: int, features: int, dtype: torch.dtype) -> dict[str, C
             "LaneDropout forward+backward": forward_backward(lane)}
 
 
-def adapter_shapes(method: str) -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = []
-    for _ in range(SMOLLM2_LAYERS):
-        for n, m in SMOLLM2_MODULES:
-            if method == "lora":
-                shapes += [(64, n), (m, 64)]
-            else:  # MALoRA 8 experts, r-bar 12, d 32: S_A, P, B, router
-                shapes += [(32, n), (8, 12, 32), (8, m, 12), (8, n)]
-    return shapes
-
-
-def adamw_group(method: str) -> dict[str, Callable[[], object]]:
+def adamw_group(configuration: str) -> dict[str, Callable[[], object]]:
+    """One AdamW step over CPU copies of the trainable tensors this quality configuration has on SmolLM2."""
+    shapes = [p.shape for p in adapted_model_on_meta(CONFIGURATIONS[configuration]).parameters() if p.requires_grad]
     variants = {}
     for kind, options in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        params = [torch.nn.Parameter(0.01 * torch.randn(shape)) for shape in adapter_shapes(method)]
+        params = [torch.nn.Parameter(0.01 * torch.randn(shape)) for shape in shapes]
         for param in params:
             param.grad = torch.randn_like(param)
-        variants[f"{method} AdamW {kind}"] = torch.optim.AdamW(params, lr=1e-4, **options).step
+        variants[f"{configuration} AdamW {kind}"] = torch.optim.AdamW(params, lr=1e-4, **options).step
     return variants
 
 
@@ -114,18 +87,19 @@ def main() -> None:
     add_run_arguments(parser)
     args = parser.parse_args()
     rounds = args.rounds or (5 if args.quick else 60)
-    _, load_at_start = start_run(args)
+    device, load_at_start = start_run(args)
     groups = {
         "dropout, [512, 576] float32": dropout_group(512, 576, torch.float32),
         "dropout, [512, 576] bfloat16": dropout_group(512, 576, torch.bfloat16),
-        "AdamW step, LoRA r=64 on SmolLM2 (360 tensors)": adamw_group("lora"),
+        "AdamW step, LoRA r=64 on SmolLM2 (360 tensors)": adamw_group("lora_r64"),
         "AdamW step, MALoRA on SmolLM2 (720 tensors)": adamw_group("malora"),
         "routing of one layer, T=512, N=8, top-2": routing_group(512, 8, 2),
     }
     results = {}
     for title, variants in groups.items():
         warmup = 1 if "AdamW" in title else 3
-        results[title] = interleaved(variants, warmup, max(3, rounds // 6) if "AdamW" in title else rounds)
+        times = round_robin(variants, warmup, max(3, rounds // 6) if "AdamW" in title else rounds, device)
+        results[title] = {name: 1e6 * median(values) for name, values in times.items()}
         print(title, {name: round(us) for name, us in results[title].items()}, flush=True)
     env = run_env_tag()
     info = machine_info(load_at_start)

@@ -52,13 +52,17 @@ CONFIGURATIONS: dict[str, dict[str, object]] = {
 QUICK_CONFIGURATIONS = ("lora_r64", "malora")
 
 
-def trainable_parameters(adapter: dict[str, object]) -> int:
-    """Exact trainable count on SmolLM2, from shapes only (model built on the meta device)."""
+def adapted_model_on_meta(adapter: dict[str, object]) -> torch.nn.Module:
+    """SmolLM2 with these adapters, built on the meta device: every shape, no memory, no weights read."""
     config = AutoConfig.from_pretrained(resolve_model_path(MODEL))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    inject_adapters(model, AdapterConfig(**adapter))
-    return count_parameters(model).trainable
+    return inject_adapters(model, AdapterConfig(**adapter))
+
+
+def trainable_parameters(adapter: dict[str, object]) -> int:
+    """Exact trainable count on SmolLM2, from shapes only."""
+    return count_parameters(adapted_model_on_meta(adapter)).trainable
 
 
 def run_settings(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:

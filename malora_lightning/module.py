@@ -60,9 +60,9 @@ def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None 
     defaults (foreach on CUDA).
 
     For CPU tensors torch defaults to its per-tensor loop, which costs 2-3x the fused kernel for MALoRA's 720
-    adapter tensors on SmolLM2 (benchmarks/cpu_micro.py). Lightning's `MixedPrecision` refuses to clip the gradients of a fused
-    optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is scaled;
-    `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
+    adapter tensors on SmolLM2 (benchmarks/cpu_micro.py). Lightning's `MixedPrecision` refuses to clip the gradients
+    of a fused optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is
+    scaled; `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
     """
     on_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in parameters)
     clipping_refused = (trainer is not None and bool(trainer.gradient_clip_val)
