@@ -4,8 +4,8 @@ On CPU, `torch.nn.functional.dropout` draws one Bernoulli sample per element thr
 (about 4 ns an element, 1.5 ms for a [512, 576] input): with the paper's dropout 0.05 on six adapted modules per
 decoder layer, that was about a tenth of a SmolLM2 training step (BENCHMARKS.md). `LaneDropout` instead fills
 int64 words with 64 random bits each from torch's generator and reads every word as four 16-bit lanes, one per
-element; an element is dropped when its lane falls below `p * 2**16`. Its forward costs about a third of
-`F.dropout`'s, forward + backward about half (benchmarks/cpu_micro.py), and the mask it keeps for backward is a bool
+element; an element is dropped when its lane falls below `p * 2**16`. Its forward costs 0.35-0.5 of
+`F.dropout`'s, forward + backward about 0.6 (benchmarks/cpu_micro.py), and the mask it keeps for backward is a bool
 tensor, as `F.dropout`'s is. The drop rate is `p` rounded to a multiple of 2**-16 (0.05 becomes 0.0500031); the scale
 uses that rounded rate, so the expected output is still exactly x. Other devices use `F.dropout`, whose fused
 kernels are already fast.
@@ -21,9 +21,14 @@ LANE_LEVELS = 2 ** 16
 LANES_PER_WORD = 4  # int16 lanes in an int64 word
 
 
+def dropped_levels(p: float) -> int:
+    """How many of the 2**16 values of a lane drop its element: p rounded to a multiple of 2**-16, in those units."""
+    return round(p * LANE_LEVELS)
+
+
 def quantized_drop_rate(p: float) -> float:
-    """The drop rate `LaneDropout` realises for a requested `p` on CPU: p rounded to a multiple of 2**-16."""
-    return round(p * LANE_LEVELS) / LANE_LEVELS
+    """The drop rate `LaneDropout` realises for a requested `p` on CPU."""
+    return dropped_levels(p) / LANE_LEVELS
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -31,8 +36,25 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     numel = shape.numel()
     # the whole int64 range: plain `random_()` leaves the sign bit clear, which would make every fourth lane biased
     words = torch.empty(-(-numel // LANES_PER_WORD), dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    threshold = round(p * LANE_LEVELS) - LANE_LEVELS // 2  # int16 lanes are uniform on [-2**15, 2**15)
+    threshold = dropped_levels(p) - LANE_LEVELS // 2  # int16 lanes are uniform on [-2**15, 2**15)
     return words.view(torch.int16)[:numel].ge(threshold).view(shape)
+
+
+def dropout_factors(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
+    """dropout(x) as (x with the dropped elements zeroed, the rescale 1/(1-p)); their product is dropout(x).
+
+    A caller about to project x to a few dimensions applies the rescale there, on the small projection, instead of
+    in another pass over x. Lane masks on CPU in eager mode; `F.dropout` (rescale 1) elsewhere and under
+    `torch.compile`, whose generated kernels draw the mask inside a fused kernel.
+    """
+    if not training or p == 0.0:
+        return x, 1.0
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, True), 1.0
+    kept = 1.0 - quantized_drop_rate(p)
+    if kept == 0.0:
+        return torch.zeros_like(x), 1.0
+    return torch.where(keep_mask(x.shape, p, x.device), x, 0.0), 1.0 / kept
 
 
 class LaneDropout(nn.Dropout):
@@ -44,14 +66,9 @@ class LaneDropout(nn.Dropout):
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(x with the dropped elements zeroed, the rescale); their product is `self(x)`."""
-        if not self.training or self.p == 0.0:
-            return x, 1.0
-        if x.device.type != "cpu" or self.inplace:
-            return F.dropout(x, self.p, True, self.inplace), 1.0
-        kept = 1.0 - quantized_drop_rate(self.p)
-        if kept == 0.0:
-            return torch.zeros_like(x), 1.0
-        return torch.where(keep_mask(x.shape, self.p, x.device), x, 0.0), 1.0 / kept
+        if self.inplace and self.training:
+            return F.dropout(x, self.p, True, True), 1.0
+        return dropout_factors(x, self.p, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropped, rescale = self.masked(x)

@@ -1,4 +1,5 @@
-"""Model-level views of injected adapters: which layers, which config, the router losses and routing observers."""
+"""Model-level views of injected adapters: which layers, which config, the router losses, routing observers and
+compilation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from torch import nn
 
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.layers import AdapterLayer, RoutedAdapterLayer
-from malora_lightning.adapters.routing import ObserverHandle, RoutingContext, RoutingObserver
+from malora_lightning.adapters.routing import (
+    ObserverHandle,
+    RoutingContext,
+    RoutingObserver,
+    load_balance_from_statistics,
+)
 
 CONFIG_ATTRIBUTE = "malora_config"
 CONTEXT_ATTRIBUTE = "malora_routing_context"
@@ -45,20 +51,20 @@ class RouterLossSummary:
 
 
 def router_losses(model: nn.Module) -> RouterLossSummary | None:
-    """Average the per-layer losses of the latest forward; None for unrouted methods or before any forward.
+    """Average the per-layer losses of the model's latest forward; None for unrouted methods, before any forward, or
+    when the latest forward collected none (evaluation mode, or gradients off).
 
-    Only layers that ran in the latest forward of `model` count, so a stale loss can never leak into a step.
+    The statistics live in that forward's `ForwardRouting`, which the next forward replaces: a stale loss can never
+    leak into a step, and a forward that no backward follows leaves nothing alive after the next forward starts.
     """
     context = routing_context(model)
-    current = None if context is None else context.forward_count
-    fresh = [layer.last_router_losses for layer in routed_layers(model).values()
-             if layer.last_router_losses is not None and layer.last_router_losses.forward_id == current]
-    if not fresh:
+    forward = None if context is None else context.current
+    if forward is None or not forward.statistics:
         return None
-    load_balance = torch.stack([losses.load_balance for losses in fresh]).mean()
-    z_terms = [losses.z_loss for losses in fresh if losses.z_loss is not None]
+    load_balance = load_balance_from_statistics(torch.stack([s.balance for s in forward.statistics])).mean()
+    z_terms = [s.z_loss for s in forward.statistics if s.z_loss is not None]
     z_loss = torch.stack(z_terms).mean() if z_terms else None
-    return RouterLossSummary(load_balance=load_balance, z_loss=z_loss, num_layers=len(fresh))
+    return RouterLossSummary(load_balance=load_balance, z_loss=z_loss, num_layers=len(forward.statistics))
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
@@ -76,15 +82,28 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
-def release_router_losses(model: nn.Module) -> None:
-    """Drop the router losses the routed layers keep from their latest forward.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-    Under grad mode each kept loss references the autograd graph of that forward. A backward frees the graph's saved
-    activations, so training steps keep almost nothing; after a forward that no backward follows (a benchmark, a
-    scoring pass under grad mode), the whole graph would stay alive until the next forward has run every layer.
+
+def compile_adapters(model: nn.Module, mode: str | None = "default") -> nn.Module:
+    """Run every adapter layer's adapter path through `torch.compile` (`fullgraph=True`, symbolic token count);
+    `mode=None` switches back to eager. The frozen base layers stay eager (bitsandbytes' kernels are their own).
+
+    Compilation happens at the first forward of each shape class, training and evaluation separately.
     """
-    for layer in routed_layers(model).values():
-        layer.last_router_losses = None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is invalid: expected one of {COMPILE_MODES} or None (eager)")
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapters: call inject_adapters(model, config) first")
+    sparse = [name for name, layer in layers.items() if layer.kernel == "sparse"]
+    if mode is not None and sparse:
+        raise ValueError(f"AdapterConfig.kernel='sparse' (e.g. {sparse[0]!r}) cannot be compiled whole: it dispatches "
+                         "a data-dependent number of tokens to each expert. Use kernel='dense' to compile, or leave "
+                         "the adapters eager")
+    for layer in layers.values():
+        layer.compile_mode = mode
+    return model
 
 
 def add_routing_observer(model: nn.Module, observer: RoutingObserver) -> ObserverHandle:

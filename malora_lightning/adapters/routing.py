@@ -1,13 +1,18 @@
-"""Token routing for mixtures of adapters: top-k gates, router losses, and how the attention mask reaches the layers.
+"""Token routing for mixtures of adapters: top-k gates, router losses, and the per-forward routing context.
 
-The attention mask travels through a `RoutingContext` that a forward-pre-hook on the wrapped model fills on every
-call, so Hugging Face forward signatures stay untouched (the pattern PEFT's Poly tuner uses for task ids).
+Every forward of an adapted model starts a fresh `ForwardRouting` (a forward-pre-hook on the model creates it, the
+pattern PEFT's Poly tuner uses for task ids): it carries the attention mask to the routed layers and collects what
+each layer hands back for the router losses (`RouterStatistics`). Layers keep nothing tensor-valued between
+forwards; `aux_loss` reads the latest forward's record, and the next forward replaces it, graph and all.
+
+Everything on the hot path has a fixed shape: the balance statistics are means (or mask-weighted sums) over tokens
+of [T, N] tensors, never counts of a data-dependent size, and nothing reads a tensor's value on the host.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -16,7 +21,7 @@ from torch import nn
 
 @dataclass
 class Routing:
-    """One layer's routing of T tokens: what the expert kernels and the losses consume."""
+    """One layer's routing of T tokens, as the sparse kernel and the reference forward consume it."""
 
     logits: torch.Tensor  # [T, N] raw router logits (float32)
     probs: torch.Tensor  # [T, N] softmax over all experts
@@ -34,38 +39,72 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     return Routing(logits=logits, probs=probs, gates=gates, experts=experts)
 
 
+def dense_gates(routing: Routing, scale: float = 1.0) -> torch.Tensor:
+    """[T, N] gate matrix times `scale`, zero for the experts a token did not select."""
+    gates = routing.gates if scale == 1.0 else routing.gates * scale
+    return torch.zeros_like(routing.probs).scatter(1, routing.experts, gates)
+
+
+def selection_shares(experts: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[T, N]: 1/K where a token selected the expert, else 0, so that each token's row sums to 1."""
+    top_k = experts.shape[-1]
+    return torch.zeros(experts.shape[0], num_experts, dtype=dtype, device=experts.device).scatter_(
+        1, experts, 1.0 / top_k)
+
+
+def balance_statistics(probs: torch.Tensor, selection: torch.Tensor,
+                       token_weights: torch.Tensor | None) -> torch.Tensor:
+    """[2N]: the mean router probability P_e (first N) and the share f_e of the top-k assignments (last N) over
+    real tokens; `token_weights` [T] are 1/(number of real tokens) on real tokens and 0 on padding (None: all
+    tokens are real). One product over [T, 2N] gives both, whatever the number of real tokens."""
+    both = torch.cat([probs, selection.to(probs.dtype)], dim=1)
+    if token_weights is None:
+        return both.mean(dim=0)
+    return token_weights @ both
+
+
+def load_balance_from_statistics(statistics: torch.Tensor) -> torch.Tensor:
+    """Switch/Mixtral balance loss N * sum_e f_e * P_e from `balance_statistics` [..., 2N] (one per layer)."""
+    num_experts = statistics.shape[-1] // 2
+    mean_probability, assignment_share = statistics.unflatten(-1, (2, num_experts)).unbind(-2)
+    return num_experts * (mean_probability * assignment_share).sum(-1)
+
+
 def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral balance loss N * sum_e f_e * P_e for one router.
 
     f_e is the fraction of the T*K token-to-expert assignments that go to expert e and P_e the mean router probability
     of e, both over unmasked tokens only. It is 1 for perfectly balanced routing and N when one expert takes
-    everything (top-1). Gradients flow through P_e only.
+    everything (top-1); 0 when no token is real. Gradients flow through P_e only.
     """
-    num_experts = probs.shape[-1]
-    if token_mask is not None:
-        probs = probs[token_mask]
-        experts = experts[token_mask]
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
-    assignment_fraction = counts / experts.numel()
-    mean_prob = probs.mean(dim=0)
-    return num_experts * (assignment_fraction * mean_prob).sum()
+    selection = selection_shares(experts, probs.shape[-1], probs.dtype)
+    return load_balance_from_statistics(balance_statistics(probs, selection, token_weights_of(token_mask, probs)))
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
-    if token_mask is not None:
-        logits = logits[token_mask]
-    if logits.shape[0] == 0:
-        return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2; keeps router logits small."""
+    return z_loss_from_logsumexp(torch.logsumexp(logits, dim=-1), token_weights_of(token_mask, logits))
 
 
-def dense_gates(routing: Routing, scale: float = 1.0) -> torch.Tensor:
-    """[T, N] gate matrix times `scale`, zero for the experts a token did not select (used by the dense kernels)."""
-    gates = routing.gates if scale == 1.0 else routing.gates * scale
-    return torch.zeros_like(routing.probs).scatter(1, routing.experts, gates)
+def z_loss_from_logsumexp(logsumexp: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    squared = logsumexp.square()
+    return squared.mean() if token_weights is None else token_weights.to(squared.dtype) @ squared
+
+
+def token_weights_of(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """[T] weights 1/(real tokens) on real tokens, 0 on padding; all zero when no token is real."""
+    if token_mask is None:
+        return None
+    weights = token_mask.to(torch.promote_types(like.dtype, torch.float32))
+    return weights / weights.sum().clamp(min=1)
+
+
+@dataclass
+class RouterStatistics:
+    """What one routed layer's forward hands to the router losses (unweighted)."""
+
+    balance: torch.Tensor  # [2N] `balance_statistics`: gradients flow through the mean probabilities
+    z_loss: torch.Tensor | None  # scalar, when the layer's z-loss is on
 
 
 @dataclass
@@ -77,31 +116,49 @@ class RoutingRecord:
     experts: torch.Tensor  # [T, K]
     token_mask: torch.Tensor | None  # [T] bool, True for real (non-padding) tokens
     batch_shape: tuple[int, ...]  # leading shape of the layer input, e.g. (batch, seq)
+    forward: ForwardRouting | None = None  # the forward pass it belongs to (None: a bare layer, no forward begun)
 
 
 RoutingObserver = Callable[[RoutingRecord], None]
 
 
-class RoutingContext:
-    """Per-model state shared by every routed layer: the current attention mask, a forward counter and observers."""
+@dataclass(eq=False)
+class ForwardRouting:
+    """One forward pass of the model: its attention mask, and the router statistics its layers hand back."""
 
-    def __init__(self) -> None:
-        self.attention_mask: torch.Tensor | None = None
-        self.forward_count = 0
-        self.observers: list[RoutingObserver] = []
+    attention_mask: torch.Tensor | None = None
+    statistics: list[RouterStatistics] = field(default_factory=list)
+    _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
-    def token_mask(self, leading_shape: torch.Size) -> torch.Tensor | None:
-        """Boolean mask of real tokens for a layer input of leading shape (batch, seq), or None when unknown.
+    def tokens(self, leading_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bool mask [T] of real tokens, `token_weights_of` that mask) for a layer input of leading shape (batch,
+        seq); (None, None) when unknown or when every token is real. Computed once per forward and shape.
 
         During cached generation the mask covers past + new tokens, so the last `seq` columns are the new ones.
         """
-        mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or len(leading_shape) != 2:
-            return None
-        batch, seq = leading_shape
-        if mask.shape[0] != batch or mask.shape[1] < seq:
-            return None
-        return mask[:, -seq:].reshape(-1).bool()
+        if leading_shape not in self._tokens:
+            mask = self.attention_mask
+            token_mask = None
+            if mask is not None and mask.dim() == 2 and len(leading_shape) == 2:
+                batch, seq = leading_shape
+                if mask.shape[0] == batch and mask.shape[1] >= seq:
+                    token_mask = mask[:, -seq:].reshape(-1).bool()
+            weights = None if token_mask is None else token_weights_of(token_mask, torch.empty(0))
+            self._tokens[leading_shape] = (token_mask, weights)
+        return self._tokens[leading_shape]
+
+
+class RoutingContext:
+    """Per-model state shared by every routed layer: the current forward's record and the routing observers."""
+
+    def __init__(self) -> None:
+        self.current: ForwardRouting | None = None
+        self.observers: list[RoutingObserver] = []
+
+    def begin_forward(self, attention_mask: torch.Tensor | None = None) -> ForwardRouting:
+        """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer)."""
+        self.current = ForwardRouting(attention_mask)
+        return self.current
 
     def notify(self, record_factory: Callable[[], RoutingRecord]) -> None:
         if self.observers:
@@ -111,21 +168,20 @@ class RoutingContext:
 
 
 def install_routing_context(model: nn.Module) -> RoutingContext:
-    """Attach a `RoutingContext` to `model`, filled with the attention mask before each forward."""
+    """Attach a `RoutingContext` to `model`; each call of the model begins a forward with its attention mask."""
     context = RoutingContext()
     signature = inspect.signature(model.forward)
 
-    def capture_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def begin_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and args:
             try:
                 mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
             except TypeError:
                 mask = None
-        context.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-        context.forward_count += 1
+        context.begin_forward(mask if isinstance(mask, torch.Tensor) else None)
 
-    model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+    model.register_forward_pre_hook(begin_forward, with_kwargs=True)
     return context
 
 
@@ -145,4 +201,3 @@ class ObserverHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-

@@ -37,8 +37,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from malora_lightning.adapters.model import add_routing_observer, routed_layers, routing_context
-from malora_lightning.adapters.routing import ObserverHandle, RoutingContext, RoutingRecord
+from malora_lightning.adapters.model import add_routing_observer, routed_layers
+from malora_lightning.adapters.routing import ForwardRouting, ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
 from malora_lightning.run_paths import run_directory
@@ -243,12 +243,11 @@ class RoutingStats(Callback):
         self.plots_written: dict[str, list[str]] = {}
         self._accumulator: RoutingAccumulator | None = None
         self._handle: ObserverHandle | None = None
-        self._context: RoutingContext | None = None
         self._top_k = 0
         self._input_shape: tuple[int, ...] = ()
         self._token_tasks: torch.Tensor | None = None
         self._token_keep: torch.Tensor | None = None
-        self._forward_id: int | None = None
+        self._forward: ForwardRouting | None = None
         self._warned = False
 
     # ------------------------------------------------------------------ collection
@@ -270,7 +269,6 @@ class RoutingStats(Callback):
             raise ValueError(f"RoutingStats expects one expert count for every routed layer, found {sorted(experts)}")
         self._top_k = next(iter(layers.values())).top_k
         self._accumulator = RoutingAccumulator(list(layers), experts.pop(), len(tasks), pl_module.device)
-        self._context = routing_context(model)
         self._handle = add_routing_observer(model, self._observe)
 
     def _batch_start(self, batch: dict[str, Any]) -> None:
@@ -289,15 +287,15 @@ class RoutingStats(Callback):
             self._token_keep = None
         self._input_shape = tuple(input_ids.shape)
         self._token_tasks = row_tasks.repeat_interleave(input_ids.shape[1])
-        self._forward_id = None
+        self._forward = None
 
     def _observe(self, record: RoutingRecord) -> None:
         """Count the layers of the batch's first forward over its `input_ids` (see the module docstring)."""
-        if self._forward_id is None:
+        if self._forward is None:
             if record.batch_shape != self._input_shape:
                 return
-            self._forward_id = self._context.forward_count
-        elif self._context.forward_count != self._forward_id:
+            self._forward = record.forward
+        elif record.forward is not self._forward:
             return
         self._accumulator.add(record, self._token_tasks, self._token_keep)
 
@@ -305,7 +303,6 @@ class RoutingStats(Callback):
         if self._handle is not None:
             self._handle.remove()
         self._handle = None
-        self._context = None
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._detach()

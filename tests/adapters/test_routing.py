@@ -10,7 +10,6 @@ from malora_lightning.adapters import (
     aux_loss,
     inject_adapters,
     load_balance_loss,
-    release_router_losses,
     router_losses,
     router_z_loss,
 )
@@ -65,17 +64,27 @@ def test_router_z_loss_hand_computed():
 
 def routed_model(method="malora", **overrides):
     config = AdapterConfig(method=method, rank=2, shared_rank=4, num_experts=4, top_k=2, **overrides)
-    return inject_adapters(tiny_model("llama"), config)
+    return inject_adapters(tiny_model("llama"), config).train()
+
+
+def counted_load_balance(record, num_experts):
+    """Independent reference from one layer's recorded routing: count assignments of real tokens with bincount."""
+    real = record.token_mask if record.token_mask is not None else torch.ones(record.probs.shape[0], dtype=torch.bool)
+    counts = torch.bincount(record.experts[real].reshape(-1), minlength=num_experts).double()
+    fraction = counts / counts.sum()
+    mean_prob = record.probs[real].double().mean(0)
+    return num_experts * (fraction * mean_prob).sum()
 
 
 def test_aux_loss_is_the_coefficient_times_the_mean_over_layers():
     model = routed_model(aux_loss_coef=0.5)
     ids = torch.randint(0, 200, (2, 9))
-    model(ids)
-    layers = [m for m in model.modules() if hasattr(m, "last_router_losses")]
-    assert len(layers) == 2 * 6  # two decoder layers x six target projections
-    mean_load_balance = torch.stack([layer.last_router_losses.load_balance for layer in layers]).mean()
-    torch.testing.assert_close(aux_loss(model), 0.5 * mean_load_balance)
+    records = []
+    with add_routing_observer(model, records.append):
+        model(ids)
+    assert len(records) == 2 * 6  # two decoder layers x six target projections
+    expected = torch.stack([counted_load_balance(record, 4) for record in records]).mean()
+    torch.testing.assert_close(aux_loss(model).double(), 0.5 * expected)
 
 
 def test_uniform_routing_gives_exactly_the_coefficient():
@@ -100,19 +109,18 @@ def test_padding_tokens_do_not_count_in_the_aux_loss():
     ids = torch.randint(0, 200, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding in row 1
-    model(ids, attention_mask=mask)
-    masked = [m.last_router_losses.load_balance for m in model.modules() if hasattr(m, "last_router_losses")]
-    # recompute each layer's loss from its recorded routing on the real tokens only
     records = []
     with add_routing_observer(model, records.append):
         model(ids, attention_mask=mask)
-    assert len(records) == 12
-    for record, value in zip(records, masked):
-        expected = load_balance_loss(record.probs[mask.reshape(-1).bool()], record.experts[mask.reshape(-1).bool()])
-        torch.testing.assert_close(value, expected)
-        assert record.token_mask is not None and record.token_mask.sum().item() == 14
-    unmasked = torch.stack([load_balance_loss(r.probs, r.experts) for r in records])
-    assert not torch.allclose(unmasked, torch.stack(masked))
+    assert len(records) == 12 and all(r.token_mask.sum().item() == 14 for r in records)
+    expected = torch.stack([counted_load_balance(record, 4) for record in records])
+    torch.testing.assert_close(router_losses(model).load_balance.double(), expected.mean())
+    for record in records:  # the library's own formula, given the mask, agrees layer by layer
+        torch.testing.assert_close(load_balance_loss(record.probs, record.experts, record.token_mask).double(),
+                                   counted_load_balance(record, 4), rtol=1e-6, atol=1e-7)
+    model(ids)  # no mask: the padding's routing counts too
+    unmasked = router_losses(model).load_balance
+    assert not torch.allclose(unmasked.double(), expected.mean())
 
 
 def test_positional_attention_mask_is_seen_too():
@@ -125,13 +133,37 @@ def test_positional_attention_mask_is_seen_too():
     assert records[0].token_mask.tolist() == [False, False, True, True, True, True]
 
 
-def test_stale_losses_are_not_reused():
+def test_each_forward_replaces_the_statistics_of_the_last():
     model = routed_model()
     model(torch.randint(0, 200, (1, 5)))
-    assert router_losses(model) is not None
-    model.malora_routing_context.forward_count += 1  # as if another forward ran without the routed layers
+    assert router_losses(model).num_layers == 12
+    model.malora_routing_context.begin_forward()  # as if another forward ran without reaching the routed layers
     assert router_losses(model) is None
     assert aux_loss(model).item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad", "generate"])
+def test_no_statistics_are_computed_outside_training(mode):
+    model = routed_model(router_z_loss_coef=1.0)
+    ids = torch.randint(3, 200, (2, 4))
+    if mode == "eval":
+        model.eval()(ids)
+    elif mode == "no_grad":
+        with torch.no_grad():
+            model(ids)
+    else:
+        model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                              pad_token_id=0)
+    assert model.malora_routing_context.current.statistics == []
+    assert router_losses(model) is None
+
+
+def test_routed_layers_keep_no_tensors_between_forwards():
+    model = routed_model(router_z_loss_coef=1.0)
+    model(torch.randint(0, 200, (2, 5))).logits.sum().backward()
+    for layer in (m for m in model.modules() if hasattr(m, "router")):
+        held = [name for name, value in vars(layer).items() if isinstance(value, torch.Tensor)]
+        assert held == [], held
 
 
 def test_lora_has_no_aux_loss_and_nothing_to_observe():
@@ -170,7 +202,7 @@ def test_generation_with_cache_masks_only_the_new_tokens():
     assert prefill[0].token_mask.tolist() == [False, True, True, True, True, True, True, True]
 
 
-def test_release_router_losses_frees_the_graph_of_a_forward_without_backward():
+def test_a_forward_without_backward_is_freed_when_the_next_forward_starts():
     model = routed_model()
     standing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     freed: list[bool] = []
@@ -186,8 +218,8 @@ def test_release_router_losses_frees_the_graph_of_a_forward_without_backward():
     with torch.autograd.graph.saved_tensors_hooks(watch, lambda tensor: tensor):
         model(input_ids=torch.randint(0, 100, (2, 5))).logits.sum()  # output dropped, no backward
     gc.collect()
-    assert freed and not all(freed)  # the stashed router losses still hold saved activations
-    release_router_losses(model)
+    assert freed and not all(freed)  # the forward's router statistics still reference its graph
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (1, 3)))  # the next forward starts a new record
     gc.collect()
     assert all(freed)
-    assert router_losses(model) is None

@@ -28,7 +28,7 @@ def route_tokens(layer: MALoRALinear, inputs: torch.Tensor, token_tasks: torch.T
     """Run the layer on [batch, seq, 4] inputs with an accumulator observing it, as RoutingStats does."""
     accumulator = RoutingAccumulator(["probe"], EXPERTS, num_tasks, torch.device("cpu"))
     context = layer.routing_context
-    context.attention_mask = attention_mask
+    context.begin_forward(attention_mask)
     context.observers.append(lambda record: accumulator.add(record, token_tasks))
     with torch.no_grad():
         layer(inputs)

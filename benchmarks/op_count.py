@@ -1,0 +1,148 @@
+"""Count the work one adapted layer's training step dispatches: top-level aten ops, and on CUDA the kernels launched.
+
+On a GPU each op costs Python and dispatcher time plus, unless it only makes a view, a kernel launch; at the token
+counts of fine-tuning that fixed cost exceeds the adapter's arithmetic, so the op count is the floor of the eager step
+time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pins them.
+
+    python -m benchmarks.op_count                       # CPU: fp32 and bf16 autocast, dropout 0 and 0.05
+    python -m benchmarks.op_count --device cuda         # adds the CUDA kernels launched, eager and compiled
+
+A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
+balance statistics with fixed upstream gradients (the loss itself, summed over all layers, is not the layer's work).
+The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient, as inside a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, run_env_tag, \
+    start_run, write_report
+from malora_lightning.adapters import AdapterConfig, compile_adapters
+from malora_lightning.adapters.layers import ADAPTER_CLASSES, RoutedAdapterLayer
+
+METHODS = ("lora", "molora", "malora")
+# ops that only make a new view of existing memory: dispatch cost, no kernel
+VIEW_OPS = frozenset(f"aten::{name}" for name in (
+    "t", "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "unflatten",
+    "permute", "transpose", "slice", "split", "split_with_sizes", "select", "narrow", "as_strided", "view_as", "unbind",
+    "detach", "alias", "lift_fresh", "result_type", "promote_types", "empty_like", "empty"))
+
+
+@dataclass
+class OpCount:
+    top_level: int  # aten ops called from Python or the autograd engine, not from inside another aten op
+    launching: int  # of those, the ones that are not pure views (each launches at least one kernel on a GPU)
+    kernels: int | None  # CUDA kernels launched (None on CPU)
+    by_name: dict[str, int]
+
+
+def _ancestors(event: Any) -> Iterator[Any]:
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent
+        parent = parent.cpu_parent
+
+
+def build_layer(method: str, in_features: int, out_features: int, dtype: torch.dtype, dropout: float,
+                device: torch.device) -> nn.Module:
+    """The library's layer with the benchmarks' settings (LoRA r=64; MoLoRA 8 x r8; MALoRA 8 x r12, d 32; top-2)."""
+    base = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device).requires_grad_(False)
+    settings = {"lora": dict(rank=64), "molora": dict(rank=8), "malora": dict(rank=12, shared_rank=32)}[method]
+    config = AdapterConfig(method=method, dropout=dropout, **settings)
+    return ADAPTER_CLASSES[method](base, config, name="layer").train()
+
+
+def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
+    """set_to_none zero-grad, forward, backward of the output and (mixtures) the balance statistics with fixed
+    upstream gradients, so that only the layer's own ops run."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    context = layer.routing_context if isinstance(layer, RoutedAdapterLayer) else None
+    forward = context.begin_forward() if context is not None else None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    outputs, grads = [out], [torch.ones_like(out)]
+    if forward is not None:
+        balance = forward.statistics[0].balance
+        outputs.append(balance)
+        grads.append(torch.full_like(balance, 0.01))
+    torch.autograd.backward(outputs, grads)
+
+
+def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
+    """Ops of one training step, after two warm-up steps (compilation, autocast caches, lazy init)."""
+    for _ in range(2):
+        layer_step(layer, x, autocast)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        layer_step(layer, x, autocast)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+    events = list(profiler.events())
+    top = [e for e in events if e.name.startswith("aten::")
+           and not any(a.name.startswith("aten::") for a in _ancestors(e))]
+    kernels = None
+    if x.device.type == "cuda":
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.name.startswith("Memcpy") and not e.name.startswith("Memset"))
+    names = Counter(e.name for e in top)
+    return OpCount(top_level=len(top), launching=sum(1 for e in top if e.name not in VIEW_OPS), kernels=kernels,
+                   by_name=dict(names.most_common()))
+
+
+def count_method(method: str, device: torch.device, autocast: bool, dropout: float, tokens: int = 64,
+                 in_features: int = 64, out_features: int = 96, compile_mode: str | None = None) -> OpCount:
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    layer = build_layer(method, in_features, out_features, dtype, dropout, device)
+    if compile_mode is not None:
+        container = nn.ModuleDict({"layer": layer})
+        compile_adapters(container, compile_mode)
+    x = torch.randn(2, tokens // 2, in_features, dtype=dtype, device=device, requires_grad=True)
+    return count_step(layer, x, autocast)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compiled", action="store_true", help="also count with compiled adapters (CUDA: kernels)")
+    add_run_arguments(parser)
+    args = parser.parse_args()
+    device, load_at_start = start_run(args)
+    rows, results = [], []
+    modes = [None, "default"] if args.compiled or device.type == "cuda" else [None]
+    for compile_mode in modes:
+        for autocast in (False, True):
+            for dropout in (0.0, 0.05):
+                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode) for m in METHODS}
+                label = f"{'bf16 autocast' if autocast else 'fp32'}, dropout {dropout:g}, " \
+                        f"{'compiled' if compile_mode else 'eager'}"
+                lora = counts["lora"]
+                for method, count in counts.items():
+                    rows.append([label, method, count.top_level, count.launching,
+                                 "–" if count.kernels is None else count.kernels,
+                                 f"{count.top_level / lora.top_level:.2f}", f"{count.launching / lora.launching:.2f}",
+                                 "–" if count.kernels is None else f"{count.kernels / lora.kernels:.2f}"])
+                    results.append({"setting": label, "method": method, **asdict(count)})
+    table = markdown_table(["setting", "method", "top-level aten ops", "non-view ops", "CUDA kernels",
+                            "ops / LoRA", "non-view / LoRA", "kernels / LoRA"], rows)
+    env = run_env_tag()
+    payload = {"env": env, "device": device.type, "results": results, "machine": machine_info(load_at_start)}
+    markdown = "\n\n".join([f"# Ops per adapted layer and training step ({env}, {device.type})",
+                            machine_markdown(payload["machine"]), table])
+    print(markdown)
+    for path in write_report(f"op_count_{device.type}_{env}{'_' + args.tag if args.tag else ''}", payload, markdown):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The adapter paths as pure functions of tensors: what eager mode runs and what `torch.compile` compiles.
+
+Each function takes the base layer's output and input and returns the adapted output plus what the router losses and
+observers need; none reads or writes module state, so one compiled graph serves every layer of a shape class and a
+forward leaves nothing behind on the layers. Everything runs in one compute dtype `dtype` (the autocast dtype, or the
+adapter parameters' own): weights are cast once per call, explicitly, with autocast off inside.
+
+The mixtures' dense kernel is one autograd node (`DenseRoutedExperts`) with a hand-written backward. Written with
+plain autograd ops it ran ~120 ops per layer and training step, each a kernel launch plus Python dispatch on a GPU;
+as one node its forward and backward run only the GEMMs, the routing arithmetic and the casts they need
+(BENCHMARKS.md counts them). `reference_forward` on the layers stays the literal equations; tests compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from malora_lightning.adapters.dropout import dropout_factors
+from malora_lightning.adapters.routing import balance_statistics, selection_shares, z_loss_from_logsumexp
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without dispatching anything when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """result + hidden @ weight.T for 2-D operands: one addmm when dtypes agree (no extra pass over the output)."""
+    if result.dtype == hidden.dtype:
+        return torch.addmm(result, hidden, weight.t())
+    return result + F.linear(hidden, weight).to(result.dtype)
+
+
+def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM.
+
+    One copy does both the reordering and the cast.
+    """
+    num_experts, out_features, rank = lora_B.shape
+    stacked = lora_B.permute(1, 0, 2)
+    stacked = stacked.contiguous() if stacked.dtype == dtype else stacked.to(dtype, memory_format=torch.contiguous_format)
+    return stacked.view(out_features, num_experts * rank)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+def lora_output(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                dropout: float, training: bool, dtype: torch.dtype) -> torch.Tensor:
+    """result + scaling * B A dropout(x) (paper Eq. 1) for x [T, n] and result [T, m]."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = cast(x, dtype)
+        dropped, rescale = dropout_factors(x, dropout, training)
+        hidden = F.linear(dropped, cast(lora_A, dtype)) * (scaling * rescale)
+        return add_product(result, hidden, cast(lora_B, dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- mixtures
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a routed layer routes and scales; plain values, so a compiled graph specialises on them."""
+
+    top_k: int
+    renormalize: bool
+    scaling: float
+    dropout: float
+    statistics: bool  # hand back the balance statistics (training)
+    z_loss: bool  # hand back the router z-loss too
+
+
+class DenseRoutedExperts(torch.autograd.Function):
+    """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7).
+
+    Inputs: result [T, m] (the base output), x [T, n], dropped [T, n] (x after dropout, or None when dropout is
+    off: then the router and the first projection share one GEMM over x), the router [N, n], S_A [d, n] (MALoRA;
+    None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
+    weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
+
+    Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or an empty tensor), the
+    router logsumexp [T] (or empty), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
+
+    Saved for backward: x (and dropped), the rank-space hiddens, the gated hidden [T, N*r], the routing tensors
+    [T, N] and the weights in the compute dtype (the stacked up weight [m, N*r] included: what autocast keeps for a
+    LoRA layer's B too), so that the backward casts and reorders nothing it already had.
+    """
+
+    @staticmethod
+    def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
+                router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
+                lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
+                scale: float, statistics: bool, logsumexp: bool) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        dtype = x.dtype
+        num_experts, rank = expert_down.shape[:2]
+        with torch.autocast(x.device.type, enabled=False):
+            down = expert_down.reshape(num_experts * rank, -1)  # [N*r, d] (P) or [N*r, n] (A)
+            first = down if shared_A is None else shared_A
+            if dropped is None:
+                first_weight = cast(torch.cat([router_weight, first]), dtype)
+                logits, hidden = F.linear(x, first_weight).split([num_experts, first.shape[0]], dim=1)
+            else:
+                first_weight = (cast(router_weight, dtype), cast(first, dtype))
+                logits, hidden = F.linear(x, first_weight[0]), F.linear(dropped, first_weight[1])
+            down_weight = None if shared_A is None else cast(down, dtype)
+            expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
+            logits = cast(logits, torch.promote_types(dtype, torch.float32))  # routing in at least float32
+            lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
+            probs = logits.softmax(dim=-1)
+            experts = probs.topk(top_k, dim=-1).indices
+            selection = selection_shares(experts, num_experts, logits.dtype)  # 1/K on the selected experts
+            kept = probs * selection
+            if renormalize:
+                total = kept.sum(dim=-1, keepdim=True).div_(scale)
+                gates = kept / total  # scale * kept / sum(kept)
+            else:
+                total = None
+                gates = kept.mul_(top_k * scale)  # scale * probs on the selected experts
+            expert_hidden3 = expert_hidden.view(-1, num_experts, rank)
+            gates3 = cast(gates, dtype).unsqueeze(-1)
+            gated = (expert_hidden3 * gates3).view(-1, num_experts * rank)
+            up = stacked_up_weight(lora_B, dtype)
+            out = add_product(result, gated, up)
+            balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
+        router_cast, first_cast = (None, first_weight) if dropped is None else first_weight
+        ctx.save_for_backward(x, dropped, first_cast, router_cast, down_weight, up, hidden, expert_hidden3, gated,
+                              probs, selection, gates, gates3, total, token_weights)
+        ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
+                            lora_B.dtype)
+        ctx.is_malora = shared_A is not None
+        ctx.scale, ctx.top_k, ctx.result_dtype = scale, top_k, result.dtype
+        ctx.mark_non_differentiable(probs, experts)
+        return out, balance, lse, probs, experts
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_balance: torch.Tensor | None,
+                 grad_lse: torch.Tensor | None, *_: object) -> tuple[torch.Tensor | None, ...]:
+        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden3, gated, probs, selection,
+         gates, gates3, total, token_weights) = ctx.saved_tensors
+        router_dtype, shared_dtype, down_dtype, up_dtype = ctx.param_dtypes
+        needs = ctx.needs_input_grad
+        dtype = x.dtype
+        num_experts, rank = expert_hidden3.shape[1:]
+        with torch.autocast(x.device.type, enabled=False):
+            # up-projection: out = result + gated @ up.T
+            grad_B = grad_gates = grad_expert_hidden = None
+            if grad_out is not None:
+                grad = cast(grad_out, dtype)
+                if needs[6]:
+                    grad_B = torch.mm(grad.t(), gated).view(-1, num_experts, rank).permute(1, 0, 2)
+                    grad_B = grad_B.to(up_dtype, memory_format=torch.contiguous_format)  # B's own layout
+                grad_gated3 = torch.mm(grad, up).view_as(expert_hidden3)
+                grad_expert_hidden = (grad_gated3 * gates3).view(-1, num_experts * rank)
+                grad_gates = cast((grad_gated3 * expert_hidden3).sum(-1), probs.dtype)
+            # routing: gates -> probs -> logits
+            grad_probs = None
+            if grad_gates is not None:
+                if total is None:  # gates = scale * K * probs * selection
+                    grad_probs = grad_gates * selection * (ctx.top_k * ctx.scale)
+                else:  # gates = kept / total, kept = probs * selection, total = sum(kept) / scale
+                    grad_kept = (grad_gates - (grad_gates * gates).sum(-1, keepdim=True).div_(ctx.scale)) / total
+                    grad_probs = grad_kept.mul_(selection)
+            if grad_balance is not None:  # balance[:N] = weighted mean of probs over tokens
+                grad_mean = grad_balance[:num_experts]
+                from_balance = torch.outer(token_weights, grad_mean) if token_weights is not None \
+                    else (grad_mean / probs.shape[0]).expand_as(probs)
+                grad_probs = from_balance if grad_probs is None else grad_probs.add_(from_balance)
+            grad_logits = None
+            if grad_probs is not None:
+                grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if grad_lse is not None:  # d logsumexp / d logits = probs
+                from_lse = grad_lse.unsqueeze(-1) * probs
+                grad_logits = from_lse if grad_logits is None else grad_logits.add_(from_lse)
+            # per-expert down-projection (MALoRA's P_t works on S_A x)
+            grad_down = grad_hidden = None
+            if grad_expert_hidden is not None and down_weight is not None:
+                if needs[5]:
+                    grad_down = cast(torch.mm(grad_expert_hidden.t(), hidden), down_dtype).view(num_experts, rank, -1)
+                grad_hidden = torch.mm(grad_expert_hidden, down_weight)
+            elif grad_expert_hidden is not None:
+                grad_hidden = grad_expert_hidden  # MoLoRA: the first projection is A itself
+            # first projection: [router; S_A or A] over x, or the router over x and S_A or A over dropped
+            grad_router = grad_first = grad_x = grad_dropped = None
+            needs_first = needs[4] if ctx.is_malora else needs[5]
+            if dropped is None and (grad_logits is not None or grad_hidden is not None):
+                first_rows = first_weight.shape[0] - num_experts
+                grad_h1 = torch.cat([cast(grad_logits, dtype) if grad_logits is not None
+                                     else x.new_zeros(x.shape[0], num_experts),
+                                     grad_hidden if grad_hidden is not None else x.new_zeros(x.shape[0], first_rows)],
+                                    dim=1)
+                if needs[3] or needs_first:
+                    grad_router, grad_first = torch.mm(grad_h1.t(), x).split([num_experts, first_rows])
+                if needs[1]:
+                    grad_x = torch.mm(grad_h1, first_weight)
+            elif dropped is not None:
+                if grad_logits is not None:
+                    grad_logits = cast(grad_logits, dtype)
+                    grad_router = torch.mm(grad_logits.t(), x) if needs[3] else None
+                    grad_x = torch.mm(grad_logits, router_weight) if needs[1] else None
+                if grad_hidden is not None:
+                    grad_first = torch.mm(grad_hidden.t(), dropped) if needs_first else None
+                    grad_dropped = torch.mm(grad_hidden, first_weight) if needs[2] else None
+            grad_router = cast(grad_router, router_dtype) if grad_router is not None and needs[3] else None
+            grad_shared = None
+            if grad_first is not None and needs_first and ctx.is_malora:
+                grad_shared = cast(grad_first, shared_dtype)
+            elif grad_first is not None and needs_first:
+                grad_down = cast(grad_first, down_dtype).view(num_experts, rank, -1)
+        grad_result = grad_out if needs[0] else None
+        return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
+                None, None, None, None, None, None)
+
+
+@dataclass
+class RoutedOutput:
+    """What one routed layer's forward returns besides its output."""
+
+    statistics: torch.Tensor | None  # [2N] balance statistics (when `RoutingSpec.statistics`)
+    z_loss: torch.Tensor | None  # scalar (when `RoutingSpec.z_loss`)
+    probs: torch.Tensor  # [T, N], detached
+    experts: torch.Tensor  # [T, K]
+
+
+def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
+                  expert_down: torch.Tensor, lora_B: torch.Tensor, token_weights: torch.Tensor | None,
+                  spec: RoutingSpec, training: bool, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts)."""
+    x = cast(x, dtype)
+    dropped, rescale = dropout_factors(x, spec.dropout, training) if training and spec.dropout > 0 else (None, 1.0)
+    out, balance, lse, probs, experts = DenseRoutedExperts.apply(
+        result, x, dropped, router_weight, shared_A, expert_down, lora_B,
+        token_weights if spec.statistics or spec.z_loss else None, spec.top_k, spec.renormalize,
+        spec.scaling * rescale, spec.statistics, spec.z_loss)
+    z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
+    return out, balance if spec.statistics else None, z_loss, probs, experts
+
+
+# ---------------------------------------------------------------------------------------------------- compilation
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+
+
+def compiled(function: Callable, mode: str) -> Callable:
+    """`function` compiled whole (`fullgraph=True`, symbolic shapes, so one graph serves every layer shape and token
+    count), once per process and mode."""
+    key = (function, mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(function, fullgraph=True, dynamic=True,
+                                       mode=None if mode == "default" else mode)
+    return _COMPILED[key]
