@@ -43,7 +43,7 @@ def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     num_experts, out_features, rank = lora_B.shape
     stacked = lora_B.permute(1, 0, 2)
     stacked = stacked.contiguous() if stacked.dtype == dtype else stacked.to(dtype, memory_format=torch.contiguous_format)
-    return stacked.view(out_features, num_experts * rank)
+    return stacked.flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
@@ -95,7 +95,7 @@ class DenseRoutedExperts(torch.autograd.Function):
         dtype = x.dtype
         num_experts, rank = expert_down.shape[:2]
         with torch.autocast(x.device.type, enabled=False):
-            down = expert_down.reshape(num_experts * rank, -1)  # [N*r, d] (P) or [N*r, n] (A)
+            down = expert_down.flatten(0, 1)  # [N*r, d] (P) or [N*r, n] (A)
             first = down if shared_A is None else shared_A
             if dropped is None:
                 first_weight = cast(torch.cat([router_weight, first]), dtype)
@@ -112,14 +112,14 @@ class DenseRoutedExperts(torch.autograd.Function):
             selection = selection_shares(experts, num_experts, logits.dtype)  # 1/K on the selected experts
             kept = probs * selection
             if renormalize:
-                total = kept.sum(dim=-1, keepdim=True).div_(scale)
+                total = kept.sum(dim=-1, keepdim=True) / scale
                 gates = kept / total  # scale * kept / sum(kept)
             else:
                 total = None
-                gates = kept.mul_(top_k * scale)  # scale * probs on the selected experts
-            expert_hidden3 = expert_hidden.view(-1, num_experts, rank)
+                gates = kept * (top_k * scale)  # scale * probs on the selected experts
+            expert_hidden3 = expert_hidden.unflatten(1, (num_experts, rank))
             gates3 = cast(gates, dtype).unsqueeze(-1)
-            gated = (expert_hidden3 * gates3).view(-1, num_experts * rank)
+            gated = (expert_hidden3 * gates3).flatten(1)
             up = stacked_up_weight(lora_B, dtype)
             out = add_product(result, gated, up)
             balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
@@ -129,7 +129,7 @@ class DenseRoutedExperts(torch.autograd.Function):
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
-        ctx.scale, ctx.top_k, ctx.result_dtype = scale, top_k, result.dtype
+        ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp = scale, top_k, statistics, logsumexp
         ctx.mark_non_differentiable(probs, experts)
         return out, balance, lse, probs, experts
 
@@ -148,10 +148,10 @@ class DenseRoutedExperts(torch.autograd.Function):
             if grad_out is not None:
                 grad = cast(grad_out, dtype)
                 if needs[6]:
-                    grad_B = torch.mm(grad.t(), gated).view(-1, num_experts, rank).permute(1, 0, 2)
+                    grad_B = torch.mm(grad.t(), gated).unflatten(1, (num_experts, rank)).permute(1, 0, 2)
                     grad_B = grad_B.to(up_dtype, memory_format=torch.contiguous_format)  # B's own layout
                 grad_gated3 = torch.mm(grad, up).view_as(expert_hidden3)
-                grad_expert_hidden = (grad_gated3 * gates3).view(-1, num_experts * rank)
+                grad_expert_hidden = (grad_gated3 * gates3).flatten(1)
                 grad_gates = cast((grad_gated3 * expert_hidden3).sum(-1), probs.dtype)
             # routing: gates -> probs -> logits
             grad_probs = None
@@ -161,7 +161,7 @@ class DenseRoutedExperts(torch.autograd.Function):
                 else:  # gates = kept / total, kept = probs * selection, total = sum(kept) / scale
                     grad_kept = (grad_gates - (grad_gates * gates).sum(-1, keepdim=True).div_(ctx.scale)) / total
                     grad_probs = grad_kept.mul_(selection)
-            if grad_balance is not None:  # balance[:N] = weighted mean of probs over tokens
+            if grad_balance is not None and ctx.statistics:  # balance[:N] = weighted mean of probs over tokens
                 grad_mean = grad_balance[:num_experts]
                 from_balance = torch.outer(token_weights, grad_mean) if token_weights is not None \
                     else (grad_mean / probs.shape[0]).expand_as(probs)
@@ -169,14 +169,14 @@ class DenseRoutedExperts(torch.autograd.Function):
             grad_logits = None
             if grad_probs is not None:
                 grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            if grad_lse is not None:  # d logsumexp / d logits = probs
+            if grad_lse is not None and ctx.logsumexp:  # d logsumexp / d logits = probs
                 from_lse = grad_lse.unsqueeze(-1) * probs
                 grad_logits = from_lse if grad_logits is None else grad_logits.add_(from_lse)
             # per-expert down-projection (MALoRA's P_t works on S_A x)
             grad_down = grad_hidden = None
             if grad_expert_hidden is not None and down_weight is not None:
                 if needs[5]:
-                    grad_down = cast(torch.mm(grad_expert_hidden.t(), hidden), down_dtype).view(num_experts, rank, -1)
+                    grad_down = cast(torch.mm(grad_expert_hidden.t(), hidden), down_dtype).unflatten(0, (num_experts, rank))
                 grad_hidden = torch.mm(grad_expert_hidden, down_weight)
             elif grad_expert_hidden is not None:
                 grad_hidden = grad_expert_hidden  # MoLoRA: the first projection is A itself
@@ -206,7 +206,7 @@ class DenseRoutedExperts(torch.autograd.Function):
             if grad_first is not None and needs_first and ctx.is_malora:
                 grad_shared = cast(grad_first, shared_dtype)
             elif grad_first is not None and needs_first:
-                grad_down = cast(grad_first, down_dtype).view(num_experts, rank, -1)
+                grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
         return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
                 None, None, None, None, None, None)
@@ -238,14 +238,18 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
-_COMPILED: dict[tuple[Callable, str], Callable] = {}
+_COMPILED: dict[tuple[Callable, str, str], Callable] = {}
 
 
-def compiled(function: Callable, mode: str) -> Callable:
-    """`function` compiled whole (`fullgraph=True`, symbolic shapes, so one graph serves every layer shape and token
-    count), once per process and mode."""
-    key = (function, mode)
+def compiled(function: Callable, mode: str, backend: str = "inductor") -> Callable:
+    """`function` compiled whole (`fullgraph=True`), once per process, mode and backend.
+
+    Shapes start static and turn symbolic where a later call differs (torch's automatic dynamic shapes): after the
+    first change of token count or layer shape one graph serves them all, while plain ints such as top-k stay
+    constants. (`dynamic=True` would make those symbolic too, which inductor cannot always lower.)
+    """
+    key = (function, mode, backend)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(function, fullgraph=True, dynamic=True,
-                                       mode=None if mode == "default" else mode)
+        _COMPILED[key] = torch.compile(function, fullgraph=True, backend=backend,
+                                       mode=None if mode == "default" or backend != "inductor" else mode)
     return _COMPILED[key]

@@ -75,6 +75,7 @@ class AdapterLayer(nn.Module):
         self.dropout_rate = config.dropout
         self.dropout: nn.Module = LaneDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.compile_mode: str | None = None
+        self.compile_backend = "inductor"
         self.train(base_layer.training)
 
     def _new_parameter(self, *shape: int, trainable: bool = True) -> nn.Parameter:
@@ -94,7 +95,13 @@ class AdapterLayer(nn.Module):
 
     def kernel_function(self, function: Callable) -> Callable:
         """`function` itself, or its compiled version when `compile_mode` is set."""
-        return function if self.compile_mode is None else compiled(function, self.compile_mode)
+        return function if self.compile_mode is None else compiled(function, self.compile_mode,
+                                                                    self.compile_backend)
+
+    def kernel_weight(self, weight: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight as the kernel function receives it: compiled kernels get a plain-tensor view, because
+        torch.compile gives every `nn.Parameter` a static shape, which would compile one graph per layer shape."""
+        return weight.view_as(weight) if self.compile_mode is not None and weight is not None else weight
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor (trainable or frozen by an ablation switch), keyed by its name inside this layer."""
@@ -136,8 +143,9 @@ class LoRALinear(AdapterLayer):
         init_lora_(self.lora_A, self.lora_B)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
-        return self.kernel_function(lora_output)(result, x, self.lora_A, self.lora_B, self.scaling, self.dropout_rate,
-                                                 self.training, self.compute_dtype(x.device.type))
+        return self.kernel_function(lora_output)(
+            result, x, self.kernel_weight(self.lora_A), self.kernel_weight(self.lora_B), self.scaling,
+            self.dropout_rate, self.training, self.compute_dtype(x.device.type))
 
     def reference_delta(self, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
         delta_weight = self.lora_B @ self.lora_A
@@ -197,7 +205,8 @@ class RoutedAdapterLayer(AdapterLayer):
             output, statistics, z_loss, probs, experts = self._sparse_experts(result, x, token_weights, spec, dtype)
         else:
             output, statistics, z_loss, probs, experts = self.kernel_function(routed_output)(
-                result, x, self.router.weight, self.shared_down, self.expert_down, self.lora_B, token_weights, spec,
+                result, x, self.kernel_weight(self.router.weight), self.kernel_weight(self.shared_down),
+                self.kernel_weight(self.expert_down), self.kernel_weight(self.lora_B), token_weights, spec,
                 self.training, dtype)
         if collect:
             forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))

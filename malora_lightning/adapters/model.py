@@ -3,6 +3,7 @@ compilation."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from malora_lightning.adapters.routing import (
     RoutingObserver,
     load_balance_from_statistics,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIG_ATTRIBUTE = "malora_config"
 CONTEXT_ATTRIBUTE = "malora_routing_context"
@@ -83,11 +86,16 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Graphs per kernel function: one per combination of autocast state, input dtype, whether x needs a gradient (only
+# the first layer's inputs do not), training / evaluation / generation (0/1 specialisation at batch 1) and duck-sized
+# equal dimensions; torch's default limit of 8 is too few for a model that trains, evaluates and generates.
+RECOMPILE_LIMIT = 64
 
 
-def compile_adapters(model: nn.Module, mode: str | None = "default") -> nn.Module:
-    """Run every adapter layer's adapter path through `torch.compile` (`fullgraph=True`, symbolic token count);
+def compile_adapters(model: nn.Module, mode: str | None = "default", backend: str = "inductor") -> nn.Module:
+    """Run every adapter layer's adapter path through `torch.compile` (`fullgraph=True`, symbolic shapes);
     `mode=None` switches back to eager. The frozen base layers stay eager (bitsandbytes' kernels are their own).
+    `backend` is torch.compile's (e.g. "aot_eager" to check tracing without generating kernels).
 
     Compilation happens at the first forward of each shape class, training and evaluation separately.
     """
@@ -101,8 +109,13 @@ def compile_adapters(model: nn.Module, mode: str | None = "default") -> nn.Modul
         raise ValueError(f"AdapterConfig.kernel='sparse' (e.g. {sparse[0]!r}) cannot be compiled whole: it dispatches "
                          "a data-dependent number of tokens to each expert. Use kernel='dense' to compile, or leave "
                          "the adapters eager")
+    if mode is not None and torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        logger.info("compile_adapters: raising torch._dynamo.config.recompile_limit from %d to %d",
+                    torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     for layer in layers.values():
         layer.compile_mode = mode
+        layer.compile_backend = backend
     return model
 
 

@@ -48,7 +48,7 @@ def dense_gates(routing: Routing, scale: float = 1.0) -> torch.Tensor:
 def selection_shares(experts: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[T, N]: 1/K where a token selected the expert, else 0, so that each token's row sums to 1."""
     top_k = experts.shape[-1]
-    return torch.zeros(experts.shape[0], num_experts, dtype=dtype, device=experts.device).scatter_(
+    return torch.zeros(experts.shape[0], num_experts, dtype=dtype, device=experts.device).scatter(
         1, experts, 1.0 / top_k)
 
 
@@ -56,11 +56,15 @@ def balance_statistics(probs: torch.Tensor, selection: torch.Tensor,
                        token_weights: torch.Tensor | None) -> torch.Tensor:
     """[2N]: the mean router probability P_e (first N) and the share f_e of the top-k assignments (last N) over
     real tokens; `token_weights` [T] are 1/(number of real tokens) on real tokens and 0 on padding (None: all
-    tokens are real). One product over [T, 2N] gives both, whatever the number of real tokens."""
-    both = torch.cat([probs, selection.to(probs.dtype)], dim=1)
+    tokens are real). Weighted sums over tokens, whatever the number of real tokens.
+
+    (Two products and a concatenation of their [N] results: concatenating the [T, N] inputs first let inductor
+    read the selection before its scatter had run, torch 2.13 on CPU.)
+    """
+    selection = selection.to(probs.dtype)
     if token_weights is None:
-        return both.mean(dim=0)
-    return token_weights @ both
+        return torch.cat([probs.mean(dim=0), selection.mean(dim=0)])
+    return torch.cat([token_weights @ probs, token_weights @ selection])
 
 
 def load_balance_from_statistics(statistics: torch.Tensor) -> torch.Tensor:
