@@ -8,6 +8,10 @@ loop is timed next to our kernels as a peer-style reference; it is written here 
     python -m benchmarks.layer_speed --quick                 # 2048<->5504 shapes, < 2 minutes on 2 CPU cores
     python -m benchmarks.layer_speed                         # LLaMA-2-7B shapes 4096<->11008
     python -m benchmarks.layer_speed --quick --tuned-malloc  # re-executes itself with glibc malloc tuned
+    python -m benchmarks.layer_speed --device cuda --methods base,lora,malora_dense,lora_compiled,malora_compiled
+
+Methods ending in `_compiled` run the dense kernel through `compile_adapters` (torch.compile, inductor),
+`_cudagraphs` through its "reduce-overhead" mode (CUDA graphs); warm-up rounds compile.
 
 "bf16" means Lightning's bf16-mixed: a bf16 base and bf16 inputs, float32 adapter weights, forward under
 `torch.autocast(dtype=bfloat16)`. "fp32" runs everything in float32.
@@ -42,8 +46,16 @@ from benchmarks.common import (
     synchronize,
     write_report,
 )
-from malora_lightning.adapters import AdapterConfig, AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear
-from malora_lightning.adapters.routing import load_balance_loss, route
+from malora_lightning.adapters import (
+    AdapterConfig,
+    AdapterLayer,
+    LoRALinear,
+    MALoRALinear,
+    MoLoRALinear,
+    RoutedAdapterLayer,
+    compile_adapters,
+)
+from malora_lightning.adapters.routing import load_balance_from_statistics, load_balance_loss, route
 from malora_lightning.hardware import fast_bf16_available
 
 LORA_RANK = 64
@@ -52,8 +64,12 @@ MOLORA_RANK = 8
 MALORA_RANK, MALORA_SHARED_RANK = 12, 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("base", "lora", "molora_dense", "molora_sparse", "molora_loop", "malora_dense", "malora_sparse")
+COMPILED_METHODS = ("lora_compiled", "molora_compiled", "malora_compiled", "lora_cudagraphs", "malora_cudagraphs")
+COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}
 COLUMN_NAMES = {"base": "base", "lora": "LoRA64", "molora_dense": "MO dense", "molora_sparse": "MO sparse",
-                "molora_loop": "MO loop (peer)", "malora_dense": "MA dense", "malora_sparse": "MA sparse"}
+                "molora_loop": "MO loop (peer)", "malora_dense": "MA dense", "malora_sparse": "MA sparse",
+                "lora_compiled": "LoRA64 compiled", "molora_compiled": "MO compiled", "malora_compiled": "MA compiled",
+                "lora_cudagraphs": "LoRA64 CUDA graphs", "malora_cudagraphs": "MA CUDA graphs"}
 MIB = 2 ** 20
 
 
@@ -132,10 +148,12 @@ def build_layer(base: nn.Linear, method: str, dropout: float,
     """
     family, _, kernel = method.partition("_")
     torch.manual_seed(0)
-    config = adapter_config(family, "dense" if kernel in ("", "loop") else kernel, dropout)
+    config = adapter_config(family, kernel if kernel in ("dense", "sparse") else "dense", dropout)
     layer = classes[family](base, config, name=method)
     with torch.no_grad():
         layer.lora_B.normal_(std=1e-3)  # non-zero outputs, as after a few training steps
+    if kernel in COMPILE_MODES:
+        compile_adapters(layer, COMPILE_MODES[kernel])
     return layer
 
 
@@ -171,12 +189,15 @@ def training_forward(method: str, layer: nn.Module, aux_loss_coef: float,
         return lambda x: molora_loop_forward(layer, x, aux_loss_coef)
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        routed = isinstance(layer, RoutedAdapterLayer)
+        record = layer.routing_context.begin_forward() if routed else None
         if adapter_only_result is None:
             out = layer(x)
         else:
             out = layer.add_adapter_output(adapter_only_result, x, x.shape[:-1])
-        losses = getattr(layer, "last_router_losses", None)
-        return out, None if losses is None else aux_loss_coef * losses.load_balance
+        if record is None or not record.statistics:
+            return out, None
+        return out, aux_loss_coef * load_balance_from_statistics(record.statistics[0].balance)
 
     return forward
 
@@ -264,8 +285,9 @@ def run_setting(setting: Setting, methods: list[str], args: argparse.Namespace,
     steps = {method: training_step(p, inputs.x, inputs.upstream, inputs.autocast) for method, p in prepared.items()}
     times = round_robin(steps, args.warmup, args.rounds, device)
     medians_ms = {method: 1e3 * median(values) for method, values in times.items()}
+    # the CPU tracker is a dispatch mode, which torch.compile does not trace through: compiled methods go without
     memory = {method: memory_of(steps[method], prepared[method], inputs.x, inputs.autocast, device)
-              for method in methods}
+              for method in methods if device.type == "cuda" or method not in COMPILED_METHODS}
     return {"setting": asdict(setting), "times_ms": {k: [1e3 * v for v in vs] for k, vs in times.items()},
             "median_ms": medians_ms, "ratios": ratios(medians_ms), "memory": memory}
 
@@ -286,6 +308,11 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
         "malora_best/molora_loop": (malora, ms.get("molora_loop")),
         "malora_best/lora": (malora, ms.get("lora")),
         "molora_best/lora": (molora, ms.get("lora")),
+        "malora_compiled/lora_compiled": (ms.get("malora_compiled"), ms.get("lora_compiled")),
+        "malora_compiled/lora": (ms.get("malora_compiled"), ms.get("lora")),
+        "malora_compiled/molora_compiled": (ms.get("malora_compiled"), ms.get("molora_compiled")),
+        "malora_compiled/malora_dense": (ms.get("malora_compiled"), ms.get("malora_dense")),
+        "malora_cudagraphs/lora_cudagraphs": (ms.get("malora_cudagraphs"), ms.get("lora_cudagraphs")),
     }
     for name, (numerator, denominator) in pairs.items():
         if numerator is not None and denominator is not None:
@@ -357,7 +384,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
     results = payload["results"]
     methods = payload["args"]["methods"]
     time_headers = ["setting", *(COLUMN_NAMES[m] for m in methods), "MA/MO best", "MA/MO dense", "MA/MO sparse",
-                    "MA best/MO loop", "MA/LoRA", "ovh LoRA", "ovh MO", "ovh MA", "floor ovh LoRA/MO/MA"]
+                    "MA best/MO loop", "MA/LoRA", "MA comp/LoRA comp", "MA comp/LoRA", "ovh LoRA", "ovh MO", "ovh MA",
+                    "floor ovh LoRA/MO/MA"]
     time_rows = []
     for result in results:
         r, ms, floor = result["ratios"], result["median_ms"], result["floor_overhead"]
@@ -365,11 +393,14 @@ def markdown_report(payload: dict[str, Any]) -> str:
         time_rows.append([Setting(**result["setting"]).label, *(f"{ms[m]:.1f}" for m in methods),
                           fmt_ratio(r.get("malora_best/molora_best")), fmt_ratio(r.get("malora_dense/molora_dense")),
                           fmt_ratio(r.get("malora_sparse/molora_sparse")), fmt_ratio(r.get("malora_best/molora_loop")),
-                          fmt_ratio(r.get("malora_best/lora")), fmt_pct(r.get("overhead_lora")),
+                          fmt_ratio(r.get("malora_best/lora")), fmt_ratio(r.get("malora_compiled/lora_compiled")),
+                          fmt_ratio(r.get("malora_compiled/lora")), fmt_pct(r.get("overhead_lora")),
                           fmt_pct(r.get("overhead_molora_best")), fmt_pct(r.get("overhead_malora_best")), floors])
     summary_rows = []
     for name in ("malora_best/molora_best", "malora_dense/molora_dense", "malora_sparse/molora_sparse",
-                 "malora_best/molora_loop", "malora_best/lora", "molora_best/lora"):
+                 "malora_best/molora_loop", "malora_best/lora", "molora_best/lora", "malora_compiled/lora_compiled",
+                 "malora_compiled/lora", "malora_compiled/molora_compiled", "malora_compiled/malora_dense",
+                 "malora_cudagraphs/lora_cudagraphs"):
         values = [result["ratios"][name] for result in results if name in result["ratios"]]
         if values:
             summary_rows.append([name, f"{min(values):.2f}–{max(values):.2f}", f"{geomean(values):.2f}"])
@@ -379,7 +410,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
             summary_rows.append([name, f"{fmt_pct(min(values))} – {fmt_pct(max(values))}",
                                  f"mean {fmt_pct(sum(values) / len(values))}"])
     memory_rows = [[Setting(**result["setting"]).label,
-                    *(f"{result['memory'][m]['saved_mib']:.1f} / {result['memory'][m]['peak_mib']:.1f}" for m in methods)]
+                    *(f"{result['memory'][m]['saved_mib']:.1f} / {result['memory'][m]['peak_mib']:.1f}"
+                      if m in result["memory"] else "–" for m in methods)]
                    for result in results]
     winners = {family: {"dense": 0, "sparse": 0} for family in ("molora", "malora")}
     for result in results:
@@ -448,7 +480,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="2048<->5504 shapes, T=512, x.grad=yes, 1+5 rounds (< 2 minutes on 2 idle CPU cores)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS + COMPILED_METHODS)}")
     add_setting_arguments(parser, {})
     add_run_arguments(parser)
     args = parser.parse_args()
@@ -474,9 +507,9 @@ def main() -> None:
     args = parse_args()
     device, load_at_start = start_run(args)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS + COMPILED_METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS + COMPILED_METHODS}")
     settings = parse_settings(args)
     shapes = list(dict.fromkeys((s.in_features, s.out_features) for s in settings))
     tokens = list(dict.fromkeys(s.tokens for s in settings))

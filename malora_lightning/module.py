@@ -26,6 +26,7 @@ from malora_lightning.adapters import (
     AdapterConfig,
     adapter_state_dict,
     aux_loss,
+    compile_adapters,
     inject_adapters,
     load_base_model,
     router_losses,
@@ -71,6 +72,15 @@ def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None 
     return {"fused": True} if on_cpu and not clipping_refused else {}
 
 
+def compile_mode(setting: bool | str | None, device_type: str) -> str | None:
+    """The torch.compile mode for `MALoRAModule(compile_adapters=setting)` on this device, None for eager."""
+    if setting is None:
+        return "default" if device_type == "cuda" else None
+    if setting is True:
+        return "default"
+    return setting or None
+
+
 @dataclass
 class LMLoss:
     """Token-mean LM loss of a batch and its per-task parts (for logging)."""
@@ -101,6 +111,10 @@ class MALoRAModule(L.LightningModule):
         trust_remote_code: allow model code from the hub; only for code you trust.
         max_new_tokens: cap on generated tokens per answer; None uses each task's own length.
         export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
+        compile_adapters: run each adapted layer's adapter path through torch.compile (`compile_adapters`): True
+            (inductor's default mode), a torch.compile mode name ("reduce-overhead", "max-autotune-no-cudagraphs"),
+            False (eager), or None: compiled on CUDA, eager elsewhere (BENCHMARKS.md has both measured). The first
+            steps of training and of evaluation pay the compilation.
     """
 
     def __init__(
@@ -122,6 +136,8 @@ class MALoRAModule(L.LightningModule):
         trust_remote_code: bool = False,
         max_new_tokens: int | None = None,
         export_adapters: bool = True,
+        compile_adapters: bool | Literal["default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
@@ -172,6 +188,9 @@ class MALoRAModule(L.LightningModule):
                                 attn_implementation=hparams.attn_implementation,
                                 trust_remote_code=hparams.trust_remote_code)
         inject_adapters(model, self.adapter_config)
+        mode = compile_mode(hparams.compile_adapters, device.type)
+        if mode is not None:
+            compile_adapters(model, mode)
         model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
         if hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

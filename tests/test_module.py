@@ -11,7 +11,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_ad
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.module import MALoRAModule, adamw_options, lr_multiplier
+from malora_lightning.module import MALoRAModule, adamw_options, compile_mode, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -286,3 +286,21 @@ def test_subclassing_the_module_and_the_data_module(tiny_model_dir, tmp_path):
     prompt = data.tokenizer.decode(prompt_ids, skip_special_tokens=True)
     user_text = prompt.replace("user", "").replace("assistant", "")
     assert user_text == user_text.upper() and any(c.isupper() for c in user_text)
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    (None, "cuda", "default"), (None, "cpu", None), (True, "cpu", "default"), (False, "cuda", None),
+    ("max-autotune-no-cudagraphs", "cuda", "max-autotune-no-cudagraphs")])
+def test_compile_adapters_setting_picks_the_mode(setting, device, expected):
+    assert compile_mode(setting, device) == expected
+
+
+def test_compiled_adapters_train_through_lightning(tiny_model_dir, tmp_path):
+    """compile_adapters=True on CPU: every adapted layer runs compiled, the fit takes its steps with finite losses."""
+    module = make_module(tiny_model_dir, compile_adapters=True)
+    recorder = LossRecorder()
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[recorder])
+    trainer.fit(module, make_data(tiny_model_dir))
+    layers = [m for m in module.model.modules() if hasattr(m, "compile_mode") and hasattr(m, "lora_B")]
+    assert layers and all(layer.compile_mode == "default" for layer in layers)
+    assert len(recorder.losses) == 2 and all(math.isfinite(loss) for loss in recorder.losses.values())
