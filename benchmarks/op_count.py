@@ -106,8 +106,7 @@ def count_method(method: str, device: torch.device, autocast: bool, dropout: flo
     dtype = torch.bfloat16 if autocast else torch.float32
     layer = build_layer(method, in_features, out_features, dtype, dropout, device)
     if compile_mode is not None:
-        container = nn.ModuleDict({"layer": layer})
-        compile_adapters(container, compile_mode)
+        compile_adapters(layer, compile_mode)
     x = torch.randn(2, tokens // 2, in_features, dtype=dtype, device=device, requires_grad=True)
     return count_step(layer, x, autocast)
 

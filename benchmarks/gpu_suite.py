@@ -1,0 +1,64 @@
+"""The GPU suite: every GPU measurement BENCHMARKS.md quotes, in one command, with no download (random weights).
+
+    python -m benchmarks.gpu_suite            # about 6 minutes on one H200, compilation included
+    python -m benchmarks.gpu_suite --quick    # each step on a small setting: checks the pipeline in about a minute
+
+Runs, each in its own process and each writing its usual JSON + Markdown to benchmarks/results (tag `gpu-suite`):
+
+1. `op_count --device cuda`: ops and CUDA kernels per adapted layer and training step, eager and compiled.
+2. `layer_speed`: one adapted 4096->11008 linear, T=2048, bf16 autocast, x.grad: the base, our LoRA, MoLoRA and
+   MALoRA eager, compiled (`compile_adapters`) and with CUDA graphs (compile mode "reduce-overhead").
+3. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
+   evaluation forward and generation, our three methods eager and compiled next to PEFT LoRA and MixLoRA.
+4. The same on SmolLM2-135M's shape, 8 x 256 tokens.
+
+Needs CUDA, bitsandbytes and (for the peers) peft and mixlora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+FULL = [
+    ["benchmarks.op_count", "--device", "cuda"],
+    ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
+     "--x-grad", "yes", "--warmup", "3", "--rounds", "20", "--methods",
+     "base,lora,molora_dense,malora_dense,lora_compiled,molora_compiled,malora_compiled,lora_cudagraphs,"
+     "malora_cudagraphs"],
+    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:4",
+     "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "10"],
+    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape",
+     "--settings", "nf4-bf16:8x256,bf16:8x256", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8"],
+]
+QUICK = [
+    ["benchmarks.op_count", "--device", "cuda"],
+    ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "1024x2048", "--tokens", "512", "--dtypes", "bf16",
+     "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods", "base,lora,malora_dense,malora_compiled"],
+    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:1", "--settings", "nf4-bf16:2x64",
+     "--eval", "--no-memory", "--warmup", "2", "--rounds", "2"],
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small settings: check the pipeline")
+    parser.add_argument("--tag", default="gpu-suite")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    failed = []
+    for command in QUICK if args.quick else FULL:
+        step_started = time.perf_counter()
+        print(f"=== python -m {' '.join(command)} --tag {args.tag}", flush=True)
+        code = subprocess.call([sys.executable, "-m", *command, "--tag", args.tag])
+        print(f"=== exit {code} after {time.perf_counter() - step_started:.0f} s", flush=True)
+        if code != 0:
+            failed.append(command[0])
+    print(f"=== GPU suite: {time.perf_counter() - started:.0f} s in all; failed: {failed or 'none'}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
