@@ -371,14 +371,27 @@ def run_evaluation(prepared: dict[str, Prepared], batch: Batch, autocast: Callab
     for p in prepared.values():
         p.model.eval()
     try:
-        times = round_robin(evaluation_steps(prepared, batch, autocast, device), warmup, rounds, device)
+        steps = evaluation_steps(prepared, batch, autocast, device)
+        failed = {}
+        for key, step in list(steps.items()):  # a peer that cannot generate is reported, not fatal
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - any failure of a peer's code path
+                failed[key] = f"{type(error).__name__}: {error}"[:200]
+                del steps[key]
+        times = round_robin(steps, warmup, rounds, device)
     finally:
         for p in prepared.values():
             p.model.train()
-    result: dict[str, dict[str, float]] = {}
+    result: dict[str, dict[str, float]] = {method: {"forward_ms": float("nan"), "generate_ms": float("nan")}
+                                           for method in prepared}
     for key, values in times.items():
         method, _, kind = key.partition(":")
-        result.setdefault(method, {})[f"{kind}_ms"] = 1e3 * median(values)
+        result[method][f"{kind}_ms"] = 1e3 * median(values)
+    for key, message in failed.items():
+        method, _, kind = key.partition(":")
+        result[method][f"{kind}_error"] = message
+        print(f"evaluation: {key} failed: {message}", flush=True)
     return result
 
 
@@ -726,21 +739,35 @@ def main() -> None:
             result = run_setting(setting, prepared, optimizers, warmup, rounds, vocab_size, device,
                                  not args.no_memory, args.eval)
             results.append(result)
-            line = "  ".join(f"{m} {result['median'][m]['total_ms']:.0f}" for m in methods)
+            line = "  ".join(f"{m} {result['median'][m]['total_ms']:.1f}" for m in methods)
             print(f"{setting.label}: {line}  " + "  ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()),
                   flush=True)
+            report(args, env, methods, choice, trainable, counted_by, method_notes, load_at_start, results, started,
+                   final=False)  # after every setting: a run cut short keeps what it measured
         del prepared, optimizers
         gc.collect()
-    payload = {"preset": args.preset, "env": env, "device": device.type, "methods": methods, "args": vars(args),
-               "notes": args.notes, "model": describe_model(choice), "target_modules": TARGET_MODULES, "trainable": trainable,
-               "counted_by": counted_by, "method_notes": method_notes, "machine": machine_info(load_at_start),
-               "results": results, "wall_seconds": time.perf_counter() - started}
-    markdown = markdown_report(payload)
-    print(markdown)
     model_directory.cleanup()
+    report(args, env, methods, choice, trainable, counted_by, method_notes, load_at_start, results, started,
+           final=True)
+
+
+def report(args: argparse.Namespace, env: str, methods: list[str], choice: ModelChoice, trainable: dict[str, int],
+           counted_by: dict[str, str], method_notes: dict[str, list[str]], load_at_start: tuple[float, float, float],
+           results: list[dict[str, Any]], started: float, final: bool) -> None:
+    compiled_graphs = dict(torch._dynamo.utils.counters["stats"])
+    payload = {"preset": args.preset, "env": env, "device": args.device, "methods": methods, "args": vars(args),
+               "notes": args.notes, "model": describe_model(choice), "target_modules": TARGET_MODULES,
+               "trainable": trainable, "counted_by": counted_by, "method_notes": method_notes,
+               "machine": machine_info(load_at_start), "results": results, "dynamo_stats": compiled_graphs,
+               "wall_seconds": time.perf_counter() - started}
+    markdown = markdown_report(payload)
     stem = f"e2e_speed_{args.preset}_{env}{'_' + args.tag if args.tag else ''}"
-    for path in write_report(stem, payload, markdown):
-        print(f"wrote {path}")
+    paths = write_report(stem, payload, markdown)
+    if final:
+        print(markdown)
+        print(f"dynamo: {compiled_graphs}")
+        for path in paths:
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The GPU suite: every GPU measurement BENCHMARKS.md quotes, in one command, with no download (random weights).
 
-    python -m benchmarks.gpu_suite            # about 6 minutes on one H200, compilation included
+    python -m benchmarks.gpu_suite            # one H200: see BENCHMARKS.md (GPU) for the time it took
     python -m benchmarks.gpu_suite --quick    # each step on a small setting: checks the pipeline in about a minute
 
 Runs, each in its own process and each writing its usual JSON + Markdown to benchmarks/results (tag `gpu-suite`):
@@ -22,16 +22,16 @@ import subprocess
 import sys
 import time
 
-FULL = [
-    ["benchmarks.op_count", "--device", "cuda"],
-    ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
-     "--x-grad", "yes", "--warmup", "3", "--rounds", "20", "--methods",
-     "base,lora,molora_dense,malora_dense,lora_compiled,molora_compiled,malora_compiled,lora_cudagraphs,"
-     "malora_cudagraphs"],
+FULL = [  # most important first: a run cut short by --deadline keeps what it finished
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:4",
-     "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "10"],
-    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape",
-     "--settings", "nf4-bf16:8x256,bf16:8x256", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8"],
+     "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8"],
+    ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
+     "--x-grad", "yes", "--warmup", "3", "--rounds", "15", "--methods",
+     "base,lora,molora_dense,malora_dense,lora_compiled,molora_compiled,malora_compiled,malora_cudagraphs"],
+    ["benchmarks.op_count", "--device", "cuda"],
+    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape", "--settings", "nf4-bf16:8x256",
+     "--methods", "base,lora,molora,malora,lora_compiled,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
+     "--warmup", "3", "--rounds", "6"],
 ]
 QUICK = [
     ["benchmarks.op_count", "--device", "cuda"],
@@ -46,13 +46,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small settings: check the pipeline")
     parser.add_argument("--tag", default="gpu-suite")
+    parser.add_argument("--deadline", type=float, help="seconds for the whole suite: each step gets what is left "
+                        "(scripts write their reports as they go, so a step cut short keeps its finished settings)")
     args = parser.parse_args()
     started = time.perf_counter()
     failed = []
     for command in QUICK if args.quick else FULL:
         step_started = time.perf_counter()
+        left = None if args.deadline is None else args.deadline - (step_started - started)
+        if left is not None and left < 20:
+            print(f"=== skipped (deadline): python -m {' '.join(command)}", flush=True)
+            failed.append(command[0])
+            continue
         print(f"=== python -m {' '.join(command)} --tag {args.tag}", flush=True)
-        code = subprocess.call([sys.executable, "-m", *command, "--tag", args.tag])
+        try:
+            code = subprocess.run([sys.executable, "-m", *command, "--tag", args.tag], timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
         print(f"=== exit {code} after {time.perf_counter() - step_started:.0f} s", flush=True)
         if code != 0:
             failed.append(command[0])

@@ -70,6 +70,71 @@ class RoutingSpec:
     z_loss: bool  # hand back the router z-loss too
 
 
+@dataclass
+class DenseForward:
+    """The dense kernel's forward: its outputs and what the hand-written backward reuses."""
+
+    out: torch.Tensor  # [T, m]
+    balance: torch.Tensor  # [2N] balance statistics, or empty
+    lse: torch.Tensor  # [T] router logsumexp, or empty
+    probs: torch.Tensor  # [T, N]
+    experts: torch.Tensor  # [T, K]
+    router_weight: torch.Tensor | None  # in the compute dtype, when dropout splits the first projection
+    first_weight: torch.Tensor  # [router; S_A or A] (or S_A or A alone with dropout), compute dtype
+    down_weight: torch.Tensor | None  # P_t stacked [N*r, d], compute dtype (MALoRA)
+    up_weight: torch.Tensor  # B_t side by side [m, N*r], compute dtype
+    hidden: torch.Tensor  # [T, d] (MALoRA: S_A x) or [T, N*r] (MoLoRA: A_t x)
+    expert_hidden3: torch.Tensor  # [T, N, r]
+    gated: torch.Tensor  # [T, N*r]
+    selection: torch.Tensor  # [T, N], 1/K on the selected experts
+    gates: torch.Tensor  # [T, N] routing dtype, zero on unselected experts, scale included
+    gates3: torch.Tensor  # [T, N, 1] compute dtype
+    total: torch.Tensor | None  # [T, 1] sum of the kept probabilities / scale (renormalised gates only)
+
+
+def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, router_weight: torch.Tensor,
+                  shared_A: torch.Tensor | None, expert_down: torch.Tensor, lora_B: torch.Tensor,
+                  token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
+                  logsumexp: bool) -> DenseForward:
+    """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
+    `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
+    without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward."""
+    dtype = x.dtype
+    num_experts, rank = expert_down.shape[:2]
+    with torch.autocast(x.device.type, enabled=False):
+        down = expert_down.flatten(0, 1)  # [N*r, d] (P) or [N*r, n] (A)
+        first = down if shared_A is None else shared_A
+        if dropped is None:
+            router_cast = None
+            first_weight = cast(torch.cat([router_weight, first]), dtype)
+            logits, hidden = F.linear(x, first_weight).split([num_experts, first.shape[0]], dim=1)
+        else:
+            router_cast, first_weight = cast(router_weight, dtype), cast(first, dtype)
+            logits, hidden = F.linear(x, router_cast), F.linear(dropped, first_weight)
+        down_weight = None if shared_A is None else cast(down, dtype)
+        expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
+        logits = cast(logits, torch.promote_types(dtype, torch.float32))  # routing in at least float32
+        lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
+        probs = logits.softmax(dim=-1)
+        experts = probs.topk(top_k, dim=-1).indices
+        selection = selection_shares(experts, num_experts, logits.dtype)
+        kept = probs * selection
+        if renormalize:
+            total = kept.sum(dim=-1, keepdim=True) / scale
+            gates = kept / total  # scale * kept / sum(kept)
+        else:
+            total = None
+            gates = kept * (top_k * scale)  # scale * probs on the selected experts
+        expert_hidden3 = expert_hidden.unflatten(1, (num_experts, rank))
+        gates3 = cast(gates, dtype).unsqueeze(-1)
+        gated = (expert_hidden3 * gates3).flatten(1)
+        up_weight = stacked_up_weight(lora_B, dtype)
+        out = add_product(result, gated, up_weight)
+        balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
+    return DenseForward(out, balance, lse, probs, experts, router_cast, first_weight, down_weight, up_weight, hidden,
+                        expert_hidden3, gated, selection, gates, gates3, total)
+
+
 class DenseRoutedExperts(torch.autograd.Function):
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7).
 
@@ -92,52 +157,23 @@ class DenseRoutedExperts(torch.autograd.Function):
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
                 scale: float, statistics: bool, logsumexp: bool) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
-        dtype = x.dtype
-        num_experts, rank = expert_down.shape[:2]
-        with torch.autocast(x.device.type, enabled=False):
-            down = expert_down.flatten(0, 1)  # [N*r, d] (P) or [N*r, n] (A)
-            first = down if shared_A is None else shared_A
-            if dropped is None:
-                first_weight = cast(torch.cat([router_weight, first]), dtype)
-                logits, hidden = F.linear(x, first_weight).split([num_experts, first.shape[0]], dim=1)
-            else:
-                first_weight = (cast(router_weight, dtype), cast(first, dtype))
-                logits, hidden = F.linear(x, first_weight[0]), F.linear(dropped, first_weight[1])
-            down_weight = None if shared_A is None else cast(down, dtype)
-            expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
-            logits = cast(logits, torch.promote_types(dtype, torch.float32))  # routing in at least float32
-            lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
-            probs = logits.softmax(dim=-1)
-            experts = probs.topk(top_k, dim=-1).indices
-            selection = selection_shares(experts, num_experts, logits.dtype)  # 1/K on the selected experts
-            kept = probs * selection
-            if renormalize:
-                total = kept.sum(dim=-1, keepdim=True) / scale
-                gates = kept / total  # scale * kept / sum(kept)
-            else:
-                total = None
-                gates = kept * (top_k * scale)  # scale * probs on the selected experts
-            expert_hidden3 = expert_hidden.unflatten(1, (num_experts, rank))
-            gates3 = cast(gates, dtype).unsqueeze(-1)
-            gated = (expert_hidden3 * gates3).flatten(1)
-            up = stacked_up_weight(lora_B, dtype)
-            out = add_product(result, gated, up)
-            balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
-        router_cast, first_cast = (None, first_weight) if dropped is None else first_weight
-        ctx.save_for_backward(x, dropped, first_cast, router_cast, down_weight, up, hidden, expert_hidden3, gated,
-                              probs, selection, gates, gates3, total, token_weights)
+        f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
+                          renormalize, scale, statistics, logsumexp)
+        ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
+                              f.expert_hidden3, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
+                              token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
         ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp = scale, top_k, statistics, logsumexp
-        ctx.mark_non_differentiable(probs, experts)
-        return out, balance, lse, probs, experts
+        ctx.mark_non_differentiable(f.probs, f.experts)
+        return f.out, f.balance, f.lse, f.probs, f.experts
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_balance: torch.Tensor | None,
                  grad_lse: torch.Tensor | None, *_: object) -> tuple[torch.Tensor | None, ...]:
         (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden3, gated, probs, selection,
-         gates, gates3, total, token_weights) = ctx.saved_tensors
+         gates, gates3, total, token_weights) = ctx.saved_tensors  # weights in the compute dtype
         router_dtype, shared_dtype, down_dtype, up_dtype = ctx.param_dtypes
         needs = ctx.needs_input_grad
         dtype = x.dtype
@@ -212,27 +248,25 @@ class DenseRoutedExperts(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-@dataclass
-class RoutedOutput:
-    """What one routed layer's forward returns besides its output."""
-
-    statistics: torch.Tensor | None  # [2N] balance statistics (when `RoutingSpec.statistics`)
-    z_loss: torch.Tensor | None  # scalar (when `RoutingSpec.z_loss`)
-    probs: torch.Tensor  # [T, N], detached
-    experts: torch.Tensor  # [T, K]
-
-
 def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
                   expert_down: torch.Tensor, lora_B: torch.Tensor, token_weights: torch.Tensor | None,
                   spec: RoutingSpec, training: bool, dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts)."""
+    """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts).
+
+    Eagerly it runs as one autograd node (`DenseRoutedExperts`); compiled, as the plain ops of `dense_forward`,
+    whose backward inductor derives (torch 2.11's dynamo failed to trace the custom node in training).
+    """
     x = cast(x, dtype)
     dropped, rescale = dropout_factors(x, spec.dropout, training) if training and spec.dropout > 0 else (None, 1.0)
-    out, balance, lse, probs, experts = DenseRoutedExperts.apply(
-        result, x, dropped, router_weight, shared_A, expert_down, lora_B,
-        token_weights if spec.statistics or spec.z_loss else None, spec.top_k, spec.renormalize,
-        spec.scaling * rescale, spec.statistics, spec.z_loss)
+    arguments = (result, x, dropped, router_weight, shared_A, expert_down, lora_B,
+                 token_weights if spec.statistics or spec.z_loss else None, spec.top_k, spec.renormalize,
+                 spec.scaling * rescale, spec.statistics, spec.z_loss)
+    if torch.compiler.is_compiling():  # inductor derives and fuses the backward of the plain ops
+        f = dense_forward(*arguments)
+        out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
+    else:  # eager: one autograd node with the hand-written backward
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance if spec.statistics else None, z_loss, probs, experts
 
