@@ -51,12 +51,13 @@ def _ancestors(event: Any) -> Iterator[Any]:
 
 
 def build_layer(method: str, in_features: int, out_features: int, dtype: torch.dtype, dropout: float,
-                device: torch.device) -> nn.Module:
-    """The library's layer with the benchmarks' settings (LoRA r=64; MoLoRA 8 x r8; MALoRA 8 x r12, d 32; top-2)."""
+                device: torch.device, classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES) -> nn.Module:
+    """The layer with the benchmarks' settings (LoRA r=64; MoLoRA 8 x r8; MALoRA 8 x r12, d 32; top-2); `classes`:
+    the library's, or a git revision's (kernel_ab.revision_classes)."""
     base = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device).requires_grad_(False)
     settings = {"lora": dict(rank=64), "molora": dict(rank=8), "malora": dict(rank=12, shared_rank=32)}[method]
     config = AdapterConfig(method=method, dropout=dropout, **settings)
-    return ADAPTER_CLASSES[method](base, config, name="layer").train()
+    return classes[method](base, config, name="layer").train()
 
 
 def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
@@ -73,6 +74,9 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
         balance = forward.statistics[0].balance
         outputs.append(balance)
         grads.append(torch.full_like(balance, 0.01))
+    elif hasattr(layer, "last_router_losses"):  # a revision that stashed its losses on the layer (--rev)
+        outputs.append(layer.last_router_losses.load_balance)
+        grads.append(torch.tensor(0.01))
     torch.autograd.backward(outputs, grads)
 
 
@@ -101,10 +105,11 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
 
 
 def count_method(method: str, device: torch.device, autocast: bool, dropout: float, tokens: int = 64,
-                 in_features: int = 64, out_features: int = 96, compile_mode: str | None = None) -> OpCount:
+                 in_features: int = 64, out_features: int = 96, compile_mode: str | None = None,
+                 classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES) -> OpCount:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if autocast else torch.float32
-    layer = build_layer(method, in_features, out_features, dtype, dropout, device)
+    layer = build_layer(method, in_features, out_features, dtype, dropout, device, classes)
     if compile_mode is not None:
         compile_adapters(layer, compile_mode)
     x = torch.randn(2, tokens // 2, in_features, dtype=dtype, device=device, requires_grad=True)
@@ -114,17 +119,24 @@ def count_method(method: str, device: torch.device, autocast: bool, dropout: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compiled", action="store_true", help="also count with compiled adapters (CUDA: kernels)")
+    parser.add_argument("--rev", help="also count this git revision's layers (eager), as kernel_ab loads them")
     add_run_arguments(parser)
     args = parser.parse_args()
     device, load_at_start = start_run(args)
     rows, results = [], []
     modes = [None, "default"] if args.compiled or device.type == "cuda" else [None]
-    for compile_mode in modes:
+    variants: list[tuple[str, str | None, dict]] = [("eager", None, ADAPTER_CLASSES)]
+    if args.rev:
+        from benchmarks.kernel_ab import revision_classes
+        variants.append((f"eager at {args.rev}", None, revision_classes(args.rev)))
+    if "default" in modes:
+        variants.append(("compiled", "default", ADAPTER_CLASSES))
+    for variant, compile_mode, classes in variants:
         for autocast in (False, True):
             for dropout in (0.0, 0.05):
-                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode) for m in METHODS}
-                label = f"{'bf16 autocast' if autocast else 'fp32'}, dropout {dropout:g}, " \
-                        f"{'compiled' if compile_mode else 'eager'}"
+                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode, classes=classes)
+                          for m in METHODS}
+                label = f"{'bf16 autocast' if autocast else 'fp32'}, dropout {dropout:g}, {variant}"
                 lora = counts["lora"]
                 for method, count in counts.items():
                     rows.append([label, method, count.top_level, count.launching,

@@ -72,10 +72,8 @@ def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None 
     return {"fused": True} if on_cpu and not clipping_refused else {}
 
 
-def compile_mode(setting: bool | str | None, device_type: str) -> str | None:
-    """The torch.compile mode for `MALoRAModule(compile_adapters=setting)` on this device, None for eager."""
-    if setting is None:
-        return "default" if device_type == "cuda" else None
+def compile_mode(setting: bool | str) -> str | None:
+    """The torch.compile mode for `MALoRAModule(compile_adapters=setting)`, None for eager."""
     if setting is True:
         return "default"
     return setting or None
@@ -112,9 +110,9 @@ class MALoRAModule(L.LightningModule):
         max_new_tokens: cap on generated tokens per answer; None uses each task's own length.
         export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
         compile_adapters: run each adapted layer's adapter path through torch.compile (`compile_adapters`): True
-            (inductor's default mode), a torch.compile mode name ("reduce-overhead", "max-autotune-no-cudagraphs"),
-            False (eager), or None: compiled on CUDA, eager elsewhere (BENCHMARKS.md has both measured). The first
-            steps of training and of evaluation pay the compilation.
+            (inductor's default mode) or a torch.compile mode name ("reduce-overhead" for CUDA graphs); False runs
+            eagerly, which measured as fast or faster for the default job on CPU and on an H200 (BENCHMARKS.md).
+            The first steps of training and of evaluation pay the compilation.
     """
 
     def __init__(
@@ -137,7 +135,7 @@ class MALoRAModule(L.LightningModule):
         max_new_tokens: int | None = None,
         export_adapters: bool = True,
         compile_adapters: bool | Literal["default", "reduce-overhead", "max-autotune",
-                                         "max-autotune-no-cudagraphs"] | None = None,
+                                         "max-autotune-no-cudagraphs"] = False,
     ) -> None:
         super().__init__()
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
@@ -188,7 +186,7 @@ class MALoRAModule(L.LightningModule):
                                 attn_implementation=hparams.attn_implementation,
                                 trust_remote_code=hparams.trust_remote_code)
         inject_adapters(model, self.adapter_config)
-        mode = compile_mode(hparams.compile_adapters, device.type)
+        mode = compile_mode(hparams.compile_adapters)
         if mode is not None:
             compile_adapters(model, mode)
         model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
