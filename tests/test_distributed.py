@@ -14,6 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics
+from tests.helpers import SpawnDDPStrategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ class DumpRankState(Callback):
 
 
 def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=3, limit_val_batches=None,
+    trainer = make_trainer(tmp_path, strategy=SpawnDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=[PerTaskMetrics(), DumpRankState(str(tmp_path))])
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -14,6 +14,7 @@ from malora_lightning.adapters import AdapterConfig
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
 from malora_lightning.module import MALoRAModule
 from tests.callbacks.test_per_task_metrics import HandBuiltPredictions, expected_metrics, trainer_for
+from tests.helpers import SpawnDDPStrategy
 from tests.test_module import TASKS, make_data, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ class SeededAdapters(MALoRAModule):
 def validate(model_dir, root, devices: int) -> tuple[dict[str, float], dict]:
     module = SeededAdapters(model_name_or_path=str(model_dir), quantization=None,
                             adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0))
-    trainer = make_trainer(root, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+    trainer = make_trainer(root, devices=devices, strategy=SpawnDDPStrategy() if devices > 1 else "auto",
                            limit_val_batches=None, callbacks=[PerTaskMetrics(), RoutingStats(plots=False)])
     trainer.validate(module, make_data(model_dir, max_eval_examples_per_task=4, eval_batch_size=2), verbose=False)
     metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
@@ -56,7 +57,7 @@ def test_metrics_and_routing_agree_between_one_and_two_processes(tiny_model_dir,
 
 
 def test_hand_built_metrics_are_synchronised_across_two_processes(tmp_path):
-    trainer = trainer_for(tmp_path, strategy="ddp_spawn", devices=2, callbacks=[PerTaskMetrics()])
+    trainer = trainer_for(tmp_path, strategy=SpawnDDPStrategy(), devices=2, callbacks=[PerTaskMetrics()])
     trainer.validate(HandBuiltPredictions(batch_size=2), verbose=False)
     logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
     assert logged == pytest.approx(expected_metrics())

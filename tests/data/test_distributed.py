@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from malora_lightning.data import MultiTaskDataModule
-from tests.helpers import tiny_tokenizer
+from tests.helpers import SpawnDDPStrategy, tiny_tokenizer
 
 
 class RankRecorder(LightningModule):
@@ -40,7 +40,7 @@ def make_data() -> MultiTaskDataModule:
 
 @pytest.mark.slow
 def test_two_ranks_train_on_disjoint_halves_of_the_epoch(tmp_path):
-    trainer = Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, logger=False,
+    trainer = Trainer(strategy=SpawnDDPStrategy(), accelerator="cpu", devices=2, max_epochs=1, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(RankRecorder(str(tmp_path)), datamodule=make_data())
