@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
@@ -17,6 +22,50 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
     "routing_stats": RoutingStats,
     "run_report": RunReport,
 }
+# AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
+ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
+                        "layers_to_transform")
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
+    """The hyperparameters a checkpoint stores, read as data (`weights_only=True`: nothing in the file runs)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
+        raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
+                         f"{error})") from error
+    return checkpoint.get("hyper_parameters") or {}
+
+
+def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Path) -> list[str]:
+    """Compare a checkpoint's stored settings with the run's own `model` settings (a parsed config namespace).
+
+    The run's settings always apply: the checkpoint contributes tensors and training state only, never where the
+    base comes from, never `trust_remote_code`. It must agree on the base model and on the adapter's shape, or this
+    raises `ValueError` naming both values; returns the other settings that differ (the run's values apply to them).
+    """
+    conflicts, differences = [], []
+    if "model_name_or_path" in stored and stored["model_name_or_path"] != model.model_name_or_path:
+        conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
+                         f"{model.model_name_or_path!r}")
+    stored_adapter = stored.get("adapter") or {}
+    for field in ADAPTER_SHAPE_FIELDS:
+        if field in stored_adapter and stored_adapter[field] != getattr(model.adapter, field):
+            conflicts.append(f"model.adapter.{field}: checkpoint {stored_adapter[field]!r}, this run "
+                             f"{getattr(model.adapter, field)!r}")
+    if conflicts:
+        raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(conflicts) + ". Settings come "
+                         "from your config and flags only, never from a checkpoint: pass the recipe (or flags) the "
+                         "checkpoint was trained with")
+    for key, value in stored.items():
+        if key == "adapter":
+            differences += [f"model.adapter.{field}" for field, stored_value in value.items()
+                            if field not in ADAPTER_SHAPE_FIELDS and stored_value != getattr(model.adapter, field, None)]
+        elif key != "model_name_or_path" and key in model and stored[key] != model[key]:
+            differences.append(f"model.{key}")
+    return differences
 
 
 class MALoRACLI(LightningCLI):
@@ -27,6 +76,26 @@ class MALoRACLI(LightningCLI):
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
+
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
+        return parser
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
+        `trust_remote_code` and the base model's path included: here they are only checked against the run's."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        differences = check_checkpoint_settings(checkpoint_hyperparameters(ckpt_path),
+                                                self.config[subcommand]["model"], ckpt_path)
+        if differences:
+            logger.info("Settings that differ from checkpoint %s, applied as this run gives them: %s", ckpt_path,
+                        ", ".join(differences))
 
     def _instantiate_trainer(self, config, callbacks):
         return super()._instantiate_trainer(config, [callback for callback in callbacks if callback is not None])

@@ -151,6 +151,16 @@ class MALoRAModule(L.LightningModule):
         self._tokenizer = None
         self._rng_state_to_restore: dict[str, Any] | None = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
+                             hparams_file: str | Path | None = None, strict: bool | None = None,
+                             weights_only: bool = True, trust_remote_code: bool = False,
+                             **kwargs: Any) -> MALoRAModule:
+        """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`) and
+        `trust_remote_code` taken from the caller only (default False), never from the file's hyperparameters."""
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                            weights_only=weights_only, trust_remote_code=trust_remote_code, **kwargs)
+
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
         if self.model is None:

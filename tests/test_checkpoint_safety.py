@@ -1,0 +1,96 @@
+"""Checkpoints are data: their stored settings never choose the base model, never turn on remote code, never override
+the run's config and flags; a checkpoint that disagrees on the base or the adapter's shape is refused by name."""
+
+import json
+
+import lightning
+import pytest
+import torch
+
+from malora_lightning.adapters import AdapterConfig, adapter_state_dict
+from malora_lightning.cli import check_checkpoint_settings, checkpoint_hyperparameters, main
+from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.module import MALoRAModule
+from tests.test_cli import parse
+from tests.helpers import tiny_model
+
+MARKER = "remote-code-ran.txt"
+
+
+@pytest.fixture
+def code_folder(tmp_path):
+    """A loadable tiny Llama folder whose config also points to model code that writes a marker when imported."""
+    folder = tmp_path / "folder-with-code"
+    tiny_model("llama").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "planted.PlantedConfig", "AutoModelForCausalLM": "planted.PlantedModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "planted.py").write_text(
+        f"import pathlib\npathlib.Path({str(tmp_path / MARKER)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig as PlantedConfig, LlamaForCausalLM as PlantedModel\n")
+    return folder
+
+
+def planted_checkpoint(path, state_dict=None, **hyper_parameters):
+    stored = dict(model_name_or_path="elsewhere", trust_remote_code=True, adapter=AdapterConfig().to_dict())
+    stored.update(hyper_parameters)
+    torch.save({"hyper_parameters": stored, "state_dict": state_dict or {},
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def test_cli_never_takes_the_base_or_remote_code_from_a_checkpoint(code_folder, tiny_model_dir, tmp_path):
+    checkpoint = planted_checkpoint(tmp_path / "planted.ckpt", model_name_or_path=str(code_folder))
+    with pytest.raises(ValueError, match=r"model\.model_name_or_path: checkpoint '.*folder-with-code', this run "
+                                         r"'.*tiny-chat-llama"):
+        main(["test", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+              "--model.quantization=null", f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={tmp_path}"])
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_load_from_checkpoint_ignores_a_stored_trust_remote_code(code_folder, tmp_path):
+    trained = MALoRAModule(model_name_or_path=str(code_folder), quantization=None)
+    trained.configure_model()  # the folder's own weights load as a plain Llama; its code never runs
+    tensors = {f"model.{key}": value for key, value in adapter_state_dict(trained.model).items()}
+    checkpoint = planted_checkpoint(tmp_path / "planted.ckpt", tensors, model_name_or_path=str(code_folder),
+                                    quantization=None)
+    module = MALoRAModule.load_from_checkpoint(checkpoint)  # builds the model on loading: no code may run there
+    assert module.hparams.trust_remote_code is False
+    assert not (tmp_path / MARKER).exists()
+
+
+class Planted:
+    """Unpickling an instance calls into this module: exactly what a checkpoint must never make us do."""
+
+
+def test_checkpoint_holding_objects_is_refused_with_its_path(tmp_path):
+    path = tmp_path / "objects.ckpt"
+    torch.save({"hyper_parameters": {"loader": Planted()}}, path)
+    with pytest.raises(ValueError, match=r"objects\.ckpt cannot be read as a malora checkpoint"):
+        checkpoint_hyperparameters(path)
+
+
+def test_resume_with_another_adapter_method_is_refused_naming_both_values(tmp_path):
+    checkpoint = planted_checkpoint(tmp_path / "lora.ckpt", model_name_or_path="offline:SmolLM2-135M-Instruct",
+                                    adapter=AdapterConfig(method="lora", rank=8).to_dict())
+    model = parse(["--config", "recipes/default.yaml"]).config.model
+    with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'.*"
+                                         r"model\.adapter\.rank: checkpoint 8, this run 12"):
+        check_checkpoint_settings(checkpoint_hyperparameters(checkpoint), model, checkpoint)
+
+
+def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_path):
+    trained = parse(["--config", "recipes/default.yaml"]).config.model
+    stored = {**{key: trained[key] for key in ("model_name_or_path", "learning_rate", "lr_schedule")},
+              "adapter": {**vars(trained.adapter), "dropout": 0.05}}
+    resumed = parse(["--config", "recipes/default.yaml", "--model.learning_rate=0.1", "--model.lr_schedule=linear",
+                     "--model.adapter.dropout=0.2"]).config.model
+    assert sorted(check_checkpoint_settings(stored, resumed, "x.ckpt")) == [
+        "model.adapter.dropout", "model.learning_rate", "model.lr_schedule"]
+
+
+def test_every_subcommand_reads_checkpoints_as_data(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", "recipes/default.yaml", "--print_config"])
+    assert "weights_only: true" in capsys.readouterr().out
+    assert MultiTaskDataModule  # the CLI's data class is the one the recipes name
