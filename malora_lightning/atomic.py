@@ -40,29 +40,53 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces `path` as a whole, on error it is removed.
+STAGING_FOLDER = ".malora-staging"  # inside the folder whose files are being replaced
+COMMIT_MARKER = "COMMITTED"  # written last into the staging folder: from then on its files are complete
 
-    An existing `path` is first renamed aside and deleted only after the new folder is in place, so at every instant
-    a complete old or new folder exists on disk.
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def recover_replace(folder: str | Path) -> None:
+    """Finish or undo a `replace_files` that a crash interrupted: a committed staging folder's remaining files move
+    into place, an uncommitted one is removed (the old files were never touched). A no-op without leftovers."""
+    staging = Path(folder) / STAGING_FOLDER
+    if not staging.is_dir():
+        return
+    marker = staging / COMMIT_MARKER
+    if marker.is_file():
+        for child in staging.iterdir():
+            if child != marker:
+                os.replace(child, Path(folder) / child.name)
+        _fsync_dir(Path(folder))
+        marker.unlink()
+    shutil.rmtree(staging)
+    _fsync_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def replace_files(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder`; on success each file written there replaces the file of that
+    name in `folder`, and every other file of `folder` stays as it is.
+
+    Recoverable at every instant: the staged files are fsynced and the staging folder marked committed before the
+    first one moves, and `recover_replace` (run here first, and by readers) completes a committed replace or drops an
+    uncommitted one. So `folder` holds the whole old set, the whole new set, or a committed staging folder that the
+    next save or load completes; never a mix that is taken for either.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    recover_replace(folder)
+    staging = folder / STAGING_FOLDER
+    staging.mkdir()
     try:
         yield staging
         for child in staging.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(staging, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
+            _fsync_file(child)
+        atomic_write_bytes(staging / COMMIT_MARKER, b"")
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    recover_replace(folder)  # the commit itself: move every staged file into place, then drop the staging folder

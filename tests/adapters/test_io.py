@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +131,94 @@ def test_a_crash_while_saving_leaves_the_previous_adapter_intact(tmp_path, monke
         save_adapters(trained_model(), tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no staging debris left behind
+
+
+def test_saving_into_an_adapter_folder_keeps_the_users_other_files(tmp_path):
+    save_adapters(trained_model(), tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("my notes")
+    (tmp_path / "a" / "scores.csv").write_text("task,acc\n")
+    save_adapters(trained_model(), tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "notes.txt", "scores.csv"]
+    assert (tmp_path / "a" / "notes.txt").read_text() == "my notes"
+
+
+def test_a_folder_of_other_files_or_a_file_is_refused(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"project holds files that are not an adapter \(notes.txt\)"):
+        save_adapters(trained_model(), tmp_path / "project")
+    assert [p.name for p in (tmp_path / "project").iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_adapters(trained_model(), tmp_path / "file")
+
+
+KILLED_SAVE = """
+import os, sys, torch
+import malora_lightning.atomic as atomic
+from malora_lightning.adapters import adapter_state_dict, save_adapters
+from safetensors.torch import save_file
+from tests.adapters.test_io import trained_model
+folder, moves_before_kill = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(1)
+model = trained_model()
+save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}, folder + ".expected")
+real_replace, moved = os.replace, []
+def replace_then_die(source, target):
+    if "adapter_" in str(source):  # one of the commit's moves (not the commit marker's own atomic write)
+        if len(moved) == moves_before_kill:
+            os._exit(9)  # as if killed: no cleanup, no finally blocks
+        moved.append(source)
+    real_replace(source, target)
+def die(*args, **kwargs):
+    os._exit(9)
+if moves_before_kill < 0:
+    atomic.atomic_write_bytes = die  # killed while writing the commit marker
+else:
+    atomic.os.replace = replace_then_die
+save_adapters(model, folder)
+"""
+
+
+def killed_save(folder, moves_before_kill):
+    """Save a new adapter over `folder` in a process that dies after that many of the commit's file moves (-1:
+    before the commit marker exists); returns the tensors it was saving."""
+    result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder), str(moves_before_kill)],
+                            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+    return load_file(str(folder) + ".expected")
+
+
+@pytest.mark.parametrize("moves_before_kill", [0, 1])
+def test_a_save_killed_during_its_commit_is_completed_by_the_next_load(tmp_path, moves_before_kill):
+    save_adapters(trained_model(), tmp_path / "a")
+    expected = killed_save(tmp_path / "a", moves_before_kill)
+    assert (tmp_path / "a" / ".malora-staging" / "COMMITTED").is_file()  # the kill left the commit half done
+    loaded = load_adapters(tiny_model("llama"), tmp_path / "a")
+    for key, value in adapter_state_dict(loaded).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_save_killed_before_its_commit_leaves_the_old_adapter(tmp_path):
+    first = trained_model()
+    save_adapters(first, tmp_path / "a")
+    killed_save(tmp_path / "a", -1)
+    assert (tmp_path / "a" / ".malora-staging").is_dir()  # staged, never committed
+    save_adapters(trained_model(), tmp_path / "b")  # unrelated work goes on
+    loaded = load_adapters(tiny_model("llama"), tmp_path / "a")
+    for key, value in adapter_state_dict(loaded).items():
+        torch.testing.assert_close(value, adapter_state_dict(first)[key], rtol=0, atol=0, msg=key)
+    assert not (tmp_path / "a" / ".malora-staging").exists()
+
+
+def test_leftovers_of_the_earlier_folder_swap_are_finished_or_removed(tmp_path):
+    save_adapters(trained_model(), tmp_path / "staged")
+    (tmp_path / "staged").rename(tmp_path / ".a.k3j9x_2q.tmp")  # killed between the old scheme's two renames
+    save_adapters(trained_model(), tmp_path / "old")
+    (tmp_path / "old").rename(tmp_path / ".a.8fh2m1zz.old")
+    (tmp_path / ".a.keepme.tmp").mkdir()
+    (tmp_path / ".a.keepme.tmp" / "thesis.tex").write_text("not ours")
+    load_adapters(tiny_model("llama"), tmp_path / "a")  # the staged adapter moves into place
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.keepme.tmp", "a"]
