@@ -1,16 +1,18 @@
 """The GPU suite: every GPU measurement BENCHMARKS.md quotes, in one command, with no download (random weights).
 
-    python -m benchmarks.gpu_suite            # one H200: see BENCHMARKS.md (GPU) for the time it took
+    python -m benchmarks.gpu_suite            # one H200: steps 1 and 2 took 252 s there (BENCHMARKS.md, GPU)
     python -m benchmarks.gpu_suite --quick    # each step on a small setting: checks the pipeline in about a minute
 
-Runs, each in its own process and each writing its usual JSON + Markdown to benchmarks/results (tag `gpu-suite`):
+Runs, most important first, each in its own process and each writing its usual JSON + Markdown to
+benchmarks/results (tag `gpu-suite`):
 
-1. `op_count --device cuda`: ops and CUDA kernels per adapted layer and training step, eager and compiled.
+1. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
+   evaluation forward and generation, our three methods eager and compiled next to PEFT LoRA and MixLoRA.
 2. `layer_speed`: one adapted 4096->11008 linear, T=2048, bf16 autocast, x.grad: the base, our LoRA, MoLoRA and
    MALoRA eager, compiled (`compile_adapters`) and with CUDA graphs (compile mode "reduce-overhead").
-3. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
-   evaluation forward and generation, our three methods eager and compiled next to PEFT LoRA and MixLoRA.
-4. The same on SmolLM2-135M's shape, 8 x 256 tokens.
+3. `op_count --device cuda --training-only`: ops and CUDA kernels per adapted layer and training step, eager and
+   compiled.
+4. `e2e_speed` on SmolLM2-135M's shape, nf4-bf16, 8 x 256 tokens (fewer methods).
 
 Needs CUDA, bitsandbytes and (for the peers) peft and mixlora.
 """
@@ -28,13 +30,13 @@ FULL = [  # most important first: a run cut short by --deadline keeps what it fi
     ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
      "--x-grad", "yes", "--warmup", "3", "--rounds", "15", "--methods",
      "base,lora,molora_dense,malora_dense,lora_compiled,molora_compiled,malora_compiled,malora_cudagraphs"],
-    ["benchmarks.op_count", "--device", "cuda"],
+    ["benchmarks.op_count", "--device", "cuda", "--training-only"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape", "--settings", "nf4-bf16:8x256",
-     "--methods", "base,lora,molora,malora,lora_compiled,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
-     "--warmup", "3", "--rounds", "6"],
+     "--methods", "base,lora,malora,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
+     "--warmup", "2", "--rounds", "5"],
 ]
 QUICK = [
-    ["benchmarks.op_count", "--device", "cuda"],
+    ["benchmarks.op_count", "--device", "cuda", "--training-only"],
     ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "1024x2048", "--tokens", "512", "--dtypes", "bf16",
      "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods", "base,lora,malora_dense,malora_compiled"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:1", "--settings", "nf4-bf16:2x64",
