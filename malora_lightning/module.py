@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch import nn
@@ -35,6 +36,7 @@ from malora_lightning.adapters import (
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.precision import AutoMixedPrecision
+from malora_lightning.rng import RandomState, capture_rng_state, restore_rng_state
 from malora_lightning.run_paths import run_directory
 from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
 
@@ -149,7 +151,8 @@ class MALoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
         self._tokenizer = None
-        self._rng_state_to_restore: dict[str, Any] | None = None
+        self._rng_state_to_restore: RandomState | None = None
+        self._training_rng_state: RandomState | None = None
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
@@ -360,12 +363,12 @@ class MALoRAModule(L.LightningModule):
         return {f"model.{key}" for key in adapter_state_dict(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied."""
+        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied. The random
+        state stored is the one the next training step will start from, also when the save happens mid-validation."""
         keys = self.adapter_checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        in_validation = self._trainer is not None and self.trainer.validating and self._training_rng_state is not None
+        checkpoint["rng_states"] = self._training_rng_state if in_validation else capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self.adapter_checkpoint_keys() - set(checkpoint["state_dict"]))
@@ -378,10 +381,21 @@ class MALoRAModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_state_to_restore is not None:
-            torch.set_rng_state(self._rng_state_to_restore["torch"])
-            if "cuda" in self._rng_state_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_state_to_restore["cuda"])
+            restore_rng_state(self._rng_state_to_restore)
             self._rng_state_to_restore = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # what the next step starts from; a validation that runs first (it draws random numbers: each of its
+        # dataloader iterators takes a seed) gives it back at its end, so an uninterrupted run and one resumed from a
+        # checkpoint of this step continue alike
+        self._training_rng_state = capture_rng_state()
+
+    def on_validation_end(self) -> None:
+        if self._training_rng_state is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            restore_rng_state(self._training_rng_state)
+
+    def on_train_end(self) -> None:
+        self._training_rng_state = None
 
     def adapter_export_dir(self) -> Path:
         return run_directory(self.trainer) / "adapter"

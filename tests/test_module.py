@@ -204,8 +204,7 @@ def test_checkpoint_holds_adapters_only_and_resume_is_exact(tiny_model_dir, tmp_
     trainer = make_trainer(tmp_path / "b", max_steps=6, callbacks=[resumed])
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
     assert sorted(resumed.losses) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), step
+    assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
 
 
 def test_a_checkpoint_missing_adapter_tensors_is_rejected(tiny_model_dir, tmp_path):
@@ -303,3 +302,19 @@ def test_compiled_adapters_train_through_lightning(tiny_model_dir, tmp_path):
     layers = [m for m in module.model.modules() if hasattr(m, "compile_mode") and hasattr(m, "lora_B")]
     assert layers and all(layer.compile_mode == "default" for layer in layers)
     assert len(recorder.losses) == 2 and all(math.isfinite(loss) for loss in recorder.losses.values())
+
+
+def test_resume_from_a_checkpoint_written_at_a_validation_step_is_exact(tiny_model_dir, tmp_path):
+    """Validation runs right after the step-3 checkpoint and draws from the global RNG (each dataloader iterator
+    takes a seed from it); the uninterrupted run must continue as the resumed one does, loss for loss."""
+    full = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    settings = dict(max_steps=6, limit_val_batches=None, val_check_interval=3, enable_checkpointing=True)
+    trainer = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+
+    resumed = LossRecorder()
+    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]

@@ -1,0 +1,27 @@
+"""The random state training draws from (torch's CPU generator, and CUDA's where present), captured and restored.
+
+Dropout draws from these global generators, and so does every DataLoader iterator as it starts (it takes a base
+seed from torch's generator). `MALoRAModule` saves the state in checkpoints for an exact resume, and puts it back
+after each validation inside a fit, so that evaluating never shifts the random numbers the next training steps get.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+RandomState = dict[str, Any]
+
+
+def capture_rng_state() -> RandomState:
+    state: RandomState = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: RandomState) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
