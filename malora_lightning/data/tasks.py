@@ -8,7 +8,10 @@ Users add tasks from Python (``register_task(Task(...))``) or from a plain dict 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -110,6 +113,10 @@ class Source(Protocol):
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]: ...
 
+    def describe(self, split: str) -> str:
+        """Where that split's rows come from, for error messages (a file path, a hub dataset)."""
+        ...
+
 
 @dataclass(frozen=True)
 class HubSource:
@@ -125,6 +132,9 @@ class HubSource:
     def splits(self) -> tuple[str, ...]:
         return tuple(self.split_map)
 
+    def describe(self, split: str) -> str:
+        return f"hub dataset {self.path}{f' ({self.name})' if self.name else ''}, split {self.split_map[split]!r}"
+
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         from datasets import load_dataset  # imported here: only tasks that name a hub dataset pay for it
 
@@ -133,7 +143,12 @@ class HubSource:
 
 @dataclass(frozen=True)
 class FileSource:
-    """Local files, one per split, read with Hugging Face datasets (JSON lines, JSON, CSV or Parquet)."""
+    """Local files, one per split: JSON lines, a JSON array of objects, CSV or Parquet.
+
+    JSON and CSV are read here, not through a dataframe library, so that every value keeps the text the user wrote:
+    no float inference turning a column of "2" into "2.0" around an empty cell, no nulls filled in for keys a row
+    lacks. A CSV cell that is empty, like a JSON null, is a missing value, which the formatter rejects by name.
+    """
 
     files: Mapping[str, str]
 
@@ -148,13 +163,68 @@ class FileSource:
     def splits(self) -> tuple[str, ...]:
         return tuple(self.files)
 
-    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
-        from datasets import load_dataset
+    def describe(self, split: str) -> str:
+        return str(self.files[split])
 
+    def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         path = Path(self.files[split])
         if not path.is_file():
             raise FileNotFoundError(f"{split} file {path} does not exist")
-        return load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        kind = FILE_FORMATS[path.suffix.lower()]
+        if kind == "parquet":  # typed columns: nulls arrive as None and are rejected where used
+            from datasets import load_dataset
+
+            return load_dataset("parquet", data_files=str(path), split="train")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise TaskDataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+        if kind == "csv":
+            return _csv_rows(text, path)
+        return _json_rows(text, path)
+
+
+def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON lines file (`.jsonl`: one object per line, blank lines skipped), or of a `.json` file holding
+    an array of objects (a `.json` file that is not one JSON value is read as JSON lines)."""
+    numbered, unit = None, "item"
+    if path.suffix.lower() == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None  # not one JSON value: JSON lines
+        if isinstance(value, list):
+            numbered = list(enumerate(value, start=1))
+        elif value is not None:
+            raise TaskDataError(f"{path}: expected an array of objects (or one object per line), got "
+                                f"{type(value).__name__}")
+    if numbered is None:
+        numbered, unit = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise TaskDataError(f"{path}, line {number}: not a JSON object ({error.msg}); a JSON lines file holds "
+                                    "one complete object per line") from None
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}, {unit} {number}: expected an object of fields, got "
+                                f"{type(row).__name__} {row!r:.60}")
+    return [row for _, row in numbered]
+
+
+def _csv_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    """CSV rows as text; an empty cell (or a cell a short row lacks) is None: missing."""
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for row in reader:
+        if None in row:  # DictReader keys the surplus cells of a long row with None
+            raise TaskDataError(f"{path}, line {reader.line_num}: more cells than the {len(reader.fieldnames)} "
+                                f"columns of the header ({', '.join(reader.fieldnames)})")
+        rows.append({key: value if value not in ("", None) else None for key, value in row.items()})
+    return rows
 
 
 @dataclass(frozen=True)
@@ -163,6 +233,9 @@ class GeneratorSource:
 
     generate: Callable[[str, int], Iterable[Mapping[str, Any]]]
     splits: tuple[str, ...] = SPLITS
+
+    def describe(self, split: str) -> str:
+        return f"generated {split} rows"
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         return list(self.generate(split, seed))
@@ -229,15 +302,17 @@ class Task:
 
     def _format(self, row: Mapping[str, Any], split: str, index: int) -> Example:
         where = f"task {self.name!r}, {split} row {index}"
+        source = f" [{self.source.describe(split)}]"
         try:
             example = self.formatter(row)
         except KeyError as error:
-            raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: {', '.join(row)})") from error
+            raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: {', '.join(row)}){source}") \
+                from error
         except (ValueError, TypeError, IndexError) as error:
-            raise TaskDataError(f"{where}: {error}") from error
+            raise TaskDataError(f"{where}: {error}{source}") from error
         if (example.choices is not None) != (self.kind == "multiple_choice"):
             raise TaskDataError(f"{where}: a {self.kind} task's formatter returned "
-                                f"{'choices' if example.choices else 'no choices'}")
+                                f"{'choices' if example.choices else 'no choices'}{source}")
         return dataclasses.replace(example, row=index)
 
 
@@ -293,13 +368,23 @@ class TemplateFormatter:
         prompt = self.prompt.format_map(view)
         if self.choices is None:
             return Example(prompt=prompt, target=self.target.format_map(view))
-        choices = [str(choice) for choice in view[self.choices]]
+        choices = view[self.choices]
+        if isinstance(choices, str) and choices.lstrip().startswith("["):  # a JSON list in a CSV cell
+            try:
+                choices = json.loads(choices)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"choices field {self.choices!r} is not a JSON list ({error.msg})") from None
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, (str, int, float)) and
+                                                              not isinstance(c, bool) for c in choices):
+            raise ValueError(f"choices field {self.choices!r} must hold a list of choice texts, like [\"yes\", "
+                             f"\"no\"] (in CSV, that JSON list in the cell); got {choices!r:.80}")
         gold = view[self.gold]
         if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
             gold = int(gold)
-        if not isinstance(gold, int):
-            raise ValueError(f"gold field {self.gold!r} must hold an integer index (got {gold!r})")
-        return Example.multiple_choice(prompt, choices, gold)
+        if isinstance(gold, bool) or not isinstance(gold, int):
+            raise ValueError(f"gold field {self.gold!r} must hold an integer index, the right choice's "
+                             f"position (got {gold!r})")
+        return Example.multiple_choice(prompt, [str(choice) for choice in choices], gold)
 
 
 class _FieldView(Mapping[str, Any]):
@@ -310,7 +395,11 @@ class _FieldView(Mapping[str, Any]):
         self._row, self._fields = row, fields
 
     def __getitem__(self, name: str) -> Any:
-        return self._row[self._fields.get(name, name)]
+        column = self._fields.get(name, name)
+        value = self._row[column]
+        if value is None:
+            raise ValueError(f"field {column!r} is empty (null); every field a template or the task reads needs a value")
+        return value
 
     def __iter__(self):
         return iter(self._row)

@@ -1,0 +1,74 @@
+"""User data files: values keep the text the user wrote, and a missing, null or mistyped value is an error that names
+the file, the row and the field; never the text "None", never a silent conversion."""
+
+import json
+
+import pytest
+
+from malora_lightning.data import task_from_spec
+from malora_lightning.data.tasks import TaskDataError
+
+GENERATIVE = {"prompt": "{q}", "target": "{a}"}
+CHOICE = {"prompt": "{q}", "choices": "options", "gold": "answer"}
+
+
+def jsonl(*rows) -> str:
+    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+
+
+CASES = {  # name: (file name, content, spec fields, message fragments)
+    "jsonl missing target field": ("d.jsonl", jsonl({"q": "2+2", "a": "4"}, {"q": "3+3"}), GENERATIVE,
+                                   ["train row 1", "missing field 'a'", "d.jsonl"]),
+    "jsonl null target": ("d.jsonl", jsonl({"q": "2+2", "a": None}), GENERATIVE,
+                          ["train row 0", "field 'a' is empty (null)", "d.jsonl"]),
+    "csv empty cell": ("d.csv", "q,a\n2+2,4\n3+3,\n", GENERATIVE, ["train row 1", "field 'a' is empty", "d.csv"]),
+    "csv short row": ("d.csv", "q,a\n2+2\n", GENERATIVE, ["train row 0", "field 'a' is empty"]),
+    "csv long row": ("d.csv", "q,a\n2+2,4,extra\n", GENERATIVE, ["d.csv, line 2", "more cells than the 2 columns"]),
+    "choices given as a string": ("d.jsonl", jsonl({"q": "ok?", "options": "yes", "answer": 0}), CHOICE,
+                                  ["choices field 'options' must hold a list", "'yes'"]),
+    "gold given as a boolean": ("d.jsonl", jsonl({"q": "ok?", "options": ["no", "yes"], "answer": True}), CHOICE,
+                                ["gold field 'answer' must hold an integer index", "True"]),
+    "empty jsonl": ("d.jsonl", "", GENERATIVE, ["the 'train' split is empty"]),
+    "jsonl of blank lines": ("d.jsonl", "\n  \n\n", GENERATIVE, ["the 'train' split is empty"]),
+    "cut-off jsonl line": ("d.jsonl", jsonl({"q": "a", "a": "b"}, '{"q": "c", "a'), GENERATIVE,
+                           ["d.jsonl, line 2: not a JSON object"]),
+    "jsonl line that is a list": ("d.jsonl", jsonl(["q", "a"]), GENERATIVE,
+                                  ["d.jsonl, line 1: expected an object of fields, got list"]),
+    "json that is not a list of objects": ("d.json", "[1, 2]", GENERATIVE, ["d.json, item 1: expected an object"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_user_data_is_named(tmp_path, case):
+    file_name, content, fields, fragments = CASES[case]
+    path = tmp_path / file_name
+    path.write_text(content)
+    task = task_from_spec({"name": "mine", "path": str(path), **fields})
+    with pytest.raises(TaskDataError) as error:
+        task.examples("train")
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_non_utf8_bytes_are_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"q": "caf\xe9", "a": "x"}\n'.encode("latin-1"))
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    with pytest.raises(TaskDataError, match=r"latin1.jsonl: not UTF-8 text \(byte 10"):
+        task.examples("train")
+
+
+def test_csv_values_keep_their_text(tmp_path):
+    """An empty cell elsewhere in the column made pandas read every number as a float ("2" became "2.0")."""
+    path = tmp_path / "numbers.csv"
+    path.write_text("q,a,note\n1+1,2,\n5+5,10,checked\n007?,007,\n")
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    assert [example.target for example in task.examples("train")] == ["2", "10", "007"]
+
+
+def test_csv_choices_as_a_json_list_in_the_cell(tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text('q,options,answer\nSky?,"[""green"", ""blue""]",1\n')
+    task = task_from_spec({"name": "mine", "path": str(path), **CHOICE})
+    example = task.examples("train")[0]
+    assert example.choices == ("green", "blue") and example.target == "blue"
