@@ -379,6 +379,24 @@ class MALoRAModule(L.LightningModule):
         # continues the identical random sequence (creating the dataloader iterator also consumes the RNG).
         self._rng_state_to_restore = checkpoint.get("rng_states")
 
+    def on_train_start(self) -> None:
+        """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.
+
+        Lightning restores the AdamW state with its param groups (learning rate, weight decay) and the scheduler's
+        base learning rates; the rule (README, Safety): the checkpoint supplies the moments and the step count, the
+        run's settings supply learning rates, weight decay and schedule, as for every other setting.
+        """
+        if self.trainer.ckpt_path is None:
+            return
+        groups = self.trainable_parameter_groups()
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [group["lr"] for group in groups]
+            for param_group, group, factor in zip(scheduler.optimizer.param_groups, groups, scheduler.lr_lambdas):
+                param_group["initial_lr"] = group["lr"]
+                param_group["lr"] = group["lr"] * factor(scheduler.last_epoch)
+                param_group["weight_decay"] = group["weight_decay"]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_state_to_restore is not None:
             restore_rng_state(self._rng_state_to_restore)

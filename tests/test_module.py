@@ -318,3 +318,27 @@ def test_resume_from_a_checkpoint_written_at_a_validation_step_is_exact(tiny_mod
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert sorted(resumed.losses) == [4, 5, 6]
     assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
+
+
+class LearningRateRecorder(Callback):
+    def __init__(self) -> None:
+        self.rates: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates[trainer.global_step] = [group["lr"] for group in trainer.optimizers[0].param_groups]
+
+
+def test_a_resumed_fit_uses_the_learning_rate_the_run_gives(tiny_model_dir, tmp_path):
+    """The checkpoint restores AdamW's moments and the step count; the learning rate and weight decay are the run's."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", max_steps=6, callbacks=[checkpoints], enable_checkpointing=True)
+    trainer.fit(make_module(tiny_model_dir, learning_rate=1e-2), make_data(tiny_model_dir))
+
+    rates = LearningRateRecorder()
+    trainer = make_trainer(tmp_path / "b", max_steps=6, callbacks=[rates])
+    module = make_module(tiny_model_dir, learning_rate=0.1, router_learning_rate=0.05, weight_decay=0.5)
+    trainer.fit(module, make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    for step in (3, 4, 5):
+        factor = lr_multiplier(step, warmup_steps=2, total_steps=6, schedule="cosine")  # warmup_ratio 0.2 of 6
+        assert rates.rates[step] == pytest.approx([0.1 * factor, 0.05 * factor]), step
+    assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [0.5, 0.5]
