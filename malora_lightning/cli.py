@@ -71,6 +71,11 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
 class MALoRACLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the model (a recipe names the model once) and default callbacks."""
 
+    def init_parser(self, **kwargs: Any):
+        # no prefix matching: `--trainer.max_step=10` must be an error, not `--trainer.max_steps=10`
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         for key, callback in DEFAULT_CALLBACKS.items():

@@ -114,6 +114,7 @@ def model_loading_forbidden(monkeypatch):
         ("--model.learning_rate=fast", "learning_rate"),  # wrong type
         ("--model.adapter.method=dora", "method"),  # not an allowed value
         ("--data.batch_size=[8]", "batch_size"),
+        ("--trainer.max_step=10", "max_step"),  # a prefix of max_steps: no abbreviation matching
     ],
 )
 def test_bad_overrides_fail_before_any_model_loads_naming_the_key(override, named, capsys, model_loading_forbidden):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -120,8 +122,8 @@ class AdapterConfig:
                "a number >= 0")
         _check(_is_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
                self.router_z_loss_coef, "a number >= 0")
-        _check(_is_number(self.router_init_std) and self.router_init_std >= 0, "router_init_std",
-               self.router_init_std, "a number >= 0")
+        _check(_is_number(self.router_init_std) and math.isfinite(self.router_init_std) and self.router_init_std >= 0,
+               "router_init_std", self.router_init_std, "a finite number >= 0")
         _check(isinstance(self.target_modules, str) and self.target_modules != ""
                or isinstance(self.target_modules, list) and len(self.target_modules) > 0
                and all(isinstance(t, str) and t for t in self.target_modules),
@@ -130,6 +132,14 @@ class AdapterConfig:
         _check(self.exclude_modules is None or isinstance(self.exclude_modules, str)
                or isinstance(self.exclude_modules, list) and all(isinstance(t, str) for t in self.exclude_modules),
                "exclude_modules", self.exclude_modules, "None, a list of module names/suffixes, or a regex string")
+        for name in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"AdapterConfig.{name}={pattern!r} is invalid: a string is a regular expression "
+                                     f"and this one does not compile ({error}); a list names modules") from None
         _check(self.layers_to_transform is None
                or all(_is_int(i) and i >= 0 for i in self.layers_to_transform),
                "layers_to_transform", self.layers_to_transform, "None or a list of layer indices >= 0")
@@ -143,7 +153,8 @@ class AdapterConfig:
                    "an integer >= 1 (d, the rank of the shared subspace S_A)")
             _check(self.rank <= self.shared_rank, "rank", self.rank,
                    f"an integer in [1, shared_rank={self.shared_rank}] for MALoRA (rank(B_t P_t S_A) <= d)")
-            _check(_is_number(self.beta) and self.beta > 0, "beta", self.beta, "a number > 0")
+            _check(_is_number(self.beta) and math.isfinite(self.beta) and self.beta > 0, "beta", self.beta,
+                   "a finite number > 0")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

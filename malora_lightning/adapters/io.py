@@ -103,7 +103,11 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     else:
         inject_adapters(model, config)
     expected = adapter_state_dict(model)
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as stored:
+    try:
+        stored_file = safe_open(str(path / WEIGHTS_NAME), framework="pt")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for empty/truncated/foreign files
+        raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({error})") from None
+    with stored_file as stored:
         method = (stored.metadata() or {}).get("method")
         if method is not None and method != config.method:
             raise ValueError(f"{path / WEIGHTS_NAME}: tensors are for method {method!r} but {CONFIG_NAME} says "
@@ -121,6 +125,8 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         with torch.no_grad():
             for key, param in expected.items():
                 value = stored.get_tensor(key)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{path / WEIGHTS_NAME}: tensor {key!r} holds NaN or infinite values")
                 if value.shape != param.shape:
                     raise ValueError(f"{path / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(value.shape)}, the "
                                      f"model expects {tuple(param.shape)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,21 @@ from malora_lightning.offline_models import resolve_model_path
 logger = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
+
+
+# the training sampler draws an epoch's task sequence up front: a bound that keeps it to a few hundred MB
+MAX_SAMPLES_PER_EPOCH = 10 ** 8
+
+
+def _check_count(name: str, value: Any, optional: bool, minimum: int = 1, maximum: int | None = None) -> None:
+    """An integer setting in [minimum, maximum] (None allowed when optional), named in the error otherwise."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+            (maximum is not None and value > maximum):
+        allowed = f"an integer >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "") + \
+            (", or None" if optional else "")
+        raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected {allowed}")
 
 
 class MultiTaskDataModule(LightningDataModule):
@@ -94,11 +110,16 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
         if (task_weights is not None) != (sampling == "weights"):
             raise ValueError("task_weights goes with sampling='weights', and only with it")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
-                            ("max_train_examples_per_task", max_train_examples_per_task or 1),
-                            ("max_eval_examples_per_task", max_eval_examples_per_task or 1)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1 (got {value})")
+        for name, value, optional in (("batch_size", batch_size, False), ("eval_batch_size", eval_batch_size, True),
+                                      ("max_length", max_length, False),
+                                      ("max_train_examples_per_task", max_train_examples_per_task, True),
+                                      ("max_eval_examples_per_task", max_eval_examples_per_task, True),
+                                      ("cap", cap, True), ("num_workers", num_workers, False)):
+            _check_count(name, value, optional, minimum=0 if name == "num_workers" else 1)
+        _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
+        for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected a finite number > 0")
         self.tokenizer_name = tokenizer
         self.tokenizer_object: PreTrainedTokenizerBase | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None  # the loaded tokenizer, after setup

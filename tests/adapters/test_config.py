@@ -48,6 +48,10 @@ def test_json_round_trip(tmp_path):
         ({"kernel": "triton"}, "kernel", "dense"),
         ({"target_modules": []}, "target_modules", "non-empty"),
         ({"layers_to_transform": [-1]}, "layers_to_transform", ">= 0"),
+        ({"beta": float("inf")}, "beta", "finite"),
+        ({"router_init_std": float("inf")}, "router_init_std", "finite"),
+        ({"target_modules": "model.(q_proj"}, "target_modules", "does not compile"),
+        ({"exclude_modules": "*_proj"}, "exclude_modules", "does not compile"),
     ],
 )
 def test_invalid_values_name_the_field_value_and_range(kwargs, field, hint):

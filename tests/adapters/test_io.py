@@ -222,3 +222,19 @@ def test_leftovers_of_the_earlier_folder_swap_are_finished_or_removed(tmp_path):
     (tmp_path / ".a.keepme.tmp" / "thesis.tex").write_text("not ours")
     load_adapters(tiny_model("llama"), tmp_path / "a")  # the staged adapter moves into place
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.keepme.tmp", "a"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01 random bytes, not a header", "truncated"])
+def test_an_unreadable_weights_file_is_named(tmp_path, content):
+    save_adapters(trained_model(), tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200] if content == "truncated" else content)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a readable safetensors file"):
+        load_adapters(tiny_model("llama"), tmp_path / "a")
+
+
+def test_nan_adapter_tensors_are_refused_by_name(tmp_path):
+    save_adapters(trained_model(), tmp_path / "a")
+    rewrite_tensors(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.lora_B' holds NaN or infinite values"):
+        load_adapters(tiny_model("llama"), tmp_path / "a")

@@ -136,7 +136,15 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
     ({"sampling": "balanced"}, "unknown sampling 'balanced'; valid: proportional, capped"),
     ({"task_weights": {"parity": 1.0}}, "task_weights goes with sampling='weights'"),
     ({"sampling": "weights", "task_weights": {"gsm8k": 1.0}}, r"task_weights names \['gsm8k'\], which are not"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"batch_size": 0}, r"batch_size=0 is invalid: expected an integer >= 1"),
+    ({"batch_size": "8"}, r"batch_size='8' is invalid"),
+    ({"eval_batch_size": 0}, r"eval_batch_size=0 is invalid: expected an integer >= 1, or None"),
+    ({"max_eval_examples_per_task": 0}, r"max_eval_examples_per_task=0 is invalid"),
+    ({"max_train_examples_per_task": 0}, r"max_train_examples_per_task=0 is invalid"),
+    ({"samples_per_epoch": 10 ** 12}, r"samples_per_epoch=1000000000000 is invalid: expected an integer >= 1 and "
+                                      r"<= 100,000,000"),
+    ({"temperature": float("nan")}, r"temperature=nan is invalid: expected a finite number > 0"),
+    ({"unimax_max_epochs": 0}, r"unimax_max_epochs=0 is invalid"),
     ({"tasks": []}, "at least one training task"),
 ])
 def test_bad_arguments_are_rejected_when_built(kwargs, message):
