@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -167,7 +167,14 @@ class MultiTaskDataModule(LightningDataModule):
         if self.tokenizer_name is None:
             raise ValueError("MultiTaskDataModule needs a tokenizer: pass tokenizer=<name or path> (the CLI links it "
                              "to the model) or set tokenizer_object before setup")
-        return AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        path = resolve_model_path(self.tokenizer_name)
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise OSError(f"could not load the tokenizer {self.tokenizer_name!r} (resolved to {path!r}): {error}. "
+                          "MultiTaskDataModule.tokenizer (linked to model.model_name_or_path in the CLI) must be a "
+                          "local folder with tokenizer files, a cached hub id, or an offline model like "
+                          "'offline:SmolLM2-135M-Instruct'") from error
 
     def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
         return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template,
@@ -304,7 +311,10 @@ def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str
     if not tasks:
         raise ValueError("MultiTaskDataModule needs at least one training task")
     inline = {}
-    for spec in specs:
+    for number, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"task_specs[{number}] is a {type(spec).__name__}: each task spec is a mapping such as "
+                             "{name: ..., path: ..., prompt: ..., target: ...}")
         task = task_from_spec(spec)
         inline[task.name] = task
     names = list(tasks) + list(eval_tasks)

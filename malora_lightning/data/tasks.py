@@ -458,8 +458,15 @@ def _source_from_spec(spec: Mapping[str, Any]) -> Source:
 
 def tasks_from_yaml(path: str | Path) -> list[Task]:
     """Tasks from a YAML file holding a list of specs (or ``{tasks: [...]}``); register them with ``register_task``."""
-    content = yaml.safe_load(Path(path).read_text())
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a readable YAML file of task specs ({error})") from None
     specs = content.get("tasks") if isinstance(content, dict) else content
     if not isinstance(specs, list):
         raise ValueError(f"{path}: expected a list of task specs (or a 'tasks:' list)")
+    for number, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{path}: task spec #{number} is a {type(spec).__name__}, not a mapping of name, path, "
+                             "prompt, ...")
     return [task_from_spec(spec) for spec in specs]

@@ -72,3 +72,30 @@ def test_csv_choices_as_a_json_list_in_the_cell(tmp_path):
     task = task_from_spec({"name": "mine", "path": str(path), **CHOICE})
     example = task.examples("train")[0]
     assert example.choices == ("green", "blue") and example.target == "blue"
+
+
+def test_tasks_yaml_errors_name_the_file(tmp_path):
+    from malora_lightning.data.tasks import tasks_from_yaml
+
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text("- name: a\n  prompt: '{q}'\n   target: '{a}'\n")  # bad indentation
+    with pytest.raises(ValueError, match=r"tasks.yaml: not a readable YAML file of task specs"):
+        tasks_from_yaml(bad)
+    bad.write_text("- [name, a]\n")
+    with pytest.raises(ValueError, match=r"tasks.yaml: task spec #0 is a list, not a mapping"):
+        tasks_from_yaml(bad)
+
+
+def test_a_task_spec_given_as_a_list_is_named():
+    from malora_lightning.data import MultiTaskDataModule
+
+    with pytest.raises(ValueError, match=r"task_specs\[0\] is a list: each task spec is a mapping"):
+        MultiTaskDataModule(tasks=["parity"], task_specs=[["name", "x"]])
+
+
+def test_a_missing_tokenizer_path_is_named(tmp_path):
+    from malora_lightning.data import MultiTaskDataModule
+
+    data = MultiTaskDataModule(tasks=["parity"], tokenizer=str(tmp_path / "no-such-tokenizer"))
+    with pytest.raises(OSError, match=r"could not load the tokenizer .*no-such-tokenizer.*must be a local folder"):
+        data.load_tokenizer()
