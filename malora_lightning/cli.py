@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,15 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
     """
     MALoRACLI(model_class, datamodule_class, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
               args=args)
+
+
+def console_main() -> None:
+    """The `malora` command and `python -m malora_lightning`: `main`, with an error that names a bad setting, file or
+    row (ValueError, OSError) printed as its message alone; MALORA_TRACEBACK=1 shows the traceback too."""
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        if os.environ.get("MALORA_TRACEBACK"):
+            raise
+        sys.stderr.write(f"malora: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n")
+        raise SystemExit(2) from None

@@ -1,5 +1,6 @@
 """The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,12 @@ def test_gpu_recipe_is_the_default_job_on_cuda():
         config.pop("config", None)
         del config["trainer"]["accelerator"], config["trainer"]["plugins"], config["trainer"]["default_root_dir"]
     assert gpu == default
+
+
+def test_the_command_prints_a_bad_settings_message_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml",
+                             "--model.adapter.top_k=9"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MALORA_TRACEBACK": ""})
+    assert result.returncode == 2
+    assert "malora: error: " in result.stderr and "AdapterConfig.top_k=9 is invalid" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -8,7 +8,9 @@ turns that path off (and undoes a packing that already happened); every model we
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -82,6 +84,23 @@ def prepare_for_adapter_training(model: nn.Module, upcast: bool = True, enable_i
     return model
 
 
+def check_stored_quantization(path: str, quantization: Quantization | None) -> None:
+    """A folder saved already quantized keeps its own scheme (transformers would load it as stored, with only a
+    warning): asking for another one is an error naming both."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id: transformers reads the config itself
+    stored = (json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {})
+    if stored.get("quant_method") != "bitsandbytes":
+        return
+    stored_mode = "int8" if stored.get("load_in_8bit") else stored.get("bnb_4bit_quant_type", "fp4") \
+        if stored.get("load_in_4bit") else None
+    if stored_mode is not None and stored_mode != quantization:
+        raise ValueError(f"{config_file}: the model is stored quantized with bitsandbytes {stored_mode!r}, but "
+                         f"quantization={quantization!r} was asked for; set quantization={stored_mode!r} (a quantized "
+                         "folder cannot be re-quantized or de-quantized on loading)")
+
+
 def load_base_model(
     name_or_path: str,
     quantization: Quantization | None = None,
@@ -125,6 +144,7 @@ def load_base_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     path = resolve_model_path(name_or_path)
+    check_stored_quantization(path, quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:

@@ -158,3 +158,15 @@ def test_fix_unpacks_a_layer_that_was_already_packed():
     out.sum().backward()
     assert inputs.grad is not None
     torch.testing.assert_close(out, before, atol=0.05, rtol=0.05)
+
+
+def test_a_folder_stored_in_4bit_refuses_another_quantization(tiny_llama_dir, tmp_path):
+    """transformers loads such a folder as stored and only warns; the run would not be what its settings say."""
+    stored = tmp_path / "stored-nf4"
+    load_base_model(str(tiny_llama_dir), quantization="nf4", compute_dtype="float32",
+                    prepare_for_training=False).save_pretrained(stored)
+    with pytest.raises(ValueError, match=r"stored quantized with bitsandbytes 'nf4', but quantization='int8'"):
+        load_base_model(str(stored), quantization="int8")
+    with pytest.raises(ValueError, match=r"'nf4', but quantization=None"):
+        load_base_model(str(stored), quantization=None)
+    load_base_model(str(stored), quantization="nf4", compute_dtype="float32")  # as stored: fine
