@@ -79,6 +79,8 @@ class RunReport(Callback):
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "report_sections"):
                 sections.extend(callback.report_sections(trainer))
+        if hasattr(trainer.datamodule, "report_sections"):
+            sections.extend(trainer.datamodule.report_sections())
         return "\n\n".join(sections) + "\n"
 
     def write(self, trainer: L.Trainer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,17 @@ from malora_lightning.offline_models import resolve_model_path
 logger = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
+# a trained task without a validation split of its own is validated on this share of its train rows (at most
+# max_eval_examples_per_task of them), which are then never trained on
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutSplit:
+    """A validation split carved from a task's train rows: disjoint row indices, fixed by the data seed."""
+
+    train_rows: tuple[int, ...]
+    validation_rows: tuple[int, ...]
 
 
 # the training sampler draws an epoch's task sequence up front: a bound that keeps it to a few hundred MB
@@ -134,6 +146,7 @@ class MultiTaskDataModule(LightningDataModule):
             if unknown:
                 raise ValueError(f"task_weights names {unknown}, which are not training tasks ({', '.join(tasks)})")
         self.truncation: dict[str, dict[str, TruncationStats]] = {}
+        self._held_out: dict[str, HeldOutSplit | None] = {}
         self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
         self._encoder: PromptEncoder | None = None
         self._train_sampler: TaskBalancedSampler | None = None
@@ -213,14 +226,49 @@ class MultiTaskDataModule(LightningDataModule):
                 self._encoded[split] = self._encode_split(split)
         self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
 
+    def held_out(self, task: Task) -> HeldOutSplit | None:
+        """The validation split carved from a trained task's train rows when it has none of its own (and at least
+        two train rows): `HELD_OUT_FRACTION` of them, at most `max_eval_examples_per_task`, at least one."""
+        if task.name in self._held_out:
+            return self._held_out[task.name]
+        split = None
+        trained = task.name in {train_task.name for train_task in self.train_tasks}
+        if trained and task.has_split("train") and not task.has_split("validation"):
+            count = task.num_rows("train", self.hparams.data_seed)
+            held = max(1, round(HELD_OUT_FRACTION * count))
+            if self.hparams.max_eval_examples_per_task is not None:
+                held = min(held, self.hparams.max_eval_examples_per_task)
+            if count >= 2:
+                order = list(range(count))
+                random.Random(f"{self.hparams.data_seed}:{task.name}:held-out").shuffle(order)
+                split = HeldOutSplit(train_rows=tuple(sorted(order[held:])),
+                                     validation_rows=tuple(sorted(order[:held])))
+                logger.warning("Task %r has no validation split: %d of its %d train rows are held out to validate "
+                               "on and are not trained on.", task.name, held, count)
+        self._held_out[task.name] = split
+        return split
+
+    def report_sections(self) -> list[str]:
+        """What the run report should say about the data: validation splits carved from train rows."""
+        carved = {name: split for name, split in self._held_out.items() if split is not None}
+        if not carved:
+            return []
+        rows = [f"| {name} | {len(split.validation_rows)} | {len(split.train_rows)} |" for name, split in carved.items()]
+        header = ("## Validation splits held out from training data\n\nThese tasks have no validation split of their "
+                  f"own; {HELD_OUT_FRACTION:.0%} of their train rows (at most max_eval_examples_per_task) are "
+                  "validated on and never trained on.\n\n| task | validation rows | train rows left |\n|---|---|---|")
+        return ["\n".join([header, *rows])]
+
     def _split_tasks(self, split: str) -> list[tuple[int, Task]]:
         if split == "train":
             missing = [task.name for task in self.train_tasks if not task.has_split("train")]
             if missing:
                 raise TaskDataError(f"tasks {missing} have no train split; list them under eval_tasks")
             return list(enumerate(self.train_tasks))
-        evaluated = [(task_id, task) for task_id, task in enumerate(self._tasks) if task.has_split(split)]
-        skipped = [task.name for task in self._tasks if not task.has_split(split)]
+        evaluated = [(task_id, task) for task_id, task in enumerate(self._tasks)
+                     if task.has_split(split) or (split == "validation" and self.held_out(task) is not None)]
+        evaluated_ids = {task_id for task_id, _ in evaluated}
+        skipped = [task.name for task_id, task in enumerate(self._tasks) if task_id not in evaluated_ids]
         if skipped:
             logger.warning("Tasks %s have no %s split and are not evaluated on it.", skipped, split)
         return evaluated
@@ -230,7 +278,13 @@ class MultiTaskDataModule(LightningDataModule):
         limit = hparams.max_train_examples_per_task if split == "train" else hparams.max_eval_examples_per_task
         encoded, self.truncation[split] = {}, {}
         for task_id, task in self._split_tasks(split):
-            examples = task.examples(split, seed=hparams.data_seed, limit=limit)
+            held_out = self.held_out(task) if split in ("train", "validation") else None
+            if held_out is None:
+                examples = task.examples(split, seed=hparams.data_seed, limit=limit)
+            elif split == "train":
+                examples = task.examples("train", seed=hparams.data_seed, limit=limit, only_rows=held_out.train_rows)
+            else:
+                examples = task.examples("train", seed=hparams.data_seed, only_rows=held_out.validation_rows)
             encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
                                                              with_eval_fields=split != "train")
             self.truncation[split][task.name] = stats

@@ -285,8 +285,13 @@ class Task:
         """Exact match after this task's answer extraction (first line, or a worked solution's final answer)."""
         return self.answer(prediction) == self.answer(target)
 
-    def examples(self, split: str, *, seed: int = 0, limit: int | None = None) -> list[Example]:
-        """The formatted examples of ``split``; with ``limit``, a random subset (fixed by ``seed``) in source order."""
+    def num_rows(self, split: str, seed: int = 0) -> int:
+        return len(self.source.load(split, seed))
+
+    def examples(self, split: str, *, seed: int = 0, limit: int | None = None,
+                 only_rows: Sequence[int] | None = None) -> list[Example]:
+        """The formatted examples of ``split``; with ``only_rows``, of those row indices only; with ``limit``, a
+        random subset of them (fixed by ``seed``), in source order."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         if not self.has_split(split):
@@ -295,8 +300,8 @@ class Task:
         rows = self.source.load(split, seed)
         if len(rows) == 0:
             raise TaskDataError(f"task {self.name!r}: the {split!r} split is empty ({self.source})")
-        indices = range(len(rows))
-        if limit is not None and limit < len(rows):
+        indices = range(len(rows)) if only_rows is None else sorted(only_rows)
+        if limit is not None and limit < len(indices):
             indices = sorted(random.Random(f"{seed}:{self.name}:{split}").sample(indices, limit))
         return [self._format(rows[index], split, index) for index in indices]
 

@@ -219,3 +219,23 @@ def test_train_loader_state_outside_a_trainer_is_the_sampler_position():
     expected = [batch["input_ids"].tolist() for batch in iterator]
     assert [batch["input_ids"].tolist() for batch in resumed] == expected
 
+
+
+def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp_path):
+    """The most common shape of a user's data: the task is validated (not left out), on rows it never trains on."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+            "prompt": "{q}", "target": "{a}"}
+    settings = dict(tasks=["mine"], task_specs=[spec], max_eval_examples_per_task=3, max_train_examples_per_task=None)
+    data = make(**settings)
+    data.setup("fit")
+    held = data.held_out(data.tasks[0])
+    assert len(held.validation_rows) == 3 and len(held.train_rows) == 37  # 10 % of 40 is 4, capped at 3
+    assert not set(held.validation_rows) & set(held.train_rows)
+    assert len(data._loaded("validation")["mine"]) == 3 and len(data._loaded("train")["mine"]) == 37
+    again = make(**settings)
+    again.setup("fit")
+    assert again.held_out(again.tasks[0]) == held  # fixed by the data seed
+    assert "| mine | 3 | 37 |" in data.report_sections()[0]
