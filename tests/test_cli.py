@@ -79,6 +79,8 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
         "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path}",
+        # Lightning picks TensorBoard where it is installed; this test reads the CSV logger's metrics.csv
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
     ])
     version = next((tmp_path / "lightning_logs").iterdir())
     saved = yaml.safe_load((version / "config.yaml").read_text())

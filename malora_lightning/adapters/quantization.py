@@ -123,7 +123,8 @@ def load_base_model(
         dtype: dtype of the weights that are not quantized; default compute_dtype when quantized, else float32.
         quant_storage: storage dtype of packed 4-bit weights; set it to the `dtype` of the other weights for FSDP.
         double_quant: quantize the 4-bit quantization constants too (QLoRA).
-        device_map: passed to `from_pretrained` (e.g. "cpu", {"": 0}).
+        device_map: passed to `from_pretrained` (e.g. "cpu", {"": 0}); None loads onto the CPU, also with a GPU
+            visible (bitsandbytes would otherwise place a quantized model on the GPU by itself).
         attn_implementation: e.g. "sdpa" or "eager"; None lets transformers choose.
         trust_remote_code: only set it for code you trust.
         prepare_for_training: freeze, enable input gradients and, for quantized models, upcast the unquantized
@@ -139,8 +140,7 @@ def load_base_model(
     if quantization is not None:
         storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
         kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     path = resolve_model_path(name_or_path)
