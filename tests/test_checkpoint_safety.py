@@ -94,3 +94,10 @@ def test_every_subcommand_reads_checkpoints_as_data(capsys):
         main(["validate", "--config", "recipes/default.yaml", "--print_config"])
     assert "weights_only: true" in capsys.readouterr().out
     assert MultiTaskDataModule  # the CLI's data class is the one the recipes name
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    path = planted_checkpoint(tmp_path / "cut.ckpt")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.ckpt cannot be read as a malora checkpoint"):
+        checkpoint_hyperparameters(path)
