@@ -391,6 +391,9 @@ class MALoRAModule(L.LightningModule):
         groups = self.trainable_parameter_groups()
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or \
+                    len(scheduler.optimizer.param_groups) != len(groups):
+                continue  # a subclass's own optimiser or schedule: its restore is its own business
             scheduler.base_lrs = [group["lr"] for group in groups]
             for param_group, group, factor in zip(scheduler.optimizer.param_groups, groups, scheduler.lr_lambdas):
                 param_group["initial_lr"] = group["lr"]

@@ -20,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from malora_lightning.adapters.dropout import dropout_factors
-from malora_lightning.adapters.routing import balance_statistics, selection_shares, z_loss_from_logsumexp
+from malora_lightning.adapters.routing import (
+    balance_statistics,
+    routing_dtype,
+    selection_shares,
+    z_loss_from_logsumexp,
+)
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +118,7 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             logits, hidden = F.linear(x, router_cast), F.linear(dropped, first_weight)
         down_weight = None if shared_A is None else cast(down, dtype)
         expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
-        logits = cast(logits, torch.promote_types(dtype, torch.float32))  # routing in at least float32
+        logits = cast(logits, routing_dtype(logits))
         lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
         probs = logits.softmax(dim=-1)
         experts = probs.topk(top_k, dim=-1).indices

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters.config import AdapterConfig
-from malora_lightning.adapters.dropout import LaneDropout
+from malora_lightning.adapters.dropout import LaneDropout, dropout_factors
 from malora_lightning.adapters.init import init_lora_, init_malora_, init_router_
 from malora_lightning.adapters.kernels import RoutingSpec, compiled, lora_output, routed_output
 from malora_lightning.adapters.routing import (
@@ -227,7 +227,7 @@ class RoutedAdapterLayer(AdapterLayer):
         zero-filled [N, ...] gradient per expert. Runs under autocast as the caller set it.
         """
         x = x.to(dtype)
-        dropped, rescale = self.dropout.masked(x) if isinstance(self.dropout, LaneDropout) else (x, 1.0)
+        dropped, rescale = dropout_factors(x, self.dropout_rate, self.training)
         routing = route(F.linear(x, self.router.weight.to(dtype)), self.top_k, self.renormalize_top_k)
         projected = dropped if self.shared_down is None else F.linear(dropped, self.shared_down.to(dtype))
         flat_experts = routing.experts.reshape(-1)

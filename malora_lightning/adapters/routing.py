@@ -29,9 +29,14 @@ class Routing:
     experts: torch.Tensor  # [T, K] indices of the kept experts
 
 
+def routing_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Routing runs in at least float32, whatever the compute dtype."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     """G = TopK(Softmax(W_g x)) (paper Eq. 4); softmax in at least float32, whatever the autocast dtype."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(routing_dtype(logits))
     probs = logits.softmax(dim=-1)
     gates, experts = probs.topk(top_k, dim=-1)
     if renormalize:
@@ -82,12 +87,12 @@ def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, token_mask: to
     everything (top-1); 0 when no token is real. Gradients flow through P_e only.
     """
     selection = selection_shares(experts, probs.shape[-1], probs.dtype)
-    return load_balance_from_statistics(balance_statistics(probs, selection, token_weights_of(token_mask, probs)))
+    return load_balance_from_statistics(balance_statistics(probs, selection, token_weights_of(token_mask, routing_dtype(probs))))
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2; keeps router logits small."""
-    return z_loss_from_logsumexp(torch.logsumexp(logits, dim=-1), token_weights_of(token_mask, logits))
+    return z_loss_from_logsumexp(torch.logsumexp(logits, dim=-1), token_weights_of(token_mask, routing_dtype(logits)))
 
 
 def z_loss_from_logsumexp(logsumexp: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
@@ -95,11 +100,11 @@ def z_loss_from_logsumexp(logsumexp: torch.Tensor, token_weights: torch.Tensor |
     return squared.mean() if token_weights is None else token_weights.to(squared.dtype) @ squared
 
 
-def token_weights_of(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+def token_weights_of(token_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """[T] weights 1/(real tokens) on real tokens, 0 on padding; all zero when no token is real."""
     if token_mask is None:
         return None
-    weights = token_mask.to(torch.promote_types(like.dtype, torch.float32))
+    weights = token_mask.to(dtype)
     return weights / weights.sum().clamp(min=1)
 
 
@@ -147,7 +152,7 @@ class ForwardRouting:
                 batch, seq = leading_shape
                 if mask.shape[0] == batch and mask.shape[1] >= seq:
                     token_mask = mask[:, -seq:].reshape(-1).bool()
-            weights = None if token_mask is None else token_weights_of(token_mask, torch.empty(0))
+            weights = token_weights_of(token_mask)
             self._tokens[leading_shape] = (token_mask, weights)
         return self._tokens[leading_shape]
 
