@@ -29,10 +29,13 @@ from malora_lightning.adapters import (
     aux_loss,
     compile_adapters,
     inject_adapters,
+    load_adapters,
     load_base_model,
+    read_adapter_folder,
     router_losses,
     save_adapters,
 )
+from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.precision import AutoMixedPrecision
@@ -111,6 +114,10 @@ class MALoRAModule(L.LightningModule):
         trust_remote_code: allow model code from the hub; only for code you trust.
         max_new_tokens: cap on generated tokens per answer; None uses each task's own length.
         export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
+        adapter_path: an adapter folder to start from (written by `save_adapters`, or a LoRA folder PEFT saved): its
+            adapters are loaded instead of fresh ones, with the folder's own adapter settings (`adapter` is then
+            ignored), so `validate`, `test` and `predict` evaluate an exported adapter and `fit` trains it further.
+            The folder must name the same base model as `model_name_or_path` when it names one.
         compile_adapters: run each adapted layer's adapter path through torch.compile (`compile_adapters`): True
             (inductor's default mode) or a torch.compile mode name ("reduce-overhead" for CUDA graphs); False runs
             eagerly, which measured as fast or faster for the default job on CPU and on an H200 (BENCHMARKS.md).
@@ -136,6 +143,7 @@ class MALoRAModule(L.LightningModule):
         trust_remote_code: bool = False,
         max_new_tokens: int | None = None,
         export_adapters: bool = True,
+        adapter_path: str | None = None,
         compile_adapters: bool | Literal["default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"] = False,
     ) -> None:
@@ -143,6 +151,8 @@ class MALoRAModule(L.LightningModule):
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
+        if adapter_path is not None:
+            self.adapter_config = self._adapter_folder_config(adapter_path, model_name_or_path)
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={warmup_ratio!r} is invalid: expected a float in [0, 1)")
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
@@ -153,6 +163,19 @@ class MALoRAModule(L.LightningModule):
         self._tokenizer = None
         self._rng_state_to_restore: RandomState | None = None
         self._training_rng_state: RandomState | None = None
+
+    def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
+        folder = read_adapter_folder(adapter_path)
+        if folder.base_model is not None and folder.base_model != model_name_or_path:
+            raise ValueError(f"adapter_path {adapter_path} holds adapters for base model {folder.base_model!r}, but "
+                             f"model_name_or_path is {model_name_or_path!r}: set model_name_or_path to the folder's "
+                             "base (or pass an adapter trained on this one)")
+        differing = [name for name, value in folder.config.to_dict().items()
+                     if value != getattr(self.adapter_config, name)]
+        if differing:
+            logger.info("adapter_path %s: its adapter settings apply (%s differ from the adapter given)", adapter_path,
+                        ", ".join(differing))
+        return folder.config
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
@@ -198,7 +221,10 @@ class MALoRAModule(L.LightningModule):
                                 quant_storage=hparams.quant_storage, device_map=device_map,
                                 attn_implementation=hparams.attn_implementation,
                                 trust_remote_code=hparams.trust_remote_code)
-        inject_adapters(model, self.adapter_config)
+        if hparams.adapter_path is not None:
+            load_adapters(model, hparams.adapter_path, trainable=True)
+        else:
+            inject_adapters(model, self.adapter_config)
         mode = compile_mode(hparams.compile_adapters)
         if mode is not None:
             compile_adapters(model, mode)
@@ -424,6 +450,10 @@ class MALoRAModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.export_adapters:
             # every rank takes part (gathering sharded adapters is collective); rank zero writes
-            path = save_adapters(self.model, self.adapter_export_dir(), write=self.trainer.is_global_zero)
+            metrics = PerTaskMetrics.attached(self.trainer)
+            evaluations = metrics.evaluations("val") if metrics is not None else []
+            scores = {name: score.accuracy for name, score in evaluations[-1].tasks.items()} if evaluations else None
+            path = save_adapters(self.model, self.adapter_export_dir(), write=self.trainer.is_global_zero,
+                                 base_model=self.hparams.model_name_or_path, task_scores=scores)
             if self.trainer.is_global_zero:
                 logger.info("Exported adapters to %s", path)

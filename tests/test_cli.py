@@ -1,5 +1,6 @@
 """The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -90,8 +91,20 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert (checkpoints / "adapter" / "adapter_config.json").is_file()
     report = (checkpoints / "report.md").read_text()
     assert "| parity |" in report and "| add_2digit |" in report
-    metrics = (version / "metrics.csv").read_text().splitlines()[0]
-    assert "train/loss" in metrics and "val/parity/acc" in metrics
+    metrics = (version / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in metrics[0] and "val/parity/acc" in metrics[0]
+
+    # the exported folder, evaluated from the CLI, scores what the fit's last evaluation scored
+    main(["validate", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+          "--model.quantization=null", f"--model.adapter_path={checkpoints / 'adapter'}",
+          "--data.tasks=[parity, add_2digit]", "--data.max_train_examples_per_task=16",
+          "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"])
+    fitted, validated = (list(csv.DictReader((v / "metrics.csv").open()))
+                         for v in sorted((tmp_path / "lightning_logs").iterdir()))
+    last_fit = [row for row in fitted if row.get("val/macro_acc")][-1]
+    assert float(validated[-1]["val/macro_acc"]) == pytest.approx(float(last_fit["val/macro_acc"]))
+    assert float(validated[-1]["val/parity/loss"]) == pytest.approx(float(last_fit["val/parity/loss"]), rel=1e-5)
 
 
 def test_module_entry_point_and_print_config():

@@ -142,6 +142,24 @@ def test_evaluation_scores_every_task_and_the_report_is_written(tiny_model_dir, 
     report = (tmp_path / "checkpoints" / "report.md").read_text()
     assert "| parity |" in report and "| **mean** |" in report
     assert (tmp_path / "checkpoints" / "adapter" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "checkpoints" / "adapter" / "README.md").read_text()  # the model card: base and final scores
+    assert f"for {tiny_model_dir}" in card
+    for task, score in after.tasks.items():
+        assert f"| {task} | {100 * score.accuracy:.1f} % |" in card
+
+
+def test_an_adapter_folder_is_evaluated_with_its_own_settings_and_must_name_the_same_base(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir)
+    make_trainer(tmp_path, max_steps=2).fit(module, make_data(tiny_model_dir))
+    lora = make_module(tiny_model_dir, adapter=AdapterConfig(method="lora"), adapter_path=str(tmp_path / "adapter"))
+    assert lora.adapter_config == module.adapter_config and lora.hparams.adapter == module.adapter_config.to_dict()
+    lora.configure_model()
+    module.model.eval()
+    ids = torch.randint(3, 200, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(lora.model.eval()(ids).logits, module.model(ids).logits)
+    with pytest.raises(ValueError, match=r"holds adapters for base model .* but model_name_or_path is 'elsewhere'"):
+        make_module("elsewhere", adapter_path=str(tmp_path / "adapter"))
 
 
 def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_model_dir, tmp_path):

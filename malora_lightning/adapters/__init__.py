@@ -3,7 +3,14 @@
 from malora_lightning.adapters.accounting import ParameterCount, count_parameters
 from malora_lightning.adapters.config import PAPER_TARGET_MODULES, AdapterConfig
 from malora_lightning.adapters.inject import find_target_modules, inject_adapters
-from malora_lightning.adapters.io import adapter_state_dict, load_adapters, save_adapters
+from malora_lightning.adapters.io import (
+    AdapterFolder,
+    adapter_state_dict,
+    load_adapted_model,
+    load_adapters,
+    read_adapter_folder,
+    save_adapters,
+)
 from malora_lightning.adapters.layers import AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear, RoutedAdapterLayer
 from malora_lightning.adapters.model import (
     add_routing_observer,
@@ -24,6 +31,7 @@ from malora_lightning.adapters.routing import RoutingRecord, load_balance_loss, 
 __all__ = [
     "PAPER_TARGET_MODULES",
     "AdapterConfig",
+    "AdapterFolder",
     "AdapterLayer",
     "LoRALinear",
     "MALoRALinear",
@@ -41,10 +49,12 @@ __all__ = [
     "find_target_modules",
     "get_adapter_config",
     "inject_adapters",
+    "load_adapted_model",
     "load_adapters",
     "load_balance_loss",
     "load_base_model",
     "prepare_for_adapter_training",
+    "read_adapter_folder",
     "route",
     "routed_layers",
     "router_losses",

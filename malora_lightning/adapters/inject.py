@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 from collections import Counter
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -79,8 +81,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     existing = adapter_layers(model)
     if existing:
-        method = next(iter(existing.values())).method
-        raise ValueError(f"the model already has {len(existing)} {method} adapter layers (e.g. "
+        raise ValueError(f"the model already has {len(existing)} {_adapter_method(existing)} adapter layers (e.g. "
                          f"{next(iter(existing))!r}); inject into a fresh base model instead of injecting twice")
     targets = find_target_modules(model, config)
     if not targets:
@@ -105,7 +106,27 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, CONTEXT_ATTRIBUTE, context)
+    if hasattr(model, "save_pretrained"):
+        # a bound method of the instance: `copy.deepcopy` and pickling rebind it to the copy
+        model.save_pretrained = types.MethodType(_save_pretrained_without_adapters, model)
     suffixes = Counter(name.rsplit(".", 1)[-1] for name in targets)
     logger.info("Injected %s adapters into %d modules: %s", config.method, len(targets),
                 ", ".join(f"{suffix} x{count}" for suffix, count in suffixes.items()))
     return model
+
+
+def _save_pretrained_without_adapters(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """transformers' `save_pretrained` would write the wrapped layers under names no base model has: the folder
+    reloads with the adapted layers' weights freshly initialised and no error. Refuse while adapters are injected;
+    once they are merged away (`merge_adapters`, `merge_task`) the model saves as usual."""
+    layers = adapter_layers(model)
+    if layers:
+        raise ValueError(f"save_pretrained on a model with {len(layers)} injected {_adapter_method(layers)} adapter layers "
+                         "would write a folder that reloads with those layers randomly initialised. Save the adapters "
+                         "with save_adapters(model, folder) (load them back with load_adapted_model), or merge them "
+                         "into the base first (merge_adapters for LoRA, merge_task for MoLoRA/MALoRA)")
+    return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _adapter_method(layers: dict[str, AdapterLayer]) -> str:
+    return next(iter(layers.values())).method

@@ -1,10 +1,25 @@
-"""Adapter export and import: `adapter_config.json` + `adapter_model.safetensors`, adapter tensors only."""
+"""Adapter folders in PEFT's format: `adapter_config.json`, `adapter_model.safetensors` and a `README.md` model card.
+
+Tensor keys are PEFT's: "base_model.model.<module>.<tensor>.weight" (a submodule's own parameter, the router's
+"router.weight", keeps its name). A LoRA folder is a PEFT LoRA folder: its `adapter_config.json` holds only keys
+that PEFT's `LoraConfig` knows, so `PeftModel.from_pretrained` and transformers' `load_adapter` read it without a
+warning. A MoLoRA or MALoRA folder uses the same conventions with `peft_type` "MOLORA" / "MALORA", which PEFT does
+not have (it has no routed mixture tuner): the model card says so. Our exact `AdapterConfig` travels in the
+safetensors header (`METADATA_CONFIG`), which PEFT ignores; `load_adapters` reads it back, and derives the config
+from PEFT's keys for a LoRA folder that PEFT saved.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import re
 import shutil
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any, Literal, Mapping
 
 import torch
 from safetensors import safe_open
@@ -12,14 +27,38 @@ from safetensors.torch import save_file
 from torch import nn
 
 from malora_lightning.adapters.config import AdapterConfig
-from malora_lightning.adapters.inject import inject_adapters
+from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config
+from malora_lightning.adapters.quantization import Quantization, base_model_name, base_quantization, load_base_model
+from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.atomic import STAGING_FOLDER, recover_replace, replace_files
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-FORMAT = "malora_lightning"
+# the first line of every model card we write: a README.md without it is the user's, and stays untouched
+CARD_MARKER = "<!-- malora_lightning model card: save_adapters rewrites this file on every save -->"
+PEFT_PREFIX = "base_model.model."
+PEFT_TYPES: dict[str, str] = {"lora": "LORA", "molora": "MOLORA", "malora": "MALORA"}
+METADATA_CONFIG = "malora_lightning.adapter_config"
+METADATA_VERSION = "malora_lightning.version"
+METADATA_BASE_QUANTIZATION = "malora_lightning.base_quantization"
+# PEFT LoraConfig settings that change what the tensors mean; a PEFT folder using any of them cannot be loaded here
+_UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
+    "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
+    "alpha_pattern": {}, "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+}
+
+
+def library_version() -> str:
+    try:
+        return version("malora_lightning")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,26 +68,313 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for tensor_name, param in layer.adapter_parameters().items()}
 
 
-def save_adapters(model: nn.Module, path: str | Path, write: bool = True) -> Path:
-    """Write the adapters of `model` into the folder `path`: `adapter_config.json` and `adapter_model.safetensors`.
+def peft_key(key: str) -> str:
+    """"<module>.lora_A" -> "base_model.model.<module>.lora_A.weight"; "<module>.router.weight" keeps its suffix."""
+    tensor_name = key.rsplit(".", 1)[-1]
+    return f"{PEFT_PREFIX}{key}" + ("" if tensor_name in ("weight", "bias") else ".weight")
 
-    Only those two files are replaced; anything else in the folder (a user's notes, scores) stays. A folder that
-    exists, holds files and is not an adapter folder is refused. The replace is recoverable: a crash at any point
-    leaves the old adapter, the new one, or a committed staging folder that the next save or load completes
-    (`atomic.replace_files`). With sharded (FSDP2) adapters every rank must call this, since gathering the shards
-    is collective; pass `write=False` on all ranks but one.
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class AdapterFolder:
+    """What an adapter folder says about itself."""
+
+    path: Path
+    config: AdapterConfig
+    base_model: str | None  # `base_model_name_or_path`, as the folder records it
+    base_quantization: str | None  # how the base was quantized when the adapter was saved (None: not, or unknown)
+    layout: Literal["peft", "legacy"]  # "legacy": our format before PEFT's keys (no prefix, no ".weight")
+
+    def stored_key(self, key: str) -> str:
+        return peft_key(key) if self.layout == "peft" else key
+
+
+def read_adapter_folder(path: str | Path) -> AdapterFolder:
+    """Read an adapter folder's config: ours (any method), a LoRA folder PEFT saved, or our earlier layout."""
+    path = Path(path)
+    _remove_legacy_leftovers(path)
+    recover_replace(path)  # a save that was killed mid-replace is completed (or dropped) first
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} not found (a folder written by save_adapters or by PEFT's "
+                                "save_pretrained)")
+    for required in ADAPTER_FILES:
+        if not (path / required).is_file():
+            raise FileNotFoundError(f"{path / required} not found: an adapter folder holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME} (written by save_adapters or by PEFT)")
+    try:
+        stored = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path / CONFIG_NAME}: not valid JSON ({error})") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, found {type(stored).__name__}")
+    metadata, keys = _weights_header(path / WEIGHTS_NAME)
+    base = stored.get("base_model_name_or_path")
+    if METADATA_CONFIG in metadata:  # ours
+        config = AdapterConfig.from_json(metadata[METADATA_CONFIG])
+        if stored.get("peft_type") != PEFT_TYPES[config.method]:
+            raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
+                             f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
+        return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft")
+    if "peft_type" in stored:
+        return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
+    if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
+        return AdapterFolder(path, AdapterConfig.from_dict(stored), None, None, "legacy")
+    raise ValueError(f"{path / CONFIG_NAME}: neither a PEFT adapter config (no 'peft_type') nor a malora_lightning one")
+
+
+def _weights_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    try:
+        with safe_open(str(path), framework="pt") as stored:
+            return dict(stored.metadata() or {}), list(stored.keys())
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for empty/truncated/foreign files
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> AdapterConfig:
+    """Our LoRA config for a LoRA folder PEFT saved: the adapted modules are the ones its tensors name."""
+    peft_type = stored["peft_type"]
+    if peft_type != "LORA":
+        raise ValueError(f"{path / CONFIG_NAME}: peft_type {peft_type!r} is not supported; load_adapters reads PEFT "
+                         f"LoRA folders and malora_lightning folders ({', '.join(PEFT_TYPES.values())})")
+    for field, neutral in _UNSUPPORTED_PEFT_SETTINGS.items():
+        value = stored.get(field, neutral)
+        if value not in (neutral, None, {}, [], False):
+            raise ValueError(f"{path / CONFIG_NAME}: {field}={value!r} is not supported (plain LoRA only: "
+                             f"expected {neutral!r})")
+    suffix = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_A\.weight$")
+    modules = sorted(match.group(1) for key in keys if (match := suffix.match(key)))
+    if not modules:
+        raise ValueError(f"{path / WEIGHTS_NAME}: no '{PEFT_PREFIX}<module>.lora_A.weight' tensor; is this a PEFT "
+                         "LoRA folder?")
+    rank = stored.get("r")
+    lora_alpha = stored.get("lora_alpha", rank)
+    if not isinstance(rank, int) or not isinstance(lora_alpha, (int, float)):
+        raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
+    # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r
+    alpha = lora_alpha * math.sqrt(rank) if stored.get("use_rslora") else lora_alpha
+    return AdapterConfig(method="lora", rank=rank, alpha=float(alpha), dropout=float(stored.get("lora_dropout", 0.0)),
+                         target_modules=modules)
+
+
+def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:
+    """Inject the saved adapters into a base model (or fill a model injected with the same method) and load them.
+
+    Reads our folders and LoRA folders that PEFT saved. Every tensor must be present with its saved shape; a
+    mismatch raises `ValueError` naming the tensor. With `trainable=False` (inference) all adapter tensors are
+    frozen; with True the saved config's switches apply.
+    """
+    folder = read_adapter_folder(path)
+    config = folder.config
+    if adapter_layers(model):
+        current = get_adapter_config(model)
+        if current.method != config.method:
+            raise ValueError(f"{folder.path}: adapter method {config.method!r} does not match the model's injected "
+                             f"adapters {current.method!r}")
+    else:
+        inject_adapters(model, config)
+    expected = {folder.stored_key(key): (key, param) for key, param in adapter_state_dict(model).items()}
+    weights = folder.path / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as stored:
+        stored_keys = set(stored.keys())
+        missing = sorted(set(expected) - stored_keys)
+        unexpected = sorted(stored_keys - set(expected))
+        if missing:
+            raise ValueError(f"{weights}: missing adapter tensor {missing[0]!r}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+        if unexpected:
+            raise ValueError(f"{weights}: tensor {unexpected[0]!r} does not belong to any adapter of this model"
+                             f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; was it saved "
+                             f"from a different base model{f' (it names {folder.base_model!r})' if folder.base_model else ''}?")
+        with torch.no_grad():
+            for stored_key, (key, param) in expected.items():
+                value = stored.get_tensor(stored_key)
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{weights}: tensor {stored_key!r} holds NaN or infinite values")
+                if value.shape != param.shape:
+                    raise ValueError(f"{weights}: tensor {stored_key!r} has shape {tuple(value.shape)}, the model "
+                                     f"expects {tuple(param.shape)}; was it saved from a different base model"
+                                     f"{f' (it names {folder.base_model!r})' if folder.base_model else ''}?")
+                param.copy_(value)
+    if not trainable:
+        for _, param in expected.values():
+            param.requires_grad_(False)
+    return model
+
+
+SAVED_QUANTIZATION = "saved"
+
+
+def load_adapted_model(path: str | Path, base_model: str | None = None,
+                       quantization: Quantization | Literal["saved"] | None = SAVED_QUANTIZATION,
+                       compute_dtype: str = "auto", dtype: str | None = None, device_map: str | dict | None = None,
+                       attn_implementation: str | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The base model an adapter folder names, loaded (`load_base_model`), with the folder's adapters injected and
+    loaded: frozen, in eval mode, ready for `generate`.
+
+    Args:
+        path: a folder written by `save_adapters`, or a LoRA folder PEFT saved.
+        base_model: the base to load instead of the one the folder records (`base_model_name_or_path`).
+        quantization: "saved" (the default) quantizes the base as it was when the adapter was saved; None loads it
+            unquantized; "nf4", "fp4" or "int8" choose.
+        compute_dtype: the dtype 4-bit layers compute in; "auto" picks bfloat16 where the device runs it fast.
+        dtype, device_map, attn_implementation, trust_remote_code: as in `load_base_model` (never taken from the
+            folder).
+    """
+    folder = read_adapter_folder(path)
+    base = base_model if base_model is not None else folder.base_model
+    if base is None:
+        raise ValueError(f"{folder.path / CONFIG_NAME} does not name its base model (base_model_name_or_path is "
+                         "empty): pass base_model=")
+    if quantization == SAVED_QUANTIZATION:
+        quantization = folder.base_quantization  # type: ignore[assignment]
+    placements = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    on_cpu = all(placement in (None, "cpu") for placement in placements) or not torch.cuda.is_available()
+    model = load_base_model(base, quantization=quantization, dtype=dtype, device_map=device_map,
+                            compute_dtype=resolve_compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda"),
+                            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                            prepare_for_training=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    load_adapters(model, folder.path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_model: str | None = None,
+                  task_scores: Mapping[str, float | None] | None = None) -> Path:
+    """Write the adapters of `model` into the folder `path` in PEFT's format, with a model card.
+
+    `base_model` is recorded as `base_model_name_or_path` (default: the name the base was loaded under);
+    `task_scores` (task -> accuracy, e.g. the final validation of a fit) go into the model card.
+
+    Only the adapter files are replaced; anything else in the folder (a user's notes, scores, a README.md we did not
+    write) stays. A folder that exists, holds files and is not an adapter folder is refused. The replace is
+    recoverable: a crash at any point leaves the old adapter, the new one, or a committed staging folder that the
+    next save or load completes (`atomic.replace_files`). With sharded (FSDP2) adapters every rank must call this,
+    since gathering the shards is collective; pass `write=False` on all ranks but one.
     """
     config = get_adapter_config(model)
-    tensors = {key: _full_tensor(value).detach().cpu().contiguous() for key, value in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)
+    tensors = {peft_key(key): _full_tensor(value).detach().cpu().contiguous() for key, value in state.items()}
     path = Path(path)
     if not write:
         return path
+    base = base_model if base_model is not None else base_model_name(model)
+    quantization = base_quantization(model)
+    metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
+                METADATA_BASE_QUANTIZATION: quantization or ""}
+    card = model_card(config, base, quantization, _target_summary(model), state, task_scores)
     _check_writable_adapter_folder(path)
     _remove_legacy_leftovers(path)
+    write_card = _card_is_ours(path / CARD_NAME)
+    if not write_card:
+        logger.warning("%s was not written by save_adapters: left as it is, without the model card",
+                       path / CARD_NAME)
     with replace_files(path) as staging:
-        (staging / CONFIG_NAME).write_text(config.to_json())
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT, "method": config.method})
+        (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
+        if write_card:
+            (staging / CARD_NAME).write_text(card, encoding="utf-8")
     return path
+
+
+def peft_config(config: AdapterConfig, model: nn.Module, base: str | None) -> dict[str, Any]:
+    """`adapter_config.json`: PEFT's LoraConfig for LoRA; the same conventions, plus the mixture's settings, for
+    MoLoRA and MALoRA (whose `peft_type` PEFT does not know)."""
+    layers = adapter_layers(model)
+    common = {
+        "peft_type": PEFT_TYPES[config.method],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": _plain_number(config.scaling * config.rank),
+        "lora_dropout": config.dropout,
+        "target_modules": _peft_target_modules(model),
+        "bias": "none",
+        "fan_in_fan_out": any(not isinstance(layer.base_layer, nn.Linear) for layer in layers.values()),
+        "modules_to_save": None,
+    }
+    if config.method == "lora":
+        return {**common, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+    mixture = {"num_experts": config.num_experts, "top_k": config.top_k,
+               "renormalize_top_k": config.renormalize_top_k, "library": "malora_lightning",
+               "library_version": library_version()}
+    if config.method == "malora":
+        mixture["shared_rank"] = config.shared_rank
+    return {**common, **mixture}
+
+
+def _plain_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _adapted_and_linear_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(names of the adapted modules, names of every linear module with the adapted ones under their own name)."""
+    adapted = set(adapter_layers(model))
+    linear = {name.removesuffix(".base_layer") for name, module in model.named_modules() if is_supported_linear(module)}
+    return adapted, linear
+
+
+def _peft_target_modules(model: nn.Module) -> list[str]:
+    """The adapted modules as PEFT targets: their suffixes when those select exactly them, else the full names."""
+    adapted, linear = _adapted_and_linear_names(model)
+    suffixes = {name.rsplit(".", 1)[-1] for name in adapted}
+    selected = {name for name in linear if name.rsplit(".", 1)[-1] in suffixes}
+    return sorted(suffixes) if selected == adapted else sorted(adapted)
+
+
+def _target_summary(model: nn.Module) -> str:
+    adapted, _ = _adapted_and_linear_names(model)
+    suffixes: dict[str, int] = {}
+    for name in sorted(adapted):
+        suffix = name.rsplit(".", 1)[-1]
+        suffixes[suffix] = suffixes.get(suffix, 0) + 1
+    return ", ".join(f"{suffix} ×{count}" for suffix, count in suffixes.items()) + f" ({len(adapted)} modules)"
+
+
+def model_card(config: AdapterConfig, base: str | None, quantization: str | None, targets: str,
+               state: Mapping[str, torch.Tensor], task_scores: Mapping[str, float | None] | None) -> str:
+    """The folder's README.md: what the adapter is, what it was trained on, and how to load it."""
+    total = sum(tensor.numel() for tensor in state.values())
+    trainable = sum(tensor.numel() for tensor in state.values() if tensor.requires_grad)
+    method = {"lora": f"LoRA, rank {config.rank}",
+              "molora": f"MoLoRA: {config.num_experts} LoRA experts of rank {config.rank}, top-{config.top_k} routed",
+              "malora": f"MALoRA: {config.num_experts} experts of rank r̄={config.rank} over a shared subspace "
+                        f"S_A of rank d={config.shared_rank}, top-{config.top_k} routed"}[config.method]
+    title = {"lora": "LoRA", "molora": "MoLoRA", "malora": "MALoRA"}[config.method]
+    lines = [CARD_MARKER, f"# {title} adapter{f' for {base}' if base else ''}", "",
+             f"Written by malora_lightning {library_version()} (`save_adapters`).", "",
+             "| | |", "|---|---|",
+             f"| method | {method}, scale {config.scaling:g}, dropout {config.dropout:g} |",
+             f"| base model | {base or 'not recorded'}{f' ({quantization} when the adapter was saved)' if quantization else ''} |",
+             f"| target modules | {targets} |",
+             f"| adapter parameters | {total:,} ({trainable:,} trainable when saved) |", ""]
+    if task_scores:
+        lines += ["## Tasks", "", "Final validation accuracy per task:", "", "| task | accuracy |", "|---|---|"]
+        lines += [f"| {task} | {'–' if score is None else f'{100 * score:.1f} %'} |" for task, score in task_scores.items()]
+        lines.append("")
+    lines += ["## Loading", "", "```python", "from malora_lightning import load_adapted_model",
+              "model = load_adapted_model(\"path/to/this/folder\")  # the base named above, adapters loaded, eval mode",
+              "```", ""]
+    if config.method == "lora":
+        lines += ["This is a PEFT LoRA folder: `peft.PeftModel.from_pretrained(base, folder)` and transformers' "
+                  "`model.load_adapter(folder)` load it too.", ""]
+    else:
+        lines += [f"PEFT cannot load this folder: its `peft_type` {PEFT_TYPES[config.method]!r} is not one of PEFT's "
+                  "adapter types (PEFT has no routed mixture of LoRA experts), so `PeftModel.from_pretrained` stops "
+                  f"with `KeyError: '{PEFT_TYPES[config.method]}'`. Load it with malora_lightning, or collapse the "
+                  "mixture for one task into a plain LoRA that PEFT loads (the task-specialised merge, README).", ""]
+    return "\n".join(lines)
+
+
+def _card_is_ours(path: Path) -> bool:
+    if not path.exists():
+        return True
+    with path.open(encoding="utf-8", errors="replace") as card:
+        return card.readline().rstrip("\n") == CARD_MARKER
 
 
 def _check_writable_adapter_folder(path: Path) -> None:
@@ -56,7 +382,8 @@ def _check_writable_adapter_folder(path: Path) -> None:
         raise FileExistsError(f"{path} is a file; save_adapters writes a folder: choose a folder path")
     if not path.is_dir():
         return
-    others = sorted(child.name for child in path.iterdir() if child.name not in (*ADAPTER_FILES, STAGING_FOLDER))
+    others = sorted(child.name for child in path.iterdir()
+                    if child.name not in (*ADAPTER_FILES, CARD_NAME, STAGING_FOLDER))
     if others and not (path / CONFIG_NAME).is_file() and not (path / STAGING_FOLDER).is_dir():
         raise FileExistsError(f"{path} holds files that are not an adapter ({', '.join(others[:3])}"
                               f"{', ...' if len(others) > 3 else ''}); save_adapters writes into a new or empty folder, "
@@ -79,62 +406,6 @@ def _remove_legacy_leftovers(path: Path) -> None:
             leftover.rename(path)  # the earlier scheme died between its two renames: finish it
         else:
             shutil.rmtree(leftover)
-
-
-def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:
-    """Inject the saved adapters into a base model (or fill a model injected with the same method) and load them.
-
-    Every tensor must be present with its saved shape; a mismatch raises `ValueError` naming the tensor. With
-    `trainable=False` (inference) all adapter tensors are frozen; with True the saved config's switches apply.
-    """
-    path = Path(path)
-    _remove_legacy_leftovers(path)
-    recover_replace(path)  # a save that was killed mid-replace is completed (or dropped) first
-    for required in ADAPTER_FILES:
-        if not (path / required).is_file():
-            raise FileNotFoundError(f"{path / required} not found: an adapter folder holds {CONFIG_NAME} and "
-                                    f"{WEIGHTS_NAME} (written by save_adapters)")
-    config = AdapterConfig.from_file(path / CONFIG_NAME)
-    if adapter_layers(model):
-        current = get_adapter_config(model)
-        if current.method != config.method:
-            raise ValueError(f"{path}: adapter method {config.method!r} does not match the model's injected "
-                             f"adapters {current.method!r}")
-    else:
-        inject_adapters(model, config)
-    expected = adapter_state_dict(model)
-    try:
-        stored_file = safe_open(str(path / WEIGHTS_NAME), framework="pt")
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for empty/truncated/foreign files
-        raise ValueError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({error})") from None
-    with stored_file as stored:
-        method = (stored.metadata() or {}).get("method")
-        if method is not None and method != config.method:
-            raise ValueError(f"{path / WEIGHTS_NAME}: tensors are for method {method!r} but {CONFIG_NAME} says "
-                             f"{config.method!r}")
-        stored_keys = set(stored.keys())
-        missing = sorted(set(expected) - stored_keys)
-        unexpected = sorted(stored_keys - set(expected))
-        if missing:
-            raise ValueError(f"{path / WEIGHTS_NAME}: missing adapter tensor {missing[0]!r}"
-                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
-        if unexpected:
-            raise ValueError(f"{path / WEIGHTS_NAME}: tensor {unexpected[0]!r} does not belong to any adapter of this "
-                             f"model{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; was it "
-                             "saved from a different base model?")
-        with torch.no_grad():
-            for key, param in expected.items():
-                value = stored.get_tensor(key)
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"{path / WEIGHTS_NAME}: tensor {key!r} holds NaN or infinite values")
-                if value.shape != param.shape:
-                    raise ValueError(f"{path / WEIGHTS_NAME}: tensor {key!r} has shape {tuple(value.shape)}, the "
-                                     f"model expects {tuple(param.shape)}")
-                param.copy_(value)
-    if not trainable:
-        for param in expected.values():
-            param.requires_grad_(False)
-    return model
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
+# the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
+# records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
+BASE_NAME_ATTRIBUTE = "malora_base_model"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
@@ -84,17 +87,37 @@ def prepare_for_adapter_training(model: nn.Module, upcast: bool = True, enable_i
     return model
 
 
+def bnb_quantization_mode(quantization_config: dict | None) -> Quantization | None:
+    """"nf4", "fp4" or "int8" for a bitsandbytes `quantization_config` (as stored in config.json), else None."""
+    config = quantization_config or {}
+    if config.get("quant_method") != "bitsandbytes":
+        return None
+    if config.get("load_in_8bit"):
+        return "int8"
+    return config.get("bnb_4bit_quant_type", "fp4") if config.get("load_in_4bit") else None
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The name the base was loaded under (`load_base_model`), else transformers' `name_or_path`, else None."""
+    name = getattr(model, BASE_NAME_ATTRIBUTE, None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def base_quantization(model: nn.Module) -> Quantization | None:
+    """How the loaded base is quantized by bitsandbytes (None: not quantized)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None and not isinstance(config, dict):
+        config = config.to_dict()
+    return bnb_quantization_mode(config)
+
+
 def check_stored_quantization(path: str, quantization: Quantization | None) -> None:
     """A folder saved already quantized keeps its own scheme (transformers would load it as stored, with only a
     warning): asking for another one is an error naming both."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return  # a hub id: transformers reads the config itself
-    stored = (json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {})
-    if stored.get("quant_method") != "bitsandbytes":
-        return
-    stored_mode = "int8" if stored.get("load_in_8bit") else stored.get("bnb_4bit_quant_type", "fp4") \
-        if stored.get("load_in_4bit") else None
+    stored_mode = bnb_quantization_mode(json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config"))
     if stored_mode is not None and stored_mode != quantization:
         raise ValueError(f"{config_file}: the model is stored quantized with bitsandbytes {stored_mode!r}, but "
                          f"quantization={quantization!r} was asked for; set quantization={stored_mode!r} (a quantized "
@@ -151,6 +174,7 @@ def load_base_model(
         raise OSError(f"could not load model {name_or_path!r} (resolved to {path!r}): {error}. Pass a local folder "
                       "with config.json and weights, a cached hub id, or an offline model like "
                       "'offline:SmolLM2-135M-Instruct'") from error
+    setattr(model, BASE_NAME_ATTRIBUTE, name_or_path)
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
         prepare_for_adapter_training(model, upcast=quantization is not None)

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import malora_lightning.adapters.io as adapter_io
+from malora_lightning.adapters.io import peft_key, read_adapter_folder
 from malora_lightning.adapters import (
     AdapterConfig,
     adapter_state_dict,
@@ -16,6 +18,8 @@ from malora_lightning.adapters import (
     save_adapters,
 )
 from tests.helpers import tiny_model
+
+ADAPTER_FOLDER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def trained_model(method="malora", **overrides):
@@ -32,12 +36,11 @@ def trained_model(method="malora", **overrides):
 def test_round_trip_is_bit_exact_and_holds_adapter_tensors_only(tmp_path, method):
     model = trained_model(method)
     save_adapters(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
-                                                                         "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ADAPTER_FOLDER
     stored = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert set(stored) == set(adapter_state_dict(model))
+    assert set(stored) == {peft_key(key) for key in adapter_state_dict(model)}
     assert not any("base_layer" in key or "embed" in key for key in stored)
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["method"] == method
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == method.upper()
 
     fresh = load_adapters(tiny_model("llama"), tmp_path / "adapter")
     for key, value in adapter_state_dict(model).items():
@@ -50,7 +53,7 @@ def test_round_trip_is_bit_exact_and_holds_adapter_tensors_only(tmp_path, method
 def test_frozen_ablation_tensors_are_saved_and_trainable_reload_respects_switches(tmp_path):
     model = trained_model("malora", train_shared_A=False)
     save_adapters(model, tmp_path / "a")
-    assert any(key.endswith("shared_A") for key in load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert any(key.endswith("shared_A.weight") for key in load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
     fresh = load_adapters(tiny_model("llama"), tmp_path / "a", trainable=True)
     trainable = {name.rsplit(".", 1)[-1] for name, p in fresh.named_parameters() if p.requires_grad}
     assert trainable == {"lora_P", "lora_B", "weight"}  # router.weight; S_A stays frozen
@@ -59,8 +62,7 @@ def test_frozen_ablation_tensors_are_saved_and_trainable_reload_respects_switche
 def test_load_into_an_already_injected_model(tmp_path):
     model = trained_model()
     save_adapters(model, tmp_path / "a")
-    target = inject_adapters(tiny_model("llama"), AdapterConfig(**json.loads(
-        (tmp_path / "a" / "adapter_config.json").read_text())))
+    target = inject_adapters(tiny_model("llama"), read_adapter_folder(tmp_path / "a").config)
     load_adapters(target, tmp_path / "a")
     assert all(torch.equal(adapter_state_dict(target)[k], v) for k, v in adapter_state_dict(model).items())
 
@@ -73,16 +75,20 @@ def test_method_mismatch_is_named(tmp_path):
 
 
 def rewrite_tensors(path, edit):
+    """Edit the stored tensors (keyed by our names) and write them back with the file's own metadata."""
     file = path / "adapter_model.safetensors"
-    tensors = load_file(str(file))
+    with safe_open(str(file), framework="pt") as stored:
+        metadata = stored.metadata()
+    tensors = {key.removeprefix("base_model.model.").removesuffix(".weight"): value
+               for key, value in load_file(str(file)).items()}
     edit(tensors)
-    save_file(tensors, str(file), metadata={"format": "malora_lightning", "method": "malora"})
+    save_file({peft_key(key): value for key, value in tensors.items()}, str(file), metadata=metadata)
 
 
 def test_missing_tensor_is_named(tmp_path):
     save_adapters(trained_model(), tmp_path / "a")
     rewrite_tensors(tmp_path / "a", lambda t: t.pop("model.layers.1.mlp.down_proj.lora_P"))
-    with pytest.raises(ValueError, match="missing adapter tensor 'model.layers.1.mlp.down_proj.lora_P'"):
+    with pytest.raises(ValueError, match="missing adapter tensor 'base_model.model.model.layers.1.mlp.down_proj.lora_P.weight'"):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
@@ -93,7 +99,7 @@ def test_shape_mismatch_is_named(tmp_path):
         tensors["model.layers.0.self_attn.k_proj.lora_B"] = torch.zeros(4, 16, 3)
 
     rewrite_tensors(tmp_path / "a", grow)
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.k_proj.lora_B' has shape \(4, 16, 3\), "
+    with pytest.raises(ValueError, match=r"tensor 'base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight' has shape \(4, 16, 3\), "
                                          r"the model expects \(4, 16, 2\)"):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
@@ -101,7 +107,7 @@ def test_shape_mismatch_is_named(tmp_path):
 def test_unexpected_tensor_is_named(tmp_path):
     save_adapters(trained_model(), tmp_path / "a")
     rewrite_tensors(tmp_path / "a", lambda t: t.update({"model.layers.7.mlp.up_proj.lora_B": torch.zeros(1)}))
-    with pytest.raises(ValueError, match="tensor 'model.layers.7.mlp.up_proj.lora_B' does not belong"):
+    with pytest.raises(ValueError, match="tensor 'base_model.model.model.layers.7.mlp.up_proj.lora_B.weight' does not belong"):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
@@ -139,7 +145,7 @@ def test_saving_into_an_adapter_folder_keeps_the_users_other_files(tmp_path):
     (tmp_path / "a" / "scores.csv").write_text("task,acc\n")
     save_adapters(trained_model(), tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "notes.txt", "scores.csv"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt", "scores.csv"]
     assert (tmp_path / "a" / "notes.txt").read_text() == "my notes"
 
 
@@ -198,7 +204,7 @@ def test_a_save_killed_during_its_commit_is_completed_by_the_next_load(tmp_path,
     loaded = load_adapters(tiny_model("llama"), tmp_path / "a")
     for key, value in adapter_state_dict(loaded).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ADAPTER_FOLDER
 
 
 def test_a_save_killed_before_its_commit_leaves_the_old_adapter(tmp_path):
@@ -214,10 +220,10 @@ def test_a_save_killed_before_its_commit_leaves_the_old_adapter(tmp_path):
 
 
 def test_leftovers_of_the_earlier_folder_swap_are_finished_or_removed(tmp_path):
-    save_adapters(trained_model(), tmp_path / "staged")
-    (tmp_path / "staged").rename(tmp_path / ".a.k3j9x_2q.tmp")  # killed between the old scheme's two renames
-    save_adapters(trained_model(), tmp_path / "old")
-    (tmp_path / "old").rename(tmp_path / ".a.8fh2m1zz.old")
+    for name, leftover in (("staged", ".a.k3j9x_2q.tmp"), ("old", ".a.8fh2m1zz.old")):  # killed between its renames
+        save_adapters(trained_model(), tmp_path / name)
+        (tmp_path / name / "README.md").unlink()  # that scheme wrote the two adapter files only
+        (tmp_path / name).rename(tmp_path / leftover)
     (tmp_path / ".a.keepme.tmp").mkdir()
     (tmp_path / ".a.keepme.tmp" / "thesis.tex").write_text("not ours")
     load_adapters(tiny_model("llama"), tmp_path / "a")  # the staged adapter moves into place
@@ -236,5 +242,5 @@ def test_an_unreadable_weights_file_is_named(tmp_path, content):
 def test_nan_adapter_tensors_are_refused_by_name(tmp_path):
     save_adapters(trained_model(), tmp_path / "a")
     rewrite_tensors(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].fill_(float("nan")))
-    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.up_proj.lora_B' holds NaN or infinite values"):
+    with pytest.raises(ValueError, match=r"tensor 'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight' holds NaN or infinite values"):
         load_adapters(tiny_model("llama"), tmp_path / "a")

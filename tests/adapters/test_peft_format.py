@@ -1,0 +1,198 @@
+"""Adapter folders in PEFT's format, both ways; `load_adapted_model`; the model card; the save_pretrained trap.
+
+The PEFT round trips run against the installed peft (the test extra installs it); without it they skip, saying why.
+"""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from malora_lightning.adapters import (
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    load_adapters,
+    save_adapters,
+)
+from malora_lightning.adapters.io import CARD_MARKER, load_adapted_model, read_adapter_folder
+from malora_lightning.adapters.quantization import load_base_model
+from tests.helpers import tiny_model
+
+peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[dev]' installs it)")
+
+IDS = torch.tensor([[5, 17, 99, 3, 42, 7], [8, 8, 120, 64, 1, 30]])
+
+
+def randomised(model):
+    """Every adapter tensor moved away from its initialisation (B starts at zero: the adapter would be a no-op)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in adapter_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.5)
+    return model.eval()
+
+
+def lora_model(family="llama", **settings):
+    config = AdapterConfig(**{"method": "lora", "rank": 4, "dropout": 0.0, **settings})
+    return randomised(inject_adapters(tiny_model(family), config))
+
+
+def peft_load(folder, family="llama"):
+    """`PeftModel.from_pretrained`, failing on any warning of PEFT's own (missing or unexpected keys, unknown config
+    keys); transformers' deprecation notices to PEFT are not about the folder."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(tiny_model(family), str(folder))
+    about_the_folder = [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning,
+                                                                                      ResourceWarning))]
+    assert about_the_folder == []
+    return model.eval()
+
+
+@pytest.mark.parametrize("family,settings", [
+    ("llama", {}),
+    ("llama", {"train_A": False, "target_modules": ["q_proj", "v_proj"]}),  # AsyLoRA
+    ("llama", {"target_modules": ["up_proj"], "layers_to_transform": [1]}),  # not every up_proj: full names
+    ("gpt2", {"target_modules": ["c_attn", "c_fc"]}),  # Conv1D: fan_in_fan_out
+])
+def test_peft_loads_our_lora_folder_with_every_key_and_equal_logits(tmp_path, family, settings):
+    ours = lora_model(family, **settings)
+    save_adapters(ours, tmp_path / "a", base_model="tiny-base")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "tiny-base"
+    assert config["fan_in_fan_out"] == (family == "gpt2")
+
+    theirs = peft_load(tmp_path / "a", family)
+    lora_layers = [m for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(lora_layers) == len(adapter_state_dict(ours)) // 2  # no module left without its adapter
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, rtol=0, atol=1e-6)
+
+    loaded = tiny_model(family)
+    loaded.load_adapter(str(tmp_path / "a"))  # transformers' own PEFT integration
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(IDS).logits, ours(IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_a_lora_folder_saved_by_peft_loads_with_equal_logits(tmp_path, use_rslora):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"], lora_dropout=0.1,
+                             use_rslora=use_rslora, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_model("llama"), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+
+    ours = load_adapters(tiny_model("llama"), tmp_path / "peft")
+    scaling = 16 / 2 if use_rslora else 16 / 4  # lora_alpha / sqrt(r) with rsLoRA, lora_alpha / r without
+    assert {layer.scaling for layer in adapter_layers(ours).values()} == {scaling}
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_peft_settings_we_cannot_represent_are_named(tmp_path):
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    theirs.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
+        load_adapters(tiny_model("llama"), tmp_path / "dora")
+    ia3 = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.save_pretrained(str(tmp_path / "ia3"))
+    with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported"):
+        load_adapters(tiny_model("llama"), tmp_path / "ia3")
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_a_mixture_folder_follows_peft_conventions_and_says_why_peft_cannot_load_it(tmp_path, method):
+    model = randomised(inject_adapters(tiny_model("llama"), AdapterConfig(method=method, rank=2, shared_rank=4,
+                                                                           num_experts=3)))
+    save_adapters(model, tmp_path / "a", base_model="tiny-base", task_scores={"arith": 0.5, "sentiment": None})
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper() and config["base_model_name_or_path"] == "tiny-base"
+    assert config["num_experts"] == 3 and config["library"] == "malora_lightning"
+    keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.up_proj.router.weight" in keys
+
+    card = (tmp_path / "a" / "README.md").read_text()
+    total = sum(p.numel() for p in adapter_state_dict(model).values())
+    for expected in (CARD_MARKER, "tiny-base", f"{total:,}", "| arith | 50.0 % |", "| sentiment | – |",
+                     f"KeyError: '{method.upper()}'", "up_proj ×2"):
+        assert expected in card, expected
+    with pytest.raises(KeyError, match=method.upper()):  # what the card warns about
+        peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "a"))
+
+
+def test_a_readme_the_user_wrote_is_kept(tmp_path):
+    (tmp_path / "a").mkdir()
+    save_adapters(lora_model(), tmp_path / "a")
+    (tmp_path / "a" / "README.md").write_text("# my notes on this adapter\n")
+    save_adapters(lora_model(), tmp_path / "a")
+    assert (tmp_path / "a" / "README.md").read_text() == "# my notes on this adapter\n"
+
+
+def test_our_earlier_layout_still_loads(tmp_path):
+    """Folders written before the PEFT format: the AdapterConfig as JSON, keys without prefix or ".weight"."""
+    model = randomised(inject_adapters(tiny_model("llama"), AdapterConfig(rank=2, shared_rank=4, num_experts=3)))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text(model.malora_config.to_json())
+    save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()},
+              str(tmp_path / "old" / "adapter_model.safetensors"), metadata={"format": "malora_lightning"})
+    loaded = load_adapters(tiny_model("llama"), tmp_path / "old")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- load_adapted_model
+@pytest.mark.parametrize("method", ["lora", "malora"])
+def test_load_adapted_model_reads_the_base_from_the_folder(tmp_path, tiny_model_dir, method):
+    base = load_base_model(str(tiny_model_dir))
+    model = randomised(inject_adapters(base, AdapterConfig(method=method, rank=2, shared_rank=4, num_experts=3)))
+    save_adapters(model, tmp_path / "a")
+    assert read_adapter_folder(tmp_path / "a").base_model == str(tiny_model_dir)
+
+    loaded = load_adapted_model(tmp_path / "a")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_load_adapted_model_names_a_missing_or_wrong_base(tmp_path, tiny_model_dir):
+    save_adapters(lora_model(), tmp_path / "a")  # a model built from a config: no base name to record
+    with pytest.raises(ValueError, match=r"does not name its base model .* pass base_model="):
+        load_adapted_model(tmp_path / "a")
+    loaded = load_adapted_model(tmp_path / "a", base_model=str(tiny_model_dir), quantization=None)
+    assert len(adapter_state_dict(loaded)) == len(adapter_state_dict(lora_model()))
+
+    gpt2 = inject_adapters(tiny_model("gpt2"), AdapterConfig(method="lora", rank=2, target_modules=["c_fc"]))
+    save_adapters(gpt2, tmp_path / "gpt2", base_model=str(tiny_model_dir))  # a folder that names the wrong base
+    with pytest.raises(ValueError, match=r"matched no module"):
+        load_adapted_model(tmp_path / "gpt2")
+    other = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.lora_A.data = torch.zeros(2, 7)
+    save_adapters(other, tmp_path / "shape", base_model=str(tiny_model_dir))
+    with pytest.raises(ValueError, match=r"has shape \(2, 7\), the model expects .* different base model"):
+        load_adapted_model(tmp_path / "shape")
+
+
+def test_a_missing_adapter_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere not found"):
+        load_adapted_model(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------- save trap
+def test_save_pretrained_with_injected_adapters_is_refused_and_says_what_to_do(tmp_path):
+    model = lora_model()
+    for candidate in (model, copy.deepcopy(model)):
+        with pytest.raises(ValueError, match=r"save_pretrained on a model with 12 injected lora adapter layers .* "
+                                             r"save_adapters\(model, folder\)"):
+            candidate.save_pretrained(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
