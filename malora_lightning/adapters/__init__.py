@@ -5,6 +5,14 @@ from malora_lightning.adapters.config import PAPER_TARGET_MODULES, AdapterConfig
 from malora_lightning.adapters.inject import find_target_modules, inject_adapters
 from malora_lightning.adapters.io import adapter_state_dict, load_adapters, save_adapters
 from malora_lightning.adapters.layers import AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear, RoutedAdapterLayer
+from malora_lightning.adapters.merge import (
+    TaskProfile,
+    merge_adapters,
+    merge_task,
+    task_lora_model,
+    task_lora_weights,
+    task_profile,
+)
 from malora_lightning.adapters.model import (
     add_routing_observer,
     adapter_layers,
@@ -31,6 +39,7 @@ __all__ = [
     "ParameterCount",
     "RoutedAdapterLayer",
     "RoutingRecord",
+    "TaskProfile",
     "adapter_layers",
     "adapter_state_dict",
     "add_routing_observer",
@@ -44,10 +53,15 @@ __all__ = [
     "load_adapters",
     "load_balance_loss",
     "load_base_model",
+    "merge_adapters",
+    "merge_task",
     "prepare_for_adapter_training",
     "route",
     "routed_layers",
     "router_losses",
     "router_z_loss",
     "save_adapters",
+    "task_lora_model",
+    "task_lora_weights",
+    "task_profile",
 ]
