@@ -108,6 +108,7 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
 
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
+    num_tokens = 0
     handle = add_routing_observer(model, observe)
     try:
         model.eval()
@@ -116,6 +117,7 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
                 mask = batch.get("attention_mask")
                 model(input_ids=batch["input_ids"].to(device),
                       attention_mask=None if mask is None else mask.to(device))
+                num_tokens += batch["input_ids"].numel() if mask is None else int(mask.sum())
     finally:
         handle.remove()
         for module, training in modes.items():
@@ -125,11 +127,7 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
         raise ValueError(f"task_profile: routed layer {unseen[0]!r} saw no real token ({len(unseen)} layers in "
                          "all); pass at least one batch with a non-zero attention_mask through model(input_ids=..., "
                          "attention_mask=...)")
-    num_tokens = set(counts.values())
-    if len(num_tokens) != 1:
-        raise ValueError(f"task_profile: routed layers saw different token counts {counts}; every routed layer must "
-                         "run once per forward on the model's tokens")
-    return TaskProfile(gates={name: sums[name] / counts[name] for name in layers}, num_tokens=num_tokens.pop())
+    return TaskProfile(gates={name: sums[name] / counts[name] for name in layers}, num_tokens=num_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- task collapse
@@ -186,14 +184,14 @@ def _task_factors(model: nn.Module, profile: TaskProfile) -> tuple[AdapterConfig
     for name, layer in layers.items():
         gates = profile.gates[name].to(device=layer.lora_B.device, dtype=MERGE_DTYPE)
         up = layer.lora_B.detach().to(MERGE_DTYPE)  # [N, m, r]
-        shared = layer.shared_down
+        down = layer.expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA) or [N, r, n] (MoLoRA)
+        shared = None if layer.shared_down is None else layer.shared_down.detach().to(MERGE_DTYPE)  # [d, n]
         if shared is not None and shared.shape[0] <= layer.num_experts * layer.rank:
-            lora_A = shared.detach().to(MERGE_DTYPE)
-            lora_B = torch.einsum("t,tmr,trd->md", gates, up, layer.expert_down.detach().to(MERGE_DTYPE))
+            lora_A = shared
+            lora_B = torch.einsum("t,tmr,trd->md", gates, up, down)
         else:
-            lora_A = torch.cat([layer.expert_down_weight(t).detach().to(MERGE_DTYPE)
-                                for t in range(layer.num_experts)])
-            lora_B = (gates[:, None, None] * up).permute(1, 0, 2).flatten(1)
+            lora_A = (down if shared is None else down @ shared).flatten(0, 1)  # [N*r, n]
+            lora_B = (gates[:, None, None] * up).permute(1, 0, 2).flatten(1)  # [m, N*r]
         factors[name] = LoRAFactors(lora_A, lora_B, layer.scaling)
     rank = next(iter(factors.values())).lora_A.shape[0]
     config = AdapterConfig(method="lora", rank=rank, shared_rank=None, alpha=source.scaling * rank, dropout=0.0,
