@@ -131,6 +131,17 @@ def test_4bit_dequantize_merge_equals_dequantized_base_plus_adapter(tiny_llama_d
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_dequantized_layer_takes_the_dtype_its_inputs_arrive_in(tiny_llama_dir):
+    """k-bit preparation keeps the hidden states float32 while nf4 computes in bf16: a bf16 plain layer would fail."""
+    model = load_base_model(str(tiny_llama_dir), quantization="nf4", compute_dtype="bfloat16")
+    randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0)))
+    batch = task_batches()[0]
+    expected = logits(model, batch)
+    merge_adapters(model, dequantize=True)
+    assert model.get_submodule(Q_PROJ).weight.dtype == torch.float32
+    torch.testing.assert_close(logits(model, batch), expected, rtol=0.05, atol=0.1)  # its bf16 matmuls vs float32
+
+
 def test_int8_dequantize_merge_holds_the_dequantized_weight_plus_the_update(tiny_llama_dir):
     model = load_base_model(str(tiny_llama_dir), quantization="int8")
     randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0, target_modules=["q_proj"])))
