@@ -278,3 +278,10 @@ def test_a_profile_that_does_not_match_the_model_is_refused_by_name():
         task_lora_model(model, wrong_n)
     assert all(not isinstance(layer, LoRALinear) for layer in adapter_layers(model).values())
     assert isinstance(model.get_submodule(Q_PROJ), AdapterLayer)
+
+
+def test_task_profile_without_a_real_token_is_refused():
+    model = adapted("molora")
+    padding_only = {"input_ids": torch.randint(5, 260, (1, 4)), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match=f"routed layer '{Q_PROJ}' saw no real token"):
+        task_profile(model, [padding_only])
