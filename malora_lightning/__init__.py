@@ -2,6 +2,7 @@
 
 from malora_lightning.adapters import (
     AdapterConfig,
+    TaskProfile,
     add_routing_observer,
     aux_loss,
     count_parameters,
@@ -9,11 +10,17 @@ from malora_lightning.adapters import (
     load_adapted_model,
     load_adapters,
     load_base_model,
+    merge_adapters,
+    merge_task,
     save_adapters,
+    task_lora_model,
+    task_lora_weights,
+    task_profile,
 )
 
 __all__ = [
     "AdapterConfig",
+    "TaskProfile",
     "add_routing_observer",
     "aux_loss",
     "count_parameters",
@@ -21,5 +28,10 @@ __all__ = [
     "load_adapted_model",
     "load_adapters",
     "load_base_model",
+    "merge_adapters",
+    "merge_task",
     "save_adapters",
+    "task_lora_model",
+    "task_lora_weights",
+    "task_profile",
 ]

@@ -12,6 +12,14 @@ from malora_lightning.adapters.io import (
     save_adapters,
 )
 from malora_lightning.adapters.layers import AdapterLayer, LoRALinear, MALoRALinear, MoLoRALinear, RoutedAdapterLayer
+from malora_lightning.adapters.merge import (
+    TaskProfile,
+    merge_adapters,
+    merge_task,
+    task_lora_model,
+    task_lora_weights,
+    task_profile,
+)
 from malora_lightning.adapters.model import (
     add_routing_observer,
     adapter_layers,
@@ -39,6 +47,7 @@ __all__ = [
     "ParameterCount",
     "RoutedAdapterLayer",
     "RoutingRecord",
+    "TaskProfile",
     "adapter_layers",
     "adapter_state_dict",
     "add_routing_observer",
@@ -53,6 +62,8 @@ __all__ = [
     "load_adapters",
     "load_balance_loss",
     "load_base_model",
+    "merge_adapters",
+    "merge_task",
     "prepare_for_adapter_training",
     "read_adapter_folder",
     "route",
@@ -60,4 +71,7 @@ __all__ = [
     "router_losses",
     "router_z_loss",
     "save_adapters",
+    "task_lora_model",
+    "task_lora_weights",
+    "task_profile",
 ]

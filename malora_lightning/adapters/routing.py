@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @dataclass
@@ -38,16 +39,24 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     """G = TopK(Softmax(W_g x)) (paper Eq. 4); softmax in at least float32, whatever the autocast dtype."""
     logits = logits.to(routing_dtype(logits))
     probs = logits.softmax(dim=-1)
-    gates, experts = probs.topk(top_k, dim=-1)
-    if renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    return Routing(logits=logits, probs=probs, gates=gates, experts=experts)
+    kept, experts = probs.topk(top_k, dim=-1)
+    return Routing(logits=logits, probs=probs, gates=kept_gates(kept, renormalize), experts=experts)
+
+
+def kept_gates(kept_probs: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """[T, K] gates from the kept experts' softmax probabilities: divided by their sum when `renormalize`."""
+    return kept_probs / kept_probs.sum(dim=-1, keepdim=True) if renormalize else kept_probs
+
+
+def scatter_gates(gates: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, N] gate matrix from the kept experts' [T, K] gates, zero for the experts a token did not select."""
+    return torch.zeros(gates.shape[0], num_experts, dtype=gates.dtype, device=gates.device).scatter(1, experts, gates)
 
 
 def dense_gates(routing: Routing, scale: float = 1.0) -> torch.Tensor:
     """[T, N] gate matrix times `scale`, zero for the experts a token did not select."""
     gates = routing.gates if scale == 1.0 else routing.gates * scale
-    return torch.zeros_like(routing.probs).scatter(1, routing.experts, gates)
+    return scatter_gates(gates, routing.experts, routing.probs.shape[-1])
 
 
 def selection_shares(experts: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -163,6 +172,7 @@ class RoutingContext:
     def __init__(self) -> None:
         self.current: ForwardRouting | None = None
         self.observers: list[RoutingObserver] = []
+        self.hook: RemovableHandle | None = None  # the model's forward-pre-hook that begins each forward
 
     def begin_forward(self, attention_mask: torch.Tensor | None = None) -> ForwardRouting:
         """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer)."""
@@ -190,7 +200,7 @@ def install_routing_context(model: nn.Module) -> RoutingContext:
                 mask = None
         context.begin_forward(mask if isinstance(mask, torch.Tensor) else None)
 
-    model.register_forward_pre_hook(begin_forward, with_kwargs=True)
+    context.hook = model.register_forward_pre_hook(begin_forward, with_kwargs=True)
     return context
 
 
