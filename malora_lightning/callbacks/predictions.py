@@ -53,15 +53,20 @@ class PredictionWriter(BasePredictionWriter):
         self._answered: list[_Answered] = []
         self._output: Path | None = None
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._answered = []
-        # every rank resolves the folder: without a checkpoint folder it comes from trainer.log_dir, a collective call
-        self._output = Path(self.path) if self.path is not None else run_directory(trainer) / PREDICTIONS_NAME
-        taken = self.path is not None and self._output.exists()
-        if trainer.strategy.broadcast(taken, src=0):  # every rank stops, or none
-            raise FileExistsError(f"PredictionWriter path {self._output} already exists and is not overwritten: "
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a taken `path` before the model is built, on every rank alike (rank zero's view decides)."""
+        super().setup(trainer, pl_module, stage)
+        taken = stage == "predict" and self.path is not None and Path(self.path).exists()
+        if trainer.strategy.broadcast(taken, src=0):
+            raise FileExistsError(f"PredictionWriter path {self.path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "
                                   "the run folder")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._answered = []
+        # every rank resolves the folder (known once the checkpoint callback is set up): without a checkpoint folder
+        # it comes from trainer.log_dir, a collective call
+        self._output = Path(self.path) if self.path is not None else run_directory(trainer) / PREDICTIONS_NAME
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
