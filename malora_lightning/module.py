@@ -84,7 +84,7 @@ def compile_mode(setting: bool | str) -> str | None:
     return setting or None
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's precision plugins rebuild the step's outputs field by field
 class Prediction:
     """One answer of `predict_step`, and one JSON line of `PredictionWriter`'s file.
 
