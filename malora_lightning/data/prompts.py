@@ -29,7 +29,10 @@ class PredictPrompt:
 
 def predict_source(path: str) -> FileSource:
     """The file as a one-split source; refuses an unsupported file type by name when the data module is built."""
-    return FileSource(files={"test": path})
+    try:
+        return FileSource(files={"test": path})
+    except ValueError as error:
+        raise ValueError(f"predict_file: {error}") from None
 
 
 def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictPrompt]:

@@ -92,5 +92,5 @@ def test_bad_predict_files_are_refused_naming_file_row_and_field(tmp_path, name,
 def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"predict_file .*nowhere.jsonl does not exist.*'prompt' field"):
         make(tmp_path / "nowhere.jsonl").setup("predict")
-    with pytest.raises(ValueError, match=r"cannot read .*prompts.txt: supported file types are .jsonl"):
+    with pytest.raises(ValueError, match=r"predict_file: cannot read .*prompts.txt: supported file types are .jsonl"):
         make(tmp_path / "prompts.txt")
