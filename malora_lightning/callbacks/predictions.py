@@ -56,8 +56,9 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse a taken `path` before the model is built, on every rank alike (rank zero's view decides)."""
         super().setup(trainer, pl_module, stage)
-        taken = stage == "predict" and self.path is not None and Path(self.path).exists()
-        if trainer.strategy.broadcast(taken, src=0):
+        if stage != "predict" or self.path is None:
+            return
+        if trainer.strategy.broadcast(Path(self.path).exists(), src=0):
             raise FileExistsError(f"PredictionWriter path {self.path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "
                                   "the run folder")
