@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
+from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 
@@ -23,6 +23,7 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
     "seesaw": SeesawTracker,
     "routing_stats": RoutingStats,
     "run_report": RunReport,
+    "predictions": PredictionWriter,  # `malora predict` writes predictions.jsonl; `--predictions.path` puts it elsewhere
 }
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
 ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",

@@ -36,6 +36,7 @@ from malora_lightning.adapters import (
     save_adapters,
 )
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
+from malora_lightning.data.tasks import Task
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.precision import AutoMixedPrecision
@@ -46,6 +47,8 @@ from malora_lightning.scoring import choose_choices, gold_rows, target_positions
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
+# tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
+DEFAULT_MAX_NEW_TOKENS = 128
 Schedule = Literal["linear", "cosine", "constant"]
 
 
@@ -84,6 +87,22 @@ def compile_mode(setting: bool | str) -> str | None:
     return setting or None
 
 
+@dataclass  # not frozen: Lightning's precision plugins rebuild the step's outputs field by field
+class Prediction:
+    """One answer of `predict_step`, and one JSON line of `PredictionWriter`'s file.
+
+    `task` is None for a predict file's prompt without one; `prompt` is the text as the task or the file gives it
+    (before any chat template); `target` is None when unknown, and `correct` (the task's answer check) is None unless
+    both the task and the target are known.
+    """
+
+    task: str | None
+    prompt: str
+    prediction: str
+    target: str | None
+    correct: bool | None
+
+
 @dataclass
 class LMLoss:
     """Token-mean LM loss of a batch and its per-task parts (for logging)."""
@@ -112,7 +131,8 @@ class MALoRAModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward (non-reentrant, so router losses keep gradients).
         attn_implementation: attention kernel for transformers ("sdpa", "eager"); None lets it choose.
         trust_remote_code: allow model code from the hub; only for code you trust.
-        max_new_tokens: cap on generated tokens per answer; None uses each task's own length.
+        max_new_tokens: cap on generated tokens per answer; None uses each task's own length (for a prompt without
+            a task, `DEFAULT_MAX_NEW_TOKENS`).
         export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
         adapter_path: an adapter folder to start from (written by `save_adapters`, or a LoRA folder PEFT saved): its
             adapters are loaded instead of fresh ones, with the folder's own adapter settings (`adapter` is then
@@ -323,9 +343,17 @@ class MALoRAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
-    def task(self, name: str):
+    def task(self, name: str) -> Task:
         """The data module's task of that name (its generation length and answer checker)."""
         return {task.name: task for task in self.trainer.datamodule.tasks}[name]
+
+    def generation_length(self, task: Task | None) -> int:
+        """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or
+        when its length is unknown, as for a task without a test split), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
+        cap = self.hparams.max_new_tokens
+        if task is None or task.max_new_tokens is None:
+            return cap or DEFAULT_MAX_NEW_TOKENS
+        return task.max_new_tokens if cap is None else min(task.max_new_tokens, cap)
 
     def score_choices(self, log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Score of each (example, choice) row; the best-scoring choice is the answer. Default: length-normalised
@@ -363,9 +391,7 @@ class MALoRAModule(L.LightningModule):
         output: dict[str, Any] = {"task_name": batch["task_name"], "loss": -log_likelihood / tokens.clamp(min=1)}
         if "prompt_input_ids" in batch:
             task = self.task(batch["task_name"][0])
-            max_new = task.max_new_tokens if self.hparams.max_new_tokens is None \
-                else min(task.max_new_tokens, self.hparams.max_new_tokens)
-            predictions = self.generate_predictions(batch, max_new)
+            predictions = self.generate_predictions(batch, self.generation_length(task))
             output["correct"] = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch["targets"])],
                                              device=tokens.device)
             output["predictions"] = predictions
@@ -378,11 +404,15 @@ class MALoRAModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self.evaluate_batch(batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
-        max_new = self.hparams.max_new_tokens or max(self.task(name).max_new_tokens for name in batch["task_name"])
-        predictions = self.generate_predictions(batch, max_new)
-        return [{"task_name": name, "prediction": prediction}
-                for name, prediction in zip(batch["task_name"], predictions)]
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
+        """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
+        and the target are known."""
+        tasks = [None if name is None else self.task(name) for name in batch["task_name"]]
+        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
+        return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
+                           target=target,
+                           correct=None if task is None or target is None else task.is_correct(prediction, target))
+                for task, prompt, prediction, target in zip(tasks, batch["prompts"], predictions, batch["targets"])]
 
     # ------------------------------------------------------------------ checkpoints and export
     def adapter_checkpoint_keys(self) -> set[str]:

@@ -1,6 +1,7 @@
 """The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_default_recipe_is_the_embedded_offline_job():
     assert config.model.model_name_or_path == "offline:SmolLM2-135M-Instruct"
     assert config.model.quantization == "nf4" and config.model.adapter.method == "malora"
     assert config.trainer.accelerator == "cpu" and config.trainer.num_sanity_val_steps == -1
-    for key in ("per_task_metrics", "seesaw", "routing_stats", "run_report"):
+    for key in ("per_task_metrics", "seesaw", "routing_stats", "run_report", "predictions"):
         assert config[key] is not None and config[key].class_path.startswith("malora_lightning.callbacks.")
 
 
@@ -62,7 +63,8 @@ def callback_types(args: list[str]) -> set[str]:
 
 
 def test_default_callbacks_are_on_and_each_can_be_switched_off_or_tuned():
-    assert {"PerTaskMetrics", "SeesawTracker", "RoutingStats", "RunReport", "ModelCheckpoint"} <= callback_types([])
+    assert {"PerTaskMetrics", "SeesawTracker", "RoutingStats", "RunReport", "PredictionWriter",
+            "ModelCheckpoint"} <= callback_types([])
     remaining = callback_types(["--routing_stats", "null", "--seesaw", "null"])
     assert "RoutingStats" not in remaining and "SeesawTracker" not in remaining and "PerTaskMetrics" in remaining
     cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
@@ -105,6 +107,24 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     last_fit = [row for row in fitted if row.get("val/macro_acc")][-1]
     assert float(validated[-1]["val/macro_acc"]) == pytest.approx(float(last_fit["val/macro_acc"]))
     assert float(validated[-1]["val/parity/loss"]) == pytest.approx(float(last_fit["val/parity/loss"]), rel=1e-5)
+
+
+def test_predict_through_the_cli_writes_the_users_prompts_answers_into_the_run_folder(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,task,target\nIs 12 even or odd?,parity,even\nWhat is 2 + 3?,,\n")
+    main([
+        "predict", "--config", "recipes/default.yaml",
+        f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null", "--model.max_new_tokens=4",
+        "--model.adapter.rank=2", "--model.adapter.shared_rank=4", "--model.adapter.num_experts=4",
+        "--data.tasks=[parity, add_2digit]", "--data.max_eval_examples_per_task=2", f"--data.predict_file={prompts}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+    ])
+    written = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "predictions.jsonl"  # next to report.md
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [(row["task"], row["prompt"], row["target"]) for row in rows] == \
+        [("parity", "Is 12 even or odd?", "even"), (None, "What is 2 + 3?", None)]
+    assert isinstance(rows[0]["correct"], bool) and rows[1]["correct"] is None
 
 
 def test_module_entry_point_and_print_config():

@@ -1,7 +1,8 @@
 """Callbacks that show what multi-task training does: per-task metrics, the seesaw effect, routing telemetry, plots
-and the run report."""
+and the run report; and the writer of predictions."""
 
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, TaskScore
+from malora_lightning.callbacks.predictions import PredictionWriter
 from malora_lightning.callbacks.report import RunReport
 from malora_lightning.callbacks.routing_stats import LayerRouting, RoutingStats, RoutingSummary
 from malora_lightning.callbacks.seesaw import SeesawPoint, SeesawTracker, TaskMovement, load_baseline_scores
@@ -10,6 +11,7 @@ __all__ = [
     "Evaluation",
     "LayerRouting",
     "PerTaskMetrics",
+    "PredictionWriter",
     "RoutingStats",
     "RoutingSummary",
     "RunReport",

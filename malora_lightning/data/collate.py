@@ -5,8 +5,9 @@ Batch contract (what the LightningModule reads):
 
 * every batch: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B, L] long (-100 on prompt and
   padding, so the loss covers only the target and its end-of-turn token), ``task_id`` [B] long, ``task_name``
-  list[str]. Right padding.
-* evaluation batches also carry ``targets`` (list[str], the reference answers) and ``prompt_input_ids`` /
+  list[str]. Right padding. A predict file's prompt without a task has ``task_name`` None and ``task_id`` -1.
+* evaluation batches also carry ``prompts`` (list[str], the prompt texts before any chat template), ``targets``
+  (list[str], the reference answers; None for a predict file's prompt without one) and ``prompt_input_ids`` /
   ``prompt_attention_mask`` [B, P]: the prompts LEFT-padded, ending where the answer starts (after the assistant
   header with a chat template), ready for greedy ``generate`` (for every task, so predictions work for all);
 * multiple-choice tasks' evaluation batches also have one row per (example, choice): ``choice_input_ids`` / ``choice_attention_mask`` /
@@ -30,14 +31,19 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """An example in token ids: ``input_ids = prompt + answer``, ``labels`` masked on the prompt."""
+    """An example in token ids: ``input_ids = prompt + answer``, ``labels`` masked on the prompt.
+
+    A predict file's prompt (``PromptEncoder.encode_prompts``) has no answer tokens: ``input_ids`` is the prompt alone,
+    ``target`` is None when the file gives none, and ``task_name`` None (``task_id`` -1) when it names no task.
+    """
 
     task_id: int
-    task_name: str
+    task_name: str | None
     input_ids: list[int]
     labels: list[int]
     prompt_length: int
-    target: str
+    target: str | None
+    prompt: str  # the prompt text, before any chat template: what prediction files show
     choice_input_ids: tuple[list[int], ...] | None = None
     choice_labels: tuple[list[int], ...] | None = None
     gold: int | None = None
@@ -57,7 +63,8 @@ class PromptEncoder:
 
     With the tokenizer's chat template, the prompt is the user turn and the target the assistant turn; the labels
     cover the target and the template's end-of-turn token, so the model learns to stop. Without one, a plain
-    ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``render`` for another format.
+    ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``opening`` (the text generation starts from) and
+    ``render`` (which begins with it) for another format.
     Prompts that do not fit ``max_length`` lose tokens from the left (counted in the returned stats); a target that
     does not fit by itself is an error, because cutting it would train on a wrong answer.
     """
@@ -80,15 +87,25 @@ class PromptEncoder:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
         self.pad_token_id: int = pad_token_id
 
-    def render(self, prompt: str, target: str) -> tuple[str, str, str]:
-        """``(opening, body, closing)``: the text before the answer, the answer up to and including ``target``, and
-        what closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after ``opening``."""
+    def opening(self, prompt: str) -> str:
+        """The text before the answer: the prompt turn and the assistant header (or ``{prompt}\\nAnswer:``)."""
         if not self.use_chat_template:
-            return f"{prompt}\nAnswer:", f" {target}", self.tokenizer.eos_token
+            return f"{prompt}\nAnswer:"
+        return self.tokenizer.apply_chat_template(self._turns(prompt), tokenize=False, add_generation_prompt=True)
+
+    def _turns(self, prompt: str) -> list[dict[str, str]]:
         turns = [{"role": "user", "content": prompt}]
         if self.system_prompt is not None:
             turns.insert(0, {"role": "system", "content": self.system_prompt})
-        opening = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return turns
+
+    def render(self, prompt: str, target: str) -> tuple[str, str, str]:
+        """``(opening, body, closing)``: ``opening(prompt)``, the answer up to and including ``target``, and what
+        closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after ``opening``."""
+        opening = self.opening(prompt)
+        if not self.use_chat_template:
+            return opening, f" {target}", self.tokenizer.eos_token
+        turns = self._turns(prompt)
         full = self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": target}], tokenize=False)
         end = full.find(target, len(opening))
         if not full.startswith(opening) or end < 0:
@@ -139,7 +156,23 @@ class PromptEncoder:
             encoded.append(EncodedExample(
                 task_id=task_id, task_name=task_name, input_ids=prompt + answer,
                 labels=[IGNORE_INDEX] * len(prompt) + answer, prompt_length=len(prompt), target=example.target,
-                choice_input_ids=choice_inputs, choice_labels=choice_labels, gold=example.gold))
+                prompt=example.prompt, choice_input_ids=choice_inputs, choice_labels=choice_labels, gold=example.gold))
+        return encoded, stats
+
+    def encode_prompts(self, prompts: Sequence[str], targets: Sequence[str | None], task_id: int,
+                       task_name: str | None) -> tuple[list[EncodedExample], TruncationStats]:
+        """Prompts to generate answers to (a predict file): each prompt's ``opening``, as a task's examples get it,
+        without answer tokens; a prompt longer than ``max_length`` loses tokens from the left, as in ``encode``."""
+        stats = TruncationStats(examples=len(prompts))
+        encoded = []
+        for text, target, opening in zip(prompts, targets, self._ids([self.opening(text) for text in prompts],
+                                                                     opening=True)):
+            prompt, dropped = self._fit(opening, 0, "")  # no answer tokens: never too long to fit
+            stats.truncated += dropped > 0
+            stats.tokens_dropped += dropped
+            encoded.append(EncodedExample(task_id=task_id, task_name=task_name, input_ids=prompt,
+                                          labels=[IGNORE_INDEX] * len(prompt), prompt_length=len(prompt),
+                                          target=target, prompt=text))
         return encoded, stats
 
     def _choice_rows(self, example: Example, opening: list[int], where: str
@@ -184,6 +217,7 @@ class MultiTaskCollator:
         }
         if not self.eval_fields:
             return batch
+        batch["prompts"] = [example.prompt for example in examples]
         batch["targets"] = [example.target for example in examples]
         batch.update(self._prompt_fields(examples))
         multiple_choice = {example.choice_input_ids is not None for example in examples}

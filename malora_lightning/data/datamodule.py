@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
+from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
     SAMPLING_STRATEGIES,
     EvaluationShardSampler,
@@ -63,7 +64,8 @@ class MultiTaskDataModule(LightningDataModule):
     Training draws tasks with the chosen mixing strategy (``sampling``: proportional, capped, temperature, uniform,
     unimax or weights; see ``malora_lightning.data.sampling``). Validation and test give one dataloader per task,
     keyed by task name, so every metric is per task. ``task_id`` is a task's position in ``tasks``: the training
-    tasks in the given order, then ``eval_tasks`` (evaluated, never trained on).
+    tasks in the given order, then ``eval_tasks`` (evaluated, never trained on). Predict answers the test splits'
+    prompts, or with ``predict_file`` the user's own (see ``malora_lightning.data.prompts``).
 
     Args:
         tasks: Registered task names to train and evaluate on (default: the built-in offline suite).
@@ -88,6 +90,10 @@ class MultiTaskDataModule(LightningDataModule):
         data_seed: Seed of generated tasks' data and of the example subsets; keep it fixed to compare runs on the
             same items.
         num_workers: DataLoader worker processes.
+        predict_file: Prompts to predict on instead of the test splits: JSON lines, JSON or CSV rows with a
+            ``prompt``, an optional ``task`` (one of ``tasks``/``eval_tasks``: its generation length and answer check;
+            the test splits are still read to measure task lengths) and an optional ``target``. One predict
+            dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``).
 
     Overridable hooks: ``load_tokenizer()`` (or set ``tokenizer_object`` before ``setup``), ``build_encoder(tokenizer)``
     (the prompt format), ``build_collator(eval_fields)`` and ``build_sampler(sizes)``.
@@ -115,6 +121,7 @@ class MultiTaskDataModule(LightningDataModule):
         seed: int = 0,
         data_seed: int = 0,
         num_workers: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -150,6 +157,8 @@ class MultiTaskDataModule(LightningDataModule):
         self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
         self._encoder: PromptEncoder | None = None
         self._train_sampler: TaskBalancedSampler | None = None
+        self._predict_source = predict_source(predict_file) if predict_file is not None else None
+        self._predict_prompts: dict[str, list[EncodedExample]] | None = None
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -225,6 +234,9 @@ class MultiTaskDataModule(LightningDataModule):
             if split not in self._encoded:
                 self._encoded[split] = self._encode_split(split)
         self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
+        if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
+            self._predict_prompts = self._encode_prompts(read_prompts(self._predict_source,
+                                                                      [task.name for task in self._tasks]))
 
     def held_out(self, task: Task) -> HeldOutSplit | None:
         """The validation split carved from a trained task's train rows when it has none of its own (and at least
@@ -287,12 +299,28 @@ class MultiTaskDataModule(LightningDataModule):
                 examples = task.examples("train", seed=hparams.data_seed, only_rows=held_out.validation_rows)
             encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
                                                              with_eval_fields=split != "train")
-            self.truncation[split][task.name] = stats
-            if stats.truncated:
-                logger.warning("Task %r %s: %d of %d prompts were cut from the left to fit max_length=%d "
-                               "(%d tokens dropped).", task.name, split, stats.truncated, stats.examples,
-                               hparams.max_length, stats.tokens_dropped)
+            self._count_truncation(split, task.name, stats)
         return encoded
+
+    def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, list[EncodedExample]]:
+        """A predict file's prompts grouped into one loader per task (task order), then those without a task."""
+        groups = [(task_id, task.name) for task_id, task in enumerate(self._tasks)] + [(-1, None)]
+        encoded = {}
+        for task_id, name in groups:
+            group = [prompt for prompt in prompts if prompt.task == name]
+            if group:
+                key = NO_TASK if name is None else name
+                encoded[key], stats = self._encoder.encode_prompts([prompt.prompt for prompt in group],
+                                                                   [prompt.target for prompt in group], task_id, name)
+                self._count_truncation("predict", key, stats)
+        return encoded
+
+    def _count_truncation(self, split: str, name: str, stats: TruncationStats) -> None:
+        self.truncation.setdefault(split, {})[name] = stats
+        if stats.truncated:
+            logger.warning("Task %r %s: %d of %d prompts were cut from the left to fit max_length=%d "
+                           "(%d tokens dropped).", name, split, stats.truncated, stats.examples,
+                           self.hparams.max_length, stats.tokens_dropped)
 
     def _with_generation_length(self, task: Task) -> Task:
         """A registered length wins; otherwise the longest target (with its end-of-turn token) seen so far."""
@@ -313,19 +341,24 @@ class MultiTaskDataModule(LightningDataModule):
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch)
 
     def val_dataloader(self) -> dict[str, DataLoader]:
-        return self._eval_loaders("validation")
+        return self._eval_loaders(self._loaded("validation"))
 
     def test_dataloader(self) -> dict[str, DataLoader]:
-        return self._eval_loaders("test")
+        return self._eval_loaders(self._loaded("test"))
 
     def predict_dataloader(self) -> dict[str, DataLoader]:
-        return self._eval_loaders("test")
+        """The predict file's prompts when there is one, else the test splits."""
+        if self._predict_source is None:
+            return self._eval_loaders(self._loaded("test"))
+        if self._predict_prompts is None:
+            raise RuntimeError("the predict file is not loaded: call setup('predict') first")
+        return self._eval_loaders(self._predict_prompts)
 
-    def _eval_loaders(self, split: str) -> dict[str, DataLoader]:
+    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]]) -> dict[str, DataLoader]:
         collator = self.build_collator(eval_fields=True)
         return {name: DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collator,
                                  sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers)
-                for name, examples in self._loaded(split).items()}
+                for name, examples in examples_by_name.items()}
 
     def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:
         if split not in self._encoded:

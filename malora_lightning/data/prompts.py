@@ -1,0 +1,66 @@
+"""A predict file: the user's own prompts to answer (``MultiTaskDataModule(predict_file=...)``).
+
+One row per prompt, in JSON lines, a JSON array of objects or CSV (read by ``FileSource``, so text stays text):
+``prompt`` (required), ``task`` (optional: a task of the data module, whose generation length and answer check the
+prompt gets) and ``target`` (optional: the reference answer, for ``correct`` in the predictions). Other fields are
+ignored. Rows are numbered from 0, like task rows in other errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from malora_lightning.data.tasks import FileSource, TaskDataError
+
+PREDICT_FIELDS = ("prompt", "task", "target")
+# the dataloader of a predict file's prompts without a task; not a valid task name, so it cannot clash with one
+NO_TASK = "<no task>"
+
+
+@dataclass(frozen=True)
+class PredictPrompt:
+    """One row of a predict file."""
+
+    prompt: str
+    task: str | None = None
+    target: str | None = None
+
+
+def predict_source(path: str) -> FileSource:
+    """The file as a one-split source; refuses an unsupported file type by name when the data module is built."""
+    try:
+        return FileSource(files={"test": path})
+    except ValueError as error:
+        raise ValueError(f"predict_file: {error}") from None
+
+
+def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictPrompt]:
+    """The rows of a predict file, checked: every row has a prompt, a task (if any) is one of ``tasks``, and each
+    value given is text. Errors name the file, the row and the field, and what would be valid."""
+    path = source.describe("test")
+    try:
+        rows = source.load("test", seed=0)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"predict_file {path} does not exist; expected a JSON lines or CSV file with a "
+                                f"'prompt' field (and optional 'task' and 'target')") from None
+    if len(rows) == 0:
+        raise TaskDataError(f"predict_file {path} has no rows; expected one row per prompt with a 'prompt' field "
+                            "(and optional 'task' and 'target')")
+    prompts = []
+    for index, row in enumerate(rows):
+        values = {}
+        for field in PREDICT_FIELDS:
+            value = row.get(field)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise TaskDataError(f"predict_file {path}, row {index}: field {field!r} must be non-empty text, got "
+                                    f"{type(value).__name__} {value!r:.60}")
+            values[field] = value
+        if values["prompt"] is None:
+            raise TaskDataError(f"predict_file {path}, row {index}: field 'prompt' is missing or empty (null); every "
+                                f"row needs the prompt text (the row has: {', '.join(row) or 'no fields'})")
+        if values["task"] is not None and values["task"] not in tasks:
+            raise TaskDataError(f"predict_file {path}, row {index}: field 'task' names unknown task "
+                                f"{values['task']!r}; valid: {', '.join(tasks)}, or no task (empty)")
+        prompts.append(PredictPrompt(**values))
+    return prompts

@@ -1,0 +1,116 @@
+"""`PredictionWriter`: `predict` writes one JSON line per example, with the module's answers, also from two processes,
+and never over a file the user wrote."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.callbacks import PredictionWriter
+from malora_lightning.callbacks.predictions import PREDICTIONS_NAME
+from malora_lightning.data import get_task
+from malora_lightning.data.prompts import NO_TASK
+from malora_lightning.module import DEFAULT_MAX_NEW_TOKENS, MALoRAModule
+from tests.helpers import SpawnDDPStrategy
+from tests.test_module import TASKS, make_data, make_module, make_trainer
+
+NO_DROPOUT = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0)
+
+
+class Oracle(MALoRAModule):
+    """Answers with the target where there is one, except to prompts that start with "trick", and "no idea" to the
+    rest, so every `correct` is known in advance; records the generation length of each batch's task."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lengths: dict[str | None, int] = {}
+
+    def generate_predictions(self, batch, max_new_tokens: int) -> list[str]:
+        self.lengths[batch["task_name"][0]] = max_new_tokens
+        return [target if target is not None and not prompt.startswith("trick") else "no idea"
+                for prompt, target in zip(batch["prompts"], batch["targets"])]
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def predict(root, module, data, **trainer_settings) -> None:
+    trainer = make_trainer(root, **{"callbacks": [PredictionWriter()], **trainer_settings})
+    trainer.predict(module, data, return_predictions=False)
+
+
+def test_predict_writes_one_row_per_test_example_with_the_modules_answers(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, adapter=NO_DROPOUT)
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=2)
+    predict(tmp_path, module, data)
+    rows = read_rows(tmp_path / PREDICTIONS_NAME)
+
+    examples = [(name, example) for name in TASKS
+                for example in get_task(name).examples("test", seed=data.hparams.data_seed, limit=3)]
+    assert [(row["task"], row["prompt"], row["target"]) for row in rows] == \
+        [(name, example.prompt, example.target) for name, example in examples]  # the prompt text, not the template
+    module.eval()
+    answers = []
+    with torch.no_grad():
+        for name, loader in data.predict_dataloader().items():
+            for batch in loader:
+                answers += module.generate_predictions(batch, module.generation_length(module.task(name)))
+    assert [row["prediction"] for row in rows] == answers
+    assert [row["correct"] for row in rows] == \
+        [get_task(name).is_correct(answer, example.target) for (name, example), answer in zip(examples, answers)]
+
+
+def test_the_users_prompts_get_their_tasks_length_and_check(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "Hello", "target": "hi"},
+        {"prompt": "What is 2 + 2?", "task": "add_2digit", "target": "4"},
+        {"prompt": "Is 5 even or odd?", "task": "parity"},
+        {"prompt": "trick: What is 3 + 3?", "task": "add_2digit", "target": "6", "id": 7},
+        {"prompt": "Hello again"},
+    ]))
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    data = make_data(tiny_model_dir, predict_file=str(prompts))
+    predict(tmp_path, module, data)
+    assert read_rows(tmp_path / PREDICTIONS_NAME) == [  # per task in task order, then those without one
+        {"task": "add_2digit", "prompt": "What is 2 + 2?", "prediction": "4", "target": "4", "correct": True},
+        {"task": "add_2digit", "prompt": "trick: What is 3 + 3?", "prediction": "no idea", "target": "6",
+         "correct": False},
+        {"task": "parity", "prompt": "Is 5 even or odd?", "prediction": "no idea", "target": None, "correct": None},
+        {"task": None, "prompt": "Hello", "prediction": "hi", "target": "hi", "correct": None},
+        {"task": None, "prompt": "Hello again", "prediction": "no idea", "target": None, "correct": None},
+    ]
+    measured = {task.name: task.max_new_tokens for task in data.tasks}
+    assert module.lengths == {"add_2digit": measured["add_2digit"], "parity": measured["parity"],
+                              None: DEFAULT_MAX_NEW_TOKENS}
+    assert list(data.predict_dataloader()) == ["add_2digit", "parity", NO_TASK]
+
+
+def test_a_file_at_the_given_path_is_never_overwritten_but_the_run_folders_own_is(tiny_model_dir, tmp_path):
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my own notes\n")
+    with pytest.raises(FileExistsError, match=r"PredictionWriter path .*mine.jsonl already exists"):
+        predict(tmp_path, module, make_data(tiny_model_dir), callbacks=[PredictionWriter(path=str(mine))])
+    assert mine.read_text() == "my own notes\n"
+    assert module.lengths == {}  # refused before anything was predicted
+
+    for count in (2, 1):  # the second run replaces the first one's file in the run folder
+        predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=count))
+        assert len(read_rows(tmp_path / PREDICTIONS_NAME)) == count * len(TASKS)
+
+
+@pytest.mark.slow
+def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path):
+    """3 examples per task: one rank answers 2 of each, the other 1 (no padding repeats one)."""
+    settings = dict(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    predict(tmp_path / "one", Oracle(**settings), make_data(tiny_model_dir, max_eval_examples_per_task=3))
+    predict(tmp_path / "two", Oracle(**settings), make_data(tiny_model_dir, max_eval_examples_per_task=3),
+            devices=2, strategy=SpawnDDPStrategy())
+    rows = read_rows(tmp_path / "two" / PREDICTIONS_NAME)
+    assert Counter(row["task"] for row in rows) == {name: 3 for name in TASKS}
+    assert len({(row["task"], row["prompt"]) for row in rows}) == 9
+    assert rows == read_rows(tmp_path / "one" / PREDICTIONS_NAME)

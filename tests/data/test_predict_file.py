@@ -1,0 +1,96 @@
+"""A predict file: the user's prompts are read like task files, checked row by row, and rendered like task prompts."""
+
+import json
+
+import pytest
+
+from malora_lightning.data import MultiTaskDataModule, TaskDataError
+from malora_lightning.data.prompts import NO_TASK
+from tests.helpers import tiny_tokenizer
+
+TASKS = ["add_2digit", "parity"]
+
+
+def make(predict_file=None, **kwargs) -> MultiTaskDataModule:
+    options = {"tasks": TASKS, "max_length": 64, "eval_batch_size": 2, "max_eval_examples_per_task": 3,
+               "predict_file": None if predict_file is None else str(predict_file)} | kwargs
+    data = MultiTaskDataModule(**options)
+    data.tokenizer_object = tiny_tokenizer(chat_template=True)
+    return data
+
+
+def write_prompts(path, rows: list[dict]) -> None:
+    if path.suffix == ".csv":
+        lines = ["prompt,task,target"] + [",".join(row.get(key) or "" for key in ("prompt", "task", "target"))
+                                          for row in rows]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def unpadded(batch, row: int) -> list[int]:
+    mask = batch["prompt_attention_mask"][row].bool()
+    return batch["prompt_input_ids"][row][mask].tolist()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_prompts_with_and_without_task_are_grouped_and_rendered_like_task_prompts(tmp_path, suffix):
+    reference = make()
+    reference.setup("test")
+    test_batch = next(iter(reference.test_dataloader()["add_2digit"]))
+    known_prompt, known_target = test_batch["prompts"][0], test_batch["targets"][0]
+    rows = [{"prompt": "Tell me a joke"},
+            {"prompt": known_prompt, "task": "add_2digit", "target": known_target},
+            {"prompt": "Is 7 even or odd?", "task": "parity"},
+            {"prompt": "What is 1 + 1?", "task": "add_2digit"},
+            {"prompt": "Say hi", "target": "hi"}]
+    path = tmp_path / f"prompts{suffix}"
+    write_prompts(path, rows)
+    data = make(path)
+    data.setup("predict")
+    loaders = data.predict_dataloader()
+    assert list(loaders) == ["add_2digit", "parity", NO_TASK]  # task order, then the prompts without a task
+    seen = {name: [(prompt, task, target) for batch in loader
+                   for prompt, task, target in zip(batch["prompts"], batch["task_name"], batch["targets"])]
+            for name, loader in loaders.items()}
+    assert seen == {"add_2digit": [(known_prompt, "add_2digit", known_target), ("What is 1 + 1?", "add_2digit", None)],
+                    "parity": [("Is 7 even or odd?", "parity", None)],
+                    NO_TASK: [("Tell me a joke", None, None), ("Say hi", None, "hi")]}
+    first = next(iter(loaders["add_2digit"]))
+    assert unpadded(first, 0) == unpadded(test_batch, 0)  # the same chat-template rendering as the task's own prompt
+    assert tiny_tokenizer(chat_template=True).decode(unpadded(next(iter(loaders[NO_TASK])), 0)) == \
+        "<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_without_a_predict_file_predict_uses_the_test_splits():
+    data = make()
+    data.setup("predict")
+    assert list(data.predict_dataloader()) == TASKS
+    assert sum(len(batch["prompts"]) for batch in data.predict_dataloader()["parity"]) == 3
+
+
+@pytest.mark.parametrize(("name", "content", "named"), [
+    ("null.jsonl", '{"prompt": "ok"}\n{"prompt": null, "task": "parity"}\n',
+     [r"null.jsonl, row 1: field 'prompt' is missing or empty \(null\)"]),
+    ("missing.jsonl", '{"question": "hi"}\n', [r"missing.jsonl, row 0: field 'prompt' is missing", "question"]),
+    ("empty_cell.csv", "prompt,task\nhello,parity\n,parity\n", [r"empty_cell.csv, row 1: field 'prompt'"]),
+    ("unknown.jsonl", '{"prompt": "hi", "task": "parity"}\n{"prompt": "hi", "task": "parrot"}\n',
+     [r"unknown.jsonl, row 1: field 'task' names unknown task 'parrot'; valid: add_2digit, parity"]),
+    ("number.jsonl", '{"prompt": "hi", "target": 4}\n', [r"number.jsonl, row 0: field 'target' must be non-empty text"]),
+    ("empty.jsonl", "\n", [r"predict_file .*empty.jsonl has no rows", "'prompt'"]),
+])
+def test_bad_predict_files_are_refused_naming_file_row_and_field(tmp_path, name, content, named):
+    path = tmp_path / name
+    path.write_text(content)
+    data = make(path)
+    with pytest.raises(TaskDataError) as error:
+        data.setup("predict")
+    for pattern in named:
+        assert error.match(pattern)
+
+
+def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"predict_file .*nowhere.jsonl does not exist.*'prompt' field"):
+        make(tmp_path / "nowhere.jsonl").setup("predict")
+    with pytest.raises(ValueError, match=r"predict_file: cannot read .*prompts.txt: supported file types are .jsonl"):
+        make(tmp_path / "prompts.txt")
