@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -120,12 +120,17 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
 
 
 def console_main() -> None:
-    """The `malora` command and `python -m malora_lightning`: `main`, with an error that names a bad setting, file or
-    row (ValueError, OSError) printed as its message alone; MALORA_TRACEBACK=1 shows the traceback too."""
+    """The `malora` command and `python -m malora_lightning`: `main`, its named errors printed without a traceback."""
+    run_command("malora", main)
+
+
+def run_command(name: str, entry: Callable[[], object]) -> None:
+    """Run a console command's `entry`: an error that names a bad setting, file or row (ValueError, OSError) is
+    printed as its message alone; MALORA_TRACEBACK=1 shows the traceback too."""
     try:
-        main()
+        entry()
     except (ValueError, OSError) as error:
         if os.environ.get("MALORA_TRACEBACK"):
             raise
-        sys.stderr.write(f"malora: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n")
+        sys.stderr.write(f"{name}: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n")
         raise SystemExit(2) from None

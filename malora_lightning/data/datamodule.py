@@ -365,6 +365,15 @@ class MultiTaskDataModule(LightningDataModule):
             raise RuntimeError(f"the {split} split is not loaded: call setup() with a stage that uses it first")
         return self._encoded[split]
 
+    def task_dataloader(self, task: str, split: str = "train", max_examples: int | None = None) -> DataLoader:
+        """One task's examples of a loaded split, in order, with the training fields (input_ids, attention_mask,
+        labels): what a pass over one task's data needs, e.g. its routing profile (`merge.task_profile`)."""
+        examples = self._loaded(split)
+        if task not in examples:
+            raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")
+        chosen = examples[task] if max_examples is None else examples[task][:max_examples]
+        return DataLoader(chosen, batch_size=self.eval_batch_size, collate_fn=self.build_collator(eval_fields=False))
+
     def _consumed_this_epoch(self) -> int | None:
         """Examples this rank has trained on in the current epoch, from the fit loop's batch progress; ``None``
         outside a fit (then the sampler's own count is all there is)."""

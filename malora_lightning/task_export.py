@@ -1,0 +1,121 @@
+"""`malora-task-export`: one plain LoRA adapter (or one merged model) per task from a trained MoLoRA/MALoRA adapter.
+
+For each task, the routing over its training examples (`task_profile`) fixes every routed layer's gates, and the
+mixture collapses into one static low-rank update (`merge.py`): written as a PEFT LoRA folder that PEFT,
+transformers and `malora --model.adapter_path` load, or with `--merge` folded into the (dequantized) base weights
+and written with `save_pretrained`. The user trades per-token routing for zero inference overhead on a known task.
+
+    malora-task-export -c recipes/default.yaml --adapter runs/.../checkpoints/adapter --output runs/task-adapters
+
+The recipe supplies the base model and the data settings (tokenizer, prompt format, task list); further
+`--model.*` / `--data.*` flags override it as for `malora`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from malora_lightning.adapters import read_adapter_folder, save_adapters
+from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
+from malora_lightning.cli import MALoRACLI, run_command
+from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.module import MALoRAModule
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROFILE_EXAMPLES = 256
+
+
+@dataclass(frozen=True)
+class TaskExport:
+    task: str
+    path: Path
+    profile_tokens: int  # real tokens the task's routing profile averaged over
+
+
+def build_from_recipe(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
+    """The module (base model loaded, the adapter folder's adapters in it) and the data module, set up for fitting
+    (train and validation splits loaded), exactly as `malora` builds them from the same recipe and flags."""
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    args=[*overrides, f"--model.adapter_path={adapter}"])
+    module, data = cli.model, cli.datamodule
+    if not module.adapter_config.is_routed:
+        raise ValueError(f"{adapter} holds a {module.adapter_config.method} adapter, which is static already: "
+                         "malora-task-export collapses MoLoRA/MALoRA mixtures (merge a LoRA with merge_adapters)")
+    module.configure_model()
+    data.setup("fit")
+    return module, data
+
+
+def profile_tasks(model: nn.Module, data: MultiTaskDataModule, tasks: list[str],
+                  max_examples: int = DEFAULT_PROFILE_EXAMPLES) -> dict[str, TaskProfile]:
+    """Each task's routing profile over (at most `max_examples` of) its training examples."""
+    return {task: task_profile(model, data.task_dataloader(task, "train", max_examples)) for task in tasks}
+
+
+def task_model(model: nn.Module, profile: TaskProfile, merge: bool) -> nn.Module:
+    """A copy of the routed `model` collapsed for one task: a LoRA model, or with `merge` a plain model whose
+    (dequantized) base weights hold the update. `model` itself is left routed."""
+    collapsed = copy.deepcopy(model)
+    return merge_task(collapsed, profile, dequantize=True) if merge else task_lora_model(collapsed, profile)
+
+
+def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, output: Path, tasks: list[str], merge: bool,
+                 max_examples: int = DEFAULT_PROFILE_EXAMPLES) -> list[TaskExport]:
+    """Write `output/<task>/` for every task: a LoRA adapter folder, or with `merge` a merged model and tokenizer."""
+    if merge:  # refuse before any work, never write into a user's folder
+        for task in tasks:
+            target = output / task
+            if target.exists() and any(target.iterdir()):
+                raise FileExistsError(f"{target} exists and is not empty: --merge writes a whole model folder; "
+                                      "choose another --output")
+    exports = []
+    for task, profile in profile_tasks(module.model, data, tasks, max_examples).items():
+        target = output / task
+        collapsed = task_model(module.model, profile, merge)
+        if merge:
+            collapsed.save_pretrained(target)
+            data.tokenizer.save_pretrained(target)
+        else:
+            save_adapters(collapsed, target, base_model=module.hparams.model_name_or_path)
+        logger.info("task %s: %s from %d tokens -> %s", task, "merged model" if merge else "LoRA adapter",
+                    profile.num_tokens, target)
+        exports.append(TaskExport(task, target, profile.num_tokens))
+    return exports
+
+
+def main(args: list[str] | None = None) -> list[TaskExport]:
+    parser = argparse.ArgumentParser(prog="malora-task-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--adapter", required=True, help="a MoLoRA/MALoRA adapter folder (save_adapters)")
+    parser.add_argument("--output", required=True, type=Path, help="folder that receives one sub-folder per task")
+    parser.add_argument("--tasks", nargs="+", help="tasks to export (default: every task the recipe trains)")
+    parser.add_argument("--merge", action="store_true",
+                        help="write merged models (base dequantized, save_pretrained) instead of LoRA folders")
+    parser.add_argument("--profile-examples", type=int, default=DEFAULT_PROFILE_EXAMPLES,
+                        help="training examples per task the routing profile averages over")
+    known, overrides = parser.parse_known_args(args)
+    if known.profile_examples < 1:
+        parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
+    read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
+    module, data = build_from_recipe(known.adapter, overrides)
+    tasks = known.tasks or [task.name for task in data.train_tasks]
+    exports = export_tasks(module, data, known.output, tasks, known.merge, known.profile_examples)
+    for export in exports:
+        print(f"{export.task}: {export.path} (routing profile over {export.profile_tokens} tokens)")
+    return exports
+
+
+def console_main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_command("malora-task-export", main)
+
+
+if __name__ == "__main__":
+    console_main()

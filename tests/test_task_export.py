@@ -1,0 +1,73 @@
+"""`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_adapters, load_adapters, save_adapters
+from malora_lightning.adapters.merge import merge_task, task_lora_model, task_profile
+from malora_lightning.adapters.quantization import load_base_model
+from malora_lightning.task_export import build_from_recipe, main
+
+TASKS = ["parity", "add_2digit"]
+
+
+def recipe_flags(model_dir) -> list[str]:
+    return ["--config", "recipes/default.yaml", f"--model.model_name_or_path={model_dir}", "--model.quantization=null",
+            f"--data.tasks=[{', '.join(TASKS)}]", "--data.max_train_examples_per_task=12",
+            "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=4"]
+
+
+@pytest.fixture
+def mixture_folder(tiny_model_dir, tmp_path):
+    model = inject_adapters(load_base_model(str(tiny_model_dir)), AdapterConfig(rank=2, shared_rank=4, num_experts=4))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in adapter_state_dict(model).values():
+            param.add_(torch.randn_like(param))
+    return save_adapters(model, tmp_path / "mixture")
+
+
+def test_each_task_gets_the_lora_of_its_own_routing_profile(tiny_model_dir, tmp_path, mixture_folder):
+    exports = main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "tasks"), "--profile-examples", "8",
+                    *recipe_flags(tiny_model_dir)])
+    assert [export.task for export in exports] == TASKS
+    module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
+    ids = torch.randint(3, 200, (2, 9))
+    outputs = {}
+    for task in TASKS:
+        profile = task_profile(module.model, data.task_dataloader(task, "train", 8))
+        expected = task_lora_model(copy.deepcopy(module.model), profile).eval()
+        exported = load_adapters(load_base_model(str(tiny_model_dir)), tmp_path / "tasks" / task).eval()
+        with torch.no_grad():
+            outputs[task] = exported(ids).logits
+            torch.testing.assert_close(outputs[task], expected(ids).logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs["parity"], outputs["add_2digit"])  # two tasks, two routings
+
+
+def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_folder):
+    main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "merged"), "--tasks", "parity", "--merge",
+          "--profile-examples", "8", *recipe_flags(tiny_model_dir)])
+    module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
+    expected = merge_task(copy.deepcopy(module.model), task_profile(module.model, data.task_dataloader("parity", "train", 8)))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "parity").eval()
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_named(tiny_model_dir, tmp_path, mixture_folder):
+    lora = inject_adapters(load_base_model(str(tiny_model_dir)), AdapterConfig(method="lora", rank=2))
+    save_adapters(lora, tmp_path / "lora")
+    with pytest.raises(ValueError, match=r"holds a lora adapter, which is static already"):
+        main(["--adapter", str(tmp_path / "lora"), "--output", str(tmp_path / "out"), *recipe_flags(tiny_model_dir)])
+    (tmp_path / "taken" / "parity").mkdir(parents=True)
+    (tmp_path / "taken" / "parity" / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"taken/parity exists and is not empty"):
+        main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "taken"), "--merge",
+              *recipe_flags(tiny_model_dir)])
+    assert (tmp_path / "taken" / "parity" / "thesis.tex").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere not found"):
+        main(["--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), *recipe_flags(tiny_model_dir)])
