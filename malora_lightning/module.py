@@ -36,6 +36,7 @@ from malora_lightning.adapters import (
     save_adapters,
 )
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
+from malora_lightning.callbacks.predictions import Prediction
 from malora_lightning.data.tasks import Task
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
@@ -85,22 +86,6 @@ def compile_mode(setting: bool | str) -> str | None:
     if setting is True:
         return "default"
     return setting or None
-
-
-@dataclass  # not frozen: Lightning's precision plugins rebuild the step's outputs field by field
-class Prediction:
-    """One answer of `predict_step`, and one JSON line of `PredictionWriter`'s file.
-
-    `task` is None for a predict file's prompt without one; `prompt` is the text as the task or the file gives it
-    (before any chat template); `target` is None when unknown, and `correct` (the task's answer check) is None unless
-    both the task and the target are known.
-    """
-
-    task: str | None
-    prompt: str
-    prediction: str
-    target: str | None
-    correct: bool | None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
+from malora_lightning.adapters.io import peft_key
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics
 from tests.helpers import SpawnDDPStrategy
@@ -59,13 +60,14 @@ def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tm
     exported = load_file(str(tmp_path / "checkpoints" / "adapter" / "adapter_model.safetensors"))
     reference = make_module(tiny_model_dir)
     reference.configure_model()
-    expected = adapter_state_dict(reference.model)
+    adapters = adapter_state_dict(reference.model)
+    expected = {peft_key(key): tensor for key, tensor in adapters.items()}  # the export uses PEFT's names
     assert set(exported) == set(expected)
     for key, tensor in exported.items():
         assert tensor.shape == expected[key].shape, key  # gathered, not a shard
-    assert any(key.endswith("lora_B") and tensor.abs().sum() > 0 for key, tensor in exported.items())
+    assert any(key.endswith("lora_B.weight") and tensor.abs().sum() > 0 for key, tensor in exported.items())
 
     checkpoint = tmp_path / "checkpoints" / "epoch=0-step=3.ckpt"
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     model_keys = {key.removeprefix("state_dict.") for key in stored if key.startswith("state_dict.")}
-    assert model_keys == {f"model.{key}" for key in expected}  # adapters only, no base weights
+    assert model_keys == {f"model.{key}" for key in adapters}  # adapters only, no base weights

@@ -2,7 +2,7 @@
 and the run report; and the writer of predictions."""
 
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, TaskScore
-from malora_lightning.callbacks.predictions import PredictionWriter
+from malora_lightning.callbacks.predictions import Prediction, PredictionWriter
 from malora_lightning.callbacks.report import RunReport
 from malora_lightning.callbacks.routing_stats import LayerRouting, RoutingStats, RoutingSummary
 from malora_lightning.callbacks.seesaw import SeesawPoint, SeesawTracker, TaskMovement, load_baseline_scores
@@ -11,6 +11,7 @@ __all__ = [
     "Evaluation",
     "LayerRouting",
     "PerTaskMetrics",
+    "Prediction",
     "PredictionWriter",
     "RoutingStats",
     "RoutingSummary",

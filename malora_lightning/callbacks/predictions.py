@@ -1,6 +1,6 @@
 """`PredictionWriter`: `malora predict` writes its answers to a JSON lines file, one row per prompt.
 
-Each row is a `Prediction` (`malora_lightning.module`): `task`, `prompt` (as the task or the predict file gives it,
+Each row is a `Prediction` (what `MALoRAModule.predict_step` returns): `task`, `prompt` (as the task or the predict file gives it,
 before any chat template), `prediction`, `target` and `correct`; every row has all five keys, `target` and `correct`
 are null where unknown. Rows follow the predict dataloaders (one per task) in order, each in its data order, also
 under DDP, where each rank answers a shard and rank zero writes them all.
@@ -20,10 +20,25 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.module import Prediction
 from malora_lightning.run_paths import run_directory
 
 PREDICTIONS_NAME = "predictions.jsonl"
+
+
+@dataclasses.dataclass  # not frozen: Lightning's precision plugins rebuild the step's outputs field by field
+class Prediction:
+    """One answer of `predict_step`, and one JSON line of `PredictionWriter`'s file.
+
+    `task` is None for a predict file's prompt without one; `prompt` is the text as the task or the file gives it
+    (before any chat template); `target` is None when unknown, and `correct` (the task's answer check) is None unless
+    both the task and the target are known.
+    """
+
+    task: str | None
+    prompt: str
+    prediction: str
+    target: str | None
+    correct: bool | None
 
 
 @dataclasses.dataclass(frozen=True)
