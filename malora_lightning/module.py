@@ -34,7 +34,9 @@ from malora_lightning.adapters import (
     read_adapter_folder,
     router_losses,
     save_adapters,
+    scoring_pass,
 )
+from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
 from malora_lightning.data.tasks import Task
@@ -361,18 +363,24 @@ class MALoRAModule(L.LightningModule):
 
         Multiple choice: one forward over the (example, choice) rows gives both the decision and the loss, which is
         the gold choice's mean token NLL. Generation: the loss of the teacher-forced target, then greedy decoding.
+        The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
+        `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
         """
         num_examples = batch["input_ids"].shape[0]
         if "choice_input_ids" in batch:
-            log_likelihood, tokens = self.target_log_likelihoods(
-                batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
-            chosen = choose_choices(self.score_choices(log_likelihood, tokens), batch["choice_example_index"],
-                                    num_examples)
-            gold = gold_rows(batch["choice_example_index"], batch["gold"])
+            example_index = batch["choice_example_index"]
+            gold = gold_rows(example_index, batch["gold"])
+            row_scored = torch.zeros(example_index.shape[0], dtype=torch.bool, device=example_index.device)
+            row_scored[gold] = True
+            with scoring_pass(self.model, ScoringPass(batch["task_id"][example_index], row_scored)):
+                log_likelihood, tokens = self.target_log_likelihoods(
+                    batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
+            chosen = choose_choices(self.score_choices(log_likelihood, tokens), example_index, num_examples)
             return {"task_name": batch["task_name"], "loss": -log_likelihood[gold] / tokens[gold].clamp(min=1),
                     "correct": chosen == batch["gold"], "predictions": chosen.tolist()}
-        log_likelihood, tokens = self.target_log_likelihoods(batch["input_ids"], batch["attention_mask"],
-                                                             batch["labels"])
+        with scoring_pass(self.model, ScoringPass(batch["task_id"])):
+            log_likelihood, tokens = self.target_log_likelihoods(batch["input_ids"], batch["attention_mask"],
+                                                                 batch["labels"])
         output: dict[str, Any] = {"task_name": batch["task_name"], "loss": -log_likelihood / tokens.clamp(min=1)}
         if "prompt_input_ids" in batch:
             task = self.task(batch["task_name"][0])

@@ -28,6 +28,7 @@ from malora_lightning.adapters.model import (
     get_adapter_config,
     routed_layers,
     router_losses,
+    scoring_pass,
 )
 from malora_lightning.adapters.quantization import (
     disable_bnb_cpu_weight_packing,
@@ -71,6 +72,7 @@ __all__ = [
     "router_losses",
     "router_z_loss",
     "save_adapters",
+    "scoring_pass",
     "task_lora_model",
     "task_lora_weights",
     "task_profile",

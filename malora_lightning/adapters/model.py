@@ -3,6 +3,7 @@ compilation."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from malora_lightning.adapters.routing import (
     ObserverHandle,
     RoutingContext,
     RoutingObserver,
+    ScoringPass,
     load_balance_from_statistics,
 )
 
@@ -117,6 +119,13 @@ def compile_adapters(model: nn.Module, mode: str | None = "default", backend: st
         layer.compile_mode = mode
         layer.compile_backend = backend
     return model
+
+
+def scoring_pass(model: nn.Module, scoring: ScoringPass) -> contextlib.AbstractContextManager[None]:
+    """Mark the forwards run inside as an evaluation's scoring pass (`ScoringPass`), for routing observers such as
+    `RoutingStats`; a model without routed adapters has nothing to mark."""
+    context = routing_context(model)
+    return contextlib.nullcontext() if context is None else context.scoring_pass(scoring)
 
 
 def add_routing_observer(model: nn.Module, observer: RoutingObserver) -> ObserverHandle:

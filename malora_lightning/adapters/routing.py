@@ -11,7 +11,9 @@ of [T, N] tensors, never counts of a data-dependent size, and nothing reads a te
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -140,12 +142,24 @@ class RoutingRecord:
 RoutingObserver = Callable[[RoutingRecord], None]
 
 
+@dataclass(frozen=True)
+class ScoringPass:
+    """Marks a forward as an evaluation's scoring pass (the one its loss comes from), declared by whoever runs it
+    (`MALoRAModule.evaluate_batch`) so that routing observers count exactly that pass: its rows' task ids and, when
+    only some rows are scored (a multiple-choice batch's gold-choice rows), which rows count."""
+
+    row_tasks: torch.Tensor  # [R] long: the task id of each row of the forward's input
+    row_scored: torch.Tensor | None = None  # [R] bool: the rows that count (None: all)
+
+
 @dataclass(eq=False)
 class ForwardRouting:
-    """One forward pass of the model: its attention mask, and the router statistics its layers hand back."""
+    """One forward pass of the model: its attention mask, the router statistics its layers hand back, and whether
+    it is an evaluation's scoring pass."""
 
     attention_mask: torch.Tensor | None = None
     statistics: list[RouterStatistics] = field(default_factory=list)
+    scoring: ScoringPass | None = None
     _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
     def tokens(self, leading_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -173,11 +187,21 @@ class RoutingContext:
         self.current: ForwardRouting | None = None
         self.observers: list[RoutingObserver] = []
         self.hook: RemovableHandle | None = None  # the model's forward-pre-hook that begins each forward
+        self.scoring: ScoringPass | None = None  # set by `scoring_pass` around an evaluation's scoring forward
 
     def begin_forward(self, attention_mask: torch.Tensor | None = None) -> ForwardRouting:
         """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer)."""
-        self.current = ForwardRouting(attention_mask)
+        self.current = ForwardRouting(attention_mask, scoring=self.scoring)
         return self.current
+
+    @contextlib.contextmanager
+    def scoring_pass(self, scoring: ScoringPass) -> Iterator[None]:
+        """Every forward begun inside is marked as this scoring pass."""
+        self.scoring = scoring
+        try:
+            yield
+        finally:
+            self.scoring = None
 
     def notify(self, record_factory: Callable[[], RoutingRecord]) -> None:
         if self.observers:

@@ -1,9 +1,10 @@
 """`RoutingStats`: what the routers do on the validation and test sets, per routed layer and per task.
 
 What is counted: the top-k expert assignments of the real prompt + answer tokens (padding excluded through the
-attention mask) of each evaluation batch's scoring forward, the pass that the validation loss comes from: for
-generative tasks the teacher-forced forward over `input_ids`, for multiple-choice tasks the gold choice's rows of the
-single forward over all (example, choice) rows. The other choices' rows and the generation forwards (prefill and
+attention mask) of each evaluation batch's scoring forward, the pass that the validation loss comes from, which the
+module declares (`scoring_pass`, a `ScoringPass` with each row's task and the rows that count): for generative tasks
+the teacher-forced forward over `input_ids`, for multiple-choice tasks the gold choice's rows of the single forward
+over all (example, choice) rows. A subclass that evaluates differently declares its own scoring pass. The other choices' rows and the generation forwards (prefill and
 decode) are not counted: they re-read the same prompts, so counting them would weigh tasks by how they are scored.
 
 Per layer with N experts and top-k (the sums are kept on the device and summed across ranks at the end):
@@ -38,11 +39,10 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from malora_lightning.adapters.model import add_routing_observer, routed_layers
-from malora_lightning.adapters.routing import ForwardRouting, ObserverHandle, RoutingRecord
+from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
 from malora_lightning.run_paths import run_directory
-from malora_lightning.scoring import gold_rows
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -244,10 +244,6 @@ class RoutingStats(Callback):
         self._accumulator: RoutingAccumulator | None = None
         self._handle: ObserverHandle | None = None
         self._top_k = 0
-        self._input_shape: tuple[int, ...] = ()
-        self._token_tasks: torch.Tensor | None = None
-        self._token_keep: torch.Tensor | None = None
-        self._forward: ForwardRouting | None = None
         self._warned = False
 
     # ------------------------------------------------------------------ collection
@@ -271,33 +267,16 @@ class RoutingStats(Callback):
         self._accumulator = RoutingAccumulator(list(layers), experts.pop(), len(tasks), pl_module.device)
         self._handle = add_routing_observer(model, self._observe)
 
-    def _batch_start(self, batch: dict[str, Any]) -> None:
-        if self._accumulator is None:
-            return
-        task_ids = batch["task_id"]
-        if "choice_input_ids" in batch:
-            input_ids, example_index = batch["choice_input_ids"], batch["choice_example_index"]
-            row_tasks = task_ids.to(input_ids.device)[example_index.to(input_ids.device)]
-            row_keep = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            row_keep[gold_rows(example_index, batch["gold"]).to(input_ids.device)] = True
-            self._token_keep = row_keep.repeat_interleave(input_ids.shape[1])
-        else:
-            input_ids = batch["input_ids"]
-            row_tasks = task_ids.to(input_ids.device)
-            self._token_keep = None
-        self._input_shape = tuple(input_ids.shape)
-        self._token_tasks = row_tasks.repeat_interleave(input_ids.shape[1])
-        self._forward = None
-
     def _observe(self, record: RoutingRecord) -> None:
-        """Count the layers of the batch's first forward over its `input_ids` (see the module docstring)."""
-        if self._forward is None:
-            if record.batch_shape != self._input_shape:
-                return
-            self._forward = record.forward
-        elif record.forward is not self._forward:
+        """Count the layers of each scoring pass (`ScoringPass`, declared by the module; see the module docstring)."""
+        scoring = record.forward.scoring if record.forward is not None else None
+        if scoring is None:
             return
-        self._accumulator.add(record, self._token_tasks, self._token_keep)
+        seq = record.batch_shape[-1] if len(record.batch_shape) == 2 else 1
+        token_tasks = scoring.row_tasks.to(record.experts.device).repeat_interleave(seq)
+        token_keep = None if scoring.row_scored is None \
+            else scoring.row_scored.to(record.experts.device).repeat_interleave(seq)
+        self._accumulator.add(record, token_tasks, token_keep)
 
     def _detach(self) -> None:
         if self._handle is not None:
@@ -316,7 +295,8 @@ class RoutingStats(Callback):
         self.results[stage] = summary
         health = summary.health()
         if health["tokens"] == 0:
-            rank_zero_warn(f"RoutingStats: no routed forward over the {stage} batches' input_ids was seen")
+            rank_zero_warn(f"RoutingStats: no scoring pass was seen in the {stage} batches (the module declares "
+                           "it with malora_lightning.adapters.scoring_pass around the forward its loss comes from)")
         if not trainer.sanity_checking:
             self._log(pl_module, stage, health)
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
@@ -359,17 +339,11 @@ class RoutingStats(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(batch)
-
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(batch)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "test")

@@ -13,6 +13,7 @@ from malora_lightning.adapters import AdapterConfig
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.callbacks.seesaw import track
+from malora_lightning.module import MALoRAModule
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 BASELINE = {"add_2digit": 0.5, "parity": 0.5, "reverse_words": 0.25}
@@ -170,3 +171,27 @@ def test_routing_figures_do_not_depend_on_the_eval_batch_size(tiny_model_dir, tm
     for name, layer in results[0].layers.items():
         assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
         assert layer.entropy_sum == pytest.approx(results[1].layers[name].entropy_sum, rel=1e-4)
+
+
+class ExtraForwardModule(MALoRAModule):
+    """Evaluates with an extra forward of the same shape first (as a calibration pass might): RoutingStats must count
+    the declared scoring pass only, not guess it from shapes."""
+
+    def evaluate_batch(self, batch):
+        with torch.no_grad():
+            self.model(input_ids=batch["input_ids"].flip(1), attention_mask=batch["attention_mask"])
+        return super().evaluate_batch(batch)
+
+
+def test_routing_counts_the_declared_scoring_pass_only(tiny_model_dir, tmp_path):
+    results = []
+    for module_class in (MALoRAModule, ExtraForwardModule):
+        routing = RoutingStats(plots=False)
+        torch.manual_seed(0)
+        module = module_class(**make_module(tiny_model_dir).hparams)  # the same settings, the adapter as a dict
+        trainer = make_trainer(tmp_path / module_class.__name__, callbacks=[routing], limit_val_batches=None)
+        trainer.validate(module, make_data(tiny_model_dir, tasks=["parity", "add_2digit"]), verbose=False)
+        results.append(routing.results["val"])
+    for name, layer in results[0].layers.items():
+        assert layer.task_load.sum() > 0
+        assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
