@@ -39,6 +39,7 @@ from malora_lightning.adapters import (
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
+from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput, TrainingBatch
 from malora_lightning.data.tasks import Task
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import resolve_model_path
@@ -269,18 +270,18 @@ class MALoRAModule(L.LightningModule):
         return token_log_likelihoods(logits, labels[:, positions + 1])
 
     # ------------------------------------------------------------------ training
-    def compute_lm_loss(self, batch: dict[str, Any]) -> LMLoss:
+    def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:
         """Token-mean cross-entropy over target tokens, plus the same per task present in the batch."""
-        row_log_likelihood, row_tokens = self.target_log_likelihoods(batch["input_ids"], batch["attention_mask"],
-                                                                     batch["labels"])
+        row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
+                                                                     batch.labels)
         loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
         per_task = {}
-        for name in sorted(set(batch["task_name"])):
-            rows = torch.tensor([task == name for task in batch["task_name"]], device=loss.device)
+        for name in sorted(set(batch.task_name)):
+            rows = torch.tensor([task == name for task in batch.task_name], device=loss.device)
             per_task[name] = -row_log_likelihood[rows].sum() / row_tokens[rows].sum().clamp(min=1)
         return LMLoss(loss=loss, per_task=per_task)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         lm = self.compute_lm_loss(batch)
         router = aux_loss(self.model).to(lm.loss.device)
         loss = lm.loss + router
@@ -289,7 +290,7 @@ class MALoRAModule(L.LightningModule):
                 f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
                 f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "
                 "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
-        batch_size = batch["input_ids"].shape[0]
+        batch_size = batch.input_ids.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lm_loss", lm.loss, batch_size=batch_size)
         self.log("train/aux_loss", router, batch_size=batch_size)
@@ -347,18 +348,18 @@ class MALoRAModule(L.LightningModule):
         log-likelihood of the choice tokens (override for unnormalised or calibrated scoring)."""
         return log_likelihood / tokens.clamp(min=1)
 
-    def generate_predictions(self, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+    def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:
         """Greedy answers to the left-padded prompts, decoded without special tokens."""
         tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
                                   eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
-        prompt = batch["prompt_input_ids"]
-        generated = self.model.generate(input_ids=prompt, attention_mask=batch["prompt_attention_mask"],
+        prompt = batch.prompt_input_ids
+        generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
                                         generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
 
-    def evaluate_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def evaluate_batch(self, batch: EvaluationBatch) -> EvaluationOutput:
         """Per-example loss and correctness, the raw material of `PerTaskMetrics` and the run report.
 
         Multiple choice: one forward over the (example, choice) rows gives both the decision and the loss, which is
@@ -366,46 +367,43 @@ class MALoRAModule(L.LightningModule):
         The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
         `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
         """
-        num_examples = batch["input_ids"].shape[0]
-        if "choice_input_ids" in batch:
-            example_index = batch["choice_example_index"]
-            gold = gold_rows(example_index, batch["gold"])
-            row_scored = torch.zeros(example_index.shape[0], dtype=torch.bool, device=example_index.device)
+        num_examples = batch.input_ids.shape[0]
+        choices = batch.choices
+        if choices is not None:
+            gold = gold_rows(choices.example_index, choices.gold)
+            row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
             row_scored[gold] = True
-            with scoring_pass(self.model, ScoringPass(batch["task_id"][example_index], row_scored)):
-                log_likelihood, tokens = self.target_log_likelihoods(
-                    batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
-            chosen = choose_choices(self.score_choices(log_likelihood, tokens), example_index, num_examples)
-            return {"task_name": batch["task_name"], "loss": -log_likelihood[gold] / tokens[gold].clamp(min=1),
-                    "correct": chosen == batch["gold"], "predictions": chosen.tolist()}
-        with scoring_pass(self.model, ScoringPass(batch["task_id"])):
-            log_likelihood, tokens = self.target_log_likelihoods(batch["input_ids"], batch["attention_mask"],
-                                                                 batch["labels"])
-        output: dict[str, Any] = {"task_name": batch["task_name"], "loss": -log_likelihood / tokens.clamp(min=1)}
-        if "prompt_input_ids" in batch:
-            task = self.task(batch["task_name"][0])
-            predictions = self.generate_predictions(batch, self.generation_length(task))
-            output["correct"] = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch["targets"])],
-                                             device=tokens.device)
-            output["predictions"] = predictions
-        return output
+            with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
+                log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
+                                                                     choices.labels)
+            chosen = choose_choices(self.score_choices(log_likelihood, tokens), choices.example_index, num_examples)
+            return EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
+                                    correct=chosen == choices.gold, predictions=chosen.tolist())
+        with scoring_pass(self.model, ScoringPass(batch.task_id)):
+            log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
+        task = self.task(batch.task_name[0])
+        predictions = self.generate_predictions(batch, self.generation_length(task))
+        correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
+                               device=tokens.device)
+        return EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
+                                predictions=predictions)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
         """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
         return self.evaluate_batch(batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def test_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
         return self.evaluate_batch(batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
+    def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known."""
-        tasks = [None if name is None else self.task(name) for name in batch["task_name"]]
+        tasks = [None if name is None else self.task(name) for name in batch.task_name]
         predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
         return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                            target=target,
                            correct=None if task is None or target is None else task.is_correct(prediction, target))
-                for task, prompt, prediction, target in zip(tasks, batch["prompts"], predictions, batch["targets"])]
+                for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
 
     # ------------------------------------------------------------------ checkpoints and export
     def adapter_checkpoint_keys(self) -> set[str]:

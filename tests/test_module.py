@@ -170,22 +170,22 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
     module.eval()
     with torch.no_grad():
         output = module.evaluate_batch(batch)
-        logits = module(batch["choice_input_ids"], batch["choice_attention_mask"])
+        logits = module(batch.choices.input_ids, batch.choices.attention_mask)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     expected, gold_scores = [], []
-    for example in range(batch["gold"].shape[0]):
+    for example in range(batch.choices.gold.shape[0]):
         scores = []
-        for row in (batch["choice_example_index"] == example).nonzero().flatten().tolist():
-            labels = batch["choice_labels"][row]
+        for row in (batch.choices.example_index == example).nonzero().flatten().tolist():
+            labels = batch.choices.labels[row]
             positions = [t for t in range(1, labels.shape[0]) if labels[t] != -100]
             total = sum(log_probs[row, t - 1, labels[t]].item() for t in positions)
             scores.append(total / len(positions))
         expected.append(max(range(len(scores)), key=scores.__getitem__))
         gold_scores.append(scores)
-    assert output["predictions"] == expected
-    assert output["correct"].tolist() == [p == g for p, g in zip(expected, batch["gold"].tolist())]
-    for example, gold in enumerate(batch["gold"].tolist()):  # the loss is the gold choice's mean token NLL
-        torch.testing.assert_close(output["loss"][example], -torch.tensor(gold_scores[example][gold]))
+    assert output.predictions == expected
+    assert output.correct.tolist() == [p == g for p, g in zip(expected, batch.choices.gold.tolist())]
+    for example, gold in enumerate(batch.choices.gold.tolist()):  # the loss is the gold choice's mean token NLL
+        torch.testing.assert_close(output.loss[example], -torch.tensor(gold_scores[example][gold]))
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
@@ -299,7 +299,7 @@ def test_subclassing_the_module_and_the_data_module(tiny_model_dir, tmp_path):
     trainer.fit(module, data)
     assert module.scaled
     batch = next(iter(data.train_dataloader()))
-    prompt_ids = batch["input_ids"][0][(batch["labels"][0] == -100) & batch["attention_mask"][0].bool()]
+    prompt_ids = batch.input_ids[0][(batch.labels[0] == -100) & batch.attention_mask[0].bool()]
     prompt = data.tokenizer.decode(prompt_ids, skip_special_tokens=True)
     user_text = prompt.replace("user", "").replace("assistant", "")
     assert user_text == user_text.upper() and any(c.isupper() for c in user_text)

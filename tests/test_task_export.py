@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_adapters, load_adapters, save_adapters
-from malora_lightning.adapters.merge import merge_task, task_lora_model, task_profile
+from malora_lightning.adapters.merge import merge_task, task_lora_model
 from malora_lightning.adapters.quantization import load_base_model
-from malora_lightning.task_export import build_from_recipe, main
+from malora_lightning.task_export import build_from_recipe, main, profile_tasks
 
 TASKS = ["parity", "add_2digit"]
 
@@ -38,7 +38,7 @@ def test_each_task_gets_the_lora_of_its_own_routing_profile(tiny_model_dir, tmp_
     ids = torch.randint(3, 200, (2, 9))
     outputs = {}
     for task in TASKS:
-        profile = task_profile(module.model, data.task_dataloader(task, "train", 8))
+        profile = profile_tasks(module.model, data, [task], 8)[task]
         expected = task_lora_model(copy.deepcopy(module.model), profile).eval()
         exported = load_adapters(load_base_model(str(tiny_model_dir)), tmp_path / "tasks" / task).eval()
         with torch.no_grad():
@@ -51,7 +51,7 @@ def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_f
     main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "merged"), "--tasks", "parity", "--merge",
           "--profile-examples", "8", *recipe_flags(tiny_model_dir)])
     module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
-    expected = merge_task(copy.deepcopy(module.model), task_profile(module.model, data.task_dataloader("parity", "train", 8)))
+    expected = merge_task(copy.deepcopy(module.model), profile_tasks(module.model, data, ["parity"], 8)["parity"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "parity").eval()
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():

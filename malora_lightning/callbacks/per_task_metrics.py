@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
+from malora_lightning.data.batches import EvaluationOutput
+
 
 @dataclass
 class TaskScore:
@@ -85,12 +87,12 @@ class PerTaskMetrics(Callback):
             for metric in (meters.loss, meters.accuracy, meters.count):
                 metric.reset()
 
-    def _update(self, outputs: dict[str, Any] | None) -> None:
-        if not outputs or "task_name" not in outputs:
-            return
-        losses = outputs["loss"].detach().float()
-        correct = outputs.get("correct")
-        for index, name in enumerate(outputs["task_name"]):
+    def _update(self, outputs: EvaluationOutput | None) -> None:
+        if not isinstance(outputs, EvaluationOutput):
+            return  # a subclass's step that returns something else: nothing to score
+        losses = outputs.loss.detach().float()
+        correct = outputs.correct
+        for index, name in enumerate(outputs.task_name):
             if name not in self._meters:
                 self._meters[name] = _TaskMeters().to(losses.device)
             meters = self._meters[name]

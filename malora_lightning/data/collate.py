@@ -1,29 +1,16 @@
 """Tokenisation and batching: examples become token ids once (``PromptEncoder``), batches are padded per batch
-(``MultiTaskCollator``).
-
-Batch contract (what the LightningModule reads):
-
-* every batch: ``input_ids`` [B, L] long, ``attention_mask`` [B, L] long, ``labels`` [B, L] long (-100 on prompt and
-  padding, so the loss covers only the target and its end-of-turn token), ``task_id`` [B] long, ``task_name``
-  list[str]. Right padding. A predict file's prompt without a task has ``task_name`` None and ``task_id`` -1.
-* evaluation batches also carry ``prompts`` (list[str], the prompt texts before any chat template), ``targets``
-  (list[str], the reference answers; None for a predict file's prompt without one) and ``prompt_input_ids`` /
-  ``prompt_attention_mask`` [B, P]: the prompts LEFT-padded, ending where the answer starts (after the assistant
-  header with a chat template), ready for greedy ``generate`` (for every task, so predictions work for all);
-* multiple-choice tasks' evaluation batches also have one row per (example, choice): ``choice_input_ids`` / ``choice_attention_mask`` /
-  ``choice_labels`` [R, L'] (right-padded; labels -100 except on the choice's tokens), ``choice_example_index`` [R]
-  (row -> example), ``gold`` [B] and ``num_choices`` [B].
+(``MultiTaskCollator``) into the typed batches of ``batches.py`` (``TrainingBatch``, ``EvaluationBatch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, TrainingBatch
 from malora_lightning.data.tasks import Example, TaskDataError
 
 IGNORE_INDEX = -100
@@ -199,50 +186,37 @@ def pad(sequences: Sequence[Sequence[int]], value: int, *, left: bool = False) -
 
 
 class MultiTaskCollator:
-    """Pads a list of ``EncodedExample`` into a batch (see the module docstring for the fields)."""
+    """Pads a list of ``EncodedExample`` into a ``TrainingBatch``, or with ``eval_fields`` an ``EvaluationBatch``."""
 
     def __init__(self, pad_token_id: int, *, eval_fields: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.eval_fields = eval_fields
 
-    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:
+    def __call__(self, examples: Sequence[EncodedExample]) -> TrainingBatch | EvaluationBatch:
         input_ids, attention_mask = pad([example.input_ids for example in examples], self.pad_token_id)
         labels, _ = pad([example.labels for example in examples], IGNORE_INDEX)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "task_id": torch.tensor([example.task_id for example in examples], dtype=torch.long),
-            "task_name": [example.task_name for example in examples],
-        }
+        task_id = torch.tensor([example.task_id for example in examples], dtype=torch.long)
+        task_name = [example.task_name for example in examples]
         if not self.eval_fields:
-            return batch
-        batch["prompts"] = [example.prompt for example in examples]
-        batch["targets"] = [example.target for example in examples]
-        batch.update(self._prompt_fields(examples))
+            return TrainingBatch(input_ids, attention_mask, labels, task_id, task_name)
         multiple_choice = {example.choice_input_ids is not None for example in examples}
         if len(multiple_choice) > 1:
             raise ValueError("an evaluation batch mixes multiple-choice and generative examples; evaluate each task "
                              "with its own dataloader")
-        if multiple_choice.pop():
-            batch.update(self._choice_fields(examples))
-        return batch
+        prompt_input_ids, prompt_attention_mask = pad([example.input_ids[: example.prompt_length]
+                                                       for example in examples], self.pad_token_id, left=True)
+        return EvaluationBatch(input_ids, attention_mask, labels, task_id, task_name,
+                               prompts=[example.prompt for example in examples],
+                               targets=[example.target for example in examples],
+                               prompt_input_ids=prompt_input_ids, prompt_attention_mask=prompt_attention_mask,
+                               choices=self._choice_rows(examples) if multiple_choice.pop() else None)
 
-    def _prompt_fields(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
-        prompts = [example.input_ids[: example.prompt_length] for example in examples]
-        prompt_input_ids, prompt_attention_mask = pad(prompts, self.pad_token_id, left=True)
-        return {"prompt_input_ids": prompt_input_ids, "prompt_attention_mask": prompt_attention_mask}
-
-    def _choice_fields(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+    def _choice_rows(self, examples: Sequence[EncodedExample]) -> ChoiceRows:
         rows = [row for example in examples for row in example.choice_input_ids]
-        choice_input_ids, choice_attention_mask = pad(rows, self.pad_token_id)
-        choice_labels, _ = pad([labels for example in examples for labels in example.choice_labels], IGNORE_INDEX)
+        input_ids, attention_mask = pad(rows, self.pad_token_id)
+        labels, _ = pad([labels for example in examples for labels in example.choice_labels], IGNORE_INDEX)
         counts = [len(example.choice_input_ids) for example in examples]
-        return {
-            "choice_input_ids": choice_input_ids,
-            "choice_attention_mask": choice_attention_mask,
-            "choice_labels": choice_labels,
-            "choice_example_index": torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(counts)),
-            "gold": torch.tensor([example.gold for example in examples], dtype=torch.long),
-            "num_choices": torch.tensor(counts, dtype=torch.long),
-        }
+        return ChoiceRows(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          example_index=torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(counts)),
+                          gold=torch.tensor([example.gold for example in examples], dtype=torch.long),
+                          num_choices=torch.tensor(counts, dtype=torch.long))

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from malora_lightning.callbacks import PerTaskMetrics
+from malora_lightning.data.batches import EvaluationOutput
 
 # Per-example loss and correctness of every evaluation example, by task; "lm" has no accuracy (no `correct`).
 LOSSES = {"alpha": [0.5, 1.5, 2.0, 4.0, 0.25, 0.75, 3.0, 1.0], "beta": [2.0, 2.0, 3.0, 5.0], "lm": [1.0, 3.0]}
@@ -27,10 +28,9 @@ class HandBuiltPredictions(L.LightningModule):
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         task = batch["task"][0]
         indices = batch["index"].tolist()
-        output = {"task_name": batch["task"], "loss": torch.tensor([LOSSES[task][i] for i in indices])}
-        if task in CORRECT:
-            output["correct"] = torch.tensor([CORRECT[task][i] for i in indices])
-        return output
+        correct = torch.tensor([CORRECT[task][i] for i in indices]) if task in CORRECT else None
+        return EvaluationOutput(task_name=batch["task"], loss=torch.tensor([LOSSES[task][i] for i in indices]),
+                                correct=correct)
 
 
 def expected_metrics() -> dict[str, float]:

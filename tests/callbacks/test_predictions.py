@@ -28,9 +28,9 @@ class Oracle(MALoRAModule):
         self.lengths: dict[str | None, int] = {}
 
     def generate_predictions(self, batch, max_new_tokens: int) -> list[str]:
-        self.lengths[batch["task_name"][0]] = max_new_tokens
+        self.lengths[batch.task_name[0]] = max_new_tokens
         return [target if target is not None and not prompt.startswith("trick") else "no idea"
-                for prompt, target in zip(batch["prompts"], batch["targets"])]
+                for prompt, target in zip(batch.prompts, batch.targets)]
 
 
 def read_rows(path) -> list[dict]:

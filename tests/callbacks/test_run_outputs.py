@@ -32,11 +32,11 @@ class ObserversDuringTraining(Callback):
 
 def scoring_tokens(batch) -> int:
     """Non-padding tokens of the rows the loss comes from: input_ids, or each multiple-choice example's gold row."""
-    if "choice_input_ids" not in batch:
-        return int(batch["attention_mask"].sum())
-    gold_rows = [int((batch["choice_example_index"] < example).sum()) + int(gold)
-                 for example, gold in enumerate(batch["gold"])]
-    return int(batch["choice_attention_mask"][gold_rows].sum())
+    if batch.choices is None:
+        return int(batch.attention_mask.sum())
+    gold_rows = [int((batch.choices.example_index < example).sum()) + int(gold)
+                 for example, gold in enumerate(batch.choices.gold)]
+    return int(batch.choices.attention_mask[gold_rows].sum())
 
 
 def real_tokens_per_task(data) -> dict[str, int]:
@@ -179,7 +179,7 @@ class ExtraForwardModule(MALoRAModule):
 
     def evaluate_batch(self, batch):
         with torch.no_grad():
-            self.model(input_ids=batch["input_ids"].flip(1), attention_mask=batch["attention_mask"])
+            self.model(input_ids=batch.input_ids.flip(1), attention_mask=batch.attention_mask)
         return super().evaluate_batch(batch)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
+from malora_lightning.data.batches import TrainingBatch
 
 PAD, EOS, IM_START, IM_END = 0, 2, 3, 4
 
@@ -24,16 +25,16 @@ def test_plain_format_masks_exactly_the_prompt_and_the_padding(tokenizer):
     encoder, encoded, _ = encode(tokenizer, examples)
     batch = MultiTaskCollator(encoder.pad_token_id)(encoded)
     # "ab\nAnswer:" is 10 bytes, then " cd" and </s>: 14 tokens; "hello\nAnswer:" 13 + " world" 6 + </s> = 20
-    assert batch["input_ids"].shape == (2, 20)
+    assert batch.input_ids.shape == (2, 20)
     expected_labels = [[IGNORE_INDEX] * 10 + ids(tokenizer, " cd") + [EOS] + [IGNORE_INDEX] * 6,
                        [IGNORE_INDEX] * 13 + ids(tokenizer, " world") + [EOS]]
-    assert batch["labels"].tolist() == expected_labels
-    assert batch["attention_mask"].tolist() == [[1] * 14 + [0] * 6, [1] * 20]
-    assert batch["input_ids"][0, 14:].tolist() == [PAD] * 6
-    assert batch["input_ids"][0, :14].tolist() == ids(tokenizer, "ab\nAnswer: cd") + [EOS]
-    assert batch["task_id"].tolist() == [3, 3] and batch["task_id"].dtype == torch.long
-    assert batch["task_name"] == ["toy", "toy"]
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_id", "task_name"}
+    assert batch.labels.tolist() == expected_labels
+    assert batch.attention_mask.tolist() == [[1] * 14 + [0] * 6, [1] * 20]
+    assert batch.input_ids[0, 14:].tolist() == [PAD] * 6
+    assert batch.input_ids[0, :14].tolist() == ids(tokenizer, "ab\nAnswer: cd") + [EOS]
+    assert batch.task_id.tolist() == [3, 3] and batch.task_id.dtype == torch.long
+    assert batch.task_name == ["toy", "toy"]
+    assert type(batch) is TrainingBatch  # training batches carry no evaluation fields
 
 
 def test_chat_template_labels_only_the_assistant_answer_and_end_of_turn(chat_tokenizer):
@@ -83,12 +84,12 @@ def test_generation_prompts_are_left_padded_and_end_where_the_answer_starts(chat
     encoder, encoded, _ = encode(chat_tokenizer, examples, eval_fields=True)
     batch = MultiTaskCollator(encoder.pad_token_id, eval_fields=True)(encoded)
     header = ids(chat_tokenizer, "\n") + [IM_START] + ids(chat_tokenizer, "assistant\n")
-    prompts, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    prompts, mask = batch.prompt_input_ids, batch.prompt_attention_mask
     assert prompts.shape == (2, 21 + 2)  # "user\nabcd" is 2 bytes longer than "user\na"
     assert prompts[0, :3].tolist() == [PAD] * 3 and mask[0].tolist() == [0] * 3 + [1] * 20
     assert prompts[0, -len(header):].tolist() == header and prompts[1, -len(header):].tolist() == header
-    assert batch["targets"] == ["1", "22"]
-    assert "choice_input_ids" not in batch
+    assert batch.targets == ["1", "22"]
+    assert batch.choices is None
 
 
 def test_multiple_choice_rows_label_only_each_choice(tokenizer):
@@ -96,9 +97,9 @@ def test_multiple_choice_rows_label_only_each_choice(tokenizer):
                 Example(prompt="q", target="no", choices=("no", "yes", "x"), gold=0, row=1)]
     encoder, encoded, _ = encode(tokenizer, examples, eval_fields=True)
     batch = MultiTaskCollator(encoder.pad_token_id, eval_fields=True)(encoded)
-    assert batch["choice_example_index"].tolist() == [0, 0, 1, 1, 1]
-    assert batch["gold"].tolist() == [1, 0] and batch["num_choices"].tolist() == [2, 3]
-    rows, labels = batch["choice_input_ids"], batch["choice_labels"]
+    assert batch.choices.example_index.tolist() == [0, 0, 1, 1, 1]
+    assert batch.choices.gold.tolist() == [1, 0] and batch.choices.num_choices.tolist() == [2, 3]
+    rows, labels = batch.choices.input_ids, batch.choices.labels
     assert rows.shape == (5, len("pick\nAnswer: A"))  # the longest row; "q\nAnswer: yes" is one byte shorter
     for row, (prompt, choice) in enumerate([("pick", "A"), ("pick", "B"), ("q", "no"), ("q", "yes"), ("q", "x")]):
         length = len(f"{prompt}\nAnswer: {choice}")
@@ -106,9 +107,9 @@ def test_multiple_choice_rows_label_only_each_choice(tokenizer):
         choice_span = len(f" {choice}")
         assert labels[row].tolist() == [IGNORE_INDEX] * (length - choice_span) + ids(tokenizer, f" {choice}") + \
             [IGNORE_INDEX] * (rows.shape[1] - length)  # no end-of-turn token, padding masked
-        assert batch["choice_attention_mask"][row].sum().item() == length
-    assert batch["targets"] == ["B", "no"]
-    assert batch["labels"][0].tolist()[-3:] == ids(tokenizer, " B") + [EOS]  # the gold answer still gives a loss
+        assert batch.choices.attention_mask[row].sum().item() == length
+    assert batch.targets == ["B", "no"]
+    assert batch.labels[0].tolist()[-3:] == ids(tokenizer, " B") + [EOS]  # the gold answer still gives a loss
 
 
 def test_chat_template_that_rewrites_the_answer_is_rejected(chat_tokenizer):

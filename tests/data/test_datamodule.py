@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, get_task
 from malora_lightning.data.datamodule import ResumableDataLoader
+from malora_lightning.data.batches import TrainingBatch
 from tests.helpers import tiny_tokenizer
 
 TASKS = ["add_2digit", "reverse_words", "parity"]
@@ -24,7 +25,7 @@ def make(tokenizer=None, **kwargs) -> MultiTaskDataModule:
 
 
 def task_counts(loader) -> Counter:
-    return Counter(name for batch in loader for name in batch["task_name"])
+    return Counter(name for batch in loader for name in batch.task_name)
 
 
 def test_defaults_are_the_builtin_suite():
@@ -40,12 +41,12 @@ def test_one_evaluation_loader_per_task_named_by_task():
     assert list(loaders) == TASKS
     for task_id, name in enumerate(TASKS):
         batches = list(loaders[name])
-        assert sum(len(batch["task_name"]) for batch in batches) == 5  # the eval cap
+        assert sum(len(batch.task_name) for batch in batches) == 5  # the eval cap
         for batch in batches:
-            assert batch["task_name"] == [name] * len(batch["task_name"])
-            assert batch["task_id"].tolist() == [task_id] * len(batch["task_name"])
-            assert ("choice_input_ids" in batch) == (name == "parity")  # choices kept for log-likelihood scoring
-            assert "prompt_input_ids" in batch and "targets" in batch
+            assert batch.task_name == [name] * len(batch.task_name)
+            assert batch.task_id.tolist() == [task_id] * len(batch.task_name)
+            assert (batch.choices is not None) == (name == "parity")  # choices kept for log-likelihood scoring
+            assert batch.prompt_input_ids is not None and batch.targets is not None
     data.setup("test")
     assert list(data.test_dataloader()) == TASKS and list(data.predict_dataloader()) == TASKS
 
@@ -58,8 +59,8 @@ def test_training_batches_mix_tasks_with_consistent_ids():
     seen = task_counts(loader)
     assert seen == {name: 12 for name in TASKS}  # uniform over equal sizes: every example once per epoch
     for batch in loader:
-        assert [TASKS[task_id] for task_id in batch["task_id"].tolist()] == batch["task_name"]
-        assert set(batch) == {"input_ids", "attention_mask", "labels", "task_id", "task_name"}
+        assert [TASKS[task_id] for task_id in batch.task_id.tolist()] == batch.task_name
+        assert type(batch) is TrainingBatch  # training batches carry no evaluation fields
 
 
 def test_mixture_follows_the_strategy_and_explicit_weights():
@@ -80,7 +81,7 @@ def test_eval_tasks_are_evaluated_but_never_trained(tmp_path):
     assert [task.name for task in data.train_tasks] == ["add_2digit", "parity"]
     assert set(task_counts(data.train_dataloader())) == {"add_2digit", "parity"}
     batch = next(iter(data.val_dataloader()["next_term"]))
-    assert batch["task_id"].tolist() == [2] * len(batch["task_name"])
+    assert batch.task_id.tolist() == [2] * len(batch.task_name)
 
 
 def test_max_new_tokens_is_measured_from_the_longest_target():
@@ -105,9 +106,9 @@ def test_user_tasks_from_specs(tmp_path):
     data = make(tasks=["capitals", "parity"], task_specs=[spec])
     data.setup("fit")
     batch = next(iter(data.val_dataloader()["capitals"]))
-    assert batch["targets"] == ["Paris", "Lima"]
+    assert batch.targets == ["Paris", "Lima"]
     tokenizer = data.tokenizer
-    assert tokenizer.decode(batch["prompt_input_ids"][1], skip_special_tokens=True) == "Capital of Peru?\nAnswer:"
+    assert tokenizer.decode(batch.prompt_input_ids[1], skip_special_tokens=True) == "Capital of Peru?\nAnswer:"
 
 
 def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
@@ -183,7 +184,7 @@ def test_subclass_hooks_change_tokenizer_and_format():
     data = BracketedData(tasks=["add_2digit"], max_train_examples_per_task=2, max_eval_examples_per_task=2)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()["add_2digit"]))
-    text = data.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    text = data.tokenizer.decode(batch.input_ids[0], skip_special_tokens=True)
     assert re.fullmatch(r"\[What is \d+ \+ \d+\?\] => \d+", text)
 
 
@@ -216,8 +217,8 @@ def test_train_loader_state_outside_a_trainer_is_the_sampler_position():
     fresh.setup("fit")
     resumed = fresh.train_dataloader()
     resumed.load_state_dict(state)
-    expected = [batch["input_ids"].tolist() for batch in iterator]
-    assert [batch["input_ids"].tolist() for batch in resumed] == expected
+    expected = [batch.input_ids.tolist() for batch in iterator]
+    assert [batch.input_ids.tolist() for batch in resumed] == expected
 
 
 

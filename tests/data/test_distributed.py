@@ -19,7 +19,7 @@ class RankRecorder(LightningModule):
         self.seen: list[list[int]] = []
 
     def training_step(self, batch, batch_idx):
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        for ids, mask in zip(batch.input_ids, batch.attention_mask):
             self.seen.append(ids[mask.bool()].tolist())
         return (self.weight - 1.0).pow(2).sum()
 
@@ -53,5 +53,5 @@ def test_two_ranks_train_on_disjoint_halves_of_the_epoch(tmp_path):
     reference = make_data()
     reference.setup("fit")
     epoch = {tuple(ids) for batch in reference.train_dataloader() for ids, mask in
-             zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()) for ids in [ids[: sum(mask)]]}
+             zip(batch.input_ids.tolist(), batch.attention_mask.tolist()) for ids in [ids[: sum(mask)]]}
     assert set(seen[0]) | set(seen[1]) == epoch

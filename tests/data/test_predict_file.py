@@ -29,8 +29,8 @@ def write_prompts(path, rows: list[dict]) -> None:
 
 
 def unpadded(batch, row: int) -> list[int]:
-    mask = batch["prompt_attention_mask"][row].bool()
-    return batch["prompt_input_ids"][row][mask].tolist()
+    mask = batch.prompt_attention_mask[row].bool()
+    return batch.prompt_input_ids[row][mask].tolist()
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -38,7 +38,7 @@ def test_prompts_with_and_without_task_are_grouped_and_rendered_like_task_prompt
     reference = make()
     reference.setup("test")
     test_batch = next(iter(reference.test_dataloader()["add_2digit"]))
-    known_prompt, known_target = test_batch["prompts"][0], test_batch["targets"][0]
+    known_prompt, known_target = test_batch.prompts[0], test_batch.targets[0]
     rows = [{"prompt": "Tell me a joke"},
             {"prompt": known_prompt, "task": "add_2digit", "target": known_target},
             {"prompt": "Is 7 even or odd?", "task": "parity"},
@@ -51,7 +51,7 @@ def test_prompts_with_and_without_task_are_grouped_and_rendered_like_task_prompt
     loaders = data.predict_dataloader()
     assert list(loaders) == ["add_2digit", "parity", NO_TASK]  # task order, then the prompts without a task
     seen = {name: [(prompt, task, target) for batch in loader
-                   for prompt, task, target in zip(batch["prompts"], batch["task_name"], batch["targets"])]
+                   for prompt, task, target in zip(batch.prompts, batch.task_name, batch.targets)]
             for name, loader in loaders.items()}
     assert seen == {"add_2digit": [(known_prompt, "add_2digit", known_target), ("What is 1 + 1?", "add_2digit", None)],
                     "parity": [("Is 7 even or odd?", "parity", None)],
@@ -66,7 +66,7 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
     data = make()
     data.setup("predict")
     assert list(data.predict_dataloader()) == TASKS
-    assert sum(len(batch["prompts"]) for batch in data.predict_dataloader()["parity"]) == 3
+    assert sum(len(batch.prompts) for batch in data.predict_dataloader()["parity"]) == 3
 
 
 @pytest.mark.parametrize(("name", "content", "named"), [

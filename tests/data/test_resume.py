@@ -27,7 +27,7 @@ class Recorder(LightningModule):
         self.seen: list[tuple[int, ...]] = []
 
     def training_step(self, batch, batch_idx):
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        for ids, mask in zip(batch.input_ids, batch.attention_mask):
             self.seen.append(tuple(ids[mask.bool()].tolist()))
         return (self.weight - 1.0).pow(2).sum()
 

@@ -1,0 +1,55 @@
+"""The contracts between the data module, the LightningModule and the callbacks: the training batch, the evaluation
+batch and the evaluation output, as typed classes (Lightning moves dataclasses between devices like dicts).
+
+Shapes: B examples, L tokens (right-padded), P prompt tokens (left-padded), R (example, choice) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainingBatch:
+    """What training reads; every batch has these fields."""
+
+    input_ids: torch.Tensor  # [B, L] long: prompt + answer, right-padded
+    attention_mask: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long: IGNORE_INDEX on prompt and padding (the loss covers the answer and its end)
+    task_id: torch.Tensor  # [B] long: index into the data module's `tasks`; -1 for a predict prompt without a task
+    task_name: list[str | None]  # None for a predict prompt without a task
+
+
+@dataclass
+class ChoiceRows:
+    """A multiple-choice batch's rows, one per (example, choice): the prompt followed by that choice."""
+
+    input_ids: torch.Tensor  # [R, L'] long, right-padded
+    attention_mask: torch.Tensor  # [R, L'] long
+    labels: torch.Tensor  # [R, L'] long: IGNORE_INDEX except on the choice's tokens
+    example_index: torch.Tensor  # [R] long: row -> example
+    gold: torch.Tensor  # [B] long: the index of each example's right choice
+    num_choices: torch.Tensor  # [B] long
+
+
+@dataclass
+class EvaluationBatch(TrainingBatch):
+    """What evaluation and prediction read: the training fields plus the prompts for generation and the choices."""
+
+    prompts: list[str]  # the prompt texts before any chat template
+    targets: list[str | None]  # the reference answers; None for a predict prompt without one
+    prompt_input_ids: torch.Tensor  # [B, P] long: the prompts LEFT-padded, ending where the answer starts
+    prompt_attention_mask: torch.Tensor  # [B, P] long
+    choices: ChoiceRows | None = None  # multiple-choice tasks only
+
+
+@dataclass
+class EvaluationOutput:
+    """Per-example results of one evaluation batch, the raw material of `PerTaskMetrics` and the run report."""
+
+    task_name: list[str]
+    loss: torch.Tensor  # [B]: mean token NLL of the target (multiple choice: of the gold choice)
+    correct: torch.Tensor | None = None  # [B] bool; None for a task without an answer check
+    predictions: list[str] | list[int] | None = None  # generated answers, or the chosen choice indices
