@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.layers import LoRALinear, RoutedAdapterLayer
 from malora_lightning.adapters.model import (
@@ -34,7 +35,6 @@ from malora_lightning.adapters.model import (
     routed_layers,
     routing_context,
 )
-from malora_lightning.adapters.quantization import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.routing import RoutingRecord, kept_gates, scatter_gates
 
 MERGE_DTYPE = torch.float64  # updates are formed and added in float64, then cast to the weight's dtype

@@ -25,8 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from malora_lightning.data.tasks import Example, TaskDataError
-
-IGNORE_INDEX = -100
+from malora_lightning.scoring import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
