@@ -184,8 +184,9 @@ def _task_factors(model: nn.Module, profile: TaskProfile) -> tuple[AdapterConfig
     for name, layer in layers.items():
         gates = profile.gates[name].to(device=layer.lora_B.device, dtype=MERGE_DTYPE)
         up = layer.lora_B.detach().to(MERGE_DTYPE)  # [N, m, r]
-        down = layer.expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA) or [N, r, n] (MoLoRA)
-        shared = None if layer.shared_down is None else layer.shared_down.detach().to(MERGE_DTYPE)  # [d, n]
+        shared_A, expert_down = layer.down_weights()
+        down = expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA's lora_P) or [N, r, n] (MoLoRA's lora_A)
+        shared = None if shared_A is None else shared_A.detach().to(MERGE_DTYPE)  # [d, n]
         if shared is not None and shared.shape[0] <= layer.num_experts * layer.rank:
             lora_A = shared
             lora_B = torch.einsum("t,tmr,trd->md", gates, up, down)
