@@ -1,8 +1,7 @@
 """Whether bf16 is fast on a device: it decides the `"auto"` compute dtype and `AutoMixedPrecision`.
 
-On x86 CPUs without AVX512-BF16 or AMX, PyTorch runs bf16 matrix products about 50x slower than float32 (measured
-on an AVX2 EPYC: 1.3 vs 72 GFLOP/s), so there float32 is the fast choice; with them bf16 is 2-4x faster (measured
-on an AVX512-BF16 EPYC, 2 threads, a 2048 x 2048 x 5504 product: 764 vs 186 GFLOP/s).
+On x86 CPUs without AVX512-BF16 or AMX, PyTorch emulates bf16 matrix products, far slower than float32, so there
+float32 is the fast choice; with them bf16 is the faster one. The measured rates are in BENCHMARKS.md ("Machines").
 """
 
 from __future__ import annotations

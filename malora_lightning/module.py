@@ -106,7 +106,7 @@ class MALoRAModule(L.LightningModule):
         model_name_or_path: local folder, hub id, or offline model ("offline:SmolLM2-135M-Instruct").
         quantization: bitsandbytes quantization of the frozen base: "nf4", "fp4", "int8" or None.
         compute_dtype: dtype the 4-bit layers compute in; "auto" picks bfloat16 where the device runs bf16 fast
-            (CUDA, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (bf16 is ~50x slower on plain AVX2 CPUs).
+            (CUDA, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (far faster on plain AVX2 CPUs: BENCHMARKS.md).
         dtype: dtype of the base weights that are not quantized (None: compute_dtype when quantized, else float32).
         quant_storage: storage dtype of packed 4-bit weights; set it to `dtype` for FSDP with a 4-bit base.
         adapter: which adapters to inject (LoRA, MoLoRA, MALoRA) and their hyperparameters.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions no loss is taken on (prompt, padding); the collator writes it
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:

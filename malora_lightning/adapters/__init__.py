@@ -1,6 +1,7 @@
 """Adapter layers and model surgery in pure PyTorch + transformers (nothing here knows about Lightning)."""
 
 from malora_lightning.adapters.accounting import ParameterCount, count_parameters
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import PAPER_TARGET_MODULES, AdapterConfig
 from malora_lightning.adapters.inject import find_target_modules, inject_adapters
 from malora_lightning.adapters.io import (
@@ -30,11 +31,7 @@ from malora_lightning.adapters.model import (
     router_losses,
     scoring_pass,
 )
-from malora_lightning.adapters.quantization import (
-    disable_bnb_cpu_weight_packing,
-    load_base_model,
-    prepare_for_adapter_training,
-)
+from malora_lightning.adapters.quantization import load_base_model, prepare_for_adapter_training
 from malora_lightning.adapters.routing import RoutingRecord, load_balance_loss, route, router_z_loss
 
 __all__ = [

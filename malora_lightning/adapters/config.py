@@ -12,17 +12,14 @@ from typing import Any, Literal
 
 import torch
 
+from malora_lightning.dtypes import dtypes_named
+
 Method = Literal["lora", "molora", "malora"]
 Kernel = Literal["dense", "sparse"]
 
 METHODS: tuple[str, ...] = ("lora", "molora", "malora")
 KERNELS: tuple[str, ...] = ("dense", "sparse")
-ADAPTER_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+ADAPTER_DTYPES: dict[str, torch.dtype] = dtypes_named("float32", "bfloat16", "float16", "float64")
 
 # The paper adapts every projection except the attention output (o_proj); its parameter counts confirm this.
 PAPER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,14 +1,13 @@
 """Adapter-input dropout that is cheap on CPU.
 
-On CPU, `torch.nn.functional.dropout` draws one Bernoulli sample per element through the scalar mt19937 path
-(about 4 ns an element, 1.5 ms for a [512, 576] input): with the paper's dropout 0.05 on six adapted modules per
-decoder layer, that was about a tenth of a SmolLM2 training step (BENCHMARKS.md). `LaneDropout` instead fills
-int64 words with 64 random bits each from torch's generator and reads every word as four 16-bit lanes, one per
-element; an element is dropped when its lane falls below `p * 2**16`. Its forward costs 0.35-0.5 of
-`F.dropout`'s, forward + backward about 0.6 (benchmarks/cpu_micro.py), and the mask it keeps for backward is a bool
-tensor, as `F.dropout`'s is. The drop rate is `p` rounded to a multiple of 2**-16 (0.05 becomes 0.0500031); the scale
-uses that rounded rate, so the expected output is still exactly x. Other devices use `F.dropout`, whose fused
-kernels are already fast.
+On CPU, `torch.nn.functional.dropout` draws one Bernoulli sample per element through the scalar mt19937 path:
+with the paper's dropout 0.05 on six adapted modules per decoder layer, a noticeable share of a SmolLM2 training
+step. `LaneDropout` instead fills int64 words with 64 random bits each from torch's generator and reads every word as
+four 16-bit lanes, one per element; an element is dropped when its lane falls below `p * 2**16`. It is faster than
+`F.dropout` forward and backward (benchmarks/cpu_micro.py; the numbers are in BENCHMARKS.md, "What the kernel work
+changed"), and the mask it keeps for backward is a bool tensor, as `F.dropout`'s is. The drop rate is `p` rounded to
+a multiple of 2**-16 (0.05 becomes 0.0500031); the scale uses that rounded rate, so the expected output is still
+exactly x. Other devices use `F.dropout`, whose fused kernels are already fast.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import Any
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer
 from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers
-from malora_lightning.adapters.quantization import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.routing import install_routing_context
 
 logger = logging.getLogger(__name__)

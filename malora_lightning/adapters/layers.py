@@ -155,9 +155,9 @@ class LoRALinear(AdapterLayer):
 class RoutedAdapterLayer(AdapterLayer):
     """A mixture of N low-rank experts, top-k routed per token.
 
-    Subclasses say how a token reaches the experts: `shared_down` is the [k, n] projection every token goes through
-    first (MALoRA's S_A; None for MoLoRA, whose experts read x itself), and `expert_down` [N, r, k] the per-expert
-    down-projection of that input. Every expert's up-projection is `lora_B` [N, m, r].
+    Subclasses say how a token reaches the experts (`down_weights`): through MALoRA's `shared_A` [d, n] first, then
+    each expert's `lora_P` [N, r, d], or for MoLoRA straight through each expert's `lora_A` [N, r, n]; and what one
+    expert's whole down-projection from x is (`expert_delta_down`). Every expert's up-projection is `lora_B` [N, m, r].
 
     Each forward hands its `RouterStatistics` to the model's current `ForwardRouting` (only in training mode with
     gradients on: nothing is computed for them in evaluation or generation) and a `RoutingRecord` to the routing
@@ -179,16 +179,14 @@ class RoutedAdapterLayer(AdapterLayer):
         self.routing_context = context if context is not None else RoutingContext()
 
     # ------------------------------------------------------------------ to be defined by each mixture
-    @property
-    def shared_down(self) -> torch.Tensor | None:
+    def down_weights(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The down-projections as the routed kernels take them, (shared_A, expert_down): MALoRA's
+        (`shared_A` [d, n], `lora_P` [N, r, d]); MoLoRA's (None, `lora_A` [N, r, n]), its experts reading x itself."""
         raise NotImplementedError
 
-    @property
-    def expert_down(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def expert_down_weight(self, expert: int) -> torch.Tensor:
-        """The full [r, n] down-projection of one expert (A_t, or P_t S_A for MALoRA)."""
+    def expert_delta_down(self, expert: int) -> torch.Tensor:
+        """One expert's whole [r, n] down-projection from x, the right factor of Delta W_t = B_t @ it: `lora_A[t]`
+        (MoLoRA), or `lora_P[t] @ shared_A` (MALoRA)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ forward
@@ -204,9 +202,10 @@ class RoutedAdapterLayer(AdapterLayer):
         if self.kernel == "sparse":
             output, statistics, z_loss, probs, experts = self._sparse_experts(result, x, token_weights, spec, dtype)
         else:
+            shared_A, expert_down = self.down_weights()
             output, statistics, z_loss, probs, experts = self.kernel_function(routed_output)(
-                result, x, self.kernel_weight(self.router.weight), self.kernel_weight(self.shared_down),
-                self.kernel_weight(self.expert_down), self.kernel_weight(self.lora_B), token_weights, spec,
+                result, x, self.kernel_weight(self.router.weight), self.kernel_weight(shared_A),
+                self.kernel_weight(expert_down), self.kernel_weight(self.lora_B), token_weights, spec,
                 self.training, dtype)
         if collect:
             forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))
@@ -229,13 +228,14 @@ class RoutedAdapterLayer(AdapterLayer):
         x = x.to(dtype)
         dropped, rescale = dropout_factors(x, self.dropout_rate, self.training)
         routing = route(F.linear(x, self.router.weight.to(dtype)), self.top_k, self.renormalize_top_k)
-        projected = dropped if self.shared_down is None else F.linear(dropped, self.shared_down.to(dtype))
+        shared_A, expert_down = self.down_weights()
+        projected = dropped if shared_A is None else F.linear(dropped, shared_A.to(dtype))
         flat_experts = routing.experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_index = order // self.top_k
         gates = routing.gates.reshape(-1)[order].to(dtype) * (self.scaling * rescale)
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        blocks = zip(self.expert_down.unbind(), self.lora_B.unbind(), projected[token_index].split(counts),
+        blocks = zip(expert_down.unbind(), self.lora_B.unbind(), projected[token_index].split(counts),
                      gates.split(counts), token_index.split(counts))
         output = result.clone()
         for down, up, rows, expert_gates, tokens in blocks:
@@ -256,7 +256,7 @@ class RoutedAdapterLayer(AdapterLayer):
         dropped = self.dropout(x)
         delta = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for expert in range(self.num_experts):
-            delta_weight = self.lora_B[expert] @ self.expert_down_weight(expert)  # Delta W_t, [m, n]
+            delta_weight = self.lora_B[expert] @ self.expert_delta_down(expert)  # Delta W_t, [m, n]
             delta = delta + gates[:, expert:expert + 1] * (dropped @ delta_weight.t())
         return self.scaling * delta
 
@@ -274,15 +274,10 @@ class MoLoRALinear(RoutedAdapterLayer):
         self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
         init_lora_(self.lora_A, self.lora_B)
 
-    @property
-    def shared_down(self) -> None:
-        return None
+    def down_weights(self) -> tuple[None, torch.Tensor]:
+        return None, self.lora_A
 
-    @property
-    def expert_down(self) -> torch.Tensor:
-        return self.lora_A
-
-    def expert_down_weight(self, expert: int) -> torch.Tensor:
+    def expert_delta_down(self, expert: int) -> torch.Tensor:
         return self.lora_A[expert]
 
 
@@ -306,15 +301,10 @@ class MALoRALinear(RoutedAdapterLayer):
         self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
         init_malora_(self.shared_A, self.lora_P, self.lora_B, config.beta, config.reuse_first_kaiming)
 
-    @property
-    def shared_down(self) -> torch.Tensor:
-        return self.shared_A
+    def down_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared_A, self.lora_P
 
-    @property
-    def expert_down(self) -> torch.Tensor:
-        return self.lora_P
-
-    def expert_down_weight(self, expert: int) -> torch.Tensor:
+    def expert_delta_down(self, expert: int) -> torch.Tensor:
         return self.lora_P[expert] @ self.shared_A
 
     def extra_repr(self) -> str:

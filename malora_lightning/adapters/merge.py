@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.layers import LoRALinear, RoutedAdapterLayer
 from malora_lightning.adapters.model import (
@@ -34,7 +35,6 @@ from malora_lightning.adapters.model import (
     routed_layers,
     routing_context,
 )
-from malora_lightning.adapters.quantization import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.routing import RoutingRecord, kept_gates, scatter_gates
 
 MERGE_DTYPE = torch.float64  # updates are formed and added in float64, then cast to the weight's dtype
@@ -184,8 +184,9 @@ def _task_factors(model: nn.Module, profile: TaskProfile) -> tuple[AdapterConfig
     for name, layer in layers.items():
         gates = profile.gates[name].to(device=layer.lora_B.device, dtype=MERGE_DTYPE)
         up = layer.lora_B.detach().to(MERGE_DTYPE)  # [N, m, r]
-        down = layer.expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA) or [N, r, n] (MoLoRA)
-        shared = None if layer.shared_down is None else layer.shared_down.detach().to(MERGE_DTYPE)  # [d, n]
+        shared_A, expert_down = layer.down_weights()
+        down = expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA's lora_P) or [N, r, n] (MoLoRA's lora_A)
+        shared = None if shared_A is None else shared_A.detach().to(MERGE_DTYPE)  # [d, n]
         if shared is not None and shared.shape[0] <= layer.num_experts * layer.rank:
             lora_A = shared
             lora_B = torch.einsum("t,tmr,trd->md", gates, up, down)

@@ -1,9 +1,6 @@
 """Loading (optionally 4-bit/8-bit) base models and preparing them for adapter training.
 
-CPU trap (bitsandbytes 0.50, AVX512-BF16 CPUs): the first eval-mode forward of a `Linear4bit` whose input needs no
-gradient (Lightning's sanity check, `generate()`) repacks its weight for a fast inference kernel that has no autograd;
-from then on the layer silently passes no gradient to its input, even in train mode. `disable_bnb_cpu_weight_packing`
-turns that path off (and undoes a packing that already happened); every model we load or inject into gets it.
+Every model loaded here gets `disable_bnb_cpu_weight_packing` (`bnb_cpu.py`: why bitsandbytes needs it on CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
+from malora_lightning.dtypes import dtypes_named
 from malora_lightning.offline_models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
 # the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
 # records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
 BASE_NAME_ATTRIBUTE = "malora_base_model"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+_DTYPES = dtypes_named("float32", "bfloat16", "float16", "uint8")  # compute_dtype, dtype and quant_storage
 
 
 def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
@@ -34,25 +33,6 @@ def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
     if value not in _DTYPES:
         raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(_DTYPES)}")
     return _DTYPES[value]
-
-
-def disable_bnb_cpu_weight_packing(model: nn.Module) -> int:
-    """Keep every bitsandbytes `Linear4bit` on its differentiable path on CPU; returns how many layers it touched."""
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return 0
-    touched = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            quant_state = getattr(module.weight, "quant_state", None)
-            if getattr(quant_state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, quant_state)
-            touched += 1
-    return touched
 
 
 def bnb_quantization_config(quantization: Quantization, compute_dtype: torch.dtype,

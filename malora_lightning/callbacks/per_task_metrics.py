@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
+from malora_lightning.callbacks.summary import mean_of_present
 from malora_lightning.data.batches import EvaluationOutput
 
 
@@ -39,8 +40,7 @@ class Evaluation:
 
     @property
     def macro_accuracy(self) -> float | None:
-        values = [score.accuracy for score in self.tasks.values() if score.accuracy is not None]
-        return sum(values) / len(values) if values else None
+        return mean_of_present(score.accuracy for score in self.tasks.values())
 
     @property
     def macro_loss(self) -> float:
@@ -48,6 +48,13 @@ class Evaluation:
 
 
 EvaluationListener = Callable[[L.Trainer, L.LightningModule, Evaluation], None]
+
+
+def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
+    """Each task's chance rate, from the data module's tasks (empty without them)."""
+    datamodule = trainer.datamodule
+    tasks = getattr(datamodule, "tasks", []) if datamodule is not None else []
+    return {task.name: getattr(task, "chance_rate", None) for task in tasks}
 
 
 class _TaskMeters(torch.nn.Module):

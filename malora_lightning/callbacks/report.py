@@ -12,19 +12,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics
+from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
+from malora_lightning.callbacks.summary import mean_of_present, percent
 from malora_lightning.run_paths import run_directory
 
 REPORT_NAME = "report.md"
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return sum(present) / len(present) if present else None
 
 
 def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None]) -> str:
@@ -43,20 +35,13 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
         change = None if start is None or end is None else end - start
         for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end)):
             columns[key].append(value)
-        lines.append(f"| {name} | {_percent(chance.get(name))} | {_percent(start)} | {_percent(best)} | "
-                     f"{_percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | "
+        lines.append(f"| {name} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
+                     f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | "
                      f"{final.tasks[name].loss:.3f} |")
-    means = {key: _mean(values) for key, values in columns.items()}
-    lines.append(f"| **mean** | {_percent(means['chance'])} | {_percent(means['first'])} | {_percent(means['best'])} | "
-                 f"{_percent(means['final'])} | | {final.macro_loss:.3f} |")
+    means = {key: mean_of_present(values) for key, values in columns.items()}
+    lines.append(f"| **mean** | {percent(means['chance'])} | {percent(means['first'])} | {percent(means['best'])} | "
+                 f"{percent(means['final'])} | | {final.macro_loss:.3f} |")
     return "\n".join(lines)
-
-
-def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
-    """Each task's chance rate, from the data module's tasks (empty without them)."""
-    datamodule = trainer.datamodule
-    tasks = getattr(datamodule, "tasks", []) if datamodule is not None else []
-    return {task.name: getattr(task, "chance_rate", None) for task in tasks}
 
 
 class RunReport(Callback):

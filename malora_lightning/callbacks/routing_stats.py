@@ -42,6 +42,7 @@ from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
+from malora_lightning.callbacks.summary import mean_of_present
 from malora_lightning.run_paths import run_directory
 
 
@@ -83,11 +84,6 @@ def task_expert_nmi(task_load: torch.Tensor) -> float | None:
     if task_entropy <= 0:
         return None
     return ((task_share * task_divergences(task_load)).sum() / task_entropy).item()
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return sum(present) / len(present) if present else None
 
 
 @dataclass
@@ -153,13 +149,13 @@ class RoutingSummary:
             "layers": len(self.layers),
             "experts": sum(layer.task_load.shape[1] for layer in self.layers.values()),
             "tokens": max((layer.tokens for layer in self.layers.values()), default=0),
-            "load_cv_mean": _mean(list(cvs.values())),
+            "load_cv_mean": mean_of_present(cvs.values()),
             "load_cv_min": min(cvs.values()) if cvs else None,
             "load_cv_max": cvs[worst] if worst else None,
             "load_cv_max_layer": worst,
-            "normalized_entropy_mean": _mean([layer.normalized_entropy for layer in self.layers.values()]),
+            "normalized_entropy_mean": mean_of_present(layer.normalized_entropy for layer in self.layers.values()),
             "dead_experts": sum(len(dead_experts(layer.load, self.dead_threshold)) for layer in self.layers.values()),
-            "task_expert_nmi_mean": _mean([task_expert_nmi(layer.task_load) for layer in self.layers.values()]),
+            "task_expert_nmi_mean": mean_of_present(task_expert_nmi(layer.task_load) for layer in self.layers.values()),
         }
 
     def task_rows(self) -> list[int]:

@@ -31,9 +31,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics
+from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
-from malora_lightning.callbacks.report import chance_rates
+from malora_lightning.callbacks.summary import percent
 from malora_lightning.run_paths import run_directory
 
 SEESAW_NAME = "seesaw.json"
@@ -128,12 +128,6 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
             raise ValueError(f"baseline scores file {path}: task {name!r} has score {score!r}; expected an accuracy "
                              "in (0, 1] (relative gains divide by it)")
     return {name: float(score) for name, score in data.items()}
-
-
-def _percent(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
 class SeesawTracker(Callback):
@@ -239,17 +233,17 @@ class SeesawTracker(Callback):
             rule += "---|---|"
         lines = [f"Accuracies in %, at step {point.step}; changes in points, relative gains in %.", "", header, rule]
         for name, task in point.tasks.items():
-            line = f"| {name} | {_percent(task.accuracy)} |"
+            line = f"| {name} | {percent(task.accuracy)} |"
             if movement:
-                line += (f" {_percent(task.best)} ({task.best_step}) | {_percent(task.gap_to_best)} | "
-                         f"{_percent(task.change, signed=True)} |")
+                line += (f" {percent(task.best)} ({task.best_step}) | {percent(task.gap_to_best)} | "
+                         f"{percent(task.change, signed=True)} |")
             if with_baseline:
-                line += f" {_percent(self.baseline.get(name))} | {_percent(task.relative_gain, signed=True)} |"
+                line += f" {percent(self.baseline.get(name))} | {percent(task.relative_gain, signed=True)} |"
             lines.append(line)
         if point.delta_mtl is not None:
-            lines += ["", f"Delta-MTL (mean relative gain): **{_percent(point.delta_mtl, signed=True)} %**; "
+            lines += ["", f"Delta-MTL (mean relative gain): **{percent(point.delta_mtl, signed=True)} %**; "
                           f"negative transfer on {point.negative_transfer} of {len(point.tasks)} tasks "
-                          f"(worst {_percent(point.worst_relative_gain, signed=True)} %)."]
+                          f"(worst {percent(point.worst_relative_gain, signed=True)} %)."]
         return "\n".join(lines)
 
     def _evaluations_table(self, points: list[SeesawPoint]) -> str:
@@ -260,7 +254,7 @@ class SeesawTracker(Callback):
         for point in points[1:]:
             index = "-" if point.seesaw_index is None else f"{point.seesaw_index:.2f}"
             lines.append(f"| {point.step} | {index} | {', '.join(point.improved) or '-'} | "
-                         f"{', '.join(point.degraded) or '-'} | {_percent(point.delta_mtl, signed=True)} |")
+                         f"{', '.join(point.degraded) or '-'} | {percent(point.delta_mtl, signed=True)} |")
         indices = [point.seesaw_index for point in points if point.seesaw_index is not None]
         if indices:
             lines += ["", f"Mean seesaw index over {len(indices)} interval(s): **{sum(indices) / len(indices):.2f}**"

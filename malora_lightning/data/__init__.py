@@ -3,7 +3,6 @@ task-balanced sampling, tokenisation/batching and the ``MultiTaskDataModule``.""
 
 from malora_lightning.data.builtin import BUILTIN_TASKS, build_builtin_tasks
 from malora_lightning.data.collate import (
-    IGNORE_INDEX,
     EncodedExample,
     MultiTaskCollator,
     PromptEncoder,
@@ -29,6 +28,7 @@ from malora_lightning.data.tasks import (
     task_from_spec,
     tasks_from_yaml,
 )
+from malora_lightning.scoring import IGNORE_INDEX
 
 __all__ = [
     "BUILTIN_TASKS",

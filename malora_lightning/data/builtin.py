@@ -108,7 +108,8 @@ def odd_one_out(rng: random.Random) -> Row:
     return _choice_row(lettered_question("Which word does not belong?", words, gold))
 
 
-RECIPES: dict[str, tuple[str, Callable[[random.Random], Row], str]] = {
+# each built-in task by name: (kind, a generator of one item from a random.Random, description)
+TASK_GENERATORS: dict[str, tuple[str, Callable[[random.Random], Row], str]] = {
     "reverse_words": ("generative", reverse_words, "reverse a list of 3-5 words"),
     "sort_words": ("generative", sort_words, "sort a list of 3-5 words alphabetically"),
     "first_letters": ("generative", first_letters, "first letter of each of 3-5 words"),
@@ -155,7 +156,7 @@ def majority_rate(targets: list[str]) -> float:
 def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES) -> list[Task]:
     """The suite with the given split sizes; ``chance_rate`` is the majority-answer rate of the seed-0 test split."""
     tasks = []
-    for name, (kind, make, description) in RECIPES.items():
+    for name, (kind, make, description) in TASK_GENERATORS.items():
         generate = partial(generate_split, name, make, dict(sizes))
         targets = [row["target"] for row in generate("test", 0)]
         tasks.append(Task(name=name, source=GeneratorSource(generate), formatter=format_row, kind=kind,

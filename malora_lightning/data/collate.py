@@ -12,8 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, TrainingBatch
 from malora_lightning.data.tasks import Example, TaskDataError
-
-IGNORE_INDEX = -100
+from malora_lightning.scoring import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,16 @@ def _generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
+def replica_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """The given world size and rank, each None filled in from torch.distributed when it is initialised (else 1, 0)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if distributed else 1
+    if rank is None:
+        rank = dist.get_rank() if distributed else 0
+    return num_replicas, rank
+
+
 class TaskBalancedSampler(DistributedSampler):
     """Yields global indices into the concatenation of the task datasets (task 0's examples first, then task 1's...).
 
@@ -155,11 +165,7 @@ class TaskBalancedSampler(DistributedSampler):
         self.epoch_length = int(num_samples) if num_samples is not None else sum(self.sizes)
         if self.epoch_length < 1:
             raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
+        num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(self.epoch_length), num_replicas=num_replicas, rank=rank, shuffle=True,
                          seed=seed, drop_last=drop_last)
         self.counts = epoch_counts(self.weights, self.epoch_length)
@@ -241,11 +247,7 @@ class EvaluationShardSampler(DistributedSampler):
     """
 
     def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
+        num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size = size
 
