@@ -80,6 +80,7 @@ def balance_statistics(probs: torch.Tensor, selection: torch.Tensor,
     selection = selection.to(probs.dtype)
     if token_weights is None:
         return torch.cat([probs.mean(dim=0), selection.mean(dim=0)])
+    token_weights = token_weights.to(probs.dtype)  # float32 from the mask; probs are float64 with float64 adapters
     return torch.cat([token_weights @ probs, token_weights @ selection])
 
 

@@ -8,7 +8,7 @@ from malora_lightning.adapters import (
     find_target_modules,
     inject_adapters,
 )
-from malora_lightning.adapters.layers import LoRALinear, MALoRALinear, MoLoRALinear
+from tests.adapters.method_matrix import METHOD_CLASSES
 from tests.helpers import tiny_model
 
 FAMILY_TARGETS = {
@@ -41,7 +41,7 @@ def test_logits_unchanged_at_init_on_every_family(family, method):
     assert torch.equal(before, after)
     layers = adapter_layers(model)
     assert len(layers) == 2 * (6 if FAMILY_TARGETS[family] is None else 3)
-    expected_class = {"lora": LoRALinear, "molora": MoLoRALinear, "malora": MALoRALinear}[method]
+    expected_class = METHOD_CLASSES[method]
     assert all(type(layer) is expected_class for layer in layers.values())
 
 

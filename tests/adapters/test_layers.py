@@ -5,9 +5,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from malora_lightning.adapters import AdapterConfig, LoRALinear, MALoRALinear, MoLoRALinear
+from malora_lightning.adapters import AdapterConfig, LoRALinear, MALoRALinear
 from malora_lightning.adapters.init import init_malora_
 from malora_lightning.adapters.routing import route
+from tests.adapters.method_matrix import METHOD_CLASSES
 
 IN, OUT, TOKENS = 24, 20, 37
 
@@ -20,7 +21,7 @@ def make_layer(method: str, kernel: str = "dense", dtype=torch.float64, seed: in
                     adapter_dtype="float64" if dtype == torch.float64 else "float32", kernel=kernel)
     settings.update(overrides)
     config = AdapterConfig(**settings)
-    layer = {"lora": LoRALinear, "molora": MoLoRALinear, "malora": MALoRALinear}[method](base, config, name="layer")
+    layer = METHOD_CLASSES[method](base, config, name="layer")
     with torch.no_grad():
         layer.lora_B.normal_()
         if hasattr(layer, "router"):
@@ -110,7 +111,7 @@ def test_route_keeps_top_k_and_renormalises():
 def test_output_equals_base_at_initialisation(method):
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT)
-    layer = {"lora": LoRALinear, "molora": MoLoRALinear, "malora": MALoRALinear}[method](
+    layer = METHOD_CLASSES[method](
         base, AdapterConfig(method=method, rank=4, shared_rank=8, num_experts=4))
     x = torch.randn(5, IN)
     assert torch.equal(layer(x), base(x))
@@ -196,7 +197,7 @@ def test_inherits_train_or_eval_mode_of_the_wrapped_layer():
 def test_bf16_base_keeps_float32_adapters_and_bf16_output(method):
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, dtype=torch.bfloat16)
-    layer = {"lora": LoRALinear, "molora": MoLoRALinear, "malora": MALoRALinear}[method](
+    layer = METHOD_CLASSES[method](
         base, AdapterConfig(method=method, rank=4, shared_rank=8, num_experts=4, dropout=0.0))
     assert all(p.dtype == torch.float32 for p in layer.adapter_parameters().values())
     with torch.no_grad():
