@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -36,10 +38,41 @@ def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
     return _DTYPES[value]
 
 
+class _DropHubKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def import_bitsandbytes() -> ModuleType:
+    """Import bitsandbytes without the hub download it tries at import, and without its warning about it.
+
+    On AVX512-BF16 CPUs bitsandbytes 0.50 asks the `kernels` package for "kernels-community/quantization-bitsandbytes"
+    (a download at run time) and warns when that fails, as it does offline. That kernel only serves the packed
+    inference layout `disable_bnb_cpu_weight_packing` turns off, so it would never run here: hiding `kernels` during
+    the import skips the lookup and changes no result. Call it before anything (transformers) imports bitsandbytes.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    had_kernels, kernels = "kernels" in sys.modules, sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError: bitsandbytes falls back
+    ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = _DropHubKernelWarning()
+    ops_logger.addFilter(drop)
+    try:
+        import bitsandbytes
+    finally:
+        ops_logger.removeFilter(drop)
+        if had_kernels:
+            sys.modules["kernels"] = kernels
+        else:
+            del sys.modules["kernels"]
+    return bitsandbytes
+
+
 def disable_bnb_cpu_weight_packing(model: nn.Module) -> int:
     """Keep every bitsandbytes `Linear4bit` on its differentiable path on CPU; returns how many layers it touched."""
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
         return 0
@@ -161,6 +194,7 @@ def load_base_model(
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
+        import_bitsandbytes()  # before transformers imports it
         storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
         kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
     kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
