@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
+from malora_lightning.terminal import StepProgressBar, quiet_known_notes
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
 # or switched off (`--routing_stats null`) without rewriting the trainer's callback list.
@@ -106,7 +108,13 @@ class MALoRACLI(LightningCLI):
                         ", ".join(differences))
 
     def _instantiate_trainer(self, config, callbacks):
-        return super()._instantiate_trainer(config, [callback for callback in callbacks if callback is not None])
+        callbacks = [callback for callback in callbacks if callback is not None]
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if (config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+                and not any(isinstance(callback, ProgressBar) for callback in given + callbacks)):
+            callbacks.append(StepProgressBar())  # the bar Lightning would pick, reading sensibly under max_steps
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRAModule,
@@ -115,6 +123,7 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
 
     Returns None: a console script exits with `sys.exit(main())`, and any other value would be an error exit.
     """
+    quiet_known_notes()
     MALoRACLI(model_class, datamodule_class, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
               args=args)
 

@@ -238,7 +238,11 @@ class MALoRAModule(L.LightningModule):
             compile_adapters(model, mode)
         model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
         if hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers renamed it activation_checkpointing_enable (the old name warns); our 5.18 floor lacks it
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
 

@@ -196,6 +196,7 @@ def test_trains_under_each_precision_and_with_gradient_checkpointing(tiny_model_
     trainer = make_trainer(tmp_path, max_steps=2, precision=precision)
     trainer.fit(module, make_data(tiny_model_dir))
     assert trainer.global_step == 2
+    assert module.model.is_gradient_checkpointing == checkpointing
     trained = [p for n, p in module.model.named_parameters() if n.endswith("lora_B")]
     assert trained and all(p.abs().sum() > 0 for p in trained)  # B left zero means no update reached it
     routers = [m for m in module.model.modules() if hasattr(m, "router")]

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
+from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing, import_bitsandbytes
 from malora_lightning.dtypes import dtypes_named
 from malora_lightning.offline_models import resolve_model_path
 
@@ -141,6 +141,7 @@ def load_base_model(
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
+        import_bitsandbytes()  # before transformers imports it
         storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
         kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
     kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}

@@ -1,4 +1,4 @@
-"""PNG pictures of a run: per-task accuracy curves and layer x expert heatmaps.
+"""PNG pictures of a run: per-task accuracy curves, layer x expert heatmaps and how each task is routed by depth.
 
 Matplotlib is imported only when a picture is drawn, and only its object-oriented API is used (a `Figure` rendered by
 the Agg canvas, no pyplot): importing the package needs no display, and a user's own pyplot backend and open figures
@@ -8,6 +8,7 @@ are left alone. Files are written atomically, so a viewer never sees half a PNG.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,4 +91,54 @@ def plot_layer_heatmap(values: Sequence[Sequence[float]], layer_names: Sequence[
         axes.set_xlabel("expert")
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label=colour_label, shrink=min(1.0, 6.0 / height))
+    return save_figure(figure, path)
+
+
+def depth_ticks(layer_names: Sequence[str], most: int = 32) -> tuple[list[int], list[str]]:
+    """Tick positions and labels for layers in model order: the first layer of every block ("model.layers.12.mlp"
+    -> 12, the first number in the name), thinned to at most `most` ticks; every layer's index without numbers."""
+    blocks = [re.search(r"\d+", name) for name in layer_names]
+    if not all(blocks):
+        positions = list(range(len(layer_names)))
+        labels = [str(position) for position in positions]
+    else:
+        positions = [column for column, block in enumerate(blocks)
+                     if column == 0 or block.group() != blocks[column - 1].group()]
+        labels = [blocks[column].group() for column in positions]
+    stride = -(-len(positions) // most)
+    return positions[::stride], labels[::stride]
+
+
+def plot_task_routing(divergence: Sequence[Sequence[float]], layer_names: Sequence[str], tasks: Sequence[str],
+                      details: Sequence[tuple[str, float, Sequence[Sequence[float]]]], title: str, path: Path) -> Path:
+    """Top: task x layer, KL (nats) of the task's expert use from the layer's overall use, layers in model order.
+    Below: for a few layers (name, NMI, [task][expert] share / even share) the full task x expert matrix.
+
+    A task x expert matrix of every layer (180 rows x 72 columns on SmolLM2) shows no pattern; one number per task
+    and layer does, and the layers where tasks differ most are the ones worth reading expert by expert.
+    """
+    rows = len(tasks)
+    top_height = 1.6 + 0.28 * rows
+    detail_height = 1.4 + 0.28 * rows if details else 0.0
+    figure = new_figure(12.0, top_height + detail_height)
+    top, bottom = figure.subfigures(2, 1, height_ratios=[top_height, detail_height]) if details else (figure, None)
+    axes = top.subplots()
+    image = axes.imshow(divergence, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0)
+    positions, labels = depth_ticks(layer_names)
+    axes.set_xticks(positions, labels=labels, fontsize=7)
+    axes.set_yticks(range(rows), labels=tasks, fontsize=8)
+    axes.set(xlabel=f"block (each column one of {len(layer_names)} routed layers, in model order)", title=title)
+    top.colorbar(image, ax=axes, label="KL from the layer's use (nats)")
+    if details:
+        panels = bottom.subplots(1, len(details), sharey=True, squeeze=False)[0]
+        shares = [value for _, _, matrix in details for row in matrix for value in row]
+        for panel, (name, nmi, matrix) in zip(panels, details):
+            image = panel.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0,
+                                 vmax=max(shares))
+            panel.set_title(f"{name}\nNMI {nmi:.3f}", fontsize=8)
+            panel.set_xticks(range(len(matrix[0])))
+            panel.set_xlabel("expert", fontsize=8)
+        panels[0].set_yticks(range(rows), labels=tasks, fontsize=8)
+        bottom.suptitle("Most task-specific layers: expert use per task", fontsize=10)
+        bottom.colorbar(image, ax=list(panels), label="share / even share")
     return save_figure(figure, path)

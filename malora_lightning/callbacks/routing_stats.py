@@ -41,9 +41,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap
+from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing
 from malora_lightning.callbacks.summary import mean_of_present
 from malora_lightning.run_paths import run_directory
+
+
+# how many of the most task-specific layers (highest task-expert NMI) the task routing plot shows expert by expert
+DETAIL_LAYERS = 4
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -128,7 +132,8 @@ class LayerRouting:
         return {"tokens": self.tokens, "load": load.tolist(), "load_share": [value / total for value in load.tolist()],
                 "load_cv": self.load_cv, "max_over_mean": self.max_over_mean, "entropy": self.entropy,
                 "normalized_entropy": self.normalized_entropy, "dead_experts": dead_experts(load, dead_threshold),
-                "task_expert_nmi": task_expert_nmi(self.task_load), "task_load": self.task_load.tolist()}
+                "task_expert_nmi": task_expert_nmi(self.task_load),
+                "task_divergence": task_divergences(self.task_load).tolist(), "task_load": self.task_load.tolist()}
 
 
 @dataclass
@@ -219,8 +224,10 @@ class RoutingStats(Callback):
 
     Logs `<stage>/routing/load_cv` (mean over layers), `<stage>/routing/load_cv_max`, `<stage>/routing/entropy`
     (mean normalised entropy), `<stage>/routing/dead_experts` (count over all layers) and `<stage>/routing/task_nmi`
-    (mean task-expert NMI). Writes every layer's figures to `routing_<stage>.json` and the heatmaps
-    `plots/expert_load_<stage>.png` and `plots/task_expert_<stage>.png`, next to the checkpoints (rank zero).
+    (mean task-expert NMI). Writes every layer's figures (its full task x expert matrix included) to
+    `routing_<stage>.json`, and next to the checkpoints (rank zero) the heatmaps `plots/expert_load_<stage>.png`
+    (layer x expert) and `plots/task_expert_<stage>.png` (task x layer KL, and the most task-specific layers' task x
+    expert matrices).
 
     Args:
         dead_threshold: an expert whose load share is below this fraction of the even share 1/N is dead.
@@ -311,24 +318,29 @@ class RoutingStats(Callback):
 
     @staticmethod
     def _plot(summary: RoutingSummary, folder: Path) -> list[str]:
-        """Expert load per layer (share x N, 1 = even) and, per task, P(expert | task) x N per layer."""
+        """Expert load per layer (share x N, 1 = even); per task and layer the KL from the layer's overall use, with
+        P(expert | task) x N of the `DETAIL_LAYERS` layers of highest task-expert NMI (the full matrices: JSON)."""
         names = list(summary.layers)
         num_experts = next(iter(summary.layers.values())).task_load.shape[1]
         load = [(layer.load.double() / layer.load.sum().clamp(min=1) * num_experts).tolist()
                 for layer in summary.layers.values()]
         rows = summary.task_rows()
-        by_task = []
-        for layer in summary.layers.values():
-            task_load = layer.task_load[rows].double()
-            by_task.append((task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).flatten().tolist())
+        divergence = torch.stack([task_divergences(layer.task_load)[rows] for layer in summary.layers.values()], 1)
+        nmi = {name: task_expert_nmi(layer.task_load) for name, layer in summary.layers.items()}
+        specific = sorted((name for name in names if nmi[name] is not None), key=nmi.get, reverse=True)
+        details = []
+        for name in specific[:DETAIL_LAYERS]:
+            task_load = summary.layers[name].task_load[rows].double()
+            details.append((name, nmi[name],
+                            (task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).tolist()))
         stage = summary.stage
         files = [f"expert_load_{stage}.png", f"task_expert_{stage}.png"]
         plot_layer_heatmap(load, names, ["all tasks"], num_experts,
                            f"Expert load per layer ({stage}, step {summary.step})", "load / even share",
                            folder / files[0])
-        plot_layer_heatmap(by_task, names, [summary.tasks[task] for task in rows], num_experts,
-                           f"Expert use per task ({stage}, step {summary.step})", "share / even share",
-                           folder / files[1])
+        plot_task_routing(divergence.tolist(), names, [summary.tasks[task] for task in rows], details,
+                          f"How differently each task is routed, by depth ({stage}, step {summary.step})",
+                          folder / files[1])
         return files
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -390,7 +402,7 @@ class RoutingStats(Callback):
                 lines.append(f"| {name} | {' '.join(str(count) for count in layer.load.tolist())} | {cv:.2f} | "
                              f"{number(layer.max_over_mean)} | {number(layer.normalized_entropy)} | "
                              f"{', '.join(map(str, dead)) or '-'} |")
-        for title, file in zip(("Expert load per layer", "Expert use per task"),
+        for title, file in zip(("Expert load per layer", "How differently each task is routed, by depth"),
                                self.plots_written.get(summary.stage, [])):
             lines += ["", f"![{title}]({PLOTS_FOLDER}/{file})"]
         return "\n".join(lines)

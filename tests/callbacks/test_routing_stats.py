@@ -1,6 +1,8 @@
 """Routing statistics on hand-built records and on a MALoRA layer whose routing is forced through its router."""
 
 import math
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from torch import nn
 from malora_lightning.adapters import AdapterConfig, MALoRALinear
 from malora_lightning.adapters.routing import RoutingRecord
 from malora_lightning.callbacks import LayerRouting
-from malora_lightning.callbacks.routing_stats import RoutingAccumulator, dead_experts, task_expert_nmi
+from malora_lightning.callbacks.routing_stats import (DETAIL_LAYERS, RoutingAccumulator, RoutingStats, RoutingSummary,
+                                                      dead_experts, task_divergences, task_expert_nmi)
 
 EXPERTS = 4
 
@@ -120,3 +123,40 @@ def test_dead_threshold_is_a_fraction_of_the_even_share():
 def test_nmi_is_undefined_with_one_task():
     assert task_expert_nmi(torch.tensor([[3, 1, 0, 0], [0, 0, 0, 0]])) is None
     assert task_expert_nmi(torch.tensor([[0, 0], [0, 0]])) is None
+
+
+def test_task_divergence_is_the_kl_from_the_layers_overall_expert_use():
+    # P(e) = [2, 3, 3] / 8; task 0: P(e | t) = [1/2, 1/2, 0], task 1: [0, 1/4, 3/4], task 2 has no tokens
+    divergences = task_divergences(torch.tensor([[2, 2, 0], [0, 1, 3], [0, 0, 0]]))
+    task_0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.375)  # 0.4904
+    task_1 = 0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.375)  # 0.4185
+    assert divergences.tolist() == pytest.approx([task_0, task_1, 0.0])
+    assert task_0 == pytest.approx(0.490415, abs=1e-6) and task_1 == pytest.approx(0.418494, abs=1e-6)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    return struct.unpack(">II", path.read_bytes()[16:24])  # the IHDR chunk: width, height
+
+
+def test_task_routing_plot_of_a_smollm2_sized_model_is_readable_and_the_json_keeps_every_matrix(tmp_path):
+    pytest.importorskip("matplotlib")
+    generator = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{block}.{proj}" for block in range(30)
+             for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.up_proj", "mlp.down_proj")]  # 180 routed layers, as SmolLM2-135M has
+    tasks = [f"task_{index}" for index in range(9)]
+    layers = {name: LayerRouting(task_load=torch.randint(0, 50, (9, 8), generator=generator), entropy_sum=1.0,
+                                 top_k=2) for name in names}
+    specific = names[100]
+    layers[specific].task_load = 40 * torch.eye(9, 8, dtype=torch.long)  # every task its own expert
+    summary = RoutingSummary(stage="val", step=5, tasks=tasks, layers=layers, dead_threshold=0.01)
+
+    files = RoutingStats._plot(summary, tmp_path)
+    width, height = png_size(tmp_path / files[1])
+    assert width <= 1400 and height <= 1200, (width, height)  # was 2400 x 3080
+    assert DETAIL_LAYERS < len(names)
+
+    saved = summary.to_dict()["layers"]
+    assert list(saved) == names
+    assert all(saved[name]["task_load"] == layers[name].task_load.tolist() for name in names)
+    assert saved[specific]["task_divergence"] == pytest.approx(task_divergences(layers[specific].task_load).tolist())

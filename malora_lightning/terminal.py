@@ -1,0 +1,61 @@
+"""What the `malora` command prints: third-party notes known to be harmless kept off the terminal, and a progress
+bar that reads sensibly under `max_steps`.
+
+`quiet_known_notes` is the one place where output is silenced. Each filter names the message, its category and the
+module that issues it, so any other warning (from that module too) still shows. The CLI installs them; importing
+the library changes no filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+# (message regex, category, issuing module regex), each with why it is harmless
+KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Without tensorboard installed Lightning logs to CSV (metrics.csv in the run folder); nothing is lost.
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed", UserWarning,
+     r"lightning\.pytorch\.trainer\.connectors\.logger_connector\.logger_connector"),
+    # Under bf16-mixed the summary counts 32-bit parameter bytes: only its "size (MB)" estimate is off.
+    (r"Precision .+ is not supported by the model summary", UserWarning,
+     r"lightning\.pytorch\.utilities\.model_summary\.model_summary"),
+    # Lightning's own pytree helper (every evaluation) builds torch's LeafSpec, which torch >= 2.9 marks deprecated;
+    # it still works, and the fix is Lightning's to make.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+# Lightning's advertisement for its hosted logger, logged (not warned) on every Trainer start.
+_LITLOGGER_TIP = re.compile(r"💡 Tip: For seamless cloud logging")
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _LITLOGGER_TIP.match(record.getMessage())
+
+
+_DROP_LITLOGGER_TIP = _DropLitLoggerTip()
+
+
+def quiet_known_notes() -> None:
+    """Hide the notes listed above (idempotent); called by the CLI before it builds the Trainer."""
+    for message, category, module in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_LITLOGGER_TIP)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich bar, whose description reads "Epoch 0/-2" when `max_steps` ends the run (Lightning sets
+    `max_epochs=-1`): there it reads "Epoch 0, max_steps 160"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        if max_epochs is not None and max_epochs >= 0:
+            description = f"Epoch {current_epoch}/{max_epochs - 1}"
+        elif max_steps >= 0:
+            description = f"Epoch {current_epoch}, max_steps {max_steps}"
+        else:
+            description = f"Epoch {current_epoch}"
+        # padded to the validation bar's description like Lightning's, so the bars do not flicker
+        return f"{description:{len(self.validation_description)}}"

@@ -1,0 +1,89 @@
+"""What the `malora` command keeps off the terminal, what it still shows, and its progress bar's description."""
+
+import logging
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import pytest
+
+from malora_lightning.terminal import KNOWN_HARMLESS_WARNINGS, StepProgressBar, quiet_known_notes
+
+# what each filtered note looks like as Lightning issues it: (message, category, issuing module)
+ISSUED = [
+    ("Starting from v1.9.0, `tensorboardX` has been removed as a dependency of the `lightning.pytorch` package",
+     UserWarning, "lightning.pytorch.trainer.connectors.logger_connector.logger_connector"),
+    ("Precision bf16-mixed is not supported by the model summary.  Estimated model size in MB will not be accurate.",
+     UserWarning, "lightning.pytorch.utilities.model_summary.model_summary"),
+    ("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` "
+     "instead.", FutureWarning, "lightning.pytorch.utilities._pytree"),
+]
+
+
+def issue(message: str, category: type[Warning], module: str) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notes()
+        warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+    return caught
+
+
+def test_every_filter_has_an_issued_example():
+    assert len(ISSUED) == len(KNOWN_HARMLESS_WARNINGS)
+
+
+@pytest.mark.parametrize("message, category, module", ISSUED)
+def test_known_harmless_warnings_are_filtered(message, category, module):
+    assert issue(message, category, module) == []
+
+
+@pytest.mark.parametrize("message, category, module", [
+    ("something else went wrong", UserWarning, "lightning.pytorch.utilities.model_summary.model_summary"),
+    # a known message from another module, or with another category, is not the known note
+    (ISSUED[0][0], UserWarning, "my_project.training"),
+    (ISSUED[2][0], DeprecationWarning, "lightning.pytorch.utilities._pytree"),
+])
+def test_unrelated_warnings_still_show(message, category, module):
+    assert [str(caught.message) for caught in issue(message, category, module)] == [message]
+
+
+def test_litlogger_tip_is_dropped_and_other_lightning_info_kept(caplog):
+    quiet_known_notes()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        logger.info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_bitsandbytes_imports_without_the_hub_kernel_lookup():
+    # a fresh interpreter, so that bitsandbytes really is imported; `kernels` there records any lookup
+    script = """
+import logging, sys, types
+logging.basicConfig(level=logging.WARNING)
+looked_up = []
+sys.modules["kernels"] = types.SimpleNamespace(get_kernel=lambda *args, **kwargs: looked_up.append(args))
+from malora_lightning.adapters.quantization import import_bitsandbytes
+assert import_bitsandbytes().nn.Linear4bit is not None
+assert looked_up == [], looked_up
+assert isinstance(sys.modules["kernels"], types.SimpleNamespace)  # put back for whoever else uses it
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr
+
+
+def progress_bar(max_epochs: int | None, max_steps: int) -> StepProgressBar:
+    bar = StepProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs, max_steps=max_steps)
+    return bar
+
+
+@pytest.mark.parametrize("max_epochs, max_steps, expected", [
+    (-1, 160, "Epoch 0, max_steps 160"),  # what Lightning sets for max_steps without max_epochs
+    (3, -1, "Epoch 0/2"),
+    (-1, -1, "Epoch 0"),
+])
+def test_progress_bar_description(max_epochs, max_steps, expected):
+    assert progress_bar(max_epochs, max_steps)._get_train_description(0).strip() == expected
