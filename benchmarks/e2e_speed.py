@@ -74,7 +74,7 @@ from malora_lightning.adapters import (
     load_base_model,
 )
 from malora_lightning.hardware import fast_bf16_available
-from malora_lightning.module import adamw_options
+from malora_lightning.optim import adamw_options
 
 METHODS = ("base", "lora", "molora", "malora", "lora_compiled", "molora_compiled", "malora_compiled", "peft_lora",
            "mixlora")
@@ -672,7 +672,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16-rounds", type=int, default=2,
                         help="timed rounds of bf16 settings where bf16 is emulated (one warm-up round)")
     parser.add_argument("--adamw", choices=("default", "foreach", "fused", "loop"), default="default",
-                        help="AdamW implementation (default: the library's choice, `module.adamw_options`; loop: "
+                        help="AdamW implementation (default: the library's choice, `optim.adamw_options`; loop: "
                         "torch's per-tensor loop, its own default for CPU tensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--profile", help="instead of timing, profile these methods (comma-separated) at the first "

@@ -1,7 +1,9 @@
 """`MALoRAModule`: a LightningModule that fine-tunes a (4-bit) Hugging Face causal LM with LoRA, MoLoRA or MALoRA.
 
-Extension points (small methods to override in a subclass): `build_model`, `compute_lm_loss`, `score_choices`,
-`generate_predictions`, `trainable_parameter_groups`.
+This file builds the model, steps and optimises; evaluation and prediction live in `evaluation.py` (a mixin), the
+schedule and AdamW choice in `optim.py`, exact resume and the adapter export in callbacks the module attaches
+(`configure_callbacks`). Extension points (small methods to override in a subclass): `build_model`,
+`compute_lm_loss`, `score_choices`, `generate_predictions`, `trainable_parameter_groups`.
 """
 
 from __future__ import annotations
@@ -11,17 +13,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch import nn
-from transformers import AutoTokenizer, GenerationConfig
+from torch.distributed.fsdp import fully_shard
 
 from malora_lightning.adapters import (
     AdapterConfig,
@@ -33,55 +32,20 @@ from malora_lightning.adapters import (
     load_base_model,
     read_adapter_folder,
     router_losses,
-    save_adapters,
-    scoring_pass,
 )
-from malora_lightning.adapters.routing import ScoringPass
-from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
-from malora_lightning.callbacks.predictions import Prediction
-from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput, TrainingBatch
-from malora_lightning.data.tasks import Task
+from malora_lightning.callbacks.export import AdapterExport
+from malora_lightning.callbacks.random_state import TrainingRandomState
+from malora_lightning.data.batches import TrainingBatch
+from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.offline_models import resolve_model_path
-from malora_lightning.precision import AutoMixedPrecision
-from malora_lightning.rng import RandomState, capture_rng_state, restore_rng_state
-from malora_lightning.run_paths import run_directory
-from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
+from malora_lightning.optim import Schedule, adamw_options, lr_multiplier
+from malora_lightning.scoring import target_positions, token_log_likelihoods
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
 # tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
 DEFAULT_MAX_NEW_TOKENS = 128
-Schedule = Literal["linear", "cosine", "constant"]
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
-    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None = None) -> dict[str, bool]:
-    """`fused=True` when every parameter is a plain CPU tensor and `trainer` can clip a fused optimizer, else torch's
-    defaults (foreach on CUDA).
-
-    For CPU tensors torch defaults to its per-tensor loop, which costs 2-3x the fused kernel for MALoRA's 720
-    adapter tensors on SmolLM2 (benchmarks/cpu_micro.py). Lightning's `MixedPrecision` refuses to clip the gradients
-    of a fused optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is
-    scaled; `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
-    """
-    on_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in parameters)
-    clipping_refused = (trainer is not None and bool(trainer.gradient_clip_val)
-                        and isinstance(trainer.precision_plugin, MixedPrecision)
-                        and not isinstance(trainer.precision_plugin, AutoMixedPrecision))
-    return {"fused": True} if on_cpu and not clipping_refused else {}
 
 
 def compile_mode(setting: bool | str) -> str | None:
@@ -99,7 +63,7 @@ class LMLoss:
     per_task: dict[str, torch.Tensor]
 
 
-class MALoRAModule(L.LightningModule):
+class MALoRAModule(EvaluationMixin, L.LightningModule):
     """Fine-tune a causal LM's adapters on a multi-task mixture.
 
     Args:
@@ -169,8 +133,6 @@ class MALoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
         self._tokenizer = None
-        self._rng_state_to_restore: RandomState | None = None
-        self._training_rng_state: RandomState | None = None
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)
@@ -245,16 +207,6 @@ class MALoRAModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
-
-    @property
-    def tokenizer(self):
-        """The data module's tokenizer when there is one (same vocabulary by construction), else the model's own."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
-            return datamodule.tokenizer
-        if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
-        return self._tokenizer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
@@ -334,101 +286,28 @@ class MALoRAModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ evaluation
-    def task(self, name: str) -> Task:
-        """The data module's task of that name (its generation length and answer checker)."""
-        return {task.name: task for task in self.trainer.datamodule.tasks}[name]
-
-    def generation_length(self, task: Task | None) -> int:
-        """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or
-        when its length is unknown, as for a task without a test split), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
-        cap = self.hparams.max_new_tokens
-        if task is None or task.max_new_tokens is None:
-            return cap or DEFAULT_MAX_NEW_TOKENS
-        return task.max_new_tokens if cap is None else min(task.max_new_tokens, cap)
-
-    def score_choices(self, log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Score of each (example, choice) row; the best-scoring choice is the answer. Default: length-normalised
-        log-likelihood of the choice tokens (override for unnormalised or calibrated scoring)."""
-        return log_likelihood / tokens.clamp(min=1)
-
-    def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:
-        """Greedy answers to the left-padded prompts, decoded without special tokens."""
-        tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
-                                  eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
-        prompt = batch.prompt_input_ids
-        generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
-                                        generation_config=config)
-        return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
-
-    def evaluate_batch(self, batch: EvaluationBatch) -> EvaluationOutput:
-        """Per-example loss and correctness, the raw material of `PerTaskMetrics` and the run report.
-
-        Multiple choice: one forward over the (example, choice) rows gives both the decision and the loss, which is
-        the gold choice's mean token NLL. Generation: the loss of the teacher-forced target, then greedy decoding.
-        The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
-        `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
-        """
-        num_examples = batch.input_ids.shape[0]
-        choices = batch.choices
-        if choices is not None:
-            gold = gold_rows(choices.example_index, choices.gold)
-            row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
-            row_scored[gold] = True
-            with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
-                log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
-                                                                     choices.labels)
-            chosen = choose_choices(self.score_choices(log_likelihood, tokens), choices.example_index, num_examples)
-            return EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
-                                    correct=chosen == choices.gold, predictions=chosen.tolist())
-        with scoring_pass(self.model, ScoringPass(batch.task_id)):
-            log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
-        task = self.task(batch.task_name[0])
-        predictions = self.generate_predictions(batch, self.generation_length(task))
-        correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
-                               device=tokens.device)
-        return EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
-                                predictions=predictions)
-
-    def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
-        return self.evaluate_batch(batch)
-
-    def test_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        return self.evaluate_batch(batch)
-
-    def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
-        """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
-        and the target are known."""
-        tasks = [None if name is None else self.task(name) for name in batch.task_name]
-        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
-        return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
-                           target=target,
-                           correct=None if task is None or target is None else task.is_correct(prediction, target))
-                for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
-
     # ------------------------------------------------------------------ checkpoints and export
+    def configure_callbacks(self) -> list[Callback]:
+        """What every fit with this module needs: exact resume (`TrainingRandomState`) and, with `export_adapters`,
+        the adapter folder at the end (`AdapterExport`)."""
+        callbacks: list[Callback] = [TrainingRandomState()]
+        if self.hparams.export_adapters:
+            callbacks.append(AdapterExport(base_model=self.hparams.model_name_or_path))
+        return callbacks
+
     def adapter_checkpoint_keys(self) -> set[str]:
         return {f"model.{key}" for key in adapter_state_dict(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied. The random
-        state stored is the one the next training step will start from, also when the save happens mid-validation."""
+        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied."""
         keys = self.adapter_checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
-        in_validation = self._trainer is not None and self.trainer.validating and self._training_rng_state is not None
-        checkpoint["rng_states"] = self._training_rng_state if in_validation else capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(self.adapter_checkpoint_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was saved "
                              "with a different adapter config or base model")
-        # Dropout draws from the global RNG; restore it right before the next training batch so that a resumed run
-        # continues the identical random sequence (creating the dataloader iterator also consumes the RNG).
-        self._rng_state_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.
@@ -450,35 +329,3 @@ class MALoRAModule(L.LightningModule):
                 param_group["initial_lr"] = group["lr"]
                 param_group["lr"] = group["lr"] * factor(scheduler.last_epoch)
                 param_group["weight_decay"] = group["weight_decay"]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._rng_state_to_restore is not None:
-            restore_rng_state(self._rng_state_to_restore)
-            self._rng_state_to_restore = None
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # what the next step starts from; a validation that runs first (it draws random numbers: each of its
-        # dataloader iterators takes a seed) gives it back at its end, so an uninterrupted run and one resumed from a
-        # checkpoint of this step continue alike
-        self._training_rng_state = capture_rng_state()
-
-    def on_validation_end(self) -> None:
-        if self._training_rng_state is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            restore_rng_state(self._training_rng_state)
-
-    def on_train_end(self) -> None:
-        self._training_rng_state = None
-
-    def adapter_export_dir(self) -> Path:
-        return run_directory(self.trainer) / "adapter"
-
-    def on_fit_end(self) -> None:
-        if self.hparams.export_adapters:
-            # every rank takes part (gathering sharded adapters is collective); rank zero writes
-            metrics = PerTaskMetrics.attached(self.trainer)
-            evaluations = metrics.evaluations("val") if metrics is not None else []
-            scores = {name: score.accuracy for name, score in evaluations[-1].tasks.items()} if evaluations else None
-            path = save_adapters(self.model, self.adapter_export_dir(), write=self.trainer.is_global_zero,
-                                 base_model=self.hparams.model_name_or_path, task_scores=scores)
-            if self.trainer.is_global_zero:
-                logger.info("Exported adapters to %s", path)

@@ -11,7 +11,8 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_ad
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.module import MALoRAModule, adamw_options, compile_mode, lr_multiplier
+from malora_lightning.module import MALoRAModule, compile_mode
+from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative

@@ -12,7 +12,8 @@ from malora_lightning.callbacks import PredictionWriter
 from malora_lightning.callbacks.predictions import PREDICTIONS_NAME
 from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
-from malora_lightning.module import DEFAULT_MAX_NEW_TOKENS, MALoRAModule
+from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
+from malora_lightning.module import MALoRAModule
 from tests.helpers import SpawnDDPStrategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 

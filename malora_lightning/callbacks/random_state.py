@@ -1,0 +1,49 @@
+"""`TrainingRandomState`: a resumed fit continues the random sequence of the uninterrupted one, exactly.
+
+Dropout draws from the global random generators. A checkpoint stores the state the next training step starts from,
+also when it is written mid-validation (validation draws random numbers: each of its dataloader iterators takes a
+seed), and a resumed fit restores it right before its first training batch (creating the dataloader iterator also
+draws). Validation during a fit gives the training state back at its end. `MALoRAModule` attaches it always.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from malora_lightning.rng import RandomState, capture_rng_state, restore_rng_state
+
+CHECKPOINT_KEY = "rng_states"
+
+
+class TrainingRandomState(Callback):
+    def __init__(self) -> None:
+        self._to_restore: RandomState | None = None  # from a checkpoint, for the next training batch
+        self._next_step: RandomState | None = None  # what the next training step starts from
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        in_validation = trainer.validating and self._next_step is not None
+        checkpoint[CHECKPOINT_KEY] = self._next_step if in_validation else capture_rng_state()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._to_restore = checkpoint.get(CHECKPOINT_KEY)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._to_restore is not None:
+            restore_rng_state(self._to_restore)
+            self._to_restore = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._next_step = capture_rng_state()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._next_step is not None and trainer.state.fn == TrainerFn.FITTING:
+            restore_rng_state(self._next_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._next_step = None

@@ -1,0 +1,111 @@
+"""Evaluation and prediction for `MALoRAModule`: scoring multiple choice by log-likelihood, generating answers, and
+the per-example results the callbacks aggregate.
+
+A mixin, so that its small methods (`score_choices`, `generate_predictions`) stay override points of the module
+class, while `module.py` reads as build / step / optimise. It uses the module's `model`, `hparams.max_new_tokens`,
+`target_log_likelihoods` and the trainer's data module (its tasks and tokenizer).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from malora_lightning.adapters import scoring_pass
+from malora_lightning.adapters.routing import ScoringPass
+from malora_lightning.callbacks.predictions import Prediction
+from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput
+from malora_lightning.data.tasks import Task
+from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.scoring import choose_choices, gold_rows
+
+# tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class EvaluationMixin:
+    """validation_step, test_step and predict_step of `MALoRAModule`."""
+
+    @property
+    def tokenizer(self):
+        """The data module's tokenizer when there is one (same vocabulary by construction), else the model's own."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
+            return datamodule.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
+        return self._tokenizer
+
+    def task(self, name: str) -> Task:
+        """The data module's task of that name (its generation length and answer checker)."""
+        return {task.name: task for task in self.trainer.datamodule.tasks}[name]
+
+    def generation_length(self, task: Task | None) -> int:
+        """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or
+        when its length is unknown, as for a task without a test split), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
+        cap = self.hparams.max_new_tokens
+        if task is None or task.max_new_tokens is None:
+            return cap or DEFAULT_MAX_NEW_TOKENS
+        return task.max_new_tokens if cap is None else min(task.max_new_tokens, cap)
+
+    def score_choices(self, log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Score of each (example, choice) row; the best-scoring choice is the answer. Default: length-normalised
+        log-likelihood of the choice tokens (override for unnormalised or calibrated scoring)."""
+        return log_likelihood / tokens.clamp(min=1)
+
+    def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:
+        """Greedy answers to the left-padded prompts, decoded without special tokens."""
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
+                                  eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
+        prompt = batch.prompt_input_ids
+        generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
+                                        generation_config=config)
+        return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
+
+    def evaluate_batch(self, batch: EvaluationBatch) -> EvaluationOutput:
+        """Per-example loss and correctness, the raw material of `PerTaskMetrics` and the run report.
+
+        Multiple choice: one forward over the (example, choice) rows gives both the decision and the loss, which is
+        the gold choice's mean token NLL. Generation: the loss of the teacher-forced target, then greedy decoding.
+        The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
+        `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
+        """
+        num_examples = batch.input_ids.shape[0]
+        choices = batch.choices
+        if choices is not None:
+            gold = gold_rows(choices.example_index, choices.gold)
+            row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
+            row_scored[gold] = True
+            with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
+                log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
+                                                                     choices.labels)
+            chosen = choose_choices(self.score_choices(log_likelihood, tokens), choices.example_index, num_examples)
+            return EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
+                                    correct=chosen == choices.gold, predictions=chosen.tolist())
+        with scoring_pass(self.model, ScoringPass(batch.task_id)):
+            log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
+        task = self.task(batch.task_name[0])
+        predictions = self.generate_predictions(batch, self.generation_length(task))
+        correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
+                               device=tokens.device)
+        return EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
+                                predictions=predictions)
+
+    def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
+        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
+        return self.evaluate_batch(batch)
+
+    def test_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
+        return self.evaluate_batch(batch)
+
+    def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
+        """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
+        and the target are known."""
+        tasks = [None if name is None else self.task(name) for name in batch.task_name]
+        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
+        return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
+                           target=target,
+                           correct=None if task is None or target is None else task.is_correct(prediction, target))
+                for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]

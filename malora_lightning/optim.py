@@ -1,0 +1,43 @@
+"""The optimiser's choices: the learning-rate schedule and which AdamW implementation runs."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.distributed.tensor import DTensor
+
+from malora_lightning.precision import AutoMixedPrecision
+
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
+    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None = None) -> dict[str, bool]:
+    """`fused=True` when every parameter is a plain CPU tensor and `trainer` can clip a fused optimizer, else torch's
+    defaults (foreach on CUDA).
+
+    For CPU tensors torch defaults to its per-tensor loop, which costs 2-3x the fused kernel for MALoRA's 720
+    adapter tensors on SmolLM2 (benchmarks/cpu_micro.py). Lightning's `MixedPrecision` refuses to clip the gradients
+    of a fused optimizer (under fp16 loss scaling its step unscales them itself), even in bf16, where nothing is
+    scaled; `AutoMixedPrecision` clips them. Sharded (DTensor) parameters are left to torch's choice.
+    """
+    on_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in parameters)
+    clipping_refused = (trainer is not None and bool(trainer.gradient_clip_val)
+                        and isinstance(trainer.precision_plugin, MixedPrecision)
+                        and not isinstance(trainer.precision_plugin, AutoMixedPrecision))
+    return {"fused": True} if on_cpu and not clipping_refused else {}
