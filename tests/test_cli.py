@@ -14,8 +14,10 @@ import malora_lightning.module as module_file
 from malora_lightning.cli import MALoRACLI, main
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
+from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+# The LLaMA-2-7B recipes as single files, before they became stacks of fragments (commit dd92526)
+FORMER_RECIPES = {path.stem: path for path in (ROOT / "tests/fixtures/llama2-7b-recipes-dd92526").glob("*.yaml")}
 
 
 class ParseOnlyCLI(MALoRACLI):
@@ -30,21 +32,49 @@ def parse(args: list[str]) -> ParseOnlyCLI:
 
 
 def test_there_are_recipes_for_the_default_job_and_the_paper():
-    names = {path.relative_to(RECIPES[0].parents[0 if path.parent.name == "recipes" else 1]).as_posix()
-             for path in RECIPES}
-    assert "default.yaml" in names
+    assert {"default", "default-gpu"} <= set(DOCUMENTED_RUNS)
     for setting in ("commonsense", "inter-domain"):
         for method in ("malora", "molora", "lora"):
-            assert any(f"{setting}-{method}.yaml" in name for name in names), (setting, method)
+            assert f"{setting}-{method}" in DOCUMENTED_RUNS, (setting, method)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.name)
-def test_every_recipe_parses(recipe):
-    cli = parse(["--config", str(recipe)])
+def test_every_recipe_file_is_used_by_a_documented_run():
+    """A fragment no documented command stacks would never be parsed by the tests below."""
+    used = {Path(path).resolve() for args in DOCUMENTED_RUNS.values() for path in stack_files(args)}
+    assert {path.resolve() for path in RECIPE_DIR.rglob("*.yaml")} <= used
+
+
+@pytest.mark.parametrize("run", sorted(DOCUMENTED_RUNS))
+def test_every_recipe_parses(run):
+    cli = parse(DOCUMENTED_RUNS[run])
     config = cli.config
     assert config.model.model_name_or_path
     assert config.model.adapter.method in ("lora", "molora", "malora")
     assert config.data.tokenizer == config.model.model_name_or_path  # linked: the recipe names the model once
+
+
+def flat(tree, prefix: str = "") -> dict:
+    """A parsed config as {"model.adapter.rank": 12, ...}, so two configs' differences are named key by key."""
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in flat(child, f"{prefix}{name}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def test_the_former_single_file_recipes_are_all_documented_runs():
+    assert set(FORMER_RECIPES) == set(DOCUMENTED_RUNS) - {"default", "default-gpu"}
+
+
+@pytest.mark.parametrize("name", sorted(FORMER_RECIPES))
+def test_a_stacked_run_has_exactly_the_settings_of_the_recipe_it_replaced(name):
+    """Each LLaMA-2-7B run used to be one file (kept as a fixture, as of commit dd92526); its documented stack of
+    fragments and flags must parse to the same value for every key, the run folder included."""
+    before = flat(parse(["--config", str(FORMER_RECIPES[name])]).config.as_dict())
+    after = flat(parse(DOCUMENTED_RUNS[name]).config.as_dict())
+    before.pop("config"), after.pop("config")  # the list of files read, not a setting
+    differences = {key: (before.get(key), after.get(key)) for key in before.keys() | after.keys()
+                   if before.get(key, KeyError) != after.get(key, KeyError)}
+    assert not differences, differences
+    assert after["trainer.default_root_dir"] == f"runs/llama2-7b/{name}"
 
 
 def test_default_recipe_is_the_embedded_offline_job():
