@@ -1,4 +1,5 @@
-"""Every recipe instantiated, not only parsed: trainer and callbacks, data module (task names) and model (adapters).
+"""Every documented run (a recipe, or a README stack of recipe fragments) instantiated, not only parsed: trainer and
+callbacks, data module (task names) and model (adapters).
 
 Runs on CPU with no weights: the accelerator is forced to CPU, and the base model is a stand-in built on the meta
 device from the real model's shapes (`STAND_IN_CONFIGS`), so the recipe's adapter settings are injected into the
@@ -22,9 +23,7 @@ from malora_lightning.adapters.layers import ADAPTER_CLASSES
 from malora_lightning.cli import MALoRACLI
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
-
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
-RECIPES = sorted(RECIPE_DIR.rglob("*.yaml"))
+from tests.recipe_stacks import DOCUMENTED_RUNS, ROOT, stack_files
 
 # The shapes of the base models the recipes name, copied from each model's config.json (no download needed).
 STAND_IN_CONFIGS = {
@@ -61,19 +60,38 @@ def stand_in_loader(model_name_or_path: str, **kwargs) -> torch.nn.Module:
     return model
 
 
-def instantiate_recipe(recipe: str | Path, root: Path, monkeypatch) -> RecipeCLI:
-    """Build the recipe's trainer, callbacks, data module and model (adapters injected into a meta stand-in)."""
+def instantiate_recipe(args: list[str], root: Path, monkeypatch) -> RecipeCLI:
+    """Build the trainer, callbacks, data module and model (adapters injected into a meta stand-in) of the run that
+    `malora fit *args` makes: one recipe file or a stack of them, plus flags."""
     monkeypatch.setattr(module_file, "load_base_model", stand_in_loader)
     cli = RecipeCLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
-                    args=["--config", str(recipe), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}"])
+                    args=[*args, "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}"])
     cli.model.configure_model()
     return cli
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.relative_to(RECIPE_DIR).as_posix())
-def test_every_recipe_instantiates(recipe, tmp_path, monkeypatch):
-    cli = instantiate_recipe(recipe, tmp_path, monkeypatch)
-    written = yaml.safe_load(recipe.read_text())
+def written_settings(args: list[str]) -> dict:
+    """What the run's recipe files say, merged as the CLI merges stacked files (later files win key by key, a list
+    is replaced whole), read with plain YAML: the expectations below do not come from the parser under test."""
+
+    def merge(base: dict, update: dict) -> dict:
+        merged = dict(base)
+        for key, value in update.items():
+            both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = merge(merged[key], value) if both_dicts else value
+        return merged
+
+    settings: dict = {}
+    for path in stack_files(args):
+        settings = merge(settings, yaml.safe_load(Path(path).read_text()) or {})
+    return settings
+
+
+@pytest.mark.parametrize("run", sorted(DOCUMENTED_RUNS))
+def test_every_recipe_instantiates(run, tmp_path, monkeypatch):
+    args = DOCUMENTED_RUNS[run]
+    cli = instantiate_recipe(args, tmp_path, monkeypatch)
+    written = written_settings(args)
 
     # data: every task name resolved, in the recipe's order (training tasks, then evaluation-only ones)
     data = written.get("data", {})
@@ -102,29 +120,41 @@ def test_every_recipe_instantiates(recipe, tmp_path, monkeypatch):
         assert type(cli.recipe_strategy).__name__ == strategy["class_path"].rsplit(".", 1)[-1]
 
 
-def broken_copy(tmp_path: Path, change) -> Path:
-    """A copy of the commonsense MALoRA recipe with one mistake made by `change(recipe_dict)`."""
-    recipe = yaml.safe_load(Path("recipes/llama2-7b/commonsense-malora.yaml").read_text())
-    change(recipe)
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+BROKEN_RUN = "commonsense-malora"
 
 
-def misspell_task(recipe):
-    recipe["data"]["tasks"][0] = "arc_chalenge"
+def broken_copy(tmp_path: Path, change) -> list[str]:
+    """The commonsense MALoRA run's arguments, its recipe files copied with one mistake made by
+    `change(files)`, where `files` maps each file's repository path to its YAML dict."""
+    args = DOCUMENTED_RUNS[BROKEN_RUN]
+    files = {Path(path).relative_to(ROOT).as_posix(): yaml.safe_load(Path(path).read_text())
+             for path in stack_files(args)}
+    change(files)
+    copies = {}
+    for name, recipe in files.items():
+        copies[str(ROOT / name)] = path = tmp_path / "broken" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe))
+    return [str(copies.get(word, word)) for word in args]
 
 
-def misname_targets(recipe):
-    recipe["model"]["adapter"]["target_modules"] = ["wq", "wk", "wv"]  # another family's names: nothing matches
+SETTING, METHOD = "recipes/llama2-7b/commonsense.yaml", "recipes/llama2-7b/adapters/malora.yaml"
 
 
-def oversize_shared_rank(recipe):
-    recipe["model"]["adapter"]["shared_rank"] = 5000  # above LLaMA-2-7B's hidden size 4096
+def misspell_task(files):
+    files[SETTING]["data"]["tasks"][0] = "arc_chalenge"
 
 
-def misspell_callback_argument(recipe):
-    recipe["trainer"]["callbacks"][0]["init_args"] = {"save_lats": True}
+def misname_targets(files):
+    files[METHOD]["model"]["adapter"]["target_modules"] = ["wq", "wk", "wv"]  # another family's: nothing matches
+
+
+def oversize_shared_rank(files):
+    files[METHOD]["model"]["adapter"]["shared_rank"] = 5000  # above LLaMA-2-7B's hidden size 4096
+
+
+def misspell_callback_argument(files):
+    files[SETTING]["trainer"]["callbacks"][0]["init_args"] = {"save_lats": True}
 
 
 @pytest.mark.parametrize(("change", "error", "named"), [
@@ -135,7 +165,7 @@ def misspell_callback_argument(recipe):
 ], ids=["task-name", "target-modules", "shared-rank", "callback-argument"])
 def test_instantiate_recipe_catches_a_broken_recipe(change, error, named, tmp_path, monkeypatch, capsys):
     """The helper above is a real check: the recipe it is given, with one mistake, fails naming the mistake."""
-    instantiate_recipe("recipes/llama2-7b/commonsense-malora.yaml", tmp_path, monkeypatch)  # the unbroken one passes
+    instantiate_recipe(DOCUMENTED_RUNS[BROKEN_RUN], tmp_path, monkeypatch)  # the unbroken run passes
     with pytest.raises(error) as raised:
         instantiate_recipe(broken_copy(tmp_path, change), tmp_path, monkeypatch)
     message = str(raised.value) + capsys.readouterr().err
