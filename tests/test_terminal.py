@@ -48,13 +48,30 @@ def test_unrelated_warnings_still_show(message, category, module):
     assert [str(caught.message) for caught in issue(message, category, module)] == [message]
 
 
-def test_litlogger_tip_is_dropped_and_other_lightning_info_kept(caplog):
+class Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_litlogger_tip_is_dropped_and_other_lightning_info_kept():
     quiet_known_notes()
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+    # a handler on the logger itself: Lightning may stop its loggers propagating to the root (where pytest's caplog
+    # listens), depending on whether the root had a handler when Lightning was imported
+    collected, level = Collected(), logger.level
+    logger.addHandler(collected)
+    logger.setLevel(logging.INFO)
+    try:
         logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
         logger.info("GPU available: False, used: False")
-    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]
+    finally:
+        logger.removeHandler(collected)
+        logger.setLevel(level)
+    assert collected.messages == ["GPU available: False, used: False"]
 
 
 def test_bitsandbytes_imports_without_the_hub_kernel_lookup():
