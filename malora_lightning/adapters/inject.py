@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer
-from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers
+from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers, replace_module
 from malora_lightning.adapters.routing import install_routing_context
 
 logger = logging.getLogger(__name__)
@@ -95,14 +95,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     layer_class = ADAPTER_CLASSES[config.method]
     context = install_routing_context(model) if config.is_routed else None
     for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base_layer = getattr(parent, child_name)
+        base_layer = model.get_submodule(name)
         if issubclass(layer_class, RoutedAdapterLayer):
             wrapped = layer_class(base_layer, config, name=name, context=context)
         else:
             wrapped = layer_class(base_layer, config, name=name)
-        setattr(parent, child_name, wrapped)
+        replace_module(model, name, wrapped)
 
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, CONTEXT_ATTRIBUTE, context)

@@ -172,8 +172,10 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                              f"adapters {current.method!r}")
     else:
         inject_adapters(model, config)
-    expected = {folder.stored_key(key): (key, param) for key, param in adapter_state_dict(model).items()}
+    expected = {folder.stored_key(key): param for key, param in adapter_state_dict(model).items()}
     weights = folder.path / WEIGHTS_NAME
+    named = f" (it names {folder.base_model!r})" if folder.base_model else ""
+    other_base = f"; was it saved from a different base model{named}?"
     with safe_open(str(weights), framework="pt") as stored:
         stored_keys = set(stored.keys())
         missing = sorted(set(expected) - stored_keys)
@@ -183,20 +185,18 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
         if unexpected:
             raise ValueError(f"{weights}: tensor {unexpected[0]!r} does not belong to any adapter of this model"
-                             f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; was it saved "
-                             f"from a different base model{f' (it names {folder.base_model!r})' if folder.base_model else ''}?")
+                             f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}{other_base}")
         with torch.no_grad():
-            for stored_key, (key, param) in expected.items():
+            for stored_key, param in expected.items():
                 value = stored.get_tensor(stored_key)
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"{weights}: tensor {stored_key!r} holds NaN or infinite values")
                 if value.shape != param.shape:
                     raise ValueError(f"{weights}: tensor {stored_key!r} has shape {tuple(value.shape)}, the model "
-                                     f"expects {tuple(param.shape)}; was it saved from a different base model"
-                                     f"{f' (it names {folder.base_model!r})' if folder.base_model else ''}?")
+                                     f"expects {tuple(param.shape)}{other_base}")
                 param.copy_(value)
     if not trainable:
-        for _, param in expected.values():
+        for param in expected.values():
             param.requires_grad_(False)
     return model
 
@@ -263,7 +263,6 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     quantization = base_quantization(model)
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or ""}
-    card = model_card(config, base, quantization, _target_summary(model), state, task_scores)
     _check_writable_adapter_folder(path)
     _remove_legacy_leftovers(path)
     write_card = _card_is_ours(path / CARD_NAME)
@@ -274,6 +273,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
         if write_card:
+            card = model_card(config, base, quantization, _target_summary(model), state, task_scores)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
     return path
 

@@ -32,6 +32,7 @@ from malora_lightning.adapters.model import (
     add_routing_observer,
     adapter_layers,
     get_adapter_config,
+    replace_module,
     routed_layers,
     routing_context,
 )
@@ -155,7 +156,7 @@ def task_lora_model(model: nn.Module, profile: TaskProfile) -> nn.Module:
         with torch.no_grad():
             lora.lora_A.copy_(factor.lora_A)
             lora.lora_B.copy_(factor.lora_B)
-        _replace_module(model, name, lora)
+        replace_module(model, name, lora)
     _remove_routing_hook(model)
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, CONTEXT_ATTRIBUTE, None)  # as inject_adapters leaves an unrouted model
@@ -246,7 +247,7 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
             update = delta.t() if isinstance(base, Conv1D) else delta  # Conv1D stores [n, m]
             with torch.no_grad():
                 weight.copy_((weight.to(MERGE_DTYPE) + update.to(weight.device)).to(weight.dtype))
-        _replace_module(model, name, base)
+        replace_module(model, name, base)
     _remove_routing_hook(model)
     for attribute in (CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE):
         if hasattr(model, attribute):
@@ -257,9 +258,10 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
     return model
 
 
-def _is_bnb(module: nn.Module) -> bool:
-    """A bitsandbytes layer (checked by module path, so bitsandbytes is only imported when one is present)."""
-    return type(module).__module__.startswith("bitsandbytes")
+def _is_bnb(obj: nn.Module | torch.Tensor) -> bool:
+    """A bitsandbytes layer or parameter (checked by module path, so bitsandbytes is only imported when one is
+    present)."""
+    return type(obj).__module__.startswith("bitsandbytes")
 
 
 def _dequantized_linear(name: str, base: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
@@ -293,14 +295,9 @@ def _unquantized_dtype(model: nn.Module) -> torch.dtype:
     bitsandbytes layer computes in its compute dtype but returns its input's dtype; a plain layer must take and
     return that dtype itself)."""
     for param in model.parameters():
-        if param.is_floating_point() and not type(param).__module__.startswith("bitsandbytes"):
+        if param.is_floating_point() and not _is_bnb(param):
             return param.dtype
     raise ValueError(f"{type(model).__name__} has no unquantized floating-point weight to take a dtype from")
-
-
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)
 
 
 def _remove_routing_hook(model: nn.Module) -> None:

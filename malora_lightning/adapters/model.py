@@ -35,6 +35,13 @@ def routed_layers(model: nn.Module) -> dict[str, RoutedAdapterLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, RoutedAdapterLayer)}
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule `name` ("model.layers.0.mlp.up_proj") is: wrapping a base layer in an
+    adapter layer, or putting the base layer back."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
 def get_adapter_config(model: nn.Module) -> AdapterConfig:
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is None:
