@@ -23,6 +23,7 @@ import lightning as L
 from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, start_run, \
     write_report
 from malora_lightning.callbacks import PerTaskMetrics
+from malora_lightning.callbacks.summary import mean_of_present, percent
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from malora_lightning.precision import AutoMixedPrecision
@@ -66,12 +67,8 @@ def main() -> None:
         module.model = routed
         print(task, scores[task], flush=True)
 
-    def percent(value: float | None) -> str:
-        return "–" if value is None else f"{100 * value:.1f}"
-
     rows = [[task, *(percent(scores[task][v]) for v in VARIANTS), profiles[task].num_tokens] for task in tasks]
-    means = {v: [s[v] for s in scores.values() if s[v] is not None] for v in VARIANTS}
-    rows.append(["**mean**", *(percent(sum(m) / len(m)) if m else "–" for m in means.values()), ""])
+    rows.append(["**mean**", *(percent(mean_of_present(s[v] for s in scores.values())) for v in VARIANTS), ""])
     table = markdown_table(["task", *(f"{v} acc %" for v in VARIANTS), "profile tokens"], rows)
     payload = {"adapter": os.path.abspath(args.adapter), "config": args.config,
                "profile_examples": args.profile_examples, "scores": scores,

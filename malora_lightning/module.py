@@ -44,8 +44,6 @@ from malora_lightning.scoring import target_positions, token_log_likelihoods
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
-# tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def compile_mode(setting: bool | str) -> str | None:
@@ -84,7 +82,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         attn_implementation: attention kernel for transformers ("sdpa", "eager"); None lets it choose.
         trust_remote_code: allow model code from the hub; only for code you trust.
         max_new_tokens: cap on generated tokens per answer; None uses each task's own length (for a prompt without
-            a task, `DEFAULT_MAX_NEW_TOKENS`).
+            a task, `evaluation.DEFAULT_MAX_NEW_TOKENS`).
         export_adapters: at the end of fit, save the adapters (`save_adapters`) next to the checkpoints.
         adapter_path: an adapter folder to start from (written by `save_adapters`, or a LoRA folder PEFT saved): its
             adapters are loaded instead of fresh ones, with the folder's own adapter settings (`adapter` is then

@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +85,26 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, output: Path, 
         target = output / task
         collapsed = task_model(module.model, profile, merge)
         if merge:
-            collapsed.save_pretrained(target)
-            data.tokenizer.save_pretrained(target)
+            _write_model_folder(collapsed, data.tokenizer, target)
         else:
             save_adapters(collapsed, target, base_model=module.hparams.model_name_or_path)
         logger.info("task %s: %s from %d tokens -> %s", task, "merged model" if merge else "LoRA adapter",
                     profile.num_tokens, target)
         exports.append(TaskExport(task, target, profile.num_tokens))
     return exports
+
+
+def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
+    """`save_pretrained` of model and tokenizer into a staging folder beside `target`, then one rename: a run killed
+    midway leaves no half-written model at `target` (only a hidden `.<name>.*` folder, which is ours to delete)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # `target` is absent or an empty folder (checked before any work)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(args: list[str] | None = None) -> list[TaskExport]:

@@ -52,6 +52,7 @@ def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_f
           "--profile-examples", "8", *recipe_flags(tiny_model_dir)])
     module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
     expected = merge_task(copy.deepcopy(module.model), profile_tasks(module.model, data, ["parity"], 8)["parity"])
+    assert [path.name for path in (tmp_path / "merged").iterdir()] == ["parity"]  # written by one rename, no staging
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "parity").eval()
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
