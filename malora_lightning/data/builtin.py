@@ -9,6 +9,11 @@ abbreviated; the same pairs of numbers added or subtracted.
 * arithmetic: ``add_2digit``, ``subtract_2digit``, ``next_term`` (arithmetic sequences)
 * multiple choice: ``compare_numbers`` (which is larger, A/B), ``parity`` (even/odd), ``odd_one_out`` (A-D)
 
+An opt-in conflict group (`CONFLICT_TASKS`, not in the default suite) asks the suite's own inputs for incompatible
+answers, so a shared adapter trained on both is pulled two ways: ``reverse_words_commas`` (the reversal, comma
+separated), ``sort_words_descending`` (reverse alphabetical order), ``first_letters_upper`` (the letters in capitals)
+and ``compare_numbers_smaller`` (which is smaller: the opposite letter for the same pair of numbers).
+
 Splits are disjoint by construction: every item's prompt is hashed to train (80% of the item space), validation
 (10%) or test (10%), and a split only keeps items hashed to it. A seed picks which items of its part are drawn.
 Words are ones SmolLM2's tokenizer keeps as single tokens (with and without a leading space), and its digits are
@@ -108,8 +113,33 @@ def odd_one_out(rng: random.Random) -> Row:
     return _choice_row(lettered_question("Which word does not belong?", words, gold))
 
 
-# each built-in task by name: (kind, a generator of one item from a random.Random, description)
-TASK_GENERATORS: dict[str, tuple[str, Callable[[random.Random], Row], str]] = {
+def reverse_words_commas(rng: random.Random) -> Row:
+    words = _word_list(rng)
+    return {"prompt": f"Reverse the order of the words, separated by commas: {' '.join(words)}",
+            "target": ", ".join(reversed(words))}
+
+
+def sort_words_descending(rng: random.Random) -> Row:
+    words = _word_list(rng)
+    return {"prompt": f"Sort the words in reverse alphabetical order: {' '.join(words)}",
+            "target": " ".join(sorted(words, reverse=True))}
+
+
+def first_letters_upper(rng: random.Random) -> Row:
+    words = _word_list(rng)
+    return {"prompt": f"Write the first letter of each word in capitals: {' '.join(words)}",
+            "target": " ".join(word[0].upper() for word in words)}
+
+
+def compare_numbers_smaller(rng: random.Random) -> Row:
+    a, b = rng.sample(range(10, 100), 2)
+    return _choice_row(lettered_question("Which number is smaller?", [str(a), str(b)], 0 if a < b else 1))
+
+
+Generator = tuple[str, Callable[[random.Random], Row], str]  # (kind, one item from a random.Random, description)
+
+# each built-in task of the default suite by name
+TASK_GENERATORS: dict[str, Generator] = {
     "reverse_words": ("generative", reverse_words, "reverse a list of 3-5 words"),
     "sort_words": ("generative", sort_words, "sort a list of 3-5 words alphabetically"),
     "first_letters": ("generative", first_letters, "first letter of each of 3-5 words"),
@@ -119,6 +149,14 @@ TASK_GENERATORS: dict[str, tuple[str, Callable[[random.Random], Row], str]] = {
     "compare_numbers": ("multiple_choice", compare_numbers, "which of two 2-digit numbers is larger (A/B)"),
     "parity": ("multiple_choice", parity, "whether a 3-4 digit number is even or odd"),
     "odd_one_out": ("multiple_choice", odd_one_out, "which of four words is from another category (A-D)"),
+}
+# the opt-in conflict group: each task asks a suite task's inputs for an answer that contradicts the suite task's
+CONFLICT_GENERATORS: dict[str, Generator] = {
+    "reverse_words_commas": ("generative", reverse_words_commas, "reverse_words, answered comma separated"),
+    "sort_words_descending": ("generative", sort_words_descending, "sort_words, in reverse alphabetical order"),
+    "first_letters_upper": ("generative", first_letters_upper, "first_letters, answered in capitals"),
+    "compare_numbers_smaller": ("multiple_choice", compare_numbers_smaller,
+                                "compare_numbers asking for the smaller number (A/B)"),
 }
 
 def split_of(task: str, prompt: str) -> str:
@@ -153,10 +191,12 @@ def majority_rate(targets: list[str]) -> float:
     return Counter(targets).most_common(1)[0][1] / len(targets)
 
 
-def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES) -> list[Task]:
-    """The suite with the given split sizes; ``chance_rate`` is the majority-answer rate of the seed-0 test split."""
+def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES,
+                        generators: Mapping[str, Generator] = TASK_GENERATORS) -> list[Task]:
+    """The suite (or another group of generators) with the given split sizes; ``chance_rate`` is the majority-answer
+    rate of the seed-0 test split."""
     tasks = []
-    for name, (kind, make, description) in TASK_GENERATORS.items():
+    for name, (kind, make, description) in generators.items():
         generate = partial(generate_split, name, make, dict(sizes))
         targets = [row["target"] for row in generate("test", 0)]
         tasks.append(Task(name=name, source=GeneratorSource(generate), formatter=format_row, kind=kind,
@@ -165,3 +205,4 @@ def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES) -> list[Task]:
 
 
 BUILTIN_TASKS = tuple(register_task(task).name for task in build_builtin_tasks())
+CONFLICT_TASKS = tuple(register_task(task).name for task in build_builtin_tasks(generators=CONFLICT_GENERATORS))

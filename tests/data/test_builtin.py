@@ -5,12 +5,13 @@ from collections import Counter
 
 import pytest
 
-from malora_lightning.data import BUILTIN_TASKS, SPLITS, build_builtin_tasks, get_task
-from malora_lightning.data.builtin import CATEGORIES
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, SPLITS, build_builtin_tasks, get_task
+from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS
 
 STRING_TASKS = {"reverse_words", "sort_words", "first_letters"}
 ARITHMETIC_TASKS = {"add_2digit", "subtract_2digit", "next_term"}
-CHOICE_TASKS = {"compare_numbers", "parity", "odd_one_out"}
+CHOICE_TASKS = {"compare_numbers", "parity", "odd_one_out", "compare_numbers_smaller"}
+ALL_TASKS = BUILTIN_TASKS + CONFLICT_TASKS
 SMALL = {"train": 300, "validation": 40, "test": 60}
 
 
@@ -27,10 +28,16 @@ def solve(task: str, prompt: str) -> str:
     words = prompt.split(": ", 1)[-1].split()
     if task == "reverse_words":
         return " ".join(words[::-1])
+    if task == "reverse_words_commas":
+        return ", ".join(words[::-1])
     if task == "sort_words":
         return " ".join(sorted(words))
+    if task == "sort_words_descending":
+        return " ".join(sorted(words)[::-1])
     if task == "first_letters":
         return " ".join(word[0] for word in words)
+    if task == "first_letters_upper":
+        return " ".join(word[0].upper() for word in words)
     if task == "add_2digit":
         return str(sum(numbers(prompt)))
     if task == "subtract_2digit":
@@ -42,6 +49,9 @@ def solve(task: str, prompt: str) -> str:
     if task == "compare_numbers":
         a, b = (int(option) for option in options(prompt))
         return "A" if a > b else "B"
+    if task == "compare_numbers_smaller":
+        a, b = (int(option) for option in options(prompt))
+        return "A" if a < b else "B"
     if task == "parity":
         return "odd" if numbers(prompt)[0] % 2 else "even"
     if task == "odd_one_out":
@@ -54,17 +64,35 @@ def solve(task: str, prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def small_suite():
-    return {task.name: task for task in build_builtin_tasks(SMALL)}
+    tasks = build_builtin_tasks(SMALL) + build_builtin_tasks(SMALL, generators=CONFLICT_GENERATORS)
+    return {task.name: task for task in tasks}
 
 
 def test_suite_has_at_least_eight_tasks_of_three_kinds():
-    assert set(BUILTIN_TASKS) == STRING_TASKS | ARITHMETIC_TASKS | CHOICE_TASKS
+    assert set(BUILTIN_TASKS) == (STRING_TASKS | ARITHMETIC_TASKS | CHOICE_TASKS) - set(CONFLICT_TASKS)
     assert {get_task(name).kind for name in CHOICE_TASKS} == {"multiple_choice"}
     assert {get_task(name).kind for name in STRING_TASKS | ARITHMETIC_TASKS} == {"generative"}
     assert {get_task(name).metric for name in BUILTIN_TASKS} == {"accuracy", "exact_match"}
 
 
-@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_conflict_group_is_opt_in_and_contradicts_the_suite_on_the_same_inputs(small_suite):
+    """Each conflict task is registered but not in the default suite, and for the same input its answer differs
+    from its suite partner's (the reason the group exists)."""
+    assert set(CONFLICT_TASKS).isdisjoint(BUILTIN_TASKS)
+    partners = {"reverse_words_commas": "reverse_words", "sort_words_descending": "sort_words",
+                "first_letters_upper": "first_letters", "compare_numbers_smaller": "compare_numbers"}
+    assert set(partners) == set(CONFLICT_TASKS)
+    for name, partner in partners.items():
+        for example in small_suite[name].examples("validation"):
+            if name == "compare_numbers_smaller":
+                same_input = example.prompt.replace("smaller", "larger")
+            else:
+                same_input = f"{small_suite[partner].examples('train')[0].prompt.split(': ')[0]}: " \
+                             f"{example.prompt.split(': ', 1)[1]}"
+            assert solve(name, example.prompt) != solve(partner, same_input), example.prompt
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_every_target_is_the_right_answer_to_its_prompt(small_suite, name):
     examples = small_suite[name].examples("train", seed=3)
     assert len(examples) == SMALL["train"]
@@ -72,7 +100,7 @@ def test_every_target_is_the_right_answer_to_its_prompt(small_suite, name):
         assert example.target == solve(name, example.prompt), example.prompt
 
 
-@pytest.mark.parametrize("name", BUILTIN_TASKS)
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_splits_are_disjoint_whatever_the_seed(small_suite, name):
     prompts = {split: {example.prompt for seed in (0, 1)
                        for example in small_suite[name].examples(split, seed=seed)} for split in SPLITS}
@@ -91,7 +119,7 @@ def test_generation_is_deterministic_for_a_seed(small_suite, name):
     assert len({example.prompt for example in first}) == len(first)  # no duplicates within a split
 
 
-@pytest.mark.parametrize("name", BUILTIN_TASKS)
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_chance_rate_is_the_majority_answer_rate_of_the_test_split(name):
     task = get_task(name)
     targets = [example.target for example in task.examples("test", seed=0)]
