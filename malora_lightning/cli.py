@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+from malora_lightning.checkpoints import checkpoint_hyperparameters
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
@@ -32,16 +32,6 @@ ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_
                         "layers_to_transform")
 
 logger = logging.getLogger(__name__)
-
-
-def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters a checkpoint stores, read as data (`weights_only=True`: nothing in the file runs)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
-        raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
-                         f"{error})") from error
-    return checkpoint.get("hyper_parameters") or {}
 
 
 def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Path) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -34,6 +35,7 @@ from malora_lightning.adapters import (
     router_losses,
 )
 from malora_lightning.callbacks.export import AdapterExport
+from malora_lightning.checkpoints import CheckedCheckpointIO, check_checkpoint_file
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
@@ -152,10 +154,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`) and
         `trust_remote_code` taken from the caller only (default False), never from the file's hyperparameters."""
+        if isinstance(checkpoint_path, (str, Path)):
+            check_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
                                             weights_only=weights_only, trust_remote_code=trust_remote_code, **kwargs)
 
     # ------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
+        refused by its path (torch's own error names none)."""
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = CheckedCheckpointIO()
+
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()

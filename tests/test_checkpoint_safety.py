@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict
-from malora_lightning.cli import check_checkpoint_settings, checkpoint_hyperparameters, main
+from malora_lightning.checkpoints import checkpoint_hyperparameters
+from malora_lightning.cli import check_checkpoint_settings, main
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.test_cli import parse
+from tests.test_module import make_data, make_module, make_trainer
 from tests.helpers import tiny_model
 
 MARKER = "remote-code-ran.txt"
@@ -101,3 +103,22 @@ def test_a_truncated_checkpoint_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut\.ckpt cannot be read as a malora checkpoint"):
         checkpoint_hyperparameters(path)
+
+
+@pytest.mark.parametrize("how", ["cut", "not a checkpoint"])
+def test_a_truncated_checkpoint_is_named_by_the_python_api(tiny_model_dir, tmp_path, how):
+    """`Trainer.fit(ckpt_path=...)` and `load_from_checkpoint` name the file before torch reads it."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    path = tmp_path / "cut.ckpt"
+    trainer.save_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:-200] if how == "cut" else b"a text file, not a checkpoint\n")
+    message = r"checkpoint .*cut\.ckpt is not a complete checkpoint file"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "resumed", max_steps=2).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                                            ckpt_path=path)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "tested").validate(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                                   ckpt_path=path)
+    with pytest.raises(ValueError, match=message):
+        MALoRAModule.load_from_checkpoint(path)
