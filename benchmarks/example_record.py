@@ -54,3 +54,10 @@ class ExampleRecorder(Callback):
             "routing": {} if trainer.sanity_checking else routing,  # Lightning keeps no sanity-check logs
         })
         atomic_write_text(Path(trainer.log_dir) / "examples_val.json", json.dumps(self.evaluations, indent=1) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints, so a resumed run's file holds the evaluations before the resume too."""
+        return {"evaluations": self.evaluations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.evaluations = state_dict["evaluations"]

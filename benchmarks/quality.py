@@ -1,16 +1,18 @@
-"""Multi-task quality of LoRA, MoLoRA and MALoRA (and MALoRA's Table 3 ablations) on the built-in offline suite.
+"""Multi-task quality of LoRA, MoLoRA and MALoRA on the built-in offline suite, as named studies (issue 14).
 
 Each (configuration, seed) is one run of the default job (`recipes/default.yaml`: SmolLM2-135M in nf4, the nine
-built-in tasks) in its own process, with only the adapter and the seed changed. The data items are the same for
-every run (the data seed is fixed); the seed changes the adapter initialisation, dropout and the training order.
-Reported per configuration: trainable parameters, per-task final accuracy (mean and standard deviation over seeds),
-the macro average, the seesaw index, and the wall time.
+built-in tasks) in its own process, with only the adapter, the seed and the study's budget changed. The validation
+items are the same for every run (the data seed is fixed); the seed changes the adapter initialisation, dropout and
+the training order, so runs with the same seed see the same batches. Every run records each validation item's
+correctness at each evaluation, from which `quality_report` derives intervals and paired comparisons.
 
-    python -m benchmarks.quality --jobs 2 --threads 1   # 6 configurations x 3 seeds (hours on 2 CPU cores)
-    python -m benchmarks.quality --quick                # 2 configurations, 1 seed, a few steps: checks the pipeline
+    python -m benchmarks.quality --study noise conflict rank router budget --jobs 2 --threads 1   # hours on 2 cores
+    python -m benchmarks.quality --study budget --report-only   # rewrite a report from the kept runs
+    python -m benchmarks.quality --quick                         # 2 configurations, 1 seed, a few steps
 
-Each finished run is kept under benchmarks/results/tmp/, and the report is rewritten after every run: an interrupted
-benchmark, started again with the same arguments, reuses what it had and runs only the rest.
+Each finished run is kept under benchmarks/results/tmp/quality/, in a folder named by its settings (studies that
+share a run share its result), and the reports are rewritten after every run. An interrupted benchmark started again
+with the same arguments reuses what it had, and a run stopped mid-way continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, machine_markdown, markdown_table, write_report
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, machine_markdown, write_report
+from benchmarks.quality_report import StudyRuns, study_report
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, get_task
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS
 from malora_lightning.offline_models import resolve_model_path
 
 MODEL = "offline:SmolLM2-135M-Instruct"
@@ -82,18 +85,30 @@ def run_settings(name: str, seed: int, args: argparse.Namespace) -> dict[str, ob
             "val_every": args.val_every, "eval_examples": args.eval_examples, "tasks": args.tasks}
 
 
-def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
-    """One default-job run in a fresh process; returns its final per-task accuracies, seesaw index and wall time.
+def newest(run_dir: Path, pattern: str) -> Path | None:
+    """The most recently written file of that name in a run (a resumed run writes a new log version)."""
+    return max(run_dir.rglob(pattern), key=lambda path: path.stat().st_mtime, default=None)
 
-    The result is kept in `run_dir/result.json`, so an interrupted benchmark resumes where it stopped.
+
+def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
+    """One default-job run in a fresh process; returns its evaluations, per-example results and wall time.
+
+    The result is kept in `run_dir/result.json`, so an interrupted benchmark resumes where it stopped; a run
+    interrupted mid-way continues from its last checkpoint (written every 80 steps), as an exact resume.
     """
     settings = run_settings(name, seed, args)
-    result_path = run_dir / "result.json"
+    result_path, settings_path = run_dir / "result.json", run_dir / "settings.json"
     if result_path.exists() and not args.fresh:
         cached = json.loads(result_path.read_text())
         if cached["settings"] == settings:
             return cached
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished or outdated run
+    resume = None
+    if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) == settings:
+        resume = newest(run_dir, "last.ckpt")
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run, or one stopped before its first checkpoint
+        run_dir.mkdir(parents=True)
+        atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
     configuration = CONFIGURATIONS[name]
     overrides = [f"--model.adapter.{key}={json.dumps(value) if isinstance(value, bool) else value}"
                  for key, value in configuration["adapter"].items()]
@@ -105,14 +120,18 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
                "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.example_record.ExampleRecorder"]
     if args.tasks:
         command.append(f"--data.tasks=[{', '.join(args.tasks)}]")
+    resumed_from_step = 0
+    if resume is not None:  # no second "before training" evaluation: the restored history has it
+        resumed_from_step = torch.load(resume, map_location="cpu", weights_only=True)["global_step"]
+        command += [f"--ckpt_path={resume}", "--trainer.num_sanity_val_steps=0"]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     start = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment)
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"run {name} seed {seed} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    seesaw = json.loads(next(run_dir.rglob("seesaw.json")).read_text())["stages"]["val"]
-    examples = json.loads(next(run_dir.rglob("examples_val.json")).read_text())
+    seesaw = json.loads(newest(run_dir, "seesaw.json").read_text())["stages"]["val"]
+    examples = json.loads(newest(run_dir, "examples_val.json").read_text())
     final = seesaw[-1]
     intervals = [point["seesaw_index"] for point in seesaw[1:] if point["seesaw_index"] is not None]
     result = {
@@ -123,7 +142,9 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         "seesaw_index": statistics.mean(intervals) if intervals else None,
         "evaluations": seesaw,
         "examples": examples,
-        "seconds": seconds,
+        # a resumed run's time is its last attempt's, scaled to the whole run
+        "seconds": seconds * args.steps / (args.steps - resumed_from_step),
+        "resumed_from_step": resumed_from_step,
         "threads": args.threads or torch.get_num_threads(),
         "concurrent_jobs": args.jobs,
     }
@@ -131,64 +152,6 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
     for checkpoint in run_dir.rglob("*.ckpt"):  # 220 MB each for MALoRA; the scores, reports and adapter stay
         checkpoint.unlink()
     return result
-
-
-def summarise(name: str, runs: list[dict[str, object]], trainable: int) -> dict[str, object]:
-    tasks = list(runs[0]["accuracy"])
-    per_task = {task: [run["accuracy"][task] for run in runs] for task in tasks}
-    averages = [statistics.mean(run["accuracy"].values()) for run in runs]
-    seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
-    return {
-        "configuration": name,
-        **CONFIGURATIONS[name],
-        "trainable_parameters": trainable,
-        "seeds": [run["seed"] for run in runs],
-        "per_task_mean": {task: statistics.mean(values) for task, values in per_task.items()},
-        "per_task_std": {task: statistics.pstdev(values) for task, values in per_task.items()},
-        "average_mean": statistics.mean(averages),
-        "average_std": statistics.pstdev(averages),
-        "seesaw_index_mean": statistics.mean(seesaw) if seesaw else None,
-        "minutes_per_run": statistics.mean(run["seconds"] for run in runs) / 60,
-        "runs": runs,
-    }
-
-
-def reference_rows(summaries: list[dict[str, object]], tasks: list[str]) -> list[list[str]]:
-    """Chance/majority rate and the untrained model's scores (the same for every run: adapters start at zero)."""
-    chance = {task: get_task(task).chance_rate for task in tasks}
-    before = summaries[0]["runs"][0]["before"]
-    percent = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
-    return [["chance / majority", "–", *(percent(chance.get(t)) for t in tasks),
-             percent(statistics.mean(chance[t] for t in tasks) if all(t in chance for t in tasks) else None), "–", "–"],
-            ["before training", "–", *(percent(before[t]) for t in tasks),
-             percent(statistics.mean(before[t] for t in tasks)), "–", "–"]]
-
-
-def markdown(summaries: list[dict[str, object]], info: dict[str, object], args: argparse.Namespace,
-             wall_minutes: float, pending: list[str]) -> str:
-    tasks = list(summaries[0]["per_task_mean"])
-    headers = ["configuration", "trainable", *tasks, "average", "seesaw index", "min/run"]
-    rows = reference_rows(summaries, tasks)
-    for summary in summaries:
-        cells = [f"{100 * summary['per_task_mean'][t]:.1f} ± {100 * summary['per_task_std'][t]:.1f}" for t in tasks]
-        seesaw = summary["seesaw_index_mean"]
-        seeds = "" if len(summary["seeds"]) == len(args.seeds) else f" (seeds {', '.join(map(str, summary['seeds']))})"
-        rows.append([summary["configuration"] + seeds, f"{summary['trainable_parameters'] / 1e6:.2f} M", *cells,
-                     f"**{100 * summary['average_mean']:.1f} ± {100 * summary['average_std']:.1f}**",
-                     "-" if seesaw is None else f"{seesaw:.2f}", f"{summary['minutes_per_run']:.1f}"])
-    run_minutes = sum(run["seconds"] for summary in summaries for run in summary["runs"]) / 60
-    status = f"**Incomplete: {len(pending)} run(s) still to do** ({', '.join(pending)}). " if pending else ""
-    return "\n\n".join([
-        "# Multi-task quality on the built-in offline suite",
-        f"{status}{len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))}) per configuration, {args.steps} steps, "
-        f"evaluations every {args.val_every} steps on {args.eval_examples} validation examples per task; accuracy in "
-        f"% (mean ± population std over seeds) at the last evaluation; seesaw index averaged over the evaluation "
-        f"intervals and seeds. {args.jobs} run(s) at a time, {args.threads or 'default'} thread(s) each. Wall time of "
-        f"this invocation {wall_minutes:.0f} min; the runs shown took {run_minutes:.0f} min of process wall time in "
-        "all (runs reused from an earlier invocation keep their own times).",
-        markdown_table(headers, rows),
-        machine_markdown(info),
-    ])
 
 
 @dataclass(frozen=True)
@@ -203,6 +166,7 @@ class Study:
 
 
 MAIN = ("lora_r64", "molora_r8", "malora")
+QUICK_STUDY = Study(QUICK_CONFIGURATIONS, steps=6, val_every=6, eval_examples=4, tasks=("add_2digit", "parity"))
 STUDIES: dict[str, Study] = {
     "noise": Study(MAIN),  # the default budget, measured on 100 examples per task
     "conflict": Study(MAIN, tasks=BUILTIN_TASKS + CONFLICT_TASKS),
@@ -210,6 +174,22 @@ STUDIES: dict[str, Study] = {
     "router": Study(("malora", "malora_router_lr5e-3", "malora_aux0.1", "malora_aux0")),
     "budget": Study(MAIN, steps=960, val_every=160),  # 6x the default budget, evaluated every 1x
     "ablations": Study(("malora", "malora_frozen_SA_r16", "malora_frozen_P", "malora_symmetric_r8_d64")),
+}
+STUDY_QUESTIONS = {
+    "quick": "A check of the pipeline (6 steps, 2 tasks, 4 items each): its numbers mean nothing.",
+    "noise": "LoRA r = 64, MoLoRA 8 x r8 and MALoRA 8 x r̄12 (d 32), all top-2 where routed, at matched trainable "
+             "budgets and the default job's budget, measured on 100 validation items per task: which differences "
+             "are larger than the noise?",
+    "conflict": "The same three methods on the suite plus its conflict group (four tasks that ask the suite's "
+                "inputs for contradicting answers): which method loses least on the suite, and how each copes "
+                "with the group.",
+    "rank": "The paper's rank claim (Fig. 4a/5): LoRA at r 16/64/256 and MALoRA at r̄ 8/12/24 (d 32/32/64), at the "
+            "default budget.",
+    "router": "The router levers the paper leaves open, on MALoRA only: a 10x router learning rate, and the "
+              "load-balance loss coefficient at 0.1 and 0 (default 0.01).",
+    "budget": "The three methods at 6x the default budget (960 steps), evaluated every 160 steps: does the ordering "
+              "change with training?",
+    "ablations": "The paper's Table 3 ablations against MALoRA at the default budget.",
 }
 
 
@@ -226,6 +206,49 @@ def run_directory(name: str, seed: int, run_args: argparse.Namespace) -> Path:
     return RESULTS_DIR / "tmp" / "quality" / f"{name}-seed{seed}-{digest}"
 
 
+def write_study_report(name: str, study: Study, args: argparse.Namespace, results: dict[Path, dict[str, object]],
+                       trainable: dict[str, int], load_at_start: tuple[float, float, float],
+                       wall_minutes: float) -> str:
+    """Rewrite `quality_<study>.md/.json` from the runs kept so far (it refers to the noise study's runs when
+    they are kept too: the conflict and budget studies compare with them)."""
+    def study_runs(study_name: str, current: Study) -> StudyRuns:
+        run_args = study_arguments(current, args)
+        runs: dict[str, dict[int, dict[str, object]]] = {}
+        pending = []
+        for configuration in current.configurations:
+            for seed in args.seeds:
+                directory = run_directory(configuration, seed, run_args)
+                result = results.get(directory) or kept_result(directory, configuration, seed, run_args)
+                if result is None:
+                    pending.append(f"{configuration} seed {seed}")
+                else:
+                    runs.setdefault(configuration, {})[seed] = result
+        return StudyRuns(study_name, current.steps, current.val_every, current.eval_examples, list(args.seeds), runs,
+                         {c: trainable.get(c) or trainable_parameters(CONFIGURATIONS[c]["adapter"])
+                          for c in current.configurations}, pending)
+
+    this = study_runs(name, study)
+    others = {"noise": study_runs("noise", STUDIES["noise"])} if name in ("conflict", "budget") else {}
+    info = machine_info(load_at_start)
+    body, payload, figures = study_report(this, others) if this.runs else ("No runs yet.", {}, [])
+    text = "\n\n".join([f"# Quality study: {name}", STUDY_QUESTIONS[name], body,
+                         f"{args.jobs} run(s) at a time, {args.threads or 'default'} thread(s) each; wall time of this "
+                         f"invocation {wall_minutes:.0f} min (runs kept from earlier invocations keep their own times).",
+                         machine_markdown(info)])
+    write_report(f"quality_{name}", {"machine": info, "study": name, "settings": vars(study_arguments(study, args)),
+                                     "pending": this.pending, **payload}, text)
+    return text
+
+
+def kept_result(directory: Path, name: str, seed: int, run_args: argparse.Namespace) -> dict[str, object] | None:
+    """A finished run's result from an earlier invocation, if its settings match."""
+    path = directory / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result["settings"] == run_settings(name, seed, run_args) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", nargs="+", choices=list(STUDIES), default=["noise"],
@@ -237,11 +260,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: torch's choice); on 2 "
                         "cores, --jobs 2 --threads 1 finishes the suite ~1.3x sooner than --jobs 1")
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results are already kept")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the reports from the kept runs; run "
+                        "nothing")
     args = parser.parse_args()
     studies = {name: STUDIES[name] for name in args.study}
     if args.quick:
-        studies = {"quick": Study(QUICK_CONFIGURATIONS, steps=6, val_every=6, eval_examples=4,
-                                  tasks=("add_2digit", "parity"))}
+        studies = {"quick": QUICK_STUDY}
         args.seeds, args.fresh = [0], True  # a check of the pipeline as it is now, never of kept results
     load_at_start = os.getloadavg()
     start = time.perf_counter()
@@ -255,36 +279,26 @@ def main() -> None:
     trainable = {name: trainable_parameters(CONFIGURATIONS[name]["adapter"])
                  for study in studies.values() for name in study.configurations}
 
-    def report(study_name: str, study: Study) -> str:
-        run_args = study_arguments(study, args)
-        kept = {(name, seed): results[directory] for name in study.configurations for seed in args.seeds
-                if (directory := run_directory(name, seed, run_args)) in results}
-        summaries = [summarise(name, [kept[(name, seed)] for seed in args.seeds if (name, seed) in kept],
-                               trainable[name])
-                     for name in study.configurations if any((name, seed) in kept for seed in args.seeds)]
-        pending = [f"{name} seed {seed}" for name in study.configurations for seed in args.seeds
-                   if (name, seed) not in kept]
-        wall_minutes = (time.perf_counter() - start) / 60
-        info = machine_info(load_at_start)
-        text = markdown(summaries, info, run_args, wall_minutes, pending) if summaries else "no runs yet"
-        write_report(f"quality_{study_name}", {"machine": info, "study": study_name, "settings": vars(run_args),
-                                               "wall_minutes": wall_minutes, "pending": pending,
-                                               "configurations": summaries}, text)
-        return text
+    def report_all() -> None:
+        for study_name, study in studies.items():
+            write_study_report(study_name, study, args, results, trainable, load_at_start,
+                               (time.perf_counter() - start) / 60)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_once, name, seed, run_args, directory): directory
-                   for directory, (name, seed, run_args) in jobs.items()}
-        for future in as_completed(futures):
-            directory = futures[future]
-            results[directory] = run = future.result()
-            name, seed = jobs[directory][:2]
-            print(f"{name} seed {seed} ({directory.name}): average "
-                  f"{100 * statistics.mean(run['accuracy'].values()):.1f}% in {run['seconds'] / 60:.1f} min", flush=True)
-            for study_name, study in studies.items():  # after every run, so an interrupted benchmark leaves numbers
-                report(study_name, study)
-    for study_name, study in studies.items():
-        print(report(study_name, study))
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run_once, name, seed, run_args, directory): directory
+                       for directory, (name, seed, run_args) in jobs.items()}
+            for future in as_completed(futures):
+                directory = futures[future]
+                results[directory] = run = future.result()
+                name, seed = jobs[directory][:2]
+                print(f"{name} seed {seed} ({directory.name}): average "
+                      f"{100 * statistics.mean(run['accuracy'].values()):.1f}% in {run['seconds'] / 60:.1f} min",
+                      flush=True)
+                report_all()  # after every run, so an interrupted benchmark still leaves its numbers
+    report_all()
+    for study_name in studies:
+        print("written:", RESULTS_DIR / f"quality_{study_name}.md")
 
 
 if __name__ == "__main__":

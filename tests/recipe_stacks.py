@@ -1,9 +1,10 @@
 """The runs the recipes are documented for, each as the `malora` arguments that make it: one place for the tests.
 
 `recipes/default.yaml` and `recipes/default-gpu.yaml` are complete recipes, one file each. The LLaMA-2-7B files are
-fragments (a setting, a method, hardware) that only make a run when stacked, so their runs are read from the
-commands README.md lists under Recipes (`malora fit -c recipes/llama2-7b/...`): the tests parse and instantiate
-exactly what the README tells a user to type. A run is named by its `--trainer.default_root_dir` folder.
+fragments (a setting, a method, hardware) that only make a run when stacked, and `recipes/tasks/` holds fragments
+stacked after a recipe, so their runs are read from the commands README.md lists (`malora fit -c recipes/... -c
+... --trainer.default_root_dir DIR`): the tests parse and instantiate exactly what the README tells a user to type.
+A run is named by its `--trainer.default_root_dir` folder.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ SINGLE_FILE_RECIPES = ("default.yaml", "default-gpu.yaml")
 
 
 def readme_stack_commands() -> list[str]:
-    """README.md's `malora fit -c recipes/llama2-7b/...` lines, in their order."""
+    """README.md's stacked runs (`malora fit -c recipes/... -c ...` naming their folder), in their order."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines()
-            if line.startswith("malora fit -c recipes/llama2-7b/")]
+            if line.startswith("malora fit -c recipes/") and line.count(" -c ") >= 2
+            and "--trainer.default_root_dir" in line]
 
 
 def stack_args(command: str) -> list[str]:

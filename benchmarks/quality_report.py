@@ -1,0 +1,235 @@
+"""The quality study's reports: one Markdown + JSON per study from its kept runs, with intervals and paired
+comparisons (`quality_stats`), the budget curves plotted, the routing health over training, and for the conflict
+study what adding the conflict group costs the suite's own tasks.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import RESULTS_DIR, markdown_table
+from benchmarks.quality_stats import (Bootstrap, Estimate, correctness, macro_estimate, paired_comparison, stack,
+                                      task_estimates)
+from malora_lightning.callbacks.plots import new_figure, save_figure
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, get_task
+
+# the comparisons each study is about: (A, B) reads "A minus B"
+PAIRS: dict[str, list[tuple[str, str]]] = {
+    "noise": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
+    "conflict": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
+    "budget": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
+    "rank": [("lora_r16", "lora_r64"), ("lora_r256", "lora_r64"), ("malora_r8_d32", "malora"),
+             ("malora_r24_d64", "malora"), ("malora_r24_d64", "lora_r256")],
+    "router": [("malora_router_lr5e-3", "malora"), ("malora_aux0.1", "malora"), ("malora_aux0", "malora")],
+    "ablations": [("malora_frozen_SA_r16", "malora"), ("malora_frozen_P", "malora"),
+                  ("malora_symmetric_r8_d64", "malora")],
+}
+
+
+@dataclass
+class StudyRuns:
+    """A study's finished runs: per configuration, one run per seed (in seed order)."""
+
+    name: str
+    steps: int
+    val_every: int
+    eval_examples: int
+    seeds: list[int]
+    runs: dict[str, dict[int, dict[str, Any]]]  # configuration -> seed -> kept result
+    trainable: dict[str, int]
+    pending: list[str]
+
+    @property
+    def tasks(self) -> list[str]:
+        first = next(iter(next(iter(self.runs.values())).values()))
+        return list(first["examples"][-1]["correct"])
+
+    def complete(self) -> dict[str, list[dict[str, Any]]]:
+        """The configurations that have every seed, with their runs in seed order."""
+        return {name: [by_seed[seed] for seed in self.seeds] for name, by_seed in self.runs.items()
+                if all(seed in by_seed for seed in self.seeds)}
+
+
+def evaluation_steps(run: dict[str, Any]) -> list[int]:
+    return [evaluation["step"] for evaluation in run["examples"]]
+
+
+def worst_task(estimates: dict[str, Estimate]) -> tuple[str, float]:
+    """The task furthest below what it could gain: lowest accuracy above its chance (majority) rate."""
+    name = min(estimates, key=lambda task: estimates[task].mean - (get_task(task).chance_rate or 0.0))
+    return name, estimates[name].mean
+
+
+def routing_at(runs: list[dict[str, Any]], step: int | None = None) -> dict[str, float] | None:
+    """Mean over seeds of the routing health logged at that evaluation (default: the last); None for LoRA."""
+    entries = [next((e for e in reversed(run["examples"]) if step is None or e["step"] == step), None) for run in runs]
+    if not entries or any(entry is None or not entry["routing"] for entry in entries):
+        return None
+    return {key: statistics.mean(entry["routing"][key] for entry in entries) for key in entries[0]["routing"]}
+
+
+def study_report(study: StudyRuns, other: dict[str, StudyRuns]) -> tuple[str, dict[str, Any], list[Path]]:
+    """Markdown, JSON payload and written figures of one study; `other` gives the studies it refers to (the
+    conflict study compares the suite's tasks with the noise study's runs)."""
+    complete = study.complete()
+    if not complete:
+        return "No configuration has all its seeds yet.", {}, []
+    tasks = study.tasks
+    bootstrap = Bootstrap(len(study.seeds), {task: study.eval_examples for task in tasks})
+    results = {name: stack(runs, tasks) for name, runs in complete.items()}
+    per_task = {name: task_estimates(values, bootstrap) for name, values in results.items()}
+    macro = {name: macro_estimate(values, bootstrap) for name, values in results.items()}
+    rows = [["chance / majority", "–", *(f"{100 * (get_task(t).chance_rate or 0):.1f}" for t in tasks),
+             f"{100 * statistics.mean(get_task(t).chance_rate or 0 for t in tasks):.1f}", "–", "–", "–"]]
+    before = correctness(next(iter(complete.values()))[0], step=0)  # adapters start at zero: the same in every run
+    rows.append(["before training", "–", *(f"{100 * before[t].mean():.1f}" for t in tasks),
+                 f"{100 * macro_of_run(next(iter(complete.values()))[0], 0, tasks):.1f}", "–", "–", "–"])
+    payload: dict[str, Any] = {"tasks": tasks, "configurations": {}}
+    for name, runs in complete.items():
+        seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
+        worst = worst_task(per_task[name])
+        rows.append([name, f"{study.trainable[name] / 1e6:.2f} M", *(per_task[name][t].percent() for t in tasks),
+                     f"**{macro[name].percent()}**", f"{statistics.mean(seesaw):.2f}" if seesaw else "–",
+                     f"{worst[0]} {100 * worst[1]:.1f}", f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f}"])
+        payload["configurations"][name] = {
+            "trainable_parameters": study.trainable[name],
+            "per_task": {t: vars(e) for t, e in per_task[name].items()}, "macro": vars(macro[name]),
+            "per_seed_macro": [macro_of_run(run, None, tasks) for run in runs],
+            "seesaw_index": statistics.mean(seesaw) if seesaw else None, "worst_task": worst,
+            "routing_last": routing_at(runs), "minutes_per_run": statistics.mean(r["seconds"] for r in runs) / 60}
+    sections = [
+        f"{len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}), {study.steps} steps, evaluations every "
+        f"{study.val_every} steps on {study.eval_examples} validation items per task (one item is "
+        f"{100 / study.eval_examples:g} point(s)). Accuracy in %: mean over seeds and items [95 % interval, bootstrap "
+        "over seeds and items]. Seesaw index: fraction of task pairs moving in opposite directions by more than 4 "
+        "points between consecutive evaluations, averaged over the intervals and seeds. Worst task: the lowest "
+        "accuracy above its chance rate. min/run: wall minutes of one run.",
+        markdown_table(["configuration", "trainable", *tasks, "average", "seesaw index", "worst task", "min/run"],
+                       rows)]
+    comparisons = [(a, b) for a, b in PAIRS.get(study.name, []) if a in results and b in results]
+    if comparisons:
+        lines = ["Paired differences of the average (points; same seeds, batches and items on both sides):", "",
+                 "| A − B | difference [95 % interval] (per seed) | A ahead in seeds |", "|---|---|---|"]
+        payload["paired"] = {}
+        for a, b in comparisons:
+            comparison = paired_comparison(results[a], results[b], bootstrap)
+            lines.append(f"| {a} − {b} | {comparison.describe()} | {comparison.wins} of {len(study.seeds)} |")
+            payload["paired"][f"{a} - {b}"] = {**vars(comparison.difference), "per_seed": comparison.per_seed}
+        sections.append("\n".join(lines))
+    routing = {name: routing_at(runs) for name, runs in complete.items()}
+    if any(routing.values()):
+        lines = ["Routing at the last evaluation (mean over seeds): task-expert NMI (0: experts do not specialise by "
+                 "task), dead experts (of all layers' experts), load coefficient of variation.", "",
+                 "| configuration | task-expert NMI | dead experts | load CV |", "|---|---|---|---|"]
+        lines += [f"| {name} | {health['task_nmi']:.3f} | {health['dead_experts']:.1f} | {health['load_cv']:.2f} |"
+                  for name, health in routing.items() if health]
+        sections.append("\n".join(lines))
+    figures: list[Path] = []
+    if study.name == "conflict" and "noise" in other:
+        sections.append(conflict_section(study, other["noise"], results, bootstrap, payload))
+    if study.name == "budget":
+        text, figures = budget_section(study, complete, other.get("noise"), payload)
+        sections.append(text)
+    if study.pending:
+        sections.insert(0, f"**Incomplete: {len(study.pending)} run(s) still to do** ({', '.join(study.pending)}); "
+                           "configurations without every seed are left out.")
+    return "\n\n".join(sections), payload, figures
+
+
+def conflict_section(study: StudyRuns, noise: StudyRuns, results: dict[str, dict[str, np.ndarray]],
+                     bootstrap: Bootstrap, payload: dict[str, Any]) -> str:
+    """What training with the conflict group costs the suite's own tasks, per method (paired with the noise
+    study's runs: same seeds, same suite items, same budget), and how the group itself does."""
+    noise_complete = noise.complete()
+    suite = [task for task in BUILTIN_TASKS if task in study.tasks]
+    group = [task for task in CONFLICT_TASKS if task in study.tasks]
+    lines = ["Suite tasks with the conflict group minus without it (the noise study's runs, same seeds and items), "
+             "and the averages over the suite's 9 tasks and over the conflict group's 4:", "",
+             "| configuration | suite average, with group | suite: with − without (per seed) | conflict group average |",
+             "|---|---|---|---|"]
+    payload["conflict"] = {}
+    for name, values in results.items():
+        with_group = macro_estimate(values, bootstrap, suite)
+        group_average = macro_estimate(values, bootstrap, group)
+        cost = "–"
+        if name in noise_complete and noise.seeds == study.seeds:
+            without = stack(noise_complete[name], suite)
+            comparison = paired_comparison({t: values[t] for t in suite}, without, bootstrap, suite)
+            cost = comparison.describe()
+            payload["conflict"][name] = {"suite_cost": vars(comparison.difference), "per_seed": comparison.per_seed}
+        lines.append(f"| {name} | {with_group.percent()} | {cost} | {group_average.percent()} |")
+    return "\n".join(lines)
+
+
+def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], noise: StudyRuns | None,
+                   payload: dict[str, Any]) -> tuple[str, list[Path]]:
+    """Accuracy, seesaw index and routing NMI at every evaluation of the long runs, as a table and a figure."""
+    tasks = study.tasks
+    steps = evaluation_steps(next(iter(complete.values()))[0])
+    curves: dict[str, dict[str, list[list[float | None]]]] = {}
+    for name, runs in complete.items():
+        accuracy = [[macro_of_run(run, step, tasks) for step in steps] for run in runs]
+        seesaw = [[None] + [point["seesaw_index"] for point in run["evaluations"][1:]] for run in runs]
+        nmi = [[(entry["routing"] or {}).get("task_nmi") for entry in run["examples"]] for run in runs]
+        curves[name] = {"accuracy": accuracy, "seesaw_index": seesaw, "task_nmi": nmi}
+    payload["curves"] = {"steps": steps, "configurations": curves}
+    header = ["step", *(f"{name} average (min–max)" for name in curves), *(f"{name} seesaw" for name in curves)]
+    rows = []
+    for index, step in enumerate(steps):
+        cells = [f"{100 * statistics.mean(c[index] for c in curve['accuracy']):.1f} "
+                 f"({100 * min(c[index] for c in curve['accuracy']):.1f}–"
+                 f"{100 * max(c[index] for c in curve['accuracy']):.1f})" for curve in curves.values()]
+        seesaw = ["–" if any(c[index] is None for c in curve["seesaw_index"])
+                  else f"{statistics.mean(c[index] for c in curve['seesaw_index']):.2f}" for curve in curves.values()]
+        rows.append([step, *cells, *seesaw])
+    text = ["Over training (mean over seeds, min–max in brackets; cosine decay over all "
+            f"{study.steps} steps, so an early point is not a run trained to that budget):", "",
+            markdown_table(header, rows)]
+    annealed = {}
+    if noise is not None:
+        annealed = {name: statistics.mean(macro_of_run(run, None, tasks) for run in runs)
+                    for name, runs in noise.complete().items() if name in curves}
+        if annealed:
+            text.append("Trained to the default budget instead (the noise study's runs, decayed over "
+                        f"{noise.steps} steps): " + ", ".join(f"{name} {100 * value:.1f}"
+                                                             for name, value in annealed.items()) + ".")
+    figure = plot_curves(steps, curves, annealed, noise.steps if noise else None)
+    text.append(f"![accuracy, seesaw index and routing NMI over training]({figure.name})")
+    return "\n\n".join(text), [figure]
+
+
+def macro_of_run(run: dict[str, Any], step: int | None, tasks: list[str]) -> float:
+    """One run's average accuracy over `tasks` at the evaluation of `step` (default: the last)."""
+    results = correctness(run, step)
+    return float(np.mean([results[task].mean() for task in tasks]))
+
+
+def plot_curves(steps: list[int], curves: dict[str, dict[str, list[list[float | None]]]],
+                annealed: dict[str, float], annealed_step: int | None) -> Path:
+    """Three panels (accuracy, seesaw index, NMI) against steps: one line per configuration, a band over seeds."""
+    figure = new_figure(15, 4.2)
+    axes = figure.subplots(1, 3)
+    panels = (("accuracy", "average accuracy (%)", 100), ("seesaw_index", "seesaw index", 1),
+              ("task_nmi", "task-expert NMI", 1))
+    for color, (name, curve) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"),
+                                    curves.items()):
+        for axis, (key, label, scale) in zip(axes, panels):
+            points = [(step, [c[index] for c in curve[key]]) for index, step in enumerate(steps)
+                      if all(c[index] is not None for c in curve[key])]
+            if not points:
+                continue  # LoRA has no routing
+            x = [step for step, _ in points]
+            axis.plot(x, [scale * statistics.mean(v) for _, v in points], color=color, label=name, marker="o")
+            axis.fill_between(x, [scale * min(v) for _, v in points], [scale * max(v) for _, v in points],
+                              color=color, alpha=0.15)
+            axis.set_xlabel("training step")
+            axis.set_ylabel(label)
+        if name in annealed and annealed_step is not None:
+            axes[0].scatter([annealed_step], [100 * annealed[name]], color=color, marker="*", s=140, zorder=3)
+    axes[0].legend(title="bands: min–max over seeds; * trained to that budget", fontsize=8, title_fontsize=8)
+    return save_figure(figure, RESULTS_DIR / "quality_budget.png")

@@ -1,0 +1,101 @@
+"""The quality study's statistics (benchmarks/quality_stats.py) on hand-built results, and its per-example recorder
+on a tiny fit: what the study's intervals and paired comparisons are computed from."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.example_record import ExampleRecorder
+from benchmarks.quality_stats import Bootstrap, correctness, macro_estimate, paired_comparison, task_estimates
+from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
+from tests.test_module import make_data, make_module, make_trainer
+
+
+def results(*seeds: str) -> np.ndarray:
+    return np.array([[int(bit) for bit in seed] for seed in seeds], dtype=np.float64)
+
+
+def test_a_run_without_variation_has_a_point_interval():
+    bootstrap = Bootstrap(seeds=2, items={"t": 4})
+    estimate = task_estimates({"t": results("1111", "1111")}, bootstrap)["t"]
+    assert (estimate.mean, estimate.low, estimate.high) == (1.0, 1.0, 1.0)
+
+
+def test_one_seed_interval_matches_the_binomial_normal_approximation():
+    generator = np.random.default_rng(1)
+    bits = (generator.random(400) < 0.3).astype(np.float64)[None, :]
+    estimate = task_estimates({"t": bits}, Bootstrap(seeds=1, items={"t": 400}))["t"]
+    p = bits.mean()
+    half_width = 1.96 * math.sqrt(p * (1 - p) / 400)
+    assert estimate.mean == pytest.approx(p)
+    assert estimate.low == pytest.approx(p - half_width, abs=0.01)
+    assert estimate.high == pytest.approx(p + half_width, abs=0.01)
+
+
+def test_seed_spread_widens_the_interval():
+    """Two seeds that disagree completely on the same items: the interval spans both seeds' accuracies."""
+    bootstrap = Bootstrap(seeds=2, items={"t": 100})
+    agree = task_estimates({"t": results("1" * 50 + "0" * 50, "1" * 50 + "0" * 50)}, bootstrap)["t"]
+    disagree = task_estimates({"t": results("1" * 80 + "0" * 20, "1" * 20 + "0" * 80)}, bootstrap)["t"]
+    assert agree.mean == disagree.mean == 0.5
+    assert disagree.high - disagree.low > 2 * (agree.high - agree.low)
+    assert disagree.low <= 0.25 and disagree.high >= 0.75  # draws that take one seed twice
+
+
+def test_macro_average_weighs_tasks_equally():
+    bootstrap = Bootstrap(seeds=1, items={"a": 2, "b": 8})
+    estimate = macro_estimate({"a": results("11"), "b": results("00000000")}, bootstrap)
+    assert estimate.mean == 0.5
+
+
+def test_paired_comparison_cancels_the_noise_both_sides_share():
+    """B is A with one item flipped per seed: the paired difference is exactly that item, whatever the items'
+    own spread, and the interval is far narrower than either side's."""
+    generator = np.random.default_rng(0)
+    a = (generator.random((3, 100)) < 0.5).astype(np.float64)
+    b = a.copy()
+    b[:, 0] = 1 - a[:, 0]
+    bootstrap = Bootstrap(seeds=3, items={"t": 100})
+    comparison = paired_comparison({"t": a}, {"t": b}, bootstrap)
+    assert comparison.per_seed == pytest.approx([(a[seed, 0] - b[seed, 0]) / 100 for seed in range(3)])
+    own = task_estimates({"t": a}, bootstrap)["t"]
+    assert comparison.difference.high - comparison.difference.low < (own.high - own.low) / 4
+    identical = paired_comparison({"t": a}, {"t": a}, bootstrap)
+    assert (identical.difference.low, identical.difference.high) == (0.0, 0.0) and identical.wins == 0
+
+
+def test_a_consistent_win_excludes_zero_and_counts_seeds():
+    bootstrap = Bootstrap(seeds=3, items={"t": 100})
+    a = np.ones((3, 100))
+    b = np.ones((3, 100))
+    b[:, :30] = 0
+    comparison = paired_comparison({"t": a}, {"t": b}, bootstrap)
+    assert comparison.difference.mean == pytest.approx(0.3)
+    assert comparison.difference.excludes_zero and comparison.wins == 3
+
+
+def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_model_dir, tmp_path):
+    recorder = ExampleRecorder()
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[PerTaskMetrics(), RoutingStats(plots=False), recorder], num_sanity_val_steps=-1,
+                           limit_val_batches=None, val_check_interval=2, logger=True)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    written = json.loads((tmp_path / "lightning_logs" / "version_0" / "examples_val.json").read_text())
+    assert written == recorder.evaluations
+    assert [(entry["step"], entry["sanity_check"]) for entry in written] == [(0, True), (2, False)]
+    history = PerTaskMetrics.attached(trainer).evaluations("val")
+    for entry, evaluation in zip(written, history):
+        assert set(entry["correct"]) == set(evaluation.tasks)
+        for task, bits in entry["correct"].items():
+            assert len(bits) == evaluation.tasks[task].count == 4
+            assert bits.count("1") / len(bits) == pytest.approx(evaluation.tasks[task].accuracy)
+    assert written[0]["prompts_digest"] == written[1]["prompts_digest"]  # the same items each time
+    assert written[0]["routing"] == {}  # Lightning keeps no sanity-check logs
+    assert {"task_nmi", "dead_experts", "load_cv"} <= set(written[1]["routing"])
+    run = {"seed": 0, "examples": written}
+    assert {task: bits.tolist() for task, bits in correctness(run).items()} == \
+        {task: [int(bit) for bit in bits] for task, bits in written[1]["correct"].items()}
+    restored = ExampleRecorder()
+    restored.load_state_dict(recorder.state_dict())
+    assert restored.evaluations == recorder.evaluations
