@@ -73,7 +73,8 @@ def routing_at(runs: list[dict[str, Any]], step: int | None = None) -> dict[str,
     return {key: statistics.mean(entry["routing"][key] for entry in entries) for key in entries[0]["routing"]}
 
 
-def study_report(study: StudyRuns, other: dict[str, StudyRuns]) -> tuple[str, dict[str, Any], list[Path]]:
+def study_report(study: StudyRuns, other: dict[str, StudyRuns],
+                 figure_dir: Path = RESULTS_DIR) -> tuple[str, dict[str, Any], list[Path]]:
     """Markdown, JSON payload and written figures of one study; `other` gives the studies it refers to (the
     conflict study compares the suite's tasks with the noise study's runs)."""
     complete = study.complete()
@@ -133,7 +134,7 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns]) -> tuple[str, di
     if study.name == "conflict" and "noise" in other:
         sections.append(conflict_section(study, other["noise"], results, bootstrap, payload))
     if study.name == "budget":
-        text, figures = budget_section(study, complete, other.get("noise"), payload)
+        text, figures = budget_section(study, complete, other.get("noise"), payload, figure_dir)
         sections.append(text)
     if study.pending:
         sections.insert(0, f"**Incomplete: {len(study.pending)} run(s) still to do** ({', '.join(study.pending)}); "
@@ -167,7 +168,7 @@ def conflict_section(study: StudyRuns, noise: StudyRuns, results: dict[str, dict
 
 
 def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], noise: StudyRuns | None,
-                   payload: dict[str, Any]) -> tuple[str, list[Path]]:
+                   payload: dict[str, Any], figure_dir: Path) -> tuple[str, list[Path]]:
     """Accuracy, seesaw index and routing NMI at every evaluation of the long runs, as a table and a figure."""
     tasks = study.tasks
     steps = evaluation_steps(next(iter(complete.values()))[0])
@@ -175,8 +176,9 @@ def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], 
     for name, runs in complete.items():
         accuracy = [[macro_of_run(run, step, tasks) for step in steps] for run in runs]
         seesaw = [[None] + [point["seesaw_index"] for point in run["evaluations"][1:]] for run in runs]
-        nmi = [[(entry["routing"] or {}).get("task_nmi") for entry in run["examples"]] for run in runs]
-        curves[name] = {"accuracy": accuracy, "seesaw_index": seesaw, "task_nmi": nmi}
+        nmi = [[entry["routing"].get("task_nmi") for entry in run["examples"]] for run in runs]
+        dead = [[entry["routing"].get("dead_experts") for entry in run["examples"]] for run in runs]
+        curves[name] = {"accuracy": accuracy, "seesaw_index": seesaw, "task_nmi": nmi, "dead_experts": dead}
     payload["curves"] = {"steps": steps, "configurations": curves}
     header = ["step", *(f"{name} average (min–max)" for name in curves), *(f"{name} seesaw" for name in curves)]
     rows = []
@@ -184,12 +186,16 @@ def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], 
         cells = [f"{100 * statistics.mean(c[index] for c in curve['accuracy']):.1f} "
                  f"({100 * min(c[index] for c in curve['accuracy']):.1f}–"
                  f"{100 * max(c[index] for c in curve['accuracy']):.1f})" for curve in curves.values()]
-        seesaw = ["–" if any(c[index] is None for c in curve["seesaw_index"])
-                  else f"{statistics.mean(c[index] for c in curve['seesaw_index']):.2f}" for curve in curves.values()]
+        seesaw = [mean_or_dash([c[index] for c in curve["seesaw_index"]], 2) for curve in curves.values()]
         rows.append([step, *cells, *seesaw])
+    routed = [name for name, curve in curves.items() if any(v is not None for c in curve["task_nmi"] for v in c)]
+    routing_rows = [[step, *(" / ".join(mean_or_dash([c[index] for c in curves[name][key]], digits)
+                                        for key, digits in (("task_nmi", 3), ("dead_experts", 1)))
+                             for name in routed)] for index, step in enumerate(steps)]
     text = ["Over training (mean over seeds, min–max in brackets; cosine decay over all "
             f"{study.steps} steps, so an early point is not a run trained to that budget):", "",
-            markdown_table(header, rows)]
+            markdown_table(header, rows), "Routing over training (mean over seeds): task-expert NMI / dead experts.",
+            markdown_table(["step", *routed], routing_rows)]
     annealed = {}
     if noise is not None:
         annealed = {name: statistics.mean(macro_of_run(run, None, tasks) for run in runs)
@@ -198,9 +204,13 @@ def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], 
             text.append("Trained to the default budget instead (the noise study's runs, decayed over "
                         f"{noise.steps} steps): " + ", ".join(f"{name} {100 * value:.1f}"
                                                              for name, value in annealed.items()) + ".")
-    figure = plot_curves(steps, curves, annealed, noise.steps if noise else None)
+    figure = plot_curves(steps, curves, annealed, noise.steps if noise else None, figure_dir / "quality_budget.png")
     text.append(f"![accuracy, seesaw index and routing NMI over training]({figure.name})")
     return "\n\n".join(text), [figure]
+
+
+def mean_or_dash(values: list[float | None], digits: int) -> str:
+    return "–" if any(value is None for value in values) else f"{statistics.mean(values):.{digits}f}"
 
 
 def macro_of_run(run: dict[str, Any], step: int | None, tasks: list[str]) -> float:
@@ -210,7 +220,7 @@ def macro_of_run(run: dict[str, Any], step: int | None, tasks: list[str]) -> flo
 
 
 def plot_curves(steps: list[int], curves: dict[str, dict[str, list[list[float | None]]]],
-                annealed: dict[str, float], annealed_step: int | None) -> Path:
+                annealed: dict[str, float], annealed_step: int | None, path: Path) -> Path:
     """Three panels (accuracy, seesaw index, NMI) against steps: one line per configuration, a band over seeds."""
     figure = new_figure(15, 4.2)
     axes = figure.subplots(1, 3)
@@ -232,4 +242,4 @@ def plot_curves(steps: list[int], curves: dict[str, dict[str, list[list[float | 
         if name in annealed and annealed_step is not None:
             axes[0].scatter([annealed_step], [100 * annealed[name]], color=color, marker="*", s=140, zorder=3)
     axes[0].legend(title="bands: min–max over seeds; * trained to that budget", fontsize=8, title_fontsize=8)
-    return save_figure(figure, RESULTS_DIR / "quality_budget.png")
+    return save_figure(figure, path)

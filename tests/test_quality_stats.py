@@ -99,3 +99,46 @@ def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_mo
     restored = ExampleRecorder()
     restored.load_state_dict(recorder.state_dict())
     assert restored.evaluations == recorder.evaluations
+
+
+def fake_run(seed: int, tasks: list[str], correct_per_step: dict[int, int], routed: bool) -> dict:
+    """A kept run whose every task has `correct_per_step[step]` of 10 items right at each evaluation."""
+    examples = [{"step": step, "sanity_check": step == 0,
+                 "correct": {task: "1" * right + "0" * (10 - right) for task in tasks},
+                 "routing": {"task_nmi": 0.01 * step, "dead_experts": 2.0, "load_cv": 0.5} if routed and step else {}}
+                for step, right in correct_per_step.items()]
+    evaluations = [{"step": step, "seesaw_index": None if step == 0 else 0.25} for step in correct_per_step]
+    return {"seed": seed, "examples": examples, "evaluations": evaluations, "seesaw_index": 0.25, "seconds": 60.0}
+
+
+def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
+    """The report's numbers follow from hand-built runs: paired differences, the curve table, the conflict cost."""
+    from benchmarks.quality_report import StudyRuns, study_report
+
+    suite = ["add_2digit", "parity"]
+    steps = {0: 0, 10: 5, 20: 8}
+    budget = StudyRuns("budget", 20, 10, 10, [0, 1],
+                       {"lora_r64": {s: fake_run(s, suite, steps, False) for s in (0, 1)},
+                        "malora": {s: fake_run(s, suite, {**steps, 20: 9}, True) for s in (0, 1)}},
+                       {"lora_r64": 1, "malora": 2}, pending=[])
+    noise = StudyRuns("noise", 10, 10, 10, [0, 1],
+                      {name: {s: fake_run(s, suite, {0: 0, 10: 7}, name == "malora") for s in (0, 1)}
+                       for name in ("lora_r64", "malora")}, {"lora_r64": 1, "malora": 2}, pending=[])
+    text, payload, figures = study_report(budget, {"noise": noise}, tmp_path)
+    assert payload["paired"]["malora - lora_r64"]["mean"] == pytest.approx(0.1)
+    assert payload["paired"]["malora - lora_r64"]["per_seed"] == pytest.approx([0.1, 0.1])
+    assert payload["curves"]["steps"] == [0, 10, 20]
+    assert payload["curves"]["configurations"]["malora"]["accuracy"] == [[0.0, 0.5, 0.9]] * 2
+    assert "| 20 | 80.0 (80.0–80.0) | 90.0 (90.0–90.0) | 0.25 | 0.25 |" in text
+    assert "| 20 | 0.200 / 2.0 |" in text  # routing over training: MALoRA only
+    assert "lora_r64 70.0, malora 70.0" in text  # the runs trained to the default budget
+    assert figures == [tmp_path / "quality_budget.png"] and figures[0].read_bytes()[:4] == b"\x89PNG"
+
+    conflict_tasks = suite + ["compare_numbers_smaller"]
+    conflict = StudyRuns("conflict", 10, 10, 10, [0, 1],
+                         {name: {s: fake_run(s, conflict_tasks, {0: 0, 10: 6}, name == "malora") for s in (0, 1)}
+                          for name in ("lora_r64", "malora")}, {"lora_r64": 1, "malora": 2},
+                         pending=["malora seed 2"])
+    text, payload, _ = study_report(conflict, {"noise": noise}, tmp_path)
+    assert payload["conflict"]["malora"]["suite_cost"]["mean"] == pytest.approx(-0.1)  # 60 % with, 70 % without
+    assert text.startswith("**Incomplete: 1 run(s) still to do** (malora seed 2)")
