@@ -10,6 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; done once, at import, before any threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -19,11 +28,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    The file gets the permissions a plain `open(path, "w")` would give (those of the file it replaces, else the
+    umask's), not the owner-only ones of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -38,6 +53,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A new hidden folder beside `target` (the same file system, so it can be renamed onto `target`), with the
+    permissions a plain mkdir would give; removed on exit unless it was renamed away."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 STAGING_FOLDER = ".malora-staging"  # inside the folder whose files are being replaced

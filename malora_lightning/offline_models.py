@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from malora_lightning.atomic import staging_folder
 
 OFFLINE_PREFIX = "offline:"
 
@@ -75,9 +75,7 @@ def _convert(model: OfflineModel, target: Path) -> None:
     del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the plain copy does not
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_folder(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -85,5 +83,3 @@ def _convert(model: OfflineModel, target: Path) -> None:
         except OSError:
             if not (target / "config.json").is_file():  # another process may have won the race
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

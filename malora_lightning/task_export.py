@@ -17,8 +17,6 @@ import argparse
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 from malora_lightning.adapters import read_adapter_folder, save_adapters
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
+from malora_lightning.atomic import staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
@@ -97,14 +96,10 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, output: Path, 
 def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
     """`save_pretrained` of model and tokenizer into a staging folder beside `target`, then one rename: a run killed
     midway leaves no half-written model at `target` (only a hidden `.<name>.*` folder, which is ours to delete)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # `target` is absent or an empty folder (checked before any work)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(args: list[str] | None = None) -> list[TaskExport]:
