@@ -90,7 +90,8 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     before = correctness(next(iter(complete.values()))[0], step=0)  # adapters start at zero: the same in every run
     rows.append(["before training", "–", *(f"{100 * before[t].mean():.1f}" for t in tasks),
                  f"{100 * macro_of_run(next(iter(complete.values()))[0], 0, tasks):.1f}", "–", "–", "–"])
-    payload: dict[str, Any] = {"tasks": tasks, "configurations": {}}
+    # the kept runs themselves (every item's correctness at every evaluation), so the JSON can be analysed anew
+    payload: dict[str, Any] = {"tasks": tasks, "configurations": {}, "runs": complete}
     for name, runs in complete.items():
         seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
         worst = worst_task(per_task[name])
