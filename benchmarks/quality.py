@@ -231,9 +231,13 @@ def write_study_report(name: str, study: Study, args: argparse.Namespace, result
     others = {"noise": study_runs("noise", STUDIES["noise"])} if name in ("conflict", "budget") else {}
     info = machine_info(load_at_start)
     body, payload, figures = study_report(this, others) if this.runs else ("No runs yet.", {}, [])
+    kept = [run for by_seed in this.runs.values() for run in by_seed.values()]
+    how = sorted({(run["concurrent_jobs"], run["threads"]) for run in kept})
     text = "\n\n".join([f"# Quality study: {name}", STUDY_QUESTIONS[name], body,
-                         f"{args.jobs} run(s) at a time, {args.threads or 'default'} thread(s) each; wall time of this "
-                         f"invocation {wall_minutes:.0f} min (runs kept from earlier invocations keep their own times).",
+                         "Runs made with " + " or ".join(f"{jobs} run(s) at a time, {threads} thread(s) each"
+                                                         for jobs, threads in how) +
+                         " (other work may have shared the cores: min/run is not a speed measurement). Wall time of "
+                         f"this invocation {wall_minutes:.0f} min. The machine below is where this report was written.",
                          machine_markdown(info)])
     write_report(f"quality_{name}", {"machine": info, "study": name, "settings": vars(study_arguments(study, args)),
                                      "pending": this.pending, **payload}, text)
