@@ -19,6 +19,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def default_mode(folder: bool = False) -> int:
+    """The permissions a plain `open(..., "w")` (or `mkdir`) gives under the process's umask."""
+    return (0o777 if folder else 0o666) & ~_UMASK
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -35,7 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_UMASK
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else default_mode()
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(temporary, mode)
@@ -62,7 +67,7 @@ def staging_folder(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        os.chmod(staging, 0o777 & ~_UMASK)
+        os.chmod(staging, default_mode(folder=True))
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)

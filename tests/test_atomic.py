@@ -47,3 +47,14 @@ def test_a_staging_folder_has_mkdir_permissions_and_is_removed(tmp_path, umask_0
     with staging_folder(target) as staging:
         staging.rename(target)  # renamed away: nothing left to remove
     assert mode(target) == 0o755 and list(target.parent.iterdir()) == [target]
+
+
+def test_an_adapter_folder_is_readable_like_any_saved_file(tmp_path, umask_022):
+    """safetensors writes its file owner-only; an exported adapter must be as readable as its config."""
+    from malora_lightning.adapters import AdapterConfig, inject_adapters, save_adapters
+    from tests.helpers import tiny_model
+
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
+    save_adapters(model, tmp_path / "adapter")
+    assert {path.name: mode(path) for path in (tmp_path / "adapter").iterdir()} == {
+        "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644, "README.md": 0o644}
