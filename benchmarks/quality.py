@@ -18,6 +18,7 @@ with the same arguments reuses what it had, and a run stopped mid-way continues 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -74,9 +75,10 @@ def adapted_model_on_meta(adapter: dict[str, object]) -> torch.nn.Module:
     return inject_adapters(model, AdapterConfig(**adapter))
 
 
-def trainable_parameters(adapter: dict[str, object]) -> int:
-    """Exact trainable count on SmolLM2, from shapes only."""
-    return count_parameters(adapted_model_on_meta(adapter)).trainable
+@functools.cache
+def trainable_parameters(name: str) -> int:
+    """Exact trainable count of a configuration on SmolLM2, from shapes only."""
+    return count_parameters(adapted_model_on_meta(CONFIGURATIONS[name]["adapter"])).trainable
 
 
 def run_settings(name: str, seed: int, args: argparse.Namespace) -> dict[str, object]:
@@ -97,11 +99,9 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
     interrupted mid-way continues from its last checkpoint (written every 80 steps), as an exact resume.
     """
     settings = run_settings(name, seed, args)
-    result_path, settings_path = run_dir / "result.json", run_dir / "settings.json"
-    if result_path.exists() and not args.fresh:
-        cached = json.loads(result_path.read_text())
-        if cached["settings"] == settings:
-            return cached
+    if not args.fresh and (kept := kept_result(run_dir, name, seed, args)) is not None:
+        return kept
+    settings_path = run_dir / "settings.json"
     resume = None
     if not args.fresh and settings_path.exists() and json.loads(settings_path.read_text()) == settings:
         resume = newest(run_dir, "last.ckpt")
@@ -138,7 +138,6 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         "settings": settings,
         "seed": seed,
         "accuracy": {task: score["accuracy"] for task, score in final["tasks"].items()},
-        "before": {task: score["accuracy"] for task, score in seesaw[0]["tasks"].items()},
         "seesaw_index": statistics.mean(intervals) if intervals else None,
         "evaluations": seesaw,
         "examples": examples,
@@ -148,7 +147,7 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         "threads": args.threads or torch.get_num_threads(),
         "concurrent_jobs": args.jobs,
     }
-    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     for checkpoint in run_dir.rglob("*.ckpt"):  # 220 MB each for MALoRA; the scores, reports and adapter stay
         checkpoint.unlink()
     return result
@@ -207,8 +206,7 @@ def run_directory(name: str, seed: int, run_args: argparse.Namespace) -> Path:
 
 
 def write_study_report(name: str, study: Study, args: argparse.Namespace, results: dict[Path, dict[str, object]],
-                       trainable: dict[str, int], load_at_start: tuple[float, float, float],
-                       wall_minutes: float) -> str:
+                       load_at_start: tuple[float, float, float], wall_minutes: float) -> str:
     """Rewrite `quality_<study>.md/.json` from the runs kept so far (it refers to the noise study's runs when
     they are kept too: the conflict and budget studies compare with them)."""
     def study_runs(study_name: str, current: Study) -> StudyRuns:
@@ -224,8 +222,7 @@ def write_study_report(name: str, study: Study, args: argparse.Namespace, result
                 else:
                     runs.setdefault(configuration, {})[seed] = result
         return StudyRuns(study_name, current.steps, current.val_every, current.eval_examples, list(args.seeds), runs,
-                         {c: trainable.get(c) or trainable_parameters(CONFIGURATIONS[c]["adapter"])
-                          for c in current.configurations}, pending)
+                         {c: trainable_parameters(c) for c in current.configurations}, pending)
 
     this = study_runs(name, study)
     others = {"noise": study_runs("noise", STUDIES["noise"])} if name in ("conflict", "budget") else {}
@@ -280,13 +277,10 @@ def main() -> None:
             for seed in args.seeds:
                 jobs.setdefault(run_directory(name, seed, run_args), (name, seed, run_args))
     results: dict[Path, dict[str, object]] = {}
-    trainable = {name: trainable_parameters(CONFIGURATIONS[name]["adapter"])
-                 for study in studies.values() for name in study.configurations}
 
     def report_all() -> None:
         for study_name, study in studies.items():
-            write_study_report(study_name, study, args, results, trainable, load_at_start,
-                               (time.perf_counter() - start) / 60)
+            write_study_report(study_name, study, args, results, load_at_start, (time.perf_counter() - start) / 60)
 
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, markdown_table
-from benchmarks.quality_stats import (Bootstrap, Estimate, correctness, macro_estimate, paired_comparison, stack,
-                                      task_estimates)
+from benchmarks.quality_stats import (Bootstrap, Estimate, correctness, evaluation_at, macro_estimate,
+                                      paired_comparison, stack, task_estimates)
 from malora_lightning.callbacks.plots import new_figure, save_figure
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, get_task
 
@@ -67,10 +67,10 @@ def worst_task(estimates: dict[str, Estimate]) -> tuple[str, float]:
 
 def routing_at(runs: list[dict[str, Any]], step: int | None = None) -> dict[str, float] | None:
     """Mean over seeds of the routing health logged at that evaluation (default: the last); None for LoRA."""
-    entries = [next((e for e in reversed(run["examples"]) if step is None or e["step"] == step), None) for run in runs]
-    if not entries or any(entry is None or not entry["routing"] for entry in entries):
+    health = [evaluation_at(run, step)["routing"] for run in runs]
+    if not health or not all(health):
         return None
-    return {key: statistics.mean(entry["routing"][key] for entry in entries) for key in entries[0]["routing"]}
+    return {key: statistics.mean(entry[key] for entry in health) for key in health[0]}
 
 
 def study_report(study: StudyRuns, other: dict[str, StudyRuns],
@@ -88,8 +88,9 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     rows = [["chance / majority", "–", *(f"{100 * (get_task(t).chance_rate or 0):.1f}" for t in tasks),
              f"{100 * statistics.mean(get_task(t).chance_rate or 0 for t in tasks):.1f}", "–", "–", "–"]]
     before = correctness(next(iter(complete.values()))[0], step=0)  # adapters start at zero: the same in every run
-    rows.append(["before training", "–", *(f"{100 * before[t].mean():.1f}" for t in tasks),
-                 f"{100 * macro_of_run(next(iter(complete.values()))[0], 0, tasks):.1f}", "–", "–", "–"])
+    before_means = [before[task].mean() for task in tasks]
+    rows.append(["before training", "–", *(f"{100 * mean:.1f}" for mean in before_means),
+                 f"{100 * np.mean(before_means):.1f}", "–", "–", "–"])
     # the kept runs themselves (every item's correctness at every evaluation), so the JSON can be analysed anew
     payload: dict[str, Any] = {"tasks": tasks, "configurations": {}, "runs": complete}
     for name, runs in complete.items():

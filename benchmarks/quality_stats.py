@@ -37,13 +37,18 @@ class Estimate:
         return self.low > 0 or self.high < 0
 
 
-def correctness(run: dict, step: int | None = None) -> dict[str, np.ndarray]:
-    """Each task's per-item correctness (0/1) at the evaluation of `step` (default: the last one) of one run."""
+def evaluation_at(run: dict, step: int | None = None) -> dict:
+    """One run's recorded evaluation at `step` (default: the last one)."""
     evaluations = [evaluation for evaluation in run["examples"] if step is None or evaluation["step"] == step]
     if not evaluations:
         raise ValueError(f"run seed {run['seed']} has no evaluation at step {step}")
+    return evaluations[-1]
+
+
+def correctness(run: dict, step: int | None = None) -> dict[str, np.ndarray]:
+    """Each task's per-item correctness (0/1) at the evaluation of `step` (default: the last one) of one run."""
     return {task: np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
-            for task, bits in evaluations[-1]["correct"].items()}
+            for task, bits in evaluation_at(run, step)["correct"].items()}
 
 
 def stack(runs: list[dict], tasks: list[str], step: int | None = None) -> dict[str, np.ndarray]:

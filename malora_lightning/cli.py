@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-from malora_lightning.checkpoints import checkpoint_hyperparameters
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
+from malora_lightning.checkpoints import checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes

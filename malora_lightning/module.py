@@ -35,8 +35,8 @@ from malora_lightning.adapters import (
     router_losses,
 )
 from malora_lightning.callbacks.export import AdapterExport
-from malora_lightning.checkpoints import CheckedCheckpointIO, check_checkpoint_file
 from malora_lightning.callbacks.random_state import TrainingRandomState
+from malora_lightning.checkpoints import CheckedCheckpointIO, check_checkpoint_file
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.hardware import resolve_compute_dtype
