@@ -17,7 +17,8 @@ no optimiser) is the floor.
 
 `--model` (benchmarks/models.py): the offline SmolLM2-135M (default), or random weights in SmolLM2's or LLaMA-2-7B's
 shape. Methods with `_compiled` run the same adapters with `compile_adapters` (torch.compile of each adapter path;
-the first warm-up rounds compile). `--eval` also times an evaluation forward (no gradients, eval mode) and greedy
+the first warm-up rounds compile); methods with `_fused` run the mixtures with `kernel="fused"` (Triton routing, CUDA
+only). `--eval` also times an evaluation forward (no gradients, eval mode) and greedy
 generation, where every new token runs through every adapted layer.
 
 Bases: "nf4" = bitsandbytes 4-bit NF4 (double quant) computing in float32, other weights float32; "fp32" =
@@ -76,13 +77,17 @@ from malora_lightning.adapters import (
 from malora_lightning.hardware import fast_bf16_available
 from malora_lightning.optim import adamw_options
 
-METHODS = ("base", "lora", "molora", "malora", "lora_compiled", "molora_compiled", "malora_compiled", "peft_lora",
-           "mixlora")
+METHODS = ("base", "lora", "molora", "malora", "lora_compiled", "molora_compiled", "malora_compiled", "molora_fused",
+           "malora_fused", "peft_lora", "mixlora")
 COMPILED = "_compiled"
+FUSED = "_fused"  # kernel="fused": Triton kernels, so CUDA only
+MALORA_MODES = {"malora": "", "malora_compiled": COMPILED, "malora_fused": FUSED}  # MALoRA method -> its suffix
 COLUMN_NAMES = {"base": "base (frozen, no adapter)", "lora": "LoRA r=64 (ours)", "molora": "MoLoRA 8x r8 top-2 (ours)",
                 "malora": "MALoRA 8x r12 d32 top-2 (ours)", "lora_compiled": "LoRA r=64 (ours, compiled)",
                 "molora_compiled": "MoLoRA 8x r8 top-2 (ours, compiled)",
-                "malora_compiled": "MALoRA 8x r12 d32 top-2 (ours, compiled)", "peft_lora": "PEFT LoRA r=64",
+                "malora_compiled": "MALoRA 8x r12 d32 top-2 (ours, compiled)",
+                "molora_fused": "MoLoRA 8x r8 top-2 (ours, fused routing)",
+                "malora_fused": "MALoRA 8x r12 d32 top-2 (ours, fused routing)", "peft_lora": "PEFT LoRA r=64",
                 "mixlora": "MixLoRA 8x r8 top-2 (pkg)"}
 OUR_CONFIGURATIONS = {"lora": "lora_r64", "molora": "molora_r8", "malora": "malora"}  # keys of quality.CONFIGURATIONS
 TARGET_MODULES = list(PAPER_TARGET_MODULES)
@@ -161,9 +166,15 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
+def our_family(method: str) -> str:
+    """"malora_compiled" -> "malora"; the name itself for methods that are not ours."""
+    return method.removesuffix(COMPILED).removesuffix(FUSED)
+
+
 def prepare_ours(method: str, model: nn.Module) -> Prepared:
-    config = AdapterConfig(**CONFIGURATIONS[OUR_CONFIGURATIONS[method.removesuffix(COMPILED)]], dropout=DROPOUT,
-                           aux_loss_coef=AUX_LOSS_COEF, target_modules=TARGET_MODULES)
+    kernel = {"kernel": "fused"} if method.endswith(FUSED) else {}
+    config = AdapterConfig(**CONFIGURATIONS[OUR_CONFIGURATIONS[our_family(method)]], dropout=DROPOUT,
+                           aux_loss_coef=AUX_LOSS_COEF, target_modules=TARGET_MODULES, **kernel)
     inject_adapters(model, config)
     if method.endswith(COMPILED):
         compile_adapters(model)
@@ -233,7 +244,7 @@ def prepare(method: str, base_model: nn.Module) -> Prepared:
     model = copy.deepcopy(base_model)
     if method == "base":
         return Prepared(model, [], 0, "-", None, list(model.parameters()))
-    if method.removesuffix(COMPILED) in OUR_CONFIGURATIONS:
+    if our_family(method) in OUR_CONFIGURATIONS:
         return prepare_ours(method, model)
     if method == "peft_lora":
         return prepare_peft(model)
@@ -328,15 +339,16 @@ def summarise(phases: Phases, totals: list[float]) -> dict[str, float]:
 
 
 def ratios(totals: dict[str, float]) -> dict[str, float]:
-    """MALoRA (eager, and compiled when run) against each other method, and every method against the frozen base,
+    """MALoRA (eager, compiled, fused when run) against each other method, and every method against the frozen base,
     from medians of one run. Our LoRA and MoLoRA are compared in MALoRA's own mode: "malora_compiled/lora" is
-    compiled MALoRA over compiled LoRA; the peers have one mode."""
+    compiled MALoRA over compiled LoRA, "malora_fused/molora" fused over fused, "malora_fused/lora" over eager LoRA
+    (LoRA has no routing to fuse); the peers have one mode."""
     out = {}
-    for malora, suffix in (("malora", ""), ("malora_compiled", COMPILED)):
+    for malora, suffix in MALORA_MODES.items():
         if malora not in totals:
             continue
         for other in ("lora", "molora", "peft_lora", "mixlora"):
-            counterpart = other + suffix if other in OUR_CONFIGURATIONS else other
+            counterpart = other + suffix if other + suffix in METHODS else other
             if counterpart in totals:
                 out[f"{malora}/{other}"] = totals[malora] / totals[counterpart]
     if "base" in totals:
@@ -589,11 +601,11 @@ def setting_table(result: dict[str, Any], methods: list[str], trainable: dict[st
         rows.append([COLUMN_NAMES[method], f"{m['forward_ms']:.1f}", f"{m['backward_ms']:.1f}",
                      f"{m['optimizer_ms']:.1f}", f"**{m['total_ms']:.1f}**", fmt_ratio(r.get(f"{method}/base")),
                      *(fmt_ratio(medians[malora]["total_ms"] / m["total_ms"] if malora in medians else None)
-                       for malora in ("malora", "malora_compiled")), f"{trainable[method]:,}",
+                       for malora in MALORA_MODES), f"{trainable[method]:,}",
                      "–" if mem is None else f"{mem['saved_mib']:.0f}", "–" if mem is None else f"{mem['peak_mib']:.0f}",
                      "–" if mem is None else f"{mem['optimizer_state_mib']:.0f}"])
     headers = ["method", "forward ms", "backward ms", "optimizer ms", "total ms", "× base", "MALoRA / this",
-               "compiled MALoRA / this", "trainable params", "saved MiB", "peak MiB", "AdamW state MiB"]
+               "compiled MALoRA / this", "fused MALoRA / this", "trainable params", "saved MiB", "peak MiB", "AdamW state MiB"]
     return markdown_table(headers, rows)
 
 
@@ -612,7 +624,7 @@ def target_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     for result in results:
         label = Setting(**result["setting"]).label + (" (bf16 emulated)" if result["bf16_emulated"] else "")
         for name, limit in TARGETS.items():
-            for malora in ("malora", "malora_compiled"):
+            for malora in MALORA_MODES:
                 key = name.replace("malora", malora, 1)
                 value = result["ratios"].get(key)
                 if value is not None:
@@ -692,7 +704,7 @@ def parse_args() -> argparse.Namespace:
     args.preset = ("profile" if args.profile else "quick" if args.quick else "full") + ("-custom" if custom else "")
     if args.methods is None:
         on_cuda = torch.device(args.device).type == "cuda"
-        args.methods = ",".join(m for m in METHODS if on_cuda or not m.endswith(COMPILED))
+        args.methods = ",".join(m for m in METHODS if on_cuda or not m.endswith((COMPILED, FUSED)))
     args.notes = [] if bf16_fast else [
         "No native bf16 on this CPU (no AVX512-BF16/AMX): bf16 settings measure torch's software bf16 matmuls "
         "(~1.3 vs ~72 GFLOP/s float32), so they run on a small batch with few rounds and are reported for "
@@ -725,6 +737,9 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    fused_off_gpu = [m for m in methods if m.endswith(FUSED)] if device.type != "cuda" else []
+    if fused_off_gpu:
+        raise SystemExit(f"{fused_off_gpu} run Triton kernels: they need --device cuda")
     for note in args.notes:
         print(f"note: {note}", flush=True)
     results, trainable, counted_by, method_notes = [], {}, {}, {}

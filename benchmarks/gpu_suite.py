@@ -7,11 +7,12 @@ Runs, most important first, each in its own process and each writing its usual J
 benchmarks/results (tag `gpu-suite`):
 
 1. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
-   evaluation forward and generation, our three methods eager and compiled next to PEFT LoRA and MixLoRA.
+   evaluation forward and generation, our three methods eager, compiled and (mixtures) with `kernel="fused"` next to
+   PEFT LoRA and MixLoRA.
 2. `layer_speed`: one adapted 4096->11008 linear, T=2048, bf16 autocast, x.grad: the base, our LoRA, MoLoRA and
-   MALoRA eager, compiled (`compile_adapters`) and with CUDA graphs (compile mode "reduce-overhead").
-3. `op_count --device cuda --training-only`: ops and CUDA kernels per adapted layer and training step, eager and
-   compiled.
+   MALoRA eager, fused, compiled (`compile_adapters`) and with CUDA graphs (compile mode "reduce-overhead").
+3. `op_count --device cuda --training-only --fused`: ops and CUDA kernels per adapted layer and training step, eager,
+   fused and compiled.
 4. `e2e_speed` on SmolLM2-135M's shape, nf4-bf16, 8 x 256 tokens (fewer methods).
 
 Needs CUDA, bitsandbytes and (for the peers) peft and mixlora.
@@ -29,16 +30,18 @@ FULL = [  # most important first: a run cut short by --deadline keeps what it fi
      "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8"],
     ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
      "--x-grad", "yes", "--warmup", "3", "--rounds", "15", "--methods",
-     "base,lora,molora_dense,malora_dense,lora_compiled,molora_compiled,malora_compiled,malora_cudagraphs"],
-    ["benchmarks.op_count", "--device", "cuda", "--training-only"],
+     "base,lora,molora_dense,malora_dense,molora_fused,malora_fused,lora_compiled,molora_compiled,malora_compiled,"
+     "malora_cudagraphs"],
+    ["benchmarks.op_count", "--device", "cuda", "--training-only", "--fused"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape", "--settings", "nf4-bf16:8x256",
-     "--methods", "base,lora,malora,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
+     "--methods", "base,lora,malora,malora_fused,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
      "--warmup", "2", "--rounds", "5"],
 ]
 QUICK = [
-    ["benchmarks.op_count", "--device", "cuda", "--training-only"],
+    ["benchmarks.op_count", "--device", "cuda", "--training-only", "--fused"],
     ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "1024x2048", "--tokens", "512", "--dtypes", "bf16",
-     "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods", "base,lora,malora_dense,malora_compiled"],
+     "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods",
+     "base,lora,malora_dense,malora_fused,malora_compiled"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:1", "--settings", "nf4-bf16:2x64",
      "--eval", "--no-memory", "--warmup", "2", "--rounds", "2"],
 ]

@@ -11,7 +11,8 @@ loop is timed next to our kernels as a peer-style reference; it is written here 
     python -m benchmarks.layer_speed --device cuda --methods base,lora,malora_dense,lora_compiled,malora_compiled
 
 Methods ending in `_compiled` run the dense kernel through `compile_adapters` (torch.compile, inductor),
-`_cudagraphs` through its "reduce-overhead" mode (CUDA graphs); warm-up rounds compile.
+`_cudagraphs` through its "reduce-overhead" mode (CUDA graphs); warm-up rounds compile. Methods ending in `_fused`
+run `kernel="fused"` (the dense kernel with its routing in Triton kernels; CUDA only, like the compiled ones).
 
 "bf16" means Lightning's bf16-mixed: a bf16 base and bf16 inputs, float32 adapter weights, forward under
 `torch.autocast(dtype=bfloat16)`. "fp32" runs everything in float32.
@@ -65,11 +66,14 @@ MALORA_RANK, MALORA_SHARED_RANK = 12, 32
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ("base", "lora", "molora_dense", "molora_sparse", "molora_loop", "malora_dense", "malora_sparse")
 COMPILED_METHODS = ("lora_compiled", "molora_compiled", "malora_compiled", "lora_cudagraphs", "malora_cudagraphs")
+FUSED_METHODS = ("molora_fused", "malora_fused")  # Triton: CUDA only (on CPU "fused" runs the dense kernel's ops)
+GPU_METHODS = COMPILED_METHODS + FUSED_METHODS
 COMPILE_MODES = {"compiled": "default", "cudagraphs": "reduce-overhead"}
 COLUMN_NAMES = {"base": "base", "lora": "LoRA64", "molora_dense": "MO dense", "molora_sparse": "MO sparse",
                 "molora_loop": "MO loop (peer)", "malora_dense": "MA dense", "malora_sparse": "MA sparse",
                 "lora_compiled": "LoRA64 compiled", "molora_compiled": "MO compiled", "malora_compiled": "MA compiled",
-                "lora_cudagraphs": "LoRA64 CUDA graphs", "malora_cudagraphs": "MA CUDA graphs"}
+                "lora_cudagraphs": "LoRA64 CUDA graphs", "malora_cudagraphs": "MA CUDA graphs",
+                "molora_fused": "MO fused", "malora_fused": "MA fused"}
 MIB = 2 ** 20
 
 
@@ -99,7 +103,7 @@ def macs_per_token(method: str, n: int, m: int, x_grad: bool) -> tuple[int, int]
     if method == "lora":
         r = LORA_RANK
         return r * (n + m), r * m * 2 + r * n + (r * n if x_grad else 0)
-    experts = NUM_EXPERTS if method.endswith("dense") else TOP_K
+    experts = NUM_EXPERTS if method.endswith(("dense", "fused")) else TOP_K
     router_fwd, router_bwd = NUM_EXPERTS * n, NUM_EXPERTS * n * (2 if x_grad else 1)
     if method.startswith("molora"):
         width = experts * MOLORA_RANK  # A_t over x, then B_t
@@ -148,7 +152,7 @@ def build_layer(base: nn.Linear, method: str, dropout: float,
     """
     family, _, kernel = method.partition("_")
     torch.manual_seed(0)
-    config = adapter_config(family, kernel if kernel in ("dense", "sparse") else "dense", dropout)
+    config = adapter_config(family, kernel if kernel in ("dense", "sparse", "fused") else "dense", dropout)
     layer = classes[family](base, config, name=method)
     with torch.no_grad():
         layer.lora_B.normal_(std=1e-3)  # non-zero outputs, as after a few training steps
@@ -315,6 +319,9 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
         "malora_compiled/molora_compiled": (ms.get("malora_compiled"), ms.get("molora_compiled")),
         "malora_compiled/malora_dense": (ms.get("malora_compiled"), ms.get("malora_dense")),
         "malora_cudagraphs/lora_cudagraphs": (ms.get("malora_cudagraphs"), ms.get("lora_cudagraphs")),
+        "malora_fused/lora": (ms.get("malora_fused"), ms.get("lora")),
+        "malora_fused/malora_dense": (ms.get("malora_fused"), ms.get("malora_dense")),
+        "malora_fused/molora_fused": (ms.get("malora_fused"), ms.get("molora_fused")),
     }
     for name, (numerator, denominator) in pairs.items():
         if numerator is not None and denominator is not None:
@@ -402,7 +409,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
     for name in ("malora_best/molora_best", "malora_dense/molora_dense", "malora_sparse/molora_sparse",
                  "malora_best/molora_loop", "malora_best/lora", "molora_best/lora", "malora_compiled/lora_compiled",
                  "malora_compiled/lora", "malora_compiled/molora_compiled", "malora_compiled/malora_dense",
-                 "malora_cudagraphs/lora_cudagraphs"):
+                 "malora_cudagraphs/lora_cudagraphs", "malora_fused/lora", "malora_fused/malora_dense",
+                 "malora_fused/molora_fused"):
         values = [result["ratios"][name] for result in results if name in result["ratios"]]
         if values:
             summary_rows.append([name, f"{min(values):.2f}–{max(values):.2f}", f"{geomean(values):.2f}"])
@@ -483,7 +491,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="2048<->5504 shapes, T=512, x.grad=yes, 1+5 rounds (< 2 minutes on 2 idle CPU cores)")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS + COMPILED_METHODS)}")
+                        help=f"comma-separated subset of {','.join(METHODS + GPU_METHODS)}")
     add_setting_arguments(parser, {})
     add_run_arguments(parser)
     args = parser.parse_args()
@@ -509,9 +517,12 @@ def main() -> None:
     args = parse_args()
     device, load_at_start = start_run(args)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS + COMPILED_METHODS))
+    unknown = sorted(set(methods) - set(METHODS + GPU_METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS + COMPILED_METHODS}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS + GPU_METHODS}")
+    on_cpu = sorted(set(methods) & set(FUSED_METHODS)) if device.type != "cuda" else []
+    if on_cpu:
+        raise SystemExit(f"{on_cpu} run Triton kernels: they need --device cuda")
     settings = parse_settings(args)
     shapes = list(dict.fromkeys((s.in_features, s.out_features) for s in settings))
     tokens = list(dict.fromkeys(s.tokens for s in settings))

@@ -6,6 +6,8 @@ time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pi
 
     python -m benchmarks.op_count                       # CPU: fp32 and bf16 autocast, dropout 0 and 0.05
     python -m benchmarks.op_count --device cuda         # adds the CUDA kernels launched, eager and compiled
+    python -m benchmarks.op_count --fused               # adds the mixtures with kernel="fused" (Triton routing;
+                                                        # interpreted on CPU, each launch counted as one op)
 
 A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
 balance statistics with fixed upstream gradients (the loss itself, summed over all layers, is not the layer's work).
@@ -15,6 +17,8 @@ The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradien
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -51,13 +55,44 @@ def _ancestors(event: Any) -> Iterator[Any]:
 
 
 def build_layer(method: str, in_features: int, out_features: int, dtype: torch.dtype, dropout: float,
-                device: torch.device, classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES) -> nn.Module:
+                device: torch.device, classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES,
+                kernel: str = "dense") -> nn.Module:
     """The layer with the benchmarks' settings (LoRA r=64; MoLoRA 8 x r8; MALoRA 8 x r12, d 32; top-2); `classes`:
     the library's, or a git revision's (kernel_ab.revision_classes)."""
     base = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device).requires_grad_(False)
     settings = {"lora": dict(rank=64), "molora": dict(rank=8), "malora": dict(rank=12, shared_rank=32)}[method]
-    config = AdapterConfig(method=method, dropout=dropout, **settings)
+    config = AdapterConfig(method=method, dropout=dropout, kernel=kernel, **settings)
     return classes[method](base, config, name="layer").train()
+
+
+TRITON_OP = "triton::"  # profiler label of one Triton kernel launch
+
+
+@contextlib.contextmanager
+def triton_launches_labelled() -> Iterator[None]:
+    """Run each launch of the fused routing's Triton kernels inside a profiler label, so that it counts as one op
+    (one kernel on a GPU) and what the interpreter does inside it on CPU does not count."""
+    from malora_lightning.adapters import fused_routing
+
+    class Labelled:
+        def __init__(self, kernel: Any, name: str) -> None:
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid: Any) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> Any:
+                with torch.profiler.record_function(TRITON_OP + self.name):
+                    return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    names = ("_route_forward_kernel", "_route_backward_kernel")
+    originals = {name: getattr(fused_routing, name) for name in names}
+    try:
+        for name, kernel in originals.items():
+            setattr(fused_routing, name, Labelled(kernel, name.strip("_")))
+        yield
+    finally:
+        for name, kernel in originals.items():
+            setattr(fused_routing, name, kernel)
 
 
 def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
@@ -93,8 +128,9 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
         if x.device.type == "cuda":
             torch.cuda.synchronize()
     events = list(profiler.events())
-    top = [e for e in events if e.name.startswith("aten::")
-           and not any(a.name.startswith("aten::") for a in _ancestors(e))]
+    counted = ("aten::", TRITON_OP)
+    top = [e for e in events if e.name.startswith(counted)
+           and not any(a.name.startswith(counted) for a in _ancestors(e))]
     kernels = None
     if x.device.type == "cuda":
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -106,14 +142,18 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
 
 def count_method(method: str, device: torch.device, autocast: bool, dropout: float, tokens: int = 64,
                  in_features: int = 64, out_features: int = 96, compile_mode: str | None = None,
-                 classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES) -> OpCount:
+                 classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES, kernel: str = "dense") -> OpCount:
+    """`kernel="fused"` on CPU needs TRITON_INTERPRET=1 in the environment before the first fused forward."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if autocast else torch.float32
-    layer = build_layer(method, in_features, out_features, dtype, dropout, device, classes)
+    layer = build_layer(method, in_features, out_features, dtype, dropout, device, classes, kernel)
     if compile_mode is not None:
         compile_adapters(layer, compile_mode)
     x = torch.randn(2, tokens // 2, in_features, dtype=dtype, device=device, requires_grad=True)
-    return count_step(layer, x, autocast)
+    if kernel != "fused":
+        return count_step(layer, x, autocast)
+    with triton_launches_labelled():
+        return count_step(layer, x, autocast)
 
 
 def main() -> None:
@@ -122,21 +162,28 @@ def main() -> None:
     parser.add_argument("--rev", help="also count this git revision's layers (eager), as kernel_ab loads them")
     parser.add_argument("--training-only", action="store_true",
                         help="only the training setting (bf16 autocast, dropout 0.05): a quarter of the compiling")
+    parser.add_argument("--fused", action="store_true",
+                        help="also count the mixtures with kernel='fused' (on CPU through Triton's interpreter)")
     add_run_arguments(parser)
     args = parser.parse_args()
+    if args.fused and args.device != "cuda":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the fused kernels are first imported
     device, load_at_start = start_run(args)
     rows, results = [], []
     modes = [None, "default"] if args.compiled or device.type == "cuda" else [None]
-    variants: list[tuple[str, str | None, dict]] = [("eager", None, ADAPTER_CLASSES)]
+    variants: list[tuple[str, str | None, dict, str]] = [("eager", None, ADAPTER_CLASSES, "dense")]
+    if args.fused:
+        variants.append(("eager, kernel fused", None, ADAPTER_CLASSES, "fused"))
     if args.rev:
         from benchmarks.kernel_ab import revision_classes
-        variants.append((f"eager at {args.rev}", None, revision_classes(args.rev)))
+        variants.append((f"eager at {args.rev}", None, revision_classes(args.rev), "dense"))
     if "default" in modes:
-        variants.append(("compiled", "default", ADAPTER_CLASSES))
-    for variant, compile_mode, classes in variants:
+        variants.append(("compiled", "default", ADAPTER_CLASSES, "dense"))
+    for variant, compile_mode, classes, kernel in variants:
         for autocast in (True,) if args.training_only else (False, True):
             for dropout in (0.05,) if args.training_only else (0.0, 0.05):
-                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode, classes=classes)
+                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode, classes=classes,
+                                          kernel=kernel if m != "lora" else "dense")
                           for m in METHODS}
                 label = f"{'bf16 autocast' if autocast else 'fp32'}, dropout {dropout:g}, {variant}"
                 lora = counts["lora"]

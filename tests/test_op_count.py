@@ -19,3 +19,16 @@ def test_eager_mixture_step_dispatches_a_bounded_number_of_ops(autocast, dropout
     assert counts["malora"].top_level <= 100
     assert counts["molora"].top_level < counts["malora"].top_level  # MALoRA's extra GEMM stage, no more
     assert counts["malora"].top_level <= 2.5 * counts["lora"].top_level
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_fused_routing_replaces_the_routing_ops_with_two_kernels(method):
+    """kernel="fused" (Triton, interpreted here; each launch counted as one op): one kernel each way in place of
+    the softmax, top-k, scatter, gating and their backward."""
+    dense = count_method(method, torch.device("cpu"), True, 0.05)
+    fused = count_method(method, torch.device("cpu"), True, 0.05, kernel="fused")
+    assert fused.by_name["triton::route_forward_kernel"] == fused.by_name["triton::route_backward_kernel"] == 1
+    routing_ops = {"aten::softmax", "aten::topk", "aten::scatter", "aten::_softmax_backward_data", "aten::div"}
+    assert routing_ops <= dense.by_name.keys() and not routing_ops & fused.by_name.keys()
+    assert fused.top_level <= dense.top_level - 20
+    assert fused.launching <= dense.launching - 20

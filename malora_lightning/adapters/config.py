@@ -15,10 +15,10 @@ import torch
 from malora_lightning.dtypes import dtypes_named
 
 Method = Literal["lora", "molora", "malora"]
-Kernel = Literal["dense", "sparse"]
+Kernel = Literal["dense", "fused", "sparse"]
 
 METHODS: tuple[str, ...] = ("lora", "molora", "malora")
-KERNELS: tuple[str, ...] = ("dense", "sparse")
+KERNELS: tuple[str, ...] = ("dense", "fused", "sparse")
 ADAPTER_DTYPES: dict[str, torch.dtype] = dtypes_named("float32", "bfloat16", "float16", "float64")
 
 # The paper adapts every projection except the attention output (o_proj); its parameter counts confirm this.
@@ -56,7 +56,9 @@ class AdapterConfig:
         adapter_dtype: dtype of the adapter parameters, whatever the base's dtype ("float32" by default: AdamW on
             bf16 weights loses small updates).
         kernel: "dense" computes every expert with zero gates for the unselected ones (fastest measured on CPU for
-            N*r-bar this small); "sparse" dispatches tokens to their top-k experts (MALoRA moves d-dim rows).
+            N*r-bar this small); "fused" is "dense" with its routing fused into two Triton kernels on CUDA devices
+            (fewer launches; elsewhere it runs as "dense"); "sparse" dispatches tokens to their top-k experts
+            (MALoRA moves d-dim rows).
     """
 
     method: Method = "malora"

@@ -13,6 +13,9 @@ as one node its forward and backward run only the GEMMs, the routing arithmetic 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,6 +66,22 @@ def lora_output(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lor
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_routing_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `AdapterConfig(kernel="fused")` routes with the Triton kernels here: on a CUDA device (or on CPU under
+    `TRITON_INTERPRET=1`, for tests), with Triton installed and a compute dtype they handle; elsewhere, as on a CPU
+    evaluating an adapter trained on a GPU, the same math runs as plain ops."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cuda" or interpreted) and dtype in FUSED_DTYPES and _triton_installed()
+
+
 @dataclass(frozen=True)
 class RoutingSpec:
     """How a routed layer routes and scales; plain values, so a compiled graph specialises on them."""
@@ -73,6 +92,7 @@ class RoutingSpec:
     dropout: float
     statistics: bool  # hand back the balance statistics (training)
     z_loss: bool  # hand back the router z-loss too
+    fused: bool = False  # route with the Triton kernels of `fused_routing` (eager only)
 
 
 @dataclass
@@ -93,14 +113,14 @@ class DenseForward:
     gated: torch.Tensor  # [T, N*r]
     selection: torch.Tensor  # [T, N], 1/K on the selected experts
     gates: torch.Tensor  # [T, N] routing dtype, zero on unselected experts, scale included
-    gates3: torch.Tensor  # [T, N, 1] compute dtype
+    gates3: torch.Tensor | None  # [T, N, 1] compute dtype (None: the fused routing's backward needs no copy)
     total: torch.Tensor | None  # [T, 1] sum of the kept probabilities / scale (renormalised gates only)
 
 
 def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, router_weight: torch.Tensor,
                   shared_A: torch.Tensor | None, expert_down: torch.Tensor, lora_B: torch.Tensor,
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
-                  logsumexp: bool) -> DenseForward:
+                  logsumexp: bool, fused: bool = False) -> DenseForward:
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
     `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
     without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward."""
@@ -118,24 +138,32 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             logits, hidden = F.linear(x, router_cast), F.linear(dropped, first_weight)
         down_weight = None if shared_A is None else cast(down, dtype)
         expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
-        logits = cast(logits, routing_dtype(logits))
-        lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
-        probs = logits.softmax(dim=-1)
-        experts = probs.topk(top_k, dim=-1).indices
-        selection = selection_shares(experts, num_experts, logits.dtype)
-        kept = probs * selection
-        if renormalize:
-            total = kept.sum(dim=-1, keepdim=True) / scale
-            gates = kept / total  # scale * kept / sum(kept)
-        else:
-            total = None
-            gates = kept * (top_k * scale)  # scale * probs on the selected experts
         expert_hidden3 = expert_hidden.unflatten(1, (num_experts, rank))
-        gates3 = cast(gates, dtype).unsqueeze(-1)
-        gated = (expert_hidden3 * gates3).flatten(1)
+        if fused:  # the routing below as one Triton kernel
+            from malora_lightning.adapters import fused_routing  # Triton is needed only for kernel="fused"
+            routed = fused_routing.route_forward(logits, expert_hidden, num_experts, rank, token_weights, top_k,
+                                                 renormalize, scale, statistics, logsumexp)
+            probs, experts, selection, gates, total = (routed.probs, routed.experts, routed.selection, routed.gates,
+                                                       routed.total)
+            lse, gated, balance, gates3 = routed.lse, routed.gated, routed.balance, None
+        else:
+            logits = cast(logits, routing_dtype(logits))
+            lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
+            probs = logits.softmax(dim=-1)
+            experts = probs.topk(top_k, dim=-1).indices
+            selection = selection_shares(experts, num_experts, logits.dtype)
+            kept = probs * selection
+            if renormalize:
+                total = kept.sum(dim=-1, keepdim=True) / scale
+                gates = kept / total  # scale * kept / sum(kept)
+            else:
+                total = None
+                gates = kept * (top_k * scale)  # scale * probs on the selected experts
+            gates3 = cast(gates, dtype).unsqueeze(-1)
+            gated = (expert_hidden3 * gates3).flatten(1)
+            balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
         up_weight = stacked_up_weight(lora_B, dtype)
         out = add_product(result, gated, up_weight)
-        balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
     return DenseForward(out, balance, lse, probs, experts, router_cast, first_weight, down_weight, up_weight, hidden,
                         expert_hidden3, gated, selection, gates, gates3, total)
 
@@ -160,17 +188,17 @@ class DenseRoutedExperts(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
                 router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
-                scale: float, statistics: bool, logsumexp: bool) -> tuple[torch.Tensor, ...]:
+                scale: float, statistics: bool, logsumexp: bool, fused: bool) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
-                          renormalize, scale, statistics, logsumexp)
+                          renormalize, scale, statistics, logsumexp, fused)
         ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
                               f.expert_hidden3, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
-        ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp = scale, top_k, statistics, logsumexp
+        ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp, ctx.fused = scale, top_k, statistics, logsumexp, fused
         ctx.mark_non_differentiable(f.probs, f.experts)
         return f.out, f.balance, f.lse, f.probs, f.experts
 
@@ -185,34 +213,19 @@ class DenseRoutedExperts(torch.autograd.Function):
         num_experts, rank = expert_hidden3.shape[1:]
         with torch.autocast(x.device.type, enabled=False):
             # up-projection: out = result + gated @ up.T
-            grad_B = grad_gates = grad_expert_hidden = None
+            grad_B = grad_gated = None
             if grad_out is not None:
                 grad = cast(grad_out, dtype)
                 if needs[6]:
                     grad_B = torch.mm(grad.t(), gated).unflatten(1, (num_experts, rank)).permute(1, 0, 2)
                     grad_B = grad_B.to(up_dtype, memory_format=torch.contiguous_format)  # B's own layout
-                grad_gated3 = torch.mm(grad, up).view_as(expert_hidden3)
-                grad_expert_hidden = (grad_gated3 * gates3).flatten(1)
-                grad_gates = cast((grad_gated3 * expert_hidden3).sum(-1), probs.dtype)
-            # routing: gates -> probs -> logits
-            grad_probs = None
-            if grad_gates is not None:
-                if total is None:  # gates = scale * K * probs * selection
-                    grad_probs = grad_gates * selection * (ctx.top_k * ctx.scale)
-                else:  # gates = kept / total, kept = probs * selection, total = sum(kept) / scale
-                    grad_kept = (grad_gates - (grad_gates * gates).sum(-1, keepdim=True).div_(ctx.scale)) / total
-                    grad_probs = grad_kept.mul_(selection)
-            if grad_balance is not None and ctx.statistics:  # balance[:N] = weighted mean of probs over tokens
-                grad_mean = grad_balance[:num_experts]
-                from_balance = torch.outer(token_weights, grad_mean) if token_weights is not None \
-                    else (grad_mean / probs.shape[0]).expand_as(probs)
-                grad_probs = from_balance if grad_probs is None else grad_probs.add_(from_balance)
-            grad_logits = None
-            if grad_probs is not None:
-                grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            if grad_lse is not None and ctx.logsumexp:  # d logsumexp / d logits = probs
-                from_lse = grad_lse.unsqueeze(-1) * probs
-                grad_logits = from_lse if grad_logits is None else grad_logits.add_(from_lse)
+                grad_gated = torch.mm(grad, up)
+            grad_mean = grad_balance[:num_experts] if grad_balance is not None and ctx.statistics else None
+            grad_lse = grad_lse if ctx.logsumexp else None
+            routing_backward = fused_routing_backward if ctx.fused else routing_backward_ops
+            grad_expert_hidden, grad_logits = routing_backward(
+                grad_gated, expert_hidden3, probs, selection, gates, gates3, total, token_weights, grad_mean,
+                grad_lse, ctx.top_k, ctx.scale)
             # per-expert down-projection (MALoRA's P_t works on S_A x)
             grad_down = grad_hidden = None
             if grad_expert_hidden is not None and down_weight is not None:
@@ -250,7 +263,55 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
         return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+RoutingGradients = tuple[torch.Tensor | None, torch.Tensor | None]  # (expert hidden [T, N*r], logits [T, N])
+
+
+def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden3: torch.Tensor, probs: torch.Tensor,
+                         selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
+                         total: torch.Tensor | None, token_weights: torch.Tensor | None,
+                         grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
+                         scale: float) -> RoutingGradients:
+    """The backward of `dense_forward`'s routing with plain ops: from the gated hidden's gradient [T, N*r], the
+    mean probabilities' [N] and the logsumexp's [T] (each None when absent) back to the expert hidden and logits."""
+    grad_gates = grad_expert_hidden = grad_probs = grad_logits = None
+    if grad_gated is not None:
+        grad_gated3 = grad_gated.view_as(expert_hidden3)
+        grad_expert_hidden = (grad_gated3 * gates3).flatten(1)
+        grad_gates = cast((grad_gated3 * expert_hidden3).sum(-1), probs.dtype)
+        if total is None:  # gates = scale * K * probs * selection
+            grad_probs = grad_gates * selection * (top_k * scale)
+        else:  # gates = kept / total, kept = probs * selection, total = sum(kept) / scale
+            grad_kept = (grad_gates - (grad_gates * gates).sum(-1, keepdim=True).div_(scale)) / total
+            grad_probs = grad_kept.mul_(selection)
+    if grad_mean is not None:  # balance[:N] = weighted mean of probs over tokens
+        from_balance = torch.outer(token_weights, grad_mean) if token_weights is not None \
+            else (grad_mean / probs.shape[0]).expand_as(probs)
+        grad_probs = from_balance if grad_probs is None else grad_probs.add_(from_balance)
+    if grad_probs is not None:
+        grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+    if grad_lse is not None:  # d logsumexp / d logits = probs
+        from_lse = grad_lse.unsqueeze(-1) * probs
+        grad_logits = from_lse if grad_logits is None else grad_logits.add_(from_lse)
+    return grad_expert_hidden, grad_logits
+
+
+def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden3: torch.Tensor, probs: torch.Tensor,
+                           selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
+                           total: torch.Tensor | None, token_weights: torch.Tensor | None,
+                           grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
+                           scale: float) -> RoutingGradients:
+    """`routing_backward_ops` as one Triton kernel; the logits' gradient comes in the compute dtype."""
+    from malora_lightning.adapters import fused_routing
+    if grad_gated is None and grad_mean is None and grad_lse is None:
+        return None, None
+    grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden3.dtype)
+    grad_expert_hidden = fused_routing.route_backward(
+        grad_gated, expert_hidden3.flatten(1), probs, selection, gates, total, token_weights, grad_mean, grad_lse,
+        top_k, scale, grad_logits)
+    return grad_expert_hidden, grad_logits
 
 
 def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
@@ -259,8 +320,9 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts).
 
-    Eagerly it runs as one autograd node (`DenseRoutedExperts`); compiled, as the plain ops of `dense_forward`,
-    whose backward inductor derives (torch 2.11's dynamo failed to trace the custom node in training).
+    Eagerly it runs as one autograd node (`DenseRoutedExperts`), its routing fused into Triton kernels when
+    `spec.fused`; compiled, as the plain ops of `dense_forward`, whose backward inductor derives and fuses (torch
+    2.11's dynamo failed to trace the custom node in training).
     """
     x = cast(x, dtype)
     dropped, rescale = dropout_factors(x, spec.dropout, training) if training and spec.dropout > 0 else (None, 1.0)
@@ -271,7 +333,7 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
         f = dense_forward(*arguments)
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
-        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments)
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance if spec.statistics else None, z_loss, probs, experts
 

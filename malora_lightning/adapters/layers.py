@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.dropout import LaneDropout, dropout_factors
 from malora_lightning.adapters.init import init_lora_, init_malora_, init_router_
-from malora_lightning.adapters.kernels import RoutingSpec, compiled, lora_output, routed_output
+from malora_lightning.adapters.kernels import RoutingSpec, compiled, fused_routing_applies, lora_output, routed_output
 from malora_lightning.adapters.routing import (
     RouterStatistics,
     RoutingContext,
@@ -196,9 +196,10 @@ class RoutedAdapterLayer(AdapterLayer):
         forward = self.routing_context.current
         token_mask, token_weights = forward.tokens(tuple(leading_shape)) if forward is not None else (None, None)
         collect = forward is not None and self.training and torch.is_grad_enabled()
-        spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
-                           dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss)
         dtype = self.compute_dtype(x.device.type)
+        spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
+                           dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss,
+                           fused=self.kernel == "fused" and fused_routing_applies(x.device, dtype))
         if self.kernel == "sparse":
             output, statistics, z_loss, probs, experts = self._sparse_experts(result, x, token_weights, spec, dtype)
         else:

@@ -35,4 +35,9 @@ METHOD_CASES = [
                frozenset({"shared_A", "lora_P", "lora_B", "router.weight"})),
     MethodCase("malora-sparse", {"method": "malora", "kernel": "sparse"}, MALoRALinear,
                frozenset({"shared_A", "lora_P", "lora_B", "router.weight"})),
+    # Triton routing (interpreted on CPU; float64 bases run the dense kernel's plain ops)
+    MethodCase("molora-fused", {"method": "molora", "kernel": "fused"}, MoLoRALinear,
+               frozenset({"lora_A", "lora_B", "router.weight"})),
+    MethodCase("malora-fused", {"method": "malora", "kernel": "fused"}, MALoRALinear,
+               frozenset({"shared_A", "lora_P", "lora_B", "router.weight"})),
 ]

@@ -1,0 +1,210 @@
+"""The routing of the dense mixture kernel as two Triton kernels, one launch each way (`AdapterConfig(kernel="fused")`).
+
+In eager mode the routing between the mixture's GEMMs (softmax, top-k, selection, renormalised gates, gating the
+experts' rank-space hidden states, balance statistics, logsumexp) is some 25 small ops forward and as many backward,
+each a kernel launch plus Python dispatch on a GPU, where they cost more than the arithmetic. Here the forward is one
+kernel over blocks of tokens (plus one sum of the per-block balance partials) and the backward one kernel.
+
+They compute what `kernels.dense_forward` and `DenseRoutedExperts.backward` compute with plain ops, in float32
+whatever the compute dtype (tests compare the two). Top-k ties go to the lower expert index. Triton runs on CUDA
+tensors; `TRITON_INTERPRET=1` (set before this module is imported) runs the same kernels on CPU, for tests.
+`kernels.fused_routing_applies` decides where they run; everywhere else kernel="fused" runs the plain ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_TOKENS = 64  # tokens per program: N and r are small, so a block is a few KB of registers
+
+
+@triton.jit
+def _token_block(block, tokens, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """A program's block of tokens: row and expert indices, their masks, offsets into a contiguous [T, N]."""
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < tokens
+    cols = tl.arange(0, NP)
+    col_ok = cols < N
+    cell_ok = row_ok[:, None] & col_ok[None, :]
+    return rows, row_ok, cols, col_ok, cell_ok, rows[:, None] * N + cols[None, :]
+
+
+@triton.jit
+def _token_weights(weights_ptr, rows, row_ok, tokens, HAS_WEIGHTS: tl.constexpr):
+    """The balance statistics' token weights: given, or 1/T on every token."""
+    weights = tl.where(row_ok, 1.0 / tokens, 0.0)
+    if HAS_WEIGHTS:
+        weights = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return weights
+
+
+@triton.jit
+def _route_forward_kernel(
+        logits_ptr, logits_stride, hidden_ptr, hidden_stride, weights_ptr,
+        probs_ptr, selection_ptr, gates_ptr, experts_ptr, gated_ptr, lse_ptr, total_ptr, partial_ptr,
+        tokens, scale,
+        N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+        RENORMALIZE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, STATISTICS: tl.constexpr, LOGSUMEXP: tl.constexpr,
+        BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    rows, row_ok, cols, col_ok, cell_ok, cell = _token_block(block, tokens, N, NP, BLOCK)
+
+    logits = tl.load(logits_ptr + rows[:, None] * logits_stride + cols[None, :], mask=cell_ok, other=0.0)
+    logits = tl.where(col_ok[None, :], logits.to(tl.float32), float("-inf"))  # padded experts never win
+    row_max = tl.max(logits, axis=1)
+    exps = tl.exp(logits - row_max[:, None])
+    denominator = tl.sum(exps, axis=1)
+    probs = exps / denominator[:, None]
+    if LOGSUMEXP:
+        tl.store(lse_ptr + rows, row_max + tl.log(denominator), mask=row_ok)
+
+    # top-k: K rounds of "largest remaining probability, lowest index on ties"
+    remaining = tl.where(col_ok[None, :], probs, -1.0)
+    selected = tl.zeros([BLOCK, NP], dtype=tl.float32)
+    for k in tl.static_range(K):
+        best = tl.max(remaining, axis=1)
+        expert = tl.min(tl.where(remaining == best[:, None], cols[None, :], NP), axis=1)
+        chosen = cols[None, :] == expert[:, None]
+        tl.store(experts_ptr + rows * K + k, expert.to(tl.int64), mask=row_ok)
+        selected = tl.where(chosen, 1.0, selected)
+        remaining = tl.where(chosen, -1.0, remaining)
+    selection = selected * (1.0 / K)
+    kept = probs * selection
+    if RENORMALIZE:
+        total = tl.sum(kept, axis=1) / scale
+        gates = kept / total[:, None]
+        tl.store(total_ptr + rows, total, mask=row_ok)
+    else:
+        gates = kept * (K * scale)
+    tl.store(probs_ptr + cell, probs, mask=cell_ok)
+    tl.store(selection_ptr + cell, selection, mask=cell_ok)
+    tl.store(gates_ptr + cell, gates, mask=cell_ok)
+
+    # gated[:, e*R:(e+1)*R] = hidden[:, e*R:(e+1)*R] * gate_e, the gate rounded to the compute dtype first
+    rank_cols = tl.arange(0, RP)
+    rank_ok = row_ok[:, None] & (rank_cols < R)[None, :]
+    for e in tl.static_range(N):
+        gate = tl.sum(tl.where(cols[None, :] == e, gates, 0.0), axis=1)
+        hidden = tl.load(hidden_ptr + rows[:, None] * hidden_stride + e * R + rank_cols[None, :], mask=rank_ok,
+                         other=0.0)
+        gate = gate.to(hidden.dtype).to(tl.float32)
+        gated = (hidden.to(tl.float32) * gate[:, None]).to(hidden.dtype)
+        tl.store(gated_ptr + rows[:, None] * (N * R) + e * R + rank_cols[None, :], gated, mask=rank_ok)
+
+    if STATISTICS:  # this block's share of the token-weighted means of probs and selection
+        weights = _token_weights(weights_ptr, rows, row_ok, tokens, HAS_WEIGHTS)
+        tl.store(partial_ptr + block * 2 * N + cols, tl.sum(probs * weights[:, None], axis=0), mask=col_ok)
+        tl.store(partial_ptr + block * 2 * N + N + cols, tl.sum(selection * weights[:, None], axis=0), mask=col_ok)
+
+
+@triton.jit
+def _route_backward_kernel(
+        grad_gated_ptr, hidden_ptr, hidden_stride, probs_ptr, selection_ptr, gates_ptr, total_ptr, weights_ptr,
+        grad_mean_ptr, grad_lse_ptr, grad_hidden_ptr, grad_hidden_stride, grad_logits_ptr, grad_logits_stride,
+        tokens, scale,
+        N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
+        RENORMALIZE: tl.constexpr, HAS_GATED_GRAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+        HAS_MEAN_GRAD: tl.constexpr, HAS_LSE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    rows, row_ok, cols, col_ok, cell_ok, cell = _token_block(block, tokens, N, NP, BLOCK)
+    probs = tl.load(probs_ptr + cell, mask=cell_ok, other=0.0)
+    gates = tl.load(gates_ptr + cell, mask=cell_ok, other=0.0)
+
+    # gated = hidden * gate: grad_hidden = grad_gated * gate, grad_gate = sum over the rank of grad_gated * hidden
+    grad_probs = tl.zeros([BLOCK, NP], dtype=tl.float32)
+    if HAS_GATED_GRAD:
+        rank_cols = tl.arange(0, RP)
+        rank_ok = row_ok[:, None] & (rank_cols < R)[None, :]
+        grad_gates = tl.zeros([BLOCK, NP], dtype=tl.float32)
+        for e in tl.static_range(N):
+            gate = tl.sum(tl.where(cols[None, :] == e, gates, 0.0), axis=1)
+            columns = e * R + rank_cols[None, :]
+            grad_gated = tl.load(grad_gated_ptr + rows[:, None] * (N * R) + columns, mask=rank_ok, other=0.0)
+            hidden = tl.load(hidden_ptr + rows[:, None] * hidden_stride + columns, mask=rank_ok, other=0.0)
+            gate = gate.to(grad_gated.dtype).to(tl.float32)
+            grad_hidden = (grad_gated.to(tl.float32) * gate[:, None]).to(grad_gated.dtype)
+            tl.store(grad_hidden_ptr + rows[:, None] * grad_hidden_stride + columns, grad_hidden, mask=rank_ok)
+            grad_gate = tl.sum(grad_gated.to(tl.float32) * hidden.to(tl.float32), axis=1)
+            grad_gates = tl.where(cols[None, :] == e, grad_gate[:, None], grad_gates)
+        selection = tl.load(selection_ptr + cell, mask=cell_ok, other=0.0)
+        if RENORMALIZE:  # gates = kept / total, kept = probs * selection, total = sum(kept) / scale
+            total = tl.load(total_ptr + rows, mask=row_ok, other=1.0)
+            through_total = tl.sum(grad_gates * gates, axis=1) / scale
+            grad_probs = (grad_gates - through_total[:, None]) / total[:, None] * selection
+        else:  # gates = scale * K * probs * selection
+            grad_probs = grad_gates * selection * (K * scale)
+    if HAS_MEAN_GRAD:  # balance[:N] = token-weighted mean of probs
+        weights = _token_weights(weights_ptr, rows, row_ok, tokens, HAS_WEIGHTS)
+        grad_mean = tl.load(grad_mean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        grad_probs += weights[:, None] * grad_mean[None, :]
+    grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
+    if HAS_LSE_GRAD:  # d logsumexp / d logits = probs
+        grad_lse = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        grad_logits += grad_lse[:, None] * probs
+    tl.store(grad_logits_ptr + rows[:, None] * grad_logits_stride + cols[None, :],
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=cell_ok)
+
+
+@dataclass
+class FusedRouting:
+    """The forward kernel's outputs: the gated hidden states and what the backward and the router losses read."""
+
+    gated: torch.Tensor  # [T, N*r] compute dtype: each expert's rank-space hidden times its gate
+    probs: torch.Tensor  # [T, N] float32 softmax over all experts
+    selection: torch.Tensor  # [T, N] float32, 1/K on the selected experts
+    gates: torch.Tensor  # [T, N] float32, scale included, zero on unselected experts
+    experts: torch.Tensor  # [T, K] int64, by decreasing probability
+    total: torch.Tensor | None  # [T, 1] float32 sum of the kept probabilities / scale (renormalised gates only)
+    lse: torch.Tensor  # [T] float32 router logsumexp, or empty
+    balance: torch.Tensor  # [2N] float32 balance statistics (`routing.balance_statistics`), or empty
+
+
+def _pow2(value: int) -> int:
+    return triton.next_power_of_2(value)
+
+
+def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts: int, rank: int,
+                  token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
+                  logsumexp: bool) -> FusedRouting:
+    """Route T tokens and gate their experts: logits [T, N] and expert_hidden [T, N*r] may be column slices of a
+    wider matrix (unit column stride); `token_weights` [T] as in `routing.balance_statistics`."""
+    tokens = logits.shape[0]
+    device = logits.device
+    blocks = triton.cdiv(tokens, BLOCK_TOKENS)
+    f32 = torch.float32
+    probs = torch.empty(tokens, num_experts, dtype=f32, device=device)
+    selection, gates = torch.empty_like(probs), torch.empty_like(probs)
+    experts = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    gated = torch.empty(tokens, num_experts * rank, dtype=expert_hidden.dtype, device=device)
+    lse = torch.empty(tokens if logsumexp else 0, dtype=f32, device=device)
+    total = torch.empty(tokens, 1, dtype=f32, device=device) if renormalize else None
+    partial = torch.empty(blocks if statistics else 0, 2 * num_experts, dtype=f32, device=device)
+    _route_forward_kernel[(blocks,)](
+        logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
+        probs, selection, gates, experts, gated, lse, total, partial, tokens, scale,
+        N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=renormalize,
+        HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp, BLOCK=BLOCK_TOKENS)
+    balance = partial.sum(0) if statistics else partial.new_empty(0)
+    return FusedRouting(gated, probs, selection, gates, experts, total, lse, balance)
+
+
+def route_backward(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
+                   selection: torch.Tensor, gates: torch.Tensor, total: torch.Tensor | None,
+                   token_weights: torch.Tensor | None, grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None,
+                   top_k: int, scale: float, grad_logits: torch.Tensor) -> torch.Tensor | None:
+    """Write the logits' gradient into `grad_logits` [T, N] (any row stride: the first columns of the first
+    projection's gradient) and return the experts' hidden gradient [T, N*r] (None without `grad_gated`)."""
+    tokens, num_experts = probs.shape
+    rank = expert_hidden.shape[1] // num_experts
+    grad_hidden = torch.empty_like(grad_gated) if grad_gated is not None else None
+    _route_backward_kernel[(triton.cdiv(tokens, BLOCK_TOKENS),)](
+        grad_gated, expert_hidden, expert_hidden.stride(0), probs, selection, gates, total, token_weights,
+        grad_mean, grad_lse, grad_hidden, num_experts * rank, grad_logits, grad_logits.stride(0), tokens, scale,
+        N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=total is not None,
+        HAS_GATED_GRAD=grad_gated is not None, HAS_WEIGHTS=token_weights is not None,
+        HAS_MEAN_GRAD=grad_mean is not None, HAS_LSE_GRAD=grad_lse is not None, BLOCK=BLOCK_TOKENS)
+    return grad_hidden

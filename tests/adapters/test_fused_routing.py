@@ -1,0 +1,141 @@
+"""kernel="fused" (the dense kernel's routing as Triton kernels) against kernel="dense" (plain ops), run on CPU
+through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU): forward, balance statistics,
+z-loss and every gradient, on token counts that span several kernel blocks and expert counts and ranks that are not
+powers of two."""
+
+import pytest
+import torch
+from torch import nn
+
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.adapters.fused_routing import BLOCK_TOKENS, route_forward
+from malora_lightning.adapters.kernels import fused_routing_applies
+from tests.adapters.method_matrix import METHOD_CLASSES
+
+IN, OUT = 24, 20
+TOKENS = 2 * BLOCK_TOKENS + 13  # three blocks, the last one partial
+
+
+def make_layer(method: str, kernel: str, **overrides) -> nn.Module:
+    """The same random layer for either kernel: B and the router non-zero so that every path carries signal."""
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT)
+    settings = dict(method=method, rank=3, shared_rank=8, num_experts=5, top_k=2, dropout=0.0, kernel=kernel,
+                    router_z_loss_coef=0.01)
+    settings.update(overrides)
+    layer = METHOD_CLASSES[method](base, AdapterConfig(**settings), name="layer")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.normal_()
+    return layer.train()
+
+
+def training_step(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, autocast: bool) -> dict:
+    """Forward and backward of the output, the balance statistics and the z-loss with fixed upstream gradients."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    forward = layer.routing_context.begin_forward(mask)
+    torch.manual_seed(7)  # the same dropout mask for both kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    statistics = forward.statistics[0]
+    upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    loss = (out.float() * upstream).sum() + (statistics.balance * torch.arange(10.0)).sum() + 3 * statistics.z_loss
+    loss.backward()
+    result = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+    result.update(out=out.detach().float(), balance=statistics.balance.detach(), z_loss=statistics.z_loss.detach(),
+                  x=x.grad.float())
+    return result
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_fused_routing_matches_the_plain_ops_in_float32(method, renormalize, dropout):
+    x = torch.randn(2, (TOKENS + 1) // 2, IN)
+    mask = torch.ones(2, x.shape[1])
+    mask[0, :9] = 0  # left padding: the statistics weigh real tokens only
+    results = [training_step(make_layer(method, kernel, renormalize_top_k=renormalize, dropout=dropout), x, mask,
+                             autocast=False) for kernel in ("dense", "fused")]
+    dense, fused = results
+    assert dense.keys() == fused.keys()
+    assert {"router.weight", "lora_B", "x", "balance", "z_loss"} <= fused.keys()
+    for name in dense:
+        torch.testing.assert_close(fused[name], dense[name], rtol=2e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_fused_routing_matches_the_plain_ops_under_bf16_autocast(method):
+    x = torch.randn(TOKENS, IN)
+    dense, fused = (training_step(make_layer(method, kernel, dropout=0.05), x, None, autocast=True)
+                    for kernel in ("dense", "fused"))
+    for name in dense:  # bf16 roundings of the gated hidden states may differ by one unit
+        scale = dense[name].abs().max().item()
+        torch.testing.assert_close(fused[name], dense[name], rtol=2e-2, atol=2e-2 * scale, msg=name)
+
+
+def test_fused_routing_in_evaluation_matches_and_hands_back_nothing():
+    x = torch.randn(TOKENS, IN)
+    outputs = []
+    for kernel in ("dense", "fused"):
+        layer = make_layer("malora", kernel).eval()
+        forward = layer.routing_context.begin_forward()
+        with torch.no_grad():
+            outputs.append(layer(x))
+        assert forward.statistics == []
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (4, 1), (8, 2), (6, 6)])
+def test_route_forward_follows_the_routing_equations(num_experts, top_k):
+    """Against a hand-written float64 reference: softmax, top-k by decreasing probability, renormalised gates
+    times the scale, each expert's rank-space hidden states times its gate, balance statistics, logsumexp."""
+    torch.manual_seed(num_experts)
+    rank, scale = 3, 1.5
+    logits_wide = torch.randn(TOKENS, num_experts + 4)  # a column slice, as the fused first projection gives it
+    logits = logits_wide[:, 2:2 + num_experts]
+    hidden = torch.randn(TOKENS, num_experts * rank)
+    weights = torch.rand(TOKENS)
+    routed = route_forward(logits, hidden, num_experts, rank, weights, top_k, True, scale, True, True)
+
+    probs = torch.softmax(logits.double(), dim=-1)
+    values, experts = probs.topk(top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(1, experts, scale * values / values.sum(-1, keepdim=True))
+    selection = torch.zeros_like(probs).scatter(1, experts, 1.0 / top_k)
+    gated = (hidden.double().unflatten(1, (num_experts, rank)) * gates.unsqueeze(-1)).flatten(1)
+
+    def close(fused: torch.Tensor, reference: torch.Tensor) -> None:  # float32 kernels, float64 reference
+        torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-6)
+
+    close(routed.probs, probs)
+    assert torch.equal(routed.experts, experts)
+    close(routed.gates, gates)
+    close(routed.gated, gated)
+    close(routed.balance, torch.cat([weights.double() @ probs, weights.double() @ selection]))
+    close(routed.lse, torch.logsumexp(logits.double(), dim=-1))
+
+
+def test_top_k_ties_go_to_the_lower_expert_index():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    routed = route_forward(logits, torch.ones(2, 4), 4, 1, None, 2, True, 1.0, False, False)
+    assert routed.experts.tolist() == [[1, 2], [0, 1]]
+
+
+def test_fused_applies_only_where_triton_can_run(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fused_routing_applies(cpu, torch.float32)  # this module interprets
+    assert not fused_routing_applies(cpu, torch.float64)  # the kernels compute in float32: plain ops keep float64
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not fused_routing_applies(cpu, torch.bfloat16)  # a CPU without the interpreter runs the plain ops
+    assert fused_routing_applies(cuda, torch.bfloat16)
+
+
+def test_fused_kernel_with_float64_adapters_runs_the_plain_ops_exactly():
+    """float64 adapters (references, tests) keep the dense kernel's float64 routing bit for bit."""
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+    outputs = []
+    for kernel in ("dense", "fused"):
+        layer = make_layer("malora", kernel, adapter_dtype="float64").double()
+        layer.routing_context.begin_forward()
+        outputs.append(layer(x))
+    assert torch.equal(outputs[0], outputs[1])
