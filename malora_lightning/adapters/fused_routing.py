@@ -159,8 +159,8 @@ class FusedRouting:
     gates: torch.Tensor  # [T, N] float32, scale included, zero on unselected experts
     experts: torch.Tensor  # [T, K] int64, by decreasing probability
     total: torch.Tensor | None  # [T, 1] float32 sum of the kept probabilities / scale (renormalised gates only)
-    lse: torch.Tensor  # [T] float32 router logsumexp, or empty
-    balance: torch.Tensor  # [2N] float32 balance statistics (`routing.balance_statistics`), or empty
+    lse: torch.Tensor | None  # [T] float32 router logsumexp, when asked for
+    balance: torch.Tensor | None  # [2N] float32 balance statistics (`routing.balance_statistics`), when asked for
 
 
 def _pow2(value: int) -> int:
@@ -180,15 +180,15 @@ def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts
     selection, gates = torch.empty_like(probs), torch.empty_like(probs)
     experts = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     gated = torch.empty(tokens, num_experts * rank, dtype=expert_hidden.dtype, device=device)
-    lse = torch.empty(tokens if logsumexp else 0, dtype=f32, device=device)
+    lse = torch.empty(tokens, dtype=f32, device=device) if logsumexp else None
     total = torch.empty(tokens, 1, dtype=f32, device=device) if renormalize else None
-    partial = torch.empty(blocks if statistics else 0, 2 * num_experts, dtype=f32, device=device)
+    partial = torch.empty(blocks, 2 * num_experts, dtype=f32, device=device) if statistics else None
     _route_forward_kernel[(blocks,)](
         logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
         probs, selection, gates, experts, gated, lse, total, partial, tokens, scale,
         N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=renormalize,
         HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp, BLOCK=BLOCK_TOKENS)
-    balance = partial.sum(0) if statistics else partial.new_empty(0)
+    balance = partial.sum(0) if partial is not None else None
     return FusedRouting(gated, probs, selection, gates, experts, total, lse, balance)
 
 

@@ -100,8 +100,8 @@ class DenseForward:
     """The dense kernel's forward: its outputs and what the hand-written backward reuses."""
 
     out: torch.Tensor  # [T, m]
-    balance: torch.Tensor  # [2N] balance statistics, or empty
-    lse: torch.Tensor  # [T] router logsumexp, or empty
+    balance: torch.Tensor | None  # [2N] balance statistics, when asked for
+    lse: torch.Tensor | None  # [T] router logsumexp, when asked for
     probs: torch.Tensor  # [T, N]
     experts: torch.Tensor  # [T, K]
     router_weight: torch.Tensor | None  # in the compute dtype, when dropout splits the first projection
@@ -109,7 +109,7 @@ class DenseForward:
     down_weight: torch.Tensor | None  # P_t stacked [N*r, d], compute dtype (MALoRA)
     up_weight: torch.Tensor  # B_t side by side [m, N*r], compute dtype
     hidden: torch.Tensor  # [T, d] (MALoRA: S_A x) or [T, N*r] (MoLoRA: A_t x)
-    expert_hidden3: torch.Tensor  # [T, N, r]
+    expert_hidden: torch.Tensor  # [T, N*r], expert by expert
     gated: torch.Tensor  # [T, N*r]
     selection: torch.Tensor  # [T, N], 1/K on the selected experts
     gates: torch.Tensor  # [T, N] routing dtype, zero on unselected experts, scale included
@@ -138,7 +138,6 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             logits, hidden = F.linear(x, router_cast), F.linear(dropped, first_weight)
         down_weight = None if shared_A is None else cast(down, dtype)
         expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
-        expert_hidden3 = expert_hidden.unflatten(1, (num_experts, rank))
         if fused:  # the routing below as one Triton kernel
             from malora_lightning.adapters import fused_routing  # Triton is needed only for kernel="fused"
             routed = fused_routing.route_forward(logits, expert_hidden, num_experts, rank, token_weights, top_k,
@@ -148,7 +147,7 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             lse, gated, balance, gates3 = routed.lse, routed.gated, routed.balance, None
         else:
             logits = cast(logits, routing_dtype(logits))
-            lse = torch.logsumexp(logits, dim=-1) if logsumexp else logits.new_empty(0)
+            lse = torch.logsumexp(logits, dim=-1) if logsumexp else None
             probs = logits.softmax(dim=-1)
             experts = probs.topk(top_k, dim=-1).indices
             selection = selection_shares(experts, num_experts, logits.dtype)
@@ -160,12 +159,12 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
                 total = None
                 gates = kept * (top_k * scale)  # scale * probs on the selected experts
             gates3 = cast(gates, dtype).unsqueeze(-1)
-            gated = (expert_hidden3 * gates3).flatten(1)
-            balance = balance_statistics(probs, selection, token_weights) if statistics else probs.new_empty(0)
+            gated = (expert_hidden.unflatten(1, (num_experts, rank)) * gates3).flatten(1)
+            balance = balance_statistics(probs, selection, token_weights) if statistics else None
         up_weight = stacked_up_weight(lora_B, dtype)
         out = add_product(result, gated, up_weight)
     return DenseForward(out, balance, lse, probs, experts, router_cast, first_weight, down_weight, up_weight, hidden,
-                        expert_hidden3, gated, selection, gates, gates3, total)
+                        expert_hidden, gated, selection, gates, gates3, total)
 
 
 class DenseRoutedExperts(torch.autograd.Function):
@@ -176,8 +175,8 @@ class DenseRoutedExperts(torch.autograd.Function):
     None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
     weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
 
-    Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or an empty tensor), the
-    router logsumexp [T] (or empty), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
+    Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or None), the router
+    logsumexp [T] (or None), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
 
     Saved for backward: x (and dropped), the rank-space hiddens, the gated hidden [T, N*r], the routing tensors
     [T, N] and the weights in the compute dtype (the stacked up weight [m, N*r] included: what autocast keeps for a
@@ -193,24 +192,25 @@ class DenseRoutedExperts(torch.autograd.Function):
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
                           renormalize, scale, statistics, logsumexp, fused)
         ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
-                              f.expert_hidden3, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
+                              f.expert_hidden, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
         ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp, ctx.fused = scale, top_k, statistics, logsumexp, fused
+        ctx.num_experts, ctx.rank = expert_down.shape[:2]
         ctx.mark_non_differentiable(f.probs, f.experts)
         return f.out, f.balance, f.lse, f.probs, f.experts
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_balance: torch.Tensor | None,
                  grad_lse: torch.Tensor | None, *_: object) -> tuple[torch.Tensor | None, ...]:
-        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden3, gated, probs, selection,
+        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden, gated, probs, selection,
          gates, gates3, total, token_weights) = ctx.saved_tensors  # weights in the compute dtype
         router_dtype, shared_dtype, down_dtype, up_dtype = ctx.param_dtypes
         needs = ctx.needs_input_grad
         dtype = x.dtype
-        num_experts, rank = expert_hidden3.shape[1:]
+        num_experts, rank = ctx.num_experts, ctx.rank
         with torch.autocast(x.device.type, enabled=False):
             # up-projection: out = result + gated @ up.T
             grad_B = grad_gated = None
@@ -224,7 +224,7 @@ class DenseRoutedExperts(torch.autograd.Function):
             grad_lse = grad_lse if ctx.logsumexp else None
             routing_backward = fused_routing_backward if ctx.fused else routing_backward_ops
             grad_expert_hidden, grad_logits = routing_backward(
-                grad_gated, expert_hidden3, probs, selection, gates, gates3, total, token_weights, grad_mean,
+                grad_gated, expert_hidden, probs, selection, gates, gates3, total, token_weights, grad_mean,
                 grad_lse, ctx.top_k, ctx.scale)
             # per-expert down-projection (MALoRA's P_t works on S_A x)
             grad_down = grad_hidden = None
@@ -269,7 +269,7 @@ class DenseRoutedExperts(torch.autograd.Function):
 RoutingGradients = tuple[torch.Tensor | None, torch.Tensor | None]  # (expert hidden [T, N*r], logits [T, N])
 
 
-def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden3: torch.Tensor, probs: torch.Tensor,
+def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
                          selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
                          total: torch.Tensor | None, token_weights: torch.Tensor | None,
                          grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
@@ -278,6 +278,7 @@ def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden3: torch.
     mean probabilities' [N] and the logsumexp's [T] (each None when absent) back to the expert hidden and logits."""
     grad_gates = grad_expert_hidden = grad_probs = grad_logits = None
     if grad_gated is not None:
+        expert_hidden3 = expert_hidden.unflatten(1, (probs.shape[1], -1))
         grad_gated3 = grad_gated.view_as(expert_hidden3)
         grad_expert_hidden = (grad_gated3 * gates3).flatten(1)
         grad_gates = cast((grad_gated3 * expert_hidden3).sum(-1), probs.dtype)
@@ -298,7 +299,7 @@ def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden3: torch.
     return grad_expert_hidden, grad_logits
 
 
-def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden3: torch.Tensor, probs: torch.Tensor,
+def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
                            selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
                            total: torch.Tensor | None, token_weights: torch.Tensor | None,
                            grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
@@ -307,9 +308,9 @@ def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden3: torc
     from malora_lightning.adapters import fused_routing
     if grad_gated is None and grad_mean is None and grad_lse is None:
         return None, None
-    grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden3.dtype)
+    grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden.dtype)
     grad_expert_hidden = fused_routing.route_backward(
-        grad_gated, expert_hidden3.flatten(1), probs, selection, gates, total, token_weights, grad_mean, grad_lse,
+        grad_gated, expert_hidden, probs, selection, gates, total, token_weights, grad_mean, grad_lse,
         top_k, scale, grad_logits)
     return grad_expert_hidden, grad_logits
 
@@ -335,7 +336,7 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
     else:  # eager: one autograd node with the hand-written backward
         out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
-    return out, balance if spec.statistics else None, z_loss, probs, experts
+    return out, balance, z_loss, probs, experts
 
 
 # ---------------------------------------------------------------------------------------------------- compilation
