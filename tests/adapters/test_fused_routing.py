@@ -139,3 +139,24 @@ def test_fused_kernel_with_float64_adapters_runs_the_plain_ops_exactly():
         layer.routing_context.begin_forward()
         outputs.append(layer(x))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_compiled_adapters_with_the_fused_kernel_compile_the_plain_ops_whole():
+    """Under `compile_adapters` inductor fuses the routing itself: kernel="fused" compiles to the dense kernel's
+    plain ops, with no graph break at the Triton launch and the eager fused kernel's results."""
+    from malora_lightning.adapters import adapter_layers, compile_adapters
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.randn(2, 9, IN)
+    results = []
+    for compiled in (False, True):
+        layer = make_layer("malora", "fused")
+        if compiled:
+            compile_adapters(layer, backend="aot_eager")
+            assert list(adapter_layers(layer).values())[0].compile_mode is not None
+        results.append(training_step(layer, x, None, autocast=False))
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=2e-5, atol=2e-5, msg=name)
