@@ -173,7 +173,7 @@ def our_family(method: str) -> str:
 
 def prepare_ours(method: str, model: nn.Module) -> Prepared:
     kernel = {"kernel": "fused"} if method.endswith(FUSED) else {}
-    config = AdapterConfig(**CONFIGURATIONS[OUR_CONFIGURATIONS[our_family(method)]], dropout=DROPOUT,
+    config = AdapterConfig(**CONFIGURATIONS[OUR_CONFIGURATIONS[our_family(method)]]["adapter"], dropout=DROPOUT,
                            aux_loss_coef=AUX_LOSS_COEF, target_modules=TARGET_MODULES, **kernel)
     inject_adapters(model, config)
     if method.endswith(COMPILED):

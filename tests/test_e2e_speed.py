@@ -1,0 +1,54 @@
+"""benchmarks/e2e_speed.py's methods on a tiny model: each prepares and takes steps (never timed here), with the
+configuration the report names; the fused methods through Triton's interpreter (tests/conftest.py)."""
+
+import pytest
+import torch
+
+from benchmarks.e2e_speed import (
+    OUR_CONFIGURATIONS,
+    Setting,
+    autocast_for,
+    make_batch,
+    make_optimizer,
+    prepare,
+    ratios,
+    training_step,
+)
+from benchmarks.quality import CONFIGURATIONS
+from malora_lightning.adapters import adapter_layers
+from tests.helpers import tiny_model
+
+
+@pytest.mark.parametrize("method", ["base", "lora", "molora", "malora", "molora_fused", "malora_fused"])
+def test_each_method_prepares_its_configuration_and_trains(method):
+    base = tiny_model("llama")
+    prepared = prepare(method, base)
+    family = method.removesuffix("_fused")
+    layers = adapter_layers(prepared.model)
+    if method == "base":
+        assert not layers and not prepared.trainable
+    else:
+        expected = CONFIGURATIONS[OUR_CONFIGURATIONS[family]]["adapter"]
+        assert {layer.method for layer in layers.values()} == {expected["method"]}
+        assert {layer.rank for layer in layers.values()} == {expected["rank"]}
+        assert {layer.kernel for layer in layers.values()} == {"fused" if method.endswith("_fused") else "dense"}
+    setting = Setting("fp32", 2, 8)
+    device = torch.device("cpu")
+    before = [p.detach().clone() for p in prepared.trainable]
+    phases = []
+    step = training_step(prepared, make_optimizer(prepared, "default"), make_batch(setting, 200, device),
+                         autocast_for(setting, device), device, phases)
+    for _ in range(2):
+        step()
+    assert len(phases) == 2
+    assert all(not torch.equal(b, p) for b, p in zip(before, prepared.trainable))  # every adapter tensor trained
+
+
+def test_ratios_compare_malora_with_each_method_in_its_own_mode():
+    totals = {"base": 1.0, "lora": 2.0, "molora": 4.0, "malora": 3.0, "molora_fused": 2.5, "malora_fused": 2.0,
+              "peft_lora": 2.0}
+    out = ratios(totals)
+    assert out["malora/lora"] == 1.5 and out["malora/molora"] == 0.75 and out["malora/peft_lora"] == 1.5
+    assert out["malora_fused/lora"] == 1.0  # LoRA has no routing to fuse: compared with eager LoRA
+    assert out["malora_fused/molora"] == 0.8  # fused over fused
+    assert out["malora/base"] == 3.0
