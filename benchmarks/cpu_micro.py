@@ -54,7 +54,7 @@ def dropout_group(tokens: int, features: int, dtype: torch.dtype) -> dict[str, C
 
 def adamw_group(configuration: str) -> dict[str, Callable[[], object]]:
     """One AdamW step over CPU copies of the trainable tensors this quality configuration has on SmolLM2."""
-    shapes = [p.shape for p in adapted_model_on_meta(CONFIGURATIONS[configuration]).parameters() if p.requires_grad]
+    shapes = [p.shape for p in adapted_model_on_meta(CONFIGURATIONS[configuration]["adapter"]).parameters() if p.requires_grad]
     variants = {}
     for kind, options in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         params = [torch.nn.Parameter(0.01 * torch.randn(shape)) for shape in shapes]
