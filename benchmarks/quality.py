@@ -6,7 +6,7 @@ items are the same for every run (the data seed is fixed); the seed changes the 
 the training order, so runs with the same seed see the same batches. Every run records each validation item's
 correctness at each evaluation, from which `quality_report` derives intervals and paired comparisons.
 
-    python -m benchmarks.quality --study noise conflict rank router budget --jobs 2 --threads 1   # hours on 2 cores
+    python -m benchmarks.quality --study noise conflict neutral rank router budget --jobs 2 --threads 1  # hours
     python -m benchmarks.quality --study budget --report-only   # rewrite a report from the kept runs
     python -m benchmarks.quality --quick                         # 2 configurations, 1 seed, a few steps
 
@@ -38,7 +38,7 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, machine_mark
 from benchmarks.quality_report import StudyRuns, study_report
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS
 from malora_lightning.offline_models import resolve_model_path
 
 MODEL = "offline:SmolLM2-135M-Instruct"
@@ -169,6 +169,7 @@ QUICK_STUDY = Study(QUICK_CONFIGURATIONS, steps=6, val_every=6, eval_examples=4,
 STUDIES: dict[str, Study] = {
     "noise": Study(MAIN),  # the default budget, measured on 100 examples per task
     "conflict": Study(MAIN, tasks=BUILTIN_TASKS + CONFLICT_TASKS),
+    "neutral": Study(MAIN, tasks=BUILTIN_TASKS + NEUTRAL_TASKS),  # the conflict study's control
     "rank": Study(("lora_r16", "lora_r64", "lora_r256", "malora_r8_d32", "malora", "malora_r24_d64")),
     "router": Study(("malora", "malora_router_lr5e-3", "malora_aux0.1", "malora_aux0")),
     "budget": Study(MAIN, steps=960, val_every=160),  # 6x the default budget, evaluated every 1x
@@ -182,6 +183,9 @@ STUDY_QUESTIONS = {
     "conflict": "The same three methods on the suite plus its conflict group (four tasks that ask the suite's "
                 "inputs for contradicting answers): which method loses least on the suite, and how each copes "
                 "with the group.",
+    "neutral": "The conflict study's control: the same three methods on the suite plus its neutral group (four "
+               "tasks of the same kinds that contradict nothing in the suite). What the group costs the suite is "
+               "what four more tasks cost; the conflict study's cost beyond it is the conflict's.",
     "rank": "The paper's rank claim (Fig. 4a/5): LoRA at r 16/64/256 and MALoRA at r̄ 8/12/24 (d 32/32/64), at the "
             "default budget.",
     "router": "The router levers the paper leaves open, on MALoRA only: a 10x router learning rate, and the "
@@ -190,6 +194,10 @@ STUDY_QUESTIONS = {
               "change with training?",
     "ablations": "The paper's Table 3 ablations against MALoRA at the default budget.",
 }
+
+
+# the studies whose runs a study's report compares with
+REFERENCES: dict[str, tuple[str, ...]] = {"conflict": ("noise", "neutral"), "neutral": ("noise",), "budget": ("noise",)}
 
 
 def study_arguments(study: Study, args: argparse.Namespace) -> argparse.Namespace:
@@ -207,8 +215,8 @@ def run_directory(name: str, seed: int, run_args: argparse.Namespace) -> Path:
 
 def write_study_report(name: str, study: Study, args: argparse.Namespace, results: dict[Path, dict[str, object]],
                        load_at_start: tuple[float, float, float], wall_minutes: float) -> str:
-    """Rewrite `quality_<study>.md/.json` from the runs kept so far (it refers to the noise study's runs when
-    they are kept too: the conflict and budget studies compare with them)."""
+    """Rewrite `quality_<study>.md/.json` from the runs kept so far (it refers to the studies it compares with
+    when their runs are kept too: `REFERENCES`)."""
     def study_runs(study_name: str, current: Study) -> StudyRuns:
         run_args = study_arguments(current, args)
         runs: dict[str, dict[int, dict[str, object]]] = {}
@@ -225,7 +233,7 @@ def write_study_report(name: str, study: Study, args: argparse.Namespace, result
                          {c: trainable_parameters(c) for c in current.configurations}, pending)
 
     this = study_runs(name, study)
-    others = {"noise": study_runs("noise", STUDIES["noise"])} if name in ("conflict", "budget") else {}
+    others = {other: study_runs(other, STUDIES[other]) for other in REFERENCES.get(name, ())}
     info = machine_info(load_at_start)
     body, payload, figures = study_report(this, others) if this.runs else ("No runs yet.", {}, [])
     kept = [run for by_seed in this.runs.values() for run in by_seed.values()]

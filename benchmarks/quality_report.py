@@ -1,6 +1,7 @@
 """The quality study's reports: one Markdown + JSON per study from its kept runs, with intervals and paired
 comparisons (`quality_stats`), the budget curves plotted, the routing health over training, and for the conflict
-study what adding the conflict group costs the suite's own tasks.
+and neutral studies what adding their group costs the suite's own tasks (and the conflict's cost beyond the
+neutral group's).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from benchmarks.common import RESULTS_DIR, markdown_table
 from benchmarks.quality_stats import (Bootstrap, Estimate, correctness, evaluation_at, macro_estimate,
                                       paired_comparison, stack, task_estimates)
 from malora_lightning.callbacks.plots import new_figure, save_figure
-from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, get_task
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, get_task
 
 # the comparisons each study is about: (A, B) reads "A minus B"
 PAIRS: dict[str, list[tuple[str, str]]] = {
     "noise": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
     "conflict": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
+    "neutral": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
     "budget": [("malora", "lora_r64"), ("malora", "molora_r8"), ("molora_r8", "lora_r64")],
     "rank": [("lora_r16", "lora_r64"), ("lora_r256", "lora_r64"), ("malora_r8_d32", "malora"),
              ("malora_r24_d64", "malora"), ("malora_r24_d64", "lora_r256")],
@@ -133,8 +135,8 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
                   for name, health in routing.items() if health]
         sections.append("\n".join(lines))
     figures: list[Path] = []
-    if study.name == "conflict" and "noise" in other:
-        sections.append(conflict_section(study, other["noise"], results, bootstrap, payload))
+    if study.name in GROUPS and "noise" in other:
+        sections.append(group_section(study, other, results, bootstrap, payload))
     if study.name == "budget":
         text, figures = budget_section(study, complete, other.get("noise"), payload, figure_dir)
         sections.append(text)
@@ -144,29 +146,38 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     return "\n\n".join(sections), payload, figures
 
 
-def conflict_section(study: StudyRuns, noise: StudyRuns, results: dict[str, dict[str, np.ndarray]],
-                     bootstrap: Bootstrap, payload: dict[str, Any]) -> str:
-    """What training with the conflict group costs the suite's own tasks, per method (paired with the noise
-    study's runs: same seeds, same suite items, same budget), and how the group itself does."""
-    noise_complete = noise.complete()
+GROUPS = {"conflict": CONFLICT_TASKS, "neutral": NEUTRAL_TASKS}  # the studies that add a group to the suite
+
+
+def group_section(study: StudyRuns, other: dict[str, StudyRuns], results: dict[str, dict[str, np.ndarray]],
+                  bootstrap: Bootstrap, payload: dict[str, Any]) -> str:
+    """What training with the study's group costs the suite's own tasks, per method (paired with the noise study's
+    runs: same seeds, same suite items, same budget), and how the group itself does. For the conflict group, also
+    its suite minus the neutral group's (both take the same share of the examples: the rest is the conflict)."""
     suite = [task for task in BUILTIN_TASKS if task in study.tasks]
-    group = [task for task in CONFLICT_TASKS if task in study.tasks]
-    lines = ["Suite tasks with the conflict group minus without it (the noise study's runs, same seeds and items), "
-             "and the averages over the suite's 9 tasks and over the conflict group's 4:", "",
-             "| configuration | suite average, with group | suite: with − without (per seed) | conflict group average |",
-             "|---|---|---|---|"]
-    payload["conflict"] = {}
+    group = [task for task in GROUPS[study.name] if task in study.tasks]
+    references = {"suite: with − without the group (per seed)": other["noise"]}
+    if study.name == "conflict" and "neutral" in other and other["neutral"].complete():
+        references["suite: with the conflict − with the neutral group (per seed)"] = other["neutral"]
+    payload[study.name] = {}
+    rows = []
     for name, values in results.items():
-        with_group = macro_estimate(values, bootstrap, suite)
-        group_average = macro_estimate(values, bootstrap, group)
-        cost = "–"
-        if name in noise_complete and noise.seeds == study.seeds:
-            without = stack(noise_complete[name], suite)
-            comparison = paired_comparison({t: values[t] for t in suite}, without, bootstrap, suite)
-            cost = comparison.describe()
-            payload["conflict"][name] = {"suite_cost": vars(comparison.difference), "per_seed": comparison.per_seed}
-        lines.append(f"| {name} | {with_group.percent()} | {cost} | {group_average.percent()} |")
-    return "\n".join(lines)
+        row = [name, macro_estimate(values, bootstrap, suite).percent()]
+        payload[study.name][name] = {}
+        for heading, reference in references.items():
+            runs = reference.complete()
+            if name not in runs or reference.seeds != study.seeds:
+                row.append("–")
+                continue
+            comparison = paired_comparison({t: values[t] for t in suite}, stack(runs[name], suite), bootstrap, suite)
+            row.append(comparison.describe())
+            payload[study.name][name][f"minus {reference.name}"] = {"difference": vars(comparison.difference),
+                                                                   "per_seed": comparison.per_seed}
+        rows.append([*row, macro_estimate(values, bootstrap, group).percent()])
+    headers = ["configuration", "suite average, with the group", *references, f"{study.name} group average"]
+    return "\n\n".join([f"The suite's {len(suite)} tasks trained with the {study.name} group against the same runs "
+                         f"without it (the noise study: same seeds, items and budget), and the group's {len(group)} "
+                         "tasks:", markdown_table(headers, rows)])
 
 
 def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], noise: StudyRuns | None,

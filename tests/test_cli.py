@@ -12,7 +12,7 @@ import yaml
 
 import malora_lightning.module as module_file
 from malora_lightning.cli import MALoRACLI, main
-from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, MultiTaskDataModule
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
 
@@ -61,12 +61,14 @@ def flat(tree, prefix: str = "") -> dict:
 
 
 def test_the_former_single_file_recipes_are_all_documented_runs():
-    assert set(FORMER_RECIPES) == set(DOCUMENTED_RUNS) - {"default", "default-gpu", "default-conflict"}
+    assert set(FORMER_RECIPES) == set(DOCUMENTED_RUNS) - {"default", "default-gpu", "default-conflict",
+                                                          "default-neutral"}
 
 
-def test_the_conflict_fragment_adds_the_conflict_group_to_the_default_job():
-    config = parse(DOCUMENTED_RUNS["default-conflict"]).config
-    assert config.data.tasks == [*BUILTIN_TASKS, *CONFLICT_TASKS]
+@pytest.mark.parametrize(("run", "group"), [("default-conflict", CONFLICT_TASKS), ("default-neutral", NEUTRAL_TASKS)])
+def test_the_task_group_fragments_add_their_group_to_the_default_job(run, group):
+    config = parse(DOCUMENTED_RUNS[run]).config
+    assert config.data.tasks == [*BUILTIN_TASKS, *group]
     default = flat(parse(DOCUMENTED_RUNS["default"]).config.as_dict())
     differences = {key for key, value in flat(config.as_dict()).items() if default.get(key, KeyError) != value}
     assert differences == {"config", "data.tasks", "trainer.default_root_dir"}

@@ -140,5 +140,19 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
                           for name in ("lora_r64", "malora")}, {"lora_r64": 1, "malora": 2},
                          pending=["malora seed 2"])
     text, payload, _ = study_report(conflict, {"noise": noise}, tmp_path)
-    assert payload["conflict"]["malora"]["suite_cost"]["mean"] == pytest.approx(-0.1)  # 60 % with, 70 % without
+    assert payload["conflict"]["malora"]["minus noise"]["difference"]["mean"] == pytest.approx(-0.1)  # 60 vs 70 %
     assert text.startswith("**Incomplete: 1 run(s) still to do** (malora seed 2)")
+    assert "with the conflict − with the neutral group" not in text  # no neutral runs: no such column
+
+    # the neutral control: the suite at 65 % with the neutral group, so the conflict costs 5 points beyond it
+    neutral_tasks = suite + ["longest_word"]
+    neutral = StudyRuns("neutral", 10, 10, 10, [0, 1],
+                        {name: {s: fake_run(s, neutral_tasks, {0: 0, 10: 6 if s == 0 else 7}, name == "malora")
+                                for s in (0, 1)} for name in ("lora_r64", "malora")},
+                        {"lora_r64": 1, "malora": 2}, pending=[])
+    text, payload, _ = study_report(neutral, {"noise": noise}, tmp_path)
+    assert payload["neutral"]["lora_r64"]["minus noise"]["per_seed"] == pytest.approx([-0.1, 0.0])
+    text, payload, _ = study_report(conflict, {"noise": noise, "neutral": neutral}, tmp_path)
+    beyond = payload["conflict"]["malora"]["minus neutral"]
+    assert beyond["per_seed"] == pytest.approx([0.0, -0.1]) and beyond["difference"]["mean"] == pytest.approx(-0.05)
+    assert "| suite: with the conflict − with the neutral group (per seed) |" in text

@@ -1,7 +1,7 @@
 """Multi-task data: tasks and their registry, the paper datasets' formatters, the offline built-in suite,
 task-balanced sampling, tokenisation/batching and the ``MultiTaskDataModule``."""
 
-from malora_lightning.data.builtin import BUILTIN_TASKS, CONFLICT_TASKS, build_builtin_tasks
+from malora_lightning.data.builtin import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, build_builtin_tasks
 from malora_lightning.data.collate import (
     EncodedExample,
     MultiTaskCollator,
@@ -33,6 +33,7 @@ from malora_lightning.scoring import IGNORE_INDEX
 __all__ = [
     "BUILTIN_TASKS",
     "CONFLICT_TASKS",
+    "NEUTRAL_TASKS",
     "IGNORE_INDEX",
     "PAPER_TASKS",
     "SAMPLING_STRATEGIES",

@@ -14,6 +14,10 @@ answers, so a shared adapter trained on both is pulled two ways: ``reverse_words
 separated), ``sort_words_descending`` (reverse alphabetical order), ``first_letters_upper`` (the letters in capitals)
 and ``compare_numbers_smaller`` (which is smaller: the opposite letter for the same pair of numbers).
 
+An opt-in neutral group (`NEUTRAL_TASKS`) is its control: as many tasks of the same kinds that ask nothing that
+contradicts the suite (``last_word``, ``word_after``, ``double_number``, ``longest_word``, A-D), so that what adding
+a group costs the suite can be split into the share of examples it takes and the conflict itself.
+
 Splits are disjoint by construction: every item's prompt is hashed to train (80% of the item space), validation
 (10%) or test (10%), and a split only keeps items hashed to it. A seed picks which items of its part are drawn.
 Words are ones SmolLM2's tokenizer keeps as single tokens (with and without a leading space), and its digits are
@@ -136,6 +140,32 @@ def compare_numbers_smaller(rng: random.Random) -> Row:
     return _choice_row(lettered_question("Which number is smaller?", [str(a), str(b)], 0 if a < b else 1))
 
 
+def last_word(rng: random.Random) -> Row:
+    words = _word_list(rng)
+    return {"prompt": f"Write the last word: {' '.join(words)}", "target": words[-1]}
+
+
+def word_after(rng: random.Random) -> Row:
+    words = _word_list(rng)
+    index = rng.randrange(len(words) - 1)
+    return {"prompt": f"Which word comes after {words[index]} in: {' '.join(words)}", "target": words[index + 1]}
+
+
+def double_number(rng: random.Random) -> Row:
+    number = rng.randint(1000, 4999)
+    return {"prompt": f"Double the number: {number}", "target": str(2 * number)}
+
+
+def longest_word(rng: random.Random) -> Row:
+    while True:
+        words = rng.sample(WORDS, 4)
+        lengths = sorted((len(word) for word in words), reverse=True)
+        if lengths[0] > lengths[1]:  # one longest word
+            break
+    gold = max(range(4), key=lambda index: len(words[index]))
+    return _choice_row(lettered_question("Which word is the longest?", words, gold))
+
+
 Generator = tuple[str, Callable[[random.Random], Row], str]  # (kind, one item from a random.Random, description)
 
 # each built-in task of the default suite by name
@@ -157,6 +187,13 @@ CONFLICT_GENERATORS: dict[str, Generator] = {
     "first_letters_upper": ("generative", first_letters_upper, "first_letters, answered in capitals"),
     "compare_numbers_smaller": ("multiple_choice", compare_numbers_smaller,
                                 "compare_numbers asking for the smaller number (A/B)"),
+}
+# the opt-in neutral group, the conflict group's control: the same kinds of task, contradicting nothing in the suite
+NEUTRAL_GENERATORS: dict[str, Generator] = {
+    "last_word": ("generative", last_word, "the last of 3-5 words"),
+    "word_after": ("generative", word_after, "the word that follows a given one in a list of 3-5 words"),
+    "double_number": ("generative", double_number, "twice a 4-digit number"),
+    "longest_word": ("multiple_choice", longest_word, "which of four words is the longest (A-D)"),
 }
 
 def split_of(task: str, prompt: str) -> str:
@@ -206,3 +243,4 @@ def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES,
 
 BUILTIN_TASKS = tuple(register_task(task).name for task in build_builtin_tasks())
 CONFLICT_TASKS = tuple(register_task(task).name for task in build_builtin_tasks(generators=CONFLICT_GENERATORS))
+NEUTRAL_TASKS = tuple(register_task(task).name for task in build_builtin_tasks(generators=NEUTRAL_GENERATORS))

@@ -5,13 +5,13 @@ from collections import Counter
 
 import pytest
 
-from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, SPLITS, build_builtin_tasks, get_task
-from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS
+from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, SPLITS, build_builtin_tasks, get_task
+from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS, NEUTRAL_GENERATORS, WORDS
 
 STRING_TASKS = {"reverse_words", "sort_words", "first_letters"}
 ARITHMETIC_TASKS = {"add_2digit", "subtract_2digit", "next_term"}
-CHOICE_TASKS = {"compare_numbers", "parity", "odd_one_out", "compare_numbers_smaller"}
-ALL_TASKS = BUILTIN_TASKS + CONFLICT_TASKS
+CHOICE_TASKS = {"compare_numbers", "parity", "odd_one_out", "compare_numbers_smaller", "longest_word"}
+ALL_TASKS = BUILTIN_TASKS + CONFLICT_TASKS + NEUTRAL_TASKS
 SMALL = {"train": 300, "validation": 40, "test": 60}
 
 
@@ -54,6 +54,17 @@ def solve(task: str, prompt: str) -> str:
         return "A" if a < b else "B"
     if task == "parity":
         return "odd" if numbers(prompt)[0] % 2 else "even"
+    if task == "last_word":
+        return words[-1]
+    if task == "word_after":
+        anchor = re.search(r"after (\w+) in:", prompt).group(1)
+        return words[words.index(anchor) + 1]
+    if task == "double_number":
+        return str(2 * numbers(prompt)[0])
+    if task == "longest_word":
+        lengths = [len(word) for word in options(prompt)]
+        assert sorted(lengths)[-1] > sorted(lengths)[-2]  # exactly one right answer
+        return "ABCD"[lengths.index(max(lengths))]
     if task == "odd_one_out":
         words = options(prompt)
         categories = [next(name for name, members in CATEGORIES.items() if word in members) for word in words]
@@ -64,12 +75,14 @@ def solve(task: str, prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def small_suite():
-    tasks = build_builtin_tasks(SMALL) + build_builtin_tasks(SMALL, generators=CONFLICT_GENERATORS)
+    tasks = build_builtin_tasks(SMALL) + build_builtin_tasks(SMALL, generators=CONFLICT_GENERATORS) \
+        + build_builtin_tasks(SMALL, generators=NEUTRAL_GENERATORS)
     return {task.name: task for task in tasks}
 
 
 def test_suite_has_at_least_eight_tasks_of_three_kinds():
-    assert set(BUILTIN_TASKS) == (STRING_TASKS | ARITHMETIC_TASKS | CHOICE_TASKS) - set(CONFLICT_TASKS)
+    assert set(BUILTIN_TASKS) == (STRING_TASKS | ARITHMETIC_TASKS | CHOICE_TASKS) - set(CONFLICT_TASKS) \
+        - set(NEUTRAL_TASKS)
     assert {get_task(name).kind for name in CHOICE_TASKS} == {"multiple_choice"}
     assert {get_task(name).kind for name in STRING_TASKS | ARITHMETIC_TASKS} == {"generative"}
     assert {get_task(name).metric for name in BUILTIN_TASKS} == {"accuracy", "exact_match"}
@@ -90,6 +103,23 @@ def test_conflict_group_is_opt_in_and_contradicts_the_suite_on_the_same_inputs(s
                 same_input = f"{small_suite[partner].examples('train')[0].prompt.split(': ')[0]}: " \
                              f"{example.prompt.split(': ', 1)[1]}"
             assert solve(name, example.prompt) != solve(partner, same_input), example.prompt
+
+
+def test_neutral_group_is_opt_in_and_mirrors_the_conflict_group_without_asking_the_same(small_suite):
+    """The control group: registered but not in the default suite, as many tasks of each kind as the conflict
+    group, and none of its instructions is a suite or conflict task's (so nothing it asks can contradict them)."""
+    assert set(NEUTRAL_TASKS).isdisjoint(BUILTIN_TASKS + CONFLICT_TASKS)
+    kinds = [sorted(get_task(name).kind for name in group) for group in (NEUTRAL_TASKS, CONFLICT_TASKS)]
+    assert kinds[0] == kinds[1]
+
+    def instruction(name: str) -> str:  # the prompt's first line without its input words and numbers
+        line = small_suite[name].examples("validation")[0].prompt.splitlines()[0].removeprefix("Question: ")
+        line = " ".join("W" if word in WORDS else word for word in line.split(": ")[0].split())
+        return re.sub(r"\d+", "N", line)
+
+    neutral = {instruction(name) for name in NEUTRAL_TASKS}
+    others = {instruction(name) for name in BUILTIN_TASKS + CONFLICT_TASKS}
+    assert len(neutral) == len(NEUTRAL_TASKS) and neutral.isdisjoint(others)
 
 
 @pytest.mark.parametrize("name", ALL_TASKS)
