@@ -1,4 +1,5 @@
-"""Count the work one adapted layer's training step dispatches: top-level aten ops, and on CUDA the kernels launched.
+"""Count the work one adapted layer dispatches per training step and per generated token: top-level aten ops, and
+on CUDA the kernels launched.
 
 On a GPU each op costs Python and dispatcher time plus, unless it only makes a view, a kernel launch; at the token
 counts of fine-tuning that fixed cost exceeds the adapter's arithmetic, so the op count is the floor of the eager step
@@ -11,7 +12,8 @@ time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pi
 
 A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
 balance statistics with fixed upstream gradients (the loss itself, summed over all layers, is not the layer's work).
-The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient, as inside a model.
+The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient, as inside a model. A generated
+token is one eval-mode forward without gradients over one token for each of 2 rows (`--training-only` skips it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import contextlib
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -115,16 +117,25 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
     torch.autograd.backward(outputs, grads)
 
 
-def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
-    """Ops of one training step, after two warm-up steps (compilation, autocast caches, lazy init)."""
+def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
+    """One eval-mode forward without gradients: what every generated token costs each adapted layer."""
+    if isinstance(layer, RoutedAdapterLayer):
+        layer.routing_context.begin_forward()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        layer(x)
+
+
+def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool, step: Callable = layer_step) -> OpCount:
+    """Ops of one step (`layer_step` or `generation_step`), after two warm-up steps (compilation, autocast caches,
+    lazy init)."""
     for _ in range(2):
-        layer_step(layer, x, autocast)
+        step(layer, x, autocast)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if x.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as profiler:
-        layer_step(layer, x, autocast)
+        step(layer, x, autocast)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
     events = list(profiler.events())
@@ -142,18 +153,24 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> OpCount:
 
 def count_method(method: str, device: torch.device, autocast: bool, dropout: float, tokens: int = 64,
                  in_features: int = 64, out_features: int = 96, compile_mode: str | None = None,
-                 classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES, kernel: str = "dense") -> OpCount:
-    """`kernel="fused"` on CPU needs TRITON_INTERPRET=1 in the environment before the first fused forward."""
+                 classes: dict[str, type[nn.Module]] = ADAPTER_CLASSES, kernel: str = "dense",
+                 generation: bool = False) -> OpCount:
+    """A training step, or with `generation` one new token for each of 2 rows in eval mode. `kernel="fused"` on CPU
+    needs TRITON_INTERPRET=1 in the environment before the first fused forward."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if autocast else torch.float32
     layer = build_layer(method, in_features, out_features, dtype, dropout, device, classes, kernel)
     if compile_mode is not None:
         compile_adapters(layer, compile_mode)
-    x = torch.randn(2, tokens // 2, in_features, dtype=dtype, device=device, requires_grad=True)
+    if generation:
+        layer.eval()
+    x = torch.randn(2, 1 if generation else tokens // 2, in_features, dtype=dtype, device=device,
+                    requires_grad=not generation)
+    step = generation_step if generation else layer_step
     if kernel != "fused":
-        return count_step(layer, x, autocast)
+        return count_step(layer, x, autocast, step)
     with triton_launches_labelled():
-        return count_step(layer, x, autocast)
+        return count_step(layer, x, autocast, step)
 
 
 def main() -> None:
@@ -179,25 +196,32 @@ def main() -> None:
         variants.append((f"eager at {args.rev}", None, revision_classes(args.rev), "dense"))
     if "default" in modes:
         variants.append(("compiled", "default", ADAPTER_CLASSES, "dense"))
+    autocasts = (True,) if args.training_only else (False, True)
+    settings = [(False, autocast, dropout) for autocast in autocasts
+                for dropout in ((0.05,) if args.training_only else (0.0, 0.05))]
+    if not args.training_only:
+        settings += [(True, autocast, 0.05) for autocast in autocasts]  # eval mode: no dropout
     for variant, compile_mode, classes, kernel in variants:
-        for autocast in (True,) if args.training_only else (False, True):
-            for dropout in (0.05,) if args.training_only else (0.0, 0.05):
-                counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode, classes=classes,
-                                          kernel=kernel if m != "lora" else "dense")
-                          for m in METHODS}
-                label = f"{'bf16 autocast' if autocast else 'fp32'}, dropout {dropout:g}, {variant}"
-                lora = counts["lora"]
-                for method, count in counts.items():
-                    rows.append([label, method, count.top_level, count.launching,
-                                 "–" if count.kernels is None else count.kernels,
-                                 f"{count.top_level / lora.top_level:.2f}", f"{count.launching / lora.launching:.2f}",
-                                 "–" if count.kernels is None else f"{count.kernels / lora.kernels:.2f}"])
-                    results.append({"setting": label, "method": method, **asdict(count)})
+        for generation, autocast, dropout in settings:
+            counts = {m: count_method(m, device, autocast, dropout, compile_mode=compile_mode, classes=classes,
+                                      kernel=kernel if m != "lora" else "dense", generation=generation)
+                      for m in METHODS}
+            precision = "bf16 autocast" if autocast else "fp32"
+            label = f"one generated token, {precision}, {variant}" if generation else \
+                f"training step, {precision}, dropout {dropout:g}, {variant}"
+            lora = counts["lora"]
+            for method, count in counts.items():
+                rows.append([label, method, count.top_level, count.launching,
+                             "–" if count.kernels is None else count.kernels,
+                             f"{count.top_level / lora.top_level:.2f}", f"{count.launching / lora.launching:.2f}",
+                             "–" if count.kernels is None else f"{count.kernels / lora.kernels:.2f}"])
+                results.append({"setting": label, "method": method, **asdict(count)})
     table = markdown_table(["setting", "method", "top-level aten ops", "non-view ops", "CUDA kernels",
                             "ops / LoRA", "non-view / LoRA", "kernels / LoRA"], rows)
     env = run_env_tag()
     payload = {"env": env, "device": device.type, "results": results, "machine": machine_info(load_at_start)}
-    markdown = "\n\n".join([f"# Ops per adapted layer and training step ({env}, {device.type})",
+    markdown = "\n\n".join([f"# Ops per adapted layer: a training step, and one generated token ({env}, "
+                            f"{device.type})",
                             machine_markdown(payload["machine"]), table])
     print(markdown)
     for path in write_report(f"op_count_{device.type}_{env}{'_' + args.tag if args.tag else ''}", payload, markdown):

@@ -32,3 +32,14 @@ def test_fused_routing_replaces_the_routing_ops_with_two_kernels(method):
     assert routing_ops <= dense.by_name.keys() and not routing_ops & fused.by_name.keys()
     assert fused.top_level <= dense.top_level - 20
     assert fused.launching <= dense.launching - 20
+
+
+def test_a_generated_token_routes_with_one_kernel_when_fused():
+    """Generation runs one token at a time through every routed layer: in eval mode the fused kernel is one launch,
+    and it writes nothing that only a backward would read."""
+    dense = count_method("malora", torch.device("cpu"), True, 0.05, generation=True)
+    fused = count_method("malora", torch.device("cpu"), True, 0.05, kernel="fused", generation=True)
+    assert fused.by_name["triton::route_forward_kernel"] == 1 and "triton::route_backward_kernel" not in fused.by_name
+    assert "aten::softmax" in dense.by_name and "aten::softmax" not in fused.by_name
+    assert fused.by_name.get("aten::empty", 0) + fused.by_name.get("aten::empty_like", 0) == 3  # probs, experts, gated
+    assert fused.launching <= dense.launching - 8

@@ -49,7 +49,7 @@ def _route_forward_kernel(
         tokens, scale,
         N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
         RENORMALIZE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, STATISTICS: tl.constexpr, LOGSUMEXP: tl.constexpr,
-        BLOCK: tl.constexpr):
+        FOR_BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     block = tl.program_id(0)
     rows, row_ok, cols, col_ok, cell_ok, cell = _token_block(block, tokens, N, NP, BLOCK)
 
@@ -77,12 +77,14 @@ def _route_forward_kernel(
     if RENORMALIZE:
         total = tl.sum(kept, axis=1) / scale
         gates = kept / total[:, None]
-        tl.store(total_ptr + rows, total, mask=row_ok)
+        if FOR_BACKWARD:
+            tl.store(total_ptr + rows, total, mask=row_ok)
     else:
         gates = kept * (K * scale)
     tl.store(probs_ptr + cell, probs, mask=cell_ok)
-    tl.store(selection_ptr + cell, selection, mask=cell_ok)
-    tl.store(gates_ptr + cell, gates, mask=cell_ok)
+    if FOR_BACKWARD:
+        tl.store(selection_ptr + cell, selection, mask=cell_ok)
+        tl.store(gates_ptr + cell, gates, mask=cell_ok)
 
     # gated[:, e*R:(e+1)*R] = hidden[:, e*R:(e+1)*R] * gate_e, the gate rounded to the compute dtype first
     rank_cols = tl.arange(0, RP)
@@ -155,10 +157,10 @@ class FusedRouting:
 
     gated: torch.Tensor  # [T, N*r] compute dtype: each expert's rank-space hidden times its gate
     probs: torch.Tensor  # [T, N] float32 softmax over all experts
-    selection: torch.Tensor  # [T, N] float32, 1/K on the selected experts
-    gates: torch.Tensor  # [T, N] float32, scale included, zero on unselected experts
+    selection: torch.Tensor | None  # [T, N] float32, 1/K on the selected experts (for backward)
+    gates: torch.Tensor | None  # [T, N] float32, scale included, zero on unselected experts (for backward)
     experts: torch.Tensor  # [T, K] int64, by decreasing probability
-    total: torch.Tensor | None  # [T, 1] float32 sum of the kept probabilities / scale (renormalised gates only)
+    total: torch.Tensor | None  # [T, 1] float32 sum of the kept probabilities / scale (renormalised, for backward)
     lse: torch.Tensor | None  # [T] float32 router logsumexp, when asked for
     balance: torch.Tensor | None  # [2N] float32 balance statistics (`routing.balance_statistics`), when asked for
 
@@ -169,25 +171,27 @@ def _pow2(value: int) -> int:
 
 def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts: int, rank: int,
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
-                  logsumexp: bool) -> FusedRouting:
+                  logsumexp: bool, for_backward: bool) -> FusedRouting:
     """Route T tokens and gate their experts: logits [T, N] and expert_hidden [T, N*r] may be column slices of a
-    wider matrix (unit column stride); `token_weights` [T] as in `routing.balance_statistics`."""
+    wider matrix (unit column stride); `token_weights` [T] as in `routing.balance_statistics`. Without
+    `for_backward` (evaluation, generation) the selection, gates and totals are neither allocated nor written."""
     tokens = logits.shape[0]
     device = logits.device
     blocks = triton.cdiv(tokens, BLOCK_TOKENS)
     f32 = torch.float32
     probs = torch.empty(tokens, num_experts, dtype=f32, device=device)
-    selection, gates = torch.empty_like(probs), torch.empty_like(probs)
+    selection, gates = (torch.empty_like(probs), torch.empty_like(probs)) if for_backward else (None, None)
     experts = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     gated = torch.empty(tokens, num_experts * rank, dtype=expert_hidden.dtype, device=device)
     lse = torch.empty(tokens, dtype=f32, device=device) if logsumexp else None
-    total = torch.empty(tokens, 1, dtype=f32, device=device) if renormalize else None
+    total = torch.empty(tokens, 1, dtype=f32, device=device) if renormalize and for_backward else None
     partial = torch.empty(blocks, 2 * num_experts, dtype=f32, device=device) if statistics else None
     _route_forward_kernel[(blocks,)](
         logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
         probs, selection, gates, experts, gated, lse, total, partial, tokens, scale,
         N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=renormalize,
-        HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp, BLOCK=BLOCK_TOKENS)
+        HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp, FOR_BACKWARD=for_backward,
+        BLOCK=BLOCK_TOKENS)
     balance = partial.sum(0) if partial is not None else None
     return FusedRouting(gated, probs, selection, gates, experts, total, lse, balance)
 

@@ -111,8 +111,8 @@ class DenseForward:
     hidden: torch.Tensor  # [T, d] (MALoRA: S_A x) or [T, N*r] (MoLoRA: A_t x)
     expert_hidden: torch.Tensor  # [T, N*r], expert by expert
     gated: torch.Tensor  # [T, N*r]
-    selection: torch.Tensor  # [T, N], 1/K on the selected experts
-    gates: torch.Tensor  # [T, N] routing dtype, zero on unselected experts, scale included
+    selection: torch.Tensor | None  # [T, N], 1/K on the selected experts (fused: only for backward)
+    gates: torch.Tensor | None  # [T, N] routing dtype, zero on unselected experts, scale included (fused: backward)
     gates3: torch.Tensor | None  # [T, N, 1] compute dtype (None: the fused routing's backward needs no copy)
     total: torch.Tensor | None  # [T, 1] sum of the kept probabilities / scale (renormalised gates only)
 
@@ -120,7 +120,7 @@ class DenseForward:
 def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, router_weight: torch.Tensor,
                   shared_A: torch.Tensor | None, expert_down: torch.Tensor, lora_B: torch.Tensor,
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
-                  logsumexp: bool, fused: bool = False) -> DenseForward:
+                  logsumexp: bool, fused: bool = False, for_backward: bool = True) -> DenseForward:
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
     `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
     without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward."""
@@ -141,7 +141,7 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
         if fused:  # the routing below as one Triton kernel
             from malora_lightning.adapters import fused_routing  # Triton is needed only for kernel="fused"
             routed = fused_routing.route_forward(logits, expert_hidden, num_experts, rank, token_weights, top_k,
-                                                 renormalize, scale, statistics, logsumexp)
+                                                 renormalize, scale, statistics, logsumexp, for_backward)
             probs, experts, selection, gates, total = (routed.probs, routed.experts, routed.selection, routed.gates,
                                                        routed.total)
             lse, gated, balance, gates3 = routed.lse, routed.gated, routed.balance, None
@@ -174,6 +174,9 @@ class DenseRoutedExperts(torch.autograd.Function):
     off: then the router and the first projection share one GEMM over x), the router [N, n], S_A [d, n] (MALoRA;
     None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
     weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
+    Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
+    route with the fused Triton kernels, and whether a backward may follow (grad mode when applied: the fused
+    forward keeps what only a backward reads only then).
 
     Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or None), the router
     logsumexp [T] (or None), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
@@ -187,10 +190,11 @@ class DenseRoutedExperts(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
                 router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
-                scale: float, statistics: bool, logsumexp: bool, fused: bool) -> tuple[torch.Tensor, ...]:
+                scale: float, statistics: bool, logsumexp: bool, fused: bool,
+                for_backward: bool) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
-                          renormalize, scale, statistics, logsumexp, fused)
+                          renormalize, scale, statistics, logsumexp, fused, for_backward)
         ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
                               f.expert_hidden, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
@@ -263,7 +267,7 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
         return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 RoutingGradients = tuple[torch.Tensor | None, torch.Tensor | None]  # (expert hidden [T, N*r], logits [T, N])
@@ -334,7 +338,7 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
         f = dense_forward(*arguments)
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
-        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused)
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, torch.is_grad_enabled())
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance, z_loss, probs, experts
 

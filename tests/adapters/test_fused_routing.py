@@ -96,7 +96,7 @@ def test_route_forward_follows_the_routing_equations(num_experts, top_k):
     logits = logits_wide[:, 2:2 + num_experts]
     hidden = torch.randn(TOKENS, num_experts * rank)
     weights = torch.rand(TOKENS)
-    routed = route_forward(logits, hidden, num_experts, rank, weights, top_k, True, scale, True, True)
+    routed = route_forward(logits, hidden, num_experts, rank, weights, top_k, True, scale, True, True, True)
 
     probs = torch.softmax(logits.double(), dim=-1)
     values, experts = probs.topk(top_k, dim=-1)
@@ -115,10 +115,12 @@ def test_route_forward_follows_the_routing_equations(num_experts, top_k):
     close(routed.lse, torch.logsumexp(logits.double(), dim=-1))
 
 
-def test_top_k_ties_go_to_the_lower_expert_index():
+def test_top_k_ties_go_to_the_lower_expert_index_and_evaluation_keeps_nothing_for_backward():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
-    routed = route_forward(logits, torch.ones(2, 4), 4, 1, None, 2, True, 1.0, False, False)
+    routed = route_forward(logits, torch.ones(2, 4), 4, 1, None, 2, True, 1.0, False, False, False)
     assert routed.experts.tolist() == [[1, 2], [0, 1]]
+    assert routed.gated.tolist() == [[0.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]]
+    assert routed.selection is None and routed.gates is None and routed.total is None
 
 
 def test_fused_applies_only_where_triton_can_run(monkeypatch):
