@@ -4,7 +4,9 @@
     python -m benchmarks.gpu_suite --quick    # each step on a small setting: checks the pipeline in about a minute
 
 Runs, most important first, each in its own process and each writing its usual JSON + Markdown to
-benchmarks/results (tag `gpu-suite`):
+benchmarks/results (tag `gpu-suite`). A probe first runs the fused routing's Triton kernels on one small layer
+(seconds); if they fail there (they have been checked on CPU only, through Triton's interpreter), the steps below
+run without the `_fused` methods rather than losing every number of a step to them.
 
 1. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
    evaluation forward and generation, our three methods eager, compiled and (mixtures) with `kernel="fused"` next to
@@ -25,9 +27,14 @@ import subprocess
 import sys
 import time
 
+FUSED_PROBE = ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "1024x2048", "--tokens", "512", "--dtypes",
+               "bf16", "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods",
+               "base,lora,malora_dense,malora_fused,molora_fused"]
 FULL = [  # most important first: a run cut short by --deadline keeps what it finished
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:4",
-     "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8"],
+     "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8",
+     "--methods", "base,lora,molora,malora,molora_fused,malora_fused,lora_compiled,molora_compiled,malora_compiled,"
+     "peft_lora,mixlora"],
     ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "4096x11008", "--tokens", "2048", "--dtypes", "bf16",
      "--x-grad", "yes", "--warmup", "3", "--rounds", "15", "--methods",
      "base,lora,molora_dense,malora_dense,molora_fused,malora_fused,lora_compiled,molora_compiled,malora_compiled,"
@@ -43,8 +50,33 @@ QUICK = [
      "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods",
      "base,lora,malora_dense,malora_fused,malora_compiled"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:1", "--settings", "nf4-bf16:2x64",
-     "--eval", "--no-memory", "--warmup", "2", "--rounds", "2"],
+     "--eval", "--no-memory", "--warmup", "2", "--rounds", "2", "--methods", "base,lora,malora,malora_fused"],
 ]
+
+
+def without_fused(command: list[str]) -> list[str]:
+    """The step without the `_fused` methods and op_count's `--fused`."""
+    kept = [argument for argument in command if argument != "--fused"]
+    if "--methods" in kept:
+        index = kept.index("--methods") + 1
+        kept[index] = ",".join(m for m in kept[index].split(",") if not m.endswith("_fused"))
+    return kept
+
+
+def run_step(command: list[str], tag: str, started: float, deadline: float | None) -> int | str:
+    """Run one step in its own process with what is left of the deadline: its exit code, "timeout" or "skipped"."""
+    step_started = time.perf_counter()
+    left = None if deadline is None else deadline - (step_started - started)
+    if left is not None and left < 20:
+        print(f"=== skipped (deadline): python -m {' '.join(command)}", flush=True)
+        return "skipped"
+    print(f"=== python -m {' '.join(command)} --tag {tag}", flush=True)
+    try:
+        code: int | str = subprocess.run([sys.executable, "-m", *command, "--tag", tag], timeout=left).returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    print(f"=== exit {code} after {time.perf_counter() - step_started:.0f} s", flush=True)
+    return code
 
 
 def main() -> None:
@@ -56,20 +88,13 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     failed = []
-    for command in QUICK if args.quick else FULL:
-        step_started = time.perf_counter()
-        left = None if args.deadline is None else args.deadline - (step_started - started)
-        if left is not None and left < 20:
-            print(f"=== skipped (deadline): python -m {' '.join(command)}", flush=True)
-            failed.append(command[0])
-            continue
-        print(f"=== python -m {' '.join(command)} --tag {args.tag}", flush=True)
-        try:
-            code = subprocess.run([sys.executable, "-m", *command, "--tag", args.tag], timeout=left).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-        print(f"=== exit {code} after {time.perf_counter() - step_started:.0f} s", flush=True)
-        if code != 0:
+    steps = QUICK if args.quick else FULL
+    if run_step(FUSED_PROBE, f"{args.tag}-fused-probe", started, args.deadline) != 0:
+        print("=== the fused routing failed on this GPU: the steps below run without the _fused methods", flush=True)
+        failed.append("fused probe")
+        steps = [without_fused(command) for command in steps]
+    for command in steps:
+        if run_step(command, args.tag, started, args.deadline) != 0:
             failed.append(command[0])
     print(f"=== GPU suite: {time.perf_counter() - started:.0f} s in all; failed: {failed or 'none'}", flush=True)
     sys.exit(1 if failed else 0)
