@@ -13,7 +13,8 @@ time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pi
 A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
 balance statistics with fixed upstream gradients (the loss itself, summed over all layers, is not the layer's work).
 The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient, as inside a model. A generated
-token is one eval-mode forward without gradients over one token for each of 2 rows (`--training-only` skips it).
+token is one eval-mode forward without gradients over one token for each of 2 rows, inside `frozen_adapter_weights`
+as the module evaluates (`--training-only` skips it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 
 from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, run_env_tag, \
     start_run, write_report
-from malora_lightning.adapters import AdapterConfig, compile_adapters
+from malora_lightning.adapters import AdapterConfig, compile_adapters, frozen_adapter_weights
 from malora_lightning.adapters.layers import ADAPTER_CLASSES, RoutedAdapterLayer
 
 METHODS = ("lora", "molora", "malora")
@@ -118,7 +119,8 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
 
 
 def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
-    """One eval-mode forward without gradients: what every generated token costs each adapted layer."""
+    """One eval-mode forward without gradients: what every generated token costs each adapted layer (inside
+    `frozen_adapter_weights` when the caller holds one, as the module's evaluation does)."""
     if isinstance(layer, RoutedAdapterLayer):
         layer.routing_context.begin_forward()
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -167,9 +169,11 @@ def count_method(method: str, device: torch.device, autocast: bool, dropout: flo
     x = torch.randn(2, 1 if generation else tokens // 2, in_features, dtype=dtype, device=device,
                     requires_grad=not generation)
     step = generation_step if generation else layer_step
-    if kernel != "fused":
-        return count_step(layer, x, autocast, step)
-    with triton_launches_labelled():
+    with contextlib.ExitStack() as stack:
+        if generation:  # as `MALoRAModule` evaluates: the weights cast once per batch, not per token
+            stack.enter_context(frozen_adapter_weights(layer))
+        if kernel == "fused":
+            stack.enter_context(triton_launches_labelled())
         return count_step(layer, x, autocast, step)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from malora_lightning.adapters import scoring_pass
+from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.predictions import Prediction
 from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput
@@ -94,17 +94,21 @@ class EvaluationMixin:
                                 predictions=predictions)
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
-        return self.evaluate_batch(batch)
+        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task. The adapter
+        weights are cast once for the batch's forwards (`frozen_adapter_weights`), not once per generated token."""
+        with frozen_adapter_weights(self.model):
+            return self.evaluate_batch(batch)
 
     def test_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        return self.evaluate_batch(batch)
+        with frozen_adapter_weights(self.model):
+            return self.evaluate_batch(batch)
 
     def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
-        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
+        with frozen_adapter_weights(self.model):
+            predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
         return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                            target=target,
                            correct=None if task is None or target is None else task.is_correct(prediction, target))

@@ -117,26 +117,46 @@ class DenseForward:
     total: torch.Tensor | None  # [T, 1] sum of the kept probabilities / scale (renormalised gates only)
 
 
+@dataclass(frozen=True)
+class StackedWeights:
+    """A mixture's weights as the dense kernel multiplies with them when dropout is off, in the compute dtype."""
+
+    first: torch.Tensor  # [N + d, n] the router over S_A (MALoRA), or [N + N*r, n] over every A_t (MoLoRA)
+    down: torch.Tensor | None  # [N*r, d] every P_t (MALoRA)
+    up: torch.Tensor  # [m, N*r] every B_t side by side
+
+
+def stacked_weights(router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
+                    lora_B: torch.Tensor, dtype: torch.dtype) -> StackedWeights:
+    down = expert_down.flatten(0, 1)  # [N*r, d] (P) or [N*r, n] (A)
+    first = down if shared_A is None else shared_A
+    return StackedWeights(first=cast(torch.cat([router_weight, first]), dtype),
+                          down=None if shared_A is None else cast(down, dtype), up=stacked_up_weight(lora_B, dtype))
+
+
 def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, router_weight: torch.Tensor,
                   shared_A: torch.Tensor | None, expert_down: torch.Tensor, lora_B: torch.Tensor,
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
-                  logsumexp: bool, fused: bool = False, for_backward: bool = True) -> DenseForward:
+                  logsumexp: bool, fused: bool = False, for_backward: bool = True,
+                  stacked: StackedWeights | None = None) -> DenseForward:
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
     `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
-    without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward."""
+    without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward.
+    `stacked`: the weights already stacked and cast (`frozen_adapter_weights`; dropout off)."""
     dtype = x.dtype
     num_experts, rank = expert_down.shape[:2]
     with torch.autocast(x.device.type, enabled=False):
-        down = expert_down.flatten(0, 1)  # [N*r, d] (P) or [N*r, n] (A)
-        first = down if shared_A is None else shared_A
         if dropped is None:
             router_cast = None
-            first_weight = cast(torch.cat([router_weight, first]), dtype)
-            logits, hidden = F.linear(x, first_weight).split([num_experts, first.shape[0]], dim=1)
+            weights = stacked or stacked_weights(router_weight, shared_A, expert_down, lora_B, dtype)
+            first_weight, down_weight, up_weight = weights.first, weights.down, weights.up
+            logits, hidden = F.linear(x, first_weight).split([num_experts, first_weight.shape[0] - num_experts], dim=1)
         else:
-            router_cast, first_weight = cast(router_weight, dtype), cast(first, dtype)
+            down = expert_down.flatten(0, 1)
+            router_cast, first_weight = cast(router_weight, dtype), cast(down if shared_A is None else shared_A, dtype)
             logits, hidden = F.linear(x, router_cast), F.linear(dropped, first_weight)
-        down_weight = None if shared_A is None else cast(down, dtype)
+            down_weight = None if shared_A is None else cast(down, dtype)
+            up_weight = stacked_up_weight(lora_B, dtype)
         expert_hidden = hidden if down_weight is None else F.linear(hidden, down_weight)  # [T, N*r]
         if fused:  # the routing below as one Triton kernel
             from malora_lightning.adapters import fused_routing  # Triton is needed only for kernel="fused"
@@ -161,7 +181,6 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             gates3 = cast(gates, dtype).unsqueeze(-1)
             gated = (expert_hidden.unflatten(1, (num_experts, rank)) * gates3).flatten(1)
             balance = balance_statistics(probs, selection, token_weights) if statistics else None
-        up_weight = stacked_up_weight(lora_B, dtype)
         out = add_product(result, gated, up_weight)
     return DenseForward(out, balance, lse, probs, experts, router_cast, first_weight, down_weight, up_weight, hidden,
                         expert_hidden, gated, selection, gates, gates3, total)
@@ -175,8 +194,8 @@ class DenseRoutedExperts(torch.autograd.Function):
     None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
     weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
     Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
-    route with the fused Triton kernels, and whether a backward may follow (grad mode when applied: the fused
-    forward keeps what only a backward reads only then).
+    route with the fused Triton kernels, whether a backward may follow (grad mode when applied: the fused forward
+    keeps what only a backward reads only then), and the `StackedWeights` to use, if already made.
 
     Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or None), the router
     logsumexp [T] (or None), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
@@ -190,11 +209,11 @@ class DenseRoutedExperts(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
                 router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
-                scale: float, statistics: bool, logsumexp: bool, fused: bool,
-                for_backward: bool) -> tuple[torch.Tensor, ...]:
+                scale: float, statistics: bool, logsumexp: bool, fused: bool, for_backward: bool,
+                stacked: StackedWeights | None) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
-                          renormalize, scale, statistics, logsumexp, fused, for_backward)
+                          renormalize, scale, statistics, logsumexp, fused, for_backward, stacked)
         ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
                               f.expert_hidden, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
@@ -267,7 +286,7 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
         return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 RoutingGradients = tuple[torch.Tensor | None, torch.Tensor | None]  # (expert hidden [T, N*r], logits [T, N])
@@ -321,9 +340,10 @@ def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden: torch
 
 def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
                   expert_down: torch.Tensor, lora_B: torch.Tensor, token_weights: torch.Tensor | None,
-                  spec: RoutingSpec, training: bool, dtype: torch.dtype
+                  spec: RoutingSpec, training: bool, dtype: torch.dtype, stacked: StackedWeights | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts).
+    """The dense mixture kernel over x [T, n] and result [T, m]: (output, statistics, z-loss, probs, experts);
+    `stacked`: the weights already stacked and cast, for forwards without dropout or gradients.
 
     Eagerly it runs as one autograd node (`DenseRoutedExperts`), its routing fused into Triton kernels when
     `spec.fused`; compiled, as the plain ops of `dense_forward`, whose backward inductor derives and fuses (torch
@@ -338,7 +358,8 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
         f = dense_forward(*arguments)
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
-        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, torch.is_grad_enabled())
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, torch.is_grad_enabled(),
+                                                                     stacked if dropped is None else None)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance, z_loss, probs, experts
 

@@ -29,7 +29,15 @@ from transformers.pytorch_utils import Conv1D
 from malora_lightning.adapters.config import AdapterConfig
 from malora_lightning.adapters.dropout import LaneDropout, dropout_factors
 from malora_lightning.adapters.init import init_lora_, init_malora_, init_router_
-from malora_lightning.adapters.kernels import RoutingSpec, compiled, fused_routing_applies, lora_output, routed_output
+from malora_lightning.adapters.kernels import (
+    RoutingSpec,
+    cast,
+    compiled,
+    fused_routing_applies,
+    lora_output,
+    routed_output,
+    stacked_weights,
+)
 from malora_lightning.adapters.routing import (
     RouterStatistics,
     RoutingContext,
@@ -57,7 +65,9 @@ class AdapterLayer(nn.Module):
     """A frozen `base_layer` plus a trainable adapter path computed in one compute dtype and added to its output.
 
     The compute dtype is the autocast dtype under autocast, else the adapter parameters' own. `compile_mode` (set by
-    `compile_adapters`) runs the adapter path through `torch.compile`; None runs it eagerly.
+    `compile_adapters`) runs the adapter path through `torch.compile`; None runs it eagerly. `frozen_weights` (set by
+    `frozen_adapter_weights` for a span in which the weights do not change) keeps the weights as the eager kernels
+    multiply with them, made at the span's first forward without gradients, instead of casting them every forward.
     """
 
     lora_B: nn.Parameter  # every method has an up-projection B
@@ -76,6 +86,7 @@ class AdapterLayer(nn.Module):
         self.dropout: nn.Module = LaneDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.compile_mode: str | None = None
         self.compile_backend = "inductor"
+        self.frozen_weights: dict[torch.dtype, object] | None = None
         self.train(base_layer.training)
 
     def _new_parameter(self, *shape: int, trainable: bool = True) -> nn.Parameter:
@@ -97,6 +108,15 @@ class AdapterLayer(nn.Module):
         """`function` itself, or its compiled version when `compile_mode` is set."""
         return function if self.compile_mode is None else compiled(function, self.compile_mode,
                                                                     self.compile_backend)
+
+    def reused_weights(self, dtype: torch.dtype, make: Callable[[], object]) -> object | None:
+        """`make()`'s weights for `dtype`, made once per `frozen_adapter_weights` span; None outside one, with
+        gradients on (a backward needs the graph of this forward's own casts) or when compiled."""
+        if self.frozen_weights is None or torch.is_grad_enabled() or self.compile_mode is not None:
+            return None
+        if dtype not in self.frozen_weights:
+            self.frozen_weights[dtype] = make()
+        return self.frozen_weights[dtype]
 
     def kernel_weight(self, weight: torch.Tensor | None) -> torch.Tensor | None:
         """The weight as the kernel function receives it: compiled kernels get a plain-tensor view, because
@@ -143,9 +163,11 @@ class LoRALinear(AdapterLayer):
         init_lora_(self.lora_A, self.lora_B)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
-        return self.kernel_function(lora_output)(
-            result, x, self.kernel_weight(self.lora_A), self.kernel_weight(self.lora_B), self.scaling,
-            self.dropout_rate, self.training, self.compute_dtype(x.device.type))
+        dtype = self.compute_dtype(x.device.type)
+        lora_A, lora_B = self.reused_weights(dtype, lambda: (cast(self.lora_A, dtype), cast(self.lora_B, dtype))) \
+            or (self.kernel_weight(self.lora_A), self.kernel_weight(self.lora_B))
+        return self.kernel_function(lora_output)(result, x, lora_A, lora_B, self.scaling, self.dropout_rate,
+                                                 self.training, dtype)
 
     def reference_delta(self, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
         delta_weight = self.lora_B @ self.lora_A
@@ -204,10 +226,12 @@ class RoutedAdapterLayer(AdapterLayer):
             output, statistics, z_loss, probs, experts = self._sparse_experts(result, x, token_weights, spec, dtype)
         else:
             shared_A, expert_down = self.down_weights()
+            stacked = self.reused_weights(dtype, lambda: stacked_weights(self.router.weight, shared_A, expert_down,
+                                                                         self.lora_B, dtype))
             output, statistics, z_loss, probs, experts = self.kernel_function(routed_output)(
                 result, x, self.kernel_weight(self.router.weight), self.kernel_weight(shared_A),
                 self.kernel_weight(expert_down), self.kernel_weight(self.lora_B), token_weights, spec,
-                self.training, dtype)
+                self.training, dtype, stacked)
         if collect:
             forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))
         self.routing_context.notify(lambda: RoutingRecord(

@@ -1,10 +1,11 @@
-"""Model-level views of injected adapters: which layers, which config, the router losses, routing observers and
-compilation."""
+"""Model-level views of injected adapters: which layers, which config, the router losses, routing observers,
+compilation and frozen weights for evaluation."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,22 @@ def compile_adapters(model: nn.Module, mode: str | None = "default", backend: st
         layer.compile_mode = mode
         layer.compile_backend = backend
     return model
+
+
+@contextlib.contextmanager
+def frozen_adapter_weights(model: nn.Module) -> Iterator[None]:
+    """For a span in which the adapter weights do not change, such as evaluating one batch (a scoring forward and
+    one forward per generated token): forwards without gradients make each layer's compute-dtype weights once and
+    reuse them, rather than casting and stacking them every forward (on a GPU each is a kernel launch, per layer
+    and token). Changing the weights inside the span is not seen by its later forwards; on exit the copies go."""
+    layers = list(adapter_layers(model).values())
+    for layer in layers:
+        layer.frozen_weights = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.frozen_weights = None
 
 
 def scoring_pass(model: nn.Module, scoring: ScoringPass) -> contextlib.AbstractContextManager[None]:
