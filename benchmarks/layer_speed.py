@@ -53,7 +53,6 @@ from malora_lightning.adapters import (
     LoRALinear,
     MALoRALinear,
     MoLoRALinear,
-    RoutedAdapterLayer,
     compile_adapters,
 )
 from malora_lightning.adapters.routing import load_balance_from_statistics, load_balance_loss, route
@@ -193,8 +192,8 @@ def training_forward(method: str, layer: nn.Module, aux_loss_coef: float,
         return lambda x: molora_loop_forward(layer, x, aux_loss_coef)
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        routed = isinstance(layer, RoutedAdapterLayer)
-        record = layer.routing_context.begin_forward() if routed else None
+        context = getattr(layer, "routing_context", None)  # duck-typed: kernel_ab passes other revisions' classes
+        record = context.begin_forward() if context is not None else None
         if adapter_only_result is None:
             out = layer(x)
         else:

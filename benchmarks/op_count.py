@@ -32,7 +32,7 @@ from torch import nn
 from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, run_env_tag, \
     start_run, write_report
 from malora_lightning.adapters import AdapterConfig, compile_adapters, frozen_adapter_weights
-from malora_lightning.adapters.layers import ADAPTER_CLASSES, RoutedAdapterLayer
+from malora_lightning.adapters.layers import ADAPTER_CLASSES
 
 METHODS = ("lora", "molora", "malora")
 # ops that only make a new view of existing memory: dispatch cost, no kernel
@@ -103,7 +103,7 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
     upstream gradients, so that only the layer's own ops run."""
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    context = layer.routing_context if isinstance(layer, RoutedAdapterLayer) else None
+    context = getattr(layer, "routing_context", None)  # duck-typed: --rev passes another revision's classes
     forward = context.begin_forward() if context is not None else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
@@ -121,7 +121,7 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
 def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
     """One eval-mode forward without gradients: what every generated token costs each adapted layer (inside
     `frozen_adapter_weights` when the caller holds one, as the module's evaluation does)."""
-    if isinstance(layer, RoutedAdapterLayer):
+    if hasattr(layer, "routing_context"):
         layer.routing_context.begin_forward()
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         layer(x)
