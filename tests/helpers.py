@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -93,10 +95,13 @@ class SpawnDDPStrategy(DDPStrategy):
     Left to interpreter exit, gloo's threads are torn down while still joinable and a spawned rank now and then aborts
     after a successful fit ("terminate called without an active exception", SIGABRT; seen in CI in two of these
     tests). environment.md measured 2 aborts in 10 runs without an explicit destroy and none in 12 with one.
+
+    Collectives time out after 2 minutes instead of gloo's 30: these tests take seconds, and a rank stuck in a
+    collective (one such test hung once in run-lowest) then fails the test with gloo's error instead of stalling CI.
     """
 
     def __init__(self) -> None:
-        super().__init__(start_method="spawn")
+        super().__init__(start_method="spawn", timeout=timedelta(minutes=2))
 
     def teardown(self) -> None:
         super().teardown()
