@@ -206,9 +206,11 @@ def budget_section(study: StudyRuns, complete: dict[str, list[dict[str, Any]]], 
                                         for key, digits in (("task_nmi", 3), ("dead_experts", 1)))
                              for name in routed)] for index, step in enumerate(steps)]
     text = ["Over training (mean over seeds, min–max in brackets; cosine decay over all "
-            f"{study.steps} steps, so an early point is not a run trained to that budget):", "",
-            markdown_table(header, rows), "Routing over training (mean over seeds): task-expert NMI / dead experts.",
-            markdown_table(["step", *routed], routing_rows)]
+            f"{study.steps} steps, so an early point is not a run trained to that budget):",
+            markdown_table(header, rows)]
+    if routed:
+        text += ["Routing over training (mean over seeds): task-expert NMI / dead experts.",
+                 markdown_table(["step", *routed], routing_rows)]
     annealed = {}
     if noise is not None:
         annealed = {name: statistics.mean(macro_of_run(run, None, tasks) for run in runs)
