@@ -1,7 +1,7 @@
 """The routing of the dense mixture kernel as two Triton kernels, one launch each way (`AdapterConfig(kernel="fused")`).
 
 In eager mode the routing between the mixture's GEMMs (softmax, top-k, selection, renormalised gates, gating the
-experts' rank-space hidden states, balance statistics, logsumexp) is some 25 small ops forward and as many backward,
+experts' rank-space hidden states, balance statistics, logsumexp) is some 20 small ops forward and 15 backward,
 each a kernel launch plus Python dispatch on a GPU, where they cost more than the arithmetic. Here the forward is one
 kernel over blocks of tokens (plus one sum of the per-block balance partials) and the backward one kernel.
 
