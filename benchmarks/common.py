@@ -73,6 +73,14 @@ def start_run(args: argparse.Namespace) -> tuple[torch.device, tuple[float, floa
     return torch.device(args.device), os.getloadavg()
 
 
+def refuse_fused_off_gpu(methods: Iterable[str], device: torch.device) -> None:
+    """Methods named `*_fused` run kernel="fused", whose Triton kernels need a CUDA device: elsewhere they would
+    run the dense kernel's ops under the fused name."""
+    fused = [method for method in methods if method.endswith("_fused")]
+    if fused and device.type != "cuda":
+        raise SystemExit(f"{fused} run Triton kernels: they need --device cuda")
+
+
 def run_env_tag() -> str:
     """Name of the process environment, e.g. "tuned-malloc+omp-active-2threads" or "default-2threads"."""
     groups = {"tuned-malloc": TUNED_MALLOC_ENV, "omp-active": OMP_ACTIVE_ENV}

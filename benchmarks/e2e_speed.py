@@ -54,6 +54,7 @@ from benchmarks.common import (
     markdown_table,
     median,
     peak_step_bytes,
+    refuse_fused_off_gpu,
     round_robin,
     run_env_tag,
     saved_tensor_bytes,
@@ -737,9 +738,7 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    fused_off_gpu = [m for m in methods if m.endswith(FUSED)] if device.type != "cuda" else []
-    if fused_off_gpu:
-        raise SystemExit(f"{fused_off_gpu} run Triton kernels: they need --device cuda")
+    refuse_fused_off_gpu(methods, device)
     for note in args.notes:
         print(f"note: {note}", flush=True)
     results, trainable, counted_by, method_notes = [], {}, {}, {}

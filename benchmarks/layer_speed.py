@@ -40,6 +40,7 @@ from benchmarks.common import (
     markdown_table,
     median,
     peak_step_bytes,
+    refuse_fused_off_gpu,
     round_robin,
     run_env_tag,
     saved_tensor_bytes,
@@ -519,9 +520,7 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS + GPU_METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS + GPU_METHODS}")
-    on_cpu = sorted(set(methods) & set(FUSED_METHODS)) if device.type != "cuda" else []
-    if on_cpu:
-        raise SystemExit(f"{on_cpu} run Triton kernels: they need --device cuda")
+    refuse_fused_off_gpu(methods, device)
     settings = parse_settings(args)
     shapes = list(dict.fromkeys((s.in_features, s.out_features) for s in settings))
     tokens = list(dict.fromkeys(s.tokens for s in settings))

@@ -170,7 +170,7 @@ def count_method(method: str, device: torch.device, autocast: bool, dropout: flo
                     requires_grad=not generation)
     step = generation_step if generation else layer_step
     with contextlib.ExitStack() as stack:
-        if generation:  # as `MALoRAModule` evaluates: the weights cast once per batch, not per token
+        if generation:  # as `MALoRAModule` generates: the weights cast once per generate call, not per token
             stack.enter_context(frozen_adapter_weights(layer))
         if kernel == "fused":
             stack.enter_context(triton_launches_labelled())

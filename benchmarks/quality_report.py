@@ -156,16 +156,17 @@ def group_section(study: StudyRuns, other: dict[str, StudyRuns], results: dict[s
     its suite minus the neutral group's (both take the same share of the examples: the rest is the conflict)."""
     suite = [task for task in BUILTIN_TASKS if task in study.tasks]
     group = [task for task in GROUPS[study.name] if task in study.tasks]
-    references = {"suite: with − without the group (per seed)": other["noise"]}
-    if study.name == "conflict" and "neutral" in other and other["neutral"].complete():
-        references["suite: with the conflict − with the neutral group (per seed)"] = other["neutral"]
+    # heading -> (reference study, its complete runs), each study's runs gathered once
+    references = {"suite: with − without the group (per seed)": (other["noise"], other["noise"].complete())}
+    neutral = other.get("neutral") if study.name == "conflict" else None
+    if neutral is not None and (neutral_runs := neutral.complete()):
+        references["suite: with the conflict − with the neutral group (per seed)"] = (neutral, neutral_runs)
     payload[study.name] = {}
     rows = []
     for name, values in results.items():
         row = [name, macro_estimate(values, bootstrap, suite).percent()]
         payload[study.name][name] = {}
-        for heading, reference in references.items():
-            runs = reference.complete()
+        for reference, runs in references.values():
             if name not in runs or reference.seeds != study.seeds:
                 row.append("–")
                 continue

@@ -60,8 +60,9 @@ class EvaluationMixin:
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
                                   eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
         prompt = batch.prompt_input_ids
-        generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
-                                        generation_config=config)
+        with frozen_adapter_weights(self.model):  # one forward per new token: cast the adapter weights once
+            generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
+                                            generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
 
     def evaluate_batch(self, batch: EvaluationBatch) -> EvaluationOutput:
@@ -94,21 +95,17 @@ class EvaluationMixin:
                                 predictions=predictions)
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task. The adapter
-        weights are cast once for the batch's forwards (`frozen_adapter_weights`), not once per generated token."""
-        with frozen_adapter_weights(self.model):
-            return self.evaluate_batch(batch)
+        """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
+        return self.evaluate_batch(batch)
 
     def test_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
-        with frozen_adapter_weights(self.model):
-            return self.evaluate_batch(batch)
+        return self.evaluate_batch(batch)
 
     def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
-        with frozen_adapter_weights(self.model):
-            predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
+        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
         return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                            target=target,
                            correct=None if task is None or target is None else task.is_correct(prediction, target))

@@ -106,7 +106,7 @@ def _route_forward_kernel(
 @triton.jit
 def _route_backward_kernel(
         grad_gated_ptr, hidden_ptr, hidden_stride, probs_ptr, selection_ptr, gates_ptr, total_ptr, weights_ptr,
-        grad_mean_ptr, grad_lse_ptr, grad_hidden_ptr, grad_hidden_stride, grad_logits_ptr, grad_logits_stride,
+        grad_mean_ptr, grad_lse_ptr, grad_hidden_ptr, grad_logits_ptr,
         tokens, scale,
         N: tl.constexpr, NP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, K: tl.constexpr,
         RENORMALIZE: tl.constexpr, HAS_GATED_GRAD: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
@@ -129,7 +129,7 @@ def _route_backward_kernel(
             hidden = tl.load(hidden_ptr + rows[:, None] * hidden_stride + columns, mask=rank_ok, other=0.0)
             gate = gate.to(grad_gated.dtype).to(tl.float32)
             grad_hidden = (grad_gated.to(tl.float32) * gate[:, None]).to(grad_gated.dtype)
-            tl.store(grad_hidden_ptr + rows[:, None] * grad_hidden_stride + columns, grad_hidden, mask=rank_ok)
+            tl.store(grad_hidden_ptr + rows[:, None] * (N * R) + columns, grad_hidden, mask=rank_ok)
             grad_gate = tl.sum(grad_gated.to(tl.float32) * hidden.to(tl.float32), axis=1)
             grad_gates = tl.where(cols[None, :] == e, grad_gate[:, None], grad_gates)
         selection = tl.load(selection_ptr + cell, mask=cell_ok, other=0.0)
@@ -147,8 +147,7 @@ def _route_backward_kernel(
     if HAS_LSE_GRAD:  # d logsumexp / d logits = probs
         grad_lse = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         grad_logits += grad_lse[:, None] * probs
-    tl.store(grad_logits_ptr + rows[:, None] * grad_logits_stride + cols[None, :],
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=cell_ok)
+    tl.store(grad_logits_ptr + cell, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=cell_ok)
 
 
 @dataclass
@@ -163,10 +162,6 @@ class FusedRouting:
     total: torch.Tensor | None  # [T, 1] float32 sum of the kept probabilities / scale (renormalised, for backward)
     lse: torch.Tensor | None  # [T] float32 router logsumexp, when asked for
     balance: torch.Tensor | None  # [2N] float32 balance statistics (`routing.balance_statistics`), when asked for
-
-
-def _pow2(value: int) -> int:
-    return triton.next_power_of_2(value)
 
 
 def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts: int, rank: int,
@@ -189,7 +184,8 @@ def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts
     _route_forward_kernel[(blocks,)](
         logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
         probs, selection, gates, experts, gated, lse, total, partial, tokens, scale,
-        N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=renormalize,
+        N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
+        RENORMALIZE=renormalize,
         HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp, FOR_BACKWARD=for_backward,
         BLOCK=BLOCK_TOKENS)
     balance = partial.sum(0) if partial is not None else None
@@ -199,16 +195,18 @@ def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts
 def route_backward(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
                    selection: torch.Tensor, gates: torch.Tensor, total: torch.Tensor | None,
                    token_weights: torch.Tensor | None, grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None,
-                   top_k: int, scale: float, grad_logits: torch.Tensor) -> torch.Tensor | None:
-    """Write the logits' gradient into `grad_logits` [T, N] (any row stride: the first columns of the first
-    projection's gradient) and return the experts' hidden gradient [T, N*r] (None without `grad_gated`)."""
+                   top_k: int, scale: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The experts' hidden gradient [T, N*r] (None without `grad_gated`) and the logits' [T, N], both in the
+    compute dtype (`expert_hidden`'s)."""
     tokens, num_experts = probs.shape
     rank = expert_hidden.shape[1] // num_experts
     grad_hidden = torch.empty_like(grad_gated) if grad_gated is not None else None
+    grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden.dtype)
     _route_backward_kernel[(triton.cdiv(tokens, BLOCK_TOKENS),)](
         grad_gated, expert_hidden, expert_hidden.stride(0), probs, selection, gates, total, token_weights,
-        grad_mean, grad_lse, grad_hidden, num_experts * rank, grad_logits, grad_logits.stride(0), tokens, scale,
-        N=num_experts, NP=_pow2(num_experts), R=rank, RP=_pow2(rank), K=top_k, RENORMALIZE=total is not None,
+        grad_mean, grad_lse, grad_hidden, grad_logits, tokens, scale,
+        N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
+        RENORMALIZE=total is not None,
         HAS_GATED_GRAD=grad_gated is not None, HAS_WEIGHTS=token_weights is not None,
         HAS_MEAN_GRAD=grad_mean is not None, HAS_LSE_GRAD=grad_lse is not None, BLOCK=BLOCK_TOKENS)
-    return grad_hidden
+    return grad_hidden, grad_logits

@@ -299,7 +299,7 @@ def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden: torch.T
                          scale: float) -> RoutingGradients:
     """The backward of `dense_forward`'s routing with plain ops: from the gated hidden's gradient [T, N*r], the
     mean probabilities' [N] and the logsumexp's [T] (each None when absent) back to the expert hidden and logits."""
-    grad_gates = grad_expert_hidden = grad_probs = grad_logits = None
+    grad_expert_hidden = grad_probs = grad_logits = None
     if grad_gated is not None:
         expert_hidden3 = expert_hidden.unflatten(1, (probs.shape[1], -1))
         grad_gated3 = grad_gated.view_as(expert_hidden3)
@@ -331,11 +331,8 @@ def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden: torch
     from malora_lightning.adapters import fused_routing
     if grad_gated is None and grad_mean is None and grad_lse is None:
         return None, None
-    grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden.dtype)
-    grad_expert_hidden = fused_routing.route_backward(
-        grad_gated, expert_hidden, probs, selection, gates, total, token_weights, grad_mean, grad_lse,
-        top_k, scale, grad_logits)
-    return grad_expert_hidden, grad_logits
+    return fused_routing.route_backward(grad_gated, expert_hidden, probs, selection, gates, total, token_weights,
+                                        grad_mean, grad_lse, top_k, scale)
 
 
 def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
@@ -359,7 +356,7 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
         out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, torch.is_grad_enabled(),
-                                                                     stacked if dropped is None else None)
+                                                                     stacked)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance, z_loss, probs, experts
 

@@ -131,8 +131,8 @@ def compile_adapters(model: nn.Module, mode: str | None = "default", backend: st
 
 @contextlib.contextmanager
 def frozen_adapter_weights(model: nn.Module) -> Iterator[None]:
-    """For a span in which the adapter weights do not change, such as evaluating one batch (a scoring forward and
-    one forward per generated token): forwards without gradients make each layer's compute-dtype weights once and
+    """For a span in which the adapter weights do not change, such as one `generate` call (a forward per new
+    token): forwards without gradients make each layer's compute-dtype weights once and
     reuse them, rather than casting and stacking them every forward (on a GPU each is a kernel launch, per layer
     and token). Changing the weights inside the span is not seen by its later forwards; on exit the copies go."""
     layers = list(adapter_layers(model).values())
