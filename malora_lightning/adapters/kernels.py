@@ -43,15 +43,17 @@ def add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     return result + F.linear(hidden, weight).to(result.dtype)
 
 
-def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM.
+def contiguous_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` reordered to a contiguous layout and cast to `dtype` in one copy. (`Tensor.to` with the tensor's own
+    dtype returns it as it is, whatever memory format is asked for.)"""
+    if tensor.dtype == dtype:
+        return tensor.contiguous()
+    return tensor.to(dtype, memory_format=torch.contiguous_format)
 
-    One copy does both the reordering and the cast.
-    """
-    num_experts, out_features, rank = lora_B.shape
-    stacked = lora_B.permute(1, 0, 2)
-    stacked = stacked.contiguous() if stacked.dtype == dtype else stacked.to(dtype, memory_format=torch.contiguous_format)
-    return stacked.flatten(1)
+
+def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM."""
+    return contiguous_cast(lora_B.permute(1, 0, 2), dtype).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
@@ -111,9 +113,11 @@ class DenseForward:
     hidden: torch.Tensor  # [T, d] (MALoRA: S_A x) or [T, N*r] (MoLoRA: A_t x)
     expert_hidden: torch.Tensor  # [T, N*r], expert by expert
     gated: torch.Tensor  # [T, N*r]
-    selection: torch.Tensor | None  # [T, N], 1/K on the selected experts (fused: only for backward)
-    gates: torch.Tensor | None  # [T, N] routing dtype, zero on unselected experts, scale included (fused: backward)
-    gates3: torch.Tensor | None  # [T, N, 1] compute dtype (None: the fused routing's backward needs no copy)
+    # the plain ops' routing, for their backward (all None when fused: its backward recomputes them from probs and
+    # experts)
+    selection: torch.Tensor | None  # [T, N], 1/K on the selected experts
+    gates: torch.Tensor | None  # [T, N] routing dtype, zero on unselected experts, scale included
+    gates3: torch.Tensor | None  # [T, N, 1] compute dtype
     total: torch.Tensor | None  # [T, 1] sum of the kept probabilities / scale (renormalised gates only)
 
 
@@ -137,8 +141,7 @@ def stacked_weights(router_weight: torch.Tensor, shared_A: torch.Tensor | None, 
 def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None, router_weight: torch.Tensor,
                   shared_A: torch.Tensor | None, expert_down: torch.Tensor, lora_B: torch.Tensor,
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
-                  logsumexp: bool, fused: bool = False, for_backward: bool = True,
-                  stacked: StackedWeights | None = None) -> DenseForward:
+                  logsumexp: bool, fused: bool = False, stacked: StackedWeights | None = None) -> DenseForward:
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
     `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
     without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward.
@@ -161,10 +164,9 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
         if fused:  # the routing below as one Triton kernel
             from malora_lightning.adapters import fused_routing  # Triton is needed only for kernel="fused"
             routed = fused_routing.route_forward(logits, expert_hidden, num_experts, rank, token_weights, top_k,
-                                                 renormalize, scale, statistics, logsumexp, for_backward)
-            probs, experts, selection, gates, total = (routed.probs, routed.experts, routed.selection, routed.gates,
-                                                       routed.total)
-            lse, gated, balance, gates3 = routed.lse, routed.gated, routed.balance, None
+                                                 renormalize, scale, statistics, logsumexp)
+            probs, experts, lse, gated, balance = routed.probs, routed.experts, routed.lse, routed.gated, routed.balance
+            selection = gates = gates3 = total = None
         else:
             logits = cast(logits, routing_dtype(logits))
             lse = torch.logsumexp(logits, dim=-1) if logsumexp else None
@@ -194,8 +196,7 @@ class DenseRoutedExperts(torch.autograd.Function):
     None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
     weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
     Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
-    route with the fused Triton kernels, whether a backward may follow (grad mode when applied: the fused forward
-    keeps what only a backward reads only then), and the `StackedWeights` to use, if already made.
+    route with the fused Triton kernels, and the `StackedWeights` to use, if already made.
 
     Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or None), the router
     logsumexp [T] (or None), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
@@ -209,18 +210,19 @@ class DenseRoutedExperts(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
                 router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
-                scale: float, statistics: bool, logsumexp: bool, fused: bool, for_backward: bool,
+                scale: float, statistics: bool, logsumexp: bool, fused: bool,
                 stacked: StackedWeights | None) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
-                          renormalize, scale, statistics, logsumexp, fused, for_backward, stacked)
+                          renormalize, scale, statistics, logsumexp, fused, stacked)
         ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
-                              f.expert_hidden, f.gated, f.probs, f.selection, f.gates, f.gates3, f.total,
+                              f.expert_hidden, f.gated, f.probs, f.experts, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
-        ctx.scale, ctx.top_k, ctx.statistics, ctx.logsumexp, ctx.fused = scale, top_k, statistics, logsumexp, fused
+        ctx.scale, ctx.top_k, ctx.renormalize = scale, top_k, renormalize
+        ctx.statistics, ctx.logsumexp, ctx.fused = statistics, logsumexp, fused
         ctx.num_experts, ctx.rank = expert_down.shape[:2]
         ctx.mark_non_differentiable(f.probs, f.experts)
         return f.out, f.balance, f.lse, f.probs, f.experts
@@ -228,8 +230,8 @@ class DenseRoutedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_balance: torch.Tensor | None,
                  grad_lse: torch.Tensor | None, *_: object) -> tuple[torch.Tensor | None, ...]:
-        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden, gated, probs, selection,
-         gates, gates3, total, token_weights) = ctx.saved_tensors  # weights in the compute dtype
+        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden, gated, probs, experts,
+         selection, gates, gates3, total, token_weights) = ctx.saved_tensors  # weights in the compute dtype
         router_dtype, shared_dtype, down_dtype, up_dtype = ctx.param_dtypes
         needs = ctx.needs_input_grad
         dtype = x.dtype
@@ -241,14 +243,19 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad = cast(grad_out, dtype)
                 if needs[6]:
                     grad_B = torch.mm(grad.t(), gated).unflatten(1, (num_experts, rank)).permute(1, 0, 2)
-                    grad_B = grad_B.to(up_dtype, memory_format=torch.contiguous_format)  # B's own layout
+                    grad_B = contiguous_cast(grad_B, up_dtype)  # B's own layout
                 grad_gated = torch.mm(grad, up)
-            grad_mean = grad_balance[:num_experts] if grad_balance is not None and ctx.statistics else None
+            grad_balance = grad_balance if ctx.statistics else None
             grad_lse = grad_lse if ctx.logsumexp else None
-            routing_backward = fused_routing_backward if ctx.fused else routing_backward_ops
-            grad_expert_hidden, grad_logits = routing_backward(
-                grad_gated, expert_hidden, probs, selection, gates, gates3, total, token_weights, grad_mean,
-                grad_lse, ctx.top_k, ctx.scale)
+            if ctx.fused:
+                grad_expert_hidden, grad_logits = fused_routing_backward(
+                    grad_gated, expert_hidden, probs, experts, token_weights, grad_balance, grad_lse, ctx.top_k,
+                    ctx.renormalize, ctx.scale)
+            else:
+                grad_mean = grad_balance[:num_experts] if grad_balance is not None else None
+                grad_expert_hidden, grad_logits = routing_backward_ops(
+                    grad_gated, expert_hidden, probs, selection, gates, gates3, total, token_weights, grad_mean,
+                    grad_lse, ctx.top_k, ctx.scale)
             # per-expert down-projection (MALoRA's P_t works on S_A x)
             grad_down = grad_hidden = None
             if grad_expert_hidden is not None and down_weight is not None:
@@ -286,17 +293,14 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
         return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
-                None, None, None, None, None, None, None, None, None)
-
-
-RoutingGradients = tuple[torch.Tensor | None, torch.Tensor | None]  # (expert hidden [T, N*r], logits [T, N])
+                None, None, None, None, None, None, None, None)
 
 
 def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
                          selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
                          total: torch.Tensor | None, token_weights: torch.Tensor | None,
                          grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
-                         scale: float) -> RoutingGradients:
+                         scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backward of `dense_forward`'s routing with plain ops: from the gated hidden's gradient [T, N*r], the
     mean probabilities' [N] and the logsumexp's [T] (each None when absent) back to the expert hidden and logits."""
     grad_expert_hidden = grad_probs = grad_logits = None
@@ -323,16 +327,16 @@ def routing_backward_ops(grad_gated: torch.Tensor | None, expert_hidden: torch.T
 
 
 def fused_routing_backward(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor, probs: torch.Tensor,
-                           selection: torch.Tensor, gates: torch.Tensor, gates3: torch.Tensor | None,
-                           total: torch.Tensor | None, token_weights: torch.Tensor | None,
-                           grad_mean: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
-                           scale: float) -> RoutingGradients:
-    """`routing_backward_ops` as one Triton kernel; the logits' gradient comes in the compute dtype."""
+                           experts: torch.Tensor, token_weights: torch.Tensor | None,
+                           grad_balance: torch.Tensor | None, grad_lse: torch.Tensor | None, top_k: int,
+                           renormalize: bool, scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`routing_backward_ops` as one Triton kernel, from the balance statistics' whole gradient [2N]; the logits'
+    gradient comes in the compute dtype."""
     from malora_lightning.adapters import fused_routing
-    if grad_gated is None and grad_mean is None and grad_lse is None:
+    if grad_gated is None and grad_balance is None and grad_lse is None:
         return None, None
-    return fused_routing.route_backward(grad_gated, expert_hidden, probs, selection, gates, total, token_weights,
-                                        grad_mean, grad_lse, top_k, scale)
+    return fused_routing.route_backward(grad_gated, expert_hidden, probs, experts, token_weights, grad_balance,
+                                        grad_lse, top_k, renormalize, scale)
 
 
 def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Tensor, shared_A: torch.Tensor | None,
@@ -355,8 +359,7 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
         f = dense_forward(*arguments)
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
-        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, torch.is_grad_enabled(),
-                                                                     stacked)
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, stacked)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance, z_loss, probs, experts
 

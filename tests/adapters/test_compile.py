@@ -162,7 +162,7 @@ def test_dense_routed_experts_backward_passes_gradcheck(shared, renormalize, wit
 
     def function(result, x, dropped, router, shared_A, expert_down, lora_B):
         out, balance, lse, _, _ = DenseRoutedExperts.apply(result, x, dropped, router, shared_A, expert_down, lora_B,
-                                                           weights, 2, renormalize, 1.5, True, True, False, True, None)
+                                                           weights, 2, renormalize, 1.5, True, True, False, None)
         return out, balance, lse
 
     inputs = (result, x, dropped, router, shared_A, expert_down, lora_B)

@@ -96,7 +96,7 @@ def test_route_forward_follows_the_routing_equations(num_experts, top_k):
     logits = logits_wide[:, 2:2 + num_experts]
     hidden = torch.randn(TOKENS, num_experts * rank)
     weights = torch.rand(TOKENS)
-    routed = route_forward(logits, hidden, num_experts, rank, weights, top_k, True, scale, True, True, True)
+    routed = route_forward(logits, hidden, num_experts, rank, weights, top_k, True, scale, True, True)
 
     probs = torch.softmax(logits.double(), dim=-1)
     values, experts = probs.topk(top_k, dim=-1)
@@ -109,18 +109,34 @@ def test_route_forward_follows_the_routing_equations(num_experts, top_k):
 
     close(routed.probs, probs)
     assert torch.equal(routed.experts, experts)
-    close(routed.gates, gates)
     close(routed.gated, gated)
     close(routed.balance, torch.cat([weights.double() @ probs, weights.double() @ selection]))
     close(routed.lse, torch.logsumexp(logits.double(), dim=-1))
 
 
-def test_top_k_ties_go_to_the_lower_expert_index_and_evaluation_keeps_nothing_for_backward():
+def test_top_k_ties_go_to_the_lower_expert_index():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
-    routed = route_forward(logits, torch.ones(2, 4), 4, 1, None, 2, True, 1.0, False, False, False)
+    routed = route_forward(logits, torch.ones(2, 4), 4, 1, None, 2, True, 1.0, False, False)
     assert routed.experts.tolist() == [[1, 2], [0, 1]]
     assert routed.gated.tolist() == [[0.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]]
-    assert routed.selection is None and routed.gates is None and routed.total is None
+    assert routed.balance is None and routed.lse is None
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_gradient_from_an_expanded_balance_gradient(renormalize):
+    """A loss that only sums the balance statistics hands the kernel a stride-0 gradient: the fused backward reads
+    it by its stride (it once read past its single element), as the plain ops do."""
+    x = torch.randn(TOKENS, IN)
+    grads = []
+    for kernel in ("dense", "fused"):
+        layer = make_layer("malora", kernel, renormalize_top_k=renormalize)
+        forward = layer.routing_context.begin_forward()
+        out = layer(x)
+        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum()
+        (loss + 10 * forward.statistics[0].balance.sum()).backward()
+        grads.append(layer.router.weight.grad)
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-5, atol=2e-6)
 
 
 def test_fused_applies_only_where_triton_can_run(monkeypatch):
