@@ -96,7 +96,7 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
     """One default-job run in a fresh process; returns its evaluations, per-example results and wall time.
 
     The result is kept in `run_dir/result.json`, so an interrupted benchmark resumes where it stopped; a run
-    interrupted mid-way continues from its last checkpoint (written every 80 steps), as an exact resume.
+    interrupted mid-way continues from its last checkpoint (written as each evaluation ends), as an exact resume.
     """
     settings = run_settings(name, seed, args)
     if not args.fresh and (kept := kept_result(run_dir, name, seed, args)) is not None:

@@ -5,6 +5,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_adapters, load_base_model
@@ -14,6 +15,7 @@ from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.module import MALoRAModule, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
+from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
 
@@ -338,6 +340,30 @@ def test_resume_from_a_checkpoint_written_at_a_validation_step_is_exact(tiny_mod
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert sorted(resumed.losses) == [4, 5, 6]
     assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
+
+
+@pytest.mark.parametrize("recipe", SINGLE_FILE_RECIPES)
+def test_a_fit_resumed_from_a_recipes_checkpoint_keeps_every_evaluation(tiny_model_dir, tmp_path, recipe):
+    """The recipes checkpoint when a validation has ended, so a resumed run's per-task history (and the seesaw
+    tracker and report built on it) holds the evaluation of the step it resumed from. A checkpoint taken at the end
+    of a training batch precedes that step's validation, and Lightning does not rerun it on resume."""
+    trainer_settings = yaml.safe_load((RECIPE_DIR / recipe).read_text())["trainer"]
+    (checkpoint_settings,) = [c["init_args"] for c in trainer_settings["callbacks"]
+                              if c["class_path"].endswith(".ModelCheckpoint")]
+    if "every_n_train_steps" in checkpoint_settings:  # the recipe's checkpoint interval, in its validation intervals
+        intervals = checkpoint_settings["every_n_train_steps"] / trainer_settings["val_check_interval"]
+        checkpoint_settings = {**checkpoint_settings, "every_n_train_steps": round(2 * intervals)}
+    settings = dict(max_steps=4, limit_val_batches=None, val_check_interval=2, enable_checkpointing=True)
+    full = PerTaskMetrics()
+    checkpoints = ModelCheckpoint(**{**checkpoint_settings, "dirpath": tmp_path / "ckpt", "save_top_k": -1})
+    trainer = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert [evaluation.step for evaluation in full.history] == [2, 4]
+
+    resumed = PerTaskMetrics()
+    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert [evaluation.step for evaluation in resumed.history] == [2, 4]
 
 
 class LearningRateRecorder(Callback):
