@@ -26,22 +26,28 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, machine_info, machine_markdown, write_report
 from benchmarks.quality_report import StudyRuns, study_report
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
 from malora_lightning.atomic import atomic_write_text
+from malora_lightning.callbacks.per_task_metrics import Evaluation, TaskScore
+from malora_lightning.callbacks.seesaw import track
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS
 from malora_lightning.offline_models import resolve_model_path
 
 MODEL = "offline:SmolLM2-135M-Instruct"
+RECIPE = Path("recipes/default.yaml")  # relative to the repository root, where the runs start
 
 # The paper's configurations (scale 2 throughout); on SmolLM2 the three main ones have 17-19 M trainable parameters.
 # Each maps to the adapter's settings and, where the study varies them, the module's (`--model.<key>`).
@@ -92,6 +98,22 @@ def newest(run_dir: Path, pattern: str) -> Path | None:
     return max(run_dir.rglob(pattern), key=lambda path: path.stat().st_mtime, default=None)
 
 
+def run_command(subcommand: str, name: str, seed: int, args: argparse.Namespace, root_dir: Path) -> list[str]:
+    """The `malora_lightning` command of one run (`fit`), or of validating one of its checkpoints (`validate`)."""
+    configuration = CONFIGURATIONS[name]
+    overrides = [f"--model.adapter.{key}={json.dumps(value) if isinstance(value, bool) else value}"
+                 for key, value in configuration["adapter"].items()]
+    overrides += [f"--model.{key}={value}" for key, value in configuration.get("model", {}).items()]
+    command = [sys.executable, "-m", "malora_lightning", subcommand, "--config", str(RECIPE), *overrides,
+               f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.max_steps={args.steps}",
+               f"--trainer.val_check_interval={args.val_every}", f"--data.max_eval_examples_per_task={args.eval_examples}",
+               f"--trainer.default_root_dir={root_dir}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.example_record.ExampleRecorder"]
+    if args.tasks:
+        command.append(f"--data.tasks=[{', '.join(args.tasks)}]")
+    return command
+
+
 def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
     """One default-job run in a fresh process; returns its evaluations, per-example results and wall time.
 
@@ -109,17 +131,7 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run, or one stopped before its first checkpoint
         run_dir.mkdir(parents=True)
         atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
-    configuration = CONFIGURATIONS[name]
-    overrides = [f"--model.adapter.{key}={json.dumps(value) if isinstance(value, bool) else value}"
-                 for key, value in configuration["adapter"].items()]
-    overrides += [f"--model.{key}={value}" for key, value in configuration.get("model", {}).items()]
-    command = [sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml", *overrides,
-               f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.max_steps={args.steps}",
-               f"--trainer.val_check_interval={args.val_every}", f"--data.max_eval_examples_per_task={args.eval_examples}",
-               f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
-               "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.example_record.ExampleRecorder"]
-    if args.tasks:
-        command.append(f"--data.tasks=[{', '.join(args.tasks)}]")
+    command = run_command("fit", name, seed, args, run_dir)
     resumed_from_step = 0
     if resume is not None:  # no second "before training" evaluation: the restored history has it
         resumed_from_step = torch.load(resume, map_location="cpu", weights_only=True)["global_step"]
@@ -258,6 +270,51 @@ def kept_result(directory: Path, name: str, seed: int, run_args: argparse.Namesp
     return result if result["settings"] == run_settings(name, seed, run_args) else None
 
 
+def seesaw_points(examples: list[dict[str, object]], tolerance: float) -> list[dict[str, object]]:
+    """`SeesawTracker`'s figures of every recorded evaluation, from the per-item records. Accuracies are rounded to
+    float32 as the tracker's metrics compute them, so that a change of exactly the tolerance counts as it does there.
+    """
+    def accuracy(bits: str) -> float:
+        return float(np.float32(bits.count("1")) / np.float32(len(bits)))
+
+    evaluations = [Evaluation(stage="val", step=record["step"], sanity_check=record["sanity_check"],
+                              tasks={task: TaskScore(loss=float("nan"), accuracy=accuracy(bits), count=len(bits))
+                                     for task, bits in record["correct"].items()})
+                   for record in examples]
+    return [asdict(point) for point in track(evaluations, tolerance)]
+
+
+def restore_evaluation(name: str, seed: int, run_args: argparse.Namespace, step: int, checkpoint: Path) -> None:
+    """Put back into a finished run the evaluation at `step` that it lost when it resumed from the checkpoint of that
+    step: until 2026-12-05 the recipe checkpointed at the end of the training batch, before that step's validation,
+    which Lightning does not rerun on resume. Validates `checkpoint` (that step's, kept aside) as the run would have,
+    inserts its record, and recomputes the run's seesaw figures from its records."""
+    directory = run_directory(name, seed, run_args)
+    result = kept_result(directory, name, seed, run_args)
+    if result is None:
+        raise SystemExit(f"{name} seed {seed}: no finished run in {directory}")
+    if any(record["step"] == step for record in result["examples"]):
+        raise SystemExit(f"{name} seed {seed} already has its evaluation at step {step}")
+    saved_step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    if saved_step != step:
+        raise SystemExit(f"{checkpoint} was written at step {saved_step}, not {step}")
+    with tempfile.TemporaryDirectory() as scratch:
+        command = run_command("validate", name, seed, run_args, Path(scratch)) + [f"--ckpt_path={checkpoint}"]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+        if completed.returncode != 0:
+            raise RuntimeError(f"validating {checkpoint} failed (exit {completed.returncode}):\n"
+                               f"{completed.stderr[-4000:]}")
+        record = json.loads(newest(Path(scratch), "examples_val.json").read_text())[-1]
+    record["step"] = step  # `validate` restores the weights, not the step counter
+    result["examples"] = sorted([*result["examples"], record], key=lambda entry: entry["step"])
+    tolerance = yaml.safe_load((REPO_ROOT / RECIPE).read_text())["seesaw"]["init_args"]["tolerance"]
+    result["evaluations"] = seesaw_points(result["examples"], tolerance)
+    intervals = [point["seesaw_index"] for point in result["evaluations"][1:] if point["seesaw_index"] is not None]
+    result["seesaw_index"] = statistics.mean(intervals) if intervals else None
+    result["restored_evaluations"] = [*result.get("restored_evaluations", []), step]
+    atomic_write_text(directory / "result.json", json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", nargs="+", choices=list(STUDIES), default=["noise"],
@@ -271,8 +328,18 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results are already kept")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports from the kept runs; run "
                         "nothing")
+    parser.add_argument("--restore-evaluation", nargs=4, metavar=("CONFIGURATION", "SEED", "STEP", "CHECKPOINT"),
+                        help="put back the evaluation at STEP that a finished run of the (one) --study lost on a "
+                        "resume, from its CHECKPOINT of that step (see `restore_evaluation`), then report")
     args = parser.parse_args()
     studies = {name: STUDIES[name] for name in args.study}
+    if args.restore_evaluation:
+        if len(studies) != 1:
+            parser.error("--restore-evaluation works on one --study")
+        configuration, seed, step, checkpoint = args.restore_evaluation
+        restore_evaluation(configuration, int(seed), study_arguments(next(iter(studies.values())), args), int(step),
+                           Path(checkpoint).resolve())
+        args.report_only = True
     if args.quick:
         studies = {"quick": QUICK_STUDY}
         args.seeds, args.fresh = [0], True  # a check of the pipeline as it is now, never of kept results

@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from dataclasses import asdict
+
 from benchmarks.example_record import ExampleRecorder
+from benchmarks.quality import seesaw_points
 from benchmarks.quality_stats import Bootstrap, correctness, macro_estimate, paired_comparison, task_estimates
-from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
+from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from tests.test_module import make_data, make_module, make_trainer
 
 
@@ -78,12 +81,16 @@ def test_a_consistent_win_excludes_zero_and_counts_seeds():
 
 def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_model_dir, tmp_path):
     recorder = ExampleRecorder()
-    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[PerTaskMetrics(), RoutingStats(plots=False), recorder], num_sanity_val_steps=-1,
-                           limit_val_batches=None, val_check_interval=2, logger=True)
+    seesaw = SeesawTracker(tolerance=0.04, plots=False)
+    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[PerTaskMetrics(), seesaw, RoutingStats(plots=False), recorder],
+                           num_sanity_val_steps=-1, limit_val_batches=None, val_check_interval=2, logger=True)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     written = json.loads((tmp_path / "lightning_logs" / "version_0" / "examples_val.json").read_text())
     assert written == recorder.evaluations
-    assert [(entry["step"], entry["sanity_check"]) for entry in written] == [(0, True), (2, False)]
+    assert [(entry["step"], entry["sanity_check"]) for entry in written] == [(0, True), (2, False), (4, False)]
+    # the seesaw figures the quality study recomputes from the records are the tracker's
+    tracked = [asdict(point) for point in seesaw.points["val"]]
+    assert seesaw_points(written, tolerance=0.04) == tracked
     history = PerTaskMetrics.attached(trainer).evaluations("val")
     for entry, evaluation in zip(written, history):
         assert set(entry["correct"]) == set(evaluation.tasks)
@@ -99,6 +106,22 @@ def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_mo
     restored = ExampleRecorder()
     restored.load_state_dict(recorder.state_dict())
     assert restored.evaluations == recorder.evaluations
+
+
+def test_seesaw_points_from_records_follow_the_trackers_definition():
+    """From per-item records: a task counts as moving when its accuracy changed by more than the tolerance."""
+    def bits(right: int) -> str:
+        return "1" * right + "0" * (25 - right)
+
+    records = [{"step": 0, "sanity_check": True, "correct": {"a": bits(0), "b": bits(25), "c": bits(0), "d": bits(10)}},
+               {"step": 80, "sanity_check": False, "correct": {"a": bits(5), "b": bits(20), "c": bits(1), "d": bits(9)}}]
+    before, after = seesaw_points(records, tolerance=0.04)
+    assert (before["step"], before["sanity_check"], before["seesaw_index"]) == (0, True, None)
+    assert after["tasks"]["a"]["accuracy"] == pytest.approx(0.2) and after["tasks"]["a"]["change"] == pytest.approx(0.2)
+    # a rose and b fell by 5 items; c and d moved by one item (0.04), not more than the tolerance: 1 of 6 pairs
+    assert (after["improved"], after["degraded"]) == (["a"], ["b"])
+    assert after["seesaw_index"] == pytest.approx(1 / 6)
+    assert after["tasks"]["b"]["best"] == 1.0 and after["tasks"]["b"]["gap_to_best"] == pytest.approx(0.2)
 
 
 def fake_run(seed: int, tasks: list[str], correct_per_step: dict[int, int], routed: bool) -> dict:
