@@ -48,6 +48,7 @@ from malora_lightning.offline_models import resolve_model_path
 
 MODEL = "offline:SmolLM2-135M-Instruct"
 RECIPE = Path("recipes/default.yaml")  # relative to the repository root, where the runs start
+LOST_EVALUATION = "lost-evaluation-step"  # a checkpoint kept aside to restore the evaluation a resume skips
 
 # The paper's configurations (scale 2 throughout); on SmolLM2 the three main ones have 17-19 M trainable parameters.
 # Each maps to the adapter's settings and, where the study varies them, the module's (`--model.<key>`).
@@ -114,6 +115,11 @@ def run_command(subcommand: str, name: str, seed: int, args: argparse.Namespace,
     return command
 
 
+def run_environment(args: argparse.Namespace) -> dict[str, str] | None:
+    """A run's environment: this one, with `--threads` as OMP_NUM_THREADS when given."""
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+
+
 def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
     """One default-job run in a fresh process; returns its evaluations, per-example results and wall time.
 
@@ -134,11 +140,16 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
     command = run_command("fit", name, seed, args, run_dir)
     resumed_from_step = 0
     if resume is not None:  # no second "before training" evaluation: the restored history has it
-        resumed_from_step = torch.load(resume, map_location="cpu", weights_only=True)["global_step"]
+        saved = torch.load(resume, map_location="cpu", weights_only=True)
+        resumed_from_step = saved["global_step"]
+        recorded = [record["step"] for record in saved["callbacks"].get("ExampleRecorder", {}).get("evaluations", [])]
+        if resumed_from_step % args.val_every == 0 and resumed_from_step not in recorded:
+            # written before its step's evaluation (the recipe until 2026-12-05), which the resume will not run:
+            # kept aside to validate once the run has finished
+            shutil.copyfile(resume, run_dir / f"{LOST_EVALUATION}{resumed_from_step}.ckpt")
         command += [f"--ckpt_path={resume}", "--trainer.num_sanity_val_steps=0"]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     start = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment)
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=run_environment(args))
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
         raise RuntimeError(f"run {name} seed {seed} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
@@ -160,6 +171,8 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         "concurrent_jobs": args.jobs,
     }
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    for step in sorted(int(path.stem.removeprefix(LOST_EVALUATION)) for path in run_dir.glob(f"{LOST_EVALUATION}*")):
+        result = restore_evaluation(run_dir, name, seed, args, step, run_dir / f"{LOST_EVALUATION}{step}.ckpt")
     for checkpoint in run_dir.rglob("*.ckpt"):  # 220 MB each for MALoRA; the scores, reports and adapter stay
         checkpoint.unlink()
     return result
@@ -284,12 +297,12 @@ def seesaw_points(examples: list[dict[str, object]], tolerance: float) -> list[d
     return [asdict(point) for point in track(evaluations, tolerance)]
 
 
-def restore_evaluation(name: str, seed: int, run_args: argparse.Namespace, step: int, checkpoint: Path) -> None:
+def restore_evaluation(directory: Path, name: str, seed: int, run_args: argparse.Namespace, step: int,
+                       checkpoint: Path) -> dict[str, object]:
     """Put back into a finished run the evaluation at `step` that it lost when it resumed from the checkpoint of that
     step: until 2026-12-05 the recipe checkpointed at the end of the training batch, before that step's validation,
     which Lightning does not rerun on resume. Validates `checkpoint` (that step's, kept aside) as the run would have,
-    inserts its record, and recomputes the run's seesaw figures from its records."""
-    directory = run_directory(name, seed, run_args)
+    inserts its record, recomputes the run's seesaw figures from its records, and returns the updated result."""
     result = kept_result(directory, name, seed, run_args)
     if result is None:
         raise SystemExit(f"{name} seed {seed}: no finished run in {directory}")
@@ -300,7 +313,8 @@ def restore_evaluation(name: str, seed: int, run_args: argparse.Namespace, step:
         raise SystemExit(f"{checkpoint} was written at step {saved_step}, not {step}")
     with tempfile.TemporaryDirectory() as scratch:
         command = run_command("validate", name, seed, run_args, Path(scratch)) + [f"--ckpt_path={checkpoint}"]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                                   env=run_environment(run_args))
         if completed.returncode != 0:
             raise RuntimeError(f"validating {checkpoint} failed (exit {completed.returncode}):\n"
                                f"{completed.stderr[-4000:]}")
@@ -313,6 +327,7 @@ def restore_evaluation(name: str, seed: int, run_args: argparse.Namespace, step:
     result["seesaw_index"] = statistics.mean(intervals) if intervals else None
     result["restored_evaluations"] = [*result.get("restored_evaluations", []), step]
     atomic_write_text(directory / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main() -> None:
@@ -337,8 +352,9 @@ def main() -> None:
         if len(studies) != 1:
             parser.error("--restore-evaluation works on one --study")
         configuration, seed, step, checkpoint = args.restore_evaluation
-        restore_evaluation(configuration, int(seed), study_arguments(next(iter(studies.values())), args), int(step),
-                           Path(checkpoint).resolve())
+        run_args = study_arguments(next(iter(studies.values())), args)
+        restore_evaluation(run_directory(configuration, int(seed), run_args), configuration, int(seed), run_args,
+                           int(step), Path(checkpoint).resolve())
         args.report_only = True
     if args.quick:
         studies = {"quick": QUICK_STUDY}
