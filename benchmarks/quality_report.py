@@ -140,6 +140,12 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     if study.name == "budget":
         text, figures = budget_section(study, complete, other.get("noise"), payload, figure_dir)
         sections.append(text)
+    restored = [f"{name} seed {run['seed']} at step(s) {', '.join(map(str, run['restored_evaluations']))}"
+                for name, runs in complete.items() for run in runs if run.get("restored_evaluations")]
+    if restored:
+        sections.append("Evaluations a resume skipped (its checkpoint was written before that step's evaluation) and "
+                        "that were restored by validating that checkpoint (`quality.restore_evaluation`): "
+                        + "; ".join(restored) + ".")
     if study.pending:
         sections.insert(0, f"**Incomplete: {len(study.pending)} run(s) still to do** ({', '.join(study.pending)}); "
                            "configurations without every seed are left out.")

@@ -144,6 +144,7 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
                        {"lora_r64": {s: fake_run(s, suite, steps, False) for s in (0, 1)},
                         "malora": {s: fake_run(s, suite, {**steps, 20: 9}, True) for s in (0, 1)}},
                        {"lora_r64": 1, "malora": 2}, pending=[])
+    budget.runs["malora"][1]["restored_evaluations"] = [10]
     noise = StudyRuns("noise", 10, 10, 10, [0, 1],
                       {name: {s: fake_run(s, suite, {0: 0, 10: 7}, name == "malora") for s in (0, 1)}
                        for name in ("lora_r64", "malora")}, {"lora_r64": 1, "malora": 2}, pending=[])
@@ -156,6 +157,7 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
     assert "| 20 | 0.200 / 2.0 |" in text  # routing over training: MALoRA only
     assert "lora_r64 70.0, malora 70.0" in text  # the runs trained to the default budget
     assert figures == [tmp_path / "quality_budget.png"] and figures[0].read_bytes()[:4] == b"\x89PNG"
+    assert "restored by validating that checkpoint (`quality.restore_evaluation`): malora seed 1 at step(s) 10." in text
 
     conflict_tasks = suite + ["compare_numbers_smaller"]
     conflict = StudyRuns("conflict", 10, 10, 10, [0, 1],
