@@ -115,9 +115,19 @@ def run_command(subcommand: str, name: str, seed: int, args: argparse.Namespace,
     return command
 
 
-def run_environment(args: argparse.Namespace) -> dict[str, str] | None:
-    """A run's environment: this one, with `--threads` as OMP_NUM_THREADS when given."""
-    return {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+def run_process(command: list[str], args: argparse.Namespace, what: str) -> None:
+    """Run one `run_command` from the repository root, `--threads` as OMP_NUM_THREADS when given; a failure raises
+    with `what` failed and the end of its error output."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environment)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+
+
+def mean_seesaw_index(points: list[dict[str, object]]) -> float | None:
+    """A run's seesaw index: the mean over its evaluation intervals (the points after the first) that have one."""
+    intervals = [point["seesaw_index"] for point in points[1:] if point["seesaw_index"] is not None]
+    return statistics.mean(intervals) if intervals else None
 
 
 def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
@@ -149,19 +159,16 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
             shutil.copyfile(resume, run_dir / f"{LOST_EVALUATION}{resumed_from_step}.ckpt")
         command += [f"--ckpt_path={resume}", "--trainer.num_sanity_val_steps=0"]
     start = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=run_environment(args))
+    run_process(command, args, f"run {name} seed {seed}")
     seconds = time.perf_counter() - start
-    if completed.returncode != 0:
-        raise RuntimeError(f"run {name} seed {seed} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
     seesaw = json.loads(newest(run_dir, "seesaw.json").read_text())["stages"]["val"]
     examples = json.loads(newest(run_dir, "examples_val.json").read_text())
     final = seesaw[-1]
-    intervals = [point["seesaw_index"] for point in seesaw[1:] if point["seesaw_index"] is not None]
     result = {
         "settings": settings,
         "seed": seed,
         "accuracy": {task: score["accuracy"] for task, score in final["tasks"].items()},
-        "seesaw_index": statistics.mean(intervals) if intervals else None,
+        "seesaw_index": mean_seesaw_index(seesaw),
         "evaluations": seesaw,
         "examples": examples,
         # a resumed run's time is its last attempt's, scaled to the whole run
@@ -313,18 +320,13 @@ def restore_evaluation(directory: Path, name: str, seed: int, run_args: argparse
         raise SystemExit(f"{checkpoint} was written at step {saved_step}, not {step}")
     with tempfile.TemporaryDirectory() as scratch:
         command = run_command("validate", name, seed, run_args, Path(scratch)) + [f"--ckpt_path={checkpoint}"]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
-                                   env=run_environment(run_args))
-        if completed.returncode != 0:
-            raise RuntimeError(f"validating {checkpoint} failed (exit {completed.returncode}):\n"
-                               f"{completed.stderr[-4000:]}")
+        run_process(command, run_args, f"validating {checkpoint}")
         record = json.loads(newest(Path(scratch), "examples_val.json").read_text())[-1]
     record["step"] = step  # `validate` restores the weights, not the step counter
     result["examples"] = sorted([*result["examples"], record], key=lambda entry: entry["step"])
     tolerance = yaml.safe_load((REPO_ROOT / RECIPE).read_text())["seesaw"]["init_args"]["tolerance"]
     result["evaluations"] = seesaw_points(result["examples"], tolerance)
-    intervals = [point["seesaw_index"] for point in result["evaluations"][1:] if point["seesaw_index"] is not None]
-    result["seesaw_index"] = statistics.mean(intervals) if intervals else None
+    result["seesaw_index"] = mean_seesaw_index(result["evaluations"])
     result["restored_evaluations"] = [*result.get("restored_evaluations", []), step]
     atomic_write_text(directory / "result.json", json.dumps(result, indent=2) + "\n")
     return result
