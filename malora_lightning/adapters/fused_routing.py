@@ -9,7 +9,7 @@ recomputes the selection and gates from them with the same arithmetic, which cos
 three buffers.
 
 They compute what `kernels.dense_forward` and `DenseRoutedExperts.backward` compute with plain ops, in float32
-whatever the compute dtype (tests compare the two). Top-k ties go to the lower expert index. Triton runs on CUDA
+whatever the compute dtype (tests compare the two); top-k follows `routing.top_experts`. Triton runs on CUDA
 tensors; `TRITON_INTERPRET=1` (set before this module is imported) runs the same kernels on CPU, for tests.
 `kernels.fused_routing_applies` decides where they run; everywhere else kernel="fused" runs the plain ops.
 """
@@ -80,16 +80,14 @@ def _route_forward_kernel(
     if LOGSUMEXP:
         tl.store(lse_ptr + rows, row_max + tl.log(denominator), mask=row_ok)
 
-    # top-k: K rounds of "largest remaining probability, lowest index on ties"
-    remaining = tl.where(col_ok[None, :], probs, -1.0)
+    # top-k as `routing.top_experts`: K rounds of "largest logit not yet chosen, lowest index on ties"
     selected = tl.zeros([BLOCK, NP], dtype=tl.float32)
     for k in tl.static_range(K):
-        best = tl.max(remaining, axis=1)
-        expert = tl.min(tl.where(remaining == best[:, None], cols[None, :], NP), axis=1)
-        chosen = cols[None, :] == expert[:, None]
+        open_experts = col_ok[None, :] & (selected == 0.0)
+        best = tl.max(tl.where(open_experts, logits, float("-inf")), axis=1)
+        expert = tl.min(tl.where(open_experts & (logits == best[:, None]), cols[None, :], NP), axis=1)
         tl.store(experts_ptr + rows * K + k, expert.to(tl.int64), mask=row_ok)
-        selected = tl.where(chosen, 1.0, selected)
-        remaining = tl.where(chosen, -1.0, remaining)
+        selected = tl.where(cols[None, :] == expert[:, None], 1.0, selected)
     selection, gates, total = _gates(probs, selected, scale, K, RENORMALIZE)
     tl.store(probs_ptr + cell, probs, mask=cell_ok)
 

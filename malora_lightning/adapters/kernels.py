@@ -27,6 +27,7 @@ from malora_lightning.adapters.routing import (
     balance_statistics,
     routing_dtype,
     selection_shares,
+    top_experts,
     z_loss_from_logsumexp,
 )
 
@@ -171,7 +172,7 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             logits = cast(logits, routing_dtype(logits))
             lse = torch.logsumexp(logits, dim=-1) if logsumexp else None
             probs = logits.softmax(dim=-1)
-            experts = probs.topk(top_k, dim=-1).indices
+            experts = top_experts(logits, top_k)
             selection = selection_shares(experts, num_experts, logits.dtype)
             kept = probs * selection
             if renormalize:

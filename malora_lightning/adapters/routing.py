@@ -37,11 +37,23 @@ def routing_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
+def top_experts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T, K] the experts of the K largest logits, by decreasing logit, ties to the lower expert index.
+
+    One rule for every kernel and device (the fused Triton kernel applies it too), where `torch.topk` leaves ties
+    unspecified: CPU's picks experts 2 and 4 of five equal logits. Ties are common: bf16 router logits round to
+    equal values, and with `router_init_std=0` every logit ties. Chosen on the logits, not the probabilities, since
+    far-apart logits underflow to equal (zero) float32 probabilities; softmax keeps the logits' order.
+    """
+    return logits.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
+
+
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     """G = TopK(Softmax(W_g x)) (paper Eq. 4); softmax in at least float32, whatever the autocast dtype."""
     logits = logits.to(routing_dtype(logits))
     probs = logits.softmax(dim=-1)
-    kept, experts = probs.topk(top_k, dim=-1)
+    experts = top_experts(logits, top_k)
+    kept = probs.gather(-1, experts)
     return Routing(logits=logits, probs=probs, gates=kept_gates(kept, renormalize), experts=experts)
 
 

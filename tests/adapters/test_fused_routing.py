@@ -122,6 +122,40 @@ def test_top_k_ties_go_to_the_lower_expert_index():
     assert routed.balance is None and routed.lse is None
 
 
+@pytest.mark.parametrize("case", ["all_tie", "rows_tie", "underflow"])
+def test_every_kernel_picks_the_same_experts_on_ties_and_underflow(case):
+    """`routing.top_experts` is the one rule (largest logit, ties to the lower index): the dense and sparse kernels,
+    the fused Triton kernel and the literal reference route alike where `torch.topk` on the probabilities did not
+    (CPU's picked experts 2 and 4 of five tied ones; float32 probabilities of logits -110 and -300 are both 0).
+    One-hot inputs make every logit one router weight, so ties are exact whatever order a GEMM sums in."""
+    torch.manual_seed(1)
+    features = torch.zeros(TOKENS, dtype=torch.long) if case == "underflow" else torch.randint(0, IN, (TOKENS,))
+    x = nn.functional.one_hot(features, IN).float()
+    outputs, experts = {}, {}
+    for kernel in ("dense", "sparse", "fused"):
+        layer = make_layer("malora", kernel).eval()
+        with torch.no_grad():
+            if case == "all_tie":  # router_init_std=0: every logit is 0
+                layer.router.weight.zero_()
+            elif case == "rows_tie":  # experts 1, 2 and 4 share a router row: their logits tie on every token
+                layer.router.weight[2] = layer.router.weight[4] = layer.router.weight[1]
+            else:  # every token's logits are (0, -300, -120, -200, -110): only 0 survives a float32 softmax
+                layer.router.weight[:, 0] = torch.tensor([0.0, -300.0, -120.0, -200.0, -110.0])
+        layer.routing_context.observers.append(lambda record, kernel=kernel: experts.setdefault(kernel, record.experts))
+        with torch.no_grad():
+            layer.routing_context.begin_forward()
+            outputs[kernel] = layer(x)
+            reference = layer.reference_forward(x)
+        torch.testing.assert_close(outputs[kernel], reference, rtol=1e-5, atol=1e-5, msg=kernel)
+    expected = {"all_tie": [0, 1], "underflow": [0, 4]}.get(case)
+    for kernel, chosen in experts.items():
+        assert torch.equal(chosen, experts["dense"]), kernel
+        if expected is not None:
+            assert (chosen == torch.tensor(expected)).all(), kernel
+    if case == "rows_tie":  # a token whose best logit is the shared one keeps experts 1 and 2, never 4
+        assert not (experts["dense"] == 4).any() and (experts["dense"][:, 0] == 1).any()
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_router_gradient_from_an_expanded_balance_gradient(renormalize):
     """A loss that only sums the balance statistics hands the kernel a stride-0 gradient: the fused backward reads
