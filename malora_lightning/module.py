@@ -125,8 +125,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
         if adapter_path is not None:
             self.adapter_config = self._adapter_folder_config(adapter_path, model_name_or_path)
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio={warmup_ratio!r} is invalid: expected a float in [0, 1)")
+        _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
+                        router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
+                        warmup_ratio=warmup_ratio, max_new_tokens=max_new_tokens)
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["adapter"] = self.adapter_config.to_dict()
@@ -338,3 +339,29 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["initial_lr"] = group["lr"]
                 param_group["lr"] = group["lr"] * factor(scheduler.last_epoch)
                 param_group["weight_decay"] = group["weight_decay"]
+
+
+def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,
+                    router_weight_decay: float | None, warmup_ratio: float, max_new_tokens: int | None) -> None:
+    """Refuse, by name, the numeric settings that would otherwise fail steps later as a non-finite loss or a
+    generation error."""
+    def finite(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    checks = [
+        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate > 0, "a finite number > 0"),
+        ("weight_decay", weight_decay, finite(weight_decay) and weight_decay >= 0, "a finite number >= 0"),
+        ("router_learning_rate", router_learning_rate,
+         router_learning_rate is None or finite(router_learning_rate) and router_learning_rate > 0,
+         "None or a finite number > 0"),
+        ("router_weight_decay", router_weight_decay,
+         router_weight_decay is None or finite(router_weight_decay) and router_weight_decay >= 0,
+         "None or a finite number >= 0"),
+        ("warmup_ratio", warmup_ratio, finite(warmup_ratio) and 0.0 <= warmup_ratio < 1.0, "a float in [0, 1)"),
+        ("max_new_tokens", max_new_tokens,
+         max_new_tokens is None or isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
+         and max_new_tokens >= 1, "None (each task's own length) or an integer >= 1"),
+    ]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"MALoRAModule {name}={value!r} is invalid: expected {allowed}")

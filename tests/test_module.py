@@ -61,6 +61,25 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_multiplier(15, 4, 20, "constant") == 1.0
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"learning_rate": 0.0}, "learning_rate=0.0 is invalid: expected a finite number > 0"),
+    ({"learning_rate": math.inf}, "learning_rate=inf is invalid"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid: expected a finite number >= 0"),
+    ({"router_learning_rate": math.nan}, "router_learning_rate=nan is invalid: expected None or a finite number"),
+    ({"router_weight_decay": -1}, "router_weight_decay=-1 is invalid"),
+    ({"warmup_ratio": 1.0}, r"warmup_ratio=1.0 is invalid: expected a float in \[0, 1\)"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0 is invalid: expected None .* or an integer >= 1"),
+    ({"max_new_tokens": -3}, "max_new_tokens=-3 is invalid"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 is invalid"),
+    ({"max_new_tokens": True}, "max_new_tokens=True is invalid"),
+])
+def test_bad_numeric_settings_are_named_when_the_module_is_built(kwargs, message):
+    """Before any model loads: each would otherwise surface steps later (a non-finite loss blamed on the data, a
+    generation that transformers refuses)."""
+    with pytest.raises(ValueError, match="MALoRAModule " + message):
+        MALoRAModule(**kwargs)
+
+
 def test_training_lowers_the_loss_and_logs_per_task(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, adapter=AdapterConfig(rank=4, shared_rank=8, num_experts=4, dropout=0.0),
                          learning_rate=3e-2, warmup_ratio=0.0, lr_schedule="constant")

@@ -112,17 +112,17 @@ class AdapterConfig:
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(_is_int(self.rank) and self.rank > 0, "rank", self.rank, "an integer >= 1")
         _check(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0), "alpha", self.alpha,
-               "a number > 0, or None for 2 * rank")
+               "a finite number > 0, or None for 2 * rank")
         _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a float in [0, 1)")
         _check(self.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", self.adapter_dtype,
                f"one of {tuple(ADAPTER_DTYPES)}")
         _check(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
         _check(_is_number(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef,
-               "a number >= 0")
+               "a finite number >= 0")
         _check(_is_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
-               self.router_z_loss_coef, "a number >= 0")
-        _check(_is_number(self.router_init_std) and math.isfinite(self.router_init_std) and self.router_init_std >= 0,
-               "router_init_std", self.router_init_std, "a finite number >= 0")
+               self.router_z_loss_coef, "a finite number >= 0")
+        _check(_is_number(self.router_init_std) and self.router_init_std >= 0, "router_init_std",
+               self.router_init_std, "a finite number >= 0")
         _check(isinstance(self.target_modules, str) and self.target_modules != ""
                or isinstance(self.target_modules, list) and len(self.target_modules) > 0
                and all(isinstance(t, str) and t for t in self.target_modules),
@@ -152,8 +152,7 @@ class AdapterConfig:
                    "an integer >= 1 (d, the rank of the shared subspace S_A)")
             _check(self.rank <= self.shared_rank, "rank", self.rank,
                    f"an integer in [1, shared_rank={self.shared_rank}] for MALoRA (rank(B_t P_t S_A) <= d)")
-            _check(_is_number(self.beta) and math.isfinite(self.beta) and self.beta > 0, "beta", self.beta,
-                   "a finite number > 0")
+            _check(_is_number(self.beta) and self.beta > 0, "beta", self.beta, "a finite number > 0")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +187,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: inf and NaN would only surface later, as non-finite logits or losses."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
