@@ -349,11 +349,11 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     checks = [
-        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate > 0, "a finite number > 0"),
+        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate >= 0, "a finite number >= 0"),
         ("weight_decay", weight_decay, finite(weight_decay) and weight_decay >= 0, "a finite number >= 0"),
         ("router_learning_rate", router_learning_rate,
-         router_learning_rate is None or finite(router_learning_rate) and router_learning_rate > 0,
-         "None or a finite number > 0"),
+         router_learning_rate is None or finite(router_learning_rate) and router_learning_rate >= 0,
+         "None or a finite number >= 0 (0 freezes the routers)"),
         ("router_weight_decay", router_weight_decay,
          router_weight_decay is None or finite(router_weight_decay) and router_weight_decay >= 0,
          "None or a finite number >= 0"),

@@ -62,7 +62,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"learning_rate": 0.0}, "learning_rate=0.0 is invalid: expected a finite number > 0"),
+    ({"learning_rate": -1e-4}, "learning_rate=-0.0001 is invalid: expected a finite number >= 0"),
     ({"learning_rate": math.inf}, "learning_rate=inf is invalid"),
     ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid: expected a finite number >= 0"),
     ({"router_learning_rate": math.nan}, "router_learning_rate=nan is invalid: expected None or a finite number"),
