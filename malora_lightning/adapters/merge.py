@@ -243,6 +243,7 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
         if name in quantized:
             base = _dequantized_linear(name, base, delta, _unquantized_dtype(model))
         else:
+            _untie(model, base)
             weight = base.weight
             update = delta.t() if isinstance(base, Conv1D) else delta  # Conv1D stores [n, m]
             with torch.no_grad():
@@ -256,6 +257,20 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
     if hf_quantizer is not None and not any(_is_bnb(module) for module in model.modules()):
         hf_quantizer.remove_quantization_config(model)  # nothing is quantized any more: save as a plain model
     return model
+
+
+def _untie(model: nn.Module, base: nn.Module) -> None:
+    """Give `base` its own copy of a weight it shares with another module, so that the update reaches this layer
+    only: a LoRA on `lm_head` of a model with tied input and output embeddings (SmolLM2's) would otherwise change
+    the input embeddings too. The config then stops tying them, so a saved merged model loads them apart."""
+    sharing = [name for name, parameter in model.named_parameters(remove_duplicate=False)
+               if parameter is base.weight]
+    if len(sharing) <= 1:
+        return
+    base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def _is_bnb(obj: nn.Module | torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from malora_lightning.adapters import (
     task_profile,
 )
 from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, routing_context
-from tests.helpers import tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -86,6 +86,29 @@ def test_merged_model_saves_and_reloads_as_a_plain_transformers_model(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not adapter_layers(reloaded)
     torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
+
+
+def test_a_lora_on_a_tied_output_head_merges_into_the_head_only(tmp_path):
+    """SmolLM2 ties lm_head to the input embeddings: the merge gives the head its own weight (adding in place would
+    change the embeddings as well: logits off by ~17 on this model), and the saved model keeps them apart."""
+    torch.manual_seed(0)
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0,
+                                                    target_modules=["lm_head", "q_proj"])))
+    batch = task_batches()[0]
+    expected = logits(model, batch)
+    merge_adapters(model)
+    assert_plain(model)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["molora", "malora"])
