@@ -39,7 +39,9 @@ class AdapterConfig:
         num_experts: N, experts per adapted linear (mixtures only).
         top_k: experts kept per token (mixtures only).
         beta: MALoRA's weight-balance scale: S_A = beta * V_0 and P_t = (U_t Sigma_t)[:r-bar] / beta.
-        aux_loss_coef: weight of the Switch/Mixtral load-balance loss (averaged over routed layers).
+        aux_loss_coef: weight of the Switch/Mixtral load-balance loss (averaged over routed layers). The loss is 1
+            at perfect balance (f_e counts each top-k slot as 1/K); MixLoRA/MoE-PEFT's equals K there, so their
+            coefficient c is K * c here.
         router_z_loss_coef: weight of the router z-loss (mean logsumexp(logits)^2); 0 disables it.
         renormalize_top_k: divide the kept top-k probabilities by their sum (MixLoRA/FastMoE); False keeps the raw
             softmax values (a literal reading of the paper's Eq. 4).

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -93,11 +92,13 @@ class AdapterFolder:
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read an adapter folder's config: ours (any method), a LoRA folder PEFT saved, or our earlier layout."""
     path = Path(path)
-    _remove_legacy_leftovers(path)
     recover_replace(path)  # a save that was killed mid-replace is completed (or dropped) first
     if not path.is_dir():
+        staged = _interrupted_legacy_save(path)
+        hint = "" if staged is None else (f"; {staged} looks like the complete adapter that an interrupted save of an "
+                                          f"earlier malora_lightning staged: rename it to {path.name} to load it")
         raise FileNotFoundError(f"adapter folder {path} not found (a folder written by save_adapters or by PEFT's "
-                                "save_pretrained)")
+                                f"save_pretrained){hint}")
     for required in ADAPTER_FILES:
         if not (path / required).is_file():
             raise FileNotFoundError(f"{path / required} not found: an adapter folder holds {CONFIG_NAME} and "
@@ -171,6 +172,13 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         if current.method != config.method:
             raise ValueError(f"{folder.path}: adapter method {config.method!r} does not match the model's injected "
                              f"adapters {current.method!r}")
+        saved, injected = _forward_settings(config), _forward_settings(current)
+        differing = [f"{name} (folder {saved[name]!r}, model {injected[name]!r})"
+                     for name in saved if saved[name] != injected[name]]
+        if differing:
+            raise ValueError(f"{folder.path}: the model's injected adapters compute differently from the saved ones: "
+                             f"{'; '.join(differing)}. Load into the base model without adapters (load_adapters "
+                             "injects the folder's), or inject with the folder's settings")
     else:
         inject_adapters(model, config)
     expected = {folder.stored_key(key): param for key, param in adapter_state_dict(model).items()}
@@ -200,6 +208,19 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         for param in expected.values():
             param.requires_grad_(False)
     return model
+
+
+def _forward_settings(config: AdapterConfig) -> dict[str, Any]:
+    """The settings that change what loaded weights compute, or which of them train, without changing a shape
+    (a shape mismatch is named by tensor); the routing ones where there is a router."""
+    settings: dict[str, Any] = {"scaling": config.scaling}
+    if config.is_routed:
+        settings |= {"top_k": config.top_k, "renormalize_top_k": config.renormalize_top_k}
+    if config.method == "malora":
+        settings |= {"train_shared_A": config.train_shared_A, "train_P": config.train_P}
+    else:
+        settings["train_A"] = config.train_A
+    return settings
 
 
 SAVED_QUANTIZATION = "saved"
@@ -265,7 +286,6 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or ""}
     _check_writable_adapter_folder(path)
-    _remove_legacy_leftovers(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:
         logger.warning("%s was not written by save_adapters: left as it is, without the model card",
@@ -392,22 +412,18 @@ def _check_writable_adapter_folder(path: Path) -> None:
                               f"or replaces {CONFIG_NAME} and {WEIGHTS_NAME} in an adapter folder: choose another path")
 
 
-def _remove_legacy_leftovers(path: Path) -> None:
-    """Folders that the earlier save scheme (a whole-folder swap beside `path`) left when killed mid-save: a staged
-    new adapter moves into place if `path` is gone, and every leftover holding adapter files only is removed."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.(tmp|old)")
+def _interrupted_legacy_save(path: Path) -> Path | None:
+    """The staged folder that the save scheme before 7056a26 (a whole-folder swap beside `path`, named as
+    `tempfile.mkdtemp` names) left when killed between its renames, if it holds a complete adapter. Only named in an
+    error: a load never moves or deletes a folder it cannot prove it wrote."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
     if not path.parent.is_dir():
-        return
-    for leftover in sorted(path.parent.iterdir(), key=lambda p: p.name.endswith(".old")):
-        if not (leftover.is_dir() and pattern.fullmatch(leftover.name)):
-            continue
-        if any(child.name not in ADAPTER_FILES for child in leftover.iterdir()):
-            continue  # not ours: leave it
-        complete = all((leftover / name).is_file() for name in ADAPTER_FILES)
-        if not path.exists() and complete:
-            leftover.rename(path)  # the earlier scheme died between its two renames: finish it
-        else:
-            shutil.rmtree(leftover)
+        return None
+    for candidate in sorted(path.parent.iterdir()):
+        if candidate.is_dir() and pattern.fullmatch(candidate.name) \
+                and sorted(child.name for child in candidate.iterdir()) == sorted(ADAPTER_FILES):
+            return candidate
+    return None
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,26 @@ def test_load_into_an_already_injected_model(tmp_path):
     target = inject_adapters(tiny_model("llama"), read_adapter_folder(tmp_path / "a").config)
     load_adapters(target, tmp_path / "a")
     assert all(torch.equal(adapter_state_dict(target)[k], v) for k, v in adapter_state_dict(model).items())
+
+
+@pytest.mark.parametrize(("method", "saved", "injected", "named"), [
+    ("lora", {"alpha": 32.0}, {"alpha": 4.0}, "scaling (folder 16.0, model 2.0)"),
+    ("lora", {}, {"train_A": False}, "train_A (folder True, model False)"),
+    ("molora", {"top_k": 1}, {"top_k": 4}, "top_k (folder 1, model 4)"),
+    ("malora", {}, {"renormalize_top_k": False}, "renormalize_top_k (folder True, model False)"),
+    ("malora", {"train_P": False}, {}, "train_P (folder False, model True)"),
+])
+def test_loading_into_adapters_that_compute_differently_is_refused_by_setting(tmp_path, method, saved, injected,
+                                                                             named):
+    """Same shapes, different function: the loaded weights would silently compute something else (logits off by up
+    to 6 on this model)."""
+    save_adapters(trained_model(method, **saved), tmp_path / "a")
+    settings = dict(method=method, rank=2, shared_rank=4, num_experts=4, train_shared_A=False)
+    target = inject_adapters(tiny_model("llama"), AdapterConfig(**(settings | injected)))
+    with pytest.raises(ValueError, match=r"compute differently from the saved ones: .*" + re.escape(named)):
+        load_adapters(target, tmp_path / "a")
+    other_kernel = AdapterConfig(**(settings | saved | {"kernel": "sparse", "dropout": 0.2, "aux_loss_coef": 0.1}))
+    load_adapters(inject_adapters(tiny_model("llama"), other_kernel), tmp_path / "a")  # kernel and losses may differ
 
 
 def test_method_mismatch_is_named(tmp_path):
@@ -219,15 +240,23 @@ def test_a_save_killed_before_its_commit_leaves_the_old_adapter(tmp_path):
     assert not (tmp_path / "a" / ".malora-staging").exists()
 
 
-def test_leftovers_of_the_earlier_folder_swap_are_finished_or_removed(tmp_path):
-    for name, leftover in (("staged", ".a.k3j9x_2q.tmp"), ("old", ".a.8fh2m1zz.old")):  # killed between its renames
+def test_leftovers_beside_an_adapter_folder_are_never_moved_or_deleted(tmp_path):
+    """The save scheme before 7056a26 swapped whole folders beside the target (`.a.<8 chars>.tmp` staged, `.old`
+    the previous one). A load or save touches none of them, nor a user's backup that looks alike; when the folder
+    itself is missing, the error names a complete staged adapter to rename."""
+    for name, leftover in (("staged", ".a.k3j9x_2q.tmp"), ("old", ".a.8fh2m1zz.old"), ("backup", ".a.v1.old")):
         save_adapters(trained_model(), tmp_path / name)
         (tmp_path / name / "README.md").unlink()  # that scheme wrote the two adapter files only
         (tmp_path / name).rename(tmp_path / leftover)
-    (tmp_path / ".a.keepme.tmp").mkdir()
-    (tmp_path / ".a.keepme.tmp" / "thesis.tex").write_text("not ours")
-    load_adapters(tiny_model("llama"), tmp_path / "a")  # the staged adapter moves into place
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.keepme.tmp", "a"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*a not found .*\.a\.k3j9x_2q\.tmp looks like the "
+                                                r"complete adapter .* rename it to a"):
+        load_adapters(tiny_model("llama"), tmp_path / "a")
+    save_adapters(trained_model(), tmp_path / "b")
+    load_adapters(tiny_model("llama"), tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["b"])
+    (tmp_path / ".a.k3j9x_2q.tmp").rename(tmp_path / "a")
+    load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x01 random bytes, not a header", "truncated"])
