@@ -14,6 +14,7 @@ import io
 import json
 import random
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,8 @@ class FileSource:
 
     JSON and CSV are read here, not through a dataframe library, so that every value keeps the text the user wrote:
     no float inference turning a column of "2" into "2.0" around an empty cell, no nulls filled in for keys a row
-    lacks. A CSV cell that is empty, like a JSON null, is a missing value, which the formatter rejects by name.
+    lacks, a JSON ``1e3`` inserted as ``1e3``. A CSV cell that is empty, like a JSON null, is a missing value, which
+    the formatter rejects by name. A name given twice (CSV header, JSON object) is an error, never a dropped value.
     """
 
     files: Mapping[str, str]
@@ -175,8 +177,8 @@ class FileSource:
             from datasets import load_dataset
 
             return load_dataset("parquet", data_files=str(path), split="train")
-        try:
-            text = path.read_text(encoding="utf-8")
+        try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first field's name
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:
             raise TaskDataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
         if kind == "csv":
@@ -184,13 +186,73 @@ class FileSource:
         return _json_rows(text, path)
 
 
+class _JSONNumber(float):
+    """A JSON number written with a fraction or an exponent: the float it is, whose text (``str``, or a template
+    field without a format spec) is what the file says, so ``1e3`` and ``2.50`` stay ``1e3`` and ``2.50``, not
+    Python's ``1000.0`` and ``2.5``. (JSON integers need no such care: Python writes them back as they were.)"""
+
+    text: str
+
+    def __new__(cls, text: str) -> _JSONNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __format__(self, spec: str) -> str:
+        return self.text if not spec else super().__format__(spec)
+
+
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted: for errors about a field, column or task named twice."""
+    names = list(names)
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names a key twice (``json.loads`` would keep the last value and drop the others)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    twice = repeated(key for key, _ in pairs)
+    if twice:
+        raise _DuplicateKey(f"an object names {', '.join(map(repr, twice))} more than once; each field needs "
+                            "its own name (json would keep only the last value)")
+    return dict(pairs)
+
+
+def _parse_json(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_JSONNumber, parse_constant=_JSONNumber)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string that is not text: a lone surrogate escape such as ``"\\ud83d"``
+    (half of an emoji's pair), valid JSON but no character, which tokenizers reject."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
 def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON lines file (`.jsonl`: one object per line, blank lines skipped), or of a `.json` file holding
-    an array of objects (a `.json` file that is not one JSON value is read as JSON lines)."""
+    an array of objects (a `.json` file that is not one JSON value is read as JSON lines). A key repeated in an
+    object and a string holding a lone surrogate are errors: the first would lose a value, the second is not text."""
     numbered, unit = None, "item"
     if path.suffix.lower() == ".json":
         try:
-            value = json.loads(text)
+            value = _parse_json(text)
+        except _DuplicateKey as error:
+            raise TaskDataError(f"{path}: {error}") from None
         except json.JSONDecodeError:
             value = None  # not one JSON value: JSON lines
         if isinstance(value, list):
@@ -204,7 +266,9 @@ def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                numbered.append((number, json.loads(line)))
+                numbered.append((number, _parse_json(line)))
+            except _DuplicateKey as error:
+                raise TaskDataError(f"{path}, line {number}: {error}") from None
             except json.JSONDecodeError as error:
                 raise TaskDataError(f"{path}, line {number}: not a JSON object ({error.msg}); a JSON lines file holds "
                                     "one complete object per line") from None
@@ -212,18 +276,39 @@ def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise TaskDataError(f"{path}, {unit} {number}: expected an object of fields, got "
                                 f"{type(row).__name__} {row!r:.60}")
+        for key, value in row.items():
+            if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+                raise TaskDataError(f"{path}, {unit} {number}: field {key!r} holds a lone surrogate escape (like "
+                                    "\\ud83d, half of a character's UTF-16 pair), which is not text; write the "
+                                    "character itself or its complete pair (\\ud83d\\ude00)")
     return [row for _, row in numbered]
 
 
+# the csv module refuses cells over 128 KiB by default; a long document is a normal cell. 2**31 - 1 is the largest
+# limit every platform's C long holds (sys.maxsize overflows it on Windows)
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2 ** 31 - 1)
+
+
 def _csv_rows(text: str, path: Path) -> list[dict[str, Any]]:
-    """CSV rows as text; an empty cell (or a cell a short row lacks) is None: missing."""
+    """CSV rows as text; an empty cell (or a cell a short row lacks) is None: missing. A header naming a column twice
+    is an error (the row would keep only the last column's cell); unnamed columns (trailing commas) cannot be used
+    by a task and may repeat."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.DictReader(io.StringIO(text))
     rows = []
-    for row in reader:
-        if None in row:  # DictReader keys the surplus cells of a long row with None
-            raise TaskDataError(f"{path}, line {reader.line_num}: more cells than the {len(reader.fieldnames)} "
-                                f"columns of the header ({', '.join(reader.fieldnames)})")
-        rows.append({key: value if value not in ("", None) else None for key, value in row.items()})
+    try:
+        header = reader.fieldnames or []
+        twice = repeated(name for name in header if name)
+        if twice:
+            raise TaskDataError(f"{path}, line 1: the header names {', '.join(map(repr, twice))} more than once; "
+                                "each column needs its own name")
+        for row in reader:
+            if None in row:  # DictReader keys the surplus cells of a long row with None
+                raise TaskDataError(f"{path}, line {reader.line_num}: more cells than the {len(header)} columns of "
+                                    f"the header ({', '.join(header)})")
+            rows.append({key: value if value not in ("", None) else None for key, value in row.items()})
+    except csv.Error as error:  # the inner reader's count: DictReader's own is updated only after a good row
+        raise TaskDataError(f"{path}, line {reader.reader.line_num}: not readable as CSV ({error})") from None
     return rows
 
 
@@ -373,7 +458,7 @@ class TemplateFormatter:
         prompt = self.prompt.format_map(view)
         if self.choices is None:
             return Example(prompt=prompt, target=self.target.format_map(view))
-        choices = view[self.choices]
+        choices = view.value(self.choices)
         if isinstance(choices, str) and choices.lstrip().startswith("["):  # a JSON list in a CSV cell
             try:
                 choices = json.loads(choices)
@@ -383,7 +468,7 @@ class TemplateFormatter:
                                                               not isinstance(c, bool) for c in choices):
             raise ValueError(f"choices field {self.choices!r} must hold a list of choice texts, like [\"yes\", "
                              f"\"no\"] (in CSV, that JSON list in the cell); got {choices!r:.80}")
-        gold = view[self.gold]
+        gold = view.value(self.gold)
         if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
             gold = int(gold)
         if isinstance(gold, bool) or not isinstance(gold, int):
@@ -393,17 +478,29 @@ class TemplateFormatter:
 
 
 class _FieldView(Mapping[str, Any]):
-    """A row seen through a renaming: ``view[name]`` reads column ``fields.get(name, name)``; a missing column
-    raises ``KeyError(column)`` so the error names the field the row lacks."""
+    """A row seen through a renaming: ``view.value(name)`` reads column ``fields.get(name, name)``; ``view[name]`` is
+    what a template inserts, text or a number. A missing column raises ``KeyError(column)`` so the error names the
+    field the row lacks; a null is refused, and so is a boolean, list or object in a template, which would be
+    written as Python's ``True``, ``['x', None]`` or ``{'k': None}``, not as anything in the file."""
 
     def __init__(self, row: Mapping[str, Any], fields: Mapping[str, str]) -> None:
         self._row, self._fields = row, fields
 
-    def __getitem__(self, name: str) -> Any:
+    def value(self, name: str) -> Any:
         column = self._fields.get(name, name)
         value = self._row[column]
         if value is None:
             raise ValueError(f"field {column!r} is empty (null); every field a template or the task reads needs a value")
+        return value
+
+    def __getitem__(self, name: str) -> Any:
+        value = self.value(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            kind = {bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+            shown = json.dumps(value, ensure_ascii=False, default=str)  # as the file writes it: null, not None
+            raise ValueError(f"field {self._fields.get(name, name)!r} holds {kind} ({shown:.60}), which a template "
+                             "cannot insert as text; a template field must hold a string or a number (write this "
+                             "value as a string in the file)")
         return value
 
     def __iter__(self):

@@ -1,12 +1,16 @@
 """User data files: values keep the text the user wrote, and a missing, null or mistyped value is an error that names
 the file, the row and the field; never the text "None", never a silent conversion."""
 
+import csv
 import json
 
 import pytest
 
 from malora_lightning.data import task_from_spec
+from malora_lightning.data import tasks as tasks_module
 from malora_lightning.data.tasks import TaskDataError
+
+DEFAULT_CSV_FIELD_LIMIT = csv.field_size_limit()
 
 GENERATIVE = {"prompt": "{q}", "target": "{a}"}
 CHOICE = {"prompt": "{q}", "choices": "options", "gold": "answer"}
@@ -35,6 +39,20 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
     "jsonl line that is a list": ("d.jsonl", jsonl(["q", "a"]), GENERATIVE,
                                   ["d.jsonl, line 1: expected an object of fields, got list"]),
     "json that is not a list of objects": ("d.json", "[1, 2]", GENERATIVE, ["d.json, item 1: expected an object"]),
+    "jsonl boolean in a template": ("d.jsonl", jsonl({"q": "Is it?", "a": True}), GENERATIVE,
+                                    ["train row 0", "field 'a' holds a boolean (true)", "d.jsonl"]),
+    "jsonl list in a template": ("d.jsonl", jsonl({"q": "List?", "a": ["x", None]}), GENERATIVE,
+                                 ["train row 0", "field 'a' holds a list ([\"x\", null])", "must hold a string"]),
+    "jsonl object in a template": ("d.jsonl", jsonl({"q": {"text": "nested", "hint": None}, "a": "ok"}), GENERATIVE,
+                                   ["train row 0", "field 'q' holds an object"]),
+    "jsonl lone surrogate": ("d.jsonl", jsonl({"q": "ok", "a": "b"}, '{"q": "smile \\ud83d", "a": "ok"}'), GENERATIVE,
+                             ["d.jsonl, line 2: field 'q' holds a lone surrogate escape", "not text"]),
+    "jsonl repeated key": ("d.jsonl", jsonl('{"q": "2+2", "a": "4", "a": "four"}'), GENERATIVE,
+                           ["d.jsonl, line 1: an object names 'a' more than once"]),
+    "json repeated key": ("d.json", '[{"q": "2+2", "a": "4", "a": "four"}]', GENERATIVE,
+                          ["d.json: an object names 'a' more than once"]),
+    "csv repeated header name": ("d.csv", "q,a,a\n2+2,4,four-ish\n", GENERATIVE,
+                                 ["d.csv, line 1: the header names 'a' more than once"]),
 }
 
 
@@ -64,6 +82,46 @@ def test_csv_values_keep_their_text(tmp_path):
     path.write_text("q,a,note\n1+1,2,\n5+5,10,checked\n007?,007,\n")
     task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
     assert [example.target for example in task.examples("train")] == ["2", "10", "007"]
+
+
+def test_json_numbers_keep_their_text(tmp_path):
+    """json.loads turned 1e3 into 1000.0 and 2.50 into 2.5, and the template wrote Python's float, not the file's."""
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"q": 1, "a": 1e3}\n{"q": 2, "a": 2.50}\n{"q": 3, "a": 42}\n{"q": 4, "a": -0.5}\n')
+    task = task_from_spec({"name": "mine", "path": str(path), "prompt": "{q} {a:.1f}", "target": "{a}"})
+    examples = task.examples("train")
+    assert [example.target for example in examples] == ["1e3", "2.50", "42", "-0.5"]
+    assert [example.prompt for example in examples] == ["1 1000.0", "2 2.5", "3 42.0", "4 -0.5"]  # specs still apply
+
+
+@pytest.mark.parametrize("file_name", ["d.csv", "d.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, file_name):
+    """Excel's "CSV UTF-8" starts with a BOM, which made the first column '\\ufeffq': "missing field 'q'"."""
+    path = tmp_path / file_name
+    content = "q,a\n2+2,4\n" if file_name.endswith(".csv") else jsonl({"q": "2+2", "a": "4"})
+    path.write_bytes(("\ufeff" + content).encode("utf-8"))
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [("2+2", "4")]
+
+
+def test_csv_cells_longer_than_the_csv_module_default_are_read(tmp_path):
+    """A 150,000-character document made csv raise "field larger than field limit (131072)", with a traceback."""
+    path = tmp_path / "long.csv"
+    path.write_text('document,summary\n"' + "word " * 30000 + '",short\n')
+    task = task_from_spec({"name": "mine", "path": str(path), "prompt": "{document}", "target": "{summary}"})
+    assert len(task.examples("train")[0].prompt) == 150000
+
+
+def test_csv_errors_name_the_file_and_line(tmp_path, monkeypatch):
+    path = tmp_path / "d.csv"
+    path.write_text("q,a\n2+2,4\n3+3,a cell longer than the limit\n")
+    monkeypatch.setattr(tasks_module, "_CSV_FIELD_LIMIT", 10)  # the one csv.Error the default dialect still raises
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    try:
+        with pytest.raises(TaskDataError, match=r"d.csv, line 3: not readable as CSV \(field larger than field limit"):
+            task.examples("train")
+    finally:
+        csv.field_size_limit(DEFAULT_CSV_FIELD_LIMIT)
 
 
 def test_csv_choices_as_a_json_list_in_the_cell(tmp_path):
