@@ -32,6 +32,21 @@ class TaskDataError(ValueError):
     """A task's data cannot be used; the message names the task, the split and, where it applies, the row."""
 
 
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    """A task setting is valid or a ValueError names it, its value and what would be valid (a YAML spec's mistyped
+    value, such as ``max_new_tokens: "5"``, would otherwise fail later as a TypeError deep in the code)."""
+    if not ok:
+        raise ValueError(f"{key}={value!r:.80} is invalid: expected {valid}")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # ----------------------------------------------------------------------------------------------------- examples
 
 
@@ -158,6 +173,7 @@ class FileSource:
         for split, path in self.files.items():
             if split not in SPLITS:
                 raise ValueError(f"unknown split {split!r} for file {path}; valid splits: {', '.join(SPLITS)}")
+            _require(isinstance(path, (str, Path)), f"path of split {split!r}", path, "a file path")
             if Path(path).suffix.lower() not in FILE_FORMATS:
                 raise ValueError(f"cannot read {path}: supported file types are {', '.join(FILE_FORMATS)}")
 
@@ -350,14 +366,20 @@ class Task:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not _TASK_NAME.match(self.name):
-            raise ValueError(f"task name {self.name!r} must be non-empty and use only letters, digits, '_', '.', '-'")
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
-        if self.chance_rate is not None and not 0.0 <= self.chance_rate <= 1.0:
-            raise ValueError(f"task {self.name!r}: chance_rate {self.chance_rate} is not in [0, 1]")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        _require(_is_text(self.name) and bool(_TASK_NAME.match(self.name)), "name", self.name,
+                 "a task name: non-empty text of letters, digits, '_', '.', '-' (quote a number: name: '2024')")
+        try:
+            _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind, f"one of {', '.join(TASK_KINDS)}")
+            _require(self.chance_rate is None or (_is_number(self.chance_rate) and 0 <= self.chance_rate <= 1),
+                     "chance_rate", self.chance_rate, "a number in [0, 1], or null")
+            _require(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and
+                                                     not isinstance(self.max_new_tokens, bool) and
+                                                     self.max_new_tokens >= 1),
+                     "max_new_tokens", self.max_new_tokens,
+                     "an integer >= 1, or null (then the longest target in tokens, plus the end token)")
+            _require(_is_text(self.description), "description", self.description, "text")
+        except ValueError as error:
+            raise ValueError(f"task {self.name!r}: {error}") from None
 
     @property
     def metric(self) -> str:
@@ -448,6 +470,14 @@ class TemplateFormatter:
     fields: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _require(_is_text(self.prompt), "prompt", self.prompt, "a template, like 'Q: {question}'")
+        _require(self.target is None or _is_text(self.target), "target", self.target,
+                 "a template, like '{answer}' (quote a fixed text: target: '7')")
+        for key, column in (("choices", self.choices), ("gold", self.gold)):
+            _require(column is None or _is_text(column), key, column, "the name of a column")
+        _require(isinstance(self.fields, Mapping) and all(map(_is_text, [*self.fields, *self.fields.values()])),
+                 "fields", self.fields, "a mapping of template name to column name, like {question: q}")
+        object.__setattr__(self, "fields", dict(self.fields))
         if (self.choices is None) != (self.gold is None):
             raise ValueError("multiple choice needs both 'choices' and 'gold'")
         if self.choices is None and self.target is None:
@@ -536,26 +566,36 @@ def task_from_spec(spec: Mapping[str, Any]) -> Task:
             raise ValueError(f"task spec {spec.get('name', '?')!r} needs {key!r}")
     answer = spec.get("answer", "first_line")
     try:
-        if answer not in ANSWER_EXTRACTORS:
-            raise ValueError(f"answer {answer!r} is not one of {', '.join(ANSWER_EXTRACTORS)}")
+        _require(_is_text(answer) and answer in ANSWER_EXTRACTORS, "answer", answer,
+                 f"one of {', '.join(ANSWER_EXTRACTORS)}")
         formatter = TemplateFormatter(prompt=spec["prompt"], target=spec.get("target"), choices=spec.get("choices"),
-                                      gold=spec.get("gold"), fields=dict(spec.get("fields") or {}))
-        kind = spec.get("kind", "generative" if formatter.choices is None else "multiple_choice")
-        return Task(name=spec["name"], source=_source_from_spec(spec), formatter=formatter, kind=kind,
-                    chance_rate=spec.get("chance_rate"), max_new_tokens=spec.get("max_new_tokens"),
-                    answer=ANSWER_EXTRACTORS[answer], description=spec.get("description", ""))
+                                      gold=spec.get("gold"), fields=spec.get("fields") or {})
+        source = _source_from_spec(spec)
     except ValueError as error:
         raise ValueError(f"task spec {spec['name']!r}: {error}") from error
+    kind = spec.get("kind", "generative" if formatter.choices is None else "multiple_choice")
+    return Task(name=spec["name"], source=source, formatter=formatter, kind=kind, chance_rate=spec.get("chance_rate"),
+                max_new_tokens=spec.get("max_new_tokens"), answer=ANSWER_EXTRACTORS[answer],
+                description=spec.get("description") or "")  # Task's checks name the task
 
 
 def _source_from_spec(spec: Mapping[str, Any]) -> Source:
     if ("path" in spec) == ("hub" in spec):
         raise ValueError("needs exactly one of 'path' (local files) and 'hub' (a hub dataset)")
     if "hub" in spec:
+        _require(_is_text(spec["hub"]), "hub", spec["hub"], "a hub dataset id, like 'google/boolq'")
+        _require(spec.get("config") is None or _is_text(spec["config"]), "config", spec.get("config"),
+                 "the name of one of the dataset's configurations, or null")
         splits = spec.get("splits") or {split: split for split in SPLITS}
+        _require(isinstance(splits, Mapping) and all(split in SPLITS and _is_text(name) for split, name in
+                                                     splits.items()),
+                 "splits", splits, f"a mapping of split ({', '.join(SPLITS)}) to the dataset's split name, like "
+                                   "{train: 'train[:500]'}")
         return HubSource(path=spec["hub"], name=spec.get("config"), split_map=dict(splits))
     path = spec["path"]
-    return FileSource(files={"train": str(path)} if isinstance(path, (str, Path)) else dict(path))
+    _require(isinstance(path, (str, Path, Mapping)), "path", path,
+             "a file path (the train split), or a mapping of split to file path, like {train: a.jsonl, test: b.jsonl}")
+    return FileSource(files={"train": path} if isinstance(path, (str, Path)) else dict(path))
 
 
 def tasks_from_yaml(path: str | Path) -> list[Task]:

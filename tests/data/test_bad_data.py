@@ -68,6 +68,44 @@ def test_bad_user_data_is_named(tmp_path, case):
         assert fragment in str(error.value), (fragment, str(error.value))
 
 
+SPEC = {"name": "mine", "path": "d.jsonl", **GENERATIVE}
+SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or AttributeError, or was accepted
+    "name a number": (SPEC | {"name": 123}, ["name=123 is invalid: expected a task name", "quote a number"]),
+    "name null": (SPEC | {"name": None}, ["name=None is invalid"]),
+    "chance_rate text": (SPEC | {"chance_rate": "half"},
+                         ["task 'mine': chance_rate='half' is invalid: expected a number in [0, 1]"]),
+    "max_new_tokens text": (SPEC | {"max_new_tokens": "5"},
+                            ["task 'mine': max_new_tokens='5' is invalid: expected an integer >= 1, or null"]),
+    "max_new_tokens fractional": (SPEC | {"max_new_tokens": 2.5}, ["task 'mine': max_new_tokens=2.5 is invalid"]),
+    "max_new_tokens boolean": (SPEC | {"max_new_tokens": True}, ["task 'mine': max_new_tokens=True is invalid"]),
+    "prompt null": (SPEC | {"prompt": None}, ["task spec 'mine': prompt=None is invalid: expected a template"]),
+    "target a number": (SPEC | {"target": 7}, ["task spec 'mine': target=7 is invalid", "quote a fixed text"]),
+    "choices a list": ({**SPEC, "target": None, "choices": ["a", "b"], "gold": "answer"},
+                       ["task spec 'mine': choices=['a', 'b'] is invalid: expected the name of a column"]),
+    "fields a list": (SPEC | {"fields": ["q"]}, ["task spec 'mine': fields=['q'] is invalid: expected a mapping"]),
+    "answer a list": (SPEC | {"answer": ["first_line"]},
+                      ["task spec 'mine': answer=['first_line'] is invalid: expected one of first_line, final_answer"]),
+    "path a number": (SPEC | {"path": 5}, ["task spec 'mine': path=5 is invalid: expected a file path"]),
+    "path a list": (SPEC | {"path": ["a.jsonl", "b.jsonl"]}, ["path=['a.jsonl', 'b.jsonl'] is invalid",
+                                                              "or a mapping of split to file path"]),
+    "path of a split a number": (SPEC | {"path": {"train": 5}},
+                                 ["task spec 'mine': path of split 'train'=5 is invalid: expected a file path"]),
+    "hub splits a list": ({"name": "mine", "hub": "org/data", "splits": ["train"], **GENERATIVE},
+                          ["task spec 'mine': splits=['train'] is invalid: expected a mapping of split"]),
+    "kind unknown": (SPEC | {"kind": "mc"}, ["task 'mine': kind='mc' is invalid: expected one of generative"]),
+    "description a number": (SPEC | {"description": 3}, ["task 'mine': description=3 is invalid: expected text"]),
+}
+
+
+@pytest.mark.parametrize("case", SPEC_CASES, ids=list(SPEC_CASES))
+def test_mistyped_spec_values_are_named(case):
+    spec, fragments = SPEC_CASES[case]
+    with pytest.raises(ValueError) as error:
+        task_from_spec(spec)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
 def test_non_utf8_bytes_are_named(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"q": "caf\xe9", "a": "x"}\n'.encode("latin-1"))

@@ -101,9 +101,10 @@ def test_example_validation(kwargs, message):
 
 
 def test_invalid_task_definitions_are_rejected():
-    with pytest.raises(ValueError, match="kind 'ranking' is not one of generative, multiple_choice"):
+    with pytest.raises(ValueError, match="task 't': kind='ranking' is invalid: expected one of generative, "
+                                         "multiple_choice"):
         Task(name="t", source=generated(ROWS), formatter=qa_formatter, kind="ranking")
-    with pytest.raises(ValueError, match="task name 'a b' must"):
+    with pytest.raises(ValueError, match="name='a b' is invalid: expected a task name"):
         Task(name="a b", source=generated(ROWS), formatter=qa_formatter)
 
 
