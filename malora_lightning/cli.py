@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.checkpoints import checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
@@ -46,10 +47,12 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
         conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
                          f"{model.model_name_or_path!r}")
     stored_adapter = stored.get("adapter") or {}
+    # with an adapter_path, the module takes its adapter settings from that folder, not from model.adapter
+    adapter = read_adapter_folder(model.adapter_path).config if model.get("adapter_path") else model.adapter
     for field in ADAPTER_SHAPE_FIELDS:
-        if field in stored_adapter and stored_adapter[field] != getattr(model.adapter, field):
+        if field in stored_adapter and stored_adapter[field] != getattr(adapter, field):
             conflicts.append(f"model.adapter.{field}: checkpoint {stored_adapter[field]!r}, this run "
-                             f"{getattr(model.adapter, field)!r}")
+                             f"{getattr(adapter, field)!r}")
     if conflicts:
         raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(conflicts) + ". Settings come "
                          "from your config and flags only, never from a checkpoint: pass the recipe (or flags) the "
@@ -57,7 +60,7 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
     for key, value in stored.items():
         if key == "adapter":
             differences += [f"model.adapter.{field}" for field, stored_value in value.items()
-                            if field not in ADAPTER_SHAPE_FIELDS and stored_value != getattr(model.adapter, field, None)]
+                            if field not in ADAPTER_SHAPE_FIELDS and stored_value != getattr(adapter, field, None)]
         elif key != "model_name_or_path" and key in model and stored[key] != model[key]:
             differences.append(f"model.{key}")
     return differences

@@ -7,7 +7,13 @@ import lightning
 import pytest
 import torch
 
-from malora_lightning.adapters import AdapterConfig, adapter_state_dict
+from malora_lightning.adapters import (
+    AdapterConfig,
+    adapter_state_dict,
+    inject_adapters,
+    read_adapter_folder,
+    save_adapters,
+)
 from malora_lightning.checkpoints import checkpoint_hyperparameters
 from malora_lightning.cli import check_checkpoint_settings, main
 from malora_lightning.data import MultiTaskDataModule
@@ -89,6 +95,20 @@ def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_p
                      "--model.adapter.dropout=0.2"]).config.model
     assert sorted(check_checkpoint_settings(stored, resumed, "x.ckpt")) == [
         "model.adapter.dropout", "model.learning_rate", "model.lr_schedule"]
+
+
+def test_a_run_started_from_an_adapter_folder_resumes_with_its_own_flags(tmp_path):
+    """With `--model.adapter_path` the module takes its adapter settings from the folder, and so does the check: the
+    same command plus `--ckpt_path` was refused (checkpoint 'lora', this run 'malora': the recipe's unused adapter)."""
+    lora = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=8))
+    save_adapters(lora, tmp_path / "adapter")
+    flags = ["--config", "recipes/default.yaml", f"--model.adapter_path={tmp_path / 'adapter'}"]
+    started = parse(flags).config.model
+    stored = {"model_name_or_path": started.model_name_or_path, "adapter_path": started.adapter_path,
+              "adapter": read_adapter_folder(tmp_path / "adapter").config.to_dict()}
+    assert check_checkpoint_settings(stored, parse(flags).config.model, "x.ckpt") == []
+    with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'"):
+        check_checkpoint_settings(stored, parse(flags[:2]).config.model, "x.ckpt")  # without the folder
 
 
 def test_every_subcommand_reads_checkpoints_as_data(capsys):
