@@ -47,6 +47,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names that occur more than once, sorted: for errors about a field, column, choice or task given twice."""
+    names = list(names)
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 # ----------------------------------------------------------------------------------------------------- examples
 
 
@@ -74,6 +80,10 @@ class Example:
         object.__setattr__(self, "choices", tuple(self.choices))
         if len(self.choices) < 2:
             raise ValueError(f"a multiple-choice example needs at least two choices (got {list(self.choices)})")
+        twice = repeated(self.choices)
+        if twice:  # equal texts score equally and a tie goes to the first: a later copy could never be chosen
+            raise ValueError(f"choices {', '.join(map(repr, twice))} appear more than once in {list(self.choices)}; "
+                             "each choice must be different")
         if self.gold is None or not 0 <= self.gold < len(self.choices):
             raise ValueError(f"gold index {self.gold!r} is not in 0..{len(self.choices) - 1}")
         if self.target != self.choices[self.gold]:
@@ -219,12 +229,6 @@ class _JSONNumber(float):
 
     def __format__(self, spec: str) -> str:
         return self.text if not spec else super().__format__(spec)
-
-
-def repeated(names: Iterable[str]) -> list[str]:
-    """The names that occur more than once, sorted: for errors about a field, column or task named twice."""
-    names = list(names)
-    return sorted({name for name in names if names.count(name) > 1})
 
 
 class _DuplicateKey(ValueError):

@@ -94,6 +94,8 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
     ({"choices": ("A", "B"), "gold": 0}, "target 'x' differs from the gold choice 'A'"),
     ({"choices": ("A",), "gold": 0}, "at least two choices"),
     ({"gold": 0}, "gold is set but there are no choices"),
+    ({"choices": ("yes", "no", "yes"), "gold": 2, "target": "yes"},  # a tie goes to index 0: gold 2 is never chosen
+     r"choices 'yes' appear more than once in \['yes', 'no', 'yes'\]"),
 ])
 def test_example_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
