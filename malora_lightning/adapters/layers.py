@@ -218,6 +218,8 @@ class RoutedAdapterLayer(AdapterLayer):
         forward = self.routing_context.current
         token_mask, token_weights = forward.tokens(tuple(leading_shape)) if forward is not None else (None, None)
         collect = forward is not None and self.training and torch.is_grad_enabled()
+        if forward is not None and self.training and not collect:
+            forward.routed_without_gradients = True
         dtype = self.compute_dtype(x.device.type)
         spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
                            dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,10 @@ def router_losses(model: nn.Module) -> RouterLossSummary | None:
     """
     context = routing_context(model)
     forward = None if context is None else context.current
+    if forward is not None and not forward.statistics and forward.routed_without_gradients:
+        warnings.warn("the latest forward routed in training mode with gradients off, so it has no router losses "
+                      "(reentrant activation checkpointing runs the forward under no_grad: pass "
+                      "gradient_checkpointing_kwargs={'use_reentrant': False})", stacklevel=2)
     if forward is None or not forward.statistics:
         return None
     load_balance = load_balance_from_statistics(torch.stack([s.balance for s in forward.statistics])).mean()

@@ -173,6 +173,7 @@ class ForwardRouting:
     attention_mask: torch.Tensor | None = None
     statistics: list[RouterStatistics] = field(default_factory=list)
     scoring: ScoringPass | None = None
+    routed_without_gradients: bool = False  # a layer routed in training mode under no_grad: it collected nothing
     _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
     def tokens(self, leading_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -158,6 +158,22 @@ def test_no_statistics_are_computed_outside_training(mode):
     assert router_losses(model) is None
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_reentrant_checkpointing_warns_that_it_leaves_no_router_losses(use_reentrant):
+    """Reentrant activation checkpointing runs the forward under no_grad: the layers collect nothing, and aux_loss
+    would silently be 0 without this warning. Non-reentrant checkpointing (what MALoRAModule uses) collects them."""
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="malora", rank=2, shared_rank=4,
+                                                               num_experts=4, dropout=0.0)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ids = torch.randint(3, 200, (2, 6))
+    model(input_ids=ids, labels=ids, use_cache=False)
+    if use_reentrant:
+        with pytest.warns(UserWarning, match="routed in training mode with gradients off.*use_reentrant"):
+            assert float(aux_loss(model)) == 0.0
+    else:
+        assert router_losses(model).num_layers == 12 and aux_loss(model).requires_grad
+
+
 def test_routed_layers_keep_no_tensors_between_forwards():
     model = routed_model(router_z_loss_coef=1.0)
     model(torch.randint(0, 200, (2, 5))).logits.sum().backward()
