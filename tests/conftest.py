@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-# Without a GPU the fused-routing tests run the Triton kernels through Triton's interpreter, which has to be chosen
-# before triton is first imported (Lightning imports it).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The fused-routing tests run the Triton kernels through Triton's interpreter on every machine, GPU or not: they
+# build their layers on the CPU, whose tensors compiled kernels cannot read (the GPU suite's probe, benchmarks/
+# gpu_suite.py, runs them compiled on CUDA). It has to be chosen before triton is first imported (Lightning does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import tiny_model, tiny_tokenizer  # noqa: E402
 

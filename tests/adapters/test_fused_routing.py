@@ -1,5 +1,5 @@
 """kernel="fused" (the dense kernel's routing as Triton kernels) against kernel="dense" (plain ops), run on CPU
-through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU): forward, balance statistics,
+through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1): forward, balance statistics,
 z-loss and every gradient, on token counts that span several kernel blocks and expert counts and ranks that are not
 powers of two."""
 
