@@ -112,17 +112,41 @@ _FINAL_MARKERS = ("####", "The answer is:", "The answer is")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def final_answer(text: str) -> str:
-    """The final answer of a worked solution: what follows GSM8K's ``####`` or MetaMathQA's ``The answer is:``,
-    else the last number; commas, ``$`` and a trailing period are dropped so ``1,000.`` matches ``1000``."""
+def _normalised(answer: str) -> str:
+    return answer.replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def _marked_answer(text: str) -> str | None:
+    """What follows the last final-answer marker, normalised; None when the text has no marker."""
     for marker in _FINAL_MARKERS:
         if marker in text:
-            answer = first_line(text.rsplit(marker, 1)[1])
-            break
-    else:
-        numbers = _NUMBER.findall(text)
-        answer = numbers[-1] if numbers else first_line(text)
-    return answer.replace(",", "").replace("$", "").rstrip(".").strip()
+            return _normalised(first_line(text.rsplit(marker, 1)[1]))
+    return None
+
+
+def final_answer(text: str) -> str:
+    """The final answer of a worked solution: what follows GSM8K's ``####`` or MetaMathQA's ``The answer is:``,
+    else the last number; commas, ``$`` and a trailing period are dropped so ``1,000.`` matches ``1000``. A task
+    scores with ``final_answer_matches``, which reduces only the prediction to its last number."""
+    marked = _marked_answer(text)
+    if marked is not None:
+        return marked
+    numbers = _NUMBER.findall(text)
+    return _normalised(numbers[-1] if numbers else first_line(text))
+
+
+def final_answer_matches(prediction: str, target: str) -> bool:
+    """Whether a prediction gives a reference's final answer: the reference's marked answer (``#### 72``) or, with no
+    marker, the reference itself when it is one number. Any other reference ("3/4", "2:30", "x = 7") is compared as
+    a whole with the prediction's marked answer or first line: reducing both to their last number would count
+    ``1/4`` as ``3/4``. The prediction is reduced to its last number only against a number."""
+    expected = _marked_answer(target)
+    if expected is None:
+        expected = _normalised(" ".join(target.split()))
+        if not _NUMBER.fullmatch(expected):
+            given = _marked_answer(prediction)
+            return (given if given is not None else _normalised(first_line(prediction))) == expected
+    return final_answer(prediction) == expected
 
 
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {"first_line": first_line, "final_answer": final_answer}
@@ -353,7 +377,8 @@ class GeneratorSource:
 class Task:
     """A named task: its data, its formatter, and how its answers are scored.
 
-    ``kind`` is ``generative`` (scored by exact match of ``answer(prediction)`` against ``answer(target)``) or
+    ``kind`` is ``generative`` (scored by exact match of ``answer(prediction)`` against ``answer(target)``; with
+    ``final_answer``, against the target's marked answer, its one number, or the whole of it) or
     ``multiple_choice`` (scored by log-likelihood accuracy over the choices). ``chance_rate`` is the score of
     guessing, or of always giving the most common answer, to read scores against. ``max_new_tokens`` is the
     generation length; ``None`` means "the longest target in tokens plus the end token", which the datamodule
@@ -393,7 +418,10 @@ class Task:
         return split in self.source.splits
 
     def is_correct(self, prediction: str, target: str) -> bool:
-        """Exact match after this task's answer extraction (first line, or a worked solution's final answer)."""
+        """Exact match after this task's answer extraction (first line, or a worked solution's final answer, which
+        is extracted from the prediction only: see ``final_answer_matches``)."""
+        if self.answer is final_answer:
+            return final_answer_matches(prediction, target)
         return self.answer(prediction) == self.answer(target)
 
     def num_rows(self, split: str, seed: int = 0) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from malora_lightning.data import FileSource, GeneratorSource, TaskDataError, get_task
+from malora_lightning.data import FileSource, GeneratorSource, TaskDataError, final_answer, get_task
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "data"
 ABCD = ("A", "B", "C", "D")
@@ -108,6 +108,18 @@ def test_hellaswag_wikihow_markers_are_cleaned():
 def test_math_tasks_compare_final_answers(name, prediction, row, correct):
     target = fixture_examples(name)[row].target
     assert get_task(name).is_correct(prediction, target) is correct
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "metamathqa"])
+def test_math_task_scores_still_compare_final_answers(name):
+    """Every built-in math target carries its marker (#### or The answer is:), so scoring a prediction against it is
+    still final_answer(prediction) == final_answer(target); only marker-less user targets are compared whole."""
+    targets = [example.target for example in fixture_examples(name)]
+    predictions = targets + [final_answer(target) for target in targets] + ["The answer is 18", "72", "no idea"]
+    task = get_task(name)
+    for target in targets:
+        for prediction in predictions:
+            assert task.is_correct(prediction, target) is (final_answer(prediction) == final_answer(target))
 
 
 @pytest.mark.parametrize(("name", "row", "message"), [

@@ -133,6 +133,24 @@ def test_final_answer_extraction(text, answer):
     assert final_answer(text) == answer
 
 
+@pytest.mark.parametrize(("target", "prediction", "correct"), [
+    ("3/4", "1/4", False),  # each of these five was counted correct: both sides were cut to their last number
+    ("2:30", "4:30", False),
+    ("(2, 3)", "(5, 3)", False),
+    ("1.5e3", "2.5e3", False),
+    ("x = 7", "y = 7", False),
+    ("3/4", "3/4", True),
+    ("3/4", "So the share is\nThe answer is: 3/4", True),
+    ("(2, 3)", "(2, 3)\nThe point lies on both lines.", True),
+    ("72", "She has 72 apples.", True),  # against one number, the prediction's last number
+    ("$1,000", "1000.", True),
+    ("-0.5", "0.5", False),
+])
+def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, prediction, correct):
+    task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
+    assert task.is_correct(prediction, target) is correct
+
+
 def write_rows(path, rows):
     path.write_text("\n".join(json.dumps(row) for row in rows))
     return path
