@@ -22,9 +22,10 @@ from malora_lightning.data.sampling import (
     SAMPLING_STRATEGIES,
     EvaluationShardSampler,
     TaskBalancedSampler,
+    check_weights,
     mixing_weights,
 )
-from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, task_from_spec
+from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, repeated, task_from_spec
 from malora_lightning.offline_models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,12 @@ class MultiTaskDataModule(LightningDataModule):
             unknown = sorted(set(task_weights) - set(tasks))
             if unknown:
                 raise ValueError(f"task_weights names {unknown}, which are not training tasks ({', '.join(tasks)})")
+            missing = [name for name in tasks if name not in task_weights]
+            if missing:  # a task left out would be listed and evaluated but never trained on
+                raise ValueError(f"task_weights has no weight for training tasks {missing}; give every task in "
+                                 "tasks a weight (0 leaves a task untrained; a task only to evaluate belongs in "
+                                 "eval_tasks)")
+            check_weights(task_weights, "task_weights")
         self.truncation: dict[str, dict[str, TruncationStats]] = {}
         self._held_out: dict[str, HeldOutSplit | None] = {}
         self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
@@ -213,7 +220,7 @@ class MultiTaskDataModule(LightningDataModule):
         hparams = self.hparams
         weights = None
         if hparams.task_weights is not None:
-            weights = [hparams.task_weights.get(task.name, 0.0) for task in self.train_tasks]
+            weights = [hparams.task_weights[task.name] for task in self.train_tasks]
         return mixing_weights(sizes, hparams.sampling, cap=hparams.cap, temperature=hparams.temperature,
                               weights=weights, budget=hparams.samples_per_epoch, max_epochs=hparams.unimax_max_epochs)
 
@@ -406,15 +413,18 @@ def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str
     """The named tasks, looked up among the inline specs first, then the registry."""
     if not tasks:
         raise ValueError("MultiTaskDataModule needs at least one training task")
-    inline = {}
+    inline, numbers = {}, {}
     for number, spec in enumerate(specs):
         if not isinstance(spec, Mapping):
             raise ValueError(f"task_specs[{number}] is a {type(spec).__name__}: each task spec is a mapping such as "
                              "{name: ..., path: ..., prompt: ..., target: ...}")
         task = task_from_spec(spec)
-        inline[task.name] = task
+        if task.name in inline:  # the later spec would replace the earlier one, and its files would go unread
+            raise ValueError(f"task_specs[{numbers[task.name]}] and task_specs[{number}] are both named "
+                             f"{task.name!r}; give each task spec its own name")
+        inline[task.name], numbers[task.name] = task, number
     names = list(tasks) + list(eval_tasks)
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"tasks listed more than once (in tasks or eval_tasks): {repeated}")
+    twice = repeated(names)
+    if twice:
+        raise ValueError(f"tasks listed more than once (in tasks or eval_tasks): {twice}")
     return [inline[name] if name in inline else get_task(name) for name in names]

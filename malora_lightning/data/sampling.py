@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,15 +91,22 @@ def _unimax_allocation(sizes: Sequence[int], budget: int, max_epochs: float) -> 
     return allocation
 
 
+def check_weights(weights: Mapping[Any, Any], name: str = "weights") -> None:
+    """Explicit mixing weights, keyed by task (name or position): each a finite number >= 0, at least one > 0. The
+    error names the setting and the task, e.g. ``task_weights['parity']=-1.0``."""
+    for task, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name}[{task!r}]={weight!r} is invalid: expected a finite number >= 0")
+    if not any(weight > 0 for weight in weights.values()):
+        raise ValueError(f"{name} are all 0 ({dict(weights)}): at least one task needs a weight > 0")
+
+
 def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     if weights is None:
         raise ValueError("strategy 'weights' needs weights (one per task)")
     if len(weights) != count:
         raise ValueError(f"got {len(weights)} weights for {count} tasks")
-    if any(weight < 0 or not math.isfinite(weight) for weight in weights):
-        raise ValueError(f"weights must be finite and >= 0 (got {list(weights)})")
-    if sum(weights) <= 0:
-        raise ValueError("at least one weight must be > 0")
+    check_weights(dict(enumerate(weights)))
     return [float(weight) for weight in weights]
 
 

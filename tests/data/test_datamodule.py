@@ -64,7 +64,7 @@ def test_training_batches_mix_tasks_with_consistent_ids():
 
 
 def test_mixture_follows_the_strategy_and_explicit_weights():
-    data = make(sampling="weights", task_weights={"add_2digit": 2.0, "parity": 2.0})  # reverse_words omitted: 0
+    data = make(sampling="weights", task_weights={"add_2digit": 2.0, "reverse_words": 0, "parity": 2.0})
     data.setup("fit")
     assert data.mixture == pytest.approx({"add_2digit": 0.5, "reverse_words": 0.0, "parity": 0.5})
     counts = task_counts(data.train_dataloader())
@@ -137,6 +137,17 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
     ({"sampling": "balanced"}, "unknown sampling 'balanced'; valid: proportional, capped"),
     ({"task_weights": {"parity": 1.0}}, "task_weights goes with sampling='weights'"),
     ({"sampling": "weights", "task_weights": {"gsm8k": 1.0}}, r"task_weights names \['gsm8k'\], which are not"),
+    ({"sampling": "weights", "task_weights": {"add_2digit": 1.0, "parity": 1.0}},  # was trained with weight 0
+     r"task_weights has no weight for training tasks \['reverse_words'\]; give every task in tasks a weight"),
+    ({"sampling": "weights", "task_weights": {"add_2digit": 1.0, "reverse_words": 1.0, "parity": -1.0}},
+     r"task_weights\['parity'\]=-1.0 is invalid: expected a finite number >= 0"),
+    ({"sampling": "weights", "task_weights": {"add_2digit": 1.0, "reverse_words": "2", "parity": 1.0}},
+     r"task_weights\['reverse_words'\]='2' is invalid"),
+    ({"sampling": "weights", "task_weights": {"add_2digit": 0, "reverse_words": 0.0, "parity": 0}},
+     r"task_weights are all 0 .*: at least one task needs a weight > 0"),
+    ({"tasks": ["mine"], "task_specs": [{"name": "mine", "path": "one.jsonl", "prompt": "{q}", "target": "{a}"},
+                                        {"name": "mine", "path": "two.jsonl", "prompt": "{q}", "target": "{a}"}]},
+     r"task_specs\[0\] and task_specs\[1\] are both named 'mine'; give each task spec its own name"),
     ({"batch_size": 0}, r"batch_size=0 is invalid: expected an integer >= 1"),
     ({"batch_size": "8"}, r"batch_size='8' is invalid"),
     ({"eval_batch_size": 0}, r"eval_batch_size=0 is invalid: expected an integer >= 1, or None"),

@@ -156,7 +156,8 @@ def test_zero_weight_tasks_are_never_drawn():
     ([10], "capped", {}, "needs cap"),
     ([10], "temperature", {"temperature": 0.0}, "temperature > 0"),
     ([10, 5], "weights", {"weights": [1.0]}, "1 weights for 2 tasks"),
-    ([10, 5], "weights", {"weights": [1.0, -1.0]}, ">= 0"),
+    ([10, 5], "weights", {"weights": [1.0, -1.0]}, r"weights\[1\]=-1.0 is invalid: expected a finite number >= 0"),
+    ([10, 5], "weights", {"weights": [0.0, 0]}, "at least one task needs a weight > 0"),
     ([10], "balanced", {}, "valid: proportional, capped, temperature, uniform, unimax, weights"),
 ])
 def test_bad_mixing_arguments_say_what_is_wrong(sizes, strategy, options, message):
