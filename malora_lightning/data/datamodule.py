@@ -104,7 +104,8 @@ class MultiTaskDataModule(LightningDataModule):
         self,
         tasks: list[str] = list(BUILTIN_TASKS),
         eval_tasks: list[str] | None = None,
-        task_specs: list[dict[str, Any]] | None = None,
+        # plain dicts: typed dict[str, Any], the CLI (jsonargparse) parsed each value again as YAML ("7" became 7)
+        task_specs: list[dict] | None = None,
         tokenizer: str | None = None,
         max_length: int = 256,
         use_chat_template: bool | None = None,

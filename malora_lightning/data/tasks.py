@@ -398,7 +398,8 @@ class Task:
         _require(_is_text(self.name) and bool(_TASK_NAME.match(self.name)), "name", self.name,
                  "a task name: non-empty text of letters, digits, '_', '.', '-' (quote a number: name: '2024')")
         try:
-            _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind, f"one of {', '.join(TASK_KINDS)}")
+            _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind,
+                     f"one of {', '.join(TASK_KINDS)}")
             _require(self.chance_rate is None or (_is_number(self.chance_rate) and 0 <= self.chance_rate <= 1),
                      "chance_rate", self.chance_rate, "a number in [0, 1], or null")
             _require(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and

@@ -216,6 +216,19 @@ def test_lightning_cli_builds_the_datamodule_from_plain_arguments():
         2, "some/tokenizer", {"add_2digit": 3, "parity": 1})
 
 
+def test_lightning_cli_keeps_task_spec_values_as_written(tmp_path):
+    """Typed dict[str, Any], each spec value was parsed again as YAML: the inter-domain recipe's prompt "Write a
+    restaurant description from these facts: {meaning_representation}" became a mapping, a quoted "2024" an int."""
+    (tmp_path / "recipe.yaml").write_text(
+        "data:\n  tasks: ['2024']\n  task_specs:\n    - name: '2024'\n      path: {train: a.jsonl}\n"
+        "      prompt: 'Facts: {mr}'\n      target: 'yes'\n      description: 'true'\n")
+    cli = LightningCLI(TinyModel, MultiTaskDataModule, run=False, save_config_callback=None,
+                       args=["--config", str(tmp_path / "recipe.yaml"), "--data.tokenizer=some/tokenizer"])
+    (task,) = cli.datamodule.tasks
+    assert (task.name, task.formatter.prompt, task.formatter.target, task.description) == (
+        "2024", "Facts: {mr}", "yes", "true")
+
+
 def test_train_loader_state_outside_a_trainer_is_the_sampler_position():
     data = make(sampling="uniform")
     data.setup("fit")
