@@ -52,9 +52,11 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
         values = {}
         for field in PREDICT_FIELDS:
             value = row.get(field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)  # a JSON number, as the file writes it (as in task files): "target": 42
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise TaskDataError(f"predict_file {path}, row {index}: field {field!r} must be non-empty text, got "
-                                    f"{type(value).__name__} {value!r:.60}")
+                raise TaskDataError(f"predict_file {path}, row {index}: field {field!r} must be non-empty text or a "
+                                    f"number, got {type(value).__name__} {value!r:.60}")
             values[field] = value
         if values["prompt"] is None:
             raise TaskDataError(f"predict_file {path}, row {index}: field 'prompt' is missing or empty (null); every "

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from malora_lightning.data import MultiTaskDataModule, TaskDataError
-from malora_lightning.data.prompts import NO_TASK
+from malora_lightning.data.prompts import NO_TASK, predict_source, read_prompts
 from tests.helpers import tiny_tokenizer
 
 TASKS = ["add_2digit", "parity"]
@@ -76,7 +76,8 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
     ("empty_cell.csv", "prompt,task\nhello,parity\n,parity\n", [r"empty_cell.csv, row 1: field 'prompt'"]),
     ("unknown.jsonl", '{"prompt": "hi", "task": "parity"}\n{"prompt": "hi", "task": "parrot"}\n',
      [r"unknown.jsonl, row 1: field 'task' names unknown task 'parrot'; valid: add_2digit, parity"]),
-    ("number.jsonl", '{"prompt": "hi", "target": 4}\n', [r"number.jsonl, row 0: field 'target' must be non-empty text"]),
+    ("boolean.jsonl", '{"prompt": "hi", "target": true}\n',
+     [r"boolean.jsonl, row 0: field 'target' must be non-empty text or a number, got bool True"]),
     ("empty.jsonl", "\n", [r"predict_file .*empty.jsonl has no rows", "'prompt'"]),
 ])
 def test_bad_predict_files_are_refused_naming_file_row_and_field(tmp_path, name, content, named):
@@ -87,6 +88,14 @@ def test_bad_predict_files_are_refused_naming_file_row_and_field(tmp_path, name,
         data.setup("predict")
     for pattern in named:
         assert error.match(pattern)
+
+
+def test_a_number_in_a_predict_file_is_its_text_as_written(tmp_path):
+    """As in task files: a target given as a JSON number is the text the file writes (2.50 stays 2.50)."""
+    path = tmp_path / "numbers.jsonl"
+    path.write_text('{"prompt": "12 + 30 =", "task": "add_2digit", "target": 42}\n'
+                    '{"prompt": "cost?", "target": 2.50}\n')
+    assert [prompt.target for prompt in read_prompts(predict_source(str(path)), TASKS)] == ["42", "2.50"]
 
 
 def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
