@@ -14,6 +14,7 @@ import io
 import json
 import random
 import re
+import string
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,15 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 
 def _is_text(value: Any) -> bool:
     return isinstance(value, str)
+
+
+def _parses(template: str) -> bool:
+    """Whether `str.format` can read the template (a lone brace, as in "{q", fails on every row otherwise)."""
+    try:
+        list(string.Formatter().parse(template))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -506,6 +516,9 @@ class TemplateFormatter:
         _require(_is_text(self.prompt), "prompt", self.prompt, "a template, like 'Q: {question}'")
         _require(self.target is None or _is_text(self.target), "target", self.target,
                  "a template, like '{answer}' (quote a fixed text: target: '7')")
+        for key, template in (("prompt", self.prompt), ("target", self.target)):
+            _require(template is None or _parses(template), key, template,
+                     "a template whose fields are {name} and whose literal braces are doubled, {{ and }}")
         for key, column in (("choices", self.choices), ("gold", self.gold)):
             _require(column is None or _is_text(column), key, column, "the name of a column")
         _require(isinstance(self.fields, Mapping) and all(map(_is_text, [*self.fields, *self.fields.values()])),

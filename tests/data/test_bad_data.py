@@ -97,6 +97,9 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
                           ["task spec 'mine': splits=['train'] is invalid: expected a mapping of split"]),
     "kind unknown": (SPEC | {"kind": "mc"}, ["task 'mine': kind='mc' is invalid: expected one of generative"]),
     "description a number": (SPEC | {"description": 3}, ["task 'mine': description=3 is invalid: expected text"]),
+    "prompt with a lone brace": (SPEC | {"prompt": "Q: {q"}, ["task spec 'mine': prompt='Q: {q' is invalid",
+                                                              "literal braces are doubled"]),
+    "target with a lone brace": (SPEC | {"target": "{a}}"}, ["task spec 'mine': target='{a}}' is invalid"]),
 }
 
 
