@@ -25,7 +25,15 @@ from malora_lightning.data.sampling import (
     check_weights,
     mixing_weights,
 )
-from malora_lightning.data.tasks import HubSource, Task, TaskDataError, get_task, repeated, task_from_spec
+from malora_lightning.data.tasks import (
+    HubSource,
+    Task,
+    TaskDataError,
+    get_task,
+    registered_tasks,
+    repeated,
+    task_from_spec,
+)
 from malora_lightning.offline_models import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -423,6 +431,8 @@ def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str
         if task.name in inline:  # the later spec would replace the earlier one, and its files would go unread
             raise ValueError(f"task_specs[{numbers[task.name]}] and task_specs[{number}] are both named "
                              f"{task.name!r}; give each task spec its own name")
+        if task.name in registered_tasks():
+            logger.info("task_specs[%d] %r is used in place of the registered task of that name", number, task.name)
         inline[task.name], numbers[task.name] = task, number
     names = list(tasks) + list(eval_tasks)
     twice = repeated(names)

@@ -164,6 +164,14 @@ def test_bad_arguments_are_rejected_when_built(kwargs, message):
         MultiTaskDataModule(**({"tasks": TASKS} | kwargs))
 
 
+def test_a_task_spec_named_like_a_registered_task_replaces_it_and_says_so(caplog, tmp_path):
+    spec = {"name": "parity", "path": str(tmp_path / "mine.jsonl"), "prompt": "{q}", "target": "{a}"}
+    with caplog.at_level(logging.INFO, logger="malora_lightning.data.datamodule"):
+        data = MultiTaskDataModule(tasks=["parity"], task_specs=[spec])
+    assert data.tasks[0].source.files == {"train": str(tmp_path / "mine.jsonl")}
+    assert "task_specs[0] 'parity' is used in place of the registered task of that name" in caplog.text
+
+
 def test_training_a_task_without_a_train_split_is_an_error():
     data = make(tasks=["eval_only"], task_specs=[{"name": "eval_only", "path": {"test": "x.jsonl"}, "prompt": "{q}",
                                                   "target": "{a}"}])
