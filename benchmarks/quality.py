@@ -171,8 +171,8 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
         "seesaw_index": mean_seesaw_index(seesaw),
         "evaluations": seesaw,
         "examples": examples,
-        # a resumed run's time is its last attempt's, scaled to the whole run
-        "seconds": seconds * args.steps / (args.steps - resumed_from_step),
+        # a resumed run's time is its last attempt's, scaled to the whole run; unknown when it resumed at its end
+        "seconds": seconds * args.steps / (args.steps - resumed_from_step) if resumed_from_step < args.steps else None,
         "resumed_from_step": resumed_from_step,
         "threads": args.threads or torch.get_num_threads(),
         "concurrent_jobs": args.jobs,
@@ -383,9 +383,9 @@ def main() -> None:
                 directory = futures[future]
                 results[directory] = run = future.result()
                 name, seed = jobs[directory][:2]
+                took = "time unknown" if run["seconds"] is None else f"in {run['seconds'] / 60:.1f} min"
                 print(f"{name} seed {seed} ({directory.name}): average "
-                      f"{100 * statistics.mean(run['accuracy'].values()):.1f}% in {run['seconds'] / 60:.1f} min",
-                      flush=True)
+                      f"{100 * statistics.mean(run['accuracy'].values()):.1f}% {took}", flush=True)
                 report_all()  # after every run, so an interrupted benchmark still leaves its numbers
     report_all()
     for study_name in studies:

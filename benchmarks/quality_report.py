@@ -98,15 +98,17 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     for name, runs in complete.items():
         seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
         worst = worst_task(per_task[name])
+        timed = [run["seconds"] for run in runs if run["seconds"] is not None]  # None: resumed at its last step
+        minutes = statistics.mean(timed) / 60 if timed else None
         rows.append([name, f"{study.trainable[name] / 1e6:.2f} M", *(per_task[name][t].percent() for t in tasks),
                      f"**{macro[name].percent()}**", f"{statistics.mean(seesaw):.2f}" if seesaw else "–",
-                     f"{worst[0]} {100 * worst[1]:.1f}", f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f}"])
+                     f"{worst[0]} {100 * worst[1]:.1f}", "–" if minutes is None else f"{minutes:.1f}"])
         payload["configurations"][name] = {
             "trainable_parameters": study.trainable[name],
             "per_task": {t: vars(e) for t, e in per_task[name].items()}, "macro": vars(macro[name]),
             "per_seed_macro": [macro_of_run(run, None, tasks) for run in runs],
             "seesaw_index": statistics.mean(seesaw) if seesaw else None, "worst_task": worst,
-            "routing_last": routing_at(runs), "minutes_per_run": statistics.mean(r["seconds"] for r in runs) / 60}
+            "routing_last": routing_at(runs), "minutes_per_run": minutes}
     sections = [
         f"{len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}), {study.steps} steps, evaluations every "
         f"{study.val_every} steps on {study.eval_examples} validation items per task (one item is "

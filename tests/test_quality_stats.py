@@ -145,6 +145,7 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
                         "malora": {s: fake_run(s, suite, {**steps, 20: 9}, True) for s in (0, 1)}},
                        {"lora_r64": 1, "malora": 2}, pending=[])
     budget.runs["malora"][1]["restored_evaluations"] = [10]
+    budget.runs["malora"][0]["seconds"], budget.runs["malora"][1]["seconds"] = None, 120.0  # 0: resumed at its end
     noise = StudyRuns("noise", 10, 10, 10, [0, 1],
                       {name: {s: fake_run(s, suite, {0: 0, 10: 7}, name == "malora") for s in (0, 1)}
                        for name in ("lora_r64", "malora")}, {"lora_r64": 1, "malora": 2}, pending=[])
@@ -152,6 +153,7 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
     assert payload["paired"]["malora - lora_r64"]["mean"] == pytest.approx(0.1)
     assert payload["paired"]["malora - lora_r64"]["per_seed"] == pytest.approx([0.1, 0.1])
     assert payload["curves"]["steps"] == [0, 10, 20]
+    assert payload["configurations"]["malora"]["minutes_per_run"] == 2.0  # the run with a known time
     assert payload["curves"]["configurations"]["malora"]["accuracy"] == [[0.0, 0.5, 0.9]] * 2
     assert "| 20 | 80.0 (80.0–80.0) | 90.0 (90.0–90.0) | 0.25 | 0.25 |" in text
     assert "| 20 | 0.200 / 2.0 |" in text  # routing over training: MALoRA only
