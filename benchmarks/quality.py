@@ -130,6 +130,11 @@ def mean_seesaw_index(points: list[dict[str, object]]) -> float | None:
     return statistics.mean(intervals) if intervals else None
 
 
+def final_accuracy(points: list[dict[str, object]]) -> dict[str, float]:
+    """Each task's accuracy at a run's last evaluation (seesaw-tracker points)."""
+    return {task: score["accuracy"] for task, score in points[-1]["tasks"].items()}
+
+
 def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> dict[str, object]:
     """One default-job run in a fresh process; returns its evaluations, per-example results and wall time.
 
@@ -163,11 +168,10 @@ def run_once(name: str, seed: int, args: argparse.Namespace, run_dir: Path) -> d
     seconds = time.perf_counter() - start
     seesaw = json.loads(newest(run_dir, "seesaw.json").read_text())["stages"]["val"]
     examples = json.loads(newest(run_dir, "examples_val.json").read_text())
-    final = seesaw[-1]
     result = {
         "settings": settings,
         "seed": seed,
-        "accuracy": {task: score["accuracy"] for task, score in final["tasks"].items()},
+        "accuracy": final_accuracy(seesaw),
         "seesaw_index": mean_seesaw_index(seesaw),
         "evaluations": seesaw,
         "examples": examples,
@@ -326,6 +330,7 @@ def restore_evaluation(directory: Path, name: str, seed: int, run_args: argparse
     result["examples"] = sorted([*result["examples"], record], key=lambda entry: entry["step"])
     tolerance = yaml.safe_load((REPO_ROOT / RECIPE).read_text())["seesaw"]["init_args"]["tolerance"]
     result["evaluations"] = seesaw_points(result["examples"], tolerance)
+    result["accuracy"] = final_accuracy(result["evaluations"])  # the restored step may be the last
     result["seesaw_index"] = mean_seesaw_index(result["evaluations"])
     result["restored_evaluations"] = [*result.get("restored_evaluations", []), step]
     atomic_write_text(directory / "result.json", json.dumps(result, indent=2) + "\n")
