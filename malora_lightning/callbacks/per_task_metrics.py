@@ -2,7 +2,8 @@
 
 It consumes the per-example outputs of `MALoRAModule.validation_step`/`test_step` (`task_name`, `loss`, `correct`).
 With `num_sanity_val_steps=-1` the sanity check is a full validation before training; its scores are recorded (not
-logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0.
+logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0. A partial sanity check
+(Lightning's default of 2 batches per loader) is not recorded.
 Other callbacks that derive figures from the scores (`SeesawTracker`) register with `add_listener`: they are called
 right after each evaluation is recorded, from the same hook, so they may still log, whatever the callback order.
 """
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 
 from malora_lightning.callbacks.summary import mean_of_present
@@ -118,11 +120,26 @@ class PerTaskMetrics(Callback):
                 continue  # no examples of this task in this pass
             evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
                                                count=count)
+        if trainer.sanity_checking and self._partial_sanity_check(trainer):
+            return
         self.history.append(evaluation)
         if not trainer.sanity_checking:
             self._log(pl_module, evaluation)
         for listener in self._listeners:
             listener(trainer, pl_module, evaluation)
+
+    @staticmethod
+    def _partial_sanity_check(trainer: L.Trainer) -> bool:
+        """Whether the sanity check ran only some validation batches (Lightning's default runs 2 per loader): its
+        scores are then no "before training" evaluation, and recording one would put a few examples' accuracy in
+        every report's first and best columns and the seesaw figures. Decided by all ranks alike (a rank's shard may
+        have one batch fewer)."""
+        partial = sum(trainer.num_sanity_val_batches) < sum(trainer.num_val_batches)
+        partial = trainer.strategy.reduce_boolean_decision(partial, all=False)
+        if partial:
+            rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "
+                           "training (num_sanity_val_steps: -1 runs it whole)")
+        return partial
 
     @staticmethod
     def _log(pl_module: L.LightningModule, evaluation: Evaluation) -> None:

@@ -64,3 +64,29 @@ def test_hand_built_predictions_give_per_task_means_and_macro_averages(tmp_path)
     assert heard == [evaluation]
     assert {task: score.count for task, score in evaluation.tasks.items()} == {"alpha": 8, "beta": 4, "lm": 2}
     assert evaluation.tasks["lm"].accuracy is None and "val/lm/acc" not in logged
+
+
+class HandBuiltTraining(HandBuiltPredictions):
+    """The tabled predictions, plus a training step that changes nothing they report."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.zeros(4, 1), batch_size=1)
+
+    def training_step(self, batch, batch_idx):
+        return self.unused(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize(("sanity_steps", "recorded"), [(2, [1]), (-1, [0, 1])])
+def test_only_a_whole_sanity_check_is_recorded_as_the_evaluation_before_training(tmp_path, sanity_steps, recorded):
+    """Lightning's default sanity check scores 2 batches per loader (4 of alpha's 8 examples): kept as the step-0
+    evaluation, its accuracy (2 of 4 right) would stand in reports and seesaw figures for the whole set's (5 of 8)."""
+    metrics = PerTaskMetrics()
+    trainer = trainer_for(tmp_path, callbacks=[metrics], max_steps=1, val_check_interval=1,
+                          num_sanity_val_steps=sanity_steps)
+    trainer.fit(HandBuiltTraining())
+    assert [evaluation.step for evaluation in metrics.history] == recorded
+    assert all(evaluation.tasks["alpha"].count == 8 for evaluation in metrics.history)
+
