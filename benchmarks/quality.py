@@ -291,7 +291,17 @@ def kept_result(directory: Path, name: str, seed: int, run_args: argparse.Namesp
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if result["settings"] == run_settings(name, seed, run_args) else None
+    if result["settings"] != run_settings(name, seed, run_args):
+        return None
+    # the seesaw figures as the tracker now defines them, from the per-item records (a run keeps what it had)
+    result["evaluations"] = seesaw_points(result["examples"], recipe_tolerance())
+    result["seesaw_index"] = mean_seesaw_index(result["evaluations"])
+    return result
+
+
+def recipe_tolerance() -> float:
+    """The default recipe's seesaw tolerance, which every run of the study uses."""
+    return yaml.safe_load((REPO_ROOT / RECIPE).read_text())["seesaw"]["init_args"]["tolerance"]
 
 
 def seesaw_points(examples: list[dict[str, object]], tolerance: float) -> list[dict[str, object]]:
@@ -328,8 +338,7 @@ def restore_evaluation(directory: Path, name: str, seed: int, run_args: argparse
         record = json.loads(newest(Path(scratch), "examples_val.json").read_text())[-1]
     record["step"] = step  # `validate` restores the weights, not the step counter
     result["examples"] = sorted([*result["examples"], record], key=lambda entry: entry["step"])
-    tolerance = yaml.safe_load((REPO_ROOT / RECIPE).read_text())["seesaw"]["init_args"]["tolerance"]
-    result["evaluations"] = seesaw_points(result["examples"], tolerance)
+    result["evaluations"] = seesaw_points(result["examples"], recipe_tolerance())
     result["accuracy"] = final_accuracy(result["evaluations"])  # the restored step may be the last
     result["seesaw_index"] = mean_seesaw_index(result["evaluations"])
     result["restored_evaluations"] = [*result.get("restored_evaluations", []), step]

@@ -68,14 +68,27 @@ class SeesawPoint:
     worst_relative_gain: float | None
 
 
+# Accuracies are float32 means, so a change of exactly `tolerance` (4 of 100 items at 0.04) came out above or below it
+# by rounding, half the time each; "more than the tolerance" is decided with this margin.
+ROUNDING_MARGIN = 1e-6
+
+
+def direction(change: float, tolerance: float) -> int:
+    """+1 for a rise of more than `tolerance`, -1 for a fall of more than `tolerance`, else 0."""
+    if change > tolerance + ROUNDING_MARGIN:
+        return 1
+    if change < -tolerance - ROUNDING_MARGIN:
+        return -1
+    return 0
+
+
 def seesaw_index(changes: Mapping[str, float], tolerance: float) -> float | None:
     """Fraction of task pairs that moved in opposite directions by more than `tolerance` each."""
     count = len(changes)
     if count < 2:
         return None
-    up = sum(change > tolerance for change in changes.values())
-    down = sum(change < -tolerance for change in changes.values())
-    return up * down / (count * (count - 1) / 2)
+    directions = [direction(change, tolerance) for change in changes.values()]
+    return directions.count(1) * directions.count(-1) / (count * (count - 1) / 2)
 
 
 def relative_gains(scores: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
@@ -103,8 +116,8 @@ def track(evaluations: Sequence[Evaluation], tolerance: float,
         points.append(SeesawPoint(
             stage=evaluation.stage, step=evaluation.step, sanity_check=evaluation.sanity_check, tasks=tasks,
             seesaw_index=seesaw_index(changes, tolerance),
-            improved=[name for name, change in changes.items() if change > tolerance],
-            degraded=[name for name, change in changes.items() if change < -tolerance],
+            improved=[name for name, change in changes.items() if direction(change, tolerance) == 1],
+            degraded=[name for name, change in changes.items() if direction(change, tolerance) == -1],
             delta_mtl=sum(gains.values()) / len(gains) if gains else None,
             negative_transfer=sum(gain < 0 for gain in gains.values()) if gains else None,
             worst_relative_gain=min(gains.values()) if gains else None,

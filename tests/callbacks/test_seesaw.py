@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from malora_lightning.callbacks import Evaluation, SeesawTracker, TaskScore, load_baseline_scores
 from malora_lightning.callbacks.seesaw import seesaw_index, track
@@ -48,6 +49,20 @@ def test_seesaw_index_extremes_and_a_strict_tolerance():
     assert seesaw_index({"a": 0.1, "b": 0.2, "c": 0.3}, 0.01) == 0.0  # all rose together
     assert seesaw_index({"a": 0.02, "b": -0.02}, 0.02) == 0.0  # a change equal to the tolerance does not count
     assert seesaw_index({"a": 0.3}, 0.01) is None
+
+
+@pytest.mark.parametrize("tolerance", [0.01, 0.04])
+def test_a_move_of_exactly_the_tolerance_never_counts_whatever_the_float32_rounding(tolerance):
+    """Accuracies are float32 means of 100 items: k and k + 100 * tolerance items differ from `tolerance` by rounding,
+    above it for about half of the k (the recipe's 0.04 counted a 4-item move in 50 of 97 starts)."""
+    items = round(100 * tolerance)
+    accuracy = [float(torch.tensor([1.0] * k + [0.0] * (100 - k)).mean()) for k in range(101)]
+    for k in range(101 - items):  # one task rises from k items by exactly the tolerance, the other falls to k
+        assert seesaw_index({"up": accuracy[k + items] - accuracy[k], "down": accuracy[k] - accuracy[k + items]},
+                            tolerance) == 0.0, k
+    for k in range(100 - items):  # one item more is more than the tolerance
+        assert seesaw_index({"up": accuracy[k + items + 1] - accuracy[k],
+                             "down": accuracy[k] - accuracy[k + items + 1]}, tolerance) == 1.0, k
 
 
 def test_relative_gain_negative_transfer_and_delta_mtl():
