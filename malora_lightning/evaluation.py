@@ -8,6 +8,9 @@ class, while `module.py` reads as build / step / optimise. It uses the module's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -21,6 +24,8 @@ from malora_lightning.scoring import choose_choices, gold_rows
 
 # tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
 DEFAULT_MAX_NEW_TOKENS = 128
+
+T = TypeVar("T")
 
 
 class EvaluationMixin:
@@ -72,6 +77,8 @@ class EvaluationMixin:
         the gold choice's mean token NLL. Generation: the loss of the teacher-forced target, then greedy decoding.
         The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
         `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
+        Padding examples (`batch.counted` False) go through every forward, as the other ranks' examples do, but not
+        into the scored rows or the output.
         """
         num_examples = batch.input_ids.shape[0]
         choices = batch.choices
@@ -79,20 +86,23 @@ class EvaluationMixin:
             gold = gold_rows(choices.example_index, choices.gold)
             row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
             row_scored[gold] = True
+            row_scored &= batch.counted[choices.example_index]
             with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
                 log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
                                                                      choices.labels)
             chosen = choose_choices(self.score_choices(log_likelihood, tokens), choices.example_index, num_examples)
-            return EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
-                                    correct=chosen == choices.gold, predictions=chosen.tolist())
-        with scoring_pass(self.model, ScoringPass(batch.task_id)):
+            output = EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
+                                      correct=chosen == choices.gold, predictions=chosen.tolist())
+            return counted_rows(output, batch.counted)
+        with scoring_pass(self.model, ScoringPass(batch.task_id, batch.counted)):
             log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
         task = self.task(batch.task_name[0])
         predictions = self.generate_predictions(batch, self.generation_length(task))
         correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
                                device=tokens.device)
-        return EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
-                                predictions=predictions)
+        output = EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
+                                  predictions=predictions)
+        return counted_rows(output, batch.counted)
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
         """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""
@@ -103,10 +113,25 @@ class EvaluationMixin:
 
     def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
-        and the target are known."""
+        and the target are known; padding examples are answered (every rank generates alike) but not returned."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
         predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
-        return [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
-                           target=target,
-                           correct=None if task is None or target is None else task.is_correct(prediction, target))
-                for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
+        answers = [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
+                              target=target,
+                              correct=None if task is None or target is None else task.is_correct(prediction, target))
+                   for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
+        return counted_only(answers, batch.counted)
+
+
+def counted_only(rows: Sequence[T], counted: torch.Tensor) -> list[T]:
+    """The rows whose ``counted`` flag ([B] bool) is set, in order."""
+    return [row for row, keep in zip(rows, counted.tolist(), strict=True) if keep]
+
+
+def counted_rows(output: EvaluationOutput, counted: torch.Tensor) -> EvaluationOutput:
+    """``output`` without the rows of padding examples (``counted`` False), so that whoever reads the step's outputs
+    (`PerTaskMetrics`, the benchmarks' example records) scores every real example once."""
+    return EvaluationOutput(
+        task_name=counted_only(output.task_name, counted), loss=output.loss[counted],
+        correct=None if output.correct is None else output.correct[counted],
+        predictions=None if output.predictions is None else counted_only(output.predictions, counted))

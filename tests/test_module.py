@@ -1,5 +1,6 @@
 """MALoRAModule on a tiny random Llama: training, evaluation, checkpoints, resume, export, precision, subclassing."""
 
+import dataclasses
 import math
 
 import lightning as L
@@ -8,13 +9,20 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from malora_lightning.adapters import AdapterConfig, adapter_state_dict, load_adapters, load_base_model
+from malora_lightning.adapters import (
+    AdapterConfig,
+    adapter_state_dict,
+    add_routing_observer,
+    load_adapters,
+    load_base_model,
+)
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.module import MALoRAModule, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
+from malora_lightning.scoring import gold_rows
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -208,6 +216,42 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
     assert output.correct.tolist() == [p == g for p, g in zip(expected, batch.choices.gold.tolist())]
     for example, gold in enumerate(batch.choices.gold.tolist()):  # the loss is the gold choice's mean token NLL
         torch.testing.assert_close(output.loss[example], -torch.tensor(gold_scores[example][gold]))
+
+
+def test_padding_examples_are_computed_but_neither_output_nor_scored(tiny_model_dir, tmp_path):
+    """An example flagged not counted (`EvaluationShardSampler`'s padding) goes through the forwards but not into
+    the outputs, the predictions or the scoring pass's scored rows (for multiple choice: its gold-choice row)."""
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["add_2digit", "parity"])
+    make_trainer(tmp_path).validate(module, data, verbose=False)  # builds the model and loads the data
+    module.eval()
+    kept = [0, 2, 3]
+    for name, loader in data.val_dataloader().items():
+        batch = next(iter(loader))
+        assert batch.counted.tolist() == [True] * 4
+        padded = dataclasses.replace(batch, counted=torch.tensor([True, False, True, True]))
+        scored: list[torch.Tensor] = []
+
+        def observe(record) -> None:
+            if record.forward is not None and record.forward.scoring is not None:
+                scored.append(record.forward.scoring.row_scored)
+
+        with torch.no_grad():
+            whole = module.evaluate_batch(batch)
+            with add_routing_observer(module.model, observe):
+                part = module.evaluate_batch(padded)
+            answers = module.predict_step(padded, 0)
+        assert part.task_name == [name] * 3
+        torch.testing.assert_close(part.loss, whole.loss[kept])
+        assert part.correct.tolist() == whole.correct[kept].tolist()
+        assert part.predictions == [whole.predictions[row] for row in kept]
+        assert [answer.prompt for answer in answers] == [batch.prompts[row] for row in kept]
+        if batch.choices is None:
+            expected = torch.tensor([True, False, True, True])
+        else:
+            expected = torch.zeros(batch.choices.example_index.shape[0], dtype=torch.bool)
+            expected[gold_rows(batch.choices.example_index, batch.choices.gold)] = True
+            expected &= batch.choices.example_index != 1
+        assert scored and all(torch.equal(rows, expected) for rows in scored), name
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])

@@ -42,6 +42,9 @@ class EvaluationBatch(TrainingBatch):
     targets: list[str | None]  # the reference answers; None for a predict prompt without one
     prompt_input_ids: torch.Tensor  # [B, P] long: the prompts LEFT-padded, ending where the answer starts
     prompt_attention_mask: torch.Tensor  # [B, P] long
+    # [B] bool: False for padding that evens out the ranks' evaluation batches (`EvaluationShardSampler`): computed
+    # like the rest, so every rank runs the same forwards, but left out of the step's outputs
+    counted: torch.Tensor
     choices: ChoiceRows | None = None  # multiple-choice tasks only
 
 

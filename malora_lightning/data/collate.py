@@ -33,6 +33,7 @@ class EncodedExample:
     choice_input_ids: tuple[list[int], ...] | None = None
     choice_labels: tuple[list[int], ...] | None = None
     gold: int | None = None
+    counted: bool = True  # False: padding that evens out the ranks' evaluation shards (see EvaluationShardSampler)
 
 
 @dataclass
@@ -208,6 +209,7 @@ class MultiTaskCollator:
                                prompts=[example.prompt for example in examples],
                                targets=[example.target for example in examples],
                                prompt_input_ids=prompt_input_ids, prompt_attention_mask=prompt_attention_mask,
+                               counted=torch.tensor([example.counted for example in examples], dtype=torch.bool),
                                choices=self._choice_rows(examples) if multiple_choice.pop() else None)
 
     def _choice_rows(self, examples: Sequence[EncodedExample]) -> ChoiceRows:
