@@ -1,14 +1,18 @@
-"""Two CPU processes (gloo): DDP training with per-task metrics synchronised across ranks, and FSDP2 sharding."""
+"""Two CPU processes (gloo): DDP training with per-task metrics synchronised across ranks, FSDP2 sharding, and FSDP2
+validation on shards of uneven size."""
 
 import hashlib
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -71,3 +75,60 @@ def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tm
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     model_keys = {key.removeprefix("state_dict.") for key in stored if key.startswith("state_dict.")}
     assert model_keys == {f"model.{key}" for key in adapters}  # adapters only, no base weights
+
+
+class SpawnFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over 2 processes started by spawn, as `SpawnDDPStrategy` starts DDP's (`ModelParallelStrategy` relaunches
+    the command as a script, which a pytest run is not), with the same teardown and a short collective timeout: a rank
+    stuck in a collective fails the test with gloo's error after a minute instead of stalling it."""
+
+    def __init__(self) -> None:
+        super().__init__(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(minutes=1))
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class DumpRankValidation(Callback):
+    """Each rank writes how many validation batches it ran and the evaluation it ended with."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.batches = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        final = PerTaskMetrics.attached(trainer).evaluations("val")[-1]
+        state = {"batches": self.batches, "tasks": {name: vars(score) for name, score in final.tasks.items()}}
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as handle:
+            json.dump(state, handle)
+
+
+def test_fsdp2_validates_uneven_shards_and_scores_every_example_once(tiny_model_dir, tmp_path):
+    """5 examples per task in batches of 2 on 2 ranks: exact shards (3 and 2 examples) gave rank 0 a batch more, whose
+    forward all-gathers parameters that rank 1 never sent (a deadlock). Rank 1 now evaluates a padding example as
+    well, which counts nowhere: each task's 5 examples are scored once, as by one process."""
+    def data():
+        return make_data(tiny_model_dir, max_eval_examples_per_task=5, eval_batch_size=2)
+
+    trainer = make_trainer(tmp_path / "two", strategy=SpawnFSDP2Strategy(), devices=2, limit_val_batches=None,
+                           callbacks=[PerTaskMetrics(), DumpRankValidation(str(tmp_path))])
+    trainer.validate(make_module(tiny_model_dir), data(), verbose=False)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["batches"] for rank in ranks] == [2 * len(TASKS)] * 2
+    assert ranks[0]["tasks"] == ranks[1]["tasks"]
+    assert {name: score["count"] for name, score in ranks[0]["tasks"].items()} == {name: 5 for name in TASKS}
+
+    single = PerTaskMetrics()
+    make_trainer(tmp_path / "one", limit_val_batches=None, callbacks=[single]).validate(
+        make_module(tiny_model_dir), data(), verbose=False)
+    for name, score in single.evaluations("val")[-1].tasks.items():
+        assert ranks[0]["tasks"][name]["loss"] == pytest.approx(score.loss, rel=1e-5), name
+        assert ranks[0]["tasks"][name]["accuracy"] == score.accuracy, name

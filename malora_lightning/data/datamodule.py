@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
@@ -21,6 +21,7 @@ from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source
 from malora_lightning.data.sampling import (
     SAMPLING_STRATEGIES,
     EvaluationShardSampler,
+    ShardIndex,
     TaskBalancedSampler,
     check_weights,
     mixing_weights,
@@ -363,17 +364,23 @@ class MultiTaskDataModule(LightningDataModule):
         return self._eval_loaders(self._loaded("test"))
 
     def predict_dataloader(self) -> dict[str, DataLoader]:
-        """The predict file's prompts when there is one, else the test splits."""
+        """The predict file's prompts when there is one, else the test splits.
+
+        Sharded without padding: `PredictionWriter` takes one batch index per returned prediction, so a padded row
+        would not fit it. Ranks may then run one batch fewer, which FSDP cannot (its forwards are collective)."""
         if self._predict_source is None:
-            return self._eval_loaders(self._loaded("test"))
+            return self._eval_loaders(self._loaded("test"), pad=False)
         if self._predict_prompts is None:
             raise RuntimeError("the predict file is not loaded: call setup('predict') first")
-        return self._eval_loaders(self._predict_prompts)
+        return self._eval_loaders(self._predict_prompts, pad=False)
 
-    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]]) -> dict[str, DataLoader]:
+    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]], *,
+                      pad: bool = True) -> dict[str, DataLoader]:
+        """One loader per task, each rank its `EvaluationShardSampler` shard (padded: the same number of batches on
+        every rank)."""
         collator = self.build_collator(eval_fields=True)
-        return {name: DataLoader(examples, batch_size=self.eval_batch_size, collate_fn=collator,
-                                 sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers)
+        return {name: DataLoader(EvaluationShard(examples), batch_size=self.eval_batch_size, collate_fn=collator,
+                                 sampler=EvaluationShardSampler(len(examples), pad=pad), num_workers=self.num_workers)
                 for name, examples in examples_by_name.items()}
 
     def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:
@@ -400,6 +407,21 @@ class MultiTaskDataModule(LightningDataModule):
         if progress.processed >= trainer.num_training_batches:
             return len(self._train_sampler)  # the epoch is over (possibly cut short by limit_train_batches)
         return progress.processed * self.batch_size
+
+
+class EvaluationShard(Dataset[EncodedExample]):
+    """A task's evaluation examples, looked up by the `ShardIndex` its `EvaluationShardSampler` yields: a padding
+    index gives its example marked ``counted=False``, which the collator carries into `EvaluationBatch.counted`."""
+
+    def __init__(self, examples: Sequence[EncodedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: ShardIndex) -> EncodedExample:
+        example = self.examples[key.index]
+        return example if key.counted else dataclasses.replace(example, counted=False)
 
 
 class ResumableDataLoader(DataLoader):

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -245,21 +245,39 @@ class TaskBalancedSampler(DistributedSampler):
         self._position = self._resume_at
 
 
-class EvaluationShardSampler(DistributedSampler):
-    """Rank r evaluates examples r, r + world, r + 2*world, ... in order, without padding.
+class ShardIndex(NamedTuple):
+    """What `EvaluationShardSampler` yields: an example's index in its task's evaluation examples, and whether it
+    counts (False for padding: computed like the others so that every rank does the same work, scored by no one)."""
 
-    Lightning's default evaluation sampler pads every rank to the same count by repeating examples, which counts those
-    examples twice in per-task metrics; this one shards exactly (ranks may get one example fewer). Being a
-    ``DistributedSampler``, Lightning keeps it as it is.
+    index: int
+    counted: bool
+
+
+class EvaluationShardSampler(DistributedSampler):
+    """Rank r evaluates examples r, r + world, r + 2*world, ... in order, then, where its shard is one short, one
+    padding example that is computed but not counted.
+
+    Every rank gets ceil(size / world) examples, hence the same number of batches: under FSDP every forward
+    all-gathers the parameters, so a rank with a batch more than the others would wait for them forever. Padding
+    position p (>= size) evaluates example p mod size, as ``DistributedSampler`` pads, but is yielded with
+    ``counted=False`` and evaluation drops it from its outputs, so every real example is scored exactly once across
+    the ranks (Lightning's default sampler pads without saying so, and per-task metrics counted the repeats twice).
+    ``pad=False`` shards exactly, without padding (ranks may get one example fewer). Being a ``DistributedSampler``,
+    Lightning keeps it as it is.
     """
 
-    def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None, *,
+                 pad: bool = True) -> None:
         num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size = size
+        self.pad = pad
 
-    def __iter__(self):
-        return iter(range(self.rank, self.size, self.num_replicas))
+    def _positions(self) -> range:
+        return range(self.rank, self.total_size if self.pad else self.size, self.num_replicas)
+
+    def __iter__(self) -> Iterator[ShardIndex]:
+        return (ShardIndex(position % self.size, position < self.size) for position in self._positions())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.num_replicas))
+        return len(self._positions())

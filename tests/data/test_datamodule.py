@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, get_task
+from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, get_task, sampling
 from malora_lightning.data.datamodule import ResumableDataLoader
 from malora_lightning.data.batches import TrainingBatch
 from tests.helpers import tiny_tokenizer
@@ -49,6 +49,24 @@ def test_one_evaluation_loader_per_task_named_by_task():
             assert batch.prompt_input_ids is not None and batch.targets is not None
     data.setup("test")
     assert list(data.test_dataloader()) == TASKS and list(data.predict_dataloader()) == TASKS
+
+
+def test_a_short_rank_evaluates_padding_flagged_as_not_counted(monkeypatch):
+    """Rank 1 of 2 with 5 examples per task evaluates examples 1 and 3, then example 0 again, so that both ranks run
+    the same batches; the repeat reaches the batch flagged not counted. Predict shards exactly (no padding)."""
+    data = make(eval_batch_size=4)
+    data.setup("fit")
+    data.setup("test")
+    whole = {name: [prompt for batch in loader for prompt in batch.prompts]
+             for name, loader in data.val_dataloader().items()}
+    monkeypatch.setattr(sampling, "replica_and_rank", lambda num_replicas, rank: (2, 1))
+    for name, loader in data.val_dataloader().items():
+        batches = list(loader)
+        assert len(batches) == 1, name
+        assert batches[0].prompts == [whole[name][1], whole[name][3], whole[name][0]], name
+        assert batches[0].counted.tolist() == [True, True, False], name
+    for name, loader in data.predict_dataloader().items():
+        assert [batch.counted.tolist() for batch in loader] == [[True, True]], name
 
 
 def test_training_batches_mix_tasks_with_consistent_ids():

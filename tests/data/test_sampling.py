@@ -2,8 +2,9 @@ import math
 from collections import Counter
 
 import pytest
+from torch.utils.data import BatchSampler
 
-from malora_lightning.data.sampling import TaskBalancedSampler, epoch_counts, mixing_weights
+from malora_lightning.data.sampling import EvaluationShardSampler, TaskBalancedSampler, epoch_counts, mixing_weights
 
 SIZES = [10000, 1000, 100]
 OFFSETS = [0, 10000, 11000]
@@ -165,10 +166,31 @@ def test_bad_mixing_arguments_say_what_is_wrong(sizes, strategy, options, messag
         mixing_weights(sizes, strategy, **options)
 
 
-def test_evaluation_shards_cover_every_example_exactly_once():
-    from malora_lightning.data.sampling import EvaluationShardSampler
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_evaluation_shards_are_even_and_score_every_example_once(world):
+    """Every rank gets as many examples, hence batches (under FSDP a rank with a batch more waits forever for the
+    others' all-gathers); the padding that evens them out is flagged, so each real example counts exactly once."""
+    for size in range(14):
+        shards = [list(EvaluationShardSampler(size, num_replicas=world, rank=rank)) for rank in range(world)]
+        assert [len(shard) for shard in shards] == [math.ceil(size / world)] * world, size
+        assert [len(EvaluationShardSampler(size, num_replicas=world, rank=rank)) for rank in range(world)] == \
+            [len(shard) for shard in shards]
+        assert len({len(list(BatchSampler(shard, batch_size=4, drop_last=False))) for shard in shards}) == 1, size
+        real = [[index.index for index in shard if index.counted] for shard in shards]
+        assert sorted(index for indices in real for index in indices) == list(range(size)), size
+        assert all(indices == sorted(indices) for indices in real), size  # in order within a rank
+        padding = [index for shard in shards for index in shard if not index.counted]
+        assert len(padding) == len(shards[0]) * world - size, size
+        assert all(0 <= index.index < size for index in padding), size  # a real example, computed but not counted
+        assert all(index.counted for shard in shards for index in shard[:-1]), size  # padding only ends a shard
 
-    shards = [list(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)]
-    assert shards == [[0, 3, 6], [1, 4], [2, 5]]  # no padding: 7 examples, 7 evaluations
-    assert [len(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)] == [3, 2, 2]
-    assert list(EvaluationShardSampler(4)) == [0, 1, 2, 3]
+
+def test_evaluation_shards_pad_short_ranks_with_a_flagged_repeat_or_shard_exactly():
+    padded = [list(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert padded == [[(0, True), (3, True), (6, True)], [(1, True), (4, True), (0, False)],
+                      [(2, True), (5, True), (1, False)]]
+    exact = [[index for index, _ in EvaluationShardSampler(7, num_replicas=3, rank=rank, pad=False)]
+             for rank in range(3)]
+    assert exact == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(EvaluationShardSampler(7, num_replicas=3, rank=rank, pad=False)) for rank in range(3)] == [3, 2, 2]
+    assert list(EvaluationShardSampler(4)) == [(0, True), (1, True), (2, True), (3, True)]
