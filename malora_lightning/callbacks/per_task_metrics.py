@@ -132,8 +132,7 @@ class PerTaskMetrics(Callback):
     def _partial_sanity_check(trainer: L.Trainer) -> bool:
         """Whether the sanity check ran only some validation batches (Lightning's default runs 2 per loader): its
         scores are then no "before training" evaluation, and recording one would put a few examples' accuracy in
-        every report's first and best columns and the seesaw figures. Decided by all ranks alike (a rank's shard may
-        have one batch fewer)."""
+        every report's first and best columns and the seesaw figures. Decided by all ranks alike."""
         partial = sum(trainer.num_sanity_val_batches) < sum(trainer.num_val_batches)
         partial = trainer.strategy.reduce_boolean_decision(partial, all=False)
         if partial:

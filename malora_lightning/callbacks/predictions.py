@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text
+from malora_lightning.data.sampling import ShardIndex
 from malora_lightning.run_paths import run_directory
 
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -87,11 +88,14 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        if not batch_indices or len(batch_indices) != len(prediction):
-            raise ValueError(f"PredictionWriter needs one Prediction per example of a DataLoader batch: got "
+        # the sampler's `ShardIndex`es: a padding example (not counted) has no prediction, `predict_step` dropped it
+        indices = [index.index if isinstance(index, ShardIndex) else index for index in batch_indices or []
+                   if not isinstance(index, ShardIndex) or index.counted]
+        if len(indices) != len(prediction) or not (indices or batch_indices):
+            raise ValueError(f"PredictionWriter needs one Prediction per counted example of a DataLoader batch: got "
                              f"{len(prediction)} for batch {batch_idx} of dataloader {dataloader_idx}, whose example "
                              f"indices are {batch_indices}")
-        self._answered.extend(_Answered(dataloader_idx, index, row) for index, row in zip(batch_indices, prediction))
+        self._answered.extend(_Answered(dataloader_idx, index, row) for index, row in zip(indices, prediction))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         answered = self._answered

@@ -364,23 +364,19 @@ class MultiTaskDataModule(LightningDataModule):
         return self._eval_loaders(self._loaded("test"))
 
     def predict_dataloader(self) -> dict[str, DataLoader]:
-        """The predict file's prompts when there is one, else the test splits.
-
-        Sharded without padding: `PredictionWriter` takes one batch index per returned prediction, so a padded row
-        would not fit it. Ranks may then run one batch fewer, which FSDP cannot (its forwards are collective)."""
+        """The predict file's prompts when there is one, else the test splits."""
         if self._predict_source is None:
-            return self._eval_loaders(self._loaded("test"), pad=False)
+            return self._eval_loaders(self._loaded("test"))
         if self._predict_prompts is None:
             raise RuntimeError("the predict file is not loaded: call setup('predict') first")
-        return self._eval_loaders(self._predict_prompts, pad=False)
+        return self._eval_loaders(self._predict_prompts)
 
-    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]], *,
-                      pad: bool = True) -> dict[str, DataLoader]:
+    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]]) -> dict[str, DataLoader]:
         """One loader per task, each rank its `EvaluationShardSampler` shard (padded: the same number of batches on
         every rank)."""
         collator = self.build_collator(eval_fields=True)
         return {name: DataLoader(EvaluationShard(examples), batch_size=self.eval_batch_size, collate_fn=collator,
-                                 sampler=EvaluationShardSampler(len(examples), pad=pad), num_workers=self.num_workers)
+                                 sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers)
                 for name, examples in examples_by_name.items()}
 
     def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:

@@ -262,19 +262,16 @@ class EvaluationShardSampler(DistributedSampler):
     position p (>= size) evaluates example p mod size, as ``DistributedSampler`` pads, but is yielded with
     ``counted=False`` and evaluation drops it from its outputs, so every real example is scored exactly once across
     the ranks (Lightning's default sampler pads without saying so, and per-task metrics counted the repeats twice).
-    ``pad=False`` shards exactly, without padding (ranks may get one example fewer). Being a ``DistributedSampler``,
-    Lightning keeps it as it is.
+    Being a ``DistributedSampler``, Lightning keeps it as it is.
     """
 
-    def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None, *,
-                 pad: bool = True) -> None:
+    def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
         num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size = size
-        self.pad = pad
 
     def _positions(self) -> range:
-        return range(self.rank, self.total_size if self.pad else self.size, self.num_replicas)
+        return range(self.rank, self.total_size, self.num_replicas)
 
     def __iter__(self) -> Iterator[ShardIndex]:
         return (ShardIndex(position % self.size, position < self.size) for position in self._positions())
