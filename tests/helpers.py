@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -102,6 +103,23 @@ class SpawnDDPStrategy(DDPStrategy):
 
     def __init__(self) -> None:
         super().__init__(start_method="spawn", timeout=timedelta(minutes=2))
+
+    def teardown(self) -> None:
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class SpawnFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over 2 processes started by spawn, as `SpawnDDPStrategy` starts DDP's (`ModelParallelStrategy` relaunches
+    the command as a script, which a pytest run is not), with the same teardown and a short collective timeout: a rank
+    stuck in a collective fails the test with gloo's error after a minute instead of stalling it."""
+
+    def __init__(self) -> None:
+        super().__init__(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(minutes=1))
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
 
     def teardown(self) -> None:
         super().teardown()

@@ -5,21 +5,17 @@ import hashlib
 import json
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from malora_lightning.adapters.io import peft_key
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics
-from tests.helpers import SpawnDDPStrategy
+from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -75,23 +71,6 @@ def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tm
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     model_keys = {key.removeprefix("state_dict.") for key in stored if key.startswith("state_dict.")}
     assert model_keys == {f"model.{key}" for key in adapters}  # adapters only, no base weights
-
-
-class SpawnFSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 over 2 processes started by spawn, as `SpawnDDPStrategy` starts DDP's (`ModelParallelStrategy` relaunches
-    the command as a script, which a pytest run is not), with the same teardown and a short collective timeout: a rank
-    stuck in a collective fails the test with gloo's error after a minute instead of stalling it."""
-
-    def __init__(self) -> None:
-        super().__init__(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(minutes=1))
-
-    def _configure_launcher(self) -> None:
-        self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
-
-    def teardown(self) -> None:
-        super().teardown()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 class DumpRankValidation(Callback):

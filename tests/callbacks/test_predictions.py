@@ -14,7 +14,7 @@ from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
 from malora_lightning.module import MALoRAModule
-from tests.helpers import SpawnDDPStrategy
+from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 NO_DROPOUT = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0)
@@ -105,12 +105,16 @@ def test_a_file_at_the_given_path_is_never_overwritten_but_the_run_folders_own_i
 
 
 @pytest.mark.slow
-def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path):
-    """3 examples per task: one rank answers 2 of each, the other 1 (no padding repeats one)."""
+@pytest.mark.parametrize(("strategy", "module_class"), [(SpawnDDPStrategy, Oracle), (SpawnFSDP2Strategy, MALoRAModule)])
+def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path, strategy, module_class):
+    """3 examples per task, one per batch: one rank answers 2 of each, the other 1 and a padding example that is
+    generated but never written. Under FSDP every forward is collective, so the module generates for real there: a
+    rank a batch short left the other waiting in a forward (a deadlock)."""
     settings = dict(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
-    predict(tmp_path / "one", Oracle(**settings), make_data(tiny_model_dir, max_eval_examples_per_task=3))
-    predict(tmp_path / "two", Oracle(**settings), make_data(tiny_model_dir, max_eval_examples_per_task=3),
-            devices=2, strategy=SpawnDDPStrategy())
+    data = dict(max_eval_examples_per_task=3, eval_batch_size=1)
+    predict(tmp_path / "one", module_class(**settings), make_data(tiny_model_dir, **data))
+    predict(tmp_path / "two", module_class(**settings), make_data(tiny_model_dir, **data), devices=2,
+            strategy=strategy())
     rows = read_rows(tmp_path / "two" / PREDICTIONS_NAME)
     assert Counter(row["task"] for row in rows) == {name: 3 for name in TASKS}
     assert len({(row["task"], row["prompt"]) for row in rows}) == 9
