@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -425,8 +426,27 @@ def test_a_fit_resumed_from_a_recipes_checkpoint_keeps_every_evaluation(tiny_mod
 
     resumed = PerTaskMetrics()
     trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                    ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
     assert [evaluation.step for evaluation in resumed.history] == [2, 4]
+    assert not [w for w in caught if "before that step's validation" in str(w.message)]  # nothing was lost
+
+
+def test_a_resume_that_lost_an_evaluation_says_so(tiny_model_dir, tmp_path):
+    """A checkpoint written every 2 training steps precedes step 2's validation: resumed from it, the run warns that
+    the history lacks that evaluation (it did so silently)."""
+    settings = dict(max_steps=4, limit_val_batches=None, val_check_interval=2, enable_checkpointing=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", callbacks=[PerTaskMetrics(), checkpoints], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    resumed = PerTaskMetrics()
+    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
+    with pytest.warns(UserWarning, match="written at step 2 before that step's validation"):
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                    ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert [evaluation.step for evaluation in resumed.history] == [4]
 
 
 class LearningRateRecorder(Callback):

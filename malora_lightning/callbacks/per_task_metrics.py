@@ -17,7 +17,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
 from malora_lightning.callbacks.summary import mean_of_present
@@ -161,6 +161,24 @@ class PerTaskMetrics(Callback):
         return next((callback for callback in trainer.callbacks if isinstance(callback, PerTaskMetrics)), None)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say when a resume lost an evaluation: a checkpoint written at the end of a training batch (say
+        `ModelCheckpoint(every_n_train_steps=...)`) precedes that step's validation, which Lightning does not run
+        again, so the history, the seesaw figures and the report would silently lack it."""
+        step = trainer.global_step
+        interval = trainer.val_check_interval
+        if step == 0 or not isinstance(interval, int) or trainer.accumulate_grad_batches != 1:
+            return  # validation by epoch fraction, or batches that are not steps: not judged here
+        # Lightning counts an int interval in training batches: of the whole run without per-epoch validation,
+        # else of the current epoch
+        batches = step if trainer.check_val_every_n_epoch is None \
+            else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches % interval == 0 and all(evaluation.step != step for evaluation in self.evaluations("val")):
+            rank_zero_warn(f"Resumed from a checkpoint written at step {step} before that step's validation, which "
+                           "Lightning does not run again: the per-task history, seesaw figures and report lack it. "
+                           "Checkpoint when a validation ends: ModelCheckpoint(save_on_train_epoch_end=False) without "
+                           "every_n_train_steps, as recipes/default.yaml does")
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset(trainer, pl_module)
 
