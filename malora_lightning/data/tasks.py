@@ -26,7 +26,7 @@ import yaml
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("generative", "multiple_choice")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # used with fullmatch: a name becomes a folder name and a metric key
 
 
 class TaskDataError(ValueError):
@@ -405,8 +405,9 @@ class Task:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _require(_is_text(self.name) and bool(_TASK_NAME.match(self.name)), "name", self.name,
-                 "a task name: non-empty text of letters, digits, '_', '.', '-' (quote a number: name: '2024')")
+        _require(_is_text(self.name) and bool(_TASK_NAME.fullmatch(self.name)) and self.name.strip(".") != "",
+                 "name", self.name, "a task name: non-empty text of letters, digits, '_', '.', '-', not only dots "
+                 "(it names a folder: '.' and '..' are paths) (quote a number: name: '2024')")
         try:
             _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind,
                      f"one of {', '.join(TASK_KINDS)}")

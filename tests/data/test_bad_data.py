@@ -75,6 +75,11 @@ SPEC = {"name": "mine", "path": "d.jsonl", **GENERATIVE}
 SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or AttributeError, or was accepted
     "name a number": (SPEC | {"name": 123}, ["name=123 is invalid: expected a task name", "quote a number"]),
     "name null": (SPEC | {"name": None}, ["name=None is invalid"]),
+    "name of two dots": (SPEC | {"name": ".."}, ["name='..' is invalid: expected a task name", "not only dots"]),
+    "name of one dot": (SPEC | {"name": "."}, ["name='.' is invalid: expected a task name", "not only dots"]),
+    "name of three dots": (SPEC | {"name": "..."}, ["name='...' is invalid", "not only dots"]),
+    "name ending in a newline": (SPEC | {"name": "ok\n"}, ["name='ok\\n' is invalid: expected a task name"]),
+    "name with a path separator": (SPEC | {"name": "a/b"}, ["name='a/b' is invalid: expected a task name"]),
     "chance_rate text": (SPEC | {"chance_rate": "half"},
                          ["task 'mine': chance_rate='half' is invalid: expected a number in [0, 1]"]),
     "max_new_tokens text": (SPEC | {"max_new_tokens": "5"},
@@ -201,3 +206,8 @@ def test_a_missing_tokenizer_path_is_named(tmp_path):
     data = MultiTaskDataModule(tasks=["parity"], tokenizer=str(tmp_path / "no-such-tokenizer"))
     with pytest.raises(OSError, match=r"could not load the tokenizer .*no-such-tokenizer.*must be a local folder"):
         data.load_tokenizer()
+
+
+@pytest.mark.parametrize("name", ["v1.2", ".hidden", "a..b", "gsm8k_2024-01"])
+def test_task_names_with_dots_among_other_characters_stay_valid(name):
+    assert task_from_spec(SPEC | {"name": name}).name == name
