@@ -72,7 +72,8 @@ def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
     The result is a plain transformers model (`save_pretrained` writes a folder `from_pretrained` loads). A
     bitsandbytes 4-/8-bit base cannot hold the update: `dequantize=True` replaces it by a plain `nn.Linear` holding
-    the dequantized weight plus the update. Mixtures have no static update: use `task_profile` and `merge_task`.
+    the dequantized weight plus the update, and every other bitsandbytes layer by its dequantized weight, so the
+    model is plain throughout. Mixtures have no static update: use `task_profile` and `merge_task`.
     """
     config = get_adapter_config(model)
     if config.is_routed:
@@ -235,13 +236,15 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
                          "quantized layers in all), whose quantized weight cannot hold the merged update: pass "
                          "dequantize=True to replace it by a plain nn.Linear holding the dequantized weight plus the "
                          "update, or load the base model unquantized, load the adapters into it and merge that")
-    if quantized:
+    dequantizing = dequantize and any(_is_bnb(module) for module in model.modules())
+    if dequantizing:
         disable_bnb_cpu_weight_packing(model)  # undo a CPU repacking, so the weights dequantize as stored
+        dtype = _unquantized_dtype(model)
     for name, layer in layers.items():
         delta = factors[name].delta_weight()
         base = layer.base_layer
         if name in quantized:
-            base = _dequantized_linear(name, base, delta, _unquantized_dtype(model))
+            base = _dequantized_linear(name, base, delta, dtype)
         else:
             _untie(model, base)
             weight = base.weight
@@ -249,6 +252,9 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
             with torch.no_grad():
                 weight.copy_((weight.to(MERGE_DTYPE) + update.to(weight.device)).to(weight.dtype))
         replace_module(model, name, base)
+    if dequantizing:  # the layers without an adapter too: a model half in 4-bit saves as one nothing can load
+        for name, module in [(name, module) for name, module in model.named_modules() if _is_bnb(module)]:
+            replace_module(model, name, _dequantized_linear(name, module, None, dtype))
     _remove_routing_hook(model)
     for attribute in (CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE):
         if hasattr(model, attribute):
@@ -279,8 +285,9 @@ def _is_bnb(obj: nn.Module | torch.Tensor) -> bool:
     return type(obj).__module__.startswith("bitsandbytes")
 
 
-def _dequantized_linear(name: str, base: nn.Module, delta: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A frozen nn.Linear in `dtype` holding the dequantized weight of the bitsandbytes layer `base` plus `delta`."""
+def _dequantized_linear(name: str, base: nn.Module, delta: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear in `dtype` holding the dequantized weight of the bitsandbytes layer `base` plus `delta`
+    (None: the weight alone)."""
     import bitsandbytes as bnb
 
     weight = base.weight
@@ -298,7 +305,7 @@ def _dequantized_linear(name: str, base: nn.Module, delta: torch.Tensor, dtype: 
     merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
                        device=dense.device)
     with torch.no_grad():
-        merged.weight.copy_((dense.to(MERGE_DTYPE) + delta.to(dense.device)).to(dtype))
+        merged.weight.copy_(dense if delta is None else dense.to(MERGE_DTYPE) + delta.to(dense.device))
         if base.bias is not None:
             merged.bias.copy_(base.bias)
     merged.requires_grad_(False)

@@ -154,6 +154,22 @@ def test_4bit_dequantize_merge_equals_dequantized_base_plus_adapter(tiny_llama_d
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_dequantize_merge_leaves_no_4bit_layer_and_saves_a_loadable_model(tiny_llama_dir, tmp_path):
+    """The paper's targets leave o_proj without an adapter: it is dequantized too, so the saved model is plain (it
+    kept one 4-bit layer and the quantization config, and could not run once reloaded)."""
+    model = load_base_model(str(tiny_llama_dir), quantization="nf4", compute_dtype="float32")
+    randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0)))  # q,k,v,gate,up,down
+    batch = task_batches()[0]
+    expected = logits(model, batch)
+    merge_adapters(model, dequantize=True)
+    assert not any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+    assert not hasattr(model.config, "quantization_config")
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dequantized_layer_takes_the_dtype_its_inputs_arrive_in(tiny_llama_dir):
     """k-bit preparation keeps the hidden states float32 while nf4 computes in bf16: a bf16 plain layer would fail."""
     model = load_base_model(str(tiny_llama_dir), quantization="nf4", compute_dtype="bfloat16")
@@ -175,7 +191,8 @@ def test_int8_dequantize_merge_holds_the_dequantized_weight_plus_the_update(tiny
     merged = model.get_submodule(Q_PROJ)
     assert type(merged) is nn.Linear
     torch.testing.assert_close(merged.weight, expected_weight, rtol=1e-6, atol=1e-6)
-    assert getattr(model, "is_quantized", False)  # the other projections are still int8: the model stays quantized
+    assert not getattr(model, "is_quantized", False)  # the other projections are dequantized too: a plain model
+    assert not any(isinstance(module, bnb.nn.Linear8bitLt) for module in model.modules())
     assert logits(model, task_batches()[0]).isfinite().all()
 
 
