@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -167,6 +168,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
+        interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
+        if stage == "fit" and isinstance(interval, int) and accumulate > 1 and interval % accumulate:
+            rank_zero_warn(f"val_check_interval={interval} is not a multiple of accumulate_grad_batches={accumulate}: "
+                           "validations (and the checkpoints written when they end) fall inside an accumulation "
+                           "window, whose gradients no checkpoint holds, so a resume from one skips that window's "
+                           f"batches; use a multiple of {accumulate}")
 
     def configure_model(self) -> None:
         if self.model is None:

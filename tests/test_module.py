@@ -449,6 +449,19 @@ def test_a_resume_that_lost_an_evaluation_says_so(tiny_model_dir, tmp_path):
     assert [evaluation.step for evaluation in resumed.history] == [4]
 
 
+@pytest.mark.parametrize(("interval", "warned"), [(3, True), (4, False)])
+def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_path, interval, warned):
+    """Lightning counts val_check_interval in batches: with accumulation 2, a validation after batch 3 (and the
+    checkpoint written when it ends) falls mid-window, and a resume from it skipped batch 3 (losses diverged)."""
+    trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, val_check_interval=interval,
+                           limit_val_batches=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    named = [w for w in caught if "not a multiple of accumulate_grad_batches=2" in str(w.message)]
+    assert bool(named) == warned
+
+
 class LearningRateRecorder(Callback):
     def __init__(self) -> None:
         self.rates: dict[int, list[float]] = {}
