@@ -35,25 +35,30 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
-    The file gets the permissions a plain `open(path, "w")` would give (those of the file it replaces, else the
-    umask's), not the owner-only ones of the temporary file.
+    Behaves as a plain `open(path, "w")` would: the file gets its permissions (those of the file it replaces, else the
+    umask's), not the owner-only ones of the temporary file, and a symbolic link is written through (the file it
+    points to gets the content; the link stays).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else default_mode()
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir():
+        linked = f" (a link to {target})" if target != path else ""
+        raise IsADirectoryError(f"{path}{linked} is a folder: nothing was written; expected the path of a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o7777 if target.is_file() else default_mode()
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.chmod(temporary, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(target.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -74,6 +79,8 @@ def staging_folder(target: Path) -> Iterator[Path]:
 
 
 STAGING_FOLDER = ".malora-staging"  # inside the folder whose files are being replaced
+# created first inside every staging folder: only a folder holding it is ours to complete or delete
+STAGING_MARKER = "MALORA_STAGING"
 COMMIT_MARKER = "COMMITTED"  # written last into the staging folder: from then on its files are complete
 
 
@@ -82,27 +89,48 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _check_staging_is_ours(folder: Path, staging: Path) -> None:
+    """A folder named like ours but without our marker is a user's (or an older version's): never touched."""
+    if not staging.is_symlink() and (staging / STAGING_MARKER).is_file():
+        return
+    raise FileExistsError(
+        f"{staging} was not made by malora_lightning (it lacks the {STAGING_MARKER} file every staging folder gets "
+        f"first), so it is left as it is; malora_lightning needs this name to replace files in {folder}: move or "
+        f"rename it. If an earlier malora_lightning left it and it holds {COMMIT_MARKER}, its other files are a "
+        f"complete new set to move into {folder}; without {COMMIT_MARKER} it can be deleted")
+
+
 def recover_replace(folder: str | Path) -> None:
     """Finish or undo a `replace_files` that a crash interrupted: a committed staging folder's remaining files move
-    into place, an uncommitted one is removed (the old files were never touched). A no-op without leftovers."""
-    staging = Path(folder) / STAGING_FOLDER
+    into place, an uncommitted one is removed (the old files were never touched). A no-op without leftovers.
+
+    Only a staging folder holding `STAGING_MARKER` is ours; an empty one (a kill between its mkdir and its marker) is
+    removed, any other raises `FileExistsError` naming it.
+    """
+    folder = Path(folder)
+    staging = folder / STAGING_FOLDER
     if not staging.is_dir():
         return
+    if not staging.is_symlink() and not any(staging.iterdir()):
+        staging.rmdir()
+        _fsync_dir(folder)
+        return
+    _check_staging_is_ours(folder, staging)
     marker = staging / COMMIT_MARKER
     if marker.is_file():
         for child in staging.iterdir():
-            if child != marker:
-                os.replace(child, Path(folder) / child.name)
-        _fsync_dir(Path(folder))
+            if child.name not in (COMMIT_MARKER, STAGING_MARKER):
+                os.replace(child, folder / child.name)
+        _fsync_dir(folder)
         marker.unlink()
     shutil.rmtree(staging)
-    _fsync_dir(Path(folder))
+    _fsync_dir(folder)
 
 
 @contextlib.contextmanager
 def replace_files(folder: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder inside `folder`; on success each file written there replaces the file of that
-    name in `folder`, and every other file of `folder` stays as it is.
+    """Yield a new staging folder inside `folder`; on success each file written there replaces the file of that name
+    in `folder`, and every other file of `folder` stays as it is.
 
     Recoverable at every instant: the staged files are fsynced and the staging folder marked committed before the
     first one moves, and `recover_replace` (run here first, and by readers) completes a committed replace or drops an
@@ -115,6 +143,8 @@ def replace_files(folder: str | Path) -> Iterator[Path]:
     staging = folder / STAGING_FOLDER
     staging.mkdir()
     try:
+        open(staging / STAGING_MARKER, "x").close()  # before anything else: from here on the folder is provably ours
+        _fsync_dir(staging)
         yield staging
         for child in staging.iterdir():
             _fsync_file(child)

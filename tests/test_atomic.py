@@ -1,12 +1,15 @@
-"""Files and folders we write atomically get the permissions a plain write would give, not the owner-only ones of
-the temporary file or folder they are staged in (a teammate or a server could not read an exported adapter)."""
+"""Files and folders we write atomically behave as plain writes: the permissions a plain write would give, not the
+owner-only ones of the temporary file or folder they are staged in (a teammate or a server could not read an exported
+adapter), a symbolic link written through; and a folder of the staging folder's name is touched only if it is ours."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from malora_lightning.atomic import atomic_write_text, staging_folder
+from malora_lightning.atomic import (STAGING_FOLDER, atomic_write_text, recover_replace,
+                                     replace_files, staging_folder)
 
 
 @pytest.fixture
@@ -58,3 +61,63 @@ def test_an_adapter_folder_is_readable_like_any_saved_file(tmp_path, umask_022):
     save_adapters(model, tmp_path / "adapter")
     assert {path.name: mode(path) for path in (tmp_path / "adapter").iterdir()} == {
         "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644, "README.md": 0o644}
+
+
+def test_a_symbolic_link_is_written_through_like_open_does(tmp_path, umask_022):
+    """The link used to be replaced by a regular file, and the user's linked file kept its old content."""
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "report.md"
+    real.write_text("user's content")
+    real.chmod(0o600)
+    link = tmp_path / "report.md"
+    link.symlink_to(Path("real") / "report.md")
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and (real.read_text(), mode(real)) == ("new", 0o600)
+    dangling = tmp_path / "later.md"
+    dangling.symlink_to(tmp_path / "real" / "later.md")
+    atomic_write_text(dangling, "created")
+    assert dangling.is_symlink() and (tmp_path / "real" / "later.md").read_text() == "created"
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["later.md", "later.md", "real", "report.md",
+                                                                  "report.md"]  # no temporary files left
+
+
+def test_a_folder_as_the_target_is_named(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    with pytest.raises(IsADirectoryError) as error:
+        atomic_write_text(tmp_path / "out", "new")
+    assert str(error.value) == f"{tmp_path / 'out'} is a folder: nothing was written; expected the path of a file"
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["keep", "out"]
+
+
+def test_a_users_folder_named_like_the_staging_folder_is_never_deleted(tmp_path):
+    """It was recognised by its name alone: the next replace (or adapter load) deleted it with the files inside."""
+    folder = tmp_path / "adapter"
+    (folder / STAGING_FOLDER).mkdir(parents=True)
+    (folder / STAGING_FOLDER / "my_backup.safetensors").write_text("precious")
+    (folder / "a.json").write_text("old")
+    message = rf"{STAGING_FOLDER} was not made by malora_lightning .* move or rename it"
+    with pytest.raises(FileExistsError, match=message):
+        with replace_files(folder) as staging:
+            (staging / "a.json").write_text("new")
+    with pytest.raises(FileExistsError, match=message):
+        recover_replace(folder)
+    assert (folder / STAGING_FOLDER / "my_backup.safetensors").read_text() == "precious"
+    assert (folder / "a.json").read_text() == "old"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("mine")
+    (folder / STAGING_FOLDER).rename(tmp_path / "moved")
+    (folder / STAGING_FOLDER).symlink_to(tmp_path / "elsewhere")  # a link to a user's folder is not ours either
+    with pytest.raises(FileExistsError, match=message):
+        recover_replace(folder)
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_staging_folder_left_before_its_marker_is_removed(tmp_path):
+    """A kill between the staging folder's mkdir and its marker leaves it empty: nothing to lose, nothing to refuse."""
+    folder = tmp_path / "adapter"
+    (folder / STAGING_FOLDER).mkdir(parents=True)
+    (folder / "a.json").write_text("old")
+    with replace_files(folder) as staging:
+        (staging / "a.json").write_text("new")
+    assert sorted(path.name for path in folder.iterdir()) == ["a.json"] and (folder / "a.json").read_text() == "new"

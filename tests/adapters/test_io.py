@@ -259,6 +259,26 @@ def test_leftovers_beside_an_adapter_folder_are_never_moved_or_deleted(tmp_path)
     load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
+def test_a_users_folder_named_like_the_staging_folder_is_refused_not_deleted(tmp_path):
+    """A load or save completed or deleted any `.malora-staging` folder by its name, the user's files inside with it."""
+    first = trained_model()
+    save_adapters(first, tmp_path / "a")
+    (tmp_path / "a" / ".malora-staging").mkdir()
+    (tmp_path / "a" / ".malora-staging" / "my_backup.safetensors").write_text("precious")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    message = r"a/\.malora-staging was not made by malora_lightning .* move or rename it"
+    with pytest.raises(FileExistsError, match=message):
+        load_adapters(tiny_model("llama"), tmp_path / "a")
+    with pytest.raises(FileExistsError, match=message):
+        save_adapters(trained_model(), tmp_path / "a")
+    assert (tmp_path / "a" / ".malora-staging" / "my_backup.safetensors").read_text() == "precious"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+    (tmp_path / "a" / ".malora-staging").rename(tmp_path / "my-backups")
+    loaded = load_adapters(tiny_model("llama"), tmp_path / "a")
+    for key, value in adapter_state_dict(loaded).items():
+        torch.testing.assert_close(value, adapter_state_dict(first)[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x00\x01 random bytes, not a header", "truncated"])
 def test_an_unreadable_weights_file_is_named(tmp_path, content):
     save_adapters(trained_model(), tmp_path / "a")
