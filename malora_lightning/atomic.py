@@ -32,6 +32,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def apply_default_modes(folder: Path) -> None:
+    """Give `folder`, and every folder and file under it, the permissions a plain mkdir or write would give: some
+    writers (safetensors, hence `save_pretrained`) create owner-only files that a teammate or a server running as
+    another user could not read. Symbolic links are left alone (chmod would change what they point to)."""
+    os.chmod(folder, default_mode(folder=True))
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            child = Path(root) / name
+            if not child.is_symlink():
+                os.chmod(child, default_mode(folder=name in folders))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from malora_lightning.atomic import staging_folder
+from malora_lightning.atomic import apply_default_modes, staging_folder
 
 OFFLINE_PREFIX = "offline:"
 
@@ -62,7 +62,8 @@ def _package_dir(model: OfflineModel) -> Path:
 
 
 def _convert(model: OfflineModel, target: Path) -> None:
-    """GGUF -> dequantized float32 safetensors folder with tokenizer; written to a temp dir, then renamed."""
+    """GGUF -> dequantized float32 safetensors folder with tokenizer, readable as any file the user writes; written to
+    a temp dir, then renamed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +79,7 @@ def _convert(model: OfflineModel, target: Path) -> None:
     with staging_folder(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        apply_default_modes(staging)  # a shared cache: safetensors writes the weights owner-only
         try:
             staging.rename(target)
         except OSError:

@@ -24,7 +24,7 @@ from torch import nn
 
 from malora_lightning.adapters import read_adapter_folder, save_adapters
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
-from malora_lightning.atomic import staging_folder
+from malora_lightning.atomic import apply_default_modes, staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
@@ -99,6 +99,7 @@ def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
     with staging_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        apply_default_modes(staging)  # safetensors writes the weights owner-only
         os.replace(staging, target)  # `target` is absent or an empty folder (checked before any work)
 
 

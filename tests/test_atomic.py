@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from malora_lightning.atomic import (STAGING_FOLDER, atomic_write_text, recover_replace,
+from malora_lightning.atomic import (STAGING_FOLDER, apply_default_modes, atomic_write_text, recover_replace,
                                      replace_files, staging_folder)
 
 
@@ -61,6 +61,17 @@ def test_an_adapter_folder_is_readable_like_any_saved_file(tmp_path, umask_022):
     save_adapters(model, tmp_path / "adapter")
     assert {path.name: mode(path) for path in (tmp_path / "adapter").iterdir()} == {
         "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644, "README.md": 0o644}
+
+
+def test_owner_only_files_of_a_staged_folder_get_the_umask_permissions(tmp_path, umask_022):
+    (tmp_path / "model" / "sub").mkdir(parents=True)
+    for path in (tmp_path / "model" / "weights.safetensors", tmp_path / "model" / "sub" / "shard.bin"):
+        path.write_text("x")
+        path.chmod(0o600)
+    (tmp_path / "model" / "sub").chmod(0o700)
+    apply_default_modes(tmp_path / "model")
+    assert {str(path.relative_to(tmp_path)): mode(path) for path in tmp_path.rglob("*")} == {
+        "model": 0o755, "model/sub": 0o755, "model/weights.safetensors": 0o644, "model/sub/shard.bin": 0o644}
 
 
 def test_a_symbolic_link_is_written_through_like_open_does(tmp_path, umask_022):

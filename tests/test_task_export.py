@@ -1,6 +1,7 @@
 """`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
 
 import copy
+import stat
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_adapters, load_adapters, save_adapters
 from malora_lightning.adapters.merge import merge_task, task_lora_model
 from malora_lightning.adapters.quantization import load_base_model
+from malora_lightning.atomic import default_mode
 from malora_lightning.task_export import build_from_recipe, main, profile_tasks
 
 TASKS = ["parity", "add_2digit"]
@@ -53,6 +55,9 @@ def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_f
     module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
     expected = merge_task(copy.deepcopy(module.model), profile_tasks(module.model, data, ["parity"], 8)["parity"])
     assert [path.name for path in (tmp_path / "merged").iterdir()] == ["parity"]  # written by one rename, no staging
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "merged" / "parity").iterdir()}
+    assert "model.safetensors" in modes and modes == dict.fromkeys(modes, default_mode())  # not owner-only weights
+    assert stat.S_IMODE((tmp_path / "merged" / "parity").stat().st_mode) == default_mode(folder=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "parity").eval()
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
