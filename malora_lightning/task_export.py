@@ -23,6 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from malora_lightning.adapters import read_adapter_folder, save_adapters
+from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
 from malora_lightning.atomic import apply_default_modes, staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
@@ -70,15 +71,44 @@ def task_model(model: nn.Module, profile: TaskProfile, merge: bool) -> nn.Module
     return merge_task(collapsed, profile, dequantize=True) if merge else task_lora_model(collapsed, profile)
 
 
-def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, output: Path, tasks: list[str], merge: bool,
-                 max_examples: int = DEFAULT_PROFILE_EXAMPLES) -> list[TaskExport]:
-    """Write `output/<task>/` for every task: a LoRA adapter folder, or with `merge` a merged model and tokenizer."""
-    if merge:  # refuse before any work, never write into a user's folder
-        for task in tasks:
-            target = output / task
-            if target.exists() and any(target.iterdir()):
-                raise FileExistsError(f"{target} exists and is not empty: --merge writes a whole model folder; "
-                                      "choose another --output")
+def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, overwrite: bool) -> None:
+    """Refuse, before any work, every `output/<task>` the export must not write: the adapter folder being read (or
+    a folder inside it or holding it), a file, and a non-empty folder, unless `overwrite` and it is an adapter folder
+    (then `save_adapters` replaces only its adapter files). A merged model is a whole folder written by one rename,
+    so `--merge` never writes into a non-empty one."""
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if repeated:
+        raise ValueError(f"--tasks names {repeated[0]!r} more than once: each task is exported to one folder")
+    source = adapter.resolve()
+    for task in tasks:
+        target = output / task
+        resolved = target.resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            relation = ("is" if resolved == source else "lies inside" if source in resolved.parents else "holds")
+            raise FileExistsError(f"{target} {relation} the --adapter folder {adapter}: the export would write over "
+                                  f"the adapter it reads; choose an --output outside {adapter}")
+        if target.exists() and not target.is_dir():
+            raise FileExistsError(f"{target} is a file; the export writes a folder there: choose another --output")
+        if not target.is_dir() or not any(target.iterdir()):
+            continue
+        if merge:
+            raise FileExistsError(f"{target} exists and is not empty: --merge writes a whole model folder and never "
+                                  "writes into an existing one (--overwrite does not apply); choose another --output")
+        if not (target / CONFIG_NAME).is_file():
+            raise FileExistsError(f"{target} exists and is not empty, and is not an adapter folder (no {CONFIG_NAME}): "
+                                  "the export writes into a new or empty folder, or with --overwrite replaces the "
+                                  "adapter files of an adapter folder; choose another --output")
+        if not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty (an adapter folder): pass --overwrite to replace "
+                                  f"its {' and '.join(ADAPTER_FILES)} (and a {CARD_NAME} that save_adapters wrote; "
+                                  "other files stay), or choose another --output")
+
+
+def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path, output: Path, tasks: list[str],
+                 merge: bool, overwrite: bool = False, max_examples: int = DEFAULT_PROFILE_EXAMPLES) -> list[TaskExport]:
+    """Write `output/<task>/` for every task: a LoRA adapter folder, or with `merge` a merged model and tokenizer.
+    `adapter` is the folder the module's mixture was loaded from; every target is checked first (`check_targets`)."""
+    check_targets(adapter, output, tasks, merge, overwrite)
     exports = []
     for task, profile in profile_tasks(module.model, data, tasks, max_examples).items():
         target = output / task
@@ -111,6 +141,9 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     parser.add_argument("--tasks", nargs="+", help="tasks to export (default: every task the recipe trains)")
     parser.add_argument("--merge", action="store_true",
                         help="write merged models (base dequantized, save_pretrained) instead of LoRA folders")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the adapter files of an existing adapter folder <output>/<task> (other files "
+                             "stay; never the --adapter folder, nor with --merge)")
     parser.add_argument("--profile-examples", type=int, default=DEFAULT_PROFILE_EXAMPLES,
                         help="training examples per task the routing profile averages over")
     known, overrides = parser.parse_known_args(args)
@@ -119,7 +152,8 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
     module, data = build_from_recipe(known.adapter, overrides)
     tasks = known.tasks or [task.name for task in data.train_tasks]
-    exports = export_tasks(module, data, known.output, tasks, known.merge, known.profile_examples)
+    exports = export_tasks(module, data, Path(known.adapter), known.output, tasks, known.merge, known.overwrite,
+                           known.profile_examples)
     for export in exports:
         print(f"{export.task}: {export.path} (routing profile over {export.profile_tokens} tokens)")
     return exports

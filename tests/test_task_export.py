@@ -1,6 +1,7 @@
 """`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
 
 import copy
+import shutil
 import stat
 
 import pytest
@@ -11,7 +12,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_
 from malora_lightning.adapters.merge import merge_task, task_lora_model
 from malora_lightning.adapters.quantization import load_base_model
 from malora_lightning.atomic import default_mode
-from malora_lightning.task_export import build_from_recipe, main, profile_tasks
+from malora_lightning.task_export import build_from_recipe, check_targets, main, profile_tasks
 
 TASKS = ["parity", "add_2digit"]
 
@@ -77,3 +78,64 @@ def test_bad_inputs_are_named(tiny_model_dir, tmp_path, mixture_folder):
     assert (tmp_path / "taken" / "parity" / "thesis.tex").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match=r"adapter folder .*nowhere not found"):
         main(["--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), *recipe_flags(tiny_model_dir)])
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_the_adapter_folder_being_read_is_never_written_over(tiny_model_dir, tmp_path, mixture_folder):
+    """A mixture kept at <output>/<task> was replaced by that task's LoRA, without a word, even with no flag."""
+    shutil.copytree(mixture_folder, tmp_path / "out" / "parity")
+    before = folder_bytes(tmp_path / "out" / "parity")
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(FileExistsError, match=r"out/parity is the --adapter folder .*out/parity: the export would "
+                                                  r"write over the adapter it reads; choose an --output outside"):
+            main(["--adapter", str(tmp_path / "out" / "parity"), "--output", str(tmp_path / "out"), "--tasks",
+                  "parity", "--profile-examples", "8", *overwrite, *recipe_flags(tiny_model_dir)])
+    assert folder_bytes(tmp_path / "out" / "parity") == before
+
+
+def test_targets_inside_or_around_the_adapter_folder_are_refused(tmp_path):
+    adapter = tmp_path / "runs" / "parity" / "adapter"
+    adapter.mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"adapter/parity lies inside the --adapter folder"):
+        check_targets(adapter, adapter, ["parity"], merge=False, overwrite=True)
+    with pytest.raises(FileExistsError, match=r"runs/parity holds the --adapter folder"):
+        check_targets(adapter, tmp_path / "runs", ["parity"], merge=True, overwrite=False)
+    (tmp_path / "link").symlink_to(adapter.parent)
+    with pytest.raises(FileExistsError, match=r"link/adapter is the --adapter folder"):
+        check_targets(adapter, tmp_path / "link", ["adapter"], merge=False, overwrite=True)
+    with pytest.raises(ValueError, match=r"--tasks names 'parity' more than once"):
+        check_targets(adapter, tmp_path / "out", ["parity", "add", "parity"], merge=False, overwrite=False)
+    check_targets(adapter, tmp_path / "out", ["parity"], merge=False, overwrite=False)  # beside it: fine
+
+
+def test_an_existing_adapter_folder_is_replaced_only_with_overwrite(tiny_model_dir, tmp_path, mixture_folder):
+    """Any adapter folder at <output>/<task> (the user's other trained adapter, say) was replaced silently. Now it
+    takes --overwrite, which replaces the adapter files as save_adapters does: the user's other files stay."""
+    flags = ["--adapter", str(mixture_folder), "--tasks", "parity", "--profile-examples", "8",
+             *recipe_flags(tiny_model_dir)]
+    theirs = inject_adapters(load_base_model(str(tiny_model_dir)), AdapterConfig(method="lora", rank=2))
+    save_adapters(theirs, tmp_path / "out" / "parity")
+    (tmp_path / "out" / "parity" / "notes.txt").write_text("mine")
+    before = folder_bytes(tmp_path / "out" / "parity")
+    with pytest.raises(FileExistsError, match=r"out/parity exists and is not empty \(an adapter folder\): pass "
+                                              r"--overwrite to replace its adapter_config.json and "
+                                              r"adapter_model.safetensors .* other files stay\), or choose another"):
+        main(["--output", str(tmp_path / "out"), *flags])
+    assert folder_bytes(tmp_path / "out" / "parity") == before
+    main(["--output", str(tmp_path / "out"), "--overwrite", *flags])
+    after = folder_bytes(tmp_path / "out" / "parity")
+    assert sorted(after) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert after["notes.txt"] == b"mine" and after["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+
+    (tmp_path / "project" / "parity").mkdir(parents=True)
+    (tmp_path / "project" / "parity" / "thesis.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"project/parity exists and is not empty, and is not an adapter folder"):
+        main(["--output", str(tmp_path / "project"), "--overwrite", *flags])
+    with pytest.raises(FileExistsError, match=r"out/parity exists and is not empty: --merge .* \(--overwrite does "
+                                              r"not apply\)"):
+        main(["--output", str(tmp_path / "out"), "--merge", "--overwrite", *flags])
+    assert folder_bytes(tmp_path / "project" / "parity") == {"thesis.tex": b"mine"}
+    assert folder_bytes(tmp_path / "out" / "parity") == after
