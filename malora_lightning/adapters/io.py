@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -31,7 +30,7 @@ from malora_lightning.adapters.inject import inject_adapters, is_supported_linea
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config
 from malora_lightning.adapters.quantization import Quantization, base_model_name, base_quantization, load_base_model
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.atomic import STAGING_FOLDER, default_mode, recover_replace, replace_files
+from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
 
@@ -293,10 +292,10 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     with replace_files(path) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
-        os.chmod(staging / WEIGHTS_NAME, default_mode())  # safetensors writes it owner-only
         if write_card:
             card = model_card(config, base, quantization, _target_summary(model), state, task_scores)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        apply_default_modes(staging)  # safetensors writes its file owner-only
     return path
 
 
