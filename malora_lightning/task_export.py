@@ -150,6 +150,8 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     if known.profile_examples < 1:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
+    if known.tasks:  # so are the targets, when the tasks are named (else the recipe names them)
+        check_targets(Path(known.adapter), known.output, known.tasks, known.merge, known.overwrite)
     module, data = build_from_recipe(known.adapter, overrides)
     tasks = known.tasks or [task.name for task in data.train_tasks]
     exports = export_tasks(module, data, Path(known.adapter), known.output, tasks, known.merge, known.overwrite,

@@ -96,6 +96,18 @@ def test_the_adapter_folder_being_read_is_never_written_over(tiny_model_dir, tmp
     assert folder_bytes(tmp_path / "out" / "parity") == before
 
 
+def test_named_tasks_targets_are_checked_before_the_base_model_loads(tmp_path, mixture_folder, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "parity").write_text("a file where the task's folder would go")
+
+    def load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the targets were checked")
+
+    monkeypatch.setattr("malora_lightning.task_export.build_from_recipe", load)
+    with pytest.raises(FileExistsError, match=r"out/parity"):
+        main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "out"), "--tasks", "parity"])
+
+
 def test_targets_inside_or_around_the_adapter_folder_are_refused(tmp_path):
     adapter = tmp_path / "runs" / "parity" / "adapter"
     adapter.mkdir(parents=True)
