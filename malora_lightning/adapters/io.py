@@ -49,8 +49,11 @@ METADATA_BASE_QUANTIZATION = "malora_lightning.base_quantization"
 _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
-    "alora_invocation_tokens": None,
+    "alora_invocation_tokens": None, "loftq_config": {}, "corda_config": None, "lora_ga_config": None,
 }
+# PEFT inits that leave the base weights as they are; the others (PiSSA, OLoRA, LoftQ, CorDA, ...) subtract the
+# initial adapter from the base, which PEFT redoes on load, so the saved factors only fit a base changed that way
+_BASE_PRESERVING_INITS = (True, False, "gaussian")
 
 
 def library_version() -> str:
@@ -142,6 +145,13 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
         if value not in (neutral, None, {}, [], False):
             raise ValueError(f"{path / CONFIG_NAME}: {field}={value!r} is not supported (plain LoRA only: "
                              f"expected {neutral!r})")
+    init = stored.get("init_lora_weights", True)
+    if init not in _BASE_PRESERVING_INITS:
+        raise ValueError(f"{path / CONFIG_NAME}: init_lora_weights={init!r} is not supported: that init changes the "
+                         "base weights, which PEFT redoes when it loads the folder, so its factors do not fit the "
+                         "unchanged base load_adapters uses. Save it from PEFT as a plain LoRA "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)); valid: "
+                         f"{', '.join(map(repr, _BASE_PRESERVING_INITS))}")
     suffix = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_A\.weight$")
     modules = sorted(match.group(1) for key in keys if (match := suffix.match(key)))
     if not modules:

@@ -103,6 +103,13 @@ def test_peft_settings_we_cannot_represent_are_named(tmp_path):
     theirs.save_pretrained(str(tmp_path / "dora"))
     with pytest.raises(ValueError, match=r"adapter_config.json: use_dora=True is not supported"):
         load_adapters(tiny_model("llama"), tmp_path / "dora")
+    for init in ("pissa", "olora"):  # they change the base, which PEFT redoes on load: our load differed by 3-5
+        changed = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                            init_lora_weights=init))
+        changed.save_pretrained(str(tmp_path / init))
+        with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' is not supported: that init changes the "
+                                             "base weights"):
+            load_adapters(tiny_model("llama"), tmp_path / init)
     ia3 = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     ia3.save_pretrained(str(tmp_path / "ia3"))
     with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported"):
