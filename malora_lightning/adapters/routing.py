@@ -173,6 +173,7 @@ class ForwardRouting:
     attention_mask: torch.Tensor | None = None
     statistics: list[RouterStatistics] = field(default_factory=list)
     scoring: ScoringPass | None = None
+    input_shape: tuple[int, int] | None = None  # (batch, seq) of the model's input ids or embeddings, when known
     routed_without_gradients: bool = False  # a layer routed in training mode under no_grad: it collected nothing
     _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
@@ -180,13 +181,19 @@ class ForwardRouting:
         """(bool mask [T] of real tokens, `token_weights_of` that mask) for a layer input of leading shape (batch,
         seq); (None, None) when unknown or when every token is real. Computed once per forward and shape.
 
-        During cached generation the mask covers past + new tokens, so the last `seq` columns are the new ones.
+        During cached generation the mask covers past + new tokens, so the last `seq` columns are the new ones. A layer
+        the model feeds [batch * seq, features] (Qwen2-MoE's shared expert, OPT's fc1/fc2) has a leading shape of
+        (batch * seq,): it gets the same mask, flattened as its input was.
         """
         if leading_shape not in self._tokens:
             mask = self.attention_mask
             token_mask = None
-            if mask is not None and mask.dim() == 2 and len(leading_shape) == 2:
-                batch, seq = leading_shape
+            rows = leading_shape
+            if len(leading_shape) == 1 and self.input_shape is not None \
+                    and leading_shape[0] == self.input_shape[0] * self.input_shape[1]:
+                rows = self.input_shape
+            if mask is not None and mask.dim() == 2 and len(rows) == 2:
+                batch, seq = rows
                 if mask.shape[0] == batch and mask.shape[1] >= seq:
                     token_mask = mask[:, -seq:].reshape(-1).bool()
             weights = token_weights_of(token_mask)
@@ -203,9 +210,10 @@ class RoutingContext:
         self.hook: RemovableHandle | None = None  # the model's forward-pre-hook that begins each forward
         self.scoring: ScoringPass | None = None  # set by `scoring_pass` around an evaluation's scoring forward
 
-    def begin_forward(self, attention_mask: torch.Tensor | None = None) -> ForwardRouting:
+    def begin_forward(self, attention_mask: torch.Tensor | None = None,
+                      input_shape: tuple[int, int] | None = None) -> ForwardRouting:
         """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer)."""
-        self.current = ForwardRouting(attention_mask, scoring=self.scoring)
+        self.current = ForwardRouting(attention_mask, scoring=self.scoring, input_shape=input_shape)
         return self.current
 
     @contextlib.contextmanager
@@ -230,13 +238,17 @@ def install_routing_context(model: nn.Module) -> RoutingContext:
     signature = inspect.signature(model.forward)
 
     def begin_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and args:
+        arguments = kwargs
+        if args:
             try:
-                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+                arguments = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
-                mask = None
-        context.begin_forward(mask if isinstance(mask, torch.Tensor) else None)
+                pass
+        mask = arguments.get("attention_mask")
+        inputs = arguments.get("input_ids")
+        inputs = arguments.get("inputs_embeds") if inputs is None else inputs
+        shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+        context.begin_forward(mask if isinstance(mask, torch.Tensor) else None, shape)
 
     context.hook = model.register_forward_pre_hook(begin_forward, with_kwargs=True)
     return context

@@ -276,7 +276,10 @@ class RoutingStats(Callback):
         scoring = record.forward.scoring if record.forward is not None else None
         if scoring is None:
             return
-        seq = record.batch_shape[-1] if len(record.batch_shape) == 2 else 1
+        tokens, rows = record.experts.shape[0], scoring.row_tasks.shape[0]
+        if tokens % rows:  # a layer that sees only some tokens (an expert inside an MoE block): not per row
+            return
+        seq = tokens // rows  # [batch, seq] inputs and layers fed them flattened alike
         token_tasks = scoring.row_tasks.to(record.experts.device).repeat_interleave(seq)
         token_keep = None if scoring.row_scored is None \
             else scoring.row_scored.to(record.experts.device).repeat_interleave(seq)

@@ -174,6 +174,35 @@ def test_reentrant_checkpointing_warns_that_it_leaves_no_router_losses(use_reent
         assert router_losses(model).num_layers == 12 and aux_loss(model).requires_grad
 
 
+def test_a_layer_fed_flattened_tokens_weighs_real_tokens_only():
+    """OPT feeds fc1 [batch * seq, features] (so does Qwen2-MoE its shared expert): its balance statistics took the
+    padding in (no mask matched its leading shape); they now equal a reference over the real tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4,
+                                  word_embed_proj_dim=32, max_position_embeddings=64, vocab_size=64, pad_token_id=0)
+    model = inject_adapters(AutoModelForCausalLM.from_config(config), AdapterConfig(
+        method="malora", rank=2, shared_rank=4, num_experts=4, dropout=0.0, router_init_std=0.5,
+        target_modules=["fc1"])).train()
+    ids = torch.randint(3, 60, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    records = []
+    add_routing_observer(model, records.append)
+    model(input_ids=ids, attention_mask=mask)
+    (record,) = records
+    assert record.batch_shape == (24,)  # the flattened input
+    real = mask.reshape(-1).bool()
+    probs, experts = record.probs[real].double(), record.experts[real]
+    shares = torch.zeros(4, dtype=torch.float64).scatter_add_(0, experts.reshape(-1),
+                                                              torch.full((experts.numel(),), 0.5, dtype=torch.float64))
+    expected = torch.cat([probs.mean(0), shares / real.sum()])
+    (statistics,) = model.malora_routing_context.current.statistics
+    torch.testing.assert_close(statistics.balance.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_routed_layers_keep_no_tensors_between_forwards():
     model = routed_model(router_z_loss_coef=1.0)
     model(torch.randint(0, 200, (2, 5))).logits.sum().backward()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from malora_lightning.adapters import AdapterConfig, MALoRALinear
-from malora_lightning.adapters.routing import RoutingRecord
+from malora_lightning.adapters.routing import ForwardRouting, RoutingRecord, ScoringPass
 from malora_lightning.callbacks import LayerRouting
 from malora_lightning.callbacks.routing_stats import (DETAIL_LAYERS, RoutingAccumulator, RoutingStats, RoutingSummary,
                                                       dead_experts, task_divergences, task_expert_nmi)
@@ -111,6 +111,22 @@ def test_hand_built_records_accumulate_per_task_and_layer():
     expected_entropy = math.log(2) + 0.0 + (2 * 0.25 * math.log(4) + 0.5 * math.log(2)) + math.log(2)
     assert second.entropy_sum == pytest.approx(expected_entropy)
     assert second.entropy == pytest.approx(expected_entropy / 4)
+
+
+def test_a_scoring_pass_through_a_layer_fed_flattened_tokens_counts_like_its_batch():
+    """A layer fed [batch * seq, features] (OPT's fc1, Qwen2-MoE's shared expert) reports a leading shape of
+    (batch * seq,): RoutingStats took one token per row and failed (size 2 against 4); it counts as for (batch, seq)."""
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5], [0.2, 0.3, 0.5]])
+    experts = torch.tensor([[0, 1], [0, 2], [2, 0], [2, 1]])
+    mask = torch.tensor([True, True, True, False])
+    loads = []
+    for shape in [(2, 2), (4,)]:
+        stats = RoutingStats()
+        stats._accumulator = RoutingAccumulator(["layer"], num_experts=3, num_tasks=2, device=torch.device("cpu"))
+        forward = ForwardRouting(scoring=ScoringPass(row_tasks=torch.tensor([1, 0])))
+        stats._observe(RoutingRecord("layer", probs, experts, mask, shape, forward))
+        loads.append(stats._accumulator.layers(top_k=2)["layer"].task_load.tolist())
+    assert loads[0] == loads[1] == [[1, 0, 1], [2, 1, 1]]
 
 
 def test_dead_threshold_is_a_fraction_of_the_even_share():
