@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import types
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -84,10 +85,18 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError(f"the model already has {len(existing)} {_adapter_method(existing)} adapter layers (e.g. "
                          f"{next(iter(existing))!r}); inject into a fresh base model instead of injecting twice")
     targets = find_target_modules(model, config)
+    regex_note = " (a string is a regular expression that must match a module's whole name, e.g. '.*q_proj'; a list " \
+                 "matches names and name endings, e.g. ['q_proj'])" if isinstance(config.target_modules, str) else ""
     if not targets:
         raise ValueError(f"AdapterConfig.target_modules={config.target_modules!r} (exclude_modules="
                          f"{config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}) matched "
-                         f"no module; {_describe_linear_modules(model)}")
+                         f"no module{regex_note}; {_describe_linear_modules(model)}")
+    if isinstance(config.target_modules, list):
+        names = linear_module_names(model)
+        unmatched = [pattern for pattern in config.target_modules if not any(name_matches(n, [pattern]) for n in names)]
+        if unmatched:  # the paper's q/k/v/gate/up/down on Phi-3 (fused qkv_proj) adapt down_proj alone
+            warnings.warn(f"AdapterConfig.target_modules entries {unmatched} match no linear module of this model, so "
+                          f"those layers get no adapter; {_describe_linear_modules(model)}", stacklevel=2)
 
     for param in model.parameters():
         param.requires_grad_(False)

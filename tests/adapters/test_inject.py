@@ -79,6 +79,20 @@ def test_no_match_lists_the_models_linear_modules():
     assert "c_attn (x2)" in message and "c_fc (x2)" in message and "lm_head (x1)" in message
 
 
+def test_a_string_target_that_matches_nothing_is_explained_as_a_regex():
+    with pytest.raises(ValueError, match=r"a string is a regular expression that must match a module's whole name"):
+        inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules="proj"))
+
+
+def test_list_entries_that_match_no_module_are_named():
+    """The paper's targets on Phi-3 (fused qkv_proj, gate_up_proj) adapt down_proj alone: say which entries missed."""
+    with pytest.warns(UserWarning, match=r"target_modules entries \['qkv_proj', 'gate_up_proj'\] match no linear "
+                                         r"module of this model.*q_proj \(x2\)"):
+        model = inject_adapters(tiny_model("llama"), AdapterConfig(
+            method="lora", rank=2, target_modules=["q_proj", "qkv_proj", "gate_up_proj"]))
+    assert sorted(name.rsplit(".", 1)[-1] for name in adapter_layers(model)) == ["q_proj", "q_proj"]
+
+
 def test_injecting_twice_raises():
     model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
     with pytest.raises(ValueError, match="already has 12 lora adapter layers"):
