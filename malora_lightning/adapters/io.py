@@ -152,6 +152,10 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
                          "unchanged base load_adapters uses. Save it from PEFT as a plain LoRA "
                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...)); valid: "
                          f"{', '.join(map(repr, _BASE_PRESERVING_INITS))}")
+    other_kinds = sorted(key for key in keys if not re.fullmatch(rf"{re.escape(PEFT_PREFIX)}.+\.lora_[AB]\.weight", key))
+    if other_kinds:  # an embedding LoRA (lora_embedding_A), a variant's extra tensors (KaSA, VeRA, ...)
+        raise ValueError(f"{path / WEIGHTS_NAME}: tensor {other_kinds[0]!r} is not a linear layer's lora_A or lora_B "
+                         f"weight ({len(other_kinds)} such in all); load_adapters reads plain LoRA on linear layers")
     suffix = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_A\.weight$")
     modules = sorted(match.group(1) for key in keys if (match := suffix.match(key)))
     if not modules:

@@ -110,6 +110,11 @@ def test_peft_settings_we_cannot_represent_are_named(tmp_path):
         with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' is not supported: that init changes the "
                                              "base weights"):
             load_adapters(tiny_model("llama"), tmp_path / init)
+    embedding = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    embedding.save_pretrained(str(tmp_path / "embedding"))
+    with pytest.raises(ValueError, match=r"tensor '.*embed_tokens.*' is not a linear layer's lora_A or "
+                                         r"lora_B weight"):  # it asked whether the folder came from another base
+        load_adapters(tiny_model("llama"), tmp_path / "embedding")
     ia3 = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     ia3.save_pretrained(str(tmp_path / "ia3"))
     with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported"):
