@@ -43,6 +43,7 @@ from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.optim import Schedule, adamw_options, lr_multiplier
 from malora_lightning.scoring import target_positions, token_log_likelihoods
+from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -352,22 +353,22 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
                     router_weight_decay: float | None, warmup_ratio: float, max_new_tokens: int | None) -> None:
     """Refuse, by name, the numeric settings that would otherwise fail steps later as a non-finite loss or a
     generation error."""
-    def finite(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
     checks = [
-        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate >= 0, "a finite number >= 0"),
-        ("weight_decay", weight_decay, finite(weight_decay) and weight_decay >= 0, "a finite number >= 0"),
+        ("learning_rate", learning_rate, is_finite_number(learning_rate) and learning_rate >= 0,
+         "a finite number >= 0"),
+        ("weight_decay", weight_decay, is_finite_number(weight_decay) and weight_decay >= 0,
+         "a finite number >= 0"),
         ("router_learning_rate", router_learning_rate,
-         router_learning_rate is None or finite(router_learning_rate) and router_learning_rate >= 0,
+         router_learning_rate is None or is_finite_number(router_learning_rate) and router_learning_rate >= 0,
          "None or a finite number >= 0 (0 freezes the routers)"),
         ("router_weight_decay", router_weight_decay,
-         router_weight_decay is None or finite(router_weight_decay) and router_weight_decay >= 0,
+         router_weight_decay is None or is_finite_number(router_weight_decay) and router_weight_decay >= 0,
          "None or a finite number >= 0"),
-        ("warmup_ratio", warmup_ratio, finite(warmup_ratio) and 0.0 <= warmup_ratio < 1.0, "a float in [0, 1)"),
+        ("warmup_ratio", warmup_ratio, is_finite_number(warmup_ratio) and 0.0 <= warmup_ratio < 1.0,
+         "a float in [0, 1)"),
         ("max_new_tokens", max_new_tokens,
-         max_new_tokens is None or isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool)
-         and max_new_tokens >= 1, "None (each task's own length) or an integer >= 1"),
+         max_new_tokens is None or is_int(max_new_tokens) and max_new_tokens >= 1,
+         "None (each task's own length) or an integer >= 1"),
     ]
     for name, value, ok, allowed in checks:
         if not ok:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Literal
 import torch
 
 from malora_lightning.dtypes import dtypes_named
+from malora_lightning.values import is_finite_number, is_int
 
 Method = Literal["lora", "molora", "malora"]
 Kernel = Literal["dense", "fused", "sparse"]
@@ -112,18 +112,18 @@ class AdapterConfig:
     def validate(self) -> None:
         """Raise `ValueError` naming the field, its value and what would be valid."""
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
-        _check(_is_int(self.rank) and self.rank > 0, "rank", self.rank, "an integer >= 1")
-        _check(self.alpha is None or (_is_number(self.alpha) and self.alpha > 0), "alpha", self.alpha,
+        _check(is_int(self.rank) and self.rank > 0, "rank", self.rank, "an integer >= 1")
+        _check(self.alpha is None or (is_finite_number(self.alpha) and self.alpha > 0), "alpha", self.alpha,
                "a finite number > 0, or None for 2 * rank")
-        _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a float in [0, 1)")
+        _check(is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a float in [0, 1)")
         _check(self.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", self.adapter_dtype,
                f"one of {tuple(ADAPTER_DTYPES)}")
         _check(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
-        _check(_is_number(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef,
+        _check(is_finite_number(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef,
                "a finite number >= 0")
-        _check(_is_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
+        _check(is_finite_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
                self.router_z_loss_coef, "a finite number >= 0")
-        _check(_is_number(self.router_init_std) and self.router_init_std >= 0, "router_init_std",
+        _check(is_finite_number(self.router_init_std) and self.router_init_std >= 0, "router_init_std",
                self.router_init_std, "a finite number >= 0")
         _check(isinstance(self.target_modules, str) and self.target_modules != ""
                or isinstance(self.target_modules, list) and len(self.target_modules) > 0
@@ -142,19 +142,19 @@ class AdapterConfig:
                     raise ValueError(f"AdapterConfig.{name}={pattern!r} is invalid: a string is a regular expression "
                                      f"and this one does not compile ({error}); a list names modules") from None
         _check(self.layers_to_transform is None
-               or all(_is_int(i) and i >= 0 for i in self.layers_to_transform),
+               or all(is_int(i) and i >= 0 for i in self.layers_to_transform),
                "layers_to_transform", self.layers_to_transform, "None or a list of layer indices >= 0")
         if self.is_routed:
-            _check(_is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
+            _check(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
                    "an integer >= 1")
-            _check(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
+            _check(is_int(self.top_k) and 1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
                    f"an integer in [1, num_experts={self.num_experts}]")
         if self.method == "malora":
-            _check(_is_int(self.shared_rank) and self.shared_rank >= 1, "shared_rank", self.shared_rank,
+            _check(is_int(self.shared_rank) and self.shared_rank >= 1, "shared_rank", self.shared_rank,
                    "an integer >= 1 (d, the rank of the shared subspace S_A)")
             _check(self.rank <= self.shared_rank, "rank", self.rank,
                    f"an integer in [1, shared_rank={self.shared_rank}] for MALoRA (rank(B_t P_t S_A) <= d)")
-            _check(_is_number(self.beta) and self.beta > 0, "beta", self.beta, "a finite number > 0")
+            _check(is_finite_number(self.beta) and self.beta > 0, "beta", self.beta, "a finite number > 0")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -182,15 +182,6 @@ class AdapterConfig:
             return cls.from_json(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float: inf and NaN would only surface later, as non-finite logits or losses."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -35,6 +35,7 @@ from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetri
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
 from malora_lightning.callbacks.summary import percent
 from malora_lightning.run_paths import run_directory
+from malora_lightning.values import is_finite_number
 
 SEESAW_NAME = "seesaw.json"
 CURVES_NAME = "task_accuracy.png"
@@ -137,7 +138,7 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
         raise ValueError(f"baseline scores file {path} must hold a non-empty JSON object {{task: accuracy}}, "
                          f"not {json.dumps(data)[:80]}")
     for name, score in data.items():
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 < score <= 1.0:
+        if not is_finite_number(score) or not 0.0 < score <= 1.0:
             raise ValueError(f"baseline scores file {path}: task {name!r} has score {score!r}; expected an accuracy "
                              "in (0, 1] (relative gains divide by it)")
     return {name: float(score) for name, score in data.items()}

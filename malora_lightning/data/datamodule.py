@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,6 +35,7 @@ from malora_lightning.data.tasks import (
     task_from_spec,
 )
 from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def _check_count(name: str, value: Any, optional: bool, minimum: int = 1, maximu
     """An integer setting in [minimum, maximum] (None allowed when optional), named in the error otherwise."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
-            (maximum is not None and value > maximum):
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         allowed = f"an integer >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "") + \
             (", or None" if optional else "")
         raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected {allowed}")
@@ -148,7 +147,7 @@ class MultiTaskDataModule(LightningDataModule):
             _check_count(name, value, optional, minimum=0 if name == "num_workers" else 1)
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
         for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not is_finite_number(value) or value <= 0:
                 raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected a finite number > 0")
         self.tokenizer_name = tokenizer
         self.tokenizer_object: PreTrainedTokenizerBase | None = None

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from malora_lightning.values import is_finite_number
+
 logger = logging.getLogger(__name__)
 
 SAMPLING_STRATEGIES = ("proportional", "capped", "temperature", "uniform", "unimax", "weights")
@@ -95,7 +97,7 @@ def check_weights(weights: Mapping[Any, Any], name: str = "weights") -> None:
     """Explicit mixing weights, keyed by task (name or position): each a finite number >= 0, at least one > 0. The
     error names the setting and the task, e.g. ``task_weights['parity']=-1.0``."""
     for task, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        if not is_finite_number(weight) or weight < 0:
             raise ValueError(f"{name}[{task!r}]={weight!r} is invalid: expected a finite number >= 0")
     if not any(weight > 0 for weight in weights.values()):
         raise ValueError(f"{name} are all 0 ({dict(weights)}): at least one task needs a weight > 0")

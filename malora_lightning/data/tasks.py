@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import yaml
 
+from malora_lightning.values import is_finite_number, is_int
+
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("generative", "multiple_choice")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -51,10 +53,6 @@ def _parses(template: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def repeated(names: Iterable[str]) -> list[str]:
@@ -411,11 +409,9 @@ class Task:
         try:
             _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind,
                      f"one of {', '.join(TASK_KINDS)}")
-            _require(self.chance_rate is None or (_is_number(self.chance_rate) and 0 <= self.chance_rate <= 1),
+            _require(self.chance_rate is None or (is_finite_number(self.chance_rate) and 0 <= self.chance_rate <= 1),
                      "chance_rate", self.chance_rate, "a number in [0, 1], or null")
-            _require(self.max_new_tokens is None or (isinstance(self.max_new_tokens, int) and
-                                                     not isinstance(self.max_new_tokens, bool) and
-                                                     self.max_new_tokens >= 1),
+            _require(self.max_new_tokens is None or (is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
                      "max_new_tokens", self.max_new_tokens,
                      "an integer >= 1, or null (then the longest target in tokens, plus the end token)")
             _require(_is_text(self.description), "description", self.description, "text")
@@ -548,7 +544,7 @@ class TemplateFormatter:
         gold = view.value(self.gold)
         if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
             gold = int(gold)
-        if isinstance(gold, bool) or not isinstance(gold, int):
+        if not is_int(gold):
             raise ValueError(f"gold field {self.gold!r} must hold an integer index, the right choice's "
                              f"position (got {gold!r})")
         return Example.multiple_choice(prompt, [str(choice) for choice in choices], gold)

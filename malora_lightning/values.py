@@ -1,0 +1,19 @@
+"""What a setting or a data field must be to count as an integer or a number, in one place.
+
+A bool is neither (YAML's `true` and JSON's `true` arrive as Python bools, which are ints), and a number must be
+finite: inf or NaN in a learning rate, a loss weight or a mixing weight would only surface steps later, as a
+non-finite loss blamed on the data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
