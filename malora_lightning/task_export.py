@@ -28,6 +28,7 @@ from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_m
 from malora_lightning.atomic import apply_default_modes, staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
     a folder inside it or holding it), a file, and a non-empty folder, unless `overwrite` and it is an adapter folder
     (then `save_adapters` replaces only its adapter files). A merged model is a whole folder written by one rename,
     so `--merge` never writes into a non-empty one."""
-    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
-    if repeated:
-        raise ValueError(f"--tasks names {repeated[0]!r} more than once: each task is exported to one folder")
+    twice = repeated(tasks)
+    if twice:
+        raise ValueError(f"--tasks names {twice[0]!r} more than once: each task is exported to one folder")
     source = adapter.resolve()
     for task in tasks:
         target = output / task
