@@ -16,6 +16,7 @@ smallest rank the structure gives (a LoRA adapter file), `task_lora_model` as an
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -240,13 +241,15 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
     if dequantizing:
         disable_bnb_cpu_weight_packing(model)  # undo a CPU repacking, so the weights dequantize as stored
         dtype = _unquantized_dtype(model)
+    shared = _shared_parameters(model)
     for name, layer in layers.items():
         delta = factors[name].delta_weight()
         base = layer.base_layer
         if name in quantized:
             base = _dequantized_linear(name, base, delta, dtype)
         else:
-            _untie(model, base)
+            if id(base.weight) in shared:
+                _untie(model, base)
             weight = base.weight
             update = delta.t() if isinstance(base, Conv1D) else delta  # Conv1D stores [n, m]
             with torch.no_grad():
@@ -265,14 +268,17 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
     return model
 
 
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """The ids of the parameters registered under more than one name (tied weights, such as an output head tied to
+    the input embeddings)."""
+    names = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    return {identity for identity, count in names.items() if count > 1}
+
+
 def _untie(model: nn.Module, base: nn.Module) -> None:
     """Give `base` its own copy of a weight it shares with another module, so that the update reaches this layer
     only: a LoRA on `lm_head` of a model with tied input and output embeddings (SmolLM2's) would otherwise change
     the input embeddings too. The config then stops tying them, so a saved merged model loads them apart."""
-    sharing = [name for name, parameter in model.named_parameters(remove_duplicate=False)
-               if parameter is base.weight]
-    if len(sharing) <= 1:
-        return
     base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):
