@@ -152,12 +152,13 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
                          "unchanged base load_adapters uses. Save it from PEFT as a plain LoRA "
                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...)); valid: "
                          f"{', '.join(map(repr, _BASE_PRESERVING_INITS))}")
-    other_kinds = sorted(key for key in keys if not re.fullmatch(rf"{re.escape(PEFT_PREFIX)}.+\.lora_[AB]\.weight", key))
+    factor = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
+    matches = {key: factor.fullmatch(key) for key in keys}
+    other_kinds = sorted(key for key, match in matches.items() if match is None)
     if other_kinds:  # an embedding LoRA (lora_embedding_A), a variant's extra tensors (KaSA, VeRA, ...)
         raise ValueError(f"{path / WEIGHTS_NAME}: tensor {other_kinds[0]!r} is not a linear layer's lora_A or lora_B "
                          f"weight ({len(other_kinds)} such in all); load_adapters reads plain LoRA on linear layers")
-    suffix = re.compile(rf"^{re.escape(PEFT_PREFIX)}(.+)\.lora_A\.weight$")
-    modules = sorted(match.group(1) for key in keys if (match := suffix.match(key)))
+    modules = sorted(match.group(1) for match in matches.values() if match.group(2) == "A")
     if not modules:
         raise ValueError(f"{path / WEIGHTS_NAME}: no '{PEFT_PREFIX}<module>.lora_A.weight' tensor; is this a PEFT "
                          "LoRA folder?")
