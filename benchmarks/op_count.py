@@ -103,8 +103,8 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
     upstream gradients, so that only the layer's own ops run."""
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    context = getattr(layer, "routing_context", None)  # duck-typed: --rev passes another revision's classes
-    forward = context.begin_forward() if context is not None else None
+    context = getattr(layer, "routing_context", None)  # duck-typed: --rev passes another revision's classes, whose
+    forward = context.begin_forward() if hasattr(context, "begin_forward") else None  # context may predate forwards
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
     outputs, grads = [out], [torch.ones_like(out)]
@@ -121,7 +121,7 @@ def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
 def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
     """One eval-mode forward without gradients: what every generated token costs each adapted layer (inside
     `frozen_adapter_weights` when the caller holds one, as the module's evaluation does)."""
-    if hasattr(layer, "routing_context"):
+    if hasattr(getattr(layer, "routing_context", None), "begin_forward"):
         layer.routing_context.begin_forward()
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         layer(x)
