@@ -1,7 +1,7 @@
 """The random state training draws from (torch's CPU generator, and CUDA's where present), captured and restored.
 
-Dropout draws from these global generators, and so does every DataLoader iterator as it starts (it takes a base
-seed from torch's generator). `MALoRAModule` saves the state in checkpoints for an exact resume, and puts it back
+Dropout draws from these global generators, and so does every DataLoader iterator without a generator of its own
+as it starts (it takes a base seed from torch's generator; `MultiTaskDataModule`'s loaders have their own). `MALoRAModule` saves the state in checkpoints for an exact resume, and puts it back
 after each validation inside a fit, so that evaluating never shifts the random numbers the next training steps get.
 """
 

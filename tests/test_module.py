@@ -484,3 +484,22 @@ def test_a_resumed_fit_uses_the_learning_rate_the_run_gives(tiny_model_dir, tmp_
         factor = lr_multiplier(step, warmup_steps=2, total_steps=6, schedule="cosine")  # warmup_ratio 0.2 of 6
         assert rates.rates[step] == pytest.approx([0.1 * factor, 0.05 * factor]), step
     assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [0.5, 0.5]
+
+
+def test_resume_from_a_checkpoint_written_at_an_epoch_boundary_is_exact(tiny_model_dir, tmp_path):
+    """The llama2-7b recipes checkpoint at epoch ends. The uninterrupted run starts the next epoch's training
+    iterator after the checkpoint, the resumed one before restoring the random state: that start must not draw from
+    the global generator dropout uses, or every later loss differs."""
+    settings = dict(max_steps=-1, max_epochs=2, enable_checkpointing=True)
+    data = dict(max_train_examples_per_task=4)  # 12 examples: 3 batches per epoch
+    full = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
+
+    resumed = LossRecorder()
+    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]

@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import Generator
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -24,6 +25,7 @@ from malora_lightning.data.sampling import (
     TaskBalancedSampler,
     check_weights,
     mixing_weights,
+    seeded_generator,
 )
 from malora_lightning.data.tasks import (
     HubSource,
@@ -96,8 +98,8 @@ class MultiTaskDataModule(LightningDataModule):
         max_train_examples_per_task: Keep a random subset of at most this many training examples per task.
         max_eval_examples_per_task: Keep a random subset of at most this many validation/test examples per task.
         seed: Seed of the training order.
-        data_seed: Seed of generated tasks' data and of the example subsets; keep it fixed to compare runs on the
-            same items.
+        data_seed: Seed of generated tasks' data, of the example subsets and of the dataloaders' worker seeds; keep it
+            fixed to compare runs on the same items.
         num_workers: DataLoader worker processes.
         predict_file: Prompts to predict on instead of the test splits: JSON lines, JSON or CSV rows with a
             ``prompt``, an optional ``task`` (one of ``tasks``/``eval_tasks``: its generation length and answer check;
@@ -354,7 +356,8 @@ class MultiTaskDataModule(LightningDataModule):
         return ResumableDataLoader([example for examples in per_task for example in examples],
                                    batch_size=self.batch_size, sampler=self._train_sampler,
                                    collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
-                                   persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch)
+                                   persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
+                                   generator=self._loader_generator("train"))
 
     def val_dataloader(self) -> dict[str, DataLoader]:
         return self._eval_loaders(self._loaded("validation"))
@@ -375,8 +378,16 @@ class MultiTaskDataModule(LightningDataModule):
         every rank)."""
         collator = self.build_collator(eval_fields=True)
         return {name: DataLoader(EvaluationShard(examples), batch_size=self.eval_batch_size, collate_fn=collator,
-                                 sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers)
+                                 sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers,
+                                 generator=self._loader_generator(name))
                 for name, examples in examples_by_name.items()}
+
+    def _loader_generator(self, purpose: str) -> Generator:
+        """A loader's own generator. Each iterator a DataLoader starts takes its workers' base seed from it, or from
+        torch's global generator, which dropout draws from, when it has none: the training loader starts one at each
+        epoch, after the checkpoint written at the end of the last, so that draw made a resume from such a
+        checkpoint differ from the uninterrupted run."""
+        return seeded_generator(self.hparams.data_seed, "loader", purpose)
 
     def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:
         if split not in self._encoded:
@@ -390,7 +401,8 @@ class MultiTaskDataModule(LightningDataModule):
         if task not in examples:
             raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")
         chosen = examples[task] if max_examples is None else examples[task][:max_examples]
-        return DataLoader(chosen, batch_size=self.eval_batch_size, collate_fn=self.build_collator(eval_fields=False))
+        return DataLoader(chosen, batch_size=self.eval_batch_size, collate_fn=self.build_collator(eval_fields=False),
+                          generator=self._loader_generator(task))
 
     def _consumed_this_epoch(self) -> int | None:
         """Examples this rank has trained on in the current epoch, from the fit loop's batch progress; ``None``

@@ -123,7 +123,7 @@ def epoch_counts(weights: Sequence[float], total: int) -> list[int]:
     return counts
 
 
-def _generator(*parts: object) -> torch.Generator:
+def seeded_generator(*parts: object) -> torch.Generator:
     """A generator seeded from a tuple, so every (seed, purpose, ...) stream is independent and reproducible."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
@@ -193,7 +193,7 @@ class TaskBalancedSampler(DistributedSampler):
         """All draws of ``epoch`` for all ranks, before padding and sharding."""
         parts = [self._task_stream(task, epoch) + offset for task, offset in enumerate(self._offsets)]
         draws = torch.cat(parts)
-        order = torch.randperm(len(draws), generator=_generator(self.seed, "epoch", epoch))
+        order = torch.randperm(len(draws), generator=seeded_generator(self.seed, "epoch", epoch))
         return draws[order].tolist()
 
     def _task_stream(self, task: int, epoch: int) -> torch.Tensor:
@@ -201,7 +201,7 @@ class TaskBalancedSampler(DistributedSampler):
         size, count = self.sizes[task], self.counts[task]
         start = epoch * count
         first_pass, last_pass = start // size, (start + count - 1) // size
-        passes = [torch.randperm(size, generator=_generator(self.seed, "task", task, cycle))
+        passes = [torch.randperm(size, generator=seeded_generator(self.seed, "task", task, cycle))
                   for cycle in range(first_pass, last_pass + 1)]
         stream = torch.cat(passes) if passes else torch.empty(0, dtype=torch.long)
         return stream[start - first_pass * size: start - first_pass * size + count]

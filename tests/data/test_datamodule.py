@@ -290,3 +290,18 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     again.setup("fit")
     assert again.held_out(again.tasks[0]) == held  # fixed by the data seed
     assert "| mine | 3 | 37 |" in data.report_sections()[0]
+
+
+def test_starting_a_loader_leaves_the_global_random_state_alone():
+    """A DataLoader without a generator of its own draws its workers' base seed from torch's global generator, which
+    dropout draws from: the training loader's draw at each epoch start made a resume from an end-of-epoch
+    checkpoint differ from the uninterrupted run."""
+    data = make()
+    data.setup("fit")
+    data.setup("test")
+    loaders = [data.train_dataloader(), *data.val_dataloader().values(), *data.test_dataloader().values(),
+               data.task_dataloader("parity")]
+    state = torch.get_rng_state()
+    for loader in loaders:
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
