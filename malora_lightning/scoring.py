@@ -36,7 +36,9 @@ def gold_rows(example_index: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
 
 
 def choose_choices(row_scores: torch.Tensor, example_index: torch.Tensor, num_examples: int) -> torch.Tensor:
-    """Index (within its example) of the best-scoring choice row for every example; the first row wins ties."""
+    """Index (within its example) of the best-scoring choice row for every example; the first row wins ties. A NaN
+    score (an overflowed or custom ``score_choices``) counts as -inf: it never wins, and the index stays valid."""
+    row_scores = row_scores.masked_fill(row_scores.isnan(), float("-inf"))
     best = torch.full((num_examples,), float("-inf"), dtype=row_scores.dtype, device=row_scores.device)
     best = best.scatter_reduce(0, example_index, row_scores, reduce="amax")
     rows = torch.arange(row_scores.numel(), device=row_scores.device)

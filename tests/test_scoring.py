@@ -27,6 +27,15 @@ def test_choose_choices_picks_the_best_row_per_example_and_the_first_on_ties():
     assert choose_choices(scores, example, 3).tolist() == [1, 0, 0]
 
 
+def test_a_nan_score_never_wins_and_every_chosen_index_is_a_choice_of_its_example():
+    """The example's best score would be NaN, which no row equals: its example was left without a winner (an index
+    past its choices)."""
+    nan = float("nan")
+    scores = torch.tensor([-1.0, nan, -3.0, -1.0, -2.0, nan, nan, nan, float("-inf")])
+    example = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3])
+    assert choose_choices(scores, example, 4).tolist() == [0, 1, 0, 0]
+
+
 def test_gold_rows_index_each_examples_gold_choice_among_all_rows():
     example_index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # 3, 2 and 4 choices
     assert gold_rows(example_index, torch.tensor([2, 0, 3])).tolist() == [2, 3, 8]
