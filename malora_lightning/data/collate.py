@@ -165,8 +165,13 @@ class PromptEncoder:
     def _choice_rows(self, example: Example, opening: list[int], where: str
                      ) -> tuple[tuple[list[int], ...], tuple[list[int], ...], int]:
         """One row per choice: the same (cut) prompt followed by the choice's tokens, labelled on the choice only.
-        The end-of-turn token is left out: it is the same for every choice and would only add noise."""
+        The end-of-turn token is left out: it is the same for every choice and would only add noise. A choice without
+        tokens is an error: its score (0 over 0 tokens) would beat every other choice's."""
         bodies = self._ids([self.render(example.prompt, choice)[1] for choice in example.choices], opening=False)
+        for index, (choice, body) in enumerate(zip(example.choices, bodies)):
+            if not body:
+                raise TaskDataError(f"{where}: choice {index} ({choice!r:.60}) has no tokens once rendered as the "
+                                    "answer, so it cannot be scored; every choice must render to at least one token")
         prompt, dropped = self._fit(opening, max(len(body) for body in bodies), where)
         rows = tuple(prompt + body for body in bodies)
         labels = tuple([IGNORE_INDEX] * len(prompt) + body for body in bodies)

@@ -88,6 +88,10 @@ class Example:
         object.__setattr__(self, "choices", tuple(self.choices))
         if len(self.choices) < 2:
             raise ValueError(f"a multiple-choice example needs at least two choices (got {list(self.choices)})")
+        for index, choice in enumerate(self.choices):
+            if not isinstance(choice, str) or not choice.strip():  # no tokens to score: it would beat every choice
+                raise ValueError(f"choice {index} is {choice!r:.60} in {list(self.choices)!r:.200}; every choice must "
+                                 "be non-empty text")
         twice = repeated(self.choices)
         if twice:  # equal texts score equally and a tie goes to the first: a later copy could never be chosen
             raise ValueError(f"choices {', '.join(map(repr, twice))} appear more than once in {list(self.choices)}; "

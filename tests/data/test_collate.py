@@ -112,6 +112,22 @@ def test_multiple_choice_rows_label_only_each_choice(tokenizer):
     assert batch.labels[0].tolist()[-3:] == ids(tokenizer, " B") + [EOS]  # the gold answer still gives a loss
 
 
+class DroppingEncoder(PromptEncoder):
+    """A user format that renders the answer "-" as nothing (as a template that strips punctuation would)."""
+
+    def render(self, prompt, target):
+        opening, body, closing = super().render(prompt, target)
+        return opening, body.replace(" -", ""), closing
+
+
+def test_a_choice_without_tokens_is_an_error_naming_the_row_and_the_choice(tokenizer):
+    """0 label tokens would score 0 / 1: the best possible score, so that choice would always be chosen."""
+    example = Example(prompt="q", target="yes", choices=("yes", "-", "no"), gold=0, row=7)
+    with pytest.raises(TaskDataError, match=r"task 'toy', train row 7: choice 1 \('-'\) has no tokens"):
+        DroppingEncoder(tokenizer, 64).encode([example], task_id=0, task_name="toy", split="train",
+                                              with_eval_fields=True)
+
+
 def test_chat_template_that_rewrites_the_answer_is_rejected(chat_tokenizer):
     chat_tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}"
                                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"

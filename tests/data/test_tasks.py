@@ -96,6 +96,8 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
     ({"gold": 0}, "gold is set but there are no choices"),
     ({"choices": ("yes", "no", "yes"), "gold": 2, "target": "yes"},  # a tie goes to index 0: gold 2 is never chosen
      r"choices 'yes' appear more than once in \['yes', 'no', 'yes'\]"),
+    ({"choices": ("x", ""), "gold": 0}, r"choice 1 is '' in \['x', ''\]; every choice must be non-empty text"),
+    ({"choices": (" \n", "x"), "gold": 1}, r"choice 0 is ' \\n' in"),  # whitespace only: no tokens either
 ])
 def test_example_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
