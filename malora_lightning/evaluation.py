@@ -8,7 +8,8 @@ class, while `module.py` reads as build / step / optimise. It uses the module's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -32,9 +33,14 @@ class EvaluationMixin:
     """validation_step, test_step and predict_step of `MALoRAModule`."""
 
     @property
+    def _datamodule(self):
+        """The trainer's data module; None outside a trainer or when the trainer was given dataloaders."""
+        return self._trainer.datamodule if self._trainer is not None else None
+
+    @property
     def tokenizer(self):
         """The data module's tokenizer when there is one (same vocabulary by construction), else the model's own."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        datamodule = self._datamodule
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             return datamodule.tokenizer
         if self._tokenizer is None:
@@ -58,14 +64,28 @@ class EvaluationMixin:
         log-likelihood of the choice tokens (override for unnormalised or calibrated scoring)."""
         return log_likelihood / tokens.clamp(min=1)
 
+    def stop_token_ids(self) -> list[int]:
+        """The tokens an answer ends at: the model's EOS id(s), the tokenizer's, and the end-of-turn token the data
+        module's prompt format trains after every answer (`PromptEncoder.closing_token_id`, of an encoder its
+        `build_encoder` hook makes), which on ChatML base models is not the EOS. Without a data module the prompt
+        format is unknown: the EOS ids only."""
+        model_eos = self.model.generation_config.eos_token_id
+        ids = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+        tokenizer = self.tokenizer
+        ids.append(tokenizer.eos_token_id)
+        if hasattr(self._datamodule, "build_encoder"):
+            ids.append(self._datamodule.build_encoder(tokenizer).closing_token_id())
+        return list(dict.fromkeys(token for token in ids if token is not None))
+
     def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:
-        """Greedy answers to the left-padded prompts, decoded without special tokens."""
+        """Greedy answers to the left-padded prompts, cut at `stop_token_ids` and decoded without special tokens."""
         tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, use_cache=True,
-                                  eos_token_id=self.model.generation_config.eos_token_id or tokenizer.eos_token_id)
+                                  eos_token_id=self.stop_token_ids())
         prompt = batch.prompt_input_ids
-        with frozen_adapter_weights(self.model):  # one forward per new token: cast the adapter weights once
+        # one forward per new token: cast the adapter weights once
+        with frozen_adapter_weights(self.model), global_generation_defaults(self.model):
             generated = self.model.generate(input_ids=prompt, attention_mask=batch.prompt_attention_mask,
                                             generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
@@ -121,6 +141,21 @@ class EvaluationMixin:
                               correct=None if task is None or target is None else task.is_correct(prediction, target))
                    for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
         return counted_only(answers, batch.counted)
+
+
+@contextmanager
+def global_generation_defaults(model) -> Iterator[None]:
+    """``model.generate`` with transformers' global defaults for every setting the given config leaves unset, so that
+    greedy decoding is the same on every checkpoint. transformers 5 (``GenerationMixin._prepare_generation_config``)
+    fills each unset (None) field from ``model.generation_config``: a checkpoint's repetition_penalty, min_new_tokens,
+    num_beams, suppress_tokens or bad_words_ids would apply, and None cannot switch off those whose off value is None.
+    The model's own config is set aside for the call instead."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def counted_only(rows: Sequence[T], counted: torch.Tensor) -> list[T]:

@@ -106,6 +106,16 @@ class PromptEncoder:
             closing = closing[: closing.index(eos) + len(eos)]
         return opening, full[len(opening):end], closing
 
+    def closing_token_id(self) -> int | None:
+        """Where a generated answer ends besides EOS: the first token of the closing ``render`` trains after every
+        answer, when decoding without special tokens drops it (ChatML's ``<|im_end|>``, which on base models such as
+        Qwen2.5 is not the EOS token): the text after it would be scored as part of the answer otherwise. None for a
+        plain-text closing (a newline can also occur inside an answer, and decoding keeps it) or no closing."""
+        closing = self._ids([self.render("?", "!")[2]], opening=False)[0]
+        if closing and not self.tokenizer.decode(closing[:1], skip_special_tokens=True):
+            return closing[0]
+        return None
+
     def _ids(self, texts: list[str], *, opening: bool) -> list[list[int]]:
         # The plain format lets the tokenizer add its usual specials (e.g. BOS) to the prompt; chat templates
         # already write theirs into the text.

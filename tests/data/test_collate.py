@@ -128,6 +128,16 @@ def test_a_choice_without_tokens_is_an_error_naming_the_row_and_the_choice(token
                                               with_eval_fields=True)
 
 
+def test_the_closing_token_is_the_trained_end_of_turn_when_decoding_drops_it(tokenizer, chat_tokenizer):
+    """The token generation stops at besides EOS (`MALoRAModule.stop_token_ids`)."""
+    assert PromptEncoder(tokenizer, 16).closing_token_id() == EOS  # the plain format closes with EOS
+    chat_tokenizer.eos_token = "</s>"  # a ChatML base model (Qwen2.5): the closing "<|im_end|>\n" holds no EOS
+    assert PromptEncoder(chat_tokenizer, 16).closing_token_id() == IM_END
+    chat_tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    assert PromptEncoder(chat_tokenizer, 16).closing_token_id() is None  # "\n" also occurs inside answers
+
+
 def test_chat_template_that_rewrites_the_answer_is_rejected(chat_tokenizer):
     chat_tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}"
                                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
