@@ -1,8 +1,10 @@
 """The random state training draws from (torch's CPU generator, and CUDA's where present), captured and restored.
 
 Dropout draws from these global generators, and so does every DataLoader iterator without a generator of its own
-as it starts (it takes a base seed from torch's generator; `MultiTaskDataModule`'s loaders have their own). `MALoRAModule` saves the state in checkpoints for an exact resume, and puts it back
-after each validation inside a fit, so that evaluating never shifts the random numbers the next training steps get.
+as it starts (it takes a base seed from torch's generator; `MultiTaskDataModule`'s loaders have their own).
+`MALoRAModule` saves the state in checkpoints for an exact resume, one per rank (each process's dropout draws its
+own numbers), and puts it back after each validation inside a fit, so that evaluating never shifts the random
+numbers the next training steps get.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 RandomState = dict[str, Any]
 
@@ -25,3 +28,13 @@ def restore_rng_state(state: RandomState) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_by_rank(state: RandomState) -> list[RandomState]:
+    """Every process's ``state``, listed by rank (every rank must call this, as every rank writes a checkpoint);
+    ``[state]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[RandomState | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states

@@ -1,9 +1,10 @@
 """`TrainingRandomState`: a resumed fit continues the random sequence of the uninterrupted one, exactly.
 
 Dropout draws from the global random generators. A checkpoint stores the state the next training step starts from,
-also when it is written mid-validation (validation draws random numbers: each of its dataloader iterators takes a
-seed), and a resumed fit restores it right before its first training batch (creating the dataloader iterator also
-draws). Validation during a fit gives the training state back at its end. `MALoRAModule` attaches it always.
+one per rank (each process draws its own dropout masks), also when it is written mid-validation (validation draws
+random numbers: each of its dataloader iterators takes a seed), and a resumed fit restores each rank's own right
+before its first training batch (creating the dataloader iterator also draws). Validation during a fit gives the
+training state back at its end. `MALoRAModule` attaches it always.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from malora_lightning.rng import RandomState, capture_rng_state, restore_rng_state
+from malora_lightning.rng import RandomState, capture_rng_state, gather_by_rank, restore_rng_state
 
 CHECKPOINT_KEY = "rng_states"
 
@@ -26,10 +28,22 @@ class TrainingRandomState(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         in_validation = trainer.validating and self._next_step is not None
-        checkpoint[CHECKPOINT_KEY] = self._next_step if in_validation else capture_rng_state()
+        checkpoint[CHECKPOINT_KEY] = gather_by_rank(self._next_step if in_validation else capture_rng_state())
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._to_restore = checkpoint.get(CHECKPOINT_KEY)
+        """This rank's state; with another number of processes than the checkpoint's, rank r takes saved rank
+        r mod saved world size (the resumed random sequence then cannot repeat the saved run's anyway)."""
+        states = checkpoint.get(CHECKPOINT_KEY)
+        if states is None:
+            self._to_restore = None
+            return
+        if isinstance(states, dict):  # a checkpoint from before the states were stored per rank: rank 0's
+            states = [states]
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"Checkpoint {trainer.ckpt_path} holds the random states of {len(states)} processes and "
+                           f"this run has {trainer.world_size}: rank r restores saved rank r mod {len(states)}'s, so "
+                           "dropout will not draw the numbers the saved run would have drawn.")
+        self._to_restore = states[trainer.global_rank % len(states)]
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -1,0 +1,64 @@
+"""`TrainingRandomState` under DDP: every rank resumes from its own random state, not rank 0's."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from tests.helpers import SpawnDDPStrategy
+from tests.test_module import make_data, make_module, make_trainer
+
+
+class RankLosses(Callback):
+    """Each rank appends its (step, loss) pairs to its own file; at the start of a fresh fit, rank r first draws r + 1
+    numbers so that the ranks' random states differ from the first step (as they come to differ in real runs, whose
+    ranks draw dropout masks of different shapes)."""
+
+    def __init__(self, out_dir: str, tag: str) -> None:
+        self.out_dir, self.tag = out_dir, tag
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        torch.rand(trainer.global_rank + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(f"{self.out_dir}/{self.tag}_rank{trainer.global_rank}.jsonl", "a") as handle:
+            handle.write(json.dumps([trainer.global_step, outputs["loss"].item()]) + "\n")
+
+
+def rank_losses(path) -> dict[int, float]:
+    return dict(tuple(json.loads(line)) for line in path.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_each_ddp_rank_resumes_from_its_own_random_state(tiny_model_dir, tmp_path):
+    """The checkpoint held rank 0's state only and both ranks restored it: rank 1's dropout after a resume drew
+    rank 0's numbers, and its losses left the uninterrupted run's."""
+    settings = dict(max_steps=3, devices=2, enable_checkpointing=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    make_trainer(tmp_path / "a", strategy=SpawnDDPStrategy(), callbacks=[checkpoints, RankLosses(str(tmp_path), "full")],
+                 **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    states = torch.load(path, weights_only=True)["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+    make_trainer(tmp_path / "b", strategy=SpawnDDPStrategy(), callbacks=[RankLosses(str(tmp_path), "resumed")],
+                 **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    for rank in (0, 1):
+        full, resumed = (rank_losses(tmp_path / f"{tag}_rank{rank}.jsonl") for tag in ("full", "resumed"))
+        assert resumed == {3: full[3]}, rank
+
+
+def test_a_resume_on_another_number_of_processes_says_so(tiny_model_dir, tmp_path):
+    """A checkpoint of 2 ranks resumed by 1 process: it restores saved rank 0's state and warns with both sizes."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    (state,) = checkpoint["rng_states"]
+    checkpoint["rng_states"] = [state, {"torch": torch.zeros_like(state["torch"])}]
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    trainer = make_trainer(tmp_path, max_steps=2)
+    with pytest.warns(UserWarning, match="holds the random states of 2 processes and this run has 1"):
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "two.ckpt")
+    assert trainer.global_step == 2
