@@ -325,10 +325,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = sorted(self.adapter_checkpoint_keys() - set(checkpoint["state_dict"]))
+        """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base
+        is not in it), so tensors the module lacks were dropped silently, or failed in torch's optimizer loading
+        with an error naming nothing."""
+        expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
+        source = "" if self._trainer is None or self.trainer.ckpt_path is None else f" ({self.trainer.ckpt_path})"
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         if missing:
             raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was saved "
-                             "with a different adapter config or base model")
+                             f"with a different adapter config or base model{source}")
+        if unexpected:
+            raise ValueError(f"checkpoint holds adapter tensors this module does not have, e.g. {unexpected[:3]} "
+                             f"({len(unexpected)} in all): it was saved with a different adapter config (e.g. more "
+                             f"target_modules or layers) or base model, and loading it would drop them{source}")
 
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.

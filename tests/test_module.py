@@ -503,3 +503,22 @@ def test_resume_from_a_checkpoint_written_at_an_epoch_boundary_is_exact(tiny_mod
                 ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert sorted(resumed.losses) == [4, 5, 6]
     assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
+
+
+def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_model_dir, tmp_path):
+    """Loading is not strict (the base is not in the checkpoint): validate dropped the o_proj adapters without a
+    word, and fit failed in torch's optimizer loading with an error naming neither the tensors nor the file."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir, adapter=AdapterConfig(method="lora", rank=2,
+                                                                  target_modules=["q_proj", "v_proj", "o_proj"])),
+                make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "more.ckpt")
+    fewer = AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"])
+    message = r"checkpoint holds adapter tensors this module does not have, e.g. \['model\.model\.layers\.0\.self_attn" \
+              r"\.o_proj\.lora_A'.*\(4 in all\).*more\.ckpt"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "v", limit_val_batches=None).validate(
+            make_module(tiny_model_dir, adapter=fewer), make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "f", max_steps=2).fit(make_module(tiny_model_dir, adapter=fewer),
+                                                      make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")
