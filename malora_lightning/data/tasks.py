@@ -18,6 +18,7 @@ import string
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -121,19 +122,33 @@ def first_line(text: str) -> str:
 
 
 _FINAL_MARKERS = ("####", "The answer is:", "The answer is")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# a number as answers write it: 1,000 (thousands groups of three, so 1,2,3 is three numbers), 18.00, .5, -3
+_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def _normalised(answer: str) -> str:
     return answer.replace(",", "").replace("$", "").rstrip(".").strip()
 
 
-def _marked_answer(text: str) -> str | None:
-    """What follows the last final-answer marker, normalised; None when the text has no marker."""
+def _marked_line(text: str) -> str | None:
+    """The first line after the last final-answer marker; None when the text has no marker."""
     for marker in _FINAL_MARKERS:
         if marker in text:
-            return _normalised(first_line(text.rsplit(marker, 1)[1]))
+            return first_line(text.rsplit(marker, 1)[1])
     return None
+
+
+def _marked_answer(text: str) -> str | None:
+    """What follows the last final-answer marker, normalised; None when the text has no marker."""
+    line = _marked_line(text)
+    return None if line is None else _normalised(line)
+
+
+def _as_number(answer: str) -> Decimal | None:
+    """The answer's value when it is one number (``1,000``, ``$18.00``, ``.5``, ``-3.``), else None. Decimal, so
+    that ``18.00`` equals ``18`` exactly and no two different answers round to one float."""
+    text = answer.replace("$", "").rstrip(".").strip()
+    return Decimal(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
 
 
 def final_answer(text: str) -> str:
@@ -148,17 +163,26 @@ def final_answer(text: str) -> str:
 
 
 def final_answer_matches(prediction: str, target: str) -> bool:
-    """Whether a prediction gives a reference's final answer: the reference's marked answer (``#### 72``) or, with no
-    marker, the reference itself when it is one number. Any other reference ("3/4", "2:30", "x = 7") is compared as
-    a whole with the prediction's marked answer or first line: reducing both to their last number would count
-    ``1/4`` as ``3/4``. The prediction is reduced to its last number only against a number."""
-    expected = _marked_answer(target)
-    if expected is None:
-        expected = _normalised(" ".join(target.split()))
-        if not _NUMBER.fullmatch(expected):
-            given = _marked_answer(prediction)
-            return (given if given is not None else _normalised(first_line(prediction))) == expected
-    return final_answer(prediction) == expected
+    """Whether a prediction gives a reference's final answer: the reference's marked answer (``#### 72``), or the
+    whole reference when it has no marker.
+
+    A number (``72``, ``1,000``, ``18.00``, ``.5``) is compared by value with the last number of the prediction's
+    final answer: the line after its last marker (``The answer is 72 apples.``, ``#### 18.00``), or with no marker
+    the whole prediction (``She has 72 apples``). Any other reference ("3/4", "2:30", "x = 7", "\\frac{3}{4}") is
+    compared as text, commas, ``$`` and a trailing period aside: a marked one with ``final_answer(prediction)``, one
+    without a marker with the prediction's marked answer or first line, since reducing both to their last number
+    would count ``1/4`` as ``3/4``."""
+    marked = _marked_line(target)
+    reference = " ".join(target.split()) if marked is None else marked
+    expected = _as_number(reference)
+    if expected is not None:
+        given = _marked_line(prediction)
+        numbers = _NUMBER.findall(prediction if given is None else given)
+        return bool(numbers) and _as_number(numbers[-1]) == expected
+    if marked is not None:
+        return final_answer(prediction) == _normalised(reference)
+    given = _marked_answer(prediction)
+    return (given if given is not None else _normalised(first_line(prediction))) == _normalised(reference)
 
 
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {"first_line": first_line, "final_answer": final_answer}
@@ -390,7 +414,7 @@ class Task:
     """A named task: its data, its formatter, and how its answers are scored.
 
     ``kind`` is ``generative`` (scored by exact match of ``answer(prediction)`` against ``answer(target)``; with
-    ``final_answer``, against the target's marked answer, its one number, or the whole of it) or
+    ``final_answer``, by ``final_answer_matches``: a number by value, any other answer as text) or
     ``multiple_choice`` (scored by log-likelihood accuracy over the choices). ``chance_rate`` is the score of
     guessing, or of always giving the most common answer, to read scores against. ``max_new_tokens`` is the
     generation length; ``None`` means "the longest target in tokens plus the end token", which the datamodule
@@ -430,8 +454,8 @@ class Task:
         return split in self.source.splits
 
     def is_correct(self, prediction: str, target: str) -> bool:
-        """Exact match after this task's answer extraction (first line, or a worked solution's final answer, which
-        is extracted from the prediction only: see ``final_answer_matches``)."""
+        """Exact match after this task's answer extraction (first line), or for a worked solution's final answer
+        ``final_answer_matches`` (numbers compared by value)."""
         if self.answer is final_answer:
             return final_answer_matches(prediction, target)
         return self.answer(prediction) == self.answer(target)

@@ -153,6 +153,27 @@ def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, pred
     assert task.is_correct(prediction, target) is correct
 
 
+@pytest.mark.parametrize(("target", "prediction", "correct"), [
+    ("#### 18", "#### 18.00", True),  # each True here was counted wrong: numbers were compared as strings
+    ("#### 3", "So 3.0 in all.\n#### 3.0", True),
+    ("#### .5", "#### 0.5", True),
+    ("#### 10.5", "It costs 10.50", True),
+    ("#### 72", "The answer is 72 apples.", True),  # the marked line's last number, not the whole line
+    ("#### 72", "#### 72 dollars", True),
+    ("The answer is: 72", "The answer is $\\boxed{72}$", True),
+    ("#### 3", "1,2,3", True),  # a list, not the thousands-separated 123
+    ("#### 2500000", "total: 2,500,000 people", True),
+    ("#### 72", "I first got 72.\n#### 70", False),  # a marked answer is the prediction's answer
+    ("#### 72", "#### 72\n#### 73", False),
+    ("#### 0.3", "#### 0.30000000000000001", False),  # exact: no float rounding
+    ("#### 72", "The answer is", False),
+    ("72", "#### 72.0", True),
+])
+def test_final_answer_compares_a_number_by_value_with_the_predictions_final_answer(target, prediction, correct):
+    task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
+    assert task.is_correct(prediction, target) is correct
+
+
 def write_rows(path, rows):
     path.write_text("\n".join(json.dumps(row) for row in rows))
     return path
