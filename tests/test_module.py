@@ -514,8 +514,8 @@ def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_mod
                 make_data(tiny_model_dir))
     trainer.save_checkpoint(tmp_path / "more.ckpt")
     fewer = AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"])
-    message = r"checkpoint holds adapter tensors this module does not have, e.g. \['model\.model\.layers\.0\.self_attn" \
-              r"\.o_proj\.lora_A'.*\(4 in all\).*more\.ckpt"
+    message = r"checkpoint holds adapter tensors this module does not have, e.g. " \
+              r"\['model\.model\.layers\.0\.self_attn\.o_proj\.lora_A'.*\(4 in all\).*more\.ckpt"
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path / "v", limit_val_batches=None).validate(
             make_module(tiny_model_dir, adapter=fewer), make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")

@@ -36,14 +36,16 @@ def test_each_ddp_rank_resumes_from_its_own_random_state(tiny_model_dir, tmp_pat
     rank 0's numbers, and its losses left the uninterrupted run's."""
     settings = dict(max_steps=3, devices=2, enable_checkpointing=True)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    make_trainer(tmp_path / "a", strategy=SpawnDDPStrategy(), callbacks=[checkpoints, RankLosses(str(tmp_path), "full")],
-                 **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    trainer = make_trainer(tmp_path / "a", strategy=SpawnDDPStrategy(),
+                           callbacks=[checkpoints, RankLosses(str(tmp_path), "full")], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     states = torch.load(path, weights_only=True)["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
-    make_trainer(tmp_path / "b", strategy=SpawnDDPStrategy(), callbacks=[RankLosses(str(tmp_path), "resumed")],
-                 **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    trainer = make_trainer(tmp_path / "b", strategy=SpawnDDPStrategy(),
+                           callbacks=[RankLosses(str(tmp_path), "resumed")], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
     for rank in (0, 1):
         full, resumed = (rank_losses(tmp_path / f"{tag}_rank{rank}.jsonl") for tag in ("full", "resumed"))
         assert resumed == {3: full[3]}, rank
