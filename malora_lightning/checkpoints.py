@@ -5,6 +5,7 @@ checkpoint (truncated by a kill or a full disk, or not a checkpoint at all) refu
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,10 @@ def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error
     return checkpoint.get("hyper_parameters") or {}
+
+
+def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[str], prefix: str) -> list[str]:
+    """``<prefix><field>: checkpoint <value>, this run <value>`` for each of ``fields`` that a checkpoint's stored
+    adapter settings (``hyper_parameters["adapter"]``) set otherwise than the run's ``adapter``."""
+    return [f"{prefix}{field}: checkpoint {stored[field]!r}, this run {getattr(adapter, field)!r}"
+            for field in fields if field in stored and stored[field] != getattr(adapter, field)]

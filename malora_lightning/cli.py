@@ -14,9 +14,9 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
-from malora_lightning.checkpoints import checkpoint_hyperparameters
+from malora_lightning.checkpoints import adapter_conflicts, checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
-from malora_lightning.module import MALoRAModule
+from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
@@ -35,12 +35,14 @@ ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_
 logger = logging.getLogger(__name__)
 
 
-def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Path) -> list[str]:
+def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Path, fitting: bool = True) -> list[str]:
     """Compare a checkpoint's stored settings with the run's own `model` settings (a parsed config namespace).
 
     The run's settings always apply: the checkpoint contributes tensors and training state only, never where the
-    base comes from, never `trust_remote_code`. It must agree on the base model and on the adapter's shape, or this
-    raises `ValueError` naming both values; returns the other settings that differ (the run's values apply to them).
+    base comes from, never `trust_remote_code`. It must agree on the base model and on the adapter's shape, and when
+    `fitting` (resuming a fit, which loads the optimizer state) on which adapter tensors train (`TRAINING_FIELDS`),
+    or this raises `ValueError` naming both values; returns the other settings that differ (the run's values apply
+    to them).
     """
     conflicts, differences = [], []
     if "model_name_or_path" in stored and stored["model_name_or_path"] != model.model_name_or_path:
@@ -49,10 +51,8 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
     stored_adapter = stored.get("adapter") or {}
     # with an adapter_path, the module takes its adapter settings from that folder, not from model.adapter
     adapter = read_adapter_folder(model.adapter_path).config if model.get("adapter_path") else model.adapter
-    for field in ADAPTER_SHAPE_FIELDS:
-        if field in stored_adapter and stored_adapter[field] != getattr(adapter, field):
-            conflicts.append(f"model.adapter.{field}: checkpoint {stored_adapter[field]!r}, this run "
-                             f"{getattr(adapter, field)!r}")
+    checked = ADAPTER_SHAPE_FIELDS + (TRAINING_FIELDS if fitting else ())
+    conflicts += adapter_conflicts(stored_adapter, adapter, checked, prefix="model.adapter.")
     if conflicts:
         raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(conflicts) + ". Settings come "
                          "from your config and flags only, never from a checkpoint: pass the recipe (or flags) the "
@@ -60,7 +60,7 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
     for key, value in stored.items():
         if key == "adapter":
             differences += [f"model.adapter.{field}" for field, stored_value in value.items()
-                            if field not in ADAPTER_SHAPE_FIELDS and stored_value != getattr(adapter, field, None)]
+                            if field not in checked and stored_value != getattr(adapter, field, None)]
         elif key != "model_name_or_path" and key in model and stored[key] != model[key]:
             differences.append(f"model.{key}")
     return differences
@@ -95,7 +95,8 @@ class MALoRACLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         differences = check_checkpoint_settings(checkpoint_hyperparameters(ckpt_path),
-                                                self.config[subcommand]["model"], ckpt_path)
+                                                self.config[subcommand]["model"], ckpt_path,
+                                                fitting=subcommand == "fit")
         if differences:
             logger.info("Settings that differ from checkpoint %s, applied as this run gives them: %s", ckpt_path,
                         ", ".join(differences))

@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -38,7 +39,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
-from malora_lightning.checkpoints import CheckedCheckpointIO, check_checkpoint_file
+from malora_lightning.checkpoints import CheckedCheckpointIO, adapter_conflicts, check_checkpoint_file
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.hardware import resolve_compute_dtype
@@ -49,6 +50,9 @@ from malora_lightning.values import is_finite_number, is_int
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
+# AdapterConfig fields that decide which adapter tensors train, hence AdamW's parameter groups: a resumed fit must
+# agree with its checkpoint on them, or the checkpoint's optimizer state does not fit the optimizer
+TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
 
 
 def compile_mode(setting: bool | str) -> str | None:
@@ -325,11 +329,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base
-        is not in it), so tensors the module lacks were dropped silently, or failed in torch's optimizer loading
-        with an error naming nothing."""
+        """Refuse a checkpoint whose adapter tensors are not exactly this module's, or, to resume a fit, that trained
+        other tensors (`TRAINING_FIELDS`): loading is not strict (the base is not in it), so tensors the module lacks
+        were dropped silently, and either failed in torch's optimizer loading with an error naming nothing."""
         expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
         source = "" if self._trainer is None or self.trainer.ckpt_path is None else f" ({self.trainer.ckpt_path})"
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            stored_adapter = (checkpoint.get("hyper_parameters") or {}).get("adapter") or {}
+            conflicts = adapter_conflicts(stored_adapter, self.adapter_config, TRAINING_FIELDS, prefix="adapter.")
+            if conflicts:
+                raise ValueError(f"checkpoint cannot resume this fit{source}: " + "; ".join(conflicts) + ". They "
+                                 "decide which adapter tensors AdamW trains, and the checkpoint's optimizer state is "
+                                 "for its own: resume with the checkpoint's values, or start a new fit from its "
+                                 "adapters (adapter_path)")
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
         if missing:
             raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was saved "

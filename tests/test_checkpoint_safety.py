@@ -87,6 +87,18 @@ def test_resume_with_another_adapter_method_is_refused_naming_both_values(tmp_pa
         check_checkpoint_settings(checkpoint_hyperparameters(checkpoint), model, checkpoint)
 
 
+def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_both_values(tmp_path):
+    """train_A/train_P/train_shared_A decide AdamW's parameter groups: a fit resumed with another value failed in
+    torch's optimizer loading with an error naming nothing. Evaluating needs no optimizer: there they only differ."""
+    trained = parse(["--config", "recipes/default.yaml"]).config.model
+    stored = {"model_name_or_path": trained.model_name_or_path, "adapter": vars(trained.adapter)}
+    resumed = parse(["--config", "recipes/default.yaml", "--model.adapter.train_P=false"]).config.model
+    with pytest.raises(ValueError, match=r"x\.ckpt does not fit this run: model\.adapter\.train_P: checkpoint True, "
+                                         r"this run False"):
+        check_checkpoint_settings(stored, resumed, "x.ckpt")
+    assert check_checkpoint_settings(stored, resumed, "x.ckpt", fitting=False) == ["model.adapter.train_P"]
+
+
 def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_path):
     trained = parse(["--config", "recipes/default.yaml"]).config.model
     stored = {**{key: trained[key] for key in ("model_name_or_path", "learning_rate", "lr_schedule")},

@@ -522,3 +522,18 @@ def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_mod
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path / "f", max_steps=2).fit(make_module(tiny_model_dir, adapter=fewer),
                                                       make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")
+
+
+def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_both_values(tiny_model_dir, tmp_path):
+    """train_P=False (an ablation switch) changes AdamW's parameter groups: the resume failed in torch's optimizer
+    loading, naming neither the setting nor the file. Evaluating the checkpoint needs no optimizer and still works."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    frozen_p = dataclasses.replace(make_module(tiny_model_dir).adapter_config, train_P=False)
+    with pytest.raises(ValueError, match=r"trained\.ckpt\): adapter\.train_P: checkpoint True, this run False"):
+        make_trainer(tmp_path / "f", max_steps=2).fit(make_module(tiny_model_dir, adapter=frozen_p),
+                                                      make_data(tiny_model_dir), ckpt_path=tmp_path / "trained.ckpt")
+    make_trainer(tmp_path / "v", limit_val_batches=1).validate(make_module(tiny_model_dir, adapter=frozen_p),
+                                                               make_data(tiny_model_dir), verbose=False,
+                                                               ckpt_path=tmp_path / "trained.ckpt")
