@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -103,7 +104,7 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         predict_file: Prompts to predict on instead of the test splits: JSON lines, JSON or CSV rows with a
             ``prompt``, an optional ``task`` (one of ``tasks``/``eval_tasks``: its generation length and answer check;
-            the test splits are still read to measure task lengths) and an optional ``target``. One predict
+            the evaluation splits are still read to measure task lengths) and an optional ``target``. One predict
             dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``).
 
     Overridable hooks: ``load_tokenizer()`` (or set ``tokenizer_object`` before ``setup``), ``build_encoder(tokenizer)``
@@ -173,6 +174,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.truncation: dict[str, dict[str, TruncationStats]] = {}
         self._held_out: dict[str, HeldOutSplit | None] = {}
         self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
+        self._answer_lengths: dict[str, int | None] = {}  # task name -> `_longest_answer`, measured once
         self._encoder: PromptEncoder | None = None
         self._train_sampler: TaskBalancedSampler | None = None
         self._predict_source = predict_source(predict_file) if predict_file is not None else None
@@ -182,7 +184,8 @@ class MultiTaskDataModule(LightningDataModule):
 
     @property
     def tasks(self) -> list[Task]:
-        """All tasks in ``task_id`` order. After ``setup``, ``max_new_tokens`` is set from the longest target seen."""
+        """All tasks in ``task_id`` order. After ``setup``, ``max_new_tokens`` is set (`_longest_answer`) where the
+        task registers none."""
         return list(self._tasks)
 
     @property
@@ -341,12 +344,35 @@ class MultiTaskDataModule(LightningDataModule):
                            self.hparams.max_length, stats.tokens_dropped)
 
     def _with_generation_length(self, task: Task) -> Task:
-        """A registered length wins; otherwise the longest target (with its end-of-turn token) seen so far."""
+        """A registered length wins; otherwise `_longest_answer`."""
         if task.max_new_tokens is not None:
             return task
-        lengths = [len(example.input_ids) - example.prompt_length
-                   for split in self._encoded.values() for example in split.get(task.name, [])]
-        return dataclasses.replace(task, max_new_tokens=max(lengths)) if lengths else task
+        if task.name not in self._answer_lengths:
+            self._answer_lengths[task.name] = self._longest_answer(task)
+        length = self._answer_lengths[task.name]
+        return task if length is None else dataclasses.replace(task, max_new_tokens=length)
+
+    def _longest_answer(self, task: Task) -> int | None:
+        """A task's generation budget: its longest answer in tokens (end-of-turn token included) over every row of
+        its evaluation splits, validation and test, whatever the stage and ``max_eval_examples_per_task`` (a
+        validation split held out from train rows counts as carved, by ``held_out``), so that a checkpoint generates
+        the same answers in fit, validate and test. ``None`` for a task without evaluation rows.
+
+        Measured from ``render``: ``encode`` would refuse a row whose target does not fit ``max_length`` though it
+        may never be evaluated."""
+        seed = self.hparams.data_seed
+        held_out = self.held_out(task)
+        examples = [] if held_out is None else task.examples("train", seed=seed, only_rows=held_out.validation_rows)
+        for split in ("validation", "test"):
+            if task.has_split(split):
+                examples += task.examples(split, seed=seed)
+        if not examples:
+            return None
+        answers = [self._encoder.render(example.prompt, example.target)[1:] for example in examples]
+        tokenize = functools.partial(self._encoder.tokenizer, add_special_tokens=False)
+        bodies = tokenize([body for body, _ in answers])["input_ids"]
+        closings = tokenize([closing for _, closing in answers])["input_ids"]
+        return max(len(body) + len(closing) for body, closing in zip(bodies, closings))
 
     # ------------------------------------------------------------------------------------------------ loaders
 
