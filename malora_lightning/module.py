@@ -53,6 +53,8 @@ DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
 # AdapterConfig fields that decide which adapter tensors train, hence AdamW's parameter groups: a resumed fit must
 # agree with its checkpoint on them, or the checkpoint's optimizer state does not fit the optimizer
 TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
+# Trainer precisions that convert the whole module (adapters included) to a half dtype
+TRUE_HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 
 
 def compile_mode(setting: bool | str) -> str | None:
@@ -170,7 +172,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
-        refused by its path (torch's own error names none)."""
+        refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
+        the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
+        that overrides `adapter_dtype`."""
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
@@ -180,6 +184,14 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                            "validations (and the checkpoints written when they end) fall inside an accumulation "
                            "window, whose gradients no checkpoint holds, so a resume from one skips that window's "
                            f"batches; use a multiple of {accumulate}")
+        precision = str(self.trainer.precision)
+        half = TRUE_HALF_PRECISIONS.get(precision)
+        if stage == "fit" and half is not None and self.adapter_config.adapter_dtype != half:
+            rank_zero_warn(f"precision={precision!r} converts the whole module to {half}, the adapters too: "
+                           f"adapter_dtype={self.adapter_config.adapter_dtype!r} does not hold, and AdamW's moments "
+                           f"and the checkpoints' adapter tensors are {half} as well (AdamW on {half} weights loses "
+                           f"small updates). precision={precision.replace('-true', '-mixed')!r} keeps the adapters "
+                           "in adapter_dtype")
 
     def configure_model(self) -> None:
         if self.model is None:

@@ -537,3 +537,19 @@ def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_bot
     make_trainer(tmp_path / "v", limit_val_batches=1).validate(make_module(tiny_model_dir, adapter=frozen_p),
                                                                make_data(tiny_model_dir), verbose=False,
                                                                ckpt_path=tmp_path / "trained.ckpt")
+
+
+@pytest.mark.parametrize(("precision", "adapter_dtype", "warned"), [
+    ("bf16-true", "float32", True), ("bf16-mixed", "float32", False), ("bf16-true", "bfloat16", False)])
+def test_a_true_half_precision_that_overrides_adapter_dtype_is_named(tiny_model_dir, tmp_path, precision,
+                                                                      adapter_dtype, warned):
+    """Lightning converts the whole module under bf16-true, so float32 adapters, their AdamW moments and the
+    checkpoints' tensors became bfloat16 without a word, though adapter_dtype defaults to float32 for AdamW's sake."""
+    adapter = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, adapter_dtype=adapter_dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_steps=1, precision=precision).fit(make_module(tiny_model_dir, adapter=adapter),
+                                                                     make_data(tiny_model_dir))
+    named = [w for w in caught if f"precision='bf16-true' converts the whole module to bfloat16, the adapters too: "
+             f"adapter_dtype='{adapter_dtype}' does not hold" in str(w.message)]
+    assert len(named) == warned
