@@ -4,6 +4,9 @@ It consumes the per-example outputs of `MALoRAModule.validation_step`/`test_step
 With `num_sanity_val_steps=-1` the sanity check is a full validation before training; its scores are recorded (not
 logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0. A partial sanity check
 (Lightning's default of 2 batches per loader) is not recorded.
+The evaluations of `trainer.validate`/`test` are recorded apart from a fit's (`Evaluation.during_fit`): no training
+happened between them, so they are no point of the training curve. With `ckpt_path` they carry the checkpoint's step,
+and the history of this process stays as it is (only resuming a fit restores the checkpoint's).
 Other callbacks that derive figures from the scores (`SeesawTracker`) register with `add_listener`: they are called
 right after each evaluation is recorded, from the same hook, so they may still log, whatever the callback order.
 """
@@ -17,10 +20,11 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
-from malora_lightning.callbacks.summary import mean_of_present
+from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
 from malora_lightning.data.batches import EvaluationOutput
 
 
@@ -36,9 +40,10 @@ class Evaluation:
     """Scores of one full evaluation pass."""
 
     stage: str  # "val" or "test"
-    step: int
+    step: int  # the training step of the weights scored
     sanity_check: bool
     tasks: dict[str, TaskScore] = field(default_factory=dict)
+    during_fit: bool = True  # False for trainer.validate/test: no point of the training curve
 
     @property
     def macro_accuracy(self) -> float | None:
@@ -50,6 +55,13 @@ class Evaluation:
 
 
 EvaluationListener = Callable[[L.Trainer, L.LightningModule, Evaluation], None]
+
+
+def partial_sanity_check(trainer: L.Trainer) -> bool:
+    """Whether the sanity check ran only some validation batches (Lightning's default runs 2 per loader): its
+    figures then describe a few examples, not the validation before training. Decided by all ranks alike."""
+    partial = sum(trainer.num_sanity_val_batches) < sum(trainer.num_val_batches)
+    return trainer.strategy.reduce_boolean_decision(partial, all=False)
 
 
 def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
@@ -74,6 +86,7 @@ class PerTaskMetrics(Callback):
         self.history: list[Evaluation] = []
         self._meters: dict[str, _TaskMeters] = {}
         self._listeners: list[EvaluationListener] = []
+        self._weights = WeightsStep()
 
     def add_listener(self, listener: EvaluationListener) -> None:
         """Call `listener(trainer, pl_module, evaluation)` on every rank after each evaluation (sanity check too)."""
@@ -111,7 +124,8 @@ class PerTaskMetrics(Callback):
                 meters.accuracy.update(correct[index].float())
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        evaluation = Evaluation(stage=stage, step=trainer.global_step, sanity_check=trainer.sanity_checking)
+        evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
+                                during_fit=trainer.state.fn == TrainerFn.FITTING)
         for name, meters in self._meters.items():
             # compute() synchronises across ranks, so every rank computes every meter, even an empty one
             loss, accuracy = meters.loss.compute().item(), meters.accuracy.compute().item()
@@ -120,25 +134,16 @@ class PerTaskMetrics(Callback):
                 continue  # no examples of this task in this pass
             evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
                                                count=count)
-        if trainer.sanity_checking and self._partial_sanity_check(trainer):
+        if trainer.sanity_checking and partial_sanity_check(trainer):
+            # a few examples' accuracy would stand in every report's first and best columns and the seesaw figures
+            rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "
+                           "training (num_sanity_val_steps: -1 runs it whole)")
             return
         self.history.append(evaluation)
         if not trainer.sanity_checking:
             self._log(pl_module, evaluation)
         for listener in self._listeners:
             listener(trainer, pl_module, evaluation)
-
-    @staticmethod
-    def _partial_sanity_check(trainer: L.Trainer) -> bool:
-        """Whether the sanity check ran only some validation batches (Lightning's default runs 2 per loader): its
-        scores are then no "before training" evaluation, and recording one would put a few examples' accuracy in
-        every report's first and best columns and the seesaw figures. Decided by all ranks alike."""
-        partial = sum(trainer.num_sanity_val_batches) < sum(trainer.num_val_batches)
-        partial = trainer.strategy.reduce_boolean_decision(partial, all=False)
-        if partial:
-            rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "
-                           "training (num_sanity_val_steps: -1 runs it whole)")
-        return partial
 
     @staticmethod
     def _log(pl_module: L.LightningModule, evaluation: Evaluation) -> None:
@@ -152,8 +157,11 @@ class PerTaskMetrics(Callback):
         pl_module.log(f"{stage}/macro_loss", evaluation.macro_loss)
 
     # ------------------------------------------------------------------ queries
-    def evaluations(self, stage: str = "val") -> list[Evaluation]:
-        return [evaluation for evaluation in self.history if evaluation.stage == stage]
+    def evaluations(self, stage: str = "val", during_fit: bool | None = None) -> list[Evaluation]:
+        """Those of `stage` in order; with `during_fit`, only a fit's (True: the training curve) or only those of
+        trainer.validate/test (False)."""
+        return [evaluation for evaluation in self.history if evaluation.stage == stage
+                and (during_fit is None or evaluation.during_fit == during_fit)]
 
     @staticmethod
     def attached(trainer: L.Trainer) -> PerTaskMetrics | None:
@@ -161,6 +169,12 @@ class PerTaskMetrics(Callback):
         return next((callback for callback in trainer.callbacks if isinstance(callback, PerTaskMetrics)), None)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._weights.forget()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._weights.loaded(trainer, checkpoint)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Say when a resume lost an evaluation: a checkpoint written at the end of a training batch (say
         `ModelCheckpoint(every_n_train_steps=...)`) precedes that step's validation, which Lightning does not run
@@ -173,7 +187,8 @@ class PerTaskMetrics(Callback):
         # else of the current epoch
         batches = step if trainer.check_val_every_n_epoch is None \
             else trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if batches % interval == 0 and all(evaluation.step != step for evaluation in self.evaluations("val")):
+        if batches % interval == 0 \
+                and all(evaluation.step != step for evaluation in self.evaluations("val", during_fit=True)):
             rank_zero_warn(f"Resumed from a checkpoint written at step {step} before that step's validation, which "
                            "Lightning does not run again: the per-task history, seesaw figures and report lack it. "
                            "Checkpoint when a validation ends: ModelCheckpoint(save_on_train_epoch_end=False) without "
@@ -199,10 +214,16 @@ class PerTaskMetrics(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [
-            {"stage": e.stage, "step": e.step, "sanity_check": e.sanity_check,
+            {"stage": e.stage, "step": e.step, "sanity_check": e.sanity_check, "during_fit": e.during_fit,
              "tasks": {name: vars(score) for name, score in e.tasks.items()}} for e in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming a fit takes the checkpoint's history; validate/test of a checkpoint keep this process's (after a
+        fit, the whole fit's: the checkpoint's may end at an earlier, best, step)."""
+        if self._weights.checkpoint_step is not None:
+            return
+        # checkpoints written before `during_fit` existed: taken as a fit's
         self.history = [Evaluation(stage=e["stage"], step=e["step"], sanity_check=e["sanity_check"],
-                                   tasks={name: TaskScore(**score) for name, score in e["tasks"].items()})
+                                   tasks={name: TaskScore(**score) for name, score in e["tasks"].items()},
+                                   during_fit=e.get("during_fit", True))
                         for e in state_dict["history"]]

@@ -42,8 +42,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
+from malora_lightning.callbacks.per_task_metrics import partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing
-from malora_lightning.callbacks.summary import mean_of_present
+from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
 from malora_lightning.run_paths import run_directory
 
 
@@ -228,7 +229,8 @@ class RoutingStats(Callback):
     (mean task-expert NMI). Writes every layer's figures (its full task x expert matrix included) to
     `routing_<stage>.json`, and next to the checkpoints (rank zero) the heatmaps `plots/expert_load_<stage>.png`
     (layer x expert) and `plots/task_expert_<stage>.png` (task x layer KL, and the most task-specific layers' task x
-    expert matrices).
+    expert matrices). A partial sanity check (Lightning's default of 2 batches per loader) is not reported: a few
+    batches' routing is not the validation set's.
 
     Args:
         dead_threshold: an expert whose load share is below this fraction of the even share 1/N is dead.
@@ -249,6 +251,7 @@ class RoutingStats(Callback):
         self._handle: ObserverHandle | None = None
         self._top_k = 0
         self._warned = False
+        self._weights = WeightsStep()
 
     # ------------------------------------------------------------------ collection
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -293,10 +296,10 @@ class RoutingStats(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._detach()
         accumulator, self._accumulator = self._accumulator, None
-        if accumulator is None:
+        if accumulator is None or (trainer.sanity_checking and partial_sanity_check(trainer)):
             return
         accumulator.reduce(trainer.strategy)
-        summary = RoutingSummary(stage=stage, step=trainer.global_step,
+        summary = RoutingSummary(stage=stage, step=self._weights.of(trainer),
                                  tasks=[task.name for task in trainer.datamodule.tasks],
                                  layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold)
         self.results[stage] = summary
@@ -348,6 +351,12 @@ class RoutingStats(Callback):
         return files
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._weights.forget()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._weights.loaded(trainer, checkpoint)
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
 

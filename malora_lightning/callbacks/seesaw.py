@@ -150,7 +150,8 @@ class SeesawTracker(Callback):
     Reads the scores of the attached `PerTaskMetrics` after each evaluation (whatever the callback order). Logs
     `<stage>/seesaw_index`, `<stage>/<task>/acc_change` and `<stage>/<task>/gap_to_best` (from the second
     evaluation on), and with baselines `<stage>/<task>/rel_gain`, `<stage>/delta_mtl`, `<stage>/negative_transfer`.
-    Writes every evaluation's figures to `seesaw.json` and the validation accuracy curves to
+    Writes the figures to `seesaw.json` (the fit's validations under `val`; the latest trainer.validate and test,
+    which follow no training, under `validate` and `test`) and the fit's validation accuracy curves to
     `plots/task_accuracy.png`, next to the checkpoints (rank zero).
 
     Args:
@@ -186,17 +187,23 @@ class SeesawTracker(Callback):
         metrics.add_listener(self.on_evaluation)
 
     def on_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, evaluation: Evaluation) -> None:
-        """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation."""
-        evaluations = PerTaskMetrics.attached(trainer).evaluations(evaluation.stage)
+        """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation. A fit's
+        validations make one series (`val`), movement from one to the next included; an evaluation of
+        trainer.validate or test follows no training, so it stands alone under `validate` or `test`."""
+        if evaluation.during_fit:
+            series = evaluation.stage
+            evaluations = PerTaskMetrics.attached(trainer).evaluations(series, during_fit=True)
+        else:
+            series, evaluations = trainer.state.fn.value, [evaluation]
         points = track(evaluations, self.tolerance, self.baseline)
-        self.points[evaluation.stage] = points
+        self.points[series] = points
         if not trainer.sanity_checking:
             self._log(pl_module, points[-1])
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         if not trainer.is_global_zero:
             return
         atomic_write_text(directory / self.filename, json.dumps(self.to_dict(), indent=2) + "\n")
-        if self.plots and evaluation.stage == "val":
+        if self.plots and series == "val":
             plot_task_curves(evaluations, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
                              self.baseline)
             self.curves_written = True
@@ -223,13 +230,14 @@ class SeesawTracker(Callback):
     # ------------------------------------------------------------------ run report
     def report_sections(self, trainer: L.Trainer) -> list[str]:
         sections = []
-        for stage, title in (("val", "Seesaw over training (validation)"), ("test", "Transfer (test)")):
-            points = self.points.get(stage)
-            if points and (stage == "val" or self.baseline is not None):  # RunReport already lists test scores
+        for series, title in (("val", "Seesaw over training (validation)"),
+                              ("validate", "Transfer (validation outside training)"), ("test", "Transfer (test)")):
+            points = self.points.get(series)
+            if points and (series == "val" or self.baseline is not None):  # RunReport already lists the scores
                 body = [self._task_table(points[-1], movement=len(points) > 1)]
                 if len(points) > 1:
                     body.append(self._evaluations_table(points))
-                if stage == "val" and self.curves_written:
+                if series == "val" and self.curves_written:
                     body.append(f"![Validation accuracy per task]({PLOTS_FOLDER}/{CURVES_NAME})")
                 sections.append(f"## {title}\n\n" + "\n\n".join(body))
         return sections
@@ -255,8 +263,9 @@ class SeesawTracker(Callback):
                 line += f" {percent(self.baseline.get(name))} | {percent(task.relative_gain, signed=True)} |"
             lines.append(line)
         if point.delta_mtl is not None:
+            compared = sum(task.relative_gain is not None for task in point.tasks.values())
             lines += ["", f"Delta-MTL (mean relative gain): **{percent(point.delta_mtl, signed=True)} %**; "
-                          f"negative transfer on {point.negative_transfer} of {len(point.tasks)} tasks "
+                          f"negative transfer on {point.negative_transfer} of {compared} tasks with a baseline "
                           f"(worst {percent(point.worst_relative_gain, signed=True)} %)."]
         return "\n".join(lines)
 

@@ -1,8 +1,13 @@
-"""What the callbacks' summaries share: the mean of the values that are present, and accuracy as a Markdown cell."""
+"""What the callbacks' summaries share: the mean of the values that are present, accuracy as a Markdown cell, and the
+training step of the weights an evaluation scores."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def mean_of_present(values: Iterable[float | None]) -> float | None:
@@ -16,3 +21,24 @@ def percent(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+class WeightsStep:
+    """The training step of the weights being evaluated. `validate`/`test(ckpt_path=...)` load a checkpoint's weights
+    but leave the trainer's step as it was (0 in a fresh trainer, the end of the fit after one), which would label the
+    checkpoint's scores with another step. The owning callback calls `forget` from `setup` (Lightning loads the
+    checkpoint after it) and `loaded` from `on_load_checkpoint`."""
+
+    def __init__(self) -> None:
+        self.checkpoint_step: int | None = None  # the step of the checkpoint that validate/test loaded, if any
+
+    def forget(self) -> None:
+        self.checkpoint_step = None
+
+    def loaded(self, trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+        """A fit resumed from a checkpoint goes on from its step, which the trainer then holds."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self.checkpoint_step = checkpoint["global_step"]
+
+    def of(self, trainer: L.Trainer) -> int:
+        return trainer.global_step if self.checkpoint_step is None else self.checkpoint_step

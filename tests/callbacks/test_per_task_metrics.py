@@ -1,11 +1,13 @@
-"""PerTaskMetrics on hand-built per-example predictions: per-task means, macro averages, listeners."""
+"""PerTaskMetrics on hand-built per-example predictions: per-task means, macro averages, listeners, and which
+evaluations make the training curve."""
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from malora_lightning.callbacks import PerTaskMetrics
+from malora_lightning.callbacks import PerTaskMetrics, RunReport, SeesawTracker
 from malora_lightning.data.batches import EvaluationOutput
 
 # Per-example loss and correctness of every evaluation example, by task; "lm" has no accuracy (no `correct`).
@@ -31,6 +33,9 @@ class HandBuiltPredictions(L.LightningModule):
         correct = torch.tensor([CORRECT[task][i] for i in indices]) if task in CORRECT else None
         return EvaluationOutput(task_name=batch["task"], loss=torch.tensor([LOSSES[task][i] for i in indices]),
                                 correct=correct)
+
+    test_dataloader = val_dataloader
+    test_step = validation_step
 
 
 def expected_metrics() -> dict[str, float]:
@@ -90,3 +95,53 @@ def test_only_a_whole_sanity_check_is_recorded_as_the_evaluation_before_training
     assert [evaluation.step for evaluation in metrics.history] == recorded
     assert all(evaluation.tasks["alpha"].count == 8 for evaluation in metrics.history)
 
+
+
+def fit_with_a_checkpoint_per_validation(root, callbacks: list) -> tuple[L.Trainer, HandBuiltTraining]:
+    """3 steps, a validation and a checkpoint (epoch=0-step=<n>.ckpt) after each."""
+    checkpoints = ModelCheckpoint(dirpath=root, save_top_k=-1, save_on_train_epoch_end=False)
+    trainer = trainer_for(root, callbacks=[checkpoints, *callbacks], max_steps=3, val_check_interval=1,
+                          num_sanity_val_steps=0, enable_checkpointing=True)
+    module = HandBuiltTraining()
+    trainer.fit(module)
+    return trainer, module
+
+
+def test_testing_an_earlier_checkpoint_after_fit_keeps_the_fits_history_and_report(tmp_path):
+    """Lightning restores the callbacks' state for test(ckpt_path=...) too: taking the checkpoint's history cut the
+    fit's to the checkpoint's step, and the report written at the end of test lost the later validations."""
+    metrics = PerTaskMetrics()
+    trainer, module = fit_with_a_checkpoint_per_validation(tmp_path, [metrics, RunReport()])
+    trainer.test(module, ckpt_path=str(tmp_path / "epoch=0-step=1.ckpt"), verbose=False)
+    assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == \
+        [("val", 1, True), ("val", 2, True), ("val", 3, True), ("test", 1, False)]
+    validation, test = (tmp_path / "report.md").read_text().split("## Test accuracy")
+    assert "final (step 3)" in validation and "first (step 1) | best | final (step 1)" in test
+
+
+def test_a_checkpoint_evaluated_by_a_fresh_trainer_is_labelled_with_its_step(tmp_path):
+    fit_with_a_checkpoint_per_validation(tmp_path, [PerTaskMetrics()])
+    metrics = PerTaskMetrics()
+    fresh = trainer_for(tmp_path / "evaluation", callbacks=[metrics])
+    fresh.validate(HandBuiltTraining(), ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), verbose=False)
+    fresh.test(HandBuiltTraining(), verbose=False)  # no checkpoint: the weights at hand, of the trainer's step 0
+    assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == [("val", 2, False), ("test", 0, False)]
+
+
+def test_a_validation_after_fit_is_no_interval_of_the_training_curve(tmp_path):
+    """trainer.validate() after fit scores the same weights again: no training happened since the last validation,
+    so it must not count as one more interval of the seesaw figures."""
+    metrics, seesaw = PerTaskMetrics(), SeesawTracker(plots=False)
+    trainer = trainer_for(tmp_path, callbacks=[metrics, seesaw, RunReport()], max_steps=2, val_check_interval=1,
+                          num_sanity_val_steps=-1)
+    module = HandBuiltTraining()
+    trainer.fit(module)
+    trainer.validate(module, verbose=False)
+    trainer.test(module, verbose=False)  # writes the report again
+    assert [(e.step, e.during_fit) for e in metrics.evaluations("val")] == [(0, True), (1, True), (2, True),
+                                                                           (2, False)]
+    assert [point.step for point in seesaw.points["val"]] == [0, 1, 2]
+    assert [point.step for point in seesaw.points["validate"]] == [2]
+    report = (tmp_path / "report.md").read_text()
+    assert "Mean seesaw index over 2 interval(s)" in report
+    assert "## Validation accuracy (%) per task, outside training (trainer.validate)" in report

@@ -77,6 +77,15 @@ def test_relative_gain_negative_transfer_and_delta_mtl():
     assert track(SEQUENCE, tolerance=0.01)[-1].delta_mtl is None
 
 
+def test_negative_transfer_is_counted_out_of_the_tasks_that_have_a_baseline(tmp_path):
+    """Only a task with a single-task score can transfer negatively: "1 of 5 tasks" would understate it."""
+    path = tmp_path / "single_task.json"
+    path.write_text(json.dumps({"a": 0.5, "b": 0.6, "c": 0.4}))  # d has none; lm has no accuracy
+    tracker = SeesawTracker(baseline_scores=str(path))
+    table = tracker._task_table(track(SEQUENCE, 0.01, tracker.baseline)[-1], movement=True)
+    assert "negative transfer on 1 of 3 tasks with a baseline" in table
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not valid JSON"),
     ('["a", 0.5]', "non-empty JSON object"),
