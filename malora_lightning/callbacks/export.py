@@ -1,6 +1,6 @@
 """`AdapterExport`: at the end of a fit, the adapters go to `<run folder>/adapter` (`save_adapters`: PEFT's format,
-with a model card that lists the last validation's per-task accuracy). `MALoRAModule(export_adapters=True)` attaches
-it."""
+with a model card that lists the per-task validation accuracy of the exported weights, when the fit's last validation
+scored them). `MALoRAModule(export_adapters=True)` attaches it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,28 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.adapters import save_adapters
+from malora_lightning.adapters.io import _check_writable_adapter_folder
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
-from malora_lightning.run_paths import run_directory
+from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FOLDER = "adapter"
+
+
+def final_scores(trainer: L.Trainer) -> dict[str, float | None] | None:
+    """Per-task accuracy of the weights the fit ends with: its last validation's, when that ran after the last
+    training step; else None (training went on after it, or only the sanity check before training validated)."""
+    metrics = PerTaskMetrics.attached(trainer)
+    evaluations = metrics.evaluations("val", during_fit=True) if metrics is not None else []
+    if not evaluations:
+        return None
+    last = evaluations[-1]
+    if last.step != trainer.global_step:
+        logger.info("The last validation scored the weights of step %d, not the exported ones of step %d: the model "
+                    "card lists no accuracy", last.step, trainer.global_step)
+        return None
+    return {name: score.accuracy for name, score in last.tasks.items()}
 
 
 class AdapterExport(Callback):
@@ -31,12 +47,24 @@ class AdapterExport(Callback):
     def folder(trainer: L.Trainer) -> Path:
         return run_directory(trainer) / EXPORT_FOLDER
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a folder that `save_adapters` would refuse now, not after the whole training."""
+        folder = self.folder(trainer)
+
+        def check() -> None:
+            try:
+                _check_writable_adapter_folder(folder)
+            except FileExistsError as error:
+                raise FileExistsError(
+                    f"{error}. AdapterExport writes the adapters there at the end of the fit: give the run a folder of "
+                    "its own (Trainer(default_root_dir=...), a logger, or ModelCheckpoint(dirpath=...)), or pass "
+                    "MALoRAModule(export_adapters=False)") from error
+
+        refuse_on_every_rank(trainer, check)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = PerTaskMetrics.attached(trainer)
-        evaluations = metrics.evaluations("val") if metrics is not None else []
-        scores = {name: score.accuracy for name, score in evaluations[-1].tasks.items()} if evaluations else None
         # every rank takes part (gathering sharded adapters is collective); rank zero writes
         path = save_adapters(pl_module.model, self.folder(trainer), write=trainer.is_global_zero,
-                             base_model=self.base_model, task_scores=scores)
+                             base_model=self.base_model, task_scores=final_scores(trainer))
         if trainer.is_global_zero:
             logger.info("Exported adapters to %s", path)

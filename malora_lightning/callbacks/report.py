@@ -3,9 +3,13 @@
 It tabulates `PerTaskMetrics`' history (each task's chance rate, score before training, best and final) and appends
 the sections of every other callback that implements `report_sections(trainer) -> list[str]` (seesaw figures,
 routing health).
+Its first line marks it as ours: a `report.md` without it is the user's (without a logger or checkpoints the run
+folder is the current directory), and the run stops before training rather than replace it.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -14,13 +18,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
 from malora_lightning.callbacks.summary import mean_of_present, percent
-from malora_lightning.run_paths import run_directory
+from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
 REPORT_NAME = "report.md"
+REPORT_MARKER = "<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and test -->"
+REPORT_TITLE = "# Run report"
 
 
 def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None]) -> str:
-    """Per task: chance, first evaluation (before training when it ran at step 0), best, final, and final - first."""
+    """Per task: chance, first evaluation (before training when it ran at step 0), best, final, and final - first.
+    The mean row averages each column over the same tasks, those scored in the first, best and final columns (a task
+    that joined later would otherwise lift one column's mean and not the other's)."""
     first, final = evaluations[0], evaluations[-1]
     tasks = list(final.tasks)
     lines = [f"| task | chance | first (step {first.step}) | best | final (step {final.step}) | change | final loss |",
@@ -38,10 +46,29 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
         lines.append(f"| {name} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
                      f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | "
                      f"{final.tasks[name].loss:.3f} |")
-    means = {key: mean_of_present(values) for key, values in columns.items()}
-    lines.append(f"| **mean** | {percent(means['chance'])} | {percent(means['first'])} | {percent(means['best'])} | "
+    compared = ("first", "best", "final")
+    scored = [index for index in range(len(tasks)) if any(columns[key][index] is not None for key in compared)]
+    common = [index for index in scored if all(columns[key][index] is not None for key in compared)]
+    means = {key: mean_of_present(values[index] for index in common) for key, values in columns.items()}
+    label = "**mean**" if len(common) == len(scored) \
+        else f"**mean** of the {len(common)} tasks scored in every column (of {len(scored)})"
+    lines.append(f"| {label} | {percent(means['chance'])} | {percent(means['first'])} | {percent(means['best'])} | "
                  f"{percent(means['final'])} | | {final.macro_loss:.3f} |")
     return "\n".join(lines)
+
+
+def refuse_foreign_report(path: Path) -> None:
+    """Raise FileExistsError when `path` exists and its first line is neither the marker nor, from reports written
+    before the marker, the title."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8", errors="replace") as report:
+        first = report.readline().rstrip("\n")
+    if first not in (REPORT_MARKER, REPORT_TITLE):
+        raise FileExistsError(f"{path} was not written by RunReport (its first line is not {REPORT_MARKER!r}) and "
+                              "would be replaced by this run's report: move it, give the run a folder of its own "
+                              "(Trainer(default_root_dir=...), a logger, or ModelCheckpoint(dirpath=...)), or name the "
+                              "report differently (RunReport(filename=...))")
 
 
 class RunReport(Callback):
@@ -52,13 +79,16 @@ class RunReport(Callback):
 
     def build(self, trainer: L.Trainer) -> str:
         metrics = PerTaskMetrics.attached(trainer)
-        sections = ["# Run report"]
+        sections = [REPORT_TITLE]
         if metrics is None:
             sections.append("Per-task scores need the `PerTaskMetrics` callback, which is not attached.")
         else:
             chance = chance_rates(trainer)
-            for stage, title in (("val", "Validation accuracy (%) per task"), ("test", "Test accuracy (%) per task")):
-                evaluations = metrics.evaluations(stage)
+            for stage, during_fit, title in (
+                    ("val", True, "Validation accuracy (%) per task"),
+                    ("val", False, "Validation accuracy (%) per task, outside training (trainer.validate)"),
+                    ("test", False, "Test accuracy (%) per task")):
+                evaluations = metrics.evaluations(stage, during_fit=during_fit)
                 if evaluations:
                     sections.append(f"## {title}\n\n{scores_table(evaluations, chance)}")
         for callback in trainer.callbacks:
@@ -74,8 +104,19 @@ class RunReport(Callback):
         if not trainer.is_global_zero:
             return
         report = self.build(trainer)
-        atomic_write_text(path, report)
+        atomic_write_text(path, f"{REPORT_MARKER}\n{report}")
         rank_zero_info(f"\n{report}\nReport saved to {path}")
+
+    def check_writable(self, trainer: L.Trainer) -> None:
+        """Refuse, before any work, to end by replacing a report that this callback did not write."""
+        path = run_directory(trainer) / self.filename
+        refuse_on_every_rank(trainer, lambda: refuse_foreign_report(path))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_writable(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_writable(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer)

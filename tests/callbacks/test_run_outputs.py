@@ -195,3 +195,44 @@ def test_routing_counts_the_declared_scoring_pass_only(tiny_model_dir, tmp_path)
     for name, layer in results[0].layers.items():
         assert layer.task_load.sum() > 0
         assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
+
+
+def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
+    """validate(ckpt_path=...) loads the checkpoint's weights and leaves the trainer's step (0 here) as it was."""
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=True).fit(make_module(tiny_model_dir),
+                                                                       make_data(tiny_model_dir, tasks=["parity"]))
+    routing = RoutingStats(plots=False)
+    trainer = make_trainer(tmp_path / "evaluation", callbacks=[routing], limit_val_batches=None)
+    trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]),
+                     ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"), verbose=False)
+    assert routing.results["val"].step == 1
+
+
+def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_path):
+    """1 of parity's 2 validation batches, and no validation during the fit: nothing describes the validation set."""
+    routing = RoutingStats(plots=False)
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, num_sanity_val_steps=1,
+                           val_check_interval=5, check_val_every_n_epoch=None, callbacks=[routing, RunReport()])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"], max_eval_examples_per_task=8))
+    assert routing.results == {} and not (tmp_path / "routing_val.json").exists()
+    assert "Routing health" not in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("steps", "scored"), [(2, True), (3, False)])
+def test_the_model_card_lists_the_accuracy_of_the_exported_weights_only(tiny_model_dir, tmp_path, steps, scored):
+    """Validation every 2 steps: after 3 steps the last validation scored step 2's weights, not the exported ones."""
+    trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=None, num_sanity_val_steps=-1,
+                           val_check_interval=2, enable_checkpointing=True, callbacks=[PerTaskMetrics()])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    card = (tmp_path / "checkpoints" / "adapter" / "README.md").read_text()
+    assert ("| parity |" in card) == scored
+
+
+def test_a_folder_the_adapters_cannot_go_to_is_refused_before_training(tiny_model_dir, tmp_path):
+    """Without a logger or checkpoints the adapters go to <root folder>/adapter: here a user's Python package."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "__init__.py").write_text("# user code\n")
+    trainer = make_trainer(tmp_path, max_steps=2)
+    with pytest.raises(FileExistsError, match=r"not an adapter \(__init__\.py\).*export_adapters=False"):
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    assert trainer.global_step == 0 and [path.name for path in (tmp_path / "adapter").iterdir()] == ["__init__.py"]

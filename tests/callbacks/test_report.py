@@ -1,0 +1,52 @@
+"""RunReport's scores table, and what it refuses to replace."""
+
+import pytest
+
+from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, TaskScore
+from malora_lightning.callbacks.report import REPORT_MARKER, scores_table
+from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
+
+
+def evaluation(step: int, accuracies: dict[str, float | None]) -> Evaluation:
+    return Evaluation(stage="val", step=step, sanity_check=step == 0,
+                      tasks={name: TaskScore(loss=1.0, accuracy=value, count=10) for name, value in accuracies.items()})
+
+
+def mean_row(table: str) -> list[str]:
+    return [cell.strip() for cell in table.splitlines()[-1].split("|")[1:-1]]
+
+
+def test_the_mean_row_compares_the_same_tasks_in_every_column():
+    """Task c joined after the first evaluation: averaged into the final column alone, it would make the mean rise
+    by 23 points where no task's accuracy changed."""
+    table = scores_table([evaluation(0, {"a": 0.2, "b": 0.4}), evaluation(100, {"a": 0.2, "b": 0.4, "c": 0.9})], {})
+    label, _, first, best, final, _, _ = mean_row(table)
+    assert (first, best, final) == ("30.0", "30.0", "30.0")
+    assert label == "**mean** of the 2 tasks scored in every column (of 3)"
+    assert "| c | - | - | 90.0 | 90.0 |" in table
+
+
+def test_the_mean_row_of_tasks_scored_throughout_is_plain():
+    """A task without an accuracy ("lm") is in no column, so it changes neither the means nor the label."""
+    table = scores_table([evaluation(0, {"a": 0.2, "lm": None}), evaluation(10, {"a": 0.6, "lm": None})],
+                         {"a": 0.25, "lm": None})
+    assert mean_row(table)[:5] == ["**mean**", "25.0", "20.0", "60.0", "60.0"]
+
+
+def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path):
+    """Without a logger or checkpoints the run folder is the root folder (the current directory by default)."""
+    mine = tmp_path / "report.md"
+    mine.write_text("# My quarterly report\n")
+    trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=1, limit_val_batches=0)
+    with pytest.raises(FileExistsError, match=r"report\.md was not written by RunReport.*RunReport\(filename=\.\.\.\)"):
+        trainer.fit(HandBuiltTraining())
+    assert trainer.global_step == 0 and mine.read_text() == "# My quarterly report\n"
+
+
+def test_a_report_that_run_report_wrote_is_replaced(tmp_path):
+    for steps in (1, 2):  # the second fit writes into the same folder
+        trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=steps,
+                              val_check_interval=1)
+        trainer.fit(HandBuiltTraining())
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[:2] == [REPORT_MARKER, "# Run report"] and any("final (step 2)" in line for line in lines)
