@@ -299,7 +299,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     quantization = base_quantization(model)
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or ""}
-    _check_writable_adapter_folder(path)
+    check_writable_adapter_folder(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:
         logger.warning("%s was not written by save_adapters: left as it is, without the model card",
@@ -413,7 +413,9 @@ def _card_is_ours(path: Path) -> bool:
         return card.readline().rstrip("\n") == CARD_MARKER
 
 
-def _check_writable_adapter_folder(path: Path) -> None:
+def check_writable_adapter_folder(path: Path) -> None:
+    """Refuse a `save_adapters` target that is a file or a folder of other files, before any work is done (the
+    export callback checks its folder before training)."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; save_adapters writes a folder: choose a folder path")
     if not path.is_dir():

@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.adapters import save_adapters
-from malora_lightning.adapters.io import _check_writable_adapter_folder
+from malora_lightning.adapters.io import check_writable_adapter_folder
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
@@ -53,7 +53,7 @@ class AdapterExport(Callback):
 
         def check() -> None:
             try:
-                _check_writable_adapter_folder(folder)
+                check_writable_adapter_folder(folder)
             except FileExistsError as error:
                 raise FileExistsError(
                     f"{error}. AdapterExport writes the adapters there at the end of the fit: give the run a folder of "
