@@ -27,6 +27,7 @@ from malora_lightning.data.sampling import (
     check_weights,
     mixing_weights,
     seeded_generator,
+    unimax_epoch_length,
 )
 from malora_lightning.data.tasks import (
     HubSource,
@@ -95,7 +96,8 @@ class MultiTaskDataModule(LightningDataModule):
         cap: K of ``capped`` (required) and ``temperature`` (optional): task sizes are clipped to K first.
         task_weights: Task name -> weight, for ``sampling: weights``.
         unimax_max_epochs: UniMax's limit on passes over a task per sampler epoch.
-        samples_per_epoch: Training examples per epoch over all devices (default: the sum of the task sizes).
+        samples_per_epoch: Training examples per epoch over all devices (default: the sum of the task sizes); with
+            ``unimax``, its budget: fewer when every task reaches ``unimax_max_epochs`` passes.
         max_train_examples_per_task: Keep a random subset of at most this many training examples per task.
         max_eval_examples_per_task: Keep a random subset of at most this many validation/test examples per task.
         seed: Seed of the training order.
@@ -227,8 +229,11 @@ class MultiTaskDataModule(LightningDataModule):
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
 
     def build_sampler(self, sizes: Sequence[int]) -> TaskBalancedSampler:
-        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), num_samples=self.hparams.samples_per_epoch,
-                                   seed=self.hparams.seed)
+        hparams = self.hparams
+        num_samples = hparams.samples_per_epoch
+        if hparams.sampling == "unimax":
+            num_samples = unimax_epoch_length(sizes, num_samples, hparams.unimax_max_epochs)
+        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), num_samples=num_samples, seed=hparams.seed)
 
     def _mixing_weights(self, sizes: Sequence[int]) -> list[float]:
         hparams = self.hparams

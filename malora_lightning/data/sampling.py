@@ -8,7 +8,8 @@ Mixing strategies (n_t = number of training examples of task t, K = cap, T = tem
   temperature; T = 1 is (capped) proportional, T → ∞ uniform; K is optional here.
 * ``uniform``: p_t = 1 / #tasks.
 * ``unimax``: UniMax (Chung et al., 2023): spread a budget of examples uniformly over the tasks, never giving a task
-  more than ``max_epochs`` passes over its data, and hand what small tasks cannot use to the larger ones.
+  more than ``max_epochs`` passes over its data, and hand what small tasks cannot use to the larger ones; what no
+  task can take is not drawn (``unimax_epoch_length``: an epoch then has fewer draws than the budget).
 * ``weights``: explicit, user-given weights (normalised).
 """
 
@@ -64,21 +65,32 @@ def mixing_weights(
         if cap is not None and cap < 1:
             raise ValueError(f"cap must be >= 1 or None (got {cap})")
         limit = cap if cap is not None else max(sizes)
-        raw = [min(size, limit) ** (1.0 / temperature) for size in sizes]
+        # in log space: min(n, K) ** (1 / T) overflows a float for small T (1000 ** 100)
+        logs = [math.log(min(size, limit)) / temperature for size in sizes]
+        raw = [math.exp(value - max(logs)) for value in logs]
     elif strategy == "uniform":
         raw = [1.0] * len(sizes)
     elif strategy == "unimax":
-        raw = _unimax_allocation(sizes, budget if budget is not None else sum(sizes), max_epochs)
+        raw = _unimax_allocation(sizes, budget, max_epochs)
     elif strategy == "weights":
         raw = _checked_weights(weights, len(sizes))
     else:
         raise ValueError(f"unknown sampling strategy {strategy!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
-    total = sum(raw)
-    return [value / total for value in raw]
+    scaled = [value / max(raw) for value in raw]  # huge finite weights (1e308) would sum to inf
+    total = sum(scaled)
+    return [value / total for value in scaled]
 
 
-def _unimax_allocation(sizes: Sequence[int], budget: int, max_epochs: float) -> list[float]:
-    """UniMax's Algorithm 1: smallest task first, each takes its uniform share of what is left, capped by its epochs."""
+def unimax_epoch_length(sizes: Sequence[int], budget: int | None = None, max_epochs: float = 1.0) -> int:
+    """Draws per epoch under UniMax: the budget (default: the sum of sizes), or fewer when every task reaches its
+    ``max_epochs`` passes. Filling the budget anyway would repeat tasks more often than the limit allows."""
+    return round(sum(_unimax_allocation(sizes, budget, max_epochs)))
+
+
+def _unimax_allocation(sizes: Sequence[int], budget: int | None, max_epochs: float) -> list[float]:
+    """UniMax's Algorithm 1: smallest task first, each takes its uniform share of what is left, capped by its epochs
+    (in whole examples, so that no task exceeds its passes once draws are counted)."""
+    budget = budget if budget is not None else sum(sizes)
     if budget < 1:
         raise ValueError(f"unimax budget must be >= 1 (got {budget})")
     if max_epochs <= 0:
@@ -88,8 +100,11 @@ def _unimax_allocation(sizes: Sequence[int], budget: int, max_epochs: float) -> 
     order = sorted(range(len(sizes)), key=lambda position: sizes[position])
     for done, position in enumerate(order):
         share = remaining / (len(sizes) - done)
-        allocation[position] = min(share, max_epochs * sizes[position])
+        allocation[position] = min(share, math.floor(max_epochs * sizes[position]))
         remaining -= allocation[position]
+    if sum(allocation) < 1:
+        raise ValueError(f"unimax max_epochs={max_epochs} allows no task a single example (sizes {list(sizes)}): "
+                         "raise it to at least 1 / the largest task's size")
     return allocation
 
 
@@ -212,7 +227,9 @@ class TaskBalancedSampler(DistributedSampler):
             sequence = sequence[: self.total_size]
         start, self._resume_at = self._resume_at, 0
         rest = sequence[start:]
-        rest += sequence[: (-len(rest)) % self.num_replicas]  # pad like DistributedSampler: repeat the first draws
+        # pad like DistributedSampler: repeat the first draws, as often as needed when there are more ranks than draws
+        padding = (-len(rest)) % self.num_replicas
+        rest += (sequence * math.ceil(padding / len(sequence)))[:padding]
         self._position = start
         return self._advance(rest[self.rank:: self.num_replicas])
 

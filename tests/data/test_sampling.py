@@ -4,7 +4,14 @@ from collections import Counter
 import pytest
 from torch.utils.data import BatchSampler
 
-from malora_lightning.data.sampling import EvaluationShardSampler, TaskBalancedSampler, epoch_counts, mixing_weights
+from malora_lightning.data.datamodule import MultiTaskDataModule
+from malora_lightning.data.sampling import (
+    EvaluationShardSampler,
+    TaskBalancedSampler,
+    epoch_counts,
+    mixing_weights,
+    unimax_epoch_length,
+)
 
 SIZES = [10000, 1000, 100]
 OFFSETS = [0, 10000, 11000]
@@ -53,6 +60,50 @@ def test_empirical_task_frequencies_over_20k_draws_match_the_weights(strategy, o
     counts = Counter(task_of(index) for index in draws)
     for task, weight in enumerate(weights):
         assert counts[task] / 20000 == pytest.approx(weight, abs=0.02)
+
+
+@pytest.mark.parametrize(("budget", "max_epochs", "draws"), [
+    (5000, 1.0, [10, 1000]),  # the budget exceeds one pass over everything: an epoch is that one pass
+    (None, 0.5, [5, 500]),  # half a pass each, though the default budget is the sum of sizes
+    (600, 1.0, [10, 590]),  # within the limits the budget is spread as before
+    (None, 0.55, [5, 550]),  # 5.5 passes' worth of a 10-example task: 5 whole examples, never above the limit
+])
+def test_unimax_never_gives_a_task_more_passes_than_max_epochs(budget, max_epochs, draws):
+    """UniMax's limit holds in the draws the sampler makes: the data module sizes a UniMax epoch to what the tasks
+    can take (it once filled the budget anyway, giving a 10-example task 5 passes at max_epochs 1)."""
+    sizes = [10, 1000]
+    data = MultiTaskDataModule(sampling="unimax", samples_per_epoch=budget, unimax_max_epochs=max_epochs)
+    sampler = data.build_sampler(sizes)
+    counts = Counter(0 if index < sizes[0] else 1 for index in sampler)
+    assert [counts[0], counts[1]] == draws == sampler.counts
+    assert len(sampler) == sum(draws) == unimax_epoch_length(sizes, budget, max_epochs)
+
+
+def test_unimax_that_allows_no_example_says_so():
+    with pytest.raises(ValueError, match=r"unimax max_epochs=0.01 allows no task a single example"):
+        unimax_epoch_length([10, 20], max_epochs=0.01)
+
+
+def test_small_temperatures_approach_the_largest_task_alone():
+    """p ∝ n^(1/T) in log space: 395000 ** 100 overflows a float."""
+    weights = mixing_weights([395000, 30000, 1000], "temperature", temperature=0.01)
+    assert weights[0] == 1.0 and 0 < weights[1] < 1e-100 and weights[2] >= 0
+    assert mixing_weights([4, 1], "temperature", temperature=0.5) == pytest.approx([16 / 17, 1 / 17])
+
+
+def test_huge_finite_weights_are_normalised():
+    assert mixing_weights([3, 3], "weights", weights=[1e308, 1e308]) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(("epoch_length", "world"), [(1, 3), (1, 8), (2, 8), (3, 4)])
+def test_every_rank_gets_as_many_draws_as_it_reports_with_more_ranks_than_draws(epoch_length, world):
+    """Padding repeats the epoch's draws as often as needed (as DistributedSampler does): with 8 ranks and one draw
+    ranks 2-7 got none and reported one, and a rank with fewer batches hangs DDP."""
+    shares = [list(TaskBalancedSampler([5], [1.0], num_samples=epoch_length, seed=0, num_replicas=world, rank=rank))
+              for rank in range(world)]
+    single = list(TaskBalancedSampler([5], [1.0], num_samples=epoch_length, seed=0))
+    assert all(len(share) == math.ceil(epoch_length / world) for share in shares)
+    assert {index for share in shares for index in share} == set(single)
 
 
 def test_epoch_counts_use_largest_remainders():
