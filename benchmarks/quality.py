@@ -48,6 +48,7 @@ from malora_lightning.offline_models import resolve_model_path
 
 MODEL = "offline:SmolLM2-135M-Instruct"
 RECIPE = Path("recipes/default.yaml")  # relative to the repository root, where the runs start
+DATA_SEED = 0  # every run's: the same validation items (the data module's default, which the runs always had)
 LOST_EVALUATION = "lost-evaluation-step"  # a checkpoint kept aside to restore the evaluation a resume skips
 
 # The paper's configurations (scale 2 throughout); on SmolLM2 the three main ones have 17-19 M trainable parameters.
@@ -106,7 +107,8 @@ def run_command(subcommand: str, name: str, seed: int, args: argparse.Namespace,
                  for key, value in configuration["adapter"].items()]
     overrides += [f"--model.{key}={value}" for key, value in configuration.get("model", {}).items()]
     command = [sys.executable, "-m", "malora_lightning", subcommand, "--config", str(RECIPE), *overrides,
-               f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.max_steps={args.steps}",
+               f"--seed_everything={seed}", f"--data.seed={seed}", f"--data.data_seed={DATA_SEED}",
+               f"--trainer.max_steps={args.steps}",
                f"--trainer.val_check_interval={args.val_every}", f"--data.max_eval_examples_per_task={args.eval_examples}",
                f"--trainer.default_root_dir={root_dir}", "--trainer.enable_progress_bar=false",
                "--trainer.enable_model_summary=false", "--trainer.callbacks+=benchmarks.example_record.ExampleRecorder"]
@@ -266,7 +268,7 @@ def write_study_report(name: str, study: Study, args: argparse.Namespace, result
                 else:
                     runs.setdefault(configuration, {})[seed] = result
         return StudyRuns(study_name, current.steps, current.val_every, current.eval_examples, list(args.seeds), runs,
-                         {c: trainable_parameters(c) for c in current.configurations}, pending)
+                         {c: trainable_parameters(c) for c in current.configurations}, pending, DATA_SEED)
 
     this = study_runs(name, study)
     others = {other: study_runs(other, STUDIES[other]) for other in REFERENCES.get(name, ())}

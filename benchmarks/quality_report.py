@@ -6,6 +6,7 @@ neutral group's).
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from benchmarks.quality_stats import (Bootstrap, Estimate, correctness, evaluati
                                       paired_comparison, stack, task_estimates)
 from malora_lightning.callbacks.plots import new_figure, save_figure
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, get_task
+from malora_lightning.data.builtin import majority_rate
 
 # the comparisons each study is about: (A, B) reads "A minus B"
 PAIRS: dict[str, list[tuple[str, str]]] = {
@@ -45,6 +47,7 @@ class StudyRuns:
     runs: dict[str, dict[int, dict[str, Any]]]  # configuration -> seed -> kept result
     trainable: dict[str, int]
     pending: list[str]
+    data_seed: int = 0  # the runs' --data.data_seed: which validation items they evaluated
 
     @property
     def tasks(self) -> list[str]:
@@ -61,9 +64,40 @@ def evaluation_steps(run: dict[str, Any]) -> list[int]:
     return [evaluation["step"] for evaluation in run["examples"]]
 
 
-def worst_task(estimates: dict[str, Estimate]) -> tuple[str, float]:
-    """The task furthest below what it could gain: lowest accuracy above its chance (majority) rate."""
-    name = min(estimates, key=lambda task: estimates[task].mean - (get_task(task).chance_rate or 0.0))
+def prompts_digest(prompts: list[str]) -> str:
+    """`ExampleRecorder`'s digest of a task's evaluated prompts (in validation order)."""
+    return hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Majority:
+    """Each task's accuracy of always giving its most common answer on the items the runs evaluated (rebuilt from
+    their data seed and item limit, checked against the prompts digests they recorded): the baseline their accuracies
+    are read against. `Task.chance_rate` is the test split's rate, other items (51.5 % against 64 % on
+    compare_numbers); it stands in only for a task whose evaluated items cannot be rebuilt (`from_test_split`)."""
+
+    rates: dict[str, float]
+    from_test_split: list[str]
+
+    @classmethod
+    def of(cls, study: StudyRuns, runs: list[dict[str, Any]]) -> Majority:
+        rates, fallback = {}, []
+        for name in study.tasks:
+            task = get_task(name)
+            recorded = {record.get("prompts_digest", {}).get(name) for run in runs for record in run["examples"]}
+            items = (task.examples("validation", seed=study.data_seed, limit=study.eval_examples)
+                     if task.has_split("validation") else [])
+            if items and recorded == {prompts_digest([item.prompt for item in items])}:
+                rates[name] = majority_rate([item.target for item in items])
+            else:
+                rates[name] = task.chance_rate or 0.0
+                fallback.append(name)
+        return cls(rates, fallback)
+
+
+def worst_task(estimates: dict[str, Estimate], majority: dict[str, float]) -> tuple[str, float]:
+    """The task furthest below what it could gain: lowest accuracy above its majority-answer rate."""
+    name = min(estimates, key=lambda task: estimates[task].mean - majority[task])
     return name, estimates[name].mean
 
 
@@ -87,17 +121,24 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
     results = {name: stack(runs, tasks) for name, runs in complete.items()}
     per_task = {name: task_estimates(values, bootstrap) for name, values in results.items()}
     macro = {name: macro_estimate(values, bootstrap) for name, values in results.items()}
-    rows = [["chance / majority", "–", *(f"{100 * (get_task(t).chance_rate or 0):.1f}" for t in tasks),
-             f"{100 * statistics.mean(get_task(t).chance_rate or 0 for t in tasks):.1f}", "–", "–", "–"]]
+    majority = Majority.of(study, [run for runs in complete.values() for run in runs])
+    unknown = set(majority.from_test_split)
+    label = "chance: majority answer on the evaluated items"
+    if unknown:
+        label += " (* the test split's: evaluated items unknown)"
+    rows = [[label, "–", *(f"{100 * majority.rates[t]:.1f}{'*' if t in unknown else ''}" for t in tasks),
+             f"{100 * statistics.mean(majority.rates.values()):.1f}", "–", "–", "–"]]
     before = correctness(next(iter(complete.values()))[0], step=0)  # adapters start at zero: the same in every run
     before_means = [before[task].mean() for task in tasks]
     rows.append(["before training", "–", *(f"{100 * mean:.1f}" for mean in before_means),
                  f"{100 * np.mean(before_means):.1f}", "–", "–", "–"])
     # the kept runs themselves (every item's correctness at every evaluation), so the JSON can be analysed anew
-    payload: dict[str, Any] = {"tasks": tasks, "configurations": {}, "runs": complete}
+    payload: dict[str, Any] = {"tasks": tasks, "majority_rate": majority.rates,
+                               "majority_rate_from_test_split": majority.from_test_split, "configurations": {},
+                               "runs": complete}
     for name, runs in complete.items():
         seesaw = [run["seesaw_index"] for run in runs if run["seesaw_index"] is not None]
-        worst = worst_task(per_task[name])
+        worst = worst_task(per_task[name], majority.rates)
         timed = [run["seconds"] for run in runs if run["seconds"] is not None]  # None: resumed at its last step
         minutes = statistics.mean(timed) / 60 if timed else None
         rows.append([name, f"{study.trainable[name] / 1e6:.2f} M", *(per_task[name][t].percent() for t in tasks),
@@ -113,9 +154,10 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
         f"{len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}), {study.steps} steps, evaluations every "
         f"{study.val_every} steps on {study.eval_examples} validation items per task (one item is "
         f"{100 / study.eval_examples:g} point(s)). Accuracy in %: mean over seeds and items [95 % interval, bootstrap "
-        "over seeds and items]. Seesaw index: fraction of task pairs moving in opposite directions by more than 4 "
-        "points between consecutive evaluations, averaged over the intervals and seeds. Worst task: the lowest "
-        "accuracy above its chance rate. min/run: wall minutes of one run.",
+        "over seeds and items]. Chance: the accuracy of always giving the task's most common answer on the same items. "
+        "Seesaw index: fraction of task pairs moving in opposite directions by more than 4 points between consecutive "
+        "evaluations, averaged over the intervals and seeds. Worst task: the lowest accuracy above its chance. "
+        "min/run: wall minutes of one run.",
         markdown_table(["configuration", "trainable", *tasks, "average", "seesaw index", "worst task", "min/run"],
                        rows)]
     comparisons = [(a, b) for a, b in PAIRS.get(study.name, []) if a in results and b in results]

@@ -11,8 +11,10 @@ from dataclasses import asdict
 
 from benchmarks.example_record import ExampleRecorder
 from benchmarks.quality import seesaw_points
+from benchmarks.quality_report import prompts_digest
 from benchmarks.quality_stats import Bootstrap, correctness, macro_estimate, paired_comparison, task_estimates
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
+from malora_lightning.data import get_task
 from tests.test_module import make_data, make_module, make_trainer
 
 
@@ -84,7 +86,8 @@ def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_mo
     seesaw = SeesawTracker(tolerance=0.04, plots=False)
     trainer = make_trainer(tmp_path, max_steps=4, callbacks=[PerTaskMetrics(), seesaw, RoutingStats(plots=False), recorder],
                            num_sanity_val_steps=-1, limit_val_batches=None, val_check_interval=2, logger=True)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    data = make_data(tiny_model_dir)
+    trainer.fit(make_module(tiny_model_dir), data)
     written = json.loads((tmp_path / "lightning_logs" / "version_0" / "examples_val.json").read_text())
     assert written == recorder.evaluations
     assert [(entry["step"], entry["sanity_check"]) for entry in written] == [(0, True), (2, False), (4, False)]
@@ -98,6 +101,11 @@ def test_recorder_keeps_each_example_and_agrees_with_the_logged_accuracy(tiny_mo
             assert len(bits) == evaluation.tasks[task].count == 4
             assert bits.count("1") / len(bits) == pytest.approx(evaluation.tasks[task].accuracy)
     assert written[0]["prompts_digest"] == written[1]["prompts_digest"]  # the same items each time
+    # the report rebuilds the evaluated items from the data seed and limit, and knows them by this digest
+    assert written[0]["prompts_digest"] == {
+        task: prompts_digest([item.prompt for item in get_task(task).examples(
+            "validation", seed=data.hparams.data_seed, limit=data.hparams.max_eval_examples_per_task)])
+        for task in written[0]["correct"]}
     assert written[0]["routing"] == {}  # Lightning keeps no sanity-check logs
     assert {"task_nmi", "dead_experts", "load_cv"} <= set(written[1]["routing"])
     run = {"seed": 0, "examples": written}
