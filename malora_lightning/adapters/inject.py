@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import types
 import warnings
 from collections import Counter
 from typing import Any
@@ -114,8 +114,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, CONTEXT_ATTRIBUTE, context)
     if hasattr(model, "save_pretrained"):
-        # a bound method of the instance: `copy.deepcopy` and pickling rebind it to the copy
-        model.save_pretrained = types.MethodType(_save_pretrained_without_adapters, model)
+        # a partial of a module-level function: `copy.deepcopy` and pickling rebind it to the copy (a bound method
+        # unpickles by looking its function's name up on the model, which has no attribute of that name)
+        model.save_pretrained = functools.partial(_save_pretrained_without_adapters, model)
     suffixes = Counter(name.rsplit(".", 1)[-1] for name in targets)
     logger.info("Injected %s adapters into %d modules: %s", config.method, len(targets),
                 ", ".join(f"{suffix} x{count}" for suffix, count in suffixes.items()))

@@ -44,6 +44,7 @@ from malora_lightning.adapters.routing import (
     RoutingRecord,
     balance_statistics,
     dense_gates,
+    in_backward,
     route,
     selection_shares,
     z_loss_from_logsumexp,
@@ -225,8 +226,9 @@ class RoutedAdapterLayer(AdapterLayer):
             return result
         forward = self.routing_context.current
         token_mask, token_weights = forward.tokens(tuple(leading_shape)) if forward is not None else (None, None)
-        collect = forward is not None and self.training and torch.is_grad_enabled()
-        if forward is not None and self.training and not collect:
+        recomputed = in_backward()  # activation checkpointing: the first forward handed its routing over already
+        collect = forward is not None and self.training and torch.is_grad_enabled() and not recomputed
+        if forward is not None and self.training and not collect and not recomputed:
             forward.routed_without_gradients = True
         dtype = self.compute_dtype(x.device.type)
         spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
@@ -244,6 +246,8 @@ class RoutedAdapterLayer(AdapterLayer):
                 self.training, dtype, stacked)
         if collect:
             forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))
+        if recomputed:
+            return output
         self.routing_context.notify(lambda: RoutingRecord(
             layer_name=self.name, probs=probs.detach(), experts=experts, token_mask=token_mask,
             batch_shape=tuple(leading_shape), forward=forward))

@@ -159,7 +159,7 @@ def task_lora_model(model: nn.Module, profile: TaskProfile) -> nn.Module:
             lora.lora_A.copy_(factor.lora_A)
             lora.lora_B.copy_(factor.lora_B)
         replace_module(model, name, lora)
-    _remove_routing_hook(model)
+    _remove_routing_hooks(model)
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, CONTEXT_ATTRIBUTE, None)  # as inject_adapters leaves an unrouted model
     return model
@@ -258,7 +258,7 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
     if dequantizing:  # the layers without an adapter too: a model half in 4-bit saves as one nothing can load
         for name, module in [(name, module) for name, module in model.named_modules() if _is_bnb(module)]:
             replace_module(model, name, _dequantized_linear(name, module, None, dtype))
-    _remove_routing_hook(model)
+    _remove_routing_hooks(model)
     for attribute in (CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE):
         if hasattr(model, attribute):
             delattr(model, attribute)
@@ -328,9 +328,10 @@ def _unquantized_dtype(model: nn.Module) -> torch.dtype:
     raise ValueError(f"{type(model).__name__} has no unquantized floating-point weight to take a dtype from")
 
 
-def _remove_routing_hook(model: nn.Module) -> None:
-    """Detach the forward-pre-hook that began each routed forward (a mixture model has one; LoRA has none)."""
+def _remove_routing_hooks(model: nn.Module) -> None:
+    """Detach the forward-pre-hooks that began each routed forward (a mixture model has them; LoRA has none)."""
     context = routing_context(model)
-    if context is not None and context.hook is not None:
-        context.hook.remove()
-        context.hook = None
+    if context is not None:
+        for hook in context.hooks:
+            hook.remove()
+        context.hooks.clear()

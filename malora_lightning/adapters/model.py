@@ -147,7 +147,9 @@ def frozen_adapter_weights(model: nn.Module) -> Iterator[None]:
     """For a span in which the adapter weights do not change, such as one `generate` call (a forward per new
     token): forwards without gradients make each layer's compute-dtype weights once and
     reuse them, rather than casting and stacking them every forward (on a GPU each is a kernel launch, per layer
-    and token). Changing the weights inside the span is not seen by its later forwards; on exit the copies go."""
+    and token). Do not change the weights inside the span: whether a later forward sees a change is undefined (a
+    weight the compute dtype needs no copy of is used as it is, the others stay as they were); on exit the copies
+    go."""
     layers = list(adapter_layers(model).values())
     for layer in layers:
         layer.frozen_weights = {}

@@ -207,8 +207,13 @@ class RoutingContext:
     def __init__(self) -> None:
         self.current: ForwardRouting | None = None
         self.observers: list[RoutingObserver] = []
-        self.hook: RemovableHandle | None = None  # the model's forward-pre-hook that begins each forward
+        self.hooks: list[RemovableHandle] = []  # the forward-pre-hooks that begin each forward
         self.scoring: ScoringPass | None = None  # set by `scoring_pass` around an evaluation's scoring forward
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (`copy.deepcopy`, pickling) starts with no forward and no observers: the latest forward's record
+        holds tensors of the original's graph, and the observers are the original's callbacks."""
+        return {**self.__dict__, "current": None, "observers": [], "scoring": None}
 
     def begin_forward(self, attention_mask: torch.Tensor | None = None,
                       input_shape: tuple[int, int] | None = None) -> ForwardRouting:
@@ -232,26 +237,44 @@ class RoutingContext:
                 observer(record)
 
 
-def install_routing_context(model: nn.Module) -> RoutingContext:
-    """Attach a `RoutingContext` to `model`; each call of the model begins a forward with its attention mask."""
-    context = RoutingContext()
-    signature = inspect.signature(model.forward)
+class BeginForward:
+    """A forward-pre-hook that begins a forward on `context` with the call's attention mask and input shape. An
+    object rather than a closure, so that a deep copy or an unpickled model begins forwards on its own context."""
 
-    def begin_forward(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(self, context: RoutingContext, module: nn.Module) -> None:
+        self.context = context
+        self.signature = inspect.signature(module.forward)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         arguments = kwargs
         if args:
             try:
-                arguments = signature.bind_partial(*args, **kwargs).arguments
+                arguments = self.signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 pass
         mask = arguments.get("attention_mask")
         inputs = arguments.get("input_ids")
         inputs = arguments.get("inputs_embeds") if inputs is None else inputs
         shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
-        context.begin_forward(mask if isinstance(mask, torch.Tensor) else None, shape)
+        self.context.begin_forward(mask if isinstance(mask, torch.Tensor) else None, shape)
 
-    context.hook = model.register_forward_pre_hook(begin_forward, with_kwargs=True)
+
+def install_routing_context(model: nn.Module) -> RoutingContext:
+    """Attach a `RoutingContext` to `model`: each call of the model, and of its decoder called alone
+    (`model.get_decoder()`, `model.model`: its call inside the model's begins the same forward anew), begins a
+    forward with its attention mask."""
+    context = RoutingContext()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    modules = [model] if not isinstance(decoder, nn.Module) or decoder is model else [model, decoder]
+    for module in modules:
+        context.hooks.append(module.register_forward_pre_hook(BeginForward(context, module), with_kwargs=True))
     return context
+
+
+def in_backward() -> bool:
+    """Whether this runs inside a backward pass: activation checkpointing recomputing a layer's forward, whose
+    routing the first forward already handed over. (torch's module tracker asks the same way.)"""
+    return torch._C._current_graph_task_id() != -1
 
 
 class ObserverHandle:
