@@ -92,6 +92,8 @@ class AdapterConfig:
             self.exclude_modules = list(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -119,6 +121,8 @@ class AdapterConfig:
         _check(self.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", self.adapter_dtype,
                f"one of {tuple(ADAPTER_DTYPES)}")
         _check(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
+        for name in ("renormalize_top_k", "train_shared_A", "train_P", "train_A", "reuse_first_kaiming"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         _check(is_finite_number(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef", self.aux_loss_coef,
                "a finite number >= 0")
         _check(is_finite_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
@@ -142,7 +146,8 @@ class AdapterConfig:
                     raise ValueError(f"AdapterConfig.{name}={pattern!r} is invalid: a string is a regular expression "
                                      f"and this one does not compile ({error}); a list names modules") from None
         _check(self.layers_to_transform is None
-               or all(is_int(i) and i >= 0 for i in self.layers_to_transform),
+               or isinstance(self.layers_to_transform, list)
+               and all(is_int(i) and i >= 0 for i in self.layers_to_transform),
                "layers_to_transform", self.layers_to_transform, "None or a list of layer indices >= 0")
         if self.is_routed:
             _check(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,

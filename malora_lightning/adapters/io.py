@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import dataclasses
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from malora_lightning.adapters.config import AdapterConfig
+from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config
 from malora_lightning.adapters.quantization import Quantization, base_model_name, base_quantization, load_base_model
@@ -289,8 +290,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     next save or load completes (`atomic.replace_files`). With sharded (FSDP2) adapters every rank must call this,
     since gathering the shards is collective; pass `write=False` on all ranks but one.
     """
-    config = get_adapter_config(model)
     state = adapter_state_dict(model)
+    config = config_as_stored(get_adapter_config(model), state)
     tensors = {peft_key(key): _full_tensor(value).detach().cpu().contiguous() for key, value in state.items()}
     path = Path(path)
     if not write:
@@ -411,6 +412,17 @@ def _card_is_ours(path: Path) -> bool:
         return True
     with path.open(encoding="utf-8", errors="replace") as card:
         return card.readline().rstrip("\n") == CARD_MARKER
+
+
+def config_as_stored(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -> AdapterConfig:
+    """`config` with the `adapter_dtype` the adapter tensors have: a model cast after injection (Lightning's
+    `bf16-true` casts the whole module) holds adapters of another dtype than its config says, and a load must make
+    them in that dtype to compute as the saved model did."""
+    names = {dtype: name for name, dtype in ADAPTER_DTYPES.items()}
+    dtypes = {tensor.dtype for tensor in state.values()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) in names:
+        return dataclasses.replace(config, adapter_dtype=names[dtype])
+    return config
 
 
 def check_writable_adapter_folder(path: Path) -> None:

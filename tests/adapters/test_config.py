@@ -56,6 +56,12 @@ def test_json_round_trip(tmp_path):
         ({"dropout": float("nan")}, "dropout", "[0, 1)"),
         ({"target_modules": "model.(q_proj"}, "target_modules", "does not compile"),
         ({"exclude_modules": "*_proj"}, "exclude_modules", "does not compile"),
+        ({"renormalize_top_k": "false"}, "renormalize_top_k", "True or False"),
+        ({"train_A": "false"}, "train_A", "True or False"),
+        ({"train_P": 0}, "train_P", "True or False"),
+        ({"train_shared_A": None}, "train_shared_A", "True or False"),
+        ({"reuse_first_kaiming": "false"}, "reuse_first_kaiming", "True or False"),
+        ({"layers_to_transform": "0,1"}, "layers_to_transform", "list of layer indices"),
     ],
 )
 def test_invalid_values_name_the_field_value_and_range(kwargs, field, hint):
@@ -65,6 +71,11 @@ def test_invalid_values_name_the_field_value_and_range(kwargs, field, hint):
     assert f"AdapterConfig.{field}=" in message
     assert repr(next(iter(kwargs.values()))) in message or field != next(iter(kwargs))
     assert hint in message
+
+
+def test_a_tuple_of_layers_is_kept_as_a_list_so_the_json_round_trip_is_equal():
+    config = AdapterConfig(layers_to_transform=(0, 1))
+    assert config.layers_to_transform == [0, 1] and AdapterConfig.from_json(config.to_json()) == config
 
 
 def test_mixture_fields_are_not_checked_for_lora():

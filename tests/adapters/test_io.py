@@ -51,6 +51,19 @@ def test_round_trip_is_bit_exact_and_holds_adapter_tensors_only(tmp_path, method
     assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference
 
 
+@pytest.mark.parametrize("method", ["lora", "malora"])
+def test_a_model_cast_after_injection_reloads_in_the_dtype_it_computed_in(tmp_path, method):
+    """Lightning's bf16-true casts the whole module: the saved config now says bfloat16, as the tensors are, where it
+    said float32 and the reload computed in float32 (logits off by up to 2.6)."""
+    model = trained_model(method).to(torch.bfloat16)
+    save_adapters(model, tmp_path / "adapter")
+    assert json.loads(read_adapter_folder(tmp_path / "adapter").config.to_json())["adapter_dtype"] == "bfloat16"
+    fresh = load_adapters(tiny_model("llama").to(torch.bfloat16), tmp_path / "adapter")
+    assert {p.dtype for p in adapter_state_dict(fresh).values()} == {torch.bfloat16}
+    ids = torch.randint(3, 200, (2, 6))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 def test_frozen_ablation_tensors_are_saved_and_trainable_reload_respects_switches(tmp_path):
     model = trained_model("malora", train_shared_A=False)
     save_adapters(model, tmp_path / "a")
