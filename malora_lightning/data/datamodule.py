@@ -9,8 +9,10 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+import lightning
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Generator
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -388,6 +390,7 @@ class MultiTaskDataModule(LightningDataModule):
                                    batch_size=self.batch_size, sampler=self._train_sampler,
                                    collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
+                                   restored=self._restored_training_loader,
                                    generator=self._loader_generator("train"))
 
     def val_dataloader(self) -> dict[str, DataLoader]:
@@ -446,6 +449,11 @@ class MultiTaskDataModule(LightningDataModule):
             return len(self._train_sampler)  # the epoch is over (possibly cut short by limit_train_batches)
         return progress.processed * self.batch_size
 
+    def _restored_training_loader(self) -> None:
+        """Lightning has just given the training loader its checkpointed state (a fit resumed with ``max_steps``)."""
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            complete_epoch_end_restore(self.trainer)
+
 
 class EvaluationShard(Dataset[EncodedExample]):
     """A task's evaluation examples, looked up by the `ShardIndex` its `EvaluationShardSampler` yields: a padding
@@ -467,15 +475,61 @@ class ResumableDataLoader(DataLoader):
     ``state_dict``/``load_state_dict``. Its state is the sampler's position counted in batches trained on, given by
     ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early."""
 
-    def __init__(self, *args: Any, consumed: Callable[[], int | None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, consumed: Callable[[], int | None],
+                 restored: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = consumed
+        self.restored = restored  # called once the state is loaded: see `complete_epoch_end_restore`
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict(consumed=self.consumed())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state_dict)
+        if self.restored is not None:
+            self.restored()
+
+
+# The Lightning release (major, minor) whose loop restore `complete_epoch_end_restore` was checked against (2.6.6).
+_EPOCH_END_RESTORE_VERIFIED = (2, 6)
+
+
+def complete_epoch_end_restore(trainer: Trainer) -> None:
+    """Resume a checkpoint written in ``on_train_epoch_end`` (ModelCheckpoint's save at a training epoch's end) at
+    the next epoch's first batch, as the uninterrupted run goes on, when Lightning restores it with ``max_steps``.
+
+    Lightning marks an epoch completed only after its ``on_train_epoch_end`` hooks, so such a checkpoint's fit loop
+    says "epoch N processed, not completed" and its batch progress "last batch done". Without ``max_steps`` Lightning
+    counts the epoch completed on load (``RESUMED_ON_EPOCH_END``) and all is well. With ``max_steps`` (iteration-based
+    training: the fit loop is always "restarting") Lightning 2.6 restarts *inside* epoch N (``RESTARTED_ON_EPOCH_END``
+    with the epoch loop ``RESTARTED_ON_LAST``): the epoch loop waits for a validation that was not saved as run, so
+    without validation it trains one more batch as epoch N's (a plain DataLoader gives its first batch again; this
+    sampler, already at epoch N+1, its first draws), and either way it runs epoch N's ``on_train_epoch_end`` hooks
+    again and counts epoch N processed twice, so the sampler is next set to epoch N+2: epoch N+1's draws are skipped
+    (all of them with validation, all but the extra batch's without). A neighbouring upstream report:
+    Lightning-AI/pytorch-lightning#19617 (resuming is not correct when max_steps falls at an epoch's end).
+
+    Called when Lightning hands the training loader its state (``FitLoop.setup_data``, before the loops work out
+    where they restart), it completes what the checkpoint interrupted: epoch N is counted completed and the epoch
+    loop starts afresh, as at every epoch start; the sampler's state (epoch N+1, position 0) already matches. Only a
+    state that finished its epoch's last batch and no more is touched, and only on the Lightning versions checked;
+    on others such a resume warns that its batches will differ.
+    """
+    fit_loop = trainer.fit_loop
+    epochs, batches = fit_loop.epoch_progress.total, fit_loop.epoch_loop.batch_progress.current
+    epoch_end = (epochs.ready == epochs.started == epochs.processed == epochs.completed + 1
+                 and batches.ready == batches.started == batches.processed == batches.completed)
+    if not epoch_end:
+        return
+    if tuple(int(part) for part in lightning.__version__.split(".")[:2]) != _EPOCH_END_RESTORE_VERIFIED:
+        rank_zero_warn(f"Checkpoint {trainer.ckpt_path} was written at the end of training epoch {epochs.completed}, "
+                       f"and Lightning {lightning.__version__} restores such a checkpoint with max_steps by going "
+                       f"back into that epoch (2.6 trained an extra batch there and skipped the next epoch's draws); "
+                       f"the correction is checked for Lightning 2.6 only, so the resumed run's batches and losses "
+                       f"may differ from the uninterrupted run's.")
+        return
+    fit_loop.epoch_progress.increment_completed()
+    fit_loop.epoch_loop.restarting = False  # its reset() then starts the next epoch as every other epoch starts
 
 
 def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:

@@ -73,3 +73,43 @@ def test_resumed_fit_sees_exactly_what_the_uninterrupted_fit_saw(tmp_path, num_w
     for step in (3, 6, 9):
         resumed = fit(num_workers, ckpt_path=tmp_path / f"step={step}.ckpt", on_validation=on_validation)
         assert resumed == uninterrupted[step * BATCH:], f"resume from step {step}"
+
+
+def fit_by_steps(checkpoint_dir=None, ckpt_path=None, validation: bool = False):
+    """12 steps (two epochs) under ``max_steps``; with ``checkpoint_dir``, a checkpoint at each training epoch's end
+    (``on_train_epoch_end``), taken after that epoch's validation when there is one."""
+    callbacks = []
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", save_top_k=-1,
+                                         save_on_train_epoch_end=True))
+    trainer = Trainer(max_steps=2 * BATCHES_PER_EPOCH, accelerator="cpu", devices=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=1 if validation else 0, enable_checkpointing=bool(callbacks),
+                      callbacks=callbacks)
+    module = Recorder()
+    trainer.fit(module, datamodule=datamodule(0), ckpt_path=ckpt_path)
+    return module.seen, trainer
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_a_max_steps_fit_resumed_from_an_epoch_end_checkpoint_sees_what_the_uninterrupted_fit_saw(tmp_path,
+                                                                                                   validation):
+    """Lightning 2.6 restored a checkpoint written in on_train_epoch_end under max_steps as an epoch not yet done:
+    without validation it trained one more batch (the next epoch's first draws), and either way it counted the
+    epoch twice, so the sampler jumped to epoch 2 and skipped epoch 1's draws."""
+    uninterrupted, full = fit_by_steps(checkpoint_dir=tmp_path, validation=validation)
+    resumed, trainer = fit_by_steps(ckpt_path=tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt", validation=validation)
+    assert resumed == uninterrupted[BATCHES_PER_EPOCH * BATCH:]
+    assert trainer.global_step == full.global_step and trainer.current_epoch == full.current_epoch
+    assert trainer.fit_loop.epoch_progress.total.completed == full.fit_loop.epoch_progress.total.completed
+
+
+def test_an_epoch_end_resume_on_an_unchecked_lightning_version_says_its_batches_will_differ(tmp_path, monkeypatch):
+    """The loop-state correction is checked against Lightning 2.6 only; elsewhere the resume names the checkpoint."""
+    import malora_lightning.data.datamodule as datamodule_file
+
+    fit_by_steps(checkpoint_dir=tmp_path)
+    monkeypatch.setattr(datamodule_file, "_EPOCH_END_RESTORE_VERIFIED", (0, 0))
+    with pytest.warns(UserWarning, match=rf"step={BATCHES_PER_EPOCH}\.ckpt was written at the end of training epoch 0"
+                                         r".*may differ from the uninterrupted run's"):
+        fit_by_steps(ckpt_path=tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt")
