@@ -226,10 +226,12 @@ class RoutedAdapterLayer(AdapterLayer):
             return result
         forward = self.routing_context.current
         token_mask, token_weights = forward.tokens(tuple(leading_shape)) if forward is not None else (None, None)
-        recomputed = in_backward()  # activation checkpointing: the first forward handed its routing over already
-        collect = forward is not None and self.training and torch.is_grad_enabled() and not recomputed
-        if forward is not None and self.training and not collect and not recomputed:
+        collect = forward is not None and self.training and torch.is_grad_enabled()
+        if forward is not None and self.training and not collect:
             forward.routed_without_gradients = True
+        # activation checkpointing runs the forward again inside backward: it must compute (and save for backward)
+        # what the first run did, but hands nothing over, since the first run did
+        recomputed = in_backward()
         dtype = self.compute_dtype(x.device.type)
         spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
                            dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss,
@@ -244,10 +246,10 @@ class RoutedAdapterLayer(AdapterLayer):
                 result, x, self.kernel_weight(self.router.weight), self.kernel_weight(shared_A),
                 self.kernel_weight(expert_down), self.kernel_weight(self.lora_B), token_weights, spec,
                 self.training, dtype, stacked)
-        if collect:
-            forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))
         if recomputed:
             return output
+        if collect:
+            forward.statistics.append(RouterStatistics(balance=statistics, z_loss=z_loss))
         self.routing_context.notify(lambda: RoutingRecord(
             layer_name=self.name, probs=probs.detach(), experts=experts, token_mask=token_mask,
             batch_shape=tuple(leading_shape), forward=forward))

@@ -179,12 +179,14 @@ def test_reentrant_checkpointing_warns_that_it_leaves_no_router_losses(use_reent
 def test_recomputation_in_backward_adds_no_router_statistics():
     """Non-reentrant checkpointing runs each layer's forward again inside backward: that second forward hands over
     nothing (it appended its statistics and notified observers a second time: 12 layers became 22 after backward)."""
-    model = routed_model(dropout=0.0)
+    model = routed_model(dropout=0.0, router_z_loss_coef=0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # token weights: the recomputation must save what the first forward saved
     records = []
     with add_routing_observer(model, records.append):
-        output = model(input_ids=ids, labels=ids, use_cache=False)
+        output = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
         before = router_losses(model)
         (output.loss + aux_loss(model)).backward()
     after = router_losses(model)
