@@ -216,14 +216,19 @@ def mixlora_config(model: nn.Module, base_name: str):
 
 def prepare_mixlora(model: nn.Module) -> Prepared:
     """MixLoRA with fresh weights: `inject_adapter_in_model` copies given tensors, and a None pair makes its
-    `LoraLinear` use its own init (Kaiming-uniform A, zero B); routers start as N(0, router_init_range)."""
+    `LoraLinear` use its own init (Kaiming-uniform A, zero B); routers start as N(0, router_init_range).
+
+    The package keeps each router where it is given (`.to(dtype_)` changes its dtype only), so it is created on the
+    model's device in the package's dtype: a CPU router under a CUDA model is copied to the GPU in every MoE forward
+    and sends AdamW down its slow per-tensor path for every tensor."""
     from mixlora import inject_adapter_in_model
 
     config = mixlora_config(model, model.config.name_or_path)
     weights: dict[str, torch.Tensor | None] = defaultdict(lambda: None)
     hidden = model.config.hidden_size
     for index in range(model.config.num_hidden_layers):
-        gate = torch.empty(MIXLORA_EXPERTS, hidden).normal_(std=config.router_init_range_).requires_grad_(True)
+        gate = torch.empty(MIXLORA_EXPERTS, hidden, device=model.device, dtype=config.dtype_)
+        gate.normal_(std=config.router_init_range_).requires_grad_(True)
         weights[f"mixlora.layers.{index}.mlp.moe_gate.weight"] = gate
     inject_adapter_in_model(model, config, weights)
     # the MoE blocks, their expert LoRAs and routers are plain attributes, not submodules: collect them by hand
@@ -242,14 +247,22 @@ def prepare_mixlora(model: nn.Module) -> Prepared:
 
 
 def prepare(method: str, base_model: nn.Module) -> Prepared:
+    """`method` on its own deep copy of the base; refuses a method that left a tensor it reads off the base's
+    device (each forward would copy it, and AdamW would fall back to its per-tensor loop for all of them)."""
     model = copy.deepcopy(base_model)
     if method == "base":
-        return Prepared(model, [], 0, "-", None, list(model.parameters()))
-    if our_family(method) in OUR_CONFIGURATIONS:
-        return prepare_ours(method, model)
-    if method == "peft_lora":
-        return prepare_peft(model)
-    return prepare_mixlora(model)
+        prepared = Prepared(model, [], 0, "-", None, list(model.parameters()))
+    elif our_family(method) in OUR_CONFIGURATIONS:
+        prepared = prepare_ours(method, model)
+    elif method == "peft_lora":
+        prepared = prepare_peft(model)
+    else:
+        prepared = prepare_mixlora(model)
+    device = base_model.device
+    stray = sorted({str(p.device) for p in prepared.all_parameters if p.device != device})
+    if stray:
+        raise RuntimeError(f"{method}: tensors on {stray}, not on the run's device {device}")
+    return prepared
 
 
 # ---------------------------------------------------------------------------------------------------- one step

@@ -6,11 +6,13 @@ import torch
 
 from benchmarks.e2e_speed import (
     OUR_CONFIGURATIONS,
+    Prepared,
     Setting,
     autocast_for,
     make_batch,
     make_optimizer,
     prepare,
+    prepare_ours,
     ratios,
     training_step,
 )
@@ -52,3 +54,24 @@ def test_ratios_compare_malora_with_each_method_in_its_own_mode():
     assert out["malora_fused/lora"] == 1.0  # LoRA has no routing to fuse: compared with eager LoRA
     assert out["malora_fused/molora"] == 0.8  # fused over fused
     assert out["malora/base"] == 3.0
+
+
+@pytest.mark.parametrize("method", ["base", "lora", "molora", "malora", "peft_lora", "mixlora"])
+def test_every_tensor_a_method_reads_sits_on_the_base_models_device(method):
+    """A meta base stands in for a CUDA one: a tensor created without a device lands on the CPU (MixLoRA's routers
+    did), where each forward copies it over and AdamW takes its per-tensor loop for every tensor."""
+    pytest.importorskip({"peft_lora": "peft", "mixlora": "mixlora"}.get(method, "torch"))
+    prepared = prepare(method, tiny_model("llama").to("meta"))
+    assert {p.device.type for p in prepared.all_parameters} == {"meta"}
+    assert {p.device.type for p in prepared.trainable} <= {"meta"}
+
+
+def test_prepare_refuses_a_method_that_leaves_a_tensor_off_the_run_device(monkeypatch):
+    def with_a_cpu_tensor(method: str, model: torch.nn.Module) -> Prepared:
+        prepared = prepare_ours(method, model)
+        prepared.all_parameters.append(torch.nn.Parameter(torch.zeros(2)))
+        return prepared
+
+    monkeypatch.setattr("benchmarks.e2e_speed.prepare_ours", with_a_cpu_tensor)
+    with pytest.raises(RuntimeError, match="lora: tensors on \\['cpu'\\]"):
+        prepare("lora", tiny_model("llama").to("meta"))
