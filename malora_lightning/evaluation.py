@@ -136,10 +136,11 @@ class EvaluationMixin:
         and the target are known; padding examples are answered (every rank generates alike) but not returned."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
         predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
-        answers = [Prediction(task=None if task is None else task.name, prompt=prompt, prediction=prediction,
+        answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                               target=target,
                               correct=None if task is None or target is None else task.is_correct(prediction, target))
-                   for task, prompt, prediction, target in zip(tasks, batch.prompts, predictions, batch.targets)]
+                   for row, task, prompt, prediction, target in zip(batch.rows, tasks, batch.prompts, predictions,
+                                                                    batch.targets)]
         return counted_only(answers, batch.counted)
 
 

@@ -245,7 +245,8 @@ def test_padding_examples_are_computed_but_neither_output_nor_scored(tiny_model_
         torch.testing.assert_close(part.loss, whole.loss[kept])
         assert part.correct.tolist() == whole.correct[kept].tolist()
         assert part.predictions == [whole.predictions[row] for row in kept]
-        assert [answer.prompt for answer in answers] == [batch.prompts[row] for row in kept]
+        assert [(answer.row, answer.prompt) for answer in answers] == [(batch.rows[row], batch.prompts[row])
+                                                                       for row in kept]
         if batch.choices is None:
             expected = torch.tensor([True, False, True, True])
         else:

@@ -1,9 +1,15 @@
 """`PredictionWriter`: `malora predict` writes its answers to a JSON lines file, one row per prompt.
 
-Each row is a `Prediction` (what `MALoRAModule.predict_step` returns): `task`, `prompt` (as the task or the predict file gives it,
-before any chat template), `prediction`, `target` and `correct`; every row has all five keys, `target` and `correct`
-are null where unknown. Rows follow the predict dataloaders (one per task) in order, each in its data order, also
-under DDP, where each rank answers a shard and rank zero writes them all.
+Each line is a `Prediction` (what `MALoRAModule.predict_step` returns): `row` (which input it answers), `task`,
+`prompt` (as the task or the predict file gives it, before any chat template), `prediction`, `target` and `correct`;
+every line has all six keys, `target` and `correct` are null where unknown.
+
+Lines follow the predict dataloaders (one per task, then a predict file's prompts without a task) in order, each in
+its data order, also under DDP, where each rank answers a shard and rank zero writes them all. That groups a predict
+file's prompts by task rather than keeping the file's order, so `row` is the way back to the input: the prompt's data
+row in the file (counted from 0 as `malora_lightning.data.prompts` defines it; sort by it for the file's order), or
+without a predict file the example's row in its task's test split (`Example.row`, the row task errors name, also when
+`max_eval_examples_per_task` keeps a subset): there `(task, row)` names the example.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ PREDICTIONS_NAME = "predictions.jsonl"
 class Prediction:
     """One answer of `predict_step`, and one JSON line of `PredictionWriter`'s file.
 
-    `task` is None for a predict file's prompt without one; `prompt` is the text as the task or the file gives it
-    (before any chat template); `target` is None when unknown, and `correct` (the task's answer check) is None unless
-    both the task and the target are known.
+    `row` is the predict file's data row, or the test split's row, that the prompt came from (module docstring), so
+    that duplicate prompts still map back to their inputs; `task` is None for a predict file's prompt without one;
+    `prompt` is the text as the task or the file gives it (before any chat template); `target` is None when unknown,
+    and `correct` (the task's answer check) is None unless both the task and the target are known.
     """
 
+    row: int | None  # None only for an example not made by `Task.examples` (see `EncodedExample.row`)
     task: str | None
     prompt: str
     prediction: str
@@ -53,7 +61,8 @@ class _Answered:
 
 class PredictionWriter(BasePredictionWriter):
     """Write every prediction of a predict run, atomically, to `path`, or to `predictions.jsonl` in the run folder
-    (next to the checkpoints and the run report). Does nothing outside predict.
+    (next to the checkpoints and the run report): one `Prediction` a line, grouped by predict dataloader, each naming
+    its input's `row` (module docstring). Does nothing outside predict.
 
     The file in the run folder is this callback's own and is replaced by the next predict run there; a file at a
     `path` you give must not exist yet (a `FileExistsError` says so before anything is predicted), so that no file
@@ -95,18 +104,18 @@ class PredictionWriter(BasePredictionWriter):
             raise ValueError(f"PredictionWriter needs one Prediction per counted example of a DataLoader batch: got "
                              f"{len(prediction)} for batch {batch_idx} of dataloader {dataloader_idx}, whose example "
                              f"indices are {batch_indices}")
-        self._answered.extend(_Answered(dataloader_idx, index, row) for index, row in zip(indices, prediction))
+        self._answered.extend(_Answered(dataloader_idx, index, answer) for index, answer in zip(indices, prediction))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         answered = self._answered
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             shards: list[list[_Answered] | None] = [None] * trainer.world_size
             dist.all_gather_object(shards, answered)
-            answered = [row for shard in shards for row in shard]
+            answered = [answer for shard in shards for answer in shard]
         self._answered = []
         if not trainer.is_global_zero:
             return
-        answered.sort(key=lambda row: (row.dataloader_idx, row.index))
-        atomic_write_text(self._output, "".join(json.dumps(dataclasses.asdict(row.prediction), ensure_ascii=False)
-                                                + "\n" for row in answered))
+        answered.sort(key=lambda answer: (answer.dataloader_idx, answer.index))
+        atomic_write_text(self._output, "".join(json.dumps(dataclasses.asdict(answer.prediction),
+                                                           ensure_ascii=False) + "\n" for answer in answered))
         rank_zero_info(f"Wrote {len(answered)} predictions to {self._output}")

@@ -40,6 +40,7 @@ class EvaluationBatch(TrainingBatch):
 
     prompts: list[str]  # the prompt texts before any chat template
     targets: list[str | None]  # the reference answers; None for a predict prompt without one
+    rows: list[int | None]  # where each example came from (`EncodedExample.row`): what its `Prediction.row` says
     prompt_input_ids: torch.Tensor  # [B, P] long: the prompts LEFT-padded, ending where the answer starts
     prompt_attention_mask: torch.Tensor  # [B, P] long
     # [B] bool: False for padding that evens out the ranks' evaluation batches (`EvaluationShardSampler`): computed

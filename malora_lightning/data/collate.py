@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, TrainingBatch
+from malora_lightning.data.prompts import PredictPrompt
 from malora_lightning.data.tasks import Example, TaskDataError
 from malora_lightning.scoring import IGNORE_INDEX
 
@@ -21,6 +22,9 @@ class EncodedExample:
 
     A predict file's prompt (``PromptEncoder.encode_prompts``) has no answer tokens: ``input_ids`` is the prompt alone,
     ``target`` is None when the file gives none, and ``task_name`` None (``task_id`` -1) when it names no task.
+    ``row`` is where the example came from, which its prediction names: a task example's row in its split
+    (``Example.row``; None only for an example not made by ``Task.examples``), a predict file's data row
+    (``PredictPrompt.row``).
     """
 
     task_id: int
@@ -30,6 +34,7 @@ class EncodedExample:
     prompt_length: int
     target: str | None
     prompt: str  # the prompt text, before any chat template: what prediction files show
+    row: int | None
     choice_input_ids: tuple[list[int], ...] | None = None
     choice_labels: tuple[list[int], ...] | None = None
     gold: int | None = None
@@ -153,23 +158,24 @@ class PromptEncoder:
             encoded.append(EncodedExample(
                 task_id=task_id, task_name=task_name, input_ids=prompt + answer,
                 labels=[IGNORE_INDEX] * len(prompt) + answer, prompt_length=len(prompt), target=example.target,
-                prompt=example.prompt, choice_input_ids=choice_inputs, choice_labels=choice_labels, gold=example.gold))
+                prompt=example.prompt, row=example.row, choice_input_ids=choice_inputs, choice_labels=choice_labels,
+                gold=example.gold))
         return encoded, stats
 
-    def encode_prompts(self, prompts: Sequence[str], targets: Sequence[str | None], task_id: int,
-                       task_name: str | None) -> tuple[list[EncodedExample], TruncationStats]:
-        """Prompts to generate answers to (a predict file): each prompt's ``opening``, as a task's examples get it,
-        without answer tokens; a prompt longer than ``max_length`` loses tokens from the left, as in ``encode``."""
+    def encode_prompts(self, prompts: Sequence[PredictPrompt], task_id: int
+                       ) -> tuple[list[EncodedExample], TruncationStats]:
+        """A predict file's prompts of one task (``task_id``; -1 for those without one) to generate answers to: each
+        prompt's ``opening``, as a task's examples get it, without answer tokens; a prompt longer than ``max_length``
+        loses tokens from the left, as in ``encode``."""
         stats = TruncationStats(examples=len(prompts))
         encoded = []
-        for text, target, opening in zip(prompts, targets, self._ids([self.opening(text) for text in prompts],
-                                                                     opening=True)):
+        for given, opening in zip(prompts, self._ids([self.opening(given.prompt) for given in prompts], opening=True)):
             prompt, dropped = self._fit(opening, 0, "")  # no answer tokens: never too long to fit
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped
-            encoded.append(EncodedExample(task_id=task_id, task_name=task_name, input_ids=prompt,
+            encoded.append(EncodedExample(task_id=task_id, task_name=given.task, input_ids=prompt,
                                           labels=[IGNORE_INDEX] * len(prompt), prompt_length=len(prompt),
-                                          target=target, prompt=text))
+                                          target=given.target, prompt=given.prompt, row=given.row))
         return encoded, stats
 
     def _choice_rows(self, example: Example, opening: list[int], where: str
@@ -223,6 +229,7 @@ class MultiTaskCollator:
         return EvaluationBatch(input_ids, attention_mask, labels, task_id, task_name,
                                prompts=[example.prompt for example in examples],
                                targets=[example.target for example in examples],
+                               rows=[example.row for example in examples],
                                prompt_input_ids=prompt_input_ids, prompt_attention_mask=prompt_attention_mask,
                                counted=torch.tensor([example.counted for example in examples], dtype=torch.bool),
                                choices=self._choice_rows(examples) if multiple_choice.pop() else None)

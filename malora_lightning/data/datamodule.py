@@ -109,7 +109,8 @@ class MultiTaskDataModule(LightningDataModule):
         predict_file: Prompts to predict on instead of the test splits: JSON lines, JSON or CSV rows with a
             ``prompt``, an optional ``task`` (one of ``tasks``/``eval_tasks``: its generation length and answer check;
             the evaluation splits are still read to measure task lengths) and an optional ``target``. One predict
-            dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``).
+            dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``);
+            each prompt keeps its row of the file (``PredictPrompt.row``), which its prediction names.
 
     Overridable hooks: ``load_tokenizer()`` (or set ``tokenizer_object`` before ``setup``), ``build_encoder(tokenizer)``
     (the prompt format), ``build_collator(eval_fields)`` and ``build_sampler(sizes)``.
@@ -338,8 +339,7 @@ class MultiTaskDataModule(LightningDataModule):
             group = [prompt for prompt in prompts if prompt.task == name]
             if group:
                 key = NO_TASK if name is None else name
-                encoded[key], stats = self._encoder.encode_prompts([prompt.prompt for prompt in group],
-                                                                   [prompt.target for prompt in group], task_id, name)
+                encoded[key], stats = self._encoder.encode_prompts(group, task_id)
                 self._count_truncation("predict", key, stats)
         return encoded
 

@@ -3,7 +3,13 @@
 One row per prompt, in JSON lines, a JSON array of objects or CSV (read by ``FileSource``, so text stays text):
 ``prompt`` (required), ``task`` (optional: a task of the data module, whose generation length and answer check the
 prompt gets) and ``target`` (optional: the reference answer, for ``correct`` in the predictions). Other fields are
-ignored. Rows are numbered from 0, like task rows in other errors.
+ignored.
+
+A row is a data row as ``FileSource`` reads it, numbered from 0 like task rows in errors: a JSON lines file's
+non-blank lines in order (blank lines are not rows), a JSON array's items by index, a CSV file's records after the
+header (a quoted cell spanning lines is still one record), a Parquet file's rows. Errors name the row (``row 2``), and
+each prediction carries it (``Prediction.row``), which maps answers back to the file whatever their order. (The
+reader's own errors about unparsable text name ``line`` or ``item`` numbers counted from 1, as an editor shows them.)
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ NO_TASK = "<no task>"
 
 @dataclass(frozen=True)
 class PredictPrompt:
-    """One row of a predict file."""
+    """One row of a predict file; ``row`` is its data row (module docstring), which its prediction names."""
 
+    row: int
     prompt: str
     task: str | None = None
     target: str | None = None
@@ -64,5 +71,5 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
         if values["task"] is not None and values["task"] not in tasks:
             raise TaskDataError(f"predict_file {path}, row {index}: field 'task' names unknown task "
                                 f"{values['task']!r}; valid: {', '.join(tasks)}, or no task (empty)")
-        prompts.append(PredictPrompt(**values))
+        prompts.append(PredictPrompt(row=index, **values))
     return prompts

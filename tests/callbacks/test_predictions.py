@@ -1,5 +1,5 @@
-"""`PredictionWriter`: `predict` writes one JSON line per example, with the module's answers, also from two processes,
-and never over a file the user wrote."""
+"""`PredictionWriter`: `predict` writes one JSON line per example, with the module's answers and the input row each
+answers, also from two processes, and never over a file the user wrote."""
 
 import json
 from collections import Counter
@@ -51,8 +51,8 @@ def test_predict_writes_one_row_per_test_example_with_the_modules_answers(tiny_m
 
     examples = [(name, example) for name in TASKS
                 for example in get_task(name).examples("test", seed=data.hparams.data_seed, limit=3)]
-    assert [(row["task"], row["prompt"], row["target"]) for row in rows] == \
-        [(name, example.prompt, example.target) for name, example in examples]  # the prompt text, not the template
+    assert [(row["task"], row["row"], row["prompt"], row["target"]) for row in rows] == \
+        [(name, example.row, example.prompt, example.target) for name, example in examples]  # text, not the template
     module.eval()
     answers = []
     with torch.no_grad():
@@ -77,17 +77,45 @@ def test_the_users_prompts_get_their_tasks_length_and_check(tiny_model_dir, tmp_
     data = make_data(tiny_model_dir, predict_file=str(prompts))
     predict(tmp_path, module, data)
     assert read_rows(tmp_path / PREDICTIONS_NAME) == [  # per task in task order, then those without one
-        {"task": "add_2digit", "prompt": "What is 2 + 2?", "prediction": "4", "target": "4", "correct": True},
-        {"task": "add_2digit", "prompt": "trick: What is 3 + 3?", "prediction": "no idea", "target": "6",
+        {"row": 1, "task": "add_2digit", "prompt": "What is 2 + 2?", "prediction": "4", "target": "4", "correct": True},
+        {"row": 3, "task": "add_2digit", "prompt": "trick: What is 3 + 3?", "prediction": "no idea", "target": "6",
          "correct": False},
-        {"task": "parity", "prompt": "Is 5 even or odd?", "prediction": "no idea", "target": None, "correct": None},
-        {"task": None, "prompt": "Hello", "prediction": "hi", "target": "hi", "correct": None},
-        {"task": None, "prompt": "Hello again", "prediction": "no idea", "target": None, "correct": None},
+        {"row": 2, "task": "parity", "prompt": "Is 5 even or odd?", "prediction": "no idea", "target": None,
+         "correct": None},
+        {"row": 0, "task": None, "prompt": "Hello", "prediction": "hi", "target": "hi", "correct": None},
+        {"row": 4, "task": None, "prompt": "Hello again", "prediction": "no idea", "target": None, "correct": None},
     ]
     measured = {task.name: task.max_new_tokens for task in data.tasks}
     assert module.lengths == {"add_2digit": measured["add_2digit"], "parity": measured["parity"],
                               None: DEFAULT_MAX_NEW_TOKENS}
     assert list(data.predict_dataloader()) == ["add_2digit", "parity", NO_TASK]
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_every_answer_maps_back_to_its_row_of_the_file_with_duplicate_prompts(tiny_model_dir, tmp_path, devices):
+    """The same prompt in one task, in two tasks and without a task: each answer's `row` is its input's row, which the
+    Oracle's answer (the row's own target) confirms. Two processes split each task's prompts, padding the shorter
+    shards: padding is answered but never written, and no row is written twice or lost."""
+    inputs = [{"prompt": "What is 2 + 2?", "task": "add_2digit", "target": "4"},
+              {"prompt": "What is 2 + 2?", "target": "four"},
+              {"prompt": "hello", "target": "a"},
+              {"prompt": "What is 2 + 2?", "task": "add_2digit", "target": "5"},
+              {"prompt": "hello", "target": "b"},
+              {"prompt": "hello", "task": "parity", "target": "even"},
+              {"prompt": "What is 2 + 2?", "task": "add_2digit", "target": "6"},
+              {"prompt": "hello"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in inputs))
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    settings = {} if devices == 1 else {"devices": 2, "strategy": SpawnDDPStrategy()}
+    predict(tmp_path, module, make_data(tiny_model_dir, predict_file=str(path), eval_batch_size=1), **settings)
+    rows = read_rows(tmp_path / PREDICTIONS_NAME)
+    assert sorted(row["row"] for row in rows) == list(range(len(inputs)))
+    for row in rows:
+        given = inputs[row["row"]]
+        assert (row["prompt"], row["task"], row["target"]) == (given["prompt"], given.get("task"), given.get("target"))
+        assert row["prediction"] == given.get("target", "no idea")
+    assert [row["row"] for row in rows] == [0, 3, 6, 5, 1, 2, 4, 7]  # grouped by task, each in file order
 
 
 def test_a_file_at_the_given_path_is_never_overwritten_but_the_run_folders_own_is(tiny_model_dir, tmp_path):
@@ -117,5 +145,5 @@ def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp
             strategy=strategy())
     rows = read_rows(tmp_path / "two" / PREDICTIONS_NAME)
     assert Counter(row["task"] for row in rows) == {name: 3 for name in TASKS}
-    assert len({(row["task"], row["prompt"]) for row in rows}) == 9
+    assert len({(row["task"], row["prompt"]) for row in rows}) == len({(row["task"], row["row"]) for row in rows}) == 9
     assert rows == read_rows(tmp_path / "one" / PREDICTIONS_NAME)

@@ -50,23 +50,47 @@ def test_prompts_with_and_without_task_are_grouped_and_rendered_like_task_prompt
     data.setup("predict")
     loaders = data.predict_dataloader()
     assert list(loaders) == ["add_2digit", "parity", NO_TASK]  # task order, then the prompts without a task
-    seen = {name: [(prompt, task, target) for batch in loader
-                   for prompt, task, target in zip(batch.prompts, batch.task_name, batch.targets)]
+    seen = {name: [(row, prompt, task, target) for batch in loader
+                   for row, prompt, task, target in zip(batch.rows, batch.prompts, batch.task_name, batch.targets)]
             for name, loader in loaders.items()}
-    assert seen == {"add_2digit": [(known_prompt, "add_2digit", known_target), ("What is 1 + 1?", "add_2digit", None)],
-                    "parity": [("Is 7 even or odd?", "parity", None)],
-                    NO_TASK: [("Tell me a joke", None, None), ("Say hi", None, "hi")]}
+    assert seen == {"add_2digit": [(1, known_prompt, "add_2digit", known_target),
+                                   (3, "What is 1 + 1?", "add_2digit", None)],
+                    "parity": [(2, "Is 7 even or odd?", "parity", None)],
+                    NO_TASK: [(0, "Tell me a joke", None, None), (4, "Say hi", None, "hi")]}
     first = next(iter(loaders["add_2digit"]))
     assert unpadded(first, 0) == unpadded(test_batch, 0)  # the same chat-template rendering as the task's own prompt
     assert tiny_tokenizer(chat_template=True).decode(unpadded(next(iter(loaders[NO_TASK])), 0)) == \
         "<|im_start|>user\nTell me a joke<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize(("name", "content", "third", "missing"), [
+    ("blank_lines.jsonl", '\n{"prompt": "a"}\n\n  \n{"prompt": "b", "task": "parity"}\n{"prompt": THIRD}\n', '"c"',
+     "null"),
+    ("array.json", '[{"prompt": "a"},\n {"prompt": "b", "task": "parity"},\n {"prompt": THIRD}]', '"c"', "null"),
+    ("multiline.csv", 'prompt,task\n"a\nstill a",\nb,parity\nTHIRD,\n', "c", '""'),
+])
+def test_a_prompts_row_is_its_data_row_counted_from_zero_as_errors_count_rows(tmp_path, name, content, third,
+                                                                               missing):
+    """Blank lines of JSON lines are not rows, a JSON array counts items, and CSV counts records after the header
+    (one cell spanning lines is one record): the row an error names is the row a prediction names."""
+    path = tmp_path / name
+    path.write_text(content.replace("THIRD", third))
+    prompts = read_prompts(predict_source(str(path)), TASKS)
+    assert [(prompt.row, prompt.prompt[0], prompt.task) for prompt in prompts] == \
+        [(0, "a", None), (1, "b", "parity"), (2, "c", None)]
+    path.write_text(content.replace("THIRD", missing))
+    with pytest.raises(TaskDataError, match=r"row 2: field 'prompt' is missing"):
+        read_prompts(predict_source(str(path)), TASKS)
+
+
 def test_without_a_predict_file_predict_uses_the_test_splits():
+    """Each example keeps its row of the task's test split, also when a subset of the split is kept."""
     data = make()
     data.setup("predict")
     assert list(data.predict_dataloader()) == TASKS
-    assert sum(len(batch.prompts) for batch in data.predict_dataloader()["parity"]) == 3
+    rows = [row for batch in data.predict_dataloader()["parity"] for row in batch.rows]
+    assert rows == [example.row for example in data.tasks[1].examples("test", seed=0, limit=3)]
+    assert len(rows) == 3 and rows != [0, 1, 2]  # the split's rows, not positions in the subset
 
 
 @pytest.mark.parametrize(("name", "content", "named"), [
