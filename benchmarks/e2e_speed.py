@@ -72,6 +72,7 @@ from malora_lightning.adapters import (
     aux_loss,
     compile_adapters,
     count_parameters,
+    frozen_adapter_weights,
     inject_adapters,
     load_base_model,
 )
@@ -382,7 +383,9 @@ def evaluation_steps(prepared: dict[str, Prepared], batch: Batch, autocast: Call
                 p.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 
         def generate(p: Prepared = p) -> None:
-            with torch.no_grad(), autocast():
+            # as the library generates (evaluation.generate_predictions): our layers cast and stack their weights
+            # once per call, not per token; the peers have none of our layers, so it leaves them as they are
+            with torch.no_grad(), autocast(), frozen_adapter_weights(p.model):
                 p.model.generate(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, do_sample=False,
                                  max_new_tokens=EVAL_NEW_TOKENS, min_new_tokens=EVAL_NEW_TOKENS, pad_token_id=0)
 

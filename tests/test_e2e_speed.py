@@ -9,6 +9,7 @@ from benchmarks.e2e_speed import (
     Prepared,
     Setting,
     autocast_for,
+    evaluation_steps,
     make_batch,
     make_optimizer,
     prepare,
@@ -75,3 +76,17 @@ def test_prepare_refuses_a_method_that_leaves_a_tensor_off_the_run_device(monkey
     monkeypatch.setattr("benchmarks.e2e_speed.prepare_ours", with_a_cpu_tensor)
     with pytest.raises(RuntimeError, match="lora: tensors on \\['cpu'\\]"):
         prepare("lora", tiny_model("llama").to("meta"))
+
+
+def test_our_methods_generate_with_their_weights_frozen_as_the_library_does():
+    prepared = {"malora": prepare("malora", tiny_model("llama")), "base": prepare("base", tiny_model("llama"))}
+    layer = next(iter(adapter_layers(prepared["malora"].model).values()))
+    frozen_during_forwards = []
+    layer.register_forward_pre_hook(lambda module, _: frozen_during_forwards.append(module.frozen_weights is not None))
+    setting, device = Setting("fp32", 2, 8), torch.device("cpu")
+    steps = evaluation_steps(prepared, make_batch(setting, 200, device), autocast_for(setting, device), device)
+    prepared["malora"].model.eval()
+    steps["malora:generate"]()
+    steps["base:generate"]()  # nothing to freeze: runs as it is
+    assert frozen_during_forwards and all(frozen_during_forwards)
+    assert layer.frozen_weights is None  # the span ends with the call
