@@ -102,6 +102,7 @@ MIB = 2 ** 20
 # checked in the report; not test thresholds
 TARGETS = {"malora/peft_lora": 1.10, "malora/lora": 1.10, "malora/mixlora": 0.5, "malora/molora": 1.0}
 EVAL_NEW_TOKENS = 8
+DEFAULT_MODEL = "smollm2"  # benchmarks/models.py's offline SmolLM2-135M
 
 
 @dataclass(frozen=True)
@@ -691,7 +692,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the default job's base on this hardware (nf4-bf16 "
                         "with native bf16, else nf4), 4x64 tokens, 1 + 2 rounds (< 2 minutes)")
     parser.add_argument("--settings", help="comma-separated BASE:BATCHxSEQ, BASE in " + ",".join(BASES))
-    parser.add_argument("--model", default="smollm2", help="smollm2 (offline), smollm2-shape or "
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="smollm2 (offline), smollm2-shape or "
                         "llama2-7b-shape:LAYERS (random weights, benchmarks/models.py)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all; on a CPU "
                         "without the compiled ones, whose compilation takes minutes there)")
@@ -745,7 +746,7 @@ def main() -> None:
         markdown = "\n\n".join([f"# End-to-end profile ({env})", machine_markdown(payload["machine"]),
                                 *(profile_markdown(p) for p in profiles)])
         print(markdown)
-        stem = f"e2e_profile_{settings[0].label.replace(' ', '_')}_{env}{'_' + args.tag if args.tag else ''}"
+        stem = report_stem(f"e2e_profile_{settings[0].label.replace(' ', '_')}", args, env)
         for path in write_report(stem, payload, markdown):
             print(f"wrote {path}")
         return
@@ -781,6 +782,13 @@ def main() -> None:
            final=True)
 
 
+def report_stem(prefix: str, args: argparse.Namespace, env: str) -> str:
+    """The report's file name: every model but the default one is named, so runs that differ only in the model
+    (the GPU suite's LLaMA-shape and SmolLM2-shape steps) do not overwrite each other's report."""
+    model = "" if args.model == DEFAULT_MODEL else "_" + args.model.replace(":", "-")
+    return f"{prefix}{model}_{env}{'_' + args.tag if args.tag else ''}"
+
+
 def report(args: argparse.Namespace, env: str, methods: list[str], choice: ModelChoice, trainable: dict[str, int],
            counted_by: dict[str, str], method_notes: dict[str, list[str]], load_at_start: tuple[float, float, float],
            results: list[dict[str, Any]], started: float, final: bool) -> None:
@@ -791,7 +799,7 @@ def report(args: argparse.Namespace, env: str, methods: list[str], choice: Model
                "machine": machine_info(load_at_start), "results": results, "dynamo_stats": compiled_graphs,
                "wall_seconds": time.perf_counter() - started}
     markdown = markdown_report(payload)
-    stem = f"e2e_speed_{args.preset}_{env}{'_' + args.tag if args.tag else ''}"
+    stem = report_stem(f"e2e_speed_{args.preset}", args, env)
     paths = write_report(stem, payload, markdown)
     if final:
         print(markdown)

@@ -1,6 +1,8 @@
 """The GPU suite's steps, checked where no GPU is: every method a step names is one its script knows, and a step
 without the fused methods keeps everything else (device time is scarce: a typo would cost a whole lease)."""
 
+import sys
+
 import pytest
 
 from benchmarks import e2e_speed, layer_speed
@@ -28,3 +30,15 @@ def test_without_fused_drops_only_the_fused_methods():
         assert methods_of(kept) == [m for m in methods_of(command) if not m.endswith("_fused")]
         assert other_arguments(kept) == other_arguments(command)
     assert any(m.endswith("_fused") for m in methods_of(FULL[0]))  # the suite does time them
+
+
+@pytest.mark.parametrize("steps", [FULL, QUICK], ids=["full", "quick"])
+def test_no_two_steps_write_the_same_report(steps, monkeypatch):
+    """The suite runs every step with one tag; e2e_speed's report name must then tell its steps apart."""
+    stems = []
+    for command in steps:
+        if command[0] == "benchmarks.e2e_speed":
+            monkeypatch.setattr(sys, "argv", ["e2e_speed", *command[1:], "--tag", "gpu-suite"])
+            args = e2e_speed.parse_args()
+            stems.append(e2e_speed.report_stem(f"e2e_speed_{args.preset}", args, "default-16threads"))
+    assert len(set(stems)) == len(stems)
