@@ -1,8 +1,9 @@
 """Before/after timing of the adapter kernels: a git revision's layers.py against the working tree, interleaved.
 
-The revision's `malora_lightning/adapters/layers.py` and `routing.py` are loaded from git under private module names
-(the rest of the package is shared), and both versions of every method run round-robin in one process, so a noisy
-machine slows both alike. `--scope adapter` times the adapter path alone (adapter output added to a fixed base
+The revision's whole `malora_lightning/adapters` package (`git archive`) is imported under a private package name,
+its `malora_lightning.adapters.*` imports pointing at that copy, so its layers run its own kernels, routing and
+dropout (the rest of `malora_lightning`, small helpers such as dtype names, is the working tree's). Both versions of
+every method run round-robin in one process, so a noisy machine slows both alike. `--scope adapter` times the adapter path alone (adapter output added to a fixed base
 result); `--scope layer` includes the frozen base layer.
 
     python -m benchmarks.kernel_ab --rev b772aa4 --scope adapter
@@ -12,10 +13,17 @@ result); `--scope layer` includes the frozen base layer.
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
+import io
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import types
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -47,26 +55,32 @@ from benchmarks.layer_speed import (
 )
 
 METHODS = ("lora", "molora_dense", "molora_sparse", "malora_dense", "malora_sparse")
-
-
-def _import_source(name: str, source: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    sys.modules[name] = module  # dataclasses look their module up while the class body runs
-    exec(compile(source, f"<{name}>", "exec"), module.__dict__)
-    return module
+PACKAGE_PATH = "malora_lightning/adapters"
 
 
 def revision_classes(rev: str) -> dict[str, type[torch.nn.Module]]:
-    """LoRA/MoLoRA/MALoRA layer classes as of git revision `rev` (its layers.py with its own routing.py)."""
-    def show(path: str) -> str:
-        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout
+    """LoRA/MoLoRA/MALoRA layer classes as of git revision `rev`, from its own adapters package.
 
-    tag = "".join(c if c.isalnum() else "_" for c in rev)
-    routing = _import_source(f"_kernel_ab_{tag}_routing", show("malora_lightning/adapters/routing.py"))
-    layers_source = show("malora_lightning/adapters/layers.py").replace(
-        "malora_lightning.adapters.routing", routing.__name__)
-    layers = _import_source(f"_kernel_ab_{tag}_layers", layers_source)
+    The files are extracted to disk (Triton's kernels read their source back) with every `malora_lightning.adapters`
+    reference renamed to a private package; that package is registered without running its `__init__`, so only
+    what `layers` imports is loaded, and the old `__init__`'s imports of modules the working tree has reshaped never
+    run.
+    """
+    name = "_kernel_ab_" + "".join(c if c.isalnum() else "_" for c in rev)
+    if name not in sys.modules:
+        root = Path(tempfile.mkdtemp(prefix="kernel_ab_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        archive = subprocess.run(["git", "archive", rev, PACKAGE_PATH], cwd=REPO_ROOT, capture_output=True,
+                                 check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(root, filter="data")
+        directory = root / PACKAGE_PATH
+        for source in directory.glob("*.py"):
+            source.write_text(source.read_text().replace(PACKAGE_PATH.replace("/", "."), name))
+        package = types.ModuleType(name)
+        package.__path__ = [str(directory)]
+        sys.modules[name] = package
+    layers = importlib.import_module(f"{name}.layers")
     return {"lora": layers.LoRALinear, "molora": layers.MoLoRALinear, "malora": layers.MALoRALinear}
 
 

@@ -194,7 +194,7 @@ def training_forward(method: str, layer: nn.Module, aux_loss_coef: float,
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         context = getattr(layer, "routing_context", None)  # duck-typed: kernel_ab passes other revisions' classes
-        record = context.begin_forward() if context is not None else None
+        record = context.begin_forward() if hasattr(context, "begin_forward") else None  # older contexts lack it
         if adapter_only_result is None:
             out = layer(x)
         else:
