@@ -1,5 +1,6 @@
-"""Count the work one adapted layer dispatches per training step and per generated token: top-level aten ops, and
-on CUDA the kernels launched.
+"""Count the work one adapted layer dispatches per training step and per generated token: top-level aten ops (with
+each launch of the fused routing's Triton kernels, and of inductor's generated kernels when compiled, as one op),
+and on CUDA the kernels launched.
 
 On a GPU each op costs Python and dispatcher time plus, unless it only makes a view, a kernel launch; at the token
 counts of fine-tuning that fixed cost exceeds the adapter's arithmetic, so the op count is the floor of the eager step
@@ -11,10 +12,10 @@ time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pi
                                                         # interpreted on CPU, each launch counted as one op)
 
 A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
-balance statistics with fixed upstream gradients (the loss itself, summed over all layers, is not the layer's work).
-The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient, as inside a model. A generated
-token is one eval-mode forward without gradients over one token for each of 2 rows, inside `frozen_adapter_weights`
-as the module evaluates (`--training-only` skips it).
+balance statistics with fixed upstream gradients, built before the counted step (the loss itself, summed over all
+layers, is not the layer's work). The base is a frozen `nn.Linear` in the compute dtype; the input needs a gradient,
+as inside a model. A generated token is one eval-mode forward without gradients over one token for each of 2 rows,
+inside `frozen_adapter_weights` as the module evaluates (`--training-only` skips it).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
 
 from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, run_env_tag, \
     start_run, write_report
@@ -44,7 +47,7 @@ VIEW_OPS = frozenset(f"aten::{name}" for name in (
 
 @dataclass
 class OpCount:
-    top_level: int  # aten ops called from Python or the autograd engine, not from inside another aten op
+    top_level: int  # counted ops (`is_counted`) called from Python or the autograd engine, not from inside another
     launching: int  # of those, the ones that are not pure views (each launches at least one kernel on a GPU)
     kernels: int | None  # CUDA kernels launched (None on CPU)
     by_name: dict[str, int]
@@ -69,6 +72,17 @@ def build_layer(method: str, in_features: int, out_features: int, dtype: torch.d
 
 
 TRITON_OP = "triton::"  # profiler label of one Triton kernel launch
+# inductor's generated kernels, which run outside any aten op: on CPU C++ functions, labelled "graph_<id>_cpp_..."
+# under `cpp.enable_kernel_profile`; on CUDA Triton launches, which its launcher labels "triton_<kind>_..." (the GPU
+# side is not yet checked on a GPU)
+INDUCTOR_CPP_KERNEL = re.compile(r"graph_\d+_cpp_")
+INDUCTOR_TRITON_KERNEL = re.compile(r"triton_[a-z]+_")
+
+
+def is_counted(name: str) -> bool:
+    """An aten op, a labelled Triton launch or one of inductor's kernels: each is one op of the step."""
+    return name.startswith(("aten::", TRITON_OP)) or any(
+        pattern.match(name) is not None for pattern in (INDUCTOR_CPP_KERNEL, INDUCTOR_TRITON_KERNEL))
 
 
 @contextlib.contextmanager
@@ -98,24 +112,29 @@ def triton_launches_labelled() -> Iterator[None]:
             setattr(fused_routing, name, kernel)
 
 
-def layer_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
+class LayerStep:
     """set_to_none zero-grad, forward, backward of the output and (mixtures) the balance statistics with fixed
-    upstream gradients, so that only the layer's own ops run."""
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    context = getattr(layer, "routing_context", None)  # duck-typed: --rev passes another revision's classes, whose
-    forward = context.begin_forward() if hasattr(context, "begin_forward") else None  # context may predate forwards
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = layer(x)
-    outputs, grads = [out], [torch.ones_like(out)]
-    if forward is not None:
-        balance = forward.statistics[0].balance
-        outputs.append(balance)
-        grads.append(torch.full_like(balance, 0.01))
-    elif hasattr(layer, "last_router_losses"):  # a revision that stashed its losses on the layer (--rev)
-        outputs.append(layer.last_router_losses.load_balance)
-        grads.append(torch.tensor(0.01))
-    torch.autograd.backward(outputs, grads)
+    upstream gradients, so that only the layer's own ops run: the gradients are built by the first (warm-up) call
+    and reused, outside the counted step."""
+
+    def __init__(self) -> None:
+        self.upstream: list[torch.Tensor] | None = None
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        context = getattr(layer, "routing_context", None)  # duck-typed: --rev passes another revision's classes,
+        forward = context.begin_forward() if hasattr(context, "begin_forward") else None  # which may predate forwards
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        outputs = [out]
+        if forward is not None:
+            outputs.append(forward.statistics[0].balance)
+        elif hasattr(layer, "last_router_losses"):  # a revision that stashed its losses on the layer (--rev)
+            outputs.append(layer.last_router_losses.load_balance)
+        if self.upstream is None:
+            self.upstream = [torch.ones_like(out), *(torch.full_like(router, 0.01) for router in outputs[1:])]
+        torch.autograd.backward(outputs, self.upstream)
 
 
 def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
@@ -127,9 +146,10 @@ def generation_step(layer: nn.Module, x: torch.Tensor, autocast: bool) -> None:
         layer(x)
 
 
-def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool, step: Callable = layer_step) -> OpCount:
-    """Ops of one step (`layer_step` or `generation_step`), after two warm-up steps (compilation, autocast caches,
-    lazy init)."""
+def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool, step: Callable[[nn.Module, torch.Tensor, bool], None]
+               ) -> OpCount:
+    """Ops of one step (a `LayerStep` or `generation_step`), after two warm-up steps (compilation, autocast caches,
+    lazy init, upstream gradients)."""
     for _ in range(2):
         step(layer, x, autocast)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -141,9 +161,7 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool, step: Callable
         if x.device.type == "cuda":
             torch.cuda.synchronize()
     events = list(profiler.events())
-    counted = ("aten::", TRITON_OP)
-    top = [e for e in events if e.name.startswith(counted)
-           and not any(a.name.startswith(counted) for a in _ancestors(e))]
+    top = [e for e in events if is_counted(e.name) and not any(is_counted(a.name) for a in _ancestors(e))]
     kernels = None
     if x.device.type == "cuda":
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -168,8 +186,11 @@ def count_method(method: str, device: torch.device, autocast: bool, dropout: flo
         layer.eval()
     x = torch.randn(2, 1 if generation else tokens // 2, in_features, dtype=dtype, device=device,
                     requires_grad=not generation)
-    step = generation_step if generation else layer_step
+    step = generation_step if generation else LayerStep()
     with contextlib.ExitStack() as stack:
+        if compile_mode is not None:  # on CPU inductor's kernels are C++ functions the profiler sees only with this,
+            torch._dynamo.reset()  # and a graph compiled earlier in the process without it would be reused
+            stack.enter_context(inductor_config.patch({"cpp.enable_kernel_profile": True}))
         if generation:  # as `MALoRAModule` generates: the weights cast once per generate call, not per token
             stack.enter_context(frozen_adapter_weights(layer))
         if kernel == "fused":
@@ -220,13 +241,17 @@ def main() -> None:
                              f"{count.top_level / lora.top_level:.2f}", f"{count.launching / lora.launching:.2f}",
                              "–" if count.kernels is None else f"{count.kernels / lora.kernels:.2f}"])
                 results.append({"setting": label, "method": method, **asdict(count)})
-    table = markdown_table(["setting", "method", "top-level aten ops", "non-view ops", "CUDA kernels",
+    table = markdown_table(["setting", "method", "top-level ops", "non-view ops", "CUDA kernels",
                             "ops / LoRA", "non-view / LoRA", "kernels / LoRA"], rows)
     env = run_env_tag()
     payload = {"env": env, "device": device.type, "results": results, "machine": machine_info(load_at_start)}
     markdown = "\n\n".join([f"# Ops per adapted layer: a training step, and one generated token ({env}, "
                             f"{device.type})",
-                            machine_markdown(payload["machine"]), table])
+                            machine_markdown(payload["machine"]),
+                            "- Top-level ops: aten ops not called from another, each fused-routing Triton launch "
+                            "(`triton::`) and each of inductor's generated kernels (compiled rows: C++ functions on "
+                            "CPU, Triton launches on CUDA); the upstream gradients are built before the counted step.",
+                            table])
     print(markdown)
     for path in write_report(f"op_count_{device.type}_{env}{'_' + args.tag if args.tag else ''}", payload, markdown):
         print(f"wrote {path}")
