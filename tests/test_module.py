@@ -487,23 +487,29 @@ def test_a_resumed_fit_uses_the_learning_rate_the_run_gives(tiny_model_dir, tmp_
     assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [0.5, 0.5]
 
 
-def test_resume_from_a_checkpoint_written_at_an_epoch_boundary_is_exact(tiny_model_dir, tmp_path):
-    """The llama2-7b recipes checkpoint at epoch ends. The uninterrupted run starts the next epoch's training
-    iterator after the checkpoint, the resumed one before restoring the random state: that start must not draw from
-    the global generator dropout uses, or every later loss differs."""
-    settings = dict(max_steps=-1, max_epochs=2, enable_checkpointing=True)
+@pytest.mark.parametrize("settings", [dict(max_steps=-1, max_epochs=2), dict(max_steps=6)],
+                         ids=["max_epochs", "max_steps"])
+def test_resume_from_a_checkpoint_written_at_an_epoch_end_is_exact(tiny_model_dir, tmp_path, settings):
+    """The llama2-7b recipes checkpoint at epoch ends (here without validation).
+
+    max_epochs: the uninterrupted run starts the next epoch's training iterator after the checkpoint, the resumed one
+    before restoring the random state: that start must not draw from the global generator dropout uses, or every
+    later loss differs. max_steps: Lightning 2.6 restored such a checkpoint as an epoch with one batch to go: step 4
+    trained on epoch 1's first draws as epoch 0's, then the sampler was set to epoch 2, so steps 5-6 trained on epoch
+    2's draws (`complete_epoch_end_restore`)."""
     data = dict(max_train_examples_per_task=4)  # 12 examples: 3 batches per epoch
     full = LossRecorder()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
-    trainer = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], **settings)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
+    uninterrupted = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], enable_checkpointing=True, **settings)
+    uninterrupted.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
 
     resumed = LossRecorder()
-    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
+    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], enable_checkpointing=True, **settings)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data),
                 ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert sorted(resumed.losses) == [4, 5, 6]
     assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
+    assert trainer.current_epoch == uninterrupted.current_epoch
 
 
 def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_model_dir, tmp_path):
@@ -554,23 +560,3 @@ def test_a_true_half_precision_that_overrides_adapter_dtype_is_named(tiny_model_
     named = [w for w in caught if f"precision='bf16-true' converts the whole module to bfloat16, the adapters too: "
              f"adapter_dtype='{adapter_dtype}' does not hold" in str(w.message)]
     assert len(named) == warned
-
-
-def test_a_max_steps_resume_from_an_epoch_end_checkpoint_without_validation_is_exact(tiny_model_dir, tmp_path):
-    """Under max_steps, Lightning 2.6 restored a checkpoint written at a training epoch's end (no validation) as an
-    epoch with one batch to go: step 4 trained on epoch 1's first draws as epoch 0's, then the sampler was set to
-    epoch 2, so steps 5-6 trained on epoch 2's draws and the losses differed from step 4 on."""
-    settings = dict(max_steps=6, enable_checkpointing=True)
-    data = dict(max_train_examples_per_task=4)  # 12 examples: 3 batches per epoch
-    full = LossRecorder()
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
-    uninterrupted = make_trainer(tmp_path / "a", callbacks=[full, checkpoints], **settings)
-    uninterrupted.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
-
-    resumed = LossRecorder()
-    trainer = make_trainer(tmp_path / "b", callbacks=[resumed], **settings)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data),
-                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
-    assert sorted(resumed.losses) == [4, 5, 6]
-    assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
-    assert trainer.current_epoch == uninterrupted.current_epoch
