@@ -30,7 +30,6 @@ from malora_lightning.adapters import (
     adapter_state_dict,
     aux_loss,
     compile_adapters,
-    contiguous_for_sharding,
     inject_adapters,
     load_adapters,
     load_base_model,
@@ -202,15 +201,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.
 
-        The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad). FSDP2 shards
-        only contiguous parameters, so the mixtures' B first leaves its interleaved layout.
+        The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad).
         """
         if self.hparams.quantization is not None:
             raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4/8-bit layers; use "
                              "quantization=null with dtype=bfloat16, or FSDPStrategy with quant_storage for FSDP-QLoRA")
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names \
             else self.device_mesh
-        contiguous_for_sharding(self.model)
         layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
         for module in self.model.modules():
             if type(module).__name__ in layer_classes:

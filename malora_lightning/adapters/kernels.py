@@ -52,36 +52,9 @@ def contiguous_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype, memory_format=torch.contiguous_format)
 
 
-def interleaved_strides(shape: torch.Size) -> tuple[int, int, int]:
-    """The strides of an [N, m, r] up-projection stored (m, N, r) row-major: row i of every expert's B next to each
-    other, which is every B_t side by side as one [m, N*r] matrix (how the routed layers store `lora_B`)."""
-    num_experts, _, rank = shape
-    return rank, num_experts * rank, 1
-
-
-def is_interleaved(lora_B: torch.Tensor) -> bool:
-    """Whether `lora_B` [N, m, r] has the layout of `interleaved_strides` (strides of size-1 dims do not matter)."""
-    return all(size == 1 or stride == expected
-               for size, stride, expected in zip(lora_B.shape, lora_B.stride(), interleaved_strides(lora_B.shape)))
-
-
 def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM. A view
-    of B (cast if needed) when it is interleaved, as the layers store it; else one reordering copy (a layout that
-    FSDP's flattening or an assignment to `.data` gave it)."""
-    num_experts, out_features, rank = lora_B.shape
-    if is_interleaved(lora_B):
-        return cast(lora_B, dtype).as_strided((out_features, num_experts * rank), (num_experts * rank, 1))
+    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM."""
     return contiguous_cast(lora_B.permute(1, 0, 2), dtype).flatten(1)
-
-
-def up_weight_gradient(grad: torch.Tensor, num_experts: int, rank: int, dtype: torch.dtype,
-                       interleaved: bool) -> torch.Tensor:
-    """B's gradient [N, m, r] in `dtype` from the stacked weight's [m, N*r], in B's own layout (interleaved or
-    contiguous), so that autograd takes it as B's `.grad` without copying it again."""
-    if interleaved:
-        return cast(grad.as_strided((num_experts, grad.shape[0], rank), (rank, num_experts * rank, 1)), dtype)
-    return contiguous_cast(grad.unflatten(1, (num_experts, rank)).permute(1, 0, 2), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
@@ -249,7 +222,6 @@ class DenseRoutedExperts(torch.autograd.Function):
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None
-        ctx.up_interleaved = is_interleaved(lora_B)
         ctx.scale, ctx.top_k, ctx.renormalize = scale, top_k, renormalize
         ctx.statistics, ctx.logsumexp, ctx.fused = statistics, logsumexp, fused
         ctx.num_experts, ctx.rank = expert_down.shape[:2]
@@ -271,8 +243,8 @@ class DenseRoutedExperts(torch.autograd.Function):
             if grad_out is not None:
                 grad = cast(grad_out, dtype)
                 if needs[6]:
-                    grad_B = up_weight_gradient(torch.mm(grad.t(), gated), num_experts, rank, up_dtype,
-                                                ctx.up_interleaved)
+                    grad_B = torch.mm(grad.t(), gated).unflatten(1, (num_experts, rank)).permute(1, 0, 2)
+                    grad_B = contiguous_cast(grad_B, up_dtype)  # B's own layout
                 grad_gated = torch.mm(grad, up)
             grad_balance = grad_balance if ctx.statistics else None
             grad_lse = grad_lse if ctx.logsumexp else None

@@ -201,14 +201,6 @@ class RoutedAdapterLayer(AdapterLayer):
         init_router_(self.router.weight, config.router_init_std)
         self.routing_context = context if context is not None else RoutingContext()
 
-    def _new_up_projection(self) -> nn.Parameter:
-        """`lora_B` [N, m, r], stored interleaved ((m, N, r) row-major, `kernels.interleaved_strides`): all experts'
-        B side by side is then a view, the [m, N*r] weight of the one up-projection GEMM, and its gradient comes back
-        in the same layout, so neither direction copies B per step. Anything that reads B by index sees [N, m, r]."""
-        storage = torch.empty(self.out_features, self.num_experts, self.rank, dtype=self.parameter_dtype,
-                              device=self.base_layer.weight.device)
-        return nn.Parameter(storage.permute(1, 0, 2))
-
     # ------------------------------------------------------------------ to be defined by each mixture
     def down_weights(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The down-projections as the routed kernels take them, (shared_A, expert_down): MALoRA's
@@ -312,7 +304,7 @@ class MoLoRALinear(RoutedAdapterLayer):
                  context: RoutingContext | None = None) -> None:
         super().__init__(base_layer, config, name, context)
         self.lora_A = self._new_parameter(self.num_experts, self.rank, self.in_features, trainable=config.train_A)
-        self.lora_B = self._new_up_projection()
+        self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
         init_lora_(self.lora_A, self.lora_B)
 
     def down_weights(self) -> tuple[None, torch.Tensor]:
@@ -339,7 +331,7 @@ class MALoRALinear(RoutedAdapterLayer):
         self.shared_rank = config.shared_rank
         self.shared_A = self._new_parameter(self.shared_rank, self.in_features, trainable=config.train_shared_A)
         self.lora_P = self._new_parameter(self.num_experts, self.rank, self.shared_rank, trainable=config.train_P)
-        self.lora_B = self._new_up_projection()
+        self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
         init_malora_(self.shared_A, self.lora_P, self.lora_B, config.beta, config.reuse_first_kaiming)
 
     def down_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,14 +37,6 @@ def routed_layers(model: nn.Module) -> dict[str, RoutedAdapterLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, RoutedAdapterLayer)}
 
 
-def contiguous_for_sharding(model: nn.Module) -> None:
-    """Give every routed layer's `lora_B` a contiguous layout, which FSDP2's `fully_shard` requires (it refuses the
-    interleaved layout the layers store B in); call it before `fully_shard`. The kernels then reorder B with one
-    copy per step, as for any layout other than the interleaved one."""
-    for layer in routed_layers(model).values():
-        layer.lora_B.data = layer.lora_B.data.contiguous()
-
-
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where the submodule `name` ("model.layers.0.mlp.up_proj") is: wrapping a base layer in an
     adapter layer, or putting the base layer back."""

@@ -7,7 +7,6 @@ from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters import AdapterConfig, LoRALinear, MALoRALinear
 from malora_lightning.adapters.init import init_malora_
-from malora_lightning.adapters.kernels import stacked_up_weight
 from malora_lightning.adapters.routing import route
 from tests.adapters.method_matrix import METHOD_CLASSES
 
@@ -54,45 +53,6 @@ def test_kernels_match_the_reference_in_forward_and_gradients(method, kernel, re
     assert {"lora_B", "router.weight", "x"} <= fast.keys()
     for name in fast:
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
-
-
-@pytest.mark.parametrize("method", ["molora", "malora"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_up_projection_is_stored_interleaved_so_neither_direction_copies_it(method, dropout, autocast):
-    """lora_B [N, m, r] lives (m, N, r) row-major: the kernel's stacked [m, N*r] weight is B's own memory, and B's
-    gradient arrives in B's layout, which autograd keeps as `.grad` without a copy. Casts and loads keep it."""
-    layer = make_layer(method, dtype=torch.float32, dropout=dropout)
-    up = layer.lora_B
-    assert up.shape == (5, OUT, 3) and up.stride() == (3, 5 * 3, 1)
-    stacked = stacked_up_weight(up, up.dtype)
-    assert stacked.data_ptr() == up.data_ptr()
-    assert torch.equal(stacked, torch.cat(list(up.detach()), dim=1))  # [B_1 | B_2 | ... | B_N]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = layer(torch.randn(TOKENS, IN))
-    out.float().square().sum().backward()
-    assert up.grad.dtype == torch.float32 and up.grad.stride() == up.stride()
-    layer.load_state_dict({name: tensor.contiguous() for name, tensor in layer.state_dict().items()})
-    assert layer.lora_B.stride() == (3, 5 * 3, 1)
-    assert layer.to(torch.bfloat16).lora_B.stride() == (3, 5 * 3, 1)
-
-
-@pytest.mark.parametrize("method", ["molora", "malora"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_an_up_projection_in_another_layout_gives_the_same_numbers(method, dropout):
-    """B made contiguous (as FSDP's flattening or an assignment to `.data` may leave it) takes the copying path: the
-    same outputs and gradients, bit for bit, and a gradient in B's own (contiguous) layout."""
-    layer = make_layer(method, dropout=dropout)
-    x = torch.randn(TOKENS, IN, dtype=torch.float64)
-    torch.manual_seed(1)
-    interleaved = grads(layer, x, layer)
-    layer.lora_B.data = layer.lora_B.data.contiguous()
-    torch.manual_seed(1)
-    contiguous = grads(layer, x, layer)
-    assert layer.lora_B.grad.is_contiguous()
-    assert interleaved.keys() == contiguous.keys()
-    for name in interleaved:
-        assert torch.equal(interleaved[name], contiguous[name]), name
 
 
 def test_lora_matches_its_equation():
