@@ -3,8 +3,8 @@
 The revision's whole `malora_lightning/adapters` package (`git archive`) is imported under a private package name,
 its `malora_lightning.adapters.*` imports pointing at that copy, so its layers run its own kernels, routing and
 dropout (the rest of `malora_lightning`, small helpers such as dtype names, is the working tree's). Both versions of
-every method run round-robin in one process, so a noisy machine slows both alike. `--scope adapter` times the adapter path alone (adapter output added to a fixed base
-result); `--scope layer` includes the frozen base layer.
+every method run round-robin in one process, so a noisy machine slows both alike. `--scope adapter` times the
+adapter path alone (adapter output added to a fixed base result); `--scope layer` includes the frozen base layer.
 
     python -m benchmarks.kernel_ab --rev b772aa4 --scope adapter
     python -m benchmarks.kernel_ab --rev b772aa4 --scope layer --shapes 4096x11008 --tokens 512

@@ -161,7 +161,9 @@ def count_step(layer: nn.Module, x: torch.Tensor, autocast: bool, step: Callable
         if x.device.type == "cuda":
             torch.cuda.synchronize()
     events = list(profiler.events())
-    top = [e for e in events if is_counted(e.name) and not any(is_counted(a.name) for a in _ancestors(e))]
+    # host-side events only: a GPU kernel event carries its launch's name but no parent, and would count twice
+    top = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and is_counted(e.name)
+           and not any(is_counted(a.name) for a in _ancestors(e))]
     kernels = None
     if x.device.type == "cuda":
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA

@@ -139,8 +139,8 @@ class EvaluationMixin:
         answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                               target=target,
                               correct=None if task is None or target is None else task.is_correct(prediction, target))
-                   for row, task, prompt, prediction, target in zip(batch.rows, tasks, batch.prompts, predictions,
-                                                                    batch.targets)]
+                   for row, task, prompt, prediction, target in zip(batch.rows or [None] * len(tasks), tasks,
+                                                                    batch.prompts, predictions, batch.targets)]
         return counted_only(answers, batch.counted)
 
 

@@ -18,14 +18,16 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 
 def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
-    """Run `check` on rank zero, the rank that writes the run's files, and raise the `FileExistsError` it raises on
-    every rank: a rank stopping alone would leave the others waiting in their next collective call."""
-    message = None
+    """Run `check` on rank zero, the rank that writes the run's files, and raise the `OSError` it raises (say
+    `FileExistsError`, or `PermissionError` for a folder it cannot list) on every rank: a rank stopping alone would
+    leave the others waiting in the broadcast."""
+    refusal = None
     if trainer.is_global_zero:
         try:
             check()
-        except FileExistsError as error:
-            message = str(error)
-    message = trainer.strategy.broadcast(message)
-    if message is not None:
-        raise FileExistsError(message)
+        except OSError as error:
+            refusal = (type(error), str(error))
+    refusal = trainer.strategy.broadcast(refusal)
+    if refusal is not None:
+        error_type, message = refusal
+        raise error_type(message)

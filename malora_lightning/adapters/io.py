@@ -11,11 +11,11 @@ from PEFT's keys for a LoRA folder that PEFT saved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
-import dataclasses
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path

@@ -218,9 +218,10 @@ class PerTaskMetrics(Callback):
              "tasks": {name: vars(score) for name, score in e.tasks.items()}} for e in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resuming a fit takes the checkpoint's history; validate/test of a checkpoint keep this process's (after a
-        fit, the whole fit's: the checkpoint's may end at an earlier, best, step)."""
-        if self._weights.checkpoint_step is not None:
+        """Resuming a fit takes the checkpoint's history, and so does validate/test of a checkpoint in a process that
+        has none; one that has a history keeps it (after a fit, the whole fit's: the checkpoint's may end at an
+        earlier, best, step)."""
+        if self._weights.checkpoint_step is not None and self.history:
             return
         # checkpoints written before `during_fit` existed: taken as a fit's
         self.history = [Evaluation(stage=e["stage"], step=e["step"], sanity_check=e["sanity_check"],

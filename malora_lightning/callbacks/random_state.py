@@ -31,10 +31,11 @@ class TrainingRandomState(Callback):
         checkpoint[CHECKPOINT_KEY] = gather_by_rank(self._next_step if in_validation else capture_rng_state())
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """This rank's state; with another number of processes than the checkpoint's, rank r takes saved rank
+        """This rank's state, for a resumed fit (validate, test and predict load checkpoints too, and draw nothing
+        the state matters to); with another number of processes than the checkpoint's, rank r takes saved rank
         r mod saved world size (the resumed random sequence then cannot repeat the saved run's anyway)."""
         states = checkpoint.get(CHECKPOINT_KEY)
-        if states is None:
+        if states is None or trainer.state.fn != TrainerFn.FITTING:
             self._to_restore = None
             return
         if isinstance(states, dict):  # a checkpoint from before the states were stored per rank: rank 0's

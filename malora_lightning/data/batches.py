@@ -40,13 +40,15 @@ class EvaluationBatch(TrainingBatch):
 
     prompts: list[str]  # the prompt texts before any chat template
     targets: list[str | None]  # the reference answers; None for a predict prompt without one
-    rows: list[int | None]  # where each example came from (`EncodedExample.row`): what its `Prediction.row` says
     prompt_input_ids: torch.Tensor  # [B, P] long: the prompts LEFT-padded, ending where the answer starts
     prompt_attention_mask: torch.Tensor  # [B, P] long
     # [B] bool: False for padding that evens out the ranks' evaluation batches (`EvaluationShardSampler`): computed
     # like the rest, so every rank runs the same forwards, but left out of the step's outputs
     counted: torch.Tensor
     choices: ChoiceRows | None = None  # multiple-choice tasks only
+    # where each example came from (`EncodedExample.row`): what its `Prediction.row` says; None from a collator that
+    # does not say (last and optional, so that collators written before it keep working)
+    rows: list[int | None] | None = None
 
 
 @dataclass

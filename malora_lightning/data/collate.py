@@ -34,11 +34,11 @@ class EncodedExample:
     prompt_length: int
     target: str | None
     prompt: str  # the prompt text, before any chat template: what prediction files show
-    row: int | None
     choice_input_ids: tuple[list[int], ...] | None = None
     choice_labels: tuple[list[int], ...] | None = None
     gold: int | None = None
     counted: bool = True  # False: padding that evens out the ranks' evaluation shards (see EvaluationShardSampler)
+    row: int | None = None  # last and optional, so that encoders written before it keep working
 
 
 @dataclass

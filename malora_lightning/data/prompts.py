@@ -28,10 +28,10 @@ NO_TASK = "<no task>"
 class PredictPrompt:
     """One row of a predict file; ``row`` is its data row (module docstring), which its prediction names."""
 
-    row: int
     prompt: str
     task: str | None = None
     target: str | None = None
+    row: int | None = None  # set by `read_prompts`; last, so that positional construction keeps its meaning
 
 
 def predict_source(path: str) -> FileSource:

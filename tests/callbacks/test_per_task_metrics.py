@@ -125,7 +125,9 @@ def test_a_checkpoint_evaluated_by_a_fresh_trainer_is_labelled_with_its_step(tmp
     fresh = trainer_for(tmp_path / "evaluation", callbacks=[metrics])
     fresh.validate(HandBuiltTraining(), ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), verbose=False)
     fresh.test(HandBuiltTraining(), verbose=False)  # no checkpoint: the weights at hand, of the trainer's step 0
-    assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == [("val", 2, False), ("test", 0, False)]
+    # a process without a history of its own takes the checkpoint's (the fit's evaluations up to it), as before
+    assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == [
+        ("val", 1, True), ("val", 2, True), ("val", 2, False), ("test", 0, False)]
 
 
 def test_a_validation_after_fit_is_no_interval_of_the_training_curve(tmp_path):

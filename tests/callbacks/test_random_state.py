@@ -1,6 +1,7 @@
 """`TrainingRandomState` under DDP: every rank resumes from its own random state, not rank 0's."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -64,3 +65,9 @@ def test_a_resume_on_another_number_of_processes_says_so(tiny_model_dir, tmp_pat
     with pytest.warns(UserWarning, match="holds the random states of 2 processes and this run has 1"):
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "two.ckpt")
     assert trainer.global_step == 2
+    with warnings.catch_warnings(record=True) as caught:  # evaluating draws nothing the random state matters to
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "v", limit_val_batches=1).validate(make_module(tiny_model_dir),
+                                                                   make_data(tiny_model_dir), verbose=False,
+                                                                   ckpt_path=tmp_path / "two.ckpt")
+    assert not [w for w in caught if "random states" in str(w.message)]

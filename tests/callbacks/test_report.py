@@ -43,6 +43,16 @@ def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_p
     assert trainer.global_step == 0 and mine.read_text() == "# My quarterly report\n"
 
 
+def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
+    """Any OSError of the check (here a folder named report.md) stops the fit before training, on every rank: rank
+    zero raised it alone before the broadcast the other ranks waited in."""
+    (tmp_path / "report.md").mkdir()
+    trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=1, limit_val_batches=0)
+    with pytest.raises(IsADirectoryError, match=r"report\.md"):
+        trainer.fit(HandBuiltTraining())
+    assert trainer.global_step == 0
+
+
 def test_a_report_that_run_report_wrote_is_replaced(tmp_path):
     for steps in (1, 2):  # the second fit writes into the same folder
         trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=steps,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from malora_lightning.data import MultiTaskDataModule, TaskDataError
-from malora_lightning.data.prompts import NO_TASK, predict_source, read_prompts
+from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from tests.helpers import tiny_tokenizer
 
 TASKS = ["add_2digit", "parity"]
@@ -127,3 +127,9 @@ def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
         make(tmp_path / "nowhere.jsonl").setup("predict")
     with pytest.raises(ValueError, match=r"predict_file: cannot read .*prompts.txt: supported file types are .jsonl"):
         make(tmp_path / "prompts.txt")
+
+
+def test_a_prompt_built_by_position_keeps_its_fields():
+    """`row` came first for a while, so PredictPrompt("text", "task") put the text in `row`: it is last and optional."""
+    prompt = PredictPrompt("What is 2 + 2?", "add_2digit")
+    assert (prompt.prompt, prompt.task, prompt.target, prompt.row) == ("What is 2 + 2?", "add_2digit", None, None)
