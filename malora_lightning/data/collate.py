@@ -136,18 +136,27 @@ class PromptEncoder:
         dropped = max(0, len(prompt_ids) - room)
         return prompt_ids[dropped:], dropped
 
+    def _answers(self, texts: Sequence[tuple[str, str, str]]) -> list[list[int]]:
+        """The trained answer tokens (body, then closing) of ``render``'s texts."""
+        bodies = self._ids([text[1] for text in texts], opening=False)
+        closings = self._ids([text[2] for text in texts], opening=False)
+        return [body + closing for body, closing in zip(bodies, closings)]
+
+    def answer_lengths(self, examples: Sequence[Example]) -> list[int]:
+        """How many tokens each example's answer takes as ``encode`` trains it, without fitting it into
+        ``max_length`` (which ``encode`` refuses for a target that does not fit)."""
+        texts = [self.render(example.prompt, example.target) for example in examples]
+        return [len(answer) for answer in self._answers(texts)]
+
     def encode(self, examples: Sequence[Example], task_id: int, task_name: str, split: str, *,
                with_eval_fields: bool = False) -> tuple[list[EncodedExample], TruncationStats]:
         """Token ids for every example of one task's split; with ``with_eval_fields``, also the choice rows."""
         texts = [self.render(example.prompt, example.target) for example in examples]
         openings = self._ids([text[0] for text in texts], opening=True)
-        bodies = self._ids([text[1] for text in texts], opening=False)
-        closings = self._ids([text[2] for text in texts], opening=False)
         stats = TruncationStats(examples=len(examples))
         encoded = []
-        for example, opening, body, closing in zip(examples, openings, bodies, closings):
+        for example, opening, answer in zip(examples, openings, self._answers(texts)):
             where = f"task {task_name!r}, {split} row {example.row}"
-            answer = body + closing
             prompt, dropped = self._fit(opening, len(answer), where)
             choice_inputs = choice_labels = None
             if with_eval_fields and example.choices is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -365,21 +364,15 @@ class MultiTaskDataModule(LightningDataModule):
         validation split held out from train rows counts as carved, by ``held_out``), so that a checkpoint generates
         the same answers in fit, validate and test. ``None`` for a task without evaluation rows.
 
-        Measured from ``render``: ``encode`` would refuse a row whose target does not fit ``max_length`` though it
-        may never be evaluated."""
+        Measured with ``PromptEncoder.answer_lengths``: ``encode`` would refuse a row whose target does not fit
+        ``max_length`` though it may never be evaluated."""
         seed = self.hparams.data_seed
         held_out = self.held_out(task)
         examples = [] if held_out is None else task.examples("train", seed=seed, only_rows=held_out.validation_rows)
         for split in ("validation", "test"):
             if task.has_split(split):
                 examples += task.examples(split, seed=seed)
-        if not examples:
-            return None
-        answers = [self._encoder.render(example.prompt, example.target)[1:] for example in examples]
-        tokenize = functools.partial(self._encoder.tokenizer, add_special_tokens=False)
-        bodies = tokenize([body for body, _ in answers])["input_ids"]
-        closings = tokenize([closing for _, closing in answers])["input_ids"]
-        return max(len(body) + len(closing) for body, closing in zip(bodies, closings))
+        return max(self._encoder.answer_lengths(examples), default=None)
 
     # ------------------------------------------------------------------------------------------------ loaders
 
