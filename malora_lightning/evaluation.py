@@ -66,15 +66,15 @@ class EvaluationMixin:
 
     def stop_token_ids(self) -> list[int]:
         """The tokens an answer ends at: the model's EOS id(s), the tokenizer's, and the end-of-turn token the data
-        module's prompt format trains after every answer (`PromptEncoder.closing_token_id`, of an encoder its
-        `build_encoder` hook makes), which on ChatML base models is not the EOS. Without a data module the prompt
-        format is unknown: the EOS ids only."""
+        module's prompt format trains after every answer (`PromptEncoder.closing_token_id` of the encoder it built),
+        which on ChatML base models is not the EOS. Without a data module's encoder the prompt format is unknown: the
+        EOS ids only."""
         model_eos = self.model.generation_config.eos_token_id
         ids = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
-        tokenizer = self.tokenizer
-        ids.append(tokenizer.eos_token_id)
-        if hasattr(self._datamodule, "build_encoder"):
-            ids.append(self._datamodule.build_encoder(tokenizer).closing_token_id())
+        ids.append(self.tokenizer.eos_token_id)
+        encoder = getattr(self._datamodule, "encoder", None)
+        if encoder is not None:
+            ids.append(encoder.closing_token_id())
         return list(dict.fromkeys(token for token in ids if token is not None))
 
     def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:

@@ -197,6 +197,11 @@ class MultiTaskDataModule(LightningDataModule):
         return self._tasks[: self._num_train_tasks]
 
     @property
+    def encoder(self) -> PromptEncoder | None:
+        """The prompt format `setup` built with ``build_encoder``; None before ``setup``."""
+        return self._encoder
+
+    @property
     def mixture(self) -> dict[str, float]:
         """Training probability of each task (available once the training split is loaded)."""
         if "train" not in self._encoded:
