@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.data.sampling import ShardIndex
-from malora_lightning.run_paths import run_directory
+from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -83,7 +83,10 @@ class PredictionWriter(BasePredictionWriter):
         super().setup(trainer, pl_module, stage)
         if stage != "predict" or self.path is None:
             return
-        if trainer.strategy.broadcast(Path(self.path).exists(), src=0):
+        refuse_on_every_rank(trainer, self._refuse_taken_path)
+
+    def _refuse_taken_path(self) -> None:
+        if Path(self.path).exists():
             raise FileExistsError(f"PredictionWriter path {self.path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "
                                   "the run folder")

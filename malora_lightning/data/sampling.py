@@ -67,7 +67,8 @@ def mixing_weights(
         limit = cap if cap is not None else max(sizes)
         # in log space: min(n, K) ** (1 / T) overflows a float for small T (1000 ** 100)
         logs = [math.log(min(size, limit)) / temperature for size in sizes]
-        raw = [math.exp(value - max(logs)) for value in logs]
+        peak_log = max(logs)
+        raw = [math.exp(value - peak_log) for value in logs]
     elif strategy == "uniform":
         raw = [1.0] * len(sizes)
     elif strategy == "unimax":
@@ -76,7 +77,8 @@ def mixing_weights(
         raw = _checked_weights(weights, len(sizes))
     else:
         raise ValueError(f"unknown sampling strategy {strategy!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
-    scaled = [value / max(raw) for value in raw]  # huge finite weights (1e308) would sum to inf
+    peak = max(raw)
+    scaled = [value / peak for value in raw]  # huge finite weights (1e308) would sum to inf
     total = sum(scaled)
     return [value / total for value in scaled]
 
