@@ -77,6 +77,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def first_line(path: Path) -> str | None:
+    """The first line of a text file, without its newline; None when there is no file. The files we write into a
+    folder the user may share (the model card, the run report) start with a marker line, read back with this, so
+    that a file of the same name we did not write is never replaced."""
+    if not path.exists():
+        return None
+    with path.open(encoding="utf-8", errors="replace") as text:
+        return text.readline().rstrip("\n")
+
+
 @contextlib.contextmanager
 def staging_folder(target: Path) -> Iterator[Path]:
     """A new hidden folder beside `target` (the same file system, so it can be renamed onto `target`), with the

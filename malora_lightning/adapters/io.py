@@ -31,7 +31,7 @@ from malora_lightning.adapters.inject import inject_adapters, is_supported_linea
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config
 from malora_lightning.adapters.quantization import Quantization, base_model_name, base_quantization, load_base_model
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, recover_replace, replace_files
+from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
 
@@ -408,10 +408,7 @@ def model_card(config: AdapterConfig, base: str | None, quantization: str | None
 
 
 def _card_is_ours(path: Path) -> bool:
-    if not path.exists():
-        return True
-    with path.open(encoding="utf-8", errors="replace") as card:
-        return card.readline().rstrip("\n") == CARD_MARKER
+    return first_line(path) in (None, CARD_MARKER)
 
 
 def config_as_stored(config: AdapterConfig, state: Mapping[str, torch.Tensor]) -> AdapterConfig:

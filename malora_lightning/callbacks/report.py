@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from malora_lightning.atomic import atomic_write_text
+from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
 from malora_lightning.callbacks.summary import mean_of_present, percent
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
@@ -60,11 +60,7 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
 def refuse_foreign_report(path: Path) -> None:
     """Raise FileExistsError when `path` exists and its first line is neither the marker nor, from reports written
     before the marker, the title."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8", errors="replace") as report:
-        first = report.readline().rstrip("\n")
-    if first not in (REPORT_MARKER, REPORT_TITLE):
+    if first_line(path) not in (None, REPORT_MARKER, REPORT_TITLE):
         raise FileExistsError(f"{path} was not written by RunReport (its first line is not {REPORT_MARKER!r}) and "
                               "would be replaced by this run's report: move it, give the run a folder of its own "
                               "(Trainer(default_root_dir=...), a logger, or ModelCheckpoint(dirpath=...)), or name the "
