@@ -121,9 +121,11 @@ def first_line(text: str) -> str:
     return ""
 
 
-_FINAL_MARKERS = ("####", "The answer is:", "The answer is")
-# a number as answers write it: 1,000 (thousands groups of three, so 1,2,3 is three numbers), 18.00, .5, -3
-_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+_GSM8K_MARKER = "####"
+_ANSWER_IS = re.compile(r"the answer is:?", re.IGNORECASE)  # MetaMathQA's "The answer is:", as models also write it
+# a number as answers write it: 1,000 (thousands groups of three, so 1,2,3 is three numbers), 18.00, .5, -3; a minus
+# right after a letter or digit is a hyphen (10-12, x-1), not a sign
+_NUMBER = re.compile(r"(?:(?<!\w)-)?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def _normalised(answer: str) -> str:
@@ -131,11 +133,12 @@ def _normalised(answer: str) -> str:
 
 
 def _marked_line(text: str) -> str | None:
-    """The first line after the last final-answer marker; None when the text has no marker."""
-    for marker in _FINAL_MARKERS:
-        if marker in text:
-            return first_line(text.rsplit(marker, 1)[1])
-    return None
+    """The first line after the last final-answer marker (GSM8K's ``####`` before any "the answer is", in any case);
+    None when the text has no marker."""
+    if _GSM8K_MARKER in text:
+        return first_line(text.rsplit(_GSM8K_MARKER, 1)[1])
+    matches = list(_ANSWER_IS.finditer(text))
+    return first_line(text[matches[-1].end():]) if matches else None
 
 
 def _marked_answer(text: str) -> str | None:

@@ -130,6 +130,10 @@ def test_first_line_exact_match(prediction, target, expected):
     ("The answer is 18", "18"),
     ("We get 3 then 7 apples", "7"),
     ("The answer is: \\frac{3}{4}", "\\frac{3}{4}"),
+    ("the answer is: 5\nso 6 are left", "5"),  # markers in any case: this read 6
+    ("THE ANSWER IS 5.\nCheck: 5 + 1 = 6", "5"),
+    ("It takes 10-12 minutes", "12"),  # a hyphen, not a minus: this read -12
+    ("so x = -3", "-3"),
 ])
 def test_final_answer_extraction(text, answer):
     assert final_answer(text) == answer
@@ -147,6 +151,7 @@ def test_final_answer_extraction(text, answer):
     ("72", "She has 72 apples.", True),  # against one number, the prediction's last number
     ("$1,000", "1000.", True),
     ("-0.5", "0.5", False),
+    ("3/4", "the answer is: 3/4", True),  # a lower-case marker: this compared the whole line
 ])
 def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
@@ -168,6 +173,10 @@ def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, pred
     ("#### 0.3", "#### 0.30000000000000001", False),  # exact: no float rounding
     ("#### 72", "The answer is", False),
     ("72", "#### 72.0", True),
+    ("#### 72", "the answer is 72.\nCheck: 72 + 1 = 73", True),  # each of these four was scored the other way
+    ("#### 12", "Between 10-12", True),
+    ("#### -12", "Between 10-12", False),
+    ("#### 7", "pages 5-7", True),
 ])
 def test_final_answer_compares_a_number_by_value_with_the_predictions_final_answer(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
