@@ -1,7 +1,11 @@
-"""The README's two set-up commands stay the ones CI runs and the ones that work, and its no-Lightning snippet runs."""
+"""The README's two set-up commands stay the ones CI runs and the ones that work, and its Python snippets run."""
 
 import re
 from pathlib import Path
+
+import pytest
+
+from tests.test_offline_models import SMOLLM2, needs_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +53,37 @@ def test_the_no_lightning_snippet_runs_as_written(monkeypatch, capsys):
     assert "trainable params" in capsys.readouterr().out
     assert namespace["loss"].requires_grad and torch.isfinite(namespace["loss"])
 
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_adapters(tmp_path, monkeypatch, capsys):
+    """Run verbatim on an adapter folder saved from SmolLM2 in nf4 (the default job's base), with random B so that
+    the adapters change the answer: it prints what the saved model itself generates."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from malora_lightning import AdapterConfig, inject_adapters, load_base_model, save_adapters
+    from malora_lightning.offline_models import resolve_model_path
+
+    folder = "runs/default/lightning_logs/version_0/checkpoints/adapter"
+    model = load_base_model(SMOLLM2, quantization="nf4", prepare_for_training=False)  # as load_adapted_model loads it
+    inject_adapters(model, AdapterConfig(method="malora", rank=4, shared_rank=8, num_experts=4))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(std=0.5)
+    monkeypatch.chdir(tmp_path)
+    save_adapters(model.eval(), folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 12 + 30?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        saved_answer = tokenizer.decode(model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
+        base = load_base_model(SMOLLM2, quantization="nf4", prepare_for_training=False).eval()
+        base_answer = tokenizer.decode(base.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
+    assert saved_answer != base_answer  # the adapters matter
+
+    exec(readme_python_block("from transformers import AutoTokenizer"), {})
+    assert capsys.readouterr().out.strip() == saved_answer.strip()
