@@ -19,7 +19,7 @@ from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.predictions import Prediction
 from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput
-from malora_lightning.data.tasks import Task
+from malora_lightning.data.tasks import Task, get_task
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.scoring import choose_choices, gold_rows
 
@@ -48,8 +48,16 @@ class EvaluationMixin:
         return self._tokenizer
 
     def task(self, name: str) -> Task:
-        """The data module's task of that name (its generation length and answer checker)."""
-        return {task.name: task for task in self.trainer.datamodule.tasks}[name]
+        """The data module's task of that name (its generation length and answer checker); when the trainer was
+        given dataloaders, the registered task of that name (`get_task`), whose generation length is unmeasured."""
+        tasks = getattr(self._datamodule, "tasks", None)
+        if tasks is None:
+            return get_task(name)
+        by_name = {task.name: task for task in tasks}
+        if name not in by_name:
+            raise ValueError(f"a batch names task {name!r}, which the data module does not have; its tasks: "
+                             f"{', '.join(by_name)}")
+        return by_name[name]
 
     def generation_length(self, task: Task | None) -> int:
         """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or

@@ -560,3 +560,21 @@ def test_a_true_half_precision_that_overrides_adapter_dtype_is_named(tiny_model_
     named = [w for w in caught if f"precision='bf16-true' converts the whole module to bfloat16, the adapters too: "
              f"adapter_dtype='{adapter_dtype}' does not hold" in str(w.message)]
     assert len(named) == warned
+
+
+def test_validate_with_plain_dataloaders_scores_every_task_as_with_the_data_module(tiny_model_dir, tmp_path):
+    """Given dataloaders instead of the data module, the module finds a batch's task by its registered name: a
+    generative task raised AttributeError. With generation capped below the measured budget, the scores agree."""
+    module = make_module(tiny_model_dir, max_new_tokens=2)
+    data = make_data(tiny_model_dir, tasks=["add_2digit", "parity"])  # generative, multiple choice
+    scores = {}
+    for run, source in (("data module", dict(datamodule=data)), ("dataloaders", None)):
+        metrics = PerTaskMetrics()
+        trainer = make_trainer(tmp_path / run, callbacks=[metrics], limit_val_batches=1.0)
+        if source is None:
+            source = dict(dataloaders=list(data.val_dataloader().values()))
+        trainer.validate(module, **source, verbose=False)
+        (evaluation,) = metrics.evaluations("val", during_fit=False)
+        scores[run] = {name: (task.accuracy, task.loss) for name, task in evaluation.tasks.items()}
+    assert set(scores["dataloaders"]) == {"add_2digit", "parity"}
+    assert scores["dataloaders"] == scores["data module"]
