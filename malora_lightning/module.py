@@ -42,7 +42,7 @@ from malora_lightning.checkpoints import CheckedCheckpointIO, adapter_conflicts,
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.optim import Schedule, adamw_options, lr_multiplier
+from malora_lightning.optim import SCHEDULES, Schedule, adamw_options, lr_multiplier, schedule_length
 from malora_lightning.scoring import target_positions, token_log_likelihoods
 from malora_lightning.values import is_finite_number, is_int
 
@@ -135,7 +135,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self.adapter_config = self._adapter_folder_config(adapter_path, model_name_or_path)
         _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
-                        warmup_ratio=warmup_ratio, max_new_tokens=max_new_tokens)
+                        warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens)
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["adapter"] = self.adapter_config.to_dict()
@@ -313,7 +313,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         groups = self.trainable_parameter_groups()
         options = adamw_options((p for group in groups for p in group["params"]), self.trainer)
         optimizer = torch.optim.AdamW(groups, **options)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = schedule_length(self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio,
+                                      self.hparams.lr_schedule)
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
         schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,
                                      schedule=self.hparams.lr_schedule)
@@ -363,9 +364,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.
 
-        Lightning restores the AdamW state with its param groups (learning rate, weight decay) and the scheduler's
-        base learning rates; the rule (README, Safety): the checkpoint supplies the moments and the step count, the
-        run's settings supply learning rates, weight decay and schedule, as for every other setting.
+        Lightning restores the AdamW state with its param groups (learning rate, weight decay, and which AdamW
+        implementation runs: fused, foreach) and the scheduler's base learning rates; the rule (README, Safety): the
+        checkpoint supplies the moments and the step count, the run's settings supply learning rates, weight decay,
+        schedule and the implementation (`adamw_options`, which depends on this run's device and precision plugin),
+        as for every other setting.
         """
         if self.trainer.ckpt_path is None:
             return
@@ -380,12 +383,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["initial_lr"] = group["lr"]
                 param_group["lr"] = group["lr"] * factor(scheduler.last_epoch)
                 param_group["weight_decay"] = group["weight_decay"]
+                for implementation in ("fused", "foreach"):
+                    param_group[implementation] = scheduler.optimizer.defaults[implementation]
 
 
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,
-                    router_weight_decay: float | None, warmup_ratio: float, max_new_tokens: int | None) -> None:
-    """Refuse, by name, the numeric settings that would otherwise fail steps later as a non-finite loss or a
-    generation error."""
+                    router_weight_decay: float | None, warmup_ratio: float, lr_schedule: str,
+                    max_new_tokens: int | None) -> None:
+    """Refuse, by name, the settings that would otherwise fail steps later, as a non-finite loss or a generation
+    error, or silently train otherwise (an unknown lr_schedule ran as cosine; the CLI checks it, Python did not)."""
     checks = [
         ("learning_rate", learning_rate, is_finite_number(learning_rate) and learning_rate >= 0,
          "a finite number >= 0"),
@@ -399,6 +405,7 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
          "None or a finite number >= 0"),
         ("warmup_ratio", warmup_ratio, is_finite_number(warmup_ratio) and 0.0 <= warmup_ratio < 1.0,
          "a float in [0, 1)"),
+        ("lr_schedule", lr_schedule, lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
         ("max_new_tokens", max_new_tokens,
          max_new_tokens is None or is_int(max_new_tokens) and max_new_tokens >= 1,
          "None (each task's own length) or an integer >= 1"),

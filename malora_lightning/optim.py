@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal
+from typing import Iterable, Literal, get_args
 
 import lightning as L
 import torch
@@ -13,10 +13,13 @@ from torch.distributed.tensor import DTensor
 from malora_lightning.precision import AutoMixedPrecision
 
 Schedule = Literal["linear", "cosine", "constant"]
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
     """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -25,6 +28,18 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_length(estimated_stepping_batches: float, warmup_ratio: float, schedule: Schedule) -> int:
+    """The optimizer steps the schedule spans: the trainer's estimate, which is infinite when only `max_time` (or
+    max_steps=-1 with max_epochs=-1) ends the run; then only a constant rate without warm-up is defined."""
+    if math.isinf(estimated_stepping_batches):
+        if schedule == "constant" and warmup_ratio == 0:
+            return 1
+        raise ValueError(f"lr_schedule={schedule!r} with warmup_ratio={warmup_ratio} needs the run's length, but the "
+                         "trainer's is unbounded (max_steps=-1 and max_epochs=-1, as when only max_time is set): set "
+                         "trainer.max_steps or max_epochs, or use lr_schedule='constant' with warmup_ratio=0")
+    return max(1, int(estimated_stepping_batches))
 
 
 def adamw_options(parameters: Iterable[torch.Tensor], trainer: L.Trainer | None = None) -> dict[str, bool]:

@@ -52,6 +52,15 @@ def make_trainer(root, **overrides) -> L.Trainer:
     return L.Trainer(**settings)
 
 
+class _StopAfter(Callback):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
@@ -68,6 +77,22 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_multiplier(8, 4, 20, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_multiplier(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert lr_multiplier(15, 4, 20, "constant") == 1.0
+    with pytest.raises(ValueError, match="lr_schedule='none' is invalid"):  # was cosine
+        lr_multiplier(15, 4, 20, "none")
+
+
+@pytest.mark.parametrize("limits", [dict(max_steps=-1, max_time={"seconds": 60}), dict(max_steps=-1, max_epochs=-1)])
+def test_an_unbounded_run_trains_at_a_constant_rate_and_refuses_a_schedule_that_needs_its_length(
+        tiny_model_dir, tmp_path, limits):
+    """Lightning estimates infinite steps for a run that only max_time ends; int(inf) raised OverflowError."""
+    data = make_data(tiny_model_dir, tasks=["parity"], max_train_examples_per_task=8)
+    module = make_module(tiny_model_dir, warmup_ratio=0.0, lr_schedule="constant")
+    trainer = make_trainer(tmp_path / "constant", limit_train_batches=2, callbacks=[_StopAfter(steps=2)], **limits)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(module.hparams.learning_rate)
+    with pytest.raises(ValueError, match=r"lr_schedule='cosine' with warmup_ratio=0.2 needs the run's length"):
+        make_trainer(tmp_path / "cosine", **limits).fit(make_module(tiny_model_dir), data)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -81,8 +106,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     ({"max_new_tokens": -3}, "max_new_tokens=-3 is invalid"),
     ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 is invalid"),
     ({"max_new_tokens": True}, "max_new_tokens=True is invalid"),
+    ({"lr_schedule": "Constant"}, "lr_schedule='Constant' is invalid: expected one of linear, cosine, constant"),
 ])
-def test_bad_numeric_settings_are_named_when_the_module_is_built(kwargs, message):
+def test_bad_settings_are_named_when_the_module_is_built(kwargs, message):
     """Before any model loads: each would otherwise surface steps later (a non-finite loss blamed on the data, a
     generation that transformers refuses)."""
     with pytest.raises(ValueError, match="MALoRAModule " + message):
@@ -485,6 +511,33 @@ def test_a_resumed_fit_uses_the_learning_rate_the_run_gives(tiny_model_dir, tmp_
         factor = lr_multiplier(step, warmup_steps=2, total_steps=6, schedule="cosine")  # warmup_ratio 0.2 of 6
         assert rates.rates[step] == pytest.approx([0.1 * factor, 0.05 * factor]), step
     assert [group["weight_decay"] for group in trainer.optimizers[0].param_groups] == [0.5, 0.5]
+
+
+class ImplementationRecorder(Callback):
+    def __init__(self) -> None:
+        self.fused: list[bool | None] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.fused.extend(group["fused"] for group in trainer.optimizers[0].param_groups)
+
+
+@pytest.mark.parametrize(("first", "resumed", "fused"), [("bf16-mixed", "32-true", True),
+                                                          ("32-true", "bf16-mixed", None)])
+def test_a_resumed_fit_runs_the_adamw_implementation_this_run_chooses(tiny_model_dir, tmp_path, first, resumed,
+                                                                      fused):
+    """With clipping, Lightning's bf16-mixed plugin refuses a fused AdamW and 32-true allows it (`adamw_options`).
+    The checkpoint's choice came back with its param groups: a CPU run resumed from a GPU's or bf16-mixed's checkpoint
+    kept the per-tensor loop, and the reverse ran fused AdamW where the plugin refuses to clip it."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", max_steps=2, callbacks=[checkpoints], enable_checkpointing=True,
+                           precision=first, gradient_clip_val=1.0)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+
+    recorder = ImplementationRecorder()
+    trainer = make_trainer(tmp_path / "b", max_steps=3, callbacks=[recorder], precision=resumed, gradient_clip_val=1.0)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert recorder.fused == [fused, fused]
 
 
 @pytest.mark.parametrize("settings", [dict(max_steps=-1, max_epochs=2), dict(max_steps=6)],
