@@ -171,15 +171,20 @@ class PromptEncoder:
                 gold=example.gold))
         return encoded, stats
 
-    def encode_prompts(self, prompts: Sequence[PredictPrompt], task_id: int
+    def encode_prompts(self, prompts: Sequence[PredictPrompt], task_id: int, answer_room: int = 0
                        ) -> tuple[list[EncodedExample], TruncationStats]:
         """A predict file's prompts of one task (``task_id``; -1 for those without one) to generate answers to: each
-        prompt's ``opening``, as a task's examples get it, without answer tokens; a prompt longer than ``max_length``
-        loses tokens from the left, as in ``encode``."""
+        prompt's ``opening``, as a task's examples get it, without answer tokens, cut from the left as ``encode``
+        cuts it: leaving room for the row's target when it gives one (so a prompt of the task's own splits is
+        generated from the same tokens), else for ``answer_room`` tokens (the task's generation length)."""
         stats = TruncationStats(examples=len(prompts))
+        with_target = [given for given in prompts if given.target is not None]
+        target_lengths = iter(len(answer) for answer in self._answers(
+            [self.render(given.prompt, given.target) for given in with_target]))
         encoded = []
         for given, opening in zip(prompts, self._ids([self.opening(given.prompt) for given in prompts], opening=True)):
-            prompt, dropped = self._fit(opening, 0, "")  # no answer tokens: never too long to fit
+            room = next(target_lengths) if given.target is not None else min(answer_room, self.max_length - 1)
+            prompt, dropped = self._fit(opening, room, f"predict file row {given.row}")
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped
             encoded.append(EncodedExample(task_id=task_id, task_name=given.task, input_ids=prompt,

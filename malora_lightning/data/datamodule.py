@@ -337,13 +337,13 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, list[EncodedExample]]:
         """A predict file's prompts grouped into one loader per task (task order), then those without a task."""
-        groups = [(task_id, task.name) for task_id, task in enumerate(self._tasks)] + [(-1, None)]
+        groups = [(task_id, task.name, task.max_new_tokens or 0) for task_id, task in enumerate(self._tasks)]
         encoded = {}
-        for task_id, name in groups:
+        for task_id, name, answer_room in groups + [(-1, None, 0)]:
             group = [prompt for prompt in prompts if prompt.task == name]
             if group:
                 key = NO_TASK if name is None else name
-                encoded[key], stats = self._encoder.encode_prompts(group, task_id)
+                encoded[key], stats = self._encoder.encode_prompts(group, task_id, answer_room)
                 self._count_truncation("predict", key, stats)
         return encoded
 

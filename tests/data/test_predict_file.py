@@ -133,3 +133,25 @@ def test_a_prompt_built_by_position_keeps_its_fields():
     """`row` came first for a while, so PredictPrompt("text", "task") put the text in `row`: it is last and optional."""
     prompt = PredictPrompt("What is 2 + 2?", "add_2digit")
     assert (prompt.prompt, prompt.task, prompt.target, prompt.row) == ("What is 2 + 2?", "add_2digit", None, None)
+
+
+def test_a_long_prompt_is_cut_as_in_the_tasks_own_splits(tmp_path):
+    """A prompt is cut to leave room for its answer, as `encode` cuts it: for the row's target when given (the same
+    tokens as the task's test split), else for the task's generation length. Cut to the whole max_length, a file's
+    prompt was generated from more context than the model was trained and tested with."""
+    reference = make(max_length=12)
+    reference.setup("test")
+    test_batch = next(iter(reference.test_dataloader()["add_2digit"]))
+    prompt, target = test_batch.prompts[0], test_batch.targets[0]
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [{"prompt": prompt, "task": "add_2digit", "target": target},
+                         {"prompt": prompt, "task": "add_2digit"}, {"prompt": prompt}])
+    data = make(path, max_length=12)
+    data.setup("predict")
+    loaders = data.predict_dataloader()
+    batch = next(iter(loaders["add_2digit"]))
+    assert reference.truncation["test"]["add_2digit"].truncated > 0
+    assert unpadded(batch, 0) == unpadded(test_batch, 0)
+    budget = data.tasks[0].max_new_tokens
+    assert len(unpadded(batch, 1)) == 12 - budget
+    assert len(unpadded(next(iter(loaders[NO_TASK])), 0)) == 12  # no task, no answer to leave room for
