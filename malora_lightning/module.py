@@ -36,6 +36,7 @@ from malora_lightning.adapters import (
     read_adapter_folder,
     router_losses,
 )
+from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import CheckedCheckpointIO, adapter_conflicts, check_checkpoint_file
@@ -253,10 +254,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """Per row: summed log-likelihood of the target tokens and their count.
 
         The output head runs only where some row predicts a target (a few positions of a mostly-prompt sequence);
-        with a 49k vocabulary that saves about a fifth of a small model's compute.
+        with a 49k vocabulary that saves about a fifth of a small model's compute. A routed head (`target_modules`
+        naming it) runs at every position: a routed layer knows which of its tokens are padding from the forward's
+        attention mask, which does not say which positions were kept.
         """
         positions = target_positions(labels)
-        logits = self(input_ids, attention_mask, logits_to_keep=positions)
+        if isinstance(self.model.get_output_embeddings(), RoutedAdapterLayer):
+            logits = self(input_ids, attention_mask)[:, positions]
+        else:
+            logits = self(input_ids, attention_mask, logits_to_keep=positions)
         return token_log_likelihoods(logits, labels[:, positions + 1])
 
     # ------------------------------------------------------------------ training

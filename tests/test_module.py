@@ -23,7 +23,7 @@ from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.module import MALoRAModule, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
-from malora_lightning.scoring import gold_rows
+from malora_lightning.scoring import IGNORE_INDEX, gold_rows, target_positions, token_log_likelihoods
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -631,3 +631,30 @@ def test_validate_with_plain_dataloaders_scores_every_task_as_with_the_data_modu
         scores[run] = {name: (task.accuracy, task.loss) for name, task in evaluation.tasks.items()}
     assert set(scores["dataloaders"]) == {"add_2digit", "parity"}
     assert scores["dataloaders"] == scores["data module"]
+
+
+def test_a_routed_output_head_counts_the_real_tokens_of_every_scored_position(tiny_model_dir):
+    """The head ran only at the kept target positions, and a routed head took the attention mask's last columns for
+    them (right only for cached decoding): real tokens counted as padding in its balance statistics and routing
+    figures, which then depended on the batch. Its log-likelihoods are those of the full forward."""
+    adapter = AdapterConfig(method="molora", rank=2, num_experts=4, top_k=1, dropout=0.0,
+                            target_modules=["q_proj", "lm_head"])
+    module = make_module(tiny_model_dir, adapter=adapter)
+    module.configure_model()
+    module.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 6:] = 0
+    labels = torch.full((2, 12), IGNORE_INDEX)
+    labels[0, 8:], labels[1, 3:6] = ids[0, 8:], ids[1, 3:6]
+    seen = {}
+    handle = add_routing_observer(module.model, lambda record: seen.__setitem__(record.layer_name, record.token_mask))
+    with torch.no_grad():
+        log_likelihood, tokens = module.target_log_likelihoods(ids, mask, labels)
+        handle.remove()
+        full = module(ids, mask)
+    assert torch.equal(seen["lm_head"], mask.reshape(-1).bool())
+    positions = target_positions(labels)
+    reference = token_log_likelihoods(full[:, positions], labels[:, positions + 1])
+    assert torch.allclose(log_likelihood, reference[0]) and torch.equal(tokens, reference[1])
