@@ -32,8 +32,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def fast_bf16_available(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # not counting emulation, which torch reports as support on pre-Ampere GPUs (T4, V100)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
         return cpu_has_fast_bf16()
     return False

@@ -29,3 +29,12 @@ def test_auto_choices_follow_the_hardware(monkeypatch, fast):
         out = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert out.dtype == (torch.bfloat16 if fast else torch.float32)
     assert plugin.precision == ("bf16-mixed" if fast else "32-true")
+
+
+@pytest.mark.parametrize(("native", "fast"), [(True, True), (False, False)])
+def test_a_gpu_that_only_emulates_bf16_computes_in_float32(monkeypatch, native, fast):
+    """torch.cuda.is_bf16_supported() counts emulation by default, so a T4 or V100 (sm75/sm70) was given bf16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert hardware.fast_bf16_available("cuda") is fast
+    assert resolve_compute_dtype("auto", "cuda") == ("bfloat16" if fast else "float32")
