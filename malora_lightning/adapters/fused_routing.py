@@ -16,6 +16,7 @@ tensors; `TRITON_INTERPRET=1` (set before this module is imported) runs the same
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,23 @@ def _route_backward_kernel(
     tl.store(grad_logits_ptr + cell, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=cell_ok)
 
 
+def _launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its stream, not on the tensors' device: a model spread over
+    GPUs (`device_map`) would run a layer's kernel against another GPU's memory."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _require_layout(name: str, tensor: torch.Tensor | None, contiguous: bool = False) -> None:
+    """The kernels index rows by one stride and columns by one (or every element contiguously): another layout
+    would be read wrongly without an error."""
+    if tensor is None:
+        return
+    if (not tensor.is_contiguous()) if contiguous else (tensor.dim() == 2 and tensor.stride(1) != 1):
+        layout = "contiguous" if contiguous else "unit column stride"
+        raise ValueError(f"fused routing: {name} of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
+                         f"{layout}, which the Triton kernel indexes by")
+
+
 @dataclass
 class FusedRouting:
     """The forward kernel's outputs: the gated hidden states and what the router losses and observers read (the
@@ -174,6 +192,9 @@ def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts
                   logsumexp: bool) -> FusedRouting:
     """Route T tokens and gate their experts: logits [T, N] and expert_hidden [T, N*r] may be column slices of a
     wider matrix (unit column stride); `token_weights` [T] as in `routing.balance_statistics`."""
+    for name, tensor in (("logits", logits), ("expert_hidden", expert_hidden)):
+        _require_layout(name, tensor)
+    _require_layout("token_weights", token_weights, contiguous=True)
     tokens = logits.shape[0]
     device = logits.device
     blocks = triton.cdiv(tokens, BLOCK_TOKENS)
@@ -182,12 +203,13 @@ def route_forward(logits: torch.Tensor, expert_hidden: torch.Tensor, num_experts
     gated = torch.empty(tokens, num_experts * rank, dtype=expert_hidden.dtype, device=device)
     lse = torch.empty(tokens, dtype=torch.float32, device=device) if logsumexp else None
     partial = torch.empty(blocks, 2 * num_experts, dtype=torch.float32, device=device) if statistics else None
-    _route_forward_kernel[(blocks,)](
-        logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
-        probs, experts, gated, lse, partial, tokens, scale,
-        N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
-        RENORMALIZE=renormalize, HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics, LOGSUMEXP=logsumexp,
-        BLOCK=BLOCK_TOKENS)
+    with _launch_device(device):
+        _route_forward_kernel[(blocks,)](
+            logits, logits.stride(0), expert_hidden, expert_hidden.stride(0), token_weights,
+            probs, experts, gated, lse, partial, tokens, scale,
+            N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
+            RENORMALIZE=renormalize, HAS_WEIGHTS=token_weights is not None, STATISTICS=statistics,
+            LOGSUMEXP=logsumexp, BLOCK=BLOCK_TOKENS)
     balance = partial.sum(0) if partial is not None else None
     return FusedRouting(gated, probs, experts, lse, balance)
 
@@ -203,14 +225,19 @@ def route_backward(grad_gated: torch.Tensor | None, expert_hidden: torch.Tensor,
 
     The hidden gradient is written over `grad_gated` (contiguous, and the caller's own: each element is read
     before it is written, by the same program), which spares an allocation per step."""
+    _require_layout("expert_hidden", expert_hidden)
+    for name, tensor in (("grad_gated", grad_gated), ("probs", probs), ("experts", experts),
+                         ("token_weights", token_weights)):
+        _require_layout(name, tensor, contiguous=True)
     tokens, num_experts = probs.shape
     rank = expert_hidden.shape[1] // num_experts
     grad_logits = probs.new_empty(probs.shape, dtype=expert_hidden.dtype)
-    _route_backward_kernel[(triton.cdiv(tokens, BLOCK_TOKENS),)](
-        grad_gated, expert_hidden, expert_hidden.stride(0), probs, experts, token_weights,
-        grad_balance, 0 if grad_balance is None else grad_balance.stride(0),
-        grad_lse, 0 if grad_lse is None else grad_lse.stride(0), grad_logits, tokens, scale,
-        N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
-        RENORMALIZE=renormalize, HAS_GATED_GRAD=grad_gated is not None, HAS_WEIGHTS=token_weights is not None,
-        HAS_BALANCE_GRAD=grad_balance is not None, HAS_LSE_GRAD=grad_lse is not None, BLOCK=BLOCK_TOKENS)
+    with _launch_device(probs.device):
+        _route_backward_kernel[(triton.cdiv(tokens, BLOCK_TOKENS),)](
+            grad_gated, expert_hidden, expert_hidden.stride(0), probs, experts, token_weights,
+            grad_balance, 0 if grad_balance is None else grad_balance.stride(0),
+            grad_lse, 0 if grad_lse is None else grad_lse.stride(0), grad_logits, tokens, scale,
+            N=num_experts, NP=triton.next_power_of_2(num_experts), R=rank, RP=triton.next_power_of_2(rank), K=top_k,
+            RENORMALIZE=renormalize, HAS_GATED_GRAD=grad_gated is not None, HAS_WEIGHTS=token_weights is not None,
+            HAS_BALANCE_GRAD=grad_balance is not None, HAS_LSE_GRAD=grad_lse is not None, BLOCK=BLOCK_TOKENS)
     return grad_gated, grad_logits

@@ -212,3 +212,16 @@ def test_compiled_adapters_with_the_fused_kernel_compile_the_plain_ops_whole():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_a_layout_the_kernel_cannot_index_is_refused():
+    """The kernels index a row by one stride and a column by one: logits with another column stride gave wrong
+    probabilities without an error (max |probs - softmax| 0.79 for a stride-2 view)."""
+    wide = torch.randn(TOKENS, 16)
+    hidden = torch.randn(TOKENS, 5 * 3)
+    with pytest.raises(ValueError, match=r"logits of shape \(\d+, 8\) and strides \(16, 2\) is not unit column stride"):
+        route_forward(wide[:, ::2], hidden, 5, 3, None, 2, True, 1.0, True, False)
+    with pytest.raises(ValueError, match="token_weights .* is not contiguous"):
+        route_forward(wide[:, :5], hidden, 5, 3, torch.rand(TOKENS, 2)[:, 0], 2, True, 1.0, True, False)
+    routed = route_forward(wide[:, :5], hidden, 5, 3, None, 2, True, 1.0, True, False)  # a column slice is fine
+    assert torch.allclose(routed.probs, wide[:, :5].softmax(-1), atol=1e-6)
