@@ -18,16 +18,23 @@ RandomState = dict[str, Any]
 
 
 def capture_rng_state() -> RandomState:
+    """torch's CPU state and, with CUDA, the current device's: the one this process computes on. (Every visible GPU's
+    state, as `get_rng_state_all` gives, failed to restore where fewer GPUs are visible.)"""
     state: RandomState = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state: RandomState) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # checkpoints before 2026-12-05 hold every visible device's state
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def gather_by_rank(state: RandomState) -> list[RandomState]:

@@ -71,3 +71,44 @@ def test_a_resume_on_another_number_of_processes_says_so(tiny_model_dir, tmp_pat
                                                                    make_data(tiny_model_dir), verbose=False,
                                                                    ckpt_path=tmp_path / "two.ckpt")
     assert not [w for w in caught if "random states" in str(w.message)]
+
+
+class FakeCuda:
+    """torch.cuda of a process on device `current` of `visible` GPUs, each with its own generator state."""
+
+    def __init__(self, visible: int, current: int) -> None:
+        self.states = [torch.tensor([index], dtype=torch.uint8) for index in range(visible)]
+        self.current = current
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: self.states[self.current].clone())
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state.clone() for state in self.states])
+
+        def set_state(state):
+            self.states[self.current] = state.clone()
+
+        def set_all(states):
+            for index, state in enumerate(states):
+                self.states[index] = state.clone()  # IndexError past the visible devices, as torch raises
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+
+
+def test_the_cuda_state_is_the_current_devices_and_restores_where_fewer_gpus_are_visible(monkeypatch):
+    """Every visible GPU's state was saved, and restoring it where fewer were visible raised IndexError."""
+    from malora_lightning.rng import capture_rng_state, restore_rng_state
+
+    saved_on = FakeCuda(visible=4, current=2)
+    saved_on.install(monkeypatch)
+    state = capture_rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([2], dtype=torch.uint8))
+
+    resumed_on = FakeCuda(visible=1, current=0)
+    resumed_on.install(monkeypatch)
+    restore_rng_state(state)
+    assert resumed_on.states == [torch.tensor([2], dtype=torch.uint8)]
+    restore_rng_state({"torch": state["torch"], "cuda": [torch.tensor([7], dtype=torch.uint8)] * 4})  # older format
+    assert resumed_on.states == [torch.tensor([7], dtype=torch.uint8)]
