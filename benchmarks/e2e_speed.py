@@ -68,7 +68,6 @@ from malora_lightning.adapters import (
     PAPER_TARGET_MODULES,
     AdapterConfig,
     AdapterLayer,
-    RoutedAdapterLayer,
     aux_loss,
     compile_adapters,
     count_parameters,
@@ -497,36 +496,20 @@ class ScopeMarker:
             handle.remove()
 
 
-def mark_scopes(model: nn.Module, marker: ScopeMarker) -> list[Callable[[], None]]:
-    """Scopes for a Llama-style model with our adapters; returns undo callbacks for patched routing methods."""
-    undo = []
+def mark_scopes(model: nn.Module, marker: ScopeMarker) -> None:
+    """Scopes for a Llama-style model with our adapters. A routed layer's routing runs inside its adapter kernel
+    (one autograd node), so it counts as "adapter"."""
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, AdapterLayer):
             marker.mark(module, "adapter")
             marker.mark(module.base_layer, "base linear")
-            if isinstance(module, RoutedAdapterLayer):
-                marker.mark(module.router, "router")
-                undo.append(scope_method(module, "compute_routing", "router"))
         elif name == "" or leaf in ("lm_head", "embed_tokens", "self_attn", "mlp", "input_layernorm",
                                     "post_attention_layernorm", "norm", "rotary_emb"):
             scope = {"": "loss + glue", "self_attn": "attention core", "mlp": "MLP activation"}.get(leaf, leaf)
             marker.mark(module, "norms" if "norm" in leaf else scope)
         elif isinstance(module, nn.Linear):  # unadapted base linears (o_proj)
             marker.mark(module, "base linear")
-    return undo
-
-
-def scope_method(module: nn.Module, method_name: str, scope: str) -> Callable[[], None]:
-    """Run one method of one module instance inside a profiler scope (profiling only); returns the undo."""
-    original = getattr(module, method_name)
-
-    def scoped(*args: Any, **kwargs: Any) -> Any:
-        with torch.autograd.profiler.record_function(f"scope::{scope}"):
-            return original(*args, **kwargs)
-
-    setattr(module, method_name, scoped)
-    return lambda: delattr(module, method_name)
 
 
 def _ancestors(event: Any) -> Iterator[Any]:
@@ -576,13 +559,11 @@ def run_profile(method: str, setting: Setting, args: argparse.Namespace, device:
     step = training_step(p, optimizer, batch, autocast, device, phases)
     step()  # warm-up: optimizer state, one-time allocations
     marker = ScopeMarker()
-    undo = mark_scopes(p.model, marker)
+    mark_scopes(p.model, marker)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for _ in range(args.profile_steps):
             step()
     marker.remove()
-    for callback in undo:
-        callback()
     events = list(profiler.events())
     categories = {k: v / args.profile_steps for k, v in sorted(categorise(events).items(), key=lambda kv: -kv[1])}
     top_ops = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)

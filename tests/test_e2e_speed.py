@@ -7,11 +7,14 @@ import torch
 from benchmarks.e2e_speed import (
     OUR_CONFIGURATIONS,
     Prepared,
+    ScopeMarker,
     Setting,
     autocast_for,
+    categorise,
     evaluation_steps,
     make_batch,
     make_optimizer,
+    mark_scopes,
     prepare,
     prepare_ours,
     ratios,
@@ -90,3 +93,20 @@ def test_our_methods_generate_with_their_weights_frozen_as_the_library_does():
     steps["base:generate"]()  # nothing to freeze: runs as it is
     assert frozen_during_forwards and all(frozen_during_forwards)
     assert layer.frozen_weights is None  # the span ends with the call
+
+
+def test_the_profile_attributes_a_routed_models_step_to_its_scopes():
+    """`--profile` scoped a routing method that the fused dense kernel no longer has (AttributeError)."""
+    prepared = prepare("malora", tiny_model("llama"))
+    setting, device = Setting("fp32", 2, 8), torch.device("cpu")
+    step = training_step(prepared, make_optimizer(prepared, "default"), make_batch(setting, 200, device),
+                         autocast_for(setting, device), device, [])
+    step()
+    marker = ScopeMarker()
+    mark_scopes(prepared.model, marker)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        step()
+    marker.remove()
+    categories = categorise(list(profiler.events()))
+    assert {"forward: adapter", "backward: adapter", "forward: base linear (GEMM + rest)",
+            "optimizer (AdamW step + zero_grad)"} <= set(categories)
