@@ -14,10 +14,11 @@ reader's own errors about unparsable text name ``line`` or ``item`` numbers coun
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from malora_lightning.data.tasks import FileSource, TaskDataError
+from malora_lightning.data.tasks import NON_FINITE, FileSource, TaskDataError, is_non_finite
 
 PREDICT_FIELDS = ("prompt", "task", "target")
 # the dataloader of a predict file's prompts without a task; not a valid task name, so it cannot clash with one
@@ -59,6 +60,11 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
         values = {}
         for field in PREDICT_FIELDS:
             value = row.get(field)
+            if is_non_finite(value):
+                need = "every row needs the prompt text" if field == "prompt" else \
+                    f"write the {field} as text, or null (or no field) for none"
+                raise TaskDataError(f"predict_file {path}, row {index}: field {field!r} holds {json.dumps(value)}, "
+                                    f"{NON_FINITE}; {need}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = str(value)  # a JSON number, as the file writes it (as in task files): "target": 42
             if value is not None and (not isinstance(value, str) or not value.strip()):

@@ -56,6 +56,16 @@ def _parses(template: str) -> bool:
     return True
 
 
+# why a NaN or infinite value is refused (after "field 'a' holds NaN, "): its text would be read as data
+NON_FINITE = "not a value (json.dumps and pandas write a missing number as NaN; NaN and Infinity are not JSON values)"
+
+
+def is_non_finite(value: Any) -> bool:
+    """Whether a row value is a float NaN or infinity: a JSON ``NaN``/``Infinity``/``-Infinity`` (non-standard JSON
+    that Python's json.dumps writes for a missing float) or such a float in a Parquet or hub dataset column."""
+    return isinstance(value, float) and not is_finite_number(value)
+
+
 def repeated(names: Iterable[str]) -> list[str]:
     """The names that occur more than once, sorted: for errors about a field, column, choice or task given twice."""
     names = list(names)
@@ -237,7 +247,8 @@ class FileSource:
     JSON and CSV are read here, not through a dataframe library, so that every value keeps the text the user wrote:
     no float inference turning a column of "2" into "2.0" around an empty cell, no nulls filled in for keys a row
     lacks, a JSON ``1e3`` inserted as ``1e3``. A CSV cell that is empty, like a JSON null, is a missing value, which
-    the formatter rejects by name. A name given twice (CSV header, JSON object) is an error, never a dropped value.
+    the formatter rejects by name, as it does a JSON ``NaN`` or ``Infinity``. A name given twice (CSV header, JSON
+    object) is an error, never a dropped value.
     """
 
     files: Mapping[str, str]
@@ -568,6 +579,11 @@ class TemplateFormatter:
                 choices = json.loads(choices)
             except json.JSONDecodeError as error:
                 raise ValueError(f"choices field {self.choices!r} is not a JSON list ({error.msg})") from None
+        if isinstance(choices, (list, tuple)):
+            for index, choice in enumerate(choices):
+                if is_non_finite(choice):
+                    raise ValueError(f"choices field {self.choices!r}: choice {index} is {json.dumps(choice)}, "
+                                     f"{NON_FINITE}; every choice must be text or a number")
         if not isinstance(choices, (list, tuple)) or not all(isinstance(c, (str, int, float)) and
                                                               not isinstance(c, bool) for c in choices):
             raise ValueError(f"choices field {self.choices!r} must hold a list of choice texts, like [\"yes\", "
@@ -584,8 +600,8 @@ class TemplateFormatter:
 class _FieldView(Mapping[str, Any]):
     """A row seen through a renaming: ``view.value(name)`` reads column ``fields.get(name, name)``; ``view[name]`` is
     what a template inserts, text or a number. A missing column raises ``KeyError(column)`` so the error names the
-    field the row lacks; a null is refused, and so is a boolean, list or object in a template, which would be
-    written as Python's ``True``, ``['x', None]`` or ``{'k': None}``, not as anything in the file."""
+    field the row lacks; a null, NaN or infinity is refused, and so is a boolean, list or object in a template, which
+    would be written as Python's ``True``, ``['x', None]`` or ``{'k': None}``, not as anything in the file."""
 
     def __init__(self, row: Mapping[str, Any], fields: Mapping[str, str]) -> None:
         self._row, self._fields = row, fields
@@ -595,6 +611,9 @@ class _FieldView(Mapping[str, Any]):
         value = self._row[column]
         if value is None:
             raise ValueError(f"field {column!r} is empty (null); every field a template or the task reads needs a value")
+        if is_non_finite(value):
+            raise ValueError(f"field {column!r} holds {json.dumps(value)}, {NON_FINITE}; every field a template or "
+                             "the task reads needs a value (a string, \"NaN\", if that text is meant)")
         return value
 
     def __getitem__(self, name: str) -> Any:

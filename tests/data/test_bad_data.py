@@ -59,6 +59,18 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
                           ["d.json: an object names 'a' more than once"]),
     "csv repeated header name": ("d.csv", "q,a,a\n2+2,4,four-ish\n", GENERATIVE,
                                  ["d.csv, line 1: the header names 'a' more than once"]),
+    # json.dumps writes a missing float as NaN; the target was the text "NaN"
+    "jsonl NaN target": ("d.jsonl", jsonl({"q": "Population of Atlantis?", "a": float("nan")}), GENERATIVE,
+                         ["train row 0", "field 'a' holds NaN, not a value", "NaN and Infinity are not JSON values",
+                          "d.jsonl"]),
+    "json -Infinity prompt": ("d.json", '[{"q": -Infinity, "a": "4"}]', GENERATIVE,
+                              ["train row 0", "field 'q' holds -Infinity, not a value", "d.json"]),
+    "jsonl NaN gold": ("d.jsonl", jsonl('{"q": "ok?", "options": ["no", "yes"], "answer": NaN}'), CHOICE,
+                       ["train row 0", "field 'answer' holds NaN"]),
+    "jsonl NaN choice": ("d.jsonl", jsonl('{"q": "ok?", "options": ["no", NaN], "answer": 0}'), CHOICE,
+                         ["train row 0", "choices field 'options': choice 1 is NaN, not a value", "d.jsonl"]),
+    "csv NaN in a choices cell": ("d.csv", 'q,options,answer\nok?,"[""no"", Infinity]",0\n', CHOICE,
+                                  ["train row 0", "choice 1 is Infinity, not a value", "d.csv"]),
 }
 
 
@@ -118,6 +130,26 @@ def test_mistyped_spec_values_are_named(case):
         task_from_spec(spec)
     for fragment in fragments:
         assert fragment in str(error.value), (fragment, str(error.value))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_float_in_parquet_is_refused_by_name(tmp_path, value):
+    """A Parquet float column written without pandas keeps NaN and inf as floats: the target was the text "nan"."""
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    parquet.write_table(pyarrow.table({"q": ["x", "y"], "a": pyarrow.array([1.5, value], from_pandas=False)}), path)
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    shown = json.dumps(value)  # NaN, Infinity
+    with pytest.raises(TaskDataError, match=rf"train row 1: field 'a' holds {shown}, not a value .*d.parquet"):
+        task.examples("train")
+
+
+def test_a_nan_in_a_column_no_template_reads_is_left_alone(tmp_path):
+    """As a null or an empty CSV cell there: only a value the task reads must be one."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "2+2", "a": 4, "score": NaN}\n')
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [("2+2", "4")]
 
 
 def test_non_utf8_bytes_are_named(tmp_path):

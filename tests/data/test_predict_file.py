@@ -103,6 +103,11 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
     ("boolean.jsonl", '{"prompt": "hi", "target": true}\n',
      [r"boolean.jsonl, row 0: field 'target' must be non-empty text or a number, got bool True"]),
     ("empty.jsonl", "\n", [r"predict_file .*empty.jsonl has no rows", "'prompt'"]),
+    # json.dumps writes a missing float as NaN: the reference answer, or the prompt, was the text "NaN"
+    ("nan_target.jsonl", '{"prompt": "hi", "target": "hello"}\n{"prompt": "Population of Atlantis?", "target": NaN}\n',
+     [r"nan_target.jsonl, row 1: field 'target' holds NaN, not a value", "or null .* for none"]),
+    ("nan_prompt.json", '[{"prompt": Infinity}]',
+     [r"nan_prompt.json, row 0: field 'prompt' holds Infinity, not a value", "every row needs the prompt text"]),
 ])
 def test_bad_predict_files_are_refused_naming_file_row_and_field(tmp_path, name, content, named):
     path = tmp_path / name
