@@ -4,9 +4,10 @@
     python -m benchmarks.gpu_suite --quick    # each step on a small setting: checks the pipeline in about a minute
 
 Runs, most important first, each in its own process and each writing its usual JSON + Markdown to
-benchmarks/results (tag `gpu-suite`). A probe first runs the fused routing's Triton kernels on one small layer
-(seconds); if they fail there (they have been checked on CPU only, through Triton's interpreter), the steps below
-run without the `_fused` methods rather than losing every number of a step to them.
+benchmarks/results (tag `gpu-suite`). A probe first checks the fused routing's Triton kernels against the dense
+kernel's plain ops, outputs and gradients, on small layers and on a 1024->2048 one (`fused_check`, seconds); if they
+fail or disagree there (on CPU they run through Triton's interpreter only), the steps below run without the
+`_fused` methods rather than losing every number of a step to them, or timing wrong results.
 
 1. `e2e_speed` on a LLaMA-2-7B-shaped model (4 decoder layers), nf4-bf16 and bf16, 4 x 512 tokens: training step,
    evaluation forward and generation, our three methods eager, compiled and (mixtures) with `kernel="fused"` next to
@@ -27,9 +28,7 @@ import subprocess
 import sys
 import time
 
-FUSED_PROBE = ["benchmarks.layer_speed", "--device", "cuda", "--shapes", "1024x2048", "--tokens", "512", "--dtypes",
-               "bf16", "--x-grad", "yes", "--warmup", "2", "--rounds", "3", "--methods",
-               "base,lora,malora_dense,malora_fused,molora_fused"]
+FUSED_PROBE = ["benchmarks.fused_check", "--device", "cuda"]
 FULL = [  # most important first: a run cut short by --deadline keeps what it finished
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:4",
      "--settings", "nf4-bf16:4x512,bf16:4x512", "--eval", "--no-memory", "--warmup", "3", "--rounds", "8",

@@ -7,71 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from malora_lightning.adapters import AdapterConfig
+from benchmarks.fused_check import CASES, Case, compare, make_layer, training_step
 from malora_lightning.adapters.fused_routing import BLOCK_TOKENS, route_forward
 from malora_lightning.adapters.kernels import fused_routing_applies
-from tests.adapters.method_matrix import METHOD_CLASSES
 
 IN, OUT = 24, 20
 TOKENS = 2 * BLOCK_TOKENS + 13  # three blocks, the last one partial
 
 
-def make_layer(method: str, kernel: str, **overrides) -> nn.Module:
-    """The same random layer for either kernel: B and the router non-zero so that every path carries signal."""
-    torch.manual_seed(0)
-    base = nn.Linear(IN, OUT)
-    settings = dict(method=method, rank=3, shared_rank=8, num_experts=5, top_k=2, dropout=0.0, kernel=kernel,
-                    router_z_loss_coef=0.01)
-    settings.update(overrides)
-    layer = METHOD_CLASSES[method](base, AdapterConfig(**settings), name="layer")
-    with torch.no_grad():
-        layer.lora_B.normal_()
-        layer.router.weight.normal_()
-    return layer.train()
-
-
-def training_step(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, autocast: bool) -> dict:
-    """Forward and backward of the output, the balance statistics and the z-loss with fixed upstream gradients."""
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    forward = layer.routing_context.begin_forward(mask)
-    torch.manual_seed(7)  # the same dropout mask for both kernels
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = layer(x)
-    statistics = forward.statistics[0]
-    upstream = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
-    loss = (out.float() * upstream).sum() + (statistics.balance * torch.arange(10.0)).sum() + 3 * statistics.z_loss
-    loss.backward()
-    result = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
-    result.update(out=out.detach().float(), balance=statistics.balance.detach(), z_loss=statistics.z_loss.detach(),
-                  x=x.grad.float())
-    return result
-
-
-@pytest.mark.parametrize("method", ["molora", "malora"])
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_fused_routing_matches_the_plain_ops_in_float32(method, renormalize, dropout):
-    x = torch.randn(2, (TOKENS + 1) // 2, IN)
-    mask = torch.ones(2, x.shape[1])
-    mask[0, :9] = 0  # left padding: the statistics weigh real tokens only
-    results = [training_step(make_layer(method, kernel, renormalize_top_k=renormalize, dropout=dropout), x, mask,
-                             autocast=False) for kernel in ("dense", "fused")]
-    dense, fused = results
-    assert dense.keys() == fused.keys()
-    assert {"router.weight", "lora_B", "x", "balance", "z_loss"} <= fused.keys()
-    for name in dense:
-        torch.testing.assert_close(fused[name], dense[name], rtol=2e-5, atol=2e-5, msg=name)
-
-
-@pytest.mark.parametrize("method", ["molora", "malora"])
-def test_fused_routing_matches_the_plain_ops_under_bf16_autocast(method):
-    x = torch.randn(TOKENS, IN)
-    dense, fused = (training_step(make_layer(method, kernel, dropout=0.05), x, None, autocast=True)
-                    for kernel in ("dense", "fused"))
-    for name in dense:  # bf16 roundings of the gated hidden states may differ by one unit
-        scale = dense[name].abs().max().item()
-        torch.testing.assert_close(fused[name], dense[name], rtol=2e-2, atol=2e-2 * scale, msg=name)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.label)
+def test_fused_routing_matches_the_plain_ops(case: Case):
+    """benchmarks/fused_check.py's cases, which the GPU suite runs on CUDA: float32 with a left-padded mask (the
+    statistics weigh real tokens only), both gate rules, with and without dropout; bf16 autocast with dropout."""
+    comparisons = compare(case, torch.device("cpu"))
+    assert {"router.weight", "lora_B", "x", "balance", "z_loss"} <= {c.tensor for c in comparisons}
+    assert [c for c in comparisons if not c.ok] == []
 
 
 def test_fused_routing_in_evaluation_matches_and_hands_back_nothing():
