@@ -47,13 +47,36 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _parses(template: str) -> bool:
-    """Whether `str.format` can read the template (a lone brace, as in "{q", fails on every row otherwise)."""
+def _check_template(key: str, template: str) -> None:
+    """A template ``str.format`` fills from a row's fields by plain name, or a ValueError names the part that is not:
+    a lone brace ("{q") fails on every row; an attribute, index or conversion (``{q.upper}``, ``{q[0]}``, ``{q!r}``)
+    would insert a Python method, a character or a repr, not the text in the file; a positional field (``{}``,
+    ``{0}``) reads no column. A format spec (``{a:.1f}``, ``{q:>5}``) formats the value and is allowed."""
     try:
-        list(string.Formatter().parse(template))
+        parsed = list(string.Formatter().parse(template))
     except ValueError:
-        return False
-    return True
+        raise ValueError(f"{key}={template!r:.80} is invalid: expected a template whose fields are {{name}} and whose "
+                         "literal braces are doubled, {{ and }}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if "." in name or "[" in name:
+            problem = (f"'.' and '[' read an attribute or item of a value (a Python method, a character), not a "
+                       f"column; for a column named {name!r}, give it a plain name: fields: {{x: {name!r}}} and {{x}} "
+                       "in the template")
+        elif not name:
+            problem = "an empty field is a positional argument and reads no column; name one, like {question}"
+        elif name.isdigit():
+            problem = (f"a number is a positional argument and reads no column; for a column named {name!r}, give "
+                       f"it a plain name: fields: {{x: {name!r}}} and {{x}} in the template")
+        elif conversion:
+            problem = f"a conversion (!r, !s, !a) writes Python's rendering of a value, not its text; write {{{name}}}"
+        elif "{" in spec:
+            problem = "a format spec must be fixed text, like {name:>5}, not another field"
+        else:
+            continue
+        raise ValueError(f"{key}={template!r:.80} is invalid: field {written}: {problem}")
 
 
 # why a NaN or infinite value is refused (after "field 'a' holds NaN, "): its text would be read as data
@@ -539,7 +562,8 @@ def registered_tasks() -> list[str]:
 
 @dataclass(frozen=True)
 class TemplateFormatter:
-    """Formats a row with ``str.format`` templates over its fields; ``fields`` renames template names to columns.
+    """Formats a row with ``str.format`` templates over its fields; ``fields`` renames template names to columns. A
+    template field is a plain name, optionally with a format spec (``{question}``, ``{price:.2f}``).
 
     Generative: ``prompt`` and ``target`` templates. Multiple choice: ``prompt`` plus the column holding the list of
     choice strings (``choices``) and the column holding the gold index (``gold``, an int or a digit string).
@@ -556,8 +580,8 @@ class TemplateFormatter:
         _require(self.target is None or _is_text(self.target), "target", self.target,
                  "a template, like '{answer}' (quote a fixed text: target: '7')")
         for key, template in (("prompt", self.prompt), ("target", self.target)):
-            _require(template is None or _parses(template), key, template,
-                     "a template whose fields are {name} and whose literal braces are doubled, {{ and }}")
+            if template is not None:
+                _check_template(key, template)
         for key, column in (("choices", self.choices), ("gold", self.gold)):
             _require(column is None or _is_text(column), key, column, "the name of a column")
         _require(isinstance(self.fields, Mapping) and all(map(_is_text, [*self.fields, *self.fields.values()])),

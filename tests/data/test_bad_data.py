@@ -120,6 +120,20 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
     "prompt with a lone brace": (SPEC | {"prompt": "Q: {q"}, ["task spec 'mine': prompt='Q: {q' is invalid",
                                                               "literal braces are doubled"]),
     "target with a lone brace": (SPEC | {"target": "{a}}"}, ["task spec 'mine': target='{a}}' is invalid"]),
+    # each inserted Python's rendering: <built-in method upper of str object at 0x...>, 'a' with quotes, a character
+    "template attribute": (SPEC | {"prompt": "Q: {q.upper}"},
+                           ["task spec 'mine': prompt='Q: {q.upper}' is invalid: field {q.upper}: '.' and '[' read",
+                            "for a column named 'q.upper', give it a plain name: fields: {x: 'q.upper'}"]),
+    "template index": (SPEC | {"target": "{a[0]}"}, ["task spec 'mine': target='{a[0]}' is invalid: field {a[0]}",
+                                                     "fields: {x: 'a[0]'} and {x} in the template"]),
+    "template repr conversion": (SPEC | {"target": "{a!r}"},
+                                 ["target='{a!r}' is invalid: field {a!r}: a conversion", "write {a}"]),
+    "template field in a format spec": (SPEC | {"prompt": "{q:>{a}}"},
+                                        ["prompt='{q:>{a}}' is invalid: field {q:>{a}}: a format spec must be fixed"]),
+    "template positional field": (SPEC | {"prompt": "Q: {}"}, ["prompt='Q: {}' is invalid: field {}: an empty field"]),
+    "template numeric field": (SPEC | {"prompt": "Q: {0}"},
+                               ["prompt='Q: {0}' is invalid: field {0}: a number is a positional argument",
+                                "fields: {x: '0'}"]),
 }
 
 
@@ -150,6 +164,15 @@ def test_a_nan_in_a_column_no_template_reads_is_left_alone(tmp_path):
     path.write_text('{"q": "2+2", "a": 4, "score": NaN}\n')
     task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
     assert [(example.prompt, example.target) for example in task.examples("train")] == [("2+2", "4")]
+
+
+def test_a_column_named_with_dots_brackets_or_a_number_is_read_through_fields(tmp_path):
+    """What the template error about such a field advises: a plain template name mapped to the column."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(jsonl({"q.text": "2+2", "a[0]": "4", "0": "sum", "n": 2.5}))
+    task = task_from_spec({"name": "mine", "path": str(path), "prompt": "{kind}: {q} ({n:>5})", "target": "{a}",
+                           "fields": {"q": "q.text", "a": "a[0]", "kind": "0"}})
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [("sum: 2+2 (  2.5)", "4")]
 
 
 def test_non_utf8_bytes_are_named(tmp_path):
