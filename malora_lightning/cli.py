@@ -8,15 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from malora_lightning.adapters import read_adapter_folder
+from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.checkpoints import adapter_conflicts, checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
+from malora_lightning.run_paths import refuse_on_every_rank
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
@@ -31,6 +34,9 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
 ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
                         "layers_to_transform")
+
+# the first line of every config file LightningCLI writes (its parser's dump header)
+CONFIG_HEADER = "# lightning.pytorch=="
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,37 @@ def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Pa
         elif key != "model_name_or_path" and key in model and stored[key] != model[key]:
             differences.append(f"model.{key}")
     return differences
+
+
+def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
+    """Raise FileExistsError when `path` exists and is one of the `--config` files the run reads, or does not start
+    with the header LightningCLI writes: without a logger the run folder is `default_root_dir` (the current directory
+    unless set), where the user's own recipe may be."""
+    line = first_line(path)
+    if line is None:
+        return
+    if any(path.resolve() == config.resolve() for config in run_configs):
+        raise FileExistsError(f"{path} is a config file this run reads (--config) and would be replaced by the run's "
+                              "full config: give the run a folder of its own (--trainer.default_root_dir or a "
+                              "logger) or run it from another folder")
+    if not line.startswith(CONFIG_HEADER):
+        raise FileExistsError(f"{path} was not written by malora (its first line is not '{CONFIG_HEADER}<version>', "
+                              "which starts every config a run saves) and would be replaced by this run's config: "
+                              "move it, or give the run a folder of its own (--trainer.default_root_dir or a logger)")
+
+
+class CheckedSaveConfigCallback(SaveConfigCallback):
+    """Lightning's SaveConfigCallback (the run's config saved in its folder, replacing the one an earlier run saved
+    there), except that a file it did not write, or a config file being run, is never replaced: the run stops first,
+    on every rank."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            path = Path(trainer.log_dir) / self.config_filename  # every rank: log_dir is a collective call
+            # the files given to --config (an inline `--config '{...}'` is listed as None)
+            run_configs = [Path(config.absolute) for config in self.config.get("config") or [] if config is not None]
+            refuse_on_every_rank(trainer, lambda: refuse_foreign_config(path, run_configs))
+        super().setup(trainer, pl_module, stage)
 
 
 class MALoRACLI(LightningCLI):
@@ -118,8 +155,8 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
     Returns None: a console script exits with `sys.exit(main())`, and any other value would be an error exit.
     """
     quiet_known_notes()
-    MALoRACLI(model_class, datamodule_class, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-              args=args)
+    MALoRACLI(model_class, datamodule_class, save_config_callback=CheckedSaveConfigCallback,
+              save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
 
 
 def console_main() -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import MALoRACLI, main
+from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -198,6 +198,31 @@ def test_bad_overrides_fail_before_any_model_loads_naming_the_key(override, name
         main(["fit", "--config", "recipes/default.yaml", override])
     assert exit_info.value.code != 0
     assert named in capsys.readouterr().err
+
+
+def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           model_loading_forbidden):
+    """Without a logger the run folder is default_root_dir, the current directory unless set: Lightning's config
+    saving replaced the user's config.yaml there with the run's full config, even the recipe being run."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
+              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+    mine = "# my own recipe\n" + yaml.safe_dump(recipe)
+    (tmp_path / "config.yaml").write_text(mine)
+    with pytest.raises(FileExistsError, match=r"config\.yaml is a config file this run reads \(--config\)"):
+        main(["test", "-c", "config.yaml"])
+    (tmp_path / "recipe.yaml").write_text(mine)
+    with pytest.raises(FileExistsError, match=r"config\.yaml was not written by malora \(its first line is not "
+                                              r"'# lightning\.pytorch==<version>'"):
+        main(["test", "-c", "recipe.yaml"])
+    assert (tmp_path / "config.yaml").read_text() == mine  # both refused before the model loaded
+
+    (tmp_path / "config.yaml").write_text(f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n")  # an earlier run's
+    with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
+        main(["test", "-c", "recipe.yaml"])
+    saved = (tmp_path / "config.yaml").read_text()
+    assert saved.startswith(CONFIG_HEADER) and yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
 def test_unknown_key_in_a_recipe_file_is_named(tmp_path, capsys, model_loading_forbidden):
