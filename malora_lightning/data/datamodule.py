@@ -45,6 +45,8 @@ from malora_lightning.values import is_finite_number, is_int
 logger = logging.getLogger(__name__)
 
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
+# the split a stage evaluates on, which at least one task must have (predict: without a predict file)
+_EVALUATED_SPLITS = {"validate": "validation", "test": "test", "predict": "test"}
 # a trained task without a validation split of its own is validated on this share of its train rows (at most
 # max_eval_examples_per_task of them), which are then never trained on
 HELD_OUT_FRACTION = 0.1
@@ -260,16 +262,42 @@ class MultiTaskDataModule(LightningDataModule):
                     task.source.load(split, self.hparams.data_seed)
 
     def setup(self, stage: str | None = None) -> None:
+        stage = TrainerFn(stage or "fit").value  # Lightning passes a TrainerFn, which f-strings write as its name
+        self._check_something_to_evaluate(stage)
         if self._encoder is None:
             self.tokenizer = self.load_tokenizer()
             self._encoder = self.build_encoder(self.tokenizer)
-        for split in _STAGE_SPLITS[stage or "fit"]:
+        for split in _STAGE_SPLITS[stage]:
             if split not in self._encoded:
                 self._encoded[split] = self._encode_split(split)
         self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
         if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
             self._predict_prompts = self._encode_prompts(read_prompts(self._predict_source,
                                                                       [task.name for task in self._tasks]))
+
+    def _check_something_to_evaluate(self, stage: str) -> None:
+        """validate, test and predict (without a predict file) need a task with the split they evaluate: without one,
+        the model would load and Lightning run nothing, writing no metrics or predictions, and exit as a success.
+        (fit without validation rows still trains, and says which tasks are not validated.)"""
+        split = _EVALUATED_SPLITS.get(stage)
+        if split is None or (stage == "predict" and self._predict_source is not None):
+            return
+        if any(self._evaluates(task, split) for task in self._tasks):
+            return
+        provided = "; ".join(f"{task.name}: {', '.join(task.source.splits) or 'none'}" for task in self._tasks)
+        advice = ""
+        if split == "validation":
+            advice = ("; a trained task without one is validated on rows held out from its train split when it has "
+                      "two or more")
+        elif stage == "predict":
+            advice = ", or run predict with predict_file=<your prompts>"
+        raise TaskDataError(f"{stage} has nothing to evaluate: no task has a {split} split (tasks and the splits they "
+                            f"provide: {provided}); give a task a {split} file (in a task spec, path: {{train: ..., "
+                            f"{split}: ...}}) or list a task that has one{advice}")
+
+    def _evaluates(self, task: Task, split: str) -> bool:
+        """Whether ``task`` is evaluated on an evaluation split: its own, or for validation rows held out from train."""
+        return task.has_split(split) or (split == "validation" and self.held_out(task) is not None)
 
     def held_out(self, task: Task) -> HeldOutSplit | None:
         """The validation split carved from a trained task's train rows when it has none of its own (and at least
@@ -310,8 +338,7 @@ class MultiTaskDataModule(LightningDataModule):
             if missing:
                 raise TaskDataError(f"tasks {missing} have no train split; list them under eval_tasks")
             return list(enumerate(self.train_tasks))
-        evaluated = [(task_id, task) for task_id, task in enumerate(self._tasks)
-                     if task.has_split(split) or (split == "validation" and self.held_out(task) is not None)]
+        evaluated = [(task_id, task) for task_id, task in enumerate(self._tasks) if self._evaluates(task, split)]
         evaluated_ids = {task_id for task_id, _ in evaluated}
         skipped = [task.name for task_id, task in enumerate(self._tasks) if task_id not in evaluated_ids]
         if skipped:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, get_task, sampling
+from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, TaskDataError, get_task, sampling
 from malora_lightning.data.datamodule import ResumableDataLoader
 from malora_lightning.data.batches import TrainingBatch
 from tests.helpers import tiny_tokenizer
@@ -316,3 +316,36 @@ def test_starting_a_loader_leaves_the_global_random_state_alone():
     for loader in loaders:
         next(iter(loader))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(("stage", "split", "advice"), [
+    ("test", "test", "list a task that has one$"),
+    ("predict", "test", "or run predict with predict_file=<your prompts>"),
+    ("validate", "validation", "validated on rows held out from its train split when it has two or more"),
+])
+def test_evaluating_with_no_task_that_has_the_split_is_refused_before_anything_loads(tmp_path, stage, split, advice):
+    """Lightning loaded the model, ran nothing, wrote no metrics or predictions and exited 0."""
+    (tmp_path / "one.jsonl").write_text('{"q": "1+1", "a": "2"}\n')  # one row: too few to hold any out to validate
+    (tmp_path / "eval.jsonl").write_text('{"q": "2+2", "a": "4"}\n')
+    specs = [{"name": "one", "path": str(tmp_path / "one.jsonl"), "prompt": "{q}", "target": "{a}"},
+             {"name": "other", "path": {"validation" if split == "test" else "test": str(tmp_path / "eval.jsonl")},
+              "prompt": "{q}", "target": "{a}"}]
+    data = MultiTaskDataModule(tasks=["one"], eval_tasks=["other"], task_specs=specs)  # no tokenizer: not reached
+    provided = f"one: train; other: {'validation' if split == 'test' else 'test'}"
+    with pytest.raises(TaskDataError, match=rf"^{stage} has nothing to evaluate: no task has a {split} split \(tasks "
+                                            rf"and the splits they provide: {provided}\); give a task a {split} file"):
+        data.setup(stage)
+    with pytest.raises(TaskDataError, match=advice):
+        data.setup(stage)
+
+
+def test_fit_without_validation_rows_and_predict_from_a_file_need_no_evaluation_split(tmp_path):
+    """fit still trains (and says which tasks are not validated); a predict file brings its own prompts."""
+    (tmp_path / "one.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "3+3"}\n')
+    spec = {"name": "one", "path": str(tmp_path / "one.jsonl"), "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["one"], task_specs=[spec], predict_file=str(tmp_path / "prompts.jsonl"))
+    data.setup("fit")
+    assert list(data._loaded("train")) == ["one"] and data._loaded("validation") == {}
+    data.setup("predict")
+    assert [len(loader) for loader in data.predict_dataloader().values()] == [1]
