@@ -50,6 +50,37 @@ class Prediction:
     correct: bool | None
 
 
+PREDICTION_KEYS = [field.name for field in dataclasses.fields(Prediction)]
+
+
+def is_prediction_line(line: str) -> bool:
+    """Whether `line` is a JSON object with exactly `Prediction`'s keys, in order: a line `PredictionWriter` writes."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and list(row) == PREDICTION_KEYS
+
+
+def refuse_foreign_predictions(path: Path) -> None:
+    """Raise FileExistsError when `path` exists and is not a predictions file as `PredictionWriter` writes it. JSON
+    lines have no header to mark the file as ours (a marker line would break every reader of the rows), so it is known
+    by its content: every line a `Prediction` (an empty file, as zero predictions write, holds nothing to lose)."""
+    if not path.exists():
+        return
+    try:
+        with path.open(encoding="utf-8") as lines:
+            ours = all(is_prediction_line(line) for line in lines)
+    except UnicodeDecodeError:
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{path} was not written by PredictionWriter (not every line is a JSON object with "
+                              f"exactly the keys {', '.join(PREDICTION_KEYS)}) and would be replaced by this run's "
+                              "predictions: move it, give the run a folder of its own (Trainer(default_root_dir=...), "
+                              "a logger, or ModelCheckpoint(dirpath=...)), or write the predictions elsewhere "
+                              "(PredictionWriter(path=...), --predictions.path)")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Answered:
     """A prediction with its place in the data: which dataloader, which example of it."""
@@ -64,9 +95,9 @@ class PredictionWriter(BasePredictionWriter):
     (next to the checkpoints and the run report): one `Prediction` a line, grouped by predict dataloader, each naming
     its input's `row` (module docstring). Does nothing outside predict.
 
-    The file in the run folder is this callback's own and is replaced by the next predict run there; a file at a
-    `path` you give must not exist yet (a `FileExistsError` says so before anything is predicted), so that no file
-    of yours is ever overwritten.
+    The file in the run folder is replaced by the next predict run there, but only a file that a predict run wrote
+    (every line a `Prediction`); a file at a `path` you give must not exist yet. Either way a `FileExistsError` says
+    so before anything is predicted, so that no file of yours is ever overwritten.
 
     Args:
         path: where to write the JSON lines; None: `predictions.jsonl` in the run folder.
@@ -95,7 +126,12 @@ class PredictionWriter(BasePredictionWriter):
         self._answered = []
         # every rank resolves the folder (known once the checkpoint callback is set up): without a checkpoint folder
         # it comes from trainer.log_dir, a collective call
-        self._output = Path(self.path) if self.path is not None else run_directory(trainer) / PREDICTIONS_NAME
+        if self.path is None:
+            output = run_directory(trainer) / PREDICTIONS_NAME
+            refuse_on_every_rank(trainer, lambda: refuse_foreign_predictions(output))
+            self._output = output
+        else:
+            self._output = Path(self.path)
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,

@@ -132,6 +132,25 @@ def test_a_file_at_the_given_path_is_never_overwritten_but_the_run_folders_own_i
         assert len(read_rows(tmp_path / PREDICTIONS_NAME)) == count * len(TASKS)
 
 
+def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_run_wrote_it(tiny_model_dir, tmp_path):
+    """Without a path the writer replaced whatever predictions.jsonl the run folder held (the current directory, for a
+    run without a logger or checkpoints): a user's prompts file of that name, or predictions the user annotated."""
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    path = tmp_path / PREDICTIONS_NAME
+    predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1))
+    rows = read_rows(path)
+    annotated = "".join(json.dumps({**row, "note": "checked by hand"}) + "\n" for row in rows).encode()
+    prompts = (json.dumps({"prompt": "What is 2 + 2?", "task": "add_2digit"}) + "\n").encode()
+    for theirs in (annotated, prompts, b"my notes\n", "\xe9t\xe9\n".encode("latin-1")):
+        path.write_bytes(theirs)
+        module.lengths.clear()
+        with pytest.raises(FileExistsError, match=r"predictions\.jsonl was not written by PredictionWriter \(not every "
+                                                  r"line is a JSON object with exactly the keys row, task, prompt"):
+            predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1))
+        assert path.read_bytes() == theirs
+        assert module.lengths == {}  # refused before anything was predicted
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "module_class"), [(SpawnDDPStrategy, Oracle), (SpawnFSDP2Strategy, MALoRAModule)])
 def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path, strategy, module_class):
