@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -42,6 +42,7 @@ from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import CheckedCheckpointIO, adapter_conflicts, check_checkpoint_file
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
+from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.optim import SCHEDULES, Schedule, adamw_options, lr_multiplier, schedule_length
 from malora_lightning.scoring import target_positions, token_log_likelihoods
@@ -196,8 +197,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
-            if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            strategy = self.trainer.strategy if self._trainer is not None else None
+            if isinstance(strategy, ModelParallelStrategy):
                 self.shard_model()
+            elif isinstance(strategy, FSDPStrategy):  # Lightning wraps after this: refuse what FSDP1 cannot flatten
+                mixed_precision = strategy.mixed_precision_config
+                check_fsdp1_units(self.model, wrapped_classes(strategy.kwargs.get("auto_wrap_policy")),
+                                  None if mixed_precision is None else mixed_precision.param_dtype)
 
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.

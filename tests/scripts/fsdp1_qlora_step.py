@@ -1,0 +1,88 @@
+"""One training step of a 4-bit MALoRA model wrapped by FSDP1 as recipes/llama2-7b/hardware/fsdp-qlora.yaml wraps it
+(its auto_wrap_policy classes, bf16-mixed's MixedPrecision), on 2 CPU processes (gloo), against the unwrapped model
+with the same parameters in bf16. Lightning builds FSDPStrategy only on GPUs, so this wraps with torch directly.
+
+Usage: python tests/scripts/fsdp1_qlora_step.py <tiny model dir> <output json>
+"""
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import yaml  # noqa: E402
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision  # noqa: E402
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
+
+from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "llama2-7b" / "hardware" / "fsdp-qlora.yaml"
+WORLD = 2
+
+
+def recipe_classes() -> set[type]:
+    paths = yaml.safe_load(RECIPE.read_text())["trainer"]["strategy"]["init_args"]["auto_wrap_policy"]
+    return {getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]) for path in paths}
+
+
+def build(model_dir: str) -> torch.nn.Module:
+    """The recipe's base settings (nf4, bf16 compute, bf16 storage), MALoRA with non-zero B, in training mode."""
+    torch.manual_seed(0)
+    model = load_base_model(model_dir, quantization="nf4", compute_dtype="bfloat16", quant_storage="bfloat16")
+    inject_adapters(model, AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(std=0.1)
+    return model.train()
+
+
+def step(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item()
+
+
+def run(rank: int, model_dir: str, out_path: str) -> None:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(1))  # the same batch on each rank
+    reference = build(model_dir)
+    for param in reference.parameters():  # what FSDP's mixed precision computes with
+        if type(param).__name__ != "Params4bit":
+            param.data = param.data.bfloat16()
+    reference_loss = step(reference, ids)
+    reference_grads = {name: param.grad.float() for name, param in reference.named_parameters()
+                       if param.grad is not None}
+    bf16 = torch.bfloat16
+    wrapped = FullyShardedDataParallel(build(model_dir), auto_wrap_policy=ModuleWrapPolicy(recipe_classes()),
+                                       use_orig_params=True, device_id=torch.device("cpu"),
+                                       mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16,
+                                                                      buffer_dtype=bf16))
+    loss = step(wrapped, ids)
+    differences = {}
+    with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+        for name, param in wrapped.named_parameters():
+            name = name.replace("_fsdp_wrapped_module.", "")
+            if param.grad is not None and name in reference_grads:
+                expected = reference_grads[name]
+                differences[name] = ((param.grad.float() - expected).norm() / expected.norm()).item()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({"loss": loss, "reference_loss": reference_loss,
+                                              "relative_grad_differences": differences,
+                                              "reference_grads": sorted(reference_grads)}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)

@@ -1,0 +1,68 @@
+"""FSDP1 (`FSDPStrategy`) units: what it would flatten is checked before it wraps, and the FSDP-QLoRA recipe's
+units wrap and train (with torch's FSDP on 2 CPU processes: Lightning builds FSDPStrategy only on GPUs)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model
+from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
+
+
+@pytest.fixture
+def qlora_model(tiny_model_dir):
+    """The FSDP-QLoRA recipe's base settings: nf4, bf16 compute and storage; float32 norms, embeddings, adapters."""
+    model = load_base_model(str(tiny_model_dir), quantization="nf4", compute_dtype="bfloat16",
+                            quant_storage="bfloat16")
+    inject_adapters(model, AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4))
+    return model
+
+
+def test_a_unit_of_several_dtypes_is_refused_naming_it(qlora_model):
+    """The recipe's former policy, decoder layers only: torch raised "Must flatten tensors with uniform dtype" at
+    wrap time, naming no module."""
+    with pytest.raises(ValueError, match=r"parameters of model\.layers\.0 \(LlamaDecoderLayer\) into one buffer, but "
+                                         r"they have several dtypes: torch\.float32 \(.*\), torch\.bfloat16 \(.*\)"):
+        check_fsdp1_units(qlora_model, (LlamaDecoderLayer,), torch.bfloat16)
+    with pytest.raises(ValueError, match="the root module"):  # no policy: one unit
+        check_fsdp1_units(qlora_model, (), torch.bfloat16)
+    check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), torch.bfloat16)
+    check_fsdp1_units(qlora_model, None, torch.bfloat16)  # a callable policy: its units are unknown
+
+
+def test_mixed_precision_may_not_cast_packed_4bit_weights(qlora_model):
+    with pytest.raises(ValueError, match=r"casts parameters to torch.float32, but the 4-bit weight .* is packed in "
+                                         r"torch.bfloat16 storage, .* set model.quant_storage to float32"):
+        check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), torch.float32)
+
+
+def test_the_policy_classes_are_read_as_lightning_hands_them_over():
+    classes = {LlamaDecoderLayer, bnb.nn.Linear4bit}
+    assert set(wrapped_classes(ModuleWrapPolicy(classes))) == classes
+    assert set(wrapped_classes(classes)) == classes
+    assert wrapped_classes(None) == ()
+    assert wrapped_classes(lambda module, recurse, nonwrapped_numel: False) is None
+
+
+@pytest.mark.slow
+def test_the_fsdp_qlora_recipes_units_wrap_and_train(tiny_model_dir, tmp_path):
+    """One step on 2 ranks with the recipe's auto_wrap_policy: every adapter tensor gets the gradient of the
+    unwrapped model with the same (bf16) parameters, up to bf16 rounding; a corrupted 4-bit weight or a lost
+    gradient would be far off."""
+    out = tmp_path / "step.json"
+    script = Path(__file__).parent / "scripts" / "fsdp1_qlora_step.py"
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = json.loads(out.read_text())
+    assert step["loss"] == pytest.approx(step["reference_loss"], abs=5e-3)
+    differences = step["relative_grad_differences"]
+    assert sorted(differences) == step["reference_grads"] and len(differences) == 48  # 12 layers x 4 tensors
+    assert max(differences.values()) < 0.1
