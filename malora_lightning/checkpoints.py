@@ -5,12 +5,16 @@ checkpoint (truncated by a kill or a full disk, or not a checkpoint at all) refu
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+
+# AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
+ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
+                        "layers_to_transform")
 
 
 def check_checkpoint_file(path: str | Path) -> None:
@@ -56,3 +60,35 @@ def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[
     adapter settings (``hyper_parameters["adapter"]``) set otherwise than the run's ``adapter``."""
     return [f"{prefix}{field}: checkpoint {stored[field]!r}, this run {getattr(adapter, field)!r}"
             for field in fields if field in stored and stored[field] != getattr(adapter, field)]
+
+
+def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, Any], adapter: Any,
+                              path: str | Path | None, training_fields: Sequence[str] = ()) -> list[str]:
+    """Compare a checkpoint's stored hyperparameters with the run's module settings: `settings`, the module's
+    arguments (a parsed `model` config, or the module's `hparams`), and `adapter`, the adapter settings it runs with
+    (an `adapter_path` folder's, when it has one).
+
+    The run's settings always apply: the checkpoint contributes tensors and training state only, never where the base
+    comes from, never `trust_remote_code`. It must agree on the base model, on the adapter's shape
+    (`ADAPTER_SHAPE_FIELDS`) and on `training_fields` (to resume a fit: which adapter tensors train, hence the
+    optimizer state's shape), or this raises `ValueError` naming both values; returns the other settings that differ
+    (the run's values apply to them), as `model.<name>`.
+    """
+    conflicts, differences = [], []
+    if "model_name_or_path" in stored and stored["model_name_or_path"] != settings["model_name_or_path"]:
+        conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
+                         f"{settings['model_name_or_path']!r}")
+    checked = ADAPTER_SHAPE_FIELDS + tuple(training_fields)
+    conflicts += adapter_conflicts(stored.get("adapter") or {}, adapter, checked, prefix="model.adapter.")
+    if conflicts:
+        named = "the checkpoint" if path is None else f"checkpoint {path}"
+        raise ValueError(f"{named} does not fit this run: " + "; ".join(conflicts) + ". Settings come from your "
+                         "config and flags (or the module's arguments) only, never from a checkpoint: give the ones "
+                         "the checkpoint was trained with")
+    for key, value in stored.items():
+        if key == "adapter":
+            differences += [f"model.adapter.{field}" for field, stored_value in value.items()
+                            if field not in checked and stored_value != getattr(adapter, field, None)]
+        elif key != "model_name_or_path" and key in settings and value != settings[key]:
+            differences.append(f"model.{key}")
+    return differences

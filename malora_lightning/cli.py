@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
-from malora_lightning.checkpoints import adapter_conflicts, checkpoint_hyperparameters
+from malora_lightning.checkpoints import check_checkpoint_settings, checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
@@ -31,45 +30,16 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
     "run_report": RunReport,
     "predictions": PredictionWriter,  # `malora predict` writes predictions.jsonl; `--predictions.path` puts it elsewhere
 }
-# AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
-ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
-                        "layers_to_transform")
-
 # the first line of every config file LightningCLI writes (its parser's dump header)
 CONFIG_HEADER = "# lightning.pytorch=="
 
-logger = logging.getLogger(__name__)
 
-
-def check_checkpoint_settings(stored: dict[str, Any], model: Any, path: str | Path, fitting: bool = True) -> list[str]:
-    """Compare a checkpoint's stored settings with the run's own `model` settings (a parsed config namespace).
-
-    The run's settings always apply: the checkpoint contributes tensors and training state only, never where the
-    base comes from, never `trust_remote_code`. It must agree on the base model and on the adapter's shape, and when
-    `fitting` (resuming a fit, which loads the optimizer state) on which adapter tensors train (`TRAINING_FIELDS`),
-    or this raises `ValueError` naming both values; returns the other settings that differ (the run's values apply
-    to them).
-    """
-    conflicts, differences = [], []
-    if "model_name_or_path" in stored and stored["model_name_or_path"] != model.model_name_or_path:
-        conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
-                         f"{model.model_name_or_path!r}")
-    stored_adapter = stored.get("adapter") or {}
+def check_config_settings(stored: dict[str, Any], model: Any, path: str | Path, fitting: bool = True) -> list[str]:
+    """`check_checkpoint_settings` for the `model` section of a parsed config, before the module exists: a resumed fit
+    (`fitting`) must also agree on `TRAINING_FIELDS`. Returns the settings that differ."""
     # with an adapter_path, the module takes its adapter settings from that folder, not from model.adapter
     adapter = read_adapter_folder(model.adapter_path).config if model.get("adapter_path") else model.adapter
-    checked = ADAPTER_SHAPE_FIELDS + (TRAINING_FIELDS if fitting else ())
-    conflicts += adapter_conflicts(stored_adapter, adapter, checked, prefix="model.adapter.")
-    if conflicts:
-        raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(conflicts) + ". Settings come "
-                         "from your config and flags only, never from a checkpoint: pass the recipe (or flags) the "
-                         "checkpoint was trained with")
-    for key, value in stored.items():
-        if key == "adapter":
-            differences += [f"model.adapter.{field}" for field, stored_value in value.items()
-                            if field not in checked and stored_value != getattr(adapter, field, None)]
-        elif key != "model_name_or_path" and key in model and stored[key] != model[key]:
-            differences.append(f"model.{key}")
-    return differences
+    return check_checkpoint_settings(stored, model, adapter, path, TRAINING_FIELDS if fitting else ())
 
 
 def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
@@ -124,19 +94,17 @@ class MALoRACLI(LightningCLI):
         return parser
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
-        `trust_remote_code` and the base model's path included: here they are only checked against the run's."""
+        `trust_remote_code` and the base model's path included: here they are only checked against the run's, for a
+        file before anything loads (`MALoRAModule.on_load_checkpoint` checks every checkpoint again as it loads,
+        `last` and `best` included, and logs the settings that differ)."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        differences = check_checkpoint_settings(checkpoint_hyperparameters(ckpt_path),
-                                                self.config[subcommand]["model"], ckpt_path,
-                                                fitting=subcommand == "fit")
-        if differences:
-            logger.info("Settings that differ from checkpoint %s, applied as this run gives them: %s", ckpt_path,
-                        ", ".join(differences))
+        check_config_settings(checkpoint_hyperparameters(ckpt_path), self.config[subcommand]["model"], ckpt_path,
+                              fitting=subcommand == "fit")
 
     def _instantiate_trainer(self, config, callbacks):
         callbacks = [callback for callback in callbacks if callback is not None]

@@ -39,7 +39,12 @@ from malora_lightning.adapters import (
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
-from malora_lightning.checkpoints import CheckedCheckpointIO, adapter_conflicts, check_checkpoint_file
+from malora_lightning.checkpoints import (
+    CheckedCheckpointIO,
+    adapter_conflicts,
+    check_checkpoint_file,
+    check_checkpoint_settings,
+)
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
@@ -353,9 +358,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose adapter tensors are not exactly this module's, or, to resume a fit, that trained
         other tensors (`TRAINING_FIELDS`): loading is not strict (the base is not in it), so tensors the module lacks
-        were dropped silently, and either failed in torch's optimizer loading with an error naming nothing."""
+        were dropped silently, and either failed in torch's optimizer loading with an error naming nothing. Then
+        refuse one stored with another base model or adapter shape (`check_checkpoint_settings`), whatever path
+        chose it (a file, Lightning's `last` or `best`), and log the settings that differ (this run's apply)."""
         expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
-        source = "" if self._trainer is None or self.trainer.ckpt_path is None else f" ({self.trainer.ckpt_path})"
+        path = None if self._trainer is None else self.trainer.ckpt_path
+        source = "" if path is None else f" ({path})"
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             stored_adapter = (checkpoint.get("hyper_parameters") or {}).get("adapter") or {}
             conflicts = adapter_conflicts(stored_adapter, self.adapter_config, TRAINING_FIELDS, prefix="adapter.")
@@ -372,6 +380,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             raise ValueError(f"checkpoint holds adapter tensors this module does not have, e.g. {unexpected[:3]} "
                              f"({len(unexpected)} in all): it was saved with a different adapter config (e.g. more "
                              f"target_modules or layers) or base model, and loading it would drop them{source}")
+        differences = check_checkpoint_settings(checkpoint.get("hyper_parameters") or {}, self.hparams,
+                                                self.adapter_config, path)
+        if differences:
+            logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
+                        ", ".join(differences))
 
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.

@@ -15,12 +15,12 @@ from malora_lightning.adapters import (
     save_adapters,
 )
 from malora_lightning.checkpoints import checkpoint_hyperparameters
-from malora_lightning.cli import check_checkpoint_settings, main
+from malora_lightning.cli import check_config_settings, main
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.test_cli import parse
 from tests.test_module import make_data, make_module, make_trainer
-from tests.helpers import tiny_model
+from tests.helpers import tiny_model, tiny_tokenizer
 
 MARKER = "remote-code-ran.txt"
 
@@ -56,6 +56,28 @@ def test_cli_never_takes_the_base_or_remote_code_from_a_checkpoint(code_folder, 
     assert not (tmp_path / MARKER).exists()
 
 
+def test_ckpt_path_last_is_checked_like_a_file(tiny_model_dir, tmp_path):
+    """`--ckpt_path last` (resolved by Lightning, in a fixed checkpoint folder) skipped the settings check: a
+    checkpoint of another base model loaded silently, one of another rank failed in torch naming nothing."""
+    other = tmp_path / "other-llama"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    tiny_tokenizer(chat_template=True).save_pretrained(other)
+    flags = ["--config", "recipes/default.yaml", "--model.quantization=null", "--model.adapter.rank=2",
+             "--model.adapter.shared_rank=4", "--model.adapter.num_experts=4", "--data.tasks=[parity]",
+             "--data.max_train_examples_per_task=8", "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2",
+             "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # checkpoints in <root>/checkpoints
+    main(["fit", *flags, f"--model.model_name_or_path={tiny_model_dir}", "--trainer.max_steps=1",
+          "--trainer.val_check_interval=1"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(ValueError, match=r"checkpoint .*last\.ckpt does not fit this run: model\.model_name_or_path: "
+                                         r"checkpoint '.*tiny-chat-llama.*', this run '.*other-llama'"):
+        main(["test", *flags, f"--model.model_name_or_path={other}", "--ckpt_path=last"])
+    with pytest.raises(ValueError, match=r"last\.ckpt does not fit this run: model\.adapter\.rank: checkpoint 2, "
+                                         r"this run 3"):
+        main(["test", *flags, f"--model.model_name_or_path={tiny_model_dir}", "--model.adapter.rank=3",
+              "--ckpt_path=last"])
+
+
 def test_load_from_checkpoint_ignores_a_stored_trust_remote_code(code_folder, tmp_path):
     trained = MALoRAModule(model_name_or_path=str(code_folder), quantization=None)
     trained.configure_model()  # the folder's own weights load as a plain Llama; its code never runs
@@ -84,7 +106,7 @@ def test_resume_with_another_adapter_method_is_refused_naming_both_values(tmp_pa
     model = parse(["--config", "recipes/default.yaml"]).config.model
     with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'.*"
                                          r"model\.adapter\.rank: checkpoint 8, this run 12"):
-        check_checkpoint_settings(checkpoint_hyperparameters(checkpoint), model, checkpoint)
+        check_config_settings(checkpoint_hyperparameters(checkpoint), model, checkpoint)
 
 
 def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_both_values(tmp_path):
@@ -95,8 +117,8 @@ def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_bot
     resumed = parse(["--config", "recipes/default.yaml", "--model.adapter.train_P=false"]).config.model
     with pytest.raises(ValueError, match=r"x\.ckpt does not fit this run: model\.adapter\.train_P: checkpoint True, "
                                          r"this run False"):
-        check_checkpoint_settings(stored, resumed, "x.ckpt")
-    assert check_checkpoint_settings(stored, resumed, "x.ckpt", fitting=False) == ["model.adapter.train_P"]
+        check_config_settings(stored, resumed, "x.ckpt")
+    assert check_config_settings(stored, resumed, "x.ckpt", fitting=False) == ["model.adapter.train_P"]
 
 
 def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_path):
@@ -105,7 +127,7 @@ def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_p
               "adapter": {**vars(trained.adapter), "dropout": 0.05}}
     resumed = parse(["--config", "recipes/default.yaml", "--model.learning_rate=0.1", "--model.lr_schedule=linear",
                      "--model.adapter.dropout=0.2"]).config.model
-    assert sorted(check_checkpoint_settings(stored, resumed, "x.ckpt")) == [
+    assert sorted(check_config_settings(stored, resumed, "x.ckpt")) == [
         "model.adapter.dropout", "model.learning_rate", "model.lr_schedule"]
 
 
@@ -118,9 +140,9 @@ def test_a_run_started_from_an_adapter_folder_resumes_with_its_own_flags(tmp_pat
     started = parse(flags).config.model
     stored = {"model_name_or_path": started.model_name_or_path, "adapter_path": started.adapter_path,
               "adapter": read_adapter_folder(tmp_path / "adapter").config.to_dict()}
-    assert check_checkpoint_settings(stored, parse(flags).config.model, "x.ckpt") == []
+    assert check_config_settings(stored, parse(flags).config.model, "x.ckpt") == []
     with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'"):
-        check_checkpoint_settings(stored, parse(flags[:2]).config.model, "x.ckpt")  # without the folder
+        check_config_settings(stored, parse(flags[:2]).config.model, "x.ckpt")  # without the folder
 
 
 def test_every_subcommand_reads_checkpoints_as_data(capsys):
