@@ -38,3 +38,16 @@ def test_a_gpu_that_only_emulates_bf16_computes_in_float32(monkeypatch, native, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     assert hardware.fast_bf16_available("cuda") is fast
     assert resolve_compute_dtype("auto", "cuda") == ("bfloat16" if fast else "float32")
+
+
+def test_the_cuda_choice_is_made_in_the_training_process_not_when_the_plugin_is_built(monkeypatch):
+    """Asking CUDA about bf16 initialises it, and Lightning cannot fork processes (ddp_fork, ddp_notebook) after
+    that: the plugin, built in the parent by the recipe, asked at once."""
+    asked = []
+    monkeypatch.setattr(precision, "fast_bf16_available", lambda device: asked.append(device) or True)
+    plugin = AutoMixedPrecision("cuda")
+    assert asked == []
+    model = torch.nn.Linear(2, 2)
+    assert plugin.connect(model, [], []) == (model, [], [])
+    assert asked == ["cuda"] and plugin.enabled and plugin.precision == "bf16-mixed"
+    assert asked == ["cuda"]  # once
