@@ -25,8 +25,11 @@ def check_checkpoint_file(path: str | Path) -> None:
     archive") names no file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder: give a checkpoint file (a run writes its .ckpt files "
+                                "into its checkpoints/ folder, e.g. checkpoints/last.ckpt)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+        raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a checkpoint file (.ckpt)")
     try:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()

@@ -11,11 +11,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_registry import _is_registry
 
 from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
-from malora_lightning.checkpoints import check_checkpoint_settings, checkpoint_hyperparameters
+from malora_lightning.checkpoints import check_checkpoint_file, check_checkpoint_settings, checkpoint_hyperparameters
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
@@ -30,6 +31,9 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
     "run_report": RunReport,
     "predictions": PredictionWriter,  # `malora predict` writes predictions.jsonl; `--predictions.path` puts it elsewhere
 }
+# `ckpt_path` values that Lightning resolves to a file itself (`_CheckpointConnector._parse_ckpt_path`, Lightning 2.6),
+# besides "registry" and "registry:<name>"
+LIGHTNING_CKPT_VALUES = ("last", "best", "hpc")
 # the first line of every config file LightningCLI writes (its parser's dump header)
 CONFIG_HEADER = "# lightning.pytorch=="
 
@@ -94,15 +98,17 @@ class MALoRACLI(LightningCLI):
         return parser
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
-        `trust_remote_code` and the base model's path included: here they are only checked against the run's, for a
-        file before anything loads (`MALoRAModule.on_load_checkpoint` checks every checkpoint again as it loads,
-        `last` and `best` included, and logs the settings that differ)."""
+        `trust_remote_code` and the base model's path included: here they are only checked against the run's. A local
+        path is checked before anything loads: a missing file, a folder or a cut-off file is named, and so are
+        settings it does not fit (`MALoRAModule.on_load_checkpoint` checks every checkpoint again as it loads, those
+        Lightning resolves included, and logs the settings that differ)."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_VALUES or _is_registry(ckpt_path) or "://" in str(ckpt_path):
+            return  # resolved and read by Lightning (a remote path through fsspec)
+        check_checkpoint_file(ckpt_path)
         check_config_settings(checkpoint_hyperparameters(ckpt_path), self.config[subcommand]["model"], ckpt_path,
                               fitting=subcommand == "fit")
 

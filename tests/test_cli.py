@@ -225,6 +225,23 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
     assert saved.startswith(CONFIG_HEADER) and yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
+@pytest.mark.parametrize(("given", "named"), [
+    ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
+                                     r"checkpoint file \(\.ckpt\)"),
+    ("recipes", r"checkpoint recipes is a folder: give a checkpoint file .*checkpoints/last\.ckpt"),
+])
+def test_a_ckpt_path_that_is_no_file_is_named_before_the_data_or_model_loads(given, named, monkeypatch,
+                                                                           model_loading_forbidden):
+    """A mistyped --ckpt_path was reported only after data setup and the base model's load; a folder as a bare
+    '[Errno 21] Is a directory'."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the data was set up before the ckpt_path was checked")
+
+    monkeypatch.setattr(MultiTaskDataModule, "setup", forbidden)
+    with pytest.raises(OSError, match=named):
+        main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={given}"])
+
+
 def test_unknown_key_in_a_recipe_file_is_named(tmp_path, capsys, model_loading_forbidden):
     recipe = yaml.safe_load(Path("recipes/default.yaml").read_text())
     recipe["model"]["adapter"]["shard_rank"] = 16  # typo of shared_rank
