@@ -43,18 +43,35 @@ class TaskExport:
     profile_tokens: int  # real tokens the task's routing profile averaged over
 
 
-def build_from_recipe(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
-    """The module (base model loaded, the adapter folder's adapters in it) and the data module, set up for fitting
-    (train and validation splits loaded), exactly as `malora` builds them from the same recipe and flags."""
+def recipe_modules(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
+    """The module (the adapter folder's settings in it) and the data module exactly as `malora` builds them from the
+    same recipe and flags, nothing loaded yet: what the export needs is checked before the base model loads."""
     cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
                     args=[*overrides, f"--model.adapter_path={adapter}"])
     module, data = cli.model, cli.datamodule
     if not module.adapter_config.is_routed:
         raise ValueError(f"{adapter} holds a {module.adapter_config.method} adapter, which is static already: "
                          "malora-task-export collapses MoLoRA/MALoRA mixtures (merge a LoRA with merge_adapters)")
-    module.configure_model()
-    data.setup("fit")
     return module, data
+
+
+def build_from_recipe(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
+    """`recipe_modules`, loaded: the data module set up for fitting (train and validation splits loaded), the base
+    model with the adapter folder's adapters in it."""
+    module, data = recipe_modules(adapter, overrides)
+    data.setup("fit")
+    module.configure_model()
+    return module, data
+
+
+def chosen_tasks(data: MultiTaskDataModule, named: list[str] | None) -> list[str]:
+    """The tasks to export: those `--tasks` names, each one the recipe trains, or else every task it trains."""
+    trained = [task.name for task in data.train_tasks]
+    unknown = [name for name in named or [] if name not in trained]
+    if unknown:
+        raise ValueError(f"--tasks names {', '.join(map(repr, unknown))}, which the recipe does not train: each "
+                         f"exported task needs its training examples; expected some of {', '.join(trained)}")
+    return named or trained
 
 
 def profile_tasks(model: nn.Module, data: MultiTaskDataModule, tasks: list[str],
@@ -151,10 +168,11 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     if known.profile_examples < 1:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
-    if known.tasks:  # so are the targets, when the tasks are named (else the recipe names them)
-        check_targets(Path(known.adapter), known.output, known.tasks, known.merge, known.overwrite)
-    module, data = build_from_recipe(known.adapter, overrides)
-    tasks = known.tasks or [task.name for task in data.train_tasks]
+    module, data = recipe_modules(known.adapter, overrides)
+    tasks = chosen_tasks(data, known.tasks)  # so are unknown tasks and every target, before the data or model loads
+    check_targets(Path(known.adapter), known.output, tasks, known.merge, known.overwrite)
+    data.setup("fit")
+    module.configure_model()
     exports = export_tasks(module, data, Path(known.adapter), known.output, tasks, known.merge, known.overwrite,
                            known.profile_examples)
     for export in exports:

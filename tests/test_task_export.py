@@ -12,6 +12,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_
 from malora_lightning.adapters.merge import merge_task, task_lora_model
 from malora_lightning.adapters.quantization import load_base_model
 from malora_lightning.atomic import default_mode
+from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.task_export import build_from_recipe, check_targets, main, profile_tasks
 
 TASKS = ["parity", "add_2digit"]
@@ -96,16 +97,25 @@ def test_the_adapter_folder_being_read_is_never_written_over(tiny_model_dir, tmp
     assert folder_bytes(tmp_path / "out" / "parity") == before
 
 
-def test_named_tasks_targets_are_checked_before_the_base_model_loads(tmp_path, mixture_folder, monkeypatch):
+def test_tasks_and_targets_are_checked_before_the_data_or_the_base_model_loads(tiny_model_dir, tmp_path,
+                                                                              mixture_folder, monkeypatch):
+    """Without --tasks the targets were checked only after the base model loaded, and an unknown --tasks name only
+    after the tasks before it were profiled."""
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "parity").write_text("a file where the task's folder would go")
+    (tmp_path / "out" / "add_2digit").write_text("a file where the task's folder would go")
 
     def load(*args, **kwargs):
-        raise AssertionError("the base model was loaded before the targets were checked")
+        raise AssertionError("the data or the base model loaded before the export's tasks and targets were checked")
 
-    monkeypatch.setattr("malora_lightning.task_export.build_from_recipe", load)
-    with pytest.raises(FileExistsError, match=r"out/parity"):
-        main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "out"), "--tasks", "parity"])
+    monkeypatch.setattr("malora_lightning.module.load_base_model", load)
+    monkeypatch.setattr(MultiTaskDataModule, "setup", load)
+    flags = ["--adapter", str(mixture_folder), "--output", str(tmp_path / "out"), *recipe_flags(tiny_model_dir)]
+    for tasks in ([], ["--tasks", "add_2digit"]):  # the recipe's tasks, or those named
+        with pytest.raises(FileExistsError, match=r"out/add_2digit is a file"):
+            main([*flags, *tasks])
+    with pytest.raises(ValueError, match=r"--tasks names 'prity', which the recipe does not train: .* expected some "
+                                         r"of parity, add_2digit"):
+        main([*flags, "--tasks", "parity", "prity"])
 
 
 def test_targets_inside_or_around_the_adapter_folder_are_refused(tmp_path):
