@@ -17,17 +17,31 @@ ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_
                         "layers_to_transform")
 
 
+# beside a sharded checkpoint's shards (a folder: FSDPStrategy, ModelParallelStrategy) Lightning writes the rest of
+# the state, the hyperparameters included, into this file (lightning.fabric.utilities.load._METADATA_FILENAME)
+SHARDED_METADATA = "meta.pt"
+
+
+def settings_file(path: str | Path) -> Path:
+    """The `torch.save` archive holding a checkpoint's settings: the checkpoint file itself, or a sharded checkpoint
+    folder's `meta.pt` (Lightning tells the two apart the same way)."""
+    path = Path(path)
+    return path / SHARDED_METADATA if (path / SHARDED_METADATA).is_file() else path
+
+
 def check_checkpoint_file(path: str | Path) -> None:
-    """Refuse, naming the path, a file that is not a complete `torch.save` archive.
+    """Refuse, naming the path, a checkpoint whose settings file (`settings_file`) is not a complete `torch.save`
+    archive.
 
     `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here by reading only
     that directory, without loading any tensor; torch's own error for it ("PytorchStreamReader failed reading zip
     archive") names no file.
     """
-    path = Path(path)
+    path = settings_file(path)
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder: give a checkpoint file (a run writes its .ckpt files "
-                                "into its checkpoints/ folder, e.g. checkpoints/last.ckpt)")
+        raise IsADirectoryError(f"checkpoint {path} is a folder but not a sharded checkpoint (it has no "
+                                f"{SHARDED_METADATA}): give a checkpoint file (a run writes its .ckpt files into its "
+                                "checkpoints/ folder, e.g. checkpoints/last.ckpt) or a sharded checkpoint's folder")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a checkpoint file (.ckpt)")
     try:
@@ -49,9 +63,10 @@ class CheckedCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters a checkpoint stores, read as data (`weights_only=True`: nothing in the file runs)."""
+    """The hyperparameters a checkpoint (a file, or a sharded checkpoint's folder) stores, read as data
+    (`weights_only=True`: nothing in the file runs)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(settings_file(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import malora_lightning.module as module_file
@@ -228,7 +229,8 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
 @pytest.mark.parametrize(("given", "named"), [
     ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
                                      r"checkpoint file \(\.ckpt\)"),
-    ("recipes", r"checkpoint recipes is a folder: give a checkpoint file .*checkpoints/last\.ckpt"),
+    ("recipes", r"checkpoint recipes is a folder but not a sharded checkpoint \(it has no meta\.pt\): give a "
+                r"checkpoint file .*checkpoints/last\.ckpt"),
 ])
 def test_a_ckpt_path_that_is_no_file_is_named_before_the_data_or_model_loads(given, named, monkeypatch,
                                                                            model_loading_forbidden):
@@ -289,3 +291,14 @@ def test_the_command_prints_a_bad_settings_message_without_a_traceback():
     assert result.returncode == 2
     assert "malora: error: " in result.stderr and "AdapterConfig.top_k=9 is invalid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_sharded_checkpoint_folder_is_checked_through_its_settings_file(tmp_path, model_loading_forbidden):
+    """FSDP and ModelParallelStrategy (recipes/llama2-7b/hardware/fsdp*.yaml) write a checkpoint as a folder of
+    shards plus `meta.pt`, which holds the settings: it is checked like a file, not refused as a folder."""
+    folder = tmp_path / "epoch=0-step=3.ckpt"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    torch.save({"hyper_parameters": {"model_name_or_path": "another/model"}}, folder / "meta.pt")
+    with pytest.raises(ValueError, match=r"does not fit this run: model\.model_name_or_path: checkpoint 'another/model'"):
+        main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={folder}"])
