@@ -217,7 +217,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """
         if self.hparams.quantization is not None:
             raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4/8-bit layers; use "
-                             "quantization=null with dtype=bfloat16, or FSDPStrategy with quant_storage for FSDP-QLoRA")
+                             "quantization=null with dtype=bfloat16, or for FSDP-QLoRA FSDPStrategy with the 4-bit "
+                             "linears as units of their own and quant_storage (recipes/llama2-7b/hardware/"
+                             "fsdp-qlora.yaml)")
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names \
             else self.device_mesh
         layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
