@@ -75,15 +75,25 @@ def test_the_task_group_fragments_add_their_group_to_the_default_job(run, group)
     assert differences == {"config", "data.tasks", "trainer.default_root_dir"}
 
 
+# settings changed on purpose since the fixtures: both FSDP strategies failed when they wrapped the model (FSDP1 cannot
+# flatten a decoder layer's bf16 base with its float32 adapters), so fsdp.yaml shards with FSDP2 and fsdp-qlora.yaml
+# makes the 4-bit linears FSDP1 units of their own (tests/test_fsdp_units.py)
+CHANGED_SINCE_THE_FIXTURES = {"multi-gpu-fsdp-malora": "trainer.strategy.", "multi-gpu-fsdp-qlora-malora":
+                              "trainer.strategy.init_args.auto_wrap_policy"}
+
+
 @pytest.mark.parametrize("name", sorted(FORMER_RECIPES))
 def test_a_stacked_run_has_exactly_the_settings_of_the_recipe_it_replaced(name):
     """Each LLaMA-2-7B run used to be one file (kept as a fixture, as of commit dd92526); its documented stack of
-    fragments and flags must parse to the same value for every key, the run folder included."""
+    fragments and flags must parse to the same value for every key, the run folder included, except the settings
+    changed on purpose since (`CHANGED_SINCE_THE_FIXTURES`)."""
     before = flat(parse(["--config", str(FORMER_RECIPES[name])]).config.as_dict())
     after = flat(parse(DOCUMENTED_RUNS[name]).config.as_dict())
     before.pop("config"), after.pop("config")  # the list of files read, not a setting
+    changed = CHANGED_SINCE_THE_FIXTURES.get(name)
     differences = {key: (before.get(key), after.get(key)) for key in before.keys() | after.keys()
-                   if before.get(key, KeyError) != after.get(key, KeyError)}
+                   if before.get(key, KeyError) != after.get(key, KeyError)
+                   and (changed is None or not key.startswith(changed))}
     assert not differences, differences
     assert after["trainer.default_root_dir"] == f"runs/llama2-7b/{name}"
 
