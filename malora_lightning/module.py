@@ -94,7 +94,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         router_learning_rate: learning rate of the routers; None uses `learning_rate`.
         router_weight_decay: weight decay of the routers; None uses `weight_decay`.
         warmup_ratio: fraction of the training steps spent in linear warm-up.
-        lr_schedule: decay after warm-up: "linear", "cosine" or "constant".
+        lr_schedule: decay after warm-up: "linear", "cosine" or "constant". The LLaMA-2 recipes use linear, the
+            paper setting's usual HF default (it states none); the default job and this default, cosine.
         gradient_checkpointing: recompute activations in backward (non-reentrant, so router losses keep gradients).
         attn_implementation: attention kernel for transformers ("sdpa", "eager"); None lets it choose.
         trust_remote_code: allow model code from the hub; only for code you trust.

@@ -17,7 +17,8 @@ SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Schedule) -> float:
-    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    """Linear warm-up over `warmup_steps` (the first step at 1/warmup_steps of the peak: unlike HF's schedule, no
+    step at rate 0), then linear or cosine decay to 0 at `total_steps` (or constant)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
     if step < warmup_steps:
