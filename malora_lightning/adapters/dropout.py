@@ -32,11 +32,24 @@ def quantized_drop_rate(p: float) -> float:
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Bool mask of `shape`, each element False with probability `quantized_drop_rate(p)`, independently."""
+    if dropped_levels(p) >= LANE_LEVELS:  # every lane value drops (a threshold past int16 would wrap around)
+        return torch.zeros(shape, dtype=torch.bool, device=device)
     numel = shape.numel()
     # the whole int64 range: plain `random_()` leaves the sign bit clear, which would make every fourth lane biased
     words = torch.empty(-(-numel // LANES_PER_WORD), dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
     threshold = dropped_levels(p) - LANE_LEVELS // 2  # int16 lanes are uniform on [-2**15, 2**15)
     return words.view(torch.int16)[:numel].ge(threshold).view(shape)
+
+
+def keep_and_rescale(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """dropout(x) as a bool mask of the kept elements and the rescale 1/(1-rate): x where the mask holds, times the
+    rescale, is dropout(x). Lane masks on CPU (the rate rounded as above); a Bernoulli draw elsewhere. For a caller
+    that keeps the mask rather than the masked x for backward (the mixtures' kernel, which needs x itself too)."""
+    if x.device.type == "cpu":
+        rate, keep = quantized_drop_rate(p), keep_mask(x.shape, p, x.device)
+    else:
+        rate, keep = p, torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    return keep, 1.0 / (1.0 - rate) if rate < 1.0 else 1.0
 
 
 def dropout_factors(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
@@ -50,10 +63,8 @@ def dropout_factors(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Te
         return x, 1.0
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, True), 1.0
-    kept = 1.0 - quantized_drop_rate(p)
-    if kept == 0.0:
-        return torch.zeros_like(x), 1.0
-    return torch.where(keep_mask(x.shape, p, x.device), x, 0.0), 1.0 / kept
+    keep, rescale = keep_and_rescale(x, p)
+    return torch.where(keep, x, 0.0), rescale
 
 
 class LaneDropout(nn.Dropout):

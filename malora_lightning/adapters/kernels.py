@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from malora_lightning.adapters.dropout import dropout_factors
+from malora_lightning.adapters.dropout import dropout_factors, keep_and_rescale
 from malora_lightning.adapters.routing import (
     balance_statistics,
     routing_dtype,
@@ -144,9 +144,10 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
                   token_weights: torch.Tensor | None, top_k: int, renormalize: bool, scale: float, statistics: bool,
                   logsumexp: bool, fused: bool = False, stacked: StackedWeights | None = None) -> DenseForward:
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7); see
-    `DenseRoutedExperts` for the arguments. Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it
-    without autograd and supplies its own backward, `torch.compile` traces it and derives and fuses the backward.
-    `stacked`: the weights already stacked and cast (`frozen_adapter_weights`; dropout off)."""
+    `DenseRoutedExperts` for the arguments, except `dropped`: x after dropout, its rescale in `scale` (None: dropout
+    off). Plain differentiable ops, with autocast off: `DenseRoutedExperts` runs it without autograd and supplies its
+    own backward, `torch.compile` traces it and derives and fuses the backward. `stacked`: the weights already
+    stacked and cast (`frozen_adapter_weights`; dropout off)."""
     dtype = x.dtype
     num_experts, rank = expert_down.shape[:2]
     with torch.autocast(x.device.type, enabled=False):
@@ -192,31 +193,34 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
 class DenseRoutedExperts(torch.autograd.Function):
     """Every expert on every token, the unselected ones zeroed by the gates in rank space (paper Eqs. 5 and 7).
 
-    Inputs: result [T, m] (the base output), x [T, n], dropped [T, n] (x after dropout, or None when dropout is
-    off: then the router and the first projection share one GEMM over x), the router [N, n], S_A [d, n] (MALoRA;
-    None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or [N, r, n] (A_t), B [N, m, r], and the token
-    weights [T] of the balance statistics (None: all tokens real). x, dropped and result are in the compute dtype.
+    Inputs: result [T, m] (the base output), x [T, n], keep [T, n] (bool: the elements dropout keeps, its rescale
+    in `scale`; or None when dropout is off: then the router and the first projection share one GEMM over x), the
+    router [N, n], S_A [d, n] (MALoRA; None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or
+    [N, r, n] (A_t), B [N, m, r], and the token weights [T] of the balance statistics (None: all tokens real). x and
+    result are in the compute dtype.
     Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
     route with the fused Triton kernels, and the `StackedWeights` to use, if already made.
 
-    Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropped, the balance statistics [2N] (or None), the router
+    Outputs: result + sum_t g_t B_t (P_t S_A | A_t) dropout(x), the balance statistics [2N] (or None), the router
     logsumexp [T] (or None), and, not differentiable, the probabilities [T, N] and top-k experts [T, K].
 
-    Saved for backward: x (and dropped), the rank-space hiddens, the gated hidden [T, N*r], the routing tensors
-    [T, N] and the weights in the compute dtype (the stacked up weight [m, N*r] included: what autocast keeps for a
-    LoRA layer's B too), so that the backward casts and reorders nothing it already had.
+    Saved for backward: x and the keep mask (the router's gradient needs x itself, so x after dropout is rebuilt
+    from the two rather than kept: it would cost as much as x), the rank-space hiddens, the gated hidden [T, N*r],
+    the routing tensors [T, N] and the weights in the compute dtype (the stacked up weight [m, N*r] included: what
+    autocast keeps for a LoRA layer's B too), so that the backward casts and reorders nothing it already had.
     """
 
     @staticmethod
-    def forward(ctx, result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor | None,
+    def forward(ctx, result: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None,
                 router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
                 lora_B: torch.Tensor, token_weights: torch.Tensor | None, top_k: int, renormalize: bool,
                 scale: float, statistics: bool, logsumexp: bool, fused: bool,
                 stacked: StackedWeights | None) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
+        dropped = None if keep is None else torch.where(keep, x, 0.0)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
                           renormalize, scale, statistics, logsumexp, fused, stacked)
-        ctx.save_for_backward(x, dropped, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
+        ctx.save_for_backward(x, keep, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
                               f.expert_hidden, f.gated, f.probs, f.experts, f.selection, f.gates, f.gates3, f.total,
                               token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
@@ -231,7 +235,7 @@ class DenseRoutedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_balance: torch.Tensor | None,
                  grad_lse: torch.Tensor | None, *_: object) -> tuple[torch.Tensor | None, ...]:
-        (x, dropped, first_weight, router_weight, down_weight, up, hidden, expert_hidden, gated, probs, experts,
+        (x, keep, first_weight, router_weight, down_weight, up, hidden, expert_hidden, gated, probs, experts,
          selection, gates, gates3, total, token_weights) = ctx.saved_tensors  # weights in the compute dtype
         router_dtype, shared_dtype, down_dtype, up_dtype = ctx.param_dtypes
         needs = ctx.needs_input_grad
@@ -265,10 +269,10 @@ class DenseRoutedExperts(torch.autograd.Function):
                 grad_hidden = torch.mm(grad_expert_hidden, down_weight)
             elif grad_expert_hidden is not None:
                 grad_hidden = grad_expert_hidden  # MoLoRA: the first projection is A itself
-            # first projection: [router; S_A or A] over x, or the router over x and S_A or A over dropped
-            grad_router = grad_first = grad_x = grad_dropped = None
+            # first projection: [router; S_A or A] over x, or the router over x and S_A or A over dropout(x)
+            grad_router = grad_first = grad_x = None
             needs_first = needs[4] if ctx.is_malora else needs[5]
-            if dropped is None and (grad_logits is not None or grad_hidden is not None):
+            if keep is None and (grad_logits is not None or grad_hidden is not None):
                 first_rows = first_weight.shape[0] - num_experts
                 grad_h1 = torch.cat([cast(grad_logits, dtype) if grad_logits is not None
                                      else x.new_zeros(x.shape[0], num_experts),
@@ -281,14 +285,16 @@ class DenseRoutedExperts(torch.autograd.Function):
                     grad_router, grad_first = grad_stacked.split([num_experts, first_rows])
                 if needs[1]:
                     grad_x = torch.mm(grad_h1, first_weight)
-            elif dropped is not None:
+            elif keep is not None:
                 if grad_logits is not None:
                     grad_logits = cast(grad_logits, dtype)
                     grad_router = torch.mm(grad_logits.t(), x) if needs[3] else None
                     grad_x = torch.mm(grad_logits, router_weight) if needs[1] else None
                 if grad_hidden is not None:
-                    grad_first = torch.mm(grad_hidden.t(), dropped) if needs_first else None
-                    grad_dropped = torch.mm(grad_hidden, first_weight) if needs[2] else None
+                    grad_first = torch.mm(grad_hidden.t(), torch.where(keep, x, 0.0)) if needs_first else None
+                    if needs[1]:  # through the mask, to the kept elements of x
+                        grad_kept = torch.where(keep, torch.mm(grad_hidden, first_weight), 0.0)
+                        grad_x = grad_kept if grad_x is None else grad_x.add_(grad_kept)
             grad_router = cast(grad_router, router_dtype) if grad_router is not None and needs[3] else None
             grad_shared = None
             if grad_first is not None and needs_first and ctx.is_malora:
@@ -296,7 +302,7 @@ class DenseRoutedExperts(torch.autograd.Function):
             elif grad_first is not None and needs_first:
                 grad_down = cast(grad_first, down_dtype).unflatten(0, (num_experts, rank))
         grad_result = grad_out if needs[0] else None
-        return (grad_result, grad_x, grad_dropped, grad_router, grad_shared, grad_down, grad_B,
+        return (grad_result, grad_x, None, grad_router, grad_shared, grad_down, grad_B,
                 None, None, None, None, None, None, None, None)
 
 
@@ -355,15 +361,18 @@ def routed_output(result: torch.Tensor, x: torch.Tensor, router_weight: torch.Te
     2.11's dynamo failed to trace the custom node in training).
     """
     x = cast(x, dtype)
-    dropped, rescale = dropout_factors(x, spec.dropout, training) if training and spec.dropout > 0 else (None, 1.0)
-    arguments = (result, x, dropped, router_weight, shared_A, expert_down, lora_B,
-                 token_weights if spec.statistics or spec.z_loss else None, spec.top_k, spec.renormalize,
-                 spec.scaling * rescale, spec.statistics, spec.z_loss)
+    dropout = training and spec.dropout > 0
+    weights = (router_weight, shared_A, expert_down, lora_B, token_weights if spec.statistics or spec.z_loss else None)
+    routing = (spec.top_k, spec.renormalize)
     if torch.compiler.is_compiling():  # inductor derives and fuses the backward of the plain ops
-        f = dense_forward(*arguments)
+        dropped, rescale = dropout_factors(x, spec.dropout, training) if dropout else (None, 1.0)
+        f = dense_forward(result, x, dropped, *weights, *routing, spec.scaling * rescale, spec.statistics, spec.z_loss)
         out, balance, lse, probs, experts = f.out, f.balance, f.lse, f.probs.detach(), f.experts
     else:  # eager: one autograd node with the hand-written backward
-        out, balance, lse, probs, experts = DenseRoutedExperts.apply(*arguments, spec.fused, stacked)
+        keep, rescale = keep_and_rescale(x, spec.dropout) if dropout else (None, 1.0)
+        out, balance, lse, probs, experts = DenseRoutedExperts.apply(
+            result, x, keep, *weights, *routing, spec.scaling * rescale, spec.statistics, spec.z_loss, spec.fused,
+            stacked)
     z_loss = z_loss_from_logsumexp(lse, token_weights) if spec.z_loss else None
     return out, balance, z_loss, probs, experts
 

@@ -152,7 +152,7 @@ def test_dense_routed_experts_backward_passes_gradcheck(shared, renormalize, wit
     tokens, n, m, experts, rank, d = 7, 6, 5, 4, 2, 3
     double = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(tokens, n, **double)
-    dropped = torch.randn(tokens, n, **double) if with_dropout else None
+    keep = torch.rand(tokens, n) > 0.3 if with_dropout else None  # dropout's mask: x reaches S_A or A through it
     router = torch.randn(experts, n, **double)
     shared_A = torch.randn(d, n, **double) if shared else None
     expert_down = torch.randn(experts, rank, d if shared else n, **double)
@@ -160,10 +160,10 @@ def test_dense_routed_experts_backward_passes_gradcheck(shared, renormalize, wit
     weights = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1], dtype=torch.float64) / 5  # two padding tokens
     result = torch.randn(tokens, m, **double)
 
-    def function(result, x, dropped, router, shared_A, expert_down, lora_B):
-        out, balance, lse, _, _ = DenseRoutedExperts.apply(result, x, dropped, router, shared_A, expert_down, lora_B,
+    def function(result, x, keep, router, shared_A, expert_down, lora_B):
+        out, balance, lse, _, _ = DenseRoutedExperts.apply(result, x, keep, router, shared_A, expert_down, lora_B,
                                                            weights, 2, renormalize, 1.5, True, True, False, None)
         return out, balance, lse
 
-    inputs = (result, x, dropped, router, shared_A, expert_down, lora_B)
+    inputs = (result, x, keep, router, shared_A, expert_down, lora_B)
     assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-6)
