@@ -239,7 +239,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                 dtype=hparams.dtype,
                                 quant_storage=hparams.quant_storage, device_map=device_map,
                                 attn_implementation=hparams.attn_implementation,
-                                trust_remote_code=hparams.trust_remote_code)
+                                trust_remote_code=hparams.trust_remote_code,
+                                input_grads=False)  # its activation checkpointing is non-reentrant
         if hparams.adapter_path is not None:
             load_adapters(model, hparams.adapter_path, trainable=True)
         else:
@@ -254,6 +255,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.disable_input_require_grads()  # transformers turns them on for reentrant checkpointing's sake
             model.config.use_cache = False
         return model
 

@@ -115,6 +115,7 @@ def load_base_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     prepare_for_training: bool = True,
+    input_grads: bool = True,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized by bitsandbytes, frozen and ready for `inject_adapters`.
 
@@ -132,6 +133,9 @@ def load_base_model(
         trust_remote_code: only set it for code you trust.
         prepare_for_training: freeze, enable input gradients and, for quantized models, upcast the unquantized
             weights to float32 (`prepare_for_adapter_training`).
+        input_grads: with `prepare_for_training`, make the embeddings' output require a gradient, which reentrant
+            activation checkpointing needs; otherwise it only costs memory (`MALoRAModule` checkpoints
+            non-reentrantly and turns it off).
     """
     from transformers import AutoModelForCausalLM
 
@@ -158,7 +162,7 @@ def load_base_model(
     setattr(model, BASE_NAME_ATTRIBUTE, name_or_path)
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
-        prepare_for_adapter_training(model, upcast=quantization is not None)
+        prepare_for_adapter_training(model, upcast=quantization is not None, enable_input_grads=input_grads)
     else:
         disable_bnb_cpu_weight_packing(model)
     return model
