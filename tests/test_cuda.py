@@ -52,3 +52,32 @@ def test_cuda_graph_adapters_evaluate_and_train_as_the_eager_ones():
             loss.backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_the_dropout_keep_mask_on_cuda_is_a_bernoulli_draw_at_the_rate_asked():
+    from malora_lightning.adapters.dropout import keep_and_rescale
+
+    keep, rescale = keep_and_rescale(torch.ones(512, 1024, device="cuda"), 0.05)
+    assert keep.dtype == torch.bool and keep.device.type == "cuda" and rescale == pytest.approx(1 / 0.95)
+    assert keep.float().mean().item() == pytest.approx(0.95, abs=3e-3)
+
+
+def test_a_mixture_with_dropout_trains_on_cuda_as_on_cpu():
+    """The kernel's backward rebuilds x after dropout from x and the keep mask: with the same mask, CUDA's gradients
+    are the CPU's."""
+    from malora_lightning.adapters.kernels import DenseRoutedExperts
+
+    torch.manual_seed(0)
+    tensors = dict(result=torch.randn(64, 20), x=torch.randn(64, 24), router=torch.randn(4, 24),
+                   shared_A=torch.randn(8, 24), down=torch.randn(4, 3, 8), B=torch.randn(4, 20, 3))
+    keep = torch.rand(64, 24) > 0.3
+    grads = []
+    for device in ("cpu", "cuda"):
+        inputs = {name: tensor.to(device).requires_grad_(True) for name, tensor in tensors.items()}
+        out, balance, _, _, _ = DenseRoutedExperts.apply(
+            inputs["result"], inputs["x"], keep.to(device), inputs["router"], inputs["shared_A"], inputs["down"],
+            inputs["B"], None, 2, True, 1.5, True, False, False, None)
+        (out.sum() + balance.sum()).backward()
+        grads.append({name: tensor.grad.cpu() for name, tensor in inputs.items()})
+    for name in tensors:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4, msg=name)
