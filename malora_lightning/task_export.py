@@ -17,6 +17,7 @@ import argparse
 import copy
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
+from malora_lightning.terminal import quiet_known_notes
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,10 @@ class TaskExport:
 def recipe_modules(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
     """The module (the adapter folder's settings in it) and the data module exactly as `malora` builds them from the
     same recipe and flags, nothing loaded yet: what the export needs is checked before the base model loads."""
-    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
-                    args=[*overrides, f"--model.adapter_path={adapter}"])
+    with warnings.catch_warnings():  # the command's own flags are in sys.argv too, LightningCLI's get `args`
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+        cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                        args=[*overrides, f"--model.adapter_path={adapter}"])
     module, data = cli.model, cli.datamodule
     if not module.adapter_config.is_routed:
         raise ValueError(f"{adapter} holds a {module.adapter_config.method} adapter, which is static already: "
@@ -167,17 +171,15 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     known, overrides = parser.parse_known_args(args)
     if known.profile_examples < 1:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
+    quiet_known_notes()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
     module, data = recipe_modules(known.adapter, overrides)
     tasks = chosen_tasks(data, known.tasks)  # so are unknown tasks and every target, before the data or model loads
     check_targets(Path(known.adapter), known.output, tasks, known.merge, known.overwrite)
     data.setup("fit")
     module.configure_model()
-    exports = export_tasks(module, data, Path(known.adapter), known.output, tasks, known.merge, known.overwrite,
-                           known.profile_examples)
-    for export in exports:
-        print(f"{export.task}: {export.path} (routing profile over {export.profile_tokens} tokens)")
-    return exports
+    return export_tasks(module, data, Path(known.adapter), known.output, tasks, known.merge, known.overwrite,
+                        known.profile_examples)  # each task's folder is logged as it is written
 
 
 def console_main() -> None:
