@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -173,8 +174,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         `trust_remote_code` taken from the caller only (default False), never from the file's hyperparameters."""
         if isinstance(checkpoint_path, (str, Path)):
             check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                            weights_only=weights_only, trust_remote_code=trust_remote_code, **kwargs)
+        with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks the rest
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the "
+                                                      "checkpoint", category=UserWarning)
+            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                                weights_only=weights_only, trust_remote_code=trust_remote_code,
+                                                **kwargs)
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:

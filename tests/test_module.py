@@ -671,3 +671,30 @@ def test_a_routed_output_head_counts_the_real_tokens_of_every_scored_position(ti
     positions = target_positions(labels)
     reference = token_log_likelihoods(full[:, positions], labels[:, positions + 1])
     assert torch.allclose(log_likelihood, reference[0]) and torch.equal(tokens, reference[1])
+
+
+def test_load_from_checkpoint_restores_the_adapters_without_listing_the_absent_base(tiny_model_dir, tmp_path):
+    """An adapter-only checkpoint lacks every frozen base weight by design; Lightning warned with the whole list
+    (some 20 kB for SmolLM2), which reads as a broken checkpoint. The adapters it holds are checked and restored."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[checkpoints], enable_checkpointing=True)
+    trained = make_module(tiny_model_dir)
+    trainer.fit(trained, make_data(tiny_model_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = MALoRAModule.load_from_checkpoint(checkpoints.best_model_path)
+    assert not [w for w in caught if "not in the checkpoint" in str(w.message)]
+    expected = adapter_state_dict(trained.model)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in adapter_state_dict(loaded.model).items())
+
+
+def test_the_lightning_classes_are_exported_without_importing_lightning_with_the_package():
+    import subprocess
+    import sys
+
+    import malora_lightning
+
+    assert malora_lightning.MALoRAModule is MALoRAModule
+    assert malora_lightning.MultiTaskDataModule is MultiTaskDataModule
+    probe = "import sys, malora_lightning; print('lightning' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
