@@ -80,9 +80,11 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 12 + 30?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        saved_answer = tokenizer.decode(model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
+        answer = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+        saved_answer = tokenizer.decode(answer, skip_special_tokens=True)
         base = load_base_model(SMOLLM2, quantization="nf4", prepare_for_training=False).eval()
-        base_answer = tokenizer.decode(base.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:])
+        base_answer = tokenizer.decode(base.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
     assert saved_answer != base_answer  # the adapters matter
 
     exec(readme_python_block("from transformers import AutoTokenizer"), {})

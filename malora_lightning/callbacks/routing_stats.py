@@ -37,7 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
@@ -258,8 +258,8 @@ class RoutingStats(Callback):
         model = getattr(pl_module, "model", None)
         layers = routed_layers(model) if isinstance(model, torch.nn.Module) else {}
         if not layers:
-            if not self._warned:
-                rank_zero_warn("RoutingStats: the model has no routed adapter layers (method 'lora'?); "
+            if not self._warned:  # a note, not a warning: the default recipes attach it to LoRA runs too
+                rank_zero_info("RoutingStats: the model has no routed adapter layers (method 'lora'?); "
                                "there is no routing to report")
                 self._warned = True
             return
