@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from malora_lightning.offline_models import same_model
+
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
 ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
                         "layers_to_transform")
@@ -93,7 +95,7 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     (the run's values apply to them), as `model.<name>`.
     """
     conflicts, differences = [], []
-    if "model_name_or_path" in stored and stored["model_name_or_path"] != settings["model_name_or_path"]:
+    if "model_name_or_path" in stored and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):
         conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
                          f"{settings['model_name_or_path']!r}")
     checked = ADAPTER_SHAPE_FIELDS + tuple(training_fields)

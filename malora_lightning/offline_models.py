@@ -38,17 +38,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("MALORA_CACHE", Path.home() / ".cache" / "malora_lightning"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A path or hub id `from_pretrained` accepts; `offline:<name>` is converted on first use and cached."""
-    if not name_or_path.startswith(OFFLINE_PREFIX):
-        return name_or_path
+def _offline_folder(name_or_path: str) -> Path:
     name = name_or_path[len(OFFLINE_PREFIX):]
     if name not in OFFLINE_MODELS:
         raise ValueError(f"unknown offline model {name_or_path!r}; available: "
                          f"{[OFFLINE_PREFIX + known for known in OFFLINE_MODELS]}")
-    target = cache_root() / "models" / name
+    return cache_root() / "models" / name
+
+
+def same_model(first: str, second: str) -> bool:
+    """Whether two names load the same model: equal, or the same local folder however written (relative or absolute,
+    or an offline model's name and its converted folder). Nothing is converted or downloaded to tell."""
+    def location(name_or_path: str) -> str:
+        if name_or_path.startswith(OFFLINE_PREFIX):
+            return str(_offline_folder(name_or_path).resolve())
+        path = Path(name_or_path)
+        return str(path.resolve()) if path.is_dir() else name_or_path
+
+    return first == second or location(first) == location(second)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or hub id `from_pretrained` accepts; `offline:<name>` is converted on first use and cached."""
+    if not name_or_path.startswith(OFFLINE_PREFIX):
+        return name_or_path
+    target = _offline_folder(name_or_path)
     if not (target / "config.json").is_file():
-        _convert(OFFLINE_MODELS[name], target)
+        _convert(OFFLINE_MODELS[target.name], target)
     return str(target)
 
 

@@ -176,3 +176,21 @@ def test_a_truncated_checkpoint_is_named_by_the_python_api(tiny_model_dir, tmp_p
                                                    ckpt_path=path)
     with pytest.raises(ValueError, match=message):
         MALoRAModule.load_from_checkpoint(path)
+
+
+def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch):
+    """An offline model's name and its converted folder, or a folder written relative and absolute, load the same
+    weights: a checkpoint of one was refused for the other. Another folder is still refused."""
+    from malora_lightning.checkpoints import check_checkpoint_settings
+    from malora_lightning.offline_models import cache_root
+
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    converted = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    adapter = AdapterConfig()
+    for stored, given in (("offline:SmolLM2-135M-Instruct", str(converted)), ("mine", str(tmp_path / "mine"))):
+        check_checkpoint_settings({"model_name_or_path": stored}, {"model_name_or_path": given}, adapter, "x.ckpt")
+    with pytest.raises(ValueError, match="model.model_name_or_path: checkpoint 'mine', this run 'cache'"):
+        check_checkpoint_settings({"model_name_or_path": "mine"}, {"model_name_or_path": "cache"}, adapter, "x.ckpt")
