@@ -54,6 +54,8 @@ def test_each_task_gets_the_lora_of_its_own_routing_profile(tiny_model_dir, tmp_
             outputs[task] = exported(ids).logits
             torch.testing.assert_close(outputs[task], expected(ids).logits, rtol=0, atol=1e-5)
     assert not torch.allclose(outputs["parity"], outputs["add_2digit"])  # two tasks, two routings
+    card = (tmp_path / "tasks" / "parity" / "README.md").read_text()  # it named neither the task nor the mixture
+    assert "The `parity` task's LoRA, collapsed from the malora mixture in" in card and str(mixture_folder) in card
 
 
 def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_folder):

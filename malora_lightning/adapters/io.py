@@ -278,11 +278,12 @@ def load_adapted_model(path: str | Path, base_model: str | None = None,
 
 # ---------------------------------------------------------------------------------------------------- writing
 def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_model: str | None = None,
-                  task_scores: Mapping[str, float | None] | None = None) -> Path:
+                  task_scores: Mapping[str, float | None] | None = None, origin: str | None = None) -> Path:
     """Write the adapters of `model` into the folder `path` in PEFT's format, with a model card.
 
     `base_model` is recorded as `base_model_name_or_path` (default: the name the base was loaded under);
-    `task_scores` (task -> accuracy, e.g. the final validation of a fit) go into the model card.
+    `task_scores` (task -> accuracy, e.g. the final validation of a fit) go into the model card, and so does `origin`,
+    a sentence saying where adapters that were not trained as they are come from (`malora-task-export`).
 
     Only the adapter files are replaced; anything else in the folder (a user's notes, scores, a README.md we did not
     write) stays. A folder that exists, holds files and is not an adapter folder is refused. The replace is
@@ -309,7 +310,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
         if write_card:
-            card = model_card(config, base, quantization, _target_summary(model), state, task_scores)
+            card = model_card(config, base, quantization, _target_summary(model), state, task_scores, origin)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         apply_default_modes(staging)  # safetensors writes its file owner-only
     return path
@@ -373,7 +374,8 @@ def _target_summary(model: nn.Module) -> str:
 
 
 def model_card(config: AdapterConfig, base: str | None, quantization: str | None, targets: str,
-               state: Mapping[str, torch.Tensor], task_scores: Mapping[str, float | None] | None) -> str:
+               state: Mapping[str, torch.Tensor], task_scores: Mapping[str, float | None] | None,
+               origin: str | None = None) -> str:
     """The folder's README.md: what the adapter is, what it was trained on, and how to load it."""
     total = sum(tensor.numel() for tensor in state.values())
     trainable = sum(tensor.numel() for tensor in state.values() if tensor.requires_grad)
@@ -384,6 +386,7 @@ def model_card(config: AdapterConfig, base: str | None, quantization: str | None
     title = {"lora": "LoRA", "molora": "MoLoRA", "malora": "MALoRA"}[config.method]
     lines = [CARD_MARKER, f"# {title} adapter{f' for {base}' if base else ''}", "",
              f"Written by malora_lightning {library_version()} (`save_adapters`).", "",
+             *([origin, ""] if origin else []),
              "| | |", "|---|---|",
              f"| method | {method}, scale {config.scaling:g}, dropout {config.dropout:g} |",
              f"| base model | {base or 'not recorded'}{f' ({quantization} when the adapter was saved)' if quantization else ''} |",
