@@ -91,11 +91,11 @@ class MALoRACLI(LightningCLI):
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
 
-
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
         return parser
+
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
         `trust_remote_code` and the base model's path included: here they are only checked against the run's. A local
