@@ -19,31 +19,29 @@ ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_
                         "layers_to_transform")
 
 
-# beside a sharded checkpoint's shards (a folder: FSDPStrategy, ModelParallelStrategy) Lightning writes the rest of
-# the state, the hyperparameters included, into this file (lightning.fabric.utilities.load._METADATA_FILENAME)
+# beside a sharded checkpoint's shards (a folder) Lightning writes the rest of the state into this file
 SHARDED_METADATA = "meta.pt"
 
 
-def settings_file(path: str | Path) -> Path:
-    """The `torch.save` archive holding a checkpoint's settings: the checkpoint file itself, or a sharded checkpoint
-    folder's `meta.pt` (Lightning tells the two apart the same way)."""
-    path = Path(path)
-    return path / SHARDED_METADATA if (path / SHARDED_METADATA).is_file() else path
-
-
 def check_checkpoint_file(path: str | Path) -> None:
-    """Refuse, naming the path, a checkpoint whose settings file (`settings_file`) is not a complete `torch.save`
-    archive.
+    """Refuse, naming the path, a file that is not a complete `torch.save` archive, or a folder.
 
     `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here by reading only
     that directory, without loading any tensor; torch's own error for it ("PytorchStreamReader failed reading zip
-    archive") names no file.
+    archive") names no file. A sharded checkpoint (a folder of shards and `meta.pt`) cannot be resumed: Lightning's
+    sharded loading asks for every tensor of the model, the frozen base included, which an adapter-only checkpoint
+    leaves out ("Missing key in checkpoint state_dict").
     """
-    path = settings_file(path)
+    path = Path(path)
+    if path.is_dir() and (path / SHARDED_METADATA).is_file():
+        raise IsADirectoryError(f"checkpoint {path} is a sharded checkpoint (a folder of shards), which cannot be "
+                                "loaded: Lightning loads one into every tensor of the model, the frozen base "
+                                "included, and malora's checkpoints hold the adapters only. Write checkpoint files "
+                                "instead, as the FSDP recipes do: ModelParallelStrategy(save_distributed_checkpoint="
+                                "False), FSDPStrategy(state_dict_type='full')")
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder but not a sharded checkpoint (it has no "
-                                f"{SHARDED_METADATA}): give a checkpoint file (a run writes its .ckpt files into its "
-                                "checkpoints/ folder, e.g. checkpoints/last.ckpt) or a sharded checkpoint's folder")
+        raise IsADirectoryError(f"checkpoint {path} is a folder: give a checkpoint file (a run writes its .ckpt files "
+                                "into its checkpoints/ folder, e.g. checkpoints/last.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a checkpoint file (.ckpt)")
     try:
@@ -59,16 +57,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     its path before torch reads it (`MALoRAModule.setup` puts it in place of the default)."""
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(path, (str, Path)) and Path(path).is_file():  # remote and missing paths: Lightning's errors
+        if isinstance(path, (str, Path)) and Path(path).exists():  # remote and missing paths: Lightning's errors
             check_checkpoint_file(path)
         return super().load_checkpoint(path, *args, **kwargs)
 
 
 def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters a checkpoint (a file, or a sharded checkpoint's folder) stores, read as data
-    (`weights_only=True`: nothing in the file runs)."""
+    """The hyperparameters a checkpoint stores, read as data (`weights_only=True`: nothing in the file runs)."""
     try:
-        checkpoint = torch.load(settings_file(path), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error
@@ -94,20 +91,27 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     optimizer state's shape), or this raises `ValueError` naming both values; returns the other settings that differ
     (the run's values apply to them), as `model.<name>`.
     """
+    stored_adapter = stored.get("adapter") or {}
+    if hasattr(stored_adapter, "to_dict"):  # load_from_checkpoint(adapter=AdapterConfig(...)) merges it in as it is
+        stored_adapter = stored_adapter.to_dict()
     conflicts, differences = [], []
     if "model_name_or_path" in stored and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):
         conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
                          f"{settings['model_name_or_path']!r}")
-    checked = ADAPTER_SHAPE_FIELDS + tuple(training_fields)
-    conflicts += adapter_conflicts(stored.get("adapter") or {}, adapter, checked, prefix="model.adapter.")
-    if conflicts:
+    conflicts += adapter_conflicts(stored_adapter, adapter, ADAPTER_SHAPE_FIELDS, prefix="model.adapter.")
+    trained = adapter_conflicts(stored_adapter, adapter, training_fields, prefix="model.adapter.")
+    if conflicts or trained:
         named = "the checkpoint" if path is None else f"checkpoint {path}"
-        raise ValueError(f"{named} does not fit this run: " + "; ".join(conflicts) + ". Settings come from your "
-                         "config and flags (or the module's arguments) only, never from a checkpoint: give the ones "
-                         "the checkpoint was trained with")
+        why = "" if not trained else (" (which adapter tensors train decides AdamW's parameter groups, and a resumed "
+                                      "fit takes the checkpoint's optimizer state: resume with its values, or start "
+                                      "a new fit from its adapters with adapter_path)")
+        raise ValueError(f"{named} does not fit this run: " + "; ".join(conflicts + trained) + why + ". Settings "
+                         "come from your config and flags (or the module's arguments) only, never from a "
+                         "checkpoint: give the ones the checkpoint was trained with")
+    checked = ADAPTER_SHAPE_FIELDS + tuple(training_fields)
     for key, value in stored.items():
         if key == "adapter":
-            differences += [f"model.adapter.{field}" for field, stored_value in value.items()
+            differences += [f"model.adapter.{field}" for field, stored_value in stored_adapter.items()
                             if field not in checked and stored_value != getattr(adapter, field, None)]
         elif key != "model_name_or_path" and key in settings and value != settings[key]:
             differences.append(f"model.{key}")

@@ -42,7 +42,6 @@ from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
     CheckedCheckpointIO,
-    adapter_conflicts,
     check_checkpoint_file,
     check_checkpoint_settings,
 )
@@ -318,6 +317,16 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
         return loss
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's, except under `FSDPStrategy` (FSDP1), whose precision plugin refuses to clip by norm: there the
+        root unit's `clip_grad_norm_` clips by the norm over every rank's shards."""
+        if (isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def trainable_parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: adapters, and routers with their own learning rate and weight decay."""
         hparams = self.hparams
@@ -366,32 +375,28 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose adapter tensors are not exactly this module's, or, to resume a fit, that trained
-        other tensors (`TRAINING_FIELDS`): loading is not strict (the base is not in it), so tensors the module lacks
-        were dropped silently, and either failed in torch's optimizer loading with an error naming nothing. Then
-        refuse one stored with another base model or adapter shape (`check_checkpoint_settings`), whatever path
-        chose it (a file, Lightning's `last` or `best`), and log the settings that differ (this run's apply)."""
-        expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
+        """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base is
+        not in it), so tensors the module lacks were dropped silently. Refuse one stored with another base model or
+        adapter shape or, to resume a fit, that trained other tensors (`TRAINING_FIELDS`; they failed in torch's
+        optimizer loading, naming nothing): `check_checkpoint_settings`, whatever path chose the checkpoint (a file,
+        Lightning's `last` or `best`). Log the settings that differ (this run's apply). A strategy that loads the
+        tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked."""
         path = None if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            stored_adapter = (checkpoint.get("hyper_parameters") or {}).get("adapter") or {}
-            conflicts = adapter_conflicts(stored_adapter, self.adapter_config, TRAINING_FIELDS, prefix="adapter.")
-            if conflicts:
-                raise ValueError(f"checkpoint cannot resume this fit{source}: " + "; ".join(conflicts) + ". They "
-                                 "decide which adapter tensors AdamW trains, and the checkpoint's optimizer state is "
-                                 "for its own: resume with the checkpoint's values, or start a new fit from its "
-                                 "adapters (adapter_path)")
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        if missing:
-            raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was saved "
-                             f"with a different adapter config or base model{source}")
-        if unexpected:
-            raise ValueError(f"checkpoint holds adapter tensors this module does not have, e.g. {unexpected[:3]} "
-                             f"({len(unexpected)} in all): it was saved with a different adapter config (e.g. more "
-                             f"target_modules or layers) or base model, and loading it would drop them{source}")
+        if "state_dict" in checkpoint:
+            expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
+            missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+            if missing:
+                raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was "
+                                 f"saved with a different adapter config or base model{source}")
+            if unexpected:
+                raise ValueError(f"checkpoint holds adapter tensors this module does not have, e.g. {unexpected[:3]} "
+                                 f"({len(unexpected)} in all): it was saved with a different adapter config (e.g. "
+                                 "more target_modules or layers) or base model, and loading it would drop "
+                                 f"them{source}")
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
         differences = check_checkpoint_settings(checkpoint.get("hyper_parameters") or {}, self.hparams,
-                                                self.adapter_config, path)
+                                                self.adapter_config, path, TRAINING_FIELDS if fitting else ())
         if differences:
             logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
                         ", ".join(differences))

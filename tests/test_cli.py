@@ -77,9 +77,10 @@ def test_the_task_group_fragments_add_their_group_to_the_default_job(run, group)
 
 # settings changed on purpose since the fixtures: both FSDP strategies failed when they wrapped the model (FSDP1 cannot
 # flatten a decoder layer's bf16 base with its float32 adapters), so fsdp.yaml shards with FSDP2 and fsdp-qlora.yaml
-# makes the 4-bit linears FSDP1 units of their own (tests/test_fsdp_units.py)
-CHANGED_SINCE_THE_FIXTURES = {"multi-gpu-fsdp-malora": "trainer.strategy.", "multi-gpu-fsdp-qlora-malora":
-                              "trainer.strategy.init_args.auto_wrap_policy"}
+# makes the 4-bit linears FSDP1 units of their own (tests/test_fsdp_units.py); and both write checkpoint files, as
+# sharded ones cannot be resumed without the frozen base (tests/test_distributed.py)
+CHANGED_SINCE_THE_FIXTURES = {"multi-gpu-fsdp-malora": "trainer.strategy.",
+                              "multi-gpu-fsdp-qlora-malora": "trainer.strategy."}
 
 
 @pytest.mark.parametrize("name", sorted(FORMER_RECIPES))
@@ -239,8 +240,7 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
 @pytest.mark.parametrize(("given", "named"), [
     ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
                                      r"checkpoint file \(\.ckpt\)"),
-    ("recipes", r"checkpoint recipes is a folder but not a sharded checkpoint \(it has no meta\.pt\): give a "
-                r"checkpoint file .*checkpoints/last\.ckpt"),
+    ("recipes", r"checkpoint recipes is a folder: give a checkpoint file .*checkpoints/last\.ckpt"),
 ])
 def test_a_ckpt_path_that_is_no_file_is_named_before_the_data_or_model_loads(given, named, monkeypatch,
                                                                            model_loading_forbidden):
@@ -303,12 +303,14 @@ def test_the_command_prints_a_bad_settings_message_without_a_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_a_sharded_checkpoint_folder_is_checked_through_its_settings_file(tmp_path, model_loading_forbidden):
-    """FSDP and ModelParallelStrategy (recipes/llama2-7b/hardware/fsdp*.yaml) write a checkpoint as a folder of
-    shards plus `meta.pt`, which holds the settings: it is checked like a file, not refused as a folder."""
+def test_a_sharded_checkpoint_folder_is_refused_saying_why_before_anything_loads(tmp_path, model_loading_forbidden):
+    """Lightning loads a sharded checkpoint (a folder of shards plus meta.pt) into every tensor of the model, the
+    frozen base included, which an adapter-only checkpoint leaves out: it failed after the model loaded with
+    "Missing key in checkpoint state_dict: ...embed_tokens.weight". The FSDP recipes write checkpoint files."""
     folder = tmp_path / "epoch=0-step=3.ckpt"
     folder.mkdir()
     (folder / ".metadata").write_bytes(b"")
-    torch.save({"hyper_parameters": {"model_name_or_path": "another/model"}}, folder / "meta.pt")
-    with pytest.raises(ValueError, match=r"does not fit this run: model\.model_name_or_path: checkpoint 'another/model'"):
+    torch.save({"hyper_parameters": {}}, folder / "meta.pt")
+    with pytest.raises(IsADirectoryError, match=r"is a sharded checkpoint .* Write checkpoint files instead, as the "
+                                                 r"FSDP recipes do: ModelParallelStrategy\(save_distributed_checkpoint"):
         main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={folder}"])

@@ -66,3 +66,23 @@ def test_the_fsdp_qlora_recipes_units_wrap_and_train(tiny_model_dir, tmp_path):
     differences = step["relative_grad_differences"]
     assert sorted(differences) == step["reference_grads"] and len(differences) == 48  # 12 layers x 4 tensors
     assert max(differences.values()) < 0.1
+    # the recipe's setting clips (gradient_clip_val 1.0), which FSDPPrecision refuses: the module calls this instead
+    assert step["norm_before_clipping"] > 1e-2 and step["norm_after_clipping"] == pytest.approx(1e-3, rel=1e-2)
+
+
+def test_under_fsdp1_the_module_clips_through_the_root_units_clip_grad_norm():
+    """Lightning's FSDPPrecision raises for clipping by norm, and the LLaMA-2 settings clip at 1.0: the FSDP-QLoRA
+    run failed at its first optimizer step."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from malora_lightning.module import MALoRAModule
+
+    clipped = []
+    strategy = FSDPStrategy()
+    strategy.model = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module = MALoRAModule(quantization=None)
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert clipped == [1.0]

@@ -69,6 +69,11 @@ def run(rank: int, model_dir: str, out_path: str) -> None:
                                        mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16,
                                                                       buffer_dtype=bf16))
     loss = step(wrapped, ids)
+    norm_before = wrapped.clip_grad_norm_(1e-3).item()  # what MALoRAModule.configure_gradient_clipping calls
+    norm_after = wrapped.clip_grad_norm_(float("inf")).item()
+    for param in wrapped.parameters():  # the comparison below is of the unclipped gradients
+        if param.grad is not None:
+            param.grad.mul_(norm_before / norm_after)
     differences = {}
     with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
         for name, param in wrapped.named_parameters():
@@ -78,6 +83,7 @@ def run(rank: int, model_dir: str, out_path: str) -> None:
                 differences[name] = ((param.grad.float() - expected).norm() / expected.norm()).item()
     if rank == 0:
         Path(out_path).write_text(json.dumps({"loss": loss, "reference_loss": reference_loss,
+                                              "norm_before_clipping": norm_before, "norm_after_clipping": norm_after,
                                               "relative_grad_differences": differences,
                                               "reference_grads": sorted(reference_grads)}))
     dist.destroy_process_group()
