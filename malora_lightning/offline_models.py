@@ -50,7 +50,7 @@ def same_model(first: str, second: str) -> bool:
     """Whether two names load the same model: equal, or the same local folder however written (relative or absolute,
     or an offline model's name and its converted folder). Nothing is converted or downloaded to tell."""
     def location(name_or_path: str) -> str:
-        if name_or_path.startswith(OFFLINE_PREFIX):
+        if name_or_path.startswith(OFFLINE_PREFIX) and name_or_path[len(OFFLINE_PREFIX):] in OFFLINE_MODELS:
             return str(_offline_folder(name_or_path).resolve())
         path = Path(name_or_path)
         return str(path.resolve()) if path.is_dir() else name_or_path

@@ -194,3 +194,6 @@ def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch)
         check_checkpoint_settings({"model_name_or_path": stored}, {"model_name_or_path": given}, adapter, "x.ckpt")
     with pytest.raises(ValueError, match="model.model_name_or_path: checkpoint 'mine', this run 'cache'"):
         check_checkpoint_settings({"model_name_or_path": "mine"}, {"model_name_or_path": "cache"}, adapter, "x.ckpt")
+    with pytest.raises(ValueError, match="checkpoint 'offline:Retired-1B', this run 'mine'"):  # not "unknown offline"
+        check_checkpoint_settings({"model_name_or_path": "offline:Retired-1B"}, {"model_name_or_path": "mine"},
+                                  adapter, "x.ckpt")

@@ -687,6 +687,9 @@ def test_load_from_checkpoint_restores_the_adapters_without_listing_the_absent_b
     assert not [w for w in caught if "not in the checkpoint" in str(w.message)]
     expected = adapter_state_dict(trained.model)
     assert all(torch.equal(tensor, expected[name]) for name, tensor in adapter_state_dict(loaded.model).items())
+    # Lightning merges keyword arguments into the stored hyperparameters as they are: an AdapterConfig raised TypeError
+    again = MALoRAModule.load_from_checkpoint(checkpoints.best_model_path, adapter=trained.adapter_config)
+    assert again.adapter_config == trained.adapter_config
 
 
 def test_the_lightning_classes_are_exported_without_importing_lightning_with_the_package():

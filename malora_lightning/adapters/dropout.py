@@ -7,7 +7,8 @@ four 16-bit lanes, one per element; an element is dropped when its lane falls be
 `F.dropout` forward and backward (benchmarks/cpu_micro.py; the numbers are in BENCHMARKS.md, "What the kernel work
 changed"), and the mask it keeps for backward is a bool tensor, as `F.dropout`'s is. The drop rate is `p` rounded to
 a multiple of 2**-16 (0.05 becomes 0.0500031); the scale uses that rounded rate, so the expected output is still
-exactly x. Other devices use `F.dropout`, whose fused kernels are already fast.
+exactly x. Other devices use `F.dropout`, whose fused kernels are already fast, except where the mixtures' kernel
+keeps the keep mask itself (`keep_and_rescale`: a Bernoulli bool mask there).
 """
 
 from __future__ import annotations
