@@ -175,15 +175,18 @@ class PromptEncoder:
                        ) -> tuple[list[EncodedExample], TruncationStats]:
         """A predict file's prompts of one task (``task_id``; -1 for those without one) to generate answers to: each
         prompt's ``opening``, as a task's examples get it, without answer tokens, cut from the left as ``encode``
-        cuts it: leaving room for the row's target when it gives one (so a prompt of the task's own splits is
-        generated from the same tokens), else for ``answer_room`` tokens (the task's generation length)."""
+        cuts it: leaving room for the row's target when it has a task and a target that fits (so a prompt of the
+        task's own splits is generated from the same tokens), else for ``answer_room`` tokens (the task's generation
+        length). A target is only echoed to the output otherwise: it never stops the run."""
         stats = TruncationStats(examples=len(prompts))
-        with_target = [given for given in prompts if given.target is not None]
-        target_lengths = iter(len(answer) for answer in self._answers(
-            [self.render(given.prompt, given.target) for given in with_target]))
+        targeted = [index for index, given in enumerate(prompts) if given.target is not None and task_id >= 0]
+        answers = self._answers([self.render(prompts[index].prompt, prompts[index].target) for index in targeted])
+        target_rooms = dict(zip(targeted, map(len, answers)))
+        openings = self._ids([self.opening(given.prompt) for given in prompts], opening=True)
         encoded = []
-        for given, opening in zip(prompts, self._ids([self.opening(given.prompt) for given in prompts], opening=True)):
-            room = next(target_lengths) if given.target is not None else min(answer_room, self.max_length - 1)
+        for index, (given, opening) in enumerate(zip(prompts, openings)):
+            room = target_rooms.get(index, answer_room)
+            room = room if room < self.max_length else min(answer_room, self.max_length - 1)
             prompt, dropped = self._fit(opening, room, f"predict file row {given.row}")
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped

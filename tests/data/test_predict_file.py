@@ -160,3 +160,18 @@ def test_a_long_prompt_is_cut_as_in_the_tasks_own_splits(tmp_path):
     budget = data.tasks[0].max_new_tokens
     assert len(unpadded(batch, 1)) == 12 - budget
     assert len(unpadded(next(iter(loaders[NO_TASK])), 0)) == 12  # no task, no answer to leave room for
+
+
+def test_a_target_too_long_to_fit_or_without_a_task_never_stops_the_run(tmp_path):
+    """Every row with a target reserved room for it, so a long reference answer (echoed to the output) aborted the
+    whole predict run with "the target takes N tokens but max_length is ..."."""
+    path = tmp_path / "prompts.jsonl"
+    long_target = " ".join(["word"] * 100)
+    write_prompts(path, [{"prompt": "What is 1 + 1?", "task": "add_2digit", "target": long_target},
+                         {"prompt": "Say hi", "target": long_target}])
+    data = make(path, max_length=24)
+    data.setup("predict")
+    loaders = data.predict_dataloader()
+    budget = data.tasks[0].max_new_tokens
+    assert len(unpadded(next(iter(loaders["add_2digit"])), 0)) <= 24 - budget  # room for the task's answers instead
+    assert next(iter(loaders[NO_TASK])).targets == [long_target]
