@@ -34,19 +34,21 @@ def wrapped_classes(auto_wrap_policy: object) -> tuple[type[nn.Module], ...] | N
         return ()
     if isinstance(auto_wrap_policy, ModuleWrapPolicy):
         return tuple(auto_wrap_policy._module_classes)
-    if isinstance(auto_wrap_policy, (set, list, tuple)):
+    if isinstance(auto_wrap_policy, set):  # Lightning turns a set into a ModuleWrapPolicy
         return tuple(auto_wrap_policy)
     return None
 
 
 def check_fsdp1_units(model: nn.Module, classes: tuple[type[nn.Module], ...] | None,
-                      param_dtype: torch.dtype | None) -> None:
+                      param_dtype: torch.dtype | None, ignored: Iterable[nn.Module] = ()) -> None:
     """Raise ValueError, naming the unit and its dtypes, when a unit that `ModuleWrapPolicy(classes)` would make
     holds parameters of more than one dtype (`classes` None: not checked), or when mixed precision would cast a
-    packed 4-bit weight."""
+    packed 4-bit weight. Parameters of `ignored` modules (FSDP's `ignored_modules`) are in no unit."""
+    skipped = {id(param) for module in ignored for param in module.parameters()}
+    parameters = [(name, param) for name, param in model.named_parameters() if id(param) not in skipped]
     units = {""} | {name for name, module in model.named_modules() if classes and isinstance(module, classes)}
     dtypes: dict[str, dict[torch.dtype, str]] = {}
-    for name, param in model.named_parameters():
+    for name, param in parameters:
         dtypes.setdefault(unit_of(name, units), {}).setdefault(param.dtype, name)
     for unit, seen in dtypes.items() if classes is not None else ():
         if len(seen) > 1:
@@ -60,7 +62,7 @@ def check_fsdp1_units(model: nn.Module, classes: tuple[type[nn.Module], ...] | N
                 "ModelParallelStrategy (FSDP2), which allows frozen parameters of another dtype")
     if param_dtype is None:
         return
-    for name, param in model.named_parameters():
+    for name, param in parameters:
         if type(param).__name__ == "Params4bit" and param.dtype != param_dtype:
             raise ValueError(f"FSDPStrategy's mixed precision casts parameters to {param_dtype}, but the 4-bit "
                              f"weight {name} is packed in {param.dtype} storage, which a cast would corrupt: set "

@@ -213,7 +213,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             elif isinstance(strategy, FSDPStrategy):  # Lightning wraps after this: refuse what FSDP1 cannot flatten
                 mixed_precision = strategy.mixed_precision_config
                 check_fsdp1_units(self.model, wrapped_classes(strategy.kwargs.get("auto_wrap_policy")),
-                                  None if mixed_precision is None else mixed_precision.param_dtype)
+                                  None if mixed_precision is None else mixed_precision.param_dtype,
+                                  strategy.kwargs.get("ignored_modules") or ())
 
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.

@@ -35,6 +35,9 @@ def test_a_unit_of_several_dtypes_is_refused_naming_it(qlora_model):
         check_fsdp1_units(qlora_model, (), torch.bfloat16)
     check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), torch.bfloat16)
     check_fsdp1_units(qlora_model, None, torch.bfloat16)  # a callable policy: its units are unknown
+    adapted_layers = [module for name, module in qlora_model.named_modules() if name.endswith("layers.0")
+                      or name.endswith("layers.1")]
+    check_fsdp1_units(qlora_model, (LlamaDecoderLayer,), torch.bfloat16, ignored=adapted_layers)  # left unsharded
 
 
 def test_mixed_precision_may_not_cast_packed_4bit_weights(qlora_model):
@@ -47,6 +50,7 @@ def test_the_policy_classes_are_read_as_lightning_hands_them_over():
     classes = {LlamaDecoderLayer, bnb.nn.Linear4bit}
     assert set(wrapped_classes(ModuleWrapPolicy(classes))) == classes
     assert set(wrapped_classes(classes)) == classes
+    assert wrapped_classes(list(classes)) is None  # Lightning passes a list on as it is, which FSDP refuses
     assert wrapped_classes(None) == ()
     assert wrapped_classes(lambda module, recurse, nonwrapped_numel: False) is None
 
