@@ -50,7 +50,7 @@ from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.optim import SCHEDULES, Schedule, adamw_options, lr_multiplier, schedule_length
-from malora_lightning.scoring import target_positions, token_log_likelihoods
+from malora_lightning.scoring import pair_log_likelihoods, target_pairs
 from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
@@ -274,17 +274,23 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: summed log-likelihood of the target tokens and their count.
 
-        The output head runs only where some row predicts a target (a few positions of a mostly-prompt sequence);
-        with a 49k vocabulary that saves about a fifth of a small model's compute. A routed head (`target_modules`
-        naming it) runs at every position: a routed layer knows which of its tokens are padding from the forward's
-        attention mask, which does not say which positions were kept.
+        The output head runs only at the (row, position) pairs that predict a target (`target_pairs`): a few of a
+        mostly-prompt batch, and with a 49k vocabulary the head is a large share of a small model's compute. A forward
+        pre-hook hands the head those hidden states alone, so the model's own logit post-processing still applies. A
+        routed head (`target_modules` naming it) runs at every position instead: a routed layer knows which of its
+        tokens are padding from the forward's attention mask, which says nothing of a gathered subset.
         """
-        positions = target_positions(labels)
-        if isinstance(self.model.get_output_embeddings(), RoutedAdapterLayer):
-            logits = self(input_ids, attention_mask)[:, positions]
+        rows, positions = target_pairs(labels)
+        head = self.model.get_output_embeddings()
+        if isinstance(head, RoutedAdapterLayer):
+            logits = self(input_ids, attention_mask)[rows, positions]
         else:
-            logits = self(input_ids, attention_mask, logits_to_keep=positions)
-        return token_log_likelihoods(logits, labels[:, positions + 1])
+            hook = head.register_forward_pre_hook(lambda _, args: (args[0][rows, positions].unsqueeze(0), *args[1:]))
+            try:
+                logits = self(input_ids, attention_mask)[0]  # [1, K, V]: one row of the pairs
+            finally:
+                hook.remove()
+        return pair_log_likelihoods(logits, labels[rows, positions + 1], rows, labels.shape[0])
 
     # ------------------------------------------------------------------ training
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:

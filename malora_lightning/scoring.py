@@ -8,19 +8,19 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # the label of positions no loss is taken on (prompt, padding); the collator writes it
 
 
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose next token is a target in at least one row: the only logits the loss needs."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+def target_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) of every target: position t of a row predicts its label at t + 1, which is not -100. The only
+    logits the loss needs (a union of positions over the rows would be several times as many)."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
 
 
-def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the sum of log p(label) over positions whose label is not -100, and how many there are.
-
-    `logits[:, i]` scores `labels[:, i]` (already aligned: shift before calling).
-    """
-    mask = labels != IGNORE_INDEX
-    token_nll = F.cross_entropy(logits.float().transpose(1, 2), labels.masked_fill(~mask, 0), reduction="none")
-    return -(token_nll * mask).sum(dim=1), mask.sum(dim=1)
+def pair_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                         num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of log p(target) over its targets, and how many there are, from the logits [K, V] of K
+    (row, position) pairs (`target_pairs`), their targets [K] and rows [K]."""
+    token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    summed = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, -token_nll)
+    return summed, torch.bincount(rows, minlength=num_rows)
 
 
 def first_rows(example_index: torch.Tensor, num_examples: int) -> torch.Tensor:

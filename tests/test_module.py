@@ -23,7 +23,7 @@ from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.module import MALoRAModule, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
-from malora_lightning.scoring import IGNORE_INDEX, gold_rows, target_positions, token_log_likelihoods
+from malora_lightning.scoring import IGNORE_INDEX, gold_rows
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -669,9 +669,11 @@ def test_a_routed_output_head_counts_the_real_tokens_of_every_scored_position(ti
         handle.remove()
         full = module(ids, mask)
     assert torch.equal(seen["lm_head"], mask.reshape(-1).bool())
-    positions = target_positions(labels)
-    reference = token_log_likelihoods(full[:, positions], labels[:, positions + 1])
-    assert torch.allclose(log_likelihood, reference[0]) and torch.equal(tokens, reference[1])
+    log_probs = torch.log_softmax(full.double(), dim=-1)
+    for row in range(2):
+        targets = [t for t in range(1, 12) if labels[row, t] != IGNORE_INDEX]
+        expected = sum(log_probs[row, t - 1, labels[row, t]] for t in targets)
+        assert log_likelihood[row].item() == pytest.approx(expected.item(), rel=1e-5) and tokens[row] == len(targets)
 
 
 def test_load_from_checkpoint_restores_the_adapters_without_listing_the_absent_base(tiny_model_dir, tmp_path):
@@ -702,3 +704,28 @@ def test_the_lightning_classes_are_exported_without_importing_lightning_with_the
     assert malora_lightning.MultiTaskDataModule is MultiTaskDataModule
     probe = "import sys, malora_lightning; print('lightning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_the_output_head_runs_only_at_the_target_pairs_and_scores_as_the_full_forward(tiny_model_dir):
+    """It ran at the union of the rows' target positions (3.9x the targets on a default-job batch) and the
+    log-softmax with it; the per-row log-likelihoods are those of the full forward's logits."""
+    module = make_module(tiny_model_dir, adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4, dropout=0.0))
+    module.configure_model()
+    module.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    labels = torch.full((3, 12), IGNORE_INDEX)
+    labels[0, 9:], labels[1, 3:5], labels[2, 6] = ids[0, 9:], ids[1, 3:5], ids[2, 6]
+    seen = []
+    hook = module.model.get_output_embeddings().register_forward_hook(lambda _, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        log_likelihood, tokens = module.target_log_likelihoods(ids, mask, labels)
+        hook.remove()
+        full = module(ids, mask)
+    assert seen == [torch.Size([1, 6, 32])]  # 6 targets, where the union of positions is 3 rows x 6 positions
+    log_probs = torch.log_softmax(full.double(), dim=-1)
+    for row in range(3):
+        targets = [t for t in range(1, 12) if labels[row, t] != IGNORE_INDEX]
+        expected = sum(log_probs[row, t - 1, labels[row, t]] for t in targets)
+        assert log_likelihood[row].item() == pytest.approx(expected.item(), rel=1e-5) and tokens[row] == len(targets)

@@ -1,24 +1,26 @@
 import torch
 
-from malora_lightning.scoring import choose_choices, gold_rows, target_positions, token_log_likelihoods
+from malora_lightning.scoring import choose_choices, gold_rows, pair_log_likelihoods, target_pairs
 
 
-def test_log_likelihood_on_kept_positions_equals_the_full_sequence_computation():
+def test_log_likelihood_of_the_target_pairs_equals_the_full_sequence_computation():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11)
     labels = torch.full((3, 7), -100)
     labels[0, 5:] = torch.tensor([1, 2])
     labels[1, 2:4] = torch.tensor([3, 4])
     labels[2, 6] = 5
-    positions = target_positions(labels)
-    assert positions.tolist() == [1, 2, 4, 5]  # t such that some row has a target at t + 1
-    summed, counts = token_log_likelihoods(logits[:, positions], labels[:, positions + 1])
+    rows, positions = target_pairs(labels)
+    assert list(zip(rows.tolist(), positions.tolist())) == [(0, 4), (0, 5), (1, 1), (1, 2), (2, 5)]  # t: target t + 1
+    summed, counts = pair_log_likelihoods(logits[rows, positions], labels[rows, positions + 1], rows, 3)
     log_probs = torch.log_softmax(logits, dim=-1)
     for row in range(3):
         targets = [t for t in range(1, 7) if labels[row, t] != -100]
         expected = sum(log_probs[row, t - 1, labels[row, t]] for t in targets)
         torch.testing.assert_close(summed[row], expected)
         assert counts[row].item() == len(targets)
+    summed, counts = pair_log_likelihoods(logits[:0, 0], labels[:0, 0], rows[:0], 2)  # no target in the batch
+    assert summed.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
 
 
 def test_choose_choices_picks_the_best_row_per_example_and_the_first_on_ties():
