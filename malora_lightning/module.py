@@ -264,11 +264,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             model.config.use_cache = False
         return model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        """Logits at every position, or only at the positions in `logits_to_keep` (a 1-D index tensor)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          logits_to_keep=logits_to_keep).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at every position (`target_log_likelihoods` runs the head only where the loss needs it)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def target_log_likelihoods(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
