@@ -69,13 +69,15 @@ def router_losses(model: nn.Module) -> RouterLossSummary | None:
     when the latest forward collected none (evaluation mode, or gradients off).
 
     The statistics live in that forward's `ForwardRouting`, which the next forward replaces: a stale loss can never
-    leak into a step, and a forward that no backward follows leaves nothing alive after the next forward starts.
+    leak into a step, and a forward that no backward follows leaves nothing alive after the next forward starts
+    (other than a side pass). A side pass, the model in training mode under no_grad (a teacher pass inside `compute_lm_loss`, say), collects
+    nothing and leaves the step's own forward, and its losses, in place.
     """
     context = routing_context(model)
-    forward = None if context is None else context.current
+    forward = None if context is None else context.losses_forward
     if forward is not None and not forward.statistics and forward.routed_without_gradients:
-        warnings.warn("the latest forward routed in training mode with gradients off, so it has no router losses "
-                      "(reentrant activation checkpointing runs the forward under no_grad: pass "
+        warnings.warn("the latest forward routed in training mode with gradients off inside, so it has no router "
+                      "losses (reentrant activation checkpointing runs the layers under no_grad: pass "
                       "gradient_checkpointing_kwargs={'use_reentrant': False})", stacklevel=2)
     if forward is None or not forward.statistics:
         return None

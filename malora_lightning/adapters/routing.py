@@ -206,6 +206,9 @@ class RoutingContext:
 
     def __init__(self) -> None:
         self.current: ForwardRouting | None = None
+        # the forward whose router losses `router_losses` gives: the latest, except a side pass (training mode under
+        # no_grad: a teacher or metric pass inside a training step), which collects none and leaves the step's own
+        self.losses_forward: ForwardRouting | None = None
         self.observers: list[RoutingObserver] = []
         self.hooks: list[RemovableHandle] = []  # the forward-pre-hooks that begin each forward
         self.scoring: ScoringPass | None = None  # set by `scoring_pass` around an evaluation's scoring forward
@@ -213,12 +216,15 @@ class RoutingContext:
     def __getstate__(self) -> dict[str, Any]:
         """A copy (`copy.deepcopy`, pickling) starts with no forward and no observers: the latest forward's record
         holds tensors of the original's graph, and the observers are the original's callbacks."""
-        return {**self.__dict__, "current": None, "observers": [], "scoring": None}
+        return {**self.__dict__, "current": None, "losses_forward": None, "observers": [], "scoring": None}
 
-    def begin_forward(self, attention_mask: torch.Tensor | None = None,
-                      input_shape: tuple[int, int] | None = None) -> ForwardRouting:
-        """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer)."""
+    def begin_forward(self, attention_mask: torch.Tensor | None = None, input_shape: tuple[int, int] | None = None,
+                      side_pass: bool = False) -> ForwardRouting:
+        """Start a forward pass (the model's pre-forward hook does this; call it yourself around a bare layer).
+        A `side_pass` (the hook's: a model in training mode called under no_grad) keeps `losses_forward`."""
         self.current = ForwardRouting(attention_mask, scoring=self.scoring, input_shape=input_shape)
+        if not side_pass:
+            self.losses_forward = self.current
         return self.current
 
     @contextlib.contextmanager
@@ -256,7 +262,8 @@ class BeginForward:
         inputs = arguments.get("input_ids")
         inputs = arguments.get("inputs_embeds") if inputs is None else inputs
         shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
-        self.context.begin_forward(mask if isinstance(mask, torch.Tensor) else None, shape)
+        self.context.begin_forward(mask if isinstance(mask, torch.Tensor) else None, shape,
+                                   side_pass=module.training and not torch.is_grad_enabled())
 
 
 def install_routing_context(model: nn.Module) -> RoutingContext:

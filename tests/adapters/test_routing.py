@@ -1,6 +1,7 @@
 import copy
 import gc
 import io
+import warnings
 import weakref
 
 import pytest
@@ -327,6 +328,28 @@ def test_a_forward_without_backward_is_freed_when_the_next_forward_starts():
     gc.collect()
     assert freed and not all(freed)  # the forward's router statistics still reference its graph
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 100, (1, 3)))  # the next forward starts a new record
+        model(input_ids=torch.randint(0, 100, (1, 3)))  # a side pass (training mode, no_grad) keeps the record
+    gc.collect()
+    assert not all(freed)
+    with torch.no_grad():
+        model.eval()(input_ids=torch.randint(0, 100, (1, 3)))  # the next forward, as validation runs it, replaces it
     gc.collect()
     assert all(freed)
+
+
+def test_a_side_pass_under_no_grad_keeps_the_training_forwards_router_losses():
+    """A teacher or metric pass inside a training step (training mode, no_grad) routes without statistics; the
+    step's aux_loss is still its own forward's (it was 0 with a warning about reentrant checkpointing)."""
+    model = routed_model()
+    ids = torch.randint(3, 200, (2, 6))
+    model(ids)
+    expected = aux_loss(model)
+    with torch.no_grad():
+        model(torch.randint(3, 200, (2, 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = aux_loss(model)
+    assert kept.requires_grad and kept is not expected
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    model(torch.randint(3, 200, (2, 5)))  # the next training forward with gradients replaces it
+    assert not torch.equal(aux_loss(model), expected)
