@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoTokenizer, GenerationConfig
 
 from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
+from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
 from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput
 from malora_lightning.data.tasks import Task, get_task
@@ -131,6 +133,21 @@ class EvaluationMixin:
         output = EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
                                   predictions=predictions)
         return counted_rows(output, batch.counted)
+
+    def on_validation_start(self) -> None:
+        self._warn_without_metrics("validation")
+
+    def on_test_start(self) -> None:
+        self._warn_without_metrics("test")
+
+    def _warn_without_metrics(self, stage: str) -> None:
+        """The steps only hand back per-example results: without `PerTaskMetrics` (which the `malora` command
+        attaches, and a plain `Trainer` does not) the run logs and returns no metric, and a ModelCheckpoint monitoring
+        one fails."""
+        if not any(isinstance(callback, PerTaskMetrics) for callback in self.trainer.callbacks):
+            rank_zero_warn(f"{stage} scores every example, but no PerTaskMetrics callback is attached, so no metric "
+                           "is logged or returned: pass callbacks=[malora_lightning.callbacks.PerTaskMetrics()] to "
+                           "the Trainer (the malora command attaches it)")
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
         """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""

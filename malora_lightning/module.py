@@ -49,7 +49,14 @@ from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.optim import SCHEDULES, Schedule, adamw_options, lr_multiplier, schedule_length
+from malora_lightning.optim import (
+    SCHEDULES,
+    AdapterSchedule,
+    Schedule,
+    adamw_options,
+    lr_multiplier,
+    schedule_length,
+)
 from malora_lightning.scoring import pair_log_likelihoods, target_pairs
 from malora_lightning.values import is_finite_number, is_int
 
@@ -186,6 +193,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
         the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
         that overrides `adapter_dtype`."""
+        if stage == "fit":
+            _check_plain_hyperparameters(self.hparams)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
@@ -353,13 +362,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.trainable_parameter_groups()
         options = adamw_options((p for group in groups for p in group["params"]), self.trainer)
-        optimizer = torch.optim.AdamW(groups, **options)
+        # the run's rate and decay are also the defaults of a group that gives none (torch's would be 1e-3 and 1e-2)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                                      **options)
         total_steps = schedule_length(self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio,
                                       self.hparams.lr_schedule)
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
         schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,
                                      schedule=self.hparams.lr_schedule)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = AdapterSchedule(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints and export
@@ -371,13 +382,28 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             callbacks.append(AdapterExport(base_model=self.hparams.model_name_or_path))
         return callbacks
 
-    def adapter_checkpoint_keys(self) -> set[str]:
-        return {f"model.{key}" for key in adapter_state_dict(self.model)}
+    def checkpoint_keys(self) -> set[str]:
+        """The tensors a checkpoint holds: the adapters, whatever else is trained inside the wrapped model (a
+        subclass's unfrozen norm, say) and every tensor the module holds outside it (a subclass's own parameters and
+        buffers). Only the frozen base is left out: it is rebuilt from `model_name_or_path`, never copied."""
+        keys = {f"model.{key}" for key in adapter_state_dict(self.model)}
+        keys |= {f"model.{name}" for name, param in self.model.named_parameters() if param.requires_grad}
+        for name, child in self.named_children():
+            if child is not self.model:
+                keys |= {f"{name}.{key}" for key in child.state_dict(keep_vars=True)}
+        keys |= {name for name, param in self._parameters.items() if param is not None}
+        keys |= {name for name, buffer in self._buffers.items()
+                 if buffer is not None and name not in self._non_persistent_buffers_set}
+        return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep adapter tensors only: the frozen base is rebuilt from `model_name_or_path`, never copied."""
-        keys = self.adapter_checkpoint_keys()
+        """Keep the `checkpoint_keys` tensors only, and the hyperparameters as plain data: a subclass's own
+        `save_hyperparameters()` puts the `AdapterConfig` object back, which `weights_only` loading refuses."""
+        keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        hyperparameters = checkpoint.get("hyper_parameters")
+        if hyperparameters is not None and isinstance(hyperparameters.get("adapter"), AdapterConfig):
+            hyperparameters["adapter"] = hyperparameters["adapter"].to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base is
@@ -389,11 +415,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         path = None if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
         if "state_dict" in checkpoint:
-            expected, stored = self.adapter_checkpoint_keys(), set(checkpoint["state_dict"])
+            expected, stored = self.checkpoint_keys(), set(checkpoint["state_dict"])
             missing, unexpected = sorted(expected - stored), sorted(stored - expected)
             if missing:
-                raise ValueError(f"checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing): it was "
-                                 f"saved with a different adapter config or base model{source}")
+                raise ValueError(f"checkpoint lacks trained tensor {missing[0]!r} ({len(missing)} missing): it was "
+                                 f"saved with a different adapter config or base model, or by a module that did not "
+                                 f"train that tensor{source}")
             if unexpected:
                 raise ValueError(f"checkpoint holds adapter tensors this module does not have, e.g. {unexpected[:3]} "
                                  f"({len(unexpected)} in all): it was saved with a different adapter config (e.g. "
@@ -420,16 +447,39 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         groups = self.trainable_parameter_groups()
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or \
-                    len(scheduler.optimizer.param_groups) != len(groups):
+            if not isinstance(scheduler, AdapterSchedule) or len(scheduler.optimizer.param_groups) != len(groups):
                 continue  # a subclass's own optimiser or schedule: its restore is its own business
-            scheduler.base_lrs = [group["lr"] for group in groups]
-            for param_group, group, factor in zip(scheduler.optimizer.param_groups, groups, scheduler.lr_lambdas):
-                param_group["initial_lr"] = group["lr"]
-                param_group["lr"] = group["lr"] * factor(scheduler.last_epoch)
-                param_group["weight_decay"] = group["weight_decay"]
+            defaults = scheduler.optimizer.defaults  # this run's (configure_optimizers ran before the restore)
+            rates = [group.get("lr", defaults["lr"]) for group in groups]
+            scheduler.base_lrs = rates
+            for param_group, group, rate, factor in zip(scheduler.optimizer.param_groups, groups, rates,
+                                                        scheduler.lr_lambdas):
+                param_group["initial_lr"] = rate
+                param_group["lr"] = rate * factor(scheduler.last_epoch)
+                param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
-                    param_group[implementation] = scheduler.optimizer.defaults[implementation]
+                    param_group[implementation] = defaults.get(implementation)
+
+
+def _check_plain_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+    """Refuse, before training, a hyperparameter that a checkpoint read as data (`weights_only=True`) cannot hold: a
+    subclass's `save_hyperparameters()` of a `pathlib.Path`, say, made every checkpoint of the run unloadable, with
+    torch's message naming no setting. (The `AdapterConfig` is stored as its dict by `on_save_checkpoint`.)"""
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return True
+        if isinstance(value, (list, tuple)):
+            return all(plain(item) for item in value)
+        if isinstance(value, dict):
+            return all(isinstance(key, str) and plain(item) for key, item in value.items())
+        return False
+
+    for name, value in hyperparameters.items():
+        if not isinstance(value, AdapterConfig) and not plain(value):
+            raise ValueError(f"hyperparameter {name!r} is a {type(value).__name__} ({value!r:.80}): checkpoints are "
+                             "read as data (torch.load with weights_only=True), so hyperparameters must be None, "
+                             "bool, int, float, str, or lists, tuples and dicts of them; pass it as one (a path as "
+                             "a str) or leave it out of save_hyperparameters(ignore=[...])")
 
 
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,

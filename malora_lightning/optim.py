@@ -31,6 +31,11 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: Sche
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class AdapterSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The schedule `MALoRAModule.configure_optimizers` builds, by its type: on a resume only this one, and its
+    AdamW, take the run's settings (`MALoRAModule.on_train_start`); a subclass's own schedule is left as restored."""
+
+
 def schedule_length(estimated_stepping_batches: float, warmup_ratio: float, schedule: Schedule) -> int:
     """The optimizer steps the schedule spans: the trainer's estimate, which is infinite when only `max_time` (or
     max_steps=-1 with max_epochs=-1) ends the run; then only a constant rate without warm-up is defined."""

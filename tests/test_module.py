@@ -341,7 +341,7 @@ def test_a_checkpoint_missing_adapter_tensors_is_rejected(tiny_model_dir, tmp_pa
     key = "model.model.layers.0.mlp.up_proj.lora_P"
     del checkpoint["state_dict"][key]
     torch.save(checkpoint, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match=f"checkpoint lacks adapter tensor '{key}'"):
+    with pytest.raises(ValueError, match=f"checkpoint lacks trained tensor '{key}'"):
         MALoRAModule.load_from_checkpoint(tmp_path / "bad.ckpt", weights_only=True)
 
 
@@ -729,3 +729,119 @@ def test_the_output_head_runs_only_at_the_target_pairs_and_scores_as_the_full_fo
         targets = [t for t in range(1, 12) if labels[row, t] != IGNORE_INDEX]
         expected = sum(log_probs[row, t - 1, labels[row, t]] for t in targets)
         assert log_likelihood[row].item() == pytest.approx(expected.item(), rel=1e-5) and tokens[row] == len(targets)
+
+
+class OwnParameterModule(MALoRAModule):
+    """A subclass that trains a tensor of its own (a loss temperature) and the base's final norm (PEFT's
+    modules_to_save pattern): both trained, and neither was in the checkpoint."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+
+    def build_model(self):
+        model = super().build_model()
+        model.model.norm.weight.requires_grad_(True)
+        return model
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        result.loss = result.loss * torch.exp(-self.log_temperature) + self.log_temperature
+        return result
+
+    def trainable_parameter_groups(self):
+        return [*super().trainable_parameter_groups(), {"params": [self.log_temperature], "lr": 0.1}]
+
+
+def test_a_subclasss_own_trained_tensors_are_checkpointed_and_restored(tiny_model_dir, tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[checkpoints], enable_checkpointing=True)
+    trained = OwnParameterModule(**make_module(tiny_model_dir).hparams)
+    trainer.fit(trained, make_data(tiny_model_dir))
+    assert trained.log_temperature.item() != 0.0 and not torch.equal(trained.model.model.norm.weight,
+                                                                     torch.ones_like(trained.model.model.norm.weight))
+    stored = torch.load(checkpoints.best_model_path, weights_only=True)["state_dict"]
+    assert {"log_temperature", "model.model.norm.weight"} <= set(stored)
+    assert not any("embed_tokens" in key or key.endswith("q_proj.base_layer.weight") for key in stored)
+    loaded = OwnParameterModule.load_from_checkpoint(checkpoints.best_model_path)
+    assert torch.equal(loaded.log_temperature, trained.log_temperature)
+    assert torch.equal(loaded.model.model.norm.weight, trained.model.model.norm.weight)
+    del stored["log_temperature"]  # a checkpoint without it is refused, not loaded with the tensor at its init
+    torch.save({**torch.load(checkpoints.best_model_path, weights_only=True), "state_dict": stored}, tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match="checkpoint lacks trained tensor 'log_temperature'"):
+        OwnParameterModule.load_from_checkpoint(tmp_path / "b.ckpt")
+
+
+class RMSpropModule(MALoRAModule):
+    """A subclass's own optimiser and LambdaLR schedule, one group without a learning rate of its own."""
+
+    def configure_optimizers(self):
+        groups = self.trainable_parameter_groups()
+        del groups[0]["lr"]
+        optimizer = torch.optim.RMSprop(groups, lr=0.03)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_resume_leaves_a_subclasss_own_optimiser_and_schedule_as_restored(tiny_model_dir, tmp_path):
+    """Any LambdaLR was taken for the module's own schedule: the rate was reset to hparams.learning_rate, and
+    RMSprop (no `fused` default) or a group without `lr` crashed the resume with KeyError."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", max_steps=2, callbacks=[checkpoints], enable_checkpointing=True)
+    trainer.fit(RMSpropModule(**make_module(tiny_model_dir).hparams), make_data(tiny_model_dir))
+    rates = LearningRateRecorder()
+    trainer = make_trainer(tmp_path / "b", max_steps=3, callbacks=[rates])
+    trainer.fit(RMSpropModule(**make_module(tiny_model_dir).hparams), make_data(tiny_model_dir),
+                ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert rates.rates[2] == pytest.approx([0.015, 0.5 * 1e-2])  # RMSprop's default and the router group's rate
+
+
+def test_a_parameter_group_without_a_rate_trains_at_the_runs_rate(tiny_model_dir, tmp_path):
+    class GroupsWithoutRates(MALoRAModule):
+        def trainable_parameter_groups(self):
+            return [{"params": [p for group in super().trainable_parameter_groups() for p in group["params"]]}]
+
+    rates = LearningRateRecorder()
+    module = GroupsWithoutRates(**{**make_module(tiny_model_dir).hparams, "warmup_ratio": 0.0,
+                                   "lr_schedule": "constant", "learning_rate": 0.02})
+    make_trainer(tmp_path, max_steps=1, callbacks=[rates]).fit(module, make_data(tiny_model_dir))
+    assert rates.rates[0] == [0.02]  # AdamW's own default, 1e-3, before
+    assert module.trainer.optimizers[0].param_groups[0]["weight_decay"] == module.hparams.weight_decay
+
+
+class RecordingModule(MALoRAModule):
+    """The usual Lightning idiom: a subclass records its own arguments with save_hyperparameters()."""
+
+    def __init__(self, extra=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+
+def test_a_subclass_that_saves_its_hyperparameters_writes_loadable_checkpoints(tiny_model_dir, tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True)
+    settings = {**make_module(tiny_model_dir).hparams, "adapter": AdapterConfig(rank=2, shared_rank=4, num_experts=4)}
+    module = RecordingModule(extra=0.25, **settings)
+    assert isinstance(module.hparams.adapter, AdapterConfig)  # save_hyperparameters() recorded the object again
+    trainer.fit(module, make_data(tiny_model_dir))
+    loaded = RecordingModule.load_from_checkpoint(checkpoints.best_model_path)  # UnpicklingError: AdapterConfig
+    assert loaded.hparams.extra == 0.25 and loaded.adapter_config == settings["adapter"]
+
+
+def test_a_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    module = RecordingModule(extra=Path("/tmp/x"), **make_module(tiny_model_dir).hparams)
+    with pytest.raises(ValueError, match="hyperparameter 'extra' is a PosixPath"):
+        make_trainer(tmp_path, max_steps=1).fit(module, make_data(tiny_model_dir))
+
+
+def test_evaluating_without_per_task_metrics_says_that_nothing_is_logged(tiny_model_dir, tmp_path):
+    data = make_data(tiny_model_dir)
+    with pytest.warns(UserWarning, match="no PerTaskMetrics callback is attached"):
+        assert make_trainer(tmp_path, limit_val_batches=None).validate(make_module(tiny_model_dir), data) == [{}] * 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*PerTaskMetrics.*")
+        results = make_trainer(tmp_path, limit_val_batches=None, callbacks=[PerTaskMetrics()]).validate(
+            make_module(tiny_model_dir), data)
+    assert "val/macro_acc" in results[0]
