@@ -38,6 +38,7 @@ from malora_lightning.adapters import (
     router_losses,
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
+from malora_lightning.adapters.model import unwrapped_name
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -387,7 +388,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         subclass's unfrozen norm, say) and every tensor the module holds outside it (a subclass's own parameters and
         buffers). Only the frozen base is left out: it is rebuilt from `model_name_or_path`, never copied."""
         keys = {f"model.{key}" for key in adapter_state_dict(self.model)}
-        keys |= {f"model.{name}" for name, param in self.model.named_parameters() if param.requires_grad}
+        keys |= {f"model.{unwrapped_name(name)}" for name, param in self.model.named_parameters()
+                 if param.requires_grad}
         for name, child in self.named_children():
             if child is not self.model:
                 keys |= {f"{name}.{key}" for key in child.state_dict(keep_vars=True)}

@@ -74,6 +74,21 @@ def test_the_fsdp_qlora_recipes_units_wrap_and_train(tiny_model_dir, tmp_path):
     assert step["norm_before_clipping"] > 1e-2 and step["norm_after_clipping"] == pytest.approx(1e-3, rel=1e-2)
 
 
+@pytest.mark.slow
+def test_under_fsdp1_checkpoints_and_the_adapter_folder_name_and_hold_the_unwrapped_tensors(tiny_model_dir, tmp_path):
+    """FSDP1 puts `_fsdp_wrapped_module` into the names of every unit's modules and makes each adapter tensor a view of
+    this rank's shard: checkpoints kept no tensor (their filter named the wrapped modules), and the exported folder held
+    48 empty tensors under the wrapped names."""
+    script = Path(__file__).parent / "scripts" / "fsdp1_adapter_export.py"
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    assert "_fsdp_wrapped_module" in outcome["wrapped_name"]  # the wrapping happened as Lightning's does
+    assert outcome == {**outcome, "checkpoint_keys_equal": True, "saved_keys_equal": True,
+                       "saved_tensors_equal": True, "tensors": 48}
+
+
 def test_under_fsdp1_the_module_clips_through_the_root_units_clip_grad_norm():
     """Lightning's FSDPPrecision raises for clipping by norm, and the LLaMA-2 settings clip at 1.0: the FSDP-QLoRA
     run failed at its first optimizer step."""

@@ -11,6 +11,7 @@ from PEFT's keys for a LoRA folder that PEFT saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
@@ -291,9 +293,9 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     next save or load completes (`atomic.replace_files`). With sharded (FSDP2) adapters every rank must call this,
     since gathering the shards is collective; pass `write=False` on all ranks but one.
     """
-    state = adapter_state_dict(model)
+    state = gathered_adapter_state(model)
     config = config_as_stored(get_adapter_config(model), state)
-    tensors = {peft_key(key): _full_tensor(value).detach().cpu().contiguous() for key, value in state.items()}
+    tensors = {peft_key(key): value for key, value in state.items()}
     path = Path(path)
     if not write:
         return path
@@ -452,6 +454,18 @@ def _interrupted_legacy_save(path: Path) -> Path | None:
                 and sorted(child.name for child in candidate.iterdir()) == sorted(ADAPTER_FILES):
             return candidate
     return None
+
+
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`adapter_state_dict` with every tensor whole, contiguous and a copy on the CPU: FSDP2's DTensors gathered,
+    FSDP1's flat shards unsharded for the copy (wrapped by FSDP1, an adapter tensor is a view of this rank's shard,
+    and empty on most ranks). Both are collective: every rank must call this."""
+    sharded_units = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+    unsharded = FullyShardedDataParallel.summon_full_params(model, writeback=False) if sharded_units \
+        else contextlib.nullcontext()
+    with unsharded:
+        return {key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()
+                for key, value in adapter_state_dict(model).items()}
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

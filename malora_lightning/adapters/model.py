@@ -28,13 +28,26 @@ CONFIG_ATTRIBUTE = "malora_config"
 CONTEXT_ATTRIBUTE = "malora_routing_context"
 
 
+# Modules that FSDP1 and activation-checkpoint wrapping put between a module and its children; their name segments are
+# in neither a (full) state dict's keys nor an adapter folder's.
+WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def unwrapped_name(name: str) -> str:
+    """A module's or tensor's name as the unwrapped model has it ("layers.0._fsdp_wrapped_module.mlp" ->
+    "layers.0.mlp"), the name its state-dict key and adapter-folder key carry."""
+    return ".".join(segment for segment in name.split(".") if segment not in WRAPPER_SEGMENTS)
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Adapted modules by their name in `model` (the names `save_adapters` uses as tensor-key prefixes)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
+    """Adapted modules by their name in `model`, wrappers left out (`unwrapped_name`): the names `save_adapters` and
+    checkpoints use as tensor-key prefixes."""
+    return {unwrapped_name(name): module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 
 def routed_layers(model: nn.Module) -> dict[str, RoutedAdapterLayer]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, RoutedAdapterLayer)}
+    return {unwrapped_name(name): module for name, module in model.named_modules()
+            if isinstance(module, RoutedAdapterLayer)}
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
