@@ -89,13 +89,15 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     comes from, never `trust_remote_code`. It must agree on the base model, on the adapter's shape
     (`ADAPTER_SHAPE_FIELDS`) and on `training_fields` (to resume a fit: which adapter tensors train, hence the
     optimizer state's shape), or this raises `ValueError` naming both values; returns the other settings that differ
-    (the run's values apply to them), as `model.<name>`.
+    (the run's values apply to them), as `model.<name>`. Parsed settings without `model_name_or_path` (a subclass that
+    fixes its base) leave the base to the module's own check, on its `hparams`.
     """
     stored_adapter = stored.get("adapter") or {}
     if hasattr(stored_adapter, "to_dict"):  # load_from_checkpoint(adapter=AdapterConfig(...)) merges it in as it is
         stored_adapter = stored_adapter.to_dict()
     conflicts, differences = [], []
-    if "model_name_or_path" in stored and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):
+    if "model_name_or_path" in stored and "model_name_or_path" in settings \
+            and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):
         conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
                          f"{settings['model_name_or_path']!r}")
     conflicts += adapter_conflicts(stored_adapter, adapter, ADAPTER_SHAPE_FIELDS, prefix="model.adapter.")

@@ -46,6 +46,14 @@ def check_config_settings(stored: dict[str, Any], model: Any, path: str | Path, 
     return check_checkpoint_settings(stored, model, adapter, path, TRAINING_FIELDS if fitting else ())
 
 
+def _has_argument(parser: Any, key: str) -> bool:
+    try:
+        parser.get_default(key)
+    except KeyError:  # jsonargparse: "No action for key"
+        return False
+    return True
+
+
 def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
     """Raise FileExistsError when `path` exists and is one of the `--config` files the run reads, or does not start
     with the header LightningCLI writes: without a logger the run folder is `default_root_dir` (the current directory
@@ -86,7 +94,9 @@ class MALoRACLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        # a subclass that fixes its base model (or a data module without a tokenizer argument) has nothing to link
+        if all(_has_argument(parser, key) for key in ("model.model_name_or_path", "data.tokenizer")):
+            parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})

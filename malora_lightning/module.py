@@ -143,6 +143,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         compile_adapters: bool | Literal["default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"] = False,
     ) -> None:
+        arguments = dict(locals())
         super().__init__()
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
@@ -154,6 +155,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens)
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
+        # LightningCLI hands save_hyperparameters the arguments it gave the class it built: those of a subclass that
+        # fixes some of ours (its base model, say) leave them out, and the module reads its settings from hparams
+        for name, value in arguments.items():
+            if name not in ("self", "__class__", "adapter") and name not in self.hparams:
+                self.hparams[name] = value
         self.hparams["adapter"] = self.adapter_config.to_dict()
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None

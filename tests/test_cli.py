@@ -314,3 +314,31 @@ def test_a_sharded_checkpoint_folder_is_refused_saying_why_before_anything_loads
     with pytest.raises(IsADirectoryError, match=r"is a sharded checkpoint .* Write checkpoint files instead, as the "
                                                  r"FSDP recipes do: ModelParallelStrategy\(save_distributed_checkpoint"):
         main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={folder}"])
+
+
+PINNED_BASE = ""  # set by the test: the base a project's module fixes
+
+
+class PinnedBaseModule(MALoRAModule):
+    """A project's module that always fine-tunes one base, so its CLI has no model.model_name_or_path."""
+
+    def __init__(self, learning_rate: float = 1e-2, **kwargs):
+        super().__init__(model_name_or_path=PINNED_BASE, quantization=None, learning_rate=learning_rate, **kwargs)
+
+
+def test_a_cli_of_a_subclass_that_fixes_its_base_fits_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """The link model.model_name_or_path -> data.tokenizer raised 'No action for key' for such a subclass (the
+    README's own-CLI recipe), and the resume check read the missing key."""
+    monkeypatch.setattr(sys.modules[__name__], "PINNED_BASE", str(tiny_model_dir))
+    settings = ["--model.adapter.rank=2", "--model.adapter.shared_rank=4", "--model.adapter.num_experts=4",
+                f"--data.tokenizer={tiny_model_dir}", "--data.tasks=[parity]", "--data.max_train_examples_per_task=8",
+                "--data.max_eval_examples_per_task=2", "--data.batch_size=2", "--data.eval_batch_size=2",
+                "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
+    main(["fit", *settings, "--trainer.max_steps=2", "--trainer.callbacks+=ModelCheckpoint",
+          f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true"],
+         model_class=PinnedBaseModule)
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
+         model_class=PinnedBaseModule)
+    assert [path.name for path in (tmp_path / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=3.ckpt"]
