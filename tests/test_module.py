@@ -706,6 +706,24 @@ def test_the_lightning_classes_are_exported_without_importing_lightning_with_the
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def test_what_the_readme_has_subclasses_override_with_is_exported_where_it_says():
+    """An `evaluate_batch` override needed `ScoringPass` from an internal module, and the callbacks the module attaches
+    itself were not exported beside the others."""
+    from pathlib import Path
+
+    import malora_lightning.adapters
+    import malora_lightning.callbacks
+    import malora_lightning.data
+    import malora_lightning.module
+
+    rows = Path(__file__).parents[1].joinpath("README.md").read_text().splitlines()
+    for name, package in [("LMLoss", malora_lightning.module), ("EvaluationOutput", malora_lightning.data),
+                          ("ScoringPass", malora_lightning.adapters)]:
+        assert hasattr(package, name)
+        assert any(name in row and f"`{package.__name__}`" in row for row in rows), name
+    assert {"TrainingRandomState", "AdapterExport"} <= set(malora_lightning.callbacks.__all__)
+
+
 def test_the_output_head_runs_only_at_the_target_pairs_and_scores_as_the_full_forward(tiny_model_dir):
     """It ran at the union of the rows' target positions (3.9x the targets on a default-job batch) and the
     log-softmax with it; the per-row log-likelihoods are those of the full forward's logits."""

@@ -33,7 +33,7 @@ from malora_lightning.adapters.model import (
     scoring_pass,
 )
 from malora_lightning.adapters.quantization import load_base_model, prepare_for_adapter_training
-from malora_lightning.adapters.routing import RoutingRecord, load_balance_loss, route, router_z_loss
+from malora_lightning.adapters.routing import RoutingRecord, ScoringPass, load_balance_loss, route, router_z_loss
 
 __all__ = [
     "PAPER_TARGET_MODULES",
@@ -46,6 +46,7 @@ __all__ = [
     "ParameterCount",
     "RoutedAdapterLayer",
     "RoutingRecord",
+    "ScoringPass",
     "TaskProfile",
     "adapter_layers",
     "adapter_state_dict",

@@ -1,6 +1,7 @@
 """Multi-task data: tasks and their registry, the paper datasets' formatters, the offline built-in suite,
 task-balanced sampling, tokenisation/batching and the ``MultiTaskDataModule``."""
 
+from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput, TrainingBatch
 from malora_lightning.data.builtin import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, build_builtin_tasks
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -39,6 +40,8 @@ __all__ = [
     "SAMPLING_STRATEGIES",
     "SPLITS",
     "EncodedExample",
+    "EvaluationBatch",
+    "EvaluationOutput",
     "Example",
     "FileSource",
     "GeneratorSource",
@@ -49,6 +52,7 @@ __all__ = [
     "Task",
     "TaskBalancedSampler",
     "TaskDataError",
+    "TrainingBatch",
     "TemplateFormatter",
     "TruncationStats",
     "build_builtin_tasks",
