@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
 # the split a stage evaluates on, which at least one task must have (predict: without a predict file)
 _EVALUATED_SPLITS = {"validate": "validation", "test": "test", "predict": "test"}
-# a trained task without a validation split of its own is validated on this share of its train rows (at most
-# max_eval_examples_per_task of them), which are then never trained on
+# a trained task without a validation split of its own holds out this share of its train rows, which are never
+# trained on; at most max_eval_examples_per_task of them are validated on, as of any validation split
 HELD_OUT_FRACTION = 0.1
 
 
@@ -301,7 +301,9 @@ class MultiTaskDataModule(LightningDataModule):
 
     def held_out(self, task: Task) -> HeldOutSplit | None:
         """The validation split carved from a trained task's train rows when it has none of its own (and at least
-        two train rows): `HELD_OUT_FRACTION` of them, at most `max_eval_examples_per_task`, at least one."""
+        two train rows): `HELD_OUT_FRACTION` of them, at least one. It does not depend on
+        `max_eval_examples_per_task`, which only picks the held-out rows evaluated (`_encode_split`): otherwise a
+        later ``validate`` with another limit would move the boundary and validate on rows the fit trained on."""
         if task.name in self._held_out:
             return self._held_out[task.name]
         split = None
@@ -309,27 +311,32 @@ class MultiTaskDataModule(LightningDataModule):
         if trained and task.has_split("train") and not task.has_split("validation"):
             count = task.num_rows("train", self.hparams.data_seed)
             held = max(1, round(HELD_OUT_FRACTION * count))
-            if self.hparams.max_eval_examples_per_task is not None:
-                held = min(held, self.hparams.max_eval_examples_per_task)
             if count >= 2:
                 order = list(range(count))
                 random.Random(f"{self.hparams.data_seed}:{task.name}:held-out").shuffle(order)
                 split = HeldOutSplit(train_rows=tuple(sorted(order[held:])),
                                      validation_rows=tuple(sorted(order[:held])))
-                logger.warning("Task %r has no validation split: %d of its %d train rows are held out to validate "
-                               "on and are not trained on.", task.name, held, count)
+                logger.warning("Task %r has no validation split: %d of its %d train rows are held out and not trained "
+                               "on; %d of them are validated on.", task.name, held, count, self._evaluated_count(held))
         self._held_out[task.name] = split
         return split
+
+    def _evaluated_count(self, rows: int) -> int:
+        """How many of an evaluation split's ``rows`` are evaluated: at most ``max_eval_examples_per_task``."""
+        limit = self.hparams.max_eval_examples_per_task
+        return rows if limit is None else min(rows, limit)
 
     def report_sections(self) -> list[str]:
         """What the run report should say about the data: validation splits carved from train rows."""
         carved = {name: split for name, split in self._held_out.items() if split is not None}
         if not carved:
             return []
-        rows = [f"| {name} | {len(split.validation_rows)} | {len(split.train_rows)} |" for name, split in carved.items()]
+        rows = [f"| {name} | {len(split.validation_rows)} | {self._evaluated_count(len(split.validation_rows))} | "
+                f"{len(split.train_rows)} |" for name, split in carved.items()]
         header = ("## Validation splits held out from training data\n\nThese tasks have no validation split of their "
-                  f"own; {HELD_OUT_FRACTION:.0%} of their train rows (at most max_eval_examples_per_task) are "
-                  "validated on and never trained on.\n\n| task | validation rows | train rows left |\n|---|---|---|")
+                  f"own; {HELD_OUT_FRACTION:.0%} of their train rows are held out and never trained on, whatever "
+                  "max_eval_examples_per_task is; at most max_eval_examples_per_task of them are validated on."
+                  "\n\n| task | held-out rows | validated rows | train rows left |\n|---|---|---|---|")
         return ["\n".join([header, *rows])]
 
     def _split_tasks(self, split: str) -> list[tuple[int, Task]]:
@@ -356,7 +363,8 @@ class MultiTaskDataModule(LightningDataModule):
             elif split == "train":
                 examples = task.examples("train", seed=hparams.data_seed, limit=limit, only_rows=held_out.train_rows)
             else:
-                examples = task.examples("train", seed=hparams.data_seed, only_rows=held_out.validation_rows)
+                examples = task.examples("train", seed=hparams.data_seed, limit=limit,
+                                         only_rows=held_out.validation_rows)
             encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
                                                              with_eval_fields=split != "train")
             self._count_truncation(split, task.name, stats)

@@ -294,13 +294,31 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     data = make(**settings)
     data.setup("fit")
     held = data.held_out(data.tasks[0])
-    assert len(held.validation_rows) == 3 and len(held.train_rows) == 37  # 10 % of 40 is 4, capped at 3
+    assert len(held.validation_rows) == 4 and len(held.train_rows) == 36  # 10 % of 40, whatever the eval limit
     assert not set(held.validation_rows) & set(held.train_rows)
-    assert len(data._loaded("validation")["mine"]) == 3 and len(data._loaded("train")["mine"]) == 37
+    assert len(data._loaded("validation")["mine"]) == 3 and len(data._loaded("train")["mine"]) == 36
     again = make(**settings)
     again.setup("fit")
     assert again.held_out(again.tasks[0]) == held  # fixed by the data seed
-    assert "| mine | 3 | 37 |" in data.report_sections()[0]
+    assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
+
+
+def test_a_later_validate_with_another_eval_limit_never_validates_on_trained_rows(tmp_path):
+    """The held-out rows do not depend on max_eval_examples_per_task: a fit capped at 2 validation rows and a
+    validate without a cap split the train rows at the same place (the cap once moved it onto trained rows)."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    fit = make(tasks=["mine"], task_specs=[spec], max_eval_examples_per_task=2, max_train_examples_per_task=None)
+    fit.setup("fit")
+    validate = make(tasks=["mine"], task_specs=[spec], max_eval_examples_per_task=None)
+    validate.setup("validate")
+    trained = {example.row for example in fit._loaded("train")["mine"]}
+    capped = {example.row for example in fit._loaded("validation")["mine"]}
+    uncapped = {example.row for example in validate._loaded("validation")["mine"]}
+    assert not trained & uncapped and capped < uncapped
+    assert len(trained) == 36 and len(capped) == 2 and len(uncapped) == 4 and trained | uncapped == set(range(40))
+    assert {rows[row]["q"] for row in uncapped} == {example.prompt for example in validate._loaded("validation")["mine"]}
 
 
 def test_starting_a_loader_leaves_the_global_random_state_alone():
