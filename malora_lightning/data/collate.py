@@ -15,6 +15,10 @@ from malora_lightning.data.prompts import PredictPrompt
 from malora_lightning.data.tasks import Example, TaskDataError
 from malora_lightning.scoring import IGNORE_INDEX
 
+# a text that no template changes, to learn what a format writes around a prompt or an answer: no whitespace to
+# trim, no case to change
+_SENTINEL = "\u2983\u2984"
+
 
 @dataclass(frozen=True)
 class EncodedExample:
@@ -78,12 +82,27 @@ class PromptEncoder:
         if pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
         self.pad_token_id: int = pad_token_id
+        self.answer_prefix = self._template_answer_prefix() if self.use_chat_template else ""
 
     def opening(self, prompt: str) -> str:
-        """The text before the answer: the prompt turn and the assistant header (or ``{prompt}\\nAnswer:``)."""
+        """The text before the answer: the prompt turn, the assistant header and ``answer_prefix`` (or
+        ``{prompt}\\nAnswer:``)."""
         if not self.use_chat_template:
             return f"{prompt}\nAnswer:"
-        return self.tokenizer.apply_chat_template(self._turns(prompt), tokenize=False, add_generation_prompt=True)
+        generation_prompt = self.tokenizer.apply_chat_template(self._turns(prompt), tokenize=False,
+                                                               add_generation_prompt=True)
+        return generation_prompt + self.answer_prefix
+
+    def _template_answer_prefix(self) -> str:
+        """The fixed text the chat template writes between its generation prompt and the assistant's content (a
+        Qwen3-style empty ``<think>`` block): part of the opening, so that it is neither trained as the answer nor
+        generated before it. Empty when the template writes none, or renders the turn in a way `render` refuses."""
+        turns = self._turns(_SENTINEL)
+        generation_prompt = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": _SENTINEL}],
+                                                  tokenize=False)
+        start = full.find(_SENTINEL, len(generation_prompt))
+        return full[len(generation_prompt):start] if full.startswith(generation_prompt) and start >= 0 else ""
 
     def _turns(self, prompt: str) -> list[dict[str, str]]:
         turns = [{"role": "user", "content": prompt}]
@@ -92,24 +111,23 @@ class PromptEncoder:
         return turns
 
     def render(self, prompt: str, target: str) -> tuple[str, str, str]:
-        """``(opening, body, closing)``: ``opening(prompt)``, the answer up to and including ``target``, and what
-        closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after ``opening``."""
+        """``(opening, body, closing)``: ``opening(prompt)``, the answer (``target``; `` {target}`` in the plain
+        format) and what closes the turn. Only ``body`` and ``closing`` are trained on; generation starts after
+        ``opening``."""
         opening = self.opening(prompt)
         if not self.use_chat_template:
             return opening, f" {target}", self.tokenizer.eos_token
         turns = self._turns(prompt)
         full = self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": target}], tokenize=False)
-        end = full.find(target, len(opening))
-        if not full.startswith(opening) or end < 0:
+        if not full.startswith(opening + target):
             raise ValueError("the chat template does not render '<prompt turn><assistant header><target>' as a plain "
                              "continuation of the prompt turn, so the target cannot be separated from the prompt; "
                              "pass use_chat_template=False or override PromptEncoder.render")
-        end += len(target)
-        closing = full[end:]
+        closing = full[len(opening) + len(target):]
         eos = self.tokenizer.eos_token
         if eos and eos in closing:  # drop what the template adds after the end-of-turn token (e.g. a newline)
             closing = closing[: closing.index(eos) + len(eos)]
-        return opening, full[len(opening):end], closing
+        return opening, target, closing
 
     def closing_token_id(self) -> int | None:
         """Where a generated answer ends besides EOS: the first token of the closing ``render`` trains after every

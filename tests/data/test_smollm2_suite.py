@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule
+from malora_lightning.data import BUILTIN_TASKS, IGNORE_INDEX, Example, MultiTaskDataModule, PromptEncoder
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,3 +33,36 @@ def test_builtin_sequences_fit_64_tokens_and_generation_lengths_follow_targets(s
     assert {task.name: task.max_new_tokens for task in data.tasks} == {
         "reverse_words": 6, "sort_words": 6, "first_letters": 6, "add_2digit": 4, "subtract_2digit": 3,
         "next_term": 4, "compare_numbers": 2, "parity": 2, "odd_one_out": 2}
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+QWEN3_LIKE = ("{% for m in messages %}{% if m.role == 'assistant' and loop.last %}"
+              "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content.lstrip('\\n') + '<|im_end|>\\n' }}"
+              "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_an_empty_think_block_the_template_writes_before_the_answer_is_part_of_the_prompt(smollm2_tokenizer,
+                                                                                          monkeypatch):
+    """A Qwen3-style template renders the last assistant turn as '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n
+    {content}' but its generation prompt as '<|im_start|>assistant\\n': the think block was trained as part of the
+    answer (so generated before it, failing exact match) and scored in front of every choice."""
+    turn = [{"role": "user", "content": "What is 12 + 30?"}]
+    assert PromptEncoder(smollm2_tokenizer, 64).opening("What is 12 + 30?") == smollm2_tokenizer.apply_chat_template(
+        turn, tokenize=False, add_generation_prompt=True)  # SmolLM2's own template: its generation prompt, as before
+    monkeypatch.setattr(smollm2_tokenizer, "chat_template", QWEN3_LIKE)
+    encoder = PromptEncoder(smollm2_tokenizer, 64)
+    opening = token_ids(smollm2_tokenizer, "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n"
+                                           "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    answer = token_ids(smollm2_tokenizer, "42") + token_ids(smollm2_tokenizer, "<|im_end|>")
+    (example,), _ = encoder.encode([Example(prompt="What is 12 + 30?", target="42", row=0)], 0, "add", "train")
+    assert example.input_ids == opening + answer
+    assert example.labels == [IGNORE_INDEX] * len(opening) + answer
+    assert example.input_ids[:example.prompt_length] == opening  # generation starts where the answer starts
+    choice = Example(prompt="Is 7 even or odd?", target="odd", choices=("even", "odd"), gold=1, row=0)
+    (scored,), _ = encoder.encode([choice], 0, "parity", "validation", with_eval_fields=True)
+    assert [[token for token in labels if token != IGNORE_INDEX] for labels in scored.choice_labels] == [
+        token_ids(smollm2_tokenizer, "even"), token_ids(smollm2_tokenizer, "odd")]
