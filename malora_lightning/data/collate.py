@@ -45,6 +45,17 @@ class EncodedExample:
     row: int | None = None  # last and optional, so that encoders written before it keep working
 
 
+@dataclass(frozen=True)
+class OpeningTokens:
+    """An opening's token ids, of which the first ``head`` and the last ``tail`` are the prompt format's own (BOS,
+    system turn, user header; end of the user turn, assistant header): a cut keeps them and drops tokens from the left
+    of the prompt's text between them, so that the model still sees the format it was trained with."""
+
+    ids: list[int]
+    head: int = 0
+    tail: int = 0
+
+
 @dataclass
 class TruncationStats:
     """How many examples of a task's split had their prompt cut from the left, and how many tokens were dropped."""
@@ -61,8 +72,9 @@ class PromptEncoder:
     cover the target and the template's end-of-turn token, so the model learns to stop. Without one, a plain
     ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``opening`` (the text generation starts from) and
     ``render`` (which begins with it) for another format.
-    Prompts that do not fit ``max_length`` lose tokens from the left (counted in the returned stats); a target that
-    does not fit by itself is an error, because cutting it would train on a wrong answer.
+    Prompts that do not fit ``max_length`` lose tokens from the left of the prompt's own text (counted in the
+    returned stats); the format's tokens around it (BOS, system turn, user header, assistant header) are kept. A
+    target that does not fit with them is an error, because cutting it would train on a wrong answer.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool | None = None,
@@ -145,14 +157,42 @@ class PromptEncoder:
         add_special = opening and not self.use_chat_template
         return self.tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
 
-    def _fit(self, prompt_ids: list[int], answer_length: int, where: str) -> tuple[list[int], int]:
+    def _openings(self, prompts: Sequence[str], openings: Sequence[str]) -> list[OpeningTokens]:
+        """The ``openings`` (``opening(prompt)`` of each of ``prompts``) in token ids, with the format's own tokens
+        around each prompt's text counted: learned from the opening of a sentinel prompt (the text before it and
+        after it), as the longest common token prefix and suffix of the opening and that text. An opening that does
+        not hold its prompt verbatim between them (a subclass's own format) protects nothing."""
+        frame = self.opening(_SENTINEL).split(_SENTINEL)
+        ids = self._ids(list(openings), opening=True)
+        if len(frame) != 2:
+            return [OpeningTokens(opening_ids) for opening_ids in ids]
+        head_ids, tail_ids = self._ids(frame, opening=True)
+        tokens = []
+        for prompt, text, opening_ids in zip(prompts, openings, ids):
+            if text != frame[0] + prompt + frame[1]:
+                tokens.append(OpeningTokens(opening_ids))
+                continue
+            head = _common_prefix(opening_ids, head_ids)
+            tail = min(_common_prefix(opening_ids[::-1], tail_ids[::-1]), len(opening_ids) - head)
+            tokens.append(OpeningTokens(opening_ids, head, tail))
+        return tokens
+
+    def _fit(self, opening: OpeningTokens, answer_length: int, where: str) -> tuple[list[int], int]:
+        """The opening cut from the left of its prompt text to leave ``answer_length`` tokens of ``max_length``;
+        ``(ids, tokens dropped)``."""
         room = self.max_length - answer_length
-        if room < 1:
+        dropped = max(0, len(opening.ids) - room)
+        if not dropped:
+            return opening.ids, 0
+        kept = room - opening.head - opening.tail  # tokens of the prompt's text
+        if kept < 1:
             raise TaskDataError(f"{where}: the target takes {answer_length} tokens but max_length is "
-                                f"{self.max_length}; the whole target and at least one prompt token must fit, so "
-                                f"raise max_length or shorten the target")
-        dropped = max(0, len(prompt_ids) - room)
-        return prompt_ids[dropped:], dropped
+                                f"{self.max_length} and the prompt format's own tokens take "
+                                f"{opening.head + opening.tail}; the whole target, the format's own tokens and at "
+                                f"least one token of the prompt's text must fit, so raise max_length, or shorten the "
+                                f"target or the system prompt")
+        end = len(opening.ids) - opening.tail
+        return opening.ids[:opening.head] + opening.ids[end - kept:], dropped
 
     def _answers(self, texts: Sequence[tuple[str, str, str]]) -> list[list[int]]:
         """The trained answer tokens (body, then closing) of ``render``'s texts."""
@@ -170,7 +210,7 @@ class PromptEncoder:
                with_eval_fields: bool = False) -> tuple[list[EncodedExample], TruncationStats]:
         """Token ids for every example of one task's split; with ``with_eval_fields``, also the choice rows."""
         texts = [self.render(example.prompt, example.target) for example in examples]
-        openings = self._ids([text[0] for text in texts], opening=True)
+        openings = self._openings([example.prompt for example in examples], [text[0] for text in texts])
         stats = TruncationStats(examples=len(examples))
         encoded = []
         for example, opening, answer in zip(examples, openings, self._answers(texts)):
@@ -192,19 +232,22 @@ class PromptEncoder:
     def encode_prompts(self, prompts: Sequence[PredictPrompt], task_id: int, answer_room: int = 0
                        ) -> tuple[list[EncodedExample], TruncationStats]:
         """A predict file's prompts of one task (``task_id``; -1 for those without one) to generate answers to: each
-        prompt's ``opening``, as a task's examples get it, without answer tokens, cut from the left as ``encode``
-        cuts it: leaving room for the row's target when it has a task and a target that fits (so a prompt of the
-        task's own splits is generated from the same tokens), else for ``answer_room`` tokens (the task's generation
-        length). A target is only echoed to the output otherwise: it never stops the run."""
+        prompt's ``opening``, as a task's examples get it, without answer tokens, cut as ``encode`` cuts it:
+        leaving room for the row's target when it has a task and a target that fits with the format's own tokens and
+        a prompt token (so a prompt of the task's own splits is generated from the same tokens), else for
+        ``answer_room`` tokens (the task's generation length) or as many as fit. A target is only echoed to the
+        output otherwise: it never stops the run."""
         stats = TruncationStats(examples=len(prompts))
         targeted = [index for index, given in enumerate(prompts) if given.target is not None and task_id >= 0]
         answers = self._answers([self.render(prompts[index].prompt, prompts[index].target) for index in targeted])
         target_rooms = dict(zip(targeted, map(len, answers)))
-        openings = self._ids([self.opening(given.prompt) for given in prompts], opening=True)
+        texts = [given.prompt for given in prompts]
+        openings = self._openings(texts, [self.opening(text) for text in texts])
         encoded = []
         for index, (given, opening) in enumerate(zip(prompts, openings)):
+            most = max(0, self.max_length - opening.head - opening.tail - 1)  # leaves the format and a prompt token
             room = target_rooms.get(index, answer_room)
-            room = room if room < self.max_length else min(answer_room, self.max_length - 1)
+            room = room if room <= most else min(answer_room, most)
             prompt, dropped = self._fit(opening, room, f"predict file row {given.row}")
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped
@@ -213,7 +256,7 @@ class PromptEncoder:
                                           target=given.target, prompt=given.prompt, row=given.row))
         return encoded, stats
 
-    def _choice_rows(self, example: Example, opening: list[int], where: str
+    def _choice_rows(self, example: Example, opening: OpeningTokens, where: str
                      ) -> tuple[tuple[list[int], ...], tuple[list[int], ...], int]:
         """One row per choice: the same (cut) prompt followed by the choice's tokens, labelled on the choice only.
         The end-of-turn token is left out: it is the same for every choice and would only add noise. A choice without
@@ -227,6 +270,16 @@ class PromptEncoder:
         rows = tuple(prompt + body for body in bodies)
         labels = tuple([IGNORE_INDEX] * len(prompt) + body for body in bodies)
         return rows, labels, dropped
+
+
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    count = 0
+    for one, other in zip(first, second):
+        if one != other:
+            break
+        count += 1
+    return count
 
 
 def pad(sequences: Sequence[Sequence[int]], value: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,8 @@ class MultiTaskDataModule(LightningDataModule):
         eval_tasks: Task names only evaluated, e.g. ``gsm8k`` after training on ``metamathqa``.
         task_specs: Extra tasks defined inline (see ``task_from_spec``); list their names in ``tasks``/``eval_tasks``.
         tokenizer: Tokenizer name or path (usually the model's); loaded in ``setup`` by ``load_tokenizer``.
-        max_length: Longest sequence in tokens; prompts are cut from the left to fit, targets never.
+        max_length: Longest sequence in tokens; prompts lose tokens from the left of their own text to fit (the
+            chat template's turns and headers, or the plain format's BOS and ``\\nAnswer:``, stay), targets never.
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
         system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
             20-token one to every example), ``""`` an empty system turn.

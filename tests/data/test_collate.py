@@ -3,11 +3,13 @@ counted by hand. Specials: <pad>=0, <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4.
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 
 from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
 from malora_lightning.data.batches import TrainingBatch
+from malora_lightning.data.prompts import PredictPrompt
 
-PAD, EOS, IM_START, IM_END = 0, 2, 3, 4
+PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 3, 4
 
 
 def encode(tokenizer, examples, max_length=64, eval_fields=False, **kwargs):
@@ -62,20 +64,55 @@ def test_use_chat_template_can_be_forced_either_way(tokenizer, chat_tokenizer):
         PromptEncoder(tokenizer, 64, use_chat_template=True)
 
 
-def test_long_prompts_are_cut_from_the_left_and_counted(tokenizer):
+def test_long_prompts_are_cut_from_the_left_of_their_text_and_counted(tokenizer):
     examples = [Example(prompt="abcdefghij", target="xy", row=0), Example(prompt="a", target="b", row=1)]
-    _, encoded, stats = encode(tokenizer, examples, max_length=12)
-    # "abcdefghij\nAnswer:" (18) + " xy</s>" (4) > 12: keep the last 8 prompt tokens
-    assert encoded[0].input_ids == ids(tokenizer, "\nAnswer: xy") + [EOS]
-    assert encoded[0].labels == [IGNORE_INDEX] * 8 + ids(tokenizer, " xy") + [EOS]
-    assert encoded[1].input_ids == ids(tokenizer, "a\nAnswer: b") + [EOS]  # exactly 12: untouched
-    assert (stats.examples, stats.truncated, stats.tokens_dropped) == (2, 1, 10)
+    _, encoded, stats = encode(tokenizer, examples, max_length=13)
+    # "abcdefghij\nAnswer:" (18) + " xy</s>" (4) > 13: keep the format's "\nAnswer:" and the last prompt token
+    assert encoded[0].input_ids == ids(tokenizer, "j\nAnswer: xy") + [EOS]
+    assert encoded[0].labels == [IGNORE_INDEX] * 9 + ids(tokenizer, " xy") + [EOS]
+    assert encoded[1].input_ids == ids(tokenizer, "a\nAnswer: b") + [EOS]  # 12: untouched
+    assert (stats.examples, stats.truncated, stats.tokens_dropped) == (2, 1, 9)
+
+
+def test_a_cut_keeps_the_bos_token_of_the_plain_format(tokenizer):
+    """A tokenizer that starts every text with BOS (Llama's): the cut took BOS first."""
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    _, (example,), stats = encode(tokenizer, [Example(prompt="abcdefghij", target="xy", row=0)], max_length=14)
+    assert example.input_ids == [BOS] + ids(tokenizer, "j\nAnswer: xy") + [EOS]
+    assert example.labels == [IGNORE_INDEX] * 10 + ids(tokenizer, " xy") + [EOS]
+    assert stats.tokens_dropped == 9
+    _, (whole,), _ = encode(tokenizer, [Example(prompt="abcdefghij", target="xy", row=0)], max_length=64)
+    assert whole.input_ids == [BOS] + ids(tokenizer, "abcdefghij\nAnswer: xy") + [EOS]  # untouched as before
+
+
+def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_tokenizer):
+    """The cut took <|im_start|>, then the system turn and the user header first."""
+    examples = [Example(prompt="abcdefghij", target="xy", row=0)]
+    system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
+    user_header = [IM_START] + ids(chat_tokenizer, "user\n")
+    end_of_turn = [IM_END] + ids(chat_tokenizer, "\n") + [IM_START] + ids(chat_tokenizer, "assistant\n")
+    answer = ids(chat_tokenizer, "xy") + [IM_END]
+    _, (whole,), _ = encode(chat_tokenizer, examples, system_prompt="be brief")
+    assert whole.input_ids == system + user_header + ids(chat_tokenizer, "abcdefghij") + end_of_turn + answer
+    length = len(system + user_header + end_of_turn + answer) + 3
+    encoder, (cut,), stats = encode(chat_tokenizer, examples, max_length=length, system_prompt="be brief")
+    assert cut.input_ids == system + user_header + ids(chat_tokenizer, "hij") + end_of_turn + answer
+    assert cut.labels == [IGNORE_INDEX] * (length - len(answer)) + answer
+    assert (stats.truncated, stats.tokens_dropped) == (1, 7)
+    prompts, _ = encoder.encode_prompts([PredictPrompt(prompt="abcdefghij", task="toy", target="xy", row=0)],
+                                        task_id=0)
+    assert prompts[0].input_ids == cut.input_ids[:cut.prompt_length]  # a predict file's prompt is cut the same way
+    with pytest.raises(TaskDataError, match=r"task 'toy', train row 0: the target takes 3 tokens but max_length is "
+                                            rf"{length - 3} and the prompt format's own tokens take {length - 6}; "
+                                            r"the whole target, the format's own tokens and at least one token of "
+                                            r"the prompt's text must fit"):
+        encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
 def test_a_target_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
     examples = [Example(prompt="q", target="ok", row=0), Example(prompt="q", target="x" * 20, row=7)]
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 7: the target takes 22 tokens but max_length is "
-                                            r"16; the whole target and at least one prompt token must fit"):
+                                            r"16 and the prompt format's own tokens take 8; the whole target"):
         encode(tokenizer, examples, max_length=16)
 
 
@@ -157,3 +194,4 @@ def test_mixed_evaluation_batches_are_refused(tokenizer):
 def test_eos_pads_when_the_tokenizer_has_no_pad_token(tokenizer):
     tokenizer.pad_token = None
     assert PromptEncoder(tokenizer, 16).pad_token_id == EOS
+

@@ -141,22 +141,22 @@ def test_user_tasks_from_specs(tmp_path):
 
 
 def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
-    data = make(max_length=40)  # "Reverse the order of the words: ..." never fits; the others always do
+    data = make(max_length=48)  # "Reverse the order of the words: ..." never fits; the others always do
     with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
         data.setup("fit")
     stats = data.truncation["train"]
     assert stats["reverse_words"].truncated == 12 and stats["add_2digit"].truncated == 0
     assert stats["reverse_words"].tokens_dropped > 0
     messages = [record.getMessage() for record in caplog.records]
-    assert any("Task 'reverse_words' train: 12 of 12 prompts were cut from the left to fit max_length=40" in message
+    assert any("Task 'reverse_words' train: 12 of 12 prompts were cut from the left to fit max_length=48" in message
                for message in messages)
     assert not any("add_2digit" in message for message in messages)
 
 
 def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
-    data = make(max_length=8)
-    with pytest.raises(ValueError, match=r"task 'reverse_words', train row \d+: the target takes \d+ tokens but "
-                                         r"max_length is 8"):
+    data = make(max_length=40)  # a 32-token target, the plain format's 8 tokens ("\nAnswer:") and a prompt token
+    with pytest.raises(ValueError, match=r"task 'reverse_words', train row \d+: the target takes 32 tokens but "
+                                         r"max_length is 40"):
         data.setup("fit")
 
 

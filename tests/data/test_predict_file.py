@@ -144,22 +144,22 @@ def test_a_long_prompt_is_cut_as_in_the_tasks_own_splits(tmp_path):
     """A prompt is cut to leave room for its answer, as `encode` cuts it: for the row's target when given (the same
     tokens as the task's test split), else for the task's generation length. Cut to the whole max_length, a file's
     prompt was generated from more context than the model was trained and tested with."""
-    reference = make(max_length=12)
+    reference = make(max_length=30)
     reference.setup("test")
     test_batch = next(iter(reference.test_dataloader()["add_2digit"]))
     prompt, target = test_batch.prompts[0], test_batch.targets[0]
     path = tmp_path / "prompts.jsonl"
     write_prompts(path, [{"prompt": prompt, "task": "add_2digit", "target": target},
                          {"prompt": prompt, "task": "add_2digit"}, {"prompt": prompt}])
-    data = make(path, max_length=12)
+    data = make(path, max_length=30)
     data.setup("predict")
     loaders = data.predict_dataloader()
     batch = next(iter(loaders["add_2digit"]))
     assert reference.truncation["test"]["add_2digit"].truncated > 0
     assert unpadded(batch, 0) == unpadded(test_batch, 0)
     budget = data.tasks[0].max_new_tokens
-    assert len(unpadded(batch, 1)) == 12 - budget
-    assert len(unpadded(next(iter(loaders[NO_TASK])), 0)) == 12  # no task, no answer to leave room for
+    assert len(unpadded(batch, 1)) == 30 - budget
+    assert len(unpadded(next(iter(loaders[NO_TASK])), 0)) == 30  # no task, no answer to leave room for
 
 
 def test_a_target_too_long_to_fit_or_without_a_task_never_stops_the_run(tmp_path):
@@ -169,9 +169,9 @@ def test_a_target_too_long_to_fit_or_without_a_task_never_stops_the_run(tmp_path
     long_target = " ".join(["word"] * 100)
     write_prompts(path, [{"prompt": "What is 1 + 1?", "task": "add_2digit", "target": long_target},
                          {"prompt": "Say hi", "target": long_target}])
-    data = make(path, max_length=24)
+    data = make(path, max_length=32)
     data.setup("predict")
     loaders = data.predict_dataloader()
     budget = data.tasks[0].max_new_tokens
-    assert len(unpadded(next(iter(loaders["add_2digit"])), 0)) <= 24 - budget  # room for the task's answers instead
+    assert len(unpadded(next(iter(loaders["add_2digit"])), 0)) <= 32 - budget  # room for the task's answers instead
     assert next(iter(loaders[NO_TASK])).targets == [long_target]

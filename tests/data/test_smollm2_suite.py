@@ -35,8 +35,28 @@ def test_builtin_sequences_fit_64_tokens_and_generation_lengths_follow_targets(s
         "next_term": 4, "compare_numbers": 2, "parity": 2, "odd_one_out": 2}
 
 
+SMOLLM2_HEAD = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\n")
+SMOLLM2_ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
+
+
 def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_cut_prompt_keeps_the_chat_templates_head_and_assistant_header(smollm2_tokenizer):
+    """Cutting the whole opening from the left dropped <|im_start|>, then the system turn and the user header."""
+    example = Example(prompt="Read this: " + "word " * 30 + "Is it long?", target="yes", row=0)
+    head, prompt = token_ids(smollm2_tokenizer, SMOLLM2_HEAD), token_ids(smollm2_tokenizer, example.prompt)
+    tail = token_ids(smollm2_tokenizer, SMOLLM2_ASSISTANT_HEADER)
+    answer = token_ids(smollm2_tokenizer, "yes<|im_end|>")
+    (whole,), _ = PromptEncoder(smollm2_tokenizer, 256).encode([example], 0, "t", "train")
+    assert whole.input_ids == head + prompt + tail + answer  # untouched: as the template renders it
+    length = len(whole.input_ids) - 10
+    (cut,), stats = PromptEncoder(smollm2_tokenizer, length).encode([example], 0, "t", "train")
+    assert cut.input_ids == head + prompt[10:] + tail + answer
+    assert cut.labels == [IGNORE_INDEX] * (length - len(answer)) + answer
+    assert (stats.truncated, stats.tokens_dropped) == (1, 10)
 
 
 QWEN3_LIKE = ("{% for m in messages %}{% if m.role == 'assistant' and loop.last %}"
