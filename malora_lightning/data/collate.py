@@ -218,7 +218,7 @@ class PromptEncoder:
             prompt, dropped = self._fit(opening, len(answer), where)
             choice_inputs = choice_labels = None
             if with_eval_fields and example.choices is not None:
-                choice_inputs, choice_labels, choice_dropped = self._choice_rows(example, opening, where)
+                choice_inputs, choice_labels, choice_dropped = self._choice_rows(example, opening, len(answer), where)
                 dropped = max(dropped, choice_dropped)
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped
@@ -256,17 +256,19 @@ class PromptEncoder:
                                           target=given.target, prompt=given.prompt, row=given.row))
         return encoded, stats
 
-    def _choice_rows(self, example: Example, opening: OpeningTokens, where: str
+    def _choice_rows(self, example: Example, opening: OpeningTokens, answer_length: int, where: str
                      ) -> tuple[tuple[list[int], ...], tuple[list[int], ...], int]:
         """One row per choice: the same (cut) prompt followed by the choice's tokens, labelled on the choice only.
-        The end-of-turn token is left out: it is the same for every choice and would only add noise. A choice without
-        tokens is an error: its score (0 over 0 tokens) would beat every other choice's."""
+        The end-of-turn token is left out: it is the same for every choice and would only add noise. The prompt is
+        cut to leave room for the longest choice and for the trained answer (``answer_length``), so that it is the
+        training and generation prompt whenever that one leaves as much room. A choice without tokens is an error:
+        its score (0 over 0 tokens) would beat every other choice's."""
         bodies = self._ids([self.render(example.prompt, choice)[1] for choice in example.choices], opening=False)
         for index, (choice, body) in enumerate(zip(example.choices, bodies)):
             if not body:
                 raise TaskDataError(f"{where}: choice {index} ({choice!r:.60}) has no tokens once rendered as the "
                                     "answer, so it cannot be scored; every choice must render to at least one token")
-        prompt, dropped = self._fit(opening, max(len(body) for body in bodies), where)
+        prompt, dropped = self._fit(opening, max(answer_length, *(len(body) for body in bodies)), where)
         rows = tuple(prompt + body for body in bodies)
         labels = tuple([IGNORE_INDEX] * len(prompt) + body for body in bodies)
         return rows, labels, dropped

@@ -195,3 +195,15 @@ def test_eos_pads_when_the_tokenizer_has_no_pad_token(tokenizer):
     tokenizer.pad_token = None
     assert PromptEncoder(tokenizer, 16).pad_token_id == EOS
 
+
+def test_choice_rows_are_cut_like_the_training_prompt_when_the_gold_choice_is_longest(tokenizer):
+    """The choice rows left room for the longest choice without the end-of-turn token, so they kept one prompt token
+    more than the training example and the generation prompt."""
+    example = Example(prompt="abcdefghij", target="yes", choices=("yes", "no"), gold=0, row=0)
+    _, (encoded,), stats = encode(tokenizer, [example], max_length=16, eval_fields=True)
+    # 16 - len(" yes</s>") leaves 11 prompt tokens: the format's "\nAnswer:" (8) and "hij"
+    assert encoded.input_ids == ids(tokenizer, "hij\nAnswer: yes") + [EOS]
+    assert encoded.choice_input_ids == (ids(tokenizer, "hij\nAnswer: yes"), ids(tokenizer, "hij\nAnswer: no"))
+    assert encoded.choice_labels == ([IGNORE_INDEX] * 11 + ids(tokenizer, " yes"),
+                                     [IGNORE_INDEX] * 11 + ids(tokenizer, " no"))
+    assert stats.tokens_dropped == 7
