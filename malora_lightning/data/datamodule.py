@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +14,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Generator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
@@ -183,7 +184,7 @@ class MultiTaskDataModule(LightningDataModule):
         self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
         self._answer_lengths: dict[str, int | None] = {}  # task name -> `_longest_answer`, measured once
         self._encoder: PromptEncoder | None = None
-        self._train_sampler: TaskBalancedSampler | None = None
+        self._train_sampler: Sampler[int] | None = None
         self._predict_source = predict_source(predict_file) if predict_file is not None else None
         self._predict_prompts: dict[str, list[EncodedExample]] | None = None
 
@@ -238,7 +239,11 @@ class MultiTaskDataModule(LightningDataModule):
     def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
 
-    def build_sampler(self, sizes: Sequence[int]) -> TaskBalancedSampler:
+    def build_sampler(self, sizes: Sequence[int]) -> Sampler[int]:
+        """The training sampler over the tasks' concatenated examples (``sizes``: each task's count, in order). Any
+        torch ``Sampler`` works; one with ``state_dict(consumed=)`` and ``load_state_dict`` (``TaskBalancedSampler``'s
+        checkpoint protocol) resumes mid-epoch where the saved run stopped, any other restarts its order on resume
+        (`ResumableDataLoader` warns once)."""
         hparams = self.hparams
         num_samples = hparams.samples_per_epoch
         if hparams.sampling == "unimax":
@@ -507,21 +512,47 @@ class EvaluationShard(Dataset[EncodedExample]):
 class ResumableDataLoader(DataLoader):
     """The training DataLoader, which Lightning checkpoints and restores (before iterating) because it has
     ``state_dict``/``load_state_dict``. Its state is the sampler's position counted in batches trained on, given by
-    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early."""
+    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early. A sampler
+    without that protocol (`resumable`; e.g. a plain ``WeightedRandomSampler`` from ``build_sampler``) has an empty
+    state: the fit still checkpoints and resumes, with the sampler's order started afresh, which one warning says."""
 
     def __init__(self, *args: Any, consumed: Callable[[], int | None],
                  restored: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = consumed
         self.restored = restored  # called once the state is loaded: see `complete_epoch_end_restore`
+        self._warned = False
 
     def state_dict(self) -> dict[str, Any]:
+        if not resumable(self.sampler):
+            self._warn_unresumable()
+            return {}
         return self.sampler.state_dict(consumed=self.consumed())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state_dict)
+        if resumable(self.sampler):
+            self.sampler.load_state_dict(state_dict)
+        else:
+            self._warn_unresumable()
         if self.restored is not None:
             self.restored()
+
+    def _warn_unresumable(self) -> None:
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(f"The training sampler {type(self.sampler).__name__} has no state_dict(consumed=...) and "
+                           "load_state_dict (TaskBalancedSampler's checkpoint protocol), so checkpoints do not hold "
+                           "its position: a resumed fit restarts its order instead of continuing where the saved run "
+                           "stopped.")
+
+
+def resumable(sampler: Any) -> bool:
+    """Whether ``sampler`` speaks the checkpoint protocol of `TaskBalancedSampler`: ``state_dict(consumed=)`` (the
+    position counted in draws trained on) and ``load_state_dict(state)``."""
+    state_dict = getattr(sampler, "state_dict", None)
+    if not callable(state_dict) or not callable(getattr(sampler, "load_state_dict", None)):
+        return False
+    return "consumed" in inspect.signature(state_dict).parameters
 
 
 # The Lightning release (major, minor) whose loop restore `complete_epoch_end_restore` was checked against (2.6.6).

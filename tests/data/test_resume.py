@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import WeightedRandomSampler
 
 from malora_lightning.data import MultiTaskDataModule
 from tests.helpers import tiny_tokenizer
@@ -113,3 +114,38 @@ def test_an_epoch_end_resume_on_an_unchecked_lightning_version_says_its_batches_
     with pytest.warns(UserWarning, match=rf"step={BATCHES_PER_EPOCH}\.ckpt was written at the end of training epoch 0"
                                          r".*may differ from the uninterrupted run's"):
         fit_by_steps(ckpt_path=tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt")
+
+
+class WeightedData(MultiTaskDataModule):
+    """`build_sampler` returning an ordinary torch sampler, without TaskBalancedSampler's checkpoint protocol."""
+
+    def build_sampler(self, sizes):
+        weights = [3.0 if index < sizes[0] else 1.0 for index in range(sum(sizes))]
+        return WeightedRandomSampler(weights, num_samples=sum(sizes), generator=torch.Generator().manual_seed(0))
+
+
+def fit_weighted(max_steps: int, checkpoint_dir=None, ckpt_path=None) -> tuple[list[tuple[int, ...]], Trainer]:
+    callbacks = [] if checkpoint_dir is None else [ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}",
+                                                                   save_top_k=-1, every_n_train_steps=3)]
+    trainer = Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      enable_checkpointing=bool(callbacks), callbacks=callbacks)
+    data = WeightedData(tasks=["add_2digit", "reverse_words", "parity"], max_length=64, batch_size=BATCH,
+                        max_train_examples_per_task=8, max_eval_examples_per_task=2, seed=11)
+    data.tokenizer_object = tiny_tokenizer()
+    module = Recorder()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module.seen, trainer
+
+
+def test_a_plain_torch_sampler_from_build_sampler_checkpoints_and_resumes_with_one_warning(tmp_path):
+    """A WeightedRandomSampler crashed the first checkpoint save (after training) with "no attribute 'state_dict'"."""
+    restarts = r"The training sampler WeightedRandomSampler has no state_dict\(consumed=...\).*restarts its order"
+    with pytest.warns(UserWarning, match=restarts) as saved:
+        first, _ = fit_weighted(6, checkpoint_dir=tmp_path)
+    assert sum("WeightedRandomSampler" in str(warning.message) for warning in saved) == 1  # not one per save
+    assert (tmp_path / "step=3.ckpt").is_file() and len(first) == 6 * BATCH
+    with pytest.warns(UserWarning, match=restarts):
+        resumed, trainer = fit_weighted(6, ckpt_path=tmp_path / "step=3.ckpt")
+    assert trainer.global_step == 6
+    assert resumed == first[:3 * BATCH]  # the sampler's order starts afresh, as the warning says
