@@ -775,7 +775,8 @@ def test_a_subclasss_own_trained_tensors_are_checkpointed_and_restored(tiny_mode
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
     trainer = make_trainer(tmp_path, max_steps=2, callbacks=[checkpoints], enable_checkpointing=True)
     trained = OwnParameterModule(**make_module(tiny_model_dir).hparams)
-    trainer.fit(trained, make_data(tiny_model_dir))
+    with pytest.warns(UserWarning, match=r"holds the adapters only.*\(log_temperature, model\.model\.norm\.weight; 2 "):
+        trainer.fit(trained, make_data(tiny_model_dir))
     assert trained.log_temperature.item() != 0.0 and not torch.equal(trained.model.model.norm.weight,
                                                                      torch.ones_like(trained.model.model.norm.weight))
     stored = torch.load(checkpoints.best_model_path, weights_only=True)["state_dict"]

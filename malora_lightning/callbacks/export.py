@@ -9,9 +9,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
-from malora_lightning.adapters import save_adapters
+from malora_lightning.adapters import adapter_state_dict, save_adapters
 from malora_lightning.adapters.io import check_writable_adapter_folder
+from malora_lightning.adapters.model import unwrapped_name
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
@@ -68,3 +70,17 @@ class AdapterExport(Callback):
                              base_model=self.base_model, task_scores=final_scores(trainer))
         if trainer.is_global_zero:
             logger.info("Exported adapters to %s", path)
+            left_out = trained_outside_adapters(pl_module)
+            if left_out:
+                rank_zero_warn(f"The adapter folder {path} holds the adapters only, not the other tensors this fit "
+                               f"trained ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}; "
+                               f"{len(left_out)} in all): they are in the fit's checkpoints, which "
+                               "load_from_checkpoint restores")
+
+
+def trained_outside_adapters(pl_module: L.LightningModule) -> list[str]:
+    """The names of the tensors `pl_module` trains that an adapter folder does not hold: a subclass's own parameters,
+    a base layer it unfroze."""
+    adapters = {f"model.{key}" for key in adapter_state_dict(pl_module.model)}
+    return sorted(name for name in (unwrapped_name(name) for name, param in pl_module.named_parameters()
+                                    if param.requires_grad) if name not in adapters)
