@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
@@ -32,7 +34,8 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
     "predictions": PredictionWriter,  # `malora predict` writes predictions.jsonl; `--predictions.path` puts it elsewhere
 }
 # `ckpt_path` values that Lightning resolves to a file itself (`_CheckpointConnector._parse_ckpt_path`, Lightning 2.6),
-# besides "registry" and "registry:<name>"
+# besides "registry" and "registry:<name>"; the CLI resolves "last" itself (`resolve_last_checkpoint`) and refuses
+# "best" (`_parse_ckpt_path`)
 LIGHTNING_CKPT_VALUES = ("last", "best", "hpc")
 # the first line of every config file LightningCLI writes (its parser's dump header)
 CONFIG_HEADER = "# lightning.pytorch=="
@@ -69,6 +72,44 @@ def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
         raise FileExistsError(f"{path} was not written by malora (its first line is not '{CONFIG_HEADER}<version>', "
                               "which starts every config a run saves) and would be replaced by this run's config: "
                               "move it, or give the run a folder of its own (--trainer.default_root_dir or a logger)")
+
+
+def _last_checkpoint_folders(trainer: L.Trainer, callbacks: list[ModelCheckpoint]) -> list[str]:
+    """The folders (glob patterns) where `--ckpt_path last` looks: each ModelCheckpoint's `dirpath`; where one has
+    none (or there is none), every run folder of the logger (`save_dir/name/*/checkpoints`, where Lightning puts each
+    run's checkpoints) or, without a logger, `default_root_dir/checkpoints`."""
+    folders = [str(callback.dirpath) for callback in callbacks if callback.dirpath]
+    if callbacks and len(folders) == len(callbacks):
+        return folders
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        root = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name))
+        return [*folders, os.path.join(root, "*", "checkpoints")]
+    return [*folders, os.path.join(trainer.default_root_dir, "checkpoints")]
+
+
+def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
+    """`--ckpt_path last` as the newest (by modification time, as Lightning picks) local `last*.ckpt` in
+    `_last_checkpoint_folders` or OnExceptionCheckpoint file. Lightning looks only in this run's checkpoint folder,
+    which a versioned logger makes new and empty (lightning_logs/version_N+1), and there it warns and runs on fresh
+    adapters; here the earlier runs' folders count, and finding no checkpoint is an error."""
+    callbacks = [callback for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    names = sorted({f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}" for callback in callbacks or
+                    [ModelCheckpoint]})  # the class's names where no instance has its own
+    folders = _last_checkpoint_folders(trainer, callbacks)
+    candidates = {path for folder in folders for name in names for path in glob.glob(os.path.join(folder, name))}
+    candidates |= {callback.ckpt_path for callback in trainer.callbacks
+                   if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path)}
+    if not candidates:
+        fresh = "start a new run" if subcommand == "fit" else "evaluate the untrained adapters"
+        raise FileNotFoundError(f"--ckpt_path last: no last checkpoint ({' or '.join(names)}) in {', '.join(folders)}, "
+                                f"so the {subcommand} would start from fresh adapters; give the checkpoint's path "
+                                "(--ckpt_path runs/<run>/lightning_logs/version_<N>/checkpoints/last.ckpt), or leave "
+                                f"--ckpt_path out to {fresh}")
+    newest = max(sorted(candidates), key=os.path.getmtime)
+    rank_zero_info(f"--ckpt_path last: {'resuming from' if subcommand == 'fit' else 'loading'} {newest}, the newest "
+                   f"last checkpoint in {', '.join(folders)}")
+    return newest
 
 
 class CheckedSaveConfigCallback(SaveConfigCallback):
@@ -116,11 +157,23 @@ class MALoRACLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "best":
+            raise ValueError("--ckpt_path best means the best checkpoint of a fit earlier in the same process, which a "
+                             "malora command never has: give the checkpoint's path (e.g. runs/<run>/lightning_logs/"
+                             "version_<N>/checkpoints/last.ckpt), or `last` for the newest last checkpoint of the "
+                             "run folder")
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_VALUES or _is_registry(ckpt_path) or "://" in str(ckpt_path):
             return  # resolved and read by Lightning (a remote path through fsspec)
         check_checkpoint_file(ckpt_path)
         check_config_settings(checkpoint_hyperparameters(ckpt_path), self.config[subcommand]["model"], ckpt_path,
                               fitting=subcommand == "fit")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
+        return kwargs
 
     def _instantiate_trainer(self, config, callbacks):
         callbacks = [callback for callback in callbacks if callback is not None]

@@ -342,3 +342,48 @@ def test_a_cli_of_a_subclass_that_fixes_its_base_fits_and_resumes(tiny_model_dir
     main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
          model_class=PinnedBaseModule)
     assert [path.name for path in (tmp_path / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=3.ckpt"]
+
+
+def tiny_run_settings(tiny_model_dir, root: Path) -> list[str]:
+    """A tiny fit in `root` with the versioned CSV logger every recipe gets (lightning_logs/version_N)."""
+    return ["--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+            "--model.quantization=null", "--model.adapter.rank=2", "--model.adapter.shared_rank=4",
+            "--model.adapter.num_experts=4", "--data.tasks=[parity]", "--data.max_train_examples_per_task=8",
+            "--data.max_eval_examples_per_task=2", "--data.batch_size=2", "--data.eval_batch_size=2",
+            "--trainer.val_check_interval=1", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}"]
+
+
+def test_ckpt_path_last_resumes_the_newest_earlier_run_of_the_run_folder(tiny_model_dir, tmp_path, caplog):
+    """Lightning looked for `last` only in the new run's empty version_1/checkpoints, warned, and trained from step 0
+    with exit 0."""
+    settings = tiny_run_settings(tiny_model_dir, tmp_path)
+    main(["fit", *settings, "--trainer.max_steps=2"])
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO"):
+        main(["fit", *settings, "--trainer.max_steps=3", "--ckpt_path=last"])
+    resumed = list(csv.DictReader((tmp_path / "lightning_logs" / "version_1" / "metrics.csv").open()))
+    assert {int(row["step"]) for row in resumed if row.get("train/loss")} == {2}  # only the third step trained
+    assert f"--ckpt_path last: resuming from {first}" in caplog.text
+    assert torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_ckpt_path_last_without_any_last_checkpoint_is_an_error_naming_where_it_looked(subcommand, tiny_model_dir,
+                                                                                       tmp_path):
+    """Lightning warned 'no last checkpoint available' and ran on fresh adapters."""
+    with pytest.raises(FileNotFoundError, match=rf"--ckpt_path last: no last checkpoint \(last\*\.ckpt\) in "
+                                                rf"{tmp_path}/lightning_logs/\*/checkpoints, so the {subcommand} "
+                                                r"would start from fresh adapters; give the checkpoint's path"):
+        main([subcommand, *tiny_run_settings(tiny_model_dir, tmp_path), "--ckpt_path=last"])
+    assert not list(tmp_path.rglob("metrics.csv"))  # nothing ran
+
+
+def test_ckpt_path_best_is_refused_before_anything_loads(model_loading_forbidden):
+    """A new process has no best checkpoint: Lightning refused it as 'ModelCheckpoint is not configured to save the
+    best model' once the model was built."""
+    with pytest.raises(ValueError, match=r"--ckpt_path best means the best checkpoint of a fit earlier in the same "
+                                         r"process, which a malora command never has: give the checkpoint's path"):
+        main(["test", "--config", "recipes/default.yaml", "--ckpt_path=best"])
