@@ -111,15 +111,37 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _check_staging_is_ours(folder: Path, staging: Path) -> None:
+def _foreign_staging(folder: Path, staging: Path) -> FileExistsError:
     """A folder named like ours but without our marker is a user's (or an older version's): never touched."""
-    if not staging.is_symlink() and (staging / STAGING_MARKER).is_file():
-        return
-    raise FileExistsError(
+    return FileExistsError(
         f"{staging} was not made by malora_lightning (it lacks the {STAGING_MARKER} file every staging folder gets "
         f"first), so it is left as it is; malora_lightning needs this name to replace files in {folder}: move or "
         f"rename it. If an earlier malora_lightning left it and it holds {COMMIT_MARKER}, its other files are a "
         f"complete new set to move into {folder}; without {COMMIT_MARKER} it can be deleted")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of `folder`; none once another process removed it."""
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove our staging folder, its `STAGING_MARKER` last: a process looking at the same time sees the folder ours
+    (marked), empty, or gone, never a foreign one. Entries another process removed first count as removed."""
+    for child in _entries(staging):
+        if child.name == STAGING_MARKER:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)  # never staged by us; a user's, in a staging folder of ours
+            else:
+                child.unlink()
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        staging.rmdir()
 
 
 def recover_replace(folder: str | Path) -> None:
@@ -128,24 +150,27 @@ def recover_replace(folder: str | Path) -> None:
 
     Only a staging folder holding `STAGING_MARKER` is ours; an empty one (a kill between its mkdir and its marker) is
     removed, any other raises `FileExistsError` naming it.
+
+    Several processes may recover one folder at once (every rank of a torchrun or SLURM job reads the same adapter
+    folder): a staged file that is gone was moved into place by another (a committed folder's files leave only that
+    way, and `COMMIT_MARKER` only once they all have), so it counts as done, and so does a folder another removed.
     """
     folder = Path(folder)
     staging = folder / STAGING_FOLDER
     if not staging.is_dir():
         return
-    if not staging.is_symlink() and not any(staging.iterdir()):
-        staging.rmdir()
-        _fsync_dir(folder)
-        return
-    _check_staging_is_ours(folder, staging)
-    marker = staging / COMMIT_MARKER
-    if marker.is_file():
-        for child in staging.iterdir():
+    # the marker before the listing: another process removes it last, once the folder is empty
+    if staging.is_symlink() or not (staging / STAGING_MARKER).is_file():
+        if staging.is_symlink() or _entries(staging):
+            raise _foreign_staging(folder, staging)
+    elif (staging / COMMIT_MARKER).is_file():
+        for child in _entries(staging):
             if child.name not in (COMMIT_MARKER, STAGING_MARKER):
-                os.replace(child, folder / child.name)
+                with contextlib.suppress(FileNotFoundError):  # another process moved it
+                    os.replace(child, folder / child.name)
         _fsync_dir(folder)
-        marker.unlink()
-    shutil.rmtree(staging)
+        (staging / COMMIT_MARKER).unlink(missing_ok=True)
+    _remove_staging(staging)
     _fsync_dir(folder)
 
 

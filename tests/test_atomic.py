@@ -2,14 +2,16 @@
 owner-only ones of the temporary file or folder they are staged in (a teammate or a server could not read an exported
 adapter), a symbolic link written through; and a folder of the staging folder's name is touched only if it is ours."""
 
+import multiprocessing
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
-from malora_lightning.atomic import (STAGING_FOLDER, apply_default_modes, atomic_write_text, recover_replace,
-                                     replace_files, staging_folder)
+from malora_lightning.atomic import (COMMIT_MARKER, STAGING_FOLDER, STAGING_MARKER, apply_default_modes,
+                                     atomic_write_text, recover_replace, replace_files, staging_folder)
 
 
 @pytest.fixture
@@ -132,3 +134,45 @@ def test_an_empty_staging_folder_left_before_its_marker_is_removed(tmp_path):
     with replace_files(folder) as staging:
         (staging / "a.json").write_text("new")
     assert sorted(path.name for path in folder.iterdir()) == ["a.json"] and (folder / "a.json").read_text() == "new"
+
+
+def _recover_with_slow_renames(folder: str, barrier, results) -> None:
+    """One rank of a job opening the folder: os.replace slowed so that two processes' recoveries overlap."""
+    rename = os.replace
+
+    def slow_rename(source, target) -> None:
+        time.sleep(0.2)
+        rename(source, target)
+
+    os.replace = slow_rename
+    barrier.wait()
+    try:
+        recover_replace(folder)
+        results.put("recovered")
+    except Exception as error:  # reported to the test, which names it
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_recovering_one_folder_at_once_all_succeed_and_leave_it_complete(tmp_path):
+    """Every rank of a torchrun/SLURM job reads the adapter folder, so all completed an interrupted save at once: one
+    moved a staged file, and the other's move of it raised FileNotFoundError."""
+    folder = tmp_path / "adapter"
+    staging = folder / STAGING_FOLDER
+    staging.mkdir(parents=True)
+    new = {name: f"new {name}" for name in ("adapter_config.json", "adapter_model.safetensors", "README.md")}
+    for name, text in new.items():
+        (folder / name).write_text("old")
+        (staging / name).write_text(text)
+    (staging / STAGING_MARKER).touch()
+    (staging / COMMIT_MARKER).touch()
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=_recover_with_slow_renames, args=(str(folder), barrier, results))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert outcomes == ["recovered", "recovered"]
+    assert {path.name: path.read_text() for path in folder.iterdir()} == new  # the new set, no staging folder left
