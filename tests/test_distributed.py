@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from malora_lightning.adapters.io import peft_key
 from malora_lightning.adapters import adapter_state_dict
-from malora_lightning.callbacks import PerTaskMetrics
+from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
@@ -23,10 +24,21 @@ pytestmark = pytest.mark.slow
 
 
 class DumpRankState(Callback):
-    """Each rank writes what it ended with: its final evaluation and a fingerprint of its adapter tensors."""
+    """Each rank writes what it ended with: its final evaluation, a fingerprint of its adapter tensors and the
+    warnings it was given from its setup on."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
+        self.recording: warnings.catch_warnings | None = None  # made in the rank's process: it cannot be pickled
+        self.warnings: list[warnings.WarningMessage] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.recording = warnings.catch_warnings(record=True)
+        self.warnings = self.recording.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.recording.__exit__(None, None, None)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         metrics = next(c for c in trainer.callbacks if isinstance(c, PerTaskMetrics))
@@ -35,14 +47,16 @@ class DumpRankState(Callback):
         for key, value in sorted(adapter_state_dict(pl_module.model).items()):
             tensor = value.full_tensor() if hasattr(value, "full_tensor") else value
             digest.update(key.encode() + tensor.detach().cpu().numpy().tobytes())
-        state = {"tasks": {name: vars(score) for name, score in final.tasks.items()}, "adapters": digest.hexdigest()}
+        state = {"tasks": {name: vars(score) for name, score in final.tasks.items()}, "adapters": digest.hexdigest(),
+                 "warnings": [str(warning.message) for warning in self.warnings]}
         with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as handle:
             json.dump(state, handle)
 
 
 def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
+    callbacks = [PerTaskMetrics(), SeesawTracker(plots=False), RoutingStats(plots=False), DumpRankState(str(tmp_path))]
     trainer = make_trainer(tmp_path, strategy=SpawnDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
-                           val_check_interval=3, callbacks=[PerTaskMetrics(), DumpRankState(str(tmp_path))])
+                           val_check_interval=3, callbacks=callbacks)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas identical
@@ -50,6 +64,9 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     assert set(ranks[0]["tasks"]) == set(TASKS)
     # the ranks scored 4 and 3 of the 7 examples per task: synchronised, every example counts exactly once
     assert all(score["count"] == 7 for score in ranks[0]["tasks"].values())
+    # the callbacks log values synchronised already: Lightning warned of every one (about 20 in a 2-process run)
+    # that it was "recommended to use `self.log('val/parity/loss', ..., sync_dist=True)`"
+    assert [message for rank in ranks for message in rank["warnings"] if "sync_dist=True" in message] == []
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):

@@ -57,6 +57,14 @@ class Evaluation:
 EvaluationListener = Callable[[L.Trainer, L.LightningModule, Evaluation], None]
 
 
+def log_synchronised(pl_module: L.LightningModule, name: str, value: float, **kwargs: Any) -> None:
+    """Log a figure every rank already holds, computed from values gathered over all ranks. Lightning warns of an
+    epoch-level value logged without `sync_dist` on every multi-process run; a max over equal values leaves each
+    rank the same value, exactly, which ModelCheckpoint's monitor needs. Every rank must log the same names in the
+    same order (each is a collective): the callbacks' figures are identical on every rank."""
+    pl_module.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
+
+
 def partial_sanity_check(trainer: L.Trainer) -> bool:
     """Whether the sanity check ran only some validation batches (Lightning's default runs 2 per loader): its
     figures then describe a few examples, not the validation before training. Decided by all ranks alike."""
@@ -149,12 +157,12 @@ class PerTaskMetrics(Callback):
     def _log(pl_module: L.LightningModule, evaluation: Evaluation) -> None:
         stage = evaluation.stage
         for name, score in evaluation.tasks.items():
-            pl_module.log(f"{stage}/{name}/loss", score.loss)
+            log_synchronised(pl_module, f"{stage}/{name}/loss", score.loss)
             if score.accuracy is not None:
-                pl_module.log(f"{stage}/{name}/acc", score.accuracy)
+                log_synchronised(pl_module, f"{stage}/{name}/acc", score.accuracy)
         if evaluation.macro_accuracy is not None:
-            pl_module.log(f"{stage}/macro_acc", evaluation.macro_accuracy, prog_bar=True)
-        pl_module.log(f"{stage}/macro_loss", evaluation.macro_loss)
+            log_synchronised(pl_module, f"{stage}/macro_acc", evaluation.macro_accuracy, prog_bar=True)
+        log_synchronised(pl_module, f"{stage}/macro_loss", evaluation.macro_loss)
 
     # ------------------------------------------------------------------ queries
     def evaluations(self, stage: str = "val", during_fit: bool | None = None) -> list[Evaluation]:

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.callbacks.per_task_metrics import partial_sanity_check
+from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing
 from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
 from malora_lightning.run_paths import run_directory
@@ -321,7 +321,7 @@ class RoutingStats(Callback):
                           ("normalized_entropy_mean", "entropy"), ("dead_experts", "dead_experts"),
                           ("task_expert_nmi_mean", "task_nmi")):
             if health[key] is not None:
-                pl_module.log(f"{stage}/routing/{name}", float(health[key]))
+                log_synchronised(pl_module, f"{stage}/routing/{name}", float(health[key]))
 
     @staticmethod
     def _plot(summary: RoutingSummary, folder: Path) -> list[str]:

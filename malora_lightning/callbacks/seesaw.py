@@ -31,7 +31,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.atomic import atomic_write_text
-from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
+from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
 from malora_lightning.callbacks.summary import percent
 from malora_lightning.run_paths import run_directory
@@ -212,16 +212,16 @@ class SeesawTracker(Callback):
     def _log(pl_module: L.LightningModule, point: SeesawPoint) -> None:
         stage = point.stage
         if point.seesaw_index is not None:
-            pl_module.log(f"{stage}/seesaw_index", point.seesaw_index)
+            log_synchronised(pl_module, f"{stage}/seesaw_index", point.seesaw_index)
         for name, task in point.tasks.items():
             if task.change is not None:  # a task's first evaluation has neither a change nor a gap to show
-                pl_module.log(f"{stage}/{name}/acc_change", task.change)
-                pl_module.log(f"{stage}/{name}/gap_to_best", task.gap_to_best)
+                log_synchronised(pl_module, f"{stage}/{name}/acc_change", task.change)
+                log_synchronised(pl_module, f"{stage}/{name}/gap_to_best", task.gap_to_best)
             if task.relative_gain is not None:
-                pl_module.log(f"{stage}/{name}/rel_gain", task.relative_gain)
+                log_synchronised(pl_module, f"{stage}/{name}/rel_gain", task.relative_gain)
         if point.delta_mtl is not None:
-            pl_module.log(f"{stage}/delta_mtl", point.delta_mtl)
-            pl_module.log(f"{stage}/negative_transfer", float(point.negative_transfer))
+            log_synchronised(pl_module, f"{stage}/delta_mtl", point.delta_mtl)
+            log_synchronised(pl_module, f"{stage}/negative_transfer", float(point.negative_transfer))
 
     def to_dict(self) -> dict[str, Any]:
         return {"tolerance": self.tolerance, "baseline_file": self.baseline_file, "baseline": self.baseline,
