@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -488,10 +489,15 @@ class MultiTaskDataModule(LightningDataModule):
             return len(self._train_sampler)  # the epoch is over (possibly cut short by limit_train_batches)
         return progress.processed * self.batch_size
 
-    def _restored_training_loader(self) -> None:
-        """Lightning has just given the training loader its checkpointed state (a fit resumed with ``max_steps``)."""
-        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            complete_epoch_end_restore(self.trainer)
+    def _restored_training_loader(self, state: Mapping[str, Any]) -> None:
+        """Lightning has just given the training loader its checkpointed ``state`` (a fit resumed mid-epoch, or with
+        ``max_steps``)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        complete_epoch_end_restore(trainer)
+        if isinstance(self._train_sampler, TaskBalancedSampler):
+            rebase_restored_batches(trainer, self._train_sampler, self.batch_size, state)
 
 
 class EvaluationShard(Dataset[EncodedExample]):
@@ -512,22 +518,23 @@ class EvaluationShard(Dataset[EncodedExample]):
 class ResumableDataLoader(DataLoader):
     """The training DataLoader, which Lightning checkpoints and restores (before iterating) because it has
     ``state_dict``/``load_state_dict``. Its state is the sampler's position counted in batches trained on, given by
-    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early. A sampler
-    without that protocol (`resumable`; e.g. a plain ``WeightedRandomSampler`` from ``build_sampler``) has an empty
-    state: the fit still checkpoints and resumes, with the sampler's order started afresh, which one warning says."""
+    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early. It also holds
+    the batch size that count was made in (see `rebase_restored_batches`). A sampler without that protocol
+    (`resumable`; e.g. a plain ``WeightedRandomSampler`` from ``build_sampler``) has an empty state: the fit still
+    checkpoints and resumes, with the sampler's order started afresh, which one warning says."""
 
     def __init__(self, *args: Any, consumed: Callable[[], int | None],
-                 restored: Callable[[], None] | None = None, **kwargs: Any) -> None:
+                 restored: Callable[[Mapping[str, Any]], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.consumed = consumed
-        self.restored = restored  # called once the state is loaded: see `complete_epoch_end_restore`
+        self.restored = restored  # called with the state once it is loaded: see `complete_epoch_end_restore`
         self._warned = False
 
     def state_dict(self) -> dict[str, Any]:
         if not resumable(self.sampler):
             self._warn_unresumable()
             return {}
-        return self.sampler.state_dict(consumed=self.consumed())
+        return {**self.sampler.state_dict(consumed=self.consumed()), "batch_size": self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if resumable(self.sampler):
@@ -535,7 +542,7 @@ class ResumableDataLoader(DataLoader):
         else:
             self._warn_unresumable()
         if self.restored is not None:
-            self.restored()
+            self.restored(state_dict)
 
     def _warn_unresumable(self) -> None:
         if not self._warned:
@@ -595,6 +602,49 @@ def complete_epoch_end_restore(trainer: Trainer) -> None:
         return
     fit_loop.epoch_progress.increment_completed()
     fit_loop.epoch_loop.restarting = False  # its reset() then starts the next epoch as every other epoch starts
+
+
+def rebase_restored_batches(trainer: Trainer, sampler: TaskBalancedSampler, batch_size: int,
+                            state: Mapping[str, Any]) -> None:
+    """Count the restored epoch's progress in this run's batches when the checkpoint's were of another size (another
+    world size or ``batch_size``), and say what the change means.
+
+    Lightning restores how many of the epoch's batches were trained, in the saved run's batches; it ends the epoch when
+    that count reaches this run's number of batches, and `MultiTaskDataModule._consumed_this_epoch` turns it into the
+    next checkpoint's position with this run's batch. Left as saved, a resume on more processes cut the epoch short
+    (draws skipped), and one on fewer saved positions short of the draws trained (draws trained twice on the next
+    resume). So the counters move to the number of this run's batches the sampler's position amounts to, all by the
+    same shift (their differences tell Lightning at which hook of the batch the checkpoint was written), or to a
+    finished epoch's count when the checkpoint followed the epoch's last batch; a position inside one of this run's
+    batches goes back to that batch's start (`TaskBalancedSampler.resume_at_batch_start`). A checkpoint from before
+    the state held its world and batch size is taken as counted in this run's."""
+    saved_world, saved_batch = state.get("num_replicas"), state.get("batch_size")
+    world = sampler.num_replicas
+    if saved_world is None or saved_batch is None or (saved_world, saved_batch) == (world, batch_size):
+        return
+    finished = sampler.epoch > trainer.current_epoch  # the sampler state has moved on to the next epoch
+    if finished:
+        batches, repeated = math.ceil(len(sampler) / batch_size), 0
+    else:
+        batches, repeated = sampler.resume_at_batch_start(batch_size)
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    progress.increment_by(batches - progress.current.processed, is_last_batch=progress.is_last_batch)
+    saved_step, step = saved_world * saved_batch, world * batch_size
+    if finished or batches + repeated == 0:
+        where = f"epoch {sampler.epoch} starts from its first draw"
+    else:
+        start = batches * step
+        where = (f"it stopped epoch {sampler.epoch} after {start + repeated} draws, and the epoch goes on from draw "
+                 f"{start} as this run's batch {batches}")
+        if repeated:
+            where += (f"; draws {start} to {start + repeated - 1} of epoch {sampler.epoch} ({repeated}) are trained "
+                      "again, since they fall inside that batch")
+    rank_zero_warn(f"Checkpoint {trainer.ckpt_path} was counted in batches of {saved_batch} on {saved_world} "
+                   f"process(es), {saved_step} examples a step, and this run has batches of {batch_size} on {world}, "
+                   f"{step} a step: {where}. From here a step trains {step} examples instead of {saved_step}, so "
+                   "max_steps, val_check_interval, gradient accumulation and the learning-rate schedule, counted in "
+                   "steps or batches, cover other examples than the saved run's; to continue that run exactly, resume "
+                   f"on {saved_world} process(es) with batch_size={saved_batch}.")
 
 
 def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:

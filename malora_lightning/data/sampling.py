@@ -168,7 +168,9 @@ class TaskBalancedSampler(DistributedSampler):
     It is a ``DistributedSampler`` so that Lightning (``use_distributed_sampler=True``) keeps it instead of wrapping it
     again; rank r takes every ``num_replicas``-th draw, and the epoch is padded by repeating its first draws (or cut,
     with ``drop_last``) so that all ranks get the same number. ``state_dict`` stores how far the epoch has gone, in
-    draws across all ranks, so a resumed run (even with another world size) continues the same sequence.
+    draws across all ranks, so a resumed run (even with another world size) continues the same sequence; it also
+    stores the world size, since a trainer counts that progress in batches of the saved run's size, which a resume on
+    another world size must count again (`resume_at_batch_start`, and the datamodule's `rebase_restored_batches`).
     """
 
     def __init__(
@@ -252,7 +254,7 @@ class TaskBalancedSampler(DistributedSampler):
         if position >= self.total_size:
             epoch, position = epoch + 1, 0
         return {"epoch": epoch, "position": position, "seed": self.seed, "epoch_length": self.epoch_length,
-                "sizes": list(self.sizes), "weights": list(self.weights)}
+                "sizes": list(self.sizes), "weights": list(self.weights), "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration starts where the saved run stopped."""
@@ -264,6 +266,15 @@ class TaskBalancedSampler(DistributedSampler):
         super().set_epoch(int(state["epoch"]))
         self._resume_at = min(int(state["position"]), self.total_size)
         self._position = self._resume_at
+
+    def resume_at_batch_start(self, batch_size: int) -> tuple[int, int]:
+        """Move the restored position back to the start of the global batch (``batch_size`` draws on each of the
+        ``num_replicas`` ranks) it falls in, so that a trainer counting whole batches can say where the epoch stands.
+        Returns the whole batches before it and the draws that are therefore trained again."""
+        batches, repeated = divmod(self._resume_at, batch_size * self.num_replicas)
+        self._resume_at -= repeated
+        self._position = self._resume_at
+        return batches, repeated
 
 
 class ShardIndex(NamedTuple):

@@ -4,6 +4,7 @@ Lightning fetches a batch ahead and DataLoader workers prefetch more, so a sampl
 would skip batches on resume; these tests run real fits and compare the examples seen.
 """
 
+import re
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import WeightedRandomSampler
 
 from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.data.sampling import TaskBalancedSampler
 from tests.helpers import tiny_tokenizer
 
 BATCH = 4
@@ -149,3 +151,87 @@ def test_a_plain_torch_sampler_from_build_sampler_checkpoints_and_resumes_with_o
         resumed, trainer = fit_weighted(6, ckpt_path=tmp_path / "step=3.ckpt")
     assert trainer.global_step == 6
     assert resumed == first[:3 * BATCH]  # the sampler's order starts afresh, as the warning says
+
+
+class RankData(MultiTaskDataModule):
+    """Rank ``rank`` of a ``world``-process run, played in this one process: its sampler takes that rank's share of
+    each epoch, as under DDP (no gradients are shared, which a test of which examples are trained does not need)."""
+
+    def __init__(self, world: int, rank: int, batch_size: int) -> None:
+        super().__init__(tasks=["add_2digit", "reverse_words", "parity"], max_length=64, batch_size=batch_size,
+                         sampling="uniform", max_train_examples_per_task=8, max_eval_examples_per_task=2, seed=11)
+        self.tokenizer_object = tiny_tokenizer()
+        self.world, self.rank = world, rank
+
+    def build_sampler(self, sizes):
+        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), seed=self.hparams.seed,
+                                   num_replicas=self.world, rank=self.rank)
+
+
+class EpochRecorder(Recorder):
+    """Also notes the epoch of every example that reaches training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.epochs += [self.current_epoch] * len(batch.input_ids)
+        return super().training_step(batch, batch_idx)
+
+
+def fit_in_segments(tmp_path, segments: list[tuple[int, int, int | None]]) -> dict[int, list[tuple[int, ...]]]:
+    """Two epochs trained in segments of (world size, batch size per rank, global step to stop at; None: to the end),
+    each resumed from the checkpoint its predecessor's rank 0 wrote at its last step. Returns the examples trained in
+    each epoch, over all segments and ranks."""
+    trained: dict[int, list[tuple[int, ...]]] = {0: [], 1: []}
+    checkpoint = None
+    for number, (world, batch_size, stop) in enumerate(segments):
+        for rank in range(world):
+            callbacks = []
+            if rank == 0 and stop is not None:
+                callbacks.append(ModelCheckpoint(dirpath=tmp_path / str(number), filename="{step}", save_top_k=-1,
+                                                 every_n_train_steps=1))
+            trainer = Trainer(max_epochs=2, max_steps=-1 if stop is None else stop, accelerator="cpu", devices=1,
+                              logger=False, enable_progress_bar=False, enable_model_summary=False,
+                              num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=bool(callbacks),
+                              callbacks=callbacks)
+            module = EpochRecorder()
+            trainer.fit(module, datamodule=RankData(world, rank, batch_size), ckpt_path=checkpoint)
+            for epoch, example in zip(module.epochs, module.seen):
+                trained[epoch].append(example)
+        if stop is not None:
+            checkpoint = tmp_path / str(number) / f"step={stop}.ckpt"
+    return trained
+
+
+@pytest.mark.parametrize("segments", [
+    [(1, BATCH, 2), (2, BATCH, None)],  # 8 draws done: one batch of 2 x 4
+    [(2, BATCH, 2), (1, BATCH, 3), (1, BATCH, None)],  # 16 draws done: four batches of 4; then 20
+    [(1, BATCH, 3), (1, 2, 5), (1, BATCH, None)],  # batch size 4 -> 2 -> 4: 12 draws done, then 16
+    [(2, BATCH, 3), (1, BATCH, None)],  # after the epoch's last batch
+])
+def test_a_fit_resumed_mid_epoch_on_another_world_or_batch_size_trains_every_draw_once(tmp_path, segments):
+    """Lightning restores the epoch's batch count in the saved run's batches and ends the epoch when it reaches this
+    run's number of batches: 1 -> 2 processes cut the epoch short (draws skipped), and after 2 -> 1 the next
+    checkpoint's position was counted in the wrong batches (draws trained twice on the next resume)."""
+    uninterrupted = fit_in_segments(tmp_path / "whole", [(1, BATCH, None)])
+    with pytest.warns(UserWarning) as caught:
+        resumed = fit_in_segments(tmp_path, segments)
+    for epoch in (0, 1):
+        assert sorted(resumed[epoch]) == sorted(uninterrupted[epoch]), f"epoch {epoch}"
+    messages = [str(warning.message) for warning in caught]
+    for (saved_world, saved_batch, _), (world, batch, _) in zip(segments, segments[1:]):
+        change = rf"counted in batches of {saved_batch} on {saved_world} process.*this run has batches of {batch} on "
+        # once per resumed fit: each faked rank here is its process's rank zero
+        expected = 0 if (saved_world, saved_batch) == (world, batch) else world
+        assert sum(bool(re.search(change, message)) for message in messages) == expected, messages
+
+
+def test_a_resume_inside_one_of_this_runs_batches_trains_that_batch_again_and_says_so(tmp_path):
+    """12 draws done, 8 per batch on 2 processes: the epoch goes on from draw 8, as this run's batch 1."""
+    uninterrupted = fit_in_segments(tmp_path / "whole", [(1, BATCH, None)])
+    with pytest.warns(UserWarning, match=r"draws 8 to 11 of epoch 0 \(4\) are trained again"):
+        resumed = fit_in_segments(tmp_path, [(1, BATCH, 3), (2, BATCH, None)])
+    assert sorted(resumed[0]) == sorted(uninterrupted[0] + uninterrupted[0][8:12])
+    assert sorted(resumed[1]) == sorted(uninterrupted[1])
