@@ -211,10 +211,11 @@ def fit_in_segments(tmp_path, segments: list[tuple[int, int, int | None]]) -> di
     [(1, BATCH, 3), (1, 2, 5), (1, BATCH, None)],  # batch size 4 -> 2 -> 4: 12 draws done, then 16
     [(2, BATCH, 3), (1, BATCH, None)],  # after the epoch's last batch
 ])
-def test_a_fit_resumed_mid_epoch_on_another_world_or_batch_size_trains_every_draw_once(tmp_path, segments):
+def test_a_fit_resumed_on_another_world_or_batch_size_trains_every_draw_of_each_epoch_once(tmp_path, segments):
     """Lightning restores the epoch's batch count in the saved run's batches and ends the epoch when it reaches this
-    run's number of batches: 1 -> 2 processes cut the epoch short (draws skipped), and after 2 -> 1 the next
-    checkpoint's position was counted in the wrong batches (draws trained twice on the next resume)."""
+    run's number of batches: 1 -> 2 processes cut the epoch short (draws skipped); after 2 -> 1 or another batch size
+    the next checkpoint's position was counted in the wrong batches (draws trained twice on the next resume); and
+    2 -> 1 after the epoch's last batch trained the next epoch's first half as the end of this one."""
     uninterrupted = fit_in_segments(tmp_path / "whole", [(1, BATCH, None)])
     with pytest.warns(UserWarning) as caught:
         resumed = fit_in_segments(tmp_path, segments)
@@ -222,7 +223,8 @@ def test_a_fit_resumed_mid_epoch_on_another_world_or_batch_size_trains_every_dra
         assert sorted(resumed[epoch]) == sorted(uninterrupted[epoch]), f"epoch {epoch}"
     messages = [str(warning.message) for warning in caught]
     for (saved_world, saved_batch, _), (world, batch, _) in zip(segments, segments[1:]):
-        change = rf"counted in batches of {saved_batch} on {saved_world} process.*this run has batches of {batch} on "
+        change = (rf"counted in batches of {saved_batch} on {saved_world} process.*"
+                  rf"this run has batches of {batch} on {world},")
         # once per resumed fit: each faked rank here is its process's rank zero
         expected = 0 if (saved_world, saved_batch) == (world, batch) else world
         assert sum(bool(re.search(change, message)) for message in messages) == expected, messages
