@@ -9,6 +9,7 @@ schedule and AdamW choice in `optim.py`, exact resume and the adapter export in 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import warnings
@@ -38,7 +39,7 @@ from malora_lightning.adapters import (
     router_losses,
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
-from malora_lightning.adapters.model import unwrapped_name
+from malora_lightning.adapters.model import trained_tensor_names
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -156,10 +157,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         # LightningCLI hands save_hyperparameters the arguments it gave the class it built: those of a subclass that
-        # fixes some of ours (its base model, say) leave them out, and the module reads its settings from hparams
-        for name, value in arguments.items():
-            if name not in ("self", "__class__", "adapter") and name not in self.hparams:
-                self.hparams[name] = value
+        # fixes some of ours (its base model, say) leave them out. The module reads its settings from hparams, so they
+        # go in, but not into checkpoints: loading would pass them to the subclass a second time
+        self._unrecorded_settings = {name for name in arguments
+                                     if name not in ("self", "__class__", "adapter") and name not in self.hparams}
+        for name in self._unrecorded_settings:
+            self.hparams[name] = arguments[name]
         self.hparams["adapter"] = self.adapter_config.to_dict()
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
@@ -201,7 +204,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
         that overrides `adapter_dtype`."""
         if stage == "fit":
-            _check_plain_hyperparameters(self.hparams)
+            _check_loadable_hyperparameters(self.hparams)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
@@ -390,28 +393,27 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         return callbacks
 
     def checkpoint_keys(self) -> set[str]:
-        """The tensors a checkpoint holds: the adapters, whatever else is trained inside the wrapped model (a
-        subclass's unfrozen norm, say) and every tensor the module holds outside it (a subclass's own parameters and
-        buffers). Only the frozen base is left out: it is rebuilt from `model_name_or_path`, never copied."""
-        keys = {f"model.{key}" for key in adapter_state_dict(self.model)}
-        keys |= {f"model.{unwrapped_name(name)}" for name, param in self.model.named_parameters()
-                 if param.requires_grad}
-        for name, child in self.named_children():
-            if child is not self.model:
-                keys |= {f"{name}.{key}" for key in child.state_dict(keep_vars=True)}
-        keys |= {name for name, param in self._parameters.items() if param is not None}
+        """The tensors a checkpoint holds: the adapters (a frozen ablation tensor such as a fixed S_A included), every
+        other tensor the module trains (a base layer a subclass unfroze, a parameter of its own) and the buffers the
+        module registers itself. A frozen module, the base or a subclass's teacher, is rebuilt by its code, never
+        copied."""
+        keys = {f"model.{key}" for key in adapter_state_dict(self.model)} | trained_tensor_names(self)
         keys |= {name for name, buffer in self._buffers.items()
                  if buffer is not None and name not in self._non_persistent_buffers_set}
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the `checkpoint_keys` tensors only, and the hyperparameters as plain data: a subclass's own
-        `save_hyperparameters()` puts the `AdapterConfig` object back, which `weights_only` loading refuses."""
+        `save_hyperparameters()` puts the `AdapterConfig` object back, which `weights_only` loading refuses. The
+        settings LightningCLI's record of a subclass left out stay out (`__init__`)."""
         keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         hyperparameters = checkpoint.get("hyper_parameters")
-        if hyperparameters is not None and isinstance(hyperparameters.get("adapter"), AdapterConfig):
-            hyperparameters["adapter"] = hyperparameters["adapter"].to_dict()
+        if hyperparameters is not None:
+            if isinstance(hyperparameters.get("adapter"), AdapterConfig):
+                hyperparameters["adapter"] = hyperparameters["adapter"].to_dict()
+            for name in self._unrecorded_settings:
+                hyperparameters.pop(name, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base is
@@ -469,25 +471,25 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                     param_group[implementation] = defaults.get(implementation)
 
 
-def _check_plain_hyperparameters(hyperparameters: dict[str, Any]) -> None:
-    """Refuse, before training, a hyperparameter that a checkpoint read as data (`weights_only=True`) cannot hold: a
-    subclass's `save_hyperparameters()` of a `pathlib.Path`, say, made every checkpoint of the run unloadable, with
-    torch's message naming no setting. (The `AdapterConfig` is stored as its dict by `on_save_checkpoint`.)"""
-    def plain(value: Any) -> bool:
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return True
-        if isinstance(value, (list, tuple)):
-            return all(plain(item) for item in value)
-        if isinstance(value, dict):
-            return all(isinstance(key, str) and plain(item) for key, item in value.items())
-        return False
-
+def _check_loadable_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+    """Refuse, before training, a hyperparameter that a checkpoint read as data (`weights_only=True`) cannot give
+    back: a subclass's `save_hyperparameters()` of a `pathlib.Path`, say, made every checkpoint of the run unloadable,
+    with torch's message naming no setting. Each value is saved and loaded as a checkpoint would be. (The
+    `AdapterConfig` is stored as its dict by `on_save_checkpoint`.)"""
     for name, value in hyperparameters.items():
-        if not isinstance(value, AdapterConfig) and not plain(value):
-            raise ValueError(f"hyperparameter {name!r} is a {type(value).__name__} ({value!r:.80}): checkpoints are "
-                             "read as data (torch.load with weights_only=True), so hyperparameters must be None, "
-                             "bool, int, float, str, or lists, tuples and dicts of them; pass it as one (a path as "
-                             "a str) or leave it out of save_hyperparameters(ignore=[...])")
+        if isinstance(value, AdapterConfig):
+            continue
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as error:  # torch.save and the weights_only unpickler raise several kinds
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"hyperparameter {name!r} ({type(value).__name__}: {value!r:.80}) cannot be read back "
+                             f"from a checkpoint, which is read as data (torch.load with weights_only=True): {reason}. "
+                             "Pass it as plain data (a path as a str) or leave it out of "
+                             "save_hyperparameters(ignore=[...])") from error
 
 
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,

@@ -20,7 +20,7 @@ from malora_lightning.adapters import (
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.module import MALoRAModule, compile_mode
+from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows
@@ -756,6 +756,7 @@ class OwnParameterModule(MALoRAModule):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+        self.teacher = torch.nn.Linear(3, 3).requires_grad_(False)  # frozen: rebuilt by the code, never copied
 
     def build_model(self):
         model = super().build_model()
@@ -781,7 +782,8 @@ def test_a_subclasss_own_trained_tensors_are_checkpointed_and_restored(tiny_mode
                                                                      torch.ones_like(trained.model.model.norm.weight))
     stored = torch.load(checkpoints.best_model_path, weights_only=True)["state_dict"]
     assert {"log_temperature", "model.model.norm.weight"} <= set(stored)
-    assert not any("embed_tokens" in key or key.endswith("q_proj.base_layer.weight") for key in stored)
+    assert not any("embed_tokens" in key or key.endswith("q_proj.base_layer.weight") or key.startswith("teacher.")
+                   for key in stored)
     loaded = OwnParameterModule.load_from_checkpoint(checkpoints.best_model_path)
     assert torch.equal(loaded.log_temperature, trained.log_temperature)
     assert torch.equal(loaded.model.model.norm.weight, trained.model.model.norm.weight)
@@ -851,8 +853,10 @@ def test_a_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny
     from pathlib import Path
 
     module = RecordingModule(extra=Path("/tmp/x"), **make_module(tiny_model_dir).hparams)
-    with pytest.raises(ValueError, match="hyperparameter 'extra' is a PosixPath"):
+    with pytest.raises(ValueError, match=r"hyperparameter 'extra' \(PosixPath: PosixPath\('/tmp/x'\)\) cannot be read "):
         make_trainer(tmp_path, max_steps=1).fit(module, make_data(tiny_model_dir))
+    # what weights_only loading does give back passes: a dtype, int keys, a set
+    _check_loadable_hyperparameters({"dtype": torch.bfloat16, "weights": {1: 0.5}, "tasks": {"a", "b"}})
 
 
 def test_evaluating_without_per_task_metrics_says_that_nothing_is_logged(tiny_model_dir, tmp_path):

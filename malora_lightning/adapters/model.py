@@ -39,9 +39,16 @@ def unwrapped_name(name: str) -> str:
     return ".".join(segment for segment in name.split(".") if segment not in WRAPPER_SEGMENTS)
 
 
+def trained_tensor_names(module: nn.Module) -> set[str]:
+    """The (unwrapped) names of the parameters of `module` that train: the adapters, and whatever else a user unfroze
+    or added (a base layer, a subclass's own parameter)."""
+    return {unwrapped_name(name) for name, param in module.named_parameters() if param.requires_grad}
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """Adapted modules by their name in `model`, wrappers left out (`unwrapped_name`): the names `save_adapters` and
-    checkpoints use as tensor-key prefixes."""
+    checkpoints use as tensor-key prefixes, which on a wrapped model (FSDP1, activation checkpointing) are not module
+    paths for `get_submodule`."""
     return {unwrapped_name(name): module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 

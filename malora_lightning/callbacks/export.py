@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from malora_lightning.adapters import adapter_state_dict, save_adapters
 from malora_lightning.adapters.io import check_writable_adapter_folder
-from malora_lightning.adapters.model import unwrapped_name
+from malora_lightning.adapters.model import trained_tensor_names
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
@@ -67,7 +67,8 @@ class AdapterExport(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every rank takes part (gathering sharded adapters is collective); rank zero writes
         path = save_adapters(pl_module.model, self.folder(trainer), write=trainer.is_global_zero,
-                             base_model=self.base_model, task_scores=final_scores(trainer))
+                             base_model=self.base_model, task_scores=final_scores(trainer),
+                             sharded_root=trainer.strategy.model)
         if trainer.is_global_zero:
             logger.info("Exported adapters to %s", path)
             left_out = trained_outside_adapters(pl_module)
@@ -81,6 +82,4 @@ class AdapterExport(Callback):
 def trained_outside_adapters(pl_module: L.LightningModule) -> list[str]:
     """The names of the tensors `pl_module` trains that an adapter folder does not hold: a subclass's own parameters,
     a base layer it unfroze."""
-    adapters = {f"model.{key}" for key in adapter_state_dict(pl_module.model)}
-    return sorted(name for name in (unwrapped_name(name) for name, param in pl_module.named_parameters()
-                                    if param.requires_grad) if name not in adapters)
+    return sorted(trained_tensor_names(pl_module) - {f"model.{key}" for key in adapter_state_dict(pl_module.model)})
