@@ -151,9 +151,11 @@ def recover_replace(folder: str | Path) -> None:
     Only a staging folder holding `STAGING_MARKER` is ours; an empty one (a kill between its mkdir and its marker) is
     removed, any other raises `FileExistsError` naming it.
 
-    Several processes may recover one folder at once (every rank of a torchrun or SLURM job reads the same adapter
+    Several readers may recover one folder at once (every rank of a torchrun or SLURM job reads the same adapter
     folder): a staged file that is gone was moved into place by another (a committed folder's files leave only that
     way, and `COMMIT_MARKER` only once they all have), so it counts as done, and so does a folder another removed.
+    Not covered: a recovery running beside a save into the same folder (it would take that save's staging folder
+    for a leftover); saves are one process's, rank zero's, after every rank has read the folder.
     """
     folder = Path(folder)
     staging = folder / STAGING_FOLDER

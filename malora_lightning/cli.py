@@ -77,15 +77,16 @@ def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
 def _last_checkpoint_folders(trainer: L.Trainer, callbacks: list[ModelCheckpoint]) -> list[str]:
     """The folders (glob patterns) where `--ckpt_path last` looks: each ModelCheckpoint's `dirpath`; where one has
     none (or there is none), every run folder of the logger (`save_dir/name/*/checkpoints`, where Lightning puts each
-    run's checkpoints) or, without a logger, `default_root_dir/checkpoints`."""
-    folders = [str(callback.dirpath) for callback in callbacks if callback.dirpath]
+    run's checkpoints) or, without a logger, `default_root_dir/checkpoints`. The user's folder names are escaped
+    (`runs/[ablation]` is no pattern); only the run folder's `*` matches."""
+    folders = [glob.escape(str(callback.dirpath)) for callback in callbacks if callback.dirpath]
     if callbacks and len(folders) == len(callbacks):
         return folders
     if trainer.loggers:
         logger = trainer.loggers[0]
         root = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name))
-        return [*folders, os.path.join(root, "*", "checkpoints")]
-    return [*folders, os.path.join(trainer.default_root_dir, "checkpoints")]
+        return [*folders, os.path.join(glob.escape(root), "*", "checkpoints")]
+    return [*folders, os.path.join(glob.escape(trainer.default_root_dir), "checkpoints")]
 
 
 def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
@@ -164,15 +165,21 @@ class MALoRACLI(LightningCLI):
                              "run folder")
         if not ckpt_path or ckpt_path in LIGHTNING_CKPT_VALUES or _is_registry(ckpt_path) or "://" in str(ckpt_path):
             return  # resolved and read by Lightning (a remote path through fsspec)
+        self._check_checkpoint(subcommand, ckpt_path)
+
+    def _check_checkpoint(self, subcommand: str, ckpt_path: str) -> None:
         check_checkpoint_file(ckpt_path)
         check_config_settings(checkpoint_hyperparameters(ckpt_path), self.config[subcommand]["model"], ckpt_path,
                               fitting=subcommand == "fit")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists."""
+        """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists, and then
+        checked as a given path is (`_parse_ckpt_path`), before the model loads. (A private LightningCLI method,
+        checked against Lightning 2.6.)"""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
+            self._check_checkpoint(subcommand, kwargs["ckpt_path"])
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

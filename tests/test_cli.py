@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,6 +340,9 @@ def test_a_cli_of_a_subclass_that_fixes_its_base_fits_and_resumes(tiny_model_dir
           f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true"],
          model_class=PinnedBaseModule)
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    # its checkpoints load into the subclass, which passes the base itself (stored, it was passed twice)
+    loaded = PinnedBaseModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert loaded.hparams.model_name_or_path == str(tiny_model_dir) and loaded.adapter_config.num_experts == 4
     main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
          model_class=PinnedBaseModule)
     assert [path.name for path in (tmp_path / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=3.ckpt"]
@@ -387,3 +391,15 @@ def test_ckpt_path_best_is_refused_before_anything_loads(model_loading_forbidden
     with pytest.raises(ValueError, match=r"--ckpt_path best means the best checkpoint of a fit earlier in the same "
                                          r"process, which a malora command never has: give the checkpoint's path"):
         main(["test", "--config", "recipes/default.yaml", "--ckpt_path=best"])
+
+
+def test_ckpt_path_last_is_found_in_a_bracketed_run_folder_and_checked_before_the_model_loads(
+        tiny_model_dir, tmp_path, model_loading_forbidden):
+    """`runs/[ablation]` was a glob pattern (no checkpoint found), and the file `last` resolved to skipped the checks a
+    given path gets before the model loads."""
+    root = tmp_path / "[ablation]"
+    cut_off = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cut_off.parent.mkdir(parents=True)
+    cut_off.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(cut_off))} is not a complete checkpoint file"):
+        main(["validate", *tiny_run_settings(tiny_model_dir, root), "--ckpt_path=last"])

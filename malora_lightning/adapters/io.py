@@ -26,7 +26,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
@@ -280,7 +279,8 @@ def load_adapted_model(path: str | Path, base_model: str | None = None,
 
 # ---------------------------------------------------------------------------------------------------- writing
 def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_model: str | None = None,
-                  task_scores: Mapping[str, float | None] | None = None, origin: str | None = None) -> Path:
+                  task_scores: Mapping[str, float | None] | None = None, origin: str | None = None,
+                  sharded_root: nn.Module | None = None) -> Path:
     """Write the adapters of `model` into the folder `path` in PEFT's format, with a model card.
 
     `base_model` is recorded as `base_model_name_or_path` (default: the name the base was loaded under);
@@ -290,10 +290,11 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     Only the adapter files are replaced; anything else in the folder (a user's notes, scores, a README.md we did not
     write) stays. A folder that exists, holds files and is not an adapter folder is refused. The replace is
     recoverable: a crash at any point leaves the old adapter, the new one, or a committed staging folder that the
-    next save or load completes (`atomic.replace_files`). With sharded (FSDP2) adapters every rank must call this,
-    since gathering the shards is collective; pass `write=False` on all ranks but one.
+    next save or load completes (`atomic.replace_files`). With sharded (FSDP1 or FSDP2) adapters every rank must
+    call this, since gathering the shards is collective; pass `write=False` on all ranks but one, and under FSDP1 the
+    module it wrapped whole as `sharded_root` (`gathered_adapter_state`).
     """
-    state = gathered_adapter_state(model)
+    state = gathered_adapter_state(model, sharded_root)
     config = config_as_stored(get_adapter_config(model), state)
     tensors = {peft_key(key): value for key, value in state.items()}
     path = Path(path)
@@ -456,12 +457,20 @@ def _interrupted_legacy_save(path: Path) -> Path | None:
     return None
 
 
-def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_adapter_state(model: nn.Module, sharded_root: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """`adapter_state_dict` with every tensor whole, contiguous and a copy on the CPU: FSDP2's DTensors gathered,
     FSDP1's flat shards unsharded for the copy (wrapped by FSDP1, an adapter tensor is a view of this rank's shard,
-    and empty on most ranks). Both are collective: every rank must call this."""
-    sharded_units = any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
-    unsharded = FullyShardedDataParallel.summon_full_params(model, writeback=False) if sharded_units \
+    and empty on most ranks). Both are collective: every rank must call this.
+
+    `sharded_root` is the module FSDP1 wrapped whole when that is an ancestor of `model` (Lightning's
+    `trainer.strategy.model`, which wraps the LightningModule): its own unit holds the adapters outside the wrapped
+    classes (all of them without an auto_wrap_policy; an adapted lm_head), which unsharding `model` alone would leave
+    as this rank's shard."""
+    from torch.distributed.fsdp import FullyShardedDataParallel  # imported on use: most saves never shard
+
+    root = model if sharded_root is None else sharded_root
+    sharded_units = any(isinstance(module, FullyShardedDataParallel) for module in root.modules())
+    unsharded = FullyShardedDataParallel.summon_full_params(root, writeback=False) if sharded_units \
         else contextlib.nullcontext()
     with unsharded:
         return {key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()

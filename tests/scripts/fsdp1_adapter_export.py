@@ -29,11 +29,13 @@ from tests.scripts.fsdp1_qlora_step import recipe_classes  # noqa: E402
 WORLD = 2
 
 
-def build(model_dir: str) -> MALoRAModule:
-    """The recipe's base settings; MALoRA with non-zero B, so that a lost or zeroed tensor shows."""
+def build(model_dir: str, quantized: bool = True) -> MALoRAModule:
+    """The recipe's base settings (or a float32 base, which FSDP1 can flatten into one unit with the adapters);
+    MALoRA with non-zero B, so that a lost or zeroed tensor shows."""
     torch.manual_seed(0)
-    module = MALoRAModule(model_name_or_path=model_dir, quantization="nf4", compute_dtype="bfloat16",
-                          quant_storage="bfloat16",
+    base = dict(quantization="nf4", compute_dtype="bfloat16", quant_storage="bfloat16") if quantized \
+        else dict(quantization=None)
+    module = MALoRAModule(model_name_or_path=model_dir, **base,
                           adapter=AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4))
     module.configure_model()
     with torch.no_grad():
@@ -43,30 +45,52 @@ def build(model_dir: str) -> MALoRAModule:
     return module
 
 
+def wrap_and_save(module: MALoRAModule, policy: ModuleWrapPolicy | None, folder: Path, rank: int,
+                  root: bool = True) -> FullyShardedDataParallel:
+    bf16 = torch.bfloat16
+    wrapped = FullyShardedDataParallel(module, auto_wrap_policy=policy, use_orig_params=True,
+                                       device_id=torch.device("cpu"),
+                                       mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16,
+                                                                      buffer_dtype=bf16))
+    # collective: every rank calls it; the root is what Lightning's FSDPStrategy wraps (trainer.strategy.model)
+    save_adapters(module.model, folder, write=rank == 0, sharded_root=wrapped if root else None)
+    return wrapped
+
+
+def compare(folder: Path, reference: dict[str, torch.Tensor]) -> dict[str, bool]:
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    expected = {peft_key(key): value for key, value in reference.items()}
+    return {"saved_keys_equal": sorted(saved) == sorted(expected),
+            "saved_tensors_equal": sorted(saved) == sorted(expected)
+            and all(torch.equal(saved[key], value) for key, value in expected.items()),
+            "tensors": len(saved), "empty_tensors": sum(tensor.numel() == 0 for tensor in saved.values())}
+
+
 def run(rank: int, model_dir: str, out_dir: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    out = Path(out_dir)
+    result = {}
+    # the recipe's units: the adapters live in the decoder-layer units
     module = build(model_dir)
     reference_keys = module.checkpoint_keys()
     reference = {key: value.detach().clone() for key, value in adapter_state_dict(module.model).items()}
-    bf16 = torch.bfloat16
-    FullyShardedDataParallel(module, auto_wrap_policy=ModuleWrapPolicy(recipe_classes()), use_orig_params=True,
-                             device_id=torch.device("cpu"),
-                             mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16))
-    wrapped_names = [name for name, _ in module.model.named_parameters() if "lora_B" in name]
-    keys = module.checkpoint_keys()
-    save_adapters(module.model, Path(out_dir) / "adapter", write=rank == 0)  # collective: every rank calls it
+    wrap_and_save(module, ModuleWrapPolicy(recipe_classes()), out / "units", rank)
+    result["wrapped_name"] = next(name for name, _ in module.model.named_parameters() if "lora_B" in name)
+    result["checkpoint_keys_equal"] = module.checkpoint_keys() == reference_keys
+    # no auto_wrap_policy (a float32 base): the root unit holds every adapter, which unsharding module.model alone
+    # leaves sharded
+    unquantized_reference = {}
+    for root in (False, True):
+        module = build(model_dir, quantized=False)
+        unquantized_reference = {key: value.detach().clone() for key, value in adapter_state_dict(module.model).items()}
+        wrap_and_save(module, None, out / f"root-{root}", rank, root=root)
     if rank == 0:
-        saved = load_file(str(Path(out_dir) / "adapter" / "adapter_model.safetensors"))
-        expected = {peft_key(key): value for key, value in reference.items()}
-        (Path(out_dir) / "result.json").write_text(json.dumps({
-            "wrapped_name": wrapped_names[0],
-            "checkpoint_keys_equal": keys == reference_keys,
-            "saved_keys_equal": sorted(saved) == sorted(expected),
-            "saved_tensors_equal": all(torch.equal(saved[key], value) for key, value in expected.items()
-                                       if key in saved),
-            "tensors": len(saved)}))
+        result["units"] = compare(out / "units", reference)
+        result["root_unit"] = compare(out / "root-True", unquantized_reference)
+        result["root_unit_without_sharded_root"] = compare(out / "root-False", unquantized_reference)
+        (out / "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
