@@ -80,10 +80,14 @@ def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
 
 
 class _TaskMeters(torch.nn.Module):
+    """A task's running means. A NaN is a result, not noise: torchmetrics' default drops it from the mean (a partly
+    diverged evaluation read as a finite loss over its `count`); a float strategy replaces NaNs by that float, here
+    NaN itself, so it shows."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.loss = MeanMetric()
-        self.accuracy = MeanMetric()
+        self.loss = MeanMetric(nan_strategy=float("nan"))
+        self.accuracy = MeanMetric(nan_strategy=float("nan"))
         self.count = SumMetric()
 
 

@@ -26,35 +26,43 @@ REPORT_TITLE = "# Run report"
 
 
 def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None]) -> str:
-    """Per task: chance, first evaluation (before training when it ran at step 0), best, final, and final - first.
-    The mean row averages each column over the same tasks, those scored in the first, best and final columns (a task
-    that joined later would otherwise lift one column's mean and not the other's)."""
+    """Per task (every task of the history, in order of appearance): chance, first evaluation (before training when it
+    ran at step 0), best, final, final - first, and final loss. The mean row averages each column over the same
+    tasks, those scored in the first, best and final columns (a task that joined later would otherwise lift one
+    column's mean and not the other's); its chance cell only when all of them have a chance rate."""
     first, final = evaluations[0], evaluations[-1]
-    tasks = list(final.tasks)
+    tasks = list(dict.fromkeys(name for evaluation in evaluations for name in evaluation.tasks))
     lines = [f"| task | chance | first (step {first.step}) | best | final (step {final.step}) | change | final loss |",
              "|---|---|---|---|---|---|---|"]
-    columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": []}
+    columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": [], "loss": []}
     for name in tasks:
         history = [e.tasks[name].accuracy for e in evaluations if name in e.tasks]
         present = [value for value in history if value is not None]
         best = max(present) if present else None
         start = first.tasks[name].accuracy if name in first.tasks else None
-        end = final.tasks[name].accuracy
+        end = final.tasks[name].accuracy if name in final.tasks else None
+        loss = final.tasks[name].loss if name in final.tasks else None
         change = None if start is None or end is None else end - start
-        for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end)):
+        for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end),
+                           ("loss", loss)):
             columns[key].append(value)
         lines.append(f"| {name} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
-                     f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | "
-                     f"{final.tasks[name].loss:.3f} |")
+                     f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | {_loss(loss)} |")
     compared = ("first", "best", "final")
     scored = [index for index in range(len(tasks)) if any(columns[key][index] is not None for key in compared)]
     common = [index for index in scored if all(columns[key][index] is not None for key in compared)]
     means = {key: mean_of_present(values[index] for index in common) for key, values in columns.items()}
+    if any(columns["chance"][index] is None for index in common):
+        means["chance"] = None  # a mean of some of the tasks would read as the chance of all of them
     label = "**mean**" if len(common) == len(scored) \
         else f"**mean** of the {len(common)} tasks scored in every column (of {len(scored)})"
     lines.append(f"| {label} | {percent(means['chance'])} | {percent(means['first'])} | {percent(means['best'])} | "
-                 f"{percent(means['final'])} | | {final.macro_loss:.3f} |")
+                 f"{percent(means['final'])} | | {_loss(means['loss'])} |")
     return "\n".join(lines)
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def refuse_foreign_report(path: Path) -> None:

@@ -71,6 +71,16 @@ def test_hand_built_predictions_give_per_task_means_and_macro_averages(tmp_path)
     assert evaluation.tasks["lm"].accuracy is None and "val/lm/acc" not in logged
 
 
+def test_a_nan_example_loss_makes_its_tasks_loss_nan(tmp_path, monkeypatch):
+    """torchmetrics' default dropped it: alpha's loss read 1.43, the mean of 7 examples, beside count 8."""
+    monkeypatch.setitem(LOSSES, "alpha", [0.5, float("nan"), *LOSSES["alpha"][2:]])
+    metrics = PerTaskMetrics()
+    trainer_for(tmp_path, callbacks=[metrics]).validate(HandBuiltPredictions(), verbose=False)
+    scores = metrics.history[-1].tasks
+    assert scores["alpha"].count == 8 and scores["alpha"].loss != scores["alpha"].loss  # NaN
+    assert scores["beta"].loss == 3.0 and scores["alpha"].accuracy == 5 / 8
+
+
 class HandBuiltTraining(HandBuiltPredictions):
     """The tabled predictions, plus a training step that changes nothing they report."""
 

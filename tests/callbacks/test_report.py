@@ -60,3 +60,22 @@ def test_a_report_that_run_report_wrote_is_replaced(tmp_path):
         trainer.fit(HandBuiltTraining())
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert lines[:2] == [REPORT_MARKER, "# Run report"] and any("final (step 2)" in line for line in lines)
+
+
+def test_the_mean_rows_chance_and_loss_cover_the_tasks_of_its_accuracies():
+    """A task without a chance rate (a user's generative task) made the chance cell the mean of the others: 50.0 beside
+    final accuracies of 60 and 40 read as 'at chance'. The loss cell was the macro loss over every task."""
+    history = [evaluation(0, {"mc": 0.5, "gen": 0.0}), evaluation(10, {"mc": 0.6, "gen": 0.4})]
+    assert mean_row(scores_table(history, {"mc": 0.5, "gen": None}))[:5] == ["**mean**", "-", "25.0", "50.0", "50.0"]
+    assert mean_row(scores_table(history, {"mc": 0.5, "gen": 0.1}))[1] == "30.0"
+    last = Evaluation(stage="val", step=100, sanity_check=False,
+                      tasks={"a": TaskScore(1.0, 0.2, 10), "b": TaskScore(1.0, 0.4, 10), "c": TaskScore(10.0, 0.9, 10)})
+    table = scores_table([evaluation(0, {"a": 0.2, "b": 0.4}), last], {})
+    assert mean_row(table)[-1] == "1.000"  # a and b, whose accuracies the row averages (all three: 4.000)
+
+
+def test_a_task_missing_from_the_final_evaluation_keeps_its_row():
+    table = scores_table([evaluation(0, {"a": 0.5, "b": 0.2}), evaluation(10, {"a": 0.6, "b": 0.9}),
+                          evaluation(20, {"a": 0.7})], {})
+    assert "| b | - | 20.0 | 90.0 | - | - | - |" in table
+    assert mean_row(table)[0] == "**mean** of the 1 tasks scored in every column (of 2)"
