@@ -90,8 +90,8 @@ def router_losses(model: nn.Module) -> RouterLossSummary | None:
 
     The statistics live in that forward's `ForwardRouting`, which the next forward replaces: a stale loss can never
     leak into a step, and a forward that no backward follows leaves nothing alive after the next forward starts
-    (other than a side pass). A side pass, the model in training mode under no_grad (a teacher pass inside `compute_lm_loss`, say), collects
-    nothing and leaves the step's own forward, and its losses, in place.
+    (other than a side pass). A side pass, the model in training mode under no_grad (a teacher pass inside
+    `compute_lm_loss`, say), collects nothing and leaves the step's own forward, and its losses, in place.
     """
     context = routing_context(model)
     forward = None if context is None else context.losses_forward

@@ -315,10 +315,11 @@ def test_a_later_validate_with_another_eval_limit_never_validates_on_trained_row
     validate.setup("validate")
     trained = {example.row for example in fit._loaded("train")["mine"]}
     capped = {example.row for example in fit._loaded("validation")["mine"]}
-    uncapped = {example.row for example in validate._loaded("validation")["mine"]}
+    validated = validate._loaded("validation")["mine"]
+    uncapped = {example.row for example in validated}
     assert not trained & uncapped and capped < uncapped
     assert len(trained) == 36 and len(capped) == 2 and len(uncapped) == 4 and trained | uncapped == set(range(40))
-    assert {rows[row]["q"] for row in uncapped} == {example.prompt for example in validate._loaded("validation")["mine"]}
+    assert {rows[row]["q"] for row in uncapped} == {example.prompt for example in validated}
 
 
 def test_starting_a_loader_leaves_the_global_random_state_alone():
