@@ -67,7 +67,7 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
     from malora_lightning.offline_models import resolve_model_path
 
     folder = "runs/default/lightning_logs/version_0/checkpoints/adapter"
-    model = load_base_model(SMOLLM2, quantization="nf4", prepare_for_training=False)  # as load_adapted_model loads it
+    model = load_base_model(SMOLLM2, quantization="nf4", input_grads=False)  # as trained, as load_adapted_model loads
     inject_adapters(model, AdapterConfig(method="malora", rank=4, shared_rank=8, num_experts=4))
     torch.manual_seed(0)
     with torch.no_grad():

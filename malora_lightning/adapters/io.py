@@ -30,7 +30,13 @@ from torch import nn
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config
-from malora_lightning.adapters.quantization import Quantization, base_model_name, base_quantization, load_base_model
+from malora_lightning.adapters.quantization import (
+    Quantization,
+    base_compute_dtype,
+    base_model_name,
+    base_quantization,
+    load_base_model,
+)
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
@@ -47,6 +53,7 @@ PEFT_TYPES: dict[str, str] = {"lora": "LORA", "molora": "MOLORA", "malora": "MAL
 METADATA_CONFIG = "malora_lightning.adapter_config"
 METADATA_VERSION = "malora_lightning.version"
 METADATA_BASE_QUANTIZATION = "malora_lightning.base_quantization"
+METADATA_BASE_COMPUTE_DTYPE = "malora_lightning.base_compute_dtype"
 # PEFT LoraConfig settings that change what the tensors mean; a PEFT folder using any of them cannot be loaded here
 _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
@@ -88,6 +95,7 @@ class AdapterFolder:
     base_model: str | None  # `base_model_name_or_path`, as the folder records it
     base_quantization: str | None  # how the base was quantized when the adapter was saved (None: not, or unknown)
     layout: Literal["peft", "legacy"]  # "legacy": our format before PEFT's keys (no prefix, no ".weight")
+    base_compute_dtype: str | None = None  # what the 4-bit base computed in when saved (None: not 4-bit, or unknown)
 
     def stored_key(self, key: str) -> str:
         return peft_key(key) if self.layout == "peft" else key
@@ -120,7 +128,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         if stored.get("peft_type") != PEFT_TYPES[config.method]:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
-        return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft")
+        return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
+                             metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None)
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
@@ -239,14 +248,16 @@ def _forward_settings(config: AdapterConfig) -> dict[str, Any]:
     return settings
 
 
-SAVED_QUANTIZATION = "saved"
+SAVED = "saved"  # load_adapted_model's default: a setting as the folder records it
 
 
 def load_adapted_model(path: str | Path, base_model: str | None = None,
-                       quantization: Quantization | Literal["saved"] | None = SAVED_QUANTIZATION,
-                       compute_dtype: str = "auto", dtype: str | None = None, device_map: str | dict | None = None,
-                       attn_implementation: str | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """The base model an adapter folder names, loaded (`load_base_model`), with the folder's adapters injected and
+                       quantization: Quantization | Literal["saved"] | None = SAVED,
+                       compute_dtype: str = SAVED, dtype: str | None = None,
+                       device_map: str | dict | None = None, attn_implementation: str | None = None,
+                       trust_remote_code: bool = False) -> nn.Module:
+    """The base model an adapter folder names, loaded (`load_base_model`) as it was trained (a quantized base's other
+    weights in float32, as `prepare_for_adapter_training` keeps them), with the folder's adapters injected and
     loaded: frozen, in eval mode, ready for `generate`.
 
     Args:
@@ -254,7 +265,9 @@ def load_adapted_model(path: str | Path, base_model: str | None = None,
         base_model: the base to load instead of the one the folder records (`base_model_name_or_path`).
         quantization: "saved" (the default) quantizes the base as it was when the adapter was saved; None loads it
             unquantized; "nf4", "fp4" or "int8" choose.
-        compute_dtype: the dtype 4-bit layers compute in; "auto" picks bfloat16 where the device runs it fast.
+        compute_dtype: the dtype 4-bit layers compute in: "saved" (the default) the one they computed in when the
+            adapter was saved, where the folder records it, else as "auto", which picks bfloat16 where the device
+            runs it fast.
         dtype, device_map, attn_implementation, trust_remote_code: as in `load_base_model` (never taken from the
             folder).
     """
@@ -263,16 +276,18 @@ def load_adapted_model(path: str | Path, base_model: str | None = None,
     if base is None:
         raise ValueError(f"{folder.path / CONFIG_NAME} does not name its base model (base_model_name_or_path is "
                          "empty): pass base_model=")
-    if quantization == SAVED_QUANTIZATION:
+    if quantization == SAVED:
         quantization = folder.base_quantization  # type: ignore[assignment]
+    if compute_dtype == SAVED:
+        compute_dtype = folder.base_compute_dtype or "auto"
     placements = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
     on_cpu = all(placement in (None, "cpu") for placement in placements) or not torch.cuda.is_available()
+    # prepared as for training (frozen, a quantized base's other weights upcast), so that the logits are the trained
+    # module's; without the input gradients only training needs
     model = load_base_model(base, quantization=quantization, dtype=dtype, device_map=device_map,
                             compute_dtype=resolve_compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda"),
                             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                            prepare_for_training=False)
-    for param in model.parameters():
-        param.requires_grad_(False)
+                            prepare_for_training=True, input_grads=False)
     load_adapters(model, folder.path)
     return model.eval()
 
@@ -303,7 +318,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     base = base_model if base_model is not None else base_model_name(model)
     quantization = base_quantization(model)
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
-                METADATA_BASE_QUANTIZATION: quantization or ""}
+                METADATA_BASE_QUANTIZATION: quantization or "",
+                METADATA_BASE_COMPUTE_DTYPE: base_compute_dtype(model) or ""}
     check_writable_adapter_folder(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:

@@ -91,6 +91,16 @@ def base_quantization(model: nn.Module) -> Quantization | None:
     return bnb_quantization_mode(config)
 
 
+def base_compute_dtype(model: nn.Module) -> str | None:
+    """The dtype the loaded base's 4-bit layers compute in ("bfloat16", ...); None for another base."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None and not isinstance(config, dict):
+        config = config.to_dict()
+    if bnb_quantization_mode(config) not in ("nf4", "fp4"):
+        return None
+    return str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")
+
+
 def check_stored_quantization(path: str, quantization: Quantization | None) -> None:
     """A folder saved already quantized keeps its own scheme (transformers would load it as stored, with only a
     warning): asking for another one is an error naming both."""
