@@ -137,8 +137,10 @@ class MALoRACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # a subclass that fixes its base model (or a data module without a tokenizer argument) has nothing to link
-        if all(_has_argument(parser, key) for key in ("model.model_name_or_path", "data.tokenizer")):
-            parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        for source, target in (("model.model_name_or_path", "data.tokenizer"),
+                               ("model.trust_remote_code", "data.trust_remote_code")):
+            if _has_argument(parser, source) and _has_argument(parser, target):
+                parser.link_arguments(source, target)
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})

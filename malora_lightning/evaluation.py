@@ -46,7 +46,8 @@ class EvaluationMixin:
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             return datamodule.tokenizer
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path))
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path),
+                                                            trust_remote_code=self.hparams.trust_remote_code)
         return self._tokenizer
 
     def task(self, name: str) -> Task:

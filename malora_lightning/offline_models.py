@@ -86,8 +86,9 @@ def _convert(model: OfflineModel, target: Path) -> None:
     package_dir = _package_dir(model)
     if not (package_dir / model.gguf_file).is_file():
         raise FileNotFoundError(f"{package_dir / model.gguf_file} is missing; reinstall with: {model.install}")
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=model.gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=model.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=model.gguf_file, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=model.gguf_file, dtype=torch.float32,
+                                                      trust_remote_code=False)
     config = gguf_model.config
     del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the plain copy does not
     plain = type(gguf_model)(config)

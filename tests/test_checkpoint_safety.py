@@ -197,3 +197,36 @@ def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="checkpoint 'offline:Retired-1B', this run 'mine'"):  # not "unknown offline"
         check_checkpoint_settings({"model_name_or_path": "offline:Retired-1B"}, {"model_name_or_path": "mine"},
                                   adapter, "x.ckpt")
+
+
+@pytest.fixture
+def tokenizer_code_folder(tmp_path):
+    """A tiny model folder of a model type only its own code defines, which writes a marker when imported; loading its
+    tokenizer reads its config."""
+    folder = tmp_path / "tokenizer-with-code"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer(chat_template=True).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": [None, "planted.PlantedTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "planted.py").write_text(
+        f"import pathlib\npathlib.Path({str(tmp_path / MARKER)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, PreTrainedTokenizerFast as PlantedTokenizer\n"
+        "class PlantedConfig(LlamaConfig):\n    model_type = 'planted'\n")
+    return folder
+
+
+def test_a_tokenizers_own_code_never_runs_unless_the_run_trusts_remote_code(tokenizer_code_folder, tmp_path,
+                                                                           monkeypatch):
+    """Left unset, transformers asked on stdin whether to run it: a 'y' there (piped input) ran the folder's code
+    although the run said trust_remote_code false."""
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    # the folder's tokenizer class is also a built-in one, which loads instead
+    assert MultiTaskDataModule(tokenizer=str(tokenizer_code_folder), tasks=["parity"]).load_tokenizer() is not None
+    assert MALoRAModule(model_name_or_path=str(tokenizer_code_folder), quantization=None).tokenizer is not None
+    assert not (tmp_path / MARKER).exists()
+    parsed = parse(["--config", "recipes/default.yaml", "--model.trust_remote_code=true"])
+    assert parsed.config.data.trust_remote_code is True  # the run's one setting applies to the tokenizer too

@@ -115,6 +115,8 @@ class MultiTaskDataModule(LightningDataModule):
             the evaluation splits are still read to measure task lengths) and an optional ``target``. One predict
             dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``);
             each prompt keeps its row of the file (``PredictPrompt.row``), which its prediction names.
+        trust_remote_code: let the tokenizer's folder (or hub repo) run its own code; only for code you trust. The
+            CLI links it to ``model.trust_remote_code``.
 
     Overridable hooks: ``load_tokenizer()`` (or set ``tokenizer_object`` before ``setup``), ``build_encoder(tokenizer)``
     (the prompt format), ``build_collator(eval_fields)`` and ``build_sampler(sizes)``.
@@ -144,6 +146,7 @@ class MultiTaskDataModule(LightningDataModule):
         data_seed: int = 0,
         num_workers: int = 0,
         predict_file: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -226,7 +229,8 @@ class MultiTaskDataModule(LightningDataModule):
                              "to the model) or set tokenizer_object before setup")
         path = resolve_model_path(self.tokenizer_name)
         try:
-            return AutoTokenizer.from_pretrained(path)
+            # explicit: left unset, transformers asks on stdin whether to run a folder's own tokenizer code
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
         except (OSError, ValueError) as error:
             raise OSError(f"could not load the tokenizer {self.tokenizer_name!r} (resolved to {path!r}): {error}. "
                           "MultiTaskDataModule.tokenizer (linked to model.model_name_or_path in the CLI) must be a "
