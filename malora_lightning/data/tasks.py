@@ -297,9 +297,15 @@ class FileSource:
             raise FileNotFoundError(f"{split} file {path} does not exist")
         kind = FILE_FORMATS[path.suffix.lower()]
         if kind == "parquet":  # typed columns: nulls arrive as None and are rejected where used
-            from datasets import load_dataset
+            # pyarrow (which datasets installs) reads the file itself: datasets' load_dataset pinged the hub and
+            # wrote a cached copy of a local file
+            import pyarrow
+            import pyarrow.parquet
 
-            return load_dataset("parquet", data_files=str(path), split="train")
+            try:
+                return pyarrow.parquet.read_table(path).to_pylist()
+            except pyarrow.ArrowException as error:
+                raise TaskDataError(f"{path}: not a readable Parquet file ({error})") from None
         try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first field's name
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:

@@ -269,3 +269,23 @@ def test_a_missing_tokenizer_path_is_named(tmp_path):
 @pytest.mark.parametrize("name", ["v1.2", ".hidden", "a..b", "gsm8k_2024-01"])
 def test_task_names_with_dots_among_other_characters_stay_valid(name):
     assert task_from_spec(SPEC | {"name": name}).name == name
+
+
+def test_a_local_parquet_file_is_read_without_the_network_or_a_cache(tmp_path, monkeypatch):
+    """datasets' load_dataset pinged the hub (a download count) and wrote an Arrow copy into its cache for each read
+    of a local Parquet file; a cut-off file is named."""
+    import datasets
+
+    pyarrow, parquet = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+
+    def refuse(*args, **kwargs):  # the tests run offline, so the ping itself cannot show here
+        raise AssertionError("a local file went through datasets.load_dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    path = tmp_path / "d.parquet"
+    parquet.write_table(pyarrow.table({"q": ["2+2", "3+3"], "a": ["4", "6"]}), path)
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [("2+2", "4"), ("3+3", "6")]
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(TaskDataError, match=r"d\.parquet: not a readable Parquet file"):
+        task_from_spec({"name": "cut", "path": str(path), **GENERATIVE}).examples("train")
