@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,23 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     target = _offline_folder(name_or_path)
     if not (target / "config.json").is_file():
+        _check_convertible(target)
         _convert(OFFLINE_MODELS[target.name], target)
     return str(target)
+
+
+def _check_convertible(target: Path) -> None:
+    """Before the conversion (20-30 s of a CPU): a folder in the way (an interrupted removal of the cache, a partial
+    copy), on which the converted folder cannot be renamed, and a cache that cannot be written are named."""
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} holds an incomplete converted model (no config.json): delete that folder to "
+                              "convert the model again")
+    try:  # a trial folder, as the conversion's staging folder will be made (permissions alone miss read-only mounts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as error:
+        raise OSError(f"cannot write the offline model cache {target.parent} ({error.strerror}): set MALORA_CACHE to "
+                      "a folder you can write") from None
 
 
 def _package_dir(model: OfflineModel) -> Path:

@@ -230,3 +230,12 @@ def test_a_tokenizers_own_code_never_runs_unless_the_run_trusts_remote_code(toke
     assert not (tmp_path / MARKER).exists()
     parsed = parse(["--config", "recipes/default.yaml", "--model.trust_remote_code=true"])
     assert parsed.config.data.trust_remote_code is True  # the run's one setting applies to the tokenizer too
+
+
+def test_a_model_that_needs_its_own_code_is_refused_naming_the_setting(tokenizer_code_folder, tmp_path):
+    """transformers' message named neither the CLI flag nor that it is a choice to trust the code."""
+    from malora_lightning.adapters import load_base_model
+
+    with pytest.raises(ValueError, match=r"needs model code of its own .*--model\.trust_remote_code true"):
+        load_base_model(str(tokenizer_code_folder))
+    assert not (tmp_path / MARKER).exists()

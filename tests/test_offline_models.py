@@ -52,6 +52,27 @@ def test_a_converted_model_is_readable_like_any_saved_file(monkeypatch, tmp_path
     assert stat.S_IMODE(folder.stat().st_mode) == default_mode(folder=True)
 
 
+def test_a_folder_in_the_way_or_a_cache_that_cannot_be_written_is_named_before_converting(monkeypatch, tmp_path):
+    """The conversion (20-30 s) ran first, then failed on the rename ('Directory not empty') on every run, or on a
+    read-only cache with a message that did not name MALORA_CACHE."""
+    def no_conversion(model, target):
+        raise AssertionError("converted although it could not be kept")
+
+    monkeypatch.setattr(offline_models, "_convert", no_conversion)
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    left = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"partial")
+    with pytest.raises(FileExistsError, match=r"SmolLM2-135M-Instruct holds an incomplete converted model \(no "
+                                              r"config.json\): delete that folder"):
+        resolve_model_path(SMOLLM2)
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "file-not-folder" / "cache"))
+    (tmp_path / "file-not-folder").write_text("a file where the cache folder would be")
+    with pytest.raises(OSError, match=r"cannot write the offline model cache .*file-not-folder/cache/models .*set "
+                                      r"MALORA_CACHE to a folder you can write"):
+        resolve_model_path(SMOLLM2)
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_in_4bit_answers_and_trains_malora():

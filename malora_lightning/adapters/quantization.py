@@ -169,6 +169,12 @@ def load_base_model(
         raise OSError(f"could not load model {name_or_path!r} (resolved to {path!r}): {error}. Pass a local folder "
                       "with config.json and weights, a cached hub id, or an offline model like "
                       "'offline:SmolLM2-135M-Instruct'") from error
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"model {name_or_path!r} needs model code of its own (its config names it in auto_map), "
+                         "which runs only with trust_remote_code=True (the CLI: --model.trust_remote_code true); "
+                         "set it only for code you trust") from error
     setattr(model, BASE_NAME_ATTRIBUTE, name_or_path)
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16

@@ -260,7 +260,13 @@ class HubSource:
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         from datasets import load_dataset  # imported here: only tasks that name a hub dataset pay for it
 
-        return load_dataset(self.path, self.name, split=self.split_map[split])
+        try:
+            return load_dataset(self.path, self.name, split=self.split_map[split])
+        except OSError as error:  # not cached while offline, unreachable, not found (ConnectionError is an OSError)
+            raise TaskDataError(f"{self.describe(split)} could not be loaded: {error}. Offline (HF_HUB_OFFLINE=1) "
+                                "only a dataset cached by an earlier online run loads: run once online to cache it, "
+                                "or give the task local files (a task spec with path: {train: ..., test: ...})"
+                                ) from error
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,15 @@ def test_a_local_parquet_file_is_read_without_the_network_or_a_cache(tmp_path, m
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(TaskDataError, match=r"d\.parquet: not a readable Parquet file"):
         task_from_spec({"name": "cut", "path": str(path), **GENERATIVE}).examples("train")
+
+
+def test_a_hub_dataset_that_is_not_cached_offline_is_named_with_what_to_do(monkeypatch):
+    """The datasets library's own message ('Couldn't reach ... (OfflineModeIsEnabled)') named no split or remedy."""
+    from malora_lightning.data.tasks import HubSource
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    source = HubSource("nobody-has/this-dataset", name="main")
+    with pytest.raises(TaskDataError, match=r"hub dataset nobody-has/this-dataset \(main\), split 'train' could not "
+                                            r"be loaded: .*run once online to cache it, or give the task local files"):
+        source.load("train", seed=0)
