@@ -24,15 +24,17 @@ QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
 # the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
 # records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
 BASE_NAME_ATTRIBUTE = "malora_base_model"
-_DTYPES = dtypes_named("float32", "bfloat16", "float16", "uint8")  # compute_dtype, dtype and quant_storage
+_DTYPES = dtypes_named("float32", "bfloat16", "float16")  # compute_dtype and dtype
+_STORAGE_DTYPES = dtypes_named("float32", "bfloat16", "float16", "uint8")  # quant_storage: packed 4-bit bytes too
 
 
 def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
+    allowed = _STORAGE_DTYPES if field == "quant_storage" else _DTYPES
     if isinstance(value, torch.dtype):
         return value
-    if value not in _DTYPES:
-        raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(_DTYPES)}")
-    return _DTYPES[value]
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(allowed)}")
+    return allowed[value]
 
 
 def bnb_quantization_config(quantization: Quantization, compute_dtype: torch.dtype,

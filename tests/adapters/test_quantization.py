@@ -170,3 +170,11 @@ def test_a_folder_stored_in_4bit_refuses_another_quantization(tiny_llama_dir, tm
     with pytest.raises(ValueError, match=r"'nf4', but quantization=None"):
         load_base_model(str(stored), quantization=None)
     load_base_model(str(stored), quantization="nf4", compute_dtype="float32")  # as stored: fine
+
+
+@pytest.mark.parametrize("field", ["compute_dtype", "dtype"])
+def test_uint8_is_a_storage_dtype_only(tiny_llama_dir, field):
+    """It was offered for all three settings, and as compute_dtype or dtype failed inside transformers."""
+    with pytest.raises(ValueError, match=rf"{field}='uint8' is invalid: expected one of \('float32', 'bfloat16', "
+                                         r"'float16'\)"):
+        load_base_model(str(tiny_llama_dir), quantization="nf4", **{field: "uint8"})
