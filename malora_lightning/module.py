@@ -15,7 +15,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -40,6 +40,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import trained_tensor_names
+from malora_lightning.adapters.quantization import Quantization
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -68,6 +69,11 @@ DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
 # AdapterConfig fields that decide which adapter tensors train, hence AdamW's parameter groups: a resumed fit must
 # agree with its checkpoint on them, or the checkpoint's optimizer state does not fit the optimizer
 TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
+# how the base loads (`load_base_model`): the values the module accepts, which the CLI checks from these types and
+# `_check_settings` from Python
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
+WeightsDtype = Literal["bfloat16", "float16", "float32"]
+StorageDtype = Literal["bfloat16", "float16", "float32", "uint8"]
 # Trainer precisions that convert the whole module (adapters included) to a half dtype
 TRUE_HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 
@@ -124,10 +130,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
-        quantization: Literal["nf4", "fp4", "int8"] | None = "nf4",
-        compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
-        dtype: Literal["bfloat16", "float16", "float32"] | None = None,
-        quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] | None = None,
+        quantization: Quantization | None = "nf4",
+        compute_dtype: ComputeDtype = "auto",
+        dtype: WeightsDtype | None = None,
+        quant_storage: StorageDtype | None = None,
         adapter: AdapterConfig | None = None,
         learning_rate: float = 5e-4,
         weight_decay: float = 0.01,
@@ -154,6 +160,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
                         warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens)
+        _check_loading_settings(quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
+                                quant_storage=quant_storage)
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         # LightningCLI hands save_hyperparameters the arguments it gave the class it built: those of a subclass that
@@ -490,6 +498,18 @@ def _check_loadable_hyperparameters(hyperparameters: dict[str, Any]) -> None:
                              f"from a checkpoint, which is read as data (torch.load with weights_only=True): {reason}. "
                              "Pass it as plain data (a path as a str) or leave it out of "
                              "save_hyperparameters(ignore=[...])") from error
+
+
+def _check_loading_settings(**settings: str | None) -> None:
+    """Refuse, by name, a base-loading setting the module's types do not allow, when it is built from Python (the CLI
+    checks the types): it failed only when the model loaded, inside the fit."""
+    types = {"quantization": Quantization, "compute_dtype": ComputeDtype, "dtype": WeightsDtype,
+             "quant_storage": StorageDtype}
+    for name, value in settings.items():
+        allowed = get_args(types[name])
+        if value not in allowed and not (value is None and name != "compute_dtype"):
+            valid = ", ".join(repr(option) for option in allowed) + ("" if name == "compute_dtype" else " or None")
+            raise ValueError(f"MALoRAModule {name}={value!r} is invalid: expected one of {valid}")
 
 
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,

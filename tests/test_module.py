@@ -107,6 +107,12 @@ def test_an_unbounded_run_trains_at_a_constant_rate_and_refuses_a_schedule_that_
     ({"max_new_tokens": 2.5}, "max_new_tokens=2.5 is invalid"),
     ({"max_new_tokens": True}, "max_new_tokens=True is invalid"),
     ({"lr_schedule": "Constant"}, "lr_schedule='Constant' is invalid: expected one of linear, cosine, constant"),
+    ({"quantization": "nf8"}, "quantization='nf8' is invalid: expected one of 'nf4', 'fp4', 'int8' or None"),
+    ({"compute_dtype": "float64"}, "compute_dtype='float64' is invalid: expected one of 'auto', 'bfloat16', "
+                                   "'float16', 'float32'$"),
+    ({"compute_dtype": None}, "compute_dtype=None is invalid"),
+    ({"dtype": "uint8"}, "dtype='uint8' is invalid: expected one of 'bfloat16', 'float16', 'float32' or None"),
+    ({"quant_storage": "int4"}, "quant_storage='int4' is invalid"),
 ])
 def test_bad_settings_are_named_when_the_module_is_built(kwargs, message):
     """Before any model loads: each would otherwise surface steps later (a non-finite loss blamed on the data, a
