@@ -100,6 +100,17 @@ def staging_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def rename_into_place(staging: Path, target: Path) -> None:
+    """Rename a `staging_folder` onto `target` (absent or an empty folder) once its files are on disk: fsynced files,
+    then the rename, then the parent fsynced, so that a power loss leaves either no `target` or a complete one."""
+    for root, _, files in os.walk(staging):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_dir(Path(root))
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
 STAGING_FOLDER = ".malora-staging"  # inside the folder whose files are being replaced
 # created first inside every staging folder: only a folder holding it is ours to complete or delete
 STAGING_MARKER = "MALORA_STAGING"

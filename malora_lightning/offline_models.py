@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from malora_lightning.atomic import apply_default_modes, staging_folder
+from malora_lightning.atomic import apply_default_modes, rename_into_place, staging_folder
 
 OFFLINE_PREFIX = "offline:"
 
@@ -114,7 +114,7 @@ def _convert(model: OfflineModel, target: Path) -> None:
         tokenizer.save_pretrained(staging)
         apply_default_modes(staging)  # a shared cache: safetensors writes the weights owner-only
         try:
-            staging.rename(target)
+            rename_into_place(staging, target)
         except OSError:
             if not (target / "config.json").is_file():  # another process may have won the race
                 raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from malora_lightning.adapters import read_adapter_folder, save_adapters
 from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
-from malora_lightning.atomic import apply_default_modes, staging_folder
+from malora_lightning.atomic import apply_default_modes, rename_into_place, staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
@@ -155,7 +154,7 @@ def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         apply_default_modes(staging)  # safetensors writes the weights owner-only
-        os.replace(staging, target)  # `target` is absent or an empty folder (checked before any work)
+        rename_into_place(staging, target)  # `target` is absent or an empty folder (checked before any work)
 
 
 def main(args: list[str] | None = None) -> list[TaskExport]:

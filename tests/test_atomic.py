@@ -176,3 +176,27 @@ def test_processes_recovering_one_folder_at_once_all_succeed_and_leave_it_comple
         process.join(timeout=60)
     assert outcomes == ["recovered", "recovered"]
     assert {path.name: path.read_text() for path in folder.iterdir()} == new  # the new set, no staging folder left
+
+
+def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The offline model's conversion and task export renamed their staging folder without an fsync: after a power
+    loss a complete-looking folder could hold empty weights."""
+    from malora_lightning.atomic import rename_into_place, staging_folder
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda source, target: (events.append(("replace", str(target))),
+                                                               real_replace(source, target))[1])
+    target = tmp_path / "model"
+    with staging_folder(target) as staging:
+        (staging / "sub").mkdir()
+        (staging / "weights.bin").write_bytes(b"w")
+        (staging / "sub" / "config.json").write_text("{}")
+        rename_into_place(staging, target)
+    renamed = events.index(("replace", str(target)))
+    synced_before = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
+    assert {"weights.bin", "config.json", "sub"} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[renamed:]
+    assert (target / "sub" / "config.json").read_text() == "{}"
