@@ -40,7 +40,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import trained_tensor_names
-from malora_lightning.adapters.quantization import Quantization
+from malora_lightning.adapters.quantization import DtypeName, Quantization, StorageDtypeName
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -69,11 +69,8 @@ DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
 # AdapterConfig fields that decide which adapter tensors train, hence AdamW's parameter groups: a resumed fit must
 # agree with its checkpoint on them, or the checkpoint's optimizer state does not fit the optimizer
 TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
-# how the base loads (`load_base_model`): the values the module accepts, which the CLI checks from these types and
-# `_check_settings` from Python
-ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
-WeightsDtype = Literal["bfloat16", "float16", "float32"]
-StorageDtype = Literal["bfloat16", "float16", "float32", "uint8"]
+# the 4-bit layers' compute dtype: `load_base_model`'s, or "auto" (`resolve_compute_dtype`)
+ComputeDtype = Literal["auto", DtypeName]
 # Trainer precisions that convert the whole module (adapters included) to a half dtype
 TRUE_HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 
@@ -132,8 +129,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         model_name_or_path: str = DEFAULT_MODEL,
         quantization: Quantization | None = "nf4",
         compute_dtype: ComputeDtype = "auto",
-        dtype: WeightsDtype | None = None,
-        quant_storage: StorageDtype | None = None,
+        dtype: DtypeName | None = None,
+        quant_storage: StorageDtypeName | None = None,
         adapter: AdapterConfig | None = None,
         learning_rate: float = 5e-4,
         weight_decay: float = 0.01,
@@ -159,9 +156,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self.adapter_config = self._adapter_folder_config(adapter_path, model_name_or_path)
         _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
-                        warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens)
-        _check_loading_settings(quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
-                                quant_storage=quant_storage)
+                        warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
+                        quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
+                        quant_storage=quant_storage)
         # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["adapter"])
         # LightningCLI hands save_hyperparameters the arguments it gave the class it built: those of a subclass that
@@ -500,23 +497,16 @@ def _check_loadable_hyperparameters(hyperparameters: dict[str, Any]) -> None:
                              "save_hyperparameters(ignore=[...])") from error
 
 
-def _check_loading_settings(**settings: str | None) -> None:
-    """Refuse, by name, a base-loading setting the module's types do not allow, when it is built from Python (the CLI
-    checks the types): it failed only when the model loaded, inside the fit."""
-    types = {"quantization": Quantization, "compute_dtype": ComputeDtype, "dtype": WeightsDtype,
-             "quant_storage": StorageDtype}
-    for name, value in settings.items():
-        allowed = get_args(types[name])
-        if value not in allowed and not (value is None and name != "compute_dtype"):
-            valid = ", ".join(repr(option) for option in allowed) + ("" if name == "compute_dtype" else " or None")
-            raise ValueError(f"MALoRAModule {name}={value!r} is invalid: expected one of {valid}")
-
-
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,
                     router_weight_decay: float | None, warmup_ratio: float, lr_schedule: str,
-                    max_new_tokens: int | None) -> None:
+                    max_new_tokens: int | None, quantization: str | None, compute_dtype: str, dtype: str | None,
+                    quant_storage: str | None) -> None:
     """Refuse, by name, the settings that would otherwise fail steps later, as a non-finite loss or a generation
-    error, or silently train otherwise (an unknown lr_schedule ran as cosine; the CLI checks it, Python did not)."""
+    error, or silently train otherwise (an unknown lr_schedule ran as cosine; the CLI checks it, Python did not), or
+    fail only once the model loads inside the fit (the base-loading settings, which the CLI checks by their types)."""
+    def options(literal: Any) -> str:
+        return ", ".join(repr(option) for option in get_args(literal))
+
     checks = [
         ("learning_rate", learning_rate, is_finite_number(learning_rate) and learning_rate >= 0,
          "a finite number >= 0"),
@@ -534,6 +524,12 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
         ("max_new_tokens", max_new_tokens,
          max_new_tokens is None or is_int(max_new_tokens) and max_new_tokens >= 1,
          "None (each task's own length) or an integer >= 1"),
+        ("quantization", quantization, quantization is None or quantization in get_args(Quantization),
+         f"one of {options(Quantization)} or None"),
+        ("compute_dtype", compute_dtype, compute_dtype in get_args(ComputeDtype), f"one of {options(ComputeDtype)}"),
+        ("dtype", dtype, dtype is None or dtype in get_args(DtypeName), f"one of {options(DtypeName)} or None"),
+        ("quant_storage", quant_storage, quant_storage is None or quant_storage in get_args(StorageDtypeName),
+         f"one of {options(StorageDtypeName)} or None"),
     ]
     for name, value, ok, allowed in checks:
         if not ok:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -20,12 +20,15 @@ from malora_lightning.offline_models import resolve_model_path
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8"]
-QUANTIZATION_MODES: tuple[str, ...] = ("nf4", "fp4", "int8")
+QUANTIZATION_MODES: tuple[str, ...] = get_args(Quantization)
 # the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
 # records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
 BASE_NAME_ATTRIBUTE = "malora_base_model"
-_DTYPES = dtypes_named("float32", "bfloat16", "float16")  # compute_dtype and dtype
-_STORAGE_DTYPES = dtypes_named("float32", "bfloat16", "float16", "uint8")  # quant_storage: packed 4-bit bytes too
+# the dtype settings' names: compute_dtype and dtype, and quant_storage (packed 4-bit bytes too)
+DtypeName = Literal["bfloat16", "float16", "float32"]
+StorageDtypeName = Literal["bfloat16", "float16", "float32", "uint8"]
+_DTYPES = dtypes_named(*get_args(DtypeName))
+_STORAGE_DTYPES = dtypes_named(*get_args(StorageDtypeName))
 
 
 def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
@@ -85,19 +88,20 @@ def base_model_name(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def _quantization_config(model: nn.Module) -> dict | None:
+    """The loaded base's `quantization_config`, as a dict (None: not quantized)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config.to_dict() if config is not None and not isinstance(config, dict) else config
+
+
 def base_quantization(model: nn.Module) -> Quantization | None:
     """How the loaded base is quantized by bitsandbytes (None: not quantized)."""
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is not None and not isinstance(config, dict):
-        config = config.to_dict()
-    return bnb_quantization_mode(config)
+    return bnb_quantization_mode(_quantization_config(model))
 
 
 def base_compute_dtype(model: nn.Module) -> str | None:
     """The dtype the loaded base's 4-bit layers compute in ("bfloat16", ...); None for another base."""
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is not None and not isinstance(config, dict):
-        config = config.to_dict()
+    config = _quantization_config(model)
     if bnb_quantization_mode(config) not in ("nf4", "fp4"):
         return None
     return str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")

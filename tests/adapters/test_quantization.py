@@ -175,6 +175,6 @@ def test_a_folder_stored_in_4bit_refuses_another_quantization(tiny_llama_dir, tm
 @pytest.mark.parametrize("field", ["compute_dtype", "dtype"])
 def test_uint8_is_a_storage_dtype_only(tiny_llama_dir, field):
     """It was offered for all three settings, and as compute_dtype or dtype failed inside transformers."""
-    with pytest.raises(ValueError, match=rf"{field}='uint8' is invalid: expected one of \('float32', 'bfloat16', "
-                                         r"'float16'\)"):
+    with pytest.raises(ValueError, match=rf"{field}='uint8' is invalid: expected one of \('bfloat16', 'float16', "
+                                         r"'float32'\)"):
         load_base_model(str(tiny_llama_dir), quantization="nf4", **{field: "uint8"})
