@@ -175,7 +175,7 @@ def molora_loop_forward(layer: MoLoRALinear, x: torch.Tensor, aux_loss_coef: flo
     delta = torch.zeros(x2d.shape[0], layer.out_features, dtype=result.dtype, device=result.device)
     for expert in range(layer.num_experts):
         token_index, slot = torch.where(routing.experts == expert)
-        expert_out = F.linear(F.linear(dropped[token_index], layer.lora_A[expert]), layer.lora_B[expert])
+        expert_out = F.linear(F.linear(dropped[token_index], layer.lora_A[expert]), layer.lora_B[expert].t())  # B_t
         gates = routing.gates[token_index, slot].unsqueeze(-1) * layer.scaling
         delta.index_add_(0, token_index, (expert_out * gates).to(delta.dtype))
     return result + delta.reshape(result.shape), aux

@@ -22,6 +22,11 @@ ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_
 # beside a sharded checkpoint's shards (a folder) Lightning writes the rest of the state into this file
 SHARDED_METADATA = "meta.pt"
 
+# the checkpoint key of the layout its tensors have; a checkpoint without it has format 1
+CHECKPOINT_FORMAT_KEY = "malora_lightning_format"
+# 2: a mixture's lora_B is [N, r, m], each expert's B_t transposed (format 1: [N, m, r], B_t as it is)
+CHECKPOINT_FORMAT = 2
+
 
 def check_checkpoint_file(path: str | Path) -> None:
     """Refuse, naming the path, a file that is not a complete `torch.save` archive, or a folder.
@@ -118,3 +123,50 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
         elif key != "model_name_or_path" and key in settings and value != settings[key]:
             differences.append(f"model.{key}")
     return differences
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any], up_projections: Mapping[str, torch.Size],
+                       optimizer_groups: Sequence[Sequence[str]] | None, path: str | Path | None) -> None:
+    """Bring a checkpoint without `CHECKPOINT_FORMAT_KEY` to `CHECKPOINT_FORMAT` in place: transpose the mixtures'
+    up-projections (their state-dict keys, with the module's shapes, `up_projections`) and, to resume a fit, their
+    optimizer state too. A tensor that already has the module's shape is left as it is (a checkpoint built by hand
+    from the module's state dict), unless that shape is square (N, r, r), where only the missing key tells.
+    `optimizer_groups` names the parameters of each of the module's optimizer groups in order (torch keys their state
+    by position in them), or is None when the optimizer state is not used. A state the module's groups do not
+    describe is refused, as is a checkpoint whose tensors the strategy loads itself (no `state_dict`): neither can be
+    converted here."""
+
+    def upgraded(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if value.dim() != 3 or (value.shape == shape and shape[1] != shape[2]):
+            return value
+        return value.transpose(1, 2).contiguous()
+
+    if not up_projections:  # LoRA: nothing changed
+        return
+    named = "the checkpoint" if path is None else f"checkpoint {path}"
+    why = (f"{named} holds the mixtures' lora_B as [N, m, r], as malora_lightning wrote them before checkpoint format "
+           f"{CHECKPOINT_FORMAT}")
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{why}, and this strategy loads a checkpoint's tensors itself, so they cannot be converted: "
+                         "load it once without the strategy (MALoRAModule.load_from_checkpoint) and save its "
+                         "adapters (save_adapters), then start from them with adapter_path")
+    state_dict = checkpoint["state_dict"]
+    for key, shape in up_projections.items():
+        if key in state_dict:
+            state_dict[key] = upgraded(state_dict[key], shape)
+    if optimizer_groups is None:
+        return
+    for optimizer_state in checkpoint.get("optimizer_states", []):
+        stored_groups = [group["params"] for group in optimizer_state["param_groups"]]
+        if [len(group) for group in stored_groups] != [len(group) for group in optimizer_groups]:
+            raise ValueError(f"{why}, and its optimizer state is not the module's AdamW groups, so it cannot be "
+                             "converted: resume it with the malora_lightning version that wrote it, or start a new "
+                             "fit from its adapters (MALoRAModule.load_from_checkpoint converts them)")
+        names = {index: name for stored, ours in zip(stored_groups, optimizer_groups)
+                 for index, name in zip(stored, ours)}
+        for index, state in optimizer_state["state"].items():
+            if names.get(index) in up_projections:
+                shape = up_projections[names[index]]
+                for entry, value in state.items():  # AdamW's moments; its step count is not 3-D
+                    if isinstance(value, torch.Tensor):
+                        state[entry] = upgraded(value, shape)

@@ -39,14 +39,17 @@ from malora_lightning.adapters import (
     router_losses,
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
-from malora_lightning.adapters.model import trained_tensor_names
+from malora_lightning.adapters.model import routed_layers, trained_tensor_names, unwrapped_name
 from malora_lightning.adapters.quantization import DtypeName, Quantization, StorageDtypeName
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_KEY,
     CheckedCheckpointIO,
     check_checkpoint_file,
     check_checkpoint_settings,
+    upgrade_checkpoint,
 )
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
@@ -413,6 +416,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         settings LightningCLI's record of a subclass left out stay out (`__init__`)."""
         keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT
         hyperparameters = checkpoint.get("hyper_parameters")
         if hyperparameters is not None:
             if isinstance(hyperparameters.get("adapter"), AdapterConfig):
@@ -426,7 +430,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         adapter shape or, to resume a fit, that trained other tensors (`TRAINING_FIELDS`; they failed in torch's
         optimizer loading, naming nothing): `check_checkpoint_settings`, whatever path chose the checkpoint (a file,
         Lightning's `last` or `best`). Log the settings that differ (this run's apply). A strategy that loads the
-        tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked."""
+        tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked. A
+        checkpoint of an earlier format is converted (`upgrade_checkpoint`)."""
         path = None if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
         if "state_dict" in checkpoint:
@@ -447,6 +452,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if differences:
             logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
                         ", ".join(differences))
+        if checkpoint.get(CHECKPOINT_FORMAT_KEY, 1) < CHECKPOINT_FORMAT:
+            names = {param: unwrapped_name(name) for name, param in self.named_parameters()}
+            groups = [[names[param] for param in group["params"]] for group in self.trainable_parameter_groups()]
+            shapes = {f"model.{name}.lora_B": torch.Size((layer.num_experts, layer.rank, layer.out_features))
+                      for name, layer in routed_layers(self.model).items()}
+            upgrade_checkpoint(checkpoint, shapes, groups if fitting else None, path)
 
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.

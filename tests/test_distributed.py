@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from malora_lightning.adapters.io import peft_key
+from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
@@ -79,7 +79,9 @@ def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tm
     reference = make_module(tiny_model_dir)
     reference.configure_model()
     adapters = adapter_state_dict(reference.model)
-    expected = {peft_key(key): tensor for key, tensor in adapters.items()}  # the export uses PEFT's names
+    up = routed_up_projections(reference.model)  # stored B_t [m, r], as PEFT stores B
+    expected = {peft_key(key): tensor.transpose(1, 2) if key in up else tensor  # the export uses PEFT's names
+                for key, tensor in adapters.items()}
     assert set(exported) == set(expected)
     for key, tensor in exported.items():
         assert tensor.shape == expected[key].shape, key  # gathered, not a shard

@@ -20,6 +20,7 @@ from malora_lightning.adapters import (
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
+from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY
 from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
@@ -875,3 +876,52 @@ def test_evaluating_without_per_task_metrics_says_that_nothing_is_logged(tiny_mo
         results = make_trainer(tmp_path, limit_val_batches=None, callbacks=[PerTaskMetrics()]).validate(
             make_module(tiny_model_dir), data)
     assert "val/macro_acc" in results[0]
+
+
+def as_format_1(checkpoint: dict, trained: MALoRAModule, optimizer: torch.optim.Optimizer) -> dict:
+    """The checkpoint as malora_lightning wrote it before checkpoint format 2: every mixture's lora_B [N, m, r] (each
+    B_t as it is), in the state dict and in AdamW's moments (keyed by position in the live optimizer's groups)."""
+    legacy = {key: value for key, value in checkpoint.items() if key != CHECKPOINT_FORMAT_KEY}
+    up = {name for name in checkpoint["state_dict"] if name.endswith(".lora_B")}
+    legacy["state_dict"] = {name: value.transpose(1, 2).contiguous() if name in up else value
+                            for name, value in checkpoint["state_dict"].items()}
+    names = {param: name for name, param in trained.named_parameters()}
+    positions = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    (stored,) = checkpoint["optimizer_states"]
+    legacy["optimizer_states"] = [{**stored, "state": {
+        index: {entry: value.transpose(1, 2).contiguous() if positions[index] in up and value.dim() == 3 else value
+                for entry, value in state.items()}
+        for index, state in stored["state"].items()}}]
+    return legacy
+
+
+def test_a_checkpoint_written_with_b_untransposed_loads_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """The mixtures' lora_B is now [N, r, m] (all experts' up-projection is a view of it); a checkpoint written before
+    holds [N, m, r] in its tensors and AdamW's moments, which loading refused by shape. It is converted: the resumed
+    fit takes the same steps as the uninterrupted one, and a state that is not the module's AdamW is refused."""
+    full = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = make_trainer(tmp_path / "a", max_steps=6, callbacks=[full, checkpoints], enable_checkpointing=True)
+    trained = make_module(tiny_model_dir)
+    trainer.fit(trained, make_data(tiny_model_dir))
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=True)
+    assert checkpoint[CHECKPOINT_FORMAT_KEY] == 2
+    legacy = as_format_1(checkpoint, trained, trainer.optimizers[0])
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+
+    loaded = MALoRAModule.load_from_checkpoint(tmp_path / "legacy.ckpt")
+    assert all(torch.equal(tensor, checkpoint["state_dict"][f"model.{name}"])
+               for name, tensor in adapter_state_dict(loaded.model).items())
+    resumed = LossRecorder()
+    trainer = make_trainer(tmp_path / "b", max_steps=6, callbacks=[resumed])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "legacy.ckpt")
+    assert [resumed.losses[step] for step in (4, 5, 6)] == [full.losses[step] for step in (4, 5, 6)]
+
+    (stored,) = legacy["optimizer_states"]  # one group where the module has two (adapters, routers)
+    stored["param_groups"] = [{**stored["param_groups"][0],
+                               "params": [i for group in stored["param_groups"] for i in group["params"]]}]
+    torch.save(legacy, tmp_path / "other-optimizer.ckpt")
+    with pytest.raises(ValueError, match=r"other-optimizer.ckpt holds the mixtures' lora_B as \[N, m, r\].*optimizer "
+                                         r"state is not the module's AdamW groups"):
+        make_trainer(tmp_path / "c", max_steps=6).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                                      ckpt_path=tmp_path / "other-optimizer.ckpt")

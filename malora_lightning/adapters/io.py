@@ -6,7 +6,8 @@ that PEFT's `LoraConfig` knows, so `PeftModel.from_pretrained` and transformers'
 warning. A MoLoRA or MALoRA folder uses the same conventions with `peft_type` "MOLORA" / "MALORA", which PEFT does
 not have (it has no routed mixture tuner): the model card says so. Our exact `AdapterConfig` travels in the
 safetensors header (`METADATA_CONFIG`), which PEFT ignores; `load_adapters` reads it back, and derives the config
-from PEFT's keys for a LoRA folder that PEFT saved.
+from PEFT's keys for a LoRA folder that PEFT saved. A mixture's "lora_B" stores each expert's B_t as PEFT stores a
+LoRA B, [m, r], stacked [N, m, r]; the layers hold them transposed (`layers.py`), and saving and loading transpose.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
-from malora_lightning.adapters.model import adapter_layers, get_adapter_config
+from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers
 from malora_lightning.adapters.quantization import (
     Quantization,
     base_compute_dtype,
@@ -77,6 +78,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{layer_name}.{tensor_name}": param
             for layer_name, layer in adapter_layers(model).items()
             for tensor_name, param in layer.adapter_parameters().items()}
+
+
+def routed_up_projections(model: nn.Module) -> frozenset[str]:
+    """The `adapter_state_dict` keys of the mixtures' up-projections, which the layers hold transposed (B_t [r, m])
+    and adapter folders, as format-1 checkpoints did, as they are ([m, r])."""
+    return frozenset(f"{name}.lora_B" for name in routed_layers(model))
 
 
 def peft_key(key: str) -> str:
@@ -207,6 +214,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     else:
         inject_adapters(model, config)
     expected = {folder.stored_key(key): param for key, param in adapter_state_dict(model).items()}
+    transposed = {folder.stored_key(key) for key in routed_up_projections(model)}
     weights = folder.path / WEIGHTS_NAME
     named = f" (it names {folder.base_model!r})" if folder.base_model else ""
     other_base = f"; was it saved from a different base model{named}?"
@@ -225,10 +233,12 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                 value = stored.get_tensor(stored_key)
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"{weights}: tensor {stored_key!r} holds NaN or infinite values")
-                if value.shape != param.shape:
+                layer_value = value.transpose(1, 2) if stored_key in transposed else value
+                if layer_value.shape != param.shape:
+                    shape = param.transpose(1, 2).shape if stored_key in transposed else param.shape
                     raise ValueError(f"{weights}: tensor {stored_key!r} has shape {tuple(value.shape)}, the model "
-                                     f"expects {tuple(param.shape)}{other_base}")
-                param.copy_(value)
+                                     f"expects {tuple(shape)}{other_base}")
+                param.copy_(layer_value)
     if not trainable:
         for param in expected.values():
             param.requires_grad_(False)
@@ -311,7 +321,9 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     """
     state = gathered_adapter_state(model, sharded_root)
     config = config_as_stored(get_adapter_config(model), state)
-    tensors = {peft_key(key): value for key, value in state.items()}
+    transposed = routed_up_projections(model)
+    tensors = {peft_key(key): value.transpose(1, 2).contiguous() if key in transposed else value
+               for key, value in state.items()}
     path = Path(path)
     if not write:
         return path
@@ -489,8 +501,14 @@ def gathered_adapter_state(model: nn.Module, sharded_root: nn.Module | None = No
     unsharded = FullyShardedDataParallel.summon_full_params(root, writeback=False) if sharded_units \
         else contextlib.nullcontext()
     with unsharded:
-        return {key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()
-                for key, value in adapter_state_dict(model).items()}
+        state = {key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()
+                 for key, value in adapter_state_dict(model).items()}
+    for key, value in state.items():
+        if value.dim() < 2:  # every adapter tensor is a matrix or a stack of them; a flat shard view is 1-D
+            raise ValueError(f"adapter tensor {key!r} is this rank's shard of an FSDP1 flat parameter (shape "
+                             f"{tuple(value.shape)}), not the whole tensor: pass the module FSDP1 wrapped whole as "
+                             "sharded_root (under Lightning, trainer.strategy.model)")
+    return state
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

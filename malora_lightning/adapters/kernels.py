@@ -37,24 +37,17 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def add_product(result: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """result + hidden @ weight.T for 2-D operands: one addmm when dtypes agree (no extra pass over the output)."""
+def add_product(result: torch.Tensor, hidden: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """result + hidden @ right for 2-D operands: one addmm when dtypes agree (no extra pass over the output)."""
     if result.dtype == hidden.dtype:
-        return torch.addmm(result, hidden, weight.t())
-    return result + F.linear(hidden, weight).to(result.dtype)
-
-
-def contiguous_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` reordered to a contiguous layout and cast to `dtype` in one copy. (`Tensor.to` with the tensor's own
-    dtype returns it as it is, whatever memory format is asked for.)"""
-    if tensor.dtype == dtype:
-        return tensor.contiguous()
-    return tensor.to(dtype, memory_format=torch.contiguous_format)
+        return torch.addmm(result, hidden, right)
+    return result + torch.mm(hidden, right).to(result.dtype)
 
 
 def stacked_up_weight(lora_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[m, N*r] in `dtype`: every expert's B [N, m, r] side by side, so all experts' up-projection is one GEMM."""
-    return contiguous_cast(lora_B.permute(1, 0, 2), dtype).flatten(1)
+    """[N*r, m] in `dtype`: every expert's B [N, r, m] stacked, so all experts' up-projection is one GEMM over a view
+    of B (a copy only to change the dtype)."""
+    return cast(lora_B.flatten(0, 1), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
@@ -65,7 +58,7 @@ def lora_output(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lor
         x = cast(x, dtype)
         dropped, rescale = dropout_factors(x, dropout, training)
         hidden = F.linear(dropped, cast(lora_A, dtype)) * (scaling * rescale)
-        return add_product(result, hidden, cast(lora_B, dtype))
+        return add_product(result, hidden, cast(lora_B, dtype).t())
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures
@@ -110,7 +103,7 @@ class DenseForward:
     router_weight: torch.Tensor | None  # in the compute dtype, when dropout splits the first projection
     first_weight: torch.Tensor  # [router; S_A or A] (or S_A or A alone with dropout), compute dtype
     down_weight: torch.Tensor | None  # P_t stacked [N*r, d], compute dtype (MALoRA)
-    up_weight: torch.Tensor  # B_t side by side [m, N*r], compute dtype
+    up_weight: torch.Tensor  # every B_t stacked [N*r, m], compute dtype
     hidden: torch.Tensor  # [T, d] (MALoRA: S_A x) or [T, N*r] (MoLoRA: A_t x)
     expert_hidden: torch.Tensor  # [T, N*r], expert by expert
     gated: torch.Tensor  # [T, N*r]
@@ -128,7 +121,7 @@ class StackedWeights:
 
     first: torch.Tensor  # [N + d, n] the router over S_A (MALoRA), or [N + N*r, n] over every A_t (MoLoRA)
     down: torch.Tensor | None  # [N*r, d] every P_t (MALoRA)
-    up: torch.Tensor  # [m, N*r] every B_t side by side
+    up: torch.Tensor  # [N*r, m] every B_t stacked
 
 
 def stacked_weights(router_weight: torch.Tensor, shared_A: torch.Tensor | None, expert_down: torch.Tensor,
@@ -196,7 +189,7 @@ class DenseRoutedExperts(torch.autograd.Function):
     Inputs: result [T, m] (the base output), x [T, n], keep [T, n] (bool: the elements dropout keeps, its rescale
     in `scale`; or None when dropout is off: then the router and the first projection share one GEMM over x), the
     router [N, n], S_A [d, n] (MALoRA; None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or
-    [N, r, n] (A_t), B [N, m, r], and the token weights [T] of the balance statistics (None: all tokens real). x and
+    [N, r, n] (A_t), B [N, r, m], and the token weights [T] of the balance statistics (None: all tokens real). x and
     result are in the compute dtype.
     Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
     route with the fused Triton kernels, and the `StackedWeights` to use, if already made.
@@ -206,8 +199,8 @@ class DenseRoutedExperts(torch.autograd.Function):
 
     Saved for backward: x and the keep mask (the router's gradient needs x itself, so x after dropout is rebuilt
     from the two rather than kept: it would cost as much as x), the rank-space hiddens, the gated hidden [T, N*r],
-    the routing tensors [T, N] and the weights in the compute dtype (the stacked up weight [m, N*r] included: what
-    autocast keeps for a LoRA layer's B too), so that the backward casts and reorders nothing it already had.
+    the routing tensors [T, N] and the weights in the compute dtype (the stacked up weight [N*r, m] included: what
+    autocast keeps for a LoRA layer's B too), so that the backward casts nothing it already had.
     """
 
     @staticmethod
@@ -246,10 +239,9 @@ class DenseRoutedExperts(torch.autograd.Function):
             grad_B = grad_gated = None
             if grad_out is not None:
                 grad = cast(grad_out, dtype)
-                if needs[6]:
-                    grad_B = torch.mm(grad.t(), gated).unflatten(1, (num_experts, rank)).permute(1, 0, 2)
-                    grad_B = contiguous_cast(grad_B, up_dtype)  # B's own layout
-                grad_gated = torch.mm(grad, up)
+                if needs[6]:  # [N*r, m]: B's own layout
+                    grad_B = cast(torch.mm(gated.t(), grad), up_dtype).unflatten(0, (num_experts, rank))
+                grad_gated = torch.mm(grad, up.t())
             grad_balance = grad_balance if ctx.statistics else None
             grad_lse = grad_lse if ctx.logsumexp else None
             if ctx.fused:

@@ -3,8 +3,11 @@
 Shapes (n = in_features, m = out_features, N experts, r expert rank, d shared rank, T tokens):
 
 * `LoRALinear`:   lora_A [r, n], lora_B [m, r]
-* `MoLoRALinear`: lora_A [N, r, n], lora_B [N, m, r], router [N, n]
-* `MALoRALinear`: shared_A [d, n], lora_P [N, r, d], lora_B [N, m, r], router [N, n]
+* `MoLoRALinear`: lora_A [N, r, n], lora_B [N, r, m], router [N, n]
+* `MALoRALinear`: shared_A [d, n], lora_P [N, r, d], lora_B [N, r, m], router [N, n]
+
+A mixture's lora_B holds each expert's B_t [m, r] transposed, so that all experts' up-projection, the [N*r, m]
+right operand of one GEMM, is a view of it (adapter folders store each B_t as PEFT does, [m, r]: `io.py`).
 
 MALoRA is MoLoRA run on the shared projection S_A x (computed once for all tokens and experts) with P_t in place of
 A_t, so both mixtures share one expert kernel. The layers own parameters and wiring only: the math runs in the pure
@@ -180,7 +183,8 @@ class RoutedAdapterLayer(AdapterLayer):
 
     Subclasses say how a token reaches the experts (`down_weights`): through MALoRA's `shared_A` [d, n] first, then
     each expert's `lora_P` [N, r, d], or for MoLoRA straight through each expert's `lora_A` [N, r, n]; and what one
-    expert's whole down-projection from x is (`expert_delta_down`). Every expert's up-projection is `lora_B` [N, m, r].
+    expert's whole down-projection from x is (`expert_delta_down`). Every expert's up-projection is `lora_B` [N, r, m]
+    (B_t transposed).
 
     Each forward hands its `RouterStatistics` to the model's current `ForwardRouting` (only in training mode with
     gradients on: nothing is computed for them in evaluation or generation) and a `RoutingRecord` to the routing
@@ -270,11 +274,13 @@ class RoutedAdapterLayer(AdapterLayer):
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         blocks = zip(expert_down.unbind(), self.lora_B.unbind(), projected[token_index].split(counts),
                      gates.split(counts), token_index.split(counts))
-        output = result.clone()
+        # summed in the wider of the two dtypes: a bf16 base's output is rounded once, not once per expert
+        output = result.to(torch.promote_types(result.dtype, dtype), copy=True)
         for down, up, rows, expert_gates, tokens in blocks:
             expert_hidden = F.linear(rows, down.to(dtype)) * expert_gates.unsqueeze(-1)
-            expert_output = F.linear(expert_hidden, up.to(dtype)).to(output.dtype)
+            expert_output = (expert_hidden @ up.to(dtype)).to(output.dtype)
             output.scatter_add_(0, tokens.unsqueeze(-1).expand_as(expert_output), expert_output)
+        output = output.to(result.dtype)
         statistics = z_loss = None
         if spec.statistics:
             selection = selection_shares(routing.experts, self.num_experts, routing.probs.dtype)
@@ -289,7 +295,7 @@ class RoutedAdapterLayer(AdapterLayer):
         dropped = self.dropout(x)
         delta = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         for expert in range(self.num_experts):
-            delta_weight = self.lora_B[expert] @ self.expert_delta_down(expert)  # Delta W_t, [m, n]
+            delta_weight = self.lora_B[expert].t() @ self.expert_delta_down(expert)  # Delta W_t = B_t E_t, [m, n]
             delta = delta + gates[:, expert:expert + 1] * (dropped @ delta_weight.t())
         return self.scaling * delta
 
@@ -304,7 +310,7 @@ class MoLoRALinear(RoutedAdapterLayer):
                  context: RoutingContext | None = None) -> None:
         super().__init__(base_layer, config, name, context)
         self.lora_A = self._new_parameter(self.num_experts, self.rank, self.in_features, trainable=config.train_A)
-        self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
+        self.lora_B = self._new_parameter(self.num_experts, self.rank, self.out_features)
         init_lora_(self.lora_A, self.lora_B)
 
     def down_weights(self) -> tuple[None, torch.Tensor]:
@@ -331,7 +337,7 @@ class MALoRALinear(RoutedAdapterLayer):
         self.shared_rank = config.shared_rank
         self.shared_A = self._new_parameter(self.shared_rank, self.in_features, trainable=config.train_shared_A)
         self.lora_P = self._new_parameter(self.num_experts, self.rank, self.shared_rank, trainable=config.train_P)
-        self.lora_B = self._new_parameter(self.num_experts, self.out_features, self.rank)
+        self.lora_B = self._new_parameter(self.num_experts, self.rank, self.out_features)
         init_malora_(self.shared_A, self.lora_P, self.lora_B, config.beta, config.reuse_first_kaiming)
 
     def down_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -186,16 +186,16 @@ def _task_factors(model: nn.Module, profile: TaskProfile) -> tuple[AdapterConfig
     factors: dict[str, LoRAFactors] = {}
     for name, layer in layers.items():
         gates = profile.gates[name].to(device=layer.lora_B.device, dtype=MERGE_DTYPE)
-        up = layer.lora_B.detach().to(MERGE_DTYPE)  # [N, m, r]
+        up = layer.lora_B.detach().to(MERGE_DTYPE)  # [N, r, m], each B_t transposed
         shared_A, expert_down = layer.down_weights()
         down = expert_down.detach().to(MERGE_DTYPE)  # [N, r, d] (MALoRA's lora_P) or [N, r, n] (MoLoRA's lora_A)
         shared = None if shared_A is None else shared_A.detach().to(MERGE_DTYPE)  # [d, n]
         if shared is not None and shared.shape[0] <= layer.num_experts * layer.rank:
             lora_A = shared
-            lora_B = torch.einsum("t,tmr,trd->md", gates, up, down)
+            lora_B = torch.einsum("t,trm,trd->md", gates, up, down)
         else:
             lora_A = (down if shared is None else down @ shared).flatten(0, 1)  # [N*r, n]
-            lora_B = (gates[:, None, None] * up).permute(1, 0, 2).flatten(1)  # [m, N*r]
+            lora_B = (gates[:, None, None] * up).flatten(0, 1).t().contiguous()  # [m, N*r]
         factors[name] = LoRAFactors(lora_A, lora_B, layer.scaling)
     rank = next(iter(factors.values())).lora_A.shape[0]
     config = AdapterConfig(method="lora", rank=rank, shared_rank=None, alpha=source.scaling * rank, dropout=0.0,

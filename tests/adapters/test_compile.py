@@ -156,7 +156,7 @@ def test_dense_routed_experts_backward_passes_gradcheck(shared, renormalize, wit
     router = torch.randn(experts, n, **double)
     shared_A = torch.randn(d, n, **double) if shared else None
     expert_down = torch.randn(experts, rank, d if shared else n, **double)
-    lora_B = torch.randn(experts, m, rank, **double)
+    lora_B = torch.randn(experts, rank, m, **double)  # each B_t [m, r] transposed, as the layers hold it
     weights = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1], dtype=torch.float64) / 5  # two padding tokens
     result = torch.randn(tokens, m, **double)
 

@@ -72,7 +72,7 @@ def test_malora_reference_follows_equation_7_token_by_token():
         top = torch.topk(probs[token], layer.top_k)
         weights = top.values / top.values.sum()
         for weight, expert in zip(weights, top.indices):
-            delta_w = layer.lora_B[expert] @ layer.lora_P[expert] @ layer.shared_A
+            delta_w = layer.lora_B[expert].t() @ layer.lora_P[expert] @ layer.shared_A  # B_t = lora_B[t].T
             expected[token] += layer.scaling * weight * (delta_w @ x[token])
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.reference_forward(x), expected)
@@ -84,7 +84,7 @@ def test_malora_with_one_expert_equals_lora_with_A_equal_P_times_S_A():
     with torch.no_grad():
         lora.base_layer.load_state_dict(malora.base_layer.state_dict())
         lora.lora_A.copy_(malora.lora_P[0] @ malora.shared_A)
-        lora.lora_B.copy_(malora.lora_B[0])
+        lora.lora_B.copy_(malora.lora_B[0].t())
     x = torch.randn(TOKENS, IN, dtype=torch.float64)
     torch.testing.assert_close(malora(x), lora(x), rtol=1e-12, atol=1e-12)
 
@@ -93,7 +93,7 @@ def test_top_k_equal_to_n_with_renormalisation_is_the_soft_mixture():
     layer = make_layer("molora", top_k=5)
     x = torch.randn(TOKENS, IN, dtype=torch.float64)
     probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
-    delta = sum(probs[:, t:t + 1] * (x @ (layer.lora_B[t] @ layer.lora_A[t]).t()) for t in range(5))
+    delta = sum(probs[:, t:t + 1] * (x @ (layer.lora_B[t].t() @ layer.lora_A[t]).t()) for t in range(5))
     torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling * delta)
 
 
@@ -120,7 +120,7 @@ def test_output_equals_base_at_initialisation(method):
 def test_malora_init_follows_equations_8_to_10():
     """P_t S_A = (U_t Sigma_t)[:r] V_0: same Gram matrix as the first r rows of K_t, all in span(V_0), S_A = beta V_0."""
     n, d, r, experts, beta = 64, 16, 6, 3, 1.7
-    shared_A, lora_P, lora_B = torch.empty(d, n), torch.empty(experts, r, d), torch.ones(experts, 8, r)
+    shared_A, lora_P, lora_B = torch.empty(d, n), torch.empty(experts, r, d), torch.ones(experts, r, 8)
     torch.manual_seed(123)
     init_malora_(shared_A, lora_P, lora_B, beta)
     torch.manual_seed(123)  # redraw K_0..K_N: N+1 Kaiming-uniform d x n matrices, in order
@@ -139,7 +139,7 @@ def test_malora_init_follows_equations_8_to_10():
 
 def test_malora_init_can_reuse_the_first_kaiming_matrix_for_expert_one():
     n, d, r = 64, 16, 6
-    shared_A, lora_P, lora_B = torch.empty(d, n), torch.empty(2, r, d), torch.zeros(2, 8, r)
+    shared_A, lora_P, lora_B = torch.empty(d, n), torch.empty(2, r, d), torch.zeros(2, r, 8)
     torch.manual_seed(5)
     init_malora_(shared_A, lora_P, lora_B, beta=1.0, reuse_first_kaiming=True)
     torch.manual_seed(5)
@@ -291,3 +291,20 @@ def test_frozen_down_projections_and_an_input_without_grad_match_the_reference(m
     assert fast.keys() == reference.keys() == {"lora_B", "router.weight"}
     for name in fast:
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_sparse_kernel_rounds_a_bf16_base_output_once(method):
+    """A bf16 base with float32 adapters: the sparse kernel added each expert's output to the bf16 result, rounding
+    once per selected expert, up to several bf16 steps off. Now every element is the float64 sum rounded once (within half
+    a bf16 step, plus float32's error)."""
+    layer = make_layer(method, kernel="sparse", dtype=torch.float32, seed=3)
+    layer.base_layer.to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.mul_(4.0)  # expert outputs as large as the base's, so that intermediate sums round coarsely
+        x = torch.randn(512, IN, dtype=torch.bfloat16)
+        output = layer(x)
+        reference = layer.base_layer(x).double() + layer.reference_delta(x.float(), x.shape[:-1]).double()
+    assert output.dtype == torch.bfloat16
+    step = torch.exp2(torch.floor(torch.log2(reference.abs().clamp_min(1e-30))) - 7)  # bf16's spacing there
+    assert ((output.double() - reference).abs() <= 0.5 * step + 1e-5).all()  # 1e-5: float32's, on summands ~10

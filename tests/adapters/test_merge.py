@@ -246,7 +246,7 @@ def fixed_gate_reference(model: nn.Module, profile: TaskProfile, batch: dict[str
     for name, layer in routed_layers(reference).items():
         gates = profile.gates[name]
         with torch.no_grad():
-            delta = sum(gates[t] * layer.lora_B[t]
+            delta = sum(gates[t] * layer.lora_B[t].t()
                         @ (layer.lora_P[t] @ layer.shared_A if isinstance(layer, MALoRALinear) else layer.lora_A[t])
                         for t in range(layer.num_experts))
         layer.forward = lambda x, base=layer.base_layer, delta=layer.scaling * delta: base(x) + x @ delta.t()

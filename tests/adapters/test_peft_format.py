@@ -19,7 +19,7 @@ from malora_lightning.adapters import (
     load_adapters,
     save_adapters,
 )
-from malora_lightning.adapters.io import CARD_MARKER, load_adapted_model, read_adapter_folder
+from malora_lightning.adapters.io import CARD_MARKER, load_adapted_model, read_adapter_folder, routed_up_projections
 from malora_lightning.adapters.quantization import load_base_model
 from tests.helpers import tiny_model
 
@@ -155,7 +155,8 @@ def test_our_earlier_layout_still_loads(tmp_path):
     model = randomised(inject_adapters(tiny_model("llama"), AdapterConfig(rank=2, shared_rank=4, num_experts=3)))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "adapter_config.json").write_text(model.malora_config.to_json())
-    save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()},
+    up = routed_up_projections(model)  # each B_t stored [m, r], as in every folder
+    save_file({k: (v.transpose(1, 2) if k in up else v).detach().contiguous() for k, v in adapter_state_dict(model).items()},
               str(tmp_path / "old" / "adapter_model.safetensors"), metadata={"format": "malora_lightning"})
     loaded = load_adapters(tiny_model("llama"), tmp_path / "old")
     with torch.no_grad():
