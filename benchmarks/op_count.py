@@ -8,7 +8,8 @@ time there. Counts are deterministic (no timing), so `tests/test_op_count.py` pi
 
     python -m benchmarks.op_count                       # CPU: fp32 and bf16 autocast, dropout 0 and 0.05
     python -m benchmarks.op_count --device cuda         # adds the CUDA kernels launched, eager and compiled
-    python -m benchmarks.op_count --fused               # adds the mixtures with kernel="fused" (Triton routing;
+    TRITON_INTERPRET=1 python -m benchmarks.op_count --fused
+                                                        # adds the mixtures with kernel="fused" (Triton routing;
                                                         # interpreted on CPU, each launch counted as one op)
 
 A step is: set_to_none zero-grad, forward under the setting's autocast, backward of the output and (mixtures) of the
@@ -210,8 +211,10 @@ def main() -> None:
                         help="also count the mixtures with kernel='fused' (on CPU through Triton's interpreter)")
     add_run_arguments(parser)
     args = parser.parse_args()
-    if args.fused and args.device != "cuda":
-        os.environ["TRITON_INTERPRET"] = "1"  # before the fused kernels are first imported
+    if args.fused and args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton decides at import whether its own helpers run interpreted, and torch imports Triton before main runs
+        raise SystemExit("--fused on CPU runs the Triton kernels in Triton's interpreter, which must be on before "
+                         "Triton is imported: TRITON_INTERPRET=1 python -m benchmarks.op_count --fused")
     device, load_at_start = start_run(args)
     rows, results = [], []
     modes = [None, "default"] if args.compiled or device.type == "cuda" else [None]
