@@ -125,6 +125,27 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     return differences
 
 
+def _format_1(path: str | Path | None) -> str:
+    named = "the checkpoint" if path is None else f"checkpoint {path}"
+    return (f"{named} holds the mixtures' lora_B as [N, m, r], as malora_lightning wrote them before checkpoint "
+            f"format {CHECKPOINT_FORMAT}")
+
+
+def _loaded_by_the_strategy(path: str | Path | None) -> ValueError:
+    return ValueError(f"{_format_1(path)}, and this strategy loads a checkpoint's tensors itself, so they cannot be "
+                      "converted: load it once without the strategy (MALoRAModule.load_from_checkpoint) and save its "
+                      "adapters (save_adapters), then start from them with adapter_path")
+
+
+def check_strategy_loadable(path: str | Path) -> None:
+    """For a mixture's checkpoint that a strategy will load itself (FSDPStrategy, ModelParallelStrategy: they copy the
+    file's tensors into the module before `on_load_checkpoint` could convert them, and the copy's error names
+    nothing), refuse one of an earlier format. The file is memory-mapped: no tensor is read."""
+    if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_FORMAT_KEY, 1) \
+            < CHECKPOINT_FORMAT:
+        raise _loaded_by_the_strategy(path)
+
+
 def upgrade_checkpoint(checkpoint: dict[str, Any], up_projections: Mapping[str, torch.Size],
                        optimizer_groups: Sequence[Sequence[str]] | None, path: str | Path | None) -> None:
     """Bring a checkpoint without `CHECKPOINT_FORMAT_KEY` to `CHECKPOINT_FORMAT` in place: transpose the mixtures'
@@ -132,36 +153,30 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], up_projections: Mapping[str, 
     optimizer state too. A tensor that already has the module's shape is left as it is (a checkpoint built by hand
     from the module's state dict), unless that shape is square (N, r, r), where only the missing key tells.
     `optimizer_groups` names the parameters of each of the module's optimizer groups in order (torch keys their state
-    by position in them), or is None when the optimizer state is not used. A state the module's groups do not
-    describe is refused, as is a checkpoint whose tensors the strategy loads itself (no `state_dict`): neither can be
-    converted here."""
+    by position in them), or is None when the optimizer state is not used (not fitting). A state the module's groups
+    do not describe is refused, as is a checkpoint whose tensors the strategy loads itself (no `state_dict`): neither
+    can be converted here. Marks the checkpoint converted, so a second call changes nothing."""
 
     def upgraded(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if value.dim() != 3 or (value.shape == shape and shape[1] != shape[2]):
-            return value
-        return value.transpose(1, 2).contiguous()
+        """[N, m, r] transposed to `shape` [N, r, m]; a square one is taken for format 1 as the checkpoint says."""
+        square = value.shape == shape and shape[1] == shape[2]
+        untransposed = value.dim() == 3 and value.shape != shape and value.shape == (shape[0], shape[2], shape[1])
+        return value.transpose(1, 2).contiguous() if square or untransposed else value
 
-    if not up_projections:  # LoRA: nothing changed
+    if checkpoint.get(CHECKPOINT_FORMAT_KEY, 1) >= CHECKPOINT_FORMAT:
         return
-    named = "the checkpoint" if path is None else f"checkpoint {path}"
-    why = (f"{named} holds the mixtures' lora_B as [N, m, r], as malora_lightning wrote them before checkpoint format "
-           f"{CHECKPOINT_FORMAT}")
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{why}, and this strategy loads a checkpoint's tensors itself, so they cannot be converted: "
-                         "load it once without the strategy (MALoRAModule.load_from_checkpoint) and save its "
-                         "adapters (save_adapters), then start from them with adapter_path")
-    state_dict = checkpoint["state_dict"]
+    if up_projections and "state_dict" not in checkpoint:
+        raise _loaded_by_the_strategy(path)
+    state_dict = checkpoint.get("state_dict", {})
     for key, shape in up_projections.items():
         if key in state_dict:
             state_dict[key] = upgraded(state_dict[key], shape)
-    if optimizer_groups is None:
-        return
-    for optimizer_state in checkpoint.get("optimizer_states", []):
+    for optimizer_state in checkpoint.get("optimizer_states", []) if up_projections and optimizer_groups else []:
         stored_groups = [group["params"] for group in optimizer_state["param_groups"]]
         if [len(group) for group in stored_groups] != [len(group) for group in optimizer_groups]:
-            raise ValueError(f"{why}, and its optimizer state is not the module's AdamW groups, so it cannot be "
-                             "converted: resume it with the malora_lightning version that wrote it, or start a new "
-                             "fit from its adapters (MALoRAModule.load_from_checkpoint converts them)")
+            raise ValueError(f"{_format_1(path)}, and its optimizer state is not the module's AdamW groups, so it "
+                             "cannot be converted: resume it with the malora_lightning version that wrote it, or "
+                             "start a new fit from its adapters (MALoRAModule.load_from_checkpoint converts them)")
         names = {index: name for stored, ours in zip(stored_groups, optimizer_groups)
                  for index, name in zip(stored, ours)}
         for index, state in optimizer_state["state"].items():
@@ -170,3 +185,4 @@ def upgrade_checkpoint(checkpoint: dict[str, Any], up_projections: Mapping[str, 
                 for entry, value in state.items():  # AdamW's moments; its step count is not 3-D
                     if isinstance(value, torch.Tensor):
                         state[entry] = upgraded(value, shape)
+    checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT  # converted: a second call leaves it as it is

@@ -18,7 +18,12 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
-from malora_lightning.checkpoints import check_checkpoint_file, check_checkpoint_settings, checkpoint_hyperparameters
+from malora_lightning.checkpoints import (
+    check_checkpoint_file,
+    check_checkpoint_settings,
+    check_strategy_loadable,
+    checkpoint_hyperparameters,
+)
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
@@ -176,12 +181,17 @@ class MALoRACLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists, and then
-        checked as a given path is (`_parse_ckpt_path`), before the model loads. (A private LightningCLI method,
+        checked as a given path is (`_parse_ckpt_path`), before the model loads; and a mixture's checkpoint that the
+        strategy will load itself checked for its format (`check_strategy_loadable`). (A private LightningCLI method,
         checked against Lightning 2.6.)"""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
             self._check_checkpoint(subcommand, kwargs["ckpt_path"])
+        path = kwargs.get("ckpt_path")
+        if path and self.trainer.strategy.restore_checkpoint_after_setup \
+                and self.model.adapter_config.method != "lora" and Path(path).is_file():
+            check_strategy_loadable(path)
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

@@ -453,11 +453,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
                         ", ".join(differences))
         if checkpoint.get(CHECKPOINT_FORMAT_KEY, 1) < CHECKPOINT_FORMAT:
-            names = {param: unwrapped_name(name) for name, param in self.named_parameters()}
-            groups = [[names[param] for param in group["params"]] for group in self.trainable_parameter_groups()]
             shapes = {f"model.{name}.lora_B": torch.Size((layer.num_experts, layer.rank, layer.out_features))
                       for name, layer in routed_layers(self.model).items()}
-            upgrade_checkpoint(checkpoint, shapes, groups if fitting else None, path)
+            groups = None
+            if fitting and shapes:  # the optimizer state is restored next, by position in the module's groups
+                names = {param: unwrapped_name(name) for name, param in self.named_parameters()}
+                groups = [[names[param] for param in group["params"]] for group in self.trainable_parameter_groups()]
+            upgrade_checkpoint(checkpoint, shapes, groups, path)
 
     def on_train_start(self) -> None:
         """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.

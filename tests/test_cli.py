@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
 from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main
@@ -403,3 +404,39 @@ def test_ckpt_path_last_is_found_in_a_bracketed_run_folder_and_checked_before_th
     cut_off.write_bytes(b"PK\x03\x04 not a whole checkpoint")
     with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(cut_off))} is not a complete checkpoint file"):
         main(["validate", *tiny_run_settings(tiny_model_dir, root), "--ckpt_path=last"])
+
+
+class LoadsTensorsItself(SingleDeviceStrategy):
+    """Loads a checkpoint's tensors into the module as it reads the file, after setup, as FSDPStrategy and
+    ModelParallelStrategy do with a whole-file checkpoint: before the module's on_load_checkpoint could convert them."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        self.lightning_module.load_state_dict(checkpoint.pop("state_dict"), strict=False)
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict=True):
+        pass  # loaded above, as FSDPStrategy's does nothing here
+
+
+def test_a_checkpoint_of_an_earlier_format_that_the_strategy_loads_itself_is_refused_naming_it(tiny_model_dir,
+                                                                                            tmp_path):
+    """A mixture's checkpoint written before lora_B became [N, r, m] is converted as the module loads it, except where
+    the strategy copies its tensors first (the FSDP recipes): that failed in the copy, naming nothing. The current
+    format resumes under such a strategy."""
+    settings = [*tiny_run_settings(tiny_model_dir, tmp_path), f"--trainer.strategy.class_path={__name__}.LoadsTensorsItself"]
+    main(["fit", *settings, "--trainer.max_steps=2"])
+    current = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={current}"])
+    checkpoint = torch.load(current, weights_only=True)
+    del checkpoint["malora_lightning_format"]
+    checkpoint["state_dict"] = {name: value.transpose(1, 2).contiguous() if name.endswith(".lora_B") else value
+                                for name, value in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "format-1.ckpt")
+    with pytest.raises(ValueError, match=r"format-1.ckpt holds the mixtures' lora_B as \[N, m, r\].*this strategy "
+                                         r"loads a checkpoint's tensors itself.*MALoRAModule.load_from_checkpoint"):
+        main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'format-1.ckpt'}"])

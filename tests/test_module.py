@@ -20,7 +20,7 @@ from malora_lightning.adapters import (
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY
+from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
 from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
@@ -895,6 +895,14 @@ def as_format_1(checkpoint: dict, trained: MALoRAModule, optimizer: torch.optim.
     return legacy
 
 
+class TrainerBoundGroups(MALoRAModule):
+    """Scales the learning rate by the number of processes, so its groups need the trainer."""
+
+    def trainable_parameter_groups(self):
+        groups = super().trainable_parameter_groups()
+        return [{**group, "lr": group["lr"] * self.trainer.world_size} for group in groups]
+
+
 def test_a_checkpoint_written_with_b_untransposed_loads_and_resumes_exactly(tiny_model_dir, tmp_path):
     """The mixtures' lora_B is now [N, r, m] (all experts' up-projection is a view of it); a checkpoint written before
     holds [N, m, r] in its tensors and AdamW's moments, which loading refused by shape. It is converted: the resumed
@@ -909,7 +917,8 @@ def test_a_checkpoint_written_with_b_untransposed_loads_and_resumes_exactly(tiny
     legacy = as_format_1(checkpoint, trained, trainer.optimizers[0])
     torch.save(legacy, tmp_path / "legacy.ckpt")
 
-    loaded = MALoRAModule.load_from_checkpoint(tmp_path / "legacy.ckpt")
+    # loading without a fit builds no optimizer groups: a subclass's may need a trainer
+    loaded = TrainerBoundGroups.load_from_checkpoint(tmp_path / "legacy.ckpt")
     assert all(torch.equal(tensor, checkpoint["state_dict"][f"model.{name}"])
                for name, tensor in adapter_state_dict(loaded.model).items())
     resumed = LossRecorder()
@@ -925,3 +934,15 @@ def test_a_checkpoint_written_with_b_untransposed_loads_and_resumes_exactly(tiny
                                          r"state is not the module's AdamW groups"):
         make_trainer(tmp_path / "c", max_steps=6).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
                                                       ckpt_path=tmp_path / "other-optimizer.ckpt")
+
+
+
+def test_upgrading_a_checkpoint_twice_leaves_a_square_b_converted_once():
+    """With B [N, r, r] only the format key tells the layouts apart: the upgrade sets it, so that a second call (a
+    subclass's hook calling on_load_checkpoint again) does not transpose B back."""
+    b = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
+    checkpoint = {"state_dict": {"model.q.lora_B": b.clone()}}
+    for _ in range(2):
+        upgrade_checkpoint(checkpoint, {"model.q.lora_B": torch.Size((2, 4, 4))}, None, None)
+    assert torch.equal(checkpoint["state_dict"]["model.q.lora_B"], b.transpose(1, 2))
+    assert checkpoint[CHECKPOINT_FORMAT_KEY] == 2

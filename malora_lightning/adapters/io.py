@@ -233,7 +233,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                 value = stored.get_tensor(stored_key)
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"{weights}: tensor {stored_key!r} holds NaN or infinite values")
-                layer_value = value.transpose(1, 2) if stored_key in transposed else value
+                layer_value = value.transpose(1, 2) if stored_key in transposed and value.dim() == 3 else value
                 if layer_value.shape != param.shape:
                     shape = param.transpose(1, 2).shape if stored_key in transposed else param.shape
                     raise ValueError(f"{weights}: tensor {stored_key!r} has shape {tuple(value.shape)}, the model "

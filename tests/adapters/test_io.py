@@ -126,14 +126,18 @@ def test_missing_tensor_is_named(tmp_path):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
-def test_shape_mismatch_is_named(tmp_path):
+@pytest.mark.parametrize("shape", [(4, 16, 3), (16, 2)], ids=["rank", "not-stacked"])
+def test_shape_mismatch_is_named(tmp_path, shape):
+    """In the folder's layout (each B_t [m, r], as PEFT stores B), whatever the layer holds; a 2-D tensor where the
+    stacked experts' B belongs raised IndexError from the transposition."""
     save_adapters(trained_model(), tmp_path / "a")
 
     def grow(tensors):
-        tensors["model.layers.0.self_attn.k_proj.lora_B"] = torch.zeros(4, 16, 3)
+        tensors["model.layers.0.self_attn.k_proj.lora_B"] = torch.zeros(shape)
 
     rewrite_tensors(tmp_path / "a", grow)
-    with pytest.raises(ValueError, match=r"tensor 'base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight' has shape \(4, 16, 3\), "
+    stored = re.escape(str(shape))
+    with pytest.raises(ValueError, match=rf"tensor 'base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight' has shape {stored}, "
                                          r"the model expects \(4, 16, 2\)"):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
