@@ -79,7 +79,7 @@ def test_under_fsdp1_checkpoints_and_the_adapter_folder_name_and_hold_the_unwrap
     """FSDP1 puts `_fsdp_wrapped_module` into the names of every unit's modules and makes each adapter tensor a view of
     this rank's shard: checkpoints kept no tensor (their filter named the wrapped modules), and the exported folder held
     48 empty tensors under the wrapped names. A save that is not given the root unit holding the adapters wrote empty
-    tensors too; it is refused."""
+    tensors too; it is refused. The save unsharded the whole model at once; now one unit at a time."""
     script = Path(__file__).parent / "scripts" / "fsdp1_adapter_export.py"
     result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
                             text=True, timeout=300, cwd=Path(__file__).parents[1])
@@ -89,6 +89,8 @@ def test_under_fsdp1_checkpoints_and_the_adapter_folder_name_and_hold_the_unwrap
     assert outcome["checkpoint_keys_equal"]
     complete = {"saved_keys_equal": True, "saved_tensors_equal": True, "tensors": 48, "empty_tensors": 0}
     assert outcome["units"] == complete
+    # one unit whole at a time, never the whole model: it unsharded everything at once, its 4-bit base included
+    assert outcome["elements"]["most_whole_while_saving"] < outcome["elements"]["model"]
     # without an auto_wrap_policy the root unit holds the adapters: AdapterExport passes it (trainer.strategy.model)
     assert outcome["root_unit"] == complete
     # why: unsharding model alone leaves the root unit's adapters sharded, which the save refuses, writing nothing

@@ -488,7 +488,8 @@ def _interrupted_legacy_save(path: Path) -> Path | None:
 def gathered_adapter_state(model: nn.Module, sharded_root: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """`adapter_state_dict` with every tensor whole, contiguous and a copy on the CPU: FSDP2's DTensors gathered,
     FSDP1's flat shards unsharded for the copy (wrapped by FSDP1, an adapter tensor is a view of this rank's shard,
-    and empty on most ranks). Both are collective: every rank must call this.
+    and empty on most ranks), one FSDP1 unit at a time, so that the model is never whole on one device (a 4-bit base
+    as large as the GPU included). Both are collective: every rank must call this.
 
     `sharded_root` is the module FSDP1 wrapped whole when that is an ancestor of `model` (Lightning's
     `trainer.strategy.model`, which wraps the LightningModule): its own unit holds the adapters outside the wrapped
@@ -497,18 +498,20 @@ def gathered_adapter_state(model: nn.Module, sharded_root: nn.Module | None = No
     from torch.distributed.fsdp import FullyShardedDataParallel  # imported on use: most saves never shard
 
     root = model if sharded_root is None else sharded_root
-    sharded_units = any(isinstance(module, FullyShardedDataParallel) for module in root.modules())
-    unsharded = FullyShardedDataParallel.summon_full_params(root, writeback=False) if sharded_units \
-        else contextlib.nullcontext()
-    with unsharded:
-        state = {key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()
-                 for key, value in adapter_state_dict(model).items()}
-    for key, value in state.items():
-        if value.dim() < 2:  # every adapter tensor is a matrix or a stack of them; a flat shard view is 1-D
+    spans = [FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False)
+             for unit in root.modules() if isinstance(unit, FullyShardedDataParallel)] or [contextlib.nullcontext()]
+    state: dict[str, torch.Tensor] = {}
+    for span in spans:  # inside a unit's span its own parameters are whole; every other unit's stay flat (1-D) shards
+        with span:
+            state.update({key: _full_tensor(value).detach().to("cpu", copy=True).contiguous()
+                          for key, value in adapter_state_dict(model).items() if key not in state and value.dim() > 1})
+    tensors = adapter_state_dict(model)
+    for key, value in tensors.items():
+        if key not in state:  # every adapter tensor is a matrix or a stack of them
             raise ValueError(f"adapter tensor {key!r} is this rank's shard of an FSDP1 flat parameter (shape "
                              f"{tuple(value.shape)}), not the whole tensor: pass the module FSDP1 wrapped whole as "
                              "sharded_root (under Lightning, trainer.strategy.model)")
-    return state
+    return {key: state[key] for key in tensors}
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

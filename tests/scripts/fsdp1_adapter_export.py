@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision  # n
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
 
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict, save_adapters  # noqa: E402
+from malora_lightning.adapters import io  # noqa: E402
 from malora_lightning.adapters.io import peft_key  # noqa: E402
 from malora_lightning.module import MALoRAModule  # noqa: E402
 from tests.scripts.fsdp1_qlora_step import recipe_classes  # noqa: E402
@@ -46,15 +47,29 @@ def build(model_dir: str, quantized: bool = True) -> MALoRAModule:
 
 
 def wrap_and_save(module: MALoRAModule, policy: ModuleWrapPolicy | None, folder: Path, rank: int,
-                  root: bool = True) -> FullyShardedDataParallel:
+                  root: bool = True) -> dict[str, int]:
+    """Wrap, save, and count the parameter elements that are whole (not flat shards) while the save reads the
+    adapters: at the most, and in the whole model."""
     bf16 = torch.bfloat16
     wrapped = FullyShardedDataParallel(module, auto_wrap_policy=policy, use_orig_params=True,
                                        device_id=torch.device("cpu"),
                                        mixed_precision=MixedPrecision(param_dtype=bf16, reduce_dtype=bf16,
                                                                       buffer_dtype=bf16))
-    # collective: every rank calls it; the root is what Lightning's FSDPStrategy wraps (trainer.strategy.model)
-    save_adapters(module.model, folder, write=rank == 0, sharded_root=wrapped if root else None)
-    return wrapped
+    whole = []
+    reading = io.adapter_state_dict
+
+    def counting(model):  # what gathered_adapter_state reads inside each unsharded span
+        whole.append(sum(param.numel() for param in wrapped.parameters() if param.dim() > 1))
+        return reading(model)
+
+    io.adapter_state_dict = counting
+    try:  # collective: every rank calls it; the root is what Lightning's FSDPStrategy wraps (trainer.strategy.model)
+        save_adapters(module.model, folder, write=rank == 0, sharded_root=wrapped if root else None)
+    finally:
+        io.adapter_state_dict = reading
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        total = sum(param.numel() for param in wrapped.parameters() if param.dim() > 1)
+    return {"most_whole_while_saving": max(whole), "model": total}
 
 
 def compare(folder: Path, reference: dict[str, torch.Tensor]) -> dict[str, bool]:
@@ -78,7 +93,7 @@ def run(rank: int, model_dir: str, out_dir: str) -> None:
     module = build(model_dir)
     reference_keys = module.checkpoint_keys()
     reference = {key: value.detach().clone() for key, value in adapter_state_dict(module.model).items()}
-    wrap_and_save(module, ModuleWrapPolicy(recipe_classes()), out / "units", rank)
+    result["elements"] = wrap_and_save(module, ModuleWrapPolicy(recipe_classes()), out / "units", rank)
     result["wrapped_name"] = next(name for name, _ in module.model.named_parameters() if "lora_B" in name)
     result["checkpoint_keys_equal"] = module.checkpoint_keys() == reference_keys
     # no auto_wrap_policy (a float32 base): the root unit holds every adapter, which unsharding module.model alone
