@@ -39,11 +39,11 @@ from malora_lightning.adapters import AdapterConfig, compile_adapters, frozen_ad
 from malora_lightning.adapters.layers import ADAPTER_CLASSES
 
 METHODS = ("lora", "molora", "malora")
-# ops that only make a new view of existing memory: dispatch cost, no kernel
+# ops that only make a new view of existing memory, or allocate without writing: dispatch cost, no kernel
 VIEW_OPS = frozenset(f"aten::{name}" for name in (
     "t", "view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "unflatten",
     "permute", "transpose", "slice", "split", "split_with_sizes", "select", "narrow", "as_strided", "view_as", "unbind",
-    "detach", "alias", "lift_fresh", "result_type", "promote_types", "empty_like", "empty"))
+    "detach", "alias", "lift_fresh", "result_type", "promote_types", "empty_like", "empty", "new_empty"))
 
 
 @dataclass
