@@ -55,6 +55,7 @@ from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
+from malora_lightning.offline_models import same_model
 from malora_lightning.optim import (
     SCHEDULES,
     AdapterSchedule,
@@ -178,7 +179,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)
-        if folder.base_model is not None and folder.base_model != model_name_or_path:
+        if folder.base_model is not None and not same_model(folder.base_model, model_name_or_path):
             raise ValueError(f"adapter_path {adapter_path} holds adapters for base model {folder.base_model!r}, but "
                              f"model_name_or_path is {model_name_or_path!r}: set model_name_or_path to the folder's "
                              "base (or pass an adapter trained on this one)")

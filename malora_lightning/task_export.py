@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 from malora_lightning.adapters import read_adapter_folder, save_adapters
 from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
-from malora_lightning.atomic import apply_default_modes, rename_into_place, staging_folder
+from malora_lightning.atomic import apply_default_modes, recover_replace, rename_into_place, staging_folder
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
@@ -92,17 +93,33 @@ def task_model(model: nn.Module, profile: TaskProfile, merge: bool) -> nn.Module
     return merge_task(collapsed, profile, dequantize=True) if merge else task_lora_model(collapsed, profile)
 
 
+def check_writable_output(output: Path) -> None:
+    """Refuse an `--output` that is a file, or whose nearest existing folder cannot be written, before any work (the
+    OSError would otherwise come after the base model loaded and every task was profiled, naming no flag)."""
+    existing = next(folder for folder in (output, *output.parents) if folder.exists())
+    if not existing.is_dir():
+        raise FileExistsError(f"--output {output}: {existing} is a file; the export writes one folder per task there: "
+                              "choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {output}: {existing} cannot be written (read-only, or not yours): choose "
+                              "another --output")
+
+
 def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, overwrite: bool) -> None:
-    """Refuse, before any work, every `output/<task>` the export must not write: the adapter folder being read (or
-    a folder inside it or holding it), a file, and a non-empty folder, unless `overwrite` and it is an adapter folder
-    (then `save_adapters` replaces only its adapter files). A merged model is a whole folder written by one rename,
-    so `--merge` never writes into a non-empty one."""
+    """Refuse, before any work, an `output` that cannot be written and every `output/<task>` the export must not
+    write: the adapter folder being read (or a folder inside it or holding it), a file, and a non-empty folder, unless
+    `overwrite` and it is an adapter folder (then `save_adapters` replaces only its adapter files). A merged model is
+    a whole folder written by one rename, so `--merge` never writes into a non-empty one. An adapter folder that a
+    killed export left mid-replace is recovered first (`recover_replace`), as its next save would."""
     twice = repeated(tasks)
     if twice:
         raise ValueError(f"--tasks names {twice[0]!r} more than once: each task is exported to one folder")
+    check_writable_output(output)
     source = adapter.resolve()
     for task in tasks:
         target = output / task
+        if target.is_dir() and not merge:
+            recover_replace(target)  # an export killed inside save_adapters: finish or drop its staged files first
         resolved = target.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
             relation = ("is" if resolved == source else "lies inside" if source in resolved.parents else "holds")
@@ -161,7 +178,7 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     parser = argparse.ArgumentParser(prog="malora-task-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--adapter", required=True, help="a MoLoRA/MALoRA adapter folder (save_adapters)")
-    parser.add_argument("--output", required=True, type=Path, help="folder that receives one sub-folder per task")
+    parser.add_argument("--output", required=True, help="folder that receives one sub-folder per task")
     parser.add_argument("--tasks", nargs="+", help="tasks to export (default: every task the recipe trains)")
     parser.add_argument("--merge", action="store_true",
                         help="write merged models (base dequantized, save_pretrained) instead of LoRA folders")
@@ -173,6 +190,9 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     known, overrides = parser.parse_known_args(args)
     if known.profile_examples < 1:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
+    if not known.output.strip():
+        parser.error("--output is empty: give the folder that receives one sub-folder per task (e.g. runs/tasks)")
+    known.output = Path(known.output)
     quiet_known_notes()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
     module, data = recipe_modules(known.adapter, overrides)

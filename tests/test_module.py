@@ -224,6 +224,10 @@ def test_an_adapter_folder_is_evaluated_with_its_own_settings_and_must_name_the_
         assert torch.equal(lora.model.eval()(ids).logits, module.model(ids).logits)
     with pytest.raises(ValueError, match=r"holds adapters for base model .* but model_name_or_path is 'elsewhere'"):
         make_module("elsewhere", adapter_path=str(tmp_path / "adapter"))
+    # the same folder however written: with a trailing slash, or through a link (the strings were compared)
+    (tmp_path / "link").symlink_to(tiny_model_dir)
+    for spelling in (f"{tiny_model_dir}/", str(tmp_path / "link")):
+        assert make_module(spelling, adapter_path=str(tmp_path / "adapter")).adapter_config == module.adapter_config
 
 
 def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_model_dir, tmp_path):

@@ -1,9 +1,11 @@
 """`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
 
 import copy
+import os
 import shutil
 import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +170,47 @@ def test_an_existing_adapter_folder_is_replaced_only_with_overwrite(tiny_model_d
         main(["--output", str(tmp_path / "out"), "--merge", "--overwrite", *flags])
     assert folder_bytes(tmp_path / "project" / "parity") == {"thesis.tex": b"mine"}
     assert folder_bytes(tmp_path / "out" / "parity") == after
+
+
+def test_an_export_killed_while_saving_a_task_is_recovered_by_the_next_run(tmp_path):
+    """A kill inside save_adapters leaves `<task>/.malora-staging/` (hidden: the folder looks empty). The next run
+    refused the folder as "not an adapter folder", with or without --overwrite. It now completes or drops the staged
+    replace first, as the next save or load of that folder does."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    staging = tmp_path / "out" / "parity" / ".malora-staging"
+    staging.mkdir(parents=True)
+    for name in ("MALORA_STAGING", "adapter_config.json", "adapter_model.safetensors"):
+        (staging / name).write_text("{}")
+    check_targets(adapter, tmp_path / "out", ["parity"], merge=False, overwrite=False)  # uncommitted: dropped
+    assert list((tmp_path / "out" / "parity").iterdir()) == []
+    staging.mkdir()
+    for name in ("MALORA_STAGING", "adapter_config.json", "adapter_model.safetensors", "COMMITTED"):
+        (staging / name).write_text("{}")
+    with pytest.raises(FileExistsError, match=r"parity exists and is not empty \(an adapter folder\): pass --overwrite"):
+        check_targets(adapter, tmp_path / "out", ["parity"], merge=False, overwrite=False)  # committed: completed
+    assert sorted(path.name for path in (tmp_path / "out" / "parity").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    check_targets(adapter, tmp_path / "out", ["parity"], merge=False, overwrite=True)
+
+
+def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    """An --output that is a file, or under a folder that cannot be written, failed with a bare errno after the base
+    model loaded and every task was profiled; an empty --output exported into the current folder."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "file").write_text("mine")
+    for output in (tmp_path / "file", tmp_path / "file" / "tasks"):
+        with pytest.raises(FileExistsError, match=rf"--output {output}: {tmp_path / 'file'} is a file"):
+            check_targets(adapter, output, ["parity"], merge=False, overwrite=False)
+    assert (tmp_path / "file").read_text() == "mine"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access  # a read-only mount, or a folder of another user's (root, as CI runs, may write anywhere)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    with pytest.raises(PermissionError, match=r"--output .*locked/tasks: .*locked cannot be written"):
+        check_targets(adapter, locked / "tasks", ["parity"], merge=True, overwrite=False)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(["--adapter", str(adapter), "--output", ""])
+    assert "--output is empty" in capsys.readouterr().err
