@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -87,22 +92,56 @@ def first_line(path: Path) -> str | None:
         return text.readline().rstrip("\n")
 
 
+# in a `staging_folder` while it is written: "<host> <pid>" of the writing process, so that a folder a killed
+# process left can be told from one another process is writing
+OWNER_MARKER = "MALORA_OWNER"
+
+
 @contextlib.contextmanager
 def staging_folder(target: Path) -> Iterator[Path]:
     """A new hidden folder beside `target` (the same file system, so it can be renamed onto `target`), with the
-    permissions a plain mkdir would give; removed on exit unless it was renamed away."""
+    permissions a plain mkdir would give; removed on exit unless it was renamed away. Staging folders for `target`
+    that a killed process left on this host are removed first (`remove_abandoned_staging`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         os.chmod(staging, default_mode(folder=True))
+        (staging / OWNER_MARKER).write_text(f"{socket.gethostname()} {os.getpid()}", encoding="utf-8")
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def remove_abandoned_staging(target: Path) -> None:
+    """Remove the `staging_folder`s of `target` whose writer has died: each holds our `OWNER_MARKER` naming this host
+    and a process that no longer runs. A folder without the marker (a user's, or being renamed into place), another
+    host's (a shared cache) or a live process's is left as it is. A killed conversion or merged export left one
+    the size of a model each time."""
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        try:
+            host, pid = (folder / OWNER_MARKER).read_text(encoding="utf-8").split()
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and pid.isdigit() and not _running(int(pid)):
+            logger.info("Removing %s, left by a process that no longer runs", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def rename_into_place(staging: Path, target: Path) -> None:
     """Rename a `staging_folder` onto `target` (absent or an empty folder) once its files are on disk: fsynced files,
     then the rename, then the parent fsynced, so that a power loss leaves either no `target` or a complete one."""
+    (staging / OWNER_MARKER).unlink(missing_ok=True)  # not part of what is written
     for root, _, files in os.walk(staging):
         for name in files:
             _fsync_file(Path(root) / name)

@@ -166,7 +166,8 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path,
 
 def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
     """`save_pretrained` of model and tokenizer into a staging folder beside `target`, then one rename: a run killed
-    midway leaves no half-written model at `target` (only a hidden `.<name>.*` folder, which is ours to delete)."""
+    midway leaves no half-written model at `target`, only a hidden `.<name>.*` folder, which the next export of that
+    task removes (`staging_folder`)."""
     with staging_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

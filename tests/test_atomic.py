@@ -4,14 +4,18 @@ adapter), a symbolic link written through; and a folder of the staging folder's 
 
 import multiprocessing
 import os
+import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from malora_lightning.atomic import (COMMIT_MARKER, STAGING_FOLDER, STAGING_MARKER, apply_default_modes,
-                                     atomic_write_text, recover_replace, replace_files, staging_folder)
+from malora_lightning.atomic import (COMMIT_MARKER, OWNER_MARKER, STAGING_FOLDER, STAGING_MARKER, apply_default_modes,
+                                     atomic_write_text, recover_replace, rename_into_place, replace_files,
+                                     staging_folder)
 
 
 @pytest.fixture
@@ -200,3 +204,31 @@ def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, mo
     assert {"weights.bin", "config.json", "sub"} <= synced_before
     assert ("fsync", str(tmp_path)) in events[renamed:]
     assert (target / "sub" / "config.json").read_text() == "{}"
+
+
+def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
+    """The offline model's conversion and a merged task export, killed midway, left their staging folder (a model's
+    size) for good. The next staging folder for the same target removes those whose writer no longer runs on this
+    host, and no other: a live writer's, another host's (a shared cache), a user's folder without our marker."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+
+    def left(name: str, owner: str | None) -> Path:
+        folder = tmp_path / f".model.{name}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if owner is not None:
+            (folder / OWNER_MARKER).write_text(owner)
+        return folder
+
+    abandoned = left("abandoned", f"{socket.gethostname()} {dead}")
+    running = left("running", f"{socket.gethostname()} {os.getpid()}")
+    elsewhere = left("elsewhere", f"another-host {dead}")
+    users = left("users", None)
+    target = tmp_path / "model"
+    with staging_folder(target) as staging:
+        assert (staging / OWNER_MARKER).read_text() == f"{socket.gethostname()} {os.getpid()}"
+        (staging / "config.json").write_text("{}")
+        rename_into_place(staging, target)
+    assert not abandoned.exists() and running.exists() and elsewhere.exists() and users.exists()
+    assert sorted(path.name for path in target.iterdir()) == ["config.json"]  # the marker is not part of the result
