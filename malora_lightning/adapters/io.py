@@ -112,6 +112,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read an adapter folder's config: ours (any method), a LoRA folder PEFT saved, or our earlier layout."""
     path = Path(path)
     recover_replace(path)  # a save that was killed mid-replace is completed (or dropped) first
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"adapter folder {path} is a file: give the folder that holds {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME} (written by save_adapters or by PEFT's save_pretrained)")
     if not path.is_dir():
         staged = _interrupted_legacy_save(path)
         hint = "" if staged is None else (f"; {staged} looks like the complete adapter that an interrupted save of an "

@@ -153,6 +153,10 @@ def test_missing_files_are_explained(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
         load_adapters(tiny_model("llama"), tmp_path / "empty")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # the weights file given for its folder: "not found"
+    with pytest.raises(NotADirectoryError, match=r"adapter folder .*adapter_model.safetensors is a file: give the "
+                                                 r"folder that holds adapter_config.json"):
+        load_adapters(tiny_model("llama"), tmp_path / "adapter_model.safetensors")
 
 
 def test_save_requires_adapters(tmp_path):
