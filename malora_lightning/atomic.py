@@ -92,6 +92,12 @@ def first_line(path: Path) -> str | None:
         return text.readline().rstrip("\n")
 
 
+def check_writable(folder: Path) -> None:
+    """Raise the OSError that making a folder inside the existing `folder` raises, and leave none: a trial, since
+    permission bits alone miss read-only mounts and ACLs (and root may write past them)."""
+    os.rmdir(tempfile.mkdtemp(prefix=".malora-write-check.", dir=folder))
+
+
 # in a `staging_folder` while it is written: "<host> <pid>" of the writing process, so that a folder a killed
 # process left can be told from one another process is writing
 OWNER_MARKER = "MALORA_OWNER"

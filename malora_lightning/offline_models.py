@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from malora_lightning.atomic import apply_default_modes, rename_into_place, staging_folder
+from malora_lightning.atomic import apply_default_modes, check_writable, rename_into_place, staging_folder
 
 OFFLINE_PREFIX = "offline:"
 
@@ -76,9 +75,9 @@ def _check_convertible(target: Path) -> None:
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} holds an incomplete converted model (no config.json): delete that folder to "
                               "convert the model again")
-    try:  # a trial folder, as the conversion's staging folder will be made (permissions alone miss read-only mounts)
+    try:  # where the conversion's staging folder will be made
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        check_writable(target.parent)
     except OSError as error:
         raise OSError(f"cannot write the offline model cache {target.parent} ({error.strerror}): set MALORA_CACHE to "
                       "a folder you can write") from None

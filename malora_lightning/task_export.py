@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,13 @@ from torch import nn
 from malora_lightning.adapters import read_adapter_folder, save_adapters
 from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
-from malora_lightning.atomic import apply_default_modes, recover_replace, rename_into_place, staging_folder
+from malora_lightning.atomic import (
+    apply_default_modes,
+    check_writable,
+    recover_replace,
+    rename_into_place,
+    staging_folder,
+)
 from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
@@ -100,9 +105,11 @@ def check_writable_output(output: Path) -> None:
     if not existing.is_dir():
         raise FileExistsError(f"--output {output}: {existing} is a file; the export writes one folder per task there: "
                               "choose another --output")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output {output}: {existing} cannot be written (read-only, or not yours): choose "
-                              "another --output")
+    try:
+        check_writable(existing)
+    except OSError as error:
+        raise PermissionError(f"--output {output}: {existing} cannot be written ({error.strerror}): choose another "
+                              "--output") from None
 
 
 def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, overwrite: bool) -> None:

@@ -1,9 +1,9 @@
 """`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
 
 import copy
-import os
 import shutil
 import stat
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -206,8 +206,14 @@ def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, cap
     assert (tmp_path / "file").read_text() == "mine"
     locked = tmp_path / "locked"
     locked.mkdir()
-    access = os.access  # a read-only mount, or a folder of another user's (root, as CI runs, may write anywhere)
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    mkdtemp = tempfile.mkdtemp  # a read-only mount, or a folder of another user's (root, as CI runs, may write anywhere)
+
+    def refused_in_locked(*args, dir=None, **kwargs):
+        if Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused_in_locked)
     with pytest.raises(PermissionError, match=r"--output .*locked/tasks: .*locked cannot be written"):
         check_targets(adapter, locked / "tasks", ["parity"], merge=True, overwrite=False)
     monkeypatch.undo()
