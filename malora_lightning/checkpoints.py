@@ -26,6 +26,9 @@ SHARDED_METADATA = "meta.pt"
 CHECKPOINT_FORMAT_KEY = "malora_lightning_format"
 # 2: a mixture's lora_B is [N, r, m], each expert's B_t transposed (format 1: [N, m, r], B_t as it is)
 CHECKPOINT_FORMAT = 2
+# the checkpoint key of the settings the module ran with (`MALoRAModule.settings_record`), which a subclass's
+# hyperparameters need not name
+SETTINGS_KEY = "malora_lightning_settings"
 
 
 def check_checkpoint_file(path: str | Path) -> None:
@@ -67,14 +70,20 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, *args, **kwargs)
 
 
-def checkpoint_hyperparameters(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters a checkpoint stores, read as data (`weights_only=True`: nothing in the file runs)."""
+def stored_settings(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The settings a checkpoint was trained with: its `SETTINGS_KEY` or, written before there was one, its
+    hyperparameters (a subclass's may leave out the ones it fixes)."""
+    return checkpoint.get(SETTINGS_KEY) or checkpoint.get("hyper_parameters") or {}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint file `path` read as data (`weights_only=True`: nothing in the file runs) and memory-mapped (its
+    tensors are read only where used), for its settings and format before the run loads it."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error
-    return checkpoint.get("hyper_parameters") or {}
 
 
 def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[str], prefix: str) -> list[str]:
@@ -86,16 +95,16 @@ def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[
 
 def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, Any], adapter: Any,
                               path: str | Path | None, training_fields: Sequence[str] = ()) -> list[str]:
-    """Compare a checkpoint's stored hyperparameters with the run's module settings: `settings`, the module's
-    arguments (a parsed `model` config, or the module's `hparams`), and `adapter`, the adapter settings it runs with
-    (an `adapter_path` folder's, when it has one).
+    """Compare a checkpoint's `stored_settings` with the run's module settings: `settings`, what the module runs with
+    (`MALoRAModule.settings_record`), and `adapter`, its adapter settings (an `adapter_path` folder's, when it has
+    one).
 
     The run's settings always apply: the checkpoint contributes tensors and training state only, never where the base
     comes from, never `trust_remote_code`. It must agree on the base model, on the adapter's shape
     (`ADAPTER_SHAPE_FIELDS`) and on `training_fields` (to resume a fit: which adapter tensors train, hence the
     optimizer state's shape), or this raises `ValueError` naming both values; returns the other settings that differ
-    (the run's values apply to them), as `model.<name>`. Parsed settings without `model_name_or_path` (a subclass that
-    fixes its base) leave the base to the module's own check, on its `hparams`.
+    (the run's values apply to them), as `model.<name>`. A checkpoint's hyperparameters of a subclass that fixed its
+    base (`stored_settings`, before `SETTINGS_KEY`) may not name the base; it is then not compared.
     """
     stored_adapter = stored.get("adapter") or {}
     if hasattr(stored_adapter, "to_dict"):  # load_from_checkpoint(adapter=AdapterConfig(...)) merges it in as it is
@@ -137,12 +146,11 @@ def _loaded_by_the_strategy(path: str | Path | None) -> ValueError:
                       "adapters (save_adapters), then start from them with adapter_path")
 
 
-def check_strategy_loadable(path: str | Path) -> None:
+def check_strategy_loadable(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """For a mixture's checkpoint that a strategy will load itself (FSDPStrategy, ModelParallelStrategy: they copy the
     file's tensors into the module before `on_load_checkpoint` could convert them, and the copy's error names
-    nothing), refuse one of an earlier format. The file is memory-mapped: no tensor is read."""
-    if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_FORMAT_KEY, 1) \
-            < CHECKPOINT_FORMAT:
+    nothing), refuse one of an earlier format."""
+    if checkpoint.get(CHECKPOINT_FORMAT_KEY, 1) < CHECKPOINT_FORMAT:
         raise _loaded_by_the_strategy(path)
 
 

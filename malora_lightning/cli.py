@@ -15,17 +15,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
-from malora_lightning.adapters import read_adapter_folder
 from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.checkpoints import (
     check_checkpoint_file,
-    check_checkpoint_settings,
     check_strategy_loadable,
-    checkpoint_hyperparameters,
+    read_checkpoint,
+    stored_settings,
 )
 from malora_lightning.data import MultiTaskDataModule
-from malora_lightning.module import TRAINING_FIELDS, MALoRAModule
+from malora_lightning.module import MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes
 
@@ -46,12 +45,11 @@ LIGHTNING_CKPT_VALUES = ("last", "best", "hpc")
 CONFIG_HEADER = "# lightning.pytorch=="
 
 
-def check_config_settings(stored: dict[str, Any], model: Any, path: str | Path, fitting: bool = True) -> list[str]:
-    """`check_checkpoint_settings` for the `model` section of a parsed config, before the module exists: a resumed fit
-    (`fitting`) must also agree on `TRAINING_FIELDS`. Returns the settings that differ."""
-    # with an adapter_path, the module takes its adapter settings from that folder, not from model.adapter
-    adapter = read_adapter_folder(model.adapter_path).config if model.get("adapter_path") else model.adapter
-    return check_checkpoint_settings(stored, model, adapter, path, TRAINING_FIELDS if fitting else ())
+def _is_local_file(ckpt_path: Any) -> bool:
+    """Whether a `ckpt_path` names a local file: not a value Lightning resolves itself (`LIGHTNING_CKPT_VALUES`, a
+    model registry) and not a remote path (read by Lightning through fsspec)."""
+    return bool(ckpt_path) and ckpt_path not in LIGHTNING_CKPT_VALUES and not _is_registry(ckpt_path) \
+        and "://" not in str(ckpt_path)
 
 
 def _has_argument(parser: Any, key: str) -> bool:
@@ -157,10 +155,8 @@ class MALoRACLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
-        `trust_remote_code` and the base model's path included: here they are only checked against the run's. A local
-        path is checked before anything loads: a missing file, a folder or a cut-off file is named, and so are
-        settings it does not fit (`MALoRAModule.on_load_checkpoint` checks every checkpoint again as it loads, those
-        Lightning resolves included, and logs the settings that differ)."""
+        `trust_remote_code` and the base model's path included: here they are only checked against the run's
+        (`_prepare_subcommand_kwargs`)."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -170,28 +166,25 @@ class MALoRACLI(LightningCLI):
                              "malora command never has: give the checkpoint's path (e.g. runs/<run>/lightning_logs/"
                              "version_<N>/checkpoints/last.ckpt), or `last` for the newest last checkpoint of the "
                              "run folder")
-        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_VALUES or _is_registry(ckpt_path) or "://" in str(ckpt_path):
-            return  # resolved and read by Lightning (a remote path through fsspec)
-        self._check_checkpoint(subcommand, ckpt_path)
-
-    def _check_checkpoint(self, subcommand: str, ckpt_path: str) -> None:
-        check_checkpoint_file(ckpt_path)
-        check_config_settings(checkpoint_hyperparameters(ckpt_path), self.config[subcommand]["model"], ckpt_path,
-                              fitting=subcommand == "fit")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists, and then
-        checked as a given path is (`_parse_ckpt_path`), before the model loads; and a mixture's checkpoint that the
-        strategy will load itself checked for its format (`check_strategy_loadable`). (A private LightningCLI method,
-        checked against Lightning 2.6.)"""
+        """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists. Then, before
+        the base model loads, a local checkpoint is checked: a missing file, a folder or a cut-off file is named; its
+        settings are checked against those the module was built with (`MALoRAModule.check_checkpoint`: the base, the
+        adapter's shape, for a fit the trained tensors); and a mixture's that the strategy loads itself, for its
+        format (`check_strategy_loadable`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
+        checkpoint again as it loads, and logs the settings that differ. (A private LightningCLI method, checked
+        against Lightning 2.6.)"""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
-            self._check_checkpoint(subcommand, kwargs["ckpt_path"])
         path = kwargs.get("ckpt_path")
-        if path and self.trainer.strategy.restore_checkpoint_after_setup \
-                and self.model.adapter_config.method != "lora" and Path(path).is_file():
-            check_strategy_loadable(path)
+        if _is_local_file(path):
+            check_checkpoint_file(path)
+            checkpoint = read_checkpoint(path)
+            self.model.check_checkpoint(stored_settings(checkpoint), path, fitting=subcommand == "fit")
+            if self.trainer.strategy.restore_checkpoint_after_setup and self.model.adapter_config.method != "lora":
+                check_strategy_loadable(checkpoint, path)
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

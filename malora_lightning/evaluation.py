@@ -2,8 +2,8 @@
 the per-example results the callbacks aggregate.
 
 A mixin, so that its small methods (`score_choices`, `generate_predictions`) stay override points of the module
-class, while `module.py` reads as build / step / optimise. It uses the module's `model`, `hparams.max_new_tokens`,
-`target_log_likelihoods` and the trainer's data module (its tasks and tokenizer).
+class, while `module.py` reads as build / step / optimise. It uses the module's `model`, `settings` (the base and
+`max_new_tokens`), `target_log_likelihoods` and the trainer's data module (its tasks and tokenizer).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class EvaluationMixin:
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             return datamodule.tokenizer
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.hparams.model_name_or_path),
-                                                            trust_remote_code=self.hparams.trust_remote_code)
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.settings.model_name_or_path),
+                                                            trust_remote_code=self.settings.trust_remote_code)
         return self._tokenizer
 
     def task(self, name: str) -> Task:
@@ -65,7 +65,7 @@ class EvaluationMixin:
     def generation_length(self, task: Task | None) -> int:
         """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or
         when its length is unknown, as for a task without a test split), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
-        cap = self.hparams.max_new_tokens
+        cap = self.settings.max_new_tokens
         if task is None or task.max_new_tokens is None:
             return cap or DEFAULT_MAX_NEW_TOKENS
         return task.max_new_tokens if cap is None else min(task.max_new_tokens, cap)

@@ -9,12 +9,15 @@ schedule and AdamW choice in `optim.py`, exact resume and the adapter export in 
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, get_args
 
 import lightning as L
@@ -46,9 +49,11 @@ from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMAT_KEY,
+    SETTINGS_KEY,
     CheckedCheckpointIO,
     check_checkpoint_file,
     check_checkpoint_settings,
+    stored_settings,
     upgrade_checkpoint,
 )
 from malora_lightning.data.batches import TrainingBatch
@@ -84,6 +89,54 @@ def compile_mode(setting: bool | str) -> str | None:
     if setting is True:
         return "default"
     return setting or None
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """The settings `MALoRAModule.__init__` received (its adapter is `MALoRAModule.adapter_config`). The module runs
+    on these, not on `hparams`: those record how to rebuild the object, by a subclass's own arguments, which may fix
+    some of ours or change one before passing it on. A checkpoint stores them as they ran (`SETTINGS_KEY`)."""
+
+    model_name_or_path: str
+    quantization: Quantization | None
+    compute_dtype: ComputeDtype
+    dtype: DtypeName | None
+    quant_storage: StorageDtypeName | None
+    learning_rate: float
+    weight_decay: float
+    router_learning_rate: float | None
+    router_weight_decay: float | None
+    warmup_ratio: float
+    lr_schedule: Schedule
+    gradient_checkpointing: bool
+    attn_implementation: str | None
+    trust_remote_code: bool
+    max_new_tokens: int | None
+    export_adapters: bool
+    adapter_path: str | None
+    compile_adapters: bool | str
+
+
+def _constructor_arguments(obj: object) -> dict[str, Any]:
+    """The arguments the `__init__` of `type(obj)` was called with, found in the outermost `__init__` frame running
+    for `obj` (Lightning's own collection merges every class's, so that a subclass which fixes one of ours got it a
+    second time from `load_from_checkpoint`). `**kwargs` count as named arguments; `*args` cannot be passed back."""
+    def runs_init_of(frame: FrameType | None) -> bool:
+        code = None if frame is None else frame.f_code
+        return code is not None and code.co_name == "__init__" and code.co_argcount > 0 \
+            and frame.f_locals.get(code.co_varnames[0]) is obj
+
+    frame = inspect.currentframe().f_back  # the __init__ that asked
+    while runs_init_of(frame.f_back):
+        frame = frame.f_back
+    local = frame.f_locals
+    arguments: dict[str, Any] = {}
+    for name, parameter in list(inspect.signature(type(obj).__init__).parameters.items())[1:]:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(local.get(name) or {})
+        elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL and name in local:
+            arguments[name] = local[name]
+    return arguments
 
 
 @dataclass
@@ -163,16 +216,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
                         quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
                         quant_storage=quant_storage)
-        # hyperparameters stay plain data so checkpoints load with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["adapter"])
-        # LightningCLI hands save_hyperparameters the arguments it gave the class it built: those of a subclass that
-        # fixes some of ours (its base model, say) leave them out. The module reads its settings from hparams, so they
-        # go in, but not into checkpoints: loading would pass them to the subclass a second time
-        self._unrecorded_settings = {name for name in arguments
-                                     if name not in ("self", "__class__", "adapter") and name not in self.hparams}
-        for name in self._unrecorded_settings:
-            self.hparams[name] = arguments[name]
-        self.hparams["adapter"] = self.adapter_config.to_dict()
+        self.settings = ModuleSettings(**{field.name: arguments[field.name] for field in fields(ModuleSettings)})
+        # hyperparameters: how `load_from_checkpoint` rebuilds this object, i.e. the arguments of its class's own
+        # `__init__` (a subclass's, which need not name ours), as plain data that torch.load(weights_only=True) reads
+        recorded = _as_stored(_constructor_arguments(self))
+        if "adapter" in recorded:
+            recorded["adapter"] = self.adapter_config.to_dict()  # an adapter_path folder's, when there is one
+        self.save_hyperparameters(recorded)
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
         self._tokenizer = None
@@ -212,8 +262,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
         the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
         that overrides `adapter_dtype`."""
-        if stage == "fit":
-            _check_loadable_hyperparameters(self.hparams)
+        datamodule = self.trainer.datamodule
+        if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
+            _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
+            if datamodule is not None:
+                _check_loadable_hyperparameters(datamodule.hparams, "data module hyperparameter")
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
@@ -249,7 +302,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
         The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad).
         """
-        if self.hparams.quantization is not None:
+        if self.settings.quantization is not None:
             raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4/8-bit layers; use "
                              "quantization=null with dtype=bfloat16, or for FSDP-QLoRA FSDPStrategy with the 4-bit "
                              "linears as units of their own and quant_storage (recipes/llama2-7b/hardware/"
@@ -264,25 +317,25 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def build_model(self) -> nn.Module:
         """Load the (quantized) base, inject the adapters; override to customise either step."""
-        hparams = self.hparams
+        settings = self.settings
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        device_map = {"": device} if hparams.quantization is not None and device.type != "cpu" else None
-        model = load_base_model(hparams.model_name_or_path, quantization=hparams.quantization,
-                                compute_dtype=resolve_compute_dtype(hparams.compute_dtype, device.type),
-                                dtype=hparams.dtype,
-                                quant_storage=hparams.quant_storage, device_map=device_map,
-                                attn_implementation=hparams.attn_implementation,
-                                trust_remote_code=hparams.trust_remote_code,
+        device_map = {"": device} if settings.quantization is not None and device.type != "cpu" else None
+        model = load_base_model(settings.model_name_or_path, quantization=settings.quantization,
+                                compute_dtype=resolve_compute_dtype(settings.compute_dtype, device.type),
+                                dtype=settings.dtype,
+                                quant_storage=settings.quant_storage, device_map=device_map,
+                                attn_implementation=settings.attn_implementation,
+                                trust_remote_code=settings.trust_remote_code,
                                 input_grads=False)  # its activation checkpointing is non-reentrant
-        if hparams.adapter_path is not None:
-            load_adapters(model, hparams.adapter_path, trainable=True)
+        if settings.adapter_path is not None:
+            load_adapters(model, settings.adapter_path, trainable=True)
         else:
             inject_adapters(model, self.adapter_config)
-        mode = compile_mode(hparams.compile_adapters)
+        mode = compile_mode(settings.compile_adapters)
         if mode is not None:
             compile_adapters(model, mode)
         model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
-        if hparams.gradient_checkpointing:
+        if settings.gradient_checkpointing:
             # transformers renamed it activation_checkpointing_enable (the old name warns); our 5.18 floor lacks it
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -362,33 +415,47 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def trainable_parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: adapters, and routers with their own learning rate and weight decay."""
-        hparams = self.hparams
+        settings = self.settings
         adapters, routers = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (routers if ".router." in name else adapters).append(param)
-        groups = [{"params": adapters, "lr": hparams.learning_rate, "weight_decay": hparams.weight_decay}]
+        groups = [{"params": adapters, "lr": settings.learning_rate, "weight_decay": settings.weight_decay}]
         if routers:
             groups.append({
                 "params": routers,
-                "lr": hparams.learning_rate if hparams.router_learning_rate is None
-                else hparams.router_learning_rate,
-                "weight_decay": hparams.weight_decay if hparams.router_weight_decay is None
-                else hparams.router_weight_decay,
+                "lr": settings.learning_rate if settings.router_learning_rate is None
+                else settings.router_learning_rate,
+                "weight_decay": settings.weight_decay if settings.router_weight_decay is None
+                else settings.router_weight_decay,
             })
         return groups
 
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """`trainable_parameter_groups()` with each group's parameters as a list: torch takes any iterable, but a
+        generator (`filter(...)`, `model.parameters()`) was used up by the first reader, and AdamW got empty groups."""
+        return [{**group, "params": [group["params"]] if isinstance(group["params"], torch.Tensor)
+                 else list(group["params"])} for group in self.trainable_parameter_groups()]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.trainable_parameter_groups()
+        groups = self._parameter_groups()
+        grouped = {id(param) for group in groups for param in group["params"]}
+        left_out = [name for name, param in self.named_parameters() if param.requires_grad and id(param) not in grouped]
+        if left_out:  # each would get a gradient in every step and never change
+            more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+            raise ValueError(f"parameter {', '.join(left_out[:3])}{more}: requires grad, but no group of "
+                             "trainable_parameter_groups() holds it, so it would never be trained: add it to a group "
+                             "({'params': [...], 'lr': ...}), or freeze it with requires_grad_(False)")
         options = adamw_options((p for group in groups for p in group["params"]), self.trainer)
         # the run's rate and decay are also the defaults of a group that gives none (torch's would be 1e-3 and 1e-2)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+        settings = self.settings
+        optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                       **options)
-        total_steps = schedule_length(self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio,
-                                      self.hparams.lr_schedule)
-        warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
+        total_steps = schedule_length(self.trainer.estimated_stepping_batches, settings.warmup_ratio,
+                                      settings.lr_schedule)
+        warmup_steps = math.ceil(settings.warmup_ratio * total_steps)
         schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,
-                                     schedule=self.hparams.lr_schedule)
+                                     schedule=settings.lr_schedule)
         scheduler = AdapterSchedule(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -397,33 +464,56 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """What every fit with this module needs: exact resume (`TrainingRandomState`) and, with `export_adapters`,
         the adapter folder at the end (`AdapterExport`)."""
         callbacks: list[Callback] = [TrainingRandomState()]
-        if self.hparams.export_adapters:
-            callbacks.append(AdapterExport(base_model=self.hparams.model_name_or_path))
+        if self.settings.export_adapters:
+            callbacks.append(AdapterExport(base_model=self.settings.model_name_or_path))
         return callbacks
 
     def checkpoint_keys(self) -> set[str]:
         """The tensors a checkpoint holds: the adapters (a frozen ablation tensor such as a fixed S_A included), every
-        other tensor the module trains (a base layer a subclass unfroze, a parameter of its own) and the buffers the
-        module registers itself. A frozen module, the base or a subclass's teacher, is rebuilt by its code, never
-        copied."""
+        other tensor the module trains (a base layer a subclass unfroze, a parameter of its own) and the persistent
+        buffers a subclass registers, on the module or on a submodule of its own. A frozen module, the base or a
+        subclass's teacher, is rebuilt by its code, never copied."""
         keys = {f"model.{key}" for key in adapter_state_dict(self.model)} | trained_tensor_names(self)
-        keys |= {name for name, buffer in self._buffers.items()
-                 if buffer is not None and name not in self._non_persistent_buffers_set}
-        return keys
+        return keys | self._own_buffer_names()
+
+    def _own_buffer_names(self) -> set[str]:
+        """The persistent buffers outside the base model and outside frozen submodules (all parameters frozen)."""
+        names: set[str] = set()
+
+        def visit(module: nn.Module, prefix: str) -> None:
+            names.update(unwrapped_name(prefix + name) for name, buffer in module._buffers.items()
+                         if buffer is not None and name not in module._non_persistent_buffers_set)
+            for child_name, child in module._modules.items():
+                parameters = [] if child is None else list(child.parameters())
+                frozen = bool(parameters) and not any(param.requires_grad for param in parameters)
+                if child is not None and child is not self.model and not frozen:
+                    visit(child, f"{prefix}{child_name}.")
+
+        visit(self, "")
+        return names
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the `checkpoint_keys` tensors only, and the hyperparameters as plain data: a subclass's own
-        `save_hyperparameters()` puts the `AdapterConfig` object back, which `weights_only` loading refuses. The
-        settings LightningCLI's record of a subclass left out stay out (`__init__`)."""
+        """Keep the `checkpoint_keys` tensors only, the settings the module ran with (`SETTINGS_KEY`, checked when it
+        loads), and the hyperparameters as plain data: an `AdapterConfig` (under any name, or put back by a subclass's
+        own `save_hyperparameters()`) as its dict, which `__init__` takes back, since `weights_only` loading refuses
+        the object."""
         keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT
-        hyperparameters = checkpoint.get("hyper_parameters")
-        if hyperparameters is not None:
-            if isinstance(hyperparameters.get("adapter"), AdapterConfig):
-                hyperparameters["adapter"] = hyperparameters["adapter"].to_dict()
-            for name in self._unrecorded_settings:
-                hyperparameters.pop(name, None)
+        checkpoint[SETTINGS_KEY] = self.settings_record()
+        if checkpoint.get("hyper_parameters") is not None:
+            checkpoint["hyper_parameters"] = _as_stored(checkpoint["hyper_parameters"])
+
+    def settings_record(self) -> dict[str, Any]:
+        """The settings as a checkpoint stores them (`SETTINGS_KEY`): `settings`, and the adapter's as a dict."""
+        return {**asdict(self.settings), "adapter": self.adapter_config.to_dict()}
+
+    def check_checkpoint(self, stored: Mapping[str, Any], path: str | Path | None, fitting: bool) -> list[str]:
+        """`check_checkpoint_settings` of a checkpoint's `stored_settings` against the settings this module runs with:
+        raises on a base model, adapter shape or (to resume a fit, `fitting`) trained tensors that differ; returns
+        the other settings that differ."""
+        return check_checkpoint_settings(stored, self.settings_record(), self.adapter_config, path,
+                                         TRAINING_FIELDS if fitting else ())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose adapter tensors are not exactly this module's: loading is not strict (the base is
@@ -448,8 +538,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                  "more target_modules or layers) or base model, and loading it would drop "
                                  f"them{source}")
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        differences = check_checkpoint_settings(checkpoint.get("hyper_parameters") or {}, self.hparams,
-                                                self.adapter_config, path, TRAINING_FIELDS if fitting else ())
+        differences = self.check_checkpoint(stored_settings(checkpoint), path, fitting)
         if differences:
             logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
                         ", ".join(differences))
@@ -459,7 +548,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             groups = None
             if fitting and shapes:  # the optimizer state is restored next, by position in the module's groups
                 names = {param: unwrapped_name(name) for name, param in self.named_parameters()}
-                groups = [[names[param] for param in group["params"]] for group in self.trainable_parameter_groups()]
+                groups = [[names[param] for param in group["params"]] for group in self._parameter_groups()]
             upgrade_checkpoint(checkpoint, shapes, groups, path)
 
     def on_train_start(self) -> None:
@@ -473,7 +562,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """
         if self.trainer.ckpt_path is None:
             return
-        groups = self.trainable_parameter_groups()
+        groups = self._parameter_groups()
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if not isinstance(scheduler, AdapterSchedule) or len(scheduler.optimizer.param_groups) != len(groups):
@@ -490,14 +579,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                     param_group[implementation] = defaults.get(implementation)
 
 
-def _check_loadable_hyperparameters(hyperparameters: dict[str, Any]) -> None:
-    """Refuse, before training, a hyperparameter that a checkpoint read as data (`weights_only=True`) cannot give
-    back: a subclass's `save_hyperparameters()` of a `pathlib.Path`, say, made every checkpoint of the run unloadable,
-    with torch's message naming no setting. Each value is saved and loaded as a checkpoint would be. (The
-    `AdapterConfig` is stored as its dict by `on_save_checkpoint`.)"""
+def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's hyperparameters as a checkpoint stores them: an `AdapterConfig` (under any name) as its dict,
+    which `MALoRAModule.__init__` takes back."""
+    return {name: value.to_dict() if isinstance(value, AdapterConfig) else value
+            for name, value in hyperparameters.items()}
+
+
+def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: str) -> None:
+    """Refuse, before training, a hyperparameter (`kind`: the module's or the data module's) that a checkpoint read as
+    data (`weights_only=True`) cannot give back: a subclass's `save_hyperparameters()` of a `pathlib.Path`, say, made
+    every checkpoint of the run unloadable, with torch's message naming no setting. Each value is saved and loaded as
+    a checkpoint would be."""
     for name, value in hyperparameters.items():
-        if isinstance(value, AdapterConfig):
-            continue
         buffer = io.BytesIO()
         try:
             torch.save(value, buffer)
@@ -505,7 +599,7 @@ def _check_loadable_hyperparameters(hyperparameters: dict[str, Any]) -> None:
             torch.load(buffer, weights_only=True)
         except Exception as error:  # torch.save and the weights_only unpickler raise several kinds
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"hyperparameter {name!r} ({type(value).__name__}: {value!r:.80}) cannot be read back "
+            raise ValueError(f"{kind} {name!r} ({type(value).__name__}: {value!r:.80}) cannot be read back "
                              f"from a checkpoint, which is read as data (torch.load with weights_only=True): {reason}. "
                              "Pass it as plain data (a path as a str) or leave it out of "
                              "save_hyperparameters(ignore=[...])") from error

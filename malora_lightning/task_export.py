@@ -164,7 +164,7 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path,
             origin = (f"The `{task}` task's LoRA, collapsed from the {module.adapter_config.method} mixture in "
                       f"`{adapter}` by `malora-task-export`: every layer's gates fixed to the task's mean routing "
                       f"over {profile.num_tokens} training tokens. It was not trained as it is.")
-            save_adapters(collapsed, target, base_model=module.hparams.model_name_or_path, origin=origin)
+            save_adapters(collapsed, target, base_model=module.settings.model_name_or_path, origin=origin)
         logger.info("task %s: %s from %d tokens -> %s", task, "merged model" if merge else "LoRA adapter",
                     profile.num_tokens, target)
         exports.append(TaskExport(task, target, profile.num_tokens))

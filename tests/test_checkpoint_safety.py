@@ -14,8 +14,8 @@ from malora_lightning.adapters import (
     read_adapter_folder,
     save_adapters,
 )
-from malora_lightning.checkpoints import checkpoint_hyperparameters
-from malora_lightning.cli import check_config_settings, main
+from malora_lightning.checkpoints import read_checkpoint, stored_settings
+from malora_lightning.cli import MALoRACLI, main
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.test_cli import parse
@@ -45,6 +45,11 @@ def planted_checkpoint(path, state_dict=None, **hyper_parameters):
     torch.save({"hyper_parameters": stored, "state_dict": state_dict or {},
                 "pytorch-lightning_version": lightning.__version__}, path)
     return path
+
+
+def built_module(args: list[str]) -> MALoRAModule:
+    """The module `malora` builds from these flags: its settings, no model loaded."""
+    return MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False, args=args).model
 
 
 def test_cli_never_takes_the_base_or_remote_code_from_a_checkpoint(code_folder, tiny_model_dir, tmp_path):
@@ -97,37 +102,34 @@ def test_checkpoint_holding_objects_is_refused_with_its_path(tmp_path):
     path = tmp_path / "objects.ckpt"
     torch.save({"hyper_parameters": {"loader": Planted()}}, path)
     with pytest.raises(ValueError, match=r"objects\.ckpt cannot be read as a malora checkpoint"):
-        checkpoint_hyperparameters(path)
+        read_checkpoint(path)
 
 
 def test_resume_with_another_adapter_method_is_refused_naming_both_values(tmp_path):
     checkpoint = planted_checkpoint(tmp_path / "lora.ckpt", model_name_or_path="offline:SmolLM2-135M-Instruct",
                                     adapter=AdapterConfig(method="lora", rank=8).to_dict())
-    model = parse(["--config", "recipes/default.yaml"]).config.model
+    module = built_module(["--config", "recipes/default.yaml"])
     with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'.*"
                                          r"model\.adapter\.rank: checkpoint 8, this run 12"):
-        check_config_settings(checkpoint_hyperparameters(checkpoint), model, checkpoint)
+        module.check_checkpoint(stored_settings(read_checkpoint(checkpoint)), checkpoint, fitting=True)
 
 
 def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_both_values(tmp_path):
     """train_A/train_P/train_shared_A decide AdamW's parameter groups: a fit resumed with another value failed in
     torch's optimizer loading with an error naming nothing. Evaluating needs no optimizer: there they only differ."""
-    trained = parse(["--config", "recipes/default.yaml"]).config.model
-    stored = {"model_name_or_path": trained.model_name_or_path, "adapter": vars(trained.adapter)}
-    resumed = parse(["--config", "recipes/default.yaml", "--model.adapter.train_P=false"]).config.model
+    stored = built_module(["--config", "recipes/default.yaml"]).settings_record()
+    resumed = built_module(["--config", "recipes/default.yaml", "--model.adapter.train_P=false"])
     with pytest.raises(ValueError, match=r"x\.ckpt does not fit this run: model\.adapter\.train_P: checkpoint True, "
                                          r"this run False"):
-        check_config_settings(stored, resumed, "x.ckpt")
-    assert check_config_settings(stored, resumed, "x.ckpt", fitting=False) == ["model.adapter.train_P"]
+        resumed.check_checkpoint(stored, "x.ckpt", fitting=True)
+    assert resumed.check_checkpoint(stored, "x.ckpt", fitting=False) == ["model.adapter.train_P"]
 
 
 def test_settings_that_keep_the_adapters_shape_apply_as_the_run_gives_them(tmp_path):
-    trained = parse(["--config", "recipes/default.yaml"]).config.model
-    stored = {**{key: trained[key] for key in ("model_name_or_path", "learning_rate", "lr_schedule")},
-              "adapter": {**vars(trained.adapter), "dropout": 0.05}}
-    resumed = parse(["--config", "recipes/default.yaml", "--model.learning_rate=0.1", "--model.lr_schedule=linear",
-                     "--model.adapter.dropout=0.2"]).config.model
-    assert sorted(check_config_settings(stored, resumed, "x.ckpt")) == [
+    stored = built_module(["--config", "recipes/default.yaml", "--model.adapter.dropout=0.05"]).settings_record()
+    resumed = built_module(["--config", "recipes/default.yaml", "--model.learning_rate=0.1",
+                            "--model.lr_schedule=linear", "--model.adapter.dropout=0.2"])
+    assert sorted(resumed.check_checkpoint(stored, "x.ckpt", fitting=True)) == [
         "model.adapter.dropout", "model.learning_rate", "model.lr_schedule"]
 
 
@@ -137,12 +139,11 @@ def test_a_run_started_from_an_adapter_folder_resumes_with_its_own_flags(tmp_pat
     lora = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=8))
     save_adapters(lora, tmp_path / "adapter")
     flags = ["--config", "recipes/default.yaml", f"--model.adapter_path={tmp_path / 'adapter'}"]
-    started = parse(flags).config.model
-    stored = {"model_name_or_path": started.model_name_or_path, "adapter_path": started.adapter_path,
-              "adapter": read_adapter_folder(tmp_path / "adapter").config.to_dict()}
-    assert check_config_settings(stored, parse(flags).config.model, "x.ckpt") == []
+    stored = built_module(flags).settings_record()
+    assert stored["adapter"] == read_adapter_folder(tmp_path / "adapter").config.to_dict()
+    assert built_module(flags).check_checkpoint(stored, "x.ckpt", fitting=True) == []
     with pytest.raises(ValueError, match=r"model\.adapter\.method: checkpoint 'lora', this run 'malora'"):
-        check_config_settings(stored, parse(flags[:2]).config.model, "x.ckpt")  # without the folder
+        built_module(flags[:2]).check_checkpoint(stored, "x.ckpt", fitting=True)  # without the folder
 
 
 def test_every_subcommand_reads_checkpoints_as_data(capsys):
@@ -156,7 +157,7 @@ def test_a_truncated_checkpoint_is_named(tmp_path):
     path = planted_checkpoint(tmp_path / "cut.ckpt")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cut\.ckpt cannot be read as a malora checkpoint"):
-        checkpoint_hyperparameters(path)
+        read_checkpoint(path)
 
 
 @pytest.mark.parametrize("how", ["cut", "not a checkpoint"])

@@ -343,7 +343,8 @@ def test_a_cli_of_a_subclass_that_fixes_its_base_fits_and_resumes(tiny_model_dir
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
     # its checkpoints load into the subclass, which passes the base itself (stored, it was passed twice)
     loaded = PinnedBaseModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
-    assert loaded.hparams.model_name_or_path == str(tiny_model_dir) and loaded.adapter_config.num_experts == 4
+    assert loaded.settings.model_name_or_path == str(tiny_model_dir) and loaded.adapter_config.num_experts == 4
+    assert "model_name_or_path" not in loaded.hparams  # the subclass passes it; a second one was a TypeError
     main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'ckpt' / 'last.ckpt'}"],
          model_class=PinnedBaseModule)
     assert [path.name for path in (tmp_path / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=3.ckpt"]

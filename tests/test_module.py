@@ -868,7 +868,8 @@ def test_a_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny
     with pytest.raises(ValueError, match=r"hyperparameter 'extra' \(PosixPath: PosixPath\('/tmp/x'\)\) cannot "):
         make_trainer(tmp_path, max_steps=1).fit(module, make_data(tiny_model_dir))
     # what weights_only loading does give back passes: a dtype, int keys, a set
-    _check_loadable_hyperparameters({"dtype": torch.bfloat16, "weights": {1: 0.5}, "tasks": {"a", "b"}})
+    _check_loadable_hyperparameters({"dtype": torch.bfloat16, "weights": {1: 0.5}, "tasks": {"a", "b"}},
+                                    "hyperparameter")
 
 
 def test_evaluating_without_per_task_metrics_says_that_nothing_is_logged(tiny_model_dir, tmp_path):

@@ -50,8 +50,9 @@ class Evaluation:
         return mean_of_present(score.accuracy for score in self.tasks.values())
 
     @property
-    def macro_loss(self) -> float:
-        return sum(score.loss for score in self.tasks.values()) / max(1, len(self.tasks))
+    def macro_loss(self) -> float | None:
+        """None when no task was scored (a 0.0 would read as the best loss a monitor ever saw)."""
+        return mean_of_present(score.loss for score in self.tasks.values())
 
 
 EvaluationListener = Callable[[L.Trainer, L.LightningModule, Evaluation], None]
@@ -122,8 +123,14 @@ class PerTaskMetrics(Callback):
                 metric.reset()
 
     def _update(self, outputs: EvaluationOutput | None) -> None:
+        """Count a step's examples. A step that returns None scores nothing; any other type is refused: a dict, say,
+        was skipped, and an evaluation that scored nothing logged a macro loss of 0.0."""
+        if outputs is None:
+            return
         if not isinstance(outputs, EvaluationOutput):
-            return  # a subclass's step that returns something else: nothing to score
+            raise TypeError(f"an evaluation step returned a {type(outputs).__name__}, where PerTaskMetrics scores an "
+                            "EvaluationOutput (malora_lightning.data): return one from evaluate_batch (or None from a "
+                            "step that scores nothing), or run without PerTaskMetrics (--per_task_metrics null)")
         losses = outputs.loss.detach().float()
         correct = outputs.correct
         for index, name in enumerate(outputs.task_name):
@@ -166,7 +173,8 @@ class PerTaskMetrics(Callback):
                 log_synchronised(pl_module, f"{stage}/{name}/acc", score.accuracy)
         if evaluation.macro_accuracy is not None:
             log_synchronised(pl_module, f"{stage}/macro_acc", evaluation.macro_accuracy, prog_bar=True)
-        log_synchronised(pl_module, f"{stage}/macro_loss", evaluation.macro_loss)
+        if evaluation.macro_loss is not None:
+            log_synchronised(pl_module, f"{stage}/macro_loss", evaluation.macro_loss)
 
     # ------------------------------------------------------------------ queries
     def evaluations(self, stage: str = "val", during_fit: bool | None = None) -> list[Evaluation]:

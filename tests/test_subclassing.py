@@ -1,0 +1,223 @@
+"""A project's own subclass of `MALoRAModule` (README, Extending it): what it fixes or changes is what the module
+runs with, what it adds trains and is checkpointed, and its checkpoints load back into it, through Python and
+through its own CLI, with the base-model check intact."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import malora_lightning.module as module_file
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.callbacks.per_task_metrics import Evaluation
+from malora_lightning.checkpoints import SETTINGS_KEY
+from malora_lightning.cli import main
+from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.module import MALoRAModule
+from tests.helpers import tiny_model, tiny_tokenizer
+from tests.test_module import LearningRateRecorder, make_data, make_module, make_trainer
+
+SMALL = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2)
+BASE = ""  # set by each test: the base a project's module fixes
+
+
+class FixedBase(MALoRAModule):
+    """Fixes the base, scales the learning rate it is given before passing it on, and names its adapter `cfg`."""
+
+    def __init__(self, learning_rate: float = 1e-3, cfg: AdapterConfig = SMALL, **kwargs):
+        super().__init__(model_name_or_path=BASE, quantization=None, learning_rate=10 * learning_rate, adapter=cfg,
+                         **kwargs)
+
+
+class ExplicitArguments(MALoRAModule):
+    """Takes no `adapter` and no `**kwargs`: its CLI has no model.adapter."""
+
+    def __init__(self, rank: int = 2):
+        super().__init__(model_name_or_path=BASE, quantization=None,
+                         adapter=AdapterConfig(rank=rank, shared_rank=4, num_experts=4), learning_rate=1e-2)
+
+
+@pytest.fixture
+def base(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "BASE", str(tiny_model_dir))
+    return str(tiny_model_dir)
+
+
+@pytest.fixture
+def other_base(tmp_path_factory):
+    """A base of the same shapes as `tiny_model_dir`, with other weights: only the check tells them apart."""
+    path = tmp_path_factory.mktemp("other-llama")
+    tiny_model("llama", seed=1).save_pretrained(path)
+    tiny_tokenizer(chat_template=True).save_pretrained(path)
+    return str(path)
+
+
+def fit_checkpoint(module: MALoRAModule, root: Path, callbacks: tuple = ()) -> Path:
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    make_trainer(root, max_steps=1, callbacks=[checkpoints, *callbacks], enable_checkpointing=True).fit(
+        module, make_data(module.settings.model_name_or_path, tasks=["parity"]))
+    return root / "ckpt" / "last.ckpt"
+
+
+def test_a_subclass_runs_on_what_it_passes_and_loads_from_its_own_arguments(base, tmp_path):
+    """The module read its settings from hparams, which Lightning fills with the subclass's own arguments: a learning
+    rate the subclass scaled ran unscaled. Loading passed the base it fixes a second time (TypeError: multiple
+    values), and an AdapterConfig under another name made every checkpoint unreadable (weights_only)."""
+    module = FixedBase(learning_rate=1e-3, cfg=SMALL, warmup_ratio=0.0, lr_schedule="constant")
+    assert module.settings.learning_rate == 1e-2 and module.settings.model_name_or_path == base
+    assert dict(module.hparams) == {"learning_rate": 1e-3, "cfg": SMALL.to_dict(), "warmup_ratio": 0.0,
+                                    "lr_schedule": "constant"}
+    rates = LearningRateRecorder()
+    checkpoint = fit_checkpoint(module, tmp_path, callbacks=[rates])
+    assert rates.rates[0] == [1e-2, 1e-2]  # adapters, routers
+    stored = torch.load(checkpoint, weights_only=True)
+    assert stored["hyper_parameters"]["cfg"] == SMALL.to_dict()
+    assert stored[SETTINGS_KEY]["model_name_or_path"] == base and stored[SETTINGS_KEY]["learning_rate"] == 1e-2
+    loaded = FixedBase.load_from_checkpoint(checkpoint)
+    assert loaded.settings == module.settings and loaded.adapter_config == SMALL
+    loaded.configure_model()
+    assert all(torch.equal(value, module.state_dict()[key]) for key, value in loaded.state_dict().items()
+               if key in module.checkpoint_keys())
+
+
+def test_a_checkpoint_of_a_subclass_that_fixed_another_base_is_refused(base, other_base, tmp_path, monkeypatch):
+    """A subclass's hyperparameters do not name the base it fixes, and the check compared only names both sides had:
+    the checkpoint loaded silently into the same class fixed to another base (a project that changed its base)."""
+    checkpoint = fit_checkpoint(FixedBase(), tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "BASE", other_base)
+    refused = r"model\.model_name_or_path: checkpoint '.*tiny-chat-llama.*', this run '.*other-llama"
+    with pytest.raises(ValueError, match=refused):
+        FixedBase.load_from_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=refused):
+        make_trainer(tmp_path / "b", max_steps=2).fit(FixedBase(), make_data(other_base, tasks=["parity"]),
+                                                      ckpt_path=checkpoint)
+
+
+def cli_flags(base: str, root: Path) -> list[str]:
+    return [f"--data.tokenizer={base}", "--data.tasks=[parity]", "--data.max_train_examples_per_task=8",
+            "--data.max_eval_examples_per_task=2", "--data.batch_size=2", "--data.eval_batch_size=2",
+            "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root}"]
+
+
+def test_a_cli_of_a_subclass_without_an_adapter_argument_checks_its_checkpoints(base, other_base, tmp_path,
+                                                                                  monkeypatch):
+    """The CLI's check read model.adapter from the parsed config (AttributeError on every --ckpt_path). It now checks
+    the module it built, before the base loads: a fixed base that changed is refused there too."""
+    flags = cli_flags(base, tmp_path)
+    main(["fit", *flags, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], model_class=ExplicitArguments)
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    main(["test", *flags, f"--ckpt_path={checkpoint}"], model_class=ExplicitArguments)
+    with pytest.raises(ValueError, match=r"model\.adapter\.rank: checkpoint 2, this run 3"):
+        main(["test", *flags, "--model.rank=3", f"--ckpt_path={checkpoint}"], model_class=ExplicitArguments)
+    monkeypatch.setattr(sys.modules[__name__], "BASE", other_base)
+    monkeypatch.setattr(module_file, "load_base_model", lambda *args, **kwargs: pytest.fail("the base loaded"))
+    with pytest.raises(ValueError, match=r"model\.model_name_or_path: checkpoint '.*tiny-chat-llama"):
+        main(["fit", *flags, "--trainer.max_steps=2", f"--ckpt_path={checkpoint}"], model_class=ExplicitArguments)
+
+
+class GeneratorGroups(MALoRAModule):
+    def trainable_parameter_groups(self):
+        return [{"params": filter(lambda param: param.requires_grad, self.parameters())}]
+
+
+def test_parameter_groups_given_as_a_generator_train(tiny_model_dir, tmp_path):
+    """Torch's optimizers take any iterable; the module read the generator first, and AdamW got empty groups."""
+    module = GeneratorGroups(**make_module(tiny_model_dir).hparams)
+    module.configure_model()
+    before = {name: param.detach().clone() for name, param in module.named_parameters() if param.requires_grad}
+    make_trainer(tmp_path, max_steps=2).fit(module, make_data(tiny_model_dir))
+    assert len(module.trainer.optimizers[0].param_groups[0]["params"]) == len(before)
+    trained = dict(module.named_parameters())
+    changed = [name for name in before if not torch.equal(trained[name], before[name])]
+    assert len(changed) == len(before)
+
+
+class OwnParameterLeftOut(MALoRAModule):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        result.loss = result.loss * torch.exp(-self.log_temperature) + self.log_temperature
+        return result
+
+
+def test_a_trainable_parameter_left_out_of_the_groups_is_named(tiny_model_dir, tmp_path):
+    """It got a gradient in every step and never changed, silently."""
+    with pytest.raises(ValueError, match=r"parameter log_temperature: requires grad, but no group of "
+                                         r"trainable_parameter_groups\(\) holds it"):
+        make_trainer(tmp_path, max_steps=1).fit(OwnParameterLeftOut(**make_module(tiny_model_dir).hparams),
+                                                make_data(tiny_model_dir))
+
+
+class LossAverage(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(()))
+
+
+class WithStatistics(MALoRAModule):
+    """Keeps a running loss in a submodule of its own, beside a frozen teacher that has a buffer too."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.statistics = LossAverage()
+        self.teacher = torch.nn.BatchNorm1d(3).requires_grad_(False)  # frozen: rebuilt by its code, never copied
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        self.statistics.mean.copy_(0.5 * self.statistics.mean + 0.5 * result.loss.detach())
+        return result
+
+
+def test_a_buffer_in_a_submodule_of_a_subclass_is_checkpointed(tiny_model_dir, tmp_path):
+    """Only the buffers registered on the module itself were kept: this one loaded back as 0."""
+    trained = WithStatistics(**make_module(tiny_model_dir).hparams)
+    checkpoint = fit_checkpoint(trained, tmp_path)
+    stored = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert "statistics.mean" in stored and not any(key.startswith("teacher.") for key in stored)
+    loaded = WithStatistics.load_from_checkpoint(checkpoint)
+    assert loaded.statistics.mean.item() == trained.statistics.mean.item() > 0
+
+
+class DataFromPath(MultiTaskDataModule):
+    def __init__(self, root: Path = Path("."), **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_a_data_module_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny_model_dir, tmp_path):
+    """Lightning writes the data module's hyperparameters into every checkpoint too: a Path made each one unreadable
+    (weights_only), found only when loading one."""
+    data = DataFromPath(root=tmp_path, tasks=["parity"], tokenizer=str(tiny_model_dir))
+    with pytest.raises(ValueError, match=r"data module hyperparameter 'root' \(PosixPath: .*cannot be read back"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir), data)
+
+
+class DictEvaluation(MALoRAModule):
+    def evaluate_batch(self, batch):
+        return {"loss": super().evaluate_batch(batch).loss}
+
+
+def test_an_evaluation_that_returns_another_type_is_refused_not_logged_as_zero_loss(tiny_model_dir, tmp_path):
+    """PerTaskMetrics skipped it, and the evaluation with no task logged val/macro_loss 0.0, the best a monitor could
+    see."""
+    from malora_lightning.callbacks import PerTaskMetrics
+
+    with pytest.raises(TypeError, match=r"an evaluation step returned a dict, where PerTaskMetrics scores an "
+                                        r"EvaluationOutput"):
+        make_trainer(tmp_path, callbacks=[PerTaskMetrics()], limit_val_batches=None).validate(
+            DictEvaluation(**make_module(tiny_model_dir).hparams), make_data(tiny_model_dir))
+    assert Evaluation(stage="val", step=0, sanity_check=False).macro_loss is None
+
+
+def test_the_settings_are_every_argument_of_the_module_but_its_adapter():
+    """A new argument left out of ModuleSettings would never reach the module's code through `settings`."""
+    import dataclasses
+    import inspect
+
+    arguments = set(inspect.signature(MALoRAModule.__init__).parameters) - {"self", "adapter"}
+    assert {field.name for field in dataclasses.fields(module_file.ModuleSettings)} == arguments
