@@ -188,6 +188,7 @@ class TaskBalancedSampler(DistributedSampler):
             raise ValueError(f"got {len(weights)} weights for {len(sizes)} task sizes")
         if any(size < 1 for size in sizes):
             raise ValueError(f"every task needs at least one example (sizes: {list(sizes)})")
+        check_weights(dict(enumerate(weights)))  # a negative or non-finite weight would corrupt the epoch counts
         self.sizes = [int(size) for size in sizes]
         self.weights = [float(weight) for weight in weights]
         self.epoch_length = int(num_samples) if num_samples is not None else sum(self.sizes)

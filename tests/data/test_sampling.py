@@ -241,3 +241,14 @@ def test_evaluation_shards_pad_short_ranks_with_a_flagged_repeat():
     assert padded == [[(0, True), (3, True), (6, True)], [(1, True), (4, True), (0, False)],
                       [(2, True), (5, True), (1, False)]]
     assert list(EvaluationShardSampler(4)) == [(0, True), (1, True), (2, True), (3, True)]
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ([1.0, -0.5], r"weights\[1\]=-0.5 is invalid: expected a finite number >= 0"),
+    ([float("nan"), 1.0], r"weights\[0\]=nan is invalid: expected a finite number >= 0"),
+    ([float("inf"), 1.0], r"weights\[0\]=inf is invalid: expected a finite number >= 0"),
+    ([0, 0], "at least one task needs a weight > 0"),
+])
+def test_sampler_refuses_weights_that_are_not_valid_mixing_weights(weights, message):
+    with pytest.raises(ValueError, match=message):
+        TaskBalancedSampler([5, 5], weights, seed=0)
