@@ -159,6 +159,8 @@ _ANSWER_IS = re.compile(r"the answer is:?", re.IGNORECASE)  # MetaMathQA's "The 
 # a number as answers write it: 1,000 (thousands groups of three, so 1,2,3 is three numbers), 18.00, .5, -3; a minus
 # right after a letter or digit is a hyphen (10-12, x-1), not a sign
 _NUMBER = re.compile(r"(?:(?<!\w)-)?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+# a number, or a fraction of two (3/4, 1 / 4) taken whole, so that a fraction's denominator is never read as the answer
+_NUMBER_OR_FRACTION = re.compile(rf"{_NUMBER.pattern}(?:[ \t]*/[ \t]*{_NUMBER.pattern})?")
 
 
 def _normalised(answer: str) -> str:
@@ -189,34 +191,33 @@ def _as_number(answer: str) -> Decimal | None:
 
 def final_answer(text: str) -> str:
     """The final answer of a worked solution: what follows GSM8K's ``####`` or MetaMathQA's ``The answer is:``,
-    else the last number; commas, ``$`` and a trailing period are dropped so ``1,000.`` matches ``1000``. A task
-    scores with ``final_answer_matches``, which reduces only the prediction to its last number."""
+    else the last number (a fraction such as ``3/4`` counts as one); commas, ``$`` and a trailing period are dropped
+    so ``1,000.`` matches ``1000``. A task scores with ``final_answer_matches``, which reduces only the prediction to
+    its last number, and only against a number."""
     marked = _marked_answer(text)
     if marked is not None:
         return marked
-    numbers = _NUMBER.findall(text)
+    numbers = _NUMBER_OR_FRACTION.findall(text)
     return _normalised(numbers[-1] if numbers else first_line(text))
 
 
 def final_answer_matches(prediction: str, target: str) -> bool:
     """Whether a prediction gives a reference's final answer: the reference's marked answer (``#### 72``), or the
-    whole reference when it has no marker.
+    whole reference when it has no marker; either way the same rule follows.
 
     A number (``72``, ``1,000``, ``18.00``, ``.5``) is compared by value with the last number of the prediction's
     final answer: the line after its last marker (``The answer is 72 apples.``, ``#### 18.00``), or with no marker
-    the whole prediction (``She has 72 apples``). Any other reference ("3/4", "2:30", "x = 7", "\\frac{3}{4}") is
-    compared as text, commas, ``$`` and a trailing period aside: a marked one with ``final_answer(prediction)``, one
-    without a marker with the prediction's marked answer or first line, since reducing both to their last number
-    would count ``1/4`` as ``3/4``."""
+    the whole prediction (``She has 72 apples``); a fraction there (``1/4``) is one answer, never its last number.
+    Any other reference ("3/4", "2:30", "x = 7", "\\frac{3}{4}") is compared as text, commas, ``$`` and a trailing
+    period aside, with the prediction's marked answer or else its first line, since reducing the prediction to its
+    last number would count ``1/4`` as ``3/4``."""
     marked = _marked_line(target)
     reference = " ".join(target.split()) if marked is None else marked
     expected = _as_number(reference)
     if expected is not None:
         given = _marked_line(prediction)
-        numbers = _NUMBER.findall(prediction if given is None else given)
-        return bool(numbers) and _as_number(numbers[-1]) == expected
-    if marked is not None:
-        return final_answer(prediction) == _normalised(reference)
+        answers = _NUMBER_OR_FRACTION.findall(prediction if given is None else given)
+        return bool(answers) and _as_number(answers[-1]) == expected
     given = _marked_answer(prediction)
     return (given if given is not None else _normalised(first_line(prediction))) == _normalised(reference)
 

@@ -111,15 +111,17 @@ def test_math_tasks_compare_final_answers(name, prediction, row, correct):
 
 
 @pytest.mark.parametrize("name", ["gsm8k", "metamathqa"])
-def test_math_task_scores_still_compare_final_answers(name):
-    """Every built-in math target carries its marker (#### or The answer is:), so scoring a prediction against it is
-    still final_answer(prediction) == final_answer(target); only marker-less user targets are compared whole."""
+def test_math_task_targets_score_like_their_marked_answer_alone(name):
+    """Every built-in math target carries its marker (#### or The answer is:); scoring against it is scoring against
+    its marked answer written alone, so a bare "\\frac{3}{4}" is right against "The answer is: \\frac{3}{4}" too (it
+    was cut to its last number, 4, and scored wrong)."""
     targets = [example.target for example in fixture_examples(name)]
     predictions = targets + [final_answer(target) for target in targets] + ["The answer is 18", "72", "no idea"]
     task = get_task(name)
     for target in targets:
         for prediction in predictions:
-            assert task.is_correct(prediction, target) is (final_answer(prediction) == final_answer(target))
+            assert task.is_correct(prediction, target) is (prediction in (target, final_answer(target)))
+            assert task.is_correct(prediction, target) is task.is_correct(prediction, final_answer(target))
 
 
 @pytest.mark.parametrize(("name", "row", "message"), [

@@ -134,6 +134,7 @@ def test_first_line_exact_match(prediction, target, expected):
     ("THE ANSWER IS 5.\nCheck: 5 + 1 = 6", "5"),
     ("It takes 10-12 minutes", "12"),  # a hyphen, not a minus: this read -12
     ("so x = -3", "-3"),
+    ("so each gets 3/4", "3/4"),  # a fraction is one answer: this read 4
 ])
 def test_final_answer_extraction(text, answer):
     assert final_answer(text) == answer
@@ -177,10 +178,28 @@ def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, pred
     ("#### 12", "Between 10-12", True),
     ("#### -12", "Between 10-12", False),
     ("#### 7", "pages 5-7", True),
+    ("#### 4", "3/4", False),  # each of these three was counted correct: a fraction was read as its denominator
+    ("4", "1/4", False),
+    ("#### 4", "The answer is 1 / 4", False),
+    ("#### 24", "48/2 = 24", True),
 ])
 def test_final_answer_compares_a_number_by_value_with_the_predictions_final_answer(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
     assert task.is_correct(prediction, target) is correct
+
+
+@pytest.mark.parametrize(("answer", "prediction", "correct"), [
+    ("3/4", "3/4", True),  # against "#### 3/4" these three were False: the prediction was cut to its last number
+    ("2:30", "2:30", True),
+    ("x = 7", "x = 7\nsince 2x = 14", True),
+    ("3/4", "So the share is\nThe answer is: 3/4", True),
+    ("3/4", "1/4", False),
+    ("2:30", "It is 2:30", False),
+])
+@pytest.mark.parametrize("marker", ["", "#### ", "The answer is: "])
+def test_final_answer_scores_a_marked_target_like_the_same_answer_unmarked(marker, answer, prediction, correct):
+    task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
+    assert task.is_correct(prediction, f"Worked steps.\n{marker}{answer}" if marker else answer) is correct
 
 
 def write_rows(path, rows):
