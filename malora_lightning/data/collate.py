@@ -177,20 +177,21 @@ class PromptEncoder:
             tokens.append(OpeningTokens(opening_ids, head, tail))
         return tokens
 
-    def _fit(self, opening: OpeningTokens, answer_length: int, where: str) -> tuple[list[int], int]:
+    def _fit(self, opening: OpeningTokens, answer_length: int, where: str, answer: str = "the target"
+             ) -> tuple[list[int], int]:
         """The opening cut from the left of its prompt text to leave ``answer_length`` tokens of ``max_length``;
-        ``(ids, tokens dropped)``."""
+        ``(ids, tokens dropped)``. ``answer`` names what takes those tokens (the target, or a choice) in the error."""
         room = self.max_length - answer_length
         dropped = max(0, len(opening.ids) - room)
         if not dropped:
             return opening.ids, 0
         kept = room - opening.head - opening.tail  # tokens of the prompt's text
         if kept < 1:
-            raise TaskDataError(f"{where}: the target takes {answer_length} tokens but max_length is "
+            raise TaskDataError(f"{where}: {answer} takes {answer_length} tokens but max_length is "
                                 f"{self.max_length} and the prompt format's own tokens take "
-                                f"{opening.head + opening.tail}; the whole target, the format's own tokens and at "
-                                f"least one token of the prompt's text must fit, so raise max_length, or shorten the "
-                                f"target or the system prompt")
+                                f"{opening.head + opening.tail}; it, the format's own tokens and at least one token "
+                                f"of the prompt's text must all fit, so raise max_length, or shorten it or the "
+                                f"system prompt")
         end = len(opening.ids) - opening.tail
         return opening.ids[:opening.head] + opening.ids[end - kept:], dropped
 
@@ -268,7 +269,12 @@ class PromptEncoder:
             if not body:
                 raise TaskDataError(f"{where}: choice {index} ({choice!r:.60}) has no tokens once rendered as the "
                                     "answer, so it cannot be scored; every choice must render to at least one token")
-        prompt, dropped = self._fit(opening, max(answer_length, *(len(body) for body in bodies)), where)
+        longest = max(range(len(bodies)), key=lambda index: len(bodies[index]))
+        if len(bodies[longest]) > answer_length:
+            answer = f"choice {longest} ({example.choices[longest]!r:.60}), the longest,"
+            prompt, dropped = self._fit(opening, len(bodies[longest]), where, answer)
+        else:
+            prompt, dropped = self._fit(opening, answer_length, where)
         rows = tuple(prompt + body for body in bodies)
         labels = tuple([IGNORE_INDEX] * len(prompt) + body for body in bodies)
         return rows, labels, dropped

@@ -104,15 +104,17 @@ def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_token
     assert prompts[0].input_ids == cut.input_ids[:cut.prompt_length]  # a predict file's prompt is cut the same way
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 0: the target takes 3 tokens but max_length is "
                                             rf"{length - 3} and the prompt format's own tokens take {length - 6}; "
-                                            r"the whole target, the format's own tokens and at least one token of "
-                                            r"the prompt's text must fit"):
+                                            r"it, the format's own tokens and at least one token of the prompt's "
+                                            r"text must all fit, so raise max_length, or shorten it or the system "
+                                            r"prompt"):
         encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
 def test_a_target_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
     examples = [Example(prompt="q", target="ok", row=0), Example(prompt="q", target="x" * 20, row=7)]
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 7: the target takes 22 tokens but max_length is "
-                                            r"16 and the prompt format's own tokens take 8; the whole target"):
+                                            r"16 and the prompt format's own tokens take 8; it, the format's own "
+                                            r"tokens"):
         encode(tokenizer, examples, max_length=16)
 
 
@@ -194,6 +196,16 @@ def test_mixed_evaluation_batches_are_refused(tokenizer):
 def test_eos_pads_when_the_tokenizer_has_no_pad_token(tokenizer):
     tokenizer.pad_token = None
     assert PromptEncoder(tokenizer, 16).pad_token_id == EOS
+
+
+def test_a_choice_too_long_to_score_is_an_error_naming_the_choice_not_the_target(tokenizer):
+    """The error blamed the target ("the target takes 21 tokens") for the longest choice's length."""
+    example = Example(prompt="abcdefghij", target="yes", choices=("yes", "a much longer choice"), gold=0, row=4)
+    encode(tokenizer, [example], max_length=24)  # " yes</s>" (5 tokens) fits with "\nAnswer:" (8) and the prompt
+    with pytest.raises(TaskDataError, match=r"task 'toy', train row 4: choice 1 \('a much longer choice'\), the "
+                                            r"longest, takes 21 tokens but max_length is 24 and the prompt format's "
+                                            r"own tokens take 8; .* raise max_length, or shorten it"):
+        encode(tokenizer, [example], max_length=24, eval_fields=True)
 
 
 def test_choice_rows_are_cut_like_the_training_prompt_when_the_gold_choice_is_longest(tokenizer):
