@@ -95,6 +95,7 @@ class PromptEncoder:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
         self.pad_token_id: int = pad_token_id
         self.answer_prefix = self._template_answer_prefix() if self.use_chat_template else ""
+        self._opening_special_ids = [] if self.use_chat_template else self._leading_special_ids()
 
     def opening(self, prompt: str) -> str:
         """The text before the answer: the prompt turn, the assistant header and ``answer_prefix`` (or
@@ -151,11 +152,21 @@ class PromptEncoder:
             return closing[0]
         return None
 
+    def _leading_special_ids(self) -> list[int]:
+        """The special tokens the tokenizer writes before a text (BOS; none for GPT-2 or Qwen), for the plain format's
+        openings. Not those it writes after one (a Llama tokenizer's EOS with ``add_eos_token=True``): an opening
+        goes on with the answer, so that EOS would sit between the prompt and the answer. Learned from "Answer",
+        which the plain format writes anyway, so no tokenizer reads it as an unknown (special) token."""
+        ids = self.tokenizer("Answer", add_special_tokens=True)["input_ids"]
+        specials = set(self.tokenizer.all_special_ids)
+        count = next((position for position, token in enumerate(ids) if token not in specials), len(ids))
+        return ids[:count]
+
     def _ids(self, texts: list[str], *, opening: bool) -> list[list[int]]:
-        # The plain format lets the tokenizer add its usual specials (e.g. BOS) to the prompt; chat templates
-        # already write theirs into the text.
-        add_special = opening and not self.use_chat_template
-        return self.tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
+        # Chat templates write their own specials into the text; the plain format's openings get the tokenizer's
+        # leading ones (``_leading_special_ids``).
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [self._opening_special_ids + ids for ids in encoded] if opening else encoded
 
     def _openings(self, prompts: Sequence[str], openings: Sequence[str]) -> list[OpeningTokens]:
         """The ``openings`` (``opening(prompt)`` of each of ``prompts``) in token ids, with the format's own tokens

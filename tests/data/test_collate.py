@@ -85,6 +85,25 @@ def test_a_cut_keeps_the_bos_token_of_the_plain_format(tokenizer):
     assert whole.input_ids == [BOS] + ids(tokenizer, "abcdefghij\nAnswer: xy") + [EOS]  # untouched as before
 
 
+def test_a_tokenizer_that_appends_eos_puts_no_eos_between_prompt_and_answer(tokenizer, chat_tokenizer):
+    """A Llama tokenizer with add_eos_token=True ends every encoding with EOS: the plain format's prompt got it,
+    "ab\nAnswer:</s> cd</s>", and a generation prompt ended with EOS."""
+    plain_ids = ids(tokenizer, "ab\nAnswer:")
+    chat_whole = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])[1][0]
+    appends_eos = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", BOS), ("</s>", EOS)])
+    tokenizer.backend_tokenizer.post_processor = appends_eos
+    encoder, (whole,), _ = encode(tokenizer, [Example(prompt="ab", target="cd", row=0)])
+    assert whole.input_ids == [BOS] + plain_ids + ids(tokenizer, " cd") + [EOS]
+    assert whole.labels == [IGNORE_INDEX] * 11 + ids(tokenizer, " cd") + [EOS]
+    (prompt,), _ = encoder.encode_prompts([PredictPrompt(prompt="ab", row=0)], task_id=-1)
+    assert prompt.input_ids == [BOS] + plain_ids
+    _, (cut,), stats = encode(tokenizer, [Example(prompt="abcdefghij", target="cd", row=0)], max_length=14)
+    assert cut.input_ids == [BOS] + ids(tokenizer, "j\nAnswer: cd") + [EOS]
+    assert stats.tokens_dropped == 9
+    chat_tokenizer.backend_tokenizer.post_processor = appends_eos  # the chat template writes its own specials
+    assert encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])[1][0] == chat_whole
+
+
 def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_tokenizer):
     """The cut took <|im_start|>, then the system turn and the user header first."""
     examples = [Example(prompt="abcdefghij", target="xy", row=0)]
