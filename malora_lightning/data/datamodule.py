@@ -23,6 +23,7 @@ from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
+    CAP_STRATEGIES,
     SAMPLING_STRATEGIES,
     EvaluationShardSampler,
     ShardIndex,
@@ -98,8 +99,9 @@ class MultiTaskDataModule(LightningDataModule):
         batch_size: Training batch size per device.
         eval_batch_size: Evaluation batch size per device (default: ``batch_size``).
         sampling: Task mixing strategy.
-        temperature: T of the ``temperature`` strategy.
-        cap: K of ``capped`` (required) and ``temperature`` (optional): task sizes are clipped to K first.
+        temperature: T of the ``temperature`` strategy (the others ignore it, so its default can stay in a config).
+        cap: K of ``capped`` (required) and ``temperature`` (optional): task sizes are clipped to K first; refused
+            with any other strategy, which would ignore it.
         task_weights: Task name -> weight, for ``sampling: weights``.
         unimax_max_epochs: UniMax's limit on passes over a task per sampler epoch.
         samples_per_epoch: Training examples per epoch over all devices (default: the sum of the task sizes); with
@@ -154,6 +156,14 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
         if (task_weights is not None) != (sampling == "weights"):
             raise ValueError("task_weights goes with sampling='weights', and only with it")
+        # checked here, not when train_dataloader first mixes the tasks after the model has loaded
+        if sampling == "capped" and cap is None:
+            raise ValueError("MultiTaskDataModule sampling='capped' needs cap: K, an integer >= 1, the most examples "
+                             "a task counts as")
+        if cap is not None and sampling not in CAP_STRATEGIES:
+            raise ValueError(f"MultiTaskDataModule cap={cap!r} would be ignored: only sampling "
+                             f"{' or '.join(map(repr, CAP_STRATEGIES))} uses it (got sampling={sampling!r}); remove "
+                             "cap or choose one of those")
         for name, value, optional in (("batch_size", batch_size, False), ("eval_batch_size", eval_batch_size, True),
                                       ("max_length", max_length, False),
                                       ("max_train_examples_per_task", max_train_examples_per_task, True),

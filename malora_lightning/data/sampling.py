@@ -30,6 +30,7 @@ from malora_lightning.values import is_finite_number
 logger = logging.getLogger(__name__)
 
 SAMPLING_STRATEGIES = ("proportional", "capped", "temperature", "uniform", "unimax", "weights")
+CAP_STRATEGIES = ("capped", "temperature")  # those that clip task sizes to a cap K; the others ignore it
 
 
 def mixing_weights(

@@ -184,6 +184,12 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
     ({"max_train_examples_per_task": 0}, r"max_train_examples_per_task=0 is invalid"),
     ({"samples_per_epoch": 10 ** 12}, r"samples_per_epoch=1000000000000 is invalid: expected an integer >= 1 and "
                                       r"<= 100,000,000"),
+    ({"sampling": "capped"}, r"sampling='capped' needs cap: K, an integer >= 1"),  # failed in train_dataloader
+    ({"sampling": "proportional", "cap": 5},  # was ignored
+     r"cap=5 would be ignored: only sampling 'capped' or 'temperature' uses it \(got sampling='proportional'\); "
+     r"remove cap or choose one of those"),
+    ({"sampling": "uniform", "cap": 5}, r"cap=5 would be ignored: .*got sampling='uniform'"),
+    ({"sampling": "capped", "cap": 0}, r"cap=0 is invalid: expected an integer >= 1, or None"),
     ({"temperature": float("nan")}, r"temperature=nan is invalid: expected a finite number > 0"),
     ({"unimax_max_epochs": 0}, r"unimax_max_epochs=0 is invalid"),
     ({"tasks": []}, "at least one training task"),
