@@ -215,7 +215,8 @@ def console_main() -> None:
 
 def run_command(name: str, entry: Callable[[], object]) -> None:
     """Run a console command's `entry`: an error that names a bad setting, file or row (ValueError, OSError) is
-    printed as its message alone; MALORA_TRACEBACK=1 shows the traceback too."""
+    printed as its message alone, and Ctrl-C as one line (exit status 130, the shell's for SIGINT) once the files
+    being written have been cleaned up; MALORA_TRACEBACK=1 shows the traceback too."""
     try:
         entry()
     except (ValueError, OSError) as error:
@@ -223,3 +224,8 @@ def run_command(name: str, entry: Callable[[], object]) -> None:
             raise
         sys.stderr.write(f"{name}: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n")
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if os.environ.get("MALORA_TRACEBACK"):
+            raise
+        sys.stderr.write(f"{name}: interrupted\n")
+        raise SystemExit(130) from None

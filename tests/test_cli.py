@@ -14,7 +14,7 @@ import yaml
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main
+from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main, run_command
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -294,6 +294,20 @@ def test_gpu_recipe_is_the_default_job_on_cuda():
         config.pop("config", None)
         del config["trainer"]["accelerator"], config["trainer"]["plugins"], config["trainer"]["default_root_dir"]
     assert gpu == default
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monkeypatch):
+    """malora-task-export printed a KeyboardInterrupt traceback (Lightning handles Ctrl-C inside a fit itself)."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("MALORA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("malora-task-export", interrupted)
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "malora-task-export: interrupted\n"
+    monkeypatch.setenv("MALORA_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_command("malora-task-export", interrupted)
 
 
 def test_the_command_prints_a_bad_settings_message_without_a_traceback():
