@@ -8,6 +8,7 @@ schedule and AdamW choice in `optim.py`, exact resume and the adapter export in 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import io
@@ -80,6 +81,8 @@ DEFAULT_MODEL = "offline:SmolLM2-135M-Instruct"
 TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
 # the 4-bit layers' compute dtype: `load_base_model`'s, or "auto" (`resolve_compute_dtype`)
 ComputeDtype = Literal["auto", DtypeName]
+# the file `MALoRAModule.load_from_checkpoint` is loading, for `on_load_checkpoint`'s errors (no trainer names it)
+_LOADED_FILE: contextvars.ContextVar[str | Path | None] = contextvars.ContextVar("loaded_file", default=None)
 # Trainer precisions that convert the whole module (adapters included) to a half dtype
 TRUE_HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 
@@ -247,14 +250,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`) and
         `trust_remote_code` taken from the caller only (default False), never from the file's hyperparameters."""
-        if isinstance(checkpoint_path, (str, Path)):
-            check_checkpoint_file(checkpoint_path)
-        with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks the rest
-            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the "
-                                                      "checkpoint", category=UserWarning)
-            return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                weights_only=weights_only, trust_remote_code=trust_remote_code,
-                                                **kwargs)
+        named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+        if named is not None:
+            check_checkpoint_file(named)
+        token = _LOADED_FILE.set(named)
+        try:
+            with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks it
+                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in "
+                                                          "the checkpoint", category=UserWarning)
+                return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                                    weights_only=weights_only, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
+        finally:
+            _LOADED_FILE.reset(token)
 
     # ------------------------------------------------------------------ model
     def setup(self, stage: str) -> None:
@@ -523,7 +531,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         Lightning's `last` or `best`). Log the settings that differ (this run's apply). A strategy that loads the
         tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked. A
         checkpoint of an earlier format is converted (`upgrade_checkpoint`)."""
-        path = None if self._trainer is None else self.trainer.ckpt_path
+        path = _LOADED_FILE.get() if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
         if "state_dict" in checkpoint:
             expected, stored = self.checkpoint_keys(), set(checkpoint["state_dict"])

@@ -87,9 +87,10 @@ def test_a_checkpoint_of_a_subclass_that_fixed_another_base_is_refused(base, oth
     the checkpoint loaded silently into the same class fixed to another base (a project that changed its base)."""
     checkpoint = fit_checkpoint(FixedBase(), tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "BASE", other_base)
-    refused = r"model\.model_name_or_path: checkpoint '.*tiny-chat-llama.*', this run '.*other-llama"
+    refused = r"last\.ckpt does not fit this run: model\.model_name_or_path: checkpoint '.*tiny-chat-llama.*', this run " \
+              r"'.*other-llama"
     with pytest.raises(ValueError, match=refused):
-        FixedBase.load_from_checkpoint(checkpoint)
+        FixedBase.load_from_checkpoint(checkpoint)  # the file is named, as a trainer's ckpt_path is
     with pytest.raises(ValueError, match=refused):
         make_trainer(tmp_path / "b", max_steps=2).fit(FixedBase(), make_data(other_base, tasks=["parity"]),
                                                       ckpt_path=checkpoint)
