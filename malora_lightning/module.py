@@ -67,6 +67,7 @@ from malora_lightning.optim import (
     AdapterSchedule,
     Schedule,
     adamw_options,
+    estimated_stepping_batches,
     lr_multiplier,
     schedule_length,
 )
@@ -459,7 +460,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         settings = self.settings
         optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                       **options)
-        total_steps = schedule_length(self.trainer.estimated_stepping_batches, settings.warmup_ratio,
+        total_steps = schedule_length(estimated_stepping_batches(self.trainer), settings.warmup_ratio,
                                       settings.lr_schedule)
         warmup_steps = math.ceil(settings.warmup_ratio * total_steps)
         schedule = functools.partial(lr_multiplier, warmup_steps=warmup_steps, total_steps=total_steps,

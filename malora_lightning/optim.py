@@ -36,6 +36,22 @@ class AdapterSchedule(torch.optim.lr_scheduler.LambdaLR):
     AdamW, take the run's settings (`MALoRAModule.on_train_start`); a subclass's own schedule is left as restored."""
 
 
+def estimated_stepping_batches(trainer: L.Trainer) -> float:
+    """`trainer.estimated_stepping_batches`, without costing a resumed fit its place in the data.
+
+    Under `max_epochs` the estimate builds the training loader (`FitLoop.setup_data`) while the optimizers are set up,
+    before the checkpoint is restored; Lightning 2.6 then keeps that loader and never gives it the checkpoint's state
+    (Lightning-AI/pytorch-lightning#20550), so a fit resumed mid-epoch restarted the epoch's draws. For a fit that
+    restores a checkpoint, the loader built here is dropped, and the fit loop builds it again once the checkpoint is
+    loaded, as it does when nothing asked for it early."""
+    fit_loop = trainer.fit_loop
+    built_before = fit_loop._combined_loader is not None
+    estimate = trainer.estimated_stepping_batches
+    if trainer.ckpt_path is not None and not built_before:
+        fit_loop._combined_loader = None
+    return estimate
+
+
 def schedule_length(estimated_stepping_batches: float, warmup_ratio: float, schedule: Schedule) -> int:
     """The optimizer steps the schedule spans: the trainer's estimate, which is infinite when only `max_time` (or
     max_steps=-1 with max_epochs=-1) ends the run; then only a constant rate without warm-up is defined."""

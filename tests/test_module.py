@@ -589,6 +589,26 @@ def test_resume_from_a_checkpoint_written_at_an_epoch_end_is_exact(tiny_model_di
     assert trainer.current_epoch == uninterrupted.current_epoch
 
 
+@pytest.mark.parametrize("settings", [dict(max_steps=-1, max_epochs=2), dict(max_steps=6)],
+                         ids=["max_epochs", "max_steps"])
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tiny_model_dir, tmp_path, settings):
+    """max_epochs: the schedule's `estimated_stepping_batches` built the training loader before the checkpoint was
+    restored, so Lightning never gave it the checkpoint's position (Lightning-AI/pytorch-lightning#20550): the
+    sampler started epoch 0 again, training its first draws twice and its last never."""
+    data = dict(max_train_examples_per_task=4)  # 12 examples: 3 batches per epoch
+    full = LossRecorder()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    make_trainer(tmp_path / "a", callbacks=[full, checkpoints], enable_checkpointing=True, **settings).fit(
+        make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
+
+    resumed = LossRecorder()
+    make_trainer(tmp_path / "b", callbacks=[resumed], **settings).fit(
+        make_module(tiny_model_dir), make_data(tiny_model_dir, **data),
+        ckpt_path=tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+    assert sorted(resumed.losses) == [2, 3, 4, 5, 6]
+    assert [resumed.losses[step] for step in range(2, 7)] == [full.losses[step] for step in range(2, 7)]
+
+
 def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_model_dir, tmp_path):
     """Loading is not strict (the base is not in the checkpoint): validate dropped the o_proj adapters without a
     word, and fit failed in torch's optimizer loading with an error naming neither the tensors nor the file."""
