@@ -382,7 +382,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:
-        """Token-mean cross-entropy over target tokens, plus the same per task present in the batch."""
+        """Token-mean cross-entropy over this batch's target tokens, plus the same per task present in the batch.
+        Accumulation and DDP average these batch means (README, the training loss); override to normalise otherwise."""
         row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
                                                                      batch.labels)
         loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
