@@ -11,7 +11,7 @@ from typing import Any, Callable
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
@@ -173,9 +173,15 @@ class MALoRACLI(LightningCLI):
         settings are checked against those the module was built with (`MALoRAModule.check_checkpoint`: the base, the
         adapter's shape, for a fit the trained tensors); and a mixture's that the strategy loads itself, for its
         format (`check_strategy_loadable`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
-        checkpoint again as it loads, and logs the settings that differ. (A private LightningCLI method, checked
-        against Lightning 2.6.)"""
+        checkpoint again as it loads, and logs the settings that differ. An evaluation with neither a checkpoint nor
+        an adapter folder warns that it scores untrained adapters. (A private LightningCLI method, checked against
+        Lightning 2.6.)"""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
+            rank_zero_warn(f"malora {subcommand} without --ckpt_path or --model.adapter_path evaluates freshly "
+                           "initialised adapters, whose up-projections are zero: the base model's own answers. Give "
+                           "a checkpoint (--ckpt_path last for the newest in the run folder) or an adapter folder to "
+                           "evaluate a trained adapter")
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
         path = kwargs.get("ckpt_path")

@@ -296,6 +296,14 @@ def test_gpu_recipe_is_the_default_job_on_cuda():
     assert gpu == default
 
 
+def test_an_evaluation_of_untrained_adapters_says_so(tiny_model_dir, tmp_path):
+    """`malora test` without --ckpt_path or --model.adapter_path scored the base model; only "step 0" hinted at it."""
+    flags = tiny_run_settings(tiny_model_dir, tmp_path)
+    with pytest.warns(UserWarning, match=r"malora test without --ckpt_path or --model\.adapter_path evaluates "
+                                         r"freshly initialised adapters"):
+        main(["test", *flags])
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monkeypatch):
     """malora-task-export printed a KeyboardInterrupt traceback (Lightning handles Ctrl-C inside a fit itself)."""
     def interrupted():
