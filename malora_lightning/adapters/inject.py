@@ -84,6 +84,14 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if existing:
         raise ValueError(f"the model already has {len(existing)} {_adapter_method(existing)} adapter layers (e.g. "
                          f"{next(iter(existing))!r}); inject into a fresh base model instead of injecting twice")
+    peft_module = next((name for name, module in model.named_modules()
+                        if type(module).__module__.split(".")[0] == "peft"), None)
+    if peft_module is not None:  # freezing every parameter froze PEFT's adapters; "all-linear" wrapped its lora_A/B
+        where = repr(peft_module) if peft_module else "the model itself"
+        kind = type(model.get_submodule(peft_module)).__name__
+        raise ValueError(f"the model holds PEFT modules ({where} is a {kind}): inject into the base model itself, not "
+                         "one PEFT has wrapped (its merge_and_unload() or unload() gives it back), or load a PEFT LoRA "
+                         "folder into a fresh base with load_adapters")
     targets = find_target_modules(model, config)
     regex_note = " (a string is a regular expression that must match a module's whole name, e.g. '.*q_proj'; a list " \
                  "matches names and name endings, e.g. ['q_proj'])" if isinstance(config.target_modules, str) else ""

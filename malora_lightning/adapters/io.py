@@ -214,13 +214,21 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
             raise ValueError(f"{folder.path}: the model's injected adapters compute differently from the saved ones: "
                              f"{'; '.join(differing)}. Load into the base model without adapters (load_adapters "
                              "injects the folder's), or inject with the folder's settings")
+        other_settings = {name: (value, getattr(current, name)) for name, value in config.to_dict().items()
+                          if value != getattr(current, name)}
     else:
         inject_adapters(model, config)
+        other_settings = {}
     expected = {folder.stored_key(key): param for key, param in adapter_state_dict(model).items()}
     transposed = {folder.stored_key(key) for key in routed_up_projections(model)}
     weights = folder.path / WEIGHTS_NAME
     named = f" (it names {folder.base_model!r})" if folder.base_model else ""
     other_base = f"; was it saved from a different base model{named}?"
+    if other_settings:  # the model was injected before: its own settings may be what differs
+        other_base = ("; the model's adapters were injected with other settings than the folder's (" +
+                      ", ".join(f"{name}: folder {saved!r}, model {model_value!r}"
+                                for name, (saved, model_value) in other_settings.items()) +
+                      f"), or the folder was saved from a different base model{named}")
     with safe_open(str(weights), framework="pt") as stored:
         stored_keys = set(stored.keys())
         missing = sorted(set(expected) - stored_keys)
@@ -234,7 +242,10 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         with torch.no_grad():
             for stored_key, param in expected.items():
                 value = stored.get_tensor(stored_key)
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if not value.is_floating_point():  # copy_ would convert it silently
+                    raise ValueError(f"{weights}: tensor {stored_key!r} is {value.dtype}, where adapter weights are "
+                                     "floating point")
+                if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"{weights}: tensor {stored_key!r} holds NaN or infinite values")
                 layer_value = value.transpose(1, 2) if stored_key in transposed and value.dim() == 3 else value
                 if layer_value.shape != param.shape:

@@ -22,7 +22,7 @@ paper's Eqs. 5 and 7 are written; tests compare both kernels against it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,16 @@ class RoutedAdapterLayer(AdapterLayer):
                                 device=self.base_layer.weight.device)
         init_router_(self.router.weight, config.router_init_std)
         self.routing_context = context if context is not None else RoutingContext()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse a PEFT layer in the router's place (PEFT's `target_modules="all-linear"` on a routed model): the
+        kernels read `router.weight` itself, fused with the down-projection, so its LoRA would be ignored silently."""
+        if name == "router" and isinstance(value, nn.Module) and type(value).__module__.split(".")[0] == "peft":
+            raise TypeError(f"{self.name or type(self).__name__}: the router cannot be wrapped by PEFT "
+                            f"({type(value).__name__}), whose computation the routed kernels would skip; leave the "
+                            "routers out of PEFT's target_modules (they train already: "
+                            "trainable_parameter_groups, router_learning_rate)")
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ to be defined by each mixture
     def down_weights(self) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -99,6 +99,33 @@ def test_injecting_twice_raises():
         inject_adapters(model, AdapterConfig(method="malora", rank=2, shared_rank=4))
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_a_model_peft_has_wrapped_is_refused(targets):
+    """Injecting froze PEFT's own LoRA (its 512 trainable parameters went to 0), and "all-linear" wrapped PEFT's
+    lora_A/lora_B and base_layer in adapters of ours."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainable = [name for name, param in wrapped.named_parameters() if param.requires_grad]
+    with pytest.raises(ValueError, match=r"the model holds PEFT modules \(the model itself is a "
+                                         r"PeftModel\): inject into the base model itself"):
+        inject_adapters(wrapped, AdapterConfig(method="lora", rank=2, target_modules=targets))
+    assert [name for name, param in wrapped.named_parameters() if param.requires_grad] == trainable
+    with pytest.raises(ValueError, match=r"\('model.layers.0.self_attn.q_proj' is a Linear\)"):  # its transformers model
+        inject_adapters(wrapped.base_model.model, AdapterConfig(method="lora", rank=2, target_modules=targets))
+
+
+def test_peft_cannot_wrap_the_routers_of_a_mixture():
+    """PEFT's all-linear wrapped every router; the routed kernels read router.weight itself, so the routers' LoRA
+    changed nothing (logits exactly equal with its lora_B filled with noise)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4))
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj: the router cannot be wrapped by PEFT "
+                                        r"\(Linear\)"):
+        get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+
+
 def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 

@@ -309,6 +309,26 @@ def test_an_unreadable_weights_file_is_named(tmp_path, content):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
+def test_integer_adapter_tensors_are_refused_by_name(tmp_path):
+    """They were copied into the float weights silently (a folder's 7s loaded as 7.0)."""
+    save_adapters(trained_model(), tmp_path / "a")
+    rewrite_tensors(tmp_path / "a", lambda t: t.update({"model.layers.0.mlp.up_proj.lora_P": torch.full((4, 2, 4), 7)}))
+    with pytest.raises(ValueError, match=r"tensor 'base_model.model.model.layers.0.mlp.up_proj.lora_P.weight' is "
+                                         r"torch.int64, where adapter weights are floating point"):
+        load_adapters(tiny_model("llama"), tmp_path / "a")
+
+
+def test_a_shape_mismatch_with_a_model_injected_otherwise_names_the_settings(tmp_path):
+    """The message asked whether the folder came from another base; here the model's own injection differs."""
+    save_adapters(trained_model(shared_rank=4), tmp_path / "a")
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="malora", rank=2, shared_rank=8, num_experts=4,
+                                                               train_shared_A=False))
+    with pytest.raises(ValueError, match=r"shared_A.weight' has shape \(4, 32\), the model expects \(8, 32\); the "
+                                         r"model's adapters were injected with other settings than the folder's "
+                                         r"\(shared_rank: folder 4, model 8\)"):
+        load_adapters(model, tmp_path / "a")
+
+
 def test_nan_adapter_tensors_are_refused_by_name(tmp_path):
     save_adapters(trained_model(), tmp_path / "a")
     rewrite_tensors(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].fill_(float("nan")))
