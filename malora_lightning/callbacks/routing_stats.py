@@ -60,11 +60,12 @@ def load_cv(load: torch.Tensor) -> float | None:
     return None if mean == 0 else (load.std(correction=0) / mean).item()
 
 
-def dead_experts(load: torch.Tensor, threshold: float) -> list[int]:
-    """Experts whose load share is below `threshold` x 1/N; none when nothing was routed."""
+def dead_experts(load: torch.Tensor, threshold: float) -> list[int] | None:
+    """Experts whose load share is below `threshold` x 1/N; None when nothing was routed (no share to judge: an empty
+    list would read as a healthy layer)."""
     total = load.sum()
     if total == 0:
-        return []
+        return None
     share = load.double() / total
     return (share < threshold / load.numel()).nonzero().flatten().tolist()
 
@@ -149,9 +150,12 @@ class RoutingSummary:
     dead_threshold: float
 
     def health(self) -> dict[str, Any]:
-        """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts, task NMI."""
+        """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts (over the layers
+        that routed tokens), task NMI; each None when no layer routed a token."""
         cvs = {name: layer.load_cv for name, layer in self.layers.items() if layer.load_cv is not None}
         worst = max(cvs, key=cvs.get) if cvs else None
+        dead = [dead_experts(layer.load, self.dead_threshold) for layer in self.layers.values()]
+        judged = [len(experts) for experts in dead if experts is not None]
         return {
             "layers": len(self.layers),
             "experts": sum(layer.task_load.shape[1] for layer in self.layers.values()),
@@ -161,7 +165,7 @@ class RoutingSummary:
             "load_cv_max": cvs[worst] if worst else None,
             "load_cv_max_layer": worst,
             "normalized_entropy_mean": mean_of_present(layer.normalized_entropy for layer in self.layers.values()),
-            "dead_experts": sum(len(dead_experts(layer.load, self.dead_threshold)) for layer in self.layers.values()),
+            "dead_experts": sum(judged) if judged else None,
             "task_expert_nmi_mean": mean_of_present(task_expert_nmi(layer.task_load) for layer in self.layers.values()),
         }
 
@@ -226,7 +230,8 @@ class RoutingStats(Callback):
 
     Logs `<stage>/routing/load_cv` (mean over layers), `<stage>/routing/load_cv_max`, `<stage>/routing/entropy`
     (mean normalised entropy), `<stage>/routing/dead_experts` (count over all layers) and `<stage>/routing/task_nmi`
-    (mean task-expert NMI). Writes every layer's figures (its full task x expert matrix included) to
+    (mean task-expert NMI), each only when a token was counted (an evaluation that declares no scoring pass counts
+    none, and a dead-expert count of 0 would read as healthy routing). Writes every layer's figures (its full task x expert matrix included) to
     `routing_<stage>.json`, and next to the checkpoints (rank zero) the heatmaps `plots/expert_load_<stage>.png`
     (layer x expert) and `plots/task_expert_<stage>.png` (task x layer KL, and the most task-specific layers' task x
     expert matrices). A partial sanity check (Lightning's default of 2 batches per loader) is not reported: a few
@@ -395,7 +400,8 @@ class RoutingStats(Callback):
             "|---|---|---|---|---|---|",
             f"| {number(health['load_cv_mean'])} | {number(health['load_cv_min'])} | "
             f"{number(health['load_cv_max'])} ({health['load_cv_max_layer'] or '-'}) | "
-            f"{number(health['normalized_entropy_mean'])} | {health['dead_experts']} of {health['experts']} | "
+            f"{number(health['normalized_entropy_mean'])} | "
+            f"{number(health['dead_experts'], 0)} of {health['experts']} | "
             f"{number(health['task_expert_nmi_mean'], 3)} |",
         ]
         divergence = summary.task_divergence()

@@ -133,7 +133,7 @@ def test_dead_threshold_is_a_fraction_of_the_even_share():
     load = torch.tensor([1000, 1000, 995, 5])  # expert 3 gets 5/3000 = 0.17 % of assignments; even share is 25 %
     assert dead_experts(load, 0.01) == [3]  # 0.17 % < 1 % of 25 %
     assert dead_experts(load, 0.005) == []  # 0.17 % >= 0.5 % of 25 %
-    assert dead_experts(torch.zeros(4, dtype=torch.long), 0.01) == []
+    assert dead_experts(torch.zeros(4, dtype=torch.long), 0.01) is None  # nothing routed: not judged
 
 
 def test_nmi_is_undefined_with_one_task():

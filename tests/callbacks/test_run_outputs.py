@@ -15,6 +15,7 @@ from malora_lightning.adapters import AdapterConfig
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.callbacks.seesaw import track
+from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
@@ -201,6 +202,32 @@ def test_routing_counts_the_declared_scoring_pass_only(tiny_model_dir, tmp_path)
     for name, layer in results[0].layers.items():
         assert layer.task_load.sum() > 0
         assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
+
+
+class UndeclaredScoringModule(MALoRAModule):
+    """Evaluates through its own forward without declaring it a scoring pass: RoutingStats counts no token."""
+
+    def evaluate_batch(self, batch):
+        with torch.no_grad():
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        names = batch.task_name
+        return EvaluationOutput(names, loss=torch.ones(len(names)), correct=torch.zeros(len(names), dtype=torch.bool))
+
+
+def test_routing_without_a_counted_token_reports_no_dead_expert_count(tiny_model_dir, tmp_path):
+    """It logged val/routing/dead_experts = 0 and the report said "0 of 48" dead experts, which reads as healthy."""
+    routing = RoutingStats(plots=False)
+    trainer = make_trainer(tmp_path, callbacks=[PerTaskMetrics(), routing], limit_val_batches=None)
+    module = UndeclaredScoringModule(**make_module(tiny_model_dir).hparams)
+    with pytest.warns(UserWarning, match="no scoring pass was seen in the val batches"):
+        trainer.validate(module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    health = routing.results["val"].health()
+    assert health["tokens"] == 0 and health["dead_experts"] is None and health["load_cv_mean"] is None
+    assert "val/routing/dead_experts" not in trainer.callback_metrics and "val/parity/loss" in trainer.callback_metrics
+    assert "| - of 48 |" in routing.report_sections(trainer)[0]
+    saved = json.loads((tmp_path / "routing_val.json").read_text())
+    assert saved["health"]["dead_experts"] is None
+    assert {layer["dead_experts"] for layer in saved["layers"].values()} == {None}
 
 
 def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
