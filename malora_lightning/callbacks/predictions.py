@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from malora_lightning.atomic import atomic_write_text
+from malora_lightning.atomic import atomic_write_text, check_writable
 from malora_lightning.data.sampling import ShardIndex
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
 
@@ -96,8 +96,9 @@ class PredictionWriter(BasePredictionWriter):
     its input's `row` (module docstring). Does nothing outside predict.
 
     The file in the run folder is replaced by the next predict run there, but only a file that a predict run wrote
-    (every line a `Prediction`); a file at a `path` you give must not exist yet. Either way a `FileExistsError` says
-    so before anything is predicted, so that no file of yours is ever overwritten.
+    (every line a `Prediction`); a file at a `path` you give must not exist yet, and its folder must be writable.
+    Either way a `FileExistsError` (or `PermissionError`) says so before anything is predicted, so that no file of
+    yours is ever overwritten and no answer is lost.
 
     Args:
         path: where to write the JSON lines; None: `predictions.jsonl` in the run folder.
@@ -117,10 +118,21 @@ class PredictionWriter(BasePredictionWriter):
         refuse_on_every_rank(trainer, self._refuse_taken_path)
 
     def _refuse_taken_path(self) -> None:
-        if Path(self.path).exists():
-            raise FileExistsError(f"PredictionWriter path {self.path} already exists and is not overwritten: "
+        """Refuse a `path` that exists, or whose folder cannot be written (a read-only mount, /proc): found only when
+        the file is written, after every prompt was answered, the error named a temporary file."""
+        path = Path(self.path)
+        if path.exists():
+            raise FileExistsError(f"PredictionWriter path {path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "
                                   "the run folder")
+        # the writer creates missing folders: the nearest one that exists is where writing has to be allowed
+        folder = next(parent for parent in path.absolute().parents if parent.exists())
+        try:
+            check_writable(folder)
+        except OSError as error:
+            raise PermissionError(f"PredictionWriter path {path} cannot be written: making a file in {folder} failed "
+                                  f"({error.strerror or error}); give a path in a folder you can write, or leave "
+                                  "path unset to write predictions.jsonl in the run folder") from error
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._answered = []

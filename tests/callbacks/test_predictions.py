@@ -132,6 +132,20 @@ def test_a_file_at_the_given_path_is_never_overwritten_but_the_run_folders_own_i
         assert len(read_rows(tmp_path / PREDICTIONS_NAME)) == count * len(TASKS)
 
 
+def test_a_path_that_cannot_be_written_is_refused_before_anything_is_predicted(tiny_model_dir, tmp_path):
+    """/proc takes no new file: the write failed once every prompt was answered, naming a temporary file."""
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    with pytest.raises(PermissionError, match=r"PredictionWriter path /proc/answers\.jsonl cannot be written: making "
+                                              r"a file in /proc failed"):
+        predict(tmp_path, module, make_data(tiny_model_dir), callbacks=[PredictionWriter(path="/proc/answers.jsonl")])
+    assert module.lengths == {}  # refused before anything was predicted
+
+    path = tmp_path / "new" / "folders" / "answers.jsonl"  # missing folders are made, as before
+    predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1),
+            callbacks=[PredictionWriter(path=str(path))])
+    assert len(read_rows(path)) == len(TASKS)
+
+
 def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_run_wrote_it(tiny_model_dir, tmp_path):
     """Without a path the writer replaced whatever predictions.jsonl the run folder held (the current directory, for a
     run without a logger or checkpoints): a user's prompts file of that name, or predictions the user annotated."""
