@@ -44,7 +44,7 @@ from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing
-from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
+from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
 from malora_lightning.run_paths import run_directory
 
 
@@ -231,11 +231,14 @@ class RoutingStats(Callback):
     Logs `<stage>/routing/load_cv` (mean over layers), `<stage>/routing/load_cv_max`, `<stage>/routing/entropy`
     (mean normalised entropy), `<stage>/routing/dead_experts` (count over all layers) and `<stage>/routing/task_nmi`
     (mean task-expert NMI), each only when a token was counted (an evaluation that declares no scoring pass counts
-    none, and a dead-expert count of 0 would read as healthy routing). Writes every layer's figures (its full task x expert matrix included) to
-    `routing_<stage>.json`, and next to the checkpoints (rank zero) the heatmaps `plots/expert_load_<stage>.png`
-    (layer x expert) and `plots/task_expert_<stage>.png` (task x layer KL, and the most task-specific layers' task x
-    expert matrices). A partial sanity check (Lightning's default of 2 batches per loader) is not reported: a few
-    batches' routing is not the validation set's.
+    none, and a dead-expert count of 0 would read as healthy routing). Writes every layer's figures (its full task x
+    expert matrix included) to `routing_<series>.json`, and next to the checkpoints (rank zero) the heatmaps
+    `plots/expert_load_<series>.png` (layer x expert) and `plots/task_expert_<series>.png` (task x layer KL, and the
+    most task-specific layers' task x expert matrices). The series (`results`' keys) are those of `SeesawTracker`:
+    `val`, the fit's latest validation; `validate` and `test`, the latest trainer.validate and test, which follow no
+    training and so never replace the fit's figures (before, trainer.validate wrote `routing_val.json` too). A partial
+    sanity check (Lightning's default of 2 batches per loader) is not reported: a few batches' routing is not the
+    validation set's.
 
     Args:
         dead_threshold: an expert whose load share is below this fraction of the even share 1/N is dead.
@@ -307,7 +310,8 @@ class RoutingStats(Callback):
         summary = RoutingSummary(stage=stage, step=self._weights.of(trainer),
                                  tasks=[task.name for task in trainer.datamodule.tasks],
                                  layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold)
-        self.results[stage] = summary
+        series = evaluation_series(trainer)
+        self.results[series] = summary
         health = summary.health()
         if health["tokens"] == 0:
             rank_zero_warn(f"RoutingStats: no scoring pass was seen in the {stage} batches (the module declares "
@@ -316,9 +320,9 @@ class RoutingStats(Callback):
             self._log(pl_module, stage, health)
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         if trainer.is_global_zero:
-            atomic_write_text(directory / f"routing_{stage}.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+            atomic_write_text(directory / f"routing_{series}.json", json.dumps(summary.to_dict(), indent=2) + "\n")
             if self.plots and health["tokens"] > 0:
-                self.plots_written[stage] = self._plot(summary, directory / PLOTS_FOLDER)
+                self.plots_written[series] = self._plot(summary, series, directory / PLOTS_FOLDER)
 
     @staticmethod
     def _log(pl_module: L.LightningModule, stage: str, health: dict[str, Any]) -> None:
@@ -329,7 +333,7 @@ class RoutingStats(Callback):
                 log_synchronised(pl_module, f"{stage}/routing/{name}", float(health[key]))
 
     @staticmethod
-    def _plot(summary: RoutingSummary, folder: Path) -> list[str]:
+    def _plot(summary: RoutingSummary, series: str, folder: Path) -> list[str]:
         """Expert load per layer (share x N, 1 = even); per task and layer the KL from the layer's overall use, with
         P(expert | task) x N of the `DETAIL_LAYERS` layers of highest task-expert NMI (the full matrices: JSON)."""
         names = list(summary.layers)
@@ -345,13 +349,12 @@ class RoutingStats(Callback):
             task_load = summary.layers[name].task_load[rows].double()
             details.append((name, nmi[name],
                             (task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).tolist()))
-        stage = summary.stage
-        files = [f"expert_load_{stage}.png", f"task_expert_{stage}.png"]
+        files = [f"expert_load_{series}.png", f"task_expert_{series}.png"]
         plot_layer_heatmap(load, names, ["all tasks"], num_experts,
-                           f"Expert load per layer ({stage}, step {summary.step})", "load / even share",
+                           f"Expert load per layer ({series}, step {summary.step})", "load / even share",
                            folder / files[0])
         plot_task_routing(divergence.tolist(), names, [summary.tasks[task] for task in rows], details,
-                          f"How differently each task is routed, by depth ({stage}, step {summary.step})",
+                          f"How differently each task is routed, by depth ({series}, step {summary.step})",
                           folder / files[1])
         return files
 
@@ -380,14 +383,18 @@ class RoutingStats(Callback):
 
     # ------------------------------------------------------------------ run report
     def report_sections(self, trainer: L.Trainer) -> list[str]:
+        """One section per series, as RunReport lists the scores: the fit's validation, then trainer.validate's (in
+        addition, never instead), then test's."""
         sections = []
-        for stage, title in (("val", "Routing health (validation)"), ("test", "Routing health (test)")):
-            summary = self.results.get(stage)
+        for series, title in (("val", "Routing health (validation)"),
+                              ("validate", "Routing health (validation outside training, trainer.validate)"),
+                              ("test", "Routing health (test)")):
+            summary = self.results.get(series)
             if summary is not None:
-                sections.append(f"## {title}\n\n{self._report(summary)}")
+                sections.append(f"## {title}\n\n{self._report(summary, series)}")
         return sections
 
-    def _report(self, summary: RoutingSummary) -> str:
+    def _report(self, summary: RoutingSummary, series: str) -> str:
         health = summary.health()
 
         def number(value: float | None, digits: int = 2) -> str:
@@ -422,6 +429,6 @@ class RoutingStats(Callback):
                              f"{number(layer.max_over_mean)} | {number(layer.normalized_entropy)} | "
                              f"{', '.join(map(str, dead)) or '-'} |")
         for title, file in zip(("Expert load per layer", "How differently each task is routed, by depth"),
-                               self.plots_written.get(summary.stage, [])):
+                               self.plots_written.get(series, [])):
             lines += ["", f"![{title}]({PLOTS_FOLDER}/{file})"]
         return "\n".join(lines)

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
-from malora_lightning.callbacks.summary import percent
+from malora_lightning.callbacks.summary import evaluation_series, percent
 from malora_lightning.run_paths import run_directory
 from malora_lightning.values import is_finite_number
 
@@ -190,11 +190,9 @@ class SeesawTracker(Callback):
         """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation. A fit's
         validations make one series (`val`), movement from one to the next included; an evaluation of
         trainer.validate or test follows no training, so it stands alone under `validate` or `test`."""
-        if evaluation.during_fit:
-            series = evaluation.stage
-            evaluations = PerTaskMetrics.attached(trainer).evaluations(series, during_fit=True)
-        else:
-            series, evaluations = trainer.state.fn.value, [evaluation]
+        series = evaluation_series(trainer)
+        evaluations = PerTaskMetrics.attached(trainer).evaluations(evaluation.stage, during_fit=True) \
+            if evaluation.during_fit else [evaluation]
         points = track(evaluations, self.tolerance, self.baseline)
         self.points[series] = points
         if not trainer.sanity_checking:

@@ -1,5 +1,5 @@
-"""What the callbacks' summaries share: the mean of the values that are present, accuracy as a Markdown cell, and the
-training step of the weights an evaluation scores."""
+"""What the callbacks' summaries share: the mean of the values that are present, accuracy as a Markdown cell, the
+training step of the weights an evaluation scores, and the series an evaluation belongs to."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def percent(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def evaluation_series(trainer: L.Trainer) -> str:
+    """"val" for a fit's validations (the training curve), "validate" or "test" for an evaluation of trainer.validate
+    or test: it follows no training, so its figures are kept apart and never replace the fit's."""
+    return "val" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
 
 
 class WeightsStep:

@@ -40,7 +40,7 @@ def validate(model_dir, root, devices: int, examples: int) -> tuple[dict[str, fl
     data = make_data(model_dir, max_eval_examples_per_task=examples, eval_batch_size=2)
     trainer.validate(module, data, verbose=False)
     metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
-    return metrics, json.loads((root / "routing_val.json").read_text())
+    return metrics, json.loads((root / "routing_validate.json").read_text())
 
 
 @pytest.mark.parametrize("examples", [4, 5])

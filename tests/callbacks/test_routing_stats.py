@@ -167,7 +167,7 @@ def test_task_routing_plot_of_a_smollm2_sized_model_is_readable_and_the_json_kee
     layers[specific].task_load = 40 * torch.eye(9, 8, dtype=torch.long)  # every task its own expert
     summary = RoutingSummary(stage="val", step=5, tasks=tasks, layers=layers, dead_threshold=0.01)
 
-    files = RoutingStats._plot(summary, tmp_path)
+    files = RoutingStats._plot(summary, "val", tmp_path)
     width, height = png_size(tmp_path / files[1])
     assert width <= 1400 and height <= 1200, (width, height)  # was 2400 x 3080
     assert DETAIL_LAYERS < len(names)

@@ -174,7 +174,7 @@ def test_routing_figures_do_not_depend_on_the_eval_batch_size(tiny_model_dir, tm
         trainer = make_trainer(tmp_path / str(batch_size), callbacks=[routing], limit_val_batches=None)
         trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir, eval_batch_size=batch_size,
                                                                 tasks=["add_2digit"]), verbose=False)
-        results.append(routing.results["val"])
+        results.append(routing.results["validate"])
     for name, layer in results[0].layers.items():
         assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
         assert layer.entropy_sum == pytest.approx(results[1].layers[name].entropy_sum, rel=1e-4)
@@ -198,7 +198,7 @@ def test_routing_counts_the_declared_scoring_pass_only(tiny_model_dir, tmp_path)
         module = module_class(**make_module(tiny_model_dir).hparams)  # the same settings, the adapter as a dict
         trainer = make_trainer(tmp_path / module_class.__name__, callbacks=[routing], limit_val_batches=None)
         trainer.validate(module, make_data(tiny_model_dir, tasks=["parity", "add_2digit"]), verbose=False)
-        results.append(routing.results["val"])
+        results.append(routing.results["validate"])
     for name, layer in results[0].layers.items():
         assert layer.task_load.sum() > 0
         assert torch.equal(layer.task_load, results[1].layers[name].task_load), name
@@ -221,13 +221,35 @@ def test_routing_without_a_counted_token_reports_no_dead_expert_count(tiny_model
     module = UndeclaredScoringModule(**make_module(tiny_model_dir).hparams)
     with pytest.warns(UserWarning, match="no scoring pass was seen in the val batches"):
         trainer.validate(module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
-    health = routing.results["val"].health()
+    health = routing.results["validate"].health()
     assert health["tokens"] == 0 and health["dead_experts"] is None and health["load_cv_mean"] is None
     assert "val/routing/dead_experts" not in trainer.callback_metrics and "val/parity/loss" in trainer.callback_metrics
     assert "| - of 48 |" in routing.report_sections(trainer)[0]
-    saved = json.loads((tmp_path / "routing_val.json").read_text())
+    saved = json.loads((tmp_path / "routing_validate.json").read_text())
     assert saved["health"]["dead_experts"] is None
     assert {layer["dead_experts"] for layer in saved["layers"].values()} == {None}
+
+
+def test_trainer_validate_after_a_fit_keeps_the_fits_routing_apart(tiny_model_dir, tmp_path):
+    """trainer.validate (here on parity alone) after the fit replaced the fit's results["val"], routing_val.json, its
+    heatmaps and the report's "Routing health (validation)"; it now has a series of its own, as in seesaw.json."""
+    routing = RoutingStats()
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, val_check_interval=1,
+                           callbacks=[PerTaskMetrics(), routing])
+    module = make_module(tiny_model_dir)
+    trainer.fit(module, make_data(tiny_model_dir))
+    fit_files = {name: (tmp_path / name).read_bytes() for name in
+                 ("routing_val.json", "plots/expert_load_val.png", "plots/task_expert_val.png")}
+    trainer.validate(module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    assert routing.results["val"].tasks == TASKS and routing.results["validate"].tasks == ["parity"]
+    assert {name: (tmp_path / name).read_bytes() for name in fit_files} == fit_files
+    assert json.loads((tmp_path / "routing_validate.json").read_text())["tasks"] == ["parity"]
+    assert_png(tmp_path / "plots" / "expert_load_validate.png")
+    assert "val/routing/load_cv" in trainer.callback_metrics  # logged under the Lightning stage, as before
+    fit_section, validate_section = routing.report_sections(trainer)
+    assert fit_section.startswith("## Routing health (validation)\n") and "| add_2digit |" in fit_section
+    assert validate_section.startswith("## Routing health (validation outside training, trainer.validate)\n")
+    assert "| add_2digit |" not in validate_section and "(plots/expert_load_validate.png)" in validate_section
 
 
 def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
@@ -238,7 +260,7 @@ def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_p
     trainer = make_trainer(tmp_path / "evaluation", callbacks=[routing], limit_val_batches=None)
     trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]),
                      ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"), verbose=False)
-    assert routing.results["val"].step == 1
+    assert routing.results["validate"].step == 1
 
 
 def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_path):
