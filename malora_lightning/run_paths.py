@@ -4,10 +4,16 @@ they did not write)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), a logger, or "
+              "ModelCheckpoint(dirpath=...))")
 
 
 def run_directory(trainer: L.Trainer) -> Path:
@@ -31,3 +37,42 @@ def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
     if refusal is not None:
         error_type, message = refusal
         raise error_type(message)
+
+
+def json_object_keys(path: Path) -> list[str] | None:
+    """The keys, in order, of the JSON object a file holds; None when it holds none (other JSON, not JSON, not UTF-8).
+    The callbacks' JSON files are known as theirs by these: a marker key would be missing from the files of earlier
+    versions, which a rerun in the same folder has to replace."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return list(data) if isinstance(data, dict) else None
+
+
+def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], writer: str, mark: str, remedy: str) -> None:
+    """Raise FileExistsError when `path` exists and `ours(path)` says `writer` did not write it; `mark` says how its
+    files are known, `remedy` what else the user can do besides moving the file or giving the run its own folder."""
+    if path.exists() and not ours(path):
+        raise FileExistsError(f"{path} was not written by {writer} ({mark}) and would be replaced by this run's: move "
+                              f"it, {OWN_FOLDER}, or {remedy}")
+
+
+class RunFileWriter(Callback):
+    """A callback that writes files into the run folder: `refuse_foreign_files` runs before each fit, trainer.validate
+    and test does any work (not in `setup`: the checkpoint callback, which names the run folder, is set up after the
+    others). It raises, on every rank alike (`refuse_on_every_rank`), for a file of the stage's that it did not write.
+    """
+
+    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.refuse_foreign_files(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # a fit's validations were checked at its start
+            self.refuse_foreign_files(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.refuse_foreign_files(trainer, pl_module)

@@ -2,24 +2,56 @@
 
 Matplotlib is imported only when a picture is drawn, and only its object-oriented API is used (a `Figure` rendered by
 the Agg canvas, no pyplot): importing the package needs no display, and a user's own pyplot backend and open figures
-are left alone. Files are written atomically, so a viewer never sees half a PNG.
+are left alone. Files are written atomically, so a viewer never sees half a PNG. Every PNG carries the text chunk
+`PLOT_MARK`, by which a later run knows it may replace it (`refuse_foreign_plot`).
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from malora_lightning.atomic import atomic_write_bytes
 from malora_lightning.callbacks.per_task_metrics import Evaluation
+from malora_lightning.run_paths import refuse_foreign_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PLOTS_FOLDER = "plots"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# a PNG tEXt chunk (keyword, text) in every picture drawn here
+PLOT_MARK = ("Comment", "drawn by malora_lightning, which replaces it in its next run in this folder")
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The tEXt chunks (keyword: text) of PNG `data`; none when it is no PNG."""
+    text: dict[str, str] = {}
+    position = len(PNG_SIGNATURE) if data.startswith(PNG_SIGNATURE) else len(data)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"tEXt":
+            keyword, _, value = data[position + 8:position + 8 + length].partition(b"\0")
+            text[keyword.decode("latin-1")] = value.decode("latin-1")
+        position += length + 12  # length, type, data, CRC
+    return text
+
+
+def is_our_plot(path: Path) -> bool:
+    keyword, value = PLOT_MARK
+    return png_text(path.read_bytes()).get(keyword) == value
+
+
+def refuse_foreign_plot(path: Path, writer: str, remedy: str) -> None:
+    """Raise FileExistsError when the picture `path` exists without `PLOT_MARK` (a user's, or one drawn before the
+    mark existed, which can be deleted)."""
+    keyword, value = PLOT_MARK
+    refuse_foreign_file(path, is_our_plot, writer, f"it lacks the PNG text {keyword}: {value!r}, which every picture "
+                        "malora_lightning draws carries; delete it if an earlier version drew it", remedy)
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -33,7 +65,8 @@ def new_figure(width: float, height: float) -> Figure:
 
 def save_figure(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    keyword, value = PLOT_MARK
+    figure.savefig(buffer, format="png", dpi=100, metadata={keyword: value})
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

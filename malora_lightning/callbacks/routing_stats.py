@@ -35,7 +35,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -43,13 +42,25 @@ from malora_lightning.adapters.model import add_routing_observer, routed_layers
 from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
-from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing
+from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
-from malora_lightning.run_paths import run_directory
+from malora_lightning.run_paths import (RunFileWriter, json_object_keys, refuse_foreign_file, refuse_on_every_rank,
+                                        run_directory)
 
 
 # how many of the most task-specific layers (highest task-expert NMI) the task routing plot shows expert by expert
 DETAIL_LAYERS = 4
+# the keys of `RoutingSummary.to_dict`, in order: a routing_<series>.json holding exactly these is RoutingStats'
+SUMMARY_KEYS = ["stage", "step", "tasks", "dead_threshold", "health", "task_divergence", "layers"]
+
+
+def summary_file(series: str) -> str:
+    return f"routing_{series}.json"
+
+
+def plot_files(series: str) -> list[str]:
+    """The expert load heatmap and the task routing picture of a series."""
+    return [f"expert_load_{series}.png", f"task_expert_{series}.png"]
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -225,7 +236,7 @@ class RoutingAccumulator:
 
 
 # ---------------------------------------------------------------------------------------------------- callback
-class RoutingStats(Callback):
+class RoutingStats(RunFileWriter):
     """Router telemetry over every validation and test pass; nothing is observed during training.
 
     Logs `<stage>/routing/load_cv` (mean over layers), `<stage>/routing/load_cv_max`, `<stage>/routing/entropy`
@@ -238,7 +249,9 @@ class RoutingStats(Callback):
     `val`, the fit's latest validation; `validate` and `test`, the latest trainer.validate and test, which follow no
     training and so never replace the fit's figures (before, trainer.validate wrote `routing_val.json` too). A partial
     sanity check (Lightning's default of 2 batches per loader) is not reported: a few batches' routing is not the
-    validation set's.
+    validation set's. Before any work it refuses to replace such a file that it did not write: a JSON file is its own
+    when it holds an object with exactly the keys `SUMMARY_KEYS`, in order; a picture when it carries
+    `plots.PLOT_MARK`.
 
     Args:
         dead_threshold: an expert whose load share is below this fraction of the even share 1/N is dead.
@@ -262,9 +275,13 @@ class RoutingStats(Callback):
         self._weights = WeightsStep()
 
     # ------------------------------------------------------------------ collection
-    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def _routed_layers(pl_module: L.LightningModule) -> dict[str, Any]:
         model = getattr(pl_module, "model", None)
-        layers = routed_layers(model) if isinstance(model, torch.nn.Module) else {}
+        return routed_layers(model) if isinstance(model, torch.nn.Module) else {}
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layers = self._routed_layers(pl_module)
         if not layers:
             if not self._warned:  # a note, not a warning: the default recipes attach it to LoRA runs too
                 rank_zero_info("RoutingStats: the model has no routed adapter layers (method 'lora'?); "
@@ -280,7 +297,7 @@ class RoutingStats(Callback):
             raise ValueError(f"RoutingStats expects one expert count for every routed layer, found {sorted(experts)}")
         self._top_k = next(iter(layers.values())).top_k
         self._accumulator = RoutingAccumulator(list(layers), experts.pop(), len(tasks), pl_module.device)
-        self._handle = add_routing_observer(model, self._observe)
+        self._handle = add_routing_observer(pl_module.model, self._observe)
 
     def _observe(self, record: RoutingRecord) -> None:
         """Count the layers of each scoring pass (`ScoringPass`, declared by the module; see the module docstring)."""
@@ -320,7 +337,7 @@ class RoutingStats(Callback):
             self._log(pl_module, stage, health)
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         if trainer.is_global_zero:
-            atomic_write_text(directory / f"routing_{series}.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+            atomic_write_text(directory / summary_file(series), json.dumps(summary.to_dict(), indent=2) + "\n")
             if self.plots and health["tokens"] > 0:
                 self.plots_written[series] = self._plot(summary, series, directory / PLOTS_FOLDER)
 
@@ -349,7 +366,7 @@ class RoutingStats(Callback):
             task_load = summary.layers[name].task_load[rows].double()
             details.append((name, nmi[name],
                             (task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).tolist()))
-        files = [f"expert_load_{series}.png", f"task_expert_{series}.png"]
+        files = plot_files(series)
         plot_layer_heatmap(load, names, ["all tasks"], num_experts,
                            f"Expert load per layer ({series}, step {summary.step})", "load / even share",
                            folder / files[0])
@@ -359,6 +376,24 @@ class RoutingStats(Callback):
         return files
 
     # ------------------------------------------------------------------ Lightning hooks
+    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The files of the series this run writes (none for a model without routed layers)."""
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        if not self._routed_layers(pl_module):
+            return
+        series = evaluation_series(trainer)
+
+        def check() -> None:
+            refuse_foreign_file(directory / summary_file(series), lambda path: json_object_keys(path) == SUMMARY_KEYS,
+                                "RoutingStats",
+                                f"it holds no JSON object with exactly the keys {', '.join(SUMMARY_KEYS)}",
+                                "run without it (--routing_stats null, or leave RoutingStats out of the callbacks)")
+            for name in plot_files(series) if self.plots else []:
+                refuse_foreign_plot(directory / PLOTS_FOLDER / name, "RoutingStats",
+                                    "draw no heatmaps (RoutingStats(plots=False))")
+
+        refuse_on_every_rank(trainer, check)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._weights.forget()
 

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
-from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves
+from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
 from malora_lightning.callbacks.summary import evaluation_series, percent
-from malora_lightning.run_paths import run_directory
+from malora_lightning.run_paths import (RunFileWriter, json_object_keys, refuse_foreign_file, refuse_on_every_rank,
+                                        run_directory)
 from malora_lightning.values import is_finite_number
 
 SEESAW_NAME = "seesaw.json"
@@ -144,7 +144,7 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
     return {name: float(score) for name, score in data.items()}
 
 
-class SeesawTracker(Callback):
+class SeesawTracker(RunFileWriter):
     """Per-task movement, seesaw index, best-vs-final gaps and transfer against single-task baselines.
 
     Reads the scores of the attached `PerTaskMetrics` after each evaluation (whatever the callback order). Logs
@@ -152,7 +152,9 @@ class SeesawTracker(Callback):
     evaluation on), and with baselines `<stage>/<task>/rel_gain`, `<stage>/delta_mtl`, `<stage>/negative_transfer`.
     Writes the figures to `seesaw.json` (the fit's validations under `val`; the latest trainer.validate and test,
     which follow no training, under `validate` and `test`) and the fit's validation accuracy curves to
-    `plots/task_accuracy.png`, next to the checkpoints (rank zero).
+    `plots/task_accuracy.png`, next to the checkpoints (rank zero). Before any work it refuses to replace such a
+    file that it did not write: a `seesaw.json` is its own when it holds a JSON object with exactly the keys
+    `to_dict` writes, in order; the picture when it carries `plots.PLOT_MARK`.
 
     Args:
         tolerance: accuracy change (0.01 = one point) a task must exceed to count as moving in the seesaw index.
@@ -185,6 +187,20 @@ class SeesawTracker(Callback):
             raise ValueError(f"baseline scores file {self.baseline_file} names task(s) {unknown} that this run does "
                              f"not have (tasks: {', '.join(known)})")
         metrics.add_listener(self.on_evaluation)
+
+    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        keys = list(self.to_dict())
+
+        def check() -> None:
+            refuse_foreign_file(directory / self.filename, lambda path: json_object_keys(path) == keys,
+                                "SeesawTracker", f"it holds no JSON object with exactly the keys {', '.join(keys)}",
+                                "name the file differently (SeesawTracker(filename=...))")
+            if self.plots and evaluation_series(trainer) == "val":
+                refuse_foreign_plot(directory / PLOTS_FOLDER / CURVES_NAME, "SeesawTracker",
+                                    "draw no curves (SeesawTracker(plots=False))")
+
+        refuse_on_every_rank(trainer, check)
 
     def on_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, evaluation: Evaluation) -> None:
         """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation. A fit's

@@ -1,6 +1,7 @@
 """The callbacks together on a tiny random Llama: what is logged, the JSON files, the PNGs and the run report."""
 
 import csv
+import io
 import json
 import logging
 import warnings
@@ -271,6 +272,61 @@ def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_p
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"], max_eval_examples_per_task=8))
     assert routing.results == {} and not (tmp_path / "routing_val.json").exists()
     assert "Routing health" not in (tmp_path / "report.md").read_text()
+
+
+def unmarked_png() -> bytes:
+    """A picture drawn by matplotlib, as a user's own would be: without malora_lightning's mark."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().plot([0, 1], [1, 0])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+SEESAW_NOT_OURS = r"seesaw\.json was not written by SeesawTracker \(it holds no JSON object with exactly the keys " \
+                  r"tolerance, baseline_file, baseline, stages\).*SeesawTracker\(filename=\.\.\.\)"
+ROUTING_NOT_OURS = r"was not written by RoutingStats \(it holds no JSON object with exactly the keys stage, step"
+PLOT_NOT_OURS = r"was not written by {} \(it lacks the PNG text Comment: 'drawn by malora_lightning.*plots=False"
+
+
+@pytest.mark.parametrize(("run", "name", "content", "message"), [
+    ("fit", "seesaw.json", b'{"my": "notes"}\n', SEESAW_NOT_OURS),
+    ("fit", "routing_val.json", b"mine\n", r"routing_val\.json " + ROUTING_NOT_OURS),
+    ("fit", "plots/task_accuracy.png", b"png\n", r"task_accuracy\.png " + PLOT_NOT_OURS.format("SeesawTracker")),
+    ("fit", "plots/task_expert_val.png", None, r"task_expert_val\.png " + PLOT_NOT_OURS.format("RoutingStats")),
+    ("validate", "routing_validate.json", b'{"stage": "val"}', r"routing_validate\.json " + ROUTING_NOT_OURS),
+    ("test", "seesaw.json", b"[1, 2]", SEESAW_NOT_OURS),
+    ("test", "plots/expert_load_test.png", None, r"expert_load_test\.png " + PLOT_NOT_OURS.format("RoutingStats")),
+])
+def test_a_file_the_callbacks_did_not_write_is_refused_before_any_work(tiny_model_dir, tmp_path, run, name, content,
+                                                                        message):
+    """Without a logger or checkpoints the run folder is the root folder, where the user's own files may be: they
+    were replaced without a check."""
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    content = unmarked_png() if content is None else content
+    path.write_bytes(content)
+    metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, val_check_interval=1,
+                           callbacks=[metrics, SeesawTracker(), RoutingStats()])
+    with pytest.raises(FileExistsError, match=message):
+        getattr(trainer, run)(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    assert path.read_bytes() == content
+    assert trainer.global_step == 0 and metrics.history == []  # refused before training or evaluating
+
+
+def test_a_rerun_in_the_same_folder_replaces_the_files_it_wrote(tiny_model_dir, tmp_path):
+    written = {}
+    for steps in (1, 2):
+        trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=None, val_check_interval=1,
+                               callbacks=[PerTaskMetrics(), SeesawTracker(), RoutingStats()])
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+        names = ("seesaw.json", "routing_val.json", "plots/task_accuracy.png", "plots/expert_load_val.png")
+        written[steps] = {name: (tmp_path / name).read_bytes() for name in names}
+    assert json.loads(written[2]["routing_val.json"])["step"] == 2
+    assert len(json.loads(written[2]["seesaw.json"])["stages"]["val"]) == 2
+    assert all(written[1][name] != written[2][name] for name in written[1])
 
 
 @pytest.mark.parametrize(("steps", "scored"), [(2, True), (3, False)])
