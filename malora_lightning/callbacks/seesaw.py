@@ -205,12 +205,19 @@ class SeesawTracker(RunFileWriter):
     def on_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, evaluation: Evaluation) -> None:
         """Called by `PerTaskMetrics` on every rank once it has recorded (and logged) an evaluation. A fit's
         validations make one series (`val`), movement from one to the next included; an evaluation of
-        trainer.validate or test follows no training, so it stands alone under `validate` or `test`."""
+        trainer.validate or test follows no training, so it stands alone under `validate` or `test`.
+
+        The `val` series is a function of PerTaskMetrics' history alone, so it is computed again from that history at
+        every evaluation: validate/test of a checkpoint in a new process (`malora test --ckpt_path ...`) restore the
+        fit's history, and the `val` series then stays in `seesaw.json` and the report instead of being dropped (its
+        curves are drawn by the fit only)."""
         series = evaluation_series(trainer)
-        evaluations = PerTaskMetrics.attached(trainer).evaluations(evaluation.stage, during_fit=True) \
-            if evaluation.during_fit else [evaluation]
-        points = track(evaluations, self.tolerance, self.baseline)
-        self.points[series] = points
+        fit = PerTaskMetrics.attached(trainer).evaluations("val", during_fit=True)
+        if fit:
+            self.points["val"] = track(fit, self.tolerance, self.baseline)
+        if series != "val":
+            self.points[series] = track([evaluation], self.tolerance, self.baseline)
+        points = self.points[series]
         if not trainer.sanity_checking:
             self._log(pl_module, points[-1])
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
@@ -218,7 +225,7 @@ class SeesawTracker(RunFileWriter):
             return
         atomic_write_text(directory / self.filename, json.dumps(self.to_dict(), indent=2) + "\n")
         if self.plots and series == "val":
-            plot_task_curves(evaluations, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
+            plot_task_curves(fit, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
                              self.baseline)
             self.curves_written = True
 

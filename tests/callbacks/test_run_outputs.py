@@ -329,6 +329,26 @@ def test_a_rerun_in_the_same_folder_replaces_the_files_it_wrote(tiny_model_dir, 
     assert all(written[1][name] != written[2][name] for name in written[1])
 
 
+def test_a_test_of_the_fits_checkpoint_in_a_new_process_keeps_the_fits_seesaw(tiny_model_dir, tmp_path):
+    """`malora test --ckpt_path last` in the fit's folder, without a logger: the new callbacks know no fit, so
+    seesaw.json was replaced by one with the test alone and the report lost "Seesaw over training"."""
+    fit_metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=None, num_sanity_val_steps=-1, val_check_interval=1,
+                           enable_checkpointing=True, callbacks=[fit_metrics, SeesawTracker(plots=False)])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    run_dir = tmp_path / "checkpoints"
+    fit_series = json.loads((run_dir / "seesaw.json").read_text())["stages"]["val"]
+    assert len(fit_series) == 3
+
+    tester = make_trainer(tmp_path, limit_test_batches=None, enable_checkpointing=True,
+                          callbacks=[PerTaskMetrics(), SeesawTracker(plots=False), RunReport()])
+    tester.test(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=str(run_dir / "epoch=0-step=2.ckpt"),
+                verbose=False)
+    saved = json.loads((run_dir / "seesaw.json").read_text())["stages"]
+    assert list(saved) == ["val", "test"] and saved["val"] == fit_series
+    assert "## Seesaw over training (validation)" in (run_dir / "report.md").read_text()
+
+
 @pytest.mark.parametrize(("steps", "scored"), [(2, True), (3, False)])
 def test_the_model_card_lists_the_accuracy_of_the_exported_weights_only(tiny_model_dir, tmp_path, steps, scored):
     """Validation every 2 steps: after 3 steps the last validation scored step 2's weights, not the exported ones."""
