@@ -130,9 +130,12 @@ def track(evaluations: Sequence[Evaluation], tolerance: float,
 def load_baseline_scores(path: str | Path) -> dict[str, float]:
     """Read `{"task": accuracy}` single-task scores; every error names the file and the task."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline scores file {path} ({'a folder' if path.is_dir() else 'not found'}): give "
+                                "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores unset")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"baseline scores file {path} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or not data:
         raise ValueError(f"baseline scores file {path} must hold a non-empty JSON object {{task: accuracy}}, "
@@ -179,8 +182,10 @@ class SeesawTracker(RunFileWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         metrics = PerTaskMetrics.attached(trainer)
         if metrics is None:
-            raise ValueError("SeesawTracker reads the scores of PerTaskMetrics: add "
-                             "malora_lightning.callbacks.PerTaskMetrics to the trainer's callbacks")
+            raise ValueError("SeesawTracker reads the scores of PerTaskMetrics, which this run does not have: with "
+                             "the malora command keep per_task_metrics on (or switch the tracker off too: --seesaw "
+                             "null); with a Trainer of your own add malora_lightning.callbacks.PerTaskMetrics() to its "
+                             "callbacks")
         known = [task.name for task in getattr(trainer.datamodule, "tasks", [])]
         unknown = sorted(set(self.baseline or {}) - set(known)) if known else []
         if unknown:

@@ -103,6 +103,21 @@ def test_bad_baseline_files_are_refused_naming_the_file_and_task(tmp_path, conte
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("kind", ["missing", "folder", "latin-1"])
+def test_a_baseline_file_that_cannot_be_read_is_named_as_the_baseline_scores_file(tmp_path, kind):
+    """A missing file raised a bare "[Errno 2] No such file or directory: 'nofile.json'" (which the CLI wrapped in
+    its type errors), a folder IsADirectoryError, non-UTF-8 bytes UnicodeDecodeError."""
+    path = tmp_path / "single_task.json"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "latin-1":
+        path.write_bytes('{"t\xe2che": 0.5}'.encode("latin-1"))
+    error_type, words = {"missing": (FileNotFoundError, "not found"), "folder": (FileNotFoundError, "a folder"),
+                         "latin-1": (ValueError, "is not valid JSON")}[kind]
+    with pytest.raises(error_type, match=f"baseline scores file .*single_task.json.*{words}"):
+        SeesawTracker(baseline_scores=str(path))
+
+
 def test_baseline_scores_load_as_floats(tmp_path):
     path = tmp_path / "single_task.json"
     path.write_text(json.dumps({"a": 1, "b": 0.25}))
@@ -113,3 +128,12 @@ def test_baseline_scores_load_as_floats(tmp_path):
 def test_tolerance_must_be_an_accuracy_change(tolerance):
     with pytest.raises(ValueError, match="tolerance"):
         SeesawTracker(tolerance=tolerance)
+
+
+def test_without_per_task_metrics_the_tracker_says_what_to_switch_for_the_cli_and_for_a_trainer():
+    """It told CLI users to add PerTaskMetrics to the trainer's callbacks after `--per_task_metrics null`."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"keep per_task_metrics on \(or switch the tracker off too: --seesaw null\); "
+                                         r"with a Trainer of your own add malora_lightning\.callbacks\.PerTaskMetrics"):
+        SeesawTracker().setup(SimpleNamespace(callbacks=[]), None, "fit")
