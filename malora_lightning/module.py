@@ -61,7 +61,7 @@ from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.offline_models import same_model
+from malora_lightning.offline_models import resolve_model_path, same_model
 from malora_lightning.optim import (
     SCHEDULES,
     AdapterSchedule,
@@ -266,6 +266,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             _LOADED_FILE.reset(token)
 
     # ------------------------------------------------------------------ model
+    def prepare_data(self) -> None:
+        """Convert an offline base (`resolve_model_path`) once per node: Lightning calls this on one process before
+        the others build the model, where each rank converted it again."""
+        resolve_model_path(self.settings.model_name_or_path)
+
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what

@@ -73,6 +73,31 @@ def test_a_folder_in_the_way_or_a_cache_that_cannot_be_written_is_named_before_c
         resolve_model_path(SMOLLM2)
 
 
+def test_an_offline_model_is_converted_in_prepare_data_once_per_node(monkeypatch, tmp_path):
+    """Each rank converted the GGUF itself in setup (20-30 s and a float32 copy of the model each): Lightning calls
+    prepare_data on one process per node before setup on all, and the others then find the converted folder."""
+    from malora_lightning.data import MultiTaskDataModule
+    from malora_lightning.module import MALoRAModule
+
+    conversions = []
+
+    def convert(model, target):
+        conversions.append(target.name)
+        tiny_model("llama").save_pretrained(target)
+        tiny_tokenizer(chat_template=True).save_pretrained(target)
+
+    monkeypatch.setattr(offline_models, "_convert", convert)
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    MultiTaskDataModule(tokenizer=SMOLLM2, tasks=["parity"]).prepare_data()
+    assert conversions == ["SmolLM2-135M-Instruct"]
+    assert (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file()
+    MALoRAModule(model_name_or_path=SMOLLM2).prepare_data()  # found converted: not again
+    assert conversions == ["SmolLM2-135M-Instruct"]
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "other-cache"))
+    MALoRAModule(model_name_or_path=SMOLLM2).prepare_data()  # a module without the data module converts it itself
+    assert conversions == ["SmolLM2-135M-Instruct"] * 2
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_in_4bit_answers_and_trains_malora():

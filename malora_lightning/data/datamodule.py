@@ -276,7 +276,10 @@ class MultiTaskDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------------------ setup
 
     def prepare_data(self) -> None:
-        """Fetch hub datasets once per node (Lightning calls this on one process before ``setup`` on all)."""
+        """Fetch hub datasets, and convert an offline tokenizer's model (`resolve_model_path`), once per node: Lightning
+        calls this on one process before ``setup`` on all, where each rank converted it again."""
+        if self.tokenizer_object is None and self.tokenizer_name is not None:
+            resolve_model_path(self.tokenizer_name)
         for task in self._tasks:
             if isinstance(task.source, HubSource):
                 for split in task.source.splits:
