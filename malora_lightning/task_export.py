@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from malora_lightning.adapters import read_adapter_folder, save_adapters
-from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME
+from malora_lightning.adapters.io import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, library_version
 from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_model, task_profile
 from malora_lightning.atomic import (
     apply_default_modes,
@@ -158,26 +158,39 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path,
     for task, profile in profile_tasks(module.model, data, tasks, max_examples).items():
         target = output / task
         collapsed = task_model(module.model, profile, merge)
+        base = module.settings.model_name_or_path
+        origin = (f"The `{task}` task's {'model' if merge else 'LoRA'}, collapsed from the "
+                  f"{module.adapter_config.method} mixture in `{adapter}` by `malora-task-export`: every layer's gates "
+                  f"fixed to the task's mean routing over {profile.num_tokens} training tokens"
+                  f"{f', and folded into the weights of {base}' if merge else ''}. It was not trained as it is.")
         if merge:
-            _write_model_folder(collapsed, data.tokenizer, target)
+            _write_model_folder(collapsed, data.tokenizer, target, merged_model_card(task, origin))
         else:
-            origin = (f"The `{task}` task's LoRA, collapsed from the {module.adapter_config.method} mixture in "
-                      f"`{adapter}` by `malora-task-export`: every layer's gates fixed to the task's mean routing "
-                      f"over {profile.num_tokens} training tokens. It was not trained as it is.")
-            save_adapters(collapsed, target, base_model=module.settings.model_name_or_path, origin=origin)
+            save_adapters(collapsed, target, base_model=base, origin=origin)
         logger.info("task %s: %s from %d tokens -> %s", task, "merged model" if merge else "LoRA adapter",
                     profile.num_tokens, target)
         exports.append(TaskExport(task, target, profile.num_tokens))
     return exports
 
 
-def _write_model_folder(model: nn.Module, tokenizer, target: Path) -> None:
-    """`save_pretrained` of model and tokenizer into a staging folder beside `target`, then one rename: a run killed
-    midway leaves no half-written model at `target`, only a hidden `.<name>.*` folder, which the next export of that
-    task removes (`staging_folder`)."""
+def merged_model_card(task: str, origin: str) -> str:
+    """A merged model folder's README.md: where it comes from, as an adapter folder's model card says, and how to
+    load it."""
+    return "\n".join([f"# `{task}` model merged by malora_lightning {library_version()}", "", origin, "",
+                      "## Loading", "", "A plain transformers model folder, with its tokenizer:", "", "```python",
+                      "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                      'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                      'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```", ""])
+
+
+def _write_model_folder(model: nn.Module, tokenizer, target: Path, card: str) -> None:
+    """`save_pretrained` of model and tokenizer, and the model card `card`, into a staging folder beside `target`,
+    then one rename: a run killed midway leaves no half-written model at `target`, only a hidden `.<name>.*` folder,
+    which the next export of that task removes (`staging_folder`)."""
     with staging_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
         apply_default_modes(staging)  # safetensors writes the weights owner-only
         rename_into_place(staging, target)  # `target` is absent or an empty folder (checked before any work)
 

@@ -69,6 +69,9 @@ def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_f
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "merged" / "parity").iterdir()}
     assert "model.safetensors" in modes and modes == dict.fromkeys(modes, default_mode())  # not owner-only weights
     assert stat.S_IMODE((tmp_path / "merged" / "parity").stat().st_mode) == default_mode(folder=True)
+    card = (tmp_path / "merged" / "parity" / "README.md").read_text()  # a merged folder had no model card
+    assert "The `parity` task's model, collapsed from the malora mixture in" in card and str(mixture_folder) in card
+    assert f"folded into the weights of {tiny_model_dir}" in card and "AutoModelForCausalLM.from_pretrained" in card
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "parity").eval()
     ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad():
