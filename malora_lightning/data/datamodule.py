@@ -487,11 +487,17 @@ class MultiTaskDataModule(LightningDataModule):
 
     def task_dataloader(self, task: str, split: str = "train", max_examples: int | None = None) -> DataLoader:
         """One task's examples of a loaded split, in order, with the training fields (input_ids, attention_mask,
-        labels): what a pass over one task's data needs, e.g. its routing profile (`merge.task_profile`)."""
+        labels): what a pass over one task's data needs, e.g. its routing profile (`merge.task_profile`). With
+        `max_examples`, a random subset of them fixed by the data seed (the first ones of a file sorted by topic or
+        length would stand for the whole task)."""
         examples = self._loaded(split)
         if task not in examples:
             raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")
-        chosen = examples[task] if max_examples is None else examples[task][:max_examples]
+        chosen = examples[task]
+        if max_examples is not None and max_examples < len(chosen):
+            rows = random.Random(f"{self.hparams.data_seed}:{task}:{split}:subset").sample(range(len(chosen)),
+                                                                                           max_examples)
+            chosen = [chosen[row] for row in sorted(rows)]
         return DataLoader(chosen, batch_size=self.eval_batch_size, collate_fn=self.build_collator(eval_fields=False),
                           generator=self._loader_generator(task))
 

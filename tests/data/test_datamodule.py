@@ -328,6 +328,22 @@ def test_a_later_validate_with_another_eval_limit_never_validates_on_trained_row
     assert {rows[row]["q"] for row in uncapped} == {example.prompt for example in validated}
 
 
+def test_a_task_loaders_subset_is_a_seeded_sample_of_the_whole_split():
+    """It took the split's first examples: from a file sorted by topic or length, malora-task-export profiled a
+    task's routing on one end of it."""
+    data = make()
+    data.setup("fit")
+
+    def examples(**limit) -> list[list[int]]:  # each example's tokens, its padding dropped
+        return [ids[mask.bool()].tolist() for batch in data.task_dataloader("parity", **limit)
+                for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+
+    everything, subset = examples(), examples(max_examples=5)
+    assert len(everything) > 10 and len(subset) == 5 and subset == examples(max_examples=5)
+    positions = [everything.index(row) for row in subset]
+    assert positions == sorted(positions) and positions != list(range(5))
+
+
 def test_starting_a_loader_leaves_the_global_random_state_alone():
     """A DataLoader without a generator of its own draws its workers' base seed from torch's global generator, which
     dropout draws from: the training loader's draw at each epoch start made a resume from an end-of-epoch
