@@ -154,6 +154,22 @@ def check_strategy_loadable(checkpoint: Mapping[str, Any], path: str | Path) -> 
         raise _loaded_by_the_strategy(path)
 
 
+def check_fsdp2_optimizer_layout(checkpoint: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse, for a fit resumed under `ModelParallelStrategy` (FSDP2), a checkpoint whose optimizer state a single
+    process or DDP wrote. Torch keys that state by position in the optimizer's groups (0, 1, ... in group order);
+    Lightning's FSDP2 loading takes the keys for positions among all the model's parameters, the frozen base
+    included, as its own checkpoints store them, and failed on the first mismatched shape, naming nothing."""
+    for optimizer_state in checkpoint.get("optimizer_states", []):
+        positions = [index for group in optimizer_state.get("param_groups", []) for index in group["params"]]
+        if positions and positions == list(range(len(positions))):
+            raise ValueError(f"checkpoint {path} holds its optimizer state as one process or DDP writes it (by "
+                             "position in the optimizer), and ModelParallelStrategy (FSDP2) reads it by position "
+                             "among all the model's parameters, so AdamW's state cannot be restored: resume it with "
+                             "the strategy that wrote it (DDP or one process), or start a new FSDP2 fit from its "
+                             "adapters (the run's exported adapter folder, or save_adapters after "
+                             "MALoRAModule.load_from_checkpoint) with adapter_path")
+
+
 def upgrade_checkpoint(checkpoint: dict[str, Any], up_projections: Mapping[str, torch.Size],
                        optimizer_groups: Sequence[Sequence[str]] | None, path: str | Path | None) -> None:
     """Bring a checkpoint without `CHECKPOINT_FORMAT_KEY` to `CHECKPOINT_FORMAT` in place: transpose the mixtures'

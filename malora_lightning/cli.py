@@ -11,6 +11,7 @@ from typing import Any, Callable
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
@@ -19,6 +20,7 @@ from malora_lightning.atomic import first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.checkpoints import (
     check_checkpoint_file,
+    check_fsdp2_optimizer_layout,
     check_strategy_loadable,
     read_checkpoint,
     stored_settings,
@@ -171,8 +173,9 @@ class MALoRACLI(LightningCLI):
         """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists. Then, before
         the base model loads, a local checkpoint is checked: a missing file, a folder or a cut-off file is named; its
         settings are checked against those the module was built with (`MALoRAModule.check_checkpoint`: the base, the
-        adapter's shape, for a fit the trained tensors); and a mixture's that the strategy loads itself, for its
-        format (`check_strategy_loadable`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
+        adapter's shape, for a fit the trained tensors); a mixture's that the strategy loads itself, for its
+        format (`check_strategy_loadable`); and for a fit under FSDP2, its optimizer state's layout
+        (`check_fsdp2_optimizer_layout`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
         checkpoint again as it loads, and logs the settings that differ. An evaluation with neither a checkpoint nor
         an adapter folder warns that it scores untrained adapters. (A private LightningCLI method, checked against
         Lightning 2.6.)"""
@@ -191,6 +194,8 @@ class MALoRACLI(LightningCLI):
             self.model.check_checkpoint(stored_settings(checkpoint), path, fitting=subcommand == "fit")
             if self.trainer.strategy.restore_checkpoint_after_setup and self.model.adapter_config.method != "lora":
                 check_strategy_loadable(checkpoint, path)
+            if subcommand == "fit" and isinstance(self.trainer.strategy, ModelParallelStrategy):
+                check_fsdp2_optimizer_layout(checkpoint, path)
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

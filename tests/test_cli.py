@@ -463,3 +463,28 @@ def test_a_checkpoint_of_an_earlier_format_that_the_strategy_loads_itself_is_ref
     with pytest.raises(ValueError, match=r"format-1.ckpt holds the mixtures' lora_B as \[N, m, r\].*this strategy "
                                          r"loads a checkpoint's tensors itself.*MALoRAModule.load_from_checkpoint"):
         main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'format-1.ckpt'}"])
+
+
+def test_a_one_process_checkpoint_resumed_under_fsdp2_is_refused_naming_it(tiny_model_dir, tmp_path):
+    """Lightning's FSDP2 loading takes an optimizer state's integer keys for positions among all the model's
+    parameters (as its own checkpoints store them); one process and DDP store positions in the optimizer. The resume
+    failed in set_optimizer_state_dict with "The size of tensor a (32) must match the size of tensor b (4)"."""
+    settings = tiny_run_settings(tiny_model_dir, tmp_path)
+    main(["fit", *settings, "--trainer.max_steps=1"])
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"last\.ckpt holds its optimizer state as one process or DDP writes it .*"
+                                         r"ModelParallelStrategy \(FSDP2\) reads it by position among all the model's "
+                                         r"parameters"):
+        main(["fit", *settings, "--trainer.strategy.class_path=tests.helpers.SpawnFSDP2Strategy",
+              "--trainer.devices=2", "--trainer.max_steps=2", f"--ckpt_path={checkpoint}"])
+
+
+def test_an_fsdp2_checkpoints_optimizer_layout_passes_the_check():
+    """Positions among the model's parameters, frozen ones skipped (those of a 2-rank FSDP2 fit of a tiny MALoRA)."""
+    from malora_lightning.checkpoints import check_fsdp2_optimizer_layout
+
+    fsdp2 = {"optimizer_states": [{"param_groups": [{"params": [1, 2, 3, 6, 7, 8]}, {"params": [5, 10]}]}]}
+    check_fsdp2_optimizer_layout(fsdp2, "fsdp2.ckpt")
+    one_process = {"optimizer_states": [{"param_groups": [{"params": [0, 1, 2, 3, 4, 5]}, {"params": [6, 7]}]}]}
+    with pytest.raises(ValueError, match="one-process.ckpt holds its optimizer state as one process or DDP writes it"):
+        check_fsdp2_optimizer_layout(one_process, "one-process.ckpt")
