@@ -659,15 +659,24 @@ def rebase_restored_batches(trainer: Trainer, sampler: TaskBalancedSampler, batc
         start = batches * step
         where = (f"it stopped epoch {sampler.epoch} after {start + repeated} draws, and the epoch goes on from draw "
                  f"{start} as this run's batch {batches}")
-        if repeated:
+        if repeated == 1:
+            where += f"; draw {start} of epoch {sampler.epoch} is trained again, since it falls inside that batch"
+        elif repeated:
             where += (f"; draws {start} to {start + repeated - 1} of epoch {sampler.epoch} ({repeated}) are trained "
                       "again, since they fall inside that batch")
+    if step == saved_step:
+        consequence = (f"A step still trains {step} examples, the same ones, so max_steps, val_check_interval and the "
+                       "learning-rate schedule cover the saved run's examples; the losses differ from the saved run's "
+                       "as its batches do (each batch's loss is its own token mean, and each process draws its own "
+                       "dropout).")
+    else:
+        consequence = (f"From here a step trains {step} examples instead of {saved_step}, so max_steps, "
+                       "val_check_interval, gradient accumulation and the learning-rate schedule, counted in steps or "
+                       "batches, cover other examples than the saved run's; to continue that run exactly, resume on "
+                       f"{saved_world} process(es) with batch_size={saved_batch}.")
     rank_zero_warn(f"Checkpoint {trainer.ckpt_path} was counted in batches of {saved_batch} on {saved_world} "
                    f"process(es), {saved_step} examples a step, and this run has batches of {batch_size} on {world}, "
-                   f"{step} a step: {where}. From here a step trains {step} examples instead of {saved_step}, so "
-                   "max_steps, val_check_interval, gradient accumulation and the learning-rate schedule, counted in "
-                   "steps or batches, cover other examples than the saved run's; to continue that run exactly, resume "
-                   f"on {saved_world} process(es) with batch_size={saved_batch}.")
+                   f"{step} a step: {where}. {consequence}")
 
 
 def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:

@@ -237,3 +237,14 @@ def test_a_resume_inside_one_of_this_runs_batches_trains_that_batch_again_and_sa
         resumed = fit_in_segments(tmp_path, [(1, BATCH, 3), (2, BATCH, None)])
     assert sorted(resumed[0]) == sorted(uninterrupted[0] + uninterrupted[0][8:12])
     assert sorted(resumed[1]) == sorted(uninterrupted[1])
+
+
+def test_a_resume_with_as_many_examples_a_step_says_the_steps_cover_the_same_examples(tmp_path):
+    """2 processes x 2 -> 1 x 4: the warning said a step now trains 4 examples "instead of 4", so that max_steps and
+    the schedule cover other examples than the saved run's; they cover the same ones."""
+    uninterrupted = fit_in_segments(tmp_path / "whole", [(1, 4, None)])
+    with pytest.warns(UserWarning) as caught:
+        resumed = fit_in_segments(tmp_path, [(2, 2, 2), (1, 4, None)])
+    assert sorted(resumed[0]) == sorted(uninterrupted[0]) and sorted(resumed[1]) == sorted(uninterrupted[1])
+    message = next(str(warning.message) for warning in caught if "counted in batches of 2" in str(warning.message))
+    assert "A step still trains 4 examples, the same ones" in message and "instead of" not in message
