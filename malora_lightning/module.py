@@ -408,13 +408,17 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "
                 "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
         batch_size = batch.input_ids.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/lm_loss", lm.loss, batch_size=batch_size)
-        self.log("train/aux_loss", router, batch_size=batch_size)
         summary = router_losses(self.model)
+        # the step's values, as the ranks' gradients average them: one collective for all (each rank logged its own,
+        # and a ModelCheckpoint monitoring train/loss read rank zero's share of the step)
+        logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
-            self.log("train/load_balance", summary.load_balance, batch_size=batch_size)
-        for name, value in lm.per_task.items():
+            logged["train/load_balance"] = summary.load_balance
+        averaged = self.trainer.strategy.reduce(torch.stack([value.detach().float() for value in logged.values()]),
+                                                reduce_op="mean")
+        for (key, _), value in zip(logged.items(), averaged):
+            self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
+        for name, value in lm.per_task.items():  # the tasks differ by rank: this rank's batch (rank zero's is logged)
             self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
         return loss
 

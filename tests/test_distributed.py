@@ -53,8 +53,24 @@ class DumpRankState(Callback):
             json.dump(state, handle)
 
 
+class DumpTrainLoss(Callback):
+    """Each rank writes, per step, the loss its training_step returned and the train/loss it logged."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({"own": outputs["loss"].item(), "logged": trainer.callback_metrics["train/loss"].item()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(f"{self.out_dir}/loss{trainer.global_rank}.json", "w") as handle:
+            json.dump(self.steps, handle)
+
+
 def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
-    callbacks = [PerTaskMetrics(), SeesawTracker(plots=False), RoutingStats(plots=False), DumpRankState(str(tmp_path))]
+    callbacks = [PerTaskMetrics(), SeesawTracker(plots=False), RoutingStats(plots=False), DumpRankState(str(tmp_path)),
+                 DumpTrainLoss(str(tmp_path))]
     trainer = make_trainer(tmp_path, strategy=SpawnDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=callbacks)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=7))
@@ -67,6 +83,12 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     # the callbacks log values synchronised already: Lightning warned of every one (about 20 in a 2-process run)
     # that it was "recommended to use `self.log('val/parity/loss', ..., sync_dist=True)`"
     assert [message for rank in ranks for message in rank["warnings"] if "sync_dist=True" in message] == []
+    # train/loss is the step's (the mean of the ranks' losses, as their gradients are averaged), on every rank: each
+    # logged its own before, and the progress bar and a ModelCheckpoint(monitor="train/loss") read rank zero's
+    losses = [json.loads((tmp_path / f"loss{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(losses[0]) == 3 and losses[0][0]["own"] != losses[1][0]["own"]
+    for first, second in zip(*losses):
+        assert first["logged"] == second["logged"] == pytest.approx((first["own"] + second["own"]) / 2, rel=1e-6)
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):
