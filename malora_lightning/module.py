@@ -276,11 +276,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
         the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
         that overrides `adapter_dtype`."""
-        datamodule = self.trainer.datamodule
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
-            if datamodule is not None:
-                _check_loadable_hyperparameters(datamodule.hparams, "data module hyperparameter")
+            if self.trainer.datamodule is not None:
+                _check_loadable_hyperparameters(self.trainer.datamodule.hparams, "data module hyperparameter")
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
