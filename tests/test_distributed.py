@@ -41,6 +41,7 @@ class DumpRankState(Callback):
         self.recording.__exit__(None, None, None)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        torch.distributed.barrier()  # on_fit_end runs after the strategy's teardown: the group must still be there
         metrics = next(c for c in trainer.callbacks if isinstance(c, PerTaskMetrics))
         final = metrics.evaluations("val")[-1]
         digest = hashlib.sha256()
