@@ -103,6 +103,7 @@ class AdapterFolder:
     base_quantization: str | None  # how the base was quantized when the adapter was saved (None: not, or unknown)
     layout: Literal["peft", "legacy"]  # "legacy": our format before PEFT's keys (no prefix, no ".weight")
     base_compute_dtype: str | None = None  # what the 4-bit base computed in when saved (None: not 4-bit, or unknown)
+    base_recorded: bool = False  # whether the folder records the two above (ours since they exist: None is "not")
 
     def stored_key(self, key: str) -> str:
         return peft_key(key) if self.layout == "peft" else key
@@ -139,7 +140,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
         return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
-                             metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None)
+                             metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None,
+                             base_recorded=METADATA_BASE_QUANTIZATION in metadata)
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys

@@ -140,7 +140,8 @@ def load_base_model(
             "offline:SmolLM2-135M-Instruct" (see `offline_models`).
         quantization: None (no quantization), "nf4", "fp4" (4-bit) or "int8".
         compute_dtype: the dtype 4-bit layers compute in.
-        dtype: dtype of the weights that are not quantized; default compute_dtype when quantized, else float32.
+        dtype: dtype the weights are loaded in; default compute_dtype when quantized, else float32. With
+            `prepare_for_training` a quantized base's other weights are then kept in float32 (rounded through it).
         quant_storage: storage dtype of packed 4-bit weights; set it to the `dtype` of the other weights for FSDP.
         double_quant: quantize the 4-bit quantization constants too (QLoRA).
         device_map: passed to `from_pretrained` (e.g. "cpu", {"": 0}); None loads onto the CPU, also with a GPU
