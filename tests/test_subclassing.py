@@ -222,3 +222,17 @@ def test_the_settings_are_every_argument_of_the_module_but_its_adapter():
 
     arguments = set(inspect.signature(MALoRAModule.__init__).parameters) - {"self", "adapter"}
     assert {field.name for field in dataclasses.fields(module_file.ModuleSettings)} == arguments
+
+
+class PassThrough(MALoRAModule):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+def test_a_pass_through_subclass_given_positional_arguments_loads_back_with_them(tiny_model_dir, tmp_path):
+    """Values passed on through *args have no name in the subclass's frame: recording only its named arguments
+    rebuilt the module on the default base (refused as another base, or another quantization, silently)."""
+    module = PassThrough(str(tiny_model_dir), None, adapter=SMALL, learning_rate=2e-3)
+    assert module.hparams["model_name_or_path"] == str(tiny_model_dir) and module.hparams["quantization"] is None
+    loaded = PassThrough.load_from_checkpoint(fit_checkpoint(module, tmp_path))
+    assert loaded.settings == module.settings and loaded.adapter_config == SMALL
