@@ -42,7 +42,6 @@ from malora_lightning.adapters import (
     read_adapter_folder,
     router_losses,
 )
-from malora_lightning.adapters.io import AdapterFolder
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import routed_layers, trained_tensor_names, unwrapped_name
 from malora_lightning.adapters.quantization import DtypeName, Quantization, StorageDtypeName
@@ -342,12 +341,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         settings = self.settings
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         device_map = {"": device} if settings.quantization is not None and device.type != "cpu" else None
-        compute_dtype = resolve_compute_dtype(settings.compute_dtype, device.type)
-        if settings.adapter_path is not None:
-            _warn_of_another_base_precision(read_adapter_folder(settings.adapter_path), settings.quantization,
-                                            compute_dtype)
         model = load_base_model(settings.model_name_or_path, quantization=settings.quantization,
-                                compute_dtype=compute_dtype,
+                                compute_dtype=resolve_compute_dtype(settings.compute_dtype, device.type),
                                 dtype=settings.dtype,
                                 quant_storage=settings.quant_storage, device_map=device_map,
                                 attn_implementation=settings.attn_implementation,
@@ -608,29 +603,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
-
-
-def _warn_of_another_base_precision(folder: AdapterFolder, quantization: str | None, compute_dtype: str) -> None:
-    """Warn when an `adapter_path` folder records a base quantized or computing otherwise than this run loads it (a
-    folder trained on an unquantized base, evaluated under the default recipe's nf4): the adapters then run on other
-    base weights than they were trained with, and score differently, which nothing said."""
-    if not folder.base_recorded:
-        return
-    saved_compute = folder.base_compute_dtype if folder.base_quantization is not None else None
-    run_compute = compute_dtype if quantization is not None else None
-    if folder.base_quantization == quantization and saved_compute in (None, run_compute):
-        return
-
-    def described(scheme: str | None, computing: str | None) -> str:
-        return "unquantized" if scheme is None else f"{scheme}{f', computing in {computing}' if computing else ''}"
-
-    advice = f"quantization={folder.base_quantization!r}" + (f" and compute_dtype={saved_compute!r}"
-                                                              if saved_compute else "")
-    rank_zero_warn(f"adapter_path {folder.path} was trained on a base loaded "
-                   f"{described(folder.base_quantization, saved_compute)}, and this run loads it "
-                   f"{described(quantization, run_compute)}: the adapters run on other base weights than they were "
-                   f"trained with, so they score differently from the trained model. To evaluate it as trained, set "
-                   f"{advice}")
 
 
 def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -203,6 +204,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     frozen; with True the saved config's switches apply.
     """
     folder = read_adapter_folder(path)
+    _warn_of_another_base_precision(folder, model)
     config = folder.config
     if adapter_layers(model):
         current = get_adapter_config(model)
@@ -275,6 +277,28 @@ def _forward_settings(config: AdapterConfig) -> dict[str, Any]:
 
 
 SAVED = "saved"  # load_adapted_model's default: a setting as the folder records it
+
+
+def _warn_of_another_base_precision(folder: AdapterFolder, model: nn.Module) -> None:
+    """Warn when a folder records a base quantized or computing otherwise than `model`'s (a folder trained on an
+    unquantized base, evaluated under the default recipe's nf4): the adapters then run on other base weights than
+    they were trained with, and score differently, which nothing said."""
+    if not folder.base_recorded:
+        return
+    quantization, run_compute = base_quantization(model), base_compute_dtype(model)
+    saved_compute = folder.base_compute_dtype if folder.base_quantization is not None else None
+    if folder.base_quantization == quantization and saved_compute in (None, run_compute):
+        return
+
+    def described(scheme: str | None, computing: str | None) -> str:
+        return "unquantized" if scheme is None else f"{scheme}{f', computing in {computing}' if computing else ''}"
+
+    advice = f"quantization={folder.base_quantization!r}" + (f" and compute_dtype={saved_compute!r}"
+                                                              if saved_compute else "")
+    warnings.warn(f"{folder.path} was trained on a base loaded {described(folder.base_quantization, saved_compute)}, "
+                  f"and this run loads it {described(quantization, run_compute)}: the adapters run on other base "
+                  f"weights than they were trained with, so they score differently from the trained model. To "
+                  f"evaluate it as trained, set {advice}", stacklevel=3)
 
 
 def load_adapted_model(path: str | Path, base_model: str | None = None,
