@@ -54,7 +54,7 @@ def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], writer: str, m
     """Raise FileExistsError when `path` exists and `ours(path)` says `writer` did not write it; `mark` says how its
     files are known, `remedy` what else the user can do besides moving the file or giving the run its own folder."""
     if path.exists() and not ours(path):
-        raise FileExistsError(f"{path} was not written by {writer} ({mark}) and would be replaced by this run's: move "
+        raise FileExistsError(f"{path} was not written by {writer} ({mark}) and this run would replace it: move "
                               f"it, {OWN_FOLDER}, or {remedy}")
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, check_writable
 from malora_lightning.data.sampling import ShardIndex
-from malora_lightning.run_paths import refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import refuse_foreign_file, refuse_on_every_rank, run_directory
 
 PREDICTIONS_NAME = "predictions.jsonl"
 
@@ -66,19 +66,16 @@ def refuse_foreign_predictions(path: Path) -> None:
     """Raise FileExistsError when `path` exists and is not a predictions file as `PredictionWriter` writes it. JSON
     lines have no header to mark the file as ours (a marker line would break every reader of the rows), so it is known
     by its content: every line a `Prediction` (an empty file, as zero predictions write, holds nothing to lose)."""
-    if not path.exists():
-        return
-    try:
-        with path.open(encoding="utf-8") as lines:
-            ours = all(is_prediction_line(line) for line in lines)
-    except UnicodeDecodeError:
-        ours = False
-    if not ours:
-        raise FileExistsError(f"{path} was not written by PredictionWriter (not every line is a JSON object with "
-                              f"exactly the keys {', '.join(PREDICTION_KEYS)}) and would be replaced by this run's "
-                              "predictions: move it, give the run a folder of its own (Trainer(default_root_dir=...), "
-                              "a logger, or ModelCheckpoint(dirpath=...)), or write the predictions elsewhere "
-                              "(PredictionWriter(path=...), --predictions.path)")
+    def ours(predictions: Path) -> bool:
+        try:
+            with predictions.open(encoding="utf-8") as lines:
+                return all(is_prediction_line(line) for line in lines)
+        except UnicodeDecodeError:
+            return False
+
+    refuse_foreign_file(path, ours, "PredictionWriter",
+                        f"not every line is a JSON object with exactly the keys {', '.join(PREDICTION_KEYS)}",
+                        "write the predictions elsewhere (PredictionWriter(path=...), --predictions.path)")
 
 
 @dataclasses.dataclass(frozen=True)

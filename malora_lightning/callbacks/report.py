@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
 from malora_lightning.callbacks.summary import mean_of_present, percent
-from malora_lightning.run_paths import refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import refuse_foreign_file, refuse_on_every_rank, run_directory
 
 REPORT_NAME = "report.md"
 REPORT_MARKER = "<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and test -->"
@@ -68,11 +68,9 @@ def _loss(value: float | None) -> str:
 def refuse_foreign_report(path: Path) -> None:
     """Raise FileExistsError when `path` exists and its first line is neither the marker nor, from reports written
     before the marker, the title."""
-    if first_line(path) not in (None, REPORT_MARKER, REPORT_TITLE):
-        raise FileExistsError(f"{path} was not written by RunReport (its first line is not {REPORT_MARKER!r}) and "
-                              "would be replaced by this run's report: move it, give the run a folder of its own "
-                              "(Trainer(default_root_dir=...), a logger, or ModelCheckpoint(dirpath=...)), or name the "
-                              "report differently (RunReport(filename=...))")
+    refuse_foreign_file(path, lambda report: first_line(report) in (None, REPORT_MARKER, REPORT_TITLE), "RunReport",
+                        f"its first line is not {REPORT_MARKER!r}",
+                        "name the report differently (RunReport(filename=...))")
 
 
 class RunReport(Callback):
