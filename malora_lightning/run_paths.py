@@ -39,10 +39,9 @@ def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
         raise error_type(message)
 
 
-def json_object_keys(path: Path) -> list[str] | None:
-    """The keys, in order, of the JSON object a file holds; None when it holds none (other JSON, not JSON, not UTF-8).
-    The callbacks' JSON files are known as theirs by these: a marker key would be missing from the files of earlier
-    versions, which a rerun in the same folder has to replace."""
+def _json_object_keys(path: Path) -> list[str] | None:
+    """The keys, in order, of the JSON object a file holds; None when it holds none (other JSON, not JSON, not
+    UTF-8)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -56,6 +55,14 @@ def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], writer: str, m
     if path.exists() and not ours(path):
         raise FileExistsError(f"{path} was not written by {writer} ({mark}) and this run would replace it: move "
                               f"it, {OWN_FOLDER}, or {remedy}")
+
+
+def refuse_foreign_json(path: Path, keys: list[str], writer: str, remedy: str) -> None:
+    """`refuse_foreign_file` for a JSON file `writer` writes, known as its own by holding an object with exactly
+    `keys`, in order: a marker key would be missing from the files of earlier versions, which a rerun in the same
+    folder has to replace."""
+    refuse_foreign_file(path, lambda written: _json_object_keys(written) == keys, writer,
+                        f"it holds no JSON object with exactly the keys {', '.join(keys)}", remedy)
 
 
 class RunFileWriter(Callback):

@@ -44,8 +44,7 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
-from malora_lightning.run_paths import (RunFileWriter, json_object_keys, refuse_foreign_file, refuse_on_every_rank,
-                                        run_directory)
+from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
 
 
 # how many of the most task-specific layers (highest task-expert NMI) the task routing plot shows expert by expert
@@ -384,9 +383,7 @@ class RoutingStats(RunFileWriter):
         series = evaluation_series(trainer)
 
         def check() -> None:
-            refuse_foreign_file(directory / summary_file(series), lambda path: json_object_keys(path) == SUMMARY_KEYS,
-                                "RoutingStats",
-                                f"it holds no JSON object with exactly the keys {', '.join(SUMMARY_KEYS)}",
+            refuse_foreign_json(directory / summary_file(series), SUMMARY_KEYS, "RoutingStats",
                                 "run without it (--routing_stats null, or leave RoutingStats out of the callbacks)")
             for name in plot_files(series) if self.plots else []:
                 refuse_foreign_plot(directory / PLOTS_FOLDER / name, "RoutingStats",

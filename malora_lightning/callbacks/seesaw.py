@@ -33,8 +33,7 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
 from malora_lightning.callbacks.summary import evaluation_series, percent
-from malora_lightning.run_paths import (RunFileWriter, json_object_keys, refuse_foreign_file, refuse_on_every_rank,
-                                        run_directory)
+from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
 from malora_lightning.values import is_finite_number
 
 SEESAW_NAME = "seesaw.json"
@@ -132,7 +131,8 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"baseline scores file {path} ({'a folder' if path.is_dir() else 'not found'}): give "
-                                "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores unset")
+                                "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores "
+                                "unset")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -198,8 +198,7 @@ class SeesawTracker(RunFileWriter):
         keys = list(self.to_dict())
 
         def check() -> None:
-            refuse_foreign_file(directory / self.filename, lambda path: json_object_keys(path) == keys,
-                                "SeesawTracker", f"it holds no JSON object with exactly the keys {', '.join(keys)}",
+            refuse_foreign_json(directory / self.filename, keys, "SeesawTracker",
                                 "name the file differently (SeesawTracker(filename=...))")
             if self.plots and evaluation_series(trainer) == "val":
                 refuse_foreign_plot(directory / PLOTS_FOLDER / CURVES_NAME, "SeesawTracker",
