@@ -416,14 +416,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
         batch_size = batch.input_ids.shape[0]
         summary = router_losses(self.model)
-        # the step's values, as the ranks' gradients average them: one collective for all (each rank logged its own,
-        # and a ModelCheckpoint monitoring train/loss read rank zero's share of the step)
         logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
             logged["train/load_balance"] = summary.load_balance
-        averaged = self.trainer.strategy.reduce(torch.stack([value.detach().float() for value in logged.values()]),
-                                                reduce_op="mean")
-        for (key, _), value in zip(logged.items(), averaged):
+        if self.trainer.world_size > 1:  # the step's values, as the ranks' gradients average them, in one collective
+            # (each rank logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share)
+            averaged = self.trainer.strategy.reduce(torch.stack([value.detach().float() for value in logged.values()]),
+                                                    reduce_op="mean")
+            logged = dict(zip(logged, averaged))
+        for key, value in logged.items():
             self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
         for name, value in lm.per_task.items():  # the tasks differ by rank: this rank's batch (rank zero's is logged)
             self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
