@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
-from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer
+from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer, is_peft_module
 from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers, replace_module
 from malora_lightning.adapters.routing import install_routing_context
 
@@ -84,8 +84,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if existing:
         raise ValueError(f"the model already has {len(existing)} {_adapter_method(existing)} adapter layers (e.g. "
                          f"{next(iter(existing))!r}); inject into a fresh base model instead of injecting twice")
-    peft_module = next((name for name, module in model.named_modules()
-                        if type(module).__module__.split(".")[0] == "peft"), None)
+    peft_module = next((name for name, module in model.named_modules() if is_peft_module(module)), None)
     if peft_module is not None:  # freezing every parameter froze PEFT's adapters; "all-linear" wrapped its lora_A/B
         where = repr(peft_module) if peft_module else "the model itself"
         kind = type(model.get_submodule(peft_module)).__name__

@@ -54,6 +54,12 @@ from malora_lightning.adapters.routing import (
 )
 
 
+def is_peft_module(module: nn.Module) -> bool:
+    """Whether `module` is one of PEFT's own (a PeftModel, a tuner layer or model), told by where its class lives:
+    PEFT is optional, so it is never imported to check."""
+    return type(module).__module__.split(".")[0] == "peft"
+
+
 def base_layer_shape(base_layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported base layer (nn.Linear and bnb subclasses, GPT-2's Conv1D)."""
     if isinstance(base_layer, Conv1D):
@@ -208,7 +214,7 @@ class RoutedAdapterLayer(AdapterLayer):
     def __setattr__(self, name: str, value: Any) -> None:
         """Refuse a PEFT layer in the router's place (PEFT's `target_modules="all-linear"` on a routed model): the
         kernels read `router.weight` itself, fused with the down-projection, so its LoRA would be ignored silently."""
-        if name == "router" and isinstance(value, nn.Module) and type(value).__module__.split(".")[0] == "peft":
+        if name == "router" and isinstance(value, nn.Module) and is_peft_module(value):
             raise TypeError(f"{self.name or type(self).__name__}: the router cannot be wrapped by PEFT "
                             f"({type(value).__name__}), whose computation the routed kernels would skip; leave the "
                             "routers out of PEFT's target_modules (they train already: "
