@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -182,11 +183,17 @@ def _marked_answer(text: str) -> str | None:
     return None if line is None else _normalised(line)
 
 
-def _as_number(answer: str) -> Decimal | None:
-    """The answer's value when it is one number (``1,000``, ``$18.00``, ``.5``, ``-3.``), else None. Decimal, so
-    that ``18.00`` equals ``18`` exactly and no two different answers round to one float."""
-    text = answer.replace("$", "").rstrip(".").strip()
-    return Decimal(text.replace(",", "")) if _NUMBER.fullmatch(text) else None
+def _as_value(answer: str) -> Fraction | None:
+    """The answer's value when it is one number (``1,000``, ``$18.00``, ``.5``, ``-3.``) or a fraction of two
+    (``3/4``, ``6 / 8``), else None. Exact (``Fraction`` of the written decimals), so that ``18.00`` equals ``18`` and
+    ``0.75`` equals ``3/4``, and no two different answers round to one float."""
+    text = answer.replace("$", "").replace(",", "").rstrip(".").strip()
+    if _NUMBER.fullmatch(text):
+        return Fraction(Decimal(text))
+    if not _NUMBER_OR_FRACTION.fullmatch(text):
+        return None
+    numerator, denominator = (Fraction(Decimal(part.strip())) for part in text.split("/"))
+    return None if denominator == 0 else numerator / denominator
 
 
 def final_answer(text: str) -> str:
@@ -205,19 +212,19 @@ def final_answer_matches(prediction: str, target: str) -> bool:
     """Whether a prediction gives a reference's final answer: the reference's marked answer (``#### 72``), or the
     whole reference when it has no marker; either way the same rule follows.
 
-    A number (``72``, ``1,000``, ``18.00``, ``.5``) is compared by value with the last number of the prediction's
-    final answer: the line after its last marker (``The answer is 72 apples.``, ``#### 18.00``), or with no marker
-    the whole prediction (``She has 72 apples``); a fraction there (``1/4``) is one answer, never its last number.
-    Any other reference ("3/4", "2:30", "x = 7", "\\frac{3}{4}") is compared as text, commas, ``$`` and a trailing
-    period aside, with the prediction's marked answer or else its first line, since reducing the prediction to its
-    last number would count ``1/4`` as ``3/4``."""
+    A number or a fraction of two (``72``, ``1,000``, ``18.00``, ``.5``, ``3/4``) is compared by value with the last
+    number or fraction of the prediction's final answer: the line after its last marker (``The answer is 72
+    apples.``, ``#### 0.75``), or with no marker the whole prediction (``She has 72 apples``); a fraction there
+    (``1/4``) is one answer, never its last number. Any other reference ("2:30", "x = 7", "\\frac{3}{4}") is compared
+    as text, commas, ``$`` and a trailing period aside, with the prediction's marked answer or else its first line,
+    since reducing both to their last number would count ``4:30`` as ``2:30``."""
     marked = _marked_line(target)
     reference = " ".join(target.split()) if marked is None else marked
-    expected = _as_number(reference)
+    expected = _as_value(reference)
     if expected is not None:
         given = _marked_line(prediction)
         answers = _NUMBER_OR_FRACTION.findall(prediction if given is None else given)
-        return bool(answers) and _as_number(answers[-1]) == expected
+        return bool(answers) and _as_value(answers[-1]) == expected
     given = _marked_answer(prediction)
     return (given if given is not None else _normalised(first_line(prediction))) == _normalised(reference)
 
@@ -464,7 +471,7 @@ class Task:
     """A named task: its data, its formatter, and how its answers are scored.
 
     ``kind`` is ``generative`` (scored by exact match of ``answer(prediction)`` against ``answer(target)``; with
-    ``final_answer``, by ``final_answer_matches``: a number by value, any other answer as text) or
+    ``final_answer``, by ``final_answer_matches``: a number or fraction by value, any other answer as text) or
     ``multiple_choice`` (scored by log-likelihood accuracy over the choices). ``chance_rate`` is the score of
     guessing, or of always giving the most common answer, to read scores against. ``max_new_tokens`` is the
     generation length; ``None`` means "the longest target in tokens plus the end token", which the datamodule
@@ -505,7 +512,7 @@ class Task:
 
     def is_correct(self, prediction: str, target: str) -> bool:
         """Exact match after this task's answer extraction (first line), or for a worked solution's final answer
-        ``final_answer_matches`` (numbers compared by value)."""
+        ``final_answer_matches`` (numbers and fractions compared by value)."""
         if self.answer is final_answer:
             return final_answer_matches(prediction, target)
         return self.answer(prediction) == self.answer(target)

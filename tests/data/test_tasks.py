@@ -182,6 +182,15 @@ def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, pred
     ("4", "1/4", False),
     ("#### 4", "The answer is 1 / 4", False),
     ("#### 24", "48/2 = 24", True),
+    ("#### 0.75", "The answer is 3/4", True),  # each of these five was counted wrong: a fraction was compared as text
+    ("#### 3/4", "#### 0.75", True),
+    ("3/4", "6 / 8", True),
+    ("#### 3/4", "She ate 3/4 of the pie.", True),
+    ("#### -1/2", "#### -0.50", True),
+    ("#### 3/4", "#### 4/3", False),
+    ("#### 1/0", "#### 1/0", True),  # no value: compared as text
+    ("#### 1/0", "#### 2/0", False),
+    ("#### 0", "#### 0/0", False),
 ])
 def test_final_answer_compares_a_number_by_value_with_the_predictions_final_answer(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
