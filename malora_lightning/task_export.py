@@ -28,6 +28,7 @@ from malora_lightning.adapters.merge import TaskProfile, merge_task, task_lora_m
 from malora_lightning.atomic import (
     apply_default_modes,
     check_writable,
+    first_line,
     recover_replace,
     rename_into_place,
     staging_folder,
@@ -121,6 +122,7 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
     twice = repeated(tasks)
     if twice:
         raise ValueError(f"--tasks names {twice[0]!r} more than once: each task is exported to one folder")
+    merged_before = []  # tasks whose merged model an earlier export wrote: a rerun after a stop goes on with the rest
     check_writable_output(output)
     source = adapter.resolve()
     for task in tasks:
@@ -136,6 +138,9 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
             raise FileExistsError(f"{target} is a file; the export writes a folder there: choose another --output")
         if not target.is_dir() or not any(target.iterdir()):
             continue
+        if merge and (first_line(target / CARD_NAME) or "").startswith(f"{merged_card_title(task)} "):
+            merged_before.append(task)
+            continue
         if merge:
             raise FileExistsError(f"{target} exists and is not empty: --merge writes a whole model folder and never "
                                   "writes into an existing one (--overwrite does not apply); choose another --output")
@@ -147,6 +152,13 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
             raise FileExistsError(f"{target} exists and is not empty (an adapter folder): pass --overwrite to replace "
                                   f"its {' and '.join(ADAPTER_FILES)} (and a {CARD_NAME} that save_adapters wrote; "
                                   "other files stay), or choose another --output")
+    if merged_before:
+        rest = [task for task in tasks if task not in merged_before]
+        go_on = f"pass --tasks {' '.join(rest)} to export the others, " if rest else ""
+        raise FileExistsError(f"{', '.join(str(output / task) for task in merged_before)} already hold"
+                              f"{'s' if len(merged_before) == 1 else ''} a merged model of an earlier export, and "
+                              f"--merge never writes into an existing folder (--overwrite does not apply): {go_on}"
+                              "delete a folder to export its task again, or choose another --output")
 
 
 def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path, output: Path, tasks: list[str],
@@ -173,10 +185,16 @@ def export_tasks(module: MALoRAModule, data: MultiTaskDataModule, adapter: Path,
     return exports
 
 
+def merged_card_title(task: str) -> str:
+    """The first line of a merged model folder's README.md but the version, by which a rerun knows the folders an
+    export wrote."""
+    return f"# `{task}` model merged by malora_lightning"
+
+
 def merged_model_card(task: str, origin: str) -> str:
     """A merged model folder's README.md: where it comes from, as an adapter folder's model card says, and how to
     load it."""
-    return "\n".join([f"# `{task}` model merged by malora_lightning {library_version()}", "", origin, "",
+    return "\n".join([f"{merged_card_title(task)} {library_version()}", "", origin, "",
                       "## Loading", "", "A plain transformers model folder, with its tokenizer:", "", "```python",
                       "from transformers import AutoModelForCausalLM, AutoTokenizer",
                       'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',

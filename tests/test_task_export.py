@@ -77,6 +77,15 @@ def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_f
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected.eval()(ids).logits, rtol=0, atol=1e-5)
 
+    # a rerun after a stop (a kill, an error in a later task) was told only to choose another --output
+    before = folder_bytes(tmp_path / "merged" / "parity")
+    with pytest.raises(FileExistsError, match=r"merged/parity already holds a merged model of an earlier export, "
+                                              r"and --merge never writes .*: pass --tasks add_2digit to export the "
+                                              r"others, delete a folder to export its task again"):
+        main(["--adapter", str(mixture_folder), "--output", str(tmp_path / "merged"), "--merge",
+              *recipe_flags(tiny_model_dir)])
+    assert folder_bytes(tmp_path / "merged" / "parity") == before
+
 
 def test_bad_inputs_are_named(tiny_model_dir, tmp_path, mixture_folder):
     lora = inject_adapters(load_base_model(str(tiny_model_dir)), AdapterConfig(method="lora", rank=2))
