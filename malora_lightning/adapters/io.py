@@ -56,6 +56,7 @@ METADATA_CONFIG = "malora_lightning.adapter_config"
 METADATA_VERSION = "malora_lightning.version"
 METADATA_BASE_QUANTIZATION = "malora_lightning.base_quantization"
 METADATA_BASE_COMPUTE_DTYPE = "malora_lightning.base_compute_dtype"
+METADATA_BASE_MODEL_TYPE = "malora_lightning.base_model_type"
 # PEFT LoraConfig settings that change what the tensors mean; a PEFT folder using any of them cannot be loaded here
 _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
@@ -105,6 +106,7 @@ class AdapterFolder:
     layout: Literal["peft", "legacy"]  # "legacy": our format before PEFT's keys (no prefix, no ".weight")
     base_compute_dtype: str | None = None  # what the 4-bit base computed in when saved (None: not 4-bit, or unknown)
     base_recorded: bool = False  # whether the folder records the two above (ours since they exist: None is "not")
+    base_model_type: str | None = None  # the base's `config.model_type` when saved ("llama"; None: unknown)
 
     def stored_key(self, key: str) -> str:
         return peft_key(key) if self.layout == "peft" else key
@@ -142,7 +144,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
         return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
                              metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None,
-                             base_recorded=METADATA_BASE_QUANTIZATION in metadata)
+                             base_recorded=METADATA_BASE_QUANTIZATION in metadata,
+                             base_model_type=metadata.get(METADATA_BASE_MODEL_TYPE) or None)
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
@@ -204,6 +207,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     frozen; with True the saved config's switches apply.
     """
     folder = read_adapter_folder(path)
+    _warn_of_another_base_family(folder, model)
     _warn_of_another_base_precision(folder, model)
     config = folder.config
     if adapter_layers(model):
@@ -277,6 +281,24 @@ def _forward_settings(config: AdapterConfig) -> dict[str, Any]:
 
 
 SAVED = "saved"  # load_adapted_model's default: a setting as the folder records it
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or None
+
+
+def _warn_of_another_base_family(folder: AdapterFolder, model: nn.Module) -> None:
+    """Warn when a folder records a base of another architecture than `model`'s: Llama's and Mistral's (or Qwen2's)
+    modules share names, so a folder of one loads into another of the same sizes without a shape mismatch, and its
+    adapters then compute on weights they were never trained with."""
+    running = _model_type(model)
+    if folder.base_model_type is None or running is None or folder.base_model_type == running:
+        return
+    warnings.warn(f"{folder.path} was trained on a {folder.base_model_type!r} base model"
+                  f"{f' ({folder.base_model})' if folder.base_model else ''}, and this model is a {running!r}: its "
+                  f"adapters load by module name and shape, and compute on weights they were not trained with. Load "
+                  f"it into {folder.base_model or f'a {folder.base_model_type} model'}", stacklevel=3)
 
 
 def _warn_of_another_base_precision(folder: AdapterFolder, model: nn.Module) -> None:
@@ -371,7 +393,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     quantization = base_quantization(model)
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or "",
-                METADATA_BASE_COMPUTE_DTYPE: base_compute_dtype(model) or ""}
+                METADATA_BASE_COMPUTE_DTYPE: base_compute_dtype(model) or "",
+                METADATA_BASE_MODEL_TYPE: _model_type(model) or ""}
     check_writable_adapter_folder(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:

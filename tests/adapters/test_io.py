@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,17 @@ def test_nan_adapter_tensors_are_refused_by_name(tmp_path):
     rewrite_tensors(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].fill_(float("nan")))
     with pytest.raises(ValueError, match=r"tensor 'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight' holds NaN or infinite values"):
         load_adapters(tiny_model("llama"), tmp_path / "a")
+
+
+def test_a_folder_loaded_into_another_architecture_of_the_same_sizes_warns(tmp_path):
+    """Llama's and Mistral's modules share names: a Llama folder loaded into a Mistral of the same sizes matched
+    every tensor's name and shape and loaded without a word."""
+    save_adapters(trained_model("malora"), tmp_path / "adapter")
+    assert read_adapter_folder(tmp_path / "adapter").base_model_type == "llama"
+    with pytest.warns(UserWarning, match=r"adapter was trained on a 'llama' base model, and this model is a "
+                                         r"'mistral': its adapters load by module name and shape.* Load it into a "
+                                         r"llama model"):
+        load_adapters(tiny_model("mistral"), tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters(tiny_model("llama", seed=1), tmp_path / "adapter")  # another Llama: the family matches
