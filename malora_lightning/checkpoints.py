@@ -93,6 +93,33 @@ def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[
             for field in fields if field in stored and stored[field] != getattr(adapter, field)]
 
 
+def stored_adapter_settings(stored: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The adapter settings among a checkpoint's `stored_settings`, as a dict."""
+    adapter = stored.get("adapter") or {}
+    # load_from_checkpoint(adapter=AdapterConfig(...)) merges the object in as it is
+    return adapter.to_dict() if hasattr(adapter, "to_dict") else adapter
+
+
+def computed_otherwise(stored: Mapping[str, Any], adapter: Any) -> list[str]:
+    """``model.adapter.<field>: checkpoint <value>, this run <value>`` for each setting with which a checkpoint's
+    adapter tensors (``stored``: its stored adapter settings, of the same shape as the run's ``adapter``) compute
+    otherwise in this run: the scaling ``alpha`` (None is 2 * rank) and, for a mixture, ``top_k`` and
+    ``renormalize_top_k``. They load, and score otherwise than the trained model did."""
+    if "alpha" not in stored or "rank" not in stored:
+        return []
+
+    def alpha(settings: Any) -> float:
+        value = settings["alpha"] if isinstance(settings, Mapping) else settings.alpha
+        rank = settings["rank"] if isinstance(settings, Mapping) else settings.rank
+        return 2.0 * rank if value is None else float(value)
+
+    changed = [] if alpha(stored) == alpha(adapter) else [
+        f"model.adapter.alpha: checkpoint {stored['alpha']!r}, this run {adapter.alpha!r}"]
+    if adapter.is_routed:
+        changed += adapter_conflicts(stored, adapter, ("top_k", "renormalize_top_k"), prefix="model.adapter.")
+    return changed
+
+
 def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, Any], adapter: Any,
                               path: str | Path | None, training_fields: Sequence[str] = ()) -> list[str]:
     """Compare a checkpoint's `stored_settings` with the run's module settings: `settings`, what the module runs with
@@ -106,9 +133,7 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     (the run's values apply to them), as `model.<name>`. A checkpoint's hyperparameters of a subclass that fixed its
     base (`stored_settings`, before `SETTINGS_KEY`) may not name the base; it is then not compared.
     """
-    stored_adapter = stored.get("adapter") or {}
-    if hasattr(stored_adapter, "to_dict"):  # load_from_checkpoint(adapter=AdapterConfig(...)) merges it in as it is
-        stored_adapter = stored_adapter.to_dict()
+    stored_adapter = stored_adapter_settings(stored)
     conflicts, differences = [], []
     if "model_name_or_path" in stored and "model_name_or_path" in settings \
             and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):

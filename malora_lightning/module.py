@@ -54,6 +54,8 @@ from malora_lightning.checkpoints import (
     CheckedCheckpointIO,
     check_checkpoint_file,
     check_checkpoint_settings,
+    computed_otherwise,
+    stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
 )
@@ -565,7 +567,14 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                  "more target_modules or layers) or base model, and loading it would drop "
                                  f"them{source}")
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        differences = self.check_checkpoint(stored_settings(checkpoint), path, fitting)
+        stored = stored_settings(checkpoint)
+        differences = self.check_checkpoint(stored, path, fitting)
+        changed = computed_otherwise(stored_adapter_settings(stored), self.adapter_config)
+        if changed:
+            warnings.warn(f"checkpoint{source}: its adapters were trained computing otherwise than this run will "
+                          f"({'; '.join(changed)}), so they score otherwise than the trained model did. Settings "
+                          "come from your config and flags only: give the checkpoint's to evaluate it as trained",
+                          stacklevel=2)
         if differences:
             logger.info("Settings that differ from the checkpoint%s, applied as this run gives them: %s", source,
                         ", ".join(differences))

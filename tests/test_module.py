@@ -661,6 +661,31 @@ def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_bot
                                                                ckpt_path=tmp_path / "trained.ckpt")
 
 
+def test_evaluating_a_checkpoint_with_other_scaling_or_routing_warns_naming_both_values(tiny_model_dir, tmp_path):
+    """alpha, top_k and renormalize_top_k change what the trained tensors compute without changing a shape: a
+    checkpoint evaluated under other values scored otherwise than the trained model, said only at INFO level."""
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trained = make_module(tiny_model_dir)
+    trainer.fit(trained, make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    config = trained.adapter_config
+    for changes, named in [
+        (dict(alpha=4.0 * config.rank), rf"model\.adapter\.alpha: checkpoint None, this run {4.0 * config.rank}"),
+        (dict(top_k=1), r"model\.adapter\.top_k: checkpoint 2, this run 1"),
+        (dict(renormalize_top_k=False), r"model\.adapter\.renormalize_top_k: checkpoint True, this run False")]:
+        other = make_module(tiny_model_dir, adapter=dataclasses.replace(config, **changes))
+        with pytest.warns(UserWarning, match=rf"checkpoint \(.*trained\.ckpt\): its adapters were trained computing "
+                                             rf"otherwise than this run will \({named}\), so they score otherwise"):
+            make_trainer(tmp_path / "v", limit_val_batches=1).validate(other, make_data(tiny_model_dir),
+                                                                      verbose=False, ckpt_path=tmp_path / "trained.ckpt")
+    same = make_module(tiny_model_dir, adapter=dataclasses.replace(config, alpha=2.0 * config.rank, dropout=0.3))
+    with warnings.catch_warnings(record=True) as caught:  # alpha None is 2 * rank; dropout is off in evaluation
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "s", limit_val_batches=1).validate(same, make_data(tiny_model_dir), verbose=False,
+                                                                  ckpt_path=tmp_path / "trained.ckpt")
+    assert not [w for w in caught if "trained computing otherwise" in str(w.message)]
+
+
 @pytest.mark.parametrize(("precision", "adapter_dtype", "warned"), [
     ("bf16-true", "float32", True), ("bf16-mixed", "float32", False), ("bf16-true", "bfloat16", False)])
 def test_a_true_half_precision_that_overrides_adapter_dtype_is_named(tiny_model_dir, tmp_path, precision,
