@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Collection, Literal, Mapping
 
 import torch
 from safetensors import safe_open
@@ -404,7 +404,9 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
         if write_card:
-            card = model_card(config, base, quantization, _target_summary(model), state, task_scores, origin)
+            trained = {key for key, param in adapter_state_dict(model).items() if param.requires_grad}
+            card = model_card(config, base, quantization, _target_summary(model), state, trained, task_scores,
+                              origin)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         apply_default_modes(staging)  # safetensors writes its file owner-only
     return path
@@ -468,11 +470,12 @@ def _target_summary(model: nn.Module) -> str:
 
 
 def model_card(config: AdapterConfig, base: str | None, quantization: str | None, targets: str,
-               state: Mapping[str, torch.Tensor], task_scores: Mapping[str, float | None] | None,
-               origin: str | None = None) -> str:
-    """The folder's README.md: what the adapter is, what it was trained on, and how to load it."""
+               state: Mapping[str, torch.Tensor], trained: Collection[str],
+               task_scores: Mapping[str, float | None] | None, origin: str | None = None) -> str:
+    """The folder's README.md: what the adapter is, what it was trained on, and how to load it. `trained` names the
+    `state` tensors that train in the model: `state` holds detached copies, which never require grad."""
     total = sum(tensor.numel() for tensor in state.values())
-    trainable = sum(tensor.numel() for tensor in state.values() if tensor.requires_grad)
+    trainable = sum(tensor.numel() for key, tensor in state.items() if key in trained)
     method = {"lora": f"LoRA, rank {config.rank}",
               "molora": f"MoLoRA: {config.num_experts} LoRA experts of rank {config.rank}, top-{config.top_k} routed",
               "malora": f"MALoRA: {config.num_experts} experts of rank r̄={config.rank} over a shared subspace "

@@ -142,6 +142,20 @@ def test_a_mixture_folder_follows_peft_conventions_and_says_why_peft_cannot_load
         peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "a"))
 
 
+@pytest.mark.parametrize("frozen", [(), ("train_shared_A",)])
+def test_the_model_card_counts_the_adapter_tensors_that_train(tmp_path, frozen):
+    """The card said "0 trainable when saved" for every folder: it counted the detached copies that are saved."""
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(rank=2, shared_rank=4, num_experts=3,
+                                                               **{switch: False for switch in frozen}))
+    save_adapters(model, tmp_path / "a")
+    state = adapter_state_dict(model)
+    total = sum(p.numel() for p in state.values())
+    trainable = sum(p.numel() for p in state.values() if p.requires_grad)
+    assert 0 < trainable < total if frozen else 0 < trainable == total
+    assert f"| adapter parameters | {total:,} ({trainable:,} trainable when saved) |" in \
+        (tmp_path / "a" / "README.md").read_text()
+
+
 def test_a_readme_the_user_wrote_is_kept(tmp_path):
     (tmp_path / "a").mkdir()
     save_adapters(lora_model(), tmp_path / "a")
