@@ -32,6 +32,8 @@ def parameter_numel(param: nn.Parameter) -> int:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and all parameters of `model` (tied ones once, packed 4-bit weights by their logical size), so
+    that the percent compares with PEFT's `print_trainable_parameters` and the paper; prints as PEFT's line."""
     trainable = total = 0
     for param in model.parameters():  # shared (tied) parameters are yielded once
         numel = parameter_numel(param)
