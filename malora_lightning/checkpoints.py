@@ -107,13 +107,8 @@ def computed_otherwise(stored: Mapping[str, Any], adapter: Any) -> list[str]:
     ``renormalize_top_k``. They load, and score otherwise than the trained model did."""
     if "alpha" not in stored or "rank" not in stored:
         return []
-
-    def alpha(settings: Any) -> float:
-        value = settings["alpha"] if isinstance(settings, Mapping) else settings.alpha
-        rank = settings["rank"] if isinstance(settings, Mapping) else settings.rank
-        return 2.0 * rank if value is None else float(value)
-
-    changed = [] if alpha(stored) == alpha(adapter) else [
+    stored_alpha = 2.0 * stored["rank"] if stored["alpha"] is None else float(stored["alpha"])
+    changed = [] if stored_alpha / stored["rank"] == adapter.scaling else [
         f"model.adapter.alpha: checkpoint {stored['alpha']!r}, this run {adapter.alpha!r}"]
     if adapter.is_routed:
         changed += adapter_conflicts(stored, adapter, ("top_k", "renormalize_top_k"), prefix="model.adapter.")
