@@ -51,7 +51,7 @@ _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "t
 # the split a stage evaluates on, which at least one task must have (predict: without a predict file)
 _EVALUATED_SPLITS = {"validate": "validation", "test": "test", "predict": "test"}
 # a trained task without a validation split of its own holds out this share of its train rows, which are never
-# trained on; at most max_eval_examples_per_task of them are validated on, as of any validation split
+# trained on; at most max_val_examples_per_task of them are validated on, as of any validation split
 HELD_OUT_FRACTION = 0.1
 
 
@@ -108,6 +108,8 @@ class MultiTaskDataModule(LightningDataModule):
             ``unimax``, its budget: fewer when every task reaches ``unimax_max_epochs`` passes.
         max_train_examples_per_task: Keep a random subset of at most this many training examples per task.
         max_eval_examples_per_task: Keep a random subset of at most this many validation/test examples per task.
+        max_val_examples_per_task: Keep a random subset of at most this many validation examples per task (default:
+            ``max_eval_examples_per_task``): validate on a sample during training, test on the whole test splits.
         seed: Seed of the training order.
         data_seed: Seed of generated tasks' data, of the example subsets and of the dataloaders' worker seeds; keep it
             fixed to compare runs on the same items.
@@ -144,6 +146,7 @@ class MultiTaskDataModule(LightningDataModule):
         samples_per_epoch: int | None = None,
         max_train_examples_per_task: int | None = None,
         max_eval_examples_per_task: int | None = None,
+        max_val_examples_per_task: int | None = None,
         seed: int = 0,
         data_seed: int = 0,
         num_workers: int = 0,
@@ -168,6 +171,7 @@ class MultiTaskDataModule(LightningDataModule):
                                       ("max_length", max_length, False),
                                       ("max_train_examples_per_task", max_train_examples_per_task, True),
                                       ("max_eval_examples_per_task", max_eval_examples_per_task, True),
+                                      ("max_val_examples_per_task", max_val_examples_per_task, True),
                                       ("cap", cap, True), ("num_workers", num_workers, False)):
             _check_count(name, value, optional, minimum=0 if name == "num_workers" else 1)
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
@@ -326,7 +330,7 @@ class MultiTaskDataModule(LightningDataModule):
     def held_out(self, task: Task) -> HeldOutSplit | None:
         """The validation split carved from a trained task's train rows when it has none of its own (and at least
         two train rows): `HELD_OUT_FRACTION` of them, at least one. It does not depend on
-        `max_eval_examples_per_task`, which only picks the held-out rows evaluated (`_encode_split`): otherwise a
+        `max_val_examples_per_task`, which only picks the held-out rows evaluated (`_encode_split`): otherwise a
         later ``validate`` with another limit would move the boundary and validate on rows the fit trained on."""
         if task.name in self._held_out:
             return self._held_out[task.name]
@@ -345,9 +349,18 @@ class MultiTaskDataModule(LightningDataModule):
         self._held_out[task.name] = split
         return split
 
+    def _limit(self, split: str) -> int | None:
+        """The most examples per task of ``split`` kept: its ``max_*_examples_per_task``."""
+        hparams = self.hparams
+        if split == "train":
+            return hparams.max_train_examples_per_task
+        if split == "validation" and hparams.max_val_examples_per_task is not None:
+            return hparams.max_val_examples_per_task
+        return hparams.max_eval_examples_per_task
+
     def _evaluated_count(self, rows: int) -> int:
-        """How many of an evaluation split's ``rows`` are evaluated: at most ``max_eval_examples_per_task``."""
-        limit = self.hparams.max_eval_examples_per_task
+        """How many of a validation split's ``rows`` are evaluated (``_limit``)."""
+        limit = self._limit("validation")
         return rows if limit is None else min(rows, limit)
 
     def report_sections(self) -> list[str]:
@@ -359,7 +372,8 @@ class MultiTaskDataModule(LightningDataModule):
                 f"{len(split.train_rows)} |" for name, split in carved.items()]
         header = ("## Validation splits held out from training data\n\nThese tasks have no validation split of their "
                   f"own; {HELD_OUT_FRACTION:.0%} of their train rows are held out and never trained on, whatever "
-                  "max_eval_examples_per_task is; at most max_eval_examples_per_task of them are validated on."
+                  "max_val_examples_per_task is; at most max_val_examples_per_task (default: "
+                  "max_eval_examples_per_task) of them are validated on."
                   "\n\n| task | held-out rows | validated rows | train rows left |\n|---|---|---|---|")
         return ["\n".join([header, *rows])]
 
@@ -378,7 +392,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _encode_split(self, split: str) -> dict[str, list[EncodedExample]]:
         hparams = self.hparams
-        limit = hparams.max_train_examples_per_task if split == "train" else hparams.max_eval_examples_per_task
+        limit = self._limit(split)
         encoded, self.truncation[split] = {}, {}
         for task_id, task in self._split_tasks(split):
             held_out = self.held_out(task) if split in ("train", "validation") else None

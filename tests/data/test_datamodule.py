@@ -309,6 +309,31 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+def test_max_val_examples_per_task_caps_validation_and_leaves_the_test_splits_whole(tmp_path):
+    """A fit validates on a sample and tests on everything: max_eval_examples_per_task capped both, so a recipe whose
+    held-out validation rows were tens of thousands could only shrink them by sampling its test splits too."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+            "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["mine", "parity"], task_specs=[spec], max_train_examples_per_task=None,
+                max_eval_examples_per_task=None, max_val_examples_per_task=3)
+    data.setup("fit")
+    data.setup("test")
+    validation, test = data._loaded("validation"), data._loaded("test")
+    assert {name: len(examples) for name, examples in validation.items()} == {"mine": 3, "parity": 3}
+    assert len(test["mine"]) == 40 and len(test["parity"]) == len(get_task("parity").examples("test"))
+    assert {example.row for example in validation["mine"]} < set(data.held_out(data.tasks[0]).validation_rows)
+    assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
+    both = make(tasks=["parity"], max_eval_examples_per_task=5, max_val_examples_per_task=2)
+    both.setup("validate")
+    both.setup("test")
+    assert len(both._loaded("validation")["parity"]) == 2 and len(both._loaded("test")["parity"]) == 5
+    with pytest.raises(ValueError, match=r"max_val_examples_per_task=0 is invalid"):
+        make(max_val_examples_per_task=0)
+
+
 def test_a_later_validate_with_another_eval_limit_never_validates_on_trained_rows(tmp_path):
     """The held-out rows do not depend on max_eval_examples_per_task: a fit capped at 2 validation rows and a
     validate without a cap split the train rows at the same place (the cap once moved it onto trained rows)."""
