@@ -20,10 +20,10 @@ from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
-from malora_lightning.data.batches import EvaluationBatch, EvaluationOutput
+from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, EvaluationOutput
 from malora_lightning.data.tasks import Task, get_task
 from malora_lightning.offline_models import resolve_model_path
-from malora_lightning.scoring import choose_choices, gold_rows
+from malora_lightning.scoring import choose_choices, gold_rows, one_token_choices, pair_log_likelihoods, target_pairs
 
 # tokens generated for a predict file's prompt without a task (or a task of unknown length) when max_new_tokens is None
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -101,13 +101,26 @@ class EvaluationMixin:
                                             generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
 
+    def choice_log_likelihoods(self, choices: ChoiceRows, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target_log_likelihoods` of every (example, choice) row when each choice is one token after its example's
+        shared prompt (`one_token_choices`), from one forward over the gold rows (`gold`, one per example): the logits
+        before the choice token are the same in every row of an example, so the other rows need not run (a
+        four-choice task ran four times the tokens)."""
+        rows, positions = target_pairs(choices.labels)  # one pair per row, in row order
+        logits = self.target_logits(choices.input_ids[gold], choices.attention_mask[gold],
+                                    torch.arange(gold.numel(), device=gold.device), positions[gold])
+        return pair_log_likelihoods(logits[choices.example_index], choices.labels[rows, positions + 1], rows,
+                                    choices.labels.shape[0])
+
     def evaluate_batch(self, batch: EvaluationBatch) -> EvaluationOutput:
         """Per-example loss and correctness, the raw material of `PerTaskMetrics` and the run report.
 
         Multiple choice: one forward over the (example, choice) rows gives both the decision and the loss, which is
-        the gold choice's mean token NLL. Generation: the loss of the teacher-forced target, then greedy decoding.
-        The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing observers such as
-        `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the generation forwards.
+        the gold choice's mean token NLL; when every choice is one token after a shared prompt, one forward over
+        the gold rows alone (`choice_log_likelihoods`). Generation: the loss of the teacher-forced target, then
+        greedy decoding. The forward the loss comes from is declared as the scoring pass (`scoring_pass`): routing
+        observers such as `RoutingStats` count that one (its gold-choice rows for multiple choice) and not the
+        generation forwards.
         Padding examples (`batch.counted` False) go through every forward, as the other ranks' examples do, but not
         into the scored rows or the output.
         """
@@ -115,12 +128,18 @@ class EvaluationMixin:
         choices = batch.choices
         if choices is not None:
             gold = gold_rows(choices.example_index, choices.gold)
-            row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
-            row_scored[gold] = True
-            row_scored &= batch.counted[choices.example_index]
-            with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
-                log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
-                                                                     choices.labels)
+            if one_token_choices(choices.input_ids, choices.attention_mask, choices.labels, choices.example_index,
+                                 num_examples):
+                # the gold rows' forward is the scoring pass: the tokens the full forward's scored rows hold
+                with scoring_pass(self.model, ScoringPass(batch.task_id, batch.counted)):
+                    log_likelihood, tokens = self.choice_log_likelihoods(choices, gold)
+            else:
+                row_scored = torch.zeros(choices.example_index.shape[0], dtype=torch.bool, device=gold.device)
+                row_scored[gold] = True
+                row_scored &= batch.counted[choices.example_index]
+                with scoring_pass(self.model, ScoringPass(batch.task_id[choices.example_index], row_scored)):
+                    log_likelihood, tokens = self.target_log_likelihoods(choices.input_ids, choices.attention_mask,
+                                                                         choices.labels)
             chosen = choose_choices(self.score_choices(log_likelihood, tokens), choices.example_index, num_examples)
             output = EvaluationOutput(batch.task_name, loss=-log_likelihood[gold] / tokens[gold].clamp(min=1),
                                       correct=chosen == choices.gold, predictions=chosen.tolist())

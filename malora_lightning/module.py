@@ -374,25 +374,29 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def target_log_likelihoods(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: summed log-likelihood of the target tokens and their count.
-
-        The output head runs only at the (row, position) pairs that predict a target (`target_pairs`): a few of a
-        mostly-prompt batch, and with a 49k vocabulary the head is a large share of a small model's compute. A forward
-        pre-hook hands the head those hidden states alone, so the model's own logit post-processing still applies. A
-        routed head (`target_modules` naming it) runs at every position instead: a routed layer knows which of its
-        tokens are padding from the forward's attention mask, which says nothing of a gathered subset.
-        """
+        """Per row: summed log-likelihood of the target tokens and their count (logits from `target_logits`)."""
         rows, positions = target_pairs(labels)
+        logits = self.target_logits(input_ids, attention_mask, rows, positions)
+        return pair_log_likelihoods(logits, labels[rows, positions + 1], rows, labels.shape[0])
+
+    def target_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Logits [K, V] at the K (row, position) pairs that predict a target (`target_pairs`).
+
+        The output head runs only at those pairs: a few of a mostly-prompt batch, and with a 49k vocabulary the head
+        is a large share of a small model's compute. A forward pre-hook hands the head those hidden states alone, so
+        the model's own logit post-processing still applies. A routed head (`target_modules` naming it) runs at every
+        position instead: a routed layer knows which of its tokens are padding from the forward's attention mask,
+        which says nothing of a gathered subset.
+        """
         head = self.model.get_output_embeddings()
         if isinstance(head, RoutedAdapterLayer):
-            logits = self(input_ids, attention_mask)[rows, positions]
-        else:
-            hook = head.register_forward_pre_hook(lambda _, args: (args[0][rows, positions].unsqueeze(0), *args[1:]))
-            try:
-                logits = self(input_ids, attention_mask)[0]  # [1, K, V]: one row of the pairs
-            finally:
-                hook.remove()
-        return pair_log_likelihoods(logits, labels[rows, positions + 1], rows, labels.shape[0])
+            return self(input_ids, attention_mask)[rows, positions]
+        hook = head.register_forward_pre_hook(lambda _, args: (args[0][rows, positions].unsqueeze(0), *args[1:]))
+        try:
+            return self(input_ids, attention_mask)[0]  # [1, K, V]: one row of the pairs
+        finally:
+            hook.remove()
 
     # ------------------------------------------------------------------ training
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:

@@ -46,3 +46,18 @@ def choose_choices(row_scores: torch.Tensor, example_index: torch.Tensor, num_ex
     winner = torch.full((num_examples,), row_scores.numel(), dtype=torch.long, device=row_scores.device)
     winner = winner.scatter_reduce(0, example_index[is_best], rows[is_best], reduce="amin")
     return winner - first_rows(example_index, num_examples)
+
+
+def one_token_choices(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      example_index: torch.Tensor, num_examples: int) -> bool:
+    """Whether every (example, choice) row is one prompt, the same for every choice of its example, followed by one
+    target token at the same position. Then the logits before that token score all of an example's choices, so one
+    row per example, not one per choice, has to run through the model (`EvaluationMixin.choice_log_likelihoods`)."""
+    targets = torch.zeros_like(labels, dtype=torch.bool)
+    targets[:, 1:] = labels[:, 1:] != IGNORE_INDEX  # the positions `target_pairs` scores
+    if not bool((targets.sum(1) == 1).all()):
+        return False
+    first = first_rows(example_index, num_examples)[example_index]
+    prompts = input_ids.masked_fill(targets, IGNORE_INDEX)
+    return bool((prompts == prompts[first]).all() and (targets == targets[first]).all()
+                and (attention_mask == attention_mask[first]).all())

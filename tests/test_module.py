@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import unittest.mock
 import warnings
 
 import lightning as L
@@ -24,7 +25,7 @@ from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoi
 from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
-from malora_lightning.scoring import IGNORE_INDEX, gold_rows
+from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -271,6 +272,40 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
     assert output.correct.tolist() == [p == g for p, g in zip(expected, batch.choices.gold.tolist())]
     for example, gold in enumerate(batch.choices.gold.tolist()):  # the loss is the gold choice's mean token NLL
         torch.testing.assert_close(output.loss[example], -torch.tensor(gold_scores[example][gold]))
+
+
+def test_one_token_choices_are_scored_from_the_gold_rows_as_from_every_choice_row(tiny_model_dir, tmp_path):
+    """Every choice row of a one-token-choice task ran through the model, though the rows of an example differ only
+    in the token scored (four times the tokens on odd_one_out); one row per example gives the same log-likelihoods,
+    decisions and losses, and its scoring pass routes the tokens the full forward's scored rows held."""
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["odd_one_out", "compare_numbers"])
+    make_trainer(tmp_path).validate(module, data, verbose=False)  # builds the model and loads the data
+    module.eval()
+    for name, loader in data.val_dataloader().items():
+        batch = dataclasses.replace(next(iter(loader)), counted=torch.tensor([True, False, True, True]))
+        choices = batch.choices
+        assert one_token_choices(choices.input_ids, choices.attention_mask, choices.labels, choices.example_index, 4)
+        routed: dict[str, list[torch.Tensor]] = {"gold rows": [], "every row": []}
+        path = "gold rows"
+
+        def observe(record) -> None:
+            scoring = record.forward.scoring
+            keep = scoring.row_scored.repeat_interleave(record.experts.shape[0] // scoring.row_scored.shape[0])
+            routed[path].append(record.experts[keep & record.token_mask])
+
+        with torch.no_grad(), add_routing_observer(module.model, observe):
+            new = module.evaluate_batch(batch)
+            path = "every row"
+            with unittest.mock.patch("malora_lightning.evaluation.one_token_choices", return_value=False):
+                old = module.evaluate_batch(batch)
+        assert torch.equal(new.loss, old.loss) and torch.equal(new.correct, old.correct), name
+        assert new.predictions == old.predictions
+        assert len(routed["gold rows"]) == len(routed["every row"]) > 0
+        assert all(torch.equal(a, b) for a, b in zip(routed["gold rows"], routed["every row"]))
+        with torch.no_grad():
+            every_row = module.target_log_likelihoods(choices.input_ids, choices.attention_mask, choices.labels)
+            gold_only = module.choice_log_likelihoods(choices, gold_rows(choices.example_index, choices.gold))
+        assert all(torch.equal(a, b) for a, b in zip(gold_only, every_row))
 
 
 def test_padding_examples_are_computed_but_neither_output_nor_scored(tiny_model_dir, tmp_path):

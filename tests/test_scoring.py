@@ -1,6 +1,6 @@
 import torch
 
-from malora_lightning.scoring import choose_choices, gold_rows, pair_log_likelihoods, target_pairs
+from malora_lightning.scoring import choose_choices, gold_rows, one_token_choices, pair_log_likelihoods, target_pairs
 
 
 def test_log_likelihood_of_the_target_pairs_equals_the_full_sequence_computation():
@@ -41,3 +41,24 @@ def test_a_nan_score_never_wins_and_every_chosen_index_is_a_choice_of_its_exampl
 def test_gold_rows_index_each_examples_gold_choice_among_all_rows():
     example_index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # 3, 2 and 4 choices
     assert gold_rows(example_index, torch.tensor([2, 0, 3])).tolist() == [2, 3, 8]
+
+
+def test_one_token_choices_needs_one_target_token_after_the_same_prompt_in_every_row_of_an_example():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 0], [9, 6, 7, 3], [9, 6, 4, 3]])  # examples [0, 0, 1, 1]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    labels = torch.full((4, 4), -100)
+    labels[:, 2] = ids[:, 2]
+    example = torch.tensor([0, 0, 1, 1])
+    assert one_token_choices(ids, mask, labels, example, 2)
+    two_tokens = labels.clone()
+    two_tokens[2:, 3] = 3
+    assert not one_token_choices(ids, mask, two_tokens, example, 2)
+    other_prompt = ids.clone()
+    other_prompt[1, 0] = 9
+    assert not one_token_choices(other_prompt, mask, labels, example, 2)
+    other_position = labels.clone()
+    other_position[3, 2], other_position[3, 1] = -100, 6
+    assert not one_token_choices(ids, mask, other_position, example, 2)
+    other_mask = mask.clone()
+    other_mask[1, 3] = 1
+    assert not one_token_choices(ids, other_mask, labels, example, 2)

@@ -4,9 +4,10 @@ What is counted: the top-k expert assignments of the real prompt + answer tokens
 attention mask) of each evaluation batch's scoring forward, the pass that the validation loss comes from, which the
 module declares (`scoring_pass`, a `ScoringPass` with each row's task and the rows that count): for generative tasks
 the teacher-forced forward over `input_ids`, for multiple-choice tasks the gold choice's rows of the single forward
-over all (example, choice) rows. A subclass that evaluates differently declares its own scoring pass. The other
-choices' rows and the generation forwards (prefill and decode) are not counted: they re-read the same prompts, so
-counting them would weigh tasks by how they are scored.
+over all (example, choice) rows, or of the forward over the gold rows alone when every choice is one token. A
+subclass that evaluates differently declares its own scoring pass. The other choices' rows and the generation forwards
+(prefill and decode) are not counted: they re-read the same prompts, so counting them would weigh tasks by how they
+are scored.
 
 Per layer with N experts and top-k (the sums are kept on the device and summed across ranks at the end):
 
