@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,6 +25,22 @@ def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     lora_B.zero_()
 
 
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside (nothing changes on another device). MKL's threaded SVD of a thin
+    [d, n] matrix synchronises its threads at every small BLAS step: on two cores that another process shares, each
+    of MALoRA's per-layer SVDs took seconds instead of ~20 ms, so SmolLM2's 180 routed layers took minutes to build.
+    It also makes the init independent of the thread count: MKL's factors of a [32, 1536] matrix differ in their last
+    bits between one and two threads (those of a [32, 576] one do not)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def init_malora_(shared_A: torch.Tensor, lora_P: torch.Tensor, lora_B: torch.Tensor, beta: float,
                  reuse_first_kaiming: bool = False) -> None:
@@ -39,7 +57,8 @@ def init_malora_(shared_A: torch.Tensor, lora_P: torch.Tensor, lora_B: torch.Ten
     kaiming = torch.empty(num_draws, shared_rank, shared_A.shape[1], dtype=torch.float32, device=shared_A.device)
     for matrix in kaiming:
         kaiming_uniform_rows_(matrix)
-    U, S, Vh = torch.linalg.svd(kaiming.double(), full_matrices=False)
+    with one_cpu_thread(kaiming.device):
+        U, S, Vh = torch.linalg.svd(kaiming.double(), full_matrices=False)
     US = U * S.unsqueeze(-2)  # U_t @ diag(Sigma_t), [num_draws, d, d]
     expert_US = US[:num_experts] if reuse_first_kaiming else US[1:]
     shared_A.copy_(beta * Vh[0])

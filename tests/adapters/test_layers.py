@@ -308,3 +308,31 @@ def test_sparse_kernel_rounds_a_bf16_base_output_once(method):
     assert output.dtype == torch.bfloat16
     step = torch.exp2(torch.floor(torch.log2(reference.abs().clamp_min(1e-30))) - 7)  # bf16's spacing there
     assert ((output.double() - reference).abs() <= 0.5 * step + 1e-5).all()  # 1e-5: float32's, on summands ~10
+
+
+
+@pytest.mark.parametrize("n", [576, 1536])  # SmolLM2's in_features: the default job's SVDs
+def test_malora_init_takes_its_svd_on_one_thread_whatever_the_thread_count(n):
+    """MKL's two-thread SVD of each layer's thin K_t crawled on two shared cores (seconds per layer instead of ~20 ms),
+    so it runs on one thread (`one_cpu_thread`): the init is the one-thread SVD's at any thread count (at n = 576 also
+    the two-thread one's, bit for bit; at 1536 MKL's two-thread factors differ in the last bits), and the thread count
+    is given back."""
+    d, r, experts = 32, 12, 8
+    threads = torch.get_num_threads()
+    inits = []
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            shared_A, lora_P, lora_B = torch.empty(d, n), torch.empty(experts, r, d), torch.ones(experts, r, 8)
+            torch.manual_seed(7)
+            init_malora_(shared_A, lora_P, lora_B, beta=1.0)
+            assert torch.get_num_threads() == count
+            inits.append((shared_A, lora_P))
+        torch.manual_seed(7)
+        kaiming = torch.stack([nn.init.kaiming_uniform_(torch.empty(d, n), a=math.sqrt(5)) for _ in range(experts + 1)])
+        U, S, Vh = torch.linalg.svd(kaiming.double(), full_matrices=False)  # on one thread
+    finally:
+        torch.set_num_threads(threads)
+    for shared_A, lora_P in inits:
+        assert torch.equal(shared_A, Vh[0].float())
+        assert torch.equal(lora_P, (U * S.unsqueeze(-2))[1:, :r, :].float())
