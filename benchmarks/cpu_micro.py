@@ -1,4 +1,5 @@
-"""Micro-benchmarks behind three CPU choices of the library: the dropout mask, the AdamW kernel, and routing's cost.
+"""Micro-benchmarks behind four CPU choices of the library: the dropout mask, the AdamW kernel, routing's cost and
+the attention backend left to torch.
 
 Each group times its variants round-robin in one process (medians of `--rounds`), so the ratios inside a group hold
 on a noisy machine:
@@ -7,7 +8,10 @@ on a noisy machine:
 * adamw: one optimiser step over the adapter tensors of SmolLM2-135M (the paper's module set) for LoRA r=64 and
   MALoRA, with torch's per-tensor loop, foreach and fused kernels;
 * routing: the routed layers' routing (softmax, top-k, renormalised gates, dense gate matrix, load-balance loss)
-  forward + backward, against a bare softmax with autograd: the most a fused routing kernel could save.
+  forward + backward, against a bare softmax with autograd: the most a fused routing kernel could save;
+* attention: SDPA's flash and math backends on SmolLM2's heads (9 query, 3 key/value, 64 wide), bf16, causal
+  mask, forward + backward and forward alone, at several sequence lengths: math wins the short training
+  sequences only, so the library does not pick a backend.
 
     python -m benchmarks.cpu_micro --quick     # a few seconds
     python -m benchmarks.cpu_micro             # the numbers in BENCHMARKS.md
@@ -19,6 +23,8 @@ import argparse
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import (
     add_run_arguments,
@@ -80,6 +86,25 @@ def routing_group(tokens: int, experts: int, top_k: int) -> dict[str, Callable[[
     return {"routing forward+backward": routing, "bare softmax forward+backward": softmax_only}
 
 
+def attention_group(batch: int, tokens: int, backward: bool) -> dict[str, Callable[[], object]]:
+    query = torch.randn(batch, 9, tokens, 64, dtype=torch.bfloat16, requires_grad=backward)
+    key, value = (torch.randn(batch, 3, tokens, 64, dtype=torch.bfloat16, requires_grad=backward) for _ in range(2))
+    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    upstream = torch.randn_like(query)
+
+    def attention(backend: SDPBackend) -> Callable[[], None]:
+        def run() -> None:
+            with sdpa_kernel(backend):
+                output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+            if backward:
+                query.grad = key.grad = value.grad = None
+                output.backward(upstream)
+        return run
+
+    return {f"{backend.name.lower()} {'forward+backward' if backward else 'forward'}": attention(backend)
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a few seconds)")
@@ -94,6 +119,8 @@ def main() -> None:
         "AdamW step, LoRA r=64 on SmolLM2 (360 tensors)": adamw_group("lora_r64"),
         "AdamW step, MALoRA on SmolLM2 (720 tensors)": adamw_group("malora"),
         "routing of one layer, T=512, N=8, top-2": routing_group(512, 8, 2),
+        **{f"attention, [8, 9, {tokens}, 64] bf16{', with backward' if backward else ''}":
+           attention_group(8, tokens, backward) for backward in (True, False) for tokens in (64, 256, 1024)},
     }
     results = {}
     for title, variants in groups.items():
