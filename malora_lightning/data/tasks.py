@@ -186,13 +186,14 @@ def _marked_answer(text: str) -> str | None:
 def _as_value(answer: str) -> Fraction | None:
     """The answer's value when it is one number (``1,000``, ``$18.00``, ``.5``, ``-3.``) or a fraction of two
     (``3/4``, ``6 / 8``), else None. Exact (``Fraction`` of the written decimals), so that ``18.00`` equals ``18`` and
-    ``0.75`` equals ``3/4``, and no two different answers round to one float."""
-    text = answer.replace("$", "").replace(",", "").rstrip(".").strip()
+    ``0.75`` equals ``3/4``, and no two different answers round to one float. Commas are dropped only after the
+    match, which takes them as thousands separators alone: ``1,2,3`` is a list, not 123."""
+    text = answer.replace("$", "").rstrip(".").strip()
     if _NUMBER.fullmatch(text):
-        return Fraction(Decimal(text))
+        return Fraction(Decimal(text.replace(",", "")))
     if not _NUMBER_OR_FRACTION.fullmatch(text):
         return None
-    numerator, denominator = (Fraction(Decimal(part.strip())) for part in text.split("/"))
+    numerator, denominator = (Fraction(Decimal(part.replace(",", "").strip())) for part in text.split("/"))
     return None if denominator == 0 else numerator / denominator
 
 

@@ -191,6 +191,9 @@ def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, pred
     ("#### 1/0", "#### 1/0", True),  # no value: compared as text
     ("#### 1/0", "#### 2/0", False),
     ("#### 0", "#### 0/0", False),
+    ("#### 1,2,3", "#### 1,2,3", True),  # a list, not 123: compared as text (the fractions' change read it as 123)
+    ("#### 1,2,3", "#### 123", True),
+    ("#### 12,34", "#### 12,34", True),
 ])
 def test_final_answer_compares_a_number_by_value_with_the_predictions_final_answer(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
