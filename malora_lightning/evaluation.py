@@ -3,7 +3,8 @@ the per-example results the callbacks aggregate.
 
 A mixin, so that its small methods (`score_choices`, `generate_predictions`) stay override points of the module
 class, while `module.py` reads as build / step / optimise. It uses the module's `model`, `settings` (the base and
-`max_new_tokens`), `target_log_likelihoods` and the trainer's data module (its tasks and tokenizer).
+`max_new_tokens`), `target_log_likelihoods`, `target_logits` (one-token multiple choice scores from the gold rows'
+logits, not through `target_log_likelihoods`) and the trainer's data module (its tasks and tokenizer).
 """
 
 from __future__ import annotations
