@@ -310,7 +310,6 @@ def test_sparse_kernel_rounds_a_bf16_base_output_once(method):
     assert ((output.double() - reference).abs() <= 0.5 * step + 1e-5).all()  # 1e-5: float32's, on summands ~10
 
 
-
 @pytest.mark.parametrize("n", [576, 1536])  # SmolLM2's in_features: the default job's SVDs
 def test_malora_init_takes_its_svd_on_one_thread_whatever_the_thread_count(n):
     """MKL's two-thread SVD of each layer's thin K_t crawled on two shared cores (seconds per layer instead of ~20 ms),
