@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from malora_lightning.adapters import (
     AdapterConfig,
@@ -135,6 +136,51 @@ def test_training_lowers_the_loss_and_logs_per_task(tiny_model_dir, tmp_path):
     assert {"train/loss", "train/lm_loss", "train/aux_loss", "train/load_balance", "train/parity/lm_loss"} <= set(metrics)
     assert metrics["train/loss"].item() == pytest.approx(metrics["train/lm_loss"].item()
                                                          + metrics["train/aux_loss"].item(), rel=1e-5)
+
+
+class _StepLogger(Logger):
+    """Keeps what each step's log_metrics call wrote, as a CSV or TensorBoard logger would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "steps"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps.setdefault(step, {}).update(metrics)
+
+
+class _BatchTasks(Callback):
+    def __init__(self) -> None:
+        self.tasks: dict[int, set[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.tasks[trainer.global_step] = set(batch.task_name)
+
+
+def test_a_task_missing_from_a_batch_logs_no_loss_at_that_step(tiny_model_dir, tmp_path):
+    """Lightning writes a step's metrics from every key logged so far in the epoch: a task absent from a batch had
+    its last batch's loss written again under this step, a value no batch of this step gave (and a resumed run,
+    whose keys start fresh, wrote nothing there, so the two runs' metrics differed)."""
+    logger, tasks = _StepLogger(), _BatchTasks()
+    trainer = make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1, callbacks=[tasks])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, batch_size=2))
+    assert any(len(present) < len(TASKS) for present in tasks.tasks.values())  # the case under test occurs
+    for step, present in tasks.tasks.items():
+        logged = logger.steps[step]
+        for name in TASKS:
+            value = logged.get(f"train/{name}/lm_loss", math.nan)
+            assert math.isfinite(value) == (name in present), (step, name, present, value)
 
 
 def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_model_dir, tmp_path):
