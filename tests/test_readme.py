@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_offline_models import SMOLLM2, needs_smollm2
 
@@ -89,3 +90,16 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
 
     exec(readme_python_block("from transformers import AutoTokenizer"), {})
     assert capsys.readouterr().out.strip() == saved_answer.strip()
+
+
+def test_the_task_spec_example_builds_its_tasks():
+    """The README's task-spec YAML is what a first recipe of one's own copies: its specs must be valid as written."""
+    from malora_lightning.data.tasks import task_from_spec
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    data = next(yaml.safe_load(block)["data"] for block in blocks if "task_specs:" in block)
+    tasks = [task_from_spec(spec) for spec in data["task_specs"]]
+    assert [task.name for task in tasks] == data["tasks"]
+    assert [task.kind for task in tasks] == ["multiple_choice", "generative"]
+    assert tasks[0].formatter({"text": "ok", "options": ["negative", "positive"], "label": 1}).prompt == \
+        "Classify {literally in braces}:\nok"
