@@ -240,8 +240,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
         self._tokenizer = None
-        # the tasks whose training loss this process has logged: one missing from a later batch is logged as NaN
-        self._logged_task_losses: set[str] = set()
+        # the tasks whose training loss this process has logged, before this optimizer step and within it: one
+        # missing from a later step is logged as NaN there (`training_step`)
+        self._logged_tasks: set[str] = set()
+        self._step_tasks: set[str] = set()
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)
@@ -434,14 +436,17 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             logged = dict(zip(logged, averaged))
         for key, value in logged.items():
             self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
-        # the tasks differ by rank: this rank's batch (rank zero's is logged). A task logged earlier but missing from
-        # this batch is logged as NaN: Lightning writes every key logged so far in the epoch at each step, so its
-        # last batch's loss would be written again as this step's
-        for name in sorted(self._logged_task_losses - set(lm.per_task)):
-            self.log(f"train/{name}/lm_loss", math.nan, batch_size=batch_size)
+        # the tasks differ by rank: this rank's batch (rank zero's is logged)
         for name, value in lm.per_task.items():
             self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
-        self._logged_task_losses.update(lm.per_task)
+        self._step_tasks.update(lm.per_task)
+        if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
+            # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
+            # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's
+            for name in sorted(self._logged_tasks - self._step_tasks):
+                self.log(f"train/{name}/lm_loss", math.nan, batch_size=batch_size)
+            self._logged_tasks |= self._step_tasks
+            self._step_tasks = set()
         return loss
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

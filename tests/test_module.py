@@ -161,21 +161,30 @@ class _StepLogger(Logger):
 
 
 class _BatchTasks(Callback):
+    """The tasks of each optimizer step's batches, and of its last batch."""
+
     def __init__(self) -> None:
         self.tasks: dict[int, set[str]] = {}
+        self.last_batch: dict[int, set[str]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.tasks[trainer.global_step] = set(batch.task_name)
+        self.tasks.setdefault(trainer.global_step, set()).update(batch.task_name)
+        self.last_batch[trainer.global_step] = set(batch.task_name)
 
 
-def test_a_task_missing_from_a_batch_logs_no_loss_at_that_step(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("batch_size", "accumulate"), [(2, 1), (1, 2)])
+def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tmp_path, batch_size, accumulate):
     """Lightning writes a step's metrics from every key logged so far in the epoch: a task absent from a batch had
     its last batch's loss written again under this step, a value no batch of this step gave (and a resumed run,
-    whose keys start fresh, wrote nothing there, so the two runs' metrics differed)."""
+    whose keys start fresh, wrote nothing there, so the two runs' metrics differed). With gradient accumulation a
+    task in an earlier batch of the step keeps that batch's loss."""
     logger, tasks = _StepLogger(), _BatchTasks()
-    trainer = make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1, callbacks=[tasks])
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, batch_size=2))
+    trainer = make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1, callbacks=[tasks],
+                           accumulate_grad_batches=accumulate)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, batch_size=batch_size))
     assert any(len(present) < len(TASKS) for present in tasks.tasks.values())  # the case under test occurs
+    if accumulate > 1:  # and a task of the step's first batch is missing from its last
+        assert any(tasks.tasks[step] - tasks.last_batch[step] for step in tasks.tasks)
     for step, present in tasks.tasks.items():
         logged = logger.steps[step]
         for name in TASKS:
