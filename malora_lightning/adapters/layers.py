@@ -139,9 +139,15 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        output = self.add_adapter_output(result.reshape(-1, self.out_features), x.reshape(-1, self.in_features),
-                                         x.shape[:-1])
+        adapter_input = self.adapter_input(x)
+        output = self.add_adapter_output(result.reshape(-1, self.out_features),
+                                         adapter_input.reshape(-1, self.in_features), x.shape[:-1])
         return output.view(result.shape)
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer input as the adapter path receives it (the base layer gets `x` itself); the kernels cast it
+        to the compute dtype."""
+        return x
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output computed literally from the equations (slow; for tests and debugging)."""
@@ -233,6 +239,14 @@ class RoutedAdapterLayer(AdapterLayer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ forward
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the compute dtype, cast once per forward for all the layers that read it (`shared_cast`): the
+        kernels save their input for backward, so per-layer casts kept a copy per layer."""
+        forward = self.routing_context.current
+        if forward is None:
+            return x
+        return forward.shared_cast(x, self.compute_dtype(x.device.type))
+
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
         if x.shape[0] == 0:
             return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -176,6 +177,27 @@ class ForwardRouting:
     input_shape: tuple[int, int] | None = None  # (batch, seq) of the model's input ids or embeddings, when known
     routed_without_gradients: bool = False  # a layer routed in training mode under no_grad: it collected nothing
     _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+    _casts: dict[tuple[int, torch.dtype, bool], tuple[weakref.ref, int, weakref.ref]] = field(default_factory=dict)
+
+    def shared_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in `dtype`, one tensor for every layer of this forward that reads `x` (q, k and v read the same hidden
+        states; gate and up too): each routed layer saves its input for backward, and a cast of its own per layer kept
+        three bf16 copies of one float32 input alive until backward.
+
+        Held by weak references only: the copy lives as long as a layer's backward keeps it, not as long as this
+        record (a forward without gradients casts again). An `x` changed in place since is cast again.
+        """
+        if x.dtype == dtype:
+            return x
+        key = (id(x), dtype, torch.is_grad_enabled())
+        entry = self._casts.get(key)
+        if entry is not None:
+            source, version, copy = entry[0](), entry[1], entry[2]()
+            if source is x and version == x._version and copy is not None:
+                return copy
+        copy = x.to(dtype)
+        self._casts[key] = (weakref.ref(x), x._version, weakref.ref(copy))
+        return copy
 
     def tokens(self, leading_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(bool mask [T] of real tokens, `token_weights_of` that mask) for a layer input of leading shape (batch,

@@ -353,3 +353,44 @@ def test_a_side_pass_under_no_grad_keeps_the_training_forwards_router_losses():
     torch.testing.assert_close(kept, expected, rtol=0, atol=0)
     model(torch.randint(3, 200, (2, 5)))  # the next training forward with gradients replaces it
     assert not torch.equal(aux_loss(model), expected)
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_layers_reading_one_input_save_one_copy_of_it_in_the_autocast_dtype(method, kernel):
+    """q, k and v read the same float32 hidden states, gate and up too: under bf16 autocast each mixture layer saves
+    its input cast to bf16 for backward, and a cast per layer kept three copies (two for the MLP) until backward."""
+    # the sparse kernel keeps each layer's own x after dropout as well (S_A reads it): dropout off to see x alone
+    model = routed_model(method, kernel=kernel, dropout=0.0 if kernel == "sparse" else 0.05)
+    layer_of = {layer: name.rsplit(".", 1)[-1] for name, layer in model.named_modules() if hasattr(layer, "router")}
+    current: list[str] = []
+    saved_inputs: dict[str, set[int]] = {}
+
+    def enter(layer: torch.nn.Module, args: tuple) -> None:
+        current.append(layer_of[layer])
+
+    def leave(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        current.pop()
+
+    handles = [hook for layer in layer_of
+               for hook in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+
+    def watch(tensor: torch.Tensor) -> torch.Tensor:
+        if current and tensor.dtype == torch.bfloat16 and tensor.dim() == 2 and tensor.shape[0] == 2 * 6 \
+                and tensor.shape[1] == 32:  # a layer input [tokens, hidden] (down_proj's is 48 wide)
+            saved_inputs.setdefault(current[-1], set()).add(tensor.untyped_storage().data_ptr())
+        return tensor  # as autograd keeps it (a detached copy would let the shared cast die)
+
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.autograd.graph.saved_tensors_hooks(watch, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().sum()
+    for handle in handles:
+        handle.remove()
+    copies = {name: len(pointers) for name, pointers in saved_inputs.items()}
+    assert copies == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "gate_proj": 2, "up_proj": 2}  # one per decoder layer
+    assert len(saved_inputs["q_proj"] | saved_inputs["k_proj"] | saved_inputs["v_proj"]) == 2
+    assert saved_inputs["q_proj"] == saved_inputs["k_proj"] == saved_inputs["v_proj"]
+    assert saved_inputs["gate_proj"] == saved_inputs["up_proj"]
+    assert not saved_inputs["q_proj"] & saved_inputs["gate_proj"]
+    loss.backward()  # the shared copy's gradient reaches the input once per reader
