@@ -213,9 +213,10 @@ class DenseRoutedExperts(torch.autograd.Function):
         dropped = None if keep is None else torch.where(keep, x, 0.0)
         f = dense_forward(result, x, dropped, router_weight, shared_A, expert_down, lora_B, token_weights, top_k,
                           renormalize, scale, statistics, logsumexp, fused, stacked)
+        # the experts [T, K] (int64) only for the fused backward: the plain ops' reads the selection instead
         ctx.save_for_backward(x, keep, f.first_weight, f.router_weight, f.down_weight, f.up_weight, f.hidden,
-                              f.expert_hidden, f.gated, f.probs, f.experts, f.selection, f.gates, f.gates3, f.total,
-                              token_weights)
+                              f.expert_hidden, f.gated, f.probs, f.experts if fused else None, f.selection, f.gates,
+                              f.gates3, f.total, token_weights)
         ctx.param_dtypes = (router_weight.dtype, None if shared_A is None else shared_A.dtype, expert_down.dtype,
                             lora_B.dtype)
         ctx.is_malora = shared_A is not None

@@ -335,3 +335,21 @@ def test_malora_init_takes_its_svd_on_one_thread_whatever_the_thread_count(n):
     for shared_A, lora_P in inits:
         assert torch.equal(shared_A, Vh[0].float())
         assert torch.equal(lora_P, (U * S.unsqueeze(-2))[1:, :r, :].float())
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_the_dense_kernel_saves_no_expert_indices_its_backward_does_not_read(method):
+    """The plain ops' backward reads the [T, N] selection, not the [T, K] int64 experts (only the fused one does)."""
+    layer = make_layer(method, dtype=torch.float32, dropout=0.1).train()
+    saved: list[torch.dtype] = []
+
+    def watch(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.dtype)
+        return tensor
+
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(watch, lambda tensor: tensor):
+        out = layer(x)
+    assert saved and torch.int64 not in saved
+    out.sum().backward()
+    assert x.grad is not None and layer.lora_B.grad is not None
