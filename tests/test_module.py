@@ -1,6 +1,7 @@
 """MALoRAModule on a tiny random Llama: training, evaluation, checkpoints, resume, export, precision, subclassing."""
 
 import dataclasses
+import gc
 import math
 import unittest.mock
 import warnings
@@ -18,6 +19,7 @@ from malora_lightning.adapters import (
     add_routing_observer,
     load_adapters,
     load_base_model,
+    router_losses,
 )
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
@@ -494,6 +496,25 @@ def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_
     assert saved["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
+
+
+def test_a_step_stopped_by_a_non_finite_loss_leaves_no_graph_on_the_model(tiny_model_dir, tmp_path):
+    """The step raises before its backward: the routed layers' router statistics of that forward, and through them
+    its whole graph (every saved activation), stayed on the model until a next forward."""
+    class PoisonAtStep(MALoRAModule):
+        def compute_lm_loss(self, batch):
+            result = super().compute_lm_loss(batch)
+            if self.global_step == 1:
+                result.loss = result.loss * float("nan")
+            return result
+
+    module = PoisonAtStep(**{k: v for k, v in make_module(tiny_model_dir).hparams.items() if k != "adapter"},
+                          adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
+    with pytest.raises(FloatingPointError):
+        make_trainer(tmp_path, max_steps=3).fit(module, make_data(tiny_model_dir))
+    gc.collect()
+    assert router_losses(module.model) is None
+    assert not [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.grad_fn is not None]
 
 class ScaledLossModule(MALoRAModule):
     """A user subclass: weights the LM loss (an extension point) and records that it was used."""
