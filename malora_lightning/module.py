@@ -44,7 +44,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import (
-    release_router_losses,
+    drop_routing_record,
     routed_layers,
     trained_tensor_names,
     unwrapped_name,
@@ -425,7 +425,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         router = aux_loss(self.model).to(lm.loss.device)
         loss = lm.loss + router
         if not torch.isfinite(loss):
-            release_router_losses(self.model)  # no backward follows: the model would keep this forward's graph
+            drop_routing_record(self.model)  # no backward follows: the model would keep this forward's graph
             raise FloatingPointError(
                 f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
                 f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "

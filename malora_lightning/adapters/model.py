@@ -107,13 +107,14 @@ def router_losses(model: nn.Module) -> RouterLossSummary | None:
     return RouterLossSummary(load_balance=load_balance, z_loss=z_loss, num_layers=len(forward.statistics))
 
 
-def release_router_losses(model: nn.Module) -> None:
+def drop_routing_record(model: nn.Module) -> None:
     """Drop the latest forward's routing record, and with its router statistics the graph they reach (every
     activation that forward saved): for a forward that no backward will follow, such as a training step stopped by
     an error, whose graph the record kept alive until a next forward. A model without routed adapters has none."""
     context = routing_context(model)
     if context is not None:
         context.current = context.losses_forward = None
+
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """aux_loss_coef * mean load-balance loss (+ router_z_loss_coef * mean z-loss) of the most recent forward.
