@@ -514,7 +514,9 @@ def test_a_step_stopped_by_a_non_finite_loss_leaves_no_graph_on_the_model(tiny_m
         make_trainer(tmp_path, max_steps=3).fit(module, make_data(tiny_model_dir))
     gc.collect()
     assert router_losses(module.model) is None
-    assert not [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.grad_fn is not None]
+    # plain tensors only: compiled-adapter tests earlier in the process leave dynamo's FakeTensors alive
+    assert not [obj for obj in gc.get_objects() if type(obj) is torch.Tensor and obj.grad_fn is not None]
+
 
 class ScaledLossModule(MALoRAModule):
     """A user subclass: weights the LM loss (an extension point) and records that it was used."""

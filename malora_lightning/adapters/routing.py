@@ -177,7 +177,7 @@ class ForwardRouting:
     input_shape: tuple[int, int] | None = None  # (batch, seq) of the model's input ids or embeddings, when known
     routed_without_gradients: bool = False  # a layer routed in training mode under no_grad: it collected nothing
     _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
-    _casts: dict[tuple[int, torch.dtype, bool], tuple[weakref.ref, int, weakref.ref]] = field(default_factory=dict)
+    _casts: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, weakref.ref]] = field(default_factory=dict)
 
     def shared_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`x` in `dtype`, one tensor for every layer of this forward that reads `x` (q, k and v read the same hidden
@@ -185,11 +185,12 @@ class ForwardRouting:
         three bf16 copies of one float32 input alive until backward.
 
         Held by weak references only: the copy lives as long as a layer's backward keeps it, not as long as this
-        record (a forward without gradients casts again). An `x` changed in place since is cast again.
+        record. An `x` changed in place since is cast again. Without gradients nothing is saved, so `x` is handed on
+        as it is (each kernel casts it; evaluation's inference tensors have no version to check).
         """
-        if x.dtype == dtype:
+        if x.dtype == dtype or not torch.is_grad_enabled():
             return x
-        key = (id(x), dtype, torch.is_grad_enabled())
+        key = (id(x), dtype)
         entry = self._casts.get(key)
         if entry is not None:
             source, version, copy = entry[0](), entry[1], entry[2]()

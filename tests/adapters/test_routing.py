@@ -394,3 +394,5 @@ def test_layers_reading_one_input_save_one_copy_of_it_in_the_autocast_dtype(meth
     assert saved_inputs["gate_proj"] == saved_inputs["up_proj"]
     assert not saved_inputs["q_proj"] & saved_inputs["gate_proj"]
     loss.backward()  # the shared copy's gradient reaches the input once per reader
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning evaluates
+        model.eval()(ids)  # an inference tensor has no version counter: this raised RuntimeError
