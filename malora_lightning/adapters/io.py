@@ -31,7 +31,7 @@ from torch import nn
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
-from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers
+from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers, trained_tensor_names
 from malora_lightning.adapters.quantization import (
     Quantization,
     base_compute_dtype,
@@ -404,9 +404,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
         if write_card:
-            trained = {key for key, param in adapter_state_dict(model).items() if param.requires_grad}
-            card = model_card(config, base, quantization, _target_summary(model), state, trained, task_scores,
-                              origin)
+            card = model_card(config, base, quantization, _target_summary(model), state, trained_tensor_names(model),
+                              task_scores, origin)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         apply_default_modes(staging)  # safetensors writes its file owner-only
     return path
