@@ -320,6 +320,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+            self._check_context_length()
             strategy = self.trainer.strategy if self._trainer is not None else None
             if isinstance(strategy, ModelParallelStrategy):
                 self.shard_model()
@@ -328,6 +329,18 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 check_fsdp1_units(self.model, wrapped_classes(strategy.kwargs.get("auto_wrap_policy")),
                                   None if mixed_precision is None else mixed_precision.param_dtype,
                                   strategy.kwargs.get("ignored_modules") or ())
+
+    def _check_context_length(self) -> None:
+        """Warn when the data module's ``max_length`` exceeds the base model's context (``max_position_embeddings``):
+        the longer sequences would get positions the model never saw, and nothing said so."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if is_int(max_length) and is_int(context) and max_length > context:
+            rank_zero_warn(f"data max_length={max_length} exceeds the base model's max_position_embeddings={context} "
+                           f"({self.settings.model_name_or_path}): a sequence longer than {context} tokens gets "
+                           "positions the model was not trained on (a model with learned position embeddings, such "
+                           f"as GPT-2, stops with an index error); set data max_length to at most {context}")
 
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.

@@ -196,6 +196,14 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
             assert math.isfinite(value) == (name in present), (step, name, present, value)
 
 
+def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
+    """The tiny Llama has 128 positions: longer sequences get positions it never saw (a GPT-2 base fails with an index
+    error), and nothing said so."""
+    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's max_position_embeddings=128"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir),
+                                                datamodule=make_data(tiny_model_dir, max_length=256))
+
+
 def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, router_learning_rate=1e-4, router_weight_decay=0.0, weight_decay=0.05)
     module.configure_model()

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Generator
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
 from malora_lightning.data.builtin import BUILTIN_TASKS
@@ -93,6 +94,8 @@ class MultiTaskDataModule(LightningDataModule):
         tokenizer: Tokenizer name or path (usually the model's); loaded in ``setup`` by ``load_tokenizer``.
         max_length: Longest sequence in tokens; prompts lose tokens from the left of their own text to fit (the
             chat template's turns and headers, or the plain format's BOS and ``\\nAnswer:``, stay), targets never.
+            Warned of when above the tokenizer's ``model_max_length`` (and by `MALoRAModule` when above the base
+            model's ``max_position_embeddings``).
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
         system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
             20-token one to every example), ``""`` an empty system turn.
@@ -294,6 +297,7 @@ class MultiTaskDataModule(LightningDataModule):
         self._check_something_to_evaluate(stage)
         if self._encoder is None:
             self.tokenizer = self.load_tokenizer()
+            self._check_model_max_length(self.tokenizer)
             self._encoder = self.build_encoder(self.tokenizer)
         for split in _STAGE_SPLITS[stage]:
             if split not in self._encoded:
@@ -302,6 +306,17 @@ class MultiTaskDataModule(LightningDataModule):
         if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
             self._predict_prompts = self._encode_prompts(read_prompts(self._predict_source,
                                                                       [task.name for task in self._tasks]))
+
+    def _check_model_max_length(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,
+        ``VERY_LARGE_INTEGER`` where the tokenizer records none): the longer sequences would reach the model
+        with positions it never saw."""
+        limit, max_length = tokenizer.model_max_length, self.hparams.max_length
+        if is_int(limit) and limit < VERY_LARGE_INTEGER and max_length > limit:
+            rank_zero_warn(f"MultiTaskDataModule max_length={max_length} exceeds the tokenizer's "
+                           f"model_max_length={limit}: a sequence longer than {limit} tokens gets positions the model "
+                           "was not trained on (a model with learned position embeddings stops with an index error); "
+                           f"set max_length to at most {limit}")
 
     def _check_something_to_evaluate(self, stage: str) -> None:
         """validate, test and predict (without a predict file) need a task with the split they evaluate: without one,

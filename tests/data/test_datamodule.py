@@ -153,6 +153,14 @@ def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
     assert not any("add_2digit" in message for message in messages)
 
 
+def test_a_max_length_beyond_the_tokenizers_model_max_length_is_named():
+    """A tokenizer that records its model's limit (model_max_length) was given longer sequences without a word."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 48
+    with pytest.warns(UserWarning, match=r"max_length=64 exceeds the tokenizer's model_max_length=48"):
+        make(tokenizer).setup("fit")
+
+
 def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
     data = make(max_length=40)  # a 32-token target, the plain format's 8 tokens ("\nAnswer:") and a prompt token
     with pytest.raises(ValueError, match=r"task 'reverse_words', train row \d+: the target takes 32 tokens but "
