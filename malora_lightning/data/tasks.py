@@ -114,6 +114,8 @@ class Example:
         if not isinstance(self.prompt, str) or not isinstance(self.target, str):
             raise ValueError(f"prompt and target must be strings (got {type(self.prompt).__name__} and "
                              f"{type(self.target).__name__})")
+        if not self.prompt.strip():  # the answer would be trained after an empty user turn
+            raise ValueError("the prompt is empty; every example needs prompt text")
         if not self.target.strip():
             raise ValueError("the target is empty")
         if self.choices is None:

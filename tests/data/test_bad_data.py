@@ -25,6 +25,9 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
                                    ["train row 1", "missing field 'a'", "d.jsonl"]),
     "jsonl null target": ("d.jsonl", jsonl({"q": "2+2", "a": None}), GENERATIVE,
                           ["train row 0", "field 'a' is empty (null)", "d.jsonl"]),
+    # the predict file and a CSV cell refused it; a JSON line trained the answer after an empty user turn
+    "jsonl empty prompt": ("d.jsonl", jsonl({"q": "2+2", "a": "4"}, {"q": " ", "a": "6"}), GENERATIVE,
+                           ["train row 1", "the prompt is empty", "d.jsonl"]),
     "csv empty cell": ("d.csv", "q,a\n2+2,4\n3+3,\n", GENERATIVE, ["train row 1", "field 'a' is empty", "d.csv"]),
     "csv short row": ("d.csv", "q,a\n2+2\n", GENERATIVE, ["train row 0", "field 'a' is empty"]),
     "csv long row": ("d.csv", "q,a\n2+2,4,extra\n", GENERATIVE, ["d.csv, line 2", "more cells than the 2 columns"]),

@@ -90,6 +90,7 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"target": " "}, "the target is empty"),
+    ({"prompt": "\n"}, "the prompt is empty"),
     ({"choices": ("A", "B"), "gold": 2}, r"gold index 2 is not in 0..1"),
     ({"choices": ("A", "B"), "gold": 0}, "target 'x' differs from the gold choice 'A'"),
     ({"choices": ("A",), "gold": 0}, "at least two choices"),
@@ -101,7 +102,7 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
 ])
 def test_example_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Example(prompt="p", **({"target": "x"} | kwargs))
+        Example(**({"prompt": "p", "target": "x"} | kwargs))
 
 
 def test_invalid_task_definitions_are_rejected():
