@@ -243,7 +243,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         unexpected = sorted(stored_keys - set(expected))
         if missing:
             raise ValueError(f"{weights}: missing adapter tensor {missing[0]!r}"
-                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}{other_base}")
         if unexpected:
             raise ValueError(f"{weights}: tensor {unexpected[0]!r} does not belong to any adapter of this model"
                              f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}{other_base}")

@@ -330,6 +330,19 @@ def test_a_shape_mismatch_with_a_model_injected_otherwise_names_the_settings(tmp
         load_adapters(model, tmp_path / "a")
 
 
+def test_a_missing_tensor_with_a_model_injected_otherwise_names_the_settings(tmp_path):
+    """A model injected on more modules than the folder's said only which tensor was missing, not why."""
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+    save_adapters(model, tmp_path / "a")
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2,
+                                                               target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"missing adapter tensor 'base_model.model.model.layers.0.self_attn.v_proj"
+                                         r".lora_A.weight' \(and 3 more\); the model's adapters were injected with "
+                                         r"other settings than the folder's \(target_modules: folder \['q_proj'\], "
+                                         r"model \['q_proj', 'v_proj'\]\)"):
+        load_adapters(model, tmp_path / "a")
+
+
 def test_nan_adapter_tensors_are_refused_by_name(tmp_path):
     save_adapters(trained_model(), tmp_path / "a")
     rewrite_tensors(tmp_path / "a", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].fill_(float("nan")))
