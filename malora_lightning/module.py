@@ -293,8 +293,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
-        the run asks for: validations inside an accumulation window (an inexact resume), and a true half precision
-        that overrides `adapter_dtype`."""
+        the run asks for: validations inside an accumulation window (an inexact resume), none after training begins
+        (an interval beyond max_steps), and a true half precision that overrides `adapter_dtype`."""
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
             if self.trainer.datamodule is not None:
@@ -308,6 +308,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                            "validations (and the checkpoints written when they end) fall inside an accumulation "
                            "window, whose gradients no checkpoint holds, so a resume from one skips that window's "
                            f"batches; use a multiple of {accumulate}")
+        batches = self.trainer.max_steps * accumulate  # without per-epoch validation, the interval counts these
+        if stage == "fit" and isinstance(interval, int) and self.trainer.check_val_every_n_epoch is None \
+                and 0 < batches < interval:
+            rank_zero_warn(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
+                           f"(max_steps={self.trainer.max_steps}): the fit never validates the adapters it trains (the "
+                           "report's final scores, if any, are the sanity check's, before training); set "
+                           f"val_check_interval to at most {batches}")
         precision = str(self.trainer.precision)
         half = TRUE_HALF_PRECISIONS.get(precision)
         if stage == "fit" and half is not None and self.adapter_config.adapter_dtype != half:

@@ -653,6 +653,21 @@ def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_p
     assert bool(named) == warned
 
 
+@pytest.mark.parametrize(("interval", "warned"), [(3, True), (2, False)])
+def test_a_val_check_interval_beyond_the_fits_batches_is_named(tiny_model_dir, tmp_path, interval, warned):
+    """Counted over the whole run (check_val_every_n_epoch=None, as the recipes set it), an interval longer than the
+    fit never validated the trained adapters: the report's final scores were the sanity check's, and nothing said
+    so."""
+    trainer = make_trainer(tmp_path, max_steps=2, val_check_interval=interval, check_val_every_n_epoch=None,
+                           limit_val_batches=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    named = [w for w in caught if "val_check_interval=3 exceeds the fit's 2 training batches (max_steps=2)"
+             in str(w.message)]
+    assert bool(named) == warned
+
+
 class LearningRateRecorder(Callback):
     def __init__(self) -> None:
         self.rates: dict[int, list[float]] = {}
