@@ -104,6 +104,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         if unmatched:  # the paper's q/k/v/gate/up/down on Phi-3 (fused qkv_proj) adapt down_proj alone
             warnings.warn(f"AdapterConfig.target_modules entries {unmatched} match no linear module of this model, so "
                           f"those layers get no adapter; {_describe_linear_modules(model)}", stacklevel=2)
+    if config.layers_to_transform is not None:
+        layers = {layer_index(name) for name in linear_module_names(model)} - {None}
+        missing = sorted(set(config.layers_to_transform) - layers)
+        if missing:  # a deeper model's recipe: only the layers this model has get adapters
+            warnings.warn(f"AdapterConfig.layers_to_transform entries {missing} name no decoder layer of this model "
+                          f"(it has layers {min(layers)} to {max(layers)}), so they get no adapter", stacklevel=2)
 
     for param in model.parameters():
         param.requires_grad_(False)

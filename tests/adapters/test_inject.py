@@ -93,6 +93,15 @@ def test_list_entries_that_match_no_module_are_named():
     assert sorted(name.rsplit(".", 1)[-1] for name in adapter_layers(model)) == ["q_proj", "q_proj"]
 
 
+def test_layer_indices_that_name_no_layer_are_named():
+    """A 32-layer recipe's [28, 29, 30, 31] on a 30-layer model adapted layers 28 and 29 alone, without a word."""
+    with pytest.warns(UserWarning, match=r"layers_to_transform entries \[2, 7\] name no decoder layer of this model "
+                                         r"\(it has layers 0 to 1\)"):
+        model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules=["q_proj"],
+                                                                   layers_to_transform=[1, 2, 7]))
+    assert list(adapter_layers(model)) == ["model.layers.1.self_attn.q_proj"]
+
+
 def test_injecting_twice_raises():
     model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
     with pytest.raises(ValueError, match="already has 12 lora adapter layers"):
