@@ -310,8 +310,10 @@ class FileSource:
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         path = Path(self.files[split])
-        if not path.is_file():
-            raise FileNotFoundError(f"{split} file {path} does not exist")
+        if not path.is_file():  # a recipe's relative path is read from where the command runs, not the recipe's folder
+            state = "is a folder, not a file" if path.is_dir() else "does not exist"
+            where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+            raise FileNotFoundError(f"{split} file {path} {state}{where}")
         kind = FILE_FORMATS[path.suffix.lower()]
         if kind == "parquet":  # typed columns: nulls arrive as None and are rejected where used
             # pyarrow (which datasets installs) reads the file itself: datasets' load_dataset pinged the hub and

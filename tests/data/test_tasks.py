@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -243,6 +244,19 @@ def test_file_source_errors_name_the_file(tmp_path):
         FileSource({"dev": "data.jsonl"})
     task = Task(name="qa", source=FileSource({"train": str(tmp_path / "missing.jsonl")}), formatter=qa_formatter)
     with pytest.raises(FileNotFoundError, match="train file .*missing.jsonl does not exist"):
+        task.examples("train")
+
+
+def test_a_missing_relative_file_names_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):
+    """A recipe's relative path is read from where the command runs, not from the recipe's folder: the error named
+    the path alone."""
+    monkeypatch.chdir(tmp_path)
+    task = Task(name="qa", source=FileSource({"train": "data/train.jsonl"}), formatter=qa_formatter)
+    with pytest.raises(FileNotFoundError, match=rf"train file data/train.jsonl does not exist \(a relative path is "
+                                                rf"read from the current directory, {re.escape(str(tmp_path))}\)"):
+        task.examples("train")
+    (tmp_path / "data" / "train.jsonl").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"train file data/train.jsonl is a folder, not a file"):
         task.examples("train")
 
 
