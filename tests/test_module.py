@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import json
 import math
 import unittest.mock
 import warnings
@@ -1151,3 +1152,30 @@ def test_upgrading_a_checkpoint_twice_leaves_a_square_b_converted_once():
         upgrade_checkpoint(checkpoint, {"model.q.lora_B": torch.Size((2, 4, 4))}, None, None)
     assert torch.equal(checkpoint["state_dict"]["model.q.lora_B"], b.transpose(1, 2))
     assert checkpoint[CHECKPOINT_FORMAT_KEY] == 2
+
+
+def test_validating_a_checkpoint_on_other_held_out_rows_warns(tiny_model_dir, tmp_path):
+    """A task without a validation split is validated on rows held out from its train rows, chosen by data_seed: a
+    later run from the checkpoint with another data_seed validated on rows the fit trained on, silently."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    data = dict(tasks=["mine", "parity"], task_specs=[spec])
+    trainer = make_trainer(tmp_path / "fit", max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    stored = torch.load(tmp_path / "fit.ckpt", weights_only=True)["MultiTaskDataModule"]
+    assert stored["data_seed"] == 0 and set(stored["held_out_rows"]) == {"mine"}  # parity has its own split
+
+    def validate(**overrides):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path / "val", limit_val_batches=1).validate(
+                make_module(tiny_model_dir), make_data(tiny_model_dir, **data, **overrides),
+                ckpt_path=tmp_path / "fit.ckpt")
+        return [str(w.message) for w in caught if "held out from their train rows" in str(w.message)]
+
+    assert validate() == []
+    moved = validate(data_seed=1)
+    assert len(moved) == 1 and "['mine']" in moved[0] and "data_seed 0 there, 1 here" in moved[0]
+    assert "data_seed=0" in moved[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import logging
 import math
@@ -62,6 +63,11 @@ class HeldOutSplit:
 
     train_rows: tuple[int, ...]
     validation_rows: tuple[int, ...]
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of the validation rows, which a checkpoint keeps (`MultiTaskDataModule.state_dict`)."""
+        return hashlib.sha256(",".join(map(str, self.validation_rows)).encode()).hexdigest()[:16]
 
 
 # the training sampler draws an epoch's task sequence up front: a bound that keeps it to a few hundred MB
@@ -363,6 +369,28 @@ class MultiTaskDataModule(LightningDataModule):
                                "on; %d of them are validated on.", task.name, held, count, self._evaluated_count(held))
         self._held_out[task.name] = split
         return split
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the data seed and, for each task validated on rows held out from its
+        train rows, those rows' `HeldOutSplit.digest`, so that a run from the checkpoint can tell when it would
+        validate on rows the checkpoint's fit trained on (`load_state_dict`)."""
+        carved = {name: split.digest for name, split in self._held_out.items() if split is not None}
+        return {"data_seed": self.hparams.data_seed, "held_out_rows": carved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when a task's held-out validation rows differ from those of the checkpoint's run (another
+        ``data_seed``, or another train file): some of them were trained on there, so the scores overstate."""
+        stored = state_dict.get("held_out_rows", {})
+        moved = [task.name for task in self.train_tasks if task.name in stored
+                 and (split := self.held_out(task)) is not None and split.digest != stored[task.name]]
+        if moved:
+            seed, stored_seed = self.hparams.data_seed, state_dict.get("data_seed")
+            cause = f"data_seed {stored_seed} there, {seed} here" if stored_seed != seed else \
+                "the same data_seed, so their train files changed"
+            rank_zero_warn(f"Tasks {moved} are validated on rows held out from their train rows, and these are not "
+                           f"the rows the checkpoint's run held out ({cause}): this run validates partly on rows "
+                           f"that run trained on, so their scores overstate; give data_seed={stored_seed} to "
+                           "validate on the rows it held out")
 
     def _limit(self, split: str) -> int | None:
         """The most examples per task of ``split`` kept: its ``max_*_examples_per_task``."""
