@@ -296,15 +296,22 @@ class EvaluationShardSampler(DistributedSampler):
     position p (>= size) evaluates example p mod size, as ``DistributedSampler`` pads, but is yielded with
     ``counted=False`` and evaluation drops it from its outputs, so every real example is scored exactly once across
     the ranks (Lightning's default sampler pads without saying so, and per-task metrics counted the repeats twice).
-    Being a ``DistributedSampler``, Lightning keeps it as it is.
+    Being a ``DistributedSampler``, Lightning keeps it as it is. A world size or rank left None is the process
+    group's when the sampler is iterated, not when it is made: a script makes `datamodule.val_dataloader()` for
+    `trainer.validate(dataloaders=...)` before the group exists, and every rank then scored every example.
     """
 
     def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        self._given = (num_replicas, rank)
         num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size = size
 
     def _positions(self) -> range:
+        """This rank's positions in the current world (the shard attributes follow it)."""
+        self.num_replicas, self.rank = replica_and_rank(*self._given)
+        self.num_samples = math.ceil(self.size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
         return range(self.rank, self.total_size, self.num_replicas)
 
     def __iter__(self) -> Iterator[ShardIndex]:

@@ -2,6 +2,7 @@ import math
 from collections import Counter
 
 import pytest
+import torch.distributed
 from torch.utils.data import BatchSampler
 
 from malora_lightning.data.datamodule import MultiTaskDataModule
@@ -241,6 +242,19 @@ def test_evaluation_shards_pad_short_ranks_with_a_flagged_repeat():
     assert padded == [[(0, True), (3, True), (6, True)], [(1, True), (4, True), (0, False)],
                       [(2, True), (5, True), (1, False)]]
     assert list(EvaluationShardSampler(4)) == [(0, True), (1, True), (2, True), (3, True)]
+
+
+def test_an_evaluation_sampler_made_before_the_process_group_shards_for_the_run(monkeypatch):
+    """A script's `datamodule.val_dataloader()`, passed to `trainer.validate(dataloaders=...)` under DDP, is made
+    before the process group exists: its sampler took a world of one, every rank scored every example and each counted
+    twice (a per-task count of 10 for 5 examples on 2 ranks, duplicate predictions)."""
+    sampler = EvaluationShardSampler(5)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert len(sampler) == 3
+    assert list(sampler) == [(1, True), (3, True), (0, False)]
+    assert list(EvaluationShardSampler(5, num_replicas=1, rank=0)) == [(index, True) for index in range(5)]  # as given
 
 
 @pytest.mark.parametrize(("weights", "message"), [
