@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -97,7 +101,21 @@ class DestroyingLauncher(_MultiProcessingLauncher):
     after a successful fit ("terminate called without an active exception", SIGABRT; seen in CI in two of these
     tests). environment.md measured 2 aborts in 10 runs without an explicit destroy and none in 12 with one. Not in
     the strategy's `teardown`: Lightning calls it before `on_fit_end`, whose collectives (the adapter export under
-    FSDP2) then found no process group."""
+    FSDP2) then found no process group.
+
+    It also gives MASTER_PORT back as it found it: Lightning leaves the port it chose there, and every later run of
+    the session, and the scripts the tests start, then listened on that one port (EADDRINUSE once another job held
+    it)."""
+
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        previous = os.environ.get("MASTER_PORT")
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop("MASTER_PORT", None)
+            else:
+                os.environ["MASTER_PORT"] = previous
 
     def _wrapping_function(self, *args, **kwargs) -> None:
         try:

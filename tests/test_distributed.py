@@ -3,14 +3,17 @@ validation on shards of uneven size."""
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos.boring_classes import BoringModel
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -170,3 +173,21 @@ def test_fsdp2_validates_uneven_shards_and_scores_every_example_once(tiny_model_
     for name, score in single.evaluations("val")[-1].tasks.items():
         assert ranks[0]["tasks"][name]["loss"] == pytest.approx(score.loss, rel=1e-5), name
         assert ranks[0]["tasks"][name]["accuracy"] == score.accuracy, name
+
+
+def test_each_two_process_run_takes_a_port_of_its_own(monkeypatch):
+    """Lightning's spawn launcher leaves the port it chose in this process's MASTER_PORT, so every later run of the
+    session (and the scripts it starts, which inherit it) listened on that one port: once anything else held it (a
+    concurrent job's socket), each of them failed with EADDRINUSE."""
+    def fit() -> L.Trainer:
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=SpawnDDPStrategy(), max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(BoringModel())
+        return trainer
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # a port set for the session is every run's, as it should be
+    port = fit().strategy.cluster_environment.main_port
+    with socket.socket() as holder:  # another job's socket on the first run's port
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        assert fit().strategy.cluster_environment.main_port != port
