@@ -157,7 +157,30 @@ def replica_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, i
     return num_replicas, rank
 
 
-class TaskBalancedSampler(DistributedSampler):
+class ProcessGroupSampler(DistributedSampler):
+    """A ``DistributedSampler`` over ``length`` positions whose world size and rank, each where not given, are the
+    process group's when the sampler is used, not when it is made. A script makes a datamodule's loader for
+    ``trainer.fit(train_dataloaders=...)`` or ``trainer.validate(dataloaders=...)`` before DDP starts the group, and
+    Lightning keeps a ``DistributedSampler`` as it is: fixed at a world of one, every rank took all the data.
+    Subclasses call `_follow_world` before using the shard attributes."""
+
+    def __init__(self, length: int, *, num_replicas: int | None, rank: int | None, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        self._given = (num_replicas, rank)
+        num_replicas, rank = replica_and_rank(num_replicas, rank)
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+
+    def _follow_world(self) -> None:
+        """Set ``num_replicas`` and ``rank`` to the current world's, and the shard sizes that follow from them (as
+        ``DistributedSampler`` computes them)."""
+        self.num_replicas, self.rank = replica_and_rank(*self._given)
+        length = len(self.dataset)
+        self.num_samples = length // self.num_replicas if self.drop_last else math.ceil(length / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+
+class TaskBalancedSampler(ProcessGroupSampler):
     """Yields global indices into the concatenation of the task datasets (task 0's examples first, then task 1's...).
 
     Each epoch holds ``num_samples`` draws (default: the sum of the task sizes) split between tasks by ``weights``
@@ -172,6 +195,8 @@ class TaskBalancedSampler(DistributedSampler):
     draws across all ranks, so a resumed run (even with another world size) continues the same sequence; it also
     stores the world size, since a trainer counts that progress in batches of the saved run's size, which a resume on
     another world size must count again (`resume_at_batch_start`, and the datamodule's `rebase_restored_batches`).
+    A world size or rank left None is the process group's when the sampler is iterated, measured or checkpointed
+    (`ProcessGroupSampler`).
     """
 
     def __init__(
@@ -195,9 +220,8 @@ class TaskBalancedSampler(DistributedSampler):
         self.epoch_length = int(num_samples) if num_samples is not None else sum(self.sizes)
         if self.epoch_length < 1:
             raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
-        num_replicas, rank = replica_and_rank(num_replicas, rank)
-        super().__init__(range(self.epoch_length), num_replicas=num_replicas, rank=rank, shuffle=True,
-                         seed=seed, drop_last=drop_last)
+        super().__init__(self.epoch_length, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=drop_last)
         self.counts = epoch_counts(self.weights, self.epoch_length)
         self._offsets = [sum(self.sizes[:position]) for position in range(len(self.sizes))]
         self._resume_at = 0  # draw (across ranks) where the next iteration starts; set by load_state_dict
@@ -228,6 +252,7 @@ class TaskBalancedSampler(DistributedSampler):
         return stream[start - first_pass * size: start - first_pass * size + count]
 
     def __iter__(self) -> Iterator[int]:
+        self._follow_world()
         sequence = self.epoch_sequence(self.epoch)
         if self.drop_last:
             sequence = sequence[: self.total_size]
@@ -246,11 +271,13 @@ class TaskBalancedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         # The full per-rank length, also when resuming mid-epoch: Lightning counts the batches already done.
+        self._follow_world()
         return self.num_samples
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """Where this epoch stands. ``consumed``: draws this rank has really used since the epoch began (default: how
         many it has yielded, which runs ahead of training when a DataLoader prefetches)."""
+        self._follow_world()
         position = self._position if consumed is None else consumed * self.num_replicas
         epoch = self.epoch
         if position >= self.total_size:
@@ -265,6 +292,7 @@ class TaskBalancedSampler(DistributedSampler):
         if saved != current:
             logger.warning("Restoring a task sampler built for %s into one built for %s: the resumed order will not "
                            "repeat the saved run's sequence.", saved, current)
+        self._follow_world()
         super().set_epoch(int(state["epoch"]))
         self._resume_at = min(int(state["position"]), self.total_size)
         self._position = self._resume_at
@@ -273,6 +301,7 @@ class TaskBalancedSampler(DistributedSampler):
         """Move the restored position back to the start of the global batch (``batch_size`` draws on each of the
         ``num_replicas`` ranks) it falls in, so that a trainer counting whole batches can say where the epoch stands.
         Returns the whole batches before it and the draws that are therefore trained again."""
+        self._follow_world()
         batches, repeated = divmod(self._resume_at, batch_size * self.num_replicas)
         self._resume_at -= repeated
         self._position = self._resume_at
@@ -287,7 +316,7 @@ class ShardIndex(NamedTuple):
     counted: bool
 
 
-class EvaluationShardSampler(DistributedSampler):
+class EvaluationShardSampler(ProcessGroupSampler):
     """Rank r evaluates examples r, r + world, r + 2*world, ... in order, then, where its shard is one short, one
     padding example that is computed but not counted.
 
@@ -297,21 +326,17 @@ class EvaluationShardSampler(DistributedSampler):
     ``counted=False`` and evaluation drops it from its outputs, so every real example is scored exactly once across
     the ranks (Lightning's default sampler pads without saying so, and per-task metrics counted the repeats twice).
     Being a ``DistributedSampler``, Lightning keeps it as it is. A world size or rank left None is the process
-    group's when the sampler is iterated, not when it is made: a script makes `datamodule.val_dataloader()` for
+    group's when the sampler is iterated (`ProcessGroupSampler`): a script makes `datamodule.val_dataloader()` for
     `trainer.validate(dataloaders=...)` before the group exists, and every rank then scored every example.
     """
 
     def __init__(self, size: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        self._given = (num_replicas, rank)
-        num_replicas, rank = replica_and_rank(num_replicas, rank)
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        super().__init__(size, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.size = size
 
     def _positions(self) -> range:
-        """This rank's positions in the current world (the shard attributes follow it)."""
-        self.num_replicas, self.rank = replica_and_rank(*self._given)
-        self.num_samples = math.ceil(self.size / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
+        """This rank's positions in the current world."""
+        self._follow_world()
         return range(self.rank, self.total_size, self.num_replicas)
 
     def __iter__(self) -> Iterator[ShardIndex]:

@@ -257,6 +257,27 @@ def test_an_evaluation_sampler_made_before_the_process_group_shards_for_the_run(
     assert list(EvaluationShardSampler(5, num_replicas=1, rank=0)) == [(index, True) for index in range(5)]  # as given
 
 
+def test_a_training_sampler_made_before_the_process_group_shards_and_checkpoints_for_the_run(monkeypatch):
+    """`trainer.fit(model, train_dataloaders=datamodule.train_dataloader())` under DDP makes the loader before the
+    process group exists, and Lightning keeps its sampler: fixed at a world of one, every rank trained on the same
+    batches. Its length, checkpoint state and resume count in the run's world as well."""
+    sizes = [6, 4, 2]
+    weights = mixing_weights(sizes, "uniform")
+    full = list(TaskBalancedSampler(sizes, weights, seed=8))
+    sampler, restored = TaskBalancedSampler(sizes, weights, seed=8), TaskBalancedSampler(sizes, weights, seed=8)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert len(sampler) == 6
+    assert list(sampler) == full[1::2]
+    state = sampler.state_dict(consumed=2)
+    assert (state["position"], state["num_replicas"]) == (4, 2)  # 2 draws on each of 2 ranks
+    restored.load_state_dict({**state, "position": 5})
+    assert restored.resume_at_batch_start(2) == (1, 1)  # batches of 2 on 2 ranks: draw 4 is trained again
+    assert list(restored) == full[5::2]
+    assert list(TaskBalancedSampler(sizes, weights, seed=8, num_replicas=1, rank=0)) == full  # as given
+
+
 @pytest.mark.parametrize(("weights", "message"), [
     ([1.0, -0.5], r"weights\[1\]=-0.5 is invalid: expected a finite number >= 0"),
     ([float("nan"), 1.0], r"weights\[0\]=nan is invalid: expected a finite number >= 0"),
