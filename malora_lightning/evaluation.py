@@ -157,9 +157,28 @@ class EvaluationMixin:
 
     def on_validation_start(self) -> None:
         self._warn_without_metrics("validation")
+        self._warn_of_cut_answers()
 
     def on_test_start(self) -> None:
         self._warn_without_metrics("test")
+        self._warn_of_cut_answers()
+
+    def on_predict_start(self) -> None:
+        self._warn_of_cut_answers()
+
+    def _warn_of_cut_answers(self) -> None:
+        """A `max_new_tokens` cap below a generative task's answer length (its registered budget, or its longest
+        answer) cuts those answers short, and exact match scores every one of them wrong."""
+        cap = self.settings.max_new_tokens
+        tasks = getattr(self._datamodule, "tasks", None)
+        if cap is None or tasks is None:
+            return
+        cut = {task.name: task.max_new_tokens for task in tasks if task.kind == "generative"
+               and task.max_new_tokens is not None and task.max_new_tokens > cap}
+        if cut:
+            rank_zero_warn(f"model max_new_tokens={cap} is below the answer length in tokens of tasks {cut}: their "
+                           f"answers longer than {cap} tokens are cut short and scored wrong; raise max_new_tokens "
+                           "or leave it None (each task's own length)")
 
     def _warn_without_metrics(self, stage: str) -> None:
         """The steps only hand back per-example results: without `PerTaskMetrics` (which the `malora` command

@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import json
 import math
+import re
 import unittest.mock
 import warnings
 import weakref
@@ -1179,3 +1180,18 @@ def test_validating_a_checkpoint_on_other_held_out_rows_warns(tiny_model_dir, tm
     moved = validate(data_seed=1)
     assert len(moved) == 1 and "['mine']" in moved[0] and "data_seed 0 there, 1 here" in moved[0]
     assert "data_seed=0" in moved[0]
+
+
+def test_a_max_new_tokens_cap_below_a_tasks_answers_is_named(tiny_model_dir, tmp_path):
+    """A cap below a generative task's answer length cut every longer answer short, and exact match scored them
+    wrong, with nothing said."""
+    def warnings_of(module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, limit_val_batches=1).validate(module, make_data(tiny_model_dir))
+        return [str(w.message) for w in caught if "max_new_tokens" in str(w.message)]
+
+    cut = warnings_of(make_module(tiny_model_dir, max_new_tokens=1))
+    assert len(cut) == 1
+    assert re.search(r"max_new_tokens=1 is below .* tasks \{'add_2digit': \d+, 'reverse_words': \d+\}", cut[0])
+    assert warnings_of(make_module(tiny_model_dir)) == []
