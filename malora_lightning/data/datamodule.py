@@ -182,7 +182,8 @@ class MultiTaskDataModule(LightningDataModule):
                                       ("max_eval_examples_per_task", max_eval_examples_per_task, True),
                                       ("max_val_examples_per_task", max_val_examples_per_task, True),
                                       ("cap", cap, True), ("num_workers", num_workers, False)):
-            _check_count(name, value, optional, minimum=0 if name == "num_workers" else 1)
+            # a sequence holds at least one prompt token and one target token
+            _check_count(name, value, optional, minimum={"num_workers": 0, "max_length": 2}.get(name, 1))
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
         for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):
             if not is_finite_number(value) or value <= 0:

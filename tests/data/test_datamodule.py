@@ -187,6 +187,7 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
      r"task_specs\[0\] and task_specs\[1\] are both named 'mine'; give each task spec its own name"),
     ({"batch_size": 0}, r"batch_size=0 is invalid: expected an integer >= 1"),
     ({"batch_size": "8"}, r"batch_size='8' is invalid"),
+    ({"max_length": 1}, r"max_length=1 is invalid: expected an integer >= 2"),  # was refused only in setup
     ({"eval_batch_size": 0}, r"eval_batch_size=0 is invalid: expected an integer >= 1, or None"),
     ({"max_eval_examples_per_task": 0}, r"max_eval_examples_per_task=0 is invalid"),
     ({"max_train_examples_per_task": 0}, r"max_train_examples_per_task=0 is invalid"),
