@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -85,6 +86,11 @@ def _family_config(family: str, vocab_size: int) -> PretrainedConfig:
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                           bos_token_id=1, eos_token_id=2)
+    if family == "qwen2_moe":  # fused routed experts (3-D parameters) beside a shared expert of nn.Linear modules
+        return Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                              shared_expert_intermediate_size=24)
     raise ValueError(f"unknown family {family!r}")
 
 

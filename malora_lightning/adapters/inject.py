@@ -46,24 +46,31 @@ def name_matches(name: str, patterns: list[str] | str) -> bool:
     return any(name == pattern or name.endswith("." + pattern) for pattern in patterns)
 
 
+def is_selected(name: str, config: AdapterConfig) -> bool:
+    """Whether the config's target_modules (any name for "all-linear"), exclude_modules and layers_to_transform
+    select the module or parameter `name`."""
+    if config.target_modules != ALL_LINEAR and not name_matches(name, config.target_modules):
+        return False
+    if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+        return False
+    return config.layers_to_transform is None or layer_index(name) in config.layers_to_transform
+
+
 def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the linear modules the config selects, in model order."""
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = []
-    for name, module in model.named_modules():
-        if not is_supported_linear(module):
-            continue
-        if config.target_modules == ALL_LINEAR:
-            if module is output_layer:
-                continue
-        elif not name_matches(name, config.target_modules):
-            continue
-        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
-            continue
-        if config.layers_to_transform is not None and layer_index(name) not in config.layers_to_transform:
-            continue
-        targets.append(name)
-    return targets
+    return [name for name, module in model.named_modules()
+            if is_supported_linear(module) and is_selected(name, config)
+            and not (config.target_modules == ALL_LINEAR and module is output_layer)]
+
+
+def fused_expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of 3 or more dimensions outside torch's own layers: an MoE layer's experts fused into one tensor
+    [experts, ...] (transformers 5's Mixtral, Qwen-MoE, OLMoE, GPT-OSS), the weights of no linear module, so no
+    adapter can wrap them. A convolution's kernel (torch's nn.Conv1d in Mamba layers) is not one."""
+    return {f"{module_name}.{name}" if module_name else name: param
+            for module_name, module in model.named_modules() if not type(module).__module__.startswith("torch.")
+            for name, param in module.named_parameters(recurse=False) if param.dim() >= 3}
 
 
 def _describe_linear_modules(model: nn.Module) -> str:
@@ -104,6 +111,14 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         if unmatched:  # the paper's q/k/v/gate/up/down on Phi-3 (fused qkv_proj) adapt down_proj alone
             warnings.warn(f"AdapterConfig.target_modules entries {unmatched} match no linear module of this model, so "
                           f"those layers get no adapter; {_describe_linear_modules(model)}", stacklevel=2)
+    fused = [name for name in fused_expert_parameters(model) if is_selected(name, config)]
+    if fused:  # Qwen2-MoE's paper targets adapted its shared expert alone, without a word about the routed experts
+        shape = tuple(model.get_parameter(fused[0]).shape)
+        warnings.warn(f"AdapterConfig.target_modules={config.target_modules!r} selects {len(fused)} fused MoE expert "
+                      f"weights (e.g. {fused[0]!r}, shape {shape}: all experts of a layer in one parameter, not linear "
+                      "modules), which adapters cannot wrap, so the routed experts get no adapter and stay frozen. "
+                      f"The adapters go to linear modules alone ({_target_summary(targets)}); name just those in "
+                      "target_modules (the attention projections, a shared expert's) to silence this", stacklevel=2)
     if config.layers_to_transform is not None:
         layers = {layer_index(name) for name in linear_module_names(model)} - {None}
         missing = sorted(set(config.layers_to_transform) - layers)
@@ -130,10 +145,13 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         # a partial of a module-level function: `copy.deepcopy` and pickling rebind it to the copy (a bound method
         # unpickles by looking its function's name up on the model, which has no attribute of that name)
         model.save_pretrained = functools.partial(_save_pretrained_without_adapters, model)
-    suffixes = Counter(name.rsplit(".", 1)[-1] for name in targets)
-    logger.info("Injected %s adapters into %d modules: %s", config.method, len(targets),
-                ", ".join(f"{suffix} x{count}" for suffix, count in suffixes.items()))
+    logger.info("Injected %s adapters into %d modules: %s", config.method, len(targets), _target_summary(targets))
     return model
+
+
+def _target_summary(targets: list[str]) -> str:
+    suffixes = Counter(name.rsplit(".", 1)[-1] for name in targets)
+    return ", ".join(f"{suffix} x{count}" for suffix, count in suffixes.items())
 
 
 def _save_pretrained_without_adapters(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

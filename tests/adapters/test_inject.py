@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -172,3 +174,18 @@ def test_optimizer_steps_change_exactly_the_trainable_tensors(method, switches, 
         should_change = is_adapter and tensor_name not in frozen_adapter_tensors
         assert changed == should_change, f"{name}: changed={changed}, expected {should_change}"
         assert param.requires_grad == should_change, name
+
+
+def test_fused_moe_experts_the_targets_name_are_said_to_get_no_adapter():
+    """transformers 5 fuses an MoE layer's experts into 3-D parameters: Qwen2-MoE's paper targets adapted its shared
+    expert's gate/up/down_proj and nothing said that the routed experts (experts.down_proj) got no adapter."""
+    with pytest.warns(UserWarning, match=r"selects 2 fused MoE expert weights \(e.g. "
+                                         r"'model.layers.0.mlp.experts.down_proj', shape \(4, 32, 24\).*routed "
+                                         r"experts get no adapter"):
+        model = inject_adapters(tiny_model("qwen2_moe"), AdapterConfig(method="lora", rank=2))
+    assert {name.split(".")[3] for name in adapter_layers(model)} == {"self_attn", "mlp"}
+    assert all(".shared_expert." in name for name in adapter_layers(model) if ".mlp." in name)
+    attention_only = tiny_model("qwen2_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # targets that leave the experts out on purpose are not warned about
+        inject_adapters(attention_only, AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
