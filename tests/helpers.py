@@ -20,6 +20,7 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PhimoeConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -91,6 +92,10 @@ def _family_config(family: str, vocab_size: int) -> PretrainedConfig:
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                               shared_expert_intermediate_size=24)
+    if family == "phimoe":  # its router is an nn.Linear subclass that returns the routing
+        return PhimoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                            num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(f"unknown family {family!r}")
 
 

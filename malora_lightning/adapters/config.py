@@ -47,7 +47,7 @@ class AdapterConfig:
             softmax values (a literal reading of the paper's Eq. 4).
         router_init_std: routers start as N(0, router_init_std).
         target_modules: module names or suffixes (a list), a full-match regex (a string), or "all-linear"
-            (every linear layer except the output head).
+            (every linear layer except the output head). An MoE layer's router or gate is never adapted.
         exclude_modules: names/suffixes (list) or regex (string) never adapted, even when targeted.
         layers_to_transform: only adapt modules in these decoder layer indices (None: all).
         train_shared_A: MALoRA ablation switch; False freezes S_A at its initialisation (paper Table 3).

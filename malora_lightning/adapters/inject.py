@@ -14,7 +14,13 @@ from transformers.pytorch_utils import Conv1D
 
 from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing
 from malora_lightning.adapters.config import AdapterConfig
-from malora_lightning.adapters.layers import ADAPTER_CLASSES, AdapterLayer, RoutedAdapterLayer, is_peft_module
+from malora_lightning.adapters.layers import (
+    ADAPTER_CLASSES,
+    AdapterLayer,
+    RoutedAdapterLayer,
+    base_layer_shape,
+    is_peft_module,
+)
 from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, adapter_layers, replace_module
 from malora_lightning.adapters.routing import install_routing_context
 
@@ -57,10 +63,12 @@ def is_selected(name: str, config: AdapterConfig) -> bool:
 
 
 def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the linear modules the config selects, in model order."""
+    """Names of the linear modules the config selects, in model order; never an MoE layer's router or gate
+    (`moe_routing_linears`)."""
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    routing = set(moe_routing_linears(model))
     return [name for name, module in model.named_modules()
-            if is_supported_linear(module) and is_selected(name, config)
+            if is_supported_linear(module) and is_selected(name, config) and name not in routing
             and not (config.target_modules == ALL_LINEAR and module is output_layer)]
 
 
@@ -71,6 +79,23 @@ def fused_expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{module_name}.{name}" if module_name else name: param
             for module_name, module in model.named_modules() if not type(module).__module__.startswith("torch.")
             for name, param in module.named_parameters(recurse=False) if param.dim() >= 3}
+
+
+def moe_routing_linears(model: nn.Module) -> list[str]:
+    """Linear modules that route an MoE layer's tokens rather than transform them: in the module holding a layer's
+    fused experts, each linear outside the experts with one output per expert (a router: PhiMoE's, AfMoE's) or a
+    single output (the gate on a shared expert: Qwen2-MoE's shared_expert_gate). An adapter there would change which
+    experts each token reaches and how much of the shared expert it gets, and PhiMoE's router (an nn.Linear subclass)
+    returns the routing, not a linear's output."""
+    routing = []
+    for fused_name, param in fused_expert_parameters(model).items():
+        experts_name = fused_name.rpartition(".")[0]
+        block_name = experts_name.rpartition(".")[0]
+        for name, module in model.get_submodule(block_name).named_modules(prefix=block_name):
+            if is_supported_linear(module) and not name.startswith(experts_name + ".") and name not in routing \
+                    and base_layer_shape(module)[1] in (param.shape[0], 1):
+                routing.append(name)
+    return routing
 
 
 def _describe_linear_modules(model: nn.Module) -> str:
@@ -98,6 +123,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError(f"the model holds PEFT modules ({where} is a {kind}): inject into the base model itself, not "
                          "one PEFT has wrapped (its merge_and_unload() or unload() gives it back), or load a PEFT LoRA "
                          "folder into a fresh base with load_adapters")
+    routing = [name for name in moe_routing_linears(model) if is_selected(name, config)]
+    if routing and config.target_modules != ALL_LINEAR:
+        warnings.warn(f"AdapterConfig.target_modules={config.target_modules!r} selects {len(routing)} MoE routers or "
+                      f"gates (e.g. {routing[0]!r}), which get no adapter: an adapter there would change which experts "
+                      "each token reaches rather than what the layer computes; leave them out of target_modules to "
+                      "silence this", stacklevel=2)
     targets = find_target_modules(model, config)
     regex_note = " (a string is a regular expression that must match a module's whole name, e.g. '.*q_proj'; a list " \
                  "matches names and name endings, e.g. ['q_proj'])" if isinstance(config.target_modules, str) else ""

@@ -189,3 +189,21 @@ def test_fused_moe_experts_the_targets_name_are_said_to_get_no_adapter():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # targets that leave the experts out on purpose are not warned about
         inject_adapters(attention_only, AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("family, routing", [
+    ("phimoe", "mlp.router"),  # an nn.Linear subclass returning the routing: the forward failed on a tuple
+    ("qwen2_moe", "mlp.shared_expert_gate"),  # a plain Linear [1, hidden] gating the shared expert: adapted silently
+])
+def test_moe_routers_and_gates_get_no_adapter(family, routing):
+    model = inject_adapters(tiny_model(family), AdapterConfig(method="malora", rank=2, shared_rank=4,
+                                                              target_modules="all-linear"))
+    assert not any(name.endswith(routing) for name in adapter_layers(model))
+    assert any(name.endswith("self_attn.o_proj") for name in adapter_layers(model))
+    ids = torch.randint(3, 200, (2, 5))
+    model(ids, attention_mask=torch.ones_like(ids))
+    with pytest.warns(UserWarning, match=rf"selects 2 MoE routers or gates \(e.g. 'model.layers.0.{routing}'\), "
+                                         "which get no adapter"):
+        named = inject_adapters(tiny_model(family), AdapterConfig(method="lora", rank=2,
+                                                                  target_modules=["q_proj", routing.split(".")[-1]]))
+    assert all(name.endswith("q_proj") for name in adapter_layers(named))
