@@ -14,6 +14,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3Config,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -96,6 +97,14 @@ def _family_config(family: str, vocab_size: int) -> PretrainedConfig:
         return PhimoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                             num_local_experts=4, num_experts_per_tok=2)
+    if family == "gemma3":  # multimodal (Gemma 3 4B and up): a vision tower beside the language model
+        return Gemma3Config(text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, max_position_embeddings=128, sliding_window=16),
+                            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8),
+                            mm_tokens_per_image=4, boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
+                            image_token_index=vocab_size - 1)
     raise ValueError(f"unknown family {family!r}")
 
 

@@ -35,8 +35,28 @@ def is_supported_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, AdapterLayer)
 
 
+def _decoder_prefix(model: nn.Module) -> str:
+    """The name of the text decoder (`get_decoder()`) in `model`: "" when that is the model itself or unknown."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return next((name for name, module in model.named_modules() if module is decoder), "")
+
+
+def _in_decoder(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def language_model_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear modules adapters may wrap, by name: the text decoder's and the output head. A multimodal base's
+    vision or audio tower is left out: the tasks are text, which never runs it, so its adapters would never train
+    (and `task_profile` would find routed layers that saw no token)."""
+    prefix = _decoder_prefix(model)
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: module for name, module in model.named_modules() if is_supported_linear(module)
+            and (_in_decoder(name, prefix) or module is output_layer)}
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if is_supported_linear(module)]
+    return list(language_model_linears(model))
 
 
 def layer_index(module_name: str) -> int | None:
@@ -63,21 +83,23 @@ def is_selected(name: str, config: AdapterConfig) -> bool:
 
 
 def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the linear modules the config selects, in model order; never an MoE layer's router or gate
-    (`moe_routing_linears`)."""
+    """Names of the linear modules the config selects, in model order: the language model's
+    (`language_model_linears`), never an MoE layer's router or gate (`moe_routing_linears`)."""
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     routing = set(moe_routing_linears(model))
-    return [name for name, module in model.named_modules()
-            if is_supported_linear(module) and is_selected(name, config) and name not in routing
+    return [name for name, module in language_model_linears(model).items()
+            if is_selected(name, config) and name not in routing
             and not (config.target_modules == ALL_LINEAR and module is output_layer)]
 
 
 def fused_expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of 3 or more dimensions outside torch's own layers: an MoE layer's experts fused into one tensor
-    [experts, ...] (transformers 5's Mixtral, Qwen-MoE, OLMoE, GPT-OSS), the weights of no linear module, so no
-    adapter can wrap them. A convolution's kernel (torch's nn.Conv1d in Mamba layers) is not one."""
+    """The text decoder's parameters of 3 or more dimensions outside torch's own layers: an MoE layer's experts fused
+    into one tensor [experts, ...] (transformers 5's Mixtral, Qwen-MoE, OLMoE, GPT-OSS), the weights of no linear
+    module, so no adapter can wrap them. A convolution's kernel (torch's nn.Conv1d in Mamba layers) is not one."""
+    prefix = _decoder_prefix(model)
     return {f"{module_name}.{name}" if module_name else name: param
-            for module_name, module in model.named_modules() if not type(module).__module__.startswith("torch.")
+            for module_name, module in model.named_modules()
+            if _in_decoder(module_name, prefix) and not type(module).__module__.startswith("torch.")
             for name, param in module.named_parameters(recurse=False) if param.dim() >= 3}
 
 
@@ -103,7 +125,9 @@ def _describe_linear_modules(model: nn.Module) -> str:
     suffixes = Counter(name.rsplit(".", 1)[-1] for name in names)
     listed = ", ".join(f"{suffix} (x{count})" for suffix, count in suffixes.items())
     examples = ", ".join(names[:4])
-    return f"linear modules of this model by suffix: {listed}; full names look like: {examples}"
+    outside = [name for name, module in model.named_modules() if is_supported_linear(module) and name not in names]
+    never = f"; {len(outside)} more outside the text decoder (e.g. {outside[0]}) are never adapted" if outside else ""
+    return f"linear modules of this model by suffix: {listed}; full names look like: {examples}{never}"
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:

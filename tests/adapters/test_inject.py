@@ -9,6 +9,7 @@ from malora_lightning.adapters import (
     aux_loss,
     find_target_modules,
     inject_adapters,
+    task_profile,
 )
 from tests.adapters.method_matrix import METHOD_CLASSES
 from tests.helpers import tiny_model
@@ -207,3 +208,22 @@ def test_moe_routers_and_gates_get_no_adapter(family, routing):
         named = inject_adapters(tiny_model(family), AdapterConfig(method="lora", rank=2,
                                                                   target_modules=["q_proj", routing.split(".")[-1]]))
     assert all(name.endswith("q_proj") for name in adapter_layers(named))
+
+
+def test_a_multimodal_base_is_adapted_in_its_language_model_alone():
+    """Gemma 3 4B and up load as Gemma3ForConditionalGeneration: the paper targets also wrapped its vision tower's
+    q/k/v_proj, which text never runs, so those adapters never trained and task_profile (malora-task-export) failed
+    on them ("saw no real token")."""
+    model = inject_adapters(tiny_model("gemma3"), AdapterConfig(method="malora", rank=2, shared_rank=4, dropout=0.0))
+    layers = adapter_layers(model)
+    assert len(layers) == 12 and all(name.startswith("model.language_model.layers.") for name in layers)
+    profile = task_profile(model, [{"input_ids": torch.randint(3, 200, (2, 5))}])
+    assert set(profile.gates) == set(layers)
+    every_linear = tiny_model("gemma3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the vision head's 3-D probe is no fused MoE expert weight
+        inject_adapters(every_linear, AdapterConfig(method="lora", rank=2, target_modules="all-linear"))
+    assert len(adapter_layers(every_linear)) == 14
+    with pytest.raises(ValueError, match=r"matched no module.*; 15 more outside the text decoder \(e.g. "
+                                         r"model.vision_tower.encoder.layers.0.self_attn.k_proj\) are never adapted"):
+        inject_adapters(tiny_model("gemma3"), AdapterConfig(method="lora", target_modules=["fc1"]))
