@@ -338,11 +338,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                   strategy.kwargs.get("ignored_modules") or ())
 
     def _check_context_length(self) -> None:
-        """Warn when the data module's ``max_length`` exceeds the base model's context (``max_position_embeddings``):
-        the longer sequences would get positions the model never saw, and nothing said so."""
+        """Warn when the data module's ``max_length`` exceeds the base model's context (``max_position_embeddings``,
+        of the text config: a multimodal base's own config has none): the longer sequences would get positions the
+        model never saw, and nothing said so."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
-        context = getattr(self.model.config, "max_position_embeddings", None)
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if is_int(max_length) and is_int(context) and max_length > context:
             rank_zero_warn(f"data max_length={max_length} exceeds the base model's max_position_embeddings={context} "
                            f"({self.settings.model_name_or_path}): a sequence longer than {context} tokens gets "

@@ -33,6 +33,7 @@ from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameter
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
+from tests.helpers import tiny_model, tiny_tokenizer
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -204,6 +205,15 @@ def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tm
     with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's max_position_embeddings=128"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir),
                                                 datamodule=make_data(tiny_model_dir, max_length=256))
+
+
+def test_a_multimodal_base_is_checked_against_its_text_context(tmp_path):
+    """Gemma 3 4B and up keep max_position_embeddings in their text config: the check found none and said nothing."""
+    model_dir = tmp_path / "gemma3"
+    tiny_model("gemma3").save_pretrained(model_dir)
+    tiny_tokenizer(chat_template=True).save_pretrained(model_dir)
+    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's max_position_embeddings=128"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(model_dir), datamodule=make_data(model_dir, max_length=256))
 
 
 def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_model_dir, tmp_path):
