@@ -105,18 +105,25 @@ def fused_expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def moe_routing_linears(model: nn.Module) -> list[str]:
     """Linear modules that route an MoE layer's tokens rather than transform them: in the module holding a layer's
-    fused experts, each linear outside the experts with one output per expert (a router: PhiMoE's, AfMoE's) or a
-    single output (the gate on a shared expert: Qwen2-MoE's shared_expert_gate). An adapter there would change which
-    experts each token reaches and how much of the shared expert it gets, and PhiMoE's router (an nn.Linear subclass)
-    returns the routing, not a linear's output."""
+    fused experts, each linear outside the experts that is the only linear of its part of the block (the block's own
+    child, or a router module around it) with one output per expert (a router: PhiMoE's, AfMoE's) or a single output
+    (the gate on a shared expert: Qwen2-MoE's shared_expert_gate). An adapter there would change which experts each
+    token reaches and how much of the shared expert it gets, and PhiMoE's router (an nn.Linear subclass) returns the
+    routing, not a linear's output. A shared expert's projections are not: Qwen3-Next's are as wide as its 512
+    experts."""
     routing = []
     for fused_name, param in fused_expert_parameters(model).items():
         experts_name = fused_name.rpartition(".")[0]
         block_name = experts_name.rpartition(".")[0]
-        for name, module in model.get_submodule(block_name).named_modules(prefix=block_name):
-            if is_supported_linear(module) and not name.startswith(experts_name + ".") and name not in routing \
-                    and base_layer_shape(module)[1] in (param.shape[0], 1):
-                routing.append(name)
+        for child_name, child in model.get_submodule(block_name).named_children():
+            prefix = f"{block_name}.{child_name}" if block_name else child_name
+            if prefix == experts_name:
+                continue
+            linears = [(name, module) for name, module in child.named_modules(prefix=prefix)
+                       if is_supported_linear(module)]
+            if len(linears) == 1 and linears[0][0] not in routing \
+                    and base_layer_shape(linears[0][1])[1] in (param.shape[0], 1):
+                routing.append(linears[0][0])
     return routing
 
 

@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from malora_lightning.adapters import (
     AdapterConfig,
@@ -12,7 +13,7 @@ from malora_lightning.adapters import (
     task_profile,
 )
 from tests.adapters.method_matrix import METHOD_CLASSES
-from tests.helpers import tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 FAMILY_TARGETS = {
     "llama": None,  # the paper's default module set
@@ -227,3 +228,20 @@ def test_a_multimodal_base_is_adapted_in_its_language_model_alone():
     with pytest.raises(ValueError, match=r"matched no module.*; 15 more outside the text decoder \(e.g. "
                                          r"model.vision_tower.encoder.layers.0.self_attn.k_proj\) are never adapted"):
         inject_adapters(tiny_model("gemma3"), AdapterConfig(method="lora", target_modules=["fc1"]))
+
+
+def test_a_shared_expert_as_wide_as_the_expert_count_is_adapted():
+    """Qwen3-Next-80B-A3B has 512 experts and a 512-wide shared expert: its gate_proj and up_proj (one output per
+    expert, by coincidence) were taken for routers, so the paper targets adapted its shared expert's down_proj
+    alone, and a list naming them was told they were MoE routers or gates."""
+    config = tiny_config("qwen2_moe")
+    config.shared_expert_intermediate_size = config.num_experts
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="fused MoE expert weights") as caught:
+        model = inject_adapters(AutoModelForCausalLM.from_config(config), AdapterConfig(method="lora", rank=2))
+    assert not [str(w.message) for w in caught if "routers or gates" in str(w.message)]
+    assert sorted(name.rsplit(".", 1)[-1] for name in adapter_layers(model) if ".0.mlp." in name) == \
+        ["down_proj", "gate_proj", "up_proj"]
+    every_linear = inject_adapters(AutoModelForCausalLM.from_config(config),
+                                   AdapterConfig(method="lora", rank=2, target_modules="all-linear"))
+    assert not any(name.endswith("shared_expert_gate") for name in adapter_layers(every_linear))  # still a gate
