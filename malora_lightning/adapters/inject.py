@@ -7,6 +7,7 @@ import logging
 import re
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from torch import nn
@@ -82,11 +83,13 @@ def is_selected(name: str, config: AdapterConfig) -> bool:
     return config.layers_to_transform is None or layer_index(name) in config.layers_to_transform
 
 
-def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+def find_target_modules(model: nn.Module, config: AdapterConfig, *,
+                        keep_routing: Collection[str] = ()) -> list[str]:
     """Names of the linear modules the config selects, in model order: the language model's
-    (`language_model_linears`), never an MoE layer's router or gate (`moe_routing_linears`)."""
+    (`language_model_linears`), never an MoE layer's router or gate (`moe_routing_linears`) but those in
+    ``keep_routing`` (`load_adapters`: a folder that adapted them)."""
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    routing = set(moe_routing_linears(model))
+    routing = set(moe_routing_linears(model)) - set(keep_routing)
     return [name for name, module in language_model_linears(model).items()
             if is_selected(name, config) and name not in routing
             and not (config.target_modules == ALL_LINEAR and module is output_layer)]
@@ -137,11 +140,13 @@ def _describe_linear_modules(model: nn.Module) -> str:
     return f"linear modules of this model by suffix: {listed}; full names look like: {examples}{never}"
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def inject_adapters(model: nn.Module, config: AdapterConfig, *, keep_routing: Collection[str] = ()) -> nn.Module:
     """Replace every targeted linear layer with an adapter layer wrapping it, freeze all non-adapter parameters.
 
     Works on any Hugging Face causal LM, 4-bit and 8-bit bitsandbytes bases included. The model is modified in place
-    and returned; `adapter_layers(model)` lists what was adapted (also logged at INFO level).
+    and returned; `adapter_layers(model)` lists what was adapted (also logged at INFO level). An MoE router or gate
+    is adapted only when named in ``keep_routing`` (`load_adapters`, for a folder whose adapters include one: PEFT's
+    "all-linear", and ours before they were left out, adapt Qwen2-MoE's shared_expert_gate).
     """
     existing = adapter_layers(model)
     if existing:
@@ -154,13 +159,13 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ValueError(f"the model holds PEFT modules ({where} is a {kind}): inject into the base model itself, not "
                          "one PEFT has wrapped (its merge_and_unload() or unload() gives it back), or load a PEFT LoRA "
                          "folder into a fresh base with load_adapters")
-    routing = [name for name in moe_routing_linears(model) if is_selected(name, config)]
+    routing = [name for name in moe_routing_linears(model) if is_selected(name, config) and name not in keep_routing]
     if routing and config.target_modules != ALL_LINEAR:
         warnings.warn(f"AdapterConfig.target_modules={config.target_modules!r} selects {len(routing)} MoE routers or "
                       f"gates (e.g. {routing[0]!r}), which get no adapter: an adapter there would change which experts "
                       "each token reaches rather than what the layer computes; leave them out of target_modules to "
                       "silence this", stacklevel=2)
-    targets = find_target_modules(model, config)
+    targets = find_target_modules(model, config, keep_routing=keep_routing)
     regex_note = " (a string is a regular expression that must match a module's whole name, e.g. '.*q_proj'; a list " \
                  "matches names and name endings, e.g. ['q_proj'])" if isinstance(config.target_modules, str) else ""
     if not targets:

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Collection, Literal, Mapping
+from typing import Any, Collection, Iterable, Literal, Mapping
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
-from malora_lightning.adapters.inject import inject_adapters, is_supported_linear
+from malora_lightning.adapters.inject import inject_adapters, is_supported_linear, moe_routing_linears
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers, trained_tensor_names
 from malora_lightning.adapters.quantization import (
     Quantization,
@@ -225,7 +225,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         other_settings = {name: (value, getattr(current, name)) for name, value in config.to_dict().items()
                           if value != getattr(current, name)}
     else:
-        inject_adapters(model, config)
+        inject_adapters(model, config, keep_routing=_modules_with_tensors(folder, moe_routing_linears(model)))
         other_settings = {}
     expected = {folder.stored_key(key): param for key, param in adapter_state_dict(model).items()}
     transposed = {folder.stored_key(key) for key in routed_up_projections(model)}
@@ -265,6 +265,16 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         for param in expected.values():
             param.requires_grad_(False)
     return model
+
+
+def _modules_with_tensors(folder: AdapterFolder, names: Iterable[str]) -> list[str]:
+    """Those of the module ``names`` that the folder holds adapter tensors for."""
+    prefix = PEFT_PREFIX if folder.layout == "peft" else ""
+    owners = set()
+    for key in _weights_header(folder.path / WEIGHTS_NAME)[1]:
+        parts = key.removeprefix(prefix).split(".")
+        owners.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    return [name for name in names if name in owners]
 
 
 def _forward_settings(config: AdapterConfig) -> dict[str, Any]:

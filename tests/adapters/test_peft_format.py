@@ -241,3 +241,32 @@ def test_save_pretrained_with_injected_adapters_is_refused_and_says_what_to_do(t
                                              r"save_adapters\(model, folder\)"):
             candidate.save_pretrained(tmp_path / "full")
     assert not (tmp_path / "full").exists()
+
+
+def test_a_folder_with_an_moe_gate_adapter_loads_with_equal_logits(tmp_path, monkeypatch):
+    """inject_adapters leaves an MoE layer's routers and gates out, but PEFT's "all-linear" on Qwen2-MoE adapts
+    shared_expert_gate, and so did ours before: such folders stopped loading ("does not belong to any adapter of this
+    model"). A folder's trained gate adapters load as they were saved."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_model("qwen2_moe"), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = load_adapters(tiny_model("qwen2_moe"), tmp_path / "peft")
+    assert "model.layers.0.mlp.shared_expert_gate" in adapter_layers(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
+
+    import malora_lightning.adapters.inject as inject  # a folder of ours from before gates were left out
+    with monkeypatch.context() as patched:
+        patched.setattr(inject, "moe_routing_linears", lambda model: [])
+        saved = randomised(inject_adapters(tiny_model("qwen2_moe"), AdapterConfig(
+            method="malora", rank=2, shared_rank=4, dropout=0.0, target_modules="all-linear")))
+    save_adapters(saved, tmp_path / "ours")
+    loaded = load_adapters(tiny_model("qwen2_moe"), tmp_path / "ours").eval()
+    assert set(adapter_layers(loaded)) == set(adapter_layers(saved))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, saved(IDS).logits, rtol=0, atol=1e-6)
