@@ -30,7 +30,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
-from malora_lightning.adapters.inject import inject_adapters, is_supported_linear, moe_routing_linears
+from malora_lightning.adapters.inject import (
+    inject_adapters,
+    is_supported_linear,
+    language_model_linears,
+    moe_routing_linears,
+)
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers, trained_tensor_names
 from malora_lightning.adapters.quantization import (
     Quantization,
@@ -241,6 +246,13 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         stored_keys = set(stored.keys())
         missing = sorted(set(expected) - stored_keys)
         unexpected = sorted(stored_keys - set(expected))
+        outside = tuple(f"{_key_prefix(folder)}{name}." for name in _linears_outside_the_language_model(model))
+        skipped = [key for key in unexpected if key.startswith(outside)] if outside else []
+        if skipped:  # adapters went into a multimodal base's vision tower too before they went into its text alone
+            warnings.warn(f"{weights}: {len(skipped)} tensors of linear modules outside the text decoder (e.g. "
+                          f"{skipped[0]!r}) are not loaded: adapters go into the language model alone, and text "
+                          "never runs those modules", stacklevel=2)
+            unexpected = sorted(set(unexpected) - set(skipped))
         if missing:
             raise ValueError(f"{weights}: missing adapter tensor {missing[0]!r}"
                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}{other_base}")
@@ -267,9 +279,20 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     return model
 
 
+def _key_prefix(folder: AdapterFolder) -> str:
+    """What the folder's tensor names put before a module's name."""
+    return PEFT_PREFIX if folder.layout == "peft" else ""
+
+
+def _linears_outside_the_language_model(model: nn.Module) -> list[str]:
+    """Linear modules that adapters never go into (`language_model_linears`): a multimodal base's vision tower."""
+    inside = language_model_linears(model)
+    return [name for name, module in model.named_modules() if is_supported_linear(module) and name not in inside]
+
+
 def _modules_with_tensors(folder: AdapterFolder, names: Iterable[str]) -> list[str]:
     """Those of the module ``names`` that the folder holds adapter tensors for."""
-    prefix = PEFT_PREFIX if folder.layout == "peft" else ""
+    prefix = _key_prefix(folder)
     owners = set()
     for key in _weights_header(folder.path / WEIGHTS_NAME)[1]:
         parts = key.removeprefix(prefix).split(".")

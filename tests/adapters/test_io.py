@@ -14,6 +14,7 @@ import malora_lightning.adapters.io as adapter_io
 from malora_lightning.adapters.io import peft_key, read_adapter_folder
 from malora_lightning.adapters import (
     AdapterConfig,
+    adapter_layers,
     adapter_state_dict,
     inject_adapters,
     load_adapters,
@@ -362,3 +363,27 @@ def test_a_folder_loaded_into_another_architecture_of_the_same_sizes_warns(tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapters(tiny_model("llama", seed=1), tmp_path / "adapter")  # another Llama: the family matches
+
+
+def test_a_folder_with_adapters_outside_the_text_decoder_loads_without_them(tmp_path, monkeypatch):
+    """Adapters went into a multimodal base's vision tower too before they went into its language model alone: such
+    a Gemma 3 folder stopped loading ("does not belong to any adapter of this model"). Text never runs the vision
+    tower, so its tensors are left out, with a warning, and the logits are the saved model's."""
+    import malora_lightning.adapters.inject as inject
+    with monkeypatch.context() as patched:  # the previous selection: every linear module of the model
+        patched.setattr(inject, "_decoder_prefix", lambda model: "")
+        saved = inject_adapters(tiny_model("gemma3"), AdapterConfig(method="malora", rank=2, shared_rank=4,
+                                                                    dropout=0.0))
+    assert len(adapter_layers(saved)) == 18
+    with torch.no_grad():
+        for layer in adapter_layers(saved).values():
+            for param in layer.adapter_parameters().values():
+                param.add_(torch.randn_like(param) * 0.5)
+    save_adapters(saved, tmp_path / "a")
+    with pytest.warns(UserWarning, match=r"24 tensors of linear modules outside the text decoder \(e.g. "
+                                         r"'base_model.model.model.vision_tower.*are not loaded"):
+        loaded = load_adapters(tiny_model("gemma3"), tmp_path / "a")
+    assert len(adapter_layers(loaded)) == 12
+    ids = torch.randint(3, 200, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, saved.eval()(ids).logits, rtol=0, atol=1e-6)
