@@ -1205,3 +1205,22 @@ def test_a_max_new_tokens_cap_below_a_tasks_answers_is_named(tiny_model_dir, tmp
     assert len(cut) == 1
     assert re.search(r"max_new_tokens=1 is below .* tasks \{'add_2digit': \d+, 'reverse_words': \d+\}", cut[0])
     assert warnings_of(make_module(tiny_model_dir)) == []
+
+
+def test_testing_a_checkpoint_with_another_data_seed_says_nothing_of_held_out_rows(tiny_model_dir, tmp_path):
+    """test and predict score no validation rows: a checkpoint's held-out rows do not bear on them, yet a run with
+    another data_seed warned that it validated on rows the fit trained on."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    data = dict(tasks=["mine", "parity"], task_specs=[spec])
+    trainer = make_trainer(tmp_path / "fit", max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    for stage in ("test", "predict"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(make_trainer(tmp_path / stage, limit_test_batches=1, limit_predict_batches=1), stage)(
+                make_module(tiny_model_dir), make_data(tiny_model_dir, **data, data_seed=1),
+                ckpt_path=tmp_path / "fit.ckpt")
+        assert [str(w.message) for w in caught if "held out from their train rows" in str(w.message)] == [], stage

@@ -380,7 +380,11 @@ class MultiTaskDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Warn when a task's held-out validation rows differ from those of the checkpoint's run (another
-        ``data_seed``, or another train file): some of them were trained on there, so the scores overstate."""
+        ``data_seed``, or another train file): some of them were trained on there, so the scores overstate. Not in a
+        test or predict run, which scores no validation rows."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+            return
         stored = state_dict.get("held_out_rows", {})
         moved = [task.name for task in self.train_tasks if task.name in stored
                  and (split := self.held_out(task)) is not None and split.digest != stored[task.name]]
