@@ -188,6 +188,7 @@ def test_each_two_process_run_takes_a_port_of_its_own(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)  # a port set for the session is every run's, as it should be
     port = fit().strategy.cluster_environment.main_port
     with socket.socket() as holder:  # another job's socket on the first run's port
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the first run's connections may be in TIME_WAIT
         holder.bind(("127.0.0.1", port))
         holder.listen()
         assert fit().strategy.cluster_environment.main_port != port
