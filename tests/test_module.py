@@ -1178,18 +1178,21 @@ def test_validating_a_checkpoint_on_other_held_out_rows_warns(tiny_model_dir, tm
     stored = torch.load(tmp_path / "fit.ckpt", weights_only=True)["MultiTaskDataModule"]
     assert stored["data_seed"] == 0 and set(stored["held_out_rows"]) == {"mine"}  # parity has its own split
 
-    def validate(**overrides):
+    def run(stage, **overrides):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make_trainer(tmp_path / "val", limit_val_batches=1).validate(
-                make_module(tiny_model_dir), make_data(tiny_model_dir, **data, **overrides),
-                ckpt_path=tmp_path / "fit.ckpt")
+            trainer = make_trainer(tmp_path / stage, limit_val_batches=1, limit_test_batches=1,
+                                   limit_predict_batches=1)
+            getattr(trainer, stage)(make_module(tiny_model_dir), make_data(tiny_model_dir, **data, **overrides),
+                                    ckpt_path=tmp_path / "fit.ckpt")
         return [str(w.message) for w in caught if "held out from their train rows" in str(w.message)]
 
-    assert validate() == []
-    moved = validate(data_seed=1)
+    assert run("validate") == []
+    moved = run("validate", data_seed=1)
     assert len(moved) == 1 and "['mine']" in moved[0] and "data_seed 0 there, 1 here" in moved[0]
     assert "data_seed=0" in moved[0]
+    # test and predict score no validation rows: the held-out ones do not bear on them
+    assert run("test", data_seed=1) == [] and run("predict", data_seed=1) == []
 
 
 def test_a_max_new_tokens_cap_below_a_tasks_answers_is_named(tiny_model_dir, tmp_path):
@@ -1205,22 +1208,3 @@ def test_a_max_new_tokens_cap_below_a_tasks_answers_is_named(tiny_model_dir, tmp
     assert len(cut) == 1
     assert re.search(r"max_new_tokens=1 is below .* tasks \{'add_2digit': \d+, 'reverse_words': \d+\}", cut[0])
     assert warnings_of(make_module(tiny_model_dir)) == []
-
-
-def test_testing_a_checkpoint_with_another_data_seed_says_nothing_of_held_out_rows(tiny_model_dir, tmp_path):
-    """test and predict score no validation rows: a checkpoint's held-out rows do not bear on them, yet a run with
-    another data_seed warned that it validated on rows the fit trained on."""
-    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
-    data = dict(tasks=["mine", "parity"], task_specs=[spec])
-    trainer = make_trainer(tmp_path / "fit", max_steps=1)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, **data))
-    trainer.save_checkpoint(tmp_path / "fit.ckpt")
-    for stage in ("test", "predict"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            getattr(make_trainer(tmp_path / stage, limit_test_batches=1, limit_predict_batches=1), stage)(
-                make_module(tiny_model_dir), make_data(tiny_model_dir, **data, data_seed=1),
-                ckpt_path=tmp_path / "fit.ckpt")
-        assert [str(w.message) for w in caught if "held out from their train rows" in str(w.message)] == [], stage

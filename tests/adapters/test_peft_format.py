@@ -37,6 +37,17 @@ def randomised(model):
     return model.eval()
 
 
+def peft_randomised(model, config):
+    """`model` under PEFT's LoRA `config`, its LoRA tensors moved away from their initialisation."""
+    theirs = peft.get_peft_model(model, config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return theirs
+
+
 def lora_model(family="llama", **settings):
     config = AdapterConfig(**{"method": "lora", "rank": 4, "dropout": 0.0, **settings})
     return randomised(inject_adapters(tiny_model(family), config))
@@ -83,12 +94,7 @@ def test_peft_loads_our_lora_folder_with_every_key_and_equal_logits(tmp_path, fa
 def test_a_lora_folder_saved_by_peft_loads_with_equal_logits(tmp_path, use_rslora):
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"], lora_dropout=0.1,
                              use_rslora=use_rslora, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(tiny_model("llama"), config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn_like(param) * 0.5)
+    theirs = peft_randomised(tiny_model("llama"), config)
     theirs.save_pretrained(str(tmp_path / "peft"))
 
     ours = load_adapters(tiny_model("llama"), tmp_path / "peft")
@@ -248,12 +254,7 @@ def test_a_folder_with_an_moe_gate_adapter_loads_with_equal_logits(tmp_path, mon
     shared_expert_gate, and so did ours before: such folders stopped loading ("does not belong to any adapter of this
     model"). A folder's trained gate adapters load as they were saved."""
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(tiny_model("qwen2_moe"), config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn_like(param) * 0.5)
+    theirs = peft_randomised(tiny_model("qwen2_moe"), config)
     theirs.save_pretrained(str(tmp_path / "peft"))
     ours = load_adapters(tiny_model("qwen2_moe"), tmp_path / "peft")
     assert "model.layers.0.mlp.shared_expert_gate" in adapter_layers(ours)
