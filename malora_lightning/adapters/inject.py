@@ -60,6 +60,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return list(language_model_linears(model))
 
 
+def linears_outside_the_language_model(model: nn.Module) -> list[str]:
+    """Linear modules that adapters never go into (`language_model_linears`): a multimodal base's vision tower."""
+    inside = language_model_linears(model)
+    return [name for name, module in model.named_modules() if is_supported_linear(module) and name not in inside]
+
+
 def layer_index(module_name: str) -> int | None:
     """Decoder-layer index in a module name ("model.layers.3.mlp.up_proj" -> 3), None outside the layer stack."""
     match = _LAYER_INDEX.search(module_name)
@@ -135,7 +141,7 @@ def _describe_linear_modules(model: nn.Module) -> str:
     suffixes = Counter(name.rsplit(".", 1)[-1] for name in names)
     listed = ", ".join(f"{suffix} (x{count})" for suffix, count in suffixes.items())
     examples = ", ".join(names[:4])
-    outside = [name for name, module in model.named_modules() if is_supported_linear(module) and name not in names]
+    outside = linears_outside_the_language_model(model)
     never = f"; {len(outside)} more outside the text decoder (e.g. {outside[0]}) are never adapted" if outside else ""
     return f"linear modules of this model by suffix: {listed}; full names look like: {examples}{never}"
 

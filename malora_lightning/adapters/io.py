@@ -33,7 +33,7 @@ from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
 from malora_lightning.adapters.inject import (
     inject_adapters,
     is_supported_linear,
-    language_model_linears,
+    linears_outside_the_language_model,
     moe_routing_linears,
 )
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers, trained_tensor_names
@@ -246,7 +246,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         stored_keys = set(stored.keys())
         missing = sorted(set(expected) - stored_keys)
         unexpected = sorted(stored_keys - set(expected))
-        outside = tuple(f"{_key_prefix(folder)}{name}." for name in _linears_outside_the_language_model(model))
+        outside = tuple(f"{_key_prefix(folder)}{name}." for name in linears_outside_the_language_model(model))
         skipped = [key for key in unexpected if key.startswith(outside)] if outside else []
         if skipped:  # adapters went into a multimodal base's vision tower too before they went into its text alone
             warnings.warn(f"{weights}: {len(skipped)} tensors of linear modules outside the text decoder (e.g. "
@@ -282,12 +282,6 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
 def _key_prefix(folder: AdapterFolder) -> str:
     """What the folder's tensor names put before a module's name."""
     return PEFT_PREFIX if folder.layout == "peft" else ""
-
-
-def _linears_outside_the_language_model(model: nn.Module) -> list[str]:
-    """Linear modules that adapters never go into (`language_model_linears`): a multimodal base's vision tower."""
-    inside = language_model_linears(model)
-    return [name for name, module in model.named_modules() if is_supported_linear(module) and name not in inside]
 
 
 def _modules_with_tensors(folder: AdapterFolder, names: Iterable[str]) -> list[str]:
