@@ -16,7 +16,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
@@ -157,10 +157,13 @@ def _constructor_arguments(obj: object, own: Mapping[str, Any]) -> dict[str, Any
 
 @dataclass
 class LMLoss:
-    """Token-mean LM loss of a batch and its per-task parts (for logging)."""
+    """Token-mean LM loss of a batch and its per-task parts (for logging). ``per_task_tokens`` weighs the ranks'
+    per-task parts under DDP or FSDP; a task without an entry (an override that gives none) is weighed by its
+    examples in the batch."""
 
     loss: torch.Tensor
     per_task: dict[str, torch.Tensor]
+    per_task_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MALoRAModule(EvaluationMixin, L.LightningModule):
@@ -435,11 +438,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
                                                                      batch.labels)
         loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
-        per_task = {}
+        per_task, per_task_tokens = {}, {}
         for name in sorted(set(batch.task_name)):
             rows = torch.tensor([task == name for task in batch.task_name], device=loss.device)
-            per_task[name] = -row_log_likelihood[rows].sum() / row_tokens[rows].sum().clamp(min=1)
-        return LMLoss(loss=loss, per_task=per_task)
+            per_task_tokens[name] = row_tokens[rows].sum()
+            per_task[name] = -row_log_likelihood[rows].sum() / per_task_tokens[name].clamp(min=1)
+        return LMLoss(loss=loss, per_task=per_task, per_task_tokens=per_task_tokens)
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         lm = self.compute_lm_loss(batch)
@@ -463,10 +467,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             logged = dict(zip(logged, averaged))
         for key, value in logged.items():
             self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
-        # the tasks differ by rank: this rank's batch (rank zero's is logged)
-        for name, value in lm.per_task.items():
+        per_task = self._per_task_over_ranks(lm, batch) if self.trainer.world_size > 1 else lm.per_task
+        for name, value in per_task.items():
             self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
-        self._step_tasks.update(lm.per_task)
+        self._step_tasks.update(per_task)
         if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
             # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
             # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's
@@ -475,6 +479,24 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self._logged_tasks |= self._step_tasks
             self._step_tasks = set()
         return loss
+
+    def _per_task_over_ranks(self, lm: LMLoss, batch: TrainingBatch) -> dict[str, float]:
+        """Each task's loss over every rank's batch of this step: the ranks' batches hold different tasks, so one
+        rank's would leave out the tasks drawn elsewhere and average a fraction of the step's examples. Gathered as
+        Python objects, because the task names differ by rank."""
+        own = {}
+        for name, value in lm.per_task.items():
+            tokens = lm.per_task_tokens.get(name)
+            weight = float(batch.task_name.count(name) if tokens is None else tokens)
+            own[name] = (float(value) * weight, weight)
+        gathered: list[dict[str, tuple[float, float]] | None] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, own)
+        totals: dict[str, tuple[float, float]] = {}
+        for part in gathered:
+            for name, (weighted, weight) in part.items():
+                total = totals.get(name, (0.0, 0.0))
+                totals[name] = (total[0] + weighted, total[1] + weight)
+        return {name: weighted / max(weight, 1.0) for name, (weighted, weight) in sorted(totals.items())}
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

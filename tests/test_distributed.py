@@ -21,6 +21,7 @@ from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
+from malora_lightning import MALoRAModule
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -57,15 +58,31 @@ class DumpRankState(Callback):
             json.dump(state, handle)
 
 
+class RecordingLMLoss(MALoRAModule):
+    """Keeps the LM loss of its latest batch: the rank's own per-task losses and their target tokens."""
+
+    def compute_lm_loss(self, batch):
+        self.latest = super().compute_lm_loss(batch)
+        return self.latest
+
+
 class DumpTrainLoss(Callback):
-    """Each rank writes, per step, the loss its training_step returned and the train/loss it logged."""
+    """Each rank writes, per step, the losses its training_step computed (overall, and per task with its target
+    tokens) and those it logged."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
-        self.steps: list[dict[str, float]] = []
+        self.steps: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append({"own": outputs["loss"].item(), "logged": trainer.callback_metrics["train/loss"].item()})
+        latest = pl_module.latest
+        logged = trainer.callback_metrics
+        self.steps.append({
+            "own": outputs["loss"].item(), "logged": logged["train/loss"].item(),
+            "own_tasks": {name: [value.item(), latest.per_task_tokens[name].item()]
+                          for name, value in latest.per_task.items()},
+            "logged_tasks": {name: float(logged[f"train/{name}/lm_loss"]) for name in TASKS
+                             if f"train/{name}/lm_loss" in logged}})
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(f"{self.out_dir}/loss{trainer.global_rank}.json", "w") as handle:
@@ -77,7 +94,8 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
                  DumpTrainLoss(str(tmp_path))]
     trainer = make_trainer(tmp_path, strategy=SpawnDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=callbacks)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, max_eval_examples_per_task=7))
+    module = RecordingLMLoss(**make_module(tiny_model_dir).hparams)
+    trainer.fit(module, make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas identical
     assert ranks[0]["tasks"] == ranks[1]["tasks"]  # metrics were synchronised, not per-rank
@@ -93,6 +111,18 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     assert len(losses[0]) == 3 and losses[0][0]["own"] != losses[1][0]["own"]
     for first, second in zip(*losses):
         assert first["logged"] == second["logged"] == pytest.approx((first["own"] + second["own"]) / 2, rel=1e-6)
+    # train/<task>/lm_loss is the task's over both ranks' batches, weighted by target tokens, on every rank: each
+    # logged its own before (rank zero's was written), and a task drawn on rank one only was missing from the step
+    tasks_on_one_rank_only = 0
+    for first, second in zip(*losses):
+        drawn = set(first["own_tasks"]) | set(second["own_tasks"])
+        tasks_on_one_rank_only += len(set(first["own_tasks"]) ^ set(second["own_tasks"]))
+        assert set(first["logged_tasks"]) == set(second["logged_tasks"]) >= drawn
+        for name in drawn:
+            parts = [rank["own_tasks"][name] for rank in (first, second) if name in rank["own_tasks"]]
+            expected = sum(loss * tokens for loss, tokens in parts) / sum(tokens for _, tokens in parts)
+            assert first["logged_tasks"][name] == second["logged_tasks"][name] == pytest.approx(expected, rel=1e-6)
+    assert tasks_on_one_rank_only > 0  # the case the gathering is for happened
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):
