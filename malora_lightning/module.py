@@ -155,6 +155,19 @@ def _constructor_arguments(obj: object, own: Mapping[str, Any]) -> dict[str, Any
     return arguments
 
 
+def context_length(text_config: Any) -> int | None:
+    """The positions a base handles: ``max_position_embeddings``, or its RoPE scaling factor times the original length
+    where that is longer (Qwen2.5's YaRN recipe keeps ``max_position_embeddings`` at the original 32,768 and sets
+    factor 4); None when the config names no length."""
+    context = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    factor = rope.get("factor") if isinstance(rope, Mapping) else None  # per-layer-type parameters are not stretched
+    if not is_int(context) or not is_finite_number(factor) or factor <= 1:
+        return context
+    original = rope.get("original_max_position_embeddings", context)
+    return max(context, int(factor * original)) if is_int(original) else context
+
+
 @dataclass
 class LMLoss:
     """Token-mean LM loss of a batch and its per-task parts (for logging). ``per_task_tokens`` weighs the ranks'
@@ -346,10 +359,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         model never saw, and nothing said so."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
-        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        text_config = self.model.config.get_text_config()
+        context = context_length(text_config)
         if is_int(max_length) and is_int(context) and max_length > context:
-            rank_zero_warn(f"data max_length={max_length} exceeds the base model's max_position_embeddings={context} "
-                           f"({self.settings.model_name_or_path}): a sequence longer than {context} tokens gets "
+            stretch = "" if context == text_config.max_position_embeddings else " after its RoPE scaling"
+            rank_zero_warn(f"data max_length={max_length} exceeds the base model's context of {context} tokens "
+                           f"(max_position_embeddings={text_config.max_position_embeddings}{stretch}; "
+                           f"{self.settings.model_name_or_path}): a sequence longer than {context} tokens gets "
                            "positions the model was not trained on (a model with learned position embeddings, such "
                            f"as GPT-2, stops with an index error); set data max_length to at most {context}")
 

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+import transformers
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
@@ -29,7 +30,7 @@ from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
-from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode
+from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode, context_length
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
@@ -202,7 +203,7 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
 def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
     """The tiny Llama has 128 positions: longer sequences get positions it never saw (a GPT-2 base fails with an index
     error), and nothing said so."""
-    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's max_position_embeddings=128"):
+    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's context of 128 tokens \(max_position_embeddings=128;"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir),
                                                 datamodule=make_data(tiny_model_dir, max_length=256))
 
@@ -212,8 +213,22 @@ def test_a_multimodal_base_is_checked_against_its_text_context(tmp_path):
     model_dir = tmp_path / "gemma3"
     tiny_model("gemma3").save_pretrained(model_dir)
     tiny_tokenizer(chat_template=True).save_pretrained(model_dir)
-    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's max_position_embeddings=128"):
+    with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's context of 128 tokens \(max_position_embeddings=128;"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(model_dir), datamodule=make_data(model_dir, max_length=256))
+
+
+@pytest.mark.parametrize("rope, expected", [
+    (None, 32768),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),  # Qwen2.5's recipe
+    ({"rope_type": "linear", "factor": 8.0}, 262144),  # position interpolation over max_position_embeddings
+    ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4096}, 32768),  # shorter: kept
+    ({"rope_type": "yarn", "factor": 0.5}, 32768),  # a factor below 1 shrinks nothing here
+    ({"rope_type": "default"}, 32768),
+])
+def test_the_context_length_follows_rope_scaling(rope, expected):
+    """The check warned at every max_length above 32,768 on a base configured for 131,072 tokens with YaRN."""
+    config = transformers.LlamaConfig(max_position_embeddings=32768, rope_scaling=rope)
+    assert context_length(config) == expected
 
 
 def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_model_dir, tmp_path):
