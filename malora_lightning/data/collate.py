@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +19,8 @@ from malora_lightning.scoring import IGNORE_INDEX
 # a text that no template changes, to learn what a format writes around a prompt or an answer: no whitespace to
 # trim, no case to change
 _SENTINEL = "\u2983\u2984"
+
+LongTargets = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,24 @@ class OpeningTokens:
 
 @dataclass
 class TruncationStats:
-    """How many examples of a task's split had their prompt cut from the left, and how many tokens were dropped."""
+    """How many examples of a task's split had their prompt cut from the left, and how many tokens were dropped;
+    ``skipped``: how many were left out because their target did not fit (``PromptEncoder(long_targets="skip")``),
+    and the longest of those targets in tokens."""
 
     examples: int = 0
     truncated: int = 0
     tokens_dropped: int = 0
+    skipped: int = 0
+    longest_skipped: int = 0
+
+
+class TargetTooLong(TaskDataError):
+    """A target (or a choice) that does not fit ``max_length`` with the prompt format's own tokens and one prompt
+    token."""
+
+    def __init__(self, message: str, length: int) -> None:
+        super().__init__(message)
+        self.length = length
 
 
 class PromptEncoder:
@@ -74,13 +90,17 @@ class PromptEncoder:
     ``render`` (which begins with it) for another format.
     Prompts that do not fit ``max_length`` lose tokens from the left of the prompt's own text (counted in the
     returned stats); the format's tokens around it (BOS, system turn, user header, assistant header) are kept. A
-    target that does not fit with them is an error, because cutting it would train on a wrong answer.
+    target that does not fit with them is an error, because cutting it would train on a wrong answer, unless
+    ``long_targets="skip"``: then that example is left out of its split and counted (`TruncationStats.skipped`).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, use_chat_template: bool | None = None,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, long_targets: LongTargets = "error"):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (got {max_length})")
+        if long_targets not in get_args(LongTargets):
+            raise ValueError(f"long_targets must be one of {get_args(LongTargets)} (got {long_targets!r})")
+        self.long_targets = long_targets
         has_template = getattr(tokenizer, "chat_template", None) is not None
         if use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
@@ -198,11 +218,11 @@ class PromptEncoder:
             return opening.ids, 0
         kept = room - opening.head - opening.tail  # tokens of the prompt's text
         if kept < 1:
-            raise TaskDataError(f"{where}: {answer} takes {answer_length} tokens but max_length is "
+            raise TargetTooLong(f"{where}: {answer} takes {answer_length} tokens but max_length is "
                                 f"{self.max_length} and the prompt format's own tokens take "
                                 f"{opening.head + opening.tail}; it, the format's own tokens and at least one token "
-                                f"of the prompt's text must all fit, so raise max_length, or shorten it or the "
-                                f"system prompt")
+                                f"of the prompt's text must all fit, so raise max_length, shorten it or the system "
+                                f"prompt, or leave such examples out with long_targets='skip'", answer_length)
         end = len(opening.ids) - opening.tail
         return opening.ids[:opening.head] + opening.ids[end - kept:], dropped
 
@@ -227,11 +247,19 @@ class PromptEncoder:
         encoded = []
         for example, opening, answer in zip(examples, openings, self._answers(texts)):
             where = f"task {task_name!r}, {split} row {example.row}"
-            prompt, dropped = self._fit(opening, len(answer), where)
             choice_inputs = choice_labels = None
-            if with_eval_fields and example.choices is not None:
-                choice_inputs, choice_labels, choice_dropped = self._choice_rows(example, opening, len(answer), where)
-                dropped = max(dropped, choice_dropped)
+            try:
+                prompt, dropped = self._fit(opening, len(answer), where)
+                if with_eval_fields and example.choices is not None:
+                    choice_inputs, choice_labels, choice_dropped = self._choice_rows(example, opening, len(answer),
+                                                                                     where)
+                    dropped = max(dropped, choice_dropped)
+            except TargetTooLong as error:
+                if self.long_targets == "error":
+                    raise
+                stats.skipped += 1
+                stats.longest_skipped = max(stats.longest_skipped, error.length)
+                continue
             stats.truncated += dropped > 0
             stats.tokens_dropped += dropped
             encoded.append(EncodedExample(

@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import lightning
 from lightning.pytorch import LightningDataModule, Trainer
@@ -22,7 +22,13 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
 from malora_lightning.data.builtin import BUILTIN_TASKS
-from malora_lightning.data.collate import EncodedExample, MultiTaskCollator, PromptEncoder, TruncationStats
+from malora_lightning.data.collate import (
+    EncodedExample,
+    LongTargets,
+    MultiTaskCollator,
+    PromptEncoder,
+    TruncationStats,
+)
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
     CAP_STRATEGIES,
@@ -102,6 +108,9 @@ class MultiTaskDataModule(LightningDataModule):
             chat template's turns and headers, or the plain format's BOS and ``\\nAnswer:``, stay), targets never.
             Warned of when above the tokenizer's ``model_max_length`` (and by `MALoRAModule` when above the base
             model's ``max_position_embeddings``).
+        long_targets: An example whose target does not fit ``max_length`` (with the prompt format's own tokens and
+            one prompt token) is an error naming its row (``"error"``), or is left out of its split and counted in
+            the log (``"skip"``: for instruction data with a few very long answers, such as code).
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
         system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
             20-token one to every example), ``""`` an empty system turn.
@@ -143,6 +152,7 @@ class MultiTaskDataModule(LightningDataModule):
         task_specs: list[dict] | None = None,
         tokenizer: str | None = None,
         max_length: int = 256,
+        long_targets: LongTargets = "error",
         use_chat_template: bool | None = None,
         system_prompt: str | None = None,
         batch_size: int = 8,
@@ -166,6 +176,9 @@ class MultiTaskDataModule(LightningDataModule):
         self.save_hyperparameters()
         if sampling not in SAMPLING_STRATEGIES:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
+        if long_targets not in get_args(LongTargets):
+            raise ValueError(f"MultiTaskDataModule long_targets={long_targets!r} is invalid: expected one of "
+                             f"{', '.join(map(repr, get_args(LongTargets)))}")
         if (task_weights is not None) != (sampling == "weights"):
             raise ValueError("task_weights goes with sampling='weights', and only with it")
         # checked here, not when train_dataloader first mixes the tasks after the model has loaded
@@ -263,7 +276,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
         return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template,
-                             self.hparams.system_prompt)
+                             self.hparams.system_prompt, self.hparams.long_targets)
 
     def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
@@ -453,6 +466,10 @@ class MultiTaskDataModule(LightningDataModule):
                                          only_rows=held_out.validation_rows)
             encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
                                                              with_eval_fields=split != "train")
+            if stats.skipped and stats.skipped == stats.examples:
+                raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples do not "
+                                    f"fit max_length={hparams.max_length} (up to {stats.longest_skipped} tokens), so "
+                                    "long_targets='skip' left every one out; raise max_length")
             self._count_truncation(split, task.name, stats)
         return encoded
 
@@ -470,6 +487,10 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _count_truncation(self, split: str, name: str, stats: TruncationStats) -> None:
         self.truncation.setdefault(split, {})[name] = stats
+        if stats.skipped:
+            logger.warning("Task %r %s: %d of %d examples left out (long_targets='skip'): their targets, up to %d "
+                           "tokens, do not fit max_length=%d.", name, split, stats.skipped, stats.examples,
+                           stats.longest_skipped, self.hparams.max_length)
         if stats.truncated:
             logger.warning("Task %r %s: %d of %d prompts were cut from the left to fit max_length=%d "
                            "(%d tokens dropped).", name, split, stats.truncated, stats.examples,
@@ -498,7 +519,9 @@ class MultiTaskDataModule(LightningDataModule):
         for split in ("validation", "test"):
             if task.has_split(split):
                 examples += task.examples(split, seed=seed)
-        return max(self._encoder.answer_lengths(examples), default=None)
+        longest = max(self._encoder.answer_lengths(examples), default=None)
+        # an answer trains with at least one prompt token: a longer one is left out (long_targets="skip") or refused
+        return None if longest is None else min(longest, self.hparams.max_length - 1)
 
     # ------------------------------------------------------------------------------------------------ loaders
 

@@ -124,8 +124,8 @@ def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_token
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 0: the target takes 3 tokens but max_length is "
                                             rf"{length - 3} and the prompt format's own tokens take {length - 6}; "
                                             r"it, the format's own tokens and at least one token of the prompt's "
-                                            r"text must all fit, so raise max_length, or shorten it or the system "
-                                            r"prompt"):
+                                            r"text must all fit, so raise max_length, shorten it or the system "
+                                            r"prompt, or leave such examples out with long_targets='skip'"):
         encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
@@ -135,6 +135,25 @@ def test_a_target_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
                                             r"16 and the prompt format's own tokens take 8; it, the format's own "
                                             r"tokens"):
         encode(tokenizer, examples, max_length=16)
+
+
+def test_long_targets_skip_leaves_out_the_examples_that_do_not_fit_and_counts_them(tokenizer):
+    """Instruction data with a few very long answers (code) stopped the whole setup at the first one."""
+    fitting = [Example(prompt="q", target="ok", row=0), Example(prompt="a longer question", target="fine", row=2)]
+    too_long = [Example(prompt="q", target="x" * 20, row=1), Example(prompt="q", target="y" * 30, row=3)]
+    _, kept, stats = encode(tokenizer, [fitting[0], too_long[0], fitting[1], too_long[1]], max_length=16,
+                            long_targets="skip")
+    _, expected, expected_stats = encode(tokenizer, fitting, max_length=16)
+    assert kept == expected  # the fitting examples encode exactly as on their own
+    assert [example.row for example in kept] == [0, 2]
+    assert (stats.examples, stats.skipped, stats.longest_skipped) == (4, 2, 32)  # " yyy..y</s>": 30 + 2 tokens
+    assert (stats.truncated, stats.tokens_dropped) == (expected_stats.truncated, expected_stats.tokens_dropped)
+    # an evaluation example whose longest choice does not fit is left out the same way
+    choices = Example(prompt="abcdefghij", target="yes", choices=("yes", "a much longer choice"), gold=0, row=4)
+    _, none, stats = encode(tokenizer, [choices], max_length=24, eval_fields=True, long_targets="skip")
+    assert none == [] and (stats.skipped, stats.longest_skipped) == (1, 21)
+    with pytest.raises(ValueError, match=r"long_targets must be one of \('error', 'skip'\) \(got 'cut'\)"):
+        PromptEncoder(tokenizer, 16, long_targets="cut")
 
 
 def test_generation_prompts_are_left_padded_and_end_where_the_answer_starts(chat_tokenizer):
@@ -223,7 +242,7 @@ def test_a_choice_too_long_to_score_is_an_error_naming_the_choice_not_the_target
     encode(tokenizer, [example], max_length=24)  # " yes</s>" (5 tokens) fits with "\nAnswer:" (8) and the prompt
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 4: choice 1 \('a much longer choice'\), the "
                                             r"longest, takes 21 tokens but max_length is 24 and the prompt format's "
-                                            r"own tokens take 8; .* raise max_length, or shorten it"):
+                                            r"own tokens take 8; .* raise max_length, shorten it"):
         encode(tokenizer, [example], max_length=24, eval_fields=True)
 
 

@@ -168,7 +168,34 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
         data.setup("fit")
 
 
+def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplog):
+    """Instruction data with a few very long answers (code) stopped the whole setup at the first one."""
+    data = make(max_length=30, long_targets="skip")  # reverse_words' targets take up to 32 tokens, with 8 of format
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        data.setup("fit")
+    stats = data.truncation
+    assert (stats["train"]["reverse_words"].skipped, stats["train"]["reverse_words"].longest_skipped) == (6, 32)
+    assert stats["validation"]["reverse_words"].skipped == 2
+    assert all(task_stats.skipped == 0 for split in stats.values() for name, task_stats in split.items()
+               if name != "reverse_words")
+    trained = Counter(example.task_name for example in data.train_dataloader().dataset)
+    assert trained == {"add_2digit": 12, "parity": 12, "reverse_words": 6}
+    assert all(len(example.input_ids) <= 30 for split in data._encoded.values() for examples in split.values()
+               for example in examples)
+    # the generation budget, measured over every evaluation row (a test row's answer takes 32 tokens), stops at the
+    # longest answer that can train: it was 32
+    assert next(task for task in data.tasks if task.name == "reverse_words").max_new_tokens == 29
+    assert any("Task 'reverse_words' train: 6 of 12 examples left out (long_targets='skip'): their targets, up to "
+               "32 tokens, do not fit max_length=30." in record.getMessage() for record in caplog.records)
+    # a task left with no example is named, not an empty sampler's "task at position 1 has 0 examples"
+    with pytest.raises(TaskDataError, match=r"task 'reverse_words' train: the targets of all 12 examples do not fit "
+                                            r"max_length=20 \(up to 32 tokens\), so long_targets='skip' left every "
+                                            r"one out; raise max_length"):
+        make(max_length=20, long_targets="skip").setup("fit")
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"long_targets": "cut"}, r"long_targets='cut' is invalid: expected one of 'error', 'skip'"),
     ({"tasks": ["add_2digit", "nope"]}, r"unknown task 'nope'; registered tasks: .*parity"),
     ({"tasks": ["parity"], "eval_tasks": ["parity"]}, r"listed more than once .*\['parity'\]"),
     ({"sampling": "balanced"}, "unknown sampling 'balanced'; valid: proportional, capped"),
