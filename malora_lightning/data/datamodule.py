@@ -426,18 +426,29 @@ class MultiTaskDataModule(LightningDataModule):
         return rows if limit is None else min(rows, limit)
 
     def report_sections(self) -> list[str]:
-        """What the run report should say about the data: validation splits carved from train rows."""
+        """What the run report should say about the data: validation splits carved from train rows, and examples
+        left out because their targets do not fit (``long_targets="skip"``), whose scores the report's exclude."""
+        sections = []
         carved = {name: split for name, split in self._held_out.items() if split is not None}
-        if not carved:
-            return []
-        rows = [f"| {name} | {len(split.validation_rows)} | {self._evaluated_count(len(split.validation_rows))} | "
-                f"{len(split.train_rows)} |" for name, split in carved.items()]
-        header = ("## Validation splits held out from training data\n\nThese tasks have no validation split of their "
-                  f"own; {HELD_OUT_FRACTION:.0%} of their train rows are held out and never trained on, whatever "
-                  "max_val_examples_per_task is; at most max_val_examples_per_task (default: "
-                  "max_eval_examples_per_task) of them are validated on."
-                  "\n\n| task | held-out rows | validated rows | train rows left |\n|---|---|---|---|")
-        return ["\n".join([header, *rows])]
+        if carved:
+            rows = [f"| {name} | {len(split.validation_rows)} | "
+                    f"{self._evaluated_count(len(split.validation_rows))} | {len(split.train_rows)} |"
+                    for name, split in carved.items()]
+            header = ("## Validation splits held out from training data\n\nThese tasks have no validation split of "
+                      f"their own; {HELD_OUT_FRACTION:.0%} of their train rows are held out and never trained on, "
+                      "whatever max_val_examples_per_task is; at most max_val_examples_per_task (default: "
+                      "max_eval_examples_per_task) of them are validated on."
+                      "\n\n| task | held-out rows | validated rows | train rows left |\n|---|---|---|---|")
+            sections.append("\n".join([header, *rows]))
+        skipped = [f"| {name} | {split} | {stats.skipped} | {stats.examples} | {stats.longest_skipped} |"
+                   for split, per_task in self.truncation.items() for name, stats in per_task.items() if stats.skipped]
+        if skipped:
+            header = (f"## Examples left out: targets longer than max_length={self.hparams.max_length} allows\n\n"
+                      "With long_targets='skip', these examples were neither trained on nor scored: the scores of "
+                      "these splits are over the rest.\n\n| task | split | left out | of | longest target (tokens) |"
+                      "\n|---|---|---|---|---|")
+            sections.append("\n".join([header, *skipped]))
+        return sections
 
     def _split_tasks(self, split: str) -> list[tuple[int, Task]]:
         if split == "train":

@@ -187,6 +187,9 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     assert next(task for task in data.tasks if task.name == "reverse_words").max_new_tokens == 29
     assert any("Task 'reverse_words' train: 6 of 12 examples left out (long_targets='skip'): their targets, up to "
                "32 tokens, do not fit max_length=30." in record.getMessage() for record in caplog.records)
+    section = data.report_sections()[-1]  # the run report's: the scores are over the examples kept
+    assert section.startswith("## Examples left out: targets longer than max_length=30 allows")
+    assert section.endswith("| reverse_words | train | 6 | 12 | 32 |\n| reverse_words | validation | 2 | 5 | 25 |")
     # a task left with no example is named, not an empty sampler's "task at position 1 has 0 examples"
     with pytest.raises(TaskDataError, match=r"task 'reverse_words' train: the targets of all 12 examples do not fit "
                                             r"max_length=20 \(up to 32 tokens\), so long_targets='skip' left every "
