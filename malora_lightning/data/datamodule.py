@@ -386,19 +386,28 @@ class MultiTaskDataModule(LightningDataModule):
         return split
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the data seed and, for each task validated on rows held out from its
-        train rows, those rows' `HeldOutSplit.digest`, so that a run from the checkpoint can tell when it would
-        validate on rows the checkpoint's fit trained on (`load_state_dict`)."""
+        """What a checkpoint keeps of the data: the training tasks, the data seed and, for each task validated on rows
+        held out from its train rows, those rows' `HeldOutSplit.digest`, so that a run from the checkpoint can tell
+        when it would train on other tasks or validate on rows the checkpoint's fit trained on (`load_state_dict`)."""
         carved = {name: split.digest for name, split in self._held_out.items() if split is not None}
-        return {"data_seed": self.hparams.data_seed, "held_out_rows": carved}
+        return {"train_tasks": [task.name for task in self.train_tasks], "data_seed": self.hparams.data_seed,
+                "held_out_rows": carved}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Warn when a task's held-out validation rows differ from those of the checkpoint's run (another
-        ``data_seed``, or another train file): some of them were trained on there, so the scores overstate. Not in a
-        test or predict run, which scores no validation rows."""
+        """Warn when a fit resumes on other training tasks (the sampler restores its position by task sizes alone,
+        so tasks of the same sizes resumed without a word), and when a task's held-out validation rows differ from
+        those of the checkpoint's run (another ``data_seed``, or another train file): some of them were trained on
+        there, so the scores overstate. Not in a test or predict run, which scores no validation rows."""
         trainer = self.trainer
         if trainer is not None and trainer.state.fn not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
             return
+        stored_tasks = state_dict.get("train_tasks")  # None in checkpoints written before it was kept
+        current_tasks = [task.name for task in self.train_tasks]
+        if (trainer is None or trainer.state.fn == TrainerFn.FITTING) and stored_tasks not in (None, current_tasks):
+            rank_zero_warn(f"Resuming a fit that trained on tasks {stored_tasks} with tasks {current_tasks}: training "
+                           "goes on from that run's step, epoch, learning-rate schedule and sampler position, now on "
+                           "these tasks; to start a new training stage from its adapters instead, fit without "
+                           "ckpt_path and with the model's adapter_path set to that run's adapter folder")
         stored = state_dict.get("held_out_rows", {})
         moved = [task.name for task in self.train_tasks if task.name in stored
                  and (split := self.held_out(task)) is not None and split.digest != stored[task.name]]

@@ -41,15 +41,16 @@ class Recorder(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def datamodule(num_workers: int) -> MultiTaskDataModule:
-    data = MultiTaskDataModule(tasks=["add_2digit", "reverse_words", "parity"], max_length=64, batch_size=BATCH,
+def datamodule(num_workers: int, tasks=("add_2digit", "reverse_words", "parity")) -> MultiTaskDataModule:
+    data = MultiTaskDataModule(tasks=list(tasks), max_length=64, batch_size=BATCH,
                                sampling="uniform", max_train_examples_per_task=8, max_eval_examples_per_task=2,
                                num_workers=num_workers, seed=11)
     data.tokenizer_object = tiny_tokenizer()
     return data
 
 
-def fit(num_workers: int, checkpoint_dir=None, ckpt_path=None, on_validation: bool = False) -> list[tuple[int, ...]]:
+def fit(num_workers: int, checkpoint_dir=None, ckpt_path=None, on_validation: bool = False,
+        tasks=("add_2digit", "reverse_words", "parity")) -> list[tuple[int, ...]]:
     """Two epochs; with ``checkpoint_dir``, a checkpoint every 3 steps, taken after the training batch or, with
     ``on_validation``, after a validation run every 3 batches."""
     callbacks = []
@@ -63,7 +64,7 @@ def fit(num_workers: int, checkpoint_dir=None, ckpt_path=None, on_validation: bo
     module = Recorder()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
-        trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule(num_workers, tasks), ckpt_path=ckpt_path)
     return module.seen
 
 
@@ -248,3 +249,18 @@ def test_a_resume_with_as_many_examples_a_step_says_the_steps_cover_the_same_exa
     assert sorted(resumed[0]) == sorted(uninterrupted[0]) and sorted(resumed[1]) == sorted(uninterrupted[1])
     message = next(str(warning.message) for warning in caught if "counted in batches of 2" in str(warning.message))
     assert "A step still trains 4 examples, the same ones" in message and "instead of" not in message
+
+
+def test_a_fit_resumed_on_other_tasks_of_the_same_sizes_says_so(tmp_path):
+    """The sampler restores its position by task sizes and weights alone: another task with as many examples took
+    the place of one of the saved run's without a word."""
+    fit(0, checkpoint_dir=tmp_path)
+    checkpoint = str(tmp_path / "step=3.ckpt")
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        fit(0, ckpt_path=checkpoint)
+    assert not [warning for warning in same if "Resuming a fit that trained on tasks" in str(warning.message)]
+    with pytest.warns(UserWarning, match=re.escape("Resuming a fit that trained on tasks ['add_2digit', "
+                                                   "'reverse_words', 'parity'] with tasks ['add_2digit', "
+                                                   "'sort_words', 'parity']: training goes on from that run's step")):
+        fit(0, ckpt_path=checkpoint, tasks=("add_2digit", "sort_words", "parity"))
