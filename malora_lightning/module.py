@@ -170,9 +170,9 @@ def context_length(text_config: Any) -> int | None:
 
 @dataclass
 class LMLoss:
-    """Token-mean LM loss of a batch and its per-task parts (for logging). ``per_task_tokens`` weighs the ranks'
-    per-task parts under DDP or FSDP; a task without an entry (an override that gives none) is weighed by its
-    examples in the batch."""
+    """Token-mean LM loss of a batch and its per-task parts (for logging). ``per_task_tokens`` weighs a task's parts
+    from the batches of one optimizer step (gradient accumulation, DDP or FSDP ranks); a part without an entry (an
+    override that gives none) weighs 1."""
 
     loss: torch.Tensor
     per_task: dict[str, torch.Tensor]
@@ -264,7 +264,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         # the tasks whose training loss this process has logged, before this optimizer step and within it: one
         # missing from a later step is logged as NaN there (`training_step`)
         self._logged_tasks: set[str] = set()
-        self._step_tasks: set[str] = set()
+        self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)
@@ -483,33 +483,40 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             logged = dict(zip(logged, averaged))
         for key, value in logged.items():
             self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
-        per_task = self._per_task_over_ranks(lm, batch) if self.trainer.world_size > 1 else lm.per_task
-        for name, value in per_task.items():
-            self.log(f"train/{name}/lm_loss", value, batch_size=batch_size)
-        self._step_tasks.update(per_task)
+        for name, value in lm.per_task.items():  # logged once per optimizer step, over all its batches
+            tokens = lm.per_task_tokens.get(name)
+            weight = torch.ones((), device=value.device) if tokens is None else tokens.detach()
+            self._step_task_parts.setdefault(name, []).append((value.detach(), weight))
         if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
+            per_task = self._step_task_losses()
+            for name, task_loss in per_task.items():
+                self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
             # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
             # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's
-            for name in sorted(self._logged_tasks - self._step_tasks):
+            for name in sorted(self._logged_tasks - set(per_task)):
                 self.log(f"train/{name}/lm_loss", math.nan, batch_size=batch_size)
-            self._logged_tasks |= self._step_tasks
-            self._step_tasks = set()
+            self._logged_tasks |= set(per_task)
+            self._step_task_parts = {}
         return loss
 
-    def _per_task_over_ranks(self, lm: LMLoss, batch: TrainingBatch) -> dict[str, float]:
-        """Each task's loss over every rank's batch of this step: the ranks' batches hold different tasks, so one
-        rank's would leave out the tasks drawn elsewhere and average a fraction of the step's examples. Gathered as
-        Python objects, because the task names differ by rank."""
-        own = {}
-        for name, value in lm.per_task.items():
-            tokens = lm.per_task_tokens.get(name)
-            weight = float(batch.task_name.count(name) if tokens is None else tokens)
-            own[name] = (float(value) * weight, weight)
+    def _step_task_losses(self) -> dict[str, torch.Tensor | float]:
+        """Each task's loss over the optimizer step's batches (``_step_task_parts``; all of them under gradient
+        accumulation) on every rank: the batches' per-task losses weighted by their target tokens (by 1 where an
+        override gives none). The ranks' batches hold different tasks, so one rank's would leave out the tasks drawn
+        elsewhere; they are gathered as Python objects, once per step, because the task names differ by rank. One
+        batch on one process logs its own value, as computed."""
+        parts = self._step_task_parts
+        if self.trainer.world_size == 1:
+            return {name: values[0][0] if len(values) == 1 else
+                    sum(value * weight for value, weight in values) / sum(weight for _, weight in values).clamp(min=1)
+                    for name, values in sorted(parts.items())}
+        own = {name: (sum(float(value) * float(weight) for value, weight in values),
+                      sum(float(weight) for _, weight in values)) for name, values in parts.items()}
         gathered: list[dict[str, tuple[float, float]] | None] = [None] * self.trainer.world_size
         torch.distributed.all_gather_object(gathered, own)
         totals: dict[str, tuple[float, float]] = {}
-        for part in gathered:
-            for name, (weighted, weight) in part.items():
+        for rank_parts in gathered:
+            for name, (weighted, weight) in rank_parts.items():
                 total = totals.get(name, (0.0, 0.0))
                 totals[name] = (total[0] + weighted, total[1] + weight)
         return {name: weighted / max(weight, 1.0) for name, (weighted, weight) in sorted(totals.items())}

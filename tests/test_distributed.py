@@ -21,8 +21,7 @@ from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
-from malora_lightning import MALoRAModule
-from tests.test_module import TASKS, make_data, make_module, make_trainer
+from tests.test_module import TASKS, RecordingLMLoss, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +55,6 @@ class DumpRankState(Callback):
                  "warnings": [str(warning.message) for warning in self.warnings]}
         with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as handle:
             json.dump(state, handle)
-
-
-class RecordingLMLoss(MALoRAModule):
-    """Keeps the LM loss of its latest batch: the rank's own per-task losses and their target tokens."""
-
-    def compute_lm_loss(self, batch):
-        self.latest = super().compute_lm_loss(batch)
-        return self.latest
 
 
 class DumpTrainLoss(Callback):

@@ -180,24 +180,49 @@ class _BatchTasks(Callback):
         self.last_batch[trainer.global_step] = set(batch.task_name)
 
 
-@pytest.mark.parametrize(("batch_size", "accumulate"), [(2, 1), (1, 2)])
+class RecordingLMLoss(MALoRAModule):
+    """Keeps each batch's per-task LM losses and target tokens, by global step (and its latest LMLoss)."""
+
+    def compute_lm_loss(self, batch):
+        self.latest = super().compute_lm_loss(batch)
+        self.parts = getattr(self, "parts", {})
+        self.parts.setdefault(self.global_step, []).append(
+            {name: (value.item(), self.latest.per_task_tokens[name].item())
+             for name, value in self.latest.per_task.items()})
+        return self.latest
+
+
+def token_weighted(parts: list[dict[str, tuple[float, float]]], name: str) -> float:
+    """A task's loss over batches: their per-task losses weighted by target tokens."""
+    present = [batch[name] for batch in parts if name in batch]
+    return sum(loss * tokens for loss, tokens in present) / sum(tokens for _, tokens in present)
+
+
+@pytest.mark.parametrize(("batch_size", "accumulate"), [(2, 1), (1, 2), (2, 3)])
 def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tmp_path, batch_size, accumulate):
     """Lightning writes a step's metrics from every key logged so far in the epoch: a task absent from a batch had
     its last batch's loss written again under this step, a value no batch of this step gave (and a resumed run,
     whose keys start fresh, wrote nothing there, so the two runs' metrics differed). With gradient accumulation a
-    task in an earlier batch of the step keeps that batch's loss."""
+    task's loss is the step's, over all its batches: the last batch's was written (and a task in an earlier batch
+    only, that batch's)."""
     logger, tasks = _StepLogger(), _BatchTasks()
     trainer = make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1, callbacks=[tasks],
                            accumulate_grad_batches=accumulate)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, batch_size=batch_size))
+    module = RecordingLMLoss(**make_module(tiny_model_dir).hparams)
+    trainer.fit(module, make_data(tiny_model_dir, batch_size=batch_size))
     assert any(len(present) < len(TASKS) for present in tasks.tasks.values())  # the case under test occurs
     if accumulate > 1:  # and a task of the step's first batch is missing from its last
         assert any(tasks.tasks[step] - tasks.last_batch[step] for step in tasks.tasks)
+    in_several_batches = 0
     for step, present in tasks.tasks.items():
         logged = logger.steps[step]
         for name in TASKS:
             value = logged.get(f"train/{name}/lm_loss", math.nan)
             assert math.isfinite(value) == (name in present), (step, name, present, value)
+            if name in present:
+                assert value == pytest.approx(token_weighted(module.parts[step], name), rel=1e-6), (step, name)
+                in_several_batches += sum(name in batch for batch in module.parts[step]) > 1
+    assert in_several_batches > 0 or accumulate == 1
 
 
 def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
