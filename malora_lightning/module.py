@@ -354,9 +354,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                   strategy.kwargs.get("ignored_modules") or ())
 
     def _check_context_length(self) -> None:
-        """Warn when the data module's ``max_length`` exceeds the base model's context (``max_position_embeddings``,
-        of the text config: a multimodal base's own config has none): the longer sequences would get positions the
-        model never saw, and nothing said so."""
+        """Warn when the data module's ``max_length`` exceeds the base model's context (`context_length` of the text
+        config: a multimodal base's own config has none): the longer sequences would get positions the model never
+        saw, and nothing said so."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
         text_config = self.model.config.get_text_config()

@@ -23,6 +23,12 @@ _SENTINEL = "\u2983\u2984"
 LongTargets = Literal["error", "skip"]
 
 
+def check_long_targets(value: object) -> None:
+    if value not in get_args(LongTargets):
+        raise ValueError(f"long_targets={value!r} is invalid: expected one of "
+                         f"{', '.join(map(repr, get_args(LongTargets)))}")
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     """An example in token ids: ``input_ids = prompt + answer``, ``labels`` masked on the prompt.
@@ -62,8 +68,8 @@ class OpeningTokens:
 @dataclass
 class TruncationStats:
     """How many examples of a task's split had their prompt cut from the left, and how many tokens were dropped;
-    ``skipped``: how many were left out because their target did not fit (``PromptEncoder(long_targets="skip")``),
-    and the longest of those targets in tokens."""
+    ``skipped``: how many were left out because their target (or, for an evaluation example, its longest choice)
+    did not fit (``PromptEncoder(long_targets="skip")``), and the longest of those in tokens."""
 
     examples: int = 0
     truncated: int = 0
@@ -98,8 +104,7 @@ class PromptEncoder:
                  system_prompt: str | None = None, long_targets: LongTargets = "error"):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (got {max_length})")
-        if long_targets not in get_args(LongTargets):
-            raise ValueError(f"long_targets must be one of {get_args(LongTargets)} (got {long_targets!r})")
+        check_long_targets(long_targets)
         self.long_targets = long_targets
         has_template = getattr(tokenizer, "chat_template", None) is not None
         if use_chat_template and not has_template:

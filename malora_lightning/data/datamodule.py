@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import lightning
 from lightning.pytorch import LightningDataModule, Trainer
@@ -26,6 +26,7 @@ from malora_lightning.data.collate import (
     EncodedExample,
     LongTargets,
     MultiTaskCollator,
+    check_long_targets,
     PromptEncoder,
     TruncationStats,
 )
@@ -108,7 +109,7 @@ class MultiTaskDataModule(LightningDataModule):
         max_length: Longest sequence in tokens; prompts lose tokens from the left of their own text to fit (the
             chat template's turns and headers, or the plain format's BOS and ``\\nAnswer:``, stay), targets never.
             Warned of when above the tokenizer's ``model_max_length`` (and by `MALoRAModule` when above the base
-            model's ``max_position_embeddings``).
+            model's context, ``max_position_embeddings`` stretched by its RoPE scaling).
         long_targets: An example whose target does not fit ``max_length`` (with the prompt format's own tokens and
             one prompt token) is an error naming its row (``"error"``), or is left out of its split and counted in
             the log (``"skip"``: for instruction data with a few very long answers, such as code).
@@ -177,9 +178,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.save_hyperparameters()
         if sampling not in SAMPLING_STRATEGIES:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
-        if long_targets not in get_args(LongTargets):
-            raise ValueError(f"MultiTaskDataModule long_targets={long_targets!r} is invalid: expected one of "
-                             f"{', '.join(map(repr, get_args(LongTargets)))}")
+        check_long_targets(long_targets)
         if (task_weights is not None) != (sampling == "weights"):
             raise ValueError("task_weights goes with sampling='weights', and only with it")
         # checked here, not when train_dataloader first mixes the tasks after the model has loaded
@@ -436,7 +435,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     def report_sections(self) -> list[str]:
         """What the run report should say about the data: validation splits carved from train rows, and examples
-        left out because their targets do not fit (``long_targets="skip"``), whose scores the report's exclude."""
+        left out because their targets do not fit (``long_targets="skip"``), which the scores exclude."""
         sections = []
         carved = {name: split for name, split in self._held_out.items() if split is not None}
         if carved:
@@ -454,7 +453,8 @@ class MultiTaskDataModule(LightningDataModule):
         if skipped:
             header = (f"## Examples left out: targets longer than max_length={self.hparams.max_length} allows\n\n"
                       "With long_targets='skip', these examples were neither trained on nor scored: the scores of "
-                      "these splits are over the rest.\n\n| task | split | left out | of | longest target (tokens) |"
+                      "these splits are over the rest.\n\n| task | split | left out | of | longest target or choice "
+                      "(tokens) |"
                       "\n|---|---|---|---|---|")
             sections.append("\n".join([header, *skipped]))
         return sections
@@ -488,9 +488,11 @@ class MultiTaskDataModule(LightningDataModule):
             encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
                                                              with_eval_fields=split != "train")
             if stats.skipped and stats.skipped == stats.examples:
-                raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples do not "
-                                    f"fit max_length={hparams.max_length} (up to {stats.longest_skipped} tokens), so "
-                                    "long_targets='skip' left every one out; raise max_length")
+                raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples chosen "
+                                    f"(up to {stats.longest_skipped} tokens) do not fit max_length="
+                                    f"{hparams.max_length} with the prompt format's own tokens and a prompt token, "
+                                    "so long_targets='skip' left every one out; raise max_length (or the split's "
+                                    "max_*_examples_per_task, if it has shorter rows)")
             self._count_truncation(split, task.name, stats)
         return encoded
 

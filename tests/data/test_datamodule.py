@@ -191,9 +191,10 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     assert section.startswith("## Examples left out: targets longer than max_length=30 allows")
     assert section.endswith("| reverse_words | train | 6 | 12 | 32 |\n| reverse_words | validation | 2 | 5 | 25 |")
     # a task left with no example is named, not an empty sampler's "task at position 1 has 0 examples"
-    with pytest.raises(TaskDataError, match=r"task 'reverse_words' train: the targets of all 12 examples do not fit "
-                                            r"max_length=20 \(up to 32 tokens\), so long_targets='skip' left every "
-                                            r"one out; raise max_length"):
+    with pytest.raises(TaskDataError, match=r"task 'reverse_words' train: the targets of all 12 examples chosen "
+                                            r"\(up to 32 tokens\) do not fit max_length=20 with the prompt format's "
+                                            r"own tokens and a prompt token, so long_targets='skip' left every one "
+                                            r"out; raise max_length"):
         make(max_length=20, long_targets="skip").setup("fit")
 
 
