@@ -125,6 +125,9 @@ def format_metamathqa(row: Mapping[str, Any]) -> Example:
 
 def _paper_tasks() -> list[Task]:
     tested_on_validation = {"train": "train", "validation": "validation", "test": "validation"}
+    # PIQA and SocialIQA still ship loading scripts, which datasets 4 and later refuse ("Dataset scripts are no longer
+    # supported"); the Hub's Parquet conversion of each holds the same rows
+    parquet_conversion = "refs/convert/parquet"
     gsm8k_splits = {"train": "train", "validation": "test", "test": "test"}
 
     def choice_task(name: str, source: HubSource, formatter, chance: float, description: str) -> Task:
@@ -136,8 +139,8 @@ def _paper_tasks() -> list[Task]:
                     "ARC-Challenge grade-school science questions (mostly 4 options)"),
         choice_task("arc_easy", HubSource("allenai/ai2_arc", "ARC-Easy"), format_arc, 0.25,
                     "ARC-Easy grade-school science questions (mostly 4 options)"),
-        choice_task("piqa", HubSource("ybisk/piqa", split_map=tested_on_validation), format_piqa, 0.5,
-                    "PIQA physical commonsense, 2 solutions"),
+        choice_task("piqa", HubSource("ybisk/piqa", split_map=tested_on_validation, revision=parquet_conversion),
+                    format_piqa, 0.5, "PIQA physical commonsense, 2 solutions"),
         choice_task("openbookqa", HubSource("allenai/openbookqa", "main"), format_openbookqa, 0.25,
                     "OpenBookQA elementary science, 4 options"),
         choice_task("boolq", HubSource("google/boolq", split_map=tested_on_validation), format_boolq, 0.622,
@@ -146,7 +149,8 @@ def _paper_tasks() -> list[Task]:
                     0.25, "HellaSwag sentence completion, 4 endings"),
         choice_task("winogrande", HubSource("allenai/winogrande", "winogrande_xl", tested_on_validation),
                     format_winogrande, 0.5, "WinoGrande pronoun resolution, 2 options"),
-        choice_task("social_iqa", HubSource("allenai/social_i_qa", split_map=tested_on_validation),
+        choice_task("social_iqa",
+                    HubSource("allenai/social_i_qa", split_map=tested_on_validation, revision=parquet_conversion),
                     format_social_iqa, 1 / 3, "SocialIQA social commonsense, 3 options"),
         choice_task("medmcqa", HubSource("openlifescienceai/medmcqa", split_map=tested_on_validation),
                     format_medmcqa, 0.25, "MedMCQA medical entrance exams, 4 options (tested on the dev set)"),

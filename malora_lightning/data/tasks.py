@@ -255,24 +255,36 @@ class Source(Protocol):
 class HubSource:
     """A Hugging Face Hub dataset. ``split_map`` maps our roles to the dataset's split names, which may use the
     datasets slicing syntax (``"train[:500]"``); datasets without a labelled test split map ``test`` to their
-    validation split."""
+    validation split. ``revision``: a branch, tag or commit of the dataset's repository, such as the Hub's own
+    Parquet conversion ``refs/convert/parquet`` of a dataset that still ships a loading script, which datasets 4
+    and later refuse to run."""
 
     path: str
     name: str | None = None
     split_map: Mapping[str, str] = field(default_factory=lambda: {split: split for split in SPLITS})
+    revision: str | None = None
 
     @property
     def splits(self) -> tuple[str, ...]:
         return tuple(self.split_map)
 
     def describe(self, split: str) -> str:
-        return f"hub dataset {self.path}{f' ({self.name})' if self.name else ''}, split {self.split_map[split]!r}"
+        revision = f" at revision {self.revision!r}" if self.revision else ""
+        return (f"hub dataset {self.path}{f' ({self.name})' if self.name else ''}{revision}, split "
+                f"{self.split_map[split]!r}")
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         from datasets import load_dataset  # imported here: only tasks that name a hub dataset pay for it
 
         try:
-            return load_dataset(self.path, self.name, split=self.split_map[split])
+            return load_dataset(self.path, self.name, split=self.split_map[split], revision=self.revision)
+        except RuntimeError as error:
+            if "Dataset scripts are no longer supported" not in str(error):
+                raise
+            raise TaskDataError(f"{self.describe(split)} could not be loaded: {error}. The dataset ships a loading "
+                                "script, which datasets 4 and later never run; the Hub's Parquet conversion of it "
+                                "loads without one: give the task spec revision: refs/convert/parquet (its "
+                                "configuration may then be named 'default')") from error
         except OSError as error:  # not cached while offline, unreachable, not found (ConnectionError is an OSError)
             raise TaskDataError(f"{self.describe(split)} could not be loaded: {error}. Offline (HF_HUB_OFFLINE=1) "
                                 "only a dataset cached by an earlier online run loads: run once online to cache it, "
@@ -682,8 +694,8 @@ class _FieldView(Mapping[str, Any]):
         return len(self._row)
 
 
-SPEC_KEYS = ("name", "path", "hub", "config", "splits", "prompt", "target", "choices", "gold", "fields", "kind",
-             "chance_rate", "max_new_tokens", "answer", "description")
+SPEC_KEYS = ("name", "path", "hub", "config", "revision", "splits", "prompt", "target", "choices", "gold", "fields",
+             "kind", "chance_rate", "max_new_tokens", "answer", "description")
 
 
 def task_from_spec(spec: Mapping[str, Any]) -> Task:
@@ -695,7 +707,8 @@ def task_from_spec(spec: Mapping[str, Any]) -> Task:
         target: "{capital}"
 
     Multiple choice: ``choices: <column with the list of options>`` and ``gold: <column with the gold index>``.
-    A hub dataset instead of files: ``hub: org/name``, optional ``config`` and ``splits: {train: train, ...}``.
+    A hub dataset instead of files: ``hub: org/name``, optional ``config``, ``revision`` and
+    ``splits: {train: train, ...}``.
     Optional: ``fields`` (template name -> column), ``kind``, ``chance_rate``, ``max_new_tokens``,
     ``answer`` (``first_line`` or ``final_answer``), ``description``.
     """
@@ -733,7 +746,10 @@ def _source_from_spec(spec: Mapping[str, Any]) -> Source:
                                                      splits.items()),
                  "splits", splits, f"a mapping of split ({', '.join(SPLITS)}) to the dataset's split name, like "
                                    "{train: 'train[:500]'}")
-        return HubSource(path=spec["hub"], name=spec.get("config"), split_map=dict(splits))
+        _require(spec.get("revision") is None or _is_text(spec["revision"]), "revision", spec.get("revision"),
+                 "a branch, tag or commit of the dataset's repository (like 'refs/convert/parquet'), or null")
+        return HubSource(path=spec["hub"], name=spec.get("config"), split_map=dict(splits),
+                         revision=spec.get("revision"))
     path = spec["path"]
     _require(isinstance(path, (str, Path, Mapping)), "path", path,
              "a file path (the train split), or a mapping of split to file path, like {train: a.jsonl, test: b.jsonl}")

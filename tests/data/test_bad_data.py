@@ -294,6 +294,33 @@ def test_a_local_parquet_file_is_read_without_the_network_or_a_cache(tmp_path, m
         task_from_spec({"name": "cut", "path": str(path), **GENERATIVE}).examples("train")
 
 
+def test_a_hub_dataset_with_a_loading_script_is_named_with_the_parquet_revision_to_use(monkeypatch):
+    """datasets 4 and later raise a bare RuntimeError for a dataset that ships a loading script (as PIQA and
+    SocialIQA's default revisions do); a task spec's revision reaches load_dataset."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        if revision is None:
+            raise RuntimeError("Dataset scripts are no longer supported, but found piqa.py")
+        return [{"q": "a", "a": "b"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = {"name": "scripted", "hub": "someone/piqa", "splits": {"train": "train"}, "prompt": "{q}", "target": "{a}"}
+    with pytest.raises(TaskDataError, match=r"hub dataset someone/piqa, split 'train' could not be loaded: Dataset "
+                                            r"scripts are no longer supported, but found piqa.py\. .*give the task "
+                                            r"spec revision: refs/convert/parquet"):
+        task_from_spec(spec).examples("train")
+    examples = task_from_spec({**spec, "revision": "refs/convert/parquet"}).examples("train")
+    assert [example.target for example in examples] == ["b"]
+    assert calls[-1] == ("someone/piqa", None, "train", "refs/convert/parquet")
+    with pytest.raises(ValueError, match=r"task spec 'scripted': revision=3 is invalid: expected a branch, tag or "
+                                         r"commit"):
+        task_from_spec({**spec, "revision": 3})
+
+
 def test_a_hub_dataset_that_is_not_cached_offline_is_named_with_what_to_do(monkeypatch):
     """The datasets library's own message ('Couldn't reach ... (OfflineModeIsEnabled)') named no split or remedy."""
     from malora_lightning.data.tasks import HubSource
