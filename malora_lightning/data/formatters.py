@@ -24,6 +24,9 @@ LETTERS = "ABCDEFGH"
 def lettered_question(question: str, options: Sequence[str], gold: int, *, header: str = "Question") -> Example:
     """``Question: ...`` then ``A. option`` lines; the answer is the gold option's letter."""
     letters = LETTERS[: len(options)]
+    for letter, option in zip(letters, options):
+        if not isinstance(option, str):  # a null option: the text "None" would be trained and scored
+            raise ValueError(f"option {letter} is {option!r}, not text")
     lines = [f"{header}: {question.strip()}"]
     lines += [f"{letter}. {option.strip()}" for letter, option in zip(letters, options)]
     lines.append("Answer with the letter.")

@@ -131,6 +131,8 @@ def test_math_task_targets_score_like_their_marked_answer_alone(name):
      r"label '' is not one of \['0', '1', '2', '3'\]"),  # the unlabelled test split
     ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": -1},
      r"cop -1 is not one of"),
+    ("medmcqa", {"question": "q", "opa": "a", "opb": None, "opc": "c", "opd": "d", "cop": 0},
+     r"option B is None, not text"),  # was a bare AttributeError naming no row
     ("gsm8k", {"question": "q", "answer": "72"}, "no '#### <number>' final line"),
     ("boolq", {"question": "q", "passage": "p", "answer": "yes"}, "answer must be a bool"),
     ("piqa", {"goal": "g", "sol1": "a", "label": 0}, "missing field 'sol2'"),
