@@ -47,6 +47,7 @@ from malora_lightning.data.tasks import (
     Task,
     TaskDataError,
     get_task,
+    reading_files_once,
     registered_tasks,
     repeated,
     task_from_spec,
@@ -314,15 +315,16 @@ class MultiTaskDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         stage = TrainerFn(stage or "fit").value  # Lightning passes a TrainerFn, which f-strings write as its name
-        self._check_something_to_evaluate(stage)
-        if self._encoder is None:
-            self.tokenizer = self.load_tokenizer()
-            self._check_model_max_length(self.tokenizer)
-            self._encoder = self.build_encoder(self.tokenizer)
-        for split in _STAGE_SPLITS[stage]:
-            if split not in self._encoded:
-                self._encoded[split] = self._encode_split(split)
-        self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
+        with reading_files_once():
+            self._check_something_to_evaluate(stage)
+            if self._encoder is None:
+                self.tokenizer = self.load_tokenizer()
+                self._check_model_max_length(self.tokenizer)
+                self._encoder = self.build_encoder(self.tokenizer)
+            for split in _STAGE_SPLITS[stage]:
+                if split not in self._encoded:
+                    self._encoded[split] = self._encode_split(split)
+            self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
         if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
             self._predict_prompts = self._encode_prompts(read_prompts(self._predict_source,
                                                                       [task.name for task in self._tasks]))

@@ -8,6 +8,8 @@ Users add tasks from Python (``register_task(Task(...))``) or from a plain dict 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import io
@@ -16,7 +18,7 @@ import random
 import re
 import string
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -292,6 +294,23 @@ class HubSource:
                                 ) from error
 
 
+# rows already read, by resolved path, inside `reading_files_once`
+_FILE_READS: contextvars.ContextVar[dict[str, Sequence[Mapping[str, Any]]] | None] = contextvars.ContextVar(
+    "file_reads", default=None)
+
+
+@contextlib.contextmanager
+def reading_files_once() -> Iterator[None]:
+    """Inside it, `FileSource` reads and parses each file once: a data module's setup reads the train file of a task
+    validated on held-out rows up to four times (its row count, its train rows, its validation rows and their answer
+    lengths). Outside, every load reads the file again, so an edited file is seen."""
+    token = _FILE_READS.set({})
+    try:
+        yield
+    finally:
+        _FILE_READS.reset(token)
+
+
 @dataclass(frozen=True)
 class FileSource:
     """Local files, one per split: JSON lines, a JSON array of objects, CSV or Parquet.
@@ -322,6 +341,15 @@ class FileSource:
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
         path = Path(self.files[split])
+        reads = _FILE_READS.get()
+        if reads is None:
+            return self._read(split, path)
+        key = str(path.resolve())
+        if key not in reads:
+            reads[key] = self._read(split, path)
+        return reads[key]
+
+    def _read(self, split: str, path: Path) -> Sequence[Mapping[str, Any]]:
         if not path.is_file():  # a recipe's relative path is read from where the command runs, not the recipe's folder
             state = "is a folder, not a file" if path.is_dir() else "does not exist"
             where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"

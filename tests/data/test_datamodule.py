@@ -349,6 +349,29 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+def test_setup_reads_each_task_file_once_and_a_later_setup_reads_it_again(tmp_path, monkeypatch):
+    """A task validated on held-out train rows had its train file read and parsed four times in one setup (its row
+    count, its train rows, its validation rows and their answer lengths): about a tenth of the setup's time."""
+    import malora_lightning.data.tasks as tasks
+
+    parsed = Counter()
+    json_rows = tasks._json_rows
+    monkeypatch.setattr(tasks, "_json_rows", lambda text, path: parsed.update([path.name]) or json_rows(text, path))
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+            "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["mine"], task_specs=[spec], max_train_examples_per_task=None)
+    data.setup("fit")
+    assert parsed == {"train.jsonl": 1, "test.jsonl": 1}  # the test split sets the generation budget
+    assert len(data._loaded("train")["mine"]) == 36 and len(data._loaded("validation")["mine"]) == 4
+    (tmp_path / "test.jsonl").write_text(json.dumps({"q": "x", "a": "a much longer answer"}) + "\n")
+    data.setup("test")  # a later stage reads the files again: an edited file is seen
+    assert parsed == {"train.jsonl": 1, "test.jsonl": 2}
+    assert [example.target for example in data._loaded("test")["mine"]] == ["a much longer answer"]
+
+
 def test_max_val_examples_per_task_caps_validation_and_leaves_the_test_splits_whole(tmp_path):
     """A fit validates on a sample and tests on everything: max_eval_examples_per_task capped both, so a recipe whose
     held-out validation rows were tens of thousands could only shrink them by sampling its test splits too."""
