@@ -261,8 +261,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
         self._tokenizer = None
-        # the tasks whose training loss this process has logged, before this optimizer step and within it: one
-        # missing from a later step is logged as NaN there (`training_step`)
+        # the tasks whose training loss this process has logged (one missing from a later step is logged as NaN
+        # there), and the current optimizer step's per-task losses with their target tokens, by batch (`training_step`)
         self._logged_tasks: set[str] = set()
         self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 

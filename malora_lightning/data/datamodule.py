@@ -26,9 +26,9 @@ from malora_lightning.data.collate import (
     EncodedExample,
     LongTargets,
     MultiTaskCollator,
-    check_long_targets,
     PromptEncoder,
     TruncationStats,
+    check_long_targets,
 )
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
@@ -113,7 +113,7 @@ class MultiTaskDataModule(LightningDataModule):
             model's context, ``max_position_embeddings`` stretched by its RoPE scaling).
         long_targets: An example whose target does not fit ``max_length`` (with the prompt format's own tokens and
             one prompt token) is an error naming its row (``"error"``), or is left out of its split and counted in
-            the log (``"skip"``: for instruction data with a few very long answers, such as code).
+            the log and the run report (``"skip"``: for instruction data with a few very long answers, such as code).
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
         system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
             20-token one to every example), ``""`` an empty system turn.
