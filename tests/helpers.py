@@ -149,7 +149,9 @@ class SpawnDDPStrategy(DDPStrategy):
     """`strategy="ddp_spawn"` that destroys its gloo process group when a rank is done (`DestroyingLauncher`).
 
     Collectives time out after 2 minutes instead of gloo's 30: these tests take seconds, and a rank stuck in a
-    collective (one such test hung once in run-lowest) then fails the test with gloo's error instead of stalling CI.
+    collective then fails the test with gloo's error instead of stalling CI. (The hangs run-lowest once saw were not
+    in a collective but in torch 2.7's `destroy_process_group`, which deadlocked on gloo's worker threads now and then;
+    torch 2.8 fixed it and is our floor.)
     """
 
     def __init__(self) -> None:
