@@ -1,5 +1,6 @@
 """What `MultiTaskDataModule.setup("fit")` costs at the paper's data sizes: it renders and tokenises every example up
-front and holds each as an `EncodedExample` of Python int lists, so time and memory grow with the tokens.
+front and holds their tokens in int32 buffers (`PackedExamples`) beside their texts, so time and memory grow with the
+tokens.
 
 Synthetic JSONL tasks (words that are one token each, so words ~ tokens) shaped like the two paper mixtures:
 

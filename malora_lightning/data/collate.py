@@ -38,6 +38,8 @@ class EncodedExample:
     ``row`` is where the example came from, which its prediction names: a task example's row in its split
     (``Example.row``; None only for an example not made by ``Task.examples``), a predict file's data row
     (``PredictPrompt.row``).
+    ``MultiTaskDataModule`` keeps its splits packed (`PackedExamples`, 4 bytes a token) and builds an example again,
+    with fresh lists, each time a loader asks for it.
     """
 
     task_id: int
@@ -76,6 +78,14 @@ class TruncationStats:
     tokens_dropped: int = 0
     skipped: int = 0
     longest_skipped: int = 0
+
+    def add(self, other: TruncationStats) -> None:
+        """Count ``other`` (the same split's next examples) in."""
+        self.examples += other.examples
+        self.truncated += other.truncated
+        self.tokens_dropped += other.tokens_dropped
+        self.skipped += other.skipped
+        self.longest_skipped = max(self.longest_skipped, other.longest_skipped)
 
 
 class TargetTooLong(TaskDataError):

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Generator
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
@@ -30,6 +30,7 @@ from malora_lightning.data.collate import (
     TruncationStats,
     check_long_targets,
 )
+from malora_lightning.data.packed import PackedExamples
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
     CAP_STRATEGIES,
@@ -57,6 +58,9 @@ from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
+# examples a `PromptEncoder.encode` call takes: a split is encoded in chunks, so that only a chunk of it is ever
+# held as Python int lists before it is packed
+ENCODE_CHUNK = 1024
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
 # the split a stage evaluates on, which at least one task must have (predict: without a predict file)
 _EVALUATED_SPLITS = {"validate": "validation", "test": "test", "predict": "test"}
@@ -223,12 +227,12 @@ class MultiTaskDataModule(LightningDataModule):
             check_weights(task_weights, "task_weights")
         self.truncation: dict[str, dict[str, TruncationStats]] = {}
         self._held_out: dict[str, HeldOutSplit | None] = {}
-        self._encoded: dict[str, dict[str, list[EncodedExample]]] = {}
+        self._encoded: dict[str, dict[str, PackedExamples]] = {}
         self._answer_lengths: dict[str, int | None] = {}  # task name -> `_longest_answer`, measured once
         self._encoder: PromptEncoder | None = None
         self._train_sampler: Sampler[int] | None = None
         self._predict_source = predict_source(predict_file) if predict_file is not None else None
-        self._predict_prompts: dict[str, list[EncodedExample]] | None = None
+        self._predict_prompts: dict[str, PackedExamples] | None = None
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -474,7 +478,7 @@ class MultiTaskDataModule(LightningDataModule):
             logger.warning("Tasks %s have no %s split and are not evaluated on it.", skipped, split)
         return evaluated
 
-    def _encode_split(self, split: str) -> dict[str, list[EncodedExample]]:
+    def _encode_split(self, split: str) -> dict[str, PackedExamples]:
         hparams = self.hparams
         limit = self._limit(split)
         encoded, self.truncation[split] = {}, {}
@@ -487,8 +491,13 @@ class MultiTaskDataModule(LightningDataModule):
             else:
                 examples = task.examples("train", seed=hparams.data_seed, limit=limit,
                                          only_rows=held_out.validation_rows)
-            encoded[task.name], stats = self._encoder.encode(examples, task_id, task.name, split,
-                                                             with_eval_fields=split != "train")
+            packed, stats = PackedExamples(), TruncationStats()
+            for start in range(0, len(examples), ENCODE_CHUNK):
+                chunk, chunk_stats = self._encoder.encode(examples[start:start + ENCODE_CHUNK], task_id, task.name,
+                                                          split, with_eval_fields=split != "train")
+                packed.extend(chunk)
+                stats.add(chunk_stats)
+            encoded[task.name] = packed
             if stats.skipped and stats.skipped == stats.examples:
                 raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples chosen "
                                     f"(up to {stats.longest_skipped} tokens) do not fit max_length="
@@ -498,7 +507,7 @@ class MultiTaskDataModule(LightningDataModule):
             self._count_truncation(split, task.name, stats)
         return encoded
 
-    def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, list[EncodedExample]]:
+    def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, PackedExamples]:
         """A predict file's prompts grouped into one loader per task (task order), then those without a task."""
         groups = [(task_id, task.name, task.max_new_tokens or 0) for task_id, task in enumerate(self._tasks)]
         encoded = {}
@@ -506,7 +515,8 @@ class MultiTaskDataModule(LightningDataModule):
             group = [prompt for prompt in prompts if prompt.task == name]
             if group:
                 key = NO_TASK if name is None else name
-                encoded[key], stats = self._encoder.encode_prompts(group, task_id, answer_room)
+                examples, stats = self._encoder.encode_prompts(group, task_id, answer_room)
+                encoded[key] = PackedExamples(examples)
                 self._count_truncation("predict", key, stats)
         return encoded
 
@@ -553,7 +563,7 @@ class MultiTaskDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         per_task = list(self._loaded("train").values())
         self._train_sampler = self.build_sampler([len(examples) for examples in per_task])
-        return ResumableDataLoader([example for examples in per_task for example in examples],
+        return ResumableDataLoader(ConcatDataset(per_task),
                                    batch_size=self.batch_size, sampler=self._train_sampler,
                                    collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
@@ -574,7 +584,7 @@ class MultiTaskDataModule(LightningDataModule):
             raise RuntimeError("the predict file is not loaded: call setup('predict') first")
         return self._eval_loaders(self._predict_prompts)
 
-    def _eval_loaders(self, examples_by_name: dict[str, list[EncodedExample]]) -> dict[str, DataLoader]:
+    def _eval_loaders(self, examples_by_name: dict[str, PackedExamples]) -> dict[str, DataLoader]:
         """One loader per task, each rank its `EvaluationShardSampler` shard (padded: the same number of batches on
         every rank)."""
         collator = self.build_collator(eval_fields=True)
@@ -590,7 +600,7 @@ class MultiTaskDataModule(LightningDataModule):
         checkpoint differ from the uninterrupted run."""
         return seeded_generator(self.hparams.data_seed, "loader", purpose)
 
-    def _loaded(self, split: str) -> dict[str, list[EncodedExample]]:
+    def _loaded(self, split: str) -> dict[str, PackedExamples]:
         if split not in self._encoded:
             raise RuntimeError(f"the {split} split is not loaded: call setup() with a stage that uses it first")
         return self._encoded[split]
