@@ -17,10 +17,12 @@ def target_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pair_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                          num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the sum of log p(target) over its targets, and how many there are, from the logits [K, V] of K
-    (row, position) pairs (`target_pairs`), their targets [K] and rows [K]."""
+    (row, position) pairs (`target_pairs`), their targets [K] and rows [K]. Counted with ``index_add_``, not
+    ``bincount``, which reads the largest row on the host (a CUDA sync per step)."""
     token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
     summed = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, -token_nll)
-    return summed, torch.bincount(rows, minlength=num_rows)
+    counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return summed, counts
 
 
 def first_rows(example_index: torch.Tensor, num_examples: int) -> torch.Tensor:

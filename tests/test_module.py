@@ -27,13 +27,14 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
-from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.data import MultiTaskDataModule, TrainingBatch
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
 from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode, context_length
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
+from tests.adapters.test_compile import SYNCING_OPS, OpRecorder
 from tests.helpers import tiny_model, tiny_tokenizer
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
@@ -223,6 +224,41 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
                 assert value == pytest.approx(token_weighted(module.parts[step], name), rel=1e-6), (step, name)
                 in_several_batches += sum(name in batch for batch in module.parts[step]) > 1
     assert in_several_batches > 0 or accumulate == 1
+
+
+def test_each_tasks_lm_loss_is_its_token_mean_and_reading_it_waits_for_nothing(tiny_model_dir):
+    """A task's loss is the mean NLL of its rows' target tokens (a float64 reference from the full logits), however
+    its rows interleave with other tasks'. Besides the target positions (`target_pairs`), computing the losses reads
+    nothing on the host (each read is a CUDA sync): a boolean mask per task read its rows, and bincount the largest
+    row, at every step."""
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    module.eval()  # no dropout: the forwards agree
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (5, 12))
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    labels = torch.full((5, 12), IGNORE_INDEX)
+    for row, (start, end) in enumerate([(6, 12), (4, 9), (10, 12), (2, 12), (7, 8)]):
+        labels[row, start:end] = ids[row, start:end]
+    names = ["b", "a", "b", "c", "a"]
+    batch = TrainingBatch(ids, mask, labels, torch.tensor([1, 0, 1, 2, 0]), names)
+    with torch.no_grad():
+        plain, computed = OpRecorder(), OpRecorder()
+        with plain:
+            log_probs = torch.log_softmax(module(ids, mask).double(), dim=-1)
+        with computed:
+            result = module.compute_lm_loss(batch)
+    target = labels[:, 1:] != IGNORE_INDEX
+    token_nll = -log_probs[:, :-1].gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1) * target
+    for name in "abc":
+        rows = [row for row, task in enumerate(names) if task == name]
+        assert result.per_task_tokens[name].item() == target[rows].sum().item()
+        expected = token_nll[rows].sum() / target[rows].sum()
+        assert result.per_task[name].item() == pytest.approx(expected.item(), rel=1e-5), name
+    assert result.loss.item() == pytest.approx((token_nll.sum() / target.sum()).item(), rel=1e-5)
+    syncs = {op: count - plain.calls[op] for op, count in computed.calls.items() if op in SYNCING_OPS}
+    assert {op: count for op, count in syncs.items() if count} == {"aten.nonzero": 1}
 
 
 def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
