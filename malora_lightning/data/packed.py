@@ -1,9 +1,9 @@
 """``PackedExamples``: a task split's encoded examples kept in flat int32 buffers, handed out as ``EncodedExample``s.
 
-Held as Python int lists, an encoded example costs about 80 bytes a token (an 8-byte list slot per token in each of
-two lists, and a 28-byte int object per token id above 256), and every rank holds its own copy of every split. Here a
-token costs 4 bytes in each buffer it is in. A loader's lookup rebuilds the example with fresh lists, so encoders,
-collators and samplers keep working with ``EncodedExample`` as it is.
+Python int lists hold a token in an 8-byte list slot in each of two lists and a 28-byte int object per token id above
+256, and every rank holds its own copy of every split; here a token takes 4 bytes in each buffer it is in (measured:
+BENCHMARKS.md, "Data module setup"). A loader's lookup rebuilds the example with fresh lists, so encoders, collators
+and samplers keep working with ``EncodedExample`` as it is.
 """
 
 from __future__ import annotations
