@@ -78,7 +78,7 @@ from malora_lightning.optim import (
     lr_multiplier,
     schedule_length,
 )
-from malora_lightning.scoring import pair_log_likelihoods, target_pairs
+from malora_lightning.scoring import pair_log_likelihoods, target_pairs, task_means
 from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
@@ -450,20 +450,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     # ------------------------------------------------------------------ training
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:
         """Token-mean cross-entropy over this batch's target tokens, plus the same per task present in the batch.
-        Accumulation and DDP average these batch means (README, the training loss); override to normalise otherwise.
-
-        The tasks' sums are one ``index_add_`` over each row's task slot, which reads nothing on the host: a boolean
-        mask per task would, a CUDA sync per task at every step."""
+        Accumulation and DDP average these batch means (README, the training loss); override to normalise otherwise."""
         row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
                                                                      batch.labels)
         loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
-        names = sorted(set(batch.task_name))
-        slots = _device_index([names.index(name) for name in batch.task_name], loss.device)
-        tokens = row_tokens.new_zeros(len(names)).index_add_(0, slots, row_tokens)
-        log_likelihood = row_log_likelihood.new_zeros(len(names)).index_add_(0, slots, row_log_likelihood)
-        losses = -log_likelihood / tokens.clamp(min=1)
-        return LMLoss(loss=loss, per_task=dict(zip(names, losses.unbind())),
-                      per_task_tokens=dict(zip(names, tokens.unbind())))
+        per_task, per_task_tokens = task_means(row_log_likelihood, row_tokens, batch.task_name)
+        return LMLoss(loss=loss, per_task=per_task, per_task_tokens=per_task_tokens)
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         lm = self.compute_lm_loss(batch)
@@ -706,13 +698,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
-
-
-def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as a long tensor on ``device``, without waiting for it: a copy from pageable host memory to CUDA
-    waits for every kernel queued before it, one from pinned memory does not."""
-    index = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
-    return index.to(device, non_blocking=True)
 
 
 def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:

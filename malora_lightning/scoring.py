@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,21 @@ def pair_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor, rows: torc
     summed = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, -token_nll)
     counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
     return summed, counts
+
+
+def task_means(row_log_likelihood: torch.Tensor, row_tokens: torch.Tensor, task_names: Sequence[str]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each task's mean target-token NLL over its rows, and its target tokens, from the per-row sums
+    (`pair_log_likelihoods`) and each row's task. One ``index_add_`` over each row's task slot, which reads nothing on
+    the host; a boolean mask per task would (a CUDA sync each). The slots are copied from pinned memory, so the copy
+    does not wait for the kernels queued before it either."""
+    names = sorted(set(task_names))
+    slots = torch.tensor([names.index(name) for name in task_names], dtype=torch.long,
+                         pin_memory=row_tokens.device.type == "cuda").to(row_tokens.device, non_blocking=True)
+    tokens = row_tokens.new_zeros(len(names)).index_add_(0, slots, row_tokens)
+    log_likelihood = row_log_likelihood.new_zeros(len(names)).index_add_(0, slots, row_log_likelihood)
+    losses = -log_likelihood / tokens.clamp(min=1)
+    return dict(zip(names, losses.unbind())), dict(zip(names, tokens.unbind()))
 
 
 def first_rows(example_index: torch.Tensor, num_examples: int) -> torch.Tensor:

@@ -83,3 +83,20 @@ def test_a_mixture_with_dropout_trains_on_cuda_as_on_cpu():
         grads.append({name: tensor.grad.cpu() for name, tensor in inputs.items()})
     for name in tensors:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_the_per_task_training_losses_wait_for_nothing_on_cuda():
+    """`task_means` runs at every training step: a boolean mask per task, or its rows copied from pageable memory,
+    each made the host wait for the queued kernels. Under torch's sync debug mode any such wait is an error."""
+    from malora_lightning.scoring import task_means
+
+    summed = torch.tensor([-3.0, -1.0, -2.0, -8.0, 0.0, -6.0], device="cuda")
+    tokens = torch.tensor([3, 1, 2, 4, 0, 2], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses, counts = task_means(summed, tokens, ["b", "a", "b", "c", "a", "c"])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {name: loss.item() for name, loss in losses.items()} == pytest.approx({"a": 1.0, "b": 1.0, "c": 14 / 6})
+    assert {name: count.item() for name, count in counts.items()} == {"a": 1, "b": 5, "c": 6}

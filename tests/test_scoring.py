@@ -1,6 +1,14 @@
+import pytest
 import torch
 
-from malora_lightning.scoring import choose_choices, gold_rows, one_token_choices, pair_log_likelihoods, target_pairs
+from malora_lightning.scoring import (
+    choose_choices,
+    gold_rows,
+    one_token_choices,
+    pair_log_likelihoods,
+    target_pairs,
+    task_means,
+)
 
 
 def test_log_likelihood_of_the_target_pairs_equals_the_full_sequence_computation():
@@ -21,6 +29,17 @@ def test_log_likelihood_of_the_target_pairs_equals_the_full_sequence_computation
         assert counts[row].item() == len(targets)
     summed, counts = pair_log_likelihoods(logits[:0, 0], labels[:0, 0], rows[:0], 2)  # no target in the batch
     assert summed.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
+
+
+def test_task_means_are_each_tasks_target_token_mean_over_its_interleaved_rows():
+    summed = torch.tensor([-3.0, -1.0, -2.0, -8.0, 0.0, -6.0])
+    tokens = torch.tensor([3, 1, 2, 4, 0, 2])
+    losses, counts = task_means(summed, tokens, ["b", "a", "b", "c", "a", "c"])
+    assert list(losses) == ["a", "b", "c"] and list(counts) == ["a", "b", "c"]
+    assert {name: count.item() for name, count in counts.items()} == {"a": 1, "b": 5, "c": 6}
+    assert {name: loss.item() for name, loss in losses.items()} == pytest.approx({"a": 1.0, "b": 1.0, "c": 14 / 6})
+    losses, counts = task_means(summed[4:5], tokens[4:5], ["a"])  # a task without targets in the batch
+    assert losses["a"].item() == 0.0 and counts["a"].item() == 0
 
 
 def test_choose_choices_picks_the_best_row_per_example_and_the_first_on_ties():
