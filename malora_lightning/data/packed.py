@@ -9,7 +9,6 @@ and samplers keep working with ``EncodedExample`` as it is.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from array import array
 from collections.abc import Iterable, Sequence
 
@@ -73,9 +72,10 @@ class PackedExamples(Sequence[EncodedExample]):
     def append(self, example: EncodedExample) -> None:
         """Store ``example``. A token that is not an int32 is an error that names the example and the field; the
         store is left as it was."""
-        input_ids, labels = _int32(example, "input_ids"), _int32(example, "labels")
-        choice_input_ids = _int32_rows(example, "choice_input_ids")
-        choice_labels = _int32_rows(example, "choice_labels")
+        input_ids = _int32(example, "input_ids", example.input_ids)
+        labels = _int32(example, "labels", example.labels)
+        choice_input_ids = _int32_rows(example, "choice_input_ids", example.choice_input_ids)
+        choice_labels = _int32_rows(example, "choice_labels", example.choice_labels)
         self._input_ids.append(input_ids)
         self._labels.append(labels)
         self._choice_input_ids.append(choice_input_ids or ())
@@ -89,11 +89,7 @@ class PackedExamples(Sequence[EncodedExample]):
         return len(self._rest)
 
     def __getitem__(self, index: int) -> EncodedExample:  # type: ignore[override]  (no slices)
-        index = operator.index(index)
-        if index < 0:
-            index += len(self._rest)
-        if not 0 <= index < len(self._rest):
-            raise IndexError(f"example {index} of {len(self._rest)}")
+        index = range(len(self._rest))[index]  # a negative index counted from the end; IndexError past either end
         rest = self._rest[index]
         return dataclasses.replace(
             rest, input_ids=self._input_ids[index], labels=self._labels[index],
@@ -101,16 +97,15 @@ class PackedExamples(Sequence[EncodedExample]):
             choice_labels=None if rest.choice_labels is None else self._choice_labels[index])
 
 
-def _int32(example: EncodedExample, field: str, row: Sequence[int] | None = None) -> array:
-    """``example``'s token list ``field`` (or its given ``row``) as int32."""
+def _int32(example: EncodedExample, field: str, values: Sequence[int]) -> array:
+    """``values``, a token list of ``example``'s ``field``, as int32."""
     try:
-        return array(_INT32, getattr(example, field) if row is None else row)
+        return array(_INT32, values)
     except (TypeError, OverflowError) as error:
         raise ValueError(f"task {example.task_name!r}, row {example.row}: EncodedExample.{field} must hold token "
                          f"ids (and the label {IGNORE_INDEX}), ints from {-2 ** 31} to {2 ** 31 - 1} ({error})"
                          ) from error
 
 
-def _int32_rows(example: EncodedExample, field: str) -> list[array] | None:
-    rows = getattr(example, field)
+def _int32_rows(example: EncodedExample, field: str, rows: Sequence[Sequence[int]] | None) -> list[array] | None:
     return None if rows is None else [_int32(example, field, row) for row in rows]
