@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra's tomli, the same parser under its own name
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
