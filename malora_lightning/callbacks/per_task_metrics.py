@@ -14,6 +14,7 @@ right after each evaluation is recorded, from the same hook, so they may still l
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +27,9 @@ from torchmetrics import MeanMetric, SumMetric
 
 from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
 from malora_lightning.data.batches import EvaluationOutput
+
+# torchmetrics' warning for a metric computed before any update
+EMPTY_METER_WARNING = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
 
 
 @dataclass
@@ -146,9 +150,13 @@ class PerTaskMetrics(Callback):
         evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
                                 during_fit=trainer.state.fn == TrainerFn.FITTING)
         for name, meters in self._meters.items():
-            # compute() synchronises across ranks, so every rank computes every meter, even an empty one
-            loss, accuracy = meters.loss.compute().item(), meters.accuracy.compute().item()
-            count = int(meters.count.compute().item())
+            # compute() synchronises across ranks, so every rank computes every meter, even an empty one (a task
+            # with no example in this pass, or on this rank; the accuracy of a task scored by loss alone), for which
+            # torchmetrics warns that compute ran before update
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=EMPTY_METER_WARNING, category=UserWarning)
+                loss, accuracy = meters.loss.compute().item(), meters.accuracy.compute().item()
+                count = int(meters.count.compute().item())
             if count == 0:
                 continue  # no examples of this task in this pass
             evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,

@@ -1,6 +1,8 @@
 """PerTaskMetrics on hand-built per-example predictions: per-task means, macro averages, listeners, and which
 evaluations make the training curve."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -157,3 +159,25 @@ def test_a_validation_after_fit_is_no_interval_of_the_training_curve(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "Mean seesaw index over 2 interval(s)" in report
     assert "## Validation accuracy (%) per task, outside training (trainer.validate)" in report
+
+
+class AlphaTestedAlone(HandBuiltPredictions):
+    def test_dataloader(self) -> dict[str, DataLoader]:
+        return {"alpha": self.val_dataloader()["alpha"]}
+
+
+def test_a_task_without_examples_in_a_pass_is_left_out_of_it_without_a_warning(tmp_path):
+    """The meters of every task seen so far are computed in each pass (compute() synchronises across ranks), so a
+    task with no example in this one (a test of fewer tasks, a partial sanity check) computes empty meters: left out
+    of the evaluation, and no torchmetrics warning that compute ran before update."""
+    metrics = PerTaskMetrics()
+    trainer = trainer_for(tmp_path, callbacks=[metrics])
+    module = AlphaTestedAlone()
+    trainer.validate(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(module)
+    assert [str(w.message) for w in caught if "compute" in str(w.message)] == []
+    assert list(metrics.evaluations("test")[0].tasks) == ["alpha"]
+    assert metrics.evaluations("test")[0].tasks["alpha"].loss == pytest.approx(sum(LOSSES["alpha"]) / 8)
+    assert list(metrics.evaluations("val")[0].tasks) == ["alpha", "beta", "lm"]
