@@ -166,16 +166,17 @@ class AlphaTestedAlone(HandBuiltPredictions):
         return {"alpha": self.val_dataloader()["alpha"]}
 
 
-def test_a_task_without_examples_in_a_pass_is_left_out_of_it_without_a_warning(tmp_path):
+def test_empty_meters_are_left_out_without_a_warning(tmp_path):
     """The meters of every task seen so far are computed in each pass (compute() synchronises across ranks), so a
-    task with no example in this one (a test of fewer tasks, a partial sanity check) computes empty meters: left out
-    of the evaluation, and no torchmetrics warning that compute ran before update."""
+    task with no example in this one (here a test of fewer tasks than the validation before it) computes empty
+    meters, and so does the accuracy of a task scored by loss alone ("lm"): left out of the evaluation, and no
+    torchmetrics warning that compute ran before update."""
     metrics = PerTaskMetrics()
     trainer = trainer_for(tmp_path, callbacks=[metrics])
     module = AlphaTestedAlone()
-    trainer.validate(module)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        trainer.validate(module)
         trainer.test(module)
     assert [str(w.message) for w in caught if "compute" in str(w.message)] == []
     assert list(metrics.evaluations("test")[0].tasks) == ["alpha"]
