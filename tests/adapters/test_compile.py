@@ -80,6 +80,49 @@ def test_compiled_training_matches_eager(method):
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_whole_model_compiles_into_one_graph_and_matches_eager(method):
+    """torch.compile of the whole model, as a user (or Lightning's module compile) does it, with fullgraph: a training
+    step with dropout and a padding mask, and an evaluation forward, trace without a graph break (a routed layer's
+    `in_backward` check, a torch._C call, used to split every layer's graph in two: 36 graphs here). With dropout off,
+    the loss, the router loss that `aux_loss` reads afterwards from the routing context, and every gradient equal
+    eager's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = adapted_model(method, dropout=0.1)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    train_step(compiled, *batch(8))
+    model.eval()
+    with torch.no_grad():
+        compiled(batch(8)[0], attention_mask=batch(8)[1])
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+
+    results = []
+    for whole in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = adapted_model(method, dropout=0.0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.normal_(std=0.1)  # B starts at zero; give every path signal
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if whole else model
+        torch.manual_seed(3)
+        ids, mask = batch(8)
+        lm_loss = run(ids, attention_mask=mask, labels=ids).loss
+        router_loss = aux_loss(model)
+        (lm_loss + router_loss).backward()
+        results.append((lm_loss.detach(), router_loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_lm, eager_router, eager_grads), (whole_lm, whole_router, whole_grads) = results
+    torch.testing.assert_close(whole_lm, eager_lm)
+    torch.testing.assert_close(whole_router, eager_router)
+    assert (eager_router > 0) == (method != "lora")
+    assert eager_grads.keys() == whole_grads.keys() and len(eager_grads) > 0
+    for name in eager_grads:
+        torch.testing.assert_close(whole_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_inductor_kernels_match_eager():
     """The generated kernels themselves (inductor on CPU), for the method with the most ops."""
     torch._dynamo.reset()
