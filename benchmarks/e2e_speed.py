@@ -18,8 +18,10 @@ no optimiser) is the floor.
 `--model` (benchmarks/models.py): the offline SmolLM2-135M (default), or random weights in SmolLM2's or LLaMA-2-7B's
 shape. Methods with `_compiled` run the same adapters with `compile_adapters` (torch.compile of each adapter path;
 the first warm-up rounds compile); methods with `_fused` run the mixtures with `kernel="fused"` (Triton routing, CUDA
-only). `--eval` also times an evaluation forward (no gradients, eval mode) and greedy
-generation, where every new token runs through every adapted layer.
+only); methods with `_whole` compile the whole model, base, adapters and loss, with `torch.compile(model)` (one graph
+per mode and shape: no per-layer call overhead left, and the base's own ops fused too). `--eval` also times an
+evaluation forward (no gradients, eval mode) and greedy generation, where every new token runs through every adapted
+layer.
 
 Bases: "nf4" = bitsandbytes 4-bit NF4 (double quant) computing in float32, other weights float32; "fp32" =
 unquantized float32; "bf16" = unquantized bf16 weights, forward under bf16 autocast, adapters float32 (Lightning's
@@ -39,7 +41,7 @@ import copy
 import gc
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -79,17 +81,22 @@ from malora_lightning.hardware import fast_bf16_available
 from malora_lightning.optim import adamw_options
 
 METHODS = ("base", "lora", "molora", "malora", "lora_compiled", "molora_compiled", "malora_compiled", "molora_fused",
-           "malora_fused", "peft_lora", "mixlora")
-COMPILED = "_compiled"
+           "malora_fused", "peft_lora", "mixlora", "base_whole", "lora_whole", "malora_whole", "peft_lora_whole")
+COMPILED = "_compiled"  # compile_adapters: each adapter path compiled on its own, the base eager
 FUSED = "_fused"  # kernel="fused": Triton kernels, so CUDA only
-MALORA_MODES = {"malora": "", "malora_compiled": COMPILED, "malora_fused": FUSED}  # MALoRA method -> its suffix
+WHOLE = "_whole"  # torch.compile of the whole model (base, adapters and loss in one graph)
+# MALoRA method -> its suffix
+MALORA_MODES = {"malora": "", "malora_compiled": COMPILED, "malora_fused": FUSED, "malora_whole": WHOLE}
 COLUMN_NAMES = {"base": "base (frozen, no adapter)", "lora": "LoRA r=64 (ours)", "molora": "MoLoRA 8x r8 top-2 (ours)",
                 "malora": "MALoRA 8x r12 d32 top-2 (ours)", "lora_compiled": "LoRA r=64 (ours, compiled)",
                 "molora_compiled": "MoLoRA 8x r8 top-2 (ours, compiled)",
                 "malora_compiled": "MALoRA 8x r12 d32 top-2 (ours, compiled)",
                 "molora_fused": "MoLoRA 8x r8 top-2 (ours, fused routing)",
                 "malora_fused": "MALoRA 8x r12 d32 top-2 (ours, fused routing)", "peft_lora": "PEFT LoRA r=64",
-                "mixlora": "MixLoRA 8x r8 top-2 (pkg)"}
+                "mixlora": "MixLoRA 8x r8 top-2 (pkg)", "base_whole": "base (frozen, whole model compiled)",
+                "lora_whole": "LoRA r=64 (ours, whole model compiled)",
+                "malora_whole": "MALoRA 8x r12 d32 top-2 (ours, whole model compiled)",
+                "peft_lora_whole": "PEFT LoRA r=64 (whole model compiled)"}
 OUR_CONFIGURATIONS = {"lora": "lora_r64", "molora": "molora_r8", "malora": "malora"}  # keys of quality.CONFIGURATIONS
 TARGET_MODULES = list(PAPER_TARGET_MODULES)
 DROPOUT = 0.05  # the paper's; MixLoRA's LoraLinear asserts lora_dropout > 0, so every method uses it
@@ -170,7 +177,7 @@ class Prepared:
 
 def our_family(method: str) -> str:
     """"malora_compiled" -> "malora"; the name itself for methods that are not ours."""
-    return method.removesuffix(COMPILED).removesuffix(FUSED)
+    return method.removesuffix(COMPILED).removesuffix(FUSED).removesuffix(WHOLE)
 
 
 def prepare_ours(method: str, model: nn.Module) -> Prepared:
@@ -250,6 +257,10 @@ def prepare_mixlora(model: nn.Module) -> Prepared:
 def prepare(method: str, base_model: nn.Module) -> Prepared:
     """`method` on its own deep copy of the base; refuses a method that left a tensor it reads off the base's
     device (each forward would copy it, and AdamW would fall back to its per-tensor loop for all of them)."""
+    if method.endswith(WHOLE):  # the method itself, then its whole model compiled: base, adapters and loss
+        prepared = prepare(method.removesuffix(WHOLE), base_model)
+        return replace(prepared, model=torch.compile(prepared.model),
+                                   notes=[*prepared.notes, "whole model: torch.compile(model), default mode"])
     model = copy.deepcopy(base_model)
     if method == "base":
         prepared = Prepared(model, [], 0, "-", None, list(model.parameters()))
@@ -604,7 +615,7 @@ def setting_table(result: dict[str, Any], methods: list[str], trainable: dict[st
                      "–" if mem is None else f"{mem['saved_mib']:.0f}", "–" if mem is None else f"{mem['peak_mib']:.0f}",
                      "–" if mem is None else f"{mem['optimizer_state_mib']:.0f}"])
     headers = ["method", "forward ms", "backward ms", "optimizer ms", "total ms", "× base", "MALoRA / this",
-               "compiled MALoRA / this", "fused MALoRA / this", "trainable params", "saved MiB", "peak MiB", "AdamW state MiB"]
+               "compiled MALoRA / this", "fused MALoRA / this", "whole-compiled MALoRA / this", "trainable params", "saved MiB", "peak MiB", "AdamW state MiB"]
     return markdown_table(headers, rows)
 
 
@@ -703,7 +714,7 @@ def parse_args() -> argparse.Namespace:
     args.preset = ("profile" if args.profile else "quick" if args.quick else "full") + ("-custom" if custom else "")
     if args.methods is None:
         on_cuda = torch.device(args.device).type == "cuda"
-        args.methods = ",".join(m for m in METHODS if on_cuda or not m.endswith((COMPILED, FUSED)))
+        args.methods = ",".join(m for m in METHODS if on_cuda or not m.endswith((COMPILED, FUSED, WHOLE)))
     args.notes = [] if bf16_fast else [
         "No native bf16 on this CPU (no AVX512-BF16/AMX): bf16 settings measure torch's software bf16 matmuls "
         "(~1.3 vs ~72 GFLOP/s float32), so they run on a small batch with few rounds and are reported for "

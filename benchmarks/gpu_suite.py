@@ -14,9 +14,11 @@ fail or disagree there (on CPU they run through Triton's interpreter only), the 
    PEFT LoRA and MixLoRA.
 2. `layer_speed`: one adapted 4096->11008 linear, T=2048, bf16 autocast, x.grad: the base, our LoRA, MoLoRA and
    MALoRA eager, fused, compiled (`compile_adapters`) and with CUDA graphs (compile mode "reduce-overhead").
-3. `op_count --device cuda --training-only --fused`: ops and CUDA kernels per adapted layer and training step, eager,
+3. `e2e_speed` as in 1, training steps only, with the whole model compiled (`_whole`: torch.compile(model), one
+   graph per mode and shape) next to the same methods eager: the base, PEFT LoRA, our LoRA and MALoRA.
+4. `op_count --device cuda --training-only --fused`: ops and CUDA kernels per adapted layer and training step, eager,
    fused and compiled.
-4. `e2e_speed` on SmolLM2-135M's shape, nf4-bf16, 8 x 256 tokens (fewer methods).
+5. `e2e_speed` on SmolLM2-135M's shape, nf4-bf16, 8 x 256 tokens (fewer methods).
 
 Needs CUDA, bitsandbytes and (for the peers) peft and mixlora.
 """
@@ -38,6 +40,9 @@ FULL = [  # most important first: a run cut short by --deadline keeps what it fi
      "--x-grad", "yes", "--warmup", "3", "--rounds", "15", "--methods",
      "base,lora,molora_dense,malora_dense,molora_fused,malora_fused,lora_compiled,molora_compiled,malora_compiled,"
      "malora_cudagraphs"],
+    ["benchmarks.e2e_speed", "--device", "cuda", "--model", "llama2-7b-shape:4", "--settings",
+     "nf4-bf16:4x512,bf16:4x512", "--no-memory", "--warmup", "3", "--rounds", "8", "--methods",
+     "base,base_whole,peft_lora,peft_lora_whole,lora,lora_whole,malora,malora_whole", "--tag", "whole"],
     ["benchmarks.op_count", "--device", "cuda", "--training-only", "--fused"],
     ["benchmarks.e2e_speed", "--device", "cuda", "--model", "smollm2-shape", "--settings", "nf4-bf16:8x256",
      "--methods", "base,lora,malora,malora_fused,malora_compiled,peft_lora,mixlora", "--eval", "--no-memory",
@@ -62,6 +67,15 @@ def without_fused(command: list[str]) -> list[str]:
     return kept
 
 
+def tagged(command: list[str], tag: str) -> list[str]:
+    """The step's arguments with `--tag`: the suite's, followed by the step's own where it names one (two steps of
+    one script on one model would otherwise write reports of the same name)."""
+    if "--tag" not in command:
+        return [*command, "--tag", tag]
+    index = command.index("--tag")
+    return [*command[:index], "--tag", f"{tag}-{command[index + 1]}", *command[index + 2:]]
+
+
 def run_step(command: list[str], tag: str, started: float, deadline: float | None) -> int | str:
     """Run one step in its own process with what is left of the deadline: its exit code, "timeout" or "skipped"."""
     step_started = time.perf_counter()
@@ -69,9 +83,10 @@ def run_step(command: list[str], tag: str, started: float, deadline: float | Non
     if left is not None and left < 20:
         print(f"=== skipped (deadline): python -m {' '.join(command)}", flush=True)
         return "skipped"
-    print(f"=== python -m {' '.join(command)} --tag {tag}", flush=True)
+    arguments = tagged(command, tag)
+    print(f"=== python -m {' '.join(arguments)}", flush=True)
     try:
-        code: int | str = subprocess.run([sys.executable, "-m", *command, "--tag", tag], timeout=left).returncode
+        code: int | str = subprocess.run([sys.executable, "-m", *arguments], timeout=left).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
     print(f"=== exit {code} after {time.perf_counter() - step_started:.0f} s", flush=True)

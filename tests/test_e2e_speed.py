@@ -110,3 +110,16 @@ def test_the_profile_attributes_a_routed_models_step_to_its_scopes():
     categories = categorise(list(profiler.events()))
     assert {"forward: adapter", "backward: adapter", "forward: base linear (GEMM + rest)",
             "optimizer (AdamW step + zero_grad)"} <= set(categories)
+
+
+def test_a_whole_model_method_is_its_method_compiled_whole():
+    """`malora_whole` is `malora` on its own copy of the base, called through torch.compile of the whole model, and
+    compared with LoRA compiled whole (not run here: inductor compiles a whole model for minutes on a CPU)."""
+    prepared = prepare("malora_whole", tiny_model("llama"))
+    assert isinstance(prepared.model, torch._dynamo.eval_frame.OptimizedModule)
+    layers = adapter_layers(prepared.model._orig_mod)
+    assert {layer.method for layer in layers.values()} == {"malora"} and prepared.router_loss is not None
+    assert {id(p) for p in prepared.trainable} == {id(p) for p in prepared.model.parameters() if p.requires_grad}
+    out = ratios({"lora": 2.0, "lora_whole": 1.0, "malora_whole": 1.2, "peft_lora_whole": 1.0, "molora": 4.0})
+    assert out["malora_whole/lora"] == 1.2 and out["malora_whole/peft_lora"] == 1.2  # whole over whole
+    assert out["malora_whole/molora"] == 0.3  # MoLoRA has no whole-model run: compared with eager

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from benchmarks import e2e_speed, layer_speed
-from benchmarks.gpu_suite import FULL, FUSED_PROBE, QUICK, without_fused
+from benchmarks.gpu_suite import FULL, FUSED_PROBE, QUICK, tagged, without_fused
 
 KNOWN = {"benchmarks.e2e_speed": set(e2e_speed.METHODS),
          "benchmarks.layer_speed": set(layer_speed.METHODS + layer_speed.GPU_METHODS)}
@@ -34,11 +34,11 @@ def test_without_fused_drops_only_the_fused_methods():
 
 @pytest.mark.parametrize("steps", [FULL, QUICK], ids=["full", "quick"])
 def test_no_two_steps_write_the_same_report(steps, monkeypatch):
-    """The suite runs every step with one tag; e2e_speed's report name must then tell its steps apart."""
+    """The suite runs every step with its tag (`tagged`); e2e_speed's report name must then tell its steps apart."""
     stems = []
     for command in steps:
         if command[0] == "benchmarks.e2e_speed":
-            monkeypatch.setattr(sys, "argv", ["e2e_speed", *command[1:], "--tag", "gpu-suite"])
+            monkeypatch.setattr(sys, "argv", ["e2e_speed", *tagged(command, "gpu-suite")[1:]])
             args = e2e_speed.parse_args()
             stems.append(e2e_speed.report_stem(f"e2e_speed_{args.preset}", args, "default-16threads"))
     assert len(set(stems)) == len(stems)
