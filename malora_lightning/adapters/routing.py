@@ -304,9 +304,9 @@ def install_routing_context(model: nn.Module) -> RoutingContext:
 def in_backward() -> bool:
     """Whether this runs inside a backward pass: activation checkpointing recomputing a layer's forward, whose
     routing the first forward already handed over. (torch's module tracker asks the same way.) False while dynamo
-    traces, where the question is a graph break: in a model compiled whole, activation checkpointing is traced with
-    it and its backward recomputes from the graph, never running this code again. (A compiled layer that an eager
-    checkpoint wraps would hand its routing over again in the recompute: compile the whole model instead.)"""
+    traces, where asking would break the graph: a compiled forward is traced once. Activation checkpointing does not
+    compile (dynamo refuses the hand-over, a side effect, inside a checkpoint) and runs eagerly around the layers,
+    where this check works."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 

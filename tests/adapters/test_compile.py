@@ -123,6 +123,27 @@ def test_the_whole_model_compiles_into_one_graph_and_matches_eager(method):
         torch.testing.assert_close(whole_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_model_compiled_whole_with_activation_checkpointing_hands_its_routing_over_once():
+    """Dynamo refuses side effects inside a checkpoint, so the checkpointed layers run eagerly (graph breaks) inside
+    the compiled model: the loss equals eager's, and the recompute in backward adds no router statistics."""
+    results = []
+    for whole in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = adapted_model("malora", dropout=0.0)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        run = torch.compile(model, backend="aot_eager") if whole else model
+        torch.manual_seed(3)
+        ids, mask = batch(8)
+        loss = run(ids, attention_mask=mask, labels=ids).loss + aux_loss(model)
+        forward = model.model.layers[0].mlp.down_proj.routing_context.losses_forward
+        handed_over = len(forward.statistics)
+        loss.backward()
+        assert len(forward.statistics) == handed_over == 12  # 2 layers x 6 routed projections
+        results.append(loss.detach())
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_inductor_kernels_match_eager():
     """The generated kernels themselves (inductor on CPU), for the method with the most ops."""
     torch._dynamo.reset()
