@@ -260,7 +260,7 @@ def prepare(method: str, base_model: nn.Module) -> Prepared:
     if method.endswith(WHOLE):  # the method itself, then its whole model compiled: base, adapters and loss
         prepared = prepare(method.removesuffix(WHOLE), base_model)
         return replace(prepared, model=torch.compile(prepared.model),
-                                   notes=[*prepared.notes, "whole model: torch.compile(model), default mode"])
+                       notes=[*prepared.notes, "whole model: torch.compile(model), default mode"])
     model = copy.deepcopy(base_model)
     if method == "base":
         prepared = Prepared(model, [], 0, "-", None, list(model.parameters()))
@@ -615,7 +615,8 @@ def setting_table(result: dict[str, Any], methods: list[str], trainable: dict[st
                      "–" if mem is None else f"{mem['saved_mib']:.0f}", "–" if mem is None else f"{mem['peak_mib']:.0f}",
                      "–" if mem is None else f"{mem['optimizer_state_mib']:.0f}"])
     headers = ["method", "forward ms", "backward ms", "optimizer ms", "total ms", "× base", "MALoRA / this",
-               "compiled MALoRA / this", "fused MALoRA / this", "whole-compiled MALoRA / this", "trainable params", "saved MiB", "peak MiB", "AdamW state MiB"]
+               "compiled MALoRA / this", "fused MALoRA / this", "whole-compiled MALoRA / this", "trainable params",
+               "saved MiB", "peak MiB", "AdamW state MiB"]
     return markdown_table(headers, rows)
 
 
