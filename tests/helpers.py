@@ -1,8 +1,10 @@
-"""Tiny offline building blocks shared by the tests: a byte-level tokenizer and random causal LMs."""
+"""Tiny offline building blocks shared by the tests: a byte-level tokenizer, random causal LMs and an aten op
+recorder."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     Gemma3Config,
@@ -171,3 +174,29 @@ class SpawnFSDP2Strategy(ModelParallelStrategy):
 
     def _configure_launcher(self) -> None:
         self._launcher = DestroyingLauncher(self, start_method="spawn")
+
+
+# ops that read a tensor's value on the host or give a data-dependent shape; "[mask]": indexing by a boolean mask,
+# whose nonzero runs inside the op, unseen by a dispatch mode
+SYNCING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.masked_select", "aten.unique",
+               "aten._unique2", "aten.item", "aten.index[mask]", "aten.index_put[mask]"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """The aten ops dispatched inside it, with how often each ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    @property
+    def ops(self) -> set[str]:
+        return set(self.calls)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                index is not None and index.dtype in (torch.bool, torch.uint8) for index in args[1]):
+            name = f"{name.rstrip('_')}[mask]"
+        self.calls[name] += 1
+        return func(*args, **(kwargs or {}))

@@ -34,8 +34,7 @@ from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameter
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
-from tests.adapters.test_compile import SYNCING_OPS, OpRecorder
-from tests.helpers import tiny_model, tiny_tokenizer
+from tests.helpers import SYNCING_OPS, OpRecorder, tiny_model, tiny_tokenizer
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative

@@ -1,20 +1,13 @@
 """The adapter paths compile whole (fullgraph) in every mode, match eager, and never synchronise with the host."""
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from malora_lightning.adapters import AdapterConfig, aux_loss, compile_adapters, inject_adapters
 from malora_lightning.adapters.kernels import DenseRoutedExperts
-from tests.helpers import tiny_model
+from tests.helpers import SYNCING_OPS, OpRecorder, tiny_model
 
 METHODS = ["lora", "molora", "malora"]
-# ops that read a tensor's value on the host or give a data-dependent shape; "[mask]": indexing by a boolean mask,
-# whose nonzero runs inside the op, unseen by a dispatch mode
-SYNCING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.bincount", "aten.masked_select", "aten.unique",
-               "aten._unique2", "aten.item", "aten.index[mask]", "aten.index_put[mask]"}
 
 
 def adapted_model(method: str, dropout: float = 0.1, **overrides) -> torch.nn.Module:
@@ -174,26 +167,6 @@ def test_sparse_kernel_refuses_to_compile():
 def test_unknown_compile_mode_is_rejected():
     with pytest.raises(ValueError, match="compile mode 'fast' is invalid"):
         compile_adapters(adapted_model("lora"), "fast")
-
-
-class OpRecorder(TorchDispatchMode):
-    """The aten ops dispatched inside it, with how often each ran."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    @property
-    def ops(self) -> set[str]:
-        return set(self.calls)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
-                index is not None and index.dtype in (torch.bool, torch.uint8) for index in args[1]):
-            name = f"{name.rstrip('_')}[mask]"
-        self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(("method", "kernel", "syncs"), [("lora", "dense", False), ("molora", "dense", False),
