@@ -34,7 +34,8 @@ def task_means(row_log_likelihood: torch.Tensor, row_tokens: torch.Tensor, task_
     the host; a boolean mask per task would (a CUDA sync each). The slots are copied from pinned memory, so the copy
     does not wait for the kernels queued before it either."""
     names = sorted(set(task_names))
-    slots = torch.tensor([names.index(name) for name in task_names], dtype=torch.long,
+    slot_of = {name: slot for slot, name in enumerate(names)}
+    slots = torch.tensor([slot_of[name] for name in task_names], dtype=torch.long,
                          pin_memory=row_tokens.device.type == "cuda").to(row_tokens.device, non_blocking=True)
     tokens = row_tokens.new_zeros(len(names)).index_add_(0, slots, row_tokens)
     log_likelihood = row_log_likelihood.new_zeros(len(names)).index_add_(0, slots, row_log_likelihood)
