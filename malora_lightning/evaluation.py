@@ -168,13 +168,14 @@ class EvaluationMixin:
 
     def _warn_of_cut_answers(self) -> None:
         """A `max_new_tokens` cap below a generative task's answer length (its registered budget, or its longest
-        answer) cuts those answers short, and exact match scores every one of them wrong."""
+        answer) cuts those answers short, and exact match scores every one of them wrong. Both lengths count the
+        end-of-turn token (`Task.max_new_tokens`), which decoding drops: a cap one below still keeps every answer."""
         cap = self.settings.max_new_tokens
         tasks = getattr(self._datamodule, "tasks", None)
         if cap is None or tasks is None:
             return
         cut = {task.name: task.max_new_tokens for task in tasks if task.kind == "generative"
-               and task.max_new_tokens is not None and task.max_new_tokens > cap}
+               and task.max_new_tokens is not None and task.max_new_tokens - 1 > cap}
         if cut:
             rank_zero_warn(f"model max_new_tokens={cap} is below the answer length in tokens of tasks {cut}: their "
                            f"answers longer than {cap} tokens are cut short and scored wrong; raise max_new_tokens "
