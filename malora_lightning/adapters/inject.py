@@ -47,13 +47,14 @@ def _in_decoder(name: str, prefix: str) -> bool:
 
 
 def language_model_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """The linear modules adapters may wrap, by name: the text decoder's and the output head. A multimodal base's
-    vision or audio tower is left out: the tasks are text, which never runs it, so its adapters would never train
-    (and `task_profile` would find routed layers that saw no token)."""
+    """The linear modules adapters may wrap, by name: the text decoder's and the output head (the head's base layer
+    once an adapter wraps it). A multimodal base's vision or audio tower is left out: the tasks are text, which never
+    runs it, so its adapters would never train (and `task_profile` would find routed layers that saw no token)."""
     prefix = _decoder_prefix(model)
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = next((name for name, module in model.named_modules() if module is output_layer), None)
     return {name: module for name, module in model.named_modules() if is_supported_linear(module)
-            and (_in_decoder(name, prefix) or module is output_layer)}
+            and (_in_decoder(name, prefix) or head is not None and _in_decoder(name, head))}
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -186,11 +186,12 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
                          f"{', '.join(map(repr, _BASE_PRESERVING_INITS))}")
     factor = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight")
     matches = {key: factor.fullmatch(key) for key in keys}
-    other_kinds = sorted(key for key, match in matches.items() if match is None)
+    modules = sorted(match.group(1) for match in matches.values() if match is not None and match.group(2) == "A")
+    other_kinds = sorted(key for key, match in matches.items()
+                         if match is None and _saved_base_weight_owner(key, modules) is None)
     if other_kinds:  # an embedding LoRA (lora_embedding_A), a variant's extra tensors (KaSA, VeRA, ...)
         raise ValueError(f"{path / WEIGHTS_NAME}: tensor {other_kinds[0]!r} is not a linear layer's lora_A or lora_B "
                          f"weight ({len(other_kinds)} such in all); load_adapters reads plain LoRA on linear layers")
-    modules = sorted(match.group(1) for match in matches.values() if match.group(2) == "A")
     if not modules:
         raise ValueError(f"{path / WEIGHTS_NAME}: no '{PEFT_PREFIX}<module>.lora_A.weight' tensor; is this a PEFT "
                          "LoRA folder?")
@@ -202,6 +203,29 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
     alpha = lora_alpha * math.sqrt(rank) if stored.get("use_rslora") else lora_alpha
     return AdapterConfig(method="lora", rank=rank, alpha=float(alpha), dropout=float(stored.get("lora_dropout", 0.0)),
                          target_modules=modules)
+
+
+def _saved_base_weight_owner(key: str, adapted: Collection[str]) -> str | None:
+    """The adapted module whose base weight tensor ``key`` is (``<prefix><module>.base_layer.weight``), else None.
+    PEFT saves that copy beside an adapted lm_head's LoRA (``save_embedding_layers="auto"``, its default)."""
+    match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.base_layer\.weight", key)
+    return match.group(1) if match is not None and match.group(1) in adapted else None
+
+
+def _check_saved_base_weight(weights: Path, key: str, saved: torch.Tensor, layer: nn.Module) -> None:
+    """PEFT loads a saved base weight over the model's; we never change a base weight, so the copy must be the model's
+    own, compared in the narrower of the two dtypes (a float32 base loaded in bfloat16 rounds the same way)."""
+    own = layer.base_layer.weight
+    if not own.is_floating_point() or not saved.is_floating_point() or own.shape != saved.shape:
+        same = False
+    else:
+        dtype = min(own.dtype, saved.dtype, key=lambda kind: torch.finfo(kind).bits)
+        same = torch.equal(own.detach().to(dtype), saved.to(own.device, dtype))
+    if not same:
+        raise ValueError(f"{weights}: tensor {key!r} (shape {tuple(saved.shape)}, {saved.dtype}), the base weight PEFT "
+                         f"saved beside that module's LoRA, differs from this model's (shape {tuple(own.shape)}, "
+                         f"{own.dtype}): load_adapters never replaces base weights, so load the folder into the base it "
+                         "was saved from, or save it from PEFT without that copy (save_embedding_layers=False)")
 
 
 def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:
@@ -253,6 +277,9 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                           f"{skipped[0]!r}) are not loaded: adapters go into the language model alone, and text "
                           "never runs those modules", stacklevel=2)
             unexpected = sorted(set(unexpected) - set(skipped))
+        layers = adapter_layers(model)
+        base_copies = {key: owner for key in unexpected if (owner := _saved_base_weight_owner(key, layers)) is not None}
+        unexpected = [key for key in unexpected if key not in base_copies]
         if missing:
             raise ValueError(f"{weights}: missing adapter tensor {missing[0]!r}"
                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}{other_base}")
@@ -273,6 +300,8 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
                     raise ValueError(f"{weights}: tensor {stored_key!r} has shape {tuple(value.shape)}, the model "
                                      f"expects {tuple(shape)}{other_base}")
                 param.copy_(layer_value)
+        for key, owner in base_copies.items():
+            _check_saved_base_weight(weights, key, stored.get_tensor(key), layers[owner])
     if not trainable:
         for param in expected.values():
             param.requires_grad_(False)

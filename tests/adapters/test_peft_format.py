@@ -104,6 +104,38 @@ def test_a_lora_folder_saved_by_peft_loads_with_equal_logits(tmp_path, use_rslor
         torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
 
 
+def test_a_peft_lora_of_the_head_saved_with_its_base_weight_loads_and_a_changed_base_weight_is_refused(tmp_path):
+    """PEFT saves an adapted lm_head's base weight beside its LoRA (save_embedding_layers="auto") and loads it over
+    the base's: that extra tensor failed our load. The copy is checked against the model's own weight, never loaded."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_model("llama"), config)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    head = "base_model.model.lm_head.base_layer.weight"
+    assert head in load_file(str(weights))  # what PEFT wrote: the case this test is about
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_adapters(tiny_model("llama"), tmp_path / "peft")
+    # the head's base layer is the text model's, not a vision tower's module whose tensors are skipped
+    assert not [w for w in caught if "outside the text decoder" in str(w.message)]
+    assert set(adapter_layers(ours)) >= {"lm_head", "model.layers.0.self_attn.q_proj"}
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
+
+    tensors = load_file(str(weights))
+    tensors[head] = tensors[head] * 1.01  # a head trained or taken from another base
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor '{head}' .* differs from this model's "
+                                         r".*save_embedding_layers=False"):
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
+    other = dict(tensors)
+    other["base_model.model.model.norm.base_layer.weight"] = other.pop(head)  # a module without a LoRA: not a copy
+    save_file(other, str(weights))
+    with pytest.raises(ValueError, match=r"tensor '.*norm.base_layer.weight' is not a linear layer's lora_A"):
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
+
+
 def test_peft_settings_we_cannot_represent_are_named(tmp_path):
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     theirs.save_pretrained(str(tmp_path / "dora"))
