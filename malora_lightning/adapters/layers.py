@@ -251,14 +251,15 @@ class RoutedAdapterLayer(AdapterLayer):
         if x.shape[0] == 0:
             return result
         forward = self.routing_context.current
-        token_mask, token_weights = forward.tokens(tuple(leading_shape)) if forward is not None else (None, None)
+        dtype = self.compute_dtype(x.device.type)
+        token_mask, token_weights = (None, None) if forward is None else forward.tokens(
+            tuple(leading_shape), torch.promote_types(dtype, torch.float32))  # routing's dtype (`routing_dtype`)
         collect = forward is not None and self.training and torch.is_grad_enabled()
         if forward is not None and self.training and not collect:
             forward.routed_without_gradients = True
         # activation checkpointing runs the forward again inside backward: it must compute (and save for backward)
         # what the first run did, but hands nothing over, since the first run did
         recomputed = in_backward()
-        dtype = self.compute_dtype(x.device.type)
         spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
                            dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss,
                            fused=self.kernel == "fused" and fused_routing_applies(x.device, dtype))

@@ -176,7 +176,8 @@ class ForwardRouting:
     scoring: ScoringPass | None = None
     input_shape: tuple[int, int] | None = None  # (batch, seq) of the model's input ids or embeddings, when known
     routed_without_gradients: bool = False  # a layer routed in training mode under no_grad: it collected nothing
-    _tokens: dict[tuple[int, ...], tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+    _tokens: dict[tuple[tuple[int, ...], torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict)
     _casts: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, weakref.ref]] = field(default_factory=dict)
 
     def shared_cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -200,15 +201,18 @@ class ForwardRouting:
         self._casts[key] = (weakref.ref(x), x._version, weakref.ref(copy))
         return copy
 
-    def tokens(self, leading_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(bool mask [T] of real tokens, `token_weights_of` that mask) for a layer input of leading shape (batch,
-        seq); (None, None) when unknown or when every token is real. Computed once per forward and shape.
+    def tokens(self, leading_shape: tuple[int, ...], dtype: torch.dtype
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bool mask [T] of real tokens, `token_weights_of` that mask in the routing `dtype`) for a layer input of
+        leading shape (batch, seq); (None, None) when unknown or when every token is real. Computed once per forward,
+        shape and dtype.
 
         During cached generation the mask covers past + new tokens, so the last `seq` columns are the new ones. A layer
         the model feeds [batch * seq, features] (Qwen2-MoE's shared expert, OPT's fc1/fc2) has a leading shape of
         (batch * seq,): it gets the same mask, flattened as its input was.
         """
-        if leading_shape not in self._tokens:
+        key = (leading_shape, dtype)
+        if key not in self._tokens:
             mask = self.attention_mask
             token_mask = None
             rows = leading_shape
@@ -219,9 +223,8 @@ class ForwardRouting:
                 batch, seq = rows
                 if mask.shape[0] == batch and mask.shape[1] >= seq:
                     token_mask = mask[:, -seq:].reshape(-1).bool()
-            weights = token_weights_of(token_mask)
-            self._tokens[leading_shape] = (token_mask, weights)
-        return self._tokens[leading_shape]
+            self._tokens[key] = (token_mask, token_weights_of(token_mask, dtype))
+        return self._tokens[key]
 
 
 class RoutingContext:

@@ -127,6 +127,26 @@ def test_padding_tokens_do_not_count_in_the_aux_loss():
     assert not torch.allclose(unmasked.double(), expected.mean())
 
 
+def test_float64_routing_weighs_real_tokens_in_float64():
+    """The real tokens' weights 1/T were float32 whatever the routing dtype: float64 adapters' masked load balance
+    was off by about 1e-8 from the float64 count, and from their own unmasked value under a mask of ones."""
+    config = AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4, top_k=2, adapter_dtype="float64",
+                           router_init_std=1.0)
+    model = inject_adapters(tiny_model("llama").double(), config).train()
+    ids = torch.randint(0, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    records = []
+    with add_routing_observer(model, records.append):
+        model(ids, attention_mask=mask)
+    expected = torch.stack([counted_load_balance(record, 4) for record in records]).mean()
+    torch.testing.assert_close(router_losses(model).load_balance, expected, rtol=0, atol=1e-14)
+    model(ids)
+    unmasked = router_losses(model).load_balance
+    model(ids, attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(router_losses(model).load_balance, unmasked, rtol=0, atol=1e-14)
+
+
 def test_positional_attention_mask_is_seen_too():
     model = routed_model()
     ids = torch.randint(0, 200, (1, 6))
