@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCh
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
@@ -227,7 +229,12 @@ def console_main() -> None:
 def run_command(name: str, entry: Callable[[], object]) -> None:
     """Run a console command's `entry`: an error that names a bad setting, file or row (ValueError, OSError) is
     printed as its message alone, and Ctrl-C as one line (exit status 130, the shell's for SIGINT) once the files
-    being written have been cleaned up; MALORA_TRACEBACK=1 shows the traceback too."""
+    being written have been cleaned up; MALORA_TRACEBACK=1 shows the traceback too.
+
+    Inside a trainer run Lightning handles both signals itself: Ctrl-C ends in its ``sys.exit(1)`` (raised while
+    handling the KeyboardInterrupt), and SIGTERM in a `SIGTERMException`, a SystemExit without a code, so status 0:
+    a preempted or timed-out fit looked finished to `malora fit && malora test`. They exit 130 and 143 (128 + the
+    signal, as the shell reports a process the signal ended)."""
     try:
         entry()
     except (ValueError, OSError) as error:
@@ -235,8 +242,13 @@ def run_command(name: str, entry: Callable[[], object]) -> None:
             raise
         sys.stderr.write(f"{name}: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n")
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except SIGTERMException:
+        sys.stderr.write(f"{name}: terminated (SIGTERM) before the run finished\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
         if os.environ.get("MALORA_TRACEBACK"):
             raise
         sys.stderr.write(f"{name}: interrupted\n")
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signal.SIGINT) from None

@@ -4,13 +4,17 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import lightning as L
 import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
@@ -336,6 +340,41 @@ def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monke
     monkeypatch.setenv("MALORA_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         run_command("malora-task-export", interrupted)
+
+
+class SignalAtStep(Callback):
+    """Sends the process `signum` in its second training step, as a scheduler's preemption or Ctrl-C would."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            handler = signal.getsignal(self.signum)
+            assert handler not in (signal.SIG_DFL, signal.SIG_IGN, None)  # Lightning's or Python's, not death
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum,status,line", [(signal.SIGTERM, 143, "terminated (SIGTERM) before the run finished"),
+                                                (signal.SIGINT, 130, "interrupted")])
+def test_a_fit_ended_by_a_signal_exits_with_its_status_and_one_line(signum, status, line, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Lightning ends a fit on SIGTERM with a SystemExit without a code: `malora fit` exited 0, and the command after
+    `&&` ran on a fit that never finished. On Ctrl-C it exits 1."""
+    monkeypatch.delenv("MALORA_TRACEBACK", raising=False)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=50, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SignalAtStep(signum)])
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from then on, in this test process too
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            run_command("malora", lambda: trainer.fit(BoringModel()))
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+    assert exit_info.value.code == status and capsys.readouterr().err.endswith(f"malora: {line}\n")
+    assert trainer.global_step < 50
+    with pytest.raises(SystemExit) as exit_info:  # a command's own exit status passes through as it is
+        run_command("malora", lambda: sys.exit(3))
+    assert exit_info.value.code == 3
 
 
 def test_the_command_prints_a_bad_settings_message_without_a_traceback():
