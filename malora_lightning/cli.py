@@ -30,7 +30,7 @@ from malora_lightning.checkpoints import (
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
-from malora_lightning.terminal import StepProgressBar, quiet_known_notes
+from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
 # or switched off (`--routing_stats null`) without rewriting the trainer's callback list.
@@ -217,6 +217,7 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
     Returns None: a console script exits with `sys.exit(main())`, and any other value would be an error exit.
     """
     quiet_known_notes()
+    show_library_logs()
     MALoRACLI(model_class, datamodule_class, save_config_callback=CheckedSaveConfigCallback,
               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
 

@@ -37,7 +37,7 @@ from malora_lightning.cli import MALoRACLI, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
-from malora_lightning.terminal import quiet_known_notes
+from malora_lightning.terminal import quiet_known_notes, show_library_logs
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
         parser.error("--output is empty: give the folder that receives one sub-folder per task (e.g. runs/tasks)")
     known.output = Path(known.output)
     quiet_known_notes()
+    show_library_logs()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
     module, data = recipe_modules(known.adapter, overrides)
     tasks = chosen_tasks(data, known.tasks)  # so are unknown tasks and every target, before the data or model loads
@@ -244,7 +245,6 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
 
 
 def console_main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_command("malora-task-export", main)
 
 

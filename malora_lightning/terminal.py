@@ -1,5 +1,5 @@
-"""What the `malora` command prints: third-party notes known to be harmless kept off the terminal, and a progress
-bar that reads sensibly under `max_steps`.
+"""What the `malora` command prints: the library's own log lines, third-party notes known to be harmless kept off
+the terminal, and a progress bar that reads sensibly under `max_steps`.
 
 `quiet_known_notes` is the one place where output is silenced. Each filter names the message, its category and the
 module that issues it, so any other warning (from that module too) still shows. The CLI installs them; importing
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 # (message regex, category, issuing module regex), each with why it is harmless
 KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -43,6 +45,38 @@ def quiet_known_notes() -> None:
     for message, category, module in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_LITLOGGER_TIP)
+
+
+class _RankZeroOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return rank_zero_only.rank == 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment (as Python's last-resort handler does), not to the one there when it
+    was made: a test's captured stream is closed once the test ends."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+LIBRARY_LOGGER = logging.getLogger("malora_lightning")
+_LIBRARY_HANDLER = _StderrHandler()  # stderr, as Lightning's own lines
+_LIBRARY_HANDLER.addFilter(_RankZeroOnly())
+
+
+def show_library_logs() -> None:
+    """Print the library's INFO lines (settings a resume applies, the adapter folder a fit exported, a task spec that
+    replaces a registered task), on rank 0 only, as Lightning prints its own (idempotent). Without a handler Python
+    shows warnings alone, so these never reached a command's user; importing the library configures nothing."""
+    LIBRARY_LOGGER.setLevel(logging.INFO)
+    if _LIBRARY_HANDLER not in LIBRARY_LOGGER.handlers:
+        LIBRARY_LOGGER.addHandler(_LIBRARY_HANDLER)
 
 
 class StepProgressBar(RichProgressBar):

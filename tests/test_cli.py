@@ -151,7 +151,7 @@ def test_default_callbacks_are_on_and_each_can_be_switched_off_or_tuned():
     assert seesaw.tolerance == 0.05
 
 
-def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
+def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     main([
         "fit", "--config", "recipes/default.yaml",
         f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null",
@@ -164,6 +164,7 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
     ])
     version = next((tmp_path / "lightning_logs").iterdir())
+    assert f"Exported adapters to {version / 'checkpoints' / 'adapter'}" in capsys.readouterr().err  # our INFO lines
     saved = yaml.safe_load((version / "config.yaml").read_text())
     assert saved["model"]["model_name_or_path"] == str(tiny_model_dir)  # data.tokenizer follows it via the link
     checkpoints = version / "checkpoints"

@@ -8,7 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from malora_lightning.terminal import KNOWN_HARMLESS_WARNINGS, StepProgressBar, quiet_known_notes
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from malora_lightning.terminal import (
+    KNOWN_HARMLESS_WARNINGS,
+    LIBRARY_LOGGER,
+    StepProgressBar,
+    quiet_known_notes,
+    show_library_logs,
+)
 
 # what each filtered note looks like as Lightning issues it: (message, category, issuing module)
 ISSUED = [
@@ -104,3 +112,23 @@ def progress_bar(max_epochs: int | None, max_steps: int) -> StepProgressBar:
 ])
 def test_progress_bar_description(max_epochs, max_steps, expected):
     assert progress_bar(max_epochs, max_steps)._get_train_description(0).strip() == expected
+
+
+def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeypatch):
+    """Without a handler Python shows warnings alone: the settings a resume applied, the folder a fit exported to and
+    a task spec replacing a registered task were logged and never printed."""
+    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)  # a command run earlier in this process
+    monkeypatch.setattr(LIBRARY_LOGGER, "propagate", False)  # what reaches stderr is this handler's alone
+    LIBRARY_LOGGER.handlers.clear()
+    LIBRARY_LOGGER.setLevel(logging.NOTSET)
+    try:
+        logging.getLogger("malora_lightning.module").info("before")
+        show_library_logs()
+        show_library_logs()  # idempotent: one line per record
+        logging.getLogger("malora_lightning.module").info("settings %s", "applied")
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        logging.getLogger("malora_lightning.module").info("on rank 1")
+    finally:
+        LIBRARY_LOGGER.setLevel(level)
+        LIBRARY_LOGGER.handlers[:] = handlers
+    assert capsys.readouterr().err == "settings applied\n"
