@@ -49,7 +49,7 @@ from malora_lightning.adapters.model import (
     trained_tensor_names,
     unwrapped_name,
 )
-from malora_lightning.adapters.quantization import DtypeName, Quantization, StorageDtypeName
+from malora_lightning.adapters.quantization import FOUR_BIT_MODES, DtypeName, Quantization, StorageDtypeName
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -763,3 +763,13 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
     for name, value, ok, allowed in checks:
         if not ok:
             raise ValueError(f"MALoRAModule {name}={value!r} is invalid: expected {allowed}")
+    # settings of a quantized base that an unquantized one would ignore (it loaded in float32 whatever they said)
+    if quantization is None and compute_dtype != "auto":
+        raise ValueError(f"MALoRAModule compute_dtype={compute_dtype!r} applies to a quantized base (its 4-bit layers' "
+                         "compute dtype and its other weights' dtype), and quantization is None: an unquantized base "
+                         "loads in `dtype` (None: float32) and computes in the trainer's precision; set dtype or "
+                         "trainer.precision (e.g. bf16-mixed) instead, and leave compute_dtype 'auto'")
+    if quant_storage is not None and quantization not in FOUR_BIT_MODES:
+        raise ValueError(f"MALoRAModule quant_storage={quant_storage!r} is the storage dtype of packed 4-bit weights, "
+                         f"and quantization is {quantization!r}: set quantization to one of {FOUR_BIT_MODES} or leave "
+                         "quant_storage None")

@@ -124,6 +124,12 @@ def test_an_unbounded_run_trains_at_a_constant_rate_and_refuses_a_schedule_that_
     ({"compute_dtype": None}, "compute_dtype=None is invalid"),
     ({"dtype": "uint8"}, "dtype='uint8' is invalid: expected one of 'bfloat16', 'float16', 'float32' or None"),
     ({"quant_storage": "int4"}, "quant_storage='int4' is invalid"),
+    # a quantized base's settings that an unquantized one ignored: it loaded and computed in float32
+    ({"quantization": None, "compute_dtype": "bfloat16"},
+     "compute_dtype='bfloat16' applies to a quantized base .* set dtype or trainer.precision"),
+    ({"quantization": None, "quant_storage": "bfloat16"},
+     r"quant_storage='bfloat16' is the storage dtype of packed 4-bit weights, and quantization is None"),
+    ({"quantization": "int8", "quant_storage": "bfloat16"}, "quant_storage='bfloat16' .* quantization is 'int8'"),
 ])
 def test_bad_settings_are_named_when_the_module_is_built(kwargs, message):
     """Before any model loads: each would otherwise surface steps later (a non-finite loss blamed on the data, a

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = get_args(Quantization)
+FOUR_BIT_MODES: tuple[str, ...] = ("nf4", "fp4")  # those with a compute dtype and a packed storage dtype
 # the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
 # records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
 BASE_NAME_ATTRIBUTE = "malora_base_model"
@@ -47,7 +48,7 @@ def bnb_quantization_config(quantization: Quantization, compute_dtype: torch.dty
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if quantization in ("nf4", "fp4"):
+    if quantization in FOUR_BIT_MODES:
         extra = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
                                   bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=double_quant,
@@ -102,7 +103,7 @@ def base_quantization(model: nn.Module) -> Quantization | None:
 def base_compute_dtype(model: nn.Module) -> str | None:
     """The dtype the loaded base's 4-bit layers compute in ("bfloat16", ...); None for another base."""
     config = _quantization_config(model)
-    if bnb_quantization_mode(config) not in ("nf4", "fp4"):
+    if bnb_quantization_mode(config) not in FOUR_BIT_MODES:
         return None
     return str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")
 
