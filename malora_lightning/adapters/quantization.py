@@ -177,6 +177,12 @@ def load_base_model(
         raise OSError(f"could not load model {name_or_path!r} (resolved to {path!r}): {error}. Pass a local folder "
                       "with config.json and weights, a cached hub id, or an offline model like "
                       "'offline:SmolLM2-135M-Instruct'") from error
+    except ImportError as error:  # an attention kernel whose package is missing (flash_attention_2 without flash-attn)
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot load model {name_or_path!r}: {error} "
+                         "Install that kernel's package (FlashAttention needs a CUDA GPU), or use 'sdpa', 'eager' or "
+                         "None (transformers picks)") from error
     except ValueError as error:
         if trust_remote_code or "trust_remote_code" not in str(error):
             raise

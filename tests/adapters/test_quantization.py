@@ -1,3 +1,5 @@
+import importlib.util
+
 import bitsandbytes as bnb
 import lightning as L
 import pytest
@@ -178,3 +180,11 @@ def test_uint8_is_a_storage_dtype_only(tiny_llama_dir, field):
     with pytest.raises(ValueError, match=rf"{field}='uint8' is invalid: expected one of \('bfloat16', 'float16', "
                                          r"'float32'\)"):
         load_base_model(str(tiny_llama_dir), quantization="nf4", **{field: "uint8"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_an_attention_kernel_whose_package_is_missing_is_named(tiny_llama_dir):
+    """transformers' ImportError named no setting, and the command printed it as a traceback."""
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot load model .*FlashAttention2 "
+                                         r".*use 'sdpa', 'eager' or None"):
+        load_base_model(str(tiny_llama_dir), quantization=None, attn_implementation="flash_attention_2")
