@@ -190,6 +190,10 @@ class MALoRACLI(LightningCLI):
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
         path = kwargs.get("ckpt_path")
+        adapter_path = self.model.settings.adapter_path
+        if path and adapter_path is not None and subcommand != "fit":
+            rank_zero_info(f"malora {subcommand} scores the adapter tensors of --ckpt_path {path}: they replace those "
+                           f"of model.adapter_path {adapter_path}, which still gives the adapter's settings")
         if _is_local_file(path):
             check_checkpoint_file(path)
             checkpoint = read_checkpoint(path)

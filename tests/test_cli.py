@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -151,7 +152,7 @@ def test_default_callbacks_are_on_and_each_can_be_switched_off_or_tuned():
     assert seesaw.tolerance == 0.05
 
 
-def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, caplog):
     main([
         "fit", "--config", "recipes/default.yaml",
         f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null",
@@ -186,6 +187,16 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     last_fit = [row for row in fitted if row.get("val/macro_acc")][-1]
     assert float(validated[-1]["val/macro_acc"]) == pytest.approx(float(last_fit["val/macro_acc"]))
     assert float(validated[-1]["val/parity/loss"]) == pytest.approx(float(last_fit["val/parity/loss"]), rel=1e-5)
+
+    # both an adapter folder and a checkpoint: the checkpoint's tensors are scored, and the run says so
+    with caplog.at_level(logging.INFO):
+        main(["validate", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+              "--model.quantization=null", f"--model.adapter_path={checkpoints / 'adapter'}",
+              f"--ckpt_path={checkpoints / 'last.ckpt'}", "--data.tasks=[parity, add_2digit]",
+              "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path / 'both'}"])
+    assert f"malora validate scores the adapter tensors of --ckpt_path {checkpoints / 'last.ckpt'}: they replace " \
+           f"those of model.adapter_path {checkpoints / 'adapter'}" in caplog.text
 
 
 def test_predict_through_the_cli_writes_the_users_prompts_answers_into_the_run_folder(tiny_model_dir, tmp_path):
