@@ -165,6 +165,7 @@ class EvaluationMixin:
 
     def on_predict_start(self) -> None:
         self._warn_of_cut_answers()
+        self._warn_of_unreachable_targets()
 
     def _warn_of_cut_answers(self) -> None:
         """A `max_new_tokens` cap below a generative task's answer length (its registered budget, or its longest
@@ -180,6 +181,38 @@ class EvaluationMixin:
             rank_zero_warn(f"model max_new_tokens={cap} is below the answer length in tokens of tasks {cut}: their "
                            f"answers longer than {cap} tokens are cut short and scored wrong; raise max_new_tokens "
                            "or leave it None (each task's own length)")
+
+    def _warn_of_unreachable_targets(self) -> None:
+        """A predict file's target longer than its row's `generation_length` cannot be generated whole, so the row's
+        `correct` can be false for a right answer. The length stays its task's (its validation and test answers', or
+        its spec's) all the same, as in fit, validate and test, so that a checkpoint answers a prompt alike in every
+        stage: a length taken from the row's target would let the reference answer, there only to check the answer
+        against, tell the generation how long to be. Warned of instead, naming the rows. Lengths count the end-of-turn
+        token, which decoding drops (as in `_warn_of_cut_answers`)."""
+        datamodule = self._datamodule
+        lengths = getattr(datamodule, "predict_target_lengths", None)
+        if not lengths:
+            return
+        cut = {}  # task name -> (rows, their longest target, the rows' generation length)
+        for name, rows in lengths.items():
+            budget = self.generation_length(self.task(name))
+            long = sorted(row for row, length in rows.items() if length - 1 > budget)
+            if long:
+                cut[name] = (long, max(rows[row] for row in long), budget)
+        if not cut:
+            return
+        named = "; ".join(f"task {name!r}: {len(long)} row{'s' * (len(long) > 1)} ({', '.join(map(str, long[:5]))}"
+                          f"{', ...' * (len(long) > 5)}), targets of up to {longest} tokens, generated with {budget}"
+                          for name, (long, longest, budget) in cut.items())
+        cap = self.settings.max_new_tokens
+        raise_cap = "raise model.max_new_tokens, " if cap in {budget for _, _, budget in cut.values()} else ""
+        rank_zero_warn(f"predict_file {datamodule.hparams.predict_file}: rows with a target longer than the answers "
+                       f"their task generates ({named}; counting the end-of-turn token): their answers are cut at "
+                       "that length, so their 'correct' can be false for a right answer. A task generates as many "
+                       "tokens as its longest validation or test answer (or its task spec's max_new_tokens), capped "
+                       f"by model.max_new_tokens, whatever a predict file's targets: {raise_cap}give the task a "
+                       "longer max_new_tokens in its task spec (validate and test then generate as many), or leave "
+                       f"the task out of these rows to generate up to {cap or DEFAULT_MAX_NEW_TOKENS} tokens, unscored")
 
     def _warn_without_metrics(self, stage: str) -> None:
         """The steps only hand back per-example results: without `PerTaskMetrics` (which the `malora` command

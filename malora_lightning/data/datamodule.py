@@ -44,6 +44,7 @@ from malora_lightning.data.sampling import (
     unimax_epoch_length,
 )
 from malora_lightning.data.tasks import (
+    Example,
     HubSource,
     Task,
     TaskDataError,
@@ -141,9 +142,10 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         predict_file: Prompts to predict on instead of the test splits: JSON lines, JSON or CSV rows with a
             ``prompt``, an optional ``task`` (one of ``tasks``/``eval_tasks``: its generation length and answer check;
-            the evaluation splits are still read to measure task lengths) and an optional ``target``. One predict
-            dataloader per task named, in task order, then one for the prompts without a task (``"<no task>"``);
-            each prompt keeps its row of the file (``PredictPrompt.row``), which its prediction names.
+            the evaluation splits are still read to measure task lengths) and an optional ``target`` (measured,
+            ``predict_target_lengths``, but never lengthening its task's generation). One predict dataloader per task
+            named, in task order, then one for the prompts without a task (``"<no task>"``); each prompt keeps its
+            row of the file (``PredictPrompt.row``), which its prediction names.
         trust_remote_code: let the tokenizer's folder (or hub repo) run its own code; only for code you trust. The
             CLI links it to ``model.trust_remote_code``.
 
@@ -233,6 +235,7 @@ class MultiTaskDataModule(LightningDataModule):
         self._train_sampler: Sampler[int] | None = None
         self._predict_source = predict_source(predict_file) if predict_file is not None else None
         self._predict_prompts: dict[str, PackedExamples] | None = None
+        self._predict_target_lengths: dict[str, dict[int, int]] = {}
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -241,6 +244,14 @@ class MultiTaskDataModule(LightningDataModule):
         """All tasks in ``task_id`` order. After ``setup``, ``max_new_tokens`` is set (`_longest_answer`) where the
         task registers none."""
         return list(self._tasks)
+
+    @property
+    def predict_target_lengths(self) -> dict[str, dict[int, int]]:
+        """Task name -> {predict file row: tokens of its target's answer}, for the predict file's rows with a task and
+        a target, measured as a task's own answers are (`_longest_answer`); empty without a predict file or before
+        ``setup("predict")``. They never set a task's generation length: `MALoRAModule` warns of the rows it cannot
+        reach."""
+        return dict(self._predict_target_lengths)
 
     @property
     def train_tasks(self) -> list[Task]:
@@ -330,8 +341,9 @@ class MultiTaskDataModule(LightningDataModule):
                     self._encoded[split] = self._encode_split(split)
             self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
         if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
-            self._predict_prompts = self._encode_prompts(read_prompts(self._predict_source,
-                                                                      [task.name for task in self._tasks]))
+            prompts = read_prompts(self._predict_source, [task.name for task in self._tasks])
+            self._predict_prompts = self._encode_prompts(prompts)
+            self._predict_target_lengths = self._target_lengths(prompts)
 
     def _check_model_max_length(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,
@@ -519,6 +531,16 @@ class MultiTaskDataModule(LightningDataModule):
                 encoded[key] = PackedExamples(examples)
                 self._count_truncation("predict", key, stats)
         return encoded
+
+    def _target_lengths(self, prompts: list[PredictPrompt]) -> dict[str, dict[int, int]]:
+        """`predict_target_lengths` of a predict file's rows, with ``PromptEncoder.answer_lengths`` (end-of-turn
+        token included), as `_longest_answer` measures a task's answers."""
+        scored = [prompt for prompt in prompts if prompt.task is not None and prompt.target is not None]
+        lengths: dict[str, dict[int, int]] = {}
+        answers = self._encoder.answer_lengths([Example(prompt.prompt, prompt.target) for prompt in scored])
+        for prompt, length in zip(scored, answers):
+            lengths.setdefault(prompt.task, {})[prompt.row] = length
+        return lengths
 
     def _count_truncation(self, split: str, name: str, stats: TruncationStats) -> None:
         self.truncation.setdefault(split, {})[name] = stats

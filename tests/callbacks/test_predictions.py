@@ -2,6 +2,7 @@
 answers, also from two processes, and never over a file the user wrote."""
 
 import json
+import warnings
 from collections import Counter
 
 import pytest
@@ -89,6 +90,41 @@ def test_the_users_prompts_get_their_tasks_length_and_check(tiny_model_dir, tmp_
     assert module.lengths == {"add_2digit": measured["add_2digit"], "parity": measured["parity"],
                               None: DEFAULT_MAX_NEW_TOKENS}
     assert list(data.predict_dataloader()) == ["add_2digit", "parity", NO_TASK]
+
+
+@pytest.mark.parametrize(("cap", "parity_rows"), [(None, "2 rows (0, 3)"), (2, "3 rows (0, 2, 3)")])
+def test_a_target_longer_than_its_row_generates_is_named_and_the_tasks_length_kept(tiny_model_dir, tmp_path, cap,
+                                                                                    parity_rows):
+    """A predict file's target needing more tokens than its task generates (its longest validation or test answer,
+    capped by max_new_tokens) was cut short and scored wrong with nothing said. The task's length stays the one it
+    has in every stage; one warning names the file, the tasks, the rows and the lengths."""
+    long_answer = " ".join(["odd"] * 60)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "Is 12 even or odd?", "task": "parity", "target": long_answer},
+        {"prompt": "What is 2 + 2?", "task": "add_2digit", "target": "104"},
+        {"prompt": "Is 7 even or odd?", "task": "parity", "target": "odd"},
+        {"prompt": "Is 9 even or odd?", "task": "parity", "target": long_answer[:100]},
+        {"prompt": "Say it at length", "target": long_answer},  # no task: nothing to score
+    ]))
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT, max_new_tokens=cap)
+    data = make_data(tiny_model_dir, predict_file=str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(tmp_path, module, data)
+    named = [str(w.message) for w in caught if str(path) in str(w.message)]
+    measured = {task.name: task.max_new_tokens for task in data.tasks}
+    budget = measured["parity"] if cap is None else cap
+    assert module.lengths["parity"] == budget  # the task's own length, not the targets'
+    assert len(named) == 1
+    lengths = data.predict_target_lengths
+    assert set(lengths) == {"parity", "add_2digit"} and set(lengths["parity"]) == {0, 2, 3}
+    assert lengths["parity"][0] > measured["parity"] + 1
+    assert f"task 'parity': {parity_rows}, targets of up to {lengths['parity'][0]} tokens, generated with {budget}" \
+        in named[0]
+    assert "max_new_tokens" in named[0]
+    assert ("task 'add_2digit'" in named[0]) == (cap is not None)  # within its length, unless the cap cuts it
+    assert "row 4" not in named[0] and ", 4" not in named[0]
 
 
 @pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])

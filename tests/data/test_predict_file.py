@@ -6,6 +6,7 @@ import pytest
 
 from malora_lightning.data import MultiTaskDataModule, TaskDataError
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
+from malora_lightning.data.tasks import Example
 from tests.helpers import tiny_tokenizer
 
 TASKS = ["add_2digit", "parity"]
@@ -175,3 +176,26 @@ def test_a_target_too_long_to_fit_or_without_a_task_never_stops_the_run(tmp_path
     budget = data.tasks[0].max_new_tokens
     assert len(unpadded(next(iter(loaders["add_2digit"])), 0)) <= 32 - budget  # room for the task's answers instead
     assert next(iter(loaders[NO_TASK])).targets == [long_target]
+
+
+def test_targets_are_measured_as_a_tasks_answers_and_never_set_its_length(tmp_path):
+    """The targets of a predict file's rows with a task are measured as the task's own answers are (end-of-turn token
+    included), for `MALoRAModule` to warn of those its generation cannot reach: they were never measured, and a
+    longer one was scored against an answer cut at the task's length without a word. The task's length stays the one
+    its validation and test answers give, as in the other stages."""
+    reference = make()
+    reference.setup("test")
+    long_target = " ".join(["odd"] * 30)
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [{"prompt": "Is 12 even or odd?", "task": "parity", "target": long_target},
+                         {"prompt": "What is 2 + 2?", "task": "add_2digit"},
+                         {"prompt": "Say it", "target": long_target},
+                         {"prompt": "Is 3 even or odd?", "task": "parity", "target": "odd"}])
+    data = make(path)
+    assert data.predict_target_lengths == {}
+    data.setup("predict")
+    long, short = data.encoder.answer_lengths([Example("Is 12 even or odd?", long_target),
+                                               Example("Is 3 even or odd?", "odd")])
+    assert data.predict_target_lengths == {"parity": {0: long, 3: short}}  # only rows with a task and a target
+    assert [task.max_new_tokens for task in data.tasks] == [task.max_new_tokens for task in reference.tasks]
+    assert long > data.tasks[1].max_new_tokens >= short
