@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from malora_lightning.offline_models import same_model
+from malora_lightning.offline_models import relative_record_note, same_model
 
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
 ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
@@ -133,7 +133,8 @@ def check_checkpoint_settings(stored: Mapping[str, Any], settings: Mapping[str, 
     if "model_name_or_path" in stored and "model_name_or_path" in settings \
             and not same_model(stored["model_name_or_path"], settings["model_name_or_path"]):
         conflicts.append(f"model.model_name_or_path: checkpoint {stored['model_name_or_path']!r}, this run "
-                         f"{settings['model_name_or_path']!r}")
+                         f"{settings['model_name_or_path']!r}"
+                         + relative_record_note(stored["model_name_or_path"], settings["model_name_or_path"]))
     conflicts += adapter_conflicts(stored_adapter, adapter, ADAPTER_SHAPE_FIELDS, prefix="model.adapter.")
     trained = adapter_conflicts(stored_adapter, adapter, training_fields, prefix="model.adapter.")
     if conflicts or trained:

@@ -68,7 +68,12 @@ from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
-from malora_lightning.offline_models import resolve_model_path, same_model
+from malora_lightning.offline_models import (
+    recorded_model_name,
+    relative_record_note,
+    resolve_model_path,
+    same_model,
+)
 from malora_lightning.optim import (
     SCHEDULES,
     AdapterSchedule,
@@ -104,9 +109,10 @@ def compile_mode(setting: bool | str) -> str | None:
 
 @dataclass(frozen=True)
 class ModuleSettings:
-    """The settings `MALoRAModule.__init__` received (its adapter is `MALoRAModule.adapter_config`). The module runs
-    on these, not on `hparams`: those record how to rebuild the object, by a subclass's own arguments, which may fix
-    some of ours or change one before passing it on. A checkpoint stores them as they ran (`SETTINGS_KEY`)."""
+    """The settings `MALoRAModule.__init__` received (its adapter is `MALoRAModule.adapter_config`; a local base
+    folder by its absolute path, `recorded_model_name`). The module runs on these, not on `hparams`: those record how
+    to rebuild the object, by a subclass's own arguments, which may fix some of ours or change one before passing it
+    on. A checkpoint stores them as they ran (`SETTINGS_KEY`)."""
 
     model_name_or_path: str
     quantization: Quantization | None
@@ -183,7 +189,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     """Fine-tune a causal LM's adapters on a multi-task mixture.
 
     Args:
-        model_name_or_path: local folder, hub id, or offline model ("offline:SmolLM2-135M-Instruct").
+        model_name_or_path: local folder, hub id, or offline model ("offline:SmolLM2-135M-Instruct"). A folder given
+            by a relative path is recorded (checkpoints, the exported adapter folder) by its absolute path, so that
+            they load from any directory.
         quantization: bitsandbytes quantization of the frozen base: "nf4", "fp4", "int8" or None.
         compute_dtype: dtype the 4-bit layers compute in; "auto" picks bfloat16 where the device runs bf16 fast
             (CUDA, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (far faster on plain AVX2 CPUs: BENCHMARKS.md).
@@ -239,6 +247,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                          "max-autotune-no-cudagraphs"] = False,
     ) -> None:
         arguments = dict(locals())
+        # the base as checkpoints and the exported adapter folder record it: usable from any directory
+        arguments["model_name_or_path"] = recorded_model_name(model_name_or_path)
         super().__init__()
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
@@ -257,6 +267,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                                              if name not in ("self", "__class__")}))
         if "adapter" in recorded:
             recorded["adapter"] = self.adapter_config.to_dict()  # an adapter_path folder's, when there is one
+        if isinstance(recorded.get("model_name_or_path"), str):  # ours, or a subclass's own argument of that name
+            recorded["model_name_or_path"] = recorded_model_name(recorded["model_name_or_path"])
         self.save_hyperparameters(recorded)
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None
@@ -270,8 +282,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         folder = read_adapter_folder(adapter_path)
         if folder.base_model is not None and not same_model(folder.base_model, model_name_or_path):
             raise ValueError(f"adapter_path {adapter_path} holds adapters for base model {folder.base_model!r}, but "
-                             f"model_name_or_path is {model_name_or_path!r}: set model_name_or_path to the folder's "
-                             "base (or pass an adapter trained on this one)")
+                             f"model_name_or_path is {model_name_or_path!r}"
+                             f"{relative_record_note(folder.base_model, model_name_or_path)}: set model_name_or_path "
+                             "to the folder's base (or pass an adapter trained on this one)")
         differing = [name for name, value in folder.config.to_dict().items()
                      if value != getattr(self.adapter_config, name)]
         if differing:

@@ -58,6 +58,33 @@ def same_model(first: str, second: str) -> bool:
     return first == second or location(first) == location(second)
 
 
+def recorded_model_name(name_or_path: str) -> str:
+    """The base as a run records it to load it again (checkpoint settings, an adapter folder's
+    `base_model_name_or_path`): a local folder given by a relative path as its absolute path, since the relative one
+    names it only from the directory the run started in; anything else (an absolute path, a hub id, an offline model)
+    as given. A name that is a folder here is that folder, as transformers loads it."""
+    if name_or_path.startswith(OFFLINE_PREFIX) or Path(name_or_path).is_absolute() or not Path(name_or_path).is_dir():
+        return name_or_path
+    return os.path.abspath(name_or_path)
+
+
+def relative_record_note(recorded: str, given: str) -> str:
+    """A note for refusing `recorded` (the base a checkpoint or an adapter folder names) as not the run's folder
+    `given`: records written before `recorded_model_name` hold a local folder's path as typed, which names it only from
+    the directory their run started in. When `recorded` is a relative path that names nothing from here, the note says
+    so, and names that directory where `given` ends in `recorded`; else ""."""
+    path = Path(recorded)
+    if recorded.startswith(OFFLINE_PREFIX) or path.is_absolute() or path.exists() or not Path(given).is_dir():
+        return ""
+    folder = Path(os.path.abspath(given))
+    start = ""
+    if len(folder.parts) > len(path.parts) and folder.parts[-len(path.parts):] == path.parts:
+        start = f", {Path(*folder.parts[:-len(path.parts)])}, where it names {folder}"
+    return (f" ({recorded!r} names no folder from the current directory {os.getcwd()}: a record written before "
+            "malora_lightning recorded local folders by absolute path holds a folder's path as typed, relative to the "
+            f"directory its run started in; if so, run from that directory{start})")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id `from_pretrained` accepts; `offline:<name>` is converted on first use and cached."""
     if not name_or_path.startswith(OFFLINE_PREFIX):

@@ -2,6 +2,8 @@
 the run's config and flags; a checkpoint that disagrees on the base or the adapter's shape is refused by name."""
 
 import json
+import shutil
+from pathlib import Path
 
 import lightning
 import pytest
@@ -14,7 +16,8 @@ from malora_lightning.adapters import (
     read_adapter_folder,
     save_adapters,
 )
-from malora_lightning.checkpoints import read_checkpoint, stored_settings
+from malora_lightning.adapters.io import load_adapted_model
+from malora_lightning.checkpoints import SETTINGS_KEY, read_checkpoint, stored_settings
 from malora_lightning.cli import MALoRACLI, main
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
@@ -23,6 +26,7 @@ from tests.test_module import make_data, make_module, make_trainer
 from tests.helpers import tiny_model, tiny_tokenizer
 
 MARKER = "remote-code-ran.txt"
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "default.yaml")  # from any current directory
 
 
 @pytest.fixture
@@ -81,6 +85,34 @@ def test_ckpt_path_last_is_checked_like_a_file(tiny_model_dir, tmp_path):
                                          r"this run 3"):
         main(["test", *flags, f"--model.model_name_or_path={tiny_model_dir}", "--model.adapter.rank=3",
               "--ckpt_path=last"])
+
+
+def test_a_base_given_by_a_relative_path_is_recorded_for_use_from_any_directory(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A fit given `--model.model_name_or_path=tiny` (a folder in its directory) recorded 'tiny' in its checkpoints and
+    its adapter folder: from any other directory the adapter folder did not load, and the checkpoint and the folder
+    were refused for the same base named by its absolute path. config.yaml keeps what the user typed."""
+    (tmp_path / "start").mkdir()
+    base = tmp_path / "start" / "tiny"
+    shutil.copytree(tiny_model_dir, base)
+    flags = ["--config", RECIPE, "--model.quantization=null", "--model.adapter.rank=2", "--model.adapter.shared_rank=4",
+             "--model.adapter.num_experts=4", "--data.tasks=[parity]", "--data.max_train_examples_per_task=8",
+             "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", "--trainer.logger=false",
+             f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    monkeypatch.chdir(tmp_path / "start")
+    main(["fit", *flags, "--model.model_name_or_path=tiny", "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    checkpoint, adapter = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "adapter"
+    stored = read_checkpoint(checkpoint)
+    assert stored["hyper_parameters"]["model_name_or_path"] == stored[SETTINGS_KEY]["model_name_or_path"] == str(base)
+    assert read_adapter_folder(adapter).base_model == str(base)
+    assert "model_name_or_path: tiny\n" in (tmp_path / "run" / "config.yaml").read_text()
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(["test", *flags, f"--model.model_name_or_path={base}", f"--ckpt_path={checkpoint}"])
+    main(["validate", *flags, f"--model.model_name_or_path={base}", f"--model.adapter_path={adapter}"])
+    assert MALoRAModule.load_from_checkpoint(checkpoint).settings.model_name_or_path == str(base)
+    assert len(adapter_state_dict(load_adapted_model(adapter))) == len(stored["state_dict"])
 
 
 def test_load_from_checkpoint_ignores_a_stored_trust_remote_code(code_folder, tmp_path):
@@ -198,6 +230,30 @@ def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="checkpoint 'offline:Retired-1B', this run 'mine'"):  # not "unknown offline"
         check_checkpoint_settings({"model_name_or_path": "offline:Retired-1B"}, {"model_name_or_path": "mine"},
                                   adapter, "x.ckpt")
+
+
+def test_a_checkpoint_that_recorded_a_relative_base_path_says_where_it_resolves(tmp_path, monkeypatch):
+    """Checkpoints written before local folders were recorded by absolute path hold the path as typed: it is the
+    run's base from the directory it names that folder in; from another directory the refusal says so, and where."""
+    from malora_lightning.checkpoints import check_checkpoint_settings
+
+    (tmp_path / "start" / "tiny").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    given, adapter = {"model_name_or_path": str(tmp_path / "start" / "tiny")}, AdapterConfig()
+    monkeypatch.chdir(tmp_path / "start")
+    assert check_checkpoint_settings({"model_name_or_path": "tiny"}, given, adapter, "x.ckpt") == []
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=rf"checkpoint 'tiny', this run '.*tiny' \('tiny' names no folder from the "
+                                         rf"current directory {tmp_path / 'elsewhere'}: .*relative to the directory "
+                                         rf"its run started in; if so, run from that directory, {tmp_path / 'start'}, "
+                                         rf"where it names {tmp_path / 'start' / 'tiny'}\)"):
+        check_checkpoint_settings({"model_name_or_path": "tiny"}, given, adapter, "x.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint 'other/tiny', this run '.*tiny' \('other/tiny' names no folder "
+                                         r".*; if so, run from that directory\)"):
+        check_checkpoint_settings({"model_name_or_path": "other/tiny"}, given, adapter, "x.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint 'org/model', this run 'org/other'\. Settings"):  # hub ids
+        check_checkpoint_settings({"model_name_or_path": "org/model"}, {"model_name_or_path": "org/other"}, adapter,
+                                  "x.ckpt")
 
 
 @pytest.fixture

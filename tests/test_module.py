@@ -408,6 +408,32 @@ def test_an_adapter_folder_is_evaluated_with_its_own_settings_and_must_name_the_
         assert make_module(spelling, adapter_path=str(tmp_path / "adapter")).adapter_config == module.adapter_config
 
 
+def test_a_relative_base_path_is_recorded_absolute_and_an_older_folders_one_says_where_it_resolves(tiny_model_dir,
+                                                                                                      tmp_path,
+                                                                                                      monkeypatch):
+    """The module records (settings, hyperparameters) a local base given by a relative path as its absolute path. A
+    folder saved before that names its base as typed: the same base from the directory it names it in; from another
+    the refusal says so, and where."""
+    from malora_lightning.adapters import inject_adapters, save_adapters
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    base = tmp_path / "start" / "tiny"
+    base.symlink_to(tiny_model_dir)
+    save_adapters(inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2)), tmp_path / "adapter",
+                  base_model="tiny")  # a name here, not a folder: kept as given
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"
+    monkeypatch.chdir(tmp_path / "start")
+    module = make_module("tiny", adapter_path=str(tmp_path / "adapter"))
+    assert module.settings.model_name_or_path == module.hparams.model_name_or_path == str(base)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=rf"holds adapters for base model 'tiny', but model_name_or_path is "
+                                         rf"'{base}' \('tiny' names no folder from the current directory .*; if so, "
+                                         rf"run from that directory, {tmp_path / 'start'}, where it names {base}\)"):
+        make_module(base, adapter_path=str(tmp_path / "adapter"))
+
+
 def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_model_dir, tmp_path):
     """Recompute the parity decisions by scoring each choice's tokens by hand."""
     module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"])

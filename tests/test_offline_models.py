@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from malora_lightning import offline_models
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters, load_base_model
 from malora_lightning.atomic import default_mode
-from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.offline_models import recorded_model_name, resolve_model_path
 from tests.helpers import tiny_model, tiny_tokenizer
 
 SMOLLM2 = "offline:SmolLM2-135M-Instruct"
@@ -25,6 +25,18 @@ def test_unknown_offline_model_lists_the_known_ones():
 
 def test_other_names_pass_through():
     assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_a_relative_local_folder_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """What a run records to load its base again (checkpoint, adapter folder) must not depend on the directory it
+    started in; hub ids and offline names are not folders and stay as given."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "models")
+    assert recorded_model_name("tiny") == recorded_model_name("./tiny") == str(tmp_path / "models" / "tiny")
+    assert recorded_model_name("../models/tiny") == str(tmp_path / "models" / "tiny")
+    assert recorded_model_name(str(tmp_path / "models" / "tiny")) == str(tmp_path / "models" / "tiny")
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2, "missing-folder"):
+        assert recorded_model_name(name) == name
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):

@@ -45,6 +45,7 @@ from malora_lightning.adapters.quantization import (
     load_base_model,
 )
 from malora_lightning.hardware import resolve_compute_dtype
+from malora_lightning.offline_models import recorded_model_name
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
@@ -426,7 +427,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
                   sharded_root: nn.Module | None = None) -> Path:
     """Write the adapters of `model` into the folder `path` in PEFT's format, with a model card.
 
-    `base_model` is recorded as `base_model_name_or_path` (default: the name the base was loaded under);
+    `base_model` is recorded as `base_model_name_or_path` (default: the name the base was loaded under), a local
+    folder by its absolute path (`recorded_model_name`);
     `task_scores` (task -> accuracy, e.g. the final validation of a fit) go into the model card, and so does `origin`,
     a sentence saying where adapters that were not trained as they are come from (`malora-task-export`).
 
@@ -446,6 +448,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     if not write:
         return path
     base = base_model if base_model is not None else base_model_name(model)
+    base = None if base is None else recorded_model_name(base)
     quantization = base_quantization(model)
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or "",

@@ -15,15 +15,16 @@ from torch import nn
 
 from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing, import_bitsandbytes
 from malora_lightning.dtypes import dtypes_named
-from malora_lightning.offline_models import resolve_model_path
+from malora_lightning.offline_models import recorded_model_name, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = get_args(Quantization)
 FOUR_BIT_MODES: tuple[str, ...] = ("nf4", "fp4")  # those with a compute dtype and a packed storage dtype
-# the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder): what an adapter folder
-# records as its base, rather than the resolved cache path transformers keeps in `name_or_path`
+# the name `load_base_model` was given ("offline:SmolLM2-135M-Instruct", a hub id, a folder by its absolute path:
+# `recorded_model_name`): what an adapter folder records as its base, rather than the resolved cache path
+# transformers keeps in `name_or_path`
 BASE_NAME_ATTRIBUTE = "malora_base_model"
 # the dtype settings' names: compute_dtype and dtype, and quant_storage (packed 4-bit bytes too)
 DtypeName = Literal["bfloat16", "float16", "float32"]
@@ -189,7 +190,7 @@ def load_base_model(
         raise ValueError(f"model {name_or_path!r} needs model code of its own (its config names it in auto_map), "
                          "which runs only with trust_remote_code=True (the CLI: --model.trust_remote_code true); "
                          "set it only for code you trust") from error
-    setattr(model, BASE_NAME_ATTRIBUTE, name_or_path)
+    setattr(model, BASE_NAME_ATTRIBUTE, recorded_model_name(name_or_path))  # now, while a relative path names it
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
         prepare_for_adapter_training(model, upcast=quantization is not None, enable_input_grads=input_grads)

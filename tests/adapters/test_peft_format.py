@@ -247,6 +247,28 @@ def test_load_adapted_model_rebuilds_the_quantized_base_as_it_was_trained(tmp_pa
         torch.testing.assert_close(loaded(IDS).logits, module.model.eval()(IDS).logits, rtol=0, atol=0)
 
 
+def test_a_base_loaded_by_a_relative_path_is_recorded_for_loading_from_any_directory(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """The folder recorded the base as typed ('tiny'): from any other directory load_adapted_model failed, 'could not
+    load model 'tiny''. A hub id is no folder here, and stays as given."""
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "start" / "tiny").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tmp_path / "start")
+    model = randomised(inject_adapters(load_base_model("tiny"), AdapterConfig(method="lora", rank=2)))
+    save_adapters(model, tmp_path / "a")
+    save_adapters(model, tmp_path / "named", base_model="./tiny")
+    save_adapters(model, tmp_path / "hub", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert read_adapter_folder(tmp_path / "a").base_model == read_adapter_folder(tmp_path / "named").base_model \
+        == str(tmp_path / "start" / "tiny")
+    assert read_adapter_folder(tmp_path / "hub").base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_adapted_model(tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model.eval()(IDS).logits, rtol=0, atol=0)
+
+
 def test_load_adapted_model_names_a_missing_or_wrong_base(tmp_path, tiny_model_dir):
     save_adapters(lora_model(), tmp_path / "a")  # a model built from a config: no base name to record
     with pytest.raises(ValueError, match=r"does not name its base model .* pass base_model="):
