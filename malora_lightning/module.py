@@ -247,6 +247,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                          "max-autotune-no-cudagraphs"] = False,
     ) -> None:
         arguments = dict(locals())
+        if not isinstance(model_name_or_path, str) or not model_name_or_path:
+            raise ValueError(f"MALoRAModule model_name_or_path={model_name_or_path!r} is invalid: expected a local "
+                             "folder, a hub id or an offline model ('offline:SmolLM2-135M-Instruct')")
         # the base as checkpoints and the exported adapter folder record it: usable from any directory
         arguments["model_name_or_path"] = recorded_model_name(model_name_or_path)
         super().__init__()

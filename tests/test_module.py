@@ -107,6 +107,9 @@ def test_an_unbounded_run_trains_at_a_constant_rate_and_refuses_a_schedule_that_
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
+    ({"model_name_or_path": None}, "model_name_or_path=None is invalid: expected a local folder, a hub id or an "
+                                   "offline model"),
+    ({"model_name_or_path": ""}, "model_name_or_path='' is invalid"),
     ({"learning_rate": -1e-4}, "learning_rate=-0.0001 is invalid: expected a finite number >= 0"),
     ({"learning_rate": math.inf}, "learning_rate=inf is invalid"),
     ({"weight_decay": -0.1}, "weight_decay=-0.1 is invalid: expected a finite number >= 0"),
