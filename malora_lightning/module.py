@@ -288,11 +288,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              f"model_name_or_path is {model_name_or_path!r}"
                              f"{relative_record_note(folder.base_model, model_name_or_path)}: set model_name_or_path "
                              "to the folder's base (or pass an adapter trained on this one)")
-        differing = [name for name, value in folder.config.to_dict().items()
-                     if value != getattr(self.adapter_config, name)]
-        if differing:
-            logger.info("adapter_path %s: its adapter settings apply (%s differ from the adapter given)", adapter_path,
-                        ", ".join(differing))
+        differing = [f"{name}: folder {value!r}, given {getattr(self.adapter_config, name)!r}"
+                     for name, value in folder.config.to_dict().items() if value != getattr(self.adapter_config, name)]
+        if differing:  # as PEFT's from_pretrained takes a folder's config, whatever the run's recipe says
+            logger.info("adapter_path %s: the folder's adapter settings apply, not the model.adapter given (%s)",
+                        adapter_path, "; ".join(differing))
         return folder.config
 
     @classmethod

@@ -3,6 +3,7 @@
 import dataclasses
 import gc
 import json
+import logging
 import math
 import re
 import unittest.mock
@@ -393,11 +394,17 @@ def test_an_adapter_folder_loaded_on_a_base_quantized_otherwise_says_so(tiny_mod
         make_module(tiny_model_dir, adapter_path=str(tmp_path / "adapter")).configure_model()  # as trained: silent
 
 
-def test_an_adapter_folder_is_evaluated_with_its_own_settings_and_must_name_the_same_base(tiny_model_dir, tmp_path):
+def test_an_adapter_folder_is_evaluated_with_its_own_settings_and_must_name_the_same_base(tiny_model_dir, tmp_path,
+                                                                                          caplog):
     module = make_module(tiny_model_dir)
     make_trainer(tmp_path, max_steps=2).fit(module, make_data(tiny_model_dir))
-    lora = make_module(tiny_model_dir, adapter=AdapterConfig(method="lora"), adapter_path=str(tmp_path / "adapter"))
+    with caplog.at_level(logging.INFO, logger="malora_lightning"):
+        lora = make_module(tiny_model_dir, adapter=AdapterConfig(method="lora", dropout=0.3),
+                           adapter_path=str(tmp_path / "adapter"))
     assert lora.adapter_config == module.adapter_config and lora.hparams.adapter == module.adapter_config.to_dict()
+    # the recipe's adapter settings that the folder's replace are named, with both values (they were not shown)
+    assert re.search(r"the folder's adapter settings apply, not the model.adapter given \(method: folder 'malora', "
+                     r"given 'lora'; .*dropout: folder 0.1, given 0.3", caplog.text)
     lora.configure_model()
     module.model.eval()
     ids = torch.randint(3, 200, (2, 10))
