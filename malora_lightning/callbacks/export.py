@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from malora_lightning.adapters import adapter_state_dict, save_adapters
-from malora_lightning.adapters.io import check_writable_adapter_folder
+from malora_lightning.adapters.io import WEIGHTS_NAME, check_writable_adapter_folder
 from malora_lightning.adapters.model import trained_tensor_names
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.run_paths import refuse_on_every_rank, run_directory
@@ -63,6 +63,10 @@ class AdapterExport(Callback):
                     "MALoRAModule(export_adapters=False)") from error
 
         refuse_on_every_rank(trainer, check)
+        if trainer.ckpt_path is None and (folder / WEIGHTS_NAME).is_file():
+            rank_zero_warn(f"{folder} holds the adapters an earlier fit exported, which this fit replaces when it ends, "
+                           "beside that fit's checkpoints and run files in the same folder: give each run a folder "
+                           "of its own (a logger versions them) to keep both apart")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every rank takes part (gathering sharded adapters is collective); rank zero writes

@@ -316,12 +316,16 @@ def test_a_file_the_callbacks_did_not_write_is_refused_before_any_work(tiny_mode
     assert trainer.global_step == 0 and metrics.history == []  # refused before training or evaluating
 
 
-def test_a_rerun_in_the_same_folder_replaces_the_files_it_wrote(tiny_model_dir, tmp_path):
+def test_a_rerun_in_the_same_folder_replaces_the_files_it_wrote_and_says_so(tiny_model_dir, tmp_path):
     written = {}
     for steps in (1, 2):
         trainer = make_trainer(tmp_path, max_steps=steps, limit_val_batches=None, val_check_interval=1,
                                callbacks=[PerTaskMetrics(), SeesawTracker(), RoutingStats()])
-        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+        replaced = [str(w.message) for w in caught if "holds the adapters an earlier fit exported" in str(w.message)]
+        assert len(replaced) == (steps - 1)  # the second fit's outputs mixed with the first's without a word
         names = ("seesaw.json", "routing_val.json", "plots/task_accuracy.png", "plots/expert_load_val.png")
         written[steps] = {name: (tmp_path / name).read_bytes() for name in names}
     assert json.loads(written[2]["routing_val.json"])["step"] == 2
