@@ -135,7 +135,8 @@ class CheckedSaveConfigCallback(SaveConfigCallback):
 
 
 class MALoRACLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the model (a recipe names the model once) and default callbacks."""
+    """LightningCLI with the tokenizer the model's unless a recipe names another (a recipe names the model once),
+    `trust_remote_code` linked to the model's, and default callbacks."""
 
     def init_parser(self, **kwargs: Any):
         # no prefix matching: `--trainer.max_step=10` must be an error, not `--trainer.max_steps=10`
@@ -143,14 +144,22 @@ class MALoRACLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        # a subclass that fixes its base model (or a data module without a tokenizer argument) has nothing to link
-        for source, target in (("model.model_name_or_path", "data.tokenizer"),
-                               ("model.trust_remote_code", "data.trust_remote_code")):
-            if _has_argument(parser, source) and _has_argument(parser, target):
-                parser.link_arguments(source, target)
+        # a subclass that fixes its base model (or a data module without that argument) has nothing to link
+        if _has_argument(parser, "model.trust_remote_code") and _has_argument(parser, "data.trust_remote_code"):
+            parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
+
+    def before_instantiate_classes(self) -> None:
+        """`data.tokenizer` left unset is the model's (`model.model_name_or_path`). Not a jsonargparse link: a link's
+        target cannot be given, so a recipe's own tokenizer was dropped in silence (and a flag refused with a
+        type error); `MALoRAModule` checks that the tokenizer's vocabulary fits the model's embeddings."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data, model = config.get("data"), config.get("model")
+        if data is not None and model is not None and "tokenizer" in data and data.tokenizer is None \
+                and "model_name_or_path" in model:
+            data.tokenizer = model.model_name_or_path
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -360,6 +360,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if self.model is None:
             self.model = self.build_model()
             self._check_context_length()
+            self._check_vocabulary()
             strategy = self.trainer.strategy if self._trainer is not None else None
             if isinstance(strategy, ModelParallelStrategy):
                 self.shard_model()
@@ -384,6 +385,18 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                            f"{self.settings.model_name_or_path}): a sequence longer than {context} tokens gets "
                            "positions the model was not trained on (a model with learned position embeddings, such "
                            f"as GPT-2, stops with an index error); set data max_length to at most {context}")
+
+    def _check_vocabulary(self) -> None:
+        """Refuse a data module's tokenizer with more tokens than the base model has embeddings (one not the model's:
+        the CLI's `data.tokenizer`, or the API's): its higher ids would fail inside the embedding lookup with an index
+        error that names neither."""
+        tokenizer = getattr(self._datamodule, "tokenizer", None)
+        embeddings = self.model.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)
+        if tokenizer is not None and is_int(rows) and len(tokenizer) > rows:
+            raise ValueError(f"the data module's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has "
+                             f"{len(tokenizer)} tokens and the base model {self.settings.model_name_or_path!r} embeds "
+                             f"{rows}: give data.tokenizer the model's own tokenizer (leave it unset in the CLI)")
 
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.

@@ -58,7 +58,16 @@ def test_every_recipe_parses(run):
     config = cli.config
     assert config.model.model_name_or_path
     assert config.model.adapter.method in ("lora", "molora", "malora")
-    assert config.data.tokenizer == config.model.model_name_or_path  # linked: the recipe names the model once
+    assert config.data.tokenizer == config.model.model_name_or_path  # unset: the model's (a recipe names it once)
+
+
+def test_a_tokenizer_given_in_a_recipe_or_a_flag_is_the_one_used(tmp_path):
+    """data.tokenizer was the target of a link from the model: a recipe's own was dropped without a word, and the
+    flag failed with "str | None is not callable"."""
+    recipe = tmp_path / "tokenizer.yaml"
+    recipe.write_text("data:\n  tokenizer: my-tokenizer\n")
+    assert parse(["--config", "recipes/default.yaml", "--config", str(recipe)]).config.data.tokenizer == "my-tokenizer"
+    assert parse(["--config", "recipes/default.yaml", "--data.tokenizer=other"]).config.data.tokenizer == "other"
 
 
 def flat(tree, prefix: str = "") -> dict:

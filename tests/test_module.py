@@ -35,7 +35,7 @@ from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameter
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
-from tests.helpers import SYNCING_OPS, OpRecorder, tiny_model, tiny_tokenizer
+from tests.helpers import SYNCING_OPS, OpRecorder, tiny_config, tiny_model, tiny_tokenizer
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -276,6 +276,15 @@ def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tm
     with pytest.warns(UserWarning, match=r"data max_length=256 exceeds the base model's context of 128 tokens \(max_position_embeddings=128;"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir),
                                                 datamodule=make_data(tiny_model_dir, max_length=256))
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_embeds_is_refused_naming_both(tiny_model_dir, tmp_path):
+    """A data.tokenizer other than the model's (the CLI takes one now) failed inside the embedding lookup."""
+    small = tmp_path / "small-vocab"
+    transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=200)).save_pretrained(small)
+    with pytest.raises(ValueError, match=rf"the data module's tokenizer .* has 261 tokens and the base model "
+                                         rf"'{small}' embeds 200: give data.tokenizer the model's own tokenizer"):
+        make_trainer(tmp_path, limit_val_batches=1).validate(make_module(small), make_data(tiny_model_dir))
 
 
 def test_a_multimodal_base_is_checked_against_its_text_context(tmp_path):

@@ -111,7 +111,8 @@ class MultiTaskDataModule(LightningDataModule):
         tasks: Registered task names to train and evaluate on (default: the built-in offline suite).
         eval_tasks: Task names only evaluated, e.g. ``gsm8k`` after training on ``metamathqa``.
         task_specs: Extra tasks defined inline (see ``task_from_spec``); list their names in ``tasks``/``eval_tasks``.
-        tokenizer: Tokenizer name or path (usually the model's); loaded in ``setup`` by ``load_tokenizer``.
+        tokenizer: Tokenizer name or path (usually the model's: the CLI's default when unset); loaded in ``setup``
+            by ``load_tokenizer``. `MALoRAModule` refuses one with more tokens than the model embeds.
         max_length: Longest sequence in tokens; prompts lose tokens from the left of their own text to fit (the
             chat template's turns and headers, or the plain format's BOS and ``\\nAnswer:``, stay), targets never.
             Warned of when above the tokenizer's ``model_max_length`` (and by `MALoRAModule` when above the base
@@ -278,15 +279,15 @@ class MultiTaskDataModule(LightningDataModule):
         if self.tokenizer_object is not None:
             return self.tokenizer_object
         if self.tokenizer_name is None:
-            raise ValueError("MultiTaskDataModule needs a tokenizer: pass tokenizer=<name or path> (the CLI links it "
-                             "to the model) or set tokenizer_object before setup")
+            raise ValueError("MultiTaskDataModule needs a tokenizer: pass tokenizer=<name or path> (the CLI's default "
+                             "is the model's) or set tokenizer_object before setup")
         path = resolve_model_path(self.tokenizer_name)
         try:
             # explicit: left unset, transformers asks on stdin whether to run a folder's own tokenizer code
             return AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
         except (OSError, ValueError) as error:
             raise OSError(f"could not load the tokenizer {self.tokenizer_name!r} (resolved to {path!r}): {error}. "
-                          "MultiTaskDataModule.tokenizer (linked to model.model_name_or_path in the CLI) must be a "
+                          "MultiTaskDataModule.tokenizer (in the CLI model.model_name_or_path unless set) must be a "
                           "local folder with tokenizer files, a cached hub id, or an offline model like "
                           "'offline:SmolLM2-135M-Instruct'") from error
 
