@@ -3,7 +3,8 @@
 One row per prompt, in JSON lines, a JSON array of objects or CSV (read by ``FileSource``, so text stays text):
 ``prompt`` (required), ``task`` (optional: a task of the data module, whose generation length and answer check the
 prompt gets) and ``target`` (optional: the reference answer, for ``correct`` in the predictions). Other fields are
-ignored.
+ignored; one that looks meant as ``task`` or ``target`` (``Task``, ``answer``) is warned of, since ignoring it
+leaves ``correct`` null without a word.
 
 A row is a data row as ``FileSource`` reads it, numbered from 0 like task rows in errors: a JSON lines file's
 non-blank lines in order (blank lines are not rows), a JSON array's items by index, a CSV file's records after the
@@ -15,12 +16,17 @@ reader's own errors about unparsable text name ``line`` or ``item`` numbers coun
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from malora_lightning.data.tasks import NON_FINITE, FileSource, TaskDataError, is_non_finite
 
 PREDICT_FIELDS = ("prompt", "task", "target")
+# field names other files give the reference answer; read as none of ours, named in a warning when there is no target
+TARGET_LOOKALIKES = ("answer", "label", "output", "response", "completion", "gold", "reference")
+
+logger = logging.getLogger(__name__)
 # the dataloader of a predict file's prompts without a task; not a valid task name, so it cannot clash with one
 NO_TASK = "<no task>"
 
@@ -78,4 +84,19 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
             raise TaskDataError(f"predict_file {path}, row {index}: field 'task' names unknown task "
                                 f"{values['task']!r}; valid: {', '.join(tasks)}, or no task (empty)")
         prompts.append(PredictPrompt(row=index, **values))
+    _warn_of_lookalike_fields(path, {name for row in rows for name in row})
     return prompts
+
+
+def _warn_of_lookalike_fields(path: str, fields: set[str]) -> None:
+    """Name the fields that look meant as ours but are read as none: a predict field in another case (``Task``) where
+    the file has no such field, or a common name of the reference answer (`TARGET_LOOKALIKES`) where it has no
+    ``target``."""
+    meant = {name: name.lower() for name in fields if name.lower() in PREDICT_FIELDS and name.lower() not in fields}
+    if "target" not in fields:
+        meant |= {name: "target" for name in fields if name.lower() in TARGET_LOOKALIKES}
+    if meant:
+        named = ", ".join(f"field {name!r} (meant as {ours!r}?)" for name, ours in sorted(meant.items()))
+        logger.warning("predict_file %s: %s not read: a row's fields are read by their exact names (%s) and others "
+                       "are ignored, so a row without 'task' gets no answer check and one without 'target' "
+                       "correct=null; rename them", path, named, ", ".join(map(repr, PREDICT_FIELDS)))

@@ -1,6 +1,7 @@
 """A predict file: the user's prompts are read like task files, checked row by row, and rendered like task prompts."""
 
 import json
+import logging
 
 import pytest
 
@@ -126,6 +127,23 @@ def test_a_number_in_a_predict_file_is_its_text_as_written(tmp_path):
     path.write_text('{"prompt": "12 + 30 =", "task": "add_2digit", "target": 42}\n'
                     '{"prompt": "cost?", "target": 2.50}\n')
     assert [prompt.target for prompt in read_prompts(predict_source(str(path)), TASKS)] == ["42", "2.50"]
+
+
+@pytest.mark.parametrize("header,named", [
+    ("prompt,Task,answer", ["field 'Task' (meant as 'task'?), field 'answer' (meant as 'target'?) not read"]),
+    ("prompt,task,TARGET", ["field 'TARGET' (meant as 'target'?) not read"]),
+    ("prompt,task,target,id,label,Task", []),  # beside the fields themselves they are the user's own data
+])
+def test_fields_that_look_meant_as_task_or_target_are_named(tmp_path, caplog, header, named):
+    """A "Task" or "answer" column was ignored without a word: every row's correct came out null."""
+    path = tmp_path / "prompts.csv"
+    path.write_text(f"{header}\n" + ",".join(["12 + 30 ="] + ["add_2digit"] * (header.count(",") - 1) + ["42"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="malora_lightning"):
+        read_prompts(predict_source(str(path)), TASKS)
+    warned = [record.getMessage() for record in caplog.records if "not read" in record.getMessage()]
+    assert len(warned) == len(named)
+    for message, pattern in zip(warned, named):
+        assert pattern in message and "read by their exact names ('prompt', 'task', 'target')" in message
 
 
 def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
