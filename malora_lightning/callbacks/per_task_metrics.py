@@ -146,9 +146,24 @@ class PerTaskMetrics(Callback):
             if correct is not None:
                 meters.accuracy.update(correct[index].float())
 
+    def _same_meters_on_every_rank(self, pl_module: L.LightningModule) -> None:
+        """Give every rank the meters of every task any rank scored, in one order, before they synchronise one by
+        one. The data module's tasks make them alike (`_reset`); without one (dataloaders given to the trainer) a
+        rank makes a task's meters when it scores an example of it, and a task with fewer examples than ranks is
+        only padding on some: their collectives paired other tasks' meters (wrong figures), then hung."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                or torch.distributed.get_world_size() == 1:
+            return
+        names: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(names, list(self._meters))
+        meters = self._meters
+        self._meters = {name: meters[name] if name in meters else _TaskMeters().to(pl_module.device)
+                        for name in dict.fromkeys(name for rank_names in names for name in rank_names)}
+
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
                                 during_fit=trainer.state.fn == TrainerFn.FITTING)
+        self._same_meters_on_every_rank(pl_module)
         for name, meters in self._meters.items():
             # compute() synchronises across ranks, so every rank computes every meter, even an empty one (a task
             # with no example in this pass, or on this rank; the accuracy of a task scored by loss alone), for which

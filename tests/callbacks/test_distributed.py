@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from malora_lightning.adapters import AdapterConfig
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
+from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.callbacks.test_per_task_metrics import HandBuiltPredictions, expected_metrics, trainer_for
 from tests.helpers import SpawnDDPStrategy
@@ -57,8 +59,25 @@ def test_metrics_and_routing_agree_between_one_and_two_processes(tiny_model_dir,
         assert other["entropy"] == pytest.approx(layer["entropy"], rel=1e-5), name
 
 
+class WithAOneExampleTask(HandBuiltPredictions):
+    """Adds a task "solo" of one example, whose copy on the second rank is padding that the step leaves out (as
+    `counted_rows` does): that rank never scores the task, and without a data module makes no meters for it."""
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return {**super().val_dataloader(), "solo": DataLoader([{"index": 0, "task": "solo"}], batch_size=2)}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        if batch["task"][0] != "solo":
+            return super().validation_step(batch, batch_idx, dataloader_idx)
+        scored = [7.0] if self.global_rank == 0 else []
+        return EvaluationOutput(task_name=["solo"] * len(scored), loss=torch.tensor(scored), correct=None)
+
+
 def test_hand_built_metrics_are_synchronised_across_two_processes(tmp_path):
+    """Each rank synchronised the meters it had made, one by one: a task that one rank never scored paired the other
+    tasks' meters across ranks (wrong figures), then the ranks hung."""
     trainer = trainer_for(tmp_path, strategy=SpawnDDPStrategy(), devices=2, callbacks=[PerTaskMetrics()])
-    trainer.validate(HandBuiltPredictions(batch_size=2), verbose=False)
+    trainer.validate(WithAOneExampleTask(batch_size=2), verbose=False)
     logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
-    assert logged == pytest.approx(expected_metrics())
+    expected = expected_metrics() | {"val/solo/loss": 7.0, "val/macro_loss": (13.0 / 8 + 12.0 / 4 + 4.0 / 2 + 7.0) / 4}
+    assert logged == pytest.approx(expected)
