@@ -61,7 +61,7 @@ def mixing_weights(
             raise ValueError(f"strategy 'capped' needs cap >= 1 (got {cap})")
         raw = [float(min(size, cap)) for size in sizes]
     elif strategy == "temperature":
-        if temperature is None or temperature <= 0:
+        if temperature is None or math.isnan(temperature) or temperature <= 0:
             raise ValueError(f"strategy 'temperature' needs temperature > 0 (got {temperature})")
         if cap is not None and cap < 1:
             raise ValueError(f"cap must be >= 1 or None (got {cap})")

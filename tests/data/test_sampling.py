@@ -208,6 +208,7 @@ def test_zero_weight_tasks_are_never_drawn():
     ([10, 0], "proportional", {}, "position 1 has 0 examples"),
     ([10], "capped", {}, "needs cap"),
     ([10], "temperature", {"temperature": 0.0}, "temperature > 0"),
+    ([10], "temperature", {"temperature": float("nan")}, r"temperature > 0 \(got nan\)"),  # NaN weights before
     ([10, 5], "weights", {"weights": [1.0]}, "1 weights for 2 tasks"),
     ([10, 5], "weights", {"weights": [1.0, -1.0]}, r"weights\[1\]=-1.0 is invalid: expected a finite number >= 0"),
     ([10, 5], "weights", {"weights": [0.0, 0]}, "at least one task needs a weight > 0"),
