@@ -280,6 +280,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         # there), and the current optimizer step's per-task losses with their target tokens, by batch (`training_step`)
         self._logged_tasks: set[str] = set()
         self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._step_losses: list[torch.Tensor] = []  # the step's batches' train/loss, lm_loss, ... (`training_step`)
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)
@@ -325,8 +326,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
-        the run asks for: validations inside an accumulation window (an inexact resume), none after training begins
-        (an interval beyond max_steps), and a true half precision that overrides `adapter_dtype`."""
+        the run asks for: no validation after training begins (an interval beyond max_steps), and a true half
+        precision that overrides `adapter_dtype` (validations inside an accumulation window: `on_train_start`)."""
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
             if self.trainer.datamodule is not None:
@@ -335,11 +336,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
         interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
-        if stage == "fit" and isinstance(interval, int) and accumulate > 1 and interval % accumulate:
-            rank_zero_warn(f"val_check_interval={interval} is not a multiple of accumulate_grad_batches={accumulate}: "
-                           "validations (and the checkpoints written when they end) fall inside an accumulation "
-                           "window, whose gradients no checkpoint holds, so a resume from one skips that window's "
-                           f"batches; use a multiple of {accumulate}")
         batches = self.trainer.max_steps * accumulate  # without per-epoch validation, the interval counts these
         if stage == "fit" and isinstance(interval, int) and self.trainer.check_val_every_n_epoch is None \
                 and 0 < batches < interval:
@@ -501,18 +497,22 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
             logged["train/load_balance"] = summary.load_balance
-        if self.trainer.world_size > 1:  # the step's values, as the ranks' gradients average them, in one collective
-            # (each rank logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share)
-            averaged = self.trainer.strategy.reduce(torch.stack([value.detach().float() for value in logged.values()]),
-                                                    reduce_op="mean")
-            logged = dict(zip(logged, averaged))
-        for key, value in logged.items():
-            self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
-        for name, value in lm.per_task.items():  # logged once per optimizer step, over all its batches
+        # logged once per optimizer step, over all its batches: Lightning writes a step's logs after its last batch,
+        # so logging each batch's showed the last micro-batch's alone under gradient accumulation
+        self._step_losses.append(torch.stack([value.detach().float() for value in logged.values()]))
+        for name, value in lm.per_task.items():
             tokens = lm.per_task_tokens.get(name)
             weight = torch.ones((), device=value.device) if tokens is None else tokens.detach()
             self._step_task_parts.setdefault(name, []).append((value.detach(), weight))
         if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
+            # the step's values: the mean of its batches' (and ranks'), as the gradients average them (each rank
+            # logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share)
+            step = torch.stack(self._step_losses).mean(0)
+            if self.trainer.world_size > 1:
+                step = self.trainer.strategy.reduce(step, reduce_op="mean")
+            for key, value in zip(logged, step):
+                self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
+            self._step_losses = []
             per_task = self._step_task_losses()
             for name, task_loss in per_task.items():
                 self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
@@ -702,7 +702,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             upgrade_checkpoint(checkpoint, shapes, groups, path)
 
     def on_train_start(self) -> None:
-        """After a resume, the optimiser and schedule hyperparameters are this run's, not the checkpoint's.
+        """Warn of a validation inside an accumulation window (`_warn_of_validations_inside_windows`); after a resume,
+        the optimiser and schedule hyperparameters are this run's, not the checkpoint's.
 
         Lightning restores the AdamW state with its param groups (learning rate, weight decay, and which AdamW
         implementation runs: fused, foreach) and the scheduler's base learning rates; the rule (README, Safety): the
@@ -710,6 +711,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         schedule and the implementation (`adamw_options`, which depends on this run's device and precision plugin),
         as for every other setting.
         """
+        self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:
             return
         groups = self._parameter_groups()
@@ -727,6 +729,69 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
+
+
+    def _warn_of_validations_inside_windows(self) -> None:
+        """A validation inside an accumulation window (and the checkpoint written when it ends, which holds none of
+        the window's gradients) makes a resume from it skip the window's earlier batches: its losses leave the
+        uninterrupted run's. Judged from the batch Lightning validates after (`val_check_batch`, which a float
+        interval makes a fraction of the epoch) and the epoch's length, known once the training data is."""
+        trainer = self.trainer
+        accumulate, per_epoch = trainer.accumulate_grad_batches, trainer.check_val_every_n_epoch is not None
+        epoch, every = trainer.num_training_batches, trainer.val_check_batch
+        if accumulate == 1 or not is_int(epoch) or not is_int(every):  # an unsized loader, or no validation
+            return
+        batches = fit_batches(trainer)
+        if per_epoch:  # the first validating epoch comes after check_val_every_n_epoch - 1 others
+            batches -= (trainer.check_val_every_n_epoch - 1) * epoch
+        inside = first_validation_inside_a_window(epoch, every, accumulate, per_epoch, batches)
+        if inside is None:
+            return
+        where = f"after batch {inside} of each epoch of {epoch}" if per_epoch else (
+            f"after training batch {inside} of the fit (check_val_every_n_epoch=None counts them over the whole fit), "
+            f"batch {(inside - 1) % epoch + 1} of an epoch of {epoch}")
+        rank_zero_warn(f"The fit validates {where} (val_check_interval={trainer.val_check_interval}), inside an "
+                       f"accumulation window of accumulate_grad_batches={accumulate}: the checkpoint written when "
+                       "that validation ends holds none of the window's gradients, so a resume from it skips the "
+                       f"window's earlier batches. Validate at multiples of {accumulate} batches into each epoch: an "
+                       f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
+                       "that is one too (or validation at epoch ends)")
+
+
+def fit_batches(trainer: L.Trainer) -> int:
+    """The training batches a fit runs: its epochs' (`max_epochs`) or those `max_steps` optimizer steps take, each
+    epoch ending in a partial accumulation window where its length is not a multiple of the accumulation."""
+    epoch, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    limits = []
+    if trainer.max_steps >= 0:
+        steps_per_epoch = math.ceil(epoch / accumulate)
+        limits.append(trainer.max_steps // steps_per_epoch * epoch + trainer.max_steps % steps_per_epoch * accumulate)
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        limits.append(trainer.max_epochs * epoch)
+    return min(limits) if limits else epoch
+
+
+def first_validation_inside_a_window(epoch: int, every: int, accumulate: int, per_epoch: bool,
+                                     batches: int) -> int | None:
+    """The first training batch (counted from 1 over the fit) after which Lightning validates inside an
+    accumulation window, or None. Lightning validates after every `every`-th batch of each epoch (`per_epoch`) or
+    of the whole fit, and steps the optimizer after every `accumulate`-th batch of an epoch and after its last, so a
+    validation is at a window's end where its batch into the epoch is a multiple of `accumulate` or the epoch's
+    last. The positions into the epoch repeat within `epoch` validations."""
+    for count in range(1, epoch + 1):
+        if per_epoch:
+            position = count * every
+            if position > min(epoch, batches):
+                return None
+            batch = position
+        else:
+            batch = count * every
+            if batch > batches:
+                return None
+            position = (batch - 1) % epoch + 1
+        if position % accumulate and position != epoch:
+            return batch
+    return None
 
 
 def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,14 @@ from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule, TrainingBatch
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
-from malora_lightning.module import MALoRAModule, _check_loadable_hyperparameters, compile_mode, context_length
+from malora_lightning.module import (
+    MALoRAModule,
+    _check_loadable_hyperparameters,
+    compile_mode,
+    context_length,
+    first_validation_inside_a_window,
+    fit_batches,
+)
 from malora_lightning.optim import adamw_options, lr_multiplier
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
@@ -191,7 +198,7 @@ class _BatchTasks(Callback):
 
 
 class RecordingLMLoss(MALoRAModule):
-    """Keeps each batch's per-task LM losses and target tokens, by global step (and its latest LMLoss)."""
+    """Keeps each batch's LM loss and per-task LM losses and target tokens, by global step (and its latest LMLoss)."""
 
     def compute_lm_loss(self, batch):
         self.latest = super().compute_lm_loss(batch)
@@ -199,6 +206,8 @@ class RecordingLMLoss(MALoRAModule):
         self.parts.setdefault(self.global_step, []).append(
             {name: (value.item(), self.latest.per_task_tokens[name].item())
              for name, value in self.latest.per_task.items()})
+        self.batch_losses = getattr(self, "batch_losses", {})
+        self.batch_losses.setdefault(self.global_step, []).append(self.latest.loss.item())
         return self.latest
 
 
@@ -214,7 +223,7 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
     its last batch's loss written again under this step, a value no batch of this step gave (and a resumed run,
     whose keys start fresh, wrote nothing there, so the two runs' metrics differed). With gradient accumulation a
     task's loss is the step's, over all its batches: the last batch's was written (and a task in an earlier batch
-    only, that batch's)."""
+    only, that batch's), as was train/lm_loss."""
     logger, tasks = _StepLogger(), _BatchTasks()
     trainer = make_trainer(tmp_path, max_steps=6, logger=logger, log_every_n_steps=1, callbacks=[tasks],
                            accumulate_grad_batches=accumulate)
@@ -226,6 +235,10 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
     in_several_batches = 0
     for step, present in tasks.tasks.items():
         logged = logger.steps[step]
+        # the step's LM loss is the mean of its batches' (as the gradient averages them), not its last batch's
+        losses = module.batch_losses[step]
+        assert len(losses) == accumulate and logged["train/lm_loss"] == pytest.approx(sum(losses) / accumulate,
+                                                                                     rel=1e-6)
         for name in TASKS:
             value = logged.get(f"train/{name}/lm_loss", math.nan)
             assert math.isfinite(value) == (name in present), (step, name, present, value)
@@ -778,17 +791,45 @@ def test_a_resume_that_lost_an_evaluation_says_so(tiny_model_dir, tmp_path):
     assert [evaluation.step for evaluation in resumed.history] == [4]
 
 
-@pytest.mark.parametrize(("interval", "warned"), [(3, True), (4, False)])
-def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_path, interval, warned):
+@pytest.mark.parametrize(("interval", "accumulate", "max_steps", "per_epoch", "warned"), [
+    (3, 2, 2, 1, "after batch 3 of each epoch of 18"), (4, 2, 2, 1, None),
+    (0.5, 2, 5, 1, "after batch 9 of each epoch of 18"),  # half of 18 batches: the int check never saw a float
+    (0.5, 2, 4, 1, None),  # 8 batches: the fit ends before its batch 9
+    # a multiple of 4, counted over the fit: epoch 1 (18 batches) ends in a partial window, so batch 24 of the fit is
+    # batch 6 of epoch 2, mid-window
+    (8, 4, 7, None, "after training batch 24 of the fit .* batch 6 of an epoch of 18"),
+])
+def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_path, interval, accumulate,
+                                                           max_steps, per_epoch, warned):
     """Lightning counts val_check_interval in batches: with accumulation 2, a validation after batch 3 (and the
-    checkpoint written when it ends) falls mid-window, and a resume from it skipped batch 3 (losses diverged)."""
-    trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2, val_check_interval=interval,
-                           limit_val_batches=None)
+    checkpoint written when it ends) falls mid-window, and a resume from it skipped batch 3 (losses diverged). Only
+    an int interval that was no multiple of the accumulation was warned of."""
+    trainer = make_trainer(tmp_path, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                           val_check_interval=interval, check_val_every_n_epoch=per_epoch, limit_val_batches=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
-    named = [w for w in caught if "not a multiple of accumulate_grad_batches=2" in str(w.message)]
-    assert bool(named) == warned
+    named = [str(w.message) for w in caught if "inside an accumulation window" in str(w.message)]
+    assert len(named) == (warned is not None)
+    if warned:
+        assert re.search(warned, named[0]) and f"accumulate_grad_batches={accumulate}" in named[0]
+
+
+@pytest.mark.parametrize(("epoch", "every", "accumulate", "per_epoch", "batches", "inside"), [
+    (18, 9, 2, True, 36, 9), (18, 8, 4, True, 100, None), (12, 3, 2, True, 12, 3), (12, 4, 2, True, 12, None),
+    (18, 8, 4, False, 100, 24), (18, 8, 4, False, 20, None), (16, 8, 4, False, 1000, None),
+    (18, 18, 4, False, 1000, None),  # every epoch's end, where a partial window steps too
+    (10, 4, 4, False, 1000, 12),  # 4 and 8 end windows; 12 is batch 2 of epoch 2
+])
+def test_the_first_validation_inside_a_window_is_found(epoch, every, accumulate, per_epoch, batches, inside):
+    assert first_validation_inside_a_window(epoch, every, accumulate, per_epoch, batches) == inside
+
+
+def test_fit_batches_count_each_epochs_partial_window():
+    trainer = unittest.mock.Mock(num_training_batches=18, accumulate_grad_batches=4, max_steps=7, max_epochs=None)
+    assert fit_batches(trainer) == 18 + 2 * 4  # 5 steps an epoch (the fifth of 2 batches), then 2 of 4 batches
+    trainer.max_epochs = 1
+    assert fit_batches(trainer) == 18
 
 
 @pytest.mark.parametrize(("interval", "warned"), [(3, True), (2, False)])
