@@ -188,7 +188,8 @@ class MALoRACLI(LightningCLI):
         format (`check_strategy_loadable`); and for a fit under FSDP2, its optimizer state's layout
         (`check_fsdp2_optimizer_layout`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
         checkpoint again as it loads, and logs the settings that differ. An evaluation with neither a checkpoint nor
-        an adapter folder warns that it scores untrained adapters. (A private LightningCLI method, checked against
+        an adapter folder warns that it scores untrained adapters; with both, says whose tensors it scores; validate
+        and test given a predict file warn that they do not read it. (A private LightningCLI method, checked against
         Lightning 2.6.)"""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
@@ -198,6 +199,10 @@ class MALoRACLI(LightningCLI):
                            "evaluate a trained adapter")
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
+        predict_file = None if self.datamodule is None else self.datamodule.hparams.get("predict_file")
+        if predict_file is not None and subcommand in ("validate", "test"):
+            rank_zero_warn(f"malora {subcommand} scores the {'validation' if subcommand == 'validate' else 'test'} "
+                           f"splits: data.predict_file ({predict_file}) is read by malora predict alone")
         path = kwargs.get("ckpt_path")
         adapter_path = self.model.settings.adapter_path
         if path and adapter_path is not None and subcommand != "fit":

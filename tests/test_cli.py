@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -341,12 +342,19 @@ def test_gpu_recipe_is_the_default_job_on_cuda():
     assert gpu == default
 
 
-def test_an_evaluation_of_untrained_adapters_says_so(tiny_model_dir, tmp_path):
-    """`malora test` without --ckpt_path or --model.adapter_path scored the base model; only "step 0" hinted at it."""
+def test_an_evaluation_of_untrained_adapters_or_with_a_predict_file_says_so(tiny_model_dir, tmp_path):
+    """`malora test` without --ckpt_path or --model.adapter_path scored the base model; only "step 0" hinted at it.
+    Given a predict file it scored the test splits, and said nothing of the file it did not read."""
     flags = tiny_run_settings(tiny_model_dir, tmp_path)
-    with pytest.warns(UserWarning, match=r"malora test without --ckpt_path or --model\.adapter_path evaluates "
-                                         r"freshly initialised adapters"):
-        main(["test", *flags])
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "12 + 30 ="}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["test", *flags, f"--data.predict_file={tmp_path / 'prompts.jsonl'}"])
+    messages = [str(w.message) for w in caught]
+    assert any(re.search(r"malora test without --ckpt_path or --model\.adapter_path evaluates freshly initialised "
+                         "adapters", message) for message in messages)
+    assert f"malora test scores the test splits: data.predict_file ({tmp_path / 'prompts.jsonl'}) is read by " \
+           "malora predict alone" in messages
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monkeypatch):
