@@ -393,7 +393,9 @@ def test_a_fit_ended_by_a_signal_exits_with_its_status_and_one_line(signum, stat
     monkeypatch.delenv("MALORA_TRACEBACK", raising=False)
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=50, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[SignalAtStep(signum)])
-    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C from then on, in this test process too
+    # Python's Ctrl-C handler, which a process started with SIGINT ignored (a background job of a script) lacks;
+    # put back after, as Lightning ignores Ctrl-C once it handled one
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(SystemExit) as exit_info:
         try:
             run_command("malora", lambda: trainer.fit(BoringModel()))
