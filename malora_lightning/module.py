@@ -219,7 +219,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             The folder must name the same base model as `model_name_or_path` when it names one.
         compile_adapters: run each adapted layer's adapter path through torch.compile (`compile_adapters`): True
             (inductor's default mode) or a torch.compile mode name ("reduce-overhead" for CUDA graphs); False runs
-            eagerly, which measured as fast or faster for the default job on CPU and on an H200 (BENCHMARKS.md).
+            eagerly, which measured as fast or faster for the default job on CPU, and on an H200 for a 4-bit LLaMA-2-7B
+            shape (BENCHMARKS.md).
             The first steps of training and of evaluation pay the compilation.
     """
 
