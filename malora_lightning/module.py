@@ -731,7 +731,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
 
-
     def _warn_of_validations_inside_windows(self) -> None:
         """A validation inside an accumulation window (and the checkpoint written when it ends, which holds none of
         the window's gradients) makes a resume from it skip the window's earlier batches: its losses leave the
@@ -774,11 +773,11 @@ def fit_batches(trainer: L.Trainer) -> int:
 
 def first_validation_inside_a_window(epoch: int, every: int, accumulate: int, per_epoch: bool,
                                      batches: int) -> int | None:
-    """The first training batch (counted from 1 over the fit) after which Lightning validates inside an
-    accumulation window, or None. Lightning validates after every `every`-th batch of each epoch (`per_epoch`) or
-    of the whole fit, and steps the optimizer after every `accumulate`-th batch of an epoch and after its last, so a
-    validation is at a window's end where its batch into the epoch is a multiple of `accumulate` or the epoch's
-    last. The positions into the epoch repeat within `epoch` validations."""
+    """The first training batch after which Lightning validates inside an accumulation window (counted from 1 into
+    the epoch for `per_epoch` validation, else over the fit), or None. Lightning validates after every `every`-th
+    batch of each epoch (`per_epoch`) or of the whole fit, and steps the optimizer after every `accumulate`-th batch
+    of an epoch and after its last, so a validation is at a window's end where its batch into the epoch is a
+    multiple of `accumulate` or the epoch's last. The positions into the epoch repeat within `epoch` validations."""
     for count in range(1, epoch + 1):
         if per_epoch:
             position = count * every

@@ -225,8 +225,8 @@ def _check_saved_base_weight(weights: Path, key: str, saved: torch.Tensor, layer
     if not same:
         raise ValueError(f"{weights}: tensor {key!r} (shape {tuple(saved.shape)}, {saved.dtype}), the base weight PEFT "
                          f"saved beside that module's LoRA, differs from this model's (shape {tuple(own.shape)}, "
-                         f"{own.dtype}): load_adapters never replaces base weights, so load the folder into the base it "
-                         "was saved from, or save it from PEFT without that copy (save_embedding_layers=False)")
+                         f"{own.dtype}): load_adapters never replaces base weights, so load the folder into the base "
+                         "it was saved from, or save it from PEFT without that copy (save_embedding_layers=False)")
 
 
 def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:

@@ -25,10 +25,10 @@ from malora_lightning.data.tasks import NON_FINITE, FileSource, TaskDataError, i
 PREDICT_FIELDS = ("prompt", "task", "target")
 # field names other files give the reference answer; read as none of ours, named in a warning when there is no target
 TARGET_LOOKALIKES = ("answer", "label", "output", "response", "completion", "gold", "reference")
-
-logger = logging.getLogger(__name__)
 # the dataloader of a predict file's prompts without a task; not a valid task name, so it cannot clash with one
 NO_TASK = "<no task>"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
