@@ -169,14 +169,13 @@ class EvaluationMixin:
 
     def _warn_of_cut_answers(self) -> None:
         """A `max_new_tokens` cap below a generative task's answer length (its registered budget, or its longest
-        answer) cuts those answers short, and exact match scores every one of them wrong. Both lengths count the
-        end-of-turn token (`Task.max_new_tokens`), which decoding drops: a cap one below still keeps every answer."""
+        answer) cuts those answers short (`cuts_short`), and exact match scores every one of them wrong."""
         cap = self.settings.max_new_tokens
         tasks = getattr(self._datamodule, "tasks", None)
         if cap is None or tasks is None:
             return
         cut = {task.name: task.max_new_tokens for task in tasks if task.kind == "generative"
-               and task.max_new_tokens is not None and task.max_new_tokens - 1 > cap}
+               and task.max_new_tokens is not None and cuts_short(cap, task.max_new_tokens)}
         if cut:
             rank_zero_warn(f"model max_new_tokens={cap} is below the answer length in tokens of tasks {cut}: their "
                            f"answers longer than {cap} tokens are cut short and scored wrong; raise max_new_tokens "
@@ -187,8 +186,7 @@ class EvaluationMixin:
         `correct` can be false for a right answer. The length stays its task's (its validation and test answers', or
         its spec's) all the same, as in fit, validate and test, so that a checkpoint answers a prompt alike in every
         stage: a length taken from the row's target would let the reference answer, there only to check the answer
-        against, tell the generation how long to be. Warned of instead, naming the rows. Lengths count the end-of-turn
-        token, which decoding drops (as in `_warn_of_cut_answers`)."""
+        against, tell the generation how long to be. Warned of instead, naming the rows (`cuts_short`)."""
         datamodule = self._datamodule
         lengths = getattr(datamodule, "predict_target_lengths", None)
         if not lengths:
@@ -196,7 +194,7 @@ class EvaluationMixin:
         cut = {}  # task name -> (rows, their longest target, the rows' generation length)
         for name, rows in lengths.items():
             budget = self.generation_length(self.task(name))
-            long = sorted(row for row, length in rows.items() if length - 1 > budget)
+            long = sorted(row for row, length in rows.items() if cuts_short(budget, length))
             if long:
                 cut[name] = (long, max(rows[row] for row in long), budget)
         if not cut:
@@ -241,6 +239,13 @@ class EvaluationMixin:
                    for row, task, prompt, prediction, target in zip(batch.rows or [None] * len(tasks), tasks,
                                                                     batch.prompts, predictions, batch.targets)]
         return counted_only(answers, batch.counted)
+
+
+def cuts_short(generated: int, answer_length: int) -> bool:
+    """Whether generating `generated` tokens cuts short an answer of `answer_length` tokens as `PromptEncoder` counts
+    them (`Task.max_new_tokens`, a predict file's targets): with its end-of-turn token, which decoding drops, so one
+    token fewer still keeps the answer whole."""
+    return answer_length - 1 > generated
 
 
 @contextmanager

@@ -163,7 +163,7 @@ def dense_forward(result: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor |
             probs, experts, lse, gated, balance = routed.probs, routed.experts, routed.lse, routed.gated, routed.balance
             selection = gates = gates3 = total = None
         else:
-            logits = cast(logits, routing_dtype(logits))
+            logits = cast(logits, routing_dtype(logits.dtype))
             lse = torch.logsumexp(logits, dim=-1) if logsumexp else None
             probs = logits.softmax(dim=-1)
             experts = top_experts(logits, top_k)

@@ -49,6 +49,7 @@ from malora_lightning.adapters.routing import (
     dense_gates,
     in_backward,
     route,
+    routing_dtype,
     selection_shares,
     z_loss_from_logsumexp,
 )
@@ -252,8 +253,8 @@ class RoutedAdapterLayer(AdapterLayer):
             return result
         forward = self.routing_context.current
         dtype = self.compute_dtype(x.device.type)
-        token_mask, token_weights = (None, None) if forward is None else forward.tokens(
-            tuple(leading_shape), torch.promote_types(dtype, torch.float32))  # routing's dtype (`routing_dtype`)
+        token_mask, token_weights = (forward.tokens(tuple(leading_shape), routing_dtype(dtype)) if forward is not None
+                                     else (None, None))
         collect = forward is not None and self.training and torch.is_grad_enabled()
         if forward is not None and self.training and not collect:
             forward.routed_without_gradients = True

@@ -33,9 +33,9 @@ class Routing:
     experts: torch.Tensor  # [T, K] indices of the kept experts
 
 
-def routing_dtype(tensor: torch.Tensor) -> torch.dtype:
+def routing_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """Routing runs in at least float32, whatever the compute dtype."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+    return torch.promote_types(compute_dtype, torch.float32)
 
 
 def top_experts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def top_experts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     """G = TopK(Softmax(W_g x)) (paper Eq. 4); softmax in at least float32, whatever the autocast dtype."""
-    logits = logits.to(routing_dtype(logits))
+    logits = logits.to(routing_dtype(logits.dtype))
     probs = logits.softmax(dim=-1)
     experts = top_experts(logits, top_k)
     kept = probs.gather(-1, experts)
@@ -112,12 +112,14 @@ def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, token_mask: to
     everything (top-1); 0 when no token is real. Gradients flow through P_e only.
     """
     selection = selection_shares(experts, probs.shape[-1], probs.dtype)
-    return load_balance_from_statistics(balance_statistics(probs, selection, token_weights_of(token_mask, routing_dtype(probs))))
+    weights = token_weights_of(token_mask, routing_dtype(probs.dtype))
+    return load_balance_from_statistics(balance_statistics(probs, selection, weights))
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2; keeps router logits small."""
-    return z_loss_from_logsumexp(torch.logsumexp(logits, dim=-1), token_weights_of(token_mask, routing_dtype(logits)))
+    weights = token_weights_of(token_mask, routing_dtype(logits.dtype))
+    return z_loss_from_logsumexp(torch.logsumexp(logits, dim=-1), weights)
 
 
 def z_loss_from_logsumexp(logsumexp: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
