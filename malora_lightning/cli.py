@@ -120,6 +120,16 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     return newest
 
 
+def remove_empty_folders(folder: Path) -> None:
+    """Remove `folder` and the folders inside it, innermost first, as long as they hold no file: `os.rmdir` refuses
+    a folder that is not empty, so nothing written is ever removed."""
+    for inner, _, _ in os.walk(folder, topdown=False):
+        try:
+            os.rmdir(inner)
+        except OSError:
+            return
+
+
 class CheckedSaveConfigCallback(SaveConfigCallback):
     """Lightning's SaveConfigCallback (the run's config saved in its folder, replacing the one an earlier run saved
     there), except that a file it did not write, or a config file being run, is never replaced: the run stops first,
@@ -179,6 +189,23 @@ class MALoRACLI(LightningCLI):
                              "malora command never has: give the checkpoint's path (e.g. runs/<run>/lightning_logs/"
                              "version_<N>/checkpoints/last.ckpt), or `last` for the newest last checkpoint of the "
                              "run folder")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run that fails leaves no empty version folder behind: Lightning makes its loggers' folders as setup
+        begins, so a data error found in setup left `lightning_logs/version_N` empty and the next run numbered
+        after it. Only folders this run made and left without a file are removed, on the rank that made them."""
+        new_folders = [Path(folder) for folder in self._log_dirs() if not Path(folder).exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.is_global_zero:
+                for folder in new_folders:
+                    remove_empty_folders(folder)
+            raise
+
+    def _log_dirs(self) -> list[str]:
+        """Each logger's folder (a logger without one, say MLflow's, has nothing to clean up)."""
+        return [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists. Then, before

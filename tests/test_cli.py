@@ -20,7 +20,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main, run_command
+from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main, remove_empty_folders, run_command
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -497,6 +497,32 @@ def test_ckpt_path_last_without_any_last_checkpoint_is_an_error_naming_where_it_
                                                 r"would start from fresh adapters; give the checkpoint's path"):
         main([subcommand, *tiny_run_settings(tiny_model_dir, tmp_path), "--ckpt_path=last"])
     assert not list(tmp_path.rglob("metrics.csv"))  # nothing ran
+
+
+def test_a_run_that_fails_in_setup_leaves_no_empty_version_folder(tiny_model_dir, tmp_path):
+    """Lightning makes the logger's version_0 as setup begins; a bad data row found there left it empty, and the
+    corrected run was version_1."""
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "rows.jsonl")}, "prompt": "{prompt}",
+            "target": "{target}"}
+    flags = [*tiny_run_settings(tiny_model_dir, tmp_path), "--data.tasks=[mine]",
+             f"--data.task_specs=[{json.dumps(spec)}]"]
+    with pytest.raises(ValueError, match="task 'mine', train row 1: missing field 'target'"):
+        main(["fit", *flags])
+    assert (tmp_path / "lightning_logs").is_dir() and not list((tmp_path / "lightning_logs").iterdir())
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c", "target": "d"}\n')
+    main(["fit", *flags, "--trainer.max_steps=1"])
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+
+
+def test_only_folders_without_a_file_are_removed(tmp_path):
+    (tmp_path / "empty" / "inner").mkdir(parents=True)
+    (tmp_path / "kept" / "inner").mkdir(parents=True)
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    remove_empty_folders(tmp_path / "empty")
+    remove_empty_folders(tmp_path / "kept")
+    assert not (tmp_path / "empty").exists()
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
 
 
 def test_ckpt_path_best_is_refused_before_anything_loads(model_loading_forbidden):
