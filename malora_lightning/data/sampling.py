@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import torch
@@ -130,14 +131,23 @@ def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]
     return [float(weight) for weight in weights]
 
 
-def epoch_counts(weights: Sequence[float], total: int) -> list[int]:
-    """How many of ``total`` draws each task gets: largest-remainder rounding of ``weights × total`` (ties: first)."""
-    scale = total / sum(weights)
-    exact = [weight * scale for weight in weights]
-    counts = [math.floor(value) for value in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda position: counts[position] - exact[position])
-    for position in by_remainder[: total - sum(counts)]:
-        counts[position] += 1
+def epoch_counts(weights: Sequence[float], total: int, offset: Fraction = Fraction(0)) -> list[int]:
+    """How many of ``total`` draws each task gets: its exact share ``weights × total`` rounded down or up, the counts
+    summing to ``total``. Systematic rounding, in exact fractions: task t gets the integers in
+    ``[S_{t-1} + offset, S_t + offset)``, S_t the exact shares of tasks 0..t summed. With ``offset`` uniform in [0, 1)
+    a share is rounded up with a probability equal to its fractional part, so that over epochs, each with its own
+    offset (`TaskBalancedSampler`), every task's frequency converges to its weight; one fixed rounding gave the same
+    tasks the spare draws in every epoch (20 uniform tasks, 64 draws an epoch: the first 4 trained 4/3 as often)."""
+    if not 0 <= offset < 1:
+        raise ValueError(f"offset must be in [0, 1) (got {offset})")
+    shares = [Fraction(weight) for weight in weights]
+    scale = Fraction(total) / sum(shares)
+    counts, cumulative, below = [], Fraction(0), 0
+    for share in shares:
+        cumulative += share * scale
+        reached = math.floor(cumulative + offset)
+        counts.append(reached - below)
+        below = reached
     return counts
 
 
@@ -183,11 +193,13 @@ class ProcessGroupSampler(DistributedSampler):
 class TaskBalancedSampler(ProcessGroupSampler):
     """Yields global indices into the concatenation of the task datasets (task 0's examples first, then task 1's...).
 
-    Each epoch holds ``num_samples`` draws (default: the sum of the task sizes) split between tasks by ``weights``
-    with largest-remainder rounding, so the task frequencies are exact rather than noisy. Within a task, examples
-    come from an endless stream of reshuffled passes over its data, continued across epochs: a down-weighted task
-    sees new examples each epoch and an up-weighted one repeats only after a full pass. The epoch's draws are then
-    shuffled together. Everything is a function of (seed, epoch), so any epoch can be rebuilt exactly.
+    Each epoch holds ``num_samples`` draws (default: the sum of the task sizes) split between tasks by ``weights``,
+    each task's exact share rounded down or up (`epoch_counts`, with an offset drawn per epoch), so the task
+    frequencies are exact to within one draw an epoch rather than noisy, and converge to the weights over epochs.
+    Within a task, examples come from an endless stream of reshuffled passes over its data, continued across epochs:
+    a down-weighted task sees new examples each epoch and an up-weighted one repeats only after a full pass. The
+    epoch's draws are then shuffled together. Everything is a function of (seed, epoch), so any epoch can be rebuilt
+    exactly (epoch e after counting the draws of epochs 0 to e - 1, a few tasks' worth of arithmetic each).
 
     It is a ``DistributedSampler`` so that Lightning (``use_distributed_sampler=True``) keeps it instead of wrapping it
     again; rank r takes every ``num_replicas``-th draw, and the epoch is padded by repeating its first draws (or cut,
@@ -222,7 +234,7 @@ class TaskBalancedSampler(ProcessGroupSampler):
             raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
         super().__init__(self.epoch_length, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=drop_last)
-        self.counts = epoch_counts(self.weights, self.epoch_length)
+        self._stream_starts_at: tuple[int, list[int]] = (0, [0] * len(self.sizes))  # see `_stream_starts`
         self._offsets = [sum(self.sizes[:position]) for position in range(len(self.sizes))]
         self._resume_at = 0  # draw (across ranks) where the next iteration starts; set by load_state_dict
         self._position = 0  # draws (across ranks) handed out so far in this epoch
@@ -236,15 +248,32 @@ class TaskBalancedSampler(ProcessGroupSampler):
 
     def epoch_sequence(self, epoch: int) -> list[int]:
         """All draws of ``epoch`` for all ranks, before padding and sharding."""
-        parts = [self._task_stream(task, epoch) + offset for task, offset in enumerate(self._offsets)]
+        counts, starts = self.task_counts(epoch), self._stream_starts(epoch)
+        parts = [self._task_stream(task, start, count) + offset
+                 for task, (start, count, offset) in enumerate(zip(starts, counts, self._offsets))]
         draws = torch.cat(parts)
         order = torch.randperm(len(draws), generator=seeded_generator(self.seed, "epoch", epoch))
         return draws[order].tolist()
 
-    def _task_stream(self, task: int, epoch: int) -> torch.Tensor:
-        """Task-local indices at positions [epoch·count, (epoch+1)·count) of the task's stream of reshuffled passes."""
-        size, count = self.sizes[task], self.counts[task]
-        start = epoch * count
+    def task_counts(self, epoch: int) -> list[int]:
+        """How many of ``epoch``'s draws each task gets (`epoch_counts`, with that epoch's own rounding offset)."""
+        offset = torch.randint(2 ** 53, (1,), generator=seeded_generator(self.seed, "rounding", epoch)).item()
+        return epoch_counts(self.weights, self.epoch_length, Fraction(offset, 2 ** 53))
+
+    def _stream_starts(self, epoch: int) -> list[int]:
+        """Each task's draws in the epochs before ``epoch``: where its stream goes on. Counted forward from the last
+        epoch asked for (from epoch 0 when going back), since the counts vary from epoch to epoch."""
+        counted, starts = self._stream_starts_at
+        if epoch < counted:
+            counted, starts = 0, [0] * len(self.sizes)
+        for past in range(counted, epoch):
+            starts = [start + count for start, count in zip(starts, self.task_counts(past))]
+        self._stream_starts_at = (epoch, starts)
+        return starts
+
+    def _task_stream(self, task: int, start: int, count: int) -> torch.Tensor:
+        """Task-local indices at positions [start, start + count) of the task's stream of reshuffled passes."""
+        size = self.sizes[task]
         first_pass, last_pass = start // size, (start + count - 1) // size
         passes = [torch.randperm(size, generator=seeded_generator(self.seed, "task", task, cycle))
                   for cycle in range(first_pass, last_pass + 1)]
