@@ -8,6 +8,8 @@ CUDAGraphs that has been overwritten by a subsequent run"; evaluation and genera
 backward. A review of torch's cudagraph trees expects this to fail; no GPU has run it yet.
 """
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,6 +35,9 @@ def routed_llama(kernel: str = "dense") -> torch.nn.Module:
 
 
 @needs_cuda
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="Triton's interpreter is on (tests/conftest.py), so inductor's kernels would copy every "
+                           "tensor to the host, which no CUDA graph can capture: .ci/gpu-check runs this file without")
 @pytest.mark.xfail(reason="expected by a review of torch's cudagraph trees, not yet run on a GPU: the previous "
                           "layer's replay outputs are freed while the model still holds them", strict=False)
 def test_cuda_graph_adapters_evaluate_and_train_as_the_eager_ones():

@@ -19,6 +19,8 @@ def test_the_dry_run_collects_the_cuda_tests_and_writes_the_summary(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (tmp_path / "summary.md").read_text()
     assert "- cuda-tests: exit 0" in summary and "- bench: exit 0" in summary and "recipe" not in summary
+    # the CUDA-graph test would run inductor's kernels in Triton's interpreter, which tests/conftest.py turns on
+    assert "$ TRITON_INTERPRET=0 " in (tmp_path / "cuda-tests.log").read_text()
     assert "tests/test_cuda.py" in (tmp_path / "cuda-tests.log").read_text()
     assert "benchmarks.gpu_suite" in (tmp_path / "bench.log").read_text()
     assert (tmp_path / "reports.tgz").is_file()
