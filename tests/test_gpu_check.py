@@ -1,7 +1,10 @@
 """`.ci/gpu-check` runs on GPU machines only, which CI never has: its dry run keeps it from rotting unseen."""
 
+import importlib.machinery
+import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,3 +36,37 @@ def test_without_a_gpu_or_with_an_unknown_step_it_stops_with_a_message(tmp_path)
         no_gpu = gpu_check(str(tmp_path))
         assert no_gpu.returncode == 1 and "no CUDA GPU visible" in no_gpu.stderr
         assert not (tmp_path / "summary.md").exists()
+
+
+def gpu_check_module():
+    """.ci/gpu-check imported as a module (the script has no .py suffix)."""
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(ROOT / ".ci" / "gpu-check"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check", loader))
+    loader.exec_module(module)
+    return module
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed orphan stays one where nothing reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_step_that_times_out_leaves_no_process_behind(tmp_path):
+    """A step's command that started processes of its own (pytest's xdist workers, the benchmark suite's steps):
+    when it times out, they are killed with it. `subprocess.run`'s timeout killed the direct child alone, and the
+    workers went on running their tests on the GPU into the next step."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    started = time.monotonic()
+    code = gpu_check_module().run([sys.executable, "-c", script], tmp_path / "step.log", timeout=3)
+    assert code == "timeout" and time.monotonic() - started < 30
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(grandchild)
