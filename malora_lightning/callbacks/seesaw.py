@@ -216,9 +216,7 @@ class SeesawTracker(RunFileWriter):
         fit's history, and the `val` series then stays in `seesaw.json` and the report instead of being dropped (its
         curves are drawn by the fit only)."""
         series = evaluation_series(trainer)
-        fit = PerTaskMetrics.attached(trainer).evaluations("val", during_fit=True)
-        if fit:
-            self.points["val"] = track(fit, self.tolerance, self.baseline)
+        fit = self._track_fit(trainer)
         if series != "val":
             self.points[series] = track([evaluation], self.tolerance, self.baseline)
         points = self.points[series]
@@ -232,6 +230,15 @@ class SeesawTracker(RunFileWriter):
             plot_task_curves(fit, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
                              self.baseline)
             self.curves_written = True
+
+    def _track_fit(self, trainer: L.Trainer) -> list[Evaluation]:
+        """Compute the `val` series again from PerTaskMetrics' history of the fit's validations (which a resumed fit
+        restores from its checkpoint); return those validations."""
+        metrics = PerTaskMetrics.attached(trainer)
+        fit = metrics.evaluations("val", during_fit=True) if metrics is not None else []
+        if fit:
+            self.points["val"] = track(fit, self.tolerance, self.baseline)
+        return fit
 
     @staticmethod
     def _log(pl_module: L.LightningModule, point: SeesawPoint) -> None:
@@ -254,6 +261,9 @@ class SeesawTracker(RunFileWriter):
 
     # ------------------------------------------------------------------ run report
     def report_sections(self, trainer: L.Trainer) -> list[str]:
+        """The fit's series from the restored history too: a fit resumed after its last validation evaluates nothing
+        in this process, and its report lacked "Seesaw over training" that the uninterrupted run's has."""
+        self._track_fit(trainer)
         sections = []
         for series, title in (("val", "Seesaw over training (validation)"),
                               ("validate", "Transfer (validation outside training)"), ("test", "Transfer (test)")):

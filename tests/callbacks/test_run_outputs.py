@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from malora_lightning.adapters import AdapterConfig
@@ -371,3 +371,36 @@ def test_a_folder_the_adapters_cannot_go_to_is_refused_before_training(tiny_mode
     with pytest.raises(FileExistsError, match=r"not an adapter \(__init__\.py\).*export_adapters=False"):
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
     assert trainer.global_step == 0 and [path.name for path in (tmp_path / "adapter").iterdir()] == ["__init__.py"]
+
+
+def report_sections_of(report: str) -> dict[str, str]:
+    """The report's sections by heading, without picture links (a resumed fit in another folder draws none)."""
+    sections = {}
+    for section in report.split("\n## ")[1:]:
+        heading, _, body = section.partition("\n")
+        sections[heading] = "\n".join(line for line in body.splitlines() if not line.startswith("![")).strip()
+    return sections
+
+
+def full_and_resumed_reports(model_dir, root) -> tuple[dict[str, str], dict[str, str]]:
+    """Validation every 2 of 3 steps; the resumed fit starts from the checkpoint of the step-2 validation, so it
+    validates nothing itself."""
+    reports = {}
+    for run, ckpt_path in (("full", None), ("resumed", root / "full" / "ckpt" / "step=2.ckpt")):
+        callbacks = [PerTaskMetrics(), SeesawTracker(), RoutingStats(), RunReport(),
+                     ModelCheckpoint(dirpath=root / run / "ckpt", save_top_k=-1, save_on_train_epoch_end=False,
+                                     filename="{step}")]
+        trainer = make_trainer(root / run, max_steps=3, limit_val_batches=None, num_sanity_val_steps=-1,
+                               val_check_interval=2, check_val_every_n_epoch=None, enable_checkpointing=True,
+                               callbacks=callbacks)
+        trainer.fit(make_module(model_dir), make_data(model_dir, tasks=["parity", "add_2digit"]),
+                    ckpt_path=ckpt_path)
+        reports[run] = report_sections_of((root / run / "ckpt" / "report.md").read_text())
+    return reports["full"], reports["resumed"]
+
+
+def test_a_fit_resumed_after_its_last_validation_reports_its_seesaw(tiny_model_dir, tmp_path):
+    """The tracker computed the fit's series at evaluations only: the resumed fit's report had no seesaw section."""
+    full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path)
+    title = "Seesaw over training (validation)"
+    assert title in full and resumed[title] == full[title]
