@@ -398,6 +398,29 @@ class RoutingStats(RunFileWriter):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._weights.loaded(trainer, checkpoint)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The fit's latest validation routing (`results["val"]`, plain numbers): a fit resumed after it, or a test of
+        the checkpoint in a new process, evaluates no fit validation of its own, and its report lacked the section."""
+        summary = self.results.get("val")
+        if summary is None:
+            return {}
+        return {"val": {"stage": summary.stage, "step": summary.step, "tasks": summary.tasks,
+                        "dead_threshold": summary.dead_threshold,
+                        "layers": {name: {"task_load": layer.task_load.tolist(), "entropy_sum": layer.entropy_sum,
+                                          "top_k": layer.top_k} for name, layer in summary.layers.items()}}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As `PerTaskMetrics.load_state_dict`: resuming a fit takes the checkpoint's, and so does validate/test of a
+        checkpoint in a process without a fit validation of its own (after a fit, its own is the latest)."""
+        saved = state_dict.get("val")
+        if saved is None or (self._weights.checkpoint_step is not None and "val" in self.results):
+            return
+        layers = {name: LayerRouting(task_load=torch.tensor(layer["task_load"], dtype=torch.long),
+                                     entropy_sum=layer["entropy_sum"], top_k=layer["top_k"])
+                  for name, layer in saved["layers"].items()}
+        self.results["val"] = RoutingSummary(stage=saved["stage"], step=saved["step"], tasks=saved["tasks"],
+                                             layers=layers, dead_threshold=saved["dead_threshold"])
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
 

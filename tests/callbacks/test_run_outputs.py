@@ -404,3 +404,25 @@ def test_a_fit_resumed_after_its_last_validation_reports_its_seesaw(tiny_model_d
     full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path)
     title = "Seesaw over training (validation)"
     assert title in full and resumed[title] == full[title]
+
+
+def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_model_dir, tmp_path):
+    """RoutingStats kept no state: the resumed fit's report had no routing section, and a test of the fit's
+    checkpoint in a new process rewrote the fit's report without "Routing health (validation)"."""
+    full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path)
+    title = "Routing health (validation)"
+    assert title in full and resumed[title] == full[title]
+
+    run_dir = tmp_path / "full" / "ckpt"
+    routing = RoutingStats()
+    tester = make_trainer(tmp_path / "full", limit_test_batches=None, enable_checkpointing=True,
+                          callbacks=[PerTaskMetrics(), routing, RunReport(),
+                                     ModelCheckpoint(dirpath=run_dir, filename="{step}")])
+    tester.test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity", "add_2digit"]),
+                ckpt_path=str(run_dir / "step=2.ckpt"), verbose=False)
+    saved = json.loads((run_dir / "routing_val.json").read_text())
+    restored = routing.results["val"]
+    assert restored.step == saved["step"] == 2
+    for name, layer in saved["layers"].items():  # the same matrices and figures as the fit wrote
+        assert restored.layers[name].to_dict(restored.dead_threshold) == layer, name
+    assert report_sections_of((run_dir / "report.md").read_text())[title] == full[title]
