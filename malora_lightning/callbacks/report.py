@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
-from malora_lightning.callbacks.summary import mean_of_present, percent
+from malora_lightning.callbacks.summary import markdown_cell, mean_of_present, percent
 from malora_lightning.run_paths import refuse_foreign_file, refuse_on_every_rank, run_directory
 
 REPORT_NAME = "report.md"
@@ -46,7 +46,7 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
         for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end),
                            ("loss", loss)):
             columns[key].append(value)
-        lines.append(f"| {name} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
+        lines.append(f"| {markdown_cell(name)} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
                      f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | {_loss(loss)} |")
     compared = ("first", "best", "final")
     scored = [index for index in range(len(tasks)) if any(columns[key][index] is not None for key in compared)]

@@ -32,7 +32,7 @@ import lightning as L
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
-from malora_lightning.callbacks.summary import evaluation_series, percent
+from malora_lightning.callbacks.summary import evaluation_series, markdown_cell, percent
 from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
 from malora_lightning.values import is_finite_number
 
@@ -290,7 +290,7 @@ class SeesawTracker(RunFileWriter):
             rule += "---|---|"
         lines = [f"Accuracies in %, at step {point.step}; changes in points, relative gains in %.", "", header, rule]
         for name, task in point.tasks.items():
-            line = f"| {name} | {percent(task.accuracy)} |"
+            line = f"| {markdown_cell(name)} | {percent(task.accuracy)} |"
             if movement:
                 line += (f" {percent(task.best)} ({task.best_step}) | {percent(task.gap_to_best)} | "
                          f"{percent(task.change, signed=True)} |")
@@ -311,8 +311,9 @@ class SeesawTracker(RunFileWriter):
                  "| step | seesaw index | improved | degraded | Delta-MTL (%) |", "|---|---|---|---|---|"]
         for point in points[1:]:
             index = "-" if point.seesaw_index is None else f"{point.seesaw_index:.2f}"
-            lines.append(f"| {point.step} | {index} | {', '.join(point.improved) or '-'} | "
-                         f"{', '.join(point.degraded) or '-'} | {percent(point.delta_mtl, signed=True)} |")
+            improved, degraded = (markdown_cell(", ".join(names)) or "-" for names in (point.improved, point.degraded))
+            lines.append(f"| {point.step} | {index} | {improved} | {degraded} | "
+                         f"{percent(point.delta_mtl, signed=True)} |")
         indices = [point.seesaw_index for point in points if point.seesaw_index is not None]
         if indices:
             lines += ["", f"Mean seesaw index over {len(indices)} interval(s): **{sum(indices) / len(indices):.2f}**"

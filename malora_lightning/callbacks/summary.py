@@ -1,5 +1,5 @@
-"""What the callbacks' summaries share: the mean of the values that are present, accuracy as a Markdown cell, the
-training step of the weights an evaluation scores, and the series an evaluation belongs to."""
+"""What the callbacks' summaries share: the mean of the values that are present, accuracy and text as Markdown
+cells, the training step of the weights an evaluation scores, and the series an evaluation belongs to."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def percent(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def markdown_cell(text: str) -> str:
+    """`text` as one cell of a Markdown table: a task name is free text without a data module (the names of
+    `EvaluationOutput`), and a "|" in it split its row into more cells, each number under another column."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def evaluation_series(trainer: L.Trainer) -> str:

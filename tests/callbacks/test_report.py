@@ -1,9 +1,12 @@
 """RunReport's scores table, and what it refuses to replace."""
 
+import re
+
 import pytest
 
-from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, TaskScore
+from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, SeesawTracker, TaskScore
 from malora_lightning.callbacks.report import REPORT_MARKER, scores_table
+from malora_lightning.callbacks.seesaw import track
 from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
 
 
@@ -79,3 +82,24 @@ def test_a_task_missing_from_the_final_evaluation_keeps_its_row():
                           evaluation(20, {"a": 0.7})], {})
     assert "| b | - | 20.0 | 90.0 | - | - | - |" in table
     assert mean_row(table)[0] == "**mean** of the 1 tasks scored in every column (of 2)"
+
+
+def table_cells(row: str) -> list[str]:
+    """A Markdown table row's cells as a GitHub renderer splits them: at every "|" not escaped as "\\|"."""
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]]
+
+
+def test_a_task_name_with_a_pipe_stays_in_its_cell():
+    """Without a data module task names are the evaluation step's free text: "left|right" split its row into 8 cells,
+    every number one column to the right of its heading."""
+    evaluations = [evaluation(0, {"left|right": 0.25, "b": 0.5}), evaluation(10, {"left|right": 0.75, "b": 0.25})]
+    for table in (scores_table(evaluations, {}),
+                  SeesawTracker(tolerance=0.1)._task_table(track(evaluations, 0.1)[-1], movement=True),
+                  SeesawTracker(tolerance=0.1)._evaluations_table(track(evaluations, 0.1))):
+        rows = [table_cells(line) for line in table.splitlines() if line.startswith("|")]
+        assert {len(row) for row in rows} == {len(rows[0])}, table
+    assert table_cells(scores_table(evaluations, {}).splitlines()[2])[:5] == ["left\\|right", "-", "25.0", "75.0",
+                                                                                "75.0"]
+    (interval,) = [line for line in SeesawTracker()._evaluations_table(track(evaluations, 0.1)).splitlines()
+                   if line.startswith("| 10 |")]
+    assert table_cells(interval)[2:4] == ["left\\|right", "b"]  # improved, degraded
