@@ -198,6 +198,25 @@ def round_robin(steps: dict[str, Callable[[], None]], warmup: int, rounds: int,
     return times
 
 
+def working_steps(steps: dict[str, Callable[[], None]],
+                  device: torch.device) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """Each step called once, as an extra warm-up: the steps that ran, and the error of each that raised, in one line.
+
+    One method's failure (a compile or CUDA-graph error, a peer that cannot generate) then costs its own numbers only,
+    not the whole setting's: on a GPU lent for minutes the other methods' timings are what the run is for."""
+    ran, failed = {}, {}
+    for name, step in steps.items():
+        try:
+            step()
+            synchronize(device)
+        except Exception as error:  # noqa: BLE001 - any failure of one method's code path
+            failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            print(f"{name} failed, left out of the timings: {failed[name]}", flush=True)
+        else:
+            ran[name] = step
+    return ran, failed
+
+
 def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2

@@ -62,6 +62,7 @@ from benchmarks.common import (
     saved_tensor_bytes,
     start_run,
     synchronize,
+    working_steps,
     write_report,
 )
 from benchmarks.models import ModelChoice, model_path, parse_model, temporary_model_directory
@@ -411,14 +412,7 @@ def run_evaluation(prepared: dict[str, Prepared], batch: Batch, autocast: Callab
     for p in prepared.values():
         p.model.eval()
     try:
-        steps = evaluation_steps(prepared, batch, autocast, device)
-        failed = {}
-        for key, step in list(steps.items()):  # a peer that cannot generate is reported, not fatal
-            try:
-                step()
-            except Exception as error:  # noqa: BLE001 - any failure of a peer's code path
-                failed[key] = f"{type(error).__name__}: {error}"[:200]
-                del steps[key]
+        steps, failed = working_steps(evaluation_steps(prepared, batch, autocast, device), device)
         times = round_robin(steps, warmup, rounds, device)
     finally:
         for p in prepared.values():
@@ -431,7 +425,6 @@ def run_evaluation(prepared: dict[str, Prepared], batch: Batch, autocast: Callab
     for key, message in failed.items():
         method, _, kind = key.partition(":")
         result[method][f"{kind}_error"] = message
-        print(f"evaluation: {key} failed: {message}", flush=True)
     return result
 
 
@@ -441,16 +434,19 @@ def run_setting(setting: Setting, prepared: dict[str, Prepared], optimizers: dic
     batch = make_batch(setting, vocab_size, device)
     autocast = autocast_for(setting, device)
     phases: dict[str, Phases] = {method: [] for method in prepared}
-    steps = {method: training_step(p, optimizers[method], batch, autocast, device, phases[method])
-             for method, p in prepared.items()}
+    steps, failed = working_steps({method: training_step(p, optimizers[method], batch, autocast, device,
+                                                         phases[method]) for method, p in prepared.items()}, device)
+    prepared = {method: p for method, p in prepared.items() if method in steps}
+    for recorded in phases.values():
+        recorded.clear()  # the trial calls' phases
     times = round_robin(steps, warmup, rounds, device)
     medians = {method: summarise(phases[method][warmup:], times[method]) for method in prepared}
     result: dict[str, Any] = {
         "setting": asdict(setting), "tokens": setting.tokens, "warmup": warmup, "rounds": rounds,
-        "bf16_emulated": bf16_is_emulated(setting, device), "median": medians,
+        "bf16_emulated": bf16_is_emulated(setting, device), "median": medians, "failed": failed,
         "ratios": ratios({method: values["total_ms"] for method, values in medians.items()}),
         "times_ms": {m: [1e3 * t for t in ts] for m, ts in times.items()},
-        "phases_ms": {m: [[1e3 * t for t in p] for p in ps[warmup:]] for m, ps in phases.items()},
+        "phases_ms": {m: [[1e3 * t for t in p] for p in phases[m][warmup:]] for m in prepared},
     }
     if evaluate:
         evaluation = run_evaluation(prepared, batch, autocast, device, warmup, rounds)
@@ -606,6 +602,9 @@ def setting_table(result: dict[str, Any], methods: list[str], trainable: dict[st
     medians, r, memory = result["median"], result["ratios"], result.get("memory", {})
     rows = []
     for method in methods:
+        if method not in medians:
+            rows.append([COLUMN_NAMES[method], f"failed: {result['failed'][method]}", *[""] * 12])
+            continue
         m = medians[method]
         mem = memory.get(method)
         rows.append([COLUMN_NAMES[method], f"{m['forward_ms']:.1f}", f"{m['backward_ms']:.1f}",
@@ -625,7 +624,7 @@ def evaluation_table(result: dict[str, Any], methods: list[str]) -> str:
     rows = [[COLUMN_NAMES[method], f"{evaluation[method]['forward_ms']:.1f}",
              f"{evaluation[method]['generate_ms']:.1f}",
              *(fmt_ratio(result["evaluation_ratios"][kind].get(f"{method}/base")) for kind in ("forward", "generate"))]
-            for method in methods]
+            for method in methods if method in evaluation]
     return markdown_table(["method", "eval forward ms", f"generate {EVAL_NEW_TOKENS} tokens ms", "forward × base",
                            "generate × base"], rows)
 

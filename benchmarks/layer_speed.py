@@ -46,6 +46,7 @@ from benchmarks.common import (
     saved_tensor_bytes,
     start_run,
     synchronize,
+    working_steps,
     write_report,
 )
 from malora_lightning.adapters import (
@@ -288,14 +289,15 @@ def run_setting(setting: Setting, methods: list[str], args: argparse.Namespace,
                 device: torch.device) -> dict[str, Any]:
     inputs = make_inputs(setting, device)
     prepared = {method: prepare(method, inputs, args.dropout, args.aux_loss_coef) for method in methods}
-    steps = {method: training_step(p, inputs.x, inputs.upstream, inputs.autocast) for method, p in prepared.items()}
+    steps, failed = working_steps({method: training_step(p, inputs.x, inputs.upstream, inputs.autocast)
+                                   for method, p in prepared.items()}, device)
     times = round_robin(steps, args.warmup, args.rounds, device)
     medians_ms = {method: 1e3 * median(values) for method, values in times.items()}
     # the CPU tracker is a dispatch mode, which torch.compile does not trace through: compiled methods go without
     memory = {method: memory_of(steps[method], prepared[method], inputs.x, inputs.autocast, device)
-              for method in methods if device.type == "cuda" or method not in COMPILED_METHODS}
+              for method in steps if device.type == "cuda" or method not in COMPILED_METHODS}
     return {"setting": asdict(setting), "times_ms": {k: [1e3 * v for v in vs] for k, vs in times.items()},
-            "median_ms": medians_ms, "ratios": ratios(medians_ms), "memory": memory}
+            "median_ms": medians_ms, "ratios": ratios(medians_ms), "memory": memory, "failed": failed}
 
 
 def ratios(ms: dict[str, float]) -> dict[str, float]:
@@ -399,7 +401,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
     for result in results:
         r, ms, floor = result["ratios"], result["median_ms"], result["floor_overhead"]
         floors = "/".join(fmt_pct(floor.get(k)) for k in ("lora", "molora_sparse", "malora_sparse"))
-        time_rows.append([Setting(**result["setting"]).label, *(f"{ms[m]:.1f}" for m in methods),
+        time_rows.append([Setting(**result["setting"]).label,
+                          *(f"{ms[m]:.1f}" if m in ms else "failed" for m in methods),
                           fmt_ratio(r.get("malora_best/molora_best")), fmt_ratio(r.get("malora_dense/molora_dense")),
                           fmt_ratio(r.get("malora_sparse/molora_sparse")), fmt_ratio(r.get("malora_best/molora_loop")),
                           fmt_ratio(r.get("malora_best/lora")), fmt_ratio(r.get("malora_compiled/lora_compiled")),
@@ -429,6 +432,8 @@ def markdown_report(payload: dict[str, Any]) -> str:
             pair = {k: result["median_ms"].get(f"{family}_{k}") for k in ("dense", "sparse")}
             if None not in pair.values():
                 winners[family][min(pair, key=pair.get)] += 1
+    failures = [f"- {Setting(**result['setting']).label}, {COLUMN_NAMES[method]}: {error}"
+                for result in results for method, error in result["failed"].items()]
     memory_kind = ("torch.cuda.max_memory_allocated during one step, minus the memory in use before it"
                    if payload["device"] == "cuda" else
                    "tensor bytes allocated during one step and alive at its peak (a dispatch-mode tracker; "
@@ -448,6 +453,7 @@ def markdown_report(payload: dict[str, Any]) -> str:
         "bytes (at copy bandwidth) would add; LoRA, sparse MoLoRA, sparse MALoRA work counts.",
         "## Times (median ms) and side-by-side ratios",
         markdown_table(time_headers, time_rows),
+        *(["Failed, left out of the timings and ratios:", "\n".join(failures)] if failures else []),
         "## Ratio summary over the settings above",
         markdown_table(["ratio", "min–max", "geomean"], summary_rows),
         f"Fastest kernel: MoLoRA dense {winners['molora']['dense']}×, sparse {winners['molora']['sparse']}×; "
@@ -531,12 +537,12 @@ def main() -> None:
     results = []
     for setting in settings:
         result = run_setting(setting, methods, args, device)
-        if "base" in methods:
+        if "base" in result["median_ms"]:
             result["floor_overhead"] = floor_overheads(setting, result["median_ms"]["base"], bandwidth)
         else:
             result["floor_overhead"] = {}
         results.append(result)
-        line = "  ".join(f"{COLUMN_NAMES[m]} {result['median_ms'][m]:.1f}" for m in methods)
+        line = "  ".join(f"{COLUMN_NAMES[m]} {result['median_ms'][m]:.1f}" for m in result["median_ms"])
         print(f"{setting.label}: {line}  " + "  ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()
                                                         if not k.startswith("overhead")), flush=True)
     table, cost_records = cost_table(shapes, tokens, x_grads)
