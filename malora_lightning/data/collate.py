@@ -300,6 +300,10 @@ class PromptEncoder:
         openings = self._openings(texts, [self.opening(text) for text in texts])
         encoded = []
         for index, (given, opening) in enumerate(zip(prompts, openings)):
+            if opening.head + opening.tail >= self.max_length:  # not a target's fault: `_fit` would blame one
+                raise TaskDataError(f"predict file row {given.row}: the prompt format's own tokens take "
+                                    f"{opening.head + opening.tail} of max_length {self.max_length}, leaving no "
+                                    "token for the prompt's text; raise max_length or shorten the system prompt")
             most = max(0, self.max_length - opening.head - opening.tail - 1)  # leaves the format and a prompt token
             room = target_rooms.get(index, answer_room)
             room = room if room <= most else min(answer_room, most)

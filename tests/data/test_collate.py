@@ -129,6 +129,21 @@ def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_token
         encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
+def test_a_predict_prompt_whose_format_alone_fills_max_length_is_an_error_that_blames_no_target(chat_tokenizer):
+    """It said "the target takes 0 tokens" and offered long_targets='skip', which predict prompts ignore."""
+    system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
+    own = len(system) + len([IM_START] + ids(chat_tokenizer, "user\n")) + \
+        len([IM_END] + ids(chat_tokenizer, "\n") + [IM_START] + ids(chat_tokenizer, "assistant\n"))
+    encoder = PromptEncoder(chat_tokenizer, own, system_prompt="be brief")
+    with pytest.raises(TaskDataError, match=rf"^predict file row 4: the prompt format's own tokens take {own} of "
+                                            rf"max_length {own}, leaving no token for the prompt's text; raise "
+                                            r"max_length or shorten the system prompt$"):
+        encoder.encode_prompts([PredictPrompt(prompt="ab", row=4)], task_id=-1)
+    (prompt,), _ = PromptEncoder(chat_tokenizer, own + 1, system_prompt="be brief").encode_prompts(
+        [PredictPrompt(prompt="ab", row=4)], task_id=-1)
+    assert len(prompt.input_ids) == own + 1  # one token of the prompt's text is kept
+
+
 def test_a_target_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
     examples = [Example(prompt="q", target="ok", row=0), Example(prompt="q", target="x" * 20, row=7)]
     with pytest.raises(TaskDataError, match=r"task 'toy', train row 7: the target takes 22 tokens but max_length is "
