@@ -29,9 +29,24 @@ def test_the_dry_run_collects_the_cuda_tests_and_writes_the_summary(tmp_path):
     assert (tmp_path / "reports.tgz").is_file()
 
 
+def test_the_steps_run_in_the_order_given_and_the_last_one_gets_all_the_time_left(tmp_path):
+    """They ran in a fixed order, with the recipe's share (all the time left) only when the recipe ran: a run of
+    `--steps cuda-tests,bench` left the bench step 75 % of the time and the rest unused."""
+    done = gpu_check(str(tmp_path), "--dry-run", "--steps", "bench,cuda-tests")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith(("- bench", "- cuda-tests"))] == \
+           ["- bench", "- cuda-tests"]
+    module = gpu_check_module()
+    assert module.shares(["cuda-tests", "bench"]) == [("cuda-tests", 0.2), ("bench", 1.0)]
+    assert [share for _, share in module.shares(list(module.STEPS))] == [0.2, 0.6, 0.75, 1.0]
+
+
 def test_without_a_gpu_or_with_an_unknown_step_it_stops_with_a_message(tmp_path):
     unknown = gpu_check(str(tmp_path), "--steps", "suite,tests")
     assert unknown.returncode == 2 and "--steps: unknown ['tests']" in unknown.stderr
+    twice = gpu_check(str(tmp_path), "--steps", "bench,bench")
+    assert twice.returncode == 2 and "--steps: bench,bench names a step twice" in twice.stderr
     if not torch.cuda.is_available():
         no_gpu = gpu_check(str(tmp_path))
         assert no_gpu.returncode == 1 and "no CUDA GPU visible" in no_gpu.stderr
