@@ -122,13 +122,16 @@ def floor_elements_per_token(method: str, n: int, m: int, tokens: int, x_grad: b
 
     Base: read x and write y, plus its weight read once per GEMM (amortised over the tokens); with x.grad, read the
     upstream gradient and write dX. An adapter that is not fused into the base GEMM reads x again, and
-    reads + writes y to add its output; in backward it reads the upstream gradient again and read-modify-writes dX.
+    reads + writes y to add its output; in backward it reads the upstream gradient again, reads x once more for the
+    gradient of its first projection (A, or S_A: trainable, unlike the base weight) and read-modify-writes dX.
     Rank-space tensors ([T, <=128]) and adapter weights are small and left out.
     """
     if method == "base":
         forward = n + m + n * m // tokens
         return forward + (m + n + n * m // tokens if x_grad else 0)
-    return n + 2 * m + m + (2 * n if x_grad else 0)
+    forward = n + 2 * m  # read x, read + write y
+    backward = m + n + (2 * n if x_grad else 0)  # read dy, read x for dA, read + write dX
+    return forward + backward
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -460,8 +463,9 @@ def markdown_report(payload: dict[str, Any]) -> str:
         f"MALoRA dense {winners['malora']['dense']}×, sparse {winners['malora']['sparse']}×.",
         "## Work per token (MACs, forward + backward) and the byte floor",
         "Adapter MACs include the router (N·n forward, N·n weight grad, N·n dX). Elements moved: base = x + y + "
-        "weight/T per GEMM; adapter floor = its extra passes over x, y (read+write), the upstream gradient and dX "
-        "(read+write), for any unfused kernel. Multiply by the element size (4 fp32, 2 bf16) for bytes.",
+        "weight/T per GEMM; adapter floor = its extra passes over x (forward, and backward for "
+        "its first projection's gradient), y (read+write), the upstream gradient and dX (read+write), for any unfused "
+        "kernel. Multiply by the element size (4 fp32, 2 bf16) for bytes.",
         payload["cost_table"],
         "## Memory (MiB): saved for backward / peak during the step",
         f"Peak = {memory_kind}. Saved = distinct storages autograd keeps for backward, parameters and input excluded.",
