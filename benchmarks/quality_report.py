@@ -199,6 +199,17 @@ def study_report(study: StudyRuns, other: dict[str, StudyRuns],
 GROUPS = {"conflict": CONFLICT_TASKS, "neutral": NEUTRAL_TASKS}  # the studies that add a group to the suite
 
 
+def same_items(study: StudyRuns, reference: StudyRuns, runs: list[dict[str, Any]], tasks: list[str]) -> bool:
+    """Whether two studies' `runs` can be paired item by item on `tasks`: the same seeds, data seed and item limit,
+    and at their last evaluations the same prompts digests wherever runs recorded them. Pairing other items would
+    give a difference with a too-narrow interval, in silence."""
+    if (reference.seeds, reference.data_seed, reference.eval_examples) != \
+            (study.seeds, study.data_seed, study.eval_examples):
+        return False
+    recorded = [run["examples"][-1].get("prompts_digest", {}) for run in runs]
+    return all(len({digests[task] for digests in recorded if task in digests}) <= 1 for task in tasks)
+
+
 def group_section(study: StudyRuns, other: dict[str, StudyRuns], results: dict[str, dict[str, np.ndarray]],
                   bootstrap: Bootstrap, payload: dict[str, Any]) -> str:
     """What training with the study's group costs the suite's own tasks, per method (paired with the noise study's
@@ -213,11 +224,12 @@ def group_section(study: StudyRuns, other: dict[str, StudyRuns], results: dict[s
         references["suite: with the conflict − with the neutral group (per seed)"] = (neutral, neutral_runs)
     payload[study.name] = {}
     rows = []
+    own = study.complete()
     for name, values in results.items():
         row = [name, macro_estimate(values, bootstrap, suite).percent()]
         payload[study.name][name] = {}
         for reference, runs in references.values():
-            if name not in runs or reference.seeds != study.seeds:
+            if name not in runs or not same_items(study, reference, own[name] + runs[name], suite):
                 row.append("–")
                 continue
             comparison = paired_comparison({t: values[t] for t in suite}, stack(runs[name], suite), bootstrap, suite)

@@ -191,3 +191,13 @@ def test_budget_and_conflict_reports_from_kept_runs(tmp_path):
     beyond = payload["conflict"]["malora"]["minus neutral"]
     assert beyond["per_seed"] == pytest.approx([0.0, -0.1]) and beyond["difference"]["mean"] == pytest.approx(-0.05)
     assert "| suite: with the conflict − with the neutral group (per seed) |" in text
+
+    # runs of other items are not paired: another data seed, or recorded prompts that differ on a suite task
+    other_seed = StudyRuns("noise", 10, 10, 10, [0, 1], noise.runs, noise.trainable, pending=[], data_seed=1)
+    _, payload, _ = study_report(conflict, {"noise": other_seed}, tmp_path)
+    assert payload["conflict"] == {"lora_r64": {}, "malora": {}}
+    for runs, items in ((noise.runs, "noise items"), (conflict.runs, "conflict items")):
+        for run in runs["malora"].values():
+            run["examples"][-1]["prompts_digest"] = {"parity": items}
+    _, payload, _ = study_report(conflict, {"noise": noise}, tmp_path)
+    assert "minus noise" not in payload["conflict"]["malora"] and "minus noise" in payload["conflict"]["lora_r64"]
