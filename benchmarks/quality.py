@@ -254,7 +254,9 @@ def run_directory(name: str, seed: int, run_args: argparse.Namespace) -> Path:
 def write_study_report(name: str, study: Study, args: argparse.Namespace, results: dict[Path, dict[str, object]],
                        load_at_start: tuple[float, float, float], wall_minutes: float) -> str:
     """Rewrite `quality_<study>.md/.json` from the runs kept so far (it refers to the studies it compares with
-    when their runs are kept too: `REFERENCES`)."""
+    when their runs are kept too: `REFERENCES`). With no kept run the report is left as it is: the runs stay on the
+    machine that made them, and `--report-only` elsewhere replaced a study's numbers with "No runs yet". Returns the
+    report's text, empty when none was written."""
     def study_runs(study_name: str, current: Study) -> StudyRuns:
         run_args = study_arguments(current, args)
         runs: dict[str, dict[int, dict[str, object]]] = {}
@@ -271,9 +273,13 @@ def write_study_report(name: str, study: Study, args: argparse.Namespace, result
                          {c: trainable_parameters(c) for c in current.configurations}, pending, DATA_SEED)
 
     this = study_runs(name, study)
+    if not this.runs:
+        print(f"{name}: no kept run under {RESULTS_DIR / 'tmp' / 'quality'}, so quality_{name}.md and .json are left "
+              "as they are", flush=True)
+        return ""
     others = {other: study_runs(other, STUDIES[other]) for other in REFERENCES.get(name, ())}
     info = machine_info(load_at_start)
-    body, payload, figures = study_report(this, others) if this.runs else ("No runs yet.", {}, [])
+    body, payload, _ = study_report(this, others)
     kept = [run for by_seed in this.runs.values() for run in by_seed.values()]
     how = sorted({(run["concurrent_jobs"], run["threads"]) for run in kept})
     text = "\n\n".join([f"# Quality study: {name}", STUDY_QUESTIONS[name], body,
@@ -387,9 +393,11 @@ def main() -> None:
                 jobs.setdefault(run_directory(name, seed, run_args), (name, seed, run_args))
     results: dict[Path, dict[str, object]] = {}
 
-    def report_all() -> None:
-        for study_name, study in studies.items():
-            write_study_report(study_name, study, args, results, load_at_start, (time.perf_counter() - start) / 60)
+    def report_all() -> list[str]:
+        """The studies whose reports were written (those with kept runs)."""
+        return [study_name for study_name, study in studies.items()
+                if write_study_report(study_name, study, args, results, load_at_start,
+                                      (time.perf_counter() - start) / 60)]
 
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -403,8 +411,7 @@ def main() -> None:
                 print(f"{name} seed {seed} ({directory.name}): average "
                       f"{100 * statistics.mean(run['accuracy'].values()):.1f}% {took}", flush=True)
                 report_all()  # after every run, so an interrupted benchmark still leaves its numbers
-    report_all()
-    for study_name in studies:
+    for study_name in report_all():
         print("written:", RESULTS_DIR / f"quality_{study_name}.md")
 
 

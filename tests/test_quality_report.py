@@ -53,3 +53,20 @@ def test_items_that_cannot_be_rebuilt_fall_back_to_the_chance_rate(tmp_path):
     assert payload["majority_rate_from_test_split"] == ["odd_one_out"]
     assert ("| chance: majority answer on the evaluated items (* the test split's: evaluated items unknown) | – | "
             "70.0 | 28.0* |") in text
+
+
+def test_a_report_without_kept_runs_leaves_the_stored_report_as_it_is(monkeypatch, capsys):
+    """`--report-only` on a machine without the study's kept runs replaced its report (numbers, intervals, paired
+    differences) with "No runs yet"."""
+    from benchmarks import quality
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a report was written")
+
+    monkeypatch.setattr(quality, "kept_result", lambda *args: None)
+    monkeypatch.setattr(quality, "write_report", refuse)
+    monkeypatch.setattr("sys.argv", ["quality", "--study", "conflict", "--report-only"])
+    quality.main()
+    out = capsys.readouterr().out
+    assert "conflict: no kept run under" in out and "quality_conflict.md and .json are left as they are" in out
+    assert "written:" not in out
