@@ -151,6 +151,13 @@ def epoch_counts(weights: Sequence[float], total: int, offset: Fraction = Fracti
     return counts
 
 
+def whole_shares(weights: Sequence[float], total: int) -> bool:
+    """Whether every task's share of ``total`` draws is a whole number (to float precision: weights computed from task
+    sizes are rarely exact), so that any rounding of it gives the same counts."""
+    scale = total / sum(weights)
+    return all(abs(weight * scale - round(weight * scale)) < 1e-6 for weight in weights)
+
+
 def seeded_generator(*parts: object) -> torch.Generator:
     """A generator seeded from a tuple, so every (seed, purpose, ...) stream is independent and reproducible."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -188,6 +195,11 @@ class ProcessGroupSampler(DistributedSampler):
         length = len(self.dataset)
         self.num_samples = length // self.num_replicas if self.drop_last else math.ceil(length / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
+
+
+# how `TaskBalancedSampler` splits an epoch between tasks, saved in its state: each epoch's shares rounded with an
+# offset of their own (`epoch_counts`); states without it come from the fixed rounding of earlier versions
+ROUNDING = "per-epoch offset"
 
 
 class TaskBalancedSampler(ProcessGroupSampler):
@@ -312,7 +324,8 @@ class TaskBalancedSampler(ProcessGroupSampler):
         if position >= self.total_size:
             epoch, position = epoch + 1, 0
         return {"epoch": epoch, "position": position, "seed": self.seed, "epoch_length": self.epoch_length,
-                "sizes": list(self.sizes), "weights": list(self.weights), "num_replicas": self.num_replicas}
+                "sizes": list(self.sizes), "weights": list(self.weights), "num_replicas": self.num_replicas,
+                "rounding": ROUNDING}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration starts where the saved run stopped."""
@@ -321,6 +334,11 @@ class TaskBalancedSampler(ProcessGroupSampler):
         if saved != current:
             logger.warning("Restoring a task sampler built for %s into one built for %s: the resumed order will not "
                            "repeat the saved run's sequence.", saved, current)
+        elif state.get("rounding") != ROUNDING and not whole_shares(self.weights, self.epoch_length):
+            logger.warning("Restoring a task sampler saved by an earlier version, which rounded each task's share of "
+                           "an epoch's %d draws the same way in every epoch; this one rounds every epoch's shares on "
+                           "its own (`epoch_counts`), so the resumed order will not repeat the saved run's sequence "
+                           "(the tasks' weights are kept).", self.epoch_length)
         self._follow_world()
         super().set_epoch(int(state["epoch"]))
         self._resume_at = min(int(state["position"]), self.total_size)

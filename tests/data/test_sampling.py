@@ -242,6 +242,25 @@ def test_restore_with_another_world_size_continues_the_global_sequence():
     assert shares == [full[4::2], full[5::2]]
 
 
+@pytest.mark.parametrize(("sizes", "epoch_length", "warned"), [
+    ([5, 3, 3], 6, True),  # shares 2.73 / 1.64 / 1.64: the earlier fixed rounding drew another order
+    ([1000, 2000], None, False),  # proportional, shares 1000 and 2000 up to float error: the same counts either way
+])
+def test_a_state_saved_with_the_earlier_rounding_says_the_order_changes_where_it_does(sizes, epoch_length, warned,
+                                                                                        caplog):
+    weights = mixing_weights(sizes, "proportional")
+    state = TaskBalancedSampler(sizes, weights, num_samples=epoch_length, seed=1).state_dict()
+    assert state.pop("rounding") == "per-epoch offset"
+    with caplog.at_level("WARNING", logger="malora_lightning.data.sampling"):
+        TaskBalancedSampler(sizes, weights, num_samples=epoch_length, seed=1).load_state_dict(state)
+    assert ("saved by an earlier version, which rounded each task's share" in caplog.text) == warned
+    caplog.clear()
+    state["rounding"] = "per-epoch offset"
+    with caplog.at_level("WARNING", logger="malora_lightning.data.sampling"):
+        TaskBalancedSampler(sizes, weights, num_samples=epoch_length, seed=1).load_state_dict(state)
+    assert not caplog.text
+
+
 def test_state_after_a_finished_epoch_points_at_the_next_one():
     sampler = TaskBalancedSampler([3, 3], [0.5, 0.5], seed=0, num_replicas=2, rank=1)
     list(sampler)
