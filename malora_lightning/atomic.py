@@ -146,11 +146,15 @@ def _running(pid: int) -> bool:
 
 def rename_into_place(staging: Path, target: Path) -> None:
     """Rename a `staging_folder` onto `target` (absent or an empty folder) once its files are on disk: fsynced files,
-    then the rename, then the parent fsynced, so that a power loss leaves either no `target` or a complete one."""
-    (staging / OWNER_MARKER).unlink(missing_ok=True)  # not part of what is written
+    then the rename, then the parent fsynced, so that a power loss leaves either no `target` or a complete one. The
+    `OWNER_MARKER` goes only after the fsyncs (seconds for a model), just before the rename: a process killed during
+    them leaves a folder that `remove_abandoned_staging` still recognizes."""
     for root, _, files in os.walk(staging):
         for name in files:
-            _fsync_file(Path(root) / name)
+            if name != OWNER_MARKER:
+                _fsync_file(Path(root) / name)
+    (staging / OWNER_MARKER).unlink(missing_ok=True)  # not part of what is written
+    for root, _, _ in os.walk(staging):
         _fsync_dir(Path(root))
     os.replace(staging, target)
     _fsync_dir(target.parent)

@@ -232,3 +232,25 @@ def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_p
         rename_into_place(staging, target)
     assert not abandoned.exists() and running.exists() and elsewhere.exists() and users.exists()
     assert sorted(path.name for path in target.iterdir()) == ["config.json"]  # the marker is not part of the result
+
+
+def test_a_process_killed_while_its_staged_files_reach_disk_leaves_a_folder_the_next_one_removes(tmp_path):
+    """The owner marker was removed before the fsyncs (seconds for a model): a process killed during them left a
+    model-sized folder without it, which no later run removed."""
+    target = tmp_path / "model"
+    killed_in_fsync = f"""
+import os, signal
+from pathlib import Path
+from malora_lightning import atomic
+target = Path({str(target)!r})
+with atomic.staging_folder(target) as staging:
+    (staging / "model.safetensors").write_bytes(b"weights")
+    atomic._fsync_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+    atomic.rename_into_place(staging, target)
+"""
+    assert subprocess.run([sys.executable, "-c", killed_in_fsync]).returncode == -9
+    assert len(list(tmp_path.iterdir())) == 1 and not target.exists()  # its staging folder, left
+    with staging_folder(target) as staging:
+        (staging / "config.json").write_text("{}")
+        rename_into_place(staging, target)
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
