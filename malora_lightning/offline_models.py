@@ -34,8 +34,11 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 
 
 def cache_root() -> Path:
-    """Where converted models live: $MALORA_CACHE, else ~/.cache/malora_lightning."""
-    return Path(os.environ.get("MALORA_CACHE", Path.home() / ".cache" / "malora_lightning"))
+    """Where converted models live: $MALORA_CACHE, else (unset or empty) ~/.cache/malora_lightning. A leading `~` is
+    the home folder, as the shell would expand it: quoted (an env file, a YAML `env:`), it made a folder named `~` in
+    the current directory, and an empty value wrote the converted model into the current directory."""
+    configured = os.environ.get("MALORA_CACHE", "")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "malora_lightning"
 
 
 def _offline_folder(name_or_path: str) -> Path:

@@ -39,6 +39,20 @@ def test_a_relative_local_folder_is_recorded_by_its_absolute_path(tmp_path, monk
         assert recorded_model_name(name) == name
 
 
+def test_the_cache_folder_expands_a_home_and_an_empty_setting_is_the_default(monkeypatch, tmp_path):
+    """MALORA_CACHE="~/cache" (quoted, so the shell did not expand it) named a folder `~` in the current directory,
+    and MALORA_CACHE="" the current directory itself."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MALORA_CACHE", "~/cache")
+    assert offline_models.cache_root() == tmp_path / "home" / "cache"
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv("MALORA_CACHE")
+        else:
+            monkeypatch.setenv("MALORA_CACHE", unset)
+        assert offline_models.cache_root() == tmp_path / "home" / ".cache" / "malora_lightning"
+
+
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("MALORA_CACHE", str(tmp_path))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
