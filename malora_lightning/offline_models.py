@@ -8,6 +8,7 @@ that transformers will look up (downloading only because the user named it).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,36 @@ def resolve_model_path(name_or_path: str) -> str:
     if not (target / "config.json").is_file():
         _check_convertible(target)
         _convert(OFFLINE_MODELS[target.name], target)
+    _check_complete(target)
     return str(target)
+
+
+def _check_complete(target: Path) -> None:
+    """A converted folder whose weights are cut short (a partial copy of the cache, a disk that filled up; our own
+    writes are atomic) failed in safetensors with "incomplete metadata", naming no file and no fix. Reads only each
+    weights file's header, which gives its length."""
+    for weights in sorted(target.glob("*.safetensors")):
+        size, expected = weights.stat().st_size, _safetensors_length(weights)
+        if size != expected:
+            described = "an unreadable header" if expected is None else f"a header describing {expected} bytes"
+            raise OSError(f"{weights} is damaged ({size} bytes, {described}): the converted offline model in "
+                          f"{target} is incomplete; delete that folder to convert the model again")
+
+
+def _safetensors_length(weights: Path) -> int | None:
+    """The length a safetensors file must have by its header (8 bytes of header length, the JSON header, then the
+    tensors' bytes up to the largest data offset); None when there is no readable header."""
+    with weights.open("rb") as handle:
+        prefix = handle.read(8)
+        header_length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or header_length > weights.stat().st_size:
+            return None
+        try:
+            header = json.loads(handle.read(header_length))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+    return 8 + header_length + max(ends, default=0)
 
 
 def _check_convertible(target: Path) -> None:

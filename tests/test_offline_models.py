@@ -99,6 +99,27 @@ def test_a_folder_in_the_way_or_a_cache_that_cannot_be_written_is_named_before_c
         resolve_model_path(SMOLLM2)
 
 
+def test_a_converted_model_cut_short_is_named_with_the_fix(monkeypatch, tmp_path):
+    """A cache whose weights file was cut short (a partial copy) loaded into safetensors' "incomplete metadata, file
+    not fully covered", which named neither the file nor the cache."""
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    converted = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    tiny_model("llama").save_pretrained(converted)
+    assert resolve_model_path(SMOLLM2) == str(converted)  # complete: used as it is
+    weights = converted / "model.safetensors"
+    complete = weights.stat().st_size
+    with weights.open("r+b") as handle:
+        handle.truncate(complete - 1)
+    with pytest.raises(OSError, match=rf"model.safetensors is damaged \({complete - 1} bytes, a header describing "
+                                      rf"{complete} bytes\): the converted offline model in .*SmolLM2-135M-Instruct "
+                                      r"is incomplete; delete that folder to convert the model again"):
+        resolve_model_path(SMOLLM2)
+    with weights.open("r+b") as handle:
+        handle.truncate(5)
+    with pytest.raises(OSError, match=r"is damaged \(5 bytes, an unreadable header\)"):
+        resolve_model_path(SMOLLM2)
+
+
 def test_an_offline_model_is_converted_in_prepare_data_once_per_node(monkeypatch, tmp_path):
     """Each rank converted the GGUF itself in setup (20-30 s and a float32 copy of the model each): Lightning calls
     prepare_data on one process per node before setup on all, and the others then find the converted folder."""
