@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -52,7 +53,7 @@ def disable_bnb_cpu_weight_packing(model: nn.Module) -> int:
     """Keep every bitsandbytes `Linear4bit` on its differentiable path on CPU; returns how many layers it touched."""
     try:
         bnb = import_bitsandbytes()
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: F401 (a version without it)
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as inverse
     except ImportError:
         return 0
     touched = 0
@@ -61,19 +62,17 @@ def disable_bnb_cpu_weight_packing(model: nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             quant_state = getattr(module.weight, "quant_state", None)
             if getattr(quant_state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _unpacked(module.weight.data, quant_state)
+                module.weight.data, module.weight.quant_state = _unpacked(inverse, module.weight.data, quant_state)
             touched += 1
     return touched
 
 
-def _unpacked(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, object]:
-    """bitsandbytes' inverse of its CPU packing re-quantizes a double-quantized absmax, but leaves a plain one in the
+def _unpacked(inverse: Callable, weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, object]:
+    """bitsandbytes' `inverse` of its CPU packing re-quantizes a double-quantized absmax, but leaves a plain one in the
     packed layout ([in_features/blocksize, out_features], bfloat16): dequantized so, every block takes another block's
     scale. Put it back in the stored order (one float32 per block); the rounding to bfloat16 the packing did stays."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     nested = quant_state.original_nested
-    weight, quant_state = _convert_weight_packed_for_cpu_inverse(weight, quant_state)
+    weight, quant_state = inverse(weight, quant_state)
     if not nested:
         quant_state.absmax = quant_state.absmax.T.reshape(-1).float()
     return weight, quant_state
