@@ -34,12 +34,14 @@ _STORAGE_DTYPES = dtypes_named(*get_args(StorageDtypeName))
 
 
 def as_dtype(value: str | torch.dtype, field: str) -> torch.dtype:
+    """A dtype setting by name or as a torch.dtype, either checked against the field's dtypes (a Python caller's
+    `torch.int8` compute dtype failed later inside bitsandbytes or transformers, naming no setting)."""
     allowed = _STORAGE_DTYPES if field == "quant_storage" else _DTYPES
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(allowed)}")
-    return allowed[value]
+    dtype = value if isinstance(value, torch.dtype) else allowed.get(value)
+    if dtype not in allowed.values():
+        raise ValueError(f"{field}={value!r} is invalid: expected one of {tuple(allowed)} or the torch dtypes "
+                         "of those names")
+    return dtype
 
 
 def bnb_quantization_config(quantization: Quantization, compute_dtype: torch.dtype,

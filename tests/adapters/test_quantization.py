@@ -1,4 +1,5 @@
 import importlib.util
+import re
 
 import bitsandbytes as bnb
 import lightning as L
@@ -15,6 +16,7 @@ from malora_lightning.adapters import (
     load_base_model,
 )
 from malora_lightning.adapters.layers import MALoRALinear
+from malora_lightning.adapters.quantization import as_dtype
 from tests.helpers import tiny_model
 
 
@@ -212,3 +214,19 @@ def test_an_attention_kernel_whose_package_is_missing_is_named(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2' cannot load model .*FlashAttention2 "
                                          r".*use 'sdpa', 'eager' or None"):
         load_base_model(str(tiny_llama_dir), quantization=None, attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize(("value", "field", "expected"), [
+    ("bfloat16", "compute_dtype", torch.bfloat16), (torch.float16, "dtype", torch.float16),
+    (torch.uint8, "quant_storage", torch.uint8), ("uint8", "quant_storage", torch.uint8),
+])
+def test_a_dtype_setting_takes_a_name_or_a_torch_dtype_of_the_fields_kinds(value, field, expected):
+    assert as_dtype(value, field) is expected
+
+
+@pytest.mark.parametrize(("value", "field"), [(torch.int8, "compute_dtype"), (torch.uint8, "dtype"),
+                                              (torch.float64, "compute_dtype"), ("int4", "quant_storage")])
+def test_a_dtype_setting_of_another_kind_is_refused_by_name_even_as_a_torch_dtype(value, field):
+    """A torch.dtype went through unchecked: `compute_dtype=torch.int8` failed inside bitsandbytes, naming nothing."""
+    with pytest.raises(ValueError, match=rf"^{field}={re.escape(repr(value))} is invalid: expected one of \("):
+        as_dtype(value, field)
