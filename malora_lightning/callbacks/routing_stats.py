@@ -149,6 +149,15 @@ class LayerRouting:
                 "task_expert_nmi": task_expert_nmi(self.task_load),
                 "task_divergence": task_divergences(self.task_load).tolist(), "task_load": self.task_load.tolist()}
 
+    def state(self) -> dict[str, Any]:
+        """The fields as plain numbers, for a checkpoint (`from_state` reads them back)."""
+        return {"task_load": self.task_load.tolist(), "entropy_sum": self.entropy_sum, "top_k": self.top_k}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> LayerRouting:
+        return cls(task_load=torch.tensor(state["task_load"], dtype=torch.long), entropy_sum=state["entropy_sum"],
+                   top_k=state["top_k"])
+
 
 @dataclass
 class RoutingSummary:
@@ -194,6 +203,18 @@ class RoutingSummary:
         return {"stage": self.stage, "step": self.step, "tasks": self.tasks, "dead_threshold": self.dead_threshold,
                 "health": self.health(), "task_divergence": self.task_divergence(),
                 "layers": {name: layer.to_dict(self.dead_threshold) for name, layer in self.layers.items()}}
+
+    def state(self) -> dict[str, Any]:
+        """The fields as plain numbers, for a checkpoint (`from_state` reads them back); `to_dict` adds the figures
+        derived from them, for the run folder's JSON."""
+        return {"stage": self.stage, "step": self.step, "tasks": self.tasks, "dead_threshold": self.dead_threshold,
+                "layers": {name: layer.state() for name, layer in self.layers.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RoutingSummary:
+        return cls(stage=state["stage"], step=state["step"], tasks=state["tasks"],
+                   layers={name: LayerRouting.from_state(layer) for name, layer in state["layers"].items()},
+                   dead_threshold=state["dead_threshold"])
 
 
 class RoutingAccumulator:
@@ -402,12 +423,7 @@ class RoutingStats(RunFileWriter):
         """The fit's latest validation routing (`results["val"]`, plain numbers): a fit resumed after it, or a test of
         the checkpoint in a new process, evaluates no fit validation of its own, and its report lacked the section."""
         summary = self.results.get("val")
-        if summary is None:
-            return {}
-        return {"val": {"stage": summary.stage, "step": summary.step, "tasks": summary.tasks,
-                        "dead_threshold": summary.dead_threshold,
-                        "layers": {name: {"task_load": layer.task_load.tolist(), "entropy_sum": layer.entropy_sum,
-                                          "top_k": layer.top_k} for name, layer in summary.layers.items()}}}
+        return {} if summary is None else {"val": summary.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As `PerTaskMetrics.load_state_dict`: resuming a fit takes the checkpoint's, and so does validate/test of a
@@ -415,11 +431,7 @@ class RoutingStats(RunFileWriter):
         saved = state_dict.get("val")
         if saved is None or (self._weights.checkpoint_step is not None and "val" in self.results):
             return
-        layers = {name: LayerRouting(task_load=torch.tensor(layer["task_load"], dtype=torch.long),
-                                     entropy_sum=layer["entropy_sum"], top_k=layer["top_k"])
-                  for name, layer in saved["layers"].items()}
-        self.results["val"] = RoutingSummary(stage=saved["stage"], step=saved["step"], tasks=saved["tasks"],
-                                             layers=layers, dead_threshold=saved["dead_threshold"])
+        self.results["val"] = RoutingSummary.from_state(saved)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
