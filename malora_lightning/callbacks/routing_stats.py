@@ -361,6 +361,8 @@ class RoutingStats(RunFileWriter):
             atomic_write_text(directory / summary_file(series), json.dumps(summary.to_dict(), indent=2) + "\n")
             if self.plots and health["tokens"] > 0:
                 self.plots_written[series] = self._plot(summary, series, directory / PLOTS_FOLDER)
+            if self.plots:
+                self._draw_restored(directory / PLOTS_FOLDER)
 
     @staticmethod
     def _log(pl_module: L.LightningModule, stage: str, health: dict[str, Any]) -> None:
@@ -369,6 +371,13 @@ class RoutingStats(RunFileWriter):
                           ("task_expert_nmi_mean", "task_nmi")):
             if health[key] is not None:
                 log_synchronised(pl_module, f"{stage}/routing/{name}", float(health[key]))
+
+    def _draw_restored(self, folder: Path) -> None:
+        """Draw the fit's validation routing restored from a checkpoint (a resumed fit, validate/test in a new
+        process) once, so that the report links its pictures as the uninterrupted fit's does."""
+        summary = self.results.get("val")
+        if summary is not None and "val" not in self.plots_written and summary.health()["tokens"] > 0:
+            self.plots_written["val"] = self._plot(summary, "val", folder)
 
     @staticmethod
     def _plot(summary: RoutingSummary, series: str, folder: Path) -> list[str]:
@@ -403,11 +412,12 @@ class RoutingStats(RunFileWriter):
         if not self._routed_layers(pl_module):
             return
         series = evaluation_series(trainer)
+        drawn = {series, "val"} if "val" in self.results else {series}  # "val": restored (_draw_restored)
 
         def check() -> None:
             refuse_foreign_json(directory / summary_file(series), SUMMARY_KEYS, "RoutingStats",
                                 "run without it (--routing_stats null, or leave RoutingStats out of the callbacks)")
-            for name in plot_files(series) if self.plots else []:
+            for name in [name for each in sorted(drawn) for name in plot_files(each)] if self.plots else []:
                 refuse_foreign_plot(directory / PLOTS_FOLDER / name, "RoutingStats",
                                     "draw no heatmaps (RoutingStats(plots=False))")
 
@@ -444,6 +454,14 @@ class RoutingStats(RunFileWriter):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "test")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed after its last validation evaluates nothing in this process: draw what it restored."""
+        if not self.plots:
+            return
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        if trainer.is_global_zero:
+            self._draw_restored(directory / PLOTS_FOLDER)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._detach()

@@ -196,11 +196,12 @@ class SeesawTracker(RunFileWriter):
     def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         keys = list(self.to_dict())
+        draws_curves = self.plots and (evaluation_series(trainer) == "val" or bool(self._fit_history(trainer)))
 
         def check() -> None:
             refuse_foreign_json(directory / self.filename, keys, "SeesawTracker",
                                 "name the file differently (SeesawTracker(filename=...))")
-            if self.plots and evaluation_series(trainer) == "val":
+            if draws_curves:
                 refuse_foreign_plot(directory / PLOTS_FOLDER / CURVES_NAME, "SeesawTracker",
                                     "draw no curves (SeesawTracker(plots=False))")
 
@@ -213,8 +214,8 @@ class SeesawTracker(RunFileWriter):
 
         The `val` series is a function of PerTaskMetrics' history alone, so it is computed again from that history at
         every evaluation: validate/test of a checkpoint in a new process (`malora test --ckpt_path ...`) restore the
-        fit's history, and the `val` series then stays in `seesaw.json` and the report instead of being dropped (its
-        curves are drawn by the fit only)."""
+        fit's history, and the `val` series then stays in `seesaw.json`, the report and its curves instead of being
+        dropped."""
         series = evaluation_series(trainer)
         fit = self._track_fit(trainer)
         if series != "val":
@@ -226,16 +227,33 @@ class SeesawTracker(RunFileWriter):
         if not trainer.is_global_zero:
             return
         atomic_write_text(directory / self.filename, json.dumps(self.to_dict(), indent=2) + "\n")
-        if self.plots and series == "val":
-            plot_task_curves(fit, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer),
-                             self.baseline)
-            self.curves_written = True
+        if self.plots and fit and (series == "val" or not self.curves_written):
+            self._draw_curves(trainer, directory, fit)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed after its last validation evaluates nothing in this process: draw the curves of the history
+        it restored, which its report links as the uninterrupted fit's does."""
+        if not self.plots:
+            return
+        directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
+        fit = self._track_fit(trainer)
+        if trainer.is_global_zero and fit and not self.curves_written:
+            self._draw_curves(trainer, directory, fit)
+
+    def _draw_curves(self, trainer: L.Trainer, directory: Path, fit: list[Evaluation]) -> None:
+        plot_task_curves(fit, directory / PLOTS_FOLDER / CURVES_NAME, chance_rates(trainer), self.baseline)
+        self.curves_written = True
+
+    @staticmethod
+    def _fit_history(trainer: L.Trainer) -> list[Evaluation]:
+        """PerTaskMetrics' history of the fit's validations (which a resumed fit, or validate/test of a checkpoint,
+        restores from the checkpoint)."""
+        metrics = PerTaskMetrics.attached(trainer)
+        return metrics.evaluations("val", during_fit=True) if metrics is not None else []
 
     def _track_fit(self, trainer: L.Trainer) -> list[Evaluation]:
-        """Compute the `val` series again from PerTaskMetrics' history of the fit's validations (which a resumed fit
-        restores from its checkpoint); return those validations."""
-        metrics = PerTaskMetrics.attached(trainer)
-        fit = metrics.evaluations("val", during_fit=True) if metrics is not None else []
+        """Compute the `val` series again from the fit's history; return its validations."""
+        fit = self._fit_history(trainer)
         if fit:
             self.points["val"] = track(fit, self.tolerance, self.baseline)
         return fit

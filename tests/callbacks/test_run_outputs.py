@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import logging
+import re
 import warnings
 from dataclasses import asdict
 
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from malora_lightning.adapters import AdapterConfig
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
+from malora_lightning.callbacks.plots import is_our_plot
 from malora_lightning.callbacks.seesaw import track
 from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
@@ -316,6 +318,29 @@ def test_a_file_the_callbacks_did_not_write_is_refused_before_any_work(tiny_mode
     assert trainer.global_step == 0 and metrics.history == []  # refused before training or evaluating
 
 
+@pytest.mark.parametrize(("name", "writer"), [("task_accuracy.png", "SeesawTracker"),
+                                              ("expert_load_val.png", "RoutingStats")])
+def test_a_test_of_a_checkpoint_refuses_to_draw_the_fits_pictures_over_a_users(tiny_model_dir, tmp_path, name,
+                                                                               writer):
+    """A test of a fit's checkpoint draws the fit's validation pictures it restored into its own folder: one there
+    that is not ours is refused before any work, as the fit itself refuses it."""
+    fit = make_trainer(tmp_path / "fit", max_steps=1, limit_val_batches=None, val_check_interval=1,
+                       enable_checkpointing=True, callbacks=[PerTaskMetrics(), SeesawTracker(), RoutingStats()])
+    fit.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    checkpoint = next((tmp_path / "fit" / "checkpoints").glob("*.ckpt"))
+    path = tmp_path / "test" / "plots" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(unmarked_png())
+    metrics = PerTaskMetrics()
+    tester = make_trainer(tmp_path / "test", limit_test_batches=None,
+                          callbacks=[metrics, SeesawTracker(), RoutingStats()])
+    with pytest.raises(FileExistsError, match=re.escape(name) + " " + PLOT_NOT_OURS.format(writer)):
+        tester.test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]),
+                    ckpt_path=str(checkpoint), verbose=False)
+    assert path.read_bytes() == unmarked_png()
+    assert [evaluation.stage for evaluation in metrics.history] == ["val"]  # the fit's, restored; nothing tested
+
+
 def test_a_rerun_in_the_same_folder_replaces_the_files_it_wrote_and_says_so(tiny_model_dir, tmp_path):
     written = {}
     for steps in (1, 2):
@@ -373,12 +398,16 @@ def test_a_folder_the_adapters_cannot_go_to_is_refused_before_training(tiny_mode
     assert trainer.global_step == 0 and [path.name for path in (tmp_path / "adapter").iterdir()] == ["__init__.py"]
 
 
-def report_sections_of(report: str) -> dict[str, str]:
-    """The report's sections by heading, without picture links (a resumed fit in another folder draws none)."""
+def report_sections_of(run_dir) -> dict[str, str]:
+    """The sections of the report in `run_dir` by heading, after checking that each picture it links is there."""
+    report = (run_dir / "report.md").read_text()
+    links = re.findall(r"^!\[[^]]*\]\(([^)]+)\)$", report, flags=re.MULTILINE)
+    missing = [link for link in links if not is_our_plot(run_dir / link)]
+    assert not missing, f"{run_dir / 'report.md'} links pictures that are not in {run_dir}: {missing}"
     sections = {}
     for section in report.split("\n## ")[1:]:
         heading, _, body = section.partition("\n")
-        sections[heading] = "\n".join(line for line in body.splitlines() if not line.startswith("![")).strip()
+        sections[heading] = body.strip()
     return sections
 
 
@@ -395,15 +424,17 @@ def full_and_resumed_reports(model_dir, root) -> tuple[dict[str, str], dict[str,
                                callbacks=callbacks)
         trainer.fit(make_module(model_dir), make_data(model_dir, tasks=["parity", "add_2digit"]),
                     ckpt_path=ckpt_path)
-        reports[run] = report_sections_of((root / run / "ckpt" / "report.md").read_text())
+        reports[run] = report_sections_of(root / run / "ckpt")
     return reports["full"], reports["resumed"]
 
 
 def test_a_fit_resumed_after_its_last_validation_reports_its_seesaw(tiny_model_dir, tmp_path):
-    """The tracker computed the fit's series at evaluations only: the resumed fit's report had no seesaw section."""
+    """The tracker computed the fit's series at evaluations only: the resumed fit's report had no seesaw section,
+    and then no curves (drawn at evaluations only, and the resumed fit writes into a folder of its own)."""
     full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path)
     title = "Seesaw over training (validation)"
     assert title in full and resumed[title] == full[title]
+    assert "![Validation accuracy per task](plots/task_accuracy.png)" in resumed[title]
 
 
 def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_model_dir, tmp_path):
@@ -412,6 +443,7 @@ def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_mod
     full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path)
     title = "Routing health (validation)"
     assert title in full and resumed[title] == full[title]
+    assert "(plots/expert_load_val.png)" in resumed[title] and "(plots/task_expert_val.png)" in resumed[title]
 
     run_dir = tmp_path / "full" / "ckpt"
     routing = RoutingStats()
@@ -425,4 +457,4 @@ def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_mod
     assert restored.step == saved["step"] == 2
     for name, layer in saved["layers"].items():  # the same matrices and figures as the fit wrote
         assert restored.layers[name].to_dict(restored.dead_threshold) == layer, name
-    assert report_sections_of((run_dir / "report.md").read_text())[title] == full[title]
+    assert report_sections_of(run_dir)[title] == full[title]
