@@ -167,6 +167,9 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"AdapterConfig: expected an object of fields (a dict, a JSON object), found "
+                             f"{type(data).__name__} {data!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -187,6 +190,8 @@ class AdapterConfig:
             return cls.from_json(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
+        except ValueError as error:  # a field's or the object's own message, which does not name the file
+            raise ValueError(f"{path}: {error}") from error
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

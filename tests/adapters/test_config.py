@@ -94,3 +94,21 @@ def test_invalid_json_file_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
         AdapterConfig.from_file(path)
+
+
+@pytest.mark.parametrize("text", ["5", "null", '"malora"', '[["rank", 4]]'])
+def test_a_json_file_that_is_not_an_object_names_the_file_and_what_it_holds(tmp_path, text):
+    # these raised TypeError ('int' object is not iterable, unhashable type: 'list') or a list of the string's
+    # letters as unknown fields, naming no file
+    path = tmp_path / "adapter_config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"adapter_config.json: AdapterConfig: expected an object of fields.*found "
+                                         + type(json.loads(text)).__name__):
+        AdapterConfig.from_file(path)
+
+
+def test_an_invalid_field_in_a_json_file_names_the_file(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text('{"method": "malora", "rank": 0}')
+    with pytest.raises(ValueError, match=r"adapter_config.json: AdapterConfig.rank=0 is invalid"):
+        AdapterConfig.from_file(path)
