@@ -62,7 +62,8 @@ CONFIGURATIONS: dict[str, dict[str, dict[str, object]]] = {
     "malora_frozen_SA_r16": {"adapter": {**MALORA, "rank": 16, "alpha": 32, "train_shared_A": False}},
     "malora_frozen_P": {"adapter": {**MALORA, "train_P": False}},
     "malora_symmetric_r8_d64": {"adapter": {**MALORA, "rank": 8, "shared_rank": 64, "alpha": 16}},
-    # the rank sweep (Fig. 4a/5): alpha = 2 r throughout
+    # the rank sweep (Fig. 4a/5): alpha = 2 r and beta 1.0 throughout (the paper's Tab. 11 raises beta with rank:
+    # 0.3/1.0/3.5/5.0 for r-bar 6/12/24/48)
     "lora_r16": {"adapter": {"method": "lora", "rank": 16, "alpha": 32}},
     "lora_r256": {"adapter": {"method": "lora", "rank": 256, "alpha": 512}},
     "malora_r8_d32": {"adapter": {**MALORA, "rank": 8, "alpha": 16}},
