@@ -337,9 +337,10 @@ class MultiTaskDataModule(LightningDataModule):
                 self.tokenizer = self.load_tokenizer()
                 self._check_model_max_length(self.tokenizer)
                 self._encoder = self.build_encoder(self.tokenizer)
+            trained_prompts: dict[str, dict[str, int | None]] = {}  # per task, of the train split encoded here
             for split in _STAGE_SPLITS[stage]:
                 if split not in self._encoded:
-                    self._encoded[split] = self._encode_split(split)
+                    self._encoded[split] = self._encode_split(split, trained_prompts)
             self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
         if stage == "predict" and self._predict_source is not None and self._predict_prompts is None:
             prompts = read_prompts(self._predict_source, [task.name for task in self._tasks])
@@ -491,7 +492,10 @@ class MultiTaskDataModule(LightningDataModule):
             logger.warning("Tasks %s have no %s split and are not evaluated on it.", skipped, split)
         return evaluated
 
-    def _encode_split(self, split: str) -> dict[str, PackedExamples]:
+    def _encode_split(self, split: str, trained_prompts: dict[str, dict[str, int | None]]
+                      ) -> dict[str, PackedExamples]:
+        """Encode each task's examples of `split`. Encoding train records each task's prompts (with their first row)
+        in `trained_prompts`; encoding an evaluated split afterwards warns of the examples whose prompt is there."""
         hparams = self.hparams
         limit = self._limit(split)
         encoded, self.truncation[split] = {}, {}
@@ -504,6 +508,13 @@ class MultiTaskDataModule(LightningDataModule):
             else:
                 examples = task.examples("train", seed=hparams.data_seed, limit=limit,
                                          only_rows=held_out.validation_rows)
+            if split == "train":
+                trained_prompts[task.name] = {}
+                for example in examples:
+                    trained_prompts[task.name].setdefault(example.prompt, example.row)
+            elif task.name in trained_prompts:
+                warn_of_trained_prompts(task.name, split if held_out is None else "held-out train", examples,
+                                        trained_prompts[task.name])
             packed, stats = PackedExamples(), TruncationStats()
             for start in range(0, len(examples), ENCODE_CHUNK):
                 chunk, chunk_stats = self._encoder.encode(examples[start:start + ENCODE_CHUNK], task_id, task.name,
@@ -664,6 +675,19 @@ class MultiTaskDataModule(LightningDataModule):
         complete_epoch_end_restore(trainer)
         if isinstance(self._train_sampler, TaskBalancedSampler):
             rebase_restored_batches(trainer, self._train_sampler, self.batch_size, state)
+
+
+def warn_of_trained_prompts(task: str, split: str, examples: Sequence[Example],
+                            trained_prompts: Mapping[str, int | None]) -> None:
+    """Warn when evaluated examples of `task` have the prompt of one of its training examples: their scores would
+    measure recall of answers trained on, not generalisation, and nothing else shows it."""
+    seen = [(example.row, trained_prompts[example.prompt]) for example in examples
+            if example.prompt in trained_prompts]
+    if seen:
+        pairs = ", ".join(f"{split} row {row} = train row {trained}" for row, trained in seen[:3])
+        logger.warning("Task %r %s: %d of %d evaluated examples have the prompt of a training example (%s%s): their "
+                       "scores measure recall of the trained answers; remove them from one of the splits.", task,
+                       split, len(seen), len(examples), pairs, ", ..." if len(seen) > 3 else "")
 
 
 class EvaluationShard(Dataset[EncodedExample]):

@@ -349,6 +349,47 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+def trained_prompt_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if "evaluated examples have the prompt of a training example" in record.getMessage()]
+
+
+def test_evaluated_examples_with_a_trained_prompt_are_named(tmp_path, caplog):
+    """A user's validation file that repeats training prompts scores recall of trained answers; nothing said so."""
+    train = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(10)]
+    validation = [train[2], {"q": "20+1", "a": "21"}, train[5], {"q": "30+1", "a": "31"}, train[7]]
+    for split, rows in (("train", train), ("validation", validation)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation")},
+            "prompt": "{q}", "target": "{a}"}
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        make(tasks=["mine", "parity"], task_specs=[spec], max_train_examples_per_task=None).setup("fit")
+    assert trained_prompt_warnings(caplog) == [
+        "Task 'mine' validation: 3 of 5 evaluated examples have the prompt of a training example (validation row 0 = "
+        "train row 2, validation row 2 = train row 5, validation row 4 = train row 7): their scores measure recall of "
+        "the trained answers; remove them from one of the splits."]
+
+
+def test_held_out_rows_whose_prompt_is_also_trained_are_named_and_the_builtin_suite_has_none(tmp_path, caplog):
+    """Rows 20-39 repeat the prompts of rows 0-19: a held-out row is warned of when its twin is trained on."""
+    rows = [{"q": f"{i % 20}+1", "a": str(i % 20 + 1)} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["mine"], task_specs=[spec], max_train_examples_per_task=None, max_eval_examples_per_task=None)
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        data.setup("fit")
+    held = data.held_out(data.tasks[0])
+    twins_trained = [row for row in held.validation_rows if (row + 20) % 40 in held.train_rows]
+    assert twins_trained  # the data seed's draw holds out at least one row without its twin
+    (message,) = trained_prompt_warnings(caplog)
+    assert message.startswith(f"Task 'mine' held-out train: {len(twins_trained)} of 4 evaluated examples")
+    assert f"held-out train row {sorted(held.validation_rows)[0]}" in message or len(twins_trained) < 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        make(tasks=BUILTIN_TASKS, max_train_examples_per_task=None, max_eval_examples_per_task=None).setup("fit")
+    assert trained_prompt_warnings(caplog) == []
+
+
 def test_setup_reads_each_task_file_once_and_a_later_setup_reads_it_again(tmp_path, monkeypatch):
     """A task validated on held-out train rows had its train file read and parsed four times in one setup (its row
     count, its train rows, its validation rows and their answer lengths): about a tenth of the setup's time."""
