@@ -54,13 +54,18 @@ def estimated_stepping_batches(trainer: L.Trainer) -> float:
 
 def schedule_length(estimated_stepping_batches: float, warmup_ratio: float, schedule: Schedule) -> int:
     """The optimizer steps the schedule spans: the trainer's estimate, which is infinite when only `max_time` (or
-    max_steps=-1 with max_epochs=-1) ends the run; then only a constant rate without warm-up is defined."""
-    if math.isinf(estimated_stepping_batches):
+    max_steps=-1 with max_epochs=-1) ends the run, and -1 (Lightning returns max_steps) for a training loader without
+    a length under max_steps=-1; then only a constant rate without warm-up is defined. The -1 was taken for a 1-step
+    run: the rate fell to 0 after the first step or two and the rest of the fit trained nothing."""
+    unbounded, unsized = math.isinf(estimated_stepping_batches), estimated_stepping_batches < 0
+    if unbounded or unsized:
         if schedule == "constant" and warmup_ratio == 0:
             return 1
+        why = ("unbounded (max_steps=-1 and max_epochs=-1, as when only max_time is set)" if unbounded else
+               "unknown (the training loader has no length, e.g. an IterableDataset, and max_steps=-1)")
         raise ValueError(f"lr_schedule={schedule!r} with warmup_ratio={warmup_ratio} needs the run's length, but the "
-                         "trainer's is unbounded (max_steps=-1 and max_epochs=-1, as when only max_time is set): set "
-                         "trainer.max_steps or max_epochs, or use lr_schedule='constant' with warmup_ratio=0")
+                         f"trainer's is {why}: set trainer.max_steps{' or max_epochs' if unbounded else ''}, or use "
+                         "lr_schedule='constant' with warmup_ratio=0")
     return max(1, int(estimated_stepping_batches))
 
 

@@ -114,6 +114,34 @@ def test_an_unbounded_run_trains_at_a_constant_rate_and_refuses_a_schedule_that_
         make_trainer(tmp_path / "cosine", **limits).fit(make_module(tiny_model_dir), data)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """A streamed training set: its loader has no length."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_a_training_loader_without_a_length_is_not_taken_for_a_one_step_run(tiny_model_dir, tmp_path):
+    """Lightning estimates max_steps (-1) for an unsized loader under max_epochs: the schedule took it for one step,
+    and a linear schedule trained at rate 0 from step 1 on (lr 0.01, then 0.0 for 11 of 12 steps)."""
+    data = make_data(tiny_model_dir, tasks=["parity"], max_train_examples_per_task=8)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    loader = torch.utils.data.DataLoader(_Stream(batches), batch_size=None)
+    rates = LearningRateRecorder()
+    trainer = make_trainer(tmp_path / "constant", max_steps=-1, max_epochs=2, callbacks=[rates])
+    trainer.fit(make_module(tiny_model_dir, warmup_ratio=0.0, lr_schedule="constant"), train_dataloaders=loader)
+    assert trainer.global_step == 2 * len(batches) and trainer.estimated_stepping_batches == -1
+    assert [rates.rates[step][0] for step in range(trainer.global_step)] == [1e-2] * trainer.global_step
+    with pytest.raises(ValueError, match=r"lr_schedule='linear' with warmup_ratio=0.0 needs the run's length, but the "
+                                         r"trainer's is unknown \(the training loader has no length"):
+        make_trainer(tmp_path / "linear", max_steps=-1, max_epochs=2).fit(
+            make_module(tiny_model_dir, warmup_ratio=0.0, lr_schedule="linear"), train_dataloaders=loader)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"model_name_or_path": None}, "model_name_or_path=None is invalid: expected a local folder, a hub id or an "
                                    "offline model"),
