@@ -31,6 +31,26 @@ def test_log_likelihood_of_the_target_pairs_equals_the_full_sequence_computation
     assert summed.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
 
 
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_log_likelihoods_are_computed_in_at_least_float32_and_keep_float64(dtype, expected):
+    """A 64-true run's loss and logit gradients were rounded to float32 (2.5e-5 off a float64 reference here)."""
+    torch.manual_seed(0)
+    logits = (8 * torch.randn(50, 272, dtype=torch.float64)).to(dtype).requires_grad_()
+    targets, rows = torch.randint(0, 272, (50,)), torch.arange(50) // 10
+    summed, _ = pair_log_likelihoods(logits, targets, rows, 5)
+    summed.sum().backward()
+    exact = logits.detach().double().requires_grad_()
+    reference = torch.zeros(5, dtype=torch.float64).index_add_(0, rows, torch.log_softmax(exact, -1)[range(50), targets])
+    reference.sum().backward()
+    assert summed.dtype == expected and logits.grad.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(summed, reference, rtol=1e-14, atol=1e-12)
+        torch.testing.assert_close(logits.grad, exact.grad, rtol=1e-14, atol=1e-15)
+    else:
+        torch.testing.assert_close(summed.double(), reference, rtol=1e-5, atol=1e-4)
+
+
 def test_task_means_are_each_tasks_target_token_mean_over_its_interleaved_rows():
     summed = torch.tensor([-3.0, -1.0, -2.0, -8.0, 0.0, -6.0])
     tokens = torch.tensor([3, 1, 2, 4, 0, 2])
