@@ -55,8 +55,7 @@ def estimated_stepping_batches(trainer: L.Trainer) -> float:
 def schedule_length(estimated_stepping_batches: float, warmup_ratio: float, schedule: Schedule) -> int:
     """The optimizer steps the schedule spans: the trainer's estimate, which is infinite when only `max_time` (or
     max_steps=-1 with max_epochs=-1) ends the run, and -1 (Lightning returns max_steps) for a training loader without
-    a length under max_steps=-1; then only a constant rate without warm-up is defined. The -1 was taken for a 1-step
-    run: the rate fell to 0 after the first step or two and the rest of the fit trained nothing."""
+    a length under max_steps=-1; then only a constant rate without warm-up is defined."""
     unbounded, unsized = math.isinf(estimated_stepping_batches), estimated_stepping_batches < 0
     if unbounded or unsized:
         if schedule == "constant" and warmup_ratio == 0:

@@ -21,7 +21,7 @@ def pair_log_likelihoods(logits: torch.Tensor, targets: torch.Tensor, rows: torc
     """Per row: the sum of log p(target) over its targets, and how many there are, from the logits [K, V] of K
     (row, position) pairs (`target_pairs`), their targets [K] and rows [K]. Counted with ``index_add_``, not
     ``bincount``, which reads the largest row on the host (a CUDA sync per step). In at least float32: half logits are
-    widened, float64 ones (`64-true`) kept, whose loss and gradients were rounded to float32."""
+    widened, float64 ones (`64-true`) kept."""
     token_nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
     summed = torch.zeros(num_rows, dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, -token_nll)
     counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
