@@ -34,9 +34,10 @@ SETTINGS_KEY = "malora_lightning_settings"
 def check_checkpoint_file(path: str | Path) -> None:
     """Refuse, naming the path, a file that is not a complete `torch.save` archive, or a folder.
 
-    `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here by reading only
-    that directory, without loading any tensor; torch's own error for it ("PytorchStreamReader failed reading zip
-    archive") names no file. A sharded checkpoint (a folder of shards and `meta.pt`) cannot be resumed: Lightning's
+    `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here; torch's own error
+    for it ("PytorchStreamReader failed reading zip archive") names no file. Every record is also checked against the
+    CRC-32 the archive stores for it (`_check_records`): torch's reader never checks them, so a file damaged inside
+    (bytes changed on a disk or in a copy) loaded its tensors with the damaged values, silently. A sharded checkpoint (a folder of shards and `meta.pt`) cannot be resumed: Lightning's
     sharded loading asks for every tensor of the model, the frozen base included, which an adapter-only checkpoint
     leaves out ("Missing key in checkpoint state_dict").
     """
@@ -54,10 +55,23 @@ def check_checkpoint_file(path: str | Path) -> None:
         raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a checkpoint file (.ckpt)")
     try:
         with zipfile.ZipFile(path) as archive:
-            archive.infolist()
+            _check_records(archive)
     except zipfile.BadZipFile as error:
         raise ValueError(f"checkpoint {path} is not a complete checkpoint file ({error}): it may have been cut off "
-                         "while being written; use an earlier checkpoint, e.g. the one before it") from error
+                         "while being written, or damaged since; use an earlier checkpoint, e.g. the one before "
+                         "it") from error
+
+
+def _check_records(archive: zipfile.ZipFile) -> None:
+    """Read every record of a `torch.save` archive, which makes `zipfile` raise `BadZipFile` for one whose bytes do
+    not match its stored CRC-32. A record stored with CRC 0 is not checked: `torch.save` writes 0 for every record
+    when its CRC is switched off (`torch.serialization.set_crc32_options(False)`)."""
+    for record in archive.infolist():
+        if record.CRC == 0:
+            continue
+        with archive.open(record) as stream:
+            while stream.read(1 << 24):
+                pass
 
 
 class CheckedCheckpointIO(TorchCheckpointIO):

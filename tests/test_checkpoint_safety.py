@@ -211,6 +211,48 @@ def test_a_truncated_checkpoint_is_named_by_the_python_api(tiny_model_dir, tmp_p
         MALoRAModule.load_from_checkpoint(path)
 
 
+def damaged_inside(path: Path, record_suffix: str) -> Path:
+    """`path` with the first 8 bytes of one record's data zeroed, the archive's directory (and its CRCs) kept."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith(record_suffix))
+    data = bytearray(path.read_bytes())
+    # a local file header is 30 bytes, then the name and the extra field, whose lengths sit at its bytes 26-29
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data_start = record.header_offset + 30 + name_length + extra_length
+    data[data_start:data_start + 8] = bytes(8)
+    damaged = path.with_name(f"damaged-{path.name}")
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+@pytest.mark.parametrize("crc32", [True, False])
+def test_a_checkpoint_damaged_inside_is_named_not_loaded_with_wrong_values(tmp_path, crc32):
+    """torch's reader never checks the archive's CRC-32s: a checkpoint whose bytes changed inside a tensor loaded that
+    tensor with the changed values, and the run resumed or scored them without a word. A file saved without CRCs has
+    nothing to check against, and passes."""
+    from malora_lightning.checkpoints import check_checkpoint_file
+
+    expected = torch.arange(1.0, 65.0, dtype=torch.float64)
+    torch.serialization.set_crc32_options(crc32)
+    try:
+        planted_checkpoint(tmp_path / "good.ckpt", state_dict={"model.lora_A": expected})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    check_checkpoint_file(tmp_path / "good.ckpt")
+    damaged = damaged_inside(tmp_path / "good.ckpt", "data/0")
+    loaded = torch.load(damaged, weights_only=True)["state_dict"]["model.lora_A"]
+    assert loaded[0] == 0.0 and torch.equal(loaded[1:], expected[1:])  # torch reads the damaged value as it is
+    if crc32:
+        with pytest.raises(ValueError, match=r"checkpoint .*damaged-good\.ckpt is not a complete checkpoint file "
+                                             r"\(Bad CRC-32 for file '.*data/0'\).*or damaged since"):
+            check_checkpoint_file(damaged)
+    else:
+        check_checkpoint_file(damaged)
+
+
 def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch):
     """An offline model's name and its converted folder, or a folder written relative and absolute, load the same
     weights: a checkpoint of one was refused for the other. Another folder is still refused."""
