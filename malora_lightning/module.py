@@ -701,6 +701,22 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 names = {param: unwrapped_name(name) for name, param in self.named_parameters()}
                 groups = [[names[param] for param in group["params"]] for group in self._parameter_groups()]
             upgrade_checkpoint(checkpoint, shapes, groups, path)
+        if "state_dict" in checkpoint:
+            self._check_checkpoint_shapes(checkpoint["state_dict"], source)
+
+    def _check_checkpoint_shapes(self, state_dict: Mapping[str, Any], source: str) -> None:
+        """Refuse a checkpoint tensor whose shape is not this module's: the base check compares the base's name only,
+        so a checkpoint of a base of other sizes under the same name (a local folder whose model was replaced) failed
+        in torch's load_state_dict with a RuntimeError listing every tensor and naming no file."""
+        own = {unwrapped_name(name): tensor for name, tensor in [*self.named_parameters(), *self.named_buffers()]}
+        differing = [key for key, value in state_dict.items()
+                     if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape]
+        if differing:
+            key = differing[0]
+            raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(state_dict[key].shape)}, this module's "
+                             f"{tuple(own[key].shape)} ({len(differing)} tensors differ in shape): it was saved with "
+                             "a base model of other sizes (one whose folder or name now holds another model?) or "
+                             f"another adapter config{source}")
 
     def on_train_start(self) -> None:
         """Warn of a validation inside an accumulation window (`_warn_of_validations_inside_windows`); after a resume,

@@ -253,6 +253,33 @@ def test_a_checkpoint_damaged_inside_is_named_not_loaded_with_wrong_values(tmp_p
         check_checkpoint_file(damaged)
 
 
+def test_a_checkpoint_of_a_base_of_other_sizes_under_the_same_name_is_named(tiny_model_dir, tmp_path):
+    """The base check compares names: a checkpoint trained on a base folder whose model was replaced by one of other
+    sizes failed in torch's load_state_dict with a RuntimeError listing every tensor, naming no file."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    base = tmp_path / "base"
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size = 64, 96  # the tiny model's are 32 and 48
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tiny_tokenizer(chat_template=True).save_pretrained(base)
+    trainer = make_trainer(tmp_path / "fit", max_steps=1)
+    trainer.fit(make_module(base), make_data(base))
+    path = tmp_path / "wider.ckpt"
+    trainer.save_checkpoint(path)
+    shutil.rmtree(base)
+    shutil.copytree(tiny_model_dir, base)  # the same folder now holds the 32-wide model
+    message = (r"checkpoint tensor 'model\.model\.layers\.0\.self_attn\.q_proj\.shared_A' has shape \(4, 64\), this "
+               r"module's \(4, 32\) \(\d+ tensors differ in shape\): it was saved with a base model of other sizes.* "
+               r"\(.*wider\.ckpt\)")
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "tested").validate(make_module(base), make_data(base), ckpt_path=path)
+    with pytest.raises(ValueError, match=message):
+        MALoRAModule.load_from_checkpoint(path)
+
+
 def test_the_same_base_named_another_way_is_the_same_base(tmp_path, monkeypatch):
     """An offline model's name and its converted folder, or a folder written relative and absolute, load the same
     weights: a checkpoint of one was refused for the other. Another folder is still refused."""
