@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal, Mapping
+from typing import Any, Collection, Iterable, Iterator, Literal, Mapping
 
 import torch
 from safetensors import safe_open
@@ -144,7 +144,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     metadata, keys = _weights_header(path / WEIGHTS_NAME)
     base = stored.get("base_model_name_or_path")
     if METADATA_CONFIG in metadata:  # ours
-        config = AdapterConfig.from_json(metadata[METADATA_CONFIG])
+        with _config_read_from(f"{path / WEIGHTS_NAME} (its {METADATA_CONFIG} metadata)"):
+            config = AdapterConfig.from_json(metadata[METADATA_CONFIG])
         if stored.get("peft_type") != PEFT_TYPES[config.method]:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
@@ -155,8 +156,19 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
-        return AdapterFolder(path, AdapterConfig.from_dict(stored), None, None, "legacy")
+        with _config_read_from(str(path / CONFIG_NAME)):
+            return AdapterFolder(path, AdapterConfig.from_dict(stored), None, None, "legacy")
     raise ValueError(f"{path / CONFIG_NAME}: neither a PEFT adapter config (no 'peft_type') nor a malora_lightning one")
+
+
+@contextlib.contextmanager
+def _config_read_from(source: str) -> Iterator[None]:
+    """Name `source` in the error of an adapter config that cannot be built from it: `AdapterConfig`'s own errors
+    (an invalid or unknown field, JSON that is not an object) name no file."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _weights_header(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -202,8 +214,9 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
         raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
     # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r
     alpha = lora_alpha * math.sqrt(rank) if stored.get("use_rslora") else lora_alpha
-    return AdapterConfig(method="lora", rank=rank, alpha=float(alpha), dropout=float(stored.get("lora_dropout", 0.0)),
-                         target_modules=modules)
+    with _config_read_from(str(path / CONFIG_NAME)):
+        return AdapterConfig(method="lora", rank=rank, alpha=float(alpha),
+                             dropout=float(stored.get("lora_dropout", 0.0)), target_modules=modules)
 
 
 def _saved_base_weight_owner(key: str, adapted: Collection[str]) -> str | None:

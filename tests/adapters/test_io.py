@@ -311,6 +311,43 @@ def test_an_unreadable_weights_file_is_named(tmp_path, content):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
+def edit_stored_config(folder: Path, edit) -> None:
+    """Rewrite the AdapterConfig JSON that our weights file's header carries through `edit` (str -> str)."""
+    weights = folder / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as stored:
+        metadata, tensors = stored.metadata(), {key: stored.get_tensor(key) for key in stored.keys()}
+    metadata[adapter_io.METADATA_CONFIG] = edit(metadata[adapter_io.METADATA_CONFIG])
+    save_file(tensors, str(weights), metadata=metadata)
+
+
+@pytest.mark.parametrize("layout, edit, error", [
+    ("ours", lambda text: text[:-5], r"Expecting value"),
+    ("ours", lambda text: json.dumps({**json.loads(text), "rank": -1}), r"AdapterConfig\.rank=-1 is invalid"),
+    ("ours", lambda text: "3", r"'int' object is not iterable"),  # a TypeError inside AdapterConfig
+    ("legacy", lambda stored: {**stored, "rank": 0}, r"AdapterConfig\.rank=0 is invalid"),
+    ("peft", lambda stored: {**stored, "r": 0}, r"AdapterConfig\.rank=0 is invalid"),
+    ("peft", lambda stored: {**stored, "lora_dropout": "high"}, r"could not convert string to float: 'high'"),
+])
+def test_an_invalid_stored_adapter_config_names_its_file(tmp_path, layout, edit, error):
+    """AdapterConfig's own errors name no file: `malora validate --model.adapter_path` printed "error: Expecting
+    value: line 29 column 21" or "AdapterConfig.rank=0 is invalid" alone."""
+    folder = tmp_path / "a"
+    save_adapters(trained_model("lora"), folder)
+    config_file = folder / "adapter_config.json"
+    if layout == "ours":
+        edit_stored_config(folder, edit)
+        source = re.escape(f"{folder / 'adapter_model.safetensors'} (its {adapter_io.METADATA_CONFIG} metadata): ")
+    else:
+        weights = folder / "adapter_model.safetensors"
+        save_file(load_file(str(weights)), str(weights))  # no AdapterConfig in the header, as PEFT or we once wrote
+        if layout == "legacy":  # the AdapterConfig itself in adapter_config.json
+            config_file.write_text(json.dumps(AdapterConfig(method="lora", rank=2).to_dict()))
+        config_file.write_text(json.dumps(edit(json.loads(config_file.read_text()))))
+        source = re.escape(f"{config_file}: ")
+    with pytest.raises(ValueError, match=source + error):
+        read_adapter_folder(folder)
+
+
 def test_integer_adapter_tensors_are_refused_by_name(tmp_path):
     """They were copied into the float weights silently (a folder's 7s loaded as 7.0)."""
     save_adapters(trained_model(), tmp_path / "a")
