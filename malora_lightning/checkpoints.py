@@ -34,12 +34,13 @@ SETTINGS_KEY = "malora_lightning_settings"
 def check_checkpoint_file(path: str | Path) -> None:
     """Refuse, naming the path, a file that is not a complete `torch.save` archive, or a folder.
 
-    `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here; torch's own error
-    for it ("PytorchStreamReader failed reading zip archive") names no file. Every record is also checked against the
-    CRC-32 the archive stores for it (`_check_records`): torch's reader never checks them, so a file damaged inside
-    (bytes changed on a disk or in a copy) loaded its tensors with the damaged values, silently. A sharded checkpoint (a folder of shards and `meta.pt`) cannot be resumed: Lightning's
-    sharded loading asks for every tensor of the model, the frozen base included, which an adapter-only checkpoint
-    leaves out ("Missing key in checkpoint state_dict").
+    `torch.save` writes a zip archive whose directory sits at its end, so a cut-off file fails here; torch's own
+    error for it ("PytorchStreamReader failed reading zip archive") names no file. Every record is also checked
+    against the CRC-32 the archive stores for it (`_check_records`): torch's reader never checks them, so a file
+    damaged inside (bytes changed on a disk or in a copy) loaded its tensors with the damaged values, silently. A
+    sharded checkpoint (a folder of shards and `meta.pt`) cannot be resumed: Lightning's sharded loading asks for
+    every tensor of the model, the frozen base included, which an adapter-only checkpoint leaves out ("Missing key
+    in checkpoint state_dict").
     """
     path = Path(path)
     if path.is_dir() and (path / SHARDED_METADATA).is_file():
