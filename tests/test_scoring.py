@@ -41,7 +41,8 @@ def test_log_likelihoods_are_computed_in_at_least_float32_and_keep_float64(dtype
     summed, _ = pair_log_likelihoods(logits, targets, rows, 5)
     summed.sum().backward()
     exact = logits.detach().double().requires_grad_()
-    reference = torch.zeros(5, dtype=torch.float64).index_add_(0, rows, torch.log_softmax(exact, -1)[range(50), targets])
+    target_log_probabilities = torch.log_softmax(exact, -1)[range(50), targets]
+    reference = torch.zeros(5, dtype=torch.float64).index_add_(0, rows, target_log_probabilities)
     reference.sum().backward()
     assert summed.dtype == expected and logits.grad.dtype == dtype
     if dtype == torch.float64:
