@@ -179,10 +179,15 @@ class MALoRACLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
         `trust_remote_code` and the base model's path included: here they are only checked against the run's
-        (`_prepare_subcommand_kwargs`)."""
+        (`_prepare_subcommand_kwargs`). `--weights_only=false` is refused: every check reads the file as data."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
+        if self.config[subcommand].get("weights_only") is False:
+            raise ValueError("--weights_only=false: malora commands read checkpoints as data only (torch.load with "
+                             "weights_only=True), so that nothing in a checkpoint file runs. A checkpoint that needs "
+                             "more holds objects besides tensors and plain values; load one you trust in Python, "
+                             "with MALoRAModule.load_from_checkpoint(path, weights_only=False)")
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if ckpt_path == "best":
             raise ValueError("--ckpt_path best means the best checkpoint of a fit earlier in the same process, which a "
