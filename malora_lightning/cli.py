@@ -231,7 +231,7 @@ class MALoRACLI(LightningCLI):
                            "evaluate a trained adapter")
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
-        predict_file = None if self.datamodule is None else self.datamodule.hparams.get("predict_file")
+        predict_file = None if self.datamodule is None else self.datamodule.settings.predict_file
         if predict_file is not None and subcommand in ("validate", "test"):
             rank_zero_warn(f"malora {subcommand} scores the {'validation' if subcommand == 'validate' else 'test'} "
                            f"splits: data.predict_file ({predict_file}) is read by malora predict alone")

@@ -204,7 +204,7 @@ class EvaluationMixin:
                           for name, (long, longest, budget) in cut.items())
         cap = self.settings.max_new_tokens
         raise_cap = "raise model.max_new_tokens, " if cap in {budget for _, _, budget in cut.values()} else ""
-        rank_zero_warn(f"predict_file {datamodule.hparams.predict_file}: rows with a target longer than the answers "
+        rank_zero_warn(f"predict_file {datamodule.settings.predict_file}: rows with a target longer than the answers "
                        f"their task generates ({named}; counting the end-of-turn token): their answers are cut at "
                        "that length, so their 'correct' can be false for a right answer. A task generates as many "
                        "tokens as its longest validation or test answer (or its task spec's max_new_tokens), capped "

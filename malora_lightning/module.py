@@ -65,6 +65,7 @@ from malora_lightning.checkpoints import (
     upgrade_checkpoint,
 )
 from malora_lightning.data.batches import TrainingBatch
+from malora_lightning.data.datamodule import MultiTaskDataModule
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
@@ -372,7 +373,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         config: a multimodal base's own config has none): the longer sequences would get positions the model never
         saw, and nothing said so."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
+        if isinstance(datamodule, MultiTaskDataModule):
+            max_length = datamodule.settings.max_length  # what it runs on (a subclass's hparams may differ)
+        else:
+            max_length = datamodule.hparams.get("max_length") if datamodule is not None else None
         text_config = self.model.config.get_text_config()
         context = context_length(text_config)
         if is_int(max_length) and is_int(context) and max_length > context:

@@ -236,3 +236,33 @@ def test_a_pass_through_subclass_given_positional_arguments_loads_back_with_them
     assert module.hparams["model_name_or_path"] == str(tiny_model_dir) and module.hparams["quantization"] is None
     loaded = PassThrough.load_from_checkpoint(fit_checkpoint(module, tmp_path))
     assert loaded.settings == module.settings and loaded.adapter_config == SMALL
+
+
+class Briefly(MultiTaskDataModule):
+    """Changes two of the data module's arguments before passing them on."""
+
+    def __init__(self, max_length: int = 64, system_prompt: str | None = None, **kwargs):
+        super().__init__(max_length=max_length + 16, system_prompt=system_prompt or "Answer briefly.", **kwargs)
+
+
+def test_a_data_module_subclass_runs_on_what_it_passes_on(tiny_model_dir):
+    """The data module read its settings from hparams, which record the subclass's own arguments: the prompt format
+    got max_length 64 and no system prompt, where the subclass passed on 80 and 'Answer briefly.'."""
+    data = Briefly(tasks=["parity"], tokenizer=str(tiny_model_dir), max_train_examples_per_task=4,
+                   max_eval_examples_per_task=2)
+    assert (data.hparams.max_length, data.hparams.system_prompt) == (64, None)  # how it is rebuilt
+    data.setup("fit")
+    assert (data.encoder.max_length, data.encoder.system_prompt) == (80, "Answer briefly.")
+    example = data.train_dataloader().dataset[0]
+    assert "Answer briefly." in data.tokenizer.decode(example.input_ids)
+
+
+def test_the_data_settings_are_every_argument_of_the_data_module():
+    """A new argument left out of DataSettings would never reach the data module's code through `settings`."""
+    import dataclasses
+    import inspect
+
+    from malora_lightning.data.datamodule import DataSettings
+
+    arguments = set(inspect.signature(MultiTaskDataModule.__init__).parameters) - {"self"}
+    assert {field.name for field in dataclasses.fields(DataSettings)} == arguments

@@ -98,6 +98,38 @@ def _check_count(name: str, value: Any, optional: bool, minimum: int = 1, maximu
         raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected {allowed}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The arguments `MultiTaskDataModule.__init__` received, which the data module runs on. Not `hparams`: those
+    record a subclass's own arguments (how `load_from_checkpoint` rebuilds it), which may differ from what it passes
+    on (``max_length=max_length + 16``, ``system_prompt=system_prompt or "..."``)."""
+
+    tasks: list[str]
+    eval_tasks: list[str] | None
+    task_specs: list[dict] | None
+    tokenizer: str | None
+    max_length: int
+    long_targets: LongTargets
+    use_chat_template: bool | None
+    system_prompt: str | None
+    batch_size: int
+    eval_batch_size: int | None
+    sampling: str
+    temperature: float
+    cap: int | None
+    task_weights: dict[str, float] | None
+    unimax_max_epochs: float
+    samples_per_epoch: int | None
+    max_train_examples_per_task: int | None
+    max_eval_examples_per_task: int | None
+    max_val_examples_per_task: int | None
+    seed: int
+    data_seed: int
+    num_workers: int
+    predict_file: str | None
+    trust_remote_code: bool
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Multi-task data for causal-LM fine-tuning.
 
@@ -182,8 +214,12 @@ class MultiTaskDataModule(LightningDataModule):
         predict_file: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
+        arguments = dict(locals())
         super().__init__()
         self.save_hyperparameters()
+        # what the data module runs on: the arguments it received, not a subclass's own (`hparams`)
+        self.settings = DataSettings(**{field.name: arguments[field.name]
+                                        for field in dataclasses.fields(DataSettings)})
         if sampling not in SAMPLING_STRATEGIES:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
         check_long_targets(long_targets)
@@ -284,7 +320,7 @@ class MultiTaskDataModule(LightningDataModule):
         path = resolve_model_path(self.tokenizer_name)
         try:
             # explicit: left unset, transformers asks on stdin whether to run a folder's own tokenizer code
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=self.settings.trust_remote_code)
         except (OSError, ValueError) as error:
             raise OSError(f"could not load the tokenizer {self.tokenizer_name!r} (resolved to {path!r}): {error}. "
                           "MultiTaskDataModule.tokenizer (in the CLI model.model_name_or_path unless set) must be a "
@@ -292,8 +328,8 @@ class MultiTaskDataModule(LightningDataModule):
                           "'offline:SmolLM2-135M-Instruct'") from error
 
     def build_encoder(self, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
-        return PromptEncoder(tokenizer, self.hparams.max_length, self.hparams.use_chat_template,
-                             self.hparams.system_prompt, self.hparams.long_targets)
+        return PromptEncoder(tokenizer, self.settings.max_length, self.settings.use_chat_template,
+                             self.settings.system_prompt, self.settings.long_targets)
 
     def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
@@ -303,19 +339,19 @@ class MultiTaskDataModule(LightningDataModule):
         torch ``Sampler`` works; one with ``state_dict(consumed=)`` and ``load_state_dict`` (``TaskBalancedSampler``'s
         checkpoint protocol) resumes mid-epoch where the saved run stopped, any other restarts its order on resume
         (`ResumableDataLoader` warns once)."""
-        hparams = self.hparams
-        num_samples = hparams.samples_per_epoch
-        if hparams.sampling == "unimax":
-            num_samples = unimax_epoch_length(sizes, num_samples, hparams.unimax_max_epochs)
-        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), num_samples=num_samples, seed=hparams.seed)
+        settings = self.settings
+        num_samples = settings.samples_per_epoch
+        if settings.sampling == "unimax":
+            num_samples = unimax_epoch_length(sizes, num_samples, settings.unimax_max_epochs)
+        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), num_samples=num_samples, seed=settings.seed)
 
     def _mixing_weights(self, sizes: Sequence[int]) -> list[float]:
-        hparams = self.hparams
+        settings = self.settings
         weights = None
-        if hparams.task_weights is not None:
-            weights = [hparams.task_weights[task.name] for task in self.train_tasks]
-        return mixing_weights(sizes, hparams.sampling, cap=hparams.cap, temperature=hparams.temperature,
-                              weights=weights, budget=hparams.samples_per_epoch, max_epochs=hparams.unimax_max_epochs)
+        if settings.task_weights is not None:
+            weights = [settings.task_weights[task.name] for task in self.train_tasks]
+        return mixing_weights(sizes, settings.sampling, cap=settings.cap, temperature=settings.temperature,
+                              weights=weights, budget=settings.samples_per_epoch, max_epochs=settings.unimax_max_epochs)
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -327,7 +363,7 @@ class MultiTaskDataModule(LightningDataModule):
         for task in self._tasks:
             if isinstance(task.source, HubSource):
                 for split in task.source.splits:
-                    task.source.load(split, self.hparams.data_seed)
+                    task.source.load(split, self.settings.data_seed)
 
     def setup(self, stage: str | None = None) -> None:
         stage = TrainerFn(stage or "fit").value  # Lightning passes a TrainerFn, which f-strings write as its name
@@ -351,7 +387,7 @@ class MultiTaskDataModule(LightningDataModule):
         """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,
         ``VERY_LARGE_INTEGER`` where the tokenizer records none): the longer sequences would reach the model
         with positions it never saw."""
-        limit, max_length = tokenizer.model_max_length, self.hparams.max_length
+        limit, max_length = tokenizer.model_max_length, self.settings.max_length
         if is_int(limit) and limit < VERY_LARGE_INTEGER and max_length > limit:
             rank_zero_warn(f"MultiTaskDataModule max_length={max_length} exceeds the tokenizer's "
                            f"model_max_length={limit}: a sequence longer than {limit} tokens gets positions the model "
@@ -392,11 +428,11 @@ class MultiTaskDataModule(LightningDataModule):
         split = None
         trained = task.name in {train_task.name for train_task in self.train_tasks}
         if trained and task.has_split("train") and not task.has_split("validation"):
-            count = task.num_rows("train", self.hparams.data_seed)
+            count = task.num_rows("train", self.settings.data_seed)
             held = max(1, round(HELD_OUT_FRACTION * count))
             if count >= 2:
                 order = list(range(count))
-                random.Random(f"{self.hparams.data_seed}:{task.name}:held-out").shuffle(order)
+                random.Random(f"{self.settings.data_seed}:{task.name}:held-out").shuffle(order)
                 split = HeldOutSplit(train_rows=tuple(sorted(order[held:])),
                                      validation_rows=tuple(sorted(order[:held])))
                 logger.warning("Task %r has no validation split: %d of its %d train rows are held out and not trained "
@@ -409,7 +445,7 @@ class MultiTaskDataModule(LightningDataModule):
         held out from its train rows, those rows' `HeldOutSplit.digest`, so that a run from the checkpoint can tell
         when it would train on other tasks or validate on rows the checkpoint's fit trained on (`load_state_dict`)."""
         carved = {name: split.digest for name, split in self._held_out.items() if split is not None}
-        return {"train_tasks": [task.name for task in self.train_tasks], "data_seed": self.hparams.data_seed,
+        return {"train_tasks": [task.name for task in self.train_tasks], "data_seed": self.settings.data_seed,
                 "held_out_rows": carved}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -431,7 +467,7 @@ class MultiTaskDataModule(LightningDataModule):
         moved = [task.name for task in self.train_tasks if task.name in stored
                  and (split := self.held_out(task)) is not None and split.digest != stored[task.name]]
         if moved:
-            seed, stored_seed = self.hparams.data_seed, state_dict.get("data_seed")
+            seed, stored_seed = self.settings.data_seed, state_dict.get("data_seed")
             cause = f"data_seed {stored_seed} there, {seed} here" if stored_seed != seed else \
                 "the same data_seed, so their train files changed"
             rank_zero_warn(f"Tasks {moved} are validated on rows held out from their train rows, and these are not "
@@ -441,12 +477,12 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _limit(self, split: str) -> int | None:
         """The most examples per task of ``split`` kept: its ``max_*_examples_per_task``."""
-        hparams = self.hparams
+        settings = self.settings
         if split == "train":
-            return hparams.max_train_examples_per_task
-        if split == "validation" and hparams.max_val_examples_per_task is not None:
-            return hparams.max_val_examples_per_task
-        return hparams.max_eval_examples_per_task
+            return settings.max_train_examples_per_task
+        if split == "validation" and settings.max_val_examples_per_task is not None:
+            return settings.max_val_examples_per_task
+        return settings.max_eval_examples_per_task
 
     def _evaluated_count(self, rows: int) -> int:
         """How many of a validation split's ``rows`` are evaluated (``_limit``)."""
@@ -471,7 +507,7 @@ class MultiTaskDataModule(LightningDataModule):
         skipped = [f"| {name} | {split} | {stats.skipped} | {stats.examples} | {stats.longest_skipped} |"
                    for split, per_task in self.truncation.items() for name, stats in per_task.items() if stats.skipped]
         if skipped:
-            header = (f"## Examples left out: targets longer than max_length={self.hparams.max_length} allows\n\n"
+            header = (f"## Examples left out: targets longer than max_length={self.settings.max_length} allows\n\n"
                       "With long_targets='skip', these examples were neither trained on nor scored: the scores of "
                       "these splits are over the rest.\n\n| task | split | left out | of | longest target or choice "
                       "(tokens) |"
@@ -496,17 +532,17 @@ class MultiTaskDataModule(LightningDataModule):
                       ) -> dict[str, PackedExamples]:
         """Encode each task's examples of `split`. Encoding train records each task's prompts (with their first row)
         in `trained_prompts`; encoding an evaluated split afterwards warns of the examples whose prompt is there."""
-        hparams = self.hparams
+        settings = self.settings
         limit = self._limit(split)
         encoded, self.truncation[split] = {}, {}
         for task_id, task in self._split_tasks(split):
             held_out = self.held_out(task) if split in ("train", "validation") else None
             if held_out is None:
-                examples = task.examples(split, seed=hparams.data_seed, limit=limit)
+                examples = task.examples(split, seed=settings.data_seed, limit=limit)
             elif split == "train":
-                examples = task.examples("train", seed=hparams.data_seed, limit=limit, only_rows=held_out.train_rows)
+                examples = task.examples("train", seed=settings.data_seed, limit=limit, only_rows=held_out.train_rows)
             else:
-                examples = task.examples("train", seed=hparams.data_seed, limit=limit,
+                examples = task.examples("train", seed=settings.data_seed, limit=limit,
                                          only_rows=held_out.validation_rows)
             if split == "train":
                 trained_prompts[task.name] = {}
@@ -525,7 +561,7 @@ class MultiTaskDataModule(LightningDataModule):
             if stats.skipped and stats.skipped == stats.examples:
                 raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples chosen "
                                     f"(up to {stats.longest_skipped} tokens) do not fit max_length="
-                                    f"{hparams.max_length} with the prompt format's own tokens and a prompt token, "
+                                    f"{settings.max_length} with the prompt format's own tokens and a prompt token, "
                                     "so long_targets='skip' left every one out; raise max_length (or the split's "
                                     "max_*_examples_per_task, if it has shorter rows)")
             self._count_truncation(split, task.name, stats)
@@ -559,11 +595,11 @@ class MultiTaskDataModule(LightningDataModule):
         if stats.skipped:
             logger.warning("Task %r %s: %d of %d examples left out (long_targets='skip'): their targets, up to %d "
                            "tokens, do not fit max_length=%d.", name, split, stats.skipped, stats.examples,
-                           stats.longest_skipped, self.hparams.max_length)
+                           stats.longest_skipped, self.settings.max_length)
         if stats.truncated:
             logger.warning("Task %r %s: %d of %d prompts were cut from the left to fit max_length=%d "
                            "(%d tokens dropped).", name, split, stats.truncated, stats.examples,
-                           self.hparams.max_length, stats.tokens_dropped)
+                           self.settings.max_length, stats.tokens_dropped)
 
     def _with_generation_length(self, task: Task) -> Task:
         """A registered length wins; otherwise `_longest_answer`."""
@@ -582,7 +618,7 @@ class MultiTaskDataModule(LightningDataModule):
 
         Measured with ``PromptEncoder.answer_lengths``: ``encode`` would refuse a row whose target does not fit
         ``max_length`` though it may never be evaluated."""
-        seed = self.hparams.data_seed
+        seed = self.settings.data_seed
         held_out = self.held_out(task)
         examples = [] if held_out is None else task.examples("train", seed=seed, only_rows=held_out.validation_rows)
         for split in ("validation", "test"):
@@ -590,7 +626,7 @@ class MultiTaskDataModule(LightningDataModule):
                 examples += task.examples(split, seed=seed)
         longest = max(self._encoder.answer_lengths(examples), default=None)
         # an answer trains with at least one prompt token: a longer one is left out (long_targets="skip") or refused
-        return None if longest is None else min(longest, self.hparams.max_length - 1)
+        return None if longest is None else min(longest, self.settings.max_length - 1)
 
     # ------------------------------------------------------------------------------------------------ loaders
 
@@ -632,7 +668,7 @@ class MultiTaskDataModule(LightningDataModule):
         torch's global generator, which dropout draws from, when it has none: the training loader starts one at each
         epoch, after the checkpoint written at the end of the last, so that draw made a resume from such a
         checkpoint differ from the uninterrupted run."""
-        return seeded_generator(self.hparams.data_seed, "loader", purpose)
+        return seeded_generator(self.settings.data_seed, "loader", purpose)
 
     def _loaded(self, split: str) -> dict[str, PackedExamples]:
         if split not in self._encoded:
@@ -649,8 +685,8 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")
         chosen = examples[task]
         if max_examples is not None and max_examples < len(chosen):
-            rows = random.Random(f"{self.hparams.data_seed}:{task}:{split}:subset").sample(range(len(chosen)),
-                                                                                           max_examples)
+            rows = random.Random(f"{self.settings.data_seed}:{task}:{split}:subset").sample(range(len(chosen)),
+                                                                                            max_examples)
             chosen = [chosen[row] for row in sorted(rows)]
         return DataLoader(chosen, batch_size=self.eval_batch_size, collate_fn=self.build_collator(eval_fields=False),
                           generator=self._loader_generator(task))
