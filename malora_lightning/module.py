@@ -60,6 +60,7 @@ from malora_lightning.checkpoints import (
     check_checkpoint_file,
     check_checkpoint_settings,
     computed_otherwise,
+    read_checkpoint,
     stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
@@ -304,18 +305,20 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              weights_only: bool = True, trust_remote_code: bool = False,
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`) and
-        `trust_remote_code` taken from the caller only (default False), never from the file's hyperparameters."""
+        `trust_remote_code` taken from the caller (default False) or the class's own code, never from the file's
+        hyperparameters (`_passes_trust_remote_code`)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if named is not None:
             check_checkpoint_file(named)
+        if _passes_trust_remote_code(cls, named, hparams_file, trust_remote_code):
+            kwargs["trust_remote_code"] = trust_remote_code
         token = _LOADED_FILE.set(named)
         try:
             with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks it
                 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in "
                                                           "the checkpoint", category=UserWarning)
                 return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                    weights_only=weights_only, trust_remote_code=trust_remote_code,
-                                                    **kwargs)
+                                                    weights_only=weights_only, **kwargs)
         finally:
             _LOADED_FILE.reset(token)
 
@@ -819,6 +822,20 @@ def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     which `MALoRAModule.__init__` takes back."""
     return {name: value.to_dict() if isinstance(value, AdapterConfig) else value
             for name, value in hyperparameters.items()}
+
+
+def _passes_trust_remote_code(cls: type[MALoRAModule], path: str | Path | None, hparams_file: str | Path | None,
+                              trust_remote_code: bool) -> bool:
+    """Whether `MALoRAModule.load_from_checkpoint` passes the caller's `trust_remote_code` to `cls`: where the caller
+    allows remote code, where `cls` names the argument, and where the stored hyperparameters (the checkpoint's, or an
+    `hparams_file`'s) may hold it, so that the file never decides it. Otherwise `cls` takes it through `**kwargs`
+    only, and the file holds none: then the class's own code decides, as a subclass that fixes it
+    (``super().__init__(trust_remote_code=True, **kwargs)``) must, since a second value is a TypeError."""
+    if trust_remote_code or "trust_remote_code" in inspect.signature(cls.__init__).parameters:
+        return True
+    if path is None or hparams_file is not None:
+        return True
+    return "trust_remote_code" in (read_checkpoint(path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
 
 
 def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: str) -> None:

@@ -266,3 +266,27 @@ def test_the_data_settings_are_every_argument_of_the_data_module():
 
     arguments = set(inspect.signature(MultiTaskDataModule.__init__).parameters) - {"self"}
     assert {field.name for field in dataclasses.fields(DataSettings)} == arguments
+
+
+class FixedRemoteCode(MALoRAModule):
+    """Fixes trust_remote_code in its own code (a base whose folder needs its own model code)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(model_name_or_path=BASE, quantization=None, adapter=SMALL, trust_remote_code=True, **kwargs)
+
+
+def test_a_subclass_that_fixes_trust_remote_code_loads_and_a_stored_one_still_never_applies(base, tmp_path):
+    """load_from_checkpoint passed the caller's trust_remote_code=False to every class: one that fixes it got it
+    twice (TypeError: multiple values for keyword argument 'trust_remote_code'), and could not be loaded at all."""
+    trained = FixedRemoteCode(learning_rate=2e-3)
+    checkpoint = fit_checkpoint(trained, tmp_path / "fixed")
+    assert "trust_remote_code" not in torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    loaded = FixedRemoteCode.load_from_checkpoint(checkpoint)
+    assert loaded.settings == trained.settings and loaded.settings.trust_remote_code is True  # the class's code
+    # a pass-through subclass whose checkpoint holds trust_remote_code: True gets the caller's value, not the file's
+    stored = torch.load(fit_checkpoint(PassThrough(base, None, adapter=SMALL, trust_remote_code=True), tmp_path / "p"),
+                        weights_only=True)
+    assert stored["hyper_parameters"]["trust_remote_code"] is True
+    torch.save(stored, tmp_path / "stored.ckpt")
+    assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt").settings.trust_remote_code is False
+    assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", trust_remote_code=True).settings.trust_remote_code
