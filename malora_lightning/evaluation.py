@@ -102,6 +102,19 @@ class EvaluationMixin:
                                             generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
 
+    def _checked_predictions(self, predictions: object, batch: EvaluationBatch) -> list[str]:
+        """`generate_predictions`'s answers, one text per prompt of `batch`, or a TypeError naming the override: a
+        string, or a list of another length, was zipped with the batch's targets and rows, scoring characters or
+        dropping examples, or failed later naming neither."""
+        count = batch.prompt_input_ids.shape[0]
+        if not isinstance(predictions, (list, tuple)) or len(predictions) != count \
+                or not all(isinstance(prediction, str) for prediction in predictions):
+            length = f" of {len(predictions)}" if isinstance(predictions, (list, tuple)) else ""
+            raise TypeError(f"{type(self).__name__}.generate_predictions returned a {type(predictions).__name__}"
+                            f"{length} for a batch of {count} prompts: it must return a list of one answer text (str) "
+                            "per prompt, in batch order")
+        return list(predictions)
+
     def choice_log_likelihoods(self, choices: ChoiceRows, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`target_log_likelihoods` of every (example, choice) row when each choice is one token after its example's
         shared prompt (`one_token_choices`), from one forward over the gold rows (`gold`, one per example): the logits
@@ -148,7 +161,7 @@ class EvaluationMixin:
         with scoring_pass(self.model, ScoringPass(batch.task_id, batch.counted)):
             log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
         task = self.task(batch.task_name[0])
-        predictions = self.generate_predictions(batch, self.generation_length(task))
+        predictions = self._checked_predictions(self.generate_predictions(batch, self.generation_length(task)), batch)
         correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
                                device=tokens.device)
         output = EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
@@ -232,7 +245,8 @@ class EvaluationMixin:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known; padding examples are answered (every rank generates alike) but not returned."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
-        predictions = self.generate_predictions(batch, max(self.generation_length(task) for task in tasks))
+        predictions = self._checked_predictions(
+            self.generate_predictions(batch, max(self.generation_length(task) for task in tasks)), batch)
         answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                               target=target,
                               correct=None if task is None or target is None else task.is_correct(prediction, target))

@@ -492,6 +492,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> torch.Tensor:
         lm = self.compute_lm_loss(batch)
+        if not isinstance(lm, LMLoss):
+            raise TypeError(f"{type(self).__name__}.compute_lm_loss returned a {type(lm).__name__}: it must return an "
+                            "LMLoss (malora_lightning.module), e.g. LMLoss(loss=loss, per_task={}) for a scalar loss")
         router = aux_loss(self.model).to(lm.loss.device)
         loss = lm.loss + router
         if not torch.isfinite(loss):

@@ -290,3 +290,29 @@ def test_a_subclass_that_fixes_trust_remote_code_loads_and_a_stored_one_still_ne
     torch.save(stored, tmp_path / "stored.ckpt")
     assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt").settings.trust_remote_code is False
     assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", trust_remote_code=True).settings.trust_remote_code
+
+
+class TensorLoss(MALoRAModule):
+    def compute_lm_loss(self, batch):
+        return super().compute_lm_loss(batch).loss
+
+
+class JoinedAnswers(MALoRAModule):
+    """Returns one string of the batch's answers' first characters: as long as the batch, so nothing failed."""
+
+    def generate_predictions(self, batch, max_new_tokens):
+        return "".join(answer[:1] or "?" for answer in super().generate_predictions(batch, max_new_tokens))
+
+
+def test_an_override_that_returns_another_type_is_named(tiny_model_dir, tmp_path):
+    """compute_lm_loss returning a tensor failed as "'Tensor' object has no attribute 'loss'" in training_step;
+    generate_predictions returning a string of the batch's length was scored character by character, silently."""
+    with pytest.raises(TypeError, match=r"TensorLoss\.compute_lm_loss returned a Tensor: it must return an LMLoss"):
+        make_trainer(tmp_path, max_steps=1).fit(TensorLoss(**make_module(tiny_model_dir).hparams),
+                                                make_data(tiny_model_dir, tasks=["add_2digit"]))
+    from malora_lightning.callbacks import PerTaskMetrics
+
+    with pytest.raises(TypeError, match=r"JoinedAnswers\.generate_predictions returned a str for a batch of 2 prompts"):
+        make_trainer(tmp_path, callbacks=[PerTaskMetrics()], limit_val_batches=1).validate(
+            JoinedAnswers(**make_module(tiny_model_dir).hparams),
+            make_data(tiny_model_dir, tasks=["add_2digit"], eval_batch_size=2, max_eval_examples_per_task=2))
