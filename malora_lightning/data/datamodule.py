@@ -744,10 +744,11 @@ class EvaluationShard(Dataset[EncodedExample]):
 class ResumableDataLoader(DataLoader):
     """The training DataLoader, which Lightning checkpoints and restores (before iterating) because it has
     ``state_dict``/``load_state_dict``. Its state is the sampler's position counted in batches trained on, given by
-    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early. It also holds
-    the batch size that count was made in (see `rebase_restored_batches`). A sampler without that protocol
-    (`resumable`; e.g. a plain ``WeightedRandomSampler`` from ``build_sampler``) has an empty state: the fit still
-    checkpoints and resumes, with the sampler's order started afresh, which one warning says."""
+    ``consumed()``: Lightning and DataLoader workers fetch ahead, so the sampler's own count runs early. Outside a fit
+    (``consumed()`` None) with workers, it is counted from the batches this loader's latest iterator has handed out
+    (`_handed_out`). It also holds the batch size that count was made in (see `rebase_restored_batches`). A sampler
+    without that protocol (`resumable`; e.g. a plain ``WeightedRandomSampler`` from ``build_sampler``) has an empty
+    state: the fit still checkpoints and resumes, with the sampler's order started afresh, which one warning says."""
 
     def __init__(self, *args: Any, consumed: Callable[[], int | None],
                  restored: Callable[[Mapping[str, Any]], None] | None = None, **kwargs: Any) -> None:
@@ -755,14 +756,40 @@ class ResumableDataLoader(DataLoader):
         self.consumed = consumed
         self.restored = restored  # called with the state once it is loaded: see `complete_epoch_end_restore`
         self._warned = False
+        # with workers: the latest iterator, the sampler epoch it iterates and the draw (across ranks) it started at
+        self._latest: tuple[Any, int, int] | None = None
+
+    def __iter__(self) -> Any:
+        iterator = super().__iter__()
+        start = getattr(self.sampler, "iteration_start", None)
+        if self.num_workers > 0 and start is not None:  # the workers have already drawn from this iteration
+            self._latest = (iterator, self.sampler.epoch, start)
+        return iterator
 
     def state_dict(self) -> dict[str, Any]:
         if not resumable(self.sampler):
             self._warn_unresumable()
             return {}
-        return {**self.sampler.state_dict(consumed=self.consumed()), "batch_size": self.batch_size}
+        consumed = self.consumed()
+        if consumed is None:
+            consumed = self._handed_out()
+        return {**self.sampler.state_dict(consumed=consumed), "batch_size": self.batch_size}
+
+    def _handed_out(self) -> int | None:
+        """This rank's draws of the epoch in the batches the latest iterator has handed out, when workers fetched
+        ahead of them (None otherwise: the sampler's own count is exact without workers)."""
+        if self._latest is None:
+            return None
+        iterator, epoch, start = self._latest
+        if epoch != self.sampler.epoch:  # set_epoch since: that iteration says nothing of this epoch
+            return None
+        # `_num_yielded`: the batches a torch DataLoader iterator has returned (it warns with it past an iterable
+        # dataset's length)
+        handed_out = start // self.sampler.num_replicas + iterator._num_yielded * self.batch_size
+        return min(handed_out, len(self.sampler))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._latest = None
         if resumable(self.sampler):
             self.sampler.load_state_dict(state_dict)
         else:

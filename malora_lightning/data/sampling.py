@@ -249,6 +249,7 @@ class TaskBalancedSampler(ProcessGroupSampler):
         self._stream_starts_at: tuple[int, list[int]] = (0, [0] * len(self.sizes))  # see `_stream_starts`
         self._offsets = [sum(self.sizes[:position]) for position in range(len(self.sizes))]
         self._resume_at = 0  # draw (across ranks) where the next iteration starts; set by load_state_dict
+        self.iteration_start = 0  # draw (across ranks) where the latest iteration started (`ResumableDataLoader`)
         self._position = 0  # draws (across ranks) handed out so far in this epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -298,6 +299,7 @@ class TaskBalancedSampler(ProcessGroupSampler):
         if self.drop_last:
             sequence = sequence[: self.total_size]
         start, self._resume_at = self._resume_at, 0
+        self.iteration_start = start
         rest = sequence[start:]
         # pad like DistributedSampler: repeat the first draws, as often as needed when there are more ranks than draws
         padding = (-len(rest)) % self.num_replicas

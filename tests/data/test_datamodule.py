@@ -312,20 +312,32 @@ def test_lightning_cli_keeps_task_spec_values_as_written(tmp_path):
         "2024", "Facts: {mr}", "yes", "true")
 
 
-def test_train_loader_state_outside_a_trainer_is_the_sampler_position():
-    data = make(sampling="uniform")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_loader_state_outside_a_trainer_counts_the_batches_handed_out(num_workers):
+    """With workers the sampler has yielded the draws they fetched ahead: its own count said 24 after 2 batches of
+    4, and a loader restored from that state skipped 4 of the 7 batches left."""
+    data = make(sampling="uniform", num_workers=num_workers)
     data.setup("fit")
     loader = data.train_dataloader()
     iterator = iter(loader)
     next(iterator), next(iterator)
     state = loader.state_dict()
     assert (state["epoch"], state["position"]) == (0, 8)
-    fresh = make(sampling="uniform")
+    fresh = make(sampling="uniform", num_workers=num_workers)
     fresh.setup("fit")
     resumed = fresh.train_dataloader()
     resumed.load_state_dict(state)
     expected = [batch.input_ids.tolist() for batch in iterator]
+    assert len(expected) == 7
     assert [batch.input_ids.tolist() for batch in resumed] == expected
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["position"]) == (1, 0)  # the epoch is over
+    if num_workers:  # a resumed loader counts from its restored position
+        again = make(sampling="uniform", num_workers=num_workers)
+        again.setup("fit")
+        loader = again.train_dataloader()
+        loader.load_state_dict(state)
+        next(iter(loader))
+        assert loader.state_dict()["position"] == 12
 
 
 
