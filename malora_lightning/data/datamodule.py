@@ -680,6 +680,7 @@ class MultiTaskDataModule(LightningDataModule):
         labels): what a pass over one task's data needs, e.g. its routing profile (`merge.task_profile`). With
         `max_examples`, a random subset of them fixed by the data seed (the first ones of a file sorted by topic or
         length would stand for the whole task)."""
+        _check_count("max_examples", max_examples, optional=True)  # 0 gave an empty loader, -1 random.sample's error
         examples = self._loaded(split)
         if task not in examples:
             raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")

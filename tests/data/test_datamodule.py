@@ -485,6 +485,17 @@ def test_a_task_loaders_subset_is_a_seeded_sample_of_the_whole_split():
     assert positions == sorted(positions) and positions != list(range(5))
 
 
+@pytest.mark.parametrize("max_examples", [0, -1, 2.5, "3", True])
+def test_a_task_loaders_bad_max_examples_is_named(max_examples):
+    """0 gave an empty loader without a word, -1 random.sample's 'Sample larger than population or is negative',
+    2.5 and '3' TypeErrors naming no argument, True one example."""
+    data = make()
+    data.setup("fit")
+    with pytest.raises(ValueError, match=re.escape(f"max_examples={max_examples!r} is invalid: expected an integer "
+                                                   ">= 1, or None")):
+        data.task_dataloader("parity", max_examples=max_examples)
+
+
 def test_starting_a_loader_leaves_the_global_random_state_alone():
     """A DataLoader without a generator of its own draws its workers' base seed from torch's global generator, which
     dropout draws from: the training loader's draw at each epoch start made a resume from an end-of-epoch
