@@ -68,6 +68,11 @@ CONFIGURATIONS: dict[str, dict[str, dict[str, object]]] = {
     "lora_r256": {"adapter": {"method": "lora", "rank": 256, "alpha": 512}},
     "malora_r8_d32": {"adapter": {**MALORA, "rank": 8, "alpha": 16}},
     "malora_r24_d64": {"adapter": {**MALORA, "rank": 24, "shared_rank": 64, "alpha": 48}},
+    # the paper's Tab. 11 columns 8/16/32 as printed: MoLoRA r against MALoRA r-bar = 1.5 r, d = 4 r, beta scaled
+    "molora_r16": {"adapter": {"method": "molora", "rank": 16, "alpha": 32, "num_experts": 8, "top_k": 2}},
+    "molora_r32": {"adapter": {"method": "molora", "rank": 32, "alpha": 64, "num_experts": 8, "top_k": 2}},
+    "malora_r24_d64_b3.5": {"adapter": {**MALORA, "rank": 24, "shared_rank": 64, "alpha": 48, "beta": 3.5}},
+    "malora_r48_d128_b5": {"adapter": {**MALORA, "rank": 48, "shared_rank": 128, "alpha": 96, "beta": 5.0}},
     # the router levers the paper leaves open
     "malora_router_lr5e-3": {"adapter": MALORA, "model": {"router_learning_rate": 5e-3}},
     "malora_aux0.1": {"adapter": {**MALORA, "aux_loss_coef": 0.1}},
@@ -210,6 +215,8 @@ STUDIES: dict[str, Study] = {
     "conflict": Study(MAIN, tasks=BUILTIN_TASKS + CONFLICT_TASKS),
     "neutral": Study(MAIN, tasks=BUILTIN_TASKS + NEUTRAL_TASKS),  # the conflict study's control
     "rank": Study(("lora_r16", "lora_r64", "lora_r256", "malora_r8_d32", "malora", "malora_r24_d64")),
+    "rank_paper": Study(("molora_r8", "molora_r16", "molora_r32", "malora", "malora_r24_d64_b3.5",
+                         "malora_r48_d128_b5")),
     "router": Study(("malora", "malora_router_lr5e-3", "malora_aux0.1", "malora_aux0")),
     "budget": Study(MAIN, steps=960, val_every=160),  # 6x the default budget, evaluated every 1x
     "ablations": Study(("malora", "malora_frozen_SA_r16", "malora_frozen_P", "malora_symmetric_r8_d64")),
@@ -227,6 +234,9 @@ STUDY_QUESTIONS = {
                "what four more tasks cost; the conflict study's cost beyond it is the conflict's.",
     "rank": "The paper's rank claim (Fig. 4a/5): LoRA at r 16/64/256 and MALoRA at r̄ 8/12/24 (d 32/32/64), at the "
             "default budget.",
+    "rank_paper": "The paper's Tab. 11 as printed, columns 8/16/32: MoLoRA at r 8/16/32 against MALoRA at "
+                  "(r̄, d, β) = (12, 32, 1.0), (24, 64, 3.5), (48, 128, 5.0), at the default budget. Does MoLoRA "
+                  "fall past r = 16 while MALoRA, its β scaled with rank, keeps gaining?",
     "router": "The router levers the paper leaves open, on MALoRA only: a 10x router learning rate, and the "
               "load-balance loss coefficient at 0.1 and 0 (default 0.01).",
     "budget": "The three methods at 6x the default budget (960 steps), evaluated every 160 steps: does the ordering "
