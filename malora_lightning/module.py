@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, get_args
 
 import lightning as L
@@ -70,6 +69,7 @@ from malora_lightning.data.datamodule import MultiTaskDataModule
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
 from malora_lightning.hardware import resolve_compute_dtype
+from malora_lightning.hyperparameters import constructor_arguments
 from malora_lightning.offline_models import (
     recorded_model_name,
     relative_record_note,
@@ -134,33 +134,6 @@ class ModuleSettings:
     export_adapters: bool
     adapter_path: str | None
     compile_adapters: bool | str
-
-
-def _constructor_arguments(obj: object, own: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments the `__init__` of `type(obj)` was called with, found in the outermost `__init__` frame running
-    for `obj` (Lightning's own collection merges every class's, so that a subclass which fixes one of ours got it a
-    second time from `load_from_checkpoint`). `**kwargs` count as named arguments. Values a subclass passed on
-    through `*args` have no name there: then `own`, the arguments `MALoRAModule.__init__` received by name, stand
-    for them (a pass-through subclass takes them back by name)."""
-    def runs_init_of(frame: FrameType | None) -> bool:
-        code = None if frame is None else frame.f_code
-        return code is not None and code.co_name == "__init__" and code.co_argcount > 0 \
-            and frame.f_locals.get(code.co_varnames[0]) is obj
-
-    frame = inspect.currentframe().f_back  # the __init__ that asked
-    while runs_init_of(frame.f_back):
-        frame = frame.f_back
-    local = frame.f_locals
-    arguments: dict[str, Any] = {}
-    for name, parameter in list(inspect.signature(type(obj).__init__).parameters.items())[1:]:
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(local.get(name) or {})
-        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-            if local.get(name):
-                arguments = {**own, **arguments}
-        elif name in local:
-            arguments[name] = local[name]
-    return arguments
 
 
 def context_length(text_config: Any) -> int | None:
@@ -269,7 +242,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self.settings = ModuleSettings(**{field.name: arguments[field.name] for field in fields(ModuleSettings)})
         # hyperparameters: how `load_from_checkpoint` rebuilds this object, i.e. the arguments of its class's own
         # `__init__` (a subclass's, which need not name ours), as plain data that torch.load(weights_only=True) reads
-        recorded = _as_stored(_constructor_arguments(self, {name: value for name, value in arguments.items()
+        recorded = _as_stored(constructor_arguments(self, {name: value for name, value in arguments.items()
                                                              if name not in ("self", "__class__")}))
         if "adapter" in recorded:
             recorded["adapter"] = self.adapter_config.to_dict()  # an adapter_path folder's, when there is one

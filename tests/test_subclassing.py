@@ -257,6 +257,27 @@ def test_a_data_module_subclass_runs_on_what_it_passes_on(tiny_model_dir):
     assert "Answer briefly." in data.tokenizer.decode(example.input_ids)
 
 
+class OnlyParity(MultiTaskDataModule):
+    """Fixes the task list in its own code."""
+
+    def __init__(self, **kwargs):
+        super().__init__(tasks=["parity"], **kwargs)
+
+
+def test_a_data_module_subclass_that_fixes_an_argument_loads_from_a_checkpoint(tiny_model_dir, tmp_path):
+    """Lightning recorded every class's arguments as the data module's hyperparameters, so loading passed the fixed
+    task list a second time (TypeError: multiple values for 'tasks')."""
+    data = OnlyParity(tokenizer=str(tiny_model_dir), max_length=64, max_train_examples_per_task=8,
+                      max_eval_examples_per_task=2)
+    assert dict(data.hparams) == {"tokenizer": str(tiny_model_dir), "max_length": 64,
+                                  "max_train_examples_per_task": 8, "max_eval_examples_per_task": 2}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+        make_module(tiny_model_dir), data)
+    loaded = OnlyParity.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert loaded.settings == data.settings and loaded.settings.tasks == ["parity"]
+
+
 def test_the_data_settings_are_every_argument_of_the_data_module():
     """A new argument left out of DataSettings would never reach the data module's code through `settings`."""
     import dataclasses

@@ -54,6 +54,7 @@ from malora_lightning.data.tasks import (
     repeated,
     task_from_spec,
 )
+from malora_lightning.hyperparameters import constructor_arguments
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.values import is_finite_number, is_int
 
@@ -214,9 +215,10 @@ class MultiTaskDataModule(LightningDataModule):
         predict_file: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        arguments = dict(locals())
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
+        # how `load_from_checkpoint` rebuilds this object: the arguments of its class's own `__init__`
+        self.save_hyperparameters(constructor_arguments(self, arguments))
         # what the data module runs on: the arguments it received, not a subclass's own (`hparams`)
         self.settings = DataSettings(**{field.name: arguments[field.name]
                                         for field in dataclasses.fields(DataSettings)})
