@@ -6,7 +6,9 @@ that PEFT's `LoraConfig` knows, so `PeftModel.from_pretrained` and transformers'
 warning. A MoLoRA or MALoRA folder uses the same conventions with `peft_type` "MOLORA" / "MALORA", which PEFT does
 not have (it has no routed mixture tuner): the model card says so. Our exact `AdapterConfig` travels in the
 safetensors header (`METADATA_CONFIG`), which PEFT ignores; `load_adapters` reads it back, and derives the config
-from PEFT's keys for a LoRA folder that PEFT saved. A mixture's "lora_B" stores each expert's B_t as PEFT stores a
+from PEFT's keys for a LoRA folder that PEFT saved. The header also holds a SHA-256 of the tensors
+(`METADATA_TENSORS_SHA256`): safetensors has no checksum, and a file damaged after it was written loaded its changed
+values silently. A mixture's "lora_B" stores each expert's B_t as PEFT stores a
 LoRA B, [m, r], stacked [N, m, r]; the layers hold them transposed (`layers.py`), and saving and loading transpose.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -63,6 +66,7 @@ METADATA_VERSION = "malora_lightning.version"
 METADATA_BASE_QUANTIZATION = "malora_lightning.base_quantization"
 METADATA_BASE_COMPUTE_DTYPE = "malora_lightning.base_compute_dtype"
 METADATA_BASE_MODEL_TYPE = "malora_lightning.base_model_type"
+METADATA_TENSORS_SHA256 = "malora_lightning.tensors_sha256"
 # PEFT LoraConfig settings that change what the tensors mean; a PEFT folder using any of them cannot be loaded here
 _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
@@ -113,6 +117,7 @@ class AdapterFolder:
     base_compute_dtype: str | None = None  # what the 4-bit base computed in when saved (None: not 4-bit, or unknown)
     base_recorded: bool = False  # whether the folder records the two above (ours since they exist: None is "not")
     base_model_type: str | None = None  # the base's `config.model_type` when saved ("llama"; None: unknown)
+    tensors_sha256: str | None = None  # `tensors_sha256` of the weights when saved (None: not recorded, as by PEFT)
 
     def stored_key(self, key: str) -> str:
         return peft_key(key) if self.layout == "peft" else key
@@ -152,7 +157,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
                              metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None,
                              base_recorded=METADATA_BASE_QUANTIZATION in metadata,
-                             base_model_type=metadata.get(METADATA_BASE_MODEL_TYPE) or None)
+                             base_model_type=metadata.get(METADATA_BASE_MODEL_TYPE) or None,
+                             tensors_sha256=metadata.get(METADATA_TENSORS_SHA256) or None)
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
@@ -169,6 +175,41 @@ def _config_read_from(source: str) -> Iterator[None]:
         yield
     except (ValueError, TypeError) as error:
         raise ValueError(f"{source}: {error}") from None
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors, in key order: each key, dtype, shape and the bytes of its values."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_tensors_sha256(stored: Any, weights: Path, expected: str) -> None:
+    """Refuse a weights file whose tensors (`stored`, an open safetensors file) are not those it was saved with."""
+    found = tensors_sha256(_LazyTensors(stored))
+    if found != expected:
+        raise ValueError(f"{weights}: its tensors are not those it was saved with (their SHA-256 is {found}, the file "
+                         f"records {expected} under {METADATA_TENSORS_SHA256}): it was damaged or changed since it "
+                         "was written; load another copy, or export the adapters again from a checkpoint")
+
+
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    """An open safetensors file as a mapping that reads each tensor when asked: hashing holds one at a time."""
+
+    def __init__(self, stored: Any) -> None:
+        self._stored = stored
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._stored.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored.keys())
+
+    def __len__(self) -> int:
+        return len(self._stored.keys())
 
 
 def _weights_header(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -300,6 +341,8 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
         if unexpected:
             raise ValueError(f"{weights}: tensor {unexpected[0]!r} does not belong to any adapter of this model"
                              f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}{other_base}")
+        if folder.tensors_sha256 is not None:
+            _check_tensors_sha256(stored, weights, folder.tensors_sha256)
         with torch.no_grad():
             for stored_key, param in expected.items():
                 value = stored.get_tensor(stored_key)
@@ -466,7 +509,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     metadata = {"format": "pt", METADATA_CONFIG: config.to_json(), METADATA_VERSION: library_version(),
                 METADATA_BASE_QUANTIZATION: quantization or "",
                 METADATA_BASE_COMPUTE_DTYPE: base_compute_dtype(model) or "",
-                METADATA_BASE_MODEL_TYPE: _model_type(model) or ""}
+                METADATA_BASE_MODEL_TYPE: _model_type(model) or "",
+                METADATA_TENSORS_SHA256: tensors_sha256(tensors)}
     check_writable_adapter_folder(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:

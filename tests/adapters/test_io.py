@@ -110,15 +110,42 @@ def test_method_mismatch_is_named(tmp_path):
         load_adapters(lora_model, tmp_path / "a")
 
 
-def rewrite_tensors(path, edit):
-    """Edit the stored tensors (keyed by our names) and write them back with the file's own metadata."""
+def rewrite_tensors(path, edit, keep_sha256=False):
+    """Edit the stored tensors (keyed by our names) and write them back with the file's own metadata, as a tool of
+    the user's would: without the SHA-256 of the tensors, unless `keep_sha256` (then it is the old tensors')."""
     file = path / "adapter_model.safetensors"
     with safe_open(str(file), framework="pt") as stored:
         metadata = stored.metadata()
+    if not keep_sha256:
+        del metadata[adapter_io.METADATA_TENSORS_SHA256]
     tensors = {key.removeprefix("base_model.model.").removesuffix(".weight"): value
                for key, value in load_file(str(file)).items()}
     edit(tensors)
     save_file({peft_key(key): value for key, value in tensors.items()}, str(file), metadata=metadata)
+
+
+def test_tensors_changed_after_saving_are_refused_by_their_sha256(tmp_path):
+    """safetensors has no checksum: a weights file damaged after it was written (a few bytes of one tensor zeroed
+    here) loaded the changed values silently, unless they became NaN or infinite."""
+    model = trained_model()
+    save_adapters(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    recorded = read_adapter_folder(tmp_path / "a").tensors_sha256
+    assert recorded == adapter_io.tensors_sha256(load_file(str(weights)))
+    load_adapters(tiny_model("llama"), tmp_path / "a")  # as saved: loads
+
+    data = bytearray(weights.read_bytes())
+    data[-64:-56] = bytes(8)  # inside the last tensor's values, past the header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}: its tensors are not those it was saved with "
+                                         rf"\(their SHA-256 is [0-9a-f]{{64}}, the file records {recorded} under "
+                                         r"malora_lightning\.tensors_sha256\): it was damaged or changed"):
+        load_adapters(tiny_model("llama"), tmp_path / "a")
+
+    save_adapters(model, tmp_path / "b")
+    rewrite_tensors(tmp_path / "b", lambda t: t["model.layers.0.mlp.up_proj.lora_B"].add_(1e-3), keep_sha256=True)
+    with pytest.raises(ValueError, match=r"its tensors are not those it was saved with"):
+        load_adapters(tiny_model("llama"), tmp_path / "b")
 
 
 def test_missing_tensor_is_named(tmp_path):
