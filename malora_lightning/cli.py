@@ -179,12 +179,15 @@ class MALoRACLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which let a checkpoint's stored hyperparameters override the config and flags,
         `trust_remote_code` and the base model's path included: here they are only checked against the run's
-        (`_prepare_subcommand_kwargs`). `--weights_only=false` is refused: every check reads the file as data."""
+        (`_prepare_subcommand_kwargs`). A `weights_only` other than true (flag or config) is refused: every check
+        reads the file as data, and with null Lightning reads an http(s) checkpoint with weights_only=False."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
-        if self.config[subcommand].get("weights_only") is False:
-            raise ValueError("--weights_only=false: malora commands read checkpoints as data only (torch.load with "
+        config = self.config[subcommand]
+        if "weights_only" in config and config.weights_only is not True:
+            value = "null" if config.weights_only is None else str(config.weights_only).lower()
+            raise ValueError(f"--weights_only={value}: malora commands read checkpoints as data only (torch.load with "
                              "weights_only=True), so that nothing in a checkpoint file runs. A checkpoint that needs "
                              "more holds objects besides tensors and plain values; load one you trust in Python, "
                              "with MALoRAModule.load_from_checkpoint(path, weights_only=False)")

@@ -185,15 +185,23 @@ def test_every_subcommand_reads_checkpoints_as_data(capsys):
     assert MultiTaskDataModule  # the CLI's data class is the one the recipes name
 
 
-def test_a_command_asked_to_read_a_checkpoint_as_objects_is_refused_before_it_builds_anything(tmp_path):
+@pytest.mark.parametrize(("value", "in_config"), [("false", False), ("null", False), ("false", True),
+                                                 ("null", True)])
+def test_a_command_asked_to_read_a_checkpoint_as_objects_is_refused_before_it_builds_anything(tmp_path, value,
+                                                                                               in_config):
     """--weights_only=false was accepted, then every check read the file as data anyway: a checkpoint holding an
-    object failed with torch's advice to retry with weights_only=False, which the user had just done."""
+    object failed with torch's advice to retry with weights_only=False, which the user had just done. With null
+    (a flag or a config's `weights_only: null`), Lightning reads an http(s) checkpoint with weights_only=False."""
     checkpoint = planted_checkpoint(tmp_path / "any.ckpt")
-    with pytest.raises(ValueError, match=r"^--weights_only=false: malora commands read checkpoints as data only.*"
+    setting = [f"--weights_only={value}"]
+    if in_config:
+        (tmp_path / "reads.yaml").write_text(f"weights_only: {value}\n")
+        setting = ["--config", str(tmp_path / "reads.yaml")]
+    with pytest.raises(ValueError, match=rf"^--weights_only={value}: malora commands read checkpoints as data only.*"
                                          r"MALoRAModule\.load_from_checkpoint\(path, weights_only=False\)$"):
-        main(["validate", "--config", "recipes/default.yaml", "--weights_only=false", f"--ckpt_path={checkpoint}",
+        main(["validate", "--config", "recipes/default.yaml", *setting, f"--ckpt_path={checkpoint}",
               f"--trainer.default_root_dir={tmp_path}"])
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["any.ckpt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["any.ckpt"] + (["reads.yaml"] if in_config else [])
 
 
 def test_a_truncated_checkpoint_is_named(tmp_path):
