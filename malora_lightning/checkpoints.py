@@ -5,6 +5,7 @@ checkpoint (truncated by a kill or a full disk, or not a checkpoint at all) refu
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def check_checkpoint_file(path: str | Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             _check_records(archive)
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, NotImplementedError) as error:  # NotImplementedError: a damaged version field
         raise ValueError(f"checkpoint {path} is not a complete checkpoint file ({error}): it may have been cut off "
                          "while being written, or damaged since; use an earlier checkpoint, e.g. the one before "
                          "it") from error
@@ -66,13 +67,19 @@ def check_checkpoint_file(path: str | Path) -> None:
 def _check_records(archive: zipfile.ZipFile) -> None:
     """Read every record of a `torch.save` archive, which makes `zipfile` raise `BadZipFile` for one whose bytes do
     not match its stored CRC-32. A record stored with CRC 0 is not checked: `torch.save` writes 0 for every record
-    when its CRC is switched off (`torch.serialization.set_crc32_options(False)`)."""
+    when its CRC is switched off (`torch.serialization.set_crc32_options(False)`). A record whose directory entry is
+    damaged (flags, compression or an offset that torch never writes) makes `zipfile` raise other errors, which are
+    raised as `BadZipFile` naming the record."""
     for record in archive.infolist():
         if record.CRC == 0:
             continue
-        with archive.open(record) as stream:
-            while stream.read(1 << 24):
-                pass
+        try:
+            with archive.open(record) as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (NotImplementedError, RuntimeError, OSError, EOFError, zlib.error) as error:
+            raise zipfile.BadZipFile(f"record {record.filename!r} cannot be read: {type(error).__name__}: "
+                                     f"{error}") from error
 
 
 class CheckedCheckpointIO(TorchCheckpointIO):

@@ -272,6 +272,29 @@ def test_a_checkpoint_damaged_inside_is_named_not_loaded_with_wrong_values(tmp_p
         check_checkpoint_file(damaged)
 
 
+@pytest.mark.parametrize(("entry", "offset", "value", "cause"), [
+    (b"PK\x01\x02", 6, b"\xff\x00", r"zip file version 25\.5"),  # data.pkl's version needed to extract
+    (b"PK\x01\x02", 8, b"\x09\x08", r"record '.*data\.pkl' cannot be read: RuntimeError: .*encrypted"),  # flags
+    (b"PK\x01\x02", 10, b"\x63\x00", r"record '.*data\.pkl' cannot be read: NotImplementedError"),  # compression
+    # the low byte of the directory's offset in the zip64 end record: every record's offset moves
+    (b"PK\x06\x06", 48, b"\xff", r"record '.*data\.pkl' cannot be read: OSError"),
+])
+def test_a_checkpoint_whose_directory_is_damaged_is_named(tmp_path, entry, offset, value, cause):
+    """Reading every record for its CRC met a damaged directory entry with zipfile's other errors (an encryption
+    flag: RuntimeError, an offset past the end: OSError 'Invalid argument', an unknown compression or version:
+    NotImplementedError), which named neither the file nor the record."""
+    from malora_lightning.checkpoints import check_checkpoint_file
+
+    path = planted_checkpoint(tmp_path / "good.ckpt", state_dict={"model.lora_A": torch.ones(4)})
+    data = bytearray(path.read_bytes())
+    start = data.find(entry)  # data.pkl's directory entry, or the zip64 end record
+    data[start + offset:start + offset + len(value)] = value
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"checkpoint .*damaged\.ckpt is not a complete checkpoint file \({cause}"):
+        check_checkpoint_file(damaged)
+
+
 def test_a_checkpoint_of_a_base_of_other_sizes_under_the_same_name_is_named(tiny_model_dir, tmp_path):
     """The base check compares names: a checkpoint trained on a base folder whose model was replaced by one of other
     sizes failed in torch's load_state_dict with a RuntimeError listing every tensor, naming no file."""
