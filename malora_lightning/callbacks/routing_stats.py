@@ -455,8 +455,11 @@ class RoutingStats(RunFileWriter):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "test")
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A fit resumed after its last validation evaluates nothing in this process: draw what it restored."""
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the refusal of foreign files, draw what a resumed fit restored: one resumed after its last validation
+        evaluates nothing in this process, and one resumed at its end does not even train (Lightning skips
+        `on_train_end` then)."""
+        super().on_fit_start(trainer, pl_module)
         if not self.plots:
             return
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call

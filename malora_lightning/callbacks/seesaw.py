@@ -230,14 +230,16 @@ class SeesawTracker(RunFileWriter):
         if self.plots and fit and (series == "val" or not self.curves_written):
             self._draw_curves(trainer, directory, fit)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A fit resumed after its last validation evaluates nothing in this process: draw the curves of the history
-        it restored, which its report links as the uninterrupted fit's does."""
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the refusal of foreign files, draw the curves of the history a resumed fit restored: one resumed
+        after its last validation evaluates nothing in this process, and one resumed at its end does not even train
+        (Lightning skips `on_train_end` then), yet its report links the curves as the uninterrupted fit's does."""
+        super().on_fit_start(trainer, pl_module)
         if not self.plots:
             return
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         fit = self._track_fit(trainer)
-        if trainer.is_global_zero and fit and not self.curves_written:
+        if trainer.is_global_zero and fit:
             self._draw_curves(trainer, directory, fit)
 
     def _draw_curves(self, trainer: L.Trainer, directory: Path, fit: list[Evaluation]) -> None:

@@ -411,15 +411,15 @@ def report_sections_of(run_dir) -> dict[str, str]:
     return sections
 
 
-def full_and_resumed_reports(model_dir, root) -> tuple[dict[str, str], dict[str, str]]:
+def full_and_resumed_reports(model_dir, root, max_steps: int = 3) -> tuple[dict[str, str], dict[str, str]]:
     """Validation every 2 of 3 steps; the resumed fit starts from the checkpoint of the step-2 validation, so it
-    validates nothing itself."""
+    validates nothing itself (with `max_steps=2` it does not even train)."""
     reports = {}
     for run, ckpt_path in (("full", None), ("resumed", root / "full" / "ckpt" / "step=2.ckpt")):
         callbacks = [PerTaskMetrics(), SeesawTracker(), RoutingStats(), RunReport(),
                      ModelCheckpoint(dirpath=root / run / "ckpt", save_top_k=-1, save_on_train_epoch_end=False,
                                      filename="{step}")]
-        trainer = make_trainer(root / run, max_steps=3, limit_val_batches=None, num_sanity_val_steps=-1,
+        trainer = make_trainer(root / run, max_steps=max_steps, limit_val_batches=None, num_sanity_val_steps=-1,
                                val_check_interval=2, check_val_every_n_epoch=None, enable_checkpointing=True,
                                callbacks=callbacks)
         trainer.fit(make_module(model_dir), make_data(model_dir, tasks=["parity", "add_2digit"]),
@@ -435,6 +435,14 @@ def test_a_fit_resumed_after_its_last_validation_reports_its_seesaw(tiny_model_d
     title = "Seesaw over training (validation)"
     assert title in full and resumed[title] == full[title]
     assert "![Validation accuracy per task](plots/task_accuracy.png)" in resumed[title]
+
+
+def test_a_fit_resumed_at_its_end_reports_its_pictures(tiny_model_dir, tmp_path):
+    """A fit resumed from the checkpoint of its last step does not train, and Lightning then calls no
+    `on_train_end`, where the restored pictures were drawn: its report had the sections without their pictures."""
+    full, resumed = full_and_resumed_reports(tiny_model_dir, tmp_path, max_steps=2)
+    for title in ("Seesaw over training (validation)", "Routing health (validation)"):
+        assert title in full and "](plots/" in full[title] and resumed[title] == full[title], title
 
 
 def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_model_dir, tmp_path):
