@@ -89,14 +89,16 @@ class HeldOutSplit:
 MAX_SAMPLES_PER_EPOCH = 10 ** 8
 
 
-def _check_count(name: str, value: Any, optional: bool, minimum: int = 1, maximum: int | None = None) -> None:
-    """An integer setting in [minimum, maximum] (None allowed when optional), named in the error otherwise."""
+def _check_count(name: str, value: Any, optional: bool, minimum: int = 1, maximum: int | None = None,
+                 owner: str = "MultiTaskDataModule") -> None:
+    """An integer setting of `owner` in [minimum, maximum] (None allowed when optional), named in the error
+    otherwise."""
     if value is None and optional:
         return
     if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         allowed = f"an integer >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "") + \
             (", or None" if optional else "")
-        raise ValueError(f"MultiTaskDataModule {name}={value!r} is invalid: expected {allowed}")
+        raise ValueError(f"{owner} {name}={value!r} is invalid: expected {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -682,7 +684,8 @@ class MultiTaskDataModule(LightningDataModule):
         labels): what a pass over one task's data needs, e.g. its routing profile (`merge.task_profile`). With
         `max_examples`, a random subset of them fixed by the data seed (the first ones of a file sorted by topic or
         length would stand for the whole task)."""
-        _check_count("max_examples", max_examples, optional=True)  # 0 gave an empty loader, -1 random.sample's error
+        # 0 gave an empty loader, -1 random.sample's error
+        _check_count("max_examples", max_examples, optional=True, owner="MultiTaskDataModule.task_dataloader")
         examples = self._loaded(split)
         if task not in examples:
             raise ValueError(f"task {task!r} has no {split} examples loaded; loaded: {sorted(examples)}")

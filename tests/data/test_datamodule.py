@@ -491,8 +491,9 @@ def test_a_task_loaders_bad_max_examples_is_named(max_examples):
     2.5 and '3' TypeErrors naming no argument, True one example."""
     data = make()
     data.setup("fit")
-    with pytest.raises(ValueError, match=re.escape(f"max_examples={max_examples!r} is invalid: expected an integer "
-                                                   ">= 1, or None")):
+    message = f"MultiTaskDataModule.task_dataloader max_examples={max_examples!r} is invalid: expected an integer " \
+              ">= 1, or None"
+    with pytest.raises(ValueError, match=re.escape(message)):
         data.task_dataloader("parity", max_examples=max_examples)
 
 
