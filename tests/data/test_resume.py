@@ -165,7 +165,7 @@ class RankData(MultiTaskDataModule):
         self.world, self.rank = world, rank
 
     def build_sampler(self, sizes):
-        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), seed=self.hparams.seed,
+        return TaskBalancedSampler(sizes, self._mixing_weights(sizes), seed=self.settings.seed,
                                    num_replicas=self.world, rank=self.rank)
 
 
