@@ -6,7 +6,7 @@ items are the same for every run (the data seed is fixed); the seed changes the 
 the training order, so runs with the same seed see the same batches. Every run records each validation item's
 correctness at each evaluation, from which `quality_report` derives intervals and paired comparisons.
 
-    python -m benchmarks.quality --study noise conflict neutral rank router budget --jobs 2 --threads 1  # hours
+    python -m benchmarks.quality --study noise conflict neutral rank rank_paper router budget --jobs 2 --threads 1  # hours
     python -m benchmarks.quality --study budget --report-only   # rewrite a report from the kept runs
     python -m benchmarks.quality --quick                         # 2 configurations, 1 seed, a few steps
 
