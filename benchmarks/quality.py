@@ -6,13 +6,14 @@ items are the same for every run (the data seed is fixed); the seed changes the 
 the training order, so runs with the same seed see the same batches. Every run records each validation item's
 correctness at each evaluation, from which `quality_report` derives intervals and paired comparisons.
 
-    python -m benchmarks.quality --study noise conflict neutral rank rank_paper router budget --jobs 2 --threads 1  # hours
+    python -m benchmarks.quality --study noise conflict neutral rank rank_paper router budget --jobs 2 --threads 1
     python -m benchmarks.quality --study budget --report-only   # rewrite a report from the kept runs
     python -m benchmarks.quality --quick                         # 2 configurations, 1 seed, a few steps
 
-Each finished run is kept under benchmarks/results/tmp/quality/, in a folder named by its settings (studies that
-share a run share its result), and the reports are rewritten after every run. An interrupted benchmark started again
-with the same arguments reuses what it had, and a run stopped mid-way continues from its last checkpoint.
+The first command takes hours. Each finished run is kept under benchmarks/results/tmp/quality/, in a folder named by
+its settings (studies that share a run share its result), and the reports are rewritten after every run. An
+interrupted benchmark started again with the same arguments reuses what it had, and a run stopped mid-way continues
+from its last checkpoint.
 """
 
 from __future__ import annotations
