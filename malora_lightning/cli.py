@@ -191,8 +191,7 @@ class MALoRACLI(LightningCLI):
                              "weights_only=True), so that nothing in a checkpoint file runs. A checkpoint that needs "
                              "more holds objects besides tensors and plain values; load one you trust in Python, "
                              "with MALoRAModule.load_from_checkpoint(path, weights_only=False)")
-        ckpt_path = self.config[subcommand].get("ckpt_path")
-        if ckpt_path == "best":
+        if config.get("ckpt_path") == "best":
             raise ValueError("--ckpt_path best means the best checkpoint of a fit earlier in the same process, which a "
                              "malora command never has: give the checkpoint's path (e.g. runs/<run>/lightning_logs/"
                              "version_<N>/checkpoints/last.ckpt), or `last` for the newest last checkpoint of the "

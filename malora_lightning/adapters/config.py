@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -186,12 +188,21 @@ class AdapterConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
-        try:
-            return cls.from_json(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
-        except ValueError as error:  # a field's or the object's own message, which does not name the file
-            raise ValueError(f"{path}: {error}") from error
+        with config_read_from(str(path)):
+            try:
+                return cls.from_json(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not valid JSON ({error})") from error
+
+
+@contextlib.contextmanager
+def config_read_from(source: str) -> Iterator[None]:
+    """Name `source` (a file, a header entry) in the error of an adapter config that cannot be built from it:
+    `AdapterConfig`'s own errors (an invalid or unknown field, JSON that is not an object) name no file."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: {error}") from error
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -25,14 +25,14 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Literal, Mapping
+from typing import Any, Callable, Collection, Iterable, Literal, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig
+from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig, config_read_from
 from malora_lightning.adapters.inject import (
     inject_adapters,
     is_supported_linear,
@@ -149,7 +149,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     metadata, keys = _weights_header(path / WEIGHTS_NAME)
     base = stored.get("base_model_name_or_path")
     if METADATA_CONFIG in metadata:  # ours
-        with _config_read_from(f"{path / WEIGHTS_NAME} (its {METADATA_CONFIG} metadata)"):
+        with config_read_from(f"{path / WEIGHTS_NAME} (its {METADATA_CONFIG} metadata)"):
             config = AdapterConfig.from_json(metadata[METADATA_CONFIG])
         if stored.get("peft_type") != PEFT_TYPES[config.method]:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
@@ -162,26 +162,17 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if "peft_type" in stored:
         return AdapterFolder(path, _config_from_peft(stored, keys, path), base, None, "peft")
     if "method" in stored:  # our layout before this format: the AdapterConfig itself, unprefixed keys
-        with _config_read_from(str(path / CONFIG_NAME)):
+        with config_read_from(str(path / CONFIG_NAME)):
             return AdapterFolder(path, AdapterConfig.from_dict(stored), None, None, "legacy")
     raise ValueError(f"{path / CONFIG_NAME}: neither a PEFT adapter config (no 'peft_type') nor a malora_lightning one")
 
 
-@contextlib.contextmanager
-def _config_read_from(source: str) -> Iterator[None]:
-    """Name `source` in the error of an adapter config that cannot be built from it: `AdapterConfig`'s own errors
-    (an invalid or unknown field, JSON that is not an object) name no file."""
-    try:
-        yield
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{source}: {error}") from None
-
-
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors, in key order: each key, dtype, shape and the bytes of its values."""
+def tensors_sha256(keys: Iterable[str], read: Callable[[str], torch.Tensor]) -> str:
+    """SHA-256 of the tensors `read(key)` gives for `keys`, in key order: each key, dtype, shape and the bytes of its
+    values. One tensor is held at a time (`read` may load it from a file)."""
     digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
+    for key in sorted(keys):
+        tensor = read(key).detach().cpu().contiguous()
         digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -189,27 +180,11 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _check_tensors_sha256(stored: Any, weights: Path, expected: str) -> None:
     """Refuse a weights file whose tensors (`stored`, an open safetensors file) are not those it was saved with."""
-    found = tensors_sha256(_LazyTensors(stored))
+    found = tensors_sha256(stored.keys(), stored.get_tensor)
     if found != expected:
         raise ValueError(f"{weights}: its tensors are not those it was saved with (their SHA-256 is {found}, the file "
                          f"records {expected} under {METADATA_TENSORS_SHA256}): it was damaged or changed since it "
                          "was written; load another copy, or export the adapters again from a checkpoint")
-
-
-class _LazyTensors(Mapping[str, torch.Tensor]):
-    """An open safetensors file as a mapping that reads each tensor when asked: hashing holds one at a time."""
-
-    def __init__(self, stored: Any) -> None:
-        self._stored = stored
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._stored.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._stored.keys())
-
-    def __len__(self) -> int:
-        return len(self._stored.keys())
 
 
 def _weights_header(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -255,7 +230,7 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
         raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
     # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r
     alpha = lora_alpha * math.sqrt(rank) if stored.get("use_rslora") else lora_alpha
-    with _config_read_from(str(path / CONFIG_NAME)):
+    with config_read_from(str(path / CONFIG_NAME)):
         return AdapterConfig(method="lora", rank=rank, alpha=float(alpha),
                              dropout=float(stored.get("lora_dropout", 0.0)), target_modules=modules)
 
@@ -510,7 +485,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
                 METADATA_BASE_QUANTIZATION: quantization or "",
                 METADATA_BASE_COMPUTE_DTYPE: base_compute_dtype(model) or "",
                 METADATA_BASE_MODEL_TYPE: _model_type(model) or "",
-                METADATA_TENSORS_SHA256: tensors_sha256(tensors)}
+                METADATA_TENSORS_SHA256: tensors_sha256(tensors, tensors.__getitem__)}
     check_writable_adapter_folder(path)
     write_card = _card_is_ours(path / CARD_NAME)
     if not write_card:
