@@ -541,12 +541,14 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trainable_parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: adapters, and routers with their own learning rate and weight decay."""
+        """AdamW groups: adapters, routers with their own learning rate and weight decay, and (when a subclass trains
+        any) the base's biases and norm scales without weight decay, as HF Trainer keeps them: decay pulls a norm's
+        scale towards 0, not towards its pretrained 1. A tensor of fewer than two dimensions counts as one."""
         settings = self.settings
-        adapters, routers = [], []
+        adapters, routers, undecayed = [], [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (routers if ".router." in name else adapters).append(param)
+                (routers if ".router." in name else undecayed if param.ndim < 2 else adapters).append(param)
         groups = [{"params": adapters, "lr": settings.learning_rate, "weight_decay": settings.weight_decay}]
         if routers:
             groups.append({
@@ -556,6 +558,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 "weight_decay": settings.weight_decay if settings.router_weight_decay is None
                 else settings.router_weight_decay,
             })
+        if undecayed:
+            groups.append({"params": undecayed, "lr": settings.learning_rate, "weight_decay": 0.0})
         return groups
 
     def _parameter_groups(self) -> list[dict[str, Any]]:

@@ -361,6 +361,37 @@ def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_mod
     assert not router_ids & {id(p) for p in groups[0]["params"]}
 
 
+@pytest.mark.parametrize("method", ["lora", "molora", "malora"])
+def test_the_librarys_adapters_and_routers_are_all_decayed(tiny_model_dir, method):
+    module = make_module(tiny_model_dir, adapter=AdapterConfig(method=method, rank=2, shared_rank=4, num_experts=4,
+                                                               top_k=2), weight_decay=0.05)
+    module.configure_model()
+    groups = module.trainable_parameter_groups()
+    assert [g["weight_decay"] for g in groups] == [0.05] * (1 if method == "lora" else 2)
+
+
+def test_a_subclasss_trained_norm_scales_get_no_weight_decay(tiny_model_dir):
+    """HF Trainer's rule: AdamW's decay (lr * wd * w per step) pulled a trained RMSNorm scale from 1 towards 0."""
+    class NormsToo(MALoRAModule):
+        def build_model(self):
+            model = super().build_model()
+            model.model.norm.weight.requires_grad_(True)
+            model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+            return model
+
+    module = NormsToo(**{**make_module(tiny_model_dir).hparams, "weight_decay": 0.5})
+    module.configure_model()
+    groups = module.trainable_parameter_groups()
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.5, 0.0]
+    assert {id(p) for p in groups[2]["params"]} == {id(module.model.model.norm.weight),
+                                                    id(module.model.model.layers[0].input_layernorm.weight)}
+    norm = module.model.model.norm.weight
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    norm.grad = torch.zeros_like(norm)  # no gradient: only decay could move it
+    optimizer.step()
+    assert torch.equal(norm, torch.ones_like(norm))  # 1 - 0.1 * 0.5 = 0.95 with decay
+
+
 def test_adamw_is_fused_for_cpu_parameters_and_left_to_torch_elsewhere():
     cpu = [torch.nn.Parameter(torch.zeros(3))]
     assert adamw_options(cpu) == {"fused": True}
