@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Callable
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -144,9 +145,24 @@ class CheckedSaveConfigCallback(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class MALoRAArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose error for a recipe's `model: {class_path: ...}` also says how a subclass runs."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if re.search(r"\b(model|data)\.(class_path|init_args)\b", message):
+            message += (": `model` and `data` take their classes' arguments directly, without class_path/init_args; "
+                        "your own subclasses run from your own entry point, `main(model_class=MyModule, "
+                        "datamodule_class=MyData)` from malora_lightning.cli (README, Extending it)")
+        super().error(message, ex)
+
+
 class MALoRACLI(LightningCLI):
     """LightningCLI with the tokenizer the model's unless a recipe names another (a recipe names the model once),
-    `trust_remote_code` linked to the model's, and default callbacks."""
+    `trust_remote_code` linked to the model's, default callbacks, and `MALoRAArgumentParser`'s errors."""
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = MALoRAArgumentParser,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def init_parser(self, **kwargs: Any):
         # no prefix matching: `--trainer.max_step=10` must be an error, not `--trainer.max_steps=10`

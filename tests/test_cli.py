@@ -312,6 +312,25 @@ def test_unknown_key_in_a_recipe_file_is_named(tmp_path, capsys, model_loading_f
     assert "shard_rank" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", [
+    {"model": {"class_path": "my_project.MyModule", "init_args": {"learning_rate": 0.001}}},
+    {"data": {"class_path": "my_project.MyData"}},
+])
+def test_a_recipe_naming_a_class_path_is_pointed_to_main_with_model_class(given, tmp_path, capsys,
+                                                                          model_loading_forbidden):
+    """The CLI takes the classes' arguments directly (no subclass mode): a recipe naming a subclass got only
+    "does not accept option 'model.init_args.learning_rate'", which says nothing of how a subclass runs."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(given))
+    for args in (["fit", "--config", str(path)], ["fit", "--model.class_path=my_project.MyModule"]):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert "main(model_class=MyModule, datamodule_class=MyData)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # any other unknown key: no such hint
+        main(["fit", "--config", "recipes/default.yaml", "--model.learning_rat=3"])
+    assert "main(model_class" not in capsys.readouterr().err
+
+
 def test_invalid_adapter_values_are_explained_before_loading(model_loading_forbidden):
     with pytest.raises(ValueError, match=r"AdapterConfig.top_k=9 is invalid: expected an integer in \[1, num_experts=8\]"):
         main(["fit", "--config", "recipes/default.yaml", "--model.adapter.top_k=9"])
