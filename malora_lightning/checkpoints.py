@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.core.saving import load_hparams_from_tags_csv
 
 from malora_lightning.offline_models import relative_record_note, same_model
 
@@ -106,6 +108,30 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error
+
+
+def read_hparams_file(path: str | Path) -> dict[str, Any]:
+    """The hyperparameters of a `load_from_checkpoint(hparams_file=...)`, read as data, before Lightning reads the
+    file again: Lightning reads YAML with `yaml.full_load`, which turns a tag such as `!!python/name:os.system` into a
+    Python function passed to `__init__`, and takes a missing file for no hyperparameters at all (with a warning)."""
+    path = Path(path)
+    valid = "give a .yaml, .yml or .csv file of hyperparameters (Lightning's hparams.yaml)"
+    if path.suffix.lower() not in (".yaml", ".yml", ".csv"):
+        raise ValueError(f"hparams_file {path}: {valid}")
+    if not path.is_file():
+        raise FileNotFoundError(f"hparams_file {path} does not exist: {valid}")
+    if path.suffix.lower() == ".csv":
+        return load_hparams_from_tags_csv(path)  # values read with ast.literal_eval: literals only
+    try:
+        hyperparameters = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"hparams_file {path} is not plain YAML data ({reason}): it is read as data, so Python "
+                         "tags (!!python/...) are refused") from error
+    if not isinstance(hyperparameters, dict):
+        raise ValueError(f"hparams_file {path} holds a {type(hyperparameters).__name__}, not a mapping of "
+                         f"hyperparameter names to values: {valid}")
+    return hyperparameters
 
 
 def adapter_conflicts(stored: Mapping[str, Any], adapter: Any, fields: Iterable[str], prefix: str) -> list[str]:

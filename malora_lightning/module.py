@@ -60,6 +60,7 @@ from malora_lightning.checkpoints import (
     check_checkpoint_settings,
     computed_otherwise,
     read_checkpoint,
+    read_hparams_file,
     stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
@@ -283,7 +284,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if named is not None:
             check_checkpoint_file(named)
-        if _passes_trust_remote_code(cls, named, hparams_file, trust_remote_code):
+        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
+        if _passes_trust_remote_code(cls, named, from_file, trust_remote_code):
             kwargs["trust_remote_code"] = trust_remote_code
         token = _LOADED_FILE.set(named)
         try:
@@ -804,16 +806,18 @@ def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
             for name, value in hyperparameters.items()}
 
 
-def _passes_trust_remote_code(cls: type[MALoRAModule], path: str | Path | None, hparams_file: str | Path | None,
-                              trust_remote_code: bool) -> bool:
+def _passes_trust_remote_code(cls: type[MALoRAModule], path: str | Path | None,
+                              from_file: Mapping[str, Any] | None, trust_remote_code: bool) -> bool:
     """Whether `MALoRAModule.load_from_checkpoint` passes the caller's `trust_remote_code` to `cls`: where the caller
-    allows remote code, where `cls` names the argument, and where the stored hyperparameters (the checkpoint's, or an
-    `hparams_file`'s) may hold it, so that the file never decides it. Otherwise `cls` takes it through `**kwargs`
-    only, and the file holds none: then the class's own code decides, as a subclass that fixes it
+    allows remote code, where `cls` names the argument, and where the stored hyperparameters (an `hparams_file`'s,
+    `from_file`, which replace the checkpoint's) may hold it, so that the file never decides it. Otherwise `cls` takes
+    it through `**kwargs` only, and the file holds none: then the class's own code decides, as a subclass that fixes it
     (``super().__init__(trust_remote_code=True, **kwargs)``) must, since a second value is a TypeError."""
     if trust_remote_code or "trust_remote_code" in inspect.signature(cls.__init__).parameters:
         return True
-    if path is None or hparams_file is not None:
+    if from_file is not None:
+        return "trust_remote_code" in from_file
+    if path is None:
         return True
     return "trust_remote_code" in (read_checkpoint(path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
 

@@ -2,6 +2,7 @@
 the run's config and flags; a checkpoint that disagrees on the base or the adapter's shape is refused by name."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,24 @@ def test_load_from_checkpoint_ignores_a_stored_trust_remote_code(code_folder, tm
     module = MALoRAModule.load_from_checkpoint(checkpoint)  # builds the model on loading: no code may run there
     assert module.hparams.trust_remote_code is False
     assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("model_name_or_path: !!python/name:os.system\n", r"is not plain YAML data .*Python tags \(!!python/\.\.\.\) are "
+                                                       r"refused"),
+    ("- 1\n- 2\n", r"holds a list, not a mapping of hyperparameter names"),
+    (None, r"does not exist: give a \.yaml, \.yml or \.csv file"),
+])
+def test_an_hparams_file_is_read_as_data_and_named(text, named, tmp_path):
+    """Lightning reads hparams_file with yaml.full_load: `!!python/name:os.system` reached __init__ as the function
+    os.system, and a missing file loaded with no hyperparameters at all."""
+    checkpoint = planted_checkpoint(tmp_path / "a.ckpt", model_name_or_path="offline:SmolLM2-135M-Instruct")
+    hparams = tmp_path / "hparams.yaml"
+    if text is not None:
+        hparams.write_text(text)
+    for loaded in (MALoRAModule, MultiTaskDataModule):
+        with pytest.raises((ValueError, FileNotFoundError), match=rf"hparams_file {re.escape(str(hparams))} {named}"):
+            loaded.load_from_checkpoint(checkpoint, hparams_file=hparams)
 
 
 class Planted:

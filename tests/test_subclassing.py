@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import malora_lightning.module as module_file
@@ -311,6 +312,13 @@ def test_a_subclass_that_fixes_trust_remote_code_loads_and_a_stored_one_still_ne
     torch.save(stored, tmp_path / "stored.ckpt")
     assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt").settings.trust_remote_code is False
     assert PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", trust_remote_code=True).settings.trust_remote_code
+    # hparams_file replaces the checkpoint's hyperparameters: the same rules hold for the file's
+    (tmp_path / "fixed.yaml").write_text("learning_rate: 0.005\n")
+    loaded = FixedRemoteCode.load_from_checkpoint(checkpoint, hparams_file=tmp_path / "fixed.yaml")  # was TypeError
+    assert loaded.settings.learning_rate == 0.005 and loaded.settings.trust_remote_code is True
+    (tmp_path / "stored.yaml").write_text(yaml.safe_dump({**stored["hyper_parameters"], "learning_rate": 0.005}))
+    loaded = PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", hparams_file=tmp_path / "stored.yaml")
+    assert loaded.settings.learning_rate == 0.005 and loaded.settings.trust_remote_code is False
 
 
 class TensorLoss(MALoRAModule):

@@ -9,6 +9,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
+from malora_lightning.checkpoints import read_hparams_file
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -356,6 +358,15 @@ class MultiTaskDataModule(LightningDataModule):
             weights = [settings.task_weights[task.name] for task in self.train_tasks]
         return mixing_weights(sizes, settings.sampling, cap=settings.cap, temperature=settings.temperature,
                               weights=weights, budget=settings.samples_per_epoch, max_epochs=settings.unimax_max_epochs)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
+                             hparams_file: str | Path | None = None, **kwargs: Any) -> MultiTaskDataModule:
+        """`LightningDataModule.load_from_checkpoint`, with an `hparams_file` read as data first
+        (`read_hparams_file`), as `MALoRAModule.load_from_checkpoint` reads it."""
+        if hparams_file is not None:
+            read_hparams_file(hparams_file)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ setup
 
