@@ -76,6 +76,8 @@ _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
 # PEFT inits that leave the base weights as they are; the others (PiSSA, OLoRA, LoftQ, CorDA, ...) subtract the
 # initial adapter from the base, which PEFT redoes on load, so the saved factors only fit a base changed that way
 _BASE_PRESERVING_INITS = (True, False, "gaussian")
+# peft.LoraConfig's lora_alpha default, which PEFT applies to a folder whose config leaves it out
+PEFT_DEFAULT_LORA_ALPHA = 8
 
 
 def library_version() -> str:
@@ -225,7 +227,7 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
         raise ValueError(f"{path / WEIGHTS_NAME}: no '{PEFT_PREFIX}<module>.lora_A.weight' tensor; is this a PEFT "
                          "LoRA folder?")
     rank = stored.get("r")
-    lora_alpha = stored.get("lora_alpha", rank)
+    lora_alpha = stored.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or not isinstance(lora_alpha, (int, float)):
         raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
     # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r

@@ -104,6 +104,22 @@ def test_a_lora_folder_saved_by_peft_loads_with_equal_logits(tmp_path, use_rslor
         torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
 
 
+def test_a_peft_folder_without_lora_alpha_scales_as_peft_loads_it(tmp_path):
+    """PEFT fills a config without lora_alpha with its default, 8: r = 4 scales by 8 / 4 = 2 (not alpha = r, 1)."""
+    theirs = peft_randomised(tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    del config["lora_alpha"]
+    config_file.write_text(json.dumps(config))
+
+    ours = load_adapters(tiny_model("llama"), tmp_path / "peft")
+    assert {layer.scaling for layer in adapter_layers(ours).values()} == {2.0}
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(IDS).logits, peft_load(tmp_path / "peft")(IDS).logits, rtol=0,
+                                   atol=1e-6)
+
+
 def test_a_peft_lora_of_the_head_saved_with_its_base_weight_loads_and_a_changed_base_weight_is_refused(tmp_path):
     """PEFT saves an adapted lm_head's base weight beside its LoRA (save_embedding_layers="auto") and loads it over
     the base's: that extra tensor failed our load. The copy is checked against the model's own weight, never loaded."""
