@@ -50,6 +50,22 @@ LIGHTNING_CKPT_VALUES = ("last", "best", "hpc")
 CONFIG_HEADER = "# lightning.pytorch=="
 
 
+def subcommand_help(argument: str, subcommand: str) -> str:
+    """`malora <subcommand> --help`'s text for `--ckpt_path` or `--weights_only`: what this command does with them
+    (`MALoRACLI._parse_ckpt_path`, `resolve_last_checkpoint`, `_prepare_subcommand_kwargs`)."""
+    if argument == "weights_only":
+        return ("must stay true: every checkpoint is read with torch.load(weights_only=True), tensors and plain values "
+                "only; false or null is refused. Load a trusted checkpoint that holds objects in Python, with "
+                "MALoRAModule.load_from_checkpoint(path, weights_only=False).")
+    use = "resume from" if subcommand == "fit" else "evaluate"
+    unset = ("start fresh adapters (or those of --model.adapter_path)" if subcommand == "fit" else
+             "use the adapters of --model.adapter_path, or freshly initialised ones (with a warning)")
+    return (f"the checkpoint to {use}: a path or URL, read as data (--weights_only). `last`: the newest last*.ckpt in "
+            "the checkpoint folders of every run under the logger's folder (or a ModelCheckpoint's dirpath), an error "
+            "where there is none. `best` is refused: only the process that ran the fit knows its best checkpoint. "
+            f"Lightning's `hpc` and `registry` keywords are passed on to it. Unset: {unset}.")
+
+
 def _is_local_file(ckpt_path: Any) -> bool:
     """Whether a `ckpt_path` names a local file: not a value Lightning resolves itself (`LIGHTNING_CKPT_VALUES`, a
     model registry) and not a remote path (read by Lightning through fsspec)."""
@@ -190,6 +206,11 @@ class MALoRACLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
+        # Lightning's help for these two describes Trainer's behaviour (`best` loaded, weights_only defaulting to
+        # None, `weights_only=False` advised), which this command replaces
+        for action in parser._actions:
+            if action.dest in ("ckpt_path", "weights_only"):
+                action.help = subcommand_help(action.dest, subcommand)
         return parser
 
     def _parse_ckpt_path(self) -> None:

@@ -623,3 +623,18 @@ def test_an_fsdp2_checkpoints_optimizer_layout_passes_the_check():
     one_process = {"optimizer_states": [{"param_groups": [{"params": [0, 1, 2, 3, 4, 5]}, {"params": [6, 7]}]}]}
     with pytest.raises(ValueError, match="one-process.ckpt holds its optimizer state as one process or DDP writes it"):
         check_fsdp2_optimizer_layout(one_process, "one-process.ckpt")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_treats_them(subcommand, capsys):
+    """`malora <subcommand> --help` showed Lightning's text: `best` loaded (refused here), without --ckpt_path the
+    best checkpoint of an earlier fit (fresh adapters here), weights_only "Defaults to None" with
+    `weights_only=False` advised for trusted files (the default is true and false is refused)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "`best` is refused" in text and "`last`: the newest last*.ckpt" in text
+    assert "Defaults to ``None``" not in text and "use ``weights_only=False``" not in text
+    assert "false or null is refused" in text
+    assert "best model checkpoint from the previous" not in text
