@@ -39,7 +39,9 @@ from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
 from malora_lightning.terminal import quiet_known_notes, show_library_logs
 
-logger = logging.getLogger(__name__)
+# named, not `__name__`: run as `python -m malora_lightning.task_export` the module is `__main__`, whose lines never
+# reached the library's handler (`show_library_logs`)
+logger = logging.getLogger("malora_lightning.task_export")
 
 DEFAULT_PROFILE_EXAMPLES = 256
 
@@ -225,7 +227,7 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
                         help="replace the adapter files of an existing adapter folder <output>/<task> (other files "
                              "stay; never the --adapter folder, nor with --merge)")
     parser.add_argument("--profile-examples", type=int, default=DEFAULT_PROFILE_EXAMPLES,
-                        help="training examples per task the routing profile averages over")
+                        help="training examples per task the routing profile averages over (default: %(default)s)")
     known, overrides = parser.parse_known_args(args)
     if known.profile_examples < 1:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")

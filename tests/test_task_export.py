@@ -232,3 +232,13 @@ def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["--adapter", str(adapter), "--output", ""])
     assert "--output is empty" in capsys.readouterr().err
+
+
+def test_the_commands_lines_reach_the_library_logger_however_it_is_run():
+    """Run as `python -m malora_lightning.task_export` the module's logger was `__main__`'s, outside the library's
+    logger, so the command printed none of its "task X: ... -> folder" lines."""
+    import runpy
+
+    run = runpy.run_module("malora_lightning.task_export", run_name="as_a_script", alter_sys=True)
+    assert run["logger"].name == "malora_lightning.task_export"
+
