@@ -338,6 +338,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self._check_context_length()
             self._check_vocabulary()
             strategy = self.trainer.strategy if self._trainer is not None else None
+            if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+                self._same_initial_adapters_on_every_rank()
             if isinstance(strategy, ModelParallelStrategy):
                 self.shard_model()
             elif isinstance(strategy, FSDPStrategy):  # Lightning wraps after this: refuse what FSDP1 cannot flatten
@@ -376,6 +378,28 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             raise ValueError(f"the data module's tokenizer ({getattr(tokenizer, 'name_or_path', '')!r}) has "
                              f"{len(tokenizer)} tokens and the base model {self.settings.model_name_or_path!r} embeds "
                              f"{rows}: give data.tokenizer the model's own tokenizer (leave it unset in the CLI)")
+
+    def _same_initial_adapters_on_every_rank(self) -> None:
+        """Give every rank rank zero's freshly initialised adapters (and any other trained tensor of the model)
+        before FSDP shards them. FSDP keeps each rank's own shard of its own tensors, and unlike DDP does not
+        broadcast them: ranks whose random states differ (no common seed_everything) trained a model stitched from
+        several random inits, with an S_A whose rows are no longer orthonormal (paper Eq. 8). The frozen base is
+        loaded from the same files on every rank and is left as it is."""
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+                or torch.distributed.get_world_size() == 1:
+            return
+        device = self.trainer.strategy.root_device  # where the backend communicates (CUDA for NCCL)
+        tensors = {id(tensor): tensor for tensor in [*adapter_state_dict(self.model).values(),
+                                                     *(p for p in self.model.parameters() if p.requires_grad)]}
+        with torch.no_grad():
+            for tensor in tensors.values():
+                if tensor.is_meta:  # materialised later, by whoever initialises it
+                    continue
+                own = tensor.detach()
+                carrier = own.to(device)  # `own` itself where it is on that device already
+                torch.distributed.broadcast(carrier, src=0)
+                if carrier is not own:
+                    own.copy_(carrier)
 
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.

@@ -156,6 +156,27 @@ def test_fsdp2_as_the_recipe_sets_it_up_resumes_from_its_adapter_only_checkpoint
     assert json.loads((tmp_path / "resume.json").read_text()) == {"global_step": 5}
 
 
+def test_fsdp2_trains_rank_zeros_initial_adapters_whatever_each_ranks_random_state(tiny_model_dir, tmp_path):
+    """FSDP2 keeps each rank's shard of that rank's own tensors and, unlike DDP, broadcasts nothing: ranks without a
+    common seed trained adapters stitched from two random inits, whose S_A rows were no longer orthonormal (paper
+    Eq. 8: S_A = beta V_0; max |S_A S_A^T / beta^2 - I| was 0.36 instead of 3e-8). Now every rank starts from rank
+    zero's."""
+    script = Path(__file__).parent / "scripts" / "fsdp2_init.py"
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    own = [torch.load(tmp_path / f"own{rank}.pt", weights_only=True) for rank in (0, 1)]
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert any(not torch.equal(own[0][key], own[1][key]) for key in own[0])  # the ranks did initialise differently
+    assert set(whole) == set(own[0])
+    for key, tensor in whole.items():
+        assert torch.equal(tensor, own[0][key]), key
+        if key.endswith("shared_A"):
+            gram = tensor.double() @ tensor.double().T
+            beta_squared = gram.diagonal().mean()
+            assert torch.allclose(gram / beta_squared, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-6), key
+
+
 class DumpRankValidation(Callback):
     """Each rank writes how many validation batches it ran and the evaluation it ended with."""
 
