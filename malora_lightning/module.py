@@ -404,15 +404,23 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def shard_model(self) -> None:
         """FSDP2 under `ModelParallelStrategy`: each decoder layer is one unit, then the rest of the model.
 
-        The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad).
+        The frozen base and the adapters of a layer share a unit (FSDP2 allows mixed requires_grad). A tensor-parallel
+        mesh dimension is refused: there is no tensor-parallel plan, and its ranks' replicas would train apart.
         """
         if self.settings.quantization is not None:
             raise ValueError("ModelParallelStrategy (FSDP2) cannot shard bitsandbytes 4/8-bit layers; use "
                              "quantization=null with dtype=bfloat16, or for FSDP-QLoRA FSDPStrategy with the 4-bit "
                              "linears as units of their own and quant_storage (recipes/llama2-7b/hardware/"
                              "fsdp-qlora.yaml)")
-        mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names \
-            else self.device_mesh
+        names = self.device_mesh.mesh_dim_names or ()
+        tensor_parallel = self.device_mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+        if tensor_parallel > 1:  # no tensor-parallel plan: each tensor-parallel rank would train a replica of its own
+            raise ValueError(f"ModelParallelStrategy has tensor_parallel_size={tensor_parallel} (Lightning's default "
+                             "'auto' is the number of devices), but MALoRAModule shards with FSDP2 over the "
+                             "data-parallel ranks only and has no tensor-parallel plan: those ranks would each train "
+                             "a replica of their own on other batches, never synchronised. Set data_parallel_size to "
+                             "the number of devices and tensor_parallel_size=1 (recipes/llama2-7b/hardware/fsdp.yaml)")
+        mesh = self.device_mesh["data_parallel"] if "data_parallel" in names else self.device_mesh
         layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
         for module in self.model.modules():
             if type(module).__name__ in layer_classes:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
-from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
+from tests.helpers import DestroyingLauncher, SpawnDDPStrategy, SpawnFSDP2Strategy
 from tests.test_module import TASKS, RecordingLMLoss, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -175,6 +177,27 @@ def test_fsdp2_trains_rank_zeros_initial_adapters_whatever_each_ranks_random_sta
             gram = tensor.double() @ tensor.double().T
             beta_squared = gram.diagonal().mean()
             assert torch.allclose(gram / beta_squared, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-6), key
+
+
+class SpawnDefaultModelParallelStrategy(ModelParallelStrategy):
+    """`ModelParallelStrategy()` with Lightning's default sizes (on one node: data_parallel_size 1,
+    tensor_parallel_size the number of devices), started by spawn as `SpawnFSDP2Strategy` is."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=timedelta(minutes=1))
+
+    def _configure_launcher(self) -> None:
+        self._launcher = DestroyingLauncher(self, start_method="spawn")
+
+
+def test_a_tensor_parallel_mesh_is_refused_naming_the_setting(tiny_model_dir, tmp_path):
+    """With Lightning's default sizes the mesh is (data_parallel=1, tensor_parallel=2): FSDP2 sharded over one rank,
+    so nothing synchronised the gradients, each rank trained on its own batches, and the two ranks ended 3 steps with
+    different adapters (rank zero's checkpointed) without a word."""
+    trainer = make_trainer(tmp_path, strategy=SpawnDefaultModelParallelStrategy(), devices=2, max_steps=1)
+    with pytest.raises(Exception, match=r"tensor_parallel_size=2 .* Set data_parallel_size to the number of devices "
+                                        r"and tensor_parallel_size=1"):
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
 
 
 class DumpRankValidation(Callback):
