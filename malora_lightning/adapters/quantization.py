@@ -111,17 +111,29 @@ def base_compute_dtype(model: nn.Module) -> str | None:
     return str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")
 
 
-def check_stored_quantization(path: str, quantization: Quantization | None) -> None:
-    """A folder saved already quantized keeps its own scheme (transformers would load it as stored, with only a
-    warning): asking for another one is an error naming both."""
+def check_stored_quantization(path: str, quantization: Quantization | None) -> bool:
+    """Whether the local folder `path` is stored quantized. Such a folder keeps its own scheme (transformers would load
+    it as stored, with only a warning): asking for another one is an error naming both."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        return  # a hub id: transformers reads the config itself
+        return False  # a hub id: transformers reads the config itself
     stored_mode = bnb_quantization_mode(json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config"))
     if stored_mode is not None and stored_mode != quantization:
         raise ValueError(f"{config_file}: the model is stored quantized with bitsandbytes {stored_mode!r}, but "
                          f"quantization={quantization!r} was asked for; set quantization={stored_mode!r} (a quantized "
                          "folder cannot be re-quantized or de-quantized on loading)")
+    return stored_mode is not None
+
+
+def set_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Make every 4-bit layer of `model` compute in `compute_dtype`, and its config say so. transformers loads a
+    folder stored in 4-bit with the compute dtype it was saved with, whatever was asked; the compute dtype is no
+    part of the stored weights, so the one asked for can apply."""
+    bnb = import_bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = compute_dtype
+    model.config.quantization_config.bnb_4bit_compute_dtype = compute_dtype
 
 
 def load_base_model(
@@ -143,7 +155,8 @@ def load_base_model(
         name_or_path: a local folder, a hub id (downloads only if not cached), or an offline model such as
             "offline:SmolLM2-135M-Instruct" (see `offline_models`).
         quantization: None (no quantization), "nf4", "fp4" (4-bit) or "int8".
-        compute_dtype: the dtype 4-bit layers compute in.
+        compute_dtype: the dtype 4-bit layers compute in, also those of a folder stored in 4-bit (which keeps its
+            own quant_storage and double_quant).
         dtype: dtype the weights are loaded in; default compute_dtype when quantized, else float32. With
             `prepare_for_training` a quantized base's other weights are then kept in float32 (rounded through it).
         quant_storage: storage dtype of packed 4-bit weights; set it to the `dtype` of the other weights for FSDP.
@@ -165,15 +178,16 @@ def load_base_model(
     compute = as_dtype(compute_dtype, "compute_dtype")
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
+    path = resolve_model_path(name_or_path)
+    stored_quantized = check_stored_quantization(path, quantization)
     if quantization is not None:
         import_bitsandbytes()  # before transformers imports it
         storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
-        kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
+        if not stored_quantized:  # a stored folder loads with its own config (transformers warns it ignores ours)
+            kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
     kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    path = resolve_model_path(name_or_path)
-    check_stored_quantization(path, quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as error:
@@ -193,6 +207,8 @@ def load_base_model(
                          "which runs only with trust_remote_code=True (the CLI: --model.trust_remote_code true); "
                          "set it only for code you trust") from error
     setattr(model, BASE_NAME_ATTRIBUTE, recorded_model_name(name_or_path))  # now, while a relative path names it
+    if quantization in FOUR_BIT_MODES:
+        set_compute_dtype(model, compute)  # a folder stored in 4-bit loaded with its saved compute dtype
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
         prepare_for_adapter_training(model, upcast=quantization is not None, enable_input_grads=input_grads)

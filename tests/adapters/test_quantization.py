@@ -16,7 +16,7 @@ from malora_lightning.adapters import (
     load_base_model,
 )
 from malora_lightning.adapters.layers import MALoRALinear
-from malora_lightning.adapters.quantization import as_dtype
+from malora_lightning.adapters.quantization import as_dtype, base_compute_dtype
 from tests.helpers import tiny_model
 
 
@@ -198,6 +198,33 @@ def test_a_folder_stored_in_4bit_refuses_another_quantization(tiny_llama_dir, tm
     with pytest.raises(ValueError, match=r"'nf4', but quantization=None"):
         load_base_model(str(stored), quantization=None)
     load_base_model(str(stored), quantization="nf4", compute_dtype="float32")  # as stored: fine
+
+
+@pytest.mark.parametrize(("saved", "asked"), [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_a_folder_stored_in_4bit_computes_in_the_compute_dtype_asked_for(tiny_llama_dir, tmp_path, saved, asked):
+    """transformers loads a stored 4-bit folder with the compute dtype it was saved with and ignores the one asked
+    for (a warning only): compute_dtype='bfloat16' on a folder saved computing in float32 ran in float32. Reference:
+    the dequantized weight and the input rounded to the asked dtype, multiplied in float64."""
+    stored = tmp_path / "stored-nf4"
+    load_base_model(str(tiny_llama_dir), quantization="nf4", compute_dtype=saved, dtype="float32",
+                    prepare_for_training=False).save_pretrained(stored)
+    model = load_base_model(str(stored), quantization="nf4", compute_dtype=asked, dtype="float32")
+    compute = getattr(torch, asked)
+    assert base_compute_dtype(model) == asked
+    layer = model.model.layers[0].mlp.down_proj
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(compute).double()
+    x = torch.randn(5, layer.in_features, requires_grad=True)
+    output = layer(x)
+    output.sum().backward()
+    expected = x.detach().to(compute).double() @ weight.T
+    expected_grad = weight.sum(0).expand(5, -1)
+    if compute is torch.bfloat16:  # computed in bfloat16, returned in the input's float32: bfloat16 values
+        assert torch.equal(output, output.bfloat16().float()) and torch.equal(x.grad, x.grad.bfloat16().float())
+        tolerance = {"rtol": 2**-7, "atol": 1e-3}
+    else:
+        tolerance = {"rtol": 0, "atol": 1e-5}
+    torch.testing.assert_close(output.double(), expected, **tolerance)
+    torch.testing.assert_close(x.grad.double(), expected_grad, **tolerance)
 
 
 @pytest.mark.parametrize("field", ["compute_dtype", "dtype"])
