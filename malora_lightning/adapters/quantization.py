@@ -175,6 +175,10 @@ def load_base_model(
 
     if quantization is not None and quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization={quantization!r} is invalid: expected None or one of {QUANTIZATION_MODES}")
+    if quant_storage is not None and quantization not in FOUR_BIT_MODES:
+        raise ValueError(f"quant_storage={quant_storage!r} is the storage dtype of packed 4-bit weights, and "
+                         f"quantization={quantization!r}: set quantization to one of {FOUR_BIT_MODES} or leave "
+                         "quant_storage None")
     compute = as_dtype(compute_dtype, "compute_dtype")
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}

@@ -235,6 +235,14 @@ def test_uint8_is_a_storage_dtype_only(tiny_llama_dir, field):
         load_base_model(str(tiny_llama_dir), quantization="nf4", **{field: "uint8"})
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_storage_dtype_without_a_4bit_base_is_refused(tiny_llama_dir, quantization):
+    """It was accepted and did nothing (MALoRAModule refused it; load_base_model did not)."""
+    with pytest.raises(ValueError, match=rf"quant_storage='bfloat16' is the storage dtype of packed 4-bit weights, "
+                                         rf"and quantization={quantization!r}: set quantization to one of"):
+        load_base_model(str(tiny_llama_dir), quantization=quantization, quant_storage="bfloat16")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_an_attention_kernel_whose_package_is_missing_is_named(tiny_llama_dir):
     """transformers' ImportError named no setting, and the command printed it as a traceback."""
