@@ -111,17 +111,26 @@ def base_compute_dtype(model: nn.Module) -> str | None:
     return str(config.get("bnb_4bit_compute_dtype")).removeprefix("torch.")
 
 
-def check_stored_quantization(path: str, quantization: Quantization | None) -> bool:
-    """Whether the local folder `path` is stored quantized. Such a folder keeps its own scheme (transformers would load
-    it as stored, with only a warning): asking for another one is an error naming both."""
+def check_stored_quantization(path: str, quantization: Quantization | None,
+                              quant_storage: torch.dtype | None = None) -> bool:
+    """Whether the local folder `path` is stored quantized. Such a folder keeps its own scheme and packed storage
+    dtype (transformers would load it as stored, with only a warning): asking for another one is an error naming
+    both. An FSDP run needs the storage dtype it asks for."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         return False  # a hub id: transformers reads the config itself
-    stored_mode = bnb_quantization_mode(json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config"))
+    stored = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+    stored_mode = bnb_quantization_mode(stored)
     if stored_mode is not None and stored_mode != quantization:
         raise ValueError(f"{config_file}: the model is stored quantized with bitsandbytes {stored_mode!r}, but "
                          f"quantization={quantization!r} was asked for; set quantization={stored_mode!r} (a quantized "
                          "folder cannot be re-quantized or de-quantized on loading)")
+    stored_storage = str(stored.get("bnb_4bit_quant_storage", "uint8")) if stored_mode in FOUR_BIT_MODES else None
+    asked = None if quant_storage is None else str(quant_storage).removeprefix("torch.")
+    if stored_storage is not None and asked is not None and stored_storage != asked:
+        raise ValueError(f"{config_file}: the model is stored in 4-bit packed as {stored_storage}, but quant_storage="
+                         f"{asked!r} was asked for; set quant_storage={stored_storage!r} or leave it "
+                         "unset (a quantized folder keeps its packed storage on loading)")
     return stored_mode is not None
 
 
@@ -182,11 +191,11 @@ def load_base_model(
     compute = as_dtype(compute_dtype, "compute_dtype")
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}
+    storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
     path = resolve_model_path(name_or_path)
-    stored_quantized = check_stored_quantization(path, quantization)
+    stored_quantized = check_stored_quantization(path, quantization, storage)
     if quantization is not None:
         import_bitsandbytes()  # before transformers imports it
-        storage = None if quant_storage is None else as_dtype(quant_storage, "quant_storage")
         if not stored_quantized:  # a stored folder loads with its own config (transformers warns it ignores ours)
             kwargs["quantization_config"] = bnb_quantization_config(quantization, compute, storage, double_quant)
     kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}

@@ -198,6 +198,10 @@ def test_a_folder_stored_in_4bit_refuses_another_quantization(tiny_llama_dir, tm
     with pytest.raises(ValueError, match=r"'nf4', but quantization=None"):
         load_base_model(str(stored), quantization=None)
     load_base_model(str(stored), quantization="nf4", compute_dtype="float32")  # as stored: fine
+    # its packed storage too: FSDP needs the one asked for, and transformers loads the stored one with a warning
+    with pytest.raises(ValueError, match=r"stored in 4-bit packed as uint8, but quant_storage='bfloat16' was asked"):
+        load_base_model(str(stored), quantization="nf4", quant_storage="bfloat16")
+    load_base_model(str(stored), quantization="nf4", quant_storage="uint8", compute_dtype="float32")
 
 
 @pytest.mark.parametrize(("saved", "asked"), [("float32", "bfloat16"), ("bfloat16", "float32")])
