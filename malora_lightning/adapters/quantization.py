@@ -165,7 +165,7 @@ def load_base_model(
             "offline:SmolLM2-135M-Instruct" (see `offline_models`).
         quantization: None (no quantization), "nf4", "fp4" (4-bit) or "int8".
         compute_dtype: the dtype 4-bit layers compute in, also those of a folder stored in 4-bit (which keeps its
-            own quant_storage and double_quant).
+            own double_quant, and refuses another quant_storage).
         dtype: dtype the weights are loaded in; default compute_dtype when quantized, else float32. With
             `prepare_for_training` a quantized base's other weights are then kept in float32 (rounded through it).
         quant_storage: storage dtype of packed 4-bit weights; set it to the `dtype` of the other weights for FSDP.
