@@ -203,19 +203,22 @@ class PromptEncoder:
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return [self._opening_special_ids + ids for ids in encoded] if opening else encoded
 
-    def _openings(self, prompts: Sequence[str], openings: Sequence[str]) -> list[OpeningTokens]:
-        """The ``openings`` (``opening(prompt)`` of each of ``prompts``) in token ids, with the format's own tokens
+    def _openings(self, openings: Sequence[str]) -> list[OpeningTokens]:
+        """The ``openings`` (``opening(prompt)`` of each prompt) in token ids, with the format's own tokens
         around each prompt's text counted: learned from the opening of a sentinel prompt (the text before it and
-        after it), as the longest common token prefix and suffix of the opening and that text. An opening that does
-        not hold its prompt verbatim between them (a subclass's own format) protects nothing."""
+        after it), as the longest common token prefix and suffix of the opening and that text. The text between them
+        need not be the prompt verbatim: templates that trim the content (Llama 3's, Gemma's) write a prompt with
+        outer whitespace without it. An opening that does not begin and end with them (a subclass's own format)
+        protects nothing."""
         frame = self.opening(_SENTINEL).split(_SENTINEL)
         ids = self._ids(list(openings), opening=True)
         if len(frame) != 2:
             return [OpeningTokens(opening_ids) for opening_ids in ids]
         head_ids, tail_ids = self._ids(frame, opening=True)
         tokens = []
-        for prompt, text, opening_ids in zip(prompts, openings, ids):
-            if text != frame[0] + prompt + frame[1]:
+        for text, opening_ids in zip(openings, ids):
+            if len(text) < len(frame[0]) + len(frame[1]) or not (text.startswith(frame[0]) and
+                                                                  text.endswith(frame[1])):
                 tokens.append(OpeningTokens(opening_ids))
                 continue
             head = _common_prefix(opening_ids, head_ids)
@@ -257,7 +260,7 @@ class PromptEncoder:
                with_eval_fields: bool = False) -> tuple[list[EncodedExample], TruncationStats]:
         """Token ids for every example of one task's split; with ``with_eval_fields``, also the choice rows."""
         texts = [self.render(example.prompt, example.target) for example in examples]
-        openings = self._openings([example.prompt for example in examples], [text[0] for text in texts])
+        openings = self._openings([text[0] for text in texts])
         stats = TruncationStats(examples=len(examples))
         encoded = []
         for example, opening, answer in zip(examples, openings, self._answers(texts)):
@@ -297,7 +300,7 @@ class PromptEncoder:
         answers = self._answers([self.render(prompts[index].prompt, prompts[index].target) for index in targeted])
         target_rooms = dict(zip(targeted, map(len, answers)))
         texts = [given.prompt for given in prompts]
-        openings = self._openings(texts, [self.opening(text) for text in texts])
+        openings = self._openings([self.opening(text) for text in texts])
         encoded = []
         for index, (given, opening) in enumerate(zip(prompts, openings)):
             if opening.head + opening.tail >= self.max_length:  # not a target's fault: `_fit` would blame one

@@ -129,6 +129,32 @@ def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_token
         encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
+# ChatML with its content trimmed, as Llama 3's and Gemma's templates trim it ("{{ message['content'] | trim }}")
+TRIMMING_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_cut_keeps_the_turns_of_a_template_that_trims_the_prompt(chat_tokenizer):
+    """A template that trims the content writes "abcdefghij\n" as "abcdefghij": the opening no longer held the prompt
+    verbatim, so nothing counted as the format's own and the cut took <|im_start|>system\nbe brief... from the left
+    (the model saw "ystem\nbe brief<|im_end|>..." with its whole prompt text), as for a subclass's own format."""
+    chat_tokenizer.chat_template = TRIMMING_CHATML
+    system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
+    user_header = [IM_START] + ids(chat_tokenizer, "user\n")
+    end_of_turn = [IM_END] + ids(chat_tokenizer, "\n") + [IM_START] + ids(chat_tokenizer, "assistant\n")
+    answer = ids(chat_tokenizer, "xy") + [IM_END]
+    length = len(system + user_header + end_of_turn + answer) + 3
+    for prompt in ("abcdefghij\n", "  abcdefghij "):
+        encoder, (cut,), stats = encode(chat_tokenizer, [Example(prompt=prompt, target="xy", row=0)],
+                                        max_length=length, system_prompt="be brief")
+        assert cut.input_ids == system + user_header + ids(chat_tokenizer, "hij") + end_of_turn + answer
+        assert cut.labels == [IGNORE_INDEX] * (length - len(answer)) + answer
+        assert (stats.truncated, stats.tokens_dropped) == (1, 7)
+        (predicted,), _ = encoder.encode_prompts([PredictPrompt(prompt=prompt, task="toy", target="xy", row=0)],
+                                                 task_id=0)
+        assert predicted.input_ids == cut.input_ids[:cut.prompt_length]
+
+
 def test_a_predict_prompt_whose_format_alone_fills_max_length_is_an_error_that_blames_no_target(chat_tokenizer):
     """It said "the target takes 0 tokens" and offered long_targets='skip', which predict prompts ignore."""
     system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
