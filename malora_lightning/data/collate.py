@@ -168,6 +168,10 @@ class PromptEncoder:
         turns = self._turns(prompt)
         full = self.tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": target}], tokenize=False)
         if not full.startswith(opening + target):
+            if full.startswith(opening + target.strip()):
+                raise ValueError(f"the chat template trims the whitespace around the answer, so the target "
+                                 f"{target!r:.60} cannot be trained as written; strip it (in the task's formatter or "
+                                 "target template) or pass use_chat_template=False")
             raise ValueError("the chat template does not render '<prompt turn><assistant header><target>' as a plain "
                              "continuation of the prompt turn, so the target cannot be separated from the prompt; "
                              "pass use_chat_template=False or override PromptEncoder.render")
@@ -176,6 +180,14 @@ class PromptEncoder:
         if eos and eos in closing:  # drop what the template adds after the end-of-turn token (e.g. a newline)
             closing = closing[: closing.index(eos) + len(eos)]
         return opening, target, closing
+
+    def _render(self, prompt: str, target: str, where: str) -> tuple[str, str, str]:
+        """``render``, a ValueError of it naming ``where`` (a task's row, a predict file's row): one row's text can
+        fail to render (a target with outer whitespace under a template that trims it) where the others do not."""
+        try:
+            return self.render(prompt, target)
+        except ValueError as error:
+            raise TaskDataError(f"{where}: {error}") from error
 
     def closing_token_id(self) -> int | None:
         """Where a generated answer ends besides EOS: the first token of the closing ``render`` trains after every
@@ -250,16 +262,18 @@ class PromptEncoder:
         closings = self._ids([text[2] for text in texts], opening=False)
         return [body + closing for body, closing in zip(bodies, closings)]
 
-    def answer_lengths(self, examples: Sequence[Example]) -> list[int]:
+    def answer_lengths(self, examples: Sequence[Example], where: str = "example") -> list[int]:
         """How many tokens each example's answer takes as ``encode`` trains it, without fitting it into
-        ``max_length`` (which ``encode`` refuses for a target that does not fit)."""
-        texts = [self.render(example.prompt, example.target) for example in examples]
+        ``max_length`` (which ``encode`` refuses for a target that does not fit). ``where`` (``task 'x', test``)
+        goes before ``row N`` in a rendering error."""
+        texts = [self._render(example.prompt, example.target, f"{where} row {example.row}") for example in examples]
         return [len(answer) for answer in self._answers(texts)]
 
     def encode(self, examples: Sequence[Example], task_id: int, task_name: str, split: str, *,
                with_eval_fields: bool = False) -> tuple[list[EncodedExample], TruncationStats]:
         """Token ids for every example of one task's split; with ``with_eval_fields``, also the choice rows."""
-        texts = [self.render(example.prompt, example.target) for example in examples]
+        texts = [self._render(example.prompt, example.target, f"task {task_name!r}, {split} row {example.row}")
+                 for example in examples]
         openings = self._openings([text[0] for text in texts])
         stats = TruncationStats(examples=len(examples))
         encoded = []
@@ -297,7 +311,8 @@ class PromptEncoder:
         output otherwise: it never stops the run."""
         stats = TruncationStats(examples=len(prompts))
         targeted = [index for index, given in enumerate(prompts) if given.target is not None and task_id >= 0]
-        answers = self._answers([self.render(prompts[index].prompt, prompts[index].target) for index in targeted])
+        answers = self._answers([self._render(prompts[index].prompt, prompts[index].target,
+                                              f"predict file row {prompts[index].row}") for index in targeted])
         target_rooms = dict(zip(targeted, map(len, answers)))
         texts = [given.prompt for given in prompts]
         openings = self._openings([self.opening(text) for text in texts])
@@ -325,7 +340,8 @@ class PromptEncoder:
         cut to leave room for the longest choice and for the trained answer (``answer_length``), so that it is the
         training and generation prompt whenever that one leaves as much room. A choice without tokens is an error:
         its score (0 over 0 tokens) would beat every other choice's."""
-        bodies = self._ids([self.render(example.prompt, choice)[1] for choice in example.choices], opening=False)
+        bodies = self._ids([self._render(example.prompt, choice, f"{where}, choice {index}")[1]
+                            for index, choice in enumerate(example.choices)], opening=False)
         for index, (choice, body) in enumerate(zip(example.choices, bodies)):
             if not body:
                 raise TaskDataError(f"{where}: choice {index} ({choice!r:.60}) has no tokens once rendered as the "

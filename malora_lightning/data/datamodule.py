@@ -635,11 +635,13 @@ class MultiTaskDataModule(LightningDataModule):
         ``max_length`` though it may never be evaluated."""
         seed = self.settings.data_seed
         held_out = self.held_out(task)
-        examples = [] if held_out is None else task.examples("train", seed=seed, only_rows=held_out.validation_rows)
-        for split in ("validation", "test"):
-            if task.has_split(split):
-                examples += task.examples(split, seed=seed)
-        longest = max(self._encoder.answer_lengths(examples), default=None)
+        splits = [] if held_out is None else [("train", task.examples("train", seed=seed,
+                                                                      only_rows=held_out.validation_rows))]
+        splits += [(split, task.examples(split, seed=seed)) for split in ("validation", "test")
+                   if task.has_split(split)]
+        longest = max((length for split, examples in splits
+                       for length in self._encoder.answer_lengths(examples, f"task {task.name!r}, {split}")),
+                      default=None)
         # an answer trains with at least one prompt token: a longer one is left out (long_targets="skip") or refused
         return None if longest is None else min(longest, self.settings.max_length - 1)
 

@@ -264,6 +264,25 @@ def test_chat_template_that_rewrites_the_answer_is_rejected(chat_tokenizer):
         encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])
 
 
+def test_a_target_that_a_trimming_template_cannot_write_as_given_is_an_error_naming_its_row(chat_tokenizer):
+    """The error named no task, split, row or choice, and blamed the template as a whole ("does not render ... as a
+    plain continuation"), though only the rows with whitespace around their answer fail."""
+    chat_tokenizer.chat_template = TRIMMING_CHATML
+    examples = [Example(prompt="ab", target="cd", row=0), Example(prompt="ab", target="cd\n", row=7)]
+    trims = r"the chat template trims the whitespace around the answer, so the target 'cd\\n' cannot be trained as " \
+            r"written; strip it \(in the task's formatter or target template\) or pass use_chat_template=False$"
+    with pytest.raises(TaskDataError, match=r"^task 'toy', train row 7: " + trims):
+        encode(chat_tokenizer, examples)
+    choices = Example(prompt="ab", target="x", choices=("x", "cd\n"), gold=0, row=3)
+    with pytest.raises(TaskDataError, match=r"^task 'toy', train row 3, choice 1: " + trims):
+        encode(chat_tokenizer, [choices], eval_fields=True)
+    encoder = PromptEncoder(chat_tokenizer, 64)
+    with pytest.raises(TaskDataError, match=r"^task 'toy', test row 7: " + trims):
+        encoder.answer_lengths(examples, "task 'toy', test")
+    with pytest.raises(TaskDataError, match=r"^predict file row 2: " + trims):
+        encoder.encode_prompts([PredictPrompt(prompt="ab", task="toy", target="cd\n", row=2)], task_id=0)
+
+
 def test_mixed_evaluation_batches_are_refused(tokenizer):
     encoder, encoded, _ = encode(tokenizer, [Example(prompt="a", target="b", row=0),
                                              Example(prompt="c", target="A", choices=("A", "B"), gold=0, row=1)],

@@ -168,6 +168,21 @@ def test_a_target_that_cannot_fit_stops_setup_with_the_task_named():
         data.setup("fit")
 
 
+def test_a_test_target_that_the_chat_template_cannot_write_stops_fit_naming_its_split_and_row(tmp_path):
+    """fit measures the test split's answers (the generation length) without encoding them: the error named no row."""
+    rows = {"train": ["Paris", "Lima"], "validation": ["Rome"], "test": ["Oslo", " Bern"]}
+    for split, capitals in rows.items():
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({"country": "X", "capital": capital})
+                                                           for capital in capitals))
+    spec = {"name": "capitals", "path": {split: str(tmp_path / f"{split}.jsonl") for split in rows},
+            "prompt": "Capital of {country}?", "target": "{capital}"}
+    tokenizer = tiny_tokenizer(chat_template=True)
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    with pytest.raises(TaskDataError, match=r"^task 'capitals', test row 1: the chat template trims the whitespace "
+                                            r"around the answer, so the target ' Bern' cannot be trained"):
+        make(tokenizer, tasks=["capitals"], task_specs=[spec]).setup("fit")
+
+
 def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplog):
     """Instruction data with a few very long answers (code) stopped the whole setup at the first one."""
     data = make(max_length=30, long_targets="skip")  # reverse_words' targets take up to 32 tokens, with 8 of format
