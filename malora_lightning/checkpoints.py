@@ -110,6 +110,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          f"{error})") from error
 
 
+def without_instantiator(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`load_from_checkpoint`'s keyword arguments with Lightning's `_instantiator` set to None. A module or data
+    module built by LightningCLI stores `_instantiator` among its hyperparameters, and Lightning then builds the
+    loaded object through jsonargparse, which imports the module of any `class_path` a stored value names (say
+    `adapter: {class_path: some_module.X}`): a file picking code to run. Given as None, it is dropped, and the class
+    is called with the plain values, as for an object built in Python."""
+    return {**kwargs, "_instantiator": None}
+
+
 def read_hparams_file(path: str | Path) -> dict[str, Any]:
     """The hyperparameters of a `load_from_checkpoint(hparams_file=...)`, read as data, before Lightning reads the
     file again: Lightning reads YAML with `yaml.full_load`, which turns a tag such as `!!python/name:os.system` into a

@@ -64,6 +64,7 @@ from malora_lightning.checkpoints import (
     stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
+    without_instantiator,
 )
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.data.datamodule import MultiTaskDataModule
@@ -278,9 +279,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              hparams_file: str | Path | None = None, strict: bool | None = None,
                              weights_only: bool = True, trust_remote_code: bool = False,
                              **kwargs: Any) -> MALoRAModule:
-        """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`) and
-        `trust_remote_code` taken from the caller (default False) or the class's own code, never from the file's
-        hyperparameters (`_passes_trust_remote_code`)."""
+        """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`), no class
+        imported by its hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the caller
+        (default False) or the class's own code, never from the file's hyperparameters (`_passes_trust_remote_code`)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if named is not None:
             check_checkpoint_file(named)
@@ -293,7 +294,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in "
                                                           "the checkpoint", category=UserWarning)
                 return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                    weights_only=weights_only, **kwargs)
+                                                    weights_only=weights_only, **without_instantiator(kwargs))
         finally:
             _LOADED_FILE.reset(token)
 

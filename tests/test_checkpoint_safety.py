@@ -4,6 +4,7 @@ the run's config and flags; a checkpoint that disagrees on the base or the adapt
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import lightning
@@ -143,6 +144,28 @@ def test_an_hparams_file_is_read_as_data_and_named(text, named, tmp_path):
     for loaded in (MALoRAModule, MultiTaskDataModule):
         with pytest.raises((ValueError, FileNotFoundError), match=rf"hparams_file {re.escape(str(hparams))} {named}"):
             loaded.load_from_checkpoint(checkpoint, hparams_file=hparams)
+
+
+def test_load_from_checkpoint_imports_no_class_a_stored_hyperparameter_names(tmp_path, monkeypatch):
+    """A checkpoint of a CLI run stores Lightning's `_instantiator`, which built the loaded object through
+    jsonargparse: a stored `adapter: {class_path: planted_module.X}` imported planted_module (its code ran) before
+    the value was refused."""
+    (tmp_path / "planted_module.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / MARKER)!r})"
+                                                ".write_text('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    planted = {"_instantiator": "lightning.pytorch.cli.instantiate_module",
+               "adapter": {"class_path": "planted_module.Config", "init_args": {}}}
+    checkpoint = planted_checkpoint(tmp_path / "a.ckpt", model_name_or_path="offline:SmolLM2-135M-Instruct",
+                                    **planted)
+    with pytest.raises(ValueError, match=r"AdapterConfig: unknown field\(s\) \['class_path', 'init_args'\]"):
+        MALoRAModule.load_from_checkpoint(checkpoint)
+    data_checkpoint = tmp_path / "data.ckpt"
+    torch.save({"datamodule_hyper_parameters": {"_instantiator": planted["_instantiator"],
+                                                "tasks": {"class_path": "planted_module.Tasks"}},
+                "pytorch-lightning_version": lightning.__version__}, data_checkpoint)
+    with pytest.raises(ValueError, match="unknown task 'class_path'"):  # the value as given, refused as a task list
+        MultiTaskDataModule.load_from_checkpoint(data_checkpoint)
+    assert not (tmp_path / MARKER).exists() and "planted_module" not in sys.modules
 
 
 class Planted:

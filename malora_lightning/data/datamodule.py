@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
-from malora_lightning.checkpoints import read_hparams_file
+from malora_lightning.checkpoints import read_hparams_file, without_instantiator
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -363,10 +363,12 @@ class MultiTaskDataModule(LightningDataModule):
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
                              hparams_file: str | Path | None = None, **kwargs: Any) -> MultiTaskDataModule:
         """`LightningDataModule.load_from_checkpoint`, with an `hparams_file` read as data first
-        (`read_hparams_file`), as `MALoRAModule.load_from_checkpoint` reads it."""
+        (`read_hparams_file`) and no class imported by the stored hyperparameters (`without_instantiator`), as
+        `MALoRAModule.load_from_checkpoint` loads."""
         if hparams_file is not None:
             read_hparams_file(hparams_file)
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file,
+                                            **without_instantiator(kwargs))
 
     # ------------------------------------------------------------------------------------------------ setup
 
