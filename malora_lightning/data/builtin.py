@@ -20,8 +20,9 @@ a group costs the suite can be split into the share of examples it takes and the
 
 Splits are disjoint by construction: every item's prompt is hashed to train (80% of the item space), validation
 (10%) or test (10%), and a split only keeps items hashed to it. A seed picks which items of its part are drawn.
-Words are ones SmolLM2's tokenizer keeps as single tokens (with and without a leading space), and its digits are
-single tokens, so targets stay a few tokens long.
+The words of `WORDS` are ones SmolLM2's tokenizer keeps as single tokens (with and without a leading space), and its
+digits are single tokens, so targets stay a few tokens long (odd_one_out's category words need not be: its targets
+are letters).
 """
 
 from __future__ import annotations
