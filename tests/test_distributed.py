@@ -3,6 +3,7 @@ validation on shards of uneven size."""
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -164,8 +165,11 @@ def test_fsdp2_trains_rank_zeros_initial_adapters_whatever_each_ranks_random_sta
     Eq. 8: S_A = beta V_0; max |S_A S_A^T / beta^2 - I| was 0.36 instead of 3e-8). Now every rank starts from rank
     zero's."""
     script = Path(__file__).parent / "scripts" / "fsdp2_init.py"
+    # without the seed an earlier seed_everything of this test process left in the environment: Lightning reseeds
+    # every launched rank from it, which would give both ranks the same random state
+    environment = {name: value for name, value in os.environ.items() if name != "PL_GLOBAL_SEED"}
     result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1])
+                            text=True, timeout=300, cwd=Path(__file__).parents[1], env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     own = [torch.load(tmp_path / f"own{rank}.pt", weights_only=True) for rank in (0, 1)]
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
