@@ -220,8 +220,8 @@ def load_base_model(
                          "which runs only with trust_remote_code=True (the CLI: --model.trust_remote_code true); "
                          "set it only for code you trust") from error
     setattr(model, BASE_NAME_ATTRIBUTE, recorded_model_name(name_or_path))  # now, while a relative path names it
-    if quantization in FOUR_BIT_MODES:
-        set_compute_dtype(model, compute)  # a folder stored in 4-bit loaded with its saved compute dtype
+    if stored_quantized and quantization in FOUR_BIT_MODES:
+        set_compute_dtype(model, compute)  # loaded with its saved compute dtype; ours applied the asked one
     if prepare_for_training:
         # float32 copies of the unquantized weights are for k-bit training; a bf16 base stays bf16
         prepare_for_adapter_training(model, upcast=quantization is not None, enable_input_grads=input_grads)
