@@ -3,6 +3,7 @@ recorder."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -11,8 +12,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _disable_module_memory_sharing,
+    _GlobalStateSnapshot,
+    _MultiProcessingLauncher,
+    _WorkerOutput,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
@@ -117,10 +124,21 @@ def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
-class DestroyingLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn launcher, destroying the gloo process group once a rank's work is done, after every hook.
+# What every rank of a two-process test imports; the forkserver imports it once, when it starts (the first launch).
+RANK_IMPORTS = ["tests.test_module"]
 
-    Left to interpreter exit, gloo's threads are torn down while still joinable and a spawned rank now and then aborts
+
+class TwoProcessLauncher(_MultiProcessingLauncher):
+    """Lightning's multiprocessing launcher, starting the ranks from a forkserver that has imported the tests'
+    modules, and destroying the gloo process group once a rank's work is done, after every hook.
+
+    Started by spawn, every rank imported Lightning, transformers and the library afresh: about 9 s of a 2-core
+    machine per launch, most of a two-process test's time. A forkserver (a single-threaded process holding those
+    imports) forks each rank instead. The ranks are given what spawn gives them and a fork of the server does not:
+    the launching process's environment (captured when the launcher is pickled for the ranks, after Lightning has
+    chosen the port) and random states, and module tensors of their own rather than in shared memory.
+
+    Left to interpreter exit, gloo's threads are torn down while still joinable and a rank now and then aborts
     after a successful fit ("terminate called without an active exception", SIGABRT; seen in CI in two of these
     tests). environment.md measured 2 aborts in 10 runs without an explicit destroy and none in 12 with one. Not in
     the strategy's `teardown`: Lightning calls it before `on_fit_end`, whose collectives (the adapter export under
@@ -130,8 +148,15 @@ class DestroyingLauncher(_MultiProcessingLauncher):
     the session, and the scripts the tests start, then listened on that one port (EADDRINUSE once another job held
     it)."""
 
+    def __init__(self, strategy: DDPStrategy | ModelParallelStrategy) -> None:
+        super().__init__(strategy, start_method="forkserver")
+
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        multiprocessing.set_forkserver_preload(RANK_IMPORTS)
         previous = os.environ.get("MASTER_PORT")
+        # held until the ranks have started: a tensor made while the launcher is pickled would be freed, closing its
+        # shared-memory file, before the forkserver is handed that file
+        self._launching_states = _GlobalStateSnapshot.capture()
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         finally:
@@ -140,16 +165,36 @@ class DestroyingLauncher(_MultiProcessingLauncher):
             else:
                 os.environ["MASTER_PORT"] = previous
 
-    def _wrapping_function(self, *args, **kwargs) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_launching_environment": dict(os.environ)}
+
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: L.Trainer) -> None:
+        if isinstance(self._strategy, ModelParallelStrategy) and worker_output.weights_path is not None:
+            # rank zero's FSDP2 shards (DTensors, which torch.load refuses with weights_only), not the model's
+            # tensors: nothing this process's module could take
+            self._strategy.checkpoint_io.remove_checkpoint(worker_output.weights_path)
+            worker_output = worker_output._replace(weights_path=None)
+        super()._recover_results_in_main_process(worker_output, trainer)
+
+    def _wrapping_function(self, process_idx, trainer, function, args, kwargs, return_queue) -> None:
+        _adopt_environment(self._launching_environment)
+        self._launching_states.restore()
+        args, kwargs = _disable_module_memory_sharing((args, kwargs))
         try:
-            super()._wrapping_function(*args, **kwargs)
+            super()._wrapping_function(process_idx, trainer, function, args, kwargs, return_queue)
         finally:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
 
-class SpawnDDPStrategy(DDPStrategy):
-    """`strategy="ddp_spawn"` that destroys its gloo process group when a rank is done (`DestroyingLauncher`).
+def _adopt_environment(environment: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+class TwoProcessDDPStrategy(DDPStrategy):
+    """DDP over 2 processes started by `TwoProcessLauncher`, as `strategy="ddp_spawn"` starts them but from the
+    forkserver.
 
     Collectives time out after 2 minutes instead of gloo's 30: these tests take seconds, and a rank stuck in a
     collective then fails the test with gloo's error instead of stalling CI. (The hangs run-lowest once saw were not
@@ -158,22 +203,40 @@ class SpawnDDPStrategy(DDPStrategy):
     """
 
     def __init__(self) -> None:
-        super().__init__(start_method="spawn", timeout=timedelta(minutes=2))
+        super().__init__(start_method="forkserver", timeout=timedelta(minutes=2))
 
     def _configure_launcher(self) -> None:
-        self._launcher = DestroyingLauncher(self, start_method="spawn")
+        self._launcher = TwoProcessLauncher(self)
 
 
-class SpawnFSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 over 2 processes started by spawn, as `SpawnDDPStrategy` starts DDP's (`ModelParallelStrategy` relaunches
-    the command as a script, which a pytest run is not), with the same process-group end and a short collective
-    timeout: a rank stuck in a collective fails the test with gloo's error after a minute instead of stalling it."""
+class TwoProcessFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`ModelParallelStrategy`, data parallel over 2 processes unless told otherwise) started by
+    `TwoProcessLauncher` (`ModelParallelStrategy` relaunches the command as a script, which a pytest run is not),
+    with a short collective timeout: a rank stuck in a collective fails the test with gloo's error after a minute
+    instead of stalling it."""
 
-    def __init__(self) -> None:
-        super().__init__(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(minutes=1))
+    def __init__(self, data_parallel_size: int | str = 2, tensor_parallel_size: int | str = 1,
+                 save_distributed_checkpoint: bool = True) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+                         save_distributed_checkpoint=save_distributed_checkpoint, timeout=timedelta(minutes=1))
 
     def _configure_launcher(self) -> None:
-        self._launcher = DestroyingLauncher(self, start_method="spawn")
+        self._launcher = TwoProcessLauncher(self)
+
+
+def run_ranks(function: Callable[..., None], *args: Any) -> None:
+    """Runs `function(rank, *args)` on 2 processes forked from the forkserver, each with this process's environment
+    and a free port for gloo (MASTER_ADDR, MASTER_PORT); a rank's exception is raised here, with its traceback."""
+    multiprocessing.set_forkserver_preload(RANK_IMPORTS)
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port())}
+    torch.multiprocessing.start_processes(_rank_in_environment, args=(environment, function, args), nprocs=2,
+                                          start_method="forkserver")
+
+
+def _rank_in_environment(rank: int, environment: dict[str, str], function: Callable[..., None],
+                         args: tuple[Any, ...]) -> None:
+    _adopt_environment(environment)
+    function(rank, *args)
 
 
 # ops that read a tensor's value on the host or give a data-dependent shape; "[mask]": indexing by a boolean mask,

@@ -610,7 +610,7 @@ def test_a_one_process_checkpoint_resumed_under_fsdp2_is_refused_naming_it(tiny_
     with pytest.raises(ValueError, match=r"last\.ckpt holds its optimizer state as one process or DDP writes it .*"
                                          r"ModelParallelStrategy \(FSDP2\) reads it by position among all the model's "
                                          r"parameters"):
-        main(["fit", *settings, "--trainer.strategy.class_path=tests.helpers.SpawnFSDP2Strategy",
+        main(["fit", *settings, "--trainer.strategy.class_path=tests.helpers.TwoProcessFSDP2Strategy",
               "--trainer.devices=2", "--trainer.max_steps=2", f"--ckpt_path={checkpoint}"])
 
 

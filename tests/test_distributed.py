@@ -3,12 +3,10 @@ validation on shards of uneven size."""
 
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,14 +14,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
-from tests.helpers import DestroyingLauncher, SpawnDDPStrategy, SpawnFSDP2Strategy
+from malora_lightning.module import MALoRAModule
+from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy
 from tests.test_module import TASKS, RecordingLMLoss, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -86,7 +84,7 @@ class DumpTrainLoss(Callback):
 def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     callbacks = [PerTaskMetrics(), SeesawTracker(plots=False), RoutingStats(plots=False), DumpRankState(str(tmp_path)),
                  DumpTrainLoss(str(tmp_path))]
-    trainer = make_trainer(tmp_path, strategy=SpawnDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
+    trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=callbacks)
     module = RecordingLMLoss(**make_module(tiny_model_dir).hparams)
     trainer.fit(module, make_data(tiny_model_dir, max_eval_examples_per_task=7))
@@ -120,10 +118,9 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):
-    script = Path(__file__).parent / "scripts" / "fsdp2_fit.py"
-    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
+    trainer = make_trainer(tmp_path, strategy=TwoProcessFSDP2Strategy(), devices=2, max_steps=3,
+                           enable_checkpointing=True)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
 
     exported = load_file(str(tmp_path / "checkpoints" / "adapter" / "adapter_model.safetensors"))
     reference = make_module(tiny_model_dir)
@@ -146,12 +143,14 @@ def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tm
 def test_fsdp2_as_the_recipe_sets_it_up_resumes_from_its_adapter_only_checkpoint(tiny_model_dir, tmp_path):
     """Lightning's sharded checkpoints (ModelParallelStrategy's default) ask for every tensor of the model when
     loaded, the frozen base included: a resume failed with "Missing key in checkpoint state_dict". The recipe writes
-    checkpoint files, gathered on rank 0, which resume (with the recipe setting's bf16 base and gradient clipping)."""
+    checkpoint files, gathered on rank 0, which resume (with the recipe setting's bf16 base and gradient clipping).
+
+    Run as a script, through the launcher Lightning gives `ModelParallelStrategy` (it relaunches the command), as a
+    recipe's run starts."""
     script = Path(__file__).parent / "scripts" / "fsdp2_resume.py"
-    for mode in ("fit", "resume"):
-        result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path), mode],
-                                capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(tmp_path / "fit" / "checkpoints" / "epoch=0-step=3.ckpt", weights_only=True)
     reference = make_module(tiny_model_dir)
     reference.configure_model()
@@ -159,18 +158,43 @@ def test_fsdp2_as_the_recipe_sets_it_up_resumes_from_its_adapter_only_checkpoint
     assert json.loads((tmp_path / "resume.json").read_text()) == {"global_step": 5}
 
 
+class OwnInit(MALoRAModule):
+    """Draws from a random state of this rank's own (as processes without a common seed_everything do), and saves
+    the adapters it initialised before anything else touches them."""
+
+    def __init__(self, out_dir: str, **settings) -> None:
+        super().__init__(**settings)
+        self.out_dir = out_dir
+
+    def build_model(self):
+        torch.manual_seed(1000 + self.global_rank)
+        model = super().build_model()
+        tensors = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
+        torch.save(tensors, f"{self.out_dir}/own{self.global_rank}.pt")
+        return model
+
+
+class SaveWhole(Callback):
+    """Rank zero saves the whole (gathered) adapters the first step trains from."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        adapters = adapter_state_dict(pl_module.model)
+        whole = {key: value.full_tensor().detach().clone() for key, value in adapters.items()}
+        if trainer.is_global_zero:
+            torch.save(whole, f"{self.out_dir}/whole.pt")
+
+
 def test_fsdp2_trains_rank_zeros_initial_adapters_whatever_each_ranks_random_state(tiny_model_dir, tmp_path):
     """FSDP2 keeps each rank's shard of that rank's own tensors and, unlike DDP, broadcasts nothing: ranks without a
     common seed trained adapters stitched from two random inits, whose S_A rows were no longer orthonormal (paper
     Eq. 8: S_A = beta V_0; max |S_A S_A^T / beta^2 - I| was 0.36 instead of 3e-8). Now every rank starts from rank
     zero's."""
-    script = Path(__file__).parent / "scripts" / "fsdp2_init.py"
-    # without the seed an earlier seed_everything of this test process left in the environment: Lightning reseeds
-    # every launched rank from it, which would give both ranks the same random state
-    environment = {name: value for name, value in os.environ.items() if name != "PL_GLOBAL_SEED"}
-    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1], env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
+    trainer = make_trainer(tmp_path, strategy=TwoProcessFSDP2Strategy(), devices=2, max_steps=1,
+                           callbacks=[SaveWhole(str(tmp_path))])
+    trainer.fit(OwnInit(str(tmp_path), **make_module(tiny_model_dir).hparams), make_data(tiny_model_dir))
     own = [torch.load(tmp_path / f"own{rank}.pt", weights_only=True) for rank in (0, 1)]
     whole = torch.load(tmp_path / "whole.pt", weights_only=True)
     assert any(not torch.equal(own[0][key], own[1][key]) for key in own[0])  # the ranks did initialise differently
@@ -183,22 +207,13 @@ def test_fsdp2_trains_rank_zeros_initial_adapters_whatever_each_ranks_random_sta
             assert torch.allclose(gram / beta_squared, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-6), key
 
 
-class SpawnDefaultModelParallelStrategy(ModelParallelStrategy):
-    """`ModelParallelStrategy()` with Lightning's default sizes (on one node: data_parallel_size 1,
-    tensor_parallel_size the number of devices), started by spawn as `SpawnFSDP2Strategy` is."""
-
-    def __init__(self) -> None:
-        super().__init__(timeout=timedelta(minutes=1))
-
-    def _configure_launcher(self) -> None:
-        self._launcher = DestroyingLauncher(self, start_method="spawn")
-
-
 def test_a_tensor_parallel_mesh_is_refused_naming_the_setting(tiny_model_dir, tmp_path):
-    """With Lightning's default sizes the mesh is (data_parallel=1, tensor_parallel=2): FSDP2 sharded over one rank,
-    so nothing synchronised the gradients, each rank trained on its own batches, and the two ranks ended 3 steps with
-    different adapters (rank zero's checkpointed) without a word."""
-    trainer = make_trainer(tmp_path, strategy=SpawnDefaultModelParallelStrategy(), devices=2, max_steps=1)
+    """With Lightning's default sizes ("auto": on one node, data_parallel_size 1 and tensor_parallel_size the number
+    of devices) the mesh is (data_parallel=1, tensor_parallel=2): FSDP2 sharded over one rank, so nothing
+    synchronised the gradients, each rank trained on its own batches, and the two ranks ended 3 steps with different
+    adapters (rank zero's checkpointed) without a word."""
+    strategy = TwoProcessFSDP2Strategy(data_parallel_size="auto", tensor_parallel_size="auto")
+    trainer = make_trainer(tmp_path, strategy=strategy, devices=2, max_steps=1)
     with pytest.raises(Exception, match=r"tensor_parallel_size=2 .* Set data_parallel_size to the number of devices "
                                         r"and tensor_parallel_size=1"):
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
@@ -228,7 +243,7 @@ def test_fsdp2_validates_uneven_shards_and_scores_every_example_once(tiny_model_
     def data():
         return make_data(tiny_model_dir, max_eval_examples_per_task=5, eval_batch_size=2)
 
-    trainer = make_trainer(tmp_path / "two", strategy=SpawnFSDP2Strategy(), devices=2, limit_val_batches=None,
+    trainer = make_trainer(tmp_path / "two", strategy=TwoProcessFSDP2Strategy(), devices=2, limit_val_batches=None,
                            callbacks=[PerTaskMetrics(), DumpRankValidation(str(tmp_path))])
     trainer.validate(make_module(tiny_model_dir), data(), verbose=False)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -245,11 +260,11 @@ def test_fsdp2_validates_uneven_shards_and_scores_every_example_once(tiny_model_
 
 
 def test_each_two_process_run_takes_a_port_of_its_own(monkeypatch):
-    """Lightning's spawn launcher leaves the port it chose in this process's MASTER_PORT, so every later run of the
+    """Lightning's multiprocessing launcher leaves the port it chose in this process's MASTER_PORT, so every later run of the
     session (and the scripts it starts, which inherit it) listened on that one port: once anything else held it (a
     concurrent job's socket), each of them failed with EADDRINUSE."""
     def fit() -> L.Trainer:
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=SpawnDDPStrategy(), max_steps=1, logger=False,
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TwoProcessDDPStrategy(), max_steps=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(BoringModel())
         return trainer

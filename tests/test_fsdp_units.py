@@ -2,9 +2,6 @@
 units wrap and train (with torch's FSDP on 2 CPU processes: Lightning builds FSDPStrategy only on GPUs)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -14,6 +11,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
+from tests.helpers import run_ranks
+from tests.ranks import fsdp1_adapter_export, fsdp1_qlora_step
 
 
 @pytest.fixture
@@ -61,10 +60,7 @@ def test_the_fsdp_qlora_recipes_units_wrap_and_train(tiny_model_dir, tmp_path):
     unwrapped model with the same (bf16) parameters, up to bf16 rounding; a corrupted 4-bit weight or a lost
     gradient would be far off."""
     out = tmp_path / "step.json"
-    script = Path(__file__).parent / "scripts" / "fsdp1_qlora_step.py"
-    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ranks(fsdp1_qlora_step.run, str(tiny_model_dir), str(out))
     step = json.loads(out.read_text())
     assert step["loss"] == pytest.approx(step["reference_loss"], abs=5e-3)
     differences = step["relative_grad_differences"]
@@ -80,10 +76,7 @@ def test_under_fsdp1_checkpoints_and_the_adapter_folder_name_and_hold_the_unwrap
     this rank's shard: checkpoints kept no tensor (their filter named the wrapped modules), and the exported folder held
     48 empty tensors under the wrapped names. A save that is not given the root unit holding the adapters wrote empty
     tensors too; it is refused. The save unsharded the whole model at once; now one unit at a time."""
-    script = Path(__file__).parent / "scripts" / "fsdp1_adapter_export.py"
-    result = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ranks(fsdp1_adapter_export.run, str(tiny_model_dir), str(tmp_path))
     outcome = json.loads((tmp_path / "result.json").read_text())
     assert "_fsdp_wrapped_module" in outcome["wrapped_name"]  # the wrapping happened as Lightning's does
     assert outcome["checkpoint_keys_equal"]

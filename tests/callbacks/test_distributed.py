@@ -1,4 +1,4 @@
-"""One process and two (ddp_spawn, gloo) give the same per-task metrics and routing statistics.
+"""One process and two (DDP, gloo) give the same per-task metrics and routing statistics.
 
 With 4 evaluation examples per task each rank evaluates 2, one batch of 2. With 5, rank 1 evaluates 2 and a padding
 example (`EvaluationShardSampler`), which must count neither in the metrics nor in the routing statistics.
@@ -15,7 +15,7 @@ from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
 from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.callbacks.test_per_task_metrics import HandBuiltPredictions, expected_metrics, trainer_for
-from tests.helpers import SpawnDDPStrategy
+from tests.helpers import TwoProcessDDPStrategy
 from tests.test_module import TASKS, make_data, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ class SeededAdapters(MALoRAModule):
 def validate(model_dir, root, devices: int, examples: int) -> tuple[dict[str, float], dict]:
     module = SeededAdapters(model_name_or_path=str(model_dir), quantization=None,
                             adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0))
-    trainer = make_trainer(root, devices=devices, strategy=SpawnDDPStrategy() if devices > 1 else "auto",
+    trainer = make_trainer(root, devices=devices, strategy=TwoProcessDDPStrategy() if devices > 1 else "auto",
                            limit_val_batches=None, callbacks=[PerTaskMetrics(), RoutingStats(plots=False)])
     data = make_data(model_dir, max_eval_examples_per_task=examples, eval_batch_size=2)
     trainer.validate(module, data, verbose=False)
@@ -76,7 +76,7 @@ class WithAOneExampleTask(HandBuiltPredictions):
 def test_hand_built_metrics_are_synchronised_across_two_processes(tmp_path):
     """Each rank synchronised the meters it had made, one by one: a task that one rank never scored paired the other
     tasks' meters across ranks (wrong figures), then the ranks hung."""
-    trainer = trainer_for(tmp_path, strategy=SpawnDDPStrategy(), devices=2, callbacks=[PerTaskMetrics()])
+    trainer = trainer_for(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, callbacks=[PerTaskMetrics()])
     trainer.validate(WithAOneExampleTask(batch_size=2), verbose=False)
     logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
     expected = expected_metrics() | {"val/solo/loss": 7.0, "val/macro_loss": (13.0 / 8 + 12.0 / 4 + 4.0 / 2 + 7.0) / 4}

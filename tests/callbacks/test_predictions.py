@@ -15,7 +15,7 @@ from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
 from malora_lightning.module import MALoRAModule
-from tests.helpers import SpawnDDPStrategy, SpawnFSDP2Strategy
+from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 NO_DROPOUT = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0)
@@ -143,7 +143,7 @@ def test_every_answer_maps_back_to_its_row_of_the_file_with_duplicate_prompts(ti
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in inputs))
     module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
-    settings = {} if devices == 1 else {"devices": 2, "strategy": SpawnDDPStrategy()}
+    settings = {} if devices == 1 else {"devices": 2, "strategy": TwoProcessDDPStrategy()}
     predict(tmp_path, module, make_data(tiny_model_dir, predict_file=str(path), eval_batch_size=1), **settings)
     rows = read_rows(tmp_path / PREDICTIONS_NAME)
     assert sorted(row["row"] for row in rows) == list(range(len(inputs)))
@@ -202,7 +202,7 @@ def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "module_class"), [(SpawnDDPStrategy, Oracle), (SpawnFSDP2Strategy, MALoRAModule)])
+@pytest.mark.parametrize(("strategy", "module_class"), [(TwoProcessDDPStrategy, Oracle), (TwoProcessFSDP2Strategy, MALoRAModule)])
 def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path, strategy, module_class):
     """3 examples per task, one per batch: one rank answers 2 of each, the other 1 and a padding example that is
     generated but never written. Under FSDP every forward is collective, so the module generates for real there: a

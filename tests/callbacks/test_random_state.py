@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.helpers import SpawnDDPStrategy
+from tests.helpers import TwoProcessDDPStrategy
 from tests.test_module import make_data, make_module, make_trainer
 
 
@@ -37,14 +37,14 @@ def test_each_ddp_rank_resumes_from_its_own_random_state(tiny_model_dir, tmp_pat
     rank 0's numbers, and its losses left the uninterrupted run's."""
     settings = dict(max_steps=3, devices=2, enable_checkpointing=True)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    trainer = make_trainer(tmp_path / "a", strategy=SpawnDDPStrategy(),
+    trainer = make_trainer(tmp_path / "a", strategy=TwoProcessDDPStrategy(),
                            callbacks=[checkpoints, RankLosses(str(tmp_path), "full")], **settings)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     states = torch.load(path, weights_only=True)["rng_states"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
-    trainer = make_trainer(tmp_path / "b", strategy=SpawnDDPStrategy(),
+    trainer = make_trainer(tmp_path / "b", strategy=TwoProcessDDPStrategy(),
                            callbacks=[RankLosses(str(tmp_path), "resumed")], **settings)
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
     for rank in (0, 1):

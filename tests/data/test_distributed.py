@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from malora_lightning.data import MultiTaskDataModule
-from tests.helpers import SpawnDDPStrategy, tiny_tokenizer
+from tests.helpers import TwoProcessDDPStrategy, tiny_tokenizer
 
 
 class RankRecorder(LightningModule):
@@ -45,7 +45,7 @@ def make_data(batch_size: int = 3) -> MultiTaskDataModule:
 
 @pytest.mark.slow
 def test_two_ranks_train_on_disjoint_halves_of_the_epoch(tmp_path):
-    trainer = Trainer(strategy=SpawnDDPStrategy(), accelerator="cpu", devices=2, max_epochs=1, logger=False,
+    trainer = Trainer(strategy=TwoProcessDDPStrategy(), accelerator="cpu", devices=2, max_epochs=1, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(RankRecorder(str(tmp_path)), datamodule=make_data())
@@ -81,7 +81,7 @@ def test_a_one_process_checkpoint_resumed_on_two_trains_the_rest_of_the_epoch_on
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=4)
     Trainer(devices=1, max_steps=4, callbacks=[checkpoint], **settings).fit(RankRecorder(str(tmp_path / "first")),
                                                                             datamodule=make_data(batch_size=1))
-    Trainer(strategy=SpawnDDPStrategy(), devices=2, enable_checkpointing=False, **settings).fit(
+    Trainer(strategy=TwoProcessDDPStrategy(), devices=2, enable_checkpointing=False, **settings).fit(
         RankRecorder(str(tmp_path / "rest")), datamodule=make_data(batch_size=1), ckpt_path=tmp_path / "step=4.ckpt")
     # 12 draws an epoch: 4 trained on one process, the other 8 in four batches on each of two
     whole = trained_by_epoch(tmp_path / "whole", 1)

@@ -1,29 +1,20 @@
 """One training step of a 4-bit MALoRA model wrapped by FSDP1 as recipes/llama2-7b/hardware/fsdp-qlora.yaml wraps it
 (its auto_wrap_policy classes, bf16-mixed's MixedPrecision), on 2 CPU processes (gloo), against the unwrapped model
-with the same parameters in bf16. Lightning builds FSDPStrategy only on GPUs, so this wraps with torch directly.
-
-Usage: python tests/scripts/fsdp1_qlora_step.py <tiny model dir> <output json>
-"""
+with the same parameters in bf16. Lightning builds FSDPStrategy only on GPUs, so this wraps with torch directly."""
 
 import importlib
 import json
-import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-import yaml  # noqa: E402
-from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision  # noqa: E402
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
+from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model
 
-from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model  # noqa: E402
-
-RECIPE = ROOT / "recipes" / "llama2-7b" / "hardware" / "fsdp-qlora.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama2-7b" / "hardware" / "fsdp-qlora.yaml"
 WORLD = 2
 
 
@@ -57,7 +48,6 @@ def step(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def run(rank: int, model_dir: str, out_path: str) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(1))  # the same batch on each rank
@@ -93,7 +83,3 @@ def run(rank: int, model_dir: str, out_path: str) -> None:
                                               "reference_grads": sorted(reference_grads)}))
     dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)

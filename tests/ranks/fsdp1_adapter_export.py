@@ -1,31 +1,22 @@
 """A 4-bit MALoRA module wrapped by FSDP1 as recipes/llama2-7b/hardware/fsdp-qlora.yaml has Lightning wrap it (the
 LightningModule as the root, its auto_wrap_policy units, use_orig_params), on 2 CPU processes (gloo): the tensor
 names its checkpoints keep and the adapter folder `save_adapters` writes, against the unwrapped module's.
-Lightning builds FSDPStrategy only on GPUs, so this wraps with torch directly.
-
-Usage: python tests/scripts/fsdp1_adapter_export.py <tiny model dir> <output dir>
-"""
+Lightning builds FSDPStrategy only on GPUs, so this wraps with torch directly."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision  # noqa: E402
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: E402
-
-from malora_lightning.adapters import AdapterConfig, adapter_state_dict, save_adapters  # noqa: E402
-from malora_lightning.adapters import io  # noqa: E402
-from malora_lightning.adapters.io import peft_key  # noqa: E402
-from malora_lightning.module import MALoRAModule  # noqa: E402
-from tests.scripts.fsdp1_qlora_step import recipe_classes  # noqa: E402
+from malora_lightning.adapters import AdapterConfig, adapter_state_dict, save_adapters
+from malora_lightning.adapters import io
+from malora_lightning.adapters.io import peft_key
+from malora_lightning.module import MALoRAModule
+from tests.ranks.fsdp1_qlora_step import recipe_classes
 
 WORLD = 2
 
@@ -84,7 +75,6 @@ def compare(folder: Path, reference: dict[str, torch.Tensor]) -> dict[str, bool]
 
 
 def run(rank: int, model_dir: str, out_dir: str) -> None:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     out = Path(out_dir)
@@ -114,7 +104,3 @@ def run(rank: int, model_dir: str, out_dir: str) -> None:
         (out / "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
-    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD)
