@@ -124,8 +124,13 @@ def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
-# What every rank of a two-process test imports; the forkserver imports it once, when it starts (the first launch).
-RANK_IMPORTS = ["tests.test_module"]
+def forkserver() -> multiprocessing.context.ForkServerContext:
+    """multiprocessing's forkserver, which imports Lightning, transformers and the library once, when it starts (the
+    first process it forks): a test's processes are forked from it instead of importing them afresh, as spawn's do.
+    A process it forks has the server's environment, not the test's."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.test_module"])
+    return context
 
 
 class TwoProcessLauncher(_MultiProcessingLauncher):
@@ -133,7 +138,7 @@ class TwoProcessLauncher(_MultiProcessingLauncher):
     modules, and destroying the gloo process group once a rank's work is done, after every hook.
 
     Started by spawn, every rank imported Lightning, transformers and the library afresh: about 9 s of a 2-core
-    machine per launch, most of a two-process test's time. A forkserver (a single-threaded process holding those
+    machine per launch, most of a two-process test's time. `forkserver` (a single-threaded process holding those
     imports) forks each rank instead. The ranks are given what spawn gives them and a fork of the server does not:
     the launching process's environment (captured when the launcher is pickled for the ranks, after Lightning has
     chosen the port) and random states, and module tensors of their own rather than in shared memory.
@@ -152,7 +157,7 @@ class TwoProcessLauncher(_MultiProcessingLauncher):
         super().__init__(strategy, start_method="forkserver")
 
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
-        multiprocessing.set_forkserver_preload(RANK_IMPORTS)
+        forkserver()
         previous = os.environ.get("MASTER_PORT")
         # held until the ranks have started: a tensor made while the launcher is pickled would be freed, closing its
         # shared-memory file, before the forkserver is handed that file
@@ -227,7 +232,7 @@ class TwoProcessFSDP2Strategy(ModelParallelStrategy):
 def run_ranks(function: Callable[..., None], *args: Any) -> None:
     """Runs `function(rank, *args)` on 2 processes forked from the forkserver, each with this process's environment
     and a free port for gloo (MASTER_ADDR, MASTER_PORT); a rank's exception is raised here, with its traceback."""
-    multiprocessing.set_forkserver_preload(RANK_IMPORTS)
+    forkserver()
     environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port())}
     torch.multiprocessing.start_processes(_rank_in_environment, args=(environment, function, args), nprocs=2,
                                           start_method="forkserver")

@@ -2,8 +2,8 @@
 owner-only ones of the temporary file or folder they are staged in (a teammate or a server could not read an exported
 adapter), a symbolic link written through; and a folder of the staging folder's name is touched only if it is ours."""
 
-import multiprocessing
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from malora_lightning import atomic
 from malora_lightning.atomic import (COMMIT_MARKER, OWNER_MARKER, STAGING_FOLDER, STAGING_MARKER, apply_default_modes,
                                      atomic_write_text, recover_replace, rename_into_place, replace_files,
                                      staging_folder)
+from tests.helpers import forkserver
 
 
 @pytest.fixture
@@ -169,7 +171,7 @@ def test_processes_recovering_one_folder_at_once_all_succeed_and_leave_it_comple
         (staging / name).write_text(text)
     (staging / STAGING_MARKER).touch()
     (staging / COMMIT_MARKER).touch()
-    context = multiprocessing.get_context("spawn")
+    context = forkserver()
     barrier, results = context.Barrier(2), context.Queue()
     processes = [context.Process(target=_recover_with_slow_renames, args=(str(folder), barrier, results))
                  for _ in range(2)]
@@ -234,21 +236,21 @@ def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_p
     assert sorted(path.name for path in target.iterdir()) == ["config.json"]  # the marker is not part of the result
 
 
+def _stage_and_die_in_fsync(target: str) -> None:
+    with staging_folder(Path(target)) as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+        atomic._fsync_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+        rename_into_place(staging, Path(target))
+
+
 def test_a_process_killed_while_its_staged_files_reach_disk_leaves_a_folder_the_next_one_removes(tmp_path):
     """The owner marker was removed before the fsyncs (seconds for a model): a process killed during them left a
     model-sized folder without it, which no later run removed."""
     target = tmp_path / "model"
-    killed_in_fsync = f"""
-import os, signal
-from pathlib import Path
-from malora_lightning import atomic
-target = Path({str(target)!r})
-with atomic.staging_folder(target) as staging:
-    (staging / "model.safetensors").write_bytes(b"weights")
-    atomic._fsync_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)
-    atomic.rename_into_place(staging, target)
-"""
-    assert subprocess.run([sys.executable, "-c", killed_in_fsync]).returncode == -9
+    process = forkserver().Process(target=_stage_and_die_in_fsync, args=(str(target),))
+    process.start()
+    process.join(timeout=60)
+    assert process.exitcode == -signal.SIGKILL
     assert len(list(tmp_path.iterdir())) == 1 and not target.exists()  # its staging folder, left
     with staging_folder(target) as staging:
         (staging / "config.json").write_text("{}")

@@ -1,7 +1,6 @@
 import json
+import os
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import malora_lightning.adapters.io as adapter_io
+import malora_lightning.atomic as atomic
 from malora_lightning.adapters.io import peft_key, read_adapter_folder
 from malora_lightning.adapters import (
     AdapterConfig,
@@ -20,7 +20,7 @@ from malora_lightning.adapters import (
     load_adapters,
     save_adapters,
 )
-from tests.helpers import tiny_model
+from tests.helpers import forkserver, tiny_model
 
 ADAPTER_FOLDER = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
@@ -232,39 +232,35 @@ def test_a_folder_of_other_files_or_a_file_is_refused(tmp_path):
         save_adapters(trained_model(), tmp_path / "file")
 
 
-KILLED_SAVE = """
-import os, sys, torch
-import malora_lightning.atomic as atomic
-from malora_lightning.adapters import adapter_state_dict, save_adapters
-from safetensors.torch import save_file
-from tests.adapters.test_io import trained_model
-folder, moves_before_kill = sys.argv[1], int(sys.argv[2])
-torch.manual_seed(1)
-model = trained_model()
-save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}, folder + ".expected")
-real_replace, moved = os.replace, []
-def replace_then_die(source, target):
-    if "adapter_" in str(source):  # one of the commit's moves (not the commit marker's own atomic write)
-        if len(moved) == moves_before_kill:
-            os._exit(9)  # as if killed: no cleanup, no finally blocks
-        moved.append(source)
-    real_replace(source, target)
-def die(*args, **kwargs):
-    os._exit(9)
-if moves_before_kill < 0:
-    atomic.atomic_write_bytes = die  # killed while writing the commit marker
-else:
-    atomic.os.replace = replace_then_die
-save_adapters(model, folder)
-"""
+def _save_and_die(folder: str, moves_before_kill: int) -> None:
+    """Saves a new adapter over `folder` and dies, as if killed (no cleanup, no finally blocks), after that many of
+    the commit's file moves (-1: while writing the commit marker), having written the tensors it saves beside it."""
+    torch.manual_seed(1)
+    model = trained_model()
+    save_file({k: v.detach().contiguous() for k, v in adapter_state_dict(model).items()}, folder + ".expected")
+    real_replace, moved = os.replace, []
+
+    def replace_then_die(source, target) -> None:
+        if "adapter_" in str(source):  # one of the commit's moves (not the commit marker's own atomic write)
+            if len(moved) == moves_before_kill:
+                os._exit(9)
+            moved.append(source)
+        real_replace(source, target)
+
+    if moves_before_kill < 0:
+        atomic.atomic_write_bytes = lambda *args, **kwargs: os._exit(9)
+    else:
+        atomic.os.replace = replace_then_die
+    save_adapters(model, folder)
 
 
 def killed_save(folder, moves_before_kill):
     """Save a new adapter over `folder` in a process that dies after that many of the commit's file moves (-1:
     before the commit marker exists); returns the tensors it was saving."""
-    result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder), str(moves_before_kill)],
-                            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 9, result.stderr[-2000:]
+    process = forkserver().Process(target=_save_and_die, args=(str(folder), moves_before_kill))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == 9
     return load_file(str(folder) + ".expected")
 
 
