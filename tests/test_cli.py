@@ -227,14 +227,6 @@ def test_predict_through_the_cli_writes_the_users_prompts_answers_into_the_run_f
     assert isinstance(rows[0]["correct"], bool) and rows[1]["correct"] is None
 
 
-def test_module_entry_point_and_print_config():
-    result = subprocess.run([sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml",
-                             "--print_config"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["adapter"]["shared_rank"] == 32 and printed["data"]["batch_size"] == 8
-
-
 @pytest.fixture
 def model_loading_forbidden(monkeypatch):
     def forbidden(*args, **kwargs):
@@ -342,11 +334,13 @@ def test_missing_model_path_says_what_is_expected(tmp_path):
         module.configure_model()
 
 
-def test_console_script_exits_zero(tmp_path):
+def test_the_console_script_prints_the_config():
     script = Path(sys.executable).parent / "malora"  # installed by pip install -e . (pyproject [project.scripts])
     result = subprocess.run([str(script), "fit", "--config", "recipes/default.yaml", "--print_config"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["adapter"]["shared_rank"] == 32 and printed["data"]["batch_size"] == 8
 
 
 def test_gpu_recipe_is_the_default_job_on_cuda():
@@ -427,7 +421,7 @@ def test_a_fit_ended_by_a_signal_exits_with_its_status_and_one_line(signum, stat
     assert exit_info.value.code == 3
 
 
-def test_the_command_prints_a_bad_settings_message_without_a_traceback():
+def test_the_module_entry_point_prints_a_bad_settings_message_without_a_traceback():
     result = subprocess.run([sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml",
                              "--model.adapter.top_k=9"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "MALORA_TRACEBACK": ""})
