@@ -48,7 +48,12 @@ from malora_lightning.adapters.model import (
     trained_tensor_names,
     unwrapped_name,
 )
-from malora_lightning.adapters.quantization import FOUR_BIT_MODES, DtypeName, Quantization, StorageDtypeName
+from malora_lightning.adapters.quantization import (
+    DtypeName,
+    Quantization,
+    StorageDtypeName,
+    check_quant_storage_has_4bit,
+)
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
 from malora_lightning.checkpoints import (
@@ -917,7 +922,4 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
                          "compute dtype and its other weights' dtype), and quantization is None: an unquantized base "
                          "loads in `dtype` (None: float32) and computes in the trainer's precision; set dtype or "
                          "trainer.precision (e.g. bf16-mixed) instead, and leave compute_dtype 'auto'")
-    if quant_storage is not None and quantization not in FOUR_BIT_MODES:
-        raise ValueError(f"MALoRAModule quant_storage={quant_storage!r} is the storage dtype of packed 4-bit weights, "
-                         f"and quantization is {quantization!r}: set quantization to one of {FOUR_BIT_MODES} or leave "
-                         "quant_storage None")
+    check_quant_storage_has_4bit(quantization, quant_storage, owner="MALoRAModule ")

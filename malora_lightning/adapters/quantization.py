@@ -145,6 +145,16 @@ def set_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> None:
     model.config.quantization_config.bnb_4bit_compute_dtype = compute_dtype
 
 
+def check_quant_storage_has_4bit(quantization: str | None, quant_storage: str | torch.dtype | None,
+                                 owner: str = "") -> None:
+    """Refuse a storage dtype for packed 4-bit weights without a 4-bit base: it would be accepted and do nothing.
+    `owner` names what was given it ("MALoRAModule ")."""
+    if quant_storage is not None and quantization not in FOUR_BIT_MODES:
+        raise ValueError(f"{owner}quant_storage={quant_storage!r} is the storage dtype of packed 4-bit weights, and "
+                         f"quantization is {quantization!r}: set quantization to one of {FOUR_BIT_MODES} or leave "
+                         "quant_storage None")
+
+
 def load_base_model(
     name_or_path: str,
     quantization: Quantization | None = None,
@@ -184,10 +194,7 @@ def load_base_model(
 
     if quantization is not None and quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization={quantization!r} is invalid: expected None or one of {QUANTIZATION_MODES}")
-    if quant_storage is not None and quantization not in FOUR_BIT_MODES:
-        raise ValueError(f"quant_storage={quant_storage!r} is the storage dtype of packed 4-bit weights, and "
-                         f"quantization={quantization!r}: set quantization to one of {FOUR_BIT_MODES} or leave "
-                         "quant_storage None")
+    check_quant_storage_has_4bit(quantization, quant_storage)
     compute = as_dtype(compute_dtype, "compute_dtype")
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)
     kwargs: dict = {"dtype": weights_dtype, "trust_remote_code": trust_remote_code}

@@ -243,7 +243,7 @@ def test_uint8_is_a_storage_dtype_only(tiny_llama_dir, field):
 def test_a_storage_dtype_without_a_4bit_base_is_refused(tiny_llama_dir, quantization):
     """It was accepted and did nothing (MALoRAModule refused it; load_base_model did not)."""
     with pytest.raises(ValueError, match=rf"quant_storage='bfloat16' is the storage dtype of packed 4-bit weights, "
-                                         rf"and quantization={quantization!r}: set quantization to one of"):
+                                         rf"and quantization is {quantization!r}: set quantization to one of"):
         load_base_model(str(tiny_llama_dir), quantization=quantization, quant_storage="bfloat16")
 
 
