@@ -1,5 +1,5 @@
-"""Tiny offline building blocks shared by the tests: a byte-level tokenizer, random causal LMs and an aten op
-recorder."""
+"""Tiny offline building blocks shared by the tests: a byte-level tokenizer, random causal LMs, two-process
+launchers and an aten op recorder."""
 
 from __future__ import annotations
 
@@ -140,8 +140,9 @@ class TwoProcessLauncher(_MultiProcessingLauncher):
     Started by spawn, every rank imported Lightning, transformers and the library afresh: about 9 s of a 2-core
     machine per launch, most of a two-process test's time. `forkserver` (a single-threaded process holding those
     imports) forks each rank instead. The ranks are given what spawn gives them and a fork of the server does not:
-    the launching process's environment (captured when the launcher is pickled for the ranks, after Lightning has
-    chosen the port) and random states, and module tensors of their own rather than in shared memory.
+    the launching process's random states (captured at launch) and environment (captured when the launcher is
+    pickled for the ranks, after Lightning has chosen the port), and module tensors of their own rather than in
+    shared memory.
 
     Left to interpreter exit, gloo's threads are torn down while still joinable and a rank now and then aborts
     after a successful fit ("terminate called without an active exception", SIGABRT; seen in CI in two of these
@@ -229,9 +230,14 @@ class TwoProcessFSDP2Strategy(ModelParallelStrategy):
         self._launcher = TwoProcessLauncher(self)
 
 
+GLOO_TIMEOUT = timedelta(minutes=2)
+
+
 def run_ranks(function: Callable[..., None], *args: Any) -> None:
     """Runs `function(rank, *args)` on 2 processes forked from the forkserver, each with this process's environment
-    and a free port for gloo (MASTER_ADDR, MASTER_PORT); a rank's exception is raised here, with its traceback."""
+    and a free port for gloo (MASTER_ADDR, MASTER_PORT); a rank's exception is raised here, with its traceback.
+    `function` sets a collective timeout (`GLOO_TIMEOUT`): a rank stuck in a collective then fails instead of
+    stalling the test."""
     forkserver()
     environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port())}
     torch.multiprocessing.start_processes(_rank_in_environment, args=(environment, function, args), nprocs=2,

@@ -16,6 +16,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, save_ad
 from malora_lightning.adapters import io
 from malora_lightning.adapters.io import peft_key
 from malora_lightning.module import MALoRAModule
+from tests.helpers import GLOO_TIMEOUT
 from tests.ranks.fsdp1_qlora_step import recipe_classes
 
 WORLD = 2
@@ -75,7 +76,7 @@ def compare(folder: Path, reference: dict[str, torch.Tensor]) -> dict[str, bool]
 
 
 def run(rank: int, model_dir: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT)
     torch.set_num_threads(1)
     out = Path(out_dir)
     result = {}
