@@ -108,6 +108,31 @@ def test_z_loss_enters_the_aux_loss_when_enabled():
     torch.testing.assert_close(aux_loss(model), 2.0 * summary.z_loss)
 
 
+def test_z_loss_is_the_mean_over_layers_of_each_layers_mean_squared_logsumexp():
+    """Independent float64 reference: every routed layer's router logits from its recorded input, logsumexp squared
+    and averaged over the real tokens, then averaged (not summed) over the 12 routed layers."""
+    model = routed_model(aux_loss_coef=0.0, router_z_loss_coef=2.0, router_init_std=1.0)
+    ids = torch.randint(0, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1: its tokens count in no layer's mean
+    inputs = {}
+    layers = {name: layer for name, layer in model.named_modules() if hasattr(layer, "router")}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, layer in layers.items()]
+    model(ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    real = mask.reshape(-1).bool()
+    per_layer = []
+    for name, layer in layers.items():
+        logits = inputs[name].reshape(-1, layer.in_features).double() @ layer.router.weight.double().t()
+        per_layer.append((torch.logsumexp(logits, dim=-1)[real] ** 2).mean())
+    assert len(per_layer) == 12
+    expected = torch.stack(per_layer).mean()
+    torch.testing.assert_close(router_losses(model).z_loss.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(aux_loss(model).double(), 2.0 * expected, rtol=1e-5, atol=0)
+
+
 def test_padding_tokens_do_not_count_in_the_aux_loss():
     model = routed_model()
     ids = torch.randint(0, 200, (2, 9))
