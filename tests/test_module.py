@@ -428,6 +428,41 @@ def test_configure_optimizers_fuses_adamw_where_the_trainer_can_clip_it(tiny_mod
     assert trainer.global_step == 2
 
 
+class _GradientNorms(Callback):
+    """The trained tensors' total gradient norm before clipping (`on_before_optimizer_step`) and as the optimizer
+    stepped with it (`on_before_zero_grad`: the next step's closure calls it before clearing the gradients)."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.stepped: list[float] = []
+
+    @staticmethod
+    def norm(pl_module) -> float | None:
+        grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+        return torch.cat(grads).norm().item() if grads else None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before.append(self.norm(pl_module))
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        norm = self.norm(pl_module)
+        if norm is not None:
+            self.stepped.append(norm)
+
+
+@pytest.mark.parametrize("plugins", [[], [AutoMixedPrecision("cpu")]], ids=["32-true", "auto-mixed"])
+def test_a_fit_steps_with_gradients_clipped_to_gradient_clip_val(tiny_model_dir, tmp_path, plugins):
+    """`configure_gradient_clipping` hands every strategy but FSDP1 on to Lightning's clipping; skipping it trained
+    on unclipped gradients and no test noticed. The norm the optimizer steps with is the clip value (float64
+    reference over every trained tensor's gradient) wherever the unclipped norm exceeds it."""
+    norms = _GradientNorms()
+    trainer = make_trainer(tmp_path, max_steps=3, gradient_clip_val=1e-3, callbacks=[norms], plugins=plugins)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert len(norms.before) == 3 and len(norms.stepped) == 2  # steps 1 and 2, seen before step 2's and 3's clear
+    assert all(norm > 1e-2 for norm in norms.before)  # the clip value is far below the unclipped norm
+    assert norms.stepped == pytest.approx([1e-3, 1e-3], rel=1e-4)
+
+
 def test_auto_mixed_precision_clips_the_gradients_of_a_fused_optimizer():
     params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
     for param in params:
