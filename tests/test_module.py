@@ -586,6 +586,25 @@ def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_
         torch.testing.assert_close(output.loss[example], -torch.tensor(gold_scores[example][gold]))
 
 
+def test_a_generative_examples_loss_is_its_target_tokens_mean_nll(tiny_model_dir, tmp_path):
+    """The per-example loss `PerTaskMetrics` averages, for a generative task: the mean NLL of the example's target
+    tokens (answer and closing), recomputed in float64 from the full forward's logits."""
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["add_2digit"])
+    make_trainer(tmp_path).validate(module, data, verbose=False)  # builds the model and loads the data
+    batch = next(iter(data.val_dataloader()["add_2digit"]))
+    assert batch.choices is None
+    module.eval()
+    with torch.no_grad():
+        output = module.evaluate_batch(batch)
+        log_probs = torch.log_softmax(module(batch.input_ids, batch.attention_mask).double(), dim=-1)
+    expected = []
+    for row, labels in enumerate(batch.labels):
+        positions = [t for t in range(1, labels.shape[0]) if labels[t] != IGNORE_INDEX]
+        assert len(positions) > 1  # a mean over several tokens: a sum would differ
+        expected.append(-sum(log_probs[row, t - 1, labels[t]] for t in positions) / len(positions))
+    torch.testing.assert_close(output.loss.double(), torch.stack(expected), rtol=1e-5, atol=0)
+
+
 def test_one_token_choices_are_scored_from_the_gold_rows_as_from_every_choice_row(tiny_model_dir, tmp_path):
     """Every choice row of a one-token-choice task ran through the model, though the rows of an example differ only
     in the token scored (four times the tokens on odd_one_out); one row per example gives the same log-likelihoods,
