@@ -50,6 +50,19 @@ def test_load_balance_ignores_masked_tokens():
     assert load_balance_loss(probs, experts).item() == pytest.approx(10 / 9)
 
 
+def test_router_losses_are_zero_when_no_token_is_real():
+    """As documented: a mask without a real token gives 0 (not 0/0 = NaN, which stops a fit as a non-finite loss),
+    and no gradient reaches the router through it."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    experts = torch.tensor([[0], [1], [2], [0]])
+    none_real = torch.zeros(4, dtype=torch.bool)
+    balance = load_balance_loss(logits.softmax(-1), experts, none_real)
+    z_loss = router_z_loss(logits, none_real)
+    assert balance.item() == 0.0 and z_loss.item() == 0.0
+    (balance + z_loss).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
 def test_load_balance_gradient_flows_through_probabilities_only():
     logits = torch.randn(5, 3, requires_grad=True)
     experts = torch.tensor([[0], [0], [1], [2], [0]])
