@@ -92,6 +92,22 @@ def counted_load_balance(record, num_experts):
     return num_experts * (fraction * mean_prob).sum()
 
 
+@pytest.mark.parametrize("std", [0.0, 0.3])
+def test_routers_start_as_normal_with_router_init_std(std):
+    """Every router weight is drawn from N(0, router_init_std): over the 1,664 weights of the 12 routers the sample
+    mean and standard deviation are within 6 standard errors of 0 and of `std` (exactly 0 for std 0)."""
+    model = routed_model(router_init_std=std)
+    routed = [layer for layer in model.modules() if hasattr(layer, "router")]
+    weights = torch.cat([layer.router.weight.reshape(-1) for layer in routed]).double()
+    assert len(routed) == 12 and weights.numel() == 4 * sum(layer.in_features for layer in routed) == 1664
+    if std == 0.0:
+        assert torch.equal(weights, torch.zeros_like(weights))
+        return
+    error = std / weights.numel() ** 0.5
+    assert abs(weights.mean().item()) < 6 * error
+    assert weights.std().item() == pytest.approx(std, abs=6 * error / 2 ** 0.5)
+
+
 def test_aux_loss_is_the_coefficient_times_the_mean_over_layers():
     model = routed_model(aux_loss_coef=0.5)
     ids = torch.randint(0, 200, (2, 9))
