@@ -162,6 +162,44 @@ def test_z_loss_is_the_mean_over_layers_of_each_layers_mean_squared_logsumexp():
     torch.testing.assert_close(aux_loss(model).double(), 2.0 * expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_router_gradients_of_the_aux_loss_follow_the_equations(kernel):
+    """The kernels' own backward of the balance and z statistics against a float64 autograd reference written from
+    the equations: per routed layer, N sum_e f_e P_e (f_e the share of real tokens' top-k assignments, without a
+    gradient; P_e their mean router probability) and the mean of logsumexp^2 over real tokens, each averaged over the
+    12 layers. With B = 0 (its initialisation) a router reaches the loss only through its own layer's statistics,
+    so each layer's recorded input is all the reference needs."""
+    model = routed_model(kernel=kernel, dropout=0.0, aux_loss_coef=0.5, router_z_loss_coef=2.0, router_init_std=1.0)
+    ids = torch.randint(0, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in row 1
+    inputs = {}
+    layers = {name: layer for name, layer in model.named_modules() if hasattr(layer, "router")}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, layer in layers.items()]
+    model(ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    aux_loss(model).backward()
+
+    real = mask.reshape(-1).bool()
+    weights = {name: layer.router.weight.detach().double().requires_grad_() for name, layer in layers.items()}
+    balances, z_losses = [], []
+    for name, layer in layers.items():
+        x = inputs[name].detach().reshape(-1, layer.in_features)[real]
+        experts = (x @ layer.router.weight.detach().t()).topk(2, dim=-1).indices  # the layer's own (float32) choice
+        logits = x.double() @ weights[name].t()
+        shares = torch.bincount(experts.reshape(-1), minlength=4).double() / experts.numel()
+        balances.append(4 * (shares * logits.softmax(-1).mean(0)).sum())
+        z_losses.append((torch.logsumexp(logits, dim=-1) ** 2).mean())
+    assert len(balances) == 12
+    (0.5 * torch.stack(balances).mean() + 2.0 * torch.stack(z_losses).mean()).backward()
+    for name, layer in layers.items():
+        assert weights[name].grad.abs().max() > 1e-3, name
+        torch.testing.assert_close(layer.router.weight.grad.double(), weights[name].grad, rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
 def test_padding_tokens_do_not_count_in_the_aux_loss():
     model = routed_model()
     ids = torch.randint(0, 200, (2, 9))
