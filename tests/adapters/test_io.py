@@ -221,6 +221,23 @@ def test_saving_into_an_adapter_folder_keeps_the_users_other_files(tmp_path):
     assert (tmp_path / "a" / "notes.txt").read_text() == "my notes"
 
 
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_a_mixtures_up_projections_are_stored_as_peft_stores_b(tmp_path, method):
+    """PEFT stores B as [out, r]: the folder holds each expert's B_t as [N, m, r], the transpose of the [N, r, m]
+    the layers compute with (B_t = lora_B[t].T, as test_layers' token-by-token Eq. 7 reference reads it), in every
+    routed layer. Before, only a shape quoted in a mismatch error pinned this."""
+    model = trained_model(method)
+    save_adapters(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    layers = adapter_layers(model)
+    assert len(layers) == 12
+    for name, layer in layers.items():
+        stored = saved[peft_key(f"{name}.lora_B")]
+        assert stored.shape == (4, layer.out_features, layer.rank), name
+        for expert in range(4):
+            assert torch.equal(stored[expert], layer.lora_B[expert].t()), f"{name} expert {expert}"
+
+
 def test_a_folder_of_other_files_or_a_file_is_refused(tmp_path):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("keep me")
