@@ -137,13 +137,12 @@ def test_z_loss_enters_the_aux_loss_when_enabled():
     torch.testing.assert_close(aux_loss(model), 2.0 * summary.z_loss)
 
 
-def test_z_loss_is_the_mean_over_layers_of_each_layers_mean_squared_logsumexp():
-    """Independent float64 reference: every routed layer's router logits from its recorded input, logsumexp squared
-    and averaged over the real tokens, then averaged (not summed) over the 12 routed layers."""
-    model = routed_model(aux_loss_coef=0.0, router_z_loss_coef=2.0, router_init_std=1.0)
+def forward_recording_router_inputs(model) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
+    """A forward of 2 rows of 9 tokens, row 1 left-padded by 3 (its padding counts in no layer's statistics):
+    the routed layers by name, each one's input, and which of the 18 tokens are real."""
     ids = torch.randint(0, 200, (2, 9))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding in row 1: its tokens count in no layer's mean
+    mask[1, :3] = 0
     inputs = {}
     layers = {name: layer for name, layer in model.named_modules() if hasattr(layer, "router")}
     hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: inputs.__setitem__(name, args[0]))
@@ -151,7 +150,14 @@ def test_z_loss_is_the_mean_over_layers_of_each_layers_mean_squared_logsumexp():
     model(ids, attention_mask=mask)
     for hook in hooks:
         hook.remove()
-    real = mask.reshape(-1).bool()
+    return layers, inputs, mask.reshape(-1).bool()
+
+
+def test_z_loss_is_the_mean_over_layers_of_each_layers_mean_squared_logsumexp():
+    """Independent float64 reference: every routed layer's router logits from its recorded input, logsumexp squared
+    and averaged over the real tokens, then averaged (not summed) over the 12 routed layers."""
+    model = routed_model(aux_loss_coef=0.0, router_z_loss_coef=2.0, router_init_std=1.0)
+    layers, inputs, real = forward_recording_router_inputs(model)
     per_layer = []
     for name, layer in layers.items():
         logits = inputs[name].reshape(-1, layer.in_features).double() @ layer.router.weight.double().t()
@@ -170,19 +176,9 @@ def test_router_gradients_of_the_aux_loss_follow_the_equations(kernel):
     12 layers. With B = 0 (its initialisation) a router reaches the loss only through its own layer's statistics,
     so each layer's recorded input is all the reference needs."""
     model = routed_model(kernel=kernel, dropout=0.0, aux_loss_coef=0.5, router_z_loss_coef=2.0, router_init_std=1.0)
-    ids = torch.randint(0, 200, (2, 9))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding in row 1
-    inputs = {}
-    layers = {name: layer for name, layer in model.named_modules() if hasattr(layer, "router")}
-    hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: inputs.__setitem__(name, args[0]))
-             for name, layer in layers.items()]
-    model(ids, attention_mask=mask)
-    for hook in hooks:
-        hook.remove()
+    layers, inputs, real = forward_recording_router_inputs(model)
     aux_loss(model).backward()
 
-    real = mask.reshape(-1).bool()
     weights = {name: layer.router.weight.detach().double().requires_grad_() for name, layer in layers.items()}
     balances, z_losses = [], []
     for name, layer in layers.items():
