@@ -230,24 +230,26 @@ class TwoProcessFSDP2Strategy(ModelParallelStrategy):
         self._launcher = TwoProcessLauncher(self)
 
 
-GLOO_TIMEOUT = timedelta(minutes=2)
-
-
 def run_ranks(function: Callable[..., None], *args: Any) -> None:
-    """Runs `function(rank, *args)` on 2 processes forked from the forkserver, each with this process's environment
-    and a free port for gloo (MASTER_ADDR, MASTER_PORT); a rank's exception is raised here, with its traceback.
-    `function` sets a collective timeout (`GLOO_TIMEOUT`): a rank stuck in a collective then fails instead of
-    stalling the test."""
+    """Runs `function(rank, *args)` on 2 processes forked from the forkserver, each with this process's environment,
+    one thread, and a gloo process group joined before and destroyed after it (on a free port); a rank's exception
+    is raised here, with its traceback. Collectives time out after 2 minutes, as `TwoProcessDDPStrategy`'s do: a rank
+    stuck in one then fails instead of stalling the test."""
     forkserver()
     environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port())}
-    torch.multiprocessing.start_processes(_rank_in_environment, args=(environment, function, args), nprocs=2,
+    torch.multiprocessing.start_processes(_rank_in_process_group, args=(environment, function, args), nprocs=2,
                                           start_method="forkserver")
 
 
-def _rank_in_environment(rank: int, environment: dict[str, str], function: Callable[..., None],
-                         args: tuple[Any, ...]) -> None:
+def _rank_in_process_group(rank: int, environment: dict[str, str], function: Callable[..., None],
+                           args: tuple[Any, ...]) -> None:
     _adopt_environment(environment)
-    function(rank, *args)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(minutes=2))
+    try:
+        function(rank, *args)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 # ops that read a tensor's value on the host or give a data-dependent shape; "[mask]": indexing by a boolean mask,

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -16,10 +15,7 @@ from malora_lightning.adapters import AdapterConfig, adapter_state_dict, save_ad
 from malora_lightning.adapters import io
 from malora_lightning.adapters.io import peft_key
 from malora_lightning.module import MALoRAModule
-from tests.helpers import GLOO_TIMEOUT
 from tests.ranks.fsdp1_qlora_step import recipe_classes
-
-WORLD = 2
 
 
 def build(model_dir: str, quantized: bool = True) -> MALoRAModule:
@@ -76,8 +72,6 @@ def compare(folder: Path, reference: dict[str, torch.Tensor]) -> dict[str, bool]
 
 
 def run(rank: int, model_dir: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT)
-    torch.set_num_threads(1)
     out = Path(out_dir)
     result = {}
     # the recipe's units: the adapters live in the decoder-layer units
@@ -103,5 +97,3 @@ def run(rank: int, model_dir: str, out_dir: str) -> None:
         result["root_unit"] = compare(out / "root", unquantized_reference)
         result["root_not_passed_folder"] = (out / "root-not-passed").exists()
         (out / "result.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
-

@@ -7,16 +7,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from malora_lightning.adapters import AdapterConfig, inject_adapters, load_base_model
-from tests.helpers import GLOO_TIMEOUT
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "llama2-7b" / "hardware" / "fsdp-qlora.yaml"
-WORLD = 2
 
 
 def recipe_classes() -> set[type]:
@@ -49,8 +46,6 @@ def step(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def run(rank: int, model_dir: str, out_path: str) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT)
-    torch.set_num_threads(1)
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(1))  # the same batch on each rank
     reference = build(model_dir)
     for param in reference.parameters():  # what FSDP's mixed precision computes with
@@ -82,5 +77,3 @@ def run(rank: int, model_dir: str, out_path: str) -> None:
                                               "norm_before_clipping": norm_before, "norm_after_clipping": norm_after,
                                               "relative_grad_differences": differences,
                                               "reference_grads": sorted(reference_grads)}))
-    dist.destroy_process_group()
-
