@@ -260,9 +260,9 @@ def test_fsdp2_validates_uneven_shards_and_scores_every_example_once(tiny_model_
 
 
 def test_each_two_process_run_takes_a_port_of_its_own(monkeypatch):
-    """Lightning's multiprocessing launcher leaves the port it chose in this process's MASTER_PORT, so every later run of the
-    session (and the scripts it starts, which inherit it) listened on that one port: once anything else held it (a
-    concurrent job's socket), each of them failed with EADDRINUSE."""
+    """Lightning's multiprocessing launcher leaves the port it chose in this process's MASTER_PORT, so every later
+    run of the session (and the scripts it starts, which inherit it) listened on that one port: once anything else
+    held it (a concurrent job's socket), each of them failed with EADDRINUSE."""
     def fit() -> L.Trainer:
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TwoProcessDDPStrategy(), max_steps=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

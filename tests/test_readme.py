@@ -80,16 +80,18 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(SMOLLM2))
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 12 + 30?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    answers = []
+
+    def answer() -> str:
+        with torch.no_grad():
+            new_tokens = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+        return tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    saved_answer = answer()
     with torch.no_grad():
-        for _ in ("saved", "base"):
-            answer = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
-            answers.append(tokenizer.decode(answer, skip_special_tokens=True))
-            for name, param in model.named_parameters():
-                if name.endswith("lora_B"):
-                    param.zero_()  # the base model's answer: every adapter adds zero
-    saved_answer, base_answer = answers
-    assert saved_answer != base_answer  # the adapters matter
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.zero_()  # every adapter adds zero: the base model's answer
+    assert saved_answer != answer()  # the adapters matter
 
     exec(readme_python_block("from transformers import AutoTokenizer"), {})
     assert capsys.readouterr().out.strip() == saved_answer.strip()

@@ -202,7 +202,8 @@ def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "module_class"), [(TwoProcessDDPStrategy, Oracle), (TwoProcessFSDP2Strategy, MALoRAModule)])
+@pytest.mark.parametrize(("strategy", "module_class"),
+                         [(TwoProcessDDPStrategy, Oracle), (TwoProcessFSDP2Strategy, MALoRAModule)])
 def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp_path, strategy, module_class):
     """3 examples per task, one per batch: one rank answers 2 of each, the other 1 and a padding example that is
     generated but never written. Under FSDP every forward is collective, so the module generates for real there: a

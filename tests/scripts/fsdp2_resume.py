@@ -1,7 +1,7 @@
 """FSDP2 (`ModelParallelStrategy`) as recipes/llama2-7b/hardware/fsdp.yaml sets it up (checkpoint files, not sharded
-folders), on 2 CPU processes: a fit of 3 steps with a bf16 base, bf16-mixed and gradient clipping, then its resume to 5 steps
-from the step-3 checkpoint. Run as a script because Lightning relaunches the command (once: the second fit runs in
-the processes the first one started).
+folders), on 2 CPU processes: a fit of 3 steps with a bf16 base, bf16-mixed and gradient clipping, then its resume
+to 5 steps from the step-3 checkpoint. Run as a script because Lightning relaunches the command (once: the second
+fit runs in the processes the first one started).
 
 Usage: python tests/scripts/fsdp2_resume.py <tiny model dir> <output dir>
 """
