@@ -101,9 +101,9 @@ class PromptEncoder:
     """Tokenises examples the way the model will see them.
 
     With the tokenizer's chat template, the prompt is the user turn and the target the assistant turn; the labels
-    cover the target and the template's end-of-turn token, so the model learns to stop. Without one, a plain
-    ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``opening`` (the text generation starts from) and
-    ``render`` (which begins with it) for another format.
+    cover the target and the template's end-of-turn token, so the model learns to stop, and nothing after that
+    token. Without one, a plain ``{prompt}\\nAnswer: {target}<eos>``. Subclass and override ``opening`` (the text
+    generation starts from) and ``render`` (which begins with it) for another format.
     Prompts that do not fit ``max_length`` lose tokens from the left of the prompt's own text (counted in the
     returned stats); the format's tokens around it (BOS, system turn, user header, assistant header) are kept. A
     target that does not fit with them is an error, because cutting it would train on a wrong answer, unless
@@ -129,6 +129,8 @@ class PromptEncoder:
         if pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
         self.pad_token_id: int = pad_token_id
+        self._special_texts = {token for token in (*tokenizer.all_special_tokens, *(
+            added.content for added in tokenizer.added_tokens_decoder.values() if added.special)) if token}
         self.answer_prefix = self._template_answer_prefix() if self.use_chat_template else ""
         self._opening_special_ids = [] if self.use_chat_template else self._leading_special_ids()
 
@@ -175,11 +177,18 @@ class PromptEncoder:
             raise ValueError("the chat template does not render '<prompt turn><assistant header><target>' as a plain "
                              "continuation of the prompt turn, so the target cannot be separated from the prompt; "
                              "pass use_chat_template=False or override PromptEncoder.render")
-        closing = full[len(opening) + len(target):]
-        eos = self.tokenizer.eos_token
-        if eos and eos in closing:  # drop what the template adds after the end-of-turn token (e.g. a newline)
-            closing = closing[: closing.index(eos) + len(eos)]
-        return opening, target, closing
+        return opening, target, self._through_end_of_turn(full[len(opening) + len(target):])
+
+    def _through_end_of_turn(self, closing: str) -> str:
+        """A chat template's ``closing`` up to and including its first special token, the end-of-turn token (EOS,
+        ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``): generation stops there (`closing_token_id`), so what the
+        template writes after it (a newline before the next turn) is never generated and not trained on, whether or
+        not that token is also the tokenizer's EOS. A closing without one is kept whole."""
+        found = [(closing.find(token), -len(token)) for token in self._special_texts if token in closing]
+        if not found:
+            return closing
+        start, negative_length = min(found)  # the earliest; the longest of those starting there
+        return closing[:start - negative_length]
 
     def _render(self, prompt: str, target: str, where: str) -> tuple[str, str, str]:
         """``render``, a ValueError of it naming ``where`` (a task's row, a predict file's row): one row's text can

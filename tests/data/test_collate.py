@@ -1,6 +1,8 @@
 """Tokenisation and batching with the byte-level test tokenizer: one token per byte, so every expected position can be
 counted by hand. Specials: <pad>=0, <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4."""
 
+import json
+
 import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
@@ -46,6 +48,32 @@ def test_chat_template_labels_only_the_assistant_answer_and_end_of_turn(chat_tok
     assert example.input_ids == opening + ids(chat_tokenizer, "cd") + [IM_END]  # the template's trailing "\n" dropped
     assert example.labels == [IGNORE_INDEX] * len(opening) + ids(chat_tokenizer, "cd") + [IM_END]
     assert example.prompt_length == len(opening) == 21
+
+
+@pytest.mark.parametrize("eos, template_closing, trained_closing", [
+    ("</s>", "<|im_end|>\n", [IM_END]),  # a ChatML base model (Qwen2.5): the end of turn is not EOS
+    ("<|im_end|>", "<|im_end|>\n", [IM_END]),  # a ChatML chat model: it is
+    ("</s>", "\n<|im_end|>\n</s>", ["\n", IM_END]),  # EOS after the end of turn
+    ("</s>", "</s><|im_end|>", [EOS]),  # the first special token ends the answer, whichever it is
+    ("</s>", "\n\n", ["\n\n"]),  # no special token: the closing is plain text, kept whole
+])
+def test_the_trained_answer_ends_at_the_first_special_token_of_the_templates_closing(
+        chat_tokenizer, eos, template_closing, trained_closing):
+    """What a template writes after its end-of-turn token (a newline before the next turn) is never generated, since
+    generation stops at that token: training on it taught nothing and cost a token per example (it was trained
+    unless that token was the tokenizer's EOS)."""
+    chat_tokenizer.eos_token = eos
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{{ " + json.dumps(template_closing) + " if m['role'] == 'assistant' else '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    _, (example,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])
+    answer = ids(chat_tokenizer, "cd") + [token for part in trained_closing
+                                          for token in (ids(chat_tokenizer, part) if isinstance(part, str) else [part])]
+    assert example.input_ids[example.prompt_length:] == answer
+    assert example.labels[example.prompt_length:] == answer
+    assert chat_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}], tokenize=False).endswith(template_closing)
 
 
 def test_system_prompt_becomes_the_first_turn(chat_tokenizer):
