@@ -89,9 +89,7 @@ def chosen_tasks(data: MultiTaskDataModule, named: list[str] | None) -> list[str
 def profile_tasks(model: nn.Module, data: MultiTaskDataModule, tasks: list[str],
                   max_examples: int = DEFAULT_PROFILE_EXAMPLES) -> dict[str, TaskProfile]:
     """Each task's routing profile over (at most `max_examples` of) its training examples."""
-    return {task: task_profile(model, ({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-                                       for batch in data.task_dataloader(task, "train", max_examples)))
-            for task in tasks}
+    return {task: task_profile(model, data.task_dataloader(task, "train", max_examples)) for task in tasks}
 
 
 def task_model(model: nn.Module, profile: TaskProfile, merge: bool) -> nn.Module:

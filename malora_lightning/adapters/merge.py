@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,11 +89,12 @@ def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- task profile
-def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> TaskProfile:
+def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | Any]) -> TaskProfile:
     """Mean gate vector of every routed layer over the real tokens (attention_mask 1) of `batches`.
 
-    Each batch holds `input_ids` and optionally `attention_mask`. The model runs in evaluation mode without
-    gradients; its modules' train/eval modes are restored and the observer removed afterwards.
+    Each batch holds `input_ids` and optionally `attention_mask`: a mapping, or a batch with those attributes (the
+    `TrainingBatch` of `MultiTaskDataModule.task_dataloader`, which says it is for this). The model runs in evaluation
+    mode without gradients; its modules' train/eval modes are restored and the observer removed afterwards.
     """
     layers = _routed_layers_of(model, "task_profile")
     module_names = {layer.name: name for name, layer in layers.items()}  # records carry the layer's own name
@@ -117,10 +119,9 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                mask = batch.get("attention_mask")
-                model(input_ids=batch["input_ids"].to(device),
-                      attention_mask=None if mask is None else mask.to(device))
-                num_tokens += batch["input_ids"].numel() if mask is None else int(mask.sum())
+                input_ids, mask = _profile_inputs(batch)
+                model(input_ids=input_ids.to(device), attention_mask=None if mask is None else mask.to(device))
+                num_tokens += input_ids.numel() if mask is None else int(mask.sum())
     finally:
         handle.remove()
         for module, training in modes.items():
@@ -131,6 +132,14 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
                          "all); pass at least one batch with a non-zero attention_mask through model(input_ids=..., "
                          "attention_mask=...)")
     return TaskProfile(gates={name: sums[name] / counts[name] for name in layers}, num_tokens=num_tokens)
+
+
+def _profile_inputs(batch: Mapping[str, torch.Tensor] | Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask or None) of a `task_profile` batch: a mapping's keys, or a batch's attributes (the
+    data module's `TrainingBatch`: it has no `get`, and a loader of them failed with an AttributeError)."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"], batch.get("attention_mask")
+    return batch.input_ids, getattr(batch, "attention_mask", None)
 
 
 # ---------------------------------------------------------------------------------------------------- task collapse

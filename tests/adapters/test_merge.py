@@ -27,7 +27,8 @@ from malora_lightning.adapters import (
     task_profile,
 )
 from malora_lightning.adapters.model import CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE, routing_context
-from tests.helpers import tiny_config, tiny_model
+from malora_lightning.data import MultiTaskDataModule
+from tests.helpers import tiny_config, tiny_model, tiny_tokenizer
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -318,6 +319,23 @@ def test_a_profile_that_does_not_match_the_model_is_refused_by_name():
         task_lora_model(model, wrong_n)
     assert all(not isinstance(layer, LoRALinear) for layer in adapter_layers(model).values())
     assert isinstance(model.get_submodule(Q_PROJ), AdapterLayer)
+
+
+def test_task_profile_takes_the_data_modules_task_loader():
+    """`MultiTaskDataModule.task_dataloader` says it is for `task_profile`, but gives `TrainingBatch`es, which have no
+    `get`: profiling its loader failed with an AttributeError. Its batches profile as the same tensors in a dict."""
+    data = MultiTaskDataModule(tasks=["parity", "add_2digit"], max_length=64, batch_size=4,
+                               max_train_examples_per_task=12)
+    data.tokenizer_object = tiny_tokenizer()
+    data.setup("fit")
+    model = adapted("malora")
+    loader = data.task_dataloader("parity", max_examples=5)
+    as_dicts = [{"input_ids": batch.input_ids, "attention_mask": batch.attention_mask} for batch in loader]
+
+    profile, expected = task_profile(model, loader), task_profile(model, as_dicts)
+
+    assert profile.num_tokens == expected.num_tokens > 0
+    assert all(torch.equal(profile.gates[name], expected.gates[name]) for name in expected.gates)
 
 
 def test_task_profile_without_a_real_token_is_refused():
