@@ -65,7 +65,8 @@ class EvaluationMixin:
 
     def generation_length(self, task: Task | None) -> int:
         """Tokens to generate for an answer: the task's own length, capped by `max_new_tokens`; without a task (or
-        when its length is unknown, as for a task without a test split), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
+        when its length is unknown: a task with no validation or test rows to measure, or a registered task read
+        without a data module, `task`), `max_new_tokens` or DEFAULT_MAX_NEW_TOKENS."""
         cap = self.settings.max_new_tokens
         if task is None or task.max_new_tokens is None:
             return cap or DEFAULT_MAX_NEW_TOKENS

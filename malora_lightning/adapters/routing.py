@@ -206,8 +206,9 @@ class ForwardRouting:
     def tokens(self, leading_shape: tuple[int, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(bool mask [T] of real tokens, `token_weights_of` that mask in the routing `dtype`) for a layer input of
-        leading shape (batch, seq); (None, None) when unknown or when every token is real. Computed once per forward,
-        shape and dtype.
+        leading shape (batch, seq); (None, None) when unknown (no 2-D attention mask, or one that does not cover the
+        input). A mask whose tokens are all real is kept, not dropped: telling would read it on the host. Its weights
+        are then 1/T on every token, as without a mask. Computed once per forward, shape and dtype.
 
         During cached generation the mask covers past + new tokens, so the last `seq` columns are the new ones. A layer
         the model feeds [batch * seq, features] (Qwen2-MoE's shared expert, OPT's fc1/fc2) has a leading shape of

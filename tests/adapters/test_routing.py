@@ -16,6 +16,7 @@ from malora_lightning.adapters import (
     router_losses,
     router_z_loss,
 )
+from malora_lightning.adapters.routing import ForwardRouting
 from tests.helpers import tiny_model
 
 
@@ -233,6 +234,16 @@ def test_float64_routing_weighs_real_tokens_in_float64():
     unmasked = router_losses(model).load_balance
     model(ids, attention_mask=torch.ones_like(ids))
     torch.testing.assert_close(router_losses(model).load_balance, unmasked, rtol=0, atol=1e-14)
+
+
+def test_an_all_real_mask_is_kept_and_weighs_every_token_alike():
+    """`ForwardRouting.tokens` said it gave (None, None) when every token is real; telling would read the mask on the
+    host, so it keeps the mask, whose weights are the plain mean's 1/T."""
+    forward = ForwardRouting(attention_mask=torch.ones(2, 3, dtype=torch.long), input_shape=(2, 3))
+    token_mask, weights = forward.tokens((2, 3), torch.float32)
+    assert token_mask.tolist() == [True] * 6
+    torch.testing.assert_close(weights, torch.full((6,), 1 / 6))
+    assert ForwardRouting(attention_mask=None).tokens((2, 3), torch.float32) == (None, None)
 
 
 def test_positional_attention_mask_is_seen_too():

@@ -138,6 +138,8 @@ def test_user_tasks_from_specs(tmp_path):
     assert batch.targets == ["Paris", "Lima"]
     tokenizer = data.tokenizer
     assert tokenizer.decode(batch.prompt_input_ids[1], skip_special_tokens=True) == "Capital of Peru?\nAnswer:"
+    # no test split, yet a measured generation length (its validation answers: " Paris" then </s>)
+    assert next(task for task in data.tasks if task.name == "capitals").max_new_tokens == len(" Paris") + 1
 
 
 def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
