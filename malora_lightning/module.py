@@ -43,6 +43,7 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import (
+    COMPILE_MODES,
     drop_routing_record,
     routed_layers,
     trained_tensor_names,
@@ -245,7 +246,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
                         warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
                         quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
-                        quant_storage=quant_storage)
+                        quant_storage=quant_storage, compile_adapters=compile_adapters)
         self.settings = ModuleSettings(**{field.name: arguments[field.name] for field in fields(ModuleSettings)})
         # hyperparameters: how `load_from_checkpoint` rebuilds this object, i.e. the arguments of its class's own
         # `__init__` (a subclass's, which need not name ours), as plain data that torch.load(weights_only=True) reads
@@ -882,7 +883,7 @@ def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: st
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,
                     router_weight_decay: float | None, warmup_ratio: float, lr_schedule: str,
                     max_new_tokens: int | None, quantization: str | None, compute_dtype: str, dtype: str | None,
-                    quant_storage: str | None) -> None:
+                    quant_storage: str | None, compile_adapters: bool | str) -> None:
     """Refuse, by name, the settings that would otherwise fail steps later, as a non-finite loss or a generation
     error, or silently train otherwise (an unknown lr_schedule ran as cosine; the CLI checks it, Python did not), or
     fail only once the model loads inside the fit (the base-loading settings, which the CLI checks by their types)."""
@@ -912,6 +913,9 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
         ("dtype", dtype, dtype is None or dtype in get_args(DtypeName), f"one of {options(DtypeName)} or None"),
         ("quant_storage", quant_storage, quant_storage is None or quant_storage in get_args(StorageDtypeName),
          f"one of {options(StorageDtypeName)} or None"),
+        # a mode name `compile_adapters` refused only in build_model, after the base had loaded; 1 and "" passed on
+        ("compile_adapters", compile_adapters, isinstance(compile_adapters, bool) or compile_adapters in COMPILE_MODES,
+         f"True, False or one of {', '.join(map(repr, COMPILE_MODES))}"),
     ]
     for name, value, ok, allowed in checks:
         if not ok:

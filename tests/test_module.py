@@ -163,6 +163,9 @@ def test_a_training_loader_without_a_length_is_not_taken_for_a_one_step_run(tiny
     ({"compute_dtype": None}, "compute_dtype=None is invalid"),
     ({"dtype": "uint8"}, "dtype='uint8' is invalid: expected one of 'bfloat16', 'float16', 'float32' or None"),
     ({"quant_storage": "int4"}, "quant_storage='int4' is invalid"),
+    ({"compile_adapters": "max_autotune"}, "compile_adapters='max_autotune' is invalid: expected True, False or one "
+                                           "of 'default', 'reduce-overhead', 'max-autotune', "),
+    ({"compile_adapters": 1}, "compile_adapters=1 is invalid"),
     # a quantized base's settings that an unquantized one ignored: it loaded and computed in float32
     ({"quantization": None, "compute_dtype": "bfloat16"},
      "compute_dtype='bfloat16' applies to a quantized base .* set dtype or trainer.precision"),
