@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -89,7 +89,14 @@ def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- task profile
-def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | Any]) -> TaskProfile:
+class ProfileBatch(Protocol):
+    """What `task_profile` reads of a batch object (the data module's `TrainingBatch` is one)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+
+def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | ProfileBatch]) -> TaskProfile:
     """Mean gate vector of every routed layer over the real tokens (attention_mask 1) of `batches`.
 
     Each batch holds `input_ids` and optionally `attention_mask`: a mapping, or a batch with those attributes (the
@@ -134,12 +141,13 @@ def task_profile(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] 
     return TaskProfile(gates={name: sums[name] / counts[name] for name in layers}, num_tokens=num_tokens)
 
 
-def _profile_inputs(batch: Mapping[str, torch.Tensor] | Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _profile_inputs(batch: Mapping[str, torch.Tensor] | ProfileBatch
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids, attention_mask or None) of a `task_profile` batch: a mapping's keys, or a batch's attributes (the
     data module's `TrainingBatch`: it has no `get`, and a loader of them failed with an AttributeError)."""
     if isinstance(batch, Mapping):
         return batch["input_ids"], batch.get("attention_mask")
-    return batch.input_ids, getattr(batch, "attention_mask", None)
+    return batch.input_ids, batch.attention_mask
 
 
 # ---------------------------------------------------------------------------------------------------- task collapse

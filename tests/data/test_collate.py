@@ -72,8 +72,8 @@ def test_the_trained_answer_ends_at_the_first_special_token_of_the_templates_clo
                                           for token in (ids(chat_tokenizer, part) if isinstance(part, str) else [part])]
     assert example.input_ids[example.prompt_length:] == answer
     assert example.labels[example.prompt_length:] == answer
-    assert chat_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}], tokenize=False).endswith(template_closing)
+    turns = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]
+    assert chat_tokenizer.apply_chat_template(turns, tokenize=False).endswith(template_closing)
 
 
 def test_system_prompt_becomes_the_first_turn(chat_tokenizer):
