@@ -46,6 +46,7 @@ from malora_lightning.callbacks.per_task_metrics import log_synchronised, partia
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
 from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
+from malora_lightning.values import is_finite_number, is_int
 
 
 # how many of the most task-specific layers (highest task-expert NMI) the task routing plot shows expert by expert
@@ -281,9 +282,12 @@ class RoutingStats(RunFileWriter):
     """
 
     def __init__(self, dead_threshold: float = 0.01, plots: bool = True, report_layers: int = 10) -> None:
-        if not (isinstance(dead_threshold, (int, float)) and 0.0 <= dead_threshold <= 1.0):
+        if not (is_finite_number(dead_threshold) and 0.0 <= dead_threshold <= 1.0):
             raise ValueError(f"dead_threshold={dead_threshold!r} is invalid: expected a fraction of the even share "
                              "in [0, 1]")
+        if not (is_int(report_layers) and report_layers >= 1):  # a slice bound: -1 listed all layers but one
+            raise ValueError(f"report_layers={report_layers!r} is invalid: expected how many layers the run report "
+                             "lists, an integer >= 1")
         self.dead_threshold = float(dead_threshold)
         self.plots = plots
         self.report_layers = report_layers

@@ -169,7 +169,7 @@ class SeesawTracker(RunFileWriter):
 
     def __init__(self, tolerance: float = 0.01, baseline_scores: str | None = None, filename: str = SEESAW_NAME,
                  plots: bool = True) -> None:
-        if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0):
+        if not (is_finite_number(tolerance) and 0.0 <= tolerance < 1.0):
             raise ValueError(f"tolerance={tolerance!r} is invalid: expected an accuracy change in [0, 1)")
         self.tolerance = float(tolerance)
         self.baseline_file = baseline_scores

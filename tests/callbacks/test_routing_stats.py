@@ -136,6 +136,15 @@ def test_dead_threshold_is_a_fraction_of_the_even_share():
     assert dead_experts(torch.zeros(4, dtype=torch.long), 0.01) is None  # nothing routed: not judged
 
 
+@pytest.mark.parametrize("setting, value", [("dead_threshold", -0.1), ("dead_threshold", True),
+                                            ("dead_threshold", float("nan")), ("report_layers", 0),
+                                            ("report_layers", -1), ("report_layers", 2.5), ("report_layers", True)])
+def test_bad_settings_are_refused_by_name(setting, value):
+    """report_layers slices the sorted layers: -1 listed every layer but one and 0 an empty table."""
+    with pytest.raises(ValueError, match=f"{setting}={value!r} is invalid"):
+        RoutingStats(**{setting: value})
+
+
 def test_nmi_is_undefined_with_one_task():
     assert task_expert_nmi(torch.tensor([[3, 1, 0, 0], [0, 0, 0, 0]])) is None
     assert task_expert_nmi(torch.tensor([[0, 0], [0, 0]])) is None

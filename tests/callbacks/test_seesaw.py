@@ -124,7 +124,7 @@ def test_baseline_scores_load_as_floats(tmp_path):
     assert load_baseline_scores(path) == {"a": 1.0, "b": 0.25}
 
 
-@pytest.mark.parametrize("tolerance", [-0.1, 1.0, "0.1"])
+@pytest.mark.parametrize("tolerance", [-0.1, 1.0, "0.1", False, float("nan")])
 def test_tolerance_must_be_an_accuracy_change(tolerance):
     with pytest.raises(ValueError, match="tolerance"):
         SeesawTracker(tolerance=tolerance)
