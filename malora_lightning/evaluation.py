@@ -42,7 +42,8 @@ class EvaluationMixin:
 
     @property
     def tokenizer(self):
-        """The data module's tokenizer when there is one (same vocabulary by construction), else the model's own."""
+        """The data module's tokenizer when there is one (normally the model's own; `MALoRAModule._check_vocabulary`
+        refuses one with more tokens than the model embeds), else the model's own."""
         datamodule = self._datamodule
         if datamodule is not None and getattr(datamodule, "tokenizer", None) is not None:
             return datamodule.tokenizer

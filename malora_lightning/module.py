@@ -3,7 +3,7 @@
 This file builds the model, steps and optimises; evaluation and prediction live in `evaluation.py` (a mixin), the
 schedule and AdamW choice in `optim.py`, exact resume and the adapter export in callbacks the module attaches
 (`configure_callbacks`). Extension points (small methods to override in a subclass): `build_model`,
-`compute_lm_loss`, `score_choices`, `generate_predictions`, `trainable_parameter_groups`.
+`compute_lm_loss`, `evaluate_batch`, `score_choices`, `generate_predictions`, `trainable_parameter_groups`.
 """
 
 from __future__ import annotations

@@ -189,8 +189,8 @@ class DenseRoutedExperts(torch.autograd.Function):
     Inputs: result [T, m] (the base output), x [T, n], keep [T, n] (bool: the elements dropout keeps, its rescale
     in `scale`; or None when dropout is off: then the router and the first projection share one GEMM over x), the
     router [N, n], S_A [d, n] (MALoRA; None for MoLoRA), the per-expert down-projections [N, r, d] (P_t) or
-    [N, r, n] (A_t), B [N, r, m], and the token weights [T] of the balance statistics (None: all tokens real). x and
-    result are in the compute dtype.
+    [N, r, n] (A_t), B [N, r, m], and the token weights [T] of the balance statistics (None: all tokens real). x is
+    in the compute dtype; result keeps the base layer's output dtype, which may differ (`add_product`).
     Then flags: top-k, renormalisation, scale, whether to hand back the statistics and the logsumexp, whether to
     route with the fused Triton kernels, and the `StackedWeights` to use, if already made.
 

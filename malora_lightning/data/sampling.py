@@ -134,7 +134,7 @@ def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]
 def epoch_counts(weights: Sequence[float], total: int, offset: Fraction = Fraction(0)) -> list[int]:
     """How many of ``total`` draws each task gets: its exact share ``weights × total`` rounded down or up, the counts
     summing to ``total``. Systematic rounding, in exact fractions: task t gets the integers in
-    ``[S_{t-1} + offset, S_t + offset)``, S_t the exact shares of tasks 0..t summed. With ``offset`` uniform in [0, 1)
+    ``(S_{t-1} + offset, S_t + offset]``, S_t the exact shares of tasks 0..t summed. With ``offset`` uniform in [0, 1)
     a share is rounded up with a probability equal to its fractional part, so that over epochs, each with its own
     offset (`TaskBalancedSampler`), every task's frequency converges to its weight; one fixed rounding gave the same
     tasks the spare draws in every epoch (20 uniform tasks, 64 draws an epoch: the first 4 trained 4/3 as often)."""

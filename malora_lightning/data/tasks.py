@@ -576,7 +576,7 @@ class Task:
                                 f"{', '.join(self.source.splits) or 'none'}")
         rows = self.source.load(split, seed)
         if len(rows) == 0:
-            raise TaskDataError(f"task {self.name!r}: the {split!r} split is empty ({self.source})")
+            raise TaskDataError(f"task {self.name!r}: the {split!r} split is empty ({self.source.describe(split)})")
         indices = range(len(rows)) if only_rows is None else sorted(only_rows)
         if limit is not None and limit < len(indices):
             indices = sorted(random.Random(f"{seed}:{self.name}:{split}").sample(indices, limit))

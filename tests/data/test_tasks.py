@@ -61,7 +61,7 @@ def test_missing_field_names_task_split_row_and_field():
 
 
 @pytest.mark.parametrize(("rows", "splits", "split", "message"), [
-    ([], ("train",), "train", r"task 'qa': the 'train' split is empty"),
+    ([], ("train",), "train", r"task 'qa': the 'train' split is empty \(generated train rows\)$"),
     (ROWS, ("train",), "test", r"task 'qa' has no 'test' split; it provides: train"),
     (ROWS, ("train",), "dev", r"unknown split 'dev'; valid splits: train, validation, test"),
 ])
