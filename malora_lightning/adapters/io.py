@@ -230,8 +230,11 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
     lora_alpha = stored.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or not isinstance(lora_alpha, (int, float)):
         raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
+    use_rslora = stored.get("use_rslora", False)
+    if use_rslora is not None and not isinstance(use_rslora, bool):  # "false" is truthy: it scaled as rsLoRA
+        raise ValueError(f"{path / CONFIG_NAME}: use_rslora={use_rslora!r} is invalid: expected true, false or null")
     # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r
-    alpha = lora_alpha * math.sqrt(rank) if stored.get("use_rslora") else lora_alpha
+    alpha = lora_alpha * math.sqrt(rank) if use_rslora else lora_alpha
     with config_read_from(str(path / CONFIG_NAME)):
         return AdapterConfig(method="lora", rank=rank, alpha=float(alpha),
                              dropout=float(stored.get("lora_dropout", 0.0)), target_modules=modules)

@@ -368,6 +368,9 @@ def edit_stored_config(folder: Path, edit) -> None:
     ("legacy", lambda stored: {**stored, "rank": 0}, r"AdapterConfig\.rank=0 is invalid"),
     ("peft", lambda stored: {**stored, "r": 0}, r"AdapterConfig\.rank=0 is invalid"),
     ("peft", lambda stored: {**stored, "lora_dropout": "high"}, r"could not convert string to float: 'high'"),
+    # a truthy string loaded the factors with rsLoRA's scale, alpha / sqrt(r): twice the trained update at r = 4
+    ("peft", lambda stored: {**stored, "use_rslora": "false"},
+     r"use_rslora='false' is invalid: expected true, false or null"),
 ])
 def test_an_invalid_stored_adapter_config_names_its_file(tmp_path, layout, edit, error):
     """AdapterConfig's own errors name no file: `malora validate --model.adapter_path` printed "error: Expecting
