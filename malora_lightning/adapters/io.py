@@ -49,6 +49,7 @@ from malora_lightning.adapters.quantization import (
 )
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import recorded_model_name
+from malora_lightning.values import is_finite_number, is_int
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
@@ -228,8 +229,13 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
                          "LoRA folder?")
     rank = stored.get("r")
     lora_alpha = stored.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA)
-    if not isinstance(rank, int) or not isinstance(lora_alpha, (int, float)):
-        raise ValueError(f"{path / CONFIG_NAME}: r={rank!r} and lora_alpha={lora_alpha!r} must be numbers")
+    dropout = stored.get("lora_dropout", 0.0)
+    # checked by type, not converted: float() took true for 1 and "0.1" for 0.1, and failed on null naming no field
+    for field, value, ok, valid in (("r", rank, is_int(rank), "an integer >= 1"),
+                                    ("lora_alpha", lora_alpha, is_finite_number(lora_alpha), "a number > 0"),
+                                    ("lora_dropout", dropout, is_finite_number(dropout), "a number in [0, 1)")):
+        if not ok:
+            raise ValueError(f"{path / CONFIG_NAME}: {field}={value!r} is invalid: expected {valid}")
     use_rslora = stored.get("use_rslora", False)
     if use_rslora is not None and not isinstance(use_rslora, bool):  # "false" is truthy: it scaled as rsLoRA
         raise ValueError(f"{path / CONFIG_NAME}: use_rslora={use_rslora!r} is invalid: expected true, false or null")
@@ -237,7 +243,7 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
     alpha = lora_alpha * math.sqrt(rank) if use_rslora else lora_alpha
     with config_read_from(str(path / CONFIG_NAME)):
         return AdapterConfig(method="lora", rank=rank, alpha=float(alpha),
-                             dropout=float(stored.get("lora_dropout", 0.0)), target_modules=modules)
+                             dropout=float(dropout), target_modules=modules)
 
 
 def _saved_base_weight_owner(key: str, adapted: Collection[str]) -> str | None:

@@ -367,7 +367,12 @@ def edit_stored_config(folder: Path, edit) -> None:
     ("ours", lambda text: "3", r"AdapterConfig: expected an object of fields \(a dict, a JSON object\), found int 3"),
     ("legacy", lambda stored: {**stored, "rank": 0}, r"AdapterConfig\.rank=0 is invalid"),
     ("peft", lambda stored: {**stored, "r": 0}, r"AdapterConfig\.rank=0 is invalid"),
-    ("peft", lambda stored: {**stored, "lora_dropout": "high"}, r"could not convert string to float: 'high'"),
+    ("peft", lambda stored: {**stored, "lora_dropout": "high"}, r"lora_dropout='high' is invalid: expected a number"),
+    # each was converted: "0.1" became dropout 0.1, true alpha 1.0 (scale 1 / r); null failed naming no field
+    ("peft", lambda stored: {**stored, "lora_dropout": "0.1"}, r"lora_dropout='0\.1' is invalid: expected a number"),
+    ("peft", lambda stored: {**stored, "lora_dropout": None}, r"lora_dropout=None is invalid: expected a number"),
+    ("peft", lambda stored: {**stored, "lora_alpha": True}, r"lora_alpha=True is invalid: expected a number > 0"),
+    ("peft", lambda stored: {**stored, "r": 2.0}, r"r=2\.0 is invalid: expected an integer >= 1"),
     # a truthy string loaded the factors with rsLoRA's scale, alpha / sqrt(r): twice the trained update at r = 4
     ("peft", lambda stored: {**stored, "use_rslora": "false"},
      r"use_rslora='false' is invalid: expected true, false or null"),
