@@ -151,6 +151,10 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, found {type(stored).__name__}")
     metadata, keys = _weights_header(path / WEIGHTS_NAME)
     base = stored.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):  # a number or list failed later as an AttributeError
+        raise ValueError(f"{path / CONFIG_NAME}: base_model_name_or_path={base!r:.80} is invalid: expected the base "
+                         "model's folder or hub id, or null when it is not recorded")
+    base = base if base is None or base.strip() else None  # blank: not recorded, as null (not a model named "")
     if METADATA_CONFIG in metadata:  # ours
         with config_read_from(f"{path / WEIGHTS_NAME} (its {METADATA_CONFIG} metadata)"):
             config = AdapterConfig.from_json(metadata[METADATA_CONFIG])

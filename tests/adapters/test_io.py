@@ -373,6 +373,9 @@ def edit_stored_config(folder: Path, edit) -> None:
     ("peft", lambda stored: {**stored, "lora_dropout": None}, r"lora_dropout=None is invalid: expected a number"),
     ("peft", lambda stored: {**stored, "lora_alpha": True}, r"lora_alpha=True is invalid: expected a number > 0"),
     ("peft", lambda stored: {**stored, "r": 2.0}, r"r=2\.0 is invalid: expected an integer >= 1"),
+    # load_adapted_model and adapter_path failed with "'int' object has no attribute 'startswith'"
+    ("peft", lambda stored: {**stored, "base_model_name_or_path": 7},
+     r"base_model_name_or_path=7 is invalid: expected the base model's folder or hub id, or null"),
     # a truthy string loaded the factors with rsLoRA's scale, alpha / sqrt(r): twice the trained update at r = 4
     ("peft", lambda stored: {**stored, "use_rslora": "false"},
      r"use_rslora='false' is invalid: expected true, false or null"),
@@ -395,6 +398,17 @@ def test_an_invalid_stored_adapter_config_names_its_file(tmp_path, layout, edit,
         source = re.escape(f"{config_file}: ")
     with pytest.raises(ValueError, match=source + error):
         read_adapter_folder(folder)
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_base_model_is_read_as_not_recorded(tmp_path, blank):
+    """It was taken for a model's name: load_adapted_model tried to load model '' instead of asking for base_model=,
+    as it does for null."""
+    folder = tmp_path / "a"
+    save_adapters(trained_model("lora"), folder, base_model="tiny-base")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": blank}))
+    assert read_adapter_folder(folder).base_model is None
 
 
 def test_integer_adapter_tensors_are_refused_by_name(tmp_path):
