@@ -147,6 +147,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         stored = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path / CONFIG_NAME}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:  # raised bare, naming no file
+        raise ValueError(f"{path / CONFIG_NAME}: not UTF-8 text (byte {error.start}: {error.reason}); JSON files are "
+                         "UTF-8") from None
     if not isinstance(stored, dict):
         raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object, found {type(stored).__name__}")
     metadata, keys = _weights_header(path / WEIGHTS_NAME)

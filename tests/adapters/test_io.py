@@ -400,6 +400,16 @@ def test_an_invalid_stored_adapter_config_names_its_file(tmp_path, layout, edit,
         read_adapter_folder(folder)
 
 
+def test_an_adapter_config_that_is_not_utf8_names_its_file(tmp_path):
+    """A base name saved as Latin-1 (an editor's default) raised UnicodeDecodeError naming no file."""
+    folder = tmp_path / "a"
+    save_adapters(trained_model("lora"), folder, base_model="cafe")
+    config_file = folder / "adapter_config.json"
+    config_file.write_bytes(config_file.read_bytes().replace(b'"cafe"', b'"caf\xe9"'))
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: not UTF-8 text (byte ")):
+        read_adapter_folder(folder)
+
+
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_base_model_is_read_as_not_recorded(tmp_path, blank):
     """It was taken for a model's name: load_adapted_model tried to load model '' instead of asking for base_model=,
