@@ -68,9 +68,12 @@ def mixing_weights(
             raise ValueError(f"cap must be >= 1 or None (got {cap})")
         limit = cap if cap is not None else max(sizes)
         # in log space: min(n, K) ** (1 / T) overflows a float for small T (1000 ** 100)
-        logs = [math.log(min(size, limit)) / temperature for size in sizes]
+        logs = [math.log(min(size, limit)) for size in sizes]
         peak_log = max(logs)
-        raw = [math.exp(value - peak_log) for value in logs]
+        if math.isfinite(peak_log / temperature):  # to the bit as before: a resumed sampler compares its weights
+            raw = [math.exp(value / temperature - peak_log / temperature) for value in logs]
+        else:  # T below about 1e-308: log(n) / T overflowed to inf, and inf - inf made every weight NaN
+            raw = [math.exp((value - peak_log) / temperature) for value in logs]
     elif strategy == "uniform":
         raw = [1.0] * len(sizes)
     elif strategy == "unimax":

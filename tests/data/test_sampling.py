@@ -91,6 +91,8 @@ def test_small_temperatures_approach_the_largest_task_alone():
     weights = mixing_weights([395000, 30000, 1000], "temperature", temperature=0.01)
     assert weights[0] == 1.0 and 0 < weights[1] < 1e-100 and weights[2] >= 0
     assert mixing_weights([4, 1], "temperature", temperature=0.5) == pytest.approx([16 / 17, 1 / 17])
+    # a temperature the data module accepts (finite, > 0) gave NaN weights: log(n) / T overflowed to inf
+    assert mixing_weights([10, 1000, 1000], "temperature", temperature=1e-310) == [0.0, 0.5, 0.5]
 
 
 def test_huge_finite_weights_are_normalised():
