@@ -232,6 +232,9 @@ def _check_profile(layers: Mapping[str, RoutedAdapterLayer], profile: TaskProfil
         if profile.gates[name].shape != (layer.num_experts,):
             raise ValueError(f"TaskProfile.gates[{name!r}] has shape {tuple(profile.gates[name].shape)}, but the "
                              f"layer has num_experts={layer.num_experts}: expected shape ({layer.num_experts},)")
+        if not bool(torch.isfinite(profile.gates[name]).all()):  # it went into every collapsed weight unseen
+            raise ValueError(f"TaskProfile.gates[{name!r}] holds NaN or infinite values "
+                             f"({profile.gates[name].tolist()}): expected the mean gates task_profile measures")
 
 
 def _routed_layers_of(model: nn.Module, caller: str) -> dict[str, RoutedAdapterLayer]:

@@ -317,6 +317,12 @@ def test_a_profile_that_does_not_match_the_model_is_refused_by_name():
         task_lora_weights(model, extra)
     with pytest.raises(ValueError, match=rf"TaskProfile.gates\['{Q_PROJ}'\] has shape \(5,\).*num_experts=4"):
         task_lora_model(model, wrong_n)
+    # merged into the base weight as NaN, and into a LoRA that save_adapters wrote and load_adapters refused
+    not_finite = TaskProfile({**profile.gates, Q_PROJ: torch.full((4,), math.nan, dtype=torch.float64)},
+                             profile.num_tokens)
+    for function in (merge_task, task_lora_weights, task_lora_model):
+        with pytest.raises(ValueError, match=rf"TaskProfile.gates\['{Q_PROJ}'\] holds NaN or infinite values"):
+            function(model, not_finite)
     assert all(not isinstance(layer, LoRALinear) for layer in adapter_layers(model).values())
     assert isinstance(model.get_submodule(Q_PROJ), AdapterLayer)
 
