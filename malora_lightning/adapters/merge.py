@@ -248,8 +248,12 @@ def _routed_layers_of(model: nn.Module, caller: str) -> dict[str, RoutedAdapterL
 # ---------------------------------------------------------------------------------------------------- folding
 def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool) -> nn.Module:
     """Add each update to its base weight, put the base layers back in place of the adapter layers and drop the
-    adapter attributes. Every quantized base is checked before anything changes."""
+    adapter attributes. Every update and every quantized base is checked before anything changes."""
     layers = adapter_layers(model)
+    for name, factor in factors.items():  # a diverged fit's adapters: NaN base weights, saved as a model
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in (factor.lora_A, factor.lora_B)):
+            raise ValueError(f"adapter layer {name!r} holds NaN or infinite values, which merging would write into "
+                             "its base weight: merge adapters from a checkpoint before the training diverged")
     quantized = {name: layer.base_layer for name, layer in layers.items() if _is_bnb(layer.base_layer)}
     if quantized and not dequantize:
         name, base = next(iter(quantized.items()))

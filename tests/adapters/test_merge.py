@@ -112,6 +112,21 @@ def test_a_lora_on_a_tied_output_head_merges_into_the_head_only(tmp_path):
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "molora"])
+def test_adapters_holding_nan_are_refused_by_layer_before_anything_is_merged(method):
+    """A diverged fit's adapters were folded in: the base weights became NaN, and save_pretrained wrote them."""
+    model = adapted(method)
+    layers = adapter_layers(model)
+    with torch.no_grad():
+        layers[Q_PROJ].lora_B[0, 0] = math.nan
+    with pytest.raises(ValueError, match=f"adapter layer '{Q_PROJ}' holds NaN or infinite values"):
+        if method == "lora":
+            merge_adapters(model)
+        else:
+            merge_task(model, TaskProfile({name: torch.full((4,), 0.25, dtype=torch.float64) for name in layers}, 1))
+    assert adapter_layers(model).keys() == layers.keys()  # nothing unwrapped
+
+
 @pytest.mark.parametrize("method", ["molora", "malora"])
 def test_merge_adapters_refuses_a_mixture_and_points_to_the_task_merge(method):
     model = adapted(method)
