@@ -654,6 +654,9 @@ class TemplateFormatter:
         object.__setattr__(self, "fields", dict(self.fields))
         if (self.choices is None) != (self.gold is None):
             raise ValueError("multiple choice needs both 'choices' and 'gold'")
+        if self.choices is not None and self.target is not None:  # it was never read: which one was meant?
+            raise ValueError(f"target={self.target!r:.80} is invalid with choices: a multiple-choice target is the "
+                             "choice that gold names; remove target, or choices and gold for a generative task")
         if self.choices is None and self.target is None:
             raise ValueError("a generative task needs a 'target' template")
 

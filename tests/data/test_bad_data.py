@@ -108,6 +108,9 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
     "target a number": (SPEC | {"target": 7}, ["task spec 'mine': target=7 is invalid", "quote a fixed text"]),
     "choices a list": ({**SPEC, "target": None, "choices": ["a", "b"], "gold": "answer"},
                        ["task spec 'mine': choices=['a', 'b'] is invalid: expected the name of a column"]),
+    # the target template was ignored without a word: the target is the choice gold names
+    "target with choices": (SPEC | {"choices": "options", "gold": "answer"},
+                            ["task spec 'mine': target='{a}' is invalid with choices", "remove target, or choices"]),
     "fields a list": (SPEC | {"fields": ["q"]}, ["task spec 'mine': fields=['q'] is invalid: expected a mapping"]),
     "answer a list": (SPEC | {"answer": ["first_line"]},
                       ["task spec 'mine': answer=['first_line'] is invalid: expected one of first_line, final_answer"]),
