@@ -13,16 +13,21 @@ and the usual harnesses do.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from malora_lightning.data.tasks import Example, HubSource, Task, final_answer, register_task
 
-LETTERS = "ABCDEFGH"
+LETTERS = string.ascii_uppercase
 
 
 def lettered_question(question: str, options: Sequence[str], gold: int, *, header: str = "Question") -> Example:
     """``Question: ...`` then ``A. option`` lines; the answer is the gold option's letter."""
+    if len(options) > len(LETTERS):  # zip would drop the options past Z without a word
+        raise ValueError(f"{len(options)} options is more than the {len(LETTERS)} letters A-Z can name")
+    if not isinstance(question, str):  # a null question: .strip() failed naming no field
+        raise ValueError(f"the question is {question!r}, not text")
     letters = LETTERS[: len(options)]
     for letter, option in zip(letters, options):
         if not isinstance(option, str):  # a null option: the text "None" would be trained and scored

@@ -590,7 +590,7 @@ class Task:
         except KeyError as error:
             raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: {', '.join(row)}){source}") \
                 from error
-        except (ValueError, TypeError, IndexError) as error:
+        except (ValueError, TypeError, IndexError, AttributeError) as error:  # AttributeError: a null text's .strip()
             raise TaskDataError(f"{where}: {error}{source}") from error
         if (example.choices is not None) != (self.kind == "multiple_choice"):
             raise TaskDataError(f"{where}: a {self.kind} task's formatter returned "
@@ -681,7 +681,7 @@ class TemplateFormatter:
             raise ValueError(f"choices field {self.choices!r} must hold a list of choice texts, like [\"yes\", "
                              f"\"no\"] (in CSV, that JSON list in the cell); got {choices!r:.80}")
         gold = view.value(self.gold)
-        if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
+        if isinstance(gold, str) and gold.strip().lstrip("-").isdecimal():  # isdigit() took "²", which int() refuses
             gold = int(gold)
         if not is_int(gold):
             raise ValueError(f"gold field {self.gold!r} must hold an integer index, the right choice's "
@@ -800,4 +800,9 @@ def tasks_from_yaml(path: str | Path) -> list[Task]:
         if not isinstance(spec, Mapping):
             raise ValueError(f"{path}: task spec #{number} is a {type(spec).__name__}, not a mapping of name, path, "
                              "prompt, ...")
-    return [task_from_spec(spec) for spec in specs]
+    tasks = [task_from_spec(spec) for spec in specs]
+    twice = repeated([task.name for task in tasks])
+    if twice:  # registering them all, the later spec of a name would replace the earlier one (or be refused)
+        raise ValueError(f"{path}: more than one task spec is named {', '.join(map(repr, twice))}; give each task its "
+                         "own name")
+    return tasks

@@ -74,6 +74,9 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
                          ["train row 0", "choices field 'options': choice 1 is NaN, not a value", "d.jsonl"]),
     "csv NaN in a choices cell": ("d.csv", 'q,options,answer\nok?,"[""no"", Infinity]",0\n', CHOICE,
                                   ["train row 0", "choice 1 is Infinity, not a value", "d.csv"]),
+    # "²" passed str.isdigit() and failed in int(), naming nothing
+    "gold a superscript digit": ("d.jsonl", jsonl({"q": "ok?", "options": ["no", "yes"], "answer": "²"}), CHOICE,
+                                 ["train row 0", "gold field 'answer' must hold an integer index", "'²'"]),
 }
 
 
@@ -254,6 +257,12 @@ def test_tasks_yaml_errors_name_the_file(tmp_path):
         tasks_from_yaml(bad)
     bad.write_text("- [name, a]\n")
     with pytest.raises(ValueError, match=r"tasks.yaml: task spec #0 is a list, not a mapping"):
+        tasks_from_yaml(bad)
+    # registered one by one, the second 'a' replaced the first (overwrite=True) or was refused without the file
+    bad.write_text("- {name: a, path: x.jsonl, prompt: '{q}', target: '{a}'}\n"
+                   "- {name: b, path: y.jsonl, prompt: '{q}', target: '{a}'}\n"
+                   "- {name: a, path: z.jsonl, prompt: '{q}', target: '{a}'}\n")
+    with pytest.raises(ValueError, match=r"tasks.yaml: more than one task spec is named 'a'; give each task its own"):
         tasks_from_yaml(bad)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from malora_lightning.data import FileSource, GeneratorSource, TaskDataError, final_answer, get_task
+from malora_lightning.data.formatters import lettered_question
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "data"
 ABCD = ("A", "B", "C", "D")
@@ -133,7 +134,10 @@ def test_math_task_targets_score_like_their_marked_answer_alone(name):
      r"cop -1 is not one of"),
     ("medmcqa", {"question": "q", "opa": "a", "opb": None, "opc": "c", "opd": "d", "cop": 0},
      r"option B is None, not text"),  # was a bare AttributeError naming no row
+    ("medmcqa", {"question": None, "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0},
+     r"the question is None, not text"),  # was an AttributeError naming no row
     ("gsm8k", {"question": "q", "answer": "72"}, "no '#### <number>' final line"),
+    ("metamathqa", {"query": None, "response": "The answer is: 1"}, "'NoneType' object has no attribute 'strip'"),
     ("boolq", {"question": "q", "passage": "p", "answer": "yes"}, "answer must be a bool"),
     ("piqa", {"goal": "g", "sol1": "a", "label": 0}, "missing field 'sol2'"),
 ])
@@ -141,6 +145,14 @@ def test_bad_rows_name_the_task_row_and_problem(name, row, message):
     good = json.loads((FIXTURES / f"{name}.jsonl").read_text().splitlines()[0])
     with pytest.raises(TaskDataError, match=rf"task '{name}', train row 1: .*{message}"):
         rows_examples(name, [good, row])
+
+
+def test_lettered_questions_name_up_to_26_options_and_refuse_more():
+    """Past the letters, zip dropped options without a word: the ninth of nine was never shown (A-H then)."""
+    nine = lettered_question("q", [f"o{index}" for index in range(9)], 8)
+    assert nine.choices == tuple("ABCDEFGHI") and nine.target == "I" and "\nI. o8\n" in nine.prompt
+    with pytest.raises(ValueError, match="27 options is more than the 26 letters A-Z can name"):
+        lettered_question("q", [f"o{index}" for index in range(27)], 0)
 
 
 def test_paper_tasks_are_registered_with_their_hub_splits_and_chance_rates():
