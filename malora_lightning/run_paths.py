@@ -16,6 +16,16 @@ OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), 
               "ModelCheckpoint(dirpath=...))")
 
 
+def check_file_name(filename: str, setting: str) -> None:
+    """Refuse, naming `setting`, a `filename` that is not one file's name in the run folder: an empty name, "." or
+    ".." named the folder itself (an IsADirectoryError at the first write, after the fit) and a path left the run
+    folder."""
+    if not (isinstance(filename, str) and filename.strip() and filename not in (".", "..")
+            and Path(filename).name == filename and "\\" not in filename):
+        raise ValueError(f"{setting}={filename!r} is invalid: expected the name of a file in the run folder, like "
+                         "'report.md' (no folder)")
+
+
 def run_directory(trainer: L.Trainer) -> Path:
     checkpoint_callback = trainer.checkpoint_callback
     if checkpoint_callback is not None and getattr(checkpoint_callback, "dirpath", None):

@@ -33,7 +33,13 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
 from malora_lightning.callbacks.summary import evaluation_series, markdown_cell, percent
-from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import (
+    RunFileWriter,
+    check_file_name,
+    refuse_foreign_json,
+    refuse_on_every_rank,
+    run_directory,
+)
 from malora_lightning.values import is_finite_number
 
 SEESAW_NAME = "seesaw.json"
@@ -174,6 +180,7 @@ class SeesawTracker(RunFileWriter):
         self.tolerance = float(tolerance)
         self.baseline_file = baseline_scores
         self.baseline = load_baseline_scores(baseline_scores) if baseline_scores is not None else None
+        check_file_name(filename, "SeesawTracker filename")
         self.filename = filename
         self.plots = plots
         self.points: dict[str, list[SeesawPoint]] = {}

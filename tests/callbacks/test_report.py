@@ -56,6 +56,15 @@ def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
+@pytest.mark.parametrize("filename", ["", " ", ".", "..", "runs/report.md", "../report.md", "a\\b.md", None])
+def test_a_file_name_that_names_no_file_in_the_run_folder_is_refused_when_built(writer, filename):
+    """"" and "." named the run folder itself: an IsADirectoryError at the first write, after the fit."""
+    with pytest.raises(ValueError, match=f"{writer.__name__} filename={re.escape(repr(filename))} is invalid: "
+                                         "expected the name of a file in the run folder"):
+        writer(filename=filename)
+
+
 def test_a_report_that_run_report_wrote_is_replaced(tmp_path):
     for steps in (1, 2):  # the second fit writes into the same folder
         trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=steps,
