@@ -164,6 +164,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         if stored.get("peft_type") != PEFT_TYPES[config.method]:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
+        _check_json_agrees_with_metadata(stored, config, path)
         return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
                              metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None,
                              base_recorded=METADATA_BASE_QUANTIZATION in metadata,
@@ -205,17 +206,42 @@ def _weights_header(path: Path) -> tuple[dict[str, str], list[str]]:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
+def _check_plain_lora_settings(stored: dict[str, Any], path: Path) -> None:
+    """Refuse an adapter_config.json that sets a PEFT setting changing what the tensors mean (DoRA, rank_pattern)."""
+    for field, neutral in _UNSUPPORTED_PEFT_SETTINGS.items():
+        value = stored.get(field, neutral)
+        if value not in (neutral, None, {}, [], False):
+            raise ValueError(f"{path / CONFIG_NAME}: {field}={value!r} is not supported (plain LoRA only: "
+                             f"expected {neutral!r})")
+
+
+def _check_json_agrees_with_metadata(stored: dict[str, Any], config: AdapterConfig, path: Path) -> None:
+    """Refuse a folder of ours whose adapter_config.json was edited after the save so that it no longer describes
+    the adapter its weights' metadata holds (which is what this library loads): PEFT reads the JSON, so the one folder
+    would load as two different adapters (an edited lora_alpha rescaled the update in PEFT alone)."""
+    _check_plain_lora_settings(stored, path)
+    saved: dict[str, Any] = {"r": config.rank, "lora_alpha": _plain_number(config.scaling * config.rank),
+                             "use_rslora": False}
+    if config.method != "lora":
+        saved |= {"num_experts": config.num_experts, "top_k": config.top_k,
+                  "renormalize_top_k": config.renormalize_top_k}
+    if config.method == "malora":
+        saved["shared_rank"] = config.shared_rank
+    for field, value in saved.items():
+        if field in stored and stored[field] != value:
+            raise ValueError(f"{path / CONFIG_NAME}: {field}={stored[field]!r}, but the adapter in {WEIGHTS_NAME} was "
+                             f"saved with {field}={value!r} (its {METADATA_CONFIG} metadata, which this library "
+                             "loads; PEFT reads the JSON): the JSON was edited after the save. Restore "
+                             f"{field}={value!r}, or change the setting where the adapter is trained and save again")
+
+
 def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> AdapterConfig:
     """Our LoRA config for a LoRA folder PEFT saved: the adapted modules are the ones its tensors name."""
     peft_type = stored["peft_type"]
     if peft_type != "LORA":
         raise ValueError(f"{path / CONFIG_NAME}: peft_type {peft_type!r} is not supported; load_adapters reads PEFT "
                          f"LoRA folders and malora_lightning folders ({', '.join(PEFT_TYPES.values())})")
-    for field, neutral in _UNSUPPORTED_PEFT_SETTINGS.items():
-        value = stored.get(field, neutral)
-        if value not in (neutral, None, {}, [], False):
-            raise ValueError(f"{path / CONFIG_NAME}: {field}={value!r} is not supported (plain LoRA only: "
-                             f"expected {neutral!r})")
+    _check_plain_lora_settings(stored, path)
     init = stored.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS:
         raise ValueError(f"{path / CONFIG_NAME}: init_lora_weights={init!r} is not supported: that init changes the "

@@ -400,6 +400,30 @@ def test_an_invalid_stored_adapter_config_names_its_file(tmp_path, layout, edit,
         read_adapter_folder(folder)
 
 
+@pytest.mark.parametrize("method, field, value", [
+    ("lora", "lora_alpha", 8),  # PEFT would rescale the update; we loaded the saved alpha
+    ("lora", "r", 3),
+    ("lora", "use_rslora", True),
+    ("lora", "use_dora", True),
+    ("molora", "top_k", 1),
+    ("malora", "num_experts", 2),
+    ("malora", "shared_rank", 8),
+])
+def test_an_adapter_config_edited_after_the_save_is_refused_by_field(tmp_path, method, field, value):
+    """Our folder loads from the config in its weights' metadata and PEFT from adapter_config.json: a JSON edited after
+    the save made one folder two different adapters, without a word."""
+    folder = tmp_path / "a"
+    save_adapters(trained_model(method), folder)
+    config_file = folder / "adapter_config.json"
+    stored = json.loads(config_file.read_text())
+    read_adapter_folder(folder)  # as saved: the JSON agrees with the metadata
+    config_file.write_text(json.dumps({**stored, field: value}))
+    expected = "is not supported" if field == "use_dora" else f", but the adapter in adapter_model.safetensors was " \
+        f"saved with {field}={stored[field]!r}"
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: {field}={value!r}") + ".*" + re.escape(expected)):
+        read_adapter_folder(folder)
+
+
 def test_an_adapter_config_that_is_not_utf8_names_its_file(tmp_path):
     """A base name saved as Latin-1 (an editor's default) raised UnicodeDecodeError naming no file."""
     folder = tmp_path / "a"
