@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Literal, Mapping
+from typing import Any, Callable, Collection, Iterable, Literal, Mapping, get_args
 
 import torch
 from safetensors import safe_open
@@ -41,6 +41,8 @@ from malora_lightning.adapters.inject import (
 )
 from malora_lightning.adapters.model import adapter_layers, get_adapter_config, routed_layers, trained_tensor_names
 from malora_lightning.adapters.quantization import (
+    QUANTIZATION_MODES,
+    DtypeName,
     Quantization,
     base_compute_dtype,
     base_model_name,
@@ -165,6 +167,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
             raise ValueError(f"{path / CONFIG_NAME}: peft_type {stored.get('peft_type')!r} does not match the "
                              f"{config.method} adapter in {WEIGHTS_NAME} (expected {PEFT_TYPES[config.method]!r})")
         _check_json_agrees_with_metadata(stored, config, path)
+        _check_recorded_base(metadata, path / WEIGHTS_NAME)
         return AdapterFolder(path, config, base, metadata.get(METADATA_BASE_QUANTIZATION) or None, "peft",
                              metadata.get(METADATA_BASE_COMPUTE_DTYPE) or None,
                              base_recorded=METADATA_BASE_QUANTIZATION in metadata,
@@ -233,6 +236,17 @@ def _check_json_agrees_with_metadata(stored: dict[str, Any], config: AdapterConf
                              f"saved with {field}={value!r} (its {METADATA_CONFIG} metadata, which this library "
                              "loads; PEFT reads the JSON): the JSON was edited after the save. Restore "
                              f"{field}={value!r}, or change the setting where the adapter is trained and save again")
+
+
+def _check_recorded_base(metadata: Mapping[str, str], weights: Path) -> None:
+    """Refuse a recorded base quantization or compute dtype that `load_adapted_model` could not load the base with
+    (it failed in `load_base_model`, naming a setting the user never gave and not the folder)."""
+    for key, valid in ((METADATA_BASE_QUANTIZATION, QUANTIZATION_MODES),
+                       (METADATA_BASE_COMPUTE_DTYPE, get_args(DtypeName))):
+        value = metadata.get(key) or None
+        if value is not None and value not in valid:
+            raise ValueError(f"{weights}: its {key} metadata is {value!r}, which is not one of {', '.join(valid)} "
+                             "(or empty): the file was changed since save_adapters wrote it")
 
 
 def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> AdapterConfig:

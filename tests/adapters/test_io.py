@@ -424,6 +424,20 @@ def test_an_adapter_config_edited_after_the_save_is_refused_by_field(tmp_path, m
         read_adapter_folder(folder)
 
 
+@pytest.mark.parametrize("key, value", [(adapter_io.METADATA_BASE_QUANTIZATION, "nf5"),
+                                        (adapter_io.METADATA_BASE_COMPUTE_DTYPE, "float8")])
+def test_a_recorded_base_setting_no_base_loads_with_names_the_weights_file(tmp_path, key, value):
+    """load_adapted_model loads the base as recorded: it failed in load_base_model, naming neither file nor field."""
+    folder = tmp_path / "a"
+    save_adapters(trained_model("lora"), folder)
+    weights = folder / "adapter_model.safetensors"
+    with safe_open(str(weights), framework="pt") as stored:
+        metadata, tensors = stored.metadata(), {name: stored.get_tensor(name) for name in stored.keys()}
+    save_file(tensors, str(weights), metadata={**metadata, key: value})
+    with pytest.raises(ValueError, match=re.escape(f"{weights}: its {key} metadata is {value!r}, which is not one of")):
+        read_adapter_folder(folder)
+
+
 def test_an_adapter_config_that_is_not_utf8_names_its_file(tmp_path):
     """A base name saved as Latin-1 (an editor's default) raised UnicodeDecodeError naming no file."""
     folder = tmp_path / "a"
