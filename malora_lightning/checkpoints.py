@@ -4,6 +4,7 @@ checkpoint (truncated by a kill or a full disk, or not a checkpoint at all) refu
 
 from __future__ import annotations
 
+import inspect
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -117,6 +118,23 @@ def without_instantiator(kwargs: dict[str, Any]) -> dict[str, Any]:
     `adapter: {class_path: some_module.X}`): a file picking code to run. Given as None, it is dropped, and the class
     is called with the plain values, as for an object built in Python."""
     return {**kwargs, "_instantiator": None}
+
+
+def passes_trust_remote_code(cls: type, path: str | Path | None, from_file: Mapping[str, Any] | None,
+                             trust_remote_code: bool) -> bool:
+    """Whether `load_from_checkpoint` (`MALoRAModule`'s, `MultiTaskDataModule`'s) passes the caller's
+    `trust_remote_code` to `cls`: where the caller allows remote code, where `cls` names the argument, and where the
+    stored hyperparameters (an `hparams_file`'s, `from_file`, which replace the checkpoint's) may hold it, so that the
+    file never decides it. Otherwise `cls` takes it through `**kwargs` only, and the file holds none: then the class's
+    own code decides, as a subclass that fixes it (``super().__init__(trust_remote_code=True, **kwargs)``) must, since
+    a second value is a TypeError."""
+    if trust_remote_code or "trust_remote_code" in inspect.signature(cls.__init__).parameters:
+        return True
+    if from_file is not None:
+        return "trust_remote_code" in from_file
+    if path is None:
+        return True
+    return "trust_remote_code" in (read_checkpoint(path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
 
 
 def read_hparams_file(path: str | Path) -> dict[str, Any]:

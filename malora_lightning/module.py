@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import inspect
 import io
 import logging
 import math
@@ -65,7 +64,7 @@ from malora_lightning.checkpoints import (
     check_checkpoint_file,
     check_checkpoint_settings,
     computed_otherwise,
-    read_checkpoint,
+    passes_trust_remote_code,
     read_hparams_file,
     stored_adapter_settings,
     stored_settings,
@@ -287,12 +286,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`), no class
         imported by its hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the caller
-        (default False) or the class's own code, never from the file's hyperparameters (`_passes_trust_remote_code`)."""
+        (default False) or the class's own code, never from the file's hyperparameters (`passes_trust_remote_code`)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if named is not None:
             check_checkpoint_file(named)
         from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
-        if _passes_trust_remote_code(cls, named, from_file, trust_remote_code):
+        if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
             kwargs["trust_remote_code"] = trust_remote_code
         token = _LOADED_FILE.set(named)
         try:
@@ -843,22 +842,6 @@ def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     which `MALoRAModule.__init__` takes back."""
     return {name: value.to_dict() if isinstance(value, AdapterConfig) else value
             for name, value in hyperparameters.items()}
-
-
-def _passes_trust_remote_code(cls: type[MALoRAModule], path: str | Path | None,
-                              from_file: Mapping[str, Any] | None, trust_remote_code: bool) -> bool:
-    """Whether `MALoRAModule.load_from_checkpoint` passes the caller's `trust_remote_code` to `cls`: where the caller
-    allows remote code, where `cls` names the argument, and where the stored hyperparameters (an `hparams_file`'s,
-    `from_file`, which replace the checkpoint's) may hold it, so that the file never decides it. Otherwise `cls` takes
-    it through `**kwargs` only, and the file holds none: then the class's own code decides, as a subclass that fixes it
-    (``super().__init__(trust_remote_code=True, **kwargs)``) must, since a second value is a TypeError."""
-    if trust_remote_code or "trust_remote_code" in inspect.signature(cls.__init__).parameters:
-        return True
-    if from_file is not None:
-        return "trust_remote_code" in from_file
-    if path is None:
-        return True
-    return "trust_remote_code" in (read_checkpoint(path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
 
 
 def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: str) -> None:

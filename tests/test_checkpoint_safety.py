@@ -449,3 +449,17 @@ def test_a_model_that_needs_its_own_code_is_refused_naming_the_setting(tokenizer
     with pytest.raises(ValueError, match=r"needs model code of its own .*--model\.trust_remote_code true"):
         load_base_model(str(tokenizer_code_folder))
     assert not (tmp_path / MARKER).exists()
+
+
+def test_a_data_modules_checkpoint_never_turns_on_remote_code(tokenizer_code_folder, tmp_path):
+    """MultiTaskDataModule.load_from_checkpoint took `trust_remote_code: true` from the checkpoint's stored
+    hyperparameters, and its `tokenizer` beside it: the tokenizer's load then ran that folder's own code."""
+    checkpoint = tmp_path / "data.ckpt"
+    torch.save({"datamodule_hyper_parameters": {"tokenizer": str(tokenizer_code_folder), "trust_remote_code": True,
+                                                "tasks": ["parity"]},
+                "pytorch-lightning_version": lightning.__version__}, checkpoint)
+    data = MultiTaskDataModule.load_from_checkpoint(checkpoint)
+    assert data.settings.trust_remote_code is False
+    assert data.load_tokenizer() is not None  # the folder's tokenizer class is also a built-in one
+    assert not (tmp_path / MARKER).exists()
+    assert MultiTaskDataModule.load_from_checkpoint(checkpoint, trust_remote_code=True).settings.trust_remote_code

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
-from malora_lightning.checkpoints import read_hparams_file, without_instantiator
+from malora_lightning.checkpoints import passes_trust_remote_code, read_hparams_file, without_instantiator
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -361,12 +361,17 @@ class MultiTaskDataModule(LightningDataModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
-                             hparams_file: str | Path | None = None, **kwargs: Any) -> MultiTaskDataModule:
+                             hparams_file: str | Path | None = None, trust_remote_code: bool = False,
+                             **kwargs: Any) -> MultiTaskDataModule:
         """`LightningDataModule.load_from_checkpoint`, with an `hparams_file` read as data first
-        (`read_hparams_file`) and no class imported by the stored hyperparameters (`without_instantiator`), as
-        `MALoRAModule.load_from_checkpoint` loads."""
-        if hparams_file is not None:
-            read_hparams_file(hparams_file)
+        (`read_hparams_file`), no class imported by the stored hyperparameters (`without_instantiator`), and
+        `trust_remote_code` taken from the caller (default False), never from the file: a stored
+        `trust_remote_code: true` beside a stored `tokenizer` ran that folder's (or hub repo's) tokenizer code in
+        `setup`. As `MALoRAModule.load_from_checkpoint` loads."""
+        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
+        named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+        if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
+            kwargs["trust_remote_code"] = trust_remote_code
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file,
                                             **without_instantiator(kwargs))
 
