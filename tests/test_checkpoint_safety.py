@@ -463,3 +463,43 @@ def test_a_data_modules_checkpoint_never_turns_on_remote_code(tokenizer_code_fol
     assert data.load_tokenizer() is not None  # the folder's tokenizer class is also a built-in one
     assert not (tmp_path / MARKER).exists()
     assert MultiTaskDataModule.load_from_checkpoint(checkpoint, trust_remote_code=True).settings.trust_remote_code
+
+
+def plant_marker(path: str) -> str:
+    """What an unpickled checkpoint calls: any code a file names would run as this does."""
+    Path(path).write_text("ran")
+    return "planted"
+
+
+class RunsOnUnpickling:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return plant_marker, (self.marker,)
+
+
+def test_a_data_modules_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch):
+    """MultiTaskDataModule.load_from_checkpoint left weights_only to Lightning, whose None unpickles an http(s)
+    checkpoint with weights_only=False: a served file ran the code it named."""
+    import functools
+    import http.server
+    import pickle
+    import threading
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # where torch.hub keeps the download
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"datamodule_hyper_parameters": {"tasks": ["parity"], "system_prompt": RunsOnUnpickling(
+        tmp_path / MARKER)}, "pytorch-lightning_version": lightning.__version__}, served / "data.ckpt")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            MultiTaskDataModule.load_from_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/data.ckpt")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / MARKER).exists()

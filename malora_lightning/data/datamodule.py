@@ -361,18 +361,19 @@ class MultiTaskDataModule(LightningDataModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
-                             hparams_file: str | Path | None = None, trust_remote_code: bool = False,
-                             **kwargs: Any) -> MultiTaskDataModule:
-        """`LightningDataModule.load_from_checkpoint`, with an `hparams_file` read as data first
-        (`read_hparams_file`), no class imported by the stored hyperparameters (`without_instantiator`), and
-        `trust_remote_code` taken from the caller (default False), never from the file: a stored
-        `trust_remote_code: true` beside a stored `tokenizer` ran that folder's (or hub repo's) tokenizer code in
-        `setup`. As `MALoRAModule.load_from_checkpoint` loads."""
+                             hparams_file: str | Path | None = None, weights_only: bool = True,
+                             trust_remote_code: bool = False, **kwargs: Any) -> MultiTaskDataModule:
+        """`LightningDataModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True` unless
+        the caller passes False: Lightning's default, None, unpickled an http(s) checkpoint with weights_only=False,
+        running whatever code the file names), an `hparams_file` read as data first (`read_hparams_file`), no class
+        imported by the stored hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the
+        caller (default False), never from the file: a stored `trust_remote_code: true` beside a stored `tokenizer`
+        ran that folder's (or hub repo's) tokenizer code in `setup`. As `MALoRAModule.load_from_checkpoint` loads."""
         from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
             kwargs["trust_remote_code"] = trust_remote_code
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file,
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, weights_only=weights_only,
                                             **without_instantiator(kwargs))
 
     # ------------------------------------------------------------------------------------------------ setup
