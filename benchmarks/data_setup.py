@@ -90,7 +90,9 @@ def measure(shape: str, rows: int, eval_rows: int, tokenizer_path: str) -> dict[
     from malora_lightning.data import MultiTaskDataModule
     from malora_lightning.offline_models import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path))
+    # explicit: left unset, transformers asks on stdin whether to run a folder's own tokenizer code, and a piped 'y'
+    # ran it
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_path), trust_remote_code=False)
     settings = ({"max_length": 512, "sampling": "proportional"} if shape == "commonsense" else
                 {"max_length": 1024, "long_targets": "skip", "max_val_examples_per_task": 1024,
                  "sampling": "uniform"})

@@ -4,6 +4,7 @@ import json
 
 from benchmarks.data_setup import Words, main, write_tasks
 from tests.helpers import tiny_tokenizer
+from tests.test_checkpoint_safety import MARKER, tokenizer_code_folder  # noqa: F401 (a fixture)
 
 
 def test_the_inter_domain_shape_has_one_long_answer_task_and_no_validation_files(tmp_path):
@@ -25,3 +26,12 @@ def test_a_small_commonsense_setup_counts_its_rows_and_tokens(tmp_path):
     # a byte-level tokenizer without merges: each letter and each space is a token, 60-150 words a question
     assert 50 * 120 < result["train_tokens"] < 50 * 330
     assert result["setup_s"] >= 0 and isinstance(result["bytes_per_train_token"], float)
+
+
+def test_a_tokenizers_own_code_never_runs(tokenizer_code_folder, tmp_path, monkeypatch):
+    """The tokenizer was loaded without trust_remote_code: transformers asked on stdin whether to run the folder's own
+    code, and a 'y' there (piped input) ran it."""
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    main(["--shape", "commonsense", "--rows", "10", "--eval-rows", "1", "--tokenizer", str(tokenizer_code_folder),
+          "--no-write"])
+    assert not (tmp_path / MARKER).exists()
