@@ -105,6 +105,10 @@ TRAINING_FIELDS = ("train_A", "train_P", "train_shared_A")
 ComputeDtype = Literal["auto", DtypeName]
 # the file `MALoRAModule.load_from_checkpoint` is loading, for `on_load_checkpoint`'s errors (no trainer names it)
 _LOADED_FILE: contextvars.ContextVar[str | Path | None] = contextvars.ContextVar("loaded_file", default=None)
+# the arguments the caller of `MALoRAModule.load_from_checkpoint` gave by name (None outside it): the others come from
+# the file, which may not choose code (`_refuse_hub_kernel_from_a_file`)
+_CALLER_ARGUMENTS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("caller_arguments",
+                                                                                          default=None)
 # Trainer precisions that convert the whole module (adapters included) to a half dtype
 TRUE_HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 
@@ -246,6 +250,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
                         quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
                         quant_storage=quant_storage, compile_adapters=compile_adapters)
+        _refuse_hub_kernel_from_a_file(attn_implementation)
         self.settings = ModuleSettings(**{field.name: arguments[field.name] for field in fields(ModuleSettings)})
         # hyperparameters: how `load_from_checkpoint` rebuilds this object, i.e. the arguments of its class's own
         # `__init__` (a subclass's, which need not name ours), as plain data that torch.load(weights_only=True) reads
@@ -286,14 +291,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`), no class
         imported by its hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the caller
-        (default False) or the class's own code, never from the file's hyperparameters (`passes_trust_remote_code`)."""
+        (default False) or the class's own code, never from the file's hyperparameters (`passes_trust_remote_code`),
+        and no attention kernel from the Hub unless the caller names it (`_refuse_hub_kernel_from_a_file`)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
         if named is not None:
             check_checkpoint_file(named)
         from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
         if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
             kwargs["trust_remote_code"] = trust_remote_code
-        token = _LOADED_FILE.set(named)
+        token, given = _LOADED_FILE.set(named), _CALLER_ARGUMENTS.set(frozenset(kwargs))
         try:
             with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks it
                 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in "
@@ -302,6 +308,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                                     weights_only=weights_only, **without_instantiator(kwargs))
         finally:
             _LOADED_FILE.reset(token)
+            _CALLER_ARGUMENTS.reset(given)
 
     # ------------------------------------------------------------------ model
     def prepare_data(self) -> None:
@@ -842,6 +849,19 @@ def _as_stored(hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
     which `MALoRAModule.__init__` takes back."""
     return {name: value.to_dict() if isinstance(value, AdapterConfig) else value
             for name, value in hyperparameters.items()}
+
+
+def _refuse_hub_kernel_from_a_file(attn_implementation: str | None) -> None:
+    """Refuse an `attn_implementation` that names a kernel on the Hub ("org/repo", which transformers downloads and
+    runs) when it comes from the hyperparameters `load_from_checkpoint` read (a checkpoint's or an `hparams_file`'s),
+    not from its caller: a file never chooses what code runs, as for `trust_remote_code`."""
+    given = _CALLER_ARGUMENTS.get()
+    if given is None or "attn_implementation" in given or "/" not in str(attn_implementation or ""):
+        return
+    raise ValueError(f"the hyperparameters load_from_checkpoint read name attn_implementation="
+                     f"{attn_implementation!r}, attention code from the Hub that a file does not get to choose: pass "
+                     f"attn_implementation= to load_from_checkpoint ({attn_implementation!r} to run that kernel, or "
+                     "None for transformers' own)")
 
 
 def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: str) -> None:

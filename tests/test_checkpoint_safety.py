@@ -128,6 +128,25 @@ def test_load_from_checkpoint_ignores_a_stored_trust_remote_code(code_folder, tm
     assert not (tmp_path / MARKER).exists()
 
 
+def test_load_from_checkpoint_runs_no_attention_kernel_from_the_hub_that_the_file_names(tiny_model_dir, tmp_path):
+    """transformers 5 downloads and runs an attn_implementation of the form "org/repo": a stored one chose code."""
+    kernel = "kernels-community/planted"
+    trained = MALoRAModule(model_name_or_path=str(tiny_model_dir), quantization=None)
+    trained.configure_model()
+    tensors = {f"model.{key}": value for key, value in adapter_state_dict(trained.model).items()}
+    checkpoint = planted_checkpoint(tmp_path / "planted.ckpt", tensors, model_name_or_path=str(tiny_model_dir),
+                                    attn_implementation=kernel, quantization=None)
+    with pytest.raises(ValueError, match=re.escape(f"name attn_implementation={kernel!r}, attention code from the "
+                                                   "Hub that a file does not get to choose")):
+        MALoRAModule.load_from_checkpoint(checkpoint)
+    hparams = tmp_path / "hparams.yaml"
+    hparams.write_text(f"model_name_or_path: elsewhere\nattn_implementation: {kernel}\n")
+    with pytest.raises(ValueError, match="attention code from the Hub that a file does not get to choose"):
+        MALoRAModule.load_from_checkpoint(planted_checkpoint(tmp_path / "plain.ckpt"), hparams_file=hparams)
+    module = MALoRAModule.load_from_checkpoint(checkpoint, attn_implementation="eager")  # the caller's choice applies
+    assert module.settings.attn_implementation == "eager" and module.model.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize(("text", "named"), [
     ("model_name_or_path: !!python/name:os.system\n", r"is not plain YAML data .*Python tags \(!!python/\.\.\.\) are "
                                                        r"refused"),
