@@ -35,6 +35,12 @@ CHECKPOINT_FORMAT = 2
 SETTINGS_KEY = "malora_lightning_settings"
 
 
+def is_remote(path: str | Path) -> bool:
+    """Whether a checkpoint path is a URL ("s3://", "https://"), which Lightning reads through fsspec: no local file
+    to check."""
+    return "://" in str(path)
+
+
 def check_checkpoint_file(path: str | Path) -> None:
     """Refuse, naming the path, a file that is not a complete `torch.save` archive, or a folder.
 

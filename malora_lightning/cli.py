@@ -25,6 +25,7 @@ from malora_lightning.checkpoints import (
     check_checkpoint_file,
     check_fsdp2_optimizer_layout,
     check_strategy_loadable,
+    is_remote,
     read_checkpoint,
     stored_settings,
 )
@@ -70,7 +71,7 @@ def _is_local_file(ckpt_path: Any) -> bool:
     """Whether a `ckpt_path` names a local file: not a value Lightning resolves itself (`LIGHTNING_CKPT_VALUES`, a
     model registry) and not a remote path (read by Lightning through fsspec)."""
     return bool(ckpt_path) and ckpt_path not in LIGHTNING_CKPT_VALUES and not _is_registry(ckpt_path) \
-        and "://" not in str(ckpt_path)
+        and not is_remote(ckpt_path)
 
 
 def _has_argument(parser: Any, key: str) -> bool:

@@ -64,6 +64,7 @@ from malora_lightning.checkpoints import (
     check_checkpoint_file,
     check_checkpoint_settings,
     computed_otherwise,
+    is_remote,
     passes_trust_remote_code,
     read_hparams_file,
     stored_adapter_settings,
@@ -294,7 +295,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         (default False) or the class's own code, never from the file's hyperparameters (`passes_trust_remote_code`),
         and no attention kernel from the Hub unless the caller names it (`_refuse_hub_kernel_from_a_file`)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
-        if named is not None:
+        if named is not None and not is_remote(named):
             check_checkpoint_file(named)
         from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
         if passes_trust_remote_code(cls, named, from_file, trust_remote_code):

@@ -289,6 +289,8 @@ def test_a_truncated_checkpoint_is_named_by_the_python_api(tiny_model_dir, tmp_p
                                                    ckpt_path=path)
     with pytest.raises(ValueError, match=message):
         MALoRAModule.load_from_checkpoint(path)
+    with pytest.raises(ValueError, match=message):  # torch's error named no file
+        MultiTaskDataModule.load_from_checkpoint(path)
 
 
 def damaged_inside(path: Path, record_suffix: str) -> Path:
@@ -498,9 +500,11 @@ class RunsOnUnpickling:
         return plant_marker, (self.marker,)
 
 
-def test_a_data_modules_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cls", [MultiTaskDataModule, MALoRAModule])
+def test_a_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch, cls):
     """MultiTaskDataModule.load_from_checkpoint left weights_only to Lightning, whose None unpickles an http(s)
-    checkpoint with weights_only=False: a served file ran the code it named."""
+    checkpoint with weights_only=False: a served file ran the code it named. MALoRAModule's refused every URL as a
+    local file that "does not exist"."""
     import functools
     import http.server
     import pickle
@@ -509,15 +513,16 @@ def test_a_data_modules_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # where torch.hub keeps the download
     served = tmp_path / "served"
     served.mkdir()
-    torch.save({"datamodule_hyper_parameters": {"tasks": ["parity"], "system_prompt": RunsOnUnpickling(
-        tmp_path / MARKER)}, "pytorch-lightning_version": lightning.__version__}, served / "data.ckpt")
+    planted = {"tasks": ["parity"], "system_prompt": RunsOnUnpickling(tmp_path / MARKER)}
+    torch.save({"datamodule_hyper_parameters": planted, "hyper_parameters": planted,
+                "pytorch-lightning_version": lightning.__version__}, served / "data.ckpt")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            MultiTaskDataModule.load_from_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/data.ckpt")
+            cls.load_from_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/data.ckpt")
     finally:
         server.shutdown()
         server.server_close()

@@ -22,7 +22,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
-from malora_lightning.checkpoints import passes_trust_remote_code, read_hparams_file, without_instantiator
+from malora_lightning.checkpoints import (
+    check_checkpoint_file,
+    is_remote,
+    passes_trust_remote_code,
+    read_hparams_file,
+    without_instantiator,
+)
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -368,9 +374,12 @@ class MultiTaskDataModule(LightningDataModule):
         running whatever code the file names), an `hparams_file` read as data first (`read_hparams_file`), no class
         imported by the stored hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the
         caller (default False), never from the file: a stored `trust_remote_code: true` beside a stored `tokenizer`
-        ran that folder's (or hub repo's) tokenizer code in `setup`. As `MALoRAModule.load_from_checkpoint` loads."""
-        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
+        ran that folder's (or hub repo's) tokenizer code in `setup`. As `MALoRAModule.load_from_checkpoint` loads,
+        a damaged file is refused by its path (`check_checkpoint_file`; torch's own error names none)."""
         named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+        if named is not None and not is_remote(named):
+            check_checkpoint_file(named)
+        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
         if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
             kwargs["trust_remote_code"] = trust_remote_code
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, weights_only=weights_only,
