@@ -85,9 +85,10 @@ def _has_argument(parser: Any, key: str) -> bool:
 def refuse_foreign_config(path: Path, run_configs: list[Path]) -> None:
     """Raise FileExistsError when `path` exists and is one of the `--config` files the run reads, or does not start
     with the header LightningCLI writes: without a logger the run folder is `default_root_dir` (the current directory
-    unless set), where the user's own recipe may be."""
+    unless set), where the user's own recipe may be. An empty file holds nothing to lose: what a run killed while
+    Lightning wrote its config (with a plain open, not atomically) leaves, which was refused as not ours."""
     line = first_line(path)
-    if line is None:
+    if line is None or path.stat().st_size == 0:
         return
     if any(path.resolve() == config.resolve() for config in run_configs):
         raise FileExistsError(f"{path} is a config file this run reads (--config) and would be replaced by the run's "

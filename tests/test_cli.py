@@ -270,11 +270,14 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
         main(["test", "-c", "recipe.yaml"])
     assert (tmp_path / "config.yaml").read_text() == mine  # both refused before the model loaded
 
-    (tmp_path / "config.yaml").write_text(f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n")  # an earlier run's
-    with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
-        main(["test", "-c", "recipe.yaml"])
-    saved = (tmp_path / "config.yaml").read_text()
-    assert saved.startswith(CONFIG_HEADER) and yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
+    # an earlier run's, and the empty file a run killed while Lightning wrote its config leaves (it was refused)
+    for earlier in (f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n", ""):
+        (tmp_path / "config.yaml").write_text(earlier)
+        with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
+            main(["test", "-c", "recipe.yaml"])
+        saved = (tmp_path / "config.yaml").read_text()
+        assert saved.startswith(CONFIG_HEADER)
+        assert yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
 @pytest.mark.parametrize(("given", "named"), [
