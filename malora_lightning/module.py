@@ -241,16 +241,19 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         # the base as checkpoints and the exported adapter folder record it: usable from any directory
         arguments["model_name_or_path"] = recorded_model_name(model_name_or_path)
         super().__init__()
+        _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
+                        router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
+                        warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
+                        quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
+                        quant_storage=quant_storage, compile_adapters=compile_adapters, adapter=adapter,
+                        adapter_path=adapter_path, attn_implementation=attn_implementation,
+                        gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+                        export_adapters=export_adapters)
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
         if adapter_path is not None:
             self.adapter_config = self._adapter_folder_config(adapter_path, model_name_or_path)
-        _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
-                        router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
-                        warmup_ratio=warmup_ratio, lr_schedule=lr_schedule, max_new_tokens=max_new_tokens,
-                        quantization=quantization, compute_dtype=compute_dtype, dtype=dtype,
-                        quant_storage=quant_storage, compile_adapters=compile_adapters)
         _refuse_hub_kernel_from_a_file(attn_implementation)
         self.settings = ModuleSettings(**{field.name: arguments[field.name] for field in fields(ModuleSettings)})
         # hyperparameters: how `load_from_checkpoint` rebuilds this object, i.e. the arguments of its class's own
@@ -887,10 +890,14 @@ def _check_loadable_hyperparameters(hyperparameters: Mapping[str, Any], kind: st
 def _check_settings(learning_rate: float, weight_decay: float, router_learning_rate: float | None,
                     router_weight_decay: float | None, warmup_ratio: float, lr_schedule: str,
                     max_new_tokens: int | None, quantization: str | None, compute_dtype: str, dtype: str | None,
-                    quant_storage: str | None, compile_adapters: bool | str) -> None:
+                    quant_storage: str | None, compile_adapters: bool | str, adapter: Any, adapter_path: Any,
+                    attn_implementation: Any, gradient_checkpointing: Any, trust_remote_code: Any,
+                    export_adapters: Any) -> None:
     """Refuse, by name, the settings that would otherwise fail steps later, as a non-finite loss or a generation
     error, or silently train otherwise (an unknown lr_schedule ran as cosine; the CLI checks it, Python did not), or
-    fail only once the model loads inside the fit (the base-loading settings, which the CLI checks by their types)."""
+    fail only once the model loads inside the fit (the base-loading settings, which the CLI checks by their types).
+    A switch must be a bool: "false" and None were truthy or passed on, and trust_remote_code="false" (or None, which
+    transformers answers from stdin) ran a folder's own code."""
     def options(literal: Any) -> str:
         return ", ".join(repr(option) for option in get_args(literal))
 
@@ -920,6 +927,18 @@ def _check_settings(learning_rate: float, weight_decay: float, router_learning_r
         # a mode name `compile_adapters` refused only in build_model, after the base had loaded; 1 and "" passed on
         ("compile_adapters", compile_adapters, isinstance(compile_adapters, bool) or compile_adapters in COMPILE_MODES,
          f"True, False or one of {', '.join(map(repr, COMPILE_MODES))}"),
+        # AdapterConfig's to_dict failed on anything else, naming nothing
+        ("adapter", adapter, adapter is None or isinstance(adapter, (AdapterConfig, dict)),
+         "an AdapterConfig, a dict of its fields, or None (the paper's MALoRA setting)"),
+        ("adapter_path", adapter_path, adapter_path is None or isinstance(adapter_path, (str, Path)) and adapter_path,
+         "None or an adapter folder's path"),
+        # transformers refused other types with an AttributeError, after the fit had started
+        ("attn_implementation", attn_implementation,
+         attn_implementation is None or isinstance(attn_implementation, str) and attn_implementation,
+         "None (transformers chooses) or a kernel name such as 'sdpa' or 'eager'"),
+        *((name, value, isinstance(value, bool), "True or False")
+          for name, value in (("gradient_checkpointing", gradient_checkpointing),
+                              ("trust_remote_code", trust_remote_code), ("export_adapters", export_adapters))),
     ]
     for name, value, ok, allowed in checks:
         if not ok:

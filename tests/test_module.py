@@ -166,6 +166,16 @@ def test_a_training_loader_without_a_length_is_not_taken_for_a_one_step_run(tiny
     ({"compile_adapters": "max_autotune"}, "compile_adapters='max_autotune' is invalid: expected True, False or one "
                                            "of 'default', 'reduce-overhead', 'max-autotune', "),
     ({"compile_adapters": 1}, "compile_adapters=1 is invalid"),
+    # were truthy: trust_remote_code 'false' (or None, which transformers answers from stdin) ran a folder's code
+    ({"trust_remote_code": "false"}, "trust_remote_code='false' is invalid: expected True or False"),
+    ({"trust_remote_code": None}, "trust_remote_code=None is invalid"),
+    ({"gradient_checkpointing": "false"}, "gradient_checkpointing='false' is invalid: expected True or False"),
+    ({"export_adapters": 0}, "export_adapters=0 is invalid"),
+    # AttributeErrors naming nothing: 'to_dict' at construction, transformers' 'startswith' inside the fit
+    ({"adapter": "malora"}, "adapter='malora' is invalid: expected an AdapterConfig, a dict of its fields, or None"),
+    ({"attn_implementation": True}, "attn_implementation=True is invalid: expected None .* or a kernel name"),
+    ({"attn_implementation": ""}, "attn_implementation='' is invalid"),
+    ({"adapter_path": 3}, "adapter_path=3 is invalid: expected None or an adapter folder's path"),  # a TypeError
     # a quantized base's settings that an unquantized one ignored: it loaded and computed in float32
     ({"quantization": None, "compute_dtype": "bfloat16"},
      "compute_dtype='bfloat16' applies to a quantized base .* set dtype or trainer.precision"),
