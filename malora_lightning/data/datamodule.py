@@ -250,9 +250,20 @@ class MultiTaskDataModule(LightningDataModule):
                                       ("max_train_examples_per_task", max_train_examples_per_task, True),
                                       ("max_eval_examples_per_task", max_eval_examples_per_task, True),
                                       ("max_val_examples_per_task", max_val_examples_per_task, True),
-                                      ("cap", cap, True), ("num_workers", num_workers, False)):
+                                      ("cap", cap, True), ("num_workers", num_workers, False),
+                                      # any other value was taken: True, "1" and 2.5 each seeded other data and orders
+                                      ("seed", seed, False), ("data_seed", data_seed, False)):
             # a sequence holds at least one prompt token and one target token
-            _check_count(name, value, optional, minimum={"num_workers": 0, "max_length": 2}.get(name, 1))
+            _check_count(name, value, optional,
+                         minimum={"num_workers": 0, "max_length": 2, "seed": 0, "data_seed": 0}.get(name, 1))
+        # switches: "false" was truthy, and trust_remote_code "false" (or None, which transformers answers from stdin)
+        # ran the tokenizer folder's own code
+        if use_chat_template is not None and not isinstance(use_chat_template, bool):
+            raise ValueError(f"MultiTaskDataModule use_chat_template={use_chat_template!r} is invalid: expected True, "
+                             "False or None (whenever the tokenizer has a chat template)")
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"MultiTaskDataModule trust_remote_code={trust_remote_code!r} is invalid: expected True "
+                             "or False")
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
         for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):
             if not is_finite_number(value) or value <= 0:
@@ -947,6 +958,10 @@ def rebase_restored_batches(trainer: Trainer, sampler: TaskBalancedSampler, batc
 
 def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:
     """The named tasks, looked up among the inline specs first, then the registry."""
+    for setting, named in (("tasks", tasks), ("eval_tasks", eval_tasks)):
+        if isinstance(named, str):  # its letters were looked up as task names: "unknown task 'p'"
+            raise ValueError(f"MultiTaskDataModule {setting}={named!r} is invalid: expected a list of task names "
+                             f"([{named!r}])")
     if not tasks:
         raise ValueError("MultiTaskDataModule needs at least one training task")
     inline, numbers = {}, {}

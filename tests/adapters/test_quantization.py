@@ -75,6 +75,9 @@ def test_bad_quantization_mode_and_missing_model_are_explained(tmp_path):
         load_base_model("anything", quantization="nf8")
     with pytest.raises(ValueError, match="compute_dtype='float8' is invalid"):
         load_base_model("anything", quantization="nf4", compute_dtype="float8")
+    for value in ("false", None):  # transformers ran a folder's own code for "false", and asked stdin for None
+        with pytest.raises(ValueError, match=f"trust_remote_code={value!r} is invalid: expected True or False"):
+            load_base_model("anything", trust_remote_code=value)
     with pytest.raises(OSError, match="could not load model .*no-such-model"):
         load_base_model(str(tmp_path / "no-such-model"))
 

@@ -250,6 +250,17 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     ({"temperature": float("nan")}, r"temperature=nan is invalid: expected a finite number > 0"),
     ({"unimax_max_epochs": 0}, r"unimax_max_epochs=0 is invalid"),
     ({"tasks": []}, "at least one training task"),
+    ({"tasks": "parity"}, r"tasks='parity' is invalid: expected a list of task names \(\['parity'\]\)"),  # 'p'
+    ({"eval_tasks": "gsm8k"}, r"eval_tasks='gsm8k' is invalid: expected a list of task names"),
+    # were taken as they came, each a seed of other data or another training order than the integer's
+    ({"seed": True}, r"seed=True is invalid: expected an integer >= 0"),
+    ({"seed": 2.5}, r"seed=2.5 is invalid"),
+    ({"data_seed": "1"}, r"data_seed='1' is invalid: expected an integer >= 0"),
+    ({"data_seed": None}, r"data_seed=None is invalid"),
+    # were truthy: trust_remote_code 'false' (or None, which transformers answers from stdin) ran a folder's code
+    ({"trust_remote_code": "false"}, r"trust_remote_code='false' is invalid: expected True or False"),
+    ({"trust_remote_code": None}, r"trust_remote_code=None is invalid"),
+    ({"use_chat_template": "false"}, r"use_chat_template='false' is invalid: expected True, False or None"),
 ])
 def test_bad_arguments_are_rejected_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
