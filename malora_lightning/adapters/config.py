@@ -147,10 +147,12 @@ class AdapterConfig:
                 except re.error as error:
                     raise ValueError(f"AdapterConfig.{name}={pattern!r} is invalid: a string is a regular expression "
                                      f"and this one does not compile ({error}); a list names modules") from None
+        # an empty list selects no module: inject_adapters refused it only once the base model had loaded
         _check(self.layers_to_transform is None
-               or isinstance(self.layers_to_transform, list)
+               or isinstance(self.layers_to_transform, list) and len(self.layers_to_transform) > 0
                and all(is_int(i) and i >= 0 for i in self.layers_to_transform),
-               "layers_to_transform", self.layers_to_transform, "None or a list of layer indices >= 0")
+               "layers_to_transform", self.layers_to_transform,
+               "None (every layer) or a non-empty list of layer indices >= 0")
         if self.is_routed:
             _check(is_int(self.num_experts) and self.num_experts >= 1, "num_experts", self.num_experts,
                    "an integer >= 1")

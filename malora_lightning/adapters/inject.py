@@ -155,6 +155,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, *, keep_routing: Co
     is adapted only when named in ``keep_routing`` (`load_adapters`, for a folder whose adapters include one: PEFT's
     "all-linear", and ours before they were left out, adapt Qwen2-MoE's shared_expert_gate).
     """
+    config.validate()  # a dataclass field set after construction (`config.rank = 0`) failed inside a layer
     existing = adapter_layers(model)
     if existing:
         raise ValueError(f"the model already has {len(existing)} {_adapter_method(existing)} adapter layers (e.g. "

@@ -62,6 +62,7 @@ def test_json_round_trip(tmp_path):
         ({"train_shared_A": None}, "train_shared_A", "True or False"),
         ({"reuse_first_kaiming": "false"}, "reuse_first_kaiming", "True or False"),
         ({"layers_to_transform": "0,1"}, "layers_to_transform", "list of layer indices"),
+        ({"layers_to_transform": []}, "layers_to_transform", "None (every layer) or a non-empty list"),  # at inject
     ],
 )
 def test_invalid_values_name_the_field_value_and_range(kwargs, field, hint):

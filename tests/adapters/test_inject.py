@@ -106,6 +106,16 @@ def test_layer_indices_that_name_no_layer_are_named():
     assert list(adapter_layers(model)) == ["model.layers.1.self_attn.q_proj"]
 
 
+def test_a_field_set_after_construction_is_checked_before_the_model_changes():
+    """AdapterConfig checks its fields when built; one set later went unchecked: rank 0 was a ZeroDivisionError
+    ('float division by zero') in the first layer's scaling, after every base parameter had been frozen."""
+    model, config = tiny_model("llama"), AdapterConfig()
+    config.rank = 0
+    with pytest.raises(ValueError, match=r"AdapterConfig.rank=0 is invalid: expected an integer >= 1"):
+        inject_adapters(model, config)
+    assert not adapter_layers(model) and all(param.requires_grad for param in model.parameters())
+
+
 def test_injecting_twice_raises():
     model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
     with pytest.raises(ValueError, match="already has 12 lora adapter layers"):
