@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from malora_lightning.values import is_finite_number
+from malora_lightning.values import is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,15 @@ def mixing_weights(
     if strategy == "proportional":
         raw = [float(size) for size in sizes]
     elif strategy == "capped":
-        if cap is None or cap < 1:
-            raise ValueError(f"strategy 'capped' needs cap >= 1 (got {cap})")
+        if not is_int(cap) or cap < 1:  # True was a cap of 1 (every task alike), NaN no cap at all
+            raise ValueError(f"strategy 'capped' needs cap, an integer >= 1 (got {cap!r})")
         raw = [float(min(size, cap)) for size in sizes]
     elif strategy == "temperature":
-        if temperature is None or math.isnan(temperature) or temperature <= 0:
-            raise ValueError(f"strategy 'temperature' needs temperature > 0 (got {temperature})")
-        if cap is not None and cap < 1:
-            raise ValueError(f"cap must be >= 1 or None (got {cap})")
+        if not is_finite_number(temperature) or temperature <= 0:  # True was T = 1
+            raise ValueError(f"strategy 'temperature' needs temperature > 0 (got {temperature!r}), a finite number "
+                             "(the limit T -> inf is strategy 'uniform')")
+        if cap is not None and (not is_int(cap) or cap < 1):
+            raise ValueError(f"cap must be an integer >= 1 or None (got {cap!r})")
         limit = cap if cap is not None else max(sizes)
         # in log space: min(n, K) ** (1 / T) overflows a float for small T (1000 ** 100)
         logs = [math.log(min(size, limit)) for size in sizes]
@@ -97,11 +98,11 @@ def unimax_epoch_length(sizes: Sequence[int], budget: int | None = None, max_epo
 def _unimax_allocation(sizes: Sequence[int], budget: int | None, max_epochs: float) -> list[float]:
     """UniMax's Algorithm 1: smallest task first, each takes its uniform share of what is left, capped by its epochs
     (in whole examples, so that no task exceeds its passes once draws are counted)."""
+    if budget is not None and (not is_int(budget) or budget < 1):  # NaN gave NaN probabilities, True a budget of 1
+        raise ValueError(f"unimax budget must be an integer >= 1 or None (got {budget!r})")
     budget = budget if budget is not None else sum(sizes)
-    if budget < 1:
-        raise ValueError(f"unimax budget must be >= 1 (got {budget})")
-    if max_epochs <= 0:
-        raise ValueError(f"unimax max_epochs must be > 0 (got {max_epochs})")
+    if not is_finite_number(max_epochs) or max_epochs <= 0:  # inf was an OverflowError naming nothing
+        raise ValueError(f"unimax max_epochs must be a finite number > 0 (got {max_epochs!r})")
     allocation = [0.0] * len(sizes)
     remaining = float(budget)
     order = sorted(range(len(sizes)), key=lambda position: sizes[position])
@@ -244,9 +245,12 @@ class TaskBalancedSampler(ProcessGroupSampler):
         check_weights(dict(enumerate(weights)))  # a negative or non-finite weight would corrupt the epoch counts
         self.sizes = [int(size) for size in sizes]
         self.weights = [float(weight) for weight in weights]
-        self.epoch_length = int(num_samples) if num_samples is not None else sum(self.sizes)
-        if self.epoch_length < 1:
-            raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+        # int() took True as 1, "3" as 3 and cut 2.5 to 2
+        if num_samples is not None and (not is_int(num_samples) or num_samples < 1):
+            raise ValueError(f"num_samples must be an integer >= 1 or None (got {num_samples!r})")
+        if not is_int(seed):  # the order is hashed from its repr: True and "1" gave other orders than 1
+            raise ValueError(f"seed must be an integer (got {seed!r})")
+        self.epoch_length = num_samples if num_samples is not None else sum(self.sizes)
         super().__init__(self.epoch_length, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
                          drop_last=drop_last)
         self._stream_starts_at: tuple[int, list[int]] = (0, [0] * len(self.sizes))  # see `_stream_starts`

@@ -284,6 +284,14 @@ def test_zero_weight_tasks_are_never_drawn():
     ([10, 5], "weights", {"weights": [1.0, -1.0]}, r"weights\[1\]=-1.0 is invalid: expected a finite number >= 0"),
     ([10, 5], "weights", {"weights": [0.0, 0]}, "at least one task needs a weight > 0"),
     ([10], "balanced", {}, "valid: proportional, capped, temperature, uniform, unimax, weights"),
+    # taken as they came: True as a cap of 1 or T = 1, a NaN cap as none, a NaN budget gave NaN probabilities
+    ([10, 5], "capped", {"cap": True}, r"needs cap, an integer >= 1 \(got True\)"),
+    ([10, 5], "capped", {"cap": float("nan")}, r"needs cap, an integer >= 1 \(got nan\)"),
+    ([10, 5], "temperature", {"temperature": True}, r"temperature > 0 \(got True\), a finite number"),
+    ([10, 5], "temperature", {"temperature": 2.0, "cap": 2.5}, r"cap must be an integer >= 1 or None \(got 2.5\)"),
+    ([10, 5], "unimax", {"budget": float("nan")}, r"budget must be an integer >= 1 or None \(got nan\)"),
+    ([10, 5], "unimax", {"max_epochs": float("inf")}, r"max_epochs must be a finite number > 0 \(got inf\)"),  # Overflow
+    ([10, 5], "unimax", {"max_epochs": "1"}, r"max_epochs must be a finite number > 0 \(got '1'\)"),  # TypeError
 ])
 def test_bad_mixing_arguments_say_what_is_wrong(sizes, strategy, options, message):
     with pytest.raises(ValueError, match=message):
@@ -359,3 +367,15 @@ def test_a_training_sampler_made_before_the_process_group_shards_and_checkpoints
 def test_sampler_refuses_weights_that_are_not_valid_mixing_weights(weights, message):
     with pytest.raises(ValueError, match=message):
         TaskBalancedSampler([5, 5], weights, seed=0)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"num_samples": True}, r"num_samples must be an integer >= 1 or None \(got True\)"),  # int() made these 1, 3, 2
+    ({"num_samples": "3"}, r"num_samples must be an integer >= 1 or None \(got '3'\)"),
+    ({"num_samples": 2.5}, r"num_samples must be an integer >= 1 or None \(got 2.5\)"),
+    ({"seed": True}, r"seed must be an integer \(got True\)"),  # hashed by its repr: another order than seed 1
+    ({"seed": "1"}, r"seed must be an integer \(got '1'\)"),
+])
+def test_sampler_refuses_a_draw_count_or_seed_that_is_not_an_integer(options, message):
+    with pytest.raises(ValueError, match=message):
+        TaskBalancedSampler([5, 5], [0.5, 0.5], **({"seed": 0} | options))
