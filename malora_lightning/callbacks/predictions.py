@@ -103,6 +103,10 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, path: str | None = None) -> None:
         super().__init__(write_interval="batch")
+        # "" named the working directory (refused as a path that 'already exists'), a number failed in Path()
+        if path is not None and not (isinstance(path, (str, Path)) and path != ""):
+            raise ValueError(f"PredictionWriter path={path!r} is invalid: expected None (predictions.jsonl in the run "
+                             "folder) or the path of a file to write")
         self.path = path
         self._answered: list[_Answered] = []
         self._output: Path | None = None

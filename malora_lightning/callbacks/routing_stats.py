@@ -288,6 +288,8 @@ class RoutingStats(RunFileWriter):
         if not (is_int(report_layers) and report_layers >= 1):  # a slice bound: -1 listed all layers but one
             raise ValueError(f"report_layers={report_layers!r} is invalid: expected how many layers the run report "
                              "lists, an integer >= 1")
+        if not isinstance(plots, bool):  # "false" was truthy: the heatmaps were drawn
+            raise ValueError(f"plots={plots!r} is invalid: expected True or False")
         self.dead_threshold = float(dead_threshold)
         self.plots = plots
         self.report_layers = report_layers

@@ -181,6 +181,8 @@ class SeesawTracker(RunFileWriter):
         self.baseline_file = baseline_scores
         self.baseline = load_baseline_scores(baseline_scores) if baseline_scores is not None else None
         check_file_name(filename, "SeesawTracker filename")
+        if not isinstance(plots, bool):  # "false" was truthy: the curves were drawn
+            raise ValueError(f"plots={plots!r} is invalid: expected True or False")
         self.filename = filename
         self.plots = plots
         self.points: dict[str, list[SeesawPoint]] = {}

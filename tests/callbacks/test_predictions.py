@@ -18,6 +18,7 @@ from malora_lightning.module import MALoRAModule
 from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
+
 NO_DROPOUT = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0)
 
 
@@ -217,3 +218,10 @@ def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp
     assert Counter(row["task"] for row in rows) == {name: 3 for name in TASKS}
     assert len({(row["task"], row["prompt"]) for row in rows}) == len({(row["task"], row["row"]) for row in rows}) == 9
     assert rows == read_rows(tmp_path / "one" / PREDICTIONS_NAME)
+
+
+@pytest.mark.parametrize("path", ["", 3, True])
+def test_a_path_that_names_no_file_is_refused_when_built(path):
+    """"" named the working directory, refused at predict as a path that 'already exists'; 3 failed in Path()."""
+    with pytest.raises(ValueError, match=f"PredictionWriter path={path!r} is invalid: expected None"):
+        PredictionWriter(path=path)

@@ -138,7 +138,8 @@ def test_dead_threshold_is_a_fraction_of_the_even_share():
 
 @pytest.mark.parametrize("setting, value", [("dead_threshold", -0.1), ("dead_threshold", True),
                                             ("dead_threshold", float("nan")), ("report_layers", 0),
-                                            ("report_layers", -1), ("report_layers", 2.5), ("report_layers", True)])
+                                            ("report_layers", -1), ("report_layers", 2.5), ("report_layers", True),
+                                            ("plots", "false")])  # was truthy: the heatmaps were drawn
 def test_bad_settings_are_refused_by_name(setting, value):
     """report_layers slices the sorted layers: -1 listed every layer but one and 0 an empty table."""
     with pytest.raises(ValueError, match=f"{setting}={value!r} is invalid"):

@@ -130,6 +130,13 @@ def test_tolerance_must_be_an_accuracy_change(tolerance):
         SeesawTracker(tolerance=tolerance)
 
 
+@pytest.mark.parametrize("plots", ["false", 0, None])
+def test_plots_must_be_a_bool(plots):
+    """'false' was truthy: the curves were drawn."""
+    with pytest.raises(ValueError, match=f"plots={plots!r} is invalid: expected True or False"):
+        SeesawTracker(plots=plots)
+
+
 def test_without_per_task_metrics_the_tracker_says_what_to_switch_for_the_cli_and_for_a_trainer():
     """It told CLI users to add PerTaskMetrics to the trainer's callbacks after `--per_task_metrics null`."""
     from types import SimpleNamespace
