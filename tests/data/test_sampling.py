@@ -247,6 +247,7 @@ def test_restore_with_another_world_size_continues_the_global_sequence():
 @pytest.mark.parametrize(("sizes", "epoch_length", "warned"), [
     ([5, 3, 3], 6, True),  # shares 2.73 / 1.64 / 1.64: the earlier fixed rounding drew another order
     ([1000, 2000], None, False),  # proportional, shares 1000 and 2000 up to float error: the same counts either way
+    ([3, 5, 7], None, False),  # shares 2.9999999999999996 / 5.000000000000001 / 7.0: whole, just below and above
 ])
 def test_a_state_saved_with_the_earlier_rounding_says_the_order_changes_where_it_does(sizes, epoch_length, warned,
                                                                                         caplog):
