@@ -9,6 +9,7 @@ from tokenizers.processors import TemplateProcessing
 
 from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
 from malora_lightning.data.batches import TrainingBatch
+from malora_lightning.data.collate import TruncationStats
 from malora_lightning.data.prompts import PredictPrompt
 
 PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 3, 4
@@ -345,3 +346,32 @@ def test_choice_rows_are_cut_like_the_training_prompt_when_the_gold_choice_is_lo
     assert encoded.choice_labels == ([IGNORE_INDEX] * 11 + ids(tokenizer, " yes"),
                                      [IGNORE_INDEX] * 11 + ids(tokenizer, " no"))
     assert stats.tokens_dropped == 7
+
+
+def test_a_predict_prompt_given_more_answer_room_than_fits_keeps_the_format_and_one_token_of_its_text(tokenizer):
+    """`most` leaves the format's tokens and one prompt token: a task's generation length as long as max_length (or
+    longer) cuts the prompt to that one token, and never stops the run as a target too long would."""
+    (prompt,), stats = PromptEncoder(tokenizer, 16).encode_prompts([PredictPrompt(prompt="abcdefghij", row=0)],
+                                                                   task_id=0, answer_room=100)
+    # 16 - "\nAnswer:" (8) - one prompt token leaves 7 tokens to generate; "abcdefghi" (9 tokens) are dropped
+    assert prompt.input_ids == ids(tokenizer, "j\nAnswer:")
+    assert (stats.examples, stats.truncated, stats.tokens_dropped) == (1, 1, 9)
+
+
+def test_a_cut_that_only_the_choice_rows_need_is_counted(tokenizer):
+    """The training row fits whole; the longest choice leaves room for 2 of the prompt's 10 text tokens."""
+    example = Example(prompt="abcdefghij", target="yes", choices=("yes", "a much longer"), gold=0, row=0)
+    _, (encoded,), stats = encode(tokenizer, [example], max_length=24, eval_fields=True)
+    assert encoded.input_ids == ids(tokenizer, "abcdefghij\nAnswer: yes") + [EOS]  # 23 tokens: not cut
+    # 24 - len(" a much longer") (14) leaves 10: the format's "\nAnswer:" (8) and "ij"
+    assert encoded.choice_input_ids == (ids(tokenizer, "ij\nAnswer: yes"), ids(tokenizer, "ij\nAnswer: a much longer"))
+    assert (stats.examples, stats.truncated, stats.tokens_dropped) == (1, 1, 8)
+
+
+def test_truncation_stats_add_counts_and_keeps_the_longest_skipped_target():
+    """A split is encoded in chunks (ENCODE_CHUNK examples), whose stats are added up."""
+    total = TruncationStats(examples=3, truncated=1, tokens_dropped=5, skipped=1, longest_skipped=40)
+    total.add(TruncationStats(examples=2, truncated=2, tokens_dropped=7, skipped=1, longest_skipped=30))
+    assert total == TruncationStats(examples=5, truncated=3, tokens_dropped=12, skipped=2, longest_skipped=40)
+    total.add(TruncationStats(examples=1, skipped=1, longest_skipped=50))
+    assert (total.skipped, total.longest_skipped) == (3, 50)
