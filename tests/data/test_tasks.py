@@ -137,6 +137,7 @@ def test_first_line_exact_match(prediction, target, expected):
     ("It takes 10-12 minutes", "12"),  # a hyphen, not a minus: this read -12
     ("so x = -3", "-3"),
     ("so each gets 3/4", "3/4"),  # a fraction is one answer: this read 4
+    ("At first the answer is 5, I thought.\nRechecking, the answer is: 7", "7"),  # the last marker's answer
 ])
 def test_final_answer_extraction(text, answer):
     assert final_answer(text) == answer
