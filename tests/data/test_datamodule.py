@@ -389,6 +389,22 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+@pytest.mark.parametrize(("count", "held"), [(1, None), (2, 1), (4, 1), (40, 4)])
+def test_a_small_task_without_a_validation_split_holds_out_at_least_one_row(tmp_path, count, held):
+    """10 % of 2 to 4 rows rounds to 0: at least one row is held out, so the task is still validated; a task of one
+    row trains on it and is not validated."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"q": f"{i}+1", "a": str(i + 1)}) + "\n"
+                                                  for i in range(count)))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["mine"], task_specs=[spec], max_train_examples_per_task=None)
+    split = data.held_out(data.tasks[0])
+    if held is None:
+        assert split is None
+        return
+    assert (len(split.validation_rows), len(split.train_rows)) == (held, count - held)
+    assert sorted(split.validation_rows + split.train_rows) == list(range(count))
+
+
 def trained_prompt_warnings(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records
             if "evaluated examples have the prompt of a training example" in record.getMessage()]
