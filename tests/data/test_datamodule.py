@@ -389,6 +389,19 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+def test_a_trained_prompt_is_named_by_its_first_train_row(tmp_path, caplog):
+    """Train rows 1 and 3 share a prompt: the warning names the first of them."""
+    train = [{"q": "0+1", "a": "1"}, {"q": "5+5", "a": "10"}, {"q": "2+1", "a": "3"}, {"q": "5+5", "a": "ten"}]
+    for split, rows in (("train", train), ("validation", [{"q": "5+5", "a": "10"}])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation")},
+            "prompt": "{q}", "target": "{a}"}
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        make(tasks=["mine"], task_specs=[spec], max_train_examples_per_task=None).setup("fit")
+    (message,) = trained_prompt_warnings(caplog)
+    assert "(validation row 0 = train row 1)" in message
+
+
 @pytest.mark.parametrize(("count", "held"), [(1, None), (2, 1), (4, 1), (40, 4)])
 def test_a_small_task_without_a_validation_split_holds_out_at_least_one_row(tmp_path, count, held):
     """10 % of 2 to 4 rows rounds to 0: at least one row is held out, so the task is still validated; a task of one
