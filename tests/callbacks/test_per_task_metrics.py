@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from malora_lightning.callbacks import PerTaskMetrics, RunReport, SeesawTracker
+from malora_lightning.callbacks.per_task_metrics import Evaluation, TaskScore
 from malora_lightning.data.batches import EvaluationOutput
 
 # Per-example loss and correctness of every evaluation example, by task; "lm" has no accuracy (no `correct`).
@@ -182,3 +183,32 @@ def test_empty_meters_are_left_out_without_a_warning(tmp_path):
     assert list(metrics.evaluations("test")[0].tasks) == ["alpha"]
     assert metrics.evaluations("test")[0].tasks["alpha"].loss == pytest.approx(sum(LOSSES["alpha"]) / 8)
     assert list(metrics.evaluations("val")[0].tasks) == ["alpha", "beta", "lm"]
+
+
+def test_a_listener_added_again_is_called_once_per_evaluation(tmp_path):
+    """Every stage's setup adds the tracker's listener again (fit, then test): it must not run twice."""
+    metrics, calls = PerTaskMetrics(), []
+
+    def listener(trainer, pl_module, evaluation):
+        calls.append(evaluation.stage)
+
+    metrics.add_listener(listener)
+    metrics.add_listener(listener)
+    trainer_for(tmp_path, callbacks=[metrics]).validate(HandBuiltPredictions())
+    assert calls == ["val"]
+
+
+def test_resuming_a_fit_takes_the_checkpoints_history_over_this_processs(tmp_path):
+    """Only validate/test of a checkpoint (a checkpoint step is known) keep a history of their own process."""
+    saved = PerTaskMetrics()
+    saved.history = [Evaluation(stage="val", step=4, sanity_check=False,
+                                tasks={"alpha": TaskScore(loss=1.0, accuracy=0.5, count=8)})]
+    resumed = PerTaskMetrics()
+    resumed.history = [Evaluation(stage="val", step=9, sanity_check=False)]  # an earlier fit in this process
+    resumed.load_state_dict(saved.state_dict())  # a fit: no checkpoint step recorded (`WeightsStep.loaded`)
+    assert resumed.history == saved.history
+    evaluated = PerTaskMetrics()
+    evaluated.history = [Evaluation(stage="val", step=9, sanity_check=False)]
+    evaluated._weights.checkpoint_step = 4  # validate/test(ckpt_path=...) after a fit
+    evaluated.load_state_dict(saved.state_dict())
+    assert [evaluation.step for evaluation in evaluated.history] == [9]
