@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from malora_lightning.callbacks import Evaluation, SeesawTracker, TaskScore, load_baseline_scores
-from malora_lightning.callbacks.seesaw import seesaw_index, track
+from malora_lightning.callbacks.seesaw import direction, seesaw_index, track
 
 
 def evaluation(step: int, accuracies: dict[str, float | None], sanity: bool = False) -> Evaluation:
@@ -63,6 +63,48 @@ def test_a_move_of_exactly_the_tolerance_never_counts_whatever_the_float32_round
     for k in range(100 - items):  # one item more is more than the tolerance
         assert seesaw_index({"up": accuracy[k + items + 1] - accuracy[k],
                              "down": accuracy[k] - accuracy[k + items + 1]}, tolerance) == 1.0, k
+
+
+@pytest.mark.parametrize("tolerance", [0.01, 0.04])
+def test_a_rise_or_a_fall_of_exactly_the_tolerance_is_no_move_on_its_own(tolerance):
+    """The pair test above needs both tasks to move: a margin dropped on one side only left it passing."""
+    items = round(100 * tolerance)
+    accuracy = [float(torch.tensor([1.0] * k + [0.0] * (100 - k)).mean()) for k in range(101)]
+    for k in range(101 - items):
+        assert direction(accuracy[k + items] - accuracy[k], tolerance) == 0, k
+        assert direction(accuracy[k] - accuracy[k + items], tolerance) == 0, k
+    for k in range(100 - items):
+        assert direction(accuracy[k + items + 1] - accuracy[k], tolerance) == 1, k
+        assert direction(accuracy[k] - accuracy[k + items + 1], tolerance) == -1, k
+
+
+def test_a_task_missing_from_an_evaluation_moves_from_its_last_score():
+    """The change of a task is against its previous evaluation, also when the one before had no score of it."""
+    first, second, third = track([evaluation(0, {"a": 0.5, "b": 0.5}), evaluation(10, {"a": 0.6}),
+                                  evaluation(20, {"a": 0.6, "b": 0.3})], tolerance=0.01)
+    assert "b" not in second.tasks
+    assert third.tasks["b"].change == pytest.approx(-0.2) and third.tasks["a"].change == pytest.approx(0.0)
+    assert (third.improved, third.degraded) == ([], ["b"])
+
+
+def test_a_task_at_its_baseline_is_no_negative_transfer():
+    (point,) = track([evaluation(10, {"a": 0.5, "b": 0.4})], tolerance=0.01, baseline={"a": 0.5, "b": 0.5})
+    assert point.tasks["a"].relative_gain == 0.0
+    assert point.negative_transfer == 1  # b alone: 0.4 against 0.5
+
+
+def test_the_report_shows_a_validate_or_test_evaluation_only_against_a_baseline(tmp_path):
+    """RunReport already lists those scores: without a baseline the tracker adds nothing for them."""
+    no_trainer_callbacks = type("Trainer", (), {"callbacks": []})()
+    plain = SeesawTracker(plots=False)
+    plain.points["test"] = track([evaluation(10, {"a": 0.6})], tolerance=0.01)
+    assert plain.report_sections(no_trainer_callbacks) == []
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"a": 0.5}))
+    compared = SeesawTracker(baseline_scores=str(path), plots=False)
+    compared.points["test"] = track([evaluation(10, {"a": 0.6})], tolerance=0.01, baseline={"a": 0.5})
+    (section,) = compared.report_sections(no_trainer_callbacks)
+    assert section.startswith("## Transfer (test)") and "| a | 60.0 | 50.0 | +20.0 |" in section
 
 
 def test_relative_gain_negative_transfer_and_delta_mtl():
