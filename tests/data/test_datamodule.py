@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+import warnings
 from collections import Counter
 
 import pytest
@@ -160,6 +161,11 @@ def test_a_max_length_beyond_the_tokenizers_model_max_length_is_named():
     tokenizer = tiny_tokenizer()
     tokenizer.model_max_length = 48
     with pytest.warns(UserWarning, match=r"max_length=64 exceeds the tokenizer's model_max_length=48"):
+        make(tokenizer).setup("fit")
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 64  # as long as max_length: every position was trained
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*model_max_length")
         make(tokenizer).setup("fit")
 
 
