@@ -211,6 +211,7 @@ def fit_in_segments(tmp_path, segments: list[tuple[int, int, int | None]]) -> di
     [(2, BATCH, 2), (1, BATCH, 3), (1, BATCH, None)],  # 16 draws done: four batches of 4; then 20
     [(1, BATCH, 3), (1, 2, 5), (1, BATCH, None)],  # batch size 4 -> 2 -> 4: 12 draws done, then 16
     [(2, BATCH, 3), (1, BATCH, None)],  # after the epoch's last batch
+    [(2, BATCH, 3), (1, 5, None)],  # after it, into batches of 5: 24 draws make 5 batches, the last of 4
 ])
 def test_a_fit_resumed_on_another_world_or_batch_size_trains_every_draw_of_each_epoch_once(tmp_path, segments):
     """Lightning restores the epoch's batch count in the saved run's batches and ends the epoch when it reaches this
