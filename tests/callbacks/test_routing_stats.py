@@ -186,3 +186,42 @@ def test_task_routing_plot_of_a_smollm2_sized_model_is_readable_and_the_json_kee
     assert list(saved) == names
     assert all(saved[name]["task_load"] == layers[name].task_load.tolist() for name in names)
     assert saved[specific]["task_divergence"] == pytest.approx(task_divergences(layers[specific].task_load).tolist())
+
+
+def test_a_scoring_pass_counts_only_the_kept_tokens_that_are_not_padding():
+    """`token_keep` (the counted rows) and the record's own mask (padding) both apply."""
+    accumulator = RoutingAccumulator(["layer"], num_experts=3, num_tasks=2, device=torch.device("cpu"))
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5], [0.2, 0.3, 0.5]])
+    experts = torch.tensor([[0, 1], [0, 2], [2, 0], [2, 1]])
+    padding = torch.tensor([True, True, True, False])
+    keep = torch.tensor([False, True, True, True])
+    accumulator.add(RoutingRecord("layer", probs, experts, padding, (2, 2)), torch.tensor([1, 1, 0, 0]), keep)
+    layer = accumulator.layers(top_k=2)["layer"]
+    assert layer.task_load.tolist() == [[1, 0, 1], [1, 0, 1]]  # tokens 1 (task 1) and 2 (task 0) only
+    assert layer.entropy_sum == pytest.approx(2 * 0.25 * math.log(4) + 0.5 * math.log(2))
+
+
+def test_health_names_the_most_unbalanced_layer():
+    layers = {"even": LayerRouting(torch.tensor([[2, 2]]), entropy_sum=0.0, top_k=1),
+              "skewed": LayerRouting(torch.tensor([[4, 0]]), entropy_sum=0.0, top_k=1)}
+    health = RoutingSummary(stage="val", step=1, tasks=["t"], layers=layers, dead_threshold=0.01).health()
+    assert (health["load_cv_max_layer"], health["load_cv_max"], health["load_cv_min"]) == ("skewed", 1.0, 0.0)
+    assert health["load_cv_mean"] == 0.5
+
+
+def test_resuming_a_fit_takes_the_checkpoints_routing_over_this_processs():
+    """As PerTaskMetrics: only validate/test of a checkpoint keep the fit validation routing of their own process."""
+    def summary(step: int) -> RoutingSummary:
+        return RoutingSummary(stage="val", step=step, tasks=["t"], dead_threshold=0.01,
+                              layers={"layer": LayerRouting(torch.tensor([[1, 3]]), entropy_sum=0.5, top_k=1)})
+
+    saved = {"val": summary(4).state()}
+    resumed = RoutingStats()
+    resumed.results["val"] = summary(9)  # an earlier fit in this process
+    resumed.load_state_dict(saved)
+    assert resumed.results["val"].step == 4
+    evaluated = RoutingStats()
+    evaluated.results["val"] = summary(9)
+    evaluated._weights.checkpoint_step = 4  # validate/test(ckpt_path=...) after a fit
+    evaluated.load_state_dict(saved)
+    assert evaluated.results["val"].step == 9
