@@ -36,6 +36,11 @@ def test_the_mean_row_of_tasks_scored_throughout_is_plain():
     assert mean_row(table)[:5] == ["**mean**", "25.0", "20.0", "60.0", "60.0"]
 
 
+def test_best_is_the_highest_evaluation_and_change_is_final_minus_first():
+    table = scores_table([evaluation(0, {"a": 0.2}), evaluation(10, {"a": 0.8}), evaluation(20, {"a": 0.5})], {})
+    assert "| a | - | 20.0 | 80.0 | 50.0 | +30.0 | 1.000 |" in table
+
+
 def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path):
     """Without a logger or checkpoints the run folder is the root folder (the current directory by default)."""
     mine = tmp_path / "report.md"
