@@ -5,7 +5,7 @@ import re
 import pytest
 
 from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, SeesawTracker, TaskScore
-from malora_lightning.callbacks.report import REPORT_MARKER, scores_table
+from malora_lightning.callbacks.report import REPORT_MARKER, REPORT_TITLE, refuse_foreign_report, scores_table
 from malora_lightning.callbacks.seesaw import track
 from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
 
@@ -39,6 +39,15 @@ def test_the_mean_row_of_tasks_scored_throughout_is_plain():
 def test_best_is_the_highest_evaluation_and_change_is_final_minus_first():
     table = scores_table([evaluation(0, {"a": 0.2}), evaluation(10, {"a": 0.8}), evaluation(20, {"a": 0.5})], {})
     assert "| a | - | 20.0 | 80.0 | 50.0 | +30.0 | 1.000 |" in table
+
+
+def test_a_report_of_a_version_before_the_marker_is_ours_by_its_title(tmp_path):
+    report = tmp_path / "report.md"
+    report.write_text(f"{REPORT_TITLE}\n\n## Validation accuracy (%) per task\n")
+    refuse_foreign_report(report)  # replaced without a word
+    report.write_text(f"## {REPORT_TITLE}\n")
+    with pytest.raises(FileExistsError):
+        refuse_foreign_report(report)
 
 
 def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path):
