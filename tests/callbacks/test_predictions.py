@@ -10,7 +10,7 @@ import torch
 
 from malora_lightning.adapters import AdapterConfig
 from malora_lightning.callbacks import PredictionWriter
-from malora_lightning.callbacks.predictions import PREDICTIONS_NAME
+from malora_lightning.callbacks.predictions import PREDICTIONS_NAME, Prediction, is_prediction_line
 from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
@@ -225,3 +225,19 @@ def test_a_path_that_names_no_file_is_refused_when_built(path):
     """"" named the working directory, refused at predict as a path that 'already exists'; 3 failed in Path()."""
     with pytest.raises(ValueError, match=f"PredictionWriter path={path!r} is invalid: expected None"):
         PredictionWriter(path=path)
+
+
+def test_a_prediction_line_has_the_keys_in_order_and_the_text_as_written(tmp_path):
+    """Text is written as UTF-8, not as \\u escapes; a line with the keys in another order is not ours."""
+    path = tmp_path / "out.jsonl"
+    writer = PredictionWriter(path=str(path))
+    writer._output = path
+    answer = Prediction(row=0, task=None, prompt="Café → ?", prediction="naïve", target=None, correct=None)
+    writer.write_on_batch_end(None, None, [answer], [0], None, 0, 0)
+    writer.on_predict_end(type("Trainer", (), {"world_size": 1, "is_global_zero": True})(), None)
+    line = path.read_text(encoding="utf-8")
+    assert line == ('{"row": 0, "task": null, "prompt": "Café → ?", "prediction": "naïve", "target": null, '
+                    '"correct": null}\n')
+    assert is_prediction_line(line)
+    reordered = json.dumps(dict(reversed(list(json.loads(line).items()))))
+    assert not is_prediction_line(reordered)
