@@ -4,6 +4,7 @@ answers, also from two processes, and never over a file the user wrote."""
 import json
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,16 @@ def test_a_prediction_line_has_the_keys_in_order_and_the_text_as_written(tmp_pat
     assert is_prediction_line(line)
     reordered = json.dumps(dict(reversed(list(json.loads(line).items()))))
     assert not is_prediction_line(reordered)
+
+
+def test_a_path_that_is_a_folder_is_taken():
+    """It passed the check and the write failed after every prompt was answered."""
+    with pytest.raises(FileExistsError, match="already exists"):
+        PredictionWriter(path=str(Path.cwd()))._refuse_taken_path()
+
+
+def test_a_predict_run_starts_without_the_answers_of_one_that_failed(tmp_path):
+    writer = PredictionWriter(path=str(tmp_path / "out.jsonl"))
+    writer.write_on_batch_end(None, None, [Prediction(0, None, "p", "a", None, None)], [0], None, 0, 0)  # then failed
+    writer.on_predict_start(None, None)
+    assert writer._answered == []
