@@ -152,6 +152,16 @@ def test_a_peft_lora_of_the_head_saved_with_its_base_weight_loads_and_a_changed_
         load_adapters(tiny_model("llama"), tmp_path / "peft")
 
 
+def test_a_float32_copy_of_the_heads_base_weight_matches_the_same_base_loaded_in_bfloat16(tmp_path):
+    """The copy is compared in the narrower dtype: in float32 the bfloat16 base's rounded weight differed from it."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], init_lora_weights=False)
+    peft.get_peft_model(tiny_model("llama"), config).save_pretrained(str(tmp_path / "peft"))
+    assert load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))[
+        "base_model.model.lm_head.base_layer.weight"].dtype == torch.float32
+    model = load_adapters(tiny_model("llama").to(torch.bfloat16), tmp_path / "peft")
+    assert "lm_head" in adapter_layers(model)
+
+
 def test_peft_settings_we_cannot_represent_are_named(tmp_path):
     theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     theirs.save_pretrained(str(tmp_path / "dora"))
