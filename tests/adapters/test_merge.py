@@ -105,6 +105,7 @@ def test_a_lora_on_a_tied_output_head_merges_into_the_head_only(tmp_path):
     merge_adapters(model)
     assert_plain(model)
     assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert model.config.tie_word_embeddings is False  # what other loaders read: the head is its own weight now
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
