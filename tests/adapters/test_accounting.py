@@ -3,6 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters
+from malora_lightning.adapters.accounting import ParameterCount
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=32)
@@ -37,3 +38,18 @@ def test_hand_counted_tiny_layer():
     # S_A 3*10 + P 4*2*3 + B 4*6*2 + router 4*10 = 30 + 24 + 48 + 40
     assert count_parameters(model).trainable == 142
     assert count_parameters(model).total == 142 + 60
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_a_4bit_weight_counts_its_logical_values_whatever_its_storage_dtype(storage):
+    """FSDP QLoRA stores the packed 4-bit values in bfloat16 (4 to an element), not uint8 (2 to an element)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(16, 8, bias=False, quant_storage=storage).to("cpu")  # quantized on the move
+    assert type(layer.weight).__name__ == "Params4bit" and layer.weight.numel() == 128 // (2 * storage.itemsize)
+    assert count_parameters(layer) == ParameterCount(trainable=0, total=16 * 8)
+
+
+def test_tied_parameters_are_counted_once():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # an output head tied to the input embeddings
+    assert count_parameters(model) == ParameterCount(trainable=40, total=40)
