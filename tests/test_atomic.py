@@ -208,6 +208,24 @@ def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, mo
     assert (target / "sub" / "config.json").read_text() == "{}"
 
 
+def test_a_written_file_is_on_disk_before_it_replaces_the_old_one_and_its_folder_after(tmp_path, monkeypatch):
+    """Without the file's fsync a power loss after the rename could leave the new name on empty content; without the
+    folder's, the old file."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda source, target: (events.append(("replace", str(source))),
+                                                               real_replace(source, target))[1])
+    atomic_write_text(tmp_path / "report.md", "new")
+    (replaced,) = [index for index, (kind, _) in enumerate(events) if kind == "replace"]
+    temporary = events[replaced][1]
+    assert Path(temporary).parent == tmp_path and Path(temporary).name.startswith(".report.md.")
+    assert ("fsync", temporary) in events[:replaced]
+    assert ("fsync", str(tmp_path)) in events[replaced:]
+    assert (tmp_path / "report.md").read_text() == "new"
+
+
 def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     """The offline model's conversion and a merged task export, killed midway, left their staging folder (a model's
     size) for good. The next staging folder for the same target removes those whose writer no longer runs on this
