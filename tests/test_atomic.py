@@ -226,6 +226,19 @@ def test_a_written_file_is_on_disk_before_it_replaces_the_old_one_and_its_folder
     assert (tmp_path / "report.md").read_text() == "new"
 
 
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    (tmp_path / "report.md").write_text("old")
+
+    def full_disk(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(tmp_path / "report.md", "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.md"]
+    assert (tmp_path / "report.md").read_text() == "old"
+
+
 def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     """The offline model's conversion and a merged task export, killed midway, left their staging folder (a model's
     size) for good. The next staging folder for the same target removes those whose writer no longer runs on this
