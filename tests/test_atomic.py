@@ -239,6 +239,42 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, m
     assert (tmp_path / "report.md").read_text() == "old"
 
 
+def test_an_uncommitted_replace_is_undone_and_the_old_files_stay(tmp_path):
+    """A save killed while writing its staged files (no COMMIT_MARKER yet): its partial files never replace the
+    complete old ones."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "weights.bin").write_text("old weights")
+    (folder / "config.json").write_text("old config")
+    staging = folder / STAGING_FOLDER
+    staging.mkdir()
+    (staging / STAGING_MARKER).touch()
+    (staging / "weights.bin").write_text("new wei")  # cut off
+    recover_replace(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "weights.bin"]
+    assert (folder / "weights.bin").read_text() == "old weights"
+
+
+def test_a_process_of_another_user_counts_as_running(monkeypatch):
+    """Signalling it is refused: its staging folders are not abandoned."""
+    def refused(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    assert atomic._running(1)
+
+
+def test_default_modes_leave_what_a_symbolic_link_points_to_alone(tmp_path, umask_022):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("x")
+    outside.chmod(0o600)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "link").symlink_to(outside)
+    apply_default_modes(folder)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+
+
 def test_a_staging_folder_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     """The offline model's conversion and a merged task export, killed midway, left their staging folder (a model's
     size) for good. The next staging folder for the same target removes those whose writer no longer runs on this
