@@ -9,6 +9,7 @@ import re
 import unittest.mock
 import warnings
 import weakref
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -28,9 +29,10 @@ from malora_lightning.adapters import (
 )
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
-from malora_lightning.data import MultiTaskDataModule, TrainingBatch
+from malora_lightning.data import MultiTaskDataModule, TrainingBatch, get_task
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
+from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS, EvaluationMixin
 from malora_lightning.module import (
     MALoRAModule,
     _check_loadable_hyperparameters,
@@ -39,7 +41,7 @@ from malora_lightning.module import (
     first_validation_inside_a_window,
     fit_batches,
 )
-from malora_lightning.optim import adamw_options, lr_multiplier
+from malora_lightning.optim import adamw_options, lr_multiplier, schedule_length
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
 from tests.helpers import SYNCING_OPS, OpRecorder, tiny_config, tiny_model, tiny_tokenizer
@@ -98,6 +100,30 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_multiplier(15, 4, 20, "constant") == 1.0
     with pytest.raises(ValueError, match="lr_schedule='none' is invalid"):  # was cosine
         lr_multiplier(15, 4, 20, "none")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_steps_past_the_schedules_end_stay_at_rate_zero(schedule):
+    """A step beyond total_steps (a resumed fit given more steps than the schedule spans): linear went negative, cosine
+    rose again."""
+    assert [lr_multiplier(step, 4, 20, schedule) for step in (20, 21, 30, 36)] == pytest.approx([0.0] * 4, abs=1e-12)
+
+
+def test_a_run_of_unknown_length_takes_only_a_constant_rate_without_warm_up():
+    assert schedule_length(math.inf, 0.0, "constant") == 1 and schedule_length(-1, 0.0, "constant") == 1
+    for length in (math.inf, -1):
+        with pytest.raises(ValueError, match=r"lr_schedule='constant' with warmup_ratio=0.1 needs the run's length"):
+            schedule_length(length, 0.1, "constant")
+    assert schedule_length(37.0, 0.1, "cosine") == 37 and schedule_length(0.0, 0.0, "linear") == 1
+
+
+@pytest.mark.parametrize(("registered", "cap", "expected"), [(10, 4, 4), (10, 20, 10), (10, None, 10), (None, 6, 6),
+                                                             (None, None, DEFAULT_MAX_NEW_TOKENS)])
+def test_the_generation_length_is_the_tasks_capped_by_max_new_tokens(registered, cap, expected):
+    task = dataclasses.replace(get_task("parity"), max_new_tokens=registered)
+    module = SimpleNamespace(settings=SimpleNamespace(max_new_tokens=cap))
+    assert EvaluationMixin.generation_length(module, task) == expected
+    assert EvaluationMixin.generation_length(module, None) == (cap or DEFAULT_MAX_NEW_TOKENS)
 
 
 @pytest.mark.parametrize("limits", [dict(max_steps=-1, max_time={"seconds": 60}), dict(max_steps=-1, max_epochs=-1)])
