@@ -143,6 +143,22 @@ def passes_trust_remote_code(cls: type, path: str | Path | None, from_file: Mapp
     return "trust_remote_code" in (read_checkpoint(path).get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {})
 
 
+def load_arguments(cls: type, checkpoint_path: Any, hparams_file: str | Path | None, trust_remote_code: bool,
+                   kwargs: dict[str, Any]) -> tuple[str | Path | None, dict[str, Any]]:
+    """What `MALoRAModule` and `MultiTaskDataModule`'s `load_from_checkpoint` do before Lightning reads the file:
+    refuse a damaged local file by its path (`check_checkpoint_file`; a URL is Lightning's to read), read an
+    `hparams_file` as data (`read_hparams_file`), pass the caller's `trust_remote_code` (`passes_trust_remote_code`)
+    and import no class the stored hyperparameters name (`without_instantiator`). Returns the checkpoint's path (None
+    for a file object) and the keyword arguments for Lightning's `load_from_checkpoint`."""
+    named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+    if named is not None and not is_remote(named):
+        check_checkpoint_file(named)
+    from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
+    if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
+        kwargs = {**kwargs, "trust_remote_code": trust_remote_code}
+    return named, without_instantiator(kwargs)
+
+
 def read_hparams_file(path: str | Path) -> dict[str, Any]:
     """The hyperparameters of a `load_from_checkpoint(hparams_file=...)`, read as data, before Lightning reads the
     file again: Lightning reads YAML with `yaml.full_load`, which turns a tag such as `!!python/name:os.system` into a

@@ -61,16 +61,12 @@ from malora_lightning.checkpoints import (
     CHECKPOINT_FORMAT_KEY,
     SETTINGS_KEY,
     CheckedCheckpointIO,
-    check_checkpoint_file,
     check_checkpoint_settings,
     computed_otherwise,
-    is_remote,
-    passes_trust_remote_code,
-    read_hparams_file,
+    load_arguments,
     stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
-    without_instantiator,
 )
 from malora_lightning.data.batches import TrainingBatch
 from malora_lightning.data.datamodule import MultiTaskDataModule
@@ -294,22 +290,17 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              weights_only: bool = True, trust_remote_code: bool = False,
                              **kwargs: Any) -> MALoRAModule:
         """`LightningModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True`), no class
-        imported by its hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the caller
-        (default False) or the class's own code, never from the file's hyperparameters (`passes_trust_remote_code`),
-        and no attention kernel from the Hub unless the caller names it (`_refuse_hub_kernel_from_a_file`)."""
-        named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
-        if named is not None and not is_remote(named):
-            check_checkpoint_file(named)
-        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
-        if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
-            kwargs["trust_remote_code"] = trust_remote_code
-        token, given = _LOADED_FILE.set(named), _CALLER_ARGUMENTS.set(frozenset(kwargs))
+        imported by its hyperparameters, and `trust_remote_code` taken from the caller (default False) or the class's
+        own code, never from the file's hyperparameters (`checkpoints.load_arguments`), and no attention kernel from
+        the Hub unless the caller names it (`_refuse_hub_kernel_from_a_file`)."""
+        named, arguments = load_arguments(cls, checkpoint_path, hparams_file, trust_remote_code, kwargs)
+        token, given = _LOADED_FILE.set(named), _CALLER_ARGUMENTS.set(frozenset(arguments))
         try:
             with warnings.catch_warnings():  # the frozen base is never in a checkpoint; on_load_checkpoint checks it
                 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in "
                                                           "the checkpoint", category=UserWarning)
                 return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
-                                                    weights_only=weights_only, **without_instantiator(kwargs))
+                                                    weights_only=weights_only, **arguments)
         finally:
             _LOADED_FILE.reset(token)
             _CALLER_ARGUMENTS.reset(given)

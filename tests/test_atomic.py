@@ -184,25 +184,31 @@ def test_processes_recovering_one_folder_at_once_all_succeed_and_leave_it_comple
     assert {path.name: path.read_text() for path in folder.iterdir()} == new  # the new set, no staging folder left
 
 
+def record_fsyncs_and_replaces(monkeypatch) -> list[tuple[str, ...]]:
+    """The order of the fsyncs (("fsync", path)) and renames (("replace", source, target)) that follow, as they run."""
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda source, target: (events.append(("replace", str(source), str(target))),
+                                                               real_replace(source, target))[1])
+    return events
+
+
 def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     """The offline model's conversion and task export renamed their staging folder without an fsync: after a power
     loss a complete-looking folder could hold empty weights."""
     from malora_lightning.atomic import rename_into_place, staging_folder
 
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda source, target: (events.append(("replace", str(target))),
-                                                               real_replace(source, target))[1])
+    events = record_fsyncs_and_replaces(monkeypatch)
     target = tmp_path / "model"
     with staging_folder(target) as staging:
         (staging / "sub").mkdir()
         (staging / "weights.bin").write_bytes(b"w")
         (staging / "sub" / "config.json").write_text("{}")
         rename_into_place(staging, target)
-    renamed = events.index(("replace", str(target)))
-    synced_before = {Path(path).name for kind, path in events[:renamed] if kind == "fsync"}
+    (renamed,) = [index for index, event in enumerate(events) if event[0] == "replace" and event[2] == str(target)]
+    synced_before = {Path(event[1]).name for event in events[:renamed] if event[0] == "fsync"}
     assert {"weights.bin", "config.json", "sub"} <= synced_before
     assert ("fsync", str(tmp_path)) in events[renamed:]
     assert (target / "sub" / "config.json").read_text() == "{}"
@@ -211,14 +217,9 @@ def test_a_staged_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, mo
 def test_a_written_file_is_on_disk_before_it_replaces_the_old_one_and_its_folder_after(tmp_path, monkeypatch):
     """Without the file's fsync a power loss after the rename could leave the new name on empty content; without the
     folder's, the old file."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda source, target: (events.append(("replace", str(source))),
-                                                               real_replace(source, target))[1])
+    events = record_fsyncs_and_replaces(monkeypatch)
     atomic_write_text(tmp_path / "report.md", "new")
-    (replaced,) = [index for index, (kind, _) in enumerate(events) if kind == "replace"]
+    (replaced,) = [index for index, event in enumerate(events) if event[0] == "replace"]
     temporary = events[replaced][1]
     assert Path(temporary).parent == tmp_path and Path(temporary).name.startswith(".report.md.")
     assert ("fsync", temporary) in events[:replaced]

@@ -22,13 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 import malora_lightning.data.formatters  # noqa: F401  (registers the paper datasets' tasks)
-from malora_lightning.checkpoints import (
-    check_checkpoint_file,
-    is_remote,
-    passes_trust_remote_code,
-    read_hparams_file,
-    without_instantiator,
-)
+from malora_lightning.checkpoints import load_arguments
 from malora_lightning.data.builtin import BUILTIN_TASKS
 from malora_lightning.data.collate import (
     EncodedExample,
@@ -382,19 +376,13 @@ class MultiTaskDataModule(LightningDataModule):
                              trust_remote_code: bool = False, **kwargs: Any) -> MultiTaskDataModule:
         """`LightningDataModule.load_from_checkpoint`, with the checkpoint read as data (`weights_only=True` unless
         the caller passes False: Lightning's default, None, unpickled an http(s) checkpoint with weights_only=False,
-        running whatever code the file names), an `hparams_file` read as data first (`read_hparams_file`), no class
-        imported by the stored hyperparameters (`without_instantiator`), and `trust_remote_code` taken from the
-        caller (default False), never from the file: a stored `trust_remote_code: true` beside a stored `tokenizer`
-        ran that folder's (or hub repo's) tokenizer code in `setup`. As `MALoRAModule.load_from_checkpoint` loads,
-        a damaged file is refused by its path (`check_checkpoint_file`; torch's own error names none)."""
-        named = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
-        if named is not None and not is_remote(named):
-            check_checkpoint_file(named)
-        from_file = read_hparams_file(hparams_file) if hparams_file is not None else None
-        if passes_trust_remote_code(cls, named, from_file, trust_remote_code):
-            kwargs["trust_remote_code"] = trust_remote_code
+        running whatever code the file names) and, as `MALoRAModule.load_from_checkpoint`, a damaged file refused by
+        its path, an `hparams_file` read as data, no class imported by the stored hyperparameters and
+        `trust_remote_code` taken from the caller (default False), never from the file (`checkpoints.load_arguments`):
+        a stored `trust_remote_code: true` beside a stored `tokenizer` ran that folder's tokenizer code in `setup`."""
+        _, arguments = load_arguments(cls, checkpoint_path, hparams_file, trust_remote_code, kwargs)
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, weights_only=weights_only,
-                                            **without_instantiator(kwargs))
+                                            **arguments)
 
     # ------------------------------------------------------------------------------------------------ setup
 
