@@ -223,13 +223,7 @@ def _check_json_agrees_with_metadata(stored: dict[str, Any], config: AdapterConf
     the adapter its weights' metadata holds (which is what this library loads): PEFT reads the JSON, so the one folder
     would load as two different adapters (an edited lora_alpha rescaled the update in PEFT alone)."""
     _check_plain_lora_settings(stored, path)
-    saved: dict[str, Any] = {"r": config.rank, "lora_alpha": _plain_number(config.scaling * config.rank),
-                             "use_rslora": False}
-    if config.method != "lora":
-        saved |= {"num_experts": config.num_experts, "top_k": config.top_k,
-                  "renormalize_top_k": config.renormalize_top_k}
-    if config.method == "malora":
-        saved["shared_rank"] = config.shared_rank
+    saved = {**_computing_settings(config), "use_rslora": False}
     for field, value in saved.items():
         if field in stored and stored[field] != value:
             raise ValueError(f"{path / CONFIG_NAME}: {field}={stored[field]!r}, but the adapter in {WEIGHTS_NAME} was "
@@ -570,8 +564,7 @@ def peft_config(config: AdapterConfig, model: nn.Module, base: str | None) -> di
         "base_model_name_or_path": base,
         "revision": None,
         "inference_mode": True,
-        "r": config.rank,
-        "lora_alpha": _plain_number(config.scaling * config.rank),
+        **_computing_settings(config),
         "lora_dropout": config.dropout,
         "target_modules": _peft_target_modules(model),
         "bias": "none",
@@ -581,12 +574,20 @@ def peft_config(config: AdapterConfig, model: nn.Module, base: str | None) -> di
     if config.method == "lora":
         return {**common, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                 "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
-    mixture = {"num_experts": config.num_experts, "top_k": config.top_k,
-               "renormalize_top_k": config.renormalize_top_k, "library": "malora_lightning",
-               "library_version": library_version()}
+    return {**common, "library": "malora_lightning", "library_version": library_version()}
+
+
+def _computing_settings(config: AdapterConfig) -> dict[str, Any]:
+    """The `adapter_config.json` fields that say what the saved tensors compute: PEFT's `r` and `lora_alpha`, and a
+    mixture's own. `peft_config` writes them; `read_adapter_folder` refuses a folder of ours whose JSON says
+    otherwise than its weights' metadata (`_check_json_agrees_with_metadata`)."""
+    settings: dict[str, Any] = {"r": config.rank, "lora_alpha": _plain_number(config.scaling * config.rank)}
+    if config.method != "lora":
+        settings |= {"num_experts": config.num_experts, "top_k": config.top_k,
+                     "renormalize_top_k": config.renormalize_top_k}
     if config.method == "malora":
-        mixture["shared_rank"] = config.shared_rank
-    return {**common, **mixture}
+        settings["shared_rank"] = config.shared_rank
+    return settings
 
 
 def _plain_number(value: float) -> int | float:

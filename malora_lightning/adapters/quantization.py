@@ -16,6 +16,7 @@ from torch import nn
 from malora_lightning.adapters.bnb_cpu import disable_bnb_cpu_weight_packing, import_bitsandbytes
 from malora_lightning.dtypes import dtypes_named
 from malora_lightning.offline_models import recorded_model_name, resolve_model_path
+from malora_lightning.values import check_switch
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,7 @@ def load_base_model(
 
     if quantization is not None and quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization={quantization!r} is invalid: expected None or one of {QUANTIZATION_MODES}")
-    if not isinstance(trust_remote_code, bool):  # transformers ran a folder's code for "false", asked stdin for None
-        raise ValueError(f"trust_remote_code={trust_remote_code!r} is invalid: expected True or False")
+    check_switch("trust_remote_code", trust_remote_code)
     check_quant_storage_has_4bit(quantization, quant_storage)
     compute = as_dtype(compute_dtype, "compute_dtype")
     weights_dtype = as_dtype(dtype, "dtype") if dtype is not None else (compute if quantization else torch.float32)

@@ -46,7 +46,7 @@ from malora_lightning.callbacks.per_task_metrics import log_synchronised, partia
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
 from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
-from malora_lightning.values import is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int
 
 
 # how many of the most task-specific layers (highest task-expert NMI) the task routing plot shows expert by expert
@@ -288,8 +288,7 @@ class RoutingStats(RunFileWriter):
         if not (is_int(report_layers) and report_layers >= 1):  # a slice bound: -1 listed all layers but one
             raise ValueError(f"report_layers={report_layers!r} is invalid: expected how many layers the run report "
                              "lists, an integer >= 1")
-        if not isinstance(plots, bool):  # "false" was truthy: the heatmaps were drawn
-            raise ValueError(f"plots={plots!r} is invalid: expected True or False")
+        check_switch("plots", plots)
         self.dead_threshold = float(dead_threshold)
         self.plots = plots
         self.report_layers = report_layers

@@ -40,7 +40,7 @@ from malora_lightning.run_paths import (
     refuse_on_every_rank,
     run_directory,
 )
-from malora_lightning.values import is_finite_number
+from malora_lightning.values import check_switch, is_finite_number
 
 SEESAW_NAME = "seesaw.json"
 CURVES_NAME = "task_accuracy.png"
@@ -181,8 +181,7 @@ class SeesawTracker(RunFileWriter):
         self.baseline_file = baseline_scores
         self.baseline = load_baseline_scores(baseline_scores) if baseline_scores is not None else None
         check_file_name(filename, "SeesawTracker filename")
-        if not isinstance(plots, bool):  # "false" was truthy: the curves were drawn
-            raise ValueError(f"plots={plots!r} is invalid: expected True or False")
+        check_switch("plots", plots)
         self.filename = filename
         self.plots = plots
         self.points: dict[str, list[SeesawPoint]] = {}

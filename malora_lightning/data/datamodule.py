@@ -58,7 +58,7 @@ from malora_lightning.data.tasks import (
 )
 from malora_lightning.hyperparameters import constructor_arguments
 from malora_lightning.offline_models import resolve_model_path
-from malora_lightning.values import is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +255,7 @@ class MultiTaskDataModule(LightningDataModule):
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"MultiTaskDataModule use_chat_template={use_chat_template!r} is invalid: expected True, "
                              "False or None (whenever the tokenizer has a chat template)")
-        if not isinstance(trust_remote_code, bool):
-            raise ValueError(f"MultiTaskDataModule trust_remote_code={trust_remote_code!r} is invalid: expected True "
-                             "or False")
+        check_switch("MultiTaskDataModule trust_remote_code", trust_remote_code)
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
         for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):
             if not is_finite_number(value) or value <= 0:
