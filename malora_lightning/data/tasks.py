@@ -50,11 +50,19 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
+# the widest format-spec width or precision a template may give: ``{q:>2000000000}`` wrote a 2 GB string per row
+MAX_FORMAT_WIDTH = 1000
+
+
 def _check_template(key: str, template: str) -> None:
     """A template ``str.format`` fills from a row's fields by plain name, or a ValueError names the part that is not:
-    a lone brace ("{q") fails on every row; an attribute, index or conversion (``{q.upper}``, ``{q[0]}``, ``{q!r}``)
-    would insert a Python method, a character or a repr, not the text in the file; a positional field (``{}``,
-    ``{0}``) reads no column. A format spec (``{a:.1f}``, ``{q:>5}``) formats the value and is allowed."""
+    a template with no text would make every example's prompt or target empty; a lone brace ("{q") fails on every
+    row; an attribute, index or conversion (``{q.upper}``, ``{q[0]}``, ``{q!r}``) would insert a Python method, a
+    character or a repr, not the text in the file; a positional field (``{}``, ``{0}``) reads no column. A format
+    spec (``{a:.1f}``, ``{q:>5}``) formats the value and is allowed up to a width and precision of
+    `MAX_FORMAT_WIDTH`."""
+    if not template.strip():
+        raise ValueError(f"{key}={template!r:.80} is invalid: expected a template with text, like '{{answer}}'")
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError:
@@ -77,6 +85,9 @@ def _check_template(key: str, template: str) -> None:
             problem = f"a conversion (!r, !s, !a) writes Python's rendering of a value, not its text; write {{{name}}}"
         elif "{" in spec:
             problem = "a format spec must be fixed text, like {name:>5}, not another field"
+        elif any(int(number) > MAX_FORMAT_WIDTH for number in re.findall(r"\d+", spec)):
+            problem = (f"a width or precision over {MAX_FORMAT_WIDTH} would write that many characters into every "
+                       "example")
         else:
             continue
         raise ValueError(f"{key}={template!r:.80} is invalid: field {written}: {problem}")
@@ -769,7 +780,8 @@ def _source_from_spec(spec: Mapping[str, Any]) -> Source:
     if ("path" in spec) == ("hub" in spec):
         raise ValueError("needs exactly one of 'path' (local files) and 'hub' (a hub dataset)")
     if "hub" in spec:
-        _require(_is_text(spec["hub"]), "hub", spec["hub"], "a hub dataset id, like 'google/boolq'")
+        _require(_is_text(spec["hub"]) and spec["hub"].strip() != "", "hub", spec["hub"],
+                 "a hub dataset id, like 'google/boolq'")
         _require(spec.get("config") is None or _is_text(spec["config"]), "config", spec.get("config"),
                  "the name of one of the dataset's configurations, or null")
         splits = spec.get("splits") or {split: split for split in SPLITS}

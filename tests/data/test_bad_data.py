@@ -140,6 +140,16 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
     "template field in a format spec": (SPEC | {"prompt": "{q:>{a}}"},
                                         ["prompt='{q:>{a}}' is invalid: field {q:>{a}}: a format spec must be fixed"]),
     "template positional field": (SPEC | {"prompt": "Q: {}"}, ["prompt='Q: {}' is invalid: field {}: an empty field"]),
+    # each was caught only at the first row read, after the model had loaded
+    "prompt empty": (SPEC | {"prompt": ""}, ["task spec 'mine': prompt='' is invalid: expected a template with text"]),
+    "target blank": (SPEC | {"target": "  "}, ["task spec 'mine': target='  ' is invalid: expected a template with"]),
+    "hub empty": ({"name": "mine", "hub": "", **GENERATIVE},
+                  ["task spec 'mine': hub='' is invalid: expected a hub dataset id"]),
+    # a 2 GB string per row
+    "template width huge": (SPEC | {"prompt": "{q:>2000000000}"},
+                            ["prompt='{q:>2000000000}' is invalid: field {q:>2000000000}: a width or precision over "
+                             "1000"]),
+    "template precision huge": (SPEC | {"target": "{a:.5000f}"}, ["field {a:.5000f}: a width or precision over 1000"]),
     "template numeric field": (SPEC | {"prompt": "Q: {0}"},
                                ["prompt='Q: {0}' is invalid: field {0}: a number is a positional argument",
                                 "fields: {x: '0'}"]),
