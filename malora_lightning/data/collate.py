@@ -123,6 +123,10 @@ class PromptEncoder:
         self.max_length = max_length
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         self.system_prompt = system_prompt
+        if not self.use_chat_template and system_prompt is not None:  # it would be left out of every example
+            raise ValueError(f"system_prompt={system_prompt!r:.60} needs the chat template, but the plain prompt "
+                             "format has no system turn (use_chat_template is off or the tokenizer has no template); "
+                             "remove system_prompt, or use a tokenizer with a chat template")
         if not self.use_chat_template and tokenizer.eos_token is None:
             raise ValueError("the plain prompt format ends targets with the EOS token, but the tokenizer has none")
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

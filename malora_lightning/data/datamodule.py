@@ -255,6 +255,9 @@ class MultiTaskDataModule(LightningDataModule):
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"MultiTaskDataModule use_chat_template={use_chat_template!r} is invalid: expected True, "
                              "False or None (whenever the tokenizer has a chat template)")
+        if system_prompt is not None and not isinstance(system_prompt, str):  # 5 was written as the text "5"
+            raise ValueError(f"MultiTaskDataModule system_prompt={system_prompt!r:.80} is invalid: expected text, or "
+                             "None (the chat template's default system turn)")
         check_switch("MultiTaskDataModule trust_remote_code", trust_remote_code)
         _check_count("samples_per_epoch", samples_per_epoch, True, maximum=MAX_SAMPLES_PER_EPOCH)
         for name, value in (("temperature", temperature), ("unimax_max_epochs", unimax_max_epochs)):

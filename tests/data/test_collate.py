@@ -86,6 +86,14 @@ def test_system_prompt_becomes_the_first_turn(chat_tokenizer):
     assert example.labels == [IGNORE_INDEX] * len(opening) + ids(chat_tokenizer, "cd") + [IM_END]
 
 
+@pytest.mark.parametrize("use_chat_template", [None, False])
+def test_a_system_prompt_without_a_chat_template_is_refused(tokenizer, chat_tokenizer, use_chat_template):
+    """The plain format has no system turn: the prompt was left out of every example without a word."""
+    tokenizer = tokenizer if use_chat_template is None else chat_tokenizer
+    with pytest.raises(ValueError, match="system_prompt='be brief' needs the chat template, but the plain prompt"):
+        PromptEncoder(tokenizer, 64, use_chat_template=use_chat_template, system_prompt="be brief")
+
+
 def test_use_chat_template_can_be_forced_either_way(tokenizer, chat_tokenizer):
     _, (plain,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)], use_chat_template=False)
     assert plain.input_ids == ids(chat_tokenizer, "ab\nAnswer: cd") + [chat_tokenizer.eos_token_id]

@@ -267,6 +267,7 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     ({"trust_remote_code": "false"}, r"trust_remote_code='false' is invalid: expected True or False"),
     ({"trust_remote_code": None}, r"trust_remote_code=None is invalid"),
     ({"use_chat_template": "false"}, r"use_chat_template='false' is invalid: expected True, False or None"),
+    ({"system_prompt": 5}, r"system_prompt=5 is invalid: expected text, or None"),  # was the system turn "5"
 ])
 def test_bad_arguments_are_rejected_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
