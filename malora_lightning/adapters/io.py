@@ -51,7 +51,7 @@ from malora_lightning.adapters.quantization import (
 )
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import recorded_model_name
-from malora_lightning.values import is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
@@ -317,6 +317,7 @@ def load_adapters(model: nn.Module, path: str | Path, trainable: bool = False) -
     mismatch raises `ValueError` naming the tensor. With `trainable=False` (inference) all adapter tensors are
     frozen; with True the saved config's switches apply.
     """
+    check_switch("load_adapters trainable", trainable)  # "false" made every adapter tensor trainable
     folder = read_adapter_folder(path)
     _warn_of_another_base_family(folder, model)
     _warn_of_another_base_precision(folder, model)
@@ -522,6 +523,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     call this, since gathering the shards is collective; pass `write=False` on all ranks but one, and under FSDP1 the
     module it wrapped whole as `sharded_root` (`gathered_adapter_state`).
     """
+    check_switch("save_adapters write", write)  # write=0.0 on the writing rank, or "False" on every rank
     state = gathered_adapter_state(model, sharded_root)
     config = config_as_stored(get_adapter_config(model), state)
     transposed = routed_up_projections(model)

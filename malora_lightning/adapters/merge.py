@@ -39,6 +39,7 @@ from malora_lightning.adapters.model import (
     routing_context,
 )
 from malora_lightning.adapters.routing import RoutingRecord, kept_gates, scatter_gates
+from malora_lightning.values import check_switch
 
 MERGE_DTYPE = torch.float64  # updates are formed and added in float64, then cast to the weight's dtype
 
@@ -249,6 +250,7 @@ def _routed_layers_of(model: nn.Module, caller: str) -> dict[str, RoutedAdapterL
 def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool) -> nn.Module:
     """Add each update to its base weight, put the base layers back in place of the adapter layers and drop the
     adapter attributes. Every update and every quantized base is checked before anything changes."""
+    check_switch("dequantize", dequantize)  # "false" replaced every quantized layer by its dequantized weight
     layers = adapter_layers(model)
     for name, factor in factors.items():  # a diverged fit's adapters: NaN base weights, saved as a model
         if not all(bool(torch.isfinite(tensor).all()) for tensor in (factor.lora_A, factor.lora_B)):

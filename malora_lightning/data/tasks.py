@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from malora_lightning.values import is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int
 
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("generative", "multiple_choice")
@@ -616,6 +616,7 @@ _REGISTRY: dict[str, Task] = {}
 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
     """Make ``task`` available by name (``get_task``, the datamodule's ``tasks`` list)."""
+    check_switch("register_task overwrite", overwrite)
     if task.name in _REGISTRY and not overwrite:
         raise ValueError(f"a task named {task.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[task.name] = task

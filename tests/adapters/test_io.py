@@ -18,6 +18,7 @@ from malora_lightning.adapters import (
     adapter_state_dict,
     inject_adapters,
     load_adapters,
+    merge_adapters,
     save_adapters,
 )
 from tests.helpers import forkserver, tiny_model
@@ -535,3 +536,20 @@ def test_a_folder_with_adapters_outside_the_text_decoder_loads_without_them(tmp_
     ids = torch.randint(3, 200, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ids).logits, saved.eval()(ids).logits, rtol=0, atol=1e-6)
+
+
+SWITCH_CASES = {  # each value was truthy and taken as True
+    "load_adapters trainable": lambda folder: load_adapters(tiny_model("llama"), folder, trainable="false"),
+    "save_adapters write": lambda folder: save_adapters(trained_model("lora"), folder, write="False"),
+    "merge_adapters dequantize": lambda folder: merge_adapters(trained_model("lora"), dequantize="no"),
+}
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES, ids=list(SWITCH_CASES))
+def test_a_switch_that_is_not_a_bool_is_refused_by_name(tmp_path, case):
+    save_adapters(trained_model("lora"), tmp_path / "adapter")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "adapter").iterdir()}
+    setting = case.split()[1]
+    with pytest.raises(ValueError, match=rf"{setting}='[A-Za-z]+' is invalid: expected True or False"):
+        SWITCH_CASES[case](tmp_path / "adapter")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "adapter").iterdir()} == before

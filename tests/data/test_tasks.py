@@ -44,6 +44,9 @@ def test_register_and_get_a_python_task(registry):
         register_task(Task(name="qa", source=generated(ROWS), formatter=qa_formatter))
     replacement = register_task(Task(name="qa", source=generated(ROWS[:1]), formatter=qa_formatter), overwrite=True)
     assert get_task("qa") is replacement
+    with pytest.raises(ValueError, match="register_task overwrite='no' is invalid: expected True or False"):
+        register_task(Task(name="qa", source=generated(ROWS), formatter=qa_formatter), overwrite="no")  # was truthy
+    assert get_task("qa") is replacement
 
 
 def test_unknown_task_lists_the_registered_ones():
