@@ -136,9 +136,11 @@ class AdapterConfig:
                and all(isinstance(t, str) and t for t in self.target_modules),
                "target_modules", self.target_modules,
                "a non-empty list of module names/suffixes, a regex string, or 'all-linear'")
-        _check(self.exclude_modules is None or isinstance(self.exclude_modules, str)
-               or isinstance(self.exclude_modules, list) and all(isinstance(t, str) for t in self.exclude_modules),
-               "exclude_modules", self.exclude_modules, "None, a list of module names/suffixes, or a regex string")
+        # an empty name or regex matches no module: [""] excluded nothing without a word
+        _check(self.exclude_modules is None or isinstance(self.exclude_modules, str) and self.exclude_modules != ""
+               or isinstance(self.exclude_modules, list) and all(isinstance(t, str) and t for t in self.exclude_modules),
+               "exclude_modules", self.exclude_modules,
+               "None, a list of module names/suffixes, or a regex string, none of them empty")
         for name in ("target_modules", "exclude_modules"):
             pattern = getattr(self, name)
             if isinstance(pattern, str) and pattern != "all-linear":

@@ -155,6 +155,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, *, keep_routing: Co
     is adapted only when named in ``keep_routing`` (`load_adapters`, for a folder whose adapters include one: PEFT's
     "all-linear", and ours before they were left out, adapt Qwen2-MoE's shared_expert_gate).
     """
+    if not isinstance(config, AdapterConfig):  # a dict (a YAML recipe's adapter section) failed at config.validate
+        raise TypeError(f"inject_adapters needs an AdapterConfig, not a {type(config).__name__}; for a mapping of "
+                        "settings, pass AdapterConfig(**settings)")
     config.validate()  # a dataclass field set after construction (`config.rank = 0`) failed inside a layer
     existing = adapter_layers(model)
     if existing:

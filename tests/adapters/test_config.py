@@ -56,6 +56,8 @@ def test_json_round_trip(tmp_path):
         ({"dropout": float("nan")}, "dropout", "[0, 1)"),
         ({"target_modules": "model.(q_proj"}, "target_modules", "does not compile"),
         ({"exclude_modules": "*_proj"}, "exclude_modules", "does not compile"),
+        ({"exclude_modules": [""]}, "exclude_modules", "none of them empty"),  # excluded nothing
+        ({"exclude_modules": ""}, "exclude_modules", "none of them empty"),
         ({"renormalize_top_k": "false"}, "renormalize_top_k", "True or False"),
         ({"train_A": "false"}, "train_A", "True or False"),
         ({"train_P": 0}, "train_P", "True or False"),

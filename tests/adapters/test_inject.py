@@ -116,6 +116,14 @@ def test_a_field_set_after_construction_is_checked_before_the_model_changes():
     assert not adapter_layers(model) and all(param.requires_grad for param in model.parameters())
 
 
+def test_a_mapping_of_settings_is_refused_with_the_way_to_build_a_config():
+    """A dict (as a YAML recipe's adapter section reads) was an AttributeError: 'dict' has no attribute 'validate'."""
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"needs an AdapterConfig, not a dict; .* pass AdapterConfig\(\*\*settings\)"):
+        inject_adapters(model, {"method": "lora", "rank": 2})
+    assert not adapter_layers(model)
+
+
 def test_injecting_twice_raises():
     model = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
     with pytest.raises(ValueError, match="already has 12 lora adapter layers"):
