@@ -187,6 +187,11 @@ class ProcessGroupSampler(DistributedSampler):
 
     def __init__(self, length: int, *, num_replicas: int | None, rank: int | None, shuffle: bool, seed: int = 0,
                  drop_last: bool = False) -> None:
+        # DistributedSampler took a world of 2.5 (a TypeError at iteration) and a rank of True (rank 1)
+        if num_replicas is not None and (not is_int(num_replicas) or num_replicas < 1):
+            raise ValueError(f"num_replicas must be an integer >= 1 or None (got {num_replicas!r})")
+        if rank is not None and (not is_int(rank) or rank < 0):
+            raise ValueError(f"rank must be an integer >= 0 or None (got {rank!r})")
         self._given = (num_replicas, rank)
         num_replicas, rank = replica_and_rank(num_replicas, rank)
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,

@@ -318,6 +318,19 @@ def test_evaluation_shards_are_even_and_score_every_example_once(world):
         assert all(index.counted for shard in shards for index in shard[:-1]), size  # padding only ends a shard
 
 
+@pytest.mark.parametrize("sampler", [lambda shard: EvaluationShardSampler(8, **shard),
+                                     lambda shard: TaskBalancedSampler([4, 4], [0.5, 0.5], **shard)])
+@pytest.mark.parametrize(("shard", "message"), [
+    ({"num_replicas": 2.5, "rank": 0}, r"num_replicas must be an integer >= 1 or None \(got 2.5\)"),  # TypeError later
+    ({"num_replicas": 0}, r"num_replicas must be an integer >= 1 or None \(got 0\)"),
+    ({"num_replicas": 2, "rank": True}, r"rank must be an integer >= 0 or None \(got True\)"),  # was rank 1
+    ({"num_replicas": 2, "rank": -1}, r"rank must be an integer >= 0 or None \(got -1\)"),
+])
+def test_a_bad_world_size_or_rank_is_named(sampler, shard, message):
+    with pytest.raises(ValueError, match=message):
+        sampler(shard)
+
+
 def test_evaluation_shards_pad_short_ranks_with_a_flagged_repeat():
     padded = [list(EvaluationShardSampler(7, num_replicas=3, rank=rank)) for rank in range(3)]
     assert padded == [[(0, True), (3, True), (6, True)], [(1, True), (4, True), (0, False)],
