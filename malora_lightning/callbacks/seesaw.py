@@ -33,6 +33,7 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
 from malora_lightning.callbacks.summary import evaluation_series, markdown_cell, percent
+from malora_lightning.data.tasks import DuplicateKeyError, unique_keys
 from malora_lightning.run_paths import (
     RunFileWriter,
     check_file_name,
@@ -140,7 +141,9 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
                                 "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores "
                                 "unset")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as error:  # json would keep the last score of a task and drop the others
+        raise ValueError(f"baseline scores file {path}: {error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"baseline scores file {path} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or not data:

@@ -404,20 +404,21 @@ class _JSONNumber(float):
         return self.text if not spec else super().__format__(spec)
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKeyError(ValueError):
     """A JSON object names a key twice (``json.loads`` would keep the last value and drop the others)."""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook`` that refuses a repeated key (`DuplicateKeyError`)."""
     twice = repeated(key for key, _ in pairs)
     if twice:
-        raise _DuplicateKey(f"an object names {', '.join(map(repr, twice))} more than once; each field needs "
-                            "its own name (json would keep only the last value)")
+        raise DuplicateKeyError(f"an object names {', '.join(map(repr, twice))} more than once; each field needs "
+                                "its own name (json would keep only the last value)")
     return dict(pairs)
 
 
 def _parse_json(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_JSONNumber, parse_constant=_JSONNumber)
+    return json.loads(text, object_pairs_hook=unique_keys, parse_float=_JSONNumber, parse_constant=_JSONNumber)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -444,7 +445,7 @@ def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".json":
         try:
             value = _parse_json(text)
-        except _DuplicateKey as error:
+        except DuplicateKeyError as error:
             raise TaskDataError(f"{path}: {error}") from None
         except json.JSONDecodeError:
             value = None  # not one JSON value: JSON lines
@@ -460,7 +461,7 @@ def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 numbered.append((number, _parse_json(line)))
-            except _DuplicateKey as error:
+            except DuplicateKeyError as error:
                 raise TaskDataError(f"{path}, line {number}: {error}") from None
             except json.JSONDecodeError as error:
                 raise TaskDataError(f"{path}, line {number}: not a JSON object ({error.msg}); a JSON lines file holds "

@@ -136,6 +136,7 @@ def test_negative_transfer_is_counted_out_of_the_tasks_that_have_a_baseline(tmp_
     ('{"a": 0}', "task 'a' has score 0"),
     ('{"a": true}', "task 'a' has score True"),
     ('{"a": "0.5"}', "task 'a' has score '0.5'"),
+    ('{"a": 0.5, "a": 0.9}', "an object names 'a' more than once"),  # the last score was kept without a word
 ])
 def test_bad_baseline_files_are_refused_naming_the_file_and_task(tmp_path, content, message):
     path = tmp_path / "single_task.json"
