@@ -159,7 +159,8 @@ class MultiTaskDataModule(LightningDataModule):
             the log and the run report (``"skip"``: for instruction data with a few very long answers, such as code).
         use_chat_template: Format with the tokenizer's chat template (``None``: whenever it has one).
         system_prompt: System turn of the chat template; ``None`` keeps the template's default (SmolLM2 adds a
-            20-token one to every example), ``""`` an empty system turn.
+            20-token one to every example), ``""`` an empty system turn. Refused with the plain format, which has no
+            system turn.
         batch_size: Training batch size per device.
         eval_batch_size: Evaluation batch size per device (default: ``batch_size``).
         sampling: Task mixing strategy.
