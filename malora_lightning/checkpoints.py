@@ -5,6 +5,7 @@ checkpoint (truncated by a kill or a full disk, or not a checkpoint at all) refu
 from __future__ import annotations
 
 import inspect
+import io
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.core.saving import load_hparams_from_tags_csv
 
+from malora_lightning.atomic import atomic_write_bytes
 from malora_lightning.offline_models import relative_record_note, same_model
 
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
@@ -93,7 +95,25 @@ def _check_records(archive: zipfile.ZipFile) -> None:
 
 class CheckedCheckpointIO(TorchCheckpointIO):
     """Lightning's default checkpoint IO, except that a local file that is not a complete checkpoint is refused by
-    its path before torch reads it (`MALoRAModule.setup` puts it in place of the default)."""
+    its path before torch reads it, and a local file is written atomically (`MALoRAModule.setup` puts it in place of
+    the default)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """A local checkpoint as every file we write (`atomic_write_bytes`: a temporary file beside it, fsynced, then
+        renamed over it). Lightning's staged it in the system's temporary folder, never fsynced, and moved it: where
+        that folder is another file system (a tmpfs, a node-local disk beside shared storage) the move copied it over
+        the old `last.ckpt`, so a kill during the copy left neither the old checkpoint nor the new one. A symbolic
+        link at `path` is replaced, as Lightning's move replaced it, not written through: `ModelCheckpoint(save_last=
+        "link")` makes `last.ckpt` a link to another checkpoint, which a save of `last.ckpt` must not overwrite."""
+        if storage_options is not None or is_remote(path):  # Lightning's refusal, or a URL written through fsspec
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        path = Path(path)
+        if path.is_symlink():
+            path.unlink()
+        atomic_write_bytes(path, buffer.getvalue())
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(path, (str, Path)) and Path(path).exists():  # remote and missing paths: Lightning's errors

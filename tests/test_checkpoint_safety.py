@@ -527,3 +527,34 @@ def test_a_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch, cls):
         server.shutdown()
         server.server_close()
     assert not (tmp_path / MARKER).exists()
+
+
+def test_a_checkpoint_is_on_disk_beside_its_path_before_it_replaces_the_old_one(tiny_model_dir, tmp_path, monkeypatch):
+    """Lightning staged a checkpoint in the system's temporary folder, never fsynced, and moved it over the old one:
+    from another file system (a tmpfs /tmp) the move copied it over `last.ckpt`, so a kill mid-copy lost both."""
+    from tests.test_atomic import record_fsyncs_and_replaces
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"the previous checkpoint")
+    events = record_fsyncs_and_replaces(monkeypatch)
+    trainer.save_checkpoint(path)
+    (replaced,) = [index for index, event in enumerate(events) if event[0] == "replace" and event[2] == str(path)]
+    temporary = events[replaced][1]
+    assert Path(temporary).parent == tmp_path and ("fsync", temporary) in events[:replaced]
+    assert ("fsync", str(tmp_path)) in events[replaced:]
+    assert read_checkpoint(path)["global_step"] == 1
+
+
+def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_points_to(tmp_path):
+    """`ModelCheckpoint(save_last="link")` makes last.ckpt a link to another checkpoint: a save of last.ckpt
+    replaced the link under Lightning's own writer, and must not write the new state into the checkpoint linked."""
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    best = planted_checkpoint(tmp_path / "epoch=0-step=2.ckpt")
+    kept = best.read_bytes()
+    (tmp_path / "last.ckpt").symlink_to(best.name)
+    CheckedCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
+    assert best.read_bytes() == kept
+    assert not (tmp_path / "last.ckpt").is_symlink() and read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5
