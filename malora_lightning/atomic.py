@@ -49,6 +49,14 @@ def apply_default_modes(folder: Path) -> None:
                 os.chmod(child, default_mode(folder=name in folders))
 
 
+def _raise_naming(error: BaseException, path: Path) -> None:
+    """Raise `error` again naming `path` when it is an OSError that names no file, as a failed write or fsync raises
+    ("[Errno 28] No space left on device"): the command printed that line alone, saying neither which file nor which
+    disk. Return otherwise (the caller re-raises `error` as it is)."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        raise type(error)(error.errno, error.strerror, str(path)) from error
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -71,9 +79,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        _raise_naming(error, path)
         raise
     _fsync_dir(target.parent)
 
@@ -115,6 +124,9 @@ def staging_folder(target: Path) -> Iterator[Path]:
         os.chmod(staging, default_mode(folder=True))
         (staging / OWNER_MARKER).write_text(f"{socket.gethostname()} {os.getpid()}", encoding="utf-8")
         yield staging
+    except BaseException as error:
+        _raise_naming(error, target)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -258,7 +270,8 @@ def replace_files(folder: str | Path) -> Iterator[Path]:
         for child in staging.iterdir():
             _fsync_file(child)
         atomic_write_bytes(staging / COMMIT_MARKER, b"")
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        _raise_naming(error, folder)
         raise
     recover_replace(folder)  # the commit itself: move every staged file into place, then drop the staging folder

@@ -2,7 +2,9 @@
 owner-only ones of the temporary file or folder they are staged in (a teammate or a server could not read an exported
 adapter), a symbolic link written through; and a folder of the staging folder's name is touched only if it is ours."""
 
+import errno
 import os
+import re
 import signal
 import socket
 import stat
@@ -324,3 +326,30 @@ def test_a_process_killed_while_its_staged_files_reach_disk_leaves_a_folder_the_
         (staging / "config.json").write_text("{}")
         rename_into_place(staging, target)
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_full_disk_names_the_file_or_folder_being_written_and_loses_nothing(tmp_path, monkeypatch):
+    """A failed write or fsync raises an OSError that names no file: `malora fit` ended on "error: [Errno 28] No
+    space left on device" alone, saying neither which file nor which disk."""
+    (tmp_path / "report.md").write_text("old")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "weights").write_text("old")
+
+    def full_disk(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def named(path: Path) -> str:
+        return rf"^\[Errno 28\] No space left on device: '{re.escape(str(path))}'$"
+
+    with pytest.raises(OSError, match=named(tmp_path / "adapter")):
+        with replace_files(tmp_path / "adapter"):
+            full_disk()
+    with pytest.raises(OSError, match=named(tmp_path / "model")):
+        with staging_folder(tmp_path / "model"):
+            full_disk()
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=named(tmp_path / "report.md")):
+        atomic_write_text(tmp_path / "report.md", "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "report.md"]
+    assert [path.name for path in (tmp_path / "adapter").iterdir()] == ["weights"]
+    assert (tmp_path / "report.md").read_text() == (tmp_path / "adapter" / "weights").read_text() == "old"
