@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from malora_lightning.atomic import atomic_write_bytes
 from malora_lightning.callbacks.per_task_metrics import Evaluation
-from malora_lightning.run_paths import refuse_foreign_file
+from malora_lightning.run_paths import OWN_FOLDER, refuse_foreign_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,7 +48,10 @@ def is_our_plot(path: Path) -> bool:
 
 def refuse_foreign_plot(path: Path, writer: str, remedy: str) -> None:
     """Raise FileExistsError when the picture `path` exists without `PLOT_MARK` (a user's, or one drawn before the
-    mark existed, which can be deleted)."""
+    mark existed, which can be deleted), or when its folder is a file (found by the first picture, after training)."""
+    if path.parent.is_file():
+        raise FileExistsError(f"{path.parent} is a file, where {writer} makes a folder for its pictures: move it, "
+                              f"{OWN_FOLDER}, or {remedy}")
     keyword, value = PLOT_MARK
     refuse_foreign_file(path, is_our_plot, writer, f"it lacks the PNG text {keyword}: {value!r}, which every picture "
                         "malora_lightning draws carries; delete it if an earlier version drew it", remedy)

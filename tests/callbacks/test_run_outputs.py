@@ -466,3 +466,16 @@ def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_mod
     for name, layer in saved["layers"].items():  # the same matrices and figures as the fit wrote
         assert restored.layers[name].to_dict(restored.dead_threshold) == layer, name
     assert report_sections_of(run_dir)[title] == full[title]
+
+
+def test_a_file_named_like_the_plots_folder_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    """Found when the first picture was drawn, after training, as "[Errno 17] File exists: .../plots"."""
+    (tmp_path / "plots").write_text("my notes\n")
+    metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, val_check_interval=1,
+                           callbacks=[metrics, SeesawTracker(), RoutingStats()])
+    with pytest.raises(FileExistsError, match=r"plots is a file, where SeesawTracker makes a folder for its pictures"
+                                              r".*draw no curves \(SeesawTracker\(plots=False\)\)"):
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    assert (tmp_path / "plots").read_text() == "my notes\n"
+    assert trainer.global_step == 0 and metrics.history == []
