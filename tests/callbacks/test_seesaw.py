@@ -93,6 +93,16 @@ def test_a_task_at_its_baseline_is_no_negative_transfer():
     assert point.negative_transfer == 1  # b alone: 0.4 against 0.5
 
 
+def test_a_float32_accuracy_equal_to_its_baseline_is_no_negative_transfer():
+    """PerTaskMetrics' accuracies are float32 means: 7 of 10 items is 0.69999999 against a baseline file's 0.7, and a
+    run that matched every single-task score reported negative transfer on every task (worst -0.0 %)."""
+    accuracy = {f"k{k}": float(torch.tensor([1.0] * k + [0.0] * (100 - k)).mean()) for k in range(1, 101)}
+    (point,) = track([evaluation(10, accuracy)], tolerance=0.01,
+                     baseline={name: int(name[1:]) / 100 for name in accuracy})
+    assert {task.relative_gain for task in point.tasks.values()} == {0.0}
+    assert (point.delta_mtl, point.negative_transfer, point.worst_relative_gain) == (0.0, 0, 0.0)
+
+
 def test_the_report_shows_a_validate_or_test_evaluation_only_against_a_baseline(tmp_path):
     """RunReport already lists those scores: without a baseline the tracker adds nothing for them."""
     no_trainer_callbacks = type("Trainer", (), {"callbacks": []})()
