@@ -47,7 +47,7 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None])
                            ("loss", loss)):
             columns[key].append(value)
         lines.append(f"| {markdown_cell(name)} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
-                     f"{percent(end)} | {'-' if change is None else f'{100 * change:+.1f}'} | {_loss(loss)} |")
+                     f"{percent(end)} | {percent(change, signed=True)} | {_loss(loss)} |")
     compared = ("first", "best", "final")
     scored = [index for index in range(len(tasks)) if any(columns[key][index] is not None for key in compared)]
     common = [index for index in scored if all(columns[key][index] is not None for key in compared)]

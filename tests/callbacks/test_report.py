@@ -41,6 +41,16 @@ def test_best_is_the_highest_evaluation_and_change_is_final_minus_first():
     assert "| a | - | 20.0 | 80.0 | 50.0 | +30.0 | 1.000 |" in table
 
 
+def test_rounding_claims_no_perfect_score_and_no_zero():
+    """One decimal showed 2499 of 2500 items right as 100.0 (every item) and 1 of 2500 as 0.0 (none), and a change
+    of one item as +0.0; they get the decimals that tell them apart, and exact scores keep one."""
+    table = scores_table([evaluation(0, {"a": 2498 / 2500, "b": 0.0, "c": 1.0}),
+                          evaluation(10, {"a": 2499 / 2500, "b": 1 / 2500, "c": 1.0})], {})
+    assert "| a | - | 99.9 | 99.96 | 99.96 | +0.04 |" in table
+    assert "| b | - | 0.0 | 0.04 | 0.04 | +0.04 |" in table
+    assert "| c | - | 100.0 | 100.0 | 100.0 | +0.0 |" in table
+
+
 def test_a_report_of_a_version_before_the_marker_is_ours_by_its_title(tmp_path):
     report = tmp_path / "report.md"
     report.write_text(f"{REPORT_TITLE}\n\n## Validation accuracy (%) per task\n")
