@@ -23,11 +23,12 @@ import lightning as L
 from benchmarks.common import add_run_arguments, machine_info, machine_markdown, markdown_table, start_run, \
     write_report
 from malora_lightning.callbacks import PerTaskMetrics
-from malora_lightning.callbacks.summary import mean_of_present, percent
+from malora_lightning.callbacks.summary import mean_of_present
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.task_export import DEFAULT_PROFILE_EXAMPLES, build_from_recipe, profile_tasks, task_model
+from malora_lightning.values import percent
 
 VARIANTS = ("routed", "task LoRA", "task-merged")
 

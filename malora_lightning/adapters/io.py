@@ -51,7 +51,7 @@ from malora_lightning.adapters.quantization import (
 )
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import recorded_model_name
-from malora_lightning.values import check_switch, is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int, percent
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
@@ -642,7 +642,7 @@ def model_card(config: AdapterConfig, base: str | None, quantization: str | None
              f"| adapter parameters | {total:,} ({trainable:,} trainable when saved) |", ""]
     if task_scores:
         lines += ["## Tasks", "", "Final validation accuracy per task:", "", "| task | accuracy |", "|---|---|"]
-        lines += [f"| {task} | {'–' if score is None else f'{100 * score:.1f} %'} |" for task, score in task_scores.items()]
+        lines += [f"| {task} | {'–' if score is None else f'{percent(score)} %'} |" for task, score in task_scores.items()]
         lines.append("")
     lines += ["## Loading", "", "```python", "from malora_lightning import load_adapted_model",
               "model = load_adapted_model(\"path/to/this/folder\")  # the base named above, adapters loaded, eval mode",

@@ -17,8 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
-from malora_lightning.callbacks.summary import markdown_cell, mean_of_present, percent
+from malora_lightning.callbacks.summary import markdown_cell, mean_of_present
 from malora_lightning.run_paths import check_file_name, refuse_foreign_file, refuse_on_every_rank, run_directory
+from malora_lightning.values import percent
 
 REPORT_NAME = "report.md"
 REPORT_MARKER = "<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and test -->"

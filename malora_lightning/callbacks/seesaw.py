@@ -32,7 +32,7 @@ import lightning as L
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
-from malora_lightning.callbacks.summary import evaluation_series, markdown_cell, percent
+from malora_lightning.callbacks.summary import evaluation_series, markdown_cell
 from malora_lightning.data.tasks import DuplicateKeyError, unique_keys
 from malora_lightning.run_paths import (
     RunFileWriter,
@@ -41,7 +41,7 @@ from malora_lightning.run_paths import (
     refuse_on_every_rank,
     run_directory,
 )
-from malora_lightning.values import check_switch, is_finite_number
+from malora_lightning.values import check_switch, is_finite_number, percent
 
 SEESAW_NAME = "seesaw.json"
 CURVES_NAME = "task_accuracy.png"

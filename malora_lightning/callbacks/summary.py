@@ -1,5 +1,6 @@
-"""What the callbacks' summaries share: the mean of the values that are present, accuracy and text as Markdown
-cells, the training step of the weights an evaluation scores, and the series an evaluation belongs to."""
+"""What the callbacks' summaries share: the mean of the values that are present, text as a Markdown cell, the
+training step of the weights an evaluation scores, and the series an evaluation belongs to (accuracy as a percentage:
+`values.percent`)."""
 
 from __future__ import annotations
 
@@ -14,23 +15,6 @@ def mean_of_present(values: Iterable[float | None]) -> float | None:
     """The mean of the values that are not None; None when there are none."""
     present = [value for value in values if value is not None]
     return sum(present) / len(present) if present else None
-
-
-# the most decimals `percent` shows: closer than that to 0 or 100 %, a value is float rounding (1e-6 of a fraction)
-PERCENT_DECIMALS = 4
-
-
-def percent(value: float | None, signed: bool = False) -> str:
-    """A fraction as a percentage with one decimal ("+" on gains when `signed`), "-" for a missing value. One that
-    would round to 0 or (-)100 without being it gets the decimals that tell it apart (up to `PERCENT_DECIMALS`):
-    99.96 % of the items right is no "100.0", and 0.04 % no "0.0"."""
-    if value is None:
-        return "-"
-    number = 100 * value
-    decimals = 1
-    while abs(round(number, decimals)) in (0.0, 100.0) and round(number, decimals) != round(number, PERCENT_DECIMALS):
-        decimals += 1
-    return f"{number:+.{decimals}f}" if signed else f"{number:.{decimals}f}"
 
 
 def markdown_cell(text: str) -> str:

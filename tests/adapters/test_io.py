@@ -553,3 +553,10 @@ def test_a_switch_that_is_not_a_bool_is_refused_by_name(tmp_path, case):
     with pytest.raises(ValueError, match=rf"{setting}='[A-Za-z]+' is invalid: expected True or False"):
         SWITCH_CASES[case](tmp_path / "adapter")
     assert {path.name: path.read_bytes() for path in (tmp_path / "adapter").iterdir()} == before
+
+
+def test_the_model_card_rounds_no_score_to_a_perfect_or_a_zero_one(tmp_path):
+    """One decimal wrote 2499 of 2500 items right as "100.0 %" (every item) and 1 of 2500 as "0.0 %"."""
+    save_adapters(trained_model(), tmp_path / "a", task_scores={"a": 2499 / 2500, "b": 1 / 2500, "c": 1.0, "d": None})
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "| a | 99.96 % |\n| b | 0.04 % |\n| c | 100.0 % |\n| d | – |" in card
