@@ -44,7 +44,7 @@ from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
-from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, mean_of_present
+from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, markdown_cell, mean_of_present
 from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
 from malora_lightning.values import check_switch, is_finite_number, is_int
 
@@ -509,7 +509,7 @@ class RoutingStats(RunFileWriter):
         if divergence:
             lines += ["", "How differently each task is routed: KL from the layer's overall expert use, mean over "
                           "layers (nats; 0 = like every other task).", "", "| task | KL |", "|---|---|"]
-            lines += [f"| {name} | {value:.4f} |" for name, value in divergence.items()]
+            lines += [f"| {markdown_cell(name)} | {value:.4f} |" for name, value in divergence.items()]
         ranked = sorted(((layer.load_cv, name) for name, layer in summary.layers.items() if layer.load_cv is not None),
                         reverse=True)[:self.report_layers]
         if ranked:

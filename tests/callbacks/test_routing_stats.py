@@ -188,6 +188,14 @@ def test_task_routing_plot_of_a_smollm2_sized_model_is_readable_and_the_json_kee
     assert saved[specific]["task_divergence"] == pytest.approx(task_divergences(layers[specific].task_load).tolist())
 
 
+def test_a_task_name_holding_a_bar_stays_one_cell_of_the_kl_table():
+    """As in the report's other tables: a "|" split the row into more cells, the KL under no column."""
+    layers = {"layer": LayerRouting(task_load=torch.tensor([[3, 0], [0, 3]]), entropy_sum=1.0, top_k=1)}
+    summary = RoutingSummary(stage="val", step=1, tasks=["a|b", "c"], layers=layers, dead_threshold=0.01)
+    rows = [line for line in RoutingStats(plots=False)._report(summary, "val").splitlines() if line.startswith("| a")]
+    assert rows == [f"| a\\|b | {math.log(2):.4f} |"]
+
+
 def test_a_scoring_pass_counts_only_the_kept_tokens_that_are_not_padding():
     """`token_keep` (the counted rows) and the record's own mask (padding) both apply."""
     accumulator = RoutingAccumulator(["layer"], num_experts=3, num_tasks=2, device=torch.device("cpu"))
