@@ -970,4 +970,9 @@ def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str
     twice = repeated(names)
     if twice:
         raise ValueError(f"tasks listed more than once (in tasks or eval_tasks): {twice}")
+    unused = [name for name in inline if name not in names]
+    if unused:  # a recipe of specs without `tasks` trained the built-in suite, never naming the specs it left out
+        logger.warning("task_specs %s are named in neither tasks nor eval_tasks, so this run does not use them: list "
+                       "them in data.tasks to train on (it replaces the built-in suite) or data.eval_tasks to evaluate "
+                       "only", unused)
     return [inline[name] if name in inline else get_task(name) for name in names]

@@ -607,3 +607,18 @@ def test_fit_without_validation_rows_and_predict_from_a_file_need_no_evaluation_
     assert list(data._loaded("train")) == ["one"] and data._loaded("validation") == {}
     data.setup("predict")
     assert [len(loader) for loader in data.predict_dataloader().values()] == [1]
+
+
+def test_task_specs_that_no_task_list_names_are_warned_of(caplog, tmp_path):
+    """A recipe with task_specs but without `tasks` trained the built-in suite, and its specs were left out without a
+    word."""
+    spec = {"name": "capitals", "path": str(tmp_path / "capitals.jsonl"), "prompt": "{q}", "target": "{a}"}
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        data = MultiTaskDataModule(task_specs=[spec])
+    assert [task.name for task in data.tasks] == list(BUILTIN_TASKS)
+    assert "task_specs ['capitals'] are named in neither tasks nor eval_tasks, so this run does not use them" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        MultiTaskDataModule(tasks=["parity"], eval_tasks=["capitals"], task_specs=[spec])
+    assert "task_specs" not in caplog.text
