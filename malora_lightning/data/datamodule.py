@@ -508,14 +508,17 @@ class MultiTaskDataModule(LightningDataModule):
                            f"that run trained on, so their scores overstate; give data_seed={stored_seed} to "
                            "validate on the rows it held out")
 
+    def _limit_setting(self, split: str) -> str:
+        """The ``max_*_examples_per_task`` setting that caps ``split``."""
+        if split == "train":
+            return "max_train_examples_per_task"
+        if split == "validation" and self.settings.max_val_examples_per_task is not None:
+            return "max_val_examples_per_task"
+        return "max_eval_examples_per_task"
+
     def _limit(self, split: str) -> int | None:
         """The most examples per task of ``split`` kept: its ``max_*_examples_per_task``."""
-        settings = self.settings
-        if split == "train":
-            return settings.max_train_examples_per_task
-        if split == "validation" and settings.max_val_examples_per_task is not None:
-            return settings.max_val_examples_per_task
-        return settings.max_eval_examples_per_task
+        return getattr(self.settings, self._limit_setting(split))
 
     def _evaluated_count(self, rows: int) -> int:
         """How many of a validation split's ``rows`` are evaluated (``_limit``)."""
@@ -567,11 +570,14 @@ class MultiTaskDataModule(LightningDataModule):
         in `trained_prompts`; encoding an evaluated split afterwards warns of the examples whose prompt is there."""
         settings = self.settings
         limit = self._limit(split)
-        encoded, self.truncation[split] = {}, {}
+        encoded, self.truncation[split], cut = {}, {}, []
         for task_id, task in self._split_tasks(split):
             held_out = self.held_out(task) if split in ("train", "validation") else None
             if held_out is None:
                 examples = task.examples(split, seed=settings.data_seed, limit=limit)
+                rows = task.num_rows(split, settings.data_seed) if len(examples) == limit else len(examples)
+                if rows > len(examples):
+                    cut.append(f"{task.name} {len(examples)} of {rows}")
             elif split == "train":
                 examples = task.examples("train", seed=settings.data_seed, limit=limit, only_rows=held_out.train_rows)
             else:
@@ -598,6 +604,9 @@ class MultiTaskDataModule(LightningDataModule):
                                     "so long_targets='skip' left every one out; raise max_length (or the split's "
                                     "max_*_examples_per_task, if it has shorter rows)")
             self._count_truncation(split, task.name, stats)
+        if cut:  # the default recipe's cap scored `malora test` on 32 rows of a larger test file without a word
+            logger.info("%s: at most %d examples per task (%s), a random subset fixed by data_seed: %s", split,
+                        limit, self._limit_setting(split), ", ".join(cut))
         return encoded
 
     def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, PackedExamples]:

@@ -624,3 +624,16 @@ def test_task_specs_that_no_task_list_names_are_warned_of(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
         MultiTaskDataModule(tasks=["parity"], eval_tasks=["capitals"], task_specs=[spec])
     assert "task_specs" not in caplog.text
+
+
+def test_evaluating_a_subset_of_a_split_says_how_many_rows_of_how_many(caplog):
+    """`max_eval_examples_per_task` (32 in the default recipe) scored `malora test` on a subset of a user's test file,
+    and neither the log nor the report said so."""
+    with caplog.at_level(logging.INFO, logger="malora_lightning.data.datamodule"):
+        make(max_val_examples_per_task=100).setup("fit")  # all 100 validation rows: nothing to say
+        make(tasks=["parity"]).setup("test")
+    messages = [record.getMessage() for record in caplog.records if "random subset" in record.getMessage()]
+    assert messages == ["train: at most 12 examples per task (max_train_examples_per_task), a random subset fixed by "
+                        "data_seed: add_2digit 12 of 2000, reverse_words 12 of 2000, parity 12 of 2000",
+                        "test: at most 5 examples per task (max_eval_examples_per_task), a random subset fixed by "
+                        "data_seed: parity 5 of 200"]
