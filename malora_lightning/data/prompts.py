@@ -20,7 +20,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from malora_lightning.data.tasks import NON_FINITE, FileSource, TaskDataError, is_non_finite
+from malora_lightning.data.tasks import NON_FINITE, FileSource, TaskDataError, has_text, is_non_finite
 
 PREDICT_FIELDS = ("prompt", "task", "target")
 # field names other files give the reference answer; read as none of ours, named in a warning when there is no target
@@ -73,7 +73,7 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
                                     f"{NON_FINITE}; {need}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = str(value)  # a JSON number, as the file writes it (as in task files): "target": 42
-            if value is not None and (not isinstance(value, str) or not value.strip()):
+            if value is not None and (not isinstance(value, str) or not has_text(value)):
                 raise TaskDataError(f"predict_file {path}, row {index}: field {field!r} must be non-empty text or a "
                                     f"number, got {type(value).__name__} {value!r:.60}")
             values[field] = value

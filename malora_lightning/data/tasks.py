@@ -18,6 +18,7 @@ import random
 import re
 import string
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -54,6 +55,12 @@ def _is_text(value: Any) -> bool:
 MAX_FORMAT_WIDTH = 1000
 
 
+def has_text(value: str) -> bool:
+    """Whether ``value`` holds a visible character: not only whitespace or invisible format characters (a zero-width
+    space or a byte-order mark, left by a spreadsheet export), which ``str.strip`` keeps and a tokenizer encodes."""
+    return any(not character.isspace() and unicodedata.category(character) != "Cf" for character in value)
+
+
 def _check_template(key: str, template: str) -> None:
     """A template ``str.format`` fills from a row's fields by plain name, or a ValueError names the part that is not:
     a template with no text would make every example's prompt or target empty; a lone brace ("{q") fails on every
@@ -61,7 +68,7 @@ def _check_template(key: str, template: str) -> None:
     character or a repr, not the text in the file; a positional field (``{}``, ``{0}``) reads no column. A format
     spec (``{a:.1f}``, ``{q:>5}``) formats the value and is allowed up to a width and precision of
     `MAX_FORMAT_WIDTH`."""
-    if not template.strip():
+    if not has_text(template):
         raise ValueError(f"{key}={template!r:.80} is invalid: expected a template with text, like '{{answer}}'")
     try:
         parsed = list(string.Formatter().parse(template))
@@ -127,9 +134,9 @@ class Example:
         if not isinstance(self.prompt, str) or not isinstance(self.target, str):
             raise ValueError(f"prompt and target must be strings (got {type(self.prompt).__name__} and "
                              f"{type(self.target).__name__})")
-        if not self.prompt.strip():  # the answer would be trained after an empty user turn
+        if not has_text(self.prompt):  # the answer would be trained after an empty user turn
             raise ValueError("the prompt is empty; every example needs prompt text")
-        if not self.target.strip():
+        if not has_text(self.target):
             raise ValueError("the target is empty")
         if self.choices is None:
             if self.gold is not None:
@@ -139,7 +146,7 @@ class Example:
         if len(self.choices) < 2:
             raise ValueError(f"a multiple-choice example needs at least two choices (got {list(self.choices)})")
         for index, choice in enumerate(self.choices):
-            if not isinstance(choice, str) or not choice.strip():  # no tokens to score: it would beat every choice
+            if not isinstance(choice, str) or not has_text(choice):  # nothing to score: it would beat every choice
                 raise ValueError(f"choice {index} is {choice!r:.60} in {list(self.choices)!r:.200}; every choice must "
                                  "be non-empty text")
         twice = repeated(self.choices)

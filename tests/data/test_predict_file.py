@@ -107,6 +107,8 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
     ("empty.jsonl", "\n", [r"predict_file .*empty.jsonl has no rows", "'prompt'"]),
     ("blank.jsonl", '{"prompt": "hi"}\n{"prompt": "  \\n "}\n',
      [r"blank.jsonl, row 1: field 'prompt' must be non-empty text or a number, got str"]),
+    ("invisible.jsonl", '{"prompt": "hi"}\n{"prompt": "\\u200b"}\n',  # a zero-width space alone was a prompt
+     [r"invisible.jsonl, row 1: field 'prompt' must be non-empty text or a number, got str"]),
     # json.dumps writes a missing float as NaN: the reference answer, or the prompt, was the text "NaN"
     ("nan_target.jsonl", '{"prompt": "hi", "target": "hello"}\n{"prompt": "Population of Atlantis?", "target": NaN}\n',
      [r"nan_target.jsonl, row 1: field 'target' holds NaN, not a value", "or null .* for none"]),

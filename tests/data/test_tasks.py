@@ -95,6 +95,9 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"target": " "}, "the target is empty"),
     ({"prompt": "\n"}, "the prompt is empty"),
+    # invisible format characters (a zero-width space, a byte-order mark) were text: the tokenizer encodes them
+    ({"prompt": "\u200b\ufeff "}, "the prompt is empty"),
+    ({"target": "\u200b"}, "the target is empty"),
     ({"choices": ("A", "B"), "gold": 2}, r"gold index 2 is not in 0..1"),
     ({"choices": ("A", "B"), "gold": 0}, "target 'x' differs from the gold choice 'A'"),
     ({"choices": ("A",), "gold": 0}, "at least two choices"),
