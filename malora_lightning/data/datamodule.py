@@ -256,6 +256,12 @@ class MultiTaskDataModule(LightningDataModule):
         if use_chat_template is not None and not isinstance(use_chat_template, bool):
             raise ValueError(f"MultiTaskDataModule use_chat_template={use_chat_template!r} is invalid: expected True, "
                              "False or None (whenever the tokenizer has a chat template)")
+        if tokenizer is not None and not isinstance(tokenizer, str):  # an AttributeError in setup
+            loaded = isinstance(tokenizer, PreTrainedTokenizerBase)
+            raise ValueError(f"MultiTaskDataModule tokenizer={type(tokenizer).__name__} is invalid: expected the name "
+                             "or folder of a tokenizer as text (the checkpoint records it), or None (the model's)" +
+                             ("; to use this loaded tokenizer, set data.tokenizer_object = tokenizer before setup"
+                              if loaded else ""))
         if system_prompt is not None and not isinstance(system_prompt, str):  # 5 was written as the text "5"
             raise ValueError(f"MultiTaskDataModule system_prompt={system_prompt!r:.80} is invalid: expected text, or "
                              "None (the chat template's default system turn)")

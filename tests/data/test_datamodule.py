@@ -3,6 +3,7 @@ import logging
 import re
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,6 +271,9 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     ({"trust_remote_code": None}, r"trust_remote_code=None is invalid"),
     ({"use_chat_template": "false"}, r"use_chat_template='false' is invalid: expected True, False or None"),
     ({"system_prompt": 5}, r"system_prompt=5 is invalid: expected text, or None"),  # was the system turn "5"
+    # an AttributeError in setup ("has no attribute startswith"); a Path would not load back from a checkpoint
+    ({"tokenizer": tiny_tokenizer()}, r"tokenizer=\w+ is invalid: .* set data.tokenizer_object = tokenizer before"),
+    ({"tokenizer": Path("tok")}, r"tokenizer=\w*Path is invalid: expected the name or folder of a tokenizer as text"),
 ])
 def test_bad_arguments_are_rejected_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
