@@ -49,14 +49,14 @@ def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
         raise error_type(message)
 
 
-def _json_object_keys(path: Path) -> list[str] | None:
-    """The keys, in order, of the JSON object a file holds; None when it holds none (other JSON, not JSON, not
-    UTF-8)."""
+def our_json(path: Path, keys: list[str]) -> dict | None:
+    """The JSON object `path` holds when its keys are exactly `keys`, in order (a file its writer wrote); None for
+    any other file (absent, other JSON, not JSON, not UTF-8)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return list(data) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and list(data) == keys else None
 
 
 def refuse_foreign_file(path: Path, ours: Callable[[Path], bool], writer: str, mark: str, remedy: str) -> None:
@@ -71,7 +71,7 @@ def refuse_foreign_json(path: Path, keys: list[str], writer: str, remedy: str) -
     """`refuse_foreign_file` for a JSON file `writer` writes, known as its own by holding an object with exactly
     `keys`, in order: a marker key would be missing from the files of earlier versions, which a rerun in the same
     folder has to replace."""
-    refuse_foreign_file(path, lambda written: _json_object_keys(written) == keys, writer,
+    refuse_foreign_file(path, lambda written: our_json(written, keys) is not None, writer,
                         f"it holds no JSON object with exactly the keys {', '.join(keys)}", remedy)
 
 

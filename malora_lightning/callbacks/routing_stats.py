@@ -45,7 +45,13 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, markdown_cell, mean_of_present
-from malora_lightning.run_paths import RunFileWriter, refuse_foreign_json, refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import (
+    RunFileWriter,
+    our_json,
+    refuse_foreign_json,
+    refuse_on_every_rank,
+    run_directory,
+)
 from malora_lightning.values import check_switch, is_finite_number, is_int
 
 
@@ -366,7 +372,7 @@ class RoutingStats(RunFileWriter):
             atomic_write_text(directory / summary_file(series), json.dumps(summary.to_dict(), indent=2) + "\n")
             if self.plots and health["tokens"] > 0:
                 self.plots_written[series] = self._plot(summary, series, directory / PLOTS_FOLDER)
-            if self.plots:
+            if self.plots and not self._fit_validated_later(trainer, directory):
                 self._draw_restored(directory / PLOTS_FOLDER)
 
     @staticmethod
@@ -376,6 +382,15 @@ class RoutingStats(RunFileWriter):
                           ("task_expert_nmi_mean", "task_nmi")):
             if health[key] is not None:
                 log_synchronised(pl_module, f"{stage}/routing/{name}", float(health[key]))
+
+    def _fit_validated_later(self, trainer: L.Trainer, directory: Path) -> bool:
+        """Whether validate/test restored the fit's routing of an earlier validation than the run folder's
+        `routing_val.json` (a test of an earlier checkpoint): the pictures there are then the fit's later ones, which
+        drawing the checkpoint's would replace."""
+        summary = self.results.get("val")
+        written = our_json(directory / summary_file("val"), SUMMARY_KEYS)
+        return evaluation_series(trainer) != "val" and summary is not None and written is not None \
+            and written["step"] > summary.step
 
     def _draw_restored(self, folder: Path) -> None:
         """Draw the fit's validation routing restored from a checkpoint (a resumed fit, validate/test in a new

@@ -37,6 +37,7 @@ from malora_lightning.data.tasks import DuplicateKeyError, unique_keys
 from malora_lightning.run_paths import (
     RunFileWriter,
     check_file_name,
+    our_json,
     refuse_foreign_json,
     refuse_on_every_rank,
     run_directory,
@@ -232,7 +233,8 @@ class SeesawTracker(RunFileWriter):
         The `val` series is a function of PerTaskMetrics' history alone, so it is computed again from that history at
         every evaluation: validate/test of a checkpoint in a new process (`malora test --ckpt_path ...`) restore the
         fit's history, and the `val` series then stays in `seesaw.json`, the report and its curves instead of being
-        dropped."""
+        dropped. That history ends at the checkpoint: where the run folder holds the fit's later validations
+        (`_later_fit_on_file`), they stay in `seesaw.json` and its curves."""
         series = evaluation_series(trainer)
         fit = self._track_fit(trainer)
         if series != "val":
@@ -243,9 +245,22 @@ class SeesawTracker(RunFileWriter):
         directory = run_directory(trainer)  # on every rank: without checkpoints it is a collective call
         if not trainer.is_global_zero:
             return
-        atomic_write_text(directory / self.filename, json.dumps(self.to_dict(), indent=2) + "\n")
-        if self.plots and fit and (series == "val" or not self.curves_written):
+        data = self.to_dict()
+        later = [] if series == "val" else self._later_fit_on_file(directory / self.filename)
+        if later:
+            data["stages"] = {"val": later, **{name: saved for name, saved in data["stages"].items() if name != "val"}}
+        atomic_write_text(directory / self.filename, json.dumps(data, indent=2) + "\n")
+        if self.plots and fit and not later and (series == "val" or not self.curves_written):
             self._draw_curves(trainer, directory, fit)
+
+    def _later_fit_on_file(self, path: Path) -> list[dict[str, Any]]:
+        """The fit's `val` series in `path` when it ends at a later step than the one this process holds (none
+        otherwise): validate/test of an earlier checkpoint restore the fit's history up to that checkpoint, and
+        writing it would drop the fit's later validations from the file, and from the curves drawn over them."""
+        written = our_json(path, list(self.to_dict()))
+        saved = written["stages"].get("val", []) if written is not None else []
+        held = self.points.get("val", [])
+        return saved if saved and saved[-1]["step"] > (held[-1].step if held else -1) else []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the refusal of foreign files, draw the curves of the history a resumed fit restored: one resumed

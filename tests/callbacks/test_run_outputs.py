@@ -479,3 +479,43 @@ def test_a_file_named_like_the_plots_folder_is_refused_before_any_work(tiny_mode
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
     assert (tmp_path / "plots").read_text() == "my notes\n"
     assert trainer.global_step == 0 and metrics.history == []
+
+
+@pytest.fixture(scope="module")
+def earlier_checkpoint_tested(tiny_model_dir, tmp_path_factory):
+    """A fit of 3 steps validating after each and keeping every checkpoint, then `malora test --ckpt_path` of its
+    step-1 checkpoint in a new process (fresh trainer, callbacks and module), in the fit's folder: the run files the
+    fit wrote (name: content) and those after the test."""
+    root = tmp_path_factory.mktemp("earlier")
+    run_dir = root / "ckpt"
+    tasks = ["parity", "add_2digit"]
+
+    def make(**settings):
+        callbacks = [PerTaskMetrics(), SeesawTracker(), RoutingStats(), RunReport(),
+                     ModelCheckpoint(dirpath=run_dir, save_top_k=-1, every_n_train_steps=1, filename="{step}")]
+        return make_trainer(root, enable_checkpointing=True, callbacks=callbacks, **settings)
+
+    make(max_steps=3, limit_val_batches=None, num_sanity_val_steps=-1, val_check_interval=1).fit(
+        make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=tasks))
+    names = ["seesaw.json", "routing_val.json", "report.md"] + [f"plots/{name}" for name in (
+        "task_accuracy.png", "expert_load_val.png", "task_expert_val.png")]
+    fit = {name: (run_dir / name).read_bytes() for name in names}
+    make(limit_test_batches=None).test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=tasks),
+                                       ckpt_path=str(run_dir / "step=1.ckpt"), verbose=False)
+    return dict(run_dir=run_dir, fit=fit, tested={name: (run_dir / name).read_bytes() for name in names})
+
+
+def test_a_test_of_an_earlier_checkpoint_keeps_the_fits_later_validations(earlier_checkpoint_tested):
+    """The checkpoint restores the fit's history up to step 1 only: seesaw.json's `val` went from the fit's 4
+    validations to that checkpoint's, and the fit's curves and routing pictures were drawn again from it."""
+    fit, tested = earlier_checkpoint_tested["fit"], earlier_checkpoint_tested["tested"]
+    fit_stages, tested_stages = (json.loads(files["seesaw.json"])["stages"] for files in (fit, tested))
+    assert [point["step"] for point in fit_stages["val"]] == [0, 1, 2, 3]
+    assert list(tested_stages) == ["val", "test"] and tested_stages["val"] == fit_stages["val"]
+    assert [point["step"] for point in tested_stages["test"]] == [1]
+    for name in ("routing_val.json", "plots/task_accuracy.png", "plots/expert_load_val.png",
+                 "plots/task_expert_val.png"):
+        assert tested[name] == fit[name], name
+    sections = report_sections_of(earlier_checkpoint_tested["run_dir"])  # links no picture of other figures
+    for title in ("Seesaw over training (validation)", "Routing health (validation)"):
+        assert "](plots/" not in sections[title], title
