@@ -48,6 +48,7 @@ class Evaluation:
     sanity_check: bool
     tasks: dict[str, TaskScore] = field(default_factory=dict)
     during_fit: bool = True  # False for trainer.validate/test: no point of the training curve
+    checkpoint: str | None = None  # the file name of the checkpoint validate/test loaded; None: the weights in memory
 
     @property
     def macro_accuracy(self) -> float | None:
@@ -104,6 +105,8 @@ class PerTaskMetrics(Callback):
         self._meters: dict[str, _TaskMeters] = {}
         self._listeners: list[EvaluationListener] = []
         self._weights = WeightsStep()
+        # the checkpoint validate/test restored the fit's history from: it ends there, not at the fit's end
+        self.restored_from: str | None = None
 
     def add_listener(self, listener: EvaluationListener) -> None:
         """Call `listener(trainer, pl_module, evaluation)` on every rank after each evaluation (sanity check too)."""
@@ -162,7 +165,8 @@ class PerTaskMetrics(Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
-                                during_fit=trainer.state.fn == TrainerFn.FITTING)
+                                during_fit=trainer.state.fn == TrainerFn.FITTING,
+                                checkpoint=self._weights.checkpoint_name)
         self._same_meters_on_every_rank(pl_module)
         for name, meters in self._meters.items():
             # compute() synchronises across ranks, so every rank computes every meter, even an empty one (a task
@@ -258,16 +262,18 @@ class PerTaskMetrics(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": [
             {"stage": e.stage, "step": e.step, "sanity_check": e.sanity_check, "during_fit": e.during_fit,
-             "tasks": {name: vars(score) for name, score in e.tasks.items()}} for e in self.history]}
+             "checkpoint": e.checkpoint, "tasks": {name: vars(score) for name, score in e.tasks.items()}}
+            for e in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resuming a fit takes the checkpoint's history, and so does validate/test of a checkpoint in a process that
-        has none; one that has a history keeps it (after a fit, the whole fit's: the checkpoint's may end at an
-        earlier, best, step)."""
+        has none (`restored_from` then names the checkpoint: the fit's history ends there); one that has a history
+        keeps it (after a fit, the whole fit's: the checkpoint's may end at an earlier, best, step)."""
         if self._weights.checkpoint_step is not None and self.history:
             return
-        # checkpoints written before `during_fit` existed: taken as a fit's
+        self.restored_from = self._weights.checkpoint_name
+        # checkpoints written before `during_fit` (or `checkpoint`) existed: taken as a fit's (of the weights in memory)
         self.history = [Evaluation(stage=e["stage"], step=e["step"], sanity_check=e["sanity_check"],
                                    tasks={name: TaskScore(**score) for name, score in e["tasks"].items()},
-                                   during_fit=e.get("during_fit", True))
+                                   during_fit=e.get("during_fit", True), checkpoint=e.get("checkpoint"))
                         for e in state_dict["history"]]

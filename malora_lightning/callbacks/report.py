@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
-from malora_lightning.callbacks.summary import markdown_cell, mean_of_present
+from malora_lightning.callbacks.summary import markdown_cell, mean_of_present, restored_note, weights_label
 from malora_lightning.run_paths import check_file_name, refuse_foreign_file, refuse_on_every_rank, run_directory
 from malora_lightning.values import percent
 
@@ -26,14 +26,17 @@ REPORT_MARKER = "<!-- malora_lightning run report: RunReport rewrites this file 
 REPORT_TITLE = "# Run report"
 
 
-def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None]) -> str:
+def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None], final_name: str = "final") -> str:
     """Per task (every task of the history, in order of appearance): chance, first evaluation (before training when it
-    ran at step 0), best, final, final - first, and final loss. The mean row averages each column over the same
-    tasks, those scored in the first, best and final columns (a task that joined later would otherwise lift one
-    column's mean and not the other's); its chance cell only when all of them have a chance rate."""
+    ran at step 0), best, final, final - first, and final loss; each evaluation column names the weights it scored
+    (`weights_label`), and `final_name` the last one ("last" for a history that does not reach the fit's end). The
+    mean row averages each column over the same tasks, those scored in the first, best and final columns (a task that
+    joined later would otherwise lift one column's mean and not the other's); its chance cell only when all of them
+    have a chance rate."""
     first, final = evaluations[0], evaluations[-1]
     tasks = list(dict.fromkeys(name for evaluation in evaluations for name in evaluation.tasks))
-    lines = [f"| task | chance | first (step {first.step}) | best | final (step {final.step}) | change | final loss |",
+    lines = [f"| task | chance | first ({weights_label(first.step, first.checkpoint)}) | best | "
+             f"{final_name} ({weights_label(final.step, final.checkpoint)}) | change | {final_name} loss |",
              "|---|---|---|---|---|---|---|"]
     columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": [], "loss": []}
     for name in tasks:
@@ -93,7 +96,10 @@ class RunReport(Callback):
                     ("val", False, "Validation accuracy (%) per task, outside training (trainer.validate)"),
                     ("test", False, "Test accuracy (%) per task")):
                 evaluations = metrics.evaluations(stage, during_fit=during_fit)
-                if evaluations:
+                if during_fit and evaluations and metrics.restored_from is not None:
+                    sections.append(f"## {title}\n\n{restored_note(metrics.restored_from)}\n\n"
+                                    f"{scores_table(evaluations, chance, final_name='last')}")
+                elif evaluations:
                     sections.append(f"## {title}\n\n{scores_table(evaluations, chance)}")
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "report_sections"):

@@ -44,7 +44,13 @@ from malora_lightning.adapters.routing import ObserverHandle, RoutingRecord
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
-from malora_lightning.callbacks.summary import WeightsStep, evaluation_series, markdown_cell, mean_of_present
+from malora_lightning.callbacks.summary import (
+    WeightsStep,
+    evaluation_series,
+    markdown_cell,
+    mean_of_present,
+    restored_note,
+)
 from malora_lightning.run_paths import (
     RunFileWriter,
     our_json,
@@ -305,6 +311,7 @@ class RoutingStats(RunFileWriter):
         self._top_k = 0
         self._warned = False
         self._weights = WeightsStep()
+        self.restored_from: str | None = None  # as `PerTaskMetrics.restored_from`, for `results["val"]`
 
     # ------------------------------------------------------------------ collection
     @staticmethod
@@ -361,6 +368,8 @@ class RoutingStats(RunFileWriter):
                                  layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold)
         series = evaluation_series(trainer)
         self.results[series] = summary
+        if series == "val":
+            self.restored_from = None
         health = summary.health()
         if health["tokens"] == 0:
             rank_zero_warn(f"RoutingStats: no scoring pass was seen in the {stage} batches (the module declares "
@@ -462,6 +471,7 @@ class RoutingStats(RunFileWriter):
         if saved is None or (self._weights.checkpoint_step is not None and "val" in self.results):
             return
         self.results["val"] = RoutingSummary.from_state(saved)
+        self.restored_from = self._weights.checkpoint_name
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -509,7 +519,8 @@ class RoutingStats(RunFileWriter):
         def number(value: float | None, digits: int = 2) -> str:
             return "-" if value is None else f"{value:.{digits}f}"
 
-        lines = [
+        lines = [restored_note(self.restored_from), ""] if series == "val" and self.restored_from is not None else []
+        lines += [
             f"Step {summary.step}: {health['layers']} routed layers, {health['tokens']} tokens each "
             f"(padding excluded). Dead expert: load below {summary.dead_threshold:g} x the even share.", "",
             "| load CV mean | CV min | CV max (layer) | router entropy / ln N | dead experts | task-expert NMI |",

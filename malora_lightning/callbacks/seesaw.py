@@ -32,7 +32,7 @@ import lightning as L
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates, log_synchronised
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_task_curves, refuse_foreign_plot
-from malora_lightning.callbacks.summary import evaluation_series, markdown_cell
+from malora_lightning.callbacks.summary import evaluation_series, markdown_cell, restored_note, weights_label
 from malora_lightning.data.tasks import DuplicateKeyError, unique_keys
 from malora_lightning.run_paths import (
     RunFileWriter,
@@ -67,6 +67,7 @@ class SeesawPoint:
     stage: str
     step: int
     sanity_check: bool
+    checkpoint: str | None  # as `Evaluation.checkpoint`
     tasks: dict[str, TaskMovement]
     seesaw_index: float | None
     improved: list[str]
@@ -128,7 +129,8 @@ def track(evaluations: Sequence[Evaluation], tolerance: float,
                                     relative_gain=gains.get(name))
                  for name, value in scores.items()}
         points.append(SeesawPoint(
-            stage=evaluation.stage, step=evaluation.step, sanity_check=evaluation.sanity_check, tasks=tasks,
+            stage=evaluation.stage, step=evaluation.step, sanity_check=evaluation.sanity_check,
+            checkpoint=evaluation.checkpoint, tasks=tasks,
             seesaw_index=seesaw_index(changes, tolerance),
             improved=[name for name, change in changes.items() if direction(change, tolerance) == 1],
             degraded=[name for name, change in changes.items() if direction(change, tolerance) == -1],
@@ -314,14 +316,18 @@ class SeesawTracker(RunFileWriter):
     # ------------------------------------------------------------------ run report
     def report_sections(self, trainer: L.Trainer) -> list[str]:
         """The fit's series from the restored history too: a fit resumed after its last validation evaluates nothing
-        in this process, and its report lacked "Seesaw over training" that the uninterrupted run's has."""
+        in this process, and its report lacked "Seesaw over training" that the uninterrupted run's has. Restored by
+        validate/test of a checkpoint, it ends at that checkpoint, and says so."""
         self._track_fit(trainer)
+        metrics = PerTaskMetrics.attached(trainer)
+        restored = metrics.restored_from if metrics is not None else None
         sections = []
         for series, title in (("val", "Seesaw over training (validation)"),
                               ("validate", "Transfer (validation outside training)"), ("test", "Transfer (test)")):
             points = self.points.get(series)
             if points and (series == "val" or self.baseline is not None):  # RunReport already lists the scores
-                body = [self._task_table(points[-1], movement=len(points) > 1)]
+                body = [restored_note(restored)] if series == "val" and restored is not None else []
+                body.append(self._task_table(points[-1], movement=len(points) > 1))
                 if len(points) > 1:
                     body.append(self._evaluations_table(points))
                 if series == "val" and self.curves_written:
@@ -340,7 +346,8 @@ class SeesawTracker(RunFileWriter):
         if with_baseline:
             header += " single-task | relative gain |"
             rule += "---|---|"
-        lines = [f"Accuracies in %, at step {point.step}; changes in points, relative gains in %.", "", header, rule]
+        lines = [f"Accuracies in %, at {weights_label(point.step, point.checkpoint)}; changes in points, relative "
+                 "gains in %.", "", header, rule]
         for name, task in point.tasks.items():
             line = f"| {markdown_cell(name)} | {percent(task.accuracy)} |"
             if movement:

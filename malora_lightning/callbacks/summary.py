@@ -1,10 +1,11 @@
 """What the callbacks' summaries share: the mean of the values that are present, text as a Markdown cell, the
-training step of the weights an evaluation scores, and the series an evaluation belongs to (accuracy as a percentage:
-`values.percent`)."""
+training step (and checkpoint) of the weights an evaluation scores, and the series an evaluation belongs to (accuracy
+as a percentage: `values.percent`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,19 @@ def evaluation_series(trainer: L.Trainer) -> str:
     return "val" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
 
 
+def weights_label(step: int, checkpoint: str | None) -> str:
+    """The weights an evaluation scored, as the report's tables name them: "step 3", and the checkpoint's file name
+    when validate/test loaded one ("step 1, step=1.ckpt"), since the fit may have trained past it."""
+    return f"step {step}" if checkpoint is None else f"step {step}, {markdown_cell(checkpoint)}"
+
+
+def restored_note(checkpoint: str) -> str:
+    """Said of the fit's history that validate/test of `checkpoint` restored from it: it ends where the checkpoint
+    was written, and its last evaluation is not the fit's final one."""
+    return (f"The fit's validations up to checkpoint {checkpoint}, restored from it: the fit's later ones, if any, "
+            "are not in this section.")
+
+
 class WeightsStep:
     """The training step of the weights being evaluated. `validate`/`test(ckpt_path=...)` load a checkpoint's weights
     but leave the trainer's step as it was (0 in a fresh trainer, the end of the fit after one), which would label the
@@ -37,14 +51,16 @@ class WeightsStep:
 
     def __init__(self) -> None:
         self.checkpoint_step: int | None = None  # the step of the checkpoint that validate/test loaded, if any
+        self.checkpoint_name: str | None = None  # and its file name
 
     def forget(self) -> None:
-        self.checkpoint_step = None
+        self.checkpoint_step = self.checkpoint_name = None
 
     def loaded(self, trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
         """A fit resumed from a checkpoint goes on from its step, which the trainer then holds."""
         if trainer.state.fn != TrainerFn.FITTING:
             self.checkpoint_step = checkpoint["global_step"]
+            self.checkpoint_name = Path(trainer.ckpt_path).name
 
     def of(self, trainer: L.Trainer) -> int:
         return trainer.global_step if self.checkpoint_step is None else self.checkpoint_step

@@ -18,6 +18,7 @@ from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.callbacks.plots import is_our_plot
 from malora_lightning.callbacks.seesaw import track
+from malora_lightning.callbacks.summary import restored_note
 from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.test_module import TASKS, make_data, make_module, make_trainer
@@ -465,7 +466,7 @@ def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_mod
     assert restored.step == saved["step"] == 2
     for name, layer in saved["layers"].items():  # the same matrices and figures as the fit wrote
         assert restored.layers[name].to_dict(restored.dead_threshold) == layer, name
-    assert report_sections_of(run_dir)[title] == full[title]
+    assert report_sections_of(run_dir)[title] == f"{restored_note('step=2.ckpt')}\n\n{full[title]}"
 
 
 def test_a_file_named_like_the_plots_folder_is_refused_before_any_work(tiny_model_dir, tmp_path):
@@ -519,3 +520,18 @@ def test_a_test_of_an_earlier_checkpoint_keeps_the_fits_later_validations(earlie
     sections = report_sections_of(earlier_checkpoint_tested["run_dir"])  # links no picture of other figures
     for title in ("Seesaw over training (validation)", "Routing health (validation)"):
         assert "](plots/" not in sections[title], title
+
+
+def test_the_report_of_a_test_of_an_earlier_checkpoint_names_it(earlier_checkpoint_tested):
+    """The test scored step=1.ckpt, and the fit's history restored from it ends there, at its step-0 validation: the
+    report called that "final (step 0)" beside "final (step 1)" for the test, though the fit went on to step 3."""
+    run_dir = earlier_checkpoint_tested["run_dir"]
+    sections = report_sections_of(run_dir)
+    assert "| final (step 1, step=1.ckpt) | change | final loss |" in sections["Test accuracy (%) per task"]
+    validation = sections["Validation accuracy (%) per task"]
+    assert validation.startswith(restored_note("step=1.ckpt")) and "| last (step 0) |" in validation
+    assert "final" not in validation
+    for title in ("Seesaw over training (validation)", "Routing health (validation)"):
+        assert sections[title].startswith(restored_note("step=1.ckpt")), title
+    test_points = json.loads((run_dir / "seesaw.json").read_text())["stages"]["test"]
+    assert [(point["step"], point["checkpoint"]) for point in test_points] == [(1, "step=1.ckpt")]
