@@ -147,6 +147,28 @@ def test_load_from_checkpoint_runs_no_attention_kernel_from_the_hub_that_the_fil
     assert module.settings.attn_implementation == "eager" and module.model.config._attn_implementation == "eager"
 
 
+def test_a_hub_kernel_the_caller_names_is_used_on_load_and_in_python(tiny_model_dir, tmp_path, monkeypatch):
+    """The refusal is of a kernel the file chose: one the caller passes to load_from_checkpoint, or gives the module
+    in Python (no file read), reaches the base's load, also after a load_from_checkpoint has run."""
+    kernel = "kernels-community/planted"
+    checkpoint = planted_checkpoint(tmp_path / "planted.ckpt", model_name_or_path=str(tiny_model_dir),
+                                    attn_implementation=kernel, quantization=None)
+    with pytest.raises(ValueError, match="attention code from the Hub that a file does not get to choose"):
+        MALoRAModule.load_from_checkpoint(checkpoint)
+    module = MALoRAModule(model_name_or_path=str(tiny_model_dir), quantization=None, attn_implementation=kernel)
+    assert module.settings.attn_implementation == kernel
+
+    class BaseLoaded(Exception):
+        pass
+
+    def load_base_model(*args, attn_implementation=None, **kwargs):  # the download would start here
+        raise BaseLoaded(attn_implementation)
+
+    monkeypatch.setattr("malora_lightning.module.load_base_model", load_base_model)
+    with pytest.raises(BaseLoaded, match=f"^{kernel}$"):
+        MALoRAModule.load_from_checkpoint(checkpoint, attn_implementation=kernel)
+
+
 @pytest.mark.parametrize(("text", "named"), [
     ("model_name_or_path: !!python/name:os.system\n", r"is not plain YAML data .*Python tags \(!!python/\.\.\.\) are "
                                                        r"refused"),
@@ -558,3 +580,18 @@ def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_
     CheckedCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
     assert best.read_bytes() == kept
     assert not (tmp_path / "last.ckpt").is_symlink() and read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5
+
+
+def test_a_checkpoint_saved_to_a_url_is_written_through_fsspec_not_to_a_local_path(tmp_path, monkeypatch):
+    """A URL is no local path: written as one, "memory://ckpts/last.ckpt" became a folder "memory:" in the current
+    directory and the store never received the checkpoint."""
+    import fsspec
+
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    monkeypatch.chdir(tmp_path)
+    url = f"memory://{tmp_path.name}/last.ckpt"
+    CheckedCheckpointIO().save_checkpoint({"global_step": 5}, url)
+    assert list(tmp_path.iterdir()) == []
+    with fsspec.open(url, "rb") as stored:
+        assert torch.load(stored, weights_only=True) == {"global_step": 5}

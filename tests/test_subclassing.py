@@ -2,6 +2,7 @@
 runs with, what it adds trains and is checkpointed, and its checkpoints load back into it, through Python and
 through its own CLI, with the base-model check intact."""
 
+import io
 import sys
 from pathlib import Path
 
@@ -319,6 +320,15 @@ def test_a_subclass_that_fixes_trust_remote_code_loads_and_a_stored_one_still_ne
     (tmp_path / "stored.yaml").write_text(yaml.safe_dump({**stored["hyper_parameters"], "learning_rate": 0.005}))
     loaded = PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", hparams_file=tmp_path / "stored.yaml")
     assert loaded.settings.learning_rate == 0.005 and loaded.settings.trust_remote_code is False
+    # read from a file object, whose hyperparameters cannot be looked at first, the caller's value is passed too
+    assert PassThrough.load_from_checkpoint(io.BytesIO((tmp_path / "stored.ckpt").read_bytes())
+                                            ).settings.trust_remote_code is False
+    # and a caller's True reaches a pass-through class whose stored hyperparameters hold none
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump({name: value for name, value in stored["hyper_parameters"].items()
+                                                        if name != "trust_remote_code"}))
+    loaded = PassThrough.load_from_checkpoint(tmp_path / "stored.ckpt", hparams_file=tmp_path / "none.yaml",
+                                              trust_remote_code=True)
+    assert loaded.settings.trust_remote_code is True
 
 
 class TensorLoss(MALoRAModule):
