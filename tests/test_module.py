@@ -202,6 +202,7 @@ def test_a_training_loader_without_a_length_is_not_taken_for_a_one_step_run(tiny
     ({"attn_implementation": True}, "attn_implementation=True is invalid: expected None .* or a kernel name"),
     ({"attn_implementation": ""}, "attn_implementation='' is invalid"),
     ({"adapter_path": 3}, "adapter_path=3 is invalid: expected None or an adapter folder's path"),  # a TypeError
+    ({"adapter_path": ""}, "adapter_path='' is invalid"),  # read the current directory as the adapter folder
     # a quantized base's settings that an unquantized one ignored: it loaded and computed in float32
     ({"quantization": None, "compute_dtype": "bfloat16"},
      "compute_dtype='bfloat16' applies to a quantized base .* set dtype or trainer.precision"),
@@ -214,6 +215,12 @@ def test_bad_settings_are_named_when_the_module_is_built(kwargs, message):
     generation that transformers refuses)."""
     with pytest.raises(ValueError, match="MALoRAModule " + message):
         MALoRAModule(**kwargs)
+
+
+@pytest.mark.parametrize("compile_adapters", [True, False, "default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"])
+def test_every_compile_mode_is_a_valid_setting_when_the_module_is_built(compile_adapters):
+    assert MALoRAModule(compile_adapters=compile_adapters).settings.compile_adapters == compile_adapters
 
 
 def test_training_lowers_the_loss_and_logs_per_task(tiny_model_dir, tmp_path):

@@ -104,6 +104,16 @@ def test_a_lora_folder_saved_by_peft_loads_with_equal_logits(tmp_path, use_rslor
         torch.testing.assert_close(ours.eval()(IDS).logits, theirs.eval()(IDS).logits, rtol=0, atol=1e-6)
 
 
+def test_a_peft_folder_with_a_null_use_rslora_scales_as_plain_lora(tmp_path):
+    """PEFT reads null as off: alpha / r, here 16 / 4."""
+    theirs = peft_randomised(tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    config_file = tmp_path / "peft" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_rslora": None}))
+    ours = load_adapters(tiny_model("llama"), tmp_path / "peft")
+    assert {layer.scaling for layer in adapter_layers(ours).values()} == {4.0}
+
+
 def test_a_peft_folder_without_lora_alpha_scales_as_peft_loads_it(tmp_path):
     """PEFT fills a config without lora_alpha with its default, 8: r = 4 scales by 8 / 4 = 2 (not alpha = r, 1)."""
     theirs = peft_randomised(tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
