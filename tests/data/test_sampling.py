@@ -93,6 +93,14 @@ def test_small_temperatures_approach_the_largest_task_alone():
     assert mixing_weights([4, 1], "temperature", temperature=0.5) == pytest.approx([16 / 17, 1 / 17])
     # a temperature the data module accepts (finite, > 0) gave NaN weights: log(n) / T overflowed to inf
     assert mixing_weights([10, 1000, 1000], "temperature", temperature=1e-310) == [0.0, 0.5, 0.5]
+    # to the bit as exp(log(n) / T - log(max n) / T), the formula of earlier versions: a resumed sampler compares the
+    # weights it stored, and exp((log(n) - log(max n)) / T) differs in the last bit (0.056023702280218225 here)
+    assert mixing_weights([3, 7], "temperature", temperature=0.3) == [0.056023702280218246, 0.9439762977197818]
+
+
+def test_a_cap_of_one_weighs_every_task_alike():
+    assert mixing_weights([10, 5, 1], "capped", cap=1) == [1 / 3, 1 / 3, 1 / 3]
+    assert mixing_weights([10, 5], "temperature", temperature=2.0, cap=1) == [0.5, 0.5]
 
 
 def test_huge_finite_weights_are_normalised():
@@ -291,6 +299,9 @@ def test_zero_weight_tasks_are_never_drawn():
     ([10, 5], "temperature", {"temperature": True}, r"temperature > 0 \(got True\), a finite number"),
     ([10, 5], "temperature", {"temperature": 2.0, "cap": 2.5}, r"cap must be an integer >= 1 or None \(got 2.5\)"),
     ([10, 5], "unimax", {"budget": float("nan")}, r"budget must be an integer >= 1 or None \(got nan\)"),
+    # a log(0) math domain error; a budget of 0 blamed max_epochs ("allows no task a single example")
+    ([10, 5], "temperature", {"temperature": 2.0, "cap": 0}, r"cap must be an integer >= 1 or None \(got 0\)"),
+    ([10, 5], "unimax", {"budget": 0}, r"budget must be an integer >= 1 or None \(got 0\)"),
     ([10, 5], "unimax", {"max_epochs": float("inf")}, r"max_epochs must be a finite number > 0 \(got inf\)"),  # Overflow
     ([10, 5], "unimax", {"max_epochs": "1"}, r"max_epochs must be a finite number > 0 \(got '1'\)"),  # TypeError
 ])
@@ -387,6 +398,7 @@ def test_sampler_refuses_weights_that_are_not_valid_mixing_weights(weights, mess
     ({"num_samples": True}, r"num_samples must be an integer >= 1 or None \(got True\)"),  # int() made these 1, 3, 2
     ({"num_samples": "3"}, r"num_samples must be an integer >= 1 or None \(got '3'\)"),
     ({"num_samples": 2.5}, r"num_samples must be an integer >= 1 or None \(got 2.5\)"),
+    ({"num_samples": 0}, r"num_samples must be an integer >= 1 or None \(got 0\)"),  # a ZeroDivisionError
     ({"seed": True}, r"seed must be an integer \(got True\)"),  # hashed by its repr: another order than seed 1
     ({"seed": "1"}, r"seed must be an integer \(got '1'\)"),
 ])
