@@ -150,6 +150,8 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
                             ["prompt='{q:>2000000000}' is invalid: field {q:>2000000000}: a width or precision over "
                              "1000"]),
     "template precision huge": (SPEC | {"target": "{a:.5000f}"}, ["field {a:.5000f}: a width or precision over 1000"]),
+    "template precision after a width": (SPEC | {"target": "{a:8.5000f}"},
+                                         ["field {a:8.5000f}: a width or precision over 1000"]),
     "template numeric field": (SPEC | {"prompt": "Q: {0}"},
                                ["prompt='Q: {0}' is invalid: field {0}: a number is a positional argument",
                                 "fields: {x: '0'}"]),

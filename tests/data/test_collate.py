@@ -77,6 +77,22 @@ def test_the_trained_answer_ends_at_the_first_special_token_of_the_templates_clo
     assert chat_tokenizer.apply_chat_template(turns, tokenize=False).endswith(template_closing)
 
 
+def test_an_end_of_turn_token_that_is_only_an_added_special_token_ends_the_trained_answer(chat_tokenizer):
+    """Llama 3's <|eot_id|> is a special added token that no special-token attribute names (all_special_tokens
+    leaves it out): the closing is cut there too, not trained on to the template's trailing newline."""
+    from tokenizers import AddedToken
+
+    chat_tokenizer.add_tokens([AddedToken("<|eot_id|>", special=True)])
+    eot = chat_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert "<|eot_id|>" not in chat_tokenizer.all_special_tokens
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{{ '<|eot_id|>\n' if m['role'] == 'assistant' else '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    _, (example,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)])
+    assert example.labels[example.prompt_length:] == ids(chat_tokenizer, "cd") + [eot]
+
+
 def test_system_prompt_becomes_the_first_turn(chat_tokenizer):
     _, (example,), _ = encode(chat_tokenizer, [Example(prompt="ab", target="cd", row=0)], system_prompt="be brief")
     system = [IM_START] + ids(chat_tokenizer, "system\nbe brief") + [IM_END] + ids(chat_tokenizer, "\n")
