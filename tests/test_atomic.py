@@ -353,3 +353,17 @@ def test_a_full_disk_names_the_file_or_folder_being_written_and_loses_nothing(tm
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "report.md"]
     assert [path.name for path in (tmp_path / "adapter").iterdir()] == ["weights"]
     assert (tmp_path / "report.md").read_text() == (tmp_path / "adapter" / "weights").read_text() == "old"
+
+
+@pytest.mark.parametrize("error", [OSError("the storage plugin refused the write"),
+                                   PermissionError(errno.EACCES, "Permission denied", "/elsewhere/shard.bin")])
+def test_an_os_error_that_says_its_own_file_or_has_no_errno_is_raised_as_it_came(tmp_path, error):
+    """Only an errno error naming no file is raised again with the path: one without an errno lost its message
+    ("[Errno None] None"), and one naming its own file was made to name another."""
+    def fail(*args) -> None:
+        raise error
+
+    with pytest.raises(type(error)) as raised:
+        with staging_folder(tmp_path / "model"):
+            fail()
+    assert raised.value is error
