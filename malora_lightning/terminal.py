@@ -12,9 +12,14 @@ import logging
 import re
 import sys
 import warnings
+from typing import TYPE_CHECKING, Any
 
+import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 # (message regex, category, issuing module regex), each with why it is harmless
 KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -81,7 +86,23 @@ def show_library_logs() -> None:
 
 class StepProgressBar(RichProgressBar):
     """Lightning's Rich bar, whose description reads "Epoch 0/-2" when `max_steps` ends the run (Lightning sets
-    `max_epochs=-1`): there it reads "Epoch 0, max_steps 160"."""
+    `max_epochs=-1`): there it reads "Epoch 0, max_steps 160". A validation dataloader's bar is removed once the next
+    one replaces it (`on_validation_batch_start`)."""
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Lightning's, removing the bar of the dataloader it replaces. Lightning hides that bar and adds one for the
+        next dataloader (its "TODO: remove old tasks"), so every validation of a fit left a hidden Rich task per
+        validation dataloader, one per task of the data module (9 in the default recipe), in the display for the
+        rest of the fit, and each refresh went through them all."""
+        finished = self._validation_bar_id(trainer)
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if finished is not None and finished != self._validation_bar_id(trainer):
+            self.progress.remove_task(finished)
+
+    def _validation_bar_id(self, trainer: L.Trainer) -> TaskID | None:
+        """The Rich task id of the current validation (or sanity check) dataloader's bar; None before its first."""
+        return self.val_sanity_progress_bar_id if trainer.sanity_checking else self.val_progress_bar_id
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps

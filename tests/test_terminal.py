@@ -1,4 +1,4 @@
-"""What the `malora` command keeps off the terminal, what it still shows, and its progress bar's description."""
+"""What the `malora` command keeps off the terminal, what it still shows, and its progress bar."""
 
 import logging
 import subprocess
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from malora_lightning.terminal import (
@@ -17,6 +18,7 @@ from malora_lightning.terminal import (
     quiet_known_notes,
     show_library_logs,
 )
+from tests.test_module import make_data, make_module, make_trainer
 
 # what each filtered note looks like as Lightning issues it: (message, category, issuing module)
 ISSUED = [
@@ -132,3 +134,23 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
         LIBRARY_LOGGER.setLevel(level)
         LIBRARY_LOGGER.handlers[:] = handlers
     assert capsys.readouterr().err == "settings applied\n"
+
+
+class RichTasksAtValidationEnd(Callback):
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.counts.append(len(trainer.progress_bar_callback.progress.tasks))
+
+
+def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_model_dir, tmp_path):
+    """Lightning hides a validation dataloader's bar when the next one starts and never removes it: each validation
+    of a fit added one hidden Rich task per task of the data module, 3 more here at each of 3 validations."""
+    counts = RichTasksAtValidationEnd()
+    trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=1,
+                           enable_progress_bar=True, callbacks=[StepProgressBar(), counts])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    # the training bar, the sanity check's last bar and the running validation's last bar
+    assert counts.counts == [3, 3, 3]
