@@ -756,7 +756,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         checkpoint supplies the moments and the step count, the run's settings supply learning rates, weight decay,
         schedule and the implementation (`adamw_options`, which depends on this run's device and precision plugin),
         as for every other setting.
+
+        A fit starts with no partial optimizer step: one that stopped inside an accumulation window (an interrupt, an
+        error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
+        self._step_losses, self._step_task_parts = [], {}
         self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:
             return

@@ -322,6 +322,29 @@ def test_a_task_missing_from_a_step_logs_no_loss_at_that_step(tiny_model_dir, tm
     assert in_several_batches > 0 or accumulate == 1
 
 
+class _StopAfterFirstBatch(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        raise RuntimeError("stopped inside the accumulation window")
+
+
+def test_a_fit_after_one_stopped_inside_an_accumulation_window_logs_only_its_own_batches(tiny_model_dir, tmp_path):
+    """The stopped fit's first batch stayed in the step buffers, and the next fit of the same module averaged it into
+    its first logged step."""
+    module = RecordingLMLoss(**make_module(tiny_model_dir).hparams)
+    stopped = make_trainer(tmp_path / "stopped", max_steps=2, accumulate_grad_batches=2,
+                           callbacks=[_StopAfterFirstBatch()])
+    with pytest.raises(RuntimeError, match="stopped inside the accumulation window"):
+        stopped.fit(module, make_data(tiny_model_dir, batch_size=2))
+    assert len(module.batch_losses[0]) == 1  # the window was left half done
+    module.batch_losses = {}
+    logger = _StepLogger()
+    trainer = make_trainer(tmp_path / "again", max_steps=1, logger=logger, log_every_n_steps=1,
+                           accumulate_grad_batches=2)
+    trainer.fit(module, make_data(tiny_model_dir, batch_size=2))
+    losses = module.batch_losses[0]
+    assert len(losses) == 2 and logger.steps[0]["train/lm_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
 def test_each_tasks_lm_loss_is_its_token_mean_and_reading_it_waits_for_nothing(tiny_model_dir):
     """A task's loss is the mean NLL of its rows' target tokens (a float64 reference from the full logits), however
     its rows interleave with other tasks'. Besides the target positions (`target_pairs`), computing the losses reads
