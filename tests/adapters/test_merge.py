@@ -113,19 +113,31 @@ def test_a_lora_on_a_tied_output_head_merges_into_the_head_only(tmp_path):
     torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "molora"])
-def test_adapters_holding_nan_are_refused_by_layer_before_anything_is_merged(method):
-    """A diverged fit's adapters were folded in: the base weights became NaN, and save_pretrained wrote them."""
+@pytest.mark.parametrize("method, factor, value", [("lora", "lora_B", math.nan), ("molora", "lora_B", math.nan),
+                                                    ("lora", "lora_A", math.inf), ("molora", "lora_A", -math.inf)])
+def test_adapters_holding_nan_are_refused_by_layer_before_anything_is_merged(method, factor, value):
+    """A diverged fit's adapters were folded in: the base weights became NaN, and save_pretrained wrote them. Either
+    factor of the update is checked (a check of B alone merged a NaN or infinite A)."""
     model = adapted(method)
     layers = adapter_layers(model)
     with torch.no_grad():
-        layers[Q_PROJ].lora_B[0, 0] = math.nan
+        getattr(layers[Q_PROJ], factor)[0, 0] = value
     with pytest.raises(ValueError, match=f"adapter layer '{Q_PROJ}' holds NaN or infinite values"):
         if method == "lora":
             merge_adapters(model)
         else:
             merge_task(model, TaskProfile({name: torch.full((4,), 0.25, dtype=torch.float64) for name in layers}, 1))
     assert adapter_layers(model).keys() == layers.keys()  # nothing unwrapped
+
+
+@pytest.mark.parametrize("dequantize", ["false", 0, None])
+def test_a_dequantize_that_is_not_a_bool_is_refused(dequantize):
+    """dequantize="false" was truthy: it replaced every quantized layer by a plain one holding its dequantized
+    weight."""
+    model = adapted("lora")
+    with pytest.raises(ValueError, match=f"dequantize={dequantize!r} is invalid: expected True or False"):
+        merge_adapters(model, dequantize=dequantize)
+    assert isinstance(model.get_submodule(Q_PROJ), LoRALinear)  # nothing merged
 
 
 @pytest.mark.parametrize("method", ["molora", "malora"])
@@ -334,11 +346,13 @@ def test_a_profile_that_does_not_match_the_model_is_refused_by_name():
     with pytest.raises(ValueError, match=rf"TaskProfile.gates\['{Q_PROJ}'\] has shape \(5,\).*num_experts=4"):
         task_lora_model(model, wrong_n)
     # merged into the base weight as NaN, and into a LoRA that save_adapters wrote and load_adapters refused
-    not_finite = TaskProfile({**profile.gates, Q_PROJ: torch.full((4,), math.nan, dtype=torch.float64)},
-                             profile.num_tokens)
-    for function in (merge_task, task_lora_weights, task_lora_model):
-        with pytest.raises(ValueError, match=rf"TaskProfile.gates\['{Q_PROJ}'\] holds NaN or infinite values"):
-            function(model, not_finite)
+    # one non-finite gate among finite ones is refused as well (a check that some gate is finite let it through)
+    for gates in ([math.nan] * 4, [0.5, 0.25, math.inf, 0.25]):
+        not_finite = TaskProfile({**profile.gates, Q_PROJ: torch.tensor(gates, dtype=torch.float64)},
+                                 profile.num_tokens)
+        for function in (merge_task, task_lora_weights, task_lora_model):
+            with pytest.raises(ValueError, match=rf"TaskProfile.gates\['{Q_PROJ}'\] holds NaN or infinite values"):
+                function(model, not_finite)
     assert all(not isinstance(layer, LoRALinear) for layer in adapter_layers(model).values())
     assert isinstance(model.get_submodule(Q_PROJ), AdapterLayer)
 
