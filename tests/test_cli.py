@@ -297,6 +297,18 @@ def test_a_ckpt_path_that_is_no_file_is_named_before_the_data_or_model_loads(giv
         main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={given}"])
 
 
+@pytest.mark.parametrize("given", ["s3://bucket/run/last.ckpt", "https://example.org/run/last.ckpt"])
+def test_a_remote_ckpt_path_is_passed_on_to_lightning_not_refused_as_a_missing_file(given, monkeypatch,
+                                                                                  model_loading_forbidden):
+    """Lightning reads a URL through fsspec: checked as a local path, it was refused as a file that does not exist."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the data was set up: the ckpt_path went on to Lightning")
+
+    monkeypatch.setattr(MultiTaskDataModule, "setup", reached)
+    with pytest.raises(AssertionError, match="the ckpt_path went on to Lightning|the model was loaded"):
+        main(["test", "--config", "recipes/default.yaml", f"--ckpt_path={given}"])
+
+
 def test_unknown_key_in_a_recipe_file_is_named(tmp_path, capsys, model_loading_forbidden):
     recipe = yaml.safe_load(Path("recipes/default.yaml").read_text())
     recipe["model"]["adapter"]["shard_rank"] = 16  # typo of shared_rank
