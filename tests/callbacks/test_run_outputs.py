@@ -256,6 +256,19 @@ def test_trainer_validate_after_a_fit_keeps_the_fits_routing_apart(tiny_model_di
     assert "| add_2digit |" not in validate_section and "(plots/expert_load_validate.png)" in validate_section
 
 
+def test_a_test_in_a_folder_without_a_fits_files_writes_its_own(tiny_model_dir, tmp_path):
+    """`malora test` in a folder of its own: the check for the fit's later validations reads seesaw.json and
+    routing_val.json, which are not there, and finds none (not a FileNotFoundError after the test had run)."""
+    trainer = make_trainer(tmp_path, limit_test_batches=None,
+                           callbacks=[PerTaskMetrics(), SeesawTracker(), RoutingStats(), RunReport()])
+    trainer.test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    assert list(json.loads((tmp_path / "seesaw.json").read_text())["stages"]) == ["test"]
+    assert json.loads((tmp_path / "routing_test.json").read_text())["tasks"] == ["parity"]
+    assert not (tmp_path / "routing_val.json").exists()
+    assert_png(tmp_path / "plots" / "expert_load_test.png")
+    assert "## Test accuracy (%) per task" in (tmp_path / "report.md").read_text()
+
+
 def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
     """validate(ckpt_path=...) loads the checkpoint's weights and leaves the trainer's step (0 here) as it was."""
     make_trainer(tmp_path, max_steps=1, enable_checkpointing=True).fit(make_module(tiny_model_dir),
@@ -300,6 +313,9 @@ PLOT_NOT_OURS = r"was not written by {} \(it lacks the PNG text Comment: 'drawn 
     ("fit", "plots/task_expert_val.png", None, r"task_expert_val\.png " + PLOT_NOT_OURS.format("RoutingStats")),
     ("validate", "routing_validate.json", b'{"stage": "val"}', r"routing_validate\.json " + ROUTING_NOT_OURS),
     ("test", "seesaw.json", b"[1, 2]", SEESAW_NOT_OURS),
+    # its keys in another order: a file that names them, not one SeesawTracker wrote
+    ("test", "seesaw.json", b'{"stages": {}, "baseline": null, "baseline_file": null, "tolerance": 0.01}',
+     SEESAW_NOT_OURS),
     ("test", "plots/expert_load_test.png", None, r"expert_load_test\.png " + PLOT_NOT_OURS.format("RoutingStats")),
 ])
 def test_a_file_the_callbacks_did_not_write_is_refused_before_any_work(tiny_model_dir, tmp_path, run, name, content,
