@@ -142,6 +142,8 @@ def test_a_checkpoint_evaluated_by_a_fresh_trainer_is_labelled_with_its_step(tmp
     # a process without a history of its own takes the checkpoint's (the fit's evaluations up to it), as before
     assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == [
         ("val", 1, True), ("val", 2, True), ("val", 2, False), ("test", 0, False)]
+    # the test scored the weights in memory, not the checkpoint validate loaded before it: no checkpoint named
+    assert [e.checkpoint for e in metrics.history] == [None, None, "epoch=0-step=2.ckpt", None]
 
 
 def test_a_validation_after_fit_is_no_interval_of_the_training_curve(tmp_path):

@@ -136,3 +136,13 @@ def test_a_task_name_with_a_pipe_stays_in_its_cell():
     (interval,) = [line for line in SeesawTracker()._evaluations_table(track(evaluations, 0.1)).splitlines()
                    if line.startswith("| 10 |")]
     assert table_cells(interval)[2:4] == ["left\\|right", "b"]  # improved, degraded
+
+
+def test_a_checkpoint_name_with_a_pipe_stays_in_its_heading_cell():
+    """ModelCheckpoint(filename=...) is free text: a "|" in the checkpoint's name split the heading into more cells
+    than the rows have."""
+    evaluations = [Evaluation(stage="test", step=1, sanity_check=False, during_fit=False, checkpoint="a|b.ckpt",
+                              tasks={"parity": TaskScore(loss=1.0, accuracy=0.5, count=10)})]
+    heading = scores_table(evaluations, {}).splitlines()[0]
+    assert table_cells(heading) == ["task", "chance", "first (step 1, a\\|b.ckpt)", "best",
+                                    "final (step 1, a\\|b.ckpt)", "change", "final loss"]
