@@ -204,12 +204,20 @@ def test_a_listener_added_again_is_called_once_per_evaluation(tmp_path):
 def test_resuming_a_fit_takes_the_checkpoints_history_over_this_processs(tmp_path):
     """Only validate/test of a checkpoint (a checkpoint step is known) keep a history of their own process."""
     saved = PerTaskMetrics()
+    # the second: a trainer.validate of a checkpoint between two fits of this process, which keeps its name
     saved.history = [Evaluation(stage="val", step=4, sanity_check=False,
-                                tasks={"alpha": TaskScore(loss=1.0, accuracy=0.5, count=8)})]
+                                tasks={"alpha": TaskScore(loss=1.0, accuracy=0.5, count=8)}),
+                     Evaluation(stage="validate", step=2, sanity_check=False, during_fit=False,
+                                checkpoint="step=2.ckpt", tasks={"alpha": TaskScore(loss=2.0, accuracy=0.25, count=8)})]
     resumed = PerTaskMetrics()
     resumed.history = [Evaluation(stage="val", step=9, sanity_check=False)]  # an earlier fit in this process
     resumed.load_state_dict(saved.state_dict())  # a fit: no checkpoint step recorded (`WeightsStep.loaded`)
-    assert resumed.history == saved.history
+    assert resumed.history == saved.history and resumed.history[1].checkpoint == "step=2.ckpt"
+    earlier_format = saved.state_dict()  # a checkpoint written before evaluations named theirs
+    for stored in earlier_format["history"]:
+        del stored["checkpoint"]
+    resumed.load_state_dict(earlier_format)
+    assert [evaluation.checkpoint for evaluation in resumed.history] == [None, None]
     evaluated = PerTaskMetrics()
     evaluated.history = [Evaluation(stage="val", step=9, sanity_check=False)]
     evaluated._weights.checkpoint_step = 4  # validate/test(ckpt_path=...) after a fit
