@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from malora_lightning.adapters import AdapterConfig, adapter_state_dict, inject_adapters, load_adapters, save_adapters
-from malora_lightning.adapters.merge import merge_task, task_lora_model
+from malora_lightning.adapters.merge import merge_task, task_lora_model, task_profile
 from malora_lightning.adapters.quantization import load_base_model
 from malora_lightning.atomic import default_mode
 from malora_lightning.data import MultiTaskDataModule
@@ -58,6 +58,19 @@ def test_each_task_gets_the_lora_of_its_own_routing_profile(tiny_model_dir, tmp_
     assert not torch.allclose(outputs["parity"], outputs["add_2digit"])  # two tasks, two routings
     card = (tmp_path / "tasks" / "parity" / "README.md").read_text()  # it named neither the task nor the mixture
     assert "The `parity` task's LoRA, collapsed from the malora mixture in" in card and str(mixture_folder) in card
+
+
+def test_a_tasks_profile_is_measured_on_a_subset_of_its_training_examples(tiny_model_dir, mixture_folder):
+    """`--profile-examples` of the task's training examples, the data module's seeded subset of them: not its
+    validation rows, and not every training example."""
+    module, data = build_from_recipe(mixture_folder, recipe_flags(tiny_model_dir))
+    profile = profile_tasks(module.model, data, ["parity"], 5)["parity"]
+    subset = [dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+              for batch in data.task_dataloader("parity", "train", 5)]
+    assert sum(len(batch["input_ids"]) for batch in subset) == 5 < len(data.task_dataloader("parity").dataset) == 12
+    expected = task_profile(module.model, subset)
+    assert profile.num_tokens == expected.num_tokens == sum(int(batch["attention_mask"].sum()) for batch in subset)
+    assert all(torch.equal(profile.gates[name], expected.gates[name]) for name in expected.gates)
 
 
 def test_merge_writes_a_plain_model_per_task(tiny_model_dir, tmp_path, mixture_folder):

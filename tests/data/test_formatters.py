@@ -151,6 +151,8 @@ def test_lettered_questions_name_up_to_26_options_and_refuse_more():
     """Past the letters, zip dropped options without a word: the ninth of nine was never shown (A-H then)."""
     nine = lettered_question("q", [f"o{index}" for index in range(9)], 8)
     assert nine.choices == tuple("ABCDEFGHI") and nine.target == "I" and "\nI. o8\n" in nine.prompt
+    all_letters = lettered_question("q", [f"o{index}" for index in range(26)], 25)  # the limit itself is named
+    assert all_letters.choices == tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ") and all_letters.target == "Z"
     with pytest.raises(ValueError, match="27 options is more than the 26 letters A-Z can name"):
         lettered_question("q", [f"o{index}" for index in range(27)], 0)
 
