@@ -267,6 +267,32 @@ def test_a_test_in_a_folder_without_a_fits_files_writes_its_own(tiny_model_dir, 
     assert not (tmp_path / "routing_val.json").exists()
     assert_png(tmp_path / "plots" / "expert_load_test.png")
     assert "## Test accuracy (%) per task" in (tmp_path / "report.md").read_text()
+    # a rerun: the seesaw.json there now holds no fit's series to keep
+    trainer = make_trainer(tmp_path, limit_test_batches=None, callbacks=[PerTaskMetrics(), SeesawTracker()])
+    trainer.test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    stages = json.loads((tmp_path / "seesaw.json").read_text())["stages"]
+    assert list(stages) == ["test"] and len(stages["test"]) == 1
+
+
+def test_a_test_without_a_checkpoint_in_the_fits_folder_keeps_the_fits_routing_and_seesaw(tiny_model_dir, tmp_path):
+    """A new process tests the weights at hand (no --ckpt_path) where a fit wrote routing_val.json and seesaw.json:
+    it holds no routing or validation of the fit's, which is no earlier validation than the files' to compare (nor
+    a reason to fail), and the fit's series stays in seesaw.json."""
+    fit = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, val_check_interval=1,
+                       callbacks=[PerTaskMetrics(), SeesawTracker(), RoutingStats()])
+    fit.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    fit_files = {name: (tmp_path / name).read_bytes() for name in ("routing_val.json", "plots/expert_load_val.png",
+                                                                     "plots/task_accuracy.png")}
+    fit_series = json.loads((tmp_path / "seesaw.json").read_text())["stages"]["val"]
+    routing = RoutingStats()
+    make_trainer(tmp_path, limit_test_batches=None, callbacks=[PerTaskMetrics(), SeesawTracker(), routing]).test(
+        make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    assert list(routing.results) == ["test"]
+    assert {name: (tmp_path / name).read_bytes() for name in fit_files} == fit_files
+    assert json.loads((tmp_path / "routing_test.json").read_text())["step"] == 0
+    stages = json.loads((tmp_path / "seesaw.json").read_text())["stages"]
+    assert [point["step"] for point in fit_series] == [1]
+    assert list(stages) == ["val", "test"] and stages["val"] == fit_series
 
 
 def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
