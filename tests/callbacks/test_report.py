@@ -146,3 +146,5 @@ def test_a_checkpoint_name_with_a_pipe_stays_in_its_heading_cell():
     heading = scores_table(evaluations, {}).splitlines()[0]
     assert table_cells(heading) == ["task", "chance", "first (step 1, a\\|b.ckpt)", "best",
                                     "final (step 1, a\\|b.ckpt)", "change", "final loss"]
+    seesaw_table = SeesawTracker()._task_table(track(evaluations, 0.01)[-1], movement=False)  # names it too
+    assert seesaw_table.startswith("Accuracies in %, at step 1, a\\|b.ckpt; changes in points")
