@@ -306,6 +306,18 @@ def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_p
     assert routing.results["validate"].step == 1
 
 
+def test_a_fit_after_a_validation_of_a_checkpoint_reports_its_own_routing_as_not_restored(tiny_model_dir, tmp_path):
+    """validate(ckpt_path=...) in a fresh process restores the fit's routing and names the checkpoint; a fit in that
+    process then validates and replaces it, and its section must not say it was restored from the checkpoint."""
+    routing = RoutingStats(plots=False)
+    routing.restored_from = "step=1.ckpt"  # what the validation of a checkpoint with the fit's routing leaves
+    trainer = make_trainer(tmp_path, max_steps=1, limit_val_batches=None, val_check_interval=1,
+                           callbacks=[PerTaskMetrics(), routing])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    (section,) = routing.report_sections(trainer)
+    assert routing.restored_from is None and section.startswith("## Routing health (validation)\n\nStep 1: ")
+
+
 def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_path):
     """1 of parity's 2 validation batches, and no validation during the fit: nothing describes the validation set."""
     routing = RoutingStats(plots=False)
