@@ -18,7 +18,6 @@ from malora_lightning.adapters import (
     adapter_state_dict,
     inject_adapters,
     load_adapters,
-    merge_adapters,
     save_adapters,
 )
 from tests.helpers import forkserver, tiny_model
@@ -541,7 +540,6 @@ def test_a_folder_with_adapters_outside_the_text_decoder_loads_without_them(tmp_
 SWITCH_CASES = {  # each value was truthy and taken as True
     "load_adapters trainable": lambda folder: load_adapters(tiny_model("llama"), folder, trainable="false"),
     "save_adapters write": lambda folder: save_adapters(trained_model("lora"), folder, write="False"),
-    "merge_adapters dequantize": lambda folder: merge_adapters(trained_model("lora"), dequantize="no"),
 }
 
 
