@@ -96,11 +96,11 @@ class RunReport(Callback):
                     ("val", False, "Validation accuracy (%) per task, outside training (trainer.validate)"),
                     ("test", False, "Test accuracy (%) per task")):
                 evaluations = metrics.evaluations(stage, during_fit=during_fit)
-                if during_fit and evaluations and metrics.restored_from is not None:
-                    sections.append(f"## {title}\n\n{restored_note(metrics.restored_from)}\n\n"
-                                    f"{scores_table(evaluations, chance, final_name='last')}")
-                elif evaluations:
-                    sections.append(f"## {title}\n\n{scores_table(evaluations, chance)}")
+                if evaluations:
+                    restored = metrics.restored_from if during_fit else None
+                    note = "" if restored is None else f"{restored_note(restored)}\n\n"
+                    table = scores_table(evaluations, chance, final_name="final" if restored is None else "last")
+                    sections.append(f"## {title}\n\n{note}{table}")
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "report_sections"):
                 sections.extend(callback.report_sections(trainer))

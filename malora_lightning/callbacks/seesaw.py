@@ -248,18 +248,19 @@ class SeesawTracker(RunFileWriter):
         if not trainer.is_global_zero:
             return
         data = self.to_dict()
-        later = [] if series == "val" else self._later_fit_on_file(directory / self.filename)
+        later = [] if series == "val" else self._later_fit_on_file(directory / self.filename, list(data))
         if later:
             data["stages"] = {"val": later, **{name: saved for name, saved in data["stages"].items() if name != "val"}}
         atomic_write_text(directory / self.filename, json.dumps(data, indent=2) + "\n")
         if self.plots and fit and not later and (series == "val" or not self.curves_written):
             self._draw_curves(trainer, directory, fit)
 
-    def _later_fit_on_file(self, path: Path) -> list[dict[str, Any]]:
+    def _later_fit_on_file(self, path: Path, keys: list[str]) -> list[dict[str, Any]]:
         """The fit's `val` series in `path` when it ends at a later step than the one this process holds (none
         otherwise): validate/test of an earlier checkpoint restore the fit's history up to that checkpoint, and
-        writing it would drop the fit's later validations from the file, and from the curves drawn over them."""
-        written = our_json(path, list(self.to_dict()))
+        writing it would drop the fit's later validations from the file, and from the curves drawn over them. `keys`:
+        those of `to_dict`, which a file of ours holds."""
+        written = our_json(path, keys)
         saved = written["stages"].get("val", []) if written is not None else []
         held = self.points.get("val", [])
         return saved if saved and saved[-1]["step"] > (held[-1].step if held else -1) else []
