@@ -100,6 +100,14 @@ class StepProgressBar(RichProgressBar):
         if finished is not None and finished != self._validation_bar_id(trainer):
             self.progress.remove_task(finished)
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's, with the logger's version as text: the Rich bar prints every number with three decimals, so
+        the version read "v_num: 0.000"."""
+        items = super().get_metrics(trainer, pl_module)
+        if "v_num" in items:
+            items["v_num"] = str(items["v_num"])
+        return items
+
     def _validation_bar_id(self, trainer: L.Trainer) -> TaskID | None:
         """The Rich task id of the current validation (or sanity check) dataloader's bar; None before its first."""
         return self.val_sanity_progress_bar_id if trainer.sanity_checking else self.val_progress_bar_id

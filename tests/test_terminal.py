@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from malora_lightning.terminal import (
@@ -114,6 +115,13 @@ def progress_bar(max_epochs: int | None, max_steps: int) -> StepProgressBar:
 ])
 def test_progress_bar_description(max_epochs, max_steps, expected):
     assert progress_bar(max_epochs, max_steps)._get_train_description(0).strip() == expected
+
+
+def test_progress_bar_shows_the_logger_version_as_text(tmp_path):
+    """The Rich bar prints numbers with three decimals: an int version read "v_num: 0.000"."""
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(loggers=[CSVLogger(tmp_path)], progress_bar_metrics={"train/loss": 0.25})
+    assert bar.get_metrics(trainer, None) == {"v_num": "0", "train/loss": 0.25}
 
 
 def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeypatch):
