@@ -194,6 +194,9 @@ class MALoRACLI(LightningCLI):
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_lightning_class_args(callback, key, subclass_mode=True, required=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
+        # Lightning's summary counts a 4-bit weight's packed bytes as parameters (100 M of SmolLM2-135M's 135 M), sizes
+        # them as 32-bit floats and prints "Total FLOPs: 0"; the module logs PEFT's parameter line instead
+        parser.set_defaults({"trainer.enable_model_summary": False})
 
     def before_instantiate_classes(self) -> None:
         """`data.tokenizer` left unset is the model's (`model.model_name_or_path`). Not a jsonargparse link: a link's

@@ -34,6 +34,7 @@ from malora_lightning.adapters import (
     adapter_state_dict,
     aux_loss,
     compile_adapters,
+    count_parameters,
     inject_adapters,
     load_adapters,
     load_base_model,
@@ -343,6 +344,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+            logger.info("%s", count_parameters(self.model))  # before a sharding strategy splits the parameters
             self._check_context_length()
             self._check_vocabulary()
             strategy = self.trainer.strategy if self._trainer is not None else None

@@ -223,6 +223,18 @@ def test_every_compile_mode_is_a_valid_setting_when_the_module_is_built(compile_
     assert MALoRAModule(compile_adapters=compile_adapters).settings.compile_adapters == compile_adapters
 
 
+def test_building_the_model_logs_the_trainable_parameter_count(tiny_model_dir, caplog):
+    """PEFT's line, in place of Lightning's summary (which the CLI turns off): a tiny float model's counts by hand."""
+    module = make_module(tiny_model_dir)
+    with caplog.at_level(logging.INFO, logger="malora_lightning.module"):
+        module.configure_model()
+    trainable = sum(param.numel() for param in module.model.parameters() if param.requires_grad)
+    total = sum(param.numel() for param in module.model.parameters())
+    assert 0 < trainable < total
+    assert f"trainable params: {trainable:,} || all params: {total:,} || trainable%: " \
+           f"{100 * trainable / total:.4f}" in caplog.messages
+
+
 def test_training_lowers_the_loss_and_logs_per_task(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, adapter=AdapterConfig(rank=4, shared_rank=8, num_experts=4, dropout=0.0),
                          learning_rate=3e-2, warmup_ratio=0.0, lr_schedule="constant")
