@@ -222,6 +222,14 @@ class PerTaskMetrics(Callback):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._weights.loaded(trainer, checkpoint)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit after validate/test restored another fit's history from a checkpoint (`restored_from`) keeps only
+        its own: appended to that history, its validations read as the checkpoint's fit going on, under the note
+        that the history ends at the checkpoint. (Resuming a fit restores the checkpoint's history as its own.)"""
+        if self.restored_from is not None:
+            self.history = [evaluation for evaluation in self.history if not evaluation.during_fit]
+            self.restored_from = None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Say when a resume lost an evaluation: a checkpoint written at the end of a training batch (say
         `ModelCheckpoint(every_n_train_steps=...)`) precedes that step's validation, which Lightning does not run

@@ -318,6 +318,26 @@ def test_a_fit_after_a_validation_of_a_checkpoint_reports_its_own_routing_as_not
     assert routing.restored_from is None and section.startswith("## Routing health (validation)\n\nStep 1: ")
 
 
+def test_a_fit_after_a_validation_of_a_checkpoint_reports_its_own_history(tiny_model_dir, tmp_path):
+    """validate(ckpt_path=...) in a fresh process restores the checkpoint's fit history; a fit in that process starts
+    again at step 0, and its history must not continue the restored one nor say it was restored."""
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=True, limit_val_batches=None, val_check_interval=1,
+                 callbacks=[PerTaskMetrics()]).fit(make_module(tiny_model_dir),
+                                                   make_data(tiny_model_dir, tasks=["parity"]))
+    metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path / "evaluation", max_steps=1, limit_val_batches=None, val_check_interval=1,
+                           callbacks=[metrics, RunReport()])
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"])
+    trainer.validate(module, data, ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"), verbose=False)
+    assert metrics.restored_from == "epoch=0-step=1.ckpt" and metrics.evaluations("val", during_fit=True)
+    trainer.fit(module, data)
+    assert metrics.restored_from is None
+    assert [(e.step, e.checkpoint) for e in metrics.evaluations("val", during_fit=True)] == [(1, None)]
+    assert [e.checkpoint for e in metrics.evaluations("val", during_fit=False)] == ["epoch=0-step=1.ckpt"]
+    validation = report_sections_of(tmp_path / "evaluation")["Validation accuracy (%) per task"]
+    assert "| first (step 1) |" in validation and "| final (step 1) |" in validation and "restored" not in validation
+
+
 def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_path):
     """1 of parity's 2 validation batches, and no validation during the fit: nothing describes the validation set."""
     routing = RoutingStats(plots=False)
