@@ -347,3 +347,10 @@ def run_command(name: str, entry: Callable[[], object]) -> None:
             raise
         sys.stderr.write(f"{name}: interrupted\n")
         raise SystemExit(128 + signal.SIGINT) from None
+
+
+if __name__ == "__main__":
+    # Run as a file, this module would define its classes a second time, beside those of `malora_lightning.cli` that
+    # recipes and checkpoints name; it ran nothing and exited 0, which read as a finished command.
+    sys.exit("python -m malora_lightning.cli runs nothing: run `malora <subcommand>` or "
+             "`python -m malora_lightning <subcommand>`")

@@ -361,6 +361,14 @@ def test_the_console_script_prints_the_config():
     assert printed["model"]["adapter"]["shared_rank"] == 32 and printed["data"]["batch_size"] == 8
 
 
+def test_running_the_cli_module_as_a_script_says_which_commands_run():
+    """`python -m malora_lightning.cli fit ...` ran nothing and exited 0."""
+    result = subprocess.run([sys.executable, "-m", "malora_lightning.cli", "fit", "--config", "recipes/default.yaml"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "run `malora <subcommand>` or `python -m malora_lightning <subcommand>`" in result.stderr
+
+
 def test_gpu_recipe_is_the_default_job_on_cuda():
     """The two recipes may differ only where the hardware does, so the GPU job cannot drift from the default one."""
     default = parse(["--config", "recipes/default.yaml"]).config.as_dict()
