@@ -582,13 +582,12 @@ class MultiTaskDataModule(LightningDataModule):
             if held_out is None:
                 examples = task.examples(split, seed=settings.data_seed, limit=limit)
                 rows = task.num_rows(split, settings.data_seed) if len(examples) == limit else len(examples)
-                if rows > len(examples):
-                    cut.append(f"{task.name} {len(examples)} of {rows}")
-            elif split == "train":
-                examples = task.examples("train", seed=settings.data_seed, limit=limit, only_rows=held_out.train_rows)
-            else:
-                examples = task.examples("train", seed=settings.data_seed, limit=limit,
-                                         only_rows=held_out.validation_rows)
+            else:  # the cap samples the rows left to this split by the held-out split, and is named like any other
+                kept = held_out.train_rows if split == "train" else held_out.validation_rows
+                examples = task.examples("train", seed=settings.data_seed, limit=limit, only_rows=kept)
+                rows = len(kept)
+            if rows > len(examples):
+                cut.append(f"{task.name} {len(examples)} of {rows}")
             if split == "train":
                 trained_prompts[task.name] = {}
                 for example in examples:

@@ -641,3 +641,18 @@ def test_evaluating_a_subset_of_a_split_says_how_many_rows_of_how_many(caplog):
                         "data_seed: add_2digit 12 of 2000, reverse_words 12 of 2000, parity 12 of 2000",
                         "test: at most 5 examples per task (max_eval_examples_per_task), a random subset fixed by "
                         "data_seed: parity 5 of 200"]
+
+
+def test_capping_a_task_validated_on_held_out_train_rows_says_how_many_rows_of_how_many(tmp_path, caplog):
+    """A task without a validation split: the caps sample the train rows left after the held-out ones and the
+    held-out rows, and the log named neither cut (only the tasks with splits of their own)."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl")}, "prompt": "{q}", "target": "{a}"}
+    with caplog.at_level(logging.INFO, logger="malora_lightning.data.datamodule"):
+        make(tasks=["mine", "parity"], task_specs=[spec], max_val_examples_per_task=3).setup("fit")
+    messages = [record.getMessage() for record in caplog.records if "random subset" in record.getMessage()]
+    assert messages == ["train: at most 12 examples per task (max_train_examples_per_task), a random subset fixed by "
+                        "data_seed: mine 12 of 36, parity 12 of 2000",
+                        "validation: at most 3 examples per task (max_val_examples_per_task), a random subset fixed "
+                        "by data_seed: mine 3 of 4, parity 3 of 100"]
