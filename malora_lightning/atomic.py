@@ -23,6 +23,9 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 
+# where folders and processes behave otherwise (each use says how); a module setting, so tests can take that path
+WINDOWS = os.name == "nt"
+
 
 def default_mode(folder: bool = False) -> int:
     """The permissions a plain `open(..., "w")` (or `mkdir`) gives under the process's umask."""
@@ -30,6 +33,11 @@ def default_mode(folder: bool = False) -> int:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make the renames and new names in folder `path` durable. Not on Windows: a folder cannot be opened there
+    (`os.open` raises PermissionError, which failed every write after its file was in place), and NTFS journals its
+    names itself."""
+    if WINDOWS:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -179,7 +187,9 @@ COMMIT_MARKER = "COMMITTED"  # written last into the staging folder: from then o
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
+    """Make the content of file `path` durable. On Windows opened for writing (not truncated): there fsync flushes
+    only a handle with write access, and raised EBADF for a file opened read-only."""
+    with open(path, "r+b" if WINDOWS else "rb") as handle:
         os.fsync(handle.fileno())
 
 

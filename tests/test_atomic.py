@@ -367,3 +367,42 @@ def test_an_os_error_that_says_its_own_file_or_has_no_errno_is_raised_as_it_came
         with staging_folder(tmp_path / "model"):
             fail()
     assert raised.value is error
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """This machine made to refuse what Windows refuses, with `atomic` taking its Windows paths: opening a folder
+    (`os.open` of a directory raises PermissionError there) and fsyncing a file opened read-only (EBADF: Windows
+    flushes only a handle with write access)."""
+    import fcntl
+
+    real_open, real_fsync = os.open, os.fsync
+
+    def open_file(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    monkeypatch.setattr(os, "open", open_file)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_every_atomic_write_works_where_folders_and_read_only_files_cannot_be_fsynced(tmp_path, windows):
+    """On Windows every write failed after its file was in place: the folder's fsync opened the folder (refused
+    there), and the staged files were fsynced through read-only handles (EBADF there)."""
+    atomic_write_text(tmp_path / "report.md", "old")
+    atomic_write_text(tmp_path / "report.md", "new")
+    with replace_files(tmp_path / "adapter") as staging:
+        (staging / "weights").write_text("weights")
+    with staging_folder(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+        rename_into_place(staging, tmp_path / "model")
+    assert (tmp_path / "report.md").read_text() == "new"
+    assert [path.name for path in (tmp_path / "adapter").iterdir()] == ["weights"]
+    assert [path.name for path in (tmp_path / "model").iterdir()] == ["config.json"]
