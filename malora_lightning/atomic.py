@@ -155,6 +155,12 @@ def remove_abandoned_staging(target: Path) -> None:
 
 
 def _running(pid: int) -> bool:
+    """Whether process `pid` (of this host) still runs. Always so on Windows, whose `os.kill(pid, 0)` does not probe
+    but terminates the process (TerminateProcess, for any signal but the console ones): it killed the process writing
+    the folder, or whatever process now had its number. Its folders stay there, as they did before they were
+    removed at all."""
+    if WINDOWS:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

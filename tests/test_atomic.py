@@ -406,3 +406,17 @@ def test_every_atomic_write_works_where_folders_and_read_only_files_cannot_be_fs
     assert (tmp_path / "report.md").read_text() == "new"
     assert [path.name for path in (tmp_path / "adapter").iterdir()] == ["weights"]
     assert [path.name for path in (tmp_path / "model").iterdir()] == ["config.json"]
+
+
+def test_no_process_is_signalled_on_windows_to_tell_whether_it_runs(tmp_path, windows, monkeypatch):
+    """Windows' os.kill(pid, 0) terminates process `pid`: the next staging folder killed the process writing another
+    one for the same target (or whatever process had its number now). There every writer counts as running."""
+    signalled = []
+    monkeypatch.setattr(os, "kill", lambda pid, signal: signalled.append(pid))
+    other = tmp_path / ".model.other"
+    other.mkdir()
+    (other / OWNER_MARKER).write_text(f"{socket.gethostname()} {os.getpid() + 1}")
+    with staging_folder(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+        rename_into_place(staging, tmp_path / "model")
+    assert signalled == [] and other.exists()
