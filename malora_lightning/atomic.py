@@ -182,6 +182,8 @@ def rename_into_place(staging: Path, target: Path) -> None:
     (staging / OWNER_MARKER).unlink(missing_ok=True)  # not part of what is written
     for root, _, _ in os.walk(staging):
         _fsync_dir(Path(root))
+    if WINDOWS and target.is_dir():  # Windows renames no folder onto an existing one: the empty one goes first
+        target.rmdir()  # a folder that is not empty raises, as the rename itself does elsewhere
     os.replace(staging, target)
     _fsync_dir(target.parent)
 

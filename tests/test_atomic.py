@@ -372,11 +372,12 @@ def test_an_os_error_that_says_its_own_file_or_has_no_errno_is_raised_as_it_came
 @pytest.fixture
 def windows(monkeypatch):
     """This machine made to refuse what Windows refuses, with `atomic` taking its Windows paths: opening a folder
-    (`os.open` of a directory raises PermissionError there) and fsyncing a file opened read-only (EBADF: Windows
-    flushes only a handle with write access)."""
+    (`os.open` of a directory raises PermissionError there), fsyncing a file opened read-only (EBADF: Windows
+    flushes only a handle with write access) and renaming a folder onto an existing one (os.replace: access
+    denied)."""
     import fcntl
 
-    real_open, real_fsync = os.open, os.fsync
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
 
     def open_file(path, flags, *args, **kwargs):
         if os.path.isdir(path):
@@ -388,9 +389,15 @@ def windows(monkeypatch):
             raise OSError(errno.EBADF, "Bad file descriptor")
         real_fsync(fd)
 
+    def replace(source, target):
+        if os.path.isdir(source) and os.path.exists(target):
+            raise PermissionError(errno.EACCES, "Access is denied", str(source), None, str(target))
+        real_replace(source, target)
+
     monkeypatch.setattr(atomic, "WINDOWS", True)
     monkeypatch.setattr(os, "open", open_file)
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_every_atomic_write_works_where_folders_and_read_only_files_cannot_be_fsynced(tmp_path, windows):
@@ -420,3 +427,18 @@ def test_no_process_is_signalled_on_windows_to_tell_whether_it_runs(tmp_path, wi
         (staging / "config.json").write_text("{}")
         rename_into_place(staging, tmp_path / "model")
     assert signalled == [] and other.exists()
+
+
+def test_a_staged_folder_replaces_an_empty_folder_on_windows_too_and_never_a_full_one(tmp_path, windows):
+    """`rename_into_place` takes an empty folder as the target (a task export into an --output folder made ahead), but
+    Windows renames no folder onto an existing one: the export failed there after every task was profiled."""
+    (tmp_path / "model").mkdir()
+    with staging_folder(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+        rename_into_place(staging, tmp_path / "model")
+    assert [path.name for path in (tmp_path / "model").iterdir()] == ["config.json"]
+    with pytest.raises(OSError):
+        with staging_folder(tmp_path / "model") as staging:
+            (staging / "config.json").write_text("new")
+            rename_into_place(staging, tmp_path / "model")
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"
