@@ -113,6 +113,17 @@ def check_writable_output(output: Path) -> None:
                               "--output") from None
 
 
+def same_folder_name(tasks: list[str]) -> tuple[str, str] | None:
+    """The first two tasks whose folder names differ only in case: one folder on a file system that ignores case, as
+    macOS and Windows do by default, so refused everywhere (an export copied there would lose one too)."""
+    seen: dict[str, str] = {}
+    for task in tasks:
+        if task.casefold() in seen:
+            return seen[task.casefold()], task
+        seen[task.casefold()] = task
+    return None
+
+
 def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, overwrite: bool) -> None:
     """Refuse, before any work, an `output` that cannot be written and every `output/<task>` the export must not
     write: the adapter folder being read (or a folder inside it or holding it), a file, and a non-empty folder, unless
@@ -122,6 +133,13 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
     twice = repeated(tasks)
     if twice:
         raise ValueError(f"--tasks names {twice[0]!r} more than once: each task is exported to one folder")
+    clash = same_folder_name(tasks)
+    if clash:
+        first, second = clash
+        raise ValueError(f"tasks {first!r} and {second!r} differ only in case, and where case is ignored (macOS and "
+                         f"Windows file systems, by default) {output / first} and {output / second} are one folder: "
+                         f"the second export would replace the first; export them to different --output folders "
+                         f"(--tasks {first}, then --tasks {second})")
     merged_before = []  # tasks whose merged model an earlier export wrote: a rerun after a stop goes on with the rest
     check_writable_output(output)
     source = adapter.resolve()

@@ -164,6 +164,10 @@ def test_targets_inside_or_around_the_adapter_folder_are_refused(tmp_path):
         check_targets(adapter, tmp_path / "link", ["adapter"], merge=False, overwrite=True)
     with pytest.raises(ValueError, match=r"--tasks names 'parity' more than once"):
         check_targets(adapter, tmp_path / "out", ["parity", "add", "parity"], merge=False, overwrite=False)
+    # one folder where case is ignored (macOS, Windows): the second task's adapter silently replaced the first's
+    with pytest.raises(ValueError, match=r"tasks 'QA' and 'qa' differ only in case, .*/out/QA and .*/out/qa are one "
+                                         r"folder: .* \(--tasks QA, then --tasks qa\)"):
+        check_targets(adapter, tmp_path / "out", ["QA", "parity", "qa"], merge=False, overwrite=False)
     check_targets(adapter, tmp_path / "out", ["parity"], merge=False, overwrite=False)  # beside it: fine
 
 
