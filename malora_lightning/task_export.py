@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,10 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
         parser.error(f"--profile-examples={known.profile_examples} is invalid: expected an integer >= 1")
     if not known.output.strip():
         parser.error("--output is empty: give the folder that receives one sub-folder per task (e.g. runs/tasks)")
-    known.output = Path(known.output)
+    # a leading `~` is the home folder, as the shell would expand it: `--output=~/tasks` or a quoted one reach us
+    # unexpanded (bash expands only a word's leading `~`; cmd and PowerShell none), and wrote into a folder named `~`
+    known.output = Path(os.path.expanduser(known.output))
+    known.adapter = os.path.expanduser(known.adapter)
     quiet_known_notes()
     show_library_logs()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads

@@ -1,6 +1,7 @@
 """`malora-task-export`: one LoRA folder (or merged model) per task, equal to collapsing the mixture by hand."""
 
 import copy
+import re
 import shutil
 import stat
 import tempfile
@@ -150,6 +151,10 @@ def test_tasks_and_targets_are_checked_before_the_data_or_the_base_model_loads(t
     with pytest.raises(ValueError, match=r"--tasks names 'prity', which the recipe does not train: .* expected some "
                                          r"of parity, add_2digit"):
         main([*flags, "--tasks", "parity", "prity"])
+    # `--output=~/out` (bash leaves a `~` after `=` as it is; cmd and PowerShell every `~`) wrote into ./~/out
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path / 'out' / 'add_2digit'))} is a file"):
+        main([f"--adapter=~/{mixture_folder.relative_to(tmp_path)}", "--output=~/out", *recipe_flags(tiny_model_dir)])
 
 
 def test_targets_inside_or_around_the_adapter_folder_are_refused(tmp_path):
