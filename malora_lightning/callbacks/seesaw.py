@@ -150,7 +150,8 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
                                 "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores "
                                 "unset")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+        # utf-8-sig: the byte-order mark some Windows editors write (Notepad, PowerShell 5) is no JSON error
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
     except DuplicateKeyError as error:  # json would keep the last score of a task and drop the others
         raise ValueError(f"baseline scores file {path}: {error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -171,9 +171,10 @@ def test_a_baseline_file_that_cannot_be_read_is_named_as_the_baseline_scores_fil
         SeesawTracker(baseline_scores=str(path))
 
 
-def test_baseline_scores_load_as_floats(tmp_path):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # with a byte-order mark, as Windows editors write
+def test_baseline_scores_load_as_floats(tmp_path, encoding):
     path = tmp_path / "single_task.json"
-    path.write_text(json.dumps({"a": 1, "b": 0.25}))
+    path.write_text(json.dumps({"a": 1, "b": 0.25}), encoding=encoding)
     assert load_baseline_scores(path) == {"a": 1.0, "b": 0.25}
 
 
