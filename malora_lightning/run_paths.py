@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+UNPORTABLE_CHARACTERS = '<>:"|?*'  # refused in file names by Windows
 OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), a logger, or "
               "ModelCheckpoint(dirpath=...))")
 
@@ -19,11 +20,13 @@ OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), 
 def check_file_name(filename: str, setting: str) -> None:
     """Refuse, naming `setting`, a `filename` that is not one file's name in the run folder: an empty name, "." or
     ".." named the folder itself (an IsADirectoryError at the first write, after the fit) and a path left the run
-    folder."""
+    folder; a character that Windows refuses in a file name (or a control character) failed there at the first
+    write."""
     if not (isinstance(filename, str) and filename.strip() and filename not in (".", "..")
-            and Path(filename).name == filename and "\\" not in filename):
+            and Path(filename).name == filename and "\\" not in filename
+            and not any(char in UNPORTABLE_CHARACTERS or ord(char) < 32 for char in filename)):
         raise ValueError(f"{setting}={filename!r} is invalid: expected the name of a file in the run folder, like "
-                         "'report.md' (no folder)")
+                         f"'report.md' (no folder, none of {UNPORTABLE_CHARACTERS} or control characters)")
 
 
 def run_directory(trainer: L.Trainer) -> Path:

@@ -81,9 +81,11 @@ def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
-@pytest.mark.parametrize("filename", ["", " ", ".", "..", "runs/report.md", "../report.md", "a\\b.md", None])
+@pytest.mark.parametrize("filename", ["", " ", ".", "..", "runs/report.md", "../report.md", "a\\b.md", None,
+                                      "report?.md", "run:1.md", "a\tb.md"])
 def test_a_file_name_that_names_no_file_in_the_run_folder_is_refused_when_built(writer, filename):
-    """"" and "." named the run folder itself: an IsADirectoryError at the first write, after the fit."""
+    """"" and "." named the run folder itself: an IsADirectoryError at the first write, after the fit; Windows
+    refuses "?" and ":" in a file name (also at the first write)."""
     with pytest.raises(ValueError, match=f"{writer.__name__} filename={re.escape(repr(filename))} is invalid: "
                                          "expected the name of a file in the run folder"):
         writer(filename=filename)
