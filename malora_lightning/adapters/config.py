@@ -194,7 +194,7 @@ class AdapterConfig:
         path = Path(path)
         with config_read_from(str(path)):
             try:
-                return cls.from_json(path.read_text())
+                return cls.from_json(path.read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale
             except json.JSONDecodeError as error:
                 raise ValueError(f"not valid JSON ({error})") from error
 

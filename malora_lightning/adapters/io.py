@@ -546,7 +546,8 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
         logger.warning("%s was not written by save_adapters: left as it is, without the model card",
                        path / CARD_NAME)
     with replace_files(path) as staging:
-        (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True))
+        (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True),
+                                           encoding="utf-8")
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
         if write_card:
             card = model_card(config, base, quantization, _target_summary(model), state, trained_tensor_names(model),

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +14,22 @@ def test_defaults_are_the_papers_malora_setting():
     assert config.scaling == 2.0  # alpha = 24 for r-bar = 12 (paper Table 8)
     assert config.aux_loss_coef == 0.01 and config.router_z_loss_coef == 0 and config.renormalize_top_k
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8; read in the locale's encoding (ASCII under the POSIX locale, cp1252 on Windows) a module name
+    with an accent failed, or became other characters."""
+    path = tmp_path / "adapter_config.json"
+    # as an editor saves it: the accent as UTF-8 bytes (json.dumps would write it as the ASCII escape \u00e9)
+    path.write_text(json.dumps(AdapterConfig(target_modules=["proj_é"]).to_dict(), ensure_ascii=False),
+                    encoding="utf-8")
+    script = f"from malora_lightning.adapters import AdapterConfig; print(AdapterConfig.from_file({str(path)!r}))"
+    environment = {**os.environ, "LC_ALL": "POSIX", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                   "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            encoding="utf-8", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "target_modules=['proj_é']" in result.stdout
 
 
 def test_scaling_is_alpha_over_rank():
