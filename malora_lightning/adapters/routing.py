@@ -93,8 +93,16 @@ def balance_statistics(probs: torch.Tensor, selection: torch.Tensor,
     selection = selection.to(probs.dtype)
     if token_weights is None:
         return torch.cat([probs.mean(dim=0), selection.mean(dim=0)])
-    token_weights = token_weights.to(probs.dtype)  # float32 from the mask; probs are float64 with float64 adapters
-    return torch.cat([token_weights @ probs, token_weights @ selection])
+    return torch.cat([weighted_sum(token_weights, probs), weighted_sum(token_weights, selection)])
+
+
+def weighted_sum(token_weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """token_weights [T] @ values [T] or [T, N], in the values' dtype (the routing dtype, at least float32) with
+    autocast off: under fp16/bf16 autocast the matmul ran in half precision, where a z-loss term lse**2 overflowed
+    fp16 once lse > 256 (inf, or NaN on a padding token's zero weight) and bf16 kept 3 digits of every mean."""
+    with torch.autocast(values.device.type, enabled=False):
+        # the weights are float32 from the mask; the values float64 with float64 adapters
+        return token_weights.to(values.dtype) @ values
 
 
 def load_balance_from_statistics(statistics: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,7 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 
 def z_loss_from_logsumexp(logsumexp: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
     squared = logsumexp.square()
-    return squared.mean() if token_weights is None else token_weights.to(squared.dtype) @ squared
+    return squared.mean() if token_weights is None else weighted_sum(token_weights, squared)
 
 
 def token_weights_of(token_mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:

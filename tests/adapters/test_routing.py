@@ -9,6 +9,7 @@ import torch
 
 from malora_lightning.adapters import (
     AdapterConfig,
+    MALoRALinear,
     add_routing_observer,
     aux_loss,
     inject_adapters,
@@ -515,3 +516,36 @@ def test_layers_reading_one_input_save_one_copy_of_it_in_the_autocast_dtype(meth
     loss.backward()  # the shared copy's gradient reaches the input once per reader
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # as Lightning evaluates
         model.eval()(ids)  # an inference tensor has no version counter: this raised RuntimeError
+
+
+@pytest.mark.parametrize("kernel", ["dense", "sparse", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_router_losses_under_half_autocast_stay_float32_over_real_tokens(kernel, dtype):
+    """The token-weighted means (a mask makes the weights) ran as matmuls, which autocast casts to half: an fp16
+    z-loss overflowed to inf once a logsumexp passed 256 (lse**2 > 65504, here ~3e4), stopping a fit whose loss is
+    finite, and bf16 kept 3 digits of the z-loss and, in the sparse kernel, of the balance statistics."""
+    torch.manual_seed(0)
+    layer = MALoRALinear(torch.nn.Linear(16, 8), AdapterConfig(method="malora", rank=2, shared_rank=4, num_experts=4,
+                                                               top_k=2, router_z_loss_coef=0.1, kernel=kernel))
+    with torch.no_grad():
+        layer.router.weight.normal_(std=40.0)  # router logits in the hundreds, well inside fp16's range
+    x = torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5)
+    mask[1, :2] = 0
+    forward = layer.train().routing_context.begin_forward(mask)
+    with torch.autocast("cpu", dtype=dtype):
+        layer(x)
+    statistics = forward.statistics[0]
+    real = mask.reshape(-1).bool()
+    # float64 reference from the router logits as the half GEMM rounds them (float32 accumulation)
+    logits = (x.reshape(-1, 16)[real].to(dtype).double() @ layer.router.weight.to(dtype).double().t()).to(dtype)
+    lse = torch.logsumexp(logits.double(), dim=-1)
+    assert lse.max() > 256
+    probs = logits.double().softmax(dim=-1)
+    selected = torch.zeros_like(probs).scatter(1, logits.double().topk(2, dim=-1).indices, 0.5)
+    assert statistics.z_loss.dtype == statistics.balance.dtype == torch.float32
+    torch.testing.assert_close(statistics.z_loss.double(), (lse ** 2).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(statistics.balance.double(), torch.cat([probs.mean(0), selected.mean(0)]),
+                               rtol=1e-5, atol=1e-6)
+    statistics.z_loss.backward()
+    assert torch.isfinite(layer.router.weight.grad).all()
