@@ -81,12 +81,14 @@ def _route_forward_kernel(
     if LOGSUMEXP:
         tl.store(lse_ptr + rows, row_max + tl.log(denominator), mask=row_ok)
 
-    # top-k as `routing.top_experts`: K rounds of "largest logit not yet chosen, lowest index on ties"
+    # top-k as `routing.top_experts`: K rounds of "largest logit not yet chosen, lowest index on ties". A NaN logit
+    # ranks first, as in torch's sort: compared as itself it equalled no maximum, and the expert index came out NP
+    keys = tl.where(logits != logits, float("inf"), logits)
     selected = tl.zeros([BLOCK, NP], dtype=tl.float32)
     for k in tl.static_range(K):
         open_experts = col_ok[None, :] & (selected == 0.0)
-        best = tl.max(tl.where(open_experts, logits, float("-inf")), axis=1)
-        expert = tl.min(tl.where(open_experts & (logits == best[:, None]), cols[None, :], NP), axis=1)
+        best = tl.max(tl.where(open_experts, keys, float("-inf")), axis=1)
+        expert = tl.min(tl.where(open_experts & (keys == best[:, None]), cols[None, :], NP), axis=1)
         tl.store(experts_ptr + rows * K + k, expert.to(tl.int64), mask=row_ok)
         selected = tl.where(cols[None, :] == expert[:, None], 1.0, selected)
     selection, gates, total = _gates(probs, selected, scale, K, RENORMALIZE)

@@ -10,6 +10,7 @@ from torch import nn
 from benchmarks.fused_check import CASES, Case, compare, make_layer, training_step
 from malora_lightning.adapters.fused_routing import BLOCK_TOKENS, route_forward
 from malora_lightning.adapters.kernels import fused_routing_applies
+from malora_lightning.adapters.routing import top_experts
 
 IN, OUT = 24, 20
 TOKENS = 2 * BLOCK_TOKENS + 13  # three blocks, the last one partial
@@ -70,6 +71,19 @@ def test_top_k_ties_go_to_the_lower_expert_index():
     assert routed.experts.tolist() == [[1, 2], [0, 1]]
     assert routed.gated.tolist() == [[0.0, 0.5, 0.5, 0.0], [0.5, 0.5, 0.0, 0.0]]
     assert routed.balance is None and routed.lse is None
+
+
+@pytest.mark.parametrize("num_experts", [3, 4])
+def test_nan_router_logits_pick_the_experts_top_experts_picks(num_experts):
+    """A NaN logit (a diverged router, an overflowed input) ranks above every number, as in torch's sort: the fused
+    kernel's comparisons never matched it and handed back expert index NP (4 here: past the last expert) for an
+    all-NaN row, which routing observers count into another task's bin or, past the padding bin, out of range."""
+    logits = torch.randn(4, num_experts)
+    logits[1] = float("nan")
+    logits[2, 2] = float("nan")
+    routed = route_forward(logits, torch.ones(4, 2 * num_experts), num_experts, 2, None, 2, True, 1.0, True, True)
+    assert torch.equal(routed.experts, top_experts(logits, 2))
+    assert routed.experts[1].tolist() == [0, 1] and routed.experts[2, 0] == 2
 
 
 @pytest.mark.parametrize("case", ["all_tie", "rows_tie", "underflow"])
