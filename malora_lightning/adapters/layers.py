@@ -251,16 +251,17 @@ class RoutedAdapterLayer(AdapterLayer):
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, leading_shape: torch.Size) -> torch.Tensor:
         if x.shape[0] == 0:
             return result
-        forward = self.routing_context.current
+        # activation checkpointing runs the forward again inside backward: it must compute (and save for backward)
+        # what the first run did, but hands nothing over, since the first run did. Its token weights are those of the
+        # forward whose losses are being backpropagated: a side pass since (a teacher pass under no_grad) is `current`
+        recomputed = in_backward()
+        forward = self.routing_context.losses_forward if recomputed else self.routing_context.current
         dtype = self.compute_dtype(x.device.type)
         token_mask, token_weights = (forward.tokens(tuple(leading_shape), routing_dtype(dtype)) if forward is not None
                                      else (None, None))
         collect = forward is not None and self.training and torch.is_grad_enabled()
         if forward is not None and self.training and not collect:
             forward.routed_without_gradients = True
-        # activation checkpointing runs the forward again inside backward: it must compute (and save for backward)
-        # what the first run did, but hands nothing over, since the first run did
-        recomputed = in_backward()
         spec = RoutingSpec(top_k=self.top_k, renormalize=self.renormalize_top_k, scaling=self.scaling,
                            dropout=self.dropout_rate, statistics=collect, z_loss=collect and self.compute_z_loss,
                            fused=self.kernel == "fused" and fused_routing_applies(x.device, dtype))

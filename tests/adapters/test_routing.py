@@ -475,6 +475,31 @@ def test_a_side_pass_under_no_grad_keeps_the_training_forwards_router_losses():
     assert not torch.equal(aux_loss(model), expected)
 
 
+@pytest.mark.parametrize("kernel", ["dense", "sparse"])
+def test_recomputation_after_a_side_pass_weighs_the_training_forwards_tokens(kernel):
+    """Activation checkpointing recomputes each layer's forward inside backward, with the token weights it saves for
+    the router losses' backward: after a side pass (a teacher pass under no_grad inside the step) it took that
+    pass's mask, so the router gradients of the step's own aux loss were wrong (by 0.045 here)."""
+    ids = torch.randint(3, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = routed_model(kernel=kernel, dropout=0.0, router_z_loss_coef=0.1, router_init_std=0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss + aux_loss(model)
+        if checkpointing:
+            with torch.no_grad():  # every token real: other token weights than the step's
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        loss.backward()
+        grads.append({name: param.grad for name, param in model.named_parameters() if param.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8, msg=name)
+
+
 @pytest.mark.parametrize("method", ["molora", "malora"])
 @pytest.mark.parametrize("kernel", ["dense", "sparse"])
 def test_layers_reading_one_input_save_one_copy_of_it_in_the_autocast_dtype(method, kernel):
