@@ -56,15 +56,17 @@ def test_kernels_match_the_reference_in_forward_and_gradients(method, kernel, re
 
 
 def test_lora_matches_its_equation():
-    layer = make_layer("lora")
+    """Eq. 1 with the scale written out as alpha / r (rank 3, alpha 5), not read back from the layer."""
+    layer = make_layer("lora", alpha=5.0)
     x = torch.randn(TOKENS, IN, dtype=torch.float64)
-    expected = x @ layer.base_layer.weight.t() + layer.base_layer.bias + layer.scaling * x @ (layer.lora_B @ layer.lora_A).t()
+    expected = x @ layer.base_layer.weight.t() + layer.base_layer.bias + (5.0 / 3) * x @ (layer.lora_B @ layer.lora_A).t()
     torch.testing.assert_close(layer(x), expected)
 
 
 def test_malora_reference_follows_equation_7_token_by_token():
-    """Independent check of the reference: loop over tokens, keep the top-k experts, sum g_t B_t P_t S_A x."""
-    layer = make_layer("malora", renormalize_top_k=True)
+    """Independent check of the reference: loop over tokens, keep the top-k experts, sum (alpha/r-bar) g_t B_t P_t S_A x,
+    the scale written out (alpha 5, r-bar 3), not read back from the layer."""
+    layer = make_layer("malora", renormalize_top_k=True, alpha=5.0)
     x = torch.randn(6, IN, dtype=torch.float64)
     probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
     expected = x @ layer.base_layer.weight.t() + layer.base_layer.bias
@@ -73,7 +75,7 @@ def test_malora_reference_follows_equation_7_token_by_token():
         weights = top.values / top.values.sum()
         for weight, expert in zip(weights, top.indices):
             delta_w = layer.lora_B[expert].t() @ layer.lora_P[expert] @ layer.shared_A  # B_t = lora_B[t].T
-            expected[token] += layer.scaling * weight * (delta_w @ x[token])
+            expected[token] += (5.0 / 3) * weight * (delta_w @ x[token])
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.reference_forward(x), expected)
 
