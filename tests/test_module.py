@@ -1,5 +1,6 @@
 """MALoRAModule on a tiny random Llama: training, evaluation, checkpoints, resume, export, precision, subclassing."""
 
+import copy
 import dataclasses
 import gc
 import json
@@ -770,6 +771,42 @@ def test_trains_under_each_precision_and_with_gradient_checkpointing(tiny_model_
     assert trained and all(p.abs().sum() > 0 for p in trained)  # B left zero means no update reached it
     routers = [m for m in module.model.modules() if hasattr(m, "router")]
     assert all(m.router.weight.grad is None or m.router.weight.grad.abs().sum() > 0 for m in routers)
+
+
+class _FirstStepRouterGradients(Callback):
+    """A copy of the model as the first step starts, that step's batch, and every router's gradient after its
+    backward."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            self.batch, self.model = batch, copy.deepcopy(pl_module.model)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == 0:
+            self.grads = {name: layer.router.weight.grad.clone()
+                          for name, layer in pl_module.model.named_modules() if hasattr(layer, "router")}
+
+
+def test_the_training_step_backpropagates_the_router_losses_with_their_coefficients(tiny_model_dir, tmp_path):
+    """At the first step B = 0, so the LM loss gives the routers no gradient (paper section 1.4): each router's
+    gradient is that of 0.5 * load balance + 2 * z-loss (the coefficients written out) of the same batch's forward.
+    A training step that logged lm_loss + aux_loss but returned the LM loss alone passed every module test: after
+    the first step the LM loss reaches the routers too, so their gradients after a fit are non-zero either way."""
+    module = make_module(tiny_model_dir, adapter=AdapterConfig(
+        rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0, aux_loss_coef=0.5, router_z_loss_coef=2.0,
+        router_init_std=0.5))
+    recorder = _FirstStepRouterGradients()
+    make_trainer(tmp_path, max_steps=1, callbacks=[recorder]).fit(module, make_data(tiny_model_dir))
+    model = recorder.model.train()
+    routers = {name: layer for name, layer in model.named_modules() if hasattr(layer, "router")}
+    assert routers.keys() == recorder.grads.keys() and len(routers) == 12
+    assert all(torch.count_nonzero(layer.lora_B) == 0 for layer in routers.values())
+    model(input_ids=recorder.batch.input_ids, attention_mask=recorder.batch.attention_mask)
+    summary = router_losses(model)
+    (0.5 * summary.load_balance + 2.0 * summary.z_loss).backward()
+    for name, layer in routers.items():
+        assert layer.router.weight.grad.abs().max() > 1e-4, name
+        torch.testing.assert_close(recorder.grads[name], layer.router.weight.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
