@@ -99,10 +99,13 @@ def balance_statistics(probs: torch.Tensor, selection: torch.Tensor,
 def weighted_sum(token_weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """token_weights [T] @ values [T] or [T, N], in the values' dtype (the routing dtype, at least float32) with
     autocast off: under fp16/bf16 autocast the matmul ran in half precision, where a z-loss term lse**2 overflowed
-    fp16 once lse > 256 (inf, or NaN on a padding token's zero weight) and bf16 kept 3 digits of every mean."""
+    fp16 once lse > 256 (inf, or NaN on a padding token's zero weight) and bf16 kept 3 digits of every mean. The
+    dense kernel calls it with autocast off already, where entering the context would only cost host time."""
+    weights = token_weights.to(values.dtype)  # float32 from the mask; the values float64 with float64 adapters
+    if not torch.is_autocast_enabled(values.device.type):
+        return weights @ values
     with torch.autocast(values.device.type, enabled=False):
-        # the weights are float32 from the mask; the values float64 with float64 adapters
-        return token_weights.to(values.dtype) @ values
+        return weights @ values
 
 
 def load_balance_from_statistics(statistics: torch.Tensor) -> torch.Tensor:
