@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
-from malora_lightning.atomic import first_line
+from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.checkpoints import (
     check_checkpoint_file,
@@ -152,15 +152,27 @@ def remove_empty_folders(folder: Path) -> None:
 class CheckedSaveConfigCallback(SaveConfigCallback):
     """Lightning's SaveConfigCallback (the run's config saved in its folder, replacing the one an earlier run saved
     there), except that a file it did not write, or a config file being run, is never replaced: the run stops first,
-    on every rank."""
+    on every rank. The config is written atomically (Lightning writes it in place: a run stopped meanwhile left an
+    empty or cut-off `config.yaml`)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.already_saved and self.save_to_log_dir:
-            path = Path(trainer.log_dir) / self.config_filename  # every rank: log_dir is a collective call
-            # the files given to --config (an inline `--config '{...}'` is listed as None)
-            run_configs = [Path(config.absolute) for config in self.config.get("config") or [] if config is not None]
-            refuse_on_every_rank(trainer, lambda: refuse_foreign_config(path, run_configs))
-        super().setup(trainer, pl_module, stage)
+        if self.already_saved or not self.save_to_log_dir:
+            super().setup(trainer, pl_module, stage)
+            return
+        path = Path(trainer.log_dir) / self.config_filename  # every rank: log_dir is a collective call
+        # the files given to --config (an inline `--config '{...}'` is listed as None)
+        run_configs = [Path(config.absolute) for config in self.config.get("config") or [] if config is not None]
+        refuse_on_every_rank(trainer, lambda: refuse_foreign_config(path, run_configs))
+        if self.multifile:  # one file per nested config: jsonargparse writes them
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            atomic_write_text(path, self.parser.dump(self.config, skip_none=False))  # what Lightning's save writes
+        self.save_to_log_dir = False  # written: Lightning's setup does the rest (save_config, the ranks' agreement)
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            self.save_to_log_dir = True
 
 
 class MALoRAArgumentParser(LightningArgumentParser):

@@ -1,6 +1,7 @@
 """The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import CONFIG_HEADER, MALoRACLI, main, remove_empty_folders, run_command
+from malora_lightning.cli import CONFIG_HEADER, MALoRAArgumentParser, MALoRACLI, main, remove_empty_folders, run_command
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -281,6 +282,32 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
         saved = (tmp_path / "config.yaml").read_text()
         assert saved.startswith(CONFIG_HEADER)
         assert yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_a_run_stopped_while_saving_its_config_leaves_the_earlier_config(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         model_loading_forbidden):
+    """Lightning opened config.yaml for writing (emptying it) before it had the text to write: a run stopped there
+    left an empty file in place of the earlier run's config."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
+              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    earlier = f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n"
+    (tmp_path / "config.yaml").write_text(earlier)
+
+    dump = MALoRAArgumentParser.dump
+
+    def stopped_while_saving(*args, **kwargs):  # the CLI also dumps its config while it builds the classes
+        if any(frame.function == "setup" for frame in inspect.stack()):  # the config callback's setup writes it
+            raise RuntimeError("stopped while saving the config")
+        return dump(*args, **kwargs)
+
+    monkeypatch.setattr(MALoRAArgumentParser, "dump", stopped_while_saving)
+    with pytest.raises(RuntimeError, match="stopped while saving the config"):
+        main(["test", "-c", "recipe.yaml"])
+    assert (tmp_path / "config.yaml").read_text() == earlier
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".config.yaml")] == []
 
 
 @pytest.mark.parametrize(("given", "named"), [
