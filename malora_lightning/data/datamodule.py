@@ -682,12 +682,24 @@ class MultiTaskDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         per_task = list(self._loaded("train").values())
         self._train_sampler = self.build_sampler([len(examples) for examples in per_task])
+        self._start_at_fit_epoch(self._train_sampler)
         return ResumableDataLoader(ConcatDataset(per_task),
                                    batch_size=self.batch_size, sampler=self._train_sampler,
                                    collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
                                    restored=self._restored_training_loader,
                                    generator=self._loader_generator("train"))
+
+    def _start_at_fit_epoch(self, sampler: Sampler[int]) -> None:
+        """Set a new training sampler to the epoch the fit loop is about to give it. Lightning 2.6 starts the loader's
+        iterator before it sets the epoch, and keeps that iterator for the first epoch of a fit resumed from a
+        checkpoint written after an epoch's end: DataLoader workers fetch ahead as it starts, so that epoch trained on
+        epoch 0's draws (Lightning-AI/pytorch-lightning#21938). Same epoch as Lightning's `_set_sampler_epoch`."""
+        trainer = self.trainer
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or not callable(set_epoch):
+            return
+        set_epoch(trainer.fit_loop.epoch_progress.current.processed)
 
     def val_dataloader(self) -> dict[str, DataLoader]:
         return self._eval_loaders(self._loaded("validation"))

@@ -79,6 +79,34 @@ def test_resumed_fit_sees_exactly_what_the_uninterrupted_fit_saw(tmp_path, num_w
         assert resumed == uninterrupted[step * BATCH:], f"resume from step {step}"
 
 
+def fit_by_epochs(num_workers: int, checkpoint_dir=None, ckpt_path=None) -> list[tuple[int, ...]]:
+    """Two epochs under ``max_epochs``; with ``checkpoint_dir``, a checkpoint at each training epoch's end."""
+    callbacks = []
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", save_top_k=-1,
+                                         save_on_train_epoch_end=True))
+    trainer = Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      enable_checkpointing=bool(callbacks), callbacks=callbacks)
+    module = Recorder()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers).*")
+        trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
+    return module.seen
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_fit_resumed_from_an_epoch_end_checkpoint_trains_the_next_epochs_draws(tmp_path, num_workers):
+    """Lightning 2.6 starts the training loader's iterator before it sets the sampler's epoch, and keeps that
+    iterator for the first epoch of a fit resumed from a checkpoint written after an epoch's end. DataLoader workers
+    fetch ahead as the iterator starts, so with workers the resumed epoch 1 trained on epoch 0's draws again
+    (Lightning-AI/pytorch-lightning#21938); without, the sampler is read only after its epoch is set."""
+    uninterrupted = fit_by_epochs(num_workers, checkpoint_dir=tmp_path)
+    assert uninterrupted[:24] != uninterrupted[24:]  # the second epoch is reshuffled
+    resumed = fit_by_epochs(num_workers, ckpt_path=tmp_path / f"step={BATCHES_PER_EPOCH}.ckpt")
+    assert resumed == uninterrupted[BATCHES_PER_EPOCH * BATCH:]
+
+
 def fit_by_steps(checkpoint_dir=None, ckpt_path=None, validation: bool = False):
     """12 steps (two epochs) under ``max_steps``; with ``checkpoint_dir``, a checkpoint at each training epoch's end
     (``on_train_epoch_end``), taken after that epoch's validation when there is one."""
