@@ -324,7 +324,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
-        interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
+        # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
+        interval = getattr(self.trainer, "val_check_interval", None)
+        accumulate = self.trainer.accumulate_grad_batches
         batches = self.trainer.max_steps * accumulate  # without per-epoch validation, the interval counts these
         if stage == "fit" and isinstance(interval, int) and self.trainer.check_val_every_n_epoch is None \
                 and 0 < batches < interval:

@@ -1078,6 +1078,17 @@ def test_a_val_check_interval_beyond_the_fits_batches_is_named(tiny_model_dir, t
     assert bool(named) == warned
 
 
+
+def test_a_fit_validating_by_time_runs_with_the_modules_checks_and_per_task_metrics(tiny_model_dir, tmp_path):
+    """A duration as val_check_interval (Lightning 2.6 validates by time then) leaves the trainer without a
+    `val_check_interval` attribute: `MALoRAModule.setup` and `PerTaskMetrics.on_train_start` read it and every such
+    fit stopped with an AttributeError before training. 0 seconds validates after every batch."""
+    metrics = PerTaskMetrics()
+    trainer = make_trainer(tmp_path, max_steps=2, val_check_interval="00:00:00:00", check_val_every_n_epoch=None,
+                           accumulate_grad_batches=1, limit_val_batches=1, callbacks=[metrics])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert [evaluation.step for evaluation in metrics.evaluations("val")] == [1, 2]
+
 class LearningRateRecorder(Callback):
     def __init__(self) -> None:
         self.rates: dict[int, list[float]] = {}

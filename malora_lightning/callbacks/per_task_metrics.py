@@ -235,9 +235,10 @@ class PerTaskMetrics(Callback):
         `ModelCheckpoint(every_n_train_steps=...)`) precedes that step's validation, which Lightning does not run
         again, so the history, the seesaw figures and the report would silently lack it."""
         step = trainer.global_step
-        interval = trainer.val_check_interval
+        # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
+        interval = getattr(trainer, "val_check_interval", None)
         if step == 0 or not isinstance(interval, int) or trainer.accumulate_grad_batches != 1:
-            return  # validation by epoch fraction, or batches that are not steps: not judged here
+            return  # validation by epoch fraction or by time, or batches that are not steps: not judged here
         # Lightning counts an int interval in training batches: of the whole run without per-epoch validation,
         # else of the current epoch
         batches = step if trainer.check_val_every_n_epoch is None \
