@@ -406,6 +406,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         stage = TrainerFn(stage or "fit").value  # Lightning passes a TrainerFn, which f-strings write as its name
+        self._check_overfit_batches(stage)
         with reading_files_once():
             self._check_something_to_evaluate(stage)
             if self._encoder is None:
@@ -432,6 +433,21 @@ class MultiTaskDataModule(LightningDataModule):
                            f"model_max_length={limit}: a sequence longer than {limit} tokens gets positions the model "
                            "was not trained on (a model with learned position embeddings stops with an index error); "
                            f"set max_length to at most {limit}")
+
+    def _check_overfit_batches(self, stage: str) -> None:
+        """Refuse a fit under Lightning's ``overfit_batches``: it swaps every loader's sampler for a
+        ``SequentialSampler`` over its dataset, so training read the concatenated tasks in order (the first task's
+        examples alone, silently, whatever the sampling) and validation failed in `EvaluationShard` with an
+        AttributeError, since that sampler yields plain ints instead of `ShardIndex`."""
+        trainer = self.trainer
+        if trainer is None or stage != "fit" or not trainer.overfit_batches:
+            return
+        first = self.train_tasks[0].name if self.train_tasks else "the first task"
+        raise ValueError(f"Trainer(overfit_batches={trainer.overfit_batches}) cannot run with MultiTaskDataModule: "
+                         "Lightning replaces its samplers with sequential ones, so training would see only the first "
+                         f"task's examples ({first!r}), not the task mixture, and validation could not read its "
+                         "loaders. Set overfit_batches=0; to fit a few fixed examples of every task, set "
+                         "max_train_examples_per_task (and limit_train_batches, limit_val_batches)")
 
     def _check_something_to_evaluate(self, stage: str) -> None:
         """validate, test and predict (without a predict file) need a task with the split they evaluate: without one,

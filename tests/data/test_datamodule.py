@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, TaskDataError, get_task, sampling
@@ -352,6 +352,25 @@ def test_lightning_cli_keeps_task_spec_values_as_written(tmp_path):
     assert (task.name, task.formatter.prompt, task.formatter.target, task.description) == (
         "2024", "Facts: {mr}", "yes", "true")
 
+
+
+class SteppingModel(TinyModel):
+    def training_step(self, batch, batch_idx):
+        return (self.weight ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("overfit_batches", [2, 0.25])
+def test_a_fit_under_overfit_batches_is_refused_naming_the_setting(tmp_path, overfit_batches):
+    """Lightning's overfit_batches swaps every loader's sampler for a SequentialSampler: training read only the first
+    task's examples, silently, and validation failed with "'int' object has no attribute 'index'"."""
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, overfit_batches=overfit_batches, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"^Trainer\(overfit_batches={overfit_batches}\) cannot run with "
+                                         r"MultiTaskDataModule: .* only the first task's examples \('add_2digit'\)"):
+        trainer.fit(SteppingModel(), datamodule=make())
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_train_loader_state_outside_a_trainer_counts_the_batches_handed_out(num_workers):
