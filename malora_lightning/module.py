@@ -315,8 +315,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
         refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
-        the run asks for: no validation after training begins (an interval beyond max_steps), and a true half
-        precision that overrides `adapter_dtype` (validations inside an accumulation window: `on_train_start`)."""
+        the run asks for: no validation after training begins (an interval beyond max_steps; beyond max_epochs, and
+        validations inside an accumulation window: `on_train_start`), and a true half precision that overrides
+        `adapter_dtype`."""
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
             if self.trainer.datamodule is not None:
@@ -765,6 +766,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
         self._step_losses, self._step_task_parts = [], {}
+        self._warn_of_an_interval_beyond_the_epochs()
         self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:
             return
@@ -783,6 +785,23 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
+
+    def _warn_of_an_interval_beyond_the_epochs(self) -> None:
+        """`setup`'s warning of an interval the fit never reaches, for a fit that `max_epochs` ends first: only the
+        training data's length, known once it is loaded, says how many batches those epochs hold, and such a fit
+        (max_steps=-1, or a max_steps beyond the epochs) trained to its end without ever validating."""
+        trainer = self.trainer
+        interval = getattr(trainer, "val_check_interval", None)  # absent for a duration
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is not None \
+                or not is_int(trainer.num_training_batches):
+            return
+        batches = fit_batches(trainer)
+        if 0 < trainer.max_steps * trainer.accumulate_grad_batches < interval or not 0 < batches < interval:
+            return  # setup warned of it already, or the fit validates
+        rank_zero_warn(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
+                       f"(max_epochs={trainer.max_epochs} of {trainer.num_training_batches} batches): the fit never "
+                       "validates the adapters it trains (the report's final scores, if any, are the sanity check's, "
+                       f"before training); set val_check_interval to at most {batches}")
 
     def _warn_of_validations_inside_windows(self) -> None:
         """A validation inside an accumulation window (and the checkpoint written when it ends, which holds none of

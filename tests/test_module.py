@@ -1079,6 +1079,20 @@ def test_a_val_check_interval_beyond_the_fits_batches_is_named(tiny_model_dir, t
 
 
 
+@pytest.mark.parametrize(("interval", "warned"), [(4, True), (3, False)])
+def test_a_val_check_interval_beyond_the_fits_epochs_is_named(tiny_model_dir, tmp_path, interval, warned):
+    """The same for a fit that max_epochs ends: max_epochs=1 of 3 batches with an interval of 4 trained all 3 without
+    validating once, and only the max_steps form of the warning existed."""
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=1, limit_train_batches=3, val_check_interval=interval,
+                           check_val_every_n_epoch=None, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    named = [w for w in caught if "val_check_interval=4 exceeds the fit's 3 training batches (max_epochs=1 of 3 "
+             "batches): the fit never validates" in str(w.message)]
+    assert bool(named) == warned
+
+
 def test_a_fit_validating_by_time_runs_with_the_modules_checks_and_per_task_metrics(tiny_model_dir, tmp_path):
     """A duration as val_check_interval (Lightning 2.6 validates by time then) leaves the trainer without a
     `val_check_interval` attribute: `MALoRAModule.setup` and `PerTaskMetrics.on_train_start` read it and every such
