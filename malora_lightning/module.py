@@ -789,11 +789,17 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def _warn_of_an_interval_beyond_the_epochs(self) -> None:
         """`setup`'s warning of an interval the fit never reaches, for a fit that `max_epochs` ends first: only the
         training data's length, known once it is loaded, says how many batches those epochs hold, and such a fit
-        (max_steps=-1, or a max_steps beyond the epochs) trained to its end without ever validating."""
+        (max_steps=-1, or a max_steps beyond the epochs) trained to its end without ever validating. Likewise a fit
+        that validates every n epochs and ends before the n-th."""
         trainer = self.trainer
+        every = trainer.check_val_every_n_epoch
+        if every is not None and 0 < trainer.max_epochs < every:
+            rank_zero_warn(f"check_val_every_n_epoch={every} exceeds max_epochs={trainer.max_epochs}: the fit never "
+                           "validates the adapters it trains (the report's final scores, if any, are the sanity "
+                           f"check's, before training); set check_val_every_n_epoch to at most {trainer.max_epochs}")
+            return
         interval = getattr(trainer, "val_check_interval", None)  # absent for a duration
-        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is not None \
-                or not is_int(trainer.num_training_batches):
+        if not isinstance(interval, int) or every is not None or not is_int(trainer.num_training_batches):
             return
         batches = fit_batches(trainer)
         if 0 < trainer.max_steps * trainer.accumulate_grad_batches < interval or not 0 < batches < interval:

@@ -1078,7 +1078,6 @@ def test_a_val_check_interval_beyond_the_fits_batches_is_named(tiny_model_dir, t
     assert bool(named) == warned
 
 
-
 @pytest.mark.parametrize(("interval", "warned"), [(4, True), (3, False)])
 def test_a_val_check_interval_beyond_the_fits_epochs_is_named(tiny_model_dir, tmp_path, interval, warned):
     """The same for a fit that max_epochs ends: max_epochs=1 of 3 batches with an interval of 4 trained all 3 without
@@ -1090,6 +1089,19 @@ def test_a_val_check_interval_beyond_the_fits_epochs_is_named(tiny_model_dir, tm
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     named = [w for w in caught if "val_check_interval=4 exceeds the fit's 3 training batches (max_epochs=1 of 3 "
              "batches): the fit never validates" in str(w.message)]
+    assert bool(named) == warned
+
+
+@pytest.mark.parametrize(("every", "warned"), [(3, True), (2, False)])
+def test_validation_every_n_epochs_beyond_the_fits_epochs_is_named(tiny_model_dir, tmp_path, every, warned):
+    """check_val_every_n_epoch=3 with max_epochs=2 trained both epochs without validating once, and said nothing."""
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=1, check_val_every_n_epoch=every,
+                           limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    named = [w for w in caught if f"check_val_every_n_epoch={every} exceeds max_epochs=2: the fit never validates"
+             in str(w.message)]
     assert bool(named) == warned
 
 
