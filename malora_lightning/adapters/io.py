@@ -29,7 +29,7 @@ from typing import Any, Callable, Collection, Iterable, Literal, Mapping, get_ar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from malora_lightning.adapters.config import ADAPTER_DTYPES, AdapterConfig, config_read_from
@@ -548,13 +548,29 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     with replace_files(path) as staging:
         (staging / CONFIG_NAME).write_text(json.dumps(peft_config(config, model, base), indent=2, sort_keys=True),
                                            encoding="utf-8")
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
+        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
         if write_card:
             card = model_card(config, base, quantization, _target_summary(model), state, trained_tensor_names(model),
                               task_scores, origin)
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         apply_default_modes(staging)  # safetensors writes its file owner-only
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors' file of `tensors`, with the header's metadata in key order: safetensors writes that map in a
+    random order (a Rust HashMap), so two saves of the same tensors differed byte for byte and no file hash of a
+    rerun matched. Held in memory once (as safetensors' `save` returns it), the tensors' bytes written as they are."""
+    data = memoryview(save(tensors, metadata=metadata))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8:8 + length]))
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensors' bytes start 8-byte aligned, as safetensors pads its header
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        handle.write(data[8 + length:])
 
 
 def peft_config(config: AdapterConfig, model: nn.Module, base: str | None) -> dict[str, Any]:

@@ -53,6 +53,19 @@ def test_round_trip_is_bit_exact_and_holds_adapter_tensors_only(tmp_path, method
     assert not any(p.requires_grad for p in fresh.parameters())  # loaded for inference
 
 
+def test_saving_the_same_adapters_twice_writes_the_same_bytes(tmp_path):
+    """safetensors wrote the header's metadata in a random order: identical tensors, different file hashes."""
+    model = trained_model()
+    files = [save_adapters(model, tmp_path / name) / "adapter_model.safetensors" for name in ("first", "second")]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    with safe_open(str(files[0]), framework="pt") as stored:
+        metadata = stored.metadata()
+        assert set(stored.keys()) == {peft_key(key) for key in adapter_state_dict(model)}
+    length = int.from_bytes(files[0].read_bytes()[:8], "little")
+    header = json.loads(files[0].read_bytes()[8:8 + length])
+    assert list(header["__metadata__"]) == sorted(metadata) and len(metadata) > 2 and length % 8 == 0
+
+
 @pytest.mark.parametrize("method", ["lora", "malora"])
 def test_a_model_cast_after_injection_reloads_in_the_dtype_it_computed_in(tmp_path, method):
     """Lightning's bf16-true casts the whole module: the saved config now says bfloat16, as the tensors are, where it
@@ -199,12 +212,12 @@ def test_a_crash_while_saving_leaves_the_previous_adapter_intact(tmp_path, monke
     save_adapters(first, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
 
-    def crash_midway(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
+    def crash_midway(path, tensors, metadata):
+        with open(path, "wb") as handle:
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash_midway)
+    monkeypatch.setattr(adapter_io, "write_safetensors", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         save_adapters(trained_model(), tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
