@@ -444,6 +444,12 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# what ends a line of a JSON lines file: \n (with \r before it, or \r alone). Not `str.splitlines`, which also
+# splits at U+2028, U+2029 and U+0085, characters a JSON string may hold as they are (json.dumps(ensure_ascii=False)
+# writes them so, as `PredictionWriter` does): a line holding one was cut in two and refused as "not a JSON object"
+_JSON_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON lines file (`.jsonl`: one object per line, blank lines skipped), or of a `.json` file holding
     an array of objects (a `.json` file that is not one JSON value is read as JSON lines). A key repeated in an
@@ -463,7 +469,7 @@ def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
                                 f"{type(value).__name__}")
     if numbered is None:
         numbered, unit = [], "line"
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_JSON_LINE_BREAK.split(text), start=1):
             if not line.strip():
                 continue
             try:

@@ -133,6 +133,18 @@ def test_a_number_in_a_predict_file_is_its_text_as_written(tmp_path):
     assert [prompt.target for prompt in read_prompts(predict_source(str(path)), TASKS)] == ["42", "2.50"]
 
 
+
+def test_a_json_lines_row_holding_a_unicode_line_separator_is_one_row(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand as they are in a JSON string (json.dumps(ensure_ascii=False) writes them
+    so, as PredictionWriter does): the line was split there and refused as "not a JSON object"."""
+    rows = [{"prompt": "one\u2028two", "task": "add_2digit", "target": "1\u20292"}, {"prompt": "next\x85line"},
+            {"prompt": "last"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows), encoding="utf-8")
+    prompts = read_prompts(predict_source(str(path)), TASKS)
+    assert [(prompt.row, prompt.prompt, prompt.target) for prompt in prompts] == \
+        [(0, "one\u2028two", "1\u20292"), (1, "next\x85line", None), (2, "last", None)]
+
 @pytest.mark.parametrize("header,named", [
     ("prompt,Task,answer", ["field 'Task' (meant as 'task'?), field 'answer' (meant as 'target'?) not read"]),
     ("prompt,task,TARGET", ["field 'TARGET' (meant as 'target'?) not read"]),
