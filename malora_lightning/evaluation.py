@@ -9,6 +9,7 @@ logits, not through `target_log_likelihoods`) and the trainer's data module (its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -104,6 +105,23 @@ class EvaluationMixin:
                                             generation_config=config)
         return tokenizer.batch_decode(generated[:, prompt.shape[1]:], skip_special_tokens=True)
 
+    def _generated_answers(self, batch: EvaluationBatch, tasks: Sequence[Task | None]) -> list[str]:
+        """`generate_predictions`'s answer to each prompt of `batch`, each generated with its own task's
+        `generation_length` (`tasks`, one per row). A batch of one task (every loader of the data module) is one call;
+        a batch mixing tasks of other lengths (dataloaders given to the trainer) is generated in groups of rows of one
+        length: generated for the longest, a shorter task's greedy answer ran on past its length, so a prompt was
+        answered otherwise than in a batch of its own task."""
+        lengths = [self.generation_length(task) for task in tasks]
+        if len(set(lengths)) == 1:
+            return self._checked_predictions(self.generate_predictions(batch, lengths[0]), batch)
+        answers = [""] * len(lengths)
+        for length in sorted(set(lengths)):
+            rows = [row for row, own in enumerate(lengths) if own == length]
+            part = batch_rows(batch, rows)
+            for row, answer in zip(rows, self._checked_predictions(self.generate_predictions(part, length), part)):
+                answers[row] = answer
+        return answers
+
     def _checked_predictions(self, predictions: object, batch: EvaluationBatch) -> list[str]:
         """`generate_predictions`'s answers, one text per prompt of `batch`, or a TypeError naming the override: a
         string, or a list of another length, was zipped with the batch's targets and rows, scoring characters or
@@ -162,9 +180,11 @@ class EvaluationMixin:
             return counted_rows(output, batch.counted)
         with scoring_pass(self.model, ScoringPass(batch.task_id, batch.counted)):
             log_likelihood, tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask, batch.labels)
-        task = self.task(batch.task_name[0])
-        predictions = self._checked_predictions(self.generate_predictions(batch, self.generation_length(task)), batch)
-        correct = torch.tensor([task.is_correct(p, t) for p, t in zip(predictions, batch.targets)],
+        # each row's own task: a batch of dataloaders given to the trainer can mix tasks, and every row was checked
+        # (and generated) as its first row's task, so its score depended on which task came first
+        tasks = [self.task(name) for name in batch.task_name]
+        predictions = self._generated_answers(batch, tasks)
+        correct = torch.tensor([task.is_correct(p, t) for task, p, t in zip(tasks, predictions, batch.targets)],
                                device=tokens.device)
         output = EvaluationOutput(batch.task_name, loss=-log_likelihood / tokens.clamp(min=1), correct=correct,
                                   predictions=predictions)
@@ -247,8 +267,7 @@ class EvaluationMixin:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known; padding examples are answered (every rank generates alike) but not returned."""
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
-        predictions = self._checked_predictions(
-            self.generate_predictions(batch, max(self.generation_length(task) for task in tasks)), batch)
+        predictions = self._generated_answers(batch, tasks)
         answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                               target=target,
                               correct=None if task is None or target is None else task.is_correct(prediction, target))
@@ -277,6 +296,30 @@ def global_generation_defaults(model) -> Iterator[None]:
         yield
     finally:
         model.generation_config = own
+
+
+def batch_rows(batch: EvaluationBatch, rows: Sequence[int]) -> EvaluationBatch:
+    """The examples `rows` (in increasing order) of `batch` as a batch of their own, as the collator would pad them:
+    their prompts without the columns that are left padding in every one of them, and their choice rows if any."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+    prompt_mask = batch.prompt_attention_mask[index]
+    width = int(prompt_mask.sum(1).max())
+    choices = batch.choices
+    if choices is not None:
+        position = torch.full_like(batch.task_id, -1)
+        position[index] = torch.arange(len(rows), device=index.device)
+        example = position[choices.example_index]
+        kept = example >= 0
+        choices = ChoiceRows(input_ids=choices.input_ids[kept], attention_mask=choices.attention_mask[kept],
+                             labels=choices.labels[kept], example_index=example[kept], gold=choices.gold[index],
+                             num_choices=choices.num_choices[index])
+    return dataclasses.replace(
+        batch, input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
+        labels=batch.labels[index], task_id=batch.task_id[index], task_name=[batch.task_name[row] for row in rows],
+        prompts=[batch.prompts[row] for row in rows], targets=[batch.targets[row] for row in rows],
+        prompt_input_ids=batch.prompt_input_ids[index][:, -width:], prompt_attention_mask=prompt_mask[:, -width:],
+        counted=batch.counted[index], choices=choices,
+        rows=None if batch.rows is None else [batch.rows[row] for row in rows])
 
 
 def counted_only(rows: Sequence[T], counted: torch.Tensor) -> list[T]:

@@ -1,11 +1,21 @@
 """Greedy answers of `MALoRAModule.generate_predictions` on a tiny random Llama, its logits forced by a hook on the
-output head: where an answer ends, and decoding that no checkpoint's generation_config changes."""
+output head: where an answer ends, and decoding that no checkpoint's generation_config changes; and a batch that
+mixes tasks, each row answered and checked as its own task."""
 
 from collections.abc import Callable
 
+import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
+from malora_lightning.adapters import AdapterConfig
+from malora_lightning.data import GeneratorSource, Task, final_answer, register_task
+from malora_lightning.data import tasks as tasks_module
 from malora_lightning.data.batches import EvaluationBatch
+from malora_lightning.data.builtin import format_row
+from malora_lightning.data.collate import MultiTaskCollator, PromptEncoder
+from malora_lightning.data.tasks import Example, first_line
 from malora_lightning.module import MALoRAModule
 from tests.helpers import tiny_tokenizer
 from tests.test_module import make_data, make_module, make_trainer
@@ -78,3 +88,75 @@ def test_greedy_decoding_ignores_the_checkpoints_generation_config(tiny_model_di
     assert generate_with_logits(module, batch, scores(stop=5.0, a=1.0), 4)[0] == ""
     assert module.model.generation_config.repetition_penalty == 1.2  # the model's own config is left as it was
     assert module.model.generation_config.min_new_tokens == 3
+
+
+class _FixedAnswers(MALoRAModule):
+    """Answers every prompt with "12 apples", recording the length and the prompts of each generation."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[tuple[int, list[str]]] = []
+
+    def generate_predictions(self, batch: EvaluationBatch, max_new_tokens: int) -> list[str]:
+        self.calls.append((max_new_tokens, list(batch.prompts)))
+        return ["12 apples"] * len(batch.prompts)
+
+
+class _Outputs(Callback):
+    def __init__(self) -> None:
+        self.outputs = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.outputs.append(outputs)
+
+
+@pytest.mark.parametrize("math_first", [True, False])
+def test_a_batch_mixing_tasks_answers_and_checks_each_row_as_its_own_task(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          math_first):
+    """Dataloaders given to the trainer can mix tasks in a batch: every row was generated with the first row's task's
+    length and checked by its answer check, so "12 apples" for 12 scored right or wrong by which task came first."""
+    monkeypatch.setattr(tasks_module, "_REGISTRY", dict(tasks_module._REGISTRY))
+    rows = [{"prompt": "Tom has 5 and gets 7. How many?", "target": "12"}]
+    for name, answer, length in [("word_math", final_answer, 30), ("plain_sum", first_line, 3)]:
+        register_task(Task(name=name, source=GeneratorSource(lambda split, seed: rows), formatter=format_row,
+                           answer=answer, max_new_tokens=length))
+    encoder = PromptEncoder(tiny_tokenizer(chat_template=True), 64)
+    examples = {name: encoder.encode([Example(prompt=prompt, target="12", row=0)], task_id, name, "validation")[0][0]
+                for task_id, (name, prompt) in enumerate([("word_math", "Tom has 5 and gets 7."),
+                                                          ("plain_sum", "What is 5 + 7?")])}
+    order = ["word_math", "plain_sum"] if math_first else ["plain_sum", "word_math"]
+    loader = DataLoader([examples[name] for name in order], batch_size=2,
+                        collate_fn=MultiTaskCollator(encoder.pad_token_id, eval_fields=True))
+    module = _FixedAnswers(model_name_or_path=str(tiny_model_dir), quantization=None,
+                           adapter=AdapterConfig(method="lora", rank=2))
+    outputs = _Outputs()
+    make_trainer(tmp_path, callbacks=[outputs], limit_val_batches=1.0).validate(module, dataloaders=loader,
+                                                                                verbose=False)
+    [output] = outputs.outputs
+    assert dict(zip(output.task_name, output.correct.tolist())) == {"word_math": True, "plain_sum": False}
+    assert sorted(module.calls) == [(3, [examples["plain_sum"].prompt]), (30, [examples["word_math"].prompt])]
+    module.calls = []
+    [answers] = make_trainer(tmp_path).predict(module, dataloaders=loader)
+    assert {answer.task: answer.correct for answer in answers} == {"word_math": True, "plain_sum": False}
+    assert [answer.task for answer in answers] == order
+    assert sorted(module.calls) == [(3, [examples["plain_sum"].prompt]), (30, [examples["word_math"].prompt])]
+
+
+def test_a_mixed_batchs_rows_are_answered_as_in_a_batch_of_their_own(tiny_model_dir, tmp_path):
+    """A row of a mixed batch is answered with its own task's length, as in a batch of its task: generated for the
+    longest, a shorter task's answer ran on past its length."""
+    module, data = make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["add_2digit", "reverse_words"],
+                                                          eval_batch_size=2)
+    make_trainer(tmp_path).validate(module, data, verbose=False)
+    module.eval()
+    loaders = data.val_dataloader()
+    batches = [next(iter(loaders[name])) for name in ("add_2digit", "reverse_words")]
+    collator = data.build_collator(eval_fields=True)
+    examples = [loaders[name].dataset.examples[index] for name in ("add_2digit", "reverse_words") for index in (0, 1)]
+    with torch.no_grad():
+        own = [answer for batch, name in zip(batches, ("add_2digit", "reverse_words"))
+               for answer in module.generate_predictions(batch, module.generation_length(module.task(name)))]
+        mixed = collator([examples[0], examples[2], examples[1], examples[3]])
+        answers = [answer.prediction for answer in module.predict_step(mixed, 0)]
+    assert len({module.generation_length(task) for task in data.tasks}) == 2
+    assert answers == [own[0], own[2], own[1], own[3]]
