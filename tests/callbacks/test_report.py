@@ -82,13 +82,23 @@ def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
 
 @pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
 @pytest.mark.parametrize("filename", ["", " ", ".", "..", "runs/report.md", "../report.md", "a\\b.md", None,
-                                      "report?.md", "run:1.md", "a\tb.md"])
+                                      "report?.md", "run:1.md", "a\tb.md", "a<b.md", "a>b.md", 'a"b.md', "a|b.md",
+                                      "a*b.md", "a\x1fb.md"])
 def test_a_file_name_that_names_no_file_in_the_run_folder_is_refused_when_built(writer, filename):
     """"" and "." named the run folder itself: an IsADirectoryError at the first write, after the fit; Windows
-    refuses "?" and ":" in a file name (also at the first write)."""
+    refuses each of <>:"|?* and the control characters (0x00-0x1f) in a file name (also at the first write)."""
     with pytest.raises(ValueError, match=f"{writer.__name__} filename={re.escape(repr(filename))} is invalid: "
                                          "expected the name of a file in the run folder"):
         writer(filename=filename)
+
+
+@pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
+@pytest.mark.parametrize("filename", ["report.md", "my report (v2).md", "seesaw-run_1.json", "r\u00e9sum\u00e9.md",
+                                      "a~b'c&d.md"])
+def test_a_file_name_windows_accepts_is_kept_when_built(writer, filename):
+    """Spaces, brackets and the other characters outside <>:"|?* and the control characters are file names on every
+    system the library runs on: refused, a user's name for the report would fail where nothing is wrong with it."""
+    assert writer(filename=filename).filename == filename
 
 
 def test_a_report_that_run_report_wrote_is_replaced(tmp_path):
