@@ -475,6 +475,26 @@ def test_a_side_pass_under_no_grad_keeps_the_training_forwards_router_losses():
     assert not torch.equal(aux_loss(model), expected)
 
 
+def test_a_side_pass_is_routed_and_observed_under_its_own_mask():
+    """Only checkpointing's recomputation takes the step's forward (`losses_forward`): a side pass (training mode, under
+    no_grad) routes under its own mask and reports to the observers as a forward of its own, not as the step's with the
+    step's padding."""
+    model = routed_model()
+    ids = torch.randint(3, 200, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    records = []
+    with add_routing_observer(model, records.append):
+        model(input_ids=ids, attention_mask=mask)  # the step's forward
+        with torch.no_grad():  # a teacher pass: every token real
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    step, side = records[:12], records[12:]
+    assert len(step) == len(side) == 12
+    assert all(torch.equal(record.token_mask, mask.reshape(-1).bool()) for record in step)
+    assert all(torch.equal(record.token_mask, torch.ones(12, dtype=torch.bool)) for record in side)
+    assert {id(record.forward) for record in step}.isdisjoint(id(record.forward) for record in side)
+
+
 @pytest.mark.parametrize("kernel", ["dense", "sparse"])
 def test_recomputation_after_a_side_pass_weighs_the_training_forwards_tokens(kernel):
     """Activation checkpointing recomputes each layer's forward inside backward, with the token weights it saves for
