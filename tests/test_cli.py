@@ -310,6 +310,28 @@ def test_a_run_stopped_while_saving_its_config_leaves_the_earlier_config(tiny_mo
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".config.yaml")] == []
 
 
+def test_the_config_is_written_once_and_never_in_place(tiny_model_dir, tmp_path, monkeypatch, model_loading_forbidden):
+    """The callback writes config.yaml atomically and leaves Lightning's own save (the parser's, in place) unrun: had
+    both run, Lightning's write would again empty the earlier file before it had the text, as a stop there shows."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
+              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "config.yaml").write_text(f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n")
+
+    def in_place_then_stopped(parser, config, path, *args, **kwargs):
+        Path(path).write_text("")  # opened for writing: emptied
+        raise RuntimeError("stopped while saving the config in place")
+
+    monkeypatch.setattr(MALoRAArgumentParser, "save", in_place_then_stopped)
+    with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
+        main(["test", "-c", "recipe.yaml"])
+    saved = (tmp_path / "config.yaml").read_text()
+    assert saved.startswith(CONFIG_HEADER)
+    assert yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
+
+
 @pytest.mark.parametrize(("given", "named"), [
     ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
                                      r"checkpoint file \(\.ckpt\)"),
