@@ -21,7 +21,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import CONFIG_HEADER, MALoRAArgumentParser, MALoRACLI, main, remove_empty_folders, run_command
+from malora_lightning.cli import (CONFIG_HEADER, CheckedSaveConfigCallback, MALoRAArgumentParser, MALoRACLI, main,
+                                  remove_empty_folders, run_command)
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -330,6 +331,31 @@ def test_the_config_is_written_once_and_never_in_place(tiny_model_dir, tmp_path,
     saved = (tmp_path / "config.yaml").read_text()
     assert saved.startswith(CONFIG_HEADER)
     assert yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_there(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch,
+                                                                                      model_loading_forbidden):
+    """save_config_kwargs={"save_to_log_dir": False} (a project that keeps its config elsewhere) writes no config.yaml,
+    as Lightning's callback does; ours writes the file itself, so it must read that setting too."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
+              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    elsewhere = []
+
+    class ConfigElsewhere(CheckedSaveConfigCallback):
+        def save_config(self, trainer, pl_module, stage):
+            elsewhere.append(self.parser.dump(self.config, skip_none=False))
+
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    save_config_callback=ConfigElsewhere, save_config_kwargs={"save_to_log_dir": False},
+                    args=["--config", "recipe.yaml"])
+    with pytest.raises(AssertionError, match="model was loaded"):  # past the config callback's setup, then stopped
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert not (tmp_path / "config.yaml").exists()
+    assert len(elsewhere) == 1 and yaml.safe_load(elsewhere[0])["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
 @pytest.mark.parametrize(("given", "named"), [
