@@ -163,7 +163,9 @@ class CheckedSaveConfigCallback(SaveConfigCallback):
         # the files given to --config (an inline `--config '{...}'` is listed as None)
         run_configs = [Path(config.absolute) for config in self.config.get("config") or [] if config is not None]
         refuse_on_every_rank(trainer, lambda: refuse_foreign_config(path, run_configs))
-        if self.multifile:  # one file per nested config: jsonargparse writes them
+        # Lightning's own write: multifile saves one file per nested config, and without overwrite it refuses any
+        # config.yaml already there (a check inside the write this method replaces)
+        if self.multifile or not self.overwrite:
             super().setup(trainer, pl_module, stage)
             return
         if trainer.is_global_zero:

@@ -358,6 +358,25 @@ def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_the
     assert len(elsewhere) == 1 and yaml.safe_load(elsewhere[0])["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
+def test_a_config_callback_told_not_to_overwrite_refuses_an_earlier_config(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           model_loading_forbidden):
+    """save_config_kwargs={"overwrite": False} refuses a config.yaml already there, as Lightning's callback does; the
+    atomic write skipped Lightning's check and replaced it."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
+              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    earlier = f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n"
+    (tmp_path / "config.yaml").write_text(earlier)
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    save_config_callback=CheckedSaveConfigCallback, save_config_kwargs={"overwrite": False},
+                    args=["--config", "recipe.yaml"])
+    with pytest.raises(RuntimeError, match=r"config\.yaml to NOT exist"):
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert (tmp_path / "config.yaml").read_text() == earlier
+
+
 @pytest.mark.parametrize(("given", "named"), [
     ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
                                      r"checkpoint file \(\.ckpt\)"),
