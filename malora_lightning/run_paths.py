@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 UNPORTABLE_CHARACTERS = '<>:"|?*'  # refused in file names by Windows
+# Windows' device names, which it refuses as file names with any extension
+RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in range(1, 10))}
 OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), a logger, or "
               "ModelCheckpoint(dirpath=...))")
 
@@ -20,13 +22,15 @@ OWN_FOLDER = ("give the run a folder of its own (Trainer(default_root_dir=...), 
 def check_file_name(filename: str, setting: str) -> None:
     """Refuse, naming `setting`, a `filename` that is not one file's name in the run folder: an empty name, "." or
     ".." named the folder itself (an IsADirectoryError at the first write, after the fit) and a path left the run
-    folder; a character that Windows refuses in a file name (or a control character) failed there at the first
-    write."""
+    folder; what Windows refuses as a file name (a character of `UNPORTABLE_CHARACTERS` or a control character, a
+    device name such as "con.md", a name ending in "." or a space) failed there at the first write."""
     if not (isinstance(filename, str) and filename.strip() and filename not in (".", "..")
             and Path(filename).name == filename and "\\" not in filename
-            and not any(char in UNPORTABLE_CHARACTERS or ord(char) < 32 for char in filename)):
+            and not any(char in UNPORTABLE_CHARACTERS or ord(char) < 32 for char in filename)
+            and filename.split(".")[0].strip().lower() not in RESERVED_NAMES and not filename.endswith((".", " "))):
         raise ValueError(f"{setting}={filename!r} is invalid: expected the name of a file in the run folder, like "
-                         f"'report.md' (no folder, none of {UNPORTABLE_CHARACTERS} or control characters)")
+                         f"'report.md' (no folder, none of {UNPORTABLE_CHARACTERS} or control characters, no Windows "
+                         "device name such as con or nul, not ending in '.' or a space)")
 
 
 def run_directory(trainer: L.Trainer) -> Path:

@@ -83,10 +83,12 @@ def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
 @pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
 @pytest.mark.parametrize("filename", ["", " ", ".", "..", "runs/report.md", "../report.md", "a\\b.md", None,
                                       "report?.md", "run:1.md", "a\tb.md", "a<b.md", "a>b.md", 'a"b.md', "a|b.md",
-                                      "a*b.md", "a\x1fb.md"])
+                                      "a*b.md", "a\x1fb.md",
+                                      "con.md", "NUL", "Com1.json", "lpt9.md", "report.", "report.md "])
 def test_a_file_name_that_names_no_file_in_the_run_folder_is_refused_when_built(writer, filename):
     """"" and "." named the run folder itself: an IsADirectoryError at the first write, after the fit; Windows
-    refuses each of <>:"|?* and the control characters (0x00-0x1f) in a file name (also at the first write)."""
+    refuses each of <>:"|?* and the control characters (0x00-0x1f) in a file name, its device names (con, nul,
+    com1, ... with any extension) and a name ending in "." or a space (also at the first write)."""
     with pytest.raises(ValueError, match=f"{writer.__name__} filename={re.escape(repr(filename))} is invalid: "
                                          "expected the name of a file in the run folder"):
         writer(filename=filename)
@@ -94,7 +96,8 @@ def test_a_file_name_that_names_no_file_in_the_run_folder_is_refused_when_built(
 
 @pytest.mark.parametrize("writer", [RunReport, SeesawTracker])
 @pytest.mark.parametrize("filename", ["report.md", "my report (v2).md", "seesaw-run_1.json", "r\u00e9sum\u00e9.md",
-                                      "a~b'c&d.md"])
+                                      "a~b'c&d.md",
+                                      "console.md", "com10.md", "nul-report.md", ".hidden.md"])
 def test_a_file_name_windows_accepts_is_kept_when_built(writer, filename):
     """Spaces, brackets and the other characters outside <>:"|?* and the control characters are file names on every
     system the library runs on: refused, a user's name for the report would fail where nothing is wrong with it."""
