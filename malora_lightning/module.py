@@ -331,10 +331,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         batches = self.trainer.max_steps * accumulate  # without per-epoch validation, the interval counts these
         if stage == "fit" and isinstance(interval, int) and self.trainer.check_val_every_n_epoch is None \
                 and 0 < batches < interval:
-            rank_zero_warn(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
-                           f"(max_steps={self.trainer.max_steps}): the fit never validates the adapters it trains (the "
-                           "report's final scores, if any, are the sanity check's, before training); set "
-                           f"val_check_interval to at most {batches}")
+            warn_never_validates(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
+                                 f"(max_steps={self.trainer.max_steps})", "val_check_interval", batches)
         precision = str(self.trainer.precision)
         half = TRUE_HALF_PRECISIONS.get(precision)
         if stage == "fit" and half is not None and self.adapter_config.adapter_dtype != half:
@@ -794,9 +792,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         trainer = self.trainer
         every = trainer.check_val_every_n_epoch
         if every is not None and 0 < trainer.max_epochs < every:
-            rank_zero_warn(f"check_val_every_n_epoch={every} exceeds max_epochs={trainer.max_epochs}: the fit never "
-                           "validates the adapters it trains (the report's final scores, if any, are the sanity "
-                           f"check's, before training); set check_val_every_n_epoch to at most {trainer.max_epochs}")
+            warn_never_validates(f"check_val_every_n_epoch={every} exceeds max_epochs={trainer.max_epochs}",
+                                 "check_val_every_n_epoch", trainer.max_epochs)
             return
         interval = getattr(trainer, "val_check_interval", None)  # absent for a duration
         if not isinstance(interval, int) or every is not None or not is_int(trainer.num_training_batches):
@@ -804,10 +801,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         batches = fit_batches(trainer)
         if 0 < trainer.max_steps * trainer.accumulate_grad_batches < interval or not 0 < batches < interval:
             return  # setup warned of it already, or the fit validates
-        rank_zero_warn(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
-                       f"(max_epochs={trainer.max_epochs} of {trainer.num_training_batches} batches): the fit never "
-                       "validates the adapters it trains (the report's final scores, if any, are the sanity check's, "
-                       f"before training); set val_check_interval to at most {batches}")
+        warn_never_validates(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
+                             f"(max_epochs={trainer.max_epochs} of {trainer.num_training_batches} batches)",
+                             "val_check_interval", batches)
 
     def _warn_of_validations_inside_windows(self) -> None:
         """A validation inside an accumulation window (and the checkpoint written when it ends, which holds none of
@@ -834,6 +830,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                        f"window's earlier batches. Validate at multiples of {accumulate} batches into each epoch: an "
                        f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
                        "that is one too (or validation at epoch ends)")
+
+
+def warn_never_validates(cause: str, setting: str, limit: int) -> None:
+    """Warn that a fit ends before its first validation (`cause`), naming the `setting` to lower to `limit`."""
+    rank_zero_warn(f"{cause}: the fit never validates the adapters it trains (the report's final scores, if any, are "
+                   f"the sanity check's, before training); set {setting} to at most {limit}")
 
 
 def fit_batches(trainer: L.Trainer) -> int:
