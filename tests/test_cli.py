@@ -257,15 +257,23 @@ def test_bad_overrides_fail_before_any_model_loads_naming_the_key(override, name
     assert named in capsys.readouterr().err
 
 
+def config_test_recipe(tiny_model_dir) -> dict:
+    """A recipe on the tiny model without a logger or checkpoints: the run folder, where config.yaml goes, is the
+    current directory."""
+    return {"trainer": {"logger": False, "enable_checkpointing": False},
+            "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
+            "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
+
+
+EARLIER_CONFIG = f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n"  # what an earlier run saved
+
+
 def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(tiny_model_dir, tmp_path, monkeypatch,
                                                                            model_loading_forbidden):
     """Without a logger the run folder is default_root_dir, the current directory unless set: Lightning's config
     saving replaced the user's config.yaml there with the run's full config, even the recipe being run."""
     monkeypatch.chdir(tmp_path)
-    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
-              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
-              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
-    mine = "# my own recipe\n" + yaml.safe_dump(recipe)
+    mine = "# my own recipe\n" + yaml.safe_dump(config_test_recipe(tiny_model_dir))
     (tmp_path / "config.yaml").write_text(mine)
     with pytest.raises(FileExistsError, match=r"config\.yaml is a config file this run reads \(--config\)"):
         main(["test", "-c", "config.yaml"])
@@ -276,7 +284,7 @@ def test_a_config_yaml_in_the_run_folder_is_replaced_only_when_a_run_saved_it(ti
     assert (tmp_path / "config.yaml").read_text() == mine  # both refused before the model loaded
 
     # an earlier run's, and the empty file a run killed while Lightning wrote its config leaves (it was refused)
-    for earlier in (f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n", ""):
+    for earlier in (EARLIER_CONFIG, ""):
         (tmp_path / "config.yaml").write_text(earlier)
         with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
             main(["test", "-c", "recipe.yaml"])
@@ -290,12 +298,8 @@ def test_a_run_stopped_while_saving_its_config_leaves_the_earlier_config(tiny_mo
     """Lightning opened config.yaml for writing (emptying it) before it had the text to write: a run stopped there
     left an empty file in place of the earlier run's config."""
     monkeypatch.chdir(tmp_path)
-    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
-              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
-              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    earlier = f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n"
-    (tmp_path / "config.yaml").write_text(earlier)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config_test_recipe(tiny_model_dir)))
+    (tmp_path / "config.yaml").write_text(EARLIER_CONFIG)
 
     dump = MALoRAArgumentParser.dump
 
@@ -307,7 +311,7 @@ def test_a_run_stopped_while_saving_its_config_leaves_the_earlier_config(tiny_mo
     monkeypatch.setattr(MALoRAArgumentParser, "dump", stopped_while_saving)
     with pytest.raises(RuntimeError, match="stopped while saving the config"):
         main(["test", "-c", "recipe.yaml"])
-    assert (tmp_path / "config.yaml").read_text() == earlier
+    assert (tmp_path / "config.yaml").read_text() == EARLIER_CONFIG
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".config.yaml")] == []
 
 
@@ -315,11 +319,8 @@ def test_the_config_is_written_once_and_never_in_place(tiny_model_dir, tmp_path,
     """The callback writes config.yaml atomically and leaves Lightning's own save (the parser's, in place) unrun: had
     both run, Lightning's write would again empty the earlier file before it had the text, as a stop there shows."""
     monkeypatch.chdir(tmp_path)
-    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
-              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
-              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    (tmp_path / "config.yaml").write_text(f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config_test_recipe(tiny_model_dir)))
+    (tmp_path / "config.yaml").write_text(EARLIER_CONFIG)
 
     def in_place_then_stopped(parser, config, path, *args, **kwargs):
         Path(path).write_text("")  # opened for writing: emptied
@@ -339,10 +340,7 @@ def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_the
     """save_config_kwargs={"save_to_log_dir": False} (a project that keeps its config elsewhere) writes no config.yaml,
     as Lightning's callback does; ours writes the file itself, so it must read that setting too."""
     monkeypatch.chdir(tmp_path)
-    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
-              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
-              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config_test_recipe(tiny_model_dir)))
     elsewhere = []
 
     class ConfigElsewhere(CheckedSaveConfigCallback):
@@ -363,18 +361,14 @@ def test_a_config_callback_told_not_to_overwrite_refuses_an_earlier_config(tiny_
     """save_config_kwargs={"overwrite": False} refuses a config.yaml already there, as Lightning's callback does; the
     atomic write skipped Lightning's check and replaced it."""
     monkeypatch.chdir(tmp_path)
-    recipe = {"trainer": {"logger": False, "enable_checkpointing": False},
-              "model": {"model_name_or_path": str(tiny_model_dir), "quantization": None},
-              "data": {"tasks": ["parity"], "max_eval_examples_per_task": 2}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    earlier = f"{CONFIG_HEADER}2.6.0\nseed_everything: 1\n"
-    (tmp_path / "config.yaml").write_text(earlier)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config_test_recipe(tiny_model_dir)))
+    (tmp_path / "config.yaml").write_text(EARLIER_CONFIG)
     cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
                     save_config_callback=CheckedSaveConfigCallback, save_config_kwargs={"overwrite": False},
                     args=["--config", "recipe.yaml"])
     with pytest.raises(RuntimeError, match=r"config\.yaml to NOT exist"):
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
-    assert (tmp_path / "config.yaml").read_text() == earlier
+    assert (tmp_path / "config.yaml").read_text() == EARLIER_CONFIG
 
 
 @pytest.mark.parametrize(("given", "named"), [
