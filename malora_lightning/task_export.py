@@ -114,17 +114,6 @@ def check_writable_output(output: Path) -> None:
                               "--output") from None
 
 
-def same_folder_name(tasks: list[str]) -> tuple[str, str] | None:
-    """The first two tasks whose folder names differ only in case: one folder on a file system that ignores case, as
-    macOS and Windows do by default, so refused everywhere (an export copied there would lose one too)."""
-    seen: dict[str, str] = {}
-    for task in tasks:
-        if task.casefold() in seen:
-            return seen[task.casefold()], task
-        seen[task.casefold()] = task
-    return None
-
-
 def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, overwrite: bool) -> None:
     """Refuse, before any work, an `output` that cannot be written and every `output/<task>` the export must not
     write: the adapter folder being read (or a folder inside it or holding it), a file, and a non-empty folder, unless
@@ -134,9 +123,11 @@ def check_targets(adapter: Path, output: Path, tasks: list[str], merge: bool, ov
     twice = repeated(tasks)
     if twice:
         raise ValueError(f"--tasks names {twice[0]!r} more than once: each task is exported to one folder")
-    clash = same_folder_name(tasks)
-    if clash:
-        first, second = clash
+    # names differing only in case are one folder where case is ignored (macOS and Windows by default): refused
+    # everywhere, since an export copied there would lose one too
+    folded = repeated(task.casefold() for task in tasks)
+    if folded:
+        first, second = [task for task in tasks if task.casefold() == folded[0]][:2]
         raise ValueError(f"tasks {first!r} and {second!r} differ only in case, and where case is ignored (macOS and "
                          f"Windows file systems, by default) {output / first} and {output / second} are one folder: "
                          f"the second export would replace the first; export them to different --output folders "
