@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 if TYPE_CHECKING:
-    from rich.progress import TaskID
+    from rich.progress import Task, TaskID
 
 # (message regex, category, issuing module regex), each with why it is harmless
 KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -87,7 +87,8 @@ def show_library_logs() -> None:
 class StepProgressBar(RichProgressBar):
     """Lightning's Rich bar, whose description reads "Epoch 0/-2" when `max_steps` ends the run (Lightning sets
     `max_epochs=-1`): there it reads "Epoch 0, max_steps 160". A validation dataloader's bar is removed once the next
-    one replaces it (`on_validation_batch_start`)."""
+    one replaces it (`on_validation_batch_start`), so the bars are looked up by their Rich task id (`_bar`), not by
+    their position in Rich's task list as Lightning's properties do."""
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -99,6 +100,29 @@ class StepProgressBar(RichProgressBar):
         super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
         if finished is not None and finished != self._validation_bar_id(trainer):
             self.progress.remove_task(finished)
+
+    @property
+    def train_progress_bar(self) -> Task:
+        return self._bar(self.train_progress_bar_id)
+
+    @property
+    def val_sanity_check_bar(self) -> Task:
+        return self._bar(self.val_sanity_progress_bar_id)
+
+    @property
+    def val_progress_bar(self) -> Task:
+        return self._bar(self.val_progress_bar_id)
+
+    @property
+    def test_progress_bar(self) -> Task:
+        return self._bar(self.test_progress_bar_id)
+
+    def _bar(self, bar_id: TaskID | None) -> Task:
+        """The Rich task with this id. Lightning's properties index `progress.tasks` by the id, which is the task's
+        position only until a bar is removed: after a validation they returned another bar or raised IndexError."""
+        if self.progress is None or bar_id is None:
+            raise RuntimeError("this progress bar has not been shown yet")
+        return next(task for task in self.progress.tasks if task.id == bar_id)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Lightning's, with the logger's version as text: the Rich bar prints every number with three decimals, so

@@ -147,10 +147,13 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
 class RichTasksAtValidationEnd(Callback):
     def __init__(self) -> None:
         self.counts: list[int] = []
+        self.bars: list[tuple[str, bool]] = []  # the training bar's description, the validation bar is the current
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self.counts.append(len(trainer.progress_bar_callback.progress.tasks))
+            bar = trainer.progress_bar_callback
+            self.counts.append(len(bar.progress.tasks))
+            self.bars.append((bar.train_progress_bar.description, bar.val_progress_bar.id == bar.val_progress_bar_id))
 
 
 def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_model_dir, tmp_path):
@@ -162,3 +165,5 @@ def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     # the training bar, the sanity check's last bar and the running validation's last bar
     assert counts.counts == [3, 3, 3]
+    # Lightning's properties indexed the task list by id: once bars were removed they read another bar
+    assert [(description.startswith("Epoch 0"), current) for description, current in counts.bars] == [(True, True)] * 3
