@@ -490,8 +490,6 @@ class MultiTaskDataModule(LightningDataModule):
                 random.Random(f"{self.settings.data_seed}:{task.name}:held-out").shuffle(order)
                 split = HeldOutSplit(train_rows=tuple(sorted(order[held:])),
                                      validation_rows=tuple(sorted(order[:held])))
-                logger.warning("Task %r has no validation split: %d of its %d train rows are held out and not trained "
-                               "on; %d of them are validated on.", task.name, held, count, self._evaluated_count(held))
         self._held_out[task.name] = split
         return split
 
@@ -600,6 +598,11 @@ class MultiTaskDataModule(LightningDataModule):
                 rows = task.num_rows(split, settings.data_seed) if len(examples) == limit else len(examples)
             else:  # the cap samples the rows left to this split by the held-out split, and is named like any other
                 kept = held_out.train_rows if split == "train" else held_out.validation_rows
+                if split == "validation":  # said where the rows are validated on, not where a test run sizes answers
+                    held, count = len(kept), len(kept) + len(held_out.train_rows)
+                    logger.warning("Task %r has no validation split: %d of its %d train rows are held out and not "
+                                   "trained on; %d of them are validated on.", task.name, held, count,
+                                   self._evaluated_count(held))
                 examples = task.examples("train", seed=settings.data_seed, limit=limit, only_rows=kept)
                 rows = len(kept)
             if rows > len(examples):

@@ -421,6 +421,26 @@ def test_a_task_with_only_train_and_test_is_validated_on_held_out_train_rows(tmp
     assert "| mine | 4 | 3 | 36 |" in data.report_sections()[0]
 
 
+@pytest.mark.parametrize(("stage", "announced"), [("fit", True), ("validate", True), ("test", False),
+                                                  ("predict", False)])
+def test_the_held_out_split_is_announced_where_it_is_validated_on(tmp_path, caplog, stage, announced):
+    """Test and predict runs carve the held-out rows too, to size generation (`_longest_answer`); saying there
+    that rows are held out from training was noise."""
+    rows = [{"q": f"{i}+1", "a": str(i + 1)} for i in range(40)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"name": "mine", "path": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+            "prompt": "{q}", "target": "{a}"}
+    data = make(tasks=["mine"], task_specs=[spec], max_eval_examples_per_task=3)
+    with caplog.at_level(logging.WARNING, logger="malora_lightning.data.datamodule"):
+        data.setup(stage)
+    messages = [record.getMessage() for record in caplog.records if "no validation split" in record.getMessage()]
+    expected = ["Task 'mine' has no validation split: 4 of its 40 train rows are held out and not trained on; 3 of "
+                "them are validated on."]
+    assert messages == (expected if announced else [])
+    assert data.held_out(data.tasks[0]) is not None and data.tasks[0].max_new_tokens is not None
+
+
 def test_a_trained_prompt_is_named_by_its_first_train_row(tmp_path, caplog):
     """Train rows 1 and 3 share a prompt: the warning names the first of them."""
     train = [{"q": "0+1", "a": "1"}, {"q": "5+5", "a": "10"}, {"q": "2+1", "a": "3"}, {"q": "5+5", "a": "ten"}]
