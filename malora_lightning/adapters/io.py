@@ -280,8 +280,9 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
     use_rslora = stored.get("use_rslora", False)
     if use_rslora is not None and not isinstance(use_rslora, bool):  # "false" is truthy: it scaled as rsLoRA
         raise ValueError(f"{path / CONFIG_NAME}: use_rslora={use_rslora!r} is invalid: expected true, false or null")
-    # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r
-    alpha = lora_alpha * math.sqrt(rank) if use_rslora else lora_alpha
+    # rsLoRA scales by lora_alpha / sqrt(r); ours by alpha / r. An r below 1 is AdapterConfig's to refuse, naming the
+    # rank: sqrt of a negative r failed first, with "math domain error" alone
+    alpha = lora_alpha * math.sqrt(rank) if use_rslora and rank >= 1 else lora_alpha
     with config_read_from(str(path / CONFIG_NAME)):
         return AdapterConfig(method="lora", rank=rank, alpha=float(alpha),
                              dropout=float(dropout), target_modules=modules)

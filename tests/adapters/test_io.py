@@ -380,6 +380,8 @@ def edit_stored_config(folder: Path, edit) -> None:
     ("ours", lambda text: "3", r"AdapterConfig: expected an object of fields \(a dict, a JSON object\), found int 3"),
     ("legacy", lambda stored: {**stored, "rank": 0}, r"AdapterConfig\.rank=0 is invalid"),
     ("peft", lambda stored: {**stored, "r": 0}, r"AdapterConfig\.rank=0 is invalid"),
+    # rsLoRA's sqrt(r) ran before the rank was checked: "math domain error", naming neither file nor field
+    ("peft", lambda stored: {**stored, "r": -1, "use_rslora": True}, r"AdapterConfig\.rank=-1 is invalid"),
     ("peft", lambda stored: {**stored, "lora_dropout": "high"}, r"lora_dropout='high' is invalid: expected a number"),
     # each was converted: "0.1" became dropout 0.1, true alpha 1.0 (scale 1 / r); null failed naming no field
     ("peft", lambda stored: {**stored, "lora_dropout": "0.1"}, r"lora_dropout='0\.1' is invalid: expected a number"),
