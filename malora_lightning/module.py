@@ -513,7 +513,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if not isinstance(lm, LMLoss):
             raise TypeError(f"{type(self).__name__}.compute_lm_loss returned a {type(lm).__name__}: it must return an "
                             "LMLoss (malora_lightning.module), e.g. LMLoss(loss=loss, per_task={}) for a scalar loss")
-        router = aux_loss(self.model).to(lm.loss.device)
+        summary = router_losses(self.model)
+        # without router losses (LoRA) a zero made on the loss's device: `aux_loss` makes its zero on the CPU, and the
+        # blocking copy of it to a GPU waited for every kernel queued before it (a host-device sync per batch)
+        router = aux_loss(self.model).to(lm.loss.device) if summary is not None \
+            else torch.zeros((), device=lm.loss.device)
         loss = lm.loss + router
         if not torch.isfinite(loss):
             drop_routing_record(self.model)  # no backward follows: the model would keep this forward's graph
@@ -522,7 +526,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "
                 "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
         batch_size = batch.input_ids.shape[0]
-        summary = router_losses(self.model)
         logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
             logged["train/load_balance"] = summary.load_balance

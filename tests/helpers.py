@@ -1,10 +1,11 @@
 """Tiny offline building blocks shared by the tests: a byte-level tokenizer, random causal LMs, two-process
-launchers and an aten op recorder."""
+launchers, an aten op recorder and a recorder of what would make the host wait for a GPU."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +22,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _WorkerOutput,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +38,8 @@ from transformers import (
     Qwen2Config,
     Qwen2MoeConfig,
 )
+
+import malora_lightning
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
@@ -276,3 +280,64 @@ class OpRecorder(TorchDispatchMode):
             name = f"{name.rstrip('_')}[mask]"
         self.calls[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+# what reads a tensor's values on the host, or gives a shape that depends on them: on a GPU each waits for every kernel
+# queued before it (a host-device sync)
+HOST_READS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__bool__: "bool",
+              torch.Tensor.__float__: "float", torch.Tensor.__int__: "int", torch.Tensor.__index__: "index",
+              torch.Tensor.cpu: "cpu", torch.Tensor.numpy: "numpy", torch.Tensor.nonzero: "nonzero",
+              torch.nonzero: "nonzero", torch.Tensor.unique: "unique", torch.unique: "unique",
+              torch.Tensor.bincount: "bincount", torch.bincount: "bincount", torch.masked_select: "masked_select",
+              torch.Tensor.masked_select: "masked_select"}
+HOST_FACTORIES = (torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange)
+PACKAGE_DIR = os.path.dirname(malora_lightning.__file__) + os.sep
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+class HostWaits(TorchFunctionMode):
+    """What the code inside would make the host wait for on a GPU, counted on any device by (what, call site), the
+    site being the innermost frame outside torch as "file.py:function" (its folder left out): reads of values
+    (`HOST_READS`, indexing by a boolean mask) and blocking copies from the host (`torch.tensor` of Python data on a
+    device, or a tensor a factory made without a device moved with `.to(device)` without non_blocking: PyTorch ends
+    such a copy with a stream sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: Counter[tuple[str, str]] = Counter()
+
+    def in_package(self) -> Counter[tuple[str, str]]:
+        """The waits whose call site is in malora_lightning."""
+        return Counter({key: count for key, count in self.waits.items() if key[1].startswith("malora_lightning/")})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = HOST_READS.get(func)
+        if func is torch.Tensor.__getitem__ and any(isinstance(index, torch.Tensor) and index.dtype == torch.bool
+                                                    for index in (args[1] if isinstance(args[1], tuple) else
+                                                                  (args[1],))):
+            what = "mask index"
+        if func is torch.tensor and isinstance(kwargs.get("device"), torch.device):  # Python data onto the device
+            what = "blocking copy from the host"
+        if func is torch.Tensor.to and getattr(args[0], "_made_on_host", False):
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            if isinstance(target, torch.device) and not kwargs.get("non_blocking", len(args) > 3 and args[3]):
+                what = "blocking copy from the host"
+        result = func(*args, **kwargs)
+        if func in HOST_FACTORIES and kwargs.get("device") is None and isinstance(result, torch.Tensor):
+            result._made_on_host = True
+        if what is not None:
+            self.waits[(what, _call_site())] += 1
+        return result
+
+
+def _call_site() -> str:
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename
+    where = "malora_lightning/" + path[len(PACKAGE_DIR):] if path.startswith(PACKAGE_DIR) else os.path.basename(path)
+    return f"{where}:{frame.f_code.co_name}"

@@ -10,6 +10,7 @@ import re
 import unittest.mock
 import warnings
 import weakref
+from collections import Counter
 from types import SimpleNamespace
 
 import lightning as L
@@ -45,7 +46,7 @@ from malora_lightning.module import (
 from malora_lightning.optim import adamw_options, lr_multiplier, schedule_length
 from malora_lightning.precision import AutoMixedPrecision
 from malora_lightning.scoring import IGNORE_INDEX, gold_rows, one_token_choices
-from tests.helpers import SYNCING_OPS, OpRecorder, tiny_config, tiny_model, tiny_tokenizer
+from tests.helpers import SYNCING_OPS, HostWaits, OpRecorder, tiny_config, tiny_model, tiny_tokenizer
 from tests.recipe_stacks import RECIPE_DIR, SINGLE_FILE_RECIPES
 
 TASKS = ["add_2digit", "parity", "reverse_words"]  # generative, multiple choice, generative
@@ -391,6 +392,45 @@ def test_each_tasks_lm_loss_is_its_token_mean_and_reading_it_waits_for_nothing(t
     assert result.loss.item() == pytest.approx((token_nll.sum() / target.sum()).item(), rel=1e-5)
     syncs = {op: count - plain.calls[op] for op, count in computed.calls.items() if op in SYNCING_OPS}
     assert {op: count for op, count in syncs.items() if count} == {"aten.nonzero": 1}
+
+
+class _StepHostWaits(Callback):
+    """`HostWaits` of each optimizer step's training batches (forward, backward, optimizer step; not Lightning's
+    logging after them)."""
+
+    def __init__(self) -> None:
+        self.steps: list[Counter] = []
+        self._recorder: HostWaits | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if len(self.steps) == trainer.global_step:
+            self.steps.append(Counter())
+        self._recorder = HostWaits()
+        self._recorder.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._recorder.__exit__(None, None, None)
+        self.steps[-1].update(self._recorder.in_package())
+
+
+@pytest.mark.parametrize("method", ["lora", "molora", "malora"])
+def test_a_training_step_makes_the_host_wait_only_for_the_targets_and_the_finiteness_check(tiny_model_dir, tmp_path,
+                                                                                          method):
+    """On a GPU, each read of a tensor's value and each blocking copy from the host waits for every kernel queued
+    before it. A training step of two micro-batches needs two waits in each: the target positions (`target_pairs`, a
+    data-dependent shape, before the forward) and the finiteness check (the error comes before the update). LoRA's
+    zero aux loss was made on the CPU and copied to the device: a wait per batch."""
+    adapter = AdapterConfig(method=method, rank=2, dropout=0.1, **(
+        {} if method == "lora" else dict(num_experts=4, top_k=2, shared_rank=4 if method == "malora" else None)))
+    recorder = _StepHostWaits()
+    trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1,
+                           callbacks=[recorder])
+    trainer.fit(make_module(tiny_model_dir, adapter=adapter),
+                make_data(tiny_model_dir, batch_size=2,
+                          tasks=TASKS + ["double_number", "last_word", "sort_words"]))
+    expected = Counter({("nonzero", "malora_lightning/scoring.py:target_pairs"): 2,
+                        ("bool", "malora_lightning/module.py:training_step"): 2})
+    assert recorder.steps == [expected] * 3
 
 
 def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
