@@ -549,9 +549,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             for name, task_loss in per_task.items():
                 self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
             # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
-            # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's
-            for name in sorted(self._logged_tasks - set(per_task)):
-                self.log(f"train/{name}/lm_loss", math.nan, batch_size=batch_size)
+            # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's.
+            # A NaN tensor on the device, not math.nan: Lightning makes a logged number a tensor with torch.tensor on
+            # the device, a blocking copy from the host (a CUDA sync per missing task and step)
+            missing = sorted(self._logged_tasks - set(per_task))
+            nan = torch.full((), math.nan, device=self.device) if missing else None
+            for name in missing:
+                self.log(f"train/{name}/lm_loss", nan, batch_size=batch_size)
             self._logged_tasks |= set(per_task)
             self._step_task_parts = {}
         return loss

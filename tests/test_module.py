@@ -396,11 +396,21 @@ def test_each_tasks_lm_loss_is_its_token_mean_and_reading_it_waits_for_nothing(t
 
 class _StepHostWaits(Callback):
     """`HostWaits` of each optimizer step's training batches (forward, backward, optimizer step; not Lightning's
-    logging after them)."""
+    logging after them), and every value the module logs."""
 
     def __init__(self) -> None:
         self.steps: list[Counter] = []
+        self.logged: list[tuple[str, object]] = []
         self._recorder: HostWaits | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        log = pl_module.log
+
+        def recording_log(name, value, *args, **kwargs):
+            self.logged.append((name, value))
+            return log(name, value, *args, **kwargs)
+
+        pl_module.log = recording_log
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if len(self.steps) == trainer.global_step:
@@ -419,7 +429,9 @@ def test_a_training_step_makes_the_host_wait_only_for_the_targets_and_the_finite
     """On a GPU, each read of a tensor's value and each blocking copy from the host waits for every kernel queued
     before it. A training step of two micro-batches needs two waits in each: the target positions (`target_pairs`, a
     data-dependent shape, before the forward) and the finiteness check (the error comes before the update). LoRA's
-    zero aux loss was made on the CPU and copied to the device: a wait per batch."""
+    zero aux loss was made on the CPU and copied to the device (a wait per batch), and a task missing from a step was
+    logged as math.nan, which Lightning turns into a tensor from host data on the device (a wait per task and
+    step)."""
     adapter = AdapterConfig(method=method, rank=2, dropout=0.1, **(
         {} if method == "lora" else dict(num_experts=4, top_k=2, shared_rank=4 if method == "malora" else None)))
     recorder = _StepHostWaits()
@@ -431,6 +443,9 @@ def test_a_training_step_makes_the_host_wait_only_for_the_targets_and_the_finite
     expected = Counter({("nonzero", "malora_lightning/scoring.py:target_pairs"): 2,
                         ("bool", "malora_lightning/module.py:training_step"): 2})
     assert recorder.steps == [expected] * 3
+    numbers = [name for name, value in recorder.logged if not isinstance(value, torch.Tensor)]
+    assert numbers == []  # LightningModule.log copies each onto the device with torch.tensor
+    assert any(torch.isnan(value) for _, value in recorder.logged)  # some step missed a task that an earlier one had
 
 
 def test_a_max_length_beyond_the_base_models_context_is_named(tiny_model_dir, tmp_path):
