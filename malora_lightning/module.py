@@ -237,6 +237,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              "folder, a hub id or an offline model ('offline:SmolLM2-135M-Instruct')")
         # the base as checkpoints and the exported adapter folder record it: usable from any directory
         arguments["model_name_or_path"] = recorded_model_name(model_name_or_path)
+        if isinstance(adapter_path, Path):  # a checkpoint read as data (weights_only) cannot give back a Path
+            arguments["adapter_path"] = adapter_path = str(adapter_path)
         super().__init__()
         _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
@@ -261,6 +263,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             recorded["adapter"] = self.adapter_config.to_dict()  # an adapter_path folder's, when there is one
         if isinstance(recorded.get("model_name_or_path"), str):  # ours, or a subclass's own argument of that name
             recorded["model_name_or_path"] = recorded_model_name(recorded["model_name_or_path"])
+        if isinstance(recorded.get("adapter_path"), Path):  # ours, or a subclass's own argument of that name
+            recorded["adapter_path"] = str(recorded["adapter_path"])
         self.save_hyperparameters(recorded)
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None

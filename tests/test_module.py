@@ -11,6 +11,7 @@ import unittest.mock
 import warnings
 import weakref
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -695,6 +696,35 @@ def test_a_relative_base_path_is_recorded_absolute_and_an_older_folders_one_says
                                          rf"'{base}' \('tiny' names no folder from the current directory .*; if so, "
                                          rf"run from that directory, {tmp_path / 'start'}, where it names {base}\)"):
         make_module(base, adapter_path=str(tmp_path / "adapter"))
+
+
+class FixedAdapterFolder(MALoRAModule):
+    """A subclass that starts from an adapter folder of its own, passed on as a `pathlib.Path`."""
+
+    def __init__(self, folder: str, **kwargs):
+        super().__init__(adapter_path=Path(folder), **kwargs)
+
+
+def test_an_adapter_path_given_as_a_path_is_recorded_as_text_and_its_checkpoints_load(tiny_model_dir, tmp_path):
+    """`adapter_path` accepts a `pathlib.Path`, which the module recorded as it was: in its hyperparameters the fit
+    refused it (naming its own argument, to be left out of save_hyperparameters), and in the checkpoint's settings
+    (a subclass passing one on) every checkpoint was unreadable as data (weights_only)."""
+    from malora_lightning.adapters import inject_adapters, save_adapters
+
+    folder = tmp_path / "adapter"
+    save_adapters(inject_adapters(tiny_model("llama"), AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2)),
+                  folder, base_model=str(tiny_model_dir))
+    settings = {name: value for name, value in make_module(tiny_model_dir).hparams.items() if name != "adapter_path"}
+    module = make_module(tiny_model_dir, adapter_path=folder, export_adapters=False)
+    assert module.hparams.adapter_path == module.settings.adapter_path == str(folder)
+    fixed = FixedAdapterFolder(folder=str(folder), **{**settings, "export_adapters": False})
+    assert fixed.settings.adapter_path == str(folder)
+    for run, built in (("given", module), ("fixed", fixed)):
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=1)
+        make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
+            built, make_data(tiny_model_dir))
+        loaded = type(built).load_from_checkpoint(checkpoints.best_model_path)  # weights_only=True
+        assert loaded.settings == built.settings
 
 
 def test_multiple_choice_accuracy_follows_length_normalised_log_likelihood(tiny_model_dir, tmp_path):
