@@ -25,7 +25,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -274,6 +274,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._logged_tasks: set[str] = set()
         self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_losses: list[torch.Tensor] = []  # the step's batches' train/loss, lm_loss, ... (`training_step`)
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """Lightning's, as checkpoints store it (`on_save_checkpoint`): an `AdapterConfig` (put back by a subclass's own
+        `save_hyperparameters()`) as its dict. The loggers record these: a logger's hparams.yaml held the object as a
+        Python tag, which `load_from_checkpoint(hparams_file=...)` refuses, and TensorBoard its repr as one value."""
+        return AttributeDict(_as_stored(super().hparams_initial))
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)

@@ -1593,6 +1593,26 @@ def test_a_subclass_that_saves_its_hyperparameters_writes_loadable_checkpoints(t
     assert loaded.hparams.extra == 0.25 and loaded.adapter_config == settings["adapter"]
 
 
+def test_a_subclass_that_saves_its_hyperparameters_logs_them_as_plain_data(tiny_model_dir, tmp_path):
+    """The loggers record `hparams_initial`, which held the `AdapterConfig` that save_hyperparameters() put back: the
+    CSV logger's hparams.yaml held it as a Python tag, which load_from_checkpoint(hparams_file=...) refuses."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from malora_lightning.checkpoints import read_hparams_file
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True, logger=logger)
+    settings = {**make_module(tiny_model_dir).hparams, "adapter": AdapterConfig(rank=2, shared_rank=4, num_experts=4),
+                "export_adapters": False}
+    module = RecordingModule(extra=0.25, **settings)
+    trainer.fit(module, make_data(tiny_model_dir))
+    logged = read_hparams_file(tmp_path / "lightning_logs" / "version_0" / "hparams.yaml")  # plain YAML
+    stored = torch.load(checkpoints.best_model_path, weights_only=True)["hyper_parameters"]
+    assert logged["adapter"] == stored["adapter"] == settings["adapter"].to_dict() and logged["extra"] == 0.25
+    assert isinstance(module.hparams.adapter, AdapterConfig)  # the subclass's own record is left as it is
+
+
 def test_a_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny_model_dir, tmp_path):
     from pathlib import Path
 
