@@ -13,6 +13,7 @@ import functools
 import io
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -237,8 +238,6 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                              "folder, a hub id or an offline model ('offline:SmolLM2-135M-Instruct')")
         # the base as checkpoints and the exported adapter folder record it: usable from any directory
         arguments["model_name_or_path"] = recorded_model_name(model_name_or_path)
-        if isinstance(adapter_path, Path):  # a checkpoint read as data (weights_only) cannot give back a Path
-            arguments["adapter_path"] = adapter_path = str(adapter_path)
         super().__init__()
         _check_settings(learning_rate=learning_rate, weight_decay=weight_decay,
                         router_learning_rate=router_learning_rate, router_weight_decay=router_weight_decay,
@@ -248,6 +247,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         adapter_path=adapter_path, attn_implementation=attn_implementation,
                         gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
                         export_adapters=export_adapters)
+        if adapter_path is not None:  # recorded as text (a checkpoint read as data cannot give back a Path) and
+            # absolute: a relative path names the folder only from the directory the run started in
+            arguments["adapter_path"] = adapter_path = os.path.abspath(adapter_path)
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
@@ -263,8 +265,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             recorded["adapter"] = self.adapter_config.to_dict()  # an adapter_path folder's, when there is one
         if isinstance(recorded.get("model_name_or_path"), str):  # ours, or a subclass's own argument of that name
             recorded["model_name_or_path"] = recorded_model_name(recorded["model_name_or_path"])
-        if isinstance(recorded.get("adapter_path"), Path):  # ours, or a subclass's own argument of that name
-            recorded["adapter_path"] = str(recorded["adapter_path"])
+        if isinstance(recorded.get("adapter_path"), (str, Path)) and recorded["adapter_path"]:  # a subclass's too
+            recorded["adapter_path"] = os.path.abspath(recorded["adapter_path"])
         self.save_hyperparameters(recorded)
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None

@@ -705,25 +705,34 @@ class FixedAdapterFolder(MALoRAModule):
         super().__init__(adapter_path=Path(folder), **kwargs)
 
 
-def test_an_adapter_path_given_as_a_path_is_recorded_as_text_and_its_checkpoints_load(tiny_model_dir, tmp_path):
+def test_an_adapter_path_is_recorded_as_absolute_text_and_its_checkpoints_load_from_anywhere(tiny_model_dir, tmp_path,
+                                                                                               monkeypatch):
     """`adapter_path` accepts a `pathlib.Path`, which the module recorded as it was: in its hyperparameters the fit
     refused it (naming its own argument, to be left out of save_hyperparameters), and in the checkpoint's settings
-    (a subclass passing one on) every checkpoint was unreadable as data (weights_only)."""
+    (a subclass passing one on) every checkpoint was unreadable as data (weights_only). A relative path was recorded
+    as typed, naming the folder only from the directory the fit started in: its checkpoints did not load from
+    another (FileNotFoundError)."""
     from malora_lightning.adapters import inject_adapters, save_adapters
 
     folder = tmp_path / "adapter"
     save_adapters(inject_adapters(tiny_model("llama"), AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2)),
                   folder, base_model=str(tiny_model_dir))
     settings = {name: value for name, value in make_module(tiny_model_dir).hparams.items() if name != "adapter_path"}
-    module = make_module(tiny_model_dir, adapter_path=folder, export_adapters=False)
-    assert module.hparams.adapter_path == module.settings.adapter_path == str(folder)
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     fixed = FixedAdapterFolder(folder=str(folder), **{**settings, "export_adapters": False})
     assert fixed.settings.adapter_path == str(folder)
-    for run, built in (("given", module), ("fixed", fixed)):
+    for run, built in (("path", make_module(tiny_model_dir, adapter_path=folder, export_adapters=False)),
+                       ("relative", make_module(tiny_model_dir, adapter_path="adapter", export_adapters=False)),
+                       ("fixed", fixed)):
+        assert built.hparams.get("adapter_path", str(folder)) == built.settings.adapter_path == str(folder)
         checkpoints = ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=1)
         make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
             built, make_data(tiny_model_dir))
+        monkeypatch.chdir(elsewhere)
         loaded = type(built).load_from_checkpoint(checkpoints.best_model_path)  # weights_only=True
+        monkeypatch.chdir(tmp_path)
         assert loaded.settings == built.settings
 
 
