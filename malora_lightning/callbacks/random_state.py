@@ -2,9 +2,10 @@
 
 Dropout draws from the global random generators. A checkpoint stores the state the next training step starts from,
 one per rank (each process draws its own dropout masks), also when it is written mid-validation (validation draws
-random numbers: each of its dataloader iterators takes a seed), and a resumed fit restores each rank's own right
-before its first training batch (creating the dataloader iterator also draws). Validation during a fit gives the
-training state back at its end. `MALoRAModule` attaches it always.
+random numbers: each of its dataloader iterators takes a seed) or inside a training step (`OnExceptionCheckpoint` on
+an exception or Ctrl-C: the resumed fit runs that step again, so it gets the state the step started from), and a
+resumed fit restores each rank's own right before its first training batch (creating the dataloader iterator also
+draws). Validation during a fit gives the training state back at its end. `MALoRAModule` attaches it always.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ class TrainingRandomState(Callback):
     def __init__(self) -> None:
         self._to_restore: RandomState | None = None  # from a checkpoint, for the next training batch
         self._next_step: RandomState | None = None  # what the next training step starts from
+        self._step_start: RandomState | None = None  # what the training step under way started from
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        in_validation = trainer.validating and self._next_step is not None
-        checkpoint[CHECKPOINT_KEY] = gather_by_rank(self._next_step if in_validation else capture_rng_state())
+        """The state the next training step starts from. Inside a step (a checkpoint written on an exception), the
+        one that step started from: Lightning resumes by running it again, and the state now has its dropout draws."""
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if self._step_start is not None and progress.ready > progress.processed:  # a batch fetched, not yet trained
+            state = self._step_start
+        elif trainer.validating and self._next_step is not None:
+            state = self._next_step
+        else:
+            state = capture_rng_state()
+        checkpoint[CHECKPOINT_KEY] = gather_by_rank(state)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """This rank's state, for a resumed fit (validate, test and predict load checkpoints too, and draw nothing
@@ -46,15 +56,20 @@ class TrainingRandomState(Callback):
                            "dropout will not draw the numbers the saved run would have drawn.")
         self._to_restore = states[trainer.global_rank % len(states)]
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_start = None  # an earlier fit in this process may have stopped inside a step
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._to_restore is not None:
             restore_rng_state(self._to_restore)
             self._to_restore = None
+        self._step_start = capture_rng_state()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._next_step = capture_rng_state()
+        self._step_start = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._next_step is not None and trainer.state.fn == TrainerFn.FITTING:
@@ -62,3 +77,4 @@ class TrainingRandomState(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._next_step = None
+        self._step_start = None

@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
 from tests.helpers import TwoProcessDDPStrategy
-from tests.test_module import make_data, make_module, make_trainer
+from tests.test_module import LossRecorder, make_data, make_module, make_trainer
 
 
 class RankLosses(Callback):
@@ -71,6 +72,41 @@ def test_a_resume_on_another_number_of_processes_says_so(tiny_model_dir, tmp_pat
                                                                    make_data(tiny_model_dir), verbose=False,
                                                                    ckpt_path=tmp_path / "two.ckpt")
     assert not [w for w in caught if "random states" in str(w.message)]
+
+
+class StopInsideStep(Callback):
+    """Raise in the middle of the training step after `step` steps: its forward (and dropout) has run, as when
+    Ctrl-C, a SIGTERM handler or an out-of-memory error stops a step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped inside a step")
+
+
+def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_path):
+    """OnExceptionCheckpoint writes its checkpoint where the exception stops the fit. Inside a training step it held
+    the random state after that step's dropout draws, and the resumed fit, which runs the step again, drew other
+    masks: its losses left the uninterrupted run's."""
+    settings = dict(max_steps=5, enable_checkpointing=True)
+    full = LossRecorder()
+    L.seed_everything(0, verbose=False)
+    make_trainer(tmp_path / "a", callbacks=[full], **settings).fit(make_module(tiny_model_dir),
+                                                                    make_data(tiny_model_dir))
+
+    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
+    L.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="stopped inside a step"):
+        make_trainer(tmp_path / "b", callbacks=[StopInsideStep(2), on_exception], **settings).fit(
+            make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
+
+    resumed = LossRecorder()
+    make_trainer(tmp_path / "c", callbacks=[resumed], **settings).fit(
+        make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
+    assert resumed.losses == {step: full.losses[step] for step in (3, 4, 5)}
 
 
 class FakeCuda:
