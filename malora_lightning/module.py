@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -692,7 +693,18 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """Keep the `checkpoint_keys` tensors only, the settings the module ran with (`SETTINGS_KEY`, checked when it
         loads), and the hyperparameters as plain data: an `AdapterConfig` (under any name, or put back by a subclass's
         own `save_hyperparameters()`) as its dict, which `__init__` takes back, since `weights_only` loading refuses
-        the object."""
+        the object.
+
+        Before the model is built there is no adapter tensor to save, and nothing is written. `OnExceptionCheckpoint`
+        saves when an error in setup or Ctrl-C while the base loads stops the run: that error then goes on, where an
+        AttributeError of this method took its place (a traceback for Ctrl-C, and for a data error that the command
+        prints as one line)."""
+        if self.model is None:
+            stopped = sys.exc_info()[1]
+            if stopped is not None and self._trainer is not None and self.trainer.interrupted:
+                raise stopped
+            raise RuntimeError("no checkpoint can be saved before the model is built (configure_model, which "
+                               "trainer.fit, validate, test and predict call): there are no adapter tensors yet")
         keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT

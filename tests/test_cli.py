@@ -16,7 +16,7 @@ import pytest
 import torch
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -533,6 +533,46 @@ def test_a_fit_ended_by_a_signal_exits_with_its_status_and_one_line(signum, stat
     with pytest.raises(SystemExit) as exit_info:  # a command's own exit status passes through as it is
         run_command("malora", lambda: sys.exit(3))
     assert exit_info.value.code == 3
+
+
+def _data_error() -> None:
+    raise ValueError("task file tasks/qa.jsonl, row 3: no 'target'")
+
+
+def _ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class StopInSetup(Callback):
+    def __init__(self, stop) -> None:
+        self.stop = stop
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.stop()
+
+
+@pytest.mark.parametrize("stop,status,line", [(_data_error, 2, "error: task file tasks/qa.jsonl, row 3: no 'target'"),
+                                              (_ctrl_c, 130, "interrupted")], ids=["data error", "Ctrl-C"])
+def test_a_run_stopped_before_its_model_is_built_ends_as_it_was_stopped_with_on_exception_checkpoint(
+        stop, status, line, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """OnExceptionCheckpoint saves when the run stops, also in setup (a data error) or while the base loads
+    (Ctrl-C), before the module has a model: saving it raised AttributeError: 'NoneType' object has no attribute
+    'named_modules', a traceback in place of the command's one line. Nothing is written."""
+    from tests.test_module import make_data, make_module
+
+    monkeypatch.delenv("MALORA_TRACEBACK", raising=False)
+    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StopInSetup(stop), on_exception])
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the test above
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            run_command("malora", lambda: trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir)))
+        finally:
+            signal.signal(signal.SIGINT, sigint)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status and f"malora: {line}\n" in err and "Traceback" not in err
+    assert not os.path.exists(on_exception.ckpt_path)
 
 
 def test_the_module_entry_point_prints_a_bad_settings_message_without_a_traceback():
