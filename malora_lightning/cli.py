@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import yaml
+from jsonargparse import set_dumper
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -49,6 +51,27 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {
 LIGHTNING_CKPT_VALUES = ("last", "best", "hpc")
 # the first line of every config file LightningCLI writes (its parser's dump header)
 CONFIG_HEADER = "# lightning.pytorch=="
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes a string jsonargparse would read back as a number. PyYAML (YAML 1.1) writes
+    `5e-4`, `1e3` or `25921e05` unquoted, having no float without a dot and a signed exponent, and jsonargparse's
+    loader (YAML 1.2 floats) reads them back as 0.0005, 1000.0 and 2.5921e9: a saved config.yaml or `--print_config`
+    output with a logger named `5e-4` was refused by `malora fit --config`, and an inline task spec's text changed."""
+
+
+ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
+def dump_config(data: Any) -> str:
+    """jsonargparse's YAML dump (its `dump_yaml_kwargs`) through `ConfigDumper`: every config a `malora` command saves
+    or prints reads back as it was."""
+    return yaml.dump(data, Dumper=ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
+
+
+set_dumper("yaml", dump_config)  # jsonargparse's one YAML dumper, also used by `--print_config`
 
 
 def subcommand_help(argument: str, subcommand: str) -> str:

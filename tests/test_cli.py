@@ -371,6 +371,26 @@ def test_a_config_callback_told_not_to_overwrite_refuses_an_earlier_config(tiny_
     assert (tmp_path / "config.yaml").read_text() == EARLIER_CONFIG
 
 
+def test_a_saved_config_reads_back_text_that_looks_like_an_exponent_number(tmp_path):
+    """PyYAML writes the text 5e-4 unquoted (no YAML 1.1 float) and jsonargparse reads it back as 0.0005 (a YAML 1.2
+    float): the config.yaml of a run whose logger was named 5e-4 was refused by `malora fit --config`, and an inline
+    task spec's revision 25921e05 came back as the number 2.5921e9. The run's config is this dump (the config
+    callback's, and `--print_config`'s)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text('trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n'
+                      '    init_args: {save_dir: runs, name: "5e-4", version: "1.5e3"}\n'
+                      'data:\n  tasks: [mine]\n  task_specs:\n'
+                      '    - {name: mine, hub: org/data, revision: "25921e05", prompt: "{q}", target: "{a}"}\n')
+    first = parse(["--config", "recipes/default.yaml", "--config", str(recipe)])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(first.parser.dump(first.config, skip_none=False))
+    again = parse(["--config", str(saved)]).config
+    assert (again.trainer.logger.init_args.name, again.trainer.logger.init_args.version) == ("5e-4", "1.5e3")
+    assert again.data.task_specs == first.config.data.task_specs
+    assert again.data.task_specs[0]["revision"] == "25921e05"
+    assert yaml.safe_load(saved.read_text())["trainer"]["max_steps"] == 160  # numbers stay numbers
+
+
 @pytest.mark.parametrize(("given", "named"), [
     ("runs/x/checkpoints/lats.ckpt", r"checkpoint runs/x/checkpoints/lats\.ckpt does not exist: give the path of a "
                                      r"checkpoint file \(\.ckpt\)"),
