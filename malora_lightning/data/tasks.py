@@ -312,6 +312,15 @@ class HubSource:
                                 ) from error
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path`, which is not a file, cannot be read: a folder, or nothing there (and where a relative path was looked
+    for: a recipe's relative path is read from where the command runs, not the recipe's folder)."""
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "does not exist" + ("" if path.is_absolute() else
+                               f" (a relative path is read from the current directory, {Path.cwd()})")
+
+
 # rows already read, by resolved path, inside `reading_files_once`
 _FILE_READS: contextvars.ContextVar[dict[str, Sequence[Mapping[str, Any]]] | None] = contextvars.ContextVar(
     "file_reads", default=None)
@@ -368,10 +377,8 @@ class FileSource:
         return reads[key]
 
     def _read(self, split: str, path: Path) -> Sequence[Mapping[str, Any]]:
-        if not path.is_file():  # a recipe's relative path is read from where the command runs, not the recipe's folder
-            state = "is a folder, not a file" if path.is_dir() else "does not exist"
-            where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
-            raise FileNotFoundError(f"{split} file {path} {state}{where}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{split} file {path} {not_a_file(path)}")
         kind = FILE_FORMATS[path.suffix.lower()]
         if kind == "parquet":  # typed columns: nulls arrive as None and are rejected where used
             # pyarrow (which datasets installs) reads the file itself: datasets' load_dataset pinged the hub and

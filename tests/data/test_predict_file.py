@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -162,9 +163,18 @@ def test_fields_that_look_meant_as_task_or_target_are_named(tmp_path, caplog, he
         assert pattern in message and "read by their exact names ('prompt', 'task', 'target')" in message
 
 
-def test_a_missing_or_unreadable_predict_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"predict_file .*nowhere.jsonl does not exist.*'prompt' field"):
+def test_a_missing_or_unreadable_predict_file_is_named(tmp_path, monkeypatch):
+    """A folder was reported as a file that "does not exist", and a relative path without where it was looked for
+    (the current directory, not the config file's folder), as a task's data file is."""
+    with pytest.raises(FileNotFoundError, match=r"predict_file .*nowhere.jsonl does not exist; .*'prompt' field"):
         make(tmp_path / "nowhere.jsonl").setup("predict")
+    (tmp_path / "answers.jsonl").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"predict_file answers.jsonl is a folder, not a file; .*'prompt'"):
+        make("answers.jsonl").setup("predict")
+    with pytest.raises(FileNotFoundError, match=rf"predict_file runs/prompts.jsonl does not exist \(a relative path is "
+                                                rf"read from the current directory, {re.escape(str(tmp_path))}\)"):
+        make("runs/prompts.jsonl").setup("predict")
     with pytest.raises(ValueError, match=r"predict_file: cannot read .*prompts.txt: supported file types are .jsonl"):
         make(tmp_path / "prompts.txt")
 
