@@ -277,6 +277,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._logged_tasks: set[str] = set()
         self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_losses: list[torch.Tensor] = []  # the step's batches' train/loss, lm_loss, ... (`training_step`)
+        # a resumed fit's checkpoint step: until the trainer's step reaches it, its step and optimizer are not restored
+        self._resume_step: int | None = None
 
     @property
     def hparams_initial(self) -> AttributeDict:
@@ -332,6 +334,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         the run asks for: no validation after training begins (an interval beyond max_steps; beyond max_epochs, and
         validations inside an accumulation window: `on_train_start`), and a true half precision that overrides
         `adapter_dtype`."""
+        self._resume_step = None  # an earlier fit of this module may have stopped while restoring
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
             if self.trainer.datamodule is not None:
@@ -695,16 +698,21 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         own `save_hyperparameters()`) as its dict, which `__init__` takes back, since `weights_only` loading refuses
         the object.
 
-        Before the model is built there is no adapter tensor to save, and nothing is written. `OnExceptionCheckpoint`
-        saves when an error in setup or Ctrl-C while the base loads stops the run: that error then goes on, where an
-        AttributeError of this method took its place (a traceback for Ctrl-C, and for a data error that the command
-        prints as one line)."""
-        if self.model is None:
+        Nothing is written before the model is built (no adapter tensor yet), nor while a resumed fit restores its
+        checkpoint (Lightning puts the tensors back, runs setup and `on_fit_start`, and only then the step and the
+        optimizer state: a checkpoint then would hold step 0 and a fresh optimizer, over the very file being resumed
+        from, as `OnExceptionCheckpoint` wrote it). `OnExceptionCheckpoint` saves when an error or Ctrl-C stops the
+        run there: that error then goes on, where an AttributeError of this method took its place (a traceback for
+        Ctrl-C, and for a data error that the command prints as one line)."""
+        restoring = self._resume_step is not None and self.trainer.global_step < self._resume_step
+        if self.model is None or restoring:
             stopped = sys.exc_info()[1]
             if stopped is not None and self._trainer is not None and self.trainer.interrupted:
                 raise stopped
-            raise RuntimeError("no checkpoint can be saved before the model is built (configure_model, which "
-                               "trainer.fit, validate, test and predict call): there are no adapter tensors yet")
+            raise RuntimeError("no checkpoint can be saved " + (
+                "before the model is built (configure_model, which trainer.fit, validate, test and predict call): "
+                "there are no adapter tensors yet" if self.model is None else
+                "while a resumed fit restores its checkpoint: its step and optimizer state are not restored yet"))
         keys = self.checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
         checkpoint[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT
@@ -746,6 +754,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                  "more target_modules or layers) or base model, and loading it would drop "
                                  f"them{source}")
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        self._resume_step = checkpoint.get("global_step", 0) if fitting else None
         stored = stored_settings(checkpoint)
         differences = self.check_checkpoint(stored, path, fitting)
         changed = computed_otherwise(stored_adapter_settings(stored), self.adapter_config)

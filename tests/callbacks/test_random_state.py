@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,10 +87,18 @@ class StopInsideStep(Callback):
             raise RuntimeError("stopped inside a step")
 
 
+class StopAtFitStart(Callback):
+    """Raise in `on_fit_start`: a resumed fit has its checkpoint's tensors back, not yet its step and optimizer."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("stopped while restoring")
+
+
 def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_path):
     """OnExceptionCheckpoint writes its checkpoint where the exception stops the fit. Inside a training step it held
     the random state after that step's dropout draws, and the resumed fit, which runs the step again, drew other
-    masks: its losses left the uninterrupted run's."""
+    masks: its losses left the uninterrupted run's. A resume stopped before Lightning restored its step and optimizer
+    (after the tensors, setup and `on_fit_start`) wrote step 0 and a fresh optimizer over the file it resumed from."""
     settings = dict(max_steps=5, enable_checkpointing=True)
     full = LossRecorder()
     L.seed_everything(0, verbose=False)
@@ -103,10 +112,23 @@ def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_
             make_module(tiny_model_dir), make_data(tiny_model_dir))
     assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
 
+    # a resume stopped before its step and optimizer are restored wrote step 0 and a fresh optimizer over the file
+    saved = Path(on_exception.ckpt_path).read_bytes()
+    with pytest.raises(RuntimeError, match="stopped while restoring"):
+        make_trainer(tmp_path / "b", callbacks=[StopAtFitStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
+                     **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                     ckpt_path=on_exception.ckpt_path)
+    assert Path(on_exception.ckpt_path).read_bytes() == saved
+
     resumed = LossRecorder()
-    make_trainer(tmp_path / "c", callbacks=[resumed], **settings).fit(
-        make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
+    trainer = make_trainer(tmp_path / "c", callbacks=[resumed], **settings)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
     assert resumed.losses == {step: full.losses[step] for step in (3, 4, 5)}
+    trainer.save_checkpoint(tmp_path / "five.ckpt")
+    done = make_trainer(tmp_path / "d", **settings)  # a fit resumed at its max_steps restores and trains nothing
+    done.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "five.ckpt")
+    done.save_checkpoint(tmp_path / "again.ckpt")
+    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["global_step"] == 5
 
 
 class FakeCuda:
