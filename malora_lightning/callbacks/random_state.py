@@ -30,9 +30,12 @@ class TrainingRandomState(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """The state the next training step starts from. Inside a step (a checkpoint written on an exception), the
-        one that step started from: Lightning resumes by running it again, and the state now has its dropout draws."""
+        one that step started from: Lightning resumes by running it again, and the state now has its dropout draws.
+        In a resumed fit before its first batch, the state loaded for that batch."""
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if self._step_start is not None and progress.ready > progress.processed:  # a batch fetched, not yet trained
+        if self._to_restore is not None:
+            state = self._to_restore
+        elif self._step_start is not None and progress.ready > progress.processed:  # a batch fetched, not trained
             state = self._step_start
         elif trainer.validating and self._next_step is not None:
             state = self._next_step

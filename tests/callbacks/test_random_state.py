@@ -94,11 +94,17 @@ class StopAtFitStart(Callback):
         raise RuntimeError("stopped while restoring")
 
 
+class StopAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("stopped before the first batch")
+
+
 def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_path):
     """OnExceptionCheckpoint writes its checkpoint where the exception stops the fit. Inside a training step it held
     the random state after that step's dropout draws, and the resumed fit, which runs the step again, drew other
     masks: its losses left the uninterrupted run's. A resume stopped before Lightning restored its step and optimizer
-    (after the tensors, setup and `on_fit_start`) wrote step 0 and a fresh optimizer over the file it resumed from."""
+    (after the tensors, setup and `on_fit_start`) wrote step 0 and a fresh optimizer over the file it resumed from;
+    one stopped after, before its first batch, wrote the random state of the moment, not the one it was to restore."""
     settings = dict(max_steps=5, enable_checkpointing=True)
     full = LossRecorder()
     L.seed_everything(0, verbose=False)
@@ -119,6 +125,12 @@ def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_
                      **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
                                      ckpt_path=on_exception.ckpt_path)
     assert Path(on_exception.ckpt_path).read_bytes() == saved
+    # stopped once restored, before its first batch: the file is written again, with the state that batch starts from
+    with pytest.raises(RuntimeError, match="stopped before the first batch"):
+        make_trainer(tmp_path / "b", callbacks=[StopAtTrainStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
+                     **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                     ckpt_path=on_exception.ckpt_path)
+    assert Path(on_exception.ckpt_path).read_bytes() != saved
 
     resumed = LossRecorder()
     trainer = make_trainer(tmp_path / "c", callbacks=[resumed], **settings)
