@@ -39,6 +39,12 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
     "empty choice": ("d.jsonl", jsonl({"q": "ok?", "options": ["yes", "no"], "answer": 0},
                                       {"q": "Pick", "options": ["yes", "", "no"], "answer": 2}), CHOICE,
                      ["train row 1", "choice 1 is '' in ['yes', '', 'no']", "must be non-empty text", "d.jsonl"]),
+    "gold outside the choices": ("d.jsonl", jsonl({"q": "ok?", "options": ["no", "yes"], "answer": 2}), CHOICE,
+                                 ["train row 0", "gold index 2 is not in 0..1", "d.jsonl"]),
+    "csv choices cell that is not JSON": ("d.csv", 'q,options,answer\nok?,"[no, yes]",0\n', CHOICE,
+                                          ["train row 0", "choices field 'options' is not a JSON list", "d.csv"]),
+    "json that is one number": ("d.json", "5\n", GENERATIVE,
+                                ["d.json: expected an array of objects (or one object per line), got int"]),
     "gold given as a boolean": ("d.jsonl", jsonl({"q": "ok?", "options": ["no", "yes"], "answer": True}), CHOICE,
                                 ["gold field 'answer' must hold an integer index", "True"]),
     "empty jsonl": ("d.jsonl", "", GENERATIVE, ["the 'train' split is empty"]),
@@ -204,6 +210,13 @@ def test_non_utf8_bytes_are_named(tmp_path):
         task.examples("train")
 
 
+def test_a_json_file_that_is_not_one_json_value_is_read_as_json_lines(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(jsonl({"q": "2+2", "a": "4"}, {"q": "3+3", "a": "6"}))
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    assert [(example.prompt, example.target) for example in task.examples("train")] == [("2+2", "4"), ("3+3", "6")]
+
+
 def test_csv_values_keep_their_text(tmp_path):
     """An empty cell elsewhere in the column made pandas read every number as a float ("2" became "2.0")."""
     path = tmp_path / "numbers.csv"
@@ -270,6 +283,10 @@ def test_tasks_yaml_errors_name_the_file(tmp_path):
     bad.write_text("- [name, a]\n")
     with pytest.raises(ValueError, match=r"tasks.yaml: task spec #0 is a list, not a mapping"):
         tasks_from_yaml(bad)
+    for content in ("name: a\nprompt: '{q}'\n", "tasks: a\n", ""):  # one spec unlisted, a text, an empty file
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=r"tasks.yaml: expected a list of task specs \(or a 'tasks:' list\)"):
+            tasks_from_yaml(bad)
     # registered one by one, the second 'a' replaced the first (overwrite=True) or was refused without the file
     bad.write_text("- {name: a, path: x.jsonl, prompt: '{q}', target: '{a}'}\n"
                    "- {name: b, path: y.jsonl, prompt: '{q}', target: '{a}'}\n"
@@ -343,6 +360,19 @@ def test_a_hub_dataset_with_a_loading_script_is_named_with_the_parquet_revision_
     with pytest.raises(ValueError, match=r"task spec 'scripted': revision=3 is invalid: expected a branch, tag or "
                                          r"commit"):
         task_from_spec({**spec, "revision": 3})
+
+
+def test_another_runtime_error_of_a_hub_load_is_raised_as_it_is(monkeypatch):
+    """Only the loading-script error gets the Parquet advice: any other is datasets' own, unchanged."""
+    import datasets
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = {"name": "full", "hub": "someone/data", "splits": {"train": "train"}, "prompt": "{q}", "target": "{a}"}
+    with pytest.raises(RuntimeError, match=r"^disk full$"):
+        task_from_spec(spec).examples("train")
 
 
 def test_a_hub_dataset_that_is_not_cached_offline_is_named_with_what_to_do(monkeypatch):

@@ -43,7 +43,7 @@ def test_one_evaluation_loader_per_task_named_by_task():
     assert list(loaders) == TASKS
     for task_id, name in enumerate(TASKS):
         batches = list(loaders[name])
-        assert sum(len(batch.task_name) for batch in batches) == 5  # the eval cap
+        assert sum(len(batch.task_name) for batch in batches) == 5 == len(loaders[name].dataset)  # the eval cap
         for batch in batches:
             assert batch.task_name == [name] * len(batch.task_name)
             assert batch.task_id.tolist() == [task_id] * len(batch.task_name)
@@ -142,6 +142,47 @@ def test_user_tasks_from_specs(tmp_path):
     assert tokenizer.decode(batch.prompt_input_ids[1], skip_special_tokens=True) == "Capital of Peru?\nAnswer:"
     # no test split, yet a measured generation length (its validation answers: " Paris" then </s>)
     assert next(task for task in data.tasks if task.name == "capitals").max_new_tokens == len(" Paris") + 1
+
+
+def test_a_generation_length_the_task_spec_gives_is_kept_not_measured(tmp_path):
+    rows = [{"country": "France", "capital": "Paris"}, {"country": "Peru", "capital": "Lima"}]
+    (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    spec = {"name": "capitals", "path": {"train": str(tmp_path / "capitals.jsonl"),
+                                         "validation": str(tmp_path / "capitals.jsonl")},
+            "prompt": "Capital of {country}?", "target": "{capital}", "max_new_tokens": 3}
+    data = make(tasks=["capitals", "parity"], task_specs=[spec])
+    data.setup("fit")
+    # the longest answer would be len(" Paris") + 1 = 7 tokens
+    assert next(task for task in data.tasks if task.name == "capitals").max_new_tokens == 3
+
+
+def test_what_needs_a_loaded_split_names_the_setup_to_call_first(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "3+3"}\n')
+    data = make(predict_file=str(tmp_path / "prompts.jsonl"))
+    with pytest.raises(RuntimeError, match=re.escape("the mixture is known once setup('fit') has loaded the "
+                                                     "training data")):
+        data.mixture
+    with pytest.raises(RuntimeError, match=r"the test split is not loaded: call setup\(\) with a stage that uses it"):
+        data.test_dataloader()
+    with pytest.raises(RuntimeError, match=re.escape("the predict file is not loaded: call setup('predict') first")):
+        data.predict_dataloader()
+    data.setup("fit")
+    assert data.mixture == pytest.approx({name: 1 / 3 for name in TASKS})  # temperature mixing of 3 x 12 examples
+    with pytest.raises(ValueError, match=re.escape("task 'parity ' has no train examples loaded; loaded: "
+                                                   "['add_2digit', 'parity', 'reverse_words']")):
+        data.task_dataloader("parity ")
+
+
+def test_prepare_data_fetches_every_split_of_each_hub_task_once_with_the_data_seed(monkeypatch):
+    """Lightning calls prepare_data on one process per node, so that the other ranks' setup reads the cache."""
+    from malora_lightning.data.tasks import HubSource
+
+    fetched = []
+    monkeypatch.setattr(HubSource, "load", lambda source, split, seed: fetched.append((source.path, split, seed)))
+    spec = {"name": "hubbed", "hub": "someone/data", "splits": {"train": "train", "test": "test[:10]"},
+            "prompt": "{q}", "target": "{a}"}
+    make(tasks=["hubbed", "parity"], task_specs=[spec], data_seed=5).prepare_data()
+    assert fetched == [("someone/data", "train", 5), ("someone/data", "test", 5)]
 
 
 def test_truncation_is_reported_per_task_and_kept_as_a_stat(caplog):
@@ -371,6 +412,20 @@ def test_a_fit_under_overfit_batches_is_refused_naming_the_setting(tmp_path, ove
     with pytest.raises(ValueError, match=rf"^Trainer\(overfit_batches={overfit_batches}\) cannot run with "
                                          r"MultiTaskDataModule: .* only the first task's examples \('add_2digit'\)"):
         trainer.fit(SteppingModel(), datamodule=make())
+
+def test_train_loader_state_after_set_epoch_counts_from_the_new_epochs_start():
+    """With workers the state counts the batches the latest iterator handed out, which belong to the epoch it
+    iterated: after set_epoch(1) they said position 8 of epoch 1, which no batch had reached."""
+    data = make(sampling="uniform", num_workers=2)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (0, 8)
+    loader.sampler.set_epoch(1)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["position"]) == (1, 0)
+    del iterator
+
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_train_loader_state_outside_a_trainer_counts_the_batches_handed_out(num_workers):

@@ -260,12 +260,17 @@ def test_a_fit_resumed_on_another_world_or_batch_size_trains_every_draw_of_each_
         assert sum(bool(re.search(change, message)) for message in messages) == expected, messages
 
 
-def test_a_resume_inside_one_of_this_runs_batches_trains_that_batch_again_and_says_so(tmp_path):
-    """12 draws done, 8 per batch on 2 processes: the epoch goes on from draw 8, as this run's batch 1."""
+@pytest.mark.parametrize(("first", "repeated", "message"), [
+    ((1, BATCH, 3), slice(8, 12), r"draws 8 to 11 of epoch 0 \(4\) are trained again"),  # 12 draws done
+    ((1, 3, 3), slice(8, 9), r"draw 8 of epoch 0 is trained again, since it falls inside that batch"),  # 9 done
+], ids=["four draws", "one draw"])
+def test_a_resume_inside_one_of_this_runs_batches_trains_that_batch_again_and_says_so(tmp_path, first, repeated,
+                                                                                       message):
+    """8 draws per batch on 2 processes: the epoch goes on from draw 8, as this run's batch 1."""
     uninterrupted = fit_in_segments(tmp_path / "whole", [(1, BATCH, None)])
-    with pytest.warns(UserWarning, match=r"draws 8 to 11 of epoch 0 \(4\) are trained again"):
-        resumed = fit_in_segments(tmp_path, [(1, BATCH, 3), (2, BATCH, None)])
-    assert sorted(resumed[0]) == sorted(uninterrupted[0] + uninterrupted[0][8:12])
+    with pytest.warns(UserWarning, match=message):
+        resumed = fit_in_segments(tmp_path, [first, (2, BATCH, None)])
+    assert sorted(resumed[0]) == sorted(uninterrupted[0] + uninterrupted[0][repeated])
     assert sorted(resumed[1]) == sorted(uninterrupted[1])
 
 

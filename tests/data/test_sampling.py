@@ -130,6 +130,9 @@ def test_epoch_counts_round_each_share_down_or_up_by_the_offset():
         [Fraction(7, 2), Fraction(7, 4), Fraction(7, 4)]
     assert epoch_counts([1 / 3, 1 / 3, 1 / 3], 20000, Fraction(1, 3)) == [6667, 6666, 6667]
     assert epoch_counts([0.6, 0.0, 0.4], 5, Fraction(99, 100)) == [3, 0, 2]  # a weight of 0 is never drawn
+    for offset in (Fraction(1), Fraction(-1, 2)):
+        with pytest.raises(ValueError, match=rf"offset must be in \[0, 1\) \(got {offset}\)"):
+            epoch_counts([0.5, 0.5], 4, offset)
 
 
 @pytest.mark.parametrize(("sizes", "weights", "epoch_length", "epochs"), [
@@ -239,6 +242,28 @@ def test_save_and_restore_mid_epoch_continues_the_identical_sequence(stop):
     assert list(restored) == list(sampler)
 
 
+def test_restoring_a_state_saved_with_other_settings_says_the_order_will_differ(caplog):
+    state = TaskBalancedSampler([6, 4], [0.5, 0.5], seed=8).state_dict(consumed=3)
+    with caplog.at_level("WARNING", logger="malora_lightning.data.sampling"):
+        TaskBalancedSampler([6, 4], [0.5, 0.5], seed=8).load_state_dict(state)
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="malora_lightning.data.sampling"):
+        TaskBalancedSampler([6, 5], [0.5, 0.5], seed=8).load_state_dict(state)
+    assert "Restoring a task sampler built for" in caplog.text and "'sizes': [6, 4]" in caplog.text
+    assert "'sizes': [6, 5]" in caplog.text and "will not repeat the saved run's sequence" in caplog.text
+
+
+def test_drop_last_cuts_the_epoch_to_what_every_rank_can_take_whole():
+    """11 draws on 2 ranks: drop_last leaves out the epoch's last draw instead of repeating its first."""
+    sizes, weights = [6, 5], [0.5, 0.5]
+    sequence = TaskBalancedSampler(sizes, weights, seed=3).epoch_sequence(0)
+    shares = [list(TaskBalancedSampler(sizes, weights, seed=3, num_replicas=2, rank=rank, drop_last=True))
+              for rank in (0, 1)]
+    assert shares == [sequence[0:10:2], sequence[1:10:2]]
+    padded = TaskBalancedSampler(sizes, weights, seed=3, num_replicas=2, rank=1)
+    assert list(padded) == sequence[1::2] + [sequence[0]]
+
+
 def test_restore_with_another_world_size_continues_the_global_sequence():
     sizes = [6, 4, 2]
     weights = mixing_weights(sizes, "uniform")
@@ -286,11 +311,13 @@ def test_zero_weight_tasks_are_never_drawn():
 
 
 @pytest.mark.parametrize(("sizes", "strategy", "options", "message"), [
+    ([], "uniform", {}, "mixing_weights needs at least one task size"),  # max() of no weights
     ([10, 0], "proportional", {}, "position 1 has 0 examples"),
     ([10], "capped", {}, "needs cap"),
     ([10], "temperature", {"temperature": 0.0}, "temperature > 0"),
     ([10], "temperature", {"temperature": float("nan")}, r"temperature > 0 \(got nan\)"),  # NaN weights before
     ([10, 5], "weights", {"weights": [1.0]}, "1 weights for 2 tasks"),
+    ([10, 5], "weights", {}, r"strategy 'weights' needs weights \(one per task\)"),
     ([10, 5], "weights", {"weights": [1.0, -1.0]}, r"weights\[1\]=-1.0 is invalid: expected a finite number >= 0"),
     ([10, 5], "weights", {"weights": [0.0, 0]}, "at least one task needs a weight > 0"),
     ([10], "balanced", {}, "valid: proportional, capped, temperature, uniform, unimax, weights"),
@@ -393,6 +420,15 @@ def test_a_training_sampler_made_before_the_process_group_shards_and_checkpoints
 def test_sampler_refuses_weights_that_are_not_valid_mixing_weights(weights, message):
     with pytest.raises(ValueError, match=message):
         TaskBalancedSampler([5, 5], weights, seed=0)
+
+
+@pytest.mark.parametrize(("sizes", "weights", "message"), [
+    ([5, 5], [1.0], r"got 1 weights for 2 task sizes"),
+    ([5, 0], [0.5, 0.5], r"every task needs at least one example \(sizes: \[5, 0\]\)"),  # nothing to draw from
+])
+def test_sampler_refuses_sizes_that_do_not_match_or_hold_no_example(sizes, weights, message):
+    with pytest.raises(ValueError, match=message):
+        TaskBalancedSampler(sizes, weights, seed=0)
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -106,10 +106,21 @@ def test_limit_takes_a_seeded_random_subset_in_source_order():
      r"choices 'yes' appear more than once in \['yes', 'no', 'yes'\]"),
     ({"choices": ("x", ""), "gold": 0}, r"choice 1 is '' in \['x', ''\]; every choice must be non-empty text"),
     ({"choices": (" \n", "x"), "gold": 1}, r"choice 0 is ' \\n' in"),  # whitespace only: no tokens either
+    # a Python formatter's row value: the collator would tokenize the number's text, or fail on None
+    ({"prompt": 7}, r"prompt and target must be strings \(got int and str\)"),
+    ({"target": None}, r"prompt and target must be strings \(got str and NoneType\)"),
 ])
 def test_example_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Example(**({"prompt": "p", "target": "x"} | kwargs))
+
+
+@pytest.mark.parametrize("gold", [2, -1])
+def test_a_multiple_choice_example_with_a_gold_index_outside_its_choices_is_refused(gold):
+    """Checked before the target is looked up: choices[2] raised a bare IndexError, naming neither index nor choices."""
+    with pytest.raises(ValueError, match=rf"gold index {gold} is not in 0\.\.1"):
+        Example.multiple_choice("Sky?", ["green", "blue"], gold)
+    assert Example.multiple_choice("Sky?", ["green", "blue"], 1).target == "blue"
 
 
 def test_invalid_task_definitions_are_rejected():
@@ -299,6 +310,10 @@ def test_spec_errors_are_clear(tmp_path):
         task_from_spec({"name": "x", "path": "a.jsonl", "prompt": "{q}", "choices": "options"})
     with pytest.raises(ValueError, match="task spec 'x': needs exactly one of 'path'"):
         task_from_spec({"name": "x", "prompt": "{q}", "target": "{a}"})
+    with pytest.raises(ValueError, match="task spec 'x' needs 'prompt'"):
+        task_from_spec({"name": "x", "path": "a.jsonl", "target": "{a}"})
+    with pytest.raises(ValueError, match=r"task spec '\?' needs 'name'"):
+        task_from_spec({"path": "a.jsonl", "prompt": "{q}", "target": "{a}"})
     bad = write_rows(tmp_path / "bad.jsonl", [{"q": "?", "options": ["a", "b"], "answer": "first"}])
     task = task_from_spec({"name": "x", "path": str(bad), "prompt": "{q}", "choices": "options", "gold": "answer"})
     with pytest.raises(TaskDataError, match="task 'x', train row 0: gold field 'answer' must hold an integer index"):
