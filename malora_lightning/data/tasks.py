@@ -170,11 +170,10 @@ class Example:
 
 
 def first_line(text: str) -> str:
-    """The first non-empty line with whitespace collapsed: generations often continue past the answer."""
-    for line in text.strip().splitlines():
-        if line.strip():
-            return " ".join(line.split())
-    return ""
+    """The first non-empty line with whitespace collapsed: generations often continue past the answer. Once the text
+    is stripped its first line is that one: every break `str.splitlines` splits at is whitespace `str.strip` removes."""
+    lines = text.strip().splitlines()
+    return " ".join(lines[0].split()) if lines else ""
 
 
 _GSM8K_MARKER = "####"
