@@ -192,10 +192,62 @@ def test_unexpected_tensor_is_named(tmp_path):
         load_adapters(tiny_model("llama"), tmp_path / "a")
 
 
+@pytest.mark.parametrize(("config_text", "error"), [
+    ('{"peft_type": "LORA", ', r"adapter_config\.json: not valid JSON \(Expecting property name"),
+    ('["LORA"]', r"adapter_config\.json: expected a JSON object, found list"),
+    # the weights' metadata (a LoRA) is what loads: a JSON naming another method made the folder two adapters
+    ('{"peft_type": "MALORA"}', r"adapter_config\.json: peft_type 'MALORA' does not match the lora adapter in "
+                                r"adapter_model\.safetensors \(expected 'LORA'\)"),
+])
+def test_an_adapter_config_that_is_no_config_object_names_its_file(tmp_path, config_text, error):
+    save_adapters(trained_model("lora"), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=error):
+        read_adapter_folder(tmp_path / "a")
+
+
+def test_a_folder_of_neither_layout_is_named(tmp_path):
+    folder = tmp_path / "a"
+    save_adapters(trained_model("lora"), folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # no AdapterConfig in the header
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))  # no peft_type, no method
+    with pytest.raises(ValueError, match=r"adapter_config\.json: neither a PEFT adapter config \(no 'peft_type'\) nor "
+                                         r"a malora_lightning one"):
+        read_adapter_folder(folder)
+
+
+def test_a_save_on_a_rank_that_does_not_write_leaves_the_disk_alone(tmp_path):
+    """write=False: the rank takes part in gathering the tensors and returns the folder rank zero writes."""
+    assert save_adapters(trained_model("lora"), tmp_path / "a", write=False) == tmp_path / "a"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_tensors_of_mixed_dtypes_keep_the_configs_dtype():
+    """Only one dtype shared by every tensor can stand for the adapters in the stored config."""
+    config = AdapterConfig(method="lora", rank=2)
+    mixed = {"a": torch.zeros(2, 2), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    assert adapter_io.config_as_stored(config, mixed) == config
+    assert adapter_io.config_as_stored(config, {"a": torch.zeros(2, 2, dtype=torch.float16)}).adapter_dtype == "float16"
+
+
+def test_an_uninstalled_source_tree_records_its_version_as_unknown(monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(adapter_io, "version", not_installed)
+    assert adapter_io.library_version() == "unknown"
+
+
 def test_missing_files_are_explained(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
         load_adapters(tiny_model("llama"), tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"adapter folder .*no-such-parent/a not found \(a folder written by "
+                                                r"save_adapters or by PEFT's save_pretrained\)$"):
+        load_adapters(tiny_model("llama"), tmp_path / "no-such-parent" / "a")  # no folder to look for a staged save in
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # the weights file given for its folder: "not found"
     with pytest.raises(NotADirectoryError, match=r"adapter folder .*adapter_model.safetensors is a file: give the "
                                                  r"folder that holds adapter_config.json"):

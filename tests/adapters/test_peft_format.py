@@ -155,6 +155,14 @@ def test_a_peft_lora_of_the_head_saved_with_its_base_weight_loads_and_a_changed_
     with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor '{head}' .* differs from this model's "
                                          r".*save_embedding_layers=False"):
         load_adapters(tiny_model("llama"), tmp_path / "peft")
+    save_file({**tensors, head: tensors[head][:-1]}, str(weights))  # the head of a base with another vocabulary
+    with pytest.raises(ValueError, match=rf"tensor '{head}' \(shape \(271, 32\), torch.float32\), .* differs from "
+                                         r"this model's \(shape \(272, 32\), torch.float32\)"):
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
+    save_file({key: value for key, value in tensors.items() if ".lora_B." in key}, str(weights))  # B alone
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: no 'base_model\.model\.<module>\.lora_A\.weight' "
+                                         r"tensor; is this a PEFT LoRA folder\?"):
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
     other = dict(tensors)
     other["base_model.model.model.norm.base_layer.weight"] = other.pop(head)  # a module without a LoRA: not a copy
     save_file(other, str(weights))
