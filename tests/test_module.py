@@ -1622,6 +1622,21 @@ def test_a_subclass_that_saves_its_hyperparameters_logs_them_as_plain_data(tiny_
     assert isinstance(module.hparams.adapter, AdapterConfig)  # the subclass's own record is left as it is
 
 
+def test_a_fit_without_export_adapters_writes_no_adapter_folder(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, export_adapters=False)
+    assert [type(callback).__name__ for callback in module.configure_callbacks()] == ["TrainingRandomState"]
+    make_trainer(tmp_path, max_steps=1).fit(module, make_data(tiny_model_dir))
+    assert module.trainer.global_step == 1 and not (tmp_path / "adapter").exists()
+
+
+def test_fsdp2_sharding_refuses_a_quantized_base_before_touching_the_mesh(tiny_model_dir):
+    """FSDP2 cannot shard bitsandbytes' 4/8-bit weights; the error says which strategy and settings can."""
+    module = make_module(tiny_model_dir, quantization="nf4")
+    with pytest.raises(ValueError, match=r"ModelParallelStrategy \(FSDP2\) cannot shard bitsandbytes 4/8-bit layers; "
+                                         r"use quantization=null .* FSDPStrategy"):
+        module.shard_model()
+
+
 def test_a_hyperparameter_a_checkpoint_cannot_hold_is_named_before_training(tiny_model_dir, tmp_path):
     from pathlib import Path
 
