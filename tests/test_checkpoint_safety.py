@@ -187,6 +187,38 @@ def test_an_hparams_file_is_read_as_data_and_named(text, named, tmp_path):
             loaded.load_from_checkpoint(checkpoint, hparams_file=hparams)
 
 
+def test_an_hparams_file_of_another_kind_is_refused_and_lightnings_csv_is_read(tmp_path):
+    from lightning.pytorch.core.saving import save_hparams_to_tags_csv
+
+    from malora_lightning.checkpoints import read_hparams_file
+
+    with pytest.raises(ValueError, match=r"hparams_file .*hparams\.json: give a \.yaml, \.yml or \.csv file"):
+        read_hparams_file(tmp_path / "hparams.json")
+    save_hparams_to_tags_csv(tmp_path / "hparams.csv", {"learning_rate": 0.01, "quantization": "nf4", "rank": 8})
+    assert read_hparams_file(tmp_path / "hparams.csv") == {"learning_rate": 0.01, "quantization": "nf4", "rank": 8}
+
+
+def test_settings_a_checkpoint_computes_with_are_compared_where_it_records_them():
+    """Without a recorded rank and alpha there is nothing to compare; top_k and renormalize_top_k route mixtures
+    only, so a LoRA checkpoint's stored values for them change nothing."""
+    from malora_lightning.checkpoints import computed_otherwise
+
+    lora = AdapterConfig(method="lora", rank=4)  # alpha None: 2 * rank
+    assert computed_otherwise({}, lora) == []
+    assert computed_otherwise({"rank": 4, "alpha": 8.0, "top_k": 1, "renormalize_top_k": False}, lora) == []
+    assert computed_otherwise({"rank": 4, "alpha": 4.0}, lora) == ["model.adapter.alpha: checkpoint 4.0, this run None"]
+    mixture = AdapterConfig(method="molora", rank=4, num_experts=4, top_k=2)
+    assert computed_otherwise({"rank": 4, "alpha": None, "top_k": 1}, mixture) == [
+        "model.adapter.top_k: checkpoint 1, this run 2"]
+
+
+def test_a_missing_checkpoint_file_is_lightnings_error_naming_it(tmp_path):
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint file not found: .*missing\.ckpt"):
+        CheckedCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
+
+
 def test_load_from_checkpoint_imports_no_class_a_stored_hyperparameter_names(tmp_path, monkeypatch):
     """A checkpoint of a CLI run stores Lightning's `_instantiator`, which built the loaded object through
     jsonargparse: a stored `adapter: {class_path: planted_module.X}` imported planted_module (its code ran) before

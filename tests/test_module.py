@@ -1729,6 +1729,17 @@ def test_upgrading_a_checkpoint_twice_leaves_a_square_b_converted_once():
     assert checkpoint[CHECKPOINT_FORMAT_KEY] == 2
 
 
+def test_upgrading_a_checkpoint_the_strategy_loads_is_refused_and_a_missing_key_is_left_to_the_load():
+    """Without `state_dict` (FSDP puts the tensors in itself) the [N, m, r] lora_B cannot be transposed here; a key
+    the file lacks is the state-dict load's to name."""
+    with pytest.raises(ValueError, match=r"x\.ckpt holds the mixtures' lora_B as \[N, m, r\].*this strategy loads a "
+                                         r"checkpoint's tensors itself"):
+        upgrade_checkpoint({"optimizer_states": []}, {"model.q.lora_B": torch.Size((2, 4, 8))}, None, "x.ckpt")
+    checkpoint = {"state_dict": {"model.k.lora_A": torch.ones(2, 4)}}
+    upgrade_checkpoint(checkpoint, {"model.q.lora_B": torch.Size((2, 4, 8))}, None, None)
+    assert list(checkpoint["state_dict"]) == ["model.k.lora_A"] and checkpoint[CHECKPOINT_FORMAT_KEY] == 2
+
+
 def test_validating_a_checkpoint_on_other_held_out_rows_warns(tiny_model_dir, tmp_path):
     """A task without a validation split is validated on rows held out from its train rows, chosen by data_seed: a
     later run from the checkpoint with another data_seed validated on rows the fit trained on, silently."""
