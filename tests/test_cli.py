@@ -518,6 +518,43 @@ def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monke
         run_command("malora-task-export", interrupted)
 
 
+@pytest.mark.parametrize("error", [ValueError("--data.batch_size=0 is invalid"), FileNotFoundError("no x.yaml")])
+def test_a_named_error_ends_a_command_with_its_message_and_status_2(capsys, monkeypatch, error):
+    def failing():
+        raise error
+
+    monkeypatch.delenv("MALORA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_command("malora", failing)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"malora: error: {error}\n(MALORA_TRACEBACK=1 shows where it was raised)\n"
+    monkeypatch.setenv("MALORA_TRACEBACK", "1")
+    with pytest.raises(type(error)) as raised:
+        run_command("malora", failing)
+    assert raised.value is error
+
+
+def test_ckpt_path_last_looks_only_where_every_checkpoint_callback_writes(tmp_path):
+    """With a dirpath on every ModelCheckpoint, the run folder's default checkpoints/ is none of this run's."""
+    import os
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from malora_lightning.cli import resolve_last_checkpoint
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "mine" / "last.ckpt").write_bytes(b"ours")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"newer, of another run")
+    os.utime(tmp_path / "mine" / "last.ckpt", (1, 1))
+    trainer = L.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "mine")])
+    assert resolve_last_checkpoint(trainer, "fit") == str(tmp_path / "mine" / "last.ckpt")
+    trainer = L.Trainer(logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "mine"), ModelCheckpoint(every_n_train_steps=2)])
+    assert resolve_last_checkpoint(trainer, "fit") == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
 class SignalAtStep(Callback):
     """Sends the process `signum` in its second training step, as a scheduler's preemption or Ctrl-C would."""
 
