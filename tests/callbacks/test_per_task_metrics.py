@@ -188,6 +188,32 @@ def test_empty_meters_are_left_out_without_a_warning(tmp_path):
     assert list(metrics.evaluations("val")[0].tasks) == ["alpha", "beta", "lm"]
 
 
+class LossOnlyOrNothing(HandBuiltPredictions):
+    """Validates "lm" alone (scored by loss, no accuracy); with `scores=False` every step returns None."""
+
+    def __init__(self, scores: bool) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        return {"lm": super().val_dataloader()["lm"]}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return super().validation_step(batch, batch_idx, dataloader_idx) if self.scores else None
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_a_macro_figure_with_nothing_to_average_is_not_logged(tmp_path, scores):
+    """Tasks scored by loss alone have no macro accuracy, and an evaluation whose steps return None scored nothing:
+    no macro loss either (a 0.0 would read as the best loss ever)."""
+    metrics = PerTaskMetrics()
+    trainer = trainer_for(tmp_path, callbacks=[metrics])
+    trainer.validate(LossOnlyOrNothing(scores), verbose=False)
+    logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
+    assert logged == ({"val/lm/loss": 2.0, "val/macro_loss": 2.0} if scores else {})  # the mean of 1.0 and 3.0
+    assert list(metrics.history[-1].tasks) == (["lm"] if scores else [])
+
+
 def test_a_listener_added_again_is_called_once_per_evaluation(tmp_path):
     """Every stage's setup adds the tracker's listener again (fit, then test): it must not run twice."""
     metrics, calls = PerTaskMetrics(), []

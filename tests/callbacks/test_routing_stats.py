@@ -233,3 +233,13 @@ def test_resuming_a_fit_takes_the_checkpoints_routing_over_this_processs():
     evaluated._weights.checkpoint_step = 4  # validate/test(ckpt_path=...) after a fit
     evaluated.load_state_dict(saved)
     assert evaluated.results["val"].step == 9
+
+
+def test_depth_ticks_mark_each_blocks_first_layer_or_every_layer_of_names_without_numbers():
+    from malora_lightning.callbacks.plots import depth_ticks
+
+    names = ["model.layers.0.q_proj", "model.layers.0.k_proj", "model.layers.1.q_proj", "model.layers.10.q_proj"]
+    assert depth_ticks(names) == ([0, 2, 3], ["0", "1", "10"])
+    assert depth_ticks(["encoder.q_proj", "decoder.q_proj", "lm_head"]) == ([0, 1, 2], ["0", "1", "2"])
+    assert depth_ticks([f"layer{i}" for i in range(70)], most=32) == (list(range(0, 70, 3)),
+                                                                     [str(i) for i in range(0, 70, 3)])
