@@ -413,6 +413,7 @@ def test_a_fit_under_overfit_batches_is_refused_naming_the_setting(tmp_path, ove
                                          r"MultiTaskDataModule: .* only the first task's examples \('add_2digit'\)"):
         trainer.fit(SteppingModel(), datamodule=make())
 
+
 def test_train_loader_state_after_set_epoch_counts_from_the_new_epochs_start():
     """With workers the state counts the batches the latest iterator handed out, which belong to the epoch it
     iterated: after set_epoch(1) they said position 8 of epoch 1, which no batch had reached."""
