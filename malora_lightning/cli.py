@@ -15,6 +15,7 @@ import yaml
 from jsonargparse import set_dumper
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -162,6 +163,35 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     return newest
 
 
+def version_folder(logger: CSVLogger | TensorBoardLogger) -> Path:
+    """The version folder of one of Lightning's versioned loggers: its `log_dir`, less TensorBoard's `sub_dir`."""
+    folder = Path(logger.log_dir)
+    sub_dir = getattr(logger, "sub_dir", None)
+    return folder.parents[len(Path(sub_dir).parts) - 1] if sub_dir else folder
+
+
+def claim_version_folder(logger: CSVLogger | TensorBoardLogger) -> Path | None:
+    """Make `logger`'s version folder and return it, or None where this call did not make it (there already, or a
+    URL). Lightning's CSVLogger and TensorBoardLogger take one more than the highest `version_N` they list and make
+    that folder only as setup begins: runs started together (a SLURM array, a sweep) listed the same folder and all
+    wrote into one version (one config.yaml, every run's rows in one metrics.csv, the report and adapters of the last
+    to end), silently. The folder is made with an exclusive mkdir, and one another run made since the listing moves
+    this run on to the next version; a version the user gave is used as it is."""
+    automatic = logger._version is None  # Lightning's "next version" (a private attribute of both loggers)
+    while not is_remote(logger.log_dir):
+        folder = version_folder(logger)
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            if not automatic:
+                return None
+        taken, logger._version = logger.version, None
+        if logger.version == taken:  # its listing does not show the folder that is there: Lightning's choice stands
+            return None
+    return None
+
+
 def remove_empty_folders(folder: Path) -> None:
     """Remove `folder` and the folders inside it, innermost first, as long as they hold no file: `os.rmdir` refuses
     a folder that is not empty, so nothing written is ever removed."""
@@ -279,19 +309,29 @@ class MALoRACLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """A run that fails leaves no empty version folder behind: Lightning makes its loggers' folders as setup
         begins, so a data error found in setup left `lightning_logs/version_N` empty and the next run numbered
-        after it. Only folders this run made and left without a file are removed, on the rank that made them."""
-        new_folders = [Path(folder) for folder in self._log_dirs() if not Path(folder).exists()]
+        after it. Only folders this run made (`_new_log_dirs`) and left without a file are removed, on rank zero."""
+        new_folders = self._new_log_dirs()
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            if self.trainer.is_global_zero:
-                for folder in new_folders:
-                    remove_empty_folders(folder)
+            for folder in new_folders:
+                remove_empty_folders(folder)
             raise
 
-    def _log_dirs(self) -> list[str]:
-        """Each logger's folder (a logger without one, say MLflow's, has nothing to clean up)."""
-        return [logger.log_dir for logger in self.trainer.loggers if getattr(logger, "log_dir", None)]
+    def _new_log_dirs(self) -> list[Path]:
+        """On rank zero, the loggers' folders this run makes: a versioned logger's is made here, a version of its own
+        (`claim_version_folder`), another logger's counts when it does not exist yet (a logger without one, say
+        MLflow's, has nothing to clean up). Every logger picks its version here, on every rank, as before."""
+        folders = []
+        for logger in self.trainer.loggers:
+            if self.trainer.is_global_zero and isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                folder = claim_version_folder(logger)
+            else:
+                log_dir = getattr(logger, "log_dir", None)
+                folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
+            if folder is not None and self.trainer.is_global_zero:
+                folders.append(folder)
+        return folders
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists. Then, before

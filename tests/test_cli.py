@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,11 +19,13 @@ import lightning as L
 import yaml
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import malora_lightning.module as module_file
-from malora_lightning.cli import (CONFIG_HEADER, CheckedSaveConfigCallback, MALoRAArgumentParser, MALoRACLI, main,
-                                  remove_empty_folders, run_command)
+from malora_lightning.cli import (CONFIG_HEADER, CheckedSaveConfigCallback, MALoRAArgumentParser, MALoRACLI,
+                                  claim_version_folder, main, remove_empty_folders, run_command,
+                                  version_folder)
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.recipe_stacks import DOCUMENTED_RUNS, RECIPE_DIR, ROOT, stack_files
@@ -737,6 +740,49 @@ def test_a_run_that_fails_in_setup_leaves_no_empty_version_folder(tiny_model_dir
     (tmp_path / "rows.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c", "target": "d"}\n')
     main(["fit", *flags, "--trainer.max_steps=1"])
     assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+
+
+def test_runs_started_together_get_version_folders_of_their_own(tiny_model_dir, tmp_path, monkeypatch):
+    """Lightning's versioned loggers take one more than the highest version_N they list and make that folder only as
+    setup begins: a run started meanwhile (a SLURM array, a sweep: another run's whole fit here, inside this one's
+    prepare_data) listed the same folder, and both wrote into version_0 (one config.yaml, both runs' rows in one
+    metrics.csv, the report and adapters of the last to end), silently."""
+    settings = [*tiny_run_settings(tiny_model_dir, tmp_path), "--trainer.max_steps=1"]
+    prepare_data = MultiTaskDataModule.prepare_data
+
+    def another_run_meanwhile(self):
+        monkeypatch.setattr(MultiTaskDataModule, "prepare_data", prepare_data)
+        main(["fit", *settings, "--seed_everything=2"])
+        prepare_data(self)
+
+    monkeypatch.setattr(MultiTaskDataModule, "prepare_data", another_run_meanwhile)
+    main(["fit", *settings, "--seed_everything=1"])
+    folders = sorted((tmp_path / "lightning_logs").iterdir())
+    assert [folder.name for folder in folders] == ["version_0", "version_1"]
+    assert {yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] for folder in folders} == {1, 2}
+    for folder in folders:  # one training step each
+        assert [row["step"] for row in csv.DictReader((folder / "metrics.csv").open()) if row["train/loss"]] == ["0"]
+
+
+def test_a_version_another_run_made_since_the_listing_moves_the_run_to_the_next(tmp_path, monkeypatch):
+    root = tmp_path / "lightning_logs"
+    first, second = CSVLogger(tmp_path), CSVLogger(tmp_path)
+    listing = CSVLogger._get_next_version
+
+    def another_run_claims_after_the_listing(logger):
+        version = listing(logger)
+        if logger is second and first._version is None:
+            assert claim_version_folder(first) == root / "version_0"
+        return version
+
+    monkeypatch.setattr(CSVLogger, "_get_next_version", another_run_claims_after_the_listing)
+    assert claim_version_folder(second) == root / "version_1"
+    assert second.log_dir == str(root / "version_1") and first.log_dir == str(root / "version_0")
+    given = CSVLogger(tmp_path, version="version_1")  # a version the user names is used as it is, and is not ours
+    assert claim_version_folder(given) is None and given.version == "version_1"
+    # TensorBoard's events go to a sub_dir of the version folder, which is the one claimed
+    assert version_folder(SimpleNamespace(log_dir=str(root / "version_3" / "a" / "b"), sub_dir="a/b")) == \
+        root / "version_3"
 
 
 def test_only_folders_without_a_file_are_removed(tmp_path):
