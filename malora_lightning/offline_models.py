@@ -94,8 +94,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if not name_or_path.startswith(OFFLINE_PREFIX):
         return name_or_path
     target = _offline_folder(name_or_path)
-    if not (target / "config.json").is_file():
-        _check_convertible(target)
+    if not (target / "config.json").is_file() and _check_convertible(target):
         _convert(OFFLINE_MODELS[target.name], target)
     _check_complete(target)
     return str(target)
@@ -129,10 +128,15 @@ def _safetensors_length(weights: Path) -> int | None:
     return 8 + header_length + max(ends, default=0)
 
 
-def _check_convertible(target: Path) -> None:
+def _check_convertible(target: Path) -> bool:
     """Before the conversion (20-30 s of a CPU): a folder in the way (an interrupted removal of the cache, a partial
-    copy), on which the converted folder cannot be renamed, and a cache that cannot be written are named."""
+    copy), on which the converted folder cannot be renamed, and a cache that cannot be written are named. Returns
+    False where the folder is complete after all: another process renamed its conversion into place since the caller
+    looked for config.json, and it was refused as a folder in the way. Its files arrive at once, so a folder listed
+    with files and then found without config.json is incomplete."""
     if target.exists() and any(target.iterdir()):
+        if (target / "config.json").is_file():
+            return False
         raise FileExistsError(f"{target} holds an incomplete converted model (no config.json): delete that folder to "
                               "convert the model again")
     try:  # where the conversion's staging folder will be made
@@ -141,6 +145,7 @@ def _check_convertible(target: Path) -> None:
     except OSError as error:
         raise OSError(f"cannot write the offline model cache {target.parent} ({error.strerror}): set MALORA_CACHE to "
                       "a folder you can write") from None
+    return True
 
 
 def _package_dir(model: OfflineModel) -> Path:

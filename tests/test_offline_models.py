@@ -99,6 +99,23 @@ def test_a_folder_in_the_way_or_a_cache_that_cannot_be_written_is_named_before_c
         resolve_model_path(SMOLLM2)
 
 
+def test_a_model_another_process_converted_meanwhile_is_used(monkeypatch, tmp_path):
+    """Runs started together on a fresh node each convert the model: the first to finish renames its folder into
+    place. One that found no config.json an instant before that rename then took the complete folder for an
+    incomplete one, and its error said to delete it; one still converting fails to rename and uses the other's."""
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    converted = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    check_convertible = offline_models._check_convertible
+
+    def another_process_finishes_first(target):
+        tiny_model("llama").save_pretrained(converted)
+        check_convertible(target)
+
+    monkeypatch.setattr(offline_models, "_check_convertible", another_process_finishes_first)
+    monkeypatch.setattr(offline_models, "_convert", lambda model, target: pytest.fail("converted a second time"))
+    assert resolve_model_path(SMOLLM2) == str(converted)
+
+
 def test_a_converted_model_cut_short_is_named_with_the_fix(monkeypatch, tmp_path):
     """A cache whose weights file was cut short (a partial copy) loaded into safetensors' "incomplete metadata, file
     not fully covered", which named neither the file nor the cache."""
