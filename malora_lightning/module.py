@@ -533,8 +533,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         summary = router_losses(self.model)
         # without router losses (LoRA) a zero made on the loss's device: `aux_loss` makes its zero on the CPU, and the
         # blocking copy of it to a GPU waited for every kernel queued before it (a host-device sync per batch)
-        router = aux_loss(self.model).to(lm.loss.device) if summary is not None \
-            else torch.zeros((), device=lm.loss.device)
+        router = torch.zeros((), device=lm.loss.device) if summary is None else aux_loss(self.model).to(lm.loss.device)
         loss = lm.loss + router
         if not torch.isfinite(loss):
             drop_routing_record(self.model)  # no backward follows: the model would keep this forward's graph
