@@ -100,6 +100,15 @@ def test_a_tuple_of_layers_is_kept_as_a_list_so_the_json_round_trip_is_equal():
     assert config.layers_to_transform == [0, 1] and AdapterConfig.from_json(config.to_json()) == config
 
 
+def test_tuples_of_modules_and_a_single_layer_index_are_kept_as_lists():
+    config = AdapterConfig(target_modules=("q_proj", "v_proj"), exclude_modules=("model.layers.0.self_attn.q_proj",),
+                           layers_to_transform=1)
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert config.exclude_modules == ["model.layers.0.self_attn.q_proj"]
+    assert config.layers_to_transform == [1]
+    assert AdapterConfig.from_json(config.to_json()) == config
+
+
 def test_mixture_fields_are_not_checked_for_lora():
     # LoRA has no experts or shared subspace: values that would be invalid for a mixture are irrelevant here.
     config = AdapterConfig(method="lora", rank=64, shared_rank=None, top_k=9)
