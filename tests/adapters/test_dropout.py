@@ -93,3 +93,19 @@ def test_lane_dropout_is_an_nn_dropout_and_falls_back_off_cpu():
     assert isinstance(dropout, torch.nn.Dropout)
     out = dropout(torch.empty(4, 8, device="meta"))  # F.dropout's path
     assert out.device.type == "meta" and out.shape == (4, 8)
+
+
+def test_an_inplace_lane_dropout_drops_in_place_as_nn_dropout_does():
+    """`inplace=True` keeps nn.Dropout's meaning: x itself is overwritten, each element either zeroed or scaled by
+    1/(1-p) (torch's own Bernoulli draw), and handed back with the rescale already in it."""
+    torch.manual_seed(5)
+    x = torch.rand(64, 33, dtype=torch.float64) + 1.0  # no zeros: a zero output means a dropped element
+    original = x.clone()
+    dropout = LaneDropout(0.5, inplace=True).train()
+    dropped, rescale = dropout.masked(x)
+    assert dropped is x and rescale == 1.0
+    kept = x != 0
+    assert torch.equal(x[kept], original[kept] * 2.0) and 0.3 < kept.double().mean().item() < 0.7
+    x = original.clone()
+    assert dropout(x) is x and not torch.equal(x, original)
+    assert dropout.eval()(x) is x
