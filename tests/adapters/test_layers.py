@@ -190,6 +190,21 @@ def test_wraps_gpt2_conv1d():
     torch.testing.assert_close(layer(x), base(x) + layer.scaling * x @ layer.lora_A.t() @ layer.lora_B.t())
 
 
+def test_printed_layers_name_their_method_sizes_and_routing():
+    config = dict(rank=3, shared_rank=8, num_experts=5, top_k=2, alpha=12.0)
+    lines = {method: repr(METHOD_CLASSES[method](nn.Linear(IN, OUT), AdapterConfig(method=method, **config)))
+             .splitlines()[1].strip() for method in ("lora", "molora", "malora")}
+    assert lines == {
+        "lora": "method=lora, in=24, out=20, rank=3, scaling=4",
+        "molora": "method=molora, in=24, out=20, rank=3, scaling=4, num_experts=5, top_k=2, kernel=dense",
+        "malora": "method=malora, in=24, out=20, rank=3, scaling=4, num_experts=5, top_k=2, kernel=dense, "
+                  "shared_rank=8",
+    }
+    layer = LoRALinear(nn.Linear(IN, OUT), AdapterConfig(method="lora", rank=3, alpha=12.0))
+    layer.compile_mode = "max-autotune"  # as compile_adapters sets it
+    assert layer.extra_repr() == "method=lora, in=24, out=20, rank=3, scaling=4, compiled=max-autotune"
+
+
 def test_inherits_train_or_eval_mode_of_the_wrapped_layer():
     base = nn.Linear(IN, OUT).eval()
     assert not MALoRALinear(base, AdapterConfig(shared_rank=8, rank=4)).training
@@ -287,6 +302,47 @@ def test_sparse_kernel_with_idle_experts_matches_the_reference(method):
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
     idle = [e for e in range(5) if torch.count_nonzero(fast["lora_B"][e]) == 0]
     assert len(idle) >= 2
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_frozen_adapters_pass_the_input_gradient_the_reference_passes(method, dropout):
+    """Every adapter weight frozen, the input still needing a gradient (an earlier layer training through frozen
+    adapters, or enable_input_grads): the dense kernel's backward computes only the input's gradient."""
+    layer = make_layer(method, "dense", dropout=dropout)
+    layer.requires_grad_(False)
+    layer.train()
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+
+    def seeded(forward):
+        def run(inputs):
+            torch.manual_seed(7)  # one dropout mask for both paths
+            return forward(inputs)
+        return run
+
+    fast = grads(layer, x, seeded(layer))
+    reference = grads(layer, x, seeded(layer.reference_forward))
+    assert fast.keys() == reference.keys() == {"x", "out"}
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("method", ["molora", "malora"])
+def test_a_router_in_another_dtype_gets_its_gradient_in_its_own_dtype(method):
+    """A router cast apart from the other adapter weights (`layer.router.float()`): the stacked router and first
+    projection gradient is split and each part cast to its own parameter's dtype."""
+    layer = make_layer(method, "dense")
+    layer.base_layer.requires_grad_(False)
+    layer.router.float()
+    x = torch.randn(TOKENS, IN, dtype=torch.float64)
+    fast = grads(layer, x, layer)
+    layer.router.double()  # the same (float32-rounded) router values, for the float64 reference
+    reference = grads(layer, x, layer.reference_forward)
+    assert fast["router.weight"].dtype == torch.float32
+    first = "shared_A" if method == "malora" else "lora_A"
+    assert fast[first].dtype == torch.float64
+    for name in fast:
+        torch.testing.assert_close(fast[name], reference[name].to(fast[name].dtype), msg=name)
 
 
 @pytest.mark.parametrize("method", ["molora", "malora"])
