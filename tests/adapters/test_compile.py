@@ -171,6 +171,12 @@ def test_unknown_compile_mode_is_rejected():
         compile_adapters(adapted_model("lora"), "fast")
 
 
+def test_a_model_without_adapters_is_refused():
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM has no adapters: call inject_adapters\(model, config\) "
+                                         r"first$"):
+        compile_adapters(tiny_model("llama"))
+
+
 @pytest.mark.parametrize(("method", "kernel", "syncs"), [("lora", "dense", False), ("molora", "dense", False),
                                                        ("malora", "dense", False), ("malora", "sparse", True)])
 def test_adapter_training_step_never_reads_a_tensor_on_the_host(method, kernel, syncs):

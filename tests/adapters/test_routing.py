@@ -17,6 +17,7 @@ from malora_lightning.adapters import (
     router_losses,
     router_z_loss,
 )
+from malora_lightning.adapters.model import drop_routing_record
 from malora_lightning.adapters.routing import ForwardRouting
 from tests.helpers import tiny_model
 
@@ -245,6 +246,49 @@ def test_an_all_real_mask_is_kept_and_weighs_every_token_alike():
     assert token_mask.tolist() == [True] * 6
     torch.testing.assert_close(weights, torch.full((6,), 1 / 6))
     assert ForwardRouting(attention_mask=None).tokens((2, 3), torch.float32) == (None, None)
+
+
+def test_a_mask_that_does_not_cover_the_input_gives_no_token_weights():
+    """A mask of another batch size, or shorter than the input, says nothing about its tokens: every token then
+    counts alike, as without a mask. A longer one (past + new tokens in cached generation) gives its last columns."""
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 1]])
+    forward = ForwardRouting(attention_mask=mask)
+    assert forward.tokens((3, 5), torch.float32) == (None, None)  # batch 3, mask 2
+    assert forward.tokens((2, 6), torch.float32) == (None, None)  # 6 tokens, mask 5
+    token_mask, weights = forward.tokens((2, 2), torch.float32)
+    assert token_mask.tolist() == [True, True, False, True]
+    torch.testing.assert_close(weights, torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]))
+
+
+def test_a_call_the_forward_signature_cannot_bind_begins_a_forward_and_leaves_the_error_to_the_model():
+    model = routed_model()
+    context = model.malora_routing_context
+    context.current = None
+    ids = torch.randint(0, 200, (1, 4))
+    with pytest.raises(TypeError, match="got multiple values for argument 'input_ids'"):
+        model(ids, input_ids=ids)
+    assert context.current is not None and context.current.attention_mask is None
+
+
+def test_removing_an_observer_twice_is_harmless():
+    model = routed_model()
+    records = []
+    with add_routing_observer(model, records.append) as handle:
+        handle.remove()  # then once more on leaving the block
+        model(torch.randint(0, 200, (1, 3)))
+    handle.remove()
+    assert records == [] and model.malora_routing_context.observers == []
+
+
+def test_drop_routing_record_drops_the_latest_forwards_router_losses_and_ignores_a_lora_model():
+    model = routed_model()
+    model(torch.randint(0, 200, (1, 3)))
+    assert router_losses(model) is not None
+    drop_routing_record(model)
+    assert router_losses(model) is None
+    lora = inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2))
+    drop_routing_record(lora)  # no routing context: nothing to drop
+    assert aux_loss(lora).item() == 0.0
 
 
 def test_positional_attention_mask_is_seen_too():
