@@ -264,7 +264,13 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
                          "dequantize=True to replace it by a plain nn.Linear holding the dequantized weight plus the "
                          "update, or load the base model unquantized, load the adapters into it and merge that")
     dequantizing = dequantize and any(_is_bnb(module) for module in model.modules())
-    if dequantizing:
+    if dequantizing:  # checked before the first merge: a refusal midway left the earlier layers merged
+        for name, base in quantized.items():
+            _check_dequantizable(f"adapter layer {name!r} wraps", base)
+        bases = {id(base) for base in quantized.values()}
+        for name, module in model.named_modules():
+            if _is_bnb(module) and id(module) not in bases:
+                _check_dequantizable(f"layer {name!r} is", module)
         disable_bnb_cpu_weight_packing(model)  # undo a CPU repacking, so the weights dequantize as stored
         dtype = _unquantized_dtype(model)
     shared = _shared_parameters(model)
@@ -272,7 +278,7 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
         delta = factors[name].delta_weight()
         base = layer.base_layer
         if name in quantized:
-            base = _dequantized_linear(name, base, delta, dtype)
+            base = _dequantized_linear(base, delta, dtype)
         else:
             if id(base.weight) in shared:
                 _untie(model, base)
@@ -283,7 +289,7 @@ def _fold(model: nn.Module, factors: Mapping[str, LoRAFactors], dequantize: bool
         replace_module(model, name, base)
     if dequantizing:  # the layers without an adapter too: a model half in 4-bit saves as one nothing can load
         for name, module in [(name, module) for name, module in model.named_modules() if _is_bnb(module)]:
-            replace_module(model, name, _dequantized_linear(name, module, None, dtype))
+            replace_module(model, name, _dequantized_linear(module, None, dtype))
     _remove_routing_hooks(model)
     for attribute in (CONFIG_ATTRIBUTE, CONTEXT_ATTRIBUTE):
         if hasattr(model, attribute):
@@ -317,23 +323,30 @@ def _is_bnb(obj: nn.Module | torch.Tensor) -> bool:
     return type(obj).__module__.startswith("bitsandbytes")
 
 
-def _dequantized_linear(name: str, base: nn.Module, delta: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+def _check_dequantizable(layer: str, module: nn.Module) -> None:
+    """Refuse a bitsandbytes module `_dequantized_linear` cannot turn into a plain nn.Linear; `layer` names it
+    ("adapter layer 'x' wraps", "layer 'y' is")."""
+    import bitsandbytes as bnb
+
+    if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        raise ValueError(f"{layer} a bitsandbytes {type(module).__name__}; only Linear4bit and Linear8bitLt layers "
+                         "can be dequantized for merging")
+    if isinstance(module, bnb.nn.Linear8bitLt) and module.weight.SCB is None and module.state.SCB is None:
+        raise ValueError(f"{layer} a Linear8bitLt with no quantization scale (SCB) yet; move the model to its device "
+                         "(which quantizes it) before merging")
+
+
+def _dequantized_linear(base: nn.Module, delta: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     """A frozen nn.Linear in `dtype` holding the dequantized weight of the bitsandbytes layer `base` plus `delta`
-    (None: the weight alone)."""
+    (None: the weight alone); `_check_dequantizable` passed it."""
     import bitsandbytes as bnb
 
     weight = base.weight
     if isinstance(base, bnb.nn.Linear4bit):
         dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    elif isinstance(base, bnb.nn.Linear8bitLt):
+    else:  # Linear8bitLt
         scale = weight.SCB if weight.SCB is not None else base.state.SCB
-        if scale is None:
-            raise ValueError(f"adapter layer {name!r}: its Linear8bitLt has no quantization scale (SCB) yet; move "
-                             "the model to its device (which quantizes it) before merging")
         dense = bnb.functional.int8_vectorwise_dequant(weight.data, scale)
-    else:
-        raise ValueError(f"adapter layer {name!r} wraps a bitsandbytes {type(base).__name__}; only Linear4bit and "
-                         "Linear8bitLt bases can be dequantized for merging")
     merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
                        device=dense.device)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 
 import bitsandbytes as bnb
 import pytest
@@ -223,6 +224,40 @@ def test_int8_dequantize_merge_holds_the_dequantized_weight_plus_the_update(tiny
     assert not getattr(model, "is_quantized", False)  # the other projections are dequantized too: a plain model
     assert not any(isinstance(module, bnb.nn.Linear8bitLt) for module in model.modules())
     assert logits(model, task_batches()[0]).isfinite().all()
+
+
+class PlainThenQuantized(nn.Module):
+    """A plain linear and a bitsandbytes module after it: the plain layer's adapter merges first."""
+
+    def __init__(self, second: nn.Module) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("second, targets, message", [
+    (lambda: bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False), ["first", "second"],  # never moved: not quantized
+     "adapter layer 'second' wraps a Linear8bitLt with no quantization scale (SCB) yet; move the model to its device"),
+    (lambda: bnb.nn.OutlierAwareLinear(8, 8), ["first", "second"],
+     "adapter layer 'second' wraps a bitsandbytes OutlierAwareLinear; only Linear4bit and Linear8bitLt layers can be "
+     "dequantized for merging"),
+    (lambda: bnb.nn.StableEmbedding(8, 8), ["first"],
+     "layer 'second' is a bitsandbytes StableEmbedding; only Linear4bit and Linear8bitLt layers can be dequantized"),
+])
+def test_a_bitsandbytes_layer_that_cannot_be_dequantized_is_refused_before_anything_is_merged(second, targets, message):
+    """The refusal came when the merge reached that layer, after the plain layer before it had been merged: the model
+    was left half merged, its first adapter gone."""
+    model = inject_adapters(PlainThenQuantized(second()),
+                            AdapterConfig(method="lora", rank=2, dropout=0.0, target_modules=targets))
+    randomised(model)
+    weight = model.first.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        merge_adapters(model, dequantize=True)
+    assert list(adapter_layers(model)) == targets and isinstance(model.first, LoRALinear)
+    assert torch.equal(model.first.base_layer.weight, weight) and hasattr(model, CONFIG_ATTRIBUTE)
 
 
 # ---------------------------------------------------------------------------------------------------- task profile
