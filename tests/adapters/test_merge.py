@@ -260,6 +260,39 @@ def test_a_bitsandbytes_layer_that_cannot_be_dequantized_is_refused_before_anyth
     assert torch.equal(model.first.base_layer.weight, weight) and hasattr(model, CONFIG_ATTRIBUTE)
 
 
+def test_a_4bit_base_with_a_bias_keeps_it_when_dequantized(tmp_path):
+    """Qwen2's q, k and v projections have a bias, which the plain nn.Linear that replaces the 4-bit layer copies."""
+    qwen2 = tiny_model("qwen2")
+    with torch.no_grad():
+        for block in qwen2.model.layers:
+            block.self_attn.q_proj.bias.normal_()  # initialised to zeros
+    qwen2.save_pretrained(tmp_path)
+    model = load_base_model(str(tmp_path), quantization="nf4", compute_dtype="float32")
+    randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0, target_modules=["q_proj"])))
+    bias = model.get_submodule(Q_PROJ).base_layer.bias.detach().clone()
+    assert bias.count_nonzero() > 0
+    batch = task_batches()[0]
+    expected = logits(model, batch)
+    merge_adapters(model, dequantize=True)
+    merged = model.get_submodule(Q_PROJ)
+    assert type(merged) is nn.Linear and torch.equal(merged.bias, bias)
+    torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_shared_in_a_model_without_a_config_is_untied_for_the_merge():
+    """Two layers of a plain module sharing one weight: only the adapted layer takes the update."""
+    model = PlainThenQuantized(nn.Linear(8, 8))
+    model.second.weight = model.first.weight
+    shared = model.first.weight.detach().clone()
+    randomised(inject_adapters(model, AdapterConfig(method="lora", rank=2, dropout=0.0, target_modules=["first"])))
+    layer = model.first
+    update = layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    merge_adapters(model)
+    assert model.first.weight is not model.second.weight
+    assert torch.equal(model.second.weight, shared)
+    torch.testing.assert_close(model.first.weight, shared + update, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- task profile
 class ToyLM(nn.Module):
     """Embedding -> one linear: the routed layer's input is the embedding row of each token, chosen by hand."""
