@@ -258,6 +258,28 @@ def test_an_attention_kernel_whose_package_is_missing_is_named(tiny_llama_dir):
         load_base_model(str(tiny_llama_dir), quantization=None, attn_implementation="flash_attention_2")
 
 
+def test_an_import_error_without_an_attention_setting_is_transformers_own(tiny_llama_dir, monkeypatch):
+    """Only an attention kernel's missing package is explained as attn_implementation's; any other ImportError (a
+    package the model's code needs) reaches the caller as transformers raised it."""
+    import transformers
+
+    def missing_package(*args, **kwargs):
+        raise ImportError("this model needs the package 'einops'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", missing_package)
+    with pytest.raises(ImportError, match=r"^this model needs the package 'einops'$"):
+        load_base_model(str(tiny_llama_dir), quantization=None)
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_value_error_not_about_remote_code_is_transformers_own(tmp_path, trust_remote_code):
+    """A config transformers cannot read is not explained as needing trust_remote_code, asked for or not."""
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_family"}')
+    with pytest.raises(ValueError, match=r"^The checkpoint you are trying to load has model type `no_such_family` "
+                                         r"but Transformers does not recognize this architecture"):
+        load_base_model(str(tmp_path), trust_remote_code=trust_remote_code)
+
+
 @pytest.mark.parametrize(("value", "field", "expected"), [
     ("bfloat16", "compute_dtype", torch.bfloat16), (torch.float16, "dtype", torch.float16),
     (torch.uint8, "quant_storage", torch.uint8), ("uint8", "quant_storage", torch.uint8),
