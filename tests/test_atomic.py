@@ -259,6 +259,19 @@ def test_an_uncommitted_replace_is_undone_and_the_old_files_stay(tmp_path):
     assert (folder / "weights.bin").read_text() == "old weights"
 
 
+def test_an_uncommitted_staging_folder_is_removed_with_a_folder_inside_it(tmp_path):
+    """Only files are staged, but a folder inside one of ours (its marker says so) goes with it, not a crash."""
+    folder = tmp_path / "adapter"
+    staging = folder / STAGING_FOLDER
+    (staging / "nested" / "deeper").mkdir(parents=True)
+    (staging / STAGING_MARKER).touch()
+    (staging / "nested" / "deeper" / "shard.bin").write_text("partial")
+    (folder / "config.json").write_text("old config")
+    recover_replace(folder)
+    assert [path.name for path in folder.iterdir()] == ["config.json"]
+    assert (folder / "config.json").read_text() == "old config"
+
+
 def test_a_process_of_another_user_counts_as_running(monkeypatch):
     """Signalling it is refused: its staging folders are not abandoned."""
     def refused(pid, signal):
@@ -368,6 +381,24 @@ def test_an_os_error_that_says_its_own_file_or_has_no_errno_is_raised_as_it_came
         with staging_folder(tmp_path / "model"):
             fail()
     assert raised.value is error
+
+
+
+@pytest.mark.parametrize("error", [OSError("the storage plugin refused the write"),
+                                   PermissionError(errno.EACCES, "Permission denied", "/elsewhere/report.md"),
+                                   KeyboardInterrupt()])
+def test_a_file_write_that_fails_otherwise_raises_the_error_as_it_came_and_keeps_the_old_file(tmp_path, monkeypatch,
+                                                                                             error):
+    (tmp_path / "report.md").write_text("old")
+
+    def fail(fd) -> None:
+        raise error
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(type(error)) as raised:
+        atomic_write_text(tmp_path / "report.md", "new")
+    assert raised.value is error
+    assert [path.name for path in tmp_path.iterdir()] == ["report.md"] and (tmp_path / "report.md").read_text() == "old"
 
 
 @pytest.fixture
