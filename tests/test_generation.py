@@ -3,6 +3,7 @@ output head: where an answer ends, and decoding that no checkpoint's generation_
 mixes tasks, each row answered and checked as its own task."""
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from malora_lightning.data.batches import EvaluationBatch
 from malora_lightning.data.builtin import format_row
 from malora_lightning.data.collate import MultiTaskCollator, PromptEncoder
 from malora_lightning.data.tasks import Example, first_line
+from malora_lightning.evaluation import EvaluationMixin, batch_rows
 from malora_lightning.module import MALoRAModule
 from tests.helpers import tiny_tokenizer
 from tests.test_module import make_data, make_module, make_trainer
@@ -160,3 +162,37 @@ def test_a_mixed_batchs_rows_are_answered_as_in_a_batch_of_their_own(tiny_model_
         answers = [answer.prediction for answer in module.predict_step(mixed, 0)]
     assert len({module.generation_length(task) for task in data.tasks}) == 2
     assert answers == [own[0], own[2], own[1], own[3]]
+
+
+def test_batch_rows_of_a_multiple_choice_batch_are_the_rows_collated_on_their_own():
+    """A mixed batch's rows are generated in groups of one length; a group of multiple-choice rows keeps its own
+    choice rows, numbered from 0 within the group, as a batch of those examples alone holds them."""
+    tokenizer = tiny_tokenizer()
+    examples = [Example(prompt="pick one of them", target="B", choices=("A", "B"), gold=1, row=0),
+                Example(prompt="q", target="no", choices=("no", "yes", "maybe"), gold=0, row=1),
+                Example(prompt="which", target="y", choices=("x", "y"), gold=1, row=2)]
+    encoder = PromptEncoder(tokenizer, 64)
+    encoded, _ = encoder.encode(examples, task_id=0, task_name="toy", split="validation", with_eval_fields=True)
+    collator = MultiTaskCollator(encoder.pad_token_id, eval_fields=True)
+    part = batch_rows(collator(encoded), [1, 2])
+    alone = collator([encoded[1], encoded[2]])
+    assert part.rows == alone.rows == [1, 2] and part.targets == ["no", "y"]
+    assert torch.equal(part.prompt_input_ids, alone.prompt_input_ids)  # the longest prompt's left padding dropped
+    assert torch.equal(part.prompt_attention_mask, alone.prompt_attention_mask)
+    for field in ("example_index", "gold", "num_choices"):
+        assert torch.equal(getattr(part.choices, field), getattr(alone.choices, field)), field
+    assert part.choices.example_index.tolist() == [0, 0, 0, 1, 1]
+    width = alone.choices.input_ids.shape[1]  # right padding: the whole batch's rows are only wider
+    for field in ("input_ids", "attention_mask", "labels"):
+        rows = getattr(part.choices, field)
+        assert torch.equal(rows[:, :width], getattr(alone.choices, field)), field
+    assert part.choices.attention_mask[:, width:].eq(0).all()
+
+
+def test_a_batch_naming_a_task_the_data_module_lacks_is_refused_with_its_tasks():
+    tasks = [SimpleNamespace(name="alpha"), SimpleNamespace(name="beta")]  # all `task` reads of them
+    evaluator = SimpleNamespace(_datamodule=SimpleNamespace(tasks=tasks))
+    assert EvaluationMixin.task(evaluator, "beta") is tasks[1]
+    with pytest.raises(ValueError, match=r"^a batch names task 'gamma', which the data module does not have; its "
+                                         r"tasks: alpha, beta$"):
+        EvaluationMixin.task(evaluator, "gamma")
