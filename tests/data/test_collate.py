@@ -182,6 +182,46 @@ def test_a_cut_keeps_the_chat_templates_turns_around_the_prompts_text(chat_token
         encode(chat_tokenizer, examples, max_length=length - 3, system_prompt="be brief")
 
 
+class TwicePromptEncoder(PromptEncoder):
+    """A subclass's own format that writes the prompt twice: no single text between the format's own tokens."""
+
+    def opening(self, prompt):
+        return f"{prompt}\n{prompt}\nAnswer:"
+
+
+def test_a_cut_of_an_opening_that_is_not_the_format_around_the_prompt_protects_no_token(tokenizer):
+    """Its own tokens cannot be told from the prompt's, so the cut drops tokens from the left of the whole opening,
+    the BOS that a cut of the plain format keeps included."""
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    example = Example(prompt="abcdefghij", target="cd", row=0)
+    encoder = TwicePromptEncoder(tokenizer, 64)
+    (whole,), _ = encoder.encode([example], task_id=0, task_name="toy", split="train")
+    opening = [BOS] + ids(tokenizer, "abcdefghij\nabcdefghij\nAnswer:")
+    assert whole.input_ids == opening + ids(tokenizer, " cd") + [EOS]
+    encoder = TwicePromptEncoder(tokenizer, 20)
+    (cut,), stats = encoder.encode([example], task_id=0, task_name="toy", split="train")
+    assert cut.input_ids == opening[-16:] + ids(tokenizer, " cd") + [EOS]
+    assert (stats.truncated, stats.tokens_dropped) == (1, len(opening) - 16)
+
+
+@pytest.mark.parametrize(("max_length", "remove", "message"), [
+    (1, (), r"^max_length must be >= 2 \(got 1\)$"),
+    (64, ("eos_token",), r"^the plain prompt format ends targets with the EOS token, but the tokenizer has none$"),
+])
+def test_an_encoder_that_cannot_encode_is_refused(tokenizer, max_length, remove, message):
+    for attribute in remove:
+        setattr(tokenizer, attribute, None)
+    with pytest.raises(ValueError, match=message):
+        PromptEncoder(tokenizer, max_length)
+
+
+def test_a_tokenizer_with_neither_a_pad_nor_an_eos_token_is_refused(chat_tokenizer):
+    """The chat format needs no EOS token (its template closes the turn), but padding needs one of them."""
+    chat_tokenizer.pad_token = chat_tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=r"^the tokenizer has neither a pad token nor an EOS token to pad with$"):
+        PromptEncoder(chat_tokenizer, 64)
+
+
 # ChatML with its content trimmed, as Llama 3's and Gemma's templates trim it ("{{ message['content'] | trim }}")
 TRIMMING_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
                    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
