@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, SPLITS, build_builtin_tasks, get_task
-from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS, NEUTRAL_GENERATORS, WORDS
+from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS, NEUTRAL_GENERATORS, WORDS, split_of
 
 STRING_TASKS = {"reverse_words", "sort_words", "first_letters"}
 ARITHMETIC_TASKS = {"add_2digit", "subtract_2digit", "next_term"}
@@ -160,3 +160,17 @@ def test_chance_rate_is_the_majority_answer_rate_of_the_test_split(name):
         assert task.chance_rate == pytest.approx(1 / choices, abs=0.07)
     else:
         assert task.chance_rate < 0.06
+
+
+def test_a_generator_with_too_few_distinct_items_for_a_split_names_the_task_and_the_counts():
+    """Fifty possible prompts cannot fill a test split of 1000: the error says how many of that split exist."""
+    def small_space(rng):
+        number = rng.randrange(50)
+        return {"prompt": f"Say {number}.", "target": str(number)}
+
+    in_test = sum(split_of("say_number", f"Say {number}.") == "test" for number in range(50))
+    assert 0 < in_test < 50
+    with pytest.raises(RuntimeError, match=rf"^task 'say_number': found only {in_test} distinct test items of the "
+                                           rf"1000 asked for$"):
+        build_builtin_tasks({"train": 1, "validation": 1, "test": 1000},
+                            generators={"say_number": ("generative", small_space, "say a number")})
