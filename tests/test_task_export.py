@@ -264,3 +264,32 @@ def test_the_commands_lines_reach_the_library_logger_however_it_is_run():
     run = runpy.run_module("malora_lightning.task_export", run_name="as_a_script", alter_sys=True)
     assert run["logger"].name == "malora_lightning.task_export"
 
+
+
+@pytest.mark.filterwarnings("ignore:'malora_lightning.task_export' found in sys.modules:RuntimeWarning")  # runpy's
+@pytest.mark.parametrize("entry", ["console_main", "__main__"])
+def test_the_console_command_refuses_a_bad_profile_size_and_prints_an_error_as_one_line(entry, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """The installed `malora-task-export` (console_main) and `python -m malora_lightning.task_export` read sys.argv and
+    print a bad setting as the parser's usage error, and a missing adapter folder as run_command's one line."""
+    import runpy
+    import sys
+
+    from malora_lightning import task_export
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["malora-task-export", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            if entry == "console_main":
+                task_export.console_main()
+            else:
+                runpy.run_module("malora_lightning.task_export", run_name="__main__", alter_sys=True)
+        return exit_info.value.code
+
+    output = str(tmp_path / "tasks")
+    assert run("--adapter", str(tmp_path), "--output", output, "--profile-examples", "0") == 2
+    assert "error: --profile-examples=0 is invalid: expected an integer >= 1" in capsys.readouterr().err
+    assert run("--adapter", str(tmp_path / "missing"), "--output", output) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("malora-task-export: error: ") and "missing" in error and "Traceback" not in error
+    assert not (tmp_path / "tasks").exists()
