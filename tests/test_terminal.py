@@ -144,6 +144,28 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
     assert capsys.readouterr().err == "settings applied\n"
 
 
+
+BARS = {"train_progress_bar": "train_progress_bar_id", "val_sanity_check_bar": "val_sanity_progress_bar_id",
+        "val_progress_bar": "val_progress_bar_id", "test_progress_bar": "test_progress_bar_id"}
+
+
+@pytest.mark.parametrize("bar_property, id_attribute", BARS.items())
+def test_each_bar_is_found_by_its_id_after_others_are_removed_and_refused_before_it_is_shown(bar_property,
+                                                                                              id_attribute):
+    from rich.progress import Progress
+
+    bar = StepProgressBar()
+    with pytest.raises(RuntimeError, match="^this progress bar has not been shown yet$"):
+        getattr(bar, bar_property)
+    bar.progress = Progress()
+    with pytest.raises(RuntimeError, match="^this progress bar has not been shown yet$"):
+        getattr(bar, bar_property)  # the progress display is up, but not this bar
+    removed, wanted = bar.progress.add_task("removed"), bar.progress.add_task("wanted")
+    setattr(bar, id_attribute, wanted)
+    bar.progress.remove_task(removed)  # `wanted` is now at position 0, not at its id (1)
+    assert getattr(bar, bar_property).description == "wanted"
+
+
 class RichTasksAtValidationEnd(Callback):
     def __init__(self) -> None:
         self.counts: list[int] = []
