@@ -51,3 +51,27 @@ def test_the_cuda_choice_is_made_in_the_training_process_not_when_the_plugin_is_
     assert plugin.connect(model, [], []) == (model, [], [])
     assert asked == ["cuda"] and plugin.enabled and plugin.precision == "bf16-mixed"
     assert asked == ["cuda"]  # once
+
+
+@pytest.mark.parametrize(("system", "has_cpuinfo", "fast"), [("Darwin", True, False), ("Windows", False, False),
+                                                           ("Linux", False, False), ("Linux", True, True)])
+def test_without_a_linux_cpuinfo_the_cpu_counts_as_without_fast_bf16(monkeypatch, tmp_path, system, has_cpuinfo, fast):
+    """macOS and Windows have no /proc/cpuinfo to read (a Linux one would be another machine's): float32 on CPU."""
+    import platform
+
+    (tmp_path / "cpuinfo").write_text(SAPPHIRE_RAPIDS)
+    cpuinfo = tmp_path / "cpuinfo" if has_cpuinfo else tmp_path / "missing"
+    real_path = hardware.Path
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(hardware, "Path", lambda path: cpuinfo if path == "/proc/cpuinfo" else real_path(path))
+    hardware.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert hardware.cpu_has_fast_bf16() is fast
+        assert resolve_compute_dtype("auto", "cpu") == ("bfloat16" if fast else "float32")
+    finally:
+        hardware.cpu_has_fast_bf16.cache_clear()
+
+
+def test_another_device_type_counts_as_without_fast_bf16():
+    assert hardware.fast_bf16_available("mps") is False
+    assert resolve_compute_dtype("auto", "mps") == "float32"
