@@ -43,6 +43,8 @@ def test_mixed_precision_may_not_cast_packed_4bit_weights(qlora_model):
     with pytest.raises(ValueError, match=r"casts parameters to torch.float32, but the 4-bit weight .* is packed in "
                                          r"torch.bfloat16 storage, .* set model.quant_storage to float32"):
         check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), torch.float32)
+    check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), torch.bfloat16)  # the storage dtype
+    check_fsdp1_units(qlora_model, (LlamaDecoderLayer, bnb.nn.Linear4bit), None)  # no mixed precision: no cast
 
 
 def test_the_policy_classes_are_read_as_lightning_hands_them_over():
