@@ -182,3 +182,7 @@ def test_the_cuda_state_is_the_current_devices_and_restores_where_fewer_gpus_are
     assert resumed_on.states == [torch.tensor([2], dtype=torch.uint8)]
     restore_rng_state({"torch": state["torch"], "cuda": [torch.tensor([7], dtype=torch.uint8)] * 4})  # older format
     assert resumed_on.states == [torch.tensor([7], dtype=torch.uint8)]
+    on_device_2 = FakeCuda(visible=3, current=2)  # an older checkpoint saved where only one GPU was visible
+    on_device_2.install(monkeypatch)
+    restore_rng_state({"torch": state["torch"], "cuda": [torch.tensor([7], dtype=torch.uint8)]})
+    assert on_device_2.states == [torch.tensor([index], dtype=torch.uint8) for index in range(3)]  # none to restore
