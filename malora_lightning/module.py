@@ -180,7 +180,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             they load from any directory.
         quantization: bitsandbytes quantization of the frozen base: "nf4", "fp4", "int8" or None.
         compute_dtype: dtype the 4-bit layers compute in; "auto" picks bfloat16 where the device runs bf16 fast
-            (CUDA, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (far faster on plain AVX2 CPUs: BENCHMARKS.md).
+            (CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX) and float32 elsewhere (far faster on plain AVX2
+            CPUs: BENCHMARKS.md).
         dtype: dtype the base's weights are loaded in (None: compute_dtype when quantized, else float32). An
             unquantized base stays in it; a quantized base's other weights (norms, embeddings, head) are rounded
             through it and then kept in float32 for training (`prepare_for_adapter_training`).
