@@ -65,15 +65,15 @@ def _raise_naming(error: BaseException, path: Path) -> None:
         raise type(error)(error.errno, error.strerror, str(path)) from error
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, replace_link: bool = False) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
     Behaves as a plain `open(path, "w")` would: the file gets its permissions (those of the file it replaces, else the
     umask's), not the owner-only ones of the temporary file, and a symbolic link is written through (the file it
-    points to gets the content; the link stays).
+    points to gets the content; the link stays), unless `replace_link`: then the rename replaces the link itself.
     """
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    target = path.resolve() if path.is_symlink() and not replace_link else path
     if target.is_dir():
         linked = f" (a link to {target})" if target != path else ""
         raise IsADirectoryError(f"{path}{linked} is a folder: nothing was written; expected the path of a file")

@@ -103,17 +103,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         renamed over it). Lightning's staged it in the system's temporary folder, never fsynced, and moved it: where
         that folder is another file system (a tmpfs, a node-local disk beside shared storage) the move copied it over
         the old `last.ckpt`, so a kill during the copy left neither the old checkpoint nor the new one. A symbolic
-        link at `path` is replaced, as Lightning's move replaced it, not written through: `ModelCheckpoint(save_last=
-        "link")` makes `last.ckpt` a link to another checkpoint, which a save of `last.ckpt` must not overwrite."""
+        link at `path` is replaced by the rename, as Lightning's move replaced it, not written through:
+        `ModelCheckpoint(save_last="link")` makes `last.ckpt` a link to another checkpoint, which a save of
+        `last.ckpt` must not overwrite (removing the link first left no `last.ckpt` where the write was stopped)."""
         if storage_options is not None or is_remote(path):  # Lightning's refusal, or a URL written through fsspec
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        path = Path(path)
-        if path.is_symlink():
-            path.unlink()
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue(), replace_link=True)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(path, (str, Path)) and Path(path).exists():  # remote and missing paths: Lightning's errors

@@ -3,6 +3,7 @@ the run's config and flags; a checkpoint that disagrees on the base or the adapt
 
 import json
 import re
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -601,14 +602,25 @@ def test_a_checkpoint_is_on_disk_beside_its_path_before_it_replaces_the_old_one(
     assert read_checkpoint(path)["global_step"] == 1
 
 
-def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_points_to(tmp_path):
+def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_points_to(tmp_path, monkeypatch):
     """`ModelCheckpoint(save_last="link")` makes last.ckpt a link to another checkpoint: a save of last.ckpt
-    replaced the link under Lightning's own writer, and must not write the new state into the checkpoint linked."""
+    replaced the link under Lightning's own writer, and must not write the new state into the checkpoint linked. The
+    link was removed before the write, so a save stopped midway left no last.ckpt."""
     from malora_lightning.checkpoints import CheckedCheckpointIO
 
     best = planted_checkpoint(tmp_path / "epoch=0-step=2.ckpt")
     kept = best.read_bytes()
     (tmp_path / "last.ckpt").symlink_to(best.name)
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            CheckedCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
+    assert os.readlink(tmp_path / "last.ckpt") == best.name and sorted(tmp_path.iterdir()) == [best,
+                                                                                             tmp_path / "last.ckpt"]
     CheckedCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "last.ckpt")
     assert best.read_bytes() == kept
     assert not (tmp_path / "last.ckpt").is_symlink() and read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5
