@@ -705,6 +705,13 @@ class FixedAdapterFolder(MALoRAModule):
         super().__init__(adapter_path=Path(folder), **kwargs)
 
 
+class KeywordsPassedOn(MALoRAModule):
+    """A subclass that passes our arguments on through `**kwargs`: they are recorded from its frame, as given."""
+
+    def __init__(self, note: int = 0, **kwargs):
+        super().__init__(**kwargs)
+
+
 def test_an_adapter_path_is_recorded_as_absolute_text_and_its_checkpoints_load_from_anywhere(tiny_model_dir, tmp_path,
                                                                                                monkeypatch):
     """`adapter_path` accepts a `pathlib.Path`, which the module recorded as it was: in its hyperparameters the fit
@@ -722,10 +729,12 @@ def test_an_adapter_path_is_recorded_as_absolute_text_and_its_checkpoints_load_f
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     fixed = FixedAdapterFolder(folder=str(folder), **{**settings, "export_adapters": False})
+    # a relative path a subclass passes on through **kwargs is recorded from its frame, as given
+    passed_on = KeywordsPassedOn(**{**settings, "adapter_path": "adapter", "export_adapters": False})
     assert fixed.settings.adapter_path == str(folder)
     for run, built in (("path", make_module(tiny_model_dir, adapter_path=folder, export_adapters=False)),
                        ("relative", make_module(tiny_model_dir, adapter_path="adapter", export_adapters=False)),
-                       ("fixed", fixed)):
+                       ("fixed", fixed), ("kwargs", passed_on)):
         assert built.hparams.get("adapter_path", str(folder)) == built.settings.adapter_path == str(folder)
         checkpoints = ModelCheckpoint(dirpath=tmp_path / run, every_n_train_steps=1)
         make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True).fit(
