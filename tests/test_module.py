@@ -1333,6 +1333,48 @@ def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_mod
                                                       make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")
 
 
+class SaveAtFitStart(Callback):
+    """Saves where a resumed fit has its checkpoint's tensors back, not yet its step and optimizer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_is_refused_by_name_before_the_model_is_built_and_while_a_resume_restores(tiny_model_dir,
+                                                                                               tmp_path):
+    """A save with no adapter tensors yet, or with a resumed fit's step and optimizer not restored yet, says why, also
+    when it runs while another error is handled (only an interrupted run's own error goes on in its place). A later
+    fit of the same module, from step 0 without a checkpoint, restores nothing and saves, as does a trainer that
+    validated a checkpoint (it restores no step)."""
+    unbuilt = make_module(tiny_model_dir)
+    unbuilt.trainer = make_trainer(tmp_path)
+    try:
+        raise ValueError("an error the caller handles")
+    except ValueError:
+        with pytest.raises(RuntimeError, match=r"no checkpoint can be saved before the model is built \(configure_"):
+            unbuilt.on_save_checkpoint({"state_dict": {}})
+    trainer = make_trainer(tmp_path / "a", max_steps=2)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    module = make_module(tiny_model_dir)
+    with pytest.raises(RuntimeError, match=r"no checkpoint can be saved while a resumed fit restores its checkpoint: "
+                                           r"its step and optimizer state are not restored yet"):
+        make_trainer(tmp_path / "b", max_steps=3, callbacks=[SaveAtFitStart(tmp_path / "early.ckpt")]).fit(
+            module, make_data(tiny_model_dir), ckpt_path=tmp_path / "two.ckpt")
+    assert not (tmp_path / "early.ckpt").exists()
+    again = make_trainer(tmp_path / "c", max_steps=1)
+    again.fit(module, make_data(tiny_model_dir))
+    again.save_checkpoint(tmp_path / "again.ckpt")
+    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["global_step"] == 1
+    validated = make_trainer(tmp_path / "v")
+    validated.validate(module, make_data(tiny_model_dir), ckpt_path=tmp_path / "two.ckpt", verbose=False)
+    validated.save_checkpoint(tmp_path / "validated.ckpt")
+    assert torch.load(tmp_path / "validated.ckpt", weights_only=True)["global_step"] == 0
+
+
 def test_resuming_a_fit_with_other_trained_adapter_tensors_is_refused_naming_both_values(tiny_model_dir, tmp_path):
     """train_P=False (an ablation switch) changes AdamW's parameter groups: the resume failed in torch's optimizer
     loading, naming neither the setting nor the file. Evaluating the checkpoint needs no optimizer and still works."""
