@@ -143,6 +143,51 @@ def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_
     assert torch.load(tmp_path / "again.ckpt", weights_only=True)["global_step"] == 5
 
 
+class StopAtBatchStart(Callback):
+    """Raise as the batch after `step` steps starts, before its step: a callback passed to the Trainer runs before the
+    module's `TrainingRandomState`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped between steps")
+
+
+class StopAtBatchEnd(Callback):
+    """Raise as step `step` ends, after its update, before `TrainingRandomState` has seen that step end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("stopped between steps")
+
+
+@pytest.mark.parametrize("stopper", [StopAtBatchStart, StopAtBatchEnd])
+def test_a_checkpoint_written_between_steps_resumes_exactly(tiny_model_dir, tmp_path, stopper):
+    """Around a step, not inside it, the checkpoint holds the state the next step starts from: stopped as a batch
+    starts, the resumed fit runs that batch's step (not the one before it) again; stopped once a step's update is
+    done, it goes on with the next step (it does not run that one again)."""
+    settings = dict(max_steps=5, enable_checkpointing=True)
+    full = LossRecorder()
+    L.seed_everything(0, verbose=False)
+    make_trainer(tmp_path / "a", callbacks=[full], **settings).fit(make_module(tiny_model_dir),
+                                                                    make_data(tiny_model_dir))
+    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
+    L.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="stopped between steps"):
+        make_trainer(tmp_path / "b", callbacks=[stopper(2), on_exception], **settings).fit(
+            make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
+    resumed = LossRecorder()
+    make_trainer(tmp_path / "c", callbacks=[resumed], **settings).fit(
+        make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
+    assert resumed.losses == {step: full.losses[step] for step in (3, 4, 5)}
+
+
 class FakeCuda:
     """torch.cuda of a process on device `current` of `visible` GPUs, each with its own generator state."""
 
