@@ -381,14 +381,16 @@ def test_a_saved_config_reads_back_text_that_looks_like_an_exponent_number(tmp_p
     callback's, and `--print_config`'s)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text('trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.CSVLogger\n'
-                      '    init_args: {save_dir: runs, name: "5e-4", version: "1.5e3"}\n'
+                      '    init_args: {save_dir: runs, name: "5e-4", version: "1.5e3", prefix: "-1E3"}\n'
                       'data:\n  tasks: [mine]\n  task_specs:\n'
                       '    - {name: mine, hub: org/data, revision: "25921e05", prompt: "{q}", target: "{a}"}\n')
     first = parse(["--config", "recipes/default.yaml", "--config", str(recipe)])
     saved = tmp_path / "config.yaml"
     saved.write_text(first.parser.dump(first.config, skip_none=False))
     again = parse(["--config", str(saved)]).config
-    assert (again.trainer.logger.init_args.name, again.trainer.logger.init_args.version) == ("5e-4", "1.5e3")
+    logger = again.trainer.logger.init_args
+    assert (logger.name, logger.version) == ("5e-4", "1.5e3")
+    assert logger.prefix == "-1E3"  # a sign and a capital E: a YAML 1.2 float too (-1000.0)
     assert again.data.task_specs == first.config.data.task_specs
     assert again.data.task_specs[0]["revision"] == "25921e05"
     assert yaml.safe_load(saved.read_text())["trainer"]["max_steps"] == 160  # numbers stay numbers
@@ -783,6 +785,46 @@ def test_a_version_another_run_made_since_the_listing_moves_the_run_to_the_next(
     # TensorBoard's events go to a sub_dir of the version folder, which is the one claimed
     assert version_folder(SimpleNamespace(log_dir=str(root / "version_3" / "a" / "b"), sub_dir="a/b")) == \
         root / "version_3"
+
+
+def test_a_version_folder_is_claimed_only_where_it_can_be_made_here(tmp_path, monkeypatch):
+    """A logger writing to a URL makes no folder here (a `memory:` or `s3:` path made as a local folder), and a
+    version_N that Lightning's listing does not count (a file by that name: it lists folders) leaves Lightning's
+    choice as it is, without listing again and again."""
+    monkeypatch.chdir(tmp_path)
+    remote = CSVLogger("memory://runs")
+    assert claim_version_folder(remote) is None and remote.log_dir == "memory://runs/lightning_logs/version_0"
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "lightning_logs").mkdir()
+    (tmp_path / "lightning_logs" / "version_0").write_text("not a run")
+    listing, listings = CSVLogger._get_next_version, []
+
+    def counted_listing(logger):
+        listings.append(logger)
+        assert len(listings) <= 2, "the versions were listed again and again"
+        return listing(logger)
+
+    monkeypatch.setattr(CSVLogger, "_get_next_version", counted_listing)
+    local = CSVLogger(tmp_path)
+    assert claim_version_folder(local) is None and local.version == 0
+
+
+def test_only_rank_zero_makes_or_cleans_up_log_folders(tmp_path):
+    """Every rank picks its loggers' versions, but only rank zero makes a version folder (another rank's claim made a
+    folder of its own, left empty) and removes the folders of a failed run; a folder that was there before the run,
+    which the user may have made, is not the run's to remove."""
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    for rank_zero in (False, True):
+        loggers = [CSVLogger(tmp_path / "csv"), SimpleNamespace(log_dir=str(existing)),
+                   SimpleNamespace(log_dir=str(tmp_path / "new"))]
+        cli = SimpleNamespace(trainer=SimpleNamespace(loggers=loggers, is_global_zero=rank_zero))
+        made = MALoRACLI._new_log_dirs(cli)
+        assert loggers[0].version == 0
+        if rank_zero:
+            assert made == [tmp_path / "csv" / "lightning_logs" / "version_0", tmp_path / "new"]
+        else:
+            assert made == [] and not (tmp_path / "csv").exists()
 
 
 def test_only_folders_without_a_file_are_removed(tmp_path):
