@@ -109,7 +109,7 @@ def test_a_model_another_process_converted_meanwhile_is_used(monkeypatch, tmp_pa
 
     def another_process_finishes_first(target):
         tiny_model("llama").save_pretrained(converted)
-        check_convertible(target)
+        return check_convertible(target)
 
     monkeypatch.setattr(offline_models, "_check_convertible", another_process_finishes_first)
     monkeypatch.setattr(offline_models, "_convert", lambda model, target: pytest.fail("converted a second time"))
