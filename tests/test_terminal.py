@@ -171,16 +171,24 @@ class RichTasksAtValidationEnd(Callback):
         self.counts: list[int] = []
         self.bars: list[tuple[str, bool]] = []  # the training bar's description, the validation bar is the current
 
+        self.descriptions: list[str] = []  # the sanity check's bar's and the test bar's, each read in its run
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            bar = trainer.progress_bar_callback
+        bar = trainer.progress_bar_callback
+        if trainer.sanity_checking:
+            self.descriptions.append(bar.val_sanity_check_bar.description)
+        else:
             self.counts.append(len(bar.progress.tasks))
             self.bars.append((bar.train_progress_bar.description, bar.val_progress_bar.id == bar.val_progress_bar_id))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.descriptions.append(trainer.progress_bar_callback.test_progress_bar.description)
 
 
 def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_model_dir, tmp_path):
     """Lightning hides a validation dataloader's bar when the next one starts and never removes it: each validation
-    of a fit added one hidden Rich task per task of the data module, 3 more here at each of 3 validations."""
+    of a fit added one hidden Rich task per task of the data module, 3 more here at each of 3 validations. The bar
+    properties a subclass reads give each run's own bar (sanity check, training, validation, test)."""
     counts = RichTasksAtValidationEnd()
     trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=1,
                            enable_progress_bar=True, callbacks=[StepProgressBar(), counts])
@@ -189,3 +197,7 @@ def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_
     assert counts.counts == [3, 3, 3]
     # Lightning's properties indexed the task list by id: once bars were removed they read another bar
     assert [(description.startswith("Epoch 0"), current) for description, current in counts.bars] == [(True, True)] * 3
+    trainer.test(trainer.lightning_module, make_data(tiny_model_dir), verbose=False)
+    assert counts.descriptions == ["Sanity Checking", "Testing"]
+    with pytest.raises(RuntimeError, match="this progress bar has not been shown yet"):
+        _ = StepProgressBar().train_progress_bar
