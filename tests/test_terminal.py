@@ -144,7 +144,6 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
     assert capsys.readouterr().err == "settings applied\n"
 
 
-
 BARS = {"train_progress_bar": "train_progress_bar_id", "val_sanity_check_bar": "val_sanity_progress_bar_id",
         "val_progress_bar": "val_progress_bar_id", "test_progress_bar": "test_progress_bar_id"}
 
@@ -170,7 +169,6 @@ class RichTasksAtValidationEnd(Callback):
     def __init__(self) -> None:
         self.counts: list[int] = []
         self.bars: list[tuple[str, bool]] = []  # the training bar's description, the validation bar is the current
-
         self.descriptions: list[str] = []  # the sanity check's bar's and the test bar's, each read in its run
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -199,5 +197,3 @@ def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_
     assert [(description.startswith("Epoch 0"), current) for description, current in counts.bars] == [(True, True)] * 3
     trainer.test(trainer.lightning_module, make_data(tiny_model_dir), verbose=False)
     assert counts.descriptions == ["Sanity Checking", "Testing"]
-    with pytest.raises(RuntimeError, match="this progress bar has not been shown yet"):
-        _ = StepProgressBar().train_progress_bar
