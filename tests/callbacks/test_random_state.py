@@ -75,6 +75,9 @@ def test_a_resume_on_another_number_of_processes_says_so(tiny_model_dir, tmp_pat
     assert not [w for w in caught if "random states" in str(w.message)]
 
 
+FIVE_STEPS = dict(max_steps=5, enable_checkpointing=True)
+
+
 class StopInsideStep(Callback):
     """Raise in the middle of the training step after `step` steps: its forward (and dropout) has run, as when
     Ctrl-C, a SIGTERM handler or an out-of-memory error stops a step."""
@@ -97,50 +100,6 @@ class StopAtFitStart(Callback):
 class StopAtTrainStart(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         raise RuntimeError("stopped before the first batch")
-
-
-def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_path):
-    """OnExceptionCheckpoint writes its checkpoint where the exception stops the fit. Inside a training step it held
-    the random state after that step's dropout draws, and the resumed fit, which runs the step again, drew other
-    masks: its losses left the uninterrupted run's. A resume stopped before Lightning restored its step and optimizer
-    (after the tensors, setup and `on_fit_start`) wrote step 0 and a fresh optimizer over the file it resumed from;
-    one stopped after, before its first batch, wrote the random state of the moment, not the one it was to restore."""
-    settings = dict(max_steps=5, enable_checkpointing=True)
-    full = LossRecorder()
-    L.seed_everything(0, verbose=False)
-    make_trainer(tmp_path / "a", callbacks=[full], **settings).fit(make_module(tiny_model_dir),
-                                                                    make_data(tiny_model_dir))
-
-    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
-    L.seed_everything(0, verbose=False)
-    with pytest.raises(RuntimeError, match="stopped inside a step"):
-        make_trainer(tmp_path / "b", callbacks=[StopInsideStep(2), on_exception], **settings).fit(
-            make_module(tiny_model_dir), make_data(tiny_model_dir))
-    assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
-
-    # a resume stopped before its step and optimizer are restored wrote step 0 and a fresh optimizer over the file
-    saved = Path(on_exception.ckpt_path).read_bytes()
-    with pytest.raises(RuntimeError, match="stopped while restoring"):
-        make_trainer(tmp_path / "b", callbacks=[StopAtFitStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
-                     **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
-                                     ckpt_path=on_exception.ckpt_path)
-    assert Path(on_exception.ckpt_path).read_bytes() == saved
-    # stopped once restored, before its first batch: the file is written again, with the state that batch starts from
-    with pytest.raises(RuntimeError, match="stopped before the first batch"):
-        make_trainer(tmp_path / "b", callbacks=[StopAtTrainStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
-                     **settings).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
-                                     ckpt_path=on_exception.ckpt_path)
-    assert Path(on_exception.ckpt_path).read_bytes() != saved
-
-    resumed = LossRecorder()
-    trainer = make_trainer(tmp_path / "c", callbacks=[resumed], **settings)
-    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
-    assert resumed.losses == {step: full.losses[step] for step in (3, 4, 5)}
-    trainer.save_checkpoint(tmp_path / "five.ckpt")
-    done = make_trainer(tmp_path / "d", **settings)  # a fit resumed at its max_steps restores and trains nothing
-    done.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "five.ckpt")
-    done.save_checkpoint(tmp_path / "again.ckpt")
-    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["global_step"] == 5
 
 
 class StopAtBatchStart(Callback):
@@ -166,26 +125,64 @@ class StopAtBatchEnd(Callback):
             raise RuntimeError("stopped between steps")
 
 
+def stopped_fit(tiny_model_dir, tmp_path, stopper: Callback) -> tuple[dict[int, float], str]:
+    """The losses of a seeded 5-step fit, and the OnExceptionCheckpoint file of the same fit that `stopper` stopped
+    after 2 steps."""
+    full = LossRecorder()
+    L.seed_everything(0, verbose=False)
+    make_trainer(tmp_path / "a", callbacks=[full], **FIVE_STEPS).fit(make_module(tiny_model_dir),
+                                                                      make_data(tiny_model_dir))
+    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
+    L.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="stopped"):
+        make_trainer(tmp_path / "b", callbacks=[stopper, on_exception], **FIVE_STEPS).fit(
+            make_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
+    return full.losses, on_exception.ckpt_path
+
+
+def resumed_losses(tiny_model_dir, root, path) -> tuple[L.Trainer, dict[int, float]]:
+    resumed = LossRecorder()
+    trainer = make_trainer(root, callbacks=[resumed], **FIVE_STEPS)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    return trainer, resumed.losses
+
+
 @pytest.mark.parametrize("stopper", [StopAtBatchStart, StopAtBatchEnd])
 def test_a_checkpoint_written_between_steps_resumes_exactly(tiny_model_dir, tmp_path, stopper):
     """Around a step, not inside it, the checkpoint holds the state the next step starts from: stopped as a batch
     starts, the resumed fit runs that batch's step (not the one before it) again; stopped once a step's update is
     done, it goes on with the next step (it does not run that one again)."""
-    settings = dict(max_steps=5, enable_checkpointing=True)
-    full = LossRecorder()
-    L.seed_everything(0, verbose=False)
-    make_trainer(tmp_path / "a", callbacks=[full], **settings).fit(make_module(tiny_model_dir),
-                                                                    make_data(tiny_model_dir))
-    on_exception = OnExceptionCheckpoint(tmp_path / "ckpt")
-    L.seed_everything(0, verbose=False)
-    with pytest.raises(RuntimeError, match="stopped between steps"):
-        make_trainer(tmp_path / "b", callbacks=[stopper(2), on_exception], **settings).fit(
-            make_module(tiny_model_dir), make_data(tiny_model_dir))
-    assert torch.load(on_exception.ckpt_path, weights_only=True)["global_step"] == 2
-    resumed = LossRecorder()
-    make_trainer(tmp_path / "c", callbacks=[resumed], **settings).fit(
-        make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=on_exception.ckpt_path)
-    assert resumed.losses == {step: full.losses[step] for step in (3, 4, 5)}
+    full, path = stopped_fit(tiny_model_dir, tmp_path, stopper(2))
+    assert resumed_losses(tiny_model_dir, tmp_path / "c", path)[1] == {step: full[step] for step in (3, 4, 5)}
+
+
+def test_a_checkpoint_written_inside_a_step_resumes_exactly(tiny_model_dir, tmp_path):
+    """OnExceptionCheckpoint writes its checkpoint where the exception stops the fit. Inside a training step it held
+    the random state after that step's dropout draws, and the resumed fit, which runs the step again, drew other
+    masks: its losses left the uninterrupted run's. A resume stopped before Lightning restored its step and optimizer
+    (after the tensors, setup and `on_fit_start`) wrote step 0 and a fresh optimizer over the file it resumed from;
+    one stopped after, before its first batch, wrote the random state of the moment, not the one it was to restore."""
+    full, path = stopped_fit(tiny_model_dir, tmp_path, StopInsideStep(2))
+    # a resume stopped before its step and optimizer are restored wrote step 0 and a fresh optimizer over the file
+    saved = Path(path).read_bytes()
+    with pytest.raises(RuntimeError, match="stopped while restoring"):
+        make_trainer(tmp_path / "b", callbacks=[StopAtFitStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
+                     **FIVE_STEPS).fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    assert Path(path).read_bytes() == saved
+    # stopped once restored, before its first batch: the file is written again, with the state that batch starts from
+    with pytest.raises(RuntimeError, match="stopped before the first batch"):
+        make_trainer(tmp_path / "b", callbacks=[StopAtTrainStart(), OnExceptionCheckpoint(tmp_path / "ckpt")],
+                     **FIVE_STEPS).fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=path)
+    assert Path(path).read_bytes() != saved
+
+    trainer, losses = resumed_losses(tiny_model_dir, tmp_path / "c", path)
+    assert losses == {step: full[step] for step in (3, 4, 5)}
+    trainer.save_checkpoint(tmp_path / "five.ckpt")
+    done = make_trainer(tmp_path / "d", **FIVE_STEPS)  # a fit resumed at its max_steps restores and trains nothing
+    done.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=tmp_path / "five.ckpt")
+    done.save_checkpoint(tmp_path / "again.ckpt")
+    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["global_step"] == 5
 
 
 class FakeCuda:
