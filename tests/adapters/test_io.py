@@ -225,10 +225,11 @@ def test_a_save_on_a_rank_that_does_not_write_leaves_the_disk_alone(tmp_path):
 
 def test_adapter_tensors_of_mixed_dtypes_keep_the_configs_dtype():
     """Only one dtype shared by every tensor can stand for the adapters in the stored config."""
-    config = AdapterConfig(method="lora", rank=2)
+    config = AdapterConfig(method="lora", rank=2, adapter_dtype="float16")  # neither of the mixed tensors' dtypes
     mixed = {"a": torch.zeros(2, 2), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
     assert adapter_io.config_as_stored(config, mixed) == config
-    assert adapter_io.config_as_stored(config, {"a": torch.zeros(2, 2, dtype=torch.float16)}).adapter_dtype == "float16"
+    assert adapter_io.config_as_stored(config, {"a": torch.zeros(2, 2, dtype=torch.bfloat16)}).adapter_dtype == \
+        "bfloat16"
 
 
 def test_an_uninstalled_source_tree_records_its_version_as_unknown(monkeypatch):
