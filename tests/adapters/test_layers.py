@@ -341,8 +341,10 @@ def test_a_router_in_another_dtype_gets_its_gradient_in_its_own_dtype(method):
     assert fast["router.weight"].dtype == torch.float32
     first = "shared_A" if method == "malora" else "lora_A"
     assert fast[first].dtype == torch.float64
-    for name in fast:
-        torch.testing.assert_close(fast[name], reference[name].to(fast[name].dtype), msg=name)
+    for name in fast:  # float64 to float64's precision: the float64 parts were not rounded through float32
+        tolerance = 1e-10 if fast[name].dtype == torch.float64 else None
+        torch.testing.assert_close(fast[name], reference[name].to(fast[name].dtype), rtol=tolerance, atol=tolerance,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("method", ["molora", "malora"])
