@@ -191,7 +191,6 @@ def test_unpacking_gives_each_block_its_own_absmax_without_double_quantization(q
     torch.testing.assert_close(unpacked.double(), expected, rtol=0, atol=1e-7)
 
 
-
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_unpacking_a_double_quantized_layer_gives_back_its_weights(quant_type):
     """With double quantization (the default, QLoRA's) bitsandbytes' inverse re-quantizes the absmax itself, in the
