@@ -240,6 +240,8 @@ def test_depth_ticks_mark_each_blocks_first_layer_or_every_layer_of_names_withou
 
     names = ["model.layers.0.q_proj", "model.layers.0.k_proj", "model.layers.1.q_proj", "model.layers.10.q_proj"]
     assert depth_ticks(names) == ([0, 2, 3], ["0", "1", "10"])
+    assert depth_ticks(["model.layers.3.q_proj", "model.layers.3.v_proj"]) == ([0], ["3"])  # the first is always one
     assert depth_ticks(["encoder.q_proj", "decoder.q_proj", "lm_head"]) == ([0, 1, 2], ["0", "1", "2"])
+    assert depth_ticks(["model.layers.0.q_proj", "lm_head"]) == ([0, 1], ["0", "1"])  # one name without a number
     assert depth_ticks([f"layer{i}" for i in range(70)], most=32) == (list(range(0, 70, 3)),
                                                                      [str(i) for i in range(0, 70, 3)])
