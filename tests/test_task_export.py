@@ -265,7 +265,6 @@ def test_the_commands_lines_reach_the_library_logger_however_it_is_run():
     assert run["logger"].name == "malora_lightning.task_export"
 
 
-
 @pytest.mark.filterwarnings("ignore:'malora_lightning.task_export' found in sys.modules:RuntimeWarning")  # runpy's
 @pytest.mark.parametrize("entry", ["console_main", "__main__"])
 def test_the_console_command_refuses_a_bad_profile_size_and_prints_an_error_as_one_line(entry, tmp_path, monkeypatch,
@@ -286,6 +285,7 @@ def test_the_console_command_refuses_a_bad_profile_size_and_prints_an_error_as_o
                 runpy.run_module("malora_lightning.task_export", run_name="__main__", alter_sys=True)
         return exit_info.value.code
 
+    monkeypatch.delenv("MALORA_TRACEBACK", raising=False)  # set, run_command raises the error instead
     output = str(tmp_path / "tasks")
     assert run("--adapter", str(tmp_path), "--output", output, "--profile-examples", "0") == 2
     assert "error: --profile-examples=0 is invalid: expected an integer >= 1" in capsys.readouterr().err
