@@ -206,6 +206,7 @@ def test_settings_a_checkpoint_computes_with_are_compared_where_it_records_them(
 
     lora = AdapterConfig(method="lora", rank=4)  # alpha None: 2 * rank
     assert computed_otherwise({}, lora) == []
+    assert computed_otherwise({"rank": 4}, lora) == computed_otherwise({"alpha": 8.0}, lora) == []  # one of the two
     assert computed_otherwise({"rank": 4, "alpha": 8.0, "top_k": 1, "renormalize_top_k": False}, lora) == []
     assert computed_otherwise({"rank": 4, "alpha": 4.0}, lora) == ["model.adapter.alpha: checkpoint 4.0, this run None"]
     mixture = AdapterConfig(method="molora", rank=4, num_experts=4, top_k=2)
