@@ -72,6 +72,9 @@ def test_without_a_linux_cpuinfo_the_cpu_counts_as_without_fast_bf16(monkeypatch
         hardware.cpu_has_fast_bf16.cache_clear()
 
 
-def test_another_device_type_counts_as_without_fast_bf16():
+def test_another_device_type_counts_as_without_fast_bf16(monkeypatch):
+    """Not the CPU's answer either: this runs as on a CPU with fast bf16, whatever this machine's is."""
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.fast_bf16_available("cpu") is True
     assert hardware.fast_bf16_available("mps") is False
     assert resolve_compute_dtype("auto", "mps") == "float32"
