@@ -383,7 +383,6 @@ def test_an_os_error_that_says_its_own_file_or_has_no_errno_is_raised_as_it_came
     assert raised.value is error
 
 
-
 @pytest.mark.parametrize("error", [OSError("the storage plugin refused the write"),
                                    PermissionError(errno.EACCES, "Permission denied", "/elsewhere/report.md"),
                                    KeyboardInterrupt()])
