@@ -2,8 +2,8 @@
 the run's config and flags; a checkpoint that disagrees on the base or the adapter's shape is refused by name."""
 
 import json
-import re
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
