@@ -59,9 +59,6 @@ class TrainingRandomState(Callback):
                            "dropout will not draw the numbers the saved run would have drawn.")
         self._to_restore = states[trainer.global_rank % len(states)]
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._step_start = None  # an earlier fit in this process may have stopped inside a step
-
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._to_restore is not None:
