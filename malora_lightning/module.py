@@ -34,7 +34,6 @@ from torch.distributed.fsdp import fully_shard
 from malora_lightning.adapters import (
     AdapterConfig,
     adapter_state_dict,
-    aux_loss,
     compile_adapters,
     count_parameters,
     inject_adapters,
@@ -47,9 +46,11 @@ from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import (
     COMPILE_MODES,
     drop_routing_record,
+    get_adapter_config,
     routed_layers,
     trained_tensor_names,
     unwrapped_name,
+    weighted_router_loss,
 )
 from malora_lightning.adapters.quantization import (
     DtypeName,
@@ -531,10 +532,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if not isinstance(lm, LMLoss):
             raise TypeError(f"{type(self).__name__}.compute_lm_loss returned a {type(lm).__name__}: it must return an "
                             "LMLoss (malora_lightning.module), e.g. LMLoss(loss=loss, per_task={}) for a scalar loss")
-        summary = router_losses(self.model)
+        summary = router_losses(self.model)  # once: the step adds their weighted sum and logs the load balance
         # without router losses (LoRA) a zero made on the loss's device: `aux_loss` makes its zero on the CPU, and the
         # blocking copy of it to a GPU waited for every kernel queued before it (a host-device sync per batch)
-        router = torch.zeros((), device=lm.loss.device) if summary is None else aux_loss(self.model).to(lm.loss.device)
+        router = torch.zeros((), device=lm.loss.device) if summary is None else \
+            weighted_router_loss(summary, get_adapter_config(self.model)).to(lm.loss.device)
         loss = lm.loss + router
         if not torch.isfinite(loss):
             drop_routing_record(self.model)  # no backward follows: the model would keep this forward's graph

@@ -122,9 +122,11 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     Uniform routing gives exactly `aux_loss_coef`. Returns a zero tensor for LoRA or when nothing was routed.
     """
     summary = router_losses(model)
-    if summary is None:
-        return torch.zeros(())
-    config = get_adapter_config(model)
+    return torch.zeros(()) if summary is None else weighted_router_loss(summary, get_adapter_config(model))
+
+
+def weighted_router_loss(summary: RouterLossSummary, config: AdapterConfig) -> torch.Tensor:
+    """`aux_loss` of a `router_losses` summary already at hand (a training step logs its parts too)."""
     total = config.aux_loss_coef * summary.load_balance
     if summary.z_loss is not None:
         total = total + config.router_z_loss_coef * summary.z_loss
