@@ -265,15 +265,23 @@ class MALoRACLI(LightningCLI):
         # them as 32-bit floats and prints "Total FLOPs: 0"; the module logs PEFT's parameter line instead
         parser.set_defaults({"trainer.enable_model_summary": False})
 
-    def before_instantiate_classes(self) -> None:
-        """`data.tokenizer` left unset is the model's (`model.model_name_or_path`). Not a jsonargparse link: a link's
-        target cannot be given, so a recipe's own tokenizer was dropped in silence (and a flag refused with a
-        type error); `MALoRAModule` checks that the tokenizer's vocabulary fits the model's embeddings."""
+    def instantiate_classes(self) -> None:
+        """`data.tokenizer` left unset is the model's (`model.model_name_or_path`) for the data module, and stays unset
+        in the config that config.yaml saves, as `--print_config` shows it: a rerun of that file with another model
+        takes that model's tokenizer, not the first run's. Not a jsonargparse link: a link's target cannot be given,
+        so a recipe's own tokenizer was dropped in silence (and a flag refused with a type error); `MALoRAModule`
+        checks that the tokenizer's vocabulary fits the model's embeddings."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         data, model = config.get("data"), config.get("model")
-        if data is not None and model is not None and "tokenizer" in data and data.tokenizer is None \
-                and "model_name_or_path" in model:
+        filled = data is not None and model is not None and "tokenizer" in data and data.tokenizer is None \
+            and "model_name_or_path" in model
+        if filled:
             data.tokenizer = model.model_name_or_path
+        try:
+            super().instantiate_classes()
+        finally:
+            if filled:
+                data.tokenizer = None
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -64,7 +64,20 @@ def test_every_recipe_parses(run):
     config = cli.config
     assert config.model.model_name_or_path
     assert config.model.adapter.method in ("lora", "molora", "malora")
-    assert config.data.tokenizer == config.model.model_name_or_path  # unset: the model's (a recipe names it once)
+    assert config.data.tokenizer is None  # unset: the model's (a recipe names the model once)
+
+
+def test_an_unset_tokenizer_is_the_models_and_stays_unset_in_the_saved_config():
+    """config.yaml recorded the model's path as data.tokenizer (the value filled in for the data module), so a rerun
+    of it with another --model.model_name_or_path kept the first run's tokenizer."""
+    def tokenizers(args: list[str]) -> tuple[str | None, str | None]:
+        cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                        args=["--config", "recipes/default.yaml", *args])
+        return cli.datamodule.tokenizer_name, cli.config.data.tokenizer
+
+    assert tokenizers([]) == ("offline:SmolLM2-135M-Instruct", None)
+    assert tokenizers(["--model.model_name_or_path=other/model"]) == ("other/model", None)
+    assert tokenizers(["--data.tokenizer=my-tokenizer"]) == ("my-tokenizer", "my-tokenizer")
 
 
 def test_a_tokenizer_given_in_a_recipe_or_a_flag_is_the_one_used(tmp_path):
@@ -185,7 +198,8 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, c
     # PEFT's parameter line, not Lightning's summary (4-bit weights counted by their packed bytes, FLOPs 0)
     assert "trainable params: " in printed.err and "Total FLOPs" not in printed.out + printed.err
     saved = yaml.safe_load((version / "config.yaml").read_text())
-    assert saved["model"]["model_name_or_path"] == str(tiny_model_dir)  # data.tokenizer follows it via the link
+    assert saved["model"]["model_name_or_path"] == str(tiny_model_dir)
+    assert saved["data"]["tokenizer"] is None  # the model's, as --print_config shows it: a rerun follows the model
     checkpoints = version / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file()
     assert (checkpoints / "adapter" / "adapter_config.json").is_file()
