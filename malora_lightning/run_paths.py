@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -51,6 +52,24 @@ def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
         except OSError as error:
             refusal = (type(error), str(error))
     refusal = trainer.strategy.broadcast(refusal)
+    if refusal is not None:
+        error_type, message = refusal
+        raise error_type(message)
+
+
+def refuse_on_any_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
+    """Run `check` on every rank, each for a file of its own, and raise the lowest refusing rank's `OSError` on every
+    rank alike (as `refuse_on_every_rank` does for rank zero's): a rank stopping alone would leave the others waiting
+    in the next collective."""
+    refusal = None
+    try:
+        check()
+    except OSError as error:
+        refusal = (type(error), str(error))
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        refusals: list[tuple[type[OSError], str] | None] = [None] * trainer.world_size
+        dist.all_gather_object(refusals, refusal)
+        refusal = next((refused for refused in refusals if refused is not None), None)
     if refusal is not None:
         error_type, message = refusal
         raise error_type(message)

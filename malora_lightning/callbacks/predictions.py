@@ -10,26 +10,39 @@ file's prompts by task rather than keeping the file's order, so `row` is the way
 row in the file (counted from 0 as `malora_lightning.data.prompts` defines it; sort by it for the file's order), or
 without a predict file the example's row in its task's test split (`Example.row`, the row task errors name, also when
 `max_eval_examples_per_task` keeps a subset): there `(task, row)` names the example.
+
+While predict runs, each rank also appends every batch's answers to a partial file of its own beside the output
+(`partial_path`: `.predictions.jsonl.rank0.partial`), so that a run stopped by an error, a Ctrl-C, an out-of-memory
+kill or a time limit keeps the answers it had produced. Its first line is a header (a JSON object with exactly the
+keys of `PARTIAL_HEADER_KEYS`) that marks the file as ours; each further line is `{"dataloader_idx": ..., "index":
+..., "prediction": {...}}`, the prediction being a line of the output, and sorting them by (dataloader_idx, index)
+gives the output's order. A kill during a write can leave the last line incomplete. The file goes once the output is
+written; the next predict run at the same place starts it afresh (it recomputes every answer, and no old one must
+mix into its file), so move it first to keep its answers. Nothing resumes from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from malora_lightning.atomic import atomic_write_text, check_writable
+from malora_lightning.atomic import atomic_write_text, check_writable, first_line
 from malora_lightning.data.sampling import ShardIndex
-from malora_lightning.run_paths import refuse_foreign_file, refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import (OWN_FOLDER, refuse_foreign_file, refuse_on_any_rank, refuse_on_every_rank,
+                                        run_directory)
 
 PREDICTIONS_NAME = "predictions.jsonl"
+# the first line of a partial file is a JSON object with exactly these keys, in order: it marks the file as ours
+PARTIAL_HEADER_KEYS = ["malora_partial_predictions", "rank", "lines"]
 
 
 @dataclasses.dataclass  # not frozen: Lightning's precision plugins rebuild the step's outputs field by field
@@ -78,6 +91,33 @@ def refuse_foreign_predictions(path: Path) -> None:
                         "write the predictions elsewhere (PredictionWriter(path=...), --predictions.path)")
 
 
+def partial_path(output: Path, rank: int) -> Path:
+    """Where rank `rank` keeps its answers for `output` while predict runs: a hidden file beside it (the same folder,
+    so the same disk, and found where the output is looked for)."""
+    return output.parent / f".{output.name}.rank{rank}.partial"
+
+
+def is_partial_file(path: Path) -> bool:
+    """Whether `path` is a plain file (not a link) whose first line is a partial file's header: one a
+    `PredictionWriter` wrote, which a later run may replace."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        header = json.loads(first_line(path) or "")
+    except ValueError:
+        return False
+    return isinstance(header, dict) and list(header) == PARTIAL_HEADER_KEYS
+
+
+def refuse_foreign_partial(path: Path) -> None:
+    """Raise FileExistsError when something that is not a partial file of ours is at `path`, a partial file's name."""
+    if (path.exists() or path.is_symlink()) and not is_partial_file(path):
+        raise FileExistsError(f"{path} was not written by PredictionWriter (its first line is not a JSON object with "
+                              f"exactly the keys {', '.join(PARTIAL_HEADER_KEYS)}), and predict keeps its answers "
+                              f"there while it runs: move it, {OWN_FOLDER}, or write the predictions elsewhere "
+                              "(PredictionWriter(path=...), --predictions.path)")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Answered:
     """A prediction with its place in the data: which dataloader, which example of it."""
@@ -97,6 +137,12 @@ class PredictionWriter(BasePredictionWriter):
     Either way a `FileExistsError` (or `PermissionError`) says so before anything is predicted, so that no file of
     yours is ever overwritten and no answer is lost.
 
+    Each batch's answers also go, flushed, to the rank's partial file beside the output (module docstring): a killed
+    process keeps every batch it completed there (a crash of the machine may lose the last few, not yet on disk), an
+    exception says in a warning how many answers were kept and where, and a completed run removes it once the output
+    is written. A partial file an earlier run left there is started afresh; anything else at its name is refused,
+    as above.
+
     Args:
         path: where to write the JSON lines; None: `predictions.jsonl` in the run folder.
     """
@@ -110,6 +156,9 @@ class PredictionWriter(BasePredictionWriter):
         self.path = path
         self._answered: list[_Answered] = []
         self._output: Path | None = None
+        self._partial: Path | None = None  # this rank's partial file while predict runs
+        self._partial_file: TextIO | None = None
+        self._kept = 0  # answers written to it
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse a taken `path` before the model is built, on every rank alike (rank zero's view decides)."""
@@ -145,6 +194,22 @@ class PredictionWriter(BasePredictionWriter):
             self._output = output
         else:
             self._output = Path(self.path)
+        self._start_partial(trainer)
+
+    def _start_partial(self, trainer: L.Trainer) -> None:
+        """Start this rank's partial file afresh, replacing one an earlier run left (atomically: a kill leaves the old
+        file or the new header, so the name always holds a file recognisably ours) and refusing anything else."""
+        if self._partial_file is not None:  # a run this writer was not told had stopped (called by hand)
+            self._partial_file.close()
+        partial = partial_path(self._output, trainer.global_rank)
+        refuse_on_any_rank(trainer, lambda: refuse_foreign_partial(partial))
+        header = dict(zip(PARTIAL_HEADER_KEYS, [
+            f"answers kept for {self._output.name} while malora predict runs", trainer.global_rank,
+            "dataloader_idx, index and prediction (a line of the output) on each further line; sorted by "
+            "dataloader_idx then index they are in the output's order; the last may be incomplete"]))
+        atomic_write_text(partial, json.dumps(header, ensure_ascii=False) + "\n")
+        self._partial, self._kept = partial, 0
+        self._partial_file = partial.open("a", encoding="utf-8")
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
@@ -156,18 +221,64 @@ class PredictionWriter(BasePredictionWriter):
             raise ValueError(f"PredictionWriter needs one Prediction per counted example of a DataLoader batch: got "
                              f"{len(prediction)} for batch {batch_idx} of dataloader {dataloader_idx}, whose example "
                              f"indices are {batch_indices}")
-        self._answered.extend(_Answered(dataloader_idx, index, answer) for index, answer in zip(indices, prediction))
+        answered = [_Answered(dataloader_idx, index, answer) for index, answer in zip(indices, prediction)]
+        self._answered.extend(answered)
+        # flushed, not fsynced: what the process has written survives its kill; a crash of the machine is rarer
+        self._partial_file.write("".join(json.dumps({"dataloader_idx": answer.dataloader_idx, "index": answer.index,
+                                                     "prediction": dataclasses.asdict(answer.prediction)},
+                                                    ensure_ascii=False) + "\n" for answer in answered))
+        self._partial_file.flush()
+        self._kept += len(answered)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank zero writes every rank's answers; each rank removes its partial file only once that has succeeded."""
         answered = self._answered
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if distributed:
             shards: list[list[_Answered] | None] = [None] * trainer.world_size
             dist.all_gather_object(shards, answered)
             answered = [answer for shard in shards for answer in shard]
         self._answered = []
-        if not trainer.is_global_zero:
-            return
-        answered.sort(key=lambda answer: (answer.dataloader_idx, answer.index))
-        atomic_write_text(self._output, "".join(json.dumps(dataclasses.asdict(answer.prediction),
-                                                           ensure_ascii=False) + "\n" for answer in answered))
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                answered.sort(key=lambda answer: (answer.dataloader_idx, answer.index))
+                atomic_write_text(self._output, "".join(json.dumps(dataclasses.asdict(answer.prediction),
+                                                                   ensure_ascii=False) + "\n" for answer in answered))
+            except BaseException as caught:  # raised below, once the other ranks know to keep their partial files
+                error = caught
+        failure = None if error is None else f"{type(error).__name__}: {error}"
+        if distributed:
+            failure = trainer.strategy.broadcast(failure)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise RuntimeError(f"PredictionWriter: rank zero failed to write {self._output} ({failure})")
+        self._remove_partial()
         rank_zero_info(f"Wrote {len(answered)} predictions to {self._output}")
+
+    def _remove_partial(self) -> None:
+        """Close and remove this rank's partial file: the output now holds its answers."""
+        if self._partial_file is not None:
+            self._partial_file.close()
+            self._partial.unlink(missing_ok=True)
+        self._partial, self._partial_file = None, None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Keep this rank's partial file, naming it in a warning, when predict stops before its output is written;
+        remove it when it holds no answer. Under a launcher that runs the ranks in subprocesses of this one
+        (ddp_spawn), the ranks' own callbacks never see the exception: their partial files stay, unnamed."""
+        if self._partial_file is None:
+            return
+        partial, kept = self._partial, self._kept
+        self._partial_file.close()
+        self._partial, self._partial_file = None, None
+        if kept == 0:
+            partial.unlink(missing_ok=True)
+            return
+        answers = f"{kept} answer{'' if kept == 1 else 's'}"
+        warnings.warn(f"PredictionWriter: predict stopped ({type(exception).__name__}) before writing "
+                      f"{self._output}; rank {trainer.global_rank} keeps what it answered so far ({answers}) in "
+                      f"{partial}: after its header line, one JSON object a line with dataloader_idx, index and the "
+                      f"prediction as {self._output.name} would have it. The next predict run there starts that file "
+                      "afresh: move it first to keep them")

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from malora_lightning.adapters import AdapterConfig
+from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks import PredictionWriter
-from malora_lightning.callbacks.predictions import PREDICTIONS_NAME, Prediction, is_prediction_line
+from malora_lightning.callbacks.predictions import (PARTIAL_HEADER_KEYS, PREDICTIONS_NAME, Prediction,
+                                                    is_prediction_line, partial_path)
 from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
@@ -21,6 +23,7 @@ from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 
 NO_DROPOUT = AdapterConfig(rank=2, shared_rank=4, num_experts=4, top_k=2, dropout=0.0)
+ONE_PROCESS = type("Trainer", (), {"world_size": 1, "global_rank": 0, "is_global_zero": True})()  # for hooks by hand
 
 
 class Oracle(MALoRAModule):
@@ -37,8 +40,50 @@ class Oracle(MALoRAModule):
                 for prompt, target in zip(batch.prompts, batch.targets)]
 
 
+class Stopping(Oracle):
+    """An `Oracle` whose predict_step raises at batch `stop_at` = (dataloader_idx, batch_idx), on every rank."""
+
+    stop_at: tuple[int, int] | None = None
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        if (dataloader_idx, batch_idx) == self.stop_at:
+            raise RuntimeError("stopped by the test")
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+class Obstructing(Oracle):
+    """An `Oracle` whose rank zero makes a folder where the predictions file goes, so that writing it fails."""
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        if self.trainer.is_global_zero:
+            (Path(self.trainer.default_root_dir) / PREDICTIONS_NAME).mkdir(exist_ok=True)
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def stopping(tiny_model_dir, stop_at: tuple[int, int]) -> Stopping:
+    module = Stopping(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    module.stop_at = stop_at
+    return module
+
+
 def read_rows(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def partial_files(folder) -> list[Path]:
+    return sorted(Path(folder).glob(".*.partial"))
+
+
+def read_partial(path) -> list[tuple[int, int, dict]]:
+    """A partial file's answers as (dataloader_idx, index, prediction), after checking its header."""
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    assert list(json.loads(header)) == PARTIAL_HEADER_KEYS
+    return [(row["dataloader_idx"], row["index"], row["prediction"]) for row in map(json.loads, lines)]
+
+
+def expected_examples(data, count: int) -> list[tuple[str, object]]:
+    return [(name, example) for name in TASKS
+            for example in get_task(name).examples("test", seed=data.hparams.data_seed, limit=count)]
 
 
 def predict(root, module, data, **trainer_settings) -> None:
@@ -51,9 +96,9 @@ def test_predict_writes_one_row_per_test_example_with_the_modules_answers(tiny_m
     data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=2)
     predict(tmp_path, module, data)
     rows = read_rows(tmp_path / PREDICTIONS_NAME)
+    assert partial_files(tmp_path) == []  # the answers kept while it ran went once the file was written
 
-    examples = [(name, example) for name in TASKS
-                for example in get_task(name).examples("test", seed=data.hparams.data_seed, limit=3)]
+    examples = expected_examples(data, 3)
     assert [(row["task"], row["row"], row["prompt"], row["target"]) for row in rows] == \
         [(name, example.row, example.prompt, example.target) for name, example in examples]  # text, not the template
     module.eval()
@@ -216,6 +261,7 @@ def test_two_processes_write_each_example_once_in_data_order(tiny_model_dir, tmp
     predict(tmp_path / "two", module_class(**settings), make_data(tiny_model_dir, **data), devices=2,
             strategy=strategy())
     rows = read_rows(tmp_path / "two" / PREDICTIONS_NAME)
+    assert partial_files(tmp_path / "two") == []
     assert Counter(row["task"] for row in rows) == {name: 3 for name in TASKS}
     assert len({(row["task"], row["prompt"]) for row in rows}) == len({(row["task"], row["row"]) for row in rows}) == 9
     assert rows == read_rows(tmp_path / "one" / PREDICTIONS_NAME)
@@ -232,10 +278,10 @@ def test_a_prediction_line_has_the_keys_in_order_and_the_text_as_written(tmp_pat
     """Text is written as UTF-8, not as \\u escapes; a line with the keys in another order is not ours."""
     path = tmp_path / "out.jsonl"
     writer = PredictionWriter(path=str(path))
-    writer._output = path
+    writer.on_predict_start(ONE_PROCESS, None)
     answer = Prediction(row=0, task=None, prompt="Café → ?", prediction="naïve", target=None, correct=None)
     writer.write_on_batch_end(None, None, [answer], [0], None, 0, 0)
-    writer.on_predict_end(type("Trainer", (), {"world_size": 1, "is_global_zero": True})(), None)
+    writer.on_predict_end(ONE_PROCESS, None)
     line = path.read_text(encoding="utf-8")
     assert line == ('{"row": 0, "task": null, "prompt": "Café → ?", "prediction": "naïve", "target": null, '
                     '"correct": null}\n')
@@ -252,6 +298,148 @@ def test_a_path_that_is_a_folder_is_taken():
 
 def test_a_predict_run_starts_without_the_answers_of_one_that_failed(tmp_path):
     writer = PredictionWriter(path=str(tmp_path / "out.jsonl"))
+    writer.on_predict_start(ONE_PROCESS, None)
     writer.write_on_batch_end(None, None, [Prediction(0, None, "p", "a", None, None)], [0], None, 0, 0)  # then failed
-    writer.on_predict_start(None, None)
+    writer.on_predict_start(ONE_PROCESS, None)
     assert writer._answered == []
+    assert read_partial(partial_path(tmp_path / "out.jsonl", 0)) == []
+
+
+def kept_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "keeps what it answered so far" in str(w.message)]
+
+
+def test_a_predict_run_that_stops_keeps_the_answers_of_its_completed_batches(tiny_model_dir, tmp_path):
+    """All answers were held in memory until the end: an exception, a Ctrl-C or a kill after hours of generation
+    left nothing. Each batch's answers are now in the partial file, and a warning names it."""
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="stopped by the test"):
+        warnings.simplefilter("always")
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=(1, 1)), data)  # the second task's second batch
+    partial = tmp_path / f".{PREDICTIONS_NAME}.rank0.partial"
+    assert partial_files(tmp_path) == [partial] and not (tmp_path / PREDICTIONS_NAME).exists()
+    kept = read_partial(partial)
+    examples = expected_examples(data, 3)
+    assert [(loader, index) for loader, index, _ in kept] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert [(answer["task"], answer["row"], answer["prompt"], answer["prediction"]) for _, _, answer in kept] == \
+        [(name, example.row, example.prompt, example.target) for name, example in examples[:4]]
+    assert all(is_prediction_line(json.dumps(answer)) for _, _, answer in kept)  # lines of predictions.jsonl
+    assert len(kept_warnings(caught)) == 1
+    assert f"(RuntimeError) before writing {tmp_path / PREDICTIONS_NAME}; rank 0 keeps what it answered so far " \
+           f"(4 answers) in {partial}:" in kept_warnings(caught)[0]
+
+
+def test_a_partial_file_an_earlier_run_left_is_started_afresh_and_removed_once_written(tiny_model_dir, tmp_path):
+    """The next run recomputes every answer: an old one must not mix into its partial file or its output. A run
+    stopped before its first answer keeps no empty partial file, nor warns."""
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=1)
+    partial = tmp_path / f".{PREDICTIONS_NAME}.rank0.partial"
+    with pytest.raises(RuntimeError, match="stopped by the test"), pytest.warns(UserWarning, match=r"\(4 answers\)"):
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=(1, 1)), data)
+    assert len(read_partial(partial)) == 4
+    with pytest.raises(RuntimeError, match="stopped by the test"), pytest.warns(UserWarning, match=r"\(1 answer\)"):
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=(0, 1)), data)
+    assert [(loader, index) for loader, index, _ in read_partial(partial)] == [(0, 0)]
+
+    predict(tmp_path, stopping(tiny_model_dir, stop_at=None), data)
+    assert partial_files(tmp_path) == []
+    assert [(row["task"], row["row"]) for row in read_rows(tmp_path / PREDICTIONS_NAME)] == \
+        [(name, example.row) for name, example in expected_examples(data, 3)]
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="stopped by the test"):
+        warnings.simplefilter("always")
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=(0, 0)), data)
+    assert partial_files(tmp_path) == [] and kept_warnings(caught) == []
+    assert len(read_rows(tmp_path / PREDICTIONS_NAME)) == 9  # the earlier run's file stays
+
+
+@pytest.mark.parametrize("theirs", [b"my notes\n", b"", b'{"row": 0}\n', "\xe9t\xe9\n".encode("latin-1")])
+@pytest.mark.parametrize("given", [False, True])
+def test_a_file_at_the_partial_name_that_no_predict_run_wrote_is_never_replaced(tiny_model_dir, tmp_path, theirs,
+                                                                                given):
+    path = tmp_path / "answers.jsonl" if given else tmp_path / PREDICTIONS_NAME
+    partial = partial_path(path, 0)
+    partial.write_bytes(theirs)
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    callbacks = [PredictionWriter(path=str(path) if given else None)]
+    with pytest.raises(FileExistsError, match=rf"\.{path.name}\.rank0\.partial was not written by PredictionWriter "
+                                              r"\(its first line is not a JSON object with exactly the keys "
+                                              r"malora_partial_predictions, rank, lines\)"):
+        predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1), callbacks=callbacks)
+    assert partial.read_bytes() == theirs
+    assert module.lengths == {} and not path.exists()  # refused before anything was predicted
+
+
+def test_a_link_at_the_partial_name_is_never_replaced(tiny_model_dir, tmp_path):
+    """Even one to a partial file of ours: writing through it would change a file elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(RuntimeError, match="stopped by the test"), pytest.warns(UserWarning, match="keeps what it"):
+        predict(elsewhere, stopping(tiny_model_dir, stop_at=(1, 0)), make_data(tiny_model_dir))
+    kept = partial_path(elsewhere / PREDICTIONS_NAME, 0)
+    content = kept.read_bytes()
+    partial_path(tmp_path / PREDICTIONS_NAME, 0).symlink_to(kept)
+    with pytest.raises(FileExistsError, match="rank0.partial was not written by PredictionWriter"):
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=None), make_data(tiny_model_dir))
+    assert kept.read_bytes() == content
+
+
+def test_a_failed_write_of_the_file_keeps_the_partial_file(tiny_model_dir, tmp_path, monkeypatch):
+    """A full disk at the end: the answers are still on disk, and the warning says where."""
+    def full_disk(path, text: str) -> None:
+        if Path(path).name == PREDICTIONS_NAME:
+            raise OSError(28, "No space left on device", str(path))
+        atomic_write_text(path, text)
+
+    monkeypatch.setattr("malora_lightning.callbacks.predictions.atomic_write_text", full_disk)
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(OSError, match="No space left"):
+        warnings.simplefilter("always")
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=None), data)
+    partial = partial_path(tmp_path / PREDICTIONS_NAME, 0)
+    assert [answer["row"] for _, _, answer in read_partial(partial)] == \
+        [example.row for _, example in expected_examples(data, 1)]
+    assert f"(OSError) before writing {tmp_path / PREDICTIONS_NAME}; rank 0 keeps what it answered so far " \
+           f"(3 answers) in {partial}:" in kept_warnings(caught)[0]
+
+
+@pytest.mark.slow
+def test_two_processes_that_stop_keep_each_ranks_answers_and_refuse_a_foreign_one(tiny_model_dir, tmp_path):
+    """3 examples per task, one per batch: rank 0 answers 0 and 2 of each task, rank 1 answers 1 and a padding
+    example (never kept). Stopped at each rank's second batch of the second task."""
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=1)
+    with pytest.raises(Exception, match="stopped by the test"):
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=(1, 1)), data, devices=2,
+                strategy=TwoProcessDDPStrategy())
+    output = tmp_path / PREDICTIONS_NAME
+    assert partial_files(tmp_path) == [partial_path(output, 0), partial_path(output, 1)] and not output.exists()
+    kept = {rank: read_partial(partial_path(output, rank)) for rank in (0, 1)}
+    assert [(loader, index) for loader, index, _ in kept[0]] == [(0, 0), (0, 2), (1, 0)]
+    assert [(loader, index) for loader, index, _ in kept[1]] == [(0, 1), (1, 1)]
+    examples = expected_examples(data, 3)
+    answers = sorted(kept[0] + kept[1], key=lambda answer: answer[:2])
+    assert [(answer["task"], answer["row"], answer["prompt"]) for _, _, answer in answers] == \
+        [(name, example.row, example.prompt) for name, example in examples[:5]]
+
+    # a file of the user's at rank 1's name stops every rank before anything is predicted or replaced
+    theirs = partial_path(output, 1)
+    theirs.write_text("my notes\n")
+    ours = partial_path(output, 0).read_bytes()
+    with pytest.raises(Exception, match=r"\.predictions\.jsonl\.rank1\.partial was not written by PredictionWriter"):
+        predict(tmp_path, stopping(tiny_model_dir, stop_at=None), data, devices=2, strategy=TwoProcessDDPStrategy())
+    assert theirs.read_text() == "my notes\n" and partial_path(output, 0).read_bytes() == ours
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_every_rank_keeps_its_answers_when_rank_zero_cannot_write_the_file(tiny_model_dir, tmp_path):
+    """Rank zero writes every rank's answers: the others remove their partial files only once it has, and stop too
+    (rather than wait for it in a collective) when it fails."""
+    module = Obstructing(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    data = make_data(tiny_model_dir, max_eval_examples_per_task=3, eval_batch_size=1)
+    with pytest.raises(Exception, match="is a folder|rank zero failed to write"):
+        predict(tmp_path, module, data, devices=2, strategy=TwoProcessDDPStrategy())
+    output = tmp_path / PREDICTIONS_NAME
+    kept = read_partial(partial_path(output, 0)) + read_partial(partial_path(output, 1))
+    assert sorted((loader, index) for loader, index, _ in kept) == [(loader, index) for loader in range(3)
+                                                                     for index in range(3)]
