@@ -43,24 +43,13 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
     """Run `check` on rank zero, the rank that writes the run's files, and raise the `OSError` it raises (say
-    `FileExistsError`, or `PermissionError` for a folder it cannot list) on every rank: a rank stopping alone would
-    leave the others waiting in the broadcast."""
-    refusal = None
-    if trainer.is_global_zero:
-        try:
-            check()
-        except OSError as error:
-            refusal = (type(error), str(error))
-    refusal = trainer.strategy.broadcast(refusal)
-    if refusal is not None:
-        error_type, message = refusal
-        raise error_type(message)
+    `FileExistsError`, or `PermissionError` for a folder it cannot list) on every rank (`refuse_on_any_rank`)."""
+    refuse_on_any_rank(trainer, lambda: check() if trainer.is_global_zero else None)
 
 
 def refuse_on_any_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:
     """Run `check` on every rank, each for a file of its own, and raise the lowest refusing rank's `OSError` on every
-    rank alike (as `refuse_on_every_rank` does for rank zero's): a rank stopping alone would leave the others waiting
-    in the next collective."""
+    rank alike: a rank stopping alone would leave the others waiting in the next collective."""
     refusal = None
     try:
         check()
