@@ -282,6 +282,18 @@ def _loaded_by_the_strategy(path: str | Path | None) -> ValueError:
                       "adapters (save_adapters), then start from them with adapter_path")
 
 
+def check_checkpoint_format(checkpoint: Mapping[str, Any], path: str | Path | None) -> None:
+    """Refuse a checkpoint of a later format than this version reads (`CHECKPOINT_FORMAT`), naming both: only an
+    earlier one is converted (`upgrade_checkpoint`), so a later one loaded its tensors as this version lays them out,
+    whatever the writer meant, or failed on a key or shape naming neither the format nor the version."""
+    found = checkpoint.get(CHECKPOINT_FORMAT_KEY, 1)
+    if not isinstance(found, int) or isinstance(found, bool) or found > CHECKPOINT_FORMAT:
+        named = "the checkpoint" if path is None else f"checkpoint {path}"
+        raise ValueError(f"{named} has {CHECKPOINT_FORMAT_KEY}={found!r}, and this malora_lightning reads formats 1 "
+                         f"to {CHECKPOINT_FORMAT}: it was written by a later version, so load it with that version "
+                         "(or a later one)")
+
+
 def check_strategy_loadable(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """For a mixture's checkpoint that a strategy will load itself (FSDPStrategy, ModelParallelStrategy: they copy the
     file's tensors into the module before `on_load_checkpoint` could convert them, and the copy's error names

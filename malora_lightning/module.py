@@ -65,6 +65,7 @@ from malora_lightning.checkpoints import (
     CHECKPOINT_FORMAT_KEY,
     SETTINGS_KEY,
     CheckedCheckpointIO,
+    check_checkpoint_format,
     check_checkpoint_settings,
     computed_otherwise,
     load_arguments,
@@ -740,9 +741,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         optimizer loading, naming nothing): `check_checkpoint_settings`, whatever path chose the checkpoint (a file,
         Lightning's `last` or `best`). Log the settings that differ (this run's apply). A strategy that loads the
         tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked. A
-        checkpoint of an earlier format is converted (`upgrade_checkpoint`)."""
+        checkpoint of an earlier format is converted (`upgrade_checkpoint`), one of a later format refused
+        (`check_checkpoint_format`)."""
         path = _LOADED_FILE.get() if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
+        check_checkpoint_format(checkpoint, path)  # a later version's tensors and keys may mean something else
         if "state_dict" in checkpoint:
             expected, stored = self.checkpoint_keys(), set(checkpoint["state_dict"])
             missing, unexpected = sorted(expected - stored), sorted(stored - expected)

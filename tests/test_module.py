@@ -1479,6 +1479,26 @@ def test_a_routed_output_head_counts_the_real_tokens_of_every_scored_position(ti
         assert log_likelihood[row].item() == pytest.approx(expected.item(), rel=1e-5) and tokens[row] == len(targets)
 
 
+@pytest.mark.parametrize("stored_format", [3, "2", None])
+def test_a_checkpoint_of_a_later_format_is_refused_naming_the_file_and_both_formats(tiny_model_dir, tmp_path,
+                                                                                    stored_format):
+    """Only a checkpoint of an earlier format is converted; one a later version wrote (format 3) loaded its tensors as
+    format 2 lays them out, without a word, where a layout change keeps the shapes (format 1's square lora_B). It is
+    refused by every path that loads it, naming the file and the formats this version reads."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[checkpoints], enable_checkpointing=True)
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    checkpoint = torch.load(checkpoints.best_model_path, weights_only=True)
+    checkpoint[CHECKPOINT_FORMAT_KEY] = stored_format
+    torch.save(checkpoint, tmp_path / "later.ckpt")
+    message = rf"later.ckpt has malora_lightning_format={stored_format!r}, and this malora_lightning reads formats 1 to 2"
+    with pytest.raises(ValueError, match=message):
+        MALoRAModule.load_from_checkpoint(tmp_path / "later.ckpt")
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path).validate(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                        ckpt_path=tmp_path / "later.ckpt")
+
+
 def test_load_from_checkpoint_restores_the_adapters_without_listing_the_absent_base(tiny_model_dir, tmp_path):
     """An adapter-only checkpoint lacks every frozen base weight by design; Lightning warned with the whole list
     (some 20 kB for SmolLM2), which reads as a broken checkpoint. The adapters it holds are checked and restored."""
