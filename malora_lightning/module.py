@@ -492,10 +492,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """Logits at every position (`target_log_likelihoods` runs the head only where the loss needs it)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def target_log_likelihoods(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: summed log-likelihood of the target tokens and their count (logits from `target_logits`)."""
-        rows, positions = target_pairs(labels)
+    def target_log_likelihoods(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                               pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: summed log-likelihood of the target tokens and their count (logits from `target_logits`).
+        ``pairs``: `target_pairs(labels)` when the caller has them (`TrainingBatch.pairs`); made here otherwise, on the
+        labels' device (a GPU waits there for every kernel queued before)."""
+        rows, positions = target_pairs(labels) if pairs is None else pairs
         logits = self.target_logits(input_ids, attention_mask, rows, positions)
         return pair_log_likelihoods(logits, labels[rows, positions + 1], rows, labels.shape[0])
 
@@ -522,8 +525,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:
         """Token-mean cross-entropy over this batch's target tokens, plus the same per task present in the batch.
         Accumulation and DDP average these batch means (README, the training loss); override to normalise otherwise."""
+        # getattr: a collator of your own may give a batch class without `pairs`
         row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
-                                                                     batch.labels)
+                                                                     batch.labels, getattr(batch, "pairs", None))
         loss = -row_log_likelihood.sum() / row_tokens.sum().clamp(min=1)
         per_task, per_task_tokens = task_means(row_log_likelihood, row_tokens, batch.task_name)
         return LMLoss(loss=loss, per_task=per_task, per_task_tokens=per_task_tokens)

@@ -6,7 +6,7 @@ Shapes: B examples, L tokens (right-padded), P prompt tokens (left-padded), R (e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,12 @@ class TrainingBatch:
     labels: torch.Tensor  # [B, L] long: IGNORE_INDEX on prompt and padding (the loss covers the answer and its end)
     task_id: torch.Tensor  # [B] long: index into the data module's `tasks`; -1 for a predict prompt without a task
     task_name: list[str | None]  # None for a predict prompt without a task
+    # `target_pairs(labels)`, the (rows, positions) the loss reads, made by the collator on the CPU and moved with the
+    # batch: made on the device they are a data-dependent shape, which waits for every kernel queued before it. None
+    # (evaluation batches, and batches built by hand or by a collator of your own): `compute_lm_loss` makes them from
+    # `labels`. Labels changed after collation need them made again (or set to None), else the loss reads the old ones.
+    # Keyword-only, so that the fields above keep their positions and `EvaluationBatch`'s follow them.
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, kw_only=True)
 
 
 @dataclass

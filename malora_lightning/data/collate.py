@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, TrainingBatch
 from malora_lightning.data.prompts import PredictPrompt
 from malora_lightning.data.tasks import Example, TaskDataError
-from malora_lightning.scoring import IGNORE_INDEX
+from malora_lightning.scoring import IGNORE_INDEX, target_pairs
 
 # a text that no template changes, to learn what a format writes around a prompt or an answer: no whitespace to
 # trim, no case to change
@@ -393,7 +393,8 @@ def pad(sequences: Sequence[Sequence[int]], value: int, *, left: bool = False) -
 
 
 class MultiTaskCollator:
-    """Pads a list of ``EncodedExample`` into a ``TrainingBatch``, or with ``eval_fields`` an ``EvaluationBatch``."""
+    """Pads a list of ``EncodedExample`` into a ``TrainingBatch`` (with its target ``pairs``), or with ``eval_fields``
+    an ``EvaluationBatch``."""
 
     def __init__(self, pad_token_id: int, *, eval_fields: bool = False) -> None:
         self.pad_token_id = pad_token_id
@@ -405,7 +406,11 @@ class MultiTaskCollator:
         task_id = torch.tensor([example.task_id for example in examples], dtype=torch.long)
         task_name = [example.task_name for example in examples]
         if not self.eval_fields:
-            return TrainingBatch(input_ids, attention_mask, labels, task_id, task_name)
+            # contiguous: `nonzero`'s columns are strided views, which a copy to the device would first gather in
+            # pageable memory (a copy that waits)
+            rows, positions = target_pairs(labels)
+            return TrainingBatch(input_ids, attention_mask, labels, task_id, task_name,
+                                 pairs=(rows.contiguous(), positions.contiguous()))
         multiple_choice = {example.choice_input_ids is not None for example in examples}
         if len(multiple_choice) > 1:
             raise ValueError("an evaluation batch mixes multiple-choice and generative examples; evaluate each task "

@@ -9,8 +9,9 @@ from tokenizers.processors import TemplateProcessing
 
 from malora_lightning.data import IGNORE_INDEX, Example, MultiTaskCollator, PromptEncoder, TaskDataError
 from malora_lightning.data.batches import TrainingBatch
-from malora_lightning.data.collate import TruncationStats
+from malora_lightning.data.collate import EncodedExample, TruncationStats
 from malora_lightning.data.prompts import PredictPrompt
+from malora_lightning.scoring import target_pairs
 
 PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 3, 4
 
@@ -40,6 +41,27 @@ def test_plain_format_masks_exactly_the_prompt_and_the_padding(tokenizer):
     assert batch.task_id.tolist() == [3, 3] and batch.task_id.dtype == torch.long
     assert batch.task_name == ["toy", "toy"]
     assert type(batch) is TrainingBatch  # training batches carry no evaluation fields
+
+
+def test_a_training_batch_carries_the_target_pairs_of_its_labels_made_on_the_cpu():
+    """The loss's (row, position) pairs were made on the device in every step (`target_pairs`: a data-dependent
+    shape, which waits for the queued kernels); the collator makes them from the labels it pads. Position t predicts
+    the label at t + 1: the prompt (-100), the padding (-100) and a row's first token are never targets."""
+    def example(prompt: list[int], answer: list[int]) -> EncodedExample:
+        return EncodedExample(task_id=0, task_name="toy", input_ids=prompt + answer,
+                              labels=[IGNORE_INDEX] * len(prompt) + answer, prompt_length=len(prompt), target=None,
+                              prompt="")
+
+    batch = MultiTaskCollator(PAD)([example([5, 6, 7], [8, 9]), example([5], [8, 9, 10, 11]),
+                                    example([5, 6], [8])])
+    assert batch.labels.tolist() == [[-100, -100, -100, 8, 9], [-100, 8, 9, 10, 11], [-100, -100, 8, -100, -100]]
+    rows, positions = batch.pairs
+    assert rows.tolist() == [0, 0, 1, 1, 1, 1, 2] and positions.tolist() == [2, 3, 0, 1, 2, 3, 1]
+    expected_rows, expected_positions = target_pairs(batch.labels)
+    assert torch.equal(rows, expected_rows) and torch.equal(positions, expected_positions)
+    assert rows.is_contiguous() and positions.is_contiguous()  # a strided view goes to a GPU through pageable memory
+    evaluation = MultiTaskCollator(PAD, eval_fields=True)([example([5, 6, 7], [8, 9])])
+    assert evaluation.pairs is None  # evaluation reads none (and `batch_rows` would leave them stale)
 
 
 def test_chat_template_labels_only_the_assistant_answer_and_end_of_turn(chat_tokenizer):
