@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 
 
 @dataclass
@@ -26,6 +27,13 @@ class TrainingBatch:
     # `labels`. Labels changed after collation need them made again (or set to None), else the loss reads the old ones.
     # Keyword-only, so that the fields above keep their positions and `EvaluationBatch`'s follow them.
     pairs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, kw_only=True)
+
+    def pin_memory(self) -> TrainingBatch:
+        """A copy with every tensor in pinned memory. A DataLoader with ``pin_memory=True`` pins a batch through this
+        method (it does not look inside dataclasses). Lightning moves a batch with ``non_blocking=True``, which is
+        asynchronous from pinned memory only: from pageable memory the driver stages the copy and may wait for the
+        kernels queued before it."""
+        return apply_to_collection(self, torch.Tensor, lambda tensor: tensor.pin_memory())
 
 
 @dataclass

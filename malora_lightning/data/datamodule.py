@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Generator
@@ -705,9 +706,16 @@ class MultiTaskDataModule(LightningDataModule):
         return ResumableDataLoader(ConcatDataset(per_task),
                                    batch_size=self.batch_size, sampler=self._train_sampler,
                                    collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
+                                   pin_memory=self._pins_training_batches(),
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
                                    restored=self._restored_training_loader,
                                    generator=self._loader_generator("train"))
+
+    def _pins_training_batches(self) -> bool:
+        """Whether the training loader pins its batches (`TrainingBatch.pin_memory`): on CUDA, where Lightning's
+        ``non_blocking`` copy of a batch to the GPU is asynchronous only from pinned memory (Lightning pins nothing
+        itself). Not elsewhere: pinning needs a GPU."""
+        return isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
 
     def _start_at_fit_epoch(self, sampler: Sampler[int]) -> None:
         """Set a new training sampler to the epoch the fit loop is about to give it. Lightning 2.6 starts the loader's

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.cli import LightningCLI
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEncoder, TaskDataError, get_task, sampling
 from malora_lightning.data.datamodule import ResumableDataLoader
@@ -81,6 +83,41 @@ def test_training_batches_mix_tasks_with_consistent_ids():
     for batch in loader:
         assert [TASKS[task_id] for task_id in batch.task_id.tolist()] == batch.task_name
         assert type(batch) is TrainingBatch  # training batches carry no evaluation fields
+
+
+@pytest.mark.parametrize("accelerator, pinned", [(CUDAAccelerator, True), (CPUAccelerator, False)])
+def test_the_training_loader_pins_its_batches_on_cuda_only(monkeypatch, accelerator, pinned):
+    """Lightning moves a batch to the GPU with non_blocking=True, which is asynchronous only from pinned memory, and
+    pins nothing itself: the training loader did not ask, so each batch's copy could wait for the queued kernels."""
+    data = make()
+    data.setup("fit")
+    data.trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False)
+    monkeypatch.setattr(data.trainer.strategy, "accelerator", accelerator())
+    assert data.train_dataloader().pin_memory is pinned
+
+
+def test_pinning_a_training_batch_pins_every_tensor_it_holds(monkeypatch):
+    """A DataLoader pins a batch that is neither a tensor nor a collection through its own ``pin_memory()``, and
+    leaves one without it as it is: a dataclass batch stayed in pageable memory."""
+    pinned = []
+
+    def fake_pin(tensor):  # pinning needs a GPU: mark a copy instead
+        copy = tensor.clone()
+        pinned.append(copy)
+        return copy
+
+    data = make()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    result = pin_memory(batch)  # what a DataLoader with pin_memory=True does to each batch
+    tensors = [result.input_ids, result.attention_mask, result.labels, result.task_id, *result.pairs]
+    assert type(result) is TrainingBatch and result.task_name == batch.task_name
+    assert len(pinned) == len(tensors) and all(any(tensor is copy for copy in pinned) for tensor in tensors)
+    assert all(torch.equal(getattr(result, name), getattr(batch, name))
+               for name in ("input_ids", "attention_mask", "labels", "task_id"))
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(result.pairs, batch.pairs))
 
 
 def test_mixture_follows_the_strategy_and_explicit_weights():
