@@ -1,8 +1,8 @@
 """`MALoRAModule`: a LightningModule that fine-tunes a (4-bit) Hugging Face causal LM with LoRA, MoLoRA or MALoRA.
 
 This file builds the model, steps and optimises; evaluation and prediction live in `evaluation.py` (a mixin), the
-schedule and AdamW choice in `optim.py`, exact resume and the adapter export in callbacks the module attaches
-(`configure_callbacks`). Extension points (small methods to override in a subclass): `build_model`,
+schedule and AdamW choice in `optim.py`, exact resume, the stop at a non-finite loss and the adapter export in callbacks
+the module attaches (`configure_callbacks`). Extension points (small methods to override in a subclass): `build_model`,
 `compute_lm_loss`, `evaluate_batch`, `score_choices`, `generate_predictions`, `trainable_parameter_groups`.
 """
 
@@ -280,6 +280,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._logged_tasks: set[str] = set()
         self._step_task_parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._step_losses: list[torch.Tensor] = []  # the step's batches' train/loss, lm_loss, ... (`training_step`)
+        # (batch_idx, loss, lm_loss, aux_loss) of each batch since the last `check_step_losses`, on the device
+        self._unchecked_losses: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # a resumed fit's checkpoint step: until the trainer's step reaches it, its step and optimizer are not restored
         self._resume_step: int | None = None
 
@@ -543,12 +545,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         router = torch.zeros((), device=lm.loss.device) if summary is None else \
             weighted_router_loss(summary, get_adapter_config(self.model)).to(lm.loss.device)
         loss = lm.loss + router
-        if not torch.isfinite(loss):
-            drop_routing_record(self.model)  # no backward follows: the model would keep this forward's graph
-            raise FloatingPointError(
-                f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}): lm_loss={lm.loss.item()}, aux_loss={router.item()}; training stopped before this "
-                "update, so the last saved checkpoint is the last good one. Lower the learning rate or check the data")
+        # checked once the optimizer step's backward is queued (`NonFiniteLossCheck`), not here: reading the loss on
+        # the host waits for the whole forward before the backward can even be launched, and did so for every batch
+        # of an accumulated step
+        self._unchecked_losses.append((batch_idx, loss.detach(), lm.loss.detach(), router.detach()))
+        if torch.is_anomaly_enabled():  # the backward would stop at the NaN first, naming an op instead of the batch
+            self.check_step_losses()
         batch_size = batch.input_ids.shape[0]
         logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
@@ -583,6 +585,33 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             self._logged_tasks |= set(per_task)
             self._step_task_parts = {}
         return loss
+
+    def check_step_losses(self) -> None:
+        """Raise FloatingPointError, naming the step, epoch, batch and both loss parts, if the loss of a batch since
+        the last check, on any rank, is not finite. `NonFiniteLossCheck` calls it before each optimizer step, so that
+        a non-finite loss never updates the adapters and the last saved checkpoint is the last good one; it reads the
+        losses on the host once per optimizer step, after the backward is queued."""
+        unchecked, self._unchecked_losses = self._unchecked_losses, []
+        if not unchecked:
+            return
+        non_finite = (~torch.isfinite(torch.stack([loss for _, loss, _, _ in unchecked]))).sum()
+        if self.trainer.world_size > 1:
+            # every rank stops, or none: the backward averaged the ranks' gradients, so one rank's non-finite loss
+            # reached every rank's update. torch's all_reduce, not the strategy's `reduce`, whose barrier waits for
+            # the GPU
+            torch.distributed.all_reduce(non_finite)
+        if not non_finite:
+            return
+        drop_routing_record(self.model)  # the model would keep the latest forward's record (and its graph)
+        stopped = ("training stopped before this update, so the last saved checkpoint is the last good one. Lower the "
+                   "learning rate or check the data")
+        for batch_idx, loss, lm_loss, router in unchecked:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+                    f"{batch_idx}): lm_loss={lm_loss.item()}, aux_loss={router.item()}; {stopped}")
+        raise FloatingPointError(f"non-finite training loss at global step {self.global_step} (epoch "
+                                 f"{self.current_epoch}) on another rank; {stopped}")
 
     def _step_task_losses(self) -> dict[str, torch.Tensor | float]:
         """Each task's loss over the optimizer step's batches (``_step_task_parts``; all of them under gradient
@@ -668,9 +697,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and export
     def configure_callbacks(self) -> list[Callback]:
-        """What every fit with this module needs: exact resume (`TrainingRandomState`) and, with `export_adapters`,
-        the adapter folder at the end (`AdapterExport`)."""
-        callbacks: list[Callback] = [TrainingRandomState()]
+        """What every fit with this module needs: exact resume (`TrainingRandomState`), the stop at a non-finite loss
+        (`NonFiniteLossCheck`) and, with `export_adapters`, the adapter folder at the end (`AdapterExport`)."""
+        callbacks: list[Callback] = [TrainingRandomState(), NonFiniteLossCheck()]
         if self.settings.export_adapters:
             callbacks.append(AdapterExport(base_model=self.settings.model_name_or_path))
         return callbacks
@@ -813,7 +842,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         A fit starts with no partial optimizer step: one that stopped inside an accumulation window (an interrupt, an
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
-        self._step_losses, self._step_task_parts = [], {}
+        self._step_losses, self._step_task_parts, self._unchecked_losses = [], {}, []
         self._warn_of_an_interval_beyond_the_epochs()
         self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:
@@ -880,6 +909,18 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                        f"window's earlier batches. Validate at multiples of {accumulate} batches into each epoch: an "
                        f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
                        "that is one too (or validation at epoch ends)")
+
+
+class NonFiniteLossCheck(Callback):
+    """Stops a fit at a non-finite training loss before the optimizer step it would enter (`check_step_losses`).
+    Lightning calls ``on_before_optimizer_step`` once the step's backward has run (fp16's loss scaler has unscaled
+    the gradients by then), also under manual optimisation (each ``optimizer.step()``). A callback rather than the
+    module's own hook: a subclass that overrides ``on_before_optimizer_step`` to log gradient norms would turn it off
+    without a word. `MALoRAModule` attaches it always."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        pl_module.check_step_losses()
 
 
 def warn_never_validates(cause: str, setting: str, limit: int) -> None:

@@ -117,6 +117,37 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     assert tasks_on_one_rank_only > 0  # the case the gathering is for happened
 
 
+class PoisonOnRankOne(MALoRAModule):
+    """Rank one's loss at step 1 is NaN; each rank writes the error it stopped with (both, before either raises)."""
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        if self.global_step == 1 and self.global_rank == 1:
+            result.loss = result.loss * float("nan")
+        return result
+
+    def check_step_losses(self) -> None:
+        try:
+            super().check_step_losses()
+        except FloatingPointError as error:
+            Path(self.trainer.default_root_dir, f"error{self.global_rank}.txt").write_text(str(error))
+            torch.distributed.barrier()
+            raise
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(tiny_model_dir, tmp_path):
+    """The check runs after the backward, which averages the ranks' gradients: a NaN loss on rank one made NaN
+    gradients on rank zero too, so rank zero, whose own loss was finite, must not step either."""
+    trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3)
+    module = PoisonOnRankOne(**make_module(tiny_model_dir).hparams)
+    with pytest.raises(Exception, match="non-finite training loss at global step 1"):
+        trainer.fit(module, make_data(tiny_model_dir))
+    assert (tmp_path / "error0.txt").read_text().startswith(
+        "non-finite training loss at global step 1 (epoch 0) on another rank; training stopped before this update")
+    assert (tmp_path / "error1.txt").read_text().startswith(
+        "non-finite training loss at global step 1 (epoch 0, batch 1): lm_loss=nan")
+
+
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):
     trainer = make_trainer(tmp_path, strategy=TwoProcessFSDP2Strategy(), devices=2, max_steps=3,
                            enable_checkpointing=True)

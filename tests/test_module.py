@@ -427,11 +427,13 @@ class _StepHostWaits(Callback):
 @pytest.mark.parametrize("method", ["lora", "molora", "malora"])
 def test_a_training_step_makes_the_host_wait_only_for_the_finiteness_check(tiny_model_dir, tmp_path, method):
     """On a GPU, each read of a tensor's value and each blocking copy from the host waits for every kernel queued
-    before it. A training step of two micro-batches needs one wait in each: the finiteness check (the error comes
-    before the update). The target positions (`target_pairs`, a data-dependent shape) were made on the device before
-    each forward; the collator makes them on the CPU (`TrainingBatch.pairs`). LoRA's zero aux loss was made on the
-    CPU and copied to the device (a wait per batch), and a task missing from a step was logged as math.nan, which
-    Lightning turns into a tensor from host data on the device (a wait per task and step)."""
+    before it. A training step of two micro-batches needs one wait: the finiteness check of both batches' losses
+    (the error comes before the update), once the backward is queued (`NonFiniteLossCheck`); it was made in
+    `training_step`, before each batch's backward. The target positions (`target_pairs`, a data-dependent shape) were
+    made on the device before each forward; the collator makes them on the CPU (`TrainingBatch.pairs`). LoRA's zero
+    aux loss was made on the CPU and copied to the device (a wait per batch), and a task missing from a step was
+    logged as math.nan, which Lightning turns into a tensor from host data on the device (a wait per task and
+    step)."""
     adapter = AdapterConfig(method=method, rank=2, dropout=0.1, **(
         {} if method == "lora" else dict(num_experts=4, top_k=2, shared_rank=4 if method == "malora" else None)))
     recorder = _StepHostWaits()
@@ -440,7 +442,7 @@ def test_a_training_step_makes_the_host_wait_only_for_the_finiteness_check(tiny_
     trainer.fit(make_module(tiny_model_dir, adapter=adapter),
                 make_data(tiny_model_dir, batch_size=2,
                           tasks=TASKS + ["double_number", "last_word", "sort_words"]))
-    expected = Counter({("bool", "malora_lightning/module.py:training_step"): 2})
+    expected = Counter({("bool", "malora_lightning/module.py:check_step_losses"): 1})
     assert recorder.steps == [expected] * 3
     numbers = [name for name, value in recorder.logged if not isinstance(value, torch.Tensor)]
     assert numbers == []  # LightningModule.log copies each onto the device with torch.tensor
@@ -992,8 +994,8 @@ def test_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_good_
 
 
 def test_a_step_stopped_by_a_non_finite_loss_leaves_no_graph_on_the_model(tiny_model_dir, tmp_path):
-    """The step raises before its backward: the routed layers' router statistics of that forward, and through them
-    its whole graph (every saved activation), stayed on the model until a next forward."""
+    """The routed layers' router statistics of the step's last forward, and through them its graph, stayed on the
+    model until a next forward when the step raised before its backward (and the record would stay after it)."""
     class PoisonAtStep(MALoRAModule):
         def compute_lm_loss(self, batch):
             result = super().compute_lm_loss(batch)
@@ -1009,6 +1011,60 @@ def test_a_step_stopped_by_a_non_finite_loss_leaves_no_graph_on_the_model(tiny_m
     gc.collect()
     assert router_losses(module.model) is None
     assert module.poisoned_forward() is None  # the record, and through its statistics the graph, is gone
+
+
+class PoisonFirstBatchOfStep(MALoRAModule):
+    """Makes the loss of the first batch of optimizer step 1 NaN (of each accumulation window's first batch with
+    accumulate_grad_batches=2: batch 2)."""
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        if self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_progress.current.ready == 3:
+            result.loss = result.loss * float("nan")
+        return result
+
+
+class _TrainedAtStepStart(Callback):
+    """The trained tensors as each optimizer step's first batch starts."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.tensors = {name: param.detach().clone() for name, param in pl_module.named_parameters()
+                            if param.requires_grad}
+
+
+def _poisoned_module(tiny_model_dir) -> PoisonFirstBatchOfStep:
+    return PoisonFirstBatchOfStep(**{k: v for k, v in make_module(tiny_model_dir).hparams.items() if k != "adapter"},
+                                  adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
+
+
+def test_a_non_finite_loss_in_the_first_batch_of_an_accumulated_step_stops_its_update(tiny_model_dir, tmp_path):
+    """The check runs once per optimizer step, after the backward of its last batch: a NaN in an earlier batch must
+    still stop the update, and the error names that batch."""
+    before = _TrainedAtStepStart()
+    module = _poisoned_module(tiny_model_dir)
+    trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[before])
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 1 \(epoch 0, batch 2\): "
+                                                 r"lm_loss=nan, aux_loss=[0-9.e-]+; training stopped before this update"):
+        trainer.fit(module, make_data(tiny_model_dir))
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.ready == 4  # the step's second batch ran
+    assert trainer.global_step == 1
+    trained = {name: param.detach() for name, param in module.named_parameters() if param.requires_grad}
+    assert trained.keys() == before.tensors.keys()
+    assert all(torch.equal(trained[name], before.tensors[name]) for name in trained)  # no update
+    assert router_losses(module.model) is None  # the routing record dropped
+
+
+def test_a_non_finite_loss_under_anomaly_detection_stops_with_the_same_error(tiny_model_dir, tmp_path):
+    """With detect_anomaly, the backward of a NaN loss raises autograd's error naming an op: the loss is checked in
+    the step itself, before that backward."""
+    trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, detect_anomaly=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 1 \(epoch 0, batch 2\)"):
+        trainer.fit(_poisoned_module(tiny_model_dir), make_data(tiny_model_dir))
+    assert trainer.fit_loop.epoch_loop.batch_progress.current.ready == 3  # stopped before the step's second batch
 
 
 class ScaledLossModule(MALoRAModule):
@@ -1693,7 +1749,8 @@ def test_a_subclass_that_saves_its_hyperparameters_logs_them_as_plain_data(tiny_
 
 def test_a_fit_without_export_adapters_writes_no_adapter_folder(tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, export_adapters=False)
-    assert [type(callback).__name__ for callback in module.configure_callbacks()] == ["TrainingRandomState"]
+    assert [type(callback).__name__ for callback in module.configure_callbacks()] == ["TrainingRandomState",
+                                                                                      "NonFiniteLossCheck"]
     make_trainer(tmp_path, max_steps=1).fit(module, make_data(tiny_model_dir))
     assert module.trainer.global_step == 1 and not (tmp_path / "adapter").exists()
 
