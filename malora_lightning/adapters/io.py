@@ -75,7 +75,17 @@ _UNSUPPORTED_PEFT_SETTINGS: dict[str, Any] = {
     "use_dora": False, "lora_bias": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
     "alora_invocation_tokens": None, "loftq_config": {}, "corda_config": None, "lora_ga_config": None,
+    "use_qalora": False, "use_bdlora": None, "kasa_config": None, "monteclora_config": None, "arrow_config": None,
 }
+# the other PEFT LoraConfig settings (0.21): read here, or leaving the saved tensors' meaning as plain LoRA's (a
+# training-time variant such as VeLoRA's backward, an init such as EVA's, bookkeeping); a setting outside both lists
+# (a later PEFT's) is named in a warning
+_PLAIN_PEFT_SETTINGS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "use_rslora",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
+    "runtime_config", "eva_config", "velora_config", "qalora_group_size", "ensure_weight_tying",
+})
 # PEFT inits that leave the base weights as they are; the others (PiSSA, OLoRA, LoftQ, CorDA, ...) subtract the
 # initial adapter from the base, which PEFT redoes on load, so the saved factors only fit a base changed that way
 _BASE_PRESERVING_INITS = (True, False, "gaussian")
@@ -250,6 +260,12 @@ def _config_from_peft(stored: dict[str, Any], keys: list[str], path: Path) -> Ad
         raise ValueError(f"{path / CONFIG_NAME}: peft_type {peft_type!r} is not supported; load_adapters reads PEFT "
                          f"LoRA folders and malora_lightning folders ({', '.join(PEFT_TYPES.values())})")
     _check_plain_lora_settings(stored, path)
+    unknown = [f"{field}={value!r}" for field, value in stored.items() if field not in _PLAIN_PEFT_SETTINGS
+               and field not in _UNSUPPORTED_PEFT_SETTINGS and value not in (None, {}, [], False, "")]
+    if unknown:
+        warnings.warn(f"{path / CONFIG_NAME} sets {', '.join(unknown)}, which load_adapters does not know (a later "
+                      "PEFT's setting?): loaded as plain LoRA, which is the adapter PEFT loads only if they leave "
+                      "what the tensors mean unchanged; check against PEFT's outputs")
     init = stored.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS:
         raise ValueError(f"{path / CONFIG_NAME}: init_lora_weights={init!r} is not supported: that init changes the "

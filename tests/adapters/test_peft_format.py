@@ -203,6 +203,39 @@ def test_peft_settings_we_cannot_represent_are_named(tmp_path):
         load_adapters(tiny_model("llama"), tmp_path / "ia3")
 
 
+@pytest.mark.parametrize("field, value, refused", [
+    ("use_qalora", True, True),  # pools the input in groups: A is not plain LoRA's
+    ("use_bdlora", {"target_modules_bd_a": ["q_proj"], "nblocks": 2}, True),
+    ("kasa_config", {}, False),  # an empty config is the neutral value
+    ("kasa_config", {"svd_method": "full"}, True),  # truncates the base's singular values
+    ("arrow_config", {"top_k": 2}, True),
+    ("monteclora_config", {"num_experts": 4}, True),
+    ("a_later_peft_setting", 3, False),  # unknown: warned, loaded
+])
+def test_peft_settings_that_change_the_tensors_meaning_are_refused_and_unknown_ones_named(tmp_path, field, value,
+                                                                                           refused):
+    """Settings of PEFT 0.21 missing from the refused list (QALoRA, BD-LoRA, KaSA, Arrow, MonteCLoRA) loaded as
+    plain LoRA without a word; a setting this library does not know now says so."""
+    peft_randomised(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "peft"))
+    with warnings.catch_warnings():  # every setting PEFT 0.21 writes for a plain LoRA is known
+        warnings.filterwarnings("error", message=".*which load_adapters does not know")
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), field: value}))
+    if refused:
+        with pytest.raises(ValueError, match=rf"adapter_config.json: {field}=.* is not supported"):
+            load_adapters(tiny_model("llama"), tmp_path / "peft")
+    elif field == "a_later_peft_setting":
+        with pytest.warns(UserWarning, match=r"adapter_config.json sets a_later_peft_setting=3, which load_adapters "
+                                             r"does not know"):
+            load_adapters(tiny_model("llama"), tmp_path / "peft")
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*which load_adapters does not know")
+            load_adapters(tiny_model("llama"), tmp_path / "peft")
+
+
 @pytest.mark.parametrize("method", ["molora", "malora"])
 def test_a_mixture_folder_follows_peft_conventions_and_says_why_peft_cannot_load_it(tmp_path, method):
     model = randomised(inject_adapters(tiny_model("llama"), AdapterConfig(method=method, rank=2, shared_rank=4,
