@@ -415,7 +415,7 @@ class MultiTaskDataModule(LightningDataModule):
                 self._check_model_max_length(self.tokenizer)
                 self._encoder = self.build_encoder(self.tokenizer)
             trained_prompts: dict[str, dict[str, int | None]] = {}  # per task, of the train split encoded here
-            for split in _STAGE_SPLITS[stage]:
+            for split in self._encoded_splits(stage):
                 if split not in self._encoded:
                     self._encoded[split] = self._encode_split(split, trained_prompts)
             self._tasks = [self._with_generation_length(task) for task in self._declared_tasks]
@@ -423,6 +423,14 @@ class MultiTaskDataModule(LightningDataModule):
             prompts = read_prompts(self._predict_source, [task.name for task in self._tasks])
             self._predict_prompts = self._encode_prompts(prompts)
             self._predict_target_lengths = self._target_lengths(prompts)
+
+    def _encoded_splits(self, stage: str) -> tuple[str, ...]:
+        """The splits ``stage`` encodes: none for predict with a predict file, whose prompts replace the test splits
+        (`_longest_answer` still reads them for the tasks' generation lengths); encoding them tokenised every test
+        row, which nothing read, and a test row that does not fit stopped a predict run it takes no part in."""
+        if stage == "predict" and self._predict_source is not None:
+            return ()
+        return _STAGE_SPLITS[stage]
 
     def _check_model_max_length(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,

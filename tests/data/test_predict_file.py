@@ -7,6 +7,7 @@ import re
 import pytest
 
 from malora_lightning.data import MultiTaskDataModule, TaskDataError
+from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.tasks import Example
 from tests.helpers import tiny_tokenizer
@@ -94,6 +95,27 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
     rows = [row for batch in data.predict_dataloader()["parity"] for row in batch.rows]
     assert rows == [example.row for example in data.tasks[1].examples("test", seed=0, limit=3)]
     assert len(rows) == 3 and rows != [0, 1, 2]  # the split's rows, not positions in the subset
+
+
+def test_predict_from_a_file_tokenises_no_test_row(tmp_path, monkeypatch):
+    """The predict file's prompts replace the test splits: setup('predict') encoded every row of every test split as
+    well (100,000 test rows tokenised to answer 1,000 prompts), which no loader read."""
+    counted = []
+    encode = PromptEncoder.encode
+
+    def counting(self, examples, *args, **kwargs):
+        counted.append(len(examples))
+        return encode(self, examples, *args, **kwargs)
+
+    monkeypatch.setattr(PromptEncoder, "encode", counting)
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [{"prompt": "What is 1 + 1?", "task": "add_2digit"}])
+    data = make(path)
+    data.setup("predict")
+    assert counted == []
+    assert [len(loader) for loader in data.predict_dataloader().values()] == [1]
+    make().setup("predict")  # without a predict file, the test splits are what it predicts
+    assert sum(counted) == 2 * 3
 
 
 @pytest.mark.parametrize(("name", "content", "named"), [
