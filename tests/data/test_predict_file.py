@@ -7,6 +7,7 @@ import re
 import pytest
 
 from malora_lightning.data import MultiTaskDataModule, TaskDataError
+from malora_lightning.data import datamodule as datamodule_module
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.tasks import Example
@@ -116,6 +117,28 @@ def test_predict_from_a_file_tokenises_no_test_row(tmp_path, monkeypatch):
     assert [len(loader) for loader in data.predict_dataloader().values()] == [1]
     make().setup("predict")  # without a predict file, the test splits are what it predicts
     assert sum(counted) == 2 * 3
+
+
+def test_a_predict_files_prompts_are_encoded_in_chunks(tmp_path, monkeypatch):
+    """A task's prompts were encoded in one call, all held as Python int lists at once (10,000 long prompts peaked
+    at 2 GB): they go in chunks of ENCODE_CHUNK, as a task's split does, into the same loader, in the file's order."""
+    monkeypatch.setattr(datamodule_module, "ENCODE_CHUNK", 2)
+    sizes = []
+    encode_prompts = PromptEncoder.encode_prompts
+
+    def counting(self, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        return encode_prompts(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(PromptEncoder, "encode_prompts", counting)
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, [{"prompt": f"What is {number} + 1?", "task": "add_2digit"} for number in range(5)])
+    data = make(path)
+    data.setup("predict")
+    assert sizes == [2, 2, 1]
+    rows = [row for batch in data.predict_dataloader()["add_2digit"] for row in batch.rows]
+    assert rows == [0, 1, 2, 3, 4]
+    assert data.truncation["predict"]["add_2digit"].examples == 5
 
 
 @pytest.mark.parametrize(("name", "content", "named"), [
