@@ -667,10 +667,16 @@ class MultiTaskDataModule(LightningDataModule):
         token included), as `_longest_answer` measures a task's answers."""
         scored = [prompt for prompt in prompts if prompt.task is not None and prompt.target is not None]
         lengths: dict[str, dict[int, int]] = {}
-        answers = self._encoder.answer_lengths([Example(prompt.prompt, prompt.target) for prompt in scored])
+        answers = self._measure_answers([Example(prompt.prompt, prompt.target) for prompt in scored])
         for prompt, length in zip(scored, answers):
             lengths.setdefault(prompt.task, {})[prompt.row] = length
         return lengths
+
+    def _measure_answers(self, examples: Sequence[Example], where: str = "example") -> list[int]:
+        """``PromptEncoder.answer_lengths`` of ``examples``, in chunks of `ENCODE_CHUNK`: in one call every answer's
+        rendering and token ids were held at once (20,000 answers of 900 tokens: 1.9 GB to keep one number)."""
+        return [length for start in range(0, len(examples), ENCODE_CHUNK)
+                for length in self._encoder.answer_lengths(examples[start:start + ENCODE_CHUNK], where)]
 
     def _count_truncation(self, split: str, name: str, stats: TruncationStats) -> None:
         self.truncation.setdefault(split, {})[name] = stats
@@ -707,7 +713,7 @@ class MultiTaskDataModule(LightningDataModule):
         splits += [(split, task.examples(split, seed=seed)) for split in ("validation", "test")
                    if task.has_split(split)]
         longest = max((length for split, examples in splits
-                       for length in self._encoder.answer_lengths(examples, f"task {task.name!r}, {split}")),
+                       for length in self._measure_answers(examples, f"task {task.name!r}, {split}")),
                       default=None)
         # an answer trains with at least one prompt token: a longer one is left out (long_targets="skip") or refused
         return None if longest is None else min(longest, self.settings.max_length - 1)
