@@ -852,6 +852,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
         self._step_losses, self._step_task_parts, self._unchecked_losses = [], {}, []
+        self._nan_tasks = (-1, set())  # this fit's Lightning holds no NaN an earlier fit logged
         self._warn_of_an_interval_beyond_the_epochs()
         self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:

@@ -373,6 +373,23 @@ def test_a_task_absent_from_consecutive_steps_is_logged_nan_once_and_written_nan
         assert all(math.isfinite(written[f"train/{name}/lm_loss"]) == (name in tasks.tasks[step]) for name in seen)
 
 
+def test_a_second_fit_of_the_module_writes_nan_for_each_absent_task_from_its_first_step(tiny_model_dir, tmp_path):
+    """A fit's Lightning holds no logged value of an earlier fit: the tasks whose NaN the first fit left logged in
+    its epoch 0 were not logged again in the second fit's epoch 0, so its steps wrote nothing for them."""
+    module = make_module(tiny_model_dir)
+    names = TASKS + ["double_number", "last_word", "sort_words"]
+    for run in ("first", "second"):
+        trained_before = set(module._logged_tasks)
+        logger, tasks = _StepLogger(), _BatchTasks()
+        trainer = make_trainer(tmp_path / run, max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[tasks])
+        trainer.fit(module, make_data(tiny_model_dir, batch_size=1, tasks=names, max_train_examples_per_task=8))
+        assert trainer.num_training_batches > 4  # both fits end inside their epoch 0
+    assert trained_before  # the first fit trained tasks that some step of the second lacks
+    for step, present in tasks.tasks.items():  # the second fit's steps
+        written = {key for key, value in logger.steps[step].items() if key.endswith("/lm_loss") and math.isnan(value)}
+        assert {f"train/{name}/lm_loss" for name in trained_before - present} <= written, step
+
+
 class _StopAfterFirstBatch(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         raise RuntimeError("stopped inside the accumulation window")
