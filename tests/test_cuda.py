@@ -9,9 +9,13 @@ backward. A review of torch's cudagraph trees expects this to fail; no GPU has r
 """
 
 import os
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from malora_lightning.adapters import AdapterConfig, aux_loss, compile_adapters, inject_adapters
@@ -120,3 +124,41 @@ def test_the_per_task_training_losses_wait_for_nothing_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     assert {name: loss.item() for name, loss in losses.items()} == pytest.approx({"a": 1.0, "b": 1.0, "c": 14 / 6})
     assert {name: count.item() for name, count in counts.items()} == {"a": 1, "b": 5, "c": 6}
+
+
+class _WaitsInTrainingBatches(Callback):
+    """torch's sync debug mode on ("warn": a warning at each op that makes the host wait) for each training batch
+    and its backward and optimizer step, off for Lightning's loops around them."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["lora", "malora"])
+def test_a_training_step_on_cuda_waits_only_for_the_finiteness_check(tiny_model_dir, tmp_path, method):
+    """What `test_module.py`'s HostWaits test counts on the CPU, seen by CUDA itself: of the waits raised from the
+    library's own lines during training batches, only the finiteness check's remain (once an optimizer step, before
+    the update), with batches pinned by the training loader and their target pairs made by the collator. Not run on a
+    GPU yet (none lent): a wait torch's own Python code makes for a call of ours is filed under torch's file here, and
+    only the CPU test sees it."""
+    from tests.test_module import TASKS, make_data, make_module, make_trainer
+
+    adapter = AdapterConfig(method=method, rank=2, dropout=0.1, **(
+        {} if method == "lora" else dict(num_experts=4, top_k=2, shared_rank=4)))
+    trainer = make_trainer(tmp_path, accelerator="gpu", max_steps=3, accumulate_grad_batches=2,
+                           callbacks=[_WaitsInTrainingBatches()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(make_module(tiny_model_dir, adapter=adapter), make_data(tiny_model_dir, batch_size=2,
+                                                                                tasks=TASKS))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = Counter(f"{Path(warning.filename).name}:{warning.lineno}" for warning in caught
+                   if "synchroniz" in str(warning.message) and "malora_lightning" in warning.filename)
+    assert len(ours) == 1 and next(iter(ours)).startswith("module.py:"), ours
+    assert sum(ours.values()) == 3  # one per optimizer step
