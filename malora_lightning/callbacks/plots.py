@@ -74,22 +74,40 @@ def save_figure(figure: Figure, path: Path) -> Path:
     return path
 
 
+# the accuracy curves give up to this many tasks a colour and a legend entry each: the colours of matplotlib's cycle
+MOST_CURVES = 10
+# beyond MOST_CURVES tasks, the curves name this many best and this many worst (by their last accuracy)
+NAMED_EXTREMES = 3
+OTHER_CURVES_COLOUR = "0.75"
+
+
 def plot_task_curves(evaluations: Sequence[Evaluation], path: Path, chance: Mapping[str, float | None],
                      baseline: Mapping[str, float] | None = None) -> Path:
     """Accuracy of every task against the training step, the macro average in black.
 
-    Dotted lines are chance rates, dashed lines single-task baselines (same colour as their task).
+    Up to `MOST_CURVES` tasks, each has its colour and legend entry. With more, a legend of every task is cut off and
+    colours repeat: every task is a thin grey line, and only the `NAMED_EXTREMES` best and worst at their last
+    evaluation are coloured and named. Dotted lines are chance rates, dashed lines single-task baselines (same colour
+    as their task), of the named tasks.
     """
     figure = new_figure(8, 4.5)
     axes = figure.subplots()
     tasks = list(dict.fromkeys(name for evaluation in evaluations for name, score in evaluation.tasks.items()
                                if score.accuracy is not None))
-    for index, name in enumerate(tasks):
-        points = [(e.step, e.tasks[name].accuracy) for e in evaluations
-                  if name in e.tasks and e.tasks[name].accuracy is not None]
-        colour = f"C{index % 10}"
-        axes.plot([step for step, _ in points], [100 * value for _, value in points], marker="o", color=colour,
-                  label=name)
+    curves = {name: [(e.step, 100 * e.tasks[name].accuracy) for e in evaluations
+                     if name in e.tasks and e.tasks[name].accuracy is not None] for name in tasks}
+    many = len(tasks) > MOST_CURVES
+    named = tasks
+    if many:
+        ranked = sorted(tasks, key=lambda name: curves[name][-1][1], reverse=True)
+        named = ranked[:NAMED_EXTREMES] + ranked[-NAMED_EXTREMES:]
+        for name in tasks:
+            if name not in named:
+                axes.plot(*zip(*curves[name]), color=OTHER_CURVES_COLOUR, linewidth=0.8)
+        axes.plot([], [], color=OTHER_CURVES_COLOUR, label=f"the other {len(tasks) - len(named)} tasks")
+    for index, name in enumerate(named):
+        colour = f"C{index}"
+        axes.plot(*zip(*curves[name]), marker="o", color=colour, label=name)
         if chance.get(name) is not None:
             axes.axhline(100 * chance[name], color=colour, linestyle=":", linewidth=1)
         if baseline and name in baseline:
@@ -97,13 +115,15 @@ def plot_task_curves(evaluations: Sequence[Evaluation], path: Path, chance: Mapp
     macro = [(e.step, e.macro_accuracy) for e in evaluations if e.macro_accuracy is not None]
     axes.plot([step for step, _ in macro], [100 * value for _, value in macro], color="black", linewidth=2.5,
               label="macro average")
-    if any(value is not None for value in chance.values()):
+    if any(chance.get(name) is not None for name in named):
         axes.plot([], [], color="grey", linestyle=":", label="chance")
-    if baseline:
+    if baseline and any(name in baseline for name in named):
         axes.plot([], [], color="grey", linestyle="--", label="single-task baseline")
     axes.set(xlabel="training step", ylabel="accuracy (%)", title="Validation accuracy per task")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    legend_title = f"{len(tasks)} tasks: the {NAMED_EXTREMES} best\nand worst at the end" if many else None
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5), title=legend_title,
+                title_fontsize="small")
     return save_figure(figure, path)
 
 
