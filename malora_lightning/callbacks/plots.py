@@ -9,6 +9,7 @@ are left alone. Files are written atomically, so a viewer never sees half a PNG.
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -20,12 +21,15 @@ from malora_lightning.callbacks.per_task_metrics import Evaluation
 from malora_lightning.run_paths import OWN_FOLDER, refuse_foreign_file
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 PLOTS_FOLDER = "plots"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a PNG tEXt chunk (keyword, text) in every picture drawn here
 PLOT_MARK = ("Comment", "drawn by malora_lightning, which replaces it in its next run in this folder")
+# the tallest picture, in inches (6,000 px at 100 dpi): more rows (layers, tasks) make thinner rows, not a bigger file
+MOST_INCHES = 60.0
 
 
 def png_text(data: bytes) -> dict[str, str]:
@@ -64,6 +68,22 @@ def new_figure(width: float, height: float) -> Figure:
         raise ImportError("plots need matplotlib (`pip install matplotlib`), or pass plots=False to the callback") \
             from error
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def rows_height(fixed: float, rows: int, row_inches: float) -> tuple[float, float]:
+    """The height of a figure of `rows` rows of `row_inches` each plus `fixed` inches of titles and labels, at most
+    `MOST_INCHES`, and the height a row gets in it."""
+    height = min(MOST_INCHES, fixed + row_inches * rows)
+    return height, (height - fixed) / max(rows, 1)
+
+
+def label_rows(axes: Axes, labels: Sequence[str], row_inches: float, fontsize: float, noun: str) -> None:
+    """Name the rows of `axes`: each one while a row is as tall as the font, else every k-th (labels would overlap),
+    and then say so on the axis."""
+    stride = max(1, math.ceil(fontsize / 72 / row_inches))
+    axes.set_yticks(range(0, len(labels), stride), labels=labels[::stride], fontsize=fontsize)
+    if stride > 1:
+        axes.set_ylabel(f"{noun} (1 in {stride} of {len(labels)} named)", fontsize=fontsize)
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
@@ -132,11 +152,11 @@ def plot_layer_heatmap(values: Sequence[Sequence[float]], layer_names: Sequence[
     """One row per layer; columns are `experts` per group (e.g. one group per task), separated by white lines."""
     rows = len(layer_names)
     columns = len(groups) * experts
-    height = min(60.0, 2.0 + 0.16 * rows)
+    height, row_inches = rows_height(2.0, rows, 0.16)
     figure = new_figure(min(24.0, 3.0 + 0.3 * columns), height)
     axes = figure.subplots()
     image = axes.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0)
-    axes.set_yticks(range(rows), labels=layer_names, fontsize=6 if rows > 24 else 8)
+    label_rows(axes, layer_names, row_inches, 6 if rows > 24 else 8, "layer")
     if len(groups) > 1:
         for boundary in range(1, len(groups)):
             axes.axvline(boundary * experts - 0.5, color="white", linewidth=2)
@@ -174,15 +194,17 @@ def plot_task_routing(divergence: Sequence[Sequence[float]], layer_names: Sequen
     and layer does, and the layers where tasks differ most are the ones worth reading expert by expert.
     """
     rows = len(tasks)
-    top_height = 1.6 + 0.28 * rows
-    detail_height = 1.4 + 0.28 * rows if details else 0.0
-    figure = new_figure(12.0, top_height + detail_height)
-    top, bottom = figure.subfigures(2, 1, height_ratios=[top_height, detail_height]) if details else (figure, None)
+    # the task rows appear twice with details: in the KL map, and in the detail panels below it
+    height, row_inches = rows_height(3.0 if details else 1.6, 2 * rows if details else rows, 0.28)
+    top_height = 1.6 + row_inches * rows
+    figure = new_figure(12.0, height)
+    top, bottom = (figure.subfigures(2, 1, height_ratios=[top_height, height - top_height]) if details
+                   else (figure, None))
     axes = top.subplots()
     image = axes.imshow(divergence, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0)
     positions, labels = depth_ticks(layer_names)
     axes.set_xticks(positions, labels=labels, fontsize=7)
-    axes.set_yticks(range(rows), labels=tasks, fontsize=8)
+    label_rows(axes, tasks, row_inches, 8, "task")
     axes.set(xlabel=f"block (each column one of {len(layer_names)} routed layers, in model order)", title=title)
     top.colorbar(image, ax=axes, label="KL from the layer's use (nats)")
     if details:
@@ -194,7 +216,7 @@ def plot_task_routing(divergence: Sequence[Sequence[float]], layer_names: Sequen
             panel.set_title(f"{name}\nNMI {nmi:.3f}", fontsize=8)
             panel.set_xticks(range(len(matrix[0])))
             panel.set_xlabel("expert", fontsize=8)
-        panels[0].set_yticks(range(rows), labels=tasks, fontsize=8)
+        label_rows(panels[0], tasks, row_inches, 8, "task")
         bottom.suptitle("Most task-specific layers: expert use per task", fontsize=10)
         bottom.colorbar(image, ax=list(panels), label="share / even share")
     return save_figure(figure, path)

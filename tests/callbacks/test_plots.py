@@ -56,3 +56,38 @@ def test_accuracy_curves_of_200_tasks_name_the_best_and_worst_in_a_bounded_legen
     assert legend_names(figure) == ["the other 194 tasks", *named, "macro average", "chance", "single-task baseline"]
     colours = [line.get_color() for line in figure.axes[0].get_lines() if line.get_label() in named]
     assert len(set(colours)) == len(named)  # each named task its own colour
+
+
+def layer_names(blocks: int) -> list[str]:
+    return [f"model.layers.{block}.{proj}" for block in range(blocks)
+            for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def row_labels(axes) -> list[str]:
+    return [label.get_text() for label in axes.get_yticklabels()]
+
+
+def test_routing_picture_of_200_tasks_is_capped_in_height_and_names_every_task(tmp_path, drawn):
+    generator = random.Random(0)
+    tasks = [f"task_{index:03d}" for index in range(200)]
+    names = layer_names(32)  # 224 routed layers
+    divergence = [[generator.random() for _ in names] for _ in tasks]
+    details = [(name, 0.5, [[generator.random() for _ in range(8)] for _ in tasks]) for name in names[:4]]
+    plots.plot_task_routing(divergence, names, tasks, details, "routing", tmp_path / "routing.png")
+    figure = drawn[0]
+    assert figure.get_size_inches()[1] <= plots.MOST_INCHES  # was 115 in (11,500 px)
+    kl_map, first_panel = figure.subfigs[0].axes[0], figure.subfigs[1].axes[0]
+    assert row_labels(kl_map) == row_labels(first_panel) == tasks
+
+
+def test_rows_too_many_for_the_cap_are_named_in_part_and_the_axis_says_so(tmp_path, drawn):
+    names = layer_names(120)  # 840 routed layers
+    plots.plot_layer_heatmap([[1.0] * 8 for _ in names], names, ["all tasks"], 8, "load", "load / even share",
+                             tmp_path / "load.png")
+    figure, = drawn
+    axes = figure.axes[0]
+    assert figure.get_size_inches()[1] == plots.MOST_INCHES
+    labels = row_labels(axes)
+    assert labels == names[::2] and axes.get_ylabel() == "layer (1 in 2 of 840 named)"
+    assert len(labels) * 6 / 72 <= axes.get_position().height * plots.MOST_INCHES  # 6 pt labels do not overlap
