@@ -4,10 +4,12 @@ launchers, an aten op recorder and a recorder of what would make the host wait f
 from __future__ import annotations
 
 import multiprocessing
+import functools
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -341,3 +343,33 @@ def _call_site() -> str:
     path = frame.f_code.co_filename
     where = "malora_lightning/" + path[len(PACKAGE_DIR):] if path.startswith(PACKAGE_DIR) else os.path.basename(path)
     return f"{where}:{frame.f_code.co_name}"
+
+
+# torch.distributed's collectives: each a round trip between the ranks (the object collectives call these)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier", "reduce", "gather",
+               "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")
+
+
+@contextmanager
+def counting_collectives() -> Iterator[Counter]:
+    """Counts, by name, this process's calls of torch.distributed's collectives until it exits: those made through
+    `torch.distributed` (Lightning's, torchmetrics') and those its object collectives make inside."""
+    counts: Counter = Counter()
+    c10d = torch.distributed.distributed_c10d
+    originals = [(namespace, name, getattr(namespace, name)) for name in COLLECTIVES
+                 for namespace in (torch.distributed, c10d)]
+
+    def counted(name: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    for namespace, name, function in originals:
+        setattr(namespace, name, counted(name, function))
+    try:
+        yield counts
+    finally:
+        for namespace, name, function in originals:
+            setattr(namespace, name, function)

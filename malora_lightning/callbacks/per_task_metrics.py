@@ -14,7 +14,6 @@ right after each evaluation is recorded, from the same hook, so they may still l
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,13 +22,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric, SumMetric
 
 from malora_lightning.callbacks.summary import WeightsStep, mean_of_present
 from malora_lightning.data.batches import EvaluationOutput
 
-# torchmetrics' warning for a metric computed before any update
-EMPTY_METER_WARNING = r"The ``compute`` method of metric \w+ was called before the ``update`` method"
+# the columns of a task's sums (`PerTaskMetrics._sums`): its examples' losses, its examples, its examples' correct
+# answers and its examples with an answer to judge (none for a task scored by loss alone)
+LOSS, EXAMPLES, CORRECT, JUDGED = range(4)
 
 
 @dataclass
@@ -85,24 +84,15 @@ def chance_rates(trainer: L.Trainer) -> dict[str, float | None]:
     return {task.name: getattr(task, "chance_rate", None) for task in tasks}
 
 
-class _TaskMeters(torch.nn.Module):
-    """A task's running means. A NaN is a result, not noise: torchmetrics' default drops it from the mean (a partly
-    diverged evaluation read as a finite loss over its `count`); a float strategy replaces NaNs by that float, here
-    NaN itself, so it shows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loss = MeanMetric(nan_strategy=float("nan"))
-        self.accuracy = MeanMetric(nan_strategy=float("nan"))
-        self.count = SumMetric()
-
-
 class PerTaskMetrics(Callback):
     """Log `<stage>/<task>/loss`, `<stage>/<task>/acc` and `<stage>/macro_acc`, `<stage>/macro_loss` per evaluation."""
 
     def __init__(self) -> None:
         self.history: list[Evaluation] = []
-        self._meters: dict[str, _TaskMeters] = {}
+        # each task's sums over this rank's examples of the evaluation (columns LOSS, EXAMPLES, CORRECT, JUDGED), on
+        # the module's device; summed over the ranks once, in `_finish`. A NaN loss is a result, not noise: it makes
+        # the task's loss NaN (torchmetrics' default dropped it: a partly diverged evaluation read as a finite loss)
+        self._sums: dict[str, torch.Tensor] = {}
         self._listeners: list[EvaluationListener] = []
         self._weights = WeightsStep()
         # the checkpoint validate/test restored the fit's history from: it ends there, not at the fit's end
@@ -117,19 +107,19 @@ class PerTaskMetrics(Callback):
     def _task_names(self, trainer: L.Trainer) -> list[str]:
         datamodule = trainer.datamodule
         return [task.name for task in datamodule.tasks] if datamodule is not None and hasattr(datamodule, "tasks") \
-            else list(self._meters)
+            else list(self._sums)
 
     def _reset(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Every rank creates the same meters in the same order, so their synchronisation cannot deadlock.
-        for name in self._task_names(trainer):
-            if name not in self._meters:
-                self._meters[name] = _TaskMeters()
-        for meters in self._meters.values():
-            meters.to(pl_module.device)
-            for metric in (meters.loss, meters.accuracy, meters.count):
-                metric.reset()
+        names = dict.fromkeys([*self._sums, *self._task_names(trainer)])
+        self._sums = {name: self._zeros(pl_module.device) for name in names}
 
-    def _update(self, outputs: EvaluationOutput | None) -> None:
+    @staticmethod
+    def _zeros(device: torch.device) -> torch.Tensor:
+        """A task's sums before any example: in the default float dtype (float32), accumulated one example at a time,
+        as torchmetrics' MeanMetric did, so the figures are those it gave."""
+        return torch.zeros(4, dtype=torch.get_default_dtype(), device=device)
+
+    def _update(self, outputs: EvaluationOutput | None, device: torch.device) -> None:
         """Count a step's examples. A step that returns None scores nothing; any other type is refused: a dict, say,
         was skipped, and an evaluation that scored nothing logged a macro loss of 0.0."""
         if outputs is None:
@@ -138,48 +128,54 @@ class PerTaskMetrics(Callback):
             raise TypeError(f"an evaluation step returned a {type(outputs).__name__}, where PerTaskMetrics scores an "
                             "EvaluationOutput (malora_lightning.data): return one from evaluate_batch (or None from a "
                             "step that scores nothing), or run without PerTaskMetrics (--per_task_metrics null)")
-        losses = outputs.loss.detach().float()
-        correct = outputs.correct
+        losses = outputs.loss.detach().to(torch.get_default_dtype())
+        judged = torch.zeros_like(losses) if outputs.correct is None else torch.ones_like(losses)
+        correct = torch.zeros_like(losses) if outputs.correct is None else outputs.correct.to(losses)
+        # by column: LOSS, EXAMPLES, CORRECT, JUDGED; on the module's device, where `_reset` made the sums
+        rows = torch.stack([losses, torch.ones_like(losses), correct, judged], dim=1).to(device)
         for index, name in enumerate(outputs.task_name):
-            if name not in self._meters:
-                self._meters[name] = _TaskMeters().to(losses.device)
-            meters = self._meters[name]
-            meters.loss.update(losses[index])
-            meters.count.update(1.0)
-            if correct is not None:
-                meters.accuracy.update(correct[index].float())
+            if name not in self._sums:
+                self._sums[name] = self._zeros(device)
+            self._sums[name] += rows[index]  # on the device, without a wait: the ranks' sums are read in `_finish`
 
     def _same_meters_on_every_rank(self, pl_module: L.LightningModule) -> None:
-        """Give every rank the meters of every task any rank scored, in one order, before they synchronise one by
-        one. The data module's tasks make them alike (`_reset`); without one (dataloaders given to the trainer) a
-        rank makes a task's meters when it scores an example of it, and a task with fewer examples than ranks is
-        only padding on some: their collectives paired other tasks' meters (wrong figures), then hung."""
+        """Give every rank the sums of every task any rank scored, in one order, before they are summed over the
+        ranks. The data module's tasks make them alike (`_reset`); without one (dataloaders given to the trainer) a
+        rank makes a task's sums when it scores an example of it, and a task with fewer examples than ranks is
+        only padding on some: their rows would pair other tasks' across ranks (wrong figures, or a hang)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
                 or torch.distributed.get_world_size() == 1:
             return
         names: list[list[str] | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(names, list(self._meters))
-        meters = self._meters
-        self._meters = {name: meters[name] if name in meters else _TaskMeters().to(pl_module.device)
-                        for name in dict.fromkeys(name for rank_names in names for name in rank_names)}
+        torch.distributed.all_gather_object(names, list(self._sums))
+        sums = self._sums
+        self._sums = {name: sums[name] if name in sums else self._zeros(pl_module.device)
+                      for name in dict.fromkeys(name for rank_names in names for name in rank_names)}
+
+    def _scores(self, pl_module: L.LightningModule) -> dict[str, TaskScore]:
+        """Every task's score over all ranks, from one all_reduce of the ranks' sums and one read on the host, however
+        many tasks there are (a torchmetrics mean per figure synchronised its states task by task: several
+        all_gathers and a host wait per task and figure)."""
+        self._same_meters_on_every_rank(pl_module)
+        if not self._sums:
+            return {}
+        sums = torch.stack(list(self._sums.values()))
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        # the means in the sums' dtype, as MeanMetric divided; an accuracy of no judged example is 0/0, NaN
+        means = sums[:, [LOSS, CORRECT]] / sums[:, [EXAMPLES, JUDGED]]
+        scores = {}
+        for name, (loss, accuracy, count) in zip(self._sums, torch.cat([means, sums[:, [EXAMPLES]]], 1).tolist()):
+            if count > 0:  # else no examples of this task in this pass (on any rank)
+                scores[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
+                                         count=int(count))
+        return scores
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
                                 during_fit=trainer.state.fn == TrainerFn.FITTING,
-                                checkpoint=self._weights.checkpoint_name)
-        self._same_meters_on_every_rank(pl_module)
-        for name, meters in self._meters.items():
-            # compute() synchronises across ranks, so every rank computes every meter, even an empty one (a task
-            # with no example in this pass, or on this rank; the accuracy of a task scored by loss alone), for which
-            # torchmetrics warns that compute ran before update
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=EMPTY_METER_WARNING, category=UserWarning)
-                loss, accuracy = meters.loss.compute().item(), meters.accuracy.compute().item()
-                count = int(meters.count.compute().item())
-            if count == 0:
-                continue  # no examples of this task in this pass
-            evaluation.tasks[name] = TaskScore(loss=loss, accuracy=None if math.isnan(accuracy) else accuracy,
-                                               count=count)
+                                checkpoint=self._weights.checkpoint_name, tasks=self._scores(pl_module))
         if trainer.sanity_checking and partial_sanity_check(trainer):
             # a few examples' accuracy would stand in every report's first and best columns and the seesaw figures
             rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "
@@ -254,7 +250,7 @@ class PerTaskMetrics(Callback):
         self._reset(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update(outputs)
+        self._update(outputs, pl_module.device)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "val")
@@ -263,7 +259,7 @@ class PerTaskMetrics(Callback):
         self._reset(trainer, pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update(outputs)
+        self._update(outputs, pl_module.device)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module, "test")

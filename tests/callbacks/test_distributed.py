@@ -5,6 +5,7 @@ example (`EvaluationShardSampler`), which must count neither in the metrics nor 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from malora_lightning.callbacks import PerTaskMetrics, RoutingStats
 from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.callbacks.test_per_task_metrics import HandBuiltPredictions, expected_metrics, trainer_for
-from tests.helpers import TwoProcessDDPStrategy
+from tests.helpers import TwoProcessDDPStrategy, counting_collectives
 from tests.test_module import TASKS, make_data, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -81,3 +82,68 @@ def test_hand_built_metrics_are_synchronised_across_two_processes(tmp_path):
     logged = {key: value.item() for key, value in trainer.callback_metrics.items()}
     expected = expected_metrics() | {"val/solo/loss": 7.0, "val/macro_loss": (13.0 / 8 + 12.0 / 4 + 4.0 / 2 + 7.0) / 4}
     assert logged == pytest.approx(expected)
+
+
+class ManyTasks(HandBuiltPredictions):
+    """Adds `extra` tasks of two examples, losses 1 + i and 2 + i, the first answered right: one example per rank."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__(batch_size=2)
+        self.extra = extra
+
+    def val_dataloader(self) -> dict[str, DataLoader]:
+        extra = {f"extra{i}": DataLoader([{"index": index, "task": f"extra{i}"} for index in range(2)], batch_size=2)
+                 for i in range(self.extra)}
+        return {**super().val_dataloader(), **extra}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        task = batch["task"][0]
+        if not task.startswith("extra"):
+            return super().validation_step(batch, batch_idx, dataloader_idx)
+        indices = batch["index"]
+        return EvaluationOutput(task_name=batch["task"], loss=indices.float() + 1 + int(task[5:]), correct=indices == 0)
+
+
+class CountedPerTaskMetrics(PerTaskMetrics):
+    """Counts each rank's collectives at a validation's end: `_finish`'s own, and those Lightning makes afterwards to
+    log its figures; writes them, with the figures the rank holds, to `rank<r>.json` in `out_dir`."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.finish = 0
+        self.logging = None
+
+    def _finish(self, trainer, pl_module, stage: str) -> None:
+        with counting_collectives() as counts:
+            super()._finish(trainer, pl_module, stage)
+        self.finish = sum(counts.values())
+        self.logging = counting_collectives()
+        self.logged = self.logging.__enter__()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.logging.__exit__(None, None, None)
+        figures = {key: value.item() for key, value in trainer.callback_metrics.items()}
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"finish": self.finish, "logging": sum(self.logged.values()), "figures": figures}))
+
+
+def test_an_evaluations_collectives_do_not_grow_with_the_number_of_tasks(tmp_path):
+    """Each task's three torchmetrics means synchronised their states one by one (several all_gathers per task and
+    figure): 200 tasks made over a thousand collectives per validation, each a network round trip between nodes."""
+    counts = {}
+    for extra in (0, 6):
+        root = tmp_path / str(extra)
+        root.mkdir()
+        trainer = trainer_for(root, strategy=TwoProcessDDPStrategy(), devices=2,
+                              callbacks=[CountedPerTaskMetrics(str(root))])
+        trainer.validate(ManyTasks(extra), verbose=False)
+        ranks = [json.loads((root / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        expected = expected_metrics()
+        for i in range(extra):
+            expected |= {f"val/extra{i}/loss": 1.5 + i, f"val/extra{i}/acc": 0.5}
+        expected["val/macro_acc"] = sum(value for key, value in expected.items() if key.endswith("/acc")) / (2 + extra)
+        expected["val/macro_loss"] = sum(value for key, value in expected.items() if key.endswith("/loss")) / (3 + extra)
+        assert ranks[0]["figures"] == pytest.approx(expected)
+        counts[extra] = [rank["finish"] for rank in ranks]
+    assert counts[6] == counts[0]
