@@ -567,13 +567,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
             # the step's values: the mean of its batches' (and ranks'), as the gradients average them (each rank
             # logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share)
-            step = torch.stack(self._step_losses).mean(0)
-            if self.trainer.world_size > 1:
-                step = self.trainer.strategy.reduce(step, reduce_op="mean")
+            step, per_task = self._step_task_losses(torch.stack(self._step_losses).mean(0))
             for key, value in zip(logged, step):
                 self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
             self._step_losses = []
-            per_task = self._step_task_losses()
             for name, task_loss in per_task.items():
                 self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
             # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
@@ -622,19 +619,53 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         raise FloatingPointError(f"non-finite training loss at global step {self.global_step} (epoch "
                                  f"{self.current_epoch}) on another rank; {stopped}")
 
-    def _step_task_losses(self) -> dict[str, torch.Tensor | float]:
-        """Each task's loss over the optimizer step's batches (``_step_task_parts``; all of them under gradient
-        accumulation) on every rank: the batches' per-task losses weighted by their target tokens (by 1 where an
-        override gives none). The ranks' batches hold different tasks, so one rank's would leave out the tasks drawn
-        elsewhere; they are gathered as Python objects, once per step, because the task names differ by rank. One
-        batch on one process logs its own value, as computed."""
+    def _step_task_losses(self, step: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The step's losses (`step`: this rank's mean over its batches) averaged over the ranks, and each task's loss
+        over the optimizer step's batches (``_step_task_parts``; all of them under gradient accumulation) on every
+        rank: the batches' per-task losses weighted by their target tokens (by 1 where an override gives none). The
+        ranks' batches hold different tasks, so one rank's would leave out the tasks drawn elsewhere. One batch on
+        one process logs its own value, as computed.
+
+        On several ranks both go in one all_reduce of float64 sums (the task sums in the data module's task order,
+        the same on every rank), read on the host once, whatever the number of tasks: a strategy `reduce` (a barrier
+        and an all_reduce) and an object gather with a host read per task part cost a round trip and waits that grew
+        with the tasks. A task the data module does not list (dataloaders given to the trainer, a `compute_lm_loss`
+        of your own) cannot have a row: when any rank has one, the ranks gather their task sums as Python objects."""
         parts = self._step_task_parts
-        if self.trainer.world_size == 1:
-            return {name: values[0][0] if len(values) == 1 else
-                    sum(value * weight for value, weight in values) / sum(weight for _, weight in values).clamp(min=1)
-                    for name, values in sorted(parts.items())}
+        world_size = self.trainer.world_size
+        if world_size == 1:
+            own = {name: values[0][0] if len(values) == 1 else
+                   sum(value * weight for value, weight in values) / sum(weight for _, weight in values).clamp(min=1)
+                   for name, values in sorted(parts.items())}
+            return step, own
+        datamodule = self.trainer.datamodule
+        names = [task.name for task in getattr(datamodule, "tasks", [])] if datamodule is not None else []
+        row = {name: index for index, name in enumerate(names)}
+        # [the step's losses | per listed task: token-weighted loss sum, tokens, parts | parts of unlisted tasks]
+        sums = torch.zeros(step.numel() + 3 * len(names) + 1, dtype=torch.float64, device=step.device)
+        sums[:step.numel()] = step
+        task_sums = sums[step.numel():-1].view(len(names), 3)
+        for name, values in parts.items():
+            if name not in row:
+                sums[-1] += len(values)
+                continue
+            # in the order, and the precision, of the Python floats these sums were before
+            task_sums[row[name], :2] = torch.stack([sum(value.double() * weight.double() for value, weight in values),
+                                                    sum(weight.double() for _, weight in values)])
+            task_sums[row[name], 2] = len(values)
+        torch.distributed.all_reduce(sums)
+        step = (sums[:step.numel()] / world_size).to(step.dtype)
+        losses = (task_sums[:, 0] / task_sums[:, 1].clamp(min=1)).float()
+        *counted, unlisted = torch.cat([task_sums[:, 2], sums[-1:]]).tolist()  # the one read on the host
+        if unlisted:
+            return step, self._gathered_task_losses()
+        return step, {name: losses[row[name]] for name, count in sorted(zip(names, counted)) if count}
+
+    def _gathered_task_losses(self) -> dict[str, float]:
+        """`_step_task_losses` by a gather of every rank's task sums as Python objects: the task names differ by rank,
+        and some are not the data module's."""
         own = {name: (sum(float(value) * float(weight) for value, weight in values),
-                      sum(float(weight) for _, weight in values)) for name, values in parts.items()}
+                      sum(float(weight) for _, weight in values)) for name, values in self._step_task_parts.items()}
         gathered: list[dict[str, tuple[float, float]] | None] = [None] * self.trainer.world_size
         torch.distributed.all_gather_object(gathered, own)
         totals: dict[str, tuple[float, float]] = {}

@@ -353,17 +353,25 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"
 @contextmanager
 def counting_collectives() -> Iterator[Counter]:
     """Counts, by name, this process's calls of torch.distributed's collectives until it exits: those made through
-    `torch.distributed` (Lightning's, torchmetrics') and those its object collectives make inside."""
+    `torch.distributed` (Lightning's, torchmetrics') and those its object collectives make inside. A collective
+    called again from inside one (a TorchFunctionMode such as `HostWaits` dispatches it anew) counts once."""
     counts: Counter = Counter()
     c10d = torch.distributed.distributed_c10d
     originals = [(namespace, name, getattr(namespace, name)) for name in COLLECTIVES
                  for namespace in (torch.distributed, c10d)]
+    inside = [False]
 
     def counted(name: str, function: Callable) -> Callable:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if inside[0]:
+                return function(*args, **kwargs)
             counts[name] += 1
-            return function(*args, **kwargs)
+            inside[0] = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                inside[0] = False
         return wrapper
 
     for namespace, name, function in originals:

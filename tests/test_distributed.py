@@ -21,7 +21,8 @@ from malora_lightning.adapters.io import peft_key, routed_up_projections
 from malora_lightning.adapters import adapter_state_dict
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTracker
 from malora_lightning.module import MALoRAModule
-from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy
+from tests.helpers import HostWaits, TwoProcessDDPStrategy, TwoProcessFSDP2Strategy, counting_collectives, run_ranks
+from tests.ranks import step_task_losses
 from tests.test_module import TASKS, RecordingLMLoss, make_data, make_module, make_trainer
 
 pytestmark = pytest.mark.slow
@@ -58,9 +59,19 @@ class DumpRankState(Callback):
             json.dump(state, handle)
 
 
+class CountedTrainingStep(RecordingLMLoss):
+    """Keeps the latest training step's collectives and the host reads the package's code made in it."""
+
+    def training_step(self, batch, batch_idx):
+        with counting_collectives() as collectives, HostWaits() as waits:
+            loss = super().training_step(batch, batch_idx)
+        self.step_counts = {"collectives": sum(collectives.values()), "host_reads": sum(waits.in_package().values())}
+        return loss
+
+
 class DumpTrainLoss(Callback):
     """Each rank writes, per step, the losses its training_step computed (overall, and per task with its target
-    tokens) and those it logged."""
+    tokens), those it logged, and its collectives and host reads (`CountedTrainingStep`)."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
@@ -74,7 +85,8 @@ class DumpTrainLoss(Callback):
             "own_tasks": {name: [value.item(), latest.per_task_tokens[name].item()]
                           for name, value in latest.per_task.items()},
             "logged_tasks": {name: float(logged[f"train/{name}/lm_loss"]) for name in TASKS
-                             if f"train/{name}/lm_loss" in logged}})
+                             if f"train/{name}/lm_loss" in logged},
+            "counts": pl_module.step_counts})
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(f"{self.out_dir}/loss{trainer.global_rank}.json", "w") as handle:
@@ -86,7 +98,7 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
                  DumpTrainLoss(str(tmp_path))]
     trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=callbacks)
-    module = RecordingLMLoss(**make_module(tiny_model_dir).hparams)
+    module = CountedTrainingStep(**make_module(tiny_model_dir).hparams)
     trainer.fit(module, make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas identical
@@ -115,6 +127,9 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
             expected = sum(loss * tokens for loss, tokens in parts) / sum(tokens for _, tokens in parts)
             assert first["logged_tasks"][name] == second["logged_tasks"][name] == pytest.approx(expected, rel=1e-6)
     assert tasks_on_one_rank_only > 0  # the case the gathering is for happened
+    # one all_reduce and one read on the host per step, however many tasks its batches hold: the strategy's reduce (a
+    # barrier and an all_reduce), an object gather (two all_gathers) and a host read per task part and rank before
+    assert [step["counts"] for rank in losses for step in rank] == [{"collectives": 1, "host_reads": 1}] * 6
 
 
 class PoisonOnRankOne(MALoRAModule):
@@ -307,3 +322,9 @@ def test_each_two_process_run_takes_a_port_of_its_own(monkeypatch):
         holder.bind(("127.0.0.1", port))
         holder.listen()
         assert fit().strategy.cluster_environment.main_port != port
+
+
+def test_the_step_task_losses_of_listed_and_unlisted_tasks_are_summed_over_the_ranks():
+    """Every task the data module lists is summed in one all_reduce; the object gather remains for tasks it does not
+    list (dataloaders given to the trainer, a `compute_lm_loss` of one's own), with the same figures."""
+    run_ranks(step_task_losses.run)
