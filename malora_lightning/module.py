@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -293,6 +293,20 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         `save_hyperparameters()`) as its dict. The loggers record these: a logger's hparams.yaml held the object as a
         Python tag, which `load_from_checkpoint(hparams_file=...)` refuses, and TensorBoard its repr as one value."""
         return AttributeDict(_as_stored(super().hparams_initial))
+
+    @property
+    def learning_rate(self) -> float:
+        """The adapters' AdamW learning rate the module runs with (`settings.learning_rate`; the routers' too unless
+        `router_learning_rate` is set). Settable, for Lightning's learning-rate finder (`Tuner.lr_find`,
+        `LearningRateFinder`): it sets a module's `learning_rate` and `hparams.learning_rate`, and with `hparams` alone
+        the fit trained at the old rate while the finder logged "Learning rate set to" the new one."""
+        return self.settings.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if not is_finite_number(value) or value < 0:
+            raise ValueError(f"MALoRAModule learning_rate={value!r} is invalid: expected a finite number >= 0")
+        self.settings = replace(self.settings, learning_rate=float(value))
 
     def _adapter_folder_config(self, adapter_path: str, model_name_or_path: str) -> AdapterConfig:
         folder = read_adapter_folder(adapter_path)

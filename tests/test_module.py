@@ -552,6 +552,23 @@ def test_router_parameters_get_their_own_learning_rate_and_weight_decay(tiny_mod
     assert not router_ids & {id(p) for p in groups[0]["params"]}
 
 
+def test_the_learning_rate_finder_sets_the_rate_the_fit_trains_at(tiny_model_dir, tmp_path):
+    """Lightning's finder sets a module's `learning_rate` or `hparams.learning_rate`: the module runs on its settings,
+    so with hparams alone the next fit trained at the old rate while the finder logged "Learning rate set to"."""
+    from lightning.pytorch.tuner import Tuner
+
+    module, data = make_module(tiny_model_dir, router_learning_rate=1e-4), make_data(tiny_model_dir)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    found = Tuner(trainer).lr_find(module, datamodule=data, min_lr=1e-4, max_lr=1e-2, num_training=16,
+                                   early_stop_threshold=None).suggestion()
+    assert found is not None and found != 1e-2
+    assert module.learning_rate == module.settings.learning_rate == module.hparams.learning_rate == found
+    trainer.fit(module, data)
+    assert [group["initial_lr"] for group in trainer.optimizers[0].param_groups] == [found, 1e-4]
+    with pytest.raises(ValueError, match="learning_rate=nan is invalid"):
+        module.learning_rate = math.nan
+
+
 @pytest.mark.parametrize("method", ["lora", "molora", "malora"])
 def test_the_librarys_adapters_and_routers_are_all_decayed(tiny_model_dir, method):
     module = make_module(tiny_model_dir, adapter=AdapterConfig(method=method, rank=2, shared_rank=4, num_experts=4,
