@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
@@ -286,6 +286,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._unchecked_losses: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # a resumed fit's checkpoint step: until the trainer's step reaches it, its step and optimizer are not restored
         self._resume_step: int | None = None
+        # the gradient accumulations whose validations inside windows this fit has judged (`on_train_epoch_start`)
+        self._judged_accumulations: set[int] = set()
 
     @property
     def hparams_initial(self) -> AttributeDict:
@@ -365,7 +367,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             strategy.checkpoint_io = CheckedCheckpointIO()
         # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
         interval = getattr(self.trainer, "val_check_interval", None)
-        accumulate = self.trainer.accumulate_grad_batches
+        accumulate = max(scheduled_accumulations(self.trainer))  # the most batches max_steps can take
         batches = self.trainer.max_steps * accumulate  # without per-epoch validation, the interval counts these
         if stage == "fit" and isinstance(interval, int) and self.trainer.check_val_every_n_epoch is None \
                 and 0 < batches < interval:
@@ -899,6 +901,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._step_losses, self._step_task_parts, self._unchecked_losses = [], {}, []
         self._nan_tasks = (-1, set())  # this fit's Lightning holds no NaN an earlier fit logged
         self._warn_of_an_interval_beyond_the_epochs()
+        self._judged_accumulations = {self.trainer.accumulate_grad_batches}
         self._warn_of_validations_inside_windows()
         if self.trainer.ckpt_path is None:
             return
@@ -918,6 +921,15 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
 
+    def on_train_epoch_start(self) -> None:
+        """`_warn_of_validations_inside_windows` again for each accumulation a `GradientAccumulationScheduler` sets
+        (callbacks' hooks run before the module's, so the trainer has this epoch's): `on_train_start` saw the trainer's
+        1, and validations inside the scheduled windows went unnamed. Judged in each epoch's own batches, until one is
+        named for that accumulation."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate not in self._judged_accumulations and self._warn_of_validations_inside_windows(this_epoch=True):
+            self._judged_accumulations.add(accumulate)
+
     def _warn_of_an_interval_beyond_the_epochs(self) -> None:
         """`setup`'s warning of an interval the fit never reaches, for a fit that `max_epochs` ends first: only the
         training data's length, known once it is loaded, says how many batches those epochs hold, and such a fit
@@ -932,29 +944,38 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         interval = getattr(trainer, "val_check_interval", None)  # absent for a duration
         if not isinstance(interval, int) or every is not None or not is_int(trainer.num_training_batches):
             return
-        batches = fit_batches(trainer)
-        if 0 < trainer.max_steps * trainer.accumulate_grad_batches < interval or not 0 < batches < interval:
+        most = max(scheduled_accumulations(trainer))  # a scheduled accumulation stretches max_steps further
+        batches = fit_batches(trainer, most)
+        if 0 < trainer.max_steps * most < interval or not 0 < batches < interval:
             return  # setup warned of it already, or the fit validates
         warn_never_validates(f"val_check_interval={interval} exceeds the fit's {batches} training batches "
                              f"(max_epochs={trainer.max_epochs} of {trainer.num_training_batches} batches)",
                              "val_check_interval", batches)
 
-    def _warn_of_validations_inside_windows(self) -> None:
+    def _warn_of_validations_inside_windows(self, this_epoch: bool = False) -> bool:
         """A validation inside an accumulation window (and the checkpoint written when it ends, which holds none of
         the window's gradients) makes a resume from it skip the window's earlier batches: its losses leave the
         uninterrupted run's. Judged from the batch Lightning validates after (`val_check_batch`, which a float
-        interval makes a fraction of the epoch) and the epoch's length, known once the training data is."""
+        interval makes a fraction of the epoch) and the epoch's length, known once the training data is; over the
+        whole fit, or with `this_epoch` over the current epoch's batches (a scheduled accumulation, which a later
+        epoch may change). Returns whether it warned."""
         trainer = self.trainer
         accumulate, per_epoch = trainer.accumulate_grad_batches, trainer.check_val_every_n_epoch is not None
         epoch, every = trainer.num_training_batches, trainer.val_check_batch
         if accumulate == 1 or not is_int(epoch) or not is_int(every):  # an unsized loader, or no validation
-            return
-        batches = fit_batches(trainer)
-        if per_epoch:  # the first validating epoch comes after check_val_every_n_epoch - 1 others
-            batches -= (trainer.check_val_every_n_epoch - 1) * epoch
-        inside = first_validation_inside_a_window(epoch, every, accumulate, per_epoch, batches)
+            return False
+        batches, after = fit_batches(trainer), 0
+        if per_epoch:  # without `this_epoch`, the first validating epoch: after check_val_every_n_epoch - 1 others
+            judged = trainer.current_epoch if this_epoch else trainer.check_val_every_n_epoch - 1
+            if (judged + 1) % trainer.check_val_every_n_epoch:
+                return False
+            batches -= judged * epoch
+        elif this_epoch:
+            after = trainer.current_epoch * epoch
+            batches = min(batches, after + epoch)
+        inside = first_validation_inside_a_window(epoch, every, accumulate, per_epoch, batches, after)
         if inside is None:
-            return
+            return False
         where = f"after batch {inside} of each epoch of {epoch}" if per_epoch else (
             f"after training batch {inside} of the fit (check_val_every_n_epoch=None counts them over the whole fit), "
             f"batch {(inside - 1) % epoch + 1} of an epoch of {epoch}")
@@ -964,6 +985,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                        f"window's earlier batches. Validate at multiples of {accumulate} batches into each epoch: an "
                        f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
                        "that is one too (or validation at epoch ends)")
+        return True
 
 
 class NonFiniteLossCheck(Callback):
@@ -984,10 +1006,22 @@ def warn_never_validates(cause: str, setting: str, limit: int) -> None:
                    f"the sanity check's, before training); set {setting} to at most {limit}")
 
 
-def fit_batches(trainer: L.Trainer) -> int:
+def scheduled_accumulations(trainer: L.Trainer) -> list[int]:
+    """The gradient accumulations a fit runs with: the trainer's `accumulate_grad_batches`, or every one a
+    `GradientAccumulationScheduler` sets, at each epoch's start (the trainer's is 1 until then, in `setup` and
+    `on_train_start` too)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler):
+            return sorted({callback.get_accumulate_grad_batches(epoch) for epoch in [0, *callback.scheduling]})
+    return [trainer.accumulate_grad_batches]
+
+
+def fit_batches(trainer: L.Trainer, accumulate: int | None = None) -> int:
     """The training batches a fit runs: its epochs' (`max_epochs`) or those `max_steps` optimizer steps take, each
-    epoch ending in a partial accumulation window where its length is not a multiple of the accumulation."""
-    epoch, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    epoch ending in a partial accumulation window where its length is not a multiple of the accumulation
+    (`accumulate`, by default the trainer's)."""
+    epoch = trainer.num_training_batches
+    accumulate = trainer.accumulate_grad_batches if accumulate is None else accumulate
     limits = []
     if trainer.max_steps >= 0:
         steps_per_epoch = math.ceil(epoch / accumulate)
@@ -998,13 +1032,14 @@ def fit_batches(trainer: L.Trainer) -> int:
 
 
 def first_validation_inside_a_window(epoch: int, every: int, accumulate: int, per_epoch: bool,
-                                     batches: int) -> int | None:
+                                     batches: int, after: int = 0) -> int | None:
     """The first training batch after which Lightning validates inside an accumulation window (counted from 1 into
     the epoch for `per_epoch` validation, else over the fit), or None. Lightning validates after every `every`-th
     batch of each epoch (`per_epoch`) or of the whole fit, and steps the optimizer after every `accumulate`-th batch
     of an epoch and after its last, so a validation is at a window's end where its batch into the epoch is a
-    multiple of `accumulate` or the epoch's last. The positions into the epoch repeat within `epoch` validations."""
-    for count in range(1, epoch + 1):
+    multiple of `accumulate` or the epoch's last. The positions into the epoch repeat within `epoch` validations.
+    Counted over the fit, only the validations after training batch `after` are judged."""
+    for count in range(after // every + 1, after // every + epoch + 1):
         if per_epoch:
             position = count * every
             if position > min(epoch, batches):

@@ -1273,6 +1273,31 @@ def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_p
         assert re.search(warned, named[0]) and f"accumulate_grad_batches={accumulate}" in named[0]
 
 
+@pytest.mark.parametrize(("scheduling", "interval", "max_steps", "warned"), [
+    ({0: 3}, 2, 4, "after training batch 2 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
+    ({1: 3}, 2, 30, "after training batch 20 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
+    ({0: 4}, 8, 3, None),  # 12 batches: it validates after batch 8
+    ({0: 2}, 8, 3, "val_check_interval=8 exceeds the fit's 6 training batches"),
+])
+def test_a_gradient_accumulation_schedulers_windows_are_judged(tiny_model_dir, tmp_path, scheduling, interval,
+                                                                max_steps, warned):
+    """`GradientAccumulationScheduler` sets the trainer's accumulation at each epoch's start, after `setup` and
+    `on_train_start` judged the fit by its 1: validations inside the scheduled windows went unnamed, and a fit that
+    validates was said never to ("val_check_interval=8 exceeds the fit's 3 training batches")."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    trainer = make_trainer(tmp_path, max_steps=max_steps, val_check_interval=interval, check_val_every_n_epoch=None,
+                           limit_val_batches=1, callbacks=[GradientAccumulationScheduler(scheduling)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    named = [str(w.message) for w in caught
+             if "inside an accumulation window" in str(w.message) or "never validates" in str(w.message)]
+    assert len(named) == (warned is not None), named
+    if warned:
+        assert re.search(warned, named[0])
+
+
 @pytest.mark.parametrize(("epoch", "every", "accumulate", "per_epoch", "batches", "inside"), [
     (18, 9, 2, True, 36, 9), (18, 8, 4, True, 100, None), (12, 3, 2, True, 12, 3), (12, 4, 2, True, 12, None),
     (18, 8, 4, False, 100, 24), (18, 8, 4, False, 20, None), (16, 8, 4, False, 1000, None),
