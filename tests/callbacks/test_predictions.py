@@ -1,6 +1,7 @@
 """`PredictionWriter`: `predict` writes one JSON line per example, with the module's answers and the input row each
 answers, also from two processes, and never over a file the user wrote."""
 
+import dataclasses
 import json
 import warnings
 from collections import Counter
@@ -305,6 +306,33 @@ def test_a_predict_run_starts_without_the_answers_of_one_that_failed(tmp_path):
     assert read_partial(partial_path(tmp_path / "out.jsonl", 0)) == []
 
 
+def test_each_batchs_answers_are_on_disk_once_the_batch_ends(tmp_path):
+    """Written but not flushed, a batch's answers waited in the file object's buffer: a kill (OOM, time limit) lost
+    them although the batch had ended."""
+    writer = PredictionWriter(path=str(tmp_path / "out.jsonl"))
+    writer.on_predict_start(ONE_PROCESS, None)
+    writer.write_on_batch_end(None, None, [Prediction(0, None, "p", "a", None, None)], [0], None, 0, 0)
+    assert read_partial(partial_path(tmp_path / "out.jsonl", 0)) == [(0, 0, dataclasses.asdict(
+        Prediction(0, None, "p", "a", None, None)))]  # read from disk while the writer still holds the file open
+    with pytest.warns(UserWarning, match=r"\(1 answer\)"):
+        writer.on_exception(ONE_PROCESS, None, RuntimeError("stopped"))
+
+
+def test_a_writer_used_again_counts_only_its_new_runs_answers(tmp_path):
+    """One writer, two predict runs of a trainer: the second, stopped before its first answer, keeps no partial file
+    and warns of no answer, whatever the first had kept."""
+    writer = PredictionWriter(path=str(tmp_path / "out.jsonl"))
+    writer.on_predict_start(ONE_PROCESS, None)
+    writer.write_on_batch_end(None, None, [Prediction(0, None, "p", "a", None, None)] * 2, [0, 1], None, 0, 0)
+    with pytest.warns(UserWarning, match=r"\(2 answers\)"):
+        writer.on_exception(ONE_PROCESS, None, RuntimeError("stopped"))
+    writer.on_predict_start(ONE_PROCESS, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.on_exception(ONE_PROCESS, None, RuntimeError("stopped"))
+    assert kept_warnings(caught) == [] and partial_files(tmp_path) == []
+
+
 def kept_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "keeps what it answered so far" in str(w.message)]
 
@@ -382,6 +410,17 @@ def test_a_link_at_the_partial_name_is_never_replaced(tiny_model_dir, tmp_path):
     with pytest.raises(FileExistsError, match="rank0.partial was not written by PredictionWriter"):
         predict(tmp_path, stopping(tiny_model_dir, stop_at=None), make_data(tiny_model_dir))
     assert kept.read_bytes() == content
+
+
+def test_a_dangling_link_at_the_partial_name_is_never_replaced(tiny_model_dir, tmp_path):
+    """A link to nothing is not a partial file of ours either: starting the partial file afresh would remove it."""
+    partial = partial_path(tmp_path / PREDICTIONS_NAME, 0)
+    partial.symlink_to(tmp_path / "nowhere")
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    with pytest.raises(FileExistsError, match="rank0.partial was not written by PredictionWriter"):
+        predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1))
+    assert partial.is_symlink() and partial.readlink() == tmp_path / "nowhere"
+    assert module.lengths == {}  # refused before anything was predicted
 
 
 def test_a_failed_write_of_the_file_keeps_the_partial_file(tiny_model_dir, tmp_path, monkeypatch):
