@@ -34,7 +34,7 @@ from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RunReport
 from malora_lightning.data import MultiTaskDataModule, TrainingBatch, get_task
 from malora_lightning.data.collate import PromptEncoder
-from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, upgrade_checkpoint
+from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, check_checkpoint_format, upgrade_checkpoint
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS, EvaluationMixin
 from malora_lightning.module import (
     MALoRAModule,
@@ -1639,6 +1639,8 @@ def test_a_checkpoint_of_a_later_format_is_refused_naming_the_file_and_both_form
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     checkpoint = torch.load(checkpoints.best_model_path, weights_only=True)
     checkpoint[CHECKPOINT_FORMAT_KEY] = stored_format
+    renamed = next(iter(checkpoint["state_dict"]))  # a later version may rename tensors: still the format is named
+    checkpoint["state_dict"][f"{renamed}_later"] = checkpoint["state_dict"].pop(renamed)
     torch.save(checkpoint, tmp_path / "later.ckpt")
     message = rf"later.ckpt has malora_lightning_format={stored_format!r}, and this malora_lightning reads formats 1 to 2"
     with pytest.raises(ValueError, match=message):
@@ -1646,6 +1648,18 @@ def test_a_checkpoint_of_a_later_format_is_refused_naming_the_file_and_both_form
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path).validate(make_module(tiny_model_dir), make_data(tiny_model_dir),
                                         ckpt_path=tmp_path / "later.ckpt")
+
+
+@pytest.mark.parametrize("stored_format, refused", [(True, True), (2.0, True), (1, False), (2, False), (None, False)])
+def test_a_checkpoint_format_is_read_only_as_an_integer_this_version_knows(stored_format, refused):
+    """A bool is an int to Python (True == 1), yet no version writes one: a format key that is not an integer is
+    refused like a later format; none stored is format 1."""
+    checkpoint = {} if stored_format is None else {CHECKPOINT_FORMAT_KEY: stored_format}
+    if refused:
+        with pytest.raises(ValueError, match=rf"checkpoint x.ckpt has malora_lightning_format={stored_format!r}, "):
+            check_checkpoint_format(checkpoint, "x.ckpt")
+    else:
+        check_checkpoint_format(checkpoint, "x.ckpt")
 
 
 def test_load_from_checkpoint_restores_the_adapters_without_listing_the_absent_base(tiny_model_dir, tmp_path):
