@@ -171,6 +171,10 @@ def test_answers_are_measured_in_chunks(monkeypatch):
     data.setup("fit")
     assert sizes and max(sizes) <= 4
     assert [task.max_new_tokens for task in data.tasks] == [task.max_new_tokens for task in expected.tasks]
+    examples = get_task("reverse_words").examples("test", seed=0)
+    assert len(examples) > 2 * 4
+    # each answer's own length, in order (a predict file's target lengths are matched to their prompts by position)
+    assert data._measure_answers(examples) == answer_lengths(data._encoder, examples)
 
 
 def test_max_new_tokens_is_the_same_in_every_stage_and_under_any_example_limit():
