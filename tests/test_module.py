@@ -413,6 +413,50 @@ def test_a_fit_after_one_stopped_inside_an_accumulation_window_logs_only_its_own
     assert len(losses) == 2 and logger.steps[0]["train/lm_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
 
 
+class _PoisonedWhileSet(MALoRAModule):
+    """The training loss is NaN while `poison` is set."""
+
+    poison = False
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        if self.poison:
+            result.loss = result.loss * float("nan")
+        return result
+
+
+def test_a_fit_after_one_stopped_inside_a_window_with_a_nan_loss_checks_only_its_own_losses(tiny_model_dir, tmp_path):
+    """The stopped fit's NaN batch was never checked (its window's optimizer step never came): the next fit of the
+    same module, on good data, stopped at its first step naming that old batch."""
+    module = _PoisonedWhileSet(**make_module(tiny_model_dir).hparams)
+    module.poison = True
+    stopped = make_trainer(tmp_path / "stopped", max_steps=2, accumulate_grad_batches=2,
+                           callbacks=[_StopAfterFirstBatch()])
+    with pytest.raises(RuntimeError, match="stopped inside the accumulation window"):
+        stopped.fit(module, make_data(tiny_model_dir, batch_size=2))
+    module.poison = False
+    trainer = make_trainer(tmp_path / "again", max_steps=1, accumulate_grad_batches=2)
+    trainer.fit(module, make_data(tiny_model_dir, batch_size=2))
+    assert trainer.global_step == 1
+
+
+class _UncheckedAtBatchEnd(Callback):
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.counts.append(len(pl_module._unchecked_losses))
+
+
+def test_each_optimizer_steps_check_reads_only_the_losses_since_the_last(tiny_model_dir, tmp_path):
+    """The losses kept for the check are let go once checked: kept, they grew by one device tensor a batch for the
+    whole fit, and each step's check stacked them all."""
+    unchecked = _UncheckedAtBatchEnd()
+    trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[unchecked])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, batch_size=2))
+    assert unchecked.counts == [1, 0] * 3
+
+
 def test_each_tasks_lm_loss_is_its_token_mean_and_reading_it_waits_for_nothing(tiny_model_dir):
     """A task's loss is the mean NLL of its rows' target tokens (a float64 reference from the full logits), however
     its rows interleave with other tasks'. Besides the target positions (`target_pairs`), computing the losses reads
@@ -1085,11 +1129,13 @@ def test_a_step_stopped_by_a_non_finite_loss_leaves_no_graph_on_the_model(tiny_m
 
 class PoisonFirstBatchOfStep(MALoRAModule):
     """Makes the loss of the first batch of optimizer step 1 NaN (of each accumulation window's first batch with
-    accumulate_grad_batches=2: batch 2)."""
+    accumulate_grad_batches=2: batch 2), or of each batch counted in `poisoned` (batches ready, from 1)."""
+
+    poisoned = (3,)
 
     def compute_lm_loss(self, batch):
         result = super().compute_lm_loss(batch)
-        if self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_progress.current.ready == 3:
+        if self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_progress.current.ready in self.poisoned:
             result.loss = result.loss * float("nan")
         return result
 
@@ -1111,11 +1157,14 @@ def _poisoned_module(tiny_model_dir) -> PoisonFirstBatchOfStep:
                                   adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
 
 
-def test_a_non_finite_loss_in_the_first_batch_of_an_accumulated_step_stops_its_update(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("poisoned", [(3,), (3, 4)])
+def test_a_non_finite_loss_in_the_first_batch_of_an_accumulated_step_stops_its_update(tiny_model_dir, tmp_path,
+                                                                                      poisoned):
     """The check runs once per optimizer step, after the backward of its last batch: a NaN in an earlier batch must
-    still stop the update, and the error names that batch."""
+    still stop the update, and the error names that batch (the first non-finite one, when both are)."""
     before = _TrainedAtStepStart()
     module = _poisoned_module(tiny_model_dir)
+    module.poisoned = poisoned
     trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[before])
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 1 \(epoch 0, batch 2\): "
                                                  r"lm_loss=nan, aux_loss=[0-9.e-]+; training stopped before this update"):
