@@ -364,6 +364,16 @@ def test_a_task_absent_from_consecutive_steps_is_logged_nan_once_and_written_nan
     for step, (epoch, logged) in nan_logged.items():
         if step - 1 in nan_logged and nan_logged[step - 1][0] == epoch:
             assert not logged & nan_logged[step - 1][1], step  # Lightning still holds the previous step's NaN
+    # exactly once per run of absent steps in an epoch: at a step where a task seen before is absent, unless it was
+    # already absent (and seen) at the previous step of the same epoch
+    epochs = {step: epoch for epoch, step, name, _ in module.calls if name == "train/loss"}
+    steps = sorted(tasks.tasks)
+    seen_before = {step: set().union(*(tasks.tasks[earlier] for earlier in steps if earlier < step)) for step in steps}
+    for step in steps:
+        held = set() if step - 1 not in tasks.tasks or epochs[step - 1] != epochs[step] else \
+            seen_before[step - 1] - tasks.tasks[step - 1]
+        expected = {f"train/{name}/lm_loss" for name in seen_before[step] - tasks.tasks[step] - held}
+        assert nan_logged.get(step, (epochs[step], set()))[1] == expected, step
     seen = set()
     for step in sorted(tasks.tasks):
         seen |= tasks.tasks[step]
