@@ -236,6 +236,29 @@ def test_peft_settings_that_change_the_tensors_meaning_are_refused_and_unknown_o
             load_adapters(tiny_model("llama"), tmp_path / "peft")
 
 
+def test_known_settings_at_any_value_and_a_later_setting_left_neutral_load_without_a_warning(tmp_path):
+    """A default save writes most settings at their neutral value, so only a setting set otherwise shows whether it
+    is known: these are read by load_adapters or leave the tensors plain LoRA's (bookkeeping, training-time only),
+    set as a user would. A later PEFT's setting at a neutral value (as every save of that PEFT writes it) is not
+    named either: it would be on every load."""
+    peft_randomised(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path / "peft"))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **{
+        "task_type": "CAUSAL_LM", "revision": "main", "inference_mode": False,
+        "auto_mapping": {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers"},
+        "exclude_modules": ["k_proj"], "lora_dropout": 0.1, "fan_in_fan_out": True, "use_rslora": True,
+        "init_lora_weights": "gaussian", "layers_to_transform": [0, 1], "layers_pattern": "layers",
+        "megatron_config": {"tensor_model_parallel_size": 1}, "runtime_config": {"ephemeral_gpu_offload": True},
+        "eva_config": {"rho": 2.0}, "velora_config": {"rank": 4}, "qalora_group_size": 32,
+        "ensure_weight_tying": True,
+        "a_later_setting": None, "a_later_flag": False, "a_later_list": [], "a_later_config": {}, "a_later_name": "",
+    }}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*which load_adapters does not know")
+        load_adapters(tiny_model("llama"), tmp_path / "peft")
+
+
 @pytest.mark.parametrize("method", ["molora", "malora"])
 def test_a_mixture_folder_follows_peft_conventions_and_says_why_peft_cannot_load_it(tmp_path, method):
     model = randomised(inject_adapters(tiny_model("llama"), AdapterConfig(method=method, rank=2, shared_rank=4,
