@@ -406,8 +406,8 @@ class MultiTaskCollator:
         task_id = torch.tensor([example.task_id for example in examples], dtype=torch.long)
         task_name = [example.task_name for example in examples]
         if not self.eval_fields:
-            # contiguous: `nonzero`'s columns are strided views, which a copy to the device would first gather in
-            # pageable memory (a copy that waits)
+            # contiguous (a no-op where `nonzero` gives contiguous columns, as torch 2.13's does): a strided view would
+            # go to the device through pageable memory (a copy that waits)
             rows, positions = target_pairs(labels)
             return TrainingBatch(input_ids, attention_mask, labels, task_id, task_name,
                                  pairs=(rows.contiguous(), positions.contiguous()))
