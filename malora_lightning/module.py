@@ -594,8 +594,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             # A NaN tensor on the device, not math.nan: Lightning makes a logged number a tensor with torch.tensor on
             # the device, a blocking copy from the host (a CUDA sync per missing task and step). Lightning keeps a
             # logged value until the key is logged again or the epoch ends, so a task whose NaN it holds this epoch
-            # is not logged again: at 0.5 ms a `self.log`, logging every absent task each step made the step's cost
-            # grow with the number of tasks (200 tasks, batches of 4: 134 ms a step instead of 26)
+            # is not logged again: a `self.log` for every absent task at every step made the step's cost grow with the
+            # number of tasks (BENCHMARKS.md, Data at scale)
             epoch, nan_tasks = self._nan_tasks
             if epoch != self.current_epoch:  # Lightning has reset the epoch's logged values
                 nan_tasks = set()
