@@ -595,7 +595,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             # the device, a blocking copy from the host (a CUDA sync per missing task and step). Lightning keeps a
             # logged value until the key is logged again or the epoch ends, so a task whose NaN it holds this epoch
             # is not logged again: a `self.log` for every absent task at every step made the step's cost grow with the
-            # number of tasks (BENCHMARKS.md, Data at scale)
+            # number of tasks (BENCHMARKS.md, "Many tasks, long predict files")
             epoch, nan_tasks = self._nan_tasks
             if epoch != self.current_epoch:  # Lightning has reset the epoch's logged values
                 nan_tasks = set()

@@ -645,7 +645,7 @@ class MultiTaskDataModule(LightningDataModule):
     def _encode_prompts(self, prompts: list[PredictPrompt]) -> dict[str, PackedExamples]:
         """A predict file's prompts grouped into one loader per task (task order), then those without a task. Each
         group is encoded in chunks of `ENCODE_CHUNK`, as a task's split is: encoded whole, a group's prompts were all
-        held as Python int lists at once (BENCHMARKS.md, Data at scale)."""
+        held as Python int lists at once (BENCHMARKS.md, "Many tasks, long predict files")."""
         groups = [(task_id, task.name, task.max_new_tokens or 0) for task_id, task in enumerate(self._tasks)]
         encoded = {}
         for task_id, name, answer_room in groups + [(-1, None, 0)]:
@@ -674,7 +674,8 @@ class MultiTaskDataModule(LightningDataModule):
 
     def _measure_answers(self, examples: Sequence[Example], where: str = "example") -> list[int]:
         """``PromptEncoder.answer_lengths`` of ``examples``, in chunks of `ENCODE_CHUNK`: in one call every answer's
-        rendering and token ids were held at once, to keep one number (BENCHMARKS.md, Data at scale)."""
+        rendering and token ids were held at once, to keep one number (BENCHMARKS.md, "Many tasks, long predict
+        files")."""
         return [length for start in range(0, len(examples), ENCODE_CHUNK)
                 for length in self._encoder.answer_lengths(examples[start:start + ENCODE_CHUNK], where)]
 
