@@ -381,3 +381,16 @@ def counting_collectives() -> Iterator[Counter]:
     finally:
         for namespace, name, function in originals:
             setattr(namespace, name, function)
+
+
+def record_sizes(monkeypatch, owner: type, name: str) -> list[int]:
+    """Patch the method `owner.name` to record how many items its first argument holds at each call; the list."""
+    original = getattr(owner, name)
+    sizes: list[int] = []
+
+    def recording(self, items, *args, **kwargs):
+        sizes.append(len(items))
+        return original(self, items, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return sizes

@@ -16,7 +16,7 @@ from malora_lightning.data import BUILTIN_TASKS, MultiTaskDataModule, PromptEnco
 from malora_lightning.data import datamodule as datamodule_module
 from malora_lightning.data.datamodule import ResumableDataLoader
 from malora_lightning.data.batches import TrainingBatch
-from tests.helpers import tiny_tokenizer
+from tests.helpers import record_sizes, tiny_tokenizer
 
 TASKS = ["add_2digit", "reverse_words", "parity"]
 
@@ -159,14 +159,7 @@ def test_answers_are_measured_in_chunks(monkeypatch):
     expected = make(max_length=128)
     expected.setup("fit")
     monkeypatch.setattr(datamodule_module, "ENCODE_CHUNK", 4)
-    sizes = []
-    answer_lengths = PromptEncoder.answer_lengths
-
-    def counting(self, examples, *args, **kwargs):
-        sizes.append(len(examples))
-        return answer_lengths(self, examples, *args, **kwargs)
-
-    monkeypatch.setattr(PromptEncoder, "answer_lengths", counting)
+    sizes = record_sizes(monkeypatch, PromptEncoder, "answer_lengths")
     data = make(max_length=128)
     data.setup("fit")
     assert sizes and max(sizes) <= 4
@@ -174,7 +167,7 @@ def test_answers_are_measured_in_chunks(monkeypatch):
     examples = get_task("reverse_words").examples("test", seed=0)
     assert len(examples) > 2 * 4
     # each answer's own length, in order (a predict file's target lengths are matched to their prompts by position)
-    assert data._measure_answers(examples) == answer_lengths(data._encoder, examples)
+    assert data._measure_answers(examples) == data._encoder.answer_lengths(examples)  # one call, whole
 
 
 def test_max_new_tokens_is_the_same_in_every_stage_and_under_any_example_limit():

@@ -11,7 +11,7 @@ from malora_lightning.data import datamodule as datamodule_module
 from malora_lightning.data.collate import PromptEncoder
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.tasks import Example
-from tests.helpers import tiny_tokenizer
+from tests.helpers import record_sizes, tiny_tokenizer
 
 TASKS = ["add_2digit", "parity"]
 
@@ -101,14 +101,7 @@ def test_without_a_predict_file_predict_uses_the_test_splits():
 def test_predict_from_a_file_tokenises_no_test_row(tmp_path, monkeypatch):
     """The predict file's prompts replace the test splits: setup('predict') encoded every row of every test split as
     well (100,000 test rows tokenised to answer 1,000 prompts), which no loader read."""
-    counted = []
-    encode = PromptEncoder.encode
-
-    def counting(self, examples, *args, **kwargs):
-        counted.append(len(examples))
-        return encode(self, examples, *args, **kwargs)
-
-    monkeypatch.setattr(PromptEncoder, "encode", counting)
+    counted = record_sizes(monkeypatch, PromptEncoder, "encode")
     path = tmp_path / "prompts.jsonl"
     write_prompts(path, [{"prompt": "What is 1 + 1?", "task": "add_2digit"}])
     data = make(path)
@@ -123,14 +116,7 @@ def test_a_predict_files_prompts_are_encoded_in_chunks(tmp_path, monkeypatch):
     """A task's prompts were encoded in one call, all held as Python int lists at once (10,000 long prompts peaked
     at 2 GB): they go in chunks of ENCODE_CHUNK, as a task's split does, into the same loader, in the file's order."""
     monkeypatch.setattr(datamodule_module, "ENCODE_CHUNK", 2)
-    sizes = []
-    encode_prompts = PromptEncoder.encode_prompts
-
-    def counting(self, prompts, *args, **kwargs):
-        sizes.append(len(prompts))
-        return encode_prompts(self, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(PromptEncoder, "encode_prompts", counting)
+    sizes = record_sizes(monkeypatch, PromptEncoder, "encode_prompts")
     path = tmp_path / "prompts.jsonl"
     write_prompts(path, [{"prompt": f"What is {number} + 1?", "task": "add_2digit"} for number in range(5)])
     data = make(path)
