@@ -81,9 +81,9 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 12 + 30?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
-    def answer() -> str:
+    def answer(max_new_tokens: int = 8) -> str:
         with torch.no_grad():
-            new_tokens = model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1]:]
+            new_tokens = model.generate(**inputs, max_new_tokens=max_new_tokens)[0, inputs["input_ids"].shape[1]:]
         return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
     saved_answer = answer()
@@ -91,7 +91,10 @@ def test_the_transformers_snippet_runs_as_written_and_generates_with_the_saved_a
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):
                 param.zero_()  # every adapter adds zero: the base model's answer
-    assert saved_answer != answer()  # the adapters matter
+    # the adapters matter: the base model's answer already differs in its first token, so it differs from the saved
+    # one (generating all 8 of its tokens only to compare them costs seconds on CPU)
+    base_start = answer(max_new_tokens=1)
+    assert base_start and not saved_answer.startswith(base_start)
 
     exec(readme_python_block("from transformers import AutoTokenizer"), {})
     assert capsys.readouterr().out.strip() == saved_answer.strip()
