@@ -8,7 +8,7 @@ import inspect
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -623,12 +623,8 @@ class MultiTaskDataModule(LightningDataModule):
             elif task.name in trained_prompts:
                 warn_of_trained_prompts(task.name, split if held_out is None else "held-out train", examples,
                                         trained_prompts[task.name])
-            packed, stats = PackedExamples(), TruncationStats()
-            for start in range(0, len(examples), ENCODE_CHUNK):
-                chunk, chunk_stats = self._encoder.encode(examples[start:start + ENCODE_CHUNK], task_id, task.name,
-                                                          split, with_eval_fields=split != "train")
-                packed.extend(chunk)
-                stats.add(chunk_stats)
+            packed, stats = pack_in_chunks(examples, lambda chunk: self._encoder.encode(
+                chunk, task_id, task.name, split, with_eval_fields=split != "train"))
             encoded[task.name] = packed
             if stats.skipped and stats.skipped == stats.examples:
                 raise TaskDataError(f"task {task.name!r} {split}: the targets of all {stats.examples} examples chosen "
@@ -652,13 +648,8 @@ class MultiTaskDataModule(LightningDataModule):
             group = [prompt for prompt in prompts if prompt.task == name]
             if group:
                 key = NO_TASK if name is None else name
-                packed, stats = PackedExamples(), TruncationStats()
-                for start in range(0, len(group), ENCODE_CHUNK):
-                    chunk, chunk_stats = self._encoder.encode_prompts(group[start:start + ENCODE_CHUNK], task_id,
-                                                                      answer_room)
-                    packed.extend(chunk)
-                    stats.add(chunk_stats)
-                encoded[key] = packed
+                encoded[key], stats = pack_in_chunks(
+                    group, lambda chunk: self._encoder.encode_prompts(chunk, task_id, answer_room))
                 self._count_truncation("predict", key, stats)
         return encoded
 
@@ -676,8 +667,7 @@ class MultiTaskDataModule(LightningDataModule):
         """``PromptEncoder.answer_lengths`` of ``examples``, in chunks of `ENCODE_CHUNK`: in one call every answer's
         rendering and token ids were held at once, to keep one number (BENCHMARKS.md, "Many tasks, long predict
         files")."""
-        return [length for start in range(0, len(examples), ENCODE_CHUNK)
-                for length in self._encoder.answer_lengths(examples[start:start + ENCODE_CHUNK], where)]
+        return [length for chunk in in_chunks(examples) for length in self._encoder.answer_lengths(chunk, where)]
 
     def _count_truncation(self, split: str, name: str, stats: TruncationStats) -> None:
         self.truncation.setdefault(split, {})[name] = stats
@@ -823,6 +813,24 @@ class MultiTaskDataModule(LightningDataModule):
         complete_epoch_end_restore(trainer)
         if isinstance(self._train_sampler, TaskBalancedSampler):
             rebase_restored_batches(trainer, self._train_sampler, self.batch_size, state)
+
+
+def in_chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """`items` in slices of `ENCODE_CHUNK`, in order: what is encoded is only ever held a chunk at a time."""
+    return (items[start:start + ENCODE_CHUNK] for start in range(0, len(items), ENCODE_CHUNK))
+
+
+def pack_in_chunks(items: Sequence[Any], encode: Callable[[Sequence[Any]], tuple[list[EncodedExample],
+                                                                                  TruncationStats]]
+                   ) -> tuple[PackedExamples, TruncationStats]:
+    """`encode` (a `PromptEncoder` call) over `items` a chunk at a time (`in_chunks`), packed as each chunk is made,
+    with the chunks' truncation counts added up."""
+    packed, stats = PackedExamples(), TruncationStats()
+    for chunk in in_chunks(items):
+        encoded, chunk_stats = encode(chunk)
+        packed.extend(encoded)
+        stats.add(chunk_stats)
+    return packed, stats
 
 
 def warn_of_trained_prompts(task: str, split: str, examples: Sequence[Example],
