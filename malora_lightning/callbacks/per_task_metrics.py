@@ -143,9 +143,6 @@ class PerTaskMetrics(Callback):
         ranks. The data module's tasks make them alike (`_reset`); without one (dataloaders given to the trainer) a
         rank makes a task's sums when it scores an example of it, and a task with fewer examples than ranks is
         only padding on some: their rows would pair other tasks' across ranks (wrong figures, or a hang)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-                or torch.distributed.get_world_size() == 1:
-            return
         names: list[list[str] | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(names, list(self._sums))
         sums = self._sums
@@ -156,12 +153,14 @@ class PerTaskMetrics(Callback):
         """Every task's score over all ranks, from one all_reduce of the ranks' sums and one read on the host, however
         many tasks there are (a torchmetrics mean per figure synchronised its states task by task: several
         all_gathers and a host wait per task and figure)."""
-        self._same_meters_on_every_rank(pl_module)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if distributed:
+            self._same_meters_on_every_rank(pl_module)
         if not self._sums:
             return {}
         sums = torch.stack(list(self._sums.values()))
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if distributed:
             torch.distributed.all_reduce(sums)
         # the means in the sums' dtype, as MeanMetric divided; an accuracy of no judged example is 0/0, NaN
         means = sums[:, [LOSS, CORRECT]] / sums[:, [EXAMPLES, JUDGED]]
