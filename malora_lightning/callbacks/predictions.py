@@ -66,13 +66,18 @@ class Prediction:
 PREDICTION_KEYS = [field.name for field in dataclasses.fields(Prediction)]
 
 
-def is_prediction_line(line: str) -> bool:
-    """Whether `line` is a JSON object with exactly `Prediction`'s keys, in order: a line `PredictionWriter` writes."""
+def is_json_object_line(line: str, keys: list[str]) -> bool:
+    """Whether `line` is a JSON object with exactly `keys`, in order."""
     try:
         row = json.loads(line)
     except ValueError:
         return False
-    return isinstance(row, dict) and list(row) == PREDICTION_KEYS
+    return isinstance(row, dict) and list(row) == keys
+
+
+def is_prediction_line(line: str) -> bool:
+    """Whether `line` is a JSON object with exactly `Prediction`'s keys, in order: a line `PredictionWriter` writes."""
+    return is_json_object_line(line, PREDICTION_KEYS)
 
 
 def refuse_foreign_predictions(path: Path) -> None:
@@ -100,13 +105,8 @@ def partial_path(output: Path, rank: int) -> Path:
 def is_partial_file(path: Path) -> bool:
     """Whether `path` is a plain file (not a link) whose first line is a partial file's header: one a
     `PredictionWriter` wrote, which a later run may replace."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        header = json.loads(first_line(path) or "")
-    except ValueError:
-        return False
-    return isinstance(header, dict) and list(header) == PARTIAL_HEADER_KEYS
+    return not path.is_symlink() and path.is_file() and is_json_object_line(first_line(path) or "",
+                                                                            PARTIAL_HEADER_KEYS)
 
 
 def refuse_foreign_partial(path: Path) -> None:
