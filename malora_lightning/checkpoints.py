@@ -19,6 +19,7 @@ from lightning.pytorch.core.saving import load_hparams_from_tags_csv
 
 from malora_lightning.atomic import atomic_write_bytes
 from malora_lightning.offline_models import relative_record_note, same_model
+from malora_lightning.values import user_path
 
 # AdapterConfig fields that decide the adapter tensors' names and shapes: a checkpoint and the run must agree on them
 ADAPTER_SHAPE_FIELDS = ("method", "rank", "shared_rank", "num_experts", "target_modules", "exclude_modules",
@@ -54,7 +55,7 @@ def check_checkpoint_file(path: str | Path) -> None:
     every tensor of the model, the frozen base included, which an adapter-only checkpoint leaves out ("Missing key
     in checkpoint state_dict").
     """
-    path = Path(path)
+    path = Path(user_path(path))  # as Lightning reads it (fsspec expands `~`)
     if path.is_dir() and (path / SHARDED_METADATA).is_file():
         raise IsADirectoryError(f"checkpoint {path} is a sharded checkpoint (a folder of shards), which cannot be "
                                 "loaded: Lightning loads one into every tensor of the model, the frozen base "
@@ -114,7 +115,7 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, buffer.getvalue(), replace_link=True)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(path, (str, Path)) and Path(path).exists():  # remote and missing paths: Lightning's errors
+        if isinstance(path, (str, Path)) and Path(user_path(path)).exists():  # remote and missing paths: Lightning's errors
             check_checkpoint_file(path)
         return super().load_checkpoint(path, *args, **kwargs)
 
@@ -129,7 +130,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint file `path` read as data (`weights_only=True`: nothing in the file runs) and memory-mapped (its
     tensors are read only where used), for its settings and format before the run loads it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(user_path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - a truncated, foreign or pickled-object file: say which one
         raise ValueError(f"checkpoint {path} cannot be read as a malora checkpoint ({type(error).__name__}: "
                          f"{error})") from error
@@ -181,7 +182,7 @@ def read_hparams_file(path: str | Path) -> dict[str, Any]:
     """The hyperparameters of a `load_from_checkpoint(hparams_file=...)`, read as data, before Lightning reads the
     file again: Lightning reads YAML with `yaml.full_load`, which turns a tag such as `!!python/name:os.system` into a
     Python function passed to `__init__`, and takes a missing file for no hyperparameters at all (with a warning)."""
-    path = Path(path)
+    path = Path(user_path(path))
     valid = "give a .yaml, .yml or .csv file of hyperparameters (Lightning's hparams.yaml)"
     if path.suffix.lower() not in (".yaml", ".yml", ".csv"):
         raise ValueError(f"hparams_file {path}: {valid}")

@@ -2,13 +2,15 @@
 
 A bool is neither (YAML's `true` and JSON's `true` arrive as Python bools, which are ints), and a number must be
 finite: inf or NaN in a learning rate, a loss weight or a mixing weight would only surface steps later, as a
-non-finite loss blamed on the data. A switch is a bool: the text "false" is truthy. And how a fraction reads as a
-percentage (`percent`), in the run report and in an adapter folder's model card alike.
+non-finite loss blamed on the data. A switch is a bool: the text "false" is truthy. A path the user types is read
+as the shell would read it (`user_path`). And how a fraction reads as a percentage (`percent`), in the run report and
+in an adapter folder's model card alike.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 
@@ -18,6 +20,15 @@ def is_int(value: Any) -> bool:
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def user_path(path: str | os.PathLike[str]) -> str:
+    """A path the user typed, with a leading `~` (or `~user`) as that home folder, as the shell expands it and as
+    Lightning expands `default_root_dir` and ModelCheckpoint's `dirpath`: a quoted `~`, one in a YAML recipe or after
+    `=` (`--flag=~/x`) reaches us as typed, and named a folder `~` in the current directory (a file "not found" there,
+    a run's output written there). Anything else is returned as given: a relative path is read from the current
+    directory, and a hub id or an `offline:` name never starts with `~`. Every path setting goes through this."""
+    return os.path.expanduser(os.fspath(path))
 
 
 def check_switch(setting: str, value: Any) -> None:

@@ -1,10 +1,15 @@
 """`run_paths.refuse_on_any_rank` / `refuse_on_every_rank`: which rank's check runs, and which refusal every rank
-raises."""
+raises; and every path setting read as the user typed it (`values.user_path`)."""
 
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import torch
 
 from malora_lightning.run_paths import refuse_on_every_rank
 from tests.helpers import run_ranks
@@ -36,3 +41,90 @@ def test_every_rank_raises_the_lowest_refusing_ranks_error(tmp_path):
     assert raised[0]["every rank, rank zero's check"] == ["FileExistsError", "refused by rank 0"]
     assert raised[0]["every rank, rank one would refuse"] is None
     assert raised[0]["checked"] == [0] * 5 and raised[1]["checked"] == [1] * 3  # refuse_on_every_rank: rank zero's
+
+
+def _task_file(home: Path) -> Any:
+    from malora_lightning.data import task_from_spec
+
+    (home / "d.jsonl").write_text(json.dumps({"q": "2+2", "a": "4"}) + "\n", encoding="utf-8")
+    return len(task_from_spec({"name": "mine", "path": "~/d.jsonl", "prompt": "{q}", "target": "{a}"})
+               .examples("train"))
+
+
+def _predict_file(home: Path) -> Any:
+    from malora_lightning.data.prompts import predict_source, read_prompts
+
+    (home / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n", encoding="utf-8")
+    return [prompt.prompt for prompt in read_prompts(predict_source("~/p.jsonl"), [])]
+
+
+def _task_specs_yaml(home: Path) -> Any:
+    from malora_lightning.data.tasks import tasks_from_yaml
+
+    (home / "d.jsonl").write_text(json.dumps({"q": "2+2", "a": "4"}) + "\n", encoding="utf-8")
+    (home / "tasks.yaml").write_text("- {name: mine, path: ~/d.jsonl, prompt: '{q}', target: '{a}'}\n",
+                                     encoding="utf-8")
+    return [len(task.examples("train")) for task in tasks_from_yaml("~/tasks.yaml")]
+
+
+def _baseline_scores(home: Path) -> Any:
+    from malora_lightning.callbacks import SeesawTracker
+
+    (home / "b.json").write_text('{"mine": 0.5}', encoding="utf-8")
+    return SeesawTracker(baseline_scores="~/b.json").baseline
+
+
+def _hparams_file(home: Path) -> Any:
+    from malora_lightning.checkpoints import read_hparams_file
+
+    (home / "hparams.yaml").write_text("learning_rate: 0.01\n", encoding="utf-8")
+    return read_hparams_file("~/hparams.yaml")
+
+
+def _checkpoint(home: Path) -> Any:
+    from malora_lightning.checkpoints import check_checkpoint_file, read_checkpoint
+
+    torch.save({"step": 3}, home / "last.ckpt")
+    check_checkpoint_file("~/last.ckpt")
+    return read_checkpoint("~/last.ckpt")
+
+
+# what each path setting reads from a path typed with a leading `~`: Lightning reads `default_root_dir`, a
+# ModelCheckpoint's `dirpath` and a `ckpt_path` so (fsspec); each of ours looked for a folder named `~` in the
+# current directory ("does not exist"), even where Lightning would have read the file (a checkpoint, an hparams_file)
+USER_PATH_CASES: dict[str, tuple[Callable[[Path], Any], Any]] = {  # name: (read through `~`, what it reads)
+    "task spec path": (_task_file, 1),
+    "predict_file": (_predict_file, ["hi"]),
+    "tasks_from_yaml file and its task files": (_task_specs_yaml, [1]),
+    "SeesawTracker baseline_scores": (_baseline_scores, {"mine": 0.5}),
+    "load_from_checkpoint hparams_file": (_hparams_file, {"learning_rate": 0.01}),
+    "ckpt_path": (_checkpoint, {"step": 3}),
+}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A home folder with a space and a non-ASCII letter in its name, and a current directory beside it."""
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))  # Windows' `~`
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return home
+
+
+@pytest.mark.parametrize("case", USER_PATH_CASES, ids=list(USER_PATH_CASES))
+def test_a_leading_tilde_in_a_path_setting_is_the_home_folder(home, case):
+    read, expected = USER_PATH_CASES[case]
+    assert read(home) == expected
+    assert not Path("~").exists()
+
+
+def test_user_path_expands_only_a_leading_tilde(home):
+    from malora_lightning.values import user_path
+
+    assert user_path("~/runs/a") == os.path.join(str(home), "runs", "a")
+    assert user_path(Path("~")) == str(home)
+    for unchanged in ("runs/~/a", "data.jsonl", "/abs/x", "offline:SmolLM2-135M-Instruct", "org/model"):
+        assert user_path(unchanged) == unchanged

@@ -42,7 +42,7 @@ from malora_lightning.run_paths import (
     refuse_on_every_rank,
     run_directory,
 )
-from malora_lightning.values import check_switch, is_finite_number, percent
+from malora_lightning.values import check_switch, is_finite_number, percent, user_path
 
 SEESAW_NAME = "seesaw.json"
 CURVES_NAME = "task_accuracy.png"
@@ -144,7 +144,7 @@ def track(evaluations: Sequence[Evaluation], tolerance: float,
 
 def load_baseline_scores(path: str | Path) -> dict[str, float]:
     """Read `{"task": accuracy}` single-task scores; every error names the file and the task."""
-    path = Path(path)
+    path = Path(user_path(path))
     if not path.is_file():
         raise FileNotFoundError(f"baseline scores file {path} ({'a folder' if path.is_dir() else 'not found'}): give "
                                 "a JSON file of single-task scores, {\"task\": accuracy}, or leave baseline_scores "

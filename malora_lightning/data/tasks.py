@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from malora_lightning.values import check_switch, is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int, user_path
 
 SPLITS = ("train", "validation", "test")
 TASK_KINDS = ("generative", "multiple_choice")
@@ -366,7 +366,7 @@ class FileSource:
         return str(self.files[split])
 
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
-        path = Path(self.files[split])
+        path = Path(user_path(self.files[split]))
         reads = _FILE_READS.get()
         if reads is None:
             return self._read(split, path)
@@ -823,7 +823,7 @@ def _source_from_spec(spec: Mapping[str, Any]) -> Source:
 def tasks_from_yaml(path: str | Path) -> list[Task]:
     """Tasks from a YAML file holding a list of specs (or ``{tasks: [...]}``); register them with ``register_task``."""
     try:
-        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        content = yaml.safe_load(Path(user_path(path)).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a readable YAML file of task specs ({error})") from None
     specs = content.get("tasks") if isinstance(content, dict) else content
