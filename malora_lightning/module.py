@@ -95,7 +95,7 @@ from malora_lightning.optim import (
     schedule_length,
 )
 from malora_lightning.scoring import pair_log_likelihoods, target_pairs, task_means
-from malora_lightning.values import is_finite_number, is_int
+from malora_lightning.values import is_finite_number, is_int, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                         export_adapters=export_adapters)
         if adapter_path is not None:  # recorded as text (a checkpoint read as data cannot give back a Path) and
             # absolute: a relative path names the folder only from the directory the run started in
-            arguments["adapter_path"] = adapter_path = os.path.abspath(adapter_path)
+            arguments["adapter_path"] = adapter_path = os.path.abspath(user_path(adapter_path))
         if isinstance(adapter, dict):  # from a checkpoint's hyperparameters
             adapter = AdapterConfig.from_dict(adapter)
         self.adapter_config = adapter if adapter is not None else AdapterConfig()
@@ -270,7 +270,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         if isinstance(recorded.get("model_name_or_path"), str):  # ours, or a subclass's own argument of that name
             recorded["model_name_or_path"] = recorded_model_name(recorded["model_name_or_path"])
         if isinstance(recorded.get("adapter_path"), (str, Path)) and recorded["adapter_path"]:  # a subclass's too
-            recorded["adapter_path"] = os.path.abspath(recorded["adapter_path"])
+            recorded["adapter_path"] = os.path.abspath(user_path(recorded["adapter_path"]))
         self.save_hyperparameters(recorded)
         self.strict_loading = False  # checkpoints hold adapters only; on_load_checkpoint checks they are complete
         self.model: nn.Module | None = None

@@ -2,7 +2,8 @@
 
 `resolve_model_path("offline:SmolLM2-135M-Instruct")` returns a local folder that `from_pretrained` (model and
 tokenizer, 4-bit included) loads without network. Anything else is returned unchanged: a local folder, or a hub id
-that transformers will look up (downloading only because the user named it).
+that transformers will look up (downloading only because the user named it). A folder's leading `~` is the home folder
+(`user_path`), which transformers would look up as a hub id.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from malora_lightning.atomic import apply_default_modes, check_writable, rename_into_place, staging_folder
+from malora_lightning.values import user_path
 
 OFFLINE_PREFIX = "offline:"
 
@@ -56,7 +58,7 @@ def same_model(first: str, second: str) -> bool:
     def location(name_or_path: str) -> str:
         if name_or_path.startswith(OFFLINE_PREFIX) and name_or_path[len(OFFLINE_PREFIX):] in OFFLINE_MODELS:
             return str(_offline_folder(name_or_path).resolve())
-        path = Path(name_or_path)
+        path = Path(user_path(name_or_path))
         return str(path.resolve()) if path.is_dir() else name_or_path
 
     return first == second or location(first) == location(second)
@@ -65,8 +67,10 @@ def same_model(first: str, second: str) -> bool:
 def recorded_model_name(name_or_path: str) -> str:
     """The base as a run records it to load it again (checkpoint settings, an adapter folder's
     `base_model_name_or_path`): a local folder given by a relative path as its absolute path, since the relative one
-    names it only from the directory the run started in; anything else (an absolute path, a hub id, an offline model)
-    as given. A name that is a folder here is that folder, as transformers loads it."""
+    names it only from the directory the run started in, and a leading `~` as the home folder (`user_path`); anything
+    else (an absolute path, a hub id, an offline model) as given. A name that is a folder here is that folder, as
+    transformers loads it."""
+    name_or_path = user_path(name_or_path)
     if name_or_path.startswith(OFFLINE_PREFIX) or Path(name_or_path).is_absolute() or not Path(name_or_path).is_dir():
         return name_or_path
     return os.path.abspath(name_or_path)
@@ -92,7 +96,7 @@ def relative_record_note(recorded: str, given: str) -> str:
 def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id `from_pretrained` accepts; `offline:<name>` is converted on first use and cached."""
     if not name_or_path.startswith(OFFLINE_PREFIX):
-        return name_or_path
+        return user_path(name_or_path)
     target = _offline_folder(name_or_path)
     if not (target / "config.json").is_file() and _check_convertible(target):
         _convert(OFFLINE_MODELS[target.name], target)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
 from malora_lightning.terminal import quiet_known_notes, show_library_logs
+from malora_lightning.values import user_path
 
 # named, not `__name__`: run as `python -m malora_lightning.task_export` the module is `__main__`, whose lines never
 # reached the library's handler (`show_library_logs`)
@@ -243,8 +243,8 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
         parser.error("--output is empty: give the folder that receives one sub-folder per task (e.g. runs/tasks)")
     # a leading `~` is the home folder, as the shell would expand it: `--output=~/tasks` or a quoted one reach us
     # unexpanded (bash expands only a word's leading `~`; cmd and PowerShell none), and wrote into a folder named `~`
-    known.output = Path(os.path.expanduser(known.output))
-    known.adapter = os.path.expanduser(known.adapter)
+    known.output = Path(user_path(known.output))
+    known.adapter = user_path(known.adapter)
     quiet_known_notes()
     show_library_logs()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads

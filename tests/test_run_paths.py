@@ -89,6 +89,44 @@ def _checkpoint(home: Path) -> Any:
     return read_checkpoint("~/last.ckpt")
 
 
+def _base_folder(home: Path) -> Path:
+    from tests.helpers import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(home / "base")
+    tiny_tokenizer(chat_template=True).save_pretrained(home / "base")
+    return home / "base"
+
+
+def _model_name_or_path(home: Path) -> Any:
+    from malora_lightning import MALoRAModule, load_base_model
+
+    base = _base_folder(home)
+    module = MALoRAModule(model_name_or_path="~/base", quantization=None)
+    load_base_model("~/base", quantization=None)  # transformers took it for a hub id: "Repo id must be in the form"
+    return module.settings.model_name_or_path == module.hparams.model_name_or_path == str(base)
+
+
+def _tokenizer(home: Path) -> Any:
+    from malora_lightning import MultiTaskDataModule
+
+    _base_folder(home)
+    return MultiTaskDataModule(tokenizer="~/base").load_tokenizer().eos_token
+
+
+def _adapter_folder(home: Path) -> Any:
+    from malora_lightning import AdapterConfig, MALoRAModule, inject_adapters, load_adapters, save_adapters
+    from tests.helpers import tiny_model
+
+    base = _base_folder(home)
+    save_adapters(inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2)), "~/adapter",
+                  base_model="~/base")
+    load_adapters(tiny_model("llama"), "~/adapter")
+    module = MALoRAModule(model_name_or_path="~/base", quantization=None, adapter_path="~/adapter")
+    recorded = json.loads((home / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return module.settings.adapter_path == module.hparams.adapter_path == str(home / "adapter") \
+        and recorded == str(base)
+
+
 # what each path setting reads from a path typed with a leading `~`: Lightning reads `default_root_dir`, a
 # ModelCheckpoint's `dirpath` and a `ckpt_path` so (fsspec); each of ours looked for a folder named `~` in the
 # current directory ("does not exist"), even where Lightning would have read the file (a checkpoint, an hparams_file)
@@ -99,6 +137,9 @@ USER_PATH_CASES: dict[str, tuple[Callable[[Path], Any], Any]] = {  # name: (read
     "SeesawTracker baseline_scores": (_baseline_scores, {"mine": 0.5}),
     "load_from_checkpoint hparams_file": (_hparams_file, {"learning_rate": 0.01}),
     "ckpt_path": (_checkpoint, {"step": 3}),
+    "model_name_or_path": (_model_name_or_path, True),
+    "data tokenizer": (_tokenizer, "<|im_end|>"),
+    "adapter folder: save_adapters, load_adapters, adapter_path": (_adapter_folder, True),
 }
 
 

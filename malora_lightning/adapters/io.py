@@ -51,7 +51,7 @@ from malora_lightning.adapters.quantization import (
 )
 from malora_lightning.hardware import resolve_compute_dtype
 from malora_lightning.offline_models import recorded_model_name
-from malora_lightning.values import check_switch, is_finite_number, is_int, percent
+from malora_lightning.values import check_switch, is_finite_number, is_int, percent, user_path
 from malora_lightning.atomic import STAGING_FOLDER, apply_default_modes, first_line, recover_replace, replace_files
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class AdapterFolder:
 
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read an adapter folder's config: ours (any method), a LoRA folder PEFT saved, or our earlier layout."""
-    path = Path(path)
+    path = Path(user_path(path))
     recover_replace(path)  # a save that was killed mid-replace is completed (or dropped) first
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"adapter folder {path} is a file: give the folder that holds {CONFIG_NAME} and "
@@ -546,7 +546,7 @@ def save_adapters(model: nn.Module, path: str | Path, write: bool = True, base_m
     transposed = routed_up_projections(model)
     tensors = {peft_key(key): value.transpose(1, 2).contiguous() if key in transposed else value
                for key, value in state.items()}
-    path = Path(path)
+    path = Path(user_path(path))
     if not write:
         return path
     base = base_model if base_model is not None else base_model_name(model)
