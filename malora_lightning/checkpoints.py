@@ -106,13 +106,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         the old `last.ckpt`, so a kill during the copy left neither the old checkpoint nor the new one. A symbolic
         link at `path` is replaced by the rename, as Lightning's move replaced it, not written through:
         `ModelCheckpoint(save_last="link")` makes `last.ckpt` a link to another checkpoint, which a save of
-        `last.ckpt` must not overwrite (removing the link first left no `last.ckpt` where the write was stopped)."""
+        `last.ckpt` must not overwrite (removing the link first left no `last.ckpt` where the write was stopped). A
+        leading `~` (a logger's `save_dir`, which Lightning leaves unexpanded in the checkpoint folder) is the home
+        folder, where Lightning's own fsspec writes put it (`user_path`)."""
         if storage_options is not None or is_remote(path):  # Lightning's refusal, or a URL written through fsspec
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue(), replace_link=True)
+        atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(path, (str, Path)) and Path(user_path(path)).exists():  # remote and missing paths: Lightning's errors

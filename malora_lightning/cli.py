@@ -36,6 +36,7 @@ from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from malora_lightning.run_paths import refuse_on_every_rank
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs
+from malora_lightning.values import user_path
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
 # or switched off (`--routing_stats null`) without rewriting the trainer's callback list.
@@ -129,12 +130,12 @@ def _last_checkpoint_folders(trainer: L.Trainer, callbacks: list[ModelCheckpoint
     none (or there is none), every run folder of the logger (`save_dir/name/*/checkpoints`, where Lightning puts each
     run's checkpoints) or, without a logger, `default_root_dir/checkpoints`. The user's folder names are escaped
     (`runs/[ablation]` is no pattern); only the run folder's `*` matches."""
-    folders = [glob.escape(str(callback.dirpath)) for callback in callbacks if callback.dirpath]
+    folders = [glob.escape(user_path(callback.dirpath)) for callback in callbacks if callback.dirpath]
     if callbacks and len(folders) == len(callbacks):
         return folders
     if trainer.loggers:
         logger = trainer.loggers[0]
-        root = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name))
+        root = user_path(os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name)))
         return [*folders, os.path.join(glob.escape(root), "*", "checkpoints")]
     return [*folders, os.path.join(glob.escape(trainer.default_root_dir), "checkpoints")]
 
@@ -150,7 +151,7 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     folders = _last_checkpoint_folders(trainer, callbacks)
     candidates = {path for folder in folders for name in names for path in glob.glob(os.path.join(folder, name))}
     candidates |= {callback.ckpt_path for callback in trainer.callbacks
-                   if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(callback.ckpt_path)}
+                   if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(user_path(callback.ckpt_path))}
     if not candidates:
         fresh = "start a new run" if subcommand == "fit" else "evaluate the untrained adapters"
         raise FileNotFoundError(f"--ckpt_path last: no last checkpoint ({' or '.join(names)}) in {', '.join(folders)}, "
@@ -164,8 +165,9 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
 
 
 def version_folder(logger: CSVLogger | TensorBoardLogger) -> Path:
-    """The version folder of one of Lightning's versioned loggers: its `log_dir`, less TensorBoard's `sub_dir`."""
-    folder = Path(logger.log_dir)
+    """The version folder of one of Lightning's versioned loggers: its `log_dir`, less TensorBoard's `sub_dir`; a
+    `save_dir` of `~/runs` in the home folder, where the logger writes through fsspec (`user_path`)."""
+    folder = Path(user_path(logger.log_dir))
     sub_dir = getattr(logger, "sub_dir", None)
     return folder.parents[len(Path(sub_dir).parts) - 1] if sub_dir else folder
 
@@ -212,7 +214,7 @@ class CheckedSaveConfigCallback(SaveConfigCallback):
         if self.already_saved or not self.save_to_log_dir:
             super().setup(trainer, pl_module, stage)
             return
-        path = Path(trainer.log_dir) / self.config_filename  # every rank: log_dir is a collective call
+        path = Path(user_path(trainer.log_dir)) / self.config_filename  # every rank: log_dir is a collective call
         # the files given to --config (an inline `--config '{...}'` is listed as None)
         run_configs = [Path(config.absolute) for config in self.config.get("config") or [] if config is not None]
         refuse_on_every_rank(trainer, lambda: refuse_foreign_config(path, run_configs))
@@ -336,7 +338,7 @@ class MALoRACLI(LightningCLI):
                 folder = claim_version_folder(logger)
             else:
                 log_dir = getattr(logger, "log_dir", None)
-                folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
+                folder = Path(user_path(log_dir)) if log_dir and not Path(user_path(log_dir)).exists() else None
             if folder is not None and self.trainer.is_global_zero:
                 folders.append(folder)
         return folders

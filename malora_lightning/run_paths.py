@@ -13,6 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from malora_lightning.values import user_path
+
 UNPORTABLE_CHARACTERS = '<>:"|?*'  # refused in file names by Windows
 # Windows' device names, which it refuses as file names with any extension
 RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in range(1, 10))}
@@ -35,10 +37,13 @@ def check_file_name(filename: str, setting: str) -> None:
 
 
 def run_directory(trainer: L.Trainer) -> Path:
+    """The folder the run's checkpoints go to, else its log folder. A logger's `save_dir` given as `~/runs` stays
+    unexpanded in the checkpoint folder and `log_dir` Lightning derives from it, while Lightning writes there through
+    fsspec, which expands it: `user_path` puts our files beside its metrics and checkpoints, not in a folder `~`."""
     checkpoint_callback = trainer.checkpoint_callback
     if checkpoint_callback is not None and getattr(checkpoint_callback, "dirpath", None):
-        return Path(checkpoint_callback.dirpath)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+        return Path(user_path(checkpoint_callback.dirpath))
+    return Path(user_path(trainer.log_dir or trainer.default_root_dir))
 
 
 def refuse_on_every_rank(trainer: L.Trainer, check: Callable[[], None]) -> None:

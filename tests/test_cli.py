@@ -801,6 +801,26 @@ def test_a_version_another_run_made_since_the_listing_moves_the_run_to_the_next(
         root / "version_3"
 
 
+def test_a_logger_save_dir_under_the_home_folder_is_claimed_and_searched_there(tmp_path, monkeypatch):
+    """--trainer.logger.save_dir ~/runs: Lightning writes the logger's files into the home folder (fsspec expands `~`)
+    and leaves `~` in its log_dir; the version folder was made in a folder named `~` in the current directory, and
+    `--ckpt_path last` looked only there."""
+    from malora_lightning.cli import resolve_last_checkpoint
+
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "cwd")
+    version = home / "runs" / "lightning_logs" / "version_0"
+    assert claim_version_folder(CSVLogger("~/runs")) == version and version.is_dir()
+    (version / "checkpoints").mkdir()
+    (version / "checkpoints" / "last.ckpt").write_bytes(b"ours")
+    trainer = L.Trainer(logger=CSVLogger("~/runs"), enable_progress_bar=False)
+    assert resolve_last_checkpoint(trainer, "test") == str(version / "checkpoints" / "last.ckpt")
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_a_version_folder_is_claimed_only_where_it_can_be_made_here(tmp_path, monkeypatch):
     """A logger writing to a URL makes no folder here (a `memory:` or `s3:` path made as a local folder), and a
     version_N that Lightning's listing does not count (a file by that name: it lists folders) leaves Lightning's

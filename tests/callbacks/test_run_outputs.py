@@ -473,6 +473,26 @@ def test_a_folder_the_adapters_cannot_go_to_is_refused_before_training(tiny_mode
     assert trainer.global_step == 0 and [path.name for path in (tmp_path / "adapter").iterdir()] == ["__init__.py"]
 
 
+def test_a_logger_folder_under_the_home_folder_holds_every_file_of_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    """CSVLogger("~/runs") (a recipe's save_dir: ~/runs): Lightning wrote the metrics and the exported adapter into
+    the home folder (fsspec expands `~`), while the checkpoints and the run files went to a folder named `~` in the
+    current directory, the unexpanded folder Lightning names as the run's checkpoint folder."""
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "cwd")
+    trainer = make_trainer(tmp_path / "cwd", max_steps=1, enable_checkpointing=True, logger=CSVLogger("~/runs"),
+                           log_every_n_steps=1, callbacks=[RunReport()])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    version = home / "runs" / "lightning_logs" / "version_0"
+    written = sorted(str(path.relative_to(version)) for path in version.rglob("*") if path.is_file())
+    assert written == ["checkpoints/adapter/README.md", "checkpoints/adapter/adapter_config.json",
+                       "checkpoints/adapter/adapter_model.safetensors", "checkpoints/epoch=0-step=1.ckpt",
+                       "checkpoints/report.md", "hparams.yaml", "metrics.csv"]
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def report_sections_of(run_dir) -> dict[str, str]:
     """The sections of the report in `run_dir` by heading, after checking that each picture it links is there."""
     report = (run_dir / "report.md").read_text()
