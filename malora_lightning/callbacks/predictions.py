@@ -39,6 +39,7 @@ from malora_lightning.atomic import atomic_write_text, check_writable, first_lin
 from malora_lightning.data.sampling import ShardIndex
 from malora_lightning.run_paths import (OWN_FOLDER, refuse_foreign_file, refuse_on_any_rank, refuse_on_every_rank,
                                         run_directory)
+from malora_lightning.values import user_path
 
 PREDICTIONS_NAME = "predictions.jsonl"
 # the first line of a partial file is a JSON object with exactly these keys, in order: it marks the file as ours
@@ -144,7 +145,8 @@ class PredictionWriter(BasePredictionWriter):
     as above.
 
     Args:
-        path: where to write the JSON lines; None: `predictions.jsonl` in the run folder.
+        path: where to write the JSON lines (a leading `~` is the home folder); None: `predictions.jsonl` in the run
+            folder.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -170,7 +172,7 @@ class PredictionWriter(BasePredictionWriter):
     def _refuse_taken_path(self) -> None:
         """Refuse a `path` that exists, or whose folder cannot be written (a read-only mount, /proc): found only when
         the file is written, after every prompt was answered, the error named a temporary file."""
-        path = Path(self.path)
+        path = Path(user_path(self.path))
         if path.exists():
             raise FileExistsError(f"PredictionWriter path {path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "
@@ -193,7 +195,7 @@ class PredictionWriter(BasePredictionWriter):
             refuse_on_every_rank(trainer, lambda: refuse_foreign_predictions(output))
             self._output = output
         else:
-            self._output = Path(self.path)
+            self._output = Path(user_path(self.path))
         self._start_partial(trainer)
 
     def _start_partial(self, trainer: L.Trainer) -> None:

@@ -230,6 +230,23 @@ def test_a_path_that_cannot_be_written_is_refused_before_anything_is_predicted(t
     assert len(read_rows(path)) == len(TASKS)
 
 
+def test_a_path_under_the_home_folder_is_written_there_and_refused_there_when_taken(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """--predictions.path=~/answers.jsonl (or a recipe's) wrote into a folder named `~` in the current directory, and a
+    file of the user's at ~/answers.jsonl was never seen by the check that refuses a taken path."""
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "cwd")
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1),
+            callbacks=[PredictionWriter(path="~/answers.jsonl")])
+    assert len(read_rows(home / "answers.jsonl")) == len(TASKS) and list((tmp_path / "cwd").iterdir()) == []
+    with pytest.raises(FileExistsError, match=r"PredictionWriter path .*hóme dir/answers\.jsonl already exists"):
+        predict(tmp_path, module, make_data(tiny_model_dir), callbacks=[PredictionWriter(path="~/answers.jsonl")])
+
+
 def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_run_wrote_it(tiny_model_dir, tmp_path):
     """Without a path the writer replaced whatever predictions.jsonl the run folder held (the current directory, for a
     run without a logger or checkpoints): a user's prompts file of that name, or predictions the user annotated."""
