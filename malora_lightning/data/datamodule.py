@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -224,7 +225,7 @@ class MultiTaskDataModule(LightningDataModule):
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
         # how `load_from_checkpoint` rebuilds this object: the arguments of its class's own `__init__`
-        self.save_hyperparameters(constructor_arguments(self, arguments))
+        self.save_hyperparameters(_paths_as_text(constructor_arguments(self, arguments)))
         # what the data module runs on: the arguments it received, not a subclass's own (`hparams`)
         self.settings = DataSettings(**{field.name: arguments[field.name]
                                         for field in dataclasses.fields(DataSettings)})
@@ -1027,6 +1028,27 @@ def rebase_restored_batches(trainer: Trainer, sampler: TaskBalancedSampler, batc
     rank_zero_warn(f"Checkpoint {trainer.ckpt_path} was counted in batches of {saved_batch} on {saved_world} "
                    f"process(es), {saved_step} examples a step, and this run has batches of {batch_size} on {world}, "
                    f"{step} a step: {where}. {consequence}")
+
+
+def _path_as_text(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _paths_as_text(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The data module's hyperparameters with a `pathlib.Path` (`predict_file`, a task spec's `path` or a split's
+    file in it) as its text, as `MALoRAModule` records `adapter_path`: both take a Path, but a checkpoint, read as
+    data (weights_only), cannot give one back, and the fit refused it before training
+    (`_check_loadable_hyperparameters`)."""
+    recorded = dict(hyperparameters)
+    if "predict_file" in recorded:  # a subclass's own argument of that name too
+        recorded["predict_file"] = _path_as_text(recorded["predict_file"])
+    specs = recorded.get("task_specs")
+    if isinstance(specs, list):
+        recorded["task_specs"] = [
+            {**spec, "path": ({split: _path_as_text(file) for split, file in spec["path"].items()}
+                              if isinstance(spec["path"], Mapping) else _path_as_text(spec["path"]))}
+            if isinstance(spec, Mapping) and "path" in spec else spec for spec in specs]
+    return recorded
 
 
 def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str, Any]]) -> list[Task]:

@@ -199,6 +199,31 @@ def test_user_tasks_from_specs(tmp_path):
     assert next(task for task in data.tasks if task.name == "capitals").max_new_tokens == len(" Paris") + 1
 
 
+def test_paths_given_as_pathlib_paths_are_read_and_recorded_as_text(tmp_path):
+    """task_from_spec and predict_file take a pathlib.Path, but the data module recorded it as one among its
+    hyperparameters, which every checkpoint holds: the fit was refused before training, as a hyperparameter a
+    checkpoint read as data cannot give back (MALoRAModule records its adapter_path as text)."""
+    from malora_lightning.module import _check_loadable_hyperparameters
+
+    rows = [{"country": "France", "capital": "Paris"}, {"country": "Peru", "capital": "Lima"}]
+    (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "3+3"}\n')
+    specs = [{"name": "capitals", "path": {"train": tmp_path / "capitals.jsonl",
+                                           "validation": tmp_path / "capitals.jsonl"},
+              "prompt": "Capital of {country}?", "target": "{capital}"},
+             {"name": "one_file", "path": tmp_path / "capitals.jsonl", "prompt": "{country}", "target": "{capital}"}]
+    data = make(tasks=["capitals", "one_file"], task_specs=specs, predict_file=tmp_path / "prompts.jsonl")
+    _check_loadable_hyperparameters(data.hparams, "data module hyperparameter")  # what a fit checks first
+    assert data.hparams.predict_file == str(tmp_path / "prompts.jsonl")
+    assert data.hparams.task_specs[0]["path"] == {"train": str(tmp_path / "capitals.jsonl"),
+                                                  "validation": str(tmp_path / "capitals.jsonl")}
+    assert data.hparams.task_specs[1]["path"] == str(tmp_path / "capitals.jsonl")
+    data.setup("fit")
+    assert next(iter(data.val_dataloader()["capitals"])).targets == ["Paris", "Lima"]
+    data.setup("predict")
+    assert [prompt for batch in data.predict_dataloader()["<no task>"] for prompt in batch.prompts] == ["3+3"]
+
+
 def test_a_generation_length_the_task_spec_gives_is_kept_not_measured(tmp_path):
     rows = [{"country": "France", "capital": "Paris"}, {"country": "Peru", "capital": "Lima"}]
     (tmp_path / "capitals.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
