@@ -117,7 +117,8 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(path, (str, Path)) and Path(user_path(path)).exists():  # remote and missing paths: Lightning's errors
+        # remote and missing paths: Lightning's errors
+        if isinstance(path, (str, Path)) and Path(user_path(path)).exists():
             check_checkpoint_file(path)
         return super().load_checkpoint(path, *args, **kwargs)
 
