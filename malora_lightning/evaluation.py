@@ -22,7 +22,7 @@ from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
-from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, EvaluationOutput
+from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, EvaluationOutput, check_batch
 from malora_lightning.data.tasks import Task, get_task
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.scoring import choose_choices, gold_rows, one_token_choices, pair_log_likelihoods, target_pairs
@@ -158,6 +158,7 @@ class EvaluationMixin:
         Padding examples (`batch.counted` False) go through every forward, as the other ranks' examples do, but not
         into the scored rows or the output.
         """
+        check_batch(batch, training=False)  # a collator of your own: its mistakes named, not scored
         num_examples = batch.input_ids.shape[0]
         choices = batch.choices
         if choices is not None:
@@ -266,6 +267,7 @@ class EvaluationMixin:
     def predict_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         """Greedy answers to a batch of prompts (one task, or none, per predict dataloader), checked where the task
         and the target are known; padding examples are answered (every rank generates alike) but not returned."""
+        check_batch(batch, training=False)
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
         predictions = self._generated_answers(batch, tasks)
         answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,

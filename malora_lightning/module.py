@@ -73,7 +73,7 @@ from malora_lightning.checkpoints import (
     stored_settings,
     upgrade_checkpoint,
 )
-from malora_lightning.data.batches import TrainingBatch
+from malora_lightning.data.batches import TrainingBatch, check_batch
 from malora_lightning.data.datamodule import MultiTaskDataModule
 from malora_lightning.evaluation import EvaluationMixin
 from malora_lightning.fsdp_units import check_fsdp1_units, wrapped_classes
@@ -545,6 +545,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def compute_lm_loss(self, batch: TrainingBatch) -> LMLoss:
         """Token-mean cross-entropy over this batch's target tokens, plus the same per task present in the batch.
         Accumulation and DDP average these batch means (README, the training loss); override to normalise otherwise."""
+        check_batch(batch, training=True)  # a collator of your own: its mistakes named, not read into a wrong loss
         # getattr: a collator of your own may give a batch class without `pairs`
         row_log_likelihood, row_tokens = self.target_log_likelihoods(batch.input_ids, batch.attention_mask,
                                                                      batch.labels, getattr(batch, "pairs", None))

@@ -2,6 +2,7 @@
 runs with, what it adds trains and is checkpointed, and its checkpoints load back into it, through Python and
 through its own CLI, with the base-model check intact."""
 
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -355,3 +356,89 @@ def test_an_override_that_returns_another_type_is_named(tiny_model_dir, tmp_path
         make_trainer(tmp_path, callbacks=[PerTaskMetrics()], limit_val_batches=1).validate(
             JoinedAnswers(**make_module(tiny_model_dir).hparams),
             make_data(tiny_model_dir, tasks=["add_2digit"], eval_batch_size=2, max_eval_examples_per_task=2))
+
+
+@dataclasses.dataclass
+class WithoutLabels:
+    """A batch class of one's own (not a TrainingBatch) that forgot a field."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    task_id: torch.Tensor
+    task_name: list
+
+
+def narrower_labels(batch):
+    return dataclasses.replace(batch, labels=batch.labels[:, 2:], pairs=None)
+
+
+# (change to a collated batch, error, message): what a collator of one's own can get wrong
+WRONG_BATCHES = {
+    "missing field": (lambda batch: WithoutLabels(batch.input_ids, batch.attention_mask, batch.task_id,
+                                                  batch.task_name),
+                      TypeError, r"the batch \(WithoutLabels\) has no field 'labels': every batch has input_ids, "),
+    # trained and scored silently on the labels of other tokens
+    "labels narrower than input_ids": (narrower_labels, ValueError,
+                                       r"labels \(\w+\.labels\) has shape \[2, \d+\]: it must have input_ids' shape"),
+    "float labels": (lambda batch: dataclasses.replace(batch, labels=batch.labels.float(), pairs=None), TypeError,
+                     r"labels \(\w+\.labels\) is a torch.float32 tensor: labels must be long"),
+    "float input_ids": (lambda batch: dataclasses.replace(batch, input_ids=batch.input_ids.float()), TypeError,
+                        r"input_ids \(\w+\.input_ids\) is a torch.float32 tensor: token ids must be of an integer"),
+    "attention_mask of another width": (
+        lambda batch: dataclasses.replace(batch, attention_mask=batch.attention_mask[:, 1:]), ValueError,
+        r"attention_mask \(\w+\.attention_mask\) has shape \[2, \d+\]: it must have input_ids' shape"),
+    "task_id of another shape": (lambda batch: dataclasses.replace(batch, task_id=batch.task_id[:, None]),
+                                 ValueError, r"task_id \(\w+\.task_id\) has shape \[2, 1\]: it must be \[2\]"),
+    # a per-task loss for each letter
+    "task_name a string": (lambda batch: dataclasses.replace(batch, task_name="ab"), TypeError,
+                           r"task_name \(\w+\.task_name\) is a str: it must be a list of one task name per row"),
+    "task_name short of a row": (lambda batch: dataclasses.replace(batch, task_name=batch.task_name[:1]), ValueError,
+                                 r"task_name \(\w+\.task_name\) has 1 names: it must have one per row"),
+}
+
+
+@pytest.fixture(scope="module")
+def collated(tiny_model_dir):
+    """A built module, and a training and a validation batch of two rows from the data module's collator."""
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    data = make_data(tiny_model_dir, tasks=["add_2digit"], batch_size=2, eval_batch_size=2)
+    data.setup("fit")
+    return module, next(iter(data.train_dataloader())), next(iter(data.val_dataloader()["add_2digit"]))
+
+
+@pytest.mark.parametrize("case", list(WRONG_BATCHES))
+def test_a_batch_that_breaks_the_contract_is_refused_naming_the_field(collated, case):
+    """A collator of one's own got a deep traceback from the model (a float, a wider tensor), or trained and scored on
+    a silently wrong loss (labels narrower than input_ids, a task_name string); each step now names the field."""
+    module, training, evaluation = collated
+    change, error, message = WRONG_BATCHES[case]
+    with torch.no_grad():
+        for step, batch in ((module.training_step, training), (module.validation_step, evaluation),
+                            (module.predict_step, evaluation)):
+            with pytest.raises(error, match=message):
+                step(change(batch), 0)
+
+
+def test_a_training_batch_without_a_task_name_is_refused_naming_the_row(collated):
+    """None is a predict prompt's task (no task): a training row without one failed sorting the per-task losses."""
+    module, training, _ = collated
+    with pytest.raises(TypeError, match=r"task_name\[1\] \(TrainingBatch\.task_name\) is None: each row's task name "
+                                        r"must be a str"):
+        module.training_step(dataclasses.replace(training, task_name=[training.task_name[0], None]), 0)
+
+
+class NarrowerLabels(MultiTaskDataModule):
+    """A collator of one's own that cuts two columns from the labels after the library's collator ran."""
+
+    def build_collator(self, eval_fields):
+        collator = super().build_collator(eval_fields)
+        return lambda examples: narrower_labels(collator(examples))
+
+
+def test_a_fit_with_a_collator_of_ones_own_that_misaligns_the_labels_stops_naming_them(tiny_model_dir, tmp_path):
+    """It trained, its losses read against other tokens than the labels were made for."""
+    data = NarrowerLabels(**make_data(tiny_model_dir, tasks=["add_2digit"]).hparams)
+    with pytest.raises(ValueError, match=r"the batch's labels \(TrainingBatch\.labels\) has shape \[4, \d+\]: it "
+                                         r"must have input_ids' shape \[4, \d+\], label t for token t"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir), data)

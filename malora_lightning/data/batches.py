@@ -36,6 +36,7 @@ class TrainingBatch:
         return apply_to_collection(self, torch.Tensor, lambda tensor: tensor.pin_memory())
 
 
+
 @dataclass
 class ChoiceRows:
     """A multiple-choice batch's rows, one per (example, choice): the prompt followed by that choice."""
@@ -73,3 +74,56 @@ class EvaluationOutput:
     loss: torch.Tensor  # [B]: mean token NLL of the target (multiple choice: of the gold choice)
     correct: torch.Tensor | None = None  # [B] bool; None for a task without an answer check
     predictions: list[str] | list[int] | None = None  # generated answers, or the chosen choice indices
+
+
+_TENSOR_FIELDS = ("input_ids", "attention_mask", "labels", "task_id")
+
+
+def check_batch(batch: object, *, training: bool) -> None:
+    """Raise a TypeError (a missing field, another type or dtype) or a ValueError (another shape) naming the field
+    when ``batch`` (a collator's, perhaps of its own class) breaks the `TrainingBatch` contract that every step reads:
+    ``input_ids`` [B, L] of integers, ``attention_mask`` [B, L] (or None), ``labels`` [B, L] long, ``task_id`` [B] and
+    ``task_name`` a list of B names (None only outside training). Otherwise the step failed deep in the model, or
+    trained and scored on a silently wrong loss: labels narrower than input_ids were read against the wrong tokens,
+    and a ``task_name`` string gave a per-task loss to each letter. Reads shapes and dtypes only, so nothing waits for
+    the device."""
+    kind = type(batch).__name__
+    for name in (*_TENSOR_FIELDS, "task_name"):
+        if not hasattr(batch, name):
+            raise TypeError(f"the batch ({kind}) has no field {name!r}: every batch has "
+                            f"{', '.join(_TENSOR_FIELDS)} and task_name (TrainingBatch, malora_lightning.data.batches)")
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    labels, task_id, task_name = batch.labels, batch.task_id, batch.task_name
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels),
+                        ("task_id", task_id)):
+        if not isinstance(value, torch.Tensor) and not (name == "attention_mask" and value is None):
+            raise TypeError(f"the batch's {name} ({kind}.{name}) is a {type(value).__name__}: it must be a tensor")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"the batch's input_ids ({kind}.input_ids) is a {input_ids.dtype} tensor: token ids must be "
+                        "of an integer dtype (long)")
+    if labels.dtype != torch.long:
+        raise TypeError(f"the batch's labels ({kind}.labels) is a {labels.dtype} tensor: labels must be long (token "
+                        "ids, IGNORE_INDEX where no loss is taken)")
+    if input_ids.dim() != 2:
+        raise ValueError(f"the batch's input_ids ({kind}.input_ids) has shape {list(input_ids.shape)}: it must be "
+                         "[B, L]")
+    shape = list(input_ids.shape)
+    for name, value, meaning in (("attention_mask", attention_mask, "a flag for each token"),
+                                 ("labels", labels, "label t for token t, which position t - 1 predicts")):
+        if value is not None and list(value.shape) != shape:
+            raise ValueError(f"the batch's {name} ({kind}.{name}) has shape {list(value.shape)}: it must have "
+                             f"input_ids' shape {shape}, {meaning}")
+    if list(task_id.shape) != shape[:1]:
+        raise ValueError(f"the batch's task_id ({kind}.task_id) has shape {list(task_id.shape)}: it must be "
+                         f"{shape[:1]}, one task index per row of input_ids")
+    if not isinstance(task_name, (list, tuple)):
+        raise TypeError(f"the batch's task_name ({kind}.task_name) is a {type(task_name).__name__}: it must be a "
+                        f"list of one task name per row ({shape[0]})")
+    if len(task_name) != shape[0]:
+        raise ValueError(f"the batch's task_name ({kind}.task_name) has {len(task_name)} names: it must have one per "
+                         f"row of input_ids ({shape[0]})")
+    for row, name in enumerate(task_name):
+        if not isinstance(name, str) and (training or name is not None):
+            allowed = "a str" if training else "a str, or None for a predict prompt without a task"
+            raise TypeError(f"the batch's task_name[{row}] ({kind}.task_name) is {name!r}: each row's task name must "
+                            f"be {allowed}")
