@@ -270,10 +270,12 @@ class EvaluationMixin:
         check_batch(batch, training=False)
         tasks = [None if name is None else self.task(name) for name in batch.task_name]
         predictions = self._generated_answers(batch, tasks)
+        # getattr: `rows` is optional (EvaluationBatch.rows), and a batch class of your own may not have it
+        rows = getattr(batch, "rows", None)
         answers = [Prediction(row=row, task=None if task is None else task.name, prompt=prompt, prediction=prediction,
                               target=target,
                               correct=None if task is None or target is None else task.is_correct(prediction, target))
-                   for row, task, prompt, prediction, target in zip(batch.rows or [None] * len(tasks), tasks,
+                   for row, task, prompt, prediction, target in zip(rows or [None] * len(tasks), tasks,
                                                                     batch.prompts, predictions, batch.targets)]
         return counted_only(answers, batch.counted)
 
@@ -321,7 +323,8 @@ def batch_rows(batch: EvaluationBatch, rows: Sequence[int]) -> EvaluationBatch:
         prompts=[batch.prompts[row] for row in rows], targets=[batch.targets[row] for row in rows],
         prompt_input_ids=batch.prompt_input_ids[index][:, -width:], prompt_attention_mask=prompt_mask[:, -width:],
         counted=batch.counted[index], choices=choices,
-        rows=None if batch.rows is None else [batch.rows[row] for row in rows])
+        # a batch class of your own may have no `rows` field, which replace would refuse
+        **({} if getattr(batch, "rows", None) is None else {"rows": [batch.rows[row] for row in rows]}))
 
 
 def counted_only(rows: Sequence[T], counted: torch.Tensor) -> list[T]:

@@ -17,6 +17,7 @@ from malora_lightning.adapters import AdapterConfig
 from malora_lightning.callbacks.per_task_metrics import Evaluation
 from malora_lightning.checkpoints import SETTINGS_KEY
 from malora_lightning.cli import main
+from malora_lightning.evaluation import batch_rows
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
 from tests.helpers import tiny_model, tiny_tokenizer
@@ -442,3 +443,35 @@ def test_a_fit_with_a_collator_of_ones_own_that_misaligns_the_labels_stops_namin
     with pytest.raises(ValueError, match=r"the batch's labels \(TrainingBatch\.labels\) has shape \[4, \d+\]: it "
                                          r"must have input_ids' shape \[4, \d+\], label t for token t"):
         make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir), data)
+
+
+@dataclasses.dataclass
+class OwnEvaluationBatch:
+    """An evaluation batch class of one's own (not an EvaluationBatch), from before `EvaluationBatch.rows`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    task_id: torch.Tensor
+    task_name: list
+    prompts: list
+    targets: list
+    prompt_input_ids: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    counted: torch.Tensor
+    choices: None = None
+
+
+def test_a_batch_class_of_ones_own_without_rows_predicts(collated):
+    """`rows` is optional, as `pairs` is: predict_step read `batch.rows` and failed with an AttributeError, and
+    `batch_rows` (a batch mixing generation lengths) passed rows= to the class, which has no such field."""
+    module, _, evaluation = collated
+    own = OwnEvaluationBatch(**{field.name: getattr(evaluation, field.name)
+                                for field in dataclasses.fields(OwnEvaluationBatch)})
+    with torch.no_grad():
+        expected = module.predict_step(evaluation, 0)
+        answers = module.predict_step(own, 0)
+    assert [answer.row for answer in answers] == [None, None]
+    assert [answer.prediction for answer in answers] == [answer.prediction for answer in expected]
+    second = batch_rows(own, [1])
+    assert type(second) is OwnEvaluationBatch and second.prompts == evaluation.prompts[1:]
