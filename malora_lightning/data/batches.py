@@ -36,7 +36,6 @@ class TrainingBatch:
         return apply_to_collection(self, torch.Tensor, lambda tensor: tensor.pin_memory())
 
 
-
 @dataclass
 class ChoiceRows:
     """A multiple-choice batch's rows, one per (example, choice): the prompt followed by that choice."""
