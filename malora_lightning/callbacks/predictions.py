@@ -200,18 +200,28 @@ class PredictionWriter(BasePredictionWriter):
 
     def _start_partial(self, trainer: L.Trainer) -> None:
         """Start this rank's partial file afresh, replacing one an earlier run left (atomically: a kill leaves the old
-        file or the new header, so the name always holds a file recognisably ours) and refusing anything else."""
+        file or the new header, so the name always holds a file recognisably ours) and refusing anything else.
+
+        Written under `refuse_on_any_rank`: each rank writes to its own disk folder (node-local under multi-node
+        DDP), and a rank whose write failed (a full or read-only disk) stopped alone, leaving the others waiting
+        forever in `on_predict_end`'s gather. Every rank now stops with the failing rank's error; a rank whose own
+        file was started removes it again in `on_exception` (it holds no answer)."""
         if self._partial_file is not None:  # a run this writer was not told had stopped (called by hand)
             self._partial_file.close()
+            self._partial, self._partial_file = None, None
         partial = partial_path(self._output, trainer.global_rank)
         refuse_on_any_rank(trainer, lambda: refuse_foreign_partial(partial))
         header = dict(zip(PARTIAL_HEADER_KEYS, [
             f"answers kept for {self._output.name} while malora predict runs", trainer.global_rank,
             "dataloader_idx, index and prediction (a line of the output) on each further line; sorted by "
             "dataloader_idx then index they are in the output's order; the last may be incomplete"]))
-        atomic_write_text(partial, json.dumps(header, ensure_ascii=False) + "\n")
-        self._partial, self._kept = partial, 0
-        self._partial_file = partial.open("a", encoding="utf-8")
+
+        def start() -> None:
+            atomic_write_text(partial, json.dumps(header, ensure_ascii=False) + "\n")
+            self._partial, self._kept = partial, 0
+            self._partial_file = partial.open("a", encoding="utf-8")
+
+        refuse_on_any_rank(trainer, start)
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,

@@ -19,7 +19,8 @@ from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
 from malora_lightning.module import MALoRAModule
-from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy
+from tests.helpers import TwoProcessDDPStrategy, TwoProcessFSDP2Strategy, run_ranks
+from tests.ranks import prediction_partials
 from tests.test_module import TASKS, make_data, make_module, make_trainer
 
 
@@ -499,3 +500,14 @@ def test_every_rank_keeps_its_answers_when_rank_zero_cannot_write_the_file(tiny_
     kept = read_partial(partial_path(output, 0)) + read_partial(partial_path(output, 1))
     assert sorted((loader, index) for loader, index, _ in kept) == [(loader, index) for loader in range(3)
                                                                      for index in range(3)]
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_start_its_partial_file_stops_every_rank_naming_it(tmp_path):
+    """Each rank writes its partial file to its own disk (node-local under multi-node DDP): a rank whose write failed
+    stopped alone, and the others went on to predict and waited for it forever in `on_predict_end`'s gather. Every
+    rank now raises the failing rank's error, and rank zero's started file, holding no answer, goes."""
+    run_ranks(prediction_partials.run, str(tmp_path))
+    failed = ["OSError", f"[Errno 28] No space left on device: '{partial_path(tmp_path / 'out.jsonl', 1)}'"]
+    assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [failed, failed]
+    assert partial_files(tmp_path) == []
