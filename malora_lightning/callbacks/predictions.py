@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,8 +146,9 @@ class PredictionWriter(BasePredictionWriter):
     as above.
 
     Args:
-        path: where to write the JSON lines (a leading `~` is the home folder); None: `predictions.jsonl` in the run
-            folder.
+        path: the file to write the JSON lines to (a leading `~` is the home folder), such as
+            `out/predictions.jsonl`; None: `predictions.jsonl` in the run folder. A folder is refused: a path ending
+            in a path separator (`out/`) when the writer is built, an existing folder as any existing path.
     """
 
     def __init__(self, path: str | None = None) -> None:
@@ -155,6 +157,10 @@ class PredictionWriter(BasePredictionWriter):
         if path is not None and not (isinstance(path, (str, Path)) and path != ""):
             raise ValueError(f"PredictionWriter path={path!r} is invalid: expected None (predictions.jsonl in the run "
                              "folder) or the path of a file to write")
+        # pathlib drops a trailing separator: "out/", meant as a folder, wrote a file named out
+        if isinstance(path, str) and path.endswith(("/", os.sep)):
+            raise ValueError(f"PredictionWriter path={path!r} names a folder: expected the path of a file to write, "
+                             f"such as {path + PREDICTIONS_NAME!r}, or None (predictions.jsonl in the run folder)")
         self.path = path
         self._answered: list[_Answered] = []
         self._output: Path | None = None
@@ -173,6 +179,10 @@ class PredictionWriter(BasePredictionWriter):
         """Refuse a `path` that exists, or whose folder cannot be written (a read-only mount, /proc): found only when
         the file is written, after every prompt was answered, the error named a temporary file."""
         path = Path(user_path(self.path))
+        if path.is_dir():
+            raise FileExistsError(f"PredictionWriter path {path} already exists and is a folder: give the path of a "
+                                  f"file to write, such as {path / PREDICTIONS_NAME}, or leave path unset to write "
+                                  "predictions.jsonl in the run folder")
         if path.exists():
             raise FileExistsError(f"PredictionWriter path {path} already exists and is not overwritten: "
                                   "remove it, give another path, or leave path unset to write predictions.jsonl in "

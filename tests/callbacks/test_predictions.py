@@ -3,6 +3,7 @@ answers, also from two processes, and never over a file the user wrote."""
 
 import dataclasses
 import json
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -309,9 +310,18 @@ def test_a_prediction_line_has_the_keys_in_order_and_the_text_as_written(tmp_pat
     assert not is_prediction_line(reordered)
 
 
+@pytest.mark.parametrize("path", ["out/", "~/runs/", "/"])
+def test_a_path_ending_in_a_separator_names_a_folder_and_is_refused_when_built(path):
+    """pathlib drops the trailing separator: "out/", meant as a folder, wrote a file named out."""
+    with pytest.raises(ValueError, match=re.escape(f"PredictionWriter path={path!r} names a folder: expected the path "
+                                                   f"of a file to write, such as {path + PREDICTIONS_NAME!r}")):
+        PredictionWriter(path=path)
+
+
 def test_a_path_that_is_a_folder_is_taken():
     """It passed the check and the write failed after every prompt was answered."""
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match=re.escape(f"already exists and is a folder: give the path of a file to "
+                                                        f"write, such as {Path.cwd() / PREDICTIONS_NAME},")):
         PredictionWriter(path=str(Path.cwd()))._refuse_taken_path()
 
 
