@@ -49,10 +49,12 @@ from malora_lightning.data.sampling import (
 )
 from malora_lightning.data.tasks import (
     Example,
+    FileSource,
     HubSource,
     Task,
     TaskDataError,
     get_task,
+    not_a_file,
     reading_files_once,
     registered_tasks,
     repeated,
@@ -60,7 +62,7 @@ from malora_lightning.data.tasks import (
 )
 from malora_lightning.hyperparameters import constructor_arguments
 from malora_lightning.offline_models import resolve_model_path
-from malora_lightning.values import check_switch, is_finite_number, is_int
+from malora_lightning.values import check_switch, is_finite_number, is_int, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +411,7 @@ class MultiTaskDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         stage = TrainerFn(stage or "fit").value  # Lightning passes a TrainerFn, which f-strings write as its name
         self._check_overfit_batches(stage)
+        self._check_split_files(stage)
         with reading_files_once():
             self._check_something_to_evaluate(stage)
             if self._encoder is None:
@@ -432,6 +435,23 @@ class MultiTaskDataModule(LightningDataModule):
         if stage == "predict" and self._predict_source is not None:
             return ()
         return _STAGE_SPLITS[stage]
+
+    def _check_split_files(self, stage: str) -> None:
+        """Refuse a fit when a file a task names for any split does not exist, naming each: setup reads only the
+        stage's splits (and the evaluation splits for a generation length the task spec does not give), so a
+        mistyped test file was found by ``malora test``, after the whole fit. Existence only: reading a large file
+        here would cost time, and its rows are checked where it is read. Not for validate, test or predict, which
+        need no train file."""
+        if stage != "fit":
+            return
+        missing = [f"task {task.name!r}, {split} file {path} {not_a_file(path)}"
+                   for task in self._declared_tasks if isinstance(task.source, FileSource)
+                   for split, file in task.source.files.items()
+                   for path in [Path(user_path(file))] if not path.is_file()]
+        if missing:
+            raise FileNotFoundError("; ".join(missing) + ": every split file a task names is checked before a fit, "
+                                    "not only when its split is read (a test file's by malora test, after training); "
+                                    "fix the path in the task spec (path: {train: ..., test: ...})")
 
     def _check_model_max_length(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,

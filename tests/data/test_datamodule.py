@@ -236,6 +236,31 @@ def test_a_generation_length_the_task_spec_gives_is_kept_not_measured(tmp_path):
     assert next(task for task in data.tasks if task.name == "capitals").max_new_tokens == 3
 
 
+def test_a_missing_split_file_stops_fit_before_training_naming_its_task(tmp_path, monkeypatch):
+    """A fit reads no test file when the task spec gives max_new_tokens: a mistyped one was found by malora test,
+    after the whole fit. The built-in task beside it has no file to check."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"country": "France", "capital": "Paris"}))
+    spec = {"name": "capitals", "path": {"train": "train.jsonl", "test": "tset.jsonl"},
+            "prompt": "Capital of {country}?", "target": "{capital}", "max_new_tokens": 3}
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"task 'capitals', test file tset.jsonl does not exist (a relative path is read from the current "
+            f"directory, {tmp_path}): every split file a task names is checked before a fit")):
+        make(tasks=["capitals", "parity"], task_specs=[spec]).setup("fit")
+
+
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_an_evaluation_needs_no_train_file(tmp_path, stage):
+    """Only fit checks every split file: a test or predict run of a task whose train file is elsewhere goes on."""
+    (tmp_path / "test.jsonl").write_text(json.dumps({"country": "France", "capital": "Paris"}))
+    spec = {"name": "capitals", "path": {"train": str(tmp_path / "gone.jsonl"), "test": str(tmp_path / "test.jsonl")},
+            "prompt": "Capital of {country}?", "target": "{capital}", "max_new_tokens": 3}
+    data = make(tasks=["parity"], eval_tasks=["capitals"], task_specs=[spec])
+    data.setup(stage)
+    loaders = data.test_dataloader() if stage == "test" else data.predict_dataloader()
+    assert next(iter(loaders["capitals"])).targets == ["Paris"]
+
+
 def test_what_needs_a_loaded_split_names_the_setup_to_call_first(tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "3+3"}\n')
     data = make(predict_file=str(tmp_path / "prompts.jsonl"))
@@ -409,9 +434,10 @@ def test_a_task_spec_named_like_a_registered_task_replaces_it_and_says_so(caplog
     assert "task_specs[0] 'parity' is used in place of the registered task of that name" in caplog.text
 
 
-def test_training_a_task_without_a_train_split_is_an_error():
-    data = make(tasks=["eval_only"], task_specs=[{"name": "eval_only", "path": {"test": "x.jsonl"}, "prompt": "{q}",
-                                                  "target": "{a}"}])
+def test_training_a_task_without_a_train_split_is_an_error(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"q": "1+1", "a": "2"}\n')  # a fit checks that its split files exist first
+    data = make(tasks=["eval_only"], task_specs=[{"name": "eval_only", "path": {"test": str(tmp_path / "x.jsonl")},
+                                                  "prompt": "{q}", "target": "{a}"}])
     with pytest.raises(ValueError, match=r"tasks \['eval_only'\] have no train split; list them under eval_tasks"):
         data.setup("fit")
 
