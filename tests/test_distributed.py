@@ -3,6 +3,7 @@ validation on shards of uneven size."""
 
 import hashlib
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, SeesawTrack
 from malora_lightning.module import MALoRAModule
 from tests.helpers import HostWaits, TwoProcessDDPStrategy, TwoProcessFSDP2Strategy, counting_collectives, run_ranks
 from tests.ranks import step_task_losses
-from tests.test_module import TASKS, RecordingLMLoss, make_data, make_module, make_trainer
+from tests.test_module import TASKS, RecordingLMLoss, _StepLogger, make_data, make_module, make_trainer, short_names
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +133,70 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     assert [step["counts"] for rank in losses for step in rank] == [{"collectives": 1, "host_reads": 1}] * 6
 
 
+# what each rank's loggers were given at each step by the code before the check and the logging moved after the
+# backward (91562c5: the step's sums reduced and read at its last batch, before the backward), in the fit of
+# `test_ddp_logs_each_step_as_before`: "loss" is train/loss, "parity" train/parity/lm_loss
+LOGGED_BEFORE = {
+    0: {"loss": 6.021585, "lm_loss": 6.011515, "aux_loss": 0.01007026, "load_balance": 1.007026, "add_2digit": 5.904030,
+        "double_number": 5.585454, "parity": 6.158874, "reverse_words": 6.129268, "sort_words": 6.045362, "epoch": 0},
+    1: {"loss": 5.964024, "lm_loss": 5.953839, "aux_loss": 0.01018419, "load_balance": 1.018419, "add_2digit": math.nan,
+        "double_number": math.nan, "parity": math.nan, "reverse_words": 6.228752, "sort_words": math.nan,
+        "last_word": 6.164856, "unlisted_add_2digit": 5.164340, "unlisted_last_word": 5.956049, "epoch": 0},
+    2: {"loss": 5.919280, "lm_loss": 5.909025, "aux_loss": 0.01025473, "load_balance": 1.025473, "add_2digit": 4.818387,
+        "double_number": 5.342745, "parity": 5.277742, "reverse_words": 6.076638, "sort_words": 6.333110,
+        "last_word": 5.815937, "unlisted_add_2digit": math.nan, "unlisted_last_word": math.nan, "epoch": 1},
+    3: {"loss": 6.176486, "lm_loss": 6.166244, "aux_loss": 0.01024162, "load_balance": 1.024162, "add_2digit": math.nan,
+        "double_number": 6.262473, "parity": math.nan, "reverse_words": math.nan, "sort_words": 6.069675,
+        "last_word": 6.071914, "unlisted_add_2digit": math.nan, "unlisted_last_word": math.nan, "epoch": 1},
+}
+
+
+class UnlistedOnRankOne(MALoRAModule):
+    """Rank one's tasks at global step 1 are ones the data module does not list: the step's task losses fall back
+    to the object gather."""
+
+    def compute_lm_loss(self, batch):
+        result = super().compute_lm_loss(batch)
+        if self.global_step == 1 and self.global_rank == 1:
+            result.per_task = {f"unlisted_{name}": value for name, value in result.per_task.items()}
+            result.per_task_tokens = {f"unlisted_{name}": value for name, value in result.per_task_tokens.items()}
+        return result
+
+
+class DumpStepLogs(Callback):
+    """Each rank writes what its `_StepLogger` was given at each step."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        logger = next(logger for logger in trainer.loggers if isinstance(logger, _StepLogger))
+        with open(f"{self.out_dir}/logs{trainer.global_rank}.json", "w") as handle:
+            json.dump({"steps": logger.steps}, handle)
+
+
+def test_ddp_logs_each_step_as_before(tiny_model_dir, tmp_path):
+    """What the loggers are given at each step, on both ranks, pinned: with gradient accumulation, epochs of 3
+    batches (the last step of each has one), tasks absent from a step (NaN, once per epoch) and a step whose task
+    losses the object gather sums."""
+    torch.manual_seed(0)
+    logger = _StepLogger()
+    trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=-1, max_epochs=2,
+                           limit_train_batches=3, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1,
+                           callbacks=[DumpStepLogs(str(tmp_path))])
+    module = UnlistedOnRankOne(**make_module(tiny_model_dir).hparams)
+    trainer.fit(module, make_data(tiny_model_dir, batch_size=2, max_train_examples_per_task=8,
+                                  tasks=TASKS + ["double_number", "last_word", "sort_words"]))
+    ranks = [json.loads((tmp_path / f"logs{rank}.json").read_text()) for rank in (0, 1)]
+    assert json.dumps(ranks[0]["steps"]) == json.dumps(ranks[1]["steps"])  # as written, NaNs included
+    logged = short_names(ranks[0]["steps"])
+    assert logged.keys() == LOGGED_BEFORE.keys()
+    for step, values in logged.items():
+        # bit for bit here; pinned to 7 digits, and 1e-4 leaves room for float summation order (another BLAS, thread
+        # count or torch version), far below what a step's batches or ranks averaged otherwise would move
+        assert values == pytest.approx(LOGGED_BEFORE[step], rel=1e-4, nan_ok=True), step
+
+
 class PoisonOnRankOne(MALoRAModule):
     """Rank one's loss at step 1 is NaN; each rank writes the error it stopped with (both, before either raises)."""
 
@@ -150,17 +215,19 @@ class PoisonOnRankOne(MALoRAModule):
             raise
 
 
-def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(tiny_model_dir, tmp_path, accumulate):
     """The check runs after the backward, which averages the ranks' gradients: a NaN loss on rank one made NaN
     gradients on rank zero too, so rank zero, whose own loss was finite, must not step either."""
-    trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3)
+    trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3,
+                           accumulate_grad_batches=accumulate)
     module = PoisonOnRankOne(**make_module(tiny_model_dir).hparams)
     with pytest.raises(Exception, match="non-finite training loss at global step 1"):
         trainer.fit(module, make_data(tiny_model_dir))
     assert (tmp_path / "error0.txt").read_text().startswith(
         "non-finite training loss at global step 1 (epoch 0) on another rank; training stopped before this update")
     assert (tmp_path / "error1.txt").read_text().startswith(
-        "non-finite training loss at global step 1 (epoch 0, batch 1): lm_loss=nan")
+        f"non-finite training loss at global step 1 (epoch 0, batch {accumulate}): lm_loss=nan")
 
 
 def test_fsdp2_on_cpu_shards_trains_and_exports_full_adapters(tiny_model_dir, tmp_path):

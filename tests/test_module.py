@@ -38,6 +38,7 @@ from malora_lightning.checkpoints import CHECKPOINT_FORMAT_KEY, check_checkpoint
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS, EvaluationMixin
 from malora_lightning.module import (
     MALoRAModule,
+    NonFiniteLossCheck,
     _check_loadable_hyperparameters,
     compile_mode,
     context_length,
@@ -274,6 +275,13 @@ class _StepLogger(Logger):
         self.steps.setdefault(step, {}).update(metrics)
 
 
+def short_names(steps: dict[int | str, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """`_StepLogger.steps` (or their JSON) with short names: "loss" for train/loss, "parity" for
+    train/parity/lm_loss."""
+    return {int(step): {key.removeprefix("train/").removesuffix("/lm_loss"): value for key, value in values.items()}
+            for step, values in steps.items()}
+
+
 class _BatchTasks(Callback):
     """The tasks of each optimizer step's batches, and of its last batch."""
 
@@ -398,6 +406,90 @@ def test_a_second_fit_of_the_module_writes_nan_for_each_absent_task_from_its_fir
     for step, present in tasks.tasks.items():  # the second fit's steps
         written = {key for key, value in logger.steps[step].items() if key.endswith("/lm_loss") and math.isnan(value)}
         assert {f"train/{name}/lm_loss" for name in trained_before - present} <= written, step
+
+
+# what the loggers were given at each step of `test_each_steps_losses_are_logged_as_before_wherever_checked`'s fit
+# by the code that logged them in `training_step`, at the step's last batch, before its backward (91562c5)
+LOGGED_BEFORE = {
+    0: {"loss": 6.010987, "lm_loss": 6.000918, "aux_loss": 0.01006857, "load_balance": 1.006857,
+        "double_number": 5.886014, "parity": 6.156276, "sort_words": 6.064651, "epoch": 0},
+    1: {"loss": 5.960670, "lm_loss": 5.950613, "aux_loss": 0.01005730, "load_balance": 1.005730,
+        "double_number": 4.961174, "parity": math.nan, "sort_words": 6.024187, "add_2digit": 5.845275,
+        "reverse_words": 6.126971, "epoch": 0},
+    2: {"loss": 6.146976, "lm_loss": 6.136834, "aux_loss": 0.01014289, "load_balance": 1.014289,
+        "double_number": math.nan, "parity": math.nan, "sort_words": math.nan, "add_2digit": math.nan,
+        "reverse_words": 6.189252, "last_word": 5.935894, "epoch": 0},
+    3: {"loss": 6.200887, "lm_loss": 6.190704, "aux_loss": 0.01018297, "load_balance": 1.018297,
+        "double_number": math.nan, "parity": math.nan, "sort_words": 6.292245, "add_2digit": math.nan,
+        "reverse_words": 6.014802, "last_word": 5.715751, "epoch": 1},
+    4: {"loss": 5.702425, "lm_loss": 5.692211, "aux_loss": 0.01021381, "load_balance": 1.021381,
+        "double_number": 5.329822, "parity": 5.237909, "sort_words": 6.447205, "add_2digit": 4.903027,
+        "reverse_words": math.nan, "last_word": math.nan, "epoch": 1},
+    5: {"loss": 6.072681, "lm_loss": 6.062460, "aux_loss": 0.01022169, "load_balance": 1.022169,
+        "double_number": 5.930384, "parity": math.nan, "sort_words": 6.086045, "add_2digit": math.nan,
+        "reverse_words": math.nan, "last_word": math.nan, "epoch": 1},
+}
+
+
+def _without_the_check(module: MALoRAModule) -> MALoRAModule:
+    """The module as a user who took `NonFiniteLossCheck` out of its callbacks would fit it."""
+    callbacks = [callback for callback in module.configure_callbacks() if not isinstance(callback, NonFiniteLossCheck)]
+    module.configure_callbacks = lambda: callbacks
+    return module
+
+
+@pytest.mark.parametrize("checked", ["after the backward", "without the callback", "in anomaly mode"])
+def test_each_steps_losses_are_logged_as_before_wherever_checked(tiny_model_dir, tmp_path, checked):
+    """The check after the step's backward (`NonFiniteLossCheck`) logs the step's losses, which were logged at the
+    step's last batch, before its backward: Lightning writes both with the step's logs, at the same step, as before.
+    Under bf16-mixed, whose plugin calls the hook after the closure as fp16's does (there also for a step the loss
+    scaler then skips), epochs of 5 batches (the last step has one batch) and tasks absent from a step (NaN, once per
+    epoch). Without the callback, and in anomaly mode, `training_step` checks and logs, with the same figures."""
+    torch.manual_seed(0)
+    logger = _StepLogger()
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=5, accumulate_grad_batches=2,
+                           precision="bf16-mixed", logger=logger, log_every_n_steps=1,
+                           detect_anomaly=checked == "in anomaly mode")
+    module = make_module(tiny_model_dir)
+    trainer.fit(_without_the_check(module) if checked == "without the callback" else module,
+                make_data(tiny_model_dir, batch_size=2, max_train_examples_per_task=8,
+                          tasks=TASKS + ["double_number", "last_word", "sort_words"]))
+    logged = short_names(logger.steps)
+    assert logged.keys() == LOGGED_BEFORE.keys()
+    for step, values in logged.items():
+        # bit for bit here; pinned to 7 digits, and 1e-4 leaves room for float summation order (another BLAS, thread
+        # count or torch version), far below what a step's batches averaged otherwise would move
+        assert values == pytest.approx(LOGGED_BEFORE[step], rel=1e-4, nan_ok=True), step
+
+
+class _ManualEveryOtherBatch(RecordingLMLoss):
+    """Manual optimisation, stepping the optimizer at every second batch (gradient accumulation of its own)."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        if batch_idx % 2:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+        return loss
+
+
+def test_under_manual_optimisation_each_batch_is_checked_and_logged_at_once(tiny_model_dir, tmp_path):
+    """Under manual optimisation the training step decides when `optimizer.step()`, and with it the check after the
+    backward, comes: each batch is a step of its own to Lightning, which writes its logs after it, so
+    `training_step` checks and logs it itself. Left to the check at `optimizer.step()`, a batch without one was
+    never logged."""
+    logger = _StepLogger()
+    trainer = make_trainer(tmp_path, max_steps=2, logger=logger, log_every_n_steps=1)
+    module = _ManualEveryOtherBatch(**make_module(tiny_model_dir).hparams)
+    trainer.fit(module, make_data(tiny_model_dir))
+    losses = [loss for step in sorted(module.batch_losses) for loss in module.batch_losses[step]]
+    assert len(losses) == 4 and sorted(logger.steps) == [0, 1, 2, 3]
+    assert [logger.steps[step]["train/lm_loss"] for step in range(4)] == pytest.approx(losses, rel=1e-6)
 
 
 class _StopAfterFirstBatch(Callback):
