@@ -173,6 +173,17 @@ class LMLoss:
     per_task_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _StepEnd:
+    """An optimizer step's losses as its last batch leaves them (`MALoRAModule.training_step`), for
+    `MALoRAModule.check_step_losses` to read on the host and log once the step's backward is queued."""
+
+    keys: list[str]  # the names the step's losses are logged under, in `sums` order: train/loss, train/lm_loss, ...
+    batch_size: int  # the step's last batch's, as Lightning is told it
+    tasks: list[str]  # on several ranks, the data module's tasks, whose sums `sums` holds in this order
+    sums: torch.Tensor  # `MALoRAModule._step_sums`
+
+
 class MALoRAModule(EvaluationMixin, L.LightningModule):
     """Fine-tune a causal LM's adapters on a multi-task mixture.
 
@@ -284,6 +295,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._step_losses: list[torch.Tensor] = []  # the step's batches' train/loss, lm_loss, ... (`training_step`)
         # (batch_idx, loss, lm_loss, aux_loss) of each batch since the last `check_step_losses`, on the device
         self._unchecked_losses: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # the ended optimizer step's losses, from its last batch until `check_step_losses` reads and logs them
+        self._step_end: _StepEnd | None = None
         # a resumed fit's checkpoint step: until the trainer's step reaches it, its step and optimizer are not restored
         self._resume_step: int | None = None
         # the gradient accumulations whose validations inside windows this fit has judged (`on_train_epoch_start`)
@@ -564,12 +577,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         router = torch.zeros((), device=lm.loss.device) if summary is None else \
             weighted_router_loss(summary, get_adapter_config(self.model)).to(lm.loss.device)
         loss = lm.loss + router
-        # checked once the optimizer step's backward is queued (`NonFiniteLossCheck`), not here: reading the loss on
-        # the host waits for the whole forward before the backward can even be launched, and did so for every batch
-        # of an accumulated step
+        # checked, and the step's losses logged, once the optimizer step's backward is queued (`NonFiniteLossCheck`),
+        # not here: reading the loss on the host waits for the whole forward before the backward can even be
+        # launched, and did so for every batch of an accumulated step
         self._unchecked_losses.append((batch_idx, loss.detach(), lm.loss.detach(), router.detach()))
-        if torch.is_anomaly_enabled():  # the backward would stop at the NaN first, naming an op instead of the batch
-            self.check_step_losses()
         batch_size = batch.input_ids.shape[0]
         logged = {"train/loss": loss, "train/lm_loss": lm.loss, "train/aux_loss": router}
         if summary is not None:
@@ -581,48 +592,42 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             tokens = lm.per_task_tokens.get(name)
             weight = torch.ones((), device=value.device) if tokens is None else tokens.detach()
             self._step_task_parts.setdefault(name, []).append((value.detach(), weight))
-        if not self.trainer.fit_loop._should_accumulate():  # the batch that ends the optimizer step
+        ends_step = not self.trainer.fit_loop._should_accumulate()
+        if ends_step:
             # the step's values: the mean of its batches' (and ranks'), as the gradients average them (each rank
-            # logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share)
-            step, per_task = self._step_task_losses(torch.stack(self._step_losses).mean(0))
-            for key, value in zip(logged, step):
-                self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
+            # logged its own, and a ModelCheckpoint monitoring train/loss read rank zero's share). On several ranks
+            # their all_reduce starts here; `check_step_losses` reads it
+            tasks, sums = self._step_sums(torch.stack(self._step_losses).mean(0))
+            self._step_end = _StepEnd(list(logged), batch_size, tasks, sums)
             self._step_losses = []
-            for name, task_loss in per_task.items():
-                self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
-            # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
-            # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's.
-            # A NaN tensor on the device, not math.nan: Lightning makes a logged number a tensor with torch.tensor on
-            # the device, a blocking copy from the host (a CUDA sync per missing task and step). Lightning keeps a
-            # logged value until the key is logged again or the epoch ends, so a task whose NaN it holds this epoch
-            # is not logged again: a `self.log` for every absent task at every step made the step's cost grow with the
-            # number of tasks (BENCHMARKS.md, "Many tasks, long predict files")
-            epoch, nan_tasks = self._nan_tasks
-            if epoch != self.current_epoch:  # Lightning has reset the epoch's logged values
-                nan_tasks = set()
-            missing = sorted(self._logged_tasks - set(per_task) - nan_tasks)
-            nan = torch.full((), math.nan, device=self.device) if missing else None
-            for name in missing:
-                self.log(f"train/{name}/lm_loss", nan, batch_size=batch_size)
-            self._nan_tasks = (self.current_epoch, (nan_tasks | set(missing)) - set(per_task))
-            self._logged_tasks |= set(per_task)
-            self._step_task_parts = {}
+        # checked here, before the backward, where the check after it would not come in time: in anomaly mode the
+        # backward would stop at a NaN first, naming an op instead of the batch, so each batch is checked; and at the
+        # step's last batch when nothing checks after its backward (`_checked_after_backward`)
+        if torch.is_anomaly_enabled() or ends_step and not self._checked_after_backward():
+            self.check_step_losses()
         return loss
 
     def check_step_losses(self) -> None:
-        """Raise FloatingPointError, naming the step, epoch, batch and both loss parts, if the loss of a batch since
-        the last check, on any rank, is not finite. `NonFiniteLossCheck` calls it before each optimizer step, so that
-        a non-finite loss never updates the adapters and the last saved checkpoint is the last good one; it reads the
-        losses on the host once per optimizer step, after the backward is queued."""
+        """Log the optimizer step's losses once its last batch has run (`_log_step_losses`), and raise
+        FloatingPointError, naming the step, epoch, batch and both loss parts, if the loss of a batch since the last
+        check, on any rank, is not finite. `NonFiniteLossCheck` calls it before each optimizer step, once the step's
+        backward is queued, so that a non-finite loss never updates the adapters and the last saved checkpoint is the
+        last good one (`training_step` calls it itself where that call would come too late, or not at all). At a
+        step's end it reads on the host once, and runs no collective of its own: the step's last batch started the one
+        all_reduce of the step's losses, task sums and non-finite count (`_step_sums`)."""
         unchecked, self._unchecked_losses = self._unchecked_losses, []
-        if not unchecked:
+        step_end, self._step_end = self._step_end, None
+        if step_end is not None:
+            non_finite = self._log_step_losses(step_end)
+        elif unchecked:
+            # a batch inside an accumulation window, checked by itself: in anomaly mode (`training_step`), or where
+            # Lightning steps the optimizer at every batch (a strategy that accumulates the gradients itself)
+            count = _non_finite_count(unchecked)
+            if self.trainer.world_size > 1:
+                torch.distributed.all_reduce(count)  # every rank stops, or none (`_step_sums`)
+            non_finite = bool(count)
+        else:
             return
-        non_finite = (~torch.isfinite(torch.stack([loss for _, loss, _, _ in unchecked]))).sum()
-        if self.trainer.world_size > 1:
-            # every rank stops, or none: the backward averaged the ranks' gradients, so one rank's non-finite loss
-            # reached every rank's update. torch's all_reduce, not the strategy's `reduce`, whose barrier waits for
-            # the GPU
-            torch.distributed.all_reduce(non_finite)
         if not non_finite:
             return
         drop_routing_record(self.model)  # the model would keep the latest forward's record (and its graph)
@@ -636,47 +641,106 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         raise FloatingPointError(f"non-finite training loss at global step {self.global_step} (epoch "
                                  f"{self.current_epoch}) on another rank; {stopped}")
 
-    def _step_task_losses(self, step: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """The step's losses (`step`: this rank's mean over its batches) averaged over the ranks, and each task's loss
-        over the optimizer step's batches (``_step_task_parts``; all of them under gradient accumulation) on every
-        rank: the batches' per-task losses weighted by their target tokens (by 1 where an override gives none). The
-        ranks' batches hold different tasks, so one rank's would leave out the tasks drawn elsewhere. One batch on
-        one process logs its own value, as computed.
+    def _checked_after_backward(self) -> bool:
+        """Whether `NonFiniteLossCheck` calls `check_step_losses` once this optimizer step's backward is queued: it
+        is attached (`configure_callbacks` attaches it; a user may take it out) and Lightning steps the optimizer
+        (under manual optimisation the training step decides when, or whether, `optimizer.step()` comes). Otherwise
+        `training_step` checks and logs the step at its last batch: the same values, logged at the same step, with
+        the host's one wait of the step before that batch's backward instead of after it."""
+        return self.automatic_optimization and any(isinstance(callback, NonFiniteLossCheck)
+                                                   for callback in self.trainer.callbacks)
 
-        On several ranks both go in one all_reduce of float64 sums (the task sums in the data module's task order,
-        the same on every rank), read on the host once, whatever the number of tasks: a strategy `reduce` (a barrier
-        and an all_reduce) and an object gather with a host read per task part cost a round trip and waits that grew
-        with the tasks. A task the data module does not list (dataloaders given to the trainer, a `compute_lm_loss`
-        of your own) cannot have a row: when any rank has one, the ranks gather their task sums as Python objects."""
-        parts = self._step_task_parts
-        world_size = self.trainer.world_size
-        if world_size == 1:
-            own = {name: values[0][0] if len(values) == 1 else
-                   sum(value * weight for value, weight in values) / sum(weight for _, weight in values).clamp(min=1)
-                   for name, values in sorted(parts.items())}
-            return step, own
+    def _log_step_losses(self, step_end: _StepEnd) -> bool:
+        """Log the optimizer step's losses and each task's (`_step_task_losses`); return whether any of its batches'
+        losses, on any rank, is not finite."""
+        step, per_task, non_finite = self._step_task_losses(step_end)
+        self._step_task_parts = {}
+        batch_size = step_end.batch_size
+        for key, value in zip(step_end.keys, step):
+            self.log(key, value, prog_bar=key == "train/loss", batch_size=batch_size)
+        for name, task_loss in per_task.items():
+            self.log(f"train/{name}/lm_loss", task_loss, batch_size=batch_size)
+        # a task logged earlier but in none of this step's batches is logged as NaN: Lightning writes every key
+        # logged so far in the epoch at each step, so an earlier step's loss would be written again as this one's.
+        # A NaN tensor on the device, not math.nan: Lightning makes a logged number a tensor with torch.tensor on
+        # the device, a blocking copy from the host (a CUDA sync per missing task and step). Lightning keeps a
+        # logged value until the key is logged again or the epoch ends, so a task whose NaN it holds this epoch
+        # is not logged again: a `self.log` for every absent task at every step made the step's cost grow with the
+        # number of tasks (BENCHMARKS.md, "Many tasks, long predict files")
+        epoch, nan_tasks = self._nan_tasks
+        if epoch != self.current_epoch:  # Lightning has reset the epoch's logged values
+            nan_tasks = set()
+        missing = sorted(self._logged_tasks - set(per_task) - nan_tasks)
+        nan = torch.full((), math.nan, device=self.device) if missing else None
+        for name in missing:
+            self.log(f"train/{name}/lm_loss", nan, batch_size=batch_size)
+        self._nan_tasks = (self.current_epoch, (nan_tasks | set(missing)) - set(per_task))
+        self._logged_tasks |= set(per_task)
+        return non_finite
+
+    def _step_sums(self, step: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """The optimizer step's losses (`step`: this rank's mean over its batches), its task parts
+        (``_step_task_parts``) and how many of its batches' losses are not finite (``_unchecked_losses``: every
+        batch's since the last check), as one tensor for `_step_task_losses` to read, with the tasks it has rows for.
+
+        On one process: [step | non-finite count], float32, without tasks. On several ranks: float64 sums over the
+        ranks, [step | per listed task: token-weighted loss sum, tokens, parts | parts of unlisted tasks | non-finite
+        count], the task rows in the data module's task order, the same on every rank. Their all_reduce starts here,
+        at the step's last batch (NCCL queues it without making the host wait), and is read once the step's backward
+        is queued: one collective and one wait of the host per optimizer step, whatever the number of tasks (the
+        losses and the non-finite count, each reduced and read on its own, cost two; a strategy `reduce`, a barrier
+        and an all_reduce, and an object gather with a host read per task part cost waits that grew with the tasks).
+        The non-finite count is summed so that every rank stops, or none: the backward averages the ranks' gradients,
+        so one rank's non-finite loss reaches every rank's update. torch's all_reduce, not the strategy's `reduce`,
+        whose barrier waits for the GPU."""
+        non_finite = _non_finite_count(self._unchecked_losses)
+        if self.trainer.world_size == 1:
+            return [], torch.cat([step, non_finite.to(step.dtype).unsqueeze(0)])
         datamodule = self.trainer.datamodule
         names = [task.name for task in getattr(datamodule, "tasks", [])] if datamodule is not None else []
         row = {name: index for index, name in enumerate(names)}
-        # [the step's losses | per listed task: token-weighted loss sum, tokens, parts | parts of unlisted tasks]
-        sums = torch.zeros(step.numel() + 3 * len(names) + 1, dtype=torch.float64, device=step.device)
+        sums = torch.zeros(step.numel() + 3 * len(names) + 2, dtype=torch.float64, device=step.device)
         sums[:step.numel()] = step
-        task_sums = sums[step.numel():-1].view(len(names), 3)
-        for name, values in parts.items():
+        task_sums = sums[step.numel():-2].view(len(names), 3)
+        for name, values in self._step_task_parts.items():
             if name not in row:
-                sums[-1] += len(values)
+                sums[-2] += len(values)
                 continue
             # in the order, and the precision, of the Python floats these sums were before
             task_sums[row[name], :2] = torch.stack([sum(value.double() * weight.double() for value, weight in values),
                                                     sum(weight.double() for _, weight in values)])
             task_sums[row[name], 2] = len(values)
+        sums[-1] = non_finite
         torch.distributed.all_reduce(sums)
-        step = (sums[:step.numel()] / world_size).to(step.dtype)
-        losses = (task_sums[:, 0] / task_sums[:, 1].clamp(min=1)).float()
-        *counted, unlisted = torch.cat([task_sums[:, 2], sums[-1:]]).tolist()  # the one read on the host
+        return names, sums
+
+    def _step_task_losses(self, step_end: _StepEnd) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], bool]:
+        """From `_step_sums`, read on the host once: the step's losses averaged over the ranks, each task's loss over
+        the optimizer step's batches (``_step_task_parts``; all of them under gradient accumulation) on every rank,
+        and whether any of the step's losses, on any rank, is not finite. A task's loss is its batches' per-task
+        losses weighted by their target tokens (by 1 where an override gives none). The ranks' batches hold different
+        tasks, so one rank's would leave out the tasks drawn elsewhere. One batch on one process logs its own value,
+        as computed.
+
+        A task the data module does not list (dataloaders given to the trainer, a `compute_lm_loss` of your own)
+        cannot have a row in the sums: when any rank has one, the ranks gather their task sums as Python objects."""
+        losses, sums = len(step_end.keys), step_end.sums
+        world_size = self.trainer.world_size
+        if world_size == 1:
+            own = {name: values[0][0] if len(values) == 1 else
+                   sum(value * weight for value, weight in values) / sum(weight for _, weight in values).clamp(min=1)
+                   for name, values in sorted(self._step_task_parts.items())}
+            return sums[:losses], own, bool(sums[-1])  # the one read on the host
+        names = step_end.tasks
+        task_sums = sums[losses:-2].view(len(names), 3)
+        step = (sums[:losses] / world_size).float()
+        task_losses = (task_sums[:, 0] / task_sums[:, 1].clamp(min=1)).float()
+        *counted, unlisted, non_finite = torch.cat([task_sums[:, 2], sums[-2:]]).tolist()  # the one read on the host
         if unlisted:
-            return step, self._gathered_task_losses()
-        return step, {name: losses[row[name]] for name, count in sorted(zip(names, counted)) if count}
+            return step, self._gathered_task_losses(), bool(non_finite)
+        row = {name: index for index, name in enumerate(names)}
+        return step, {name: task_losses[row[name]] for name, count in sorted(zip(names, counted)) if count}, \
+            bool(non_finite)
 
     def _gathered_task_losses(self) -> dict[str, float]:
         """`_step_task_losses` by a gather of every rank's task sums as Python objects: the task names differ by rank,
@@ -899,7 +963,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         A fit starts with no partial optimizer step: one that stopped inside an accumulation window (an interrupt, an
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
-        self._step_losses, self._step_task_parts, self._unchecked_losses = [], {}, []
+        self._step_losses, self._step_task_parts, self._unchecked_losses, self._step_end = [], {}, [], None
         self._nan_tasks = (-1, set())  # this fit's Lightning holds no NaN an earlier fit logged
         self._warn_of_an_interval_beyond_the_epochs()
         self._judged_accumulations = {self.trainer.accumulate_grad_batches}
@@ -990,15 +1054,21 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
 
 class NonFiniteLossCheck(Callback):
-    """Stops a fit at a non-finite training loss before the optimizer step it would enter (`check_step_losses`).
-    Lightning calls ``on_before_optimizer_step`` once the step's backward has run (fp16's loss scaler has unscaled
-    the gradients by then), also under manual optimisation (each ``optimizer.step()``). A callback rather than the
-    module's own hook: a subclass that overrides ``on_before_optimizer_step`` to log gradient norms would turn it off
-    without a word. `MALoRAModule` attaches it always."""
+    """Stops a fit at a non-finite training loss before the optimizer step it would enter, and logs the step's
+    losses (`check_step_losses`). Lightning calls ``on_before_optimizer_step`` once the step's backward has run (fp16's
+    loss scaler has unscaled the gradients by then, and calls it also for a step the scaler then skips), also under
+    manual optimisation (each ``optimizer.step()``). A callback rather than the module's own hook: a subclass that
+    overrides ``on_before_optimizer_step`` to log gradient norms would turn it off without a word. `MALoRAModule`
+    attaches it always; without it, `training_step` checks and logs each step itself (`_checked_after_backward`)."""
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         pl_module.check_step_losses()
+
+
+def _non_finite_count(losses: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """How many of these (batch_idx, loss, lm_loss, aux_loss) losses are not finite, on their device (unread)."""
+    return (~torch.isfinite(torch.stack([loss for _, loss, _, _ in losses]))).sum()
 
 
 def warn_never_validates(cause: str, setting: str, limit: int) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -60,19 +61,29 @@ class DumpRankState(Callback):
             json.dump(state, handle)
 
 
-class CountedTrainingStep(RecordingLMLoss):
-    """Keeps the latest training step's collectives and the host reads the package's code made in it."""
+class CountedStep(RecordingLMLoss):
+    """Counts, by global step, the collectives (by name) and the host reads ("host_reads") the package's code made
+    in the optimizer step's training steps and in the check after its backward (`check_step_losses`)."""
 
     def training_step(self, batch, batch_idx):
+        return self._counted(super().training_step, batch, batch_idx)
+
+    def check_step_losses(self) -> None:
+        self._counted(super().check_step_losses)
+
+    def _counted(self, method, *args):
         with counting_collectives() as collectives, HostWaits() as waits:
-            loss = super().training_step(batch, batch_idx)
-        self.step_counts = {"collectives": sum(collectives.values()), "host_reads": sum(waits.in_package().values())}
-        return loss
+            result = method(*args)
+        self.step_counts = getattr(self, "step_counts", {})
+        counts = self.step_counts.setdefault(self.global_step, Counter())
+        counts.update(collectives)
+        counts["host_reads"] += sum(waits.in_package().values())
+        return result
 
 
 class DumpTrainLoss(Callback):
     """Each rank writes, per step, the losses its training_step computed (overall, and per task with its target
-    tokens), those it logged, and its collectives and host reads (`CountedTrainingStep`)."""
+    tokens), those it logged, and its collectives and host reads (`CountedStep`)."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
@@ -87,7 +98,7 @@ class DumpTrainLoss(Callback):
                           for name, value in latest.per_task.items()},
             "logged_tasks": {name: float(logged[f"train/{name}/lm_loss"]) for name in TASKS
                              if f"train/{name}/lm_loss" in logged},
-            "counts": pl_module.step_counts})
+            "counts": pl_module.step_counts[trainer.global_step - 1]})  # the step this batch ended
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(f"{self.out_dir}/loss{trainer.global_rank}.json", "w") as handle:
@@ -99,7 +110,7 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
                  DumpTrainLoss(str(tmp_path))]
     trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3, limit_val_batches=None,
                            val_check_interval=3, callbacks=callbacks)
-    module = CountedTrainingStep(**make_module(tiny_model_dir).hparams)
+    module = CountedStep(**make_module(tiny_model_dir).hparams)
     trainer.fit(module, make_data(tiny_model_dir, max_eval_examples_per_task=7))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["adapters"] == ranks[1]["adapters"]  # DDP kept the replicas identical
@@ -130,12 +141,12 @@ def test_ddp_two_processes_share_weights_and_metrics(tiny_model_dir, tmp_path):
     assert tasks_on_one_rank_only > 0  # the case the gathering is for happened
     # one all_reduce and one read on the host per step, however many tasks its batches hold: the strategy's reduce (a
     # barrier and an all_reduce), an object gather (two all_gathers) and a host read per task part and rank before
-    assert [step["counts"] for rank in losses for step in rank] == [{"collectives": 1, "host_reads": 1}] * 6
+    assert [step["counts"] for rank in losses for step in rank] == [{"all_reduce": 1, "host_reads": 1}] * 6
 
 
 # what each rank's loggers were given at each step by the code before the check and the logging moved after the
 # backward (91562c5: the step's sums reduced and read at its last batch, before the backward), in the fit of
-# `test_ddp_logs_each_step_as_before`: "loss" is train/loss, "parity" train/parity/lm_loss
+# `test_ddp_logs_each_step_as_before_after_one_all_reduce`: "loss" is train/loss, "parity" train/parity/lm_loss
 LOGGED_BEFORE = {
     0: {"loss": 6.021585, "lm_loss": 6.011515, "aux_loss": 0.01007026, "load_balance": 1.007026, "add_2digit": 5.904030,
         "double_number": 5.585454, "parity": 6.158874, "reverse_words": 6.129268, "sort_words": 6.045362, "epoch": 0},
@@ -151,7 +162,7 @@ LOGGED_BEFORE = {
 }
 
 
-class UnlistedOnRankOne(MALoRAModule):
+class UnlistedOnRankOne(CountedStep):
     """Rank one's tasks at global step 1 are ones the data module does not list: the step's task losses fall back
     to the object gather."""
 
@@ -164,7 +175,7 @@ class UnlistedOnRankOne(MALoRAModule):
 
 
 class DumpStepLogs(Callback):
-    """Each rank writes what its `_StepLogger` was given at each step."""
+    """Each rank writes what its `_StepLogger` was given at each step, and its module's counts (`CountedStep`)."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
@@ -172,13 +183,16 @@ class DumpStepLogs(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         logger = next(logger for logger in trainer.loggers if isinstance(logger, _StepLogger))
         with open(f"{self.out_dir}/logs{trainer.global_rank}.json", "w") as handle:
-            json.dump({"steps": logger.steps}, handle)
+            json.dump({"steps": logger.steps, "counts": pl_module.step_counts}, handle)
 
 
-def test_ddp_logs_each_step_as_before(tiny_model_dir, tmp_path):
-    """What the loggers are given at each step, on both ranks, pinned: with gradient accumulation, epochs of 3
-    batches (the last step of each has one), tasks absent from a step (NaN, once per epoch) and a step whose task
-    losses the object gather sums."""
+def test_ddp_logs_each_step_as_before_after_one_all_reduce(tiny_model_dir, tmp_path):
+    """Each optimizer step's losses, task sums and non-finite count go in one all_reduce, started at the step's last
+    batch and read once after its backward (`check_step_losses`), which logs them: the step's sums, reduced and read
+    before the backward, and the non-finite count, reduced and read after it, took two collectives and two waits.
+    What the loggers are given is what they were given before, at the same steps, on both ranks: with gradient
+    accumulation, epochs of 3 batches (the last step of each has one), tasks absent from a step (NaN, once per epoch)
+    and a step whose task losses the object gather sums."""
     torch.manual_seed(0)
     logger = _StepLogger()
     trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=-1, max_epochs=2,
@@ -195,6 +209,11 @@ def test_ddp_logs_each_step_as_before(tiny_model_dir, tmp_path):
         # bit for bit here; pinned to 7 digits, and 1e-4 leaves room for float summation order (another BLAS, thread
         # count or torch version), far below what a step's batches or ranks averaged otherwise would move
         assert values == pytest.approx(LOGGED_BEFORE[step], rel=1e-4, nan_ok=True), step
+    for rank in ranks:
+        counts = {int(step): count for step, count in rank["counts"].items()}
+        assert {step: count["all_reduce"] for step, count in counts.items()} == {0: 1, 1: 1, 2: 1, 3: 1}
+        assert counts[1]["all_gather"] == 2  # the object gather: two all_gathers
+        assert [counts[step] for step in (0, 2, 3)] == [{"all_reduce": 1, "host_reads": 1}] * 3
 
 
 class PoisonOnRankOne(MALoRAModule):
@@ -218,7 +237,8 @@ class PoisonOnRankOne(MALoRAModule):
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_before_the_update(tiny_model_dir, tmp_path, accumulate):
     """The check runs after the backward, which averages the ranks' gradients: a NaN loss on rank one made NaN
-    gradients on rank zero too, so rank zero, whose own loss was finite, must not step either."""
+    gradients on rank zero too, so rank zero, whose own loss was finite, must not step either. With gradient
+    accumulation the non-finite count of the step's batches goes in the all_reduce of the step's losses."""
     trainer = make_trainer(tmp_path, strategy=TwoProcessDDPStrategy(), devices=2, max_steps=3,
                            accumulate_grad_batches=accumulate)
     module = PoisonOnRankOne(**make_module(tiny_model_dir).hparams)

@@ -641,7 +641,7 @@ def test_a_training_step_makes_the_host_wait_only_for_the_finiteness_check(tiny_
     trainer.fit(make_module(tiny_model_dir, adapter=adapter),
                 make_data(tiny_model_dir, batch_size=2,
                           tasks=TASKS + ["double_number", "last_word", "sort_words"]))
-    expected = Counter({("bool", "malora_lightning/module.py:check_step_losses"): 1})
+    expected = Counter({("bool", "malora_lightning/module.py:_step_task_losses"): 1})
     assert recorder.steps == [expected] * 3
     numbers = [name for name, value in recorder.logged if not isinstance(value, torch.Tensor)]
     assert numbers == []  # LightningModule.log copies each onto the device with torch.tensor
@@ -1259,13 +1259,18 @@ def _poisoned_module(tiny_model_dir) -> PoisonFirstBatchOfStep:
                                   adapter=AdapterConfig(rank=2, shared_rank=4, num_experts=4))
 
 
-@pytest.mark.parametrize("poisoned", [(3,), (3, 4)])
+@pytest.mark.parametrize(("poisoned", "checked"), [((3,), "after the backward"), ((3, 4), "after the backward"),
+                                                   ((3,), "without the callback")])
 def test_a_non_finite_loss_in_the_first_batch_of_an_accumulated_step_stops_its_update(tiny_model_dir, tmp_path,
-                                                                                      poisoned):
+                                                                                      poisoned, checked):
     """The check runs once per optimizer step, after the backward of its last batch: a NaN in an earlier batch must
-    still stop the update, and the error names that batch (the first non-finite one, when both are)."""
+    still stop the update, and the error names that batch (the first non-finite one, when both are). Without
+    `NonFiniteLossCheck` (a user took it out) nothing checked the losses; `training_step` now checks them at the
+    step's last batch, before its backward."""
     before = _TrainedAtStepStart()
     module = _poisoned_module(tiny_model_dir)
+    if checked == "without the callback":
+        _without_the_check(module)
     module.poisoned = poisoned
     trainer = make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, callbacks=[before])
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at global step 1 \(epoch 0, batch 2\): "
