@@ -13,6 +13,7 @@ from typing import Any, Callable
 import lightning as L
 import yaml
 from jsonargparse import set_dumper
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -84,7 +85,9 @@ def subcommand_help(argument: str, subcommand: str) -> str:
                 "only; false or null is refused. Load a trusted checkpoint that holds objects in Python, with "
                 "MALoRAModule.load_from_checkpoint(path, weights_only=False).")
     use = "resume from" if subcommand == "fit" else "evaluate"
-    unset = ("start fresh adapters (or those of --model.adapter_path)" if subcommand == "fit" else
+    unset = ("start fresh adapters (or those of --model.adapter_path); on SLURM, resume Lightning's auto-requeue "
+             "checkpoint (the newest hpc_ckpt_N.ckpt in the trainer's default_root_dir) where a preempted fit left "
+             "one" if subcommand == "fit" else
              "use the adapters of --model.adapter_path, or freshly initialised ones (with a warning)")
     return (f"the checkpoint to {use}: a path or URL, read as data (--weights_only). `last`: the newest last*.ckpt in "
             "the checkpoint folders of every run under the logger's folder (or a ModelCheckpoint's dirpath), an error "
@@ -162,6 +165,20 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     rank_zero_info(f"--ckpt_path last: {'resuming from' if subcommand == 'fit' else 'loading'} {newest}, the newest "
                    f"last checkpoint in {', '.join(folders)}")
     return newest
+
+
+def keep_ckpt_path_unset(trainer: L.Trainer, subcommand: str) -> None:
+    """Make `validate`, `test` and `predict` without `--ckpt_path` load no checkpoint, as their help says. On SLURM,
+    Lightning takes an unset `ckpt_path` for its auto-requeue checkpoint, the newest `hpc_ckpt_N.ckpt` in
+    `default_root_dir`, which a preempted fit there wrote and left behind: `malora test --model.adapter_path ...`
+    run as a SLURM job scored that fit's mid-training tensors in place of the adapter folder's, and said nothing.
+    (Lightning's private checkpoint connector, checked against Lightning 2.6: a "user-managed" path of None loads
+    nothing; `--ckpt_path hpc` still loads that checkpoint.)"""
+    connector = trainer._checkpoint_connector
+    if SLURMEnvironment.detect() and connector._hpc_resume_path is not None:
+        rank_zero_info(f"malora {subcommand} without --ckpt_path loads no checkpoint: SLURM's auto-requeue checkpoint "
+                       f"{connector._hpc_resume_path} is left alone (--ckpt_path hpc loads it)")
+    connector._ckpt_path, connector._user_managed = None, True
 
 
 def version_folder(logger: CSVLogger | TensorBoardLogger) -> Path:
@@ -353,13 +370,16 @@ class MALoRACLI(LightningCLI):
         checkpoint again as it loads, and logs the settings that differ. An evaluation with neither a checkpoint nor
         an adapter folder warns that it scores untrained adapters; with both, says whose tensors it scores; validate
         and test given a predict file warn that they do not read it. (A private LightningCLI method, checked against
-        Lightning 2.6.)"""
+        Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's auto-requeue one
+        (`keep_ckpt_path_unset`)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
             rank_zero_warn(f"malora {subcommand} without --ckpt_path or --model.adapter_path evaluates freshly "
                            "initialised adapters, whose up-projections are zero: the base model's own answers. Give "
                            "a checkpoint (--ckpt_path last for the newest in the run folder) or an adapter folder to "
                            "evaluate a trained adapter")
+        if subcommand != "fit" and not kwargs.get("ckpt_path"):
+            keep_ckpt_path_unset(self.trainer, subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
         predict_file = None if self.datamodule is None else self.datamodule.settings.predict_file

@@ -523,6 +523,28 @@ def test_an_evaluation_of_untrained_adapters_or_with_a_predict_file_says_so(tiny
            "malora predict alone" in messages
 
 
+SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # what Lightning's SLURMEnvironment.detect() reads
+
+
+def test_an_evaluation_without_ckpt_path_on_slurm_loads_no_auto_requeue_checkpoint(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """On SLURM Lightning took an unset ckpt_path for the newest hpc_ckpt_N.ckpt in default_root_dir, which a
+    preempted fit there wrote and left behind: `malora validate --model.adapter_path ...` as a SLURM job scored that
+    fit's mid-training tensors instead of the adapter folder's, saying nothing. (Here the file is no checkpoint at all,
+    so loading it is an error naming it.)"""
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"a preempted fit's checkpoint")
+    with caplog.at_level(logging.INFO):
+        main(["validate", *tiny_run_settings(tiny_model_dir, tmp_path)])
+    assert f"malora validate without --ckpt_path loads no checkpoint: SLURM's auto-requeue checkpoint " \
+           f"{tmp_path / 'hpc_ckpt_1.ckpt'} is left alone (--ckpt_path hpc loads it)" in caplog.text
+    assert "Restoring states" not in caplog.text
+    with pytest.raises(ValueError, match="hpc_ckpt_1.ckpt is not a complete checkpoint file"):  # as asked for
+        main(["validate", *tiny_run_settings(tiny_model_dir, tmp_path), "--ckpt_path=hpc"])
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monkeypatch):
     """malora-task-export printed a KeyboardInterrupt traceback (Lightning handles Ctrl-C inside a fit itself)."""
     def interrupted():
