@@ -90,7 +90,8 @@ def subcommand_help(argument: str, subcommand: str) -> str:
              "one" if subcommand == "fit" else
              "use the adapters of --model.adapter_path, or freshly initialised ones (with a warning)")
     return (f"the checkpoint to {use}: a path or URL, read as data (--weights_only). `last`: the newest last*.ckpt in "
-            "the checkpoint folders of every run under the logger's folder (or a ModelCheckpoint's dirpath), an error "
+            "the checkpoint folders of every run under the logger's folder (or a ModelCheckpoint's dirpath) and "
+            "SLURM's auto-requeue checkpoint (hpc_ckpt_N.ckpt in the trainer's default_root_dir), an error "
             "where there is none. `best` is refused: only the process that ran the fit knows its best checkpoint. "
             f"Lightning's `hpc` and `registry` keywords are passed on to it. Unset: {unset}.")
 
@@ -145,9 +146,12 @@ def _last_checkpoint_folders(trainer: L.Trainer, callbacks: list[ModelCheckpoint
 
 def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     """`--ckpt_path last` as the newest (by modification time, as Lightning picks) local `last*.ckpt` in
-    `_last_checkpoint_folders` or OnExceptionCheckpoint file. Lightning looks only in this run's checkpoint folder,
-    which a versioned logger makes new and empty (lightning_logs/version_N+1), and there it warns and runs on fresh
-    adapters; here the earlier runs' folders count, and finding no checkpoint is an error."""
+    `_last_checkpoint_folders`, OnExceptionCheckpoint file or SLURM auto-requeue checkpoint (the `hpc_ckpt_N.ckpt` in
+    `default_root_dir` that Lightning resumes a fit from when no `ckpt_path` is given). Lightning looks only in this
+    run's checkpoint folder, which a versioned logger makes new and empty (lightning_logs/version_N+1), and there it
+    warns and runs on fresh adapters; here the earlier runs' folders count, and finding no checkpoint is an error.
+    Without the auto-requeue checkpoint, a `malora fit --ckpt_path last` that SLURM preempted and requeued resumed
+    from the last validation's checkpoint, training again every step since, at each requeue."""
     callbacks = [callback for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
     names = sorted({f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}" for callback in callbacks or
                     [ModelCheckpoint]})  # the class's names where no instance has its own
@@ -155,6 +159,9 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
     candidates = {path for folder in folders for name in names for path in glob.glob(os.path.join(folder, name))}
     candidates |= {callback.ckpt_path for callback in trainer.callbacks
                    if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(user_path(callback.ckpt_path))}
+    hpc = trainer._checkpoint_connector._hpc_resume_path  # Lightning's (private; checked against Lightning 2.6)
+    if hpc is not None and not is_remote(hpc):
+        candidates.add(user_path(hpc))
     if not candidates:
         fresh = "start a new run" if subcommand == "fit" else "evaluate the untrained adapters"
         raise FileNotFoundError(f"--ckpt_path last: no last checkpoint ({' or '.join(names)}) in {', '.join(folders)}, "
@@ -163,7 +170,8 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
                                 f"--ckpt_path out to {fresh}")
     newest = max(sorted(candidates), key=os.path.getmtime)
     rank_zero_info(f"--ckpt_path last: {'resuming from' if subcommand == 'fit' else 'loading'} {newest}, the newest "
-                   f"last checkpoint in {', '.join(folders)}")
+                   f"last checkpoint in {', '.join(folders)}"
+                   + ("" if hpc is None else f" or SLURM auto-requeue checkpoint in {trainer.default_root_dir}"))
     return newest
 
 

@@ -596,6 +596,25 @@ def test_ckpt_path_last_looks_only_where_every_checkpoint_callback_writes(tmp_pa
     assert resolve_last_checkpoint(trainer, "fit") == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_ckpt_path_last_is_slurms_auto_requeue_checkpoint_where_that_is_the_newest(tmp_path, monkeypatch):
+    """A `malora fit --ckpt_path last` that SLURM preempted (Lightning writes hpc_ckpt_N.ckpt into default_root_dir)
+    and requeued ran `--ckpt_path last` again, which ignored that checkpoint: it resumed from the last validation's
+    last.ckpt and trained every step since again, at each requeue."""
+    from malora_lightning.cli import resolve_last_checkpoint
+
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    for age, path in ((3, tmp_path / "hpc_ckpt_1.ckpt"), (2, last), (1, tmp_path / "hpc_ckpt_2.ckpt")):
+        path.write_bytes(b"a checkpoint")
+        os.utime(path, (1000 - age, 1000 - age))
+    trainer = L.Trainer(default_root_dir=str(tmp_path), logger=CSVLogger(tmp_path), enable_progress_bar=False)
+    assert resolve_last_checkpoint(trainer, "fit") == str(tmp_path / "hpc_ckpt_2.ckpt")  # the one Lightning resumes
+    os.utime(last, (2000, 2000))  # a validation's after the preemption: the newest
+    assert resolve_last_checkpoint(trainer, "fit") == str(last)
+
+
 class SignalAtStep(Callback):
     """Sends the process `signum` in its second training step, as a scheduler's preemption or Ctrl-C would."""
 
