@@ -896,7 +896,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         Lightning's `last` or `best`). Log the settings that differ (this run's apply). A strategy that loads the
         tensors itself (`ModelParallelStrategy`) hands over no `state_dict`; the settings are still checked. A
         checkpoint of an earlier format is converted (`upgrade_checkpoint`), one of a later format refused
-        (`check_checkpoint_format`)."""
+        (`check_checkpoint_format`). A fit refuses a checkpoint without optimizer state, written outside a fit (as
+        Lightning's SLURM auto-requeue writes one for a preempted evaluation, which a requeued fit then resumed from,
+        at step 0 with trained adapters)."""
         path = _LOADED_FILE.get() if self._trainer is None else self.trainer.ckpt_path
         source = "" if path is None else f" ({path})"
         check_checkpoint_format(checkpoint, path)  # a later version's tensors and keys may mean something else
@@ -913,6 +915,14 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                                  "more target_modules or layers) or base model, and loading it would drop "
                                  f"them{source}")
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and checkpoint.get("optimizer_states") == []:
+            raise ValueError(f"checkpoint {path} holds no optimizer state, so it was written outside a fit: by "
+                             "Lightning's SLURM auto-requeue when a validate, test or predict job was preempted (an "
+                             "hpc_ckpt_N.ckpt), or by trainer.save_checkpoint after an evaluation. Resuming a fit from "
+                             "it would start over at step 0 from its trained adapters, silently: remove it from "
+                             "default_root_dir (an hpc_ckpt_N.ckpt, which Lightning resumes a fit on SLURM from when "
+                             "no ckpt_path is given), give another checkpoint, or start a new fit from its adapters "
+                             "with adapter_path")
         self._resume_step = checkpoint.get("global_step", 0) if fitting else None
         stored = stored_settings(checkpoint)
         differences = self.check_checkpoint(stored, path, fitting)

@@ -1638,6 +1638,19 @@ def test_a_checkpoint_with_adapter_tensors_the_module_lacks_is_rejected(tiny_mod
                                                       make_data(tiny_model_dir), ckpt_path=tmp_path / "more.ckpt")
 
 
+def test_a_fit_refuses_a_checkpoint_written_outside_a_fit(tiny_model_dir, tmp_path):
+    """On SLURM, Lightning's auto-requeue saves hpc_ckpt_N.ckpt for a preempted validate, test or predict too, with no
+    optimizer state and step 0, and a requeued `fit && test` job's fit resumed from it (Lightning's newest hpc
+    checkpoint): the fit started over at step 0 from the trained adapters, with a fresh optimizer, and exited 0."""
+    evaluating = make_trainer(tmp_path, limit_val_batches=1)
+    evaluating.validate(make_module(tiny_model_dir), make_data(tiny_model_dir))
+    evaluating.save_checkpoint(tmp_path / "hpc_ckpt_1.ckpt")  # what the signal handler saves while validating
+    with pytest.raises(ValueError, match=r"checkpoint .*hpc_ckpt_1\.ckpt holds no optimizer state, so it was "
+                                         r"written outside a fit"):
+        make_trainer(tmp_path, max_steps=1).fit(make_module(tiny_model_dir), make_data(tiny_model_dir),
+                                                ckpt_path=tmp_path / "hpc_ckpt_1.ckpt")
+
+
 class SaveAtFitStart(Callback):
     """Saves where a resumed fit has its checkpoint's tensors back, not yet its step and optimizer."""
 
