@@ -157,7 +157,7 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
                     [ModelCheckpoint]})  # the class's names where no instance has its own
     folders = _last_checkpoint_folders(trainer, callbacks)
     candidates = {path for folder in folders for name in names for path in glob.glob(os.path.join(folder, name))}
-    candidates |= {callback.ckpt_path for callback in trainer.callbacks
+    candidates |= {user_path(callback.ckpt_path) for callback in trainer.callbacks
                    if isinstance(callback, OnExceptionCheckpoint) and os.path.isfile(user_path(callback.ckpt_path))}
     hpc = trainer._checkpoint_connector._hpc_resume_path  # Lightning's (private; checked against Lightning 2.6)
     if hpc is not None and not is_remote(hpc):

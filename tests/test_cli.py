@@ -859,6 +859,13 @@ def test_a_logger_save_dir_under_the_home_folder_is_claimed_and_searched_there(t
     (version / "checkpoints" / "last.ckpt").write_bytes(b"ours")
     trainer = L.Trainer(logger=CSVLogger("~/runs"), enable_progress_bar=False)
     assert resolve_last_checkpoint(trainer, "test") == str(version / "checkpoints" / "last.ckpt")
+    # an OnExceptionCheckpoint under ~, newer: found, and its modification time read in the home folder
+    (home / "stopped").mkdir()
+    (home / "stopped" / "on_exception.ckpt").write_bytes(b"ours, newer")
+    os.utime(version / "checkpoints" / "last.ckpt", (1, 1))
+    trainer = L.Trainer(logger=CSVLogger("~/runs"), enable_progress_bar=False,
+                        callbacks=[OnExceptionCheckpoint("~/stopped")])
+    assert resolve_last_checkpoint(trainer, "test") == str(home / "stopped" / "on_exception.ckpt")
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
