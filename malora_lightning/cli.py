@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import jsonargparse
 import lightning as L
 import yaml
 from jsonargparse import set_dumper
@@ -75,6 +76,16 @@ def dump_config(data: Any) -> str:
 
 
 set_dumper("yaml", dump_config)  # jsonargparse's one YAML dumper, also used by `--print_config`
+
+
+def dump_with_unset(parser: LightningArgumentParser, config: Any) -> str:
+    """`parser.dump(config)` keeping the entries left None, as Lightning's SaveConfigCallback saves them.
+    jsonargparse 4.49 renamed dump's `skip_none` to `skip_unset` (the old name warns, and goes in 5); our 4.39 floor
+    has only `skip_none`."""
+    # by version: jsonargparse wraps dump in a `(cfg, *args, **kwargs)` shim, so its signature does not tell
+    if tuple(int(part) for part in jsonargparse.__version__.split(".")[:2]) >= (4, 49):
+        return parser.dump(config, skip_unset=False)
+    return parser.dump(config, skip_none=False)
 
 
 def subcommand_help(argument: str, subcommand: str) -> str:
@@ -249,7 +260,7 @@ class CheckedSaveConfigCallback(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
             return
         if trainer.is_global_zero:
-            atomic_write_text(path, self.parser.dump(self.config, skip_none=False))  # what Lightning's save writes
+            atomic_write_text(path, dump_with_unset(self.parser, self.config))  # what Lightning's save writes
         self.save_to_log_dir = False  # written: Lightning's setup does the rest (save_config, the ranks' agreement)
         try:
             super().setup(trainer, pl_module, stage)

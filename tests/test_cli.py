@@ -22,9 +22,10 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+import malora_lightning.cli as cli_file
 import malora_lightning.module as module_file
 from malora_lightning.cli import (CONFIG_HEADER, CheckedSaveConfigCallback, MALoRAArgumentParser, MALoRACLI,
-                                  claim_version_folder, main, remove_empty_folders, run_command,
+                                  claim_version_folder, dump_with_unset, main, remove_empty_folders, run_command,
                                   version_folder)
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, MultiTaskDataModule
 from malora_lightning.module import MALoRAModule
@@ -351,6 +352,24 @@ def test_the_config_is_written_once_and_never_in_place(tiny_model_dir, tmp_path,
     assert yaml.safe_load(saved)["model"]["model_name_or_path"] == str(tiny_model_dir)
 
 
+def test_the_config_is_saved_without_a_deprecated_jsonargparse_argument(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         model_loading_forbidden):
+    """The config callback dumped with `skip_none`, which jsonargparse 4.49 renamed `skip_unset`: the old name warns
+    (JsonargparseDeprecationWarning) and jsonargparse 5 drops it. The entries left None are still saved."""
+    monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "all")  # otherwise each kind warns once a process
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config_test_recipe(tiny_model_dir)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads, then stopped
+            main(["test", "-c", "recipe.yaml"])
+    ours = [str(w.message) for w in caught
+            if issubclass(w.category, DeprecationWarning) and Path(w.filename) == Path(cli_file.__file__)]
+    assert ours == []
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "quantization" in saved["model"] and saved["model"]["quantization"] is None
+
+
 def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_there(tiny_model_dir, tmp_path,
                                                                                       monkeypatch,
                                                                                       model_loading_forbidden):
@@ -362,7 +381,7 @@ def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_the
 
     class ConfigElsewhere(CheckedSaveConfigCallback):
         def save_config(self, trainer, pl_module, stage):
-            elsewhere.append(self.parser.dump(self.config, skip_none=False))
+            elsewhere.append(dump_with_unset(self.parser, self.config))
 
     cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
                     save_config_callback=ConfigElsewhere, save_config_kwargs={"save_to_log_dir": False},
@@ -400,7 +419,7 @@ def test_a_saved_config_reads_back_text_that_looks_like_an_exponent_number(tmp_p
                       '    - {name: mine, hub: org/data, revision: "25921e05", prompt: "{q}", target: "{a}"}\n')
     first = parse(["--config", "recipes/default.yaml", "--config", str(recipe)])
     saved = tmp_path / "config.yaml"
-    saved.write_text(first.parser.dump(first.config, skip_none=False))
+    saved.write_text(dump_with_unset(first.parser, first.config))
     again = parse(["--config", str(saved)]).config
     logger = again.trainer.logger.init_args
     assert (logger.name, logger.version) == ("5e-4", "1.5e3")
