@@ -46,6 +46,7 @@ from malora_lightning.adapters.layers import RoutedAdapterLayer
 from malora_lightning.adapters.model import (
     COMPILE_MODES,
     drop_routing_record,
+    enable_activation_checkpointing,
     get_adapter_config,
     routed_layers,
     trained_tensor_names,
@@ -512,11 +513,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             compile_adapters(model, mode)
         model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes, and dropout must be on
         if settings.gradient_checkpointing:
-            # transformers renamed it activation_checkpointing_enable (the old name warns); our 5.18 floor lacks it
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
             model.disable_input_require_grads()  # transformers turns them on for reentrant checkpointing's sake
             model.config.use_cache = False
         return model

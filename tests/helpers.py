@@ -124,6 +124,14 @@ def _family_config(family: str, vocab_size: int) -> PretrainedConfig:
     raise ValueError(f"unknown family {family!r}")
 
 
+def activation_checkpointing_on(model: PreTrainedModel) -> bool:
+    """transformers' `is_activation_checkpointing`; before its rename (our 5.18 floor) `is_gradient_checkpointing`,
+    which now warns FutureWarning."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
 def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family))

@@ -167,6 +167,16 @@ def compile_adapters(model: nn.Module, mode: str | None = "default", backend: st
     return model
 
 
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on a transformers model's activation checkpointing. transformers renamed `gradient_checkpointing_enable`
+    to `activation_checkpointing_enable` (the old name warns FutureWarning, and goes in 6); our 5.18 floor has only
+    the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 @contextlib.contextmanager
 def frozen_adapter_weights(model: nn.Module) -> Iterator[None]:
     """For a span in which the adapter weights do not change, such as one `generate` call (a forward per new

@@ -5,6 +5,7 @@ import torch
 
 from malora_lightning.adapters import AdapterConfig, aux_loss, compile_adapters, inject_adapters
 from malora_lightning.adapters.kernels import DenseRoutedExperts
+from malora_lightning.adapters.model import enable_activation_checkpointing
 from tests.helpers import SYNCING_OPS, OpRecorder, tiny_model
 
 METHODS = ["lora", "molora", "malora"]
@@ -126,7 +127,7 @@ def test_a_model_compiled_whole_with_activation_checkpointing_hands_its_routing_
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = adapted_model("malora", dropout=0.0)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         run = torch.compile(model, backend="aot_eager") if whole else model
         torch.manual_seed(3)
         ids, mask = batch(8)

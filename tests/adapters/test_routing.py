@@ -17,9 +17,9 @@ from malora_lightning.adapters import (
     router_losses,
     router_z_loss,
 )
-from malora_lightning.adapters.model import drop_routing_record
+from malora_lightning.adapters.model import drop_routing_record, enable_activation_checkpointing
 from malora_lightning.adapters.routing import ForwardRouting
-from tests.helpers import tiny_model
+from tests.helpers import activation_checkpointing_on, tiny_model
 
 
 def test_load_balance_is_one_for_perfectly_balanced_routing():
@@ -327,12 +327,24 @@ def test_no_statistics_are_computed_outside_training(mode):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_is_enabled_through_transformers_current_name(use_reentrant):
+    """MALoRAModule and the tests called `gradient_checkpointing_enable`, which transformers renamed
+    `activation_checkpointing_enable`: the old name warns FutureWarning (transformers 6 drops it)."""
+    model = inject_adapters(tiny_model("llama"), AdapterConfig(method="malora", rank=2, shared_rank=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enable_activation_checkpointing(model, use_reentrant=use_reentrant)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert activation_checkpointing_on(model)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
 def test_reentrant_checkpointing_warns_that_it_leaves_no_router_losses(use_reentrant):
     """Reentrant activation checkpointing runs the forward under no_grad: the layers collect nothing, and aux_loss
     would silently be 0 without this warning. Non-reentrant checkpointing (what MALoRAModule uses) collects them."""
     model = inject_adapters(tiny_model("llama"), AdapterConfig(method="malora", rank=2, shared_rank=4,
                                                                num_experts=4, dropout=0.0)).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_activation_checkpointing(model, use_reentrant=use_reentrant)
     ids = torch.randint(3, 200, (2, 6))
     model(input_ids=ids, labels=ids, use_cache=False)
     if use_reentrant:
@@ -346,7 +358,7 @@ def test_recomputation_in_backward_adds_no_router_statistics():
     """Non-reentrant checkpointing runs each layer's forward again inside backward: that second forward hands over
     nothing (it appended its statistics and notified observers a second time: 12 layers became 22 after backward)."""
     model = routed_model(dropout=0.0, router_z_loss_coef=0.1)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     ids = torch.randint(3, 200, (2, 6))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # token weights: the recomputation must save what the first forward saved
@@ -552,7 +564,7 @@ def test_recomputation_after_a_side_pass_weighs_the_training_forwards_tokens(ker
         torch.manual_seed(0)
         model = routed_model(kernel=kernel, dropout=0.0, router_z_loss_coef=0.1, router_init_std=0.5)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss + aux_loss(model)
         if checkpointing:
             with torch.no_grad():  # every token real: other token weights than the step's
