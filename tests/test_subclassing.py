@@ -6,6 +6,7 @@ import dataclasses
 import io
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -395,6 +396,19 @@ WRONG_BATCHES = {
                            r"task_name \(\w+\.task_name\) is a str: it must be a list of one task name per row"),
     "task_name short of a row": (lambda batch: dataclasses.replace(batch, task_name=batch.task_name[:1]), ValueError,
                                  r"task_name \(\w+\.task_name\) has 1 names: it must have one per row"),
+    "missing task_id": (lambda batch: SimpleNamespace(**{name: value for name, value in vars(batch).items()
+                                                         if name != "task_id"}),
+                        TypeError, r"the batch \(SimpleNamespace\) has no field 'task_id': every batch has "),
+    "labels a list": (lambda batch: dataclasses.replace(batch, labels=batch.labels.tolist(), pairs=None), TypeError,
+                      r"labels \(\w+\.labels\) is a list: it must be a tensor"),
+    "bool input_ids": (lambda batch: dataclasses.replace(batch, input_ids=batch.input_ids.bool()), TypeError,
+                       r"input_ids \(\w+\.input_ids\) is a torch.bool tensor: token ids must be of an integer"),
+    "int32 labels": (lambda batch: dataclasses.replace(batch, labels=batch.labels.int(), pairs=None), TypeError,
+                     r"labels \(\w+\.labels\) is a torch.int32 tensor: labels must be long"),
+    "one row without its batch dimension": (
+        lambda batch: dataclasses.replace(batch, input_ids=batch.input_ids[0], attention_mask=batch.attention_mask[0],
+                                          labels=batch.labels[0], pairs=None), ValueError,
+        r"input_ids \(\w+\.input_ids\) has shape \[\d+\]: it must be \[B, L\]"),
 }
 
 
@@ -427,6 +441,20 @@ def test_a_training_batch_without_a_task_name_is_refused_naming_the_row(collated
     with pytest.raises(TypeError, match=r"task_name\[1\] \(TrainingBatch\.task_name\) is None: each row's task name "
                                         r"must be a str"):
         module.training_step(dataclasses.replace(training, task_name=[training.task_name[0], None]), 0)
+
+
+def test_a_batch_without_an_attention_mask_or_with_a_tuple_of_task_names_keeps_the_contract(collated):
+    """attention_mask may be None (attend to every token, as transformers reads it) and task_name a tuple, as
+    check_batch's contract says: neither is refused, and each gives the loss of the batch it stands for."""
+    module, training, _ = collated
+    with torch.no_grad():
+        unmasked = module.compute_lm_loss(dataclasses.replace(training, attention_mask=None))
+        all_ones = module.compute_lm_loss(dataclasses.replace(training,
+                                                              attention_mask=torch.ones_like(training.attention_mask)))
+        as_tuple = module.compute_lm_loss(dataclasses.replace(training, task_name=tuple(training.task_name)))
+        as_list = module.compute_lm_loss(training)
+    assert torch.equal(unmasked.loss, all_ones.loss) and torch.equal(as_tuple.loss, as_list.loss)
+    assert as_tuple.per_task.keys() == as_list.per_task.keys() == set(training.task_name)
 
 
 class NarrowerLabels(MultiTaskDataModule):
