@@ -211,6 +211,16 @@ def test_a_conversion_that_saved_no_model_puts_nothing_in_the_cache(monkeypatch,
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
+def test_a_conversion_that_saved_the_config_but_no_weights_puts_nothing_in_the_cache(monkeypatch, tmp_path):
+    """A folder with config.json but no weights loaded as a model that has none: the check needs both files."""
+    fake_gguf_package(monkeypatch, tmp_path)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained",
+                        lambda self, folder, **kwargs: self.config.save_pretrained(folder))
+    with pytest.raises(OSError, match=r"wrote no config.json or weights .*nothing was put in the cache"):
+        resolve_model_path(SMOLLM2)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
 def test_a_weights_file_whose_header_is_not_json_is_named_as_unreadable(monkeypatch, tmp_path):
     monkeypatch.setenv("MALORA_CACHE", str(tmp_path / "cache"))
     converted = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
