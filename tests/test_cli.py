@@ -370,6 +370,27 @@ def test_the_config_is_saved_without_a_deprecated_jsonargparse_argument(tiny_mod
     assert "quantization" in saved["model"] and saved["model"]["quantization"] is None
 
 
+def test_the_config_of_a_run_whose_logger_saves_under_the_home_folder_is_saved_there(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch,
+                                                                                      model_loading_forbidden):
+    """--trainer.logger.save_dir ~/runs: the logger writes into the home folder, and config.yaml belongs beside its
+    files, not in a folder named `~` in the current directory (Lightning leaves `~` in trainer.log_dir)."""
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "cwd")
+    recipe = config_test_recipe(tiny_model_dir)
+    recipe["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "~/runs"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(AssertionError, match="model was loaded"):  # saved before the model loads
+        main(["test", "-c", str(tmp_path / "recipe.yaml")])
+    saved = home / "runs" / "lightning_logs" / "version_0" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["model"]["model_name_or_path"] == str(tiny_model_dir)
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_a_config_callback_told_not_to_save_in_the_run_folder_writes_nothing_there(tiny_model_dir, tmp_path,
                                                                                       monkeypatch,
                                                                                       model_loading_forbidden):
