@@ -169,3 +169,55 @@ def test_user_path_expands_only_a_leading_tilde(home):
     assert user_path(Path("~")) == str(home)
     for unchanged in ("runs/~/a", "data.jsonl", "/abs/x", "offline:SmolLM2-135M-Instruct", "org/model"):
         assert user_path(unchanged) == unchanged
+
+
+def test_a_subclass_records_its_own_adapter_path_under_the_home_folder_as_that_folder(home):
+    """The hyperparameters of a subclass are its own `__init__`'s arguments, as it was called (`~/adapter`):
+    load_from_checkpoint rebuilt it with the folder `~/adapter` under the directory it ran from."""
+    from malora_lightning import AdapterConfig, MALoRAModule, inject_adapters, save_adapters
+    from tests.helpers import tiny_model
+
+    class Mine(MALoRAModule):
+        def __init__(self, adapter_path: str | None = None, **kwargs: Any) -> None:
+            super().__init__(adapter_path=adapter_path, **kwargs)
+
+    _base_folder(home)
+    save_adapters(inject_adapters(tiny_model("llama"), AdapterConfig(method="lora", rank=2)), home / "adapter",
+                  base_model=str(home / "base"))
+    module = Mine(adapter_path="~/adapter", model_name_or_path="~/base", quantization=None)
+    assert module.hparams.adapter_path == str(home / "adapter")
+
+
+def test_a_checkpoint_under_the_home_folder_is_checked_before_lightning_reads_it(home):
+    """A cut-off ~/last.ckpt reached torch, whose error names no file: the check before Lightning's read (which
+    expands `~`) looked for a folder named `~` in the current directory and, finding none, let it through."""
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    torch.save({"step": 3}, home / "last.ckpt")
+    assert CheckedCheckpointIO().load_checkpoint("~/last.ckpt") == {"step": 3}
+    whole = (home / "last.ckpt").read_bytes()
+    (home / "last.ckpt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint .*hóme dir/last\.ckpt is not a complete checkpoint file"):
+        CheckedCheckpointIO().load_checkpoint("~/last.ckpt")
+
+
+def test_a_predict_file_under_the_home_folder_that_is_a_folder_is_named_so(home):
+    """It was called missing, with a note that a relative path is read from the current directory."""
+    from malora_lightning.data.prompts import predict_source, read_prompts
+
+    (home / "prompts.jsonl").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^predict_file ~/prompts\.jsonl is a folder, not a file; expected"):
+        read_prompts(predict_source("~/prompts.jsonl"), [])
+
+
+def test_the_run_folder_of_a_logger_under_the_home_folder_without_checkpoints_is_its_log_folder(home):
+    """Without a checkpoint folder the run's files (predictions.jsonl, the report) go to the logger's folder, which
+    Lightning writes in the home folder (fsspec expands `~`): they went to a folder named `~` in the current
+    directory."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from malora_lightning.run_paths import run_directory
+
+    trainer = L.Trainer(logger=CSVLogger("~/runs"), enable_checkpointing=False, enable_progress_bar=False)
+    assert run_directory(trainer) == home / "runs" / "lightning_logs" / "version_0"
