@@ -249,6 +249,22 @@ def test_a_missing_split_file_stops_fit_before_training_naming_its_task(tmp_path
         make(tasks=["capitals", "parity"], task_specs=[spec]).setup("fit")
 
 
+def test_a_split_file_under_the_home_folder_passes_the_fit_check(tmp_path, monkeypatch):
+    """A task spec's `path: ~/train.jsonl` is read from the home folder: the check before a fit must look there too,
+    not for a folder named `~` in the current directory."""
+    home = tmp_path / "hóme dir"
+    home.mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "cwd")
+    (home / "train.jsonl").write_text(json.dumps({"country": "France", "capital": "Paris"}))
+    spec = {"name": "capitals", "path": {"train": "~/train.jsonl", "test": "~/train.jsonl"},
+            "prompt": "Capital of {country}?", "target": "{capital}", "max_new_tokens": 3}
+    data = make(tasks=["capitals"], task_specs=[spec])
+    data.setup("fit")
+    assert [name for batch in data.train_dataloader() for name in batch.task_name][:1] == ["capitals"]
+
+
 @pytest.mark.parametrize("stage", ["test", "predict"])
 def test_an_evaluation_needs_no_train_file(tmp_path, stage):
     """Only fit checks every split file: a test or predict run of a task whose train file is elsewhere goes on."""
