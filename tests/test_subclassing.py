@@ -399,6 +399,9 @@ WRONG_BATCHES = {
     "missing task_id": (lambda batch: SimpleNamespace(**{name: value for name, value in vars(batch).items()
                                                          if name != "task_id"}),
                         TypeError, r"the batch \(SimpleNamespace\) has no field 'task_id': every batch has "),
+    "missing task_name": (lambda batch: SimpleNamespace(**{name: value for name, value in vars(batch).items()
+                                                           if name != "task_name"}),
+                          TypeError, r"the batch \(SimpleNamespace\) has no field 'task_name': every batch has "),
     "labels a list": (lambda batch: dataclasses.replace(batch, labels=batch.labels.tolist(), pairs=None), TypeError,
                       r"labels \(\w+\.labels\) is a list: it must be a tensor"),
     "bool input_ids": (lambda batch: dataclasses.replace(batch, input_ids=batch.input_ids.bool()), TypeError,
