@@ -91,12 +91,12 @@ def check_batch(batch: object, *, training: bool) -> None:
         if not hasattr(batch, name):
             raise TypeError(f"the batch ({kind}) has no field {name!r}: every batch has "
                             f"{', '.join(_TENSOR_FIELDS)} and task_name (TrainingBatch, malora_lightning.data.batches)")
-    input_ids, attention_mask = batch.input_ids, batch.attention_mask
-    labels, task_id, task_name = batch.labels, batch.task_id, batch.task_name
-    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels),
-                        ("task_id", task_id)):
+    for name in _TENSOR_FIELDS:
+        value = getattr(batch, name)
         if not isinstance(value, torch.Tensor) and not (name == "attention_mask" and value is None):
             raise TypeError(f"the batch's {name} ({kind}.{name}) is a {type(value).__name__}: it must be a tensor")
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    labels, task_id, task_name = batch.labels, batch.task_id, batch.task_name
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"the batch's input_ids ({kind}.input_ids) is a {input_ids.dtype} tensor: token ids must be "
                         "of an integer dtype (long)")

@@ -62,7 +62,7 @@ from malora_lightning.data.tasks import (
 )
 from malora_lightning.hyperparameters import constructor_arguments
 from malora_lightning.offline_models import resolve_model_path
-from malora_lightning.values import check_switch, is_finite_number, is_int, user_path
+from malora_lightning.values import check_switch, is_finite_number, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -446,8 +446,7 @@ class MultiTaskDataModule(LightningDataModule):
             return
         missing = [f"task {task.name!r}, {split} file {path} {not_a_file(path)}"
                    for task in self._declared_tasks if isinstance(task.source, FileSource)
-                   for split, file in task.source.files.items()
-                   for path in [Path(user_path(file))] if not path.is_file()]
+                   for split in task.source.splits for path in [task.source.path(split)] if not path.is_file()]
         if missing:
             raise FileNotFoundError("; ".join(missing) + ": every split file a task names is checked before a fit, "
                                     "not only when its split is read (a test file's by malora test, after training); "

@@ -19,11 +19,9 @@ import json
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 from malora_lightning.data.tasks import (NON_FINITE, FileSource, TaskDataError, has_text, is_non_finite,
                                          not_a_file)
-from malora_lightning.values import user_path
 
 PREDICT_FIELDS = ("prompt", "task", "target")
 # field names other files give the reference answer; read as none of ours, named in a warning when there is no target
@@ -59,8 +57,8 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
     try:
         rows = source.load("test", seed=0)
     except FileNotFoundError:
-        raise FileNotFoundError(f"predict_file {path} {not_a_file(Path(user_path(path)))}; expected a JSON lines or "
-                                "CSV file with a 'prompt' field (and optional 'task' and 'target')") from None
+        raise FileNotFoundError(f"predict_file {path} {not_a_file(source.path('test'))}; expected a JSON lines or CSV "
+                                "file with a 'prompt' field (and optional 'task' and 'target')") from None
     if len(rows) == 0:
         raise TaskDataError(f"predict_file {path} has no rows; expected one row per prompt with a 'prompt' field "
                             "(and optional 'task' and 'target')")

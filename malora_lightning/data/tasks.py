@@ -365,8 +365,12 @@ class FileSource:
     def describe(self, split: str) -> str:
         return str(self.files[split])
 
+    def path(self, split: str) -> Path:
+        """The file of `split` as it is read: a leading `~` is the home folder (`user_path`)."""
+        return Path(user_path(self.files[split]))
+
     def load(self, split: str, seed: int) -> Sequence[Mapping[str, Any]]:
-        path = Path(user_path(self.files[split]))
+        path = self.path(split)
         reads = _FILE_READS.get()
         if reads is None:
             return self._read(split, path)
