@@ -132,9 +132,14 @@ def activation_checkpointing_on(model: PreTrainedModel) -> bool:
     return model.is_gradient_checkpointing
 
 
-def tiny_model(family: str = "llama", seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: str = "llama", seed: int = 0, layers: int | None = None) -> PreTrainedModel:
+    """`layers`, when given, replaces the config's two decoder layers (a family whose config names them
+    num_hidden_layers: not gemma3's, which nests its text config)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    config = tiny_config(family)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 

@@ -1432,7 +1432,7 @@ def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_p
 
 @pytest.mark.parametrize(("scheduling", "interval", "max_steps", "warned"), [
     ({0: 3}, 2, 4, "after training batch 2 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
-    ({1: 3}, 2, 30, "after training batch 20 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
+    ({1: 3}, 2, 19, "after training batch 20 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
     ({0: 4}, 8, 3, None),  # 12 batches: it validates after batch 8
     ({0: 2}, 8, 3, "val_check_interval=8 exceeds the fit's 6 training batches"),
 ])
