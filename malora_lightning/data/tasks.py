@@ -627,6 +627,10 @@ class Task:
                 from error
         except (ValueError, TypeError, IndexError, AttributeError) as error:  # AttributeError: a null text's .strip()
             raise TaskDataError(f"{where}: {error}{source}") from error
+        if not isinstance(example, Example):  # a tuple, a dict, None (no return): `.choices` below named nothing
+            raise TaskDataError(f"{where}: the formatter returned {type(example).__name__} {example!r:.60}, not an "
+                                "Example; a task's formatter returns Example(prompt=..., target=...), or for multiple "
+                                f"choice Example.multiple_choice(prompt, choices, gold){source}")
         if (example.choices is not None) != (self.kind == "multiple_choice"):
             raise TaskDataError(f"{where}: a {self.kind} task's formatter returned "
                                 f"{'choices' if example.choices else 'no choices'}{source}")

@@ -81,6 +81,20 @@ def test_a_formatter_returning_the_wrong_kind_is_reported():
         mc.examples("train")
 
 
+@pytest.mark.parametrize(("formatter", "returned"), [
+    (lambda row: (row["question"], row["answer"]), r"tuple \('2\+2', '4'\)"),  # prompt and target, unwrapped
+    (lambda row: {"prompt": row["question"], "target": row["answer"]}, r"dict \{'prompt': '2\+2'"),
+    (lambda row: None, "NoneType None"),  # a formatter without `return`
+])
+def test_a_formatter_returning_no_example_is_named_with_its_task_and_row(formatter, returned):
+    """It failed with AttributeError: 'tuple' object has no attribute 'choices', naming neither task, row nor what a
+    formatter must return."""
+    task = Task(name="qa", source=generated(ROWS), formatter=formatter)
+    with pytest.raises(TaskDataError, match=rf"task 'qa', train row 0: the formatter returned {returned}.*, not an "
+                                            r"Example; a task's formatter returns Example\(prompt=\.\.\., target=\.\.\.\)"):
+        task.examples("train")
+
+
 def test_limit_takes_a_seeded_random_subset_in_source_order():
     rows = [{"question": str(index), "answer": str(index)} for index in range(50)]
     task = Task(name="qa", source=generated(rows), formatter=qa_formatter)
