@@ -580,6 +580,15 @@ class Task:
                      "max_new_tokens", self.max_new_tokens,
                      "an integer >= 1, or null (then the longest target in tokens, plus the end token)")
             _require(_is_text(self.description), "description", self.description, "text")
+            # what the data module calls on every task: a path given as the source failed later with AttributeError:
+            # 'str' object has no attribute 'splits', naming no task
+            _require(all(hasattr(self.source, member) for member in ("splits", "load", "describe")), "source",
+                     self.source, "a FileSource, HubSource or GeneratorSource (an object with splits, load and "
+                     "describe, the Source protocol); for files, FileSource({'train': 'train.jsonl', 'test': ...})")
+            _require(callable(self.formatter), "formatter", self.formatter,
+                     "a function of a row (a mapping of field to value) that returns an Example")
+            _require(callable(self.answer), "answer", self.answer,
+                     "a function of a text returning the answer to compare, like first_line or final_answer")
         except ValueError as error:
             raise ValueError(f"task {self.name!r}: {error}") from None
 

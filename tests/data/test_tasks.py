@@ -145,6 +145,21 @@ def test_invalid_task_definitions_are_rejected():
         Task(name="a b", source=generated(ROWS), formatter=qa_formatter)
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    # a path where the source goes (as a task spec's `path`): AttributeError 'str' object has no attribute 'splits'
+    ({"source": "data/train.jsonl"}, r"source='data/train\.jsonl' is invalid: expected a FileSource, HubSource or "
+                                     r"GeneratorSource .*FileSource\(\{'train': 'train\.jsonl'"),
+    ({"source": {"train": "data/train.jsonl"}}, r"source=\{'train': 'data/train\.jsonl'\} is invalid: expected a "
+                                                "FileSource"),
+    ({"formatter": "Q: {question}"}, r"formatter='Q: \{question\}' is invalid: expected a function of a row"),
+    ({"answer": "first_line"}, r"answer='first_line' is invalid: expected a function of a text"),
+])
+def test_a_task_whose_source_formatter_or_answer_is_of_the_wrong_kind_is_named_when_made(settings, message):
+    """They failed on first use, in the data module's setup, with an AttributeError or TypeError naming no task."""
+    with pytest.raises(ValueError, match=f"task 'qa': {message}"):
+        Task(**({"name": "qa", "source": generated(ROWS), "formatter": qa_formatter} | settings))
+
+
 @pytest.mark.parametrize(("prediction", "target", "expected"), [
     ("  paris\nThe capital of France.", "paris", True),
     ("sun  dog cat", "sun dog cat", True),
