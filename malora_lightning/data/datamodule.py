@@ -48,6 +48,7 @@ from malora_lightning.data.sampling import (
     unimax_epoch_length,
 )
 from malora_lightning.data.tasks import (
+    NOT_IMPORTED,
     Example,
     FileSource,
     HubSource,
@@ -1097,7 +1098,7 @@ def _resolve_tasks(tasks: list[str], eval_tasks: list[str], specs: list[dict[str
     unknown = [name for name in names if name not in inline and name not in registered_tasks()]
     if unknown and inline:  # get_task lists the registered tasks alone: a misspelled spec name was not among them
         raise ValueError(f"unknown task {unknown[0]!r}; task_specs: {', '.join(inline)}; registered tasks: "
-                         f"{', '.join(registered_tasks())}")
+                         f"{', '.join(registered_tasks())}; {NOT_IMPORTED}")
     unused = [name for name in inline if name not in names]
     if unused:  # a recipe of specs without `tasks` trained the built-in suite, never naming the specs it left out
         logger.warning("task_specs %s are named in neither tasks nor eval_tasks, so this run does not use them: list "

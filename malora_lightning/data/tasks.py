@@ -649,6 +649,11 @@ class Task:
 # ----------------------------------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Task] = {}
+# why a task this process does not know may be known elsewhere: the registry is filled by the modules a process imports
+NOT_IMPORTED = ("a task registered from Python (register_task) is known only in a process that imports the module "
+                "registering it, which the malora and malora-task-export commands never do: run them from an entry "
+                "point of your own that imports it (README, Extending it), or give the task as a data.task_specs "
+                "entry")
 
 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
@@ -664,7 +669,8 @@ def get_task(name: str) -> Task:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}") from None
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(registered_tasks())}; "
+                         f"{NOT_IMPORTED}") from None
 
 
 def registered_tasks() -> list[str]:

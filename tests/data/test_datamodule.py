@@ -388,7 +388,8 @@ def test_long_targets_skip_leaves_out_examples_that_cannot_fit_and_says_so(caplo
     ({"long_targets": "cut"}, r"long_targets='cut' is invalid: expected one of 'error', 'skip'"),
     ({"tasks": ["add_2digit", "nope"]}, r"unknown task 'nope'; registered tasks: .*parity"),
     ({"tasks": ["capital"], "task_specs": [{"name": "capitals", "path": "c.jsonl", "prompt": "{q}", "target": "{a}"}]},
-     r"unknown task 'capital'; task_specs: capitals; registered tasks: .*parity"),  # the specs went unnamed
+     r"unknown task 'capital'; task_specs: capitals; registered tasks: .*parity.*; a task registered from Python "
+     r"\(register_task\) is known only in a process that imports the module registering it"),  # the specs went unnamed
     ({"tasks": ["parity"], "eval_tasks": ["parity"]}, r"listed more than once .*\['parity'\]"),
     ({"sampling": "balanced"}, "unknown sampling 'balanced'; valid: proportional, capped"),
     ({"task_weights": {"parity": 1.0}}, "task_weights goes with sampling='weights'"),

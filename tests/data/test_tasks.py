@@ -55,6 +55,16 @@ def test_unknown_task_lists_the_registered_ones():
     assert all(name in str(error.value) for name in registered_tasks())
 
 
+def test_an_unknown_task_says_that_a_python_registered_task_is_known_only_where_its_module_is_imported():
+    """A task registered from the user's module was 'unknown' to `malora`, a resume, a rerun of the run's config.yaml and
+    malora-task-export, which import no module of the user's; the error listed the built-in tasks alone."""
+    with pytest.raises(ValueError, match=r"unknown task 'mine'; registered tasks: .*; a task registered from Python "
+                                         r"\(register_task\) is known only in a process that imports the module "
+                                         r"registering it, which the malora and malora-task-export commands never "
+                                         r"do: run them from an entry point of your own that imports it"):
+        get_task("mine")
+
+
 def test_missing_field_names_task_split_row_and_field():
     rows = [ROWS[0], ROWS[1], {"question": "9+1"}]
     task = Task(name="qa", source=generated(rows), formatter=qa_formatter)
