@@ -659,6 +659,9 @@ NOT_IMPORTED = ("a task registered from Python (register_task) is known only in 
 def register_task(task: Task, *, overwrite: bool = False) -> Task:
     """Make ``task`` available by name (``get_task``, the datamodule's ``tasks`` list)."""
     check_switch("register_task overwrite", overwrite)
+    if not isinstance(task, Task):  # a spec dict failed with AttributeError: 'dict' object has no attribute 'name'
+        raise ValueError(f"register_task takes a Task, got {type(task).__name__} {task!r:.60}; for a task spec (a "
+                         "mapping of name, path, prompt, ...), register_task(task_from_spec(spec))")
     if task.name in _REGISTRY and not overwrite:
         raise ValueError(f"a task named {task.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[task.name] = task

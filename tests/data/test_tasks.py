@@ -47,6 +47,11 @@ def test_register_and_get_a_python_task(registry):
     with pytest.raises(ValueError, match="register_task overwrite='no' is invalid: expected True or False"):
         register_task(Task(name="qa", source=generated(ROWS), formatter=qa_formatter), overwrite="no")  # was truthy
     assert get_task("qa") is replacement
+    # a spec given where the Task goes: AttributeError 'dict' object has no attribute 'name'
+    with pytest.raises(ValueError, match=r"register_task takes a Task, got dict \{'name': 'qa'.*; for a task spec "
+                                         r"\(a mapping of name, path, prompt, \.\.\.\), "
+                                         r"register_task\(task_from_spec\(spec\)\)"):
+        register_task({"name": "qa", "path": "qa.jsonl", "prompt": "{q}", "target": "{a}"})
 
 
 def test_unknown_task_lists_the_registered_ones():
