@@ -817,7 +817,13 @@ def task_from_spec(spec: Mapping[str, Any]) -> Task:
         source = _source_from_spec(spec)
     except ValueError as error:
         raise ValueError(f"task spec {spec['name']!r}: {error}") from error
-    kind = spec.get("kind", "generative" if formatter.choices is None else "multiple_choice")
+    implied = "generative" if formatter.choices is None else "multiple_choice"
+    kind = spec.get("kind", implied)
+    if kind in TASK_KINDS and kind != implied:  # every row failed at setup: "a ... task's formatter returned choices"
+        given = "a target template" if implied == "generative" else "choices and gold"
+        raise ValueError(f"task spec {spec['name']!r}: kind={kind!r} is invalid with {given}: a multiple-choice spec "
+                         "gives choices and gold (columns), a generative one a target template; the kind follows from "
+                         "them, so remove kind")
     return Task(name=spec["name"], source=source, formatter=formatter, kind=kind, chance_rate=spec.get("chance_rate"),
                 max_new_tokens=spec.get("max_new_tokens"), answer=ANSWER_EXTRACTORS[answer],
                 description=spec.get("description") or "")  # Task's checks name the task

@@ -131,6 +131,13 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
     "hub splits a list": ({"name": "mine", "hub": "org/data", "splits": ["train"], **GENERATIVE},
                           ["task spec 'mine': splits=['train'] is invalid: expected a mapping of split"]),
     "kind unknown": (SPEC | {"kind": "mc"}, ["task 'mine': kind='mc' is invalid: expected one of generative"]),
+    # every row was refused in setup, "a multiple_choice task's formatter returned no choices", naming no spec key
+    "kind multiple choice with a target": (SPEC | {"kind": "multiple_choice"},
+                                           ["task spec 'mine': kind='multiple_choice' is invalid with a target template",
+                                            "the kind follows from them, so remove kind"]),
+    "kind generative with choices": ({**SPEC, "target": None, "choices": "options", "gold": "answer",
+                                      "kind": "generative"},
+                                     ["task spec 'mine': kind='generative' is invalid with choices and gold"]),
     "description a number": (SPEC | {"description": 3}, ["task 'mine': description=3 is invalid: expected text"]),
     "prompt with a lone brace": (SPEC | {"prompt": "Q: {q"}, ["task spec 'mine': prompt='Q: {q' is invalid",
                                                               "literal braces are doubled"]),
