@@ -54,12 +54,15 @@ class TaskExport:
     profile_tokens: int  # real tokens the task's routing profile averaged over
 
 
-def recipe_modules(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
-    """The module (the adapter folder's settings in it) and the data module exactly as `malora` builds them from the
-    same recipe and flags, nothing loaded yet: what the export needs is checked before the base model loads."""
+def recipe_modules(adapter: str | Path, overrides: list[str], model_class: type[MALoRAModule] = MALoRAModule,
+                   datamodule_class: type[MultiTaskDataModule] = MultiTaskDataModule,
+                   ) -> tuple[MALoRAModule, MultiTaskDataModule]:
+    """The module (the adapter folder's settings in it) and the data module exactly as `malora` (or `main` given
+    those classes, a project's subclasses) builds them from the same recipe and flags, nothing loaded yet: what the
+    export needs is checked before the base model loads."""
     with warnings.catch_warnings():  # the command's own flags are in sys.argv too, LightningCLI's get `args`
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
-        cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+        cli = MALoRACLI(model_class, datamodule_class, run=False, auto_configure_optimizers=False,
                         args=[*overrides, f"--model.adapter_path={adapter}"])
     module, data = cli.model, cli.datamodule
     if not module.adapter_config.is_routed:
@@ -68,10 +71,12 @@ def recipe_modules(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAMod
     return module, data
 
 
-def build_from_recipe(adapter: str | Path, overrides: list[str]) -> tuple[MALoRAModule, MultiTaskDataModule]:
+def build_from_recipe(adapter: str | Path, overrides: list[str], model_class: type[MALoRAModule] = MALoRAModule,
+                      datamodule_class: type[MultiTaskDataModule] = MultiTaskDataModule,
+                      ) -> tuple[MALoRAModule, MultiTaskDataModule]:
     """`recipe_modules`, loaded: the data module set up for fitting (train and validation splits loaded), the base
     model with the adapter folder's adapters in it."""
-    module, data = recipe_modules(adapter, overrides)
+    module, data = recipe_modules(adapter, overrides, model_class, datamodule_class)
     data.setup("fit")
     module.configure_model()
     return module, data
@@ -223,7 +228,10 @@ def _write_model_folder(model: nn.Module, tokenizer, target: Path, card: str) ->
         rename_into_place(staging, target)  # `target` is absent or an empty folder (checked before any work)
 
 
-def main(args: list[str] | None = None) -> list[TaskExport]:
+def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRAModule,
+         datamodule_class: type[MultiTaskDataModule] = MultiTaskDataModule) -> list[TaskExport]:
+    """Entry point of `malora-task-export`; a project whose runs use its own subclasses passes them, as to
+    `malora_lightning.cli.main`, so that the recipe and flags of those runs build the same modules."""
     parser = argparse.ArgumentParser(prog="malora-task-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--adapter", required=True, help="a MoLoRA/MALoRA adapter folder (save_adapters)")
@@ -248,7 +256,7 @@ def main(args: list[str] | None = None) -> list[TaskExport]:
     quiet_known_notes()
     show_library_logs()
     read_adapter_folder(known.adapter)  # a missing or foreign folder is named before the base model loads
-    module, data = recipe_modules(known.adapter, overrides)
+    module, data = recipe_modules(known.adapter, overrides, model_class, datamodule_class)
     tasks = chosen_tasks(data, known.tasks)  # so are unknown tasks and every target, before the data or model loads
     check_targets(Path(known.adapter), known.output, tasks, known.merge, known.overwrite)
     data.setup("fit")

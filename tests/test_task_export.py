@@ -17,7 +17,8 @@ from malora_lightning.adapters.merge import merge_task, task_lora_model, task_pr
 from malora_lightning.adapters.quantization import load_base_model
 from malora_lightning.atomic import default_mode
 from malora_lightning.data import MultiTaskDataModule
-from malora_lightning.task_export import build_from_recipe, check_targets, main, profile_tasks
+from malora_lightning.module import MALoRAModule
+from malora_lightning.task_export import build_from_recipe, check_targets, main, profile_tasks, recipe_modules
 
 TASKS = ["parity", "add_2digit"]
 
@@ -293,3 +294,33 @@ def test_the_console_command_refuses_a_bad_profile_size_and_prints_an_error_as_o
     error = capsys.readouterr().err
     assert error.startswith("malora-task-export: error: ") and "missing" in error and "Traceback" not in error
     assert not (tmp_path / "tasks").exists()
+
+
+
+class NotedData(MultiTaskDataModule):
+    """A project's data module with a setting of its own, which `malora`'s parser does not know."""
+
+    def __init__(self, note: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.note = note
+
+
+class NotedModule(MALoRAModule):
+    def __init__(self, note: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.note = note
+
+
+def test_a_projects_own_classes_read_the_recipe_of_its_runs(tiny_model_dir, tmp_path, mixture_folder, capsys):
+    """The export took no classes: a run made with a project's subclasses, their settings in its recipe, could not be
+    exported (`malora-task-export` parses the recipe for MALoRAModule and MultiTaskDataModule)."""
+    flags = ["--adapter", str(mixture_folder), "--output", str(tmp_path / "tasks"), "--tasks", "parity",
+             "--profile-examples", "4", *recipe_flags(tiny_model_dir), "--model.note=m", "--data.note=d"]
+    with pytest.raises(SystemExit):
+        main(flags)
+    assert "unrecognized arguments: --model.note=m --data.note=d" in capsys.readouterr().err
+    module, data = recipe_modules(mixture_folder, flags[8:], NotedModule, NotedData)
+    assert (type(module), module.note, type(data), data.note) == (NotedModule, "m", NotedData, "d")
+    exports = main(flags, model_class=NotedModule, datamodule_class=NotedData)
+    assert [export.task for export in exports] == ["parity"]
+    assert (tmp_path / "tasks" / "parity" / "adapter_config.json").is_file()
