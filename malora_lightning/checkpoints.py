@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,6 +66,9 @@ def check_checkpoint_file(path: str | Path) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint {path} is a folder: give a checkpoint file (a run writes its .ckpt files "
                                 "into its checkpoints/ folder, e.g. checkpoints/last.ckpt)")
+    if path.is_symlink() and not path.exists():  # `save_last="link"`'s last.ckpt, its checkpoint removed since
+        raise FileNotFoundError(f"checkpoint {path} is a link to {os.readlink(path)}, which does not exist (removed "
+                                "since the link was made): give the path of a checkpoint file (.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: give the path of a checkpoint file (.ckpt)")
     try:

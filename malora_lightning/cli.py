@@ -179,11 +179,19 @@ def resolve_last_checkpoint(trainer: L.Trainer, subcommand: str) -> str:
                                 f"so the {subcommand} would start from fresh adapters; give the checkpoint's path "
                                 "(--ckpt_path runs/<run>/lightning_logs/version_<N>/checkpoints/last.ckpt), or leave "
                                 f"--ckpt_path out to {fresh}")
-    newest = max(sorted(candidates), key=os.path.getmtime)
+    newest = max(sorted(candidates), key=_modified)
     rank_zero_info(f"--ckpt_path last: {'resuming from' if subcommand == 'fit' else 'loading'} {newest}, the newest "
                    f"last checkpoint in {', '.join(folders)}"
                    + ("" if hpc is None else f" or SLURM auto-requeue checkpoint in {trainer.default_root_dir}"))
     return newest
+
+
+def _modified(path: str) -> float:
+    """When the checkpoint at `path` was written: its file's modification time, through a link, or for a link whose
+    checkpoint is gone (`save_last="link"`'s `last.ckpt` once that file was removed) the link's own, made when
+    Lightning saved it. `os.path.getmtime` raised FileNotFoundError for such a link in any run folder, and so
+    `--ckpt_path last` failed even where another run folder held a newer last checkpoint."""
+    return os.stat(path).st_mtime if os.path.exists(path) else os.lstat(path).st_mtime
 
 
 def keep_ckpt_path_unset(trainer: L.Trainer, subcommand: str) -> None:

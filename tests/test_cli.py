@@ -655,6 +655,31 @@ def test_ckpt_path_last_is_slurms_auto_requeue_checkpoint_where_that_is_the_newe
     assert resolve_last_checkpoint(trainer, "fit") == str(last)
 
 
+def test_ckpt_path_last_passes_over_a_link_whose_checkpoint_was_removed_in_an_earlier_run_folder(tmp_path):
+    """`save_last="link"` makes last.ckpt a link to a top-k file; one run folder's link whose file was removed since
+    (the top-k files deleted to free space) made `--ckpt_path last` fail with FileNotFoundError in every later run,
+    although a newer run folder held a last.ckpt. Where the broken link is the newest, its missing file is named."""
+    from malora_lightning.checkpoints import check_checkpoint_file
+    from malora_lightning.cli import resolve_last_checkpoint
+
+    runs = tmp_path / "lightning_logs"
+    for version in (0, 1):
+        (runs / f"version_{version}" / "checkpoints").mkdir(parents=True)
+    broken = runs / "version_0" / "checkpoints" / "last.ckpt"
+    broken.symlink_to("epoch=0-step=4.ckpt")
+    os.utime(broken, (1000, 1000), follow_symlinks=False)
+    last = runs / "version_1" / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"a checkpoint")
+    os.utime(last, (2000, 2000))
+    trainer = L.Trainer(default_root_dir=str(tmp_path), logger=CSVLogger(tmp_path), enable_progress_bar=False)
+    assert resolve_last_checkpoint(trainer, "fit") == str(last)
+    os.utime(broken, (3000, 3000), follow_symlinks=False)  # the newest: chosen, and refused naming what is gone
+    assert resolve_last_checkpoint(trainer, "fit") == str(broken)
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {broken} is a link to epoch=0-step=4.ckpt, which does "
+                                                r"not exist \(removed since the link was made\)"):
+        check_checkpoint_file(broken)
+
+
 class SignalAtStep(Callback):
     """Sends the process `signum` in its second training step, as a scheduler's preemption or Ctrl-C would."""
 
