@@ -419,6 +419,9 @@ class MALoRACLI(LightningCLI):
             rank_zero_info(f"malora {subcommand} scores the adapter tensors of --ckpt_path {path}: they replace those "
                            f"of model.adapter_path {adapter_path}, which still gives the adapter's settings")
         if _is_local_file(path):
+            # `~` expanded for Lightning too: its ModelCheckpoint keeps the file a fit resumed from only where the path
+            # equals its own (expanded) one, and removed a `~/.../epoch=0-step=4.ckpt` resumed in its own folder
+            kwargs["ckpt_path"] = path = user_path(path)
             check_checkpoint_file(path)
             checkpoint = read_checkpoint(path)
             self.model.check_checkpoint(stored_settings(checkpoint), path, fitting=subcommand == "fit")

@@ -221,3 +221,21 @@ def test_the_run_folder_of_a_logger_under_the_home_folder_without_checkpoints_is
 
     trainer = L.Trainer(logger=CSVLogger("~/runs"), enable_checkpointing=False, enable_progress_bar=False)
     assert run_directory(trainer) == home / "runs" / "lightning_logs" / "version_0"
+
+
+def test_a_fit_resumed_from_a_checkpoint_under_the_home_folder_keeps_that_checkpoint(home, tiny_model_dir):
+    """ModelCheckpoint keeps the checkpoint a fit resumed from only where that path equals its own, expanded one:
+    `--ckpt_path ~/ckpt/epoch=0-step=2.ckpt` resumed into the same folder (save_top_k=1) removed it at the next save."""
+    from malora_lightning.cli import main
+
+    settings = [f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null",
+                "--model.adapter.rank=2", "--model.adapter.shared_rank=4", "--model.adapter.num_experts=4",
+                "--data.tasks=[parity]", "--data.max_train_examples_per_task=8", "--data.max_eval_examples_per_task=2",
+                "--data.batch_size=2", "--data.eval_batch_size=2", "--trainer.accelerator=cpu",
+                "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={home}", "--trainer.callbacks+=ModelCheckpoint",
+                "--trainer.callbacks.dirpath=~/ckpt", "--trainer.callbacks.every_n_train_steps=2"]
+    main(["fit", *settings, "--trainer.max_steps=2"])
+    main(["fit", *settings, "--trainer.max_steps=4", "--ckpt_path=~/ckpt/epoch=0-step=2.ckpt"])
+    assert sorted(path.name for path in (home / "ckpt").glob("*.ckpt")) == ["epoch=0-step=2.ckpt",
+                                                                            "epoch=0-step=4.ckpt"]
