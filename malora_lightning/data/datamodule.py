@@ -451,7 +451,8 @@ class MultiTaskDataModule(LightningDataModule):
         if missing:
             raise FileNotFoundError("; ".join(missing) + ": every split file a task names is checked before a fit, "
                                     "not only when its split is read (a test file's by malora test, after training); "
-                                    "fix the path in the task spec (path: {train: ..., test: ...})")
+                                    "fix the path in the task spec (path: {train: ..., test: ...}), or in the "
+                                    "FileSource of a task registered from Python")
 
     def _check_model_max_length(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Warn when ``max_length`` exceeds the longest sequence the tokenizer's model takes (``model_max_length``,

@@ -245,7 +245,8 @@ def test_a_missing_split_file_stops_fit_before_training_naming_its_task(tmp_path
             "prompt": "Capital of {country}?", "target": "{capital}", "max_new_tokens": 3}
     with pytest.raises(FileNotFoundError, match=re.escape(
             f"task 'capitals', test file tset.jsonl does not exist (a relative path is read from the current "
-            f"directory, {tmp_path}): every split file a task names is checked before a fit")):
+            f"directory, {tmp_path}): every split file a task names is checked before a fit") + ".* or in the "
+            "FileSource of a task registered from Python"):
         make(tasks=["capitals", "parity"], task_specs=[spec]).setup("fit")
 
 
