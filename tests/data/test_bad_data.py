@@ -132,9 +132,10 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
                           ["task spec 'mine': splits=['train'] is invalid: expected a mapping of split"]),
     "kind unknown": (SPEC | {"kind": "mc"}, ["task 'mine': kind='mc' is invalid: expected one of generative"]),
     # every row was refused in setup, "a multiple_choice task's formatter returned no choices", naming no spec key
-    "kind multiple choice with a target": (SPEC | {"kind": "multiple_choice"},
-                                           ["task spec 'mine': kind='multiple_choice' is invalid with a target template",
-                                            "the kind follows from them, so remove kind"]),
+    "kind multiple choice with a target": (
+        SPEC | {"kind": "multiple_choice"},
+        ["task spec 'mine': kind='multiple_choice' is invalid with a target template",
+         "the kind follows from them, so remove kind"]),
     "kind generative with choices": ({**SPEC, "target": None, "choices": "options", "gold": "answer",
                                       "kind": "generative"},
                                      ["task spec 'mine': kind='generative' is invalid with choices and gold"]),

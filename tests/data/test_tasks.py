@@ -55,14 +55,15 @@ def test_register_and_get_a_python_task(registry):
 
 
 def test_unknown_task_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown task 'no_such_task'; registered tasks: .*add_2digit.*arc_easy") as error:
+    with pytest.raises(ValueError,
+                       match="unknown task 'no_such_task'; registered tasks: .*add_2digit.*arc_easy") as error:
         get_task("no_such_task")
     assert all(name in str(error.value) for name in registered_tasks())
 
 
 def test_an_unknown_task_says_that_a_python_registered_task_is_known_only_where_its_module_is_imported():
-    """A task registered from the user's module was 'unknown' to `malora`, a resume, a rerun of the run's config.yaml and
-    malora-task-export, which import no module of the user's; the error listed the built-in tasks alone."""
+    """A task registered from the user's module was 'unknown' to `malora`, a resume, a rerun of the run's config.yaml
+    and malora-task-export, which import no module of the user's; the error listed the built-in tasks alone."""
     with pytest.raises(ValueError, match=r"unknown task 'mine'; registered tasks: .*; a task registered from Python "
                                          r"\(register_task\) is known only in a process that imports the module "
                                          r"registering it, which the malora and malora-task-export commands never "
@@ -106,7 +107,8 @@ def test_a_formatter_returning_no_example_is_named_with_its_task_and_row(formatt
     formatter must return."""
     task = Task(name="qa", source=generated(ROWS), formatter=formatter)
     with pytest.raises(TaskDataError, match=rf"task 'qa', train row 0: the formatter returned {returned}.*, not an "
-                                            r"Example; a task's formatter returns Example\(prompt=\.\.\., target=\.\.\.\)"):
+                                            r"Example; a task's formatter returns "
+                                            r"Example\(prompt=\.\.\., target=\.\.\.\)"):
         task.examples("train")
 
 
