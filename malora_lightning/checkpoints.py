@@ -121,9 +121,15 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A `weights_only` left unset (a plain Trainer's `fit`/`validate`/`test`/`predict(ckpt_path=...)`) is True,
+        as every `malora` command passes it: Lightning's None unpickled an http(s) checkpoint with weights_only=False,
+        and torch's a local one too under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so a file ran the code it named. An
+        explicit False (a trusted checkpoint holding objects) is the caller's choice."""
         # remote and missing paths: Lightning's errors
         if isinstance(path, (str, Path)) and Path(user_path(path)).exists():
             check_checkpoint_file(path)
+        if len(args) < 2 and kwargs.get("weights_only") is None:  # args: map_location, weights_only
+            kwargs["weights_only"] = True
         return super().load_checkpoint(path, *args, **kwargs)
 
 

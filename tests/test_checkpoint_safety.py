@@ -556,14 +556,11 @@ class RunsOnUnpickling:
         return plant_marker, (self.marker,)
 
 
-@pytest.mark.parametrize("cls", [MultiTaskDataModule, MALoRAModule])
-def test_a_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch, cls):
-    """MultiTaskDataModule.load_from_checkpoint left weights_only to Lightning, whose None unpickles an http(s)
-    checkpoint with weights_only=False: a served file ran the code it named. MALoRAModule's refused every URL as a
-    local file that "does not exist"."""
+@pytest.fixture
+def served_planted_checkpoint(tmp_path, monkeypatch):
+    """The URL of a checkpoint served over http whose hyperparameters run code (write MARKER) when unpickled."""
     import functools
     import http.server
-    import pickle
     import threading
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # where torch.hub keeps the download
@@ -577,11 +574,39 @@ def test_a_checkpoint_from_a_url_is_read_as_data(tmp_path, monkeypatch, cls):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            cls.load_from_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/data.ckpt")
+        yield f"http://127.0.0.1:{server.server_address[1]}/data.ckpt"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("cls", [MultiTaskDataModule, MALoRAModule])
+def test_a_checkpoint_from_a_url_is_read_as_data(tmp_path, served_planted_checkpoint, cls):
+    """MultiTaskDataModule.load_from_checkpoint left weights_only to Lightning, whose None unpickles an http(s)
+    checkpoint with weights_only=False: a served file ran the code it named. MALoRAModule's refused every URL as a
+    local file that "does not exist"."""
+    import pickle
+
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        cls.load_from_checkpoint(served_planted_checkpoint)
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("where", ["url", "local file, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def test_a_plain_trainers_ckpt_path_is_read_as_data(tiny_model_dir, tmp_path, served_planted_checkpoint,
+                                                     monkeypatch, where):
+    """`trainer.validate(ckpt_path=...)` (and fit, test, predict) of a plain Lightning Trainer passes weights_only=None,
+    which Lightning reads as False for an http(s) checkpoint, and torch as False for a local one under
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: the file ran the code it named, where `malora validate` refused it."""
+    import pickle
+
+    path = served_planted_checkpoint
+    if where != "url":
+        path = tmp_path / "served" / "data.ckpt"
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        make_trainer(tmp_path).validate(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]),
+                                        ckpt_path=path)
     assert not (tmp_path / MARKER).exists()
 
 
