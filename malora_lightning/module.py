@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import nn
@@ -66,10 +66,15 @@ from malora_lightning.checkpoints import (
     CHECKPOINT_FORMAT_KEY,
     SETTINGS_KEY,
     CheckedCheckpointIO,
+    check_checkpoint_file,
     check_checkpoint_format,
     check_checkpoint_settings,
+    check_fsdp2_optimizer_layout,
+    check_strategy_loadable,
     computed_otherwise,
+    is_remote,
     load_arguments,
+    read_checkpoint,
     stored_adapter_settings,
     stored_settings,
     upgrade_checkpoint,
@@ -367,10 +372,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
-        refused by its path (torch's own error names none). A fit also warns of settings that quietly break what
-        the run asks for: no validation after training begins (an interval beyond max_steps; beyond max_epochs, and
-        validations inside an accumulation window: `on_train_start`), and a true half precision that overrides
-        `adapter_dtype`."""
+        refused by its path (torch's own error names none) and read as data (`CheckedCheckpointIO`); a strategy that
+        reads the file itself checks it first as the `malora` commands do (`read_as_data_before_loading`). A fit
+        also warns of settings that quietly break what the run asks for: no validation after training begins (an
+        interval beyond max_steps; beyond max_epochs, and validations inside an accumulation window:
+        `on_train_start`), and a true half precision that overrides `adapter_dtype`."""
         self._resume_step = None  # an earlier fit of this module may have stopped while restoring
         if stage == "fit":  # Lightning writes both classes' hyperparameters into every checkpoint
             _check_loadable_hyperparameters(_as_stored(self.hparams), "hyperparameter")
@@ -379,6 +385,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = CheckedCheckpointIO()
+        if type(strategy).load_checkpoint is not Strategy.load_checkpoint:  # reads files without its checkpoint IO
+            read_as_data_before_loading(strategy)
         # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
         interval = getattr(self.trainer, "val_check_interval", None)
         accumulate = max(scheduled_accumulations(self.trainer))  # the most batches max_steps can take
@@ -1058,6 +1066,40 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                        f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
                        "that is one too (or validation at epoch ends)")
         return True
+
+
+def read_as_data_before_loading(strategy: Strategy) -> None:
+    """Make `strategy`, one that reads a checkpoint file itself and not through its checkpoint IO (FSDPStrategy,
+    ModelParallelStrategy), check a local file as the `malora` commands do before it loads one: refused by its path
+    when cut off (`check_checkpoint_file`), read as data (`read_checkpoint`), its settings checked against the module's
+    (`MALoRAModule.check_checkpoint`), its format (`check_strategy_loadable`) and under FSDP2 its optimizer layout
+    (`check_fsdp2_optimizer_layout`). FSDPStrategy reads a full checkpoint with Lightning's `_lazy_load`, a pickle
+    unpickler whatever `weights_only` says: a plain Trainer's `fit(ckpt_path=...)` there ran the code the file named,
+    and a checkpoint of other settings failed inside the strategy's loading, naming nothing. The module is the
+    strategy's at the time of loading (a trainer may run several). An explicit `weights_only=False` (a trusted file)
+    skips these checks; `on_load_checkpoint` still checks the settings once the strategy has loaded it."""
+    load = strategy.load_checkpoint
+    if getattr(load, "reads_as_data_first", False):  # a second run of the same trainer
+        return
+
+    def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        module = strategy.lightning_module
+        trusted = kwargs.get("weights_only") is False  # the caller's choice, as `CheckedCheckpointIO` keeps it
+        if isinstance(checkpoint_path, (str, Path)) and not is_remote(checkpoint_path) and not trusted:
+            path = user_path(checkpoint_path)
+            check_checkpoint_file(path)
+            checkpoint = read_checkpoint(path)
+            if isinstance(module, MALoRAModule):
+                fitting = module.trainer.state.fn == TrainerFn.FITTING
+                module.check_checkpoint(stored_settings(checkpoint), path, fitting=fitting)
+                if module.adapter_config.method != "lora":
+                    check_strategy_loadable(checkpoint, path)
+                if fitting and isinstance(strategy, ModelParallelStrategy):
+                    check_fsdp2_optimizer_layout(checkpoint, path)
+        return load(checkpoint_path, *args, **kwargs)
+
+    checked_load.reads_as_data_first = True
+    strategy.load_checkpoint = checked_load
 
 
 class NonFiniteLossCheck(Callback):

@@ -665,3 +665,34 @@ def test_a_checkpoint_saved_to_a_url_is_written_through_fsspec_not_to_a_local_pa
     assert list(tmp_path.iterdir()) == []
     with fsspec.open(url, "rb") as stored:
         assert torch.load(stored, weights_only=True) == {"global_step": 5}
+
+
+@pytest.mark.parametrize(("planted", "refusal"), [
+    ("code", r"planted\.ckpt cannot be read as a malora checkpoint"),
+    ("another base", r"planted\.ckpt does not fit this run: model\.model_name_or_path: checkpoint 'elsewhere'"),
+], ids=["code", "another base"])
+def test_a_strategy_that_reads_checkpoints_itself_gets_them_checked_first(tiny_model_dir, tmp_path, planted, refusal):
+    """FSDPStrategy reads a `ckpt_path` itself, past the checkpoint IO, a full checkpoint with Lightning's `_lazy_load`
+    (a pickle unpickler, whatever weights_only says): a plain Trainer's fit or validate under it ran the code the file
+    named, and loaded a checkpoint of other settings unchecked, where `malora` read it as data and checked it first.
+    The module's setup (before the restore) makes the strategy do so; here without a GPU, the trainer stood in for."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    strategy = FSDPStrategy()
+    module = make_module(tiny_model_dir)
+    module._trainer = SimpleNamespace(strategy=strategy, callbacks=[], accumulate_grad_batches=1, max_steps=-1,
+                                      val_check_interval=1.0, check_val_every_n_epoch=1, precision="32-true",
+                                      state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    module.setup("validate")
+    strategy.model, strategy._lightning_module = torch.nn.Linear(1, 1), module  # as the trainer connects them
+    path = tmp_path / "planted.ckpt"
+    if planted == "code":
+        torch.save({"state_dict": {}, "hyper_parameters": {"loader": RunsOnUnpickling(tmp_path / MARKER)}}, path)
+    else:
+        planted_checkpoint(path)
+    with pytest.raises(ValueError, match=refusal):
+        strategy.load_checkpoint(path)
+    assert not (tmp_path / MARKER).exists()
