@@ -18,7 +18,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -26,16 +25,9 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks import PerTaskMetrics, PredictionWriter, RoutingStats, RunReport, SeesawTracker
-from malora_lightning.checkpoints import (
-    check_checkpoint_file,
-    check_fsdp2_optimizer_layout,
-    check_strategy_loadable,
-    is_remote,
-    read_checkpoint,
-    stored_settings,
-)
+from malora_lightning.checkpoints import is_remote
 from malora_lightning.data import MultiTaskDataModule
-from malora_lightning.module import MALoRAModule
+from malora_lightning.module import MALoRAModule, check_checkpoint_before_loading
 from malora_lightning.run_paths import refuse_on_every_rank
 from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs
 from malora_lightning.values import user_path
@@ -389,15 +381,13 @@ class MALoRACLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """`--ckpt_path last` resolved here, where the trainer (its logger and checkpoint folders) exists. Then, before
-        the base model loads, a local checkpoint is checked: a missing file, a folder or a cut-off file is named; its
-        settings are checked against those the module was built with (`MALoRAModule.check_checkpoint`: the base, the
-        adapter's shape, for a fit the trained tensors); a mixture's that the strategy loads itself, for its
-        format (`check_strategy_loadable`); and for a fit under FSDP2, its optimizer state's layout
-        (`check_fsdp2_optimizer_layout`). The file is read once, memory-mapped. `on_load_checkpoint` checks every
-        checkpoint again as it loads, and logs the settings that differ. An evaluation with neither a checkpoint nor
-        an adapter folder warns that it scores untrained adapters; with both, says whose tensors it scores; validate
-        and test given a predict file warn that they do not read it. (A private LightningCLI method, checked against
-        Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's auto-requeue one
+        the base model loads, a local checkpoint is checked (`check_checkpoint_before_loading`: the file, read as
+        data, its settings against those the module was built with, and what its strategy needs); a strategy that
+        reads the file itself checks it again when it loads (`read_as_data_before_loading`), and `on_load_checkpoint`
+        checks every checkpoint as it loads, and logs the settings that differ. An evaluation with neither a
+        checkpoint nor an adapter folder warns that it scores untrained adapters; with both, says whose tensors it
+        scores; validate and test given a predict file warn that they do not read it. (A private LightningCLI method,
+        checked against Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's auto-requeue one
         (`keep_ckpt_path_unset`)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
@@ -422,13 +412,7 @@ class MALoRACLI(LightningCLI):
             # `~` expanded for Lightning too: its ModelCheckpoint keeps the file a fit resumed from only where the path
             # equals its own (expanded) one, and removed a `~/.../epoch=0-step=4.ckpt` resumed in its own folder
             kwargs["ckpt_path"] = path = user_path(path)
-            check_checkpoint_file(path)
-            checkpoint = read_checkpoint(path)
-            self.model.check_checkpoint(stored_settings(checkpoint), path, fitting=subcommand == "fit")
-            if self.trainer.strategy.restore_checkpoint_after_setup and self.model.adapter_config.method != "lora":
-                check_strategy_loadable(checkpoint, path)
-            if subcommand == "fit" and isinstance(self.trainer.strategy, ModelParallelStrategy):
-                check_fsdp2_optimizer_layout(checkpoint, path)
+            check_checkpoint_before_loading(path, self.trainer.strategy, self.model, fitting=subcommand == "fit")
         return kwargs
 
     def _instantiate_trainer(self, config, callbacks):

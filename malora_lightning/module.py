@@ -1070,10 +1070,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
 
 def read_as_data_before_loading(strategy: Strategy) -> None:
     """Make `strategy`, one that reads a checkpoint file itself and not through its checkpoint IO (FSDPStrategy,
-    ModelParallelStrategy), check a local file as the `malora` commands do before it loads one: refused by its path
-    when cut off (`check_checkpoint_file`), read as data (`read_checkpoint`), its settings checked against the module's
-    (`MALoRAModule.check_checkpoint`), its format (`check_strategy_loadable`) and under FSDP2 its optimizer layout
-    (`check_fsdp2_optimizer_layout`). FSDPStrategy reads a full checkpoint with Lightning's `_lazy_load`, a pickle
+    ModelParallelStrategy), check a local file as the `malora` commands do before it loads one
+    (`check_checkpoint_before_loading`). FSDPStrategy reads a full checkpoint with Lightning's `_lazy_load`, a pickle
     unpickler whatever `weights_only` says: a plain Trainer's `fit(ckpt_path=...)` there ran the code the file named,
     and a checkpoint of other settings failed inside the strategy's loading, naming nothing. The module is the
     strategy's at the time of loading (a trainer may run several). An explicit `weights_only=False` (a trusted file)
@@ -1083,23 +1081,33 @@ def read_as_data_before_loading(strategy: Strategy) -> None:
         return
 
     def checked_load(checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        module = strategy.lightning_module
         trusted = kwargs.get("weights_only") is False  # the caller's choice, as `CheckedCheckpointIO` keeps it
         if isinstance(checkpoint_path, (str, Path)) and not is_remote(checkpoint_path) and not trusted:
-            path = user_path(checkpoint_path)
-            check_checkpoint_file(path)
-            checkpoint = read_checkpoint(path)
-            if isinstance(module, MALoRAModule):
-                fitting = module.trainer.state.fn == TrainerFn.FITTING
-                module.check_checkpoint(stored_settings(checkpoint), path, fitting=fitting)
-                if module.adapter_config.method != "lora":
-                    check_strategy_loadable(checkpoint, path)
-                if fitting and isinstance(strategy, ModelParallelStrategy):
-                    check_fsdp2_optimizer_layout(checkpoint, path)
+            module = strategy.lightning_module
+            fitting = module is not None and module.trainer.state.fn == TrainerFn.FITTING
+            check_checkpoint_before_loading(user_path(checkpoint_path), strategy, module, fitting)
         return load(checkpoint_path, *args, **kwargs)
 
     checked_load.reads_as_data_first = True
     strategy.load_checkpoint = checked_load
+
+
+def check_checkpoint_before_loading(path: str, strategy: Strategy, module: L.LightningModule | None,
+                                    fitting: bool) -> None:
+    """A local checkpoint file checked before anything loads it: a missing file, a folder or a cut-off file is named
+    (`check_checkpoint_file`); it is read as data, once, memory-mapped (`read_checkpoint`); and for a MALoRAModule its
+    settings are checked against the module's (`MALoRAModule.check_checkpoint`: the base, the adapter's shape, for a
+    fit the trained tensors), a mixture's that the strategy loads itself for its format (`check_strategy_loadable`),
+    and for a fit under FSDP2 its optimizer state's layout (`check_fsdp2_optimizer_layout`)."""
+    check_checkpoint_file(path)
+    checkpoint = read_checkpoint(path)
+    if not isinstance(module, MALoRAModule):
+        return
+    module.check_checkpoint(stored_settings(checkpoint), path, fitting=fitting)
+    if strategy.restore_checkpoint_after_setup and module.adapter_config.method != "lora":
+        check_strategy_loadable(checkpoint, path)
+    if fitting and isinstance(strategy, ModelParallelStrategy):
+        check_fsdp2_optimizer_layout(checkpoint, path)
 
 
 class NonFiniteLossCheck(Callback):
