@@ -387,8 +387,8 @@ class MALoRACLI(LightningCLI):
         checks every checkpoint as it loads, and logs the settings that differ. An evaluation with neither a
         checkpoint nor an adapter folder warns that it scores untrained adapters; with both, says whose tensors it
         scores; validate and test given a predict file warn that they do not read it. (A private LightningCLI method,
-        checked against Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's auto-requeue one
-        (`keep_ckpt_path_unset`)."""
+        checked against Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's
+        auto-requeue one (`keep_ckpt_path_unset`)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
             rank_zero_warn(f"malora {subcommand} without --ckpt_path or --model.adapter_path evaluates freshly "
