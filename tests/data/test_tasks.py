@@ -162,12 +162,27 @@ def test_invalid_task_definitions_are_rejected():
         Task(name="a b", source=generated(ROWS), formatter=qa_formatter)
 
 
+class NoDescribeSource:
+    """A source of one's own with splits and load but no describe: it has part of the Source protocol only."""
+
+    splits = ("train",)
+
+    def load(self, split):
+        return ROWS
+
+    def __repr__(self) -> str:
+        return "NoDescribeSource()"
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     # a path where the source goes (as a task spec's `path`): AttributeError 'str' object has no attribute 'splits'
     ({"source": "data/train.jsonl"}, r"source='data/train\.jsonl' is invalid: expected a FileSource, HubSource or "
                                      r"GeneratorSource .*FileSource\(\{'train': 'train\.jsonl'"),
     ({"source": {"train": "data/train.jsonl"}}, r"source=\{'train': 'data/train\.jsonl'\} is invalid: expected a "
                                                 "FileSource"),
+    # a Source of one's own lacking one member (describe, which names the source in every data error)
+    ({"source": NoDescribeSource()}, r"source=NoDescribeSource\(\) is invalid: expected a FileSource, HubSource or "
+                                     r"GeneratorSource \(an object with splits, load and describe"),
     ({"formatter": "Q: {question}"}, r"formatter='Q: \{question\}' is invalid: expected a function of a row"),
     ({"answer": "first_line"}, r"answer='first_line' is invalid: expected a function of a text"),
 ])
