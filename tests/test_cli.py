@@ -678,6 +678,15 @@ def test_ckpt_path_last_passes_over_a_link_whose_checkpoint_was_removed_in_an_ea
     with pytest.raises(FileNotFoundError, match=rf"checkpoint {broken} is a link to epoch=0-step=4.ckpt, which does "
                                                 r"not exist \(removed since the link was made\)"):
         check_checkpoint_file(broken)
+    # a link whose checkpoint exists is dated by that checkpoint, as Lightning dates it, not by the link's own time
+    (runs / "version_2" / "checkpoints").mkdir(parents=True)
+    kept = runs / "version_2" / "checkpoints" / "epoch=1-step=8.ckpt"
+    kept.write_bytes(b"an older checkpoint")
+    os.utime(kept, (2500, 2500))
+    linked = runs / "version_2" / "checkpoints" / "last.ckpt"
+    linked.symlink_to(kept.name)
+    os.utime(linked, (4000, 4000), follow_symlinks=False)
+    assert resolve_last_checkpoint(trainer, "fit") == str(broken)
 
 
 class SignalAtStep(Callback):
