@@ -296,7 +296,6 @@ def test_the_console_command_refuses_a_bad_profile_size_and_prints_an_error_as_o
     assert not (tmp_path / "tasks").exists()
 
 
-
 class NotedData(MultiTaskDataModule):
     """A project's data module with a setting of its own, which `malora`'s parser does not know."""
 
@@ -320,6 +319,8 @@ def test_a_projects_own_classes_read_the_recipe_of_its_runs(tiny_model_dir, tmp_
         main(flags)
     assert "unrecognized arguments: --model.note=m --data.note=d" in capsys.readouterr().err
     module, data = recipe_modules(mixture_folder, flags[8:], NotedModule, NotedData)
+    assert (type(module), module.note, type(data), data.note) == (NotedModule, "m", NotedData, "d")
+    module, data = build_from_recipe(mixture_folder, flags[8:], NotedModule, NotedData)  # loaded, likewise
     assert (type(module), module.note, type(data), data.note) == (NotedModule, "m", NotedData, "d")
     exports = main(flags, model_class=NotedModule, datamodule_class=NotedData)
     assert [export.task for export in exports] == ["parity"]
