@@ -92,14 +92,25 @@ class StepProgressBar(RichProgressBar):
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Lightning's, removing the bar of the dataloader it replaces. Lightning hides that bar and adds one for the
-        next dataloader (its "TODO: remove old tasks"), so every validation of a fit left a hidden Rich task per
-        validation dataloader, one per task of the data module (9 in the default recipe), in the display for the
-        rest of the fit, and each refresh went through them all."""
+        """Lightning's, removing the bar of the dataloader it replaces, and its renders (`_forget_renders`). Lightning
+        hides that bar and adds one for the next dataloader (its "TODO: remove old tasks"), so every validation of a
+        fit left a hidden Rich task per validation dataloader, one per task of the data module (9 in the default
+        recipe), in the display for the rest of the fit, and each refresh went through them all."""
         finished = self._validation_bar_id(trainer)
         super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
         if finished is not None and finished != self._validation_bar_id(trainer):
             self.progress.remove_task(finished)
+            self._forget_renders(finished)
+
+    def _forget_renders(self, bar_id: TaskID) -> None:
+        """Drop a removed bar's last render from every column. Rich's columns keep the latest render of each bar they
+        drew, by task id (`ProgressColumn._renderable_cache`, private; checked against Rich 15), and `remove_task`
+        leaves it there: a fit kept one per column (about 1 KB) for every validation dataloader of every
+        validation, for the rest of the fit."""
+        for column in self.progress.columns:
+            cache = getattr(column, "_renderable_cache", None)
+            if isinstance(cache, dict):
+                cache.pop(bar_id, None)
 
     @property
     def train_progress_bar(self) -> Task:

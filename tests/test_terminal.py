@@ -168,8 +168,12 @@ def test_each_bar_is_found_by_its_id_after_others_are_removed_and_refused_before
 class RichTasksAtValidationEnd(Callback):
     def __init__(self) -> None:
         self.counts: list[int] = []
+        self.rendered: list[int] = []  # the bars Rich's columns keep a render of
         self.bars: list[tuple[str, bool]] = []  # the training bar's description, the validation bar is the current
         self.descriptions: list[str] = []  # the sanity check's bar's and the test bar's, each read in its run
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        trainer.progress_bar_callback.progress.get_renderable()  # what a terminal's refresh draws: every shown bar
 
     def on_validation_end(self, trainer, pl_module) -> None:
         bar = trainer.progress_bar_callback
@@ -177,6 +181,8 @@ class RichTasksAtValidationEnd(Callback):
             self.descriptions.append(bar.val_sanity_check_bar.description)
         else:
             self.counts.append(len(bar.progress.tasks))
+            self.rendered.append(len({bar_id for column in bar.progress.columns
+                                      for bar_id in getattr(column, "_renderable_cache", {})}))
             self.bars.append((bar.train_progress_bar.description, bar.val_progress_bar.id == bar.val_progress_bar_id))
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -185,14 +191,17 @@ class RichTasksAtValidationEnd(Callback):
 
 def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_model_dir, tmp_path):
     """Lightning hides a validation dataloader's bar when the next one starts and never removes it: each validation
-    of a fit added one hidden Rich task per task of the data module, 3 more here at each of 3 validations. The bar
-    properties a subclass reads give each run's own bar (sanity check, training, validation, test)."""
+    of a fit added one hidden Rich task per task of the data module, 3 more here at each of 3 validations. Nor do
+    Rich's columns forget a removed bar: each kept its last render of every bar it drew (about 1 KB per bar and
+    column), 3 more bars at each validation. The bar properties a subclass reads give each run's own bar (sanity
+    check, training, validation, test)."""
     counts = RichTasksAtValidationEnd()
     trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=1,
                            enable_progress_bar=True, callbacks=[StepProgressBar(), counts])
     trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
     # the training bar, the sanity check's last bar and the running validation's last bar
     assert counts.counts == [3, 3, 3]
+    assert counts.rendered == [3, 3, 3]  # those same bars: each validation added 3 (7, 10, 13)
     # Lightning's properties indexed the task list by id: once bars were removed they read another bar
     assert [(description.startswith("Epoch 0"), current) for description, current in counts.bars] == [(True, True)] * 3
     trainer.test(trainer.lightning_module, make_data(tiny_model_dir), verbose=False)
