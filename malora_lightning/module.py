@@ -1038,21 +1038,28 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         uninterrupted run's. Judged from the batch Lightning validates after (`val_check_batch`, which a float
         interval makes a fraction of the epoch) and the epoch's length, known once the training data is; over the
         whole fit, or with `this_epoch` over the current epoch's batches (a scheduled accumulation, which a later
-        epoch may change). Returns whether it warned."""
+        epoch may change). Returns whether it warned.
+
+        With `this_epoch`, judged at the epoch's start (`on_train_epoch_start`, which Lightning 2.6 calls there only,
+        not after a mid-epoch resume: none of the epoch's batches has run yet), in the batches the fit still runs
+        from there (`fit_batches(from_this_epoch=True)`). Counting the whole fit at this epoch's accumulation named
+        validations that an epoch cut short by max_steps never reaches."""
         trainer = self.trainer
         accumulate, per_epoch = trainer.accumulate_grad_batches, trainer.check_val_every_n_epoch is not None
         epoch, every = trainer.num_training_batches, trainer.val_check_batch
         if accumulate == 1 or not is_int(epoch) or not is_int(every):  # an unsized loader, or no validation
             return False
-        batches, after = fit_batches(trainer), 0
-        if per_epoch:  # without `this_epoch`, the first validating epoch: after check_val_every_n_epoch - 1 others
-            judged = trainer.current_epoch if this_epoch else trainer.check_val_every_n_epoch - 1
-            if (judged + 1) % trainer.check_val_every_n_epoch:
-                return False
-            batches -= judged * epoch
-        elif this_epoch:
-            after = trainer.current_epoch * epoch
-            batches = min(batches, after + epoch)
+        after = 0  # counted over the fit, the training batches before the judged ones
+        if this_epoch:  # this epoch's own batches: those the fit still runs from its start, at its accumulation
+            judged = trainer.current_epoch
+            if not per_epoch:
+                after = judged * epoch
+            batches = after + min(fit_batches(trainer, from_this_epoch=True), epoch)
+        else:  # for per-epoch validation, the first validating epoch: after check_val_every_n_epoch - 1 others
+            judged = trainer.check_val_every_n_epoch - 1 if per_epoch else 0
+            batches = fit_batches(trainer) - judged * epoch
+        if per_epoch and (judged + 1) % trainer.check_val_every_n_epoch:
+            return False
         inside = first_validation_inside_a_window(epoch, every, accumulate, per_epoch, batches, after)
         if inside is None:
             return False
@@ -1144,18 +1151,28 @@ def scheduled_accumulations(trainer: L.Trainer) -> list[int]:
     return [trainer.accumulate_grad_batches]
 
 
-def fit_batches(trainer: L.Trainer, accumulate: int | None = None) -> int:
+def fit_batches(trainer: L.Trainer, accumulate: int | None = None, from_this_epoch: bool = False) -> int:
     """The training batches a fit runs: its epochs' (`max_epochs`) or those `max_steps` optimizer steps take, each
     epoch ending in a partial accumulation window where its length is not a multiple of the accumulation
-    (`accumulate`, by default the trainer's)."""
+    (`accumulate`, by default the trainer's).
+
+    With `from_this_epoch`, the batches it can still run from the current epoch's start: the steps left
+    (`max_steps - global_step`) and the epochs left (`max_epochs - current_epoch`). Under a
+    `GradientAccumulationScheduler` the accumulation holds from this epoch on, not from the fit's start: earlier
+    epochs spent their steps at another (18-batch epochs scheduled {1: 3} with max_steps=19 run 18 steps of 1 batch
+    and one of 3, 21 batches; counted at 3 from the fit's start, 57)."""
     epoch = trainer.num_training_batches
     accumulate = trainer.accumulate_grad_batches if accumulate is None else accumulate
+    steps, epochs = trainer.max_steps, trainer.max_epochs
+    if from_this_epoch:
+        steps = steps - trainer.global_step if steps >= 0 else steps
+        epochs = epochs - trainer.current_epoch if epochs is not None and epochs >= 0 else epochs
     limits = []
-    if trainer.max_steps >= 0:
+    if steps >= 0:
         steps_per_epoch = math.ceil(epoch / accumulate)
-        limits.append(trainer.max_steps // steps_per_epoch * epoch + trainer.max_steps % steps_per_epoch * accumulate)
-    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-        limits.append(trainer.max_epochs * epoch)
+        limits.append(steps // steps_per_epoch * epoch + steps % steps_per_epoch * accumulate)
+    if epochs is not None and epochs >= 0:
+        limits.append(epochs * epoch)
     return min(limits) if limits else epoch
 
 

@@ -1430,21 +1430,31 @@ def test_validating_inside_an_accumulation_window_is_named(tiny_model_dir, tmp_p
         assert re.search(warned, named[0]) and f"accumulate_grad_batches={accumulate}" in named[0]
 
 
-@pytest.mark.parametrize(("scheduling", "interval", "max_steps", "warned"), [
-    ({0: 3}, 2, 4, "after training batch 2 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
-    ({1: 3}, 2, 19, "after training batch 20 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
-    ({0: 4}, 8, 3, None),  # 12 batches: it validates after batch 8
-    ({0: 2}, 8, 3, "val_check_interval=8 exceeds the fit's 6 training batches"),
+@pytest.mark.parametrize(("scheduling", "interval", "max_steps", "per_epoch", "warned"), [
+    ({0: 3}, 2, 4, None,
+     "after training batch 2 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
+    ({1: 3}, 2, 19, None,
+     "after training batch 20 of the fit .* inside an accumulation window of accumulate_grad_batches=3"),
+    ({0: 4}, 8, 3, None, None),  # 12 batches: it validates after batch 8
+    ({0: 2}, 8, 3, None, "val_check_interval=8 exceeds the fit's 6 training batches"),
+    # 18 steps of 1 batch, then one of 3: the fit ends after batch 21, before batch 22's validation (its 19 steps
+    # counted at 3 from the fit's start, 57 batches, named it); 2 steps in epoch 1 reach it
+    ({1: 3}, 11, 19, None, None),
+    ({1: 3}, 11, 20, None, "after training batch 22 of the fit .* batch 4 of an epoch of 18"),
+    ({1: 3}, 4, 19, 1, None),  # per epoch likewise: epoch 1's 3 batches end before its batch 4
+    ({1: 3}, 4, 20, 1, "after batch 4 of each epoch of 18 .* accumulate_grad_batches=3"),
 ])
 def test_a_gradient_accumulation_schedulers_windows_are_judged(tiny_model_dir, tmp_path, scheduling, interval,
-                                                                max_steps, warned):
+                                                                max_steps, per_epoch, warned):
     """`GradientAccumulationScheduler` sets the trainer's accumulation at each epoch's start, after `setup` and
     `on_train_start` judged the fit by its 1: validations inside the scheduled windows went unnamed, and a fit that
-    validates was said never to ("val_check_interval=8 exceeds the fit's 3 training batches")."""
+    validates was said never to ("val_check_interval=8 exceeds the fit's 3 training batches"). An epoch's judgement
+    counts the batches the fit still runs from its start, not the whole fit's max_steps at its accumulation."""
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-    trainer = make_trainer(tmp_path, max_steps=max_steps, val_check_interval=interval, check_val_every_n_epoch=None,
-                           limit_val_batches=1, callbacks=[GradientAccumulationScheduler(scheduling)])
+    trainer = make_trainer(tmp_path, max_steps=max_steps, val_check_interval=interval,
+                           check_val_every_n_epoch=per_epoch, limit_val_batches=1,
+                           callbacks=[GradientAccumulationScheduler(scheduling)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir))
@@ -1470,6 +1480,12 @@ def test_fit_batches_count_each_epochs_partial_window():
     assert fit_batches(trainer) == 18 + 2 * 4  # 5 steps an epoch (the fifth of 2 batches), then 2 of 4 batches
     trainer.max_epochs = 1
     assert fit_batches(trainer) == 18
+    # from epoch 1's start, after 18 steps of 1 batch (a scheduler's {1: 3}): one step of 3 batches left
+    trainer = unittest.mock.Mock(num_training_batches=18, accumulate_grad_batches=3, max_steps=19, max_epochs=None,
+                                 global_step=18, current_epoch=1)
+    assert fit_batches(trainer) == 57 and fit_batches(trainer, from_this_epoch=True) == 3
+    trainer.max_steps, trainer.max_epochs = 30, 2  # 12 steps left, 36 batches, but one epoch left: 18
+    assert fit_batches(trainer, from_this_epoch=True) == 18
 
 
 @pytest.mark.parametrize(("interval", "warned"), [(3, True), (2, False)])
