@@ -983,6 +983,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._warn_of_an_interval_beyond_the_epochs()
         self._judged_accumulations = {self.trainer.accumulate_grad_batches}
         self._warn_of_validations_inside_windows()
+        self._resume_scheduled_accumulation()
         if self.trainer.ckpt_path is None:
             return
         groups = self._parameter_groups()
@@ -1006,9 +1007,32 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         (callbacks' hooks run before the module's, so the trainer has this epoch's): `on_train_start` saw the trainer's
         1, and validations inside the scheduled windows went unnamed. Judged in each epoch's own batches, until one is
         named for that accumulation."""
+        self._judge_this_epochs_accumulation()
+
+    def _judge_this_epochs_accumulation(self) -> None:
+        """`_warn_of_validations_inside_windows` for the current epoch's accumulation, once one is named for it."""
         accumulate = self.trainer.accumulate_grad_batches
         if accumulate not in self._judged_accumulations and self._warn_of_validations_inside_windows(this_epoch=True):
             self._judged_accumulations.add(accumulate)
+
+    def _resume_scheduled_accumulation(self) -> None:
+        """Give the trainer the accumulation a `GradientAccumulationScheduler` schedules for the epoch the fit starts
+        or resumes in, and judge that epoch's windows as `on_train_epoch_start` would.
+
+        The scheduler sets `trainer.accumulate_grad_batches` in its `on_train_epoch_start` only, which Lightning 2.6
+        skips on a resume from a checkpoint written inside an epoch (a validation's, `every_n_train_steps`'): the rest
+        of that epoch ran at the trainer's 1, each batch its own optimizer step (9-batch epochs scheduled {1: 3},
+        resumed from a validation's checkpoint at step 10, batch 3 of epoch 1, reached max_steps=12 after 2 batches
+        where the uninterrupted fit took 6), and the module's judgement of that epoch's windows never ran. Set here,
+        after the loops' state is restored and before the first batch (and after the scheduler's own
+        `on_train_start`, which refuses a trainer accumulation other than 1). On a fit that starts at an epoch's
+        start this is what the scheduler's hook sets anyway."""
+        trainer = self.trainer
+        for callback in trainer.callbacks:
+            if isinstance(callback, GradientAccumulationScheduler):
+                trainer.accumulate_grad_batches = callback.get_accumulate_grad_batches(trainer.current_epoch)
+                self._judge_this_epochs_accumulation()
+                return
 
     def _warn_of_an_interval_beyond_the_epochs(self) -> None:
         """`setup`'s warning of an interval the fit never reaches, for a fit that `max_epochs` ends first: only the
@@ -1040,10 +1064,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         whole fit, or with `this_epoch` over the current epoch's batches (a scheduled accumulation, which a later
         epoch may change). Returns whether it warned.
 
-        With `this_epoch`, judged at the epoch's start (`on_train_epoch_start`, which Lightning 2.6 calls there only,
-        not after a mid-epoch resume: none of the epoch's batches has run yet), in the batches the fit still runs
-        from there (`fit_batches(from_this_epoch=True)`). Counting the whole fit at this epoch's accumulation named
-        validations that an epoch cut short by max_steps never reaches."""
+        With `this_epoch`, judged at the epoch's start (`on_train_epoch_start`: none of the epoch's batches has run
+        yet), in the batches the fit still runs from there (`fit_batches(from_this_epoch=True)`); after a mid-epoch
+        resume, where Lightning 2.6 skips that hook, by `on_train_start` the same way (the steps left then count
+        from the resumed batch, not the epoch's start, so a validation late in that epoch may go unnamed). Counting
+        the whole fit at this epoch's accumulation named validations that an epoch cut short by max_steps never
+        reaches."""
         trainer = self.trainer
         accumulate, per_epoch = trainer.accumulate_grad_batches, trainer.check_val_every_n_epoch is not None
         epoch, every = trainer.num_training_batches, trainer.val_check_batch

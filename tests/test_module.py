@@ -1465,6 +1465,45 @@ def test_a_gradient_accumulation_schedulers_windows_are_judged(tiny_model_dir, t
         assert re.search(warned, named[0])
 
 
+class BatchRecorder(Callback):
+    """Each training batch's (epoch, batch_idx, global_step after it, accumulation, loss as Lightning normalises it)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, int, int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append((trainer.current_epoch, batch_idx, trainer.global_step, trainer.accumulate_grad_batches,
+                          outputs["loss"].item()))
+
+
+def test_a_fit_resumed_inside_an_epoch_runs_the_gradient_accumulation_schedulers_accumulation(tiny_model_dir,
+                                                                                               tmp_path):
+    """`GradientAccumulationScheduler` sets the accumulation in its `on_train_epoch_start`, which Lightning skips on a
+    mid-epoch resume: resumed from the validation checkpoint after batch 3 of epoch 1 (step 10; 9-batch epochs, {1: 3}),
+    the fit stepped at every batch and reached max_steps=12 after 2 batches, where the uninterrupted fit took 6. The
+    module sets the epoch's scheduled accumulation in `on_train_start`, and judges that epoch's windows there."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    def run(ckpt_path=None, checkpoints=None) -> list[tuple[int, int, int, int, float]]:
+        recorder = BatchRecorder()
+        callbacks = [GradientAccumulationScheduler({1: 3}), recorder, *([checkpoints] if checkpoints else [])]
+        trainer = make_trainer(tmp_path / "run", max_steps=12, limit_train_batches=9, val_check_interval=12,
+                               check_val_every_n_epoch=None, limit_val_batches=1, callbacks=callbacks,
+                               enable_checkpointing=checkpoints is not None)
+        trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir), ckpt_path=ckpt_path)
+        return recorder.rows
+
+    uninterrupted = run(checkpoints=ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}-{step}",
+                                                    save_top_k=-1))
+    assert [row[:4] for row in uninterrupted[9:12]] == [(1, 0, 9, 3), (1, 1, 9, 3), (1, 2, 10, 3)]
+    judge = MALoRAModule._warn_of_validations_inside_windows
+    with unittest.mock.patch.object(MALoRAModule, "_warn_of_validations_inside_windows", autospec=True,
+                                    side_effect=judge) as judged:
+        resumed = run(ckpt_path=tmp_path / "ckpt" / "epoch=1-step=10.ckpt")
+    assert resumed == uninterrupted[12:]  # batches 3..8 of epoch 1, 3 to a step, the same losses
+    assert any(call.kwargs.get("this_epoch") for call in judged.call_args_list)  # epoch 1's windows judged
+
+
 @pytest.mark.parametrize(("epoch", "every", "accumulate", "per_epoch", "batches", "inside"), [
     (18, 9, 2, True, 36, 9), (18, 8, 4, True, 100, None), (12, 3, 2, True, 12, 3), (12, 4, 2, True, 12, None),
     (18, 8, 4, False, 100, 24), (18, 8, 4, False, 20, None), (16, 8, 4, False, 1000, None),
