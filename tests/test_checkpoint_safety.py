@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from malora_lightning.adapters import (
     AdapterConfig,
@@ -667,6 +668,49 @@ def test_a_checkpoint_saved_to_a_url_is_written_through_fsspec_not_to_a_local_pa
         assert torch.load(stored, weights_only=True) == {"global_step": 5}
 
 
+def test_the_checkpoint_io_leaves_an_explicit_weights_only_to_the_caller(tmp_path):
+    """An unset weights_only is read as True; an explicit False (a trusted file holding objects: a plain Trainer's
+    `validate(ckpt_path=..., weights_only=False)`, or given in place after map_location) is the caller's choice and
+    loads the objects (given in place, it must not be set by name too: "got multiple values for argument")."""
+    import pickle
+
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    marker, path = tmp_path / MARKER, tmp_path / "objects.ckpt"
+    torch.save({"loader": RunsOnUnpickling(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        CheckedCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
+    assert CheckedCheckpointIO().load_checkpoint(path, weights_only=False) == {"loader": "planted"}
+    marker.unlink()
+    assert CheckedCheckpointIO().load_checkpoint(path, None, False) == {"loader": "planted"}
+    assert marker.exists()
+
+
+class ReadsCheckpointsItself(SingleDeviceStrategy):
+    """A strategy of one's own that overrides `load_checkpoint` (as FSDPStrategy and ModelParallelStrategy do), here
+    reading the file through its checkpoint IO, URLs and `~` included."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+
+def set_up_under(strategy, module):
+    """`module.setup` as a trainer under `strategy` runs it before restoring a checkpoint, without a GPU or a trainer:
+    the stand-in's `state.fn` (validating) may be changed afterwards."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[], accumulate_grad_batches=1, max_steps=-1,
+                              val_check_interval=1.0, check_val_every_n_epoch=1, precision="32-true",
+                              state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    module._trainer = trainer
+    module.setup("validate")
+    strategy.model, strategy._lightning_module = torch.nn.Linear(1, 1), module  # as the trainer connects them
+    return trainer
+
+
 @pytest.mark.parametrize(("planted", "refusal"), [
     ("code", r"planted\.ckpt cannot be read as a malora checkpoint"),
     ("another base", r"planted\.ckpt does not fit this run: model\.model_name_or_path: checkpoint 'elsewhere'"),
@@ -676,18 +720,10 @@ def test_a_strategy_that_reads_checkpoints_itself_gets_them_checked_first(tiny_m
     (a pickle unpickler, whatever weights_only says): a plain Trainer's fit or validate under it ran the code the file
     named, and loaded a checkpoint of other settings unchecked, where `malora` read it as data and checked it first.
     The module's setup (before the restore) makes the strategy do so; here without a GPU, the trainer stood in for."""
-    from types import SimpleNamespace
-
     from lightning.pytorch.strategies import FSDPStrategy
-    from lightning.pytorch.trainer.states import TrainerFn
 
     strategy = FSDPStrategy()
-    module = make_module(tiny_model_dir)
-    module._trainer = SimpleNamespace(strategy=strategy, callbacks=[], accumulate_grad_batches=1, max_steps=-1,
-                                      val_check_interval=1.0, check_val_every_n_epoch=1, precision="32-true",
-                                      state=SimpleNamespace(fn=TrainerFn.VALIDATING))
-    module.setup("validate")
-    strategy.model, strategy._lightning_module = torch.nn.Linear(1, 1), module  # as the trainer connects them
+    set_up_under(strategy, make_module(tiny_model_dir))
     path = tmp_path / "planted.ckpt"
     if planted == "code":
         torch.save({"state_dict": {}, "hyper_parameters": {"loader": RunsOnUnpickling(tmp_path / MARKER)}}, path)
@@ -696,3 +732,96 @@ def test_a_strategy_that_reads_checkpoints_itself_gets_them_checked_first(tiny_m
     with pytest.raises(ValueError, match=refusal):
         strategy.load_checkpoint(path)
     assert not (tmp_path / MARKER).exists()
+
+
+def test_a_strategy_that_reads_checkpoints_itself_loads_urls_trusted_files_and_home_paths(tiny_model_dir, tmp_path,
+                                                                                           monkeypatch):
+    """The checks before such a strategy's loading leave a URL to Lightning's reading (there is no local file to
+    check: it was refused as missing) and an explicit weights_only=False (a trusted file holding objects: it was read
+    as data and refused) to the caller; a `~` path is checked as the file it names (it was refused as missing)."""
+    import fsspec
+
+    strategy = ReadsCheckpointsItself(torch.device("cpu"))
+    set_up_under(strategy, make_module(tiny_model_dir))
+    url = f"memory://{tmp_path.name}/elsewhere.ckpt"
+    with fsspec.open(url, "wb") as stored:
+        stored.write(planted_checkpoint(tmp_path / "elsewhere.ckpt").read_bytes())
+    assert strategy.load_checkpoint(url)["hyper_parameters"]["model_name_or_path"] == "elsewhere"
+
+    trusted = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"loader": RunsOnUnpickling(tmp_path / MARKER)}}, trusted)
+    assert strategy.load_checkpoint(trusted, weights_only=False)["hyper_parameters"] == {"loader": "planted"}
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(tmp_path))}/elsewhere\.ckpt does not fit this "
+                                         r"run: model\.model_name_or_path"):
+        strategy.load_checkpoint("~/elsewhere.ckpt")
+
+
+def test_a_strategy_that_reads_checkpoints_itself_checks_each_file_once_for_the_module_and_run_it_loads_for(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The module's setup runs for each of a trainer's runs (fit, then validate, ...): the strategy is wrapped once,
+    and checks a file once per loading. Whether the trained tensors must match (train_A, train_P, train_shared_A: only to resume a fit) is the run's at
+    loading time; a module of another class on the same strategy gets the file checked, not its settings."""
+    import dataclasses
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from malora_lightning import module as module_file
+
+    reads = []
+    monkeypatch.setattr(module_file, "read_checkpoint", lambda path: reads.append(path) or read_checkpoint(path))
+    trained = make_module(tiny_model_dir)
+    path = tmp_path / "trained.ckpt"
+    torch.save({SETTINGS_KEY: trained.settings_record(), "state_dict": {}}, path)
+    frozen_p = make_module(tiny_model_dir, adapter=dataclasses.replace(trained.adapter_config, train_P=False))
+    strategy = ReadsCheckpointsItself(torch.device("cpu"))
+    set_up_under(strategy, frozen_p)
+    trainer = set_up_under(strategy, frozen_p)  # a second run of the same trainer
+    assert strategy.load_checkpoint(path)["state_dict"] == {} and reads == [str(path)]
+    trainer.state.fn = TrainerFn.FITTING
+    with pytest.raises(ValueError, match=r"trained\.ckpt does not fit this run: model\.adapter\.train_P: "
+                                         r"checkpoint True, this run False"):
+        strategy.load_checkpoint(path)
+
+    another = pl.LightningModule()
+    another._trainer = trainer
+    strategy._lightning_module = another
+    planted_checkpoint(tmp_path / "elsewhere.ckpt")
+    assert strategy.load_checkpoint(tmp_path / "elsewhere.ckpt")["hyper_parameters"]["model_name_or_path"] == \
+        "elsewhere"
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.ckpt is not a complete checkpoint file"):
+        strategy.load_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_what_the_strategy_needs_of_a_checkpoint_is_checked_only_where_it_needs_it(tiny_model_dir, tmp_path):
+    """A mixture's checkpoint of an earlier format is refused only where the strategy copies its tensors before the
+    module converts them (FSDPStrategy, ModelParallelStrategy); a one-process optimizer layout only for a fit under
+    FSDP2, which alone loads optimizer state (an evaluation loads none)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from malora_lightning.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_KEY
+    from malora_lightning.module import check_checkpoint_before_loading
+
+    one_process = [{"param_groups": [{"params": [0, 1, 2, 3, 4, 5]}, {"params": [6, 7]}]}]
+    mixture, lora = make_module(tiny_model_dir), make_module(tiny_model_dir, adapter=AdapterConfig(method="lora",
+                                                                                                    rank=2))
+    single = SingleDeviceStrategy(torch.device("cpu"))
+    for module in (mixture, lora):
+        format_1 = tmp_path / f"{module.adapter_config.method}-format-1.ckpt"
+        torch.save({SETTINGS_KEY: module.settings_record(), "state_dict": {}}, format_1)
+        check_checkpoint_before_loading(str(format_1), single, module, fitting=True)
+        if module is lora:
+            check_checkpoint_before_loading(str(format_1), FSDPStrategy(), module, fitting=True)
+    with pytest.raises(ValueError, match=r"malora-format-1\.ckpt holds the mixtures' lora_B as \[N, m, r\]"):
+        check_checkpoint_before_loading(str(tmp_path / "malora-format-1.ckpt"), FSDPStrategy(), mixture, fitting=False)
+
+    path = tmp_path / "one-process.ckpt"
+    torch.save({SETTINGS_KEY: mixture.settings_record(), "state_dict": {}, CHECKPOINT_FORMAT_KEY: CHECKPOINT_FORMAT,
+                "optimizer_states": one_process}, path)
+    check_checkpoint_before_loading(str(path), ModelParallelStrategy(), mixture, fitting=False)
+    check_checkpoint_before_loading(str(path), single, mixture, fitting=True)
+    with pytest.raises(ValueError, match=r"one-process\.ckpt holds its optimizer state as one process or DDP"):
+        check_checkpoint_before_loading(str(path), ModelParallelStrategy(), mixture, fitting=True)
