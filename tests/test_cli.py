@@ -1049,6 +1049,25 @@ def test_a_checkpoint_of_an_earlier_format_that_the_strategy_loads_itself_is_ref
         main(["fit", *settings, "--trainer.max_steps=3", f"--ckpt_path={tmp_path / 'format-1.ckpt'}"])
 
 
+def test_a_checkpoint_that_trained_other_tensors_is_refused_for_a_fit_only(tiny_model_dir, tmp_path,
+                                                                          model_loading_forbidden):
+    """train_P (and train_A, train_shared_A) decide the optimizer state's shape, which a fit loads and an evaluation
+    does not: `malora fit` refuses such a checkpoint before the model loads; `malora validate` goes on to load it."""
+    from malora_lightning.checkpoints import SETTINGS_KEY
+
+    settings = tiny_run_settings(tiny_model_dir, tmp_path)
+    trained = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                        args=settings).model
+    path = tmp_path / "trained.ckpt"
+    torch.save({SETTINGS_KEY: trained.settings_record(), "state_dict": {}}, path)
+    frozen_p = [*settings, "--model.adapter.train_P=false", f"--ckpt_path={path}"]
+    with pytest.raises(ValueError, match=r"trained\.ckpt does not fit this run: model\.adapter\.train_P: checkpoint "
+                                         r"True, this run False"):
+        main(["fit", *frozen_p])
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the checks
+        main(["validate", *frozen_p])
+
+
 def test_a_one_process_checkpoint_resumed_under_fsdp2_is_refused_naming_it(tiny_model_dir, tmp_path):
     """Lightning's FSDP2 loading takes an optimizer state's integer keys for positions among all the model's
     parameters (as its own checkpoints store them); one process and DDP store positions in the optimizer. The resume
