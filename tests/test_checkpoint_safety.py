@@ -761,8 +761,9 @@ def test_a_strategy_that_reads_checkpoints_itself_loads_urls_trusted_files_and_h
 def test_a_strategy_that_reads_checkpoints_itself_checks_each_file_once_for_the_module_and_run_it_loads_for(
         tiny_model_dir, tmp_path, monkeypatch):
     """The module's setup runs for each of a trainer's runs (fit, then validate, ...): the strategy is wrapped once,
-    and checks a file once per loading. Whether the trained tensors must match (train_A, train_P, train_shared_A: only to resume a fit) is the run's at
-    loading time; a module of another class on the same strategy gets the file checked, not its settings."""
+    and checks a file once per loading. Whether the trained tensors must match (train_A, train_P, train_shared_A:
+    only to resume a fit) is the run's at loading time; a module of another class on the same strategy gets the file
+    checked, not its settings."""
     import dataclasses
 
     import lightning.pytorch as pl
