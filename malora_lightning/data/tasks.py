@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
@@ -257,6 +257,7 @@ ANSWER_EXTRACTORS: dict[str, Callable[[str], str]] = {"first_line": first_line, 
 # ------------------------------------------------------------------------------------------------------ sources
 
 
+@runtime_checkable
 class Source(Protocol):
     """Where a task's rows come from. ``splits`` are the roles it provides (a subset of ``SPLITS``)."""
 
@@ -582,9 +583,9 @@ class Task:
             _require(_is_text(self.description), "description", self.description, "text")
             # what the data module calls on every task: a path given as the source failed later with AttributeError:
             # 'str' object has no attribute 'splits', naming no task
-            _require(all(hasattr(self.source, member) for member in ("splits", "load", "describe")), "source",
-                     self.source, "a FileSource, HubSource or GeneratorSource (an object with splits, load and "
-                     "describe, the Source protocol); for files, FileSource({'train': 'train.jsonl', 'test': ...})")
+            _require(isinstance(self.source, Source), "source", self.source,
+                     "a FileSource, HubSource or GeneratorSource (an object with splits, load and describe, the "
+                     "Source protocol); for files, FileSource({'train': 'train.jsonl', 'test': ...})")
             _require(callable(self.formatter), "formatter", self.formatter,
                      "a function of a row (a mapping of field to value) that returns an Example")
             _require(callable(self.answer), "answer", self.answer,
