@@ -1028,11 +1028,10 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         `on_train_start`, which refuses a trainer accumulation other than 1). On a fit that starts at an epoch's
         start this is what the scheduler's hook sets anyway."""
         trainer = self.trainer
-        for callback in trainer.callbacks:
-            if isinstance(callback, GradientAccumulationScheduler):
-                trainer.accumulate_grad_batches = callback.get_accumulate_grad_batches(trainer.current_epoch)
-                self._judge_this_epochs_accumulation()
-                return
+        scheduler = accumulation_scheduler(trainer)
+        if scheduler is not None:
+            trainer.accumulate_grad_batches = scheduler.get_accumulate_grad_batches(trainer.current_epoch)
+            self._judge_this_epochs_accumulation()
 
     def _warn_of_an_interval_beyond_the_epochs(self) -> None:
         """`setup`'s warning of an interval the fit never reaches, for a fit that `max_epochs` ends first: only the
@@ -1167,14 +1166,20 @@ def warn_never_validates(cause: str, setting: str, limit: int) -> None:
                    f"the sanity check's, before training); set {setting} to at most {limit}")
 
 
+def accumulation_scheduler(trainer: L.Trainer) -> GradientAccumulationScheduler | None:
+    """The trainer's `GradientAccumulationScheduler`, if it has one (Lightning allows one)."""
+    return next((callback for callback in trainer.callbacks if isinstance(callback, GradientAccumulationScheduler)),
+                None)
+
+
 def scheduled_accumulations(trainer: L.Trainer) -> list[int]:
     """The gradient accumulations a fit runs with: the trainer's `accumulate_grad_batches`, or every one a
     `GradientAccumulationScheduler` sets, at each epoch's start (the trainer's is 1 until then, in `setup` and
     `on_train_start` too)."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, GradientAccumulationScheduler):
-            return sorted({callback.get_accumulate_grad_batches(epoch) for epoch in [0, *callback.scheduling]})
-    return [trainer.accumulate_grad_batches]
+    scheduler = accumulation_scheduler(trainer)
+    if scheduler is None:
+        return [trainer.accumulate_grad_batches]
+    return sorted({scheduler.get_accumulate_grad_batches(epoch) for epoch in [0, *scheduler.scheduling]})
 
 
 def fit_batches(trainer: L.Trainer, accumulate: int | None = None, from_this_epoch: bool = False) -> int:
