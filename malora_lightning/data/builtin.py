@@ -31,7 +31,7 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 from malora_lightning.data.formatters import lettered_question
@@ -96,8 +96,7 @@ def next_term(rng: random.Random) -> Row:
 
 
 def _choice_row(example: Example) -> Row:
-    return {"prompt": example.prompt, "target": example.target, "choices": list(example.choices),
-            "gold": example.gold}
+    return {"prompt": example.prompt, "target": example.target, "choices": example.choices, "gold": example.gold}
 
 
 def compare_numbers(rng: random.Random) -> Row:
@@ -206,9 +205,19 @@ def split_of(task: str, prompt: str) -> str:
 
 def generate_split(task: str, make: Callable[[random.Random], Row], sizes: Mapping[str, int], split: str,
                    seed: int) -> list[Row]:
-    """``sizes[split]`` distinct items of ``split``, drawn with a generator fixed by (task, split, seed)."""
+    """``sizes[split]`` distinct items of ``split``, drawn with a generator fixed by (task, split, seed). The rows
+    are new dicts on each call (their values are immutable), so a caller may change them."""
+    return [dict(row) for row in _distinct_items(task, make, sizes[split], split, seed)]
+
+
+@lru_cache(maxsize=256)
+def _distinct_items(task: str, make: Callable[[random.Random], Row], size: int, split: str,
+                    seed: int) -> tuple[Row, ...]:
+    """The items of `generate_split`, kept because drawing them is deterministic but slow (thousands of draws and
+    hashes a split): a process that sets data up again (a fit then a test, a sweep, a notebook) reuses them."""
     rng = random.Random(f"{task}:{split}:{seed}")
-    size, rows, seen = sizes[split], [], set()
+    rows: list[Row] = []
+    seen: set[str] = set()
     for _ in range(200 * size):
         row = make(rng)
         if row["prompt"] in seen or split_of(task, row["prompt"]) != split:
@@ -216,7 +225,7 @@ def generate_split(task: str, make: Callable[[random.Random], Row], sizes: Mappi
         seen.add(row["prompt"])
         rows.append(row)
         if len(rows) == size:
-            return rows
+            return tuple(rows)
     raise RuntimeError(f"task {task!r}: found only {len(rows)} distinct {split} items of the {size} asked for")
 
 
@@ -232,7 +241,8 @@ def majority_rate(targets: list[str]) -> float:
 def build_builtin_tasks(sizes: Mapping[str, int] = SPLIT_SIZES,
                         generators: Mapping[str, Generator] = TASK_GENERATORS) -> list[Task]:
     """The suite (or another group of generators) with the given split sizes; ``chance_rate`` is the majority-answer
-    rate of the seed-0 test split."""
+    rate of the seed-0 test split. A generator's item is a function of the ``random.Random`` it is given alone (the
+    drawn items are kept for the process)."""
     tasks = []
     for name, (kind, make, description) in generators.items():
         generate = partial(generate_split, name, make, dict(sizes))

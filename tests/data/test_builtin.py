@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from malora_lightning.data import BUILTIN_TASKS, CONFLICT_TASKS, NEUTRAL_TASKS, SPLITS, build_builtin_tasks, get_task
-from malora_lightning.data.builtin import CATEGORIES, CONFLICT_GENERATORS, NEUTRAL_GENERATORS, WORDS, split_of
+from malora_lightning.data.builtin import (CATEGORIES, CONFLICT_GENERATORS, NEUTRAL_GENERATORS, WORDS, _distinct_items,
+                                          split_of)
 
 STRING_TASKS = {"reverse_words", "sort_words", "first_letters"}
 ARITHMETIC_TASKS = {"add_2digit", "subtract_2digit", "next_term"}
@@ -144,9 +145,20 @@ def test_splits_are_disjoint_whatever_the_seed(small_suite, name):
 def test_generation_is_deterministic_for_a_seed(small_suite, name):
     task = small_suite[name]
     first = task.examples("validation", seed=5)
+    _distinct_items.cache_clear()  # drawn again, not the kept draw
     assert first == build_builtin_tasks(SMALL)[BUILTIN_TASKS.index(name)].examples("validation", seed=5)
     assert first != task.examples("validation", seed=6)
     assert len({example.prompt for example in first}) == len(first)  # no duplicates within a split
+
+
+def test_a_split_drawn_again_is_new_rows_a_caller_may_change():
+    """The drawn items are kept for the process; a caller changing its rows must not change the next caller's."""
+    task = build_builtin_tasks(SMALL)[BUILTIN_TASKS.index("parity")]
+    rows = task.source.load("test", 3)
+    expected = [dict(row) for row in rows]
+    rows[0]["prompt"] = "changed"
+    rows.pop()
+    assert task.source.load("test", 3) == expected and len(expected) == SMALL["test"]
 
 
 @pytest.mark.parametrize("name", ALL_TASKS)
