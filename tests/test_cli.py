@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -766,13 +767,15 @@ def test_a_run_stopped_before_its_model_is_built_ends_as_it_was_stopped_with_on_
     assert not os.path.exists(on_exception.ckpt_path)
 
 
-def test_the_module_entry_point_prints_a_bad_settings_message_without_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "malora_lightning", "fit", "--config", "recipes/default.yaml",
-                             "--model.adapter.top_k=9"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "MALORA_TRACEBACK": ""})
-    assert result.returncode == 2
-    assert "malora: error: " in result.stderr and "AdapterConfig.top_k=9 is invalid" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_the_module_entry_point_prints_a_bad_settings_message_without_a_traceback(monkeypatch, capsys):
+    """`python -m malora_lightning` runs its `__main__` (here in this process, as runpy runs it for `-m`)."""
+    monkeypatch.setattr(sys, "argv", ["malora", "fit", "--config", "recipes/default.yaml", "--model.adapter.top_k=9"])
+    monkeypatch.setenv("MALORA_TRACEBACK", "")
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("malora_lightning", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "malora: error: " in stderr and "AdapterConfig.top_k=9 is invalid" in stderr and "Traceback" not in stderr
 
 
 def test_a_sharded_checkpoint_folder_is_refused_saying_why_before_anything_loads(tmp_path, model_loading_forbidden):
