@@ -81,8 +81,13 @@ def dump_with_unset(parser: LightningArgumentParser, config: Any) -> str:
 
 
 def subcommand_help(argument: str, subcommand: str) -> str:
-    """`malora <subcommand> --help`'s text for `--ckpt_path` or `--weights_only`: what this command does with them
-    (`MALoRACLI._parse_ckpt_path`, `resolve_last_checkpoint`, `_prepare_subcommand_kwargs`)."""
+    """`malora <subcommand> --help`'s text for `--ckpt_path`, `--weights_only` or `--verbose`: what this command does
+    with them (`MALoRACLI._parse_ckpt_path`, `resolve_last_checkpoint`, `_prepare_subcommand_kwargs`,
+    `_prepare_subcommand_parser`)."""
+    if argument == "verbose":
+        return ("print Lightning's table of the logged metrics too (default: false). The run report printed at the end "
+                "(--run_report) gives the same scores per task; Lightning's table repeats every value once per task's "
+                "dataloader, and in a log file cuts the metric names short.")
     if argument == "weights_only":
         return ("must stay true: every checkpoint is read with torch.load(weights_only=True), tensors and plain values "
                 "only; false or null is refused. Load a trusted checkpoint that holds objects in Python, with "
@@ -324,10 +329,17 @@ class MALoRACLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
-        # Lightning's help for these two describes Trainer's behaviour (`best` loaded, weights_only defaulting to
-        # None, `weights_only=False` advised), which this command replaces
+        if subcommand == "test":
+            # Every metric is logged once per evaluation, with no dataloader index, so Lightning's results table gave
+            # each task's dataloader a column of the same values (9 in the default recipe, in three tables), and sized
+            # it for 120 columns where Rich prints a log file at 80: `test/parity/acc` and `.../loss` both read
+            # `test/parity/…`. The run report printed after it gives the scores per task. (`validate` prints no
+            # report, so it keeps the table.)
+            parser.set_defaults({"verbose": False})
+        # Lightning's help for these describes Trainer's behaviour (`best` loaded, weights_only defaulting to None,
+        # `weights_only=False` advised, the results table printed), which this command replaces
         for action in parser._actions:
-            if action.dest in ("ckpt_path", "weights_only"):
+            if action.dest in ("ckpt_path", "weights_only") or (action.dest == "verbose" and subcommand == "test"):
                 action.help = subcommand_help(action.dest, subcommand)
         return parser
 

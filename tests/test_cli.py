@@ -549,9 +549,10 @@ def test_gpu_recipe_is_the_default_job_on_cuda():
     assert gpu == default
 
 
-def test_an_evaluation_of_untrained_adapters_or_with_a_predict_file_says_so(tiny_model_dir, tmp_path):
+def test_an_evaluation_of_untrained_adapters_or_with_a_predict_file_says_so(tiny_model_dir, tmp_path, capsys):
     """`malora test` without --ckpt_path or --model.adapter_path scored the base model; only "step 0" hinted at it.
-    Given a predict file it scored the test splits, and said nothing of the file it did not read."""
+    Given a predict file it scored the test splits, and said nothing of the file it did not read. Its scores are the
+    run report's: Lightning's table had a column of the same values for each task's dataloader (`--verbose true`)."""
     flags = tiny_run_settings(tiny_model_dir, tmp_path)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "12 + 30 ="}\n')
     with warnings.catch_warnings(record=True) as caught:
@@ -562,6 +563,7 @@ def test_an_evaluation_of_untrained_adapters_or_with_a_predict_file_says_so(tiny
                          "adapters", message) for message in messages)
     assert f"malora test scores the test splits: data.predict_file ({tmp_path / 'prompts.jsonl'}) is read by " \
            "malora predict alone" in messages
+    assert "Test metric" not in capsys.readouterr().out
 
 
 SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
@@ -1109,3 +1111,5 @@ def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_tre
     assert "Defaults to ``None``" not in text and "use ``weights_only=False``" not in text
     assert "false or null is refused" in text
     assert "best model checkpoint from the previous" not in text
+    # test prints the run report, not Lightning's table of one column per task's dataloader
+    assert ("print Lightning's table of the logged metrics too (default: false)" in text) == (subcommand == "test")
