@@ -29,7 +29,7 @@ from malora_lightning.checkpoints import is_remote
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule, check_checkpoint_before_loading
 from malora_lightning.run_paths import refuse_on_every_rank
-from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs
+from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs, size_file_console
 from malora_lightning.values import user_path
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
@@ -445,6 +445,7 @@ def main(args: list[str] | None = None, model_class: type[MALoRAModule] = MALoRA
     """
     quiet_known_notes()
     show_library_logs()
+    size_file_console()
     MALoRACLI(model_class, datamodule_class, save_config_callback=CheckedSaveConfigCallback,
               save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args)
 

@@ -9,13 +9,16 @@ the library changes no filter.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 if TYPE_CHECKING:
@@ -84,11 +87,45 @@ def show_library_logs() -> None:
         LIBRARY_LOGGER.addHandler(_LIBRARY_HANDLER)
 
 
+def file_console_kwargs() -> dict[str, Any]:
+    """Rich's console width where the output goes to a file or a pipe (a SLURM .out file, `> log`, `| tee`) and
+    COLUMNS sets none: as wide as Lightning's table of evaluation results. Lightning lays that table out for
+    `shutil.get_terminal_size` (120 columns off a terminal) and Rich drew it 80 wide (or as wide as a terminal on
+    stdin), cutting the metric names: `malora test > log` read "test/add_2digit/…" for both acc and loss. On a
+    terminal, or with COLUMNS set, Rich's own width (empty: nothing to change)."""
+    if not _RICH_AVAILABLE:
+        return {}
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal or console.is_jupyter or os.environ.get("COLUMNS"):
+        return {}
+    columns = shutil.get_terminal_size(fallback=(120, 30)).columns  # Lightning's `_EvaluationLoop._print_results`
+    # its columns are at least 25 characters wide and fill `columns` at most; Rich adds 3 a column (padding and
+    # border) and 1 at the edge
+    return {"width": columns + 3 * (columns // 25) + 1}
+
+
+def size_file_console() -> None:
+    """Give Rich's console `file_console_kwargs` (called by the CLI before it builds the Trainer); `StepProgressBar`
+    sets them too, as Lightning's Rich bar replaces the console when it starts."""
+    kwargs = file_console_kwargs()
+    if kwargs:
+        from rich import reconfigure
+
+        reconfigure(**kwargs)
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's Rich bar, whose description reads "Epoch 0/-2" when `max_steps` ends the run (Lightning sets
     `max_epochs=-1`): there it reads "Epoch 0, max_steps 160". A validation dataloader's bar is removed once the next
     one replaces it (`on_validation_batch_start`), so the bars are looked up by their Rich task id (`_bar`), not by
-    their position in Rich's task list as Lightning's properties do."""
+    their position in Rich's task list as Lightning's properties do. Its console is `file_console_kwargs`' width
+    where the output is no terminal, unless `console_kwargs` sets one."""
+
+    def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # Lightning's bar builds the console Lightning also prints its result tables on, from these alone
+        super().__init__(*args, console_kwargs={**file_console_kwargs(), **(console_kwargs or {})}, **kwargs)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:

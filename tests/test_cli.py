@@ -182,7 +182,9 @@ def test_default_callbacks_are_on_and_each_can_be_switched_off_or_tuned():
     assert seesaw.tolerance == 0.05
 
 
-def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, caplog):
+def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, caplog, monkeypatch):
+    for variable in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE"):  # output to a file (capsys), with Rich's own width
+        monkeypatch.delenv(variable, raising=False)
     main([
         "fit", "--config", "recipes/default.yaml",
         f"--model.model_name_or_path={tiny_model_dir}", "--model.quantization=null",
@@ -216,6 +218,9 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, c
           "--data.tasks=[parity, add_2digit]", "--data.max_train_examples_per_task=16",
           "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", f"--trainer.default_root_dir={tmp_path}",
           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"])
+    # Lightning's table of results, off a terminal, names each metric in full: Rich drew it 80 wide, for the 120
+    # columns Lightning laid it out for, and read "val/routing/dead_expe…"
+    assert "val/routing/dead_experts" in capsys.readouterr().out
     fitted, validated = (list(csv.DictReader((v / "metrics.csv").open()))
                          for v in sorted((tmp_path / "lightning_logs").iterdir()))
     last_fit = [row for row in fitted if row.get("val/macro_acc")][-1]

@@ -18,6 +18,7 @@ from malora_lightning.terminal import (
     StepProgressBar,
     quiet_known_notes,
     show_library_logs,
+    size_file_console,
 )
 from tests.test_module import make_data, make_module, make_trainer
 
@@ -142,6 +143,36 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
         LIBRARY_LOGGER.setLevel(level)
         LIBRARY_LOGGER.handlers[:] = handlers
     assert capsys.readouterr().err == "settings applied\n"
+
+
+@pytest.mark.parametrize("environment, width", [
+    ({}, 133),  # a file: Lightning's 120 columns, and Rich's padding and borders of its (up to 4) table columns
+    ({"COLUMNS": "200"}, None),  # the user's width, Rich's and Lightning's
+    ({"FORCE_COLOR": "1"}, None),  # Rich told it writes to a terminal
+])
+def test_output_off_a_terminal_is_as_wide_as_lightnings_table_of_results(environment, width, monkeypatch, capsys):
+    """Lightning lays its evaluation table out for 120 columns off a terminal, and Rich drew it 80 wide: `malora test
+    > log` cut the names to "test/routing/dead_ex…". The bar sets the width too: Lightning's bar replaces the console
+    it prints that table on."""
+    import rich
+    from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+
+    for variable in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert StepProgressBar()._console_kwargs.get("width") == width
+    assert StepProgressBar(console_kwargs={"width": 90})._console_kwargs == {"width": 90}
+    console = rich.get_console()
+    kept, own_width = dict(console.__dict__), console.width
+    try:
+        size_file_console()
+        assert console.width == (own_width if width is None else width)
+        if width is not None:  # Lightning's table for three dataloaders (as many columns as 120 hold)
+            _EvaluationLoop._print_results([{"test/routing/dead_experts": 0.0, "test/parity/loss": 0.5}] * 3, "test")
+            assert "│ test/routing/dead_experts │" in capsys.readouterr().out
+    finally:
+        console.__dict__ = kept
 
 
 BARS = {"train_progress_bar": "train_progress_bar_id", "val_sanity_check_bar": "val_sanity_progress_bar_id",
