@@ -87,7 +87,7 @@ def subcommand_help(argument: str, subcommand: str) -> str:
     if argument == "verbose":
         return ("print Lightning's table of the logged metrics too (default: false). The run report printed at the end "
                 "(--run_report) gives the same scores per task; Lightning's table repeats every value once per task's "
-                "dataloader, and in a log file cuts the metric names short.")
+                "dataloader.")
     if argument == "weights_only":
         return ("must stay true: every checkpoint is read with torch.load(weights_only=True), tensors and plain values "
                 "only; false or null is refused. Load a trusted checkpoint that holds objects in Python, with "
@@ -330,11 +330,9 @@ class MALoRACLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
         if subcommand == "test":
-            # Every metric is logged once per evaluation, with no dataloader index, so Lightning's results table gave
-            # each task's dataloader a column of the same values (9 in the default recipe, in three tables), and sized
-            # it for 120 columns where Rich prints a log file at 80: `test/parity/acc` and `.../loss` both read
-            # `test/parity/…`. The run report printed after it gives the scores per task. (`validate` prints no
-            # report, so it keeps the table.)
+            # Every metric is logged once per evaluation, with no dataloader index, so Lightning's results table gives
+            # each task's dataloader a column of the same values (9 in the default recipe, in three tables). The run
+            # report printed after it gives the scores per task. (`validate` prints no report, so it keeps the table.)
             parser.set_defaults({"verbose": False})
         # Lightning's help for these describes Trainer's behaviour (`best` loaded, weights_only defaulting to None,
         # `weights_only=False` advised, the results table printed), which this command replaces
