@@ -1,5 +1,5 @@
 """What the `malora` command prints: the library's own log lines, third-party notes known to be harmless kept off
-the terminal, and a progress bar that reads sensibly under `max_steps`.
+the terminal, and a progress bar that reads sensibly under `max_steps` and writes progress lines off a terminal.
 
 `quiet_known_notes` is the one place where output is silenced. Each filter names the message, its category and the
 module that issues it, so any other warning (from that module too) still shows. The CLI installs them; importing
@@ -9,6 +9,7 @@ the library changes no filter.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -74,6 +75,7 @@ class _StderrHandler(logging.StreamHandler):
 
 
 LIBRARY_LOGGER = logging.getLogger("malora_lightning")
+logger = logging.getLogger(__name__)
 _LIBRARY_HANDLER = _StderrHandler()  # stderr, as Lightning's own lines
 _LIBRARY_HANDLER.addFilter(_RankZeroOnly())
 
@@ -121,11 +123,57 @@ class StepProgressBar(RichProgressBar):
     `max_epochs=-1`): there it reads "Epoch 0, max_steps 160". A validation dataloader's bar is removed once the next
     one replaces it (`on_validation_batch_start`), so the bars are looked up by their Rich task id (`_bar`), not by
     their position in Rich's task list as Lightning's properties do. Its console is `file_console_kwargs`' width
-    where the output is no terminal, unless `console_kwargs` sets one."""
+    where the output is no terminal, unless `console_kwargs` sets one, and there a fit writes progress lines
+    (`on_train_start`)."""
 
     def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         # Lightning's bar builds the console Lightning also prints its result tables on, from these alone
         super().__init__(*args, console_kwargs={**file_console_kwargs(), **(console_kwargs or {})}, **kwargs)
+        self._progress_lines = False  # whether this fit writes `_write_progress` lines (`on_train_start`)
+        self._last_written_step = 0
+        self._total_steps: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's, then whether this fit writes progress lines. Off a terminal (a SLURM .out file, `> log`,
+        `| tee`, CI) Rich's live display draws nothing until it stops, so a redirected fit wrote no progress from
+        start-up to its end (hours for a 7B recipe): there the bar writes a plain line through the library's logger
+        every `log_every_n_steps` optimizer steps and after each validation (`_write_progress`), on global rank 0.
+        On a terminal, or where Rich is told it is one (FORCE_COLOR, TTY_COMPATIBLE), the live bar is the progress
+        and nothing is written. Where Rich draws is Rich's test (`Live.refresh`), so a dumb terminal gets lines."""
+        super().on_train_start(trainer, pl_module)
+        console = self._console
+        self._progress_lines = (trainer.is_global_zero and console is not None and trainer.log_every_n_steps > 0
+                                and not console.is_jupyter
+                                and not (console.is_terminal and not console.is_dumb_terminal))
+        self._last_written_step = trainer.global_step  # a resumed fit wrote its step before it stopped
+        total = trainer.estimated_stepping_batches  # max_steps, or what the epochs hold; inf where unknown
+        self._total_steps = None if math.isinf(total) else int(total)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Lightning's, and a progress line where an optimizer step that is a multiple of `log_every_n_steps` ends
+        (a batch that only accumulates gradients leaves `global_step` where it was: one line a step)."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self._progress_lines and step != self._last_written_step and step % trainer.log_every_n_steps == 0:
+            self._last_written_step = step
+            self._write_progress(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's, and a progress line after each validation of a fit (not its sanity check), with its scores."""
+        super().on_validation_end(trainer, pl_module)
+        if self._progress_lines and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._write_progress(trainer, pl_module, ", after validation")
+
+    def _write_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str = "") -> None:
+        """One plain line: "step 40/160 (epoch 0): train/loss 1.234, val/macro_acc 0.4567", the metrics the bar
+        shows (without the logger's version) to 4 significant digits."""
+        total = "" if self._total_steps is None else f"/{self._total_steps}"
+        metrics = {name: value for name, value in self.get_metrics(trainer, pl_module).items() if name != "v_num"}
+        shown = ", ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+                          for name, value in metrics.items())
+        logger.info("step %d%s (epoch %d)%s%s", trainer.global_step, total, trainer.current_epoch, event,
+                    f": {shown}" if shown else "")
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -1,6 +1,7 @@
 """What the `malora` command keeps off the terminal, what it still shows, and its progress bar."""
 
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from malora_lightning.callbacks import PerTaskMetrics
 from malora_lightning.terminal import (
     KNOWN_HARMLESS_WARNINGS,
     LIBRARY_LOGGER,
@@ -237,3 +239,32 @@ def test_the_progress_bar_keeps_no_bar_of_a_finished_validation_dataloader(tiny_
     assert [(description.startswith("Epoch 0"), current) for description, current in counts.bars] == [(True, True)] * 3
     trainer.test(trainer.lightning_module, make_data(tiny_model_dir), verbose=False)
     assert counts.descriptions == ["Sanity Checking", "Testing"]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_fit_off_a_terminal_writes_a_progress_line_every_log_every_n_steps_and_after_each_validation(
+        terminal, tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """Off a terminal Rich's live bar draws nothing until it stops: `malora fit > log` read nothing from start-up to
+    the end of the fit. There a line is written every `log_every_n_steps` optimizer steps (once a step under
+    gradient accumulation) and after each validation; on a terminal the bar is the progress, and nothing is."""
+    for variable in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("TERM", "xterm")  # not a dumb terminal, where Rich draws nothing either
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    bar = StepProgressBar(console_kwargs={"force_terminal": terminal})
+    # 2 batches a step, 6 an epoch: steps 1-3 in epoch 0, 4-6 in epoch 1, and the validation after batch 8 (step 4)
+    trainer = make_trainer(tmp_path, max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
+                           val_check_interval=8, check_val_every_n_epoch=None, limit_val_batches=1,
+                           enable_progress_bar=True, logger=CSVLogger(tmp_path), callbacks=[bar, PerTaskMetrics()])
+    trainer.fit(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]))
+    lines = [record.getMessage() for record in caplog.records if record.name == "malora_lightning.terminal"]
+    if terminal:
+        assert lines == []
+        return
+    loss = r"train/loss \d[\d.]{0,4}"  # 4 significant digits, no v_num, no ANSI codes or carriage returns
+    expected = [rf"step 2/6 \(epoch 0\): {loss}", rf"step 4/6 \(epoch 1\): {loss}",
+                rf"step 4/6 \(epoch 1\), after validation: {loss}, val/macro_acc \d[\d.]{{0,5}}",
+                rf"step 6/6 \(epoch 1\): {loss}, val/macro_acc \d[\d.]{{0,5}}"]
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected):
+        assert re.fullmatch(pattern, line), line
