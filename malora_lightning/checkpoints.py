@@ -112,10 +112,13 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         `ModelCheckpoint(save_last="link")` makes `last.ckpt` a link to another checkpoint, which a save of
         `last.ckpt` must not overwrite (removing the link first left no `last.ckpt` where the write was stopped). A
         leading `~` (a logger's `save_dir`, which Lightning leaves unexpanded in the checkpoint folder) is the home
-        folder, where Lightning's own fsspec writes put it (`user_path`)."""
+        folder, where Lightning's own fsspec writes put it (`user_path`). The folder is made first, as Lightning's
+        save makes it: under `AsyncCheckpointIO` (a background thread saving) `ModelCheckpoint(save_last="link")`
+        links `last.ckpt` into it as soon as the save is handed over, and failed where the folder was not there yet."""
         if storage_options is not None or is_remote(path):  # Lightning's refusal, or a URL written through fsspec
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        Path(user_path(path)).parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True)

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
@@ -371,8 +372,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         resolve_model_path(self.settings.model_name_or_path)
 
     def setup(self, stage: str) -> None:
-        """Before Lightning restores a `ckpt_path`: with the default checkpoint IO, a cut-off or foreign file is
-        refused by its path (torch's own error names none) and read as data (`CheckedCheckpointIO`); a strategy that
+        """Before Lightning restores a `ckpt_path`: with the default checkpoint IO (also under Lightning's
+        `AsyncCheckpointIO`: `use_checked_checkpoint_io`), a cut-off or foreign file is refused by its path (torch's
+        own error names none) and read as data, and saves are atomic (`CheckedCheckpointIO`); a strategy that
         reads the file itself checks it first as the `malora` commands do (`read_as_data_before_loading`). A fit
         also warns of settings that quietly break what the run asks for: no validation after training begins (an
         interval beyond max_steps; beyond max_epochs, and validations inside an accumulation window:
@@ -383,8 +385,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             if self.trainer.datamodule is not None:
                 _check_loadable_hyperparameters(self.trainer.datamodule.hparams, "data module hyperparameter")
         strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = CheckedCheckpointIO()
+        use_checked_checkpoint_io(strategy)
         if type(strategy).load_checkpoint is not Strategy.load_checkpoint:  # reads files without its checkpoint IO
             read_as_data_before_loading(strategy)
         # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
@@ -1098,6 +1099,22 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                        f"interval that is a multiple of {accumulate} and, counted over the whole fit, an epoch length "
                        "that is one too (or validation at epoch ends)")
         return True
+
+
+def use_checked_checkpoint_io(strategy: Strategy) -> None:
+    """Put `CheckedCheckpointIO` in place of Lightning's default checkpoint IO (`TorchCheckpointIO` itself), also where
+    a wrapper holds it: Lightning's `AsyncCheckpointIO` saves in a background thread, and loads, through the IO it
+    wraps, which is Lightning's default unless given one. Under `plugins=[AsyncCheckpointIO()]` that default stayed:
+    saves were not atomic, and a `ckpt_path` was read unchecked, with code in the file run where torch or Lightning
+    took weights_only for False (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, an http(s) URL). A checkpoint IO of one's own is
+    left in place."""
+    io = strategy.checkpoint_io  # Lightning puts its default in place, as a wrapper's base too, when first asked
+    if type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = CheckedCheckpointIO()
+    while isinstance(io, _WrappingCheckpointIO):
+        if type(io.checkpoint_io) is TorchCheckpointIO:
+            io._checkpoint_io = CheckedCheckpointIO()  # the wrapper's setter keeps the base it has
+        io = io.checkpoint_io
 
 
 def read_as_data_before_loading(strategy: Strategy) -> None:

@@ -687,6 +687,40 @@ def test_the_checkpoint_io_leaves_an_explicit_weights_only_to_the_caller(tmp_pat
     assert marker.exists()
 
 
+def test_lightnings_async_checkpoint_io_saves_atomically_and_reads_as_data(tiny_model_dir, tmp_path, monkeypatch):
+    """`plugins=[AsyncCheckpointIO()]` (Lightning's saver in a background thread) saves and loads through the IO it
+    wraps, Lightning's default, which stayed in place under it: saves were not atomic, a cut-off file was torch's
+    error naming none, and a file's code ran under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (or from an http(s) URL). The
+    folder is made before the checkpoint is serialised, as Lightning's save makes it first."""
+    import pickle
+
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from tests.test_atomic import record_fsyncs_and_replaces
+
+    strategy = SingleDeviceStrategy(torch.device("cpu"), checkpoint_io=AsyncCheckpointIO())
+    set_up_under(strategy, make_module(tiny_model_dir))
+    path, serialise, folder_made = tmp_path / "checkpoints" / "last.ckpt", torch.save, []
+    with monkeypatch.context() as patch:
+        events = record_fsyncs_and_replaces(patch)
+        # ModelCheckpoint(save_last="link") links into the folder once the save is handed to the thread
+        patch.setattr(torch, "save", lambda *args: (folder_made.append(path.parent.is_dir()), serialise(*args))[1])
+        strategy.save_checkpoint({"global_step": 5}, path)
+        strategy.checkpoint_io.teardown()  # waits for the background thread's save, and raises its error
+    assert [event[2] for event in events if event[0] == "replace"] == [str(path)] and folder_made == [True]
+    assert read_checkpoint(path)["global_step"] == 5
+
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.ckpt is not a complete checkpoint file"):
+        strategy.load_checkpoint(tmp_path / "cut.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"state_dict": {}, "hyper_parameters": {"loader": RunsOnUnpickling(tmp_path / MARKER)}},
+               tmp_path / "planted.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        strategy.load_checkpoint(tmp_path / "planted.ckpt")
+    assert not (tmp_path / MARKER).exists()
+
+
 class ReadsCheckpointsItself(SingleDeviceStrategy):
     """A strategy of one's own that overrides `load_checkpoint` (as FSDPStrategy and ModelParallelStrategy do), here
     reading the file through its checkpoint IO, URLs and `~` included."""
