@@ -375,7 +375,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         """Before Lightning restores a `ckpt_path`: with the default checkpoint IO (also under Lightning's
         `AsyncCheckpointIO`: `use_checked_checkpoint_io`), a cut-off or foreign file is refused by its path (torch's
         own error names none) and read as data, and saves are atomic (`CheckedCheckpointIO`); a strategy that
-        reads the file itself checks it first as the `malora` commands do (`read_as_data_before_loading`). A fit
+        reads the file itself, or a checkpoint IO of one's own, gets it checked and read as data first, as the `malora`
+        commands do (`read_as_data_before_loading`). A fit
         also warns of settings that quietly break what the run asks for: no validation after training begins (an
         interval beyond max_steps; beyond max_epochs, and validations inside an accumulation window:
         `on_train_start`), and a true half precision that overrides `adapter_dtype`."""
@@ -386,7 +387,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 _check_loadable_hyperparameters(self.trainer.datamodule.hparams, "data module hyperparameter")
         strategy = self.trainer.strategy
         use_checked_checkpoint_io(strategy)
-        if type(strategy).load_checkpoint is not Strategy.load_checkpoint:  # reads files without its checkpoint IO
+        # a strategy that reads files without its checkpoint IO, or a checkpoint IO of one's own
+        if type(strategy).load_checkpoint is not Strategy.load_checkpoint or not loads_as_data(strategy.checkpoint_io):
             read_as_data_before_loading(strategy)
         # a duration (val_check_interval="00:00:10:00") leaves Lightning 2.6's trainer without `val_check_interval`
         interval = getattr(self.trainer, "val_check_interval", None)
@@ -1117,14 +1119,26 @@ def use_checked_checkpoint_io(strategy: Strategy) -> None:
         io = io.checkpoint_io
 
 
+def loads_as_data(io: Any) -> bool:
+    """Whether checkpoint IO `io` loads through `CheckedCheckpointIO`'s loading: itself, or under wrappers that pass
+    loading on as they get it (Lightning's `AsyncCheckpointIO`)."""
+    while isinstance(io, _WrappingCheckpointIO) and type(io).load_checkpoint is _WrappingCheckpointIO.load_checkpoint:
+        io = io.checkpoint_io
+    return getattr(type(io), "load_checkpoint", None) is CheckedCheckpointIO.load_checkpoint
+
+
 def read_as_data_before_loading(strategy: Strategy) -> None:
     """Make `strategy`, one that reads a checkpoint file itself and not through its checkpoint IO (FSDPStrategy,
-    ModelParallelStrategy), check a local file as the `malora` commands do before it loads one
-    (`check_checkpoint_before_loading`). FSDPStrategy reads a full checkpoint with Lightning's `_lazy_load`, a pickle
+    ModelParallelStrategy) or one whose checkpoint IO is not ours (`loads_as_data`: a Trainer's `plugins=[...]` or a
+    strategy's `checkpoint_io` of one's own), check a local file as the `malora` commands do before it loads one
+    (`check_checkpoint_before_loading`), and read a file with `weights_only` unset as data (True, as
+    `CheckedCheckpointIO` does). FSDPStrategy reads a full checkpoint with Lightning's `_lazy_load`, a pickle
     unpickler whatever `weights_only` says: a plain Trainer's `fit(ckpt_path=...)` there ran the code the file named,
-    and a checkpoint of other settings failed inside the strategy's loading, naming nothing. The module is the
-    strategy's at the time of loading (a trainer may run several). An explicit `weights_only=False` (a trusted file)
-    skips these checks; `on_load_checkpoint` still checks the settings once the strategy has loaded it."""
+    and a checkpoint of other settings failed inside the strategy's loading, naming nothing; a `TorchCheckpointIO`
+    subclass of one's own ran it under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, or from an http(s) URL (Lightning's
+    unset weights_only is False there). The module is the strategy's at the time of loading (a trainer may run
+    several). An explicit `weights_only=False` (a trusted file) skips these checks; `on_load_checkpoint` still checks
+    the settings once the strategy has loaded it."""
     load = strategy.load_checkpoint
     if getattr(load, "reads_as_data_first", False):  # a second run of the same trainer
         return
@@ -1135,6 +1149,8 @@ def read_as_data_before_loading(strategy: Strategy) -> None:
             module = strategy.lightning_module
             fitting = module is not None and module.trainer.state.fn == TrainerFn.FITTING
             check_checkpoint_before_loading(user_path(checkpoint_path), strategy, module, fitting)
+        if not args and kwargs.get("weights_only") is None:  # args: weights_only, given in place
+            kwargs["weights_only"] = True
         return load(checkpoint_path, *args, **kwargs)
 
     checked_load.reads_as_data_first = True

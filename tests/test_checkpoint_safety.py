@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from malora_lightning.adapters import (
@@ -694,8 +695,6 @@ def test_lightnings_async_checkpoint_io_saves_atomically_and_reads_as_data(tiny_
     folder is made before the checkpoint is serialised, as Lightning's save makes it first."""
     import pickle
 
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO
-
     from tests.test_atomic import record_fsyncs_and_replaces
 
     strategy = SingleDeviceStrategy(torch.device("cpu"), checkpoint_io=AsyncCheckpointIO())
@@ -719,6 +718,37 @@ def test_lightnings_async_checkpoint_io_saves_atomically_and_reads_as_data(tiny_
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         strategy.load_checkpoint(tmp_path / "planted.ckpt")
     assert not (tmp_path / MARKER).exists()
+
+
+class OwnCheckpointIO(TorchCheckpointIO):
+    """A checkpoint IO of one's own (a Trainer's `plugins=[...]`, a strategy's `checkpoint_io`), which loads as
+    Lightning's does and which the module leaves in place."""
+
+
+@pytest.mark.parametrize(("checkpoint_io", "where"), [
+    (OwnCheckpointIO, "url"),
+    (lambda: AsyncCheckpointIO(OwnCheckpointIO()), "local file, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"),
+], ids=["TorchCheckpointIO subclass, url", "AsyncCheckpointIO of one, local file"])
+def test_a_checkpoint_io_of_ones_own_gets_files_read_as_data_first(tiny_model_dir, tmp_path, served_planted_checkpoint,
+                                                                   monkeypatch, checkpoint_io, where):
+    """A checkpoint IO of one's own was left to read a `ckpt_path` as it does: Lightning's loading, with weights_only
+    unset, unpickled an http(s) checkpoint, and under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD a local one, so a plain
+    Trainer's fit or validate ran the code the file named. The file is now read as data and checked first, and an
+    unset weights_only is passed on as True; a checkpoint of plain data still loads through the IO."""
+    import pickle
+
+    module = make_module(tiny_model_dir)
+    strategy = SingleDeviceStrategy(torch.device("cpu"), checkpoint_io=checkpoint_io())
+    set_up_under(strategy, module)
+    path = served_planted_checkpoint
+    if where != "url":
+        path = tmp_path / "served" / "data.ckpt"
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises((ValueError, pickle.UnpicklingError), match="Weights only load failed"):
+        strategy.load_checkpoint(path)
+    assert not (tmp_path / MARKER).exists()
+    torch.save({SETTINGS_KEY: module.settings_record(), "state_dict": {}}, tmp_path / "data.ckpt")
+    assert strategy.load_checkpoint(tmp_path / "data.ckpt")["state_dict"] == {}
 
 
 class ReadsCheckpointsItself(SingleDeviceStrategy):
