@@ -158,7 +158,11 @@ def test_a_split_drawn_again_is_new_rows_a_caller_may_change():
     expected = [dict(row) for row in rows]
     rows[0]["prompt"] = "changed"
     rows.pop()
+    hits = _distinct_items.cache_info().hits
     assert task.source.load("test", 3) == expected and len(expected) == SMALL["test"]
+    assert _distinct_items.cache_info().hits == hits + 1  # the kept draw, not drawn again
+    for row in rows:  # its values immutable (hashable; a choice row's choices a tuple): nothing changed in place
+        hash(tuple(row.values()))  # reaches the kept draw through the new dicts
 
 
 @pytest.mark.parametrize("name", ALL_TASKS)
