@@ -1104,13 +1104,24 @@ def test_an_fsdp2_checkpoints_optimizer_layout_passes_the_check():
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
-def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_treats_them(subcommand, capsys):
+def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_treats_them(subcommand, capsys,
+                                                                                           monkeypatch):
     """`malora <subcommand> --help` showed Lightning's text: `best` loaded (refused here), without --ckpt_path the
     best checkpoint of an earlier fit (fresh adapters here), weights_only "Defaults to None" with
     `weights_only=False` advised for trusted files (the default is true and false is refused)."""
+    import rich
+
+    from malora_lightning.terminal import file_console_kwargs
+
+    for variable in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(variable, raising=False)
+    reconfigured = []
+    monkeypatch.setattr(rich, "reconfigure", lambda **kwargs: reconfigured.append(kwargs))
     with pytest.raises(SystemExit) as exit_info:
         main([subcommand, "--help"])
     assert exit_info.value.code == 0
+    # the commands size Rich's console off a terminal (capsys) before the Trainer, whatever its progress bar
+    assert reconfigured == [file_console_kwargs()] and reconfigured != [{}]
     text = " ".join(capsys.readouterr().out.split())
     assert "`best` is refused" in text and "`last`: the newest last*.ckpt" in text
     assert "Defaults to ``None``" not in text and "use ``weights_only=False``" not in text
