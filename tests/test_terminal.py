@@ -268,3 +268,66 @@ def test_a_fit_off_a_terminal_writes_a_progress_line_every_log_every_n_steps_and
     assert len(lines) == len(expected), lines
     for line, pattern in zip(lines, expected):
         assert re.fullmatch(pattern, line), line
+
+
+def bar_without_lightning(monkeypatch, terminal: bool, term: str = "xterm") -> StepProgressBar:
+    """A `StepProgressBar` whose Lightning hooks do nothing, on a console that is a terminal or not, for a stand-in
+    trainer: where it writes progress lines, without a model."""
+    import io
+
+    from lightning.pytorch.callbacks import RichProgressBar
+    from rich.console import Console
+
+    for hook in ("on_train_start", "on_train_batch_end", "on_validation_end"):
+        monkeypatch.setattr(RichProgressBar, hook, lambda *args: None)
+    for variable in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("TERM", term)
+    bar = StepProgressBar()
+    bar._console = Console(force_terminal=terminal, file=io.StringIO())
+    bar.get_metrics = lambda trainer, module: {}
+    return bar
+
+
+def stand_in_trainer(**fields) -> SimpleNamespace:
+    return SimpleNamespace(**{"is_global_zero": True, "log_every_n_steps": 2, "global_step": 0, "current_epoch": 0,
+                              "estimated_stepping_batches": 6, "sanity_checking": False,
+                              "state": SimpleNamespace(fn="fit"), **fields})
+
+
+def progress_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "malora_lightning.terminal"]
+
+
+@pytest.mark.parametrize("terminal, term, fields, lines", [
+    (False, "xterm", {}, ["step 2/6 (epoch 0)"]),
+    (True, "dumb", {}, ["step 2/6 (epoch 0)"]),  # where Rich's live display draws nothing either
+    (True, "xterm", {}, []),
+    (False, "xterm", {"is_global_zero": False}, []),  # global rank 0 alone
+    (False, "xterm", {"log_every_n_steps": 0}, []),  # no lines (and no modulo by zero)
+    (False, "xterm", {"estimated_stepping_batches": float("inf")}, ["step 2 (epoch 0)"]),  # a length unknown
+])
+def test_where_a_fit_writes_progress_lines(terminal, term, fields, lines, monkeypatch, caplog):
+    """`StepProgressBar.on_train_start`'s choice, without a model: lines off a terminal or on a dumb one, on global
+    rank 0, where `log_every_n_steps` is set; without a total where the fit's length is unknown."""
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    bar, trainer = bar_without_lightning(monkeypatch, terminal, term), stand_in_trainer(**fields)
+    bar.on_train_start(trainer, None)
+    trainer.global_step = 2
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert progress_lines(caplog) == lines
+
+
+def test_progress_lines_of_a_resumed_fit_and_of_validations_that_are_not_a_fits(monkeypatch, caplog):
+    """A fit resumed at step 2 wrote its line before it stopped; a sanity check (a second `fit` of the trainer) and a
+    `trainer.validate` after the fit write none."""
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    bar, trainer = bar_without_lightning(monkeypatch, terminal=False), stand_in_trainer(global_step=2)
+    bar.on_train_start(trainer, None)
+    for step in (2, 3, 3, 4, 4):  # 2 batches a step: the first only accumulates
+        trainer.global_step = step
+        bar.on_train_batch_end(trainer, None, None, None, 0)
+    for sanity_checking, fn in ((True, "fit"), (False, "validate"), (False, "fit")):
+        trainer.sanity_checking, trainer.state.fn = sanity_checking, fn
+        bar.on_validation_end(trainer, None)
+    assert progress_lines(caplog) == ["step 4/6 (epoch 0)", "step 4/6 (epoch 0), after validation"]
