@@ -740,15 +740,36 @@ def test_a_checkpoint_io_of_ones_own_gets_files_read_as_data_first(tiny_model_di
     module = make_module(tiny_model_dir)
     strategy = SingleDeviceStrategy(torch.device("cpu"), checkpoint_io=checkpoint_io())
     set_up_under(strategy, module)
+    io = strategy.checkpoint_io
+    assert type(getattr(io, "checkpoint_io", io)) is OwnCheckpointIO  # left in place, under a wrapper too
     path = served_planted_checkpoint
     if where != "url":
         path = tmp_path / "served" / "data.ckpt"
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises((ValueError, pickle.UnpicklingError), match="Weights only load failed"):
-        strategy.load_checkpoint(path)
+    for unset in ({}, {"weights_only": None}):  # None: as a Trainer's restore passes an unset weights_only on
+        with pytest.raises((ValueError, pickle.UnpicklingError), match="Weights only load failed"):
+            strategy.load_checkpoint(path, **unset)
     assert not (tmp_path / MARKER).exists()
     torch.save({SETTINGS_KEY: module.settings_record(), "state_dict": {}}, tmp_path / "data.ckpt")
     assert strategy.load_checkpoint(tmp_path / "data.ckpt")["state_dict"] == {}
+
+
+def test_a_checkpoint_io_loads_as_data_through_ours_alone_or_under_wrappers_that_pass_loading_on():
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+    from malora_lightning.module import loads_as_data
+
+    class LoadsItsOwnWay(AsyncCheckpointIO):
+        def load_checkpoint(self, *args, **kwargs):
+            return {}
+
+    class OursLoadingItsOwnWay(CheckedCheckpointIO):
+        def load_checkpoint(self, *args, **kwargs):
+            return {}
+
+    assert loads_as_data(CheckedCheckpointIO()) and loads_as_data(AsyncCheckpointIO(CheckedCheckpointIO()))
+    assert not loads_as_data(TorchCheckpointIO()) and not loads_as_data(AsyncCheckpointIO(OwnCheckpointIO()))
+    assert not loads_as_data(LoadsItsOwnWay(CheckedCheckpointIO()))
+    assert not loads_as_data(OursLoadingItsOwnWay()) and not loads_as_data(AsyncCheckpointIO(OursLoadingItsOwnWay()))
 
 
 class ReadsCheckpointsItself(SingleDeviceStrategy):
