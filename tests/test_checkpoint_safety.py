@@ -654,6 +654,20 @@ def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_
     assert not (tmp_path / "last.ckpt").is_symlink() and read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 5
 
 
+def test_a_checkpoint_saved_under_the_home_folder_makes_its_folders_there(tmp_path, monkeypatch):
+    """A logger's `~/runs` save_dir leaves `~` in the checkpoint folder: the folders (two new here) are made in the
+    home folder, where the checkpoint is written, and none named `~` in the current directory."""
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    CheckedCheckpointIO().save_checkpoint({"global_step": 5}, "~/runs/checkpoints/last.ckpt")
+    assert read_checkpoint(tmp_path / "home" / "runs" / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_a_checkpoint_saved_to_a_url_is_written_through_fsspec_not_to_a_local_path(tmp_path, monkeypatch):
     """A URL is no local path: written as one, "memory://ckpts/last.ckpt" became a folder "memory:" in the current
     directory and the store never received the checkpoint."""
