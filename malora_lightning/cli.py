@@ -20,7 +20,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_registry import _is_registry
 
 from malora_lightning.atomic import atomic_write_text, first_line
@@ -429,7 +428,7 @@ class MALoRACLI(LightningCLI):
         callbacks = [callback for callback in callbacks if callback is not None]
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
-        if (config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+        if (config.get("enable_progress_bar") is not False
                 and not any(isinstance(callback, ProgressBar) for callback in given + callbacks)):
             callbacks.append(StepProgressBar())  # the bar Lightning would pick, reading sensibly under max_steps
         return super()._instantiate_trainer(config, callbacks)

@@ -15,15 +15,14 @@ import re
 import shutil
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
+import rich
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-if TYPE_CHECKING:
-    from rich.progress import Task, TaskID
+from rich.console import Console
+from rich.progress import Task, TaskID
 
 # (message regex, category, issuing module regex), each with why it is harmless
 KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
@@ -95,10 +94,6 @@ def file_console_kwargs() -> dict[str, Any]:
     `shutil.get_terminal_size` (120 columns off a terminal) and Rich drew it 80 wide (or as wide as a terminal on
     stdin), cutting the metric names: `malora test > log` read "test/add_2digit/…" for both acc and loss. On a
     terminal, or with COLUMNS set, Rich's own width (empty: nothing to change)."""
-    if not _RICH_AVAILABLE:
-        return {}
-    from rich.console import Console
-
     console = Console()
     if console.is_terminal or console.is_jupyter or os.environ.get("COLUMNS"):
         return {}
@@ -113,9 +108,7 @@ def size_file_console() -> None:
     sets them too, as Lightning's Rich bar replaces the console when it starts."""
     kwargs = file_console_kwargs()
     if kwargs:
-        from rich import reconfigure
-
-        reconfigure(**kwargs)
+        rich.reconfigure(**kwargs)
 
 
 class StepProgressBar(RichProgressBar):
