@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import sys
+import time
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -111,6 +113,11 @@ def size_file_console() -> None:
         rich.reconfigure(**kwargs)
 
 
+def _clock(seconds: float) -> str:
+    """Whole seconds as the live bar shows them: "0:04:12"."""
+    return str(timedelta(seconds=int(seconds)))
+
+
 class StepProgressBar(RichProgressBar):
     """Lightning's Rich bar, whose description reads "Epoch 0/-2" when `max_steps` ends the run (Lightning sets
     `max_epochs=-1`): there it reads "Epoch 0, max_steps 160". A validation dataloader's bar is removed once the next
@@ -125,6 +132,8 @@ class StepProgressBar(RichProgressBar):
         self._progress_lines = False  # whether this fit writes `_write_progress` lines (`on_train_start`)
         self._last_written_step = 0
         self._total_steps: int | None = None
+        self._started_at = 0.0  # `time.monotonic()` and the step where this fit started (a resumed fit's, past 0)
+        self._started_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Lightning's, then whether this fit writes progress lines. Off a terminal (a SLURM .out file, `> log`,
@@ -141,6 +150,7 @@ class StepProgressBar(RichProgressBar):
         self._last_written_step = trainer.global_step  # a resumed fit wrote its step before it stopped
         total = trainer.estimated_stepping_batches  # max_steps, or what the epochs hold; inf where unknown
         self._total_steps = None if math.isinf(total) else int(total)
+        self._started_at, self._started_step = time.monotonic(), trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -159,14 +169,21 @@ class StepProgressBar(RichProgressBar):
             self._write_progress(trainer, pl_module, ", after validation")
 
     def _write_progress(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str = "") -> None:
-        """One plain line: "step 40/160 (epoch 0): train/loss 1.234, val/macro_acc 0.4567", the metrics the bar
-        shows (without the logger's version) to 4 significant digits."""
-        total = "" if self._total_steps is None else f"/{self._total_steps}"
+        """One plain line: "step 40/160 (epoch 0), 0:01:02 elapsed, 0:03:06 left: train/loss 1.234, val/macro_acc
+        0.4567", the metrics the bar shows (without the logger's version) to 4 significant digits. The times are the
+        live bar's (a log file has no clock of its own): elapsed since this fit started (a resumed one: since it
+        resumed), and what is left at the mean time per step so far, validations included, where the length is
+        known."""
+        step, total = trainer.global_step, self._total_steps
+        elapsed = time.monotonic() - self._started_at
+        times = f"{_clock(elapsed)} elapsed"
+        if total is not None and step > self._started_step:
+            times += f", {_clock(elapsed / (step - self._started_step) * max(total - step, 0))} left"
         metrics = {name: value for name, value in self.get_metrics(trainer, pl_module).items() if name != "v_num"}
         shown = ", ".join(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
                           for name, value in metrics.items())
-        logger.info("step %d%s (epoch %d)%s%s", trainer.global_step, total, trainer.current_epoch, event,
-                    f": {shown}" if shown else "")
+        logger.info("step %d%s (epoch %d)%s, %s%s", step, "" if total is None else f"/{total}",
+                    trainer.current_epoch, event, times, f": {shown}" if shown else "")
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+import malora_lightning.terminal
 from malora_lightning.callbacks import PerTaskMetrics
 from malora_lightning.terminal import (
     KNOWN_HARMLESS_WARNINGS,
@@ -262,17 +263,20 @@ def test_a_fit_off_a_terminal_writes_a_progress_line_every_log_every_n_steps_and
         assert lines == []
         return
     loss = r"train/loss \d[\d.]{0,4}"  # 4 significant digits, no v_num, no ANSI codes or carriage returns
-    expected = [rf"step 2/6 \(epoch 0\): {loss}", rf"step 4/6 \(epoch 1\): {loss}",
-                rf"step 4/6 \(epoch 1\), after validation: {loss}, val/macro_acc \d[\d.]{{0,5}}",
-                rf"step 6/6 \(epoch 1\): {loss}, val/macro_acc \d[\d.]{{0,5}}"]
+    times = r"\d:\d\d:\d\d elapsed, \d:\d\d:\d\d left"
+    expected = [rf"step 2/6 \(epoch 0\), {times}: {loss}", rf"step 4/6 \(epoch 1\), {times}: {loss}",
+                rf"step 4/6 \(epoch 1\), after validation, {times}: {loss}, val/macro_acc \d[\d.]{{0,5}}",
+                rf"step 6/6 \(epoch 1\), \d:\d\d:\d\d elapsed, 0:00:00 left: {loss}, val/macro_acc \d[\d.]{{0,5}}"]
     assert len(lines) == len(expected), lines
     for line, pattern in zip(lines, expected):
         assert re.fullmatch(pattern, line), line
 
 
-def bar_without_lightning(monkeypatch, terminal: bool, term: str = "xterm") -> StepProgressBar:
+def bar_without_lightning(monkeypatch, terminal: bool, term: str = "xterm",
+                          clock: list[float] | None = None) -> StepProgressBar:
     """A `StepProgressBar` whose Lightning hooks do nothing, on a console that is a terminal or not, for a stand-in
-    trainer: where it writes progress lines, without a model."""
+    trainer: where it writes progress lines, without a model. Its clock reads `clock`'s times in turn (default: 10 s
+    apart from 0): the fit's start, then one a line."""
     import io
 
     from lightning.pytorch.callbacks import RichProgressBar
@@ -283,6 +287,8 @@ def bar_without_lightning(monkeypatch, terminal: bool, term: str = "xterm") -> S
     for variable in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("TERM", term)
+    times = iter(clock or range(0, 1000, 10))
+    monkeypatch.setattr(malora_lightning.terminal, "time", SimpleNamespace(monotonic=lambda: float(next(times))))
     bar = StepProgressBar()
     bar._console = Console(force_terminal=terminal, file=io.StringIO())
     bar.get_metrics = lambda trainer, module: {}
@@ -300,12 +306,12 @@ def progress_lines(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("terminal, term, fields, lines", [
-    (False, "xterm", {}, ["step 2/6 (epoch 0)"]),
-    (True, "dumb", {}, ["step 2/6 (epoch 0)"]),  # where Rich's live display draws nothing either
+    (False, "xterm", {}, ["step 2/6 (epoch 0), 0:00:10 elapsed, 0:00:20 left"]),
+    (True, "dumb", {}, ["step 2/6 (epoch 0), 0:00:10 elapsed, 0:00:20 left"]),  # where Rich's live display draws none
     (True, "xterm", {}, []),
     (False, "xterm", {"is_global_zero": False}, []),  # global rank 0 alone
     (False, "xterm", {"log_every_n_steps": 0}, []),  # no lines (and no modulo by zero)
-    (False, "xterm", {"estimated_stepping_batches": float("inf")}, ["step 2 (epoch 0)"]),  # a length unknown
+    (False, "xterm", {"estimated_stepping_batches": float("inf")}, ["step 2 (epoch 0), 0:00:10 elapsed"]),  # length unknown
 ])
 def test_where_a_fit_writes_progress_lines(terminal, term, fields, lines, monkeypatch, caplog):
     """`StepProgressBar.on_train_start`'s choice, without a model: lines off a terminal or on a dumb one, on global
@@ -330,4 +336,23 @@ def test_progress_lines_of_a_resumed_fit_and_of_validations_that_are_not_a_fits(
     for sanity_checking, fn in ((True, "fit"), (False, "validate"), (False, "fit")):
         trainer.sanity_checking, trainer.state.fn = sanity_checking, fn
         bar.on_validation_end(trainer, None)
-    assert progress_lines(caplog) == ["step 4/6 (epoch 0)", "step 4/6 (epoch 0), after validation"]
+    # elapsed since the resume, and what is left at the time per step since then (10 s for 2 steps, then 20 s)
+    assert progress_lines(caplog) == ["step 4/6 (epoch 0), 0:00:10 elapsed, 0:00:10 left",
+                                      "step 4/6 (epoch 0), after validation, 0:00:20 elapsed, 0:00:20 left"]
+
+
+@pytest.mark.parametrize("started_step, step, clock, line", [
+    # 62.7 s for the first 40 of 160 steps: 188.1 s left, in whole seconds as the live bar shows them
+    (0, 40, [100.0, 162.7], "step 40/160 (epoch 0), 0:01:02 elapsed, 0:03:08 left"),
+    # resumed at step 80: the time per step of the 40 this process made (the run's 120 steps would give 0:20:41)
+    (80, 120, [0.0, 3725.0], "step 120/160 (epoch 0), 1:02:05 elapsed, 1:02:05 left"),
+])
+def test_progress_lines_say_the_time_elapsed_and_left(started_step, step, clock, line, monkeypatch, caplog):
+    """A log file has no clock of its own, and the live bar's elapsed and remaining times were not in the lines."""
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    bar = bar_without_lightning(monkeypatch, terminal=False, clock=clock)
+    trainer = stand_in_trainer(estimated_stepping_batches=160, log_every_n_steps=40, global_step=started_step)
+    bar.on_train_start(trainer, None)
+    trainer.global_step = step
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert progress_lines(caplog) == [line]
