@@ -84,9 +84,13 @@ _LIBRARY_HANDLER.addFilter(_RankZeroOnly())
 def show_library_logs() -> None:
     """Print the library's INFO lines (settings a resume applies, the adapter folder a fit exported, a task spec that
     replaces a registered task), on rank 0 only, as Lightning prints its own (idempotent). Without a handler Python
-    shows warnings alone, so these never reached a command's user; importing the library configures nothing."""
+    shows warnings alone, so these never reached a command's user; importing the library configures nothing. Where
+    the program has set up logging of its own (a handler on the root logger, say `logging.basicConfig`, before it
+    calls `main`), its handlers print them, in its format, and this one is left out: with both, each line was
+    printed twice. (Lightning decides the same for its own lines when it is imported.)"""
     LIBRARY_LOGGER.setLevel(logging.INFO)
-    if _LIBRARY_HANDLER not in LIBRARY_LOGGER.handlers:
+    LIBRARY_LOGGER.removeHandler(_LIBRARY_HANDLER)
+    if not LIBRARY_LOGGER.hasHandlers():
         LIBRARY_LOGGER.addHandler(_LIBRARY_HANDLER)
 
 

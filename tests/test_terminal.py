@@ -148,6 +148,28 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
     assert capsys.readouterr().err == "settings applied\n"
 
 
+def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(capsys, monkeypatch):
+    """A script that sets up logging (`logging.basicConfig`) and then calls `main` printed each of the library's
+    lines twice: once through the root logger's handler, in its format, and once through the library's own."""
+    import io
+
+    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)
+    programs = logging.StreamHandler(io.StringIO())
+    programs.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(programs)
+    try:
+        LIBRARY_LOGGER.addHandler(malora_lightning.terminal._LIBRARY_HANDLER)  # as a command run earlier leaves it
+        show_library_logs()
+        logging.getLogger("malora_lightning.module").info("settings %s", "applied")
+    finally:
+        root.removeHandler(programs)
+        LIBRARY_LOGGER.setLevel(level)
+        LIBRARY_LOGGER.handlers[:] = handlers
+    assert programs.stream.getvalue() == "INFO:malora_lightning.module:settings applied\n"
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("environment, width", [
     ({}, 133),  # a file: Lightning's 120 columns, and Rich's padding and borders of its (up to 4) table columns
     ({"COLUMNS": "200"}, None),  # the user's width, Rich's and Lightning's
