@@ -1,10 +1,12 @@
 """`RunReport`: a Markdown summary of a run, printed to the terminal and saved as `report.md` next to the checkpoints.
 
-It tabulates `PerTaskMetrics`' history (each task's chance rate, score before training, best and final) and appends
-the sections of every other callback that implements `report_sections(trainer) -> list[str]` (seesaw figures,
-routing health).
+It is written at the end of every fit, `trainer.validate` and test (not at the validations inside a fit: the fit's
+end reports them), each time with every section so far: a fit, then a validate, then a test in one process leave one
+report holding all three. It tabulates `PerTaskMetrics`' history (each task's chance rate, score before training, best
+and final) and appends the sections of every other callback that implements `report_sections(trainer) -> list[str]`
+(seesaw figures, routing health).
 Its first line marks it as ours: a `report.md` without it is the user's (without a logger or checkpoints the run
-folder is the current directory), and the run stops before training rather than replace it.
+folder is the current directory), and the run stops before training or evaluating rather than replace it.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
 from malora_lightning.callbacks.summary import markdown_cell, mean_of_present, restored_note, weights_label
-from malora_lightning.run_paths import check_file_name, refuse_foreign_file, refuse_on_every_rank, run_directory
+from malora_lightning.run_paths import (RunFileWriter, check_file_name, refuse_foreign_file, refuse_on_every_rank,
+                                       run_directory)
 from malora_lightning.values import percent
 
 REPORT_NAME = "report.md"
-REPORT_MARKER = "<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and test -->"
+REPORT_MARKER = ("<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit, validate and "
+                 "test -->")
+# the marker of the versions that wrote the report at the end of fit and test only: their reports are ours too
+FORMER_REPORT_MARKERS = ("<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and "
+                         "test -->",)
 REPORT_TITLE = "# Run report"
 
 
@@ -70,15 +77,18 @@ def _loss(value: float | None) -> str:
 
 
 def refuse_foreign_report(path: Path) -> None:
-    """Raise FileExistsError when `path` exists and its first line is neither the marker nor, from reports written
-    before the marker, the title."""
-    refuse_foreign_file(path, lambda report: first_line(report) in (None, REPORT_MARKER, REPORT_TITLE), "RunReport",
+    """Raise FileExistsError when `path` exists and its first line is neither the marker, a former version's marker
+    (`FORMER_REPORT_MARKERS`) nor, from reports written before the marker, the title."""
+    ours = (None, REPORT_MARKER, *FORMER_REPORT_MARKERS, REPORT_TITLE)
+    refuse_foreign_file(path, lambda report: first_line(report) in ours, "RunReport",
                         f"its first line is not {REPORT_MARKER!r}",
                         "name the report differently (RunReport(filename=...))")
 
 
-class RunReport(Callback):
-    """Write the run report at the end of fit and of test (rank zero only)."""
+class RunReport(RunFileWriter):
+    """Write the run report at the end of fit, of `trainer.validate` and of test (rank zero only), having refused
+    before any work of each to replace a `report.md` it did not write (`RunFileWriter`). The validations inside a
+    fit are reported at the fit's end; a `trainer.validate` is reported at its own end, as `malora validate`'s."""
 
     def __init__(self, filename: str = REPORT_NAME) -> None:
         check_file_name(filename, "RunReport filename")
@@ -122,14 +132,16 @@ class RunReport(Callback):
         path = run_directory(trainer) / self.filename
         refuse_on_every_rank(trainer, lambda: refuse_foreign_report(path))
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check_writable(trainer)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_writable(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a trainer.validate's end only: a fit's validations (its sanity check included) are reported at its end
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.write(trainer)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer)

@@ -3,9 +3,11 @@
 import re
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, SeesawTracker, TaskScore
-from malora_lightning.callbacks.report import REPORT_MARKER, REPORT_TITLE, refuse_foreign_report, scores_table
+from malora_lightning.callbacks.report import (FORMER_REPORT_MARKERS, REPORT_MARKER, REPORT_TITLE,
+                                               refuse_foreign_report, scores_table)
 from malora_lightning.callbacks.seesaw import track
 from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
 
@@ -55,19 +57,73 @@ def test_a_report_of_a_version_before_the_marker_is_ours_by_its_title(tmp_path):
     report = tmp_path / "report.md"
     report.write_text(f"{REPORT_TITLE}\n\n## Validation accuracy (%) per task\n")
     refuse_foreign_report(report)  # replaced without a word
+    # the marker of the versions that wrote the report at the end of fit and test only
+    assert FORMER_REPORT_MARKERS == ("<!-- malora_lightning run report: RunReport rewrites this file at the end of "
+                                     "every fit and test -->",)
+    report.write_text(f"{FORMER_REPORT_MARKERS[0]}\n{REPORT_TITLE}\n")
+    refuse_foreign_report(report)
     report.write_text(f"## {REPORT_TITLE}\n")
     with pytest.raises(FileExistsError):
         refuse_foreign_report(report)
 
 
-def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path):
-    """Without a logger or checkpoints the run folder is the root folder (the current directory by default)."""
+@pytest.mark.parametrize("run", ["fit", "validate", "test"])
+def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path, run):
+    """Without a logger or checkpoints the run folder is the root folder (the current directory by default). A
+    trainer.validate, which now writes the report too, refuses it before scoring anything, as test does."""
     mine = tmp_path / "report.md"
     mine.write_text("# My quarterly report\n")
-    trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=1, limit_val_batches=0)
+    metrics = PerTaskMetrics()
+    trainer = trainer_for(tmp_path, callbacks=[metrics, RunReport()], max_steps=1,
+                          limit_val_batches=0 if run == "fit" else 1.0)
     with pytest.raises(FileExistsError, match=r"report\.md was not written by RunReport.*RunReport\(filename=\.\.\.\)"):
-        trainer.fit(HandBuiltTraining())
-    assert trainer.global_step == 0 and mine.read_text() == "# My quarterly report\n"
+        getattr(trainer, run)(HandBuiltTraining())
+    assert trainer.global_step == 0 and metrics.history == [] and mine.read_text() == "# My quarterly report\n"
+
+
+class ReportAtEachValidation(Callback):
+    """Reads report.md after RunReport's hooks of each validation end (it comes after RunReport in the callbacks)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.seen = path, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.seen.append((trainer.state.fn.value, trainer.sanity_checking,
+                          self.path.read_text() if self.path.exists() else None))
+
+
+def sections(report: str) -> dict[str, str]:
+    """A report's sections by heading."""
+    return {part.split("\n", 1)[0]: part for part in report.split("\n## ")[1:]}
+
+
+def test_trainer_validate_writes_the_report_and_a_fits_validations_leave_it_to_the_fits_end(tmp_path):
+    """RunReport wrote at the end of fit and test only: a trainer.validate (`malora validate`) printed and saved no
+    report, its section "outside training" seen only once a test followed. A fit, a validate and a test in one
+    process write one report, each time with every section so far, the earlier ones as they were."""
+    path = tmp_path / "report.md"
+    probe = ReportAtEachValidation(path)
+    trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport(), probe], max_steps=2,
+                          val_check_interval=1, num_sanity_val_steps=-1)
+    module = HandBuiltTraining()
+    trainer.fit(module)
+    assert [(fn, sanity, text) for fn, sanity, text in probe.seen] == \
+        [("fit", True, None), ("fit", False, None), ("fit", False, None)]  # nothing written before the fit's end
+    fitted = sections(path.read_text())
+    assert list(fitted) == ["Validation accuracy (%) per task"]
+    trainer.validate(module, verbose=False)
+    assert probe.seen[-1][:2] == ("validate", False) and probe.seen[-1][2] == path.read_text()  # at validate's end
+    validated = path.read_text()
+    assert validated.splitlines()[:2] == [REPORT_MARKER, REPORT_TITLE]
+    assert list(sections(validated)) == ["Validation accuracy (%) per task",
+                                         "Validation accuracy (%) per task, outside training (trainer.validate)"]
+    assert sections(validated)["Validation accuracy (%) per task"] == fitted["Validation accuracy (%) per task"]
+    assert "| alpha | - | 62.5 | 62.5 | 62.5 | +0.0 |" in \
+        sections(validated)["Validation accuracy (%) per task, outside training (trainer.validate)"]
+    trainer.test(module, verbose=False)
+    tested = sections(path.read_text())
+    assert list(tested) == [*sections(validated), "Test accuracy (%) per task"]
+    assert {heading: tested[heading] for heading in sections(validated)} == sections(validated)
 
 
 def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):
