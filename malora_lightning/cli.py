@@ -84,9 +84,11 @@ def subcommand_help(argument: str, subcommand: str) -> str:
     with them (`MALoRACLI._parse_ckpt_path`, `resolve_last_checkpoint`, `_prepare_subcommand_kwargs`,
     `_prepare_subcommand_parser`)."""
     if argument == "verbose":
-        return ("print Lightning's table of the logged metrics too (default: false). The run report printed at the end "
-                "(--run_report) gives the same scores per task; Lightning's table repeats every value once per task's "
-                "dataloader.")
+        split = "validation" if subcommand == "validate" else "test"
+        return (f"print Lightning's table of the logged metrics too (default: false). The run report that malora "
+                f"{subcommand} prints at its end (--run_report) gives the same {split} scores per task; Lightning's "
+                "table repeats every value once per task's dataloader. With --run_report null, only this table shows "
+                "the scores.")
     if argument == "weights_only":
         return ("must stay true: every checkpoint is read with torch.load(weights_only=True), tensors and plain values "
                 "only; false or null is refused. Load a trusted checkpoint that holds objects in Python, with "
@@ -328,15 +330,16 @@ class MALoRACLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.set_defaults({"weights_only": True})  # checkpoints hold tensors and plain data, never objects
-        if subcommand == "test":
+        evaluates = subcommand in ("validate", "test")
+        if evaluates:
             # Every metric is logged once per evaluation, with no dataloader index, so Lightning's results table gives
             # each task's dataloader a column of the same values (9 in the default recipe, in three tables). The run
-            # report printed after it gives the scores per task. (`validate` prints no report, so it keeps the table.)
+            # report that RunReport prints at the end of trainer.validate and of test gives the scores per task.
             parser.set_defaults({"verbose": False})
         # Lightning's help for these describes Trainer's behaviour (`best` loaded, weights_only defaulting to None,
         # `weights_only=False` advised, the results table printed), which this command replaces
         for action in parser._actions:
-            if action.dest in ("ckpt_path", "weights_only") or (action.dest == "verbose" and subcommand == "test"):
+            if action.dest in ("ckpt_path", "weights_only") or (action.dest == "verbose" and evaluates):
                 action.help = subcommand_help(action.dest, subcommand)
         return parser
 

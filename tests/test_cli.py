@@ -213,14 +213,21 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, c
     assert "train/loss" in metrics[0] and "val/parity/acc" in metrics[0]
 
     # the exported folder, evaluated from the CLI, scores what the fit's last evaluation scored
-    main(["validate", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
-          "--model.quantization=null", f"--model.adapter_path={checkpoints / 'adapter'}",
-          "--data.tasks=[parity, add_2digit]", "--data.max_train_examples_per_task=16",
-          "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"])
-    # Lightning's table of results, off a terminal, names each metric in full: Rich drew it 80 wide, for the 120
-    # columns Lightning laid it out for, and read "val/routing/dead_expe…"
-    assert "val/routing/dead_experts" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(["validate", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+              "--model.quantization=null", f"--model.adapter_path={checkpoints / 'adapter'}",
+              "--data.tasks=[parity, add_2digit]", "--data.max_train_examples_per_task=16",
+              "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+              f"--trainer.logger.save_dir={tmp_path}"])
+    # it prints and saves the run report, not Lightning's table of a column of the same values per task's dataloader
+    printed = capsys.readouterr()
+    heading = "## Validation accuracy (%) per task, outside training (trainer.validate)"
+    validate_report = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "report.md"
+    assert heading in caplog.text and f"Report saved to {validate_report}" in caplog.text
+    assert "Validate metric" not in printed.out + printed.err and "DataLoader 1" not in printed.out + printed.err
+    assert heading in validate_report.read_text() and "| parity |" in validate_report.read_text()
     fitted, validated = (list(csv.DictReader((v / "metrics.csv").open()))
                          for v in sorted((tmp_path / "lightning_logs").iterdir()))
     last_fit = [row for row in fitted if row.get("val/macro_acc")][-1]
@@ -228,12 +235,17 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, c
     assert float(validated[-1]["val/parity/loss"]) == pytest.approx(float(last_fit["val/parity/loss"]), rel=1e-5)
 
     # both an adapter folder and a checkpoint: the checkpoint's tensors are scored, and the run says so
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         main(["validate", "--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
               "--model.quantization=null", f"--model.adapter_path={checkpoints / 'adapter'}",
               f"--ckpt_path={checkpoints / 'last.ckpt'}", "--data.tasks=[parity, add_2digit]",
               "--data.max_eval_examples_per_task=2", "--data.eval_batch_size=2", "--trainer.logger=false",
-              f"--trainer.default_root_dir={tmp_path / 'both'}"])
+              f"--trainer.default_root_dir={tmp_path / 'both'}", "--verbose=true"])
+    # --verbose true adds Lightning's table of results, which off a terminal names each metric in full: Rich drew it
+    # 80 wide, for the 120 columns Lightning laid it out for, and read "val/routing/dead_expe…"
+    printed = capsys.readouterr()
+    assert "Validate metric" in printed.out and "val/routing/dead_experts" in printed.out and heading in caplog.text
     assert f"malora validate scores the adapter tensors of --ckpt_path {checkpoints / 'last.ckpt'}: they replace " \
            f"those of model.adapter_path {checkpoints / 'adapter'}" in caplog.text
 
@@ -1127,5 +1139,10 @@ def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_tre
     assert "Defaults to ``None``" not in text and "use ``weights_only=False``" not in text
     assert "false or null is refused" in text
     assert "best model checkpoint from the previous" not in text
-    # test prints the run report, not Lightning's table of one column per task's dataloader
-    assert ("print Lightning's table of the logged metrics too (default: false)" in text) == (subcommand == "test")
+    # validate and test print the run report, not Lightning's table of one column per task's dataloader
+    assert ("print Lightning's table of the logged metrics too (default: false)" in text) == \
+        (subcommand in ("validate", "test"))
+    if subcommand in ("validate", "test"):
+        split = "validation" if subcommand == "validate" else "test"
+        assert f"The run report that malora {subcommand} prints at its end (--run_report) gives the same {split} " \
+               "scores per task" in text
