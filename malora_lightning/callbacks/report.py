@@ -36,15 +36,21 @@ REPORT_TITLE = "# Run report"
 def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None], final_name: str = "final") -> str:
     """Per task (every task of the history, in order of appearance): chance, first evaluation (before training when it
     ran at step 0), best, final, final - first, and final loss; each evaluation column names the weights it scored
-    (`weights_label`), and `final_name` the last one ("last" for a history that does not reach the fit's end). The
-    mean row averages each column over the same tasks, those scored in the first, best and final columns (a task that
-    joined later would otherwise lift one column's mean and not the other's); its chance cell only when all of them
-    have a chance rate."""
+    (`weights_label`), and `final_name` the last one ("last" for a history that does not reach the fit's end). A
+    history of one evaluation (a validate or test) has chance, accuracy and loss alone: first, best and final would
+    repeat its accuracy, and the change read +0.0. The mean row averages each column over the same tasks, those
+    scored in every accuracy column (a task that joined later would otherwise lift one column's mean and not the
+    other's); its chance cell only when all of them have a chance rate."""
     first, final = evaluations[0], evaluations[-1]
+    single = len(evaluations) == 1
     tasks = list(dict.fromkeys(name for evaluation in evaluations for name in evaluation.tasks))
-    lines = [f"| task | chance | first ({weights_label(first.step, first.checkpoint)}) | best | "
-             f"{final_name} ({weights_label(final.step, final.checkpoint)}) | change | {final_name} loss |",
-             "|---|---|---|---|---|---|---|"]
+    if single:
+        lines = [f"| task | chance | accuracy ({weights_label(final.step, final.checkpoint)}) | loss |",
+                 "|---|---|---|---|"]
+    else:
+        lines = [f"| task | chance | first ({weights_label(first.step, first.checkpoint)}) | best | "
+                 f"{final_name} ({weights_label(final.step, final.checkpoint)}) | change | {final_name} loss |",
+                 "|---|---|---|---|---|---|---|"]
     columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": [], "loss": []}
     for name in tasks:
         history = [e.tasks[name].accuracy for e in evaluations if name in e.tasks]
@@ -57,9 +63,10 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None],
         for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end),
                            ("loss", loss)):
             columns[key].append(value)
-        lines.append(f"| {markdown_cell(name)} | {percent(chance.get(name))} | {percent(start)} | {percent(best)} | "
-                     f"{percent(end)} | {percent(change, signed=True)} | {_loss(loss)} |")
-    compared = ("first", "best", "final")
+        scores = f"{percent(end)}" if single \
+            else f"{percent(start)} | {percent(best)} | {percent(end)} | {percent(change, signed=True)}"
+        lines.append(f"| {markdown_cell(name)} | {percent(chance.get(name))} | {scores} | {_loss(loss)} |")
+    compared = ("final",) if single else ("first", "best", "final")
     scored = [index for index in range(len(tasks)) if any(columns[key][index] is not None for key in compared)]
     common = [index for index in scored if all(columns[key][index] is not None for key in compared)]
     means = {key: mean_of_present(values[index] for index in common) for key, values in columns.items()}
@@ -67,8 +74,9 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None],
         means["chance"] = None  # a mean of some of the tasks would read as the chance of all of them
     label = "**mean**" if len(common) == len(scored) \
         else f"**mean** of the {len(common)} tasks scored in every column (of {len(scored)})"
-    lines.append(f"| {label} | {percent(means['chance'])} | {percent(means['first'])} | {percent(means['best'])} | "
-                 f"{percent(means['final'])} | | {_loss(means['loss'])} |")
+    scores = f"{percent(means['final'])}" if single \
+        else f"{percent(means['first'])} | {percent(means['best'])} | {percent(means['final'])} |"
+    lines.append(f"| {label} | {percent(means['chance'])} | {scores} | {_loss(means['loss'])} |")
     return "\n".join(lines)
 
 

@@ -130,7 +130,7 @@ def test_testing_an_earlier_checkpoint_after_fit_keeps_the_fits_history_and_repo
         [("val", 1, True), ("val", 2, True), ("val", 3, True), ("test", 1, False)]
     validation, test = (tmp_path / "report.md").read_text().split("## Test accuracy")
     assert "final (step 3)" in validation
-    assert "first (step 1, epoch=0-step=1.ckpt) | best | final (step 1, epoch=0-step=1.ckpt)" in test
+    assert "| task | chance | accuracy (step 1, epoch=0-step=1.ckpt) | loss |" in test
 
 
 def test_a_checkpoint_evaluated_by_a_fresh_trainer_is_labelled_with_its_step(tmp_path):

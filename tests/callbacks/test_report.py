@@ -118,7 +118,7 @@ def test_trainer_validate_writes_the_report_and_a_fits_validations_leave_it_to_t
     assert list(sections(validated)) == ["Validation accuracy (%) per task",
                                          "Validation accuracy (%) per task, outside training (trainer.validate)"]
     assert sections(validated)["Validation accuracy (%) per task"] == fitted["Validation accuracy (%) per task"]
-    assert "| alpha | - | 62.5 | 62.5 | 62.5 | +0.0 |" in \
+    assert "| alpha | - | 62.5 | 1.625 |" in \
         sections(validated)["Validation accuracy (%) per task, outside training (trainer.validate)"]
     trainer.test(module, verbose=False)
     tested = sections(path.read_text())
@@ -181,6 +181,22 @@ def test_the_mean_rows_chance_and_loss_cover_the_tasks_of_its_accuracies():
     assert mean_row(table)[-1] == "1.000"  # a and b, whose accuracies the row averages (all three: 4.000)
 
 
+def test_one_evaluation_is_tabulated_as_its_accuracy_and_loss_alone():
+    """A validate or test scores once: its first, best and final columns repeated one accuracy, and its change read
+    +0.0. The mean row covers the tasks with an accuracy (not the language-modelling one), its chance all of theirs."""
+    scores = {"mc": TaskScore(loss=0.5, accuracy=0.75, count=4), "gen": TaskScore(loss=1.5, accuracy=0.25, count=4),
+              "lm": TaskScore(loss=4.0, accuracy=None, count=4)}
+    tested = Evaluation(stage="test", step=7, sanity_check=False, during_fit=False, tasks=scores)
+    assert scores_table([tested], {"mc": 0.5, "gen": 0.1, "lm": None}).splitlines() == [
+        "| task | chance | accuracy (step 7) | loss |",
+        "|---|---|---|---|",
+        "| mc | 50.0 | 75.0 | 0.500 |",
+        "| gen | 10.0 | 25.0 | 1.500 |",
+        "| lm | - | - | 4.000 |",
+        "| **mean** | 30.0 | 50.0 | 1.000 |",
+    ]
+
+
 def test_a_task_missing_from_the_final_evaluation_keeps_its_row():
     table = scores_table([evaluation(0, {"a": 0.5, "b": 0.2}), evaluation(10, {"a": 0.6, "b": 0.9}),
                           evaluation(20, {"a": 0.7})], {})
@@ -214,7 +230,9 @@ def test_a_checkpoint_name_with_a_pipe_stays_in_its_heading_cell():
     than the rows have."""
     evaluations = [Evaluation(stage="test", step=1, sanity_check=False, during_fit=False, checkpoint="a|b.ckpt",
                               tasks={"parity": TaskScore(loss=1.0, accuracy=0.5, count=10)})]
-    heading = scores_table(evaluations, {}).splitlines()[0]
+    assert table_cells(scores_table(evaluations, {}).splitlines()[0]) == ["task", "chance",
+                                                                          "accuracy (step 1, a\\|b.ckpt)", "loss"]
+    heading = scores_table(evaluations * 2, {}).splitlines()[0]
     assert table_cells(heading) == ["task", "chance", "first (step 1, a\\|b.ckpt)", "best",
                                     "final (step 1, a\\|b.ckpt)", "change", "final loss"]
     seesaw_table = SeesawTracker()._task_table(track(evaluations, 0.01)[-1], movement=False)  # names it too

@@ -335,7 +335,7 @@ def test_a_fit_after_a_validation_of_a_checkpoint_reports_its_own_history(tiny_m
     assert [(e.step, e.checkpoint) for e in metrics.evaluations("val", during_fit=True)] == [(1, None)]
     assert [e.checkpoint for e in metrics.evaluations("val", during_fit=False)] == ["epoch=0-step=1.ckpt"]
     validation = report_sections_of(tmp_path / "evaluation")["Validation accuracy (%) per task"]
-    assert "| first (step 1) |" in validation and "| final (step 1) |" in validation and "restored" not in validation
+    assert "| accuracy (step 1) |" in validation and "restored" not in validation
 
 
 def test_routing_of_a_partial_sanity_check_is_not_reported(tiny_model_dir, tmp_path):
@@ -621,9 +621,9 @@ def test_the_report_of_a_test_of_an_earlier_checkpoint_names_it(earlier_checkpoi
     report called that "final (step 0)" beside "final (step 1)" for the test, though the fit went on to step 3."""
     run_dir = earlier_checkpoint_tested["run_dir"]
     sections = report_sections_of(run_dir)
-    assert "| final (step 1, step=1.ckpt) | change | final loss |" in sections["Test accuracy (%) per task"]
+    assert "| accuracy (step 1, step=1.ckpt) | loss |" in sections["Test accuracy (%) per task"]
     validation = sections["Validation accuracy (%) per task"]
-    assert validation.startswith(restored_note("step=1.ckpt")) and "| last (step 0) |" in validation
+    assert validation.startswith(restored_note("step=1.ckpt")) and "| accuracy (step 0) |" in validation
     assert "final" not in validation
     for title in ("Seesaw over training (validation)", "Routing health (validation)"):
         assert sections[title].startswith(restored_note("step=1.ckpt")), title
