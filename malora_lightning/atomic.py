@@ -65,12 +65,15 @@ def _raise_naming(error: BaseException, path: Path) -> None:
         raise type(error)(error.errno, error.strerror, str(path)) from error
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, replace_link: bool = False) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, replace_link: bool = False,
+                       temporary_prefix: str | None = None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`.
 
     Behaves as a plain `open(path, "w")` would: the file gets its permissions (those of the file it replaces, else the
     umask's), not the owner-only ones of the temporary file, and a symbolic link is written through (the file it
     points to gets the content; the link stays), unless `replace_link`: then the rename replaces the link itself.
+    The temporary file is named `.<name>.<random>.tmp`, or `<temporary_prefix><random>.tmp` where a file left by a
+    kill must not carry the name (`CheckedCheckpointIO`).
     """
     path = Path(path)
     target = path.resolve() if path.is_symlink() and not replace_link else path
@@ -79,7 +82,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, replace_link: bool = False
         raise IsADirectoryError(f"{path}{linked} is a folder: nothing was written; expected the path of a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = target.stat().st_mode & 0o7777 if target.is_file() else default_mode()
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}." if temporary_prefix is None else temporary_prefix,
+                                     suffix=".tmp", dir=target.parent)
     try:
         os.chmod(temporary, mode)
         with os.fdopen(fd, "wb") as handle:

@@ -34,6 +34,9 @@ SHARDED_METADATA = "meta.pt"
 CHECKPOINT_FORMAT_KEY = "malora_lightning_format"
 # 2: a mixture's lora_B is [N, r, m], each expert's B_t transposed (format 1: [N, m, r], B_t as it is)
 CHECKPOINT_FORMAT = 2
+# how a checkpoint's temporary file is named while it is written (`CheckedCheckpointIO.save_checkpoint`): without
+# "ckpt_", which Lightning looks for in file names to number SLURM's auto-requeue checkpoints
+CHECKPOINT_TEMPORARY_PREFIX = ".malora-checkpoint-save."
 # the checkpoint key of the settings the module ran with (`MALoRAModule.settings_record`), which a subclass's
 # hyperparameters need not name
 SETTINGS_KEY = "malora_lightning_settings"
@@ -114,14 +117,19 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         leading `~` (a logger's `save_dir`, which Lightning leaves unexpanded in the checkpoint folder) is the home
         folder, where Lightning's own fsspec writes put it (`user_path`). The folder is made first, as Lightning's
         save makes it: under `AsyncCheckpointIO` (a background thread saving) `ModelCheckpoint(save_last="link")`
-        links `last.ckpt` into it as soon as the save is handed over, and failed where the folder was not there yet."""
+        links `last.ckpt` into it as soon as the save is handed over, and failed where the folder was not there yet.
+        The temporary file's name holds no checkpoint's (`CHECKPOINT_TEMPORARY_PREFIX`): Lightning numbers SLURM's
+        auto-requeue checkpoints by the digits of every file name in `default_root_dir` holding `hpc_ckpt_`, so the
+        `.hpc_ckpt_2.ckpt.x7k2ab9q.tmp` that a kill during that save left made every later fit there resume from a
+        `hpc_ckpt_2729.ckpt` that does not exist (and `--ckpt_path last` fail) instead of from `hpc_ckpt_1.ckpt`."""
         if storage_options is not None or is_remote(path):  # Lightning's refusal, or a URL written through fsspec
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         Path(user_path(path)).parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True)
+        atomic_write_bytes(user_path(path), buffer.getvalue(), replace_link=True,
+                           temporary_prefix=CHECKPOINT_TEMPORARY_PREFIX)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """A `weights_only` left unset (a plain Trainer's `fit`/`validate`/`test`/`predict(ckpt_path=...)`) is True,

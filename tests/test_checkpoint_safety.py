@@ -630,6 +630,24 @@ def test_a_checkpoint_is_on_disk_beside_its_path_before_it_replaces_the_old_one(
     assert read_checkpoint(path)["global_step"] == 1
 
 
+def test_a_checkpoint_save_killed_before_its_rename_leaves_slurms_auto_requeue_checkpoint_in_use(tmp_path,
+                                                                                                  monkeypatch):
+    """Lightning numbers SLURM's auto-requeue checkpoints by the digits of every name in default_root_dir holding
+    `hpc_ckpt_`: the temporary `.hpc_ckpt_2.ckpt.<random>.tmp` that a kill during the requeue save left made every
+    later fit there resume from a `hpc_ckpt_2<digits of the random part>.ckpt` that does not exist, not hpc_ckpt_1."""
+    from malora_lightning.checkpoints import CheckedCheckpointIO
+
+    checkpoint_io = CheckedCheckpointIO()
+    checkpoint_io.save_checkpoint({"global_step": 1}, tmp_path / "hpc_ckpt_1.ckpt")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", lambda source, target: None)  # killed before the rename: the temporary stays
+        checkpoint_io.save_checkpoint({"global_step": 2}, tmp_path / "hpc_ckpt_2.ckpt")
+    assert len(list(tmp_path.iterdir())) == 2
+    connector = make_trainer(tmp_path)._checkpoint_connector
+    assert connector._hpc_resume_path == str(tmp_path / "hpc_ckpt_1.ckpt")
+    assert connector.hpc_save_path(str(tmp_path)) == str(tmp_path / "hpc_ckpt_2.ckpt")
+
+
 def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_the_checkpoint_it_points_to(tmp_path, monkeypatch):
     """`ModelCheckpoint(save_last="link")` makes last.ckpt a link to another checkpoint: a save of last.ckpt
     replaced the link under Lightning's own writer, and must not write the new state into the checkpoint linked. The
