@@ -192,6 +192,20 @@ def _modified(path: str) -> float:
     return os.stat(path).st_mtime if os.path.exists(path) else os.lstat(path).st_mtime
 
 
+def auto_requeue_checkpoint(trainer: L.Trainer, subcommand: str) -> str | None:
+    """The file Lightning loads for `--ckpt_path hpc`, and for a fit on SLURM without `--ckpt_path`: the newest
+    `hpc_ckpt_N.ckpt` in `default_root_dir`, or None where there is none. Given to the trainer as its path, it is
+    checked before the base model loads, as any `--ckpt_path` is (`_prepare_subcommand_kwargs`): Lightning chose it
+    inside the trainer's run, where only the checkpoint IO read it, so a file holding objects stopped `malora` with
+    torch's UnpicklingError, naming no file, in a traceback, and one of other settings was refused only after the base
+    had loaded."""
+    hpc = trainer._checkpoint_connector._hpc_resume_path  # Lightning's (private; checked against Lightning 2.6)
+    if hpc is not None:
+        rank_zero_info(f"malora {subcommand}: {'resuming from' if subcommand == 'fit' else 'loading'} SLURM's "
+                       f"auto-requeue checkpoint {hpc}, the newest hpc_ckpt_N.ckpt in {trainer.default_root_dir}")
+    return hpc
+
+
 def keep_ckpt_path_unset(trainer: L.Trainer, subcommand: str) -> None:
     """Make `validate`, `test` and `predict` without `--ckpt_path` load no checkpoint, as their help says. On SLURM,
     Lightning takes an unset `ckpt_path` for its auto-requeue checkpoint, the newest `hpc_ckpt_N.ckpt` in
@@ -400,7 +414,8 @@ class MALoRACLI(LightningCLI):
         checkpoint nor an adapter folder warns that it scores untrained adapters; with both, says whose tensors it
         scores; validate and test given a predict file warn that they do not read it. (A private LightningCLI method,
         checked against Lightning 2.6.) An evaluation without --ckpt_path loads no checkpoint, not even SLURM's
-        auto-requeue one (`keep_ckpt_path_unset`)."""
+        auto-requeue one (`keep_ckpt_path_unset`); a fit on SLURM without it, and `--ckpt_path hpc`, load that one,
+        checked as a path (`auto_requeue_checkpoint`)."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand != "fit" and not kwargs.get("ckpt_path") and self.model.settings.adapter_path is None:
             rank_zero_warn(f"malora {subcommand} without --ckpt_path or --model.adapter_path evaluates freshly "
@@ -411,6 +426,9 @@ class MALoRACLI(LightningCLI):
             keep_ckpt_path_unset(self.trainer, subcommand)
         if kwargs.get("ckpt_path") == "last":
             kwargs["ckpt_path"] = resolve_last_checkpoint(self.trainer, subcommand)
+        requeued = subcommand == "fit" and kwargs.get("ckpt_path") is None and SLURMEnvironment.detect()
+        if kwargs.get("ckpt_path") == "hpc" or requeued:
+            kwargs["ckpt_path"] = auto_requeue_checkpoint(self.trainer, subcommand) or kwargs.get("ckpt_path")
         predict_file = None if self.datamodule is None else self.datamodule.settings.predict_file
         if predict_file is not None and subcommand in ("validate", "test"):
             rank_zero_warn(f"malora {subcommand} scores the {'validation' if subcommand == 'validate' else 'test'} "

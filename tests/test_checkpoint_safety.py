@@ -612,6 +612,24 @@ def test_a_plain_trainers_ckpt_path_is_read_as_data(tiny_model_dir, tmp_path, se
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.parametrize("args", [["fit"], ["validate", "--ckpt_path=hpc"]], ids=["fit on SLURM", "--ckpt_path hpc"])
+def test_slurms_auto_requeue_checkpoint_is_checked_as_a_path_before_anything_loads_it(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, args):
+    """Lightning chose the newest hpc_ckpt_N.ckpt in default_root_dir inside the trainer's run (for a fit on SLURM
+    without --ckpt_path, or --ckpt_path hpc), unchecked before the base model loaded: a file holding objects ran
+    nothing, but stopped `malora` with torch's UnpicklingError naming no file, in a traceback."""
+    from tests.test_cli import SLURM_JOB, tiny_run_settings
+
+    for name, value in SLURM_JOB.items():
+        monkeypatch.setenv(name, value)
+    planted = tmp_path / "hpc_ckpt_1.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"loader": RunsOnUnpickling(tmp_path / MARKER)}}, planted)
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(planted))} cannot be read as a malora checkpoint "
+                                         r"\(UnpicklingError: Weights only load failed"):
+        main([*args, *tiny_run_settings(tiny_model_dir, tmp_path)])
+    assert not (tmp_path / MARKER).exists()
+
+
 def test_a_checkpoint_is_on_disk_beside_its_path_before_it_replaces_the_old_one(tiny_model_dir, tmp_path, monkeypatch):
     """Lightning staged a checkpoint in the system's temporary folder, never fsynced, and moved it over the old one:
     from another file system (a tmpfs /tmp) the move copied it over `last.ckpt`, so a kill mid-copy lost both."""
