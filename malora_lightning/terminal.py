@@ -38,23 +38,34 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # it still works, and the fix is Lightning's to make.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
 )
-# Lightning's advertisement for its hosted logger, logged (not warned) on every Trainer start.
-_LITLOGGER_TIP = re.compile(r"💡 Tip: For seamless cloud logging")
+# (logger, message regex) of lines logged (not warned) that say nothing the user can act on, each with why
+KNOWN_HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
+    # Lightning's advertisement for its hosted logger, on every Trainer start.
+    ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),
+    # SLURM's auto-requeue save (Lightning's `trainer.save_checkpoint` without `weights_only`): the checkpoint keeps
+    # the optimiser and loop state a resume needs. Nothing to do with how checkpoints are read, always as data here.
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector", r"`weights_only` was not set, defaulting to `False`"),
+)
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropMessage(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = re.compile(message)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _LITLOGGER_TIP.match(record.getMessage())
+        return not self.message.match(record.getMessage())
 
 
-_DROP_LITLOGGER_TIP = _DropLitLoggerTip()
+_LOG_LINE_FILTERS = tuple((name, _DropMessage(message)) for name, message in KNOWN_HARMLESS_LOG_LINES)
 
 
 def quiet_known_notes() -> None:
     """Hide the notes listed above (idempotent); called by the CLI before it builds the Trainer."""
     for message, category, module in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_LITLOGGER_TIP)
+    for name, line_filter in _LOG_LINE_FILTERS:
+        logging.getLogger(name).addFilter(line_filter)
 
 
 class _RankZeroOnly(logging.Filter):

@@ -72,16 +72,22 @@ class Collected(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_litlogger_tip_is_dropped_and_other_lightning_info_kept():
+@pytest.mark.parametrize("name, line", [
+    ("lightning.pytorch.utilities.rank_zero",
+     "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"),
+    # SLURM's auto-requeue save, which reads as if checkpoints were loaded unsafely
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set, defaulting to `False`."),
+])
+def test_known_log_lines_are_dropped_and_other_lightning_info_kept(name, line):
     quiet_known_notes()
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger = logging.getLogger(name)
     # a handler on the logger itself: Lightning may stop its loggers propagating to the root (where pytest's caplog
     # listens), depending on whether the root had a handler when Lightning was imported
     collected, level = Collected(), logger.level
     logger.addHandler(collected)
     logger.setLevel(logging.INFO)
     try:
-        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        logger.info(line)
         logger.info("GPU available: False, used: False")
     finally:
         logger.removeHandler(collected)
