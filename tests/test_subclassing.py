@@ -19,7 +19,7 @@ from malora_lightning.callbacks.per_task_metrics import Evaluation
 from malora_lightning.checkpoints import SETTINGS_KEY
 from malora_lightning.cli import main
 from malora_lightning.evaluation import batch_rows
-from malora_lightning.data import MultiTaskDataModule
+from malora_lightning.data import MultiTaskDataModule, TrainingBatch
 from malora_lightning.module import MALoRAModule
 from tests.helpers import tiny_model, tiny_tokenizer
 from tests.test_module import LearningRateRecorder, make_data, make_module, make_trainer
@@ -436,6 +436,43 @@ def test_a_batch_that_breaks_the_contract_is_refused_naming_the_field(collated, 
                             (module.predict_step, evaluation)):
             with pytest.raises(error, match=message):
                 step(change(batch), 0)
+
+
+# (change to a collated evaluation batch, error, message): what a collator of one's own can get wrong in the fields
+# that only evaluation and prediction read
+WRONG_EVALUATION_BATCHES = {
+    # a collator that ignores eval_fields: an AttributeError on `choices` from inside evaluate_batch
+    "a training batch": (lambda batch: TrainingBatch(batch.input_ids, batch.attention_mask, batch.labels,
+                                                     batch.task_id, batch.task_name), TypeError,
+                         r"the evaluation batch \(TrainingBatch\) has no field 'prompts': evaluation and prediction "
+                         r"also read prompts, targets, .*build_collator\(eval_fields=True\)"),
+    # `loss[counted]` gathered row 1 for every row: each row scored with row 1's loss and correctness, silently
+    "counted of ones (long)": (lambda batch: dataclasses.replace(batch, counted=torch.ones(2, dtype=torch.long)),
+                               TypeError, r"counted \(EvaluationBatch\.counted\) is a torch.int64 tensor of shape "
+                                          r"\[2\]: it must be a bool tensor of shape \[2\]"),
+    "counted a list": (lambda batch: dataclasses.replace(batch, counted=[True, True]), TypeError,
+                       r"counted \(EvaluationBatch\.counted\) is a list: it must be a bool tensor"),
+    "targets short of a row": (lambda batch: dataclasses.replace(batch, targets=batch.targets[:1]), ValueError,
+                               r"targets \(EvaluationBatch\.targets\) has 1 rows: it must be a list of one target"),
+    "prompts a string": (lambda batch: dataclasses.replace(batch, prompts="ab"), TypeError,
+                         r"prompts \(EvaluationBatch\.prompts\) is a str: it must be a list of one prompt text"),
+    "prompt_input_ids of one row": (lambda batch: dataclasses.replace(batch,
+                                                                      prompt_input_ids=batch.prompt_input_ids[0]),
+                                    ValueError, r"prompt_input_ids \(EvaluationBatch\.prompt_input_ids\) has shape "
+                                                r"\[\d+\]: it must be a \[B, P\] tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_EVALUATION_BATCHES))
+def test_an_evaluation_batch_that_breaks_the_contract_is_refused_naming_the_field(collated, case):
+    """check_batch checked the training fields alone: the evaluation fields a collator of one's own left out or got
+    wrong failed inside evaluate_batch, or scored other rows than the batch's."""
+    module, _, evaluation = collated
+    change, error, message = WRONG_EVALUATION_BATCHES[case]
+    with torch.no_grad():
+        for step in (module.validation_step, module.predict_step):
+            with pytest.raises(error, match=message):
+                step(change(evaluation), 0)
 
 
 def test_a_training_batch_without_a_task_name_is_refused_naming_the_row(collated):

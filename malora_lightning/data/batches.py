@@ -76,16 +76,21 @@ class EvaluationOutput:
 
 
 _TENSOR_FIELDS = ("input_ids", "attention_mask", "labels", "task_id")
+# what evaluation and prediction read besides `_TENSOR_FIELDS` and task_name
+_EVALUATION_FIELDS = ("prompts", "targets", "prompt_input_ids", "prompt_attention_mask", "counted", "choices")
 
 
 def check_batch(batch: object, *, training: bool) -> None:
     """Raise a TypeError (a missing field, another type or dtype) or a ValueError (another shape) naming the field
     when ``batch`` (a collator's, perhaps of its own class) breaks the `TrainingBatch` contract that every step reads:
     ``input_ids`` [B, L] of integers, ``attention_mask`` [B, L] (or None), ``labels`` [B, L] long, ``task_id`` [B] and
-    ``task_name`` a list of B names (None only outside training). Otherwise the step failed deep in the model, or
-    trained and scored on a silently wrong loss: labels narrower than input_ids were read against the wrong tokens,
-    and a ``task_name`` string gave a per-task loss to each letter. Reads shapes and dtypes only, so nothing waits for
-    the device."""
+    ``task_name`` a list of B names (None only outside training). Outside training (evaluation and prediction) also
+    the `EvaluationBatch` fields, with ``counted`` [B] bool and ``prompts``, ``targets`` and ``prompt_input_ids`` one
+    per row. Otherwise the step failed deep in the model, or trained and scored on a silently wrong loss: labels
+    narrower than input_ids were read against the wrong tokens, a ``task_name`` string gave a per-task loss to each
+    letter, a training batch from a collator that ignored ``eval_fields`` failed as an AttributeError on ``choices``,
+    and a ``counted`` of ones (long) picked row 1's loss and correctness for every row. Reads shapes and dtypes only,
+    so nothing waits for the device."""
     kind = type(batch).__name__
     for name in (*_TENSOR_FIELDS, "task_name"):
         if not hasattr(batch, name):
@@ -126,3 +131,32 @@ def check_batch(batch: object, *, training: bool) -> None:
             allowed = "a str" if training else "a str, or None for a predict prompt without a task"
             raise TypeError(f"the batch's task_name[{row}] ({kind}.task_name) is {name!r}: each row's task name must "
                             f"be {allowed}")
+    if not training:
+        _check_evaluation_fields(batch, kind, shape[0])
+
+
+def _check_evaluation_fields(batch: object, kind: str, rows: int) -> None:
+    """`check_batch`'s part for evaluation and prediction batches: the `EvaluationBatch` fields they read."""
+    for name in _EVALUATION_FIELDS:
+        if not hasattr(batch, name):
+            raise TypeError(f"the evaluation batch ({kind}) has no field {name!r}: evaluation and prediction also read "
+                            f"{', '.join(_EVALUATION_FIELDS)} (EvaluationBatch, malora_lightning.data.batches), which "
+                            "the collator that build_collator(eval_fields=True) returns must give")
+    counted = batch.counted
+    if not isinstance(counted, torch.Tensor) or counted.dtype != torch.bool or list(counted.shape) != [rows]:
+        found = f"a {counted.dtype} tensor of shape {list(counted.shape)}" if isinstance(counted, torch.Tensor) \
+            else f"a {type(counted).__name__}"
+        raise TypeError(f"the batch's counted ({kind}.counted) is {found}: it must be a bool tensor of shape [{rows}], "
+                        "True for each row to score (False for padding), since it selects the rows of the scores")
+    for name, kinds, expected in (("prompts", (list, tuple), "a list of one prompt text"),
+                                  ("targets", (list, tuple), "a list of one target (or None)"),
+                                  ("prompt_input_ids", torch.Tensor, "a [B, P] tensor of one prompt")):
+        value = getattr(batch, name)
+        if not isinstance(value, kinds):
+            raise TypeError(f"the batch's {name} ({kind}.{name}) is a {type(value).__name__}: it must be {expected} "
+                            f"per row of input_ids ({rows})")
+        length = len(value) if isinstance(value, (list, tuple)) else value.shape[0] if value.dim() == 2 else None
+        if length != rows:
+            found = f"{length} rows" if length is not None else f"shape {list(value.shape)}"
+            raise ValueError(f"the batch's {name} ({kind}.{name}) has {found}: it must be {expected} per row of "
+                             f"input_ids ({rows})")
