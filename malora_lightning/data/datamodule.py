@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import io
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -362,7 +365,16 @@ class MultiTaskDataModule(LightningDataModule):
                              self.settings.system_prompt, self.settings.long_targets)
 
     def build_collator(self, eval_fields: bool) -> MultiTaskCollator:
+        """The collate function of the training (``eval_fields`` False) or evaluation loaders. With ``num_workers``
+        under spawn or forkserver, it must pickle (`check_worker_collate`)."""
         return MultiTaskCollator(self._encoder.pad_token_id, eval_fields=eval_fields)
+
+    def _worker_collator(self, eval_fields: bool) -> Callable[[Sequence[EncodedExample]], Any]:
+        """``build_collator``'s collate function for a loader with this module's workers, checked to reach them."""
+        collate = self.build_collator(eval_fields=eval_fields)
+        check_worker_collate(collate, self.num_workers, f"{type(self).__name__}.build_collator(eval_fields="
+                                                        f"{eval_fields})")
+        return collate
 
     def build_sampler(self, sizes: Sequence[int]) -> Sampler[int]:
         """The training sampler over the tasks' concatenated examples (``sizes``: each task's count, in order). Any
@@ -739,7 +751,7 @@ class MultiTaskDataModule(LightningDataModule):
         self._start_at_fit_epoch(self._train_sampler)
         return ResumableDataLoader(ConcatDataset(per_task),
                                    batch_size=self.batch_size, sampler=self._train_sampler,
-                                   collate_fn=self.build_collator(eval_fields=False), num_workers=self.num_workers,
+                                   collate_fn=self._worker_collator(eval_fields=False), num_workers=self.num_workers,
                                    pin_memory=self._pins_training_batches(),
                                    persistent_workers=self.num_workers > 0, consumed=self._consumed_this_epoch,
                                    restored=self._restored_training_loader,
@@ -779,7 +791,7 @@ class MultiTaskDataModule(LightningDataModule):
     def _eval_loaders(self, examples_by_name: dict[str, PackedExamples]) -> dict[str, DataLoader]:
         """One loader per task, each rank its `EvaluationShardSampler` shard (padded: the same number of batches on
         every rank)."""
-        collator = self.build_collator(eval_fields=True)
+        collator = self._worker_collator(eval_fields=True)
         return {name: DataLoader(EvaluationShard(examples), batch_size=self.eval_batch_size, collate_fn=collator,
                                  sampler=EvaluationShardSampler(len(examples)), num_workers=self.num_workers,
                                  generator=self._loader_generator(name))
@@ -835,6 +847,41 @@ class MultiTaskDataModule(LightningDataModule):
         complete_epoch_end_restore(trainer)
         if isinstance(self._train_sampler, TaskBalancedSampler):
             rebase_restored_batches(trainer, self._train_sampler, self.batch_size, state)
+
+
+class _WorkerPickler(pickle.Pickler):
+    """Pickles a collate function as a worker start does, refusing the Lightning objects it would drag along."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (LightningDataModule, lightning.LightningModule, Trainer)):
+            raise TypeError(f"it holds a {type(obj).__name__} (the data module, the trainer or the model, through a "
+                            "bound method or an attribute), which would be copied into each worker with everything "
+                            "it holds")
+        return NotImplemented
+
+
+def check_worker_collate(collate: Callable[..., Any], num_workers: int, where: str) -> None:
+    """Refuse, naming ``where``, a collate function that DataLoader workers cannot receive: spawn and forkserver
+    (the default start methods on macOS and Windows, and on Linux from Python 3.14) pickle it for each worker. A lambda
+    or a local function failed inside the worker start, and Lightning's teardown then raised "Please call
+    `iter(combined_loader)` first." in its place; a bound method of the data module pickled the trainer and the model
+    into each worker, which died ("DataLoader worker ... exited unexpectedly"). fork copies the process and pickles
+    nothing, so any collate function works there and is not checked. Pickled with plain pickle, which copies tensors
+    instead of moving them to shared memory as the workers' pickler does."""
+    if num_workers == 0:
+        return
+    # allow_none: asking otherwise fixes the start method, and a later set_start_method of the user's would fail
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork":
+        return
+    try:
+        _WorkerPickler(io.BytesIO()).dump(collate)
+    except Exception as error:  # noqa: BLE001 - pickling raises several kinds (PicklingError, AttributeError, ...)
+        raise TypeError(f"{where} returned a collate function ({collate!r:.100}) that the DataLoader workers "
+                        f"(num_workers={num_workers}, started by {method!r}) cannot receive, since {method} pickles "
+                        f"it for each worker: {error}. Return one that pickles and holds only what collating needs "
+                        "(the pad token id, a tokenizer): an instance of a class defined at a module's top level, a "
+                        "top-level function, or a functools.partial of one; or set num_workers=0") from error
 
 
 def in_chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:

@@ -1,5 +1,6 @@
 import json
 import logging
+import multiprocessing
 import re
 import warnings
 from collections import Counter
@@ -119,6 +120,58 @@ def test_pinning_a_training_batch_pins_every_tensor_it_holds(monkeypatch):
     assert all(torch.equal(getattr(result, name), getattr(batch, name))
                for name in ("input_ids", "attention_mask", "labels", "task_id"))
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(result.pairs, batch.pairs))
+
+
+class LambdaCollate(MultiTaskDataModule):
+    def build_collator(self, eval_fields):
+        collator = super().build_collator(eval_fields)
+        return lambda examples: collator(examples)
+
+
+class BoundCollate(MultiTaskDataModule):
+    def build_collator(self, eval_fields):
+        self.inner = super().build_collator(eval_fields)
+        return self.collate
+
+    def collate(self, examples):
+        return self.inner(examples)
+
+
+# (data module class, start method, the refusal or None): spawn and forkserver pickle the collate function for each
+# worker, fork copies the process
+WORKER_COLLATES = {
+    "the library's collator, spawn": (MultiTaskDataModule, "spawn", None),
+    # failed in the worker start, and Lightning's teardown raised "Please call `iter(combined_loader)` first."
+    "a lambda, forkserver": (LambdaCollate, "forkserver",
+                             r"LambdaCollate\.build_collator\(eval_fields=(False|True)\) returned a collate function "
+                             r".*cannot receive, since forkserver pickles it for each worker: Can't pickle local "
+                             r"object .*; or set num_workers=0"),
+    # pickled the trainer and the model into each worker, which died ("DataLoader worker exited unexpectedly")
+    "a bound method of the data module, spawn": (
+        BoundCollate, "spawn", r"BoundCollate\.build_collator\(eval_fields=(False|True)\) returned .*it holds a "
+                               r"BoundCollate \(the data module, the trainer or the model"),
+    "a lambda, fork": (LambdaCollate, "fork", None),
+}
+
+
+@pytest.mark.parametrize("case", list(WORKER_COLLATES))
+def test_a_collate_function_the_workers_cannot_receive_is_named_when_the_loader_is_built(monkeypatch, case):
+    """A collate function of one's own that does not pickle failed inside the worker start under spawn or forkserver
+    (macOS's default, and Linux's from Python 3.14), behind an error of Lightning's or a dead worker."""
+    data_class, method, refusal = WORKER_COLLATES[case]
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: method)
+    data = data_class(tasks=TASKS, max_length=64, batch_size=4, max_train_examples_per_task=12,
+                      max_eval_examples_per_task=5, num_workers=1)
+    data.tokenizer_object = tiny_tokenizer()
+    data.setup("fit")
+    data.trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False)  # what a bound method dragged along
+    for loaders in (data.train_dataloader, data.val_dataloader):
+        if refusal is None:
+            loaders()  # built; no worker starts until it is iterated
+        else:
+            with pytest.raises(TypeError, match=refusal):
+                loaders()
 
 
 def test_mixture_follows_the_strategy_and_explicit_weights():
