@@ -475,6 +475,48 @@ def test_an_evaluation_batch_that_breaks_the_contract_is_refused_naming_the_fiel
                 step(change(evaluation), 0)
 
 
+class ShiftedTaskIds:
+    """A collate function of one's own that numbers the tasks otherwise than the data module (`shift` of the ids)."""
+
+    def __init__(self, collate, shift):
+        self.collate, self.shift = collate, shift
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        return dataclasses.replace(batch, task_id=self.shift(batch.task_id))
+
+
+class OwnTaskIds(MultiTaskDataModule):
+    shift = staticmethod(lambda task_id: task_id)
+
+    def build_collator(self, eval_fields):
+        return ShiftedTaskIds(super().build_collator(eval_fields), self.shift)
+
+
+# (the ids a collator of one's own gives, the refusal): metrics go by task_name, RoutingStats by task_id
+WRONG_TASK_IDS = {
+    # RoutingStats counted the second task's routing as the first's, silently
+    "the first task's id on every row": (torch.zeros_like, r"task_id\[0\] \(EvaluationBatch\.task_id\) is 0, but its "
+                                                           r"task_name is 'add_2digit': it must be 1, that task's "
+                                                           r"index in the data module's tasks \(parity, add_2digit\)"),
+    # RoutingStats: IndexError (on CUDA a device-side assert)
+    "-1 on every row": (lambda task_id: task_id * 0 - 1, r"task_id\[0\] \(EvaluationBatch\.task_id\) is -1, but its "
+                                                         r"task_name is 'parity': it must be 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TASK_IDS))
+def test_an_evaluation_batch_whose_task_ids_disagree_with_its_task_names_is_refused(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch, case):
+    """check_batch read shapes alone: the routing of a row whose id was another task's was counted as that task's."""
+    shift, refusal = WRONG_TASK_IDS[case]
+    monkeypatch.setattr(OwnTaskIds, "shift", staticmethod(shift))
+    data = OwnTaskIds(**make_data(tiny_model_dir, tasks=["parity", "add_2digit"], eval_batch_size=4,
+                                  max_eval_examples_per_task=2).hparams)
+    with pytest.raises(ValueError, match=refusal):
+        make_trainer(tmp_path, limit_val_batches=None).validate(make_module(tiny_model_dir, max_new_tokens=1), data)
+
+
 def test_a_training_batch_without_a_task_name_is_refused_naming_the_row(collated):
     """None is a predict prompt's task (no task): a training row without one failed sorting the per-task losses."""
     module, training, _ = collated

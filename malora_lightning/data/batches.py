@@ -6,6 +6,7 @@ Shapes: B examples, L tokens (right-padded), P prompt tokens (left-padded), R (e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -160,3 +161,26 @@ def _check_evaluation_fields(batch: object, kind: str, rows: int) -> None:
             found = f"{length} rows" if length is not None else f"shape {list(value.shape)}"
             raise ValueError(f"the batch's {name} ({kind}.{name}) has {found}: it must be {expected} per row of "
                              f"input_ids ({rows})")
+
+
+def check_task_ids(batch: object, task_names: Sequence[str]) -> None:
+    """Raise a ValueError naming the row when an evaluation or predict batch's ``task_id`` is not the index of its
+    ``task_name`` in ``task_names`` (the data module's tasks, in `MultiTaskDataModule.tasks` order), or not -1 beside
+    no task name. Metrics go by the name and `RoutingStats` by the id: from a collator of one's own, an id out of range
+    stopped it with an IndexError (on CUDA a device-side assert), and the id of another task put this row's routing
+    under that task, silently. Reads the ids, so call it on the CPU batch, before it moves; a batch without these
+    fields, or with a name that is not a task of the data module, is left to `check_batch` and the step."""
+    task_id, task_name = getattr(batch, "task_id", None), getattr(batch, "task_name", None)
+    if not isinstance(task_id, torch.Tensor) or task_id.dim() != 1 or not isinstance(task_name, (list, tuple)) \
+            or len(task_name) != task_id.shape[0]:
+        return
+    numbers = {name: number for number, name in enumerate(task_names)}
+    for row, (number, name) in enumerate(zip(task_id.tolist(), task_name)):
+        expected = -1 if name is None else numbers.get(name)
+        if expected is not None and number != expected:
+            kind = type(batch).__name__
+            raise ValueError(f"the batch's task_id[{row}] ({kind}.task_id) is {number}, but its task_name is "
+                             f"{name!r}: it must be {expected}, " + (
+                                 "as a row without a task has" if name is None else
+                                 f"that task's index in the data module's tasks ({', '.join(task_names)})") +
+                             ", by which RoutingStats counts the row's routing")
