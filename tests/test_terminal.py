@@ -374,6 +374,9 @@ def test_progress_lines_of_a_resumed_fit_and_of_validations_that_are_not_a_fits(
     (0, 40, [100.0, 162.7], "step 40/160 (epoch 0), 0:01:02 elapsed, 0:03:08 left"),
     # resumed at step 80: the time per step of the 40 this process made (the run's 120 steps would give 0:20:41)
     (80, 120, [0.0, 3725.0], "step 120/160 (epoch 0), 1:02:05 elapsed, 1:02:05 left"),
+    # past the estimated length (`estimated_stepping_batches` of epochs a resumed fit's earlier epochs outgrew): no
+    # time left, not "-1 day, 23:59:47"
+    (0, 200, [0.0, 62.7], "step 200/160 (epoch 0), 0:01:02 elapsed, 0:00:00 left"),
 ])
 def test_progress_lines_say_the_time_elapsed_and_left(started_step, step, clock, line, monkeypatch, caplog):
     """A log file has no clock of its own, and the live bar's elapsed and remaining times were not in the lines."""
@@ -384,3 +387,15 @@ def test_progress_lines_say_the_time_elapsed_and_left(started_step, step, clock,
     trainer.global_step = step
     bar.on_train_batch_end(trainer, None, None, None, 0)
     assert progress_lines(caplog) == [line]
+
+
+@pytest.mark.parametrize("started_step", [0, 2])
+def test_a_validation_before_the_first_step_of_the_fit_says_the_time_elapsed_alone(started_step, monkeypatch, caplog):
+    """A validation before this fit's first optimizer step (a fit resumed at step 2, or `val_check_interval` batches
+    under `accumulate_grad_batches`) has no time per step to tell what is left: its line must not divide by the
+    steps made since the start, none."""
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    bar, trainer = bar_without_lightning(monkeypatch, terminal=False), stand_in_trainer(global_step=started_step)
+    bar.on_train_start(trainer, None)
+    bar.on_validation_end(trainer, None)
+    assert progress_lines(caplog) == [f"step {started_step}/6 (epoch 0), after validation, 0:00:10 elapsed"]
