@@ -1,6 +1,7 @@
 """The `malora` LightningCLI: recipes parse, a tiny fit runs end to end, bad input fails early and clearly."""
 
 import csv
+import functools
 import inspect
 import json
 import logging
@@ -603,6 +604,54 @@ def test_an_evaluation_without_ckpt_path_on_slurm_loads_no_auto_requeue_checkpoi
     assert "Restoring states" not in caplog.text
     with pytest.raises(ValueError, match="hpc_ckpt_1.ckpt is not a complete checkpoint file"):  # as asked for
         main(["validate", *tiny_run_settings(tiny_model_dir, tmp_path), "--ckpt_path=hpc"])
+
+
+class TrainerCalled(Exception):
+    """Raised in place of the trainer's fit or validate, with the `ckpt_path` the command handed it."""
+
+
+@pytest.mark.parametrize("args, slurm, handed", [
+    # off SLURM Lightning leaves an hpc_ckpt_N.ckpt that a SLURM job left in default_root_dir alone, and so does
+    # malora fit: it starts afresh rather than resuming that job
+    (["fit"], False, None),
+    # --ckpt_path hpc where there is no hpc_ckpt_N.ckpt stays "hpc", which Lightning refuses ("no HPC checkpoint was
+    # found"): None would evaluate freshly initialised adapters as if none had been asked for
+    (["validate", "--ckpt_path=hpc"], True, "hpc"),
+])
+def test_slurms_auto_requeue_checkpoint_is_only_loaded_on_slurm_and_only_where_it_exists(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch, args, slurm,
+                                                                                         handed):
+    for name, value in SLURM_JOB.items():
+        if slurm:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    if not slurm:
+        (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"a SLURM job's checkpoint")
+
+    @functools.wraps(getattr(L.Trainer, args[0]))  # its signature, from which the command's parser is built
+    def called(self, *arguments, **kwargs):
+        raise TrainerCalled(kwargs.get("ckpt_path"))
+
+    monkeypatch.setattr(L.Trainer, args[0], called)
+    with pytest.raises(TrainerCalled) as call:
+        main([*args, *tiny_run_settings(tiny_model_dir, tmp_path)])
+    assert call.value.args == (handed,)
+
+
+@pytest.mark.parametrize("subcommand, verb", [("fit", "resuming from"), ("validate", "loading")])
+def test_the_auto_requeue_checkpoint_a_command_loads_is_named(subcommand, verb, tmp_path, monkeypatch):
+    """Lightning loads it without a word of its own beyond "Restoring states": the command names the file and says
+    whether it resumes the fit or loads the weights to evaluate; where there is none it says nothing."""
+    said = []
+    monkeypatch.setattr(cli_file, "rank_zero_info", said.append)
+    path = str(tmp_path / "hpc_ckpt_3.ckpt")
+    trainer = SimpleNamespace(_checkpoint_connector=SimpleNamespace(_hpc_resume_path=path), default_root_dir=tmp_path)
+    assert cli_file.auto_requeue_checkpoint(trainer, subcommand) == path
+    assert said == [f"malora {subcommand}: {verb} SLURM's auto-requeue checkpoint {path}, the newest hpc_ckpt_N.ckpt "
+                    f"in {tmp_path}"]
+    trainer._checkpoint_connector._hpc_resume_path = None
+    assert cli_file.auto_requeue_checkpoint(trainer, subcommand) is None and len(said) == 1
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_the_sigint_status(capsys, monkeypatch):
