@@ -237,3 +237,12 @@ def test_a_checkpoint_name_with_a_pipe_stays_in_its_heading_cell():
                                     "final (step 1, a\\|b.ckpt)", "change", "final loss"]
     seesaw_table = SeesawTracker()._task_table(track(evaluations, 0.01)[-1], movement=False)  # names it too
     assert seesaw_table.startswith("Accuracies in %, at step 1, a\\|b.ckpt; changes in points")
+
+
+@pytest.mark.parametrize("final_name", ["final", "last"])
+def test_the_heading_names_the_weights_of_the_first_and_final_columns(final_name):
+    """Each evaluation column names the weights it scored: the first column the first evaluation's step, the final one
+    (named "last" for a history that does not reach the fit's end) the final evaluation's, and so does its loss."""
+    history = [evaluation(0, {"a": 0.2}), evaluation(50, {"a": 0.8}), evaluation(100, {"a": 0.6})]
+    assert table_cells(scores_table(history, {}, final_name=final_name).splitlines()[0]) == \
+        ["task", "chance", "first (step 0)", "best", f"{final_name} (step 100)", "change", f"{final_name} loss"]
