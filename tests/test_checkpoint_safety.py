@@ -661,6 +661,9 @@ def test_a_checkpoint_save_killed_before_its_rename_leaves_slurms_auto_requeue_c
         patched.setattr(os, "replace", lambda source, target: None)  # killed before the rename: the temporary stays
         checkpoint_io.save_checkpoint({"global_step": 2}, tmp_path / "hpc_ckpt_2.ckpt")
     assert len(list(tmp_path.iterdir())) == 2
+    # hidden, as every temporary file the library writes (`atomic_write_bytes`): not listed beside the checkpoints
+    (left,) = [path.name for path in tmp_path.iterdir() if path.name != "hpc_ckpt_1.ckpt"]
+    assert left.startswith(".") and left.endswith(".tmp"), left
     connector = make_trainer(tmp_path)._checkpoint_connector
     assert connector._hpc_resume_path == str(tmp_path / "hpc_ckpt_1.ckpt")
     assert connector.hpc_save_path(str(tmp_path)) == str(tmp_path / "hpc_ckpt_2.ckpt")
