@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import glob
 import os
 import re
@@ -305,7 +306,12 @@ class MALoRACLI(LightningCLI):
 
     def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = MALoRAArgumentParser,
                  **kwargs: Any) -> None:
-        super().__init__(*args, parser_class=parser_class, **kwargs)
+        """LightningCLI's, in a copy of the caller's context (`contextvars`): jsonargparse (4.53) leaves the last parser
+        it parsed with in a context variable it never resets (`subclass_arg_parser`), and that parser reaches this
+        CLI with its trainer, model and data module. A notebook, a sweep or a script that called `main` (or
+        `malora-task-export`'s `recipe_modules`) kept the last run's base model and data alive after it returned,
+        out of reach of `del` and `gc.collect()`, until the next CLI parsed."""
+        contextvars.copy_context().run(super().__init__, *args, parser_class=parser_class, **kwargs)
 
     def init_parser(self, **kwargs: Any):
         # no prefix matching: `--trainer.max_step=10` must be an error, not `--trainer.max_steps=10`

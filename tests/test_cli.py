@@ -1195,3 +1195,19 @@ def test_subcommand_help_describes_ckpt_path_and_weights_only_as_the_command_tre
         split = "validation" if subcommand == "validate" else "test"
         assert f"The run report that malora {subcommand} prints at its end (--run_report) gives the same {split} " \
                "scores per task" in text
+
+
+def test_a_cli_let_go_of_frees_its_trainer_model_and_data(tiny_model_dir, model_loading_forbidden):
+    """jsonargparse leaves its last parser in a context variable it never resets, and through the parser's
+    instantiators the CLI kept its trainer, model and data module alive after `main` returned: a notebook or a
+    sweep held the last run's base model until the next command parsed."""
+    import gc
+    import weakref
+
+    cli = MALoRACLI(MALoRAModule, MultiTaskDataModule, run=False, auto_configure_optimizers=False,
+                    args=["--config", "recipes/default.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+                          "--model.quantization=null", "--trainer.logger=false"])
+    built = [weakref.ref(made) for made in (cli, cli.trainer, cli.model, cli.datamodule)]
+    del cli
+    gc.collect()
+    assert [ref() for ref in built] == [None] * 4
