@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -22,7 +22,7 @@ from malora_lightning.adapters import frozen_adapter_weights, scoring_pass
 from malora_lightning.adapters.routing import ScoringPass
 from malora_lightning.callbacks.per_task_metrics import PerTaskMetrics
 from malora_lightning.callbacks.predictions import Prediction
-from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, EvaluationOutput, check_batch, check_task_ids
+from malora_lightning.data.batches import ChoiceRows, EvaluationBatch, EvaluationOutput, check_batch
 from malora_lightning.data.tasks import Task, get_task
 from malora_lightning.offline_models import resolve_model_path
 from malora_lightning.scoring import choose_choices, gold_rows, one_token_choices, pair_log_likelihoods, target_pairs
@@ -256,15 +256,6 @@ class EvaluationMixin:
             rank_zero_warn(f"{stage} scores every example, but no PerTaskMetrics callback is attached, so no metric "
                            "is logged or returned: pass callbacks=[malora_lightning.callbacks.PerTaskMetrics()] to "
                            "the Trainer (the malora command attaches it)")
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """An evaluation or predict batch's task ids checked against its task names (`check_task_ids`) while it is
-        still on the CPU, so that reading them waits for nothing. Training batches pass unchecked: training reads
-        the names alone."""
-        tasks = getattr(self._datamodule, "tasks", None)
-        if not self.trainer.training and tasks is not None:
-            check_task_ids(batch, [task.name for task in tasks])
-        return batch
 
     def validation_step(self, batch: EvaluationBatch, batch_idx: int, dataloader_idx: int = 0) -> EvaluationOutput:
         """Per-example results; the `PerTaskMetrics` callback aggregates and logs them per task."""

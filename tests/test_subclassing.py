@@ -517,6 +517,23 @@ def test_an_evaluation_batch_whose_task_ids_disagree_with_its_task_names_is_refu
         make_trainer(tmp_path, limit_val_batches=None).validate(make_module(tiny_model_dir, max_new_tokens=1), data)
 
 
+def test_the_task_id_check_leaves_lightning_nothing_to_warn_about(tiny_model_dir, tmp_path, monkeypatch):
+    """The check was the model's `on_before_batch_transfer`: Lightning warned on every run with a data module (the
+    default job's log included) that the model's implementation would be used, and where a data module overrides
+    the hook Lightning calls only that one, so the check must be the data module's."""
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    monkeypatch.setattr(data_connector, "warning_cache", type(data_connector.warning_cache)())  # warned once before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, limit_val_batches=None).validate(make_module(tiny_model_dir, max_new_tokens=1),
+                                                                make_data(tiny_model_dir, tasks=["parity"],
+                                                                          max_eval_examples_per_task=2))
+    assert [str(warning.message) for warning in caught if "on_before_batch_transfer" in str(warning.message)] == []
+
+
 def test_a_training_batch_without_a_task_name_is_refused_naming_the_row(collated):
     """None is a predict prompt's task (no task): a training row without one failed sorting the per-task losses."""
     module, training, _ = collated

@@ -37,6 +37,7 @@ from malora_lightning.data.collate import (
     TruncationStats,
     check_long_targets,
 )
+from malora_lightning.data.batches import check_task_ids
 from malora_lightning.data.packed import PackedExamples
 from malora_lightning.data.prompts import NO_TASK, PredictPrompt, predict_source, read_prompts
 from malora_lightning.data.sampling import (
@@ -787,6 +788,15 @@ class MultiTaskDataModule(LightningDataModule):
         if self._predict_prompts is None:
             raise RuntimeError("the predict file is not loaded: call setup('predict') first")
         return self._eval_loaders(self._predict_prompts)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """An evaluation or predict batch's task ids checked against its task names (`check_task_ids`) while it is
+        still on the CPU, so that reading them waits for nothing. Training batches pass unchecked: training reads
+        the names alone. The data module's hook, not the model's: Lightning warns on every run where a model's
+        overrides it beside a data module, and ignores it where the data module's does."""
+        if not self.trainer.training:
+            check_task_ids(batch, [task.name for task in self.tasks])
+        return batch
 
     def _eval_loaders(self, examples_by_name: dict[str, PackedExamples]) -> dict[str, DataLoader]:
         """One loader per task, each rank its `EvaluationShardSampler` shard (padded: the same number of batches on
