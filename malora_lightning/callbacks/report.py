@@ -135,13 +135,10 @@ class RunReport(RunFileWriter):
         atomic_write_text(path, f"{REPORT_MARKER}\n{report}")
         rank_zero_info(f"\n{report}\nReport saved to {path}")
 
-    def check_writable(self, trainer: L.Trainer) -> None:
+    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, before any work, to end by replacing a report that this callback did not write."""
         path = run_directory(trainer) / self.filename
         refuse_on_every_rank(trainer, lambda: refuse_foreign_report(path))
-
-    def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check_writable(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer)
