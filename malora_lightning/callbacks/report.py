@@ -63,7 +63,7 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None],
         for key, value in (("chance", chance.get(name)), ("first", start), ("best", best), ("final", end),
                            ("loss", loss)):
             columns[key].append(value)
-        scores = f"{percent(end)}" if single \
+        scores = percent(end) if single \
             else f"{percent(start)} | {percent(best)} | {percent(end)} | {percent(change, signed=True)}"
         lines.append(f"| {markdown_cell(name)} | {percent(chance.get(name))} | {scores} | {_loss(loss)} |")
     compared = ("final",) if single else ("first", "best", "final")
@@ -74,7 +74,7 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None],
         means["chance"] = None  # a mean of some of the tasks would read as the chance of all of them
     label = "**mean**" if len(common) == len(scored) \
         else f"**mean** of the {len(common)} tasks scored in every column (of {len(scored)})"
-    scores = f"{percent(means['final'])}" if single \
+    scores = percent(means["final"]) if single \
         else f"{percent(means['first'])} | {percent(means['best'])} | {percent(means['final'])} |"
     lines.append(f"| {label} | {percent(means['chance'])} | {scores} | {_loss(means['loss'])} |")
     return "\n".join(lines)
