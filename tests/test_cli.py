@@ -225,7 +225,7 @@ def test_fit_through_the_cli_on_a_tiny_model(tiny_model_dir, tmp_path, capsys, c
     # it prints and saves the run report, not Lightning's table of a column of the same values per task's dataloader
     printed = capsys.readouterr()
     heading = "## Validation accuracy (%) per task, outside training (trainer.validate)"
-    validate_report = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "report.md"
+    validate_report = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "report_validate.md"
     assert heading in caplog.text and f"Report saved to {validate_report}" in caplog.text
     assert "Validate metric" not in printed.out + printed.err and "DataLoader 1" not in printed.out + printed.err
     assert heading in validate_report.read_text() and "| parity |" in validate_report.read_text()
@@ -262,7 +262,7 @@ def test_predict_through_the_cli_writes_the_users_prompts_answers_into_the_run_f
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
     ])
-    written = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "predictions.jsonl"  # next to report.md
+    written = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "predictions.jsonl"  # beside the reports
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     assert [(row["task"], row["prompt"], row["target"]) for row in rows] == \
         [("parity", "Is 12 even or odd?", "even"), (None, "What is 2 + 3?", None)]

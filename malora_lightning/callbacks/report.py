@@ -1,12 +1,16 @@
-"""`RunReport`: a Markdown summary of a run, printed to the terminal and saved as `report.md` next to the checkpoints.
+"""`RunReport`: a Markdown summary of a run, printed to the terminal and saved next to the checkpoints: `report.md`
+for a fit, `report_validate.md` for a `trainer.validate` and `report_test.md` for a test (`report_file`).
 
 It is written at the end of every fit, `trainer.validate` and test (not at the validations inside a fit: the fit's
-end reports them), each time with every section so far: a fit, then a validate, then a test in one process leave one
-report holding all three. It tabulates `PerTaskMetrics`' history (each task's chance rate, score before training, best
-and final) and appends the sections of every other callback that implements `report_sections(trainer) -> list[str]`
-(seesaw figures, routing health).
-Its first line marks it as ours: a `report.md` without it is the user's (without a logger or checkpoints the run
-folder is the current directory), and the run stops before training or evaluating rather than replace it.
+end reports them), each time with every section so far: a fit, then a validate, then a test in one process leave
+`report_test.md` holding all three. An evaluation writes a file of its own, as `RoutingStats` writes
+`routing_validate.json` and `routing_test.json` beside the fit's `routing_val.json`: where it shares the fit's folder
+(no logger, or a logger with a fixed version), the fit's report stays as the fit wrote it, even where the evaluation
+restored none of the fit's history (an adapter folder, no checkpoint). It tabulates `PerTaskMetrics`' history (each
+task's chance rate, score before training, best and final) and appends the sections of every other callback that
+implements `report_sections(trainer) -> list[str]` (seesaw figures, routing health).
+Its first line marks it as ours: a report without it is the user's (without a logger or checkpoints the run folder
+is the current directory), and the run stops before training or evaluating rather than replace it.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from malora_lightning.atomic import atomic_write_text, first_line
 from malora_lightning.callbacks.per_task_metrics import Evaluation, PerTaskMetrics, chance_rates
-from malora_lightning.callbacks.summary import markdown_cell, mean_of_present, restored_note, weights_label
+from malora_lightning.callbacks.summary import (evaluation_series, markdown_cell, mean_of_present, restored_note,
+                                                weights_label)
 from malora_lightning.run_paths import (RunFileWriter, check_file_name, refuse_foreign_file, refuse_on_every_rank,
                                        run_directory)
 from malora_lightning.values import percent
 
 REPORT_NAME = "report.md"
-REPORT_MARKER = ("<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit, validate and "
-                 "test -->")
-# the marker of the versions that wrote the report at the end of fit and test only: their reports are ours too
+REPORT_MARKER = ("<!-- malora_lightning run report: RunReport rewrites this file at the end of every run of its stage "
+                 "(fit, validate or test) -->")
+# the markers of former versions, whose reports are ours too: of those that wrote the report at the end of fit and
+# test only, and of those that wrote one report.md for fit, validate and test alike
 FORMER_REPORT_MARKERS = ("<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit and "
-                         "test -->",)
+                         "test -->",
+                         "<!-- malora_lightning run report: RunReport rewrites this file at the end of every fit, "
+                         "validate and test -->")
 REPORT_TITLE = "# Run report"
 
 
@@ -84,6 +92,16 @@ def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def report_file(filename: str, series: str) -> str:
+    """The report's file name for an evaluation series (`summary.evaluation_series`): `filename` for a fit ("val"),
+    `<stem>_validate<suffix>` and `<stem>_test<suffix>` for trainer.validate and test, so that an evaluation in the
+    fit's folder never replaces the fit's report (report.md: report_validate.md, report_test.md)."""
+    if series == "val":
+        return filename
+    path = Path(filename)
+    return f"{path.stem}_{series}{path.suffix}"
+
+
 def refuse_foreign_report(path: Path) -> None:
     """Raise FileExistsError when `path` exists and its first line is neither the marker, a former version's marker
     (`FORMER_REPORT_MARKERS`) nor, from reports written before the marker, the title."""
@@ -94,13 +112,23 @@ def refuse_foreign_report(path: Path) -> None:
 
 
 class RunReport(RunFileWriter):
-    """Write the run report at the end of fit, of `trainer.validate` and of test (rank zero only), having refused
-    before any work of each to replace a `report.md` it did not write (`RunFileWriter`). The validations inside a
-    fit are reported at the fit's end; a `trainer.validate` is reported at its own end, as `malora validate`'s."""
+    """Write the run report at the end of fit, of `trainer.validate` and of test (rank zero only), each to its own
+    file (`report_file`: `filename` for a fit, `<stem>_validate<suffix>`, `<stem>_test<suffix>`), having refused
+    before any work of each to replace such a file that it did not write (`RunFileWriter`). The validations inside a
+    fit are reported at the fit's end; a `trainer.validate` is reported at its own end, as `malora validate`'s.
+
+    Args:
+        filename: the fit's report; the evaluations' are named after it.
+    """
 
     def __init__(self, filename: str = REPORT_NAME) -> None:
         check_file_name(filename, "RunReport filename")
         self.filename = filename
+
+    def report_path(self, trainer: L.Trainer) -> Path:
+        """The report file of the trainer's stage (on every rank: without checkpoints the folder comes from
+        trainer.log_dir, a collective call)."""
+        return run_directory(trainer) / report_file(self.filename, evaluation_series(trainer))
 
     def build(self, trainer: L.Trainer) -> str:
         metrics = PerTaskMetrics.attached(trainer)
@@ -127,8 +155,7 @@ class RunReport(RunFileWriter):
         return "\n\n".join(sections) + "\n"
 
     def write(self, trainer: L.Trainer) -> None:
-        # every rank resolves the folder: without a checkpoint folder it comes from trainer.log_dir, a collective call
-        path = run_directory(trainer) / self.filename
+        path = self.report_path(trainer)
         if not trainer.is_global_zero:
             return
         report = self.build(trainer)
@@ -137,7 +164,7 @@ class RunReport(RunFileWriter):
 
     def refuse_foreign_files(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse, before any work, to end by replacing a report that this callback did not write."""
-        path = run_directory(trainer) / self.filename
+        path = self.report_path(trainer)
         refuse_on_every_rank(trainer, lambda: refuse_foreign_report(path))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -128,7 +128,7 @@ def test_testing_an_earlier_checkpoint_after_fit_keeps_the_fits_history_and_repo
     trainer.test(module, ckpt_path=str(tmp_path / "epoch=0-step=1.ckpt"), verbose=False)
     assert [(e.stage, e.step, e.during_fit) for e in metrics.history] == \
         [("val", 1, True), ("val", 2, True), ("val", 3, True), ("test", 1, False)]
-    validation, test = (tmp_path / "report.md").read_text().split("## Test accuracy")
+    validation, test = (tmp_path / "report_test.md").read_text().split("## Test accuracy")
     assert "final (step 3)" in validation
     assert "| task | chance | accuracy (step 1, epoch=0-step=1.ckpt) | loss |" in test
 
@@ -155,12 +155,12 @@ def test_a_validation_after_fit_is_no_interval_of_the_training_curve(tmp_path):
     module = HandBuiltTraining()
     trainer.fit(module)
     trainer.validate(module, verbose=False)
-    trainer.test(module, verbose=False)  # writes the report again
+    trainer.test(module, verbose=False)  # writes its report, with every section so far
     assert [(e.step, e.during_fit) for e in metrics.evaluations("val")] == [(0, True), (1, True), (2, True),
                                                                            (2, False)]
     assert [point.step for point in seesaw.points["val"]] == [0, 1, 2]
     assert [point.step for point in seesaw.points["validate"]] == [2]
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report_test.md").read_text()
     assert "Mean seesaw index over 2 interval(s)" in report
     assert "## Validation accuracy (%) per task, outside training (trainer.validate)" in report
 

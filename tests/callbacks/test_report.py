@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback
 
 from malora_lightning.callbacks import Evaluation, PerTaskMetrics, RunReport, SeesawTracker, TaskScore
 from malora_lightning.callbacks.report import (FORMER_REPORT_MARKERS, REPORT_MARKER, REPORT_TITLE,
-                                               refuse_foreign_report, scores_table)
+                                               refuse_foreign_report, report_file, scores_table)
 from malora_lightning.callbacks.seesaw import track
 from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
 
@@ -57,39 +57,46 @@ def test_a_report_of_a_version_before_the_marker_is_ours_by_its_title(tmp_path):
     report = tmp_path / "report.md"
     report.write_text(f"{REPORT_TITLE}\n\n## Validation accuracy (%) per task\n")
     refuse_foreign_report(report)  # replaced without a word
-    # the marker of the versions that wrote the report at the end of fit and test only
+    # the markers of the versions that wrote the report at the end of fit and test only, and of those that wrote one
+    # report.md for fit, validate and test
     assert FORMER_REPORT_MARKERS == ("<!-- malora_lightning run report: RunReport rewrites this file at the end of "
-                                     "every fit and test -->",)
-    report.write_text(f"{FORMER_REPORT_MARKERS[0]}\n{REPORT_TITLE}\n")
-    refuse_foreign_report(report)
+                                     "every fit and test -->",
+                                     "<!-- malora_lightning run report: RunReport rewrites this file at the end of "
+                                     "every fit, validate and test -->")
+    for marker in FORMER_REPORT_MARKERS:
+        report.write_text(f"{marker}\n{REPORT_TITLE}\n")
+        refuse_foreign_report(report)
     report.write_text(f"## {REPORT_TITLE}\n")
     with pytest.raises(FileExistsError):
         refuse_foreign_report(report)
 
 
-@pytest.mark.parametrize("run", ["fit", "validate", "test"])
-def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path, run):
+@pytest.mark.parametrize(("run", "name"), [("fit", "report.md"), ("validate", "report_validate.md"),
+                                         ("test", "report_test.md")])
+def test_a_report_that_run_report_did_not_write_is_refused_before_training(tmp_path, run, name):
     """Without a logger or checkpoints the run folder is the root folder (the current directory by default). A
-    trainer.validate, which now writes the report too, refuses it before scoring anything, as test does."""
-    mine = tmp_path / "report.md"
+    trainer.validate, which now writes the report too, refuses it before scoring anything, as test does; each
+    refuses the file it would write."""
+    mine = tmp_path / name
     mine.write_text("# My quarterly report\n")
     metrics = PerTaskMetrics()
     trainer = trainer_for(tmp_path, callbacks=[metrics, RunReport()], max_steps=1,
                           limit_val_batches=0 if run == "fit" else 1.0)
-    with pytest.raises(FileExistsError, match=r"report\.md was not written by RunReport.*RunReport\(filename=\.\.\.\)"):
+    with pytest.raises(FileExistsError, match=rf"{re.escape(name)} was not written by RunReport.*"
+                                              r"RunReport\(filename=\.\.\.\)"):
         getattr(trainer, run)(HandBuiltTraining())
     assert trainer.global_step == 0 and metrics.history == [] and mine.read_text() == "# My quarterly report\n"
 
 
 class ReportAtEachValidation(Callback):
-    """Reads report.md after RunReport's hooks of each validation end (it comes after RunReport in the callbacks)."""
+    """Reads the reports after RunReport's hooks of each validation end (it comes after RunReport in the callbacks)."""
 
-    def __init__(self, path) -> None:
-        self.path, self.seen = path, []
+    def __init__(self, folder) -> None:
+        self.folder, self.seen = folder, []
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.seen.append((trainer.state.fn.value, trainer.sanity_checking,
-                          self.path.read_text() if self.path.exists() else None))
+                          {path.name: path.read_text() for path in sorted(self.folder.glob("report*.md"))}))
 
 
 def sections(report: str) -> dict[str, str]:
@@ -100,20 +107,23 @@ def sections(report: str) -> dict[str, str]:
 def test_trainer_validate_writes_the_report_and_a_fits_validations_leave_it_to_the_fits_end(tmp_path):
     """RunReport wrote at the end of fit and test only: a trainer.validate (`malora validate`) printed and saved no
     report, its section "outside training" seen only once a test followed. A fit, a validate and a test in one
-    process write one report, each time with every section so far, the earlier ones as they were."""
-    path = tmp_path / "report.md"
-    probe = ReportAtEachValidation(path)
+    process write a report each (report.md, report_validate.md, report_test.md), each with every section so far,
+    the earlier ones as they were; the fit's report stays as the fit wrote it."""
+    fit_report, validate_report, test_report = (tmp_path / name for name in
+                                                ("report.md", "report_validate.md", "report_test.md"))
+    probe = ReportAtEachValidation(tmp_path)
     trainer = trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport(), probe], max_steps=2,
                           val_check_interval=1, num_sanity_val_steps=-1)
     module = HandBuiltTraining()
     trainer.fit(module)
-    assert [(fn, sanity, text) for fn, sanity, text in probe.seen] == \
-        [("fit", True, None), ("fit", False, None), ("fit", False, None)]  # nothing written before the fit's end
-    fitted = sections(path.read_text())
+    assert [(fn, sanity, files) for fn, sanity, files in probe.seen] == \
+        [("fit", True, {}), ("fit", False, {}), ("fit", False, {})]  # nothing written before the fit's end
+    fitted_text = fit_report.read_text()
+    fitted = sections(fitted_text)
     assert list(fitted) == ["Validation accuracy (%) per task"]
     trainer.validate(module, verbose=False)
-    assert probe.seen[-1][:2] == ("validate", False) and probe.seen[-1][2] == path.read_text()  # at validate's end
-    validated = path.read_text()
+    validated = validate_report.read_text()
+    assert probe.seen[-1] == ("validate", False, {"report.md": fitted_text, "report_validate.md": validated})
     assert validated.splitlines()[:2] == [REPORT_MARKER, REPORT_TITLE]
     assert list(sections(validated)) == ["Validation accuracy (%) per task",
                                          "Validation accuracy (%) per task, outside training (trainer.validate)"]
@@ -121,9 +131,38 @@ def test_trainer_validate_writes_the_report_and_a_fits_validations_leave_it_to_t
     assert "| alpha | - | 62.5 | 1.625 |" in \
         sections(validated)["Validation accuracy (%) per task, outside training (trainer.validate)"]
     trainer.test(module, verbose=False)
-    tested = sections(path.read_text())
+    tested = sections(test_report.read_text())
     assert list(tested) == [*sections(validated), "Test accuracy (%) per task"]
     assert {heading: tested[heading] for heading in sections(validated)} == sections(validated)
+    assert (fit_report.read_text(), validate_report.read_text()) == (fitted_text, validated)
+
+
+def test_an_evaluation_in_the_fits_folder_leaves_the_fits_report_as_it_was(tmp_path):
+    """`malora validate --model.adapter_path ...` with `--trainer.logger false` (or a logger of a fixed version)
+    writes into the fit's folder: its report, without the fit's sections (no checkpoint restored them), replaced
+    the fit's report.md, which was lost."""
+    trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()], max_steps=1, val_check_interval=1).fit(
+        HandBuiltTraining())
+    fitted = (tmp_path / "report.md").read_text()
+    assert "## Validation accuracy (%) per task\n" in fitted
+    for run in ("validate", "test"):  # a new process each: a fresh trainer, callbacks and module
+        getattr(trainer_for(tmp_path, callbacks=[PerTaskMetrics(), RunReport()]), run)(HandBuiltTraining(),
+                                                                                        verbose=False)
+        assert (tmp_path / "report.md").read_text() == fitted
+    assert list(sections((tmp_path / "report_validate.md").read_text())) == \
+        ["Validation accuracy (%) per task, outside training (trainer.validate)"]
+    assert list(sections((tmp_path / "report_test.md").read_text())) == ["Test accuracy (%) per task"]
+
+
+@pytest.mark.parametrize(("filename", "series", "written"), [
+    ("report.md", "val", "report.md"),  # a fit's
+    ("report.md", "validate", "report_validate.md"),
+    ("report.md", "test", "report_test.md"),
+    ("my report (v2).md", "test", "my report (v2)_test.md"),
+    ("notes", "validate", "notes_validate"),
+])
+def test_each_evaluation_writes_a_report_named_after_the_fits(filename, series, written):
+    assert report_file(filename, series) == written
 
 
 def test_a_report_path_that_cannot_be_read_is_refused_before_training(tmp_path):

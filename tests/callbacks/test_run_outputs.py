@@ -132,7 +132,7 @@ def test_pngs_and_report_are_written(finished_run):
     for name in ("task_accuracy.png", "expert_load_val.png", "task_expert_val.png", "expert_load_test.png",
                  "task_expert_test.png"):
         assert_png(run_dir / "plots" / name)
-    report = (run_dir / "report.md").read_text()
+    report = (run_dir / "report_test.md").read_text()  # the test's, after the fit's: every section so far
     for heading in ("## Seesaw over training (validation)", "## Transfer (test)", "## Routing health (validation)",
                     "## Routing health (test)"):
         assert heading in report
@@ -266,7 +266,7 @@ def test_a_test_in_a_folder_without_a_fits_files_writes_its_own(tiny_model_dir, 
     assert json.loads((tmp_path / "routing_test.json").read_text())["tasks"] == ["parity"]
     assert not (tmp_path / "routing_val.json").exists()
     assert_png(tmp_path / "plots" / "expert_load_test.png")
-    assert "## Test accuracy (%) per task" in (tmp_path / "report.md").read_text()
+    assert "## Test accuracy (%) per task" in (tmp_path / "report_test.md").read_text()
     # a rerun: the seesaw.json there now holds no fit's series to keep
     trainer = make_trainer(tmp_path, limit_test_batches=None, callbacks=[PerTaskMetrics(), SeesawTracker()])
     trainer.test(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
@@ -450,7 +450,7 @@ def test_a_test_of_the_fits_checkpoint_in_a_new_process_keeps_the_fits_seesaw(ti
                 verbose=False)
     saved = json.loads((run_dir / "seesaw.json").read_text())["stages"]
     assert list(saved) == ["val", "test"] and saved["val"] == fit_series
-    assert "## Seesaw over training (validation)" in (run_dir / "report.md").read_text()
+    assert "## Seesaw over training (validation)" in (run_dir / "report_test.md").read_text()
 
 
 @pytest.mark.parametrize(("steps", "scored"), [(2, True), (3, False)])
@@ -493,12 +493,13 @@ def test_a_logger_folder_under_the_home_folder_holds_every_file_of_the_run(tiny_
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
-def report_sections_of(run_dir) -> dict[str, str]:
-    """The sections of the report in `run_dir` by heading, after checking that each picture it links is there."""
-    report = (run_dir / "report.md").read_text()
+def report_sections_of(run_dir, name: str = "report.md") -> dict[str, str]:
+    """The sections of the report `name` in `run_dir` by heading, after checking that each picture it links is
+    there."""
+    report = (run_dir / name).read_text()
     links = re.findall(r"^!\[[^]]*\]\(([^)]+)\)$", report, flags=re.MULTILINE)
     missing = [link for link in links if not is_our_plot(run_dir / link)]
-    assert not missing, f"{run_dir / 'report.md'} links pictures that are not in {run_dir}: {missing}"
+    assert not missing, f"{run_dir / name} links pictures that are not in {run_dir}: {missing}"
     sections = {}
     for section in report.split("\n## ")[1:]:
         heading, _, body = section.partition("\n")
@@ -560,7 +561,7 @@ def test_the_fits_routing_survives_a_resume_and_a_test_in_a_new_process(tiny_mod
     assert restored.step == saved["step"] == 2
     for name, layer in saved["layers"].items():  # the same matrices and figures as the fit wrote
         assert restored.layers[name].to_dict(restored.dead_threshold) == layer, name
-    assert report_sections_of(run_dir)[title] == f"{restored_note('step=2.ckpt')}\n\n{full[title]}"
+    assert report_sections_of(run_dir, "report_test.md")[title] == f"{restored_note('step=2.ckpt')}\n\n{full[title]}"
 
 
 def test_a_file_named_like_the_plots_folder_is_refused_before_any_work(tiny_model_dir, tmp_path):
@@ -602,16 +603,17 @@ def earlier_checkpoint_tested(tiny_model_dir, tmp_path_factory):
 
 def test_a_test_of_an_earlier_checkpoint_keeps_the_fits_later_validations(earlier_checkpoint_tested):
     """The checkpoint restores the fit's history up to step 1 only: seesaw.json's `val` went from the fit's 4
-    validations to that checkpoint's, and the fit's curves and routing pictures were drawn again from it."""
+    validations to that checkpoint's, and the fit's curves and routing pictures were drawn again from it. The test's
+    report goes to report_test.md: the fit's report.md stays as it was."""
     fit, tested = earlier_checkpoint_tested["fit"], earlier_checkpoint_tested["tested"]
     fit_stages, tested_stages = (json.loads(files["seesaw.json"])["stages"] for files in (fit, tested))
     assert [point["step"] for point in fit_stages["val"]] == [0, 1, 2, 3]
     assert list(tested_stages) == ["val", "test"] and tested_stages["val"] == fit_stages["val"]
     assert [point["step"] for point in tested_stages["test"]] == [1]
-    for name in ("routing_val.json", "plots/task_accuracy.png", "plots/expert_load_val.png",
+    for name in ("report.md", "routing_val.json", "plots/task_accuracy.png", "plots/expert_load_val.png",
                  "plots/task_expert_val.png"):
         assert tested[name] == fit[name], name
-    sections = report_sections_of(earlier_checkpoint_tested["run_dir"])  # links no picture of other figures
+    sections = report_sections_of(earlier_checkpoint_tested["run_dir"], "report_test.md")  # no other figures' pictures
     for title in ("Seesaw over training (validation)", "Routing health (validation)"):
         assert "](plots/" not in sections[title], title
 
@@ -620,7 +622,7 @@ def test_the_report_of_a_test_of_an_earlier_checkpoint_names_it(earlier_checkpoi
     """The test scored step=1.ckpt, and the fit's history restored from it ends there, at its step-0 validation: the
     report called that "final (step 0)" beside "final (step 1)" for the test, though the fit went on to step 3."""
     run_dir = earlier_checkpoint_tested["run_dir"]
-    sections = report_sections_of(run_dir)
+    sections = report_sections_of(run_dir, "report_test.md")
     assert "| accuracy (step 1, step=1.ckpt) | loss |" in sections["Test accuracy (%) per task"]
     validation = sections["Validation accuracy (%) per task"]
     assert validation.startswith(restored_note("step=1.ckpt")) and "| accuracy (step 0) |" in validation
