@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import glob
 import os
@@ -29,7 +30,8 @@ from malora_lightning.checkpoints import is_remote
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.module import MALoRAModule, check_checkpoint_before_loading
 from malora_lightning.run_paths import refuse_on_every_rank
-from malora_lightning.terminal import StepProgressBar, quiet_known_notes, show_library_logs, size_file_console
+from malora_lightning.terminal import (StepProgressBar, quiet_evaluation_notes, quiet_known_notes, show_library_logs,
+                                       size_file_console)
 from malora_lightning.values import user_path
 
 # Callbacks every run gets, each under its own config key so that one can be tuned (`--seesaw.tolerance 0.05`)
@@ -387,10 +389,13 @@ class MALoRACLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """A run that fails leaves no empty version folder behind: Lightning makes its loggers' folders as setup
         begins, so a data error found in setup left `lightning_logs/version_N` empty and the next run numbered
-        after it. Only folders this run made (`_new_log_dirs`) and left without a file are removed, on rank zero."""
+        after it. Only folders this run made (`_new_log_dirs`) and left without a file are removed, on rank zero.
+        An evaluation runs with `quiet_evaluation_notes`: the notes that say nothing of it (ModelCheckpoint's about
+        the checkpoint's folder) stay off its output, and on a fit's."""
         new_folders = self._new_log_dirs()
         try:
-            super()._run_subcommand(subcommand)
+            with quiet_evaluation_notes() if subcommand != "fit" else contextlib.nullcontext():
+                super()._run_subcommand(subcommand)
         except BaseException:
             for folder in new_folders:
                 remove_empty_folders(folder)

@@ -1,9 +1,10 @@
 """What the `malora` command prints: the library's own log lines, third-party notes known to be harmless kept off
 the terminal, and a progress bar that reads sensibly under `max_steps` and writes progress lines off a terminal.
 
-`quiet_known_notes` is the one place where output is silenced. Each filter names the message, its category and the
-module that issues it, so any other warning (from that module too) still shows. The CLI installs them; importing
-the library changes no filter.
+`quiet_known_notes` is the one place where output is silenced, and `quiet_evaluation_notes` around an evaluation's
+run (validate, test, predict) for the notes harmless there alone. Each filter names the message, its category and
+the module that issues it, so any other warning (from that module too) still shows. The CLI installs them;
+importing the library changes no filter.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +40,14 @@ KNOWN_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # Lightning's own pytree helper (every evaluation) builds torch's LeafSpec, which torch >= 2.9 marks deprecated;
     # it still works, and the fix is Lightning's to make.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+# (message regex, category, issuing module regex) of warnings harmless in an evaluation alone (`malora validate`,
+# `test`, `predict`), each with why
+KNOWN_HARMLESS_EVALUATION_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning restores every callback's state for an evaluation's --ckpt_path too, and each run has a version folder
+    # of its own: ModelCheckpoint then says that its top-k tracking is not restored, which an evaluation, saving no
+    # checkpoint, never uses. A fit resumed into a new folder still shows it: there its top-k tracking restarts.
+    (r"The dirpath has changed from ", UserWarning, r"lightning\.pytorch\.callbacks\.model_checkpoint"),
 )
 # (logger, message regex) of lines logged (not warned) that say nothing the user can act on, each with why
 KNOWN_HARMLESS_LOG_LINES: tuple[tuple[str, str], ...] = (
@@ -66,6 +77,16 @@ def quiet_known_notes() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, line_filter in _LOG_LINE_FILTERS:
         logging.getLogger(name).addFilter(line_filter)
+
+
+@contextmanager
+def quiet_evaluation_notes() -> Iterator[None]:
+    """Hide the evaluation-only notes listed above while the block runs (the CLI's validate, test and predict); the
+    filters before it are restored after it, so a fit later in the process shows them."""
+    with warnings.catch_warnings():
+        for message, category, module in KNOWN_HARMLESS_EVALUATION_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        yield
 
 
 class _RankZeroOnly(logging.Filter):

@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import malora_lightning.terminal
 from malora_lightning.callbacks import PerTaskMetrics
+from malora_lightning.cli import MALoRACLI
 from malora_lightning.terminal import (
     KNOWN_HARMLESS_WARNINGS,
     LIBRARY_LOGGER,
@@ -61,6 +63,38 @@ def test_known_harmless_warnings_are_filtered(message, category, module):
 ])
 def test_unrelated_warnings_still_show(message, category, module):
     assert [str(caught.message) for caught in issue(message, category, module)] == [message]
+
+
+class RunOnly(MALoRACLI):
+    """MALoRACLI's `_run_subcommand` alone: no parsing, trainer, model or log folder."""
+
+    def __init__(self) -> None:
+        pass
+
+    def _new_log_dirs(self) -> list:
+        return []
+
+
+@pytest.mark.parametrize("subcommand, shown", [("fit", True), ("validate", False), ("test", False),
+                                               ("predict", False)])
+def test_the_checkpoint_folders_note_shows_on_a_resumed_fit_alone(subcommand, shown, tmp_path, monkeypatch):
+    """Every `malora validate/test/predict --ckpt_path` gets a version folder of its own, and Lightning restores the
+    callbacks' state for evaluations too: each warned that ModelCheckpoint's dirpath had changed and its top-k
+    tracking would not be restored, which an evaluation never uses. A fit resumed into a new folder keeps the note
+    (its top-k tracking restarts), and so does anything after an evaluation in the process."""
+    def restore_checkpoint_state(cli, subcommand: str) -> None:  # what Lightning does as it loads a checkpoint
+        state = ModelCheckpoint(dirpath=tmp_path / "version_0").state_dict()
+        ModelCheckpoint(dirpath=tmp_path / "version_1").load_state_dict(state)
+
+    monkeypatch.setattr(LightningCLI, "_run_subcommand", restore_checkpoint_state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notes()
+        RunOnly()._run_subcommand(subcommand)
+        run = len(caught)
+        restore_checkpoint_state(None, "fit")  # after the run: the filters are as they were
+    notes = ["The dirpath has changed from" in str(warning.message) for warning in caught]
+    assert (sum(notes[:run]), sum(notes[run:])) == (1 if shown else 0, 1)
 
 
 class Collected(logging.Handler):
