@@ -237,7 +237,8 @@ class SeesawTracker(RunFileWriter):
         every evaluation: validate/test of a checkpoint in a new process (`malora test --ckpt_path ...`) restore the
         fit's history, and the `val` series then stays in `seesaw.json`, the report and its curves instead of being
         dropped. That history ends at the checkpoint: where the run folder holds the fit's later validations
-        (`_later_fit_on_file`), they stay in `seesaw.json` and its curves."""
+        (`_later_fit_on_file`), they stay in `seesaw.json` and its curves. The other evaluation's series that an
+        earlier process left there (`_other_evaluations_on_file`) stays too."""
         series = evaluation_series(trainer)
         fit = self._track_fit(trainer)
         if series != "val":
@@ -252,6 +253,8 @@ class SeesawTracker(RunFileWriter):
         later = [] if series == "val" else self._later_fit_on_file(directory / self.filename, list(data))
         if later:
             data["stages"] = {"val": later, **{name: saved for name, saved in data["stages"].items() if name != "val"}}
+        if series != "val":
+            data["stages"].update(self._other_evaluations_on_file(directory / self.filename, list(data)))
         atomic_write_text(directory / self.filename, json.dumps(data, indent=2) + "\n")
         if self.plots and fit and not later and (series == "val" or not self.curves_written):
             self._draw_curves(trainer, directory, fit)
@@ -265,6 +268,15 @@ class SeesawTracker(RunFileWriter):
         saved = written["stages"].get("val", []) if written is not None else []
         held = self.points.get("val", [])
         return saved if saved and saved[-1]["step"] > (held[-1].step if held else -1) else []
+
+    def _other_evaluations_on_file(self, path: Path, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The series of trainer.validate and test in `path` that this process holds none of: a `malora test` and a
+        `malora validate` in one folder (the fit's, without a logger) each run in a process of their own, and the
+        later one dropped the earlier one's series, while its `routing_<series>.json` and report stayed. `keys`:
+        those of `to_dict`, which a file of ours holds."""
+        written = our_json(path, keys)
+        saved = written["stages"] if written is not None else {}
+        return {name: points for name, points in saved.items() if name != "val" and name not in self.points}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the refusal of foreign files, draw the curves of the history a resumed fit restored: one resumed

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from malora_lightning.callbacks import Evaluation, SeesawTracker, TaskScore, load_baseline_scores
+from malora_lightning.callbacks import Evaluation, PerTaskMetrics, SeesawTracker, TaskScore, load_baseline_scores
 from malora_lightning.callbacks.seesaw import direction, seesaw_index, track
+from tests.callbacks.test_per_task_metrics import HandBuiltTraining, trainer_for
 
 
 def evaluation(step: int, accuracies: dict[str, float | None], sanity: bool = False) -> Evaluation:
@@ -115,6 +116,23 @@ def test_the_report_shows_a_validate_or_test_evaluation_only_against_a_baseline(
     compared.points["test"] = track([evaluation(10, {"a": 0.6})], tolerance=0.01, baseline={"a": 0.5})
     (section,) = compared.report_sections(no_trainer_callbacks)
     assert section.startswith("## Transfer (test)") and "| a | 60.0 | 50.0 | +20.0 |" in section
+
+
+def test_evaluations_in_processes_of_their_own_keep_each_others_series(tmp_path):
+    """A fit, then `malora test` and `malora validate` in its folder (no logger), each a process of its own: the
+    validate wrote the fit's series and its own, and the test's was gone from seesaw.json (its routing_test.json
+    and report stayed)."""
+    def stages() -> dict[str, list]:
+        return json.loads((tmp_path / "seesaw.json").read_text())["stages"]
+
+    trainer_for(tmp_path, callbacks=[PerTaskMetrics(), SeesawTracker(plots=False)], max_steps=1,
+                val_check_interval=1).fit(HandBuiltTraining())
+    fitted = stages()["val"]
+    for run in ("test", "validate", "test"):  # a fresh trainer, callbacks and module each
+        getattr(trainer_for(tmp_path, callbacks=[PerTaskMetrics(), SeesawTracker(plots=False)]), run)(
+            HandBuiltTraining(), verbose=False)
+    assert list(stages()) == ["val", "test", "validate"] and stages()["val"] == fitted
+    assert [len(stages()[name]) for name in ("test", "validate")] == [1, 1]  # the test's rerun replaced its own
 
 
 def test_relative_gain_negative_transfer_and_delta_mtl():
