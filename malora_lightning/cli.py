@@ -115,6 +115,12 @@ def _is_local_file(ckpt_path: Any) -> bool:
         and not is_remote(ckpt_path)
 
 
+def kernel_argv() -> bool:
+    """Whether `sys.argv` is a Jupyter kernel's own (`ipykernel_launcher.py -f kernel-<id>.json`, VS Code's `--f=...`):
+    in a notebook it holds the kernel's connection file, never a `malora` command, and no `malora` command has `-f`."""
+    return "ipykernel" in sys.modules and any(arg == "-f" or arg.startswith("--f=") for arg in sys.argv[1:])
+
+
 def _has_argument(parser: Any, key: str) -> bool:
     try:
         parser.get_default(key)
@@ -319,6 +325,17 @@ class MALoRACLI(LightningCLI):
         # no prefix matching: `--trainer.max_step=10` must be an error, not `--trainer.max_steps=10`
         kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's, refusing to read a notebook kernel's `sys.argv` as a command (`kernel_argv`): `main()` or
+        `MALoRACLI(...)` without `args` in a notebook stopped with jsonargparse's usage and "invalid choice:
+        '/tmp/tmp....json'", the kernel's connection file, and a SystemExit."""
+        if args is None and kernel_argv():
+            raise ValueError(f"no command given: without `args`, the command is read from sys.argv, which in a "
+                             f"notebook is the Jupyter kernel's own ({sys.argv}). Pass the command as a list, e.g. "
+                             "main(['fit', '--config', 'recipes/default.yaml']) from malora_lightning.cli (or "
+                             "args=[...] to MALoRACLI)")
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         # a subclass that fixes its base model (or a data module without that argument) has nothing to link

@@ -538,6 +538,23 @@ def test_missing_model_path_says_what_is_expected(tmp_path):
         module.configure_model()
 
 
+@pytest.mark.parametrize("connection", [["-f", "/tmp/tmpq2n8s1.json"], ["--f=/run/user/1000/kernel-v3.json"]])
+def test_main_without_args_in_a_notebook_asks_for_the_command_not_the_kernels_argv(connection, monkeypatch,
+                                                                                   model_loading_forbidden):
+    """In a notebook `sys.argv` is the kernel's (`ipykernel_launcher.py -f <connection file>`, VS Code's `--f=`):
+    `main()` and `MALoRACLI(...)` without args read it, and stopped with jsonargparse's usage and "invalid choice:
+    '/tmp/tmpq2n8s1.json'", and a SystemExit."""
+    monkeypatch.setitem(sys.modules, "ipykernel", SimpleNamespace())
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", *connection])
+    with pytest.raises(ValueError, match=r"no command given: .* sys.argv, which in a notebook is the Jupyter kernel's "
+                                         r"own .*main\(\['fit', '--config', 'recipes/default.yaml'\]\)"):
+        main()
+    with pytest.raises(ValueError, match="no command given"):
+        MALoRACLI(MALoRAModule, MultiTaskDataModule)
+    # a command given as a list runs as ever
+    assert parse(["--config", "recipes/default.yaml"]).config.model.adapter.method == "malora"
+
+
 def test_the_console_script_prints_the_config():
     script = Path(sys.executable).parent / "malora"  # installed by pip install -e . (pyproject [project.scripts])
     result = subprocess.run([str(script), "fit", "--config", "recipes/default.yaml", "--print_config"],
