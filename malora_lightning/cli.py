@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -329,13 +330,20 @@ class MALoRACLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """LightningCLI's, refusing to read a notebook kernel's `sys.argv` as a command (`kernel_argv`): `main()` or
         `MALoRACLI(...)` without `args` in a notebook stopped with jsonargparse's usage and "invalid choice:
-        '/tmp/tmp....json'", the kernel's connection file, and a SystemExit."""
-        if args is None and kernel_argv():
+        '/tmp/tmp....json'", the kernel's connection file, and a SystemExit. Given `args` there, Lightning's warning
+        against "both args and command line arguments" is left out: the kernel's argv was never the user's, and every
+        `main([...])` of a notebook warned that it ignored it."""
+        if not kernel_argv():
+            super().parse_arguments(parser, args)
+            return
+        if args is None:
             raise ValueError(f"no command given: without `args`, the command is read from sys.argv, which in a "
                              f"notebook is the Jupyter kernel's own ({sys.argv}). Pass the command as a list, e.g. "
                              "main(['fit', '--config', 'recipes/default.yaml']) from malora_lightning.cli (or "
                              "args=[...] to MALoRACLI)")
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         # a subclass that fixes its base model (or a data module without that argument) has nothing to link

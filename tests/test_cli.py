@@ -555,6 +555,21 @@ def test_main_without_args_in_a_notebook_asks_for_the_command_not_the_kernels_ar
     assert parse(["--config", "recipes/default.yaml"]).config.model.adapter.method == "malora"
 
 
+@pytest.mark.parametrize("argv, warned", [
+    (["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "/tmp/tmpq2n8s1.json"], False),  # a notebook
+    (["my_cli.py", "--trainer.max_steps=5"], True),  # a script's own flags, which `args` replaces: Lightning warns
+])
+def test_main_with_args_in_a_notebook_does_not_warn_that_the_kernels_argv_is_ignored(argv, warned, monkeypatch):
+    """Every `main([...])` of a notebook warned "it is not recommended to provide both args and command line
+    arguments, got: sys.argv[1:]=['-f', '/tmp/tmpq2n8s1.json']": the kernel's connection file, never the user's."""
+    monkeypatch.setitem(sys.modules, "ipykernel", SimpleNamespace())
+    monkeypatch.setattr(sys, "argv", argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert parse(["--config", "recipes/default.yaml"]).config.model.adapter.method == "malora"
+    assert any("args parameter is intended" in str(warning.message) for warning in caught) == warned
+
+
 def test_the_console_script_prints_the_config():
     script = Path(sys.executable).parent / "malora"  # installed by pip install -e . (pyproject [project.scripts])
     result = subprocess.run([str(script), "fit", "--config", "recipes/default.yaml", "--print_config"],
