@@ -149,6 +149,20 @@ def size_file_console() -> None:
         rich.reconfigure(**kwargs)
 
 
+def draws_live(console: Console) -> bool:
+    """Whether Rich's live display (the progress bar) draws on `console` while it runs, by Rich's own test
+    (`Live.refresh`): on a terminal that is not dumb, or in Jupyter where ipywidgets imports. Without ipywidgets a
+    notebook's bar draws nothing at all (Rich warns 'install "ipywidgets" for Jupyter support'), so a fit in a
+    notebook showed no progress from its start to its end."""
+    if console.is_jupyter:
+        try:
+            import ipywidgets  # noqa: F401  (what Rich imports to draw in Jupyter)
+        except ImportError:
+            return False
+        return True
+    return console.is_terminal and not console.is_dumb_terminal
+
+
 def _clock(seconds: float) -> str:
     """Whole seconds as the live bar shows them: "0:04:12"."""
     return str(timedelta(seconds=int(seconds)))
@@ -177,12 +191,12 @@ class StepProgressBar(RichProgressBar):
         start-up to its end (hours for a 7B recipe): there the bar writes a plain line through the library's logger
         every `log_every_n_steps` optimizer steps and after each validation (`_write_progress`), on global rank 0.
         On a terminal, or where Rich is told it is one (FORCE_COLOR, TTY_COMPATIBLE), the live bar is the progress
-        and nothing is written. Where Rich draws is Rich's test (`Live.refresh`), so a dumb terminal gets lines."""
+        and nothing is written. Where Rich draws is Rich's test (`draws_live`), so a dumb terminal gets lines, and so
+        does a notebook without ipywidgets."""
         super().on_train_start(trainer, pl_module)
         console = self._console
         self._progress_lines = (trainer.is_global_zero and console is not None and trainer.log_every_n_steps > 0
-                                and not console.is_jupyter
-                                and not (console.is_terminal and not console.is_dumb_terminal))
+                                and not draws_live(console))
         self._last_written_step = trainer.global_step  # a resumed fit wrote its step before it stopped
         total = trainer.estimated_stepping_batches  # max_steps, or what the epochs hold; inf where unknown
         self._total_steps = None if math.isinf(total) else int(total)

@@ -386,6 +386,28 @@ def test_where_a_fit_writes_progress_lines(terminal, term, fields, lines, monkey
     assert progress_lines(caplog) == lines
 
 
+@pytest.mark.parametrize("ipywidgets, lines", [
+    (None, ["step 2/6 (epoch 0), 0:00:10 elapsed, 0:00:20 left"]),  # not installed: Rich's bar draws nothing
+    (SimpleNamespace(), []),  # Rich draws the bar in an ipywidgets Output
+])
+def test_a_fit_in_a_notebook_writes_progress_lines_where_rich_cannot_draw_its_bar(ipywidgets, lines, monkeypatch,
+                                                                                   caplog):
+    """In Jupyter without ipywidgets Rich's live display only warns 'install "ipywidgets" for Jupyter support', and
+    the bar wrote no lines either (it took every notebook for one where Rich draws): no progress until the fit ended."""
+    import io
+
+    from rich.console import Console
+
+    caplog.set_level(logging.INFO, logger="malora_lightning")
+    monkeypatch.setitem(sys.modules, "ipywidgets", ipywidgets)  # None: its import raises ImportError
+    bar, trainer = bar_without_lightning(monkeypatch, terminal=False), stand_in_trainer()
+    bar._console = Console(force_jupyter=True, file=io.StringIO())
+    bar.on_train_start(trainer, None)
+    trainer.global_step = 2
+    bar.on_train_batch_end(trainer, None, None, None, 0)
+    assert progress_lines(caplog) == lines
+
+
 def test_progress_lines_of_a_resumed_fit_and_of_validations_that_are_not_a_fits(monkeypatch, caplog):
     """A fit resumed at step 2 wrote its line before it stopped; a sanity check (a second `fit` of the trainer) and a
     `trainer.validate` after the fit write none."""
