@@ -96,7 +96,8 @@ class _RankZeroOnly(logging.Filter):
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to the `sys.stderr` of the moment (as Python's last-resort handler does), not to the one there when it
-    was made: a test's captured stream is closed once the test ends."""
+    was made: a test's captured stream is closed once the test ends. It writes nothing while the program has
+    logging of its own (`_programs_handlers`), decided at each line, not once when `show_library_logs` ran."""
 
     @property
     def stream(self):
@@ -106,6 +107,11 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:
         pass
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        if _programs_handlers():
+            return False
+        return super().handle(record)
+
 
 LIBRARY_LOGGER = logging.getLogger("malora_lightning")
 logger = logging.getLogger(__name__)
@@ -113,16 +119,27 @@ _LIBRARY_HANDLER = _StderrHandler()  # stderr, as Lightning's own lines
 _LIBRARY_HANDLER.addFilter(_RankZeroOnly())
 
 
+def _programs_handlers() -> bool:
+    """Whether a handler other than the library's own would print the library's lines: one on its logger or, as
+    they propagate, on a logger above it (the root logger's, say `logging.basicConfig`)."""
+    current: logging.Logger | None = LIBRARY_LOGGER
+    while current is not None:
+        if any(handler is not _LIBRARY_HANDLER for handler in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
 def show_library_logs() -> None:
     """Print the library's INFO lines (settings a resume applies, the adapter folder a fit exported, a task spec that
     replaces a registered task), on rank 0 only, as Lightning prints its own (idempotent). Without a handler Python
     shows warnings alone, so these never reached a command's user; importing the library configures nothing. Where
-    the program has set up logging of its own (a handler on the root logger, say `logging.basicConfig`, before it
-    calls `main`), its handlers print them, in its format, and this one is left out: with both, each line was
-    printed twice. (Lightning decides the same for its own lines when it is imported.)"""
+    the program has logging of its own (a handler on the root logger, say `logging.basicConfig`), its handlers print
+    them, in its format, and this one writes nothing: with both, each line was printed twice. That is decided at each
+    line (`_StderrHandler.handle`): a notebook that set up its logging in a cell after `main` had run, or a script
+    after its first `main`, printed every later line of the library twice."""
     LIBRARY_LOGGER.setLevel(logging.INFO)
-    LIBRARY_LOGGER.removeHandler(_LIBRARY_HANDLER)
-    if not LIBRARY_LOGGER.hasHandlers():
+    if _LIBRARY_HANDLER not in LIBRARY_LOGGER.handlers:
         LIBRARY_LOGGER.addHandler(_LIBRARY_HANDLER)
 
 

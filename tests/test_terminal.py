@@ -210,6 +210,33 @@ def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(capsys, mon
     assert capsys.readouterr().err == ""
 
 
+def test_logging_a_notebook_sets_up_after_main_prints_the_librarys_lines_once(capsys):
+    """A notebook that ran `main` in one cell and `logging.basicConfig` in a later one printed every later line of
+    the library twice (`save_adapters`, a plain Trainer's fit): the library's handler, added while the root logger had
+    none, stayed. Each line goes to the program's handlers while it has some, and to the library's alone otherwise."""
+    import io
+
+    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)
+    root = logging.getLogger()
+    roots = list(root.handlers)  # pytest's own capturing handlers
+    programs = logging.StreamHandler(io.StringIO())
+    programs.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    try:
+        root.handlers.clear()  # a notebook kernel's root logger has no handler
+        show_library_logs()  # the `main` of an earlier cell
+        logging.getLogger("malora_lightning.module").info("first")
+        root.addHandler(programs)  # the notebook's `logging.basicConfig()`
+        logging.getLogger("malora_lightning.adapters.io").info("second")
+        root.removeHandler(programs)
+        logging.getLogger("malora_lightning.module").info("third")
+    finally:
+        root.handlers[:] = roots
+        LIBRARY_LOGGER.setLevel(level)
+        LIBRARY_LOGGER.handlers[:] = handlers
+    assert programs.stream.getvalue() == "INFO:malora_lightning.adapters.io:second\n"
+    assert capsys.readouterr().err == "first\nthird\n"
+
+
 @pytest.mark.parametrize("environment, width", [
     ({}, 133),  # a file: Lightning's 120 columns, and Rich's padding and borders of its (up to 4) table columns
     ({"COLUMNS": "200"}, None),  # the user's width, Rich's and Lightning's
