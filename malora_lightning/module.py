@@ -308,6 +308,11 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._resume_step: int | None = None
         # the gradient accumulations whose validations inside windows this fit has judged (`on_train_epoch_start`)
         self._judged_accumulations: set[int] = set()
+        # the adapter folder (adapter_path) whose adapters the model holds as loaded, for the run outputs to name the
+        # weights an evaluation scored (the folder records no training step): set when `configure_model` builds the
+        # model from it, None once a checkpoint replaced them (`on_load_checkpoint`) or a fit trained them
+        # (`on_train_start`)
+        self.adapters_from_folder: str | None = None
 
     @property
     def hparams_initial(self) -> AttributeDict:
@@ -410,6 +415,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+            self.adapters_from_folder = self.settings.adapter_path
             logger.info("%s", count_parameters(self.model))  # before a sharding strategy splits the parameters
             self._check_context_length()
             self._check_vocabulary()
@@ -953,6 +959,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             upgrade_checkpoint(checkpoint, shapes, groups, path)
         if "state_dict" in checkpoint:
             self._check_checkpoint_shapes(checkpoint["state_dict"], source)
+        self.adapters_from_folder = None  # the checkpoint's adapters replace the folder's
 
     def _check_checkpoint_shapes(self, state_dict: Mapping[str, Any], source: str) -> None:
         """Refuse a checkpoint tensor whose shape is not this module's: the base check compares the base's name only,
@@ -982,6 +989,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
         self._step_losses, self._step_task_parts, self._unchecked_losses, self._step_end = [], {}, [], None
+        self.adapters_from_folder = None  # trained from here on: the run outputs name them by step
         self._nan_tasks = (-1, set())  # this fit's Lightning holds no NaN an earlier fit logged
         self._warn_of_an_interval_beyond_the_epochs()
         self._judged_accumulations = {self.trainer.accumulate_grad_batches}

@@ -48,6 +48,9 @@ class Evaluation:
     tasks: dict[str, TaskScore] = field(default_factory=dict)
     during_fit: bool = True  # False for trainer.validate/test: no point of the training curve
     checkpoint: str | None = None  # the file name of the checkpoint validate/test loaded; None: the weights in memory
+    # the name of the adapter folder whose adapters validate/test scored as loaded (`WeightsStep.adapter_folder`): no
+    # step names them; None: a checkpoint's, or weights this process trained or initialised
+    adapter_folder: str | None = None
 
     @property
     def macro_accuracy(self) -> float | None:
@@ -174,7 +177,9 @@ class PerTaskMetrics(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
                                 during_fit=trainer.state.fn == TrainerFn.FITTING,
-                                checkpoint=self._weights.checkpoint_name, tasks=self._scores(pl_module))
+                                checkpoint=self._weights.checkpoint_name,
+                                adapter_folder=self._weights.adapter_folder(trainer, pl_module),
+                                tasks=self._scores(pl_module))
         if trainer.sanity_checking and partial_sanity_check(trainer):
             # a few examples' accuracy would stand in every report's first and best columns and the seesaw figures
             rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "
@@ -266,7 +271,8 @@ class PerTaskMetrics(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": [
             {"stage": e.stage, "step": e.step, "sanity_check": e.sanity_check, "during_fit": e.during_fit,
-             "checkpoint": e.checkpoint, "tasks": {name: vars(score) for name, score in e.tasks.items()}}
+             "checkpoint": e.checkpoint, "adapter_folder": e.adapter_folder,
+             "tasks": {name: vars(score) for name, score in e.tasks.items()}}
             for e in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -276,8 +282,10 @@ class PerTaskMetrics(Callback):
         if self._weights.checkpoint_step is not None and self.history:
             return
         self.restored_from = self._weights.checkpoint_name
-        # checkpoints written before `during_fit` (or `checkpoint`) existed: taken as a fit's (of the weights in memory)
+        # checkpoints written before `during_fit` (or `checkpoint`, `adapter_folder`) existed: taken as a fit's (of the
+        # weights in memory)
         self.history = [Evaluation(stage=e["stage"], step=e["step"], sanity_check=e["sanity_check"],
                                    tasks={name: TaskScore(**score) for name, score in e["tasks"].items()},
-                                   during_fit=e.get("during_fit", True), checkpoint=e.get("checkpoint"))
+                                   during_fit=e.get("during_fit", True), checkpoint=e.get("checkpoint"),
+                                   adapter_folder=e.get("adapter_folder"))
                         for e in state_dict["history"]]

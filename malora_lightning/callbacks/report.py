@@ -52,12 +52,13 @@ def scores_table(evaluations: list[Evaluation], chance: dict[str, float | None],
     first, final = evaluations[0], evaluations[-1]
     single = len(evaluations) == 1
     tasks = list(dict.fromkeys(name for evaluation in evaluations for name in evaluation.tasks))
+    first_weights, final_weights = (weights_label(evaluation.step, evaluation.checkpoint, evaluation.adapter_folder)
+                                    for evaluation in (first, final))
     if single:
-        lines = [f"| task | chance | accuracy ({weights_label(final.step, final.checkpoint)}) | loss |",
-                 "|---|---|---|---|"]
+        lines = [f"| task | chance | accuracy ({final_weights}) | loss |", "|---|---|---|---|"]
     else:
-        lines = [f"| task | chance | first ({weights_label(first.step, first.checkpoint)}) | best | "
-                 f"{final_name} ({weights_label(final.step, final.checkpoint)}) | change | {final_name} loss |",
+        lines = [f"| task | chance | first ({first_weights}) | best | {final_name} ({final_weights}) | change | "
+                 f"{final_name} loss |",
                  "|---|---|---|---|---|---|---|"]
     columns: dict[str, list[float | None]] = {"chance": [], "first": [], "best": [], "final": [], "loss": []}
     for name in tasks:

@@ -45,6 +45,7 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import (
+    ADAPTER_FOLDER_LABEL,
     WeightsStep,
     evaluation_series,
     markdown_cell,
@@ -181,6 +182,14 @@ class RoutingSummary:
     tasks: list[str]  # by task id, the rows of every task_load
     layers: dict[str, LayerRouting]
     dead_threshold: float
+    # as `Evaluation.adapter_folder`: what the report and the pictures name the weights by, instead of the step (the
+    # JSON file keeps the step alone, as it names no checkpoint either)
+    adapter_folder: str | None = None
+
+    @property
+    def weights(self) -> str:
+        """The weights this pass routed, as the pictures' titles name them: "step 3", or "adapter folder adapter"."""
+        return f"step {self.step}" if self.adapter_folder is None else f"{ADAPTER_FOLDER_LABEL} {self.adapter_folder}"
 
     def health(self) -> dict[str, Any]:
         """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts (over the layers
@@ -365,7 +374,8 @@ class RoutingStats(RunFileWriter):
         accumulator.reduce(trainer.strategy)
         summary = RoutingSummary(stage=stage, step=self._weights.of(trainer),
                                  tasks=[task.name for task in trainer.datamodule.tasks],
-                                 layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold)
+                                 layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold,
+                                 adapter_folder=self._weights.adapter_folder(trainer, pl_module))
         series = evaluation_series(trainer)
         self.results[series] = summary
         if series == "val":
@@ -427,10 +437,10 @@ class RoutingStats(RunFileWriter):
                             (task_load / task_load.sum(1, keepdim=True).clamp(min=1) * num_experts).tolist()))
         files = plot_files(series)
         plot_layer_heatmap(load, names, ["all tasks"], num_experts,
-                           f"Expert load per layer ({series}, step {summary.step})", "load / even share",
+                           f"Expert load per layer ({series}, {summary.weights})", "load / even share",
                            folder / files[0])
         plot_task_routing(divergence.tolist(), names, [summary.tasks[task] for task in rows], details,
-                          f"How differently each task is routed, by depth ({series}, step {summary.step})",
+                          f"How differently each task is routed, by depth ({series}, {summary.weights})",
                           folder / files[1])
         return files
 
@@ -520,8 +530,10 @@ class RoutingStats(RunFileWriter):
             return "-" if value is None else f"{value:.{digits}f}"
 
         lines = [restored_note(self.restored_from), ""] if series == "val" and self.restored_from is not None else []
+        weights = f"Step {summary.step}" if summary.adapter_folder is None \
+            else f"{ADAPTER_FOLDER_LABEL.capitalize()} {markdown_cell(summary.adapter_folder)}"  # as `weights_label`
         lines += [
-            f"Step {summary.step}: {health['layers']} routed layers, {health['tokens']} tokens each "
+            f"{weights}: {health['layers']} routed layers, {health['tokens']} tokens each "
             f"(padding excluded). Dead expert: load below {summary.dead_threshold:g} x the even share.", "",
             "| load CV mean | CV min | CV max (layer) | router entropy / ln N | dead experts | task-expert NMI |",
             "|---|---|---|---|---|---|",

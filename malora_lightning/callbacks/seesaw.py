@@ -68,6 +68,7 @@ class SeesawPoint:
     step: int
     sanity_check: bool
     checkpoint: str | None  # as `Evaluation.checkpoint`
+    adapter_folder: str | None  # as `Evaluation.adapter_folder`
     tasks: dict[str, TaskMovement]
     seesaw_index: float | None
     improved: list[str]
@@ -130,7 +131,7 @@ def track(evaluations: Sequence[Evaluation], tolerance: float,
                  for name, value in scores.items()}
         points.append(SeesawPoint(
             stage=evaluation.stage, step=evaluation.step, sanity_check=evaluation.sanity_check,
-            checkpoint=evaluation.checkpoint, tasks=tasks,
+            checkpoint=evaluation.checkpoint, adapter_folder=evaluation.adapter_folder, tasks=tasks,
             seesaw_index=seesaw_index(changes, tolerance),
             improved=[name for name, change in changes.items() if direction(change, tolerance) == 1],
             degraded=[name for name, change in changes.items() if direction(change, tolerance) == -1],
@@ -360,8 +361,8 @@ class SeesawTracker(RunFileWriter):
         if with_baseline:
             header += " single-task | relative gain |"
             rule += "---|---|"
-        lines = [f"Accuracies in %, at {weights_label(point.step, point.checkpoint)}; changes in points, relative "
-                 "gains in %.", "", header, rule]
+        weights = weights_label(point.step, point.checkpoint, point.adapter_folder)
+        lines = [f"Accuracies in %, at {weights}; changes in points, relative gains in %.", "", header, rule]
         for name, task in point.tasks.items():
             line = f"| {markdown_cell(name)} | {percent(task.accuracy)} |"
             if movement:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from malora_lightning.adapters import AdapterConfig
+from malora_lightning.adapters import AdapterConfig, save_adapters
 from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.callbacks.plots import is_our_plot
@@ -631,3 +631,52 @@ def test_the_report_of_a_test_of_an_earlier_checkpoint_names_it(earlier_checkpoi
         assert sections[title].startswith(restored_note("step=1.ckpt")), title
     test_points = json.loads((run_dir / "seesaw.json").read_text())["stages"]["test"]
     assert [(point["step"], point["checkpoint"]) for point in test_points] == [(1, "step=1.ckpt")]
+
+
+def test_the_run_outputs_name_an_adapter_folder_evaluated_as_loaded(tiny_model_dir, tmp_path):
+    """`malora validate --model.adapter_path <folder>` without --ckpt_path scores the folder's (trained) adapters, and
+    the report, seesaw.json and the routing section and pictures labelled them "step 0", the weights before training;
+    they name the folder, which records no step. A fit from the folder trains from it (its sanity check is step 0,
+    before training), and the same module validated after it scores the fit's weights, at its step; a checkpoint
+    loaded over the folder's adapters is named as a checkpoint."""
+    exported = make_module(tiny_model_dir)
+    exported.configure_model()
+    save_adapters(exported.model, tmp_path / "adapter")
+    baseline = tmp_path / "single_task.json"
+    baseline.write_text(json.dumps({"parity": 0.5}))
+
+    def evaluate(folder, run, module, ckpt_path=None, **settings):
+        metrics, routing = PerTaskMetrics(), RoutingStats(plots=False)  # `weights` gives the pictures' titles
+        trainer = make_trainer(tmp_path / folder, limit_val_batches=None, enable_checkpointing=True,
+                               callbacks=[metrics, SeesawTracker(baseline_scores=str(baseline), plots=False), routing,
+                                          RunReport()],
+                               **settings)
+        getattr(trainer, run)(module, make_data(tiny_model_dir, tasks=["parity"]), ckpt_path=ckpt_path,
+                              **({} if run == "fit" else {"verbose": False}))
+        return trainer, metrics, routing
+
+    _, metrics, routing = evaluate("validate", "validate", make_module(tiny_model_dir,
+                                                                        adapter_path=str(tmp_path / "adapter")))
+    sections = report_sections_of(tmp_path / "validate" / "checkpoints", "report_validate.md")
+    assert "| accuracy (adapter folder adapter) | loss |" in \
+        sections["Validation accuracy (%) per task, outside training (trainer.validate)"]
+    assert sections["Transfer (validation outside training)"].startswith("Accuracies in %, at adapter folder adapter;")
+    assert sections["Routing health (validation outside training, trainer.validate)"].startswith(
+        "Adapter folder adapter: 12 routed layers")
+    assert routing.results["validate"].weights == "adapter folder adapter"
+    assert [(e.step, e.checkpoint, e.adapter_folder) for e in metrics.history] == [(0, None, "adapter")]
+    (point,) = json.loads((tmp_path / "validate" / "checkpoints" / "seesaw.json").read_text())["stages"]["validate"]
+    assert (point["step"], point["checkpoint"], point["adapter_folder"]) == (0, None, "adapter")
+
+    module = make_module(tiny_model_dir, adapter_path=str(tmp_path / "adapter"))
+    trainer, metrics, routing = evaluate("fit", "fit", module, max_steps=1, num_sanity_val_steps=-1,
+                                         val_check_interval=1)
+    trainer.validate(module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    assert [(e.step, e.during_fit, e.adapter_folder) for e in metrics.history] == \
+        [(0, True, None), (1, True, None), (1, False, None)]
+    assert routing.results["validate"].weights == "step 1"
+    _, metrics, _ = evaluate("checkpoint", "validate", make_module(tiny_model_dir,
+                                                                   adapter_path=str(tmp_path / "adapter")),
+                             ckpt_path=str(tmp_path / "fit" / "checkpoints" / "epoch=0-step=1.ckpt"))
+    assert [(e.step, e.checkpoint, e.adapter_folder) for e in metrics.evaluations("val", during_fit=False)] == \
+        [(1, "epoch=0-step=1.ckpt", None)]
