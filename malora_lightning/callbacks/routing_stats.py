@@ -45,12 +45,12 @@ from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks.per_task_metrics import log_synchronised, partial_sanity_check
 from malora_lightning.callbacks.plots import PLOTS_FOLDER, plot_layer_heatmap, plot_task_routing, refuse_foreign_plot
 from malora_lightning.callbacks.summary import (
-    ADAPTER_FOLDER_LABEL,
     WeightsStep,
     evaluation_series,
     markdown_cell,
     mean_of_present,
     restored_note,
+    weights_label,
 )
 from malora_lightning.run_paths import (
     RunFileWriter,
@@ -188,8 +188,9 @@ class RoutingSummary:
 
     @property
     def weights(self) -> str:
-        """The weights this pass routed, as the pictures' titles name them: "step 3", or "adapter folder adapter"."""
-        return f"step {self.step}" if self.adapter_folder is None else f"{ADAPTER_FOLDER_LABEL} {self.adapter_folder}"
+        """The weights this pass routed, as the report names them (`weights_label`): "step 3", or "adapter folder
+        adapter"."""
+        return weights_label(self.step, None, self.adapter_folder)
 
     def health(self) -> dict[str, Any]:
         """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts (over the layers
@@ -530,10 +531,8 @@ class RoutingStats(RunFileWriter):
             return "-" if value is None else f"{value:.{digits}f}"
 
         lines = [restored_note(self.restored_from), ""] if series == "val" and self.restored_from is not None else []
-        weights = f"Step {summary.step}" if summary.adapter_folder is None \
-            else f"{ADAPTER_FOLDER_LABEL.capitalize()} {markdown_cell(summary.adapter_folder)}"  # as `weights_label`
         lines += [
-            f"{weights}: {health['layers']} routed layers, {health['tokens']} tokens each "
+            f"{summary.weights[:1].upper()}{summary.weights[1:]}: {health['layers']} routed layers, {health['tokens']} tokens each "
             f"(padding excluded). Dead expert: load below {summary.dead_threshold:g} x the even share.", "",
             "| load CV mean | CV min | CV max (layer) | router entropy / ln N | dead experts | task-expert NMI |",
             "|---|---|---|---|---|---|",

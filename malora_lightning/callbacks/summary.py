@@ -12,10 +12,6 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 
 
-# how the run outputs name the adapters of an adapter folder that an evaluation scored as loaded (`weights_label`)
-ADAPTER_FOLDER_LABEL = "adapter folder"
-
-
 def mean_of_present(values: Iterable[float | None]) -> float | None:
     """The mean of the values that are not None; None when there are none."""
     present = [value for value in values if value is not None]
@@ -40,7 +36,7 @@ def weights_label(step: int, checkpoint: str | None, adapter_folder: str | None 
     name when validate/test scored an adapter folder's adapters as loaded ("adapter folder adapter"): the folder
     records no training step, and "step 0" read as the weights before training."""
     if adapter_folder is not None:
-        return f"{ADAPTER_FOLDER_LABEL} {markdown_cell(adapter_folder)}"
+        return f"adapter folder {markdown_cell(adapter_folder)}"
     return f"step {step}" if checkpoint is None else f"step {step}, {markdown_cell(checkpoint)}"
 
 
