@@ -8,6 +8,7 @@ Users add tasks from Python (``register_task(Task(...))``) or from a plain dict 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import contextvars
 import csv
@@ -321,6 +322,11 @@ def not_a_file(path: Path) -> str:
                                f" (a relative path is read from the current directory, {Path.cwd()})")
 
 
+# byte-order marks of text that is not UTF-8, as a "Unicode" export writes it; UTF-32's first, which start as UTF-16's
+_OTHER_BYTE_ORDER_MARKS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF16_LE: "UTF-16",
+                           codecs.BOM_UTF16_BE: "UTF-16"}
+_SAVE_AS_UTF8 = "task and predict files are read as UTF-8: save it as UTF-8 (in Excel, as \"CSV UTF-8\")"
+
 # rows already read, by resolved path, inside `reading_files_once`
 _FILE_READS: contextvars.ContextVar[dict[str, Sequence[Mapping[str, Any]]] | None] = contextvars.ContextVar(
     "file_reads", default=None)
@@ -346,7 +352,8 @@ class FileSource:
     no float inference turning a column of "2" into "2.0" around an empty cell, no nulls filled in for keys a row
     lacks, a JSON ``1e3`` inserted as ``1e3``. A CSV cell that is empty, like a JSON null, is a missing value, which
     the formatter rejects by name, as it does a JSON ``NaN`` or ``Infinity``. A name given twice (CSV header, JSON
-    object) is an error, never a dropped value.
+    object) is an error, never a dropped value. JSON and CSV files are UTF-8 text, with or without a byte-order mark;
+    other text (Latin-1, UTF-16 with or without its mark) is refused by name.
     """
 
     files: Mapping[str, str]
@@ -397,7 +404,16 @@ class FileSource:
         try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first field's name
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:
-            raise TaskDataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+            with path.open("rb") as start:
+                head = start.read(4)
+            other = next((name for mark, name in _OTHER_BYTE_ORDER_MARKS.items() if head.startswith(mark)), None)
+            found = (f"{other} text (it starts with a {other} byte-order mark, as a \"Unicode\" export writes it)"
+                     if other else f"not UTF-8 text (byte {error.start}: {error.reason})")
+            raise TaskDataError(f"{path}: {found}; {_SAVE_AS_UTF8}") from None
+        if "\0" in text:  # UTF-16 without a byte-order mark decodes as UTF-8: "q\0,\0a\0", then "missing field 'q'"
+            line = text.count("\n", 0, text.index("\0")) + 1
+            raise TaskDataError(f"{path}, line {line}: holds a NUL character, which text files do not (UTF-16 text "
+                                f"without a byte-order mark has one in every ASCII character); {_SAVE_AS_UTF8}")
         if kind == "csv":
             return _csv_rows(text, path)
         return _json_rows(text, path)

@@ -218,6 +218,26 @@ def test_non_utf8_bytes_are_named(tmp_path):
         task.examples("train")
 
 
+UTF16_CSV = "q,a\r\n2+2,4\r\n"
+
+
+@pytest.mark.parametrize(("file_name", "content", "message"), [
+    # Excel's "Unicode Text", Notepad's "UTF-16 LE": "not UTF-8 text (byte 0: invalid start byte)", naming no encoding
+    ("d.csv", UTF16_CSV.encode("utf-16"), r"d.csv: UTF-16 text \(it starts with a UTF-16 byte-order mark"),
+    ("d.jsonl", jsonl({"q": "2+2", "a": "4"}).encode("utf-32"), r"d.jsonl: UTF-32 text"),
+    # decoded as UTF-8 with a NUL after every character: "missing field 'q' (the row has: q ,  a )"
+    ("d.csv", UTF16_CSV.encode("utf-16-le"), r"d.csv, line 1: holds a NUL character"),
+    ("d.csv", "q,a\n2+2,4\n3\x00+3,6\n".encode(), r"d.csv, line 3: holds a NUL character"),
+], ids=["utf-16", "utf-32", "utf-16 without its mark", "a NUL in utf-8"])
+def test_text_that_is_not_utf8_is_named_as_such(tmp_path, file_name, content, message):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    task = task_from_spec({"name": "mine", "path": str(path), **GENERATIVE})
+    with pytest.raises(TaskDataError, match=message) as error:
+        task.examples("train")
+    assert "read as UTF-8: save it as UTF-8" in str(error.value)
+
+
 def test_a_json_file_that_is_not_one_json_value_is_read_as_json_lines(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(jsonl({"q": "2+2", "a": "4"}, {"q": "3+3", "a": "6"}))
