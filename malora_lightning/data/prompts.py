@@ -80,7 +80,7 @@ def read_prompts(source: FileSource, tasks: Collection[str]) -> list[PredictProm
             values[field] = value
         if values["prompt"] is None:
             raise TaskDataError(f"predict_file {path}, row {index}: field 'prompt' is missing or empty (null); every "
-                                f"row needs the prompt text (the row has: {', '.join(row) or 'no fields'})")
+                                f"row needs the prompt text (the row has: {', '.join(map(repr, row)) or 'no fields'})")
         if values["task"] is not None and values["task"] not in tasks:
             raise TaskDataError(f"predict_file {path}, row {index}: field 'task' names unknown task "
                                 f"{values['task']!r}; valid: {', '.join(tasks)}, or no task (empty)")

@@ -649,8 +649,9 @@ class Task:
         try:
             example = self.formatter(row)
         except KeyError as error:
-            raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: {', '.join(row)}){source}") \
-                from error
+            # quoted as the missing one is: a name with an invisible character ('q\\u200b', 'q\\xa0') shows it
+            raise TaskDataError(f"{where}: missing field {error.args[0]!r} (the row has: "
+                                f"{', '.join(map(repr, row))}){source}") from error
         except (ValueError, TypeError, IndexError, AttributeError) as error:  # AttributeError: a null text's .strip()
             raise TaskDataError(f"{where}: {error}{source}") from error
         if not isinstance(example, Example):  # a tuple, a dict, None (no return): `.choices` below named nothing

@@ -30,6 +30,9 @@ CASES = {  # name: (file name, content, spec fields, message fragments)
                            ["train row 1", "the prompt is empty", "d.jsonl"]),
     "csv empty cell": ("d.csv", "q,a\n2+2,4\n3+3,\n", GENERATIVE, ["train row 1", "field 'a' is empty", "d.csv"]),
     "csv short row": ("d.csv", "q,a\n2+2\n", GENERATIVE, ["train row 0", "field 'a' is empty"]),
+    # a header name holding an invisible character (a no-break space, as spreadsheets export) read "the row has: q, a"
+    "csv header with a no-break space": ("d.csv", "q\xa0,a\n2+2,4\n", GENERATIVE,
+                                         ["train row 0", "missing field 'q' (the row has: 'q\\xa0', 'a')"]),
     "csv long row": ("d.csv", "q,a\n2+2,4,extra\n", GENERATIVE, ["d.csv, line 2", "more cells than the 2 columns"]),
     "choices given as a string": ("d.jsonl", jsonl({"q": "ok?", "options": "yes", "answer": 0}), CHOICE,
                                   ["choices field 'options' must hold a list", "'yes'"]),

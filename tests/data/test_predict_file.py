@@ -131,6 +131,9 @@ def test_a_predict_files_prompts_are_encoded_in_chunks(tmp_path, monkeypatch):
     ("null.jsonl", '{"prompt": "ok"}\n{"prompt": null, "task": "parity"}\n',
      [r"null.jsonl, row 1: field 'prompt' is missing or empty \(null\)"]),
     ("missing.jsonl", '{"question": "hi"}\n', [r"missing.jsonl, row 0: field 'prompt' is missing", "question"]),
+    # a second byte-order mark (files joined with cat) is part of the name: it read "the row has: prompt"
+    ("bom.csv", "\ufeff\ufeffprompt\nhello\n", [r"bom.csv, row 0: field 'prompt' is missing",
+                                               r"the row has: '\\ufeffprompt'"]),
     ("empty_cell.csv", "prompt,task\nhello,parity\n,parity\n", [r"empty_cell.csv, row 1: field 'prompt'"]),
     ("unknown.jsonl", '{"prompt": "hi", "task": "parity"}\n{"prompt": "hi", "task": "parrot"}\n',
      [r"unknown.jsonl, row 1: field 'task' names unknown task 'parrot'; valid: add_2digit, parity"]),

@@ -75,7 +75,7 @@ def test_missing_field_names_task_split_row_and_field():
     rows = [ROWS[0], ROWS[1], {"question": "9+1"}]
     task = Task(name="qa", source=generated(rows), formatter=qa_formatter)
     with pytest.raises(TaskDataError, match=r"task 'qa', validation row 2: missing field 'answer' \(the row has: "
-                                            r"question\)"):
+                                            r"'question'\)"):
         task.examples("validation")
 
 
