@@ -618,7 +618,11 @@ class Task:
 
     def is_correct(self, prediction: str, target: str) -> bool:
         """Exact match after this task's answer extraction (first line), or for a worked solution's final answer
-        ``final_answer_matches`` (numbers and fractions compared by value)."""
+        ``final_answer_matches`` (numbers and fractions compared by value). Both texts are compared in one Unicode
+        form (NFC): "é" written as one character or as "e" and a combining accent is the same text, shown alike, and a
+        file saved on another system (or a tokenizer's normalisation) may give the target one and the model's answer
+        the other. Only canonical equivalents are one: "ＡＢＣ" and "ABC", "x²" and "x2" stay different answers."""
+        prediction, target = unicodedata.normalize("NFC", prediction), unicodedata.normalize("NFC", target)
         if self.answer is final_answer:
             return final_answer_matches(prediction, target)
         return self.answer(prediction) == self.answer(target)

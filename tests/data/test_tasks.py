@@ -197,6 +197,9 @@ def test_a_task_whose_source_formatter_or_answer_is_of_the_wrong_kind_is_named_w
     ("sun  dog cat", "sun dog cat", True),
     ("Sun dog cat", "sun dog cat", False),
     ("", "x", False),
+    # one text in two Unicode forms (NFD, as macOS writes names, and NFC): an identical-looking answer scored wrong
+    ("cafe\u0301", "caf\u00e9", True),
+    ("Ａ", "A", False),  # a full-width letter is another character, not another form of the same one
 ])
 def test_first_line_exact_match(prediction, target, expected):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter)
@@ -234,6 +237,7 @@ def test_final_answer_extraction(text, answer):
     ("$1,000", "1000.", True),
     ("-0.5", "0.5", False),
     ("3/4", "the answer is: 3/4", True),  # a lower-case marker: this compared the whole line
+    ("caf\u00e9", "The answer is: cafe\u0301", True),  # one text in two Unicode forms (NFC, NFD)
 ])
 def test_final_answer_compares_a_target_without_a_marker_as_a_whole(target, prediction, correct):
     task = Task(name="t", source=generated(ROWS), formatter=qa_formatter, answer=final_answer)
