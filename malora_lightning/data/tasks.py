@@ -586,8 +586,8 @@ class Task:
 
     def __post_init__(self) -> None:
         _require(_is_text(self.name) and bool(_TASK_NAME.fullmatch(self.name)) and self.name.strip(".") != "",
-                 "name", self.name, "a task name: non-empty text of letters, digits, '_', '.', '-', not only dots "
-                 "(it names a folder: '.' and '..' are paths) (quote a number: name: '2024')")
+                 "name", self.name, "a task name: non-empty text of ASCII letters and digits (A-Z, a-z, 0-9), '_', "
+                 "'.', '-', not only dots (it names a folder: '.' and '..' are paths) (quote a number: name: '2024')")
         try:
             _require(_is_text(self.kind) and self.kind in TASK_KINDS, "kind", self.kind,
                      f"one of {', '.join(TASK_KINDS)}")

@@ -110,6 +110,8 @@ SPEC_CASES = {  # name: (spec, message fragments); each was a TypeError or Attri
     "name of three dots": (SPEC | {"name": "..."}, ["name='...' is invalid", "not only dots"]),
     "name ending in a newline": (SPEC | {"name": "ok\n"}, ["name='ok\\n' is invalid: expected a task name"]),
     "name with a path separator": (SPEC | {"name": "a/b"}, ["name='a/b' is invalid: expected a task name"]),
+    # "expected ... letters, digits" refused 'café' and '数学', which are letters
+    "name not ASCII": (SPEC | {"name": "café"}, ["name='café' is invalid", "ASCII letters and digits (A-Z, a-z, 0-9)"]),
     "chance_rate text": (SPEC | {"chance_rate": "half"},
                          ["task 'mine': chance_rate='half' is invalid: expected a number in [0, 1]"]),
     "max_new_tokens text": (SPEC | {"max_new_tokens": "5"},
