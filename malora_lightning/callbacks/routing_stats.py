@@ -182,15 +182,16 @@ class RoutingSummary:
     tasks: list[str]  # by task id, the rows of every task_load
     layers: dict[str, LayerRouting]
     dead_threshold: float
-    # as `Evaluation.adapter_folder`: what the report and the pictures name the weights by, instead of the step (the
-    # JSON file keeps the step alone, as it names no checkpoint either)
+    # as `Evaluation.checkpoint` and `Evaluation.adapter_folder`: what the report and the pictures name the weights
+    # by, beside or instead of the step (the JSON file keeps the step alone)
+    checkpoint: str | None = None
     adapter_folder: str | None = None
 
     @property
     def weights(self) -> str:
-        """The weights this pass routed, as the report names them (`weights_label`): "step 3", or "adapter folder
-        adapter"."""
-        return weights_label(self.step, None, self.adapter_folder)
+        """The weights this pass routed, as the report's score tables name them (`weights_label`): "step 3",
+        "step 1, step=1.ckpt" or "adapter folder adapter"."""
+        return weights_label(self.step, self.checkpoint, self.adapter_folder)
 
     def health(self) -> dict[str, Any]:
         """Scalars summarising every layer: load CV (mean, min, max and where), entropy, dead experts (over the layers
@@ -376,6 +377,7 @@ class RoutingStats(RunFileWriter):
         summary = RoutingSummary(stage=stage, step=self._weights.of(trainer),
                                  tasks=[task.name for task in trainer.datamodule.tasks],
                                  layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold,
+                                 checkpoint=self._weights.checkpoint_name,
                                  adapter_folder=self._weights.adapter_folder(trainer, pl_module))
         series = evaluation_series(trainer)
         self.results[series] = summary

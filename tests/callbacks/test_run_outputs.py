@@ -296,7 +296,8 @@ def test_a_test_without_a_checkpoint_in_the_fits_folder_keeps_the_fits_routing_a
 
 
 def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_path):
-    """validate(ckpt_path=...) loads the checkpoint's weights and leaves the trainer's step (0 here) as it was."""
+    """validate(ckpt_path=...) loads the checkpoint's weights and leaves the trainer's step (0 here) as it was. The
+    section and the pictures' titles name the checkpoint as the score tables do: they said "Step 1" alone."""
     make_trainer(tmp_path, max_steps=1, enable_checkpointing=True).fit(make_module(tiny_model_dir),
                                                                        make_data(tiny_model_dir, tasks=["parity"]))
     routing = RoutingStats(plots=False)
@@ -304,6 +305,11 @@ def test_routing_of_a_checkpoint_is_labelled_with_its_step(tiny_model_dir, tmp_p
     trainer.validate(make_module(tiny_model_dir), make_data(tiny_model_dir, tasks=["parity"]),
                      ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"), verbose=False)
     assert routing.results["validate"].step == 1
+    assert routing.results["validate"].weights == "step 1, epoch=0-step=1.ckpt"  # the pictures' titles
+    (section,) = routing.report_sections(trainer)
+    assert section.startswith("## Routing health (validation outside training, trainer.validate)\n\n"
+                              "Step 1, epoch=0-step=1.ckpt: ")
+    assert "ckpt" not in (tmp_path / "evaluation" / "routing_validate.json").read_text()  # its JSON is unchanged
 
 
 def test_a_fit_after_a_validation_of_a_checkpoint_reports_its_own_routing_as_not_restored(tiny_model_dir, tmp_path):
