@@ -62,6 +62,7 @@ from malora_lightning.adapters.quantization import (
 )
 from malora_lightning.callbacks.export import AdapterExport
 from malora_lightning.callbacks.random_state import TrainingRandomState
+from malora_lightning.callbacks.summary import HeldWeights
 from malora_lightning.checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMAT_KEY,
@@ -308,11 +309,12 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         self._resume_step: int | None = None
         # the gradient accumulations whose validations inside windows this fit has judged (`on_train_epoch_start`)
         self._judged_accumulations: set[int] = set()
-        # the adapter folder (adapter_path) whose adapters the model holds as loaded, for the run outputs to name the
-        # weights an evaluation scored (the folder records no training step): set when `configure_model` builds the
-        # model from it, None once a checkpoint replaced them (`on_load_checkpoint`) or a fit trained them
-        # (`on_train_start`)
-        self.adapters_from_folder: str | None = None
+        # which weights the module holds, for the run outputs to name the weights an evaluation scored, whichever
+        # trainer evaluates them: set when `configure_model` builds the model (from an adapter folder, or
+        # initialised), when a checkpoint replaces them (`on_load_checkpoint`, `load_from_checkpoint` too) and after
+        # each optimizer step of a fit (`on_train_batch_end`)
+        self.held_weights = HeldWeights(step=0)
+        self._fit_start_step = 0  # the trainer's step when the current fit began training (`on_train_start`)
 
     @property
     def hparams_initial(self) -> AttributeDict:
@@ -415,7 +417,8 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
-            self.adapters_from_folder = self.settings.adapter_path
+            folder = self.settings.adapter_path
+            self.held_weights = HeldWeights(step=0, adapter_folder=None if folder is None else Path(folder).name)
             logger.info("%s", count_parameters(self.model))  # before a sharding strategy splits the parameters
             self._check_context_length()
             self._check_vocabulary()
@@ -959,7 +962,9 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
             upgrade_checkpoint(checkpoint, shapes, groups, path)
         if "state_dict" in checkpoint:
             self._check_checkpoint_shapes(checkpoint["state_dict"], source)
-        self.adapters_from_folder = None  # the checkpoint's adapters replace the folder's
+        # the checkpoint's weights replace those held (a resumed fit's until its first step)
+        self.held_weights = HeldWeights(step=checkpoint.get("global_step", 0),
+                                        checkpoint=None if path is None else Path(path).name)
 
     def _check_checkpoint_shapes(self, state_dict: Mapping[str, Any], source: str) -> None:
         """Refuse a checkpoint tensor whose shape is not this module's: the base check compares the base's name only,
@@ -989,7 +994,7 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
         error) left its batches' losses, which this fit's first logged step would otherwise average in.
         """
         self._step_losses, self._step_task_parts, self._unchecked_losses, self._step_end = [], {}, [], None
-        self.adapters_from_folder = None  # trained from here on: the run outputs name them by step
+        self._fit_start_step = self.trainer.global_step
         self._nan_tasks = (-1, set())  # this fit's Lightning holds no NaN an earlier fit logged
         self._warn_of_an_interval_beyond_the_epochs()
         self._judged_accumulations = {self.trainer.accumulate_grad_batches}
@@ -1012,6 +1017,13 @@ class MALoRAModule(EvaluationMixin, L.LightningModule):
                 param_group["weight_decay"] = group.get("weight_decay", defaults["weight_decay"])
                 for implementation in ("fused", "foreach"):
                     param_group[implementation] = defaults.get(implementation)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Once this fit has taken an optimizer step, the module holds the weights trained to the trainer's step
+        (`held_weights`); until then, those it held before (an adapter folder's, a checkpoint's): a fit that stops
+        before its first step (an error, a batch inside an accumulation window) trained nothing."""
+        if self.trainer.global_step > self._fit_start_step:
+            self.held_weights = HeldWeights(step=self.trainer.global_step)
 
     def on_train_epoch_start(self) -> None:
         """`_warn_of_validations_inside_windows` again for each accumulation a `GradientAccumulationScheduler` sets

@@ -5,8 +5,10 @@ With `num_sanity_val_steps=-1` the sanity check is a full validation before trai
 logged: Lightning discards sanity-check logs) as the "before training" evaluation at step 0. A partial sanity check
 (Lightning's default of 2 batches per loader) is not recorded.
 The evaluations of `trainer.validate`/`test` are recorded apart from a fit's (`Evaluation.during_fit`): no training
-happened between them, so they are no point of the training curve. With `ckpt_path` they carry the checkpoint's step,
-and the history of this process stays as it is (only resuming a fit restores the checkpoint's).
+happened between them, so they are no point of the training curve. They carry the weights the module holds
+(`WeightsStep`): the step it was trained to, or the checkpoint (its step and file name) that `ckpt_path` or
+`load_from_checkpoint` loaded; with `ckpt_path` the history of this process stays as it is (only resuming a fit
+restores the checkpoint's).
 Other callbacks that derive figures from the scores (`SeesawTracker`) register with `add_listener`: they are called
 right after each evaluation is recorded, from the same hook, so they may still log, whatever the callback order.
 """
@@ -47,8 +49,10 @@ class Evaluation:
     sanity_check: bool
     tasks: dict[str, TaskScore] = field(default_factory=dict)
     during_fit: bool = True  # False for trainer.validate/test: no point of the training curve
-    checkpoint: str | None = None  # the file name of the checkpoint validate/test loaded; None: the weights in memory
-    # the name of the adapter folder whose adapters validate/test scored as loaded (`WeightsStep.adapter_folder`): no
+    # the file name of the checkpoint whose weights validate/test scored (`HeldWeights.checkpoint`: loaded by it, or
+    # earlier into the module); None: weights trained or initialised in this process, or an adapter folder's
+    checkpoint: str | None = None
+    # the name of the adapter folder whose adapters validate/test scored as loaded (`HeldWeights.adapter_folder`): no
     # step names them; None: a checkpoint's, or weights this process trained or initialised
     adapter_folder: str | None = None
 
@@ -175,11 +179,10 @@ class PerTaskMetrics(Callback):
         return scores
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        evaluation = Evaluation(stage=stage, step=self._weights.of(trainer), sanity_check=trainer.sanity_checking,
-                                during_fit=trainer.state.fn == TrainerFn.FITTING,
-                                checkpoint=self._weights.checkpoint_name,
-                                adapter_folder=self._weights.adapter_folder(trainer, pl_module),
-                                tasks=self._scores(pl_module))
+        weights = self._weights.held(trainer, pl_module)
+        evaluation = Evaluation(stage=stage, step=weights.step, sanity_check=trainer.sanity_checking,
+                                during_fit=trainer.state.fn == TrainerFn.FITTING, checkpoint=weights.checkpoint,
+                                adapter_folder=weights.adapter_folder, tasks=self._scores(pl_module))
         if trainer.sanity_checking and partial_sanity_check(trainer):
             # a few examples' accuracy would stand in every report's first and best columns and the seesaw figures
             rank_zero_info("The sanity check ran part of the validation data: not kept as the evaluation before "

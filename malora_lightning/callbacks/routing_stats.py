@@ -374,11 +374,11 @@ class RoutingStats(RunFileWriter):
         if accumulator is None or (trainer.sanity_checking and partial_sanity_check(trainer)):
             return
         accumulator.reduce(trainer.strategy)
-        summary = RoutingSummary(stage=stage, step=self._weights.of(trainer),
+        weights = self._weights.held(trainer, pl_module)
+        summary = RoutingSummary(stage=stage, step=weights.step,
                                  tasks=[task.name for task in trainer.datamodule.tasks],
                                  layers=accumulator.layers(self._top_k), dead_threshold=self.dead_threshold,
-                                 checkpoint=self._weights.checkpoint_name,
-                                 adapter_folder=self._weights.adapter_folder(trainer, pl_module))
+                                 checkpoint=weights.checkpoint, adapter_folder=weights.adapter_folder)
         series = evaluation_series(trainer)
         self.results[series] = summary
         if series == "val":

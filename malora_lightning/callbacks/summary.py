@@ -5,6 +5,7 @@ belongs to (accuracy as a percentage: `values.percent`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,26 @@ def restored_note(checkpoint: str) -> str:
             "are not in this section.")
 
 
+@dataclass(frozen=True)
+class HeldWeights:
+    """Which weights a module holds, as the run outputs name them (`weights_label`): trained to `step` (0: as
+    initialised), or loaded from the checkpoint file `checkpoint` (at its step), or from the adapter folder
+    `adapter_folder` (no step recorded: 0). `MALoRAModule.held_weights` keeps it where its weights change, as the
+    module outlives its trainer: a new trainer's step is 0, whatever weights the module holds."""
+
+    step: int
+    checkpoint: str | None = None  # the checkpoint's file name
+    adapter_folder: str | None = None  # the adapter folder's name
+
+
 class WeightsStep:
-    """The training step of the weights being evaluated. `validate`/`test(ckpt_path=...)` load a checkpoint's weights
-    but leave the trainer's step as it was (0 in a fresh trainer, the end of the fit after one), which would label the
-    checkpoint's scores with another step. The owning callback calls `forget` from `setup` (Lightning loads the
-    checkpoint after it) and `loaded` from `on_load_checkpoint`. Adapters loaded from an adapter folder have no step
-    to tell: `adapter_folder` names the folder instead."""
+    """The weights an evaluation scores (`held`). A fit's validations score the weights at the trainer's step (a fit
+    from an adapter folder validates at step 0 before training; a resumed fit at its step). Outside a fit, the
+    module's own record names them (`MALoRAModule.held_weights`), whichever trainer trained or loaded them. For a
+    module without one, the trainer's step, or the checkpoint's that `validate`/`test(ckpt_path=...)` loaded (they
+    leave the trainer's step as it was: 0 in a fresh trainer, the end of the fit after one). The owning callback calls
+    `forget` from `setup` (Lightning loads the checkpoint after it) and `loaded` from `on_load_checkpoint`;
+    `checkpoint_step` also tells its `load_state_dict` that validate/test, not a resumed fit, loaded the checkpoint."""
 
     def __init__(self) -> None:
         self.checkpoint_step: int | None = None  # the step of the checkpoint that validate/test loaded, if any
@@ -67,15 +82,13 @@ class WeightsStep:
             self.checkpoint_step = checkpoint["global_step"]
             self.checkpoint_name = Path(trainer.ckpt_path).name
 
-    def of(self, trainer: L.Trainer) -> int:
-        return trainer.global_step if self.checkpoint_step is None else self.checkpoint_step
-
-    def adapter_folder(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        """The name of the adapter folder whose adapters validate/test scores as loaded (`adapter_path`: the module's
-        `adapters_from_folder`), which the trainer's step 0 would label as the weights before training; None when
-        they were trained in this process or a checkpoint replaced them, and for a fit's validations (a fit from an
-        adapter folder trains from it: its step 0 is before training)."""
-        folder = getattr(pl_module, "adapters_from_folder", None)
-        if trainer.state.fn == TrainerFn.FITTING or self.checkpoint_step is not None or not folder:
-            return None
-        return Path(folder).name
+    def held(self, trainer: L.Trainer, pl_module: L.LightningModule) -> HeldWeights:
+        """The weights the current evaluation scores (the class's docstring says whose record names them)."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            return HeldWeights(step=trainer.global_step)
+        held = getattr(pl_module, "held_weights", None)
+        if isinstance(held, HeldWeights):
+            return held
+        if self.checkpoint_step is not None:
+            return HeldWeights(step=self.checkpoint_step, checkpoint=self.checkpoint_name)
+        return HeldWeights(step=trainer.global_step)

@@ -18,7 +18,7 @@ from malora_lightning.adapters.model import routing_context
 from malora_lightning.callbacks import PerTaskMetrics, RoutingStats, RunReport, SeesawTracker
 from malora_lightning.callbacks.plots import is_our_plot
 from malora_lightning.callbacks.seesaw import track
-from malora_lightning.callbacks.summary import restored_note
+from malora_lightning.callbacks.summary import restored_note, weights_label
 from malora_lightning.data.batches import EvaluationOutput
 from malora_lightning.module import MALoRAModule
 from tests.test_module import TASKS, make_data, make_module, make_trainer
@@ -686,3 +686,64 @@ def test_the_run_outputs_name_an_adapter_folder_evaluated_as_loaded(tiny_model_d
                              ckpt_path=str(tmp_path / "fit" / "checkpoints" / "epoch=0-step=1.ckpt"))
     assert [(e.step, e.checkpoint, e.adapter_folder) for e in metrics.evaluations("val", during_fit=False)] == \
         [(1, "epoch=0-step=1.ckpt", None)]
+
+
+FITTED = "epoch=0-step=2.ckpt"  # the checkpoint of `fitted`
+
+
+class FailBeforeTheFirstStep(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        raise RuntimeError("stopped before the first step")
+
+
+def fitted(model_dir, root) -> MALoRAModule:
+    """A module trained for 2 steps by a trainer that checkpoints."""
+    module = make_module(model_dir)
+    make_trainer(root, max_steps=2, enable_checkpointing=True).fit(module, make_data(model_dir, tasks=["parity"]))
+    return module
+
+
+def loaded_from_checkpoint(model_dir, root) -> MALoRAModule:
+    fitted(model_dir, root)
+    return MALoRAModule.load_from_checkpoint(root / "checkpoints" / FITTED)
+
+
+def validated_from_checkpoint(model_dir, root) -> MALoRAModule:
+    """validate(ckpt_path=...) loads the checkpoint into the module, which keeps its weights afterwards."""
+    fitted(model_dir, root)
+    module = make_module(model_dir)
+    make_trainer(root / "first", limit_val_batches=1).validate(module, make_data(model_dir, tasks=["parity"]),
+                                                               ckpt_path=str(root / "checkpoints" / FITTED),
+                                                               verbose=False)
+    return module
+
+
+def folder_fit_stopped_before_its_first_step(model_dir, root) -> MALoRAModule:
+    exported = make_module(model_dir)
+    exported.configure_model()
+    save_adapters(exported.model, root / "adapter")
+    module = make_module(model_dir, adapter_path=str(root / "adapter"))
+    with pytest.raises(RuntimeError, match="stopped before the first step"):
+        make_trainer(root / "fit", max_steps=2, callbacks=[FailBeforeTheFirstStep()]).fit(
+            module, make_data(model_dir, tasks=["parity"]))
+    return module
+
+
+@pytest.mark.parametrize(("prepare", "weights"), [
+    (fitted, (2, None, None)),
+    (loaded_from_checkpoint, (2, FITTED, None)),
+    (validated_from_checkpoint, (2, FITTED, None)),
+    (folder_fit_stopped_before_its_first_step, (0, None, "adapter")),
+], ids=["fitted", "load_from_checkpoint", "validated_from_checkpoint", "folder_fit_stopped"])
+def test_a_new_trainer_names_the_weights_the_module_holds(tiny_model_dir, tmp_path, prepare, weights):
+    """The module outlives its trainer: a test by a new trainer (a notebook's fit, then `L.Trainer().test(module)`;
+    a module from `load_from_checkpoint`; one a validate(ckpt_path=...) loaded; one whose fit from an adapter folder
+    stopped before its first step) labelled its weights with that trainer's step, "step 0", the weights before
+    training, and named no checkpoint or folder. The module's `held_weights` names them."""
+    module = prepare(tiny_model_dir, tmp_path)
+    metrics, routing = PerTaskMetrics(), RoutingStats(plots=False)
+    make_trainer(tmp_path / "evaluation", limit_test_batches=None, callbacks=[metrics, routing]).test(
+        module, make_data(tiny_model_dir, tasks=["parity"]), verbose=False)
+    (evaluation,) = metrics.history
+    assert (evaluation.step, evaluation.checkpoint, evaluation.adapter_folder) == weights
+    assert routing.results["test"].weights == weights_label(*weights)
