@@ -1,6 +1,7 @@
 """User data files: values keep the text the user wrote, and a missing, null or mistyped value is an error that names
 the file, the row and the field; never the text "None", never a silent conversion."""
 
+import codecs
 import csv
 import json
 
@@ -230,10 +231,14 @@ UTF16_CSV = "q,a\r\n2+2,4\r\n"
     # Excel's "Unicode Text", Notepad's "UTF-16 LE": "not UTF-8 text (byte 0: invalid start byte)", naming no encoding
     ("d.csv", UTF16_CSV.encode("utf-16"), r"d.csv: UTF-16 text \(it starts with a UTF-16 byte-order mark"),
     ("d.jsonl", jsonl({"q": "2+2", "a": "4"}).encode("utf-32"), r"d.jsonl: UTF-32 text"),
+    # big-endian, with its mark (Python's utf-16-be and utf-32-be codecs write none)
+    ("d.csv", codecs.BOM_UTF16_BE + UTF16_CSV.encode("utf-16-be"), r"d.csv: UTF-16 text \(it starts with a UTF-16 "),
+    ("d.csv", codecs.BOM_UTF32_BE + UTF16_CSV.encode("utf-32-be"), r"d.csv: UTF-32 text \(it starts with a UTF-32 "),
     # decoded as UTF-8 with a NUL after every character: "missing field 'q' (the row has: q ,  a )"
     ("d.csv", UTF16_CSV.encode("utf-16-le"), r"d.csv, line 1: holds a NUL character"),
     ("d.csv", "q,a\n2+2,4\n3\x00+3,6\n".encode(), r"d.csv, line 3: holds a NUL character"),
-], ids=["utf-16", "utf-32", "utf-16 without its mark", "a NUL in utf-8"])
+], ids=["utf-16", "utf-32", "utf-16 big-endian", "utf-32 big-endian", "utf-16 without its mark",
+        "a NUL in utf-8"])
 def test_text_that_is_not_utf8_is_named_as_such(tmp_path, file_name, content, message):
     path = tmp_path / file_name
     path.write_bytes(content)

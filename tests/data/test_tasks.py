@@ -199,6 +199,7 @@ def test_a_task_whose_source_formatter_or_answer_is_of_the_wrong_kind_is_named_w
     ("", "x", False),
     # one text in two Unicode forms (NFD, as macOS writes names, and NFC): an identical-looking answer scored wrong
     ("cafe\u0301", "caf\u00e9", True),
+    ("caf\u00e9", "cafe\u0301", True),  # and the other way round: a target file saved in NFD, an answer in NFC
     ("Ａ", "A", False),  # a full-width letter is another character, not another form of the same one
 ])
 def test_first_line_exact_match(prediction, target, expected):
