@@ -129,10 +129,16 @@ def test_evaluations_in_processes_of_their_own_keep_each_others_series(tmp_path)
                 val_check_interval=1).fit(HandBuiltTraining())
     fitted = stages()["val"]
     for run in ("test", "validate", "test"):  # a fresh trainer, callbacks and module each
+        if run == "test" and "validate" in stages():  # the first test's series, as if of a checkpoint of step 3
+            data = json.loads((tmp_path / "seesaw.json").read_text())
+            data["stages"]["test"][0].update(step=3, checkpoint="epoch=0-step=3.ckpt")
+            (tmp_path / "seesaw.json").write_text(json.dumps(data))
         getattr(trainer_for(tmp_path, callbacks=[PerTaskMetrics(), SeesawTracker(plots=False)]), run)(
             HandBuiltTraining(), verbose=False)
     assert list(stages()) == ["val", "test", "validate"] and stages()["val"] == fitted
-    assert [len(stages()[name]) for name in ("test", "validate")] == [1, 1]  # the test's rerun replaced its own
+    assert [len(stages()[name]) for name in ("test", "validate")] == [1, 1]
+    # the test's rerun replaced its own series with its own evaluation, not the one on file
+    assert (stages()["test"][0]["step"], stages()["test"][0]["checkpoint"]) == (0, None)
 
 
 def test_relative_gain_negative_transfer_and_delta_mtl():
