@@ -555,14 +555,19 @@ def test_main_without_args_in_a_notebook_asks_for_the_command_not_the_kernels_ar
     assert parse(["--config", "recipes/default.yaml"]).config.model.adapter.method == "malora"
 
 
-@pytest.mark.parametrize("argv, warned", [
-    (["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "/tmp/tmpq2n8s1.json"], False),  # a notebook
-    (["my_cli.py", "--trainer.max_steps=5"], True),  # a script's own flags, which `args` replaces: Lightning warns
+@pytest.mark.parametrize("argv, notebook, warned", [
+    (["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "/tmp/tmpq2n8s1.json"], True, False),
+    (["my_cli.py", "--trainer.max_steps=5"], True, True),  # a script's own flags, which `args` replaces: it warns
+    (["my_cli.py", "-f", "settings.json"], False, True),  # a script's own -f, outside Jupyter: not a kernel's
 ])
-def test_main_with_args_in_a_notebook_does_not_warn_that_the_kernels_argv_is_ignored(argv, warned, monkeypatch):
+def test_main_with_args_in_a_notebook_does_not_warn_that_the_kernels_argv_is_ignored(argv, notebook, warned,
+                                                                                     monkeypatch):
     """Every `main([...])` of a notebook warned "it is not recommended to provide both args and command line
     arguments, got: sys.argv[1:]=['-f', '/tmp/tmpq2n8s1.json']": the kernel's connection file, never the user's."""
-    monkeypatch.setitem(sys.modules, "ipykernel", SimpleNamespace())
+    if notebook:
+        monkeypatch.setitem(sys.modules, "ipykernel", SimpleNamespace())
+    else:
+        monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     monkeypatch.setattr(sys, "argv", argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
