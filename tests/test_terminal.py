@@ -188,22 +188,26 @@ def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeyp
     assert capsys.readouterr().err == "settings applied\n"
 
 
-def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["", "malora_lightning"])  # the root logger's (basicConfig), the library's
+def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(where, capsys, monkeypatch):
     """A script that sets up logging (`logging.basicConfig`) and then calls `main` printed each of the library's
-    lines twice: once through the root logger's handler, in its format, and once through the library's own."""
+    lines twice: once through the root logger's handler, in its format, and once through the library's own. A
+    handler the program puts on the library's logger itself counts as its own too."""
     import io
 
     level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)
     programs = logging.StreamHandler(io.StringIO())
     programs.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
     root = logging.getLogger()
-    root.addHandler(programs)
+    roots = list(root.handlers)  # pytest's own capturing handlers, which would count as the program's
     try:
+        root.handlers.clear()
+        logging.getLogger(where).addHandler(programs)
         LIBRARY_LOGGER.addHandler(malora_lightning.terminal._LIBRARY_HANDLER)  # as a command run earlier leaves it
         show_library_logs()
         logging.getLogger("malora_lightning.module").info("settings %s", "applied")
     finally:
-        root.removeHandler(programs)
+        root.handlers[:] = roots
         LIBRARY_LOGGER.setLevel(level)
         LIBRARY_LOGGER.handlers[:] = handlers
     assert programs.stream.getvalue() == "INFO:malora_lightning.module:settings applied\n"
