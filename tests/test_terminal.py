@@ -97,6 +97,25 @@ def test_the_checkpoint_folders_note_shows_on_a_resumed_fit_alone(subcommand, sh
     assert (sum(notes[:run]), sum(notes[run:])) == (1 if shown else 0, 1)
 
 
+@pytest.mark.parametrize("message, category, module", [
+    # ModelCheckpoint's other notes, and the known message from another module or of another category
+    ("Checkpoint directory /runs/version_0/checkpoints exists and is not empty.", UserWarning,
+     "lightning.pytorch.callbacks.model_checkpoint"),
+    ("The dirpath has changed from 'a' to 'b'", UserWarning, "my_project.callbacks"),
+    ("The dirpath has changed from 'a' to 'b'", DeprecationWarning, "lightning.pytorch.callbacks.model_checkpoint"),
+])
+def test_an_evaluation_still_shows_unrelated_warnings(message, category, module, monkeypatch):
+    def warn(cli, subcommand: str) -> None:
+        warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", 1, module=module)
+
+    monkeypatch.setattr(LightningCLI, "_run_subcommand", warn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notes()
+        RunOnly()._run_subcommand("validate")
+    assert [str(warning.message) for warning in caught] == [message]
+
+
 class Collected(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
