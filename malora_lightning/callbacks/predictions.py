@@ -66,6 +66,9 @@ class Prediction:
 
 
 PREDICTION_KEYS = [field.name for field in dataclasses.fields(Prediction)]
+# the keys of the lines of former versions, whose predictions files are ours too: of those before `row` (the
+# input's row) was added
+FORMER_PREDICTION_KEYS = (["task", "prompt", "prediction", "target", "correct"],)
 
 
 def is_json_object_line(line: str, keys: list[str]) -> bool:
@@ -85,11 +88,18 @@ def is_prediction_line(line: str) -> bool:
 def refuse_foreign_predictions(path: Path) -> None:
     """Raise FileExistsError when `path` exists and is not a predictions file as `PredictionWriter` writes it. JSON
     lines have no header to mark the file as ours (a marker line would break every reader of the rows), so it is known
-    by its content: every line a `Prediction` (an empty file, as zero predictions write, holds nothing to lose)."""
+    by its content: every line a `Prediction`, or every line one of a former version's (`FORMER_PREDICTION_KEYS`),
+    which a predict run in the same folder after an upgrade replaces as it did (an empty file, as zero predictions
+    write, holds nothing to lose)."""
     def ours(predictions: Path) -> bool:
         try:
             with predictions.open(encoding="utf-8") as lines:
-                return all(is_prediction_line(line) for line in lines)
+                first = next(lines, None)
+                if first is None:
+                    return True
+                keys = next((keys for keys in (PREDICTION_KEYS, *FORMER_PREDICTION_KEYS)
+                             if is_json_object_line(first, keys)), None)
+                return keys is not None and all(is_json_object_line(line, keys) for line in lines)
         except UnicodeDecodeError:
             return False
 

@@ -268,6 +268,30 @@ def test_a_predictions_file_in_the_run_folder_is_replaced_only_when_a_predict_ru
         assert module.lengths == {}  # refused before anything was predicted
 
 
+FORMER_LINE = {"task": "parity", "prompt": "Is 12 even or odd?", "prediction": "even", "target": "even",
+               "correct": True}  # a line of the versions before `row` (FORMER_PREDICTION_KEYS)
+
+
+def test_a_former_versions_predictions_file_in_the_run_folder_is_replaced_as_ours(tiny_model_dir, tmp_path):
+    """The predictions.jsonl that versions before `row` wrote (lines of task, prompt, prediction, target, correct) was
+    refused as 'not written by PredictionWriter': a predict run after an upgrade stopped in the folder of its earlier
+    runs. Each line of the file must be one such line, as one run writes it: a user's line among them is refused."""
+    module = Oracle(model_name_or_path=str(tiny_model_dir), quantization=None, adapter=NO_DROPOUT)
+    path = tmp_path / PREDICTIONS_NAME
+    former = json.dumps(FORMER_LINE) + "\n" + json.dumps({**FORMER_LINE, "task": None, "target": None,
+                                                          "correct": None}) + "\n"
+    path.write_text(former + json.dumps({"prompt": "my own prompt"}) + "\n", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"predictions\.jsonl was not written by PredictionWriter"):
+        predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1))
+    assert module.lengths == {}  # refused before anything was predicted
+
+    path.write_text(former, encoding="utf-8")
+    predict(tmp_path, module, make_data(tiny_model_dir, max_eval_examples_per_task=1))
+    rows = read_rows(path)
+    assert len(rows) == len(TASKS) and all(list(row) == [field.name for field in dataclasses.fields(Prediction)]
+                                           for row in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "module_class"),
                          [(TwoProcessDDPStrategy, Oracle), (TwoProcessFSDP2Strategy, MALoRAModule)])
