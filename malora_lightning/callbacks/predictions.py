@@ -80,11 +80,6 @@ def is_json_object_line(line: str, keys: list[str]) -> bool:
     return isinstance(row, dict) and list(row) == keys
 
 
-def is_prediction_line(line: str) -> bool:
-    """Whether `line` is a JSON object with exactly `Prediction`'s keys, in order: a line `PredictionWriter` writes."""
-    return is_json_object_line(line, PREDICTION_KEYS)
-
-
 def refuse_foreign_predictions(path: Path) -> None:
     """Raise FileExistsError when `path` exists and is not a predictions file as `PredictionWriter` writes it. JSON
     lines have no header to mark the file as ours (a marker line would break every reader of the rows), so it is known

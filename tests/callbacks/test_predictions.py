@@ -14,8 +14,8 @@ import torch
 from malora_lightning.adapters import AdapterConfig
 from malora_lightning.atomic import atomic_write_text
 from malora_lightning.callbacks import PredictionWriter
-from malora_lightning.callbacks.predictions import (PARTIAL_HEADER_KEYS, PREDICTIONS_NAME, Prediction,
-                                                    is_prediction_line, partial_path)
+from malora_lightning.callbacks.predictions import (PARTIAL_HEADER_KEYS, PREDICTION_KEYS, PREDICTIONS_NAME,
+                                                    Prediction, is_json_object_line, partial_path)
 from malora_lightning.data import get_task
 from malora_lightning.data.prompts import NO_TASK
 from malora_lightning.evaluation import DEFAULT_MAX_NEW_TOKENS
@@ -329,9 +329,9 @@ def test_a_prediction_line_has_the_keys_in_order_and_the_text_as_written(tmp_pat
     line = path.read_text(encoding="utf-8")
     assert line == ('{"row": 0, "task": null, "prompt": "Café → ?", "prediction": "naïve", "target": null, '
                     '"correct": null}\n')
-    assert is_prediction_line(line)
+    assert is_json_object_line(line, PREDICTION_KEYS)
     reordered = json.dumps(dict(reversed(list(json.loads(line).items()))))
-    assert not is_prediction_line(reordered)
+    assert not is_json_object_line(reordered, PREDICTION_KEYS)
 
 
 @pytest.mark.parametrize("path", ["out/", "~/runs/", "/"])
@@ -403,7 +403,8 @@ def test_a_predict_run_that_stops_keeps_the_answers_of_its_completed_batches(tin
     assert [(loader, index) for loader, index, _ in kept] == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert [(answer["task"], answer["row"], answer["prompt"], answer["prediction"]) for _, _, answer in kept] == \
         [(name, example.row, example.prompt, example.target) for name, example in examples[:4]]
-    assert all(is_prediction_line(json.dumps(answer)) for _, _, answer in kept)  # lines of predictions.jsonl
+    # lines of predictions.jsonl
+    assert all(is_json_object_line(json.dumps(answer), PREDICTION_KEYS) for _, _, answer in kept)
     assert len(kept_warnings(caught)) == 1
     assert f"(RuntimeError) before writing {tmp_path / PREDICTIONS_NAME}; rank 0 keeps what it answered so far " \
            f"(4 answers) in {partial}:" in kept_warnings(caught)[0]
