@@ -1,10 +1,12 @@
 """What the `malora` command keeps off the terminal, what it still shows, and its progress bar."""
 
+import contextlib
 import logging
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -187,48 +189,52 @@ def test_progress_bar_shows_the_logger_version_as_text(tmp_path):
     assert bar.get_metrics(trainer, None) == {"v_num": "0", "train/loss": 0.25}
 
 
+@contextlib.contextmanager
+def bare_logging() -> Iterator[None]:
+    """The library's logger and the root logger without handlers inside the block, as a fresh process (a notebook
+    kernel too) has them: pytest's capturing handlers on the root logger would count as the program's own, and a
+    command run earlier in this process left the library's. A block in the test's body, not a fixture: pytest puts
+    a capturing handler on the root logger for each phase of a test, after a fixture's setup."""
+    root = logging.getLogger()
+    level, handlers, roots = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers), list(root.handlers)
+    LIBRARY_LOGGER.handlers.clear()
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        root.handlers[:] = roots
+        LIBRARY_LOGGER.setLevel(level)
+        LIBRARY_LOGGER.handlers[:] = handlers
+
+
 def test_the_commands_print_the_librarys_info_lines_on_rank_zero(capsys, monkeypatch):
     """Without a handler Python shows warnings alone: the settings a resume applied, the folder a fit exported to and
     a task spec replacing a registered task were logged and never printed."""
-    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)  # a command run earlier in this process
-    monkeypatch.setattr(LIBRARY_LOGGER, "propagate", False)  # what reaches stderr is this handler's alone
-    LIBRARY_LOGGER.handlers.clear()
-    LIBRARY_LOGGER.setLevel(logging.NOTSET)
-    try:
+    with bare_logging():
+        LIBRARY_LOGGER.setLevel(logging.NOTSET)
         logging.getLogger("malora_lightning.module").info("before")
         show_library_logs()
         show_library_logs()  # idempotent: one line per record
         logging.getLogger("malora_lightning.module").info("settings %s", "applied")
         monkeypatch.setattr(rank_zero_only, "rank", 1)
         logging.getLogger("malora_lightning.module").info("on rank 1")
-    finally:
-        LIBRARY_LOGGER.setLevel(level)
-        LIBRARY_LOGGER.handlers[:] = handlers
     assert capsys.readouterr().err == "settings applied\n"
 
 
 @pytest.mark.parametrize("where", ["", "malora_lightning"])  # the root logger's (basicConfig), the library's
-def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(where, capsys, monkeypatch):
+def test_a_programs_own_logging_setup_prints_the_librarys_lines_once(where, capsys):
     """A script that sets up logging (`logging.basicConfig`) and then calls `main` printed each of the library's
     lines twice: once through the root logger's handler, in its format, and once through the library's own. A
     handler the program puts on the library's logger itself counts as its own too."""
     import io
 
-    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)
     programs = logging.StreamHandler(io.StringIO())
     programs.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
-    root = logging.getLogger()
-    roots = list(root.handlers)  # pytest's own capturing handlers, which would count as the program's
-    try:
-        root.handlers.clear()
+    with bare_logging():
         logging.getLogger(where).addHandler(programs)
         LIBRARY_LOGGER.addHandler(malora_lightning.terminal._LIBRARY_HANDLER)  # as a command run earlier leaves it
         show_library_logs()
         logging.getLogger("malora_lightning.module").info("settings %s", "applied")
-    finally:
-        root.handlers[:] = roots
-        LIBRARY_LOGGER.setLevel(level)
-        LIBRARY_LOGGER.handlers[:] = handlers
     assert programs.stream.getvalue() == "INFO:malora_lightning.module:settings applied\n"
     assert capsys.readouterr().err == ""
 
@@ -239,23 +245,16 @@ def test_logging_a_notebook_sets_up_after_main_prints_the_librarys_lines_once(ca
     none, stayed. Each line goes to the program's handlers while it has some, and to the library's alone otherwise."""
     import io
 
-    level, handlers = LIBRARY_LOGGER.level, list(LIBRARY_LOGGER.handlers)
     root = logging.getLogger()
-    roots = list(root.handlers)  # pytest's own capturing handlers
     programs = logging.StreamHandler(io.StringIO())
     programs.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
-    try:
-        root.handlers.clear()  # a notebook kernel's root logger has no handler
+    with bare_logging():
         show_library_logs()  # the `main` of an earlier cell
         logging.getLogger("malora_lightning.module").info("first")
         root.addHandler(programs)  # the notebook's `logging.basicConfig()`
         logging.getLogger("malora_lightning.adapters.io").info("second")
         root.removeHandler(programs)
         logging.getLogger("malora_lightning.module").info("third")
-    finally:
-        root.handlers[:] = roots
-        LIBRARY_LOGGER.setLevel(level)
-        LIBRARY_LOGGER.handlers[:] = handlers
     assert programs.stream.getvalue() == "INFO:malora_lightning.adapters.io:second\n"
     assert capsys.readouterr().err == "first\nthird\n"
 
