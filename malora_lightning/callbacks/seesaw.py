@@ -167,6 +167,13 @@ def load_baseline_scores(path: str | Path) -> dict[str, float]:
     return {name: float(score) for name, score in data.items()}
 
 
+def _stages_on_file(path: Path, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The series in `path` by name, where it is a seesaw file of ours (`keys`: those of `SeesawTracker.to_dict`);
+    none otherwise."""
+    written = our_json(path, keys)
+    return written["stages"] if written is not None else {}
+
+
 class SeesawTracker(RunFileWriter):
     """Per-task movement, seesaw index, best-vs-final gaps and transfer against single-task baselines.
 
@@ -238,8 +245,8 @@ class SeesawTracker(RunFileWriter):
         every evaluation: validate/test of a checkpoint in a new process (`malora test --ckpt_path ...`) restore the
         fit's history, and the `val` series then stays in `seesaw.json`, the report and its curves instead of being
         dropped. That history ends at the checkpoint: where the run folder holds the fit's later validations
-        (`_later_fit_on_file`), they stay in `seesaw.json` and its curves. The other evaluation's series that an
-        earlier process left there (`_other_evaluations_on_file`) stays too."""
+        (`_later_fit`), they stay in `seesaw.json` and its curves. The other evaluation's series that an earlier
+        process left there (`_other_evaluations`) stays too."""
         series = evaluation_series(trainer)
         fit = self._track_fit(trainer)
         if series != "val":
@@ -251,32 +258,32 @@ class SeesawTracker(RunFileWriter):
         if not trainer.is_global_zero:
             return
         data = self.to_dict()
-        later = [] if series == "val" else self._later_fit_on_file(directory / self.filename, list(data))
-        if later:
-            data["stages"] = {"val": later, **{name: saved for name, saved in data["stages"].items() if name != "val"}}
-        if series != "val":
-            data["stages"].update(self._other_evaluations_on_file(directory / self.filename, list(data)))
+        later: list[dict[str, Any]] = []
+        if series != "val":  # an evaluation keeps what earlier processes left in the file
+            saved = _stages_on_file(directory / self.filename, list(data))
+            later = self._later_fit(saved)
+            if later:
+                data["stages"] = {"val": later, **{name: kept for name, kept in data["stages"].items()
+                                                   if name != "val"}}
+            data["stages"].update(self._other_evaluations(saved))
         atomic_write_text(directory / self.filename, json.dumps(data, indent=2) + "\n")
         if self.plots and fit and not later and (series == "val" or not self.curves_written):
             self._draw_curves(trainer, directory, fit)
 
-    def _later_fit_on_file(self, path: Path, keys: list[str]) -> list[dict[str, Any]]:
-        """The fit's `val` series in `path` when it ends at a later step than the one this process holds (none
-        otherwise): validate/test of an earlier checkpoint restore the fit's history up to that checkpoint, and
-        writing it would drop the fit's later validations from the file, and from the curves drawn over them. `keys`:
-        those of `to_dict`, which a file of ours holds."""
-        written = our_json(path, keys)
-        saved = written["stages"].get("val", []) if written is not None else []
+    def _later_fit(self, saved: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The fit's `val` series of the file's series `saved` when it ends at a later step than the one this process
+        holds (none otherwise): validate/test of an earlier checkpoint restore the fit's history up to that
+        checkpoint, and writing it would drop the fit's later validations from the file, and from the curves drawn
+        over them."""
+        fit = saved.get("val", [])
         held = self.points.get("val", [])
-        return saved if saved and saved[-1]["step"] > (held[-1].step if held else -1) else []
+        return fit if fit and fit[-1]["step"] > (held[-1].step if held else -1) else []
 
-    def _other_evaluations_on_file(self, path: Path, keys: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """The series of trainer.validate and test in `path` that this process holds none of: a `malora test` and a
-        `malora validate` in one folder (the fit's, without a logger) each run in a process of their own, and the
-        later one dropped the earlier one's series, while its `routing_<series>.json` and report stayed. `keys`:
-        those of `to_dict`, which a file of ours holds."""
-        written = our_json(path, keys)
-        saved = written["stages"] if written is not None else {}
+    def _other_evaluations(self, saved: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """The series of trainer.validate and test among the file's `saved` that this process holds none of: a
+        `malora test` and a `malora validate` in one folder (the fit's, without a logger) each run in a process of
+        their own, and the later one dropped the earlier one's series, while its `routing_<series>.json` and report
+        stayed."""
         return {name: points for name, points in saved.items() if name != "val" and name not in self.points}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
