@@ -533,8 +533,9 @@ class RoutingStats(RunFileWriter):
             return "-" if value is None else f"{value:.{digits}f}"
 
         lines = [restored_note(self.restored_from), ""] if series == "val" and self.restored_from is not None else []
+        weights = summary.weights
         lines += [
-            f"{summary.weights[:1].upper()}{summary.weights[1:]}: {health['layers']} routed layers, {health['tokens']} tokens each "
+            f"{weights[0].upper()}{weights[1:]}: {health['layers']} routed layers, {health['tokens']} tokens each "
             f"(padding excluded). Dead expert: load below {summary.dead_threshold:g} x the even share.", "",
             "| load CV mean | CV min | CV max (layer) | router entropy / ln N | dead experts | task-expert NMI |",
             "|---|---|---|---|---|---|",
