@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +121,16 @@ def kernel_argv() -> bool:
     """Whether `sys.argv` is a Jupyter kernel's own (`ipykernel_launcher.py -f kernel-<id>.json`, VS Code's `--f=...`):
     in a notebook it holds the kernel's connection file, never a `malora` command, and no `malora` command has `-f`."""
     return "ipykernel" in sys.modules and any(arg == "-f" or arg.startswith("--f=") for arg in sys.argv[1:])
+
+
+@contextlib.contextmanager
+def argv_not_the_command() -> Iterator[None]:
+    """Leave out LightningCLI's warning against `args` given beside command-line arguments, where `sys.argv` holds
+    no `malora` command: a notebook kernel's (`kernel_argv`), or another command's own flags
+    (`task_export.recipe_modules`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+        yield
 
 
 def _has_argument(parser: Any, key: str) -> bool:
@@ -341,8 +352,7 @@ class MALoRACLI(LightningCLI):
                              f"notebook is the Jupyter kernel's own ({sys.argv}). Pass the command as a list, e.g. "
                              "main(['fit', '--config', 'recipes/default.yaml']) from malora_lightning.cli (or "
                              "args=[...] to MALoRACLI)")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+        with argv_not_the_command():
             super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:

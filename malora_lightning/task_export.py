@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from malora_lightning.atomic import (
     rename_into_place,
     staging_folder,
 )
-from malora_lightning.cli import MALoRACLI, run_command
+from malora_lightning.cli import MALoRACLI, argv_not_the_command, run_command
 from malora_lightning.data import MultiTaskDataModule
 from malora_lightning.data.tasks import repeated
 from malora_lightning.module import MALoRAModule
@@ -60,8 +59,7 @@ def recipe_modules(adapter: str | Path, overrides: list[str], model_class: type[
     """The module (the adapter folder's settings in it) and the data module exactly as `malora` (or `main` given
     those classes, a project's subclasses) builds them from the same recipe and flags, nothing loaded yet: what the
     export needs is checked before the base model loads."""
-    with warnings.catch_warnings():  # the command's own flags are in sys.argv too, LightningCLI's get `args`
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+    with argv_not_the_command():  # the command's own flags are in sys.argv too, LightningCLI's get `args`
         cli = MALoRACLI(model_class, datamodule_class, run=False, auto_configure_optimizers=False,
                         args=[*overrides, f"--model.adapter_path={adapter}"])
     module, data = cli.model, cli.datamodule
